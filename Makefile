@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each builds .venv itself.
+# TORCH_SPEC is installed first and explicitly: an unpinned torch pulls gigabytes of CUDA.
+# Override it for other machines, e.g. `make test TORCH_SPEC="torch==2.5.1 --index-url ..."`.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip --disable-pip-version-check -q
+STAMP      := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean help
+
+help:
+	@echo "make demo     train SqueezeNet on sklearn digits (embedded data) end to end"
+	@echo "make test     run the test suite (under 10 minutes on 2 cores)"
+	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md (long)"
+	@echo "make install  create $(VENV) and install edgesqueeze with its dependencies"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing $(TORCH_SPEC) and edgesqueeze into $(VENV) ..."
+	@$(PIP) install $(TORCH_SPEC) 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(PY) -c "import torch" || { echo "error: $(TORCH_SPEC) did not install; set TORCH_SPEC"; exit 2; }
+	@$(PIP) install -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(PY) -c "import edgesqueeze.cli, pytest, hypothesis" || { echo "error: installing edgesqueeze failed"; exit 2; }
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgesqueeze train --recipe recipes/squeezenet-digits.yaml --overwrite
+	$(VENV)/bin/edgesqueeze eval artifacts/squeezenet-digits/model.pt
+	@echo "demo outputs: $(CURDIR)/artifacts/squeezenet-digits/"
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

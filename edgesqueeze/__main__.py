@@ -1,0 +1,4 @@
+from edgesqueeze.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Safe model I/O.
+
+An edgesqueeze checkpoint is a ``torch.save`` of plain data only::
+
+    {"format": "edgesqueeze.checkpoint", "format_version": 1,
+     "state_dict": {name: tensor}, "meta_json": "<JSON string>"}
+
+so it loads with ``torch.load(..., weights_only=True)``: nothing in it can run code. The JSON
+metadata carries what is needed to rebuild and feed the model (architecture name and kwargs,
+class names, input shape, normalization) and its provenance (metrics, recipe hash).
+
+:func:`load_model` also accepts what users bring: a plain ``state_dict`` (with ``arch``),
+TorchScript archives, ``torch.export`` programs (``.pt2``). A fully pickled ``nn.Module``
+can run arbitrary code when unpickled, so it is refused unless ``trust_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgesqueeze._io import atomic_path
+from edgesqueeze.errors import CheckpointError, ModelError
+
+FORMAT = "edgesqueeze.checkpoint"
+TRAIN_STATE_FORMAT = "edgesqueeze.train_state"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, what kind of file it came from, and its metadata."""
+
+    model: nn.Module
+    meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = "checkpoint"  # checkpoint | state_dict | torchscript | exported_program | pickle
+    path: Path | None = None
+
+
+def model_meta(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """Metadata that rebuilds ``model``: its registry name and builder kwargs, plus ``extra``."""
+    arch = getattr(model, "arch_name", None)
+    if arch is None:
+        raise ModelError(f"{type(model).__name__} was not built by edgesqueeze.models.build_model; "
+                         "cannot record its architecture")
+    return {"arch": arch, "arch_kwargs": dict(getattr(model, "arch_kwargs", {})), **extra}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``model``'s weights and ``meta`` atomically; returns the path."""
+    try:
+        meta_json = json.dumps(meta, sort_keys=True)
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: metadata is not JSON-serialisable ({exc})") from None
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "meta_json": meta_json,
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a resumable training state (weights, optimizer, RNG, history) atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": TRAIN_STATE_FORMAT, "format_version": FORMAT_VERSION, **state}, tmp)
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    obj = _safe_torch_load(Path(path))
+    if not isinstance(obj, dict) or obj.get("format") != TRAIN_STATE_FORMAT:
+        raise CheckpointError(f"{path}: not an edgesqueeze training state; delete it to start over")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _zip_kind(path: Path) -> str | None:
+    """Tell torch.save / TorchScript / torch.export archives apart by their member names."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(n.endswith("/archive_format") or n.endswith("models/model.json") for n in names):
+        return "exported_program"
+    if any("/code/__torch__" in n for n in names) or any(n.endswith("/constants.pkl") for n in names):
+        return "torchscript"
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch_save"
+    return "zip"
+
+
+def _safe_torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _PickleRefused(str(exc)) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read as a PyTorch file ({_first_line(exc)}); "
+                              "is it truncated or of another format?") from None
+
+
+class _PickleRefused(Exception):
+    pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def rebuild(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
+    from edgesqueeze.models import build_model
+
+    return build_model(arch, **arch_kwargs)
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the first offending layer."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    arch = getattr(model, "arch_name", type(model).__name__)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"has {len(unexpected)} unexpected tensors (first: {unexpected[0]})")
+        raise ModelError(f"{source}: weights do not fit architecture '{arch}': " + "; ".join(parts)
+                         + ". Is --arch right?")
+    for key, tensor in expected.items():
+        got = state_dict[key]
+        if not isinstance(got, torch.Tensor):
+            raise ModelError(f"{source}: entry {key} is a {type(got).__name__}, not a tensor")
+        if tuple(got.shape) != tuple(tensor.shape):
+            hint = ""
+            if tensor.dim() >= 1 and got.dim() == tensor.dim() and got.shape[1:] == tensor.shape[1:]:
+                hint = f" (different class count? pass --num-classes {got.shape[0]})"
+            raise ModelError(f"{source}: layer {key} has shape {tuple(got.shape)} in the file but "
+                             f"{tuple(tensor.shape)} in '{arch}'{hint}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """Load any supported model file, safely. The returned model is in eval mode.
+
+    ``arch`` (and ``arch_kwargs``, e.g. ``{"num_classes": 10}``) is required for a plain
+    ``state_dict`` and overrides nothing for an edgesqueeze checkpoint, which knows its own.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    kind = _zip_kind(path)
+    if kind == "torchscript":
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # torch raises many types for a broken archive
+            raise CheckpointError(f"{path}: broken TorchScript archive ({_first_line(exc)})") from None
+        return LoadedModel(model.eval(), {}, "torchscript", path)
+    if kind == "exported_program":
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: broken torch.export archive ({_first_line(exc)})") from None
+        return LoadedModel(program.module(), {}, "exported_program", path)
+
+    try:
+        obj = _safe_torch_load(path)
+    except _PickleRefused:
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path}: holds a pickled Python object (e.g. a whole nn.Module); unpickling it can run "
+                "arbitrary code. Save model.state_dict() instead and pass --arch, or pass --trust-pickle "
+                "if you trust where this file came from."
+            ) from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(obj, nn.Module):
+            raise CheckpointError(f"{path}: unpickled a {type(obj).__name__}, not an nn.Module") from None
+        return LoadedModel(obj.eval(), {}, "pickle", path)
+
+    if isinstance(obj, dict) and obj.get("format") in (FORMAT, TRAIN_STATE_FORMAT):
+        if obj.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint format version {obj.get('format_version')!r} is not "
+                                  f"supported (this edgesqueeze reads {FORMAT_VERSION})")
+        try:
+            meta = json.loads(obj["meta_json"])
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: metadata is unreadable ({exc})") from None
+        model = rebuild(meta["arch"], meta.get("arch_kwargs", {}))
+        load_state_dict_checked(model, obj["state_dict"], source=str(path))
+        return LoadedModel(model.eval(), meta, "checkpoint", path)
+
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if arch is None:
+            raise CheckpointError(
+                f"{path}: holds a plain state_dict without architecture; pass --arch NAME "
+                "(see 'edgesqueeze models') and, if needed, --num-classes N"
+            )
+        kwargs = dict(arch_kwargs or {})
+        model = rebuild(arch, kwargs)
+        load_state_dict_checked(model, obj, source=str(path))
+        meta = {"arch": arch, "arch_kwargs": dict(model.arch_kwargs)}
+        return LoadedModel(model.eval(), meta, "state_dict", path)
+
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a model checkpoint or state_dict")

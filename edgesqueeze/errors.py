@@ -1,0 +1,40 @@
+"""One exception hierarchy for everything edgesqueeze refuses.
+
+The CLI maps every :class:`EdgesqueezeError` to one readable line and an exit code:
+``BudgetError`` (a budget or verification failed) exits 1, everything else (bad usage or
+bad input) exits 2. Messages name the file, field or layer and say what to do.
+"""
+
+from __future__ import annotations
+
+
+class EdgesqueezeError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+class RecipeError(EdgesqueezeError):
+    """A recipe (YAML) is malformed: unknown key, wrong type, value out of range."""
+
+
+class DataError(EdgesqueezeError):
+    """A dataset is missing, corrupt, or does not match the model."""
+
+
+class ModelError(EdgesqueezeError):
+    """Unknown architecture, or weights that do not fit the architecture."""
+
+
+class CheckpointError(EdgesqueezeError):
+    """A checkpoint file cannot be read safely or does not hold what was expected."""
+
+
+class FormatError(EdgesqueezeError):
+    """A binary artifact (.esq, .onnx, .tflite) is malformed."""
+
+
+class BudgetError(EdgesqueezeError):
+    """An artifact broke its size or accuracy budget."""
+
+    exit_code = 1

@@ -1,0 +1,94 @@
+"""Evaluate and describe model files (checkpoints, state_dicts, TorchScript, torch.export).
+
+This is PyTorch-side evaluation, used by ``edgesqueeze eval`` and ``info``. Deployment
+artifacts (ONNX, TFLite, .esq) are verified through their own runtimes elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgesqueeze._io import sha256_file
+from edgesqueeze.checkpoint import load_model
+from edgesqueeze.errors import DataError
+
+
+def evaluate_file(
+    path: str | Path,
+    *,
+    dataset: str | None = None,
+    split: str = "test",
+    data_dir: str | Path | None = None,
+    val_fraction: float | None = None,
+    seed: int | None = None,
+    limit: int | None = None,
+    image_size: int | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+    trust_pickle: bool = False,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Top-1/top-5 accuracy and loss of the model in ``path`` on a dataset split."""
+    from edgesqueeze.data import load_dataset, split_train_val
+    from edgesqueeze.train import evaluate
+
+    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    meta = loaded.meta
+    name = dataset or meta.get("dataset")
+    if not name:
+        raise DataError(f"{path}: does not record its dataset; pass --dataset NAME")
+    seed = meta.get("seed", 0) if seed is None else seed
+    ds = load_dataset(name, data_dir=data_dir, image_size=image_size, limit=limit, seed=seed)
+    if split == "test":
+        x, y = ds.test_x, ds.test_y
+    else:
+        vf = meta.get("val_fraction", 0.1) if val_fraction is None else val_fraction
+        (x_tr, y_tr), (x_val, y_val) = split_train_val(ds, vf, seed)
+        x, y = (x_val, y_val) if split == "val" else (x_tr, y_tr)
+    if len(x) == 0:
+        raise DataError(f"dataset '{ds.name}' has no '{split}' images")
+    expected = meta.get("input_shape")
+    if expected and list(ds.input_shape) != list(expected):
+        raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {path} was trained "
+                        f"on {list(expected)}; pass --image-size or the matching --dataset")
+    # The model was trained with its own normalization: feed it exactly that.
+    mean, std = meta.get("mean", ds.mean), meta.get("std", ds.std)
+    with torch.no_grad():
+        probe = loaded.model(torch.zeros(1, *ds.input_shape))
+    if probe.shape[-1] != ds.num_classes:
+        raise DataError(f"dataset '{ds.name}' has {ds.num_classes} classes but {path} outputs {probe.shape[-1]}; "
+                        "pass the dataset it was trained on (--dataset)")
+    metrics = evaluate(loaded.model, x, y, mean=mean, std=std, batch_size=batch_size)
+    return {"model": str(path), "dataset": ds.name, "split": split, **metrics}
+
+
+def describe_file(path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,
+                  trust_pickle: bool = False) -> dict[str, Any]:
+    """A JSON-ready summary of a model file: what it is, its weights, its metadata."""
+    path = Path(path)
+    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    params = list(loaded.model.parameters()) or [t for t in loaded.model.state_dict().values()
+                                                 if torch.is_floating_point(t)]
+    total = sum(p.numel() for p in params)
+    nonzero = sum(int(torch.count_nonzero(p)) for p in params)
+    meta = loaded.meta
+    out: dict[str, Any] = {
+        "file": str(path),
+        "kind": loaded.kind,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "arch": meta.get("arch", type(loaded.model).__name__),
+        "parameters": total,
+        "density": round(nonzero / total, 4) if total else None,
+    }
+    for key in ("arch_kwargs", "dataset", "input_shape", "mean", "std", "metrics", "recipe_name", "recipe_hash",
+                "seed", "edgesqueeze_version", "torch_version"):
+        if key in meta:
+            out[key] = meta[key]
+    if "classes" in meta:
+        out["num_classes"] = len(meta["classes"])
+        out["classes"] = meta["classes"]
+    return out

@@ -1,0 +1,361 @@
+"""Fit and evaluate models on CPU, with checkpoints every epoch and bit-exact resume.
+
+Why it is shaped this way:
+- The learning rate is a pure function of the global step (:func:`lr_at`), so resuming
+  needs no scheduler object, only the step count.
+- All randomness flows from two saved states, torch's global RNG (init, dropout) and one
+  ``torch.Generator`` (shuffling, augmentation), so a run resumed after a crash produces
+  the same weights as an uninterrupted one.
+- The training state is written atomically at the end of every epoch: a kill -9 loses at
+  most the epoch in flight.
+- Hyperparameters are judged on the validation split; the test split is touched once, at the
+  end, for the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgesqueeze import __version__
+from edgesqueeze._io import atomic_path, write_text_atomic
+from edgesqueeze.checkpoint import (
+    load_state_dict_checked,
+    load_train_state,
+    model_meta,
+    save_checkpoint,
+    save_train_state,
+)
+from edgesqueeze.errors import DataError, EdgesqueezeError
+from edgesqueeze.recipe import Recipe, TrainConfig
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step`` (0-based) of ``total_steps``.
+
+    - ``onecycle``: linear ramp from lr/25 up to lr over ``warmup_fraction`` of the run,
+      then cosine annealing to zero (the shape of Smith's one-cycle policy).
+    - ``cosine``: linear warmup from 0 over ``warmup_fraction``, then cosine to zero.
+    - ``constant``: lr throughout.
+
+    >>> from edgesqueeze.recipe import TrainConfig
+    >>> cfg = TrainConfig(lr=0.1, schedule="cosine", warmup_fraction=0.0)
+    >>> round(lr_at(0, 100, cfg), 4), round(lr_at(50, 100, cfg), 4), round(lr_at(100, 100, cfg), 4)
+    (0.1, 0.05, 0.0)
+    """
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warm = int(round(cfg.warmup_fraction * total_steps))
+    start = cfg.lr / 25 if cfg.schedule == "onecycle" else 0.0
+    if step < warm:
+        return start + (cfg.lr - start) * (step + 1) / warm
+    progress = (step - warm) / max(1, total_steps - warm)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay applies to conv/linear weights only, not to biases or BatchNorm."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def set_threads(threads: int) -> int:
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, *, mean, std, batch_size: int = 512,
+            channels_last: bool = False) -> torch.Tensor:
+    """Logits for uint8 images ``x`` (N, C, H, W), in order."""
+    from edgesqueeze.data import batches
+
+    model.eval()
+    outs = []
+    dummy_y = np.zeros(len(x), dtype=np.int64)
+    for xb, _ in batches(x, dummy_y, batch_size=batch_size, shuffle=False, generator=None,
+                         mean=mean, std=std, channels_last=channels_last):
+        outs.append(model(xb).float())
+    if not outs:
+        return torch.empty(0, 0)
+    return torch.cat(outs)
+
+
+def accuracy_metrics(logits: torch.Tensor, y: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Top-1, top-5 (when there are at least 5 classes), mean cross-entropy, count."""
+    y = torch.as_tensor(y, dtype=torch.long)
+    if len(y) == 0:
+        return {"n": 0}
+    out = {
+        "n": int(len(y)),
+        "accuracy": float((logits.argmax(1) == y).float().mean()),
+        "loss": float(F.cross_entropy(logits, y)),
+    }
+    if logits.shape[1] >= 5:
+        top5 = logits.topk(5, dim=1).indices
+        out["top5"] = float((top5 == y[:, None]).any(1).float().mean())
+    return out
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std, batch_size: int = 512,
+             channels_last: bool = False) -> dict[str, float]:
+    logits = predict(model, x, mean=mean, std=std, batch_size=batch_size, channels_last=channels_last)
+    return accuracy_metrics(logits, y)
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, Any]]
+    test: dict[str, float]
+    out_dir: Path
+    checkpoint: Path
+    wall_s: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _augment_for(recipe: Recipe, dataset_name: str):
+    from edgesqueeze.data import default_augment
+
+    if not recipe.data.augment:
+        return None
+    base = default_augment(dataset_name)
+    sec = recipe.data.augmentation
+    overrides = {k: v for k, v in (
+        ("crop_padding", sec.crop_padding), ("hflip", sec.hflip),
+        ("rotate_deg", sec.rotate_deg), ("translate", sec.translate)) if v is not None}
+    return replace(base, **overrides) if overrides else base
+
+
+def _write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    write_text_atomic(out_dir / "metrics.json", json.dumps(history, indent=2))
+    cols = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(out_dir / "metrics.csv", buf.getvalue())
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    if any("val_loss" in h for h in history):
+        ax1.plot(epochs, [h.get("val_loss", float("nan")) for h in history], "o-", label="validation")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("cross-entropy"), ax1.set_title("loss"), ax1.legend()
+    ax2.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train (augmented)")
+    if any("val_accuracy" in h for h in history):
+        ax2.plot(epochs, [100 * h.get("val_accuracy", float("nan")) for h in history], "o-", label="validation")
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("top-1 accuracy (%)"), ax2.set_title("accuracy"), ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def fit(
+    recipe: Recipe,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> TrainResult:
+    """Train the recipe's model on its dataset; write checkpoints, metrics and curves.
+
+    Outputs in ``out_dir`` (default ``artifacts/<recipe name>``): ``model.pt`` (final
+    checkpoint), ``last.pt`` (resumable state, rewritten each epoch), ``metrics.csv``,
+    ``metrics.json``, ``curves.png``, ``recipe.json``.
+    """
+    from tqdm.auto import tqdm
+
+    from edgesqueeze.data import batches, load_dataset, split_train_val
+    from edgesqueeze.models import build_model
+
+    t_start = time.perf_counter()
+    cfg = recipe.train
+    out = Path(out_dir) if out_dir else recipe.out_dir()
+    state_path = out / "last.pt"
+    if state_path.exists() and not (resume or overwrite):
+        raise EdgesqueezeError(f"{out}: holds a previous run (last.pt); pass --resume to continue it "
+                               "or --overwrite to start over")
+    threads = set_threads(cfg.threads)
+
+    ds = load_dataset(recipe.data.dataset, data_dir=recipe.data.data_dir, download=recipe.data.download,
+                      image_size=recipe.data.image_size, limit=recipe.data.limit, seed=recipe.seed)
+    if len(ds.train_x) == 0:
+        raise DataError(f"dataset '{ds.name}' has no training images")
+    (x_tr, y_tr), (x_val, y_val) = split_train_val(ds, recipe.data.val_fraction, recipe.seed)
+    augment = _augment_for(recipe, ds.name)
+
+    torch.manual_seed(recipe.seed)
+    kwargs = {"num_classes": ds.num_classes, "in_channels": ds.input_shape[0], **recipe.model.kwargs}
+    model = build_model(recipe.model.arch, **kwargs)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(recipe.seed)
+
+    steps_per_epoch = len(x_tr) // cfg.batch_size if len(x_tr) >= cfg.batch_size else 1
+    total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    meta = model_meta(
+        model,
+        dataset=ds.name,
+        classes=list(ds.classes),
+        input_shape=list(ds.input_shape),
+        mean=list(ds.mean),
+        std=list(ds.std),
+        recipe_name=recipe.name,
+        recipe_hash=recipe.hash(),
+        seed=recipe.seed,
+        val_fraction=recipe.data.val_fraction,
+        edgesqueeze_version=__version__,
+        torch_version=torch.__version__,
+    )
+
+    history: list[dict[str, Any]] = []
+    start_epoch, step = 0, 0
+    if resume and state_path.exists():
+        st = load_train_state(state_path)
+        if st.get("recipe_hash") != recipe.hash():
+            raise EdgesqueezeError(f"{state_path}: was written by a different recipe (hash "
+                                   f"{str(st.get('recipe_hash'))[:12]}); pass --overwrite to start over")
+        load_state_dict_checked(model, st["state_dict"], source=str(state_path))
+        optimizer.load_state_dict(st["optimizer"])
+        torch.set_rng_state(st["torch_rng"])
+        gen.set_state(st["data_rng"])
+        history = json.loads(st["history_json"])
+        start_epoch, step = int(st["epoch"]), int(st["step"])
+        log(f"resuming {out} after epoch {start_epoch}/{n_epochs}")
+    elif resume:
+        log(f"nothing to resume in {out}: starting from scratch")
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2, sort_keys=True))
+    log(f"training {recipe.model.arch} on {ds.name}: {len(x_tr)} train / {len(x_val)} val images, "
+        f"{n_epochs} epochs x {steps_per_epoch} steps, {threads} threads -> {out}")
+
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    for epoch in range(start_epoch, n_epochs):
+        model.train()
+        t0 = time.perf_counter()
+        steps = min(steps_per_epoch, total_steps - step)
+        loss_sum, correct, seen = 0.0, 0, 0
+        it = batches(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                     mean=ds.mean, std=ds.std, augment=augment, drop_last=len(x_tr) >= cfg.batch_size,
+                     channels_last=cfg.channels_last)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_epochs}", unit="batch", leave=False,
+                   disable=not progress, dynamic_ncols=True)
+        for i, (xb, yb) in enumerate(it):
+            if i >= steps:
+                break
+            lr = lr_at(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            if not math.isfinite(loss.item()):
+                raise EdgesqueezeError(f"training diverged at epoch {epoch + 1}, step {step} (loss {loss.item()}); "
+                                       "lower train.lr")
+            loss_sum += loss.item() * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", lr=f"{lr:.3g}")
+            bar.update()
+        bar.close()
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": lr_at(step - 1, total_steps, cfg),
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+        }
+        if len(x_val):
+            val = evaluate(model, x_val, y_val, mean=ds.mean, std=ds.std, batch_size=cfg.eval_batch_size,
+                           channels_last=cfg.channels_last)
+            row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
+        row["epoch_s"] = time.perf_counter() - t0
+        history.append(row)
+        val_txt = f"  val loss {row['val_loss']:.4f} acc {100 * row['val_accuracy']:.2f}%" if len(x_val) else ""
+        log(f"epoch {epoch + 1:>3}/{n_epochs}  train loss {row['train_loss']:.4f} acc "
+            f"{100 * row['train_accuracy']:.2f}%{val_txt}  ({row['epoch_s']:.1f}s)")
+        save_train_state(state_path, {
+            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "data_rng": gen.get_state(),
+            "epoch": epoch + 1,
+            "step": step,
+            "history_json": json.dumps(history),
+            "recipe_hash": recipe.hash(),
+            "meta_json": json.dumps(meta),
+        })
+        _write_metrics(out, history)
+
+    test = evaluate(model, ds.test_x, ds.test_y, mean=ds.mean, std=ds.std, batch_size=cfg.eval_batch_size,
+                    channels_last=cfg.channels_last)
+    wall = time.perf_counter() - t_start
+    meta["metrics"] = {
+        "test": test,
+        "val": {k: history[-1][k] for k in ("val_loss", "val_accuracy") if history and k in history[-1]},
+        "epochs": n_epochs,
+        "train_wall_s": round(sum(h["epoch_s"] for h in history), 2),
+    }
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
+    ckpt = save_checkpoint(out / "model.pt", model, meta)
+    if history:
+        plot_curves(history, out / "curves.png", f"{recipe.name}: {recipe.model.arch} on {ds.name}")
+    write_text_atomic(out / "summary.json", json.dumps({"test": test, "history": history[-1:] if history else [],
+                                                        "wall_s": wall}, indent=2))
+    top5 = f", top-5 {100 * test['top5']:.2f}%" if "top5" in test else ""
+    log(f"test accuracy {100 * test['accuracy']:.2f}%{top5} on {test['n']} images; wall {wall:.1f}s")
+    return TrainResult(model, history, test, out, ckpt, wall, meta)

@@ -1,0 +1,91 @@
+"""Recipe validation: every refusal names the dotted field and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgesqueeze.errors import RecipeError
+from edgesqueeze.recipe import apply_overrides, load_recipe, recipe_from_dict
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _raw(**sections):
+    return {"version": 1, **sections}
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.version == 1
+
+
+def test_defaults_and_types():
+    r = recipe_from_dict(_raw(train={"epochs": 3, "lr": 1}))
+    assert r.train.epochs == 3.0 and isinstance(r.train.lr, float)
+    assert r.data.dataset == "digits"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (_raw(train={"epohcs": 3}), "train.epohcs: unknown key; did you mean 'epochs'?"),
+        (_raw(modle={}), "modle: unknown key; did you mean 'model'?"),
+        (_raw(data={"augmentation": {"hflp": True}}), "data.augmentation.hflp: unknown key; did you mean 'hflip'?"),
+        (_raw(train={"lr": -0.1}), "train.lr: must be > 0 and <= 10, got -0.1"),
+        (_raw(train={"momentum": 1.0}), "train.momentum: must be >= 0 and < 1, got 1.0"),
+        (_raw(train={"batch_size": "big"}), "train.batch_size: expected an integer, got 'big'"),
+        (_raw(train={"batch_size": 3.5}), "train.batch_size: expected an integer"),
+        (_raw(train={"nesterov": "yes"}), "train.nesterov: expected true or false"),
+        (_raw(train={"optimizer": "sgdd"}), "train.optimizer: must be one of 'sgd', 'adamw', 'adam', got 'sgdd'; "
+                                            "did you mean 'sgd'?"),
+        (_raw(data={"val_fraction": 1.5}), "data.val_fraction: must be >= 0 and < 1, got 1.5"),
+        (_raw(data={"image_size": 2}), "data.image_size: must be >= 4 and <= 1024, got 2"),
+        (_raw(model={"kwargs": [1, 2]}), "model.kwargs: expected a mapping"),
+        (_raw(train=[1, 2]), "train: expected a mapping of keys to values, got list"),
+        ({"name": "x"}, "version: required key is missing"),
+        ({"version": 2}, "version: this edgesqueeze reads recipe version 1, got 2"),
+        ([1, 2], "a recipe is a YAML mapping"),
+    ],
+)
+def test_errors_name_the_field(raw, message):
+    with pytest.raises(RecipeError) as exc:
+        recipe_from_dict(raw, source="r.yaml")
+    assert message in str(exc.value)
+    assert str(exc.value).startswith("r.yaml")
+    assert exc.value.exit_code == 2
+
+
+def test_overrides_parse_yaml_values():
+    raw = apply_overrides(_raw(train={"epochs": 5}), ["train.epochs=1", "data.limit=300", "data.augment=false"])
+    r = recipe_from_dict(raw)
+    assert r.train.epochs == 1 and r.data.limit == 300 and r.data.augment is False
+
+
+@pytest.mark.parametrize("bad", ["train.epochs", "=3", "train.epochs=[unclosed"])
+def test_bad_overrides(bad):
+    with pytest.raises(RecipeError, match="--set"):
+        apply_overrides(_raw(), [bad])
+
+
+def test_load_recipe_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ntrain: {epochs: [\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_name_defaults_to_file_stem_and_hash_is_stable(tmp_path):
+    p = tmp_path / "my-run.yaml"
+    p.write_text(yaml.safe_dump(_raw(train={"epochs": 2})))
+    a, b = load_recipe(p), load_recipe(p)
+    assert a.name == "my-run"
+    assert a.hash() == b.hash()
+    assert load_recipe(p, ["train.epochs=3"]).hash() != a.hash()
+    assert str(a.out_dir()) == str(Path("artifacts") / "my-run")
