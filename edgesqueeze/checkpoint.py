@@ -16,6 +16,7 @@ can run arbitrary code when unpickled, so it is refused unless ``trust_pickle=Tr
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import zipfile
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgesqueeze._io import atomic_path
+from edgesqueeze._io import write_bytes_atomic
 from edgesqueeze.errors import CheckpointError, ModelError
 
 FORMAT = "edgesqueeze.checkpoint"
@@ -66,15 +67,21 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
         "meta_json": meta_json,
     }
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_bytes_atomic(path, _torch_bytes(payload))
     return path
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory: the archive's inner folder is then always ``archive``,
+    not the (random) temporary file name, so equal inputs give byte-identical files."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write a resumable training state (weights, optimizer, RNG, history) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": TRAIN_STATE_FORMAT, "format_version": FORMAT_VERSION, **state}, tmp)
+    write_bytes_atomic(path, _torch_bytes({"format": TRAIN_STATE_FORMAT, "format_version": FORMAT_VERSION, **state}))
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:

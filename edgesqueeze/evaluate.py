@@ -41,6 +41,9 @@ def evaluate_file(
     if not name:
         raise DataError(f"{path}: does not record its dataset; pass --dataset NAME")
     seed = meta.get("seed", 0) if seed is None else seed
+    if name == meta.get("dataset"):  # by default, the same data options the model was trained with
+        limit = meta.get("data_limit") if limit is None else limit
+        image_size = meta.get("image_size") if image_size is None else image_size
     ds = load_dataset(name, data_dir=data_dir, image_size=image_size, limit=limit, seed=seed)
     if split == "test":
         x, y = ds.test_x, ds.test_y

@@ -66,7 +66,7 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     warm = int(round(cfg.warmup_fraction * total_steps))
     start = cfg.lr / 25 if cfg.schedule == "onecycle" else 0.0
     if step < warm:
-        return start + (cfg.lr - start) * (step + 1) / warm
+        return start + (cfg.lr - start) * step / warm
     progress = (step - warm) / max(1, total_steps - warm)
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -251,6 +251,8 @@ def fit(
         recipe_hash=recipe.hash(),
         seed=recipe.seed,
         val_fraction=recipe.data.val_fraction,
+        data_limit=recipe.data.limit,
+        image_size=recipe.data.image_size,
         edgesqueeze_version=__version__,
         torch_version=torch.__version__,
     )

@@ -1,0 +1,96 @@
+"""On-disk cache of decoded datasets as plain ``.npy`` files.
+
+Decoding 60,000 CIFAR JPEGs takes tens of seconds; reading the same pixels back from
+``.npy`` takes a fraction of one. An entry is a folder ``<cache>/<tag>-<key>/`` holding one
+``.npy`` per array and ``meta.json``, written last: ``meta.json`` is the commit marker, so
+a crash half-way leaves an entry without it, which is simply rebuilt. The key hashes each
+source file's absolute path, size and modification time plus the decoding parameters, so
+editing or replacing a source invalidates its entry without any bookkeeping.
+
+Arrays are read back with ``allow_pickle=False``: a cache folder is never a way to run code.
+Any entry that fails to load or does not match its ``meta.json`` is ignored and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from edgesqueeze._io import atomic_path, write_text_atomic
+
+CACHE_VERSION = 1  # bump when the decoded layout changes, to orphan older entries
+
+
+def cache_dir() -> Path:
+    """``$EDGESQUEEZE_CACHE``, else ``~/.cache/edgesqueeze``."""
+    env = os.environ.get("EDGESQUEEZE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgesqueeze"
+
+
+def _stat_entry(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def source_key(sources: Iterable[Path], params: dict[str, Any]) -> str:
+    """Hash of (absolute path, size, mtime) of every source file plus ``params``.
+
+    A directory source contributes every file below it, so adding, removing or editing
+    one image of an image folder changes the key.
+    """
+    entries = []
+    for src in sources:
+        src = Path(src)
+        if src.is_dir():
+            entries += [_stat_entry(p) for p in sorted(src.rglob("*")) if p.is_file()]
+        else:
+            entries.append(_stat_entry(src))
+    blob = json.dumps({"v": CACHE_VERSION, "sources": entries, "params": params}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load(tag: str, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The arrays and metadata of a complete, consistent entry, or ``None``."""
+    folder = cache_dir() / f"{tag}-{key}"
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
+            return None
+        arrays = {}
+        for name, spec in meta["arrays"].items():
+            arr = np.load(folder / f"{name}.npy", allow_pickle=False)
+            if arr.dtype != np.dtype(spec["dtype"]) or list(arr.shape) != spec["shape"]:
+                return None
+            arrays[name] = arr
+        return arrays, meta
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError):
+        return None  # missing or damaged: the caller rebuilds and overwrites it
+
+
+def save(tag: str, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path | None:
+    """Write an entry atomically, array by array, ``meta.json`` last.
+
+    A cache that cannot be written (read-only home, full disk) only costs speed, so the
+    failure is reported on stderr and otherwise ignored.
+    """
+    folder = cache_dir() / f"{tag}-{key}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").unlink(missing_ok=True)  # invalid until rewritten below
+        for name, arr in arrays.items():
+            with atomic_path(folder / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+        full = dict(meta, key=key, version=CACHE_VERSION,
+                    arrays={n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()})
+        write_text_atomic(folder / "meta.json", json.dumps(full, indent=1))
+        return folder
+    except OSError as e:
+        print(f"edgesqueeze: warning: could not write the dataset cache {folder} ({e}); "
+              "set EDGESQUEEZE_CACHE to a writable folder to avoid decoding again", file=sys.stderr)
+        return None

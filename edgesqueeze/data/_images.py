@@ -1,0 +1,166 @@
+"""Image folders, as a directory or a .zip: listing, layout, decoding with PIL.
+
+Layouts: ``train/<class>/*`` + ``test/<class>/*``, or only ``<class>/*``. One common top
+folder (``cifar10-jpeg/train/...`` inside ``cifar10-jpeg.zip``) is stepped into. Files with
+other extensions, hidden files and ``__MACOSX/`` are ignored; an image outside a class
+folder or nested deeper is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgesqueeze.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+_LAYOUT_HELP = "expected train/<class>/<image> and test/<class>/<image>, or <class>/<image>"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A directory or zip of images; ``read(rel)`` returns the bytes of one member."""
+
+    path: Path
+    files: tuple[str, ...]  # relative posix paths of image files, sorted
+    read: Callable[[str], bytes]
+    close: Callable[[], None] = lambda: None
+
+    def describe(self, rel: str) -> str:
+        return f"{self.path}:{rel}" if self.path.suffix.lower() == ".zip" else str(self.path / rel)
+
+
+def _is_image(rel: str) -> bool:
+    parts = rel.split("/")
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return False
+    return rel.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def open_source(path: Path) -> Source:
+    if path.is_dir():
+        files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        return Source(path, tuple(f for f in files if _is_image(f)), lambda rel: (path / rel).read_bytes())
+    if path.is_file() and path.suffix.lower() == ".zip":
+        try:
+            zf = zipfile.ZipFile(path)
+            names = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(f"{path} is not a readable zip file ({e}); replace it") from e
+
+        def read(rel: str) -> bytes:
+            try:
+                return zf.read(rel)
+            except (zipfile.BadZipFile, OSError, zlib.error) as e:
+                raise DataError(f"{path}:{rel} cannot be read from the zip ({e}); replace the zip") from e
+
+        return Source(path, tuple(f for f in names if _is_image(f)), read, zf.close)
+    if not path.exists():
+        raise DataError(f"image folder {path} does not exist")
+    raise DataError(f"{path} is neither a folder nor a .zip of images")
+
+
+def layout(src: Source) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
+    """``({'train': [(class, rel)], 'test': [...]}, classes)``; ``test`` absent when the
+    folder holds only ``<class>/*``."""
+    if not src.files:
+        raise DataError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in {src.path}; "
+                        f"{_LAYOUT_HELP}")
+    parts = [f.split("/") for f in src.files]
+    prefix = 0
+    while (all(len(p) - prefix >= 3 for p in parts) and parts[0][prefix] not in ("train", "test")
+           and all(p[prefix] == parts[0][prefix] for p in parts)):
+        prefix += 1  # step into a single top folder
+    splits: dict[str, list[tuple[str, str]]] = {}
+    has_split = any(p[prefix] in ("train", "test") and len(p) - prefix == 3 for p in parts)
+    for rel, p in zip(src.files, parts):
+        q = p[prefix:]
+        if has_split:
+            if len(q) != 3 or q[0] not in ("train", "test"):
+                raise DataError(f"{src.describe(rel)} is not in train/<class>/ or test/<class>/; "
+                                f"{_LAYOUT_HELP}")
+            splits.setdefault(q[0], []).append((q[1], rel))
+        else:
+            if len(q) != 2:
+                where = "not inside a class folder" if len(q) < 2 else "nested too deep"
+                raise DataError(f"{src.describe(rel)} is {where}; {_LAYOUT_HELP}")
+            splits.setdefault("all", []).append((q[0], rel))
+    if has_split and "train" not in splits:
+        raise DataError(f"{src.path} has test/ but no train/ images; {_LAYOUT_HELP}")
+    classes = sorted({c for items in splits.values() for c, _ in items})
+    return splits, classes
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(),
+                leave=False, mininterval=0.5)
+
+
+def decode_image(data: bytes, where: str):
+    """A PIL image, fully decoded; any decoder failure becomes a DataError naming the file."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {where} ({e}); delete or replace it") from e
+
+
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def decode_all(src: Source, items: list[tuple[str, str]], *, image_size: int | None,
+               desc: str) -> tuple[np.ndarray, bool]:
+    """Decode ``items`` into uint8 (N, H, W, 3) plus "all grayscale?".
+
+    Without ``image_size`` all images must share the first one's size; with it, each is
+    resized (PIL bilinear, which low-pass filters when shrinking) to image_size squared.
+    Grayscale images fill all three channels so that a mixed folder still stacks.
+    """
+    from PIL import Image
+
+    out = None
+    all_gray = True
+    bar = _progress(len(items), desc)
+    for i, (_, rel) in enumerate(items):
+        where = src.describe(rel)
+        img = decode_image(src.read(rel), where)
+        gray = img.mode in _GRAY_MODES
+        img = img.convert("L" if gray else "RGB")
+        all_gray &= gray
+        if image_size is not None and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BILINEAR)
+        if out is None:
+            w, h = img.size
+            out = np.empty((len(items), h, w, 3), dtype=np.uint8)
+        elif img.size != (out.shape[2], out.shape[1]):
+            first = src.describe(items[0][1])
+            raise DataError(f"images differ in size: {first} is {out.shape[2]}x{out.shape[1]}, {where} is "
+                            f"{img.size[0]}x{img.size[1]}; pass image_size to resize them all")
+        arr = np.asarray(img)
+        out[i] = arr[..., None] if gray else arr
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if out is None:
+        out = np.empty((0, image_size or 0, image_size or 0, 3), dtype=np.uint8)
+    return out, all_gray
+
+
+def to_nchw(hwc: np.ndarray, gray: bool) -> np.ndarray:
+    x = hwc[..., :1] if gray else hwc
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

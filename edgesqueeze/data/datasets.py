@@ -1,0 +1,521 @@
+"""Datasets as plain uint8 NumPy arrays in memory: digits, MNIST, CIFAR-10, image folders,
+the ImageNet sample.
+
+Every loader returns the same :class:`Dataset`, so training, evaluation and export never
+care where pixels came from. Files are looked up along :func:`data_search_path`; decoded
+results are cached as ``.npy`` (see ``_cache``) so the second load of CIFAR-10 skips
+60,000 JPEG decodes. Anything missing or malformed raises :class:`DataError` naming the
+file, the places looked, and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgesqueeze.data import _cache, _cifar, _images
+from edgesqueeze.data._cifar import CIFAR10_CLASSES
+from edgesqueeze.data._idx import read_idx
+from edgesqueeze.data.download import CIFAR10_ARCHIVE, MNIST_FILES, download_cifar10, download_mnist
+from edgesqueeze.errors import DataError
+
+__all__ = ["Dataset", "load_dataset", "split_train_val", "data_search_path", "channel_stats",
+           "KNOWN_DATASETS", "CIFAR10_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "read_idx"]
+
+KNOWN_DATASETS = ("digits", "mnist", "cifar10", "imagenet-sample", "imagefolder:PATH")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Seed of the carved test splits (digits, class-only image folders). Fixed, and not the
+# user's seed, so that the test set is the same in every run and every recipe.
+_TEST_SPLIT_SEED = 20160224
+_TEST_FRACTION = 0.2
+_REPO = Path(__file__).resolve().parents[2]  # parent of the edgesqueeze package
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Train and test images as uint8 (N, C, H, W), labels as int64, plus how to normalise.
+
+    ``mean``/``std`` are per channel in [0, 1] units, from the *full* training set (a
+    ``limit`` subset keeps them), so a model trained on a subset normalises like one
+    trained on everything.
+    """
+
+    name: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self):
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
+                raise DataError(f"dataset '{self.name}': {split}_x must be uint8 (N, C, H, W), got "
+                                f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+            if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (len(x),):
+                raise DataError(f"dataset '{self.name}': {split}_y must be int64 of shape ({len(x)},)")
+            if len(y) and (y.min() < 0 or y.max() >= len(self.classes)):
+                raise DataError(f"dataset '{self.name}': {split} labels outside 0..{len(self.classes) - 1}")
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise DataError(f"dataset '{self.name}': train images {self.train_x.shape[1:]} and test images "
+                            f"{self.test_x.shape[1:]} differ in shape")
+        c = self.train_x.shape[1]
+        if len(self.mean) != c or len(self.std) != c:
+            raise DataError(f"dataset '{self.name}': mean/std need {c} values, got {self.mean}, {self.std}")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.train_x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:
+        return (f"Dataset(name={self.name!r}, train={len(self.train_x)}, test={len(self.test_x)}, "
+                f"input_shape={self.input_shape}, classes={self.num_classes})")
+
+
+# ---------------------------------------------------------------------------------------
+# Where data lives
+
+
+def _shared_dirs() -> list[Path]:
+    """The read-only ``shared/datasets`` beside the repository (or beside the cwd)."""
+    return [_REPO.parent / "shared" / "datasets", Path.cwd().parent / "shared" / "datasets"]
+
+
+def data_search_path(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for dataset files, in order, absolute, without duplicates.
+
+    ``data_dir`` (``--data-dir``), then ``$EDGESQUEEZE_DATA`` (``os.pathsep``-separated),
+    then ``./data``, then ``shared/datasets`` beside the repository and beside the cwd.
+    Folders that do not exist are listed too: they are where a file *would* be found, and
+    an error message should name them.
+    """
+    dirs = []
+    if data_dir is not None:
+        dirs.append(Path(data_dir).expanduser())
+    env = os.environ.get("EDGESQUEEZE_DATA", "")
+    dirs += [Path(p).expanduser() for p in env.split(os.pathsep) if p.strip()]
+    dirs.append(Path("data"))
+    dirs += _shared_dirs()
+    out: list[Path] = []
+    for d in dirs:
+        d = Path(os.path.abspath(d))
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def _download_dir(search: list[Path]) -> Path | None:
+    """The first search folder we may write to; never ``shared/`` (read-only input)."""
+    shared = {Path(os.path.abspath(p)) for p in _shared_dirs()}
+    for d in search:
+        if d in shared:
+            continue
+        p = d
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        if p.is_dir() and os.access(p, os.W_OK | os.X_OK):
+            return d
+    return None
+
+
+def _where(search: list[Path]) -> str:
+    return ", ".join(str(d) for d in search)
+
+
+_WHAT_TO_DO = "pass --data-dir DIR or set EDGESQUEEZE_DATA=DIR to a folder that holds it"
+
+
+# ---------------------------------------------------------------------------------------
+# Splits and statistics
+
+
+def _stratified_pick(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of ``k`` items with each class represented in proportion.
+
+    Per-class quotas are ``k * count / n`` rounded by largest remainder (ties broken at
+    random), so they sum to exactly ``k``. Example: y with 6 zeros and 3 ones, k = 3 ->
+    two zeros and one one.
+    """
+    n = len(y)
+    if k >= n:
+        return np.arange(n)
+    if k <= 0:
+        return np.arange(0)
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    quota = counts * k / n
+    take = np.floor(quota).astype(np.int64)
+    order = np.lexsort((rng.permutation(len(classes)), -(quota - take)))
+    take[order[: k - int(take.sum())]] += 1
+    picked = [rng.permutation(np.flatnonzero(inverse == ci))[: take[ci]] for ci in range(len(classes))]
+    return np.sort(np.concatenate(picked))
+
+
+def split_train_val(ds: Dataset, val_fraction: float, seed: int):
+    """``((x_train, y_train), (x_val, y_val))`` carved from ``ds``'s training set.
+
+    Stratified, deterministic in ``seed``, disjoint, covering every training item; the
+    validation part has ``round(n * val_fraction)`` items (0 -> empty).
+    """
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    n = len(ds.train_y)
+    val = _stratified_pick(ds.train_y, int(round(n * val_fraction)), np.random.default_rng(seed))
+    mask = np.ones(n, dtype=bool)
+    mask[val] = False
+    return (ds.train_x[mask], ds.train_y[mask]), (ds.train_x[val], ds.train_y[val])
+
+
+def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and std in [0, 1] units of uint8 images (N, C, H, W).
+
+    A 256-bin histogram per channel gives both without a float copy of the data (CIFAR
+    as float64 would be 1.2 GB). A constant channel gets std 1/255, not 0.
+    """
+    if len(x) == 0:
+        raise DataError("cannot compute mean/std of an empty training set")
+    v = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        hist = np.bincount(x[:, c].ravel(), minlength=256).astype(np.float64)
+        m = float((hist * v).sum() / hist.sum())
+        var = float((hist * (v - m) ** 2).sum() / hist.sum())
+        means.append(round(m, 6))
+        stds.append(round(max(var ** 0.5, 1 / 255), 6))
+    return tuple(means), tuple(stds)
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of uint8 NCHW to size x size (antialiased when shrinking), in chunks."""
+    if x.shape[2:] == (size, size):
+        return x
+    import torch
+    import torch.nn.functional as F
+
+    shrink = size < x.shape[2] or size < x.shape[3]
+    out = np.empty((len(x), x.shape[1], size, size), dtype=np.uint8)
+    for i in range(0, len(x), 4096):
+        t = torch.from_numpy(np.ascontiguousarray(x[i:i + 4096])).float()
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        out[i:i + 4096] = t.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+def _take(ds: Dataset, limit: int, seed: int) -> Dataset:
+    tr = _stratified_pick(ds.train_y, limit, np.random.default_rng([seed, 0]))
+    te = _stratified_pick(ds.test_y, limit, np.random.default_rng([seed, 1]))
+    return replace(ds, train_x=ds.train_x[tr], train_y=ds.train_y[tr], test_x=ds.test_x[te], test_y=ds.test_y[te])
+
+
+def _carve_test(x: np.ndarray, y: np.ndarray):
+    te = _stratified_pick(y, int(round(len(y) * _TEST_FRACTION)), np.random.default_rng(_TEST_SPLIT_SEED))
+    mask = np.ones(len(y), dtype=bool)
+    mask[te] = False
+    return x[mask], y[mask], x[te], y[te]
+
+
+# ---------------------------------------------------------------------------------------
+# Caching wrapper
+
+
+def _cached(name: str, tag: str, sources: list[Path], params: dict, build: Callable[[], tuple],
+            stats: tuple | None = None) -> Dataset:
+    """Load ``tag`` from the cache, or ``build()`` it, compute mean/std, and cache it.
+
+    ``build() -> (train_x, train_y, test_x, test_y, classes)``; ``stats`` fixes mean/std
+    instead of measuring them (ImageNet's standard values).
+    """
+    key = _cache.source_key(sources, params)
+    hit = _cache.load(tag, key)
+    if hit is not None:
+        arrays, meta = hit
+        return Dataset(name=name, classes=tuple(meta["classes"]), mean=tuple(meta["mean"]),
+                       std=tuple(meta["std"]), **arrays)
+    print(f"edgesqueeze: decoding {name} from {', '.join(map(str, sources))} "
+          f"(once; cached in {_cache.cache_dir()})", file=sys.stderr)
+    tx, ty, vx, vy, classes = build()
+    mean, std = stats if stats is not None else channel_stats(tx)
+    arrays = {"train_x": tx, "train_y": ty.astype(np.int64), "test_x": vx, "test_y": vy.astype(np.int64)}
+    ds = Dataset(name=name, classes=tuple(classes), mean=tuple(mean), std=tuple(std), **arrays)
+    _cache.save(tag, key, arrays, {"name": name, "classes": list(classes), "mean": list(mean),
+                                   "std": list(std), "sources": [str(s) for s in sources], "params": params})
+    return ds
+
+
+# ---------------------------------------------------------------------------------------
+# Loaders
+
+
+def _load_digits(image_size: int) -> Dataset:
+    """sklearn's embedded 8x8 digits, values 0..16 -> 0..255, upscaled bilinearly."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    x = _resize(x, image_size)
+    tx, ty, vx, vy = _carve_test(x, d.target.astype(np.int64))
+    mean, std = channel_stats(tx)
+    return Dataset("digits", tx, ty, vx, vy, tuple(str(i) for i in range(10)), mean, std)
+
+
+def _find_mnist(search: list[Path]) -> tuple[list[Path] | None, list[Path]]:
+    """The four IDX files from the first folder that holds all of them (.gz or raw)."""
+    looked = []
+    for d in search:
+        for loc in (d / "mnist", d):
+            looked.append(loc)
+            found = []
+            for stem in MNIST_FILES:
+                hit = next((p for p in (loc / f"{stem}.gz", loc / stem) if p.is_file()), None)
+                if hit is None:
+                    break
+                found.append(hit)
+            else:
+                return found, looked
+    return None, looked
+
+
+def _load_mnist(search: list[Path], download: bool, image_size: int | None) -> Dataset:
+    files, looked = _find_mnist(search)
+    if files is None:
+        names = ", ".join(f"{s}[.gz]" for s in MNIST_FILES)
+        missing = f"MNIST not found: looked for {names} in {_where(looked)}"
+        if not download:
+            raise DataError(f"{missing}; downloading is off (download=False): put the four files in one of "
+                            f"these folders, or {_WHAT_TO_DO}")
+        dest = _download_dir(search)
+        if dest is None:
+            raise DataError(f"{missing}, and none of {_where(search)} is writable to download into; "
+                            f"{_WHAT_TO_DO}")
+        try:
+            download_mnist(dest / "mnist")
+        except DataError as e:
+            raise DataError(f"{missing}; downloading failed: {e}") from e
+        files, _ = _find_mnist([dest])
+
+    def build():
+        tx, ty, vx, vy = (read_idx(p, ndim=3 if "images" in p.name else 1) for p in files)
+        for x, y, px, py in ((tx, ty, files[0], files[1]), (vx, vy, files[2], files[3])):
+            if len(x) != len(y):
+                raise DataError(f"{px} holds {len(x)} images but {py} holds {len(y)} labels; one of them is "
+                                f"from another dataset or damaged: delete both and download them again")
+            if len(y) and y.max() > 9:
+                raise DataError(f"{py}: label {int(y.max())} is not a digit; delete it and download it again")
+        if tx.shape[1:] != vx.shape[1:]:
+            raise DataError(f"{files[0]} and {files[2]} hold images of different sizes")
+        size = image_size or tx.shape[1]
+        return (_resize(tx[:, None], size), ty.astype(np.int64), _resize(vx[:, None], size),
+                vy.astype(np.int64), tuple(str(i) for i in range(10)))
+
+    return _cached("mnist", "mnist", files, {"image_size": image_size}, build)
+
+
+def _folder_dataset(src_path: Path, image_size: int | None, desc: str):
+    """(train_x, train_y, test_x, test_y, classes) from an image folder or zip."""
+    src = _images.open_source(src_path)
+    try:
+        splits, classes = _images.layout(src)
+        index = {c: i for i, c in enumerate(classes)}
+        out = {}
+        gray_all = True
+        for split, items in splits.items():
+            items = sorted(items, key=lambda it: (index[it[0]], it[1]))
+            hwc, gray = _images.decode_all(src, items, image_size=image_size, desc=f"{desc} {split}")
+            out[split] = (hwc, np.array([index[c] for c, _ in items], dtype=np.int64))
+            gray_all &= gray
+    finally:
+        src.close()
+    out = {k: (_images.to_nchw(x, gray_all), y) for k, (x, y) in out.items()}
+    if "all" in out:
+        tx, ty, vx, vy = _carve_test(*out["all"])
+    else:
+        (tx, ty) = out["train"]
+        if "test" in out:
+            vx, vy = out["test"]
+        else:  # train/ only: carve a fixed test split from it
+            tx, ty, vx, vy = _carve_test(tx, ty)
+    if tx.shape[1:] != vx.shape[1:]:
+        raise DataError(f"{src_path}: train images are {tx.shape[2]}x{tx.shape[3]} but test images are "
+                        f"{vx.shape[2]}x{vx.shape[3]}; pass image_size to resize them all")
+    return tx, ty, vx, vy, tuple(classes)
+
+
+def _load_cifar10(search: list[Path], download: bool, image_size: int | None) -> Dataset:
+    """First of, per search folder: pickled batches, the official .tar.gz, the JPEG zip or folder."""
+    looked = []
+    found = None
+    for d in search:
+        for kind, p, is_dir in (("batches", d / _cifar.BATCH_DIR, True),
+                                ("tar", d / CIFAR10_ARCHIVE, False),
+                                ("folder", d / "cifar10-jpeg.zip", False),
+                                ("folder", d / "cifar10-jpeg", True)):
+            looked.append(p)
+            if p.is_dir() if is_dir else p.is_file():
+                found = (kind, p)
+                break
+        if found:
+            break
+    if found is None:
+        missing = f"CIFAR-10 not found: looked for {', '.join(map(str, looked))}"
+        if not download:
+            raise DataError(f"{missing}; downloading is off (download=False): {_WHAT_TO_DO}")
+        dest = _download_dir(search)
+        if dest is None:
+            raise DataError(f"{missing}, and no search folder is writable to download into; {_WHAT_TO_DO}")
+        try:
+            found = ("tar", download_cifar10(dest))
+        except DataError as e:
+            raise DataError(f"{missing}; downloading failed: {e}") from e
+    kind, path = found
+
+    def build():
+        if kind == "folder":
+            tx, ty, vx, vy, classes = _folder_dataset(path, image_size, path.name)
+            if classes != CIFAR10_CLASSES or len(vx) == 0:
+                raise DataError(f"{path}: expected train/ and test/ folders of the CIFAR-10 classes "
+                                f"{', '.join(CIFAR10_CLASSES)}, found classes {', '.join(classes)}")
+            return tx, ty, vx, vy, classes
+        tx, ty, vx, vy = _cifar.load_batch_dir(path) if kind == "batches" else _cifar.load_tarball(path)
+        size = image_size or 32
+        return _resize(tx, size), ty, _resize(vx, size), vy, CIFAR10_CLASSES
+
+    return _cached("cifar10", "cifar10", [path], {"image_size": image_size, "kind": kind}, build)
+
+
+def _load_imagefolder(name: str, spec: str, image_size: int | None) -> Dataset:
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"image folder {path.absolute()} (from dataset '{name}') does not exist; give "
+                        f"imagefolder:PATH with a folder or .zip holding train/<class>/ and test/<class>/")
+    path = Path(os.path.abspath(path))
+    return _cached(name, "imagefolder", [path], {"image_size": image_size},
+                   lambda: _folder_dataset(path, image_size, path.name))
+
+
+def _imagenet_preprocess(img, crop: int) -> np.ndarray:
+    """torchvision's eval transform: resize the shorter side to round(crop*256/224), center-crop."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    short = int(round(crop * 256 / 224))
+    w, h = img.size
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    img = img.resize((nw, nh), Image.BILINEAR)
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    img = img.crop((left, top, left + crop, top + crop))
+    return np.asarray(img).transpose(2, 0, 1)
+
+
+def _read_imagenet_classes(path: Path) -> tuple[list[str], list[str]]:
+    wnids, names = [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3 or parts[0] != str(len(wnids)) or not parts[1].startswith("n"):
+            raise DataError(f"{path}:{lineno}: expected 'index<TAB>wnid<TAB>name' with index {len(wnids)}, "
+                            f"got {line!r}")
+        wnids.append(parts[1])
+        names.append(parts[2])
+    if len(wnids) != 1000:
+        raise DataError(f"{path} lists {len(wnids)} classes, expected the 1000 ImageNet classes")
+    return wnids, names
+
+
+def _load_imagenet_sample(search: list[Path], image_size: int | None) -> Dataset:
+    zips = [d / "imagenet-sample-100.zip" for d in search]
+    txts = [d / "imagenet_classes.txt" for d in search]
+    zp = next((p for p in zips if p.is_file()), None)
+    tp = next((p for p in txts if p.is_file()), None)
+    if zp is None or tp is None:
+        missing = [n for n, f in (("imagenet-sample-100.zip", zp), ("imagenet_classes.txt", tp)) if f is None]
+        raise DataError(f"imagenet-sample needs {' and '.join(missing)}: looked in {_where(search)}; "
+                        f"{_WHAT_TO_DO} (it is not downloadable)")
+    crop = image_size or 224
+
+    def build():
+        wnids, names = _read_imagenet_classes(tp)
+        label = {w: i for i, w in enumerate(wnids)}
+        src = _images.open_source(zp)
+        try:
+            xs, ys = [], []
+            for rel in src.files:
+                wnid = rel.rsplit("/", 1)[-1].split("_", 1)[0]
+                if wnid not in label:
+                    raise DataError(f"{src.describe(rel)}: '{wnid}' is not a wnid listed in {tp}")
+                xs.append(_imagenet_preprocess(_images.decode_image(src.read(rel), src.describe(rel)), crop))
+                ys.append(label[wnid])
+        finally:
+            src.close()
+        if not xs:
+            raise DataError(f"{zp} holds no images")
+        empty = np.empty((0, 3, crop, crop), dtype=np.uint8)
+        return empty, np.empty(0, dtype=np.int64), np.stack(xs), np.array(ys, dtype=np.int64), tuple(names)
+
+    return _cached("imagenet-sample", "imagenet-sample", [zp, tp], {"crop": crop}, build,
+                   stats=(IMAGENET_MEAN, IMAGENET_STD))
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+
+
+def unknown_dataset_error(name: str) -> DataError:
+    plain = [k for k in KNOWN_DATASETS if ":" not in k] + ["imagefolder"]
+    guess = difflib.get_close_matches(name.lower().split(":", 1)[0], plain, n=1, cutoff=0.5)
+    hint = ""
+    if guess:
+        hint = f" (did you mean '{'imagefolder:PATH' if guess[0] == 'imagefolder' else guess[0]}'?)"
+    return DataError(f"unknown dataset '{name}'{hint}; known datasets: {', '.join(KNOWN_DATASETS)}")
+
+
+def _check_opt_int(what: str, v, lo: int) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo):
+        raise DataError(f"{what} must be an integer >= {lo}, got {v!r}")
+
+
+def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = True,
+                 image_size: int | None = None, limit: int | None = None, seed: int = 0) -> Dataset:
+    """Load a dataset by name: ``digits``, ``mnist``, ``cifar10``, ``imagenet-sample`` or
+    ``imagefolder:PATH``.
+
+    ``image_size`` resizes to a square (digits default 28, MNIST 28, CIFAR 32, ImageNet
+    crop 224, image folders their own size if uniform). ``limit`` keeps a seeded,
+    stratified subset of at most ``limit`` train and ``limit`` test items; ``seed`` affects
+    nothing else. ``download`` allows fetching MNIST / CIFAR-10 when no copy is found.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise unknown_dataset_error(str(name))
+    _check_opt_int("image_size", image_size, 1)
+    _check_opt_int("limit", limit, 1)
+    _check_opt_int("seed", seed, 0)
+    name = name.strip()
+    low = name.lower()
+    if low.startswith("imagefolder:"):
+        spec = name.split(":", 1)[1]
+        if not spec:
+            raise DataError("dataset 'imagefolder:' needs a path: imagefolder:PATH (a folder or .zip)")
+        ds = _load_imagefolder(name, spec, image_size)
+    elif low == "digits":
+        ds = _load_digits(image_size or 28)
+    elif low == "mnist":
+        ds = _load_mnist(data_search_path(data_dir), download, image_size)
+    elif low == "cifar10":
+        ds = _load_cifar10(data_search_path(data_dir), download, image_size)
+    elif low == "imagenet-sample":
+        ds = _load_imagenet_sample(data_search_path(data_dir), image_size)
+    else:
+        raise unknown_dataset_error(name)
+    return _take(ds, int(limit), int(seed)) if limit is not None else ds

@@ -1,0 +1,117 @@
+"""The CLI through click's CliRunner, and once as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgesqueeze.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--set", "data.limit=300", "--set", "train.epochs=2", "--set", "train.threads=1",
+         "--set", "model.kwargs={width_mult: 0.5}", "--no-progress"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    res = run("train", "--recipe", ROOT / "recipes/squeezenet-digits.yaml", "--out", out, *QUICK)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["models"], ["info"]])
+def test_help_has_an_example(cmd):
+    res = run(*cmd, "--help")
+    assert res.exit_code == 0
+    assert "Example" in res.output or "Start here" in res.output
+
+
+def test_models_lists_every_architecture():
+    res = run("models", "--json")
+    rows = json.loads(res.output)
+    names = {r["name"] for r in rows}
+    assert {"squeezenet1_0", "squeezenet1_1", "squeezenet_mnist", "squeezenet_cifar", "resnet8"} <= names
+    assert all(r["params"] > 0 and r["macs"] > 0 for r in rows)
+    assert "squeezenet1_0" in run("models").output
+
+
+def test_train_eval_info(trained):
+    assert (trained / "model.pt").is_file() and (trained / "curves.png").is_file()
+    res = run("eval", trained / "model.pt", "--json")
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output)
+    assert metrics["dataset"] == "digits" and metrics["split"] == "test" and 0 <= metrics["accuracy"] <= 1
+    saved = torch.load(trained / "model.pt", weights_only=True)
+    assert json.loads(saved["meta_json"])["metrics"]["test"]["accuracy"] == metrics["accuracy"]
+    res = run("eval", trained / "model.pt", "--split", "val")
+    assert res.exit_code == 0 and "digits val: top-1" in res.output
+    res = run("info", trained / "model.pt")
+    assert res.exit_code == 0 and "squeezenet_mnist" in res.output and "recipe_hash" in res.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--recipe", "nope.yaml"], "recipe file not found"),
+        (["train", "--recipe", ROOT / "recipes/squeezenet-digits.yaml", "--set", "train.epohcs=1"],
+         "train.epohcs: unknown key; did you mean 'epochs'?"),
+        (["train", "--recipe", ROOT / "recipes/squeezenet-digits.yaml", "--set", "model.arch=squeezenet2"],
+         "unknown model 'squeezenet2'"),
+        (["train", "--recipe", ROOT / "recipes/squeezenet-digits.yaml", "--set", "data.dataset=mnits"],
+         "mnits"),
+        (["eval", "missing.pt"], "no such file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    res = CliRunner().invoke(cli, [str(a) for a in args] + (["--out", str(tmp_path / "o")] if args[0] == "train"
+                                                          else []))
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "o" / "model.pt").exists()
+
+
+def test_eval_wrong_dataset_class_count(trained, tmp_path):
+    # a 3-class image folder vs a 10-class model
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b", "c"):
+            d = tmp_path / "folder" / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.new("L", (28, 28), color=40 * i).save(d / f"{i}.png")
+    res = run("eval", trained / "model.pt", "--dataset", f"imagefolder:{tmp_path / 'folder'}")
+    assert res.exit_code == 2
+    assert "3 classes" in res.output and "outputs 10" in res.output
+
+
+def test_real_subprocess_train_on_a_few_hundred_digits(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "sub"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgesqueeze", "train", "--recipe", str(ROOT / "recipes/squeezenet-digits.yaml"),
+         "--out", str(out), *QUICK],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "test accuracy" in proc.stdout and (out / "model.pt").is_file()
+    # a second run into the same directory is refused (exit 2) and leaves the first intact
+    before = (out / "model.pt").read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgesqueeze", "train", "--recipe", str(ROOT / "recipes/squeezenet-digits.yaml"),
+         "--out", str(out), *QUICK], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "--resume" in proc.stderr
+    assert (out / "model.pt").read_bytes() == before

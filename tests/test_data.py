@@ -1,0 +1,673 @@
+"""Tests for edgesqueeze.data: formats, lookup, splits, cache, augmentation, download."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import struct
+import tarfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import edgesqueeze.data._images as images_mod
+import edgesqueeze.data.datasets as ds_mod
+from edgesqueeze.data import (
+    CIFAR10_CLASSES,
+    AugmentConfig,
+    Dataset,
+    apply_augment,
+    batches,
+    data_search_path,
+    default_augment,
+    fetch,
+    load_dataset,
+    random_affine,
+    random_crop,
+    random_hflip,
+    read_idx,
+    split_train_val,
+)
+from edgesqueeze.data.download import MNIST_FILES
+from edgesqueeze.errors import DataError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_MNIST = SHARED / "datasets" / "mnist"
+
+
+def needs_shared(path: Path):
+    """Mark a test as using ../shared and skip it, saying where we looked, when absent."""
+    skip = pytest.mark.skipif(not path.exists(), reason=f"{path} not found (../shared beside the repository)")
+    return lambda fn: pytest.mark.shared(skip(fn))
+
+
+needs_shared_mnist = needs_shared(SHARED_MNIST)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Every test gets its own cache and sees no user data folder."""
+    monkeypatch.setenv("EDGESQUEEZE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EDGESQUEEZE_DATA", raising=False)
+    monkeypatch.delenv("EDGESQUEEZE_MNIST_MIRRORS", raising=False)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No shared/ folder and a fresh cwd: only what the test puts in place exists."""
+    monkeypatch.setattr(ds_mod, "_shared_dirs", lambda: [])
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    arr = np.asarray(arr, dtype=np.uint8)
+    return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+def write_png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="PNG")
+
+
+def make_folder(root: Path, classes=("cat", "ant", "bee"), per_class=4, size=(6, 5), split=True, gray=False):
+    """Tiny image folder; pixel values encode (class, index) so the tests can check labels."""
+    rng = np.random.default_rng(0)
+    for ci, cls in enumerate(sorted(classes)):
+        for i in range(per_class):
+            shape = (size[1], size[0]) if gray else (size[1], size[0], 3)
+            arr = rng.integers(0, 256, shape, dtype=np.uint8)
+            arr.flat[0] = ci  # first pixel = label
+            sub = ("train" if i < per_class - 1 else "test") if split else ""
+            write_png(root / sub / cls / f"{i:04d}.png", arr)
+    return root
+
+
+def zip_folder(folder: Path, dest: Path, prefix: str | None = None) -> Path:
+    with zipfile.ZipFile(dest, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(folder).as_posix()
+                zf.write(p, f"{prefix}/{rel}" if prefix else rel)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------
+# IDX / MNIST
+
+
+@needs_shared_mnist
+def test_shared_mnist_idx_files():
+    shapes = {"train-images-idx3-ubyte": (60000, 28, 28), "train-labels-idx1-ubyte": (60000,),
+              "t10k-images-idx3-ubyte": (10000, 28, 28), "t10k-labels-idx1-ubyte": (10000,)}
+    for stem, md5 in MNIST_FILES.items():
+        path = SHARED_MNIST / f"{stem}.gz"
+        assert hashlib.md5(gzip.decompress(path.read_bytes())).hexdigest() == md5
+        arr = read_idx(path)
+        assert arr.shape == shapes[stem] and arr.dtype == np.uint8
+        if "labels" in stem:
+            assert arr.min() == 0 and arr.max() == 9 and len(np.unique(arr)) == 10
+
+
+@needs_shared_mnist
+def test_load_mnist_from_shared():
+    t0 = time.perf_counter()
+    ds = load_dataset("mnist", data_dir=SHARED / "datasets", download=False)
+    first = time.perf_counter() - t0
+    assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
+    assert ds.train_x.dtype == np.uint8 and ds.train_y.dtype == np.int64
+    assert ds.classes == tuple("0123456789") and ds.input_shape == (1, 28, 28)
+    assert ds.mean[0] == pytest.approx(0.1307, abs=1e-4) and ds.std[0] == pytest.approx(0.3081, abs=1e-4)
+    t0 = time.perf_counter()
+    again = load_dataset("mnist", data_dir=SHARED / "datasets", download=False, limit=100, seed=3)
+    assert time.perf_counter() - t0 < first  # served from the cache
+    assert len(again.train_x) == 100 and len(again.test_x) == 100 and again.mean == ds.mean
+    assert np.bincount(again.train_y, minlength=10).min() >= 9  # stratified
+
+
+def test_idx_roundtrip_and_errors(tmp_path):
+    labels = np.array([7, 2, 1], dtype=np.uint8)
+    p = tmp_path / "labels-idx1-ubyte"
+    p.write_bytes(idx_bytes(labels))
+    assert read_idx(p).tolist() == [7, 2, 1]
+    gz = tmp_path / "labels-idx1-ubyte.gz"
+    gz.write_bytes(gzip.compress(idx_bytes(labels)))
+    assert read_idx(gz, ndim=1).tolist() == [7, 2, 1]
+
+    images = idx_bytes(np.zeros((4, 3, 3)))
+    cases = {
+        "truncated-idx3-ubyte": (images[:-5], "truncated"),
+        "trailing-idx3-ubyte": (images + b"\0", "longer than its header"),
+        "magic-idx3-ubyte": (b"\x12\x34" + images[2:], "not an IDX file"),
+        "dims-idx3-ubyte": (images[:3] + b"\x02" + images[4:], r"header dims \(4, 3\)"),  # 2 dims, not 3
+        "short-idx3-ubyte": (b"\0\0", "too short"),
+    }
+    for name, (blob, words) in cases.items():
+        bad = tmp_path / name
+        bad.write_bytes(blob)
+        with pytest.raises(DataError, match=words) as e:
+            read_idx(bad, ndim=None if name.startswith("dims") else 3)
+        assert str(bad) in str(e.value) and "delete" in str(e.value)
+    with pytest.raises(DataError, match="dimensions, expected 1"):
+        read_idx(tmp_path / "trailing-idx3-ubyte", ndim=1)
+    cut = tmp_path / "cut-idx3-ubyte.gz"
+    cut.write_bytes(gzip.compress(images)[:-12])
+    with pytest.raises(DataError, match="not a valid gzip") as e:
+        read_idx(cut)
+    assert str(cut) in str(e.value)
+
+
+def _write_fake_mnist(folder: Path, n_train=20, n_test=10):
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(idx_bytes(rng.integers(0, 256, (n, 28, 28)))))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(n) % 10))  # raw is fine too
+
+
+def test_mnist_lookup_local_and_mismatched_counts(isolated):
+    _write_fake_mnist(isolated / "data" / "mnist")
+    ds = load_dataset("mnist", download=False)  # ./data/mnist, found via the default search path
+    assert ds.train_x.shape == (20, 1, 28, 28) and ds.test_y.tolist() == list(range(10))
+    assert load_dataset("mnist", download=False, image_size=14).input_shape == (1, 14, 14)
+    (isolated / "data" / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(9) % 10))
+    with pytest.raises(DataError, match="holds 10 images but .* holds 9 labels"):
+        load_dataset("mnist", download=False)
+
+
+def test_missing_mnist_without_download_names_places(isolated, tmp_path):
+    here = tmp_path / "elsewhere"
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", data_dir=here, download=False)
+    msg = str(e.value)
+    for place in (here / "mnist", here, isolated / "data" / "mnist", isolated / "data"):
+        assert str(place) in msg
+    assert "download=False" in msg and "--data-dir" in msg and "EDGESQUEEZE_DATA" in msg
+
+
+def test_search_path_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDGESQUEEZE_DATA", str(tmp_path / "env"))
+    dirs = data_search_path(tmp_path / "cli")
+    assert dirs[:3] == [tmp_path / "cli", tmp_path / "env", tmp_path / "data"]
+    repo = Path(__file__).resolve().parents[1]
+    assert repo.parent / "shared" / "datasets" in dirs
+    assert len(dirs) == len(set(dirs))
+
+
+# ---------------------------------------------------------------------------------------
+# digits, splits, limit
+
+
+def test_digits_shapes_determinism_and_fixed_test_split():
+    a = load_dataset("digits")
+    b = load_dataset("digits", seed=123)
+    assert a.train_x.shape == (1438, 1, 28, 28) and a.test_x.shape == (359, 1, 28, 28)
+    assert a.classes == tuple(str(i) for i in range(10)) and a.num_classes == 10
+    assert a.train_x.dtype == np.uint8 and a.train_y.dtype == np.int64 and a.train_x.max() == 255
+    np.testing.assert_array_equal(a.test_x, b.test_x)  # the test split ignores the seed
+    np.testing.assert_array_equal(a.train_y, b.train_y)
+    counts = np.bincount(a.test_y, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified 20%
+    small = load_dataset("digits", image_size=8)
+    assert small.input_shape == (1, 8, 8) and small.test_y.tolist() == a.test_y.tolist()
+    assert 0.2 < a.mean[0] < 0.4 and 0.2 < a.std[0] < 0.5
+
+
+def test_limit_is_stratified_seeded_and_keeps_stats():
+    full = load_dataset("digits")
+    a = load_dataset("digits", limit=50, seed=1)
+    b = load_dataset("digits", limit=50, seed=1)
+    c = load_dataset("digits", limit=50, seed=2)
+    assert len(a.train_x) == 50 and len(a.test_x) == 50
+    assert np.bincount(a.train_y, minlength=10).tolist() == [5] * 10
+    np.testing.assert_array_equal(a.train_x, b.train_x)
+    assert not np.array_equal(a.train_x, c.train_x)
+    assert a.mean == full.mean and a.std == full.std
+    assert len(load_dataset("digits", limit=10_000).train_x) == 1438
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(DataError, match="limit"):
+            load_dataset("digits", limit=bad)
+
+
+def _indexed_dataset(labels: np.ndarray) -> Dataset:
+    """Images whose two pixels spell their index, so splits can be traced back."""
+    n = len(labels)
+    idx = np.arange(n)
+    x = np.stack([idx // 256, idx % 256], 1).astype(np.uint8).reshape(n, 1, 1, 2)
+    return Dataset("t", x, labels.astype(np.int64), x[:0], labels[:0].astype(np.int64),
+                   tuple(str(i) for i in range(labels.max() + 1)), (0.5,), (0.5,))
+
+
+def _ids(x: np.ndarray) -> np.ndarray:
+    return x[:, 0, 0, 0].astype(int) * 256 + x[:, 0, 0, 1]
+
+
+def test_split_train_val():
+    labels = np.repeat(np.arange(3), [100, 50, 17])  # awkward class sizes
+    ds = _indexed_dataset(labels)
+    (xt, yt), (xv, yv) = split_train_val(ds, 0.2, seed=0)
+    (xt2, _), (xv2, _) = split_train_val(ds, 0.2, seed=0)
+    (_, _), (xv3, _) = split_train_val(ds, 0.2, seed=1)
+    ti, vi = _ids(xt), _ids(xv)
+    assert len(vi) == round(167 * 0.2) and len(set(ti) & set(vi)) == 0
+    assert sorted([*ti, *vi]) == list(range(167))
+    np.testing.assert_array_equal(labels[vi], yv)
+    np.testing.assert_array_equal(xv, xv2)
+    np.testing.assert_array_equal(xt, xt2)
+    assert not np.array_equal(xv, xv3)
+    assert np.abs(np.bincount(yv) - np.array([20, 10, 3.4])).max() <= 1  # stratified
+    (xt0, yt0), (xv0, yv0) = split_train_val(ds, 0.0, seed=0)
+    assert len(xt0) == 167 and xv0.shape == (0, 1, 1, 2) and yv0.dtype == np.int64
+    for bad in (-0.1, 1.0, "0.2"):
+        with pytest.raises(DataError, match="val_fraction"):
+            split_train_val(ds, bad, seed=0)
+
+
+def test_dataset_validates_itself():
+    x = np.zeros((2, 1, 4, 4), np.uint8)
+    with pytest.raises(DataError, match="uint8"):
+        Dataset("t", x.astype(np.float32), np.zeros(2, np.int64), x, np.zeros(2, np.int64), ("a",), (0.5,), (0.5,))
+    with pytest.raises(DataError, match="labels outside"):
+        Dataset("t", x, np.array([0, 3]), x, np.zeros(2, np.int64), ("a", "b"), (0.5,), (0.5,))
+
+
+def test_unknown_dataset_suggests():
+    with pytest.raises(DataError, match="did you mean 'mnist'") as e:
+        load_dataset("mnsit")
+    assert "cifar10" in str(e.value) and "imagefolder:PATH" in str(e.value)
+    with pytest.raises(DataError, match="did you mean 'cifar10'"):
+        load_dataset("cifar-10")
+    with pytest.raises(DataError, match="needs a path"):
+        load_dataset("imagefolder:")
+    with pytest.raises(DataError, match="did you mean 'cifar10'"):
+        default_augment("cifar_10")
+
+
+# ---------------------------------------------------------------------------------------
+# image folders and zips, cache
+
+
+def test_imagefolder_dir_and_zip(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    for spec in (root, zip_folder(root, tmp_path / "imgs.zip", prefix="top")):
+        ds = load_dataset(f"imagefolder:{spec}")
+        assert ds.classes == ("ant", "bee", "cat")
+        assert ds.train_x.shape == (9, 3, 5, 6) and ds.test_x.shape == (3, 3, 5, 6)
+        assert ds.train_x[:, 0, 0, 0].tolist() == ds.train_y.tolist()  # first pixel = label
+        assert ds.test_y.tolist() == [0, 1, 2]
+    assert load_dataset(f"imagefolder:{root}", image_size=4).input_shape == (3, 4, 4)
+
+
+def test_imagefolder_classes_only_gray_and_mixed_sizes(tmp_path):
+    root = make_folder(tmp_path / "flat", per_class=5, split=False, gray=True)
+    ds = load_dataset(f"imagefolder:{root}")
+    assert ds.input_shape == (1, 5, 6)  # all grayscale -> one channel
+    assert len(ds.test_y) == 3 and sorted(ds.test_y.tolist()) == [0, 1, 2]  # fixed 20% carve
+    np.testing.assert_array_equal(ds.test_x, load_dataset(f"imagefolder:{root}", seed=9).test_x)
+    write_png(root / "ant" / "big.png", np.zeros((9, 9, 3), np.uint8))
+    with pytest.raises(DataError, match="differ in size.*image_size"):
+        load_dataset(f"imagefolder:{root}")
+    mixed = load_dataset(f"imagefolder:{root}", image_size=7)
+    assert mixed.input_shape == (3, 7, 7)  # one RGB image -> RGB
+
+
+def test_imagefolder_errors(tmp_path):
+    root = make_folder(tmp_path / "f", per_class=2)
+    write_png(root / "train" / "stray.png", np.zeros((5, 6, 3), np.uint8))
+    with pytest.raises(DataError, match="stray.png is not in train/<class>/"):
+        load_dataset(f"imagefolder:{root}")
+    flat = make_folder(tmp_path / "g", per_class=2, split=False)
+    write_png(flat / "loose.png", np.zeros((5, 6, 3), np.uint8))
+    with pytest.raises(DataError, match="loose.png is not inside a class folder"):
+        load_dataset(f"imagefolder:{flat}")
+    bad = make_folder(tmp_path / "h", per_class=2)
+    (bad / "train" / "ant" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(DataError, match="cannot decode image .*broken.jpg"):
+        load_dataset(f"imagefolder:{bad}")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="no images"):
+        load_dataset(f"imagefolder:{tmp_path / 'empty'}")
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(f"imagefolder:{tmp_path / 'nope'}")
+    (tmp_path / "junk.zip").write_bytes(b"PK not a zip")
+    with pytest.raises(DataError, match="not a readable zip"):
+        load_dataset(f"imagefolder:{tmp_path / 'junk.zip'}")
+
+
+def test_cache_second_load_skips_decoding(tmp_path, monkeypatch):
+    zp = zip_folder(make_folder(tmp_path / "c"), tmp_path / "c.zip")
+    calls = []
+    real = images_mod.decode_image
+    monkeypatch.setattr(images_mod, "decode_image", lambda *a: calls.append(1) or real(*a))
+    first = load_dataset(f"imagefolder:{zp}")
+    assert len(calls) == 12
+    entries = list((tmp_path / "cache").glob("imagefolder-*/train_x.npy"))
+    assert len(entries) == 1
+    second = load_dataset(f"imagefolder:{zp}")
+    assert len(calls) == 12  # not decoded again
+    np.testing.assert_array_equal(first.train_x, second.train_x)
+    assert (first.mean, first.std, first.classes) == (second.mean, second.std, second.classes)
+    # a damaged entry is ignored and rebuilt
+    entries[0].write_bytes(entries[0].read_bytes()[:100])
+    np.testing.assert_array_equal(load_dataset(f"imagefolder:{zp}").train_x, first.train_x)
+    assert len(calls) == 24
+    # a changed source gets a new entry
+    os.utime(zp, ns=(time.time_ns(), time.time_ns() + 10**9))
+    load_dataset(f"imagefolder:{zp}")
+    assert len(calls) == 36
+
+
+@needs_shared(SHARED / "datasets" / "imagenet-sample-100.zip")
+def test_shared_imagenet_sample():
+    ds = load_dataset("imagenet-sample", data_dir=SHARED / "datasets")
+    assert ds.test_x.shape == (100, 3, 224, 224) and ds.train_x.shape == (0, 3, 224, 224)
+    assert ds.test_y.tolist() == list(range(0, 1000, 10)) and ds.classes[0] == "tench"
+
+
+def test_imagenet_sample_layout(isolated):
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    (isolated / "data").mkdir()
+    (isolated / "data" / "imagenet_classes.txt").write_text(
+        "".join(f"{i}\t{w}\tclass_{i}\n" for i, w in enumerate(wnids)))
+    src = isolated / "src" / "imagenet-sample-100"
+    for label, (w, h) in ((3, (300, 260)), (7, (250, 400))):
+        write_png(src / f"{wnids[label]}_thing.JPEG", np.full((h, w, 3), label, np.uint8))
+    zip_folder(isolated / "src", isolated / "data" / "imagenet-sample-100.zip")
+    ds = load_dataset("imagenet-sample")
+    assert ds.train_x.shape == (0, 3, 224, 224) and ds.test_x.shape == (2, 3, 224, 224)
+    assert ds.test_y.tolist() == [3, 7] and len(ds.classes) == 1000 and ds.classes[3] == "class_3"
+    assert ds.mean == (0.485, 0.456, 0.406) and ds.std == (0.229, 0.224, 0.225)
+    assert load_dataset("imagenet-sample", image_size=112).input_shape == (3, 112, 112)
+
+
+# ---------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+def _cifar_batch(n: int, seed: int) -> tuple[dict, np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(0, 10, n)]
+    return {b"batch_label": b"fake", b"labels": labels, b"data": data,
+            b"filenames": [b"x.png"] * n}, data, labels
+
+
+def _write_cifar_batches(folder: Path) -> tuple[np.ndarray, list[int]]:
+    """The official layout, pickled at protocol 2 as the Python 2 originals were."""
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    all_data, all_labels = [], []
+    for i, name in enumerate(names):
+        d, data, labels = _cifar_batch(3 if name != "test_batch" else 4, i)
+        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+        all_data.append(data)
+        all_labels += labels
+    meta = {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return np.concatenate(all_data), all_labels
+
+
+def test_cifar10_pickle_batches_and_tarball(tmp_path):
+    data, labels = _write_cifar_batches(tmp_path / "a" / "cifar-10-batches-py")
+    ds = load_dataset("cifar10", data_dir=tmp_path / "a", download=False)
+    assert ds.train_x.shape == (15, 3, 32, 32) and ds.test_x.shape == (4, 3, 32, 32)
+    assert ds.classes == CIFAR10_CLASSES and ds.train_y.tolist() == labels[:15]
+    red = data[0, :1024].reshape(32, 32)  # first 1024 bytes: the red plane, row by row
+    np.testing.assert_array_equal(ds.train_x[0, 0], red)
+    np.testing.assert_array_equal(ds.train_x[0, 2], data[0, 2048:].reshape(32, 32))
+
+    (tmp_path / "b").mkdir()
+    with tarfile.open(tmp_path / "b" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "a" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    tb = load_dataset("cifar10", data_dir=tmp_path / "b", download=False, image_size=16)
+    assert tb.input_shape == (3, 16, 16) and tb.test_y.tolist() == labels[15:]
+
+
+def test_cifar10_refuses_code_in_pickles(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar_batches(folder)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(DataError, match="data_batch_3.*not allowed"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert not marker.exists()
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((2, 5), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(DataError, match=r"data_batch_3: 'data' must be a uint8 array \(N, 3072\)"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_cifar10_jpeg_zip_layout(tmp_path):
+    root = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("test", 1)):
+        for cls in CIFAR10_CLASSES:
+            for i in range(n):
+                write_png(root / split / cls / f"{i:04d}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    (tmp_path / "d").mkdir()
+    zip_folder(root, tmp_path / "d" / "cifar10-jpeg.zip", prefix="cifar10-jpeg")
+    ds = load_dataset("cifar10", data_dir=tmp_path / "d", download=False)
+    assert ds.train_x.shape == (20, 3, 32, 32) and ds.test_y.tolist() == list(range(10))
+    assert ds.classes == CIFAR10_CLASSES
+
+
+def test_missing_cifar_lists_places(isolated, tmp_path):
+    with pytest.raises(DataError, match="CIFAR-10 not found") as e:
+        load_dataset("cifar10", data_dir=tmp_path / "x", download=False)
+    for name in ("cifar-10-batches-py", "cifar-10-python.tar.gz", "cifar10-jpeg.zip"):
+        assert str(tmp_path / "x" / name) in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------
+# augmentation and batches
+
+
+def _batch(n=8, c=3, h=10, w=12, seed=0):
+    return torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_augment_identities():
+    x = _batch()
+    assert torch.equal(random_crop(x, 0), x)
+    assert torch.equal(random_hflip(random_hflip(x, p=1.0), p=1.0), x)
+    assert torch.equal(random_hflip(x, p=1.0), x.flip(-1))
+    ident = random_affine(x, degrees=0, translate=0, generator=torch.Generator().manual_seed(0))
+    assert ident.shape == x.shape and ident.dtype == x.dtype
+    assert (ident - x).abs().max() < 1e-5
+    assert torch.equal(apply_augment(x, AugmentConfig()), x)
+    assert torch.equal(apply_augment(x, None), x)
+
+
+def test_random_crop_is_a_shift_with_zero_fill():
+    x = _batch(n=16) + 1  # no zeros in the image, so zeros mark the padding
+    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    xp = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for n in range(16):
+        matches = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(out[n], xp[n, :, dy:dy + 10, dx:dx + 12])]
+        assert len(matches) == 1
+    offsets = {tuple(torch.nonzero(out[n, 0] != 0)[0].tolist()) for n in range(16)}
+    assert len(offsets) > 1  # offsets differ per sample
+
+
+def test_augment_reproducible_and_fast():
+    cfg = AugmentConfig(crop_padding=4, hflip=True, rotate_deg=15, translate=0.1, scale=(0.9, 1.1))
+    x = _batch(n=32)
+    a = apply_augment(x, cfg, torch.Generator().manual_seed(7))
+    b = apply_augment(x, cfg, torch.Generator().manual_seed(7))
+    c = apply_augment(x, cfg, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == x.shape and a.dtype == torch.float32
+    big = torch.rand(256, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    fast = AugmentConfig(crop_padding=4, hflip=True)
+    apply_augment(big, fast, g)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(5):
+        apply_augment(big, fast, g)
+    assert (time.perf_counter() - t0) / 5 < 0.1  # ~1-5 ms unloaded; generous for busy CI machines
+
+
+def test_affine_rotation_moves_pixels():
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 6] = 1.0  # right of centre
+    cfg_out = random_affine(x, degrees=0, translate=0.0)
+    assert torch.allclose(cfg_out, x, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    rotated = random_affine(x.expand(64, 1, 9, 9).contiguous(), degrees=90, generator=g)
+    assert not torch.allclose(rotated[0], x[0]) and torch.isfinite(rotated).all()
+
+
+def test_default_augment():
+    for name in ("digits", "mnist"):
+        cfg = default_augment(name)
+        assert not cfg.hflip and cfg.rotate_deg > 0 and cfg.translate > 0
+    assert default_augment("cifar10") == AugmentConfig(crop_padding=4, hflip=True)
+    assert default_augment("imagefolder:/x").hflip
+    with pytest.raises(DataError, match="rotate_deg"):
+        AugmentConfig(rotate_deg=-1)
+    with pytest.raises(DataError, match="scale"):
+        AugmentConfig(scale=(1.2, 0.8))
+
+
+def test_batches_cover_every_sample_once_and_reproduce():
+    n = 103
+    x = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(2, axis=2)
+    y = np.arange(n, dtype=np.int64)
+
+    def epoch(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return list(batches(x, y, batch_size=16, shuffle=True, generator=g, mean=(0.0,), std=(1.0,), **kw))
+
+    a, b, c = epoch(0), epoch(0), epoch(1)
+    ys = torch.cat([yb for _, yb in a])
+    assert sorted(ys.tolist()) == list(range(n)) and ys.tolist() != list(range(n))
+    assert [len(yb) for _, yb in a] == [16] * 6 + [7]
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    assert torch.cat([yb for _, yb in c]).tolist() != ys.tolist()
+    for xb, yb in a:  # images travel with their labels; uint8 -> [0, 1]
+        assert xb.dtype == torch.float32 and yb.dtype == torch.int64
+        assert torch.allclose(xb[:, 0, 0, 0] * 255, yb.float())
+    assert sum(len(yb) for _, yb in epoch(0, drop_last=True)) == 96
+
+
+def test_batches_normalise_in_order_and_validate():
+    x = np.full((5, 3, 4, 4), 255, np.uint8)
+    y = np.zeros(5, np.int64)
+    mean, std = (0.5, 0.25, 0.0), (0.5, 0.25, 2.0)
+    out = list(batches(x, y, batch_size=2, shuffle=False, generator=None, mean=mean, std=std, channels_last=True))
+    xb = out[0][0]
+    assert xb.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(xb[0, :, 0, 0], torch.tensor([1.0, 3.0, 0.5]))
+    assert list(batches(x[:0], y[:0], batch_size=4, shuffle=True, generator=None, mean=mean, std=std)) == []
+    with pytest.raises(DataError, match="mean/std"):
+        batches(x, y, batch_size=2, shuffle=False, generator=None, mean=(0.5,), std=(0.5,))
+    with pytest.raises(DataError, match="uint8"):
+        batches(x.astype(np.float32), y, batch_size=2, shuffle=False, generator=None, mean=mean, std=std)
+    with pytest.raises(DataError, match="batch_size"):
+        batches(x, y, batch_size=0, shuffle=False, generator=None, mean=mean, std=std)
+
+
+# ---------------------------------------------------------------------------------------
+# download
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www; yields (root, base_url)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_fetch_verifies_and_falls_back(http_root, tmp_path):
+    root, base = http_root
+    payload = idx_bytes(np.arange(50) % 10)
+    md5 = hashlib.md5(payload).hexdigest()
+    (root / "good").mkdir()
+    (root / "bad").mkdir()
+    (root / "good" / "f.gz").write_bytes(gzip.compress(payload))
+    (root / "bad" / "f.gz").write_bytes(gzip.compress(payload[:-1] + b"\x03"))  # a wrong last label
+    dest = tmp_path / "out" / "f.gz"
+
+    assert fetch([f"{base}/good/f.gz"], dest, md5=md5, md5_of_decompressed=True) == dest
+    assert read_idx(dest).tolist() == (np.arange(50) % 10).tolist()
+    dest.unlink()
+    fetch([f"{base}/bad/f.gz", f"{base}/missing/f.gz", f"{base}/good/f.gz"], dest, md5=md5, md5_of_decompressed=True)
+    assert gzip.decompress(dest.read_bytes()) == payload
+
+    gz_md5 = hashlib.md5((root / "good" / "f.gz").read_bytes()).hexdigest()
+    other = tmp_path / "out" / "g.gz"
+    fetch([(root / "good" / "f.gz").as_uri()], other, md5=gz_md5)  # file:// and md5 of the raw bytes
+    assert other.read_bytes() == (root / "good" / "f.gz").read_bytes()
+
+    lost = tmp_path / "out" / "h.gz"
+    urls = [f"{base}/bad/f.gz", f"{base}/missing/f.gz"]
+    with pytest.raises(DataError) as e:
+        fetch(urls, lost, md5=md5, md5_of_decompressed=True)
+    msg = str(e.value)
+    assert all(u in msg for u in urls) and "expected " + md5 in msg and "HTTP 404" in msg
+    assert not lost.exists() and not list(lost.parent.glob("*.tmp"))  # nothing half-written
+
+
+@needs_shared_mnist
+def test_load_mnist_downloads_from_mirror(http_root, isolated, tmp_path, monkeypatch):
+    root, base = http_root
+    (root / "mirror").mkdir()
+    for stem in MNIST_FILES:
+        (root / "mirror" / f"{stem}.gz").symlink_to(SHARED_MNIST / f"{stem}.gz")
+    monkeypatch.setenv("EDGESQUEEZE_MNIST_MIRRORS", f"{base}/nowhere/,{base}/mirror/")
+    with pytest.raises(DataError, match="download=False"):
+        load_dataset("mnist", data_dir=tmp_path / "dl", download=False)
+    ds = load_dataset("mnist", data_dir=tmp_path / "dl", limit=20)
+    assert (tmp_path / "dl" / "mnist" / "train-images-idx3-ubyte.gz").is_file()
+    assert len(ds.train_x) == 20 and ds.test_x.shape[1:] == (1, 28, 28)
+    monkeypatch.setenv("EDGESQUEEZE_MNIST_MIRRORS", f"{base}/nowhere/")
+    with pytest.raises(DataError, match=f"MNIST not found.*{base}/nowhere/train-images-idx3-ubyte.gz"):
+        load_dataset("mnist", data_dir=tmp_path / "dl2")
+
+
+def test_cifar_download_refuses_wrong_archive(http_root, isolated, tmp_path, monkeypatch):
+    root, base = http_root
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/readme")
+        tar.addfile(info, io.BytesIO(b""))
+    monkeypatch.setenv("EDGESQUEEZE_CIFAR10_MIRRORS", base)
+    with pytest.raises(DataError, match="CIFAR-10 not found.*md5 .*expected c58f30108f718f92721af3b95e74349a"):
+        load_dataset("cifar10", data_dir=tmp_path / "dl")
+    assert not (tmp_path / "dl" / "cifar-10-python.tar.gz").exists()

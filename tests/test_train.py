@@ -1,0 +1,114 @@
+"""Training on a few hundred real digits: it learns, it is reproducible, it resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgesqueeze.checkpoint import load_model
+from edgesqueeze.errors import EdgesqueezeError
+from edgesqueeze.recipe import TrainConfig, recipe_from_dict
+from edgesqueeze.train import fit, lr_at
+
+
+def _recipe(tmp_path, epochs=2, **train):
+    return recipe_from_dict({
+        "version": 1, "name": "t", "seed": 3, "output_dir": str(tmp_path),
+        "model": {"arch": "squeezenet_mnist", "kwargs": {"width_mult": 0.5}},
+        "data": {"dataset": "digits", "limit": 600, "val_fraction": 0.2},
+        "train": {"epochs": epochs, "batch_size": 32, "lr": 0.1, "threads": 1, **train},
+    })
+
+
+def _quiet(_msg):
+    pass
+
+
+def test_schedules():
+    cfg = TrainConfig(lr=0.2, schedule="onecycle", warmup_fraction=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert max(lrs) == pytest.approx(0.2)
+    assert lrs[0] < 0.02 and lrs[-1] < 1e-3
+    assert lrs.index(max(lrs)) == 10
+    assert lrs[0] == pytest.approx(0.2 / 25)
+    assert lr_at(5, 100, TrainConfig(lr=0.3, schedule="constant")) == 0.3
+
+
+def test_fit_learns_and_writes_outputs(tmp_path):
+    res = fit(_recipe(tmp_path / "run", epochs=6), progress=False, log=_quiet)
+    out = tmp_path / "run"
+    for name in ("model.pt", "last.pt", "metrics.csv", "metrics.json", "curves.png", "recipe.json"):
+        assert (out / name).is_file(), name
+    hist = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5, 6]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert res.test["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    loaded = load_model(out / "model.pt")
+    assert loaded.meta["dataset"] == "digits"
+    assert loaded.meta["metrics"]["test"]["accuracy"] == res.test["accuracy"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _weights(path):
+    return load_model(path).model.state_dict()
+
+
+def test_same_seed_same_result_and_resume_is_exact(tmp_path):
+    fit(_recipe(tmp_path / "a"), progress=False, log=_quiet)
+    fit(_recipe(tmp_path / "b"), progress=False, log=_quiet)
+    wa, wb = _weights(tmp_path / "a" / "model.pt"), _weights(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # an "interrupted" run: one epoch of the same two-epoch recipe, then resume
+    c = tmp_path / "c"
+    fit(_recipe(c, epochs=1), progress=False, log=_quiet)
+    state = torch.load(c / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    # resuming refuses a different recipe ...
+    with pytest.raises(EdgesqueezeError, match="different recipe"):
+        fit(_recipe(c, epochs=2), resume=True, progress=False, log=_quiet)
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    """Simulate kill -9 after epoch 1 of 3 by keeping only the epoch-1 state, then resume."""
+    full = tmp_path / "full"
+    fit(_recipe(full, epochs=3), progress=False, log=_quiet)
+
+    part = tmp_path / "part"
+    recipe = _recipe(part, epochs=3)
+    import edgesqueeze.train as train_mod
+
+    real_save = train_mod.save_train_state
+    calls = {"n": 0}
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise Killed  # the process dies right after the epoch-1 checkpoint
+
+    train_mod.save_train_state = save_then_die
+    try:
+        with pytest.raises(Killed):
+            fit(recipe, progress=False, log=_quiet)
+    finally:
+        train_mod.save_train_state = real_save
+    assert not (part / "model.pt").exists()
+    logs = []
+    fit(recipe, resume=True, progress=False, log=logs.append)
+    assert any("resuming" in line and "after epoch 1/3" in line for line in logs)
+    wa, wb = _weights(full / "model.pt"), _weights(part / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((part / "metrics.json").read_text()) != []
+
+
+def test_refuses_to_clobber_a_previous_run(tmp_path):
+    fit(_recipe(tmp_path, epochs=1), progress=False, log=_quiet)
+    with pytest.raises(EdgesqueezeError, match="--resume .* or --overwrite"):
+        fit(_recipe(tmp_path, epochs=1), progress=False, log=_quiet)
+    fit(_recipe(tmp_path, epochs=1), overwrite=True, progress=False, log=_quiet)
