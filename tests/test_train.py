@@ -112,3 +112,42 @@ def test_refuses_to_clobber_a_previous_run(tmp_path):
     with pytest.raises(EdgesqueezeError, match="--resume .* or --overwrite"):
         fit(_recipe(tmp_path, epochs=1), progress=False, log=_quiet)
     fit(_recipe(tmp_path, epochs=1), overwrite=True, progress=False, log=_quiet)
+
+
+def test_real_kill_9_mid_epoch_then_resume(tmp_path):
+    """A real SIGKILL while epoch 2+ is in flight; --resume ends bitwise where a clean run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--set", "data.limit=600", "--set", "train.epochs=4", "--set", "train.threads=1",
+            "--set", "model.kwargs={width_mult: 0.5}", "--set", "seed=5", "--no-progress"]
+    cmd = [sys.executable, "-m", "edgesqueeze", "train", "--recipe", str(root / "recipes/squeezenet-digits.yaml")]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    clean = tmp_path / "clean"
+    subprocess.run([*cmd, "--out", str(clean), *args], check=True, env=env, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(killed), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # well inside the next epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    state = torch.load(killed / "last.pt", weights_only=True)
+    assert 1 <= state["epoch"] < 4
+    assert not (killed / "model.pt").exists()
+    assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]
+
+    subprocess.run([*cmd, "--out", str(killed), *args, "--resume"], check=True, env=env, capture_output=True,
+                   timeout=300)
+    wa, wb = _weights(clean / "model.pt"), _weights(killed / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
