@@ -1,0 +1,413 @@
+"""Encode a weight-shared, pruned state_dict into `.esq` sections, and back, bit-exactly.
+
+A *shared* tensor is one whose non-zero values come from small codebooks (at most
+:data:`MAX_CODEBOOK` distinct values, for the whole tensor or for each slice along one
+axis): exactly what pruning plus k-means weight sharing produce, and what the released
+Deep Compression SqueezeNet already is. Each shared tensor becomes one section::
+
+    ks         per-slice codebook sizes, u16 each (only with an axis)
+    codebook   the values, float16 or float32 (float16 only when every value survives it)
+    lengths    Huffman code lengths of the index and gap alphabets, 4 bits each
+    idx        Huffman-coded codebook index of every coded position, row-major
+    gap        Huffman-coded relative positions ("gaps") of the non-zero weights
+
+Two modes, the smaller kept per layer. *Sparse*: only non-zeros are coded, their positions
+as gaps (Han et al. 2016, section 3): the number of zeros before each non-zero, in a fixed
+width of ``w`` bits. The largest symbol ``E = 2**w - 1`` is the filler: it advances ``E``
+positions and places no weight, so a wider gap costs extra gap symbols but no index
+symbols; ``w`` is chosen by coding the gaps at every width and keeping the smallest.
+*Dense* (``w = 0``): 0.0 joins the codebook and every position is coded, no gaps; it wins
+for nearly dense layers, where a gap stream would cost at least a bit per weight.
+
+Every other tensor (biases, BatchNorm statistics, a weight with too many distinct values)
+is stored raw, little-endian, in one ``raw`` section with a table of names, dtypes and
+shapes. Decoding restores the exact bits of every tensor.
+
+Example: ``[0, 0, 0.5, 0, -0.25, 0.5]`` has codebook ``[-0.25, 0.5]``, indices ``[1, 0, 1]``
+and gaps ``[2, 1, 0]``; at ``w = 1`` (``E = 1``) the gaps become ``[1, 1, 0, 1, 0, 0]``
+(two fillers, then gap 0; one filler, then gap 0; gap 0).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgesqueeze.compress import container, huffman
+from edgesqueeze.errors import FormatError
+
+MAX_CODEBOOK = 256
+MAX_CODE_LEN = 12  # 4-bit length fields; 12 keeps the decoder's tables small and fast
+MAX_GAP_WIDTH = 8
+RAW_SECTION = "raw"
+CHUNK = huffman.DEFAULT_CHUNK
+
+_NP_DTYPES = {
+    "float32": np.float32, "float16": np.float16, "float64": np.float64, "bfloat16": None,
+    "int64": np.int64, "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+}
+
+
+@dataclass
+class LayerStats:
+    """What one tensor cost, for reports."""
+
+    name: str
+    kind: str  # "shared" | "raw"
+    numel: int
+    nonzero: int
+    bytes: int
+    codebook_bytes: int = 0
+    idx_bytes: int = 0
+    gap_bytes: int = 0
+    idx_entropy_bits: float = 0.0
+    gap_entropy_bits: float = 0.0
+    k: int = 0
+    gap_width: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------
+# Gaps
+
+
+def gaps_from_positions(pos: np.ndarray, width: int) -> np.ndarray:
+    """Gap symbols (with fillers) for sorted flat positions of the non-zeros."""
+    esc = (1 << width) - 1
+    raw = np.diff(pos, prepend=-1) - 1  # zeros before each non-zero
+    n_fill = raw // esc
+    rem = raw - n_fill * esc
+    # each non-zero emits n_fill fillers then its remainder
+    out_len = n_fill + 1
+    out = np.full(int(out_len.sum()), esc, dtype=np.int64)
+    out[np.cumsum(out_len) - 1] = rem
+    return out
+
+
+def positions_from_gaps(gaps: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of :func:`gaps_from_positions` (vectorised)."""
+    esc = (1 << width) - 1
+    gaps = gaps.astype(np.int64)
+    real = gaps != esc
+    cum = np.cumsum(gaps + real)
+    return cum[real] - 1
+
+
+def _pack_nibbles(lengths: np.ndarray) -> bytes:
+    v = np.asarray(lengths, dtype=np.uint8)
+    if v.size % 2:
+        v = np.append(v, 0)
+    return ((v[0::2] << 4) | v[1::2]).astype(np.uint8).tobytes()
+
+
+def _unpack_nibbles(data: bytes, n: int) -> np.ndarray:
+    b = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(b.size * 2, dtype=np.uint8)
+    out[0::2], out[1::2] = b >> 4, b & 15
+    return out[:n]
+
+
+def _code(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, bytes]:
+    counts = np.bincount(symbols, minlength=alphabet)[:alphabet]
+    lengths = huffman.code_lengths(counts, max_len=MAX_CODE_LEN)
+    data, _ = huffman.encode(symbols, lengths, chunk=CHUNK)
+    return lengths, data
+
+
+# ---------------------------------------------------------------------------------------
+# One tensor
+
+
+def _slice_ids(pos: np.ndarray, shape: list[int], axis: int | None) -> np.ndarray:
+    """Index along ``axis`` of each flat (row-major) position; all zeros without an axis."""
+    if axis is None:
+        return np.zeros(pos.size, dtype=np.int64)
+    inner = math.prod(shape[axis + 1:])
+    return (pos // inner) % shape[axis]
+
+
+def _group(vals: np.ndarray, sid: np.ndarray, n_slices: int):
+    """Per-slice sorted codebooks and each value's index within its slice's codebook.
+
+    Returns ``(codebook concatenated over slices, sizes per slice, local indices)``.
+    """
+    order = np.lexsort((vals, sid))
+    sv, ss = vals[order], sid[order]
+    new = np.ones(sv.size, dtype=bool)
+    new[1:] = (sv[1:] != sv[:-1]) | (ss[1:] != ss[:-1])
+    first = np.cumsum(new) - 1
+    ks = np.bincount(ss[new], minlength=n_slices)
+    offsets = np.concatenate([[0], np.cumsum(ks)[:-1]]).astype(np.int64)
+    local = np.empty(sv.size, dtype=np.int64)
+    local[order] = first - offsets[ss]
+    return sv[new].astype(np.float32), ks, local
+
+
+def _n_unique(values: np.ndarray) -> int:
+    return int(np.unique(values).size)
+
+
+def _fits(flat: np.ndarray, shape: list[int], axis: int | None, with_zero: bool) -> bool:
+    vals = flat if with_zero else flat[flat != 0]
+    if axis is None:
+        return _n_unique(vals) <= MAX_CODEBOOK
+    pos = np.arange(flat.size) if with_zero else np.flatnonzero(flat != 0)
+    sid = _slice_ids(pos, shape, axis)
+    _, ks, _ = _group(vals, sid, shape[axis])
+    return int(ks.max(initial=0)) <= MAX_CODEBOOK
+
+
+def _encode_candidate(flat, shape, axis, dense, cb_dtype):
+    pos = np.arange(flat.size) if dense else np.flatnonzero(flat != 0)
+    n_slices = 1 if axis is None else shape[axis]
+    codebook, ks, idx = _group(flat[pos], _slice_ids(pos, shape, axis), n_slices)
+    alphabet = max(1, int(ks.max(initial=0)))
+    idx_len, idx_data = _code(idx, alphabet)
+    w, gap_len, gap_data, gaps = 0, np.zeros(0, np.uint8), b"", None
+    if not dense:
+        best = None
+        for width in range(1, MAX_GAP_WIDTH + 1):
+            g = gaps_from_positions(pos, width)
+            lengths, data = _code(g, 1 << width)
+            cost = len(data) + (1 << width) // 2
+            if best is None or cost < best[0]:
+                best = (cost, width, lengths, data, g)
+        _, w, gap_len, gap_data, gaps = best
+    ks_bytes = b"" if axis is None else ks.astype("<u2").tobytes()
+    cb_bytes = codebook.astype(cb_dtype).tobytes()
+    len_bytes = _pack_nibbles(np.concatenate([idx_len, gap_len]))
+    sizes = [len(ks_bytes), len(cb_bytes), len(len_bytes), len(idx_data), len(gap_data)]
+    info = {"enc": "shared", "shape": list(shape), "axis": axis, "k": int(codebook.size),
+            "cb": "f16" if cb_dtype is np.float16 else "f32", "n": int(pos.size), "w": w, "sizes": sizes}
+    if gaps is not None:
+        info["ng"] = int(gaps.size)
+    return ks_bytes + cb_bytes + len_bytes + idx_data + gap_data, info, idx, gaps
+
+
+def encode_shared(name: str, t: torch.Tensor, *, codebook_dtype: str = "float32") -> tuple[bytes, dict, LayerStats]:
+    """Encode one tensor whose non-zero values form small codebooks (whole, or per slice).
+
+    Candidates: sparse (gap stream) or dense (0.0 in the codebook, no gaps, which wins for
+    layers that are nearly dense), each with one codebook or one per slice along an axis
+    (a layer rescaled per input channel, like the released SqueezeNet's conv1, has one
+    small codebook per channel). The smallest encoding is kept.
+    """
+    if t.dtype != torch.float32:
+        raise FormatError(f"layer {name}: shared encoding needs float32, got {t.dtype}")
+    flat = t.detach().cpu().reshape(-1).numpy()
+    if not np.isfinite(flat).all():
+        raise FormatError(f"layer {name}: has NaN or infinite weights")
+    shape = list(t.shape)
+    nz = flat[flat != 0]
+    cb_dtype = np.float32
+    if codebook_dtype == "float16" and np.array_equal(nz.astype(np.float16).astype(np.float32), nz):
+        cb_dtype = np.float16  # float16 only where it changes no weight
+    best = None
+    for dense in (False, True):
+        # Per-slice codebooks cost codebook bytes: only when one codebook cannot hold them.
+        axes = [None] if _fits(flat, shape, None, with_zero=dense) else list(range(len(shape)))
+        for axis in axes:
+            if axis is not None and not _fits(flat, shape, axis, with_zero=dense):
+                continue
+            cand = _encode_candidate(flat, shape, axis, dense, cb_dtype)
+            if best is None or len(cand[0]) < len(best[0]):
+                best = cand
+    if best is None:
+        raise FormatError(f"layer {name}: more than {MAX_CODEBOOK} distinct values even per slice; cluster it first")
+    blob, info, idx, gaps = best
+    s = info["sizes"]
+    stats = LayerStats(
+        name=name, kind="shared", numel=flat.size, nonzero=int(nz.size), bytes=len(blob),
+        codebook_bytes=s[0] + s[1], idx_bytes=s[3], gap_bytes=s[4],
+        idx_entropy_bits=huffman.entropy_bits(idx), gap_entropy_bits=0.0 if gaps is None else huffman.entropy_bits(gaps),
+        k=info["k"], gap_width=info["w"], extra={"axis": info["axis"], "table_bytes": s[2]},
+    )
+    return blob, info, stats
+
+
+def encode_raw(name: str, t: torch.Tensor) -> tuple[bytes, dict, LayerStats]:
+    t = t.detach().cpu().contiguous()
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in _NP_DTYPES or _NP_DTYPES[dtype] is None:
+        raise FormatError(f"tensor {name}: dtype {dtype} cannot be stored")
+    blob = t.numpy().astype(np.dtype(_NP_DTYPES[dtype]).newbyteorder("<"), copy=False).tobytes()
+    info = {"enc": "raw", "shape": list(t.shape), "dtype": dtype}
+    nz = int(torch.count_nonzero(t)) if t.numel() else 0
+    return blob, info, LayerStats(name=name, kind="raw", numel=t.numel(), nonzero=nz, bytes=len(blob))
+
+
+# ---------------------------------------------------------------------------------------
+# Whole state_dicts
+
+
+def encode_state_dict(
+    state_dict: dict[str, torch.Tensor], *, shared: str | list[str] = "auto", codebook_dtype: str = "float32",
+) -> tuple[list[tuple[str, bytes, dict]], list[LayerStats]]:
+    """Sections for every tensor, in state_dict order.
+
+    ``shared="auto"`` encodes every float32 tensor of 2+ dimensions with at most
+    :data:`MAX_CODEBOOK` distinct non-zero values as shared; a list names them explicitly
+    (and a listed tensor with too many values is an error).
+    """
+    sections, stats, raw = [], [], []
+    explicit = None if shared == "auto" else set(shared)
+    if explicit:
+        unknown = sorted(explicit - set(state_dict))
+        if unknown:
+            raise FormatError(f"layer {unknown[0]}: not in the model's state_dict")
+    for name, t in state_dict.items():
+        want = (name in explicit) if explicit is not None else (t.dtype == torch.float32 and t.dim() >= 2)
+        blob = None
+        if want:
+            try:
+                blob, info, st = encode_shared(name, t, codebook_dtype=codebook_dtype)
+            except FormatError:
+                if explicit is not None:
+                    raise
+            if explicit is None and blob is not None and len(blob) >= t.numel() * t.element_size():
+                blob = None  # sharing would not pay (e.g. per-slice codebooks of unique values)
+        if blob is None:
+            blob, info, st = encode_raw(name, t)
+            raw.append((name, blob, info))
+        else:
+            sections.append((name, blob, info))
+        stats.append(st)
+    if raw:
+        # One section for all raw tensors (biases, BN statistics): a section costs ~90 bytes
+        # of header, as much as a layer's bias.
+        table = [[name, info["dtype"], info["shape"]] for name, _, info in raw]
+        sections.append((RAW_SECTION, b"".join(blob for _, blob, _ in raw), {"enc": "raw", "tensors": table}))
+    return sections, stats
+
+
+def _shape_numel(shape: Any, name: str) -> int:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape):
+        raise FormatError(f"section {name}: bad shape {shape!r}")
+    n = math.prod(shape)
+    if n > 2**31:
+        raise FormatError(f"section {name}: shape {shape} is absurdly large")
+    return n
+
+
+def _need(info: dict, key: str, name: str, kind=int, lo: int = 0, hi: int = 2**40):
+    v = info.get(key)
+    if not isinstance(v, kind) or isinstance(v, bool) or (kind is int and not lo <= v <= hi):
+        raise FormatError(f"section {name}: field '{key}' is missing or out of range ({v!r})")
+    return v
+
+
+def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, torch.Tensor]:
+    table = info.get("tensors")
+    if not isinstance(table, list):
+        raise FormatError(f"section {section}: 'tensors' must be a list of [name, dtype, shape]")
+    out, pos = {}, 0
+    for entry in table:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
+            raise FormatError(f"section {section}: bad tensor entry {entry!r}")
+        name, dtype, shape = entry
+        if dtype not in _NP_DTYPES or _NP_DTYPES[dtype] is None:
+            raise FormatError(f"section {section}: tensor {name} has unknown dtype {dtype!r}")
+        np_dtype = np.dtype(_NP_DTYPES[dtype]).newbyteorder("<")
+        size = _shape_numel(shape, f"{section}/{name}") * np_dtype.itemsize
+        if size > len(blob) - pos:
+            raise FormatError(f"section {section}: tensor {name} needs {size} bytes, {len(blob) - pos} are left")
+        arr = np.frombuffer(blob, dtype=np_dtype, count=size // np_dtype.itemsize, offset=pos)
+        out[name] = torch.from_numpy(arr.astype(np_dtype.newbyteorder("="))).reshape(shape)
+        pos += size
+    if pos != len(blob):
+        raise FormatError(f"section {section}: {len(blob) - pos} bytes left after its tensors")
+    return out
+
+
+def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
+    """Tensors of an archive, bit-exact, with all Huffman streams decoded in one batch."""
+    out: dict[str, torch.Tensor] = {}
+    pending = []
+    streams, stream_names = [], []
+    for name, (blob, info) in archive.sections.items():
+        if not isinstance(info, dict) or info.get("enc") not in ("shared", "raw"):
+            raise FormatError(f"section {name}: unknown encoding {info.get('enc') if isinstance(info, dict) else info!r}")
+        if info["enc"] == "raw":
+            out.update(_decode_raw(name, blob, info))
+            continue
+        numel = _shape_numel(info.get("shape"), name)
+        shape = info["shape"]
+        axis = info.get("axis")
+        if axis is not None and not (isinstance(axis, int) and not isinstance(axis, bool) and 0 <= axis < len(shape)):
+            raise FormatError(f"section {name}: bad axis {axis!r}")
+        n_slices = 1 if axis is None else shape[axis]
+        k = _need(info, "k", name, lo=0, hi=MAX_CODEBOOK * max(1, n_slices))
+        n = _need(info, "n", name, hi=numel)
+        w = _need(info, "w", name, hi=MAX_GAP_WIDTH)
+        sizes = info.get("sizes")
+        if not (isinstance(sizes, list) and len(sizes) == 5 and all(isinstance(v, int) and v >= 0 for v in sizes)
+                and sum(sizes) == len(blob)):
+            raise FormatError(f"section {name}: sizes {sizes!r} do not add up to its {len(blob)} bytes")
+        off = np.cumsum([0] + sizes)
+        if axis is None:
+            ks = np.array([k], dtype=np.int64)
+        else:
+            if sizes[0] != 2 * n_slices:
+                raise FormatError(f"section {name}: {sizes[0]} bytes of codebook sizes for {n_slices} slices")
+            ks = np.frombuffer(blob[:sizes[0]], dtype="<u2").astype(np.int64)
+            if int(ks.sum()) != k or int(ks.max(initial=0)) > MAX_CODEBOOK:
+                raise FormatError(f"section {name}: per-slice codebook sizes do not add up to {k}")
+        cb_item = {"f16": 2, "f32": 4}.get(info.get("cb"))
+        if cb_item is None or sizes[1] != k * cb_item:
+            raise FormatError(f"section {name}: codebook of {k} '{info.get('cb')}' values cannot take {sizes[1]} bytes")
+        dense = w == 0
+        if dense and n != numel:
+            raise FormatError(f"section {name}: dense encoding must code all {numel} positions, codes {n}")
+        alphabet = max(1, int(ks.max(initial=0)))
+        n_gap = 0 if dense else 1 << w
+        if sizes[2] != (alphabet + n_gap + 1) // 2:
+            raise FormatError(f"section {name}: code-length table has {sizes[2]} bytes")
+        cb = np.frombuffer(blob[off[1]:off[2]], dtype="<f2" if cb_item == 2 else "<f4").astype(np.float32)
+        lens = _unpack_nibbles(blob[off[2]:off[3]], alphabet + n_gap)
+        streams.append((blob[off[3]:off[4]], lens[:alphabet], n))
+        stream_names.append(f"{name} (cluster indices)")
+        if not dense:
+            ng = _need(info, "ng", name, lo=n, hi=n + numel)
+            streams.append((blob[off[4]:off[5]], lens[alphabet:], ng))
+            stream_names.append(f"{name} (gaps)")
+        offsets = np.concatenate([[0], np.cumsum(ks)[:-1]]).astype(np.int64)
+        pending.append((name, shape, numel, cb, ks, offsets, axis, n, w))
+    try:
+        decoded = huffman.decode_many(streams, chunk=CHUNK) if streams else []
+    except FormatError as exc:  # name the section, not the stream number
+        m = re.match(r"stream (\d+): (.*)", str(exc), re.S)
+        if not m or int(m.group(1)) >= len(stream_names):
+            raise
+        raise FormatError(f"section {stream_names[int(m.group(1))]}: {m.group(2)}") from None
+    it = iter(decoded)
+    for name, shape, numel, cb, ks, offsets, axis, n, w in pending:
+        idx = next(it).astype(np.int64)
+        if w:
+            pos = positions_from_gaps(next(it), w)
+            if pos.size != n or (n and pos[-1] >= numel):
+                raise FormatError(f"section {name}: gaps place {pos.size} weights, up to position "
+                                  f"{int(pos[-1]) if pos.size else -1}, in a tensor of {numel}")
+        else:
+            pos = np.arange(numel)
+        sid = _slice_ids(pos, shape, axis)
+        if n and (idx >= ks[sid]).any():
+            raise FormatError(f"section {name}: cluster index beyond its codebook")
+        flat = np.zeros(numel, dtype=np.float32)
+        flat[pos] = cb[offsets[sid] + idx]
+        out[name] = torch.from_numpy(flat.reshape(shape))
+    return out
+
+
+def dumps_model(state_dict: dict[str, torch.Tensor], meta: dict, **kwargs) -> tuple[bytes, list[LayerStats]]:
+    sections, stats = encode_state_dict(state_dict, **kwargs)
+    return container.dumps(meta, sections), stats
+
+
+def loads_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    archive = container.loads(data)
+    return decode_sections(archive), archive.meta
