@@ -48,7 +48,7 @@ Log = Callable[[str], None]
 # Pure pieces
 
 
-def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:  # or any config with these fields
     """Learning rate at ``step`` (0-based) of ``total_steps``.
 
     - ``onecycle``: linear ramp from lr/25 up to lr over ``warmup_fraction`` of the run,
@@ -90,6 +90,46 @@ def set_threads(threads: int) -> int:
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, it, *, cfg, steps: int, step: int,
+                    total_steps: int, loss_fn, desc: str, progress: bool,
+                    on_step: Callable[[int], None] | None = None) -> tuple[int, float, int, int]:
+    """Up to ``steps`` optimizer steps over batches ``it``; the lr follows :func:`lr_at`.
+
+    ``on_step(step)`` runs before each step (pruning schedules hook in here). Returns the new
+    global step, the summed loss, the number of correct predictions and of samples seen.
+    """
+    from tqdm.auto import tqdm
+
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(total=steps, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True)
+    for i, (xb, yb) in enumerate(it):
+        if i >= steps:
+            break
+        if on_step is not None:
+            on_step(step)
+        lr = lr_at(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        logits = model(xb)
+        loss = loss_fn(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        if not math.isfinite(loss.item()):
+            raise EdgesqueezeError(f"{desc}: training diverged at step {step} (loss {loss.item()}); lower the lr")
+        loss_sum += loss.item() * len(yb)
+        correct += int((logits.argmax(1) == yb).sum())
+        seen += len(yb)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", lr=f"{lr:.3g}")
+        bar.update()
+    bar.close()
+    return step, loss_sum, correct, seen
 
 
 @torch.no_grad()
@@ -207,8 +247,6 @@ def fit(
     checkpoint), ``last.pt`` (resumable state, rewritten each epoch), ``metrics.csv``,
     ``metrics.json``, ``curves.png``, ``recipe.json``.
     """
-    from tqdm.auto import tqdm
-
     from edgesqueeze.data import batches, load_dataset, split_train_val
     from edgesqueeze.models import build_model
 
@@ -281,38 +319,14 @@ def fit(
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for epoch in range(start_epoch, n_epochs):
-        model.train()
         t0 = time.perf_counter()
         steps = min(steps_per_epoch, total_steps - step)
-        loss_sum, correct, seen = 0.0, 0, 0
         it = batches(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                      mean=ds.mean, std=ds.std, augment=augment, drop_last=len(x_tr) >= cfg.batch_size,
                      channels_last=cfg.channels_last)
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_epochs}", unit="batch", leave=False,
-                   disable=not progress, dynamic_ncols=True)
-        for i, (xb, yb) in enumerate(it):
-            if i >= steps:
-                break
-            lr = lr_at(step, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            if not math.isfinite(loss.item()):
-                raise EdgesqueezeError(f"training diverged at epoch {epoch + 1}, step {step} (loss {loss.item()}); "
-                                       "lower train.lr")
-            loss_sum += loss.item() * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(yb)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", lr=f"{lr:.3g}")
-            bar.update()
-        bar.close()
+        step, loss_sum, correct, seen = train_one_epoch(
+            model, optimizer, it, cfg=cfg, steps=steps, step=step, total_steps=total_steps, loss_fn=loss_fn,
+            desc=f"epoch {epoch + 1}/{n_epochs}", progress=progress)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": step,
