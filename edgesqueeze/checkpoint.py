@@ -41,7 +41,7 @@ class LoadedModel:
 
     model: nn.Module
     meta: dict[str, Any] = field(default_factory=dict)
-    kind: str = "checkpoint"  # checkpoint | state_dict | torchscript | exported_program | pickle
+    kind: str = "checkpoint"  # checkpoint | esq | state_dict | torchscript | exported_program | pickle
     path: Path | None = None
 
 
@@ -130,10 +130,16 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def rebuild(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
+def rebuild(arch: str, arch_kwargs: dict[str, Any], *, folded_batchnorm: bool = False) -> nn.Module:
+    """The architecture a checkpoint names; BatchNorm folded into the convs if it was."""
     from edgesqueeze.models import build_model
 
-    return build_model(arch, **arch_kwargs)
+    model = build_model(arch, **arch_kwargs)
+    if folded_batchnorm:
+        from edgesqueeze.compress.fold import fold_batchnorm
+
+        model = fold_batchnorm(model)
+    return model
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
@@ -178,6 +184,15 @@ def load_model(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    from edgesqueeze.compress.container import MAGIC
+
+    if head == MAGIC:  # a Deep Compression archive: decode it on the fly
+        from edgesqueeze.compress.pipeline import model_from_esq
+
+        model, meta = model_from_esq(path)
+        return LoadedModel(model, meta, "esq", path)
     kind = _zip_kind(path)
     if kind == "torchscript":
         try:
@@ -214,7 +229,7 @@ def load_model(
             meta = json.loads(obj["meta_json"])
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: metadata is unreadable ({exc})") from None
-        model = rebuild(meta["arch"], meta.get("arch_kwargs", {}))
+        model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=meta.get("folded_batchnorm", False))
         load_state_dict_checked(model, obj["state_dict"], source=str(path))
         return LoadedModel(model.eval(), meta, "checkpoint", path)
 

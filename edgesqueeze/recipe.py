@@ -15,24 +15,19 @@ Each section is a dataclass; a field's allowed range lives in its ``metadata`` (
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from edgesqueeze._config import _build, _range
+from edgesqueeze.compress.pipeline import CompressConfig
 from edgesqueeze.errors import RecipeError
 
 RECIPE_VERSION = 1
-
-
-def _range(**bounds: float) -> dict:
-    return {"range": bounds}
 
 
 @dataclass(frozen=True)
@@ -92,6 +87,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compress: CompressConfig | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,117 +97,16 @@ class Recipe:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def train_hash(self) -> str:
+        """Hash of what determines training (seed, model, data, train): resuming checks it,
+        so adding or editing a later stage (compress, export) does not orphan a run."""
+        d = self.to_dict()
+        blob = json.dumps({k: d[k] for k in ("seed", "model", "data", "train")}, sort_keys=True,
+                          separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def out_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("artifacts") / self.name
-
-
-# ---------------------------------------------------------------------------------------
-# Strict conversion
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    if origin is dict:
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_range(path: str, value: float, bounds: dict) -> None:
-    checks = {
-        "ge": (lambda v, b: v >= b, ">="),
-        "gt": (lambda v, b: v > b, ">"),
-        "le": (lambda v, b: v <= b, "<="),
-        "lt": (lambda v, b: v < b, "<"),
-    }
-    for key, bound in bounds.items():
-        ok, sym = checks[key]
-        if not ok(value, bound):
-            allowed = " and ".join(f"{checks[k][1]} {b}" for k, b in bounds.items())
-            raise RecipeError(f"{path}: must be {allowed}, got {value!r}")
-
-
-def _convert(path: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(path, value, arg)
-            except RecipeError as exc:
-                errors.append(exc)
-        raise RecipeError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise RecipeError(f"{path}: must be one of {', '.join(map(repr, choices))}, got {value!r}{extra}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(path, value, tp)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise RecipeError(f"{path}: unsupported field type {tp!r}")  # a bug in a section's definition
-
-
-def _build(prefix: str, raw: Any, cls: type) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        where = prefix or "recipe"
-        raise RecipeError(f"{where}: expected a mapping of keys to values, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            extra = f"; did you mean {hint[0]!r}?" if hint else f"; allowed keys: {', '.join(fields)}"
-            raise RecipeError(f"{dotted}: unknown key{extra}")
-    kwargs = {}
-    for name, f in fields.items():
-        dotted = f"{prefix}.{name}" if prefix else name
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RecipeError(f"{dotted}: required key is missing")
-            continue
-        value = _convert(dotted, raw[name], hints[name])
-        bounds = f.metadata.get("range")
-        if bounds and value is not None:
-            _check_range(dotted, value, bounds)
-        kwargs[name] = value
-    return cls(**kwargs)
 
 
 def recipe_from_dict(raw: Any, *, source: str = "recipe") -> Recipe:

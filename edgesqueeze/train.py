@@ -186,6 +186,12 @@ class TrainResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def _augment_for_name(dataset_name: str):
+    from edgesqueeze.data import default_augment
+
+    return default_augment(dataset_name)
+
+
 def _augment_for(recipe: Recipe, dataset_name: str):
     from edgesqueeze.data import default_augment
 
@@ -299,7 +305,9 @@ def fit(
     start_epoch, step = 0, 0
     if resume and state_path.exists():
         st = load_train_state(state_path)
-        if st.get("recipe_hash") != recipe.hash():
+        # States written before train_hash existed carry only the whole recipe's hash.
+        same = st["train_hash"] == recipe.train_hash() if "train_hash" in st else st.get("recipe_hash") == recipe.hash()
+        if not same:
             raise EdgesqueezeError(f"{state_path}: was written by a different recipe (hash "
                                    f"{str(st.get('recipe_hash'))[:12]}); pass --overwrite to start over")
         load_state_dict_checked(model, st["state_dict"], source=str(state_path))
@@ -352,6 +360,7 @@ def fit(
             "step": step,
             "history_json": json.dumps(history),
             "recipe_hash": recipe.hash(),
+            "train_hash": recipe.train_hash(),
             "meta_json": json.dumps(meta),
         })
         _write_metrics(out, history)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
-from ..recipe import _build, _check_range, _convert
+from .._config import _build, _check_range, _convert
 
 __all__ = [
     "PruneConfig", "Pruner", "StageReport", "apply", "apply_masks", "choose_sparsities",
@@ -256,7 +256,8 @@ class PruneConfig:
         _check_fields(self)
         object.__setattr__(self, "layers",
                            _check_layer_values("layers", self.layers, float, {"ge": 0, "lt": 1}))
-        if self.schedule == "gradual" and self.end <= self.begin:
+        # end 0 means "the caller decides" (the compress pipeline: 70% of the retraining)
+        if self.schedule == "gradual" and self.end and self.end <= self.begin:
             raise RecipeError(f"end: must be > begin ({self.begin}) for schedule 'gradual', "
                               f"got {self.end}")
 
@@ -292,6 +293,8 @@ class PruneConfig:
             return final
         if self.schedule == "oneshot":
             return final if step >= self.begin else 0.0
+        if self.end <= self.begin:
+            raise RecipeError("end: schedule 'gradual' needs end > begin (steps); set end")
         return polynomial_sparsity(step, final=final, initial=min(self.initial_sparsity, final),
                                    begin=self.begin, end=self.end, frequency=self.frequency)
 

@@ -1,0 +1,129 @@
+"""Strict conversion of plain data (parsed YAML/JSON) into frozen dataclasses.
+
+Shared by recipes and by every stage's config. A dataclass field's type annotation drives
+conversion (``Literal`` for choices, ``X | None`` for optional values, nested dataclasses
+for sub-sections) and its ``metadata["range"]`` bounds numbers (``ge``, ``gt``, ``le``,
+``lt``). Every refusal is a :class:`RecipeError` naming the dotted path of the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal
+
+from edgesqueeze.errors import RecipeError
+
+
+def _range(**bounds: float) -> dict:
+    return {"range": bounds}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_range(path: str, value: float, bounds: dict) -> None:
+    checks = {
+        "ge": (lambda v, b: v >= b, ">="),
+        "gt": (lambda v, b: v > b, ">"),
+        "le": (lambda v, b: v <= b, "<="),
+        "lt": (lambda v, b: v < b, "<"),
+    }
+    for key, bound in bounds.items():
+        ok, sym = checks[key]
+        if not ok(value, bound):
+            allowed = " and ".join(f"{checks[k][1]} {b}" for k, b in bounds.items())
+            raise RecipeError(f"{path}: must be {allowed}, got {value!r}")
+
+
+def _convert(path: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        concrete = [a for a in args if a is not type(None)]
+        if len(concrete) == 1:  # Optional[X]: X's own error is the precise one
+            return _convert(path, value, concrete[0])
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(path, value, arg)
+            except RecipeError as exc:
+                errors.append(exc)
+        raise RecipeError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise RecipeError(f"{path}: must be one of {', '.join(map(repr, choices))}, got {value!r}{extra}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(path, value, tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise RecipeError(f"{path}: unsupported field type {tp!r}")  # a bug in a section's definition
+
+
+def _build(prefix: str, raw: Any, cls: type) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        where = prefix or "recipe"
+        raise RecipeError(f"{where}: expected a mapping of keys to values, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            extra = f"; did you mean {hint[0]!r}?" if hint else f"; allowed keys: {', '.join(fields)}"
+            raise RecipeError(f"{dotted}: unknown key{extra}")
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecipeError(f"{dotted}: required key is missing")
+            continue
+        value = _convert(dotted, raw[name], hints[name])
+        bounds = f.metadata.get("range")
+        if bounds and value is not None:
+            _check_range(dotted, value, bounds)
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,277 @@
+"""The Deep Compression pipeline: fold BN, prune + retrain, cluster + retrain centroids, encode.
+
+The order of the stages lives here and only here; each stage's maths lives in its module
+(``fold``, ``prune``, ``cluster``, ``codec``). Data flows one way::
+
+    checkpoint -> prune (masks fixed while retraining, BatchNorm still there to help)
+               -> fold BatchNorm (zeros stay zeros) -> k-means weight sharing
+               -> retrain centroids -> .esq -> decode check
+
+Accuracy is measured on the validation split after every stage (the split carved from the
+training set with the checkpoint's own seed, so it was never trained on) and on the test
+split once, at the end, for the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from edgesqueeze._io import sha256_file, write_bytes_atomic
+from edgesqueeze.compress import cluster as cluster_mod
+from edgesqueeze.compress import codec
+from edgesqueeze.compress.cluster import ClusterConfig
+from edgesqueeze.compress.fold import conv_bn_pairs, fold_batchnorm
+from edgesqueeze.compress.prune import PruneConfig, Pruner, existing_masks, layer_stats, prunable_layers
+from edgesqueeze.errors import EdgesqueezeError, FormatError
+
+Log = Callable[[str], None]
+ESQ_META_FORMAT = "edgesqueeze.esq-model"
+
+
+def _range(**bounds: float) -> dict:
+    return {"range": bounds}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Retraining after a stage: the fields mean what they mean in ``train``."""
+
+    epochs: float = field(default=1.0, metadata=_range(ge=0, le=1000))
+    batch_size: int = field(default=128, metadata=_range(ge=1, le=65_536))
+    optimizer: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = field(default=0.01, metadata=_range(gt=0, le=10))
+    momentum: float = field(default=0.9, metadata=_range(ge=0, lt=1))
+    nesterov: bool = True
+    weight_decay: float = field(default=0.0, metadata=_range(ge=0, le=1))
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_fraction: float = field(default=0.0, metadata=_range(ge=0, lt=1))
+    label_smoothing: float = field(default=0.0, metadata=_range(ge=0, lt=1))
+    grad_clip: float | None = field(default=None, metadata=_range(gt=0))
+    channels_last: bool = False
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """The ``compress`` section of a recipe. A missing ``prune`` or ``cluster`` skips it."""
+
+    VERSION: ClassVar[int] = 1
+
+    fold_batchnorm: bool = True
+    prune: PruneConfig | None = None
+    prune_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cluster: ClusterConfig | None = None
+    cluster_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval_batch_size: int = field(default=512, metadata=_range(ge=1, le=65_536))
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    esq_path: Path
+    esq_bytes: int
+    report: dict[str, Any]
+    out_dir: Path
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _float_bytes(model: nn.Module) -> int:
+    """Bytes of the dense fp32 model: every floating tensor of its state_dict at 4 bytes."""
+    return sum(t.numel() * 4 for t in model.state_dict().values() if torch.is_floating_point(t))
+
+
+def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: str, progress: bool,
+              on_step: Callable[[int], None] | None = None, attach: Callable[[Any], None] | None = None) -> int:
+    """Fine-tune ``model`` in place for ``cfg.epochs``; returns the number of steps taken."""
+    from edgesqueeze.train import make_optimizer, train_one_epoch
+
+    x, y, ds, augment = data
+    if cfg.epochs <= 0:
+        return 0
+    steps_per_epoch = max(1, len(x) // cfg.batch_size)
+    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    optimizer = make_optimizer(model, cfg)
+    if attach is not None:
+        attach(optimizer)
+    gen = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    step = 0
+    from edgesqueeze.data import batches
+
+    for epoch in range(math.ceil(total / steps_per_epoch)):
+        it = batches(x, y, batch_size=cfg.batch_size, shuffle=True, generator=gen, mean=ds.mean, std=ds.std,
+                     augment=augment if cfg.augment else None, drop_last=len(x) >= cfg.batch_size,
+                     channels_last=cfg.channels_last)
+        step, *_ = train_one_epoch(model, optimizer, it, cfg=cfg, steps=min(steps_per_epoch, total - step),
+                                   step=step, total_steps=total, loss_fn=loss_fn,
+                                   desc=f"{desc} {epoch + 1}", progress=progress, on_step=on_step)
+    model.eval()
+    return total
+
+
+def shared_weight_names(model: nn.Module) -> list[str]:
+    return [f"{name}.weight" for name in prunable_layers(model)]
+
+
+def esq_meta(meta: dict, *, folded: bool, extra: dict) -> dict:
+    """Archive metadata: the checkpoint's own (architecture, classes, normalization, ...)."""
+    return {"format": ESQ_META_FORMAT, "folded_batchnorm": folded, **meta, **extra}
+
+
+def model_from_esq(data: bytes | str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model an ``.esq`` archive holds (decoding every weight bit-exactly)."""
+    from edgesqueeze.checkpoint import load_state_dict_checked, rebuild
+
+    raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
+    state, meta = codec.loads_model(raw)
+    if meta.get("format") != ESQ_META_FORMAT or "arch" not in meta:
+        raise FormatError("meta: not an edgesqueeze model archive (no 'arch')")
+    model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=bool(meta.get("folded_batchnorm")))
+    load_state_dict_checked(model, state, source=str(data) if not isinstance(data, bytes) else "archive")
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def compress(
+    checkpoint: str | Path,
+    config: CompressConfig,
+    *,
+    out_dir: str | Path,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    dataset: str | None = None,
+    recipe_hash: str | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> CompressResult:
+    """Compress the model in ``checkpoint`` into ``out_dir/model.esq`` with a report."""
+    from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.data import load_dataset, split_train_val
+    from edgesqueeze.train import _augment_for_name, evaluate
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    loaded = load_model(checkpoint)
+    meta = dict(loaded.meta)
+    if "arch" not in meta:
+        raise EdgesqueezeError(f"{checkpoint}: compress needs an edgesqueeze checkpoint or --arch")
+    name = dataset or meta.get("dataset")
+    if not name:
+        raise EdgesqueezeError(f"{checkpoint}: does not record its dataset; pass --dataset")
+    ds = load_dataset(name, data_dir=data_dir, image_size=meta.get("image_size"), limit=meta.get("data_limit"),
+                      seed=meta.get("seed", seed))
+    (x_tr, y_tr), (x_val, y_val) = split_train_val(ds, meta.get("val_fraction", 0.1), meta.get("seed", seed))
+    mean, std = meta.get("mean", ds.mean), meta.get("std", ds.std)
+    ds_norm = dataclasses.replace(ds, mean=tuple(mean), std=tuple(std))
+    data = (x_tr, y_tr, ds_norm, _augment_for_name(ds.name))
+    ebs = config.eval_batch_size
+
+    def val_acc(m: nn.Module) -> float | None:
+        if not len(x_val):
+            return None
+        return evaluate(m, x_val, y_val, mean=mean, std=std, batch_size=ebs)["accuracy"]
+
+    model = copy.deepcopy(loaded.model)  # the stages work in place; keep the original to compare
+    dense_bytes = _float_bytes(model)
+    stages: list[dict[str, Any]] = []
+
+    def record(stage: str, m: nn.Module, size: int | None, note: str = "") -> None:
+        acc = val_acc(m)
+        stages.append({"stage": stage, "val_accuracy": acc, "bytes": size, "note": note})
+        acc_txt = f"val {100 * acc:.2f}%" if acc is not None else "no val split"
+        log(f"[{stage}] {acc_txt}" + (f", {size:,} B" if size else "") + (f" ({note})" if note else ""))
+
+    record("float", model, dense_bytes, "dense fp32")
+    # Pruning: keep existing zeros (an already pruned model), reach the targets while retraining.
+    masks = existing_masks(model)
+    if config.prune is not None:
+        pcfg = config.prune
+        ft = config.prune_finetune
+        steps = max(1, int(round(ft.epochs * max(1, len(x_tr) // ft.batch_size))))
+        if pcfg.schedule == "gradual" and pcfg.end == 0:
+            pcfg = dataclasses.replace(pcfg, end=max(pcfg.begin + 1, int(0.7 * steps)))
+        pruner = Pruner(model, pcfg, keep=masks, path="compress.prune")
+        if pcfg.schedule == "oneshot" or ft.epochs <= 0:
+            pruner.update(None)
+            record("prune (before retraining)", model, None, f"{_density(model):.1%} of weights kept")
+        _finetune(model, data, ft, seed=seed, desc="prune-retrain", progress=progress,
+                  on_step=pruner.update if pcfg.schedule == "gradual" else None, attach=pruner.attach)
+        pruner.update(None)
+        pruner.detach()
+        masks = pruner.masks
+        record("prune", model, None, f"{_density(model):.1%} of weights kept")
+
+    # Fold BatchNorm after pruning (retraining needs BN; a per-channel rescale keeps zeros) and
+    # before weight sharing, so that what is clustered is exactly what runs.
+    folded = False
+    if config.fold_batchnorm and conv_bn_pairs(model):
+        model = fold_batchnorm(model)
+        folded = True
+        record("fold-bn", model, None, "BatchNorm folded into convs")
+
+    assignments: dict[str, Any] = {}
+    if config.cluster is not None:
+        model, assignments = cluster_mod.cluster_model(model, config.cluster, masks, path="compress.cluster")
+        record("cluster (before retraining)", model, None)
+        if config.cluster_finetune.epochs > 0:
+            cluster_mod.share_weights(model, assignments, codebook_dtype=config.cluster.codebook_dtype)
+            _finetune(model, data, config.cluster_finetune, seed=seed + 1, desc="centroid-retrain",
+                      progress=progress)
+            assignments = cluster_mod.materialize(model)
+            record("cluster", model, None, "centroids retrained")
+        model.eval()
+
+    # Encode, then prove the archive decodes to exactly the model held in memory.
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    shared = shared_weight_names(model) if assignments else "auto"
+    extra = {"compress_config": _jsonable(config), "source_sha256": sha256_file(checkpoint),
+             "recipe_hash": recipe_hash or meta.get("recipe_hash")}
+    archive_meta = esq_meta({k: v for k, v in meta.items() if k not in ("metrics",)}, folded=folded, extra=extra)
+    blob, layer_stats_ = codec.dumps_model(state, archive_meta, shared=shared,
+                                           codebook_dtype=config.cluster.codebook_dtype if config.cluster else "float32")
+    esq_path = out / "model.esq"
+    write_bytes_atomic(esq_path, blob)
+    decoded, _ = model_from_esq(esq_path)
+    for key, tensor in decoded.state_dict().items():
+        if not torch.equal(tensor, state[key]):
+            raise EdgesqueezeError(f"decode check failed: {key} differs after the .esq round trip (a bug)")
+    record("esq", decoded, len(blob), "decoded from the archive")
+
+    test_before = evaluate(loaded.model, ds.test_x, ds.test_y, mean=mean, std=std, batch_size=ebs)
+    test_after = evaluate(decoded, ds.test_x, ds.test_y, mean=mean, std=std, batch_size=ebs)
+    from edgesqueeze.compress import report as report_mod
+
+    report = report_mod.build(
+        layers=layer_stats_, stages=stages, dense_bytes=dense_bytes, esq_bytes=len(blob), state=state,
+        test_before=test_before, test_after=test_after, layer_rows=layer_stats(decoded),
+        bits={n: a.bits for n, a in assignments.items()}, wall_s=time.perf_counter() - t_start,
+        checkpoint=str(checkpoint), esq=str(esq_path), config=_jsonable(config),
+    )
+    report_mod.write(out, report, before=loaded.model, after=decoded)
+    log(f"{esq_path}: {len(blob):,} bytes ({dense_bytes / len(blob):.1f}x smaller than dense fp32); "
+        f"test {100 * test_before['accuracy']:.2f}% -> {100 * test_after['accuracy']:.2f}%")
+    return CompressResult(decoded, esq_path, len(blob), report, out)
+
+
+def _density(model: nn.Module) -> float:
+    rows = layer_stats(model)
+    total = sum(r["numel"] for r in rows)
+    return sum(r["nonzero"] for r in rows) / total if total else 1.0
+
+
+def _jsonable(cfg: Any) -> Any:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
