@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -105,7 +106,8 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
     optimizer = make_optimizer(model, cfg)
     if attach is not None:
         attach(optimizer)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # shuffling and augmentation
+    torch.manual_seed(seed)  # dropout: same seed, same weights, same .esq bytes
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     step = 0
     from edgesqueeze.data import batches
@@ -238,7 +240,9 @@ def compress(
     # Encode, then prove the archive decodes to exactly the model held in memory.
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     shared = shared_weight_names(model) if assignments else "auto"
-    extra = {"compress_config": _jsonable(config), "source_sha256": sha256_file(checkpoint),
+    # The full config is in report.json; the archive keeps its hash (small models: every byte counts).
+    config_sha = hashlib.sha256(json.dumps(_jsonable(config), sort_keys=True).encode()).hexdigest()
+    extra = {"compress_config_sha256": config_sha, "source_sha256": sha256_file(checkpoint),
              "recipe_hash": recipe_hash or meta.get("recipe_hash")}
     archive_meta = esq_meta({k: v for k, v in meta.items() if k not in ("metrics",)}, folded=folded, extra=extra)
     blob, layer_stats_ = codec.dumps_model(state, archive_meta, shared=shared,

@@ -1,0 +1,111 @@
+"""The compress pipeline end to end on a small digits model, through the library and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgesqueeze.checkpoint import load_model
+from edgesqueeze.cli import cli
+from edgesqueeze.compress.cluster import ClusterConfig
+from edgesqueeze.compress.pipeline import CompressConfig, FinetuneConfig, compress, model_from_esq
+from edgesqueeze.compress.prune import PruneConfig
+from edgesqueeze.errors import RecipeError
+from edgesqueeze.recipe import recipe_from_dict
+from edgesqueeze.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    recipe = recipe_from_dict({
+        "version": 1, "seed": 1, "output_dir": str(out),
+        "model": {"arch": "squeezenet_mnist", "kwargs": {"width_mult": 0.5}},
+        "data": {"dataset": "digits", "limit": 600, "val_fraction": 0.2},
+        "train": {"epochs": 6, "batch_size": 32, "lr": 0.1, "threads": 1},
+    })
+    fit(recipe, progress=False, log=lambda _: None)
+    return out / "model.pt"
+
+
+CONFIG = CompressConfig(
+    prune=PruneConfig(sparsity=0.6, first_conv=0.3, schedule="gradual"),
+    prune_finetune=FinetuneConfig(epochs=1, lr=0.02),
+    cluster=ClusterConfig(bits=4, codebook_dtype="float16"),
+    cluster_finetune=FinetuneConfig(epochs=1, lr=0.002),
+)
+
+
+@pytest.fixture(scope="module")
+def compressed(checkpoint, tmp_path_factory):
+    return compress(checkpoint, CONFIG, out_dir=tmp_path_factory.mktemp("esq"), progress=False, log=lambda _: None)
+
+
+def test_outputs_and_report(compressed, checkpoint):
+    out = compressed.out_dir
+    for name in ("model.esq", "report.json", "report.md", "accuracy_vs_size.png", "weights_histogram.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["esq_bytes"] == (out / "model.esq").stat().st_size == compressed.esq_bytes
+    assert report["totals"]["ratio"] > 5
+    assert [s["stage"] for s in report["stages"]] == [
+        "float", "prune", "fold-bn", "cluster (before retraining)", "cluster", "esq"]
+    assert set(report["baselines"]) >= {"zlib_9", "xz_9e", "zstd_19"}
+    assert report["baselines"]["raw_fp32"] > compressed.esq_bytes
+    # the test accuracy before is the original model's, untouched by the stages
+    original = load_model(checkpoint).meta["metrics"]["test"]["accuracy"]
+    assert report["test"]["before"]["accuracy"] == pytest.approx(original)
+
+
+def test_archive_holds_what_was_measured(compressed):
+    model, meta = model_from_esq(compressed.esq_path)
+    assert meta["folded_batchnorm"] is True and meta["arch"] == "squeezenet_mnist"
+    for (k, a), (k2, b) in zip(compressed.model.state_dict().items(), model.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            w = module.weight
+            assert torch.unique(w[w != 0]).numel() <= 2 ** 4, name
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    density = sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert density < 0.45  # 60% sparsity on all but the stem
+
+
+def test_same_inputs_same_bytes(checkpoint, compressed, tmp_path):
+    again = compress(checkpoint, CONFIG, out_dir=tmp_path, progress=False, log=lambda _: None)
+    assert again.esq_path.read_bytes() == compressed.esq_path.read_bytes()
+
+
+def test_unknown_layer_is_refused_before_any_work(checkpoint, tmp_path):
+    cfg = CompressConfig(prune=PruneConfig(layers={"features.3.sqeeze": 0.5}))
+    with pytest.raises(RecipeError, match=r"compress.prune.layers.features.3.sqeeze: no Conv2d or Linear layer of that name; did you mean 'features\.\d+\.squeeze'"):
+        compress(checkpoint, cfg, out_dir=tmp_path, progress=False, log=lambda _: None)
+    assert not (tmp_path / "model.esq").exists()
+
+
+def test_cli_compress_unpack_eval_info(checkpoint, compressed, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "unpacked.pt"
+    res = runner.invoke(cli, ["unpack", str(compressed.esq_path), "-o", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    unpacked = load_model(out).model.state_dict()
+    for k, v in compressed.model.state_dict().items():
+        assert torch.equal(v, unpacked[k]), k
+    res = runner.invoke(cli, ["eval", str(compressed.esq_path), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["accuracy"] == pytest.approx(compressed.report["test"]["after"]["accuracy"])
+    res = runner.invoke(cli, ["info", str(compressed.esq_path)], catch_exceptions=False)
+    assert res.exit_code == 0 and "esq" in res.output
+    # a recipe without a compress section, and one with an impossible setting: exit 2
+    res = runner.invoke(cli, ["compress", str(checkpoint), "-r", str(ROOT / "recipes/squeezenet-mnist.yaml"),
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and ("no 'compress' section" in res.output or "compress" in res.output)
+    res = runner.invoke(cli, ["compress", str(checkpoint), "-r", str(ROOT / "recipes/squeezenet-digits.yaml"),
+                              "--set", "compress.cluster.bits=0", "--out", str(tmp_path / "y")])
+    assert res.exit_code == 2 and "compress.cluster.bits: must be >= 1 and <= 8, got 0" in res.output
