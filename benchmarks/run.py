@@ -93,8 +93,11 @@ def part_demo(args) -> None:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"make demo failed:\n{proc.stdout}\n{proc.stderr}")
-    acc = [line for line in proc.stdout.splitlines() if line.startswith("test accuracy")]
-    save("demo", {"wall_s": round(wall, 1), "test_line": acc[-1] if acc else None})
+    lines = proc.stdout.splitlines()
+    acc = [line for line in lines if line.startswith("test accuracy")]
+    esq = [line for line in lines if "model.esq:" in line]
+    save("demo", {"wall_s": round(wall, 1), "test_line": acc[0] if acc else None,
+                  "compress_line": esq[-1] if esq else None})
 
 
 def part_mnist(args) -> None:
@@ -159,7 +162,10 @@ def report() -> str:
     if r := _load("demo"):
         lines += ["## `make demo` (digits)", "", f"{_mach(r)}", "",
                   f"- wall time with `.venv` present: **{r['wall_s']:.0f} s** (target: under 5 minutes)",
-                  f"- `{r['test_line']}`", ""]
+                  f"- training: `{r['test_line']}`"]
+        if r.get("compress_line"):
+            lines.append(f"- compression: `{r['compress_line']}`")
+        lines.append("")
     if r := _load("mnist"):
         lines += ["## MNIST: `recipes/squeezenet-mnist.yaml`", "", _mach(r), "",
                   "| seed | params | MACs | epochs | val acc | **test acc** | train wall |",

@@ -223,6 +223,9 @@ def compress_cmd(model_path, recipe_path, overrides, out_dir, data_dir, progress
     result = compress(model_path, recipe.compress, out_dir=out, seed=recipe.seed,
                       data_dir=data_dir or recipe.data.data_dir, recipe_hash=recipe.hash(),
                       progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m))
+    from edgesqueeze.compress.report import size_table
+
+    click.echo(size_table(result.report))
     click.echo(f"outputs: {result.out_dir}/ (model.esq, report.md, report.json, accuracy_vs_size.png)")
 
 

@@ -96,6 +96,20 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def size_table(report: dict[str, Any]) -> str:
+    """A short terminal table: sizes and accuracies through the stages, then the baselines."""
+    t, tb = report["totals"], report["test"]
+    lines = [f"{'':<30}{'bytes':>12}{'val acc':>10}"]
+    for s in report["stages"]:
+        acc = "" if s["val_accuracy"] is None else f"{100 * s['val_accuracy']:.2f}%"
+        lines.append(f"{s['stage']:<30}{(format(s['bytes'], ',') if s['bytes'] else ''):>12}{acc:>10}")
+    for k, v in report["baselines"].items():
+        lines.append(f"{'same weights, ' + k:<30}{v:>12,}")
+    lines.append(f"test accuracy {100 * tb['before']['accuracy']:.2f}% -> {100 * tb['after']['accuracy']:.2f}%; "
+                 f".esq {t['esq_bytes']:,} B = {t['ratio']}x smaller than dense fp32")
+    return "\n".join(lines)
+
+
 def _plots(out: Path, report: dict[str, Any], before: torch.nn.Module, after: torch.nn.Module) -> None:
     import matplotlib
 
