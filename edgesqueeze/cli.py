@@ -250,6 +250,44 @@ def unpack(esq_path, out_path):
     click.echo(f"{out_path}: {sum(t.numel() for t in model.state_dict().values()):,} values from {esq_path}")
 
 
+@cli.command()
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--sparsities", default="0.5,0.7,0.8,0.9,0.95", show_default=True,
+              help="Comma-separated sparsities to try on each layer.")
+@click.option("--layers", help="Comma-separated layer names [default: every Conv2d and Linear].")
+@click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy points a layer may lose; prints the "
+              "largest sparsity per layer within it, ready for a recipe's compress.prune.layers.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory [default: next to the model, sensitivity/].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+def sensitivity(model_path, sparsities, layers, max_drop, out_dir, data_dir):
+    """Prune each layer alone at several sparsities and measure validation accuracy.
+
+    Writes sensitivity.md (the table), sensitivity.json and sensitivity.png.
+
+    \b
+    Example:
+      edgesqueeze sensitivity artifacts/squeezenet-mnist/model.pt --max-drop 0.2
+    """
+    from edgesqueeze.compress.pipeline import sensitivity as run_sensitivity
+
+    try:
+        sps = [float(x) for x in sparsities.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{sparsities!r} is not a list of numbers", param_hint="--sparsities") from None
+    if not sps or not all(0 <= x < 1 for x in sps):
+        raise click.BadParameter("each sparsity must be >= 0 and < 1", param_hint="--sparsities")
+    out = out_dir or Path(model_path).parent / "sensitivity"
+    result = run_sensitivity(model_path, sparsities=sps, out_dir=out, max_drop=max_drop, data_dir=data_dir,
+                             layers=[x.strip() for x in layers.split(",")] if layers else None,
+                             log=lambda m: click.echo(m))
+    click.echo((out / "sensitivity.md").read_text())
+    if "chosen" in result:
+        click.echo("compress.prune.layers for a recipe:")
+        for name, sp in result["chosen"].items():
+            click.echo(f"  {name}: {sp}")
+
+
 def main() -> None:
     cli(prog_name="edgesqueeze")
 

@@ -109,3 +109,21 @@ def test_cli_compress_unpack_eval_info(checkpoint, compressed, tmp_path):
     res = runner.invoke(cli, ["compress", str(checkpoint), "-r", str(ROOT / "recipes/squeezenet-digits.yaml"),
                               "--set", "compress.cluster.bits=0", "--out", str(tmp_path / "y")])
     assert res.exit_code == 2 and "compress.cluster.bits: must be >= 1 and <= 8, got 0" in res.output
+
+
+def test_sensitivity_table_and_choice(checkpoint, tmp_path):
+    from edgesqueeze.compress.pipeline import sensitivity
+
+    result = sensitivity(checkpoint, sparsities=[0.3, 0.95], layers=["classifier.1"], max_drop=100.0,
+                         out_dir=tmp_path, log=lambda _: None)
+    rows = result["rows"]
+    assert [(r["layer"], r["sparsity"]) for r in rows] == [("classifier.1", 0.3), ("classifier.1", 0.95)]
+    assert result["chosen"] == {"classifier.1": 0.95}  # a 100-point budget allows anything
+    for name in ("sensitivity.md", "sensitivity.json", "sensitivity.png"):
+        assert (tmp_path / name).is_file()
+    # deterministic: the same scan measures the same baseline
+    again = sensitivity(checkpoint, sparsities=[0.3], layers=["classifier.1"], out_dir=tmp_path / "2",
+                        log=lambda _: None)
+    assert again["baseline"] == result["baseline"] and "chosen" not in again
+    res = CliRunner().invoke(cli, ["sensitivity", str(checkpoint), "--sparsities", "0.5,1.2"])
+    assert res.exit_code == 2 and "each sparsity must be >= 0 and < 1" in res.output

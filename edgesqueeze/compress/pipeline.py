@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import nn
 
-from edgesqueeze._io import sha256_file, write_bytes_atomic
+from edgesqueeze._io import sha256_file, write_bytes_atomic, write_text_atomic
 from edgesqueeze.compress import cluster as cluster_mod
 from edgesqueeze.compress import codec
 from edgesqueeze.compress.cluster import ClusterConfig
@@ -161,23 +161,11 @@ def compress(
     log: Log = print,
 ) -> CompressResult:
     """Compress the model in ``checkpoint`` into ``out_dir/model.esq`` with a report."""
-    from edgesqueeze.checkpoint import load_model
-    from edgesqueeze.data import load_dataset, split_train_val
     from edgesqueeze.train import _augment_for_name, evaluate
 
     t_start = time.perf_counter()
     out = Path(out_dir)
-    loaded = load_model(checkpoint)
-    meta = dict(loaded.meta)
-    if "arch" not in meta:
-        raise EdgesqueezeError(f"{checkpoint}: compress needs an edgesqueeze checkpoint or --arch")
-    name = dataset or meta.get("dataset")
-    if not name:
-        raise EdgesqueezeError(f"{checkpoint}: does not record its dataset; pass --dataset")
-    ds = load_dataset(name, data_dir=data_dir, image_size=meta.get("image_size"), limit=meta.get("data_limit"),
-                      seed=meta.get("seed", seed))
-    (x_tr, y_tr), (x_val, y_val) = split_train_val(ds, meta.get("val_fraction", 0.1), meta.get("seed", seed))
-    mean, std = meta.get("mean", ds.mean), meta.get("std", ds.std)
+    loaded, meta, ds, (x_tr, y_tr), (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir, seed)
     ds_norm = dataclasses.replace(ds, mean=tuple(mean), std=tuple(std))
     data = (x_tr, y_tr, ds_norm, _augment_for_name(ds.name))
     ebs = config.eval_batch_size
@@ -269,6 +257,95 @@ def compress(
     log(f"{esq_path}: {len(blob):,} bytes ({dense_bytes / len(blob):.1f}x smaller than dense fp32); "
         f"test {100 * test_before['accuracy']:.2f}% -> {100 * test_after['accuracy']:.2f}%")
     return CompressResult(decoded, esq_path, len(blob), report, out)
+
+
+def _load_with_data(checkpoint, dataset, data_dir, seed):
+    """The checkpoint, its dataset, and the train/validation split it was trained with."""
+    from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.data import load_dataset, split_train_val
+
+    loaded = load_model(checkpoint)
+    meta = dict(loaded.meta)
+    if "arch" not in meta:
+        raise EdgesqueezeError(f"{checkpoint}: needs an edgesqueeze checkpoint (with its architecture)")
+    name = dataset or meta.get("dataset")
+    if not name:
+        raise EdgesqueezeError(f"{checkpoint}: does not record its dataset; pass --dataset")
+    ds = load_dataset(name, data_dir=data_dir, image_size=meta.get("image_size"), limit=meta.get("data_limit"),
+                      seed=meta.get("seed", seed))
+    train, val = split_train_val(ds, meta.get("val_fraction", 0.1), meta.get("seed", seed))
+    return loaded, meta, ds, train, val, meta.get("mean", ds.mean), meta.get("std", ds.std)
+
+
+def sensitivity(
+    checkpoint: str | Path,
+    *,
+    sparsities: list[float],
+    out_dir: str | Path,
+    layers: list[str] | None = None,
+    max_drop: float | None = None,
+    data_dir: str | Path | None = None,
+    dataset: str | None = None,
+    batch_size: int = 512,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Prune each layer alone at each sparsity; validation accuracy table, plot, and (with
+    ``max_drop``, in accuracy points) the per-layer sparsities that stay within it."""
+    from edgesqueeze.compress.prune import choose_sparsities, sensitivity_scan
+    from edgesqueeze.train import evaluate
+
+    out = Path(out_dir)
+    loaded, meta, ds, _, (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir, 0)
+    if not len(x_val):
+        raise EdgesqueezeError(f"{checkpoint}: its dataset has no validation split to measure on")
+
+    def acc(m: nn.Module) -> float:
+        return evaluate(m, x_val, y_val, mean=mean, std=std, batch_size=batch_size)["accuracy"]
+
+    baseline = acc(loaded.model)
+    log(f"baseline validation accuracy {100 * baseline:.2f}% on {len(y_val)} images")
+    rows = sensitivity_scan(loaded.model, layers, sparsities, acc)
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "baseline": baseline, "rows": rows}
+    if max_drop is not None:
+        result["max_drop_points"] = max_drop
+        result["chosen"] = choose_sparsities(rows, max_drop / 100, baseline)
+    _write_sensitivity(out, result)
+    return result
+
+
+def _write_sensitivity(out: Path, result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgesqueeze._io import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "sensitivity.json", json.dumps(result, indent=2) + "\n")
+    layers = list(dict.fromkeys(r["layer"] for r in result["rows"]))
+    sps = sorted({r["sparsity"] for r in result["rows"]})
+    acc = {(r["layer"], r["sparsity"]): r["accuracy"] for r in result["rows"]}
+    lines = [f"# Sensitivity of `{result['checkpoint']}`", "",
+             f"Validation accuracy with one layer pruned at a time (baseline {100 * result['baseline']:.2f}%).", "",
+             "| layer | " + " | ".join(f"{s:.0%}" for s in sps) + (" | chosen |" if "chosen" in result else " |"),
+             "| --- |" + " --- |" * (len(sps) + ("chosen" in result))]
+    for name in layers:
+        cells = " | ".join(f"{100 * acc[(name, s)]:.2f}" for s in sps)
+        chosen = f" | {result['chosen'][name]:.0%}" if "chosen" in result else ""
+        lines.append(f"| {name} | {cells}{chosen} |")
+    write_text_atomic(out / "sensitivity.md", "\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in layers:
+        ax.plot([100 * s for s in sps], [100 * acc[(name, s)] for s in sps], "o-", label=name, linewidth=1)
+    ax.axhline(100 * result["baseline"], color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel("sparsity of that layer (%)"), ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("pruning sensitivity, one layer at a time")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    with atomic_path(out / "sensitivity.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def _density(model: nn.Module) -> float:
