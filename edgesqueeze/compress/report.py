@@ -74,7 +74,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- **{kb(t['esq_bytes'])}** ({t['esq_bytes']:,} B), {t['ratio']}x smaller than the dense fp32 model "
         f"({kb(t['dense_fp32_bytes'])})",
         f"- test accuracy {100 * tb['before']['accuracy']:.2f}% -> **{100 * tb['after']['accuracy']:.2f}%** "
-        f"({tb['drop_points']:.2f} points lost) on {tb['after']['n']:,} images",
+        f"({-tb['drop_points']:+.2f} points) on {tb['after']['n']:,} images",
         f"- {100 * t['density']:.1f}% of weights kept; Huffman streams {t['huffman_coded_bytes']:,} B against "
         f"{t['entropy_bytes']:,.0f} B zeroth-order entropy ({t['huffman_over_entropy']}x)",
         "", "## Stages (validation accuracy)", "", "| stage | val acc | size | note |", "| --- | --- | --- | --- |"]
