@@ -87,10 +87,18 @@ def part_channels_last(args) -> None:
 
 
 def part_demo(args) -> None:
-    """`make demo` with .venv present: the training + evaluation it runs, timed as a whole."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(["make", "demo"], cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    """`make demo` as a new user runs it: a fresh clone (beside ../shared), no .venv, timed
+    from the first command to the last line, the install included."""
+    import shutil
+
+    fresh = ROOT.parent / f".edgesqueeze-demo-{os.getpid()}"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(fresh)], check=True)
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.run(["make", "demo"], cwd=fresh, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
     if proc.returncode != 0:
         raise SystemExit(f"make demo failed:\n{proc.stdout}\n{proc.stderr}")
     lines = proc.stdout.splitlines()
@@ -161,7 +169,8 @@ def report() -> str:
              "`make bench` (all parts) or `python benchmarks/run.py --only PART` then `--report`.", ""]
     if r := _load("demo"):
         lines += ["## `make demo` (digits)", "", f"{_mach(r)}", "",
-                  f"- wall time with `.venv` present: **{r['wall_s']:.0f} s** (target: under 5 minutes)",
+                  f"- wall time in a fresh clone, creating `.venv` and installing everything: **{r['wall_s']:.0f} s** "
+                  "(target: under 5 minutes; pip served from its local cache)",
                   f"- training: `{r['test_line']}`"]
         if r.get("compress_line"):
             lines.append(f"- compression: `{r['compress_line']}`")
