@@ -110,11 +110,13 @@ def part_demo(args) -> None:
 
 
 def part_mnist(args) -> None:
-    rows = []
+    """Our MNIST recipe per seed; results of seeds not run now are kept from earlier runs."""
+    previous = _load("mnist") or {"runs": []}
+    rows = {r["seed"]: r for r in previous["runs"]}
     for seed in args.seeds:
         log(f"mnist seed {seed}")
-        rows.append(train_recipe("recipes/squeezenet-mnist.yaml", RUNS / f"mnist-seed{seed}", [f"seed={seed}"]))
-        save("mnist", {"runs": rows})
+        rows[seed] = train_recipe("recipes/squeezenet-mnist.yaml", RUNS / f"mnist-seed{seed}", [f"seed={seed}"])
+        save("mnist", {"runs": [rows[k] for k in sorted(rows)]})
 
 
 def part_tutorial(args) -> None:

@@ -305,11 +305,12 @@ def fit(
     start_epoch, step = 0, 0
     if resume and state_path.exists():
         st = load_train_state(state_path)
-        # States written before train_hash existed carry only the whole recipe's hash.
-        same = st["train_hash"] == recipe.train_hash() if "train_hash" in st else st.get("recipe_hash") == recipe.hash()
-        if not same:
-            raise EdgesqueezeError(f"{state_path}: was written by a different recipe (hash "
-                                   f"{str(st.get('recipe_hash'))[:12]}); pass --overwrite to start over")
+        if "train_hash" not in st:
+            raise EdgesqueezeError(f"{state_path}: was written by an older edgesqueeze that cannot be resumed; "
+                                   "pass --overwrite to start over")
+        if st["train_hash"] != recipe.train_hash():
+            raise EdgesqueezeError(f"{state_path}: was written by a different recipe (training settings hash "
+                                   f"{st['train_hash'][:12]}); pass --overwrite to start over")
         load_state_dict_checked(model, st["state_dict"], source=str(state_path))
         optimizer.load_state_dict(st["optimizer"])
         torch.set_rng_state(st["torch_rng"])

@@ -69,6 +69,11 @@ def test_same_seed_same_result_and_resume_is_exact(tmp_path):
     # resuming refuses a different recipe ...
     with pytest.raises(EdgesqueezeError, match="different recipe"):
         fit(_recipe(c, epochs=2), resume=True, progress=False, log=_quiet)
+    # ... and a state from before training hashes existed, with a clear way out
+    del state["train_hash"]
+    torch.save(state, c / "last.pt")
+    with pytest.raises(EdgesqueezeError, match="older edgesqueeze.*--overwrite"):
+        fit(_recipe(c, epochs=1), resume=True, progress=False, log=_quiet)
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
