@@ -16,6 +16,31 @@ from edgesqueeze.checkpoint import load_model
 from edgesqueeze.errors import DataError
 
 
+def training_data(meta: dict, *, source: str | Path, dataset: str | None = None, data_dir: str | Path | None = None,
+                  seed: int | None = None, limit: int | None = None, image_size: int | None = None,
+                  val_fraction: float | None = None):
+    """The dataset a checkpoint was trained on and its train/validation split, as in training.
+
+    ``meta`` is a checkpoint's metadata; every argument left ``None`` takes the value it
+    records (its seed, validation fraction, and for the same dataset its limit and image
+    size), so the validation split is the one the model never trained on.
+    Returns ``(dataset, (x_train, y_train), (x_val, y_val))``.
+    """
+    from edgesqueeze.data import load_dataset, split_train_val
+
+    name = dataset or meta.get("dataset")
+    if not name:
+        raise DataError(f"{source}: does not record its dataset; pass --dataset NAME")
+    seed = meta.get("seed", 0) if seed is None else seed
+    if name == meta.get("dataset"):  # by default, the same data options the model was trained with
+        limit = meta.get("data_limit") if limit is None else limit
+        image_size = meta.get("image_size") if image_size is None else image_size
+    ds = load_dataset(name, data_dir=data_dir, image_size=image_size, limit=limit, seed=seed)
+    vf = meta.get("val_fraction", 0.1) if val_fraction is None else val_fraction
+    train, val = split_train_val(ds, vf, seed)
+    return ds, train, val
+
+
 def evaluate_file(
     path: str | Path,
     *,
@@ -32,25 +57,13 @@ def evaluate_file(
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy and loss of the model in ``path`` on a dataset split."""
-    from edgesqueeze.data import load_dataset, split_train_val
     from edgesqueeze.train import evaluate
 
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     meta = loaded.meta
-    name = dataset or meta.get("dataset")
-    if not name:
-        raise DataError(f"{path}: does not record its dataset; pass --dataset NAME")
-    seed = meta.get("seed", 0) if seed is None else seed
-    if name == meta.get("dataset"):  # by default, the same data options the model was trained with
-        limit = meta.get("data_limit") if limit is None else limit
-        image_size = meta.get("image_size") if image_size is None else image_size
-    ds = load_dataset(name, data_dir=data_dir, image_size=image_size, limit=limit, seed=seed)
-    if split == "test":
-        x, y = ds.test_x, ds.test_y
-    else:
-        vf = meta.get("val_fraction", 0.1) if val_fraction is None else val_fraction
-        (x_tr, y_tr), (x_val, y_val) = split_train_val(ds, vf, seed)
-        x, y = (x_val, y_val) if split == "val" else (x_tr, y_tr)
+    ds, train, val = training_data(meta, source=path, dataset=dataset, data_dir=data_dir, seed=seed, limit=limit,
+                                   image_size=image_size, val_fraction=val_fraction)
+    x, y = {"test": (ds.test_x, ds.test_y), "val": val, "train": train}[split]
     if len(x) == 0:
         raise DataError(f"dataset '{ds.name}' has no '{split}' images")
     expected = meta.get("input_shape")

@@ -186,12 +186,6 @@ class TrainResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _augment_for_name(dataset_name: str):
-    from edgesqueeze.data import default_augment
-
-    return default_augment(dataset_name)
-
-
 def _augment_for(recipe: Recipe, dataset_name: str):
     from edgesqueeze.data import default_augment
 

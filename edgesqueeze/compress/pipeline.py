@@ -161,13 +161,14 @@ def compress(
     log: Log = print,
 ) -> CompressResult:
     """Compress the model in ``checkpoint`` into ``out_dir/model.esq`` with a report."""
-    from edgesqueeze.train import _augment_for_name, evaluate
+    from edgesqueeze.data import default_augment
+    from edgesqueeze.train import evaluate
 
     t_start = time.perf_counter()
     out = Path(out_dir)
-    loaded, meta, ds, (x_tr, y_tr), (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir, seed)
+    loaded, meta, ds, (x_tr, y_tr), (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir)
     ds_norm = dataclasses.replace(ds, mean=tuple(mean), std=tuple(std))
-    data = (x_tr, y_tr, ds_norm, _augment_for_name(ds.name))
+    data = (x_tr, y_tr, ds_norm, default_augment(ds.name))
     ebs = config.eval_batch_size
 
     def val_acc(m: nn.Module) -> float | None:
@@ -259,21 +260,16 @@ def compress(
     return CompressResult(decoded, esq_path, len(blob), report, out)
 
 
-def _load_with_data(checkpoint, dataset, data_dir, seed):
-    """The checkpoint, its dataset, and the train/validation split it was trained with."""
+def _load_with_data(checkpoint, dataset, data_dir):
+    """The checkpoint, its dataset and split (see :func:`training_data`), its normalization."""
     from edgesqueeze.checkpoint import load_model
-    from edgesqueeze.data import load_dataset, split_train_val
+    from edgesqueeze.evaluate import training_data
 
     loaded = load_model(checkpoint)
     meta = dict(loaded.meta)
     if "arch" not in meta:
         raise EdgesqueezeError(f"{checkpoint}: needs an edgesqueeze checkpoint (with its architecture)")
-    name = dataset or meta.get("dataset")
-    if not name:
-        raise EdgesqueezeError(f"{checkpoint}: does not record its dataset; pass --dataset")
-    ds = load_dataset(name, data_dir=data_dir, image_size=meta.get("image_size"), limit=meta.get("data_limit"),
-                      seed=meta.get("seed", seed))
-    train, val = split_train_val(ds, meta.get("val_fraction", 0.1), meta.get("seed", seed))
+    ds, train, val = training_data(meta, source=checkpoint, dataset=dataset, data_dir=data_dir)
     return loaded, meta, ds, train, val, meta.get("mean", ds.mean), meta.get("std", ds.std)
 
 
@@ -295,7 +291,7 @@ def sensitivity(
     from edgesqueeze.train import evaluate
 
     out = Path(out_dir)
-    loaded, meta, ds, _, (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir, 0)
+    loaded, meta, ds, _, (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir)
     if not len(x_val):
         raise EdgesqueezeError(f"{checkpoint}: its dataset has no validation split to measure on")
 
