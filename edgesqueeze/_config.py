@@ -77,6 +77,11 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         return _build(path, value, tp)
+    if origin in (tuple, list) and (typing.get_args(tp)[1:] == (Ellipsis,) or origin is list):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{path}: expected a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return origin(_convert(f"{path}[{i}]", v, item) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{path}: expected a mapping, got {value!r}")
@@ -123,7 +128,7 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
             continue
         value = _convert(dotted, raw[name], hints[name])
         bounds = f.metadata.get("range")
-        if bounds and value is not None:
+        if bounds and isinstance(value, (int, float)):
             _check_range(dotted, value, bounds)
         kwargs[name] = value
     return cls(**kwargs)

@@ -34,6 +34,14 @@ class FormatError(EdgesqueezeError):
     """A binary artifact (.esq, .onnx, .tflite) is malformed."""
 
 
+class ExportError(EdgesqueezeError):
+    """A model cannot be converted: an op or module the converter does not handle."""
+
+
+class RuntimeBackendError(EdgesqueezeError):
+    """An artifact cannot be run: its runtime is not installed, or the file is not runnable."""
+
+
 class BudgetError(EdgesqueezeError):
     """An artifact broke its size or accuracy budget."""
 

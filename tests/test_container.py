@@ -74,7 +74,7 @@ def test_round_trip():
 
 
 def test_layout():
-    data = blob()
+    data = dumps(META, SECTIONS, deflate_header=False)
     assert data[:8] == b"\x89ESQ\r\n\x1a\n"
     version, flags, hlen = struct.unpack_from("<HHQ", data, 8)
     assert (version, flags) == (1, 0)
@@ -85,6 +85,16 @@ def test_layout():
                                             ensure_ascii=False).encode()
     assert len(data) == 20 + hlen + sum(len(d) for _, d, _ in SECTIONS) + 32
     assert data[-32:] == hashlib.sha256(data[:-32]).digest()
+
+
+def test_deflated_header_layout():
+    plain, packed = dumps(META, SECTIONS, deflate_header=False), blob()
+    _, flags, hlen = struct.unpack_from("<HHQ", packed, 8)
+    plain_hlen = struct.unpack_from("<Q", plain, 12)[0]
+    assert flags == container.FLAG_DEFLATE
+    assert zlib.decompress(packed[20:20 + hlen], -15) == plain[20:20 + plain_hlen]
+    assert packed[20 + hlen:-32] == plain[20 + plain_hlen:-32]  # same payload
+    assert loads(packed).meta == loads(plain).meta
 
 
 def test_writer_is_deterministic():
@@ -206,7 +216,27 @@ def test_unknown_version():
 
 
 def test_unknown_flags():
-    refuses(craft(header_for([]), flags=1), "flags 0x0001")
+    refuses(craft(header_for([]), flags=2), "flags 0x0002")
+    refuses(craft(header_for([]), flags=0x8001), "flags 0x8000")
+
+
+def deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return packer.compress(data) + packer.flush()
+
+
+def test_deflated_header_damage():
+    good = deflate(json.dumps(header_for([])).encode())
+    assert loads(craft(good, flags=1)).meta == {}
+    refuses(craft(good[:-3], flags=1), "deflate stream is truncated")
+    refuses(craft(good + b"xx", flags=1), "2 bytes after the end of the deflate stream")
+    refuses(craft(b"\xff" * 8, flags=1), "deflate stream is damaged")
+    refuses(craft(json.dumps(header_for([])).encode(), flags=1), "deflate")
+
+
+def test_deflated_header_bomb_is_refused_without_inflating_it():
+    bomb = deflate(b" " * (64 << 20))  # 64 MiB of spaces in 64 KiB
+    refuses(craft(bomb, flags=1), "inflates to more than the limit of 16777216")
 
 
 def test_header_length_over_the_limit():

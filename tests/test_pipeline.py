@@ -128,3 +128,21 @@ def test_sensitivity_table_and_choice(checkpoint, tmp_path):
     assert again["baseline"] == result["baseline"] and "chosen" not in again
     res = CliRunner().invoke(cli, ["sensitivity", str(checkpoint), "--sparsities", "0.5,1.2"])
     assert res.exit_code == 2 and "each sparsity must be >= 0 and < 1" in res.output
+
+
+def test_sparsity_auto_scans_on_validation_and_reports(checkpoint, tmp_path):
+    config = CompressConfig(prune=PruneConfig(sparsity="auto", max_drop=2.0, scan=(0.5, 0.8),
+                                              last_conv=0.3),
+                            prune_finetune=FinetuneConfig(epochs=0.5, lr=0.02))
+    result = compress(checkpoint, config, out_dir=tmp_path, progress=False, log=lambda _: None)
+    auto = result.report["auto_sparsity"]
+    assert auto["max_drop_points"] == 2.0 and auto["rows"]
+    classifier = [n for n, m in result.model.named_modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert classifier not in auto["chosen"]  # set explicitly, never scanned
+    for name, chosen in auto["chosen"].items():
+        passing = [r["sparsity"] for r in auto["rows"]
+                   if r["layer"] == name and auto["baseline"] - r["accuracy"] <= 0.02]
+        assert chosen in {0.0, *passing}
+        w = result.model.get_submodule(name).weight
+        assert float((w == 0).float().mean()) == pytest.approx(chosen, abs=0.02)
+    assert "sparsity: auto" in (tmp_path / "report.md").read_text()

@@ -13,7 +13,8 @@ from torch import nn
 
 from edgesqueeze.compress.prune import (PruneConfig, Pruner, apply, choose_sparsities,
                                         existing_masks, layer_stats, magnitude_mask,
-                                        polynomial_sparsity, prunable_layers, sensitivity_scan)
+                                        polynomial_sparsity, prunable_layers, resolve_auto,
+                                        sensitivity_scan)
 from edgesqueeze.errors import RecipeError
 from edgesqueeze.models import build_model
 
@@ -112,7 +113,10 @@ def test_config_round_trips_and_carries_a_version():
     ({"sparsty": 0.5}, r"prune\.sparsty: unknown key; did you mean 'sparsity'\?"),
     ({"sparsity": 1.0}, r"prune\.sparsity: must be >= 0 and < 1, got 1\.0"),
     ({"first_conv": -0.5}, r"prune\.first_conv: must be >= 0"),
-    ({"sparsity": "half"}, r"prune\.sparsity: expected a number"),
+    ({"sparsity": "half"}, r"prune\.sparsity: expected float or one of 'auto', got 'half'"),
+    ({"sparsity": "auto", "scan": []}, r"prune\.scan: sparsity 'auto' needs at least one"),
+    ({"sparsity": "auto", "max_drop": 0}, r"prune\.max_drop: must be > 0"),
+    ({"scan": [0.5, 1.2]}, r"prune\.scan\[1\]: must be >= 0 and < 1, got 1\.2"),
     ({"layers": {"features.0": 1.2}}, r"prune\.layers\.features\.0: must be >= 0 and < 1"),
     ({"schedule": "gradul"}, r"prune\.schedule: .*did you mean 'gradual'\?"),
     ({"schedule": "gradual", "begin": 5, "end": 5}, r"prune\.end: must be > begin \(5\)"),
@@ -297,6 +301,37 @@ def test_sensitivity_scan_prunes_one_layer_at_a_time_and_restores():
     assert choose_sparsities(table, max_drop=0.1, baseline=1.0) == {"2": 0.0, "6": 0.0}
     with pytest.raises(RecipeError, match=r"layers\.8"):
         sensitivity_scan(model, ["8"], [0.5], eval_fn)
+
+
+def test_sparsity_auto_resolves_from_a_scan_and_keeps_explicit_settings():
+    model = tiny_net()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x)
+
+    def fidelity(m):  # a real measurement: how close the outputs stay to the unpruned model's
+        with torch.no_grad():
+            err = (m(x) - reference).norm() / reference.norm()
+        return 1.0 - float(err)
+
+    cfg = PruneConfig.from_dict({"sparsity": "auto", "max_drop": 5, "scan": [0.9, 0.3, 0.6],
+                                 "first_conv": 0.25})
+    with pytest.raises(RecipeError, match="'auto' must be resolved"):
+        cfg.targets(model)
+    resolved, scan = resolve_auto(cfg, model, fidelity)
+    assert cfg.scan == (0.3, 0.6, 0.9)
+    assert {r["layer"] for r in scan["rows"]} == {"2", "6"}  # the stem is set explicitly
+    targets = resolved.targets(model)
+    assert targets["0"] == 0.25
+    for name in ("2", "6"):
+        rows = sorted((r["sparsity"], r["accuracy"]) for r in scan["rows"] if r["layer"] == name)
+        ok = [sp for sp, acc in rows if scan["baseline"] - acc <= 0.05]
+        assert targets[name] in {0.0, *ok}
+        assert targets[name] == choose_sparsities(scan["rows"], 0.05, scan["baseline"])[name]
+    with torch.no_grad():
+        assert torch.equal(model(x), reference)  # the scan leaves the model as it was
+    same, nothing = resolve_auto(PruneConfig(sparsity=0.5), model, fidelity)
+    assert same == PruneConfig(sparsity=0.5) and nothing == {}
 
 
 def test_choose_sparsities_stops_at_the_first_failure():

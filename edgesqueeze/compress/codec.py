@@ -386,19 +386,28 @@ def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
         raise FormatError(f"section {stream_names[int(m.group(1))]}: {m.group(2)}") from None
     it = iter(decoded)
     for name, shape, numel, cb, ks, offsets, axis, n, w in pending:
-        idx = next(it).astype(np.int64)
+        idx = next(it)
+        pos = None
         if w:
             pos = positions_from_gaps(next(it), w)
             if pos.size != n or (n and pos[-1] >= numel):
                 raise FormatError(f"section {name}: gaps place {pos.size} weights, up to position "
                                   f"{int(pos[-1]) if pos.size else -1}, in a tensor of {numel}")
+        if axis is None:  # one codebook: a bound check and a gather (the common, fast path)
+            if n and int(idx.max()) >= int(ks[0]):
+                raise FormatError(f"section {name}: cluster index beyond its codebook")
+            values = cb.take(idx)
         else:
-            pos = np.arange(numel)
-        sid = _slice_ids(pos, shape, axis)
-        if n and (idx >= ks[sid]).any():
-            raise FormatError(f"section {name}: cluster index beyond its codebook")
-        flat = np.zeros(numel, dtype=np.float32)
-        flat[pos] = cb[offsets[sid] + idx]
+            sid = _slice_ids(np.arange(numel) if pos is None else pos, shape, axis)
+            idx = idx.astype(np.int64)
+            if n and (idx >= ks[sid]).any():
+                raise FormatError(f"section {name}: cluster index beyond its codebook")
+            values = cb.take(offsets[sid] + idx)
+        if pos is None:
+            flat = values
+        else:
+            flat = np.zeros(numel, dtype=np.float32)
+            flat[pos] = values
         out[name] = torch.from_numpy(flat.reshape(shape))
     return out
 

@@ -32,7 +32,8 @@ from edgesqueeze.compress import cluster as cluster_mod
 from edgesqueeze.compress import codec
 from edgesqueeze.compress.cluster import ClusterConfig
 from edgesqueeze.compress.fold import conv_bn_pairs, fold_batchnorm
-from edgesqueeze.compress.prune import PruneConfig, Pruner, existing_masks, layer_stats, prunable_layers
+from edgesqueeze.compress.prune import (PruneConfig, Pruner, existing_masks, layer_stats, prunable_layers,
+                                        resolve_auto)
 from edgesqueeze.errors import EdgesqueezeError, FormatError
 
 Log = Callable[[str], None]
@@ -189,8 +190,17 @@ def compress(
     record("float", model, dense_bytes, "dense fp32")
     # Pruning: keep existing zeros (an already pruned model), reach the targets while retraining.
     masks = existing_masks(model)
+    auto_scan: dict[str, Any] = {}
     if config.prune is not None:
         pcfg = config.prune
+        if pcfg.sparsity == "auto":
+            if not len(x_val):
+                raise EdgesqueezeError("compress.prune.sparsity: 'auto' needs a validation split to "
+                                       "scan on; set numeric sparsities instead")
+            log(f"sparsity auto: scanning {len(prunable_layers(model))} layers at "
+                f"{', '.join(f'{s:.0%}' for s in pcfg.scan)} (max drop {pcfg.max_drop} points)")
+            pcfg, auto_scan = resolve_auto(pcfg, model, val_acc, path="compress.prune")
+            log("sparsity auto chose: " + ", ".join(f"{n} {s:.0%}" for n, s in pcfg.layers.items()))
         ft = config.prune_finetune
         steps = max(1, int(round(ft.epochs * max(1, len(x_tr) // ft.batch_size))))
         if pcfg.schedule == "gradual" and pcfg.end == 0:
@@ -254,6 +264,8 @@ def compress(
         bits={n: a.bits for n, a in assignments.items()}, wall_s=time.perf_counter() - t_start,
         checkpoint=str(checkpoint), esq=str(esq_path), config=_jsonable(config),
     )
+    if auto_scan:
+        report["auto_sparsity"] = auto_scan
     report_mod.write(out, report, before=loaded.model, after=decoded)
     log(f"{esq_path}: {len(blob):,} bytes ({dense_bytes / len(blob):.1f}x smaller than dense fp32); "
         f"test {100 * test_before['accuracy']:.2f}% -> {100 * test_after['accuracy']:.2f}%")

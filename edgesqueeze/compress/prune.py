@@ -87,7 +87,7 @@ def _check_fields(cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
         value = _convert(f.name, getattr(cfg, f.name), hints[f.name])
         bounds = f.metadata.get("range")
-        if bounds and value is not None:
+        if bounds and isinstance(value, (int, float)):
             _check_range(f.name, value, bounds)
         object.__setattr__(cfg, f.name, value)
 
@@ -240,7 +240,7 @@ class PruneConfig:
 
     VERSION: ClassVar[int] = VERSION
 
-    sparsity: float = field(default=0.5, metadata=_range(ge=0, lt=1))
+    sparsity: float | Literal["auto"] = field(default=0.5, metadata=_range(ge=0, lt=1))
     conv: float | None = field(default=None, metadata=_range(ge=0, lt=1))
     linear: float | None = field(default=None, metadata=_range(ge=0, lt=1))
     first_conv: float | None = field(default=None, metadata=_range(ge=0, lt=1))
@@ -251,11 +251,18 @@ class PruneConfig:
     begin: int = field(default=0, metadata=_range(ge=0))
     end: int = field(default=0, metadata=_range(ge=0))
     frequency: int = field(default=1, metadata=_range(ge=1))
+    max_drop: float = field(default=0.5, metadata=_range(gt=0, le=100))
+    scan: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
 
     def __post_init__(self) -> None:
         _check_fields(self)
         object.__setattr__(self, "layers",
                            _check_layer_values("layers", self.layers, float, {"ge": 0, "lt": 1}))
+        for i, v in enumerate(self.scan):
+            _check_range(f"scan[{i}]", v, {"ge": 0, "lt": 1})
+        object.__setattr__(self, "scan", tuple(sorted(self.scan)))
+        if self.sparsity == "auto" and not self.scan:
+            raise RecipeError("scan: sparsity 'auto' needs at least one sparsity to scan")
         # end 0 means "the caller decides" (the compress pipeline: 70% of the retraining)
         if self.schedule == "gradual" and self.end and self.end <= self.begin:
             raise RecipeError(f"end: must be > begin ({self.begin}) for schedule 'gradual', "
@@ -270,21 +277,28 @@ class PruneConfig:
 
     def targets(self, model: nn.Module, *, path: str = "prune") -> dict[str, float]:
         """Final sparsity of every prunable layer of ``model``; unknown ``layers`` refused."""
+        if self.sparsity == "auto":
+            raise RecipeError(f"{path}.sparsity: 'auto' must be resolved by a sensitivity scan "
+                              "first (resolve_auto)")
+        explicit = self.explicit(model, path=path)
+        return {name: explicit.get(name, self.sparsity) for name in prunable_layers(model)}
+
+    def explicit(self, model: nn.Module, *, path: str = "prune") -> dict[str, float]:
+        """The layers whose sparsity is set by name, type, or as first/last conv."""
         layers = prunable_layers(model)
         _resolve_layer_names(self.layers, list(layers), f"{path}.layers")
         convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)]
         first, last = (convs[0], convs[-1]) if convs else (None, None)
         out = {}
         for name, m in layers.items():
-            s = self.sparsity
-            typed = self.conv if isinstance(m, nn.Conv2d) else self.linear
-            if typed is not None:
-                s = typed
+            s = self.conv if isinstance(m, nn.Conv2d) else self.linear
             if name == first and self.first_conv is not None:
                 s = self.first_conv
             if name == last and self.last_conv is not None:
                 s = self.last_conv
-            out[name] = self.layers.get(name, s)
+            s = self.layers.get(name, s)
+            if s is not None:
+                out[name] = s
         return out
 
     def sparsity_at(self, step: int | None, final: float) -> float:
@@ -488,3 +502,27 @@ def choose_sparsities(table: Iterable[Mapping[str, Any]], max_drop: float,
             best = s
         chosen[name] = best
     return chosen
+
+
+def resolve_auto(config: PruneConfig, model: nn.Module, eval_fn: Callable[[nn.Module], float], *,
+                 path: str = "prune") -> tuple[PruneConfig, dict[str, Any]]:
+    """Turn ``sparsity: auto`` into per-layer sparsities from a sensitivity scan.
+
+    Each layer is pruned alone at every ``scan`` sparsity and measured with ``eval_fn``
+    (validation accuracy); a layer gets the largest sparsity whose drop stays within
+    ``max_drop`` accuracy points (:func:`choose_sparsities`). Explicit settings still win:
+    ``layers``, ``first_conv``, ``last_conv``, ``conv`` and ``linear`` are applied on top,
+    as for a numeric ``sparsity``. Returns the resolved config and the scan (for the report).
+    A config without ``auto`` comes back unchanged with an empty scan.
+    """
+    if config.sparsity != "auto":
+        return config, {}
+    fixed = config.explicit(model, path=path)
+    todo = [n for n in prunable_layers(model) if n not in fixed]
+    baseline = float(eval_fn(model))
+    rows = sensitivity_scan(model, todo, config.scan, eval_fn) if todo else []
+    chosen = choose_sparsities(rows, config.max_drop / 100, baseline)
+    layers = {**chosen, **fixed}
+    resolved = dataclasses.replace(config, sparsity=0.0, layers=layers)
+    return resolved, {"baseline": baseline, "max_drop_points": config.max_drop, "rows": rows,
+                      "chosen": chosen}

@@ -92,6 +92,17 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['codebook_entries'] or '-'} | {r['gap_width'] if r['encoding'] == 'shared' else '-'} | "
                      f"{r['codebook_bytes']} | {r['index_bytes']} ({r['index_entropy_bytes']:.0f}) | "
                      f"{r['gap_bytes']} ({r['gap_entropy_bytes']:.0f}) | {r['bytes']:,} |")
+    if auto := report.get("auto_sparsity"):
+        lines += ["", f"## sparsity: auto (largest scanned sparsity within {auto['max_drop_points']} points "
+                  f"of {100 * auto['baseline']:.2f}% validation accuracy, one layer at a time)", "",
+                  "| layer | chosen | " + " | ".join(f"{s:.0%}" for s in
+                                                     sorted({r['sparsity'] for r in auto["rows"]})) + " |"]
+        sps = sorted({r["sparsity"] for r in auto["rows"]})
+        lines.append("| --- | --- |" + " --- |" * len(sps))
+        acc = {(r["layer"], r["sparsity"]): r["accuracy"] for r in auto["rows"]}
+        for name, chosen in auto["chosen"].items():
+            cells = " | ".join(f"{100 * acc[(name, s)]:.2f}" if (name, s) in acc else "-" for s in sps)
+            lines.append(f"| {name} | {chosen:.0%} | {cells} |")
     lines += ["", "Plots: `accuracy_vs_size.png`, `weights_histogram.png`.", ""]
     return "\n".join(lines)
 
