@@ -1,0 +1,129 @@
+"""Budgets and the gate's verdicts (pure logic; the gate on real artifacts is in test_verify)."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from edgesqueeze import budget as budget_mod
+from edgesqueeze.budget import (Budget, BudgetSpecError, check, exit_code, format_size, parse_size,
+                                verdicts_json, verdicts_junit, verdicts_markdown, verdicts_table)
+from edgesqueeze.errors import RecipeError
+
+
+def test_docstring_examples():
+    assert doctest.testmod(budget_mod).failed == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("500KB", 500_000), ("500 kB", 500_000), ("0.5MB", 500_000), ("1.5 mb", 1_500_000),
+    ("64KiB", 65_536), ("2MiB", 2 * 1024 ** 2), ("1GB", 10 ** 9), ("123", 123), ("123B", 123),
+    (".5KB", 500), (98496, 98496), (" 7 KiB ", 7168),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text, match", [
+    ("0.5 parsecs", r"unknown unit 'parsecs' in '0.5 parsecs'; use B, KB, MB, GB"),
+    ("KB", "cannot read 'KB' as a size"),
+    ("-5KB", "cannot read '-5KB'"),
+    ("5 5KB", "cannot read"),
+    ("", "cannot read"),
+    (-1, "non-negative"),
+    (True, "expected a size"),
+    (float("nan"), "non-negative"),
+])
+def test_parse_size_refuses_nonsense_with_the_value_named(text, match):
+    with pytest.raises(BudgetSpecError, match=match):
+        parse_size(text, what="--max-size")
+    assert BudgetSpecError("x").exit_code == 2
+
+
+def test_format_size():
+    assert format_size(15_804) == "15,804 B (15.8 kB)"
+    assert format_size(999) == "999 B"
+    assert format_size(2_500_000) == "2,500,000 B (2.5 MB)"
+    assert format_size(None) == "-"
+
+
+def test_budget_from_dict():
+    b = Budget.from_dict({"max_size": "500KB", "max_size_per_format": {"tflite-int8": "100KB"},
+                          "min_accuracy": "99%", "max_drop": 0.5, "min_agreement": 0.98})
+    assert b.size_limit("onnx") == 500_000 and b.size_limit("tflite-int8") == 100_000
+    assert b.min_accuracy == pytest.approx(0.99) and b.max_drop == 0.5 and b.min_agreement == 0.98
+    assert Budget.from_dict(None).is_empty()
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"max_sise": "1KB"}, r"budget\.max_sise: unknown key; did you mean 'max_size'\?"),
+    ({"max_size": "1 parsec"}, r"budget\.max_size: unknown unit 'parsec'"),
+    ({"max_size_per_format": {"tflite8": "1KB"}}, r"budget\.max_size_per_format\.tflite8: unknown format"),
+    ({"min_accuracy": 99}, r"budget\.min_accuracy: expected a fraction in \[0, 1\]"),
+    ({"max_drop": -1}, r"budget\.max_drop: expected accuracy points >= 0"),
+    ("big", r"budget: expected a mapping"),
+])
+def test_budget_errors_name_the_field(raw, match):
+    with pytest.raises(RecipeError, match=match):
+        Budget.from_dict(raw)
+
+
+def row(**kw):
+    base = {"path": "m.tflite", "format": "tflite-int8", "bytes": 90_000, "accuracy": 0.991,
+            "agreement": 0.995, "reference_accuracy": 0.994, "decode_check": None, "error": None}
+    return {**base, **kw}
+
+
+BUDGET = Budget(max_size=100_000, min_accuracy=0.99, max_drop=0.5, min_agreement=0.99)
+
+
+def test_all_budgets_hold():
+    verdicts = check([row()], BUDGET)
+    assert [v.check for v in verdicts] == ["size", "accuracy", "drop", "agreement"]
+    assert all(v.passed for v in verdicts) and exit_code(verdicts) == 0
+
+
+@pytest.mark.parametrize("change, broken", [
+    ({"bytes": 100_001}, "size"), ({"accuracy": 0.9899}, "accuracy"),
+    ({"reference_accuracy": 0.9975}, "drop"), ({"agreement": 0.98}, "agreement"),
+])
+def test_each_broken_budget_fails_alone(change, broken):
+    verdicts = check([row(**change)], BUDGET)
+    assert [v.check for v in verdicts if not v.passed] == [broken]
+    assert exit_code(verdicts) == 1
+
+
+def test_the_size_limit_is_inclusive_and_per_format_wins():
+    assert check([row(bytes=100_000)], Budget(max_size=100_000))[0].passed
+    per = Budget(max_size=10, max_size_per_format={"tflite-int8": 100_000})
+    assert check([row()], per)[0].passed
+    assert not check([row(format="onnx")], per)[0].passed
+
+
+def test_what_was_not_measured_never_passes():
+    verdicts = check([row(error="m.tflite: truncated file"), row(accuracy=None, agreement=None)], BUDGET)
+    assert [(v.check, v.status) for v in verdicts] == [
+        ("evaluate", "ERROR"), ("size", "PASS"), ("accuracy", "ERROR"), ("drop", "ERROR"),
+        ("agreement", "ERROR")]
+    assert exit_code(verdicts) == 2
+    assert check([row(decode_check=False)], Budget())[0].status == "FAIL"
+
+
+def test_outputs(tmp_path):
+    rows = [row(), row(path="big.onnx", format="onnx", bytes=2_000_000)]
+    verdicts = check(rows, BUDGET)
+    table = verdicts_table(verdicts)
+    assert "big.onnx" in table and "FAIL (1,900,000 B over the budget)" in table
+    assert table.splitlines()[-1] == "7 passed, 1 failed, 0 could not be measured"
+    data = json.loads(verdicts_json(verdicts, rows, BUDGET))
+    assert data["exit_code"] == 1 and len(data["verdicts"]) == 8 and data["artifacts"] == rows
+    suite = ET.fromstring(verdicts_junit(verdicts)).find("testsuite")
+    assert suite.get("tests") == "8" and suite.get("failures") == "1" and suite.get("errors") == "0"
+    cases = suite.findall("testcase")
+    assert len(cases) == 8 and sum(c.find("failure") is not None for c in cases) == 1
+    md = verdicts_markdown(verdicts, rows)
+    assert md.startswith("## edgesqueeze check: Budget broken")
+    assert "| `big.onnx` | onnx | - | 2,000,000 |" in md
