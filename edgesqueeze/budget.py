@@ -21,7 +21,7 @@ from xml.sax.saxutils import escape, quoteattr
 from edgesqueeze.errors import EdgesqueezeError, RecipeError
 
 __all__ = ["Budget", "Verdict", "parse_size", "format_size", "check", "verdicts_table",
-           "verdicts_json", "verdicts_junit", "verdicts_markdown", "exit_code"]
+           "verdicts_json", "verdicts_junit", "verdicts_markdown", "exit_code", "parse_fraction"]
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
           "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3}
@@ -64,7 +64,7 @@ def format_size(n: int | None) -> str:
     return f"{n:,} B"
 
 
-def _fraction(value: Any, what: str) -> float | None:
+def parse_fraction(value: Any, what: str) -> float | None:
     """Accuracy floors as fractions (0.99) or percentages ("99%")."""
     if value is None:
         return None
@@ -123,9 +123,9 @@ class Budget:
             return cls(
                 max_size=None if raw.get("max_size") is None else parse_size(raw["max_size"], what=f"{path}.max_size"),
                 max_size_per_format={f: parse_size(v, what=f"{path}.max_size_per_format.{f}") for f, v in per.items()},
-                min_accuracy=_fraction(raw.get("min_accuracy"), f"{path}.min_accuracy"),
+                min_accuracy=parse_fraction(raw.get("min_accuracy"), f"{path}.min_accuracy"),
                 max_drop=None if drop is None else float(drop),
-                min_agreement=_fraction(raw.get("min_agreement"), f"{path}.min_agreement"),
+                min_agreement=parse_fraction(raw.get("min_agreement"), f"{path}.min_agreement"),
             )
         except BudgetSpecError as exc:
             raise RecipeError(str(exc)) from None

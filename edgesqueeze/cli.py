@@ -288,6 +288,333 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, data_dir):
             click.echo(f"  {name}: {sp}")
 
 
+# --------------------------------------------------------------------------------------- deploy
+
+
+def _csv(value: str, what: str) -> list[str]:
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    if not items:
+        raise click.BadParameter(f"{value!r} names nothing", param_hint=what)
+    return items
+
+
+@cli.command("export")
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "-f", "formats", default=None, metavar="LIST",
+              help="Comma-separated: onnx, onnx-int8, tflite, tflite-int8 [default: the recipe's, else all four].")
+@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipe with an 'export' section (calibration, options).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field (repeatable).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory [default: next to the model, export/].")
+@click.option("--data", "dataset", help="Dataset for calibration images [default: the model's own].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--calibration-images", type=click.IntRange(min=1), help="Calibration image count for INT8.")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]),
+              help="How INT8 activation ranges are chosen.")
+@click.option("--fold-normalization", is_flag=True, default=None,
+              help="Normalize inside the graph: the file then takes pixels / 255.")
+@click.option("--arch", help="Architecture of a plain state_dict (e.g. squeezenet1_0).")
+def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, data_dir, calibration_images,
+               calibration_method, fold_normalization, arch):
+    """Export a checkpoint or .esq archive to ONNX and TFLite, fp32 and INT8.
+
+    Each file carries its metadata (classes, input shape, normalization, calibration,
+    source hash), so that `edgesqueeze run` and `verify` know what to feed it. INT8 files
+    are calibrated on images from the model's training split.
+
+    \b
+    Example:
+      edgesqueeze export artifacts/squeezenet-digits/model.pt
+      edgesqueeze export model.esq -f tflite-int8 --calibration-images 512
+      edgesqueeze export squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample -f onnx-int8
+    """
+    import dataclasses
+
+    from edgesqueeze.export import ExportConfig, export_artifacts
+
+    seed, recipe_data_dir = 0, None
+    config = ExportConfig()
+    if recipe_path:
+        from edgesqueeze.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path, overrides)
+        config, seed, recipe_data_dir = recipe.export or config, recipe.seed, recipe.data.data_dir
+    elif overrides:
+        raise click.UsageError("--set needs --recipe")
+    if formats:
+        try:
+            config = dataclasses.replace(config, formats=tuple(_csv(formats, "--format")))
+        except EdgesqueezeError as exc:
+            raise click.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--format") from None
+    calib = config.calibration
+    if calibration_images:
+        calib = dataclasses.replace(calib, images=calibration_images)
+    if calibration_method:
+        calib = dataclasses.replace(calib, method=calibration_method)
+    config = dataclasses.replace(config, calibration=calib)
+    if fold_normalization is not None:
+        config = dataclasses.replace(config, fold_normalization=fold_normalization)
+    out = out_dir or Path(model_path).parent / "export"
+    written = export_artifacts(model_path, config, out, dataset=dataset, data_dir=data_dir or recipe_data_dir,
+                               arch=arch, seed=seed, log=lambda m: click.echo(m))
+    click.echo(f"wrote {len(written)} file(s) to {out}/; check them with: edgesqueeze verify {out}/*")
+
+
+def _budget_from_options(recipe_path, max_size, max_size_for, min_accuracy, max_drop, min_agreement):
+    import dataclasses
+
+    from edgesqueeze.budget import Budget, BudgetSpecError, parse_fraction, parse_size
+
+    budget = Budget()
+    if recipe_path:
+        from edgesqueeze.recipe import load_recipe
+
+        budget = load_recipe(recipe_path).budget_spec()
+    try:
+        per = dict(budget.max_size_per_format)
+        for item in max_size_for:
+            fmt, sep, size = item.partition("=")
+            if not sep:
+                raise BudgetSpecError(f"--max-size-for: expected FORMAT=SIZE, got {item!r}")
+            from edgesqueeze.budget import ARTIFACT_FORMATS
+
+            if fmt not in ARTIFACT_FORMATS:
+                raise BudgetSpecError(f"--max-size-for: unknown format {fmt!r}; use {', '.join(ARTIFACT_FORMATS)}")
+            per[fmt] = parse_size(size, what=f"--max-size-for {fmt}")
+        changes = {"max_size_per_format": per}
+        if max_size is not None:
+            changes["max_size"] = parse_size(max_size, what="--max-size")
+        if min_accuracy is not None:
+            changes["min_accuracy"] = parse_fraction(_number_or_pct(min_accuracy), "--min-accuracy")
+        if min_agreement is not None:
+            changes["min_agreement"] = parse_fraction(_number_or_pct(min_agreement), "--min-agreement")
+        if max_drop is not None:
+            changes["max_drop"] = max_drop
+    except BudgetSpecError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return dataclasses.replace(budget, **changes)
+
+
+def _number_or_pct(text: str):
+    text = text.strip()
+    if text.endswith("%"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+_BUDGET_OPTIONS = [
+    click.option("--max-size", metavar="SIZE", help="Largest file allowed, e.g. 500KB, 0.5MB, 64KiB."),
+    click.option("--max-size-for", multiple=True, metavar="FORMAT=SIZE",
+                 help="Per-format size limit, e.g. tflite-int8=100KB (repeatable)."),
+    click.option("--min-accuracy", metavar="ACC", help="Lowest test accuracy, 0.99 or 99%."),
+    click.option("--max-drop", type=click.FloatRange(min=0), metavar="POINTS",
+                 help="Most accuracy points lost against the float model."),
+    click.option("--min-agreement", metavar="FRAC", help="Lowest top-1 agreement with the float model, 0.95 or 95%."),
+]
+
+
+def _with_budget_options(fn):
+    for option in reversed(_BUDGET_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--data", "dataset", help="Dataset whose test split to use [default: the one each file records].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
+              help="Float model (.pt) for top-1 agreement and accuracy drop [default: the first .pt given].")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
+@click.option("--latency", is_flag=True, help="Also measure batch-1 latency (p50).")
+@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipe whose 'budget' section to check against.")
+@_with_budget_options
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the verification report here (JSON) [default: verify.json beside the first file].")
+@click.pass_context
+def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, recipe_path, max_size, max_size_for,
+           min_accuracy, max_drop, min_agreement, out_path):
+    """Evaluate artifacts on the test split through their own runtimes.
+
+    .onnx runs in onnxruntime, .tflite in LiteRT, .esq through its decoder (its weights
+    checked against the hash recorded at compress time), .pt in PyTorch as the float
+    reference. Reports file size, gzip size, accuracy and top-1 agreement; with a budget
+    (options or the recipe's), exits 1 when one is broken.
+
+    \b
+    Example:
+      edgesqueeze verify artifacts/squeezenet-digits/model.pt artifacts/squeezenet-digits/export/*
+    """
+    from edgesqueeze._io import write_text_atomic
+    from edgesqueeze.budget import artifacts_markdown, check, exit_code, verdicts_table
+    from edgesqueeze.verify import evaluate_artifacts
+
+    budget = _budget_from_options(recipe_path, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
+    report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir, reference=reference, limit=limit,
+                                threads=threads, latency=latency, log=lambda m: click.echo(m))
+    out = out_path or Path(paths[0]).parent / "verify.json"
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    click.echo(artifacts_markdown(report["artifacts"]))
+    click.echo(f"report: {out}")
+    if not budget.is_empty():
+        verdicts = check(report["artifacts"], budget)
+        click.echo(verdicts_table(verdicts))
+        ctx.exit(exit_code(verdicts))
+    if any(r["error"] for r in report["artifacts"]):
+        ctx.exit(2)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_with_budget_options
+@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Take the budget from this recipe's 'budget' section (options override it).")
+@click.option("--data", "dataset", help="Dataset to evaluate artifact files on [default: the one each file records].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
+              help="Float model (.pt) for agreement and drop [default: the first .pt given].")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write verdicts as JSON.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write JUnit XML (one test case per artifact and budget).")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write Markdown (e.g. $GITHUB_STEP_SUMMARY).")
+@click.pass_context
+def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreement, recipe_path, dataset, data_dir,
+          reference, limit, json_path, junit_path, md_path):
+    """The CI gate: exit 0 when every budget holds, 1 when one is broken, 2 on bad input.
+
+    PATHS are report.json files (from `verify` or `compress`: nothing is re-run) or
+    artifact files (.pt, .esq, .onnx, .tflite: evaluated now on the test split through
+    their own runtimes). An artifact that cannot be evaluated is never a pass.
+
+    \b
+    Example:
+      edgesqueeze check artifacts/squeezenet-digits/export/verify.json --max-size 100KB --min-accuracy 0.95
+      edgesqueeze check model.int8.tflite --data mnist --max-size 100KB --min-accuracy 99.4% \\
+          --junit gate.xml --markdown "$GITHUB_STEP_SUMMARY"
+    """
+    from edgesqueeze._io import write_text_atomic
+    from edgesqueeze.budget import (check as run_check, exit_code, verdicts_json, verdicts_junit,
+                                    verdicts_markdown, verdicts_table)
+    from edgesqueeze.verify import evaluate_artifacts, rows_from_report
+
+    budget = _budget_from_options(recipe_path, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
+    if budget.is_empty():
+        raise click.UsageError("no budget: give --max-size, --min-accuracy, --max-drop, --min-agreement "
+                               "or a --recipe with a 'budget' section")
+    rows, files = [], []
+    for p in paths:
+        if p.suffix.lower() == ".json":
+            rows.extend(rows_from_report(p))
+        else:
+            files.append(p)
+    if files:
+        report = evaluate_artifacts(files, dataset=dataset, data_dir=data_dir, reference=reference, limit=limit,
+                                    log=lambda m: click.echo(m, err=True))
+        rows.extend(report["artifacts"])
+    verdicts = run_check(rows, budget)
+    click.echo(verdicts_table(verdicts))
+    if json_path:
+        write_text_atomic(json_path, verdicts_json(verdicts, rows, budget))
+    if junit_path:
+        write_text_atomic(junit_path, verdicts_junit(verdicts))
+    if md_path:
+        md = verdicts_markdown(verdicts, rows)
+        if str(md_path).endswith("GITHUB_STEP_SUMMARY") or md_path.exists() and not md_path.is_file():
+            with open(md_path, "a") as fh:
+                fh.write(md)
+        else:
+            write_text_atomic(md_path, md)
+    ctx.exit(exit_code(verdicts))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
+def inspect(path, as_json):
+    """What a .pt, .esq, .onnx or .tflite file holds: inputs, outputs, ops, tensors, metadata.
+
+    \b
+    Example:
+      edgesqueeze inspect artifacts/squeezenet-digits/export/model.int8.tflite
+    """
+    from edgesqueeze.inspect import inspect_file, summary_lines
+
+    desc = inspect_file(path)
+    if as_json:
+        click.echo(json.dumps(desc, indent=2, default=str))
+    else:
+        click.echo("\n".join(summary_lines(desc)))
+
+
+@cli.command("run")
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to print.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def run_cmd(model_path, images, top_k, threads, as_json):
+    """Classify image files with an .onnx or .tflite artifact (no PyTorch needed).
+
+    \b
+    Example:
+      edgesqueeze run model.int8.tflite cat.jpg dog.png
+    """
+    from edgesqueeze.runtime import load, load_images, topk
+
+    art = load(model_path, threads=threads)
+    shape = art.meta.get("input_shape") or art.input_spec.image_shape
+    batch = load_images(list(images), shape, resize=art.meta.get("resize"))
+    scores = art.predict_images(batch)
+    results = {str(img): [{"index": i, "class": name, "probability": round(p, 5)}
+                          for i, name, p in topk(scores[j], top_k, art.classes)] for j, img in enumerate(images)}
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for img, rows in results.items():
+        click.echo(f"{img}:")
+        for r in rows:
+            click.echo(f"  {100 * r['probability']:6.2f}%  {r['class']} ({r['index']})")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch-size", "-b", "batch_sizes", multiple=True, type=click.IntRange(min=1),
+              help="Batch size(s) to time [default: 1 and 32].")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1), help="Timed runs per case.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads [default: the runtime's].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write rows as JSON.")
+def bench(paths, batch_sizes, runs, warmup, threads, json_path):
+    """Latency of artifacts (p50, p90) at batch 1 and 32, with ratios against the first file.
+
+    .onnx and .tflite run through their runtimes; .pt and .esq through PyTorch eager.
+
+    \b
+    Example:
+      edgesqueeze bench model.onnx model.int8.onnx model.tflite model.int8.tflite --threads 2
+    """
+    from edgesqueeze._io import write_text_atomic
+    from edgesqueeze.benchmark import bench_files
+
+    rows = bench_files(list(paths), batch_sizes=list(batch_sizes) or [1, 32], runs=runs, warmup=warmup,
+                       threads=threads, log=lambda m: click.echo(m, err=True))
+    head = f"{'file':<44}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'vs first':>10}"
+    click.echo(head)
+    for r in rows:
+        click.echo(f"{r['file'][-43:]:<44}{r['batch_size']:>6}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
+                   f"{r['ratio']:>9.2f}x")
+    if json_path:
+        write_text_atomic(json_path, json.dumps(rows, indent=2) + "\n")
+
+
 def main() -> None:
     cli(prog_name="edgesqueeze")
 

@@ -25,6 +25,7 @@ import yaml
 
 from edgesqueeze._config import _build, _range
 from edgesqueeze.compress.pipeline import CompressConfig
+from edgesqueeze.export._common import ExportConfig
 from edgesqueeze.errors import RecipeError
 
 RECIPE_VERSION = 1
@@ -88,6 +89,18 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compress: CompressConfig | None = None
+    export: ExportConfig | None = None
+    # Sizes as "500KB" strings, so it stays a mapping here; checked now by Budget.from_dict.
+    budget: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.budget_spec()
+
+    def budget_spec(self):
+        """The ``budget`` section as a :class:`edgesqueeze.budget.Budget` (empty when absent)."""
+        from edgesqueeze.budget import Budget
+
+        return Budget.from_dict(self.budget)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

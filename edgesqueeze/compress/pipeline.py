@@ -241,7 +241,11 @@ def compress(
     shared = shared_weight_names(model) if assignments else "auto"
     # The full config is in report.json; the archive keeps its hash (small models: every byte counts).
     config_sha = hashlib.sha256(json.dumps(_jsonable(config), sort_keys=True).encode()).hexdigest()
+    from edgesqueeze.verify import state_digest
+
+    test_before = evaluate(loaded.model, ds.test_x, ds.test_y, mean=mean, std=std, batch_size=ebs)
     extra = {"compress_config_sha256": config_sha, "source_sha256": sha256_file(checkpoint),
+             "weights_sha256": state_digest(state), "reference_accuracy": test_before["accuracy"],
              "recipe_hash": recipe_hash or meta.get("recipe_hash")}
     archive_meta = esq_meta({k: v for k, v in meta.items() if k not in ("metrics",)}, folded=folded, extra=extra)
     blob, layer_stats_ = codec.dumps_model(state, archive_meta, shared=shared,
@@ -254,7 +258,6 @@ def compress(
             raise EdgesqueezeError(f"decode check failed: {key} differs after the .esq round trip (a bug)")
     record("esq", decoded, len(blob), "decoded from the archive")
 
-    test_before = evaluate(loaded.model, ds.test_x, ds.test_y, mean=mean, std=std, batch_size=ebs)
     test_after = evaluate(decoded, ds.test_x, ds.test_y, mean=mean, std=std, batch_size=ebs)
     from edgesqueeze.compress import report as report_mod
 

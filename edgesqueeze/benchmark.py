@@ -1,0 +1,66 @@
+"""``edgesqueeze bench``: latency of any mix of .pt, .esq, .onnx and .tflite files, same run.
+
+.onnx and .tflite run through the torch-free runtime; .pt and .esq run in PyTorch eager
+through a small adapter with the runtime's :class:`~edgesqueeze.runtime.Artifact`
+interface, so :func:`edgesqueeze.runtime.bench.compare` times them all interleaved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgesqueeze.runtime._base import Artifact, InputSpec
+
+
+class TorchArtifact(Artifact):
+    """A checkpoint or .esq archive run in PyTorch eager (inference mode), for comparison."""
+
+    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+        import torch
+
+        from edgesqueeze.checkpoint import load_model
+
+        loaded = load_model(path)
+        self._torch = torch
+        self.model = loaded.model.eval()
+        self.path, self.kind, self.backend = Path(path), loaded.kind, "pytorch-eager"
+        self.meta, self.threads = dict(loaded.meta), threads
+        if threads:
+            torch.set_num_threads(threads)
+        shape = self.meta.get("input_shape")
+        if not shape:
+            from edgesqueeze.errors import ModelError
+
+            raise ModelError(f"{path}: no input_shape in its metadata; cannot make a benchmark input")
+        self.input_spec = InputSpec("input", (None, *shape), "float32", None, "caller",
+                                    tuple(self.meta.get("mean") or ()), tuple(self.meta.get("std") or ()))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self.model(self._torch.from_numpy(x)).numpy()
+
+
+def open_any(path: Path, *, threads: int | None) -> Artifact:
+    from edgesqueeze.runtime import load
+    from edgesqueeze.verify import sniff
+
+    return TorchArtifact(path, threads=threads) if sniff(path) in ("pt", "esq") else load(path, threads=threads)
+
+
+def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, warmup: int = 10,
+                threads: int | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """One row per (file, batch size): p50/p90/mean ms and the ratio of p50 to the first file's."""
+    from edgesqueeze.runtime.bench import compare
+
+    arts = [open_any(Path(p), threads=threads) for p in paths]
+    rows = []
+    for bs in batch_sizes:
+        log(f"timing batch {bs}: {warmup} warm-up + {runs} runs of each of {len(arts)} file(s), interleaved")
+        for art, row in zip(arts, compare(arts, batch_size=bs, warmup=warmup, runs=runs)):
+            rows.append({"file": str(art.path), "backend": art.backend, "batch_size": bs, "threads": threads,
+                         "p50_ms": row["p50_ms"], "p90_ms": row["p90_ms"], "mean_ms": row["mean_ms"],
+                         "ratio": row["p50_ratio"], "bytes": row["size_bytes"]})
+    return rows

@@ -1,0 +1,104 @@
+"""Export a checkpoint or ``.esq`` archive to deployable files: ONNX and TFLite, fp32 and INT8.
+
+``export_artifacts`` is the stage the CLI and recipes call: it loads the model (decoding an
+``.esq`` on the fly), draws calibration images from the training split of the dataset the
+model was trained on, and writes one file per format, each carrying the artifact metadata
+(:mod:`edgesqueeze.export._common`) that the torch-free runtime reads back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from edgesqueeze.export._common import (FORMATS, META_FORMAT, META_KEY, SUFFIX, CalibrationConfig,
+                                        ExportConfig, artifact_meta, calibration_images, to_input)
+
+__all__ = ["FORMATS", "META_FORMAT", "META_KEY", "SUFFIX", "CalibrationConfig", "ExportConfig",
+           "artifact_meta", "calibration_images", "export_artifacts", "to_input"]
+
+Log = Callable[[str], None]
+
+
+def _calibration_set(meta: dict[str, Any], source: Path, config: ExportConfig, *, dataset: str | None,
+                     data_dir, seed: int, log: Log):
+    """Calibration images: the training split (never the validation or test images) when the
+    model's dataset has one; a dataset with only a test split (the ImageNet sample) is used
+    whole, with a warning, because there is nothing else."""
+    from edgesqueeze.data import load_dataset
+    from edgesqueeze.errors import DataError
+    from edgesqueeze.evaluate import training_data
+
+    name = dataset or meta.get("dataset")
+    if not name:
+        raise DataError(f"{source}: INT8 export needs calibration images, and the model does not record "
+                        "its dataset; pass --data NAME (e.g. imagenet-sample)")
+    ds = load_dataset(name, data_dir=data_dir, image_size=meta.get("image_size") if name == meta.get("dataset")
+                      else None, seed=seed)
+    if len(ds.train_x):
+        _, (x_train, _), _ = training_data(meta, source=source, dataset=name, data_dir=data_dir)
+        pool, where = x_train, "training split"
+    else:
+        pool, where = ds.test_x, "test split (the dataset has no training split)"
+        log(f"warning: calibrating on {name}'s {where}; accuracy measured on it afterwards is in-sample")
+    shape = meta.get("input_shape")
+    if shape and list(pool.shape[1:]) != list(shape):
+        raise DataError(f"{source}: expects images of shape {list(shape)} but '{name}' gives "
+                        f"{list(pool.shape[1:])}")
+    images = calibration_images(pool, config.calibration.images, seed=seed)
+    info = {"images": int(len(images)), "method": config.calibration.method, "split": where.split()[0],
+            "dataset": name, "seed": seed}
+    return images, info
+
+
+def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str | Path, *,
+                     dataset: str | None = None, data_dir=None, arch: str | None = None,
+                     seed: int = 0, stem: str | None = None, log: Log = print) -> list[Path]:
+    """Write every format in ``config.formats`` to ``out_dir``; return the paths written."""
+    from edgesqueeze._io import sha256_file
+    from edgesqueeze.checkpoint import load_model
+
+    source = Path(model_path)
+    loaded = load_model(source, arch=arch)
+    meta = dict(loaded.meta)
+    if arch and "arch" not in meta:
+        meta["arch"] = arch
+    if "input_shape" not in meta and arch:
+        from edgesqueeze.models import get_spec
+
+        meta.setdefault("input_shape", list(get_spec(arch).input_shape))
+    model = loaded.model.eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = stem or source.stem
+    digest = sha256_file(source)
+    calib = None
+    written = []
+    for fmt in config.formats:
+        path = out / f"{stem}{SUFFIX[fmt]}"
+        if fmt.endswith("int8") and calib is None:
+            calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
+        if fmt == "onnx":
+            from edgesqueeze.export.onnx import export_onnx
+
+            export_onnx(model, meta, path, opset=config.opset, fold_normalization=config.fold_normalization,
+                        source_sha256=digest)
+        elif fmt == "onnx-int8":
+            from edgesqueeze.export.onnx import export_onnx_int8
+
+            export_onnx_int8(model, meta, path, calib[0], calibration=config.calibration,
+                             calibration_info=calib[1], opset=config.opset,
+                             fold_normalization=config.fold_normalization, source_sha256=digest)
+        elif fmt == "tflite":
+            from edgesqueeze.export.tflite import export_tflite
+
+            export_tflite(model, meta, path, fold_normalization=config.fold_normalization, source_sha256=digest)
+        else:
+            from edgesqueeze.export.tflite import export_tflite_int8
+
+            export_tflite_int8(model, meta, path, calib[0], calibration=config.calibration,
+                               calibration_info=calib[1], io=config.tflite_int8_io,
+                               fold_normalization=config.fold_normalization, source_sha256=digest)
+        log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
+        written.append(path)
+    return written

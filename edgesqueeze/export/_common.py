@@ -1,0 +1,159 @@
+"""What every exported artifact shares: its metadata, its input, its calibration images.
+
+Every ``.onnx`` and ``.tflite`` file edgesqueeze writes carries one JSON object, the
+*artifact metadata*, so that whoever runs the file knows what to feed it without the
+checkpoint (the torch-free runtime reads it back):
+
+- ONNX: ``model.metadata_props`` entry with key :data:`META_KEY`, value the JSON text.
+- TFLite: a ``Model.metadata`` entry named :data:`META_KEY` whose buffer holds the JSON text
+  (UTF-8), the standard TFLite place for named metadata.
+
+Keys (all present; JSON types)::
+
+    format            "edgesqueeze.artifact"
+    artifact_format   "onnx" | "onnx-int8" | "tflite" | "tflite-int8"
+    arch, arch_kwargs the model's registry name and builder kwargs (null when unknown)
+    classes           class names, index = output position (null when unknown)
+    input_shape       [C, H, W] of one image
+    layout            "NCHW" (the model's own layout; converters keep it at the interface)
+    mean, std         per-channel normalization of [0, 1] pixels
+    normalization     "caller": feed (pixels/255 - mean) / std;
+                      "in-graph": feed pixels/255, the graph normalizes (fold_normalization)
+    input_dtype       "float32" or "int8" (tflite-int8 with int8 I/O: quantize with the
+                      input tensor's own scale and zero point)
+    calibration       null, or {"images": N, "method": ..., "split": "train", "seed": S}
+    resize            null, or the shorter-side size to resize an image to before the
+                      center crop to H x W (ImageNet-style preprocessing)
+    dataset           the dataset the model was trained on (null when unknown), so that a
+                      gate can evaluate the file on its test split
+    reference_accuracy  the float model's test accuracy from its checkpoint (or null):
+                      what ``max_drop`` budgets are measured against
+    source_sha256     SHA-256 of the checkpoint or .esq it was exported from
+    recipe_hash       the recipe's hash when known, else null
+    edgesqueeze_version
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from edgesqueeze._config import _build, _range
+from edgesqueeze.errors import ExportError, RecipeError
+
+META_KEY = "edgesqueeze"
+META_FORMAT = "edgesqueeze.artifact"
+FORMATS = ("onnx", "onnx-int8", "tflite", "tflite-int8")
+SUFFIX = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "tflite": ".tflite", "tflite-int8": ".int8.tflite"}
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Images used to pick activation ranges for INT8 (from the training split, seeded)."""
+
+    images: int = field(default=256, metadata=_range(ge=1, le=100_000))
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = field(default=99.999, metadata=_range(gt=50, le=100))
+    batch_size: int = field(default=32, metadata=_range(ge=1, le=4096))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The ``export`` section of a recipe."""
+
+    VERSION: ClassVar[int] = 1
+
+    formats: tuple[str, ...] = FORMATS
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    fold_normalization: bool = False
+    opset: int = field(default=18, metadata=_range(ge=17, le=23))
+    tflite_int8_io: Literal["float", "int8"] = "float"
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad:
+            raise RecipeError(f"export.formats: unknown format {bad[0]!r}; choose from "
+                              f"{', '.join(FORMATS)}")
+        if not self.formats:
+            raise RecipeError("export.formats: needs at least one format")
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, path: str = "export") -> ExportConfig:
+        return _build(path, raw, cls)
+
+
+def artifact_meta(meta: dict[str, Any], artifact_format: str, *, normalization: str = "caller",
+                  input_dtype: str = "float32", calibration: dict | None = None,
+                  source_sha256: str | None = None) -> dict[str, Any]:
+    """The artifact metadata (see the module docstring) from a checkpoint's metadata."""
+    from edgesqueeze import __version__
+
+    if artifact_format not in FORMATS:
+        raise ExportError(f"unknown artifact format {artifact_format!r}")
+    shape = meta.get("input_shape")
+    if not shape:
+        raise ExportError("the model's metadata has no input_shape; export needs to know "
+                          "what one image looks like (re-save the checkpoint with edgesqueeze)")
+    channels = int(shape[0])
+    mean = [float(v) for v in meta.get("mean") or [0.0] * channels]
+    std = [float(v) for v in meta.get("std") or [1.0] * channels]
+    return {
+        "format": META_FORMAT,
+        "artifact_format": artifact_format,
+        "arch": meta.get("arch"),
+        "arch_kwargs": meta.get("arch_kwargs"),
+        "classes": list(meta["classes"]) if meta.get("classes") else None,
+        "input_shape": [int(v) for v in shape],
+        "layout": "NCHW",
+        "mean": mean,
+        "std": std,
+        "normalization": normalization,
+        "input_dtype": input_dtype,
+        "calibration": calibration,
+        "resize": _resize(meta, shape),
+        "dataset": meta.get("dataset"),
+        "reference_accuracy": _test_accuracy(meta),
+        "source_sha256": source_sha256,
+        "recipe_hash": meta.get("recipe_hash"),
+        "edgesqueeze_version": __version__,
+    }
+
+
+def _resize(meta: dict[str, Any], shape) -> int | None:
+    """ImageNet-style models (>= 160 px) were evaluated after resize-shorter-side then crop."""
+    if meta.get("resize"):
+        return int(meta["resize"])
+    side = int(shape[-1])
+    return int(side * 256 / 224) if side >= 160 else None
+
+
+def _test_accuracy(meta: dict[str, Any]) -> float | None:
+    test = (meta.get("metrics") or {}).get("test") or {}
+    acc = test.get("accuracy")
+    return float(acc) if isinstance(acc, (int, float)) else None
+
+
+def meta_json(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
+
+
+def to_input(images: np.ndarray, mean, std, *, normalize: bool = True) -> np.ndarray:
+    """uint8 NCHW pixels -> float32 model input: /255, then (x - mean) / std per channel."""
+    x = images.astype(np.float32) / 255.0
+    if normalize:
+        m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+        s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+        x = (x - m) / s
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def calibration_images(train_x: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
+    """``n`` training images (uint8 NCHW) drawn without replacement, seeded, in index order."""
+    if len(train_x) == 0:
+        raise ExportError("no training images to calibrate INT8 ranges on")
+    n = min(n, len(train_x))
+    idx = np.sort(np.random.default_rng(seed).choice(len(train_x), size=n, replace=False))
+    return train_x[idx]

@@ -1,0 +1,129 @@
+"""``edgesqueeze inspect``: what any model file holds, in one shape for all four kinds.
+
+``.onnx`` and ``.tflite`` are described by :mod:`edgesqueeze.runtime.inspect` (torch-free);
+``.esq`` from its header alone (no decoding: shapes, encodings, codebook sizes, coded bytes);
+``.pt`` through the safe checkpoint loader. Every description has the keys ``file``,
+``kind``, ``bytes``, ``inputs``, ``outputs``, ``ops``, ``tensors`` and ``metadata``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgesqueeze.errors import FormatError
+
+
+def inspect_file(path: str | Path) -> dict[str, Any]:
+    from edgesqueeze.verify import sniff
+
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file")
+    kind = sniff(path)
+    if kind == "esq":
+        return _inspect_esq(path)
+    if kind == "pt":
+        return _inspect_pt(path)
+    from edgesqueeze.runtime.inspect import inspect_artifact
+
+    return inspect_artifact(path)
+
+
+def _inspect_esq(path: Path) -> dict[str, Any]:
+    from edgesqueeze.compress import container
+
+    arc = container.read_esq(path)
+    tensors = []
+    for name, (blob, info) in arc.sections.items():
+        if info.get("enc") == "raw":
+            for tname, dtype, shape in info.get("tensors", []):
+                n = 1
+                for d in shape:
+                    n *= d
+                tensors.append({"name": tname, "dtype": dtype, "shape": shape, "encoding": "raw",
+                                "elements": n, "bytes": None})
+            continue
+        shape = info.get("shape", [])
+        n = 1
+        for d in shape:
+            n *= d
+        nonzero = info.get("n", 0) if info.get("w") else None
+        tensors.append({"name": name, "dtype": "float32", "shape": shape,
+                        "encoding": "shared, " + ("dense" if not info.get("w") else f"sparse (gap width {info['w']})"),
+                        "codebook": info.get("k"), "codebook_dtype": info.get("cb"), "elements": n,
+                        "sparsity": None if nonzero is None or not n else round(1 - nonzero / n, 4),
+                        "bytes": len(blob)})
+    meta = arc.meta
+    shape = meta.get("input_shape")
+    return {"file": str(path), "kind": "esq", "bytes": path.stat().st_size, "format_version": arc.version,
+            "inputs": [{"name": "input", "shape": [None, *shape] if shape else None, "dtype": "float32"}],
+            "outputs": [{"name": "logits", "shape": [None, len(meta["classes"])] if meta.get("classes") else None,
+                         "dtype": "float32"}],
+            "ops": {}, "tensors": tensors, "metadata": meta}
+
+
+def _inspect_pt(path: Path) -> dict[str, Any]:
+    from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.models import count_macs
+
+    loaded = load_model(path)
+    meta = loaded.meta
+    tensors = []
+    for name, t in loaded.model.state_dict().items():
+        tensors.append({"name": name, "dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
+                        "bytes": t.numel() * t.element_size(),
+                        "sparsity": round(float((t == 0).float().mean()), 4) if t.is_floating_point() and t.numel()
+                        else None})
+    ops: dict[str, int] = {}
+    for m in loaded.model.modules():
+        if not list(m.children()):
+            ops[type(m).__name__] = ops.get(type(m).__name__, 0) + 1
+    shape = meta.get("input_shape")
+    out = {"file": str(path), "kind": loaded.kind, "bytes": path.stat().st_size,
+           "inputs": [{"name": "input", "shape": [None, *shape] if shape else None, "dtype": "float32"}],
+           "outputs": [{"name": "logits", "shape": [None, len(meta["classes"])] if meta.get("classes") else None,
+                        "dtype": "float32"}],
+           "ops": ops, "tensors": tensors, "metadata": {k: v for k, v in meta.items() if k != "history"}}
+    if shape:
+        try:
+            out["macs"] = count_macs(loaded.model, shape)
+        except Exception:  # noqa: BLE001 - an extra, not worth failing inspect over
+            pass
+    return out
+
+
+def summary_lines(desc: dict[str, Any], *, max_tensors: int = 60) -> list[str]:
+    """A terminal rendering of a description."""
+    lines = [f"{desc['file']}: {desc['kind']}, {desc['bytes']:,} bytes"]
+    for key in ("inputs", "outputs"):
+        for io in desc.get(key) or []:
+            q = f", quantization {io['quantization']}" if io.get("quantization") else ""
+            lines.append(f"  {key[:-1]:<6} {io.get('name')}: {io.get('dtype')} {io.get('shape')}{q}")
+    if desc.get("macs"):
+        lines.append(f"  MACs   {desc['macs']:,}")
+    if desc.get("ops"):
+        lines.append("  ops    " + ", ".join(f"{k} x{v}" for k, v in sorted(desc["ops"].items(), key=lambda kv: -kv[1])))
+    tensors = desc.get("tensors") or []
+    if tensors:
+        lines.append(f"  tensors ({len(tensors)}):")
+        for t in tensors[:max_tensors]:
+            extra = []
+            if t.get("encoding"):
+                extra.append(t["encoding"])
+            if t.get("codebook"):
+                extra.append(f"{t['codebook']} centroids ({t.get('codebook_dtype')})")
+            if t.get("sparsity") is not None:
+                extra.append(f"sparsity {100 * t['sparsity']:.1f}%")
+            size = "" if t.get("bytes") is None else f"{t['bytes']:,} B"
+            lines.append(f"    {t['name']:<40} {str(t.get('dtype')):<8} {str(t.get('shape')):<20} {size:>12}  "
+                         + ", ".join(extra))
+        if len(tensors) > max_tensors:
+            lines.append(f"    ... {len(tensors) - max_tensors} more (--json shows all)")
+    meta = desc.get("metadata") or {}
+    if meta:
+        lines.append("  metadata:")
+        for k, v in meta.items():
+            text = str(v)
+            lines.append(f"    {k}: {text if len(text) <= 100 else text[:97] + '...'}")
+    return lines

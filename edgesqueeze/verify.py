@@ -1,0 +1,277 @@
+"""Evaluate artifacts through the runtime that will run them, never through PyTorch.
+
+``.onnx`` files run in onnxruntime and ``.tflite`` files in LiteRT (``edgesqueeze.runtime``);
+an ``.esq`` archive is decoded by its own decoder (and its weights checked against the hash
+recorded at compress time) and run as the PyTorch model it describes, which is what a
+PyTorch deployment of it does; a ``.pt`` checkpoint is the float reference.
+
+One row per artifact (JSON-ready), the input of :func:`edgesqueeze.budget.check`::
+
+    path, format, runtime, bytes, gzip_bytes, n, accuracy, agreement,
+    reference_accuracy, decode_check, latency_ms, error
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgesqueeze.errors import DataError, EdgesqueezeError, FormatError
+
+Log = Callable[[str], None]
+ESQ_MAGIC = b"\x89ESQ\r\n\x1a\n"
+
+
+def gzip_size(path: Path) -> int:
+    """What TF Model Optimization reports: the file after gzip -9 (deterministic, mtime 0)."""
+    return len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 over a state_dict's names, dtypes, shapes and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def sniff(path: Path) -> str:
+    """What a file is, from its bytes: esq, pt (a zip), tflite, or onnx (the rest)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not head:
+        raise FormatError(f"{path}: empty file")
+    if head == ESQ_MAGIC:
+        return "esq"
+    if head[:4] == b"PK\x03\x04":
+        return "pt"
+    if head[4:8] == b"TFL3":
+        return "tflite"
+    return "onnx"
+
+
+def _artifact_format(kind: str, meta: dict, art: Any) -> str:
+    fmt = meta.get("artifact_format")
+    if fmt:
+        return fmt
+    try:  # files exported elsewhere: call them int8 when their input or ops say so
+        from edgesqueeze.runtime.inspect import inspect_artifact
+
+        info = inspect_artifact(art.path)
+        ops = " ".join(info.get("ops", {}))
+        quantized = "Quantize" in ops or "QLinear" in ops or any(
+            str(t.get("dtype")) in ("int8", "uint8") for t in info.get("tensors", []))
+    except Exception:  # noqa: BLE001 - a description only; never fail verification on it
+        quantized = False
+    return f"{kind}-int8" if quantized else kind
+
+
+class _Data:
+    """The test split, loaded once per (dataset, image size)."""
+
+    def __init__(self, name: str | None, data_dir, limit: int | None, log: Log) -> None:
+        self.name, self.data_dir, self.limit, self.log = name, data_dir, limit, log
+        self._cache: dict[tuple, Any] = {}
+
+    def get(self, name: str | None, shape: list[int] | None, source: str):
+        name = self.name or name
+        if not name:
+            raise DataError(f"{source}: does not record its dataset; pass --data NAME")
+        image_size = int(shape[-1]) if shape else None
+        key = (name, image_size)
+        if key not in self._cache:
+            from edgesqueeze.data import load_dataset
+
+            ds = load_dataset(name, data_dir=self.data_dir, image_size=image_size
+                              if name.startswith("imagefolder:") else None)
+            x, y = ds.test_x, ds.test_y
+            if self.limit:
+                x, y = x[: self.limit], y[: self.limit]
+            if not len(x):
+                raise DataError(f"dataset '{name}' has no test images")
+            self._cache[key] = (ds, x, y)
+        ds, x, y = self._cache[key]
+        if shape and list(ds.input_shape) != list(shape):
+            raise DataError(f"{source}: expects images of shape {list(shape)} but dataset '{name}' gives "
+                            f"{list(ds.input_shape)}; pass the dataset it was made for (--data)")
+        return ds, x, y
+
+
+def _check_classes(scores: np.ndarray, ds, classes: list | None, source: str) -> None:
+    if scores.ndim != 2 or scores.shape[1] != ds.num_classes:
+        raise DataError(f"{source}: outputs {scores.shape[-1]} classes but dataset '{ds.name}' has "
+                        f"{ds.num_classes}; pass the dataset it was made for (--data)")
+    if classes and list(map(str, classes)) != list(map(str, ds.classes)):
+        raise DataError(f"{source}: its classes ({', '.join(map(str, classes[:4]))}, ...) are not "
+                        f"dataset '{ds.name}''s ({', '.join(map(str, ds.classes[:4]))}, ...)")
+
+
+def _torch_scores(path: Path, x: np.ndarray, meta: dict, ds) -> np.ndarray:
+    from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.train import predict
+
+    loaded = load_model(path)
+    mean, std = loaded.meta.get("mean", ds.mean), loaded.meta.get("std", ds.std)
+    return predict(loaded.model, x, mean=mean, std=std, batch_size=256).numpy()
+
+
+def _torch_latency(path: Path, shape: list[int], runs: int = 30) -> float:
+    import time
+
+    import torch
+
+    from edgesqueeze.checkpoint import load_model
+
+    model = load_model(path).model
+    x = torch.randn(1, *shape)
+    times = []
+    with torch.inference_mode():
+        for i in range(runs + 5):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, data_dir=None,
+                       reference: str | Path | None = None, limit: int | None = None,
+                       threads: int | None = None, latency: bool = False,
+                       log: Log = print) -> dict[str, Any]:
+    """Measure every artifact on the test split through its runtime; one row each.
+
+    The float reference is ``reference`` or else the first ``.pt`` among ``paths``: its
+    predictions give every other row its top-1 agreement, and its accuracy their drop.
+    Failures to load or evaluate one artifact become that row's ``error`` (the gate reports
+    them as not measured, never as a pass), so one bad file does not hide the others.
+    """
+    data = _Data(dataset, data_dir, limit, log)
+    files = [Path(p) for p in paths]
+    ref_path = Path(reference) if reference else next((p for p in files if p.is_file()
+                                                       and _safe_sniff(p) == "pt"), None)
+    ref_scores, ref_acc = None, None
+    if ref_path is not None:
+        from edgesqueeze.checkpoint import load_model
+
+        ref_meta = load_model(ref_path).meta
+        ds, x, y = data.get(ref_meta.get("dataset"), ref_meta.get("input_shape"), str(ref_path))
+        ref_scores = _torch_scores(ref_path, x, ref_meta, ds)
+        _check_classes(ref_scores, ds, ref_meta.get("classes"), str(ref_path))
+        ref_acc = float((ref_scores.argmax(1) == y).mean())
+        log(f"reference {ref_path}: test accuracy {100 * ref_acc:.2f}% on {len(y):,} images ({ds.name})")
+    rows = []
+    for path in files:
+        row: dict[str, Any] = {"path": str(path), "format": path.suffix.lstrip(".") or "?", "runtime": None,
+                               "bytes": None, "gzip_bytes": None, "n": 0, "accuracy": None, "agreement": None,
+                               "reference_accuracy": ref_acc, "decode_check": None, "latency_ms": None,
+                               "error": None}
+        try:
+            row.update(_evaluate_one(path, data, ref_scores, threads=threads, latency=latency))
+            if row["reference_accuracy"] is None:
+                row["reference_accuracy"] = row.pop("_meta_reference", None)
+            row.pop("_meta_reference", None)
+        except EdgesqueezeError as exc:
+            row["error"] = str(exc)
+        except (OSError, ValueError, RuntimeError) as exc:  # a runtime refusing a damaged file
+            row["error"] = f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if row["error"]:
+            log(f"{path}: NOT evaluated: {row['error']}")
+        else:
+            agr = "" if row["agreement"] is None else f", agreement {100 * row['agreement']:.2f}%"
+            log(f"{path} [{row['format']}, {row['runtime']}]: {row['bytes']:,} B, accuracy "
+                f"{100 * row['accuracy']:.2f}%{agr}")
+        rows.append(row)
+    return {"dataset": dataset, "reference": str(ref_path) if ref_path else None,
+            "reference_accuracy": ref_acc, "artifacts": rows}
+
+
+def _safe_sniff(path: Path) -> str | None:
+    try:
+        return sniff(path)
+    except FormatError:
+        return None
+
+
+def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency) -> dict[str, Any]:
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file")
+    kind = sniff(path)
+    out: dict[str, Any] = {"bytes": path.stat().st_size, "gzip_bytes": gzip_size(path)}
+    if kind in ("pt", "esq"):
+        from edgesqueeze.checkpoint import load_model
+
+        loaded = load_model(path)
+        meta = loaded.meta
+        out["format"], out["runtime"] = kind, ("edgesqueeze .esq decoder + pytorch" if kind == "esq" else "pytorch")
+        if kind == "esq":
+            expected = meta.get("weights_sha256")
+            out["decode_check"] = None if expected is None else state_digest(loaded.model.state_dict()) == expected
+        ds, x, y = data.get(meta.get("dataset"), meta.get("input_shape"), str(path))
+        scores = _torch_scores(path, x, meta, ds)
+        _check_classes(scores, ds, meta.get("classes"), str(path))
+        out["_meta_reference"] = ((meta.get("metrics") or {}).get("test") or {}).get("accuracy") \
+            if kind == "pt" else meta.get("reference_accuracy")
+        if latency:
+            out["latency_ms"] = _torch_latency(path, list(ds.input_shape))
+    else:
+        from edgesqueeze import runtime
+
+        art = runtime.load(path, threads=threads)
+        meta = art.meta or {}
+        out["runtime"] = art.backend
+        out["format"] = _artifact_format(art.kind, meta, art)
+        ds, x, y = data.get(meta.get("dataset"), meta.get("input_shape") or None, str(path))
+        if not meta:
+            raise FormatError(f"{path}: has no edgesqueeze metadata, so its input normalization is unknown; "
+                              "export it with `edgesqueeze export`")
+        scores = np.asarray(art.predict_images(x), dtype=np.float32)
+        _check_classes(scores, ds, art.classes, str(path))
+        out["_meta_reference"] = meta.get("reference_accuracy")
+        if latency:
+            from edgesqueeze.runtime.bench import benchmark
+
+            out["latency_ms"] = benchmark(art, batch_size=1)["p50_ms"]
+    pred = scores.argmax(1)
+    out["n"] = int(len(y))
+    out["accuracy"] = float((pred == y).mean())
+    if ref_scores is not None and len(ref_scores) == len(pred):
+        out["agreement"] = float((pred == ref_scores.argmax(1)).mean())
+    return out
+
+
+def rows_from_report(path: str | Path) -> list[dict[str, Any]]:
+    """Artifact rows from a report.json: a ``verify`` report, or a ``compress`` report."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: not a JSON report ({exc})") from None
+    if not isinstance(report, dict):
+        raise FormatError(f"{path}: not an edgesqueeze report (expected a JSON object)")
+    if isinstance(report.get("artifacts"), list):
+        rows = report["artifacts"]
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or "path" not in row or "format" not in row:
+                raise FormatError(f"{path}: artifacts[{i}] is not an artifact row (needs path and format)")
+        return rows
+    if "totals" in report and "test" in report:  # a compress report: one .esq row
+        t, test = report["totals"], report["test"]
+        esq = Path(report.get("esq", "model.esq"))
+        return [{"path": str(esq), "format": "esq", "runtime": "edgesqueeze .esq decoder + pytorch",
+                 "bytes": t.get("esq_bytes"), "gzip_bytes": None, "n": test["after"].get("n"),
+                 "accuracy": test["after"].get("accuracy"), "agreement": test.get("agreement"),
+                 "reference_accuracy": test["before"].get("accuracy"), "decode_check": True,
+                 "latency_ms": None, "error": None}]
+    raise FormatError(f"{path}: not an edgesqueeze report (no 'artifacts' list, no compress totals)")
