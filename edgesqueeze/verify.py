@@ -24,7 +24,6 @@ import numpy as np
 from edgesqueeze.errors import DataError, EdgesqueezeError, FormatError
 
 Log = Callable[[str], None]
-ESQ_MAGIC = b"\x89ESQ\r\n\x1a\n"
 
 
 def gzip_size(path: Path) -> int:
@@ -43,21 +42,18 @@ def state_digest(state: dict) -> str:
 
 
 def sniff(path: Path) -> str:
-    """What a file is, from its bytes: esq, pt (a zip), tflite, or onnx (the rest)."""
+    """What a file is, from its bytes: esq, pt (a zip or legacy pickle), tflite, or onnx (the rest)."""
+    from edgesqueeze.runtime._base import sniff as sniff_head
+
     try:
         with open(path, "rb") as fh:
-            head = fh.read(8)
+            head = fh.read(64)
     except OSError as exc:
         raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not head:
+    what = sniff_head(head)
+    if what == "empty":
         raise FormatError(f"{path}: empty file")
-    if head == ESQ_MAGIC:
-        return "esq"
-    if head[:4] == b"PK\x03\x04":
-        return "pt"
-    if head[4:8] == b"TFL3":
-        return "tflite"
-    return "onnx"
+    return {"zip": "pt", "pickle": "pt", "unknown": "onnx"}.get(what, what)
 
 
 def _artifact_format(kind: str, meta: dict, art: Any) -> str:
@@ -68,7 +64,7 @@ def _artifact_format(kind: str, meta: dict, art: Any) -> str:
         from edgesqueeze.runtime.inspect import inspect_artifact
 
         info = inspect_artifact(art.path)
-        ops = " ".join(info.get("ops", {}))
+        ops = " ".join(info.get("ops") or {})
         quantized = "Quantize" in ops or "QLinear" in ops or any(
             str(t.get("dtype")) in ("int8", "uint8") for t in info.get("tensors", []))
     except Exception:  # noqa: BLE001 - a description only; never fail verification on it

@@ -1,0 +1,449 @@
+"""What both backends share: file sniffing, the input contract, quantization, batching.
+
+Torch-free by design (numpy and the standard library only at import time): this package
+is what ``pip install edgesqueeze[runtime]`` puts on a Raspberry Pi. The backends
+(onnxruntime, LiteRT) are imported only when a file of their kind is loaded, so a device
+with just one of them installed runs that kind.
+
+The input contract, for every artifact::
+
+    predict(x)          x: float32 NCHW in the artifact's *input space*: what the graph
+                        expects before any quantization. For normalization "caller" that
+                        is (pixels/255 - mean)/std; for "in-graph" it is pixels/255.
+    predict_images(u8)  u8: uint8 NCHW pixels; applies /255 and the normalization the
+                        metadata asks for, then predict().
+
+Quantized inputs and outputs (int8/uint8 tensors) are handled here with the file's own
+scale and zero point: ``q = clip(round(x / scale) + zero_point)``, ``x = (q - zero_point) *
+scale``. Worked example: scale 0.5, zero point -3, int8: x = 1.2 -> round(2.4) - 3 = -1;
+reading -1 back gives (-1 + 3) * 0.5 = 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesqueeze.errors import DataError, FormatError, RuntimeBackendError
+
+__all__ = ["Artifact", "InputSpec", "load", "sniff", "softmax", "topk"]
+
+# Copied from edgesqueeze.export._common (which imports torch-side config code): the
+# metadata key and format name every artifact carries.
+META_KEY = "edgesqueeze"
+META_FORMAT = "edgesqueeze.artifact"
+
+BACKENDS = ("onnxruntime", "ai-edge-litert", "tflite-runtime")
+_KIND_OF_BACKEND = {"onnxruntime": "onnx", "ai-edge-litert": "tflite", "tflite-runtime": "tflite"}
+
+ESQ_MAGIC = b"\x89ESQ\r\n\x1a\n"
+_SNIFF_BYTES = 64
+
+
+# --------------------------------------------------------------------------- sniffing
+
+def sniff(head: bytes) -> str:
+    """What a file's first bytes say it is.
+
+    Returns ``"tflite"``, ``"esq"``, ``"zip"`` (a PyTorch checkpoint or TorchScript archive),
+    ``"pickle"`` (a legacy torch.save file), ``"hdf5"``, ``"empty"``, or ``"unknown"``
+    (which includes ONNX: a protobuf has no magic number, so ONNX is whatever parses).
+    """
+    if not head:
+        return "empty"
+    if len(head) >= 8 and head[4:8] == b"TFL3":
+        return "tflite"
+    if head.startswith(ESQ_MAGIC):
+        return "esq"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "hdf5"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    return "unknown"
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    # ModelProto field 1 (ir_version, varint) is serialized first: tag byte 0x08.
+    return head[:1] == b"\x08"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def classify(path: Path) -> tuple[str, bytes]:
+    """``("onnx" | "tflite", first bytes)`` for a model file; a clear error for anything else.
+
+    Only TFLite is recognised positively (``TFL3``); ONNX is "not something else" and is
+    confirmed by parsing it.
+    """
+    if not path.exists():
+        raise FormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise FormatError(f"{path}: is a directory, not a model file")
+    with open(path, "rb") as fh:
+        head = fh.read(_SNIFF_BYTES)
+    what = sniff(head)
+    if what == "empty":
+        raise FormatError(f"{path}: file is empty (0 bytes); re-export it or copy it again")
+    if len(head) < 8:
+        raise FormatError(f"{path}: only {len(head)} bytes, too short to be a model (truncated?); "
+                          f"re-export it or copy it again")
+    if what == "esq":
+        raise RuntimeBackendError(
+            f"{path}: is an edgesqueeze .esq archive (compressed weights), which no runtime "
+            f"executes; decode it with `edgesqueeze unpack` or run it through `edgesqueeze "
+            f"export` to get an .onnx/.tflite file")
+    if what in ("zip", "pickle"):
+        raise RuntimeBackendError(
+            f"{path}: is a PyTorch checkpoint, which needs torch to run; export it to "
+            f".onnx or .tflite with `edgesqueeze export` first")
+    if what == "hdf5":
+        raise FormatError(f"{path}: is an HDF5 (Keras) file, not an .onnx or .tflite model")
+    return ("tflite" if what == "tflite" else "onnx"), head
+
+
+def load(path: str | os.PathLike, *, threads: int | None = None,
+         backend: str | None = None) -> Artifact:
+    """Open an ``.onnx`` or ``.tflite`` artifact for inference, torch-free.
+
+    The file's content decides what it is (a TFLite flatbuffer has ``TFL3`` at bytes 4..8;
+    anything else that parses as a protobuf is ONNX); a file whose ``.onnx``/``.tflite``
+    extension disagrees with its content is refused (other extensions are fine). ``threads``
+    sets the backend's intra-op threads (None: the backend's default, which for
+    onnxruntime is one per physical core and for LiteRT is 1). ``backend`` picks one of
+    ``onnxruntime``, ``ai-edge-litert``, ``tflite-runtime`` (None: the one that fits,
+    preferring ai-edge-litert over tflite-runtime).
+
+    Raises :class:`FormatError` for a file that is missing, empty, damaged or not a model
+    this runtime runs, and :class:`RuntimeBackendError` when the runtime it needs is not
+    installed or cannot open it.
+    """
+    path = Path(path)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise RuntimeBackendError(f"threads must be a positive integer or None, got {threads!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise RuntimeBackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    kind, head = classify(path)
+    ext = path.suffix.lower()
+    if backend is not None and _KIND_OF_BACKEND[backend] != kind:
+        raise RuntimeBackendError(
+            f"{path}: is a{'n ONNX' if kind == 'onnx' else ' TFLite'} model; backend {backend!r} "
+            f"runs {_KIND_OF_BACKEND[backend].upper()} files only")
+    if kind == "tflite":
+        from edgesqueeze.runtime._tflite import TFLiteArtifact
+
+        art = TFLiteArtifact(path, threads=threads, backend=backend)
+    else:
+        from edgesqueeze.runtime._onnx import OnnxArtifact
+
+        art = OnnxArtifact(path, threads=threads, head=head, ext=ext)  # garbage is refused here
+    if ext in (".onnx", ".tflite") and ext[1:] != kind:
+        # A misnamed file is a mix-up upstream (a copy step, a wrong glob): say so rather than
+        # run something other than what the caller believes it is running.
+        raise FormatError(f"{path}: has a {ext} extension but holds a"
+                          f"{'n ONNX' if kind == 'onnx' else ' TFLite'} model; rename it to "
+                          f".{kind} if that is what it is")
+    return art
+
+
+# --------------------------------------------------------------------------- metadata
+
+def parse_meta(path: Path, text: str | bytes | None) -> dict[str, Any]:
+    """The artifact metadata JSON object, ``{}`` when the file carries none."""
+    if text is None:
+        return {}
+    try:
+        meta = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: the {META_KEY!r} metadata is not valid JSON ({_first_line(exc)}); "
+                          f"re-export the model") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: the {META_KEY!r} metadata is a JSON {type(meta).__name__}, "
+                          f"not an object; re-export the model")
+    return meta
+
+
+# --------------------------------------------------------------------------- input spec
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model's (single) input takes.
+
+    ``shape`` is the tensor's shape including the batch dimension, ``None`` where dynamic,
+    in the tensor's own ``layout`` ("NCHW", or "NHWC" for a foreign channels-last TFLite
+    file; :meth:`Artifact.predict` always takes NCHW and transposes). ``dtype`` is the
+    tensor's numpy dtype name; ``quantization`` its per-tensor ``(scale, zero_point)`` when
+    it is an integer tensor. ``normalization`` is "caller", "in-graph", or ``None`` when the
+    file carries no metadata and nothing is known (then ``mean``/``std`` are ``None`` too
+    and ``predict_images`` feeds pixels/255).
+    """
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+    quantization: tuple[float, int] | None
+    normalization: str | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    layout: str = "NCHW"
+
+    @property
+    def batch(self) -> int | None:
+        return self.shape[0] if self.shape else None
+
+    @property
+    def image_shape(self) -> tuple[int | None, ...]:
+        """One image's shape as [C, H, W] (NCHW order whatever the tensor's layout)."""
+        rest = tuple(self.shape[1:])
+        if self.layout == "NHWC" and len(rest) == 3:
+            return (rest[2], rest[0], rest[1])
+        return rest
+
+
+def _dim(v: Any) -> int | None:
+    return int(v) if isinstance(v, (int, np.integer)) and int(v) > 0 else None
+
+
+def build_spec(path: Path, meta: dict, *, name: str, shape, dtype: str,
+               quantization: tuple[float, int] | None) -> InputSpec:
+    """Combine the tensor's own facts with the metadata; refuse metadata that does not fit."""
+    dims = tuple(_dim(v) for v in shape)
+    layout = "NCHW"
+    m_shape = meta.get("input_shape")
+    if m_shape is not None:
+        try:
+            chw = tuple(int(v) for v in m_shape)
+        except (TypeError, ValueError):
+            raise FormatError(f"{path}: metadata input_shape {m_shape!r} is not a list of "
+                              f"integers; re-export the model") from None
+        if len(dims) != len(chw) + 1:
+            raise FormatError(f"{path}: metadata says one input is {list(chw)} but the model's "
+                              f"input has rank {len(dims)} ({_fmt_shape(dims)}); the metadata "
+                              f"does not belong to this model")
+
+        def fits(order):
+            return all(d is None or d == c for d, c in zip(dims[1:], order))
+
+        if len(chw) == 3 and not fits(chw) and fits((chw[1], chw[2], chw[0])):
+            layout = "NHWC"
+        elif not fits(chw):
+            raise FormatError(f"{path}: metadata says one input is {list(chw)} but the model "
+                              f"takes {_fmt_shape(dims)}; the metadata does not belong to this model")
+        # Fill dynamic dims from the metadata (batch stays as the model says).
+        order = chw if layout == "NCHW" else (chw[1], chw[2], chw[0])
+        dims = (dims[0], *(d if d is not None else c for d, c in zip(dims[1:], order)))
+    elif len(dims) == 4 and dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4) and dims[1] is not None:
+        layout = "NHWC"  # a foreign channels-last file with no metadata: [N, H, W, C]
+
+    norm = meta.get("normalization") if meta else None
+    if norm is not None and norm not in ("caller", "in-graph"):
+        raise FormatError(f"{path}: metadata normalization {norm!r} is neither 'caller' nor "
+                          f"'in-graph'; re-export the model")
+    mean = std = None
+    if meta:
+        c = (dims[1] if layout == "NCHW" else dims[-1]) if len(dims) == 4 else None
+        mean, std = _vec(path, meta, "mean", c, 0.0), _vec(path, meta, "std", c, 1.0)
+        if any(s == 0 for s in std):
+            raise FormatError(f"{path}: metadata std has a zero; re-export the model")
+        if norm is None:
+            norm = "caller"
+    return InputSpec(name=name, shape=dims, dtype=dtype, quantization=quantization,
+                     normalization=norm, mean=mean, std=std, layout=layout)
+
+
+def _vec(path: Path, meta: dict, key: str, channels: int | None, default: float) -> tuple[float, ...]:
+    raw = meta.get(key)
+    if raw is None:
+        return tuple([default] * (channels or 1))
+    try:
+        vals = tuple(float(v) for v in raw)
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: metadata {key} {raw!r} is not a list of numbers") from None
+    if channels is not None and len(vals) not in (1, channels):
+        raise FormatError(f"{path}: metadata {key} has {len(vals)} values for {channels} channels")
+    return vals
+
+
+def _fmt_shape(dims) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+# --------------------------------------------------------------------------- quantization
+
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
+    """float -> integer tensor, rounding half away from zero like TFLite's own Quantize."""
+    info = np.iinfo(dtype)
+    v = x.astype(np.float64) / scale
+    q = np.sign(v) * np.floor(np.abs(v) + 0.5) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return ((q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- artifact
+
+class Artifact:
+    """A loaded model file and its runtime; one interface for ONNX and TFLite.
+
+    Attributes: ``path``, ``kind`` ("onnx" | "tflite"), ``backend`` ("onnxruntime" |
+    "ai-edge-litert" | "tflite-runtime"), ``meta`` (the artifact metadata, ``{}`` when the
+    file has none), ``input_spec`` (:class:`InputSpec`), ``classes``, ``threads``.
+    """
+
+    path: Path
+    kind: str
+    backend: str
+    meta: dict[str, Any]
+    input_spec: InputSpec
+    threads: int | None
+
+    # -- subclass hooks ---------------------------------------------------------------
+    def _run(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """Run one batch of native-dtype, native-layout input; return the raw first output."""
+        raise NotImplementedError
+
+    def _dequantize_output(self, y: np.ndarray) -> np.ndarray:
+        return y
+
+    # -- public -----------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str] | None:
+        c = self.meta.get("classes")
+        return list(c) if c else None
+
+    @property
+    def has_metadata(self) -> bool:
+        """False for a file without edgesqueeze metadata: normalization is then unknown."""
+        return bool(self.meta)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Scores (N, K) float32 for float32 NCHW input in the artifact's input space."""
+        x = np.asarray(x)
+        spec = self.input_spec
+        if not np.issubdtype(x.dtype, np.floating):
+            raise DataError(f"predict takes float32 input in the model's input space, got "
+                            f"{x.dtype}; for uint8 pixels use predict_images")
+        want = spec.image_shape
+        if x.ndim != len(want) + 1:
+            raise DataError(f"predict takes a batch shaped [N, {', '.join(map(str, want))}], "
+                            f"got an array of shape {list(x.shape)}")
+        if any(w is not None and w != g for w, g in zip(want, x.shape[1:])):
+            raise DataError(f"{self.path.name} takes images of shape {list(want)}, got "
+                            f"{list(x.shape[1:])} (batch shape {list(x.shape)})")
+        x = x.astype(np.float32, copy=False)
+        if spec.layout == "NHWC" and x.ndim == 4:
+            x = x.transpose(0, 2, 3, 1)
+        x = self._to_native(x)
+        if len(x) == 0:
+            return np.zeros((0, self._num_outputs_hint()), np.float32)
+        y = self._dequantize_output(self._predict_native(np.ascontiguousarray(x)))
+        y = np.asarray(y, dtype=np.float32)
+        return y.reshape(len(y), -1)
+
+    def predict_images(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Scores (N, K) for uint8 NCHW pixels: /255, then the metadata's normalization."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise DataError(f"predict_images takes uint8 pixels (NCHW), got {images.dtype}; "
+                            f"for prepared float input use predict")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if images.ndim != 4:
+            raise DataError(f"predict_images takes a batch shaped [N, C, H, W], got "
+                            f"{list(images.shape)}")
+        outs = [self.predict(self.prepare(images[i:i + batch_size]))
+                for i in range(0, len(images), batch_size)]
+        if not outs:
+            return np.zeros((0, self._num_outputs_hint()), np.float32)
+        return np.concatenate(outs)
+
+    def prepare(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NCHW pixels -> float32 input space: /255, then (x - mean)/std if "caller"."""
+        x = np.asarray(images).astype(np.float32) / np.float32(255.0)
+        spec = self.input_spec
+        if spec.normalization == "caller" and spec.mean is not None and x.ndim == 4:
+            m = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
+            s = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+            x = (x - m) / s
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        s = self.input_spec
+        return (f"<{type(self).__name__} {self.path.name} kind={self.kind} backend={self.backend} "
+                f"input={s.name}{_fmt_shape(s.shape)} {s.dtype} normalization={s.normalization}>")
+
+    # -- shared machinery ---------------------------------------------------------------
+    def _to_native(self, x: np.ndarray) -> np.ndarray:
+        spec = self.input_spec
+        dt = np.dtype(spec.dtype)
+        if np.issubdtype(dt, np.integer):
+            if spec.quantization is None:
+                raise RuntimeBackendError(
+                    f"{self.path}: the model takes {spec.dtype} input but the file carries no "
+                    f"quantization scale/zero point for it, so float input cannot be mapped onto it")
+            scale, zp = spec.quantization
+            return quantize(x, scale, zp, dt)
+        return x.astype(dt, copy=False)
+
+    def _predict_native(self, x: np.ndarray) -> np.ndarray:
+        return self._run(x)
+
+    def _num_outputs_hint(self) -> int:
+        return 0
+
+    @staticmethod
+    def _chunked(x: np.ndarray, size: int, fn) -> np.ndarray:
+        """Run ``fn`` on chunks of exactly ``size`` (a fixed-batch model), padding the last."""
+        outs = []
+        for i in range(0, len(x), size):
+            part = x[i:i + size]
+            n = len(part)
+            if n < size:
+                pad = np.zeros((size - n, *part.shape[1:]), part.dtype)
+                part = np.concatenate([part, pad])
+            outs.append(np.asarray(fn(part))[:n])
+        return np.concatenate(outs)
+
+
+# --------------------------------------------------------------------------- scores
+
+def softmax(scores: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = np.asarray(scores, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def topk(scores: np.ndarray, k: int = 5, classes: list[str] | None = None, *,
+         logits: bool = True) -> list[tuple[int, str, float]]:
+    """The ``k`` best classes of one image's scores as ``(index, name, probability)``.
+
+    Probabilities are the softmax of ``scores`` (pass ``logits=False`` when the model
+    already outputs probabilities). Names come from ``classes``, else the index as text.
+    Ties keep the lower index first. Example: ``topk([2.0, 1.0, 0.1], 2, ["a", "b", "c"])``
+    gives ``[(0, "a", 0.659), (1, "b", 0.242)]``.
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    if s.ndim == 2 and s.shape[0] == 1:
+        s = s[0]
+    if s.ndim != 1 or s.size == 0:
+        raise DataError(f"topk takes one image's scores (K,) or (1, K), got shape {list(s.shape)}")
+    if classes is not None and len(classes) != s.size:
+        raise DataError(f"topk: {len(classes)} class names for {s.size} scores")
+    p = softmax(s) if logits else s
+    k = max(0, min(int(k), s.size))
+    order = np.argsort(-p, kind="stable")[:k]
+    return [(int(i), str(classes[i]) if classes is not None else str(int(i)), float(p[i]))
+            for i in order]

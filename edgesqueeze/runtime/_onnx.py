@@ -1,0 +1,116 @@
+"""ONNX artifacts through onnxruntime (CPU)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edgesqueeze.errors import FormatError, RuntimeBackendError
+from edgesqueeze.runtime._base import (
+    META_KEY,
+    Artifact,
+    _first_line,
+    _looks_like_onnx,
+    build_spec,
+    parse_meta,
+)
+
+# onnxruntime's tensor type strings -> numpy dtypes (the ones an image model can take).
+_ORT_DTYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
+    "tensor(uint16)": "uint16", "tensor(int32)": "int32", "tensor(int64)": "int64",
+}
+
+
+def import_onnxruntime(path: Path | str):
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeBackendError(
+            f"{path}: is an ONNX model but onnxruntime is not installed ({_first_line(exc)}); "
+            f"pip install onnxruntime (or edgesqueeze[runtime])") from None
+    return onnxruntime
+
+
+def open_session(path: Path, *, threads: int | None, head: bytes = b"", ext: str = ""):
+    """An onnxruntime CPU session, with load failures turned into one clear line."""
+    ort = import_onnxruntime(path)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only; the loader's warnings are not the user's business
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind classes
+        kind, msg = type(exc).__name__, _ort_reason(exc)
+        damaged = kind in ("InvalidProtobuf", "InvalidGraph", "InvalidArgument") or any(
+            s in msg for s in ("Missing opset", "No graph", "Protobuf parsing failed"))
+        if damaged and ext == ".tflite":  # named .tflite, no TFL3 identifier, and no ONNX model either
+            raise FormatError(f"{path}: not a TFLite file (no 'TFL3' identifier at bytes 4..8) "
+                              f"and not an ONNX model either; re-export it or copy it again") from None
+        if damaged and kind == "InvalidProtobuf" and not _looks_like_onnx(head):
+            raise FormatError(f"{path}: not an ONNX or TFLite model (protobuf parsing failed, "
+                              f"first bytes {head[:8]!r}); expected a file written by "
+                              f"`edgesqueeze export`") from None
+        if damaged:
+            raise FormatError(f"{path}: ONNX file is damaged or truncated ({msg}); re-export it "
+                              f"or copy it again") from None
+        raise RuntimeBackendError(f"{path}: onnxruntime {ort.__version__} cannot load this model "
+                                  f"({kind}: {msg}); upgrade onnxruntime or re-export it") from None
+
+
+def _ort_reason(exc: BaseException) -> str:
+    """onnxruntime's message without its boilerplate: "[ONNXRuntimeError] : 1 : FAIL : Load
+    model from x failed:/src/model.cc:245 onnxruntime::Model::Model(...) Missing opset..."
+    becomes "Missing opset...". """
+    text = str(exc).strip()
+    if "failed:" in text:
+        text = text.split("failed:", 1)[1]
+    text = re.sub(r"^\s*\S+\.(?:cc|h|cpp):\d+\s+\S+?\([^)]*\)\s*", "", text)
+    text = re.sub(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text)
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+class OnnxArtifact(Artifact):
+    kind = "onnx"
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, *, threads: int | None = None, head: bytes = b"", ext: str = ""):
+        self.path = Path(path)
+        self.threads = threads
+        self.session = open_session(self.path, threads=threads, head=head, ext=ext)
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise RuntimeBackendError(
+                f"{self.path}: the model has {len(inputs)} inputs "
+                f"({', '.join(i.name for i in inputs)}); edgesqueeze runs single-input image models")
+        outputs = self.session.get_outputs()
+        if not outputs:
+            raise FormatError(f"{self.path}: the ONNX graph has no outputs; re-export it")
+        self._in, self._out = inputs[0], outputs[0]
+        custom = self.session.get_modelmeta().custom_metadata_map or {}
+        self.meta = parse_meta(self.path, custom.get(META_KEY))
+        dtype = _ORT_DTYPES.get(self._in.type)
+        if dtype is None:
+            raise RuntimeBackendError(f"{self.path}: input {self._in.name!r} has type {self._in.type}, "
+                                      f"not a numeric tensor this runtime can feed")
+        shape = [d if isinstance(d, int) else None for d in self._in.shape]
+        # An ONNX integer input has no scale/zero point of its own (QDQ models keep float I/O).
+        self.input_spec = build_spec(self.path, self.meta, name=self._in.name, shape=shape,
+                                     dtype=dtype, quantization=None)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self._out.name], {self._in.name: x})[0]
+
+    def _predict_native(self, x: np.ndarray) -> np.ndarray:
+        batch = self.input_spec.batch
+        if batch is not None and batch != len(x):  # exported with a fixed batch size
+            return self._chunked(x, batch, self._run)
+        return self._run(x)
+
+    def _num_outputs_hint(self) -> int:
+        last = self._out.shape[-1] if self._out.shape else None
+        return last if isinstance(last, int) else 0

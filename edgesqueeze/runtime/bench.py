@@ -1,0 +1,105 @@
+"""Latency of loaded artifacts, measured with time.perf_counter around ``predict``.
+
+What is timed is what a device caller pays per call: input quantization, the runtime's
+invoke, output dequantization (not image decoding or normalization). The input is fixed
+random data (seed 0) in the artifact's input space, so every run does the same work.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from edgesqueeze.errors import DataError
+from edgesqueeze.runtime._base import Artifact, load
+
+__all__ = ["benchmark", "compare"]
+
+
+def _input(art: Artifact, batch_size: int) -> np.ndarray:
+    shape = art.input_spec.image_shape
+    if any(d is None for d in shape):
+        raise DataError(f"{art.path}: the input shape {list(shape)} has dynamic dimensions and the "
+                        f"file has no metadata saying what one image is; cannot benchmark it")
+    return np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
+
+
+def _check(batch_size: int, warmup: int, runs: int) -> None:
+    if batch_size < 1 or warmup < 0 or runs < 1:
+        raise DataError(f"benchmark needs batch_size >= 1, warmup >= 0, runs >= 1; got "
+                        f"batch_size={batch_size}, warmup={warmup}, runs={runs}")
+
+
+def _summary(art: Artifact, times: list[float], batch_size: int, warmup: int) -> dict:
+    ms = np.asarray(times) * 1e3
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "mean_ms": float(ms.mean()),
+        "min_ms": float(ms.min()),
+        "runs": len(times),
+        "warmup": warmup,
+        "batch_size": batch_size,
+        "threads": art.threads,  # None: the backend's default
+        "backend": art.backend,
+        "kind": art.kind,
+        "path": str(art.path),
+    }
+
+
+def benchmark(artifact: Artifact, *, batch_size: int = 1, warmup: int = 10, runs: int = 50) -> dict:
+    """Latency of ``artifact.predict`` on one fixed batch.
+
+    Returns ``p50_ms``, ``p90_ms``, ``mean_ms``, ``min_ms`` (per call, i.e. per batch),
+    ``runs``, ``warmup``, ``batch_size``, ``threads`` (None: backend default), ``backend``,
+    ``kind``, ``path``.
+    """
+    _check(batch_size, warmup, runs)
+    x = _input(artifact, batch_size)
+    for _ in range(warmup):
+        artifact.predict(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        artifact.predict(x)
+        times.append(time.perf_counter() - t0)
+    return _summary(artifact, times, batch_size, warmup)
+
+
+def compare(artifacts: Sequence[Artifact | str | os.PathLike], *, batch_size: int = 1,
+            warmup: int = 10, runs: int = 50, threads: int | None = None) -> list[dict]:
+    """Benchmark several artifacts in the same run; ratios are against the first.
+
+    Paths are loaded with ``threads``. Runs are interleaved (one call of each artifact in
+    turn) so that a machine getting busier or cooler mid-run shifts every row alike. Each
+    row is :func:`benchmark`'s dict plus ``size_bytes``, ``p50_ratio``, ``mean_ratio`` and
+    ``size_ratio`` (this row / the first row: below 1 is faster or smaller).
+    """
+    if not artifacts:
+        return []
+    _check(batch_size, warmup, runs)
+    arts = [a if isinstance(a, Artifact) else load(a, threads=threads) for a in artifacts]
+    inputs = [_input(a, batch_size) for a in arts]
+    for _ in range(warmup):
+        for a, x in zip(arts, inputs):
+            a.predict(x)
+    times: list[list[float]] = [[] for _ in arts]
+    for _ in range(runs):
+        for i, (a, x) in enumerate(zip(arts, inputs)):
+            t0 = time.perf_counter()
+            a.predict(x)
+            times[i].append(time.perf_counter() - t0)
+    rows = []
+    for a, t in zip(arts, times):
+        row = _summary(a, t, batch_size, warmup)
+        row["size_bytes"] = os.path.getsize(a.path)
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["p50_ratio"] = row["p50_ms"] / base["p50_ms"] if base["p50_ms"] > 0 else float("nan")
+        row["mean_ratio"] = row["mean_ms"] / base["mean_ms"] if base["mean_ms"] > 0 else float("nan")
+        row["size_ratio"] = row["size_bytes"] / base["size_bytes"] if base["size_bytes"] else float("nan")
+    return rows

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The model-budget gate, end to end: train -> compress -> export -> verify -> check.
+# Run by examples/ci/github-actions.yml (and by tests/test_gate_example.py on every `make test`).
+#
+#   RECIPE   the recipe (its budget section is the gate)   [recipes/squeezenet-digits.yaml]
+#   OUT      where artifacts go                            [artifacts/ci]
+#   MODEL    an already trained checkpoint: skip training  [train one with RECIPE]
+#   EXTRA    extra options for `edgesqueeze check`, e.g. "--max-size 30KB"
+#
+# Exit code: that of `edgesqueeze check`: 0 every budget holds, 1 one is broken, 2 bad input.
+set -euo pipefail
+RECIPE=${RECIPE:-recipes/squeezenet-digits.yaml}
+OUT=${OUT:-artifacts/ci}
+ES=${EDGESQUEEZE:-edgesqueeze}
+
+if [[ -z "${MODEL:-}" ]]; then
+  $ES train -r "$RECIPE" --out "$OUT" --overwrite --no-progress
+  MODEL="$OUT/model.pt"
+fi
+$ES compress "$MODEL" -r "$RECIPE" --out "$OUT/compressed" --no-progress
+$ES export "$OUT/compressed/model.esq" -r "$RECIPE" --out "$OUT/export"
+$ES verify "$MODEL" "$OUT/compressed/model.esq" "$OUT"/export/*.onnx "$OUT"/export/*.tflite \
+  --out "$OUT/verify.json"
+# shellcheck disable=SC2086 # EXTRA is a list of options
+$ES check "$OUT/verify.json" -r "$RECIPE" ${EXTRA:-} \
+  --json "$OUT/gate.json" --junit "$OUT/gate.xml" --markdown "${GITHUB_STEP_SUMMARY:-$OUT/gate.md}"

@@ -1,0 +1,780 @@
+"""The torch-free runtime: real onnxruntime and LiteRT sessions on tiny real model files.
+
+Fixtures are made here with torch (the test process may import it; the runtime may not):
+a tiny conv net exported to ONNX (dynamic batch with metadata; fixed batch 1 without),
+an INT8 QDQ ONNX (onnxruntime.quantization), an fp32 TFLite whose flatten bakes batch 1
+into a reshape (so LiteRT cannot resize it and the runtime loops), and an INT8 TFLite with
+int8 input and output made with litert-torch PT2E (resizable). Outputs are checked against
+torch at batch sizes 1, 7 and 32. Bad files are real bad files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgesqueeze.errors import (
+    DataError,
+    EdgesqueezeError,
+    FormatError,
+    RuntimeBackendError,
+)
+from edgesqueeze.runtime import (
+    InputSpec,
+    benchmark,
+    compare,
+    inspect_artifact,
+    load,
+    load_image,
+    load_images,
+    softmax,
+    topk,
+)
+from edgesqueeze.runtime._base import dequantize, quantize, sniff
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.5]
+CLASSES = ["zero", "one", "two", "three", "four"]
+META = {
+    "format": "edgesqueeze.artifact", "artifact_format": "onnx", "arch": "tiny", "arch_kwargs": None,
+    "classes": CLASSES, "input_shape": [3, 16, 16], "layout": "NCHW", "mean": MEAN, "std": STD,
+    "normalization": "caller", "input_dtype": "float32", "calibration": None,
+    "source_sha256": "0" * 64, "recipe_hash": None, "edgesqueeze_version": "0.1.0",
+}
+BATCHES = (1, 7, 32)
+# Tests on TFLite fixtures: converting with litert-torch costs ~15 s of setup.
+slow = pytest.mark.slow
+
+
+class TinyNet(torch.nn.Module):
+    """3x16x16 -> 5 scores; global mean pooling, so every op resizes to any batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x))).mean((2, 3))
+
+
+class FlatNet(torch.nn.Module):
+    """1x8x8 -> 3 scores through flatten + Linear: the exported reshape fixes batch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.c1(x)), 1))
+
+
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    with torch.no_grad():
+        net.c1.weight[:4] = 0.0  # exactly half of c1's weights are zero: a known sparsity
+    return net
+
+
+def rand(n: int, shape=(3, 16, 16), seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+def pixels(n: int, shape=(3, 16, 16), seed: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def torch_out(net, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy()
+
+
+def set_onnx_meta(src: Path, dst: Path, meta: dict | str | None) -> Path:
+    import onnx
+
+    model = onnx.load(str(src))
+    del model.metadata_props[:]
+    if meta is not None:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "edgesqueeze", meta if isinstance(meta, str) else json.dumps(meta)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def add_tflite_meta(src: Path, dst: Path, meta: dict) -> Path:
+    """Append a Model.metadata entry "edgesqueeze" (JSON in its own buffer), as export does."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(src.read_bytes()), 0)
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    model.buffers.append(buf)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = "edgesqueeze", len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    dst.write_bytes(bytes(builder.Output()))
+    return dst
+
+
+def has_tflite_meta_reader() -> bool:
+    try:
+        from edgesqueeze.runtime._tflite_meta import read_tflite_metadata  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def onnx_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx")
+    net = tiny_net()
+    x = torch.from_numpy(rand(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(d / "raw.onnx"), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}},
+                          dynamo=False)
+        torch.onnx.export(net, (x,), str(d / "static.onnx"), input_names=["input"],
+                          output_names=["logits"], dynamo=False)
+    set_onnx_meta(d / "raw.onnx", d / "tiny.onnx", META)
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": rand(1, seed=s)} for s in range(16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(d / "raw.onnx"), str(d / "tiny.int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+    return {"net": net, "dir": d, "fp32": d / "tiny.onnx", "static": d / "static.onnx",
+            "int8": d / "tiny.int8.onnx", "raw": d / "raw.onnx"}
+
+
+@pytest.fixture(scope="session")
+def tflite_models(tmp_path_factory):
+    litert_torch = pytest.importorskip("litert_torch")
+    from litert_torch.quantize import pt2e_quantizer, quant_config
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    d = tmp_path_factory.mktemp("tflite")
+    torch.manual_seed(1)
+    flat = FlatNet().eval()
+    fx = torch.from_numpy(rand(1, (1, 8, 8)))
+    litert_torch.convert(flat, (fx,)).export(str(d / "raw.tflite"))
+    flat_meta = {**META, "artifact_format": "tflite", "classes": ["a", "b", "c"],
+                 "input_shape": [1, 8, 8], "mean": [0.5], "std": [0.25]}
+    add_tflite_meta(d / "raw.tflite", d / "flat.tflite", flat_meta)
+
+    net = tiny_net()
+    x = torch.from_numpy(rand(1))
+    # A foreign channels-last file (NHWC input, no metadata), as other converters write.
+    nhwc = litert_torch.to_channel_last_io(net, args=[0])
+    litert_torch.convert(nhwc, (x.permute(0, 2, 3, 1).contiguous(),)).export(str(d / "nhwc.tflite"))
+    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True))
+    pm = quantize_pt2e.prepare_pt2e(torch.export.export(net, (x,)).module(), quantizer)
+    for s in range(8):
+        pm(torch.from_numpy(rand(1, seed=100 + s)))
+    pm = quantize_pt2e.convert_pt2e(pm, fold_quantize=False)
+    litert_torch.convert(pm, (x,), quant_config=quant_config.QuantConfig(pt2e_quantizer=quantizer)
+                         ).export(str(d / "tiny.int8.tflite"))
+    return {"flat_net": flat, "flat": d / "flat.tflite", "flat_meta": flat_meta, "raw": d / "raw.tflite",
+            "net": net, "qnet": pm, "int8": d / "tiny.int8.tflite", "nhwc": d / "nhwc.tflite", "dir": d}
+
+
+# --------------------------------------------------------------------------- ONNX
+
+@pytest.mark.parametrize("n", BATCHES)
+def test_onnx_fp32_matches_torch_at_any_batch(onnx_models, n):
+    art = load(onnx_models["fp32"])
+    assert (art.kind, art.backend) == ("onnx", "onnxruntime")
+    x = rand(n, seed=n)
+    y = art.predict(x)
+    assert y.shape == (n, 5) and y.dtype == np.float32
+    np.testing.assert_allclose(y, torch_out(onnx_models["net"], x), rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_fixed_batch_one_runs_any_batch(onnx_models):
+    art = load(onnx_models["static"])
+    assert art.input_spec.shape == (1, 3, 16, 16)
+    for n in BATCHES:
+        x = rand(n, seed=n)
+        np.testing.assert_allclose(art.predict(x), torch_out(onnx_models["net"], x), rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_int8_qdq_close_to_torch(onnx_models):
+    art = load(onnx_models["int8"])
+    x = rand(32, seed=7)
+    y, ref = art.predict(x), torch_out(onnx_models["net"], x)
+    assert y.shape == (32, 5) and y.dtype == np.float32
+    span = float(ref.max() - ref.min())
+    assert np.abs(y - ref).max() < 0.1 * span  # INT8 error, far below the spread of scores
+    assert not np.allclose(y, ref, atol=1e-6)  # and it really is the quantized graph
+
+
+def test_onnx_metadata_and_input_spec(onnx_models):
+    art = load(onnx_models["fp32"])
+    assert art.meta == META and art.has_metadata
+    assert art.classes == CLASSES
+    spec = art.input_spec
+    assert isinstance(spec, InputSpec)
+    assert spec == InputSpec(name="input", shape=(None, 3, 16, 16), dtype="float32", quantization=None,
+                             normalization="caller", mean=tuple(MEAN), std=tuple(STD), layout="NCHW")
+    assert spec.image_shape == (3, 16, 16)
+    with pytest.raises(AttributeError):
+        spec.name = "x"  # frozen
+
+
+def test_predict_images_applies_caller_normalization(onnx_models):
+    art = load(onnx_models["fp32"])
+    u8 = pixels(9)
+    x = (u8.astype(np.float32) / 255 - np.reshape(MEAN, (1, 3, 1, 1))) / np.reshape(STD, (1, 3, 1, 1))
+    x = x.astype(np.float32)
+    y = art.predict_images(u8, batch_size=4)  # 4 + 4 + 1
+    np.testing.assert_allclose(y, torch_out(onnx_models["net"], x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y, art.predict(x), rtol=1e-6, atol=1e-6)
+
+
+def test_predict_images_in_graph_feeds_pixels_over_255(onnx_models, tmp_path):
+    path = set_onnx_meta(onnx_models["raw"], tmp_path / "ingraph.onnx", {**META, "normalization": "in-graph"})
+    art = load(path)
+    assert art.input_spec.normalization == "in-graph"
+    u8 = pixels(3)
+    np.testing.assert_allclose(art.predict_images(u8), art.predict(u8.astype(np.float32) / 255), atol=1e-6)
+
+
+def test_file_without_metadata_runs_and_says_so(onnx_models):
+    art = load(onnx_models["raw"])
+    assert art.meta == {} and not art.has_metadata and art.classes is None
+    spec = art.input_spec
+    assert spec.normalization is None and spec.mean is None and spec.std is None
+    assert spec.shape == (None, 3, 16, 16)
+    u8 = pixels(2)
+    np.testing.assert_allclose(art.predict_images(u8), art.predict(u8.astype(np.float32) / 255), atol=1e-6)
+
+
+def test_threads_reach_the_session(onnx_models):
+    art = load(onnx_models["fp32"], threads=2)
+    assert art.threads == 2
+    assert art.session.get_session_options().intra_op_num_threads == 2
+    with pytest.raises(RuntimeBackendError, match="threads must be a positive integer"):
+        load(onnx_models["fp32"], threads=0)
+
+
+def test_metadata_that_does_not_fit_is_refused(onnx_models, tmp_path):
+    wrong = set_onnx_meta(onnx_models["raw"], tmp_path / "wrong.onnx", {**META, "input_shape": [1, 16, 16]})
+    with pytest.raises(FormatError, match=r"wrong\.onnx: metadata says one input is \[1, 16, 16\]"):
+        load(wrong)
+    broken = set_onnx_meta(onnx_models["raw"], tmp_path / "broken.onnx", '{"classes": [')
+    with pytest.raises(FormatError, match=r"broken\.onnx: the 'edgesqueeze' metadata is not valid JSON"):
+        load(broken)
+
+
+def test_predict_refuses_wrong_input(onnx_models):
+    art = load(onnx_models["fp32"])
+    with pytest.raises(DataError, match=r"takes images of shape \[3, 16, 16\], got \[3, 8, 8\]"):
+        art.predict(rand(2, (3, 8, 8)))
+    with pytest.raises(DataError, match="use predict_images"):
+        art.predict(pixels(1))
+    with pytest.raises(DataError, match=r"shaped \[N, 3, 16, 16\]"):
+        art.predict(rand(1)[0])
+    with pytest.raises(DataError, match="takes uint8 pixels"):
+        art.predict_images(rand(1))
+    assert art.predict(rand(0)).shape == (0, 5)
+
+
+# --------------------------------------------------------------------------- TFLite
+
+@slow
+def test_tflite_fp32_unresizable_loops_over_batch(tflite_models):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the metadata reader may not be there yet
+        art = load(tflite_models["flat"], threads=2)
+    assert (art.kind, art.backend, art.threads) == ("tflite", "ai-edge-litert", 2)
+    assert art.input_spec.shape == (1, 1, 8, 8) and art.input_spec.quantization is None
+    for n in (*BATCHES, 1, 7):  # back and forth between sizes
+        x = rand(n, (1, 8, 8), seed=n)
+        np.testing.assert_allclose(art.predict(x), torch_out(tflite_models["flat_net"], x),
+                                   rtol=1e-4, atol=1e-5)
+    assert art._resizable is False  # the flatten's reshape pinned batch 1: looped
+
+
+@slow
+def test_tflite_int8_io_quantized_and_resized(tflite_models):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        art = load(tflite_models["int8"])
+    spec = art.input_spec
+    assert spec.dtype == "int8" and spec.quantization is not None
+    scale, zp = spec.quantization
+    assert scale > 0 and -128 <= zp <= 127
+    out_scale = art._out_q[0]
+    for n in BATCHES:
+        x = rand(n, seed=10 + n)
+        y = art.predict(x)
+        assert y.shape == (n, 5) and y.dtype == np.float32
+        # Against torch's own simulation of the same INT8 graph: a couple of output steps.
+        ref = np.concatenate([torch_out(tflite_models["qnet"], x[i:i + 1]) for i in range(n)])
+        assert np.abs(y - ref).max() <= 3 * out_scale + 1e-6
+        # And against the float model: quantization error, not garbage.
+        fref = torch_out(tflite_models["net"], x)
+        assert np.abs(y - fref).max() < 0.1 * float(fref.max() - fref.min())
+    assert art._resizable is True  # mean pooling resizes: one invoke per batch
+
+
+@slow
+def test_tflite_channels_last_file_takes_nchw(tflite_models):
+    art = load(tflite_models["nhwc"])
+    spec = art.input_spec
+    assert spec.shape == (1, 16, 16, 3) and spec.layout == "NHWC" and spec.image_shape == (3, 16, 16)
+    for n in (1, 7):
+        x = rand(n, seed=20 + n)
+        np.testing.assert_allclose(art.predict(x), torch_out(tflite_models["net"], x), rtol=1e-4, atol=1e-5)
+
+
+@slow
+@pytest.mark.skipif(not has_tflite_meta_reader(), reason="edgesqueeze.runtime._tflite_meta not written yet")
+def test_tflite_metadata_read(tflite_models):
+    art = load(tflite_models["flat"])
+    assert art.meta == tflite_models["flat_meta"]
+    assert art.classes == ["a", "b", "c"]
+    assert art.input_spec.normalization == "caller"
+    assert art.input_spec.mean == (0.5,) and art.input_spec.std == (0.25,)
+    u8 = pixels(5, (1, 8, 8))
+    x = ((u8.astype(np.float32) / 255 - 0.5) / 0.25).astype(np.float32)
+    np.testing.assert_allclose(art.predict_images(u8, batch_size=2), torch_out(tflite_models["flat_net"], x),
+                               rtol=1e-4, atol=1e-4)
+
+
+@slow
+def test_tflite_backend_choice(tflite_models):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load(tflite_models["int8"], backend="ai-edge-litert").backend == "ai-edge-litert"
+    with pytest.raises(RuntimeBackendError, match="is a TFLite model; backend 'onnxruntime' runs ONNX"):
+        load(tflite_models["int8"], backend="onnxruntime")
+
+
+def test_onnx_backend_choice(onnx_models):
+    assert load(onnx_models["fp32"], backend="onnxruntime").backend == "onnxruntime"
+    with pytest.raises(RuntimeBackendError, match="is an ONNX model; backend 'ai-edge-litert' runs TFLITE"):
+        load(onnx_models["fp32"], backend="ai-edge-litert")
+    with pytest.raises(RuntimeBackendError, match="unknown backend 'tensorrt'"):
+        load(onnx_models["fp32"], backend="tensorrt")
+
+
+def test_input_spec_layouts():
+    from edgesqueeze.runtime._base import build_spec
+
+    nhwc = build_spec(Path("x.tflite"), {}, name="in", shape=[1, 32, 32, 3], dtype="float32", quantization=None)
+    assert nhwc.layout == "NHWC" and nhwc.image_shape == (3, 32, 32) and nhwc.normalization is None
+    meta = {"input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
+    spec = build_spec(Path("x.tflite"), meta, name="in", shape=[1, 32, 32, 3], dtype="int8", quantization=(0.1, 2))
+    assert spec.layout == "NHWC" and spec.normalization == "caller" and spec.quantization == (0.1, 2)
+    dyn = build_spec(Path("x.onnx"), meta, name="in", shape=[-1, 3, "h", "w"], dtype="float32", quantization=None)
+    assert dyn.shape == (None, 3, 32, 32) and dyn.layout == "NCHW"
+    with pytest.raises(FormatError, match=r"x\.onnx: metadata std has a zero"):
+        build_spec(Path("x.onnx"), {**meta, "std": [0, 1, 1]}, name="in", shape=[1, 3, 32, 32],
+                   dtype="float32", quantization=None)
+    with pytest.raises(FormatError, match="normalization 'sometimes' is neither"):
+        build_spec(Path("x.onnx"), {**meta, "normalization": "sometimes"}, name="in", shape=[1, 3, 32, 32],
+                   dtype="float32", quantization=None)
+
+
+def test_quantize_dequantize_math():
+    # The docstring's worked example: scale 0.5, zero point -3.
+    q = quantize(np.array([1.2, 0.25, -0.25, 1000.0, -1000.0], np.float32), 0.5, -3, np.int8)
+    np.testing.assert_array_equal(q, [-1, -2, -4, 127, -128])  # half away from zero; clipped
+    np.testing.assert_allclose(dequantize(np.array([-1, 127], np.int8), 0.5, -3), [1.0, 65.0])
+    q8 = quantize(np.array([0.0, 1.0], np.float32), 1 / 255, 0, np.uint8)
+    np.testing.assert_array_equal(q8, [0, 255])
+
+
+# --------------------------------------------------------------------------- bad files
+
+def _damaged(src: Path, dst: Path, data: bytes) -> Path:
+    dst.write_bytes(data)
+    return dst
+
+
+def test_truncated_onnx(onnx_models, tmp_path):
+    blob = onnx_models["fp32"].read_bytes()
+    for cut in (len(blob) // 2, len(blob) - 7, 100):
+        p = _damaged(onnx_models["fp32"], tmp_path / f"cut{cut}.onnx", blob[:cut])
+        with pytest.raises(FormatError, match=rf"cut{cut}\.onnx: ONNX file is damaged or truncated"):
+            load(p)
+
+
+def test_every_prefix_of_an_onnx_file_is_refused_cleanly(onnx_models, tmp_path):
+    blob = onnx_models["fp32"].read_bytes()
+    cuts = sorted({*range(1, len(blob), max(1, len(blob) // 50)), *range(len(blob) - 6, len(blob))})
+    p = tmp_path / "prefix.onnx"
+    for cut in cuts:
+        p.write_bytes(blob[:cut])
+        with pytest.raises(FormatError, match=r"prefix\.onnx: (ONNX file is damaged or truncated|only \d+ bytes)"):
+            load(p)
+
+
+def test_garbage_with_onnx_extension(tmp_path):
+    p = tmp_path / "garbage.onnx"
+    p.write_bytes(b"this is not a model, just some text someone saved as .onnx\n" * 4)
+    with pytest.raises(FormatError, match=r"garbage\.onnx: not an ONNX or TFLite model"):
+        load(p)
+
+
+def test_garbage_with_tflite_extension(tmp_path):
+    p = tmp_path / "garbage.tflite"
+    p.write_bytes(b"\x00\x01\x02" * 50)
+    with pytest.raises(FormatError, match=r"garbage\.tflite: not a TFLite file \(no 'TFL3' identifier"):
+        load(p)
+
+
+@slow
+def test_truncated_tflite(tflite_models, tmp_path):
+    blob = tflite_models["int8"].read_bytes()
+    for cut in (len(blob) // 2, len(blob) - 9, 12):
+        p = tmp_path / f"cut{cut}.tflite"
+        p.write_bytes(blob[:cut])
+        with pytest.raises(FormatError, match=rf"cut{cut}\.tflite: TFLite file is damaged or truncated"):
+            load(p)
+
+
+@slow
+def test_every_prefix_of_a_tflite_file_is_refused_cleanly(tflite_models, tmp_path):
+    blob = tflite_models["int8"].read_bytes()
+    cuts = sorted({*range(1, len(blob), max(1, len(blob) // 50)), *range(len(blob) - 6, len(blob))})
+    p = tmp_path / "prefix.tflite"
+    for cut in cuts:
+        p.write_bytes(blob[:cut])
+        with pytest.raises(FormatError, match=r"prefix\.tflite: (TFLite file is damaged or truncated|only \d+ bytes)"):
+            load(p)
+
+
+@slow
+def test_tflite_renamed_onnx_is_refused(tflite_models, tmp_path):
+    p = tmp_path / "actually_tflite.onnx"
+    p.write_bytes(tflite_models["int8"].read_bytes())
+    with pytest.raises(FormatError, match=r"has a \.onnx extension but holds a TFLite model; rename"):
+        load(p)
+    ok = tmp_path / "actually_tflite.bin"  # an extension that claims nothing is fine
+    ok.write_bytes(tflite_models["int8"].read_bytes())
+    assert load(ok).kind == "tflite"
+
+
+def test_onnx_renamed_tflite_is_refused(onnx_models, tmp_path):
+    p = tmp_path / "actually_onnx.tflite"
+    p.write_bytes(onnx_models["fp32"].read_bytes())
+    with pytest.raises(FormatError, match=r"has a \.tflite extension but holds an ONNX model; rename"):
+        load(p)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(FormatError, match=r"empty\.onnx: file is empty \(0 bytes\)"):
+        load(tmp_path / "empty.onnx")
+    with pytest.raises(FormatError, match=r"nothere\.tflite: no such file"):
+        load(tmp_path / "nothere.tflite")
+    with pytest.raises(FormatError, match="is a directory"):
+        load(tmp_path)
+
+
+def test_esq_and_checkpoint_are_not_runnable_here(tmp_path):
+    from edgesqueeze.compress.container import dumps
+
+    esq = tmp_path / "model.esq"
+    esq.write_bytes(dumps({"model": "demo"}, [("w", b"\x01\x02", {"shape": [2]})]))
+    with pytest.raises(RuntimeBackendError, match=r"model\.esq: is an edgesqueeze \.esq archive.*"
+                                                  r"edgesqueeze unpack"):
+        load(esq)
+    ckpt = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, ckpt)
+    with pytest.raises(RuntimeBackendError, match=r"model\.pt: is a PyTorch checkpoint.*edgesqueeze export"):
+        load(ckpt)
+    renamed = tmp_path / "model_pt.onnx"  # a checkpoint with the wrong extension
+    renamed.write_bytes(ckpt.read_bytes())
+    with pytest.raises(RuntimeBackendError, match="is a PyTorch checkpoint"):
+        load(renamed)
+
+
+def test_sniff():
+    assert sniff(b"") == "empty"
+    assert sniff(b"\x18\x00\x00\x00TFL3rest") == "tflite"
+    assert sniff(b"\x89ESQ\r\n\x1a\n\x01\x00") == "esq"
+    assert sniff(b"PK\x03\x04....") == "zip"
+    assert sniff(b"\x08\x07\x12\x07pytorch") == "unknown"  # ONNX: confirmed by parsing
+
+
+# --------------------------------------------------------------------------- no torch
+
+def _run_py(code: str, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], check=False, capture_output=True, text=True,
+                          env=env, cwd=str(ROOT), timeout=120)
+
+
+def _no_torch_script(path: Path, shape: tuple[int, ...]) -> str:
+    return f"""
+import sys, warnings
+warnings.simplefilter("ignore")
+import numpy as np
+import edgesqueeze.runtime as rt
+art = rt.load({str(path)!r}, threads=1)
+y = art.predict(np.zeros((3, *{shape!r}), np.float32))
+assert y.shape[0] == 3 and y.dtype == np.float32, y.shape
+info = rt.inspect_artifact({str(path)!r})
+assert info["ops"], info
+rt.benchmark(art, warmup=1, runs=2)
+bad = [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+assert not bad, bad
+print("OK", art.kind)
+"""
+
+
+def test_runtime_never_imports_torch_onnx(onnx_models):
+    r = _run_py(_no_torch_script(onnx_models["fp32"], (3, 16, 16)))
+    assert r.returncode == 0 and "OK onnx" in r.stdout, r.stderr[-2000:]
+
+
+@slow
+def test_runtime_never_imports_torch_tflite(tflite_models):
+    r = _run_py(_no_torch_script(tflite_models["int8"], (3, 16, 16)))
+    assert r.returncode == 0 and "OK tflite" in r.stdout, r.stderr[-2000:]
+
+
+def test_no_torch_import_in_runtime_sources():
+    import re
+
+    forbidden = re.compile(r"^\s*(import|from)\s+(torch|edgesqueeze\.(export|checkpoint|models|compress|"
+                           r"data|train))\b", re.MULTILINE)
+    for f in (ROOT / "edgesqueeze" / "runtime").glob("*.py"):
+        assert not forbidden.findall(f.read_text()), f.name
+
+
+_BLOCK_RUNTIMES = """
+import sys, warnings
+warnings.simplefilter("ignore")
+for m in ("onnxruntime", "ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime",
+          "tflite_runtime.interpreter"):
+    sys.modules[m] = None  # as on a device where the package is not installed
+from edgesqueeze.errors import RuntimeBackendError
+import edgesqueeze.runtime as rt
+try:
+    rt.load(sys.argv[1])
+except RuntimeBackendError as e:
+    print("ERR", e)
+"""
+
+
+def test_missing_onnxruntime_gives_one_clear_line(onnx_models):
+    r = _run_py(_BLOCK_RUNTIMES, onnx_models["fp32"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("\n") == 1, r.stdout
+    assert "tiny.onnx: is an ONNX model but onnxruntime is not installed" in r.stdout
+    assert "pip install onnxruntime" in r.stdout
+
+
+@slow
+def test_missing_tflite_runtime_gives_one_clear_line(tflite_models):
+    r = _run_py(_BLOCK_RUNTIMES, tflite_models["int8"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("\n") == 1, r.stdout
+    assert "tiny.int8.tflite: is a TFLite model but no TFLite runtime is installed" in r.stdout
+    assert "pip install ai-edge-litert" in r.stdout and "tflite-runtime" in r.stdout
+
+
+@slow
+def test_tflite_runs_without_onnxruntime(tflite_models):
+    code = f"""
+import sys, warnings
+warnings.simplefilter("ignore")
+sys.modules["onnxruntime"] = None
+import numpy as np, edgesqueeze.runtime as rt
+print(rt.load({str(tflite_models['int8'])!r}).predict(np.zeros((2, 3, 16, 16), np.float32)).shape)
+"""
+    r = _run_py(code)
+    assert r.returncode == 0 and "(2, 5)" in r.stdout, r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- inspect
+
+def test_inspect_onnx(onnx_models):
+    info = inspect_artifact(onnx_models["fp32"])
+    assert info["kind"] == "onnx" and info["detail"] == "full"
+    assert info["metadata"] == META
+    assert info["inputs"] == [{"name": "input", "shape": ["n", 3, 16, 16], "dtype": "float32",
+                               "quantization": None}]
+    assert info["outputs"][0]["name"] == "logits"
+    assert info["ops"]["Conv"] == 2 and info["ops"]["Relu"] == 1
+    w = next(t for t in info["tensors"] if t["shape"] == [8, 3, 3, 3])
+    assert w["dtype"] == "float32" and w["bytes"] == 216 * 4 and w["sparsity"] == 0.5
+    params = sum(p.numel() for p in onnx_models["net"].parameters())
+    assert info["bytes_by_dtype"]["float32"] >= params * 4
+    assert info["file_bytes"] == onnx_models["fp32"].stat().st_size
+    json.dumps(info)  # JSON-able
+
+
+def test_inspect_onnx_int8(onnx_models):
+    info = inspect_artifact(onnx_models["int8"])
+    assert info["ops"]["QuantizeLinear"] >= 1 and info["ops"]["DequantizeLinear"] >= 1
+    w = next(t for t in info["tensors"] if t["shape"] == [8, 3, 3, 3])
+    assert w["dtype"] == "int8" and w["bytes"] == 216 and w["sparsity"] >= 0.5
+
+
+def test_inspect_onnx_without_onnx_package(onnx_models):
+    code = f"""
+import sys, json
+sys.modules["onnx"] = None
+import edgesqueeze.runtime as rt
+info = rt.inspect_artifact({str(onnx_models['fp32'])!r})
+print(json.dumps([info["detail"], info["ops"], info["inputs"][0]["shape"], info["metadata"]["classes"]]))
+"""
+    r = _run_py(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout) == ["io-only", None, ["n", 3, 16, 16], CLASSES]
+
+
+@slow
+def test_inspect_tflite(tflite_models):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = inspect_artifact(tflite_models["int8"])
+        flat = inspect_artifact(tflite_models["flat"])
+    assert info["kind"] == "tflite"
+    assert info["ops"]["CONV_2D"] == 2 and "DELEGATE" not in info["ops"]
+    assert info["inputs"][0]["dtype"] == "int8" and info["inputs"][0]["quantization"]["scale"] > 0
+    w = next(t for t in info["tensors"] if t["elements"] == 216)
+    assert w["dtype"] == "int8" and w["sparsity"] >= 0.5 and w["quantization"]["per_channel"] == 8
+    # fp32 weights: exactly the parameters of the torch model, read back from the file.
+    params = sum(p.numel() for p in tflite_models["flat_net"].parameters())
+    assert flat["bytes_by_dtype"]["float32"] == params * 4
+    assert flat["ops"]["FULLY_CONNECTED"] == 1
+    json.dumps(info)
+
+
+def test_inspect_bad_files(tmp_path):
+    (tmp_path / "x.onnx").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x032.1:")  # cut mid-graph
+    with pytest.raises(FormatError, match=r"x\.onnx: ONNX file is damaged or truncated"):
+        inspect_artifact(tmp_path / "x.onnx")
+    (tmp_path / "e.tflite").write_bytes(b"")
+    with pytest.raises(FormatError, match="empty"):
+        inspect_artifact(tmp_path / "e.tflite")
+
+
+# --------------------------------------------------------------------------- bench
+
+def test_benchmark_and_compare(onnx_models):
+    art = load(onnx_models["fp32"], threads=1)
+    r = benchmark(art, batch_size=4, warmup=1, runs=5)
+    assert r["runs"] == 5 and r["batch_size"] == 4 and r["threads"] == 1
+    assert 0 < r["p50_ms"] <= r["p90_ms"] and r["mean_ms"] > 0
+    rows = compare([art, onnx_models["int8"]], warmup=1, runs=3, threads=1)
+    assert [row["kind"] for row in rows] == ["onnx", "onnx"]
+    assert rows[0]["p50_ratio"] == 1.0 and rows[0]["size_ratio"] == 1.0
+    assert rows[1]["size_bytes"] == onnx_models["int8"].stat().st_size
+    with pytest.raises(DataError, match="runs >= 1"):
+        benchmark(art, runs=0)
+
+
+# --------------------------------------------------------------------------- images, topk
+
+def _coord_image(w: int, h: int) -> np.ndarray:
+    """HWC uint8 where R = column, G = row: a crop's position can be read from its pixels."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[..., 0] = np.arange(w, dtype=np.uint8)[None, :]
+    a[..., 1] = np.arange(h, dtype=np.uint8)[:, None]
+    a[..., 2] = 77
+    return a
+
+
+def test_load_image_center_crop_like_torchvision(tmp_path):
+    from PIL import Image
+
+    p = tmp_path / "coords.png"
+    Image.fromarray(_coord_image(30, 20)).save(p)
+    # Shorter side already 20: no resampling; crop 16x16 from top round(2)=2, left round(7)=7.
+    chw = load_image(p, (3, 16, 16), resize=20)
+    assert chw.dtype == np.uint8 and chw.shape == (3, 16, 16)
+    np.testing.assert_array_equal(chw[0, 0], np.arange(7, 23))
+    np.testing.assert_array_equal(chw[1, :, 0], np.arange(2, 18))
+    # With resampling: 30x20 -> resize 10 -> int(10 * 30 / 20) = 15 x 10, then crop 8x8.
+    chw = load_image(p, (3, 8, 8), resize=10)
+    ref = np.asarray(Image.open(p).convert("RGB").resize((15, 10), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(chw, ref[1:9, 4:12].transpose(2, 0, 1))  # top round(1), left round(3.5)=4
+    # Straight resize without "resize".
+    chw = load_image(p, (3, 5, 6))
+    ref = np.asarray(Image.open(p).convert("RGB").resize((6, 5), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(chw, ref.transpose(2, 0, 1))
+
+
+def test_load_image_modes_and_batch(tmp_path):
+    from PIL import Image
+
+    from edgesqueeze.runtime.images import _resized_size
+
+    assert _resized_size(640, 480, 256) == (341, 256)  # the docstring's example
+    assert _resized_size(480, 641, 256) == (256, 341)
+    p = tmp_path / "c.jpg"
+    Image.fromarray(_coord_image(12, 9)).save(p)
+    g = load_image(p, (1, 9, 12))
+    assert g.shape == (1, 9, 12)
+    batch = load_images([p, p], (3, 4, 4))
+    assert batch.shape == (2, 3, 4, 4) and batch.dtype == np.uint8
+    # Small image, large crop: zero padding like torchvision's CenterCrop.
+    Image.fromarray(_coord_image(4, 4)).save(tmp_path / "small.png")
+    padded = load_image(tmp_path / "small.png", (3, 8, 8), resize=4)
+    assert padded[2, 0, 0] == 0 and padded[2, 2, 2] == 77
+
+
+def test_load_image_errors(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(DataError, match=r"notes\.png: cannot read as an image"):
+        load_image(bad, (3, 8, 8))
+    with pytest.raises(DataError, match=r"gone\.jpg: no such image file"):
+        load_image(tmp_path / "gone.jpg", (3, 8, 8))
+    with pytest.raises(DataError, match="input_shape must be"):
+        load_image(bad, (8, 8))
+    with pytest.raises(DataError, match="resize must be a positive integer"):
+        load_image(bad, (3, 8, 8), resize=0)
+
+
+def test_topk_and_softmax():
+    res = topk(np.array([2.0, 1.0, 0.1]), 2, ["a", "b", "c"])
+    assert [(i, n) for i, n, _ in res] == [(0, "a"), (1, "b")]
+    assert res[0][2] == pytest.approx(0.659, abs=1e-3) and res[1][2] == pytest.approx(0.242, abs=1e-3)
+    assert topk(np.array([[0.0, 5.0]]), 10) == [(1, "1", pytest.approx(0.9933, abs=1e-4)),
+                                                (0, "0", pytest.approx(0.0067, abs=1e-4))]
+    assert topk([0.2, 0.7, 0.1], 1, logits=False) == [(1, "1", pytest.approx(0.7))]
+    np.testing.assert_allclose(softmax(np.array([[1000.0, 1000.0]])), [[0.5, 0.5]])
+    with pytest.raises(DataError, match="2 class names for 3 scores"):
+        topk([1.0, 2.0, 3.0], 1, ["a", "b"])
+    with pytest.raises(DataError, match="one image's scores"):
+        topk(np.zeros((2, 3)), 1)
+
+
+def test_errors_are_edgesqueeze_errors():
+    assert issubclass(FormatError, EdgesqueezeError) and issubclass(RuntimeBackendError, EdgesqueezeError)
