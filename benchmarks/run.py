@@ -26,7 +26,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "bench"
 sys.path.insert(0, str(ROOT))
 
-PARTS = ("channels_last", "demo", "mnist", "tutorial", "cifar", "esq_imagenet", "report")
+PARTS = ("channels_last", "demo", "mnist", "tutorial", "cifar", "esq_imagenet", "compress_mnist", "compress_cifar",
+         "report")
+COMPRESS = {  # part: (checkpoint trained by the mnist/cifar parts, recipe with the compress section)
+    "compress_mnist": ("runs/bench/mnist-seed0/model.pt", "recipes/squeezenet-mnist.yaml"),
+    "compress_cifar": ("runs/bench/squeezenet-cifar10/model.pt", "recipes/squeezenet-cifar10.yaml"),
+}
 SHARED = ROOT.parent / "shared"
 
 
@@ -148,6 +153,38 @@ def part_cifar(args) -> None:
         save("cifar", {"runs": rows})
 
 
+def _compress(part: str, args) -> None:
+    """`edgesqueeze compress` on a benchmark checkpoint, as a user runs it (a subprocess)."""
+    ckpt, recipe = COMPRESS[part]
+    out = RUNS / part
+    cmd = [sys.executable, "-m", "edgesqueeze", "compress", ckpt, "-r", recipe, "--out", str(out), "--no-progress"]
+    cmd += [x for kv in args.set for x in ("--set", kv)]
+    log(" ".join(cmd))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    record_compress(part, out / "report.json", " ".join(["edgesqueeze", *cmd[3:]]), time.perf_counter() - t0)
+
+
+def record_compress(part: str, report_path: Path, command: str, wall_s: float | None = None) -> None:
+    """Save the numbers of a compress report (also for a run made by hand with ``command``)."""
+    rep = json.loads(Path(report_path).read_text())
+    t, test = rep["totals"], rep["test"]
+    save(part, {"compress_command": command, "report": str(report_path), "esq_bytes": t["esq_bytes"],
+                "ratio": t["ratio"], "density": t["density"], "test_before": test["before"]["accuracy"],
+                "test_after": test["after"]["accuracy"], "drop_points": test["drop_points"],
+                "huffman_over_entropy": t["huffman_over_entropy"], "baselines": rep["baselines"],
+                "stages": rep["stages"], "wall_s": round(wall_s or rep.get("wall_s", 0), 1),
+                "config": rep.get("config")})
+
+
+def part_compress_mnist(args) -> None:
+    _compress("compress_mnist", args)
+
+
+def part_compress_cifar(args) -> None:
+    _compress("compress_cifar", args)
+
+
 def part_esq_imagenet(args) -> None:
     """Lossless .esq re-encoding of the released (pruned, 8-bit shared) ImageNet SqueezeNet."""
     import statistics
@@ -253,6 +290,24 @@ def report() -> str:
                   f"- decode to tensors **{r['decode_ms']} ms** (median of 15) against `torch.load` of the dense state_dict "
                   f"{r['torch_load_ms']} ms, same run (**{r['decode_ms'] / r['torch_load_ms']:.2f}x**, target at most 2x)",
                   f"- encode {r['encode_s']} s", ""]
+    for part, title, target in (
+            ("compress_mnist", "Deep Compression, MNIST (`recipes/squeezenet-mnist.yaml`, seed-0 model)",
+             "Target: at most 16 KB (16,000 B) at 99.4% test accuracy or more, within 15 minutes on 2 cores."),
+            ("compress_cifar", "Deep Compression, CIFAR-10 (`recipes/squeezenet-cifar10.yaml`)",
+             "Target: at most 100 KB within 1 point of the float SqueezeNet.")):
+        if not (r := _load(part)):
+            continue
+        lines += [f"## {title}", "", _mach(r), f"Compress command: `{r['compress_command']}`", "",
+                  f"- **{r['esq_bytes']:,} B** `.esq` ({r['ratio']}x smaller than dense fp32, {100 * r['density']:.1f}% "
+                  f"of weights kept), test accuracy {_pct(r['test_before'])} -> **{_pct(r['test_after'])}** "
+                  f"({-r['drop_points']:+.2f} points), {r['wall_s'] / 60:.1f} min end to end",
+                  f"- Huffman streams {r['huffman_over_entropy']}x their zeroth-order entropy",
+                  "- same weights with general-purpose coders: " + ", ".join(
+                      f"{k} {v:,} B" for k, v in r["baselines"].items()), "",
+                  "| stage | val acc | bytes |", "| --- | --- | --- |"]
+        for st in r["stages"]:
+            lines.append(f"| {st['stage']} | {_pct(st['val_accuracy'])} | {st['bytes'] or '-'} |")
+        lines += ["", target, ""]
     if r := _load("channels_last"):
         lines += ["## channels_last on CPU (training steps per second, batch 128)", "", _mach(r), "",
                   "| model | contiguous | channels_last | speedup |", "| --- | --- | --- | --- |"]
@@ -273,9 +328,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="seeds for the MNIST parts")
     ap.add_argument("--set", action="append", default=[], help="recipe override for the cifar part")
     ap.add_argument("--report", action="store_true", help="only re-render docs/BENCHMARKS.md")
+    ap.add_argument("--record", nargs=3, metavar=("PART", "REPORT_JSON", "COMMAND"),
+                    help="save a compress part from a run made by hand (its report.json and the command used)")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    if not args.report:
+    if args.record:
+        record_compress(args.record[0], Path(args.record[1]), args.record[2])
+    elif not args.report:
         for part in args.only.split(","):
             if part not in PARTS:
                 raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
