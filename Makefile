@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: install demo test test-fast bench clean help
 
 help:
-	@echo "make demo     train SqueezeNet on sklearn digits (embedded data), then deep-compress it"
+	@echo "make demo     digits end to end: train, deep-compress, export ONNX/TFLite fp32+int8, verify, gate"
 	@echo "make test     run the test suite (under 10 minutes on 2 cores)"
 	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md (long)"
 	@echo "make install  create $(VENV) and install edgesqueeze with its dependencies"
@@ -29,11 +29,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/edgesqueeze train --recipe recipes/squeezenet-digits.yaml --overwrite
-	$(VENV)/bin/edgesqueeze eval artifacts/squeezenet-digits/model.pt
-	$(VENV)/bin/edgesqueeze compress artifacts/squeezenet-digits/model.pt --recipe recipes/squeezenet-digits.yaml \
-		--out artifacts/squeezenet-digits/compressed
-	@echo "demo outputs: $(CURDIR)/artifacts/squeezenet-digits/ (model.pt, curves.png; compressed/model.esq, compressed/report.md)"
+	OUT=artifacts/squeezenet-digits EDGESQUEEZE=$(VENV)/bin/edgesqueeze bash examples/ci/gate.sh
+	@echo "demo outputs: $(CURDIR)/artifacts/squeezenet-digits/ (model.pt, curves.png; compressed/: model.esq," \
+	      "report.md; export/: .onnx and .tflite, fp32 and int8; verify.json, gate.md)"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -27,7 +27,8 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
         return _inspect_pt(path)
     from edgesqueeze.runtime.inspect import inspect_artifact
 
-    return inspect_artifact(path)
+    desc = inspect_artifact(path)
+    return {"file": str(path), "bytes": desc.get("file_bytes", path.stat().st_size), **desc}
 
 
 def _inspect_esq(path: Path) -> dict[str, Any]:

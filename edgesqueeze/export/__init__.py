@@ -97,8 +97,9 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             from edgesqueeze.export.tflite import export_tflite_int8
 
             export_tflite_int8(model, meta, path, calib[0], calibration=config.calibration,
-                               calibration_info=calib[1], io=config.tflite_int8_io,
-                               fold_normalization=config.fold_normalization, source_sha256=digest)
+                               calibration_split=calib[1]["split"], calibration_seed=seed,
+                               io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
+                               source_sha256=digest)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
         written.append(path)
     return written

@@ -81,22 +81,23 @@ class _Reader:
     def _indirect(self, pos: int) -> int:
         return pos + self._unpack("<I", pos)
 
-    def vector(self, table: int, field: int) -> tuple[int, int]:
-        """(start of elements, count) of a vector field; (0, 0) if absent."""
+    def vector(self, table: int, field: int, elem_size: int = 4) -> tuple[int, int]:
+        """(start of elements, count) of a vector field; (0, 0) if absent. The elements must
+        fit in the file (a damaged count is refused here, not looped over)."""
         pos = self.field_pos(table, field)
         if pos is None:
             return 0, 0
         vec = self._indirect(pos)
         count = self._unpack("<I", vec)
+        if vec + 4 + count * elem_size > len(self.data):
+            raise self.bad(f"a vector of {count} x {elem_size} bytes at {vec} runs past the end")
         return vec + 4, count
 
     def table_at(self, elems: int, i: int) -> int:
         return self._indirect(elems + 4 * i)
 
     def byte_vector(self, table: int, field: int) -> bytes:
-        start, count = self.vector(table, field)
-        if start + count > len(self.data):
-            raise self.bad(f"a {count}-byte vector at {start} runs past the end")
+        start, count = self.vector(table, field, 1)
         return bytes(self.data[start:start + count])
 
 

@@ -1,0 +1,614 @@
+"""ONNX export, fp32 and INT8 (QDQ), with the artifact metadata embedded.
+
+fp32: ``torch.export`` then ``torch.onnx.export(dynamo=True)`` (the current exporter; the
+TorchScript one is deprecated and slated for removal). It handles every edgesqueeze model
+cleanly, folds eval-mode BatchNorm into the convs, and keeps the batch dimension symbolic.
+Only a ``torch.jit.ScriptModule`` (which ``torch.export`` cannot trace) goes through the
+TorchScript exporter. The file is one self-contained ``.onnx`` (weights embedded), input
+``"input"`` (N, C, H, W) float32, output ``"logits"`` (N, classes), checked with the ONNX
+checker and strict shape inference, the artifact metadata in ``metadata_props`` under
+:data:`~edgesqueeze.export._common.META_KEY`. Nodes are renamed after the torch modules
+they come from (``features.3.squeeze``), so layer names mean the same in torch, in the
+ONNX graph and in ``float_layers``.
+
+INT8: ``onnxruntime.quantization.quantize_static`` in QDQ form, weights int8 symmetric per
+output channel, activations **uint8** asymmetric per tensor, calibrated on given images.
+Why uint8 activations and not ORT's default int8 (measured on a 2-core AVX-512 VNNI x86,
+SqueezeNet 1.0 at 224x224, batch 1; see ``benchmarks/onnx_int8.py``): ORT's CPU provider
+fuses ``DQ -> Conv -> Q`` into an integer ``QLinearConv`` only for uint8 activations on x86
+(int8 x int8 fusion is an ARM-only default), so with int8 activations 24 of 26 convs run as
+float convs on dequantized tensors, plus 100 Q/DQ nodes and NCHW/NHWC transposes: 2.5x
+*slower* than fp32. With uint8 activations every conv is a ``QLinearConv``, the graph runs
+in NHWC with the ReLUs folded into the requantization, and it is faster than fp32. uint8 x
+int8 is also what ORT documents for x86 and it runs on ARM.
+
+Accuracy options (all measured in ``benchmarks/onnx_int8.py`` on the ImageNet SqueezeNet):
+``equalize`` (cross-layer equalization of consecutive convs before export), ``bias_correction``
+(empirical: shift each conv's bias so its mean output on the calibration images matches
+fp32, through ONNX Runtime itself), ``float_layers`` (modules kept in float: mixed precision)
+and ``augment`` (flipped / cropped copies of the calibration images).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import io
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgesqueeze._io import write_bytes_atomic
+from edgesqueeze.errors import ExportError
+from edgesqueeze.export._common import (META_KEY, CalibrationConfig, artifact_meta, meta_json,
+                                        to_input)
+
+__all__ = ["export_onnx", "export_onnx_int8", "onnx_graph", "read_onnx_meta", "INPUT_NAME",
+           "OUTPUT_NAME"]
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+_MAX_PROTO = 2 ** 31 - 1  # protobuf's limit: beyond it ONNX needs external data, which we refuse
+
+
+# ---------------------------------------------------------------------------------------
+# torch -> ONNX graph
+
+
+class _Normalized(nn.Module):
+    """``model((x - mean) / std)``: the graph takes pixels / 255 (``fold_normalization``)."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) * self.inv_std)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[0][:300] if lines else "") or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter and the quantizer talk a lot (deprecation warnings, 'torchvision is not
+    installed' per op, progress prints, ORT's 'consider pre-processing'); keep it out of the
+    user's terminal. Errors still propagate."""
+    root = logging.getLogger()
+    loggers = [root, logging.getLogger("torch.onnx"), logging.getLogger("torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _chain_text(exc: BaseException) -> str:
+    """The messages of ``exc`` and its causes: the exporter wraps the useful one."""
+    seen, parts = set(), []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+_OP_PATTERNS = (r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>",
+                r"target=torch\.ops\.([\w.]+)\]")
+
+
+def _module_of(program, node_name: str | None, op: str | None) -> str | None:
+    """``'name' (Type)`` of the innermost module that emitted the FX node ``node_name`` (or
+    the first node calling ``op``), looked up in the exported program and, failing that, in
+    its core-ATen decomposition (the exporter translates decomposed nodes)."""
+    graphs = [lambda: program.graph, lambda: program.run_decompositions().graph]
+    for get in graphs:
+        try:
+            nodes = [n for n in get().nodes if n.op == "call_function"]
+        except Exception:
+            continue
+        hit = next((n for n in nodes if op and str(n.target) == op), None)
+        if hit is None and node_name:
+            hit = next((n for n in nodes if n.name == node_name), None)
+        stack = hit.meta.get("nn_module_stack") if hit is not None else None
+        if stack:
+            path, kind = list(stack.values())[-1]
+            kind = getattr(kind, "__name__", str(kind)).rsplit(".", 1)[-1]
+            return f"'{path}' ({kind})" if path else f"<root> ({kind})"
+    return None
+
+
+def _conversion_error(program, exc: BaseException, what: str, opset: int, prefix: str) -> ExportError:
+    text = _chain_text(exc)
+    op = None
+    if m := re.search(_OP_PATTERNS[0], text):
+        op = f"{m.group(1)}.{m.group(2)}"
+    elif m := re.search(_OP_PATTERNS[1], text):
+        op = m.group(1)
+    node = m.group(1) if (m := re.search(r"Error when translating node %(\w+)", text)) else None
+    where = _module_of(program, node, op) if (op or node) else None
+    if where and prefix and where.startswith(f"'{prefix}"):
+        where = "'" + where[len(prefix) + 1:]
+    reason = _first_line(exc.__cause__ or exc) if op else _first_line(exc)
+    if op and where:
+        return ExportError(f"cannot export {what} to ONNX (opset {opset}): op {op} in module {where} "
+                           f"has no ONNX translation; replace that module with supported ops")
+    if op:
+        return ExportError(f"cannot export {what} to ONNX (opset {opset}): op {op} has no ONNX "
+                           f"translation ({reason})")
+    return ExportError(f"cannot export {what} to ONNX (opset {opset}): {type(exc).__name__}: {reason}")
+
+
+def _export_dynamo(module: nn.Module, sample: torch.Tensor, what: str, opset: int, prefix: str):
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with _quiet():
+        try:
+            program = torch.export.export(module, (sample,), dynamic_shapes=({0: batch},), strict=False)
+        except Exception as exc:  # data-dependent control flow, unsupported Python...
+            raise ExportError(f"torch.export cannot trace {what}: {_first_line(exc)}") from exc
+        try:
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
+                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                             optimize=True, verbose=False, external_data=False)
+        except Exception as exc:  # ConversionError, DispatchError, ...
+            raise _conversion_error(program, exc, what, opset, prefix) from exc
+        return onnx_program.model_proto
+
+
+def _export_torchscript(module: nn.Module, sample: torch.Tensor, what: str, opset: int):
+    """For ``torch.jit.ScriptModule`` only: ``torch.export`` cannot trace compiled TorchScript,
+    so the (deprecated) TorchScript exporter is the one that can read it."""
+    import onnx
+
+    buf = io.BytesIO()
+    with _quiet():
+        try:
+            torch.onnx.export(module, (sample,), buf, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        except Exception as exc:
+            text = _chain_text(exc)
+            m = re.search(r"operator '?([\w:.]+)'? to ONNX", text)
+            op = f" op {m.group(1)}" if m else ""
+            raise ExportError(f"cannot export TorchScript {what} to ONNX (opset {opset}):{op} "
+                              f"{_first_line(exc)}") from exc
+    return onnx.load_from_string(buf.getvalue())
+
+
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _rename_nodes(proto, prefix: str) -> None:
+    """Name each node after the torch module that emitted it (``features.3.squeeze`` for a
+    conv, ``features.3/cat`` for the Fire's concat) and drop the exporter's per-node
+    metadata (stack traces with absolute paths: bulky, and not reproducible across machines)."""
+    inits = {i.name for i in proto.graph.initializer}
+    used: set[str] = set()
+    for node in proto.graph.node:
+        # A conv is named by its weight (after BatchNorm folding the fused node carries the
+        # BN's scope, but the weight keeps the conv's name); anything else by its scope.
+        weight = node.input[1] if len(node.input) > 1 and node.input[1] in inits else ""
+        scopes = None
+        for prop in node.metadata_props:
+            if prop.key == "pkg.torch.onnx.name_scopes":
+                with contextlib.suppress(ValueError, SyntaxError):
+                    scopes = ast.literal_eval(prop.value)
+        del node.metadata_props[:]
+        if not scopes or len(scopes) < 2:
+            used.add(node.name)
+            continue
+        path, op = str(scopes[-2]), str(scopes[-1])
+        if node.op_type in _WEIGHTED and weight.endswith(".weight"):
+            path = weight[:-len(".weight")]
+        if prefix and path.startswith(prefix):
+            path = path[len(prefix):]
+        elif prefix and path == prefix.rstrip("."):
+            path = ""
+        base = path if node.op_type in _WEIGHTED and path else (
+            f"{path}/{op}" if path else op)
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        node.name = name
+
+
+def _check(proto) -> None:
+    """The ONNX checker, then strict shape inference with type checks; ExportError if not."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"the exported ONNX graph is invalid: {_first_line(exc)}") from exc
+
+
+def _artifact(model: nn.Module, meta: dict[str, Any], fmt: str, fold_normalization: bool,
+              **kw: Any) -> dict[str, Any]:
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"export needs a torch nn.Module, got {type(model).__name__}")
+    return artifact_meta(meta, fmt, normalization="in-graph" if fold_normalization else "caller", **kw)
+
+
+def _check_opset(opset: int) -> None:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 17 <= opset <= 23:
+        raise ExportError(f"opset must be an integer in 17..23, got {opset!r}")
+
+
+def onnx_graph(model: nn.Module, meta: dict[str, Any], *, opset: int = 18,
+               fold_normalization: bool = False):
+    """``model`` as a checked fp32 ``onnx.ModelProto`` without artifact metadata (the common
+    first step of both exports). ``model`` is not modified (an eval-mode copy is exported)."""
+    _check_opset(opset)
+    art = _artifact(model, meta, "onnx", fold_normalization)
+    module = copy.deepcopy(model).eval()
+    what = type(model).__name__
+    if fold_normalization:
+        module = _Normalized(module, art["mean"], art["std"]).eval()
+    sample = torch.rand(2, *art["input_shape"])  # batch 2: a batch of 1 could be specialised
+    if isinstance(model, torch.jit.ScriptModule):
+        if fold_normalization:
+            raise ExportError("fold_normalization is not supported for TorchScript models; "
+                              "export the checkpoint it came from")
+        proto = _export_torchscript(module, sample, what, opset)
+    else:
+        prefix = "model." if fold_normalization else ""
+        proto = _export_dynamo(module, sample, what, opset, prefix)
+        _rename_nodes(proto, prefix)
+    _check_no_external(proto)
+    _check(proto)
+    return proto
+
+
+def _check_no_external(proto) -> None:
+    import onnx
+
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise ExportError(f"initializer {init.name} refers to external data; the exporter "
+                              "was expected to embed every weight")
+
+
+def _write(proto, metadata: dict[str, str], out: str | os.PathLike) -> Path:
+    """Set ``metadata_props``, check, serialise, write atomically."""
+    import onnx
+
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    _check(proto)
+    if proto.ByteSize() > _MAX_PROTO:
+        raise ExportError(f"the model is {proto.ByteSize():,} bytes, over ONNX's 2 GB single-file "
+                          "limit; edgesqueeze writes weights embedded only")
+    out = Path(out)
+    write_bytes_atomic(out, proto.SerializeToString())
+    return out
+
+
+def read_onnx_meta(path_or_proto) -> dict[str, Any]:
+    """The artifact metadata of an ``.onnx`` file (or ModelProto) written by edgesqueeze."""
+    import json
+
+    import onnx
+
+    proto = path_or_proto
+    if not isinstance(proto, onnx.ModelProto):
+        proto = onnx.load(str(path_or_proto), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    if META_KEY not in props:
+        raise ExportError(f"{path_or_proto if not isinstance(path_or_proto, onnx.ModelProto) else 'model'}: "
+                          f"no '{META_KEY}' metadata; not written by edgesqueeze")
+    return json.loads(props[META_KEY])
+
+
+# ---------------------------------------------------------------------------------------
+# fp32
+
+
+def export_onnx(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike, *, opset: int = 18,
+                fold_normalization: bool = False, source_sha256: str | None = None) -> Path:
+    """Write ``model`` as a float32 ``.onnx`` with the artifact metadata embedded.
+
+    Input ``"input"``: float32 (batch, C, H, W), batch dynamic; output ``"logits"``. Feed
+    ``(pixels/255 - mean) / std`` (``_common.to_input``), or with ``fold_normalization``
+    ``pixels/255``: the graph normalizes. ``opset`` 17..23. Raises ExportError naming the
+    module and op the exporter cannot handle; ``out`` is written atomically.
+    """
+    art = _artifact(model, meta, "onnx", fold_normalization, source_sha256=source_sha256)
+    proto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
+    return _write(proto, {META_KEY: meta_json(art)}, out)
+
+
+# ---------------------------------------------------------------------------------------
+# INT8
+
+
+class _Reader:
+    """``CalibrationDataReader`` over a float32 array, in batches (the batch is dynamic)."""
+
+    def __init__(self, x: np.ndarray, batch_size: int) -> None:
+        self.x, self.batch_size, self.i = x, batch_size, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.x):
+            return None
+        batch = self.x[self.i:self.i + self.batch_size]
+        self.i += self.batch_size
+        return {INPUT_NAME: batch}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def _matching_nodes(proto, layers: Sequence[str]) -> list[str]:
+    """ONNX node names inside the torch modules ``layers`` (a module covers its children:
+    ``features.3`` is the whole Fire). An unknown name is an ExportError with a suggestion."""
+    import difflib
+
+    names = [n.name for n in proto.graph.node]
+    out: list[str] = []
+    for layer in layers:
+        hits = [n for n in names if n == layer or n.startswith(layer + ".") or n.startswith(layer + "/")]
+        if not hits:
+            convs = [n.name for n in proto.graph.node if n.op_type in _WEIGHTED]
+            close = difflib.get_close_matches(layer, convs, n=1)
+            tip = f"; did you mean '{close[0]}'?" if close else f"; layers: {', '.join(convs[:8])}..."
+            raise ExportError(f"float_layers: no layer named '{layer}' in the model{tip}")
+        out += [h for h in hits if h not in out]
+    # A float conv's ReLU and max pool stay float with it: quantized after the conv, the
+    # pool would run as ORT's uint8 NCHW MaxPool (16 ms on the ImageNet stem, measured)
+    # instead of the float NCHWc one (0.5 ms); the first quantized conv then quantizes.
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    by_name = {n.name: n for n in proto.graph.node}
+    for name in list(out):
+        node = by_name[name]
+        while node.op_type in _WEIGHTED + _FLOAT_FOLLOWERS:
+            nxt = consumers.get(node.output[0], [])
+            if len(nxt) != 1 or nxt[0].op_type not in _FLOAT_FOLLOWERS:
+                break
+            node = nxt[0]
+            if node.name not in out:
+                out.append(node.name)
+    return out
+
+
+_FLOAT_FOLLOWERS = ("Relu", "Clip", "MaxPool")
+
+
+def _session(model_bytes: bytes, *, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def _channel_means(proto, tensors: Sequence[str], x: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Per-channel (axis 1) means of the named tensors over ``x``, run by ONNX Runtime.
+
+    The graph is cut after the tensors (nothing downstream runs) and the tensors become its
+    outputs; ORT's optimizations stay on, so everything upstream runs as it will in
+    deployment (integer kernels) and only the probed nodes stay unfused."""
+    import onnx
+
+    wanted = list(dict.fromkeys(tensors))
+    cut = onnx.utils.Extractor(proto).extract_model([INPUT_NAME], wanted)
+    sess = _session(cut.SerializeToString(), threads=os.cpu_count() or 1)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for i in range(0, len(x), batch_size):
+        for t, v in zip(wanted, sess.run(wanted, {INPUT_NAME: x[i:i + batch_size]})):
+            axes = (0,) + tuple(range(2, v.ndim))
+            sums[t] = sums.get(t, 0) + v.sum(axis=axes, dtype=np.float64)
+            counts[t] = counts.get(t, 0) + v.size // v.shape[1]
+    return {t: sums[t] / counts[t] for t in wanted}
+
+
+def _conv_outputs(qproto) -> list[tuple[str, str, str, str]]:
+    """``(node name, output tensor, int32 bias initializer, bias scale initializer)`` for every
+    conv of a QDQ graph whose bias is a quantized initializer, in graph (topological) order.
+    The output tensor is the conv's own (pre-activation): when the quantizer drops a ReLU
+    into the requantization, the conv's output takes over the ReLU's tensor name."""
+    producers = {o: n for n in qproto.graph.node for o in n.output}
+    inits = {i.name for i in qproto.graph.initializer}
+    out = []
+    for node in qproto.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3:
+            continue
+        dq = producers.get(node.input[2])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        out.append((node.name, node.output[0], dq.input[0], dq.input[1]))
+    return out
+
+
+def _conv_levels(proto, convs: Sequence[str]) -> list[list[str]]:
+    """Group conv node names by depth: a conv's level is one more than the deepest conv
+    upstream of it. Convs of one level do not feed each other, so their biases can be
+    corrected together (a Fire's expand1x1 and expand3x3 share a level)."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    wanted = set(convs)
+    memo: dict[str, int] = {}
+
+    def depth(node) -> int:  # deepest conv level at or above node's output
+        if node.name in memo:
+            return memo[node.name]
+        memo[node.name] = 0  # cycle guard (ONNX graphs are acyclic)
+        above = max((depth(producers[i]) for i in node.input if i in producers), default=0)
+        memo[node.name] = above + (1 if node.name in wanted else 0)
+        return memo[node.name]
+
+    by_level: dict[int, list[str]] = {}
+    for node in proto.graph.node:
+        if node.name in wanted:
+            by_level.setdefault(depth(node), []).append(node.name)
+    return [by_level[k] for k in sorted(by_level)]
+
+
+def correct_biases(qproto, fproto, x: np.ndarray, *, batch_size: int = 32) -> int:
+    """Empirical bias correction (Nagel et al. 2019) of a QDQ graph, in place.
+
+    Quantization shifts each conv's mean output. For every conv with an int32 bias, the
+    per-channel mean of its output in the quantized graph (run by ONNX Runtime with the Q/DQ
+    arithmetic explicit) is compared with the same conv's output in the fp32 graph
+    ``fproto`` on the calibration inputs ``x``, and the difference is subtracted from the
+    bias, in units of the bias scale so that it stays exactly representable. Layers are
+    corrected in network order, each with everything upstream already corrected (one run
+    of the graph per depth level): correcting all layers from one run would count each
+    upstream shift twice. Returns the number of convs corrected.
+
+    Example: a conv whose quantized output averages 0.30 above fp32 on channel 0, with bias
+    scale 0.01, gets 30 subtracted from its int32 bias on channel 0.
+    """
+    from onnx import numpy_helper
+
+    # The fp32 twin of each conv is the node of the same name (the quantizer keeps names);
+    # compare the conv outputs themselves, before any activation, in both graphs.
+    fp_out = {n.name: n.output[0] for n in fproto.graph.node if n.op_type == "Conv"}
+    convs = {c[0]: c for c in _conv_outputs(qproto) if c[0] in fp_out}
+    if not convs:
+        return 0
+    ref = _channel_means(fproto, [fp_out[name] for name in convs], x, batch_size)
+    inits = {i.name: i for i in qproto.graph.initializer}
+    for level in _conv_levels(qproto, list(convs)):
+        got = _channel_means(qproto, [convs[name][1] for name in level], x, batch_size)
+        for name in level:
+            _, out, bias_name, scale_name = convs[name]
+            bias = numpy_helper.to_array(inits[bias_name]).astype(np.int64)
+            scale = np.broadcast_to(numpy_helper.to_array(inits[scale_name]).astype(np.float64), bias.shape)
+            shift = got[out] - ref[fp_out[name]]
+            step = np.rint(np.divide(shift, scale, out=np.zeros_like(scale), where=scale > 0))
+            new = np.clip(bias - step.astype(np.int64), -(2 ** 31) + 1, 2 ** 31 - 1).astype(np.int32)
+            inits[bias_name].CopyFrom(numpy_helper.from_array(new, bias_name))
+    return len(convs)
+
+
+_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+_BIAS_IMAGES = 128  # calibration images that bias correction runs on (the first ones)
+
+
+def quantize_qdq(fproto, x: np.ndarray, *, calibration: CalibrationConfig,
+                 float_nodes: Sequence[str] = (), per_channel: bool = True,
+                 reduce_range: bool = False, activation_type: str = "uint8"):
+    """``quantize_static`` of ``fproto`` (fp32, input ``"input"``) in QDQ form, calibrated on
+    the float inputs ``x``; returns the quantized ModelProto. Weights int8 symmetric (per
+    output channel with ``per_channel``), activations ``activation_type`` per tensor."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}.get(activation_type)
+    if act is None:
+        raise ExportError(f"activation_type must be 'uint8' or 'int8', got {activation_type!r}")
+    extra: dict[str, Any] = {}
+    if calibration.method == "percentile":
+        extra["CalibPercentile"] = float(calibration.percentile)
+    with tempfile.TemporaryDirectory(prefix="edgesqueeze-onnx-") as tmp, _quiet():
+        src, dst = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
+        src.write_bytes(fproto.SerializeToString())
+        try:
+            quantize_static(str(src), str(dst), _Reader(x, calibration.batch_size),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            reduce_range=reduce_range, activation_type=act,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=list(float_nodes),
+                            calibrate_method=getattr(CalibrationMethod, _METHODS[calibration.method]),
+                            extra_options=extra)
+        except Exception as exc:  # ORT raises plain Exceptions of many kinds
+            raise ExportError(f"onnxruntime quantization failed: {type(exc).__name__}: "
+                              f"{_first_line(exc)}") from exc
+        return onnx.load(str(dst))
+
+
+def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike,
+                     calib_images: np.ndarray, *,
+                     calibration: CalibrationConfig | None = None,
+                     calibration_info: dict[str, Any] | None = None,
+                     opset: int = 18,
+                     fold_normalization: bool = False,
+                     float_layers: Sequence[str] = (),
+                     equalize: bool = False,
+                     bias_correction: bool = True,
+                     augment: int = 0,
+                     per_channel: bool = True,
+                     reduce_range: bool = False,
+                     source_sha256: str | None = None) -> Path:
+    """Write an INT8 QDQ ``.onnx``: int8 weights (symmetric, per output channel), uint8
+    activations calibrated on ``calib_images`` (uint8 NCHW, all of them: pick them with
+    ``_common.calibration_images``), with the artifact metadata (``artifact_format``
+    ``"onnx-int8"``, the ``calibration`` block filled). Input and output stay float32: the
+    graph quantizes its input itself, so it is fed exactly like the fp32 file.
+
+    ``calibration``: ``method`` (minmax / entropy / percentile with ``percentile``) and
+    ``batch_size``; its ``images`` is not used (the caller chose the images).
+    ``calibration_info``: what the caller knows about the images (``split``, ``seed``,
+    ``dataset``), recorded in the metadata.
+    ``float_layers``: torch module names kept in float (mixed precision; a module covers
+    its children). ``equalize``: cross-layer equalization of consecutive convs first.
+    ``bias_correction``: empirical bias correction on the calibration images.
+    ``augment``: add that many flipped / cropped copies of each calibration image.
+    ``reduce_range``: 7-bit weights, for x86 CPUs without VNNI, whose uint8 x int8 kernels
+    can saturate (not needed with VNNI or on ARM).
+    Raises ExportError like :func:`export_onnx`; ``out`` is written atomically.
+    """
+    calibration = calibration or CalibrationConfig()
+    images = np.asarray(calib_images)
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
+        raise ExportError(f"calibration images must be a non-empty uint8 (N, C, H, W) array, "
+                          f"got {images.dtype} {images.shape}")
+    if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
+        raise ExportError(f"augment must be an integer >= 0, got {augment!r}")
+    info = dict(calibration_info or {})
+    info.setdefault("split", "train")
+    info.setdefault("seed", None)
+    info.update({"images": int(len(images)), "method": calibration.method,
+                 "activations": "uint8", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
+                 "reduce_range": bool(reduce_range), "equalize": bool(equalize),
+                 "bias_correction": bool(bias_correction), "float_layers": list(float_layers),
+                 "augment": int(augment)})
+    if calibration.method == "percentile":
+        info["percentile"] = calibration.percentile
+    art = _artifact(model, meta, "onnx-int8", fold_normalization, calibration=info,
+                    source_sha256=source_sha256)
+    if tuple(images.shape[1:]) != tuple(art["input_shape"]):
+        raise ExportError(f"calibration images are {tuple(images.shape[1:])}, the model takes "
+                          f"{tuple(art['input_shape'])}")
+    if equalize:
+        from edgesqueeze.export.tflite import equalize_cross_layer  # shared with the TFLite path
+
+        model = equalize_cross_layer(model)
+    fproto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
+    float_nodes = _matching_nodes(fproto, float_layers)
+    if augment:
+        from edgesqueeze.export.tflite import augment_calibration
+
+        images = augment_calibration(images, augment, seed=info.get("seed") or 0)
+    x = to_input(images, art["mean"], art["std"], normalize=not fold_normalization)
+    qproto = quantize_qdq(fproto, x, calibration=calibration, float_nodes=float_nodes,
+                          per_channel=per_channel, reduce_range=reduce_range)
+    if bias_correction:  # means need fewer images than ranges: cap the cost on big sets
+        correct_biases(qproto, fproto, x[:_BIAS_IMAGES], batch_size=calibration.batch_size)
+    return _write(qproto, {META_KEY: meta_json(art)}, out)
