@@ -215,7 +215,8 @@ def test_int8_metadata(int8_file, trained):
     assert meta["artifact_format"] == "tflite-int8" and meta["input_dtype"] == "float32"
     assert meta["calibration"] == {"images": 256, "method": "minmax", "split": "train", "seed": 0,
                                    "augment": 0, "equalize": False, "float_layers": [],
-                                   "requantize_pool": True, "weights": "per-channel"}
+                                   "requantize_pool": True, "weight_rounding": "gptq",
+                                   "weights": "per-channel"}
     assert meta["mean"] == trained.meta["mean"]
 
 
@@ -330,6 +331,33 @@ def test_equalization_keeps_the_function_and_skips_escaping_channels():
 
     res = Residual()
     assert torch.equal(equalize_cross_layer(res).a.weight, res.a.weight)
+
+
+def test_gptq_rounds_onto_the_observer_grid_and_beats_nearest():
+    from edgesqueeze.export.tflite import gptq_round
+
+    torch.manual_seed(0)
+    # 17 outputs, 5 inputs of which the last 3 always move together: nearest rounding errs on
+    # each, GPTQ cancels errors within the correlated group
+    base = torch.randn(4096, 3)
+    x = torch.cat([base[:, :2], base[:, 2:3].repeat(1, 3)], 1).view(-1, 5, 1, 1)
+    conv = nn.Conv2d(5, 17, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(17, 1, 1, 1) * 4)
+    rounded = gptq_round(conv, x[:2048])
+    w, q = conv.weight.detach(), rounded.weight.detach()
+    scale = w.abs().flatten(1).amax(1).view(-1, 1, 1, 1) / 127
+    steps = q / scale
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 127 + 1e-3
+    # the per-channel max is kept, so PT2E's min-max observer finds the same scale
+    assert torch.equal(q.abs().flatten(1).amax(1), w.abs().flatten(1).amax(1))
+    nearest = (w / scale).round() * scale
+    test = x[2048:]
+    with torch.no_grad():
+        err_gptq = (rounded(test) - conv(test)).pow(2).mean()
+        err_nearest = (torch.nn.functional.conv2d(test, nearest) - conv(test)).pow(2).mean()
+    assert err_gptq < 0.75 * err_nearest  # measured 0.57x, on inputs GPTQ did not see
+    assert torch.equal(conv.weight, w)  # the input model is untouched
 
 
 def test_augment_calibration_is_seeded_and_keeps_originals():

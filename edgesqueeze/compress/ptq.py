@@ -775,7 +775,7 @@ def post_training_compress(model: nn.Module, calib_x: torch.Tensor, config: PTQC
                      config.max_iter)
         if naive_key not in cache:
             cache[naive_key] = layer_candidates(
-                work, masks, [2 ** config.bits], codebook_dtype=config.codebook_dtype,
+                reference, masks, [2 ** config.bits], codebook_dtype=config.codebook_dtype,
                 init=config.init, max_iter=config.max_iter, seed=config.seed)
         budget = fixed + sum(c[0].bytes for c in cache[naive_key].values())
     timings["allocate_s"] = time.perf_counter() - t

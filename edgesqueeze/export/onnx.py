@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from edgesqueeze._io import write_bytes_atomic
-from edgesqueeze.errors import ExportError
+from edgesqueeze.errors import ExportError, FormatError
 from edgesqueeze.export._common import (META_KEY, CalibrationConfig, artifact_meta, meta_json,
                                         to_input)
 
@@ -262,7 +262,7 @@ def onnx_graph(model: nn.Module, meta: dict[str, Any], *, opset: int = 18,
     first step of both exports). ``model`` is not modified (an eval-mode copy is exported)."""
     _check_opset(opset)
     art = _artifact(model, meta, "onnx", fold_normalization)
-    module = copy.deepcopy(model).eval()
+    module = copy.deepcopy(model).cpu().eval()
     what = type(model).__name__
     if fold_normalization:
         module = _Normalized(module, art["mean"], art["std"]).eval()
@@ -314,11 +314,14 @@ def read_onnx_meta(path_or_proto) -> dict[str, Any]:
     proto = path_or_proto
     if not isinstance(proto, onnx.ModelProto):
         proto = onnx.load(str(path_or_proto), load_external_data=False)
+    where = "model" if isinstance(path_or_proto, onnx.ModelProto) else str(path_or_proto)
     props = {p.key: p.value for p in proto.metadata_props}
     if META_KEY not in props:
-        raise ExportError(f"{path_or_proto if not isinstance(path_or_proto, onnx.ModelProto) else 'model'}: "
-                          f"no '{META_KEY}' metadata; not written by edgesqueeze")
-    return json.loads(props[META_KEY])
+        raise FormatError(f"{where}: no '{META_KEY}' metadata; not written by edgesqueeze")
+    try:
+        return json.loads(props[META_KEY])
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{where}: '{META_KEY}' metadata is not JSON ({exc})") from None
 
 
 # ---------------------------------------------------------------------------------------
