@@ -32,6 +32,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporary files :func:`atomic_path` left behind when a process was killed
+    mid-write (SIGKILL runs no cleanup). Only ``.<name>.<random>.tmp`` files are touched."""
+    removed = []
+    folder = Path(directory)
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
+            if p.is_file():
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

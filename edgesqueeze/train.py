@@ -297,6 +297,10 @@ def fit(
 
     history: list[dict[str, Any]] = []
     start_epoch, step = 0, 0
+    from edgesqueeze._io import remove_stale_temps
+
+    for stale in remove_stale_temps(out):  # a killed run can die inside an atomic write
+        log(f"removed {stale.name}, left by an interrupted write")
     if resume and state_path.exists():
         st = load_train_state(state_path)
         if "train_hash" not in st:
