@@ -310,8 +310,9 @@ def _csv(value: str, what: str) -> list[str]:
 @click.option("--data", "dataset", help="Dataset for calibration images [default: the model's own].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--calibration-images", type=click.IntRange(min=1), help="Calibration image count for INT8.")
-@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]),
-              help="How INT8 activation ranges are chosen.")
+@click.option("--calibration-method", type=click.Choice(["auto", "minmax", "entropy", "percentile"]),
+              help="How INT8 activation ranges are chosen [default: auto: minmax for onnx-int8, "
+                   "entropy for tflite-int8].")
 @click.option("--fold-normalization", is_flag=True, default=None,
               help="Normalize inside the graph: the file then takes pixels / 255.")
 @click.option("--arch", help="Architecture of a plain state_dict (e.g. squeezenet1_0).")

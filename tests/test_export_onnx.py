@@ -117,7 +117,12 @@ def test_metadata_round_trips(fp32_file, trained):
 
 
 def test_fold_normalization_takes_pixels_over_255(trained, digits, reference, tmp_path):
+    trained.model.train()  # the export must neither need eval mode nor change the model
+    before = {k: v.clone() for k, v in trained.model.state_dict().items()}
     path = export_onnx(trained.model, trained.meta, tmp_path / "m.onnx", fold_normalization=True)
+    assert trained.model.training
+    trained.model.eval()
+    assert all(torch.equal(before[k], v) for k, v in trained.model.state_dict().items())
     x01 = to_input(digits.test_x[:16], trained.meta["mean"], trained.meta["std"], normalize=False)
     np.testing.assert_allclose(run(path, x01), reference[1][:16], atol=1e-4, rtol=0)
     assert read_onnx_meta(path)["normalization"] == "in-graph"
@@ -128,15 +133,6 @@ def test_torchscript_model_exports(trained, reference, tmp_path):
     path = export_onnx(scripted, trained.meta, tmp_path / "ts.onnx")
     x, ref = reference
     np.testing.assert_allclose(run(path, x[:5]), ref[:5], atol=1e-4, rtol=0)
-
-
-def test_model_is_left_as_it_was(trained, tmp_path):
-    trained.model.train()
-    before = {k: v.clone() for k, v in trained.model.state_dict().items()}
-    export_onnx(trained.model, trained.meta, tmp_path / "m.onnx")
-    assert trained.model.training
-    trained.model.eval()
-    assert all(torch.equal(before[k], v) for k, v in trained.model.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,12 +248,31 @@ def test_int8_float_layers(trained, digits, tmp_path):
     assert read_onnx_meta(path)["calibration"]["float_layers"] == ["features.0"]
 
 
+def _activation_scales(q) -> dict[str, float]:
+    from onnx import numpy_helper
+
+    return {i.name: float(numpy_helper.to_array(i)) for i in q.graph.initializer
+            if i.name.endswith("_scale") and not i.dims and "weight" not in i.name and "bias" not in i.name}
+
+
 @pytest.mark.slow
-def test_bias_correction_pulls_conv_means_back_to_fp32(trained, digits):
-    """Hand-checkable property: after correction, every conv's per-channel mean output on
-    the calibration images is closer to fp32's than before (and the graph is otherwise
-    untouched: same nodes, same scales)."""
-    fproto = onnx_graph(trained.model, trained.meta)
+def test_entropy_calibration_is_not_minmax(fp32_file, trained, digits):
+    """quantize_static's own entropy calibration returns the minmax ranges (128 histogram
+    bins searched over 128 quantized bins: one candidate); ours clips, never widens."""
+    fproto = onnx.load(str(fp32_file))
+    x = to_input(calibration_images(digits.train_x, 64, seed=2), trained.meta["mean"], trained.meta["std"])
+    minmax = _activation_scales(eo.quantize_qdq(fproto, x, calibration=CalibrationConfig(method="minmax")))
+    entropy = _activation_scales(eo.quantize_qdq(fproto, x, calibration=CalibrationConfig(method="entropy")))
+    assert minmax.keys() == entropy.keys() and len(minmax) > 10
+    assert all(entropy[k] <= minmax[k] * (1 + 1e-6) for k in minmax)
+    assert sum(entropy[k] < 0.95 * minmax[k] for k in minmax) >= len(minmax) // 2
+
+
+@pytest.mark.slow
+def test_bias_correction_pulls_conv_means_back_to_fp32(fp32_file, trained, digits):
+    """After correction the conv outputs' per-channel means on the calibration images match
+    fp32's far better than before, and only biases changed (same nodes)."""
+    fproto = onnx.load(str(fp32_file))
     x = to_input(calibration_images(digits.train_x, 128, seed=1), trained.meta["mean"], trained.meta["std"])
     q = eo.quantize_qdq(fproto, x, calibration=CalibrationConfig())
     before = [n.op_type for n in q.graph.node]
@@ -303,3 +318,12 @@ def test_imagenet_squeezenet_int8_agrees_with_fp32(tmp_path):
     agree = float((ref.argmax(1) == q.argmax(1)).mean())
     print(f"imagenet-sample, 50 held-out images: int8/fp32 top-1 agreement {agree:.2f}")
     assert agree >= 0.86
+
+
+def test_calibration_method_auto_resolves_per_format():
+    auto = CalibrationConfig()
+    assert auto.method == "auto"
+    assert auto.resolved("onnx-int8").method == "minmax"
+    assert auto.resolved("tflite-int8").method == "entropy"
+    chosen = CalibrationConfig(method="percentile", percentile=99.9)
+    assert chosen.resolved("tflite-int8") == chosen and chosen.resolved("onnx-int8") == chosen

@@ -13,19 +13,31 @@ import torch
 from torch import nn
 
 pytest.importorskip("litert_torch")
-from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+from ai_edge_litert.interpreter import Interpreter
 
-from edgesqueeze.checkpoint import load_model  # noqa: E402
-from edgesqueeze.data import load_dataset  # noqa: E402
-from edgesqueeze.errors import ExportError, FormatError  # noqa: E402
-from edgesqueeze.export import _common  # noqa: E402
-from edgesqueeze.export._common import CalibrationConfig, artifact_meta, calibration_images, to_input  # noqa: E402
-from edgesqueeze.export.tflite import (augment_calibration, equalize_cross_layer, export_tflite,  # noqa: E402
-                                       export_tflite_int8)
-from edgesqueeze.recipe import recipe_from_dict  # noqa: E402
-from edgesqueeze.runtime import _tflite_meta  # noqa: E402
-from edgesqueeze.runtime._tflite_meta import read_tflite_metadata, tflite_metadata_entries  # noqa: E402
-from edgesqueeze.train import fit  # noqa: E402
+from edgesqueeze.checkpoint import load_model
+from edgesqueeze.data import load_dataset
+from edgesqueeze.errors import ExportError, FormatError
+from edgesqueeze.export import _common
+from edgesqueeze.export._common import (
+    CalibrationConfig,
+    artifact_meta,
+    calibration_images,
+    to_input,
+)
+from edgesqueeze.export.tflite import (
+    augment_calibration,
+    equalize_cross_layer,
+    export_tflite,
+    export_tflite_int8,
+)
+from edgesqueeze.recipe import recipe_from_dict
+from edgesqueeze.runtime import _tflite_meta
+from edgesqueeze.runtime._tflite_meta import (
+    read_tflite_metadata,
+    tflite_metadata_entries,
+)
+from edgesqueeze.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +150,7 @@ def test_metadata_round_trips_without_torch(fp32_file, trained):
             "assert 'torch' not in sys.modules, 'torch was imported'\n"
             "print(json.dumps(meta))\n")
     res = subprocess.run([sys.executable, "-c", code, str(fp32_file)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == meta
 
@@ -213,7 +225,8 @@ def test_int8_is_full_integer_and_close_to_fp32(int8_file, fp32_file, reference,
 def test_int8_metadata(int8_file, trained):
     meta = read_tflite_metadata(int8_file)
     assert meta["artifact_format"] == "tflite-int8" and meta["input_dtype"] == "float32"
-    assert meta["calibration"] == {"images": 256, "method": "minmax", "split": "train", "seed": 0,
+    # method "auto" resolves to the histogram (entropy) observer for TFLite and says so
+    assert meta["calibration"] == {"images": 256, "method": "entropy", "split": "train", "seed": 0,
                                    "augment": 0, "equalize": False, "float_layers": [],
                                    "requantize_pool": True, "weight_rounding": "gptq",
                                    "weights": "per-channel"}
@@ -222,7 +235,7 @@ def test_int8_metadata(int8_file, trained):
 
 @pytest.mark.slow
 def test_int8_io_and_folded_normalization(trained, digits, reference, int8_file, tmp_path):
-    x, ref = reference
+    _, ref = reference
     calib = calibration_images(digits.train_x, 256, seed=0)
     path = export_tflite_int8(trained.model, trained.meta, tmp_path / "m.tflite", calib, io="int8",
                               fold_normalization=True)
@@ -236,7 +249,7 @@ def test_int8_io_and_folded_normalization(trained, digits, reference, int8_file,
 
 @pytest.mark.slow
 def test_fp32_folded_normalization(trained, digits, reference, tmp_path):
-    x, ref = reference
+    _, ref = reference
     path = export_tflite(trained.model, trained.meta, tmp_path / "m.tflite", fold_normalization=True)
     assert read_tflite_metadata(path)["normalization"] == "in-graph"
     y, _ = run(path, to_input(digits.test_x, None, None, normalize=False))
@@ -398,3 +411,66 @@ def test_pool_gets_its_own_range_and_float_layers_stay_float(trained, digits):
     # a float pool: nothing after the last conv is quantized
     floated = scales(float_layers=["classifier.2"])
     assert "adaptive_avg_pool2d" not in floated and "flatten" not in floated and conv_out in floated
+
+
+def test_bias_correction_matches_float_means(trained, digits):
+    from edgesqueeze.export.tflite import correct_bias, quantize_pt2e
+
+    calib = torch.from_numpy(to_input(digits.train_x[:48], trained.meta["mean"], trained.meta["std"]))
+    gm, _ = quantize_pt2e(trained.model, calib, method="minmax")
+    conv = torch.ops.aten.conv2d.default
+
+    def conv_means(module) -> list[torch.Tensor]:
+        outs = []
+
+        class Watch(torch.fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n.target == conv:
+                    outs.append(out.double().mean((0, 2, 3)))
+                return out
+
+        with torch.no_grad():
+            Watch(module).run(calib)
+        return outs
+
+    before = conv_means(gm)
+    correct_bias(gm, torch.nn.Sequential(), calib)  # no float module matches: a no-op
+    assert all(torch.equal(a, b) for a, b in zip(before, conv_means(gm)))
+    from edgesqueeze.compress.fold import fold_batchnorm
+
+    # PT2E folds BatchNorm into the convs: compare with the folded float convs
+    float_gm = torch.export.export(fold_batchnorm(trained.model).eval(), (calib,)).module()
+    want = conv_means(float_gm)
+    correct_bias(gm, trained.model, calib)
+    after = conv_means(gm)
+    gap = lambda got: max(float((w - g).abs().max() / w.abs().max()) for w, g in zip(want, got))
+    assert gap(after) < 1e-3 < gap(before)
+
+
+def test_module_path_from_converter_names():
+    from edgesqueeze.export.tflite import _module_path
+
+    stack = ("edgesqueeze.models.squeezenet.SqueezeNet/torch.nn.modules.container.Sequential_features/"
+             "edgesqueeze.models.squeezenet.Fire_9/torch.nn.modules.conv.Conv2d_squeeze")
+    assert _module_path(stack) == "features.9.squeeze"
+    fused = ("a.SqueezeNet/b.Sequential_features/c.Fire_7/d.ReLU_expand1x1_activation;;" + stack)
+    assert _module_path(fused) == "features.9.squeeze"  # the last frame list: the producing op
+    assert _module_path("1") is None and _module_path(";") is None
+    assert _module_path("a.SqueezeNet/b.Sequential_classifier/c.AdaptiveAvgPool2d_2;") == "classifier.2"
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_tensor_names_are_short_module_paths(which, fp32_file, int8_file):
+    """The converter's tensor names (module stacks with class names, ~300 bytes each) are
+    replaced by torch module paths; the graph's inputs and outputs keep their names."""
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    path = fp32_file if which == "fp32" else int8_file
+    sg = fbu.read_model(path).subgraphs[0]
+    io = {*sg.inputs, *sg.outputs}
+    names = [t.name.decode() for i, t in enumerate(sg.tensors) if i not in io]
+    assert len(set(names)) == len(names)
+    assert max(map(len, names)) <= 40, max(names, key=len)
+    assert any(n.startswith("features.") and "squeeze" in n for n in names)
+    assert all("serving_default" in sg.tensors[i].name.decode() for i in sg.inputs)

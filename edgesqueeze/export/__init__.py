@@ -46,7 +46,7 @@ def _calibration_set(meta: dict[str, Any], source: Path, config: ExportConfig, *
         raise DataError(f"{source}: expects images of shape {list(shape)} but '{name}' gives "
                         f"{list(pool.shape[1:])}")
     images = calibration_images(pool, config.calibration.images, seed=seed)
-    info = {"images": int(len(images)), "method": config.calibration.method, "split": where.split()[0],
+    info = {"images": int(len(images)), "split": where.split()[0],
             "dataset": name, "seed": seed}
     return images, info
 
