@@ -327,3 +327,33 @@ def test_calibration_method_auto_resolves_per_format():
     assert auto.resolved("tflite-int8").method == "entropy"
     chosen = CalibrationConfig(method="percentile", percentile=99.9)
     assert chosen.resolved("tflite-int8") == chosen and chosen.resolved("onnx-int8") == chosen
+
+
+@pytest.mark.slow
+def test_compact_qdq_computes_the_same_in_fewer_bytes(fp32_file, trained, digits, reference, tmp_path):
+    """compact_qdq drops all-zero weight/bias zero points, long names and value_info: the
+    file shrinks and onnxruntime's output is bit-identical."""
+    import copy
+
+    fproto = onnx.load(str(fp32_file))
+    x = to_input(calibration_images(digits.train_x, 64, seed=3), trained.meta["mean"], trained.meta["std"])
+    full = eo.quantize_qdq(fproto, x, calibration=CalibrationConfig())
+    small = copy.deepcopy(full)
+    eo.compact_qdq(small)
+    onnx.checker.check_model(small, full_check=True)
+    a, b = tmp_path / "full.onnx", tmp_path / "small.onnx"
+    a.write_bytes(full.SerializeToString())
+    b.write_bytes(small.SerializeToString())
+    assert b.stat().st_size < 0.9 * a.stat().st_size
+    xs = reference[0][:64]
+    np.testing.assert_array_equal(run(a, xs), run(b, xs))
+    inits = {t.name for t in small.graph.initializer}
+    const_dq = [n for n in small.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert const_dq and all(len(n.input) == 2 and not n.name for n in const_dq)
+    assert max(len(n) for n in inits) < 40 and not small.graph.value_info
+
+
+def test_int8_file_is_compact(int8_file):
+    model = onnx.load(str(int8_file))
+    names = [t.name for t in model.graph.initializer]
+    assert any(n.endswith(".w/i8") for n in names) and not any("_DequantizeLinear" in n for n in names)
