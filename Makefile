@@ -31,7 +31,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	OUT=artifacts/squeezenet-digits EDGESQUEEZE=$(VENV)/bin/edgesqueeze bash examples/ci/gate.sh
 	@echo "demo outputs: $(CURDIR)/artifacts/squeezenet-digits/ (model.pt, curves.png; compressed/: model.esq," \
-	      "report.md; export/: .onnx and .tflite, fp32 and int8; verify.json, gate.md)"
+	      "report.md; export/: .onnx and .tflite, fp32 and int8; verify.json, verify.md + plots, gate.md)"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

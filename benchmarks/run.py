@@ -12,7 +12,6 @@ the report is rendered from whatever results exist. Training outputs go to ``run
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -36,19 +35,13 @@ SHARED = ROOT.parent / "shared"
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    from edgesqueeze.verify_report import machine_info
+
+    info = machine_info(torch.get_num_threads())
+    return {"cpu": info["cpu"], "cores": info["cores"], "python": platform.python_version(),
+            "torch": torch.__version__, "threads": info["threads"], "date": info["date"]}
 
 
 def save(part: str, payload: dict) -> None:

@@ -21,7 +21,8 @@ from xml.sax.saxutils import escape, quoteattr
 from edgesqueeze.errors import EdgesqueezeError, RecipeError
 
 __all__ = ["Budget", "Verdict", "parse_size", "format_size", "check", "verdicts_table",
-           "verdicts_json", "verdicts_junit", "verdicts_markdown", "exit_code", "parse_fraction"]
+           "verdicts_json", "verdicts_junit", "verdicts_markdown", "verdicts_markdown_table", "exit_code",
+           "parse_fraction", "artifacts_markdown"]
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
           "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3}
@@ -268,15 +269,19 @@ def verdicts_junit(verdicts: list[Verdict], *, suite: str = "edgesqueeze check")
 
 def verdicts_markdown(verdicts: list[Verdict], rows: list[dict[str, Any]]) -> str:
     """For a CI job summary: the verdicts, then every artifact's measurements."""
-    icon = {"PASS": "✅ pass", "FAIL": "❌ FAIL", "ERROR": "⚠️ not measured"}
     code = exit_code(verdicts)
     head = {0: "All budgets hold", 1: "Budget broken", 2: "Could not measure everything"}[code]
-    lines = [f"## edgesqueeze check: {head}", "", "| artifact | check | limit | value | result |",
-             "| --- | --- | --- | --- | --- |"]
+    return "\n".join([f"## edgesqueeze check: {head}", "", verdicts_markdown_table(verdicts), "",
+                      artifacts_markdown(rows)])
+
+
+def verdicts_markdown_table(verdicts: list[Verdict]) -> str:
+    """One markdown table row per verdict (artifact, check, limit, value, result)."""
+    icon = {"PASS": "✅ pass", "FAIL": "❌ FAIL", "ERROR": "⚠️ not measured"}
+    lines = ["| artifact | check | limit | value | result |", "| --- | --- | --- | --- | --- |"]
     for v in verdicts:
         msg = f" ({v.message})" if v.message else ""
         lines.append(f"| `{v.artifact}` | {v.check} | {v.limit} | {v.value} | {icon[v.status]}{msg} |")
-    lines += ["", artifacts_markdown(rows)]
     return "\n".join(lines)
 
 

@@ -191,37 +191,71 @@ def info(model_path, arch, num_classes, trust_pickle, as_json):
 
 @cli.command("compress")
 @click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--recipe", "-r", "recipe_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Recipe YAML with a 'compress' section (see recipes/).")
+@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipe YAML with a 'compress' section (see recipes/) [default: none: lossless re-encoding].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe field, e.g. --set compress.cluster.bits=4 (repeatable).")
+              help="Override a recipe field, e.g. --set compress.ptq.target_bytes=480000 (repeatable; "
+                   "works without --recipe too).")
+@click.option("--arch", help="Architecture of a plain state_dict, e.g. squeezenet1_0 [default: the recipe's model; "
+              "builder kwargs: --set model.kwargs={width_mult: 0.5}].")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch.")
+@click.option("--data", "dataset", help="Dataset [default: the checkpoint's, else the recipe's data section].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Output directory [default: next to the model, <recipe name>-compressed/].")
+              help="Output directory [default: next to the model, <recipe name or model name>-compressed/].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
-def compress_cmd(model_path, recipe_path, overrides, out_dir, data_dir, progress):
-    """Deep-compress a trained model into a .esq archive, with a report.
+def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset, out_dir, data_dir, progress):
+    """Compress a model into a .esq archive, with a report.
 
-    Folds BatchNorm, prunes by magnitude while retraining, shares weights through k-means
-    codebooks whose centroids are retrained, Huffman-codes indices and gaps, and checks that
-    the archive decodes to exactly the model it measured. Writes model.esq, report.json,
-    report.md and plots.
+    \b
+    What runs depends on the recipe's 'compress' section:
+      prune / cluster  Deep Compression with retraining on the training split: prune by
+                       magnitude, fold BatchNorm, k-means weight sharing with retrained
+                       centroids, Huffman coding
+      ptq              post-training, no training data: re-cluster an already pruned model
+                       to compress.ptq.target_bytes from calibration images only, zeros kept
+      (none, or no -r) lossless re-encoding: existing zeros and codebooks kept, weights
+                       bit-identical to the source
+    Every run checks that the archive decodes to exactly the weights it measured, and writes
+    model.esq, report.json, report.md and plots.
 
     \b
     Example:
       edgesqueeze compress artifacts/squeezenet-mnist/model.pt --recipe recipes/squeezenet-mnist.yaml
       edgesqueeze compress model.pt -r recipes/squeezenet-digits.yaml --set compress.cluster.bits=3
+      # ImageNet SqueezeNet (plain state_dict, already pruned and shared): lossless, then 466 KB
+      edgesqueeze compress ../shared/models/squeezenet1_0-imagenet.pt --arch squeezenet1_0 \\
+          --data imagenet-sample --out runs/imagenet-lossless
+      edgesqueeze compress ../shared/models/squeezenet1_0-imagenet.pt --arch squeezenet1_0 \\
+          --data imagenet-sample -r recipes/squeezenet-imagenet.yaml --out runs/imagenet-ptq-466
     """
-    from edgesqueeze.compress.pipeline import compress
+    from edgesqueeze.compress.pipeline import CompressConfig, compress
     from edgesqueeze.errors import RecipeError
-    from edgesqueeze.recipe import load_recipe
+    from edgesqueeze.recipe import apply_overrides, given_sections, load_recipe, recipe_from_dict
 
-    recipe = load_recipe(recipe_path, overrides)
-    if recipe.compress is None:
-        raise RecipeError(f"{recipe_path}: has no 'compress' section; see recipes/squeezenet-mnist.yaml")
-    out = out_dir or Path(model_path).parent / f"{recipe.name}-compressed"
-    result = compress(model_path, recipe.compress, out_dir=out, seed=recipe.seed,
-                      data_dir=data_dir or recipe.data.data_dir, recipe_hash=recipe.hash(),
+    default_dataset = None
+    kwargs = _arch_kwargs(num_classes)
+    if recipe_path:
+        recipe = load_recipe(recipe_path, overrides)
+        if recipe.compress is None:
+            raise RecipeError(f"{recipe_path}: has no 'compress' section; see recipes/squeezenet-mnist.yaml "
+                              "(or leave out --recipe for a lossless re-encoding)")
+        given = given_sections(recipe_path, overrides)
+        name = recipe.name
+    else:  # --set alone builds a recipe: e.g. --set compress.ptq.target_bytes=480000
+        raw = apply_overrides({"version": 1}, overrides)
+        recipe, given, name = recipe_from_dict(raw, source="--set"), set(raw), Path(model_path).stem
+    # A plain state_dict says nothing about itself: the recipe's model and data stand in,
+    # but only where it names them (the dataclass defaults are meant for training).
+    if "model" in given and arch in (None, recipe.model.arch):
+        arch, kwargs = recipe.model.arch, {**recipe.model.kwargs, **kwargs}
+    if "data" in given:
+        default_dataset = recipe.data.dataset
+    config = recipe.compress or CompressConfig()
+    out = out_dir or Path(model_path).parent / f"{name}-compressed"
+    result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
+                      default_dataset=default_dataset, arch=arch, arch_kwargs=kwargs,
+                      data_dir=data_dir or recipe.data.data_dir, recipe_hash=recipe.hash() if recipe_path else None,
                       progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m))
     from edgesqueeze.compress.report import size_table
 
@@ -437,7 +471,8 @@ def _with_budget_options(fn):
               help="Recipe whose 'budget' section to check against.")
 @_with_budget_options
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the verification report here (JSON) [default: verify.json beside the first file].")
+              help="Write the verification report here (JSON; the markdown and plots go beside it) "
+                   "[default: verify.json beside the first file].")
 @click.pass_context
 def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, recipe_path, max_size, max_size_for,
            min_accuracy, max_drop, min_agreement, out_path):
@@ -446,7 +481,9 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, re
     .onnx runs in onnxruntime, .tflite in LiteRT, .esq through its decoder (its weights
     checked against the hash recorded at compress time), .pt in PyTorch as the float
     reference. Reports file size, gzip size, accuracy and top-1 agreement; with a budget
-    (options or the recipe's), exits 1 when one is broken.
+    (options or the recipe's), exits 1 when one is broken. Writes verify.json, verify.md
+    (the table, the verdicts, the machine) and two plots: size_by_format.png and
+    accuracy_vs_size.png.
 
     \b
     Example:
@@ -455,16 +492,24 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, re
     from edgesqueeze._io import write_text_atomic
     from edgesqueeze.budget import artifacts_markdown, check, exit_code, verdicts_table
     from edgesqueeze.verify import evaluate_artifacts
+    from edgesqueeze.verify_report import machine_info, write_report
 
+    out = out_path or Path(paths[0]).parent / "verify.json"
+    if out.suffix.lower() == ".md":
+        raise click.BadParameter(f"{out}: names the JSON report, and the markdown is written beside it; "
+                                 f"give {out.with_suffix('.json')} to get {out}", param_hint="--out")
     budget = _budget_from_options(recipe_path, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir, reference=reference, limit=limit,
                                 threads=threads, latency=latency, log=lambda m: click.echo(m))
-    out = out_path or Path(paths[0]).parent / "verify.json"
+    report["machine"] = machine_info(threads)
+    verdicts = None if budget.is_empty() else check(report["artifacts"], budget)
     write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    written = write_report(out, report, verdicts=verdicts, machine=report["machine"])
     click.echo(artifacts_markdown(report["artifacts"]))
-    click.echo(f"report: {out}")
-    if not budget.is_empty():
-        verdicts = check(report["artifacts"], budget)
+    plots = ", ".join(p.name for p in written["plots"]) or "no plots"
+    click.echo(f"report: {out}, {written['markdown']}, plots ({plots})"
+               + (f"; {written['note']}" if written["note"] else ""))
+    if verdicts is not None:
         click.echo(verdicts_table(verdicts))
         ctx.exit(exit_code(verdicts))
     if any(r["error"] for r in report["artifacts"]):

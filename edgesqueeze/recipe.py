@@ -163,8 +163,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    path = Path(path)
+def _read_raw(path: Path, overrides: list[str] | tuple[str, ...]) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -177,7 +176,23 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     if overrides:
         raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides)
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    raw = _read_raw(path, overrides)
     recipe = recipe_from_dict(raw, source=str(path))
     if recipe.name == "run" and "name" not in (raw or {}):
         recipe = dataclasses.replace(recipe, name=path.stem)
     return recipe
+
+
+def given_sections(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """Top-level sections the recipe file (with ``overrides``) actually sets.
+
+    A section left out takes defaults meant for training (``model: squeezenet_mnist``,
+    ``data: digits``); ``compress`` must not let those stand in for what a plain state_dict
+    does not say about itself, but a recipe that names its model and data may."""
+    raw = _read_raw(Path(path), overrides)
+    return {k for k in raw if isinstance(k, str)} if isinstance(raw, dict) else set()

@@ -5,7 +5,8 @@ an ``.esq`` archive is decoded by its own decoder (and its weights checked again
 recorded at compress time) and run as the PyTorch model it describes, which is what a
 PyTorch deployment of it does; a ``.pt`` checkpoint is the float reference.
 
-One row per artifact (JSON-ready), the input of :func:`edgesqueeze.budget.check`::
+One row per artifact (JSON-ready), the input of :func:`edgesqueeze.budget.check` and of
+:mod:`edgesqueeze.verify_report` (``verify.md`` and its plots)::
 
     path, format, runtime, bytes, gzip_bytes, n, accuracy, agreement,
     reference_accuracy, decode_check, latency_ms, error
@@ -150,6 +151,9 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     predictions give every other row its top-1 agreement, and its accuracy their drop.
     Failures to load or evaluate one artifact become that row's ``error`` (the gate reports
     them as not measured, never as a pass), so one bad file does not hide the others.
+
+    Returns ``dataset`` (as given), ``datasets`` (the names of the test splits used),
+    ``reference``, ``reference_accuracy`` and ``artifacts`` (the rows).
     """
     data = _Data(dataset, data_dir, limit, log)
     files = [Path(p) for p in paths]
@@ -187,8 +191,8 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
             log(f"{path} [{row['format']}, {row['runtime']}]: {row['bytes']:,} B, accuracy "
                 f"{100 * row['accuracy']:.2f}%{agr}")
         rows.append(row)
-    return {"dataset": dataset, "reference": str(ref_path) if ref_path else None,
-            "reference_accuracy": ref_acc, "artifacts": rows}
+    return {"dataset": dataset, "datasets": sorted({name for name, _ in data._cache}),
+            "reference": str(ref_path) if ref_path else None, "reference_accuracy": ref_acc, "artifacts": rows}
 
 
 def _safe_sniff(path: Path) -> str | None:

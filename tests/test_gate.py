@@ -1,6 +1,7 @@
-"""The CI gate end to end: examples/ci/gate.sh (train, compress, export, verify, check) on
-digits, then `check` on the verified artifacts against passing, broken and unmeasurable
-budgets. Real files, real onnxruntime and LiteRT sessions, real subprocesses."""
+"""The CI gate end to end: examples/ci/gate.sh (train, compress, export, verify with its
+verify.md and plots, check) on digits, then `check` on the verified artifacts against
+passing, broken and unmeasurable budgets. Real files, real onnxruntime and LiteRT sessions,
+real subprocesses."""
 
 from __future__ import annotations
 
@@ -65,6 +66,18 @@ def test_gate_script_passes_a_budget_it_meets(gate_run):
     assert int(suite.get("tests")) == len(verdicts) >= 6 * 3 - 4  # sizes only where budgeted
     assert suite.get("failures") == "0" and suite.get("errors") == "0"
     assert "All budgets hold" in (out / "gate.md").read_text()
+    # verify.md: one table row per artifact (paths relative to it), latency measured, two plots
+    md = (out / "verify.md").read_text()
+    table = [line for line in md.split("## Artifacts", 1)[1].split("\n## ", 1)[0].splitlines()
+             if line.startswith("| ") and not line.startswith(("| format", "| ---"))]
+    assert len(table) == len(report["artifacts"]) == 6
+    for r in report["artifacts"]:
+        rel = Path(r["path"]).resolve().relative_to(out.resolve()).as_posix()
+        assert sum(f"| `{rel}` |" in line for line in table) == 1, rel
+        assert r["latency_ms"] > 0, r["format"]
+    assert "latency p50 (ms)" in md and "machine: " in md
+    for name in ("size_by_format.png", "accuracy_vs_size.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in md
 
 
 @pytest.mark.slow

@@ -1,15 +1,21 @@
-"""The Deep Compression pipeline: fold BN, prune + retrain, cluster + retrain centroids, encode.
+"""The compress pipeline: three modes, chosen by which stages the recipe names.
 
 The order of the stages lives here and only here; each stage's maths lives in its module
-(``fold``, ``prune``, ``cluster``, ``codec``). Data flows one way::
+(``fold``, ``prune``, ``cluster``, ``ptq``, ``codec``). Data flows one way::
 
-    checkpoint -> prune (masks fixed while retraining, BatchNorm still there to help)
-               -> fold BatchNorm (zeros stay zeros) -> k-means weight sharing
-               -> retrain centroids -> .esq -> decode check
+    retrain:  checkpoint -> prune (masks fixed while retraining, BatchNorm still there to help)
+                         -> fold BatchNorm (zeros stay zeros) -> k-means weight sharing
+                         -> retrain centroids -> .esq -> decode check
+    ptq:      checkpoint -> fold BatchNorm -> post-training re-clustering to a byte budget from
+                            calibration images only (zeros kept) -> .esq -> decode check
+    lossless: checkpoint -> .esq (existing zeros and codebooks kept) -> decode check, bit-identical
 
 Accuracy is measured on the validation split after every stage (the split carved from the
 training set with the checkpoint's own seed, so it was never trained on) and on the test
-split once, at the end, for the report.
+split once, at the end, for the report. Post-training runs also score the original against
+the compressed model (top-1 of each, agreement, KL) on the test images not used for
+calibration, and, when calibration images came from the test split, on all of them, labelled
+in-sample.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,7 +41,8 @@ from edgesqueeze.compress.cluster import ClusterConfig
 from edgesqueeze.compress.fold import conv_bn_pairs, fold_batchnorm
 from edgesqueeze.compress.prune import (PruneConfig, Pruner, existing_masks, layer_stats, prunable_layers,
                                         resolve_auto)
-from edgesqueeze.errors import EdgesqueezeError, FormatError
+from edgesqueeze.compress.ptq import PTQConfig
+from edgesqueeze.errors import DataError, EdgesqueezeError, FormatError, ModelError, RecipeError
 
 Log = Callable[[str], None]
 ESQ_META_FORMAT = "edgesqueeze.esq-model"
@@ -64,8 +72,33 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """Where ``compress.ptq`` takes its calibration images (their labels are never used).
+
+    ``images`` are drawn without replacement, seeded by the recipe's ``seed``, from
+    ``split``: ``auto`` is the training split, or the test split when the dataset has none
+    (``imagenet-sample``). Test images not drawn are the held-out set the report scores on;
+    the drawn ones are never presented as held-out. With seed 0, 50 of ``imagenet-sample``'s
+    100 images are exactly fold 0 of ``benchmarks/imagenet_lossy.py``, so its cross-validated
+    numbers are what the held-out half should show.
+    """
+
+    images: int = field(default=50, metadata=_range(ge=1, le=1_000_000))
+    split: Literal["auto", "train", "test"] = "auto"
+
+
+@dataclass(frozen=True)
 class CompressConfig:
-    """The ``compress`` section of a recipe. A missing ``prune`` or ``cluster`` skips it."""
+    """The ``compress`` section of a recipe. Which stages it names decides what runs:
+
+    - ``prune`` and/or ``cluster``: Deep Compression with retraining (needs a training split);
+    - ``ptq``: post-training re-clustering of an already pruned (and usually already shared)
+      model to a byte budget, from ``calibration`` images only, keeping its zeros: for models
+      whose training set is not at hand, like the released ImageNet SqueezeNet;
+    - none of them: a lossless re-encoding. Existing zeros and codebooks are detected and
+      kept, every weight is bit-identical to the source, and BatchNorm is left unfolded
+      (folding rounds, so it would change weights).
+    """
 
     VERSION: ClassVar[int] = 1
 
@@ -74,7 +107,29 @@ class CompressConfig:
     prune_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cluster: ClusterConfig | None = None
     cluster_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ptq: PTQConfig | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval_batch_size: int = field(default=512, metadata=_range(ge=1, le=65_536))
+
+    def __post_init__(self) -> None:
+        # Refused rather than silently ordered: each combination has a clearer alternative.
+        if self.ptq is not None and self.prune is not None:
+            raise RecipeError("compress.ptq: cannot be combined with compress.prune (pruning retrains on a "
+                              "training split, ptq keeps the model's zeros and uses no training); prune in one "
+                              "run, then compress that run's model.esq with a ptq-only recipe")
+        if self.ptq is not None and self.cluster is not None:
+            raise RecipeError("compress.ptq: cannot be combined with compress.cluster (both choose the "
+                              "codebooks); keep cluster to retrain centroids on a training split, or ptq "
+                              "for calibration images only")
+
+    @property
+    def mode(self) -> Literal["ptq", "retrain", "lossless"]:
+        """``ptq``, ``retrain`` (prune and/or cluster) or ``lossless`` (nothing changes a weight)."""
+        if self.ptq is not None:
+            return "ptq"
+        if self.prune is not None or self.cluster is not None:
+            return "retrain"
+        return "lossless"
 
 
 @dataclass
@@ -157,35 +212,326 @@ def compress(
     seed: int = 0,
     data_dir: str | Path | None = None,
     dataset: str | None = None,
+    default_dataset: str | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
     recipe_hash: str | None = None,
     progress: bool = True,
     log: Log = print,
 ) -> CompressResult:
-    """Compress the model in ``checkpoint`` into ``out_dir/model.esq`` with a report."""
-    from edgesqueeze.data import default_augment
-    from edgesqueeze.train import evaluate
+    """Compress the model in ``checkpoint`` into ``out_dir/model.esq`` with a report.
 
+    ``checkpoint`` is an edgesqueeze checkpoint, a ``.esq`` archive, or a plain state_dict
+    with ``arch`` (and ``arch_kwargs``). ``dataset`` overrides the one the checkpoint records;
+    ``default_dataset`` is used only when it records none (a plain state_dict). What runs is
+    :attr:`CompressConfig.mode`: retraining stages, post-training (``ptq``), or a lossless
+    re-encoding, which alone can run without a dataset (then nothing is evaluated).
+    """
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    loaded, meta, ds, (x_tr, y_tr), (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir)
-    ds_norm = dataclasses.replace(ds, mean=tuple(mean), std=tuple(std))
-    data = (x_tr, y_tr, ds_norm, default_augment(ds.name))
-    ebs = config.eval_batch_size
+    inp = _load_inputs(checkpoint, dataset=dataset, default_dataset=default_dataset, data_dir=data_dir,
+                       arch=arch, arch_kwargs=arch_kwargs, need_data=config.mode != "lossless")
+    run = _Run(checkpoint=Path(checkpoint), config=config, inp=inp, out=Path(out_dir), seed=seed,
+               recipe_hash=recipe_hash, progress=progress, log=log, t_start=t_start)
+    if config.mode == "lossless":
+        return _compress_lossless(run)
+    if config.mode == "ptq":
+        return _compress_ptq(run)
+    return _compress_retrain(run)
 
-    def val_acc(m: nn.Module) -> float | None:
-        if not len(x_val):
+
+@dataclass
+class _Inputs:
+    """The model to compress, its metadata, and (when known) its dataset and splits."""
+
+    loaded: Any  # checkpoint.LoadedModel
+    meta: dict[str, Any]
+    ds: Any = None  # data.Dataset, or None for a lossless run without data
+    train: tuple = ((), ())
+    val: tuple = ((), ())
+    mean: Any = None
+    std: Any = None
+
+
+@dataclass
+class _Run:
+    """What every mode shares: inputs, output folder, the stage log, evaluation helpers."""
+
+    checkpoint: Path
+    config: CompressConfig
+    inp: _Inputs
+    out: Path
+    seed: int
+    recipe_hash: str | None
+    progress: bool
+    log: Log
+    t_start: float
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+    def val_acc(self, m: nn.Module) -> float | None:
+        from edgesqueeze.train import evaluate
+
+        x_val, y_val = self.inp.val
+        if self.inp.ds is None or not len(x_val):
             return None
-        return evaluate(m, x_val, y_val, mean=mean, std=std, batch_size=ebs)["accuracy"]
+        return evaluate(m, x_val, y_val, mean=self.inp.mean, std=self.inp.std,
+                        batch_size=self.config.eval_batch_size)["accuracy"]
 
-    model = copy.deepcopy(loaded.model)  # the stages work in place; keep the original to compare
-    dense_bytes = _float_bytes(model)
-    stages: list[dict[str, Any]] = []
+    def test(self, m: nn.Module, x=None, y=None) -> dict[str, float] | None:
+        from edgesqueeze.train import evaluate
 
-    def record(stage: str, m: nn.Module, size: int | None, note: str = "") -> None:
-        acc = val_acc(m)
-        stages.append({"stage": stage, "val_accuracy": acc, "bytes": size, "note": note})
+        if self.inp.ds is None:
+            return None
+        x, y = (self.inp.ds.test_x, self.inp.ds.test_y) if x is None else (x, y)
+        return evaluate(m, x, y, mean=self.inp.mean, std=self.inp.std, batch_size=self.config.eval_batch_size)
+
+    def record(self, stage: str, m: nn.Module, size: int | None, note: str = "") -> None:
+        acc = self.val_acc(m)
+        self.stages.append({"stage": stage, "val_accuracy": acc, "bytes": size, "note": note})
         acc_txt = f"val {100 * acc:.2f}%" if acc is not None else "no val split"
-        log(f"[{stage}] {acc_txt}" + (f", {size:,} B" if size else "") + (f" ({note})" if note else ""))
+        self.log(f"[{stage}] {acc_txt}" + (f", {size:,} B" if size else "") + (f" ({note})" if note else ""))
+
+    def archive_meta(self, *, folded: bool, weights_sha256: str, reference_accuracy: float | None) -> dict:
+        """The archive's metadata. Built before PTQ too, with a stand-in weights hash of the
+        same length, because its (deflated) size counts against the byte budget."""
+        # The full config is in report.json; the archive keeps its hash (small models: every byte counts).
+        config_sha = hashlib.sha256(json.dumps(_jsonable(self.config), sort_keys=True).encode()).hexdigest()
+        extra = {"compress_mode": self.config.mode, "compress_config_sha256": config_sha,
+                 "source_sha256": sha256_file(self.checkpoint), "weights_sha256": weights_sha256,
+                 "reference_accuracy": reference_accuracy,
+                 "recipe_hash": self.recipe_hash or self.inp.meta.get("recipe_hash")}
+        return esq_meta({k: v for k, v in self.inp.meta.items() if k not in ("metrics",)}, folded=folded,
+                        extra=extra)
+
+    def encode(self, state: dict[str, torch.Tensor], meta: dict, *, shared: Any,
+               codebook_dtype: str) -> tuple[bytes, list, nn.Module, Path]:
+        """Write ``model.esq`` and prove it decodes to exactly ``state``."""
+        blob, stats = codec.dumps_model(state, meta, shared=shared, codebook_dtype=codebook_dtype)
+        esq_path = self.out / "model.esq"
+        write_bytes_atomic(esq_path, blob)
+        decoded, _ = model_from_esq(esq_path)
+        for key, tensor in decoded.state_dict().items():
+            if not torch.equal(tensor, state[key]):
+                raise EdgesqueezeError(f"decode check failed: {key} differs after the .esq round trip (a bug)")
+        return blob, stats, decoded, esq_path
+
+    def finish(self, *, before: nn.Module, decoded: nn.Module, blob: bytes, stats: list, state: dict,
+               dense_bytes: int, test_before, test_after, bits: dict, esq_path: Path,
+               extra: dict[str, Any]) -> CompressResult:
+        """Build and write the report; ``extra["evaluation"]`` gives the agreement the
+        ``test`` section carries (held-out when there is a held-out set), for the CI gate."""
+        from edgesqueeze.compress import report as report_mod
+
+        report = report_mod.build(
+            layers=stats, stages=self.stages, dense_bytes=dense_bytes, esq_bytes=len(blob), state=state,
+            test_before=test_before, test_after=test_after, layer_rows=layer_stats(decoded), bits=bits,
+            wall_s=time.perf_counter() - self.t_start, checkpoint=str(self.checkpoint), esq=str(esq_path),
+            config=_jsonable(self.config), agreement=_agreement(extra.get("evaluation")),
+            extra={"mode": self.config.mode, **extra},
+        )
+        report_mod.write(self.out, report, before=before, after=decoded)
+        where = "held-out test" if "calibration" in extra else "test"
+        acc = (f"; {where} {100 * test_before['accuracy']:.2f}% -> {100 * test_after['accuracy']:.2f}%"
+               if test_before and test_after and "accuracy" in test_after else "")
+        self.log(f"{esq_path}: {len(blob):,} bytes ({dense_bytes / len(blob):.1f}x smaller than dense fp32){acc}")
+        return CompressResult(decoded, esq_path, len(blob), report, self.out)
+
+
+def _agreement(evaluation: dict | None) -> float | None:
+    ev = evaluation or {}
+    row = ev.get("held_out") or ev.get("all") or {}
+    return row.get("agreement")
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def _compare(original: nn.Module, compressed: nn.Module, x, y, *, mean, std, batch_size: int) -> dict[str, Any]:
+    """Top-1 of both models on ``(x, y)``, their top-1 agreement (the fraction of images
+    on which both predict the same class: what a user sees change) and mean
+    ``KL(original || compressed)`` in nats."""
+    from edgesqueeze.train import predict
+
+    if not len(x):
+        return {"n": 0}
+    a = predict(original, x, mean=mean, std=std, batch_size=batch_size)
+    b = predict(compressed, x, mean=mean, std=std, batch_size=batch_size)
+    y = torch.as_tensor(y, dtype=torch.long)
+    logp = torch.log_softmax(a, 1)
+    kl = (logp.exp() * (logp - torch.log_softmax(b, 1))).sum(1).mean()
+    return {"n": len(y), "top1_original": float((a.argmax(1) == y).float().mean()),
+            "top1_compressed": float((b.argmax(1) == y).float().mean()),
+            "agreement": float((a.argmax(1) == b.argmax(1)).float().mean()), "kl": float(kl)}
+
+
+def _weights_found(stats: list, model: nn.Module) -> dict[str, Any]:
+    """What the source already was: its density and how many weight tensors the codec found
+    shared (at most 256 distinct values), i.e. the zeros and codebooks a re-encoding keeps."""
+    names = set(shared_weight_names(model))
+    weights = [s for s in stats if s.name in names]
+    shared = [s for s in weights if s.kind == "shared"]
+    rows = layer_stats(model)
+    total = sum(r["numel"] for r in rows)
+    distinct = [int(torch.unique(m.weight[m.weight != 0]).numel()) for m in prunable_layers(model).values()]
+    return {"weight_tensors": len(weights), "shared_tensors": len(shared),
+            "max_distinct_values": max(distinct, default=0),
+            "density": round(sum(r["nonzero"] for r in rows) / total, 4) if total else 1.0}
+
+
+def _compress_lossless(run: _Run) -> CompressResult:
+    """Re-encode without changing a weight: the codec keeps what it finds (zeros as gaps,
+    codebooks of at most 256 values per tensor or per slice), and the decoded weights are
+    compared bit for bit with the source's."""
+    from edgesqueeze.verify import state_digest
+
+    inp, log = run.inp, run.log
+    model = inp.loaded.model
+    dense_bytes = _float_bytes(model)
+    run.record("float", model, dense_bytes, "dense fp32")
+    test_before = run.test(model)
+    state = _state(model)
+    digest = state_digest(state)
+    meta = run.archive_meta(folded=bool(inp.meta.get("folded_batchnorm")), weights_sha256=digest,
+                            reference_accuracy=test_before["accuracy"] if test_before else None)
+    # float16 codebooks only for tensors whose every value survives float16: still lossless.
+    blob, stats, decoded, esq_path = run.encode(state, meta, shared="auto", codebook_dtype="float16")
+    found = _weights_found(stats, model)
+    identical = state_digest(_state(decoded)) == digest and all(
+        torch.equal(v, state[k]) for k, v in decoded.state_dict().items())
+    log(f"lossless re-encoding (no prune, cluster or ptq section): {found['density']:.1%} of weights non-zero, "
+        f"{found['shared_tensors']} of {found['weight_tensors']} weight tensors already shared (codebooks of at "
+        f"most 256 values, per tensor or per slice), kept; weights bit-identical: {'yes' if identical else 'NO'}")
+    run.record("esq", decoded, len(blob), "decoded from the archive; lossless, bit-identical")
+    test_after = run.test(decoded)
+    evaluation = {}
+    if inp.ds is not None:
+        evaluation["all"] = {"label": f"all {len(inp.ds.test_y)} test images of {inp.ds.name}",
+                             **_compare(model, decoded, inp.ds.test_x, inp.ds.test_y, mean=inp.mean,
+                                        std=inp.std, batch_size=run.config.eval_batch_size)}
+    extra = {"lossless": {"weights_identical": identical, "source_weights_sha256": digest,
+                          "decoded_weights_sha256": state_digest(_state(decoded)), **found},
+             "evaluation": evaluation}
+    if not identical:  # cannot happen unless the codec is broken; never report it as lossless
+        raise EdgesqueezeError("lossless re-encoding changed a weight (a bug)")
+    return run.finish(before=model, decoded=decoded, blob=blob, stats=stats, state=state, dense_bytes=dense_bytes,
+                      test_before=test_before, test_after=test_after, bits={}, esq_path=esq_path, extra=extra)
+
+
+def _calibration_split(run: _Run):
+    """``(images, split, indices, held_x, held_y)``: calibration images drawn as
+    :class:`CalibrationConfig` says, and the test images that were not drawn."""
+    cfg, ds = run.config.calibration, run.inp.ds
+    x_tr = run.inp.train[0]
+    split = cfg.split if cfg.split != "auto" else ("train" if len(x_tr) else "test")
+    if split == "train" and not len(x_tr):
+        raise DataError(f"compress.calibration.split: 'train', but dataset '{ds.name}' has no training split; "
+                        "use 'auto' or 'test'")
+    pool = x_tr if split == "train" else ds.test_x
+    n = min(cfg.images, len(pool))
+    if n < cfg.images:
+        run.log(f"warning: compress.calibration.images is {cfg.images} but the {split} split of {ds.name} has "
+                f"{len(pool)} images; using all of them")
+    idx = np.sort(np.random.default_rng(run.seed).permutation(len(pool))[:n])
+    if split == "test":
+        keep = np.ones(len(ds.test_x), dtype=bool)
+        keep[idx] = False
+        held_x, held_y = ds.test_x[keep], ds.test_y[keep]
+    else:
+        held_x, held_y = ds.test_x, ds.test_y
+    return pool[idx], split, idx, held_x, held_y
+
+
+def _compress_ptq(run: _Run) -> CompressResult:
+    """Post-training: re-cluster the (pruned) model to ``ptq.target_bytes`` from calibration
+    images only (:func:`~edgesqueeze.compress.ptq.post_training_compress`), keeping its zeros;
+    then encode, decode-check, and score original against compressed on held-out images."""
+    from edgesqueeze.compress.ptq import post_training_compress
+    from edgesqueeze.data import batches
+    from edgesqueeze.verify import state_digest
+
+    inp, cfg, log = run.inp, run.config, run.log
+    ds = inp.ds
+    original = inp.loaded.model
+    calib, split, idx, held_x, held_y = _calibration_split(run)
+    where = f"{len(calib)} calibration images from the {split} split of {ds.name} (seed {run.seed})"
+    log(f"post-training compression: {where}; labels unused, no fine-tuning")
+    model = copy.deepcopy(original)
+    dense_bytes = _float_bytes(model)
+    run.record("float", model, dense_bytes, "dense fp32")
+    folded = bool(inp.meta.get("folded_batchnorm"))
+    if cfg.fold_batchnorm and conv_bn_pairs(model):
+        model = fold_batchnorm(model)  # cluster what runs
+        folded = True
+        run.record("fold-bn", model, None, "BatchNorm folded into convs")
+    masks_before = existing_masks(model)
+    held_before = run.test(original, held_x, held_y)
+    calib_x = next(batches(calib, np.zeros(len(calib), dtype=np.int64), batch_size=len(calib),
+                           shuffle=False, generator=None, mean=inp.mean, std=inp.std))[0]
+    ref_acc = held_before.get("accuracy") if held_before else None
+    # The budget counts the archive as written: its metadata included, with a stand-in
+    # weights hash (same length, same entropy) until the weights are known.
+    budget_meta = run.archive_meta(folded=folded, weights_sha256=state_digest(_state(model)),
+                                   reference_accuracy=ref_acc)
+    log(f"ptq: statistics on the calibration images, then every layer clustered at each candidate size "
+        f"({len(prunable_layers(model))} layers; minutes for an ImageNet model on a CPU)")
+    model, assignments, ptq_report = post_training_compress(model, calib_x, cfg.ptq, meta=budget_meta,
+                                                            log=log, progress=run.progress)
+    ks = [r["k"] for r in ptq_report["layers"]]
+    run.record("ptq", model, ptq_report["summary"]["bytes"],
+               f"k {min(ks)}{'' if min(ks) == max(ks) else f'-{max(ks)}'} per layer for a "
+               f"{ptq_report['summary']['budget']:,} B budget")
+    state = _state(model)
+    meta = run.archive_meta(folded=folded, weights_sha256=state_digest(state), reference_accuracy=ref_acc)
+    blob, stats, decoded, esq_path = run.encode(state, meta, shared="auto", codebook_dtype=cfg.ptq.codebook_dtype)
+    run.record("esq", decoded, len(blob), "decoded from the archive")
+    target = cfg.ptq.target_bytes
+    if target is not None and len(blob) > target:
+        log(f"warning: {len(blob):,} B is over compress.ptq.target_bytes ({target:,} B)")
+    mask_kept = all(torch.equal(decoded.get_submodule(n).weight != 0, m) for n, m in masks_before.items())
+
+    ebs = cfg.eval_batch_size
+    n_test = len(ds.test_y)
+    evaluation = {"held_out": {
+        "label": (f"held-out: the {len(held_y)} test images not used for calibration" if split == "test"
+                  else f"held-out: all {len(held_y)} test images (calibration used the training split)"),
+        **_compare(original, decoded, held_x, held_y, mean=inp.mean, std=inp.std, batch_size=ebs)}}
+    if split == "test":
+        evaluation["all"] = {
+            "label": f"all {n_test} test images, {len(calib)} of them calibration images (in-sample: optimistic)",
+            **_compare(original, decoded, ds.test_x, ds.test_y, mean=inp.mean, std=inp.std, batch_size=ebs)}
+    for e in evaluation.values():
+        if e["n"]:
+            log(f"{e['label']}: top-1 {100 * e['top1_original']:.2f}% -> {100 * e['top1_compressed']:.2f}%, "
+                f"agreement {100 * e['agreement']:.2f}%, KL {e['kl']:.4f}")
+    test_after = run.test(decoded, held_x, held_y)
+    extra = {
+        "calibration": {"dataset": ds.name, "split": split, "images": len(calib), "seed": run.seed,
+                        "indices": [int(i) for i in idx]},
+        "evaluation": evaluation,
+        "ptq": {**ptq_report, "target_bytes": target,
+                "within_target": target is None or len(blob) <= target, "mask_kept": mask_kept},
+    }
+    return run.finish(before=original, decoded=decoded, blob=blob, stats=stats, state=state,
+                      dense_bytes=dense_bytes, test_before=held_before, test_after=test_after,
+                      bits={n: a.bits for n, a in assignments.items()}, esq_path=esq_path, extra=extra)
+
+
+def _compress_retrain(run: _Run) -> CompressResult:
+    """Deep Compression with retraining: prune, fold BatchNorm, cluster, retrain centroids."""
+    from edgesqueeze.data import default_augment
+    from edgesqueeze.verify import state_digest
+
+    inp, config, log, seed, progress = run.inp, run.config, run.log, run.seed, run.progress
+    ds, (x_tr, y_tr), (x_val, _) = inp.ds, inp.train, inp.val
+    if not len(x_tr):
+        raise DataError(f"compress.prune / compress.cluster retrain on a training split, and dataset '{ds.name}' "
+                        "has none; use compress.ptq (calibration images only) instead")
+    ds_norm = dataclasses.replace(ds, mean=tuple(inp.mean), std=tuple(inp.std))
+    data = (x_tr, y_tr, ds_norm, default_augment(ds.name))
+    val_acc, record = run.val_acc, run.record
+
+    model = copy.deepcopy(inp.loaded.model)  # the stages work in place; keep the original to compare
+    dense_bytes = _float_bytes(model)
 
     record("float", model, dense_bytes, "dense fp32")
     # Pruning: keep existing zeros (an already pruned model), reach the targets while retraining.
@@ -218,7 +564,7 @@ def compress(
 
     # Fold BatchNorm after pruning (retraining needs BN; a per-channel rescale keeps zeros) and
     # before weight sharing, so that what is clustered is exactly what runs.
-    folded = False
+    folded = bool(inp.meta.get("folded_batchnorm"))
     if config.fold_batchnorm and conv_bn_pairs(model):
         model = fold_batchnorm(model)
         folded = True
@@ -237,55 +583,76 @@ def compress(
         model.eval()
 
     # Encode, then prove the archive decodes to exactly the model held in memory.
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = _state(model)
     shared = shared_weight_names(model) if assignments else "auto"
-    # The full config is in report.json; the archive keeps its hash (small models: every byte counts).
-    config_sha = hashlib.sha256(json.dumps(_jsonable(config), sort_keys=True).encode()).hexdigest()
-    from edgesqueeze.verify import state_digest
-
-    test_before = evaluate(loaded.model, ds.test_x, ds.test_y, mean=mean, std=std, batch_size=ebs)
-    extra = {"compress_config_sha256": config_sha, "source_sha256": sha256_file(checkpoint),
-             "weights_sha256": state_digest(state), "reference_accuracy": test_before["accuracy"],
-             "recipe_hash": recipe_hash or meta.get("recipe_hash")}
-    archive_meta = esq_meta({k: v for k, v in meta.items() if k not in ("metrics",)}, folded=folded, extra=extra)
-    blob, layer_stats_ = codec.dumps_model(state, archive_meta, shared=shared,
-                                           codebook_dtype=config.cluster.codebook_dtype if config.cluster else "float32")
-    esq_path = out / "model.esq"
-    write_bytes_atomic(esq_path, blob)
-    decoded, _ = model_from_esq(esq_path)
-    for key, tensor in decoded.state_dict().items():
-        if not torch.equal(tensor, state[key]):
-            raise EdgesqueezeError(f"decode check failed: {key} differs after the .esq round trip (a bug)")
+    test_before = run.test(inp.loaded.model)
+    meta = run.archive_meta(folded=folded, weights_sha256=state_digest(state),
+                            reference_accuracy=test_before["accuracy"])
+    blob, stats, decoded, esq_path = run.encode(
+        state, meta, shared=shared, codebook_dtype=config.cluster.codebook_dtype if config.cluster else "float32")
     record("esq", decoded, len(blob), "decoded from the archive")
-
-    test_after = evaluate(decoded, ds.test_x, ds.test_y, mean=mean, std=std, batch_size=ebs)
-    from edgesqueeze.compress import report as report_mod
-
-    report = report_mod.build(
-        layers=layer_stats_, stages=stages, dense_bytes=dense_bytes, esq_bytes=len(blob), state=state,
-        test_before=test_before, test_after=test_after, layer_rows=layer_stats(decoded),
-        bits={n: a.bits for n, a in assignments.items()}, wall_s=time.perf_counter() - t_start,
-        checkpoint=str(checkpoint), esq=str(esq_path), config=_jsonable(config),
-    )
+    test_after = run.test(decoded)
+    extra: dict[str, Any] = {"evaluation": {"all": {
+        "label": f"all {len(ds.test_y)} test images of {ds.name}",
+        **_compare(inp.loaded.model, decoded, ds.test_x, ds.test_y, mean=inp.mean, std=inp.std,
+                   batch_size=config.eval_batch_size)}}}
     if auto_scan:
-        report["auto_sparsity"] = auto_scan
-    report_mod.write(out, report, before=loaded.model, after=decoded)
-    log(f"{esq_path}: {len(blob):,} bytes ({dense_bytes / len(blob):.1f}x smaller than dense fp32); "
-        f"test {100 * test_before['accuracy']:.2f}% -> {100 * test_after['accuracy']:.2f}%")
-    return CompressResult(decoded, esq_path, len(blob), report, out)
+        extra["auto_sparsity"] = auto_scan
+    return run.finish(before=inp.loaded.model, decoded=decoded, blob=blob, stats=stats, state=state,
+                      dense_bytes=dense_bytes, test_before=test_before, test_after=test_after,
+                      bits={n: a.bits for n, a in assignments.items()}, esq_path=esq_path, extra=extra)
+
+
+def _load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None, arch=None, arch_kwargs=None,
+                 need_data: bool = True) -> _Inputs:
+    """The model (any file :func:`~edgesqueeze.checkpoint.load_model` reads; a plain state_dict
+    needs ``arch``), its dataset and splits (see :func:`~edgesqueeze.evaluate.training_data`)
+    and its normalization. A plain state_dict records no dataset: the one given is written
+    into the metadata, so the archive says what it was measured on."""
+    from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.evaluate import training_data
+
+    loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs)
+    meta = dict(loaded.meta)
+    if "arch" not in meta:
+        raise ModelError(f"{checkpoint}: a {loaded.kind} file does not record an edgesqueeze architecture; "
+                         "compress needs an edgesqueeze checkpoint, a .esq archive, or a state_dict with --arch")
+    name = dataset or meta.get("dataset") or default_dataset
+    if not name:
+        if need_data:
+            raise DataError(f"{checkpoint}: does not record its dataset; pass --data NAME (e.g. --data imagenet-sample)")
+        return _Inputs(loaded, meta)
+    ds, train, val = training_data(meta, source=checkpoint, dataset=name, data_dir=data_dir)
+    mean, std = meta.get("mean", ds.mean), meta.get("std", ds.std)
+    _check_fits(loaded.model, ds, checkpoint, meta)
+    if "dataset" not in meta:
+        meta.update(dataset=ds.name, input_shape=list(ds.input_shape), mean=list(mean), std=list(std))
+    return _Inputs(loaded, meta, ds, train, val, mean, std)
+
+
+def _check_fits(model: nn.Module, ds, source, meta: dict) -> None:
+    """Refuse a dataset the model cannot take (shape, class count) with one clear line,
+    before anything is computed, rather than a stack trace from inside a conv."""
+    expected = meta.get("input_shape")
+    if expected and list(ds.input_shape) != list(expected):
+        raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {source} expects "
+                        f"{list(expected)}; pass the dataset it was trained on (--data)")
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *ds.input_shape))
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DataError(f"{source} does not run on '{ds.name}' images of shape {list(ds.input_shape)} ({first}); "
+                        "pass the dataset it was trained on (--data)") from None
+    if out.shape[-1] != ds.num_classes:
+        raise DataError(f"dataset '{ds.name}' has {ds.num_classes} classes but {source} outputs {out.shape[-1]}; "
+                        "pass the dataset it was trained on (--data)")
 
 
 def _load_with_data(checkpoint, dataset, data_dir):
     """The checkpoint, its dataset and split (see :func:`training_data`), its normalization."""
-    from edgesqueeze.checkpoint import load_model
-    from edgesqueeze.evaluate import training_data
-
-    loaded = load_model(checkpoint)
-    meta = dict(loaded.meta)
-    if "arch" not in meta:
-        raise EdgesqueezeError(f"{checkpoint}: needs an edgesqueeze checkpoint (with its architecture)")
-    ds, train, val = training_data(meta, source=checkpoint, dataset=dataset, data_dir=data_dir)
-    return loaded, meta, ds, train, val, meta.get("mean", ds.mean), meta.get("std", ds.std)
+    inp = _load_inputs(checkpoint, dataset=dataset, data_dir=data_dir)
+    return inp.loaded, inp.meta, inp.ds, inp.train, inp.val, inp.mean, inp.std
 
 
 def sensitivity(

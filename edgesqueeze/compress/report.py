@@ -32,7 +32,13 @@ def _baselines(state: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def build(*, layers, stages, dense_bytes, esq_bytes, state, test_before, test_after, layer_rows, bits, wall_s,
-          checkpoint, esq, config) -> dict[str, Any]:
+          checkpoint, esq, config, agreement: float | None = None,
+          extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report.json content. ``test_before``/``test_after`` may be ``None`` (a lossless
+    run without a dataset: ``test`` then holds ``n: 0`` and no accuracy, which a gate reads
+    as "not measured", never as a pass); ``agreement`` is the top-1 agreement on the same
+    images; ``extra`` adds mode-specific sections (``mode``, ``lossless``, ``calibration``,
+    ``evaluation``, ``ptq``, ``auto_sparsity``)."""
     density = {r["layer"] + ".weight": r["density"] for r in layer_rows}
     rows = []
     for s in layers:
@@ -60,10 +66,73 @@ def build(*, layers, stages, dense_bytes, esq_bytes, state, test_before, test_af
         },
         "baselines": _baselines(state),
         "stages": stages,
-        "test": {"before": test_before, "after": test_after,
-                 "drop_points": round(100 * (test_before["accuracy"] - test_after["accuracy"]), 3)},
+        "test": _test_section(test_before, test_after, agreement),
         "layers": rows,
+        **(extra or {}),
     }
+
+
+def _test_section(before, after, agreement) -> dict[str, Any]:
+    before, after = before or {"n": 0}, after or {"n": 0}
+    drop = (round(100 * (before["accuracy"] - after["accuracy"]), 3)
+            if "accuracy" in before and "accuracy" in after else None)
+    return {"before": before, "after": after, "drop_points": drop, "agreement": agreement}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _mode_lines(report: dict[str, Any]) -> list[str]:
+    """Bullet lines saying what kind of run this was (lossless / post-training)."""
+    lines = []
+    if ll := report.get("lossless"):
+        lines.append(f"- **lossless re-encoding**: weights bit-identical to the source: "
+                     f"**{'yes' if ll['weights_identical'] else 'NO'}** (SHA-256 of the weights "
+                     f"`{ll['source_weights_sha256'][:16]}...`); existing zeros ({100 * ll['density']:.1f}% non-zero) "
+                     f"and codebooks ({ll['shared_tensors']} of {ll['weight_tensors']} weight tensors already shared, "
+                     "codebooks of at most 256 values, per tensor or per slice) kept")
+    if cal := report.get("calibration"):
+        ptq = report.get("ptq", {})
+        target = ptq.get("target_bytes")
+        lines.append(f"- **post-training** (no fine-tuning data): {cal['images']} calibration images from the "
+                     f"{cal['split']} split of {cal['dataset']} (seed {cal['seed']}), labels unused; "
+                     + (f"target {target:,} B ({'met' if ptq.get('within_target') else 'NOT met'}); "
+                        if target else "")
+                     + f"pruning mask kept: {'yes' if ptq.get('mask_kept') else 'no'}")
+    return lines
+
+
+def _evaluation_lines(report: dict[str, Any]) -> list[str]:
+    ev = {k: v for k, v in (report.get("evaluation") or {}).items() if v.get("n")}
+    if not ev:
+        return []
+    lines = ["", "## Original against compressed", "",
+             "| images | n | top-1 original | top-1 compressed | top-1 agreement | KL (nats) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for e in ev.values():
+        lines.append(f"| {e['label']} | {e['n']} | {_pct(e['top1_original'])} | {_pct(e['top1_compressed'])} | "
+                     f"{_pct(e['agreement'])} | {e['kl']:.4f} |")
+    return lines
+
+
+def _ptq_lines(report: dict[str, Any]) -> list[str]:
+    ptq = report.get("ptq")
+    if not ptq:
+        return []
+    s = ptq["summary"]
+    lines = ["", f"## Post-training allocation ({s['bytes']:,} B for a {s['budget']:,} B budget)", "",
+             ("Calibration-set numbers after each step are in-sample: they guided the choices, they do "
+              "not validate them."), "", "| step | calibration KL | calibration agreement |", "| --- | --- | --- |"]
+    for step, v in s["calibration"].items():
+        lines.append(f"| {step} | {v['kl']:.4f} | {_pct(v['agreement'])} |")
+    lines += ["", "| layer | non-zero | k | bits | section B | predicted KL | bias shift |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in ptq["layers"]:
+        shift = "-" if r["bias_shift"] is None else f"{r['bias_shift']:.2e}"
+        lines.append(f"| {r['layer']} | {r['nonzero']:,} | {r['k']} | {r['bits']} | {r['bytes']:,} | "
+                     f"{r['predicted_kl']:.2e} | {shift} |")
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -73,10 +142,19 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Compression report: `{report['esq']}`", "",
         f"- **{kb(t['esq_bytes'])}** ({t['esq_bytes']:,} B), {t['ratio']}x smaller than the dense fp32 model "
         f"({kb(t['dense_fp32_bytes'])})",
-        f"- test accuracy {100 * tb['before']['accuracy']:.2f}% -> **{100 * tb['after']['accuracy']:.2f}%** "
-        f"({-tb['drop_points']:+.2f} points) on {tb['after']['n']:,} images",
+        *_mode_lines(report)]
+    if tb.get("drop_points") is not None:
+        where = "held-out test" if report.get("calibration") else "test"
+        agree = f", top-1 agreement {_pct(tb['agreement'])}" if tb.get("agreement") is not None else ""
+        lines.append(f"- {where} accuracy {100 * tb['before']['accuracy']:.2f}% -> "
+                     f"**{100 * tb['after']['accuracy']:.2f}%** ({-tb['drop_points']:+.2f} points{agree}) on "
+                     f"{tb['after']['n']:,} images")
+    elif not tb["after"].get("n"):
+        lines.append("- no dataset given: nothing evaluated (pass --data NAME to measure accuracy)")
+    lines += [
         f"- {100 * t['density']:.1f}% of weights kept; Huffman streams {t['huffman_coded_bytes']:,} B against "
         f"{t['entropy_bytes']:,.0f} B zeroth-order entropy ({t['huffman_over_entropy']}x)",
+        *_evaluation_lines(report), *_ptq_lines(report),
         "", "## Stages (validation accuracy)", "", "| stage | val acc | size | note |", "| --- | --- | --- | --- |"]
     for s in report["stages"]:
         acc = "-" if s["val_accuracy"] is None else f"{100 * s['val_accuracy']:.2f}%"
@@ -116,8 +194,18 @@ def size_table(report: dict[str, Any]) -> str:
         lines.append(f"{s['stage']:<30}{(format(s['bytes'], ',') if s['bytes'] else ''):>12}{acc:>10}")
     for k, v in report["baselines"].items():
         lines.append(f"{'same weights, ' + k:<30}{v:>12,}")
-    lines.append(f"test accuracy {100 * tb['before']['accuracy']:.2f}% -> {100 * tb['after']['accuracy']:.2f}%; "
-                 f".esq {t['esq_bytes']:,} B = {t['ratio']}x smaller than dense fp32")
+    for e in (report.get("evaluation") or {}).values():
+        if e.get("n"):
+            lines.append(f"{e['label']}: top-1 {_pct(e['top1_original'])} -> {_pct(e['top1_compressed'])}, "
+                         f"agreement {_pct(e['agreement'])}, KL {e['kl']:.4f}")
+    if ll := report.get("lossless"):
+        lines.append(f"lossless re-encoding: weights bit-identical to the source: "
+                     f"{'yes' if ll['weights_identical'] else 'NO'}")
+    acc = ""
+    if tb.get("drop_points") is not None:
+        where = "held-out test" if report.get("calibration") else "test"
+        acc = f"{where} accuracy {100 * tb['before']['accuracy']:.2f}% -> {100 * tb['after']['accuracy']:.2f}%; "
+    lines.append(f"{acc}.esq {t['esq_bytes']:,} B = {t['ratio']}x smaller than dense fp32")
     return "\n".join(lines)
 
 
@@ -129,12 +217,20 @@ def _plots(out: Path, report: dict[str, Any], before: torch.nn.Module, after: to
 
     pts = [(s["bytes"], s["val_accuracy"], s["stage"]) for s in report["stages"]
            if s["bytes"] and s["val_accuracy"] is not None]
+    ylabel = "validation accuracy (%)"
+    held = (report.get("evaluation") or {}).get("held_out") or (report.get("evaluation") or {}).get("all")
+    if len(pts) < 2 and held and held.get("n"):  # no validation split (ImageNet sample): held-out top-1
+        t = report["totals"]
+        pts = [(t["dense_fp32_bytes"], held["top1_original"], "original"),
+               (t["esq_bytes"], held["top1_compressed"], "compressed")]
+        ylabel = f"top-1 on {held['n']} held-out images (%)" if "held_out" in report["evaluation"] \
+            else f"top-1 on {held['n']} test images (%)"
     fig, ax = plt.subplots(figsize=(6, 4))
     if pts:
         ax.plot([p[0] / 1000 for p in pts], [100 * p[1] for p in pts], "o-")
         for b, a, name in pts:
             ax.annotate(name, (b / 1000, 100 * a), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log"), ax.set_xlabel("size (kB, log scale)"), ax.set_ylabel("validation accuracy (%)")
+    ax.set_xscale("log"), ax.set_xlabel("size (kB, log scale)"), ax.set_ylabel(ylabel)
     ax.set_title("accuracy against size through the stages")
     fig.tight_layout()
     with atomic_path(out / "accuracy_vs_size.png") as tmp:

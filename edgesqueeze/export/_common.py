@@ -149,7 +149,8 @@ def _resize(meta: dict[str, Any], shape) -> int | None:
 def _test_accuracy(meta: dict[str, Any]) -> float | None:
     test = (meta.get("metrics") or {}).get("test") or {}
     acc = test.get("accuracy")
-    return float(acc) if isinstance(acc, (int, float)) else None
+    # a fraction of at most a million images: 6 decimals are exact, float32 noise is not
+    return round(float(acc), 6) if isinstance(acc, (int, float)) else None
 
 
 def meta_json(meta: dict[str, Any]) -> str:

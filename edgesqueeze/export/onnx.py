@@ -579,7 +579,8 @@ def quantize_qdq(fproto, x: np.ndarray, *, calibration: CalibrationConfig,
 # onnxruntime's quantizer names every tensor it adds by appending a role to the original
 # name; shorter roles say the same (weights keep their torch module path).
 _SUFFIXES = (("_DequantizeLinear_Output", "/dq"), ("_QuantizeLinear_Output", "/q"),
-             ("_quantized", "/i8"), ("_zero_point", "/zp"), ("_scale", "/s"),
+             ("_quantized_scale", "/s"), ("_quantized_zero_point", "/zp"), ("_quantized", "/i8"),
+             ("_zero_point", "/zp"), ("_scale", "/s"),
              (".weight_bias", ".b"), (".weight", ".w"), (".bias", ".b"))
 
 
@@ -591,9 +592,10 @@ def compact_qdq(proto) -> None:
     that are all zero (symmetric int8 weights, int32 biases): DequantizeLinear's zero point
     is optional and defaults to 0; (2) the quantizer's long tensor names
     (``features.3.squeeze.weight_DequantizeLinear_Output`` -> ``features.3.squeeze.w/dq``);
-    (3) names of Q/DQ nodes, which repeat their output's name; (4) ``value_info``, the shape
-    annotations of intermediate tensors, which onnxruntime infers itself. ORT still fuses
-    every ``DQ -> Conv -> Q`` into ``QLinearConv`` (a test checks it)."""
+    (3) node names (optional in ONNX; the tensors they read and write keep the torch module
+    paths, and onnxruntime names nodes itself); (4) ``value_info``, the shape annotations of
+    intermediate tensors, which onnxruntime infers itself. ORT still fuses every
+    ``DQ -> Conv -> Q`` into ``QLinearConv`` (a test checks it)."""
     from onnx import TensorProto, numpy_helper
 
     graph = proto.graph
@@ -609,24 +611,27 @@ def compact_qdq(proto) -> None:
     del graph.initializer[:]
     graph.initializer.extend(kept)
 
-    def short(name: str) -> str:
-        for long, role in _SUFFIXES:
+    def short(name: str, table) -> str:
+        for long, role in table:
             name = name.replace(long, role)
         return name
 
     io = {v.name for v in graph.input} | {v.name for v in graph.output}
-    renamed = {t.name: short(t.name) for t in graph.initializer}
-    renamed.update({x: short(x) for node in graph.node for x in [*node.input, *node.output]
-                    if x and x not in io})
-    if len(set(renamed.values())) != len(renamed):  # a clash: keep the names as they are
+    names = {t.name for t in graph.initializer}
+    names |= {x for node in graph.node for x in [*node.input, *node.output] if x and x not in io}
+    # A quantized weight takes its weight's name (the float weight is gone); where that
+    # clashes (a bias's int32 values and the DQ output both derive from one name), "/i8".
+    first = {x: short(x, (("_quantized", ""), *_SUFFIXES)) for x in names}
+    taken = [*first.values(), *io]
+    renamed = {x: (y if taken.count(y) == 1 else short(x, _SUFFIXES)) for x, y in first.items()}
+    if len(set(renamed.values()) | io) != len(renamed) + len(io):  # still a clash: keep all
         renamed = {}
     for t in graph.initializer:
         t.name = renamed.get(t.name, t.name)
     for node in graph.node:
         node.input[:] = [renamed.get(x, x) for x in node.input]
         node.output[:] = [renamed.get(x, x) for x in node.output]
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            node.name = ""
+        node.name = ""
     del graph.value_info[:]
 
 

@@ -19,8 +19,9 @@ if [[ -z "${MODEL:-}" ]]; then
 fi
 $ES compress "$MODEL" -r "$RECIPE" --out "$OUT/compressed" --no-progress
 $ES export "$OUT/compressed/model.esq" -r "$RECIPE" --out "$OUT/export"
+# verify.json, verify.md (the artifact table with batch-1 latency) and its two plots
 $ES verify "$MODEL" "$OUT/compressed/model.esq" "$OUT"/export/*.onnx "$OUT"/export/*.tflite \
-  --out "$OUT/verify.json"
+  --latency --out "$OUT/verify.json"
 # shellcheck disable=SC2086 # EXTRA is a list of options
 $ES check "$OUT/verify.json" -r "$RECIPE" ${EXTRA:-} \
   --json "$OUT/gate.json" --junit "$OUT/gate.xml" --markdown "${GITHUB_STEP_SUMMARY:-$OUT/gate.md}"

@@ -1,0 +1,133 @@
+"""verify.md and its plots from synthetic rows (pure rendering; the real run is in test_gate)."""
+
+from __future__ import annotations
+
+import doctest
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from edgesqueeze import verify_report as vr
+from edgesqueeze.budget import Budget, check
+from edgesqueeze.cli import cli
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(path, fmt, size, gz, acc, agr, *, latency=None, error=None, runtime="onnxruntime"):
+    return {"path": str(path), "format": fmt, "runtime": runtime, "bytes": size, "gzip_bytes": gz, "n": 360,
+            "accuracy": acc, "agreement": agr, "reference_accuracy": 0.975, "decode_check": None,
+            "latency_ms": latency, "error": error}
+
+
+@pytest.fixture
+def report(tmp_path):
+    export = tmp_path / "export"
+    rows = [
+        _row(tmp_path / "model.pt", "pt", 3_012_345, 2_790_001, 0.975, 1.0, latency=1.5, runtime="pytorch"),
+        _row(tmp_path / "compressed" / "model.esq", "esq", 20_480, 20_301, 0.9694, 0.9917, latency=1.6,
+             runtime="edgesqueeze .esq decoder + pytorch"),
+        _row(export / "model.int8.onnx", "onnx-int8", 121_000, 98_000, 0.9667, 0.9861, latency=0.41),
+        _row(export / "model.int8.tflite", "tflite-int8", 500, None, None, None,
+             error=f"{export / 'model.int8.tflite'}: RuntimeError: truncated | bad flatbuffer",
+             runtime=None),
+    ]
+    rows[3]["n"] = 0
+    return {"dataset": None, "datasets": ["digits"], "reference": str(tmp_path / "model.pt"),
+            "reference_accuracy": 0.975, "artifacts": rows}
+
+
+def _table_rows(md: str) -> list[str]:
+    section = md.split("## Artifacts", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith(("| format", "| ---"))]
+
+
+def test_docstring_examples():
+    assert doctest.testmod(vr).failed == 0
+
+
+def test_write_report_table_plots_and_machine(report, tmp_path):
+    machine = {"cpu": "Test CPU @ 2GHz", "cores": 2, "threads": None, "date": "2026-11-23 18:00 UTC"}
+    out = vr.write_report(tmp_path / "verify.json", report, machine=machine)
+    assert out["markdown"] == tmp_path / "verify.md" and out["note"] is None
+    assert [p.name for p in out["plots"]] == ["size_by_format.png", "accuracy_vs_size.png"]
+    for p in out["plots"]:
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+    md = out["markdown"].read_text()
+    rows = _table_rows(md)
+    assert len(rows) == 4
+    assert rows[0].startswith("| pt | `model.pt` | 3,012,345 B (3.0 MB) | 2,790,001 B (2.8 MB) | 97.50% | 100.00% |")
+    assert "| 1.50 | pytorch |" in rows[0]
+    assert rows[1].startswith("| esq | `compressed/model.esq` | 20,480 B (20.5 kB) |")  # relative to the report
+    assert "| onnx-int8 | `export/model.int8.onnx` |" in rows[2] and "| 0.41 | onnxruntime |" in rows[2]
+    # the failed artifact: an error in its row and its message below, pipes escaped
+    assert "**error**" in rows[3] and "97" not in rows[3]
+    assert "Not evaluated (1; never a pass)" in md and "truncated \\| bad flatbuffer" in md
+    assert "latency p50 (ms)" in md and "digits; 360 test images" in md
+    assert "float reference: `model.pt`, test accuracy 97.50%" in md
+    assert "machine: Test CPU @ 2GHz, 2 cores, threads runtime default, 2026-11-23 18:00 UTC" in md
+    assert "![size by format](size_by_format.png)" in md
+    assert "![accuracy against size](accuracy_vs_size.png)" in md
+    assert "## Budget" not in md  # no budget given
+
+
+def test_error_rows_are_not_plotted_and_the_reference_is_marked(report):
+    assert [s[0] for s in vr.size_series(report["artifacts"])] == ["pt", "esq", "onnx-int8"]
+    points = vr.accuracy_points(report)
+    assert [(p[0], p[3]) for p in points] == [("pt", True), ("esq", False), ("onnx-int8", False)]
+    # two files of one format are told apart by name
+    twin = dict(report["artifacts"][2], path="other/model.int8.onnx")
+    labels = [s[0] for s in vr.size_series(report["artifacts"] + [twin])]
+    assert labels[2:] == ["onnx-int8\nexport/model.int8.onnx", "onnx-int8\nother/model.int8.onnx"]
+    renamed = dict(twin, path="other/model2.int8.onnx")
+    assert [s[0] for s in vr.size_series([report["artifacts"][2], renamed])] == [
+        "onnx-int8\nmodel.int8.onnx", "onnx-int8\nmodel2.int8.onnx"]
+
+
+def test_budget_verdicts_and_no_latency(report, tmp_path):
+    for r in report["artifacts"]:
+        r["latency_ms"] = None
+    verdicts = check(report["artifacts"], Budget(max_size=100_000, min_accuracy=0.9))
+    md = vr.markdown(report, verdicts=verdicts, folder=tmp_path)
+    assert "## Budget: could not measure everything" in md
+    assert "❌ FAIL" in md and "⚠️ not measured" in md and "✅ pass" in md
+    assert "latency p50" not in md and "latency: not measured (`edgesqueeze verify --latency`)" in md
+    assert len(_table_rows(md)) == 4
+
+
+def test_no_plots_without_matplotlib(report, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = vr.write_report(tmp_path / "verify.json", report)
+    assert out["plots"] == [] and "matplotlib is not installed" in out["note"]
+    assert not list(tmp_path.glob("*.png"))
+    md = out["markdown"].read_text()
+    assert "_No plots: matplotlib is not installed" in md and "![" not in md
+
+
+def test_no_plots_when_nothing_was_measured(report, tmp_path):
+    report["artifacts"] = [report["artifacts"][3]]
+    out = vr.write_report(tmp_path / "gate.json", report)
+    assert out["markdown"] == tmp_path / "gate.md" and out["plots"] == []
+    assert out["note"] == "No plots: no artifact was measured."
+    assert not list(tmp_path.glob("*.png"))
+    assert len(_table_rows(out["markdown"].read_text())) == 1
+
+
+def test_plot_names_never_overwrite_a_compress_report_plot(tmp_path):
+    assert vr.plot_paths(tmp_path / "verify.json")["accuracy_vs_size"] == tmp_path / "accuracy_vs_size.png"
+    assert vr.plot_paths(tmp_path / "gate.json")["size_by_format"] == tmp_path / "gate_size_by_format.png"
+    (tmp_path / "report.md").write_text("# Compression report\n")
+    assert vr.plot_paths(tmp_path / "verify.json")["accuracy_vs_size"] == tmp_path / "verify_accuracy_vs_size.png"
+
+
+def test_machine_info_is_complete():
+    m = vr.machine_info(2)
+    assert m["cpu"] and m["cores"] >= 1 and m["threads"] == 2 and m["date"].endswith("UTC")
+
+
+def test_verify_refuses_a_markdown_out_path(tmp_path):
+    res = CliRunner().invoke(cli, ["verify", str(tmp_path / "model.onnx"), "--out", str(tmp_path / "verify.md")])
+    assert res.exit_code == 2 and "names the JSON report" in res.output
