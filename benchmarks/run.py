@@ -186,13 +186,29 @@ def record_ptq(report_paths: list[Path], command: str) -> None:
     save("imagenet_ptq", {"compress_command": command, "points": points})
 
 
-def record_verify(part: str, verify_path: Path, command: str) -> None:
-    """Save an ``edgesqueeze verify`` report (artifacts measured through their runtimes)."""
-    rep = json.loads(Path(verify_path).read_text())
+def record_verify(part: str, verify_paths: str, command: str) -> None:
+    """Save ``edgesqueeze verify`` reports (artifacts measured through their runtimes).
+
+    ``verify_paths`` is one report or several separated by commas (one verify per float
+    model, so that each file's agreement is with its own model), kept in the order given."""
     keep = ("path", "format", "runtime", "bytes", "gzip_bytes", "n", "accuracy", "agreement", "latency_ms", "error")
-    save(part, {"verify_command": command, "report": str(verify_path),
-                "datasets": rep.get("datasets"), "verify_machine": rep.get("machine"),
-                "artifacts": [{k: row.get(k) for k in keep} for row in rep["artifacts"]]})
+    artifacts, datasets, machines = [], [], []
+    for verify_path in verify_paths.split(","):
+        rep = json.loads(Path(verify_path).read_text())
+        artifacts += [{k: row.get(k) for k in keep} for row in rep["artifacts"]]
+        datasets.append(rep.get("datasets"))
+        machines.append(rep.get("machine"))
+    save(part, {"verify_command": command, "report": verify_paths, "datasets": datasets,
+                "verify_machine": machines[0], "artifacts": artifacts})
+
+
+def record_bench(part: str, bench_path: Path, command: str) -> None:
+    """Save an ``edgesqueeze bench --json`` table (latency of artifacts timed in one run)."""
+    import os
+
+    rows = json.loads(Path(bench_path).read_text())
+    save(part, {"bench_command": command, "bench": str(bench_path), "load_average": os.getloadavg()[0],
+                "rows": rows})
 
 
 def part_compress_mnist(args) -> None:
@@ -361,6 +377,21 @@ def report() -> str:
             lines.append(f"| `{a['path']}` | {a['format']} | {a['runtime']} | {a['bytes']:,} | "
                          f"{(a.get('gzip_bytes') or 0):,} | {_pct(a.get('accuracy'))} | {_pct(a.get('agreement'))} | {lat} |")
         lines += ["", target, ""]
+    if r := _load("latency_imagenet"):
+        rows = [x for x in r["rows"] if x["batch_size"] == 1]
+        fp32 = [x["p50_ms"] for x in rows if x.get("format") in ("onnx", "tflite")]
+        lines += ["## Latency, ImageNet SqueezeNet 1.0 (224x224), batch 1, same run", "", _mach(r),
+                  f"Command: `{r['bench_command']}`", "",
+                  "All files timed interleaved in one process (warm-up, then repeated runs); the `.esq` row is "
+                  "PyTorch eager on the decoded weights.", "",
+                  "| file | format | runtime | threads | p50 | p90 | vs fastest fp32 runtime |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for x in rows:
+            speed = f"{min(fp32) / x['p50_ms']:.2f}x" if fp32 else "-"
+            lines.append(f"| `{x['file']}` | {x.get('format', '-')} | {x['backend']} | {x.get('threads') or '-'} | "
+                         f"{x['p50_ms']:.2f} ms | {x['p90_ms']:.2f} ms | {speed} |")
+        lines += ["", "Target: tflite-int8 at least 2x faster than the fastest fp32 runtime; onnx-int8 no slower "
+                  "than onnx fp32.", ""]
     if r := _load("channels_last"):
         lines += ["## channels_last on CPU (training steps per second, batch 128)", "", _mach(r), "",
                   "| model | contiguous | channels_last | speedup |", "| --- | --- | --- | --- |"]
@@ -384,15 +415,19 @@ def main() -> None:
     ap.add_argument("--record", nargs=3, metavar=("PART", "REPORT_JSON", "COMMAND"),
                     help="save a compress part from a run made by hand (its report.json and the command used)")
     ap.add_argument("--record-verify", nargs=3, metavar=("PART", "VERIFY_JSON", "COMMAND"),
-                    help="save an int8_* part from an `edgesqueeze verify` report and the command used")
+                    help="save an int8_* part from `edgesqueeze verify` reports (comma-separated) and the command")
     ap.add_argument("--record-ptq", nargs="+", metavar="ARG",
                     help="COMMAND REPORT_JSON...: save the ImageNet post-training frontier")
+    ap.add_argument("--record-bench", nargs=3, metavar=("PART", "BENCH_JSON", "COMMAND"),
+                    help="save a latency part (latency_imagenet) from `edgesqueeze bench --json` and the command")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.record:
         record_compress(args.record[0], Path(args.record[1]), args.record[2])
     elif args.record_verify:
-        record_verify(args.record_verify[0], Path(args.record_verify[1]), args.record_verify[2])
+        record_verify(args.record_verify[0], args.record_verify[1], args.record_verify[2])
+    elif args.record_bench:
+        record_bench(args.record_bench[0], Path(args.record_bench[1]), args.record_bench[2])
     elif args.record_ptq:
         record_ptq([Path(x) for x in args.record_ptq[1:]], args.record_ptq[0])
     elif not args.report:

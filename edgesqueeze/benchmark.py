@@ -60,7 +60,9 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
     for bs in batch_sizes:
         log(f"timing batch {bs}: {warmup} warm-up + {runs} runs of each of {len(arts)} file(s), interleaved")
         for art, row in zip(arts, compare(arts, batch_size=bs, warmup=warmup, runs=runs)):
-            rows.append({"file": str(art.path), "backend": art.backend, "batch_size": bs, "threads": threads,
+            fmt = (art.meta or {}).get("artifact_format") or Path(art.path).suffix.lstrip(".")
+            rows.append({"file": str(art.path), "format": fmt, "backend": art.backend, "batch_size": bs,
+                         "threads": threads,
                          "p50_ms": row["p50_ms"], "p90_ms": row["p90_ms"], "mean_ms": row["mean_ms"],
                          "ratio": row["p50_ratio"], "bytes": row["size_bytes"]})
     return rows

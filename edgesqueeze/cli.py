@@ -349,9 +349,12 @@ def _csv(value: str, what: str) -> list[str]:
                    "entropy for tflite-int8].")
 @click.option("--fold-normalization", is_flag=True, default=None,
               help="Normalize inside the graph: the file then takes pixels / 255.")
+@click.option("--float-layers", metavar="LIST",
+              help="Comma-separated module names kept float in both INT8 files (mixed precision), e.g. "
+                   "features.0,features.3 [default: the recipe's export.float_layers, else none].")
 @click.option("--arch", help="Architecture of a plain state_dict (e.g. squeezenet1_0).")
 def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, data_dir, calibration_images,
-               calibration_method, fold_normalization, arch):
+               calibration_method, fold_normalization, float_layers, arch):
     """Export a checkpoint or .esq archive to ONNX and TFLite, fp32 and INT8.
 
     Each file carries its metadata (classes, input shape, normalization, calibration,
@@ -363,6 +366,8 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
       edgesqueeze export artifacts/squeezenet-digits/model.pt
       edgesqueeze export model.esq -f tflite-int8 --calibration-images 512
       edgesqueeze export squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample -f onnx-int8
+      edgesqueeze export squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample \
+          --float-layers features.0,features.3,features.4
     """
     import dataclasses
 
@@ -390,6 +395,11 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
     config = dataclasses.replace(config, calibration=calib)
     if fold_normalization is not None:
         config = dataclasses.replace(config, fold_normalization=fold_normalization)
+    if float_layers is not None:
+        try:
+            config = dataclasses.replace(config, float_layers=tuple(_csv(float_layers, "--float-layers")))
+        except EdgesqueezeError as exc:
+            raise click.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--float-layers") from None
     out = out_dir or Path(model_path).parent / "export"
     written = export_artifacts(model_path, config, out, dataset=dataset, data_dir=data_dir or recipe_data_dir,
                                arch=arch, seed=seed, log=lambda m: click.echo(m))

@@ -112,8 +112,10 @@ class Recipe:
 
     def train_hash(self) -> str:
         """Hash of what determines training (seed, model, data, train): resuming checks it,
-        so adding or editing a later stage (compress, export) does not orphan a run."""
+        so adding or editing a later stage (compress, export) does not orphan a run. The
+        thread count is left out: a run started on 1 thread may continue on 2."""
         d = self.to_dict()
+        d["train"] = {k: v for k, v in d["train"].items() if k != "threads"}
         blob = json.dumps({k: d[k] for k in ("seed", "model", "data", "train")}, sort_keys=True,
                           separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()

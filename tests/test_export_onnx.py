@@ -360,3 +360,67 @@ def test_int8_file_is_compact(int8_file):
     # output has the plain name)
     assert "features.0.w" in names and "features.0.w/s" in names and "features.0.b/i8" in names
     assert not any("_DequantizeLinear" in n or "_quantized" in n for n in names)
+
+
+# ---------------------------------------------------------------------------------------
+# float_layers from recipes and the CLI
+
+
+def test_export_config_float_layers_parse_and_refuse():
+    from edgesqueeze.errors import RecipeError
+    from edgesqueeze.export import ExportConfig
+
+    assert ExportConfig().float_layers == ()
+    cfg = ExportConfig.from_dict({"formats": ["onnx-int8"], "float_layers": ["features.0", "features.3"]})
+    assert cfg.float_layers == ("features.0", "features.3")
+    recipe = recipe_from_dict({"version": 1, "export": {"float_layers": ["features.0"]}})
+    assert recipe.export.float_layers == ("features.0",)
+    for bad, match in [("features.0", r"export\.float_layers: expected a list"),
+                       ([3], r"export\.float_layers\[0\]: expected a string"),
+                       ([""], r"export\.float_layers\[0\]: expected a module name"),
+                       (["features.0", "features.0"], "'features.0' is listed twice")]:
+        with pytest.raises(RecipeError, match=match):
+            ExportConfig.from_dict({"float_layers": bad})
+
+
+@pytest.mark.slow
+def test_cli_export_float_layers(trained, tmp_path):
+    """`edgesqueeze export --float-layers` reaches the file's metadata; a bad name exits 2
+    before anything is written, naming the layer and the closest module."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    base = ["export", str(trained.path), "-f", "onnx,onnx-int8", "--calibration-images", "32"]
+    bad = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "bad"), "--float-layers", "features.0,features.O"])
+    assert bad.exit_code == 2, bad.output
+    assert "'features.O'" in bad.output and "did you mean 'features.0'?" in bad.output
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").iterdir())
+    res = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "ok"), "--float-layers", "features.0, classifier"])
+    assert res.exit_code == 0, res.output
+    assert read_onnx_meta(tmp_path / "ok" / "model.int8.onnx")["calibration"]["float_layers"] == [
+        "features.0", "classifier"]
+
+
+def test_cli_export_plain_state_dict_takes_normalization_from_data(trained, reference, tmp_path):
+    """A plain state_dict records no normalization: `--data` supplies it (as for compress),
+    so the file is fed like the model was trained, not with raw pixels / 255."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    plain = tmp_path / "plain.pt"
+    torch.save(trained.model.state_dict(), plain)
+    res = CliRunner().invoke(cli, ["export", str(plain), "--arch", "squeezenet_mnist", "--data", "digits",
+                                   "-f", "onnx", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    path = tmp_path / "o" / "plain.onnx"
+    meta = read_onnx_meta(path)
+    assert meta["dataset"] == "digits" and meta["classes"] == [str(c) for c in load_dataset("digits").classes]
+    assert meta["mean"] == pytest.approx(trained.meta["mean"]) and meta["std"] == pytest.approx(trained.meta["std"])
+    x, ref = reference
+    np.testing.assert_allclose(run(path, x[:64]), ref[:64], rtol=1e-4, atol=1e-4)
+    if (SHARED / "datasets").is_dir():  # a dataset of another shape: one line, exit 2
+        wrong = CliRunner().invoke(cli, ["export", str(plain), "--arch", "squeezenet_mnist", "--data",
+                                         "imagenet-sample", "-f", "onnx", "--out", str(tmp_path / "w")])
+        assert wrong.exit_code == 2 and "gives images of shape [3, 224, 224]" in wrong.output, wrong.output

@@ -474,3 +474,27 @@ def test_tensor_names_are_short_module_paths(which, fp32_file, int8_file):
     assert max(map(len, names)) <= 40, max(names, key=len)
     assert any(n.startswith("features.") and "squeeze" in n for n in names)
     assert all("serving_default" in sg.tensors[i].name.decode() for i in sg.inputs)
+
+
+@pytest.mark.slow
+def test_export_artifacts_float_layers_from_the_recipe(trained, tmp_path):
+    """A recipe's export.float_layers reach the tflite-int8 file; the CLI's --float-layers
+    replaces them; an unknown name is refused (exit 2) before any file is written."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nexport:\n  formats: [tflite-int8]\n  calibration: {images: 32}\n"
+                      "  float_layers: [features.0]\n")
+    res = CliRunner().invoke(cli, ["export", str(trained.path), "-r", str(recipe), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    path = tmp_path / "a" / "model.int8.tflite"
+    assert read_tflite_metadata(path)["calibration"]["float_layers"] == ["features.0"]
+    convs = [t for op, t in op_names(path) if op in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert convs[0] == "FLOAT32" and set(convs[1:]) == {"INT8"}
+    bad = CliRunner().invoke(cli, ["export", str(trained.path), "-r", str(recipe), "--out", str(tmp_path / "b"),
+                                   "--float-layers", "featurs.0"])
+    assert bad.exit_code == 2 and "no module named 'featurs.0'" in bad.output, bad.output
+    assert "did you mean 'features.0'?" in bad.output
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())

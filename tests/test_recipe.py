@@ -89,3 +89,14 @@ def test_name_defaults_to_file_stem_and_hash_is_stable(tmp_path):
     assert a.hash() == b.hash()
     assert load_recipe(p, ["train.epochs=3"]).hash() != a.hash()
     assert str(a.out_dir()) == str(Path("artifacts") / "my-run")
+
+
+def test_train_hash_ignores_threads_but_not_training_settings():
+    """Resuming checks train_hash: a run started on 1 thread may continue on 2, but a changed
+    learning rate, seed or model is a different run."""
+    base = {"version": 1, "train": {"epochs": 3, "threads": 1}}
+    h = recipe_from_dict(base).train_hash()
+    assert recipe_from_dict({**base, "train": {"epochs": 3, "threads": 2}}).train_hash() == h
+    assert recipe_from_dict({**base, "train": {"epochs": 3, "threads": 1, "lr": 0.05}}).train_hash() != h
+    assert recipe_from_dict({**base, "seed": 7}).train_hash() != h
+    assert recipe_from_dict({**base, "export": {"formats": ["onnx"]}}).train_hash() == h

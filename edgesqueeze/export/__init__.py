@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgesqueeze.export._common import (FORMATS, META_FORMAT, META_KEY, SUFFIX, CalibrationConfig,
-                                        ExportConfig, artifact_meta, calibration_images, to_input)
+                                        ExportConfig, artifact_meta, calibration_images, check_float_layers,
+                                        to_input)
 
 __all__ = ["FORMATS", "META_FORMAT", "META_KEY", "SUFFIX", "CalibrationConfig", "ExportConfig",
-           "artifact_meta", "calibration_images", "export_artifacts", "to_input"]
+           "artifact_meta", "calibration_images", "check_float_layers", "export_artifacts", "to_input"]
 
 Log = Callable[[str], None]
 
@@ -51,6 +52,33 @@ def _calibration_set(meta: dict[str, Any], source: Path, config: ExportConfig, *
     return images, info
 
 
+def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data_dir) -> None:
+    """A plain state_dict records no dataset, normalization or classes: take them from the
+    dataset given (``--data``), as ``compress`` does, so that the files are fed (and
+    calibrated) the way the model was trained, not with raw pixels / 255."""
+    import torch
+
+    from edgesqueeze.data import load_dataset
+    from edgesqueeze.errors import DataError
+
+    ds = load_dataset(dataset, data_dir=data_dir)
+    shape = meta.get("input_shape") or list(ds.input_shape)
+    if list(shape) != list(ds.input_shape):
+        raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {source} expects "
+                        f"{list(shape)}; pass the dataset it was trained on (--data)")
+    with torch.no_grad():
+        classes = model(torch.zeros(1, *ds.input_shape)).shape[-1]
+    if classes != ds.num_classes:
+        raise DataError(f"dataset '{ds.name}' has {ds.num_classes} classes but {source} outputs {classes}; "
+                        "pass the dataset it was trained on (--data)")
+    meta["dataset"] = ds.name
+    meta["input_shape"] = list(ds.input_shape)
+    meta.setdefault("mean", list(ds.mean))
+    meta.setdefault("std", list(ds.std))
+    if not meta.get("classes") and ds.classes is not None:
+        meta["classes"] = [str(c) for c in ds.classes]
+
+
 def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str | Path, *,
                      dataset: str | None = None, data_dir=None, arch: str | None = None,
                      seed: int = 0, stem: str | None = None, log: Log = print) -> list[Path]:
@@ -68,6 +96,11 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
         meta.setdefault("input_shape", list(get_spec(arch).input_shape))
     model = loaded.model.eval()
+    if "dataset" not in meta and dataset:
+        _describe_with(meta, model, source, dataset, data_dir)
+    check_float_layers(model, config.float_layers, what="export.float_layers")  # before any file is written
+    if config.float_layers and not any(f.endswith("int8") for f in config.formats):
+        log(f"note: float_layers {list(config.float_layers)} only apply to onnx-int8 and tflite-int8")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or source.stem
@@ -88,7 +121,8 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
             export_onnx_int8(model, meta, path, calib[0], calibration=config.calibration,
                              calibration_info=calib[1], opset=config.opset,
-                             fold_normalization=config.fold_normalization, source_sha256=digest)
+                             fold_normalization=config.fold_normalization, float_layers=config.float_layers,
+                             source_sha256=digest)
         elif fmt == "tflite":
             from edgesqueeze.export.tflite import export_tflite
 
@@ -99,7 +133,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             export_tflite_int8(model, meta, path, calib[0], calibration=config.calibration,
                                calibration_split=calib[1]["split"], calibration_seed=seed,
                                io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
-                               source_sha256=digest)
+                               float_layers=config.float_layers, source_sha256=digest)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
         written.append(path)
     return written
