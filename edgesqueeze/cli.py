@@ -345,13 +345,14 @@ def _csv(value: str, what: str) -> list[str]:
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--calibration-images", type=click.IntRange(min=1), help="Calibration image count for INT8.")
 @click.option("--calibration-method", type=click.Choice(["auto", "minmax", "entropy", "percentile"]),
-              help="How INT8 activation ranges are chosen [default: auto: minmax for onnx-int8, "
-                   "entropy for tflite-int8].")
+              help="How INT8 activation ranges are chosen [default: auto: what measured best per "
+                   "format, today minmax for both].")
 @click.option("--fold-normalization", is_flag=True, default=None,
               help="Normalize inside the graph: the file then takes pixels / 255.")
 @click.option("--float-layers", metavar="LIST",
               help="Comma-separated module names kept float in both INT8 files (mixed precision), e.g. "
-                   "features.0,features.3 [default: the recipe's export.float_layers, else none].")
+                   "features.0,features.3; replaces the recipe's float_layers and float_layers_by_format "
+                   "[default: the recipe's, else none].")
 @click.option("--arch", help="Architecture of a plain state_dict (e.g. squeezenet1_0).")
 def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, data_dir, calibration_images,
                calibration_method, fold_normalization, float_layers, arch):
@@ -397,7 +398,8 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
         config = dataclasses.replace(config, fold_normalization=fold_normalization)
     if float_layers is not None:
         try:
-            config = dataclasses.replace(config, float_layers=tuple(_csv(float_layers, "--float-layers")))
+            config = dataclasses.replace(config, float_layers=tuple(_csv(float_layers, "--float-layers")),
+                                         float_layers_by_format={})
         except EdgesqueezeError as exc:
             raise click.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--float-layers") from None
     out = out_dir or Path(model_path).parent / "export"

@@ -324,7 +324,7 @@ def test_calibration_method_auto_resolves_per_format():
     auto = CalibrationConfig()
     assert auto.method == "auto"
     assert auto.resolved("onnx-int8").method == "minmax"
-    assert auto.resolved("tflite-int8").method == "entropy"
+    assert auto.resolved("tflite-int8").method == "minmax"
     chosen = CalibrationConfig(method="percentile", percentile=99.9)
     assert chosen.resolved("tflite-int8") == chosen and chosen.resolved("onnx-int8") == chosen
 
@@ -381,6 +381,22 @@ def test_export_config_float_layers_parse_and_refuse():
                        (["features.0", "features.0"], "'features.0' is listed twice")]:
         with pytest.raises(RecipeError, match=match):
             ExportConfig.from_dict({"float_layers": bad})
+
+
+def test_export_config_float_layers_by_format():
+    from edgesqueeze.errors import RecipeError
+    from edgesqueeze.export import ExportConfig
+
+    cfg = ExportConfig.from_dict({"float_layers": ["features.0", "features.3"],
+                                  "float_layers_by_format": {"tflite-int8": []}})
+    assert cfg.float_layers_for("onnx-int8") == ("features.0", "features.3")
+    assert cfg.float_layers_for("tflite-int8") == ()
+    assert ExportConfig().float_layers_for("tflite-int8") == ()
+    for bad, match in [({"onnx": []}, "'onnx' is not an INT8 format"),
+                       ({"tflite-int8": "features.0"}, r"by_format\.tflite-int8: expected a list"),
+                       ({"onnx-int8": ["a", "a"]}, "'a' is listed twice")]:
+        with pytest.raises(RecipeError, match=match):
+            ExportConfig.from_dict({"float_layers_by_format": bad})
 
 
 @pytest.mark.slow

@@ -225,8 +225,8 @@ def test_int8_is_full_integer_and_close_to_fp32(int8_file, fp32_file, reference,
 def test_int8_metadata(int8_file, trained):
     meta = read_tflite_metadata(int8_file)
     assert meta["artifact_format"] == "tflite-int8" and meta["input_dtype"] == "float32"
-    # method "auto" resolves to the histogram (entropy) observer for TFLite and says so
-    assert meta["calibration"] == {"images": 256, "method": "entropy", "split": "train", "seed": 0,
+    # method "auto" resolves to the method measured best for TFLite (minmax) and says so
+    assert meta["calibration"] == {"images": 256, "method": "minmax", "split": "train", "seed": 0,
                                    "augment": 0, "equalize": False, "float_layers": [],
                                    "requantize_pool": True, "weight_rounding": "gptq",
                                    "weights": "per-channel"}
@@ -498,3 +498,52 @@ def test_export_artifacts_float_layers_from_the_recipe(trained, tmp_path):
     assert bad.exit_code == 2 and "no module named 'featurs.0'" in bad.output, bad.output
     assert "did you mean 'features.0'?" in bad.output
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
+
+
+class _TwoBranch(nn.Module):
+    """A Fire with a simple bypass (SqueezeNet's CIFAR variant): a concatenation whose
+    second branch spans ~10x the first's range, plus the block's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 8, 1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+        with torch.no_grad():
+            self.b.weight.mul_(10.0)
+        self.head = nn.Conv2d(16, 4, 1)
+        self.relu_s, self.relu_a, self.relu_b = (nn.ReLU(inplace=True) for _ in range(3))  # as in Fire
+
+    def forward(self, x):
+        s = self.relu_s(self.stem(x))
+        y = torch.cat([self.relu_a(self.a(s)), self.relu_b(self.b(s))], 1) + s
+        return self.head(y).mean((2, 3))
+
+
+@pytest.mark.parametrize("first_small", [True, False])
+def test_int8_concat_keeps_every_branch_range(tmp_path, first_small):
+    """The int8 CONCATENATION and all its inputs share one range that covers the widest
+    branch, whichever input comes first (litert-torch left the cat unannotated and the file
+    clipped every branch to the first input's range)."""
+    model = _TwoBranch().eval()
+    if not first_small:
+        model.a, model.b = model.b, model.a  # same layers; the wide branch is now the first input
+    x = np.random.default_rng(0).integers(0, 256, (64, 1, 8, 8)).astype(np.uint8)
+    meta = {"input_shape": [1, 8, 8], "mean": [0.5], "std": [0.25]}
+    path = export_tflite_int8(model, meta, tmp_path / "m.int8.tflite", x,
+                              calibration=CalibrationConfig(images=64, method="minmax"), weight_rounding="nearest")
+    it = Interpreter(model_path=str(path))
+    details = {t["index"]: t for t in it.get_tensor_details()}
+    cats = [op for op in it._get_ops_details() if op["op_name"] == "CONCATENATION"]
+    assert len(cats) == 1
+    scales = {float(details[i]["quantization"][0]) for i in [*cats[0]["inputs"], *cats[0]["outputs"]]}
+    assert len(scales) == 1, scales
+    xf = to_input(x, meta["mean"], meta["std"])
+    with torch.no_grad():
+        s = torch.relu(model.stem(torch.from_numpy(xf)))
+        widest = max(float(torch.relu(model.a(s)).max()), float(torch.relu(model.b(s)).max()))
+        want = model(torch.from_numpy(xf)).numpy()
+    assert scales.pop() * 255 >= 0.95 * widest  # int8 range [0, 255 * scale] covers the wide branch
+    got, _ = run(path, xf)
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()

@@ -99,6 +99,8 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     if "dataset" not in meta and dataset:
         _describe_with(meta, model, source, dataset, data_dir)
     check_float_layers(model, config.float_layers, what="export.float_layers")  # before any file is written
+    for fmt, names in config.float_layers_by_format.items():
+        check_float_layers(model, names, what=f"export.float_layers_by_format.{fmt}")
     if config.float_layers and not any(f.endswith("int8") for f in config.formats):
         log(f"note: float_layers {list(config.float_layers)} only apply to onnx-int8 and tflite-int8")
     out = Path(out_dir)
@@ -121,7 +123,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
             export_onnx_int8(model, meta, path, calib[0], calibration=config.calibration,
                              calibration_info=calib[1], opset=config.opset,
-                             fold_normalization=config.fold_normalization, float_layers=config.float_layers,
+                             fold_normalization=config.fold_normalization, float_layers=config.float_layers_for(fmt),
                              source_sha256=digest)
         elif fmt == "tflite":
             from edgesqueeze.export.tflite import export_tflite
@@ -133,7 +135,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             export_tflite_int8(model, meta, path, calib[0], calibration=config.calibration,
                                calibration_split=calib[1]["split"], calibration_seed=seed,
                                io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
-                               float_layers=config.float_layers, source_sha256=digest)
+                               float_layers=config.float_layers_for(fmt), source_sha256=digest)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
         written.append(path)
     return written
