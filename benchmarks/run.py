@@ -382,8 +382,8 @@ def report() -> str:
         fp32 = [x["p50_ms"] for x in rows if x.get("format") in ("onnx", "tflite")]
         lines += ["## Latency, ImageNet SqueezeNet 1.0 (224x224), batch 1, same run", "", _mach(r),
                   f"Command: `{r['bench_command']}`", "",
-                  "All files timed interleaved in one process (warm-up, then repeated runs); the `.esq` row is "
-                  "PyTorch eager on the decoded weights.", "",
+                  "All files timed interleaved in one process (warm-up, then repeated runs; onnxruntime's "
+                  "threads do not spin between runs); `.pt` and `.esq` rows are PyTorch eager.", "",
                   "| file | format | runtime | threads | p50 | p90 | vs fastest fp32 runtime |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for x in rows:

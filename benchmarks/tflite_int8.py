@@ -301,6 +301,8 @@ MINMAX_LADDER = [
 AFTER_CONCAT_FIX = [
     ("all int8, minmax, concatenations in one range", {"method": "minmax"}),
     ("all int8, histogram, concatenations in one range", {"method": "entropy"}),
+    ("stem and first two Fires float, minmax, concatenations in one range",
+     {"float_layers": ["features.0", "features.3", "features.4"], "method": "minmax"}),
 ]
 CONFIGS = FINAL + LADDER + BOTH_ENDS + OBSERVERS + MINMAX_LADDER + AFTER_CONCAT_FIX
 

@@ -47,7 +47,10 @@ def open_any(path: Path, *, threads: int | None) -> Artifact:
     from edgesqueeze.runtime import load
     from edgesqueeze.verify import sniff
 
-    return TorchArtifact(path, threads=threads) if sniff(path) in ("pt", "esq") else load(path, threads=threads)
+    # spin=False: files are timed interleaved, and onnxruntime's busy-waiting threads would
+    # take a core from whichever file runs next (see runtime._onnx.open_session)
+    return (TorchArtifact(path, threads=threads) if sniff(path) in ("pt", "esq")
+            else load(path, threads=threads, spin=False))
 
 
 def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, warmup: int = 10,

@@ -112,7 +112,7 @@ def classify(path: Path) -> tuple[str, bytes]:
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None,
-         backend: str | None = None) -> Artifact:
+         backend: str | None = None, spin: bool = True) -> Artifact:
     """Open an ``.onnx`` or ``.tflite`` artifact for inference, torch-free.
 
     The file's content decides what it is (a TFLite flatbuffer has ``TFL3`` at bytes 4..8;
@@ -146,7 +146,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     else:
         from edgesqueeze.runtime._onnx import OnnxArtifact
 
-        art = OnnxArtifact(path, threads=threads, head=head, ext=ext)  # garbage is refused here
+        art = OnnxArtifact(path, threads=threads, head=head, ext=ext, spin=spin)  # garbage is refused here
     if ext in (".onnx", ".tflite") and ext[1:] != kind:
         # A misnamed file is a mix-up upstream (a copy step, a wrong glob): say so rather than
         # run something other than what the caller believes it is running.

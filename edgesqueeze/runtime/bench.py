@@ -81,7 +81,8 @@ def compare(artifacts: Sequence[Artifact | str | os.PathLike], *, batch_size: in
     if not artifacts:
         return []
     _check(batch_size, warmup, runs)
-    arts = [a if isinstance(a, Artifact) else load(a, threads=threads) for a in artifacts]
+    # spin=False: interleaved, a spinning onnxruntime pool would slow the next file down
+    arts = [a if isinstance(a, Artifact) else load(a, threads=threads, spin=False) for a in artifacts]
     inputs = [_input(a, batch_size) for a in arts]
     for _ in range(warmup):
         for a, x in zip(arts, inputs):
