@@ -192,14 +192,10 @@ def record_verify(part: str, verify_paths: str, command: str) -> None:
     ``verify_paths`` is one report or several separated by commas (one verify per float
     model, so that each file's agreement is with its own model), kept in the order given."""
     keep = ("path", "format", "runtime", "bytes", "gzip_bytes", "n", "accuracy", "agreement", "latency_ms", "error")
-    artifacts, datasets, machines = [], [], []
-    for verify_path in verify_paths.split(","):
-        rep = json.loads(Path(verify_path).read_text())
-        artifacts += [{k: row.get(k) for k in keep} for row in rep["artifacts"]]
-        datasets.append(rep.get("datasets"))
-        machines.append(rep.get("machine"))
-    save(part, {"verify_command": command, "report": verify_paths, "datasets": datasets,
-                "verify_machine": machines[0], "artifacts": artifacts})
+    reports = [json.loads(Path(p).read_text()) for p in verify_paths.split(",")]
+    save(part, {"verify_command": command, "report": verify_paths,
+                "datasets": [rep.get("datasets") for rep in reports], "verify_machine": reports[0].get("machine"),
+                "artifacts": [{k: row.get(k) for k in keep} for rep in reports for row in rep["artifacts"]]})
 
 
 def record_bench(part: str, bench_path: Path, command: str) -> None:

@@ -60,8 +60,8 @@ from torch import nn
 
 from edgesqueeze._io import write_bytes_atomic
 from edgesqueeze.errors import ExportError, FormatError
-from edgesqueeze.export._common import (META_KEY, CalibrationConfig, artifact_meta, meta_json,
-                                        to_input)
+from edgesqueeze.export._common import (META_KEY, CalibrationConfig, artifact_meta, check_float_layers,
+                                        meta_json, to_input)
 
 __all__ = ["export_onnx", "export_onnx_int8", "onnx_graph", "read_onnx_meta", "INPUT_NAME",
            "OUTPUT_NAME"]
@@ -371,21 +371,6 @@ class _Reader:
 
     def rewind(self) -> None:
         self.i = 0
-
-
-def _check_layer_names(model: nn.Module, layers: Sequence[str]) -> None:
-    """Every name in ``layers`` is a module of ``model``; else ExportError with a suggestion."""
-    import difflib
-
-    if isinstance(layers, str):
-        raise ExportError(f"float_layers must be a list of module names, got the string {layers!r}")
-    names = [n for n, _ in model.named_modules() if n]
-    for layer in layers:
-        if layer not in names:
-            convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-            close = difflib.get_close_matches(layer, convs or names, n=1)
-            tip = f"; did you mean '{close[0]}'?" if close else ""
-            raise ExportError(f"float_layers: the model has no module named '{layer}'{tip}")
 
 
 def _matching_nodes(proto, layers: Sequence[str]) -> list[str]:
@@ -709,7 +694,7 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
     if tuple(images.shape[1:]) != tuple(art["input_shape"]):
         raise ExportError(f"calibration images are {tuple(images.shape[1:])}, the model takes "
                           f"{tuple(art['input_shape'])}")
-    _check_layer_names(model, float_layers)  # before the slow work
+    check_float_layers(model, float_layers)  # before the slow work
     if equalize:
         from edgesqueeze.export.tflite import equalize_cross_layer  # shared with the TFLite path
 

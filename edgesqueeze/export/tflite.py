@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import difflib
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -63,6 +62,7 @@ from edgesqueeze.export._common import (
     META_KEY,
     CalibrationConfig,
     artifact_meta,
+    check_float_layers,
     meta_json,
     to_input,
 )
@@ -569,15 +569,6 @@ def _not_in(names: tuple[str, ...]) -> Callable[[Any], bool]:
     return keep
 
 
-def _check_layers(model: nn.Module, names: Sequence[str], what: str) -> None:
-    known = {n for n, m in model.named_modules() if n}
-    for name in names:
-        if name not in known:
-            hint = difflib.get_close_matches(name, sorted(known), n=1)
-            tip = f"; did you mean '{hint[0]}'?" if hint else ""
-            raise ExportError(f"{what}: no module named '{name}' in {type(model).__name__}{tip}")
-
-
 def _check_float_layers(model: nn.Module, float_layers: Sequence[str], converted) -> None:
     """The converter re-quantizes a float op that sits between int8 ones (it fuses
     DEQUANTIZE -> op -> QUANTIZE into an int8 op): only float regions that reach the graph's
@@ -618,7 +609,7 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, *, method: str = "entro
 
     if calib.ndim != 4 or len(calib) == 0:
         raise ExportError(f"calibration input must be a non-empty (N, C, H, W) batch, got {tuple(calib.shape)}")
-    _check_layers(model, float_layers, "float_layers")
+    check_float_layers(model, float_layers)
     # torch.export's module shares parameters with ``model``: copy, so that nothing done to
     # the quantized module (bias correction) leaks into the caller's float model
     model = copy.deepcopy(model).eval()
@@ -955,7 +946,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
         raise ExportError(f"calibration images must be a non-empty uint8 (N, C, H, W) array, "
                           f"got {images.dtype} {images.shape}")
-    _check_layers(model, float_layers, "float_layers")
+    check_float_layers(model, float_layers)
     info = {"images": len(images), "method": calibration.method, "split": calibration_split,
             "seed": calibration_seed, "augment": int(augment), "equalize": bool(equalize),
             "float_layers": list(float_layers), "requantize_pool": bool(requantize_pool),
