@@ -203,8 +203,11 @@ def info(model_path, arch, num_classes, trust_pickle, as_json):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, <recipe name or model name>-compressed/].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path),
+              help="Model to distil from when a recipe's prune_finetune or cluster_finetune sets 'distill' "
+                   "[default: MODEL_PATH itself]; the float original when MODEL_PATH is a pruned.pt.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
-def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset, out_dir, data_dir, progress):
+def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset, out_dir, data_dir, teacher, progress):
     """Compress a model into a .esq archive, with a report.
 
     \b
@@ -217,12 +220,16 @@ def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset,
       (none, or no -r) lossless re-encoding: existing zeros and codebooks kept, weights
                        bit-identical to the source
     Every run checks that the archive decodes to exactly the weights it measured, and writes
-    model.esq, report.json, report.md and plots.
+    model.esq, report.json, report.md and plots; a run that prunes also writes pruned.pt, the
+    model before weight sharing, to try other cluster settings without pruning again.
 
     \b
     Example:
       edgesqueeze compress artifacts/squeezenet-mnist/model.pt --recipe recipes/squeezenet-mnist.yaml
       edgesqueeze compress model.pt -r recipes/squeezenet-digits.yaml --set compress.cluster.bits=3
+      # other weight sharing on the same pruned model, distilling from the original
+      edgesqueeze compress out/pruned.pt -r recipes/squeezenet-cifar10.yaml --set compress.prune=null \
+          --set compress.cluster.bits=5 --teacher model.pt --out out-5bit
       # ImageNet SqueezeNet (plain state_dict, already pruned and shared): lossless, then 466 KB
       edgesqueeze compress ../shared/models/squeezenet1_0-imagenet.pt --arch squeezenet1_0 \\
           --data imagenet-sample --out runs/imagenet-lossless
@@ -256,6 +263,7 @@ def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset,
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
                       default_dataset=default_dataset, arch=arch, arch_kwargs=kwargs,
                       data_dir=data_dir or recipe.data.data_dir, recipe_hash=recipe.hash() if recipe_path else None,
+                      teacher=teacher,
                       progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m))
     from edgesqueeze.compress.report import size_table
 

@@ -92,13 +92,34 @@ def set_threads(threads: int) -> int:
     return n
 
 
+class DistillLoss(nn.Module):
+    """Knowledge distillation (Hinton, Vinyals and Dean, 2015): ``(1 - alpha)`` times the
+    (label-smoothed) cross-entropy with the labels plus ``alpha * T**2`` times
+    ``KL(softmax(teacher / T) || softmax(student / T))``. The ``T**2`` keeps the soft term's
+    gradients on the scale of the hard one's whatever the temperature."""
+
+    def __init__(self, *, alpha: float, temperature: float, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.alpha, self.t = alpha, temperature
+        self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        soft = nn.functional.kl_div(torch.log_softmax(logits / t, 1), torch.log_softmax(teacher_logits / t, 1),
+                                    reduction="batchmean", log_target=True)
+        return (1 - self.alpha) * self.ce(logits, y) + self.alpha * t * t * soft
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, it, *, cfg, steps: int, step: int,
                     total_steps: int, loss_fn, desc: str, progress: bool,
-                    on_step: Callable[[int], None] | None = None) -> tuple[int, float, int, int]:
+                    on_step: Callable[[int], None] | None = None,
+                    teacher: nn.Module | None = None) -> tuple[int, float, int, int]:
     """Up to ``steps`` optimizer steps over batches ``it``; the lr follows :func:`lr_at`.
 
-    ``on_step(step)`` runs before each step (pruning schedules hook in here). Returns the new
-    global step, the summed loss, the number of correct predictions and of samples seen.
+    ``on_step(step)`` runs before each step (pruning schedules hook in here). With a
+    ``teacher`` (in eval mode), ``loss_fn`` is called as ``loss_fn(logits, y, teacher_logits)``
+    (a :class:`DistillLoss`). Returns the new global step, the summed loss, the number of
+    correct predictions and of samples seen.
     """
     from tqdm.auto import tqdm
 
@@ -114,7 +135,12 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, it, *, c
         for group in optimizer.param_groups:
             group["lr"] = lr
         logits = model(xb)
-        loss = loss_fn(logits, yb)
+        if teacher is None:
+            loss = loss_fn(logits, yb)
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(xb)
+            loss = loss_fn(logits, yb, teacher_logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

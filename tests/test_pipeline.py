@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from edgesqueeze.checkpoint import load_model
 from edgesqueeze.cli import cli
 from edgesqueeze.compress.cluster import ClusterConfig
-from edgesqueeze.compress.pipeline import CompressConfig, FinetuneConfig, compress, model_from_esq
+from edgesqueeze.compress.pipeline import CompressConfig, DistillConfig, FinetuneConfig, compress, model_from_esq
 from edgesqueeze.compress.prune import PruneConfig
 from edgesqueeze.errors import RecipeError
 from edgesqueeze.recipe import recipe_from_dict
-from edgesqueeze.train import fit
+from edgesqueeze.train import DistillLoss, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +80,70 @@ def test_archive_holds_what_was_measured(compressed):
 def test_same_inputs_same_bytes(checkpoint, compressed, tmp_path):
     again = compress(checkpoint, CONFIG, out_dir=tmp_path, progress=False, log=lambda _: None)
     assert again.esq_path.read_bytes() == compressed.esq_path.read_bytes()
+
+
+def _zeros(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight == 0 for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+
+
+def test_pruned_checkpoint_restarts_weight_sharing_with_a_teacher(checkpoint, compressed, tmp_path):
+    """A pruning run leaves pruned.pt; compressing it without a prune stage keeps its zeros
+    exactly, and distilling from the original (``teacher``) changes what retraining learns."""
+    pruned_path = compressed.out_dir / "pruned.pt"
+    assert compressed.report["pruned_checkpoint"] == str(pruned_path)
+    pruned = load_model(pruned_path)
+    assert pruned.meta["compress_stage"] == "prune" and pruned.meta["arch"] == "squeezenet_mnist"
+    pruned_zeros, esq_zeros = _zeros(pruned.model), _zeros(compressed.model)
+    assert set(pruned_zeros) == set(esq_zeros)
+    for name, z in pruned_zeros.items():  # every pruned weight is still zero after sharing
+        assert bool(esq_zeros[name][z].all()), name
+    density = 1 - sum(int(z.sum()) for z in pruned_zeros.values()) / sum(z.numel() for z in pruned_zeros.values())
+    assert density == pytest.approx(pruned.meta["metrics"]["density"], abs=1e-4)
+
+    def restart(out, **finetune):
+        cfg = CompressConfig(cluster=CONFIG.cluster, cluster_finetune=FinetuneConfig(epochs=1, lr=0.002, **finetune))
+        return compress(pruned_path, cfg, out_dir=tmp_path / out, progress=False, log=lambda _: None,
+                        teacher=checkpoint if finetune else None)
+
+    plain = restart("plain")
+    taught = restart("taught", distill=DistillConfig(alpha=0.9, temperature=4.0))
+    for result in (plain, taught):
+        assert _zeros(result.model).keys() == pruned_zeros.keys()
+        for name, z in _zeros(result.model).items():
+            assert torch.equal(z, esq_zeros[name]), name  # the same masks, so the same zeros
+        assert not (result.out_dir / "pruned.pt").exists()  # nothing was pruned
+    assert taught.report["teacher"]["path"] == str(checkpoint)
+    assert "teacher" not in plain.report
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
+                                                     taught.model.state_dict().values()))
+
+
+def test_distill_loss():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(16, 10), torch.randn(16, 10)
+    y = torch.randint(0, 10, (16,))
+    ce = torch.nn.functional.cross_entropy(student, y)
+    assert DistillLoss(alpha=0.0, temperature=4.0)(student, y, teacher) == pytest.approx(float(ce))
+    # a student that already matches its teacher pays only the hard term
+    assert DistillLoss(alpha=0.7, temperature=3.0)(student, y, student) == pytest.approx(0.3 * float(ce), rel=1e-5)
+    # the soft term's gradient moves the student towards the teacher
+    s = student.clone().requires_grad_(True)
+    DistillLoss(alpha=1.0, temperature=2.0)(s, y, teacher).backward()
+    moved = s.detach() - 0.5 * s.grad
+    kl = lambda a: torch.nn.functional.kl_div(torch.log_softmax(a / 2, 1), torch.log_softmax(teacher / 2, 1),  # noqa: E731
+                                              reduction="batchmean", log_target=True)
+    assert kl(moved) < kl(student)
+
+
+def test_teacher_without_distill_is_refused(checkpoint, tmp_path):
+    res = CliRunner().invoke(cli, ["compress", str(checkpoint), "-r", str(ROOT / "recipes/squeezenet-digits.yaml"),
+                                   "--teacher", str(checkpoint), "--out", str(tmp_path / "t")])
+    assert res.exit_code == 2 and "--teacher: only retraining with distillation uses a teacher" in res.output
+    assert not (tmp_path / "t").exists()
+    res = CliRunner().invoke(cli, ["compress", str(checkpoint), "-r", str(ROOT / "recipes/squeezenet-digits.yaml"),
+                                   "--set", "compress.cluster_finetune.distill={temperature: 0}",
+                                   "--out", str(tmp_path / "t")])
+    assert res.exit_code == 2 and "compress.cluster_finetune.distill.temperature: must be > 0" in res.output
 
 
 def test_unknown_layer_is_refused_before_any_work(checkpoint, tmp_path):

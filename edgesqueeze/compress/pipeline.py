@@ -53,8 +53,23 @@ def _range(**bounds: float) -> dict:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Retrain by distillation from the teacher (the model given to ``compress``, or
+    ``--teacher``): the loss is ``(1 - alpha)`` times the cross-entropy with the labels plus
+    ``alpha`` times the temperature-``T`` soft-target term (:class:`edgesqueeze.train.DistillLoss`).
+    The teacher's predictions carry what the labels do not (which wrong classes are close),
+    so the pruned and shared model recovers more of the original's accuracy per epoch; each
+    step costs one more forward pass of the teacher (about a third of a step)."""
+
+    alpha: float = field(default=0.9, metadata=_range(ge=0, le=1))
+    temperature: float = field(default=4.0, metadata=_range(gt=0, le=100))
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
-    """Retraining after a stage: the fields mean what they mean in ``train``."""
+    """Retraining after a stage: the fields mean what they mean in ``train``; ``distill``
+    (e.g. ``distill: {alpha: 0.9, temperature: 4}``, or ``distill: {}`` for those defaults)
+    learns from the teacher's outputs as well as the labels."""
 
     epochs: float = field(default=1.0, metadata=_range(ge=0, le=1000))
     batch_size: int = field(default=128, metadata=_range(ge=1, le=65_536))
@@ -69,6 +84,7 @@ class FinetuneConfig:
     grad_clip: float | None = field(default=None, metadata=_range(gt=0))
     channels_last: bool = False
     augment: bool = True
+    distill: DistillConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -150,9 +166,11 @@ def _float_bytes(model: nn.Module) -> int:
 
 
 def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: str, progress: bool,
-              on_step: Callable[[int], None] | None = None, attach: Callable[[Any], None] | None = None) -> int:
-    """Fine-tune ``model`` in place for ``cfg.epochs``; returns the number of steps taken."""
-    from edgesqueeze.train import make_optimizer, train_one_epoch
+              on_step: Callable[[int], None] | None = None, attach: Callable[[Any], None] | None = None,
+              teacher: nn.Module | None = None) -> int:
+    """Fine-tune ``model`` in place for ``cfg.epochs``; returns the number of steps taken.
+    With ``cfg.distill``, ``teacher`` (left untouched) supplies the soft targets."""
+    from edgesqueeze.train import DistillLoss, make_optimizer, train_one_epoch
 
     x, y, ds, augment = data
     if cfg.epochs <= 0:
@@ -164,7 +182,19 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
         attach(optimizer)
     gen = torch.Generator().manual_seed(seed)  # shuffling and augmentation
     torch.manual_seed(seed)  # dropout: same seed, same weights, same .esq bytes
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn: nn.Module = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if cfg.distill is not None:
+        if teacher is None:  # a bug in a caller: the pipeline always passes one
+            raise EdgesqueezeError(f"{desc}: distill is set but no teacher model was given")
+        loss_fn = DistillLoss(alpha=cfg.distill.alpha, temperature=cfg.distill.temperature,
+                              label_smoothing=cfg.label_smoothing)
+        teacher = copy.deepcopy(teacher).eval()
+        if cfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    else:
+        teacher = None
     step = 0
     from edgesqueeze.data import batches
 
@@ -174,7 +204,8 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
                      channels_last=cfg.channels_last)
         step, *_ = train_one_epoch(model, optimizer, it, cfg=cfg, steps=min(steps_per_epoch, total - step),
                                    step=step, total_steps=total, loss_fn=loss_fn,
-                                   desc=f"{desc} {epoch + 1}", progress=progress, on_step=on_step)
+                                   desc=f"{desc} {epoch + 1}", progress=progress, on_step=on_step,
+                                   teacher=teacher)
     model.eval()
     return total
 
@@ -216,6 +247,7 @@ def compress(
     arch: str | None = None,
     arch_kwargs: dict | None = None,
     recipe_hash: str | None = None,
+    teacher: str | Path | None = None,
     progress: bool = True,
     log: Log = print,
 ) -> CompressResult:
@@ -226,12 +258,29 @@ def compress(
     ``default_dataset`` is used only when it records none (a plain state_dict). What runs is
     :attr:`CompressConfig.mode`: retraining stages, post-training (``ptq``), or a lossless
     re-encoding, which alone can run without a dataset (then nothing is evaluated).
+
+    ``teacher`` is the model retraining distils from when a ``*_finetune.distill`` is set
+    [default: ``checkpoint`` itself]; give the float original when ``checkpoint`` is an
+    already pruned model (a previous run's ``pruned.pt``).
     """
     t_start = time.perf_counter()
+    distills = config.mode == "retrain" and any(
+        f.distill is not None for f in (config.prune_finetune, config.cluster_finetune))
+    if teacher is not None and not distills:
+        raise RecipeError("--teacher: only retraining with distillation uses a teacher; set "
+                          "compress.prune_finetune.distill or compress.cluster_finetune.distill (e.g. to {})")
     inp = _load_inputs(checkpoint, dataset=dataset, default_dataset=default_dataset, data_dir=data_dir,
                        arch=arch, arch_kwargs=arch_kwargs, need_data=config.mode != "lossless")
+    teacher_model = None
+    if teacher is not None:
+        from edgesqueeze.checkpoint import load_model
+
+        teacher_model = load_model(teacher).model.eval()
+        _check_fits(teacher_model, inp.ds, teacher, {})
     run = _Run(checkpoint=Path(checkpoint), config=config, inp=inp, out=Path(out_dir), seed=seed,
-               recipe_hash=recipe_hash, progress=progress, log=log, t_start=t_start)
+               recipe_hash=recipe_hash, progress=progress, log=log, t_start=t_start,
+               teacher=teacher_model if teacher_model is not None else inp.loaded.model,
+               teacher_path=Path(teacher) if teacher is not None else None)
     if config.mode == "lossless":
         return _compress_lossless(run)
     if config.mode == "ptq":
@@ -265,6 +314,8 @@ class _Run:
     progress: bool
     log: Log
     t_start: float
+    teacher: nn.Module | None = None  # what retraining distils from (the checkpoint, or --teacher)
+    teacher_path: Path | None = None
     stages: list[dict[str, Any]] = field(default_factory=list)
 
     def val_acc(self, m: nn.Module) -> float | None:
@@ -556,11 +607,13 @@ def _compress_retrain(run: _Run) -> CompressResult:
             pruner.update(None)
             record("prune (before retraining)", model, None, f"{_density(model):.1%} of weights kept")
         _finetune(model, data, ft, seed=seed, desc="prune-retrain", progress=progress,
-                  on_step=pruner.update if pcfg.schedule == "gradual" else None, attach=pruner.attach)
+                  on_step=pruner.update if pcfg.schedule == "gradual" else None, attach=pruner.attach,
+                  teacher=run.teacher)
         pruner.update(None)
         pruner.detach()
         masks = pruner.masks
         record("prune", model, None, f"{_density(model):.1%} of weights kept")
+        _save_pruned(run, model)
 
     # Fold BatchNorm after pruning (retraining needs BN; a per-channel rescale keeps zeros) and
     # before weight sharing, so that what is clustered is exactly what runs.
@@ -577,7 +630,7 @@ def _compress_retrain(run: _Run) -> CompressResult:
         if config.cluster_finetune.epochs > 0:
             cluster_mod.share_weights(model, assignments, codebook_dtype=config.cluster.codebook_dtype)
             _finetune(model, data, config.cluster_finetune, seed=seed + 1, desc="centroid-retrain",
-                      progress=progress)
+                      progress=progress, teacher=run.teacher)
             assignments = cluster_mod.materialize(model)
             record("cluster", model, None, "centroids retrained")
         model.eval()
@@ -598,9 +651,31 @@ def _compress_retrain(run: _Run) -> CompressResult:
                    batch_size=config.eval_batch_size)}}}
     if auto_scan:
         extra["auto_sparsity"] = auto_scan
+    if run.teacher_path is not None:
+        extra["teacher"] = {"path": str(run.teacher_path), "sha256": sha256_file(run.teacher_path)}
+    if config.prune is not None:
+        extra["pruned_checkpoint"] = str(run.out / PRUNED_NAME)
     return run.finish(before=inp.loaded.model, decoded=decoded, blob=blob, stats=stats, state=state,
                       dense_bytes=dense_bytes, test_before=test_before, test_after=test_after,
                       bits={n: a.bits for n, a in assignments.items()}, esq_path=esq_path, extra=extra)
+
+
+PRUNED_NAME = "pruned.pt"
+
+
+def _save_pruned(run: _Run, model: nn.Module) -> Path:
+    """Write the pruned model (BatchNorm not yet folded) as an ordinary checkpoint, so that
+    other weight-sharing settings can be tried without pruning again: compress it with the
+    same recipe and ``--set compress.prune=null`` (its zeros are kept as they are), and
+    ``--teacher`` the original when distilling."""
+    from edgesqueeze.checkpoint import save_checkpoint
+
+    meta = {k: v for k, v in run.inp.meta.items() if k != "metrics"}
+    meta.update(compress_stage="prune", source_sha256=sha256_file(run.checkpoint),
+                metrics={"val_accuracy": run.stages[-1]["val_accuracy"], "density": round(_density(model), 4)})
+    path = save_checkpoint(run.out / PRUNED_NAME, model, meta)
+    run.log(f"pruned model (before weight sharing): {path}")
+    return path
 
 
 def _load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None, arch=None, arch_kwargs=None,
