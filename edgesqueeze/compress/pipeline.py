@@ -167,9 +167,10 @@ def _float_bytes(model: nn.Module) -> int:
 
 def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: str, progress: bool,
               on_step: Callable[[int], None] | None = None, attach: Callable[[Any], None] | None = None,
-              teacher: nn.Module | None = None) -> int:
+              teacher: nn.Module | None = None, log: Log | None = None) -> int:
     """Fine-tune ``model`` in place for ``cfg.epochs``; returns the number of steps taken.
-    With ``cfg.distill``, ``teacher`` (left untouched) supplies the soft targets."""
+    With ``cfg.distill``, ``teacher`` (left untouched) supplies the soft targets. ``log``
+    gets one line per epoch (what a run in the background shows of its progress)."""
     from edgesqueeze.train import DistillLoss, make_optimizer, train_one_epoch
 
     x, y, ds, augment = data
@@ -198,14 +199,18 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
     step = 0
     from edgesqueeze.data import batches
 
-    for epoch in range(math.ceil(total / steps_per_epoch)):
+    epochs = math.ceil(total / steps_per_epoch)
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
         it = batches(x, y, batch_size=cfg.batch_size, shuffle=True, generator=gen, mean=ds.mean, std=ds.std,
                      augment=augment if cfg.augment else None, drop_last=len(x) >= cfg.batch_size,
                      channels_last=cfg.channels_last)
-        step, *_ = train_one_epoch(model, optimizer, it, cfg=cfg, steps=min(steps_per_epoch, total - step),
-                                   step=step, total_steps=total, loss_fn=loss_fn,
-                                   desc=f"{desc} {epoch + 1}", progress=progress, on_step=on_step,
-                                   teacher=teacher)
+        step, loss_sum, correct, seen = train_one_epoch(
+            model, optimizer, it, cfg=cfg, steps=min(steps_per_epoch, total - step), step=step, total_steps=total,
+            loss_fn=loss_fn, desc=f"{desc} {epoch + 1}", progress=progress, on_step=on_step, teacher=teacher)
+        if log is not None and seen:
+            log(f"  {desc} epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f}, train accuracy "
+                f"{100 * correct / seen:.2f}% ({time.perf_counter() - t0:.0f} s)")
     model.eval()
     return total
 
@@ -608,7 +613,7 @@ def _compress_retrain(run: _Run) -> CompressResult:
             record("prune (before retraining)", model, None, f"{_density(model):.1%} of weights kept")
         _finetune(model, data, ft, seed=seed, desc="prune-retrain", progress=progress,
                   on_step=pruner.update if pcfg.schedule == "gradual" else None, attach=pruner.attach,
-                  teacher=run.teacher)
+                  teacher=run.teacher, log=log)
         pruner.update(None)
         pruner.detach()
         masks = pruner.masks
@@ -630,7 +635,7 @@ def _compress_retrain(run: _Run) -> CompressResult:
         if config.cluster_finetune.epochs > 0:
             cluster_mod.share_weights(model, assignments, codebook_dtype=config.cluster.codebook_dtype)
             _finetune(model, data, config.cluster_finetune, seed=seed + 1, desc="centroid-retrain",
-                      progress=progress, teacher=run.teacher)
+                      progress=progress, teacher=run.teacher, log=log)
             assignments = cluster_mod.materialize(model)
             record("cluster", model, None, "centroids retrained")
         model.eval()
