@@ -9,7 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgesqueeze.checkpoint import load_model
+from edgesqueeze._io import sha256_file
+from edgesqueeze.checkpoint import load_model, save_checkpoint
 from edgesqueeze.cli import cli
 from edgesqueeze.compress.cluster import ClusterConfig
 from edgesqueeze.compress.pipeline import CompressConfig, DistillConfig, FinetuneConfig, compress, model_from_esq
@@ -113,6 +114,9 @@ def test_pruned_checkpoint_restarts_weight_sharing_with_a_teacher(checkpoint, co
             assert torch.equal(z, esq_zeros[name]), name  # the same masks, so the same zeros
         assert not (result.out_dir / "pruned.pt").exists()  # nothing was pruned
     assert taught.report["teacher"]["path"] == str(checkpoint)
+    _, meta = model_from_esq(taught.esq_path)  # provenance: what was pruned, and from what
+    assert meta["pruned_from_sha256"] == sha256_file(checkpoint) and "compress_stage" not in meta
+    assert meta["source_sha256"] == sha256_file(pruned_path)
     assert "teacher" not in plain.report
     assert any(not torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
                                                      taught.model.state_dict().values()))
@@ -144,6 +148,14 @@ def test_teacher_without_distill_is_refused(checkpoint, tmp_path):
                                    "--set", "compress.cluster_finetune.distill={temperature: 0}",
                                    "--out", str(tmp_path / "t")])
     assert res.exit_code == 2 and "compress.cluster_finetune.distill.temperature: must be > 0" in res.output
+    # a teacher fed other inputs would teach nonsense
+    loaded = load_model(checkpoint)
+    other = save_checkpoint(tmp_path / "other.pt", loaded.model, {**loaded.meta, "mean": [0.0]})
+    res = CliRunner().invoke(cli, ["compress", str(checkpoint), "-r", str(ROOT / "recipes/squeezenet-digits.yaml"),
+                                   "--set", "compress.cluster_finetune.distill={}", "--teacher", str(other),
+                                   "--out", str(tmp_path / "t")])
+    assert res.exit_code == 2 and f"--teacher {other}: normalizes inputs with mean [0.0]" in res.output, res.output
+    assert not (tmp_path / "t").exists()
 
 
 def test_unknown_layer_is_refused_before_any_work(checkpoint, tmp_path):

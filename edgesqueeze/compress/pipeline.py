@@ -280,8 +280,14 @@ def compress(
     if teacher is not None:
         from edgesqueeze.checkpoint import load_model
 
-        teacher_model = load_model(teacher).model.eval()
+        loaded_teacher = load_model(teacher)
+        teacher_model = loaded_teacher.model.eval()
         _check_fits(teacher_model, inp.ds, teacher, {})
+        for key, mine in (("mean", inp.mean), ("std", inp.std)):
+            theirs = loaded_teacher.meta.get(key)
+            if theirs is not None and not np.allclose(theirs, mine):
+                raise DataError(f"--teacher {teacher}: normalizes inputs with {key} {list(theirs)}, but {checkpoint} "
+                                f"with {list(mine)}; distil from a model trained on the same inputs")
     run = _Run(checkpoint=Path(checkpoint), config=config, inp=inp, out=Path(out_dir), seed=seed,
                recipe_hash=recipe_hash, progress=progress, log=log, t_start=t_start,
                teacher=teacher_model if teacher_model is not None else inp.loaded.model,
@@ -355,8 +361,8 @@ class _Run:
                  "source_sha256": sha256_file(self.checkpoint), "weights_sha256": weights_sha256,
                  "reference_accuracy": reference_accuracy,
                  "recipe_hash": self.recipe_hash or self.inp.meta.get("recipe_hash")}
-        return esq_meta({k: v for k, v in self.inp.meta.items() if k not in ("metrics",)}, folded=folded,
-                        extra=extra)
+        return esq_meta({k: v for k, v in self.inp.meta.items() if k not in ("metrics", "compress_stage")},
+                        folded=folded, extra=extra)
 
     def encode(self, state: dict[str, torch.Tensor], meta: dict, *, shared: Any,
                codebook_dtype: str) -> tuple[bytes, list, nn.Module, Path]:
@@ -676,7 +682,7 @@ def _save_pruned(run: _Run, model: nn.Module) -> Path:
     from edgesqueeze.checkpoint import save_checkpoint
 
     meta = {k: v for k, v in run.inp.meta.items() if k != "metrics"}
-    meta.update(compress_stage="prune", source_sha256=sha256_file(run.checkpoint),
+    meta.update(compress_stage="prune", pruned_from_sha256=sha256_file(run.checkpoint),
                 metrics={"val_accuracy": run.stages[-1]["val_accuracy"], "density": round(_density(model), 4)})
     path = save_checkpoint(run.out / PRUNED_NAME, model, meta)
     run.log(f"pruned model (before weight sharing): {path}")
