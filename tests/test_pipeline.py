@@ -15,7 +15,7 @@ from edgesqueeze.cli import cli
 from edgesqueeze.compress.cluster import ClusterConfig
 from edgesqueeze.compress.pipeline import CompressConfig, DistillConfig, FinetuneConfig, compress, model_from_esq
 from edgesqueeze.compress.prune import PruneConfig
-from edgesqueeze.errors import RecipeError
+from edgesqueeze.errors import EdgesqueezeError, RecipeError
 from edgesqueeze.recipe import recipe_from_dict
 from edgesqueeze.train import DistillLoss, fit
 
@@ -120,6 +120,24 @@ def test_pruned_checkpoint_restarts_weight_sharing_with_a_teacher(checkpoint, co
     assert "teacher" not in plain.report
     assert any(not torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
                                                      taught.model.state_dict().values()))
+
+
+def test_diverged_retraining_is_reported(checkpoint, tmp_path):
+    """A retraining that kills the network is flagged in the log and the report, and one that
+    leaves non-finite weights is refused naming the stage, not by the codec."""
+    lines = []
+    cfg = CompressConfig(cluster=CONFIG.cluster, cluster_finetune=FinetuneConfig(epochs=1, lr=1.0, grad_clip=1.0))
+    result = compress(checkpoint, cfg, out_dir=tmp_path / "dead", progress=False, log=lines.append)
+    stages = {s["stage"]: s["val_accuracy"] for s in result.report["stages"]}
+    assert stages["cluster"] < 0.3 < stages["cluster (before retraining)"]
+    assert result.report["warnings"] == [l.removeprefix("warning: ") for l in lines if l.startswith("warning: ")]
+    assert any(w.startswith("compress.cluster_finetune: retraining took validation accuracy from") and
+               "lower compress.cluster_finetune.lr or set compress.cluster_finetune.grad_clip" in w
+               for w in result.report["warnings"])
+    cfg = CompressConfig(cluster=CONFIG.cluster, cluster_finetune=FinetuneConfig(epochs=1, lr=1.0))
+    with pytest.raises(EdgesqueezeError, match=r"compress.cluster_finetune: retraining diverged \(\S+ has NaN"):
+        compress(checkpoint, cfg, out_dir=tmp_path / "nan", progress=False, log=lambda _: None)
+    assert not (tmp_path / "nan" / "model.esq").exists()
 
 
 def test_distill_loss():
