@@ -14,7 +14,7 @@ from edgesqueeze.checkpoint import load_model, save_checkpoint
 from edgesqueeze.cli import cli
 from edgesqueeze.compress.cluster import ClusterConfig
 from edgesqueeze.compress.pipeline import CompressConfig, DistillConfig, FinetuneConfig, compress, model_from_esq
-from edgesqueeze.compress.prune import PruneConfig
+from edgesqueeze.compress.prune import PruneConfig, existing_masks
 from edgesqueeze.errors import EdgesqueezeError, RecipeError
 from edgesqueeze.recipe import recipe_from_dict
 from edgesqueeze.train import DistillLoss, fit
@@ -84,7 +84,7 @@ def test_same_inputs_same_bytes(checkpoint, compressed, tmp_path):
 
 
 def _zeros(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.weight == 0 for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    return {name: ~mask for name, mask in existing_masks(model).items()}
 
 
 def test_pruned_checkpoint_restarts_weight_sharing_with_a_teacher(checkpoint, compressed, tmp_path):

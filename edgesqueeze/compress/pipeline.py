@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -335,6 +336,11 @@ class _Run:
     stages: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    @functools.cached_property
+    def source_sha256(self) -> str:
+        """SHA-256 of the input file (read once: the archive and ``pruned.pt`` both record it)."""
+        return sha256_file(self.checkpoint)
+
     def val_acc(self, m: nn.Module) -> float | None:
         from edgesqueeze.train import evaluate
 
@@ -385,7 +391,7 @@ class _Run:
         # The full config is in report.json; the archive keeps its hash (small models: every byte counts).
         config_sha = hashlib.sha256(json.dumps(_jsonable(self.config), sort_keys=True).encode()).hexdigest()
         extra = {"compress_mode": self.config.mode, "compress_config_sha256": config_sha,
-                 "source_sha256": sha256_file(self.checkpoint), "weights_sha256": weights_sha256,
+                 "source_sha256": self.source_sha256, "weights_sha256": weights_sha256,
                  "reference_accuracy": reference_accuracy,
                  "recipe_hash": self.recipe_hash or self.inp.meta.get("recipe_hash")}
         return esq_meta({k: v for k, v in self.inp.meta.items() if k not in ("metrics", "compress_stage")},
@@ -715,7 +721,7 @@ def _save_pruned(run: _Run, model: nn.Module) -> Path:
     from edgesqueeze.checkpoint import save_checkpoint
 
     meta = {k: v for k, v in run.inp.meta.items() if k != "metrics"}
-    meta.update(compress_stage="prune", pruned_from_sha256=sha256_file(run.checkpoint),
+    meta.update(compress_stage="prune", pruned_from_sha256=run.source_sha256,
                 metrics={"val_accuracy": run.stages[-1]["val_accuracy"], "density": round(_density(model), 4)})
     path = save_checkpoint(run.out / PRUNED_NAME, model, meta)
     run.log(f"pruned model (before weight sharing): {path}")
