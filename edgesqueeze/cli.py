@@ -361,9 +361,15 @@ def _csv(value: str, what: str) -> list[str]:
               help="Comma-separated module names kept float in both INT8 files (mixed precision), e.g. "
                    "features.0,features.3; replaces the recipe's float_layers and float_layers_by_format "
                    "[default: the recipe's, else none].")
+@click.option("--weight-rounding", type=click.Choice(["auto", "nearest", "gptq"]),
+              help="How INT8 weights are rounded: gptq (on the calibration images) or nearest [default: "
+                   "auto: gptq for tflite-int8, nearest for onnx-int8].")
+@click.option("--equalize-activations", type=click.FloatRange(0, 1), metavar="ALPHA",
+              help="Even out per-channel activation ranges before INT8 quantization, moving the "
+                   "imbalance into the next conv's weights; 0 off, 1 full [default: the recipe's, else 0].")
 @click.option("--arch", help="Architecture of a plain state_dict (e.g. squeezenet1_0).")
 def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, data_dir, calibration_images,
-               calibration_method, fold_normalization, float_layers, arch):
+               calibration_method, fold_normalization, float_layers, weight_rounding, equalize_activations, arch):
     """Export a checkpoint or .esq archive to ONNX and TFLite, fp32 and INT8.
 
     Each file carries its metadata (classes, input shape, normalization, calibration,
@@ -404,6 +410,10 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
     config = dataclasses.replace(config, calibration=calib)
     if fold_normalization is not None:
         config = dataclasses.replace(config, fold_normalization=fold_normalization)
+    if weight_rounding:
+        config = dataclasses.replace(config, weight_rounding=weight_rounding)
+    if equalize_activations is not None:
+        config = dataclasses.replace(config, equalize_activations=equalize_activations)
     if float_layers is not None:
         try:
             config = dataclasses.replace(config, float_layers=tuple(_csv(float_layers, "--float-layers")),

@@ -383,6 +383,53 @@ def test_export_config_float_layers_parse_and_refuse():
             ExportConfig.from_dict({"float_layers": bad})
 
 
+def test_export_config_weight_rounding_and_equalization():
+    from edgesqueeze.errors import RecipeError
+    from edgesqueeze.export import ExportConfig
+
+    auto = ExportConfig()
+    assert auto.weight_rounding_for("onnx-int8") == "nearest" and auto.weight_rounding_for("tflite-int8") == "gptq"
+    assert auto.equalize_activations == 0.0
+    cfg = ExportConfig.from_dict({"weight_rounding": "gptq", "equalize_activations": 0.7})
+    assert cfg.weight_rounding_for("onnx-int8") == "gptq" and cfg.equalize_activations == 0.7
+    with pytest.raises(RecipeError, match="export.weight_rounding: must be one of"):
+        ExportConfig.from_dict({"weight_rounding": "stochastic"})
+    with pytest.raises(RecipeError, match="export.equalize_activations: must be >= 0 and <= 1"):
+        ExportConfig.from_dict({"equalize_activations": 2})
+
+
+@pytest.mark.slow
+def test_int8_gptq_and_activation_equalization(trained, digits, reference, tmp_path):
+    """Both transforms run on the float model before onnxruntime quantizes it: the file
+    records them, its int8 weights are GPTQ's (on the grid, not the float model's nearest
+    rounding), and it still agrees with fp32."""
+    from onnx import numpy_helper
+
+    calib = calibration_images(digits.train_x, 128, seed=0)
+    with pytest.raises(ExportError, match="weight_rounding must be"):
+        export_onnx_int8(trained.model, trained.meta, tmp_path / "bad.onnx", calib, weight_rounding="up")
+    with pytest.raises(ExportError, match="equalize_activations must be in"):
+        export_onnx_int8(trained.model, trained.meta, tmp_path / "bad.onnx", calib, equalize_activations=1.5)
+    assert not (tmp_path / "bad.onnx").exists()
+    plain = export_onnx_int8(trained.model, trained.meta, tmp_path / "plain.onnx", calib)
+    path = export_onnx_int8(trained.model, trained.meta, tmp_path / "q.onnx", calib, weight_rounding="gptq",
+                            equalize_activations=0.7)
+    cal = read_onnx_meta(path)["calibration"]
+    assert cal["weight_rounding"] == "gptq" and cal["equalize_activations"] == 0.7
+    assert read_onnx_meta(plain)["calibration"]["weight_rounding"] == "nearest"
+
+    def int8_weights(p):
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer
+                if i.data_type == onnx.TensorProto.INT8 and i.dims}
+
+    a, b = int8_weights(plain), int8_weights(path)
+    assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)
+    x, ref = reference
+    q = run(path, x)
+    agree = float((q.argmax(1) == ref.argmax(1)).mean())
+    assert agree >= 0.97, agree
+
+
 def test_export_config_float_layers_by_format():
     from edgesqueeze.errors import RecipeError
     from edgesqueeze.export import ExportConfig

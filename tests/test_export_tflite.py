@@ -227,7 +227,8 @@ def test_int8_metadata(int8_file, trained):
     assert meta["artifact_format"] == "tflite-int8" and meta["input_dtype"] == "float32"
     # method "auto" resolves to the method measured best for TFLite (minmax) and says so
     assert meta["calibration"] == {"images": 256, "method": "minmax", "split": "train", "seed": 0,
-                                   "augment": 0, "equalize": False, "float_layers": [],
+                                   "augment": 0, "equalize": False, "equalize_activations": 0.0,
+                                   "float_layers": [],
                                    "requantize_pool": True, "weight_rounding": "gptq",
                                    "weights": "per-channel"}
     assert meta["mean"] == trained.meta["mean"]
@@ -244,6 +245,25 @@ def test_int8_io_and_folded_normalization(trained, digits, reference, int8_file,
     pixels = to_input(digits.test_x, None, None, normalize=False)  # pixels / 255, the graph normalizes
     y, inp = run(path, pixels)
     assert inp["dtype"] == np.int8 and list(inp["shape_signature"]) == [-1, 1, 28, 28]
+    assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.95
+
+
+@pytest.mark.slow
+def test_int8_activation_equalization_with_folded_normalization(trained, digits, reference, tmp_path):
+    """Equalization and GPTQ run on the wrapped module (normalization inside, traced by fx
+    with the model), float layers named under the wrapper's prefix stay float, and the file
+    agrees with fp32."""
+    _, ref = reference
+    calib = calibration_images(digits.train_x, 128, seed=0)
+    with pytest.raises(ExportError, match="equalize_activations must be in"):
+        export_tflite_int8(trained.model, trained.meta, tmp_path / "bad.tflite", calib, equalize_activations=-1)
+    path = export_tflite_int8(trained.model, trained.meta, tmp_path / "m.tflite", calib, fold_normalization=True,
+                              equalize_activations=0.5, float_layers=["classifier"])
+    convs = [t for op, t in op_names(path) if op in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert convs[-1] == "FLOAT32" and set(convs[:-1]) == {"INT8"}
+    cal = read_tflite_metadata(path)["calibration"]
+    assert cal["equalize_activations"] == 0.5 and cal["weight_rounding"] == "gptq"
+    y, _ = run(path, to_input(digits.test_x, None, None, normalize=False))
     assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.95
 
 

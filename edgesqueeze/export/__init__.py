@@ -124,7 +124,8 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             export_onnx_int8(model, meta, path, calib[0], calibration=config.calibration,
                              calibration_info=calib[1], opset=config.opset,
                              fold_normalization=config.fold_normalization, float_layers=config.float_layers_for(fmt),
-                             source_sha256=digest)
+                             weight_rounding=config.weight_rounding_for(fmt),
+                             equalize_activations=config.equalize_activations, source_sha256=digest)
         elif fmt == "tflite":
             from edgesqueeze.export.tflite import export_tflite
 
@@ -135,7 +136,9 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             export_tflite_int8(model, meta, path, calib[0], calibration=config.calibration,
                                calibration_split=calib[1]["split"], calibration_seed=seed,
                                io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
-                               float_layers=config.float_layers_for(fmt), source_sha256=digest)
+                               float_layers=config.float_layers_for(fmt),
+                               weight_rounding=config.weight_rounding_for(fmt),
+                               equalize_activations=config.equalize_activations, source_sha256=digest)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
         written.append(path)
     return written

@@ -92,6 +92,13 @@ class ExportConfig:
     in its ``calibration`` metadata. On ImageNet SqueezeNet 1.0 the stem and the first two
     Fires float took top-1 agreement with fp32 from 90% to 97% (onnx-int8) and from 95% to 96%
     (tflite-int8, minmax) on the benchmarks' first split (``benchmarks/results/*_int8.json``).
+
+    ``weight_rounding``: how INT8 weights are rounded onto their per-channel grid, ``gptq``
+    (:func:`edgesqueeze.export.prepare.gptq_round`) or ``nearest``; ``auto`` keeps each
+    format's measured default (GPTQ for tflite-int8, nearest for onnx-int8, whose MNIST and
+    CIFAR-10 numbers were measured with it). ``equalize_activations``: alpha of activation
+    equalization (:func:`edgesqueeze.export.prepare.equalize_activations`; 0: off), both
+    INT8 formats.
     """
 
     VERSION: ClassVar[int] = 1
@@ -103,6 +110,10 @@ class ExportConfig:
     tflite_int8_io: Literal["float", "int8"] = "float"
     float_layers: tuple[str, ...] = ()
     float_layers_by_format: dict[str, Any] = field(default_factory=dict)
+    weight_rounding: Literal["auto", "nearest", "gptq"] = "auto"
+    equalize_activations: float = field(default=0.0, metadata=_range(ge=0, le=1))
+
+    WEIGHT_ROUNDING: ClassVar[dict[str, str]] = {"onnx-int8": "nearest", "tflite-int8": "gptq"}
 
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -127,6 +138,12 @@ class ExportConfig:
         """The layers kept float in ``artifact_format``: its ``float_layers_by_format`` entry
         (``[]`` means all-int8) where there is one, else ``float_layers``."""
         return tuple(self.float_layers_by_format.get(artifact_format, self.float_layers))
+
+    def weight_rounding_for(self, artifact_format: str) -> str:
+        """``weight_rounding`` with ``auto`` resolved for ``artifact_format``."""
+        if self.weight_rounding != "auto":
+            return self.weight_rounding
+        return self.WEIGHT_ROUNDING[artifact_format]
 
     @classmethod
     def from_dict(cls, raw: Any, *, path: str = "export") -> ExportConfig:

@@ -60,6 +60,7 @@ from torch import nn
 
 from edgesqueeze._io import write_bytes_atomic
 from edgesqueeze.errors import ExportError, FormatError
+from edgesqueeze.export import prepare
 from edgesqueeze.export._common import (META_KEY, CalibrationConfig, artifact_meta, check_float_layers,
                                         meta_json, to_input)
 
@@ -649,6 +650,8 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
                      fold_normalization: bool = False,
                      float_layers: Sequence[str] = (),
                      equalize: bool = False,
+                     equalize_activations: float = 0.0,
+                     weight_rounding: str = "nearest",
                      bias_correction: bool = True,
                      augment: int = 0,
                      per_channel: bool = True,
@@ -666,6 +669,10 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
     ``dataset``), recorded in the metadata.
     ``float_layers``: torch module names kept in float (mixed precision; a module covers
     its children). ``equalize``: cross-layer equalization of consecutive convs first.
+    ``equalize_activations``: activation equalization with that ``alpha`` (0: off; see
+    :func:`~edgesqueeze.export.prepare.equalize_activations`). ``weight_rounding``:
+    ``"nearest"`` (onnxruntime's) or ``"gptq"`` (:func:`~edgesqueeze.export.prepare.gptq_round`,
+    on the grid onnxruntime's symmetric per-channel int8 uses, so it keeps GPTQ's choice).
     ``bias_correction``: empirical bias correction on the calibration images.
     ``augment``: add that many flipped / cropped copies of each calibration image.
     ``reduce_range``: 7-bit weights, for x86 CPUs without VNNI, whose uint8 x int8 kernels
@@ -679,12 +686,19 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
                           f"got {images.dtype} {images.shape}")
     if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
         raise ExportError(f"augment must be an integer >= 0, got {augment!r}")
+    if weight_rounding not in ("nearest", "gptq"):
+        raise ExportError(f"weight_rounding must be 'nearest' or 'gptq', got {weight_rounding!r}")
+    if weight_rounding == "gptq" and not per_channel:
+        raise ExportError("weight_rounding='gptq' rounds onto the per-channel grid; use per_channel=True")
+    if not 0 <= equalize_activations <= 1:
+        raise ExportError(f"equalize_activations must be in [0, 1] (0: off), got {equalize_activations}")
     info = dict(calibration_info or {})
     info.setdefault("split", "train")
     info.setdefault("seed", None)
     info.update({"images": int(len(images)), "method": calibration.method,
                  "activations": "uint8", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
                  "reduce_range": bool(reduce_range), "equalize": bool(equalize),
+                 "equalize_activations": float(equalize_activations), "weight_rounding": weight_rounding,
                  "bias_correction": bool(bias_correction), "float_layers": list(float_layers),
                  "augment": int(augment)})
     if calibration.method == "percentile":
@@ -695,16 +709,19 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         raise ExportError(f"calibration images are {tuple(images.shape[1:])}, the model takes "
                           f"{tuple(art['input_shape'])}")
     check_float_layers(model, float_layers)  # before the slow work
+    if augment:
+        images = prepare.augment_calibration(images, augment, seed=info.get("seed") or 0)
     if equalize:
-        from edgesqueeze.export.tflite import equalize_cross_layer  # shared with the TFLite path
-
-        model = equalize_cross_layer(model)
+        model = prepare.equalize_cross_layer(model)
+    if equalize_activations or weight_rounding == "gptq":  # torch-side: normalized inputs
+        xt = torch.from_numpy(to_input(images, art["mean"], art["std"]))
+        if equalize_activations:
+            model = prepare.equalize_activations(model, xt, alpha=equalize_activations,
+                                                 batch_size=calibration.batch_size)
+        if weight_rounding == "gptq":
+            model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers)
     fproto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
     float_nodes = _matching_nodes(fproto, float_layers)
-    if augment:
-        from edgesqueeze.export.tflite import augment_calibration
-
-        images = augment_calibration(images, augment, seed=info.get("seed") or 0)
     x = to_input(images, art["mean"], art["std"], normalize=not fold_normalization)
     qproto = quantize_qdq(fproto, x, calibration=calibration, float_nodes=float_nodes,
                           per_channel=per_channel, reduce_range=reduce_range)

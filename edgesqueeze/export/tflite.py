@@ -58,6 +58,7 @@ from torch import nn
 
 from edgesqueeze._io import write_bytes_atomic
 from edgesqueeze.errors import ExportError
+from edgesqueeze.export import prepare
 from edgesqueeze.export._common import (
     META_KEY,
     CalibrationConfig,
@@ -66,10 +67,17 @@ from edgesqueeze.export._common import (
     meta_json,
     to_input,
 )
+from edgesqueeze.export.prepare import (  # noqa: F401 - re-exported: they lived here first
+    augment_calibration,
+    equalize_activations,
+    equalize_cross_layer,
+    gptq_round,
+)
 
 __all__ = [
     "augment_calibration",
     "correct_bias",
+    "equalize_activations",
     "equalize_cross_layer",
     "export_tflite",
     "export_tflite_int8",
@@ -705,199 +713,6 @@ def correct_bias(gm, model: nn.Module, calib: torch.Tensor, *, max_images: int =
     return gm
 
 
-def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
-               batch_size: int = 32) -> nn.Module:
-    """A copy of ``model`` whose conv / linear weights sit on the per-channel symmetric int8
-    grid the quantizer will use, rounded by GPTQ (Frantar et al. 2022) instead of to nearest.
-
-    Per layer, with ``X`` the layer's float input on ``calib`` (unfolded for a conv) and
-    ``H = X X^T``: quantize one input column at a time and spread its rounding error over the
-    columns not yet quantized, weighted by ``H^-1``, so that ``W_q X`` stays close to ``W X``
-    on the data rather than ``W_q`` close to ``W`` entry by entry. The grid is the one
-    ``PerChannelMinMaxObserver`` picks (scale ``max|w_row| / 127``): each row's largest entry
-    is kept, so the observer finds the same scale and re-quantizing is exact (BatchNorm
-    folding scales a row, which keeps it on a grid). Grouped convs are left as they are.
-
-    Example: weights [0.30, 0.26] (scale 0.3/127) on inputs that always move together
-    (``x1 = x2``): nearest rounding errs on both; GPTQ pushes the second entry's rounding to
-    cancel the first's, so the *sum* (what the data sees) is kept.
-    """
-    model = copy.deepcopy(model).eval()
-    layers = {n: m for n, m in model.named_modules()
-              if (isinstance(m, nn.Conv2d) and m.groups == 1) or isinstance(m, nn.Linear)}
-    hess: dict[str, torch.Tensor] = {}
-
-    def collect(name: str, mod: nn.Module):
-        def hook(_, args):
-            x = args[0].detach().float()  # float32 products, float64 running sum
-            if isinstance(mod, nn.Conv2d):
-                x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-                x = x.transpose(0, 1).reshape(x.shape[1], -1)
-            else:
-                x = x.reshape(-1, x.shape[-1]).t()
-            hess[name] = hess.get(name, 0) + (x @ x.t()).double()
-        return hook
-
-    if any(isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" for m in layers.values()):
-        raise ExportError("gptq: convs with non-zero padding modes are not supported")
-    hooks = [m.register_forward_pre_hook(collect(n, m)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(calib), batch_size):
-                model(calib[i:i + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
-    with torch.no_grad():
-        for name, mod in layers.items():
-            if name in hess:
-                w = mod.weight
-                w.copy_(_gptq_layer(w.detach().flatten(1).double(), hess[name], damp).view_as(w).to(w.dtype))
-    return model
-
-
-def _gptq_layer(w: torch.Tensor, h: torch.Tensor, damp: float) -> torch.Tensor:
-    """GPTQ on one (rows, K) weight matrix with input second moments ``h`` (K, K)."""
-    rows, k = w.shape
-    w = w.clone()
-    scale = w.abs().amax(1) / 127
-    scale[scale == 0] = 1.0
-    # each row's largest entry stays put: it fixes the scale the observer will find
-    anchor_col = w.abs().argmax(1)
-    anchor_val = w[torch.arange(rows), anchor_col].clone()
-    h = h.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0  # inputs that are always zero: their weights do not matter
-    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    r = torch.arange(rows)
-    for i in range(k):
-        col = w[:, i]
-        q = torch.clamp(torch.round(col / scale), -127, 127) * scale
-        err = (col - q) / hinv[i, i]
-        w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
-        w[:, i] = q
-        later = anchor_col > i
-        w[r[later], anchor_col[later]] = anchor_val[later]
-    return w
-
-
-def augment_calibration(images: np.ndarray, copies: int, *, seed: int = 0,
-                        min_scale: float = 0.6) -> np.ndarray:
-    """``images`` (uint8 NCHW) followed by ``copies`` augmented versions of each: a random
-    horizontal flip and a random crop of ``min_scale``..1 of the side, resized back
-    (bilinear). More *kinds* of input for activation ranges, from the same images."""
-    if copies < 0:
-        raise ExportError(f"augment: copies must be >= 0, got {copies}")
-    if copies == 0 or len(images) == 0:
-        return images
-    rng = np.random.default_rng(seed)
-    n, _, h, w = images.shape
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
-    out = [images]
-    for _ in range(copies):
-        batch = []
-        for i in range(n):
-            s = rng.uniform(min_scale, 1.0)
-            ch, cw = max(1, round(h * s)), max(1, round(w * s))
-            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            crop = x[i:i + 1, :, top:top + ch, left:left + cw]
-            crop = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
-            if rng.random() < 0.5:
-                crop = crop.flip(3)
-            batch.append(crop)
-        out.append(torch.cat(batch).round().clamp(0, 255).to(torch.uint8).numpy())
-    return np.concatenate(out)
-
-
-_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Identity, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_PASS_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.max_pool2d,
-                   torch.nn.functional.dropout, torch.nn.functional.avg_pool2d,
-                   torch.nn.functional.adaptive_avg_pool2d}
-
-
-def equalize_cross_layer(model: nn.Module, *, iterations: int = 4) -> nn.Module:
-    """Cross-layer equalization (Nagel et al. 2019) on a copy of ``model``.
-
-    For a conv P whose every output channel k reaches only other convs (through ReLU, max /
-    average pooling, dropout and channel concatenation, which all commute with a positive
-    per-channel scale), divide P's row k (and bias) by ``s_k`` and multiply the consumers'
-    input column k by ``s_k``, with ``s_k = sqrt(r1_k / r2_k)`` (r1: max |P row k|, r2: max |
-    consumer columns k|): both then span ``sqrt(r1 r2)``. The function is unchanged (up to
-    float rounding); weight and activation ranges per channel become more even. SqueezeNet
-    has no BatchNorm; a model with BatchNorm should have it folded first (it is opaque here).
-
-    Example: P row ranges [4, 1], consumer column ranges [1, 4] give s = [2, 0.5]: after
-    scaling both layers have range 2 in both channels.
-    """
-    if iterations < 1:
-        raise ExportError(f"equalize: iterations must be >= 1, got {iterations}")
-    model = copy.deepcopy(model).eval()
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # noqa: BLE001 - fx raises many types for untraceable Python
-        raise ExportError(f"cross-layer equalization cannot trace {type(model).__name__} with "
-                          f"torch.fx ({_first_line(exc)})") from None
-    pairs = _equalization_groups(model, graph)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for _ in range(iterations):
-            for producer, consumers in pairs.items():
-                conv = modules[producer]
-                w = conv.weight
-                r1 = w.abs().flatten(1).amax(1).double()
-                r2 = torch.zeros_like(r1)
-                for name, k0, j0, n in consumers:
-                    cw = modules[name].weight
-                    r2[k0:k0 + n] = torch.maximum(r2[k0:k0 + n], cw[:, j0:j0 + n].abs().transpose(0, 1).flatten(1).amax(1).double())
-                s = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2.clamp_min(1e-30)), torch.ones_like(r1))
-                w.div_(s.view(-1, *[1] * (w.dim() - 1)).to(w.dtype))
-                if conv.bias is not None:
-                    conv.bias.div_(s.to(conv.bias.dtype))
-                for name, k0, j0, n in consumers:
-                    cw = modules[name].weight
-                    cw[:, j0:j0 + n].mul_(s[k0:k0 + n].view(1, -1, *[1] * (cw.dim() - 2)).to(cw.dtype))
-    return model
-
-
-def _equalization_groups(model: nn.Module, graph) -> dict[str, list[tuple[str, int, int, int]]]:
-    """producer conv -> [(consumer conv, producer channel start, consumer channel start, n)]
-    for producers whose every output channel ends in plain convs (see equalize_cross_layer)."""
-    modules = dict(model.named_modules())
-
-    def plain_conv(m) -> bool:
-        return isinstance(m, nn.Conv2d) and m.groups == 1
-
-    segs: dict[Any, list[tuple[str, int, int]]] = {}  # node -> [(producer, start, n)] in channel order
-    escaped: set[str] = set()
-    consumers: dict[str, list[tuple[str, int, int, int]]] = {}
-    for node in graph.nodes:
-        mod = modules.get(node.target) if node.op == "call_module" else None
-        inputs = [a for a in node.all_input_nodes if a in segs]
-        if plain_conv(mod):
-            src = node.args[0]
-            if src in segs:
-                j = 0
-                for producer, start, n in segs[src]:
-                    consumers.setdefault(producer, []).append((node.target, start, j, n))
-                    j += n
-            segs[node] = [(node.target, 0, mod.out_channels)]
-            continue
-        passes = (isinstance(mod, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCTIONS))
-        if passes and node.args and node.args[0] in segs and len(inputs) == 1:
-            segs[node] = segs[node.args[0]]
-            continue
-        if (node.op == "call_function" and node.target is torch.cat and node.args
-                and isinstance(node.args[0], (list, tuple))
-                and (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) in (1, -3)
-                and all(a in segs for a in node.args[0])):
-            segs[node] = [s for a in node.args[0] for s in segs[a]]
-            continue
-        for a in inputs:  # anything else reads these channels: their producers cannot rescale
-            escaped.update(p for p, _, _ in segs[a])
-    return {p: c for p, c in consumers.items() if p not in escaped}
-
-
 # ---------------------------------------------------------------------------------------
 # INT8 export
 
@@ -911,6 +726,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
                        requantize_pool: bool = True,
                        weight_rounding: Literal["nearest", "gptq"] = "gptq",
                        equalize: bool = False,
+                       equalize_activations: float = 0.0,
                        augment: int = 0,
                        per_channel: bool = True,
                        source_sha256: str | None = None,
@@ -933,7 +749,9 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     cost (all ops stay int8). ``weight_rounding="gptq"`` (default) rounds the int8 weights
     with GPTQ on the calibration images (:func:`gptq_round`): on SqueezeNet 1.0 int8 weights
     alone cost 11 points of agreement with nearest rounding and 2 with GPTQ; "nearest" is
-    litert-torch's. ``equalize``: cross-layer equalization first; ``augment``: add
+    litert-torch's. ``equalize_activations``: activation equalization with that ``alpha``
+    before GPTQ (0: off; :func:`~edgesqueeze.export.prepare.equalize_activations`).
+    ``equalize``: cross-layer equalization first; ``augment``: add
     that many flipped / cropped copies of each calibration image (neither helped SqueezeNet;
     see the benchmark). Raises ExportError like :func:`export_tflite`.
     """
@@ -946,9 +764,12 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
         raise ExportError(f"calibration images must be a non-empty uint8 (N, C, H, W) array, "
                           f"got {images.dtype} {images.shape}")
+    if not 0 <= equalize_activations <= 1:
+        raise ExportError(f"equalize_activations must be in [0, 1] (0: off), got {equalize_activations}")
     check_float_layers(model, float_layers)
     info = {"images": len(images), "method": calibration.method, "split": calibration_split,
             "seed": calibration_seed, "augment": int(augment), "equalize": bool(equalize),
+            "equalize_activations": float(equalize_activations),
             "float_layers": list(float_layers), "requantize_pool": bool(requantize_pool),
             "weight_rounding": weight_rounding,
             "weights": "per-channel" if per_channel else "per-tensor"}
@@ -963,10 +784,14 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     prefix = "model." if fold_normalization else ""
     images = augment_calibration(images, augment, seed=calibration_seed or 0)
     calib = torch.from_numpy(to_input(images, art["mean"], art["std"], normalize=not fold_normalization))
+    if equalize_activations:
+        module = prepare.equalize_activations(module, calib, alpha=equalize_activations,
+                                              batch_size=calibration.batch_size)
     if weight_rounding == "gptq":
         if not per_channel:
             raise ExportError("weight_rounding='gptq' rounds onto the per-channel grid; use per_channel=True")
-        module = gptq_round(module, calib, batch_size=calibration.batch_size)
+        module = gptq_round(module, calib, batch_size=calibration.batch_size,
+                            skip=[prefix + n for n in float_layers])
     gm, quantizer = quantize_pt2e(module, calib, method=calibration.method,
                                   percentile=calibration.percentile, batch_size=calibration.batch_size,
                                   float_layers=[prefix + n for n in float_layers], per_channel=per_channel,

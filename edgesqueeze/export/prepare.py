@@ -1,0 +1,306 @@
+"""Float-model transforms before INT8 quantization, shared by ``onnx-int8`` and ``tflite-int8``.
+
+Each takes a float model and calibration inputs (normalized, as the model is fed) and returns
+a *copy* that computes the same function (or, for GPTQ, one whose weights already sit on the
+int8 grid), so that the runtime's own quantizer (onnxruntime's ``quantize_static``,
+litert-torch's PT2E) then loses less:
+
+- :func:`equalize_activations` evens out the per-channel ranges of the activations that get
+  quantized per tensor, moving the imbalance into the next conv's weights (quantized per
+  output channel, and rounded by GPTQ). Measured on ImageNet SqueezeNet 1.0: the largest
+  single gain for both formats (``benchmarks/notes.md``, session 7).
+- :func:`equalize_cross_layer` (Nagel et al. 2019) evens out *weight* ranges instead: the
+  opposite direction, which did not help SqueezeNet with per-channel weights.
+- :func:`gptq_round` rounds the weights onto the per-channel symmetric int8 grid with GPTQ.
+- :func:`augment_calibration` adds flipped / cropped copies of calibration images.
+
+Written here rather than taken from a library: onnxruntime and litert-torch offer neither
+activation equalization nor GPTQ for convolutions (AIMET has CLE but is a CUDA-first
+framework we do not depend on).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgesqueeze.errors import ExportError
+
+__all__ = ["augment_calibration", "equalize_activations", "equalize_cross_layer", "gptq_round"]
+
+
+def _run_with_input_hooks(model: nn.Module, calib: torch.Tensor, batch_size: int, hooks: dict) -> None:
+    """Run ``calib`` through ``model`` in batches with forward pre-hooks (module -> hook) on."""
+    handles = [m.register_forward_pre_hook(h) for m, h in hooks.items()]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(calib), batch_size):
+                model(calib[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
+               batch_size: int = 32, skip: Sequence[str] = ()) -> nn.Module:
+    """A copy of ``model`` whose conv / linear weights sit on the per-channel symmetric int8
+    grid the quantizer will use, rounded by GPTQ (Frantar et al. 2022) instead of to nearest.
+
+    Per layer, with ``X`` the layer's float input on ``calib`` (unfolded for a conv) and
+    ``H = X X^T``: quantize one input column at a time and spread its rounding error over the
+    columns not yet quantized, weighted by ``H^-1``, so that ``W_q X`` stays close to ``W X``
+    on the data rather than ``W_q`` close to ``W`` entry by entry. The grid is the one
+    ``PerChannelMinMaxObserver`` picks (scale ``max|w_row| / 127``): each row's largest entry
+    is kept, so the observer finds the same scale and re-quantizing is exact (BatchNorm
+    folding scales a row, which keeps it on a grid). Grouped convs are left as they are.
+
+    Example: weights [0.30, 0.26] (scale 0.3/127) on inputs that always move together
+    (``x1 = x2``): nearest rounding errs on both; GPTQ pushes the second entry's rounding to
+    cancel the first's, so the *sum* (what the data sees) is kept.
+
+    ``skip``: module names (a name covers its children) left as they are: layers that stay
+    float in the file, whose weights need no grid.
+    """
+    model = copy.deepcopy(model).eval()
+    layers = {n: m for n, m in model.named_modules()
+              if ((isinstance(m, nn.Conv2d) and m.groups == 1) or isinstance(m, nn.Linear))
+              and not any(n == f or n.startswith(f + ".") for f in skip)}
+    hess: dict[str, torch.Tensor] = {}
+
+    def collect(name: str, mod: nn.Module):
+        def hook(_, args):
+            x = args[0].detach().float()  # float32 products, float64 running sum
+            if isinstance(mod, nn.Conv2d):
+                x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+                x = x.transpose(0, 1).reshape(x.shape[1], -1)
+            else:
+                x = x.reshape(-1, x.shape[-1]).t()
+            hess[name] = hess.get(name, 0) + (x @ x.t()).double()
+        return hook
+
+    if any(isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" for m in layers.values()):
+        raise ExportError("gptq: convs with non-zero padding modes are not supported")
+    _run_with_input_hooks(model, calib, batch_size, {m: collect(n, m) for n, m in layers.items()})
+    with torch.no_grad():
+        for name, mod in layers.items():
+            if name in hess:
+                w = mod.weight
+                w.copy_(_gptq_layer(w.detach().flatten(1).double(), hess[name], damp).view_as(w).to(w.dtype))
+    return model
+
+
+def _gptq_layer(w: torch.Tensor, h: torch.Tensor, damp: float) -> torch.Tensor:
+    """GPTQ on one (rows, K) weight matrix with input second moments ``h`` (K, K)."""
+    rows, k = w.shape
+    w = w.clone()
+    scale = w.abs().amax(1) / 127
+    scale[scale == 0] = 1.0
+    # each row's largest entry stays put: it fixes the scale the observer will find
+    anchor_col = w.abs().argmax(1)
+    anchor_val = w[torch.arange(rows), anchor_col].clone()
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0  # inputs that are always zero: their weights do not matter
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    r = torch.arange(rows)
+    for i in range(k):
+        col = w[:, i]
+        q = torch.clamp(torch.round(col / scale), -127, 127) * scale
+        err = (col - q) / hinv[i, i]
+        w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
+        w[:, i] = q
+        later = anchor_col > i
+        w[r[later], anchor_col[later]] = anchor_val[later]
+    return w
+
+
+def augment_calibration(images: np.ndarray, copies: int, *, seed: int = 0,
+                        min_scale: float = 0.6) -> np.ndarray:
+    """``images`` (uint8 NCHW) followed by ``copies`` augmented versions of each: a random
+    horizontal flip and a random crop of ``min_scale``..1 of the side, resized back
+    (bilinear). More *kinds* of input for activation ranges, from the same images."""
+    if copies < 0:
+        raise ExportError(f"augment: copies must be >= 0, got {copies}")
+    if copies == 0 or len(images) == 0:
+        return images
+    rng = np.random.default_rng(seed)
+    n, _, h, w = images.shape
+    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    out = [images]
+    for _ in range(copies):
+        batch = []
+        for i in range(n):
+            s = rng.uniform(min_scale, 1.0)
+            ch, cw = max(1, round(h * s)), max(1, round(w * s))
+            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            crop = x[i:i + 1, :, top:top + ch, left:left + cw]
+            crop = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+            if rng.random() < 0.5:
+                crop = crop.flip(3)
+            batch.append(crop)
+        out.append(torch.cat(batch).round().clamp(0, 255).to(torch.uint8).numpy())
+    return np.concatenate(out)
+
+
+_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Identity, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_PASS_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.max_pool2d,
+                   torch.nn.functional.dropout, torch.nn.functional.avg_pool2d,
+                   torch.nn.functional.adaptive_avg_pool2d}
+
+
+def equalize_cross_layer(model: nn.Module, *, iterations: int = 4) -> nn.Module:
+    """Cross-layer equalization (Nagel et al. 2019) on a copy of ``model``.
+
+    For a conv P whose every output channel k reaches only other convs (through ReLU, max /
+    average pooling, dropout and channel concatenation, which all commute with a positive
+    per-channel scale), divide P's row k (and bias) by ``s_k`` and multiply the consumers'
+    input column k by ``s_k``, with ``s_k = sqrt(r1_k / r2_k)`` (r1: max |P row k|, r2: max |
+    consumer columns k|): both then span ``sqrt(r1 r2)``. The function is unchanged (up to
+    float rounding); weight and activation ranges per channel become more even. SqueezeNet
+    has no BatchNorm; a model with BatchNorm should have it folded first (it is opaque here).
+
+    Example: P row ranges [4, 1], consumer column ranges [1, 4] give s = [2, 0.5]: after
+    scaling both layers have range 2 in both channels.
+    """
+    if iterations < 1:
+        raise ExportError(f"equalize: iterations must be >= 1, got {iterations}")
+    model = copy.deepcopy(model).eval()
+    pairs = _equalization_groups(model, "cross-layer equalization")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for _ in range(iterations):
+            for producer, consumers in pairs.items():
+                conv = modules[producer]
+                w = conv.weight
+                r1 = w.abs().flatten(1).amax(1).double()
+                r2 = torch.zeros_like(r1)
+                for name, k0, j0, n in consumers:
+                    cw = modules[name].weight
+                    r2[k0:k0 + n] = torch.maximum(r2[k0:k0 + n], cw[:, j0:j0 + n].abs().transpose(0, 1).flatten(1).amax(1).double())
+                s = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2.clamp_min(1e-30)), torch.ones_like(r1))
+                _rescale(conv, consumers, modules, s)
+    return model
+
+
+def _equalization_groups(model: nn.Module, what: str) -> dict[str, list[tuple[str, int, int, int]]]:
+    """producer conv -> [(consumer conv, producer channel start, consumer channel start, n)]
+    for producers whose every output channel ends in plain convs (see equalize_cross_layer);
+    ``what`` names the caller in the error raised when torch.fx cannot trace ``model``."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # noqa: BLE001 - fx raises many types for untraceable Python
+        raise ExportError(f"{what} cannot trace {type(model).__name__} with "
+                          f"torch.fx ({_first_line(exc)})") from None
+    modules = dict(model.named_modules())
+
+    def plain_conv(m) -> bool:
+        return isinstance(m, nn.Conv2d) and m.groups == 1
+
+    segs: dict[Any, list[tuple[str, int, int]]] = {}  # node -> [(producer, start, n)] in channel order
+    escaped: set[str] = set()
+    consumers: dict[str, list[tuple[str, int, int, int]]] = {}
+    for node in graph.nodes:
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        inputs = [a for a in node.all_input_nodes if a in segs]
+        if plain_conv(mod):
+            src = node.args[0]
+            if src in segs:
+                j = 0
+                for producer, start, n in segs[src]:
+                    consumers.setdefault(producer, []).append((node.target, start, j, n))
+                    j += n
+            segs[node] = [(node.target, 0, mod.out_channels)]
+            continue
+        passes = (isinstance(mod, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCTIONS))
+        if passes and node.args and node.args[0] in segs and len(inputs) == 1:
+            segs[node] = segs[node.args[0]]
+            continue
+        if (node.op == "call_function" and node.target is torch.cat and node.args
+                and isinstance(node.args[0], (list, tuple))
+                and (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) in (1, -3)
+                and all(a in segs for a in node.args[0])):
+            segs[node] = [s for a in node.args[0] for s in segs[a]]
+            continue
+        for a in inputs:  # anything else reads these channels: their producers cannot rescale
+            escaped.update(p for p, _, _ in segs[a])
+    return {p: c for p, c in consumers.items() if p not in escaped}
+
+
+
+def equalize_activations(model: nn.Module, calib: torch.Tensor, *, alpha: float = 0.7,
+                         batch_size: int = 32, floor: float = 1e-3) -> nn.Module:
+    """Activation equalization on a copy of ``model``: per-channel activation ranges of each
+    quantized tensor made more even, the imbalance moved into the consuming conv's weights.
+
+    An INT8 file quantizes each activation tensor with *one* scale, set by its largest
+    channel; a channel that never exceeds a tenth of that gets a tenth of the levels. For
+    a conv P whose every output channel k reaches only other convs C (through ReLU, pooling
+    and channel concatenation, which commute with a positive per-channel scale; the same
+    pairs as :func:`equalize_cross_layer`), with ``a_k`` the largest ``|x_k|`` C sees on
+    ``calib`` and ``R`` the largest over all of C's input channels:
+    ``s_k = max(a_k / R, floor) ** alpha``; P's row k and bias are divided by ``s_k`` and C's
+    input column k multiplied by it. The function is unchanged (up to float rounding). With
+    ``alpha = 1`` every channel spans ``R``; the consumer's weights for small channels shrink
+    by as much, and the per-output-channel weight grid then holds them more coarsely (GPTQ
+    absorbs some of that), so ``alpha`` trades activation error against weight error.
+    Cross-layer equalization is the opposite move (weight ranges even, activations not).
+
+    Example: C's input channels peak at [8, 1]: with ``alpha = 1``, s = [1, 0.125]; P's
+    second row is multiplied by 8, so both channels peak at 8 and use the full int8 range,
+    and C's second input column is divided by 8.
+
+    ImageNet SqueezeNet 1.0, onnxruntime QDQ with GPTQ weights, 2-fold over the 100 shared
+    images (2 splits): KL to fp32 0.0246 without, 0.0152 at alpha 0.5, 0.0135 at 0.7, 0.0183
+    at 1.0 (``benchmarks/notes.md``, session 7).
+    """
+    if not 0 < alpha <= 1:
+        raise ExportError(f"equalize_activations: alpha must be in (0, 1], got {alpha}")
+    model = copy.deepcopy(model).eval()
+    pairs = _equalization_groups(model, "activation equalization")
+    if not pairs:
+        return model
+    modules = dict(model.named_modules())
+    amax: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(_, args):
+            m = args[0].detach().abs().transpose(0, 1).flatten(1).amax(1).double()
+            amax[name] = torch.maximum(amax[name], m) if name in amax else m
+        return hook
+
+    consumers = sorted({c for cs in pairs.values() for c, *_ in cs})
+    _run_with_input_hooks(model, calib, batch_size, {modules[c]: record(c) for c in consumers})
+    with torch.no_grad():
+        for producer, cons in pairs.items():
+            conv = modules[producer]
+            s = torch.ones(conv.out_channels, dtype=torch.float64)
+            for name, k0, j0, n in cons:
+                a = amax[name]
+                top = a.max()
+                if top > 0:  # consumers reading P's channels through different pools: the last decides
+                    s[k0:k0 + n] = (a[j0:j0 + n] / top).clamp_min(floor) ** alpha
+            _rescale(conv, cons, modules, s)
+    return model
+
+
+def _rescale(conv: nn.Module, consumers, modules: dict[str, nn.Module], s: torch.Tensor) -> None:
+    """Divide ``conv``'s output channel k (row and bias) by ``s_k``, multiply the consumers'
+    matching input columns by it: the composition computes the same (in place, no grad)."""
+    w = conv.weight
+    w.div_(s.view(-1, *[1] * (w.dim() - 1)).to(w.dtype))
+    if conv.bias is not None:
+        conv.bias.div_(s.to(conv.bias.dtype))
+    for name, k0, j0, n in consumers:
+        cw = modules[name].weight
+        cw[:, j0:j0 + n].mul_(s[k0:k0 + n].view(1, -1, *[1] * (cw.dim() - 2)).to(cw.dtype))
