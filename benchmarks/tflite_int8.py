@@ -304,7 +304,21 @@ AFTER_CONCAT_FIX = [
     ("stem and first two Fires float, minmax, concatenations in one range",
      {"float_layers": ["features.0", "features.3", "features.4"], "method": "minmax"}),
 ]
-CONFIGS = FINAL + LADDER + BOTH_ENDS + OBSERVERS + MINMAX_LADDER + AFTER_CONCAT_FIX
+# Session 7 (edgesqueeze.export.prepare): activation equalization before GPTQ, bias correction
+# of the calibrated model, and fewer float layers (latency: LiteRT int8 must stay 2x faster
+# than the fastest fp32 runtime).
+_AE = {"method": "minmax", "equalize_activations": 0.5}
+ACT_EQ = [
+    ("all int8, minmax, activation equalization 0.5", dict(_AE)),
+    ("all int8, minmax, activation equalization 0.5, bias correction", {**_AE, "bias_correction": True}),
+    ("stem and first Fire float, minmax, activation equalization 0.5",
+     {**_AE, "float_layers": ["features.0", "features.3"]}),
+    ("stem and first Fire float, minmax, activation equalization 0.5, bias correction",
+     {**_AE, "float_layers": ["features.0", "features.3"], "bias_correction": True}),
+    ("stem and first two Fires float, minmax, activation equalization 0.5",
+     {**_AE, "float_layers": ["features.0", "features.3", "features.4"]}),
+]
+CONFIGS = FINAL + LADDER + BOTH_ENDS + OBSERVERS + MINMAX_LADDER + AFTER_CONCAT_FIX + ACT_EQ
 
 
 def meets_target(row: dict, fp32_top1: float) -> bool:

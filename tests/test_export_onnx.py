@@ -390,12 +390,17 @@ def test_export_config_weight_rounding_and_equalization():
     auto = ExportConfig()
     assert auto.weight_rounding_for("onnx-int8") == "nearest" and auto.weight_rounding_for("tflite-int8") == "gptq"
     assert auto.equalize_activations == 0.0
+    assert auto.bias_correction_for("onnx-int8") and not auto.bias_correction_for("tflite-int8")
+    off = ExportConfig.from_dict({"bias_correction": False})
+    assert not off.bias_correction_for("onnx-int8")
     cfg = ExportConfig.from_dict({"weight_rounding": "gptq", "equalize_activations": 0.7})
     assert cfg.weight_rounding_for("onnx-int8") == "gptq" and cfg.equalize_activations == 0.7
     with pytest.raises(RecipeError, match="export.weight_rounding: must be one of"):
         ExportConfig.from_dict({"weight_rounding": "stochastic"})
     with pytest.raises(RecipeError, match="export.equalize_activations: must be >= 0 and <= 1"):
         ExportConfig.from_dict({"equalize_activations": 2})
+    with pytest.raises(RecipeError, match="export.bias_correction"):
+        ExportConfig.from_dict({"bias_correction": "yes"})
 
 
 @pytest.mark.slow

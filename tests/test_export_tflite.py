@@ -228,7 +228,7 @@ def test_int8_metadata(int8_file, trained):
     # method "auto" resolves to the method measured best for TFLite (minmax) and says so
     assert meta["calibration"] == {"images": 256, "method": "minmax", "split": "train", "seed": 0,
                                    "augment": 0, "equalize": False, "equalize_activations": 0.0,
-                                   "float_layers": [],
+                                   "bias_correction": False, "float_layers": [],
                                    "requantize_pool": True, "weight_rounding": "gptq",
                                    "weights": "per-channel"}
     assert meta["mean"] == trained.meta["mean"]
@@ -258,11 +258,11 @@ def test_int8_activation_equalization_with_folded_normalization(trained, digits,
     with pytest.raises(ExportError, match="equalize_activations must be in"):
         export_tflite_int8(trained.model, trained.meta, tmp_path / "bad.tflite", calib, equalize_activations=-1)
     path = export_tflite_int8(trained.model, trained.meta, tmp_path / "m.tflite", calib, fold_normalization=True,
-                              equalize_activations=0.5, float_layers=["classifier"])
+                              equalize_activations=0.5, bias_correction=True, float_layers=["classifier"])
     convs = [t for op, t in op_names(path) if op in ("CONV_2D", "DEPTHWISE_CONV_2D")]
     assert convs[-1] == "FLOAT32" and set(convs[:-1]) == {"INT8"}
     cal = read_tflite_metadata(path)["calibration"]
-    assert cal["equalize_activations"] == 0.5 and cal["weight_rounding"] == "gptq"
+    assert cal["equalize_activations"] == 0.5 and cal["weight_rounding"] == "gptq" and cal["bias_correction"]
     y, _ = run(path, to_input(digits.test_x, None, None, normalize=False))
     assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.95
 

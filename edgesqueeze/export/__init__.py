@@ -125,6 +125,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                              calibration_info=calib[1], opset=config.opset,
                              fold_normalization=config.fold_normalization, float_layers=config.float_layers_for(fmt),
                              weight_rounding=config.weight_rounding_for(fmt),
+                             bias_correction=config.bias_correction_for(fmt),
                              equalize_activations=config.equalize_activations, source_sha256=digest)
         elif fmt == "tflite":
             from edgesqueeze.export.tflite import export_tflite
@@ -138,6 +139,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                                io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
                                float_layers=config.float_layers_for(fmt),
                                weight_rounding=config.weight_rounding_for(fmt),
+                               bias_correction=config.bias_correction_for(fmt),
                                equalize_activations=config.equalize_activations, source_sha256=digest)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
         written.append(path)

@@ -98,7 +98,9 @@ class ExportConfig:
     format's measured default (GPTQ for tflite-int8, nearest for onnx-int8, whose MNIST and
     CIFAR-10 numbers were measured with it). ``equalize_activations``: alpha of activation
     equalization (:func:`edgesqueeze.export.prepare.equalize_activations`; 0: off), both
-    INT8 formats.
+    INT8 formats. ``bias_correction``: empirical bias correction on the calibration images
+    after quantization; unset keeps each format's measured default (on for onnx-int8, off for
+    tflite-int8).
     """
 
     VERSION: ClassVar[int] = 1
@@ -112,6 +114,7 @@ class ExportConfig:
     float_layers_by_format: dict[str, Any] = field(default_factory=dict)
     weight_rounding: Literal["auto", "nearest", "gptq"] = "auto"
     equalize_activations: float = field(default=0.0, metadata=_range(ge=0, le=1))
+    bias_correction: bool | None = None
 
     WEIGHT_ROUNDING: ClassVar[dict[str, str]] = {"onnx-int8": "nearest", "tflite-int8": "gptq"}
 
@@ -138,6 +141,12 @@ class ExportConfig:
         """The layers kept float in ``artifact_format``: its ``float_layers_by_format`` entry
         (``[]`` means all-int8) where there is one, else ``float_layers``."""
         return tuple(self.float_layers_by_format.get(artifact_format, self.float_layers))
+
+    def bias_correction_for(self, artifact_format: str) -> bool:
+        """``bias_correction`` with unset resolved for ``artifact_format``."""
+        if self.bias_correction is not None:
+            return self.bias_correction
+        return artifact_format == "onnx-int8"
 
     def weight_rounding_for(self, artifact_format: str) -> str:
         """``weight_rounding`` with ``auto`` resolved for ``artifact_format``."""
