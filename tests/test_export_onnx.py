@@ -470,6 +470,24 @@ def test_cli_export_float_layers(trained, tmp_path):
         "features.0", "classifier"]
 
 
+@pytest.mark.slow
+def test_cli_export_weight_rounding_and_equalization(trained, tmp_path):
+    """The flags reach the file's metadata; an alpha outside [0, 1] exits 2 and writes nothing."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    base = ["export", str(trained.path), "-f", "onnx-int8", "--calibration-images", "32"]
+    bad = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "bad"), "--equalize-activations", "1.5"])
+    assert bad.exit_code == 2 and "--equalize-activations" in bad.output, bad.output
+    assert not (tmp_path / "bad").exists()
+    res = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "ok"), "--weight-rounding", "gptq",
+                                          "--equalize-activations", "0.5"])
+    assert res.exit_code == 0, res.output
+    cal = read_onnx_meta(tmp_path / "ok" / "model.int8.onnx")["calibration"]
+    assert cal["weight_rounding"] == "gptq" and cal["equalize_activations"] == 0.5
+
+
 def test_cli_export_plain_state_dict_takes_normalization_from_data(trained, reference, tmp_path):
     """A plain state_dict records no normalization: `--data` supplies it (as for compress),
     so the file is fed like the model was trained, not with raw pixels / 255."""
