@@ -299,11 +299,13 @@ def quantized(model, meta, images, fprotos, *, seed, method="minmax", equalize=F
     if augment:
         images = prepare.augment_calibration(images, augment, seed=seed)
     x = to_input(images, meta["mean"], meta["std"])
+    rproto = None  # bias correction's reference, when it is not the graph quantized
     if weight_rounding == "gptq" or equalize_activations:  # depends on the images: no reuse
         m = prepare.equalize_cross_layer(model) if equalize else model
         if equalize_activations:
             m = prepare.equalize_activations(m, torch.from_numpy(x), alpha=equalize_activations, batch_size=25)
-        if weight_rounding == "gptq":
+        if weight_rounding == "gptq":  # as export_onnx_int8: correct toward the unrounded model
+            rproto = eo.onnx_graph(m, meta)
             m = prepare.gptq_round(m, torch.from_numpy(x), batch_size=25, skip=float_layers)
         fproto = eo.onnx_graph(m, meta)
     else:
@@ -314,7 +316,7 @@ def quantized(model, meta, images, fprotos, *, seed, method="minmax", equalize=F
                         float_nodes=eo._matching_nodes(fproto, float_layers), per_channel=per_channel,
                         reduce_range=reduce_range)
     if bias_correction:
-        eo.correct_biases(q, fproto, x, batch_size=25)
+        eo.correct_biases(q, rproto or fproto, x, batch_size=25)
     return q
 
 

@@ -722,14 +722,19 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         if equalize_activations:
             model = prepare.equalize_activations(model, xt, alpha=equalize_activations,
                                                  batch_size=calibration.batch_size)
-        if weight_rounding == "gptq":
-            model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers)
+    reference = model  # bias correction pulls toward this: the function before any rounding
+    if weight_rounding == "gptq":
+        model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers)
     fproto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
     float_nodes = _matching_nodes(fproto, float_layers)
     x = to_input(images, art["mean"], art["std"], normalize=not fold_normalization)
     qproto = quantize_qdq(fproto, x, calibration=calibration, float_nodes=float_nodes,
                           per_channel=per_channel, reduce_range=reduce_range)
     if bias_correction:  # means need fewer images than ranges: cap the cost on big sets
-        correct_biases(qproto, fproto, x[:_BIAS_IMAGES], batch_size=calibration.batch_size)
+        # toward the float model before GPTQ: its rounding shifts means too (KL 0.0044 -> 0.0040
+        # on ImageNet SqueezeNet 1.0, 4 splits, against correcting toward the rounded model)
+        rproto = fproto if reference is model else onnx_graph(reference, meta, opset=opset,
+                                                              fold_normalization=fold_normalization)
+        correct_biases(qproto, rproto, x[:_BIAS_IMAGES], batch_size=calibration.batch_size)
     compact_qdq(qproto)
     return _write(qproto, {META_KEY: meta_json(art)}, out)

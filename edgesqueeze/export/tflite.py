@@ -790,6 +790,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     if equalize_activations:
         module = prepare.equalize_activations(module, calib, alpha=equalize_activations,
                                               batch_size=calibration.batch_size)
+    reference = module  # bias correction pulls toward the function before any rounding
     if weight_rounding == "gptq":
         if not per_channel:
             raise ExportError("weight_rounding='gptq' rounds onto the per-channel grid; use per_channel=True")
@@ -800,7 +801,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
                                   float_layers=[prefix + n for n in float_layers], per_channel=per_channel,
                                   requantize_pool=requantize_pool)
     if bias_correction:
-        correct_bias(gm, module, calib)
+        correct_bias(gm, reference, calib)
     from litert_torch.quantize.quant_config import QuantConfig
 
     content = _convert(gm, calib[:1], type(model).__name__ + " (int8)",
