@@ -42,6 +42,7 @@ from edgesqueeze.checkpoint import load_model  # noqa: E402
 from edgesqueeze.data import load_dataset  # noqa: E402
 from edgesqueeze.export import onnx as eo  # noqa: E402
 from edgesqueeze.export._common import CalibrationConfig, to_input  # noqa: E402
+from run import kl_div  # noqa: E402 - benchmarks/run.py, next to this script
 
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "benchmarks" / "results" / "onnx_int8.json"
@@ -280,7 +281,7 @@ def agreement(model, meta, ds, names=None, split_seed: int = 0) -> dict:
             agree += int((logits.argmax(1) == ref[ev].argmax(1)).sum())
             top1 += int((logits.argmax(1) == ds.test_y[ev]).sum())
             sq.append(10 * np.log10((ref[ev] ** 2).sum() / ((logits - ref[ev]) ** 2).sum()))
-            kl.append(kl_div(ref[ev], logits) * len(ev))
+            kl.append(kl_div(logits, ref[ev]) * len(ev))  # one image is 2 points of agreement here
         row = {"agree": agree, "top1": top1, "logit_sqnr_db": round(float(np.mean(sq)), 2),
                "kl_vs_fp32": round(float(np.sum(kl)) / len(ds.test_x), 5),
                "seconds": round(time.time() - t0)}
@@ -318,16 +319,6 @@ def quantized(model, meta, images, fprotos, *, seed, method="minmax", equalize=F
     if bias_correction:
         eo.correct_biases(q, rproto or fproto, x, batch_size=25)
     return q
-
-
-def kl_div(ref: np.ndarray, logits: np.ndarray) -> float:
-    """Mean KL(softmax(ref) || softmax(logits)) in nats: a finer fidelity measure than top-1
-    agreement on 50 images, where one image is 2 points."""
-    def log_softmax(z):
-        z = z - z.max(1, keepdims=True)
-        return z - np.log(np.exp(z).sum(1, keepdims=True))
-    lp, lq = log_softmax(ref.astype(np.float64)), log_softmax(logits.astype(np.float64))
-    return float((np.exp(lp) * (lp - lq)).sum(1).mean())
 
 
 def run(proto, x: np.ndarray) -> np.ndarray:

@@ -34,6 +34,16 @@ COMPRESS = {  # part: (checkpoint trained by the mnist/cifar parts, recipe with 
 SHARED = ROOT.parent / "shared"
 
 
+def kl_div(out, ref) -> float:
+    """Mean KL(softmax(ref) || softmax(out)) in nats over a batch of logits (torch tensors or
+    numpy arrays): the INT8 benchmarks' fidelity measure, finer than top-1 agreement."""
+    import torch
+
+    out, ref = torch.as_tensor(out), torch.as_tensor(ref)
+    return torch.nn.functional.kl_div(out.double().log_softmax(1), ref.double().log_softmax(1),
+                                      log_target=True, reduction="batchmean").item()
+
+
 def machine() -> dict:
     import torch
 

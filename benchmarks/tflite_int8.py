@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run import RESULTS, SHARED, log, save
+from run import RESULTS, SHARED, kl_div, log, save
 
 from edgesqueeze.checkpoint import load_model
 from edgesqueeze.data import load_dataset
@@ -152,11 +152,6 @@ def float_variant(gm, layers: set[str]):
     g.graph.eliminate_dead_code()
     g.recompile()
     return g
-
-
-def kl_div(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return torch.nn.functional.kl_div(out.double().log_softmax(1), ref.double().log_softmax(1),
-                                      log_target=True, reduction="batchmean").item()
 
 
 def sensitivity(gm, layers: list[str], x_cal, ref_cal) -> list[tuple[str, float]]:

@@ -247,6 +247,13 @@ def meta_json(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, separators=(",", ":"))
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (at most 300 characters), or its
+    type name: what an ExportError quotes from a converter's multi-page traceback."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[0][:300] if lines else "") or type(exc).__name__
+
+
 def to_input(images: np.ndarray, mean, std, *, normalize: bool = True) -> np.ndarray:
     """uint8 NCHW pixels -> float32 model input: /255, then (x - mean) / std per channel."""
     x = images.astype(np.float32) / 255.0

@@ -67,6 +67,7 @@ from edgesqueeze.errors import ExportError, FormatError
 from edgesqueeze.export import prepare
 from edgesqueeze.export._common import (META_KEY, CalibrationConfig, artifact_meta, check_float_layers,
                                         meta_json, to_input)
+from edgesqueeze.export._common import first_line as _first_line
 
 __all__ = ["export_onnx", "export_onnx_int8", "onnx_graph", "read_onnx_meta", "INPUT_NAME",
            "OUTPUT_NAME"]
@@ -91,11 +92,6 @@ class _Normalized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean) * self.inv_std)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return (lines[0][:300] if lines else "") or type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -717,14 +713,15 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         images = prepare.augment_calibration(images, augment, seed=info.get("seed") or 0)
     if equalize:
         model = prepare.equalize_cross_layer(model)
+    reference = model  # bias correction pulls toward this: the function before any rounding
     if equalize_activations or weight_rounding == "gptq":  # torch-side: normalized inputs
         xt = torch.from_numpy(to_input(images, art["mean"], art["std"]))
         if equalize_activations:
             model = prepare.equalize_activations(model, xt, alpha=equalize_activations,
                                                  batch_size=calibration.batch_size)
-    reference = model  # bias correction pulls toward this: the function before any rounding
-    if weight_rounding == "gptq":
-        model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers)
+        reference = model
+        if weight_rounding == "gptq":
+            model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers)
     fproto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
     float_nodes = _matching_nodes(fproto, float_layers)
     x = to_input(images, art["mean"], art["std"], normalize=not fold_normalization)

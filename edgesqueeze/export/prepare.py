@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from edgesqueeze.errors import ExportError
+from edgesqueeze.export._common import first_line as _first_line
 
 __all__ = ["augment_calibration", "equalize_activations", "equalize_cross_layer", "gptq_round"]
 
@@ -44,11 +45,6 @@ def _run_with_input_hooks(model: nn.Module, calib: torch.Tensor, batch_size: int
     finally:
         for h in handles:
             h.remove()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
@@ -235,7 +231,6 @@ def _equalization_groups(model: nn.Module, what: str) -> dict[str, list[tuple[st
         for a in inputs:  # anything else reads these channels: their producers cannot rescale
             escaped.update(p for p, _, _ in segs[a])
     return {p: c for p, c in consumers.items() if p not in escaped}
-
 
 
 def equalize_activations(model: nn.Module, calib: torch.Tensor, *, alpha: float = 0.7,

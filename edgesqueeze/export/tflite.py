@@ -64,12 +64,12 @@ from edgesqueeze.export._common import (
     CalibrationConfig,
     artifact_meta,
     check_float_layers,
+    first_line as _first_line,
     meta_json,
     to_input,
 )
 from edgesqueeze.export.prepare import (  # noqa: F401 - re-exported: they lived here first
     augment_calibration,
-    equalize_activations,
     equalize_cross_layer,
     gptq_round,
 )
@@ -77,7 +77,6 @@ from edgesqueeze.export.prepare import (  # noqa: F401 - re-exported: they lived
 __all__ = [
     "augment_calibration",
     "correct_bias",
-    "equalize_activations",
     "equalize_cross_layer",
     "export_tflite",
     "export_tflite_int8",
@@ -139,11 +138,6 @@ def _quiet_litert():
     finally:
         if before is None:
             os.environ.pop(key, None)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return (lines[0][:300] if lines else "") or type(exc).__name__
 
 
 def _convert(module: nn.Module, sample: torch.Tensor, what: str, **kwargs: Any) -> bytes:
