@@ -31,6 +31,9 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     return {"file": str(path), "bytes": desc.get("file_bytes", path.stat().st_size), **desc}
 
 
+_ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+
+
 def _inspect_esq(path: Path) -> dict[str, Any]:
     from edgesqueeze.compress import container
 
@@ -38,12 +41,15 @@ def _inspect_esq(path: Path) -> dict[str, Any]:
     tensors = []
     for name, (blob, info) in arc.sections.items():
         if info.get("enc") == "raw":
-            for tname, dtype, shape in info.get("tensors", []):
+            for tname, dtype, shape, *stored in info.get("tensors", []):
                 n = 1
                 for d in shape:
                     n *= d
-                tensors.append({"name": tname, "dtype": dtype, "shape": shape, "encoding": "raw",
-                                "elements": n, "bytes": None})
+                kept = stored[0] if stored else dtype  # a float32 tensor can be stored as float16
+                size = _ITEMSIZE.get(kept)
+                tensors.append({"name": tname, "dtype": dtype, "shape": shape,
+                                "encoding": "raw" if kept == dtype else f"raw, stored as {kept}",
+                                "elements": n, "bytes": None if size is None else n * size})
             continue
         shape = info.get("shape", [])
         n = 1

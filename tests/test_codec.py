@@ -115,6 +115,38 @@ def test_raw_dtypes_and_all_zero_layer():
         assert out[k].dtype == sd[k].dtype and torch.equal(out[k], sd[k]), k
 
 
+def test_float32_exact_in_float16_is_stored_in_two_bytes():
+    """A float32 tensor whose values are all float16 numbers (rounded biases, zeros) is stored
+    as float16 and decodes to the same float32 bits; anything else keeps its 4 bytes."""
+    exact = torch.randn(1000).half().float()
+    exact[:3] = torch.tensor([0.0, -0.0, float("inf")])
+    inexact = exact.clone()
+    inexact[7] += 1e-6
+    big = torch.tensor([70000.0])  # beyond float16's range
+    nan = torch.tensor([float("nan"), 1.0])
+    sd = {"exact": exact, "inexact": inexact, "big": big, "nan": nan, "empty": torch.zeros(0)}
+    data, stats = dumps_model(sd, {})
+    assert {s.name: s.bytes for s in stats} == {"exact": 2000, "inexact": 4000, "big": 4, "nan": 8, "empty": 0}
+    out, _ = loads_model(data)
+    plain = ("exact", "inexact", "big")
+    assert_bitwise({k: sd[k] for k in plain}, {k: out[k] for k in plain})
+    assert out["empty"].dtype == torch.float32 and out["empty"].shape == (0,)
+    assert out["nan"].dtype == torch.float32 and torch.isnan(out["nan"][0]) and out["nan"][1] == 1
+    table = container.loads(data).sections[RAW_SECTION][1]["tensors"]
+    assert [e[3] if len(e) == 4 else None for e in table] == ["float16", None, None, None, None]
+
+
+@pytest.mark.parametrize("entry, match", [
+    (["t", "int64", [2], "float16"], "a int64 tensor cannot be stored as 'float16'"),
+    (["t", "float32", [2], "int8"], "a float32 tensor cannot be stored as 'int8'"),
+    (["t", "float32", [2], "float16", "extra"], "bad tensor entry"),
+])
+def test_raw_stored_dtype_is_checked(entry, match):
+    data = container.dumps({}, [(RAW_SECTION, bytes(16), {"enc": "raw", "tensors": [entry]})])
+    with pytest.raises(FormatError, match=match):
+        loads_model(data)
+
+
 def test_float16_codebook_only_when_exact():
     exact = shared_tensor((32, 32), 16, 0.5).half().float()
     _, info, _ = encode_shared("w", exact, codebook_dtype="float16")

@@ -122,6 +122,39 @@ def test_pruned_checkpoint_restarts_weight_sharing_with_a_teacher(checkpoint, co
                                                      taught.model.state_dict().values()))
 
 
+def test_float16_biases_halve_their_bytes_and_decode_exactly(compressed, tmp_path):
+    """``cluster.bias_dtype: float16`` rounds the shared layers' biases, which the archive then
+    stores in 2 bytes each; everything else is as without it, and the archive decodes to the
+    model that was measured."""
+    pruned_path = compressed.out_dir / "pruned.pt"
+
+    def run(out, bias_dtype):
+        cfg = CompressConfig(cluster=ClusterConfig(bits=4, codebook_dtype="float16", bias_dtype=bias_dtype),
+                             cluster_finetune=FinetuneConfig(epochs=0))
+        return compress(pruned_path, cfg, out_dir=tmp_path / out, progress=False, log=lambda _: None)
+
+    f32, f16 = run("f32", "float32"), run("f16", "float16")
+    biases = {n: m.bias for n, m in f16.model.named_modules()
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None}
+    n_bias = sum(b.numel() for b in biases.values())
+    assert n_bias > 100
+    for name, b in biases.items():
+        assert b.dtype == torch.float32 and torch.equal(b.half().float(), b), name
+    saved = f32.esq_bytes - f16.esq_bytes
+    assert 1.8 * n_bias < saved < 2.2 * n_bias, (saved, n_bias)
+    model, _ = model_from_esq(f16.esq_path)
+    for (k, a), (k2, b) in zip(f16.model.state_dict().items(), model.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
+    desc = json.loads(CliRunner().invoke(cli, ["inspect", str(f16.esq_path), "--json"]).output)
+    raw = {t["name"]: t for t in desc["tensors"] if t["encoding"].startswith("raw")}
+    for name, b in biases.items():
+        entry = raw[f"{name}.bias"]
+        assert entry["encoding"] == "raw, stored as float16" and entry["bytes"] == 2 * b.numel(), entry
+    for k, v in f32.model.state_dict().items():  # the weights are the same; the biases within float16's step
+        w = f16.model.state_dict()[k]
+        assert torch.equal(v, w) if k.endswith("weight") else torch.allclose(v, w, rtol=2 ** -11, atol=0), k
+
+
 def test_diverged_retraining_is_reported(checkpoint, tmp_path):
     """A retraining that kills the network is flagged in the log and the report, and one that
     leaves non-finite weights is refused naming the stage, not by the codec."""

@@ -205,7 +205,7 @@ def encode_shared(name: str, t: torch.Tensor, *, codebook_dtype: str = "float32"
     shape = list(t.shape)
     nz = flat[flat != 0]
     cb_dtype = np.float32
-    if codebook_dtype == "float16" and np.array_equal(nz.astype(np.float16).astype(np.float32), nz):
+    if codebook_dtype == "float16" and _exact_in_float16(nz):
         cb_dtype = np.float16  # float16 only where it changes no weight
     best = None
     for dense in (False, True):
@@ -230,13 +230,28 @@ def encode_shared(name: str, t: torch.Tensor, *, codebook_dtype: str = "float32"
     return blob, info, stats
 
 
+def _exact_in_float16(arr: np.ndarray) -> bool:
+    """Every value of a float32 array survives a round trip through float16 (NaN never does)."""
+    with np.errstate(over="ignore"):  # values beyond float16's range become inf: not equal
+        return bool(np.array_equal(arr.astype(np.float16).astype(np.float32), arr))
+
+
 def encode_raw(name: str, t: torch.Tensor) -> tuple[bytes, dict, LayerStats]:
+    """A tensor's little-endian bytes. A float32 tensor whose every value is exactly a
+    float16 (biases rounded by ``cluster.bias_dtype: float16``, all-zero tensors) is stored
+    as float16, half the bytes, and widened back on decoding: the bits are the same."""
     t = t.detach().cpu().contiguous()
     dtype = str(t.dtype).removeprefix("torch.")
     if dtype not in _NP_DTYPES or _NP_DTYPES[dtype] is None:
         raise FormatError(f"tensor {name}: dtype {dtype} cannot be stored")
-    blob = t.numpy().astype(np.dtype(_NP_DTYPES[dtype]).newbyteorder("<"), copy=False).tobytes()
+    arr = t.numpy()
+    stored = dtype
+    if dtype == "float32" and arr.size and _exact_in_float16(arr):
+        stored = "float16"
+    blob = arr.astype(np.dtype(_NP_DTYPES[stored]).newbyteorder("<"), copy=False).tobytes()
     info = {"enc": "raw", "shape": list(t.shape), "dtype": dtype}
+    if stored != dtype:
+        info["stored"] = stored
     nz = int(torch.count_nonzero(t)) if t.numel() else 0
     return blob, info, LayerStats(name=name, kind="raw", numel=t.numel(), nonzero=nz, bytes=len(blob))
 
@@ -280,7 +295,8 @@ def encode_state_dict(
     if raw:
         # One section for all raw tensors (biases, BN statistics): a section costs ~90 bytes
         # of header, as much as a layer's bias.
-        table = [[name, info["dtype"], info["shape"]] for name, _, info in raw]
+        table = [[name, info["dtype"], info["shape"], *([info["stored"]] if "stored" in info else [])]
+                 for name, _, info in raw]
         sections.append((RAW_SECTION, b"".join(blob for _, blob, _ in raw), {"enc": "raw", "tensors": table}))
     return sections, stats
 
@@ -304,20 +320,25 @@ def _need(info: dict, key: str, name: str, kind=int, lo: int = 0, hi: int = 2**4
 def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, torch.Tensor]:
     table = info.get("tensors")
     if not isinstance(table, list):
-        raise FormatError(f"section {section}: 'tensors' must be a list of [name, dtype, shape]")
+        raise FormatError(f"section {section}: 'tensors' must be a list of [name, dtype, shape(, stored)]")
     out, pos = {}, 0
     for entry in table:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
+        if not (isinstance(entry, list) and len(entry) in (3, 4) and isinstance(entry[0], str)):
             raise FormatError(f"section {section}: bad tensor entry {entry!r}")
-        name, dtype, shape = entry
+        name, dtype, shape = entry[:3]
+        stored = entry[3] if len(entry) == 4 else dtype
         if dtype not in _NP_DTYPES or _NP_DTYPES[dtype] is None:
             raise FormatError(f"section {section}: tensor {name} has unknown dtype {dtype!r}")
-        np_dtype = np.dtype(_NP_DTYPES[dtype]).newbyteorder("<")
+        if stored != dtype and (dtype, stored) != ("float32", "float16"):
+            raise FormatError(f"section {section}: tensor {name}: a {dtype} tensor cannot be stored as {stored!r} "
+                              "(only float32 as float16)")
+        np_dtype = np.dtype(_NP_DTYPES[stored]).newbyteorder("<")
         size = _shape_numel(shape, f"{section}/{name}") * np_dtype.itemsize
         if size > len(blob) - pos:
             raise FormatError(f"section {section}: tensor {name} needs {size} bytes, {len(blob) - pos} are left")
         arr = np.frombuffer(blob, dtype=np_dtype, count=size // np_dtype.itemsize, offset=pos)
-        out[name] = torch.from_numpy(arr.astype(np_dtype.newbyteorder("="))).reshape(shape)
+        arr = arr.astype(np.dtype(_NP_DTYPES[dtype]))  # native order; float16 -> float32 is exact
+        out[name] = torch.from_numpy(arr).reshape(shape)
         pos += size
     if pos != len(blob):
         raise FormatError(f"section {section}: {len(blob) - pos} bytes left after its tensors")

@@ -673,12 +673,14 @@ def _compress_retrain(run: _Run) -> CompressResult:
     assignments: dict[str, Any] = {}
     if config.cluster is not None:
         model, assignments = cluster_mod.cluster_model(model, config.cluster, masks, path="compress.cluster")
+        cluster_mod.round_biases(model, config.cluster.bias_dtype, assignments)
         record("cluster (before retraining)", model, None)
         if config.cluster_finetune.epochs > 0:
             cluster_mod.share_weights(model, assignments, codebook_dtype=config.cluster.codebook_dtype)
             _finetune(model, data, config.cluster_finetune, seed=seed + 1, desc="centroid-retrain",
                       progress=progress, teacher=run.teacher, log=log)
             assignments = cluster_mod.materialize(model)
+            cluster_mod.round_biases(model, config.cluster.bias_dtype, assignments)
             record("cluster", model, None, "centroids retrained")
             run.check_retraining("cluster_finetune", model, run.stages[-2]["val_accuracy"])
         model.eval()
