@@ -290,11 +290,17 @@ def test_float_layers_stay_float(trained, digits, reference, tmp_path):
     y, _ = run(path, x)
     assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.95
     assert read_tflite_metadata(path)["calibration"]["float_layers"] == ["features.0", "classifier"]
-    # a float layer between int8 layers is re-quantized by the converter: refused, not ignored
-    with pytest.raises(ExportError, match="re-quantizes a float layer between int8 layers"):
+    # a lone float conv between int8 layers is re-quantized by the converter: refused, not ignored
+    with pytest.raises(ExportError, match="re-quantizes a lone float conv between int8 layers"):
         export_tflite_int8(trained.model, trained.meta, tmp_path / "mid.tflite", calib,
                            float_layers=["features.5.squeeze"])
     assert not (tmp_path / "mid.tflite").exists()
+    # a whole Fire in the middle (three convs, the squeeze feeding float expands) stays float
+    path = export_tflite_int8(trained.model, trained.meta, tmp_path / "fire.tflite", calib,
+                              float_layers=["features.5"], calibration=CalibrationConfig(method="percentile"))
+    convs = [t for op, t in op_names(path) if op in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    n_fire = sum(isinstance(m, torch.nn.Conv2d) for m in trained.model.features[5].modules())
+    assert convs.count("FLOAT32") == n_fire == 3 and convs.count("INT8") == len(convs) - 3
 
 
 def test_int8_refuses_bad_calibration_input(trained, digits, tmp_path):

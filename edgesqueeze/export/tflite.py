@@ -572,9 +572,10 @@ def _not_in(names: tuple[str, ...]) -> Callable[[Any], bool]:
 
 
 def _check_float_layers(model: nn.Module, float_layers: Sequence[str], converted) -> None:
-    """The converter re-quantizes a float op that sits between int8 ones (it fuses
-    DEQUANTIZE -> op -> QUANTIZE into an int8 op): only float regions that reach the graph's
-    input or output stay float. Count the float convs in the file to catch that."""
+    """The converter re-quantizes a float conv that sits alone between int8 ops (it fuses
+    DEQUANTIZE -> conv -> QUANTIZE into an int8 conv). Float regions that reach the graph's
+    input or output stay float, and so does a region of two or more convs in a row (a whole
+    Fire module: its squeeze feeds float expands). Count the float convs in the file."""
     fb, fbu = _schema()
     kinds = (nn.Conv2d, nn.Linear)
     wanted = sum(isinstance(m, kinds) for n, m in model.named_modules()
@@ -588,9 +589,9 @@ def _check_float_layers(model: nn.Module, float_layers: Sequence[str], converted
                  and sg.tensors[op.inputs[0]].type == fb.TensorType.FLOAT32 for op in sg.operators)
     if floats < wanted:
         raise ExportError(f"float_layers: the file has {floats} float conv/linear ops, {wanted} were "
-                          "asked for; the converter re-quantizes a float layer between int8 layers. "
-                          "Keep float only regions that reach the input or the output (e.g. the "
-                          "first conv, or the whole classifier)")
+                          "asked for; the converter re-quantizes a lone float conv between int8 layers. "
+                          "Keep float a whole block (e.g. a Fire module, features.3) or a region that "
+                          "reaches the input or the output (e.g. the first conv, or the whole classifier)")
 
 
 def quantize_pt2e(model: nn.Module, calib: torch.Tensor, *, method: str = "entropy",
