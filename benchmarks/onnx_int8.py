@@ -290,35 +290,12 @@ def agreement(model, meta, ds, names=None, split_seed: int = 0) -> dict:
     return out
 
 
-def quantized(model, meta, images, fprotos, *, seed, method="minmax", equalize=False, augment=0,
-              bias_correction=True, float_layers=(), per_channel=True, reduce_range=False,
-              weight_rounding="nearest", equalize_activations=0.0):
-    """export_onnx_int8's steps, without writing a file (the fp32 graph is reused when the
-    float model is not transformed on the calibration images)."""
-    from edgesqueeze.export import prepare
-
-    if augment:
-        images = prepare.augment_calibration(images, augment, seed=seed)
-    x = to_input(images, meta["mean"], meta["std"])
-    rproto = None  # bias correction's reference, when it is not the graph quantized
-    if weight_rounding == "gptq" or equalize_activations:  # depends on the images: no reuse
-        m = prepare.equalize_cross_layer(model) if equalize else model
-        if equalize_activations:
-            m = prepare.equalize_activations(m, torch.from_numpy(x), alpha=equalize_activations, batch_size=25)
-        if weight_rounding == "gptq":  # as export_onnx_int8: correct toward the unrounded model
-            rproto = eo.onnx_graph(m, meta)
-            m = prepare.gptq_round(m, torch.from_numpy(x), batch_size=25, skip=float_layers)
-        fproto = eo.onnx_graph(m, meta)
-    else:
-        if equalize not in fprotos:
-            fprotos[equalize] = eo.onnx_graph(prepare.equalize_cross_layer(model) if equalize else model, meta)
-        fproto = fprotos[equalize]
-    q = eo.quantize_qdq(fproto, x, calibration=CalibrationConfig(method=method, batch_size=25),
-                        float_nodes=eo._matching_nodes(fproto, float_layers), per_channel=per_channel,
-                        reduce_range=reduce_range)
-    if bias_correction:
-        eo.correct_biases(q, rproto or fproto, x, batch_size=25)
-    return q
+def quantized(model, meta, images, fprotos, *, seed, method="minmax", augment=0, **kw):
+    """export_onnx_int8's graph without writing a file (``fprotos[False]``, the fp32 graph,
+    is reused when no transform changes the weights)."""
+    return eo.quantize_int8_graph(model, meta, images, mean=meta["mean"], std=meta["std"],
+                                  calibration=CalibrationConfig(method=method, batch_size=25),
+                                  augment=augment, augment_seed=seed, fp32_graph=fprotos.get(False), **kw)
 
 
 def run(proto, x: np.ndarray) -> np.ndarray:

@@ -709,22 +709,47 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         raise ExportError(f"calibration images are {tuple(images.shape[1:])}, the model takes "
                           f"{tuple(art['input_shape'])}")
     check_float_layers(model, float_layers)  # before the slow work
+    qproto = quantize_int8_graph(
+        model, meta, images, mean=art["mean"], std=art["std"], calibration=calibration, opset=opset,
+        fold_normalization=fold_normalization, float_layers=float_layers, equalize=equalize,
+        equalize_activations=equalize_activations, weight_rounding=weight_rounding,
+        bias_correction=bias_correction, augment=augment, augment_seed=info.get("seed") or 0,
+        per_channel=per_channel, reduce_range=reduce_range)
+    compact_qdq(qproto)
+    return _write(qproto, {META_KEY: meta_json(art)}, out)
+
+
+def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarray, *, mean, std,
+                        calibration: CalibrationConfig, opset: int = 18, fold_normalization: bool = False,
+                        float_layers: Sequence[str] = (), equalize: bool = False,
+                        equalize_activations: float = 0.0, weight_rounding: str = "nearest",
+                        bias_correction: bool = True, augment: int = 0, augment_seed: int = 0,
+                        per_channel: bool = True, reduce_range: bool = False,
+                        fp32_graph: Any = None) -> Any:
+    """:func:`export_onnx_int8`'s work without its checks, metadata or file: the QDQ graph
+    (not yet compacted) of ``model`` calibrated on uint8 ``images``, normalized with
+    ``mean`` / ``std``. ``fp32_graph``: the fp32 graph of ``model`` if the caller has it (a
+    benchmark quantizing one model many ways, with the same ``opset`` and
+    ``fold_normalization``; an ``onnx.ModelProto``, as is the result), used only when no
+    transform (equalization, GPTQ) changes the weights."""
     if augment:
-        images = prepare.augment_calibration(images, augment, seed=info.get("seed") or 0)
+        images = prepare.augment_calibration(images, augment, seed=augment_seed)
     if equalize:
         model = prepare.equalize_cross_layer(model)
     reference = model  # bias correction pulls toward this: the function before any rounding
     if equalize_activations or weight_rounding == "gptq":  # torch-side: normalized inputs
-        xt = torch.from_numpy(to_input(images, art["mean"], art["std"]))
+        xt = torch.from_numpy(to_input(images, mean, std))
         if equalize_activations:
             model = prepare.equalize_activations(model, xt, alpha=equalize_activations,
                                                  batch_size=calibration.batch_size)
         reference = model
         if weight_rounding == "gptq":
             model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers)
-    fproto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
+    unchanged = not (equalize or equalize_activations or weight_rounding == "gptq")
+    fproto = fp32_graph if fp32_graph is not None and unchanged else \
+        onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
     float_nodes = _matching_nodes(fproto, float_layers)
-    x = to_input(images, art["mean"], art["std"], normalize=not fold_normalization)
+    x = to_input(images, mean, std, normalize=not fold_normalization)
     qproto = quantize_qdq(fproto, x, calibration=calibration, float_nodes=float_nodes,
                           per_channel=per_channel, reduce_range=reduce_range)
     if bias_correction:  # means need fewer images than ranges: cap the cost on big sets
@@ -733,5 +758,4 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         rproto = fproto if reference is model else onnx_graph(reference, meta, opset=opset,
                                                               fold_normalization=fold_normalization)
         correct_biases(qproto, rproto, x[:_BIAS_IMAGES], batch_size=calibration.batch_size)
-    compact_qdq(qproto)
-    return _write(qproto, {META_KEY: meta_json(art)}, out)
+    return qproto
