@@ -386,3 +386,22 @@ def test_folded_then_clustered_model_runs_what_is_stored():
     out, assignments = cluster_model(folded, ClusterConfig(bits=4))
     for name in assignments:
         assert distinct_nonzero(out.get_submodule(name).weight.detach()) <= 16
+
+
+def test_round_biases_to_float16():
+    from edgesqueeze.compress.cluster import round_biases
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1, bias=False), nn.Flatten(), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert round_biases(model, "float32") == 0 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert round_biases(model, "float16", ["0"]) == 1  # only the layer named
+    assert torch.equal(model[0].bias, before["0.bias"].half().float())
+    assert torch.equal(model[4].bias, before["4.bias"])
+    assert round_biases(model, "float16") == 1  # the linear's; the conv's is already a float16 value
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) if k.endswith("weight") else torch.equal(v, v.half().float()), k
+    with torch.no_grad():
+        model[4].bias[0] = 1e6
+    with pytest.raises(RecipeError, match="layer 4 has a bias beyond float16's range"):
+        round_biases(model, "float16")

@@ -430,6 +430,9 @@ def round_biases(model: nn.Module, dtype: str, names: Iterable[str] | None = Non
             if bias is None:
                 continue
             rounded = bias.to(_DTYPES[dtype]).to(bias.dtype)
+            if not torch.isfinite(rounded).all() and torch.isfinite(bias).all():
+                raise RecipeError(f"compress.cluster.bias_dtype: layer {name} has a bias beyond {dtype}'s "
+                                  f"range (largest {bias.abs().max().item():.4g}); use bias_dtype: float32")
             changed += int(not torch.equal(rounded, bias))
             bias.copy_(rounded)
     return changed
