@@ -321,8 +321,12 @@ FIRE1 = [
     ("first Fire float, minmax, activation equalization 0.5", {**_AE, "float_layers": ["features.3"]}),
     ("first Fire float, minmax, activation equalization 0.5, bias correction",
      {**_AE, "float_layers": ["features.3"], "bias_correction": True}),
+    ("first two Fires float, minmax, activation equalization 0.5", {**_AE, "float_layers": ["features.3", "features.4"]}),
     ("first two Fires float, minmax, activation equalization 0.5, bias correction",
      {**_AE, "float_layers": ["features.3", "features.4"], "bias_correction": True}),
+    ("first Fire and the second's squeeze and expand1x1 float, minmax, activation equalization 0.5, "
+     "bias correction", {**_AE, "float_layers": ["features.3", "features.4.squeeze", "features.4.expand1x1"],
+                         "bias_correction": True}),
 ]
 CONFIGS = FINAL + LADDER + BOTH_ENDS + OBSERVERS + MINMAX_LADDER + AFTER_CONCAT_FIX + ACT_EQ + FIRE1
 
