@@ -255,6 +255,12 @@ VARIANTS = {
     "+ GPTQ weights, activation equalization 0.5, stem and first two Fires float": {
         "weight_rounding": "gptq", "equalize_activations": 0.5,
         "float_layers": ["features.0", "features.3", "features.4"]},
+    # session 8: the tflite-int8 recipe's float layers (stem int8), and one Fire more
+    "+ GPTQ weights, activation equalization 0.5, first two Fires float": {
+        "weight_rounding": "gptq", "equalize_activations": 0.5, "float_layers": ["features.3", "features.4"]},
+    "+ GPTQ weights, activation equalization 0.5, stem and first three Fires float": {
+        "weight_rounding": "gptq", "equalize_activations": 0.5,
+        "float_layers": ["features.0", "features.3", "features.4", "features.5"]},
 }
 
 

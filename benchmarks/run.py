@@ -168,16 +168,34 @@ def _compress(part: str, args) -> None:
     record_compress(part, out / "report.json", " ".join(["edgesqueeze", *cmd[3:]]), time.perf_counter() - t0)
 
 
-def record_compress(part: str, report_path: Path, command: str, wall_s: float | None = None) -> None:
-    """Save the numbers of a compress report (also for a run made by hand with ``command``)."""
+def record_compress(part: str, report_path: Path, command: str, wall_s: float | None = None,
+                    reference: Path | None = None) -> None:
+    """Save the numbers of a compress report (also for a run made by hand with ``command``).
+
+    ``reference``: for weight sharing run from a pruning run's ``pruned.pt``, the float
+    checkpoint that was pruned. Its recorded test accuracy becomes "before" (the report's own
+    is the pruned model's), after checking that the archive was pruned from exactly it."""
+    from edgesqueeze._io import sha256_file
+
     rep = json.loads(Path(report_path).read_text())
     t, test = rep["totals"], rep["test"]
+    before, drop, extra = test["before"]["accuracy"], test["drop_points"], {}
+    if reference is not None:
+        from edgesqueeze.checkpoint import load_model
+        from edgesqueeze.compress.pipeline import model_from_esq
+
+        _, meta = model_from_esq(rep["esq"])
+        if meta.get("pruned_from_sha256") != sha256_file(reference):
+            raise SystemExit(f"{rep['esq']} was not pruned from {reference} (pruned_from_sha256 differs)")
+        before = load_model(reference).meta["metrics"]["test"]["accuracy"]
+        drop = round(100 * (before - test["after"]["accuracy"]), 2)
+        extra = {"reference_checkpoint": str(reference), "pruned_model_test": test["before"]["accuracy"]}
     save(part, {"compress_command": command, "report": str(report_path), "esq_bytes": t["esq_bytes"],
-                "ratio": t["ratio"], "density": t["density"], "test_before": test["before"]["accuracy"],
-                "test_after": test["after"]["accuracy"], "drop_points": test["drop_points"],
+                "ratio": t["ratio"], "density": t["density"], "test_before": before,
+                "test_after": test["after"]["accuracy"], "drop_points": drop,
                 "huffman_over_entropy": t["huffman_over_entropy"], "baselines": rep["baselines"],
                 "stages": rep["stages"], "wall_s": round(wall_s or rep.get("wall_s", 0), 1),
-                "config": rep.get("config")})
+                "config": rep.get("config"), **extra})
 
 
 def record_ptq(report_paths: list[Path], command: str) -> None:
@@ -340,7 +358,10 @@ def report() -> str:
         lines += [f"## {title}", "", _mach(r), f"Compress command: `{r['compress_command']}`", "",
                   f"- **{r['esq_bytes']:,} B** `.esq` ({r['ratio']}x smaller than dense fp32, {100 * r['density']:.1f}% "
                   f"of weights kept), test accuracy {_pct(r['test_before'])} -> **{_pct(r['test_after'])}** "
-                  f"({-r['drop_points']:+.2f} points), {r['wall_s'] / 60:.1f} min end to end",
+                  f"({-r['drop_points']:+.2f} points), {r['wall_s'] / 60:.1f} min "
+                  + ("end to end" if "reference_checkpoint" not in r else
+                     f"of weight sharing from a pruned.pt (pruning ran separately; the pruned model "
+                     f"scored {_pct(r['pruned_model_test'])}; 'before' is {r['reference_checkpoint']})"),
                   f"- Huffman streams {r['huffman_over_entropy']}x their zeroth-order entropy",
                   "- same weights with general-purpose coders: " + ", ".join(
                       f"{k} {v:,} B" for k, v in r["baselines"].items()), "",
@@ -420,6 +441,9 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only re-render docs/BENCHMARKS.md")
     ap.add_argument("--record", nargs=3, metavar=("PART", "REPORT_JSON", "COMMAND"),
                     help="save a compress part from a run made by hand (its report.json and the command used)")
+    ap.add_argument("--reference", type=Path, metavar="CHECKPOINT",
+                    help="with --record, for weight sharing run from a pruned.pt: the float checkpoint that "
+                         "was pruned, whose test accuracy is then the 'before'")
     ap.add_argument("--record-verify", nargs=3, metavar=("PART", "VERIFY_JSON", "COMMAND"),
                     help="save an int8_* part from `edgesqueeze verify` reports (comma-separated) and the command")
     ap.add_argument("--record-ptq", nargs="+", metavar="ARG",
@@ -429,7 +453,7 @@ def main() -> None:
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.record:
-        record_compress(args.record[0], Path(args.record[1]), args.record[2])
+        record_compress(args.record[0], Path(args.record[1]), args.record[2], reference=args.reference)
     elif args.record_verify:
         record_verify(args.record_verify[0], args.record_verify[1], args.record_verify[2])
     elif args.record_bench:
