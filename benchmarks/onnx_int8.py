@@ -270,7 +270,6 @@ def agreement(model, meta, ds, names=None, split_seed: int = 0) -> dict:
     fp32 = eo.onnx_graph(model, meta)
     ref = run(fp32, x_all)
     out = {"fp32_top1": int((ref.argmax(1) == ds.test_y).sum()), "images": int(len(ds.test_x)), "variants": {}}
-    fprotos = {False: fp32}
     for name, kw in VARIANTS.items():
         if names and name not in names:
             continue
@@ -282,7 +281,7 @@ def agreement(model, meta, ds, names=None, split_seed: int = 0) -> dict:
             if kw is None:
                 q = ort_default(fp32, to_input(ds.test_x[cal], ds.mean, ds.std))
             else:
-                q = quantized(model, meta, ds.test_x[cal], fprotos, seed=k, **kw)
+                q = quantized(model, meta, ds.test_x[cal], fp32, seed=k, **kw)
             logits = run(q, x_all[ev])
             agree += int((logits.argmax(1) == ref[ev].argmax(1)).sum())
             top1 += int((logits.argmax(1) == ds.test_y[ev]).sum())
@@ -296,12 +295,12 @@ def agreement(model, meta, ds, names=None, split_seed: int = 0) -> dict:
     return out
 
 
-def quantized(model, meta, images, fprotos, *, seed, method="minmax", augment=0, **kw):
-    """export_onnx_int8's graph without writing a file (``fprotos[False]``, the fp32 graph,
-    is reused when no transform changes the weights)."""
+def quantized(model, meta, images, fp32, *, seed, method="minmax", augment=0, **kw):
+    """export_onnx_int8's graph without writing a file (``fp32``, the model's fp32 graph, is
+    reused when no transform changes the weights)."""
     return eo.quantize_int8_graph(model, meta, images, mean=meta["mean"], std=meta["std"],
                                   calibration=CalibrationConfig(method=method, batch_size=25),
-                                  augment=augment, augment_seed=seed, fp32_graph=fprotos.get(False), **kw)
+                                  augment=augment, augment_seed=seed, fp32_graph=fp32, **kw)
 
 
 def run(proto, x: np.ndarray) -> np.ndarray:

@@ -31,7 +31,14 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     return {"file": str(path), "bytes": desc.get("file_bytes", path.stat().st_size), **desc}
 
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+def _itemsize(dtype: str) -> int | None:
+    """Bytes per element of a raw-section dtype name (numpy knows them all; None otherwise)."""
+    import numpy as np
+
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:
+        return None
 
 
 def _inspect_esq(path: Path) -> dict[str, Any]:
@@ -46,7 +53,7 @@ def _inspect_esq(path: Path) -> dict[str, Any]:
                 for d in shape:
                     n *= d
                 kept = stored[0] if stored else dtype  # a float32 tensor can be stored as float16
-                size = _ITEMSIZE.get(kept)
+                size = _itemsize(kept)
                 tensors.append({"name": tname, "dtype": dtype, "shape": shape,
                                 "encoding": "raw" if kept == dtype else f"raw, stored as {kept}",
                                 "elements": n, "bytes": None if size is None else n * size})
