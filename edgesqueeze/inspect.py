@@ -109,7 +109,8 @@ def _inspect_pt(path: Path) -> dict[str, Any]:
 
 def summary_lines(desc: dict[str, Any], *, max_tensors: int = 60) -> list[str]:
     """A terminal rendering of a description."""
-    lines = [f"{desc['file']}: {desc['kind']}, {desc['bytes']:,} bytes"]
+    version = f" (format version {desc['format_version']})" if "format_version" in desc else ""
+    lines = [f"{desc['file']}: {desc['kind']}{version}, {desc['bytes']:,} bytes"]
     for key in ("inputs", "outputs"):
         for io in desc.get(key) or []:
             q = f", quantization {io['quantization']}" if io.get("quantization") else ""

@@ -33,6 +33,22 @@ def shared_tensor(shape, k, density, seed=0):
     return torch.where(mask, codebook[labels], torch.zeros(()))
 
 
+def golden_state_dict() -> dict[str, torch.Tensor]:
+    """The tensors of ``tests/data/v1-small.esq``, from integer arithmetic (no RNG), so the
+    test can rebuild them on any machine. Every encoding a version-1 writer chose is in it:
+    a sparse layer with multi-chunk streams, a dense layer, per-slice codebooks, a float32
+    bias stored as float16, raw float32 and int64 tensors."""
+    i = torch.arange(40 * 30 * 3 * 3)
+    cb = (torch.arange(16) - 8) / 32
+    sparse = torch.where((i * 7919) % 10 < 3, cb[(i * 31) % 16], torch.zeros(())).reshape(40, 30, 3, 3)
+    j = torch.arange(240)
+    dense = ((j * 13) % 5 + 1).float().div(8).reshape(20, 12)
+    per_slice = torch.stack([(torch.arange(300) % 150 + 150 * s + 1).float() / 1024 for s in range(2)])
+    return {"a.weight": sparse, "a.bias": torch.arange(40).float() / 4 - 5, "b.weight": dense,
+            "c.weight": per_slice, "d.weight": torch.tensor([0.1, 0.2, 0.3]),
+            "bn.num_batches_tracked": torch.tensor(7)}
+
+
 def assert_bitwise(a: dict, b: dict):
     assert list(a) == list(b) or set(a) == set(b)
     for k in a:
@@ -154,6 +170,34 @@ def test_float16_codebook_only_when_exact():
     inexact = shared_tensor((32, 32), 16, 0.5)
     _, info, _ = encode_shared("w", inexact, codebook_dtype="float16")
     assert info["cb"] == "f32"
+
+
+GOLDEN_V1 = Path(__file__).parent / "data" / "v1-small.esq"
+
+
+def test_version_1_archives_still_decode():
+    """A file written by the version-1 writer (u16 chunk index), committed as it was."""
+    data = GOLDEN_V1.read_bytes()
+    assert container.loads(data).version == 1
+    state, meta = loads_model(data)
+    assert meta["note"] == "version-1 golden file"
+    assert_bitwise(state, golden_state_dict())
+    # The same tensors written today: version 2, the same bits, smaller streams (the
+    # packed chunk index of a multi-chunk stream is cheaper than a u16 per chunk).
+    now, _ = dumps_model(golden_state_dict(), meta)
+    assert container.loads(now).version == container.VERSION == 2
+    assert len(now) < len(data)
+    assert_bitwise(loads_model(now)[0], state)
+
+
+def test_version_2_streams_under_a_version_1_label_are_refused(monkeypatch):
+    data, _ = dumps_model(golden_state_dict(), {})
+    arc = container.loads(data)
+    monkeypatch.setattr(container, "VERSION", 1)  # a file mislabelled as version 1
+    relabelled = container.dumps(arc.meta, [(n, b, i) for n, (b, i) in arc.sections.items()])
+    assert container.loads(relabelled).version == 1
+    with pytest.raises(FormatError, match="section a.weight"):
+        loads_model(relabelled)
 
 
 def test_deterministic():

@@ -346,7 +346,11 @@ def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, torch.Tensor
 
 
 def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
-    """Tensors of an archive, bit-exact, with all Huffman streams decoded in one batch."""
+    """Tensors of an archive, bit-exact, with all Huffman streams decoded in one batch.
+
+    Version-1 archives carry a u16 per chunk in their streams' chunk index, later versions
+    the packed index (see :mod:`edgesqueeze.compress.huffman`)."""
+    index = "u16" if archive.version == 1 else "packed"
     out: dict[str, torch.Tensor] = {}
     pending = []
     streams, stream_names = [], []
@@ -399,7 +403,7 @@ def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
         offsets = np.concatenate([[0], np.cumsum(ks)[:-1]]).astype(np.int64)
         pending.append((name, shape, numel, cb, ks, offsets, axis, n, w))
     try:
-        decoded = huffman.decode_many(streams, chunk=CHUNK) if streams else []
+        decoded = huffman.decode_many(streams, chunk=CHUNK, index=index) if streams else []
     except FormatError as exc:  # name the section, not the stream number
         m = re.match(r"stream (\d+): (.*)", str(exc), re.S)
         if not m or int(m.group(1)) >= len(stream_names):

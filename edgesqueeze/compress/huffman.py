@@ -22,11 +22,21 @@ transpose). Decoding a whole model is one :func:`decode_many` call: for a Squeez
 model (840k symbols in 52 streams) about 4-5 ms on one core of a small VM, ~180 million
 symbols/s; docs/FORMAT.md has the measurements.
 
-Stream layout (``encode`` returns these bytes)::
+Stream layout (``encode`` returns these bytes), with the default packed chunk index::
 
-    u16 LE chunk_bits[m]            bits used by each chunk; m = ceil(n / chunk)
-    u8     bits[ceil(nbits / 8)]    chunk 0's codes, chunk 1's, ...: MSB first, no gaps,
-                                    zero padded to a byte; nbits = sum(chunk_bits)
+    chunk index                     how many bits each chunk but the last used; m = ceil(n / chunk)
+      (none when m = 1)
+      u16 LE base                   the fewest bits any of chunks 0 .. m-2 used
+      u8     width                  0..16
+      bits[ceil((m-1) * width / 8)] chunk c used base + value c bits: m-1 values of
+                                    ``width`` bits each, MSB first, zero padded to a byte
+    u8     bits[...]                chunk 0's codes, chunk 1's, ...: MSB first, no gaps,
+                                    zero padded to a byte (fewer than 8 zero bits)
+
+The last chunk's size is implied: its codes end in the stream's last byte. Chunk sizes
+vary little around ``chunk`` times the mean code length, so ``width`` is 5 to 8 bits where
+a plain u16 per chunk took 16 (about 0.2% of a model's coded bytes instead of 1.3%).
+Archives of version 1 used ``index="u16"``: a u16 LE per chunk, the last one included.
 
 Worked example::
 
@@ -34,15 +44,22 @@ Worked example::
     >>> lengths.tolist(), canonical_codes(lengths).tolist()    # 0, 10, 110, 111
     ([1, 2, 3, 3], [0, 2, 6, 7])
     >>> data, nbits = encode(np.array([0, 1, 0, 3, 2]), lengths)  # one chunk: 0 10 0 111 110
-    >>> nbits, data.hex()                                      # u16 10, then 01001111 10000000
-    (10, '0a004f80')
+    >>> nbits, data.hex()                                      # no index; 01001111 10000000
+    (10, '4f80')
     >>> decode(data, lengths, 5).tolist()
     [0, 1, 0, 3, 2]
+    >>> encode(np.array([0, 1, 0, 3, 2]), lengths, chunk=2)[0].hex()
+    '040001407b00'
+
+With ``chunk=2`` there are three chunks: symbols 0 and 3 (``0 111``, 4 bits), 1 and 4
+(``10 110``, 5 bits), and 2 (``0``). The index is base 4 (``04 00``), width 1 (``01``) and
+the values 0, 1 (``01`` padded: ``40``); the codes ``0111 10110 0`` pad to ``7b 00``.
 """
 
 from __future__ import annotations
 
 import operator
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,6 +68,8 @@ from edgesqueeze.errors import FormatError
 
 __all__ = [
     "DEFAULT_CHUNK",
+    "DEFAULT_INDEX",
+    "INDEXES",
     "MAX_ALPHABET",
     "MAX_LEN",
     "canonical_codes",
@@ -61,10 +80,13 @@ __all__ = [
     "entropy_bits",
 ]
 
-DEFAULT_CHUNK = 256  # symbols per chunk: index costs 1/128 byte a symbol; see docs/FORMAT.md
+DEFAULT_CHUNK = 256  # symbols per chunk: the decoder takes `chunk` steps; see docs/FORMAT.md
+INDEXES = ("packed", "u16")  # chunk index layouts: archive version 2+, version 1
+DEFAULT_INDEX = "packed"
 MAX_LEN = 24  # longest code we accept; the decoder's table has 2**(longest code) entries
 MAX_ALPHABET = 1 << 16  # decoded symbols are uint16
 _MAX_CHUNK_BITS = 0xFFFF  # chunk_bits is a u16
+_INDEX_HEAD = struct.Struct("<HB")  # packed index: base, width
 _MAX_BATCH_BYTES = 1 << 28  # the decoder holds 8 bytes of windows per input byte
 
 
@@ -177,6 +199,11 @@ def canonical_codes(lengths) -> np.ndarray:
     return out
 
 
+def _check_index(index) -> None:
+    if index not in INDEXES:
+        raise FormatError(f"index must be one of {', '.join(INDEXES)}, got {index!r}")
+
+
 def _check_chunk(chunk) -> int:
     chunk = operator.index(chunk)
     if not 1 <= chunk <= 4096:
@@ -184,15 +211,17 @@ def _check_chunk(chunk) -> int:
     return chunk
 
 
-def encode(symbols: np.ndarray, lengths, *, chunk: int = DEFAULT_CHUNK) -> tuple[bytes, int]:
+def encode(symbols: np.ndarray, lengths, *, chunk: int = DEFAULT_CHUNK,
+           index: str = DEFAULT_INDEX) -> tuple[bytes, int]:
     """Code ``symbols`` with the canonical code of ``lengths``; return (stream bytes, nbits).
 
-    ``nbits`` counts the Huffman bits only; the stream also holds the 2-byte-per-chunk
-    index (see the module docstring). No per-symbol Python loop: every code is expanded to
-    its bits with ``np.repeat`` and packed MSB-first with ``np.packbits``.
+    ``nbits`` counts the Huffman bits only; the stream also holds the chunk index (see the
+    module docstring; ``index="u16"`` writes version 1's). No per-symbol Python loop: every
+    code is expanded to its bits with ``np.repeat`` and packed MSB-first with ``np.packbits``.
     """
     lengths = _check_lengths(lengths)
     chunk = _check_chunk(chunk)
+    _check_index(index)
     sym = _array(symbols, "symbols")
     if sym.size == 0:
         return b"", 0
@@ -222,7 +251,20 @@ def encode(symbols: np.ndarray, lengths, *, chunk: int = DEFAULT_CHUNK) -> tuple
     # bit p belongs to the symbol covering it; it is bit (end - 1 - p) of that code
     shift = np.repeat(ends, ls) - 1 - np.arange(nbits)
     bits = (np.repeat(codes, ls) >> shift) & 1
-    return chunk_bits.astype("<u2").tobytes() + np.packbits(bits.astype(np.uint8)).tobytes(), nbits
+    return _pack_index(chunk_bits, index) + np.packbits(bits.astype(np.uint8)).tobytes(), nbits
+
+
+def _pack_index(chunk_bits: np.ndarray, index: str) -> bytes:
+    if index == "u16":
+        return chunk_bits.astype("<u2").tobytes()
+    known = chunk_bits[:-1]  # the last chunk's size is implied by the stream's length
+    if not known.size:
+        return b""
+    base = int(known.min())
+    values = known - base
+    width = int(values.max()).bit_length()
+    planes = (values[:, None] >> np.arange(width - 1, -1, -1)) & 1  # MSB first
+    return _INDEX_HEAD.pack(base, width) + np.packbits(planes.astype(np.uint8).reshape(-1)).tobytes()
 
 
 _MAX_TABLE = 1 << 24  # decoder table entries for one batch (64 MiB): refuse more
@@ -267,13 +309,36 @@ def _tables(codes: list[np.ndarray], names: list[int]):
     return np.repeat(values, widths), tops, np.cumsum(room) - room
 
 
-def decode(data: bytes, lengths, n_symbols: int, *, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+def _unpack_index(heads: list[tuple[memoryview, int, int]], ms: np.ndarray) -> np.ndarray:
+    """Chunk sizes in bits from packed indexes ``(bytes, base, width)``, one per chunk of
+    every stream, in order; 0 for each stream's last chunk, whose size the index omits.
+    Vectorised like the decoder: one 64-bit big-endian load per value."""
+    counts = ms - 1
+    out = np.zeros(int(ms.sum()), np.int64)
+    if not counts.any():
+        return out
+    parts = [h[0][_INDEX_HEAD.size:] for h in heads]
+    lens = np.array([len(p) for p in parts])
+    buf = np.frombuffer(b"".join(parts) + bytes(8), np.uint8)
+    W = np.ndarray((buf.size - 7,), ">u8", buf, 0, (1,)).astype(np.uint64)
+    k0 = np.cumsum(counts) - counts
+    j = np.arange(int(counts.sum())) - np.repeat(k0, counts)
+    width = np.repeat(np.array([h[2] for h in heads], np.int64), counts)
+    off = np.repeat(8 * (np.cumsum(lens) - lens), counts) + j * width
+    value = (W[off >> 3] << (off & 7).astype(np.uint64)) >> np.uint64(1) >> (63 - width).astype(np.uint64)
+    col0 = np.cumsum(ms) - ms
+    out[np.repeat(col0, counts) + j] = value.astype(np.int64) + np.repeat(np.array([h[1] for h in heads]), counts)
+    return out
+
+
+def decode(data: bytes, lengths, n_symbols: int, *, chunk: int = DEFAULT_CHUNK,
+           index: str = DEFAULT_INDEX) -> np.ndarray:
     """Decode one stream made by :func:`encode`; returns ``n_symbols`` uint16 symbols."""
-    return decode_many([(data, lengths, n_symbols)], chunk=chunk)[0]
+    return decode_many([(data, lengths, n_symbols)], chunk=chunk, index=index)[0]
 
 
 def decode_many(streams: Sequence[tuple[bytes, object, int]], *,
-                chunk: int = DEFAULT_CHUNK) -> list[np.ndarray]:
+                chunk: int = DEFAULT_CHUNK, index: str = DEFAULT_INDEX) -> list[np.ndarray]:
     """Decode many ``(data, lengths, n_symbols)`` streams in one vectorised pass.
 
     All chunks of all streams advance together (see the module docstring). Sizes are checked
@@ -286,7 +351,9 @@ def decode_many(streams: Sequence[tuple[bytes, object, int]], *,
     [[1, 1, 0], [2]]
     """
     chunk = _check_chunk(chunk)
-    live, ns, ms, codes, index, bodies = [], [], [], [], [], []
+    _check_index(index)
+    packed = index == "packed"
+    live, ns, ms, codes, heads, bodies = [], [], [], [], [], []
     for i, item in enumerate(streams):
         try:
             data, lengths, n = item
@@ -307,38 +374,67 @@ def decode_many(streams: Sequence[tuple[bytes, object, int]], *,
         if not lengths.size:
             raise FormatError(f"stream {i}: {n} symbols but the code has no symbols")
         m = -(-n // chunk)
-        if 2 * m > len(data):
+        head = (0, 0)  # packed index: base, width
+        if not packed:
+            size = 2 * m
+        elif m == 1:
+            size = 0
+        elif len(data) < _INDEX_HEAD.size:
+            size = _INDEX_HEAD.size
+        else:
+            head = _INDEX_HEAD.unpack_from(data)
+            if head[1] > 16:
+                raise FormatError(f"stream {i}: chunk index width {head[1]} exceeds 16 bits")
+            used = (m - 1) * head[1]
+            size = _INDEX_HEAD.size + (used + 7) // 8
+            if used % 8 and size <= len(data) and data[size - 1] & ((1 << (8 - used % 8)) - 1):
+                raise FormatError(f"stream {i}: padding bits of the chunk index are not zero")
+        if size > len(data):
             raise FormatError(f"stream {i}: {len(data)} bytes, too short for the index of {m} chunks")
         live.append(i)
         ns.append(n)
         ms.append(m)
         codes.append(lengths)
-        index.append(data[: 2 * m])
-        bodies.append(data[2 * m:])
+        heads.append((data[:size], *head))
+        bodies.append(data[size:])
     out_list = [np.zeros(0, np.uint16) for _ in streams]
     if not live:
         return out_list
     table, tops, base = _tables(codes, live)
 
-    # Check every chunk index at once, before allocating anything that depends on it.
+    # Every chunk's size in bits, checked at once before allocating anything that depends on
+    # it. A packed index leaves the last chunk open: it gets the rest of its stream's bytes,
+    # which must hold its codes and fewer than 8 bits of padding (checked after decoding).
     ns, ms = np.array(ns), np.array(ms)
     col0 = np.cumsum(ms) - ms
-    bits = np.frombuffer(b"".join(index), "<u2").astype(np.int64)
-    lane = np.arange(bits.size) - np.repeat(col0, ms)
+    sizes = np.array([len(b) for b in bodies])
+    lane = np.arange(int(ms.sum())) - np.repeat(col0, ms)
     count = (np.repeat(ns, ms) - lane + np.repeat(ms, ms) - 1) // np.repeat(ms, ms)
-    bad = np.flatnonzero((bits < count) | (bits > count * np.repeat(tops, ms)))
+    top = np.repeat(tops, ms)
+    if packed:
+        bits = _unpack_index(heads, ms)  # 0 for the open chunks
+        is_open = np.zeros(bits.size, bool)
+        is_open[col0 + ms - 1] = True
+        bits[is_open] = 8 * sizes - np.add.reduceat(bits, col0)  # the rest of each stream
+    else:
+        bits = np.frombuffer(b"".join(h[0] for h in heads), "<u2").astype(np.int64)
+        is_open = np.zeros(bits.size, bool)
+    bad = np.flatnonzero((bits < count) | (bits > count * top + 7 * is_open))
     if bad.size:
         c = int(bad[0])
         s = int(np.searchsorted(col0, c, "right")) - 1
+        if is_open[c]:
+            raise FormatError(f"stream {live[s]}: {sizes[s]} bytes of codes leave {bits[c]} bits for "
+                              f"the last chunk's {count[c]} symbols of 1..{tops[s]} bits")
         raise FormatError(f"stream {live[s]}: chunk {lane[c]} declares {bits[c]} bits for "
                           f"{count[c]} symbols of 1..{tops[s]} bits")
     nbits = np.add.reduceat(bits, col0)
-    sizes = np.array([len(b) for b in bodies])
+    index_size = [len(h[0]) for h in heads]
     for s in np.flatnonzero(sizes != (nbits + 7) // 8):
-        raise FormatError(f"stream {live[s]}: {2 * ms[s] + sizes[s]} bytes but its chunk index "
-                          f"declares {2 * ms[s]} + {(nbits[s] + 7) // 8} ({nbits[s]} bits)")
+        raise FormatError(f"stream {live[s]}: {index_size[s] + sizes[s]} bytes but its chunk index "
+                          f"declares {index_size[s]} + {(nbits[s] + 7) // 8} ({nbits[s]} bits)")
     for s, body in enumerate(bodies):
-        if nbits[s] % 8 and body[-1] & ((1 << (8 - nbits[s] % 8)) - 1):
+        if not packed and nbits[s] % 8 and body[-1] & ((1 << (8 - nbits[s] % 8)) - 1):
             raise FormatError(f"stream {live[s]}: padding bits after the last code are not zero")
     if sizes.sum() > _MAX_BATCH_BYTES:
         raise FormatError(f"streams too large for one batch (> {_MAX_BATCH_BYTES} bytes)")
@@ -392,7 +488,19 @@ def decode_many(streams: Sequence[tuple[bytes, object, int]], *,
             np.left_shift(win, step, out=win)
             for target, cols in marks.get(j, ()):
                 target[cols] = cur[cols]
-    bad = np.flatnonzero((last != ends) | (before >= ends))
+    bad = (last != ends) | (before >= ends)
+    if packed:  # an open chunk ends in its stream's last byte, before only zero bits
+        pad = (ends - last)[is_open]
+        tail = buf[((ends[is_open] - 1) >> 3).astype(np.intp)]
+        bad[is_open] = ((last > ends) | (before >= last))[is_open] | (pad > 7) | (
+            tail & ((np.uint64(1) << np.minimum(pad, 7)) - 1) != 0)
+        for c in np.flatnonzero(bad & is_open)[:1]:
+            s = int(np.searchsorted(col0, c, "right")) - 1
+            if last[c] <= ends[c] and before[c] < last[c]:
+                raise FormatError(f"stream {live[s]}: padding bits after the last code are not zero"
+                                  if pad[s] <= 7 else f"stream {live[s]}: {pad[s] // 8} bytes "
+                                  "after the last code")
+    bad = np.flatnonzero(bad)
     if bad.size:
         c = int(bad[0])
         s = int(np.searchsorted(col0, c, "right")) - 1
