@@ -30,6 +30,7 @@ and gaps ``[2, 1, 0]``; at ``w = 1`` (``E = 1``) the gaps become ``[1, 1, 0, 1, 
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -92,10 +93,13 @@ def gaps_from_positions(pos: np.ndarray, width: int) -> np.ndarray:
 def positions_from_gaps(gaps: np.ndarray, width: int) -> np.ndarray:
     """Inverse of :func:`gaps_from_positions` (vectorised)."""
     esc = (1 << width) - 1
-    gaps = gaps.astype(np.int64)
-    real = gaps != esc
-    cum = np.cumsum(gaps + real)
-    return cum[real] - 1
+    g = gaps.astype(np.int64)
+    real = g != esc
+    g += real  # a weight's symbol advances past it; a filler only by esc
+    np.cumsum(g, out=g)
+    pos = g[real]
+    pos -= 1
+    return pos
 
 
 def _pack_nibbles(lengths: np.ndarray) -> bytes:
@@ -373,13 +377,14 @@ def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
         if not (isinstance(sizes, list) and len(sizes) == 5 and all(isinstance(v, int) and v >= 0 for v in sizes)
                 and sum(sizes) == len(blob)):
             raise FormatError(f"section {name}: sizes {sizes!r} do not add up to its {len(blob)} bytes")
-        off = np.cumsum([0] + sizes)
+        off = list(itertools.accumulate(sizes, initial=0))
+        view = memoryview(blob)  # slices without copies
         if axis is None:
             ks = np.array([k], dtype=np.int64)
         else:
             if sizes[0] != 2 * n_slices:
                 raise FormatError(f"section {name}: {sizes[0]} bytes of codebook sizes for {n_slices} slices")
-            ks = np.frombuffer(blob[:sizes[0]], dtype="<u2").astype(np.int64)
+            ks = np.frombuffer(view[:sizes[0]], dtype="<u2").astype(np.int64)
             if int(ks.sum()) != k or int(ks.max(initial=0)) > MAX_CODEBOOK:
                 raise FormatError(f"section {name}: per-slice codebook sizes do not add up to {k}")
         cb_item = {"f16": 2, "f32": 4}.get(info.get("cb"))
@@ -392,13 +397,13 @@ def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
         n_gap = 0 if dense else 1 << w
         if sizes[2] != (alphabet + n_gap + 1) // 2:
             raise FormatError(f"section {name}: code-length table has {sizes[2]} bytes")
-        cb = np.frombuffer(blob[off[1]:off[2]], dtype="<f2" if cb_item == 2 else "<f4").astype(np.float32)
-        lens = _unpack_nibbles(blob[off[2]:off[3]], alphabet + n_gap)
-        streams.append((blob[off[3]:off[4]], lens[:alphabet], n))
+        cb = np.frombuffer(view[off[1]:off[2]], dtype="<f2" if cb_item == 2 else "<f4").astype(np.float32)
+        lens = _unpack_nibbles(view[off[2]:off[3]], alphabet + n_gap)
+        streams.append((view[off[3]:off[4]], lens[:alphabet], n))
         stream_names.append(f"{name} (cluster indices)")
         if not dense:
             ng = _need(info, "ng", name, lo=n, hi=n + numel)
-            streams.append((blob[off[4]:off[5]], lens[alphabet:], ng))
+            streams.append((view[off[4]:off[5]], lens[alphabet:], ng))
             stream_names.append(f"{name} (gaps)")
         offsets = np.concatenate([[0], np.cumsum(ks)[:-1]]).astype(np.int64)
         pending.append((name, shape, numel, cb, ks, offsets, axis, n, w))
