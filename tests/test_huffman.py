@@ -227,6 +227,24 @@ def test_decode_many_equals_decode(specs, chunk, index, seed):
         assert np.array_equal(decode(data, lengths, n, chunk=chunk, index=index), out)
 
 
+@pytest.mark.parametrize("top", [8, 11, 12, 15, 16, 20])
+def test_longest_codes_at_every_window_stride(top):
+    # The decoder loads 64-bit windows every byte or every second byte, depending on the
+    # longest code (every second when that costs no extra loads, e.g. 12, 15, 16, 20 bits).
+    rng = np.random.default_rng(top)
+    counts = np.maximum(1, (2.0 ** np.arange(top + 3, 0, -1)).astype(np.int64))  # skewed
+    lengths = code_lengths(counts, max_len=top)
+    assert int(lengths.max()) == top
+    streams, expected = [], []
+    for n in (1, 255, 256, 257, 3000):
+        symbols = rng.choice(counts.size, size=n, p=counts / counts.sum())
+        symbols[: min(n, 5)] = counts.size - 1  # the longest codes, at the start of chunks
+        streams.append((encode(symbols, lengths)[0], lengths, n))
+        expected.append(symbols)
+    for out, symbols in zip(decode_many(streams), expected):
+        assert out.tolist() == symbols.tolist()
+
+
 def test_streams_can_share_a_code():
     lengths = code_lengths(np.array([4, 3, 2, 1]))
     a, b = np.array([0, 1, 2, 3, 0]), np.array([3, 3, 0])

@@ -448,15 +448,20 @@ def decode_many(streams: Sequence[tuple[bytes, object, int]], *, chunk: int = DE
     rs = np.repeat(64 - tops, ms).astype(np.uint64)
     base = np.repeat(base, ms).astype(np.uint64)
 
-    # W[b] = the 64 bits starting at byte b, big-endian. A cursor at bit p loads the window
-    # W[p >> 3] << (p & 7): at least 57 valid bits, enough for k = 57 // top codes, so
-    # one load serves k symbols; each peeks as window >> (64 - top) and shifts its code out.
-    # A cursor never moves more than rows * top bits past its chunk's start, so padding by
-    # that much keeps every load in range: garbage read past a short chunk is never used.
-    k = 57 // top_max
+    # W[i] = the 64 bits starting at byte g * i, big-endian (g = 1 or 2 bytes). A cursor at
+    # bit p loads the window W[p >> sh] << (p & (8g - 1)), sh = log2(8g): at least
+    # 65 - 8g valid bits, enough for k = (65 - 8g) // top codes, so one load serves k
+    # symbols; each peeks as window >> (64 - top) and shifts its code out. g = 2 halves W
+    # (the decoder's largest array) and is taken when it costs no loads: for codes of up
+    # to 12 bits, k is 4 either way. A cursor never moves more than rows * top bits past
+    # its chunk's start, so padding by that much keeps every load in range: garbage read
+    # past a short chunk is never used.
+    g = 2 if 49 // top_max == 57 // top_max else 1
+    k = (65 - 8 * g) // top_max
     pad = -(-(rows_max + k) * top_max // 8) + 8
     buf = np.frombuffer(b"".join(bodies) + bytes(pad), np.uint8)
-    W = np.ndarray((buf.size - 7,), ">u8", buf, 0, (1,)).astype(np.uint64)
+    W = np.ndarray(((buf.size - 8) // g + 1,), ">u8", buf, 0, (g,)).astype(np.uint64)
+    sh, low = np.uint64(2 + g), np.uint64(8 * g - 1)
     # Chunk c of a stream holds `rows` or `rows - 1` symbols (the first r chunks hold
     # `rows`). Keep each chunk's cursor after its last symbol (must be its end) and after
     # the one before (must be short of it): an invalid code has length 0, so the cursor
@@ -476,9 +481,9 @@ def decode_many(streams: Sequence[tuple[bytes, object, int]], *, chunk: int = DE
     byte, win, t = np.empty_like(cur), np.empty_like(cur), np.empty_like(cur)
     step = np.empty(n_cols, np.uint64)  # uint64 like cur and win: no casts in the loop
     for j0 in range(0, rows_max, k):
-        np.right_shift(cur, 3, out=byte)
+        np.right_shift(cur, sh, out=byte)
         W.take(byte.view(np.int64), out=win, mode="wrap")  # in range by construction; fast mode
-        np.bitwise_and(cur, 7, out=byte)
+        np.bitwise_and(cur, low, out=byte)
         np.left_shift(win, byte, out=win)
         for j in range(j0, min(j0 + k, rows_max)):
             np.right_shift(win, rs, out=t)
