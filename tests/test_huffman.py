@@ -6,6 +6,7 @@ import doctest
 import heapq
 import itertools
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -363,6 +364,21 @@ def test_tampered_chunk_index_is_refused(index):
     data2, lengths2 = encode(np.array([0, 1, 1]), [1, 1], index=index)[0], [1, 1]  # one chunk
     with pytest.raises(FormatError, match="stream 0: padding bits after the last code are not zero"):
         decode(data2[:-1] + bytes([data2[-1] | 1]), lengths2, 3, index=index)
+
+
+@pytest.mark.parametrize("index", huffman.INDEXES)
+def test_absurd_symbol_count_is_refused_before_allocating(index):
+    # A packed index of width 0 is 3 bytes for any number of chunks: the symbol count alone
+    # must not size the decoder's per-chunk arrays (2**31 symbols: 8M chunks).
+    data = bytes([8, 0, 0]) + bytes(5) if index == "packed" else bytes(16)
+    tracemalloc.start()  # numpy reports its allocations to tracemalloc
+    try:
+        with pytest.raises(FormatError, match="cannot hold 2147483648 symbols|too short for the index"):
+            decode(data, [1, 1], 2**31, index=index)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
 
 
 def test_tampered_packed_index_is_refused():

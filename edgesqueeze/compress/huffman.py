@@ -393,6 +393,8 @@ def decode_many(streams: Sequence[tuple[bytes, object, int]], *, chunk: int = DE
                 raise FormatError(f"stream {i}: padding bits of the chunk index are not zero")
         if size > len(data):
             raise FormatError(f"stream {i}: {len(data)} bytes, too short for the index of {m} chunks")
+        if 8 * (len(data) - size) < n:  # every code has a bit: bounds what n can allocate
+            raise FormatError(f"stream {i}: {len(data) - size} bytes of codes cannot hold {n} symbols")
         live.append(i)
         ns.append(n)
         ms.append(m)
