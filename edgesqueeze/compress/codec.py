@@ -380,42 +380,42 @@ def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
         off = list(itertools.accumulate(sizes, initial=0))
         view = memoryview(blob)  # slices without copies
         if axis is None:
-            ks = np.array([k], dtype=np.int64)
+            ks = None  # one codebook of k values
+            alphabet = max(1, k)
         else:
             if sizes[0] != 2 * n_slices:
                 raise FormatError(f"section {name}: {sizes[0]} bytes of codebook sizes for {n_slices} slices")
             ks = np.frombuffer(view[:sizes[0]], dtype="<u2").astype(np.int64)
             if int(ks.sum()) != k or int(ks.max(initial=0)) > MAX_CODEBOOK:
                 raise FormatError(f"section {name}: per-slice codebook sizes do not add up to {k}")
+            alphabet = max(1, int(ks.max(initial=0)))
         cb_item = {"f16": 2, "f32": 4}.get(info.get("cb"))
         if cb_item is None or sizes[1] != k * cb_item:
             raise FormatError(f"section {name}: codebook of {k} '{info.get('cb')}' values cannot take {sizes[1]} bytes")
         dense = w == 0
         if dense and n != numel:
             raise FormatError(f"section {name}: dense encoding must code all {numel} positions, codes {n}")
-        alphabet = max(1, int(ks.max(initial=0)))
         n_gap = 0 if dense else 1 << w
         if sizes[2] != (alphabet + n_gap + 1) // 2:
             raise FormatError(f"section {name}: code-length table has {sizes[2]} bytes")
-        cb = np.frombuffer(view[off[1]:off[2]], dtype="<f2" if cb_item == 2 else "<f4").astype(np.float32)
+        cb = np.frombuffer(view[off[1]:off[2]], dtype="<f2" if cb_item == 2 else "<f4").astype(np.float32, copy=False)
         lens = _unpack_nibbles(view[off[2]:off[3]], alphabet + n_gap)
         streams.append((view[off[3]:off[4]], lens[:alphabet], n))
-        stream_names.append(f"{name} (cluster indices)")
+        stream_names.append((name, "cluster indices"))
         if not dense:
             ng = _need(info, "ng", name, lo=n, hi=n + numel)
             streams.append((view[off[4]:off[5]], lens[alphabet:], ng))
-            stream_names.append(f"{name} (gaps)")
-        offsets = np.concatenate([[0], np.cumsum(ks)[:-1]]).astype(np.int64)
-        pending.append((name, shape, numel, cb, ks, offsets, axis, n, w))
+            stream_names.append((name, "gaps"))
+        pending.append((name, shape, numel, cb, ks, axis, n, w))
     try:
         decoded = huffman.decode_many(streams, chunk=CHUNK, index=index) if streams else []
     except FormatError as exc:  # name the section, not the stream number
         m = re.match(r"stream (\d+): (.*)", str(exc), re.S)
         if not m or int(m.group(1)) >= len(stream_names):
             raise
-        raise FormatError(f"section {stream_names[int(m.group(1))]}: {m.group(2)}") from None
+        raise FormatError("section {} ({}): {}".format(*stream_names[int(m.group(1))], m.group(2))) from None
     it = iter(decoded)
-    for name, shape, numel, cb, ks, offsets, axis, n, w in pending:
+    for name, shape, numel, cb, ks, axis, n, w in pending:
         idx = next(it)
         pos = None
         if w:
@@ -424,7 +424,7 @@ def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
                 raise FormatError(f"section {name}: gaps place {pos.size} weights, up to position "
                                   f"{int(pos[-1]) if pos.size else -1}, in a tensor of {numel}")
         if axis is None:  # one codebook: a bound check and a gather (the common, fast path)
-            if n and int(idx.max()) >= int(ks[0]):
+            if n and int(idx.max()) >= len(cb):
                 raise FormatError(f"section {name}: cluster index beyond its codebook")
             values = cb.take(idx)
         else:
@@ -432,6 +432,7 @@ def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
             idx = idx.astype(np.int64)
             if n and (idx >= ks[sid]).any():
                 raise FormatError(f"section {name}: cluster index beyond its codebook")
+            offsets = np.cumsum(ks) - ks
             values = cb.take(offsets[sid] + idx)
         if pos is None:
             flat = values
