@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgesqueeze.compress import container
+from edgesqueeze.compress import codec, container
 from edgesqueeze.compress.codec import (
     MAX_CODEBOOK,
     RAW_SECTION,
@@ -200,6 +200,21 @@ def test_version_2_streams_under_a_version_1_label_are_refused(monkeypatch):
         loads_model(relabelled)
 
 
+def test_large_models_use_shorter_chunks():
+    """At LARGE_MODEL non-zero weights the writer halves the chunk (the decoder takes half the
+    steps) and records it in the section's info; smaller models keep the default, no field."""
+    big = {"w": shared_tensor((1 << 19,), 16, 0.6).reshape(512, 1024)}  # ~315k non-zeros
+    small = {"w": shared_tensor((64, 64), 16, 0.6)}
+    for sd, chunk in ((big, codec.LARGE_CHUNK), (small, None)):
+        data, _ = dumps_model(sd, {})
+        info = container.loads(data).sections["w"][1]
+        assert info.get("c") == chunk
+        assert_bitwise(loads_model(data)[0], sd)
+    forced, _ = dumps_model(small, {}, chunk=7)  # any size the writer is given is honoured
+    assert container.loads(forced).sections["w"][1]["c"] == 7
+    assert_bitwise(loads_model(forced)[0], small)
+
+
 def test_deterministic():
     sd = {"w": shared_tensor((33, 17), 8, 0.4), "b": torch.randn(33)}
     assert dumps_model(sd, {"a": 1})[0] == dumps_model(sd, {"a": 1})[0]
@@ -223,6 +238,9 @@ def _rebuild(data: bytes, edit) -> bytes:
     (lambda s: s[0][2].update(n=s[0][2]["n"] + 1), "section w( \\(cluster indices\\))?: |field 'ng'"),
     (lambda s: s[-1][2].update(tensors=[["b", "float32", [1000]]]), "needs 4000 bytes"),
     (lambda s: s[-1][2].update(tensors=[["b", "complex64", [33]]]), "unknown dtype"),
+    (lambda s: s[0][2].update(c=0), "field 'c'"),
+    (lambda s: s[0][2].update(c=5000), "field 'c'"),
+    (lambda s: s[0][2].update(c=64), "section w \\(cluster indices\\): "),  # the wrong chunk size
 ])
 def test_bad_section_info_is_refused(edit, message):
     sd = {"w": shared_tensor((33, 17), 8, 0.4), "b": torch.randn(33)}

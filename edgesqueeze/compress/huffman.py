@@ -339,20 +339,24 @@ def decode(data: bytes, lengths, n_symbols: int, *, chunk: int = DEFAULT_CHUNK,
     return decode_many([(data, lengths, n_symbols)], chunk=chunk, index=index)[0]
 
 
-def decode_many(streams: Sequence[tuple[bytes, object, int]], *, chunk: int = DEFAULT_CHUNK,
+def decode_many(streams: Sequence[tuple[bytes, object, int]], *, chunk: int | Sequence[int] = DEFAULT_CHUNK,
                 index: str = DEFAULT_INDEX) -> list[np.ndarray]:
     """Decode many ``(data, lengths, n_symbols)`` streams in one vectorised pass.
 
     All chunks of all streams advance together (see the module docstring). Sizes are checked
     before anything is allocated; after decoding, every chunk must have used exactly its
     recorded bits through valid codes. Damage raises :class:`FormatError` naming the stream.
-    Returns one uint16 array per stream.
+    Returns one uint16 array per stream. ``chunk`` is one size for all streams or one per
+    stream.
 
     >>> a = encode(np.array([1, 1, 0]), [1, 1]); b = encode(np.array([2]), [1, 2, 2])
     >>> [s.tolist() for s in decode_many([(a[0], [1, 1], 3), (b[0], [1, 2, 2], 1)])]
     [[1, 1, 0], [2]]
     """
-    chunk = _check_chunk(chunk)
+    chunks = [_check_chunk(chunk)] * len(streams) if not isinstance(chunk, Sequence) else [
+        _check_chunk(c) for c in chunk]
+    if len(chunks) != len(streams):
+        raise FormatError(f"{len(chunks)} chunk sizes for {len(streams)} streams")
     _check_index(index)
     packed = index == "packed"
     live, ns, ms, codes, heads, bodies = [], [], [], [], [], []
@@ -375,7 +379,7 @@ def decode_many(streams: Sequence[tuple[bytes, object, int]], *, chunk: int = DE
             continue
         if not lengths.size:
             raise FormatError(f"stream {i}: {n} symbols but the code has no symbols")
-        m = -(-n // chunk)
+        m = -(-n // chunks[i])
         head = (0, 0)  # packed index: base, width
         if not packed:
             size = 2 * m
