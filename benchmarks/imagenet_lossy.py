@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgesqueeze._io import write_bytes_atomic, write_text_atomic  # noqa: E402
 from edgesqueeze.checkpoint import load_model  # noqa: E402
-from edgesqueeze.compress.codec import dumps_model, loads_model  # noqa: E402
+from edgesqueeze.compress.codec import CHUNK, dumps_model, loads_model  # noqa: E402
 from edgesqueeze.compress.ptq import PTQConfig, post_training_compress  # noqa: E402
 from edgesqueeze.data import load_dataset  # noqa: E402
 
@@ -137,7 +137,8 @@ class Bench:
         """Calibrate on all 100 images, write and verify the archive, score in-sample."""
         model, report, wall = self.run(cfg, "all", quiet=False)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        blob, _ = dumps_model(state, _meta(cfg, self.source_sha), codebook_dtype=cfg.codebook_dtype)
+        blob, _ = dumps_model(state, _meta(cfg, self.source_sha), codebook_dtype=cfg.codebook_dtype,
+                              chunk=CHUNK)  # as the compress stage writes a budgeted archive
         decoded, meta = loads_model(blob)
         exact = set(decoded) == set(state) and all(torch.equal(decoded[k], state[k]) for k in state)
         if not exact:

@@ -398,9 +398,9 @@ class _Run:
                         folded=folded, extra=extra)
 
     def encode(self, state: dict[str, torch.Tensor], meta: dict, *, shared: Any,
-               codebook_dtype: str) -> tuple[bytes, list, nn.Module, Path]:
+               codebook_dtype: str, chunk: int | None = None) -> tuple[bytes, list, nn.Module, Path]:
         """Write ``model.esq`` and prove it decodes to exactly ``state``."""
-        blob, stats = codec.dumps_model(state, meta, shared=shared, codebook_dtype=codebook_dtype)
+        blob, stats = codec.dumps_model(state, meta, shared=shared, codebook_dtype=codebook_dtype, chunk=chunk)
         esq_path = self.out / "model.esq"
         write_bytes_atomic(esq_path, blob)
         decoded, _ = model_from_esq(esq_path)
@@ -577,7 +577,9 @@ def _compress_ptq(run: _Run) -> CompressResult:
                f"{ptq_report['summary']['budget']:,} B budget")
     state = _state(model)
     meta = run.archive_meta(folded=folded, weights_sha256=state_digest(state), reference_accuracy=ref_acc)
-    blob, stats, decoded, esq_path = run.encode(state, meta, shared="auto", codebook_dtype=cfg.ptq.codebook_dtype)
+    # A byte budget spends every byte on fidelity: the default chunk, as ptq sized it.
+    blob, stats, decoded, esq_path = run.encode(state, meta, shared="auto", codebook_dtype=cfg.ptq.codebook_dtype,
+                                                chunk=codec.CHUNK)
     run.record("esq", decoded, len(blob), "decoded from the archive")
     target = cfg.ptq.target_bytes
     if target is not None and len(blob) > target:

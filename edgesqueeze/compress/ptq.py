@@ -410,10 +410,10 @@ def gptq_assign(layer: ClusteredLayer, weight: torch.Tensor, hessian: torch.Tens
 
 
 def _section_bytes(name: str, weight: torch.Tensor, codebook_dtype: str) -> int:
-    from .codec import encode_shared
+    from .codec import CHUNK, encode_shared
 
     return encode_shared(name, weight.detach().float().contiguous(),
-                         codebook_dtype=codebook_dtype)[2].bytes
+                         codebook_dtype=codebook_dtype, chunk=CHUNK)[2].bytes
 
 
 def layer_candidates(model: nn.Module, masks: Mapping[str, torch.Tensor], levels: Sequence[int],
@@ -686,9 +686,11 @@ def distill(model: nn.Module, reference: nn.Module, assignments: Mapping[str, Cl
 
 
 def _archive_bytes(model: nn.Module, meta: Mapping[str, Any], codebook_dtype: str) -> int:
-    from .codec import dumps_model
+    from .codec import CHUNK, dumps_model
 
-    return len(dumps_model(model.state_dict(), dict(meta), codebook_dtype=codebook_dtype)[0])
+    # A byte budget spends every byte on fidelity: the default chunk (256), not the faster
+    # large-model one, which would take 0.4% of the budget for the chunk index.
+    return len(dumps_model(model.state_dict(), dict(meta), codebook_dtype=codebook_dtype, chunk=CHUNK)[0])
 
 
 def _set_weights(model: nn.Module, chosen: Mapping[str, ClusteredLayer]) -> None:
