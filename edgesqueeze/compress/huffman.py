@@ -311,6 +311,13 @@ def _tables(codes: list[np.ndarray], names: list[int]):
     return np.repeat(values, widths), tops, np.cumsum(room) - room
 
 
+def _windows(buf: np.ndarray, step: int = 1) -> np.ndarray:
+    """The 64 bits starting at every ``step``-th byte of ``buf``, big-endian, as native
+    uint64: a bit string read 64 bits at a time from any byte (``buf`` ends in >= 7 spare
+    bytes so that every window is whole)."""
+    return np.ndarray(((buf.size - 8) // step + 1,), ">u8", buf, 0, (step,)).astype(np.uint64)
+
+
 def _unpack_index(heads: list[tuple[memoryview, int, int]], ms: np.ndarray) -> np.ndarray:
     """Chunk sizes in bits from packed indexes ``(bytes, base, width)``, one per chunk of
     every stream, in order; 0 for each stream's last chunk, whose size the index omits.
@@ -322,7 +329,7 @@ def _unpack_index(heads: list[tuple[memoryview, int, int]], ms: np.ndarray) -> n
     parts = [h[0][_INDEX_HEAD.size:] for h in heads]
     lens = np.array([len(p) for p in parts])
     buf = np.frombuffer(b"".join(parts) + bytes(8), np.uint8)
-    W = np.ndarray((buf.size - 7,), ">u8", buf, 0, (1,)).astype(np.uint64)
+    W = _windows(buf)
     k0 = np.cumsum(counts) - counts
     j = np.arange(int(counts.sum())) - np.repeat(k0, counts)
     width = np.repeat(np.array([h[2] for h in heads], np.int64), counts)
@@ -466,7 +473,7 @@ def decode_many(streams: Sequence[tuple[bytes, object, int]], *, chunk: int | Se
     k = (65 - 8 * g) // top_max
     pad = -(-(rows_max + k) * top_max // 8) + 8
     buf = np.frombuffer(b"".join(bodies) + bytes(pad), np.uint8)
-    W = np.ndarray(((buf.size - 8) // g + 1,), ">u8", buf, 0, (g,)).astype(np.uint64)
+    W = _windows(buf, g)
     sh, low = np.uint64(2 + g), np.uint64(8 * g - 1)
     # Chunk c of a stream holds `rows` or `rows - 1` symbols (the first r chunks hold
     # `rows`). Keep each chunk's cursor after its last symbol (must be its end) and after

@@ -577,7 +577,8 @@ def _compress_ptq(run: _Run) -> CompressResult:
                f"{ptq_report['summary']['budget']:,} B budget")
     state = _state(model)
     meta = run.archive_meta(folded=folded, weights_sha256=state_digest(state), reference_accuracy=ref_acc)
-    # A byte budget spends every byte on fidelity: the default chunk, as ptq sized it.
+    # ptq sizes layers and checks its budget with the default chunk (a budget's bytes buy
+    # fidelity, not the large-model chunk index): write the archive with the same one.
     blob, stats, decoded, esq_path = run.encode(state, meta, shared="auto", codebook_dtype=cfg.ptq.codebook_dtype,
                                                 chunk=codec.CHUNK)
     run.record("esq", decoded, len(blob), "decoded from the archive")
