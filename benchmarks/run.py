@@ -50,7 +50,8 @@ def machine() -> dict:
     from edgesqueeze.verify_report import machine_info
 
     info = machine_info(torch.get_num_threads())
-    return {"cpu": info["cpu"], "cores": info["cores"], "python": platform.python_version(),
+    return {"cpu": info["cpu"], "arch": info["arch"], "features": info["features"],
+            "int8_kernels": info["int8_kernels"], "cores": info["cores"], "python": platform.python_version(),
             "torch": torch.__version__, "threads": info["threads"], "date": info["date"]}
 
 
@@ -288,9 +289,17 @@ def _load(part: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+# Records written before machine() named the CPU features (sessions 1-9): the VM then was
+# described as "a 2-core AVX-512 VNNI x86" when the ONNX export was first measured; its
+# model name ("AMD EPYC") is the same as the AVX2-only VM of session 10, so say so.
+_OLD_KERNELS = "int8 features not recorded; sessions 1-9 report an AVX-512 VNNI x86"
+
+
 def _mach(res: dict) -> str:
     m = res["machine"]
-    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; command: `{res['command']}`"
+    kernels = m.get("int8_kernels") or _OLD_KERNELS
+    return (f"{m['cpu']} ({kernels}), {m['cores']} cores, torch {m.get('torch', '-')}, {m['date']}; "
+            f"command: `{res['command']}`")
 
 
 def report() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     Readers never see a half-written file: either the old file or the complete new one.
     On any exception the temporary file is removed and ``path`` is left untouched.
+    The file ends up with the mode a plain ``open(path, "w")`` would give it: an existing
+    file's own mode, a new file ``0o666`` less the umask (``mkstemp`` makes it ``0o600``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,10 +29,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as fh:  # make the bytes durable before the rename
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, _open_mode(path))
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (``/proc``);
+    elsewhere set and restored at once (``os.umask`` has no read-only form)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _open_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` leaves: kept if ``path`` exists, else 0o666
+    less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:

@@ -367,9 +367,16 @@ def _csv(value: str, what: str) -> list[str]:
 @click.option("--equalize-activations", type=click.FloatRange(0, 1), metavar="ALPHA",
               help="Even out per-channel activation ranges before INT8 quantization, moving the "
                    "imbalance into the next conv's weights; 0 off, 1 full [default: the recipe's, else 0].")
+@click.option("--onnx-int8-target", type=click.Choice(["any-cpu", "vnni-or-arm"]),
+              help="CPUs the onnx-int8 file must compute exactly. any-cpu: 7-bit weights, the same results "
+                   "on x86 with or without VNNI and on ARM. vnni-or-arm: 8-bit weights (one more bit of "
+                   "precision, same speed); x86 CPUs without VNNI (AVX2 only) saturate its uint8 x int8 "
+                   "products and compute other logits (digits: 94% top-1 agreement with the exact result) "
+                   "[default: the recipe's, else any-cpu].")
 @click.option("--arch", help="Architecture of a plain state_dict (e.g. squeezenet1_0).")
 def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, data_dir, calibration_images,
-               calibration_method, fold_normalization, float_layers, weight_rounding, equalize_activations, arch):
+               calibration_method, fold_normalization, float_layers, weight_rounding, equalize_activations,
+               onnx_int8_target, arch):
     """Export a checkpoint or .esq archive to ONNX and TFLite, fp32 and INT8.
 
     Each file carries its metadata (classes, input shape, normalization, calibration,
@@ -414,6 +421,8 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
         config = dataclasses.replace(config, weight_rounding=weight_rounding)
     if equalize_activations is not None:
         config = dataclasses.replace(config, equalize_activations=equalize_activations)
+    if onnx_int8_target:
+        config = dataclasses.replace(config, onnx_int8_target=onnx_int8_target)
     if float_layers is not None:
         try:
             config = dataclasses.replace(config, float_layers=tuple(_csv(float_layers, "--float-layers")),
@@ -497,6 +506,9 @@ def _with_budget_options(fn):
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
 @click.option("--latency", is_flag=True, help="Also measure batch-1 latency (p50).")
+@click.option("--arch", help="Architecture of .pt files that are plain state_dicts (see 'edgesqueeze models'); "
+                             "give --data too, a state_dict records no dataset.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch.")
 @click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Recipe whose 'budget' section to check against.")
 @_with_budget_options
@@ -504,8 +516,8 @@ def _with_budget_options(fn):
               help="Write the verification report here (JSON; the markdown and plots go beside it) "
                    "[default: verify.json beside the first file].")
 @click.pass_context
-def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, recipe_path, max_size, max_size_for,
-           min_accuracy, max_drop, min_agreement, out_path):
+def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, arch, num_classes, recipe_path,
+           max_size, max_size_for, min_accuracy, max_drop, min_agreement, out_path):
     """Evaluate artifacts on the test split through their own runtimes.
 
     .onnx runs in onnxruntime, .tflite in LiteRT, .esq through its decoder (its weights
@@ -516,8 +528,14 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, re
     accuracy_vs_size.png.
 
     \b
+    The report names this CPU and the ISA features that select int8 kernels (AVX2, AVX-512,
+    VNNI; ARM dot product), and warns when a file's numbers here are known not to be what
+    another CPU computes (an onnx-int8 file exported with --onnx-int8-target vnni-or-arm).
+
+    \b
     Example:
       edgesqueeze verify artifacts/squeezenet-digits/model.pt artifacts/squeezenet-digits/export/*
+      edgesqueeze verify squeezenet1_0.pt export/* --arch squeezenet1_0 --data imagenet-sample
     """
     from edgesqueeze._io import write_text_atomic
     from edgesqueeze.budget import artifacts_markdown, check, exit_code, verdicts_table
@@ -529,8 +547,11 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, re
         raise click.BadParameter(f"{out}: names the JSON report, and the markdown is written beside it; "
                                  f"give {out.with_suffix('.json')} to get {out}", param_hint="--out")
     budget = _budget_from_options(recipe_path, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
+    if num_classes and not arch:
+        raise click.UsageError("--num-classes needs --arch")
     report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir, reference=reference, limit=limit,
-                                threads=threads, latency=latency, log=lambda m: click.echo(m))
+                                threads=threads, latency=latency, arch=arch, arch_kwargs=_arch_kwargs(num_classes),
+                                log=lambda m: click.echo(m))
     report["machine"] = machine_info(threads)
     verdicts = None if budget.is_empty() else check(report["artifacts"], budget)
     write_text_atomic(out, json.dumps(report, indent=2) + "\n")

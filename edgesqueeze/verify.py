@@ -9,7 +9,10 @@ One row per artifact (JSON-ready), the input of :func:`edgesqueeze.budget.check`
 :mod:`edgesqueeze.verify_report` (``verify.md`` and its plots)::
 
     path, format, runtime, bytes, gzip_bytes, n, accuracy, agreement,
-    reference_accuracy, decode_check, latency_ms, error
+    reference_accuracy, decode_check, latency_ms, warning, error
+
+``warning`` is one line when the file's numbers on this CPU are known not to be what
+another CPU computes (an ``onnx-int8`` file with 8-bit weights: :mod:`edgesqueeze.runtime.cpu`).
 """
 
 from __future__ import annotations
@@ -113,23 +116,23 @@ def _check_classes(scores: np.ndarray, ds, classes: list | None, source: str) ->
                         f"dataset '{ds.name}''s ({', '.join(map(str, ds.classes[:4]))}, ...)")
 
 
-def _torch_scores(path: Path, x: np.ndarray, meta: dict, ds) -> np.ndarray:
+def _torch_scores(path: Path, x: np.ndarray, meta: dict, ds, model_args: dict | None = None) -> np.ndarray:
     from edgesqueeze.checkpoint import load_model
     from edgesqueeze.train import predict
 
-    loaded = load_model(path)
+    loaded = load_model(path, **(model_args or {}))
     mean, std = loaded.meta.get("mean", ds.mean), loaded.meta.get("std", ds.std)
     return predict(loaded.model, x, mean=mean, std=std, batch_size=256).numpy()
 
 
-def _torch_latency(path: Path, shape: list[int], runs: int = 30) -> float:
+def _torch_latency(path: Path, shape: list[int], runs: int = 30, model_args: dict | None = None) -> float:
     import time
 
     import torch
 
     from edgesqueeze.checkpoint import load_model
 
-    model = load_model(path).model
+    model = load_model(path, **(model_args or {})).model
     x = torch.randn(1, *shape)
     times = []
     with torch.inference_mode():
@@ -144,6 +147,7 @@ def _torch_latency(path: Path, shape: list[int], runs: int = 30) -> float:
 def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, data_dir=None,
                        reference: str | Path | None = None, limit: int | None = None,
                        threads: int | None = None, latency: bool = False,
+                       arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
                        log: Log = print) -> dict[str, Any]:
     """Measure every artifact on the test split through its runtime; one row each.
 
@@ -151,11 +155,14 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     predictions give every other row its top-1 agreement, and its accuracy their drop.
     Failures to load or evaluate one artifact become that row's ``error`` (the gate reports
     them as not measured, never as a pass), so one bad file does not hide the others.
+    ``arch`` / ``arch_kwargs``: the architecture of ``.pt`` files that are plain state_dicts
+    (edgesqueeze checkpoints know their own), as for ``load_model``.
 
     Returns ``dataset`` (as given), ``datasets`` (the names of the test splits used),
     ``reference``, ``reference_accuracy`` and ``artifacts`` (the rows).
     """
     data = _Data(dataset, data_dir, limit, log)
+    model_args = {"arch": arch, "arch_kwargs": arch_kwargs} if arch else {}
     files = [Path(p) for p in paths]
     ref_path = Path(reference) if reference else next((p for p in files if p.is_file()
                                                        and _safe_sniff(p) == "pt"), None)
@@ -163,9 +170,9 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     if ref_path is not None:
         from edgesqueeze.checkpoint import load_model
 
-        ref_meta = load_model(ref_path).meta
+        ref_meta = load_model(ref_path, **model_args).meta
         ds, x, y = data.get(ref_meta.get("dataset"), ref_meta.get("input_shape"), str(ref_path))
-        ref_scores = _torch_scores(ref_path, x, ref_meta, ds)
+        ref_scores = _torch_scores(ref_path, x, ref_meta, ds, model_args)
         _check_classes(ref_scores, ds, ref_meta.get("classes"), str(ref_path))
         ref_acc = float((ref_scores.argmax(1) == y).mean())
         log(f"reference {ref_path}: test accuracy {100 * ref_acc:.2f}% on {len(y):,} images ({ds.name})")
@@ -174,9 +181,10 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         row: dict[str, Any] = {"path": str(path), "format": path.suffix.lstrip(".") or "?", "runtime": None,
                                "bytes": None, "gzip_bytes": None, "n": 0, "accuracy": None, "agreement": None,
                                "reference_accuracy": ref_acc, "decode_check": None, "latency_ms": None,
-                               "error": None}
+                               "warning": None, "error": None}
         try:
-            row.update(_evaluate_one(path, data, ref_scores, threads=threads, latency=latency))
+            row.update(_evaluate_one(path, data, ref_scores, threads=threads, latency=latency,
+                                     model_args=model_args))
             if row["reference_accuracy"] is None:
                 row["reference_accuracy"] = row.pop("_meta_reference", None)
             row.pop("_meta_reference", None)
@@ -190,6 +198,8 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
             agr = "" if row["agreement"] is None else f", agreement {100 * row['agreement']:.2f}%"
             log(f"{path} [{row['format']}, {row['runtime']}]: {row['bytes']:,} B, accuracy "
                 f"{100 * row['accuracy']:.2f}%{agr}")
+            if row["warning"]:
+                log(f"warning: {path}: {row['warning']}")
         rows.append(row)
     return {"dataset": dataset, "datasets": sorted({name for name, _ in data._cache}),
             "reference": str(ref_path) if ref_path else None, "reference_accuracy": ref_acc, "artifacts": rows}
@@ -202,7 +212,7 @@ def _safe_sniff(path: Path) -> str | None:
         return None
 
 
-def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency) -> dict[str, Any]:
+def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, model_args) -> dict[str, Any]:
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
     kind = sniff(path)
@@ -210,19 +220,20 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency) -> d
     if kind in ("pt", "esq"):
         from edgesqueeze.checkpoint import load_model
 
-        loaded = load_model(path)
+        loaded = load_model(path, **(model_args if kind == "pt" else {}))
         meta = loaded.meta
         out["format"], out["runtime"] = kind, ("edgesqueeze .esq decoder + pytorch" if kind == "esq" else "pytorch")
         if kind == "esq":
             expected = meta.get("weights_sha256")
             out["decode_check"] = None if expected is None else state_digest(loaded.model.state_dict()) == expected
         ds, x, y = data.get(meta.get("dataset"), meta.get("input_shape"), str(path))
-        scores = _torch_scores(path, x, meta, ds)
+        scores = _torch_scores(path, x, meta, ds, model_args if kind == "pt" else None)
         _check_classes(scores, ds, meta.get("classes"), str(path))
         out["_meta_reference"] = ((meta.get("metrics") or {}).get("test") or {}).get("accuracy") \
             if kind == "pt" else meta.get("reference_accuracy")
         if latency:
-            out["latency_ms"] = _torch_latency(path, list(ds.input_shape))
+            out["latency_ms"] = _torch_latency(path, list(ds.input_shape),
+                                               model_args=model_args if kind == "pt" else None)
     else:
         from edgesqueeze import runtime
 
@@ -237,6 +248,9 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency) -> d
         scores = np.asarray(art.predict_images(x), dtype=np.float32)
         _check_classes(scores, ds, art.classes, str(path))
         out["_meta_reference"] = meta.get("reference_accuracy")
+        from edgesqueeze.runtime.cpu import int8_warning
+
+        out["warning"] = int8_warning({"artifact_format": out["format"], **meta})
         if latency:
             from edgesqueeze.runtime.bench import benchmark
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,22 +36,19 @@ _TITLES = {"size_by_format": "size by format", "accuracy_vs_size": "accuracy aga
 
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
-    """Where the numbers were measured: CPU model, logical cores, runtime threads, UTC date.
+    """Where the numbers were measured: CPU model, architecture, the ISA features that select
+    int8 kernels (``features``, ``int8_kernels``: see :mod:`edgesqueeze.runtime.cpu`),
+    logical cores, runtime threads, UTC date.
 
     ``threads`` is what the runtimes were given (``None``: each runtime's default). When
     PyTorch is already loaded its intra-op thread count is added (``torch_threads``);
     this module never imports torch itself.
     """
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu or platform.processor() or platform.machine() or "unknown",
-                            "cores": os.cpu_count(), "threads": threads,
+    from edgesqueeze.runtime.cpu import cpu_info
+
+    cpu = cpu_info()
+    info: dict[str, Any] = {"cpu": cpu["cpu"] or "unknown", "arch": cpu["arch"], "features": cpu["features"],
+                            "int8_kernels": cpu["int8_kernels"], "cores": os.cpu_count(), "threads": threads,
                             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):
@@ -306,6 +302,9 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
         torch_threads = f" (PyTorch {machine['torch_threads']})" if machine.get("torch_threads") else ""
         lines.append(f"- machine: {machine.get('cpu')}, {machine.get('cores')} cores, threads {threads}"
                      f"{torch_threads}, {machine.get('date')}")
+        if machine.get("int8_kernels"):
+            feats = ", ".join(machine.get("features") or []) or "none listed"
+            lines.append(f"- int8 kernels: {machine['int8_kernels']} ({machine.get('arch')}; {feats})")
     with_latency = any(r.get("latency_ms") is not None for r in rows)
     lines.append("- latency: batch 1, p50 over repeated calls on one input" if with_latency
                  else "- latency: not measured (`edgesqueeze verify --latency`)")
@@ -335,6 +334,9 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
         lines.append("| " + " | ".join(cells) + " |")
     if errors:
         lines += ["", f"Not evaluated ({len(errors)}; never a pass):", "", *errors]
+    warned = [f"- `{_cell(_rel(str(r.get('path')), base))}`: {_cell(r['warning'])}" for r in rows if r.get("warning")]
+    if warned:
+        lines += ["", "Warnings (numbers that hold on this CPU only):", "", *warned]
 
     if verdicts is not None:
         n_fail = sum(v.status == "FAIL" for v in verdicts)

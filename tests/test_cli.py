@@ -115,3 +115,28 @@ def test_real_subprocess_train_on_a_few_hundred_digits(tmp_path):
          "--out", str(out), *QUICK], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "error:" in proc.stderr and "--resume" in proc.stderr
     assert (out / "model.pt").read_bytes() == before
+
+
+def test_verify_takes_a_plain_state_dict_with_arch(tmp_path):
+    """A state_dict (no metadata) is the float reference with --arch/--num-classes and --data,
+    like eval, compress and export; without --arch its row is an error naming the option."""
+    from edgesqueeze.models import build_model
+
+    torch.manual_seed(0)
+    sd = tmp_path / "plain.pt"
+    torch.save(build_model("squeezenet_mnist", num_classes=10).state_dict(), sd)
+    out = tmp_path / "v.json"
+    res = run("verify", sd, "--arch", "squeezenet_mnist", "--num-classes", 10, "--data", "digits",
+              "--limit", 60, "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    (row,) = report["artifacts"]
+    assert row["format"] == "pt" and row["error"] is None and row["n"] == 60 and row["agreement"] == 1.0
+    assert report["reference"] == str(sd)
+    assert report["machine"]["arch"] and "int8_kernels" in report["machine"]  # what it ran on
+    assert "int8 kernels:" in (tmp_path / "v.md").read_text()
+    res = run("verify", sd, "--data", "digits", "--limit", 60, "--out", out)
+    assert res.exit_code == 2
+    assert "pass --arch" in res.output
+    res = run("verify", sd, "--num-classes", 10, "--data", "digits", "--out", out)
+    assert res.exit_code == 2 and "--num-classes needs --arch" in res.output

@@ -12,6 +12,7 @@ from torch import nn
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+from onnx import numpy_helper  # noqa: E402
 
 from edgesqueeze.checkpoint import load_model  # noqa: E402
 from edgesqueeze.data import load_dataset  # noqa: E402
@@ -209,6 +210,42 @@ def test_int8_accuracy_close_to_fp32(int8_file, reference, digits):
     # 1.5 points (5 of 360 images), well above the run-to-run spread of calibration.
     assert int8_acc >= fp32_acc - 0.015
     assert agree >= 0.97
+
+
+def test_int8_file_computes_the_same_on_every_cpu(int8_file, reference):
+    """The default file (target any-cpu, 7-bit weights) gives, through this CPU's fused
+    integer kernels, what its QDQ graph means: the arithmetic every exact kernel (VNNI x86,
+    ARM) computes, which ORT runs as float ops on dequantized tensors when graph optimization
+    is off. On an x86 CPU without VNNI, 8-bit weights fail this (uint8 x int8 pairs saturate
+    in 16 bits: 94% top-1 agreement on this model, logits 6 apart)."""
+    meta = read_onnx_meta(int8_file)["calibration"]
+    assert meta["target"] == "any-cpu" and meta["reduce_range"] is True and meta["weight_levels"] == "-64..64"
+    x, _ = reference
+    fused = session(int8_file).run(["logits"], {"input": x})[0]
+    plain = session(int8_file, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
+        ["logits"], {"input": x})[0]
+    print(f"fused vs QDQ arithmetic: top-1 agreement {(fused.argmax(1) == plain.argmax(1)).mean():.4f}, "
+          f"max |logit difference| {np.abs(fused - plain).max():.4f}")
+    assert (fused.argmax(1) == plain.argmax(1)).all()
+    # requantization rounds differently from float convs followed by Q: a step or two of
+    # the output scale, never the saturation's several logits
+    assert np.abs(fused - plain).max() < 0.5
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(int8_file)).graph.initializer
+               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 64
+
+
+def test_int8_target_vnni_or_arm_is_recorded_and_checked(trained, digits, tmp_path):
+    calib = calibration_images(digits.train_x, 32, seed=0)
+    with pytest.raises(ExportError, match="target must be one of any-cpu, vnni-or-arm"):
+        export_onnx_int8(trained.model, trained.meta, tmp_path / "bad.onnx", calib, target="avx2")
+    path = export_onnx_int8(trained.model, trained.meta, tmp_path / "full.onnx", calib, target="vnni-or-arm",
+                            bias_correction=False)
+    meta = read_onnx_meta(path)["calibration"]
+    assert meta["target"] == "vnni-or-arm" and meta["reduce_range"] is False and meta["weight_levels"] == "-127..127"
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 127
 
 
 @pytest.mark.slow

@@ -126,7 +126,8 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                              fold_normalization=config.fold_normalization, float_layers=config.float_layers_for(fmt),
                              weight_rounding=config.weight_rounding_for(fmt),
                              bias_correction=config.bias_correction_for(fmt),
-                             equalize_activations=config.equalize_activations, source_sha256=digest)
+                             equalize_activations=config.equalize_activations,
+                             target=config.onnx_int8_target, source_sha256=digest)
         elif fmt == "tflite":
             from edgesqueeze.export.tflite import export_tflite
 

@@ -101,6 +101,12 @@ class ExportConfig:
     INT8 formats. ``bias_correction``: empirical bias correction on the calibration images
     after quantization; unset keeps each format's measured default (on for onnx-int8, off for
     tflite-int8).
+
+    ``onnx_int8_target``: which CPUs compute the onnx-int8 file exactly. ``any-cpu``
+    (default): 7-bit weights, the same results on x86 with or without VNNI and on ARM.
+    ``vnni-or-arm``: 8-bit weights for devices that are all VNNI x86 or ARM; x86 CPUs
+    without VNNI saturate its products and compute other logits (see
+    :mod:`edgesqueeze.export.onnx`).
     """
 
     VERSION: ClassVar[int] = 1
@@ -115,6 +121,7 @@ class ExportConfig:
     weight_rounding: Literal["auto", "nearest", "gptq"] = "auto"
     equalize_activations: float = field(default=0.0, metadata=_range(ge=0, le=1))
     bias_correction: bool | None = None
+    onnx_int8_target: Literal["any-cpu", "vnni-or-arm"] = "any-cpu"
 
     WEIGHT_ROUNDING: ClassVar[dict[str, str]] = {"onnx-int8": "nearest", "tflite-int8": "gptq"}
 

@@ -14,19 +14,32 @@ ONNX graph and in ``float_layers``.
 INT8: ``onnxruntime.quantization.quantize_static`` in QDQ form, weights int8 symmetric per
 output channel, activations **uint8** asymmetric per tensor, calibrated on given images, then
 empirical bias correction. Measured with ``benchmarks/onnx_int8.py`` on the ImageNet SqueezeNet
-1.0 (224x224, batch 1, 2 threads, a 2-core AVX-512 VNNI x86; results in
-``benchmarks/results/onnx_int8.json``):
+1.0 (224x224, batch 1, 2 threads; results in ``benchmarks/results/onnx_int8.json``, each
+record naming its CPU):
 
+- **Same results on every CPU: 7-bit weights by default** (``target="any-cpu"``,
+  onnxruntime's ``reduce_range``). ORT's x86 uint8 x int8 kernels on CPUs without VNNI
+  (AVX2 only, AVX-512 without VNNI: many CI runners and older servers) add pairs of
+  products in 16 bits with saturation (``vpmaddubsw``): 255 x 127 x 2 overflows int16, so
+  the same file computes different logits there than on VNNI x86 or ARM, whose kernels are
+  exact. Weights in -64..64 keep every pair within int16, so all three compute the exact
+  integer result: on the digits SqueezeNet the optimized session on an AVX2-only host agreed
+  100% on top-1 with the QDQ graph's own arithmetic (maximum logit difference 0.06), against
+  94% (difference 6.3) with 8-bit weights. ``target="vnni-or-arm"`` keeps 8-bit weights for
+  users whose devices are all VNNI x86 or ARM (one more bit of weight precision); the file
+  records it and ``verify`` warns when it runs on a CPU that saturates. onnxruntime's own
+  quantization guide gives the same advice (reduce_range for U8S8 on x86 without VNNI).
 - **Why uint8 activations** (ORT's default is int8): ORT's CPU provider fuses
   ``DQ -> Conv -> Q`` into an integer ``QLinearConv`` only for uint8 activations on x86
   (int8 x int8 fusion is an ARM default). With int8 activations 24 of 26 convs run as float
   convs on dequantized tensors, amid 98 Q/DQ nodes and NCHW/NHWC transposes, and the max
   pools run as a slow NCHW kernel: 1.3-1.5x *slower* than fp32. With uint8 activations all 26
   convs are ``QLinearConv``, the ReLUs fold into the requantization and the graph runs in
-  NHWC: 0.4x fp32's time. (Turning on ORT's ``session.qdqisint8allowed`` for the int8 file
-  is worse still: its x86 int8 x int8 kernels are 2.5x slower than fp32.) Per-tensor vs
-  per-channel weights, QOperator vs QDQ and ``quant_pre_process`` change nothing measurable;
-  graph optimization level ``ORT_ENABLE_ALL`` (the default: it adds the NHWC layout) matters.
+  NHWC: 0.4x fp32's time (AVX-512 VNNI). (Turning on ORT's ``session.qdqisint8allowed`` for
+  the int8 file is worse still: its x86 int8 x int8 kernels are 2.5x slower than fp32.)
+  Per-tensor vs per-channel weights, QOperator vs QDQ and ``quant_pre_process`` change
+  nothing measurable; graph optimization level ``ORT_ENABLE_ALL`` (the default: it adds the
+  NHWC layout) matters.
 - **Bias correction** (:func:`correct_biases`, default on): agreement with fp32 top-1 on
   held-out images 88 -> 90-91%, logit SQNR +1.3 dB; no runtime cost.
 - **Mixed precision** (``float_layers``): SqueezeNet's error comes from its first layers;
@@ -40,7 +53,7 @@ empirical bias correction. Measured with ``benchmarks/onnx_int8.py`` on the Imag
 - Did not help: cross-layer equalization (``equalize``; with per-channel weights it only
   moves range imbalance into the activations: 88 -> 83%, 89% with bias correction),
   calibration method (minmax, entropy, percentile: same agreement), augmented calibration
-  images, ``reduce_range`` (needed only on x86 without VNNI).
+  images.
 """
 
 from __future__ import annotations
@@ -70,11 +83,16 @@ from edgesqueeze.export._common import (META_KEY, CalibrationConfig, artifact_me
 from edgesqueeze.export._common import first_line as _first_line
 
 __all__ = ["export_onnx", "export_onnx_int8", "onnx_graph", "read_onnx_meta", "INPUT_NAME",
-           "OUTPUT_NAME"]
+           "OUTPUT_NAME", "INT8_TARGETS"]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 _MAX_PROTO = 2 ** 31 - 1  # protobuf's limit: beyond it ONNX needs external data, which we refuse
+
+# onnx-int8 targets: which CPUs compute the file exactly. The value is ORT's reduce_range.
+# any-cpu: 7-bit weights (-64..64), exact on x86 with or without VNNI and on ARM.
+# vnni-or-arm: 8-bit weights, exact on x86 with VNNI and on ARM; x86 without VNNI saturates.
+INT8_TARGETS = {"any-cpu": True, "vnni-or-arm": False}
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,10 +547,11 @@ _BIAS_IMAGES = 128  # calibration images that bias correction runs on (the first
 
 def quantize_qdq(fproto, x: np.ndarray, *, calibration: CalibrationConfig,
                  float_nodes: Sequence[str] = (), per_channel: bool = True,
-                 reduce_range: bool = False, activation_type: str = "uint8"):
+                 reduce_range: bool = True, activation_type: str = "uint8"):
     """``quantize_static`` of ``fproto`` (fp32, input ``"input"``) in QDQ form, calibrated on
     the float inputs ``x``; returns the quantized ModelProto. Weights int8 symmetric (per
-    output channel with ``per_channel``), activations ``activation_type`` per tensor."""
+    output channel with ``per_channel``; 7-bit with ``reduce_range``, see ``INT8_TARGETS``),
+    activations ``activation_type`` per tensor."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -655,7 +674,7 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
                      bias_correction: bool = True,
                      augment: int = 0,
                      per_channel: bool = True,
-                     reduce_range: bool = False,
+                     target: str = "any-cpu",
                      source_sha256: str | None = None) -> Path:
     """Write an INT8 QDQ ``.onnx``: int8 weights (symmetric, per output channel), uint8
     activations calibrated on ``calib_images`` (uint8 NCHW, all of them: pick them with
@@ -675,8 +694,9 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
     on the grid onnxruntime's symmetric per-channel int8 uses, so it keeps GPTQ's choice).
     ``bias_correction``: empirical bias correction on the calibration images.
     ``augment``: add that many flipped / cropped copies of each calibration image.
-    ``reduce_range``: 7-bit weights, for x86 CPUs without VNNI, whose uint8 x int8 kernels
-    can saturate (not needed with VNNI or on ARM).
+    ``target``: ``"any-cpu"`` (default: 7-bit weights, the same results on x86 with or
+    without VNNI and on ARM) or ``"vnni-or-arm"`` (8-bit weights, exact only where the
+    uint8 x int8 kernels do not saturate: x86 with VNNI, ARM); recorded in the metadata.
     Raises ExportError like :func:`export_onnx`; ``out`` is written atomically.
     """
     calibration = (calibration or CalibrationConfig()).resolved("onnx-int8")
@@ -692,12 +712,16 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         raise ExportError("weight_rounding='gptq' rounds onto the per-channel grid; use per_channel=True")
     if not 0 <= equalize_activations <= 1:
         raise ExportError(f"equalize_activations must be in [0, 1] (0: off), got {equalize_activations}")
+    if target not in INT8_TARGETS:
+        raise ExportError(f"target must be one of {', '.join(INT8_TARGETS)}, got {target!r}")
+    reduce_range = INT8_TARGETS[target]
     info = dict(calibration_info or {})
     info.setdefault("split", "train")
     info.setdefault("seed", None)
     info.update({"images": int(len(images)), "method": calibration.method,
                  "activations": "uint8", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
-                 "reduce_range": bool(reduce_range), "equalize": bool(equalize),
+                 "target": target, "reduce_range": bool(reduce_range),
+                 "weight_levels": "-64..64" if reduce_range else "-127..127", "equalize": bool(equalize),
                  "equalize_activations": float(equalize_activations), "weight_rounding": weight_rounding,
                  "bias_correction": bool(bias_correction), "float_layers": list(float_layers),
                  "augment": int(augment)})
@@ -724,14 +748,15 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
                         float_layers: Sequence[str] = (), equalize: bool = False,
                         equalize_activations: float = 0.0, weight_rounding: str = "nearest",
                         bias_correction: bool = True, augment: int = 0, augment_seed: int = 0,
-                        per_channel: bool = True, reduce_range: bool = False,
+                        per_channel: bool = True, reduce_range: bool = True,
                         fp32_graph: Any = None) -> Any:
     """:func:`export_onnx_int8`'s work without its checks, metadata or file: the QDQ graph
     (not yet compacted) of ``model`` calibrated on uint8 ``images``, normalized with
     ``mean`` / ``std``. ``fp32_graph``: the fp32 graph of ``model`` if the caller has it (a
     benchmark quantizing one model many ways, with the same ``opset`` and
     ``fold_normalization``; an ``onnx.ModelProto``, as is the result), used only when no
-    transform (equalization, GPTQ) changes the weights."""
+    transform (equalization, GPTQ) changes the weights. ``reduce_range``: 7-bit weights
+    (``INT8_TARGETS``)."""
     if augment:
         images = prepare.augment_calibration(images, augment, seed=augment_seed)
     if equalize:
@@ -743,8 +768,9 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
             model = prepare.equalize_activations(model, xt, alpha=equalize_activations,
                                                  batch_size=calibration.batch_size)
         reference = model
-        if weight_rounding == "gptq":
-            model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers)
+        if weight_rounding == "gptq":  # onto the grid quantize_qdq will use
+            model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers,
+                                       qmax=64 if reduce_range else 127)
     unchanged = not (equalize or equalize_activations or weight_rounding == "gptq")
     fproto = fp32_graph if fp32_graph is not None and unchanged else \
         onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)

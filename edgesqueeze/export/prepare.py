@@ -48,7 +48,7 @@ def _run_with_input_hooks(model: nn.Module, calib: torch.Tensor, batch_size: int
 
 
 def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
-               batch_size: int = 32, skip: Sequence[str] = ()) -> nn.Module:
+               batch_size: int = 32, skip: Sequence[str] = (), qmax: int = 127) -> nn.Module:
     """A copy of ``model`` whose conv / linear weights sit on the per-channel symmetric int8
     grid the quantizer will use, rounded by GPTQ (Frantar et al. 2022) instead of to nearest.
 
@@ -65,8 +65,11 @@ def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
     cancel the first's, so the *sum* (what the data sees) is kept.
 
     ``skip``: module names (a name covers its children) left as they are: layers that stay
-    float in the file, whose weights need no grid.
+    float in the file, whose weights need no grid. ``qmax``: the grid's largest level, 127
+    for full-range int8, 64 for onnxruntime's ``reduce_range`` (7-bit, scale ``max|w_row| / 64``).
     """
+    if isinstance(qmax, bool) or not isinstance(qmax, int) or not 1 <= qmax <= 127:
+        raise ExportError(f"gptq: qmax must be an integer in 1..127, got {qmax!r}")
     model = copy.deepcopy(model).eval()
     layers = {n: m for n, m in model.named_modules()
               if ((isinstance(m, nn.Conv2d) and m.groups == 1) or isinstance(m, nn.Linear))
@@ -91,15 +94,16 @@ def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
         for name, mod in layers.items():
             if name in hess:
                 w = mod.weight
-                w.copy_(_gptq_layer(w.detach().flatten(1).double(), hess[name], damp).view_as(w).to(w.dtype))
+                w.copy_(_gptq_layer(w.detach().flatten(1).double(), hess[name], damp, qmax).view_as(w).to(w.dtype))
     return model
 
 
-def _gptq_layer(w: torch.Tensor, h: torch.Tensor, damp: float) -> torch.Tensor:
-    """GPTQ on one (rows, K) weight matrix with input second moments ``h`` (K, K)."""
+def _gptq_layer(w: torch.Tensor, h: torch.Tensor, damp: float, qmax: int = 127) -> torch.Tensor:
+    """GPTQ on one (rows, K) weight matrix with input second moments ``h`` (K, K), onto the
+    symmetric grid ``-qmax..qmax`` of each row."""
     rows, k = w.shape
     w = w.clone()
-    scale = w.abs().amax(1) / 127
+    scale = w.abs().amax(1) / qmax
     scale[scale == 0] = 1.0
     # each row's largest entry stays put: it fixes the scale the observer will find
     anchor_col = w.abs().argmax(1)
@@ -112,7 +116,7 @@ def _gptq_layer(w: torch.Tensor, h: torch.Tensor, damp: float) -> torch.Tensor:
     r = torch.arange(rows)
     for i in range(k):
         col = w[:, i]
-        q = torch.clamp(torch.round(col / scale), -127, 127) * scale
+        q = torch.clamp(torch.round(col / scale), -qmax, qmax) * scale
         err = (col - q) / hinv[i, i]
         w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
         w[:, i] = q
