@@ -227,6 +227,16 @@ def record_verify(part: str, verify_paths: str, command: str) -> None:
                 "artifacts": [{k: row.get(k) for k in keep} for rep in reports for row in rep["artifacts"]]})
 
 
+def record_device(part: str, compare_paths: str, command: str) -> None:
+    """Save ``tools/device_check.py compare`` results (the same files on this host and on the
+    emulated arm64 device); ``compare_paths``: one compare.json or several, comma-separated."""
+    keep = ("artifact", "kind", "dataset", "n", "agreement", "disagree", "host_accuracy", "device_accuracy",
+            "max_abs_diff", "host_margins", "error")
+    results = [json.loads(Path(p).read_text()) for p in compare_paths.split(",")]
+    save(part, {"device_command": command, "host": results[0]["host"], "device": results[0]["device"],
+                "artifacts": [{k: row.get(k) for k in keep} for res in results for row in res["artifacts"]]})
+
+
 def record_bench(part: str, bench_path: Path, command: str) -> None:
     """Save an ``edgesqueeze bench --json`` table (latency of artifacts timed in one run)."""
     import os
@@ -465,6 +475,30 @@ def report() -> str:
                          f"{x['p50_ms']:.2f} ms | {x['p90_ms']:.2f} ms | {speed} |")
         lines += ["", "Target: tflite-int8 at least 2x faster than the fastest fp32 runtime; onnx-int8 no slower "
                   "than onnx fp32.", ""]
+    device_parts = sorted(p.stem for p in RESULTS.glob("device_*.json"))
+    if device_parts:
+        lines += ["## The same files on another CPU: this host against an emulated Raspberry Pi (arm64)", "",
+                  "Each file run through the torch-free runtime on the host and in a Debian bookworm arm64",
+                  "chroot under qemu-user (`make device-check`, `tools/device_check.py`), on the same images.",
+                  "Agreement is top-1 of the device against top-1 of the host. Emulated timings mean",
+                  "nothing: outputs only.", ""]
+        for part in device_parts:
+            r = _load(part)
+            h, d = r["host"], r["device"]
+            lines += [f"### `{part}`", "", _mach(r), f"Command: `{r['device_command']}`",
+                      f"Device: {d['machine']}, Python {d['python']}, onnxruntime {d['packages'].get('onnxruntime')}, "
+                      f"ai-edge-litert {d['packages'].get('ai-edge-litert')}; torch imported on the device: "
+                      f"{'yes' if d.get('torch_imported') else 'no'}", "",
+                      "| file | images | top-1 agreement | host accuracy | device accuracy | max logit difference |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+            for a in r["artifacts"]:
+                if a.get("error"):
+                    lines.append(f"| `{a['artifact']}` | - | error: {a['error']} | - | - | - |")
+                    continue
+                lines.append(f"| `{a['artifact']}` | {a['n']} | **{_pct(a['agreement'])}** | "
+                             f"{_pct(a['host_accuracy'])} | {_pct(a['device_accuracy'])} | {a['max_abs_diff']:.3g} |")
+            lines.append("")
+        lines += ["Target: 100% top-1 agreement for each file.", ""]
     if r := _load("channels_last"):
         lines += ["## channels_last on CPU (training steps per second, batch 128)", "", _mach(r), "",
                   "| model | contiguous | channels_last | speedup |", "| --- | --- | --- | --- |"]
@@ -494,6 +528,8 @@ def main() -> None:
                     help="save an int8_* part from `edgesqueeze verify` reports (comma-separated) and the command")
     ap.add_argument("--record-ptq", nargs="+", metavar="ARG",
                     help="COMMAND REPORT_JSON...: save the ImageNet post-training frontier")
+    ap.add_argument("--record-device", nargs=3, metavar=("PART", "COMPARE_JSON", "COMMAND"),
+                    help="record tools/device_check.py compare results (comma-separate several) as PART")
     ap.add_argument("--record-bench", nargs=3, metavar=("PART", "BENCH_JSON", "COMMAND"),
                     help="save a latency part (latency_imagenet) from `edgesqueeze bench --json` and the command")
     args = ap.parse_args()
@@ -504,6 +540,8 @@ def main() -> None:
         record_verify(args.record_verify[0], args.record_verify[1], args.record_verify[2])
     elif args.record_bench:
         record_bench(args.record_bench[0], Path(args.record_bench[1]), args.record_bench[2])
+    elif args.record_device:
+        record_device(args.record_device[0], args.record_device[1], args.record_device[2])
     elif args.record_ptq:
         record_ptq([Path(x) for x in args.record_ptq[1:]], args.record_ptq[0])
     elif not args.report:
