@@ -219,7 +219,7 @@ def test_int8_file_computes_the_same_on_every_cpu(int8_file, reference):
     is off. On an x86 CPU without VNNI, 8-bit weights fail this (uint8 x int8 pairs saturate
     in 16 bits: 94% top-1 agreement on this model, logits 6 apart)."""
     meta = read_onnx_meta(int8_file)["calibration"]
-    assert meta["target"] == "any-cpu" and meta["reduce_range"] is True and meta["weight_levels"] == "-64..64"
+    assert meta["target"] == "any-cpu" and "reduce_range" not in meta  # target says it (fewer bytes)
     x, _ = reference
     fused = session(int8_file).run(["logits"], {"input": x})[0]
     plain = session(int8_file, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
@@ -242,7 +242,7 @@ def test_int8_target_vnni_or_arm_is_recorded_and_checked(trained, digits, tmp_pa
     path = export_onnx_int8(trained.model, trained.meta, tmp_path / "full.onnx", calib, target="vnni-or-arm",
                             bias_correction=False)
     meta = read_onnx_meta(path)["calibration"]
-    assert meta["target"] == "vnni-or-arm" and meta["reduce_range"] is False and meta["weight_levels"] == "-127..127"
+    assert meta["target"] == "vnni-or-arm"
     weights = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
                if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 127

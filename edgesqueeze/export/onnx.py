@@ -720,8 +720,7 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
     info.setdefault("seed", None)
     info.update({"images": int(len(images)), "method": calibration.method,
                  "activations": "uint8", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
-                 "target": target, "reduce_range": bool(reduce_range),
-                 "weight_levels": "-64..64" if reduce_range else "-127..127", "equalize": bool(equalize),
+                 "target": target, "equalize": bool(equalize),
                  "equalize_activations": float(equalize_activations), "weight_rounding": weight_rounding,
                  "bias_correction": bool(bias_correction), "float_layers": list(float_layers),
                  "augment": int(augment)})
