@@ -19,6 +19,10 @@ files (``edgesqueeze export``) and says what costs what:
   cut, all timed interleaved like above; a segment's cost is the difference of the medians of
   consecutive prefixes. Run it on the fp32 and int8 files together to see, layer by layer,
   which int8 kernels lose to fp32 and what the QUANTIZE / DEQUANTIZE ops cost.
+- ``stem``: one 7x7/2 conv + ReLU (224x224 -> 109x109x96, SqueezeNet 1.0's stem) with 3, 4, 8
+  and 16 input channels, fp32 and int8 LiteRT files built here, timed like above: whether an
+  int8 conv over few input channels costs as much as one over 8 (XNNPACK's AVX2 int8 kernels
+  take input channels in blocks of 8: ``qs8_qc8w_igemm_..._3x8c8__avx2``).
 - ``ops``: the ops of each ``.tflite`` (type, in -> out dtype, shape) and how many nodes
   LiteRT's interpreter hands to XNNPACK (its execution plan after delegation).
 
@@ -26,6 +30,7 @@ files (``edgesqueeze export``) and says what costs what:
     python benchmarks/int8_speed.py --files onnx_fp32=a.onnx tflite_int8=b.int8.tflite --rounds 300
     python benchmarks/int8_speed.py --stage segments --files fp32=a.tflite int8=b.int8.tflite
     python benchmarks/int8_speed.py --stage ops --files b.int8.tflite
+    python benchmarks/int8_speed.py --stage stem
 
 Writes (merges into) ``benchmarks/results/int8_speed.json`` under ``--key`` (default: the
 stage name), with ``cpu_info()``, load average, command and date.
@@ -371,10 +376,48 @@ def stage_segments(files: dict[str, Path], args, x: np.ndarray) -> dict:
             "segments": res}
 
 
+def stage_stem(files: dict[str, Path], args, x: np.ndarray) -> dict:
+    with tempfile.TemporaryDirectory(prefix="int8-speed-stem-") as tmp:
+        runners = _stem_runners(Path(tmp), args.threads)
+        before = load_avg()
+        log(f"timing {len(runners)} single-conv models x {args.rounds} rounds, load {before} ...")
+        timed = interleaved(runners, args.rounds, args.warmup)
+    for cin in _STEM_CIN:
+        f, q = timed[f"Cin {cin} fp32"], timed[f"Cin {cin} int8"]
+        q["int8_vs_fp32"] = round(q["median_ms"] / f["median_ms"], 3)
+        q["int8_vs_fp32_p10"] = round(q["p10_ms"] / f["p10_ms"], 3)
+    return {"batch": 1, "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup,
+            "model": "Conv2d(Cin, 96, 7, stride 2) + ReLU on 224x224, LiteRT XNNPACK",
+            "load_avg_before": before, "load_avg_after": load_avg(), "timings": timed}
+
+
+_STEM_CIN = (3, 4, 8, 16)
+
+
+def _stem_runners(tmp: Path, threads: int) -> dict:
+    import torch
+    from torch import nn
+
+    from edgesqueeze.export.tflite import export_tflite, export_tflite_int8
+
+    runners = {}
+    torch.manual_seed(0)
+    for cin in _STEM_CIN:
+        model = nn.Sequential(nn.Conv2d(cin, 96, 7, 2), nn.ReLU()).eval()
+        meta = {"input_shape": [cin, 224, 224], "mean": [0.5] * cin, "std": [0.25] * cin}
+        images = np.random.default_rng(0).integers(0, 256, (16, cin, 224, 224), dtype=np.uint8)
+        xc = np.random.default_rng(1).standard_normal((1, cin, 224, 224)).astype(np.float32)
+        f32 = export_tflite(model, meta, tmp / f"stem{cin}.tflite")
+        i8 = export_tflite_int8(model, meta, tmp / f"stem{cin}.int8.tflite", images, weight_rounding="nearest")
+        runners[f"Cin {cin} fp32"] = tflite_runner(f32, threads, xc, "xnnpack")
+        runners[f"Cin {cin} int8"] = tflite_runner(i8, threads, xc, "xnnpack")
+    return runners
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--files", nargs="+", required=True, help="name=path or path (.onnx / .tflite)")
-    ap.add_argument("--stage", choices=("time", "segments", "ops"), default="time")
+    ap.add_argument("--files", nargs="+", default=[], help="name=path or path (.onnx / .tflite)")
+    ap.add_argument("--stage", choices=("time", "segments", "ops", "stem"), default="time")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
@@ -384,6 +427,8 @@ def main() -> None:
     ap.add_argument("--note", help="a line saying what this run is for, stored with it")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if not args.files and args.stage != "stem":
+        ap.error(f"--stage {args.stage} needs --files")
     files = parse_files(args.files)
     x = sample_input()
     run = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -391,9 +436,8 @@ def main() -> None:
            "versions": versions(), "files": {k: str(v) for k, v in files.items()}}
     if args.note:
         run["note"] = args.note
-    stage = {"time": stage_time, "segments": stage_segments, "ops": stage_ops}[args.stage]
-    with tempfile.TemporaryDirectory():
-        run.update(stage(files, args, x))
+    stage = {"time": stage_time, "segments": stage_segments, "ops": stage_ops, "stem": stage_stem}[args.stage]
+    run.update(stage(files, args, x))
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result[args.key or args.stage] = run
     args.out.parent.mkdir(parents=True, exist_ok=True)
