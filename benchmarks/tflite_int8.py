@@ -426,6 +426,8 @@ def repeats_stage(model, meta, x, ref, ds, results: dict, tmp: Path, names: list
             log(f"repeats: {name} split {seed}: {per[-1]}")
         agree = [p["agree_top1"] for p in per]
         top1 = [p["top1"] for p in per]
+        if name in rows:  # a re-measurement: the earlier row is kept, not overwritten
+            results.setdefault("tflite_repeats_earlier", []).append(rows[name])
         rows[name] = {"name": name, "options": opts, "splits": per,
                       "mean_agree_top1": round(float(np.mean(agree)), 4), "min_agree_top1": min(agree),
                       "mean_top1": round(float(np.mean(top1)), 4), "min_top1": min(top1),
