@@ -30,6 +30,15 @@ X86_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "a
 ARM_FLAGS = ("asimd", "asimddp", "i8mm", "sve", "sve2")  # asimddp: the dot-product instructions
 
 
+def _family(arch: str) -> str:
+    """``x86``, ``arm`` or ``other`` for a ``platform.machine()`` name."""
+    if arch in ("x86_64", "amd64", "i686", "i386"):
+        return "x86"
+    if arch in ("aarch64", "arm64") or arch.startswith("armv"):
+        return "arm"
+    return "other"
+
+
 def _cpuinfo(text: str | None = None) -> tuple[str, set[str] | None]:
     """(model name, flags) from /proc/cpuinfo text (read when ``text`` is None)."""
     if text is None:
@@ -57,8 +66,7 @@ def cpu_info(cpuinfo_text: str | None = None, machine: str | None = None) -> dic
     """
     arch = (machine or platform.machine() or "unknown").lower()
     model, flags = _cpuinfo(cpuinfo_text)
-    x86 = arch in ("x86_64", "amd64", "i686", "i386")
-    arm = arch in ("aarch64", "arm64") or arch.startswith("armv")
+    x86, arm = _family(arch) == "x86", _family(arch) == "arm"
     known = X86_FLAGS if x86 else ARM_FLAGS if arm else ()
     features = None if flags is None else [f for f in known if f in flags]
     info: dict[str, Any] = {"arch": arch, "cpu": model or platform.processor() or arch,
@@ -89,11 +97,10 @@ def int8_saturates(info: dict[str, Any] | None = None) -> bool | None:
     info = info or cpu_info()
     if info.get("features") is None:
         return None
-    if info["arch"] in ("x86_64", "amd64", "i686", "i386"):
+    family = _family(info["arch"])
+    if family == "x86":
         return not ({"avx512_vnni", "avx_vnni"} & set(info["features"]))
-    if info["arch"] in ("aarch64", "arm64") or info["arch"].startswith("armv"):
-        return False
-    return None
+    return False if family == "arm" else None
 
 
 def int8_target(meta: dict[str, Any]) -> str | None:
