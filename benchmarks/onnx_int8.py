@@ -12,15 +12,16 @@ Two questions, each answered in one run with fp32 measured alongside (ratios nex
    images, two-fold: calibrate on one half, score the other half, swap, add up. Nothing is
    scored on the images it was calibrated on.
 
-   Every variant names its weight range: ``7-bit weights, any-cpu`` (onnxruntime's
-   ``reduce_range``, -64..64: ``export_onnx_int8``'s default) or ``8-bit weights,
-   vnni-or-arm`` (-127..127). Each file is scored twice: by the optimized session (integer
+   Every variant names its weights: ``uint8 weights, any-cpu`` (8-bit, -127..127 stored as
+   uint8 + 128: ``export_onnx_int8``'s default since session 11, exact on every CPU),
+   ``8-bit weights, vnni-or-arm`` (int8, -127..127) or ``7-bit int8 weights, session-10
+   any-cpu`` (onnxruntime's ``reduce_range``, -64..64). Each file is scored twice: by the optimized session (integer
    ``QLinearConv`` kernels of *this* CPU) and by a session with ``ORT_DISABLE_ALL``, which runs
    the QDQ graph as float ops on the dequantized values: the exact integer result (to one
    requantization step), what x86 with VNNI and ARM compute. A row's main numbers are the
-   file's result on its target CPUs: the optimized session for 7-bit (exact everywhere; the
-   row checks it against the exact run) and the exact run for 8-bit; ``optimized_here`` holds
-   the 8-bit file's numbers on this CPU, which saturate on x86 without VNNI
+   file's result on its target CPUs: the optimized session for uint8 and 7-bit weights (exact
+   everywhere; the row checks it against the exact run) and the exact run for int8 8-bit;
+   ``optimized_here`` holds the int8 8-bit file's numbers on this CPU, which saturate on x86 without VNNI
    (``edgesqueeze.runtime.cpu``). For 8-bit variants the bias correction's per-channel means
    are measured with exact arithmetic too (as an export on a VNNI or ARM host would; variant
    option ``_bias_means: "here"`` measures them with this CPU's kernels instead). Each row
@@ -191,33 +192,35 @@ def latency(model, meta, ds, *, threads: int, rounds: int) -> dict:
     x_cal = to_input(ds.test_x[cal], ds.mean, ds.std)
     cfg = CalibrationConfig(batch_size=25)
     log("quantizing the variants ...")
-    # weight range explicit everywhere: 7-bit (reduce_range, export_onnx_int8's default
-    # target any-cpu) or 8-bit (vnni-or-arm); the s8s8 and QOperator rows are ORT's 8-bit
-    ours = eo.quantize_qdq(fproto, x_cal, calibration=cfg, reduce_range=True)
+    # weights explicit everywhere: uint8 (export_onnx_int8's default target any-cpu), int8
+    # (vnni-or-arm) or 7-bit int8 (session 10's any-cpu); the s8s8 and QOperator rows are ORT's
+    ours = eo.quantize_qdq(fproto, x_cal, calibration=cfg, weights="uint8")
     eo.correct_biases(ours, fproto, x_cal, batch_size=25)
     models = {
         "fp32": fproto,
         "ort_default_qdq_s8s8": ort_default(fproto, x_cal),
         "u8s8_per_tensor (8-bit)": eo.quantize_qdq(fproto, x_cal, calibration=cfg, per_channel=False,
-                                                   reduce_range=False),
-        "u8s8_per_channel (8-bit)": eo.quantize_qdq(fproto, x_cal, calibration=cfg, reduce_range=False),
-        "u8s8_per_channel_reduce_range (7-bit)": eo.quantize_qdq(fproto, x_cal, calibration=cfg, reduce_range=True),
+                                                   weights="int8"),
+        "u8s8_per_channel (8-bit)": eo.quantize_qdq(fproto, x_cal, calibration=cfg, weights="int8"),
+        "u8s8_per_channel_reduce_range (7-bit)": eo.quantize_qdq(fproto, x_cal, calibration=cfg,
+                                                                 weights="int8-7bit"),
+        "u8u8_per_channel (uint8 weights)": eo.quantize_qdq(fproto, x_cal, calibration=cfg, weights="uint8"),
         "u8s8_qoperator (8-bit)": qoperator(fproto, x_cal),
-        "u8s8_after_quant_pre_process (7-bit)": eo.quantize_qdq(preprocessed(fproto), x_cal, calibration=cfg,
-                                                                reduce_range=True),
-        "ours_default (u8s8 per-channel 7-bit + bias correction)": ours,
+        "u8u8_after_quant_pre_process (uint8 weights)": eo.quantize_qdq(preprocessed(fproto), x_cal,
+                                                                        calibration=cfg, weights="uint8"),
+        "ours_default (u8u8 per-channel + bias correction)": ours,
         # mixed precision: the stem conv in float; its max pool then runs as ORT's uint8
         # NCHW MaxPool, or (what float_layers does) stays float with the conv
-        "stem_float_pool_uint8 (7-bit)": eo.quantize_qdq(fproto, x_cal, calibration=cfg, float_nodes=["features.0"],
-                                                         reduce_range=True),
-        "stem_float_pool_float (float_layers=[features.0], 7-bit)": eo.quantize_qdq(
+        "stem_float_pool_uint8 (uint8 weights)": eo.quantize_qdq(fproto, x_cal, calibration=cfg,
+                                                                 float_nodes=["features.0"], weights="uint8"),
+        "stem_float_pool_float (float_layers=[features.0], uint8 weights)": eo.quantize_qdq(
             fproto, x_cal, calibration=cfg, float_nodes=eo._matching_nodes(fproto, ["features.0"]),
-            reduce_range=True),
-        "float_layers=[features.0, features.3] (7-bit)": eo.quantize_qdq(
+            weights="uint8"),
+        "float_layers=[features.0, features.3] (uint8 weights)": eo.quantize_qdq(
             fproto, x_cal, calibration=cfg, float_nodes=eo._matching_nodes(fproto, ["features.0", "features.3"]),
-            reduce_range=True),
-        "float_layers=[features.0, features.3, features.4] (7-bit)": eo.quantize_qdq(
-            fproto, x_cal, calibration=cfg, reduce_range=True,
+            weights="uint8"),
+        "float_layers=[features.0, features.3, features.4] (uint8 weights)": eo.quantize_qdq(
+            fproto, x_cal, calibration=cfg, weights="uint8",
             float_nodes=eo._matching_nodes(fproto, ["features.0", "features.3", "features.4"])),
     }
     blobs = {k: m.SerializeToString() for k, m in models.items()}
@@ -231,7 +234,7 @@ def latency(model, meta, ds, *, threads: int, rounds: int) -> dict:
     for name, level in levels.items():
         sessions[f"fp32 @ {name} optimization"] = make_session(blobs["fp32"], threads, level=level)
         sessions[f"ours @ {name} optimization"] = make_session(
-            blobs["ours_default (u8s8 per-channel 7-bit + bias correction)"], threads, level=level)
+            blobs["ours_default (u8u8 per-channel + bias correction)"], threads, level=level)
     load_before = load_avg()
     log(f"timing {len(sessions)} sessions x {rounds} rounds, load {load_before} ...")
     t0 = time.time()
@@ -241,9 +244,10 @@ def latency(model, meta, ds, *, threads: int, rounds: int) -> dict:
         v["vs_fp32"] = round(v["median_ms"] / fp, 3)
     log("profiling op types ...")
     profiles = {k: op_profile(blobs[k], x1, threads) for k in
-                ("fp32", "ort_default_qdq_s8s8", "ours_default (u8s8 per-channel 7-bit + bias correction)",
-                 "stem_float_pool_uint8 (7-bit)", "stem_float_pool_float (float_layers=[features.0], 7-bit)",
-                 "float_layers=[features.0, features.3, features.4] (7-bit)")}
+                ("fp32", "ort_default_qdq_s8s8", "ours_default (u8u8 per-channel + bias correction)",
+                 "stem_float_pool_uint8 (uint8 weights)",
+                 "stem_float_pool_float (float_layers=[features.0], uint8 weights)",
+                 "float_layers=[features.0, features.3, features.4] (uint8 weights)")}
     return {"threads": threads, "rounds": rounds, "batch": 1, "input": [1, 3, 224, 224], "cpu": cpu_info(),
             "load_avg_before": load_before, "load_avg_after": load_avg(), "seconds": round(time.time() - t0),
             "sizes_bytes": {k: len(b) for k, b in blobs.items()},
@@ -254,8 +258,9 @@ def latency(model, meta, ds, *, threads: int, rounds: int) -> dict:
 # Agreement
 
 
-# Settings without their weight range; VARIANTS below has each in both ranges, named
-# "<setting> (7-bit weights, any-cpu)" and "<setting> (8-bit weights, vnni-or-arm)".
+# Settings without their weights; VARIANTS below has each with each kind of weights, named
+# "<setting> (uint8 weights, any-cpu)", "<setting> (8-bit weights, vnni-or-arm)" and
+# "<setting> (7-bit int8 weights, session-10 any-cpu)".
 # Rows in onnx_int8.json without such a suffix are older: 8-bit weights (onnxruntime's and
 # then edgesqueeze's default), scored by the optimized session of the machine of the time.
 _AE = {"weight_rounding": "gptq", "equalize_activations": 0.5}
@@ -287,7 +292,7 @@ SETTINGS = {
         **_AE, "float_layers": ["features.3", "features.4"]},
     "+ GPTQ weights, activation equalization 0.5, stem and first three Fires float": {
         **_AE, "float_layers": ["features.0", "features.3", "features.4", "features.5"]},
-    # 7-bit weights (any-cpu) missed the target with the recipe's float layers: one end more float
+    # 7-bit weights (session 10's any-cpu) missed the target with the recipe's float layers: one end more float
     "+ GPTQ weights, activation equalization 0.5, stem, first two Fires and classifier float": {
         **_AE, "float_layers": ["features.0", "features.3", "features.4", "classifier.1"]},
     # other equalization strengths with the recipe's float layers
@@ -301,20 +306,21 @@ SETTINGS = {
         "weight_rounding": "gptq", "equalize_activations": 0.75,
         "float_layers": ["features.0", "features.3", "features.4"]},
 }
-RANGES = {  # suffix: reduce_range (export_onnx_int8's target; INT8_TARGETS)
-    "7-bit weights, any-cpu": True,
-    "8-bit weights, vnni-or-arm": False,
+RANGES = {  # suffix: quantize_qdq's weights (export_onnx_int8's target: INT8_TARGETS)
+    "uint8 weights, any-cpu": "uint8",
+    "7-bit int8 weights, session-10 any-cpu": "int8-7bit",
+    "8-bit weights, vnni-or-arm": "int8",
 }
 VARIANTS = {"ort_default_qdq_s8s8": None}  # quantize_static with per_channel=True only (8-bit, s8s8)
-VARIANTS.update({f"{name} ({suffix})": {**kw, "reduce_range": rr}
-                 for name, kw in SETTINGS.items() for suffix, rr in RANGES.items()})
+VARIANTS.update({f"{name} ({suffix})": {**kw, "weights": w}
+                 for name, kw in SETTINGS.items() for suffix, w in RANGES.items()})
 # the recipe's 8-bit file as an export on an AVX2-only host writes it: the bias correction's
 # means measured with this CPU's (saturating) kernels
 VARIANTS["+ GPTQ weights, activation equalization 0.5, stem and first two Fires float, bias means from "
          "this CPU's kernels (8-bit weights, vnni-or-arm)"] = {
     **SETTINGS["+ GPTQ weights, activation equalization 0.5, stem and first two Fires float"],
-    "reduce_range": False, "_bias_means": "here"}
-assert all(kw is None or isinstance(kw.get("reduce_range"), bool) for kw in VARIANTS.values())
+    "weights": "int8", "_bias_means": "here"}
+assert all(kw is None or kw.get("weights") in eo.WEIGHT_TYPES for kw in VARIANTS.values())
 
 
 def pick(names: list[str] | None) -> list[str]:
@@ -366,11 +372,13 @@ def agreement(model, meta, ds, names=None, split_seed: int = 0) -> dict:
             diff.append(float(np.abs(lo - le).max()))
             same += int((lo.argmax(1) == le.argmax(1)).sum())
         n = len(ds.test_x)
-        seven = bool(kw and kw.get("reduce_range"))
+        seven = bool(kw and kw.get("weights") in ("uint8", "int8-7bit"))  # exact on every CPU
         if kw is None:
             weights = "8-bit -127..127, int8 activations (s8s8: not fused on x86, float convs)"
         else:
-            weights = "7-bit -64..64 (any-cpu)" if seven else "8-bit -127..127 (vnni-or-arm)"
+            weights = {"uint8": "8-bit -127..127 stored as uint8 + 128 (any-cpu)",
+                       "int8-7bit": "7-bit -64..64 (session 10's any-cpu)",
+                       "int8": "8-bit -127..127 (vnni-or-arm)"}[kw["weights"]]
         main_rows, other = (opt, exact) if seven or kw is None else (exact, opt)
         row = {"weights": weights,
                "scored_by": ("optimized session (this CPU's integer kernels)" if seven or kw is None else
@@ -414,7 +422,7 @@ def quantized(model, meta, images, fp32, *, seed, method="minmax", augment=0, _b
     """export_onnx_int8's graph without writing a file (``fp32``, the model's fp32 graph, is
     reused when no transform changes the weights). 8-bit weights: the bias correction's means
     exact unless ``_bias_means="here"``."""
-    exact = not kw.get("reduce_range", True) and _bias_means != "here"
+    exact = kw.get("weights") == "int8" and _bias_means != "here"
     with exact_bias_means(exact):
         return eo.quantize_int8_graph(model, meta, images, mean=meta["mean"], std=meta["std"],
                                       calibration=CalibrationConfig(method=method, batch_size=25),
@@ -491,8 +499,8 @@ def main() -> None:
     result.update({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "machine": {**cpu_info(), "cores": os.cpu_count()},
                    "versions": versions(), "command": " ".join(["python"] + sys.argv)})
-    result["note"] = ("Rows whose name ends in '(7-bit weights, any-cpu)' or '(8-bit weights, vnni-or-arm)' "
-                      "carry 'weights', 'scored_by' and 'cpu'. Rows without such a suffix are older: 8-bit "
+    result["note"] = ("Rows whose name ends in '(uint8 weights, any-cpu)', '(7-bit int8 weights, session-10 "
+                      "any-cpu)' or '(8-bit weights, vnni-or-arm)' carry 'weights', 'scored_by' and 'cpu'. Rows without such a suffix are older: 8-bit "
                       "weights, scored by the optimized session of the machine of the time (not recorded).")
     if args.only in (None, "latency"):
         result["latency"] = latency(model, meta, ds, threads=args.threads, rounds=args.rounds)

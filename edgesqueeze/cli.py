@@ -368,11 +368,11 @@ def _csv(value: str, what: str) -> list[str]:
               help="Even out per-channel activation ranges before INT8 quantization, moving the "
                    "imbalance into the next conv's weights; 0 off, 1 full [default: the recipe's, else 0].")
 @click.option("--onnx-int8-target", type=click.Choice(["any-cpu", "vnni-or-arm"]),
-              help="CPUs the onnx-int8 file must compute exactly. any-cpu: 7-bit weights, the same results "
-                   "on x86 with or without VNNI and on ARM. vnni-or-arm: 8-bit weights (one more bit of "
-                   "precision, same speed); x86 CPUs without VNNI (AVX2 only) saturate its uint8 x int8 "
-                   "products and compute other logits (digits: 94% top-1 agreement with the exact result) "
-                   "[default: the recipe's, else any-cpu].")
+              help="CPUs the onnx-int8 file must compute exactly. any-cpu: 8-bit weights stored as uint8 "
+                   "(zero point 128), the same results on x86 with or without VNNI and on ARM. vnni-or-arm: "
+                   "int8 weights, faster on VNNI x86 (its uint8 x int8 kernels); x86 CPUs without VNNI "
+                   "(AVX2 only) saturate their products and compute other logits (digits: 94% top-1 "
+                   "agreement with the exact result) [default: the recipe's, else any-cpu].")
 @click.option("--arch", help="Architecture of a plain state_dict (e.g. squeezenet1_0).")
 def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, data_dir, calibration_images,
                calibration_method, fold_normalization, float_layers, weight_rounding, equalize_activations,

@@ -213,7 +213,7 @@ def test_int8_accuracy_close_to_fp32(int8_file, reference, digits):
 
 
 def test_int8_file_computes_the_same_on_every_cpu(int8_file, reference):
-    """The default file (target any-cpu, 7-bit weights) gives, through this CPU's fused
+    """The default file (target any-cpu, uint8 weights) gives, through this CPU's fused
     integer kernels, what its QDQ graph means: the arithmetic every exact kernel (VNNI x86,
     ARM) computes, which ORT runs as float ops on dequantized tensors when graph optimization
     is off. On an x86 CPU without VNNI, 8-bit weights fail this (uint8 x int8 pairs saturate
@@ -230,9 +230,43 @@ def test_int8_file_computes_the_same_on_every_cpu(int8_file, reference):
     # requantization rounds differently from float convs followed by Q: a step or two of
     # the output scale, never the saturation's several logits
     assert np.abs(fused - plain).max() < 0.5
-    weights = [numpy_helper.to_array(i) for i in onnx.load(str(int8_file)).graph.initializer
-               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
-    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 64
+    # full 8-bit weights (-127..127, each row's largest at the edge), stored as uint8 + 128
+    proto = onnx.load(str(int8_file))
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert not [i for i in inits.values() if i.data_type == onnx.TensorProto.INT8]
+    weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                 and inits[n.input[0]].data_type == onnx.TensorProto.UINT8]
+    assert weight_dq
+    for n in weight_dq:
+        q = numpy_helper.to_array(inits[n.input[0]]).astype(np.int32) - 128
+        assert np.abs(q).max() == 127 and q.min() >= -127
+        assert (numpy_helper.to_array(inits[n.input[2]]) == 128).all()
+
+
+def test_uint8_weights_dequantize_to_the_int8_weights(trained, digits):
+    """weights="uint8" stores the very grid of weights="int8" shifted by 128: the QDQ graphs
+    compute bit-identical logits, and the zero points are shared per shape."""
+    from onnx import TensorProto
+
+    fproto = onnx_graph(trained.model, trained.meta)
+    x = to_input(calibration_images(digits.train_x, 32, seed=0), trained.meta["mean"], trained.meta["std"])
+    cfg = CalibrationConfig(images=32)
+    s8 = eo.quantize_qdq(fproto, x, calibration=cfg, weights="int8")
+    u8 = eo.quantize_qdq(fproto, x, calibration=cfg, weights="uint8")
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def logits(proto):
+        sess = ort.InferenceSession(proto.SerializeToString(), plain, providers=["CPUExecutionProvider"])
+        return sess.run(["logits"], {"input": x})[0]
+
+    assert np.array_equal(logits(s8), logits(u8))
+    zps = [t for t in u8.graph.initializer if t.name.startswith("zp128")]
+    weights = [t for t in u8.graph.initializer if t.data_type == TensorProto.UINT8 and len(t.dims) >= 2]
+    assert zps and len(zps) < len(weights)  # shared per shape, not one per layer
+    assert not [t for t in u8.graph.initializer if t.data_type == TensorProto.INT8]
+    with pytest.raises(ExportError, match="weights must be one of uint8, int8, int8-7bit"):
+        eo.quantize_qdq(fproto, x, calibration=cfg, weights="uint4")
 
 
 def test_int8_target_vnni_or_arm_is_recorded_and_checked(trained, digits, tmp_path):

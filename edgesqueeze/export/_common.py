@@ -103,8 +103,9 @@ class ExportConfig:
     tflite-int8).
 
     ``onnx_int8_target``: which CPUs compute the onnx-int8 file exactly. ``any-cpu``
-    (default): 7-bit weights, the same results on x86 with or without VNNI and on ARM.
-    ``vnni-or-arm``: 8-bit weights for devices that are all VNNI x86 or ARM; x86 CPUs
+    (default): 8-bit weights stored as uint8, the same results on x86 with or without VNNI
+    and on ARM. ``vnni-or-arm``: int8 weights for devices that are all VNNI x86 or ARM
+    (faster VNNI kernels); x86 CPUs
     without VNNI saturate its products and compute other logits (see
     :mod:`edgesqueeze.export.onnx`).
     """

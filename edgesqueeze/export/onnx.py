@@ -17,18 +17,21 @@ empirical bias correction. Measured with ``benchmarks/onnx_int8.py`` on the Imag
 1.0 (224x224, batch 1, 2 threads; results in ``benchmarks/results/onnx_int8.json``, each
 record naming its CPU):
 
-- **Same results on every CPU: 7-bit weights by default** (``target="any-cpu"``,
-  onnxruntime's ``reduce_range``). ORT's x86 uint8 x int8 kernels on CPUs without VNNI
-  (AVX2 only, AVX-512 without VNNI: many CI runners and older servers) add pairs of
-  products in 16 bits with saturation (``vpmaddubsw``): 255 x 127 x 2 overflows int16, so
-  the same file computes different logits there than on VNNI x86 or ARM, whose kernels are
-  exact. Weights in -64..64 keep every pair within int16, so all three compute the exact
-  integer result: on the digits SqueezeNet the optimized session on an AVX2-only host agreed
-  100% on top-1 with the QDQ graph's own arithmetic (maximum logit difference 0.06), against
-  94% (difference 6.3) with 8-bit weights. ``target="vnni-or-arm"`` keeps 8-bit weights for
-  users whose devices are all VNNI x86 or ARM (one more bit of weight precision); the file
-  records it and ``verify`` warns when it runs on a CPU that saturates. onnxruntime's own
-  quantization guide gives the same advice (reduce_range for U8S8 on x86 without VNNI).
+- **Same results on every CPU: uint8 weights by default** (``target="any-cpu"``). ORT's
+  x86 uint8 x int8 kernels on CPUs without VNNI (AVX2 only, AVX-512 without VNNI: many CI
+  runners and older servers) add pairs of products in 16 bits with saturation
+  (``vpmaddubsw``): 255 x 127 x 2 overflows int16, so an int8-weight file computes different
+  logits there than on VNNI x86 or ARM, whose kernels are exact. The default file stores the
+  same symmetric 8-bit weights (-127..127) as uint8 with zero point 128; onnxruntime then runs
+  its uint8 x uint8 kernels, which widen to 16 bits before multiplying on every x86 level
+  (AVX2, AVX-512, AVX-VNNI-INT8) and use ``udot``/widening multiplies on ARM: exact
+  everywhere, with the full 8-bit weight grid. On the digits SqueezeNet the optimized session
+  on an AVX2-only host agreed 100% on top-1 with the QDQ graph's own arithmetic, against 94%
+  (logits up to 6.3 apart) with int8 weights. (Session 10 used 7-bit int8 weights,
+  onnxruntime's ``reduce_range``, for the same guarantee: on ImageNet SqueezeNet that lost 2
+  points of agreement with fp32; ``benchmarks/notes.md``.) ``target="vnni-or-arm"`` keeps
+  int8 weights, whose VNNI kernels (``vpdpbusd``) are faster than the uint8 x uint8 ones on
+  VNNI x86; the file records it and ``verify`` warns when it runs on a CPU that saturates.
 - **Why uint8 activations** (ORT's default is int8): ORT's CPU provider fuses
   ``DQ -> Conv -> Q`` into an integer ``QLinearConv`` only for uint8 activations on x86
   (int8 x int8 fusion is an ARM default). With int8 activations 24 of 26 convs run as float
@@ -83,16 +86,20 @@ from edgesqueeze.export._common import (META_KEY, CalibrationConfig, artifact_me
 from edgesqueeze.export._common import first_line as _first_line
 
 __all__ = ["export_onnx", "export_onnx_int8", "onnx_graph", "read_onnx_meta", "INPUT_NAME",
-           "OUTPUT_NAME", "INT8_TARGETS"]
+           "OUTPUT_NAME", "INT8_TARGETS", "WEIGHT_TYPES", "weights_to_uint8"]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 _MAX_PROTO = 2 ** 31 - 1  # protobuf's limit: beyond it ONNX needs external data, which we refuse
 
-# onnx-int8 targets: which CPUs compute the file exactly. The value is ORT's reduce_range.
-# any-cpu: 7-bit weights (-64..64), exact on x86 with or without VNNI and on ARM.
-# vnni-or-arm: 8-bit weights, exact on x86 with VNNI and on ARM; x86 without VNNI saturates.
-INT8_TARGETS = {"any-cpu": True, "vnni-or-arm": False}
+# onnx-int8 targets: which CPUs compute the file exactly, and the weights' storage type
+# (both hold symmetric 8-bit weights, -127..127, per output channel).
+# any-cpu: uint8 with zero point 128 (uint8 x uint8 kernels), exact on x86 with or without
+#   VNNI and on ARM.
+# vnni-or-arm: int8 (uint8 x int8 kernels), exact on x86 with VNNI and on ARM; x86 without
+#   VNNI saturates.
+INT8_TARGETS = {"any-cpu": "uint8", "vnni-or-arm": "int8"}
+WEIGHT_TYPES = ("uint8", "int8", "int8-7bit")  # int8-7bit: reduce_range, kept for the benchmarks
 
 
 # ---------------------------------------------------------------------------------------
@@ -547,17 +554,20 @@ _BIAS_IMAGES = 128  # calibration images that bias correction runs on (the first
 
 def quantize_qdq(fproto, x: np.ndarray, *, calibration: CalibrationConfig,
                  float_nodes: Sequence[str] = (), per_channel: bool = True,
-                 reduce_range: bool = True, activation_type: str = "uint8"):
+                 weights: str = "uint8", activation_type: str = "uint8"):
     """``quantize_static`` of ``fproto`` (fp32, input ``"input"``) in QDQ form, calibrated on
-    the float inputs ``x``; returns the quantized ModelProto. Weights int8 symmetric (per
-    output channel with ``per_channel``; 7-bit with ``reduce_range``, see ``INT8_TARGETS``),
-    activations ``activation_type`` per tensor."""
+    the float inputs ``x``; returns the quantized ModelProto. Weights symmetric 8-bit (per
+    output channel with ``per_channel``) stored as ``weights``: ``"uint8"`` (zero point 128,
+    exact on every CPU), ``"int8"``, or ``"int8-7bit"`` (onnxruntime's ``reduce_range``,
+    -64..64); see ``INT8_TARGETS``. Activations ``activation_type`` per tensor."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}.get(activation_type)
     if act is None:
         raise ExportError(f"activation_type must be 'uint8' or 'int8', got {activation_type!r}")
+    if weights not in WEIGHT_TYPES:
+        raise ExportError(f"weights must be one of {', '.join(WEIGHT_TYPES)}, got {weights!r}")
     calibration = calibration.resolved("onnx-int8")
     extra: dict[str, Any] = {}
     if calibration.method == "percentile":
@@ -571,14 +581,57 @@ def quantize_qdq(fproto, x: np.ndarray, *, calibration: CalibrationConfig,
             if calibration.method == "entropy":
                 cache, reader = _entropy_ranges(src, reader, Path(tmp)), None
             quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, reduce_range=reduce_range,
+                            per_channel=per_channel, reduce_range=weights == "int8-7bit",
                             activation_type=act, weight_type=QuantType.QInt8,
                             nodes_to_exclude=list(float_nodes), calibrate_method=method,
                             extra_options=extra, calibration_cache_path=cache)
         except Exception as exc:  # ORT raises plain Exceptions of many kinds
             raise ExportError(f"onnxruntime quantization failed: {type(exc).__name__}: "
                               f"{_first_line(exc)}") from exc
-        return onnx.load(str(dst))
+        proto = onnx.load(str(dst))
+    if weights == "uint8":
+        weights_to_uint8(proto)
+    return proto
+
+
+def weights_to_uint8(proto) -> int:
+    """Store every int8 constant that a ``DequantizeLinear`` reads (the weights) as uint8
+    ``q + 128`` with zero point 128, in place; returns how many. The dequantized values are
+    bit for bit the same, so the graph computes the same function, but onnxruntime now runs
+    its uint8 x uint8 kernels, which are exact on every CPU (``INT8_TARGETS``). The zero
+    points are per channel (onnxruntime refuses a scalar one beside per-channel scales), one
+    initializer per shape, shared by every weight of that shape: a few hundred bytes on a
+    SqueezeNet instead of one byte per output channel of every layer."""
+    from onnx import TensorProto, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    shared: dict[tuple[int, ...], str] = {}
+    done = set()
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        w = inits[node.input[0]]
+        if w.data_type != TensorProto.INT8 and node.input[0] not in done:
+            continue
+        if node.input[0] not in done:
+            q = numpy_helper.to_array(w).astype(np.int16)
+            w.CopyFrom(numpy_helper.from_array((q + 128).astype(np.uint8), node.input[0]))
+            done.add(node.input[0])
+        shape = tuple(numpy_helper.to_array(inits[node.input[1]]).shape)
+        if shape not in shared:
+            name = "zp128" + "".join(f"/{d}" for d in shape)
+            graph.initializer.append(numpy_helper.from_array(np.full(shape, 128, np.uint8), name))
+            shared[shape] = name
+        if len(node.input) == 3:
+            node.input[2] = shared[shape]
+        else:
+            node.input.append(shared[shape])
+    used = {x for node in graph.node for x in node.input}
+    kept = [t for t in graph.initializer if t.name in used or t.data_type != TensorProto.INT8]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)  # the int8 zero points the uint8 ones replaced
+    return len(done)
 
 
 # onnxruntime's quantizer names every tensor it adds by appending a role to the original
@@ -714,12 +767,12 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         raise ExportError(f"equalize_activations must be in [0, 1] (0: off), got {equalize_activations}")
     if target not in INT8_TARGETS:
         raise ExportError(f"target must be one of {', '.join(INT8_TARGETS)}, got {target!r}")
-    reduce_range = INT8_TARGETS[target]
     info = dict(calibration_info or {})
     info.setdefault("split", "train")
     info.setdefault("seed", None)
     info.update({"images": int(len(images)), "method": calibration.method,
-                 "activations": "uint8", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
+                 "activations": "uint8",
+                 "weights": f"{INT8_TARGETS[target]} {'per-channel' if per_channel else 'per-tensor'}",
                  "target": target, "equalize": bool(equalize),
                  "equalize_activations": float(equalize_activations), "weight_rounding": weight_rounding,
                  "bias_correction": bool(bias_correction), "float_layers": list(float_layers),
@@ -737,7 +790,7 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         fold_normalization=fold_normalization, float_layers=float_layers, equalize=equalize,
         equalize_activations=equalize_activations, weight_rounding=weight_rounding,
         bias_correction=bias_correction, augment=augment, augment_seed=info.get("seed") or 0,
-        per_channel=per_channel, reduce_range=reduce_range)
+        per_channel=per_channel, weights=INT8_TARGETS[target])
     compact_qdq(qproto)
     return _write(qproto, {META_KEY: meta_json(art)}, out)
 
@@ -747,15 +800,15 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
                         float_layers: Sequence[str] = (), equalize: bool = False,
                         equalize_activations: float = 0.0, weight_rounding: str = "nearest",
                         bias_correction: bool = True, augment: int = 0, augment_seed: int = 0,
-                        per_channel: bool = True, reduce_range: bool = True,
+                        per_channel: bool = True, weights: str = "uint8",
                         fp32_graph: Any = None) -> Any:
     """:func:`export_onnx_int8`'s work without its checks, metadata or file: the QDQ graph
     (not yet compacted) of ``model`` calibrated on uint8 ``images``, normalized with
     ``mean`` / ``std``. ``fp32_graph``: the fp32 graph of ``model`` if the caller has it (a
     benchmark quantizing one model many ways, with the same ``opset`` and
     ``fold_normalization``; an ``onnx.ModelProto``, as is the result), used only when no
-    transform (equalization, GPTQ) changes the weights. ``reduce_range``: 7-bit weights
-    (``INT8_TARGETS``)."""
+    transform (equalization, GPTQ) changes the weights. ``weights``: how they are stored
+    (:func:`quantize_qdq`)."""
     if augment:
         images = prepare.augment_calibration(images, augment, seed=augment_seed)
     if equalize:
@@ -769,14 +822,14 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
         reference = model
         if weight_rounding == "gptq":  # onto the grid quantize_qdq will use
             model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers,
-                                       qmax=64 if reduce_range else 127)
+                                       qmax=64 if weights == "int8-7bit" else 127)
     unchanged = not (equalize or equalize_activations or weight_rounding == "gptq")
     fproto = fp32_graph if fp32_graph is not None and unchanged else \
         onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
     float_nodes = _matching_nodes(fproto, float_layers)
     x = to_input(images, mean, std, normalize=not fold_normalization)
     qproto = quantize_qdq(fproto, x, calibration=calibration, float_nodes=float_nodes,
-                          per_channel=per_channel, reduce_range=reduce_range)
+                          per_channel=per_channel, weights=weights)
     if bias_correction:  # means need fewer images than ranges: cap the cost on big sets
         # toward the float model before GPTQ: its rounding shifts means too (KL 0.0044 -> 0.0040
         # on ImageNet SqueezeNet 1.0, 4 splits, against correcting toward the rounded model)

@@ -6,7 +6,9 @@ AVX-512 without VNNI) add pairs of products in 16 bits with saturation (``vpmadd
 while VNNI x86 (``vpdpbusd``) and ARM (``sdot``/``udot``, or widening multiplies) are exact.
 A uint8 x int8 file whose weights use the full -127..127 range can therefore compute other
 logits on the device than on the machine that verified it. edgesqueeze's default
-``onnx-int8`` files use 7-bit weights, exact everywhere; this module lets ``verify`` and the
+``onnx-int8`` files (target ``any-cpu``) store their 8-bit weights as uint8 with zero point
+128, which selects onnxruntime's uint8 x uint8 kernels, exact everywhere (files of session
+10 used 7-bit int8 weights for the same end); this module lets ``verify`` and the
 benchmarks say which case a number was measured in.
 
 Linux reads ``/proc/cpuinfo``; elsewhere the features are unknown (``None``), never guessed.
@@ -123,10 +125,10 @@ def int8_warning(meta: dict[str, Any], info: dict[str, Any] | None = None) -> st
     info = info or cpu_info()
     sat = int8_saturates(info)
     if sat:
-        return ("quantized with 8-bit weights for VNNI x86 or ARM (target vnni-or-arm), but this CPU "
+        return ("quantized with int8 weights for VNNI x86 or ARM (target vnni-or-arm), but this CPU "
                 f"({info['int8_kernels']}) saturates its products: numbers measured here are not what "
                 "the target devices compute; re-export with --onnx-int8-target any-cpu or verify on the device")
     where = "this CPU" if sat is False else "this CPU (features unknown)"
-    return ("quantized with 8-bit weights (target vnni-or-arm): numbers measured on "
+    return ("quantized with int8 weights (target vnni-or-arm): numbers measured on "
             f"{where} hold for VNNI x86 and ARM, not for x86 CPUs without VNNI (AVX2 only), which "
             "saturate its products; export with --onnx-int8-target any-cpu to compute the same everywhere")
