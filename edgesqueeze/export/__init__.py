@@ -103,6 +103,18 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         check_float_layers(model, names, what=f"export.float_layers_by_format.{fmt}")
     if config.float_layers and not any(f.endswith("int8") for f in config.formats):
         log(f"note: float_layers {list(config.float_layers)} only apply to onnx-int8 and tflite-int8")
+    shared = is_weight_shared(model)
+    if shared and any(f.endswith("int8") for f in config.formats):
+        how = {f: config.int8_per_channel(f, shared) for f in config.formats if f.endswith("int8")}
+        if not any(how.values()):
+            log("weight-shared model: int8 weights get one scale per tensor and round to nearest, so each "
+                "shared value stays one int8 value (export.int8_weights: per-channel to change it)")
+        else:
+            lost = ", ".join(f for f, pc in how.items() if pc)
+            log(f"note: {lost}: per-channel int8 weights (GPTQ or activation equalization asked for, or "
+                "int8_weights: per-channel) spread the model's shared values over many int8 levels; a packed "
+                "file codes them at several times the .esq's bits per weight (int8_weights: per-tensor keeps "
+                "the sharing)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or source.stem
@@ -124,9 +136,10 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             export_onnx_int8(model, meta, path, calib[0], calibration=config.calibration,
                              calibration_info=calib[1], opset=config.opset,
                              fold_normalization=config.fold_normalization, float_layers=config.float_layers_for(fmt),
-                             weight_rounding=config.weight_rounding_for(fmt),
+                             weight_rounding=config.weight_rounding_for(fmt, shared),
                              bias_correction=config.bias_correction_for(fmt),
                              equalize_activations=config.equalize_activations,
+                             per_channel=config.int8_per_channel(fmt, shared),
                              target=config.onnx_int8_target, source_sha256=digest)
         elif fmt == "tflite":
             from edgesqueeze.export.tflite import export_tflite
@@ -139,9 +152,38 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                                calibration_split=calib[1]["split"], calibration_seed=seed,
                                io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
                                float_layers=config.float_layers_for(fmt),
-                               weight_rounding=config.weight_rounding_for(fmt),
+                               weight_rounding=config.weight_rounding_for(fmt, shared),
                                bias_correction=config.bias_correction_for(fmt),
-                               equalize_activations=config.equalize_activations, source_sha256=digest)
+                               equalize_activations=config.equalize_activations,
+                               per_channel=config.int8_per_channel(fmt, shared), source_sha256=digest)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
         written.append(path)
+        if config.pack:
+            from edgesqueeze.export.packed import pack_file
+
+            packed, rep = pack_file(path, fmt=fmt)
+            bits = rep["bits_per_nonzero"]
+            how = f", {bits:.2f} bits per non-zero weight" if bits else ""
+            log(f"{packed}: {rep['packed_bytes']:,} bytes (packed {fmt}: {rep['coded_tensors']} weight "
+                f"tensors coded{how})")
+            written.append(packed)
     return written
+
+
+def is_weight_shared(model, max_values: int = 256, keep: float = 0.9) -> bool:
+    """Every conv and linear weight of ``model`` holds at most ``max_values`` distinct values
+    (what pruning plus k-means weight sharing leave: an ``.esq`` model) *and* one int8 scale
+    per tensor keeps at least ``keep`` of them distinct. The digits ``.esq`` (16 values a
+    layer) loses one value in two layers, two centroids 0.04 of an int8 step apart; the
+    released Deep Compression SqueezeNet's 256-value codebooks would lose many."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight is not None:
+            values = torch.unique(m.weight.detach().float())
+            if values.numel() > max_values:
+                return False
+            step = values.abs().max() / 127
+            if step > 0 and torch.unique(torch.round(values / step)).numel() < keep * values.numel():
+                return False
+    return True

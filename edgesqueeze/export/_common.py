@@ -105,9 +105,13 @@ class ExportConfig:
     ``onnx_int8_target``: which CPUs compute the onnx-int8 file exactly. ``any-cpu``
     (default): 8-bit weights stored as uint8, the same results on x86 with or without VNNI
     and on ARM. ``vnni-or-arm``: int8 weights for devices that are all VNNI x86 or ARM
-    (faster VNNI kernels); x86 CPUs
-    without VNNI saturate its products and compute other logits (see
-    :mod:`edgesqueeze.export.onnx`).
+    (faster VNNI kernels); x86 CPUs without VNNI saturate its products and compute other
+    logits (see :mod:`edgesqueeze.export.onnx`).
+
+    ``int8_weights``: one int8 scale per output channel or per tensor, both INT8 formats;
+    ``auto`` picks per tensor for a weight-shared model (:meth:`int8_per_channel`).
+    ``pack``: also write each file packed (``model.int8.tflite.esq``:
+    :mod:`edgesqueeze.format.packed`), its weights Deep-Compression-coded.
     """
 
     VERSION: ClassVar[int] = 1
@@ -123,6 +127,8 @@ class ExportConfig:
     equalize_activations: float = field(default=0.0, metadata=_range(ge=0, le=1))
     bias_correction: bool | None = None
     onnx_int8_target: Literal["any-cpu", "vnni-or-arm"] = "any-cpu"
+    int8_weights: Literal["auto", "per-channel", "per-tensor"] = "auto"
+    pack: bool = False
 
     WEIGHT_ROUNDING: ClassVar[dict[str, str]] = {"onnx-int8": "nearest", "tflite-int8": "gptq"}
 
@@ -156,11 +162,24 @@ class ExportConfig:
             return self.bias_correction
         return artifact_format == "onnx-int8"
 
-    def weight_rounding_for(self, artifact_format: str) -> str:
-        """``weight_rounding`` with ``auto`` resolved for ``artifact_format``."""
+    def weight_rounding_for(self, artifact_format: str, shared: bool = False) -> str:
+        """``weight_rounding`` with ``auto`` resolved for ``artifact_format``: nearest for a
+        weight-shared model (GPTQ would round each copy of a shared value differently)."""
         if self.weight_rounding != "auto":
             return self.weight_rounding
-        return self.WEIGHT_ROUNDING[artifact_format]
+        return "nearest" if shared else self.WEIGHT_ROUNDING[artifact_format]
+
+    def int8_per_channel(self, artifact_format: str, shared: bool = False) -> bool:
+        """``int8_weights`` resolved: ``auto`` gives a weight-shared model (``shared``: every
+        conv and linear weight holds at most 256 distinct values, as pruning plus k-means
+        leave it) one int8 scale per tensor, so each shared value stays one int8 value and the
+        packed file codes it as compactly as the ``.esq`` (digits SqueezeNet: the same bytes
+        per layer); it keeps per-channel scales where the settings already change the weights
+        (GPTQ rounding asked for, activation equalization), and for every other model."""
+        if self.int8_weights != "auto":
+            return self.int8_weights == "per-channel"
+        keeps = self.weight_rounding_for(artifact_format, shared) == "nearest" and not self.equalize_activations
+        return not (shared and keeps)
 
     @classmethod
     def from_dict(cls, raw: Any, *, path: str = "export") -> ExportConfig:
