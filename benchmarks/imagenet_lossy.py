@@ -50,7 +50,9 @@ sys.path.insert(0, str(ROOT))
 
 from edgesqueeze._io import write_bytes_atomic, write_text_atomic  # noqa: E402
 from edgesqueeze.checkpoint import load_model  # noqa: E402
-from edgesqueeze.compress.codec import CHUNK, dumps_model, loads_model  # noqa: E402
+from edgesqueeze.checkpoint import esq_dumps as dumps_model  # noqa: E402
+from edgesqueeze.checkpoint import esq_loads as loads_model  # noqa: E402
+from edgesqueeze.format.codec import CHUNK  # noqa: E402
 from edgesqueeze.compress.ptq import PTQConfig, post_training_compress  # noqa: E402
 from edgesqueeze.data import load_dataset  # noqa: E402
 

@@ -183,7 +183,7 @@ def record_compress(part: str, report_path: Path, command: str, wall_s: float | 
     before, drop, extra = test["before"]["accuracy"], test["drop_points"], {}
     if reference is not None:
         from edgesqueeze.checkpoint import load_model
-        from edgesqueeze.compress.pipeline import model_from_esq
+        from edgesqueeze.checkpoint import model_from_esq
 
         _, meta = model_from_esq(rep["esq"])
         if meta.get("pruned_from_sha256") != sha256_file(reference):
@@ -263,7 +263,8 @@ def part_esq_imagenet(args) -> None:
 
     import torch
 
-    from edgesqueeze.compress.codec import dumps_model, loads_model
+    from edgesqueeze.checkpoint import esq_dumps as dumps_model
+    from edgesqueeze.checkpoint import esq_loads as loads_model
 
     path = SHARED / "models" / "squeezenet1_0-imagenet.pt"
     sd = torch.load(path, weights_only=True)

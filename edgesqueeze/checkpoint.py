@@ -10,8 +10,13 @@ metadata carries what is needed to rebuild and feed the model (architecture name
 class names, input shape, normalization) and its provenance (metrics, recipe hash).
 
 :func:`load_model` also accepts what users bring: a plain ``state_dict`` (with ``arch``),
-TorchScript archives, ``torch.export`` programs (``.pt2``). A fully pickled ``nn.Module``
-can run arbitrary code when unpickled, so it is refused unless ``trust_pickle=True``.
+TorchScript archives, ``torch.export`` programs (``.pt2``) and ``.esq`` archives. A fully
+pickled ``nn.Module`` can run arbitrary code when unpickled, so it is refused unless
+``trust_pickle=True``.
+
+The ``.esq`` format layer (:mod:`edgesqueeze.format`) speaks numpy; :func:`esq_dumps`,
+:func:`esq_loads` and :func:`model_from_esq` are its torch side: tensors to arrays and back,
+bit for bit, and the model an archive holds.
 """
 
 from __future__ import annotations
@@ -24,15 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from edgesqueeze._io import write_bytes_atomic
-from edgesqueeze.errors import CheckpointError, ModelError
+from edgesqueeze.errors import CheckpointError, FormatError, ModelError
+from edgesqueeze.format import codec, container
 
 FORMAT = "edgesqueeze.checkpoint"
 TRAIN_STATE_FORMAT = "edgesqueeze.train_state"
 FORMAT_VERSION = 1
+ESQ_META_FORMAT = "edgesqueeze.esq-model"
 
 
 @dataclass
@@ -136,7 +144,7 @@ def rebuild(arch: str, arch_kwargs: dict[str, Any], *, folded_batchnorm: bool = 
 
     model = build_model(arch, **arch_kwargs)
     if folded_batchnorm:
-        from edgesqueeze.compress.fold import fold_batchnorm
+        from edgesqueeze.models.fold import fold_batchnorm  # torch.fx: only when needed
 
         model = fold_batchnorm(model)
     return model
@@ -186,11 +194,7 @@ def load_model(
         raise CheckpointError(f"{path}: no such file")
     with open(path, "rb") as fh:
         head = fh.read(8)
-    from edgesqueeze.compress.container import MAGIC
-
-    if head == MAGIC:  # a Deep Compression archive: decode it on the fly
-        from edgesqueeze.compress.pipeline import model_from_esq
-
+    if head == container.MAGIC:  # a Deep Compression archive: decode it on the fly
         model, meta = model_from_esq(path)
         return LoadedModel(model, meta, "esq", path)
     kind = _zip_kind(path)
@@ -246,3 +250,49 @@ def load_model(
         return LoadedModel(model.eval(), meta, "state_dict", path)
 
     raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a model checkpoint or state_dict")
+
+
+# ---------------------------------------------------------------------------------------
+# .esq archives: the torch side of edgesqueeze.format
+
+
+def state_dict_to_arrays(state_dict: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The numpy arrays the codec encodes: the same bits, detached, on the CPU. A dtype numpy
+    has no equivalent for (bfloat16, complex) is refused here, as the codec refuses one it
+    does not store."""
+    out = {}
+    for name, t in state_dict.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in codec.STORABLE_DTYPES:
+            raise FormatError(f"tensor {name}: dtype {dtype} cannot be stored")
+        out[name] = t.detach().cpu().numpy()
+    return out
+
+
+def state_dict_from_arrays(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Tensors sharing the decoded arrays' memory (the codec returns fresh, writable arrays)."""
+    return {name: torch.from_numpy(a) for name, a in arrays.items()}
+
+
+def esq_dumps(state_dict: dict[str, torch.Tensor], meta: dict, **kwargs: Any) -> tuple[bytes, list]:
+    """``.esq`` bytes of a torch state_dict and the codec's per-tensor stats; ``kwargs`` go
+    to :func:`edgesqueeze.format.codec.encode_state_dict` (``shared``, ``codebook_dtype``,
+    ``chunk``)."""
+    return codec.dumps_model(state_dict_to_arrays(state_dict), meta, **kwargs)
+
+
+def esq_loads(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors (bit-exact) and metadata of ``.esq`` bytes."""
+    arrays, meta = codec.loads_model(data)
+    return state_dict_from_arrays(arrays), meta
+
+
+def model_from_esq(data: bytes | str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model an ``.esq`` archive holds (decoding every weight bit-exactly)."""
+    raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
+    state, meta = esq_loads(raw)
+    if meta.get("format") != ESQ_META_FORMAT or "arch" not in meta:
+        raise FormatError("meta: not an edgesqueeze model archive (no 'arch')")
+    model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=bool(meta.get("folded_batchnorm")))
+    load_state_dict_checked(model, state, source=str(data) if not isinstance(data, bytes) else "archive")
+    return model.eval(), meta

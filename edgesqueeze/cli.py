@@ -284,8 +284,7 @@ def unpack(esq_path, out_path):
     Example:
       edgesqueeze unpack artifacts/squeezenet-mnist/squeezenet-mnist-compressed/model.esq -o model.pt
     """
-    from edgesqueeze.checkpoint import save_checkpoint
-    from edgesqueeze.compress.pipeline import model_from_esq
+    from edgesqueeze.checkpoint import model_from_esq, save_checkpoint
 
     model, meta = model_from_esq(esq_path)
     save_checkpoint(out_path, model, meta)

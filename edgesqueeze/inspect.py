@@ -42,7 +42,7 @@ def _itemsize(dtype: str) -> int | None:
 
 
 def _inspect_esq(path: Path) -> dict[str, Any]:
-    from edgesqueeze.compress import container
+    from edgesqueeze.format import container
 
     arc = container.read_esq(path)
     tensors = []

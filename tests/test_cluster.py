@@ -16,7 +16,7 @@ from torch import nn
 from edgesqueeze.compress.cluster import (ClusterConfig, ClusteredLayer, SharedWeights, apply,
                                           cluster_layer, cluster_model, codebook_parameters,
                                           kmeans_1d, materialize, share_weights)
-from edgesqueeze.compress.fold import conv_bn_pairs, fold_batchnorm, fold_conv_bn
+from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm, fold_conv_bn
 from edgesqueeze.compress.prune import PruneConfig, existing_masks
 from edgesqueeze.compress.prune import apply as prune
 from edgesqueeze.errors import ModelError, RecipeError

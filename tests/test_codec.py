@@ -10,17 +10,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgesqueeze.compress import codec, container
-from edgesqueeze.compress.codec import (
-    MAX_CODEBOOK,
-    RAW_SECTION,
-    dumps_model,
-    encode_shared,
-    gaps_from_positions,
-    loads_model,
-    positions_from_gaps,
-)
+from edgesqueeze.checkpoint import esq_dumps as dumps_model
+from edgesqueeze.checkpoint import esq_loads as loads_model
 from edgesqueeze.errors import FormatError
+from edgesqueeze.format import codec, container
+from edgesqueeze.format.codec import MAX_CODEBOOK, RAW_SECTION, gaps_from_positions, positions_from_gaps
+
+# The codec speaks numpy; these tests build tensors with torch (handier) and go through the
+# checkpoint's torch side (esq_dumps / esq_loads), except where they test the arrays directly.
+
+
+def encode_shared(name, t, **kwargs):
+    return codec.encode_shared(name, t.numpy(), **kwargs)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -121,6 +122,25 @@ def test_too_many_values_is_raw_or_refused():
         dumps_model({"w": t}, {}, shared=["w"])  # 300x300 of unique values
     with pytest.raises(FormatError, match="layer nope: not in the model"):
         dumps_model({"w": t}, {}, shared=["nope"])
+
+
+def test_numpy_in_numpy_out():
+    """The format layer's own API: arrays in, arrays of the same dtypes and bits out."""
+    sd = {"w": shared_tensor((17, 3, 3, 3), 7, 0.3).numpy(), "b": np.arange(17, dtype=np.float32) / 8,
+          "steps": np.array(7, dtype=np.int64), "flags": np.array([True, False])}
+    data, _ = codec.dumps_model(sd, {"arch": "x"})
+    out, meta = codec.loads_model(data)
+    assert meta == {"arch": "x"} and set(out) == set(sd)
+    for k in sd:
+        assert isinstance(out[k], np.ndarray) and out[k].dtype == sd[k].dtype and out[k].shape == sd[k].shape, k
+        assert out[k].tobytes() == sd[k].tobytes(), k
+    assert data == dumps_model({k: torch.from_numpy(v) for k, v in sd.items()}, {"arch": "x"})[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.complex64, torch.int16])
+def test_unstorable_dtypes_are_refused_by_name(dtype):
+    with pytest.raises(FormatError, match=f"tensor t: dtype {str(dtype).removeprefix('torch.')} cannot be stored"):
+        dumps_model({"t": torch.zeros(3, dtype=dtype)}, {})
 
 
 def test_raw_dtypes_and_all_zero_layer():

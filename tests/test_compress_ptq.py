@@ -20,8 +20,9 @@ from click.testing import CliRunner
 
 from edgesqueeze.cli import cli
 from edgesqueeze.compress.cluster import ClusterConfig, cluster_model
-from edgesqueeze.compress.codec import loads_model
-from edgesqueeze.compress.pipeline import CompressConfig, model_from_esq
+from edgesqueeze.checkpoint import esq_loads as loads_model
+from edgesqueeze.checkpoint import model_from_esq
+from edgesqueeze.compress.pipeline import CompressConfig
 from edgesqueeze.compress.prune import PruneConfig, prunable_layers
 from edgesqueeze.compress.prune import apply as prune
 from edgesqueeze.compress.ptq import PTQConfig

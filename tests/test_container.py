@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgesqueeze.compress import container
-from edgesqueeze.compress.container import (
+from edgesqueeze.format import container
+from edgesqueeze.format.container import (
     MAGIC,
     Archive,
     dumps,

@@ -463,7 +463,7 @@ def test_bias_correction_matches_float_means(trained, digits):
     before = conv_means(gm)
     correct_bias(gm, torch.nn.Sequential(), calib)  # no float module matches: a no-op
     assert all(torch.equal(a, b) for a, b in zip(before, conv_means(gm)))
-    from edgesqueeze.compress.fold import fold_batchnorm
+    from edgesqueeze.models.fold import fold_batchnorm
 
     # PT2E folds BatchNorm into the convs: compare with the folded float convs
     float_gm = torch.export.export(fold_batchnorm(trained.model).eval(), (calib,)).module()

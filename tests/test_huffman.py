@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgesqueeze.compress import huffman
-from edgesqueeze.compress.huffman import (
+from edgesqueeze.format import huffman
+from edgesqueeze.format.huffman import (
     MAX_ALPHABET,
     canonical_codes,
     code_lengths,

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgesqueeze.compress.cluster import ClusterConfig, cluster_model
-from edgesqueeze.compress.codec import dumps_model, loads_model
-from edgesqueeze.compress.fold import fold_batchnorm
+from edgesqueeze.checkpoint import esq_dumps as dumps_model
+from edgesqueeze.checkpoint import esq_loads as loads_model
+from edgesqueeze.models.fold import fold_batchnorm
 from edgesqueeze.compress.prune import PruneConfig, apply_masks, existing_masks, prunable_layers
 from edgesqueeze.compress.prune import apply as prune
 from edgesqueeze.compress.ptq import (Candidate, PTQConfig, allocate, calibration_stats,

@@ -503,7 +503,7 @@ def test_empty_and_missing_files(tmp_path):
 
 
 def test_esq_and_checkpoint_are_not_runnable_here(tmp_path):
-    from edgesqueeze.compress.container import dumps
+    from edgesqueeze.format.container import dumps
 
     esq = tmp_path / "model.esq"
     esq.write_bytes(dumps({"model": "demo"}, [("w", b"\x01\x02", {"shape": [2]})]))

@@ -1,8 +1,5 @@
-"""Deep Compression (Han et al. 2016) stages and the `.esq` archive they produce.
+"""Deep Compression (Han et al. 2016) stages and the pipeline that orders them.
 
-``huffman``: canonical, length-limited Huffman coding with a vectorised batched decoder.
-``container``: the checked, versioned `.esq` archive (specification: docs/FORMAT.md).
-Both are numpy-only, so the torch-free runtime can read compressed models.
+The `.esq` archive they produce is written through :mod:`edgesqueeze.format` (container,
+Huffman coding, codec), which is numpy-only, so the torch-free runtime can read it.
 """
-
-__all__ = ["container", "huffman"]

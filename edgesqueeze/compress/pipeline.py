@@ -1,7 +1,7 @@
 """The compress pipeline: three modes, chosen by which stages the recipe names.
 
 The order of the stages lives here and only here; each stage's maths lives in its module
-(``fold``, ``prune``, ``cluster``, ``ptq``, ``codec``). Data flows one way::
+(``fold``, ``prune``, ``cluster``, ``ptq``; the archive: ``edgesqueeze.format``). Data flows one way::
 
     retrain:  checkpoint -> prune (masks fixed while retraining, BatchNorm still there to help)
                          -> fold BatchNorm (zeros stay zeros) -> k-means weight sharing
@@ -36,17 +36,23 @@ import torch
 from torch import nn
 
 from edgesqueeze._io import sha256_file, write_bytes_atomic, write_text_atomic
+from edgesqueeze.checkpoint import ESQ_META_FORMAT, esq_dumps, model_from_esq
 from edgesqueeze.compress import cluster as cluster_mod
-from edgesqueeze.compress import codec
 from edgesqueeze.compress.cluster import ClusterConfig
-from edgesqueeze.compress.fold import conv_bn_pairs, fold_batchnorm
-from edgesqueeze.compress.prune import (PruneConfig, Pruner, existing_masks, layer_stats, prunable_layers,
-                                        resolve_auto)
+from edgesqueeze.compress.prune import (
+    PruneConfig,
+    Pruner,
+    existing_masks,
+    layer_stats,
+    prunable_layers,
+    resolve_auto,
+)
 from edgesqueeze.compress.ptq import PTQConfig
-from edgesqueeze.errors import DataError, EdgesqueezeError, FormatError, ModelError, RecipeError
+from edgesqueeze.errors import DataError, EdgesqueezeError, ModelError, RecipeError
+from edgesqueeze.format.codec import CHUNK
+from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm
 
 Log = Callable[[str], None]
-ESQ_META_FORMAT = "edgesqueeze.esq-model"
 
 
 def _range(**bounds: float) -> dict:
@@ -230,19 +236,6 @@ def esq_meta(meta: dict, *, folded: bool, extra: dict) -> dict:
     return {"format": ESQ_META_FORMAT, "folded_batchnorm": folded, **meta, **extra}
 
 
-def model_from_esq(data: bytes | str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model an ``.esq`` archive holds (decoding every weight bit-exactly)."""
-    from edgesqueeze.checkpoint import load_state_dict_checked, rebuild
-
-    raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
-    state, meta = codec.loads_model(raw)
-    if meta.get("format") != ESQ_META_FORMAT or "arch" not in meta:
-        raise FormatError("meta: not an edgesqueeze model archive (no 'arch')")
-    model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=bool(meta.get("folded_batchnorm")))
-    load_state_dict_checked(model, state, source=str(data) if not isinstance(data, bytes) else "archive")
-    return model.eval(), meta
-
-
 # ---------------------------------------------------------------------------------------
 
 
@@ -400,7 +393,7 @@ class _Run:
     def encode(self, state: dict[str, torch.Tensor], meta: dict, *, shared: Any,
                codebook_dtype: str, chunk: int | None = None) -> tuple[bytes, list, nn.Module, Path]:
         """Write ``model.esq`` and prove it decodes to exactly ``state``."""
-        blob, stats = codec.dumps_model(state, meta, shared=shared, codebook_dtype=codebook_dtype, chunk=chunk)
+        blob, stats = esq_dumps(state, meta, shared=shared, codebook_dtype=codebook_dtype, chunk=chunk)
         esq_path = self.out / "model.esq"
         write_bytes_atomic(esq_path, blob)
         decoded, _ = model_from_esq(esq_path)
@@ -580,7 +573,7 @@ def _compress_ptq(run: _Run) -> CompressResult:
     # ptq sizes layers and checks its budget with the default chunk (a budget's bytes buy
     # fidelity, not the large-model chunk index): write the archive with the same one.
     blob, stats, decoded, esq_path = run.encode(state, meta, shared="auto", codebook_dtype=cfg.ptq.codebook_dtype,
-                                                chunk=codec.CHUNK)
+                                                chunk=CHUNK)
     run.record("esq", decoded, len(blob), "decoded from the archive")
     target = cfg.ptq.target_bytes
     if target is not None and len(blob) > target:

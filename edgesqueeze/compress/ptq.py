@@ -74,7 +74,7 @@ class PTQConfig:
     """How to re-compress a pruned, shared model after training, from calibration images.
 
     Size: ``target_bytes`` is the budget for the whole ``.esq`` archive (as written by
-    :func:`~edgesqueeze.compress.codec.dumps_model` with the caller's ``meta``); without it
+    :func:`~edgesqueeze.checkpoint.esq_dumps` with the caller's ``meta``); without it
     the budget is what plain ``bits``-bit clustering of every layer would take, so the stage
     buys fidelity at the naive size. ``allocation: uniform`` gives every layer ``bits``
     (the naive baseline when everything else is off).
@@ -410,9 +410,9 @@ def gptq_assign(layer: ClusteredLayer, weight: torch.Tensor, hessian: torch.Tens
 
 
 def _section_bytes(name: str, weight: torch.Tensor, codebook_dtype: str) -> int:
-    from .codec import CHUNK, encode_shared
+    from edgesqueeze.format.codec import CHUNK, encode_shared
 
-    return encode_shared(name, weight.detach().float().contiguous(),
+    return encode_shared(name, weight.detach().float().cpu().numpy(),
                          codebook_dtype=codebook_dtype, chunk=CHUNK)[2].bytes
 
 
@@ -686,11 +686,12 @@ def distill(model: nn.Module, reference: nn.Module, assignments: Mapping[str, Cl
 
 
 def _archive_bytes(model: nn.Module, meta: Mapping[str, Any], codebook_dtype: str) -> int:
-    from .codec import CHUNK, dumps_model
+    from edgesqueeze.checkpoint import esq_dumps
+    from edgesqueeze.format.codec import CHUNK
 
     # A byte budget spends every byte on fidelity: the default chunk (256), not the faster
     # large-model one, which would take 0.4% of the budget for the chunk index.
-    return len(dumps_model(model.state_dict(), dict(meta), codebook_dtype=codebook_dtype, chunk=CHUNK)[0])
+    return len(esq_dumps(model.state_dict(), dict(meta), codebook_dtype=codebook_dtype, chunk=CHUNK)[0])
 
 
 def _set_weights(model: nn.Module, chosen: Mapping[str, ClusteredLayer]) -> None:

@@ -653,7 +653,7 @@ def correct_bias(gm, model: nn.Module, calib: torch.Tensor, *, max_images: int =
     since a layer's shift is partly inherited from the layers before it. One pass over
     ``calib[:max_images]`` held as one batch (memory: that many images' activations).
     """
-    from edgesqueeze.compress.fold import fold_batchnorm
+    from edgesqueeze.models.fold import fold_batchnorm
     from edgesqueeze.errors import ModelError
 
     conv = torch.ops.aten.conv2d.default

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgesqueeze.errors import DataError, FormatError, RuntimeBackendError
+from edgesqueeze.format.container import MAGIC as ESQ_MAGIC
 
 __all__ = ["Artifact", "InputSpec", "load", "sniff", "softmax", "topk"]
 
@@ -41,7 +42,6 @@ META_FORMAT = "edgesqueeze.artifact"
 BACKENDS = ("onnxruntime", "ai-edge-litert", "tflite-runtime")
 _KIND_OF_BACKEND = {"onnxruntime": "onnx", "ai-edge-litert": "tflite", "tflite-runtime": "tflite"}
 
-ESQ_MAGIC = b"\x89ESQ\r\n\x1a\n"
 _SNIFF_BYTES = 64
 
 

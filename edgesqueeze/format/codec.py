@@ -1,5 +1,9 @@
 """Encode a weight-shared, pruned state_dict into `.esq` sections, and back, bit-exactly.
 
+numpy and the standard library only: a state_dict here is a ``{name: numpy array}`` mapping
+(:func:`edgesqueeze.checkpoint.esq_dumps` and :func:`~edgesqueeze.checkpoint.esq_loads` convert
+torch tensors), so the torch-free runtime and any tool can read an archive.
+
 A *shared* tensor is one whose non-zero values come from small codebooks (at most
 :data:`MAX_CODEBOOK` distinct values, for the whole tensor or for each slice along one
 axis): exactly what pruning plus k-means weight sharing produce, and what the released
@@ -37,9 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
-from edgesqueeze.compress import container, huffman
+from edgesqueeze.format import container, huffman
 from edgesqueeze.errors import FormatError
 
 MAX_CODEBOOK = 256
@@ -50,10 +53,13 @@ CHUNK = huffman.DEFAULT_CHUNK  # symbols per Huffman chunk; a section's info "c"
 LARGE_CHUNK = 128  # for models with at least LARGE_MODEL non-zero shared weights
 LARGE_MODEL = 1 << 18
 
+# The dtypes a raw section stores, by name (numpy's; torch's are the same names). bfloat16
+# is listed so that it is refused by name: numpy has no such dtype, so its owner refuses it.
 _NP_DTYPES = {
     "float32": np.float32, "float16": np.float16, "float64": np.float64, "bfloat16": None,
     "int64": np.int64, "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
 }
+STORABLE_DTYPES = tuple(name for name, dt in _NP_DTYPES.items() if dt is not None)
 
 
 @dataclass
@@ -197,7 +203,7 @@ def _encode_candidate(flat, shape, axis, dense, cb_dtype, chunk):
     return ks_bytes + cb_bytes + len_bytes + idx_data + gap_data, info, idx, gaps
 
 
-def encode_shared(name: str, t: torch.Tensor, *, codebook_dtype: str = "float32",
+def encode_shared(name: str, t: np.ndarray, *, codebook_dtype: str = "float32",
                   chunk: int = CHUNK) -> tuple[bytes, dict, LayerStats]:
     """Encode one tensor whose non-zero values form small codebooks (whole, or per slice).
 
@@ -206,9 +212,10 @@ def encode_shared(name: str, t: torch.Tensor, *, codebook_dtype: str = "float32"
     (a layer rescaled per input channel, like the released SqueezeNet's conv1, has one
     small codebook per channel). The smallest encoding is kept.
     """
-    if t.dtype != torch.float32:
+    t = np.asarray(t)
+    if t.dtype != np.float32:
         raise FormatError(f"layer {name}: shared encoding needs float32, got {t.dtype}")
-    flat = t.detach().cpu().reshape(-1).numpy()
+    flat = t.reshape(-1)
     if not np.isfinite(flat).all():
         raise FormatError(f"layer {name}: has NaN or infinite weights")
     shape = list(t.shape)
@@ -245,24 +252,23 @@ def _exact_in_float16(arr: np.ndarray) -> bool:
         return bool(np.array_equal(arr.astype(np.float16).astype(np.float32), arr))
 
 
-def encode_raw(name: str, t: torch.Tensor) -> tuple[bytes, dict, LayerStats]:
+def encode_raw(name: str, t: np.ndarray) -> tuple[bytes, dict, LayerStats]:
     """A tensor's little-endian bytes. A float32 tensor whose every value is exactly a
     float16 (biases rounded by ``cluster.bias_dtype: float16``, all-zero tensors) is stored
     as float16, half the bytes, and widened back on decoding: the bits are the same."""
-    t = t.detach().cpu().contiguous()
-    dtype = str(t.dtype).removeprefix("torch.")
+    arr = np.asarray(t)  # tobytes() is row-major whatever the strides; 0-d stays 0-d
+    dtype = arr.dtype.name
     if dtype not in _NP_DTYPES or _NP_DTYPES[dtype] is None:
         raise FormatError(f"tensor {name}: dtype {dtype} cannot be stored")
-    arr = t.numpy()
     stored = dtype
     if dtype == "float32" and arr.size and _exact_in_float16(arr):
         stored = "float16"
     blob = arr.astype(np.dtype(_NP_DTYPES[stored]).newbyteorder("<"), copy=False).tobytes()
-    info = {"enc": "raw", "shape": list(t.shape), "dtype": dtype}
+    info = {"enc": "raw", "shape": list(arr.shape), "dtype": dtype}
     if stored != dtype:
         info["stored"] = stored
-    nz = int(torch.count_nonzero(t)) if t.numel() else 0
-    return blob, info, LayerStats(name=name, kind="raw", numel=t.numel(), nonzero=nz, bytes=len(blob))
+    nz = int(np.count_nonzero(arr)) if arr.size else 0
+    return blob, info, LayerStats(name=name, kind="raw", numel=arr.size, nonzero=nz, bytes=len(blob))
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,7 +276,7 @@ def encode_raw(name: str, t: torch.Tensor) -> tuple[bytes, dict, LayerStats]:
 
 
 def encode_state_dict(
-    state_dict: dict[str, torch.Tensor], *, shared: str | list[str] = "auto", codebook_dtype: str = "float32",
+    state_dict: dict[str, np.ndarray], *, shared: str | list[str] = "auto", codebook_dtype: str = "float32",
     chunk: int | None = None,
 ) -> tuple[list[tuple[str, bytes, dict]], list[LayerStats]]:
     """Sections for every tensor, in state_dict order.
@@ -286,8 +292,8 @@ def encode_state_dict(
     index would weigh more and the decode is short anyway (docs/FORMAT.md).
     """
     if chunk is None:
-        weights = sum(int(torch.count_nonzero(t)) for t in state_dict.values()
-                      if t.dtype == torch.float32 and t.dim() >= 2)
+        weights = sum(int(np.count_nonzero(t)) for t in state_dict.values()
+                      if t.dtype == np.float32 and t.ndim >= 2)
         chunk = LARGE_CHUNK if weights >= LARGE_MODEL else CHUNK
     sections, stats, raw = [], [], []
     explicit = None if shared == "auto" else set(shared)
@@ -296,7 +302,7 @@ def encode_state_dict(
         if unknown:
             raise FormatError(f"layer {unknown[0]}: not in the model's state_dict")
     for name, t in state_dict.items():
-        want = (name in explicit) if explicit is not None else (t.dtype == torch.float32 and t.dim() >= 2)
+        want = (name in explicit) if explicit is not None else (t.dtype == np.float32 and t.ndim >= 2)
         blob = None
         if want:
             try:
@@ -304,7 +310,7 @@ def encode_state_dict(
             except FormatError:
                 if explicit is not None:
                     raise
-            if explicit is None and blob is not None and len(blob) >= t.numel() * t.element_size():
+            if explicit is None and blob is not None and len(blob) >= t.size * t.itemsize:
                 blob = None  # sharing would not pay (e.g. per-slice codebooks of unique values)
         if blob is None:
             blob, info, st = encode_raw(name, t)
@@ -337,7 +343,7 @@ def _need(info: dict, key: str, name: str, kind=int, lo: int = 0, hi: int = 2**4
     return v
 
 
-def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, torch.Tensor]:
+def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, np.ndarray]:
     table = info.get("tensors")
     if not isinstance(table, list):
         raise FormatError(f"section {section}: 'tensors' must be a list of [name, dtype, shape(, stored)]")
@@ -358,20 +364,20 @@ def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, torch.Tensor
             raise FormatError(f"section {section}: tensor {name} needs {size} bytes, {len(blob) - pos} are left")
         arr = np.frombuffer(blob, dtype=np_dtype, count=size // np_dtype.itemsize, offset=pos)
         arr = arr.astype(np.dtype(_NP_DTYPES[dtype]))  # native order; float16 -> float32 is exact
-        out[name] = torch.from_numpy(arr).reshape(shape)
+        out[name] = arr.reshape(shape)
         pos += size
     if pos != len(blob):
         raise FormatError(f"section {section}: {len(blob) - pos} bytes left after its tensors")
     return out
 
 
-def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
+def decode_sections(archive: container.Archive) -> dict[str, np.ndarray]:
     """Tensors of an archive, bit-exact, with all Huffman streams decoded in one batch.
 
     Version-1 archives carry a u16 per chunk in their streams' chunk index, later versions
-    the packed index (see :mod:`edgesqueeze.compress.huffman`)."""
+    the packed index (see :mod:`edgesqueeze.format.huffman`)."""
     index = "u16" if archive.version == 1 else "packed"
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, np.ndarray] = {}
     pending = []
     streams, stream_names, chunks = [], [], []
     for name, (blob, info) in archive.sections.items():
@@ -458,15 +464,15 @@ def decode_sections(archive: container.Archive) -> dict[str, torch.Tensor]:
         else:
             flat = np.zeros(numel, dtype=np.float32)
             flat[pos] = values
-        out[name] = torch.from_numpy(flat.reshape(shape))
+        out[name] = flat.reshape(shape)
     return out
 
 
-def dumps_model(state_dict: dict[str, torch.Tensor], meta: dict, **kwargs) -> tuple[bytes, list[LayerStats]]:
+def dumps_model(state_dict: dict[str, np.ndarray], meta: dict, **kwargs) -> tuple[bytes, list[LayerStats]]:
     sections, stats = encode_state_dict(state_dict, **kwargs)
     return container.dumps(meta, sections), stats
 
 
-def loads_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+def loads_model(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
     archive = container.loads(data)
     return decode_sections(archive), archive.meta
