@@ -1,0 +1,264 @@
+"""Packed files: an ONNX or TFLite file whose weights are Deep-Compression-coded, restored
+byte for byte on the device before the runtime sees it.
+
+``model.int8.tflite.esq`` is an ``.esq`` archive (:mod:`edgesqueeze.format.container`: magic,
+version, CRC-32 per section, SHA-256 of the file) that holds one ONNX or TFLite file:
+
+- every weight tensor worth it is cut out of the file and coded the way the ``.esq``
+  checkpoint codes a pruned, weight-shared layer (:func:`edgesqueeze.format.codec.encode_shared`:
+  the positions of the non-zeros as Huffman-coded gaps, their values as Huffman-coded indices
+  into a small codebook), one section per tensor;
+- what is left (the graph, biases, scales, metadata) is one ``skeleton`` section, compressed
+  with a standard-library codec (``lzma`` or ``zlib``, the smaller);
+- the header's ``meta["packed"]`` records the file's name, format, size and SHA-256.
+
+Decoding (:func:`unpack`) needs numpy and the standard library only: decompress the skeleton,
+decode the tensors, put each tensor's bytes back at its offset, and check the size and the
+SHA-256 against the recorded ones. The runtime then builds its session from those bytes in
+memory. The format of the inner file does not matter to the decoder: it splices bytes.
+
+A tensor section's info is the codec's (``shape``, codebook, streams) plus::
+
+    at      offset of the tensor's first byte in the inner file
+    dtype   how its values are stored there: "int8", "uint8", "int16", "int32" or "float32"
+    offset  added to each decoded value before it is stored (128 for uint8 weights whose zero
+            point is 128: they are coded as the signed values q - 128, so zero stays zero)
+
+Worked example: a file ``b"HEAD" + int8[0, 0, 3, 0, -2, 3] + b"TAIL"`` packs into a skeleton
+``b"HEADTAIL"`` and one tensor at 4 with values ``[0, 0, 3, 0, -2, 3]``: codebook ``[-2, 3]``,
+indices ``[1, 0, 1]``, gaps ``[2, 1, 0]``. docs/FORMAT.md specifies every byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgesqueeze.errors import FormatError
+from edgesqueeze.format import codec, container
+
+__all__ = ["PACKED_KEY", "SKELETON", "PackedTensor", "pack", "unpack", "is_packed", "packed_info"]
+
+PACKED_KEY = "packed"  # meta key of a packed archive
+SKELETON = "skeleton"
+MIN_TENSOR_BYTES = 256  # smaller tensors stay in the skeleton (a section costs ~40 header bytes)
+_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "float32": np.float32}
+MAX_DICT = 1 << 26  # LZMA2 dictionary, at most 64 MiB: the decoder allocates it
+
+
+def _lzma_filters(dict_size: int) -> list[dict[str, int]]:
+    return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size}]
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """A tensor to code: its values as the file stores them (little-endian ``dtype``), and
+    ``offset`` for zero-point-shifted unsigned weights (uint8 with zero point 128: 128)."""
+
+    name: str
+    values: np.ndarray
+    offset: int = 0
+
+
+# ------------------------------------------------------------------------------ encoding
+
+def _signed(t: PackedTensor) -> np.ndarray | None:
+    """The values to code as float32 (exact), or None when the tensor cannot be coded."""
+    v = np.asarray(t.values)
+    dtype = v.dtype.name
+    if dtype not in _DTYPES:
+        return None
+    if dtype == "float32":
+        if t.offset or not np.isfinite(v).all() or np.signbit(v[v == 0]).any():
+            return None  # -0.0 would come back as +0.0: not the same bytes
+        return v.astype(np.float32)
+    signed = v.astype(np.int64) - t.offset
+    if np.abs(signed).max(initial=0) > 2048:  # float16 codebooks hold integers up to 2048 exactly
+        return None
+    return signed.astype(np.float32)
+
+
+def _find(data: bytes, raw: bytes, taken: list[tuple[int, int]]) -> int | None:
+    """First offset of ``raw`` in ``data`` that overlaps no taken range."""
+    start = 0
+    while True:
+        at = data.find(raw, start)
+        if at < 0:
+            return None
+        end = at + len(raw)
+        if not any(a < end and at < b for a, b in taken):
+            return at
+        start = at + 1
+
+
+def _compress(data: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The smaller of zlib and raw LZMA2 (dictionary: the data's size rounded up to a power
+    of two, at least 64 KiB: no more memory than the data needs on the device)."""
+    dict_size = min(MAX_DICT, max(1 << 16, 1 << max(0, len(data) - 1).bit_length()))
+    candidates = [(zlib.compress(data, 9), {"codec": "zlib"}),
+                  (lzma.compress(data, format=lzma.FORMAT_RAW, filters=_lzma_filters(dict_size)),
+                   {"codec": "lzma", "dict": dict_size})]
+    return min(candidates, key=lambda c: (len(c[0]), c[1]["codec"]))
+
+
+def pack(data: bytes, tensors: Iterable[PackedTensor], *, name: str, fmt: str,
+         meta: dict[str, Any] | None = None) -> tuple[bytes, list[dict[str, Any]]]:
+    """Pack the file ``data`` (named ``name``, of format ``fmt``, e.g. ``"tflite-int8"``).
+
+    ``tensors``: the file's weight tensors with their values (the caller reads them with
+    onnx or LiteRT); each is found in ``data`` by its bytes and coded where that is smaller.
+    A tensor not found, or not worth coding, simply stays in the skeleton: the result always
+    decodes to ``data`` exactly (checked here before returning). ``meta``: more header
+    entries (the artifact's metadata). Returns the archive bytes and one row per tensor
+    (name, bytes before and after, non-zeros, whether it was coded)."""
+    data = bytes(data)
+    taken: list[tuple[int, int]] = []
+    coded, rows = [], []
+    ordered = sorted(tensors, key=lambda t: -np.asarray(t.values).nbytes)  # big ones claim first
+    for t in ordered:
+        v = np.ascontiguousarray(np.asarray(t.values))
+        raw = v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes()
+        row = {"name": t.name, "dtype": v.dtype.name, "shape": list(v.shape), "bytes": len(raw),
+               "nonzero": int(np.count_nonzero(v.astype(np.int64) - t.offset if v.dtype.kind in "iu" else v)),
+               "coded_bytes": None}
+        rows.append(row)
+        signed = _signed(t) if len(raw) >= MIN_TENSOR_BYTES else None
+        at = _find(data, raw, taken) if signed is not None else None
+        if at is None:
+            continue
+        try:
+            blob, info, _ = codec.encode_shared(t.name, signed.reshape(v.shape), codebook_dtype="float16")
+        except FormatError:  # more distinct values than a codebook holds: leave it raw
+            continue
+        if len(blob) + 40 >= len(raw):
+            continue
+        info = {**info, "at": at, "dtype": v.dtype.name, "offset": int(t.offset)}
+        taken.append((at, at + len(raw)))
+        coded.append((at, len(raw), blob, info))
+        row["coded_bytes"] = len(blob)
+    coded.sort(key=lambda c: c[0])
+    pieces, pos = [], 0
+    for at, n, _, _ in coded:
+        pieces.append(data[pos:at])
+        pos = at + n
+    pieces.append(data[pos:])
+    skeleton, how = _compress(b"".join(pieces))
+    sections = [(SKELETON, skeleton, {"enc": "skeleton", **how, "n": len(data) - sum(c[1] for c in coded)})]
+    sections += [(f"t{i}", blob, info) for i, (_, _, blob, info) in enumerate(coded)]
+    head = {PACKED_KEY: {"name": name, "format": fmt, "bytes": len(data),
+                         "sha256": hashlib.sha256(data).hexdigest()}}
+    out = container.dumps({**(meta or {}), **head}, sections)
+    if unpack(out) != data:  # never write a file that does not restore its input
+        raise FormatError(f"{name}: packing did not round-trip (a bug); nothing written")
+    return out, rows
+
+
+# ------------------------------------------------------------------------------ decoding
+
+def is_packed(archive: container.Archive) -> bool:
+    return isinstance(archive.meta.get(PACKED_KEY), dict)
+
+
+def packed_info(archive: container.Archive) -> dict[str, Any]:
+    """``meta["packed"]`` checked: name, format, bytes, sha256."""
+    info = archive.meta.get(PACKED_KEY)
+    if not isinstance(info, dict):
+        raise FormatError("not a packed file: an .esq checkpoint archive (compressed weights of a torch "
+                          "model); export it, or pack an .onnx/.tflite with `edgesqueeze export --pack`")
+    ok = (isinstance(info.get("name"), str) and isinstance(info.get("format"), str)
+          and isinstance(info.get("bytes"), int) and not isinstance(info.get("bytes"), bool)
+          and 0 <= info["bytes"] < 1 << 34 and isinstance(info.get("sha256"), str) and len(info["sha256"]) == 64)
+    if not ok:
+        raise FormatError(f"meta.packed: needs name, format, bytes and sha256, got {info!r}")
+    return info
+
+
+def _tensor_bytes(name: str, values: np.ndarray, info: dict) -> bytes:
+    dtype = info.get("dtype")
+    offset = info.get("offset", 0)
+    if dtype not in _DTYPES or not isinstance(offset, int) or isinstance(offset, bool):
+        raise FormatError(f"section {name}: bad dtype {dtype!r} or offset {offset!r}")
+    if dtype == "float32":
+        if offset:
+            raise FormatError(f"section {name}: a float32 tensor has no offset")
+        return values.astype("<f4").tobytes()
+    lo, hi = np.iinfo(_DTYPES[dtype]).min, np.iinfo(_DTYPES[dtype]).max
+    q = values.astype(np.float64) + offset
+    if values.size and (not np.array_equal(q, np.round(q)) or q.min() < lo or q.max() > hi):
+        raise FormatError(f"section {name}: values do not fit {dtype}")
+    return q.astype(np.dtype(_DTYPES[dtype]).newbyteorder("<")).tobytes()
+
+
+def unpack(source: bytes | container.Archive) -> bytes:
+    """The inner file's exact bytes, checked against the recorded size and SHA-256.
+
+    Every problem is a :class:`FormatError` naming the section: a damaged archive (the
+    container's checksums), a skeleton that does not decompress to its recorded size,
+    tensors that overlap or run past the file, bytes whose SHA-256 is not the recorded one."""
+    archive = source if isinstance(source, container.Archive) else container.loads(source)
+    info = packed_info(archive)
+    if SKELETON not in archive.sections:
+        raise FormatError("packed file without a skeleton section")
+    blob, sk = archive.sections[SKELETON]
+    n = sk.get("n") if isinstance(sk, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= info["bytes"]:
+        raise FormatError(f"section {SKELETON}: bad size {n!r}")
+    try:
+        if sk.get("codec") == "zlib":
+            d = zlib.decompressobj()
+            skeleton = d.decompress(blob, n + 1)
+            ok = d.eof and not d.unused_data
+        elif sk.get("codec") == "lzma":
+            size = sk.get("dict")
+            if not isinstance(size, int) or isinstance(size, bool) or not 4096 <= size <= MAX_DICT:
+                raise FormatError(f"section {SKELETON}: bad LZMA2 dictionary size {size!r}")
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_lzma_filters(size))
+            skeleton = d.decompress(blob, n + 1)
+            ok = d.eof and not d.unused_data  # raw LZMA2 ends with its end marker
+        else:
+            raise FormatError(f"section {SKELETON}: unknown codec {sk.get('codec')!r}")
+    except (zlib.error, lzma.LZMAError) as exc:
+        raise FormatError(f"section {SKELETON}: does not decompress ({exc})") from None
+    if len(skeleton) != n or not ok:
+        raise FormatError(f"section {SKELETON}: decompresses to {len(skeleton)} bytes, recorded {n}")
+    tensors = {k: v for k, v in archive.sections.items() if k != SKELETON}
+    for k, (_, ti) in tensors.items():
+        if not isinstance(ti, dict) or ti.get("enc") != "shared":
+            raise FormatError(f"section {k}: not a coded tensor")
+    values = codec.decode_sections(container.Archive(meta={}, sections=tensors, version=archive.version))
+    spans = []
+    for k, (_, ti) in tensors.items():
+        at = ti.get("at")
+        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+            raise FormatError(f"section {k}: bad offset {at!r}")
+        spans.append((at, k, _tensor_bytes(k, np.asarray(values[k]), ti)))
+    spans.sort()
+    out, pos, used = bytearray(), 0, 0
+    for at, k, raw in spans:
+        gap = at - len(out)
+        if gap < 0 or pos + gap > len(skeleton):
+            raise FormatError(f"section {k}: at {at} overlaps the previous tensor or lies past the file")
+        out += skeleton[pos:pos + gap]
+        pos += gap
+        out += raw
+        used += len(raw)
+    out += skeleton[pos:]
+    if len(out) != info["bytes"]:
+        raise FormatError(f"decoded {len(out)} bytes, the file recorded {info['bytes']}")
+    digest = hashlib.sha256(out).hexdigest()
+    if digest != info["sha256"]:
+        raise FormatError(f"decoded bytes have SHA-256 {digest[:16]}..., the file recorded {info['sha256'][:16]}...")
+    return bytes(out)
+
+
+def bits_per_nonzero(rows: Sequence[dict[str, Any]]) -> float | None:
+    """Coded bits per non-zero weight over the coded tensors of :func:`pack`'s rows."""
+    coded = [r for r in rows if r["coded_bytes"] is not None]
+    nz = sum(r["nonzero"] for r in coded)
+    return None if not nz else 8 * sum(r["coded_bytes"] for r in coded) / nz

@@ -1,0 +1,153 @@
+"""Packed files (edgesqueeze.format.packed): exact bytes back, damage refused before any runtime."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgesqueeze.errors import FormatError
+from edgesqueeze.format import container
+from edgesqueeze.format.packed import PackedTensor, bits_per_nonzero, is_packed, pack, unpack
+
+
+def _file(rng: np.random.Generator, *, sparsity: float = 0.7, k: int = 12, n: int = 4096):
+    """A fake model file: header, a pruned and shared int8 tensor, a uint8 tensor with zero
+    point 128, a shared float32 tensor, a dense float tensor (not shareable), a tail."""
+    cb = np.array([v for v in range(-60, 61, 120 // k) if v][:k], dtype=np.int8)
+    w8 = np.where(rng.random(n) < sparsity, 0, rng.choice(cb, n)).astype(np.int8).reshape(64, -1)
+    u8 = (np.where(rng.random(n) < sparsity, 0, rng.choice(cb, n)).astype(np.int16) + 128).astype(np.uint8)
+    f32 = np.where(rng.random(n) < sparsity, 0, rng.choice(cb.astype(np.float32) / 64, n)).astype(np.float32)
+    dense = rng.standard_normal(512).astype(np.float32)
+    parts = [b"HEADER" * 7, w8.tobytes(), b"\x00\x01mid", u8.tobytes(), f32.tobytes(), dense.tobytes(), b"TAIL"]
+    tensors = [PackedTensor("w8", w8), PackedTensor("u8", u8, offset=128), PackedTensor("f32", f32.reshape(32, -1)),
+               PackedTensor("dense", dense)]
+    return b"".join(parts), tensors
+
+
+@pytest.fixture(scope="module")
+def packed():
+    data, tensors = _file(np.random.default_rng(0))
+    blob, rows = pack(data, tensors, name="model.int8.onnx", fmt="onnx-int8", meta={"artifact": {"x": 1}})
+    return data, blob, rows
+
+
+def test_docstring_example():
+    w = np.array([0, 0, 3, 0, -2, 3] * 50, dtype=np.int8)  # 300 bytes: above MIN_TENSOR_BYTES
+    data = b"HEAD" + w.tobytes() + b"TAIL"
+    blob, rows = pack(data, [PackedTensor("w", w)], name="f", fmt="onnx")
+    arc = container.loads(blob)
+    assert rows[0]["coded_bytes"] is not None
+    assert arc.sections["t0"][1]["at"] == 4 and arc.sections["t0"][1]["k"] == 2
+    assert unpack(blob) == data
+
+
+def test_round_trip_and_sizes(packed):
+    data, blob, rows = packed
+    assert unpack(blob) == data
+    arc = container.loads(blob)
+    assert is_packed(arc) and arc.meta["artifact"] == {"x": 1}
+    info = arc.meta["packed"]
+    assert info == {"name": "model.int8.onnx", "format": "onnx-int8", "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest()}
+    by = {r["name"]: r for r in rows}
+    # the three shared tensors are coded, the dense float tensor stays in the skeleton
+    assert all(by[n]["coded_bytes"] is not None for n in ("w8", "u8", "f32"))
+    assert by["dense"]["coded_bytes"] is None
+    # the uint8 tensor's zeros (128) code as zeros: as small as its int8 twin, give or take
+    assert by["u8"]["coded_bytes"] < 1.3 * by["w8"]["coded_bytes"]
+    assert by["w8"]["nonzero"] < 0.4 * 4096
+    assert len(blob) < 0.5 * len(data)
+    bits = bits_per_nonzero(rows)
+    assert bits is not None and 3 < bits < 8  # ~0.9 bit of position + ~3.6 bits of value per non-zero
+
+
+def test_deterministic(packed):
+    data, blob, _ = packed
+    _, tensors = _file(np.random.default_rng(0))
+    assert pack(data, tensors, name="model.int8.onnx", fmt="onnx-int8", meta={"artifact": {"x": 1}})[0] == blob
+
+
+def test_tensor_not_in_file_or_negative_zero_stays_raw():
+    rng = np.random.default_rng(1)
+    w = rng.choice(np.array([0, 0, 0, 5, -5], np.int8), 1000)
+    neg = np.where(rng.random(300) < 0.5, -0.0, 0.25).astype(np.float32)  # -0.0 would come back as +0.0
+    data = b"A" + w.tobytes() + neg.tobytes() + b"Z"
+    other = np.ones(1000, np.int8)
+    blob, rows = pack(data, [PackedTensor("w", w), PackedTensor("neg", neg), PackedTensor("absent", other)],
+                      name="f", fmt="tflite")
+    by = {r["name"]: r for r in rows}
+    assert by["w"]["coded_bytes"] is not None
+    assert by["neg"]["coded_bytes"] is None and by["absent"]["coded_bytes"] is None
+    assert unpack(blob) == data
+
+
+def test_identical_tensors_each_find_their_own_bytes():
+    w = np.tile(np.array([0, 0, 7, 0], np.int8), 200)
+    data = b"x" + w.tobytes() + b"y" + w.tobytes() + b"z"
+    blob, rows = pack(data, [PackedTensor("a", w), PackedTensor("b", w)], name="f", fmt="onnx")
+    ats = sorted(info["at"] for name, (_, info) in container.loads(blob).sections.items() if name != "skeleton")
+    assert ats == [1, 2 + w.nbytes]
+    assert unpack(blob) == data
+
+
+def _rewrite(blob: bytes, edit) -> bytes:
+    """The archive with its header edited and re-checksummed: a file a buggy or hostile
+    writer could produce, valid as a container."""
+    arc = container.loads(blob)
+    meta, sections = json.loads(json.dumps(arc.meta)), {k: (d, dict(i)) for k, (d, i) in arc.sections.items()}
+    edit(meta, sections)
+    return container.dumps(meta, [(k, d, i) for k, (d, i) in sections.items()])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m, s: m["packed"].update(sha256="0" * 64), "SHA-256"),
+    (lambda m, s: m["packed"].update(bytes=m["packed"]["bytes"] + 1), "recorded"),
+    (lambda m, s: m.pop("packed"), "not a packed file"),
+    (lambda m, s: m["packed"].pop("format"), "meta.packed"),
+    (lambda m, s: s["skeleton"][1].update(n=s["skeleton"][1]["n"] - 1), "skeleton"),
+    (lambda m, s: s["skeleton"][1].update(codec="brotli"), "unknown codec"),
+    (lambda m, s: s.update(skeleton=(b"\x00" * 10, s["skeleton"][1])), "skeleton"),
+    (lambda m, s: s.pop("skeleton"), "without a skeleton"),
+    (lambda m, s: s["t0"][1].update(at=s["t1"][1]["at"]), "overlaps"),
+    (lambda m, s: s["t0"][1].update(at=10 ** 9), "past the file"),
+    (lambda m, s: s["t0"][1].update(at=-1), "bad offset"),
+    (lambda m, s: s["t0"][1].update(dtype="complex64"), "bad dtype"),
+    (lambda m, s: s["t0"][1].update(offset=300), "do not fit"),
+    (lambda m, s: s["t0"][1].update(enc="raw"), "not a coded tensor"),
+])
+def test_inconsistent_headers_are_refused(packed, edit, match):
+    _, blob, _ = packed
+    with pytest.raises(FormatError, match=match):
+        unpack(_rewrite(blob, edit))
+
+
+def test_truncated_padded_and_flipped(packed):
+    _, blob, _ = packed
+    for bad in (blob[:-1], blob[: len(blob) // 2], blob + b"\x00", b""):
+        with pytest.raises(FormatError):
+            unpack(bad)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_flipped_bit_is_refused(packed, data):
+    _, blob, _ = packed
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    bit = data.draw(st.integers(0, 7))
+    bad = bytearray(blob)
+    bad[pos] ^= 1 << bit
+    with pytest.raises(FormatError):
+        unpack(bytes(bad))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), sparsity=st.floats(0, 0.95), k=st.integers(2, 40))
+def test_round_trip_property(seed, sparsity, k):
+    data, tensors = _file(np.random.default_rng(seed), sparsity=sparsity, k=k, n=1024)
+    blob, _ = pack(data, tensors, name="f", fmt="onnx")
+    assert unpack(blob) == data
