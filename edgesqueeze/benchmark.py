@@ -55,17 +55,31 @@ def open_any(path: Path, *, threads: int | None) -> Artifact:
 
 def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, warmup: int = 10,
                 threads: int | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """One row per (file, batch size): p50/p90/mean ms and the ratio of p50 to the first file's."""
-    from edgesqueeze.runtime.bench import compare
+    """One row per (file, batch size): p50/p90/mean ms and the ratio of p50 to the first file's,
+    and the cold load (file to ready session, a packed file's decoding included; median of 3
+    interleaved loads; ``None`` for PyTorch files)."""
+    from edgesqueeze.runtime.bench import cold_loads, compare
+    from edgesqueeze.verify import sniff
 
-    arts = [open_any(Path(p), threads=threads) for p in paths]
+    torch_files = [sniff(Path(p)) in ("pt", "esq") for p in paths]
+    runtime_paths = [p for p, t in zip(paths, torch_files) if not t]
+    if runtime_paths:
+        log(f"timing cold loads: 1 + 3 loads of each of {len(runtime_paths)} file(s), interleaved")
+    loaded = iter(cold_loads(runtime_paths, threads=threads)) if runtime_paths else iter(())
+    arts, cold = [], []
+    for p, t in zip(paths, torch_files):
+        art, c = (open_any(Path(p), threads=threads), {"cold_load_ms": None, "decode_ms": None}) if t else next(loaded)
+        arts.append(art)
+        cold.append(c)
     rows = []
     for bs in batch_sizes:
         log(f"timing batch {bs}: {warmup} warm-up + {runs} runs of each of {len(arts)} file(s), interleaved")
-        for art, row in zip(arts, compare(arts, batch_size=bs, warmup=warmup, runs=runs)):
+        for art, c, row in zip(arts, cold, compare(arts, batch_size=bs, warmup=warmup, runs=runs)):
             fmt = (art.meta or {}).get("artifact_format") or Path(art.path).suffix.lstrip(".")
+            if getattr(art, "packed", None):
+                fmt += ".esq"
             rows.append({"file": str(art.path), "format": fmt, "backend": art.backend, "batch_size": bs,
                          "threads": threads,
                          "p50_ms": row["p50_ms"], "p90_ms": row["p90_ms"], "mean_ms": row["mean_ms"],
-                         "ratio": row["p50_ratio"], "bytes": row["size_bytes"]})
+                         "ratio": row["p50_ratio"], "bytes": row["size_bytes"], **c})
     return rows

@@ -27,7 +27,8 @@ __all__ = ["Budget", "Verdict", "parse_size", "format_size", "check", "verdicts_
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
           "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3}
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
-ARTIFACT_FORMATS = ("pt", "esq", "onnx", "onnx-int8", "tflite", "tflite-int8")
+ARTIFACT_FORMATS = ("pt", "esq", "onnx", "onnx-int8", "tflite", "tflite-int8",
+                    "onnx.esq", "onnx-int8.esq", "tflite.esq", "tflite-int8.esq")  # .esq: packed files
 
 
 class BudgetSpecError(EdgesqueezeError):
@@ -85,7 +86,8 @@ class Budget:
     """What every artifact must hold. ``None`` means "not checked".
 
     ``max_size`` applies to every artifact, ``max_size_per_format`` (keys: pt, esq, onnx,
-    onnx-int8, tflite, tflite-int8) overrides it per format. ``min_accuracy`` and
+    onnx-int8, tflite, tflite-int8, and the packed forms onnx.esq ... tflite-int8.esq)
+    overrides it per format. ``min_accuracy`` and
     ``min_agreement`` are fractions; ``max_drop`` is in accuracy *points* against the float
     model the artifact came from.
     """

@@ -273,17 +273,36 @@ def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset,
 
 @cli.command()
 @click.argument("esq_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Checkpoint to write (.pt).")
+@click.option("-o", "--output", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="File to write: a checkpoint (.pt) for a checkpoint archive; for a packed file, the "
+                   ".onnx/.tflite [default: its recorded name, beside it].")
 def unpack(esq_path, out_path):
-    """Decode a .esq archive into a normal edgesqueeze checkpoint.
+    """Decode a .esq archive: a checkpoint archive into a normal edgesqueeze checkpoint, a
+    packed .onnx.esq / .tflite.esq into its plain .onnx / .tflite.
 
-    The weights are bit-for-bit the ones the archive was made from.
+    Both are exact: the weights bit for bit, a packed file's bytes checked against the
+    SHA-256 it recorded.
 
     \b
-    Example:
+    Examples:
       edgesqueeze unpack artifacts/squeezenet-mnist/squeezenet-mnist-compressed/model.esq -o model.pt
+      edgesqueeze unpack export/model.int8.tflite.esq          # writes export/model.int8.tflite
     """
+    from edgesqueeze.verify import sniff
+
+    if sniff(esq_path) == "packed":
+        from edgesqueeze._io import write_bytes_atomic
+        from edgesqueeze.runtime._base import unpack_file
+
+        data, packed = unpack_file(esq_path)
+        out_path = out_path or esq_path.with_name(Path(packed["name"]).name)
+        if out_path.resolve() == esq_path.resolve():
+            raise click.UsageError(f"{out_path}: would overwrite the packed file; pass -o")
+        write_bytes_atomic(out_path, data)
+        click.echo(f"{out_path}: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}")
+        return
+    if out_path is None:
+        raise click.UsageError(f"{esq_path} is a checkpoint archive: pass -o model.pt")
     from edgesqueeze.checkpoint import model_from_esq, save_checkpoint
 
     model, meta = model_from_esq(esq_path)
@@ -372,10 +391,18 @@ def _csv(value: str, what: str) -> list[str]:
                    "int8 weights, faster on VNNI x86 (its uint8 x int8 kernels); x86 CPUs without VNNI "
                    "(AVX2 only) saturate their products and compute other logits (digits: 94% top-1 "
                    "agreement with the exact result) [default: the recipe's, else any-cpu].")
+@click.option("--int8-weights", type=click.Choice(["auto", "per-channel", "per-tensor"]),
+              help="One int8 weight scale per output channel or per tensor. auto: per tensor for a "
+                   "weight-shared model (an .esq), so each shared value stays one int8 value and --pack codes "
+                   "it as compactly as the .esq [default: the recipe's, else auto].")
+@click.option("--pack/--no-pack", default=None,
+              help="Also write each file packed (model.int8.tflite.esq): its weights Deep-Compression-coded, "
+                   "restored byte for byte on the device by `edgesqueeze.runtime.load` [default: the "
+                   "recipe's, else no].")
 @click.option("--arch", help="Architecture of a plain state_dict (e.g. squeezenet1_0).")
 def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, data_dir, calibration_images,
                calibration_method, fold_normalization, float_layers, weight_rounding, equalize_activations,
-               onnx_int8_target, arch):
+               onnx_int8_target, int8_weights, pack, arch):
     """Export a checkpoint or .esq archive to ONNX and TFLite, fp32 and INT8.
 
     Each file carries its metadata (classes, input shape, normalization, calibration,
@@ -386,6 +413,7 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
     Example:
       edgesqueeze export artifacts/squeezenet-digits/model.pt
       edgesqueeze export model.esq -f tflite-int8 --calibration-images 512
+      edgesqueeze export model.esq -f tflite-int8 --pack   # + model.int8.tflite.esq, the file to ship
       edgesqueeze export squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample -f onnx-int8
       edgesqueeze export squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample \
           --float-layers features.0,features.3,features.4
@@ -422,6 +450,10 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
         config = dataclasses.replace(config, equalize_activations=equalize_activations)
     if onnx_int8_target:
         config = dataclasses.replace(config, onnx_int8_target=onnx_int8_target)
+    if int8_weights:
+        config = dataclasses.replace(config, int8_weights=int8_weights)
+    if pack is not None:
+        config = dataclasses.replace(config, pack=pack)
     if float_layers is not None:
         try:
             config = dataclasses.replace(config, float_layers=tuple(_csv(float_layers, "--float-layers")),
@@ -635,7 +667,8 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
 def inspect(path, as_json):
-    """What a .pt, .esq, .onnx or .tflite file holds: inputs, outputs, ops, tensors, metadata.
+    """What a .pt, .esq, .onnx or .tflite file (or a packed .onnx.esq / .tflite.esq) holds:
+    inputs, outputs, ops, tensors, metadata.
 
     \b
     Example:
@@ -657,7 +690,8 @@ def inspect(path, as_json):
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 def run_cmd(model_path, images, top_k, threads, as_json):
-    """Classify image files with an .onnx or .tflite artifact (no PyTorch needed).
+    """Classify image files with an .onnx or .tflite artifact, or a packed .onnx.esq /
+    .tflite.esq (no PyTorch needed).
 
     \b
     Example:
@@ -689,9 +723,11 @@ def run_cmd(model_path, images, top_k, threads, as_json):
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads [default: the runtime's].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write rows as JSON.")
 def bench(paths, batch_sizes, runs, warmup, threads, json_path):
-    """Latency of artifacts (p50, p90) at batch 1 and 32, with ratios against the first file.
+    """Latency of artifacts (p50, p90) at batch 1 and 32, with ratios against the first file,
+    and each file's cold load time (file to ready session; packed files decode first).
 
-    .onnx and .tflite run through their runtimes; .pt and .esq through PyTorch eager.
+    .onnx and .tflite (and packed .onnx.esq / .tflite.esq) run through their runtimes; .pt
+    and .esq checkpoints through PyTorch eager.
 
     \b
     Example:
@@ -702,11 +738,12 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path):
 
     rows = bench_files(list(paths), batch_sizes=list(batch_sizes) or [1, 32], runs=runs, warmup=warmup,
                        threads=threads, log=lambda m: click.echo(m, err=True))
-    head = f"{'file':<44}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'vs first':>10}"
+    head = f"{'file':<44}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'vs first':>10}{'load ms':>10}"
     click.echo(head)
     for r in rows:
+        load = "-" if r.get("cold_load_ms") is None else f"{r['cold_load_ms']:.1f}"
         click.echo(f"{r['file'][-43:]:<44}{r['batch_size']:>6}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
-                   f"{r['ratio']:>9.2f}x")
+                   f"{r['ratio']:>9.2f}x{load:>10}")
     if json_path:
         write_text_atomic(json_path, json.dumps(rows, indent=2) + "\n")
 

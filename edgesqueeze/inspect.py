@@ -111,6 +111,10 @@ def summary_lines(desc: dict[str, Any], *, max_tensors: int = 60) -> list[str]:
     """A terminal rendering of a description."""
     version = f" (format version {desc['format_version']})" if "format_version" in desc else ""
     lines = [f"{desc['file']}: {desc['kind']}{version}, {desc['bytes']:,} bytes"]
+    if desc.get("packed"):
+        p = desc["packed"]
+        lines[0] = (f"{desc['file']}: packed {p['format']}, {desc['bytes']:,} bytes, holding {p['name']} "
+                    f"({p['bytes']:,} bytes, {100 * p['ratio']:.1f}%; SHA-256 {p['sha256'][:12]}... checked)")
     for key in ("inputs", "outputs"):
         for io in desc.get(key) or []:
             q = f", quantization {io['quantization']}" if io.get("quantization") else ""

@@ -46,7 +46,8 @@ def state_digest(state: dict) -> str:
 
 
 def sniff(path: Path) -> str:
-    """What a file is, from its bytes: esq, pt (a zip or legacy pickle), tflite, or onnx (the rest)."""
+    """What a file is, from its bytes: esq (a checkpoint archive), packed (an .onnx.esq or
+    .tflite.esq the runtime runs), pt (a zip or legacy pickle), tflite, or onnx (the rest)."""
     from edgesqueeze.runtime._base import sniff as sniff_head
 
     try:
@@ -57,6 +58,11 @@ def sniff(path: Path) -> str:
     what = sniff_head(head)
     if what == "empty":
         raise FormatError(f"{path}: empty file")
+    if what == "esq":
+        from edgesqueeze.format import container
+        from edgesqueeze.format.packed import is_packed
+
+        return "packed" if is_packed(container.read_esq(path)) else "esq"
     return {"zip": "pt", "pickle": "pt", "unknown": "onnx"}.get(what, what)
 
 
@@ -241,6 +247,10 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
         meta = art.meta or {}
         out["runtime"] = art.backend
         out["format"] = _artifact_format(art.kind, meta, art)
+        if art.packed:  # decoded in memory, then the same runtime: the file that ships
+            out["format"] += ".esq"
+            out["runtime"] = f"edgesqueeze unpack + {art.backend}"
+            out["packed"] = {"inner_bytes": art.packed["bytes"], "decode_ms": round(1e3 * art.decode_seconds, 2)}
         ds, x, y = data.get(meta.get("dataset"), meta.get("input_shape") or None, str(path))
         if not meta:
             raise FormatError(f"{path}: has no edgesqueeze metadata, so its input normalization is unknown; "

@@ -175,9 +175,17 @@ def is_weight_shared(model, max_values: int = 256, keep: float = 0.9) -> bool:
     (what pruning plus k-means weight sharing leave: an ``.esq`` model) *and* one int8 scale
     per tensor keeps at least ``keep`` of them distinct. The digits ``.esq`` (16 values a
     layer) loses one value in two layers, two centroids 0.04 of an int8 step apart; the
-    released Deep Compression SqueezeNet's 256-value codebooks would lose many."""
+    released Deep Compression SqueezeNet's 256-value codebooks would lose many. BatchNorm
+    is folded first (on a copy), as export does: it scales each channel differently."""
     import torch
 
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        from edgesqueeze.models.fold import fold_batchnorm
+
+        try:  # the exported graph folds BatchNorm into the convs: judge what it will hold (a copy)
+            model = fold_batchnorm(model)
+        except Exception:  # noqa: BLE001 - a model fx cannot trace: judged as it is
+            pass
     for m in model.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight is not None:
             values = torch.unique(m.weight.detach().float())

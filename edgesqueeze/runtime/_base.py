@@ -79,11 +79,31 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+def unpack_file(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The inner file of a packed ``.esq`` (``model.int8.tflite.esq``) and its
+    ``meta["packed"]``, decoded and checked (:mod:`edgesqueeze.format.packed`); a
+    checkpoint archive is refused with what to do instead."""
+    from edgesqueeze.format import container
+    from edgesqueeze.format.packed import is_packed, packed_info, unpack
+
+    try:
+        archive = container.read_esq(path)
+        if not is_packed(archive):
+            raise RuntimeBackendError(
+                f"{path}: is an edgesqueeze .esq checkpoint (compressed weights of a torch model), which no "
+                f"runtime executes; export it (`edgesqueeze export {path.name} --pack` writes packed "
+                f".onnx.esq / .tflite.esq files the runtime runs) or decode it with `edgesqueeze unpack`")
+        return unpack(archive), packed_info(archive)
+    except FormatError as exc:
+        text = str(exc)
+        raise FormatError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+
+
 def classify(path: Path) -> tuple[str, bytes]:
     """``("onnx" | "tflite", first bytes)`` for a model file; a clear error for anything else.
 
     Only TFLite is recognised positively (``TFL3``); ONNX is "not something else" and is
-    confirmed by parsing it.
+    confirmed by parsing it. A packed ``.esq`` is ``"esq"`` (:func:`unpack_file` opens it).
     """
     if not path.exists():
         raise FormatError(f"{path}: no such file")
@@ -98,10 +118,7 @@ def classify(path: Path) -> tuple[str, bytes]:
         raise FormatError(f"{path}: only {len(head)} bytes, too short to be a model (truncated?); "
                           f"re-export it or copy it again")
     if what == "esq":
-        raise RuntimeBackendError(
-            f"{path}: is an edgesqueeze .esq archive (compressed weights), which no runtime "
-            f"executes; decode it with `edgesqueeze unpack` or run it through `edgesqueeze "
-            f"export` to get an .onnx/.tflite file")
+        return "esq", head
     if what in ("zip", "pickle"):
         raise RuntimeBackendError(
             f"{path}: is a PyTorch checkpoint, which needs torch to run; export it to "
@@ -123,10 +140,17 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     ``onnxruntime``, ``ai-edge-litert``, ``tflite-runtime`` (None: the one that fits,
     preferring ai-edge-litert over tflite-runtime).
 
+    A packed file (``model.int8.tflite.esq``, :mod:`edgesqueeze.format.packed`) is decoded
+    in memory, checked against its recorded SHA-256, and run from those bytes: the artifact's
+    ``packed`` holds its ``meta["packed"]`` and ``decode_seconds`` the time decoding took
+    (``None`` and 0.0 for a plain file).
+
     Raises :class:`FormatError` for a file that is missing, empty, damaged or not a model
     this runtime runs, and :class:`RuntimeBackendError` when the runtime it needs is not
     installed or cannot open it.
     """
+    import time
+
     path = Path(path)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
@@ -135,6 +159,14 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
         raise RuntimeBackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     kind, head = classify(path)
     ext = path.suffix.lower()
+    data, packed, decode_seconds = None, None, 0.0
+    if kind == "esq":
+        t0 = time.perf_counter()
+        data, packed = unpack_file(path)
+        decode_seconds = time.perf_counter() - t0
+        head = data[:_SNIFF_BYTES]
+        kind = "tflite" if sniff(head) == "tflite" else "onnx"
+        ext = Path(packed["name"]).suffix.lower()
     if backend is not None and _KIND_OF_BACKEND[backend] != kind:
         raise RuntimeBackendError(
             f"{path}: is a{'n ONNX' if kind == 'onnx' else ' TFLite'} model; backend {backend!r} "
@@ -142,11 +174,12 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     if kind == "tflite":
         from edgesqueeze.runtime._tflite import TFLiteArtifact
 
-        art = TFLiteArtifact(path, threads=threads, backend=backend)
+        art = TFLiteArtifact(path, threads=threads, backend=backend, data=data)
     else:
         from edgesqueeze.runtime._onnx import OnnxArtifact
 
-        art = OnnxArtifact(path, threads=threads, head=head, ext=ext, spin=spin)  # garbage is refused here
+        art = OnnxArtifact(path, threads=threads, head=head, ext=ext, spin=spin, data=data)  # garbage refused here
+    art.packed, art.decode_seconds = packed, decode_seconds
     if ext in (".onnx", ".tflite") and ext[1:] != kind:
         # A misnamed file is a mix-up upstream (a copy step, a wrong glob): say so rather than
         # run something other than what the caller believes it is running.
@@ -299,7 +332,8 @@ class Artifact:
 
     Attributes: ``path``, ``kind`` ("onnx" | "tflite"), ``backend`` ("onnxruntime" |
     "ai-edge-litert" | "tflite-runtime"), ``meta`` (the artifact metadata, ``{}`` when the
-    file has none), ``input_spec`` (:class:`InputSpec`), ``classes``, ``threads``.
+    file has none), ``input_spec`` (:class:`InputSpec`), ``classes``, ``threads``;
+    ``packed`` (a packed file's ``meta["packed"]``, else None) and ``decode_seconds``.
     """
 
     path: Path
@@ -307,6 +341,8 @@ class Artifact:
     backend: str
     meta: dict[str, Any]
     input_spec: InputSpec
+    packed: dict[str, Any] | None = None
+    decode_seconds: float = 0.0
     threads: int | None
 
     # -- subclass hooks ---------------------------------------------------------------

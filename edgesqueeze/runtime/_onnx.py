@@ -35,13 +35,15 @@ def import_onnxruntime(path: Path | str):
     return onnxruntime
 
 
-def open_session(path: Path, *, threads: int | None, head: bytes = b"", ext: str = "", spin: bool = True):
+def open_session(path: Path, *, threads: int | None, head: bytes = b"", ext: str = "", spin: bool = True,
+                 data: bytes | None = None):
     """An onnxruntime CPU session, with load failures turned into one clear line.
 
     ``spin=False`` stops the intra-op threads from busy-waiting after each run (onnxruntime
     spins by default): needed when other models run between this one's runs, as when
     ``edgesqueeze bench`` times files interleaved, where the spinning threads took a core
-    from LiteRT (its int8 SqueezeNet measured 10.2 ms there against 3.6 ms alone)."""
+    from LiteRT (its int8 SqueezeNet measured 10.2 ms there against 3.6 ms alone). ``data``:
+    the model's bytes (a packed file's decoded content), instead of reading ``path``."""
     ort = import_onnxruntime(path)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only; the loader's warnings are not the user's business
@@ -51,7 +53,8 @@ def open_session(path: Path, *, threads: int | None, head: bytes = b"", ext: str
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path) if data is None else data, sess_options=opts,
+                                    providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind classes
         kind, msg = type(exc).__name__, _ort_reason(exc)
         damaged = kind in ("InvalidProtobuf", "InvalidGraph", "InvalidArgument") or any(
@@ -87,10 +90,10 @@ class OnnxArtifact(Artifact):
     backend = "onnxruntime"
 
     def __init__(self, path: Path, *, threads: int | None = None, head: bytes = b"", ext: str = "",
-                 spin: bool = True):
+                 spin: bool = True, data: bytes | None = None):
         self.path = Path(path)
         self.threads = threads
-        self.session = open_session(self.path, threads=threads, head=head, ext=ext, spin=spin)
+        self.session = open_session(self.path, threads=threads, head=head, ext=ext, spin=spin, data=data)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise RuntimeBackendError(

@@ -47,10 +47,12 @@ def import_interpreter(path: Path | str, backend: str | None = None):
                               f"({'; '.join(errors)}); {_INSTALL_HINT}")
 
 
-def make_interpreter(path: Path, cls, *, threads: int | None, **kwargs):
-    """An Interpreter with tensors allocated; load failures become one clear line."""
+def make_interpreter(path: Path, cls, *, threads: int | None, data: bytes | None = None, **kwargs):
+    """An Interpreter with tensors allocated (from ``data``, the model's bytes, if given);
+    load failures become one clear line."""
     try:
-        it = cls(model_path=str(path), num_threads=threads, **kwargs)
+        source = {"model_path": str(path)} if data is None else {"model_content": data}
+        it = cls(**source, num_threads=threads, **kwargs)
     except ValueError as exc:
         msg = _first_line(exc)
         if "flatbuffer" in msg.lower() or "model identifier" in msg.lower():
@@ -90,14 +92,14 @@ def per_tensor(path: Path, details: dict, what: str) -> tuple[float, int] | None
     return float(scales[0]), int(zps[0]) if zps.size else 0
 
 
-def read_meta(path: Path) -> dict:
+def read_meta(path: Path, data: bytes | None = None) -> dict:
     try:
         from edgesqueeze.runtime._tflite_meta import read_tflite_metadata
     except ImportError:
         warnings.warn("edgesqueeze.runtime._tflite_meta is missing: TFLite metadata is not read",
                       stacklevel=3)
         return {}
-    meta = read_tflite_metadata(path)
+    meta = read_tflite_metadata(path, data)
     if meta is None:
         return {}
     if not isinstance(meta, dict):
@@ -108,11 +110,13 @@ def read_meta(path: Path) -> dict:
 class TFLiteArtifact(Artifact):
     kind = "tflite"
 
-    def __init__(self, path: Path, *, threads: int | None = None, backend: str | None = None):
+    def __init__(self, path: Path, *, threads: int | None = None, backend: str | None = None,
+                 data: bytes | None = None):
         self.path = Path(path)
         self.threads = threads
         self._cls, self.backend, self._module = import_interpreter(self.path, backend)
-        self.interpreter = make_interpreter(self.path, self._cls, threads=threads)
+        self._data = data  # kept: the interpreter reads the model from this buffer
+        self.interpreter = make_interpreter(self.path, self._cls, threads=threads, data=data)
         inputs = self.interpreter.get_input_details()
         outputs = self.interpreter.get_output_details()
         if len(inputs) != 1:
@@ -122,7 +126,7 @@ class TFLiteArtifact(Artifact):
         if not outputs:
             raise FormatError(f"{self.path}: the TFLite model has no outputs; re-export it")
         self._in, self._out = inputs[0], outputs[0]
-        self.meta = read_meta(self.path)
+        self.meta = read_meta(self.path, data)
         sig = self._in.get("shape_signature")
         shape = list(sig if sig is not None and len(sig) else self._in["shape"])
         self._base_batch = int(self._in["shape"][0]) if len(self._in["shape"]) else 1

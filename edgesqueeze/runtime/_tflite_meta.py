@@ -132,17 +132,19 @@ def tflite_metadata_entries(data: bytes, *, where: str = "<bytes>") -> dict[str,
     return out
 
 
-def read_tflite_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The edgesqueeze artifact metadata of a ``.tflite`` file, or None if it has none.
+def read_tflite_metadata(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any] | None:
+    """The edgesqueeze artifact metadata of a ``.tflite`` file (or of its bytes ``data``,
+    ``path`` then only names it in errors), or None if it has none.
 
     Raises FormatError if the file is not a TFLite flatbuffer or the entry is not a JSON
     object. Reading needs only the standard library: no torch, TensorFlow or flatbuffers.
     """
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if data is None:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     raw = tflite_metadata_entries(data, where=str(path)).get(META_KEY)
     if raw is None:
         return None

@@ -16,7 +16,7 @@ import numpy as np
 from edgesqueeze.errors import DataError
 from edgesqueeze.runtime._base import Artifact, load
 
-__all__ = ["benchmark", "compare"]
+__all__ = ["benchmark", "cold_loads", "compare"]
 
 
 def _input(art: Artifact, batch_size: int) -> np.ndarray:
@@ -69,20 +69,51 @@ def benchmark(artifact: Artifact, *, batch_size: int = 1, warmup: int = 10, runs
     return _summary(artifact, times, batch_size, warmup)
 
 
+def cold_loads(paths: Sequence[str | os.PathLike], *, threads: int | None = None, loads: int = 3
+               ) -> list[tuple[Artifact, dict]]:
+    """Load each file ``loads + 1`` times, interleaved, and time it from the file to a ready
+    session (a packed file's decoding included): the first round is untimed (it pays the
+    backends' imports and fills the page cache alike for every file), the others give the
+    median. Returns each file's last artifact and ``{"cold_load_ms", "decode_ms"}``."""
+    arts: list[Artifact | None] = [None] * len(paths)
+    times: list[list[float]] = [[] for _ in paths]
+    decode: list[list[float]] = [[] for _ in paths]
+    for r in range(loads + 1):
+        for i, p in enumerate(paths):
+            arts[i] = None  # the previous session goes first: one model in memory at a time
+            t0 = time.perf_counter()
+            # spin=False: interleaved, a spinning onnxruntime pool would slow the next file down
+            arts[i] = load(p, threads=threads, spin=False)
+            if r:
+                times[i].append(time.perf_counter() - t0)
+                decode[i].append(arts[i].decode_seconds)
+    return [(a, {"cold_load_ms": float(np.median(t)) * 1e3 if t else None,
+                 "decode_ms": float(np.median(d)) * 1e3 if d else None})
+            for a, t, d in zip(arts, times, decode)]
+
+
 def compare(artifacts: Sequence[Artifact | str | os.PathLike], *, batch_size: int = 1,
-            warmup: int = 10, runs: int = 50, threads: int | None = None) -> list[dict]:
+            warmup: int = 10, runs: int = 50, threads: int | None = None, loads: int = 3) -> list[dict]:
     """Benchmark several artifacts in the same run; ratios are against the first.
 
-    Paths are loaded with ``threads``. Runs are interleaved (one call of each artifact in
-    turn) so that a machine getting busier or cooler mid-run shifts every row alike. Each
-    row is :func:`benchmark`'s dict plus ``size_bytes``, ``p50_ratio``, ``mean_ratio`` and
-    ``size_ratio`` (this row / the first row: below 1 is faster or smaller).
+    Paths are loaded with ``threads``, ``loads`` timed times each (:func:`cold_loads`:
+    ``cold_load_ms``, file to ready session, and ``decode_ms``, the part a packed file
+    spends decoding; None for artifacts passed in loaded). Runs are interleaved (one call of
+    each artifact in turn) so that a machine getting busier or cooler mid-run shifts every
+    row alike. Each row is :func:`benchmark`'s dict plus ``size_bytes``, ``p50_ratio``,
+    ``mean_ratio`` and ``size_ratio`` (this row / the first row: below 1 is faster or
+    smaller).
     """
     if not artifacts:
         return []
     _check(batch_size, warmup, runs)
-    # spin=False: interleaved, a spinning onnxruntime pool would slow the next file down
-    arts = [a if isinstance(a, Artifact) else load(a, threads=threads, spin=False) for a in artifacts]
+    paths = [a for a in artifacts if not isinstance(a, Artifact)]
+    loaded = iter(cold_loads(paths, threads=threads, loads=loads)) if paths else iter(())
+    arts, cold = [], []
+    for a in artifacts:
+        art, c = (a, {"cold_load_ms": None, "decode_ms": None}) if isinstance(a, Artifact) else next(loaded)
+        arts.append(art)
+        cold.append(c)
     inputs = [_input(a, batch_size) for a in arts]
     for _ in range(warmup):
         for a, x in zip(arts, inputs):
@@ -94,9 +125,10 @@ def compare(artifacts: Sequence[Artifact | str | os.PathLike], *, batch_size: in
             a.predict(x)
             times[i].append(time.perf_counter() - t0)
     rows = []
-    for a, t in zip(arts, times):
+    for a, t, c in zip(arts, times, cold):
         row = _summary(a, t, batch_size, warmup)
         row["size_bytes"] = os.path.getsize(a.path)
+        row.update(c)
         rows.append(row)
     base = rows[0]
     for row in rows:

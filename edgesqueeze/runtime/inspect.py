@@ -57,10 +57,24 @@ def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
     unknown), ``op_count``, ``tensors`` (constants: name, dtype, shape, bytes, elements,
     zeros, sparsity, quantization), ``total_bytes``, ``total_elements``, ``sparsity``,
     ``bytes_by_dtype``; ONNX adds ``opset``, ``producer`` and ``metadata_props`` (the other
-    metadata entries).
+    metadata entries). A packed file (``.onnx.esq``/``.tflite.esq``) is described by what it
+    holds, plus ``packed`` (the inner file's name, format, bytes, SHA-256, and the size ratio).
     """
     path = Path(path)
     kind, head = classify(path)
+    if kind == "esq":  # a packed file: describe what it holds, decoded into a temporary file
+        import tempfile
+
+        from edgesqueeze.runtime._base import unpack_file
+
+        data, packed = unpack_file(path)
+        with tempfile.TemporaryDirectory(prefix="edgesqueeze-inspect-") as tmp:
+            inner = Path(tmp, Path(packed["name"]).name or "model")
+            inner.write_bytes(data)
+            out = inspect_artifact(inner)
+        out.update(path=str(path), file_bytes=path.stat().st_size,
+                   packed={**packed, "ratio": round(path.stat().st_size / max(1, packed["bytes"]), 4)})
+        return out
     out: dict[str, Any] = {"path": str(path), "kind": kind, "file_bytes": path.stat().st_size}
     if kind == "tflite":
         out.update(_inspect_tflite(path))

@@ -1,0 +1,164 @@
+"""Packed files end to end: export --pack, the runtime runs them, verify / unpack / inspect /
+bench / run take them; a weight-shared model keeps its sharing in int8."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgesqueeze.checkpoint import save_checkpoint
+from edgesqueeze.data import load_dataset
+from edgesqueeze.errors import FormatError
+from edgesqueeze.export import ExportConfig, export_artifacts, is_weight_shared
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("litert_torch")
+from test_export_tflite import trained  # noqa: E402,F401 - the half-width digits SqueezeNet fixture
+
+FORMATS = ("onnx", "onnx-int8", "tflite", "tflite-int8")
+
+
+def share(model: torch.nn.Module, sparsity: float = 0.3, levels: int = 16) -> torch.nn.Module:
+    """Fold BatchNorm, prune each conv to ``sparsity`` by magnitude and share its other
+    weights among ``levels`` k-means centroids: a model shaped like an .esq's, without the
+    retraining (so it loses a few points)."""
+    from sklearn.cluster import KMeans
+
+    from edgesqueeze.models.fold import fold_batchnorm
+
+    model = fold_batchnorm(model.eval())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                w = m.weight.flatten()
+                keep = w.abs() > w.abs().quantile(sparsity)
+                vals = w[keep].double().numpy().reshape(-1, 1)
+                km = KMeans(n_clusters=levels, n_init=1, random_state=0).fit(vals)
+                w[keep] = torch.from_numpy(km.cluster_centers_[km.labels_, 0]).float()
+                w[~keep] = 0
+                m.weight.copy_(w.view_as(m.weight))
+    return model
+
+
+@pytest.fixture(scope="module")
+def shared_ckpt(trained, tmp_path_factory):
+    assert not is_weight_shared(trained.model)
+    shared = share(trained.model)
+    assert is_weight_shared(shared)
+    path = tmp_path_factory.mktemp("shared") / "shared.pt"
+    save_checkpoint(path, shared, {**trained.meta, "folded_batchnorm": True})
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(shared_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    logs: list[str] = []
+    written = export_artifacts(shared_ckpt, ExportConfig(formats=FORMATS, pack=True), out, log=logs.append)
+    return out, written, logs
+
+
+@pytest.mark.slow
+def test_every_file_is_packed_and_runs_as_the_plain_one(exported):
+    from edgesqueeze import runtime
+
+    out, written, logs = exported
+    assert any("weight-shared model: int8 weights get one scale per tensor" in line for line in logs)
+    names = {p.name for p in written}
+    assert len(names) == 8 and {n + ".esq" for n in names if not n.endswith(".esq")} <= names
+    digits = load_dataset("digits")
+    sizes = {}
+    for plain in (p for p in written if p.suffix != ".esq"):
+        packed = plain.with_name(plain.name + ".esq")
+        a, b = runtime.load(plain), runtime.load(packed)
+        assert b.packed["name"] == plain.name and b.packed["bytes"] == plain.stat().st_size
+        assert b.decode_seconds > 0 and a.packed is None
+        assert np.array_equal(a.predict_images(digits.test_x), b.predict_images(digits.test_x))
+        sizes[plain.name] = (plain.stat().st_size, packed.stat().st_size)
+    for name, (plain, packed) in sizes.items():
+        # pruned 70% and 16 values a layer; the graph's share is large in a model this small
+        gz = len(gzip.compress((out / name).read_bytes(), 9))
+        assert packed < 0.5 * plain and packed < gz, (name, plain, gz, packed)
+    # sharing survives int8: the int8 files pack about as small as the float ones
+    fp32 = min(v[1] for k, v in sizes.items() if "int8" not in k)
+    int8 = max(v[1] for k, v in sizes.items() if "int8" in k)
+    assert int8 < 1.15 * fp32, sizes
+
+
+@pytest.mark.slow
+def test_verify_unpack_inspect_bench_run_take_packed_files(exported, tmp_path):
+    out, written, _ = exported
+    packed = sorted(p for p in written if p.suffix == ".esq")
+    es = [sys.executable, "-m", "edgesqueeze"]
+    res = subprocess.run([*es, "verify", *map(str, sorted(written)), "--out", str(tmp_path / "v.json")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = {Path(r["path"]).name: r for r in json.loads((tmp_path / "v.json").read_text())["artifacts"]}
+    assert sorted(r["format"] for n, r in rows.items() if n.endswith(".esq")) == [
+        "onnx-int8.esq", "onnx.esq", "tflite-int8.esq", "tflite.esq"]
+    for p in packed:  # measured through decode + the same runtime: what the plain file gives
+        row, plain = rows[p.name], rows[p.name[:-4]]
+        assert row["runtime"] == "edgesqueeze unpack + " + plain["runtime"]
+        assert row["format"] == plain["format"] + ".esq" and row["accuracy"] == plain["accuracy"]
+        assert row["bytes"] == p.stat().st_size < plain["bytes"]
+    target = packed[0]
+    res = subprocess.run([*es, "unpack", str(target), "-o", str(tmp_path / "inner")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "inner").read_bytes() == (out / target.name[:-4]).read_bytes()
+    res = subprocess.run([*es, "inspect", str(target), "--json"], capture_output=True, text=True)
+    assert res.returncode == 0 and json.loads(res.stdout)["packed"]["name"] == target.name[:-4]
+    res = subprocess.run([*es, "bench", str(target), str(out / target.name[:-4]), "-b", "1", "--runs", "3",
+                          "--json", str(tmp_path / "b.json")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert all(r["cold_load_ms"] > 0 for r in bench) and bench[0]["decode_ms"] > 0 and bench[1]["decode_ms"] == 0
+
+
+@pytest.mark.slow
+def test_damaged_packed_file_is_refused_before_the_runtime(exported, tmp_path):
+    from edgesqueeze import runtime
+
+    out, written, _ = exported
+    good = next(p for p in written if p.name.endswith(".int8.tflite.esq")).read_bytes()
+    for name, data in {"cut.esq": good[:-7], "pad.esq": good + b"\0", "flip.esq": good[:200] + bytes([good[200] ^ 4])
+                       + good[201:]}.items():
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(FormatError, match=str(bad)):
+            runtime.load(bad)
+        res = subprocess.run([sys.executable, "-m", "edgesqueeze", "run", str(bad), "x.png"],
+                             capture_output=True, text=True)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and str(bad) in res.stderr
+
+
+def test_int8_weights_resolution():
+    cfg = ExportConfig()
+    assert cfg.int8_per_channel("onnx-int8", shared=False) and cfg.int8_per_channel("tflite-int8", shared=False)
+    assert not cfg.int8_per_channel("onnx-int8", shared=True) and not cfg.int8_per_channel("tflite-int8", shared=True)
+    assert cfg.weight_rounding_for("tflite-int8", shared=True) == "nearest"
+    assert cfg.weight_rounding_for("tflite-int8") == "gptq"
+    # settings that change the weights keep per-channel scales, as asked
+    assert ExportConfig(weight_rounding="gptq").int8_per_channel("tflite-int8", shared=True)
+    assert ExportConfig(equalize_activations=0.5).int8_per_channel("onnx-int8", shared=True)
+    assert not ExportConfig(int8_weights="per-tensor").int8_per_channel("onnx-int8")
+    assert ExportConfig(int8_weights="per-channel").int8_per_channel("onnx-int8", shared=True)
+
+
+def test_is_weight_shared():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    assert not is_weight_shared(conv)  # 216 random floats
+    with torch.no_grad():
+        conv[0].weight.copy_(torch.randint(-3, 4, conv[0].weight.shape) * 0.1)
+    assert is_weight_shared(conv)
+    with torch.no_grad():  # 256 values crammed into a tenth of the range: per tensor, int8 merges them
+        vals = torch.cat([torch.linspace(0, 0.1, 255), torch.tensor([1.0])])
+        big = torch.nn.Conv2d(256, 1, 1)
+        big.weight.copy_(vals.view(1, 256, 1, 1))
+    assert not is_weight_shared(torch.nn.Sequential(big))
