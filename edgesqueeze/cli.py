@@ -437,7 +437,7 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
 def _budget_from_options(recipe_path, max_size, max_size_for, min_accuracy, max_drop, min_agreement):
     import dataclasses
 
-    from edgesqueeze.budget import Budget, BudgetSpecError, parse_fraction, parse_size
+    from edgesqueeze.config.budget import Budget, BudgetSpecError, parse_fraction, parse_size
 
     budget = Budget()
     if recipe_path:
@@ -450,7 +450,7 @@ def _budget_from_options(recipe_path, max_size, max_size_for, min_accuracy, max_
             fmt, sep, size = item.partition("=")
             if not sep:
                 raise BudgetSpecError(f"--max-size-for: expected FORMAT=SIZE, got {item!r}")
-            from edgesqueeze.budget import ARTIFACT_FORMATS
+            from edgesqueeze.config.budget import ARTIFACT_FORMATS
 
             if fmt not in ARTIFACT_FORMATS:
                 raise BudgetSpecError(f"--max-size-for: unknown format {fmt!r}; use {', '.join(ARTIFACT_FORMATS)}")
