@@ -32,7 +32,8 @@ from run import log, save
 
 from edgesqueeze.checkpoint import load_model
 from edgesqueeze.evaluate import training_data
-from edgesqueeze.export._common import CalibrationConfig, calibration_images, to_input
+from edgesqueeze.config.export import CalibrationConfig
+from edgesqueeze.export._common import calibration_images, to_input
 from edgesqueeze.export.tflite import export_tflite_int8
 from edgesqueeze.runtime import load
 

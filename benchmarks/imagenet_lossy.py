@@ -53,7 +53,8 @@ from edgesqueeze.checkpoint import load_model  # noqa: E402
 from edgesqueeze.checkpoint import esq_dumps as dumps_model  # noqa: E402
 from edgesqueeze.checkpoint import esq_loads as loads_model  # noqa: E402
 from edgesqueeze.format.codec import CHUNK  # noqa: E402
-from edgesqueeze.compress.ptq import PTQConfig, post_training_compress  # noqa: E402
+from edgesqueeze.compress.ptq import post_training_compress  # noqa: E402
+from edgesqueeze.config.compress import PTQConfig  # noqa: E402
 from edgesqueeze.data import load_dataset  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

@@ -58,7 +58,8 @@ sys.path.insert(0, str(ROOT))
 from edgesqueeze.checkpoint import load_model  # noqa: E402
 from edgesqueeze.data import load_dataset  # noqa: E402
 from edgesqueeze.export import onnx as eo  # noqa: E402
-from edgesqueeze.export._common import CalibrationConfig, to_input  # noqa: E402
+from edgesqueeze.config.export import CalibrationConfig  # noqa: E402
+from edgesqueeze.export._common import to_input  # noqa: E402
 from edgesqueeze.runtime.cpu import cpu_info  # noqa: E402
 from run import kl_div  # noqa: E402 - benchmarks/run.py, next to this script
 

@@ -53,7 +53,8 @@ from run import RESULTS, SHARED, kl_div, log, save
 
 from edgesqueeze.checkpoint import load_model
 from edgesqueeze.data import load_dataset
-from edgesqueeze.export._common import CalibrationConfig, to_input
+from edgesqueeze.config.export import CalibrationConfig
+from edgesqueeze.export._common import to_input
 from edgesqueeze.export.tflite import (
     augment_calibration,
     correct_bias,

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from edgesqueeze.errors import RecipeError
@@ -132,3 +133,51 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
             _check_range(dotted, value, bounds)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage configs built in Python or from a recipe section (moved from compress/prune.py)
+
+
+def _check_fields(cfg: Any) -> None:
+    """Type, choice and range checks for every field of a frozen config (from __post_init__).
+
+    Uses the recipe loader's converter, so a config built in Python is held to the same rules
+    as one read from YAML; values are normalised in place (an int sparsity becomes a float).
+    Messages name the field; :func:`_config_from_dict` adds the section's dotted path.
+    """
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = _convert(f.name, getattr(cfg, f.name), hints[f.name])
+        bounds = f.metadata.get("range")
+        if bounds and isinstance(value, (int, float)):
+            _check_range(f.name, value, bounds)
+        object.__setattr__(cfg, f.name, value)
+
+
+def _check_layer_values(name: str, values: Any, kind: type, bounds: dict) -> dict:
+    """Validate a ``{layer_name: value}`` field; returns a plain dict with converted values."""
+    out = {}
+    for layer, v in values.items():
+        if not isinstance(layer, str) or not layer:
+            raise RecipeError(f"{name}: keys must be layer names (strings), got {layer!r}")
+        path = f"{name}.{layer}"
+        v = _convert(path, v, kind)
+        _check_range(path, v, bounds)
+        out[layer] = v
+    return out
+
+
+def _config_from_dict(cls: type, raw: Any, path: str) -> Any:
+    """Build a stage config from plain data; every error carries ``path`` (e.g. ``prune``)."""
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
+    raw = dict(raw)
+    version = raw.pop("version", cls.VERSION)
+    if version != cls.VERSION:
+        raise RecipeError(f"{path}.version: this edgesqueeze reads {cls.__name__} version "
+                          f"{cls.VERSION}, got {version!r}")
+    try:
+        return _build("", raw, cls)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}.{exc}") from None

@@ -21,6 +21,7 @@ bit for bit, and the model an archive holds.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -60,6 +61,16 @@ def model_meta(model: nn.Module, **extra: Any) -> dict[str, Any]:
         raise ModelError(f"{type(model).__name__} was not built by edgesqueeze.models.build_model; "
                          "cannot record its architecture")
     return {"arch": arch, "arch_kwargs": dict(getattr(model, "arch_kwargs", {})), **extra}
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 over a state_dict's names, dtypes, shapes and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:

@@ -1,7 +1,9 @@
 """Evaluate and describe model files (checkpoints, state_dicts, TorchScript, torch.export).
 
-This is PyTorch-side evaluation, used by ``edgesqueeze eval`` and ``info``. Deployment
-artifacts (ONNX, TFLite, .esq) are verified through their own runtimes elsewhere.
+This is PyTorch-side evaluation, used by ``edgesqueeze eval`` and ``info``, and the model
+runner every other stage scores with (:func:`predict`, :func:`evaluate`): training each
+epoch, compression after each stage, verification for its reference. Deployment artifacts
+(ONNX, TFLite) are verified through their own runtimes (:mod:`edgesqueeze.verify`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,53 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from edgesqueeze._io import sha256_file
 from edgesqueeze.checkpoint import load_model
 from edgesqueeze.errors import DataError
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, *, mean, std, batch_size: int = 512,
+            channels_last: bool = False) -> torch.Tensor:
+    """Logits for uint8 images ``x`` (N, C, H, W), in order."""
+    from edgesqueeze.data import batches
+
+    model.eval()
+    outs = []
+    dummy_y = np.zeros(len(x), dtype=np.int64)
+    for xb, _ in batches(x, dummy_y, batch_size=batch_size, shuffle=False, generator=None,
+                         mean=mean, std=std, channels_last=channels_last):
+        outs.append(model(xb).float())
+    if not outs:
+        return torch.empty(0, 0)
+    return torch.cat(outs)
+
+
+def accuracy_metrics(logits: torch.Tensor, y: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Top-1, top-5 (when there are at least 5 classes), mean cross-entropy, count."""
+    y = torch.as_tensor(y, dtype=torch.long)
+    if len(y) == 0:
+        return {"n": 0}
+    out = {
+        "n": int(len(y)),
+        "accuracy": float((logits.argmax(1) == y).float().mean()),
+        "loss": float(F.cross_entropy(logits, y)),
+    }
+    if logits.shape[1] >= 5:
+        top5 = logits.topk(5, dim=1).indices
+        out["top5"] = float((top5 == y[:, None]).any(1).float().mean())
+    return out
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std, batch_size: int = 512,
+             channels_last: bool = False) -> dict[str, float]:
+    logits = predict(model, x, mean=mean, std=std, batch_size=batch_size, channels_last=channels_last)
+    return accuracy_metrics(logits, y)
 
 
 def training_data(meta: dict, *, source: str | Path, dataset: str | None = None, data_dir: str | Path | None = None,
@@ -57,8 +101,6 @@ def evaluate_file(
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy and loss of the model in ``path`` on a dataset split."""
-    from edgesqueeze.train import evaluate
-
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     meta = loaded.meta
     ds, train, val = training_data(meta, source=path, dataset=dataset, data_dir=data_dir, seed=seed, limit=limit,

@@ -24,8 +24,9 @@ from typing import Any, Literal
 import yaml
 
 from edgesqueeze._config import _build, _range
-from edgesqueeze.compress.pipeline import CompressConfig
-from edgesqueeze.export._common import ExportConfig
+from edgesqueeze.config.budget import Budget
+from edgesqueeze.config.compress import CompressConfig
+from edgesqueeze.config.export import ExportConfig
 from edgesqueeze.errors import RecipeError
 
 RECIPE_VERSION = 1
@@ -97,9 +98,7 @@ class Recipe:
         self.budget_spec()
 
     def budget_spec(self):
-        """The ``budget`` section as a :class:`edgesqueeze.budget.Budget` (empty when absent)."""
-        from edgesqueeze.budget import Budget
-
+        """The ``budget`` section as a :class:`edgesqueeze.config.budget.Budget` (empty when absent)."""
         return Budget.from_dict(self.budget)
 
     def to_dict(self) -> dict:

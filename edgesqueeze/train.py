@@ -24,9 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgesqueeze import __version__
@@ -39,6 +37,7 @@ from edgesqueeze.checkpoint import (
     save_train_state,
 )
 from edgesqueeze.errors import DataError, EdgesqueezeError
+from edgesqueeze.evaluate import evaluate
 from edgesqueeze.recipe import Recipe, TrainConfig
 
 Log = Callable[[str], None]
@@ -156,45 +155,6 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, it, *, c
         bar.update()
     bar.close()
     return step, loss_sum, correct, seen
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: np.ndarray, *, mean, std, batch_size: int = 512,
-            channels_last: bool = False) -> torch.Tensor:
-    """Logits for uint8 images ``x`` (N, C, H, W), in order."""
-    from edgesqueeze.data import batches
-
-    model.eval()
-    outs = []
-    dummy_y = np.zeros(len(x), dtype=np.int64)
-    for xb, _ in batches(x, dummy_y, batch_size=batch_size, shuffle=False, generator=None,
-                         mean=mean, std=std, channels_last=channels_last):
-        outs.append(model(xb).float())
-    if not outs:
-        return torch.empty(0, 0)
-    return torch.cat(outs)
-
-
-def accuracy_metrics(logits: torch.Tensor, y: np.ndarray | torch.Tensor) -> dict[str, float]:
-    """Top-1, top-5 (when there are at least 5 classes), mean cross-entropy, count."""
-    y = torch.as_tensor(y, dtype=torch.long)
-    if len(y) == 0:
-        return {"n": 0}
-    out = {
-        "n": int(len(y)),
-        "accuracy": float((logits.argmax(1) == y).float().mean()),
-        "loss": float(F.cross_entropy(logits, y)),
-    }
-    if logits.shape[1] >= 5:
-        top5 = logits.topk(5, dim=1).indices
-        out["top5"] = float((top5 == y[:, None]).any(1).float().mean())
-    return out
-
-
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std, batch_size: int = 512,
-             channels_last: bool = False) -> dict[str, float]:
-    logits = predict(model, x, mean=mean, std=std, batch_size=batch_size, channels_last=channels_last)
-    return accuracy_metrics(logits, y)
 
 
 # ---------------------------------------------------------------------------------------

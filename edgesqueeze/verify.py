@@ -18,7 +18,6 @@ another CPU computes (an ``onnx-int8`` file with 8-bit weights: :mod:`edgesqueez
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -33,16 +32,6 @@ Log = Callable[[str], None]
 def gzip_size(path: Path) -> int:
     """What TF Model Optimization reports: the file after gzip -9 (deterministic, mtime 0)."""
     return len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
-
-
-def state_digest(state: dict) -> str:
-    """SHA-256 over a state_dict's names, dtypes, shapes and bytes, in sorted name order."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def sniff(path: Path) -> str:
@@ -124,7 +113,7 @@ def _check_classes(scores: np.ndarray, ds, classes: list | None, source: str) ->
 
 def _torch_scores(path: Path, x: np.ndarray, meta: dict, ds, model_args: dict | None = None) -> np.ndarray:
     from edgesqueeze.checkpoint import load_model
-    from edgesqueeze.train import predict
+    from edgesqueeze.evaluate import predict
 
     loaded = load_model(path, **(model_args or {}))
     mean, std = loaded.meta.get("mean", ds.mean), loaded.meta.get("std", ds.std)
@@ -224,7 +213,7 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
     kind = sniff(path)
     out: dict[str, Any] = {"bytes": path.stat().st_size, "gzip_bytes": gzip_size(path)}
     if kind in ("pt", "esq"):
-        from edgesqueeze.checkpoint import load_model
+        from edgesqueeze.checkpoint import load_model, state_digest
 
         loaded = load_model(path, **(model_args if kind == "pt" else {}))
         meta = loaded.meta

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from edgesqueeze._io import atomic_path, write_text_atomic
-from edgesqueeze.budget import Verdict, format_size, verdicts_markdown_table
+from edgesqueeze.budget import Verdict, verdicts_markdown_table
+from edgesqueeze.config.budget import format_size
 
 __all__ = ["machine_info", "plot_paths", "markdown", "size_series", "accuracy_points", "label_groups",
            "plot_size_by_format", "plot_accuracy_vs_size", "write_report"]

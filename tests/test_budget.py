@@ -9,13 +9,15 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from edgesqueeze import budget as budget_mod
-from edgesqueeze.budget import (Budget, BudgetSpecError, check, exit_code, format_size, parse_size,
-                                verdicts_json, verdicts_junit, verdicts_markdown, verdicts_table)
+from edgesqueeze.budget import check, exit_code, verdicts_json, verdicts_junit, verdicts_markdown, verdicts_table
+from edgesqueeze.config import budget as spec_mod
+from edgesqueeze.config.budget import Budget, BudgetSpecError, format_size, parse_size
 from edgesqueeze.errors import RecipeError
 
 
 def test_docstring_examples():
     assert doctest.testmod(budget_mod).failed == 0
+    assert doctest.testmod(spec_mod).failed == 0
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -13,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from edgesqueeze.compress.cluster import (ClusterConfig, ClusteredLayer, SharedWeights, apply,
+from edgesqueeze.config.compress import ClusterConfig, PruneConfig
+from edgesqueeze.compress.cluster import (ClusteredLayer, SharedWeights, apply,
                                           cluster_layer, cluster_model, codebook_parameters,
                                           kmeans_1d, materialize, share_weights)
 from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm, fold_conv_bn
-from edgesqueeze.compress.prune import PruneConfig, existing_masks
+from edgesqueeze.compress.prune import existing_masks
 from edgesqueeze.compress.prune import apply as prune
 from edgesqueeze.errors import ModelError, RecipeError
 from edgesqueeze.models import build_model

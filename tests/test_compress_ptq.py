@@ -19,19 +19,18 @@ import yaml
 from click.testing import CliRunner
 
 from edgesqueeze.cli import cli
-from edgesqueeze.compress.cluster import ClusterConfig, cluster_model
+from edgesqueeze.compress.cluster import cluster_model
 from edgesqueeze.checkpoint import esq_loads as loads_model
 from edgesqueeze.checkpoint import model_from_esq
-from edgesqueeze.compress.pipeline import CompressConfig
-from edgesqueeze.compress.prune import PruneConfig, prunable_layers
+from edgesqueeze.config.compress import ClusterConfig, CompressConfig, PruneConfig, PTQConfig
+from edgesqueeze.models.layers import prunable_layers
 from edgesqueeze.compress.prune import apply as prune
-from edgesqueeze.compress.ptq import PTQConfig
 from edgesqueeze.data import load_dataset
 from edgesqueeze.errors import RecipeError
 from edgesqueeze.models import build_model
 from edgesqueeze.recipe import load_recipe, recipe_from_dict
-from edgesqueeze.train import predict
-from edgesqueeze.verify import state_digest
+from edgesqueeze.checkpoint import state_digest
+from edgesqueeze.evaluate import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = ["--arch", "squeezenet_mnist", "--num-classes", "10", "--set", "model.kwargs={width_mult: 0.5}"]

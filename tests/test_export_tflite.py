@@ -19,8 +19,8 @@ from edgesqueeze.checkpoint import load_model
 from edgesqueeze.data import load_dataset
 from edgesqueeze.errors import ExportError, FormatError
 from edgesqueeze.export import _common
+from edgesqueeze.config.export import CalibrationConfig
 from edgesqueeze.export._common import (
-    CalibrationConfig,
     artifact_meta,
     calibration_images,
     to_input,

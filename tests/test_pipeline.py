@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from edgesqueeze._io import sha256_file
 from edgesqueeze.checkpoint import load_model, save_checkpoint
 from edgesqueeze.cli import cli
-from edgesqueeze.compress.cluster import ClusterConfig
 from edgesqueeze.checkpoint import model_from_esq
-from edgesqueeze.compress.pipeline import CompressConfig, DistillConfig, FinetuneConfig, compress
-from edgesqueeze.compress.prune import PruneConfig, existing_masks
+from edgesqueeze.compress.pipeline import compress
+from edgesqueeze.compress.prune import existing_masks
+from edgesqueeze.config.compress import ClusterConfig, CompressConfig, DistillConfig, FinetuneConfig, PruneConfig
 from edgesqueeze.errors import EdgesqueezeError, RecipeError
 from edgesqueeze.recipe import recipe_from_dict
 from edgesqueeze.train import DistillLoss, fit

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgesqueeze.compress.prune import (PruneConfig, Pruner, apply, choose_sparsities,
-                                        existing_masks, layer_stats, magnitude_mask,
-                                        polynomial_sparsity, prunable_layers, resolve_auto,
-                                        sensitivity_scan)
+from edgesqueeze.compress.prune import (Pruner, apply, choose_sparsities, existing_masks, layer_stats,
+                                        magnitude_mask, resolve_auto, sensitivity_scan)
+from edgesqueeze.config.compress import PruneConfig, polynomial_sparsity
+from edgesqueeze.models.layers import prunable_layers
 from edgesqueeze.errors import RecipeError
 from edgesqueeze.models import build_model
 

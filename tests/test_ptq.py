@@ -16,13 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgesqueeze.compress.cluster import ClusterConfig, cluster_model
+from edgesqueeze.compress.cluster import cluster_model
 from edgesqueeze.checkpoint import esq_dumps as dumps_model
 from edgesqueeze.checkpoint import esq_loads as loads_model
 from edgesqueeze.models.fold import fold_batchnorm
-from edgesqueeze.compress.prune import PruneConfig, apply_masks, existing_masks, prunable_layers
+from edgesqueeze.compress.prune import apply_masks, existing_masks
+from edgesqueeze.config.compress import ClusterConfig, PruneConfig, PTQConfig
+from edgesqueeze.models.layers import prunable_layers
 from edgesqueeze.compress.prune import apply as prune
-from edgesqueeze.compress.ptq import (Candidate, PTQConfig, allocate, calibration_stats,
+from edgesqueeze.compress.ptq import (Candidate, allocate, calibration_stats,
                                       candidate_levels, correct_biases, distill, gptq_assign,
                                       layer_candidates, output_divergence,
                                       post_training_compress)

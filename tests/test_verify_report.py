@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgesqueeze import verify_report as vr
-from edgesqueeze.budget import Budget, check
+from edgesqueeze.budget import check
+from edgesqueeze.config.budget import Budget
 from edgesqueeze.cli import cli
 
 PNG = b"\x89PNG\r\n\x1a\n"

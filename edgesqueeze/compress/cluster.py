@@ -27,10 +27,9 @@ which is how a later stage (the container) recovers codebooks and labels from a 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,67 +37,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import RecipeError
-from .prune import (StageReport, _check_fields, _check_layer_values, _config_from_dict, _range,
-                    _resolve_layer_names, existing_masks, prunable_layers)
+from ..config.compress import ClusterConfig
+from ..models.layers import check_layer_names, prunable_layers
+from .prune import StageReport, existing_masks
 
 __all__ = [
-    "ClusterConfig", "ClusteredLayer", "SharedWeights", "apply", "cluster_layer",
+    "ClusteredLayer", "SharedWeights", "apply", "cluster_layer",
     "cluster_model", "codebook_parameters", "kmeans_1d", "materialize", "share_weights",
 ]
 
 VERSION = 1
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Bits per layer and how to find the centroids.
-
-    A layer's bits: ``layers[name]`` if given, else ``conv`` / ``linear`` by type, else
-    ``bits``. The paper used 8 bits for conv and 5 for FC layers; SqueezeNet at 6 bits reached
-    0.47 MB. ``codebook_dtype`` is what the container stores; centroids are rounded to it
-    before the weights are rewritten, so the model runs with the stored values.
-    ``bias_dtype: float16`` rounds the biases of the shared layers to float16 after weight
-    sharing (and after centroid retraining): the archive then stores them in 2 bytes each
-    instead of 4 (the raw section keeps a float32 tensor as float16 when that is exact). On
-    the CIFAR-10 SqueezeNet, whose folded BatchNorm leaves a bias on every conv, that is
-    4.8 KB of a 98 KB archive.
-    """
-
-    VERSION: ClassVar[int] = VERSION
-
-    bits: int = field(default=8, metadata=_range(ge=1, le=8))
-    conv: int | None = field(default=None, metadata=_range(ge=1, le=8))
-    linear: int | None = field(default=None, metadata=_range(ge=1, le=8))
-    layers: dict[str, int] = field(default_factory=dict)
-    init: Literal["linear", "kmeans++", "density"] = "linear"
-    max_iter: int = field(default=100, metadata=_range(ge=1, le=10_000))
-    codebook_dtype: Literal["float16", "float32"] = "float32"
-    bias_dtype: Literal["float16", "float32"] = "float32"
-    include_zero: bool = False
-    seed: int = field(default=0, metadata=_range(ge=0, le=2**31 - 1))
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
-        object.__setattr__(self, "layers",
-                           _check_layer_values("layers", self.layers, int, {"ge": 1, "le": 8}))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": self.VERSION, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, raw: Any, *, path: str = "cluster") -> ClusterConfig:
-        return _config_from_dict(cls, raw, path)
-
-    def bits_for(self, model: nn.Module, *, path: str = "cluster") -> dict[str, int]:
-        """Bits of every Conv2d/Linear layer of ``model``; unknown ``layers`` refused."""
-        layers = prunable_layers(model)
-        _resolve_layer_names(self.layers, list(layers), f"{path}.layers")
-        out = {}
-        for name, m in layers.items():
-            typed = self.conv if isinstance(m, nn.Conv2d) else self.linear
-            out[name] = self.layers.get(name, typed if typed is not None else self.bits)
-        return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,9 +264,9 @@ def cluster_model(model: nn.Module, config: ClusterConfig,
     out = copy.deepcopy(model)
     bits = config.bits_for(out, path=path)
     masks = existing_masks(out) if masks is None else dict(masks)
-    _resolve_layer_names(masks, list(bits), "masks")
+    check_layer_names(masks, list(bits), "masks")
     if sample_weights:
-        _resolve_layer_names(sample_weights, list(bits), "sample_weights")
+        check_layer_names(sample_weights, list(bits), "sample_weights")
     assignments = {}
     for name, b in bits.items():
         weight = out.get_submodule(name).weight

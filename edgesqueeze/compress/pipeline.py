@@ -29,135 +29,23 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from edgesqueeze._io import sha256_file, write_bytes_atomic, write_text_atomic
-from edgesqueeze.checkpoint import ESQ_META_FORMAT, esq_dumps, model_from_esq
+from edgesqueeze.checkpoint import ESQ_META_FORMAT, esq_dumps, model_from_esq, state_digest
 from edgesqueeze.compress import cluster as cluster_mod
-from edgesqueeze.compress.cluster import ClusterConfig
-from edgesqueeze.compress.prune import (
-    PruneConfig,
-    Pruner,
-    existing_masks,
-    layer_stats,
-    prunable_layers,
-    resolve_auto,
-)
-from edgesqueeze.compress.ptq import PTQConfig
+from edgesqueeze.compress.prune import Pruner, existing_masks, layer_stats, resolve_auto
+from edgesqueeze.config.compress import CompressConfig, FinetuneConfig
 from edgesqueeze.errors import DataError, EdgesqueezeError, ModelError, RecipeError
 from edgesqueeze.format.codec import CHUNK
 from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm
+from edgesqueeze.models.layers import prunable_layers
 
 Log = Callable[[str], None]
-
-
-def _range(**bounds: float) -> dict:
-    return {"range": bounds}
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Retrain by distillation from the teacher (the model given to ``compress``, or
-    ``--teacher``): the loss is ``(1 - alpha)`` times the cross-entropy with the labels plus
-    ``alpha`` times the temperature-``T`` soft-target term (:class:`edgesqueeze.train.DistillLoss`).
-    The teacher's predictions carry what the labels do not (which wrong classes are close),
-    so the pruned and shared model recovers more of the original's accuracy per epoch; each
-    step costs one more forward pass of the teacher (about a third of a step).
-
-    Centroid retraining moves every weight of a cluster at once (a centroid's gradient is
-    the sum of its weights'), which makes it the fragile stage: on the CIFAR-10 SqueezeNet at
-    lr 0.002, distillation diverged within 3 steps (gradient norm 3 -> 300, a dead network);
-    with ``grad_clip: 2`` it held. A run that collapses is flagged in the log and report."""
-
-    alpha: float = field(default=0.9, metadata=_range(ge=0, le=1))
-    temperature: float = field(default=4.0, metadata=_range(gt=0, le=100))
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Retraining after a stage: the fields mean what they mean in ``train``; ``distill``
-    (e.g. ``distill: {alpha: 0.9, temperature: 4}``, or ``distill: {}`` for those defaults)
-    learns from the teacher's outputs as well as the labels."""
-
-    epochs: float = field(default=1.0, metadata=_range(ge=0, le=1000))
-    batch_size: int = field(default=128, metadata=_range(ge=1, le=65_536))
-    optimizer: Literal["sgd", "adamw", "adam"] = "sgd"
-    lr: float = field(default=0.01, metadata=_range(gt=0, le=10))
-    momentum: float = field(default=0.9, metadata=_range(ge=0, lt=1))
-    nesterov: bool = True
-    weight_decay: float = field(default=0.0, metadata=_range(ge=0, le=1))
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    warmup_fraction: float = field(default=0.0, metadata=_range(ge=0, lt=1))
-    label_smoothing: float = field(default=0.0, metadata=_range(ge=0, lt=1))
-    grad_clip: float | None = field(default=None, metadata=_range(gt=0))
-    channels_last: bool = False
-    augment: bool = True
-    distill: DistillConfig | None = None
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """Where ``compress.ptq`` takes its calibration images (their labels are never used).
-
-    ``images`` are drawn without replacement, seeded by the recipe's ``seed``, from
-    ``split``: ``auto`` is the training split, or the test split when the dataset has none
-    (``imagenet-sample``). Test images not drawn are the held-out set the report scores on;
-    the drawn ones are never presented as held-out. With seed 0, 50 of ``imagenet-sample``'s
-    100 images are exactly fold 0 of ``benchmarks/imagenet_lossy.py``, so its cross-validated
-    numbers are what the held-out half should show.
-    """
-
-    images: int = field(default=50, metadata=_range(ge=1, le=1_000_000))
-    split: Literal["auto", "train", "test"] = "auto"
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    """The ``compress`` section of a recipe. Which stages it names decides what runs:
-
-    - ``prune`` and/or ``cluster``: Deep Compression with retraining (needs a training split);
-    - ``ptq``: post-training re-clustering of an already pruned (and usually already shared)
-      model to a byte budget, from ``calibration`` images only, keeping its zeros: for models
-      whose training set is not at hand, like the released ImageNet SqueezeNet;
-    - none of them: a lossless re-encoding. Existing zeros and codebooks are detected and
-      kept, every weight is bit-identical to the source, and BatchNorm is left unfolded
-      (folding rounds, so it would change weights).
-    """
-
-    VERSION: ClassVar[int] = 1
-
-    fold_batchnorm: bool = True
-    prune: PruneConfig | None = None
-    prune_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    cluster: ClusterConfig | None = None
-    cluster_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    ptq: PTQConfig | None = None
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    eval_batch_size: int = field(default=512, metadata=_range(ge=1, le=65_536))
-
-    def __post_init__(self) -> None:
-        # Refused rather than silently ordered: each combination has a clearer alternative.
-        if self.ptq is not None and self.prune is not None:
-            raise RecipeError("compress.ptq: cannot be combined with compress.prune (pruning retrains on a "
-                              "training split, ptq keeps the model's zeros and uses no training); prune in one "
-                              "run, then compress that run's model.esq with a ptq-only recipe")
-        if self.ptq is not None and self.cluster is not None:
-            raise RecipeError("compress.ptq: cannot be combined with compress.cluster (both choose the "
-                              "codebooks); keep cluster to retrain centroids on a training split, or ptq "
-                              "for calibration images only")
-
-    @property
-    def mode(self) -> Literal["ptq", "retrain", "lossless"]:
-        """``ptq``, ``retrain`` (prune and/or cluster) or ``lossless`` (nothing changes a weight)."""
-        if self.ptq is not None:
-            return "ptq"
-        if self.prune is not None or self.cluster is not None:
-            return "retrain"
-        return "lossless"
 
 
 @dataclass
@@ -335,7 +223,7 @@ class _Run:
         return sha256_file(self.checkpoint)
 
     def val_acc(self, m: nn.Module) -> float | None:
-        from edgesqueeze.train import evaluate
+        from edgesqueeze.evaluate import evaluate
 
         x_val, y_val = self.inp.val
         if self.inp.ds is None or not len(x_val):
@@ -344,7 +232,7 @@ class _Run:
                         batch_size=self.config.eval_batch_size)["accuracy"]
 
     def test(self, m: nn.Module, x=None, y=None) -> dict[str, float] | None:
-        from edgesqueeze.train import evaluate
+        from edgesqueeze.evaluate import evaluate
 
         if self.inp.ds is None:
             return None
@@ -438,7 +326,7 @@ def _compare(original: nn.Module, compressed: nn.Module, x, y, *, mean, std, bat
     """Top-1 of both models on ``(x, y)``, their top-1 agreement (the fraction of images
     on which both predict the same class: what a user sees change) and mean
     ``KL(original || compressed)`` in nats."""
-    from edgesqueeze.train import predict
+    from edgesqueeze.evaluate import predict
 
     if not len(x):
         return {"n": 0}
@@ -470,7 +358,6 @@ def _compress_lossless(run: _Run) -> CompressResult:
     """Re-encode without changing a weight: the codec keeps what it finds (zeros as gaps,
     codebooks of at most 256 values per tensor or per slice), and the decoded weights are
     compared bit for bit with the source's."""
-    from edgesqueeze.verify import state_digest
 
     inp, log = run.inp, run.log
     model = inp.loaded.model
@@ -535,7 +422,6 @@ def _compress_ptq(run: _Run) -> CompressResult:
     then encode, decode-check, and score original against compressed on held-out images."""
     from edgesqueeze.compress.ptq import post_training_compress
     from edgesqueeze.data import batches
-    from edgesqueeze.verify import state_digest
 
     inp, cfg, log = run.inp, run.config, run.log
     ds = inp.ds
@@ -610,7 +496,6 @@ def _compress_ptq(run: _Run) -> CompressResult:
 def _compress_retrain(run: _Run) -> CompressResult:
     """Deep Compression with retraining: prune, fold BatchNorm, cluster, retrain centroids."""
     from edgesqueeze.data import default_augment
-    from edgesqueeze.verify import state_digest
 
     inp, config, log, seed, progress = run.inp, run.config, run.log, run.seed, run.progress
     ds, (x_tr, y_tr), (x_val, _) = inp.ds, inp.train, inp.val
@@ -793,7 +678,7 @@ def sensitivity(
     """Prune each layer alone at each sparsity; validation accuracy table, plot, and (with
     ``max_drop``, in accuracy points) the per-layer sparsities that stay within it."""
     from edgesqueeze.compress.prune import choose_sparsities, sensitivity_scan
-    from edgesqueeze.train import evaluate
+    from edgesqueeze.evaluate import evaluate
 
     out = Path(out_dir)
     loaded, meta, ds, _, (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir)

@@ -29,24 +29,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import math
-import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..config.compress import PruneConfig
 from ..errors import RecipeError
-from .._config import _build, _check_range, _convert
+from ..models.layers import check_layer_names, prunable_layers
 
 __all__ = [
-    "PruneConfig", "Pruner", "StageReport", "apply", "apply_masks", "choose_sparsities",
-    "existing_masks", "layer_stats", "magnitude_mask", "polynomial_sparsity",
-    "prunable_layers", "sensitivity_scan",
+    "Pruner", "StageReport", "apply", "apply_masks", "choose_sparsities",
+    "existing_masks", "layer_stats", "magnitude_mask", "sensitivity_scan",
 ]
 
 VERSION = 1
@@ -70,73 +68,6 @@ class StageReport:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
-
-
-def _range(**bounds: float) -> dict:
-    return {"range": bounds}
-
-
-def _check_fields(cfg: Any) -> None:
-    """Type, choice and range checks for every field of a frozen config (from __post_init__).
-
-    Uses the recipe loader's converter, so a config built in Python is held to the same rules
-    as one read from YAML; values are normalised in place (an int sparsity becomes a float).
-    Messages name the field; :func:`_config_from_dict` adds the section's dotted path.
-    """
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value = _convert(f.name, getattr(cfg, f.name), hints[f.name])
-        bounds = f.metadata.get("range")
-        if bounds and isinstance(value, (int, float)):
-            _check_range(f.name, value, bounds)
-        object.__setattr__(cfg, f.name, value)
-
-
-def _check_layer_values(name: str, values: Any, kind: type, bounds: dict) -> dict:
-    """Validate a ``{layer_name: value}`` field; returns a plain dict with converted values."""
-    out = {}
-    for layer, v in values.items():
-        if not isinstance(layer, str) or not layer:
-            raise RecipeError(f"{name}: keys must be layer names (strings), got {layer!r}")
-        path = f"{name}.{layer}"
-        v = _convert(path, v, kind)
-        _check_range(path, v, bounds)
-        out[layer] = v
-    return out
-
-
-def _config_from_dict(cls: type, raw: Any, path: str) -> Any:
-    """Build a stage config from plain data; every error carries ``path`` (e.g. ``prune``)."""
-    if not isinstance(raw, Mapping):
-        raise RecipeError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
-    raw = dict(raw)
-    version = raw.pop("version", cls.VERSION)
-    if version != cls.VERSION:
-        raise RecipeError(f"{path}.version: this edgesqueeze reads {cls.__name__} version "
-                          f"{cls.VERSION}, got {version!r}")
-    try:
-        return _build("", raw, cls)
-    except RecipeError as exc:
-        raise RecipeError(f"{path}.{exc}") from None
-
-
-def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv2d and Linear by module name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
-def _resolve_layer_names(wanted: Iterable[str], known: Sequence[str], path: str) -> None:
-    """Refuse names that are not prunable layers of the model, suggesting the closest one."""
-    for name in wanted:
-        if name in known:
-            continue
-        hint = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-        if hint:
-            tip = f"; did you mean '{hint[0]}'?"
-        else:
-            shown = ", ".join(list(known)[:8]) + (", ..." if len(known) > 8 else "")
-            tip = f"; the model's Conv2d/Linear layers are: {shown} ({len(known)} in all)"
-        raise RecipeError(f"{path}.{name}: no Conv2d or Linear layer of that name{tip}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,29 +100,6 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.view(weight.shape)
 
 
-def polynomial_sparsity(step: int, *, final: float, initial: float = 0.0, begin: int = 0,
-                        end: int = 1, frequency: int = 1) -> float:
-    """Zhu & Gupta (2017) gradual schedule: ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/n)^3``.
-
-    Sparsity rises fast while redundant weights are plentiful and slowly at the end, so
-    fine-tuning can recover between steps. Before ``begin`` nothing is pruned; from ``end``
-    on the sparsity is ``final``; in between ``t`` is held at the last multiple of
-    ``frequency`` after ``begin`` (masks change only every ``frequency`` steps).
-
-    Example (0 -> 0.8 over 10 steps)::
-
-        >>> [round(polynomial_sparsity(t, final=0.8, end=10), 3) for t in (0, 5, 10)]
-        [0.0, 0.7, 0.8]
-    """
-    if step < begin:
-        return 0.0
-    if step >= end:
-        return final
-    t = begin + ((step - begin) // frequency) * frequency
-    frac = (t - begin) / (end - begin)
-    return final + (initial - final) * (1.0 - frac) ** 3
-
-
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero pruned weights in place. ``masked_fill`` writes +0.0 (``w * 0`` could give -0.0)."""
     with torch.no_grad():
@@ -219,98 +127,6 @@ def layer_stats(model: nn.Module) -> list[dict[str, Any]]:
                      "numel": numel, "nonzero": nonzero,
                      "density": nonzero / numel if numel else 1.0})
     return rows
-
-
-# ---------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """How sparse each layer ends up, and when.
-
-    A layer's target sparsity is the first that applies of: ``layers[name]``; ``first_conv``
-    / ``last_conv`` (the first and last Conv2d in module order: the stem sees raw pixels and
-    the last conv is SqueezeNet's classifier, both usually kept denser); ``conv`` /
-    ``linear`` by type; ``sparsity``. ``schedule: oneshot`` prunes to the target at step
-    ``begin``; ``gradual`` follows :func:`polynomial_sparsity` from ``initial_sparsity`` (capped
-    at each layer's target) at ``begin`` to the target at ``end``, updating every
-    ``frequency`` steps. Steps are whatever the caller counts (optimizer steps or epochs).
-    """
-
-    VERSION: ClassVar[int] = VERSION
-
-    sparsity: float | Literal["auto"] = field(default=0.5, metadata=_range(ge=0, lt=1))
-    conv: float | None = field(default=None, metadata=_range(ge=0, lt=1))
-    linear: float | None = field(default=None, metadata=_range(ge=0, lt=1))
-    first_conv: float | None = field(default=None, metadata=_range(ge=0, lt=1))
-    last_conv: float | None = field(default=None, metadata=_range(ge=0, lt=1))
-    layers: dict[str, float] = field(default_factory=dict)
-    schedule: Literal["oneshot", "gradual"] = "oneshot"
-    initial_sparsity: float = field(default=0.0, metadata=_range(ge=0, lt=1))
-    begin: int = field(default=0, metadata=_range(ge=0))
-    end: int = field(default=0, metadata=_range(ge=0))
-    frequency: int = field(default=1, metadata=_range(ge=1))
-    max_drop: float = field(default=0.5, metadata=_range(gt=0, le=100))
-    scan: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
-        object.__setattr__(self, "layers",
-                           _check_layer_values("layers", self.layers, float, {"ge": 0, "lt": 1}))
-        for i, v in enumerate(self.scan):
-            _check_range(f"scan[{i}]", v, {"ge": 0, "lt": 1})
-        object.__setattr__(self, "scan", tuple(sorted(self.scan)))
-        if self.sparsity == "auto" and not self.scan:
-            raise RecipeError("scan: sparsity 'auto' needs at least one sparsity to scan")
-        # end 0 means "the caller decides" (the compress pipeline: 70% of the retraining)
-        if self.schedule == "gradual" and self.end and self.end <= self.begin:
-            raise RecipeError(f"end: must be > begin ({self.begin}) for schedule 'gradual', "
-                              f"got {self.end}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": self.VERSION, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, raw: Any, *, path: str = "prune") -> PruneConfig:
-        return _config_from_dict(cls, raw, path)
-
-    def targets(self, model: nn.Module, *, path: str = "prune") -> dict[str, float]:
-        """Final sparsity of every prunable layer of ``model``; unknown ``layers`` refused."""
-        if self.sparsity == "auto":
-            raise RecipeError(f"{path}.sparsity: 'auto' must be resolved by a sensitivity scan "
-                              "first (resolve_auto)")
-        explicit = self.explicit(model, path=path)
-        return {name: explicit.get(name, self.sparsity) for name in prunable_layers(model)}
-
-    def explicit(self, model: nn.Module, *, path: str = "prune") -> dict[str, float]:
-        """The layers whose sparsity is set by name, type, or as first/last conv."""
-        layers = prunable_layers(model)
-        _resolve_layer_names(self.layers, list(layers), f"{path}.layers")
-        convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)]
-        first, last = (convs[0], convs[-1]) if convs else (None, None)
-        out = {}
-        for name, m in layers.items():
-            s = self.conv if isinstance(m, nn.Conv2d) else self.linear
-            if name == first and self.first_conv is not None:
-                s = self.first_conv
-            if name == last and self.last_conv is not None:
-                s = self.last_conv
-            s = self.layers.get(name, s)
-            if s is not None:
-                out[name] = s
-        return out
-
-    def sparsity_at(self, step: int | None, final: float) -> float:
-        """The schedule's sparsity for a layer whose target is ``final`` (``None``: the end)."""
-        if step is None:
-            return final
-        if self.schedule == "oneshot":
-            return final if step >= self.begin else 0.0
-        if self.end <= self.begin:
-            raise RecipeError("end: schedule 'gradual' needs end > begin (steps); set end")
-        return polynomial_sparsity(step, final=final, initial=min(self.initial_sparsity, final),
-                                   begin=self.begin, end=self.end, frequency=self.frequency)
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,7 +166,7 @@ class Pruner:
         self.config = config
         self.targets = config.targets(model, path=path)
         layers = prunable_layers(model)
-        _resolve_layer_names(keep or {}, list(layers), "keep")
+        check_layer_names(keep or {}, list(layers), "keep")
         self.masks: dict[str, torch.Tensor] = {}
         for name in self.targets:
             w = layers[name].weight
@@ -459,7 +275,7 @@ def sensitivity_scan(model: nn.Module, layers: Sequence[str] | None,
     work = copy.deepcopy(model)
     known = list(prunable_layers(work))
     layers = known if layers is None else list(layers)
-    _resolve_layer_names(layers, known, "layers")
+    check_layer_names(layers, known, "layers")
     rows = []
     for name in layers:
         w = work.get_submodule(name).weight

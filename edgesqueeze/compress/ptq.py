@@ -42,12 +42,11 @@ that were evaluated.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,93 +56,18 @@ from torch import nn
 from ..errors import ModelError, RecipeError
 from .cluster import (ClusteredLayer, cluster_layer, codebook_parameters, kmeans_1d, materialize,
                       share_weights)
-from .prune import _check_fields, _config_from_dict, _range, existing_masks, prunable_layers
+from ..config.compress import PTQConfig
+from ..models.layers import prunable_layers
+from .prune import existing_masks
 
 __all__ = [
-    "PTQConfig", "Candidate", "allocate", "calibration_stats", "candidate_levels",
+    "Candidate", "allocate", "calibration_stats", "candidate_levels",
     "correct_biases", "distill", "gptq_assign", "layer_candidates", "output_divergence",
     "post_training_compress", "predicted_kl",
 ]
 
 VERSION = 1
 _HEADER_MARGIN = 32  # bytes kept free for the archive header's CRC-dependent size changes
-
-
-@dataclass(frozen=True)
-class PTQConfig:
-    """How to re-compress a pruned, shared model after training, from calibration images.
-
-    Size: ``target_bytes`` is the budget for the whole ``.esq`` archive (as written by
-    :func:`~edgesqueeze.checkpoint.esq_dumps` with the caller's ``meta``); without it
-    the budget is what plain ``bits``-bit clustering of every layer would take, so the stage
-    buys fidelity at the naive size. ``allocation: uniform`` gives every layer ``bits``
-    (the naive baseline when everything else is off).
-
-    Candidates per layer: ``levels_per_octave`` codebook sizes per doubling, geometrically
-    spaced from ``2**min_bits`` to ``2**max_bits`` (4 per octave: 32, 38, 45, 54, 64, ...).
-    A size between powers of two still needs ``ceil(log2 k)`` bits fixed-width, but its
-    Huffman-coded indices cost fewer bytes: a finer grid lets the allocator fill the budget.
-
-    ``weighting``: the k-means sample weights: ``activation`` (each weight's input energy,
-    the diagonal of the layer's output-error Hessian), ``fisher`` (its diagonal Fisher),
-    ``fisher_smooth`` (the Fisher's rank-1 approximation ``row_sum x column_sum / total``,
-    far less noisy with few images) or ``none``. ``fisher_samples`` labels are drawn from
-    the model per calibration image to estimate the Fisher. ``gptq`` re-assigns labels to
-    cancel errors in each layer's output; ``gptq_damp`` regularises its inverse Hessian.
-
-    Distillation: ``distill_steps`` Adam steps of ``distill_batch`` images (sampled with
-    replacement from the calibration set, then augmented by ``augment``) on the codebooks,
-    and the biases if ``distill_bias``; learning rate ``distill_lr`` with a cosine decay.
-
-    Defaults were chosen by 2-fold cross-validation on the 100 ImageNet sample images
-    (calibrate on 50, score KL and agreement on the other 50), at a 466 KB budget:
-    ``levels_per_octave`` 4 over 2 and 1, ``activation`` weighting over ``none``, ``fisher``
-    and ``fisher_smooth``, ``gptq_damp`` 0.01 over 0.1, bias correction on, distillation off,
-    float16 codebooks (6.7 KB smaller for SqueezeNet, no measurable loss). ``fisher_samples``
-    and the distillation settings were not tuned. ``benchmarks/results/imagenet_lossy.json``
-    holds the measurements.
-    """
-
-    VERSION: ClassVar[int] = VERSION
-
-    target_bytes: int | None = field(default=None, metadata=_range(ge=1))
-    bits: int = field(default=7, metadata=_range(ge=1, le=8))
-    min_bits: int = field(default=5, metadata=_range(ge=1, le=8))
-    max_bits: int = field(default=8, metadata=_range(ge=1, le=8))
-    levels_per_octave: int = field(default=4, metadata=_range(ge=1, le=8))
-    allocation: Literal["fisher", "uniform"] = "fisher"
-    weighting: Literal["fisher", "fisher_smooth", "activation", "none"] = "activation"
-    fisher_samples: int = field(default=2, metadata=_range(ge=1, le=64))
-    gptq: bool = True
-    gptq_damp: float = field(default=0.01, metadata=_range(gt=0, le=10))
-    bias_correction: bool = True
-    distill_steps: int = field(default=0, metadata=_range(ge=0, le=100_000))
-    distill_lr: float = field(default=3e-5, metadata=_range(gt=0, le=1))
-    distill_batch: int = field(default=10, metadata=_range(ge=1, le=4096))
-    distill_bias: bool = True
-    augment: Literal["none", "flip", "flip_crop"] = "flip_crop"
-    codebook_dtype: Literal["float16", "float32"] = "float16"
-    init: Literal["linear", "kmeans++", "density"] = "linear"
-    max_iter: int = field(default=100, metadata=_range(ge=1, le=10_000))
-    batch_size: int = field(default=10, metadata=_range(ge=1, le=4096))
-    seed: int = field(default=0, metadata=_range(ge=0, le=2**31 - 1))
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
-        if self.min_bits > self.max_bits:
-            raise RecipeError(f"min_bits: must be <= max_bits ({self.max_bits}), "
-                              f"got {self.min_bits}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": self.VERSION, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, raw: Any, *, path: str = "ptq") -> PTQConfig:
-        """Strict: unknown keys, wrong types and out-of-range values name the dotted field."""
-        return _config_from_dict(cls, raw, path)
-
-    def replace(self, **changes: Any) -> PTQConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def candidate_levels(config: PTQConfig) -> list[int]:

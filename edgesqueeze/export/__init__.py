@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from edgesqueeze.export._common import (FORMATS, META_FORMAT, META_KEY, SUFFIX, CalibrationConfig,
-                                        ExportConfig, artifact_meta, calibration_images, check_float_layers,
-                                        to_input)
+from edgesqueeze.config.export import FORMATS, SUFFIX, CalibrationConfig, ExportConfig
+from edgesqueeze.export._common import META_FORMAT, META_KEY, artifact_meta, calibration_images, check_float_layers, to_input
 
 __all__ = ["FORMATS", "META_FORMAT", "META_KEY", "SUFFIX", "CalibrationConfig", "ExportConfig",
            "artifact_meta", "calibration_images", "check_float_layers", "export_artifacts", "to_input"]

@@ -81,8 +81,8 @@ from torch import nn
 from edgesqueeze._io import write_bytes_atomic
 from edgesqueeze.errors import ExportError, FormatError
 from edgesqueeze.export import prepare
-from edgesqueeze.export._common import (META_KEY, CalibrationConfig, artifact_meta, check_float_layers,
-                                        meta_json, to_input)
+from edgesqueeze.config.export import CalibrationConfig
+from edgesqueeze.export._common import META_KEY, artifact_meta, check_float_layers, meta_json, to_input
 from edgesqueeze.export._common import first_line as _first_line
 
 __all__ = ["export_onnx", "export_onnx_int8", "onnx_graph", "read_onnx_meta", "INPUT_NAME",

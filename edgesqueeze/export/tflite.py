@@ -59,9 +59,9 @@ from torch import nn
 from edgesqueeze._io import write_bytes_atomic
 from edgesqueeze.errors import ExportError
 from edgesqueeze.export import prepare
+from edgesqueeze.config.export import CalibrationConfig
 from edgesqueeze.export._common import (
     META_KEY,
-    CalibrationConfig,
     artifact_meta,
     check_float_layers,
     first_line as _first_line,

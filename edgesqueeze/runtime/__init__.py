@@ -13,7 +13,8 @@ imported only when a file of their kind is loaded.
 
 from __future__ import annotations
 
-from edgesqueeze.runtime._base import Artifact, InputSpec, load, softmax, topk
+from edgesqueeze.runtime._base import Artifact, InputSpec, softmax, topk
+from edgesqueeze.runtime._load import load
 from edgesqueeze.runtime.bench import benchmark, compare
 from edgesqueeze.runtime.images import load_image, load_images
 from edgesqueeze.runtime.inspect import inspect_artifact

@@ -2,8 +2,9 @@
 
 Torch-free by design (numpy and the standard library only at import time): this package
 is what ``pip install edgesqueeze[runtime]`` puts on a Raspberry Pi. The backends
-(onnxruntime, LiteRT) are imported only when a file of their kind is loaded, so a device
-with just one of them installed runs that kind.
+(:mod:`._onnx`, :mod:`._tflite`) build on this module; :func:`edgesqueeze.runtime.load`
+(:mod:`._load`, above both) picks one per file, importing onnxruntime or LiteRT only when
+a file of their kind is loaded, so a device with just one of them installed runs that kind.
 
 The input contract, for every artifact::
 
@@ -22,7 +23,6 @@ reading -1 back gives (-1 + 3) * 0.5 = 1.0.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,15 +32,13 @@ import numpy as np
 from edgesqueeze.errors import DataError, FormatError, RuntimeBackendError
 from edgesqueeze.format.container import MAGIC as ESQ_MAGIC
 
-__all__ = ["Artifact", "InputSpec", "load", "sniff", "softmax", "topk"]
+__all__ = ["Artifact", "InputSpec", "classify", "sniff", "softmax", "topk"]
 
 # Copied from edgesqueeze.export._common (which imports torch-side config code): the
 # metadata key and format name every artifact carries.
 META_KEY = "edgesqueeze"
 META_FORMAT = "edgesqueeze.artifact"
 
-BACKENDS = ("onnxruntime", "ai-edge-litert", "tflite-runtime")
-_KIND_OF_BACKEND = {"onnxruntime": "onnx", "ai-edge-litert": "tflite", "tflite-runtime": "tflite"}
 
 _SNIFF_BYTES = 64
 
@@ -126,67 +124,6 @@ def classify(path: Path) -> tuple[str, bytes]:
     if what == "hdf5":
         raise FormatError(f"{path}: is an HDF5 (Keras) file, not an .onnx or .tflite model")
     return ("tflite" if what == "tflite" else "onnx"), head
-
-
-def load(path: str | os.PathLike, *, threads: int | None = None,
-         backend: str | None = None, spin: bool = True) -> Artifact:
-    """Open an ``.onnx`` or ``.tflite`` artifact for inference, torch-free.
-
-    The file's content decides what it is (a TFLite flatbuffer has ``TFL3`` at bytes 4..8;
-    anything else that parses as a protobuf is ONNX); a file whose ``.onnx``/``.tflite``
-    extension disagrees with its content is refused (other extensions are fine). ``threads``
-    sets the backend's intra-op threads (None: the backend's default, which for
-    onnxruntime is one per physical core and for LiteRT is 1). ``backend`` picks one of
-    ``onnxruntime``, ``ai-edge-litert``, ``tflite-runtime`` (None: the one that fits,
-    preferring ai-edge-litert over tflite-runtime).
-
-    A packed file (``model.int8.tflite.esq``, :mod:`edgesqueeze.format.packed`) is decoded
-    in memory, checked against its recorded SHA-256, and run from those bytes: the artifact's
-    ``packed`` holds its ``meta["packed"]`` and ``decode_seconds`` the time decoding took
-    (``None`` and 0.0 for a plain file).
-
-    Raises :class:`FormatError` for a file that is missing, empty, damaged or not a model
-    this runtime runs, and :class:`RuntimeBackendError` when the runtime it needs is not
-    installed or cannot open it.
-    """
-    import time
-
-    path = Path(path)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise RuntimeBackendError(f"threads must be a positive integer or None, got {threads!r}")
-    if backend is not None and backend not in BACKENDS:
-        raise RuntimeBackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    kind, head = classify(path)
-    ext = path.suffix.lower()
-    data, packed, decode_seconds = None, None, 0.0
-    if kind == "esq":
-        t0 = time.perf_counter()
-        data, packed = unpack_file(path)
-        decode_seconds = time.perf_counter() - t0
-        head = data[:_SNIFF_BYTES]
-        kind = "tflite" if sniff(head) == "tflite" else "onnx"
-        ext = Path(packed["name"]).suffix.lower()
-    if backend is not None and _KIND_OF_BACKEND[backend] != kind:
-        raise RuntimeBackendError(
-            f"{path}: is a{'n ONNX' if kind == 'onnx' else ' TFLite'} model; backend {backend!r} "
-            f"runs {_KIND_OF_BACKEND[backend].upper()} files only")
-    if kind == "tflite":
-        from edgesqueeze.runtime._tflite import TFLiteArtifact
-
-        art = TFLiteArtifact(path, threads=threads, backend=backend, data=data)
-    else:
-        from edgesqueeze.runtime._onnx import OnnxArtifact
-
-        art = OnnxArtifact(path, threads=threads, head=head, ext=ext, spin=spin, data=data)  # garbage refused here
-    art.packed, art.decode_seconds = packed, decode_seconds
-    if ext in (".onnx", ".tflite") and ext[1:] != kind:
-        # A misnamed file is a mix-up upstream (a copy step, a wrong glob): say so rather than
-        # run something other than what the caller believes it is running.
-        raise FormatError(f"{path}: has a {ext} extension but holds a"
-                          f"{'n ONNX' if kind == 'onnx' else ' TFLite'} model; rename it to "
-                          f".{kind} if that is what it is")
-    return art
 
 
 # --------------------------------------------------------------------------- metadata

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgesqueeze.errors import DataError
-from edgesqueeze.runtime._base import Artifact, load
+from edgesqueeze.runtime._base import Artifact
+from edgesqueeze.runtime._load import load
 
 __all__ = ["benchmark", "cold_loads", "compare"]
 

@@ -1,0 +1,3 @@
+from edgesqueeze.cli import main
+
+main()

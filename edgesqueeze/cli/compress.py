@@ -1,0 +1,168 @@
+"""``edgesqueeze compress``, ``unpack``, ``sensitivity``: Deep Compression and the `.esq` archive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgesqueeze.cli._group import _arch_kwargs, _progress_default, cli
+
+
+@cli.command("compress")
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipe YAML with a 'compress' section (see recipes/) [default: none: lossless re-encoding].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field, e.g. --set compress.ptq.target_bytes=480000 (repeatable; "
+                   "works without --recipe too).")
+@click.option("--arch", help="Architecture of a plain state_dict, e.g. squeezenet1_0 [default: the recipe's model; "
+              "builder kwargs: --set model.kwargs={width_mult: 0.5}].")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch.")
+@click.option("--data", "dataset", help="Dataset [default: the checkpoint's, else the recipe's data section].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory [default: next to the model, <recipe name or model name>-compressed/].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path),
+              help="Model to distil from when a recipe's prune_finetune or cluster_finetune sets 'distill' "
+                   "[default: MODEL_PATH itself]; the float original when MODEL_PATH is a pruned.pt.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
+def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset, out_dir, data_dir, teacher, progress):
+    """Compress a model into a .esq archive, with a report.
+
+    \b
+    What runs depends on the recipe's 'compress' section:
+      prune / cluster  Deep Compression with retraining on the training split: prune by
+                       magnitude, fold BatchNorm, k-means weight sharing with retrained
+                       centroids, Huffman coding
+      ptq              post-training, no training data: re-cluster an already pruned model
+                       to compress.ptq.target_bytes from calibration images only, zeros kept
+      (none, or no -r) lossless re-encoding: existing zeros and codebooks kept, weights
+                       bit-identical to the source
+    Every run checks that the archive decodes to exactly the weights it measured, and writes
+    model.esq, report.json, report.md and plots; a run that prunes also writes pruned.pt, the
+    model before weight sharing, to try other cluster settings without pruning again.
+
+    \b
+    Example:
+      edgesqueeze compress artifacts/squeezenet-mnist/model.pt --recipe recipes/squeezenet-mnist.yaml
+      edgesqueeze compress model.pt -r recipes/squeezenet-digits.yaml --set compress.cluster.bits=3
+      # other weight sharing on the same pruned model, distilling from the original
+      edgesqueeze compress out/pruned.pt -r recipes/squeezenet-cifar10.yaml --set compress.prune=null \
+          --set compress.cluster.bits=5 --teacher model.pt --out out-5bit
+      # ImageNet SqueezeNet (plain state_dict, already pruned and shared): lossless, then 466 KB
+      edgesqueeze compress ../shared/models/squeezenet1_0-imagenet.pt --arch squeezenet1_0 \\
+          --data imagenet-sample --out runs/imagenet-lossless
+      edgesqueeze compress ../shared/models/squeezenet1_0-imagenet.pt --arch squeezenet1_0 \\
+          --data imagenet-sample -r recipes/squeezenet-imagenet.yaml --out runs/imagenet-ptq-466
+    """
+    from edgesqueeze.compress.pipeline import CompressConfig, compress
+    from edgesqueeze.errors import RecipeError
+    from edgesqueeze.recipe import apply_overrides, given_sections, load_recipe, recipe_from_dict
+
+    default_dataset = None
+    kwargs = _arch_kwargs(num_classes)
+    if recipe_path:
+        recipe = load_recipe(recipe_path, overrides)
+        if recipe.compress is None:
+            raise RecipeError(f"{recipe_path}: has no 'compress' section; see recipes/squeezenet-mnist.yaml "
+                              "(or leave out --recipe for a lossless re-encoding)")
+        given = given_sections(recipe_path, overrides)
+        name = recipe.name
+    else:  # --set alone builds a recipe: e.g. --set compress.ptq.target_bytes=480000
+        raw = apply_overrides({"version": 1}, overrides)
+        recipe, given, name = recipe_from_dict(raw, source="--set"), set(raw), Path(model_path).stem
+    # A plain state_dict says nothing about itself: the recipe's model and data stand in,
+    # but only where it names them (the dataclass defaults are meant for training).
+    if "model" in given and arch in (None, recipe.model.arch):
+        arch, kwargs = recipe.model.arch, {**recipe.model.kwargs, **kwargs}
+    if "data" in given:
+        default_dataset = recipe.data.dataset
+    config = recipe.compress or CompressConfig()
+    out = out_dir or Path(model_path).parent / f"{name}-compressed"
+    result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
+                      default_dataset=default_dataset, arch=arch, arch_kwargs=kwargs,
+                      data_dir=data_dir or recipe.data.data_dir, recipe_hash=recipe.hash() if recipe_path else None,
+                      teacher=teacher,
+                      progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m))
+    from edgesqueeze.compress.report import size_table
+
+    click.echo(size_table(result.report))
+    click.echo(f"outputs: {result.out_dir}/ (model.esq, report.md, report.json, accuracy_vs_size.png)")
+
+
+@cli.command()
+@click.argument("esq_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="File to write: a checkpoint (.pt) for a checkpoint archive; for a packed file, the "
+                   ".onnx/.tflite [default: its recorded name, beside it].")
+def unpack(esq_path, out_path):
+    """Decode a .esq archive: a checkpoint archive into a normal edgesqueeze checkpoint, a
+    packed .onnx.esq / .tflite.esq into its plain .onnx / .tflite.
+
+    Both are exact: the weights bit for bit, a packed file's bytes checked against the
+    SHA-256 it recorded.
+
+    \b
+    Examples:
+      edgesqueeze unpack artifacts/squeezenet-mnist/squeezenet-mnist-compressed/model.esq -o model.pt
+      edgesqueeze unpack export/model.int8.tflite.esq          # writes export/model.int8.tflite
+    """
+    from edgesqueeze.verify import sniff
+
+    if sniff(esq_path) == "packed":
+        from edgesqueeze._io import write_bytes_atomic
+        from edgesqueeze.runtime._base import unpack_file
+
+        data, packed = unpack_file(esq_path)
+        out_path = out_path or esq_path.with_name(Path(packed["name"]).name)
+        if out_path.resolve() == esq_path.resolve():
+            raise click.UsageError(f"{out_path}: would overwrite the packed file; pass -o")
+        write_bytes_atomic(out_path, data)
+        click.echo(f"{out_path}: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}")
+        return
+    if out_path is None:
+        raise click.UsageError(f"{esq_path} is a checkpoint archive: pass -o model.pt")
+    from edgesqueeze.checkpoint import model_from_esq, save_checkpoint
+
+    model, meta = model_from_esq(esq_path)
+    save_checkpoint(out_path, model, meta)
+    click.echo(f"{out_path}: {sum(t.numel() for t in model.state_dict().values()):,} values from {esq_path}")
+
+
+@cli.command()
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--sparsities", default="0.5,0.7,0.8,0.9,0.95", show_default=True,
+              help="Comma-separated sparsities to try on each layer.")
+@click.option("--layers", help="Comma-separated layer names [default: every Conv2d and Linear].")
+@click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy points a layer may lose; prints the "
+              "largest sparsity per layer within it, ready for a recipe's compress.prune.layers.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory [default: next to the model, sensitivity/].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+def sensitivity(model_path, sparsities, layers, max_drop, out_dir, data_dir):
+    """Prune each layer alone at several sparsities and measure validation accuracy.
+
+    Writes sensitivity.md (the table), sensitivity.json and sensitivity.png.
+
+    \b
+    Example:
+      edgesqueeze sensitivity artifacts/squeezenet-mnist/model.pt --max-drop 0.2
+    """
+    from edgesqueeze.compress.pipeline import sensitivity as run_sensitivity
+
+    try:
+        sps = [float(x) for x in sparsities.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{sparsities!r} is not a list of numbers", param_hint="--sparsities") from None
+    if not sps or not all(0 <= x < 1 for x in sps):
+        raise click.BadParameter("each sparsity must be >= 0 and < 1", param_hint="--sparsities")
+    out = out_dir or Path(model_path).parent / "sensitivity"
+    result = run_sensitivity(model_path, sparsities=sps, out_dir=out, max_drop=max_drop, data_dir=data_dir,
+                             layers=[x.strip() for x in layers.split(",")] if layers else None,
+                             log=lambda m: click.echo(m))
+    click.echo((out / "sensitivity.md").read_text())
+    if "chosen" in result:
+        click.echo("compress.prune.layers for a recipe:")
+        for name, sp in result["chosen"].items():
+            click.echo(f"  {name}: {sp}")

@@ -1,0 +1,207 @@
+"""``edgesqueeze verify`` and ``check``: measure every artifact through its runtime, and the CI gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edgesqueeze.cli._group import _arch_kwargs, cli
+
+
+def _budget_from_options(recipe_path, max_size, max_size_for, min_accuracy, max_drop, min_agreement):
+    import dataclasses
+
+    from edgesqueeze.config.budget import Budget, BudgetSpecError, parse_fraction, parse_size
+
+    budget = Budget()
+    if recipe_path:
+        from edgesqueeze.recipe import load_recipe
+
+        budget = load_recipe(recipe_path).budget_spec()
+    try:
+        per = dict(budget.max_size_per_format)
+        for item in max_size_for:
+            fmt, sep, size = item.partition("=")
+            if not sep:
+                raise BudgetSpecError(f"--max-size-for: expected FORMAT=SIZE, got {item!r}")
+            from edgesqueeze.config.budget import ARTIFACT_FORMATS
+
+            if fmt not in ARTIFACT_FORMATS:
+                raise BudgetSpecError(f"--max-size-for: unknown format {fmt!r}; use {', '.join(ARTIFACT_FORMATS)}")
+            per[fmt] = parse_size(size, what=f"--max-size-for {fmt}")
+        changes = {"max_size_per_format": per}
+        if max_size is not None:
+            changes["max_size"] = parse_size(max_size, what="--max-size")
+        if min_accuracy is not None:
+            changes["min_accuracy"] = parse_fraction(_number_or_pct(min_accuracy), "--min-accuracy")
+        if min_agreement is not None:
+            changes["min_agreement"] = parse_fraction(_number_or_pct(min_agreement), "--min-agreement")
+        if max_drop is not None:
+            changes["max_drop"] = max_drop
+    except BudgetSpecError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return dataclasses.replace(budget, **changes)
+
+
+def _number_or_pct(text: str):
+    text = text.strip()
+    if text.endswith("%"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+_BUDGET_OPTIONS = [
+    click.option("--max-size", metavar="SIZE", help="Largest file allowed, e.g. 500KB, 0.5MB, 64KiB."),
+    click.option("--max-size-for", multiple=True, metavar="FORMAT=SIZE",
+                 help="Per-format size limit, e.g. tflite-int8=100KB (repeatable)."),
+    click.option("--min-accuracy", metavar="ACC", help="Lowest test accuracy, 0.99 or 99%."),
+    click.option("--max-drop", type=click.FloatRange(min=0), metavar="POINTS",
+                 help="Most accuracy points lost against the float model."),
+    click.option("--min-agreement", metavar="FRAC", help="Lowest top-1 agreement with the float model, 0.95 or 95%."),
+]
+
+
+def _with_budget_options(fn):
+    for option in reversed(_BUDGET_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--data", "dataset", help="Dataset whose test split to use [default: the one each file records].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
+              help="Float model (.pt) for top-1 agreement and accuracy drop [default: the first .pt given].")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
+@click.option("--latency", is_flag=True, help="Also measure batch-1 latency (p50).")
+@click.option("--arch", help="Architecture of .pt files that are plain state_dicts (see 'edgesqueeze models'); "
+                             "give --data too, a state_dict records no dataset.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch.")
+@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipe whose 'budget' section to check against.")
+@_with_budget_options
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the verification report here (JSON; the markdown and plots go beside it) "
+                   "[default: verify.json beside the first file].")
+@click.pass_context
+def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, arch, num_classes, recipe_path,
+           max_size, max_size_for, min_accuracy, max_drop, min_agreement, out_path):
+    """Evaluate artifacts on the test split through their own runtimes.
+
+    .onnx runs in onnxruntime, .tflite in LiteRT, .esq through its decoder (its weights
+    checked against the hash recorded at compress time), .pt in PyTorch as the float
+    reference. Reports file size, gzip size, accuracy and top-1 agreement; with a budget
+    (options or the recipe's), exits 1 when one is broken. Writes verify.json, verify.md
+    (the table, the verdicts, the machine) and two plots: size_by_format.png and
+    accuracy_vs_size.png.
+
+    \b
+    The report names this CPU and the ISA features that select int8 kernels (AVX2, AVX-512,
+    VNNI; ARM dot product), and warns when a file's numbers here are known not to be what
+    another CPU computes (an onnx-int8 file exported with --onnx-int8-target vnni-or-arm).
+
+    \b
+    Example:
+      edgesqueeze verify artifacts/squeezenet-digits/model.pt artifacts/squeezenet-digits/export/*
+      edgesqueeze verify squeezenet1_0.pt export/* --arch squeezenet1_0 --data imagenet-sample
+    """
+    from edgesqueeze._io import write_text_atomic
+    from edgesqueeze.budget import artifacts_markdown, check, exit_code, verdicts_table
+    from edgesqueeze.verify import evaluate_artifacts
+    from edgesqueeze.verify_report import machine_info, write_report
+
+    out = out_path or Path(paths[0]).parent / "verify.json"
+    if out.suffix.lower() == ".md":
+        raise click.BadParameter(f"{out}: names the JSON report, and the markdown is written beside it; "
+                                 f"give {out.with_suffix('.json')} to get {out}", param_hint="--out")
+    budget = _budget_from_options(recipe_path, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
+    if num_classes and not arch:
+        raise click.UsageError("--num-classes needs --arch")
+    report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir, reference=reference, limit=limit,
+                                threads=threads, latency=latency, arch=arch, arch_kwargs=_arch_kwargs(num_classes),
+                                log=lambda m: click.echo(m))
+    report["machine"] = machine_info(threads)
+    verdicts = None if budget.is_empty() else check(report["artifacts"], budget)
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    written = write_report(out, report, verdicts=verdicts, machine=report["machine"])
+    click.echo(artifacts_markdown(report["artifacts"]))
+    plots = ", ".join(p.name for p in written["plots"]) or "no plots"
+    click.echo(f"report: {out}, {written['markdown']}, plots ({plots})"
+               + (f"; {written['note']}" if written["note"] else ""))
+    if verdicts is not None:
+        click.echo(verdicts_table(verdicts))
+        ctx.exit(exit_code(verdicts))
+    if any(r["error"] for r in report["artifacts"]):
+        ctx.exit(2)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_with_budget_options
+@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Take the budget from this recipe's 'budget' section (options override it).")
+@click.option("--data", "dataset", help="Dataset to evaluate artifact files on [default: the one each file records].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
+              help="Float model (.pt) for agreement and drop [default: the first .pt given].")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write verdicts as JSON.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write JUnit XML (one test case per artifact and budget).")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write Markdown (e.g. $GITHUB_STEP_SUMMARY).")
+@click.pass_context
+def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreement, recipe_path, dataset, data_dir,
+          reference, limit, json_path, junit_path, md_path):
+    """The CI gate: exit 0 when every budget holds, 1 when one is broken, 2 on bad input.
+
+    PATHS are report.json files (from `verify` or `compress`: nothing is re-run) or
+    artifact files (.pt, .esq, .onnx, .tflite: evaluated now on the test split through
+    their own runtimes). An artifact that cannot be evaluated is never a pass.
+
+    \b
+    Example:
+      edgesqueeze check artifacts/squeezenet-digits/export/verify.json --max-size 100KB --min-accuracy 0.95
+      edgesqueeze check model.int8.tflite --data mnist --max-size 100KB --min-accuracy 99.4% \\
+          --junit gate.xml --markdown "$GITHUB_STEP_SUMMARY"
+    """
+    from edgesqueeze._io import write_text_atomic
+    from edgesqueeze.budget import (check as run_check, exit_code, verdicts_json, verdicts_junit,
+                                    verdicts_markdown, verdicts_table)
+    from edgesqueeze.verify import evaluate_artifacts, rows_from_report
+
+    budget = _budget_from_options(recipe_path, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
+    if budget.is_empty():
+        raise click.UsageError("no budget: give --max-size, --min-accuracy, --max-drop, --min-agreement "
+                               "or a --recipe with a 'budget' section")
+    rows, files = [], []
+    for p in paths:
+        if p.suffix.lower() == ".json":
+            rows.extend(rows_from_report(p))
+        else:
+            files.append(p)
+    if files:
+        report = evaluate_artifacts(files, dataset=dataset, data_dir=data_dir, reference=reference, limit=limit,
+                                    log=lambda m: click.echo(m, err=True))
+        rows.extend(report["artifacts"])
+    verdicts = run_check(rows, budget)
+    click.echo(verdicts_table(verdicts))
+    if json_path:
+        write_text_atomic(json_path, verdicts_json(verdicts, rows, budget))
+    if junit_path:
+        write_text_atomic(junit_path, verdicts_junit(verdicts))
+    if md_path:
+        md = verdicts_markdown(verdicts, rows)
+        if str(md_path).endswith("GITHUB_STEP_SUMMARY") or md_path.exists() and not md_path.is_file():
+            with open(md_path, "a") as fh:
+                fh.write(md)
+        else:
+            write_text_atomic(md_path, md)
+    ctx.exit(exit_code(verdicts))

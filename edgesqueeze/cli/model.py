@@ -1,0 +1,146 @@
+"""``edgesqueeze train``, ``eval``, ``models``, ``info``: training and PyTorch-side model files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edgesqueeze.cli._group import _arch_kwargs, _progress_default, cli
+
+
+@cli.command()
+@click.option("--recipe", "-r", "recipe_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipe YAML (see recipes/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field, e.g. --set train.epochs=3 (repeatable).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory [default: recipe's output_dir or artifacts/<recipe name>].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Look for dataset files here first.")
+@click.option("--resume", is_flag=True, help="Continue the run in the output directory after its last epoch.")
+@click.option("--overwrite", is_flag=True, help="Start over even if the output directory holds a run.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
+def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress):
+    """Train the model a recipe describes.
+
+    Writes model.pt (checkpoint with metadata), last.pt (resumable state, every epoch),
+    metrics.csv/json and curves.png to the output directory.
+
+    \b
+    Example:
+      edgesqueeze train --recipe recipes/squeezenet-mnist.yaml
+      edgesqueeze train -r recipes/squeezenet-digits.yaml --set train.epochs=3 --out runs/quick
+      edgesqueeze train -r recipes/squeezenet-mnist.yaml --resume      # after an interruption
+    """
+    from edgesqueeze.recipe import load_recipe
+    from edgesqueeze.train import fit
+
+    if data_dir:
+        overrides = (*overrides, f"data.data_dir={data_dir}")
+    recipe = load_recipe(recipe_path, overrides)
+    result = fit(recipe, out_dir=out_dir, resume=resume, overwrite=overwrite,
+                 progress=_progress_default() if progress is None else progress,
+                 log=lambda s: click.echo(s))
+    click.echo(f"outputs: {result.out_dir}/ (model.pt, metrics.csv, metrics.json, curves.png)")
+
+
+@cli.command("eval")
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dataset", help="Dataset name [default: the one the checkpoint was trained on].")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Validation fraction for --split val/train [default: from the checkpoint's recipe, else 0.1].")
+@click.option("--seed", type=int, default=None, help="Split seed [default: the checkpoint's].")
+@click.option("--limit", type=click.IntRange(min=10), help="Evaluate a seeded subset of at most N images.")
+@click.option("--image-size", type=click.IntRange(min=4), help="Resize images (datasets that support it).")
+@click.option("--arch", help="Architecture of a plain state_dict (see 'edgesqueeze models').")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (runs code from the file).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, image_size, arch, num_classes,
+             trust_pickle, batch_size, as_json):
+    """Accuracy of a model file on a dataset split.
+
+    \b
+    Example:
+      edgesqueeze eval artifacts/squeezenet-mnist/model.pt
+      edgesqueeze eval squeezenet1_0.pt --arch squeezenet1_0 --dataset imagenet-sample
+    """
+    from edgesqueeze.evaluate import evaluate_file
+
+    metrics = evaluate_file(model_path, dataset=dataset, split=split, data_dir=data_dir, val_fraction=val_fraction,
+                            seed=seed, limit=limit, image_size=image_size, arch=arch,
+                            arch_kwargs=_arch_kwargs(num_classes), trust_pickle=trust_pickle,
+                            batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    top5 = f"  top-5 {100 * metrics['top5']:.2f}%" if "top5" in metrics else ""
+    click.echo(f"{metrics['dataset']} {metrics['split']}: top-1 {100 * metrics['accuracy']:.2f}%{top5}  "
+               f"loss {metrics['loss']:.4f}  ({metrics['n']} images)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def models(as_json):
+    """List the architectures, with parameters and MACs at their default input size.
+
+    \b
+    Example:
+      edgesqueeze models
+    """
+    from edgesqueeze.models import build_model, count_macs, count_params, list_specs
+
+    rows = []
+    for spec in list_specs():
+        model = build_model(spec.name)
+        rows.append({"name": spec.name, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes,
+                     "params": count_params(model), "macs": count_macs(model, spec.input_shape),
+                     "description": spec.description})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':<22}{'input':>12}{'classes':>9}{'params':>12}{'MACs':>10}  description")
+    for r in rows:
+        shape = "x".join(map(str, r["input_shape"]))
+        click.echo(f"{r['name']:<22}{shape:>12}{r['num_classes']:>9}{r['params']:>12,}"
+                   f"{_human_count(r['macs']):>10}  {r['description']}")
+
+
+def _human_count(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+@cli.command()
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--arch", help="Architecture of a plain state_dict.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (runs code from the file).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def info(model_path, arch, num_classes, trust_pickle, as_json):
+    """What a model file holds: kind, architecture, parameters, classes, metrics, provenance.
+
+    \b
+    Example:
+      edgesqueeze info artifacts/squeezenet-digits/model.pt
+      edgesqueeze info squeezenet1_0.pt --arch squeezenet1_0
+    """
+    from edgesqueeze.evaluate import describe_file
+
+    desc = describe_file(model_path, arch=arch, arch_kwargs=_arch_kwargs(num_classes), trust_pickle=trust_pickle)
+    if as_json:
+        click.echo(json.dumps(desc, indent=2))
+        return
+    for key, value in desc.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+            if len(value) > 200:
+                value = value[:197] + "..."
+        click.echo(f"{key:>16}: {value}")

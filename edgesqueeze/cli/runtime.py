@@ -1,0 +1,95 @@
+"""``edgesqueeze inspect``, ``run``, ``bench``: any model file through the torch-free runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edgesqueeze.cli._group import cli
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
+def inspect(path, as_json):
+    """What a .pt, .esq, .onnx or .tflite file (or a packed .onnx.esq / .tflite.esq) holds:
+    inputs, outputs, ops, tensors, metadata.
+
+    \b
+    Example:
+      edgesqueeze inspect artifacts/squeezenet-digits/export/model.int8.tflite
+    """
+    from edgesqueeze.inspect import inspect_file, summary_lines
+
+    desc = inspect_file(path)
+    if as_json:
+        click.echo(json.dumps(desc, indent=2, default=str))
+    else:
+        click.echo("\n".join(summary_lines(desc)))
+
+
+@cli.command("run")
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to print.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def run_cmd(model_path, images, top_k, threads, as_json):
+    """Classify image files with an .onnx or .tflite artifact, or a packed .onnx.esq /
+    .tflite.esq (no PyTorch needed).
+
+    \b
+    Example:
+      edgesqueeze run model.int8.tflite cat.jpg dog.png
+    """
+    from edgesqueeze.runtime import load, load_images, topk
+
+    art = load(model_path, threads=threads)
+    shape = art.meta.get("input_shape") or art.input_spec.image_shape
+    batch = load_images(list(images), shape, resize=art.meta.get("resize"))
+    scores = art.predict_images(batch)
+    results = {str(img): [{"index": i, "class": name, "probability": round(p, 5)}
+                          for i, name, p in topk(scores[j], top_k, art.classes)] for j, img in enumerate(images)}
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for img, rows in results.items():
+        click.echo(f"{img}:")
+        for r in rows:
+            click.echo(f"  {100 * r['probability']:6.2f}%  {r['class']} ({r['index']})")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch-size", "-b", "batch_sizes", multiple=True, type=click.IntRange(min=1),
+              help="Batch size(s) to time [default: 1 and 32].")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1), help="Timed runs per case.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads [default: the runtime's].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write rows as JSON.")
+def bench(paths, batch_sizes, runs, warmup, threads, json_path):
+    """Latency of artifacts (p50, p90) at batch 1 and 32, with ratios against the first file,
+    and each file's cold load time (file to ready session; packed files decode first).
+
+    .onnx and .tflite (and packed .onnx.esq / .tflite.esq) run through their runtimes; .pt
+    and .esq checkpoints through PyTorch eager.
+
+    \b
+    Example:
+      edgesqueeze bench model.onnx model.int8.onnx model.tflite model.int8.tflite --threads 2
+    """
+    from edgesqueeze._io import write_text_atomic
+    from edgesqueeze.benchmark import bench_files
+
+    rows = bench_files(list(paths), batch_sizes=list(batch_sizes) or [1, 32], runs=runs, warmup=warmup,
+                       threads=threads, log=lambda m: click.echo(m, err=True))
+    head = f"{'file':<44}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'vs first':>10}{'load ms':>10}"
+    click.echo(head)
+    for r in rows:
+        load = "-" if r.get("cold_load_ms") is None else f"{r['cold_load_ms']:.1f}"
+        click.echo(f"{r['file'][-43:]:<44}{r['batch_size']:>6}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
+                   f"{r['ratio']:>9.2f}x{load:>10}")
+    if json_path:
+        write_text_atomic(json_path, json.dumps(rows, indent=2) + "\n")

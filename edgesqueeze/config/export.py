@@ -1,0 +1,164 @@
+"""The ``export`` section of a recipe: which deployable files to write and how to quantize them.
+
+Only configuration (no exporter code), so :mod:`edgesqueeze.recipe` builds it without
+importing the exporters; :mod:`edgesqueeze.export` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from edgesqueeze._config import _build, _range
+from edgesqueeze.errors import RecipeError
+
+__all__ = ["FORMATS", "SUFFIX", "CalibrationConfig", "ExportConfig"]
+
+FORMATS = ("onnx", "onnx-int8", "tflite", "tflite-int8")
+SUFFIX = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "tflite": ".tflite", "tflite-int8": ".int8.tflite"}
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Images used to pick activation ranges for INT8 (from the training split, seeded).
+
+    ``method: auto`` (the default) picks per format what measured best; today that is
+    ``minmax`` for both. onnx-int8: minmax, entropy and percentile gave the same agreement
+    on the ImageNet SqueezeNet (``benchmarks/results/onnx_int8.json``), and minmax is the
+    cheapest. tflite-int8: once concatenations were quantized in one range
+    (``tflite._share_concat_ranges``), minmax gave the same CIFAR-10 validation accuracy as
+    litert-torch's histogram observer (``entropy``) within 0.1 point
+    (``benchmarks/results/cifar_int8.json``), and on the ImageNet SqueezeNet 1.0 97% top-1
+    agreement with fp32 against 94% on one 2-fold split of the 100 shared images (other
+    splits move that by up to 4 points; ``tflite_int8.json``). The artifact's metadata
+    records the method actually used.
+    """
+
+    images: int = field(default=256, metadata=_range(ge=1, le=100_000))
+    method: Literal["auto", "minmax", "entropy", "percentile"] = "auto"
+    percentile: float = field(default=99.999, metadata=_range(gt=50, le=100))
+    batch_size: int = field(default=32, metadata=_range(ge=1, le=4096))
+
+    AUTO: ClassVar[dict[str, str]] = {"onnx-int8": "minmax", "tflite-int8": "minmax"}
+
+    def resolved(self, artifact_format: str) -> CalibrationConfig:
+        """This config with ``auto`` replaced by ``artifact_format``'s default method."""
+        if self.method != "auto":
+            return self
+        return dataclasses.replace(self, method=self.AUTO[artifact_format])
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The ``export`` section of a recipe.
+
+    ``float_layers``: torch module names (``features.0``, or a whole block like the Fire
+    ``features.3``) kept in float in both INT8 formats (mixed precision); every other layer
+    is int8. The names are checked against the model's modules when it is loaded
+    (:func:`check_float_layers`), before anything is written, and each INT8 file records them
+    in its ``calibration`` metadata. On ImageNet SqueezeNet 1.0 the stem and the first two
+    Fires float took top-1 agreement with fp32 from 90% to 97% (onnx-int8) and from 95% to 96%
+    (tflite-int8, minmax) on the benchmarks' first split (``benchmarks/results/*_int8.json``).
+
+    ``weight_rounding``: how INT8 weights are rounded onto their per-channel grid, ``gptq``
+    (:func:`edgesqueeze.export.prepare.gptq_round`) or ``nearest``; ``auto`` keeps each
+    format's measured default (GPTQ for tflite-int8, nearest for onnx-int8, whose MNIST and
+    CIFAR-10 numbers were measured with it). ``equalize_activations``: alpha of activation
+    equalization (:func:`edgesqueeze.export.prepare.equalize_activations`; 0: off), both
+    INT8 formats. ``bias_correction``: empirical bias correction on the calibration images
+    after quantization; unset keeps each format's measured default (on for onnx-int8, off for
+    tflite-int8).
+
+    ``onnx_int8_target``: which CPUs compute the onnx-int8 file exactly. ``any-cpu``
+    (default): 8-bit weights stored as uint8, the same results on x86 with or without VNNI
+    and on ARM. ``vnni-or-arm``: int8 weights for devices that are all VNNI x86 or ARM
+    (faster VNNI kernels); x86 CPUs without VNNI saturate its products and compute other
+    logits (see :mod:`edgesqueeze.export.onnx`).
+
+    ``int8_weights``: one int8 scale per output channel or per tensor, both INT8 formats;
+    ``auto`` picks per tensor for a weight-shared model (:meth:`int8_per_channel`).
+    ``pack``: also write each file packed (``model.int8.tflite.esq``:
+    :mod:`edgesqueeze.format.packed`), its weights Deep-Compression-coded.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    formats: tuple[str, ...] = FORMATS
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    fold_normalization: bool = False
+    opset: int = field(default=18, metadata=_range(ge=17, le=23))
+    tflite_int8_io: Literal["float", "int8"] = "float"
+    float_layers: tuple[str, ...] = ()
+    float_layers_by_format: dict[str, Any] = field(default_factory=dict)
+    weight_rounding: Literal["auto", "nearest", "gptq"] = "auto"
+    equalize_activations: float = field(default=0.0, metadata=_range(ge=0, le=1))
+    bias_correction: bool | None = None
+    onnx_int8_target: Literal["any-cpu", "vnni-or-arm"] = "any-cpu"
+    int8_weights: Literal["auto", "per-channel", "per-tensor"] = "auto"
+    pack: bool = False
+
+    WEIGHT_ROUNDING: ClassVar[dict[str, str]] = {"onnx-int8": "nearest", "tflite-int8": "gptq"}
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad:
+            raise RecipeError(f"export.formats: unknown format {bad[0]!r}; choose from "
+                              f"{', '.join(FORMATS)}")
+        if not self.formats:
+            raise RecipeError("export.formats: needs at least one format")
+        _check_names(self.float_layers, "export.float_layers")
+        by_format = {}
+        for fmt, names in self.float_layers_by_format.items():
+            if fmt not in ("onnx-int8", "tflite-int8"):
+                raise RecipeError(f"export.float_layers_by_format: {fmt!r} is not an INT8 format; "
+                                  "use onnx-int8 or tflite-int8")
+            if isinstance(names, str) or not isinstance(names, (list, tuple)):
+                raise RecipeError(f"export.float_layers_by_format.{fmt}: expected a list of module names, "
+                                  f"got {names!r}")
+            by_format[fmt] = _check_names(tuple(names), f"export.float_layers_by_format.{fmt}")
+        object.__setattr__(self, "float_layers_by_format", by_format)
+
+    def float_layers_for(self, artifact_format: str) -> tuple[str, ...]:
+        """The layers kept float in ``artifact_format``: its ``float_layers_by_format`` entry
+        (``[]`` means all-int8) where there is one, else ``float_layers``."""
+        return tuple(self.float_layers_by_format.get(artifact_format, self.float_layers))
+
+    def bias_correction_for(self, artifact_format: str) -> bool:
+        """``bias_correction`` with unset resolved for ``artifact_format``."""
+        if self.bias_correction is not None:
+            return self.bias_correction
+        return artifact_format == "onnx-int8"
+
+    def weight_rounding_for(self, artifact_format: str, shared: bool = False) -> str:
+        """``weight_rounding`` with ``auto`` resolved for ``artifact_format``: nearest for a
+        weight-shared model (GPTQ would round each copy of a shared value differently)."""
+        if self.weight_rounding != "auto":
+            return self.weight_rounding
+        return "nearest" if shared else self.WEIGHT_ROUNDING[artifact_format]
+
+    def int8_per_channel(self, artifact_format: str, shared: bool = False) -> bool:
+        """``int8_weights`` resolved: ``auto`` gives a weight-shared model (``shared``: every
+        conv and linear weight holds at most 256 distinct values, as pruning plus k-means
+        leave it) one int8 scale per tensor, so each shared value stays one int8 value and the
+        packed file codes it as compactly as the ``.esq`` (digits SqueezeNet: the same bytes
+        per layer); it keeps per-channel scales where the settings already change the weights
+        (GPTQ rounding asked for, activation equalization), and for every other model."""
+        if self.int8_weights != "auto":
+            return self.int8_weights == "per-channel"
+        keeps = self.weight_rounding_for(artifact_format, shared) == "nearest" and not self.equalize_activations
+        return not (shared and keeps)
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, path: str = "export") -> ExportConfig:
+        return _build(path, raw, cls)
+
+
+def _check_names(names: tuple, what: str) -> tuple[str, ...]:
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise RecipeError(f"{what}[{i}]: expected a module name like 'features.0', got {name!r}")
+    dup = [n for i, n in enumerate(names) if n in names[:i]]
+    if dup:
+        raise RecipeError(f"{what}: '{dup[0]}' is listed twice")
+    return tuple(names)

@@ -1,0 +1,78 @@
+"""Open any artifact: the one place that knows both backends, above them and :mod:`._base`.
+
+Kept out of :mod:`._base` so that the backends import the shared code and nothing imports
+back: ``_load -> _onnx, _tflite -> _base``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from edgesqueeze.errors import FormatError, RuntimeBackendError
+from edgesqueeze.runtime._base import _SNIFF_BYTES, Artifact, classify, sniff, unpack_file
+
+__all__ = ["BACKENDS", "load"]
+
+BACKENDS = ("onnxruntime", "ai-edge-litert", "tflite-runtime")
+_KIND_OF_BACKEND = {"onnxruntime": "onnx", "ai-edge-litert": "tflite", "tflite-runtime": "tflite"}
+
+
+def load(path: str | os.PathLike, *, threads: int | None = None,
+         backend: str | None = None, spin: bool = True) -> Artifact:
+    """Open an ``.onnx`` or ``.tflite`` artifact for inference, torch-free.
+
+    The file's content decides what it is (a TFLite flatbuffer has ``TFL3`` at bytes 4..8;
+    anything else that parses as a protobuf is ONNX); a file whose ``.onnx``/``.tflite``
+    extension disagrees with its content is refused (other extensions are fine). ``threads``
+    sets the backend's intra-op threads (None: the backend's default, which for
+    onnxruntime is one per physical core and for LiteRT is 1). ``backend`` picks one of
+    ``onnxruntime``, ``ai-edge-litert``, ``tflite-runtime`` (None: the one that fits,
+    preferring ai-edge-litert over tflite-runtime).
+
+    A packed file (``model.int8.tflite.esq``, :mod:`edgesqueeze.format.packed`) is decoded
+    in memory, checked against its recorded SHA-256, and run from those bytes: the artifact's
+    ``packed`` holds its ``meta["packed"]`` and ``decode_seconds`` the time decoding took
+    (``None`` and 0.0 for a plain file).
+
+    Raises :class:`FormatError` for a file that is missing, empty, damaged or not a model
+    this runtime runs, and :class:`RuntimeBackendError` when the runtime it needs is not
+    installed or cannot open it.
+    """
+    path = Path(path)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise RuntimeBackendError(f"threads must be a positive integer or None, got {threads!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise RuntimeBackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    kind, head = classify(path)
+    ext = path.suffix.lower()
+    data, packed, decode_seconds = None, None, 0.0
+    if kind == "esq":
+        t0 = time.perf_counter()
+        data, packed = unpack_file(path)
+        decode_seconds = time.perf_counter() - t0
+        head = data[:_SNIFF_BYTES]
+        kind = "tflite" if sniff(head) == "tflite" else "onnx"
+        ext = Path(packed["name"]).suffix.lower()
+    if backend is not None and _KIND_OF_BACKEND[backend] != kind:
+        raise RuntimeBackendError(
+            f"{path}: is a{'n ONNX' if kind == 'onnx' else ' TFLite'} model; backend {backend!r} "
+            f"runs {_KIND_OF_BACKEND[backend].upper()} files only")
+    if kind == "tflite":
+        from edgesqueeze.runtime._tflite import TFLiteArtifact
+
+        art = TFLiteArtifact(path, threads=threads, backend=backend, data=data)
+    else:
+        from edgesqueeze.runtime._onnx import OnnxArtifact
+
+        art = OnnxArtifact(path, threads=threads, head=head, ext=ext, spin=spin, data=data)  # garbage refused here
+    art.packed, art.decode_seconds = packed, decode_seconds
+    if ext in (".onnx", ".tflite") and ext[1:] != kind:
+        # A misnamed file is a mix-up upstream (a copy step, a wrong glob): say so rather than
+        # run something other than what the caller believes it is running.
+        raise FormatError(f"{path}: has a {ext} extension but holds a"
+                          f"{'n ONNX' if kind == 'onnx' else ' TFLite'} model; rename it to "
+                          f".{kind} if that is what it is")
+    return art
