@@ -507,8 +507,8 @@ def test_esq_and_checkpoint_are_not_runnable_here(tmp_path):
 
     esq = tmp_path / "model.esq"
     esq.write_bytes(dumps({"model": "demo"}, [("w", b"\x01\x02", {"shape": [2]})]))
-    with pytest.raises(RuntimeBackendError, match=r"model\.esq: is an edgesqueeze \.esq archive.*"
-                                                  r"edgesqueeze unpack"):
+    with pytest.raises(RuntimeBackendError, match=r"model\.esq: is an edgesqueeze \.esq checkpoint.*"
+                                                  r"--pack.*edgesqueeze unpack"):
         load(esq)
     ckpt = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(2)}, ckpt)
@@ -593,7 +593,7 @@ assert codec.dumps_model(state, meta)[0] == data  # re-encoding gives the same b
 try:
     rt.load(sys.argv[1])
 except RuntimeBackendError as e:
-    assert "edgesqueeze .esq archive" in str(e), e
+    assert "edgesqueeze .esq checkpoint" in str(e), e
 bad = [m for m in sys.modules if (m == "torch" or m.startswith("torch.")) and sys.modules[m] is not None]
 assert not bad, bad
 print("OK", len(arc.sections))
