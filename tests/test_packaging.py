@@ -1,0 +1,78 @@
+"""The device install is torch-free: what `pip install edgesqueeze[runtime]` asks for, and what
+the CLI's device commands import when they run a packed model."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+from test_runtime import onnx_models  # noqa: E402,F401 - a tiny ONNX model with edgesqueeze metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+# the training stack and the big things it pulls in: none may reach a device
+HEAVY = {"torch", "torchvision", "torchaudio", "triton", "scikit-learn", "scipy", "matplotlib", "litert-torch",
+         "onnx", "onnxscript", "tensorflow", "jax"}
+
+
+def _name(req: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", req.strip(), maxsplit=1)[0].lower()
+
+
+def test_device_install_asks_for_no_training_stack():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    device = [*project["dependencies"], *extras["runtime"]]
+    assert not [r for r in device if r.lower().startswith("edgesqueeze[")]  # no extra pulled in sideways
+    names = {_name(r) for r in device}
+    assert not names & HEAVY, names & HEAVY
+    assert {"numpy", "onnxruntime", "ai-edge-litert"} <= names
+    # and the full toolchain is still installable: the extras `make install` uses hold torch
+    full = {_name(r) for key in ("train", "export") for r in extras[key]}
+    assert {"torch", "scikit-learn", "litert-torch", "onnx"} <= full
+    assert "edgesqueeze[train,export,runtime]" in extras["dev"]
+
+
+_DEVICE = r"""
+import sys
+for m in ("torch", "torchvision", "sklearn", "matplotlib", "yaml", "tqdm", "litert_torch", "onnx", "scipy"):
+    sys.modules[m] = None  # not installed on the device: any import fails
+from edgesqueeze.cli import main
+packed, out = sys.argv[1], sys.argv[2]
+def cli(*args):
+    sys.argv = ["edgesqueeze", *args]
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code in (0, None), (args, e.code)
+cli("inspect", packed)
+cli("bench", packed, "-b", "1", "--runs", "2", "--warmup", "1")
+cli("unpack", packed, "-o", out)
+import numpy as np
+import edgesqueeze.runtime as rt
+art = rt.load(packed)
+assert art.packed and art.predict(np.zeros((2, 3, 16, 16), np.float32)).shape[0] == 2
+heavy = sorted({m.split(".")[0] for m, v in sys.modules.items() if v is not None}
+               & {"torch", "sklearn", "matplotlib", "yaml", "tqdm", "litert_torch", "onnx", "scipy"})
+assert not heavy, heavy
+print("DEVICE OK")
+"""
+
+
+def test_device_commands_run_a_packed_model_without_the_training_stack(onnx_models, tmp_path):
+    """A packed file made on the host (onnx is allowed here), then inspect, bench, unpack and
+    runtime.load with torch, onnx, sklearn, matplotlib, yaml, tqdm made unimportable."""
+    from edgesqueeze.export.packed import pack_file
+
+    packed, _ = pack_file(onnx_models["fp32"], tmp_path / "tiny.onnx.esq", fmt="onnx")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _DEVICE, str(packed), str(tmp_path / "out.onnx")],
+                       capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
+    assert r.returncode == 0 and "DEVICE OK" in r.stdout, (r.stdout[-1500:], r.stderr[-3000:])
+    assert (tmp_path / "out.onnx").read_bytes() == onnx_models["fp32"].read_bytes()
