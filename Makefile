@@ -8,6 +8,9 @@ PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 STAMP      := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test files run in parallel, one worker per core (pytest-xdist; each file's tests stay on one
+# worker, so module fixtures are built once). `make test XDIST=` runs them in one process.
+XDIST      ?= -n auto --dist loadfile
 
 .PHONY: install demo test test-fast bench device-check clean help
 
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml
 	@$(PIP) install $(TORCH_SPEC) 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(PY) -c "import torch" || { echo "error: $(TORCH_SPEC) did not install; set TORCH_SPEC"; exit 2; }
 	@$(PIP) install -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
-	@$(PY) -c "import edgesqueeze.cli, pytest, hypothesis" || { echo "error: installing edgesqueeze failed"; exit 2; }
+	@$(PY) -c "import edgesqueeze.cli, pytest, hypothesis, xdist" || { echo "error: installing edgesqueeze failed"; exit 2; }
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -35,10 +38,10 @@ demo: $(STAMP)
 	      "report.md; export/: .onnx and .tflite, fp32 and int8; verify.json, verify.md + plots, gate.md)"
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from edgesqueeze.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-FORMATS = {"pt", "esq", "onnx", "onnx-int8", "tflite", "tflite-int8"}
+PLAIN = ("onnx", "onnx-int8", "tflite", "tflite-int8")
+FORMATS = {"pt", "esq", *PLAIN, *(f + ".esq" for f in PLAIN)}  # the recipe packs every export
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,11 @@ def test_gate_script_passes_a_budget_it_meets(gate_run):
     assert rows["onnx"]["accuracy"] == pytest.approx(rows["esq"]["accuracy"], abs=0.01)
     assert rows["tflite"]["accuracy"] == pytest.approx(rows["esq"]["accuracy"], abs=0.01)
     assert rows["tflite-int8"]["bytes"] < rows["tflite"]["bytes"] / 2
+    for fmt in PLAIN:  # packed: decoded, then the same runtime and the same numbers, in a file near the .esq's size
+        packed, plain = rows[fmt + ".esq"], rows[fmt]
+        assert packed["runtime"] == "edgesqueeze unpack + " + plain["runtime"]
+        assert packed["accuracy"] == plain["accuracy"] and packed["agreement"] == plain["agreement"]
+        assert packed["bytes"] < min(plain["gzip_bytes"], 1.25 * rows["esq"]["bytes"]), fmt
     suite = ET.parse(out / "gate.xml").getroot().find("testsuite")
     verdicts = json.loads((out / "gate.json").read_text())["verdicts"]
     assert int(suite.get("tests")) == len(verdicts) >= 6 * 3 - 4  # sizes only where budgeted
@@ -73,7 +79,7 @@ def test_gate_script_passes_a_budget_it_meets(gate_run):
     md = (out / "verify.md").read_text()
     table = [line for line in md.split("## Artifacts", 1)[1].split("\n## ", 1)[0].splitlines()
              if line.startswith("| ") and not line.startswith(("| format", "| ---"))]
-    assert len(table) == len(report["artifacts"]) == 6
+    assert len(table) == len(report["artifacts"]) == len(FORMATS)
     for r in report["artifacts"]:
         rel = Path(r["path"]).resolve().relative_to(out.resolve()).as_posix()
         assert sum(f"| `{rel}` |" in line for line in table) == 1, rel

@@ -4,7 +4,8 @@
 #
 #   tools/device-check.sh [--data NAME] [--data-dir DIR] [--limit N] [--setup-only] [FILE...]
 #
-# FILE defaults to the demo's exports (artifacts/squeezenet-digits/export/*.onnx, *.tflite).
+# FILE defaults to the demo's exports (artifacts/squeezenet-digits/export/*.onnx, *.tflite, and
+# the packed *.esq, decoded on the device).
 # Needs root (chroot, binfmt_misc) and the Debian packages qemu-user-static, binfmt-support and
 # mmdebstrap. The arm64 root file system is built once (about 6-8 minutes) into DEVICE_ROOT and
 # reused; so is the virtual environment inside it with the runtime packages (numpy, onnxruntime,
@@ -82,7 +83,7 @@ if [ $setup_only = 0 ]; then
   if [ ${#files[@]} -eq 0 ]; then
     shopt -s nullglob
     demo="$ROOT_DIR/artifacts/squeezenet-digits/export"
-    files=("$demo"/*.onnx "$demo"/*.tflite)
+    files=("$demo"/*.onnx "$demo"/*.tflite "$demo"/*.esq)
     shopt -u nullglob
     [ ${#files[@]} -gt 0 ] || die "no artifacts in artifacts/squeezenet-digits/export/; run \`make demo\` first,
   or name the files: tools/device-check.sh FILE..."

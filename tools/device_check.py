@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--limit", type=_positive, help="first N test images only")
     pp.add_argument("--threads", type=_positive, default=1, help="runtime threads (default 1)")
     pp.add_argument("--batch-size", type=_positive, default=32)
-    pp.add_argument("files", nargs="+", metavar="FILE", help="artifacts the runtime loads (.onnx, .tflite)")
+    pp.add_argument("files", nargs="+", metavar="FILE", help="artifacts the runtime loads (.onnx, .tflite, packed .onnx.esq / .tflite.esq)")
     pr = sub.add_parser("run", help="device: logits of every artifact in the manifest")
     pr.add_argument("--dir", required=True, help="the folder prepare wrote")
     pr.add_argument("--out", default="device", help="subfolder of --dir for the logits (default device)")

@@ -747,9 +747,10 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
     on the grid onnxruntime's symmetric per-channel int8 uses, so it keeps GPTQ's choice).
     ``bias_correction``: empirical bias correction on the calibration images.
     ``augment``: add that many flipped / cropped copies of each calibration image.
-    ``target``: ``"any-cpu"`` (default: 7-bit weights, the same results on x86 with or
-    without VNNI and on ARM) or ``"vnni-or-arm"`` (8-bit weights, exact only where the
-    uint8 x int8 kernels do not saturate: x86 with VNNI, ARM); recorded in the metadata.
+    ``target``: ``"any-cpu"`` (default: 8-bit weights stored as uint8 with zero point 128,
+    the same results on x86 with or without VNNI and on ARM) or ``"vnni-or-arm"`` (int8
+    weights, exact only where the uint8 x int8 kernels do not saturate: x86 with VNNI, ARM);
+    recorded in the metadata.
     Raises ExportError like :func:`export_onnx`; ``out`` is written atomically.
     """
     calibration = (calibration or CalibrationConfig()).resolved("onnx-int8")

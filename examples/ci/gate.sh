@@ -20,7 +20,7 @@ fi
 $ES compress "$MODEL" -r "$RECIPE" --out "$OUT/compressed" --no-progress
 $ES export "$OUT/compressed/model.esq" -r "$RECIPE" --out "$OUT/export"
 # verify.json, verify.md (the artifact table with batch-1 latency) and its two plots
-$ES verify "$MODEL" "$OUT/compressed/model.esq" "$OUT"/export/*.onnx "$OUT"/export/*.tflite \
+$ES verify "$MODEL" "$OUT/compressed/model.esq" "$OUT"/export/*.onnx "$OUT"/export/*.tflite "$OUT"/export/*.esq \
   --latency --out "$OUT/verify.json"
 # shellcheck disable=SC2086 # EXTRA is a list of options
 $ES check "$OUT/verify.json" -r "$RECIPE" ${EXTRA:-} \
