@@ -426,6 +426,11 @@ def test_compact_qdq_computes_the_same_in_fewer_bytes(fp32_file, trained, digits
         kind = next(t for t in small.graph.initializer if t.name == n.input[0]).data_type
         assert len(n.input) == (3 if kind == onnx.TensorProto.UINT8 else 2), n
     assert max(len(n) for n in inits) < 40 and not small.graph.value_info
+    # bias scales are products of the input's and the weights' scales, not stored
+    muls = [n for n in small.graph.node if n.op_type == "Mul"]
+    bias_dq = [n for n in const_dq if next(t for t in small.graph.initializer if t.name == n.input[0]).data_type
+               == onnx.TensorProto.INT32]
+    assert bias_dq and {n.input[1] for n in bias_dq} == {m.output[0] for m in muls}
 
 
 def test_int8_file_is_compact(int8_file):

@@ -642,6 +642,63 @@ _SUFFIXES = (("_DequantizeLinear_Output", "/dq"), ("_QuantizeLinear_Output", "/q
              (".weight_bias", ".b"), (".weight", ".w"), (".bias", ".b"))
 
 
+def _bias_scales_as_products(proto) -> int:
+    """Replace each int32 bias's scale initializer (one float per output channel) by a
+    ``Mul`` of the scales it is made of, the input activation's and the weights', where that
+    product is bit for bit the stored one (onnxruntime's quantizer multiplies them in float32,
+    as ``Mul`` does); returns how many. onnxruntime's constant folding turns the ``Mul`` back
+    into an initializer before it fuses the convs, so the fused graph is the same; the file
+    loses 4 bytes per output channel and gains one ~60-byte node per layer (MNIST
+    SqueezeNet: about 2 KB)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def dq_scale(tensor: str) -> str | None:
+        node = producer.get(tensor)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in inits:
+            return None
+        return node.input[1]
+
+    new_nodes, done = {}, set()
+    for node in graph.node:
+        if not (node.op_type == "DequantizeLinear" and node.input[0] in inits
+                and inits[node.input[0]].data_type == TensorProto.INT32 and node.input[1] in inits):
+            continue
+        users = consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type not in ("Conv", "Gemm") or len(users[0].input) < 3:
+            continue
+        sx, sw = dq_scale(users[0].input[0]), dq_scale(users[0].input[1])
+        scale = node.input[1]
+        if sx is None or sw is None or scale in done or len(consumers.get(scale, [])) != 1:
+            continue
+        want = numpy_helper.to_array(inits[scale])
+        got = (numpy_helper.to_array(inits[sx]).astype(np.float32) * numpy_helper.to_array(inits[sw]).astype(np.float32))
+        if got.dtype != want.dtype or got.shape != want.shape or got.tobytes() != want.tobytes():
+            continue
+        new_nodes[id(node)] = helper.make_node("Mul", [sx, sw], [scale])
+        done.add(scale)
+    if not done:
+        return 0
+    order = []
+    for node in graph.node:  # each Mul just before the DequantizeLinear that reads it
+        if id(node) in new_nodes:
+            order.append(new_nodes[id(node)])
+        order.append(node)
+    del graph.node[:]
+    graph.node.extend(order)
+    kept = [t for t in graph.initializer if t.name not in done]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(done)
+
+
 def compact_qdq(proto) -> None:
     """Drop what a QDQ file carries for nothing, in place; the graph computes the same.
 
@@ -652,10 +709,12 @@ def compact_qdq(proto) -> None:
     (``features.3.squeeze.weight_DequantizeLinear_Output`` -> ``features.3.squeeze.w/dq``);
     (3) node names (optional in ONNX; the tensors they read and write keep the torch module
     paths, and onnxruntime names nodes itself); (4) ``value_info``, the shape annotations of
-    intermediate tensors, which onnxruntime infers itself. ORT still fuses every
-    ``DQ -> Conv -> Q`` into ``QLinearConv`` (a test checks it)."""
+    intermediate tensors, which onnxruntime infers itself; (5) each bias's scale vector,
+    which is the input's scale times the weights' scales (:func:`_bias_scales_as_products`).
+    ORT still fuses every ``DQ -> Conv -> Q`` into ``QLinearConv`` (a test checks it)."""
     from onnx import TensorProto, numpy_helper
 
+    _bias_scales_as_products(proto)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     for node in graph.node:
