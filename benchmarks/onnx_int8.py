@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgesqueeze.checkpoint import load_model  # noqa: E402
 from edgesqueeze.data import load_dataset  # noqa: E402
-from edgesqueeze.export import onnx as eo  # noqa: E402
+from edgesqueeze.export import onnx_int8 as eo  # noqa: E402
 from edgesqueeze.config.export import CalibrationConfig  # noqa: E402
 from edgesqueeze.export._common import to_input  # noqa: E402
 from edgesqueeze.runtime.cpu import cpu_info  # noqa: E402

@@ -17,11 +17,11 @@ from onnx import numpy_helper  # noqa: E402
 from edgesqueeze.checkpoint import load_model  # noqa: E402
 from edgesqueeze.data import load_dataset  # noqa: E402
 from edgesqueeze.errors import ExportError  # noqa: E402
-from edgesqueeze.export import onnx as eo  # noqa: E402
+from edgesqueeze.export import onnx_int8 as eo  # noqa: E402
 from edgesqueeze.config.export import CalibrationConfig  # noqa: E402
 from edgesqueeze.export._common import META_KEY, artifact_meta, calibration_images, to_input  # noqa: E402
-from edgesqueeze.export.onnx import (_write, export_onnx, export_onnx_int8, onnx_graph,  # noqa: E402
-                                     read_onnx_meta)
+from edgesqueeze.export.onnx import _write, export_onnx, onnx_graph, read_onnx_meta  # noqa: E402
+from edgesqueeze.export.onnx_int8 import export_onnx_int8  # noqa: E402
 from edgesqueeze.recipe import recipe_from_dict  # noqa: E402
 from edgesqueeze.train import fit  # noqa: E402
 

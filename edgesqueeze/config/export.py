@@ -74,7 +74,7 @@ class ExportConfig:
     (default): 8-bit weights stored as uint8, the same results on x86 with or without VNNI
     and on ARM. ``vnni-or-arm``: int8 weights for devices that are all VNNI x86 or ARM
     (faster VNNI kernels); x86 CPUs without VNNI saturate its products and compute other
-    logits (see :mod:`edgesqueeze.export.onnx`).
+    logits (see :mod:`edgesqueeze.export.onnx_int8`).
 
     ``int8_weights``: one int8 scale per output channel or per tensor, both INT8 formats;
     ``auto`` picks per tensor for a weight-shared model (:meth:`int8_per_channel`).

@@ -130,7 +130,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             export_onnx(model, meta, path, opset=config.opset, fold_normalization=config.fold_normalization,
                         source_sha256=digest)
         elif fmt == "onnx-int8":
-            from edgesqueeze.export.onnx import export_onnx_int8
+            from edgesqueeze.export.onnx_int8 import export_onnx_int8
 
             export_onnx_int8(model, meta, path, calib[0], calibration=config.calibration,
                              calibration_info=calib[1], opset=config.opset,
