@@ -1,5 +1,9 @@
 """ONNX INT8 export: ``export_onnx_int8`` and the QDQ quantization it is made of.
 
+About 600 lines on purpose: every pass here (quantization, uint8 weights, bias correction,
+compaction) edits the same QDQ graph by onnxruntime's naming conventions, in the one order
+:func:`quantize_int8_graph` applies them; split, each part would need the others' internals.
+
 INT8: ``onnxruntime.quantization.quantize_static`` in QDQ form, weights int8 symmetric per
 output channel, activations **uint8** asymmetric per tensor, calibrated on given images, then
 empirical bias correction. Measured with ``benchmarks/onnx_int8.py`` on the ImageNet SqueezeNet
