@@ -57,13 +57,12 @@ from edgesqueeze.config.export import CalibrationConfig
 from edgesqueeze.export._common import to_input
 from edgesqueeze.export.tflite import (
     augment_calibration,
-    correct_bias,
     equalize_cross_layer,
     export_tflite,
     export_tflite_int8,
     gptq_round,
-    quantize_pt2e,
 )
+from edgesqueeze.export.tflite_quant import correct_bias, quantize_pt2e
 from edgesqueeze.runtime.cpu import cpu_info
 
 MODEL = SHARED / "models" / "squeezenet1_0-imagenet.pt"

@@ -409,7 +409,7 @@ def test_augment_calibration_is_seeded_and_keeps_originals():
 
 
 def test_percentile_observer_clips_outliers():
-    from edgesqueeze.export.tflite import _percentile_observer
+    from edgesqueeze.export.tflite_quant import _percentile_observer
 
     obs = _percentile_observer()(dtype=torch.int8, qscheme=torch.per_tensor_affine, quant_min=-128,
                                  quant_max=127, percentile=99.0)
@@ -420,7 +420,7 @@ def test_percentile_observer_clips_outliers():
 
 
 def test_pool_gets_its_own_range_and_float_layers_stay_float(trained, digits):
-    from edgesqueeze.export.tflite import quantize_pt2e
+    from edgesqueeze.export.tflite_quant import quantize_pt2e
 
     calib = torch.from_numpy(to_input(digits.train_x[:64], trained.meta["mean"], trained.meta["std"]))
 
@@ -440,7 +440,7 @@ def test_pool_gets_its_own_range_and_float_layers_stay_float(trained, digits):
 
 
 def test_bias_correction_matches_float_means(trained, digits):
-    from edgesqueeze.export.tflite import correct_bias, quantize_pt2e
+    from edgesqueeze.export.tflite_quant import correct_bias, quantize_pt2e
 
     calib = torch.from_numpy(to_input(digits.train_x[:48], trained.meta["mean"], trained.meta["std"]))
     gm, _ = quantize_pt2e(trained.model, calib, method="minmax")
@@ -475,15 +475,15 @@ def test_bias_correction_matches_float_means(trained, digits):
 
 
 def test_module_path_from_converter_names():
-    from edgesqueeze.export.tflite import _module_path
+    from edgesqueeze.export.tflite_flatbuffer import module_path
 
     stack = ("edgesqueeze.models.squeezenet.SqueezeNet/torch.nn.modules.container.Sequential_features/"
              "edgesqueeze.models.squeezenet.Fire_9/torch.nn.modules.conv.Conv2d_squeeze")
-    assert _module_path(stack) == "features.9.squeeze"
+    assert module_path(stack) == "features.9.squeeze"
     fused = ("a.SqueezeNet/b.Sequential_features/c.Fire_7/d.ReLU_expand1x1_activation;;" + stack)
-    assert _module_path(fused) == "features.9.squeeze"  # the last frame list: the producing op
-    assert _module_path("1") is None and _module_path(";") is None
-    assert _module_path("a.SqueezeNet/b.Sequential_classifier/c.AdaptiveAvgPool2d_2;") == "classifier.2"
+    assert module_path(fused) == "features.9.squeeze"  # the last frame list: the producing op
+    assert module_path("1") is None and module_path(";") is None
+    assert module_path("a.SqueezeNet/b.Sequential_classifier/c.AdaptiveAvgPool2d_2;") == "classifier.2"
 
 
 @pytest.mark.parametrize("which", ["fp32", "int8"])

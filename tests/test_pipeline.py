@@ -241,7 +241,7 @@ def test_cli_compress_unpack_eval_info(checkpoint, compressed, tmp_path):
 
 
 def test_sensitivity_table_and_choice(checkpoint, tmp_path):
-    from edgesqueeze.compress.pipeline import sensitivity
+    from edgesqueeze.compress.sensitivity import sensitivity
 
     result = sensitivity(checkpoint, sparsities=[0.3, 0.95], layers=["classifier.1"], max_drop=100.0,
                          out_dir=tmp_path, log=lambda _: None)

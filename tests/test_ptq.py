@@ -24,10 +24,11 @@ from edgesqueeze.compress.prune import apply_masks, existing_masks
 from edgesqueeze.config.compress import ClusterConfig, PruneConfig, PTQConfig
 from edgesqueeze.models.layers import prunable_layers
 from edgesqueeze.compress.prune import apply as prune
-from edgesqueeze.compress.ptq import (Candidate, allocate, calibration_stats,
-                                      candidate_levels, correct_biases, distill, gptq_assign,
-                                      layer_candidates, output_divergence,
-                                      post_training_compress)
+from edgesqueeze.compress.ptq import post_training_compress
+from edgesqueeze.compress.ptq_candidates import (Candidate, allocate, candidate_levels, gptq_assign,
+                                                 layer_candidates)
+from edgesqueeze.compress.ptq_refine import correct_biases, distill
+from edgesqueeze.compress.ptq_stats import calibration_stats, output_divergence
 from edgesqueeze.data import load_dataset
 from edgesqueeze.errors import RecipeError
 from edgesqueeze.models import build_model

@@ -149,7 +149,7 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, data_dir):
     Example:
       edgesqueeze sensitivity artifacts/squeezenet-mnist/model.pt --max-drop 0.2
     """
-    from edgesqueeze.compress.pipeline import sensitivity as run_sensitivity
+    from edgesqueeze.compress.sensitivity import sensitivity as run_sensitivity
 
     try:
         sps = [float(x) for x in sparsities.split(",") if x.strip()]

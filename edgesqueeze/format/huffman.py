@@ -54,6 +54,10 @@ Worked example::
 With ``chunk=2`` there are three chunks: symbols 0 and 3 (``0 111``, 4 bits), 1 and 4
 (``10 110``, 5 bits), and 2 (``0``). The index is base 4 (``04 00``), width 1 (``01``) and
 the values 0, 1 (``01`` padded: ``40``); the codes ``0111 10110 0`` pad to ``7b 00``.
+
+Kept as one module of about 550 lines (a tenth of them this description) on purpose: the
+stream layout, the encoder and the vectorised decoder are one format, and a change to any of
+them must be made to the others side by side.
 """
 
 from __future__ import annotations

@@ -1,0 +1,72 @@
+"""What a compress run starts from: the model, its metadata, and (when known) its dataset,
+splits and normalization, checked to fit each other before anything is computed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgesqueeze.errors import DataError, ModelError
+
+
+@dataclass
+class Inputs:
+    """The model to compress, its metadata, and (when known) its dataset and splits."""
+
+    loaded: Any  # checkpoint.LoadedModel
+    meta: dict[str, Any]
+    ds: Any = None  # data.Dataset, or None for a lossless run without data
+    train: tuple = ((), ())
+    val: tuple = ((), ())
+    mean: Any = None
+    std: Any = None
+
+
+def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None, arch=None, arch_kwargs=None,
+                 need_data: bool = True) -> Inputs:
+    """The model (any file :func:`~edgesqueeze.checkpoint.load_model` reads; a plain state_dict
+    needs ``arch``), its dataset and splits (see :func:`~edgesqueeze.evaluate.training_data`)
+    and its normalization. A plain state_dict records no dataset: the one given is written
+    into the metadata, so the archive says what it was measured on."""
+    from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.evaluate import training_data
+
+    loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs)
+    meta = dict(loaded.meta)
+    if "arch" not in meta:
+        raise ModelError(f"{checkpoint}: a {loaded.kind} file does not record an edgesqueeze architecture; "
+                         "compress needs an edgesqueeze checkpoint, a .esq archive, or a state_dict with --arch")
+    name = dataset or meta.get("dataset") or default_dataset
+    if not name:
+        if need_data:
+            raise DataError(f"{checkpoint}: does not record its dataset; pass --data NAME (e.g. --data imagenet-sample)")
+        return Inputs(loaded, meta)
+    ds, train, val = training_data(meta, source=checkpoint, dataset=name, data_dir=data_dir)
+    mean, std = meta.get("mean", ds.mean), meta.get("std", ds.std)
+    check_fits(loaded.model, ds, checkpoint, meta)
+    if "dataset" not in meta:
+        meta.update(dataset=ds.name, input_shape=list(ds.input_shape), mean=list(mean), std=list(std))
+    return Inputs(loaded, meta, ds, train, val, mean, std)
+
+
+def check_fits(model: nn.Module, ds, source, meta: dict) -> None:
+    """Refuse a dataset the model cannot take (shape, class count) with one clear line,
+    before anything is computed, rather than a stack trace from inside a conv."""
+    expected = meta.get("input_shape")
+    if expected and list(ds.input_shape) != list(expected):
+        raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {source} expects "
+                        f"{list(expected)}; pass the dataset it was trained on (--data)")
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *ds.input_shape))
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DataError(f"{source} does not run on '{ds.name}' images of shape {list(ds.input_shape)} ({first}); "
+                        "pass the dataset it was trained on (--data)") from None
+    if out.shape[-1] != ds.num_classes:
+        raise DataError(f"dataset '{ds.name}' has {ds.num_classes} classes but {source} outputs {out.shape[-1]}; "
+                        "pass the dataset it was trained on (--data)")
+

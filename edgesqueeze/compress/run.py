@@ -1,0 +1,201 @@
+"""What every compress mode shares: the run's state and stage log (:class:`Run`), its result,
+and the measurements the stages and the report use (sizes, density, original-vs-compressed
+comparison)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from edgesqueeze._io import sha256_file, write_bytes_atomic
+from edgesqueeze.checkpoint import ESQ_META_FORMAT, esq_dumps, model_from_esq
+from edgesqueeze.compress.inputs import Inputs
+from edgesqueeze.compress.prune import layer_stats
+from edgesqueeze.config.compress import CompressConfig
+from edgesqueeze.errors import EdgesqueezeError
+from edgesqueeze.models.layers import prunable_layers
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    esq_path: Path
+    esq_bytes: int
+    report: dict[str, Any]
+    out_dir: Path
+
+
+def float_bytes(model: nn.Module) -> int:
+    """Bytes of the dense fp32 model: every floating tensor of its state_dict at 4 bytes."""
+    return sum(t.numel() * 4 for t in model.state_dict().values() if torch.is_floating_point(t))
+
+
+def shared_weight_names(model: nn.Module) -> list[str]:
+    return [f"{name}.weight" for name in prunable_layers(model)]
+
+
+def esq_meta(meta: dict, *, folded: bool, extra: dict) -> dict:
+    """Archive metadata: the checkpoint's own (architecture, classes, normalization, ...)."""
+    return {"format": ESQ_META_FORMAT, "folded_batchnorm": folded, **meta, **extra}
+
+
+@dataclass
+class Run:
+    """What every mode shares: inputs, output folder, the stage log, evaluation helpers."""
+
+    checkpoint: Path
+    config: CompressConfig
+    inp: Inputs
+    out: Path
+    seed: int
+    recipe_hash: str | None
+    progress: bool
+    log: Log
+    t_start: float
+    teacher: nn.Module | None = None  # what retraining distils from (the checkpoint, or --teacher)
+    teacher_path: Path | None = None
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @functools.cached_property
+    def source_sha256(self) -> str:
+        """SHA-256 of the input file (read once: the archive and ``pruned.pt`` both record it)."""
+        return sha256_file(self.checkpoint)
+
+    def val_acc(self, m: nn.Module) -> float | None:
+        from edgesqueeze.evaluate import evaluate
+
+        x_val, y_val = self.inp.val
+        if self.inp.ds is None or not len(x_val):
+            return None
+        return evaluate(m, x_val, y_val, mean=self.inp.mean, std=self.inp.std,
+                        batch_size=self.config.eval_batch_size)["accuracy"]
+
+    def test(self, m: nn.Module, x=None, y=None) -> dict[str, float] | None:
+        from edgesqueeze.evaluate import evaluate
+
+        if self.inp.ds is None:
+            return None
+        x, y = (self.inp.ds.test_x, self.inp.ds.test_y) if x is None else (x, y)
+        return evaluate(m, x, y, mean=self.inp.mean, std=self.inp.std, batch_size=self.config.eval_batch_size)
+
+    def record(self, stage: str, m: nn.Module, size: int | None, note: str = "") -> None:
+        acc = self.val_acc(m)
+        self.stages.append({"stage": stage, "val_accuracy": acc, "bytes": size, "note": note})
+        acc_txt = f"val {100 * acc:.2f}%" if acc is not None else "no val split"
+        self.log(f"[{stage}] {acc_txt}" + (f", {size:,} B" if size else "") + (f" ({note})" if note else ""))
+
+    def check_retraining(self, section: str, model: nn.Module, before: float | None, *,
+                         what: str = "retraining", hint: str = "") -> None:
+        """Refuse non-finite weights, naming the stage; warn, in the log and the report, when
+        retraining took validation accuracy from ``before`` more than halfway down to chance:
+        the run diverged (a dead network still encodes fine, and its archive would otherwise
+        look like any other)."""
+        for name, tensor in model.state_dict().items():
+            if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
+                raise EdgesqueezeError(f"compress.{section}: retraining diverged ({name} has NaN or infinite "
+                                       f"values); lower compress.{section}.lr or set compress.{section}.grad_clip")
+        after = self.stages[-1]["val_accuracy"]
+        if before is None or after is None or self.inp.ds is None:
+            return
+        chance = 1 / self.inp.ds.num_classes
+        if after < chance + 0.5 * (before - chance):
+            msg = (f"compress.{section}: {what} took validation accuracy from {100 * before:.2f}% to "
+                   f"{100 * after:.2f}% (chance {100 * chance:.0f}%); {hint or 'it diverged'}: lower "
+                   f"compress.{section}.lr or set compress.{section}.grad_clip")
+            self.warnings.append(msg)
+            self.log(f"warning: {msg}")
+
+    def archive_meta(self, *, folded: bool, weights_sha256: str, reference_accuracy: float | None) -> dict:
+        """The archive's metadata. Built before PTQ too, with a stand-in weights hash of the
+        same length, because its (deflated) size counts against the byte budget."""
+        # The full config is in report.json; the archive keeps its hash (small models: every byte counts).
+        config_sha = hashlib.sha256(json.dumps(jsonable(self.config), sort_keys=True).encode()).hexdigest()
+        extra = {"compress_mode": self.config.mode, "compress_config_sha256": config_sha,
+                 "source_sha256": self.source_sha256, "weights_sha256": weights_sha256,
+                 "reference_accuracy": reference_accuracy,
+                 "recipe_hash": self.recipe_hash or self.inp.meta.get("recipe_hash")}
+        return esq_meta({k: v for k, v in self.inp.meta.items() if k not in ("metrics", "compress_stage")},
+                        folded=folded, extra=extra)
+
+    def encode(self, state: dict[str, torch.Tensor], meta: dict, *, shared: Any,
+               codebook_dtype: str, chunk: int | None = None) -> tuple[bytes, list, nn.Module, Path]:
+        """Write ``model.esq`` and prove it decodes to exactly ``state``."""
+        blob, stats = esq_dumps(state, meta, shared=shared, codebook_dtype=codebook_dtype, chunk=chunk)
+        esq_path = self.out / "model.esq"
+        write_bytes_atomic(esq_path, blob)
+        decoded, _ = model_from_esq(esq_path)
+        for key, tensor in decoded.state_dict().items():
+            if not torch.equal(tensor, state[key]):
+                raise EdgesqueezeError(f"decode check failed: {key} differs after the .esq round trip (a bug)")
+        return blob, stats, decoded, esq_path
+
+    def finish(self, *, before: nn.Module, decoded: nn.Module, blob: bytes, stats: list, state: dict,
+               dense_bytes: int, test_before, test_after, bits: dict, esq_path: Path,
+               extra: dict[str, Any]) -> CompressResult:
+        """Build and write the report; ``extra["evaluation"]`` gives the agreement the
+        ``test`` section carries (held-out when there is a held-out set), for the CI gate."""
+        from edgesqueeze.compress import report as report_mod
+
+        report = report_mod.build(
+            layers=stats, stages=self.stages, dense_bytes=dense_bytes, esq_bytes=len(blob), state=state,
+            test_before=test_before, test_after=test_after, layer_rows=layer_stats(decoded), bits=bits,
+            wall_s=time.perf_counter() - self.t_start, checkpoint=str(self.checkpoint), esq=str(esq_path),
+            config=jsonable(self.config), agreement=agreement(extra.get("evaluation")),
+            extra={"mode": self.config.mode, **extra},
+        )
+        report_mod.write(self.out, report, before=before, after=decoded)
+        where = "held-out test" if "calibration" in extra else "test"
+        acc = (f"; {where} {100 * test_before['accuracy']:.2f}% -> {100 * test_after['accuracy']:.2f}%"
+               if test_before and test_after and "accuracy" in test_after else "")
+        self.log(f"{esq_path}: {len(blob):,} bytes ({dense_bytes / len(blob):.1f}x smaller than dense fp32){acc}")
+        return CompressResult(decoded, esq_path, len(blob), report, self.out)
+
+
+def agreement(evaluation: dict | None) -> float | None:
+    ev = evaluation or {}
+    row = ev.get("held_out") or ev.get("all") or {}
+    return row.get("agreement")
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def compare(original: nn.Module, compressed: nn.Module, x, y, *, mean, std, batch_size: int) -> dict[str, Any]:
+    """Top-1 of both models on ``(x, y)``, their top-1 agreement (the fraction of images
+    on which both predict the same class: what a user sees change) and mean
+    ``KL(original || compressed)`` in nats."""
+    from edgesqueeze.evaluate import predict
+
+    if not len(x):
+        return {"n": 0}
+    a = predict(original, x, mean=mean, std=std, batch_size=batch_size)
+    b = predict(compressed, x, mean=mean, std=std, batch_size=batch_size)
+    y = torch.as_tensor(y, dtype=torch.long)
+    logp = torch.log_softmax(a, 1)
+    kl = (logp.exp() * (logp - torch.log_softmax(b, 1))).sum(1).mean()
+    return {"n": len(y), "top1_original": float((a.argmax(1) == y).float().mean()),
+            "top1_compressed": float((b.argmax(1) == y).float().mean()),
+            "agreement": float((a.argmax(1) == b.argmax(1)).float().mean()), "kl": float(kl)}
+
+
+def density(model: nn.Module) -> float:
+    rows = layer_stats(model)
+    total = sum(r["numel"] for r in rows)
+    return sum(r["nonzero"] for r in rows) / total if total else 1.0
+
+
+def jsonable(cfg: Any) -> Any:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

@@ -1,0 +1,94 @@
+"""Per-layer pruning sensitivity: prune each layer alone at each sparsity and tabulate and plot
+validation accuracy (``edgesqueeze sensitivity``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from edgesqueeze._io import write_text_atomic
+from edgesqueeze.compress.inputs import load_inputs
+from edgesqueeze.errors import EdgesqueezeError
+
+Log = Callable[[str], None]
+
+
+def _load_with_data(checkpoint, dataset, data_dir):
+    """The checkpoint, its dataset and split (see :func:`training_data`), its normalization."""
+    inp = load_inputs(checkpoint, dataset=dataset, data_dir=data_dir)
+    return inp.loaded, inp.meta, inp.ds, inp.train, inp.val, inp.mean, inp.std
+
+
+def sensitivity(
+    checkpoint: str | Path,
+    *,
+    sparsities: list[float],
+    out_dir: str | Path,
+    layers: list[str] | None = None,
+    max_drop: float | None = None,
+    data_dir: str | Path | None = None,
+    dataset: str | None = None,
+    batch_size: int = 512,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Prune each layer alone at each sparsity; validation accuracy table, plot, and (with
+    ``max_drop``, in accuracy points) the per-layer sparsities that stay within it."""
+    from edgesqueeze.compress.prune import choose_sparsities, sensitivity_scan
+    from edgesqueeze.evaluate import evaluate
+
+    out = Path(out_dir)
+    loaded, meta, ds, _, (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir)
+    if not len(x_val):
+        raise EdgesqueezeError(f"{checkpoint}: its dataset has no validation split to measure on")
+
+    def acc(m: nn.Module) -> float:
+        return evaluate(m, x_val, y_val, mean=mean, std=std, batch_size=batch_size)["accuracy"]
+
+    baseline = acc(loaded.model)
+    log(f"baseline validation accuracy {100 * baseline:.2f}% on {len(y_val)} images")
+    rows = sensitivity_scan(loaded.model, layers, sparsities, acc)
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "baseline": baseline, "rows": rows}
+    if max_drop is not None:
+        result["max_drop_points"] = max_drop
+        result["chosen"] = choose_sparsities(rows, max_drop / 100, baseline)
+    _write_sensitivity(out, result)
+    return result
+
+
+def _write_sensitivity(out: Path, result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgesqueeze._io import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "sensitivity.json", json.dumps(result, indent=2) + "\n")
+    layers = list(dict.fromkeys(r["layer"] for r in result["rows"]))
+    sps = sorted({r["sparsity"] for r in result["rows"]})
+    acc = {(r["layer"], r["sparsity"]): r["accuracy"] for r in result["rows"]}
+    lines = [f"# Sensitivity of `{result['checkpoint']}`", "",
+             f"Validation accuracy with one layer pruned at a time (baseline {100 * result['baseline']:.2f}%).", "",
+             "| layer | " + " | ".join(f"{s:.0%}" for s in sps) + (" | chosen |" if "chosen" in result else " |"),
+             "| --- |" + " --- |" * (len(sps) + ("chosen" in result))]
+    for name in layers:
+        cells = " | ".join(f"{100 * acc[(name, s)]:.2f}" for s in sps)
+        chosen = f" | {result['chosen'][name]:.0%}" if "chosen" in result else ""
+        lines.append(f"| {name} | {cells}{chosen} |")
+    write_text_atomic(out / "sensitivity.md", "\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in layers:
+        ax.plot([100 * s for s in sps], [100 * acc[(name, s)] for s in sps], "o-", label=name, linewidth=1)
+    ax.axhline(100 * result["baseline"], color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel("sparsity of that layer (%)"), ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("pruning sensitivity, one layer at a time")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    with atomic_path(out / "sensitivity.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+

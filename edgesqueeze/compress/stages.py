@@ -1,0 +1,239 @@
+"""The compress pipeline's stages: each function is one step of a mode in :mod:`.pipeline`
+(record the float model, prune and retrain, fold BatchNorm, cluster and retrain centroids,
+post-training re-clustering, write the archive, score the result), logging its line and
+appending its row to the run's stage log. The maths lives in ``prune``, ``cluster``, ``ptq``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgesqueeze.checkpoint import state_digest
+from edgesqueeze.compress import cluster as cluster_mod
+from edgesqueeze.compress.finetune import finetune
+from edgesqueeze.compress.prune import Pruner, existing_masks, layer_stats, resolve_auto
+from edgesqueeze.compress.run import Run, compare, density, float_bytes, shared_weight_names, state_of
+from edgesqueeze.errors import DataError, EdgesqueezeError
+from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm
+from edgesqueeze.models.layers import prunable_layers
+
+PRUNED_NAME = "pruned.pt"
+
+
+def start(run: Run, model: nn.Module) -> int:
+    """Record the float model; returns its dense fp32 size in bytes."""
+    dense_bytes = float_bytes(model)
+    run.record("float", model, dense_bytes, "dense fp32")
+    return dense_bytes
+
+
+def retrain_data(run: Run) -> tuple:
+    """``(x, y, dataset, augment)`` for retraining, normalized as the checkpoint says."""
+    from edgesqueeze.data import default_augment
+
+    inp = run.inp
+    ds, (x_tr, y_tr) = inp.ds, inp.train
+    if not len(x_tr):
+        raise DataError(f"compress.prune / compress.cluster retrain on a training split, and dataset '{ds.name}' "
+                        "has none; use compress.ptq (calibration images only) instead")
+    ds_norm = dataclasses.replace(ds, mean=tuple(inp.mean), std=tuple(inp.std))
+    return (x_tr, y_tr, ds_norm, default_augment(ds.name))
+
+
+def prune(run: Run, model: nn.Module, data: tuple) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Keep existing zeros (an already pruned model) and, with ``compress.prune``, reach the
+    targets while retraining, then save ``pruned.pt``. Returns the masks and, for
+    ``sparsity: auto``, the scan."""
+    config, log = run.config, run.log
+    x_tr, x_val = run.inp.train[0], run.inp.val[0]
+    masks = existing_masks(model)
+    auto_scan: dict[str, Any] = {}
+    if config.prune is None:
+        return masks, auto_scan
+    pcfg = config.prune
+    if pcfg.sparsity == "auto":
+        if not len(x_val):
+            raise EdgesqueezeError("compress.prune.sparsity: 'auto' needs a validation split to "
+                                   "scan on; set numeric sparsities instead")
+        log(f"sparsity auto: scanning {len(prunable_layers(model))} layers at "
+            f"{', '.join(f'{s:.0%}' for s in pcfg.scan)} (max drop {pcfg.max_drop} points)")
+        pcfg, auto_scan = resolve_auto(pcfg, model, run.val_acc, path="compress.prune")
+        log("sparsity auto chose: " + ", ".join(f"{n} {s:.0%}" for n, s in pcfg.layers.items()))
+    ft = config.prune_finetune
+    steps = max(1, int(round(ft.epochs * max(1, len(x_tr) // ft.batch_size))))
+    if pcfg.schedule == "gradual" and pcfg.end == 0:
+        pcfg = dataclasses.replace(pcfg, end=max(pcfg.begin + 1, int(0.7 * steps)))
+    pruner = Pruner(model, pcfg, keep=masks, path="compress.prune")
+    before = run.stages[-1]["val_accuracy"]
+    if pcfg.schedule == "oneshot" or ft.epochs <= 0:
+        pruner.update(None)
+        run.record("prune (before retraining)", model, None, f"{density(model):.1%} of weights kept")
+    finetune(model, data, ft, seed=run.seed, desc="prune-retrain", progress=run.progress,
+             on_step=pruner.update if pcfg.schedule == "gradual" else None, attach=pruner.attach,
+             teacher=run.teacher, log=log)
+    pruner.update(None)
+    pruner.detach()
+    masks = pruner.masks
+    run.record("prune", model, None, f"{density(model):.1%} of weights kept")
+    run.check_retraining("prune_finetune", model, before, what="pruning and retraining",
+                         hint="lower the sparsity, or if retraining diverged")
+    save_pruned(run, model)
+    return masks, auto_scan
+
+
+def save_pruned(run: Run, model: nn.Module) -> Path:
+    """Write the pruned model (BatchNorm not yet folded) as an ordinary checkpoint, so that
+    other weight-sharing settings can be tried without pruning again: compress it with the
+    same recipe and ``--set compress.prune=null`` (its zeros are kept as they are), and
+    ``--teacher`` the original when distilling."""
+    from edgesqueeze.checkpoint import save_checkpoint
+
+    meta = {k: v for k, v in run.inp.meta.items() if k != "metrics"}
+    meta.update(compress_stage="prune", pruned_from_sha256=run.source_sha256,
+                metrics={"val_accuracy": run.stages[-1]["val_accuracy"], "density": round(density(model), 4)})
+    path = save_checkpoint(run.out / PRUNED_NAME, model, meta)
+    run.log(f"pruned model (before weight sharing): {path}")
+    return path
+
+
+def fold(run: Run, model: nn.Module) -> tuple[nn.Module, bool]:
+    """Fold BatchNorm into the convs when the config says so and there is any, so that what is
+    clustered is exactly what runs (a per-channel rescale keeps zeros zero). Returns the model
+    and whether the archive's model is folded."""
+    folded = bool(run.inp.meta.get("folded_batchnorm"))
+    if run.config.fold_batchnorm and conv_bn_pairs(model):
+        model = fold_batchnorm(model)
+        folded = True
+        run.record("fold-bn", model, None, "BatchNorm folded into convs")
+    return model, folded
+
+
+def cluster(run: Run, model: nn.Module, masks: dict, data: tuple) -> tuple[nn.Module, dict[str, Any]]:
+    """With ``compress.cluster``: k-means weight sharing (zeros kept), then retrain the
+    centroids. Returns the model and its per-layer assignments (empty without clustering)."""
+    config = run.config
+    assignments: dict[str, Any] = {}
+    if config.cluster is None:
+        return model, assignments
+    model, assignments = cluster_mod.cluster_model(model, config.cluster, masks, path="compress.cluster")
+    cluster_mod.round_biases(model, config.cluster.bias_dtype, assignments)
+    run.record("cluster (before retraining)", model, None)
+    if config.cluster_finetune.epochs > 0:
+        cluster_mod.share_weights(model, assignments, codebook_dtype=config.cluster.codebook_dtype)
+        finetune(model, data, config.cluster_finetune, seed=run.seed + 1, desc="centroid-retrain",
+                 progress=run.progress, teacher=run.teacher, log=run.log)
+        assignments = cluster_mod.materialize(model)
+        cluster_mod.round_biases(model, config.cluster.bias_dtype, assignments)
+        run.record("cluster", model, None, "centroids retrained")
+        run.check_retraining("cluster_finetune", model, run.stages[-2]["val_accuracy"])
+    model.eval()
+    return model, assignments
+
+
+def write_archive(run: Run, model: nn.Module, *, folded: bool, reference_accuracy: float | None, shared: Any,
+                  codebook_dtype: str, chunk: int | None = None) -> tuple[dict, bytes, list, nn.Module, Path]:
+    """Encode ``model`` into ``model.esq`` and prove it decodes to exactly the model held in
+    memory. Returns ``(state, blob, layer stats, decoded model, path)``."""
+    state = state_of(model)
+    meta = run.archive_meta(folded=folded, weights_sha256=state_digest(state), reference_accuracy=reference_accuracy)
+    return (state, *run.encode(state, meta, shared=shared, codebook_dtype=codebook_dtype, chunk=chunk))
+
+
+def evaluate_all(run: Run, original: nn.Module, decoded: nn.Module) -> dict[str, Any]:
+    """The ``evaluation`` section: original against compressed on all test images (empty
+    without a dataset)."""
+    inp = run.inp
+    if inp.ds is None:
+        return {}
+    return {"all": {"label": f"all {len(inp.ds.test_y)} test images of {inp.ds.name}",
+                    **compare(original, decoded, inp.ds.test_x, inp.ds.test_y, mean=inp.mean, std=inp.std,
+                              batch_size=run.config.eval_batch_size)}}
+
+
+def weights_found(stats: list, model: nn.Module) -> dict[str, Any]:
+    """What the source already was: its density and how many weight tensors the codec found
+    shared (at most 256 distinct values), i.e. the zeros and codebooks a re-encoding keeps."""
+    names = set(shared_weight_names(model))
+    weights = [s for s in stats if s.name in names]
+    shared = [s for s in weights if s.kind == "shared"]
+    rows = layer_stats(model)
+    total = sum(r["numel"] for r in rows)
+    distinct = [int(torch.unique(m.weight[m.weight != 0]).numel()) for m in prunable_layers(model).values()]
+    return {"weight_tensors": len(weights), "shared_tensors": len(shared),
+            "max_distinct_values": max(distinct, default=0),
+            "density": round(sum(r["nonzero"] for r in rows) / total, 4) if total else 1.0}
+def calibration_split(run: Run):
+    """``(images, split, indices, held_x, held_y)``: calibration images drawn as
+    :class:`CalibrationConfig` says, and the test images that were not drawn."""
+    cfg, ds = run.config.calibration, run.inp.ds
+    x_tr = run.inp.train[0]
+    split = cfg.split if cfg.split != "auto" else ("train" if len(x_tr) else "test")
+    if split == "train" and not len(x_tr):
+        raise DataError(f"compress.calibration.split: 'train', but dataset '{ds.name}' has no training split; "
+                        "use 'auto' or 'test'")
+    pool = x_tr if split == "train" else ds.test_x
+    n = min(cfg.images, len(pool))
+    if n < cfg.images:
+        run.log(f"warning: compress.calibration.images is {cfg.images} but the {split} split of {ds.name} has "
+                f"{len(pool)} images; using all of them")
+    idx = np.sort(np.random.default_rng(run.seed).permutation(len(pool))[:n])
+    if split == "test":
+        keep = np.ones(len(ds.test_x), dtype=bool)
+        keep[idx] = False
+        held_x, held_y = ds.test_x[keep], ds.test_y[keep]
+    else:
+        held_x, held_y = ds.test_x, ds.test_y
+    return pool[idx], split, idx, held_x, held_y
+
+
+def ptq(run: Run, model: nn.Module, calib: np.ndarray, *, folded: bool,
+        reference_accuracy: float | None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Re-cluster ``model`` to ``compress.ptq.target_bytes`` from the calibration images only
+    (:func:`~edgesqueeze.compress.ptq.post_training_compress`), keeping its zeros. Returns
+    the model, its assignments and the ptq report."""
+    from edgesqueeze.compress.ptq import post_training_compress
+    from edgesqueeze.data import batches
+
+    inp = run.inp
+    calib_x = next(batches(calib, np.zeros(len(calib), dtype=np.int64), batch_size=len(calib),
+                           shuffle=False, generator=None, mean=inp.mean, std=inp.std))[0]
+    # The budget counts the archive as written: its metadata included, with a stand-in
+    # weights hash (same length, same entropy) until the weights are known.
+    budget_meta = run.archive_meta(folded=folded, weights_sha256=state_digest(state_of(model)),
+                                   reference_accuracy=reference_accuracy)
+    run.log(f"ptq: statistics on the calibration images, then every layer clustered at each candidate size "
+            f"({len(prunable_layers(model))} layers; minutes for an ImageNet model on a CPU)")
+    model, assignments, ptq_report = post_training_compress(model, calib_x, run.config.ptq, meta=budget_meta,
+                                                            log=run.log, progress=run.progress)
+    ks = [r["k"] for r in ptq_report["layers"]]
+    run.record("ptq", model, ptq_report["summary"]["bytes"],
+               f"k {min(ks)}{'' if min(ks) == max(ks) else f'-{max(ks)}'} per layer for a "
+               f"{ptq_report['summary']['budget']:,} B budget")
+    return model, assignments, ptq_report
+
+
+def evaluate_held_out(run: Run, original: nn.Module, decoded: nn.Module, *, n_calib: int, split: str,
+                      held_x, held_y) -> dict[str, Any]:
+    """The ``evaluation`` section of a post-training run: original against compressed on the
+    test images not used for calibration, and, when calibration came from the test split, on
+    all of them (in-sample); one log line each."""
+    inp = run.inp
+    ds, ebs = inp.ds, run.config.eval_batch_size
+    evaluation = {"held_out": {
+        "label": (f"held-out: the {len(held_y)} test images not used for calibration" if split == "test"
+                  else f"held-out: all {len(held_y)} test images (calibration used the training split)"),
+        **compare(original, decoded, held_x, held_y, mean=inp.mean, std=inp.std, batch_size=ebs)}}
+    if split == "test":
+        evaluation["all"] = {
+            "label": f"all {len(ds.test_y)} test images, {n_calib} of them calibration images (in-sample: optimistic)",
+            **compare(original, decoded, ds.test_x, ds.test_y, mean=inp.mean, std=inp.std, batch_size=ebs)}
+    for e in evaluation.values():
+        if e["n"]:
+            run.log(f"{e['label']}: top-1 {100 * e['top1_original']:.2f}% -> {100 * e['top1_compressed']:.2f}%, "
+                    f"agreement {100 * e['agreement']:.2f}%, KL {e['kl']:.4f}")
+    return evaluation
