@@ -291,7 +291,7 @@ MINMAX_LADDER = [
     ("edgesqueeze default + stem and first three Fires float, minmax observer",
      {"float_layers": ["features.0", "features.3", "features.4", "features.5"], "method": "minmax"}),
 ]
-# After the concatenation fix (2026-11-30, tflite._share_concat_ranges: litert-torch had left
+# After the concatenation fix (2026-11-30, tflite_quant._share_concat_ranges: litert-torch had left
 # every Fire's cat unannotated and the file clipped expand3x3 to expand1x1's range). The rows
 # above were measured before it.
 AFTER_CONCAT_FIX = [

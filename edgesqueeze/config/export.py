@@ -27,7 +27,7 @@ class CalibrationConfig:
     ``minmax`` for both. onnx-int8: minmax, entropy and percentile gave the same agreement
     on the ImageNet SqueezeNet (``benchmarks/results/onnx_int8.json``), and minmax is the
     cheapest. tflite-int8: once concatenations were quantized in one range
-    (``tflite._share_concat_ranges``), minmax gave the same CIFAR-10 validation accuracy as
+    (``tflite_quant._share_concat_ranges``), minmax gave the same CIFAR-10 validation accuracy as
     litert-torch's histogram observer (``entropy``) within 0.1 point
     (``benchmarks/results/cifar_int8.json``), and on the ImageNet SqueezeNet 1.0 97% top-1
     agreement with fp32 against 94% on one 2-fold split of the 100 shared images (other
