@@ -20,9 +20,10 @@ record naming its CPU):
   (AVX2, AVX-512, AVX-VNNI-INT8) and use ``udot``/widening multiplies on ARM: exact
   everywhere, with the full 8-bit weight grid. On the digits SqueezeNet the optimized session
   on an AVX2-only host agreed 100% on top-1 with the QDQ graph's own arithmetic, against 94%
-  (logits up to 6.3 apart) with int8 weights. (Session 10 used 7-bit int8 weights,
-  onnxruntime's ``reduce_range``, for the same guarantee: on ImageNet SqueezeNet that lost 2
-  points of agreement with fp32; ``benchmarks/notes.md``.) ``target="vnni-or-arm"`` keeps
+  (logits up to 6.3 apart) with int8 weights. 7-bit int8 weights (onnxruntime's
+  ``reduce_range``, ``weights="int8-7bit"``) give the same guarantee but cost ImageNet
+  SqueezeNet 2.75 points of agreement with fp32 (``benchmarks/results/onnx_int8.json``).
+  ``target="vnni-or-arm"`` keeps
   int8 weights, whose VNNI kernels (``vpdpbusd``) are faster than the uint8 x uint8 ones on
   VNNI x86; the file records it and ``verify`` warns when it runs on a CPU that saturates.
 - **Why uint8 activations** (ORT's default is int8): ORT's CPU provider fuses

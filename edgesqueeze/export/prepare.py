@@ -8,7 +8,7 @@ litert-torch's PT2E) then loses less:
 - :func:`equalize_activations` evens out the per-channel ranges of the activations that get
   quantized per tensor, moving the imbalance into the next conv's weights (quantized per
   output channel, and rounded by GPTQ). Measured on ImageNet SqueezeNet 1.0: the largest
-  single gain for both formats (``benchmarks/notes.md``, session 7).
+  single gain for both formats (``benchmarks/results/onnx_int8.json``, ``tflite_int8.json``).
 - :func:`equalize_cross_layer` (Nagel et al. 2019) evens out *weight* ranges instead: the
   opposite direction, which did not help SqueezeNet with per-channel weights.
 - :func:`gptq_round` rounds the weights onto the per-channel symmetric int8 grid with GPTQ.
@@ -261,7 +261,7 @@ def equalize_activations(model: nn.Module, calib: torch.Tensor, *, alpha: float 
 
     ImageNet SqueezeNet 1.0, onnxruntime QDQ with GPTQ weights, 2-fold over the 100 shared
     images (2 splits): KL to fp32 0.0246 without, 0.0152 at alpha 0.5, 0.0135 at 0.7, 0.0183
-    at 1.0 (``benchmarks/notes.md``, session 7).
+    at 1.0 (``benchmarks/results/onnx_int8.json``).
     """
     if not 0 < alpha <= 1:
         raise ExportError(f"equalize_activations: alpha must be in (0, 1], got {alpha}")

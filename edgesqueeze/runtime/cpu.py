@@ -7,8 +7,8 @@ while VNNI x86 (``vpdpbusd``) and ARM (``sdot``/``udot``, or widening multiplies
 A uint8 x int8 file whose weights use the full -127..127 range can therefore compute other
 logits on the device than on the machine that verified it. edgesqueeze's default
 ``onnx-int8`` files (target ``any-cpu``) store their 8-bit weights as uint8 with zero point
-128, which selects onnxruntime's uint8 x uint8 kernels, exact everywhere (files of session
-10 used 7-bit int8 weights for the same end); this module lets ``verify`` and the
+128, which selects onnxruntime's uint8 x uint8 kernels, exact everywhere (older files used
+7-bit int8 weights for the same end); this module lets ``verify`` and the
 benchmarks say which case a number was measured in.
 
 Linux reads ``/proc/cpuinfo``; elsewhere the features are unknown (``None``), never guessed.
