@@ -151,3 +151,46 @@ def test_round_trip_property(seed, sparsity, k):
     data, tensors = _file(np.random.default_rng(seed), sparsity=sparsity, k=k, n=1024)
     blob, _ = pack(data, tensors, name="f", fmt="onnx")
     assert unpack(blob) == data
+
+
+def _requant_file(rng: np.random.Generator, channels: int = 256, per: int = 24):
+    """int8 weights stored as uint8 + 128, quantized per channel from a 48-value float
+    codebook: short rows reach different maxima, so each row has its own scale and its own
+    int8 images of the shared values; the codebook is cheaper to code than those."""
+    from edgesqueeze.format.packed import requantize
+
+    cb = np.float32(rng.standard_normal(48) * 0.1)
+    src = np.where(rng.random((channels, per)) < 0.6, 0, rng.choice(cb, (channels, per))).astype(np.float32)
+    scales = (np.abs(src).max(1) / 127).astype(np.float32)
+    scales[scales == 0] = 1.0
+    q = requantize(src, scales, 128, 127).astype(np.uint8)
+    data = b"HEAD" + scales.astype("<f4").tobytes() + b"mid" + q.tobytes() + b"TAIL"
+    return data, src, scales, q
+
+
+def test_requantized_tensors_code_their_float_codebook():
+    data, src, scales, q = _requant_file(np.random.default_rng(3))
+    plain, rows_plain = pack(data, [PackedTensor("w", q, offset=128)], name="f", fmt="onnx-int8")
+    rq, rows_rq = pack(data, [PackedTensor("w", q, offset=128, source=src, scales=scales)], name="f", fmt="onnx-int8")
+    assert unpack(rq) == data and unpack(plain) == data
+    info = container.loads(rq).sections["t0"][1]
+    assert info["requant"] == {"scale_at": 4, "qmax": 127} and info["k"] <= 48
+    assert rows_rq[0]["coded_bytes"] < 0.8 * rows_plain[0]["coded_bytes"]
+    # a source that does not give these integers is not used: the integers are coded
+    wrong = src.copy()
+    wrong[0, np.flatnonzero(wrong[0])[0]] *= 1.5
+    blob, _ = pack(data, [PackedTensor("w", q, offset=128, source=wrong, scales=scales)], name="f", fmt="onnx-int8")
+    assert "requant" not in container.loads(blob).sections["t0"][1] and unpack(blob) == data
+
+
+@pytest.mark.parametrize("rq, match", [
+    ({"scale_at": 10 ** 9, "qmax": 127}, "bad requant entry"),
+    ({"scale_at": 4, "qmax": 0}, "bad requant entry"),
+    ({"scale_at": 0, "qmax": 127}, "not positive floats|SHA-256"),  # "HEAD" read as floats
+    ("x", "bad requant entry"),
+])
+def test_bad_requant_entries_are_refused(rq, match):
+    data, src, scales, q = _requant_file(np.random.default_rng(4))
+    blob, _ = pack(data, [PackedTensor("w", q, offset=128, source=src, scales=scales)], name="f", fmt="onnx-int8")
+    with pytest.raises(FormatError, match=match):
+        unpack(_rewrite(blob, lambda m, s: s["t0"][1].update(requant=rq)))

@@ -160,7 +160,9 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         if config.pack:
             from edgesqueeze.export.packed import pack_file
 
-            packed, rep = pack_file(path, fmt=fmt)
+            sources = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()
+                       if k.endswith(".weight") and v.dim() >= 2} if fmt == "onnx-int8" else None
+            packed, rep = pack_file(path, fmt=fmt, sources=sources)
             bits = rep["bits_per_nonzero"]
             how = f", {bits:.2f} bits per non-zero weight" if bits else ""
             log(f"{packed}: {rep['packed_bytes']:,} bytes (packed {fmt}: {rep['coded_tensors']} weight "

@@ -23,25 +23,41 @@ __all__ = ["PACKED_SUFFIX", "onnx_tensors", "tflite_tensors", "pack_file"]
 PACKED_SUFFIX = ".esq"  # model.int8.tflite -> model.int8.tflite.esq
 
 
-def onnx_tensors(data: bytes) -> list[PackedTensor]:
+def onnx_tensors(data: bytes, sources: dict[str, np.ndarray] | None = None) -> list[PackedTensor]:
     """Every initializer of an ONNX file, with the zero point of uint8 weights (128 for
-    onnx-int8's any-cpu files) as their offset, so that their zeros code as zeros."""
+    onnx-int8's any-cpu files) as their offset, so that their zeros code as zeros.
+
+    ``sources``: the float weights by torch name (``features.3.squeeze.weight``); an int8
+    weight whose initializer is named after its module (``features.3.squeeze.w``, as
+    :func:`~edgesqueeze.export.onnx_int8.compact_qdq` names them) and whose DequantizeLinear
+    has per-channel scales gets its float source and scales, so that the packer can code the
+    float codebook and requantize on the device (:class:`PackedTensor`)."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load_from_string(data)
     inits = {t.name: t for t in model.graph.initializer}
     offsets: dict[str, int] = {}
+    scales: dict[str, np.ndarray] = {}
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[0] in inits \
-                and node.input[2] in inits:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        if len(node.input) == 3 and node.input[2] in inits:
             zp = numpy_helper.to_array(inits[node.input[2]])
             if zp.dtype == np.uint8 and zp.size and (zp == zp.flat[0]).all():
                 offsets[node.input[0]] = int(zp.flat[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if node.input[1] in inits and axis == 0:
+            scales[node.input[0]] = numpy_helper.to_array(inits[node.input[1]])
     out = []
     for name, t in inits.items():
         arr = numpy_helper.to_array(t)
-        out.append(PackedTensor(name, arr, offsets.get(name, 0) if arr.dtype == np.uint8 else 0))
+        offset = offsets.get(name, 0) if arr.dtype == np.uint8 else 0
+        source = None
+        if sources and name in scales and name.endswith(".w"):
+            source = sources.get(name[:-2] + ".weight")
+        out.append(PackedTensor(name, arr, offset, source=source, scales=scales.get(name) if source is not None
+                                else None))
     return out
 
 
@@ -66,12 +82,13 @@ def tflite_tensors(data: bytes) -> list[PackedTensor]:
 
 
 def pack_file(path: str | os.PathLike, out: str | os.PathLike | None = None, *,
-              fmt: str | None = None) -> tuple[Path, dict[str, Any]]:
+              fmt: str | None = None, sources: dict[str, np.ndarray] | None = None) -> tuple[Path, dict[str, Any]]:
     """Pack the ``.onnx`` or ``.tflite`` at ``path`` into ``out`` (default ``path + ".esq"``),
     written atomically; returns the path and a report: sizes, bits per non-zero weight, and
     one row per tensor. ``fmt``: the artifact format recorded in the header (``onnx-int8``
     ...; default ``onnx`` or ``tflite`` by the file's kind). The artifact metadata stays
-    inside the file, so the packed header holds only what unpacking needs."""
+    inside the file, so the packed header holds only what unpacking needs. ``sources``: the
+    model's float weights by torch name (``onnx_tensors``)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -79,7 +96,7 @@ def pack_file(path: str | os.PathLike, out: str | os.PathLike | None = None, *,
         raise ExportError(f"cannot read {path}: {exc.strerror or exc}") from None
     kind = "tflite" if data[4:8] == b"TFL3" else "onnx"
     try:
-        tensors = tflite_tensors(data) if kind == "tflite" else onnx_tensors(data)
+        tensors = tflite_tensors(data) if kind == "tflite" else onnx_tensors(data, sources)
     except Exception as exc:  # onnx / LiteRT raise many kinds
         raise ExportError(f"{path}: not a readable {kind} file: {type(exc).__name__}: {str(exc)[:200]}") from None
     fmt = fmt or kind

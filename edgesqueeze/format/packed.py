@@ -64,6 +64,21 @@ class PackedTensor:
     name: str
     values: np.ndarray
     offset: int = 0
+    # Optional: the float weights the integer values were quantized from and the per-channel
+    # scales (float32, axis 0) the file stores beside them. Where
+    # ``clip(rint(source / scale), -qmax, qmax) + offset`` gives ``values`` exactly, the tensor
+    # is coded as its float codebook and requantized on the device (:func:`requantize`).
+    source: np.ndarray | None = None
+    scales: np.ndarray | None = None
+    qmax: int = 127
+
+
+def requantize(values: np.ndarray, scales: np.ndarray, offset: int, qmax: int) -> np.ndarray:
+    """``clip(rint(values / scale_c), -qmax, qmax) + offset`` per output channel (axis 0),
+    in float32 as onnxruntime's quantizer divides; float64 result, integer-valued."""
+    shape = (len(scales),) + (1,) * (values.ndim - 1)
+    q = np.rint(values.astype(np.float32) / scales.astype(np.float32).reshape(shape))
+    return np.clip(q, -qmax, qmax).astype(np.float64) + offset
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -95,6 +110,29 @@ def _find(data: bytes, raw: bytes, taken: list[tuple[int, int]]) -> int | None:
         if not any(a < end and at < b for a, b in taken):
             return at
         start = at + 1
+
+
+def _requant_candidate(data: bytes, t: PackedTensor, v: np.ndarray, taken):
+    """``(blob, info, {"requant": ...})`` coding ``t``'s float source instead of its integers,
+    when requantizing it reproduces them exactly and its scales are in the file; else None."""
+    if t.source is None or t.scales is None or v.dtype.kind not in "iu" or v.ndim < 1:
+        return None
+    src = np.asarray(t.source, dtype=np.float32)
+    scales = np.ascontiguousarray(np.asarray(t.scales, dtype=np.float32).reshape(-1))
+    if src.shape != v.shape or len(scales) != v.shape[0] or not (np.isfinite(scales).all() and (scales > 0).all()):
+        return None
+    if not np.array_equal(requantize(src, scales, t.offset, t.qmax), v.astype(np.float64)):
+        return None
+    if not np.isfinite(src).all() or np.signbit(src[src == 0]).any():
+        return None
+    scale_at = _find(data, scales.astype("<f4").tobytes(), taken)
+    if scale_at is None:
+        return None
+    try:
+        blob, info, _ = codec.encode_shared(t.name, src, codebook_dtype="float16")
+    except FormatError:
+        return None
+    return blob, info, {"requant": {"scale_at": scale_at, "qmax": int(t.qmax)}}
 
 
 def _compress(data: bytes) -> tuple[bytes, dict[str, Any]]:
@@ -132,13 +170,18 @@ def pack(data: bytes, tensors: Iterable[PackedTensor], *, name: str, fmt: str,
         at = _find(data, raw, taken) if signed is not None else None
         if at is None:
             continue
+        blob = None
         try:
             blob, info, _ = codec.encode_shared(t.name, signed.reshape(v.shape), codebook_dtype="float16")
         except FormatError:  # more distinct values than a codebook holds: leave it raw
+            pass
+        extra: dict[str, Any] = {}
+        rq = _requant_candidate(data, t, v, taken)
+        if rq is not None and (blob is None or len(rq[0]) < len(blob)):
+            blob, info, extra = rq
+        if blob is None or len(blob) + 40 >= len(raw):
             continue
-        if len(blob) + 40 >= len(raw):
-            continue
-        info = {**info, "at": at, "dtype": v.dtype.name, "offset": int(t.offset)}
+        info = {**info, "at": at, "dtype": v.dtype.name, "offset": int(t.offset), **extra}
         taken.append((at, at + len(raw)))
         coded.append((at, len(raw), blob, info))
         row["coded_bytes"] = len(blob)
@@ -232,11 +275,16 @@ def unpack(source: bytes | container.Archive) -> bytes:
         if not isinstance(ti, dict) or ti.get("enc") != "shared":
             raise FormatError(f"section {k}: not a coded tensor")
     values = codec.decode_sections(container.Archive(meta={}, sections=tensors, version=archive.version))
-    spans = []
+    spans, requants = [], []
     for k, (_, ti) in tensors.items():
         at = ti.get("at")
         if not isinstance(at, int) or isinstance(at, bool) or at < 0:
             raise FormatError(f"section {k}: bad offset {at!r}")
+        if "requant" in ti:  # filled in once every other byte is in place (its scales are in the file)
+            n_bytes = int(np.asarray(values[k]).size) * np.dtype(_DTYPES.get(ti.get("dtype"), np.uint8)).itemsize
+            requants.append((at, k, ti))
+            spans.append((at, k, bytes(n_bytes)))
+            continue
         spans.append((at, k, _tensor_bytes(k, np.asarray(values[k]), ti)))
     spans.sort()
     out, pos, used = bytearray(), 0, 0
@@ -249,6 +297,21 @@ def unpack(source: bytes | container.Archive) -> bytes:
         out += raw
         used += len(raw)
     out += skeleton[pos:]
+    for at, k, ti in requants:
+        v = np.asarray(values[k])
+        rq = ti["requant"]
+        scale_at, qmax = (rq.get("scale_at"), rq.get("qmax")) if isinstance(rq, dict) else (None, None)
+        n_ch = v.shape[0] if v.ndim else 0
+        ok = (isinstance(scale_at, int) and not isinstance(scale_at, bool) and isinstance(qmax, int)
+              and not isinstance(qmax, bool) and 1 <= qmax <= 32767 and n_ch > 0
+              and 0 <= scale_at and scale_at + 4 * n_ch <= len(out))
+        if not ok:
+            raise FormatError(f"section {k}: bad requant entry {rq!r}")
+        scales = np.frombuffer(bytes(out[scale_at:scale_at + 4 * n_ch]), dtype="<f4")
+        if not (np.isfinite(scales).all() and (scales > 0).all()):
+            raise FormatError(f"section {k}: its scales at {scale_at} are not positive floats")
+        raw = _tensor_bytes(k, requantize(v, scales, 0, qmax), ti)
+        out[at:at + len(raw)] = raw
     if len(out) != info["bytes"]:
         raise FormatError(f"decoded {len(out)} bytes, the file recorded {info['bytes']}")
     digest = hashlib.sha256(out).hexdigest()
