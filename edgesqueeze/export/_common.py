@@ -47,6 +47,13 @@ META_KEY = "edgesqueeze"
 META_FORMAT = "edgesqueeze.artifact"
 
 
+def check_calibration_shape(images, input_shape) -> None:
+    """ExportError unless the calibration images (N, C, H, W) are what the model takes."""
+    if tuple(images.shape[1:]) != tuple(input_shape):
+        raise ExportError(f"calibration images are {tuple(images.shape[1:])}, the model takes "
+                          f"{tuple(input_shape)}")
+
+
 def check_float_layers(model, float_layers, *, what: str = "float_layers") -> None:
     """Every name in ``float_layers`` is a module of ``model``, else ExportError naming it,
     with the closest module name as a suggestion (``features.O`` -> ``features.0``)."""

@@ -68,7 +68,7 @@ from torch import nn
 from edgesqueeze.config.export import CalibrationConfig
 from edgesqueeze.errors import ExportError
 from edgesqueeze.export import prepare
-from edgesqueeze.export._common import META_KEY, check_float_layers, meta_json, to_input
+from edgesqueeze.export._common import META_KEY, check_calibration_shape, check_float_layers, meta_json, to_input
 from edgesqueeze.export._common import first_line as _first_line
 from edgesqueeze.export.onnx import (
     _WEIGHTED,
@@ -559,9 +559,7 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         info["percentile"] = calibration.percentile
     art = _artifact(model, meta, "onnx-int8", fold_normalization, calibration=info,
                     source_sha256=source_sha256)
-    if tuple(images.shape[1:]) != tuple(art["input_shape"]):
-        raise ExportError(f"calibration images are {tuple(images.shape[1:])}, the model takes "
-                          f"{tuple(art['input_shape'])}")
+    check_calibration_shape(images, art["input_shape"])
     check_float_layers(model, float_layers)  # before the slow work
     qproto = quantize_int8_graph(
         model, meta, images, mean=art["mean"], std=art["std"], calibration=calibration, opset=opset,

@@ -60,6 +60,7 @@ from edgesqueeze.export import prepare
 from edgesqueeze.config.export import CalibrationConfig
 from edgesqueeze.export._common import (
     artifact_meta,
+    check_calibration_shape,
     check_float_layers,
     first_line as _first_line,
     to_input,
@@ -285,9 +286,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
         info["percentile"] = calibration.percentile
     art = _artifact(model, meta, "tflite-int8", fold_normalization, calibration=info,
                     source_sha256=source_sha256)
-    if tuple(images.shape[1:]) != tuple(art["input_shape"]):
-        raise ExportError(f"calibration images are {tuple(images.shape[1:])}, the model takes "
-                          f"{tuple(art['input_shape'])}")
+    check_calibration_shape(images, art["input_shape"])
     module = _wrap(equalize_cross_layer(model) if equalize else model, art, fold_normalization)
     prefix = "model." if fold_normalization else ""
     images = augment_calibration(images, augment, seed=calibration_seed or 0)
