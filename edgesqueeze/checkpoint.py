@@ -149,11 +149,19 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def rebuild(arch: str, arch_kwargs: dict[str, Any], *, folded_batchnorm: bool = False) -> nn.Module:
-    """The architecture a checkpoint names; BatchNorm folded into the convs if it was."""
-    from edgesqueeze.models import build_model
+def rebuild(arch: str, arch_kwargs: dict[str, Any], *, folded_batchnorm: bool = False,
+            from_file: str | None = None) -> nn.Module:
+    """The architecture a checkpoint names; BatchNorm folded into the convs if it was.
 
-    model = build_model(arch, **arch_kwargs)
+    ``from_file``: the file that named ``arch``; the user's own code it names is built only
+    if it is an ``nn.Module`` class (:mod:`edgesqueeze.models.imports`)."""
+    from edgesqueeze.models import build_model
+    from edgesqueeze.models.imports import build_import, is_import_spec
+
+    if is_import_spec(arch):
+        model = build_import(arch, arch_kwargs, from_file=from_file)
+    else:
+        model = build_model(arch, **arch_kwargs)
     if folded_batchnorm:
         from edgesqueeze.models.fold import fold_batchnorm  # torch.fx: only when needed
 
@@ -188,39 +196,62 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
     model.load_state_dict(state_dict, strict=True)
 
 
+INPUT_META_KEYS = ("mean", "std", "input_shape", "classes")
+
+
+def apply_input_meta(meta: dict[str, Any], given: dict[str, Any] | None, *, source: str) -> dict[str, Any]:
+    """``meta`` with the input description the user gave (``--mean``, ``--std``,
+    ``--input-shape``, ``--classes``) for a model file that does not carry it. A file that
+    records a different value is not silently overridden: that is an error naming both."""
+    out = dict(meta)
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    for key, value in given.items():
+        if key not in INPUT_META_KEYS:
+            raise ModelError(f"unknown input description {key!r}; known: {', '.join(INPUT_META_KEYS)}")
+        value = list(value)
+        if key in out and out[key] is not None:
+            same = (np.allclose(np.asarray(out[key], float), np.asarray(value, float))
+                    if key in ("mean", "std") and len(out[key]) == len(value) else list(out[key]) == value)
+            if not same:
+                raise ModelError(f"{source}: records {key} {list(out[key])}, but --{key.replace('_', '-')} gives "
+                                 f"{value}; leave the option out for a file that describes its inputs")
+        out[key] = value
+    if given:
+        out["input_meta_given"] = sorted(set(out.get("input_meta_given", [])) | set(given))
+    return out
+
+
 def load_model(
     path: str | Path,
     *,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
+    input_meta: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load any supported model file, safely. The returned model is in eval mode.
 
     ``arch`` (and ``arch_kwargs``, e.g. ``{"num_classes": 10}``) is required for a plain
-    ``state_dict`` and overrides nothing for an edgesqueeze checkpoint, which knows its own.
+    ``state_dict``: a registered name or the user's own ``package.module:Class``. An
+    edgesqueeze checkpoint knows its own architecture; ``arch`` overrides it only where the
+    file names the user's code (to say where that code is now). ``input_meta`` (``mean``,
+    ``std``, ``input_shape``, ``classes``) describes the inputs of a file that does not
+    (TorchScript, ``.pt2``, a pickle, a state_dict): see :func:`apply_input_meta`.
     """
+    from edgesqueeze.models.imports import is_import_spec
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     with open(path, "rb") as fh:
         head = fh.read(8)
     if head == container.MAGIC:  # a Deep Compression archive: decode it on the fly
-        model, meta = model_from_esq(path)
-        return LoadedModel(model, meta, "esq", path)
+        model, meta = model_from_esq(path, arch=arch)
+        return LoadedModel(model, apply_input_meta(meta, input_meta, source=str(path)), "esq", path)
     kind = _zip_kind(path)
-    if kind == "torchscript":
-        try:
-            model = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:  # torch raises many types for a broken archive
-            raise CheckpointError(f"{path}: broken TorchScript archive ({_first_line(exc)})") from None
-        return LoadedModel(model.eval(), {}, "torchscript", path)
-    if kind == "exported_program":
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:
-            raise CheckpointError(f"{path}: broken torch.export archive ({_first_line(exc)})") from None
-        return LoadedModel(program.module(), {}, "exported_program", path)
+    if kind in ("torchscript", "exported_program"):
+        model = _load_program(path, kind)
+        return LoadedModel(model, apply_input_meta({}, input_meta, source=str(path)), kind, path)
 
     try:
         obj = _safe_torch_load(path)
@@ -231,10 +262,15 @@ def load_model(
                 "arbitrary code. Save model.state_dict() instead and pass --arch, or pass --trust-pickle "
                 "if you trust where this file came from."
             ) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = _unpickle(path)
         if not isinstance(obj, nn.Module):
             raise CheckpointError(f"{path}: unpickled a {type(obj).__name__}, not an nn.Module") from None
-        return LoadedModel(obj.eval(), {}, "pickle", path)
+        meta: dict[str, Any] = {}
+        if arch is not None:  # how to rebuild it (an .esq of it needs this): checked against the pickle
+            rebuilt = rebuild(arch, dict(arch_kwargs or {}))
+            load_state_dict_checked(rebuilt, obj.state_dict(), source=str(path))
+            meta = {"arch": arch, "arch_kwargs": dict(rebuilt.arch_kwargs)}
+        return LoadedModel(obj.eval(), apply_input_meta(meta, input_meta, source=str(path)), "pickle", path)
 
     if isinstance(obj, dict) and obj.get("format") in (FORMAT, TRAIN_STATE_FORMAT):
         if obj.get("format_version") != FORMAT_VERSION:
@@ -244,23 +280,64 @@ def load_model(
             meta = json.loads(obj["meta_json"])
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: metadata is unreadable ({exc})") from None
-        model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=meta.get("folded_batchnorm", False))
+        if arch is not None and is_import_spec(meta.get("arch")) and arch != meta["arch"]:
+            meta["arch"] = arch  # the user's code, named where it is now
+        model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=meta.get("folded_batchnorm", False),
+                        from_file=None if arch == meta["arch"] else str(path))
         load_state_dict_checked(model, obj["state_dict"], source=str(path))
-        return LoadedModel(model.eval(), meta, "checkpoint", path)
+        return LoadedModel(model.eval(), apply_input_meta(meta, input_meta, source=str(path)), "checkpoint", path)
 
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None:
             raise CheckpointError(
                 f"{path}: holds a plain state_dict without architecture; pass --arch NAME "
-                "(see 'edgesqueeze models') and, if needed, --num-classes N"
+                "(see 'edgesqueeze models') or your class as --arch package.module:Class, with "
+                "--arch-kwargs or --num-classes if its defaults do not fit"
             )
         kwargs = dict(arch_kwargs or {})
         model = rebuild(arch, kwargs)
         load_state_dict_checked(model, obj, source=str(path))
         meta = {"arch": arch, "arch_kwargs": dict(model.arch_kwargs)}
-        return LoadedModel(model.eval(), meta, "state_dict", path)
+        return LoadedModel(model.eval(), apply_input_meta(meta, input_meta, source=str(path)), "state_dict", path)
 
     raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a model checkpoint or state_dict")
+
+
+def _load_program(path: Path, kind: str) -> nn.Module:
+    """A TorchScript archive or a ``torch.export`` program, ready to run in eval mode."""
+    try:
+        if kind == "torchscript":
+            return torch.jit.load(str(path), map_location="cpu").eval()
+        program = torch.export.load(str(path))
+    except Exception as exc:  # torch raises many types for a broken archive
+        what = "TorchScript archive" if kind == "torchscript" else "torch.export archive"
+        raise CheckpointError(f"{path}: broken {what} ({_first_line(exc)})") from None
+    from edgesqueeze.models.program import runnable
+
+    return runnable(program)
+
+
+def _unpickle(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=False`` (the user said they trust the file); a class
+    that cannot be found is one line naming it, not a traceback."""
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:  # as for --arch package.module:Class: the project run from is importable
+        sys.path.insert(0, cwd)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+        raise CheckpointError(f"{path}: the pickled model's class cannot be found ({_first_line(exc)}); "
+                              "unpickling needs the code that defined it importable here. Better: save "
+                              "model.state_dict() and pass --arch package.module:Class") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling can raise anything
+        raise CheckpointError(f"{path}: cannot unpickle ({_first_line(exc)})") from None
+    finally:
+        if added and sys.path and sys.path[0] == cwd:
+            sys.path.pop(0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,12 +375,20 @@ def esq_loads(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     return state_dict_from_arrays(arrays), meta
 
 
-def model_from_esq(data: bytes | str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model an ``.esq`` archive holds (decoding every weight bit-exactly)."""
+def model_from_esq(data: bytes | str | Path, *, arch: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model an ``.esq`` archive holds (decoding every weight bit-exactly).
+
+    ``arch`` relocates the user's own code the archive names (see :func:`load_model`)."""
+    from edgesqueeze.models.imports import is_import_spec
+
     raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
     state, meta = esq_loads(raw)
     if meta.get("format") != ESQ_META_FORMAT or "arch" not in meta:
         raise FormatError("meta: not an edgesqueeze model archive (no 'arch')")
-    model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=bool(meta.get("folded_batchnorm")))
-    load_state_dict_checked(model, state, source=str(data) if not isinstance(data, bytes) else "archive")
+    if arch is not None and is_import_spec(meta["arch"]) and arch != meta["arch"]:
+        meta["arch"] = arch
+    source = str(data) if not isinstance(data, bytes) else "archive"
+    model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=bool(meta.get("folded_batchnorm")),
+                    from_file=None if arch == meta["arch"] else source)
+    load_state_dict_checked(model, state, source=source)
     return model.eval(), meta

@@ -60,6 +60,19 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std, batch
     return accuracy_metrics(logits, y)
 
 
+def input_normalization(meta: dict, ds) -> tuple[list[float], list[float], str]:
+    """``(mean, std, how)``: the normalization a model is fed. What the file records (or the
+    user gave, ``--mean``/``--std``) wins; otherwise the dataset's own statistics, measured
+    on its full training set, and ``how`` says so, for a one-line note and the metadata."""
+    if meta.get("mean") is not None and meta.get("std") is not None:
+        given = set(meta.get("input_meta_given", ()))
+        how = "given (--mean/--std)" if {"mean", "std"} & given else "recorded in the file"
+        return list(meta["mean"]), list(meta["std"]), how
+    return (list(ds.mean), list(ds.std),
+            f"measured on the training images of '{ds.name}' (the file records none; pass --mean/--std "
+            "if the model was trained with other values)")
+
+
 def training_data(meta: dict, *, source: str | Path, dataset: str | None = None, data_dir: str | Path | None = None,
                   seed: int | None = None, limit: int | None = None, image_size: int | None = None,
                   val_fraction: float | None = None):
@@ -98,10 +111,11 @@ def evaluate_file(
     arch: str | None = None,
     arch_kwargs: dict | None = None,
     trust_pickle: bool = False,
+    input_meta: dict | None = None,
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy and loss of the model in ``path`` on a dataset split."""
-    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta)
     meta = loaded.meta
     ds, train, val = training_data(meta, source=path, dataset=dataset, data_dir=data_dir, seed=seed, limit=limit,
                                    image_size=image_size, val_fraction=val_fraction)
@@ -113,21 +127,21 @@ def evaluate_file(
         raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {path} was trained "
                         f"on {list(expected)}; pass --image-size or the matching --dataset")
     # The model was trained with its own normalization: feed it exactly that.
-    mean, std = meta.get("mean", ds.mean), meta.get("std", ds.std)
+    mean, std, how = input_normalization(meta, ds)
     with torch.no_grad():
         probe = loaded.model(torch.zeros(1, *ds.input_shape))
     if probe.shape[-1] != ds.num_classes:
         raise DataError(f"dataset '{ds.name}' has {ds.num_classes} classes but {path} outputs {probe.shape[-1]}; "
                         "pass the dataset it was trained on (--dataset)")
     metrics = evaluate(loaded.model, x, y, mean=mean, std=std, batch_size=batch_size)
-    return {"model": str(path), "dataset": ds.name, "split": split, **metrics}
+    return {"model": str(path), "dataset": ds.name, "split": split, **metrics, "normalization": how}
 
 
 def describe_file(path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,
-                  trust_pickle: bool = False) -> dict[str, Any]:
+                  trust_pickle: bool = False, input_meta: dict | None = None) -> dict[str, Any]:
     """A JSON-ready summary of a model file: what it is, its weights, its metadata."""
     path = Path(path)
-    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta)
     params = list(loaded.model.parameters()) or [t for t in loaded.model.state_dict().values()
                                                  if torch.is_floating_point(t)]
     total = sum(p.numel() for p in params)

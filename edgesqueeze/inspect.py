@@ -14,7 +14,8 @@ from typing import Any
 from edgesqueeze.errors import FormatError
 
 
-def inspect_file(path: str | Path) -> dict[str, Any]:
+def inspect_file(path: str | Path, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``model_args``: how to read a ``.pt`` that does not describe itself (``load_model``)."""
     from edgesqueeze.verify import sniff
 
     path = Path(path)
@@ -24,7 +25,7 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     if kind == "esq":
         return _inspect_esq(path)
     if kind == "pt":
-        return _inspect_pt(path)
+        return _inspect_pt(path, model_args)
     from edgesqueeze.runtime.inspect import inspect_artifact
 
     desc = inspect_artifact(path)
@@ -77,11 +78,11 @@ def _inspect_esq(path: Path) -> dict[str, Any]:
             "ops": {}, "tensors": tensors, "metadata": meta}
 
 
-def _inspect_pt(path: Path) -> dict[str, Any]:
+def _inspect_pt(path: Path, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
     from edgesqueeze.checkpoint import load_model
     from edgesqueeze.models import count_macs
 
-    loaded = load_model(path)
+    loaded = load_model(path, **(model_args or {}))
     meta = loaded.meta
     tensors = []
     for name, t in loaded.model.state_dict().items():

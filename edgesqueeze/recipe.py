@@ -34,7 +34,11 @@ RECIPE_VERSION = 1
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which architecture to build; ``kwargs`` override its builder's defaults."""
+    """Which architecture to build; ``kwargs`` override its builder's defaults.
+
+    ``arch`` is a registered name (``edgesqueeze models``) or the user's own class or builder,
+    ``package.module:Class`` or ``path/to/file.py:Class``; in YAML the latter may be written
+    ``import: ...`` instead of ``arch: ...``."""
 
     arch: str = "squeezenet_mnist"
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -133,6 +137,16 @@ def recipe_from_dict(raw: Any, *, source: str = "recipe") -> Recipe:
         raise RecipeError(
             f"{source}: version: this edgesqueeze reads recipe version {RECIPE_VERSION}, got {raw['version']!r}"
         )
+    model = raw.get("model")
+    if isinstance(model, dict) and "import" in model:  # model: {import: pkg.mod:Class, kwargs: ...}
+        if "arch" in model:
+            raise RecipeError(f"{source}: model: give either 'arch' (a registered name) or 'import' "
+                              "(package.module:Class), not both")
+        spec = model["import"]
+        if not isinstance(spec, str) or ":" not in spec:
+            raise RecipeError(f"{source}: model.import: expected package.module:Class or path/to/file.py:Class, "
+                              f"got {spec!r}")
+        raw = {**raw, "model": {("arch" if k == "import" else k): v for k, v in model.items()}}
     try:
         return _build("", raw, Recipe)
     except RecipeError as exc:

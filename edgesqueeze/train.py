@@ -218,6 +218,22 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _check_model_fits(model: nn.Module, ds, arch: str) -> None:
+    """One clear line, before the first epoch, when the model cannot take the dataset's
+    images or does not output one logit per class."""
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *ds.input_shape))
+    except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DataError(f"model '{arch}' does not run on '{ds.name}' images of shape {list(ds.input_shape)} "
+                        f"({first}); set model.kwargs (e.g. in_channels) to fit the data") from None
+    model.train()
+    if out.dim() != 2 or out.shape[-1] != ds.num_classes:
+        raise DataError(f"model '{arch}' outputs shape {list(out.shape[1:])} per image but '{ds.name}' has "
+                        f"{ds.num_classes} classes; set model.kwargs (e.g. num_classes: {ds.num_classes})")
+
+
 def fit(
     recipe: Recipe,
     *,
@@ -253,8 +269,13 @@ def fit(
     augment = _augment_for(recipe, ds.name)
 
     torch.manual_seed(recipe.seed)
-    kwargs = {"num_classes": ds.num_classes, "in_channels": ds.input_shape[0], **recipe.model.kwargs}
-    model = build_model(recipe.model.arch, **kwargs)
+    from edgesqueeze.models.imports import accepted_kwargs, is_import_spec
+
+    from_data = {"num_classes": ds.num_classes, "in_channels": ds.input_shape[0]}
+    if is_import_spec(recipe.model.arch):  # the user's class may not take in_channels
+        from_data = accepted_kwargs(recipe.model.arch, from_data)
+    model = build_model(recipe.model.arch, **{**from_data, **recipe.model.kwargs})
+    _check_model_fits(model, ds, recipe.model.arch)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)

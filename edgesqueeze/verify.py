@@ -115,8 +115,10 @@ def _torch_scores(path: Path, x: np.ndarray, meta: dict, ds, model_args: dict | 
     from edgesqueeze.checkpoint import load_model
     from edgesqueeze.evaluate import predict
 
+    from edgesqueeze.evaluate import input_normalization
+
     loaded = load_model(path, **(model_args or {}))
-    mean, std = loaded.meta.get("mean", ds.mean), loaded.meta.get("std", ds.std)
+    mean, std, _ = input_normalization(loaded.meta, ds)
     return predict(loaded.model, x, mean=mean, std=std, batch_size=256).numpy()
 
 
@@ -143,6 +145,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
                        reference: str | Path | None = None, limit: int | None = None,
                        threads: int | None = None, latency: bool = False,
                        arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+                       trust_pickle: bool = False, input_meta: dict[str, Any] | None = None,
                        log: Log = print) -> dict[str, Any]:
     """Measure every artifact on the test split through its runtime; one row each.
 
@@ -150,14 +153,15 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     predictions give every other row its top-1 agreement, and its accuracy their drop.
     Failures to load or evaluate one artifact become that row's ``error`` (the gate reports
     them as not measured, never as a pass), so one bad file does not hide the others.
-    ``arch`` / ``arch_kwargs``: the architecture of ``.pt`` files that are plain state_dicts
-    (edgesqueeze checkpoints know their own), as for ``load_model``.
+    ``arch`` / ``arch_kwargs`` / ``trust_pickle`` / ``input_meta``: how to read ``.pt`` files
+    that do not describe themselves (plain state_dicts, pickles, TorchScript, ``.pt2``), as
+    for ``load_model``; edgesqueeze checkpoints know their own.
 
     Returns ``dataset`` (as given), ``datasets`` (the names of the test splits used),
     ``reference``, ``reference_accuracy`` and ``artifacts`` (the rows).
     """
     data = _Data(dataset, data_dir, limit, log)
-    model_args = {"arch": arch, "arch_kwargs": arch_kwargs} if arch else {}
+    model_args = {"arch": arch, "arch_kwargs": arch_kwargs, "trust_pickle": trust_pickle, "input_meta": input_meta}
     files = [Path(p) for p in paths]
     ref_path = Path(reference) if reference else next((p for p in files if p.is_file()
                                                        and _safe_sniff(p) == "pt"), None)
@@ -165,8 +169,13 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     if ref_path is not None:
         from edgesqueeze.checkpoint import load_model
 
+        from edgesqueeze.evaluate import input_normalization
+
         ref_meta = load_model(ref_path, **model_args).meta
         ds, x, y = data.get(ref_meta.get("dataset"), ref_meta.get("input_shape"), str(ref_path))
+        how = input_normalization(ref_meta, ds)[2]
+        if how.startswith("measured"):
+            log(f"note: {ref_path}: input normalization {how}")
         ref_scores = _torch_scores(ref_path, x, ref_meta, ds, model_args)
         _check_classes(ref_scores, ds, ref_meta.get("classes"), str(ref_path))
         ref_acc = float((ref_scores.argmax(1) == y).mean())

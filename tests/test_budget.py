@@ -105,6 +105,16 @@ def test_the_size_limit_is_inclusive_and_per_format_wins():
     assert not check([row(format="onnx")], per)[0].passed
 
 
+def test_max_size_judges_the_files_that_ship_not_the_float_reference():
+    """A gate on deployable files must not fail because the float .pt (the reference) is
+    larger; the .pt is judged only when its own format is named."""
+    big_pt = row(format="pt", bytes=5_000_000)
+    assert [v.check for v in check([big_pt], Budget(max_size=100_000))] == []
+    verdicts = check([big_pt], Budget(max_size=100_000, max_size_per_format={"pt": 1_000_000}))
+    assert [(v.check, v.status) for v in verdicts] == [("size", "FAIL")]
+    assert not check([row(format="esq", bytes=200_000)], Budget(max_size=100_000))[0].passed
+
+
 def test_what_was_not_measured_never_passes():
     verdicts = check([row(error="m.tflite: truncated file"), row(accuracy=None, agreement=None)], BUDGET)
     assert [(v.check, v.status) for v in verdicts] == [

@@ -139,4 +139,4 @@ def test_verify_takes_a_plain_state_dict_with_arch(tmp_path):
     assert res.exit_code == 2
     assert "pass --arch" in res.output
     res = run("verify", sd, "--num-classes", 10, "--data", "digits", "--out", out)
-    assert res.exit_code == 2 and "--num-classes needs --arch" in res.output
+    assert res.exit_code == 2 and "give --arch too" in res.output

@@ -6,7 +6,11 @@ stderr and its exit code (1 for a broken budget, 2 for bad usage or input).
 
 from __future__ import annotations
 
+import functools
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -42,6 +46,117 @@ def cli() -> None:
 
 def _arch_kwargs(num_classes: int | None) -> dict:
     return {"num_classes": num_classes} if num_classes else {}
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to read a model file, the same for every command that reads one: the architecture
+    of a file that does not record it, permission to unpickle, and the description of its
+    inputs (for files without edgesqueeze metadata)."""
+
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
+    input_meta: dict[str, Any] = field(default_factory=dict)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`edgesqueeze.checkpoint.load_model` and the stages."""
+        return {"arch": self.arch, "arch_kwargs": dict(self.arch_kwargs), "trust_pickle": self.trust_pickle,
+                "input_meta": dict(self.input_meta)}
+
+
+def _floats(value: str, what: str, positive: bool = False) -> list[float]:
+    try:
+        out = [float(x) for x in value.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0.485,0.456,0.406",
+                                 param_hint=what) from None
+    if not out or (positive and any(x <= 0 for x in out)):
+        raise click.BadParameter(f"{value!r}: give one {'positive ' if positive else ''}number per channel",
+                                 param_hint=what)
+    return out
+
+
+def _shape(value: str) -> list[int]:
+    parts = value.lower().replace("x", ",").replace(" ", "").split(",")
+    try:
+        shape = [int(p) for p in parts if p]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or any(d <= 0 for d in shape):
+        raise click.BadParameter(f"{value!r}: expected C,H,W, e.g. 3,32,32", param_hint="--input-shape")
+    return shape
+
+
+def _classes(value: str) -> list[str]:
+    if value.startswith("@"):  # a file, one class name per line
+        path = Path(value[1:])
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"{path}: cannot read class names ({exc})", param_hint="--classes") from None
+    else:
+        names = [x.strip() for x in value.split(",") if x.strip()]
+    if not names:
+        raise click.BadParameter(f"{value!r} names no class", param_hint="--classes")
+    return names
+
+
+def _mapping(value: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        out = yaml.safe_load(value)
+    except yaml.YAMLError:
+        out = None
+    if not isinstance(out, dict) or not all(isinstance(k, str) for k in out):
+        raise click.BadParameter(f"{value!r} is not a mapping, e.g. '{{width: 0.5, num_classes: 10}}'",
+                                 param_hint="--arch-kwargs")
+    return out
+
+
+_MODEL_OPTIONS = [
+    click.option("--arch", help="Architecture of a model file that does not record one (a plain state_dict; a "
+                 "pickle, to rebuild it): a name from `edgesqueeze models`, or your own class or builder as "
+                 "package.module:Class or path/to/file.py:Class."),
+    click.option("--arch-kwargs", metavar="MAPPING", help="Keyword arguments for --arch, YAML or JSON, e.g. "
+                 "'{width: 0.5, num_classes: 10}'."),
+    click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch (same as "
+                 "--arch-kwargs '{num_classes: N}')."),
+    click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (unpickling runs "
+                 "code from the file: only for files you trust)."),
+    click.option("--mean", metavar="LIST", help="Per-channel input mean the model was trained with, on pixels "
+                 "scaled to 0..1, e.g. 0.4914,0.4822,0.4465, for a file that does not record it [default: "
+                 "measured on the dataset's training images, and said so]."),
+    click.option("--std", metavar="LIST", help="Per-channel input std, as --mean."),
+    click.option("--input-shape", metavar="C,H,W", help="Input shape of one image, e.g. 3,32,32, for a file "
+                 "that does not record it [default: the dataset's]."),
+    click.option("--classes", metavar="LIST|@FILE", help="Class names, comma-separated or @file with one per "
+                 "line, for a file that does not record them [default: the dataset's]."),
+]
+
+
+def model_options(fn):
+    """Add the model-reading options to a command; it receives one ``model_opts``
+    (:class:`ModelOptions`) instead of the separate values."""
+    @functools.wraps(fn)
+    def wrapper(*args, arch, arch_kwargs, num_classes, trust_pickle, mean, std, input_shape, classes, **kwargs):
+        kw = _mapping(arch_kwargs) if arch_kwargs else {}
+        if num_classes:
+            kw["num_classes"] = num_classes
+        if kw and not arch:
+            raise click.UsageError("--arch-kwargs and --num-classes build the architecture --arch names; "
+                                   "give --arch too")
+        given = {"mean": _floats(mean, "--mean") if mean else None,
+                 "std": _floats(std, "--std", positive=True) if std else None,
+                 "input_shape": _shape(input_shape) if input_shape else None,
+                 "classes": _classes(classes) if classes else None}
+        opts = ModelOptions(arch, kw, trust_pickle, {k: v for k, v in given.items() if v is not None})
+        return fn(*args, model_opts=opts, **kwargs)
+
+    for option in reversed(_MODEL_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def _progress_default() -> bool:

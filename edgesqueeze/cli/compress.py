@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import _arch_kwargs, _progress_default, cli
+from edgesqueeze.cli._group import _progress_default, cli, model_options
 
 
 @cli.command("compress")
@@ -16,9 +16,7 @@ from edgesqueeze.cli._group import _arch_kwargs, _progress_default, cli
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, e.g. --set compress.ptq.target_bytes=480000 (repeatable; "
                    "works without --recipe too).")
-@click.option("--arch", help="Architecture of a plain state_dict, e.g. squeezenet1_0 [default: the recipe's model; "
-              "builder kwargs: --set model.kwargs={width_mult: 0.5}].")
-@click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch.")
+@model_options
 @click.option("--data", "dataset", help="Dataset [default: the checkpoint's, else the recipe's data section].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, <recipe name or model name>-compressed/].")
@@ -27,7 +25,7 @@ from edgesqueeze.cli._group import _arch_kwargs, _progress_default, cli
               help="Model to distil from when a recipe's prune_finetune or cluster_finetune sets 'distill' "
                    "[default: MODEL_PATH itself]; the float original when MODEL_PATH is a pruned.pt.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
-def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset, out_dir, data_dir, teacher, progress):
+def compress_cmd(model_path, recipe_path, overrides, model_opts, dataset, out_dir, data_dir, teacher, progress):
     """Compress a model into a .esq archive, with a report.
 
     \b
@@ -47,6 +45,9 @@ def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset,
     Example:
       edgesqueeze compress artifacts/squeezenet-mnist/model.pt --recipe recipes/squeezenet-mnist.yaml
       edgesqueeze compress model.pt -r recipes/squeezenet-digits.yaml --set compress.cluster.bits=3
+      # your own model: its class and a state_dict (or a pickle with --trust-pickle)
+      edgesqueeze compress weights.pt --arch mypkg.nets:MobileNetV2 --arch-kwargs '{width: 0.5}' \
+          --data cifar10 -r recipes/squeezenet-cifar10.yaml
       # other weight sharing on the same pruned model, distilling from the original
       edgesqueeze compress out/pruned.pt -r recipes/squeezenet-cifar10.yaml --set compress.prune=null \
           --set compress.cluster.bits=5 --teacher model.pt --out out-5bit
@@ -61,7 +62,7 @@ def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset,
     from edgesqueeze.recipe import apply_overrides, given_sections, load_recipe, recipe_from_dict
 
     default_dataset = None
-    kwargs = _arch_kwargs(num_classes)
+    arch, kwargs = model_opts.arch, dict(model_opts.arch_kwargs)
     if recipe_path:
         recipe = load_recipe(recipe_path, overrides)
         if recipe.compress is None:
@@ -82,6 +83,7 @@ def compress_cmd(model_path, recipe_path, overrides, arch, num_classes, dataset,
     out = out_dir or Path(model_path).parent / f"{name}-compressed"
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
                       default_dataset=default_dataset, arch=arch, arch_kwargs=kwargs,
+                      trust_pickle=model_opts.trust_pickle, input_meta=model_opts.input_meta,
                       data_dir=data_dir or recipe.data.data_dir, recipe_hash=recipe.hash() if recipe_path else None,
                       teacher=teacher,
                       progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m))
@@ -139,8 +141,10 @@ def unpack(esq_path, out_path):
               "largest sparsity per layer within it, ready for a recipe's compress.prune.layers.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, sensitivity/].")
+@click.option("--data", "dataset", help="Dataset [default: the one the model records].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
-def sensitivity(model_path, sparsities, layers, max_drop, out_dir, data_dir):
+@model_options
+def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data_dir, model_opts):
     """Prune each layer alone at several sparsities and measure validation accuracy.
 
     Writes sensitivity.md (the table), sensitivity.json and sensitivity.png.
@@ -159,6 +163,7 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, data_dir):
         raise click.BadParameter("each sparsity must be >= 0 and < 1", param_hint="--sparsities")
     out = out_dir or Path(model_path).parent / "sensitivity"
     result = run_sensitivity(model_path, sparsities=sps, out_dir=out, max_drop=max_drop, data_dir=data_dir,
+                             dataset=dataset, model_args=model_opts.load_kwargs(),
                              layers=[x.strip() for x in layers.split(",")] if layers else None,
                              log=lambda m: click.echo(m))
     click.echo((out / "sensitivity.md").read_text())

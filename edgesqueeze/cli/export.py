@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import cli
+from edgesqueeze.cli._group import cli, model_options
 from edgesqueeze.errors import EdgesqueezeError
 
 
@@ -23,7 +23,9 @@ def _csv(value: str, what: str) -> list[str]:
               help="Comma-separated: onnx, onnx-int8, tflite, tflite-int8 [default: the recipe's, else all four].")
 @click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Recipe with an 'export' section (calibration, options).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field (repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field, e.g. --set export.calibration.images=512 (repeatable; works "
+                   "without --recipe too).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, export/].")
 @click.option("--data", "dataset", help="Dataset for calibration images [default: the model's own].")
@@ -58,15 +60,18 @@ def _csv(value: str, what: str) -> list[str]:
               help="Also write each file packed (model.int8.tflite.esq): its weights Deep-Compression-coded, "
                    "restored byte for byte on the device by `edgesqueeze.runtime.load` [default: the "
                    "recipe's, else no].")
-@click.option("--arch", help="Architecture of a plain state_dict (e.g. squeezenet1_0).")
+@model_options
 def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, data_dir, calibration_images,
                calibration_method, fold_normalization, float_layers, weight_rounding, equalize_activations,
-               onnx_int8_target, int8_weights, pack, arch):
-    """Export a checkpoint or .esq archive to ONNX and TFLite, fp32 and INT8.
+               onnx_int8_target, int8_weights, pack, model_opts):
+    """Export a model to ONNX and TFLite, fp32 and INT8: an edgesqueeze checkpoint or .esq
+    archive, or your own model as a state_dict with --arch, a TorchScript archive, a
+    torch.export program (.pt2) or a pickle (--trust-pickle).
 
     Each file carries its metadata (classes, input shape, normalization, calibration,
     source hash), so that `edgesqueeze run` and `verify` know what to feed it. INT8 files
-    are calibrated on images from the model's training split.
+    are calibrated on images from the model's training split. Files are named after the
+    model (resnet.torchscript.pt gives resnet.onnx, resnet.int8.onnx, ...).
 
     \b
     Example:
@@ -83,13 +88,12 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
 
     seed, recipe_data_dir = 0, None
     config = ExportConfig()
-    if recipe_path:
-        from edgesqueeze.recipe import load_recipe
+    if recipe_path or overrides:
+        from edgesqueeze.recipe import apply_overrides, load_recipe, recipe_from_dict
 
-        recipe = load_recipe(recipe_path, overrides)
+        recipe = (load_recipe(recipe_path, overrides) if recipe_path
+                  else recipe_from_dict(apply_overrides({"version": 1}, overrides), source="--set"))
         config, seed, recipe_data_dir = recipe.export or config, recipe.seed, recipe.data.data_dir
-    elif overrides:
-        raise click.UsageError("--set needs --recipe")
     if formats:
         try:
             config = dataclasses.replace(config, formats=tuple(_csv(formats, "--format")))
@@ -121,5 +125,5 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
             raise click.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--float-layers") from None
     out = out_dir or Path(model_path).parent / "export"
     written = export_artifacts(model_path, config, out, dataset=dataset, data_dir=data_dir or recipe_data_dir,
-                               arch=arch, seed=seed, log=lambda m: click.echo(m))
+                               seed=seed, log=lambda m: click.echo(m), **model_opts.load_kwargs())
     click.echo(f"wrote {len(written)} file(s) to {out}/; check them with: edgesqueeze verify {out}/*")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import _arch_kwargs, _progress_default, cli
+from edgesqueeze.cli._group import _progress_default, cli, model_options
 
 
 @cli.command()
@@ -56,13 +56,11 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 @click.option("--seed", type=int, default=None, help="Split seed [default: the checkpoint's].")
 @click.option("--limit", type=click.IntRange(min=10), help="Evaluate a seeded subset of at most N images.")
 @click.option("--image-size", type=click.IntRange(min=4), help="Resize images (datasets that support it).")
-@click.option("--arch", help="Architecture of a plain state_dict (see 'edgesqueeze models').")
-@click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (runs code from the file).")
+@model_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, image_size, arch, num_classes,
-             trust_pickle, batch_size, as_json):
+def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, image_size, model_opts, batch_size,
+             as_json):
     """Accuracy of a model file on a dataset split.
 
     \b
@@ -73,12 +71,13 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
     from edgesqueeze.evaluate import evaluate_file
 
     metrics = evaluate_file(model_path, dataset=dataset, split=split, data_dir=data_dir, val_fraction=val_fraction,
-                            seed=seed, limit=limit, image_size=image_size, arch=arch,
-                            arch_kwargs=_arch_kwargs(num_classes), trust_pickle=trust_pickle,
-                            batch_size=batch_size)
+                            seed=seed, limit=limit, image_size=image_size, batch_size=batch_size,
+                            **model_opts.load_kwargs())
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
+    if metrics["normalization"].startswith("measured"):
+        click.echo(f"note: input normalization {metrics['normalization']}", err=True)
     top5 = f"  top-5 {100 * metrics['top5']:.2f}%" if "top5" in metrics else ""
     click.echo(f"{metrics['dataset']} {metrics['split']}: top-1 {100 * metrics['accuracy']:.2f}%{top5}  "
                f"loss {metrics['loss']:.4f}  ({metrics['n']} images)")
@@ -120,11 +119,9 @@ def _human_count(n: int) -> str:
 
 @cli.command()
 @click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--arch", help="Architecture of a plain state_dict.")
-@click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (runs code from the file).")
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def info(model_path, arch, num_classes, trust_pickle, as_json):
+def info(model_path, model_opts, as_json):
     """What a model file holds: kind, architecture, parameters, classes, metrics, provenance.
 
     \b
@@ -134,7 +131,7 @@ def info(model_path, arch, num_classes, trust_pickle, as_json):
     """
     from edgesqueeze.evaluate import describe_file
 
-    desc = describe_file(model_path, arch=arch, arch_kwargs=_arch_kwargs(num_classes), trust_pickle=trust_pickle)
+    desc = describe_file(model_path, **model_opts.load_kwargs())
     if as_json:
         click.echo(json.dumps(desc, indent=2))
         return

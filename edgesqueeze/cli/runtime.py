@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import cli
+from edgesqueeze.cli._group import cli, model_options
 
 
 @cli.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
-def inspect(path, as_json):
+@model_options
+def inspect(path, as_json, model_opts):
     """What a .pt, .esq, .onnx or .tflite file (or a packed .onnx.esq / .tflite.esq) holds:
     inputs, outputs, ops, tensors, metadata.
 
@@ -23,7 +24,7 @@ def inspect(path, as_json):
     """
     from edgesqueeze.inspect import inspect_file, summary_lines
 
-    desc = inspect_file(path)
+    desc = inspect_file(path, model_opts.load_kwargs())
     if as_json:
         click.echo(json.dumps(desc, indent=2, default=str))
     else:

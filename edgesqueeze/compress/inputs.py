@@ -26,7 +26,8 @@ class Inputs:
 
 
 def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None, arch=None, arch_kwargs=None,
-                 need_data: bool = True) -> Inputs:
+                 trust_pickle: bool = False, input_meta: dict | None = None, need_data: bool = True,
+                 log=print) -> Inputs:
     """The model (any file :func:`~edgesqueeze.checkpoint.load_model` reads; a plain state_dict
     needs ``arch``), its dataset and splits (see :func:`~edgesqueeze.evaluate.training_data`)
     and its normalization. A plain state_dict records no dataset: the one given is written
@@ -34,9 +35,14 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
     from edgesqueeze.checkpoint import load_model
     from edgesqueeze.evaluate import training_data
 
-    loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs)
+    from edgesqueeze.evaluate import input_normalization
+
+    loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
+                        input_meta=input_meta)
     meta = dict(loaded.meta)
-    if "arch" not in meta:
+    if loaded.kind == "pickle" and "arch" not in meta:
+        meta.update(class_spec(loaded.model, checkpoint, arch_kwargs))
+    if "arch" not in meta and loaded.kind not in ("torchscript", "exported_program"):
         raise ModelError(f"{checkpoint}: a {loaded.kind} file does not record an edgesqueeze architecture; "
                          "compress needs an edgesqueeze checkpoint, a .esq archive, or a state_dict with --arch")
     name = dataset or meta.get("dataset") or default_dataset
@@ -45,11 +51,37 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
             raise DataError(f"{checkpoint}: does not record its dataset; pass --data NAME (e.g. --data imagenet-sample)")
         return Inputs(loaded, meta)
     ds, train, val = training_data(meta, source=checkpoint, dataset=name, data_dir=data_dir)
-    mean, std = meta.get("mean", ds.mean), meta.get("std", ds.std)
+    mean, std, how = input_normalization(meta, ds)
+    if how.startswith("measured"):
+        log(f"note: input normalization {how}")
+        meta["normalization_source"] = f"measured: {ds.name} training images"
     check_fits(loaded.model, ds, checkpoint, meta)
     if "dataset" not in meta:
         meta.update(dataset=ds.name, input_shape=list(ds.input_shape), mean=list(mean), std=list(std))
+        if not meta.get("classes") and ds.classes is not None:
+            meta["classes"] = [str(c) for c in ds.classes]
     return Inputs(loaded, meta, ds, train, val, mean, std)
+
+
+def class_spec(model: nn.Module, source, arch_kwargs: dict | None) -> dict:
+    """How an ``.esq`` will rebuild an unpickled model: its class as ``module:QualName``, built
+    with ``arch_kwargs`` (default none) and checked to hold the same tensors as the pickle."""
+    from edgesqueeze.checkpoint import load_state_dict_checked, rebuild
+
+    cls = type(model)
+    spec = f"{cls.__module__}:{cls.__qualname__}"
+    if cls.__module__ in ("__main__", "__mp_main__") or "<locals>" in cls.__qualname__:
+        raise ModelError(f"{source}: the pickled model's class {cls.__qualname__} was defined in a script "
+                         f"({cls.__module__}), so an archive cannot name it; pass --arch path/to/file.py:"
+                         f"{cls.__name__} (and --arch-kwargs) to say where it lives")
+    kwargs = dict(arch_kwargs or {})
+    try:
+        rebuilt = rebuild(spec, kwargs)
+        load_state_dict_checked(rebuilt, model.state_dict(), source=str(source))
+    except ModelError as exc:
+        raise ModelError(f"{exc} (an .esq of a pickled model rebuilds its class {spec} with --arch-kwargs "
+                         f"{kwargs or '{}'}; pass the kwargs it was built with)") from None
+    return {"arch": spec, "arch_kwargs": dict(rebuilt.arch_kwargs)}
 
 
 def check_fits(model: nn.Module, ds, source, meta: dict) -> None:

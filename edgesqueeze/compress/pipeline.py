@@ -55,6 +55,8 @@ def compress(
     default_dataset: str | None = None,
     arch: str | None = None,
     arch_kwargs: dict | None = None,
+    trust_pickle: bool = False,
+    input_meta: dict | None = None,
     recipe_hash: str | None = None,
     teacher: str | Path | None = None,
     progress: bool = True,
@@ -79,7 +81,8 @@ def compress(
         raise RecipeError("--teacher: only retraining with distillation uses a teacher; set "
                           "compress.prune_finetune.distill or compress.cluster_finetune.distill (e.g. to {})")
     inp = load_inputs(checkpoint, dataset=dataset, default_dataset=default_dataset, data_dir=data_dir,
-                       arch=arch, arch_kwargs=arch_kwargs, need_data=config.mode != "lossless")
+                       arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta,
+                       need_data=config.mode != "lossless", log=log)
     teacher_model = None
     if teacher is not None:
         from edgesqueeze.checkpoint import load_model

@@ -16,9 +16,9 @@ from edgesqueeze.errors import EdgesqueezeError
 Log = Callable[[str], None]
 
 
-def _load_with_data(checkpoint, dataset, data_dir):
+def _load_with_data(checkpoint, dataset, data_dir, model_args=None, log: Log = print):
     """The checkpoint, its dataset and split (see :func:`training_data`), its normalization."""
-    inp = load_inputs(checkpoint, dataset=dataset, data_dir=data_dir)
+    inp = load_inputs(checkpoint, dataset=dataset, data_dir=data_dir, log=log, **(model_args or {}))
     return inp.loaded, inp.meta, inp.ds, inp.train, inp.val, inp.mean, inp.std
 
 
@@ -32,6 +32,7 @@ def sensitivity(
     data_dir: str | Path | None = None,
     dataset: str | None = None,
     batch_size: int = 512,
+    model_args: dict[str, Any] | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Prune each layer alone at each sparsity; validation accuracy table, plot, and (with
@@ -40,7 +41,7 @@ def sensitivity(
     from edgesqueeze.evaluate import evaluate
 
     out = Path(out_dir)
-    loaded, meta, ds, _, (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir)
+    loaded, meta, ds, _, (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir, model_args, log)
     if not len(x_val):
         raise EdgesqueezeError(f"{checkpoint}: its dataset has no validation split to measure on")
 

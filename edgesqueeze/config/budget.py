@@ -135,7 +135,12 @@ class Budget:
                 and self.max_drop is None and self.min_agreement is None)
 
     def size_limit(self, fmt: str) -> int | None:
-        return self.max_size_per_format.get(fmt, self.max_size)
+        """The size limit on a file of format ``fmt``. ``max_size`` judges the files that ship
+        (everything but the float reference ``.pt``); a ``.pt`` is judged only when
+        ``max_size_per_format`` names ``pt`` itself."""
+        if fmt in self.max_size_per_format:
+            return self.max_size_per_format[fmt]
+        return None if fmt == "pt" else self.max_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

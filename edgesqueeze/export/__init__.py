@@ -51,7 +51,7 @@ def _calibration_set(meta: dict[str, Any], source: Path, config: ExportConfig, *
     return images, info
 
 
-def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data_dir) -> None:
+def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data_dir, log: Log = print) -> None:
     """A plain state_dict records no dataset, normalization or classes: take them from the
     dataset given (``--data``), as ``compress`` does, so that the files are fed (and
     calibrated) the way the model was trained, not with raw pixels / 255."""
@@ -72,31 +72,59 @@ def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data
                         "pass the dataset it was trained on (--data)")
     meta["dataset"] = ds.name
     meta["input_shape"] = list(ds.input_shape)
-    meta.setdefault("mean", list(ds.mean))
-    meta.setdefault("std", list(ds.std))
+    if meta.get("mean") is None or meta.get("std") is None:
+        from edgesqueeze.evaluate import input_normalization
+
+        meta["mean"], meta["std"], how = input_normalization(meta, ds)
+        meta["normalization_source"] = f"measured: {ds.name} training images"
+        log(f"note: input normalization {how}")
     if not meta.get("classes") and ds.classes is not None:
         meta["classes"] = [str(c) for c in ds.classes]
 
 
+_CONTAINER_TAGS = {"pt", "pth", "pt2", "ckpt", "bin", "esq", "torchscript", "ts", "jit", "script", "scripted",
+                   "traced", "trace", "export", "exported", "program", "ep", "pickle", "pkl", "state_dict",
+                   "statedict", "sd"}
+
+
+def model_stem(path: str | Path) -> str:
+    """The model's name without the container's tags: ``resnet.torchscript.pt`` -> ``resnet``,
+    ``mobilenet.pt2`` -> ``mobilenet``, ``model.esq`` -> ``model``."""
+    parts = Path(path).name.split(".")
+    while len(parts) > 1 and parts[-1].lower() in _CONTAINER_TAGS:
+        parts.pop()
+    return ".".join(parts)
+
+
 def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str | Path, *,
                      dataset: str | None = None, data_dir=None, arch: str | None = None,
+                     arch_kwargs: dict | None = None, trust_pickle: bool = False, input_meta: dict | None = None,
                      seed: int = 0, stem: str | None = None, log: Log = print) -> list[Path]:
-    """Write every format in ``config.formats`` to ``out_dir``; return the paths written."""
+    """Write every format in ``config.formats`` to ``out_dir``; return the paths written.
+
+    ``arch``, ``arch_kwargs``, ``trust_pickle``, ``input_meta``: how to read a file that
+    does not describe itself (:func:`edgesqueeze.checkpoint.load_model`)."""
     from edgesqueeze._io import sha256_file
     from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.models.imports import is_import_spec
 
     source = Path(model_path)
-    loaded = load_model(source, arch=arch)
+    loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta)
     meta = dict(loaded.meta)
     if arch and "arch" not in meta:
         meta["arch"] = arch
-    if "input_shape" not in meta and arch:
+    if "input_shape" not in meta and arch and not is_import_spec(arch):
         from edgesqueeze.models import get_spec
 
         meta.setdefault("input_shape", list(get_spec(arch).input_shape))
     model = loaded.model.eval()
     if "dataset" not in meta and dataset:
-        _describe_with(meta, model, source, dataset, data_dir)
+        _describe_with(meta, model, source, dataset, data_dir, log)
+    elif "input_shape" not in meta:
+        from edgesqueeze.errors import DataError
+
+        raise DataError(f"{source}: does not record its input shape or dataset; pass --data NAME (its images "
+                        "give the shape, calibration and normalization) or --input-shape C,H,W")
     check_float_layers(model, config.float_layers, what="export.float_layers")  # before any file is written
     for fmt, names in config.float_layers_by_format.items():
         check_float_layers(model, names, what=f"export.float_layers_by_format.{fmt}")
@@ -116,7 +144,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                 "the sharing)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = stem or source.stem
+    stem = stem or model_stem(source)
     digest = sha256_file(source)
     calib = None
     written = []

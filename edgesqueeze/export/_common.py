@@ -17,6 +17,10 @@ Keys (all present; JSON types)::
     input_shape       [C, H, W] of one image
     layout            "NCHW" (the model's own layout; converters keep it at the interface)
     mean, std         per-channel normalization of [0, 1] pixels
+    normalization_source  where mean/std came from: "recorded" (the model's checkpoint),
+                      "given" (--mean/--std), "measured: <dataset> training images" (the
+                      model recorded none: the dataset's statistics stand in), or "none"
+                      (nothing known: 0 and 1, i.e. pixels / 255)
     normalization     "caller": feed (pixels/255 - mean) / std;
                       "in-graph": feed pixels/255, the graph normalizes (fold_normalization)
     input_dtype       "float32" or "int8" (tflite-int8 with int8 I/O: quantize with the
@@ -102,6 +106,7 @@ def artifact_meta(meta: dict[str, Any], artifact_format: str, *, normalization: 
         "mean": mean,
         "std": std,
         "normalization": normalization,
+        "normalization_source": _normalization_source(meta),
         "input_dtype": input_dtype,
         "calibration": calibration,
         "resize": _resize(meta, shape),
@@ -111,6 +116,14 @@ def artifact_meta(meta: dict[str, Any], artifact_format: str, *, normalization: 
         "recipe_hash": meta.get("recipe_hash"),
         "edgesqueeze_version": __version__,
     }
+
+
+def _normalization_source(meta: dict[str, Any]) -> str:
+    if meta.get("normalization_source"):
+        return str(meta["normalization_source"])
+    if meta.get("mean") is None or meta.get("std") is None:
+        return "none"
+    return "given" if {"mean", "std"} & set(meta.get("input_meta_given", ())) else "recorded"
 
 
 def _resize(meta: dict[str, Any], shape) -> int | None:

@@ -69,9 +69,13 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 def get_spec(name: str) -> ModelSpec:
     if name not in _REGISTRY:
+        if ":" not in str(name) and "." in str(name):
+            raise ModelError(f"unknown model '{name}'; for your own class write package.module:Class "
+                             "(or path/to/file.py:Class)")
         hint = _closest(str(name), list(_REGISTRY))
         tip = f"; did you mean '{hint}'?" if hint else ""
-        raise ModelError(f"unknown model '{name}'; known: {', '.join(_REGISTRY)}{tip}")
+        raise ModelError(f"unknown model '{name}'; known: {', '.join(_REGISTRY)}{tip}; or your own "
+                         "class as package.module:Class or path/to/file.py:Class")
     return _REGISTRY[name]
 
 
@@ -81,7 +85,14 @@ def list_specs() -> list[ModelSpec]:
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build ``name`` with builder kwargs; the model gets ``arch_name`` and ``arch_kwargs``."""
+    """Build ``name`` with builder kwargs; the model gets ``arch_name`` and ``arch_kwargs``.
+
+    ``name`` is a registered name or the user's own ``package.module:Class`` /
+    ``path/file.py:builder`` (:mod:`.imports`)."""
+    from .imports import build_import, is_import_spec
+
+    if is_import_spec(name):
+        return build_import(name, kwargs)
     spec = get_spec(name)
     try:
         inspect.signature(spec.builder).bind(**kwargs)
