@@ -52,6 +52,7 @@ class LoadedModel:
     meta: dict[str, Any] = field(default_factory=dict)
     kind: str = "checkpoint"  # checkpoint | esq | state_dict | torchscript | exported_program | pickle
     path: Path | None = None
+    source_program: Any = None  # the ScriptModule or ExportedProgram a program-kind file holds
 
 
 def model_meta(model: nn.Module, **extra: Any) -> dict[str, Any]:
@@ -250,8 +251,8 @@ def load_model(
         return LoadedModel(model, apply_input_meta(meta, input_meta, source=str(path)), "esq", path)
     kind = _zip_kind(path)
     if kind in ("torchscript", "exported_program"):
-        model = _load_program(path, kind)
-        return LoadedModel(model, apply_input_meta({}, input_meta, source=str(path)), kind, path)
+        model, program = _load_program(path, kind)
+        return LoadedModel(model, apply_input_meta({}, input_meta, source=str(path)), kind, path, program)
 
     try:
         obj = _safe_torch_load(path)
@@ -303,18 +304,26 @@ def load_model(
     raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a model checkpoint or state_dict")
 
 
-def _load_program(path: Path, kind: str) -> nn.Module:
-    """A TorchScript archive or a ``torch.export`` program, ready to run in eval mode."""
+def _load_program(path: Path, kind: str) -> tuple[nn.Module, Any]:
+    """A TorchScript archive or a ``torch.export`` program: ``(module ready to run in eval
+    mode, the ScriptModule or ExportedProgram itself)``."""
+    import warnings
+
     try:
-        if kind == "torchscript":
-            return torch.jit.load(str(path), map_location="cpu").eval()
-        program = torch.export.load(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load: "switch to torch.export"
+            if kind == "torchscript":
+                ts = torch.jit.load(str(path), map_location="cpu").eval()
+                return ts, ts
+            program = torch.export.load(str(path))
     except Exception as exc:  # torch raises many types for a broken archive
         what = "TorchScript archive" if kind == "torchscript" else "torch.export archive"
         raise CheckpointError(f"{path}: broken {what} ({_first_line(exc)})") from None
-    from edgesqueeze.models.program import runnable
+    from edgesqueeze.models.program import KIND_ATTR, runnable
 
-    return runnable(program)
+    model = runnable(program)
+    setattr(model, KIND_ATTR, kind)
+    return model, program
 
 
 def _unpickle(path: Path) -> Any:
@@ -342,6 +351,41 @@ def _unpickle(path: Path) -> Any:
 
 # ---------------------------------------------------------------------------------------
 # .esq archives: the torch side of edgesqueeze.format
+
+
+PROGRAM_TENSOR = "__program__"  # uint8: the LZMA-compressed same-kind skeleton of a program archive
+
+
+def program_tensor(skeleton: bytes) -> torch.Tensor:
+    """The skeleton of a TorchScript / ``torch.export`` model as the raw uint8 tensor a
+    program-kind ``.esq`` stores beside the weights (LZMA, fixed settings: same bytes in,
+    same bytes out)."""
+    import lzma
+
+    packed = lzma.compress(skeleton, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=9 | lzma.PRESET_EXTREME)
+    return torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+
+
+def _program_from_esq(state: dict[str, torch.Tensor], meta: dict) -> nn.Module:
+    """The model of a program-kind archive: its skeleton with the decoded weights copied in,
+    a TorchScript module or a program's runnable module, as the source was."""
+    import lzma
+
+    from edgesqueeze.models.program import KIND_ATTR, restore
+
+    kind = meta["program"].get("kind")
+    blob = state.pop(PROGRAM_TENSOR, None)
+    if kind not in ("torchscript", "exported_program") or blob is None:
+        raise FormatError(f"meta.program: a program archive needs kind torchscript or exported_program and "
+                          f"the tensor {PROGRAM_TENSOR}")
+    try:
+        skeleton = lzma.decompress(blob.numpy().tobytes())
+    except lzma.LZMAError as exc:
+        raise FormatError(f"{PROGRAM_TENSOR}: not an LZMA stream ({exc})") from None
+    model = restore(kind, skeleton, state)
+    if kind == "exported_program":
+        setattr(model, KIND_ATTR, kind)
+    return model.eval()
 
 
 def state_dict_to_arrays(state_dict: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -383,6 +427,8 @@ def model_from_esq(data: bytes | str | Path, *, arch: str | None = None) -> tupl
 
     raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
     state, meta = esq_loads(raw)
+    if meta.get("format") == ESQ_META_FORMAT and isinstance(meta.get("program"), dict):
+        return _program_from_esq(state, meta), meta
     if meta.get("format") != ESQ_META_FORMAT or "arch" not in meta:
         raise FormatError("meta: not an edgesqueeze model archive (no 'arch')")
     if arch is not None and is_import_spec(meta["arch"]) and arch != meta["arch"]:

@@ -31,6 +31,12 @@ def finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: st
         return 0
     steps_per_epoch = max(1, len(x) // cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    from edgesqueeze.models.layers import KEEP_ATTR
+
+    for m in model.modules():  # compress.keep_layers: not retrained (folding BN made new tensors)
+        if getattr(m, KEEP_ATTR, False):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
     optimizer = make_optimizer(model, cfg)
     if attach is not None:
         attach(optimizer)

@@ -56,6 +56,12 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
         log(f"note: input normalization {how}")
         meta["normalization_source"] = f"measured: {ds.name} training images"
     check_fits(loaded.model, ds, checkpoint, meta)
+    from edgesqueeze.models.program import lifted_module, program_kind
+
+    kind = program_kind(loaded.model)
+    if kind is not None:  # TorchScript / torch.export: real Conv2d/Linear modules to compress
+        meta["program"] = {"kind": kind}
+        loaded.model = lifted_module(loaded.model, list(ds.input_shape), what=str(checkpoint))
     if "dataset" not in meta:
         meta.update(dataset=ds.name, input_shape=list(ds.input_shape), mean=list(mean), std=list(std))
         if not meta.get("classes") and ds.classes is not None:

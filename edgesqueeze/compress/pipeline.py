@@ -83,6 +83,26 @@ def compress(
     inp = load_inputs(checkpoint, dataset=dataset, default_dataset=default_dataset, data_dir=data_dir,
                        arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta,
                        need_data=config.mode != "lossless", log=log)
+    from edgesqueeze.models.layers import keep_layers, prunable_layers
+
+    if inp.meta.get("program") and config.mode == "retrain":
+        from edgesqueeze.errors import ModelError
+
+        kind = "TorchScript archive" if inp.meta["program"]["kind"] == "torchscript" else "torch.export program"
+        raise ModelError(f"{checkpoint}: is a {kind}; pruning and weight sharing with retraining need the model's "
+                         "Python class (to train it): save model.state_dict() and pass --arch package.module:Class "
+                         "(or path/to/file.py:Class). On this file, compress.ptq (post-training, to a byte budget) "
+                         "and the lossless re-encoding (no prune/cluster/ptq section) work")
+
+    kept = keep_layers(inp.loaded.model, config.keep_layers)
+    if kept:
+        log(f"compress.keep_layers: {len(kept)} layers left as they are ({', '.join(kept[:6])}"
+            f"{', ...' if len(kept) > 6 else ''})")
+    if not prunable_layers(inp.loaded.model):
+        from edgesqueeze.errors import ModelError
+
+        raise ModelError(f"{checkpoint}: has no Conv2d or Linear layer, so there is nothing to prune, share or "
+                         "code; compress works on the weights of convolutions and fully connected layers")
     teacher_model = None
     if teacher is not None:
         from edgesqueeze.checkpoint import load_model

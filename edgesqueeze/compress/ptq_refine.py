@@ -70,10 +70,12 @@ def correct_biases(model: nn.Module, reference: nn.Module, x: torch.Tensor, *,
     shifts: dict[str, float] = {}
     hq, hr = x, x
     name_of = {id(m): n for n, m in model.named_modules()}
-    ref_of = dict(zip((id(m) for _, m in model.named_modules()),
-                      (m for _, m in reference.named_modules())))
+    # The reference's twin of each layer, by module name (the same architecture; registration
+    # order is not trusted: a GraphModule's deepcopy may register its submodules in another order).
+    ref_by_name = dict(reference.named_modules())
+    ref_of = {id(m): ref_by_name[n] for n, m in model.named_modules() if n in ref_by_name}
     for eq, er in zip(chain_q, chain_r):
-        inner = [m for m in eq.modules() if id(m) in name_of and name_of[id(m)] in want
+        inner = [m for m in eq.modules() if id(m) in name_of and name_of[id(m)] in want and id(m) in ref_of
                  and isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None]
         if inner:
             ref_means = _mean_outputs(er, hr, [ref_of[id(m)] for m in inner], batch_size)
@@ -92,10 +94,11 @@ def _mean_outputs(block: nn.Module, h: torch.Tensor, modules: Sequence[nn.Module
                   batch_size: int) -> list[torch.Tensor]:
     """Per-output-channel mean of each of ``modules``' outputs while ``block`` runs on ``h``.
 
-    The block runs only as far as the last of ``modules`` (a hook stops it there)."""
+    The block runs only until every one of ``modules`` has run (a hook stops it there):
+    registration order need not be execution order (a lifted graph registers its head first)."""
     sums = [None] * len(modules)
     count = [0] * len(modules)
-    last = modules[-1]
+    seen: set[int] = set()
 
     class _Stop(Exception):
         pass
@@ -107,13 +110,15 @@ def _mean_outputs(block: nn.Module, h: torch.Tensor, modules: Sequence[nn.Module
             s = o.sum(dims)
             sums[j] = s if sums[j] is None else sums[j] + s
             count[j] += o.numel() // o.shape[1]
-            if module is last:
+            seen.add(j)
+            if len(seen) == len(modules):
                 raise _Stop
         return fn
 
     handles = [m.register_forward_hook(hook(j)) for j, m in enumerate(modules)]
     try:
         for s in batch_slices(len(h), batch_size):
+            seen.clear()
             try:
                 block(h[s])
             except _Stop:
@@ -121,6 +126,8 @@ def _mean_outputs(block: nn.Module, h: torch.Tensor, modules: Sequence[nn.Module
     finally:
         for hd in handles:
             hd.remove()
+    if any(sm is None for sm in sums):  # a layer the block never ran: a bug in the caller
+        raise RuntimeError("bias correction: a layer did not run in its block")
     return [(sm / c).float() for sm, c in zip(sums, count)]
 
 

@@ -130,15 +130,23 @@ class Run:
                         folded=folded, extra=extra)
 
     def encode(self, state: dict[str, torch.Tensor], meta: dict, *, shared: Any,
-               codebook_dtype: str, chunk: int | None = None) -> tuple[bytes, list, nn.Module, Path]:
-        """Write ``model.esq`` and prove it decodes to exactly ``state``."""
-        blob, stats = esq_dumps(state, meta, shared=shared, codebook_dtype=codebook_dtype, chunk=chunk)
+               codebook_dtype: str, chunk: int | None = None,
+               extra: dict[str, torch.Tensor] | None = None) -> tuple[bytes, list, nn.Module, Path]:
+        """Write ``model.esq`` and prove it decodes to exactly ``state``. ``extra``: tensors
+        stored beside the weights (a program's skeleton), not part of the model's state."""
+        blob, stats = esq_dumps({**state, **(extra or {})}, meta, shared=shared, codebook_dtype=codebook_dtype,
+                                chunk=chunk)
         esq_path = self.out / "model.esq"
         write_bytes_atomic(esq_path, blob)
         decoded, _ = model_from_esq(esq_path)
-        for key, tensor in decoded.state_dict().items():
-            if not torch.equal(tensor, state[key]):
+        got = decoded.state_dict()
+        for key, tensor in state.items():
+            if key not in got or not torch.equal(got[key], tensor):
                 raise EdgesqueezeError(f"decode check failed: {key} differs after the .esq round trip (a bug)")
+        if meta.get("program"):  # the restored TorchScript / program, lifted like its source for the report
+            from edgesqueeze.models.program import lifted_module
+
+            decoded = lifted_module(decoded, meta.get("input_shape"), what=str(esq_path))
         return blob, stats, decoded, esq_path
 
     def finish(self, *, before: nn.Module, decoded: nn.Module, blob: bytes, stats: list, state: dict,

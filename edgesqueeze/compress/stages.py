@@ -141,7 +141,17 @@ def write_archive(run: Run, model: nn.Module, *, folded: bool, reference_accurac
     memory. Returns ``(state, blob, layer stats, decoded model, path)``."""
     state = state_of(model)
     meta = run.archive_meta(folded=folded, weights_sha256=state_digest(state), reference_accuracy=reference_accuracy)
-    return (state, *run.encode(state, meta, shared=shared, codebook_dtype=codebook_dtype, chunk=chunk))
+    extra = None
+    program = run.inp.meta.get("program")
+    if program:  # a TorchScript / torch.export model: its code travels as a zeroed, LZMA'd skeleton
+        from edgesqueeze.checkpoint import PROGRAM_TENSOR, program_tensor
+        from edgesqueeze.models.program import skeleton_for
+
+        example = torch.zeros(2, *run.inp.ds.input_shape) if run.inp.ds is not None else None
+        skeleton = skeleton_for(program["kind"], model, run.inp.loaded.source_program, example)
+        extra = {PROGRAM_TENSOR: program_tensor(skeleton)}
+    return (state, *run.encode(state, meta, shared=shared, codebook_dtype=codebook_dtype, chunk=chunk,
+                               extra=extra))
 
 
 def evaluate_all(run: Run, original: nn.Module, decoded: nn.Module) -> dict[str, Any]:

@@ -351,11 +351,15 @@ class CompressConfig:
     - none of them: a lossless re-encoding. Existing zeros and codebooks are detected and
       kept, every weight is bit-identical to the source, and BatchNorm is left unfolded
       (folding rounds, so it would change weights).
+
+    ``keep_layers`` names layers (or modules: every Conv2d/Linear inside) that no stage may
+    touch: not pruned, not shared, not retrained; stored as they are.
     """
 
     VERSION: ClassVar[int] = 1
 
     fold_batchnorm: bool = True
+    keep_layers: tuple[str, ...] = ()
     prune: PruneConfig | None = None
     prune_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cluster: ClusterConfig | None = None

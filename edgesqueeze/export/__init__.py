@@ -125,6 +125,11 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
         raise DataError(f"{source}: does not record its input shape or dataset; pass --data NAME (its images "
                         "give the shape, calibration and normalization) or --input-shape C,H,W")
+    from edgesqueeze.models.program import lifted_module
+
+    # TorchScript and torch.export models: one torch.export program with real conv / linear
+    # modules, so every format (and the INT8 refinements, which find layers by module) works
+    model = lifted_module(model, meta["input_shape"], what=str(source))
     check_float_layers(model, config.float_layers, what="export.float_layers")  # before any file is written
     for fmt, names in config.float_layers_by_format.items():
         check_float_layers(model, names, what=f"export.float_layers_by_format.{fmt}")

@@ -55,6 +55,7 @@ record naming its CPU):
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Sequence
@@ -167,8 +168,15 @@ def _channel_means(proto, tensors: Sequence[str], x: np.ndarray, batch_size: int
     import onnx
 
     wanted = list(dict.fromkeys(tensors))
-    cut = onnx.utils.Extractor(proto).extract_model([INPUT_NAME], wanted)
-    sess = _session(cut.SerializeToString(), threads=os.cpu_count() or 1)
+    try:
+        probe = onnx.utils.Extractor(proto).extract_model([INPUT_NAME], wanted)
+    except Exception:  # noqa: BLE001 - shape inference found no type for a tensor (some exporters)
+        # Then the whole graph runs, the probed tensors added as outputs of any shape.
+        probe = copy.deepcopy(proto)
+        have = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                                  for t in wanted if t not in have)
+    sess = _session(probe.SerializeToString(), threads=os.cpu_count() or 1)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for i in range(0, len(x), batch_size):
@@ -262,6 +270,25 @@ _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"
 _BIAS_IMAGES = 128  # calibration images that bias correction runs on (the first ones)
 
 
+def name_nodes(proto) -> int:
+    """Give every unnamed node of ``proto`` a unique name, in place (``Conv_17``): the
+    quantizer keeps node names, and bias correction and ``float_layers`` find a conv's fp32
+    twin and its module by them, whatever the exporter named (or did not name). Returns the
+    number of nodes named."""
+    taken = {n.name for n in proto.graph.node if n.name}
+    named = 0
+    for i, node in enumerate(proto.graph.node):
+        if node.name:
+            continue
+        name = f"{node.op_type}_{i}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+        named += 1
+    return named
+
+
 def quantize_qdq(fproto, x: np.ndarray, *, calibration: CalibrationConfig,
                  float_nodes: Sequence[str] = (), per_channel: bool = True,
                  weights: str = "uint8", activation_type: str = "uint8"):
@@ -284,6 +311,7 @@ def quantize_qdq(fproto, x: np.ndarray, *, calibration: CalibrationConfig,
     if weights not in WEIGHT_TYPES:
         raise ExportError(f"weights must be one of {', '.join(WEIGHT_TYPES)}, got {weights!r}")
     calibration = calibration.resolved("onnx-int8")
+    name_nodes(fproto)  # bias correction pairs each quantized conv with its fp32 twin by name
     extra: dict[str, Any] = {}
     if calibration.method == "percentile":
         extra["CalibPercentile"] = float(calibration.percentile)

@@ -14,12 +14,42 @@ from torch import nn
 
 from ..errors import RecipeError
 
-__all__ = ["check_layer_names", "prunable_layers"]
+__all__ = ["KEEP_ATTR", "check_layer_names", "keep_layers", "prunable_layers"]
+
+KEEP_ATTR = "_edgesqueeze_keep"  # set on a layer compression must leave alone (compress.keep_layers)
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv2d and Linear by module name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    """Every Conv2d and Linear by module name, in module order, except the layers marked to
+    be kept as they are (:func:`keep_layers`)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not getattr(m, KEEP_ATTR, False)}
+
+
+def keep_layers(model: nn.Module, names: Iterable[str], path: str = "compress.keep_layers") -> list[str]:
+    """Mark the Conv2d/Linear layers ``names`` (or every such layer inside a named module, e.g.
+    a whole block) to be left alone: not pruned, not shared, not retrained (their parameters
+    stop taking gradients). They stay in the model and the archive, stored as they are.
+    Returns the layers marked."""
+    names = list(names)
+    if not names:
+        return []
+    everything = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    modules = dict(model.named_modules())
+    marked: list[str] = []
+    for name in names:
+        inside = [n for n in everything if n == name or n.startswith(name + ".")]
+        if name not in modules or not inside:
+            check_layer_names([name], list(everything), path)  # suggests the closest name
+            raise RecipeError(f"{path}.{name}: holds no Conv2d or Linear layer")
+        for n in inside:
+            layer = everything[n]
+            setattr(layer, KEEP_ATTR, True)
+            for p in layer.parameters(recurse=False):
+                p.requires_grad_(False)
+            if n not in marked:
+                marked.append(n)
+    return marked
 
 
 def check_layer_names(wanted: Iterable[str], known: Sequence[str], path: str) -> None:

@@ -309,7 +309,45 @@ def runnable(program: torch.export.ExportedProgram) -> fx.GraphModule:
         raise ModelError(f"program.module() and program.state_dict disagree on {len(differ)} "
                          f"entries (first: {differ[0]}); cannot make the program runnable")
     gm.train(False)
+    _free_batch(gm, program)
     return gm
+
+
+def _free_batch(gm: fx.GraphModule, program: torch.export.ExportedProgram) -> None:
+    """Most users export with one example batch (``torch.randn(1, 3, 32, 32)``), which fixes
+    the batch size: ``module()`` then guards every call to it. When the graph itself does not
+    depend on the batch (``flatten``, not ``view(1, -1)``), the guard is dropped so that the
+    model takes batches of any size; this is checked, sample by sample, against the guarded
+    module on random inputs. Otherwise a ModelError says how to export with a dynamic batch."""
+    users = set(program.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in users]
+    if len(vals) != 1 or not isinstance(vals[0], torch.Tensor) or vals[0].dim() < 1:
+        return
+    batch = vals[0].shape[0]
+    if not isinstance(batch, int):  # already dynamic
+        return
+    guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]
+    if not guards:
+        return
+    shape = [int(d) for d in vals[0].shape[1:]]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *shape, generator=gen)
+    with torch.no_grad():
+        refs = [gm(torch.cat([x[i:i + 1]] * batch))[:1] for i in range(3)]
+        for node in guards:
+            gm.graph.erase_node(node)
+        gm.recompile()
+        try:
+            outs = [gm(x[:n]) for n in (1, 2, 3)]
+            ok = all(torch.allclose(out[i:i + 1], refs[i], atol=1e-5, rtol=1e-4)
+                     for out in outs for i in range(len(out)))
+        except Exception:  # noqa: BLE001 - a view with the batch baked in, a shape error
+            ok = False
+    if not ok:
+        raise ModelError(f"the program was exported with a fixed batch size of {batch} and its graph depends on "
+                         "it; export it with a dynamic batch: torch.export.export(model, (x,), "
+                         "dynamic_shapes=({0: torch.export.Dim.AUTO},)), or use flatten instead of "
+                         f"view({batch}, -1)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -500,6 +538,11 @@ def _fill(module: nn.Module, state: dict[str, tuple[str, Any]]) -> None:
         module._parameters.pop(name, None)
         module._buffers.pop(name, None)
         module._non_persistent_buffers_set.discard(name)
+        if (category in ("buffer", "attr") and name in ("weight", "bias") and isinstance(tensor, torch.Tensor)
+                and tensor.is_floating_point()):
+            # TS2EPConverter registers a TorchScript module's parameters as buffers; a layer's
+            # weight and bias are parameters (same storage), as PT2E's conv-BN fusion expects
+            tensor, category = nn.Parameter(tensor, requires_grad=True), "param"
         if category == "param":
             module.register_parameter(name, tensor)
         elif category == "attr":
@@ -722,3 +765,56 @@ def restore(kind: str, skeleton: bytes, state_dict: dict[str, torch.Tensor]) -> 
         return model.eval()
     _load_into(program.state_dict, state_dict, zeroed, "exported-program skeleton")
     return runnable(program)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. what the rest of edgesqueeze calls
+
+PROGRAM_KINDS = ("torchscript", "exported_program")
+KIND_ATTR = "_edgesqueeze_program_kind"  # set on the runnable module of a loaded program
+
+
+def program_kind(model: Any) -> str | None:
+    """``"torchscript"`` for a TorchScript module, ``"exported_program"`` for the runnable
+    module of a loaded ``.pt2`` (or of a program-kind ``.esq``), else ``None``."""
+    if _is_script(model):
+        return "torchscript"
+    return getattr(model, KIND_ATTR, None)
+
+
+def lifted_module(model: nn.Module, input_shape, *, what: str = "the model") -> nn.Module:
+    """``model`` as an ordinary module whose convolutions and linear layers are real
+    ``nn.Conv2d`` / ``nn.Linear`` modules, for compression and export: a TorchScript module is
+    converted to a program (on a batch of two zero images of ``input_shape``) and lifted; a
+    program's runnable module is lifted; anything else is returned as it is."""
+    kind = program_kind(model)
+    if kind is None:
+        return model
+    if kind == "torchscript":
+        if not input_shape:
+            raise ModelError(f"{what}: a TorchScript model records no input shape; pass --input-shape C,H,W "
+                             "or --data NAME")
+        program = to_exported_program(model, (torch.zeros(2, *[int(d) for d in input_shape]),), what=what)
+        return lift(program)
+    return lift(model)
+
+
+def skeleton_for(kind: str, stored: nn.Module, original: Any, example: torch.Tensor) -> bytes:
+    """The same-kind skeleton of ``stored`` (the model whose state_dict an ``.esq`` keeps).
+    When ``stored`` holds exactly the tensors ``original`` (the user's ScriptModule or
+    ExportedProgram) holds, the user's own archive is kept; otherwise (BatchNorm folded) the
+    stored model is traced (TorchScript) or exported (program) anew, so its keys fit."""
+    names = list(stored.state_dict())
+    have: set[str] = set()
+    if _is_script(original):
+        have = set(original.state_dict())
+    elif isinstance(original, torch.export.ExportedProgram):
+        have = set(original.state_dict)
+    if program_kind(original) == kind and have and set(names) <= have:
+        return program_skeleton(kind, original, names)
+    with _quiet(), torch.no_grad(), _eval_mode(stored):
+        if kind == "torchscript":
+            fresh = torch.jit.trace(stored, (example,), check_trace=False)
+        else:
+            fresh = to_exported_program(stored, (example,))
+    return program_skeleton(kind, fresh, names)

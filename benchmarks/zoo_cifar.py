@@ -1,0 +1,105 @@
+"""Users' own models on CIFAR-10, end to end through the command line, as a user runs it.
+
+    python benchmarks/zoo_cifar.py [ResNet10 MobileNetV2 ShuffleNetV2]
+
+For each class of examples/zoo.py (given to edgesqueeze as ``--arch``/``model.import``
+``examples/zoo.py:Class``, never registered):
+
+1. ``edgesqueeze train -r recipes/zoo-cifar10.yaml --set model.import=examples/zoo.py:Class``
+   (CIFAR-10 JPEG copy, 45,000 training images, 5,000 validation, 10,000 test);
+2. retraining Deep Compression with the recipe's ``compress`` section (prune, fold BN,
+   4-bit weight sharing with retrained centroids, Huffman) -> ``.esq``; size against dense
+   fp32 and test accuracy against the float model;
+3. the same trained model as TorchScript (``torch.jit.trace``), compressed post-training
+   (``compress.ptq``, calibration images only) to a quarter of its fp32 size: size, and top-1
+   agreement with the float model on the test images not used for calibration;
+4. ``edgesqueeze export`` of the float model to onnx-int8 and tflite-int8 and
+   ``edgesqueeze verify`` against the float model: accuracy and top-1 agreement.
+
+Writes ``benchmarks/results/zoo_cifar.json`` after every model (a long run: ~30 min per model
+on 2 cores). Outputs stay in runs/bench/zoo-<Class>/; training resumes if interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run import RESULTS, log, save  # noqa: E402
+
+EDGESQUEEZE = [sys.executable, "-m", "edgesqueeze"]
+RECIPE = "recipes/zoo-cifar10.yaml"
+
+
+def sh(*args: str) -> float:
+    """Run one edgesqueeze command from the repo root, its output into the log; wall seconds."""
+    cmd = [*EDGESQUEEZE, *args]
+    log("$ edgesqueeze " + " ".join(args))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return round(time.perf_counter() - t0, 1)
+
+
+def one(cls: str) -> dict:
+    out = ROOT / "runs" / "bench" / f"zoo-{cls}"
+    spec = [f"--set=model.import=examples/zoo.py:{cls}", f"--set=name=zoo-{cls}-cifar10"]
+    row: dict = {"class": cls, "arch": f"examples/zoo.py:{cls}"}
+    row["train_wall_s"] = sh("train", "-r", RECIPE, *spec, "--out", str(out), "--resume", "--no-progress")
+    summary = json.loads((out / "summary.json").read_text())
+    row["float"] = {"test_accuracy": summary["test"]["accuracy"], "val_accuracy": summary["history"][-1]["val_accuracy"],
+                    "epoch_s": [round(h["epoch_s"], 1) for h in summary["history"]]}
+
+    # 2. retraining Deep Compression
+    row["compress_wall_s"] = sh("compress", str(out / "model.pt"), "-r", RECIPE, *spec, "--out", str(out / "dc"),
+                                "--no-progress")
+    rep = json.loads((out / "dc" / "report.json").read_text())
+    row["deep_compression"] = {"totals": rep["totals"], "test": rep["test"]}
+
+    # 3. TorchScript, post-training to a quarter of fp32
+    import torch
+
+    from edgesqueeze.checkpoint import load_model
+
+    loaded = load_model(out / "model.pt")
+    ts_path = out / "model.torchscript.pt"
+    shape = loaded.meta["input_shape"]
+    torch.jit.save(torch.jit.trace(loaded.model.eval(), torch.zeros(1, *shape)), str(ts_path))
+    dense = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+    target = dense // 4 - 2048  # a margin under 4x for the archive's own header
+    ptq = out / "ptq.yaml"
+    ptq.write_text(f"version: 1\ncompress:\n  ptq: {{target_bytes: {target}}}\n  calibration: {{images: 512}}\n")
+    row["ts_ptq_wall_s"] = sh("compress", str(ts_path), "--data", "cifar10", "-r", str(ptq),
+                              "--mean", ",".join(map(str, loaded.meta["mean"])),
+                              "--std", ",".join(map(str, loaded.meta["std"])),
+                              "--out", str(out / "ts-ptq"), "--no-progress")
+    rep = json.loads((out / "ts-ptq" / "report.json").read_text())
+    row["torchscript_ptq"] = {"target_bytes": target, "totals": rep["totals"], "evaluation": rep.get("evaluation")}
+
+    # 4. INT8 files of the float model, verified against it
+    row["export_wall_s"] = sh("export", str(out / "model.pt"), "-r", RECIPE, *spec, "-f", "onnx-int8,tflite-int8",
+                              "--out", str(out / "export"))
+    sh("verify", str(out / "model.pt"), str(out / "export" / "model.int8.onnx"),
+       str(out / "export" / "model.int8.tflite"), "--out", str(out / "export" / "verify.json"))
+    ver = json.loads((out / "export" / "verify.json").read_text())
+    row["int8"] = {Path(r["path"]).name: {k: r.get(k) for k in ("format", "bytes", "accuracy", "agreement")}
+                   for r in ver["artifacts"]}
+    return row
+
+
+def main() -> None:
+    classes = sys.argv[1:] or ["ResNet10", "MobileNetV2", "ShuffleNetV2"]
+    path = RESULTS / "zoo_cifar.json"
+    rows = {r["class"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+    for cls in classes:
+        rows[cls] = one(cls)
+        save("zoo_cifar", {"recipe": RECIPE, "runs": list(rows.values())})
+
+
+if __name__ == "__main__":
+    main()
