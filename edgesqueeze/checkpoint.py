@@ -288,7 +288,7 @@ def load_model(
         load_state_dict_checked(model, obj["state_dict"], source=str(path))
         return LoadedModel(model.eval(), apply_input_meta(meta, input_meta, source=str(path)), "checkpoint", path)
 
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if isinstance(obj, dict) and (obj or arch) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None:
             raise CheckpointError(
                 f"{path}: holds a plain state_dict without architecture; pass --arch NAME "
@@ -319,9 +319,13 @@ def _load_program(path: Path, kind: str) -> tuple[nn.Module, Any]:
     except Exception as exc:  # torch raises many types for a broken archive
         what = "TorchScript archive" if kind == "torchscript" else "torch.export archive"
         raise CheckpointError(f"{path}: broken {what} ({_first_line(exc)})") from None
-    from edgesqueeze.models.program import KIND_ATTR, runnable
+    from edgesqueeze.models.program import KIND_ATTR, check_batch_free, runnable
 
-    model = runnable(program)
+    try:
+        model = runnable(program)
+    except ModelError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    check_batch_free(model, str(path))
     setattr(model, KIND_ATTR, kind)
     return model, program
 

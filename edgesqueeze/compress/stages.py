@@ -141,17 +141,30 @@ def write_archive(run: Run, model: nn.Module, *, folded: bool, reference_accurac
     memory. Returns ``(state, blob, layer stats, decoded model, path)``."""
     state = state_of(model)
     meta = run.archive_meta(folded=folded, weights_sha256=state_digest(state), reference_accuracy=reference_accuracy)
-    extra = None
-    program = run.inp.meta.get("program")
-    if program:  # a TorchScript / torch.export model: its code travels as a zeroed, LZMA'd skeleton
-        from edgesqueeze.checkpoint import PROGRAM_TENSOR, program_tensor
-        from edgesqueeze.models.program import skeleton_for
-
-        example = torch.zeros(2, *run.inp.ds.input_shape) if run.inp.ds is not None else None
-        skeleton = skeleton_for(program["kind"], model, run.inp.loaded.source_program, example)
-        extra = {PROGRAM_TENSOR: program_tensor(skeleton)}
     return (state, *run.encode(state, meta, shared=shared, codebook_dtype=codebook_dtype, chunk=chunk,
-                               extra=extra))
+                               extra=program_extra(run, model)))
+
+
+def program_extra(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """For a TorchScript / torch.export model, the tensor its code travels in (a zeroed,
+    LZMA'd skeleton of the model as stored: see :func:`edgesqueeze.models.program.skeleton_for`);
+    ``None`` for a model rebuilt from its class. The skeleton holds no weight value, so it is
+    made once per run (post-training compression reserves its bytes before sizing layers)."""
+    program = run.inp.meta.get("program")
+    if not program:
+        return None
+    keys = tuple(model.state_dict())
+    cached = getattr(run, "_program_extra", None)
+    if cached is not None and cached[0] == keys:
+        return cached[1]
+    from edgesqueeze.checkpoint import PROGRAM_TENSOR, program_tensor
+    from edgesqueeze.models.program import skeleton_for
+
+    example = torch.zeros(2, *run.inp.ds.input_shape) if run.inp.ds is not None else None
+    skeleton = skeleton_for(program["kind"], model, run.inp.loaded.source_program, example)
+    extra = {PROGRAM_TENSOR: program_tensor(skeleton)}
+    run._program_extra = (keys, extra)
+    return extra
 
 
 def evaluate_all(run: Run, original: nn.Module, decoded: nn.Module) -> dict[str, Any]:
@@ -218,7 +231,16 @@ def ptq(run: Run, model: nn.Module, calib: np.ndarray, *, folded: bool,
                                    reference_accuracy=reference_accuracy)
     run.log(f"ptq: statistics on the calibration images, then every layer clustered at each candidate size "
             f"({len(prunable_layers(model))} layers; minutes for an ImageNet model on a CPU)")
-    model, assignments, ptq_report = post_training_compress(model, calib_x, run.config.ptq, meta=budget_meta,
+    config = run.config.ptq
+    extra = program_extra(run, model)
+    if extra and config.target_bytes is not None:  # the program's skeleton ships in the same archive
+        reserved = sum(t.numel() for t in extra.values()) + 64  # + its row in the raw table
+        if reserved >= config.target_bytes:
+            raise EdgesqueezeError(f"compress.ptq.target_bytes: {config.target_bytes:,} B cannot hold even the "
+                                   f"model's code ({reserved:,} B of TorchScript / program skeleton)")
+        run.log(f"ptq: {reserved:,} B of the budget hold the model's code (its zeroed, LZMA'd skeleton)")
+        config = dataclasses.replace(config, target_bytes=config.target_bytes - reserved)
+    model, assignments, ptq_report = post_training_compress(model, calib_x, config, meta=budget_meta,
                                                             log=run.log, progress=run.progress)
     ks = [r["k"] for r in ptq_report["layers"]]
     run.record("ptq", model, ptq_report["summary"]["bytes"],

@@ -64,7 +64,8 @@ def _import_file(path_text: str, spec: str):
                          "the file's path from here")
     resolved = path.resolve()
     # One module object per file: a second spec naming the same file gets the same classes.
-    name = f"edgesqueeze_user.{resolved.stem}_{hashlib.sha256(str(resolved).encode()).hexdigest()[:10]}"
+    # not dotted: pickle imports a class's module by name, and there is no parent package
+    name = f"edgesqueeze_user_{resolved.stem}_{hashlib.sha256(str(resolved).encode()).hexdigest()[:10]}"
     if name in sys.modules:
         return sys.modules[name]
     loader_spec = importlib.util.spec_from_file_location(name, resolved)

@@ -318,7 +318,8 @@ def _free_batch(gm: fx.GraphModule, program: torch.export.ExportedProgram) -> No
     the batch size: ``module()`` then guards every call to it. When the graph itself does not
     depend on the batch (``flatten``, not ``view(1, -1)``), the guard is dropped so that the
     model takes batches of any size; this is checked, sample by sample, against the guarded
-    module on random inputs. Otherwise a ModelError says how to export with a dynamic batch."""
+    module on random inputs. Otherwise the guard stays and ``FIXED_BATCH_ATTR`` records the
+    batch size (:func:`check_batch_free` turns that into a ModelError saying what to do)."""
     users = set(program.graph_signature.user_inputs)
     vals = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in users]
     if len(vals) != 1 or not isinstance(vals[0], torch.Tensor) or vals[0].dim() < 1:
@@ -332,8 +333,12 @@ def _free_batch(gm: fx.GraphModule, program: torch.export.ExportedProgram) -> No
     shape = [int(d) for d in vals[0].shape[1:]]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, *shape, generator=gen)
+    saved = [(node.args, node.kwargs) for node in guards]
     with torch.no_grad():
-        refs = [gm(torch.cat([x[i:i + 1]] * batch))[:1] for i in range(3)]
+        try:
+            refs = [gm(torch.cat([x[i:i + 1]] * batch))[:1] for i in range(3)]
+        except Exception:  # noqa: BLE001 - not a plain image model: leave it as it is
+            return
         for node in guards:
             gm.graph.erase_node(node)
         gm.recompile()
@@ -343,11 +348,27 @@ def _free_batch(gm: fx.GraphModule, program: torch.export.ExportedProgram) -> No
                      for out in outs for i in range(len(out)))
         except Exception:  # noqa: BLE001 - a view with the batch baked in, a shape error
             ok = False
-    if not ok:
-        raise ModelError(f"the program was exported with a fixed batch size of {batch} and its graph depends on "
-                         "it; export it with a dynamic batch: torch.export.export(model, (x,), "
-                         "dynamic_shapes=({0: torch.export.Dim.AUTO},)), or use flatten instead of "
-                         f"view({batch}, -1)")
+    if not ok:  # put the guards back: the module keeps its fixed batch
+        first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+        with gm.graph.inserting_after(last_input if last_input is not None else first):
+            for args, kwargs in saved:
+                gm.graph.call_module("_guards_fn", args, kwargs)
+        gm.recompile()
+        setattr(gm, FIXED_BATCH_ATTR, int(batch))
+
+
+FIXED_BATCH_ATTR = "_edgesqueeze_fixed_batch"
+
+
+def check_batch_free(model: nn.Module, what: str) -> None:
+    """ModelError when ``model`` (a loaded program) only takes its export-time batch size."""
+    batch = getattr(model, FIXED_BATCH_ATTR, None)
+    if batch is not None:
+        raise ModelError(f"{what}: the program was exported with a fixed batch size of {batch} and its graph "
+                         "depends on it; export it with a dynamic batch: torch.export.export(model, (x,), "
+                         "dynamic_shapes=({0: torch.export.Dim.AUTO},)), or flatten with torch.flatten "
+                         f"instead of view({batch}, -1)")
 
 
 # ---------------------------------------------------------------------------------------

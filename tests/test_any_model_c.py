@@ -1,0 +1,242 @@
+"""Any user model (3 of 3): the rest of the zoo as torch.export programs through compression;
+retraining Deep Compression, a recipe's ``model.import`` and ``compress.keep_layers`` on a
+user class; post-training compression of TorchScript; and every bad input a user can bring,
+each one ``error:`` line with exit code 2 and nothing written. See tests/zoo_forms.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo_forms import KWARGS, ROOT, ZOO, build, reference_logits, run, save_forms  # noqa: E402
+
+from edgesqueeze.cli import cli  # noqa: E402
+
+ARCH = ["--arch-kwargs", json.dumps(KWARGS)]
+
+
+def logits(model) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return model(torch.randn(4, 1, 28, 28, generator=gen))
+
+
+@pytest.mark.parametrize("cls", ["SqueezeNetBypass", "ResNet10", "SEHardSwishNet", "DepthwiseSeparableNet",
+                                 "ConvLinearHead"])
+def test_programs_of_the_zoo_compress_losslessly_and_restore_as_programs(cls, tmp_path):
+    from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.models.program import program_kind
+
+    path, _ = save_forms(cls, tmp_path, ("program",))["program"]
+    res = run("compress", path, "--data", "digits", "--out", tmp_path / "c", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["lossless"]["weights_identical"] is True
+    restored = load_model(tmp_path / "c" / "model.esq").model
+    assert program_kind(restored) == "exported_program"
+    torch.testing.assert_close(logits(restored), reference_logits(cls), rtol=1e-4, atol=1e-5)
+
+
+def test_torchscript_post_training_compression_keeps_it_torchscript(tmp_path):
+    from edgesqueeze.checkpoint import load_model
+
+    path, _ = save_forms("ConvLinearHead", tmp_path, ("torchscript",))["torchscript"]
+    dense = sum(t.numel() * 4 for t in build("ConvLinearHead").state_dict().values() if t.is_floating_point())
+    recipe = tmp_path / "ptq.yaml"
+    recipe.write_text(f"version: 1\ncompress:\n  ptq: {{target_bytes: {dense // 3}}}\n  calibration: {{images: 64}}\n")
+    res = run("compress", path, "--data", "digits", "-r", recipe, "--out", tmp_path / "c", "--no-progress")
+    assert res.exit_code == 0, res.output
+    esq = tmp_path / "c" / "model.esq"
+    assert esq.stat().st_size <= dense // 3
+    restored = load_model(esq).model
+    assert isinstance(restored, torch.jit.ScriptModule)
+    weights = [t for k, t in restored.state_dict().items() if k.endswith("weight") and t.dim() == 4]
+    assert max(int(torch.unique(w).numel()) for w in weights) <= 256  # shared: at most 8-bit codebooks
+
+
+def test_retraining_deep_compression_of_a_user_class(tmp_path):
+    """ShuffleNetV2 from its class and a state_dict: prune (grouped and depthwise convs), fold
+    BatchNorm (through split, concat and shuffle), 3-bit sharing, retrained centroids; the
+    stem and head listed in keep_layers stay as they were. The .esq names the class and
+    rebuilds it."""
+    from edgesqueeze.checkpoint import load_model
+
+    path, opts = save_forms("ShuffleNetV2", tmp_path, ())["state_dict"]
+    recipe = tmp_path / "dc.yaml"
+    recipe.write_text("""version: 1
+data: {dataset: digits, limit: 400}
+compress:
+  keep_layers: [stem, fc]
+  prune: {sparsity: 0.6, schedule: oneshot}
+  prune_finetune: {epochs: 1, batch_size: 64, lr: 0.01}
+  cluster: {bits: 3}
+  cluster_finetune: {epochs: 1, batch_size: 64, lr: 0.001}
+""")
+    res = run("compress", path, *opts, "-r", recipe, "--out", tmp_path / "dc", "--no-progress")
+    assert res.exit_code == 0, res.output
+    loaded = load_model(tmp_path / "dc" / "model.esq")
+    assert loaded.meta["arch"] == f"{ZOO}:ShuffleNetV2" and loaded.meta["arch_kwargs"] == KWARGS
+    original = build("ShuffleNetV2")
+    convs = {n: m for n, m in loaded.model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.modules())  # folded
+    depthwise = [n for n, m in convs.items() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert depthwise
+    for name, m in convs.items():
+        kept = name.startswith("stem") or name == "fc"
+        values = torch.unique(m.weight)
+        if kept:  # untouched: as many distinct values as the original (folding rescales, not shares)
+            assert float((m.weight == 0).float().mean()) == 0.0
+            assert values.numel() > 8
+        else:
+            assert values.numel() <= 2 ** 3 + 1, name  # 8 centroids and the zero
+            assert float((m.weight == 0).float().mean()) > 0.4, name
+    assert convs["fc"].weight.shape == original.fc.weight.shape
+
+
+def test_a_recipe_trains_a_user_class(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""version: 1
+model: {{import: {ZOO}:ConvLinearHead, kwargs: {{width: 0.25}}}}
+data: {{dataset: digits, limit: 300}}
+train: {{epochs: 1, batch_size: 32, threads: 1}}
+""")
+    res = run("train", "-r", recipe, "--out", tmp_path / "t", "--no-progress")
+    assert res.exit_code == 0, res.output
+    res = run("info", tmp_path / "t" / "model.pt", "--json")
+    desc = json.loads(res.output)
+    # the class took num_classes and in_channels from the data, its own kwargs from the recipe
+    assert desc["arch"] == f"{ZOO}:ConvLinearHead"
+    assert desc["arch_kwargs"] == {"num_classes": 10, "in_channels": 1, "width": 0.25}
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+
+def _one_error_line(res, *fragments: str) -> None:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith(("error:", "Error:"))]
+    assert len(errors) == 1, res.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """Files a user may bring that edgesqueeze must refuse (with what each needs)."""
+    tmp = tmp_path_factory.mktemp("bad")
+    files = {}
+    sd = tmp / "resnet.pt"
+    torch.save(build("ResNet10").state_dict(), sd)
+    files["no_module"] = (sd, ["--arch", "nosuchpackage.models:Net"], "cannot import module 'nosuchpackage.models'")
+    files["no_class"] = (sd, ["--arch", f"{ZOO}:ResNet11"], "has no 'ResNet11'")
+    files["bad_kwargs"] = (sd, ["--arch", f"{ZOO}:ResNet10", "--arch-kwargs", "{depth: 18}"], "does not take kwargs")
+    files["does_not_build"] = (sd, ["--arch", f"{ZOO}:ResNet10", "--arch-kwargs", "{width: -1}"],
+                               "building it with kwargs")
+    files["does_not_fit"] = (sd, ["--arch", f"{ZOO}:MobileNetV2", *ARCH], "missing")
+    pickled = tmp / "pickle.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)), pickled)
+    files["pickle_untrusted"] = (pickled, [], "--trust-pickle")
+    # a pickle whose class is gone (its module does not exist here)
+    blob = pickled.read_bytes().replace(b"torch.nn.modules.container", b"gone.nn.modules.container_")
+    lost = tmp / "lost.pt"
+    lost.write_bytes(blob)
+    files["pickle_class_gone"] = (lost, ["--trust-pickle"], "class cannot be found")
+    truncated = tmp / "truncated.pt2"
+    program = tmp / "ok.pt2"
+    torch.export.save(torch.export.export(build("ConvLinearHead"), (torch.zeros(2, 1, 28, 28),)), str(program))
+    truncated.write_bytes(program.read_bytes()[:4000])
+    files["truncated_program"] = (truncated, [], "truncated.pt2")
+    return files
+
+
+COMMANDS = {  # command and what it needs beyond the model
+    "info": [],
+    "inspect": [],
+    "eval": ["--dataset", "digits", "--limit", "20"],
+    "compress": ["--data", "digits", "--no-progress"],
+    "export": ["--data", "digits", "-f", "onnx"],
+    "sensitivity": ["--data", "digits"],
+    "verify": ["--data", "digits", "--limit", "20"],
+    "check": ["--data", "digits", "--limit", "20", "--max-size", "1MB"],
+}
+
+
+@pytest.mark.parametrize("case", ["no_module", "no_class", "bad_kwargs", "does_not_build", "does_not_fit",
+                                  "pickle_untrusted", "pickle_class_gone", "truncated_program"])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_refuses_bad_input_with_one_line(bad, case, command, tmp_path):
+    path, opts, fragment = bad[case]
+    out = tmp_path / "out"
+    where = {"compress": ["--out", out], "export": ["--out", out], "sensitivity": ["--out", out],
+             "verify": ["--out", out / "v.json"]}.get(command, [])
+    res = CliRunner().invoke(cli, [command, str(path), *map(str, opts), *COMMANDS[command], *map(str, where)])
+    if command in ("verify", "check"):
+        # a file that cannot be evaluated is a row with an error, never a pass: exit 2, the reason shown
+        assert res.exit_code == 2, res.output
+        assert "Traceback" not in res.output and fragment in res.output, res.output
+    else:
+        _one_error_line(res, fragment)
+    written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert written == [] or command == "verify", written
+
+
+class DataDependentLoop(torch.nn.Module):
+    """Loops as many times as its input says: TorchScript scripts it, torch.export cannot (an
+    ``if`` on a tensor would convert, as torch.cond, when both branches return new tensors of
+    one shape, like examples/zoo.py's DataDependentNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        for _ in range(int(x.abs().sum().item()) % 3):
+            y = torch.relu(y) * 0.5
+        return self.fc(y.mean((2, 3)))
+
+
+def test_conversion_failures_and_nothing_to_compress_are_one_line(tmp_path):
+    from edgesqueeze.models import build_model
+
+    bad_ts = tmp_path / "loopy.torchscript.pt"
+    torch.jit.save(torch.jit.script(DataDependentLoop()), str(bad_ts))
+    for command in (["export", bad_ts, "--data", "digits", "-f", "onnx", "--out", tmp_path / "e"],
+                    ["compress", bad_ts, "--data", "digits", "--out", tmp_path / "c", "--no-progress"]):
+        res = CliRunner().invoke(cli, [str(a) for a in command])
+        _one_error_line(res, "cannot be converted to a torch.export program")
+    # a model with no conv or linear layer
+    sd = tmp_path / "noweights.pt"
+    torch.save(build_model(f"{ZOO}:NoWeightsNet", num_classes=10, in_channels=1).state_dict(), sd)
+    res = CliRunner().invoke(cli, ["compress", str(sd), "--arch", f"{ZOO}:NoWeightsNet", "--arch-kwargs",
+                                   "{in_channels: 1}", "--data", "digits", "--out", str(tmp_path / "n")],
+                             catch_exceptions=False)
+    _one_error_line(res, "no Conv2d or Linear layer")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "c").exists() and not (tmp_path / "n").exists()
+
+
+def test_a_file_may_name_a_class_but_not_call_a_function(tmp_path):
+    """A checkpoint names the code that rebuilds it; a builder function it names is called only
+    when the user names it too (a file must not make edgesqueeze call an arbitrary function)."""
+    from edgesqueeze.checkpoint import load_model, save_checkpoint
+    from edgesqueeze.errors import ModelError
+    from edgesqueeze.models import build_model
+
+    model = build_model(f"{ZOO}:mobilenet_v2", **KWARGS)
+    path = save_checkpoint(tmp_path / "m.pt", model, {"arch": model.arch_name, "arch_kwargs": model.arch_kwargs})
+    with pytest.raises(ModelError, match="names the builder function"):
+        load_model(path)
+    assert load_model(path, arch=f"{ZOO}:mobilenet_v2").model is not None
+    evil = save_checkpoint(tmp_path / "evil.pt", torch.nn.Linear(1, 1), {"arch": "os:system",
+                                                                         "arch_kwargs": {"command": "true"}})
+    with pytest.raises(ModelError, match="names the builder function"):
+        load_model(evil)
+    res = run("info", evil)
+    _one_error_line(res, "pass --arch os:system")
