@@ -43,8 +43,9 @@ def build(cls: str) -> torch.nn.Module:
     return build_model(f"{ZOO}:{cls}", **KWARGS).eval()
 
 
-def save_forms(cls: str, out: Path, forms=FORMS) -> dict[str, tuple[Path, list[str]]]:
-    """``{form: (file, options the commands need to read it)}`` for ``cls``, the ``forms`` asked."""
+def save_forms(cls: str, out: Path, forms=FORMS, script: bool = False) -> dict[str, tuple[Path, list[str]]]:
+    """``{form: (file, options the commands need to read it)}`` for ``cls``, the ``forms`` asked;
+    TorchScript by tracing (or ``script``)."""
     model = build(cls)
     x = torch.zeros(1, 1, 28, 28)  # batch 1, as users export: the program's batch is fixed
     files = {
@@ -55,7 +56,7 @@ def save_forms(cls: str, out: Path, forms=FORMS) -> dict[str, tuple[Path, list[s
     }
     torch.save(model.state_dict(), files["state_dict"])
     if "torchscript" in forms:
-        torch.jit.save(torch.jit.trace(model, x), str(files["torchscript"]))
+        torch.jit.save(torch.jit.script(model) if script else torch.jit.trace(model, x), str(files["torchscript"]))
     if "program" in forms:
         torch.export.save(torch.export.export(model, (x,)), str(files["program"]))
     if "pickle" in forms:  # a whole pickled model, its class importable as users' are (examples.zoo)
@@ -69,7 +70,9 @@ def save_forms(cls: str, out: Path, forms=FORMS) -> dict[str, tuple[Path, list[s
         torch.save(pickled.eval(), files["pickle"])
     arch = ["--arch", f"{ZOO}:{cls}", "--arch-kwargs", json.dumps(KWARGS)]
     return {"state_dict": (files["state_dict"], arch), "torchscript": (files["torchscript"], []),
-            "program": (files["program"], []), "pickle": (files["pickle"], ["--trust-pickle"])}
+            "program": (files["program"], []),
+            # the pickle holds the class but not its constructor's arguments: an .esq needs them
+            "pickle": (files["pickle"], ["--trust-pickle", "--arch-kwargs", json.dumps(KWARGS)])}
 
 
 def reference_logits(cls: str) -> torch.Tensor:
@@ -79,11 +82,11 @@ def reference_logits(cls: str) -> torch.Tensor:
         return build(cls)(torch.randn(4, 1, 28, 28, generator=gen))
 
 
-def through_every_command(cls: str, form: str, index: int, tmp: Path) -> None:
+def through_every_command(cls: str, form: str, index: int, tmp: Path, script: bool = False) -> None:
     """One model in one form through info, inspect, eval, compress (lossless, and post-training
     for a program), export (one format, rotating over the four by model and form), verify and
     check; each must exit 0 and what comes out must compute what went in."""
-    path, opts = save_forms(cls, tmp, (form,))[form]
+    path, opts = save_forms(cls, tmp, (form,), script)[form]
     data = ["--data", "digits"]
 
     res = run("info", path, *opts, "--json")

@@ -119,8 +119,8 @@ _MODEL_OPTIONS = [
     click.option("--arch", help="Architecture of a model file that does not record one (a plain state_dict; a "
                  "pickle, to rebuild it): a name from `edgesqueeze models`, or your own class or builder as "
                  "package.module:Class or path/to/file.py:Class."),
-    click.option("--arch-kwargs", metavar="MAPPING", help="Keyword arguments for --arch, YAML or JSON, e.g. "
-                 "'{width: 0.5, num_classes: 10}'."),
+    click.option("--arch-kwargs", metavar="MAPPING", help="Keyword arguments for --arch (or, for a pickle, "
+                 "for its own class), YAML or JSON, e.g. '{width: 0.5, num_classes: 10}'."),
     click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch (same as "
                  "--arch-kwargs '{num_classes: N}')."),
     click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (unpickling runs "
@@ -144,9 +144,8 @@ def model_options(fn):
         kw = _mapping(arch_kwargs) if arch_kwargs else {}
         if num_classes:
             kw["num_classes"] = num_classes
-        if kw and not arch:
-            raise click.UsageError("--arch-kwargs and --num-classes build the architecture --arch names; "
-                                   "give --arch too")
+        if num_classes and not arch:
+            raise click.UsageError("--num-classes builds the architecture --arch names; give --arch too")
         given = {"mean": _floats(mean, "--mean") if mean else None,
                  "std": _floats(std, "--std", positive=True) if std else None,
                  "input_shape": _shape(input_shape) if input_shape else None,

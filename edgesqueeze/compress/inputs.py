@@ -81,12 +81,26 @@ def class_spec(model: nn.Module, source, arch_kwargs: dict | None) -> dict:
                          f"({cls.__module__}), so an archive cannot name it; pass --arch path/to/file.py:"
                          f"{cls.__name__} (and --arch-kwargs) to say where it lives")
     kwargs = dict(arch_kwargs or {})
+    if not kwargs:  # constructor arguments the instance kept under their own names (self.width = width)
+        import inspect
+        import json
+
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            params = {}
+        for name in params:
+            value = getattr(model, name, None) if name not in ("self", "args", "kwargs") else None
+            if isinstance(value, (bool, int, float, str)) or (isinstance(value, (list, tuple)) and value
+                                                                and all(isinstance(v, (int, float)) for v in value)):
+                kwargs[name] = list(value) if isinstance(value, tuple) else value
+        kwargs = json.loads(json.dumps(kwargs))
     try:
         rebuilt = rebuild(spec, kwargs)
         load_state_dict_checked(rebuilt, model.state_dict(), source=str(source))
     except ModelError as exc:
-        raise ModelError(f"{exc} (an .esq of a pickled model rebuilds its class {spec} with --arch-kwargs "
-                         f"{kwargs or '{}'}; pass the kwargs it was built with)") from None
+        raise ModelError(f"{exc} (an .esq of a pickled model rebuilds its class {spec}, here with kwargs "
+                         f"{kwargs or '{}'}; pass the ones it was built with: --arch-kwargs '{{...}}')") from None
     return {"arch": spec, "arch_kwargs": dict(rebuilt.arch_kwargs)}
 
 

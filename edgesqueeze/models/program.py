@@ -315,11 +315,13 @@ def runnable(program: torch.export.ExportedProgram) -> fx.GraphModule:
 
 def _free_batch(gm: fx.GraphModule, program: torch.export.ExportedProgram) -> None:
     """Most users export with one example batch (``torch.randn(1, 3, 32, 32)``), which fixes
-    the batch size: ``module()`` then guards every call to it. When the graph itself does not
-    depend on the batch (``flatten``, not ``view(1, -1)``), the guard is dropped so that the
-    model takes batches of any size; this is checked, sample by sample, against the guarded
-    module on random inputs. Otherwise the guard stays and ``FIXED_BATCH_ATTR`` records the
-    batch size (:func:`check_batch_free` turns that into a ModelError saying what to do)."""
+    the batch size: ``module()`` then guards every call to it, and a reshape written with
+    ``x.size()`` (a channel shuffle) bakes the batch into its shape. The guard is dropped, and
+    a reshape whose leading dimension is that batch size reads the input's batch instead, when
+    (and only when) the result computes, sample by sample, what the guarded module computes on
+    random inputs at batches 1, 2 and 3. Otherwise the graph is left as it was and
+    ``FIXED_BATCH_ATTR`` records the batch size (:func:`check_batch_free` turns that into a
+    ModelError saying what to do)."""
     users = set(program.graph_signature.user_inputs)
     vals = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in users]
     if len(vals) != 1 or not isinstance(vals[0], torch.Tensor) or vals[0].dim() < 1:
@@ -331,31 +333,58 @@ def _free_batch(gm: fx.GraphModule, program: torch.export.ExportedProgram) -> No
     if not guards:
         return
     shape = [int(d) for d in vals[0].shape[1:]]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, *shape, generator=gen)
-    saved = [(node.args, node.kwargs) for node in guards]
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    original = copy.deepcopy(gm.graph)
     with torch.no_grad():
         try:
             refs = [gm(torch.cat([x[i:i + 1]] * batch))[:1] for i in range(3)]
         except Exception:  # noqa: BLE001 - not a plain image model: leave it as it is
             return
+
+        def works() -> bool:
+            try:
+                outs = [gm(x[:n]) for n in (1, 2, 3)]
+                return all(torch.allclose(out[i:i + 1], refs[i], atol=1e-5, rtol=1e-4)
+                           for out in outs for i in range(len(out)))
+            except Exception:  # noqa: BLE001 - a shape error: the batch is baked in somewhere
+                return False
+
         for node in guards:
             gm.graph.erase_node(node)
         gm.recompile()
-        try:
-            outs = [gm(x[:n]) for n in (1, 2, 3)]
-            ok = all(torch.allclose(out[i:i + 1], refs[i], atol=1e-5, rtol=1e-4)
-                     for out in outs for i in range(len(out)))
-        except Exception:  # noqa: BLE001 - a view with the batch baked in, a shape error
-            ok = False
-    if not ok:  # put the guards back: the module keeps its fixed batch
-        first = next(n for n in gm.graph.nodes if n.op == "placeholder")
-        last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-        with gm.graph.inserting_after(last_input if last_input is not None else first):
-            for args, kwargs in saved:
-                gm.graph.call_module("_guards_fn", args, kwargs)
+        if works() or (_read_batch_in_reshapes(gm, batch) and works()):
+            return
+    gm.graph = original  # as it was: the module keeps its fixed batch
+    gm.recompile()
+    setattr(gm, FIXED_BATCH_ATTR, int(batch))
+
+
+_RESHAPES = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.expand.default}
+
+
+def _read_batch_in_reshapes(gm: fx.GraphModule, batch: int) -> int:
+    """Make every reshape whose target shape starts with the literal ``batch`` take the input's
+    batch size (``sym_size(x, 0)``) instead; returns how many were changed. Checked by the
+    caller, since a leading dimension equal to the batch size need not be the batch."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not inputs:
+        return 0
+    size = None
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _RESHAPES or len(node.args) < 2:
+            continue
+        target = node.args[1]
+        if not isinstance(target, (list, tuple)) or not target or target[0] != batch or isinstance(target[0], fx.Node):
+            continue
+        if size is None:
+            with gm.graph.inserting_after(inputs[-1]):
+                size = gm.graph.call_function(_aten.sym_size.int, (inputs[0], 0))
+        node.args = (node.args[0], [size, *target[1:]], *node.args[2:])
+        changed += 1
+    if changed:
         gm.recompile()
-        setattr(gm, FIXED_BATCH_ATTR, int(batch))
+    return changed
 
 
 FIXED_BATCH_ATTR = "_edgesqueeze_fixed_batch"
