@@ -7,16 +7,16 @@ For each class of examples/zoo.py (given to edgesqueeze as ``--arch``/``model.im
 
 1. ``edgesqueeze train -r recipes/zoo-cifar10.yaml --set model.import=examples/zoo.py:Class``
    (CIFAR-10 JPEG copy, 45,000 training images, 5,000 validation, 10,000 test);
-2. retraining Deep Compression with the recipe's ``compress`` section (prune, fold BN,
-   4-bit weight sharing with retrained centroids, Huffman) -> ``.esq``; size against dense
-   fp32 and test accuracy against the float model;
-3. the same trained model as TorchScript (``torch.jit.trace``), compressed post-training
+2. the same trained model as TorchScript (``torch.jit.trace``), compressed post-training
    (``compress.ptq``, calibration images only) to a quarter of its fp32 size: size, and top-1
    agreement with the float model on the test images not used for calibration;
-4. ``edgesqueeze export`` of the float model to onnx-int8 and tflite-int8 and
-   ``edgesqueeze verify`` against the float model: accuracy and top-1 agreement.
+3. ``edgesqueeze export`` of the float model to onnx-int8 and tflite-int8 and
+   ``edgesqueeze verify`` against the float model: accuracy and top-1 agreement;
+4. retraining Deep Compression with the recipe's ``compress`` section (prune, fold BN,
+   4-bit weight sharing with retrained centroids, Huffman) -> ``.esq``; size against dense
+   fp32 and test accuracy against the float model.
 
-Writes ``benchmarks/results/zoo_cifar.json`` after every model (a long run: ~30 min per model
+Writes ``benchmarks/results/zoo_cifar.json`` after every stage (a long run: ~30 min per model
 on 2 cores). Outputs stay in runs/bench/zoo-<Class>/; training resumes if interrupted.
 """
 
@@ -46,7 +46,7 @@ def sh(*args: str) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def one(cls: str) -> dict:
+def one(cls: str, done) -> dict:
     out = ROOT / "runs" / "bench" / f"zoo-{cls}"
     spec = [f"--set=model.import=examples/zoo.py:{cls}", f"--set=name=zoo-{cls}-cifar10"]
     row: dict = {"class": cls, "arch": f"examples/zoo.py:{cls}"}
@@ -55,13 +55,7 @@ def one(cls: str) -> dict:
     row["float"] = {"test_accuracy": summary["test"]["accuracy"], "val_accuracy": summary["history"][-1]["val_accuracy"],
                     "epoch_s": [round(h["epoch_s"], 1) for h in summary["history"]]}
 
-    # 2. retraining Deep Compression
-    row["compress_wall_s"] = sh("compress", str(out / "model.pt"), "-r", RECIPE, *spec, "--out", str(out / "dc"),
-                                "--no-progress")
-    rep = json.loads((out / "dc" / "report.json").read_text())
-    row["deep_compression"] = {"totals": rep["totals"], "test": rep["test"]}
-
-    # 3. TorchScript, post-training to a quarter of fp32
+    # 2. TorchScript, post-training to a quarter of fp32
     import torch
 
     from edgesqueeze.checkpoint import load_model
@@ -81,7 +75,9 @@ def one(cls: str) -> dict:
     rep = json.loads((out / "ts-ptq" / "report.json").read_text())
     row["torchscript_ptq"] = {"target_bytes": target, "totals": rep["totals"], "evaluation": rep.get("evaluation")}
 
-    # 4. INT8 files of the float model, verified against it
+    done(row)
+
+    # 3. INT8 files of the float model, verified against it
     row["export_wall_s"] = sh("export", str(out / "model.pt"), "-r", RECIPE, *spec, "-f", "onnx-int8,tflite-int8",
                               "--out", str(out / "export"))
     sh("verify", str(out / "model.pt"), str(out / "export" / "model.int8.onnx"),
@@ -89,6 +85,14 @@ def one(cls: str) -> dict:
     ver = json.loads((out / "export" / "verify.json").read_text())
     row["int8"] = {Path(r["path"]).name: {k: r.get(k) for k in ("format", "bytes", "accuracy", "agreement")}
                    for r in ver["artifacts"]}
+    done(row)
+
+    # 4. retraining Deep Compression (last: the longest)
+    row["compress_wall_s"] = sh("compress", str(out / "model.pt"), "-r", RECIPE, *spec, "--out", str(out / "dc"),
+                                "--no-progress")
+    rep = json.loads((out / "dc" / "report.json").read_text())
+    row["deep_compression"] = {"totals": rep["totals"], "test": rep["test"]}
+
     return row
 
 
@@ -96,9 +100,13 @@ def main() -> None:
     classes = sys.argv[1:] or ["ResNet10", "MobileNetV2", "ShuffleNetV2"]
     path = RESULTS / "zoo_cifar.json"
     rows = {r["class"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
-    for cls in classes:
-        rows[cls] = one(cls)
+
+    def done(row: dict) -> None:  # saved after every stage: a long run may be cut short
+        rows[row["class"]] = row
         save("zoo_cifar", {"recipe": RECIPE, "runs": list(rows.values())})
+
+    for cls in classes:
+        done(one(cls, done))
 
 
 if __name__ == "__main__":

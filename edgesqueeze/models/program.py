@@ -845,8 +845,20 @@ def lifted_module(model: nn.Module, input_shape, *, what: str = "the model") -> 
             raise ModelError(f"{what}: a TorchScript model records no input shape; pass --input-shape C,H,W "
                              "or --data NAME")
         program = to_exported_program(model, (torch.zeros(2, *[int(d) for d in input_shape]),), what=what)
-        return lift(program)
-    return lift(model)
+        return _without_guards(lift(program))
+    return _without_guards(lift(model))
+
+
+def _without_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop the input-shape guards ``module()`` calls first: a check on shapes that torch.fx
+    cannot trace (``if`` on a size), so BatchNorm folding could not see the graph. The model
+    is fed the shapes it was converted with; a wrong one still fails in its first conv."""
+    guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]
+    for node in guards:
+        gm.graph.erase_node(node)
+    if guards:
+        gm.recompile()
+    return gm
 
 
 def skeleton_for(kind: str, stored: nn.Module, original: Any, example: torch.Tensor) -> bytes:
