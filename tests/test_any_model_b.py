@@ -2,7 +2,7 @@
 channel shuffle by view/transpose/view on ``x.size()``) in the two forms without a Python
 class, a scripted TorchScript module and a torch.export program saved with batch 1 (the
 shuffle's reshape bakes that batch in; edgesqueeze frees it and checks it), whose graphs are
-lifted into real modules. A *traced* TorchScript module of it cannot become a program (the
+lifted into real modules (programs go through export in test_any_model_a.py). A *traced* TorchScript module of it cannot become a program (the
 trace records sizes as data): refused with one line. The class forms of ShuffleNetV2 go
 through retraining Deep Compression in test_any_model_c.py."""
 
@@ -19,7 +19,7 @@ from zoo_forms import run, save_forms, through_every_command  # noqa: E402
 
 @pytest.mark.parametrize("form", ["torchscript", "program"])
 def test_program_forms_through_every_command(form, tmp_path):
-    through_every_command("ShuffleNetV2", form, 0, tmp_path, script=True)  # fp32 ONNX: MobileNetV2 covers the rest
+    through_every_command("ShuffleNetV2", form, None, tmp_path, script=True)
 
 
 def test_a_trace_that_recorded_sizes_is_refused_in_one_line(tmp_path):

@@ -131,9 +131,12 @@ class Run:
 
     def encode(self, state: dict[str, torch.Tensor], meta: dict, *, shared: Any,
                codebook_dtype: str, chunk: int | None = None,
-               extra: dict[str, torch.Tensor] | None = None) -> tuple[bytes, list, nn.Module, Path]:
+               extra: dict[str, torch.Tensor] | None = None,
+               stored: nn.Module | None = None) -> tuple[bytes, list, nn.Module, Path]:
         """Write ``model.esq`` and prove it decodes to exactly ``state``. ``extra``: tensors
-        stored beside the weights (a program's skeleton), not part of the model's state."""
+        stored beside the weights (a program's skeleton), not part of the model's state;
+        ``stored``: the model ``state`` is from (what a program's decoded weights are put in
+        for the report, instead of converting the restored TorchScript again)."""
         blob, stats = esq_dumps({**state, **(extra or {})}, meta, shared=shared, codebook_dtype=codebook_dtype,
                                 chunk=chunk)
         esq_path = self.out / "model.esq"
@@ -143,10 +146,19 @@ class Run:
         for key, tensor in state.items():
             if key not in got or not torch.equal(got[key], tensor):
                 raise EdgesqueezeError(f"decode check failed: {key} differs after the .esq round trip (a bug)")
-        if meta.get("program"):  # the restored TorchScript / program, lifted like its source for the report
-            from edgesqueeze.models.program import lifted_module
+        if meta.get("program"):  # the restored TorchScript / program: its weights, in the lifted model
+            import copy
 
-            decoded = lifted_module(decoded, meta.get("input_shape"), what=str(esq_path))
+            if stored is None:
+                from edgesqueeze.models.program import lifted_module
+
+                decoded = lifted_module(decoded, meta.get("input_shape"), what=str(esq_path))
+            else:
+                lifted = copy.deepcopy(stored)
+                with torch.no_grad():
+                    for key, tensor in lifted.state_dict().items():
+                        tensor.copy_(got[key])
+                decoded = lifted.eval()
         return blob, stats, decoded, esq_path
 
     def finish(self, *, before: nn.Module, decoded: nn.Module, blob: bytes, stats: list, state: dict,

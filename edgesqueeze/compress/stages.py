@@ -142,7 +142,7 @@ def write_archive(run: Run, model: nn.Module, *, folded: bool, reference_accurac
     state = state_of(model)
     meta = run.archive_meta(folded=folded, weights_sha256=state_digest(state), reference_accuracy=reference_accuracy)
     return (state, *run.encode(state, meta, shared=shared, codebook_dtype=codebook_dtype, chunk=chunk,
-                               extra=program_extra(run, model)))
+                               extra=program_extra(run, model), stored=model))
 
 
 def program_extra(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None:
