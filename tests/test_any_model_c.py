@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo_forms import KWARGS, ROOT, ZOO, build, reference_logits, run, save_forms  # noqa: E402
+from zoo_forms import KWARGS, ZOO, build, reference_logits, run, save_forms  # noqa: E402
 
 from edgesqueeze.cli import cli  # noqa: E402
 
