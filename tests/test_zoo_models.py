@@ -140,7 +140,7 @@ def test_torchscript_script(name):
         torch.testing.assert_close(torchscript_run(scripted, x), eager(m, x), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES[1:])  # 3x32x32; the any-model tests export at 1x28x28
 @pytest.mark.parametrize("name", GOOD)
 def test_torch_export(name, shape):
     c, hw, k = shape
