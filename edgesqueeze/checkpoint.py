@@ -333,24 +333,17 @@ def _load_program(path: Path, kind: str) -> tuple[nn.Module, Any]:
 def _unpickle(path: Path) -> Any:
     """``torch.load`` with ``weights_only=False`` (the user said they trust the file); a class
     that cannot be found is one line naming it, not a traceback."""
-    import os
-    import sys
+    from edgesqueeze.models.imports import cwd_importable
 
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:  # as for --arch package.module:Class: the project run from is importable
-        sys.path.insert(0, cwd)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with cwd_importable():  # as for --arch package.module:Class
+            return torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
         raise CheckpointError(f"{path}: the pickled model's class cannot be found ({_first_line(exc)}); "
                               "unpickling needs the code that defined it importable here. Better: save "
                               "model.state_dict() and pass --arch package.module:Class") from None
     except Exception as exc:  # noqa: BLE001 - unpickling can raise anything
         raise CheckpointError(f"{path}: cannot unpickle ({_first_line(exc)})") from None
-    finally:
-        if added and sys.path and sys.path[0] == cwd:
-            sys.path.pop(0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -28,6 +29,7 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from torch import nn
 
 from ..errors import ModelError
 
-__all__ = ["is_import_spec", "resolve", "build_import", "accepted_kwargs"]
+__all__ = ["is_import_spec", "resolve", "build_import", "accepted_kwargs", "cwd_importable"]
 
 
 def is_import_spec(arch: str | None) -> bool:
@@ -81,13 +83,25 @@ def _import_file(path_text: str, spec: str):
     return module
 
 
-def _import_module(module_name: str, spec: str):
+@contextlib.contextmanager
+def cwd_importable() -> Iterator[None]:
+    """The current directory on ``sys.path`` while the block runs, as ``python -m`` has it:
+    the project the user runs from is importable (its classes, and the ones a pickle names)."""
     cwd = os.getcwd()
     added = cwd not in sys.path
-    if added:  # like `python -m`: the project the user runs from is importable
+    if added:
         sys.path.insert(0, cwd)
     try:
-        return importlib.import_module(module_name)
+        yield
+    finally:
+        if added and sys.path and sys.path[0] == cwd:
+            sys.path.pop(0)
+
+
+def _import_module(module_name: str, spec: str):
+    try:
+        with cwd_importable():
+            return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = exc.name or module_name
         raise ModelError(f"--arch {spec}: cannot import module '{module_name}' (no module named '{missing}'); "
@@ -95,9 +109,6 @@ def _import_module(module_name: str, spec: str):
                          "or give a file: --arch path/to/file.py:Class") from None
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"--arch {spec}: importing '{module_name}' failed ({_first_line(exc)})") from None
-    finally:
-        if added and sys.path and sys.path[0] == cwd:
-            sys.path.pop(0)
 
 
 def resolve(spec: str) -> Any:

@@ -465,6 +465,15 @@ class _Call:
         self.replace = replace  # nodes whose uses become the module call's output
 
 
+def _weight_and_bias(kw: dict[str, Any]) -> tuple[tuple[str, str] | None, Any]:
+    """``((owner, "weight"), bias)`` when a call's weight is an owner's ``weight`` attribute
+    and its bias (if any) that same owner's ``bias``; ``(None, None)`` otherwise."""
+    w, b = _attr(kw["weight"]), kw["bias"]
+    if w is None or w[1] != "weight" or (b is not None and _attr(b) != (w[0], "bias")):
+        return None, None
+    return w, b
+
+
 def _match(node: fx.Node) -> _Call | None:
     if node.op != "call_function":
         return None
@@ -473,8 +482,8 @@ def _match(node: fx.Node) -> _Call | None:
         kw = _normalized(node)
         if kw is None or not isinstance(kw["input"], fx.Node):
             return None
-        w, b = _attr(kw["weight"]), kw["bias"]
-        if w is None or w[1] != "weight" or (b is not None and _attr(b) != (w[0], "bias")):
+        w, b = _weight_and_bias(kw)
+        if w is None:
             return None
         if t is _aten.convolution.default and (kw["transposed"] is not False or any(kw["output_padding"])):
             return None
@@ -488,8 +497,8 @@ def _match(node: fx.Node) -> _Call | None:
         kw = _normalized(node)
         if kw is None or not isinstance(kw["input"], fx.Node):
             return None
-        w, b = _attr(kw["weight"]), kw["bias"]
-        if w is None or w[1] != "weight" or (b is not None and _attr(b) != (w[0], "bias")):
+        w, b = _weight_and_bias(kw)
+        if w is None:
             return None
         tensors = {"weight": "weight"} | ({"bias": "bias"} if b is not None else {})
         return _Call(node, w[0], "linear", (), tensors, kw["input"], [node])
