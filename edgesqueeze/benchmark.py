@@ -18,12 +18,12 @@ from edgesqueeze.runtime._base import Artifact, InputSpec
 class TorchArtifact(Artifact):
     """A checkpoint or .esq archive run in PyTorch eager (inference mode), for comparison."""
 
-    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+    def __init__(self, path: Path, *, threads: int | None = None, model_args: dict[str, Any] | None = None) -> None:
         import torch
 
         from edgesqueeze.checkpoint import load_model
 
-        loaded = load_model(path)
+        loaded = load_model(path, **(model_args or {}))
         self._torch = torch
         self.model = loaded.model.eval()
         self.path, self.kind, self.backend = Path(path), loaded.kind, "pytorch-eager"
@@ -34,7 +34,8 @@ class TorchArtifact(Artifact):
         if not shape:
             from edgesqueeze.errors import ModelError
 
-            raise ModelError(f"{path}: no input_shape in its metadata; cannot make a benchmark input")
+            raise ModelError(f"{path}: no input_shape in its metadata; cannot make a benchmark input (pass "
+                             "--input-shape C,H,W)")
         self.input_spec = InputSpec("input", (None, *shape), "float32", None, "caller",
                                     tuple(self.meta.get("mean") or ()), tuple(self.meta.get("std") or ()))
 
@@ -43,21 +44,24 @@ class TorchArtifact(Artifact):
             return self.model(self._torch.from_numpy(x)).numpy()
 
 
-def open_any(path: Path, *, threads: int | None) -> Artifact:
+def open_any(path: Path, *, threads: int | None, model_args: dict[str, Any] | None = None) -> Artifact:
     from edgesqueeze.runtime import load
     from edgesqueeze.verify import sniff
 
     # spin=False: files are timed interleaved, and onnxruntime's busy-waiting threads would
     # take a core from whichever file runs next (see runtime._onnx.open_session)
-    return (TorchArtifact(path, threads=threads) if sniff(path) in ("pt", "esq")
+    return (TorchArtifact(path, threads=threads, model_args=model_args if sniff(path) == "pt" else None)
+            if sniff(path) in ("pt", "esq")
             else load(path, threads=threads, spin=False))
 
 
 def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, warmup: int = 10,
-                threads: int | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                threads: int | None = None, model_args: dict[str, Any] | None = None,
+                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One row per (file, batch size): p50/p90/mean ms and the ratio of p50 to the first file's,
     and the cold load (file to ready session, a packed file's decoding included; median of 3
-    interleaved loads; ``None`` for PyTorch files)."""
+    interleaved loads; ``None`` for PyTorch files). ``model_args``: how to read ``.pt`` files
+    that do not describe themselves (:func:`edgesqueeze.checkpoint.load_model`)."""
     from edgesqueeze.runtime.bench import cold_loads, compare
     from edgesqueeze.verify import sniff
 
@@ -68,7 +72,7 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
     loaded = iter(cold_loads(runtime_paths, threads=threads)) if runtime_paths else iter(())
     arts, cold = [], []
     for p, t in zip(paths, torch_files):
-        art, c = (open_any(Path(p), threads=threads), {"cold_load_ms": None, "decode_ms": None}) if t else next(loaded)
+        art, c = (open_any(Path(p), threads=threads, model_args=model_args), {"cold_load_ms": None, "decode_ms": None}) if t else next(loaded)
         arts.append(art)
         cold.append(c)
     rows = []

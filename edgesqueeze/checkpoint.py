@@ -229,6 +229,7 @@ def load_model(
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
     input_meta: dict[str, Any] | None = None,
+    default_dataset: str | None = None,
 ) -> LoadedModel:
     """Load any supported model file, safely. The returned model is in eval mode.
 
@@ -238,10 +239,19 @@ def load_model(
     file names the user's code (to say where that code is now). ``input_meta`` (``mean``,
     ``std``, ``input_shape``, ``classes``) describes the inputs of a file that does not
     (TorchScript, ``.pt2``, a pickle, a state_dict): see :func:`apply_input_meta`.
+    ``default_dataset`` (a recipe's ``data.dataset``) stands in for the dataset of a file
+    that records none; a file's own dataset is kept.
     """
+    loaded = _load_model(Path(path), arch, arch_kwargs, trust_pickle, input_meta)
+    if default_dataset and not loaded.meta.get("dataset"):
+        loaded.meta["dataset"] = default_dataset
+    return loaded
+
+
+def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None, trust_pickle: bool,
+                input_meta: dict[str, Any] | None) -> LoadedModel:
     from edgesqueeze.models.imports import is_import_spec
 
-    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     with open(path, "rb") as fh:

@@ -87,7 +87,7 @@ def training_data(meta: dict, *, source: str | Path, dataset: str | None = None,
 
     name = dataset or meta.get("dataset")
     if not name:
-        raise DataError(f"{source}: does not record its dataset; pass --dataset NAME")
+        raise DataError(f"{source}: does not record its dataset; pass --data NAME")
     seed = meta.get("seed", 0) if seed is None else seed
     if name == meta.get("dataset"):  # by default, the same data options the model was trained with
         limit = meta.get("data_limit") if limit is None else limit
@@ -112,10 +112,12 @@ def evaluate_file(
     arch_kwargs: dict | None = None,
     trust_pickle: bool = False,
     input_meta: dict | None = None,
+    default_dataset: str | None = None,
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy and loss of the model in ``path`` on a dataset split."""
-    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta)
+    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta,
+                        default_dataset=default_dataset)
     meta = loaded.meta
     ds, train, val = training_data(meta, source=path, dataset=dataset, data_dir=data_dir, seed=seed, limit=limit,
                                    image_size=image_size, val_fraction=val_fraction)
@@ -125,23 +127,25 @@ def evaluate_file(
     expected = meta.get("input_shape")
     if expected and list(ds.input_shape) != list(expected):
         raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {path} was trained "
-                        f"on {list(expected)}; pass --image-size or the matching --dataset")
+                        f"on {list(expected)}; pass --image-size or the matching --data")
     # The model was trained with its own normalization: feed it exactly that.
     mean, std, how = input_normalization(meta, ds)
     with torch.no_grad():
         probe = loaded.model(torch.zeros(1, *ds.input_shape))
     if probe.shape[-1] != ds.num_classes:
         raise DataError(f"dataset '{ds.name}' has {ds.num_classes} classes but {path} outputs {probe.shape[-1]}; "
-                        "pass the dataset it was trained on (--dataset)")
+                        "pass the dataset it was trained on (--data)")
     metrics = evaluate(loaded.model, x, y, mean=mean, std=std, batch_size=batch_size)
     return {"model": str(path), "dataset": ds.name, "split": split, **metrics, "normalization": how}
 
 
 def describe_file(path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,
-                  trust_pickle: bool = False, input_meta: dict | None = None) -> dict[str, Any]:
+                  trust_pickle: bool = False, input_meta: dict | None = None,
+                  default_dataset: str | None = None) -> dict[str, Any]:
     """A JSON-ready summary of a model file: what it is, its weights, its metadata."""
     path = Path(path)
-    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta)
+    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta,
+                        default_dataset=default_dataset)
     params = list(loaded.model.parameters()) or [t for t in loaded.model.state_dict().values()
                                                  if torch.is_floating_point(t)]
     total = sum(p.numel() for p in params)

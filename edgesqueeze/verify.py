@@ -146,14 +146,14 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
                        threads: int | None = None, latency: bool = False,
                        arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
                        trust_pickle: bool = False, input_meta: dict[str, Any] | None = None,
-                       log: Log = print) -> dict[str, Any]:
+                       default_dataset: str | None = None, log: Log = print) -> dict[str, Any]:
     """Measure every artifact on the test split through its runtime; one row each.
 
     The float reference is ``reference`` or else the first ``.pt`` among ``paths``: its
     predictions give every other row its top-1 agreement, and its accuracy their drop.
     Failures to load or evaluate one artifact become that row's ``error`` (the gate reports
     them as not measured, never as a pass), so one bad file does not hide the others.
-    ``arch`` / ``arch_kwargs`` / ``trust_pickle`` / ``input_meta``: how to read ``.pt`` files
+    ``arch`` / ``arch_kwargs`` / ``trust_pickle`` / ``input_meta`` / ``default_dataset``: how to read ``.pt`` files
     that do not describe themselves (plain state_dicts, pickles, TorchScript, ``.pt2``), as
     for ``load_model``; edgesqueeze checkpoints know their own.
 
@@ -161,7 +161,8 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     ``reference``, ``reference_accuracy`` and ``artifacts`` (the rows).
     """
     data = _Data(dataset, data_dir, limit, log)
-    model_args = {"arch": arch, "arch_kwargs": arch_kwargs, "trust_pickle": trust_pickle, "input_meta": input_meta}
+    model_args = {"arch": arch, "arch_kwargs": arch_kwargs, "trust_pickle": trust_pickle, "input_meta": input_meta,
+                  "default_dataset": default_dataset}
     files = [Path(p) for p in paths]
     ref_path = Path(reference) if reference else next((p for p in files if p.is_file()
                                                        and _safe_sniff(p) == "pt"), None)

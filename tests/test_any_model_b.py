@@ -23,7 +23,7 @@ def test_a_batch_one_program_through_every_command(tmp_path):
 
 def test_a_trace_that_recorded_sizes_is_refused_in_one_line(tmp_path):
     path, _ = save_forms("ShuffleNetV2", tmp_path, ("torchscript",))["torchscript"]
-    assert run("eval", path, "--dataset", "digits", "--limit", "20").exit_code == 0  # it runs as TorchScript
+    assert run("eval", path, "--data", "digits", "--limit", "20").exit_code == 0  # it runs as TorchScript
     res = run("export", path, "--data", "digits", "-f", "onnx", "--out", tmp_path / "e")
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "cannot be converted to a torch.export program" in res.output

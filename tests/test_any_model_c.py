@@ -158,12 +158,13 @@ def bad(tmp_path_factory):
 COMMANDS = {  # command and what it needs beyond the model
     "info": [],
     "inspect": [],
-    "eval": ["--dataset", "digits", "--limit", "20"],
+    "eval": ["--data", "digits", "--limit", "20"],
     "compress": ["--data", "digits", "--no-progress"],
     "export": ["--data", "digits", "-f", "onnx"],
     "sensitivity": ["--data", "digits"],
     "verify": ["--data", "digits", "--limit", "20"],
     "check": ["--data", "digits", "--limit", "20", "--max-size", "1MB"],
+    "bench": ["--input-shape", "1,28,28", "-b", "1", "--runs", "2", "--warmup", "0"],
 }
 
 
@@ -184,6 +185,34 @@ def test_every_command_refuses_bad_input_with_one_line(bad, case, command, tmp_p
         _one_error_line(res, fragment)
     written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
     assert written == [] or command == "verify", written
+
+
+def test_every_command_takes_the_model_and_data_from_set_as_from_options(tmp_path):
+    """``--set model.import=... --set model.kwargs=... --set data.dataset=...`` (a recipe's
+    sections, without a recipe file) reads a plain state_dict on every command exactly as
+    ``--arch``/``--arch-kwargs``/``--data`` do."""
+    path, opts = save_forms("ConvLinearHead", tmp_path, ())["state_dict"]
+    model_set = [f"--set=model.import={ZOO}:ConvLinearHead", f"--set=model.kwargs={json.dumps(KWARGS)}"]
+    via_set = [*model_set, "--set=data.dataset=digits"]
+    accuracy = {}
+    for how, given in (("set", via_set), ("options", [*opts, "--data", "digits"])):
+        res = run("eval", path, *given, "--limit", "40", "--json")
+        assert res.exit_code == 0, res.output
+        accuracy[how] = json.loads(res.output[res.output.index("{"):])["accuracy"]
+    assert accuracy["set"] == accuracy["options"]
+    out = tmp_path / "out"  # the other commands (tested with the options throughout tests/test_any_model_*)
+    for command, extra in (("info", []), ("inspect", []),
+                           ("compress", ["--out", out / "c", "--no-progress"]),
+                           ("export", ["-f", "onnx", "--out", out / "e"]),
+                           ("verify", ["--limit", "20", "--out", out / "v.json"]),
+                           ("check", ["--limit", "20", "--max-size", "1MB"])):
+        res = run(command, path, *(model_set if command in ("info", "inspect") else via_set), *extra)
+        assert res.exit_code == 0, (command, res.output)
+    assert (out / "c" / "model.esq").is_file() and (out / "e" / "ConvLinearHead.onnx").is_file()
+    assert json.loads((out / "v.json").read_text())["artifacts"][0]["error"] is None
+    # the options win over the recipe where both are given: --data names the split used
+    res = run("eval", path, *via_set, "--data", "mnist-missing", "--limit", "40")
+    assert res.exit_code == 2 and "mnist-missing" in res.output, res.output
 
 
 class DataDependentLoop(torch.nn.Module):

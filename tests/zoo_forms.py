@@ -98,7 +98,7 @@ def through_every_command(cls: str, form: str, index: int | None, tmp: Path, scr
     assert info["parameters"] == sum(p.numel() for p in build(cls).parameters())
 
     assert run("inspect", path, *opts).exit_code == 0
-    res = run("eval", path, *opts, "--dataset", "digits", "--limit", "60", "--json")
+    res = run("eval", path, *opts, "--data", "digits", "--limit", "60", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["n"] == 60
 

@@ -51,18 +51,39 @@ def _arch_kwargs(num_classes: int | None) -> dict:
 @dataclass(frozen=True)
 class ModelOptions:
     """How to read a model file, the same for every command that reads one: the architecture
-    of a file that does not record it, permission to unpickle, and the description of its
-    inputs (for files without edgesqueeze metadata)."""
+    of a file that does not record it, permission to unpickle, the description of its inputs
+    (for files without edgesqueeze metadata), and the recipe (``--recipe`` with ``--set``, or
+    ``--set`` alone) whose sections the command uses."""
 
     arch: str | None = None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_pickle: bool = False
     input_meta: dict[str, Any] = field(default_factory=dict)
+    recipe: Any = None  # edgesqueeze.recipe.Recipe; None without --recipe and --set
+    recipe_path: Path | None = None
+    given: frozenset[str] = frozenset()  # top-level sections the recipe file and --set actually set
+
+    def section(self, name: str) -> Any:
+        """The recipe's section ``name`` if the recipe file or ``--set`` sets it, else None:
+        a section left out holds defaults meant for training (``data: digits``), which must
+        not stand in for what a model file does not say about itself."""
+        return getattr(self.recipe, name) if self.recipe is not None and name in self.given else None
+
+    @property
+    def data_dir(self) -> str | None:
+        return self.recipe.data.data_dir if self.recipe is not None else None
 
     def load_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`edgesqueeze.checkpoint.load_model` and the stages."""
-        return {"arch": self.arch, "arch_kwargs": dict(self.arch_kwargs), "trust_pickle": self.trust_pickle,
-                "input_meta": dict(self.input_meta)}
+        """Keyword arguments for :func:`edgesqueeze.checkpoint.load_model` and the stages. The
+        recipe's ``model`` section is ``--arch``/``--arch-kwargs`` (the options win where both
+        are given); its ``data.dataset`` is the dataset of a file that records none."""
+        arch, kwargs = self.arch, dict(self.arch_kwargs)
+        model = self.section("model")
+        if model is not None and arch in (None, model.arch):
+            arch, kwargs = model.arch, {**model.kwargs, **kwargs}
+        data = self.section("data")
+        return {"arch": arch, "arch_kwargs": kwargs, "trust_pickle": self.trust_pickle,
+                "input_meta": dict(self.input_meta), "default_dataset": data.dataset if data else None}
 
 
 def _floats(value: str, what: str, positive: bool = False) -> list[float]:
@@ -136,11 +157,43 @@ _MODEL_OPTIONS = [
 ]
 
 
-def model_options(fn):
-    """Add the model-reading options to a command; it receives one ``model_opts``
-    (:class:`ModelOptions`) instead of the separate values."""
+def _recipe_options(recipe_help: str, set_example: str) -> list:
+    return [
+        click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help=recipe_help),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help=f"Override a recipe field, e.g. --set {set_example} (repeatable; works without "
+                          "--recipe: --set model.import=net.py:Net is --arch net.py:Net)."),
+    ]
+
+
+_RECIPE_HELP = ("Recipe YAML (see recipes/) whose 'model' section stands for --arch and 'data' section for the "
+                "dataset of a file that records none.")
+
+
+def _command_recipe(recipe_path: Path | None, overrides: tuple[str, ...]):
+    """``(recipe, given sections)`` from ``--recipe`` and ``--set``: the file with its
+    overrides, or a recipe built from ``--set`` alone; ``(None, {})`` without either."""
+    if not recipe_path and not overrides:
+        return None, frozenset()
+    from edgesqueeze.recipe import apply_overrides, given_sections, load_recipe, recipe_from_dict
+
+    if recipe_path:
+        return load_recipe(recipe_path, overrides), frozenset(given_sections(recipe_path, overrides))
+    raw = apply_overrides({"version": 1}, overrides)
+    return recipe_from_dict(raw, source="--set"), frozenset(raw)
+
+
+def model_options(fn=None, *, recipe_help: str = _RECIPE_HELP, set_example: str = "data.dataset=cifar10"):
+    """Add the model-reading options, with ``--recipe`` and ``--set``, to a command; it
+    receives one ``model_opts`` (:class:`ModelOptions`) instead of the separate values.
+    ``recipe_help`` and ``set_example`` say what the command itself takes from a recipe."""
+    if fn is None:
+        return functools.partial(model_options, recipe_help=recipe_help, set_example=set_example)
+
     @functools.wraps(fn)
-    def wrapper(*args, arch, arch_kwargs, num_classes, trust_pickle, mean, std, input_shape, classes, **kwargs):
+    def wrapper(*args, arch, arch_kwargs, num_classes, trust_pickle, mean, std, input_shape, classes,
+                recipe_path, overrides, **kwargs):
         kw = _mapping(arch_kwargs) if arch_kwargs else {}
         if num_classes:
             kw["num_classes"] = num_classes
@@ -150,10 +203,12 @@ def model_options(fn):
                  "std": _floats(std, "--std", positive=True) if std else None,
                  "input_shape": _shape(input_shape) if input_shape else None,
                  "classes": _classes(classes) if classes else None}
-        opts = ModelOptions(arch, kw, trust_pickle, {k: v for k, v in given.items() if v is not None})
+        recipe, sections = _command_recipe(recipe_path, tuple(overrides))
+        opts = ModelOptions(arch, kw, trust_pickle, {k: v for k, v in given.items() if v is not None},
+                            recipe, recipe_path, sections)
         return fn(*args, model_opts=opts, **kwargs)
 
-    for option in reversed(_MODEL_OPTIONS):
+    for option in reversed(_MODEL_OPTIONS + _recipe_options(recipe_help, set_example)):
         wrapper = option(wrapper)
     return wrapper
 

@@ -11,12 +11,9 @@ from edgesqueeze.cli._group import _progress_default, cli, model_options
 
 @cli.command("compress")
 @click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Recipe YAML with a 'compress' section (see recipes/) [default: none: lossless re-encoding].")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe field, e.g. --set compress.ptq.target_bytes=480000 (repeatable; "
-                   "works without --recipe too).")
-@model_options
+@model_options(recipe_help="Recipe YAML with a 'compress' section (see recipes/); its 'model' section stands "
+                           "for --arch, its 'data' for the dataset of a file that records none [default: none: "
+                           "lossless re-encoding].", set_example="compress.ptq.target_bytes=480000")
 @click.option("--data", "dataset", help="Dataset [default: the checkpoint's, else the recipe's data section].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, <recipe name or model name>-compressed/].")
@@ -25,7 +22,7 @@ from edgesqueeze.cli._group import _progress_default, cli, model_options
               help="Model to distil from when a recipe's prune_finetune or cluster_finetune sets 'distill' "
                    "[default: MODEL_PATH itself]; the float original when MODEL_PATH is a pruned.pt.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
-def compress_cmd(model_path, recipe_path, overrides, model_opts, dataset, out_dir, data_dir, teacher, progress):
+def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, progress):
     """Compress a model into a .esq archive, with a report.
 
     \b
@@ -59,34 +56,20 @@ def compress_cmd(model_path, recipe_path, overrides, model_opts, dataset, out_di
     """
     from edgesqueeze.compress.pipeline import CompressConfig, compress
     from edgesqueeze.errors import RecipeError
-    from edgesqueeze.recipe import apply_overrides, given_sections, load_recipe, recipe_from_dict
+    from edgesqueeze.recipe import Recipe
 
-    default_dataset = None
-    arch, kwargs = model_opts.arch, dict(model_opts.arch_kwargs)
-    if recipe_path:
-        recipe = load_recipe(recipe_path, overrides)
-        if recipe.compress is None:
-            raise RecipeError(f"{recipe_path}: has no 'compress' section; see recipes/squeezenet-mnist.yaml "
-                              "(or leave out --recipe for a lossless re-encoding)")
-        given = given_sections(recipe_path, overrides)
-        name = recipe.name
-    else:  # --set alone builds a recipe: e.g. --set compress.ptq.target_bytes=480000
-        raw = apply_overrides({"version": 1}, overrides)
-        recipe, given, name = recipe_from_dict(raw, source="--set"), set(raw), Path(model_path).stem
-    # A plain state_dict says nothing about itself: the recipe's model and data stand in,
-    # but only where it names them (the dataclass defaults are meant for training).
-    if "model" in given and arch in (None, recipe.model.arch):
-        arch, kwargs = recipe.model.arch, {**recipe.model.kwargs, **kwargs}
-    if "data" in given:
-        default_dataset = recipe.data.dataset
+    recipe = model_opts.recipe or Recipe(version=1)
+    if model_opts.recipe_path and recipe.compress is None:
+        raise RecipeError(f"{model_opts.recipe_path}: has no 'compress' section; see recipes/squeezenet-mnist.yaml "
+                          "(or leave out --recipe for a lossless re-encoding)")
+    name = recipe.name if model_opts.recipe_path else Path(model_path).stem
     config = recipe.compress or CompressConfig()
     out = out_dir or Path(model_path).parent / f"{name}-compressed"
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
-                      default_dataset=default_dataset, arch=arch, arch_kwargs=kwargs,
-                      trust_pickle=model_opts.trust_pickle, input_meta=model_opts.input_meta,
-                      data_dir=data_dir or recipe.data.data_dir, recipe_hash=recipe.hash() if recipe_path else None,
-                      teacher=teacher,
-                      progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m))
+                      data_dir=data_dir or model_opts.data_dir,
+                      recipe_hash=recipe.hash() if model_opts.recipe_path else None, teacher=teacher,
+                      progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m),
+                      **model_opts.load_kwargs())
     from edgesqueeze.compress.report import size_table
 
     click.echo(size_table(result.report))
@@ -162,7 +145,8 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
     if not sps or not all(0 <= x < 1 for x in sps):
         raise click.BadParameter("each sparsity must be >= 0 and < 1", param_hint="--sparsities")
     out = out_dir or Path(model_path).parent / "sensitivity"
-    result = run_sensitivity(model_path, sparsities=sps, out_dir=out, max_drop=max_drop, data_dir=data_dir,
+    result = run_sensitivity(model_path, sparsities=sps, out_dir=out, max_drop=max_drop,
+                             data_dir=data_dir or model_opts.data_dir,
                              dataset=dataset, model_args=model_opts.load_kwargs(),
                              layers=[x.strip() for x in layers.split(",")] if layers else None,
                              log=lambda m: click.echo(m))

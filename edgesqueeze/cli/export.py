@@ -21,11 +21,6 @@ def _csv(value: str, what: str) -> list[str]:
 @click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "-f", "formats", default=None, metavar="LIST",
               help="Comma-separated: onnx, onnx-int8, tflite, tflite-int8 [default: the recipe's, else all four].")
-@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Recipe with an 'export' section (calibration, options).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe field, e.g. --set export.calibration.images=512 (repeatable; works "
-                   "without --recipe too).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, export/].")
 @click.option("--data", "dataset", help="Dataset for calibration images [default: the model's own].")
@@ -60,8 +55,10 @@ def _csv(value: str, what: str) -> list[str]:
               help="Also write each file packed (model.int8.tflite.esq): its weights Deep-Compression-coded, "
                    "restored byte for byte on the device by `edgesqueeze.runtime.load` [default: the "
                    "recipe's, else no].")
-@model_options
-def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, data_dir, calibration_images,
+@model_options(recipe_help="Recipe with an 'export' section (calibration, options); its 'model' section stands "
+                           "for --arch, its 'data' for the dataset of a file that records none.",
+               set_example="export.calibration.images=512")
+def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_images,
                calibration_method, fold_normalization, float_layers, weight_rounding, equalize_activations,
                onnx_int8_target, int8_weights, pack, model_opts):
     """Export a model to ONNX and TFLite, fp32 and INT8: an edgesqueeze checkpoint or .esq
@@ -86,14 +83,9 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
 
     from edgesqueeze.export import ExportConfig, export_artifacts
 
-    seed, recipe_data_dir = 0, None
-    config = ExportConfig()
-    if recipe_path or overrides:
-        from edgesqueeze.recipe import apply_overrides, load_recipe, recipe_from_dict
-
-        recipe = (load_recipe(recipe_path, overrides) if recipe_path
-                  else recipe_from_dict(apply_overrides({"version": 1}, overrides), source="--set"))
-        config, seed, recipe_data_dir = recipe.export or config, recipe.seed, recipe.data.data_dir
+    seed, config = 0, ExportConfig()
+    if model_opts.recipe is not None:
+        config, seed = model_opts.recipe.export or config, model_opts.recipe.seed
     if formats:
         try:
             config = dataclasses.replace(config, formats=tuple(_csv(formats, "--format")))
@@ -124,6 +116,6 @@ def export_cmd(model_path, formats, recipe_path, overrides, out_dir, dataset, da
         except EdgesqueezeError as exc:
             raise click.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--float-layers") from None
     out = out_dir or Path(model_path).parent / "export"
-    written = export_artifacts(model_path, config, out, dataset=dataset, data_dir=data_dir or recipe_data_dir,
+    written = export_artifacts(model_path, config, out, dataset=dataset, data_dir=data_dir or model_opts.data_dir,
                                seed=seed, log=lambda m: click.echo(m), **model_opts.load_kwargs())
     click.echo(f"wrote {len(written)} file(s) to {out}/; check them with: edgesqueeze verify {out}/*")

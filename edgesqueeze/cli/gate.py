@@ -10,18 +10,12 @@ import click
 from edgesqueeze.cli._group import cli, model_options
 
 
-def _budget_from_options(recipe_path, overrides, max_size, max_size_for, min_accuracy, max_drop, min_agreement):
+def _budget_from_options(recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement):
     import dataclasses
 
     from edgesqueeze.config.budget import Budget, BudgetSpecError, parse_fraction, parse_size
 
-    budget = Budget()
-    if recipe_path or overrides:
-        from edgesqueeze.recipe import apply_overrides, load_recipe, recipe_from_dict
-
-        recipe = (load_recipe(recipe_path, overrides) if recipe_path
-                  else recipe_from_dict(apply_overrides({"version": 1}, overrides), source="--set"))
-        budget = recipe.budget_spec()
+    budget = recipe.budget_spec() if recipe is not None else Budget()
     try:
         per = dict(budget.max_size_per_format)
         for item in max_size_for:
@@ -83,18 +77,14 @@ def _with_budget_options(fn):
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
 @click.option("--latency", is_flag=True, help="Also measure batch-1 latency (p50).")
-@model_options
-@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Recipe whose 'budget' section to check against.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe field, e.g. --set budget.max_size=500KB (repeatable; works without --recipe).")
+@model_options(recipe_help="Recipe whose 'budget' section to check against (options override it); its 'model' "
+                           "section stands for --arch.", set_example="budget.max_size=500KB")
 @_with_budget_options
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the verification report here (JSON; the markdown and plots go beside it) "
                    "[default: verify.json beside the first file].")
 @click.pass_context
-def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, model_opts, recipe_path, overrides,
-           max_size, max_size_for, min_accuracy, max_drop, min_agreement, out_path):
+def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, model_opts, max_size, max_size_for, min_accuracy, max_drop, min_agreement, out_path):
     """Evaluate artifacts on the test split through their own runtimes.
 
     .onnx runs in onnxruntime, .tflite in LiteRT, .esq through its decoder (its weights
@@ -123,9 +113,8 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
     if out.suffix.lower() == ".md":
         raise click.BadParameter(f"{out}: names the JSON report, and the markdown is written beside it; "
                                  f"give {out.with_suffix('.json')} to get {out}", param_hint="--out")
-    budget = _budget_from_options(recipe_path, overrides, max_size, max_size_for, min_accuracy, max_drop,
-                                  min_agreement)
-    report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir, reference=reference, limit=limit,
+    budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
+    report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir or model_opts.data_dir, reference=reference, limit=limit,
                                 threads=threads, latency=latency, log=lambda m: click.echo(m),
                                 **model_opts.load_kwargs())
     report["machine"] = machine_info(threads)
@@ -146,10 +135,6 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_with_budget_options
-@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Take the budget from this recipe's 'budget' section (options override it).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe field, e.g. --set budget.max_size=500KB (repeatable; works without --recipe).")
 @click.option("--data", "dataset", help="Dataset to evaluate artifact files on [default: the one each file records].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
@@ -160,10 +145,10 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
               help="Write JUnit XML (one test case per artifact and budget).")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write Markdown (e.g. $GITHUB_STEP_SUMMARY).")
-@model_options
+@model_options(recipe_help="Take the budget from this recipe's 'budget' section (options override it); its "
+                           "'model' section stands for --arch.", set_example="budget.max_size=500KB")
 @click.pass_context
-def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreement, recipe_path, overrides, dataset,
-          data_dir, reference, limit, json_path, junit_path, md_path, model_opts):
+def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreement, dataset, data_dir, reference, limit, json_path, junit_path, md_path, model_opts):
     """The CI gate: exit 0 when every budget holds, 1 when one is broken, 2 on bad input.
 
     PATHS are report.json files (from `verify` or `compress`: nothing is re-run) or
@@ -183,8 +168,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
                                     verdicts_markdown, verdicts_table)
     from edgesqueeze.verify import evaluate_artifacts, rows_from_report
 
-    budget = _budget_from_options(recipe_path, overrides, max_size, max_size_for, min_accuracy, max_drop,
-                                  min_agreement)
+    budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     if budget.is_empty():
         raise click.UsageError("no budget: give --max-size, --min-accuracy, --max-drop, --min-agreement "
                                "or a --recipe with a 'budget' section")
@@ -195,7 +179,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         else:
             files.append(p)
     if files:
-        report = evaluate_artifacts(files, dataset=dataset, data_dir=data_dir, reference=reference, limit=limit,
+        report = evaluate_artifacts(files, dataset=dataset, data_dir=data_dir or model_opts.data_dir, reference=reference, limit=limit,
                                     log=lambda m: click.echo(m, err=True), **model_opts.load_kwargs())
         rows.extend(report["artifacts"])
     verdicts = run_check(rows, budget)

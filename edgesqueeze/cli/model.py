@@ -48,7 +48,7 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 
 @cli.command("eval")
 @click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--dataset", help="Dataset name [default: the one the checkpoint was trained on].")
+@click.option("--data", "--dataset", "dataset", help="Dataset name [default: the one the checkpoint was trained on].")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -66,12 +66,17 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
     \b
     Example:
       edgesqueeze eval artifacts/squeezenet-mnist/model.pt
-      edgesqueeze eval squeezenet1_0.pt --arch squeezenet1_0 --dataset imagenet-sample
+      edgesqueeze eval squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample
     """
     from edgesqueeze.evaluate import evaluate_file
 
-    metrics = evaluate_file(model_path, dataset=dataset, split=split, data_dir=data_dir, val_fraction=val_fraction,
-                            seed=seed, limit=limit, image_size=image_size, batch_size=batch_size,
+    data = model_opts.section("data")
+    if val_fraction is None and data is not None:
+        val_fraction = data.val_fraction
+    if seed is None and "seed" in model_opts.given:
+        seed = model_opts.recipe.seed
+    metrics = evaluate_file(model_path, dataset=dataset, split=split, data_dir=data_dir or model_opts.data_dir,
+                            val_fraction=val_fraction, seed=seed, limit=limit, image_size=image_size, batch_size=batch_size,
                             **model_opts.load_kwargs())
     if as_json:
         click.echo(json.dumps(metrics, indent=2))

@@ -70,12 +70,14 @@ def run_cmd(model_path, images, top_k, threads, as_json):
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads [default: the runtime's].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write rows as JSON.")
-def bench(paths, batch_sizes, runs, warmup, threads, json_path):
+@model_options
+def bench(paths, batch_sizes, runs, warmup, threads, json_path, model_opts):
     """Latency of artifacts (p50, p90) at batch 1 and 32, with ratios against the first file,
     and each file's cold load time (file to ready session; packed files decode first).
 
     .onnx and .tflite (and packed .onnx.esq / .tflite.esq) run through their runtimes; .pt
-    and .esq checkpoints through PyTorch eager.
+    and .esq checkpoints through PyTorch eager (a .pt of your own model: --arch, or
+    TorchScript / .pt2 with --input-shape).
 
     \b
     Example:
@@ -85,7 +87,7 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path):
     from edgesqueeze.benchmark import bench_files
 
     rows = bench_files(list(paths), batch_sizes=list(batch_sizes) or [1, 32], runs=runs, warmup=warmup,
-                       threads=threads, log=lambda m: click.echo(m, err=True))
+                       threads=threads, model_args=model_opts.load_kwargs(), log=lambda m: click.echo(m, err=True))
     head = f"{'file':<44}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'vs first':>10}{'load ms':>10}"
     click.echo(head)
     for r in rows:

@@ -38,7 +38,7 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
     from edgesqueeze.evaluate import input_normalization
 
     loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
-                        input_meta=input_meta)
+                        input_meta=input_meta, default_dataset=default_dataset)
     meta = dict(loaded.meta)
     if loaded.kind == "pickle" and "arch" not in meta:
         meta.update(class_spec(loaded.model, checkpoint, arch_kwargs))

@@ -99,11 +99,12 @@ def model_stem(path: str | Path) -> str:
 def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str | Path, *,
                      dataset: str | None = None, data_dir=None, arch: str | None = None,
                      arch_kwargs: dict | None = None, trust_pickle: bool = False, input_meta: dict | None = None,
-                     seed: int = 0, stem: str | None = None, log: Log = print) -> list[Path]:
+                     default_dataset: str | None = None, seed: int = 0, stem: str | None = None,
+                     log: Log = print) -> list[Path]:
     """Write every format in ``config.formats`` to ``out_dir``; return the paths written.
 
-    ``arch``, ``arch_kwargs``, ``trust_pickle``, ``input_meta``: how to read a file that
-    does not describe itself (:func:`edgesqueeze.checkpoint.load_model`)."""
+    ``arch``, ``arch_kwargs``, ``trust_pickle``, ``input_meta``, ``default_dataset``: how to
+    read a file that does not describe itself (:func:`edgesqueeze.checkpoint.load_model`)."""
     from edgesqueeze._io import sha256_file
     from edgesqueeze.checkpoint import load_model
     from edgesqueeze.models.imports import is_import_spec
@@ -111,6 +112,8 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     source = Path(model_path)
     loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta)
     meta = dict(loaded.meta)
+    if not dataset and not meta.get("dataset"):  # the recipe's data section, as --data
+        dataset = default_dataset
     if arch and "arch" not in meta:
         meta["arch"] = arch
     if "input_shape" not in meta and arch and not is_import_spec(arch):
