@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 STAMP      := $(VENV)/.installed
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 # Test files run in parallel, one worker per core (pytest-xdist; each file's tests stay on one
 # worker, so module fixtures are built once). `make test XDIST=` runs them in one process.
 XDIST      ?= -n auto --dist loadfile

@@ -519,8 +519,11 @@ def report() -> str:
             def acc_agr(fmt):
                 v = i8.get(fmt)
                 return f"{_pct(v['accuracy'])} / {_pct(v['agreement'])}" if v else "-"
+            drop = (dc.get("test") or {}).get("drop_points")
+            after = _pct((dc.get("test") or {}).get("after", {}).get("accuracy")) + (
+                f" ({-drop:+.2f})" if drop is not None else "")
             lines.append(f"| {x['class']} | {_pct(x['float']['test_accuracy'])} | {t.get('esq_bytes', 0):,} B | "
-                         f"{t.get('ratio', '-')} | {_pct((dc.get('test') or {}).get('after', {}).get('accuracy'))} | "
+                         f"{t.get('ratio', '-')} | {after} | "
                          f"{pt_t.get('esq_bytes', 0):,} B | {pt_t.get('ratio', '-')} | {_pct(held.get('agreement'))} | "
                          f"{acc_agr('onnx-int8')} | {acc_agr('tflite-int8')} |")
         lines += ["", "Targets (issue 17): trained to >= 80%; retrained .esq >= 12x smaller within 1 point; "
