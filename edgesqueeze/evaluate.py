@@ -24,15 +24,20 @@ from edgesqueeze.errors import DataError
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, *, mean, std, batch_size: int = 512,
             channels_last: bool = False) -> torch.Tensor:
-    """Logits for uint8 images ``x`` (N, C, H, W), in order."""
+    """Logits for uint8 images ``x`` (N, C, H, W), in order, on the CPU; the model runs on
+    the device its weights are on."""
     from edgesqueeze.data import batches
+    from edgesqueeze.device import model_device
 
     model.eval()
+    device = model_device(model)
     outs = []
     dummy_y = np.zeros(len(x), dtype=np.int64)
     for xb, _ in batches(x, dummy_y, batch_size=batch_size, shuffle=False, generator=None,
                          mean=mean, std=std, channels_last=channels_last):
-        outs.append(model(xb).float())
+        if device.type != "cpu":
+            xb = xb.to(device, non_blocking=True)
+        outs.append(model(xb).float().cpu())
     if not outs:
         return torch.empty(0, 0)
     return torch.cat(outs)
@@ -114,8 +119,13 @@ def evaluate_file(
     input_meta: dict | None = None,
     default_dataset: str | None = None,
     batch_size: int = 256,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Top-1/top-5 accuracy and loss of the model in ``path`` on a dataset split."""
+    """Top-1/top-5 accuracy and loss of the model in ``path`` on a dataset split, computed on
+    ``device`` (``edgesqueeze.device``; default auto)."""
+    from edgesqueeze.device import resolve_device
+
+    dev = resolve_device(device)
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta,
                         default_dataset=default_dataset)
     meta = loaded.meta
@@ -135,7 +145,7 @@ def evaluate_file(
     if probe.shape[-1] != ds.num_classes:
         raise DataError(f"dataset '{ds.name}' has {ds.num_classes} classes but {path} outputs {probe.shape[-1]}; "
                         "pass the dataset it was trained on (--data)")
-    metrics = evaluate(loaded.model, x, y, mean=mean, std=std, batch_size=batch_size)
+    metrics = evaluate(loaded.model.to(dev), x, y, mean=mean, std=std, batch_size=batch_size)
     return {"model": str(path), "dataset": ds.name, "split": split, **metrics, "normalization": how}
 
 

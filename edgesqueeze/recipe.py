@@ -82,6 +82,8 @@ class TrainConfig:
     channels_last: bool = False
     threads: int = field(default=0, metadata=_range(ge=0, le=1024))
     eval_batch_size: int = field(default=512, metadata=_range(ge=1, le=65_536))
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (edgesqueeze.device)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: mixed precision, CUDA only
 
 
 @dataclass(frozen=True)
@@ -108,16 +110,29 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def _hashed(self) -> dict:
+        """``to_dict`` without where a run computes: the device (a run started on a GPU may
+        be resumed or reproduced on the CPU), and fp32 precision (the default, so recipes
+        hash as they did before devices existed)."""
+        d = self.to_dict()
+        for section in (d["train"], *((d["compress"] or {}).get(k) or {}
+                                      for k in ("prune_finetune", "cluster_finetune"))):
+            section.pop("device", None)
+            if section.get("precision") == "fp32":
+                section.pop("precision")
+        return d
+
     def hash(self) -> str:
         """SHA-256 of the canonical JSON form: what a run's artifacts record as provenance."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self._hashed(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def train_hash(self) -> str:
         """Hash of what determines training (seed, model, data, train): resuming checks it,
         so adding or editing a later stage (compress, export) does not orphan a run. The
-        thread count is left out: a run started on 1 thread may continue on 2."""
-        d = self.to_dict()
+        thread count and the device are left out: a run started on 1 thread may continue on
+        2, one started on a GPU on the CPU."""
+        d = self._hashed()
         d["train"] = {k: v for k, v in d["train"].items() if k != "threads"}
         blob = json.dumps({k: d[k] for k in ("seed", "model", "data", "train")}, sort_keys=True,
                           separators=(",", ":"))

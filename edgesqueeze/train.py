@@ -112,16 +112,22 @@ class DistillLoss(nn.Module):
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, it, *, cfg, steps: int, step: int,
                     total_steps: int, loss_fn, desc: str, progress: bool,
                     on_step: Callable[[int], None] | None = None,
-                    teacher: nn.Module | None = None) -> tuple[int, float, int, int]:
+                    teacher: nn.Module | None = None, scaler=None) -> tuple[int, float, int, int]:
     """Up to ``steps`` optimizer steps over batches ``it``; the lr follows :func:`lr_at`.
 
     ``on_step(step)`` runs before each step (pruning schedules hook in here). With a
     ``teacher`` (in eval mode), ``loss_fn`` is called as ``loss_fn(logits, y, teacher_logits)``
-    (a :class:`DistillLoss`). Returns the new global step, the summed loss, the number of
-    correct predictions and of samples seen.
+    (a :class:`DistillLoss`). Batches (drawn on the CPU) move to the model's device; forward
+    passes run in ``cfg.precision`` (autocast), with ``scaler`` (a GradScaler) for fp16.
+    Returns the new global step, the summed loss, the number of correct predictions and of
+    samples seen.
     """
     from tqdm.auto import tqdm
 
+    from edgesqueeze.device import autocast, model_device
+
+    device = model_device(model)
+    precision = getattr(cfg, "precision", "fp32")
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(total=steps, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True)
@@ -133,18 +139,29 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, it, *, c
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        logits = model(xb)
-        if teacher is None:
-            loss = loss_fn(logits, yb)
-        else:
-            with torch.no_grad():
-                teacher_logits = teacher(xb)
-            loss = loss_fn(logits, yb, teacher_logits)
+        if device.type != "cpu":
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(xb)
+            if teacher is None:
+                loss = loss_fn(logits, yb)
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(xb)
+                loss = loss_fn(logits, yb, teacher_logits)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
         step += 1
         if not math.isfinite(loss.item()):
             raise EdgesqueezeError(f"{desc}: training diverged at step {step} (loss {loss.item()}); lower the lr")
@@ -218,6 +235,18 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _cpu(obj: Any) -> Any:
+    """``obj`` (an optimizer state_dict) with every tensor on the CPU: a training state
+    resumes on any device. The same tensors when they are already there."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
 def _check_model_fits(model: nn.Module, ds, arch: str) -> None:
     """One clear line, before the first epoch, when the model cannot take the dataset's
     images or does not output one logit per class."""
@@ -260,6 +289,10 @@ def fit(
         raise EdgesqueezeError(f"{out}: holds a previous run (last.pt); pass --resume to continue it "
                                "or --overwrite to start over")
     threads = set_threads(cfg.threads)
+    from edgesqueeze.device import check_precision, grad_scaler, resolve_device
+
+    device = resolve_device(cfg.device, what="train.device")
+    check_precision(cfg.precision, device, what="train.precision")
 
     ds = load_dataset(recipe.data.dataset, data_dir=recipe.data.data_dir, download=recipe.data.download,
                       image_size=recipe.data.image_size, limit=recipe.data.limit, seed=recipe.seed)
@@ -276,9 +309,11 @@ def fit(
         from_data = accepted_kwargs(recipe.model.arch, from_data)
     model = build_model(recipe.model.arch, **{**from_data, **recipe.model.kwargs})
     _check_model_fits(model, ds, recipe.model.arch)
+    model = model.to(device)  # the CPU: the same module, untouched
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
+    scaler = grad_scaler(device, cfg.precision)
     gen = torch.Generator().manual_seed(recipe.seed)
 
     steps_per_epoch = len(x_tr) // cfg.batch_size if len(x_tr) >= cfg.batch_size else 1
@@ -317,7 +352,9 @@ def fit(
             raise EdgesqueezeError(f"{state_path}: was written by a different recipe (training settings hash "
                                    f"{st['train_hash'][:12]}); pass --overwrite to start over")
         load_state_dict_checked(model, st["state_dict"], source=str(state_path))
-        optimizer.load_state_dict(st["optimizer"])
+        optimizer.load_state_dict(st["optimizer"])  # its state moves to the parameters' device
+        if scaler is not None and st.get("grad_scaler"):
+            scaler.load_state_dict(st["grad_scaler"])
         torch.set_rng_state(st["torch_rng"])
         gen.set_state(st["data_rng"])
         history = json.loads(st["history_json"])
@@ -329,7 +366,8 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2, sort_keys=True))
     log(f"training {recipe.model.arch} on {ds.name}: {len(x_tr)} train / {len(x_val)} val images, "
-        f"{n_epochs} epochs x {steps_per_epoch} steps, {threads} threads -> {out}")
+        f"{n_epochs} epochs x {steps_per_epoch} steps, "
+        + (f"{threads} threads" if device.type == "cpu" else f"on {device} ({cfg.precision})") + f" -> {out}")
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for epoch in range(start_epoch, n_epochs):
@@ -340,7 +378,7 @@ def fit(
                      channels_last=cfg.channels_last)
         step, loss_sum, correct, seen = train_one_epoch(
             model, optimizer, it, cfg=cfg, steps=steps, step=step, total_steps=total_steps, loss_fn=loss_fn,
-            desc=f"epoch {epoch + 1}/{n_epochs}", progress=progress)
+            desc=f"epoch {epoch + 1}/{n_epochs}", progress=progress, scaler=scaler)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": step,
@@ -357,9 +395,9 @@ def fit(
         val_txt = f"  val loss {row['val_loss']:.4f} acc {100 * row['val_accuracy']:.2f}%" if len(x_val) else ""
         log(f"epoch {epoch + 1:>3}/{n_epochs}  train loss {row['train_loss']:.4f} acc "
             f"{100 * row['train_accuracy']:.2f}%{val_txt}  ({row['epoch_s']:.1f}s)")
-        save_train_state(state_path, {
-            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
+        state = {
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "optimizer": _cpu(optimizer.state_dict()),
             "torch_rng": torch.get_rng_state(),
             "data_rng": gen.get_state(),
             "epoch": epoch + 1,
@@ -368,7 +406,10 @@ def fit(
             "recipe_hash": recipe.hash(),
             "train_hash": recipe.train_hash(),
             "meta_json": json.dumps(meta),
-        })
+        }
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
+        save_train_state(state_path, state)
         _write_metrics(out, history)
 
     test = evaluate(model, ds.test_x, ds.test_y, mean=ds.mean, std=ds.std, batch_size=cfg.eval_batch_size,
@@ -382,6 +423,7 @@ def fit(
     }
     if cfg.channels_last:
         model = model.to(memory_format=torch.contiguous_format)
+    model = model.cpu()  # what compress, export and the caller expect
     ckpt = save_checkpoint(out / "model.pt", model, meta)
     if history:
         plot_curves(history, out / "curves.png", f"{recipe.name}: {recipe.model.arch} on {ds.name}")

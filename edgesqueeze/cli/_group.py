@@ -213,5 +213,12 @@ def model_options(fn=None, *, recipe_help: str = _RECIPE_HELP, set_example: str 
     return wrapper
 
 
+def device_option(fn):
+    """``--device``, the same on every command that runs PyTorch on data."""
+    from edgesqueeze.device import DEVICE_HELP
+
+    return click.option("--device", metavar="DEVICE", help=DEVICE_HELP)(fn)
+
+
 def _progress_default() -> bool:
     return sys.stderr.isatty()

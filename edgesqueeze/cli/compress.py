@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import _progress_default, cli, model_options
+from edgesqueeze.cli._group import _progress_default, cli, device_option, model_options
 
 
 @cli.command("compress")
@@ -22,7 +22,8 @@ from edgesqueeze.cli._group import _progress_default, cli, model_options
               help="Model to distil from when a recipe's prune_finetune or cluster_finetune sets 'distill' "
                    "[default: MODEL_PATH itself]; the float original when MODEL_PATH is a pruned.pt.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
-def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, progress):
+@device_option
+def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, progress, device):
     """Compress a model into a .esq archive, with a report.
 
     \b
@@ -64,6 +65,14 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, pr
                           "(or leave out --recipe for a lossless re-encoding)")
     name = recipe.name if model_opts.recipe_path else Path(model_path).stem
     config = recipe.compress or CompressConfig()
+    if device:  # where retraining runs (prune_finetune, cluster_finetune): checked before anything is read
+        import dataclasses
+
+        from edgesqueeze.device import resolve_device
+
+        resolve_device(device)
+        config = dataclasses.replace(config, **{k: dataclasses.replace(getattr(config, k), device=device)
+                                                for k in ("prune_finetune", "cluster_finetune")})
     out = out_dir or Path(model_path).parent / f"{name}-compressed"
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
                       data_dir=data_dir or model_opts.data_dir,
@@ -127,7 +136,8 @@ def unpack(esq_path, out_path):
 @click.option("--data", "dataset", help="Dataset [default: the one the model records].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @model_options
-def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data_dir, model_opts):
+@device_option
+def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data_dir, model_opts, device):
     """Prune each layer alone at several sparsities and measure validation accuracy.
 
     Writes sensitivity.md (the table), sensitivity.json and sensitivity.png.
@@ -147,7 +157,7 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
     out = out_dir or Path(model_path).parent / "sensitivity"
     result = run_sensitivity(model_path, sparsities=sps, out_dir=out, max_drop=max_drop,
                              data_dir=data_dir or model_opts.data_dir,
-                             dataset=dataset, model_args=model_opts.load_kwargs(),
+                             dataset=dataset, model_args=model_opts.load_kwargs(), device=device,
                              layers=[x.strip() for x in layers.split(",")] if layers else None,
                              log=lambda m: click.echo(m))
     click.echo((out / "sensitivity.md").read_text())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import _progress_default, cli, model_options
+from edgesqueeze.cli._group import _progress_default, cli, device_option, model_options
 
 
 @cli.command()
@@ -22,7 +22,8 @@ from edgesqueeze.cli._group import _progress_default, cli, model_options
 @click.option("--resume", is_flag=True, help="Continue the run in the output directory after its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Start over even if the output directory holds a run.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
-def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress):
+@device_option
+def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress, device):
     """Train the model a recipe describes.
 
     Writes model.pt (checkpoint with metadata), last.pt (resumable state, every epoch),
@@ -39,6 +40,11 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 
     if data_dir:
         overrides = (*overrides, f"data.data_dir={data_dir}")
+    if device:
+        from edgesqueeze.device import resolve_device
+
+        resolve_device(device)  # the option named in the error, before anything is read
+        overrides = (*overrides, f"train.device={device}")
     recipe = load_recipe(recipe_path, overrides)
     result = fit(recipe, out_dir=out_dir, resume=resume, overwrite=overwrite,
                  progress=_progress_default() if progress is None else progress,
@@ -59,8 +65,9 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 @model_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@device_option
 def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, image_size, model_opts, batch_size,
-             as_json):
+             as_json, device):
     """Accuracy of a model file on a dataset split.
 
     \b
@@ -76,7 +83,8 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
     if seed is None and "seed" in model_opts.given:
         seed = model_opts.recipe.seed
     metrics = evaluate_file(model_path, dataset=dataset, split=split, data_dir=data_dir or model_opts.data_dir,
-                            val_fraction=val_fraction, seed=seed, limit=limit, image_size=image_size, batch_size=batch_size,
+                            val_fraction=val_fraction, seed=seed, limit=limit, image_size=image_size,
+                            batch_size=batch_size, device=device,
                             **model_opts.load_kwargs())
     if as_json:
         click.echo(json.dumps(metrics, indent=2))

@@ -23,12 +23,29 @@ def finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: st
               teacher: nn.Module | None = None, log: Log | None = None) -> int:
     """Fine-tune ``model`` in place for ``cfg.epochs``; returns the number of steps taken.
     With ``cfg.distill``, ``teacher`` (left untouched) supplies the soft targets. ``log``
-    gets one line per epoch (what a run in the background shows of its progress)."""
+    gets one line per epoch (what a run in the background shows of its progress). Runs on
+    ``cfg.device`` in ``cfg.precision``; the model is back on its own device afterwards."""
+    if cfg.epochs <= 0:
+        return 0
+    from edgesqueeze.device import check_precision, grad_scaler, model_device, resolve_device
+
+    device = resolve_device(cfg.device, what=f"{desc}: device")
+    check_precision(cfg.precision, device, what=f"{desc}: precision")
+    home = model_device(model)
+    model.to(device)  # and back when done: the stages after retraining work on the CPU
+    try:
+        return _finetune(model, data, cfg, seed=seed, desc=desc, progress=progress, on_step=on_step,
+                         attach=attach, teacher=teacher, log=log, scaler=grad_scaler(device, cfg.precision))
+    finally:
+        model.to(home)
+
+
+def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: str, progress: bool,
+              on_step, attach, teacher, log, scaler) -> int:
+    from edgesqueeze.device import model_device
     from edgesqueeze.train import DistillLoss, make_optimizer, train_one_epoch
 
     x, y, ds, augment = data
-    if cfg.epochs <= 0:
-        return 0
     steps_per_epoch = max(1, len(x) // cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
     from edgesqueeze.models.layers import KEEP_ATTR
@@ -48,7 +65,7 @@ def finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: st
             raise EdgesqueezeError(f"{desc}: distill is set but no teacher model was given")
         loss_fn = DistillLoss(alpha=cfg.distill.alpha, temperature=cfg.distill.temperature,
                               label_smoothing=cfg.label_smoothing)
-        teacher = copy.deepcopy(teacher).eval()
+        teacher = copy.deepcopy(teacher).eval().to(model_device(model))
         if cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         for p in teacher.parameters():
@@ -66,7 +83,8 @@ def finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: st
                      channels_last=cfg.channels_last)
         step, loss_sum, correct, seen = train_one_epoch(
             model, optimizer, it, cfg=cfg, steps=min(steps_per_epoch, total - step), step=step, total_steps=total,
-            loss_fn=loss_fn, desc=f"{desc} {epoch + 1}", progress=progress, on_step=on_step, teacher=teacher)
+            loss_fn=loss_fn, desc=f"{desc} {epoch + 1}", progress=progress, on_step=on_step, teacher=teacher,
+            scaler=scaler)
         if log is not None and seen:
             log(f"  {desc} epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f}, train accuracy "
                 f"{100 * correct / seen:.2f}% ({time.perf_counter() - t0:.0f} s)")

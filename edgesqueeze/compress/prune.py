@@ -185,11 +185,12 @@ class Pruner:
         mask changed. Cheap to call every step: it does nothing until the schedule moves."""
         changed = False
         for name, s in self.sparsity_at(step).items():
-            old = self.masks[name]
+            w = self.model.get_submodule(name).weight.detach()
+            # the masks follow the model (retraining may run it on a GPU): a no-op on one device
+            old = self.masks[name] = self.masks[name].to(w.device)
             pruned_now = int(old.numel() - torch.count_nonzero(old))
             if pruned_now >= math.floor(s * old.numel() + 0.5) and step is not None:
                 continue  # already at least this sparse
-            w = self.model.get_submodule(name).weight.detach()
             new = magnitude_mask(w.masked_fill(~old, 0.0), s) & old
             if not torch.equal(new, old):
                 self.masks[name] = new

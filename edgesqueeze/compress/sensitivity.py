@@ -33,15 +33,21 @@ def sensitivity(
     dataset: str | None = None,
     batch_size: int = 512,
     model_args: dict[str, Any] | None = None,
+    device: str | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Prune each layer alone at each sparsity; validation accuracy table, plot, and (with
-    ``max_drop``, in accuracy points) the per-layer sparsities that stay within it."""
+    ``max_drop``, in accuracy points) the per-layer sparsities that stay within it. The
+    measurements run on ``device`` (``edgesqueeze.device``; default auto)."""
+    from edgesqueeze.device import resolve_device
+
+    dev = resolve_device(device)
     from edgesqueeze.compress.prune import choose_sparsities, sensitivity_scan
     from edgesqueeze.evaluate import evaluate
 
     out = Path(out_dir)
     loaded, meta, ds, _, (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir, model_args, log)
+    loaded.model.to(dev)
     if not len(x_val):
         raise EdgesqueezeError(f"{checkpoint}: its dataset has no validation split to measure on")
 

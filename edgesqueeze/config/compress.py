@@ -322,6 +322,8 @@ class FinetuneConfig:
     channels_last: bool = False
     augment: bool = True
     distill: DistillConfig | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (edgesqueeze.device)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: mixed precision, CUDA only
 
 
 @dataclass(frozen=True)
