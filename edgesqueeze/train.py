@@ -187,6 +187,7 @@ class TrainResult:
     checkpoint: Path
     wall_s: float
     meta: dict[str, Any] = field(default_factory=dict)
+    main: bool = True  # False on the ranks other than 0 of a torchrun launch (they write nothing)
 
 
 def _augment_for(recipe: Recipe, dataset_name: str):
@@ -276,10 +277,11 @@ def fit(
 
     Outputs in ``out_dir`` (default ``artifacts/<recipe name>``): ``model.pt`` (final
     checkpoint), ``last.pt`` (resumable state, rewritten each epoch), ``metrics.csv``,
-    ``metrics.json``, ``curves.png``, ``recipe.json``.
+    ``metrics.json``, ``curves.png``, ``recipe.json``. Launched by ``torchrun``, it trains
+    data-parallel (:mod:`edgesqueeze.distributed`): rank 0 writes and logs.
     """
-    from edgesqueeze.data import batches, load_dataset, split_train_val
-    from edgesqueeze.models import build_model
+    from edgesqueeze import distributed
+    from edgesqueeze.device import check_precision, resolve_device
 
     t_start = time.perf_counter()
     cfg = recipe.train
@@ -288,11 +290,40 @@ def fit(
     if state_path.exists() and not (resume or overwrite):
         raise EdgesqueezeError(f"{out}: holds a previous run (last.pt); pass --resume to continue it "
                                "or --overwrite to start over")
-    threads = set_threads(cfg.threads)
-    from edgesqueeze.device import check_precision, grad_scaler, resolve_device
-
     device = resolve_device(cfg.device, what="train.device")
     check_precision(cfg.precision, device, what="train.precision")
+    group = distributed.setup(device)  # launched by torchrun: one of WORLD_SIZE processes
+    distributed.explain_termination(group, out)
+    try:
+        return _fit(recipe, out, group, distributed.rank_device(device, group), t_start, resume=resume,
+                    progress=progress and group.main, log=log if group.main else _quiet)
+    except RuntimeError as exc:
+        raise distributed.lost_contact(group, exc, out) from None
+    finally:
+        distributed.teardown(group)
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float, *, resume: bool, progress: bool,
+         log: Log) -> TrainResult:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from edgesqueeze import distributed
+    from edgesqueeze.data import batches, load_dataset, split_train_val
+    from edgesqueeze.device import grad_scaler
+    from edgesqueeze.models import build_model
+
+    cfg = recipe.train
+    state_path = out / "last.pt"
+    # processes on one machine share its cores
+    threads = set_threads(cfg.threads or (max(1, (os.cpu_count() or 1) // group.local_world) if group.active else 0))
+    if group.active and cfg.batch_size % group.world:
+        raise distributed.DistributedError(
+            f"train.batch_size {cfg.batch_size} is the global batch and must split evenly over {group.world} "
+            f"processes; use a multiple of {group.world}")
 
     ds = load_dataset(recipe.data.dataset, data_dir=recipe.data.data_dir, download=recipe.data.download,
                       image_size=recipe.data.image_size, limit=recipe.data.limit, seed=recipe.seed)
@@ -314,6 +345,9 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     scaler = grad_scaler(device, cfg.precision)
+    # data-parallel: gradients averaged over the ranks, so the weights stay the same on each
+    trained = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+               if group.active else model)
     gen = torch.Generator().manual_seed(recipe.seed)
 
     steps_per_epoch = len(x_tr) // cfg.batch_size if len(x_tr) >= cfg.batch_size else 1
@@ -341,8 +375,9 @@ def fit(
     start_epoch, step = 0, 0
     from edgesqueeze._io import remove_stale_temps
 
-    for stale in remove_stale_temps(out):  # a killed run can die inside an atomic write
-        log(f"removed {stale.name}, left by an interrupted write")
+    if group.main:
+        for stale in remove_stale_temps(out):  # a killed run can die inside an atomic write
+            log(f"removed {stale.name}, left by an interrupted write")
     if resume and state_path.exists():
         st = load_train_state(state_path)
         if "train_hash" not in st:
@@ -351,6 +386,12 @@ def fit(
         if st["train_hash"] != recipe.train_hash():
             raise EdgesqueezeError(f"{state_path}: was written by a different recipe (training settings hash "
                                    f"{st['train_hash'][:12]}); pass --overwrite to start over")
+        started = int(st.get("world_size", 1))
+        if started != group.world:
+            how = f"torchrun --nproc_per_node {started} -m edgesqueeze train" if started > 1 else "edgesqueeze train"
+            raise distributed.DistributedError(
+                f"{state_path}: this run was started with {started} process(es) and is resumed with {group.world}; "
+                f"resume it with {how} ... --resume (the global batch and the data order depend on it)")
         load_state_dict_checked(model, st["state_dict"], source=str(state_path))
         optimizer.load_state_dict(st["optimizer"])  # its state moves to the parameters' device
         if scaler is not None and st.get("grad_scaler"):
@@ -363,11 +404,13 @@ def fit(
     elif resume:
         log(f"nothing to resume in {out}: starting from scratch")
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2, sort_keys=True))
+    if group.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2, sort_keys=True))
     log(f"training {recipe.model.arch} on {ds.name}: {len(x_tr)} train / {len(x_val)} val images, "
         f"{n_epochs} epochs x {steps_per_epoch} steps, "
-        + (f"{threads} threads" if device.type == "cpu" else f"on {device} ({cfg.precision})") + f" -> {out}")
+        + (f"{threads} threads" if device.type == "cpu" else f"on {device} ({cfg.precision})")
+        + (f", {group.world} processes (torch.distributed)" if group.active else "") + f" -> {out}")
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for epoch in range(start_epoch, n_epochs):
@@ -377,8 +420,11 @@ def fit(
                      mean=ds.mean, std=ds.std, augment=augment, drop_last=len(x_tr) >= cfg.batch_size,
                      channels_last=cfg.channels_last)
         step, loss_sum, correct, seen = train_one_epoch(
-            model, optimizer, it, cfg=cfg, steps=steps, step=step, total_steps=total_steps, loss_fn=loss_fn,
-            desc=f"epoch {epoch + 1}/{n_epochs}", progress=progress, scaler=scaler)
+            trained, optimizer, distributed.shard(it, group), cfg=cfg, steps=steps, step=step,
+            total_steps=total_steps, loss_fn=loss_fn, desc=f"epoch {epoch + 1}/{n_epochs}", progress=progress,
+            scaler=scaler)
+        if group.active:  # every rank's share of the epoch
+            loss_sum, correct, seen = distributed.sum_all(group, [loss_sum, correct, seen])
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": step,
@@ -409,8 +455,11 @@ def fit(
         }
         if scaler is not None:
             state["grad_scaler"] = scaler.state_dict()
-        save_train_state(state_path, state)
-        _write_metrics(out, history)
+        if group.active:
+            state["world_size"] = group.world
+        if group.main:
+            save_train_state(state_path, state)
+            _write_metrics(out, history)
 
     test = evaluate(model, ds.test_x, ds.test_y, mean=ds.mean, std=ds.std, batch_size=cfg.eval_batch_size,
                     channels_last=cfg.channels_last)
@@ -424,11 +473,16 @@ def fit(
     if cfg.channels_last:
         model = model.to(memory_format=torch.contiguous_format)
     model = model.cpu()  # what compress, export and the caller expect
-    ckpt = save_checkpoint(out / "model.pt", model, meta)
-    if history:
-        plot_curves(history, out / "curves.png", f"{recipe.name}: {recipe.model.arch} on {ds.name}")
-    write_text_atomic(out / "summary.json", json.dumps({"test": test, "history": history[-1:] if history else [],
-                                                        "wall_s": wall}, indent=2))
+    if group.active:
+        meta["train_processes"] = group.world
+    ckpt = out / "model.pt"
+    if group.main:
+        save_checkpoint(ckpt, model, meta)
+        if history:
+            plot_curves(history, out / "curves.png", f"{recipe.name}: {recipe.model.arch} on {ds.name}")
+        write_text_atomic(out / "summary.json", json.dumps({"test": test, "history": history[-1:] if history else [],
+                                                            "wall_s": wall}, indent=2))
+    distributed.barrier(group)  # every rank returns once the files are there
     top5 = f", top-5 {100 * test['top5']:.2f}%" if "top5" in test else ""
     log(f"test accuracy {100 * test['accuracy']:.2f}%{top5} on {test['n']} images; wall {wall:.1f}s")
-    return TrainResult(model, history, test, out, ckpt, wall, meta)
+    return TrainResult(model, history, test, out, ckpt, wall, meta, group.main)

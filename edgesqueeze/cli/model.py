@@ -49,7 +49,8 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
     result = fit(recipe, out_dir=out_dir, resume=resume, overwrite=overwrite,
                  progress=_progress_default() if progress is None else progress,
                  log=lambda s: click.echo(s))
-    click.echo(f"outputs: {result.out_dir}/ (model.pt, metrics.csv, metrics.json, curves.png)")
+    if result.main:  # under torchrun, rank 0 speaks for the run
+        click.echo(f"outputs: {result.out_dir}/ (model.pt, metrics.csv, metrics.json, curves.png)")
 
 
 @cli.command("eval")

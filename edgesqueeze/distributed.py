@@ -1,0 +1,160 @@
+"""Data-parallel training on ``torch.distributed``, launched by ``torchrun``.
+
+``torchrun --nproc_per_node N -m edgesqueeze train -r recipe.yaml`` starts N processes with
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and a rendezvous in their environment; each one
+builds the same model from the same seed, draws the same shuffled order and augmentation
+from the same generator, and trains on its own slice of every global batch (``train.batch_size``
+is the global batch: each rank takes every N-th sample of it). DistributedDataParallel
+averages the gradients, so the weights stay identical on every rank. Rank 0 alone writes
+files and logs. Backend: ``nccl`` on CUDA, ``gloo`` on the CPU.
+
+Without ``WORLD_SIZE`` (or with 1), everything here is a no-op: one process, as before.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from edgesqueeze.errors import EdgesqueezeError
+
+
+class DistributedError(EdgesqueezeError):
+    """A launch that cannot work: a global batch that does not split, a resume with another
+    number of processes."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the run: rank, number of processes, rank on this machine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    started_here: bool = False  # this module initialised the process group (and ends it)
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and logs."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        raise DistributedError(f"${name}={value!r} is not a number; launch with torchrun") from None
+
+
+def setup(device: torch.device) -> Group:
+    """Join the process group torchrun describes (``gloo`` on the CPU, ``nccl`` on CUDA);
+    a one-process :class:`Group` when not launched by torchrun."""
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return Group()
+    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    started = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        started = True
+    return Group(rank, world, local, local_world, started)
+
+
+def rank_device(device: torch.device, group: Group) -> torch.device:
+    """One GPU per process on a machine (``cuda:LOCAL_RANK``); the CPU is shared."""
+    if group.active and device.type == "cuda":
+        torch.cuda.set_device(group.local_rank)
+        return torch.device("cuda", group.local_rank)
+    return device
+
+
+def shard(it: Iterator[tuple[torch.Tensor, torch.Tensor]], group: Group):
+    """This rank's slice (every ``world``-th sample, from ``rank``) of each global batch."""
+    if not group.active:
+        yield from it
+        return
+    for xb, yb in it:
+        yield xb[group.rank::group.world], yb[group.rank::group.world]
+
+
+def sum_all(group: Group, values: list[float]) -> list[float]:
+    """``values`` summed over every rank (the same list on each)."""
+    if not group.active:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(group: Group) -> None:
+    if group.active:
+        dist.barrier()
+
+
+def broadcast(group: Group, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (k-means runs once, its result is shared)."""
+    if not group.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_EXPLAINED = False  # this process has said why the run stopped
+
+
+def lost_contact(group: Group, exc: RuntimeError, out) -> Exception:
+    """What to raise for ``exc``: a one-line DistributedError when it is the process group
+    failing (another rank died: gloo's "Connection reset by peer", NCCL errors), else
+    ``exc`` itself."""
+    text = str(exc)
+    comm = isinstance(exc, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("gloo/transport", "Connection reset by peer", "NCCL", "Connection closed by peer"))
+    if not group.active or not comm:
+        return exc
+    import re
+
+    global _EXPLAINED
+    _EXPLAINED = True  # torchrun's SIGTERM that follows needs no second line
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo: "[.../pair.cc:537] Read error ...: ..."
+    return DistributedError(
+        f"rank {group.rank}: lost contact with the other processes of this {group.world}-process run ({first[:160]}); "
+        f"one of them failed: fix the cause and continue from the last finished epoch with the same launch plus "
+        f"--resume (state: {out}/last.pt)")
+
+
+def explain_termination(group: Group, out) -> None:
+    """When one process of the run dies, torchrun stops the others with SIGTERM: each says so
+    in one line, and how to go on, before it exits (status 143, as a SIGTERM'd process)."""
+    if not group.active:
+        return
+    import signal
+    import sys
+
+    def stop(signum, frame):  # noqa: ARG001 - the signal handler's signature
+        if _EXPLAINED:
+            os._exit(128 + signum)
+        print(f"error: rank {group.rank}: stopped by torchrun (another process of this {group.world}-process run "
+              "failed, or the launch was interrupted); "
+              f"fix the cause and continue from the last finished epoch with the same launch plus --resume "
+              f"(state: {out}/last.pt)", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def teardown(group: Group) -> None:
+    if group.started_here and dist.is_initialized():
+        dist.destroy_process_group()

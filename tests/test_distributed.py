@@ -1,0 +1,108 @@
+"""Data-parallel training for real: ``torchrun`` starts two processes that train over
+``gloo`` on the CPU (digits). They learn what one process learns on the same global batch,
+rank 0 alone writes, a resume with another process count is refused in one line, and a run
+whose rank is killed exits non-zero and finishes with ``--resume``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgesqueeze.checkpoint import load_model
+from edgesqueeze.recipe import load_recipe
+from edgesqueeze.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = """version: 1
+name: ddp
+seed: 0
+model: {{import: tests/ddp_net.py:PlainNet}}
+data: {{dataset: digits, limit: 800, val_fraction: 0.1, augment: false}}
+train: {{epochs: {epochs}, batch_size: 64, lr: 0.1, schedule: onecycle, warmup_fraction: 0.1, threads: 1}}
+"""
+
+pytestmark = pytest.mark.slow
+
+
+def _recipe(tmp_path: Path, epochs: int) -> Path:
+    path = tmp_path / f"ddp-{epochs}.yaml"
+    path.write_text(RECIPE.format(epochs=epochs))
+    return path
+
+
+def _launch(*args, n: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "edgesqueeze", *map(str, args), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _run(*args, n: int = 2, timeout: float = 300) -> tuple[int, str]:
+    proc = _launch(*args, n=n)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def test_two_processes_learn_what_one_learns_and_rank_0_alone_writes(tmp_path):
+    recipe = _recipe(tmp_path, epochs=6)
+    rc, out = _run("train", "-r", recipe, "--out", tmp_path / "two")
+    assert rc == 0, out
+    assert out.count("outputs:") == 1 and "2 processes (torch.distributed)" in out, out
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # model.import is relative to the repository
+    try:
+        one = fit(load_recipe(recipe), out_dir=tmp_path / "one", progress=False, log=lambda _m: None)
+    finally:
+        os.chdir(cwd)
+    two = load_model(tmp_path / "two" / "model.pt")
+    acc_one, acc_two = one.test["accuracy"], two.meta["metrics"]["test"]["accuracy"]
+    assert acc_one > 0.8, acc_one  # it learned (10 classes)
+    assert abs(acc_one - acc_two) <= 0.01, (acc_one, acc_two)
+    assert two.meta["train_processes"] == 2
+    # the same gradients, summed in another order: the weights stay close
+    w1, w2 = one.model.state_dict(), two.model.state_dict()
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-2
+    assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "curves.png", "last.pt", "metrics.csv", "metrics.json", "model.pt", "recipe.json", "summary.json"]
+
+    # resuming with another number of processes is refused in one line
+    rc, out = _run("train", "-r", recipe, "--out", tmp_path / "two", "--resume", n=1)
+    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert rc != 0 and lines and "started with 2 process(es)" in lines[0] and "--nproc_per_node 2" in lines[0], out
+
+
+def test_a_killed_rank_stops_the_run_and_resume_finishes_it(tmp_path):
+    recipe = _recipe(tmp_path, epochs=12)
+    out_dir = tmp_path / "run"
+    proc = _launch("train", "-r", recipe, "--out", out_dir)
+    state = out_dir / "last.pt"
+    deadline = time.monotonic() + 240
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), "no epoch finished"
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]  # torchrun's children: the ranks
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)  # one rank dies mid-run
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    said = [ln for ln in out.splitlines() if ln.startswith("error: rank 0")]  # the rank left standing
+    assert len(said) == 1 and "--resume" in said[0], out
+    epochs_done = json.loads((out_dir / "metrics.json").read_text())
+    assert len(epochs_done) < 12
+
+    rc, out = _run("train", "-r", recipe, "--out", out_dir, "--resume")
+    assert rc == 0, out
+    assert f"resuming {out_dir} after epoch" in out
+    assert [h["epoch"] for h in json.loads((out_dir / "metrics.json").read_text())] == list(range(1, 13))
+    assert load_model(out_dir / "model.pt").meta["metrics"]["test"]["accuracy"] > 0.8
