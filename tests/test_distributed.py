@@ -52,57 +52,55 @@ def _run(*args, n: int = 2, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def test_two_processes_learn_what_one_learns_and_rank_0_alone_writes(tmp_path):
-    recipe = _recipe(tmp_path, epochs=6)
-    rc, out = _run("train", "-r", recipe, "--out", tmp_path / "two")
-    assert rc == 0, out
-    assert out.count("outputs:") == 1 and "2 processes (torch.distributed)" in out, out
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # model.import is relative to the repository
-    try:
-        one = fit(load_recipe(recipe), out_dir=tmp_path / "one", progress=False, log=lambda _m: None)
-    finally:
-        os.chdir(cwd)
-    two = load_model(tmp_path / "two" / "model.pt")
-    acc_one, acc_two = one.test["accuracy"], two.meta["metrics"]["test"]["accuracy"]
-    assert acc_one > 0.8, acc_one  # it learned (10 classes)
-    assert abs(acc_one - acc_two) <= 0.01, (acc_one, acc_two)
-    assert two.meta["train_processes"] == 2
-    # the same gradients, summed in another order: the weights stay close
-    w1, w2 = one.model.state_dict(), two.model.state_dict()
-    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-2
-    assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["world_size"] == 2
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
-        "curves.png", "last.pt", "metrics.csv", "metrics.json", "model.pt", "recipe.json", "summary.json"]
-
-    # resuming with another number of processes is refused in one line
-    rc, out = _run("train", "-r", recipe, "--out", tmp_path / "two", "--resume", n=1)
-    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert rc != 0 and lines and "started with 2 process(es)" in lines[0] and "--nproc_per_node 2" in lines[0], out
-
-
-def test_a_killed_rank_stops_the_run_and_resume_finishes_it(tmp_path):
-    recipe = _recipe(tmp_path, epochs=12)
-    out_dir = tmp_path / "run"
-    proc = _launch("train", "-r", recipe, "--out", out_dir)
+def _kill_one_rank_after_an_epoch(proc: subprocess.Popen, out_dir: Path) -> str:
     state = out_dir / "last.pt"
     deadline = time.monotonic() + 240
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert state.exists(), "no epoch finished"
     workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                               text=True).stdout.split()]  # torchrun's children: the ranks
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)  # one rank dies mid-run
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, out
+    return out
+
+
+def test_two_processes_survive_a_kill_and_learn_what_one_learns(tmp_path):
+    """One run through everything: a rank killed mid-run stops it with one line from the rank
+    left standing; resuming with another process count is refused; resuming with two finishes
+    it (rank 0 alone writes, one checkpoint); and the result is what one process learns on the
+    same global batch, within a point (the net has no BatchNorm, so only the order of float sums
+differs, and that grows over a hundred steps into weights that differ by ~0.2 at most)."""
+    epochs = 10
+    recipe = _recipe(tmp_path, epochs=epochs)
+    out_dir = tmp_path / "two"
+    out = _kill_one_rank_after_an_epoch(_launch("train", "-r", recipe, "--out", out_dir), out_dir)
     said = [ln for ln in out.splitlines() if ln.startswith("error: rank 0")]  # the rank left standing
     assert len(said) == 1 and "--resume" in said[0], out
-    epochs_done = json.loads((out_dir / "metrics.json").read_text())
-    assert len(epochs_done) < 12
+    assert len(json.loads((out_dir / "metrics.json").read_text())) < epochs
+
+    rc, out = _run("train", "-r", recipe, "--out", out_dir, "--resume", n=1)
+    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert rc != 0 and lines and "started with 2 process(es)" in lines[0] and "--nproc_per_node 2" in lines[0], out
 
     rc, out = _run("train", "-r", recipe, "--out", out_dir, "--resume")
     assert rc == 0, out
-    assert f"resuming {out_dir} after epoch" in out
-    assert [h["epoch"] for h in json.loads((out_dir / "metrics.json").read_text())] == list(range(1, 13))
-    assert load_model(out_dir / "model.pt").meta["metrics"]["test"]["accuracy"] > 0.8
+    assert f"resuming {out_dir} after epoch" in out and out.count("outputs:") == 1, out
+    assert [h["epoch"] for h in json.loads((out_dir / "metrics.json").read_text())] == list(range(1, epochs + 1))
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "curves.png", "last.pt", "metrics.csv", "metrics.json", "model.pt", "recipe.json", "summary.json"]
+    assert torch.load(out_dir / "last.pt", weights_only=True)["world_size"] == 2
+    two = load_model(out_dir / "model.pt")
+    assert two.meta["train_processes"] == 2
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # model.import is relative to the repository
+    try:
+        one = fit(load_recipe(recipe), out_dir=tmp_path / "one", progress=False, log=lambda _m: None)
+    finally:
+        os.chdir(cwd)
+    acc_one, acc_two = one.test["accuracy"], two.meta["metrics"]["test"]["accuracy"]
+    assert acc_one > 0.8, acc_one  # it learned (10 classes)
+    assert abs(acc_one - acc_two) <= 0.01, (acc_one, acc_two)
