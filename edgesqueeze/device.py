@@ -17,8 +17,6 @@ import torch
 
 from edgesqueeze.errors import EdgesqueezeError
 
-DEVICE_HELP = ("Where PyTorch computes: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps "
-               "[default: the recipe's, else auto].")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 

@@ -214,10 +214,11 @@ def model_options(fn=None, *, recipe_help: str = _RECIPE_HELP, set_example: str 
 
 
 def device_option(fn):
-    """``--device``, the same on every command that runs PyTorch on data."""
-    from edgesqueeze.device import DEVICE_HELP
-
-    return click.option("--device", metavar="DEVICE", help=DEVICE_HELP)(fn)
+    """``--device``, the same on every command that runs PyTorch on data (resolved by
+    ``edgesqueeze.device`` when the command runs: importing the CLI must not import torch,
+    which a device install does not have)."""
+    return click.option("--device", metavar="DEVICE", help="Where PyTorch computes: auto (CUDA when present, else "
+                        "the CPU), cpu, cuda, cuda:N or mps [default: the recipe's, else auto].")(fn)
 
 
 def _progress_default() -> bool:
