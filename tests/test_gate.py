@@ -28,10 +28,10 @@ def gate_run(tmp_path_factory):
     """One real run of the example gate script, with a short recipe."""
     work = tmp_path_factory.mktemp("gate")
     recipe = yaml.safe_load((ROOT / "recipes" / "squeezenet-digits.yaml").read_text())
-    recipe["train"].update(epochs=12, threads=1)
+    recipe["train"].update(epochs=8, threads=1)
     # the gate's plumbing, not the recipe's accuracy: short retraining (the budget below is loose)
-    recipe["compress"]["prune_finetune"].update(epochs=6, batch_size=128)
-    recipe["compress"]["cluster_finetune"].update(epochs=3, batch_size=128)
+    recipe["compress"]["prune_finetune"].update(epochs=4, batch_size=128)
+    recipe["compress"]["cluster_finetune"].update(epochs=2, batch_size=128)
     recipe["export"]["calibration"]["images"] = 64
     recipe["budget"] = {"max_size_per_format": {"esq": "40KB", "onnx-int8": "150KB", "tflite-int8": "150KB"},
                         "min_accuracy": 0.8, "max_drop": 10}
