@@ -526,6 +526,7 @@ def report() -> str:
                          f"{t.get('ratio', '-')} | {after} | "
                          f"{pt_t.get('esq_bytes', 0):,} B | {pt_t.get('ratio', '-')} | {_pct(held.get('agreement'))} | "
                          f"{acc_agr('onnx-int8')} | {acc_agr('tflite-int8')} |")
+        lines += [f"\n{x['class']}: {x['note']}." for x in r["runs"] if x.get("note")]
         lines += ["", "Targets (issue 17): trained to >= 80%; retrained .esq >= 12x smaller within 1 point; "
                   "TorchScript ptq >= 4x smaller at >= 99% agreement; int8 >= 95% agreement within 1 point.", ""]
     if r := _load("channels_last"):
