@@ -331,7 +331,7 @@ def test_entropy_calibration_is_not_minmax(fp32_file, trained, digits):
     """quantize_static's own entropy calibration returns the minmax ranges (128 histogram
     bins searched over 128 quantized bins: one candidate); ours clips, never widens."""
     fproto = onnx.load(str(fp32_file))
-    x = to_input(calibration_images(digits.train_x, 64, seed=2), trained.meta["mean"], trained.meta["std"])
+    x = to_input(calibration_images(digits.train_x, 32, seed=2), trained.meta["mean"], trained.meta["std"])
     minmax = _activation_scales(eo.quantize_qdq(fproto, x, calibration=CalibrationConfig(method="minmax")))
     entropy = _activation_scales(eo.quantize_qdq(fproto, x, calibration=CalibrationConfig(method="entropy")))
     assert minmax.keys() == entropy.keys() and len(minmax) > 10
