@@ -72,7 +72,8 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
     loaded = iter(cold_loads(runtime_paths, threads=threads)) if runtime_paths else iter(())
     arts, cold = [], []
     for p, t in zip(paths, torch_files):
-        art, c = (open_any(Path(p), threads=threads, model_args=model_args), {"cold_load_ms": None, "decode_ms": None}) if t else next(loaded)
+        art, c = ((open_any(Path(p), threads=threads, model_args=model_args),
+                   {"cold_load_ms": None, "decode_ms": None}) if t else next(loaded))
         arts.append(art)
         cold.append(c)
     rows = []

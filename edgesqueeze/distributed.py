@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -100,15 +100,6 @@ def sum_all(group: Group, values: list[float]) -> list[float]:
 def barrier(group: Group) -> None:
     if group.active:
         dist.barrier()
-
-
-def broadcast(group: Group, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (k-means runs once, its result is shared)."""
-    if not group.active:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 _EXPLAINED = False  # this process has said why the run stopped

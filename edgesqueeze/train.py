@@ -236,6 +236,28 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _save_state(path: Path, model: nn.Module, optimizer, gen: torch.Generator, scaler, group, *, epoch: int,
+                step: int, history: list, recipe: Recipe, meta: dict) -> None:
+    """The resumable state after ``epoch``, on the CPU (it resumes on any device)."""
+    state = {
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": _cpu(optimizer.state_dict()),
+        "torch_rng": torch.get_rng_state(),
+        "data_rng": gen.get_state(),
+        "epoch": epoch,
+        "step": step,
+        "history_json": json.dumps(history),
+        "recipe_hash": recipe.hash(),
+        "train_hash": recipe.train_hash(),
+        "meta_json": json.dumps(meta),
+    }
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
+    if group.active:
+        state["world_size"] = group.world
+    save_train_state(path, state)
+
+
 def _cpu(obj: Any) -> Any:
     """``obj`` (an optimizer state_dict) with every tensor on the CPU: a training state
     resumes on any device. The same tensors when they are already there."""
@@ -441,24 +463,9 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         val_txt = f"  val loss {row['val_loss']:.4f} acc {100 * row['val_accuracy']:.2f}%" if len(x_val) else ""
         log(f"epoch {epoch + 1:>3}/{n_epochs}  train loss {row['train_loss']:.4f} acc "
             f"{100 * row['train_accuracy']:.2f}%{val_txt}  ({row['epoch_s']:.1f}s)")
-        state = {
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "optimizer": _cpu(optimizer.state_dict()),
-            "torch_rng": torch.get_rng_state(),
-            "data_rng": gen.get_state(),
-            "epoch": epoch + 1,
-            "step": step,
-            "history_json": json.dumps(history),
-            "recipe_hash": recipe.hash(),
-            "train_hash": recipe.train_hash(),
-            "meta_json": json.dumps(meta),
-        }
-        if scaler is not None:
-            state["grad_scaler"] = scaler.state_dict()
-        if group.active:
-            state["world_size"] = group.world
-        if group.main:
-            save_train_state(state_path, state)
+        if group.main:  # the other ranks hold the same state and write nothing
+            _save_state(state_path, model, optimizer, gen, scaler, group, epoch=epoch + 1, step=step,
+                        history=history, recipe=recipe, meta=meta)
             _write_metrics(out, history)
 
     test = evaluate(model, ds.test_x, ds.test_y, mean=ds.mean, std=ds.std, batch_size=cfg.eval_batch_size,

@@ -84,7 +84,8 @@ def _with_budget_options(fn):
               help="Write the verification report here (JSON; the markdown and plots go beside it) "
                    "[default: verify.json beside the first file].")
 @click.pass_context
-def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, model_opts, max_size, max_size_for, min_accuracy, max_drop, min_agreement, out_path):
+def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, model_opts, max_size, max_size_for,
+           min_accuracy, max_drop, min_agreement, out_path):
     """Evaluate artifacts on the test split through their own runtimes.
 
     .onnx runs in onnxruntime, .tflite in LiteRT, .esq through its decoder (its weights
@@ -114,8 +115,8 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
         raise click.BadParameter(f"{out}: names the JSON report, and the markdown is written beside it; "
                                  f"give {out.with_suffix('.json')} to get {out}", param_hint="--out")
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
-    report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir or model_opts.data_dir, reference=reference, limit=limit,
-                                threads=threads, latency=latency, log=lambda m: click.echo(m),
+    report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir or model_opts.data_dir,
+                                reference=reference, limit=limit, threads=threads, latency=latency, log=lambda m: click.echo(m),
                                 **model_opts.load_kwargs())
     report["machine"] = machine_info(threads)
     verdicts = None if budget.is_empty() else check(report["artifacts"], budget)
@@ -148,7 +149,8 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
 @model_options(recipe_help="Take the budget from this recipe's 'budget' section (options override it); its "
                            "'model' section stands for --arch.", set_example="budget.max_size=500KB")
 @click.pass_context
-def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreement, dataset, data_dir, reference, limit, json_path, junit_path, md_path, model_opts):
+def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreement, dataset, data_dir, reference,
+          limit, json_path, junit_path, md_path, model_opts):
     """The CI gate: exit 0 when every budget holds, 1 when one is broken, 2 on bad input.
 
     PATHS are report.json files (from `verify` or `compress`: nothing is re-run) or
@@ -179,8 +181,8 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         else:
             files.append(p)
     if files:
-        report = evaluate_artifacts(files, dataset=dataset, data_dir=data_dir or model_opts.data_dir, reference=reference, limit=limit,
-                                    log=lambda m: click.echo(m, err=True), **model_opts.load_kwargs())
+        report = evaluate_artifacts(files, dataset=dataset, data_dir=data_dir or model_opts.data_dir,
+                                    reference=reference, limit=limit, log=lambda m: click.echo(m, err=True), **model_opts.load_kwargs())
         rows.extend(report["artifacts"])
     verdicts = run_check(rows, budget)
     click.echo(verdicts_table(verdicts))

@@ -45,7 +45,7 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
     if "arch" not in meta and loaded.kind not in ("torchscript", "exported_program"):
         raise ModelError(f"{checkpoint}: a {loaded.kind} file does not record an edgesqueeze architecture; "
                          "compress needs an edgesqueeze checkpoint, a .esq archive, or a state_dict with --arch")
-    name = dataset or meta.get("dataset") or default_dataset
+    name = dataset or meta.get("dataset")  # load_model filled in default_dataset where the file has none
     if not name:
         if need_data:
             raise DataError(f"{checkpoint}: does not record its dataset; pass --data NAME (e.g. --data imagenet-sample)")
