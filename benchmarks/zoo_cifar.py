@@ -1,6 +1,6 @@
 """Users' own models on CIFAR-10, end to end through the command line, as a user runs it.
 
-    python benchmarks/zoo_cifar.py [ResNet10 MobileNetV2 ShuffleNetV2]
+    python benchmarks/zoo_cifar.py [ResNet10 MobileNetV2 ShuffleNetV2] [--stages train,ptq,int8,dc]
 
 For each class of examples/zoo.py (given to edgesqueeze as ``--arch``/``model.import``
 ``examples/zoo.py:Class``, never registered):
@@ -17,11 +17,15 @@ For each class of examples/zoo.py (given to edgesqueeze as ``--arch``/``model.im
    fp32 and test accuracy against the float model.
 
 Writes ``benchmarks/results/zoo_cifar.json`` after every stage (a long run: ~30 min per model
-on 2 cores). Outputs stay in runs/bench/zoo-<Class>/; training resumes if interrupted.
+on 2 cores), merging its row into what the file holds then, so that runs for different
+classes may overlap. ``--stages`` re-runs some stages only (``dc`` after a recipe change: the
+trained model is reused; the row keeps the other stages' numbers). Outputs stay in
+runs/bench/zoo-<Class>/; training resumes if interrupted.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -31,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run import RESULTS, log, save  # noqa: E402
+from run import RESULTS, log, save
 
 EDGESQUEEZE = [sys.executable, "-m", "edgesqueeze"]
 RECIPE = "recipes/zoo-cifar10.yaml"
@@ -46,16 +50,37 @@ def sh(*args: str) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def one(cls: str, done) -> dict:
+STAGES = ("train", "ptq", "int8", "dc")
+
+
+def one(cls: str, done, row: dict, stages: set[str]) -> dict:
     out = ROOT / "runs" / "bench" / f"zoo-{cls}"
     spec = [f"--set=model.import=examples/zoo.py:{cls}", f"--set=name=zoo-{cls}-cifar10"]
-    row: dict = {"class": cls, "arch": f"examples/zoo.py:{cls}"}
-    row["train_wall_s"] = sh("train", "-r", RECIPE, *spec, "--out", str(out), "--resume", "--no-progress")
-    summary = json.loads((out / "summary.json").read_text())
-    row["float"] = {"test_accuracy": summary["test"]["accuracy"], "val_accuracy": summary["history"][-1]["val_accuracy"],
-                    "epoch_s": [round(h["epoch_s"], 1) for h in summary["history"]]}
+    row.update({"class": cls, "arch": f"examples/zoo.py:{cls}"})
+    if "train" in stages:
+        row["train_wall_s"] = sh("train", "-r", RECIPE, *spec, "--out", str(out), "--resume", "--no-progress")
+        summary = json.loads((out / "summary.json").read_text())
+        row["float"] = {"test_accuracy": summary["test"]["accuracy"],
+                        "val_accuracy": summary["history"][-1]["val_accuracy"],
+                        "epoch_s": [round(h["epoch_s"], 1) for h in summary["history"]]}
+    if "ptq" in stages:
+        ptq_stage(out, row)
+        done(row)
+    if "int8" in stages:
+        int8_stage(out, spec, row)
+        done(row)
+    if "dc" in stages:  # last: the longest
+        row["compress_wall_s"] = sh("compress", str(out / "model.pt"), "-r", RECIPE, *spec, "--out",
+                                    str(out / "dc"), "--no-progress")
+        rep = json.loads((out / "dc" / "report.json").read_text())
+        row["deep_compression"] = {"totals": rep["totals"], "test": rep["test"], "stages": rep["stages"],
+                                   "date": time.strftime("%Y-%m-%d")}
+        row.pop("note", None)
+    return row
 
-    # 2. TorchScript, post-training to a quarter of fp32
+
+def ptq_stage(out: Path, row: dict) -> None:
+    """The trained model as TorchScript, post-training compressed to a quarter of fp32."""
     import torch
 
     from edgesqueeze.checkpoint import load_model
@@ -75,9 +100,9 @@ def one(cls: str, done) -> dict:
     rep = json.loads((out / "ts-ptq" / "report.json").read_text())
     row["torchscript_ptq"] = {"target_bytes": target, "totals": rep["totals"], "evaluation": rep.get("evaluation")}
 
-    done(row)
 
-    # 3. INT8 files of the float model, verified against it
+def int8_stage(out: Path, spec: list[str], row: dict) -> None:
+    """INT8 files of the float model, verified against it."""
     row["export_wall_s"] = sh("export", str(out / "model.pt"), "-r", RECIPE, *spec, "-f", "onnx-int8,tflite-int8",
                               "--out", str(out / "export"))
     sh("verify", str(out / "model.pt"), str(out / "export" / "model.int8.onnx"),
@@ -85,28 +110,28 @@ def one(cls: str, done) -> dict:
     ver = json.loads((out / "export" / "verify.json").read_text())
     row["int8"] = {Path(r["path"]).name: {k: r.get(k) for k in ("format", "bytes", "accuracy", "agreement")}
                    for r in ver["artifacts"]}
-    done(row)
-
-    # 4. retraining Deep Compression (last: the longest)
-    row["compress_wall_s"] = sh("compress", str(out / "model.pt"), "-r", RECIPE, *spec, "--out", str(out / "dc"),
-                                "--no-progress")
-    rep = json.loads((out / "dc" / "report.json").read_text())
-    row["deep_compression"] = {"totals": rep["totals"], "test": rep["test"]}
-
-    return row
 
 
 def main() -> None:
-    classes = sys.argv[1:] or ["ResNet10", "MobileNetV2", "ShuffleNetV2"]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("classes", nargs="*", default=["ResNet10", "MobileNetV2", "ShuffleNetV2"])
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    args = ap.parse_args()
+    stages = set(args.stages.split(","))
+    if stages - set(STAGES):
+        ap.error(f"--stages: unknown {', '.join(sorted(stages - set(STAGES)))}; known: {', '.join(STAGES)}")
     path = RESULTS / "zoo_cifar.json"
-    rows = {r["class"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+
+    def rows() -> dict:
+        return {r["class"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
 
     def done(row: dict) -> None:  # saved after every stage: a long run may be cut short
-        rows[row["class"]] = row
-        save("zoo_cifar", {"recipe": RECIPE, "runs": list(rows.values())})
+        current = rows()  # another class's run may have written since
+        current[row["class"]] = row
+        save("zoo_cifar", {"recipe": RECIPE, "runs": list(current.values())})
 
-    for cls in classes:
-        done(one(cls, done))
+    for cls in args.classes:
+        done(one(cls, done, dict(rows().get(cls, {})), stages))
 
 
 if __name__ == "__main__":

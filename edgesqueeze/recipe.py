@@ -113,8 +113,13 @@ class Recipe:
     def _hashed(self) -> dict:
         """``to_dict`` without where a run computes: the device (a run started on a GPU may
         be resumed or reproduced on the CPU), and fp32 precision (the default, so recipes
-        hash as they did before devices existed)."""
+        hash as they did before devices existed). Likewise an unset ``depthwise`` in
+        ``compress.prune`` / ``compress.cluster`` (added later) is left out."""
         d = self.to_dict()
+        for key in ("prune", "cluster"):
+            section = (d["compress"] or {}).get(key)
+            if section and section.get("depthwise") is None:
+                section.pop("depthwise", None)
         for section in (d["train"], *((d["compress"] or {}).get(k) or {}
                                       for k in ("prune_finetune", "cluster_finetune"))):
             section.pop("device", None)

@@ -338,3 +338,30 @@ def test_choose_sparsities_stops_at_the_first_failure():
     t = [{"layer": "a", "sparsity": s, "accuracy": acc}
          for s, acc in [(0.8, 0.985), (0.5, 0.99), (0.7, 0.97), (0.9, 0.5)]]
     assert choose_sparsities(t, max_drop=0.01, baseline=0.99) == {"a": 0.5}
+
+
+def test_depthwise_convs_take_their_own_sparsity_and_bits():
+    """``depthwise`` applies to convs with one filter per input channel, not to grouped
+    convs with several channels per group, nor to the 1x1 pointwise convs around them; a
+    layer named in ``layers`` still wins, and so does ``first_conv``."""
+    from edgesqueeze.config.compress import ClusterConfig
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1),
+                          nn.Conv2d(16, 16, 3, groups=4), nn.Conv2d(16, 16, 3, groups=16), nn.Flatten(),
+                          nn.Linear(16, 4))
+    t = PruneConfig(sparsity=0.7, first_conv=0.3, depthwise=0.1, layers={"4": 0.5}).targets(model)
+    assert t == {"0": 0.3, "1": 0.1, "2": 0.7, "3": 0.7, "4": 0.5, "6": 0.7}
+    assert PruneConfig(sparsity=0.7, conv=0.6).targets(model)["1"] == 0.6  # unset: a conv like the others
+    bits = ClusterConfig(bits=4, conv=5, depthwise=6, layers={"4": 8}).bits_for(model)
+    assert bits == {"0": 5, "1": 6, "2": 5, "3": 5, "4": 8, "6": 4}
+
+
+def test_an_unset_depthwise_leaves_recipe_hashes_as_they_were():
+    from edgesqueeze.recipe import recipe_from_dict
+
+    raw = {"version": 1, "name": "x", "model": {"arch": "squeezenet_digits"}, "data": {"dataset": "digits"},
+           "compress": {"prune": {"sparsity": 0.5}, "cluster": {"bits": 4}}}
+    plain = recipe_from_dict(raw)
+    assert "depthwise" not in json.dumps(plain._hashed())
+    raw["compress"]["cluster"]["depthwise"] = 6
+    assert recipe_from_dict(raw).hash() != plain.hash()

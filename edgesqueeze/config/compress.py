@@ -23,7 +23,7 @@ from torch import nn
 
 from edgesqueeze._config import _check_fields, _check_layer_values, _check_range, _config_from_dict, _range
 from edgesqueeze.errors import RecipeError
-from edgesqueeze.models.layers import check_layer_names, prunable_layers
+from edgesqueeze.models.layers import check_layer_names, is_depthwise, prunable_layers
 
 __all__ = ["CalibrationConfig", "ClusterConfig", "CompressConfig", "DistillConfig", "FinetuneConfig",
            "PTQConfig", "PruneConfig", "polynomial_sparsity"]
@@ -62,8 +62,9 @@ class PruneConfig:
 
     A layer's target sparsity is the first that applies of: ``layers[name]``; ``first_conv``
     / ``last_conv`` (the first and last Conv2d in module order: the stem sees raw pixels and
-    the last conv is SqueezeNet's classifier, both usually kept denser); ``conv`` /
-    ``linear`` by type; ``sparsity``. ``schedule: oneshot`` prunes to the target at step
+    the last conv is SqueezeNet's classifier, both usually kept denser); ``depthwise`` for
+    depthwise convs (``groups == in_channels``; Zhu & Gupta, 2017, left MobileNet's unpruned:
+    few weights, each filter only 9); ``conv`` / ``linear`` by type; ``sparsity``. ``schedule: oneshot`` prunes to the target at step
     ``begin``; ``gradual`` follows :func:`polynomial_sparsity` from ``initial_sparsity`` (capped
     at each layer's target) at ``begin`` to the target at ``end``, updating every
     ``frequency`` steps. Steps are whatever the caller counts (optimizer steps or epochs).
@@ -76,6 +77,7 @@ class PruneConfig:
     linear: float | None = field(default=None, metadata=_range(ge=0, lt=1))
     first_conv: float | None = field(default=None, metadata=_range(ge=0, lt=1))
     last_conv: float | None = field(default=None, metadata=_range(ge=0, lt=1))
+    depthwise: float | None = field(default=None, metadata=_range(ge=0, lt=1))
     layers: dict[str, float] = field(default_factory=dict)
     schedule: Literal["oneshot", "gradual"] = "oneshot"
     initial_sparsity: float = field(default=0.0, metadata=_range(ge=0, lt=1))
@@ -123,6 +125,8 @@ class PruneConfig:
         out = {}
         for name, m in layers.items():
             s = self.conv if isinstance(m, nn.Conv2d) else self.linear
+            if self.depthwise is not None and is_depthwise(m):
+                s = self.depthwise
             if name == first and self.first_conv is not None:
                 s = self.first_conv
             if name == last and self.last_conv is not None:
@@ -152,8 +156,9 @@ class PruneConfig:
 class ClusterConfig:
     """Bits per layer and how to find the centroids.
 
-    A layer's bits: ``layers[name]`` if given, else ``conv`` / ``linear`` by type, else
-    ``bits``. The paper used 8 bits for conv and 5 for FC layers; SqueezeNet at 6 bits reached
+    A layer's bits: ``layers[name]`` if given, else ``depthwise`` for a depthwise conv
+    (``groups == in_channels``: 9 weights per 3x3 filter, the layers that coarse sharing hurts
+    most, and a few percent of the weights), else ``conv`` / ``linear`` by type, else ``bits``. The paper used 8 bits for conv and 5 for FC layers; SqueezeNet at 6 bits reached
     0.47 MB. ``codebook_dtype`` is what the container stores; centroids are rounded to it
     before the weights are rewritten, so the model runs with the stored values.
     ``bias_dtype: float16`` rounds the biases of the shared layers to float16 after weight
@@ -168,6 +173,7 @@ class ClusterConfig:
     bits: int = field(default=8, metadata=_range(ge=1, le=8))
     conv: int | None = field(default=None, metadata=_range(ge=1, le=8))
     linear: int | None = field(default=None, metadata=_range(ge=1, le=8))
+    depthwise: int | None = field(default=None, metadata=_range(ge=1, le=8))
     layers: dict[str, int] = field(default_factory=dict)
     init: Literal["linear", "kmeans++", "density"] = "linear"
     max_iter: int = field(default=100, metadata=_range(ge=1, le=10_000))
@@ -195,6 +201,8 @@ class ClusterConfig:
         out = {}
         for name, m in layers.items():
             typed = self.conv if isinstance(m, nn.Conv2d) else self.linear
+            if self.depthwise is not None and is_depthwise(m):
+                typed = self.depthwise
             out[name] = self.layers.get(name, typed if typed is not None else self.bits)
         return out
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import RecipeError
 
-__all__ = ["KEEP_ATTR", "check_layer_names", "keep_layers", "prunable_layers"]
+__all__ = ["KEEP_ATTR", "check_layer_names", "is_depthwise", "keep_layers", "prunable_layers"]
 
 KEEP_ATTR = "_edgesqueeze_keep"  # set on a layer compression must leave alone (compress.keep_layers)
 
@@ -24,6 +24,14 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     be kept as they are (:func:`keep_layers`)."""
     return {name: m for name, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and not getattr(m, KEEP_ATTR, False)}
+
+
+def is_depthwise(layer: nn.Module) -> bool:
+    """A depthwise conv: one filter per input channel (``groups == in_channels > 1``), as in
+    MobileNet and ShuffleNet. A 3x3 depthwise filter has only 9 weights, so pruning and
+    coarse weight sharing hurt it most, while all of them together are a few percent of a
+    network's weights. Grouped convs with several channels per group are not depthwise."""
+    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels
 
 
 def keep_layers(model: nn.Module, names: Iterable[str], path: str = "compress.keep_layers") -> list[str]:
