@@ -1,4 +1,4 @@
-"""Data-parallel training on ``torch.distributed``, launched by ``torchrun``.
+"""Data-parallel training and retraining on ``torch.distributed``, launched by ``torchrun``.
 
 ``torchrun --nproc_per_node N -m edgesqueeze train -r recipe.yaml`` starts N processes with
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and a rendezvous in their environment; each one
@@ -8,14 +8,21 @@ is the global batch: each rank takes every N-th sample of it). DistributedDataPa
 averages the gradients, so the weights stay identical on every rank. Rank 0 alone writes
 files and logs. Backend: ``nccl`` on CUDA, ``gloo`` on the CPU.
 
+``compress`` retrains the same way (``prune_finetune``, ``cluster_finetune``): every rank
+computes the pruning masks from its identical weights, k-means runs on rank 0 alone and its
+codebooks and assignments are broadcast, and both are checked to be bit-identical on every
+rank (:func:`same_on_every_rank`) before rank 0 writes the archive.
+
 Without ``WORLD_SIZE`` (or with 1), everything here is a no-op: one process, as before.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -66,7 +73,10 @@ def setup(device: torch.device) -> Group:
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
     started = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # a long timeout: the other ranks wait while rank 0 alone evaluates and writes (a dead
+        # peer is noticed at once anyway, by its closed connection)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
         started = True
     return Group(rank, world, local, local_world, started)
 
@@ -97,6 +107,48 @@ def sum_all(group: Group, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def check_batch(group: Group, batch_size: int, what: str) -> None:
+    """A global batch that every rank gets an equal slice of."""
+    if group.active and batch_size % group.world:
+        raise DistributedError(
+            f"{what} {batch_size} is the global batch and must split evenly over {group.world} "
+            f"processes; use a multiple of {group.world}")
+
+
+def broadcast_object(group: Group, obj: Any = None) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` is ignored elsewhere)."""
+    if not group.active:
+        return obj
+    box = [obj if group.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in key order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def same_on_every_rank(group: Group, tensors: dict[str, torch.Tensor], what: str) -> list[str]:
+    """Every rank's :func:`digest` of ``tensors``; raises when any differs from rank 0's.
+    One process: a list of its one digest."""
+    mine = digest(tensors)
+    if not group.active:
+        return [mine]
+    every: list[Any] = [None] * group.world
+    dist.all_gather_object(every, mine)
+    differ = [r for r, d in enumerate(every) if d != every[0]]
+    if differ:
+        raise DistributedError(f"{what} differ between rank 0 and rank(s) {', '.join(map(str, differ))}: "
+                               "the processes did not compute the same model (a bug; please report it)")
+    return every
+
+
 def barrier(group: Group) -> None:
     if group.active:
         dist.barrier()
@@ -105,10 +157,15 @@ def barrier(group: Group) -> None:
 _EXPLAINED = False  # this process has said why the run stopped
 
 
-def lost_contact(group: Group, exc: RuntimeError, out) -> Exception:
+def _go_on(out, then: str | None) -> str:
+    return then or (f"continue from the last finished epoch with the same launch plus --resume "
+                    f"(state: {out}/last.pt)")
+
+
+def lost_contact(group: Group, exc: RuntimeError, out, then: str | None = None) -> Exception:
     """What to raise for ``exc``: a one-line DistributedError when it is the process group
     failing (another rank died: gloo's "Connection reset by peer", NCCL errors), else
-    ``exc`` itself."""
+    ``exc`` itself. ``then`` says how to go on [default: training's ``--resume``]."""
     text = str(exc)
     comm = isinstance(exc, getattr(dist, "DistError", ())) or any(
         s in text for s in ("gloo/transport", "Connection reset by peer", "NCCL", "Connection closed by peer"))
@@ -122,11 +179,10 @@ def lost_contact(group: Group, exc: RuntimeError, out) -> Exception:
     first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo: "[.../pair.cc:537] Read error ...: ..."
     return DistributedError(
         f"rank {group.rank}: lost contact with the other processes of this {group.world}-process run ({first[:160]}); "
-        f"one of them failed: fix the cause and continue from the last finished epoch with the same launch plus "
-        f"--resume (state: {out}/last.pt)")
+        f"one of them failed: fix the cause and {_go_on(out, then)}")
 
 
-def explain_termination(group: Group, out) -> None:
+def explain_termination(group: Group, out, then: str | None = None) -> None:
     """When one process of the run dies, torchrun stops the others with SIGTERM: each says so
     in one line, and how to go on, before it exits (status 143, as a SIGTERM'd process)."""
     if not group.active:
@@ -139,8 +195,7 @@ def explain_termination(group: Group, out) -> None:
             os._exit(128 + signum)
         print(f"error: rank {group.rank}: stopped by torchrun (another process of this {group.world}-process run "
               "failed, or the launch was interrupted); "
-              f"fix the cause and continue from the last finished epoch with the same launch plus --resume "
-              f"(state: {out}/last.pt)", file=sys.stderr, flush=True)
+              f"fix the cause and {_go_on(out, then)}", file=sys.stderr, flush=True)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

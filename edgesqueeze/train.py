@@ -342,10 +342,7 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     state_path = out / "last.pt"
     # processes on one machine share its cores
     threads = set_threads(cfg.threads or (max(1, (os.cpu_count() or 1) // group.local_world) if group.active else 0))
-    if group.active and cfg.batch_size % group.world:
-        raise distributed.DistributedError(
-            f"train.batch_size {cfg.batch_size} is the global batch and must split evenly over {group.world} "
-            f"processes; use a multiple of {group.world}")
+    distributed.check_batch(group, cfg.batch_size, "train.batch_size")
 
     ds = load_dataset(recipe.data.dataset, data_dir=recipe.data.data_dir, download=recipe.data.download,
                       image_size=recipe.data.image_size, limit=recipe.data.limit, seed=recipe.seed)

@@ -109,3 +109,49 @@ differs, and that grows over a hundred steps into weights that differ by ~0.2 at
     acc_one, acc_two = one.test["accuracy"], two.meta["metrics"]["test"]["accuracy"]
     assert acc_one > 0.8, acc_one  # it learned (10 classes)
     assert abs(acc_one - acc_two) <= 0.01, (acc_one, acc_two)
+
+
+COMPRESS = """
+compress:
+  prune: {sparsity: 0.6, schedule: gradual}
+  prune_finetune: {epochs: 2, batch_size: 64, lr: 0.02}
+  cluster: {bits: 4}
+  cluster_finetune: {epochs: 1, batch_size: 64, lr: 0.001}
+"""
+
+
+def test_compress_retrains_on_two_processes_with_the_same_masks_and_codebooks(tmp_path):
+    """``torchrun ... compress``: both ranks retrain (pruning, then the centroids), k-means
+    runs on rank 0 and is broadcast, the masks and codebooks are bit-identical on both ranks
+    (each rank's digest is in the report), rank 0 alone writes, and the result is what one
+    process gets, within a point. Post-training compression under torchrun is refused."""
+    recipe = tmp_path / "ddp-compress.yaml"
+    recipe.write_text(RECIPE.format(epochs=4) + COMPRESS)
+    trained = _in_repo(lambda: fit(load_recipe(recipe), out_dir=tmp_path / "float", progress=False,
+                                   log=lambda _m: None))
+    model = trained.out_dir / "model.pt"
+
+    rc, out = _run("compress", model, "-r", recipe, "--out", tmp_path / "two")
+    assert rc == 0, out
+    assert out.count("outputs:") == 1 and "compress: 2 processes" in out, out
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    dist = report["distributed"]
+    assert dist["processes"] == 2
+    for what in ("masks", "codebooks"):
+        by_rank = dist[what]["sha256_by_rank"]
+        assert len(by_rank) == 2 and by_rank[0] == by_rank[1], dist
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == [
+        "accuracy_vs_size.png", "model.esq", "pruned.pt", "report.json", "report.md", "weights_histogram.png"]
+
+    from edgesqueeze.compress.pipeline import compress
+
+    cfg = load_recipe(recipe).compress
+    one = _in_repo(lambda: compress(model, cfg, out_dir=tmp_path / "one", progress=False, log=lambda _m: None))
+    assert "distributed" not in one.report
+    acc_one, acc_two = one.report["test"]["after"]["accuracy"], report["test"]["after"]["accuracy"]
+    assert acc_one > 0.8, acc_one
+    assert abs(acc_one - acc_two) <= 0.01, (acc_one, acc_two)
+
+    rc, out = _run("compress", model, "--out", tmp_path / "lossless")  # nothing to retrain
+    assert rc != 0 and "without torchrun" in out, out
+    assert not (tmp_path / "lossless" / "model.esq").exists()

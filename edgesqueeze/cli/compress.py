@@ -79,6 +79,8 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, pr
                       recipe_hash=recipe.hash() if model_opts.recipe_path else None, teacher=teacher,
                       progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m),
                       **model_opts.load_kwargs())
+    if not result.main:  # another rank of a torchrun launch: rank 0 reports
+        return
     from edgesqueeze.compress.report import size_table
 
     click.echo(size_table(result.report))

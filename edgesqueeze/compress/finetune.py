@@ -20,28 +20,35 @@ Log = Callable[[str], None]
 
 def finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: str, progress: bool,
               on_step: Callable[[int], None] | None = None, attach: Callable[[Any], None] | None = None,
-              teacher: nn.Module | None = None, log: Log | None = None) -> int:
+              teacher: nn.Module | None = None, log: Log | None = None, group=None) -> int:
     """Fine-tune ``model`` in place for ``cfg.epochs``; returns the number of steps taken.
     With ``cfg.distill``, ``teacher`` (left untouched) supplies the soft targets. ``log``
     gets one line per epoch (what a run in the background shows of its progress). Runs on
-    ``cfg.device`` in ``cfg.precision``; the model is back on its own device afterwards."""
+    ``cfg.device`` in ``cfg.precision``; the model is back on its own device afterwards.
+    ``group`` (:mod:`edgesqueeze.distributed`, launched by torchrun): DistributedDataParallel,
+    each rank on its slice of every global batch of ``cfg.batch_size``."""
     if cfg.epochs <= 0:
         return 0
+    from edgesqueeze import distributed
     from edgesqueeze.device import check_precision, grad_scaler, model_device, resolve_device
 
-    device = resolve_device(cfg.device, what=f"{desc}: device")
+    group = group or distributed.Group()
+    distributed.check_batch(group, cfg.batch_size, f"{desc}: batch_size")
+    device = distributed.rank_device(resolve_device(cfg.device, what=f"{desc}: device"), group)
     check_precision(cfg.precision, device, what=f"{desc}: precision")
     home = model_device(model)
     model.to(device)  # and back when done: the stages after retraining work on the CPU
     try:
         return _finetune(model, data, cfg, seed=seed, desc=desc, progress=progress, on_step=on_step,
-                         attach=attach, teacher=teacher, log=log, scaler=grad_scaler(device, cfg.precision))
+                         attach=attach, teacher=teacher, log=log, scaler=grad_scaler(device, cfg.precision),
+                         group=group)
     finally:
         model.to(home)
 
 
 def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: str, progress: bool,
-              on_step, attach, teacher, log, scaler) -> int:
+              on_step, attach, teacher, log, scaler, group) -> int:
+    from edgesqueeze import distributed
     from edgesqueeze.device import model_device
     from edgesqueeze.train import DistillLoss, make_optimizer, train_one_epoch
 
@@ -75,6 +82,13 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
     step = 0
     from edgesqueeze.data import batches
 
+    trained = model
+    if group.active:  # gradients averaged over the ranks; the pruner's hooks stay on ``model``'s weights
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = model_device(model)
+        trained = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
     epochs = math.ceil(total / steps_per_epoch)
     for epoch in range(epochs):
         t0 = time.perf_counter()
@@ -82,9 +96,12 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
                      augment=augment if cfg.augment else None, drop_last=len(x) >= cfg.batch_size,
                      channels_last=cfg.channels_last)
         step, loss_sum, correct, seen = train_one_epoch(
-            model, optimizer, it, cfg=cfg, steps=min(steps_per_epoch, total - step), step=step, total_steps=total,
+            trained, optimizer, distributed.shard(it, group), cfg=cfg, steps=min(steps_per_epoch, total - step),
+            step=step, total_steps=total,
             loss_fn=loss_fn, desc=f"{desc} {epoch + 1}", progress=progress, on_step=on_step, teacher=teacher,
             scaler=scaler)
+        if group.active:  # every rank's share of the epoch
+            loss_sum, correct, seen = distributed.sum_all(group, [loss_sum, correct, seen])
         if log is not None and seen:
             log(f"  {desc} epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f}, train accuracy "
                 f"{100 * correct / seen:.2f}% ({time.perf_counter() - t0:.0f} s)")

@@ -75,6 +75,13 @@ def compress(
     already pruned model (a previous run's ``pruned.pt``).
     """
     t_start = time.perf_counter()
+    if _launched_by_torchrun() and config.mode != "retrain":
+        from edgesqueeze.distributed import DistributedError
+
+        what = "compress.ptq" if config.mode == "ptq" else "a lossless re-encoding (no prune/cluster/ptq section)"
+        raise DistributedError(f"{what} trains nothing, so torchrun has nothing to spread over processes: run "
+                               "'edgesqueeze compress' without torchrun (torchrun helps prune_finetune and "
+                               "cluster_finetune)")
     distills = config.mode == "retrain" and any(
         f.distill is not None for f in (config.prune_finetune, config.cluster_finetune))
     if teacher is not None and not distills:
@@ -123,7 +130,41 @@ def compress(
         return _compress_lossless(run)
     if config.mode == "ptq":
         return _compress_ptq(run)
-    return _compress_retrain(run)
+    return _compress_retrain_distributed(run)
+
+
+def _launched_by_torchrun() -> bool:
+    import os
+
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
+
+
+def _compress_retrain_distributed(run: Run) -> CompressResult:
+    """Retraining, in one process or, launched by torchrun, data-parallel over every process
+    (:mod:`edgesqueeze.distributed`): each rank retrains on its slice of each global batch,
+    rank 0 alone logs, evaluates and writes."""
+    if not _launched_by_torchrun():
+        return _compress_retrain(run)
+    from edgesqueeze import distributed
+    from edgesqueeze.device import resolve_device
+
+    device = resolve_device(run.config.prune_finetune.device, what="compress.prune_finetune.device")
+    group = distributed.setup(device)
+    then = "run the same launch again (compress starts over)"
+    distributed.explain_termination(group, run.out, then)
+    log = run.log
+    run.group, run.log = group, (log if group.main else (lambda _m: None))
+    run.progress = run.progress and group.main
+    if group.main:
+        log(f"compress: {group.world} processes (torch.distributed), rank 0 writes")
+    try:
+        result = _compress_retrain(run)
+        distributed.barrier(group)  # every rank returns once the files are there
+        return result
+    except RuntimeError as exc:
+        raise distributed.lost_contact(group, exc, run.out, then) from None
+    finally:
+        distributed.teardown(group)
 
 
 
@@ -138,6 +179,8 @@ def _compress_retrain(run: Run) -> CompressResult:
     # before weight sharing, so that what is clustered is exactly what runs.
     model, folded = stages.fold(run, model)
     model, assignments = stages.cluster(run, model, masks, data)
+    if not run.main:  # rank 0 evaluates and writes the same model
+        return CompressResult(model, run.out / "model.esq", 0, {}, run.out, main=False)
     test_before = run.test(inp.loaded.model)
     state, blob, stats, decoded, esq_path = stages.write_archive(
         run, model, folded=folded, reference_accuracy=test_before["accuracy"],
@@ -154,6 +197,8 @@ def _compress_retrain(run: Run) -> CompressResult:
         extra["pruned_checkpoint"] = str(run.out / stages.PRUNED_NAME)
     if run.warnings:
         extra["warnings"] = run.warnings
+    if run.distributed:
+        extra["distributed"] = {"processes": run.group.world, **run.distributed}
     return run.finish(before=inp.loaded.model, decoded=decoded, blob=blob, stats=stats, state=state,
                       dense_bytes=dense_bytes, test_before=test_before, test_after=test_after,
                       bits={n: a.bits for n, a in assignments.items()}, esq_path=esq_path, extra=extra)

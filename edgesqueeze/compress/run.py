@@ -34,6 +34,7 @@ class CompressResult:
     esq_bytes: int
     report: dict[str, Any]
     out_dir: Path
+    main: bool = True  # False on the ranks other than 0 of a torchrun launch: they wrote nothing
 
 
 def float_bytes(model: nn.Module) -> int:
@@ -65,8 +66,10 @@ class Run:
     t_start: float
     teacher: nn.Module | None = None  # what retraining distils from (the checkpoint, or --teacher)
     teacher_path: Path | None = None
+    group: Any = None  # edgesqueeze.distributed.Group under torchrun: rank 0 alone evaluates stages and writes
     stages: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    distributed: dict[str, Any] = field(default_factory=dict)  # digests checked identical on every rank
 
     @functools.cached_property
     def source_sha256(self) -> str:
@@ -90,8 +93,13 @@ class Run:
         x, y = (self.inp.ds.test_x, self.inp.ds.test_y) if x is None else (x, y)
         return evaluate(m, x, y, mean=self.inp.mean, std=self.inp.std, batch_size=self.config.eval_batch_size)
 
+    @property
+    def main(self) -> bool:
+        """This process writes files and logs: the only one, or rank 0 under torchrun."""
+        return self.group is None or self.group.main
+
     def record(self, stage: str, m: nn.Module, size: int | None, note: str = "") -> None:
-        acc = self.val_acc(m)
+        acc = self.val_acc(m) if self.main else None  # the other ranks hold the same model
         self.stages.append({"stage": stage, "val_accuracy": acc, "bytes": size, "note": note})
         acc_txt = f"val {100 * acc:.2f}%" if acc is not None else "no val split"
         self.log(f"[{stage}] {acc_txt}" + (f", {size:,} B" if size else "") + (f" ({note})" if note else ""))

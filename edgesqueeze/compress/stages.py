@@ -5,6 +5,7 @@ appending its row to the run's stage log. The maths lives in ``prune``, ``cluste
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -75,15 +76,29 @@ def prune(run: Run, model: nn.Module, data: tuple) -> tuple[dict[str, torch.Tens
         run.record("prune (before retraining)", model, None, f"{density(model):.1%} of weights kept")
     finetune(model, data, ft, seed=run.seed, desc="prune-retrain", progress=run.progress,
              on_step=pruner.update if pcfg.schedule == "gradual" else None, attach=pruner.attach,
-             teacher=run.teacher, log=log)
+             teacher=run.teacher, log=log, group=run.group)
     pruner.update(None)
     pruner.detach()
     masks = pruner.masks
+    same_on_every_rank(run, "masks", {n: m.to(torch.uint8) for n, m in masks.items()})
     run.record("prune", model, None, f"{density(model):.1%} of weights kept")
     run.check_retraining("prune_finetune", model, before, what="pruning and retraining",
                          hint="lower the sparsity, or if retraining diverged")
-    save_pruned(run, model)
+    if run.main:
+        save_pruned(run, model)
     return masks, auto_scan
+
+
+def same_on_every_rank(run: Run, what: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Under torchrun: check that every rank holds bit-identical ``tensors`` (the pruning
+    masks, the codebooks and assignments) and note their digests for the report."""
+    if run.group is None or not run.group.active:
+        return
+    from edgesqueeze import distributed
+
+    every = distributed.same_on_every_rank(run.group, tensors, f"compress: the {what}")
+    run.distributed[what] = {"sha256_by_rank": every, "identical": True}
+    run.log(f"{what}: bit-identical on all {len(every)} ranks (sha256 {every[0][:16]}...)")
 
 
 def save_pruned(run: Run, model: nn.Module) -> Path:
@@ -120,18 +135,41 @@ def cluster(run: Run, model: nn.Module, masks: dict, data: tuple) -> tuple[nn.Mo
     assignments: dict[str, Any] = {}
     if config.cluster is None:
         return model, assignments
-    model, assignments = cluster_mod.cluster_model(model, config.cluster, masks, path="compress.cluster")
+    model, assignments = _cluster_once(run, model, masks)
     cluster_mod.round_biases(model, config.cluster.bias_dtype, assignments)
     run.record("cluster (before retraining)", model, None)
     if config.cluster_finetune.epochs > 0:
         cluster_mod.share_weights(model, assignments, codebook_dtype=config.cluster.codebook_dtype)
         finetune(model, data, config.cluster_finetune, seed=run.seed + 1, desc="centroid-retrain",
-                 progress=run.progress, teacher=run.teacher, log=run.log)
+                 progress=run.progress, teacher=run.teacher, log=run.log, group=run.group)
         assignments = cluster_mod.materialize(model)
         cluster_mod.round_biases(model, config.cluster.bias_dtype, assignments)
         run.record("cluster", model, None, "centroids retrained")
         run.check_retraining("cluster_finetune", model, run.stages[-2]["val_accuracy"])
+    same_on_every_rank(run, "codebooks", {f"{n}.{k}": t for n, a in assignments.items()
+                                          for k, t in (("codebook", a.codebook), ("labels", a.labels))})
     model.eval()
+    return model, assignments
+
+
+def _cluster_once(run: Run, model: nn.Module, masks: dict) -> tuple[nn.Module, dict[str, Any]]:
+    """k-means weight sharing; under torchrun on rank 0 alone, its codebooks and assignments
+    broadcast to the other ranks, which put the same shared weights in their copy."""
+    group, cfg = run.group, run.config.cluster
+    if group is None or not group.active:
+        return cluster_mod.cluster_model(model, cfg, masks, path="compress.cluster")
+    from edgesqueeze import distributed
+
+    assignments = None
+    if group.main:
+        model, assignments = cluster_mod.cluster_model(model, cfg, masks, path="compress.cluster")
+    assignments = distributed.broadcast_object(group, assignments)
+    if not group.main:
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, layer in assignments.items():
+                weight = model.get_submodule(name).weight
+                weight.copy_(layer.weight().to(weight.device, weight.dtype))
     return model, assignments
 
 
