@@ -97,7 +97,8 @@ def training_data(meta: dict, *, source: str | Path, dataset: str | None = None,
     if name == meta.get("dataset"):  # by default, the same data options the model was trained with
         limit = meta.get("data_limit") if limit is None else limit
         image_size = meta.get("image_size") if image_size is None else image_size
-    ds = load_dataset(name, data_dir=data_dir, image_size=image_size, limit=limit, seed=seed)
+    ds = load_dataset(name, data_dir=data_dir, image_size=image_size, limit=limit, seed=seed,
+                      stream=bool(meta.get("data_stream")))
     vf = meta.get("val_fraction", 0.1) if val_fraction is None else val_fraction
     train, val = split_train_val(ds, vf, seed)
     return ds, train, val

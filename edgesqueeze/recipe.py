@@ -64,6 +64,7 @@ class DataConfig:
     augment: bool = True
     augmentation: AugmentSection = field(default_factory=AugmentSection)
     download: bool = True
+    stream: bool = False  # imagefolder:PATH decoded batch by batch from disk (imagenet:PATH always is)
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,11 @@ class Recipe:
     def _hashed(self) -> dict:
         """``to_dict`` without where a run computes: the device (a run started on a GPU may
         be resumed or reproduced on the CPU), and fp32 precision (the default, so recipes
-        hash as they did before devices existed). Likewise an unset ``depthwise`` in
+        hash as they did before devices existed), and whether images are streamed from disk
+        (the same batches either way). Likewise an unset ``depthwise`` in
         ``compress.prune`` / ``compress.cluster`` (added later) is left out."""
         d = self.to_dict()
+        d["data"].pop("stream", None)  # in memory or streamed from disk: the same batches
         for key in ("prune", "cluster"):
             section = (d["compress"] or {}).get(key)
             if section and section.get("depthwise") is None:

@@ -345,7 +345,8 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     distributed.check_batch(group, cfg.batch_size, "train.batch_size")
 
     ds = load_dataset(recipe.data.dataset, data_dir=recipe.data.data_dir, download=recipe.data.download,
-                      image_size=recipe.data.image_size, limit=recipe.data.limit, seed=recipe.seed)
+                      image_size=recipe.data.image_size, limit=recipe.data.limit, seed=recipe.seed,
+                      stream=recipe.data.stream)
     if len(ds.train_x) == 0:
         raise DataError(f"dataset '{ds.name}' has no training images")
     (x_tr, y_tr), (x_val, y_val) = split_train_val(ds, recipe.data.val_fraction, recipe.seed)
@@ -386,6 +387,7 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         val_fraction=recipe.data.val_fraction,
         data_limit=recipe.data.limit,
         image_size=recipe.data.image_size,
+        **({"data_stream": True} if recipe.data.stream else {}),
         edgesqueeze_version=__version__,
         torch_version=torch.__version__,
     )

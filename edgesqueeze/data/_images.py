@@ -44,10 +44,20 @@ def _is_image(rel: str) -> bool:
     return rel.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def open_source(path: Path) -> Source:
+def open_source(path: Path, *, listing: bool = True) -> Source:
+    """A folder or zip of images; ``listing=False`` skips listing a folder's files (a
+    streaming worker reads the files it is given)."""
     if path.is_dir():
+        def read_file(rel: str) -> bytes:
+            try:
+                return (path / rel).read_bytes()
+            except OSError as e:
+                raise DataError(f"{path / rel} cannot be read ({e.strerror or e}); restore it or remove it") from e
+
+        if not listing:
+            return Source(path, (), read_file)
         files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-        return Source(path, tuple(f for f in files if _is_image(f)), lambda rel: (path / rel).read_bytes())
+        return Source(path, tuple(f for f in files if _is_image(f)), read_file)
     if path.is_file() and path.suffix.lower() == ".zip":
         try:
             zf = zipfile.ZipFile(path)

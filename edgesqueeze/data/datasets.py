@@ -32,7 +32,7 @@ from edgesqueeze.errors import DataError
 __all__ = ["Dataset", "load_dataset", "split_train_val", "data_search_path", "channel_stats",
            "KNOWN_DATASETS", "CIFAR10_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "read_idx"]
 
-KNOWN_DATASETS = ("digits", "mnist", "cifar10", "imagenet-sample", "imagefolder:PATH")
+KNOWN_DATASETS = ("digits", "mnist", "cifar10", "imagenet-sample", "imagefolder:PATH", "imagenet:PATH")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Seed of the carved test splits (digits, class-only image folders). Fixed, and not the
@@ -61,8 +61,10 @@ class Dataset:
     std: tuple[float, ...]
 
     def __post_init__(self):
+        from edgesqueeze.data.stream import is_lazy
+
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
-            if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
+            if not (isinstance(x, np.ndarray) or is_lazy(x)) or x.dtype != np.uint8 or x.ndim != 4:
                 raise DataError(f"dataset '{self.name}': {split}_x must be uint8 (N, C, H, W), got "
                                 f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
             if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (len(x),):
@@ -408,6 +410,102 @@ def _load_imagefolder(name: str, spec: str, image_size: int | None) -> Dataset:
                    lambda: _folder_dataset(path, image_size, path.name))
 
 
+def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> Dataset:
+    """An image folder or zip (the layouts of :func:`_folder_dataset`) streamed from disk:
+    :class:`~edgesqueeze.data.stream.LazyImages`, nothing decoded but one image (its size and
+    channels) and a seeded sample of 2,000 for mean/std."""
+    from edgesqueeze.data.stream import LazyImages, sample_stats
+
+    path = Path(os.path.abspath(Path(spec).expanduser()))
+    if not path.exists():
+        raise DataError(f"image folder {path} (from dataset '{name}') does not exist; give imagefolder:PATH with "
+                        "a folder or .zip holding train/<class>/ and test/<class>/")
+    src = _images.open_source(path)
+    try:
+        splits, classes = _images.layout(src)
+        first = next(iter(splits.values()))[0][1]
+        img = _images.decode_image(src.read(first), src.describe(first))
+    finally:
+        src.close()
+    size = image_size or img.size[0]
+    if image_size is None and img.size[0] != img.size[1]:
+        raise DataError(f"{src.describe(first)} is {img.size[0]}x{img.size[1]}, not square; pass image_size "
+                        "(data.image_size) to resize every image to a square")
+    channels = 1 if img.mode in _images._GRAY_MODES else 3
+    index = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for split, items in splits.items():
+        items = sorted(items, key=lambda it: (index[it[0]], it[1]))
+        out[split] = (LazyImages(path, [rel for _, rel in items], size=size, channels=channels),
+                      np.array([index[c] for c, _ in items], dtype=np.int64))
+    if "all" in out:
+        tx, ty, vx, vy = _carve_test(*out["all"])
+    else:
+        tx, ty = out["train"]
+        vx, vy = out["test"] if "test" in out else (None, None)
+        if vx is None:
+            tx, ty, vx, vy = _carve_test(tx, ty)
+    mean, std = sample_stats(tx, seed=seed)
+    return Dataset(name, tx, ty, vx, vy, tuple(classes), mean, std)
+
+
+def _imagenet_classes_file(path: Path, search: list[Path]) -> Path:
+    for p in [path / "imagenet_classes.txt", *(d / "imagenet_classes.txt" for d in search)]:
+        if p.is_file():
+            return p
+    raise DataError(f"imagenet:{path} needs the class list imagenet_classes.txt ('index<TAB>wnid<TAB>name' per "
+                    f"line, 1000 lines): put it in {path} or in one of {_where(search)}")
+
+
+def _imagenet_split(root: Path, split: str, label: dict[str, int], classes_file: Path) -> tuple[list[str], list[int]]:
+    """``(files relative to root, labels)`` of ``root/split/<wnid>/*``; sorted, so the same
+    folder gives the same order on every machine."""
+    base = root / split
+    files, labels = [], []
+    for entry in sorted(os.scandir(base), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            if entry.name.lower().endswith(_images.IMAGE_EXTENSIONS):
+                raise DataError(f"{entry.path}: images in {base} must be in class folders {split}/<wnid>/ (for "
+                                "the official validation images, sort them with the usual valprep script)")
+            continue
+        if entry.name not in label:
+            raise DataError(f"{entry.path}: '{entry.name}' is not a class (wnid) listed in {classes_file}; "
+                            "remove the folder or use a class list that has it")
+        names = sorted(n for n in os.listdir(entry.path)
+                       if not n.startswith(".") and n.lower().endswith(_images.IMAGE_EXTENSIONS))
+        files += [f"{split}/{entry.name}/{n}" for n in names]
+        labels += [label[entry.name]] * len(names)
+    return files, labels
+
+
+def _load_imagenet_folder(name: str, spec: str, search: list[Path], image_size: int | None) -> Dataset:
+    """The standard ImageNet layout, ``PATH/train/<wnid>/*.JPEG`` and ``PATH/val/<wnid>/*.JPEG``,
+    streamed from disk (val is the test split; validation is carved from train). Images get
+    torchvision's evaluation transform at ``image_size`` (224); mean/std are ImageNet's."""
+    from edgesqueeze.data.stream import LazyImages
+
+    root = Path(os.path.abspath(Path(spec).expanduser()))
+    if not (root / "train").is_dir():
+        raise DataError(f"imagenet:{root}: no train/ folder; expected {root}/train/<wnid>/*.JPEG and "
+                        f"{root}/val/<wnid>/*.JPEG")
+    classes_file = _imagenet_classes_file(root, search)
+    wnids, names = _read_imagenet_classes(classes_file)
+    label = {w: i for i, w in enumerate(wnids)}
+    crop = image_size or 224
+    tr_files, tr_y = _imagenet_split(root, "train", label, classes_file)
+    if not tr_files:
+        raise DataError(f"imagenet:{root}: train/ holds no images")
+    te_files, te_y = _imagenet_split(root, "val", label, classes_file) if (root / "val").is_dir() else ([], [])
+
+    def lazy(files):
+        return LazyImages(root, files, size=crop, channels=3, preprocess="imagenet")
+
+    return Dataset(name, lazy(tr_files), np.array(tr_y, dtype=np.int64), lazy(te_files),
+                   np.array(te_y, dtype=np.int64), tuple(names), IMAGENET_MEAN, IMAGENET_STD)
+
+
 def _imagenet_preprocess(img, crop: int) -> np.ndarray:
     """torchvision's eval transform: resize the shorter side to round(crop*256/224), center-crop."""
     from PIL import Image
@@ -491,7 +589,8 @@ def _check_opt_int(what: str, v, lo: int) -> None:
 
 
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = True,
-                 image_size: int | None = None, limit: int | None = None, seed: int = 0) -> Dataset:
+                 image_size: int | None = None, limit: int | None = None, seed: int = 0,
+                 stream: bool = False) -> Dataset:
     """Load a dataset by name: ``digits``, ``mnist``, ``cifar10``, ``imagenet-sample`` or
     ``imagefolder:PATH``.
 
@@ -499,6 +598,10 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     crop 224, image folders their own size if uniform). ``limit`` keeps a seeded,
     stratified subset of at most ``limit`` train and ``limit`` test items; ``seed`` affects
     nothing else. ``download`` allows fetching MNIST / CIFAR-10 when no copy is found.
+
+    ``imagenet:PATH`` (``PATH/train/<wnid>/``, ``PATH/val/<wnid>/``) and, with ``stream``,
+    ``imagefolder:PATH`` are streamed from disk (:mod:`edgesqueeze.data.stream`): their
+    images are decoded batch by batch in DataLoader workers, never all held in memory.
     """
     if not isinstance(name, str) or not name.strip():
         raise unknown_dataset_error(str(name))
@@ -511,7 +614,13 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         spec = name.split(":", 1)[1]
         if not spec:
             raise DataError("dataset 'imagefolder:' needs a path: imagefolder:PATH (a folder or .zip)")
-        ds = _load_imagefolder(name, spec, image_size)
+        ds = (_stream_folder(name, spec, image_size, seed) if stream
+              else _load_imagefolder(name, spec, image_size))
+    elif low.startswith("imagenet:"):
+        spec = name.split(":", 1)[1]
+        if not spec:
+            raise DataError("dataset 'imagenet:' needs a path: imagenet:PATH (with train/<wnid>/ and val/<wnid>/)")
+        ds = _load_imagenet_folder(name, spec, data_search_path(data_dir), image_size)
     elif low == "digits":
         ds = _load_digits(image_size or 28)
     elif low == "mnist":

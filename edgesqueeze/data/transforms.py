@@ -159,15 +159,22 @@ def apply_augment(x: torch.Tensor, config: AugmentConfig | None,
 def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool,
             generator: torch.Generator | None, mean: Sequence[float], std: Sequence[float],
             augment: AugmentConfig | None = None, drop_last: bool = False,
-            channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            channels_last: bool = False, workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels)``: float32 normalised NCHW and int64, one pass over the data.
 
     uint8 -> [0, 1] -> augmentation (so padding and rotation fill with black, as the raw
     images would) -> ``(x - mean) / std``. With ``shuffle`` every sample appears exactly
     once per pass in an order drawn from ``generator``. The arguments are checked here,
     eagerly, not at the first ``next()``.
+
+    ``x`` may be :class:`~edgesqueeze.data.stream.LazyImages` (an image folder streamed from
+    disk): the same batches, decoded in ``workers`` DataLoader processes
+    [default ``$EDGESQUEEZE_WORKERS`` or 2].
     """
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
+    from edgesqueeze.data.stream import is_lazy, stream_batches
+
+    lazy = is_lazy(x)
+    if not lazy and (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4):
         raise DataError(f"batches() needs uint8 images of shape (N, C, H, W), got "
                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
     y = np.asarray(y)
@@ -184,6 +191,10 @@ def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool,
     n = len(x)
     order = torch.randperm(n, generator=generator).numpy() if shuffle else None
     stop = n - n % batch_size if drop_last else n
+    if lazy:
+        return stream_batches(x, y, batch_size=batch_size, order=order, stop=stop, generator=generator,
+                              mean_t=mean_t, std_t=std_t, augment=augment, channels_last=channels_last,
+                              workers=workers)
 
     def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, stop, batch_size):

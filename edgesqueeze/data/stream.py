@@ -1,0 +1,198 @@
+"""Image folders streamed from disk: decoded batch by batch in DataLoader worker processes.
+
+An in-memory :class:`~edgesqueeze.data.Dataset` holds every image as one uint8 array; that
+is right for digits, MNIST and CIFAR-10, and impossible for ImageNet's 1.28 million JPEGs.
+:class:`LazyImages` stands in for such an array: it has the array's ``dtype``, ``ndim``,
+``shape`` and ``len``, and indexing it with a slice, an index array or a mask gives another
+``LazyImages`` (no decoding), so splitting, ``limit`` subsets and validation carving work
+unchanged. Pixels are decoded only when a batch is drawn: :func:`stream_batches` (which
+:func:`~edgesqueeze.data.batches` calls for a ``LazyImages``) hands each batch's indices to a
+``torch.utils.data.DataLoader`` worker, which decodes and resizes them; the main process then
+augments and normalises exactly as for an array, with the same generator, so the order and
+the augmentation are those of the in-memory path. Memory is bounded by the batches in flight
+(``workers x prefetch`` batches), not by the dataset.
+
+Each worker process opens the folder or zip itself (a ``zipfile.ZipFile`` shared across a
+fork would interleave reads). A file that does not decode stops the run with one line
+naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from edgesqueeze.errors import DataError
+
+PREPROCESS = ("resize", "imagenet")  # resize to size x size; or shorter side to 256/224 of size, center crop
+
+
+class LazyImages:
+    """uint8 ``(N, C, size, size)`` images decoded from ``files`` of an image folder or zip
+    when they are read (:meth:`decode`), not before.
+
+    ``preprocess``: ``resize`` (bilinear, antialiased when shrinking, to ``size`` squared) or
+    ``imagenet`` (torchvision's evaluation transform: shorter side to ``round(size * 256 / 224)``,
+    then a centered ``size`` crop). ``channels`` 1 stores grayscale, 3 RGB."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, path: str | Path, files: Sequence[str], *, size: int, channels: int = 3,
+                 preprocess: str = "resize") -> None:
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
+        self.path = Path(path)
+        self.files = np.asarray(files, dtype=object)
+        self.size, self.channels, self.preprocess = int(size), int(channels), preprocess
+        self._src: Any = None
+        self._pid = -1
+
+    # -- the array interface the rest of edgesqueeze uses ------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), self.channels, self.size, self.size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return self.decode([int(key)])[0]
+        sub = LazyImages.__new__(LazyImages)
+        sub.__dict__.update(self.__dict__)
+        sub.files = self.files[key]
+        sub._src, sub._pid = None, -1
+        return sub
+
+    def __array__(self, dtype=None, copy=None):  # noqa: ARG002 - numpy's signature
+        """Every image decoded (what an in-memory dataset holds): only for small folders."""
+        out = self.decode(range(len(self)))
+        return out if dtype is None else out.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"LazyImages({self.path}, {len(self)} images, {self.channels}x{self.size}x{self.size})"
+
+    def __getstate__(self) -> dict:  # a worker started by spawn opens its own source
+        return {**self.__dict__, "_src": None, "_pid": -1}
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _source(self):
+        if self._src is None or self._pid != os.getpid():  # one open folder/zip per process
+            from edgesqueeze.data._images import open_source
+
+            self._src, self._pid = open_source(self.path, listing=False), os.getpid()
+        return self._src
+
+    def decode(self, indices) -> np.ndarray:
+        """uint8 ``(len(indices), C, size, size)``; a file that does not decode raises a
+        DataError naming it."""
+        from PIL import Image
+
+        from edgesqueeze.data._images import _GRAY_MODES, decode_image
+
+        src = self._source()
+        idx = list(indices)
+        out = np.empty((len(idx), self.channels, self.size, self.size), dtype=np.uint8)
+        for j, i in enumerate(idx):
+            rel = self.files[i]
+            img = decode_image(src.read(rel), src.describe(rel))
+            gray = self.channels == 1
+            if not gray and img.mode in _GRAY_MODES:
+                img = img.convert("L")
+            img = img.convert("L" if gray else "RGB")
+            if self.preprocess == "imagenet":
+                short = int(round(self.size * 256 / 224))
+                w, h = img.size
+                nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+                img = img.resize((nw, nh), Image.BILINEAR)
+                top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))
+                img = img.crop((left, top, left + self.size, top + self.size))
+            elif img.size != (self.size, self.size):
+                img = img.resize((self.size, self.size), Image.BILINEAR)
+            arr = np.asarray(img)
+            out[j] = arr[None] if gray else arr.transpose(2, 0, 1)
+        return out
+
+
+def is_lazy(x: Any) -> bool:
+    return isinstance(x, LazyImages)
+
+
+@dataclass
+class _Batches(torch.utils.data.Dataset):
+    """Item ``i``: the decoded uint8 images of batch ``i`` (index lists fixed up front)."""
+
+    images: LazyImages
+    chunks: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.images.decode(self.chunks[i]))
+
+
+def default_workers() -> int:
+    """``$EDGESQUEEZE_WORKERS``, else 2 (0: decode in the main process)."""
+    value = os.environ.get("EDGESQUEEZE_WORKERS", "2")
+    try:
+        n = int(value)
+    except ValueError:
+        raise DataError(f"$EDGESQUEEZE_WORKERS={value!r} is not a number of worker processes") from None
+    if n < 0:
+        raise DataError(f"$EDGESQUEEZE_WORKERS={n}: must be 0 or more")
+    return n
+
+
+def stream_batches(x: LazyImages, y: np.ndarray, *, batch_size: int, order: np.ndarray | None, stop: int,
+                   generator: torch.Generator | None, mean_t: torch.Tensor, std_t: torch.Tensor,
+                   augment, channels_last: bool, workers: int | None = None,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """What :func:`~edgesqueeze.data.batches` yields for an array, for ``LazyImages``: the same
+    batches in the same order (``order``, drawn by the caller), decoded in ``workers``
+    DataLoader processes two batches ahead of the model."""
+    from edgesqueeze.data.transforms import apply_augment
+
+    n = len(x)
+    idx = order if order is not None else np.arange(n)
+    chunks = [np.asarray(idx[s:min(s + batch_size, n)]) for s in range(0, stop, batch_size)]
+    workers = default_workers() if workers is None else workers
+    workers = min(workers, len(chunks))
+    loader = torch.utils.data.DataLoader(
+        _Batches(x, chunks), batch_size=None, shuffle=False, num_workers=workers,
+        prefetch_factor=2 if workers else None, persistent_workers=False)
+    it = iter(loader)
+    for chunk in chunks:
+        try:
+            raw = next(it)
+        except DataError as e:  # raised in a worker: DataLoader prefixes its traceback
+            raise DataError(_worker_message(str(e))) from None
+        xt = raw.to(torch.float32).div_(255.0)
+        xt = apply_augment(xt, augment, generator)
+        xt = (xt - mean_t) / std_t
+        if channels_last:
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        yield xt, torch.from_numpy(np.asarray(y[chunk], dtype=np.int64))
+
+
+def _worker_message(text: str) -> str:
+    """The original one-line message of an error re-raised by DataLoader from a worker."""
+    for line in reversed(text.strip().splitlines()):
+        if "DataError: " in line:
+            return line.split("DataError: ", 1)[1].strip()
+    return text.strip().splitlines()[-1] if text.strip() else "a data loader worker failed"
+
+
+def sample_stats(x: LazyImages, k: int = 2000, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of ``k`` seeded images (an estimate: the whole folder is not read)."""
+    from edgesqueeze.data.datasets import channel_stats
+
+    pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:k])
+    parts = [x.decode(pick[i:i + 256]) for i in range(0, len(pick), 256)]
+    return channel_stats(np.concatenate(parts))

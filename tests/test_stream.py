@@ -1,0 +1,126 @@
+"""Image folders streamed from disk (edgesqueeze.data.stream): real JPEG files, decoded in
+real DataLoader worker processes. The streamed path must give the batches the in-memory path
+gives, train the same weights, and stop on a broken file or an unknown class with one line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgesqueeze.data import batches, default_augment, load_dataset, split_train_val
+from edgesqueeze.data.stream import LazyImages
+from edgesqueeze.errors import DataError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def _write_images(root: Path, classes: list[str], per_class: int, size: int = 20, seed: int = 0,
+                  ext: str = ".jpg") -> None:
+    """Per class a different mean colour plus noise, so a small net can tell them apart."""
+    rng = np.random.default_rng(seed)
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.array([(ci * 80) % 256, (255 - ci * 60) % 256, (ci * 37 + 90) % 256])
+            img = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / c / f"{i:03d}{ext}", quality=90)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    classes = ["cat", "dog", "eel"]
+    _write_images(tmp_path / "imgs" / "train", classes, 30, seed=0)
+    _write_images(tmp_path / "imgs" / "test", classes, 8, seed=1)
+    return tmp_path / "imgs"
+
+
+def _all(it) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*list(it))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_streamed_folder_gives_the_in_memory_batches(folder):
+    """Same images, labels, statistics (fewer than 2,000 images: the sample is all of them),
+    and, drawn with the same generator, the same augmented batches, with 2 workers or none."""
+    spec = f"imagefolder:{folder}"
+    mem = load_dataset(spec)
+    lazy = load_dataset(spec, stream=True)
+    assert isinstance(lazy.train_x, LazyImages) and not isinstance(mem.train_x, LazyImages)
+    assert lazy.train_x.shape == mem.train_x.shape and lazy.classes == mem.classes
+    np.testing.assert_array_equal(lazy.train_y, mem.train_y)
+    np.testing.assert_array_equal(np.asarray(lazy.test_x), mem.test_x)
+    assert lazy.mean == mem.mean and lazy.std == mem.std
+    (mx, my), _ = split_train_val(mem, 0.2, seed=3)
+    (lx, ly), _ = split_train_val(lazy, 0.2, seed=3)
+    assert isinstance(lx, LazyImages) and len(lx) == len(mx)
+    kw = dict(batch_size=16, shuffle=True, mean=mem.mean, std=mem.std, augment=default_augment("cifar10"),
+              drop_last=True)
+    want = _all(batches(mx, my, generator=torch.Generator().manual_seed(5), **kw))
+    for workers in (2, 0):
+        got = _all(batches(lx, ly, generator=torch.Generator().manual_seed(5), workers=workers, **kw))
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), workers
+
+
+def test_training_streamed_gives_the_same_weights(folder, tmp_path):
+    """One epoch with data.stream on and off: bit-identical weights (same batches, same order)."""
+    from edgesqueeze.recipe import recipe_from_dict
+    from edgesqueeze.train import fit
+
+    def run(stream: bool):
+        raw = {"version": 1, "name": "s", "seed": 0, "model": {"import": "tests/ddp_net.py:PlainNet"},
+               "data": {"dataset": f"imagefolder:{folder}", "val_fraction": 0.1, "stream": stream},
+               "train": {"epochs": 2, "batch_size": 16, "lr": 0.05, "threads": 1}}
+        cwd = os.getcwd()
+        os.chdir(Path(__file__).resolve().parents[1])
+        try:
+            return fit(recipe_from_dict(raw), out_dir=tmp_path / f"run-{stream}", progress=False, log=lambda _m: None)
+        finally:
+            os.chdir(cwd)
+
+    a, b = run(False), run(True)
+    assert b.meta.get("data_stream") is True
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert a.test == b.test
+
+
+def test_a_corrupt_jpeg_stops_the_stream_with_one_line_naming_it(folder):
+    """Broken before loading (mean/std read it) or while streaming (read in a worker)."""
+    bad = folder / "train" / "dog" / "007.jpg"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:40])  # a truncated file
+    with pytest.raises(DataError, match=r"^cannot decode image .*007\.jpg .*delete or replace it$"):
+        load_dataset(f"imagefolder:{folder}", stream=True)
+    bad.write_bytes(good)
+    ds = load_dataset(f"imagefolder:{folder}", stream=True, image_size=20)
+    bad.write_bytes(good[:40])
+    it = batches(ds.train_x, ds.train_y, batch_size=8, shuffle=False, generator=None, mean=ds.mean, std=ds.std,
+                 workers=2)
+    with pytest.raises(DataError) as e:
+        list(it)
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and "delete or replace it" in msg, msg
+
+
+@pytest.mark.skipif(not (SHARED / "imagenet_classes.txt").is_file(), reason="needs ../shared's ImageNet class list")
+def test_imagenet_layout_streams_and_refuses_an_unknown_class(tmp_path):
+    root = tmp_path / "inet"
+    _write_images(root / "train", ["n01440764", "n01443537"], 6, size=40, ext=".JPEG")
+    _write_images(root / "val", ["n01440764", "n01443537"], 3, size=40, seed=2, ext=".JPEG")
+    ds = load_dataset(f"imagenet:{root}", data_dir=SHARED, image_size=32)
+    assert isinstance(ds.train_x, LazyImages) and ds.train_x.shape == (12, 3, 32, 32)
+    assert ds.num_classes == 1000 and ds.classes[1] == "goldfish"
+    assert sorted(set(ds.train_y.tolist())) == [0, 1] and len(ds.test_y) == 6
+    x = np.asarray(ds.test_x[:2])
+    assert x.shape == (2, 3, 32, 32) and x.dtype == np.uint8
+
+    (root / "val" / "n99999999").mkdir()
+    with pytest.raises(DataError, match=r"n99999999: 'n99999999' is not a class \(wnid\) listed in .*imagenet_classes"):
+        load_dataset(f"imagenet:{root}", data_dir=SHARED)
+    with pytest.raises(DataError, match=r"no train/ folder"):
+        load_dataset(f"imagenet:{tmp_path / 'nothing'}", data_dir=SHARED)
