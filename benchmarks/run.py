@@ -529,6 +529,30 @@ def report() -> str:
         lines += [f"\n{x['class']}: {x['note']}." for x in r["runs"] if x.get("note")]
         lines += ["", "Targets (issue 17): trained to >= 80%; retrained .esq >= 12x smaller within 1 point; "
                   "TorchScript ptq >= 4x smaller at >= 99% agreement; int8 >= 95% agreement within 1 point.", ""]
+    if r := _load("stream"):
+        lines += ["## Streaming image folders from disk", "", _mach(r), ""]
+        if m := r.get("memory"):
+            lines += [f"One shuffled, augmented pass over {m['images']:,} generated {m['size']} images (10 class "
+                      f"folders), batch {m['batch']}, {m['workers']} DataLoader workers, each path in a fresh "
+                      "process. Peak memory of the process and its workers together: PSS (shared pages split "
+                      "among the processes) and the sum of RSS (forked workers' shared pages counted once per "
+                      "process: an overcount).", "",
+                      "| path | load | pass | images/s | peak PSS | peak RSS sum |", "| --- | --- | --- | --- | --- | --- |"]
+            for x in m["runs"]:
+                lines.append(f"| {'streamed' if x['stream'] else 'in memory'} | {x['load_s']} s | {x['pass_s']} s | "
+                             f"{x['images_per_s']} | {x['peak_pss_sum_mb']:,.0f} MB | {x['peak_rss_sum_mb']:,.0f} MB |")
+            lines.append("")
+        if t := r.get("throughput"):
+            med = t["median_images_per_s"]
+            lines += [f"Throughput on CIFAR-size images ({t['images']}; {t['model']}; {t['workers']} workers; the "
+                      "two paths interleaved, medians of the rounds):", "",
+                      "| | in memory | streamed | streamed / in memory |", "| --- | --- | --- | --- |"]
+            for mode in ("train", "loader"):
+                lines.append(f"| {'training steps' if mode == 'train' else 'loader alone'} | {med[mode]['memory']} "
+                             f"img/s | {med[mode]['stream']} img/s | {med[mode]['stream_over_memory']:.2f} |")
+            lines.append("")
+        lines += ["Targets (issue 18): peak memory under 1.5 GB streamed at batch 64 with 2 workers; throughput "
+                  "within 20% of the in-memory path on CIFAR-size images.", ""]
     if r := _load("channels_last"):
         lines += ["## channels_last on CPU (training steps per second, batch 128)", "", _mach(r), "",
                   "| model | contiguous | channels_last | speedup |", "| --- | --- | --- | --- |"]
