@@ -107,6 +107,13 @@ def test_a_corrupt_jpeg_stops_the_stream_with_one_line_naming_it(folder):
     assert "\n" not in msg and str(bad) in msg and "delete or replace it" in msg, msg
 
 
+def test_a_test_class_without_training_images_is_refused_in_one_line(folder):
+    _write_images(folder / "test", ["fox"], 2)
+    for stream in (True, False):
+        with pytest.raises(DataError, match=r"test/fox: class 'fox' has test images but no train/fox/ folder"):
+            load_dataset(f"imagefolder:{folder}", stream=stream)
+
+
 @pytest.mark.skipif(not (SHARED / "imagenet_classes.txt").is_file(), reason="needs ../shared's ImageNet class list")
 def test_imagenet_layout_streams_and_refuses_an_unknown_class(tmp_path):
     root = tmp_path / "inet"

@@ -104,6 +104,13 @@ def layout(src: Source) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
             splits.setdefault("all", []).append((q[0], rel))
     if has_split and "train" not in splits:
         raise DataError(f"{src.path} has test/ but no train/ images; {_LAYOUT_HELP}")
+    if has_split and "test" in splits:
+        unknown = sorted({c for c, _ in splits["test"]} - {c for c, _ in splits["train"]})
+        if unknown:
+            rel = next(r for c, r in splits["test"] if c == unknown[0])
+            where = src.describe(rel).rsplit("/", 1)[0]
+            raise DataError(f"{where}: class '{unknown[0]}' has test images but no train/{unknown[0]}/ folder "
+                            f"({len(unknown)} such class(es)); add its training images or remove the folder")
     classes = sorted({c for items in splits.values() for c, _ in items})
     return splits, classes
 
