@@ -120,7 +120,7 @@ compress:
 """
 
 
-def test_compress_retrains_on_two_processes_with_the_same_masks_and_codebooks(tmp_path):
+def test_compress_retrains_on_two_processes_with_the_same_masks_and_codebooks(tmp_path, monkeypatch):
     """``torchrun ... compress``: both ranks retrain (pruning, then the centroids), k-means
     runs on rank 0 and is broadcast, the masks and codebooks are bit-identical on both ranks
     (each rank's digest is in the report), rank 0 alone writes, and the result is what one
@@ -152,6 +152,9 @@ def test_compress_retrains_on_two_processes_with_the_same_masks_and_codebooks(tm
     assert acc_one > 0.8, acc_one
     assert abs(acc_one - acc_two) <= 0.01, (acc_one, acc_two)
 
-    rc, out = _run("compress", model, "--out", tmp_path / "lossless")  # nothing to retrain
-    assert rc != 0 and "without torchrun" in out, out
-    assert not (tmp_path / "lossless" / "model.esq").exists()
+    from edgesqueeze.config.compress import CompressConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before anything is read or joined
+    with pytest.raises(DistributedError, match=r"lossless re-encoding .* run 'edgesqueeze compress' without torchrun"):
+        compress(model, CompressConfig(), out_dir=tmp_path / "lossless", progress=False, log=lambda _m: None)
+    assert not (tmp_path / "lossless").exists()
