@@ -130,6 +130,7 @@ def one_pass(stream: bool) -> dict:
         t0 = time.perf_counter()
         ds = load_dataset(f"imagefolder:{JPEGS}", stream=stream)
         t_load = time.perf_counter() - t0
+        load_pss = peak.peak_pss_kb
         n = 0
         t1 = time.perf_counter()
         for xb, _ in batches(ds.train_x, ds.train_y, batch_size=64, shuffle=True,
@@ -139,7 +140,7 @@ def one_pass(stream: bool) -> dict:
         t_pass = time.perf_counter() - t1
     return {"stream": stream, "images": n, "load_s": round(t_load, 1), "pass_s": round(t_pass, 1),
             "images_per_s": round(n / t_pass, 1), "peak_rss_sum_mb": round(peak.peak_kb / 1024, 1),
-            "peak_pss_sum_mb": round(peak.peak_pss_kb / 1024, 1)}
+            "peak_pss_sum_mb": round(peak.peak_pss_kb / 1024, 1), "load_peak_pss_mb": round(load_pss / 1024, 1)}
 
 
 def memory(n: int) -> list[dict]:

@@ -192,10 +192,16 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """
     if len(x) == 0:
         raise DataError("cannot compute mean/std of an empty training set")
+    return stats_from_histograms([np.bincount(x[:, c].ravel(), minlength=256) for c in range(x.shape[1])])
+
+
+def stats_from_histograms(hists) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """:func:`channel_stats` from per-channel 256-bin histograms of uint8 values (summed over
+    chunks of a dataset too large to hold: the same histograms, the same numbers)."""
     v = np.arange(256, dtype=np.float64) / 255.0
     means, stds = [], []
-    for c in range(x.shape[1]):
-        hist = np.bincount(x[:, c].ravel(), minlength=256).astype(np.float64)
+    for h in hists:
+        hist = np.asarray(h).astype(np.float64)
         m = float((hist * v).sum() / hist.sum())
         var = float((hist * (v - m) ** 2).sum() / hist.sum())
         means.append(round(m, 6))

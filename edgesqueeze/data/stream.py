@@ -190,9 +190,16 @@ def _worker_message(text: str) -> str:
 
 
 def sample_stats(x: LazyImages, k: int = 2000, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of ``k`` seeded images (an estimate: the whole folder is not read)."""
-    from edgesqueeze.data.datasets import channel_stats
+    """Per-channel mean and std of ``k`` seeded images (an estimate: the whole folder is not
+    read), from histograms summed 64 images at a time, so memory stays that of 64 images."""
+    from edgesqueeze.data.datasets import stats_from_histograms
 
+    if len(x) == 0:
+        raise DataError("cannot compute mean/std of an empty training set")
     pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:k])
-    parts = [x.decode(pick[i:i + 256]) for i in range(0, len(pick), 256)]
-    return channel_stats(np.concatenate(parts))
+    hists = np.zeros((x.channels, 256), dtype=np.int64)
+    for i in range(0, len(pick), 64):
+        chunk = x.decode(pick[i:i + 64])
+        for c in range(x.channels):
+            hists[c] += np.bincount(chunk[:, c].ravel(), minlength=256)
+    return stats_from_histograms(hists)
