@@ -1,0 +1,69 @@
+"""Retraining inside ``compress`` for real on two ``gloo`` processes launched by ``torchrun``
+(digits): the masks and codebooks come out bit-identical on both ranks, rank 0 alone writes,
+and the result is what one process gets. A file of its own, so that pytest-xdist can run it
+beside the training tests of test_distributed.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgesqueeze.distributed import DistributedError
+from edgesqueeze.recipe import load_recipe
+from edgesqueeze.train import fit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distributed import RECIPE, _in_repo, _run  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+COMPRESS = """
+compress:
+  prune: {sparsity: 0.6, schedule: gradual}
+  prune_finetune: {epochs: 2, batch_size: 64, lr: 0.02}
+  cluster: {bits: 4}
+  cluster_finetune: {epochs: 1, batch_size: 64, lr: 0.001}
+"""
+
+
+def test_compress_retrains_on_two_processes_with_the_same_masks_and_codebooks(tmp_path, monkeypatch):
+    """``torchrun ... compress``: both ranks retrain (pruning, then the centroids), k-means
+    runs on rank 0 and is broadcast, the masks and codebooks are bit-identical on both ranks
+    (each rank's digest is in the report), rank 0 alone writes, and the result is what one
+    process gets, within a point. Post-training compression under torchrun is refused."""
+    recipe = tmp_path / "ddp-compress.yaml"
+    recipe.write_text(RECIPE.format(epochs=4) + COMPRESS)
+    trained = _in_repo(lambda: fit(load_recipe(recipe), out_dir=tmp_path / "float", progress=False,
+                                   log=lambda _m: None))
+    model = trained.out_dir / "model.pt"
+
+    rc, out = _run("compress", model, "-r", recipe, "--out", tmp_path / "two")
+    assert rc == 0, out
+    assert out.count("outputs:") == 1 and "compress: 2 processes" in out, out
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    dist = report["distributed"]
+    assert dist["processes"] == 2
+    for what in ("masks", "codebooks"):
+        by_rank = dist[what]["sha256_by_rank"]
+        assert len(by_rank) == 2 and by_rank[0] == by_rank[1], dist
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == [
+        "accuracy_vs_size.png", "model.esq", "pruned.pt", "report.json", "report.md", "weights_histogram.png"]
+
+    from edgesqueeze.compress.pipeline import compress
+
+    cfg = load_recipe(recipe).compress
+    one = _in_repo(lambda: compress(model, cfg, out_dir=tmp_path / "one", progress=False, log=lambda _m: None))
+    assert "distributed" not in one.report
+    acc_one, acc_two = one.report["test"]["after"]["accuracy"], report["test"]["after"]["accuracy"]
+    assert acc_one > 0.8, acc_one
+    assert abs(acc_one - acc_two) <= 0.01, (acc_one, acc_two)
+
+    from edgesqueeze.config.compress import CompressConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before anything is read or joined
+    with pytest.raises(DistributedError, match=r"lossless re-encoding .* run 'edgesqueeze compress' without torchrun"):
+        compress(model, CompressConfig(), out_dir=tmp_path / "lossless", progress=False, log=lambda _m: None)
+    assert not (tmp_path / "lossless").exists()
