@@ -88,6 +88,18 @@ def test_training_streamed_gives_the_same_weights(folder, tmp_path):
         assert torch.equal(va, vb), k
     assert a.test == b.test
 
+    # the streamed model's own data, read back the same way: INT8 calibration and verification
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    exp = CliRunner().invoke(cli, ["export", str(b.out_dir / "model.pt"), "-f", "onnx-int8", "--out",
+                                   str(tmp_path / "exp")], catch_exceptions=False)
+    assert exp.exit_code == 0, exp.output
+    ver = CliRunner().invoke(cli, ["verify", str(b.out_dir / "model.pt"), str(tmp_path / "exp" / "model.int8.onnx")],
+                             catch_exceptions=False)
+    assert ver.exit_code == 0 and "agreement" in ver.output, ver.output
+
 
 def test_a_corrupt_jpeg_stops_the_stream_with_one_line_naming_it(folder):
     """Broken before loading (mean/std read it) or while streaming (read in a worker)."""

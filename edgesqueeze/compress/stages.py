@@ -249,7 +249,7 @@ def calibration_split(run: Run):
         held_x, held_y = ds.test_x[keep], ds.test_y[keep]
     else:
         held_x, held_y = ds.test_x, ds.test_y
-    return pool[idx], split, idx, held_x, held_y
+    return np.asarray(pool[idx]), split, idx, held_x, held_y  # decoded when streamed from disk
 
 
 def ptq(run: Run, model: nn.Module, calib: np.ndarray, *, folded: bool,

@@ -75,6 +75,11 @@ class LazyImages:
         out = self.decode(range(len(self)))
         return out if dtype is None else out.astype(dtype)
 
+    def astype(self, dtype) -> np.ndarray:
+        """Decoded, as ``ndarray.astype``: callers that need pixels in memory (a calibration
+        set, a slice being run through onnxruntime) get them; slice first."""
+        return self.decode(range(len(self))).astype(dtype)
+
     def __repr__(self) -> str:
         return f"LazyImages({self.path}, {len(self)} images, {self.channels}x{self.size}x{self.size})"
 

@@ -168,4 +168,4 @@ def calibration_images(train_x: np.ndarray, n: int, *, seed: int = 0) -> np.ndar
         raise ExportError("no training images to calibrate INT8 ranges on")
     n = min(n, len(train_x))
     idx = np.sort(np.random.default_rng(seed).choice(len(train_x), size=n, replace=False))
-    return train_x[idx]
+    return np.asarray(train_x[idx])  # decoded here when the images stream from disk
