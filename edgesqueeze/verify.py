@@ -88,7 +88,7 @@ class _Data:
             from edgesqueeze.data import load_dataset
 
             ds = load_dataset(name, data_dir=self.data_dir, image_size=image_size
-                              if name.startswith("imagefolder:") else None)
+                              if name.startswith(("imagefolder:", "imagenet:")) else None)
             x, y = ds.test_x, ds.test_y
             if self.limit:
                 x, y = x[: self.limit], y[: self.limit]

@@ -65,13 +65,13 @@ class AugmentConfig:
 def default_augment(dataset_name: str) -> AugmentConfig:
     """The usual recipe per dataset.
 
-    CIFAR-10 and image folders: pad-4 random crop + horizontal flip (photos are mirror
+    CIFAR-10, image folders and ImageNet folders: pad-4 random crop + horizontal flip (photos are mirror
     symmetric). MNIST and digits: small rotation and shift, never a flip. ImageNet sample:
     nothing (it is a test set).
     """
     name = dataset_name.strip()
     low = name.lower()
-    if low == "cifar10" or low.startswith("imagefolder:"):
+    if low == "cifar10" or low.startswith(("imagefolder:", "imagenet:")):
         return AugmentConfig(crop_padding=4, hflip=True)
     if low in ("mnist", "digits"):
         return AugmentConfig(rotate_deg=10.0, translate=0.1)
