@@ -143,3 +143,30 @@ def test_imagenet_layout_streams_and_refuses_an_unknown_class(tmp_path):
         load_dataset(f"imagenet:{root}", data_dir=SHARED)
     with pytest.raises(DataError, match=r"no train/ folder"):
         load_dataset(f"imagenet:{tmp_path / 'nothing'}", data_dir=SHARED)
+
+
+@pytest.mark.skipif(not (SHARED / "imagenet_classes.txt").is_file(), reason="needs ../shared's ImageNet class list")
+def test_train_on_an_imagenet_folder_stops_at_a_corrupt_jpeg_in_one_line(tmp_path):
+    """Nothing reads pixels before training (ImageNet's mean/std are fixed), so a worker finds
+    the broken file mid-epoch: one error line naming it, exit 2, no model written."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    root = tmp_path / "inet"
+    _write_images(root / "train", ["n01440764", "n01443537"], 8, size=40, ext=".JPEG")
+    _write_images(root / "val", ["n01440764"], 2, size=40, seed=2, ext=".JPEG")
+    bad = root / "train" / "n01443537" / "005.JPEG"
+    bad.write_bytes(bad.read_bytes()[:100])
+    args = ["train", "-r", "recipes/squeezenet-mnist.yaml", "--set", f"data.dataset=imagenet:{root}",
+            "--set", f"data.data_dir={SHARED}", "--set", "data.image_size=32", "--set", "model.arch=resnet8",
+            "--set", "train.batch_size=4", "--set", "train.epochs=1", "--out", str(tmp_path / "run"), "--no-progress"]
+    cwd = os.getcwd()
+    os.chdir(Path(__file__).resolve().parents[1])
+    try:
+        res = CliRunner().invoke(cli, args)
+    finally:
+        os.chdir(cwd)
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and str(bad) in errors[0], res.output
+    assert "Traceback" not in res.output and not (tmp_path / "run" / "model.pt").exists()
