@@ -63,6 +63,11 @@ def _env_int(name: str, default: int) -> int:
         raise DistributedError(f"${name}={value!r} is not a number; launch with torchrun") from None
 
 
+def launched() -> bool:
+    """Started by torchrun with more than one process (``WORLD_SIZE`` > 1)."""
+    return _env_int("WORLD_SIZE", 1) > 1
+
+
 def setup(device: torch.device) -> Group:
     """Join the process group torchrun describes (``gloo`` on the CPU, ``nccl`` on CUDA);
     a one-process :class:`Group` when not launched by torchrun."""

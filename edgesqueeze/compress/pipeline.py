@@ -75,7 +75,9 @@ def compress(
     already pruned model (a previous run's ``pruned.pt``).
     """
     t_start = time.perf_counter()
-    if _launched_by_torchrun() and config.mode != "retrain":
+    from edgesqueeze import distributed
+
+    if distributed.launched() and config.mode != "retrain":
         from edgesqueeze.distributed import DistributedError
 
         what = "compress.ptq" if config.mode == "ptq" else "a lossless re-encoding (no prune/cluster/ptq section)"
@@ -133,19 +135,14 @@ def compress(
     return _compress_retrain_distributed(run)
 
 
-def _launched_by_torchrun() -> bool:
-    import os
-
-    return os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
-
-
 def _compress_retrain_distributed(run: Run) -> CompressResult:
     """Retraining, in one process or, launched by torchrun, data-parallel over every process
     (:mod:`edgesqueeze.distributed`): each rank retrains on its slice of each global batch,
     rank 0 alone logs, evaluates and writes."""
-    if not _launched_by_torchrun():
-        return _compress_retrain(run)
     from edgesqueeze import distributed
+
+    if not distributed.launched():
+        return _compress_retrain(run)
     from edgesqueeze.device import resolve_device
 
     device = resolve_device(run.config.prune_finetune.device, what="compress.prune_finetune.device")
