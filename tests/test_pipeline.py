@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -82,6 +83,33 @@ def test_archive_holds_what_was_measured(compressed):
 def test_same_inputs_same_bytes(checkpoint, compressed, tmp_path):
     again = compress(checkpoint, CONFIG, out_dir=tmp_path, progress=False, log=lambda _: None)
     assert again.esq_path.read_bytes() == compressed.esq_path.read_bytes()
+
+
+def test_resume_starts_from_pruned_pt_and_writes_the_same_bytes(checkpoint, compressed, tmp_path):
+    """``--resume`` in a folder where pruning finished (here: a whole earlier run, copied)
+    skips pruning and writes the archive a run from scratch writes; a pruned.pt made with
+    other prune settings is refused in one line, and without one it prunes from the start."""
+    import shutil
+
+    from edgesqueeze.errors import EdgesqueezeError
+
+    out = tmp_path / "again"
+    shutil.copytree(compressed.out_dir, out)
+    (out / "model.esq").unlink()
+    said: list[str] = []
+    again = compress(checkpoint, CONFIG, out_dir=out, resume=True, progress=False, log=said.append)
+    assert any("--resume: pruning done by an earlier run" in m for m in said), said
+    assert not any("prune-retrain" in m for m in said), said
+    assert again.esq_path.read_bytes() == compressed.esq_path.read_bytes()
+
+    other = dataclasses.replace(CONFIG, prune=dataclasses.replace(CONFIG.prune, sparsity=0.5))
+    with pytest.raises(EdgesqueezeError, match=r"pruned\.pt: was pruned from another model or with other prune "
+                                               r"settings.*leave out --resume"):
+        compress(checkpoint, other, out_dir=out, resume=True, progress=False, log=lambda _: None)
+    said.clear()
+    fresh = compress(checkpoint, CONFIG, out_dir=tmp_path / "fresh", resume=True, progress=False, log=said.append)
+    assert any("no " in m and "pruning from the start" in m for m in said), said
+    assert fresh.esq_path.read_bytes() == compressed.esq_path.read_bytes()
 
 
 def _zeros(model: torch.nn.Module) -> dict[str, torch.Tensor]:

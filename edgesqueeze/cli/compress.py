@@ -21,9 +21,12 @@ from edgesqueeze.cli._group import _progress_default, cli, device_option, model_
 @click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path),
               help="Model to distil from when a recipe's prune_finetune or cluster_finetune sets 'distill' "
                    "[default: MODEL_PATH itself]; the float original when MODEL_PATH is a pruned.pt.")
+@click.option("--resume", is_flag=True,
+              help="Start from OUT/pruned.pt when an earlier run (stopped during weight sharing, or done) "
+                   "wrote it from the same model with the same prune settings, seed and data.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
 @device_option
-def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, progress, device):
+def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, resume, progress, device):
     """Compress a model into a .esq archive, with a report.
 
     \b
@@ -76,7 +79,7 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, pr
     out = out_dir or Path(model_path).parent / f"{name}-compressed"
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
                       data_dir=data_dir or model_opts.data_dir,
-                      recipe_hash=recipe.hash() if model_opts.recipe_path else None, teacher=teacher,
+                      recipe_hash=recipe.hash() if model_opts.recipe_path else None, teacher=teacher, resume=resume,
                       progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m),
                       **model_opts.load_kwargs())
     if not result.main:  # another rank of a torchrun launch: rank 0 reports

@@ -59,6 +59,7 @@ def compress(
     input_meta: dict | None = None,
     recipe_hash: str | None = None,
     teacher: str | Path | None = None,
+    resume: bool = False,
     progress: bool = True,
     log: Log = print,
 ) -> CompressResult:
@@ -73,6 +74,9 @@ def compress(
     ``teacher`` is the model retraining distils from when a ``*_finetune.distill`` is set
     [default: ``checkpoint`` itself]; give the float original when ``checkpoint`` is an
     already pruned model (a previous run's ``pruned.pt``).
+
+    ``resume``: when ``out_dir/pruned.pt`` was written by an earlier run from the same file
+    with the same prune settings, seed and data, start from it instead of pruning again.
     """
     t_start = time.perf_counter()
     from edgesqueeze import distributed
@@ -127,7 +131,7 @@ def compress(
     run = Run(checkpoint=Path(checkpoint), config=config, inp=inp, out=Path(out_dir), seed=seed,
                recipe_hash=recipe_hash, progress=progress, log=log, t_start=t_start,
                teacher=teacher_model if teacher_model is not None else inp.loaded.model,
-               teacher_path=Path(teacher) if teacher is not None else None)
+               teacher_path=Path(teacher) if teacher is not None else None, resume=resume)
     if config.mode == "lossless":
         return _compress_lossless(run)
     if config.mode == "ptq":
@@ -147,7 +151,8 @@ def _compress_retrain_distributed(run: Run) -> CompressResult:
 
     device = resolve_device(run.config.prune_finetune.device, what="compress.prune_finetune.device")
     group = distributed.setup(device)
-    then = "run the same launch again (compress starts over)"
+    then = ("run the same launch again plus --resume (pruning is not redone when it had finished: "
+            f"{run.out}/pruned.pt)")
     distributed.explain_termination(group, run.out, then)
     log = run.log
     run.group, run.log = group, (log if group.main else (lambda _m: None))

@@ -66,6 +66,7 @@ class Run:
     t_start: float
     teacher: nn.Module | None = None  # what retraining distils from (the checkpoint, or --teacher)
     teacher_path: Path | None = None
+    resume: bool = False  # reuse out/pruned.pt from an earlier run with the same settings
     group: Any = None  # edgesqueeze.distributed.Group under torchrun: rank 0 alone evaluates stages and writes
     stages: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)

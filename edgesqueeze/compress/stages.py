@@ -57,6 +57,8 @@ def prune(run: Run, model: nn.Module, data: tuple) -> tuple[dict[str, torch.Tens
     if config.prune is None:
         return masks, auto_scan
     pcfg = config.prune
+    if run.resume and (resumed := _resume_pruned(run, model)) is not None:
+        return resumed, auto_scan
     if pcfg.sparsity == "auto":
         if not len(x_val):
             raise EdgesqueezeError("compress.prune.sparsity: 'auto' needs a validation split to "
@@ -101,6 +103,48 @@ def same_on_every_rank(run: Run, what: str, tensors: dict[str, torch.Tensor]) ->
     run.log(f"{what}: bit-identical on all {len(every)} ranks (sha256 {every[0][:16]}...)")
 
 
+def prune_settings_sha256(run: Run) -> str:
+    """What determines the pruned model besides the input file: the prune and prune_finetune
+    sections, the seed, the data and keep_layers (device and precision left out, as in recipe
+    hashes). ``pruned.pt`` records it, and ``--resume`` reuses only a match."""
+    import hashlib
+    import json
+
+    from edgesqueeze.compress.run import jsonable
+
+    c = run.config
+    ft = {k: v for k, v in jsonable(c.prune_finetune).items() if k not in ("device", "precision")}
+    blob = json.dumps({"prune": jsonable(c.prune), "prune_finetune": ft, "keep_layers": list(c.keep_layers),
+                       "seed": run.seed, "dataset": run.inp.ds.name if run.inp.ds is not None else None,
+                       "teacher": str(run.teacher_path) if run.teacher_path else None},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """With ``--resume``: the weights of ``pruned.pt`` in ``model`` and its masks, when it was
+    pruned from the same file with the same settings; None (prune again) when there is none."""
+    from edgesqueeze.checkpoint import _safe_torch_load, load_state_dict_checked
+
+    path = run.out / PRUNED_NAME
+    if not path.is_file():
+        run.log(f"--resume: no {path}: pruning from the start")
+        return None
+    import json
+
+    payload = _safe_torch_load(path)
+    meta = json.loads(payload.get("meta_json", "{}")) if isinstance(payload, dict) else {}
+    if meta.get("pruned_from_sha256") != run.source_sha256 or meta.get("prune_settings_sha256") != \
+            prune_settings_sha256(run):
+        raise EdgesqueezeError(f"{path}: was pruned from another model or with other prune settings, seed or data; "
+                               f"leave out --resume (it is then pruned again and replaced) or use another --out")
+    load_state_dict_checked(model, payload["state_dict"], source=str(path))
+    masks = existing_masks(model)
+    run.record("prune", model, None, f"{density(model):.1%} of weights kept; resumed from {PRUNED_NAME}")
+    run.log(f"--resume: pruning done by an earlier run ({path}); going on with weight sharing")
+    return masks
+
+
 def save_pruned(run: Run, model: nn.Module) -> Path:
     """Write the pruned model (BatchNorm not yet folded) as an ordinary checkpoint, so that
     other weight-sharing settings can be tried without pruning again: compress it with the
@@ -110,6 +154,7 @@ def save_pruned(run: Run, model: nn.Module) -> Path:
 
     meta = {k: v for k, v in run.inp.meta.items() if k != "metrics"}
     meta.update(compress_stage="prune", pruned_from_sha256=run.source_sha256,
+                prune_settings_sha256=prune_settings_sha256(run),
                 metrics={"val_accuracy": run.stages[-1]["val_accuracy"], "density": round(density(model), 4)})
     path = save_checkpoint(run.out / PRUNED_NAME, model, meta)
     run.log(f"pruned model (before weight sharing): {path}")
