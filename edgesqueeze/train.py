@@ -439,7 +439,7 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         steps = min(steps_per_epoch, total_steps - step)
         it = batches(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                      mean=ds.mean, std=ds.std, augment=augment, drop_last=len(x_tr) >= cfg.batch_size,
-                     channels_last=cfg.channels_last)
+                     channels_last=cfg.channels_last, part=(group.rank, group.world))
         step, loss_sum, correct, seen = train_one_epoch(
             trained, optimizer, distributed.shard(it, group), cfg=cfg, steps=steps, step=step,
             total_steps=total_steps, loss_fn=loss_fn, desc=f"epoch {epoch + 1}/{n_epochs}", progress=progress,

@@ -64,6 +64,13 @@ def test_streamed_folder_gives_the_in_memory_batches(folder):
     for workers in (2, 0):
         got = _all(batches(lx, ly, generator=torch.Generator().manual_seed(5), workers=workers, **kw))
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), workers
+    # a torchrun rank decodes only the images it keeps of each batch, and gets them as they are in one process
+    gen_part, gen_all = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for (xb, yb), (wx, wy) in zip(batches(lx, ly, generator=gen_part, part=(1, 2), **kw),
+                                  batches(mx, my, generator=gen_all, **kw), strict=True):
+        assert torch.equal(xb[1::2], wx[1::2]) and torch.equal(yb, wy)
+        assert not torch.equal(xb[0::2], wx[0::2])  # left undecoded
+    assert torch.equal(gen_part.get_state(), gen_all.get_state())  # the same draws: the next epoch's order too
 
 
 def test_training_streamed_gives_the_same_weights(folder, tmp_path):

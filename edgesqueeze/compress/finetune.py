@@ -94,7 +94,7 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
         t0 = time.perf_counter()
         it = batches(x, y, batch_size=cfg.batch_size, shuffle=True, generator=gen, mean=ds.mean, std=ds.std,
                      augment=augment if cfg.augment else None, drop_last=len(x) >= cfg.batch_size,
-                     channels_last=cfg.channels_last)
+                     channels_last=cfg.channels_last, part=(group.rank, group.world))
         step, loss_sum, correct, seen = train_one_epoch(
             trained, optimizer, distributed.shard(it, group), cfg=cfg, steps=min(steps_per_epoch, total - step),
             step=step, total_steps=total,

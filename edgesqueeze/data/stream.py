@@ -135,12 +135,20 @@ class _Batches(torch.utils.data.Dataset):
 
     images: LazyImages
     chunks: list[np.ndarray]
+    part: tuple[int, int] | None = None  # (rank, world): decode only every world-th image, from rank
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.images.decode(self.chunks[i]))
+        chunk = self.chunks[i]
+        if self.part is None:
+            return torch.from_numpy(self.images.decode(chunk))
+        rank, world = self.part
+        _, c, h, w = self.images.shape
+        out = torch.zeros((len(chunk), c, h, w), dtype=torch.uint8)  # the other ranks' images stay black
+        out[rank::world] = torch.from_numpy(self.images.decode(chunk[rank::world]))
+        return out
 
 
 def default_workers() -> int:
@@ -158,10 +166,15 @@ def default_workers() -> int:
 def stream_batches(x: LazyImages, y: np.ndarray, *, batch_size: int, order: np.ndarray | None, stop: int,
                    generator: torch.Generator | None, mean_t: torch.Tensor, std_t: torch.Tensor,
                    augment, channels_last: bool, workers: int | None = None,
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   part: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """What :func:`~edgesqueeze.data.batches` yields for an array, for ``LazyImages``: the same
     batches in the same order (``order``, drawn by the caller), decoded in ``workers``
-    DataLoader processes two batches ahead of the model."""
+    DataLoader processes two batches ahead of the model.
+
+    ``part=(rank, world)`` (a torchrun rank, which keeps every ``world``-th image of each
+    global batch from ``rank``): only those images are decoded, the others are left black.
+    The whole batch is still augmented, so the random numbers drawn, and with them the data
+    order of later epochs, are the same on every rank and as in one process."""
     from edgesqueeze.data.transforms import apply_augment
 
     n = len(x)
@@ -170,7 +183,7 @@ def stream_batches(x: LazyImages, y: np.ndarray, *, batch_size: int, order: np.n
     workers = default_workers() if workers is None else workers
     workers = min(workers, len(chunks))
     loader = torch.utils.data.DataLoader(
-        _Batches(x, chunks), batch_size=None, shuffle=False, num_workers=workers,
+        _Batches(x, chunks, part if part is not None and part[1] > 1 else None), batch_size=None, shuffle=False, num_workers=workers,
         prefetch_factor=2 if workers else None, persistent_workers=False)
     it = iter(loader)
     for chunk in chunks:

@@ -159,7 +159,8 @@ def apply_augment(x: torch.Tensor, config: AugmentConfig | None,
 def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool,
             generator: torch.Generator | None, mean: Sequence[float], std: Sequence[float],
             augment: AugmentConfig | None = None, drop_last: bool = False,
-            channels_last: bool = False, workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            channels_last: bool = False, workers: int | None = None,
+            part: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels)``: float32 normalised NCHW and int64, one pass over the data.
 
     uint8 -> [0, 1] -> augmentation (so padding and rotation fill with black, as the raw
@@ -169,7 +170,8 @@ def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool,
 
     ``x`` may be :class:`~edgesqueeze.data.stream.LazyImages` (an image folder streamed from
     disk): the same batches, decoded in ``workers`` DataLoader processes
-    [default ``$EDGESQUEEZE_WORKERS`` or 2].
+    [default ``$EDGESQUEEZE_WORKERS`` or 2]; with ``part=(rank, world)`` only the images
+    that rank keeps of each batch are decoded (:func:`~edgesqueeze.data.stream.stream_batches`).
     """
     from edgesqueeze.data.stream import is_lazy, stream_batches
 
@@ -194,7 +196,7 @@ def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool,
     if lazy:
         return stream_batches(x, y, batch_size=batch_size, order=order, stop=stop, generator=generator,
                               mean_t=mean_t, std_t=std_t, augment=augment, channels_last=channels_last,
-                              workers=workers)
+                              workers=workers, part=part)
 
     def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, stop, batch_size):
