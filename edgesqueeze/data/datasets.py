@@ -420,7 +420,7 @@ def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> D
     """An image folder or zip (the layouts of :func:`_folder_dataset`) streamed from disk:
     :class:`~edgesqueeze.data.stream.LazyImages`, nothing decoded but one image (its size and
     channels) and a seeded sample of 2,000 for mean/std."""
-    from edgesqueeze.data.stream import LazyImages, sample_stats
+    from edgesqueeze.data.stream import LazyImages, sample_histograms
 
     path = Path(os.path.abspath(Path(spec).expanduser()))
     if not path.exists():
@@ -451,7 +451,7 @@ def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> D
         vx, vy = out["test"] if "test" in out else (None, None)
         if vx is None:
             tx, ty, vx, vy = _carve_test(tx, ty)
-    mean, std = sample_stats(tx, seed=seed)
+    mean, std = stats_from_histograms(sample_histograms(tx, seed=seed))
     return Dataset(name, tx, ty, vx, vy, tuple(classes), mean, std)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -164,8 +164,8 @@ def default_workers() -> int:
 
 
 def stream_batches(x: LazyImages, y: np.ndarray, *, batch_size: int, order: np.ndarray | None, stop: int,
-                   generator: torch.Generator | None, mean_t: torch.Tensor, std_t: torch.Tensor,
-                   augment, channels_last: bool, workers: int | None = None,
+                   mean_t: torch.Tensor, std_t: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor],
+                   channels_last: bool, workers: int | None = None,
                    part: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """What :func:`~edgesqueeze.data.batches` yields for an array, for ``LazyImages``: the same
     batches in the same order (``order``, drawn by the caller), decoded in ``workers``
@@ -174,8 +174,8 @@ def stream_batches(x: LazyImages, y: np.ndarray, *, batch_size: int, order: np.n
     ``part=(rank, world)`` (a torchrun rank, which keeps every ``world``-th image of each
     global batch from ``rank``): only those images are decoded, the others are left black.
     The whole batch is still augmented, so the random numbers drawn, and with them the data
-    order of later epochs, are the same on every rank and as in one process."""
-    from edgesqueeze.data.transforms import apply_augment
+    order of later epochs, are the same on every rank and as in one process. ``augment`` is
+    the caller's augmentation of a float batch in [0, 1] (drawing from its generator)."""
 
     n = len(x)
     idx = order if order is not None else np.arange(n)
@@ -192,7 +192,7 @@ def stream_batches(x: LazyImages, y: np.ndarray, *, batch_size: int, order: np.n
         except DataError as e:  # raised in a worker: DataLoader prefixes its traceback
             raise DataError(_worker_message(str(e))) from None
         xt = raw.to(torch.float32).div_(255.0)
-        xt = apply_augment(xt, augment, generator)
+        xt = augment(xt)
         xt = (xt - mean_t) / std_t
         if channels_last:
             xt = xt.contiguous(memory_format=torch.channels_last)
@@ -207,11 +207,9 @@ def _worker_message(text: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else "a data loader worker failed"
 
 
-def sample_stats(x: LazyImages, k: int = 2000, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of ``k`` seeded images (an estimate: the whole folder is not
-    read), from histograms summed 64 images at a time, so memory stays that of 64 images."""
-    from edgesqueeze.data.datasets import stats_from_histograms
-
+def sample_histograms(x: LazyImages, k: int = 2000, seed: int = 0) -> np.ndarray:
+    """Per-channel 256-bin histograms of ``k`` seeded images (for mean/std without reading
+    the whole folder), summed 64 images at a time, so memory stays that of 64 images."""
     if len(x) == 0:
         raise DataError("cannot compute mean/std of an empty training set")
     pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:k])
@@ -220,4 +218,4 @@ def sample_stats(x: LazyImages, k: int = 2000, seed: int = 0) -> tuple[tuple[flo
         chunk = x.decode(pick[i:i + 64])
         for c in range(x.channels):
             hists[c] += np.bincount(chunk[:, c].ravel(), minlength=256)
-    return stats_from_histograms(hists)
+    return hists

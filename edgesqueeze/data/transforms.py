@@ -194,8 +194,8 @@ def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool,
     order = torch.randperm(n, generator=generator).numpy() if shuffle else None
     stop = n - n % batch_size if drop_last else n
     if lazy:
-        return stream_batches(x, y, batch_size=batch_size, order=order, stop=stop, generator=generator,
-                              mean_t=mean_t, std_t=std_t, augment=augment, channels_last=channels_last,
+        return stream_batches(x, y, batch_size=batch_size, order=order, stop=stop, mean_t=mean_t, std_t=std_t,
+                              augment=lambda xt: apply_augment(xt, augment, generator), channels_last=channels_last,
                               workers=workers, part=part)
 
     def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
