@@ -271,14 +271,20 @@ def cluster_model(model: nn.Module, config: ClusterConfig,
     for name, b in bits.items():
         weight = out.get_submodule(name).weight
         mask = masks.get(name, torch.ones_like(weight, dtype=torch.bool))
-        layer = cluster_layer(name, weight, mask, b, init=config.init, max_iter=config.max_iter,
-                              codebook_dtype=config.codebook_dtype,
-                              include_zero=config.include_zero,
-                              sample_weight=(sample_weights or {}).get(name), seed=config.seed)
-        with torch.no_grad():
+        assignments[name] = cluster_layer(name, weight, mask, b, init=config.init, max_iter=config.max_iter,
+                                          codebook_dtype=config.codebook_dtype,
+                                          include_zero=config.include_zero,
+                                          sample_weight=(sample_weights or {}).get(name), seed=config.seed)
+    return apply_assignments(out, assignments), assignments
+
+
+def apply_assignments(model: nn.Module, assignments: Mapping[str, ClusteredLayer]) -> nn.Module:
+    """Write each assigned layer's shared weights into ``model`` (in place); returns it."""
+    with torch.no_grad():
+        for name, layer in assignments.items():
+            weight = model.get_submodule(name).weight
             weight.copy_(layer.weight().to(weight.device, weight.dtype))
-        assignments[name] = layer
-    return out, assignments
+    return model
 
 
 def apply(model: nn.Module, config: ClusterConfig, *,

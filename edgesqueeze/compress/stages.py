@@ -210,11 +210,7 @@ def _cluster_once(run: Run, model: nn.Module, masks: dict) -> tuple[nn.Module, d
         model, assignments = cluster_mod.cluster_model(model, cfg, masks, path="compress.cluster")
     assignments = distributed.broadcast_object(group, assignments)
     if not group.main:
-        model = copy.deepcopy(model)
-        with torch.no_grad():
-            for name, layer in assignments.items():
-                weight = model.get_submodule(name).weight
-                weight.copy_(layer.weight().to(weight.device, weight.dtype))
+        model = cluster_mod.apply_assignments(copy.deepcopy(model), assignments)
     return model, assignments
 
 

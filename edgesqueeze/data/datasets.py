@@ -334,6 +334,16 @@ def _load_mnist(search: list[Path], download: bool, image_size: int | None) -> D
     return _cached("mnist", "mnist", files, {"image_size": image_size}, build)
 
 
+def _train_test(out: dict) -> tuple:
+    """``(train_x, train_y, test_x, test_y)`` from an image folder's splits (``layout``):
+    ``all`` or a lone ``train`` has a fixed test split carved from it."""
+    if "all" in out:
+        return _carve_test(*out["all"])
+    if "test" in out:
+        return (*out["train"], *out["test"])
+    return _carve_test(*out["train"])  # train/ only
+
+
 def _folder_dataset(src_path: Path, image_size: int | None, desc: str):
     """(train_x, train_y, test_x, test_y, classes) from an image folder or zip."""
     src = _images.open_source(src_path)
@@ -350,14 +360,7 @@ def _folder_dataset(src_path: Path, image_size: int | None, desc: str):
     finally:
         src.close()
     out = {k: (_images.to_nchw(x, gray_all), y) for k, (x, y) in out.items()}
-    if "all" in out:
-        tx, ty, vx, vy = _carve_test(*out["all"])
-    else:
-        (tx, ty) = out["train"]
-        if "test" in out:
-            vx, vy = out["test"]
-        else:  # train/ only: carve a fixed test split from it
-            tx, ty, vx, vy = _carve_test(tx, ty)
+    tx, ty, vx, vy = _train_test(out)
     if tx.shape[1:] != vx.shape[1:]:
         raise DataError(f"{src_path}: train images are {tx.shape[2]}x{tx.shape[3]} but test images are "
                         f"{vx.shape[2]}x{vx.shape[3]}; pass image_size to resize them all")
@@ -444,13 +447,7 @@ def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> D
         items = sorted(items, key=lambda it: (index[it[0]], it[1]))
         out[split] = (LazyImages(path, [rel for _, rel in items], size=size, channels=channels),
                       np.array([index[c] for c, _ in items], dtype=np.int64))
-    if "all" in out:
-        tx, ty, vx, vy = _carve_test(*out["all"])
-    else:
-        tx, ty = out["train"]
-        vx, vy = out["test"] if "test" in out else (None, None)
-        if vx is None:
-            tx, ty, vx, vy = _carve_test(tx, ty)
+    tx, ty, vx, vy = _train_test(out)
     mean, std = stats_from_histograms(sample_histograms(tx, seed=seed))
     return Dataset(name, tx, ty, vx, vy, tuple(classes), mean, std)
 
@@ -513,17 +510,8 @@ def _load_imagenet_folder(name: str, spec: str, search: list[Path], image_size: 
 
 
 def _imagenet_preprocess(img, crop: int) -> np.ndarray:
-    """torchvision's eval transform: resize the shorter side to round(crop*256/224), center-crop."""
-    from PIL import Image
-
-    img = img.convert("RGB")
-    short = int(round(crop * 256 / 224))
-    w, h = img.size
-    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-    img = img.resize((nw, nh), Image.BILINEAR)
-    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-    img = img.crop((left, top, left + crop, top + crop))
-    return np.asarray(img).transpose(2, 0, 1)
+    """RGB, then torchvision's eval transform (:func:`._images.imagenet_crop`), as CHW."""
+    return np.asarray(_images.imagenet_crop(img.convert("RGB"), crop)).transpose(2, 0, 1)
 
 
 def _read_imagenet_classes(path: Path) -> tuple[list[str], list[str]]:

@@ -99,7 +99,7 @@ class LazyImages:
         DataError naming it."""
         from PIL import Image
 
-        from edgesqueeze.data._images import _GRAY_MODES, decode_image
+        from edgesqueeze.data._images import _GRAY_MODES, decode_image, imagenet_crop
 
         src = self._source()
         idx = list(indices)
@@ -112,12 +112,7 @@ class LazyImages:
                 img = img.convert("L")
             img = img.convert("L" if gray else "RGB")
             if self.preprocess == "imagenet":
-                short = int(round(self.size * 256 / 224))
-                w, h = img.size
-                nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-                img = img.resize((nw, nh), Image.BILINEAR)
-                top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))
-                img = img.crop((left, top, left + self.size, top + self.size))
+                img = imagenet_crop(img, self.size)
             elif img.size != (self.size, self.size):
                 img = img.resize((self.size, self.size), Image.BILINEAR)
             arr = np.asarray(img)
@@ -183,8 +178,8 @@ def stream_batches(x: LazyImages, y: np.ndarray, *, batch_size: int, order: np.n
     workers = default_workers() if workers is None else workers
     workers = min(workers, len(chunks))
     loader = torch.utils.data.DataLoader(
-        _Batches(x, chunks, part if part is not None and part[1] > 1 else None), batch_size=None, shuffle=False, num_workers=workers,
-        prefetch_factor=2 if workers else None, persistent_workers=False)
+        _Batches(x, chunks, part if part is not None and part[1] > 1 else None), batch_size=None, shuffle=False,
+        num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False)
     it = iter(loader)
     for chunk in chunks:
         try:
