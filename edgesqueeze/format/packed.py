@@ -75,10 +75,14 @@ class PackedTensor:
 
 def requantize(values: np.ndarray, scales: np.ndarray, offset: int, qmax: int) -> np.ndarray:
     """``clip(rint(values / scale_c), -qmax, qmax) + offset`` per output channel (axis 0),
-    in float32 as onnxruntime's quantizer divides; float64 result, integer-valued."""
+    in float32 as onnxruntime's quantizer divides; float32 result, integer-valued (exact:
+    ``qmax + offset`` is far below 2**24)."""
     shape = (len(scales),) + (1,) * (values.ndim - 1)
     q = np.rint(values.astype(np.float32) / scales.astype(np.float32).reshape(shape))
-    return np.clip(q, -qmax, qmax).astype(np.float64) + offset
+    np.clip(q, -qmax, qmax, out=q)
+    if offset:
+        q += np.float32(offset)
+    return q
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -222,30 +226,36 @@ def packed_info(archive: container.Archive) -> dict[str, Any]:
     return info
 
 
-def _tensor_bytes(name: str, values: np.ndarray, info: dict) -> bytes:
+def _dtype(name: str, info: dict) -> tuple[np.dtype, int]:
+    """The little-endian numpy dtype a tensor section is stored as in the inner file, and its offset."""
     dtype = info.get("dtype")
     offset = info.get("offset", 0)
     if dtype not in _DTYPES or not isinstance(offset, int) or isinstance(offset, bool):
         raise FormatError(f"section {name}: bad dtype {dtype!r} or offset {offset!r}")
-    if dtype == "float32":
-        if offset:
-            raise FormatError(f"section {name}: a float32 tensor has no offset")
-        return values.astype("<f4").tobytes()
-    lo, hi = np.iinfo(_DTYPES[dtype]).min, np.iinfo(_DTYPES[dtype]).max
-    q = values.astype(np.float64) + offset
-    if values.size and (not np.array_equal(q, np.round(q)) or q.min() < lo or q.max() > hi):
-        raise FormatError(f"section {name}: values do not fit {dtype}")
-    return q.astype(np.dtype(_DTYPES[dtype]).newbyteorder("<")).tobytes()
+    if dtype == "float32" and offset:
+        raise FormatError(f"section {name}: a float32 tensor has no offset")
+    return np.dtype(_DTYPES[dtype]).newbyteorder("<"), offset
 
 
-def unpack(source: bytes | container.Archive) -> bytes:
-    """The inner file's exact bytes, checked against the recorded size and SHA-256.
+def _put(dest: np.ndarray, name: str, values: np.ndarray, offset: int) -> None:
+    """Store decoded ``values`` (float32) plus ``offset`` into ``dest`` (a view of the output
+    buffer) in its dtype, refusing values the dtype cannot hold exactly. The float32
+    arithmetic is exact: coded integers are at most 2048 in magnitude (float16 codebooks)."""
+    v = values.reshape(-1)
+    if dest.dtype.kind == "f":
+        dest[...] = v
+        return
+    if offset:
+        v = v + np.float32(offset)
+    info = np.iinfo(dest.dtype)
+    if v.size and (v.min() < info.min or v.max() > info.max):
+        raise FormatError(f"section {name}: values do not fit {dest.dtype.name}")
+    np.copyto(dest, v, casting="unsafe")
+    if not np.array_equal(dest, v):  # a fraction was truncated
+        raise FormatError(f"section {name}: values do not fit {dest.dtype.name}")
 
-    Every problem is a :class:`FormatError` naming the section: a damaged archive (the
-    container's checksums), a skeleton that does not decompress to its recorded size,
-    tensors that overlap or run past the file, bytes whose SHA-256 is not the recorded one."""
-    archive = source if isinstance(source, container.Archive) else container.loads(source)
-    info = packed_info(archive)
+
+def _skeleton(archive: container.Archive, info: dict) -> bytes:
     if SKELETON not in archive.sections:
         raise FormatError("packed file without a skeleton section")
     blob, sk = archive.sections[SKELETON]
@@ -270,50 +280,73 @@ def unpack(source: bytes | container.Archive) -> bytes:
         raise FormatError(f"section {SKELETON}: does not decompress ({exc})") from None
     if len(skeleton) != n or not ok:
         raise FormatError(f"section {SKELETON}: decompresses to {len(skeleton)} bytes, recorded {n}")
+    return skeleton
+
+
+def unpack(source: bytes | container.Archive) -> bytes:
+    """The inner file's exact bytes, checked against the recorded size and SHA-256.
+
+    Every problem is a :class:`FormatError` naming the section: a damaged archive (the
+    container's checksums), a skeleton that does not decompress to its recorded size,
+    tensors that overlap or run past the file, bytes whose SHA-256 is not the recorded one.
+
+    The layout is worked out and checked first; then one buffer of the recorded size is
+    filled in place: skeleton pieces copied, tensors cast straight into it (no per-tensor
+    byte strings), requantized tensors last (their scales are in the file)."""
+    archive = source if isinstance(source, container.Archive) else container.loads(source)
+    info = packed_info(archive)
+    skeleton = _skeleton(archive, info)
     tensors = {k: v for k, v in archive.sections.items() if k != SKELETON}
     for k, (_, ti) in tensors.items():
         if not isinstance(ti, dict) or ti.get("enc") != "shared":
             raise FormatError(f"section {k}: not a coded tensor")
     values = codec.decode_sections(container.Archive(meta={}, sections=tensors, version=archive.version))
-    spans, requants = [], []
+    spans = []
     for k, (_, ti) in tensors.items():
         at = ti.get("at")
         if not isinstance(at, int) or isinstance(at, bool) or at < 0:
             raise FormatError(f"section {k}: bad offset {at!r}")
-        if "requant" in ti:  # filled in once every other byte is in place (its scales are in the file)
-            n_bytes = int(np.asarray(values[k]).size) * np.dtype(_DTYPES.get(ti.get("dtype"), np.uint8)).itemsize
-            requants.append((at, k, ti))
-            spans.append((at, k, bytes(n_bytes)))
-            continue
-        spans.append((at, k, _tensor_bytes(k, np.asarray(values[k]), ti)))
-    spans.sort()
-    out, pos, used = bytearray(), 0, 0
-    for at, k, raw in spans:
-        gap = at - len(out)
+        dtype, offset = _dtype(k, ti)
+        spans.append((at, k, dtype, offset, "requant" in ti))
+    spans.sort(key=lambda sp: sp[0])
+    size, pos = 0, 0  # where the next piece goes in the output; how much skeleton is used
+    for at, k, dtype, _, _ in spans:
+        gap = at - size
         if gap < 0 or pos + gap > len(skeleton):
             raise FormatError(f"section {k}: at {at} overlaps the previous tensor or lies past the file")
-        out += skeleton[pos:pos + gap]
         pos += gap
-        out += raw
-        used += len(raw)
-    out += skeleton[pos:]
-    for at, k, ti in requants:
+        size = at + np.asarray(values[k]).size * dtype.itemsize
+    total = size + len(skeleton) - pos
+    if total != info["bytes"]:
+        raise FormatError(f"decoded {total} bytes, the file recorded {info['bytes']}")
+    out = bytearray(total)
+    mv = memoryview(out)
+    size, pos = 0, 0
+    for at, k, dtype, offset, rq in spans:
+        gap = at - size
+        mv[size:at] = skeleton[pos:pos + gap]
+        pos += gap
+        n = np.asarray(values[k]).size
+        if not rq:  # requantized tensors are filled in once every other byte is in place
+            _put(np.frombuffer(out, dtype, n, at), k, np.asarray(values[k]), offset)
+        size = at + n * dtype.itemsize
+    mv[size:] = skeleton[pos:]
+    for at, k, dtype, offset, rq in spans:
+        if not rq:
+            continue
         v = np.asarray(values[k])
-        rq = ti["requant"]
-        scale_at, qmax = (rq.get("scale_at"), rq.get("qmax")) if isinstance(rq, dict) else (None, None)
+        r = tensors[k][1]["requant"]
+        scale_at, qmax = (r.get("scale_at"), r.get("qmax")) if isinstance(r, dict) else (None, None)
         n_ch = v.shape[0] if v.ndim else 0
         ok = (isinstance(scale_at, int) and not isinstance(scale_at, bool) and isinstance(qmax, int)
               and not isinstance(qmax, bool) and 1 <= qmax <= 32767 and n_ch > 0
               and 0 <= scale_at and scale_at + 4 * n_ch <= len(out))
         if not ok:
-            raise FormatError(f"section {k}: bad requant entry {rq!r}")
-        scales = np.frombuffer(bytes(out[scale_at:scale_at + 4 * n_ch]), dtype="<f4")
+            raise FormatError(f"section {k}: bad requant entry {r!r}")
+        scales = np.frombuffer(out, "<f4", n_ch, scale_at).copy()
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             raise FormatError(f"section {k}: its scales at {scale_at} are not positive floats")
-        raw = _tensor_bytes(k, requantize(v, scales, 0, qmax), ti)
-        out[at:at + len(raw)] = raw
-    if len(out) != info["bytes"]:
-        raise FormatError(f"decoded {len(out)} bytes, the file recorded {info['bytes']}")
+        _put(np.frombuffer(out, dtype, v.size, at), k, requantize(v, scales, 0, qmax), offset)
     digest = hashlib.sha256(out).hexdigest()
     if digest != info["sha256"]:
         raise FormatError(f"decoded bytes have SHA-256 {digest[:16]}..., the file recorded {info['sha256'][:16]}...")
