@@ -500,6 +500,50 @@ def report() -> str:
                              f"{_pct(a['host_accuracy'])} | {_pct(a['device_accuracy'])} | {a['max_abs_diff']:.3g} |")
             lines.append("")
         lines += ["Target: 100% top-1 agreement for each file.", ""]
+    if r := _load("packed"):
+        lines += ["## Packed files: the same int8 model, every way to ship it small", "", _mach(r), "",
+                  f"{r['note']}", "",
+                  "Each packed file's plain file is decoded from it (the exact bytes `export` wrote, SHA-256 "
+                  "checked). gzip -9 is what TF Model Optimization reports as a compressed size; neither gzip "
+                  "nor xz files run anywhere without unpacking them first, like ours.", "",
+                  "| file | plain | gzip -9 | xz -9e | TFLite Micro LUT | **packed (ours)** |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for x in r["rows"]:
+            t = x.get("tflm")
+            tflm = "-" if t is None else (f"{t['compressed_bytes']:,}" if "compressed_bytes" in t
+                                          else "fails: " + str(t.get("error", "?"))[:80])
+            lines.append(f"| `{x['name']}` ({x['file']}) | {x['plain_bytes']:,} | {x['gzip9_bytes']:,} | "
+                         f"{x['xz9e_bytes']:,} | {tflm} | **{x['packed_bytes']:,}** |")
+        lines += ["", f"Cold load, file to ready session through `edgesqueeze.runtime.load` ({r['threads']} thread; "
+                  f"medians of {r['loads']} interleaved rounds after an untimed one; the load average "
+                  "then in the last column):", "",
+                  "| file | plain | packed | of which decoding | packed / plain | load average |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for x in r["rows"]:
+            lines.append(f"| `{x['name']}` | {x['cold_plain_ms']:.1f} ms | {x['cold_packed_ms']:.1f} ms | "
+                         f"{x['decode_ms']:.1f} ms | {x['cold_ratio']:.2f}x | {x.get('cold_loadavg', [float('nan')])[0]:.2f} |")
+        tf = [x for x in r["rows"] if x.get("tflm") and "compressed_bytes" in x["tflm"]]
+        if tf:
+            v = tf[0]["tflm"]["tflite_micro"]
+            lines += ["", f"TFLite Micro (PyPI `tflite-micro` {v}, `benchmarks/tflm_lut.py`): the int8 file and its "
+                      "LUT-compressed copy (every int8 conv filter, one value table per tensor, the index bits its "
+                      "distinct values need) run in TFLM's interpreter, batch 1, on the first test images of the "
+                      "file's dataset. Flash: the `.tflite`'s bytes (the interpreter's code not counted); arena: "
+                      "what TFLM's recording allocator reports.", "",
+                      "| file | images | index bits | flash plain / LUT | arena plain / LUT | accuracy LiteRT / TFLM / "
+                      "TFLM LUT | LUT logits = plain | ours, packed (runs in LiteRT, not TFLM) |",
+                      "| --- | ---: | --- | ---: | ---: | --- | --- | ---: |"]
+            for x in tf:
+                t = x["tflm"]
+                bits = sorted({f["index_bits"] for f in t["filters"] if f["index_bits"]})
+                lines.append(f"| `{x['name']}` | {t['images']:,} | {', '.join(map(str, bits))} | "
+                             f"{t['plain_bytes']:,} / {t['compressed_bytes']:,} | "
+                             f"{t.get('plain_arena_bytes', 0):,} / {t.get('lut_arena_bytes', 0):,} | "
+                             f"{_pct(t.get('litert_accuracy'))} / {_pct(t.get('plain_accuracy'))} / "
+                             f"{_pct(t.get('lut_accuracy'))} | {t.get('lut_identical_to_plain')} | "
+                             f"{x['packed_bytes']:,} |")
+        lines += ["", "Target (issue 16): decoding plus session creation at most 2x the plain file's session "
+                  "creation, on this machine.", ""]
     if r := _load("zoo_cifar"):
         lines += ["## Your own model: examples/zoo.py classes on CIFAR-10, through the command line", "", _mach(r), "",
                   "Each class given as `--arch`/`model.import examples/zoo.py:Class` (never registered), trained by",
