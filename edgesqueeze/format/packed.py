@@ -250,8 +250,9 @@ def _put(dest: np.ndarray, name: str, values: np.ndarray, offset: int) -> None:
     info = np.iinfo(dest.dtype)
     if v.size and (v.min() < info.min or v.max() > info.max):
         raise FormatError(f"section {name}: values do not fit {dest.dtype.name}")
-    np.copyto(dest, v, casting="unsafe")
-    if not np.array_equal(dest, v):  # a fraction was truncated
+    with np.errstate(invalid="ignore"):  # NaN: refused just below, without a warning first
+        np.copyto(dest, v, casting="unsafe")
+    if not np.array_equal(dest, v):  # a fraction was truncated, or NaN
         raise FormatError(f"section {name}: values do not fit {dest.dtype.name}")
 
 
