@@ -162,13 +162,16 @@ def verdicts_markdown_table(verdicts: list[Verdict]) -> str:
 
 
 def artifacts_markdown(rows: list[dict[str, Any]]) -> str:
-    """Every artifact: format, bytes, gzip bytes, accuracy, agreement, latency."""
-    lines = ["| artifact | format | runtime | bytes | gzip bytes | accuracy | agreement | latency b=1 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Every artifact: format, bytes, gzip bytes, accuracy, agreement, latency (and the
+    arena bytes of TensorFlow Lite Micro files, when there are any)."""
+    arena = any(r.get("arena_bytes") for r in rows)
+    lines = ["| artifact | format | runtime | bytes | gzip bytes | accuracy | agreement | latency b=1 |"
+             + (" arena bytes |" if arena else ""), "| --- " * (9 if arena else 8) + "|"]
     for r in rows:
         lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f} ms"
         size = "-" if r.get("bytes") is None else f"{r['bytes']:,}"
         gz = "-" if r.get("gzip_bytes") is None else f"{r['gzip_bytes']:,}"
         lines.append(f"| `{r.get('path')}` | {r.get('format')} | {r.get('runtime') or '-'} | {size} | {gz} | "
-                     f"{_pct(r.get('accuracy'))} | {_pct(r.get('agreement'))} | {lat} |")
+                     f"{_pct(r.get('accuracy'))} | {_pct(r.get('agreement'))} | {lat} |"
+                     + (f" {r['arena_bytes']:,} |" if r.get("arena_bytes") else " - |" if arena else ""))
     return "\n".join(lines) + "\n"

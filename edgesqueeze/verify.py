@@ -1,6 +1,8 @@
 """Evaluate artifacts through the runtime that will run them, never through PyTorch.
 
-``.onnx`` files run in onnxruntime and ``.tflite`` files in LiteRT (``edgesqueeze.runtime``);
+``.onnx`` files run in onnxruntime and ``.tflite`` files in LiteRT (``edgesqueeze.runtime``),
+a TensorFlow Lite Micro compressed ``.tflite`` (``TFLM_DECODE`` operators) in TensorFlow Lite
+Micro's interpreter (its row then carries ``arena_bytes``, the RAM it needs beside its flash);
 an ``.esq`` archive is decoded by its own decoder (and its weights checked against the hash
 recorded at compress time) and run as the PyTorch model it describes, which is what a
 PyTorch deployment of it does; a ``.pt`` checkpoint is the float reference.
@@ -201,7 +203,8 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
             log(f"{path}: NOT evaluated: {row['error']}")
         else:
             agr = "" if row["agreement"] is None else f", agreement {100 * row['agreement']:.2f}%"
-            log(f"{path} [{row['format']}, {row['runtime']}]: {row['bytes']:,} B, accuracy "
+            arena = f", arena {row['arena_bytes']:,} B" if row.get("arena_bytes") else ""
+            log(f"{path} [{row['format']}, {row['runtime']}]: {row['bytes']:,} B{arena}, accuracy "
                 f"{100 * row['accuracy']:.2f}%{agr}")
             if row["warning"]:
                 log(f"warning: {path}: {row['warning']}")
@@ -256,6 +259,8 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
                               "export it with `edgesqueeze export`")
         scores = np.asarray(art.predict_images(x), dtype=np.float32)
         _check_classes(scores, ds, art.classes, str(path))
+        if art.backend == "tflite-micro":  # the RAM a microcontroller needs beside the file's flash
+            out["arena_bytes"] = art.arena_bytes
         out["_meta_reference"] = meta.get("reference_accuracy")
         from edgesqueeze.runtime.cpu import int8_warning
 

@@ -312,6 +312,9 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
     lines.append("- sizes in bytes; kB = 1,000 B")
 
     head = ["format", "file", "bytes", "gzip bytes", "accuracy", "agreement"]
+    with_arena = any(r.get("arena_bytes") for r in rows)  # TensorFlow Lite Micro files: RAM beside flash
+    if with_arena:
+        head.append("arena bytes")
     if len(ns) > 1:
         head.append("n")
     if with_latency:
@@ -327,6 +330,8 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
         else:
             cells = [_cell(r.get("format")), file, format_size(r.get("bytes")),
                      format_size(r.get("gzip_bytes")), _pct(r.get("accuracy")), _pct(r.get("agreement"))]
+        if with_arena:
+            cells.append(format_size(r.get("arena_bytes")) if r.get("arena_bytes") else "-")
         if len(ns) > 1:
             cells.append(f"{r['n']:,}" if r.get("n") else "-")
         if with_latency:

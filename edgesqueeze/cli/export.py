@@ -20,7 +20,9 @@ def _csv(value: str, what: str) -> list[str]:
 @cli.command("export")
 @click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "-f", "formats", default=None, metavar="LIST",
-              help="Comma-separated: onnx, onnx-int8, tflite, tflite-int8 [default: the recipe's, else all four].")
+              help="Comma-separated: onnx, onnx-int8, tflite, tflite-int8, tflite-micro (the tflite-int8 file "
+                   "LiteRT runs, compressed the TensorFlow Lite Micro way for a microcontroller: value tables and "
+                   "DECODE operators; needs edgesqueeze[micro]) [default: the recipe's, else the first four].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, export/].")
 @click.option("--data", "dataset", help="Dataset for calibration images [default: the model's own].")

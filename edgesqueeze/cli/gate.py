@@ -88,9 +88,11 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
            min_accuracy, max_drop, min_agreement, out_path):
     """Evaluate artifacts on the test split through their own runtimes.
 
-    .onnx runs in onnxruntime, .tflite in LiteRT, .esq through its decoder (its weights
-    checked against the hash recorded at compress time), .pt in PyTorch as the float
-    reference. Reports file size, gzip size, accuracy and top-1 agreement; with a budget
+    .onnx runs in onnxruntime, .tflite in LiteRT (a TensorFlow Lite Micro compressed
+    .tflite in TFLite Micro's interpreter, which also reports its arena bytes), .esq through
+    its decoder (its weights checked against the hash recorded at compress time), .pt in
+    PyTorch as the float reference. Reports file size, gzip size, accuracy and top-1
+    agreement; with a budget
     (options or the recipe's), exits 1 when one is broken. Writes verify.json, verify.md
     (the table, the verdicts, the machine) and two plots: size_by_format.png and
     accuracy_vs_size.png.

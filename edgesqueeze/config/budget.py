@@ -24,7 +24,7 @@ __all__ = ["ARTIFACT_FORMATS", "Budget", "BudgetSpecError", "format_size", "pars
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
           "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3}
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
-ARTIFACT_FORMATS = ("pt", "esq", "onnx", "onnx-int8", "tflite", "tflite-int8",
+ARTIFACT_FORMATS = ("pt", "esq", "onnx", "onnx-int8", "tflite", "tflite-int8", "tflite-micro",
                     "onnx.esq", "onnx-int8.esq", "tflite.esq", "tflite-int8.esq")  # .esq: packed files
 
 

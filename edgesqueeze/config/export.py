@@ -13,10 +13,21 @@ from typing import Any, ClassVar, Literal
 from edgesqueeze._config import _build, _range
 from edgesqueeze.errors import RecipeError
 
-__all__ = ["FORMATS", "SUFFIX", "CalibrationConfig", "ExportConfig"]
+__all__ = ["ALL_FORMATS", "FORMATS", "INT8_FORMATS", "SUFFIX", "CalibrationConfig", "ExportConfig", "int8_base"]
 
-FORMATS = ("onnx", "onnx-int8", "tflite", "tflite-int8")
-SUFFIX = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "tflite": ".tflite", "tflite-int8": ".int8.tflite"}
+FORMATS = ("onnx", "onnx-int8", "tflite", "tflite-int8")  # what an export writes by default
+# tflite-micro: the tflite-int8 file LUT-compressed for TensorFlow Lite Micro (edgesqueeze.export.tflm);
+# asked for by name, since it needs the optional package edgesqueeze[micro]
+ALL_FORMATS = (*FORMATS, "tflite-micro")
+INT8_FORMATS = ("onnx-int8", "tflite-int8", "tflite-micro")
+SUFFIX = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "tflite": ".tflite", "tflite-int8": ".int8.tflite",
+          "tflite-micro": ".int8.micro.tflite"}
+
+
+def int8_base(artifact_format: str) -> str:
+    """The format whose quantization settings ``artifact_format`` takes: a tflite-micro file
+    is the tflite-int8 file, compressed."""
+    return "tflite-int8" if artifact_format == "tflite-micro" else artifact_format
 
 
 @dataclass(frozen=True)
@@ -101,10 +112,10 @@ class ExportConfig:
     WEIGHT_ROUNDING: ClassVar[dict[str, str]] = {"onnx-int8": "nearest", "tflite-int8": "gptq"}
 
     def __post_init__(self) -> None:
-        bad = [f for f in self.formats if f not in FORMATS]
+        bad = [f for f in self.formats if f not in ALL_FORMATS]
         if bad:
             raise RecipeError(f"export.formats: unknown format {bad[0]!r}; choose from "
-                              f"{', '.join(FORMATS)}")
+                              f"{', '.join(ALL_FORMATS)}")
         if not self.formats:
             raise RecipeError("export.formats: needs at least one format")
         _check_names(self.float_layers, "export.float_layers")
@@ -122,20 +133,20 @@ class ExportConfig:
     def float_layers_for(self, artifact_format: str) -> tuple[str, ...]:
         """The layers kept float in ``artifact_format``: its ``float_layers_by_format`` entry
         (``[]`` means all-int8) where there is one, else ``float_layers``."""
-        return tuple(self.float_layers_by_format.get(artifact_format, self.float_layers))
+        return tuple(self.float_layers_by_format.get(int8_base(artifact_format), self.float_layers))
 
     def bias_correction_for(self, artifact_format: str) -> bool:
         """``bias_correction`` with unset resolved for ``artifact_format``."""
         if self.bias_correction is not None:
             return self.bias_correction
-        return artifact_format == "onnx-int8"
+        return int8_base(artifact_format) == "onnx-int8"
 
     def weight_rounding_for(self, artifact_format: str, shared: bool = False) -> str:
         """``weight_rounding`` with ``auto`` resolved for ``artifact_format``: nearest for a
         weight-shared model (GPTQ would round each copy of a shared value differently)."""
         if self.weight_rounding != "auto":
             return self.weight_rounding
-        return "nearest" if shared else self.WEIGHT_ROUNDING[artifact_format]
+        return "nearest" if shared else self.WEIGHT_ROUNDING[int8_base(artifact_format)]
 
     def int8_per_channel(self, artifact_format: str, shared: bool = False) -> bool:
         """``int8_weights`` resolved: ``auto`` gives a weight-shared model (``shared``: every

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from edgesqueeze.config.export import FORMATS, SUFFIX, CalibrationConfig, ExportConfig
+from edgesqueeze.config.export import ALL_FORMATS, FORMATS, INT8_FORMATS, SUFFIX, CalibrationConfig, ExportConfig
 from edgesqueeze.export._common import META_FORMAT, META_KEY, artifact_meta, calibration_images, check_float_layers, to_input
 
-__all__ = ["FORMATS", "META_FORMAT", "META_KEY", "SUFFIX", "CalibrationConfig", "ExportConfig",
+__all__ = ["ALL_FORMATS", "FORMATS", "META_FORMAT", "META_KEY", "SUFFIX", "CalibrationConfig", "ExportConfig",
            "artifact_meta", "calibration_images", "check_float_layers", "export_artifacts", "to_input"]
 
 Log = Callable[[str], None]
@@ -136,11 +136,15 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     check_float_layers(model, config.float_layers, what="export.float_layers")  # before any file is written
     for fmt, names in config.float_layers_by_format.items():
         check_float_layers(model, names, what=f"export.float_layers_by_format.{fmt}")
-    if config.float_layers and not any(f.endswith("int8") for f in config.formats):
-        log(f"note: float_layers {list(config.float_layers)} only apply to onnx-int8 and tflite-int8")
+    if config.float_layers and not any(f in INT8_FORMATS for f in config.formats):
+        log(f"note: float_layers {list(config.float_layers)} only apply to the int8 formats")
+    if "tflite-micro" in config.formats:  # the optional package, before any file is written
+        from edgesqueeze.export.tflm import import_micro
+
+        import_micro()
     shared = is_weight_shared(model)
-    if shared and any(f.endswith("int8") for f in config.formats):
-        how = {f: config.int8_per_channel(f, shared) for f in config.formats if f.endswith("int8")}
+    if shared and any(f in INT8_FORMATS for f in config.formats):
+        how = {f: config.int8_per_channel(f, shared) for f in config.formats if f in INT8_FORMATS}
         if not any(how.values()):
             log("weight-shared model: int8 weights get one scale per tensor and round to nearest, so each "
                 "shared value stays one int8 value (export.int8_weights: per-channel to change it)")
@@ -158,7 +162,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     written = []
     for fmt in config.formats:
         path = out / f"{stem}{SUFFIX[fmt]}"
-        if fmt.endswith("int8") and calib is None:
+        if fmt in INT8_FORMATS and calib is None:
             calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
         if fmt == "onnx":
             from edgesqueeze.export.onnx import export_onnx
@@ -180,20 +184,15 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             from edgesqueeze.export.tflite import export_tflite
 
             export_tflite(model, meta, path, fold_normalization=config.fold_normalization, source_sha256=digest)
+        elif fmt == "tflite-micro":
+            _export_micro(model, meta, path, calib, config, shared, written, seed=seed, digest=digest, log=log)
         else:
-            from edgesqueeze.export.tflite import export_tflite_int8
-
-            export_tflite_int8(model, meta, path, calib[0], calibration=config.calibration,
-                               calibration_split=calib[1]["split"], calibration_seed=seed,
-                               io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
-                               float_layers=config.float_layers_for(fmt),
-                               weight_rounding=config.weight_rounding_for(fmt, shared),
-                               bias_correction=config.bias_correction_for(fmt),
-                               equalize_activations=config.equalize_activations,
-                               per_channel=config.int8_per_channel(fmt, shared), source_sha256=digest)
+            _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
         written.append(path)
-        if config.pack:
+        if config.pack and fmt == "tflite-micro":
+            log(f"note: {path.name} is not packed: a microcontroller runs it from flash as it is")
+        elif config.pack:
             from edgesqueeze.export.packed import pack_file
 
             sources = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()
@@ -205,6 +204,51 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                 f"tensors coded{how})")
             written.append(packed)
     return written
+
+
+def _export_tflite_int8(model, meta, path: Path, calib, config: ExportConfig, shared: bool, *, seed: int,
+                        digest: str) -> None:
+    """The tflite-int8 file, with the export settings resolved for it (a tflite-micro file
+    takes the same ones: :func:`~edgesqueeze.config.export.int8_base`)."""
+    from edgesqueeze.export.tflite import export_tflite_int8
+
+    fmt = "tflite-int8"
+    export_tflite_int8(model, meta, path, calib[0], calibration=config.calibration,
+                       calibration_split=calib[1]["split"], calibration_seed=seed,
+                       io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
+                       float_layers=config.float_layers_for(fmt),
+                       weight_rounding=config.weight_rounding_for(fmt, shared),
+                       bias_correction=config.bias_correction_for(fmt),
+                       equalize_activations=config.equalize_activations,
+                       per_channel=config.int8_per_channel(fmt, shared), source_sha256=digest)
+
+
+def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: bool, written: list[Path], *,
+                  seed: int, digest: str, log: Log) -> None:
+    """The tflite-int8 file (the one written beside it in this export, else made in memory),
+    compressed for TensorFlow Lite Micro (:mod:`edgesqueeze.export.tflm`)."""
+    import tempfile
+
+    from edgesqueeze._io import write_bytes_atomic
+    from edgesqueeze.export.tflm import micro_compress
+
+    plain = next((p for p in written if p.name.endswith(SUFFIX["tflite-int8"])), None)
+    if plain is not None:
+        data = plain.read_bytes()
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgesqueeze-micro-") as tmp:
+            tmp_path = Path(tmp) / "model.int8.tflite"
+            _export_tflite_int8(model, meta, tmp_path, calib, config, shared, seed=seed, digest=digest)
+            data = tmp_path.read_bytes()
+    out, rep = micro_compress(data, what=str(path))
+    write_bytes_atomic(path, out)
+    kept = [r for r in rep["rows"] if not r["index_bits"]]
+    widths = ", ".join(f"{b}-bit" for b in sorted({r["index_bits"] for r in rep["rows"] if r["index_bits"]}))
+    log(f"{path}: TFLite Micro value tables on {rep['compressed']} of {rep['filters']} int8 filters "
+        f"({widths} indices): "
+        f"{rep['weight_bytes']:,} -> {rep['coded_weight_bytes']:,} filter bytes"
+        + (f"; {len(kept)} kept as int8 (more than 128 distinct values: {kept[0]['name']}"
+           f"{', ...' if len(kept) > 1 else ''})" if kept else ""))
 
 
 def is_weight_shared(model, max_values: int = 256, keep: float = 0.9) -> bool:

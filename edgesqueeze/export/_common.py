@@ -11,7 +11,7 @@ checkpoint (the torch-free runtime reads it back):
 Keys (all present; JSON types)::
 
     format            "edgesqueeze.artifact"
-    artifact_format   "onnx" | "onnx-int8" | "tflite" | "tflite-int8"
+    artifact_format   "onnx" | "onnx-int8" | "tflite" | "tflite-int8" (| "tflite-micro", set by export.tflm)
     arch, arch_kwargs the model's registry name and builder kwargs (null when unknown)
     classes           class names, index = output position (null when unknown)
     input_shape       [C, H, W] of one image

@@ -287,8 +287,10 @@ class Artifact:
         """Run one batch of native-dtype, native-layout input; return the raw first output."""
         raise NotImplementedError
 
+    _out_q: tuple[float, int] | None = None  # (scale, zero point) of an int8 output
+
     def _dequantize_output(self, y: np.ndarray) -> np.ndarray:
-        return y
+        return y if self._out_q is None else dequantize(y, *self._out_q)
 
     # -- public -----------------------------------------------------------------------
     @property

@@ -15,8 +15,10 @@ from edgesqueeze.runtime._base import _SNIFF_BYTES, Artifact, classify, sniff, u
 
 __all__ = ["BACKENDS", "load"]
 
-BACKENDS = ("onnxruntime", "ai-edge-litert", "tflite-runtime")
-_KIND_OF_BACKEND = {"onnxruntime": "onnx", "ai-edge-litert": "tflite", "tflite-runtime": "tflite"}
+BACKENDS = ("onnxruntime", "ai-edge-litert", "tflite-runtime", "tflite-micro")
+_KIND_OF_BACKEND = {"onnxruntime": "onnx", "ai-edge-litert": "tflite", "tflite-runtime": "tflite",
+                    "tflite-micro": "tflite"}
+MICRO_OPS = ("TFLM_DECODE",)  # custom operators only TensorFlow Lite Micro runs
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None,
@@ -28,8 +30,10 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     extension disagrees with its content is refused (other extensions are fine). ``threads``
     sets the backend's intra-op threads (None: the backend's default, which for
     onnxruntime is one per physical core and for LiteRT is 1). ``backend`` picks one of
-    ``onnxruntime``, ``ai-edge-litert``, ``tflite-runtime`` (None: the one that fits,
-    preferring ai-edge-litert over tflite-runtime).
+    ``onnxruntime``, ``ai-edge-litert``, ``tflite-runtime``, ``tflite-micro`` (None: the one
+    that fits, preferring ai-edge-litert over tflite-runtime; a TFLite Micro compressed
+    file, whose filters sit behind ``TFLM_DECODE`` operators, goes to TensorFlow Lite
+    Micro's interpreter, :mod:`._tflm`, since LiteRT cannot run it).
 
     A packed file (``model.int8.tflite.esq``, :mod:`edgesqueeze.format.packed`) is decoded
     in memory, checked against its recorded SHA-256, and run from those bytes: the artifact's
@@ -60,10 +64,25 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
         raise RuntimeBackendError(
             f"{path}: is a{'n ONNX' if kind == 'onnx' else ' TFLite'} model; backend {backend!r} "
             f"runs {_KIND_OF_BACKEND[backend].upper()} files only")
-    if kind == "tflite":
+    if kind == "tflite" and backend == "tflite-micro":
+        from edgesqueeze.runtime._tflm import MicroArtifact
+
+        art = MicroArtifact(path, data=data)
+    elif kind == "tflite":
         from edgesqueeze.runtime._tflite import TFLiteArtifact
 
-        art = TFLiteArtifact(path, threads=threads, backend=backend, data=data)
+        try:
+            art = TFLiteArtifact(path, threads=threads, backend=backend, data=data)
+        except RuntimeBackendError:
+            # LiteRT cannot run a TFLite Micro compressed file: read its operator codes only
+            # then (a plain file's cold load stays LiteRT's own), and run it where it runs
+            micro = _micro_ops(path, data) if backend is None else []
+            if not micro:
+                raise
+            from edgesqueeze.runtime._tflm import MicroArtifact
+
+            art = MicroArtifact(path, data=data, why=f"its {', '.join(micro)} operators (TensorFlow Lite "
+                                                     "Micro compression, which LiteRT cannot run)")
     else:
         from edgesqueeze.runtime._onnx import OnnxArtifact
 
@@ -76,3 +95,14 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
                           f"{'n ONNX' if kind == 'onnx' else ' TFLite'} model; rename it to "
                           f".{kind} if that is what it is")
     return art
+
+
+def _micro_ops(path: Path, data: bytes | None) -> list[str]:
+    """The custom operators of a TFLite file that only TensorFlow Lite Micro runs."""
+    from edgesqueeze.runtime._tflite_meta import tflite_custom_ops
+
+    try:
+        data = path.read_bytes() if data is None else data
+        return [op for op in tflite_custom_ops(data, where=str(path)) if op in MICRO_OPS]
+    except (OSError, FormatError):
+        return []

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesqueeze.errors import FormatError, RuntimeBackendError
-from edgesqueeze.runtime._base import Artifact, _first_line, build_spec, dequantize
+from edgesqueeze.runtime._base import Artifact, _first_line, build_spec
 
 _INSTALL_HINT = ("pip install ai-edge-litert (or edgesqueeze[runtime]); on an old Raspberry Pi "
                  "OS image, pip install tflite-runtime")
@@ -170,11 +170,6 @@ class TFLiteArtifact(Artifact):
         if self._batch != self._base_batch:
             self._reset()
         return self._chunked(x, self._base_batch, self._invoke)
-
-    def _dequantize_output(self, y: np.ndarray) -> np.ndarray:
-        if self._out_q is not None:
-            return dequantize(y, *self._out_q)
-        return y
 
     def _num_outputs_hint(self) -> int:
         shape = self._out["shape"]

@@ -12,7 +12,8 @@ Flatbuffer facts used (``tensorflow/compiler/mlir/lite/schema/schema.fbs``)::
     table     = soffset to its vtable (i32: vtable = table - soffset), then fields
     vtable    = u16 vtable bytes | u16 table bytes | u16 offset of field 0, 1, ... (0 = absent)
     vector    = u32 count | elements ; tables in a vector are u32 offsets relative to the slot
-    Model     fields: 4 buffers: [Buffer], 6 metadata: [Metadata]
+    Model     fields: 1 operator_codes: [OperatorCode], 4 buffers: [Buffer], 6 metadata: [Metadata]
+    OperatorCode fields: 1 custom_code: string (a custom operator's name, e.g. TFLM_DECODE)
     Metadata  fields: 0 name: string, 1 buffer: u32
     Buffer    fields: 0 data: [ubyte], 1 offset: u64, 2 size: u64  (offset > 1: the bytes live
               at that absolute file offset, outside the flatbuffer: models over 2 GB)
@@ -33,10 +34,11 @@ from edgesqueeze.errors import FormatError
 META_KEY = "edgesqueeze"  # equal to edgesqueeze.export._common.META_KEY (a test checks it)
 FILE_IDENTIFIER = b"TFL3"
 
-__all__ = ["META_KEY", "read_tflite_metadata", "tflite_metadata_entries"]
+__all__ = ["META_KEY", "read_tflite_metadata", "tflite_custom_ops", "tflite_metadata_entries"]
 
-# Model / Metadata / Buffer field numbers in schema.fbs
-_MODEL_BUFFERS, _MODEL_METADATA = 4, 6
+# Model / Metadata / Buffer / OperatorCode field numbers in schema.fbs
+_MODEL_OPCODES, _MODEL_BUFFERS, _MODEL_METADATA = 1, 4, 6
+_OPCODE_CUSTOM = 1  # OperatorCode.custom_code: string
 _META_NAME, _META_BUFFER = 0, 1
 _BUF_DATA, _BUF_OFFSET, _BUF_SIZE = 0, 1, 2
 
@@ -129,6 +131,20 @@ def tflite_metadata_entries(data: bytes, *, where: str = "<bytes>") -> dict[str,
             out[name] = bytes(data[offset:offset + size])
         else:
             out[name] = r.byte_vector(buf, _BUF_DATA)
+    return out
+
+
+def tflite_custom_ops(data: bytes, *, where: str = "<bytes>") -> list[str]:
+    """The names of the custom operators a TFLite flatbuffer uses (``Model.operator_codes``
+    with a ``custom_code``), in file order: ``["TFLM_DECODE"]`` for a TFLite Micro
+    compressed file, ``[]`` for a file of builtin operators only."""
+    r = _Reader(data, where)
+    codes, n_codes = r.vector(r.root(), _MODEL_OPCODES)
+    out = []
+    for i in range(n_codes):
+        name = r.byte_vector(r.table_at(codes, i), _OPCODE_CUSTOM)
+        if name:
+            out.append(name.decode("utf-8", errors="replace"))
     return out
 
 

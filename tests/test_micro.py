@@ -1,0 +1,155 @@
+"""TensorFlow Lite Micro files end to end: export -f tflite-micro LUT-compresses a weight-shared
+model's int8 filters, TFLite Micro's own interpreter runs the file (LiteRT cannot), and verify
+reports its flash and arena bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgesqueeze.checkpoint import save_checkpoint
+from edgesqueeze.data import load_dataset
+from edgesqueeze.errors import ExportError, FormatError, RuntimeBackendError
+from edgesqueeze.export import ExportConfig, export_artifacts
+
+pytest.importorskip("tflite_micro")  # edgesqueeze[micro]: x86-64 Linux wheels only
+pytest.importorskip("litert_torch")
+from test_export_tflite import trained  # noqa: E402,F401 - the half-width digits SqueezeNet fixture
+from test_packed_export import share  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shared_pt(trained, tmp_path_factory):
+    path = tmp_path_factory.mktemp("shared") / "shared.pt"
+    save_checkpoint(path, share(trained.model), {**trained.meta, "folded_batchnorm": True})
+    return path
+
+
+@pytest.fixture(scope="module")
+def micro(shared_pt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro")
+    logs: list[str] = []
+    written = export_artifacts(shared_pt, ExportConfig(formats=("tflite-int8", "tflite-micro")), out,
+                               log=logs.append)
+    return {p.name: p for p in written}, logs
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _files(micro):
+    files, _ = micro
+    return files["shared.int8.tflite"], files["shared.int8.micro.tflite"]
+
+
+def test_value_tables_are_what_the_shared_filters_hold(micro):
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor
+
+    from edgesqueeze.runtime._tflite_meta import read_tflite_metadata, tflite_custom_ops
+
+    plain, small = _files(micro)
+    assert tflite_custom_ops(plain.read_bytes()) == []
+    assert tflite_custom_ops(small.read_bytes()) == ["TFLM_DECODE"]
+    assert small.stat().st_size < plain.stat().st_size
+    meta = read_tflite_metadata(small)
+    assert meta["artifact_format"] == "tflite-micro"
+    info = meta["micro"]
+    assert info["compressed"] >= 1 and info["coded_weight_bytes"] < info["weight_bytes"]
+    # the report, recomputed from the plain file's filters: 16 centroids and zero a layer need
+    # 5-bit indices; a table pays off where indices, table and DECODE operator (~64 B) are
+    # smaller than the int8 tensor
+    graph = model_editor.read(plain.read_bytes()).subgraphs[0]
+    filters = [np.asarray(t.array) for t in graph.tensors
+               if t.buffer is not None and np.asarray(t.array).dtype == np.int8 and np.asarray(t.array).ndim == 4]
+    coded, done = 0, 0
+    for arr in filters:
+        distinct = np.unique(arr).size
+        assert distinct <= 17
+        size = math.ceil(arr.size * max(1, math.ceil(math.log2(distinct))) / 8)
+        worth = size + distinct + 64 < arr.size
+        coded += size if worth else arr.size
+        done += worth
+    assert (info["filters"], info["compressed"]) == (len(filters), done)
+    assert info["weight_bytes"] == sum(a.size for a in filters) and info["coded_weight_bytes"] == coded
+    line = next(m for m in micro[1] if "TFLite Micro value tables" in m)
+    assert f"on {done} of {len(filters)} int8 filters" in line
+
+
+def test_micro_interpreter_runs_it_exactly_as_the_plain_file(micro, digits):
+    from edgesqueeze import runtime
+
+    plain, small = _files(micro)
+    a = runtime.load(small)  # LiteRT refuses TFLM_DECODE: the loader goes to TFLite Micro
+    assert a.backend == "tflite-micro" and a.meta["artifact_format"] == "tflite-micro"
+    b = runtime.load(plain, backend="tflite-micro")
+    c = runtime.load(plain)
+    assert c.backend == "ai-edge-litert"
+    x = digits.test_x[:200]
+    sa, sb, sc = (art.predict_images(x) for art in (a, b, c))
+    np.testing.assert_array_equal(sa, sb)  # value tables are lossless
+    # TFLite Micro's reference kernels vs LiteRT's XNNPACK: the same int8 graph, rounded
+    # differently in places; top-1 nearly always the same
+    assert (sa.argmax(1) == sc.argmax(1)).mean() >= 0.97
+    assert (sa.argmax(1) == digits.test_y[:200]).mean() >= 0.8
+    arena = a.arena_bytes
+    assert arena is not None and 0 < arena < 1 << 20
+    assert b.arena_bytes is not None and b.arena_bytes <= arena  # decoded filters take arena space
+    with pytest.raises(RuntimeBackendError, match="TFLM_DECODE"):
+        runtime.load(small, backend="ai-edge-litert")
+
+
+def test_damaged_micro_file_is_refused_in_one_line(micro, tmp_path):
+    from edgesqueeze import runtime
+
+    _, small = _files(micro)
+    data = small.read_bytes()
+    for n in (100, len(data) // 2, len(data) - 40):
+        bad = tmp_path / f"cut{n}.int8.micro.tflite"
+        bad.write_bytes(data[:n])
+        for backend in (None, "tflite-micro"):
+            with pytest.raises(FormatError, match=f"{bad.name}.*(damaged|truncated)") as err:
+                runtime.load(bad, backend=backend)
+            assert "\n" not in str(err.value)
+
+
+def test_a_model_without_sharing_gets_no_micro_file(trained, tmp_path):
+    path = tmp_path / "dense.pt"
+    save_checkpoint(path, trained.model, trained.meta)
+    with pytest.raises(ExportError, match="no int8 filter is worth a TFLite Micro value table"):
+        export_artifacts(path, ExportConfig(formats=("tflite-micro",)), tmp_path / "out", log=lambda _m: None)
+    assert not (tmp_path / "out" / "dense.int8.micro.tflite").exists()
+
+
+@pytest.mark.slow
+def test_cli_export_verify_check(shared_pt, tmp_path):
+    es = [sys.executable, "-m", "edgesqueeze"]
+    r = subprocess.run([*es, "export", str(shared_pt), "-f", "tflite-micro", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    small = tmp_path / "shared.int8.micro.tflite"
+    assert "value tables on" in r.stdout + r.stderr and small.is_file()
+    assert not (tmp_path / "shared.int8.tflite").exists()  # made in memory, not left behind
+    report = tmp_path / "verify.json"
+    r = subprocess.run([*es, "verify", str(shared_pt), str(small), "--out", str(report)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "| arena bytes |" in r.stdout  # the table verify prints
+    row = next(x for x in json.loads(report.read_text())["artifacts"] if x["path"] == str(small))
+    assert row["format"] == "tflite-micro" and row["runtime"] == "tflite-micro"
+    assert row["bytes"] == small.stat().st_size and row["arena_bytes"] > 0
+    assert "arena bytes" in (tmp_path / "verify.md").read_text()
+    size = row["bytes"]
+    for limit, want in ((size, 0), (size - 1, 1)):
+        r = subprocess.run([*es, "check", str(report), f"--max-size-for=tflite-micro={limit}B"],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == want, r.stdout + r.stderr
