@@ -153,3 +153,15 @@ def test_cli_export_verify_check(shared_pt, tmp_path):
         r = subprocess.run([*es, "check", str(report), f"--max-size-for=tflite-micro={limit}B"],
                            capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == want, r.stdout + r.stderr
+
+
+def test_inspect_describes_a_micro_file(micro):
+    from edgesqueeze.runtime import inspect_artifact
+    from edgesqueeze.runtime._tflite_meta import read_tflite_metadata
+
+    plain, small = _files(micro)
+    info, base = inspect_artifact(small), inspect_artifact(plain)
+    assert info["backend"] == "tflite-micro" and info["arena_bytes"] > 0
+    assert info["ops"]["TFLM_DECODE"] == read_tflite_metadata(small)["micro"]["compressed"]
+    assert info["ops"]["CONV_2D"] == base["ops"]["CONV_2D"]
+    assert info["file_bytes"] == small.stat().st_size

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesqueeze.errors import FormatError
+from edgesqueeze.errors import FormatError, RuntimeBackendError
 from edgesqueeze.runtime._base import META_KEY, _first_line, classify, parse_meta
 
 __all__ = ["inspect_artifact"]
@@ -77,7 +77,14 @@ def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
         return out
     out: dict[str, Any] = {"path": str(path), "kind": kind, "file_bytes": path.stat().st_size}
     if kind == "tflite":
-        out.update(_inspect_tflite(path))
+        try:
+            out.update(_inspect_tflite(path))
+        except RuntimeBackendError:
+            from edgesqueeze.runtime._load import _micro_ops
+
+            if not _micro_ops(path, None):
+                raise
+            out.update(_inspect_micro(path))
     else:
         out.update(_inspect_onnx(path, head))
     return _totals(out)
@@ -242,3 +249,32 @@ def _inspect_tflite(path: Path) -> dict[str, Any]:
             continue
         out["tensors"].append(_tensor_entry(d["name"], arr, index=idx, quantization=_quant_summary(d)))
     return out
+
+
+def _inspect_micro(path: Path) -> dict[str, Any]:
+    """A TensorFlow Lite Micro compressed file (``TFLM_DECODE`` operators), which LiteRT cannot
+    open: its operators and constant tensors as TFLite Micro's model editor reads them (a
+    compressed filter appears as its index bytes and its value table), its I/O as TFLite
+    Micro's interpreter sees it."""
+    from edgesqueeze.runtime._tflm import MicroArtifact
+
+    art = MicroArtifact(path, why="inspecting its TFLM_DECODE operators (TensorFlow Lite Micro compression)")
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+    graph = model_editor.read(art._data).subgraphs[0]
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    ops = Counter(o.custom_code or names.get(o.opcode, str(o.opcode)) for o in graph.operators)
+
+    def io(tensors) -> list[dict]:
+        return [{"name": str(t.name), "shape": [int(d) for d in t.shape], "dtype": np.dtype(t.numpy_dtype).name,
+                 "quantization": None} for t in tensors]
+
+    tensors = []
+    for t in graph.tensors:
+        arr = np.asarray(t.array) if t.buffer is not None else None
+        if arr is not None and arr.size:
+            tensors.append(_tensor_entry(str(t.name), arr, index=int(t.index), quantization=None))
+    return {"detail": "full", "backend": art.backend, "metadata": art.meta, "inputs": io(graph.inputs),
+            "outputs": io(graph.outputs), "ops": dict(sorted(ops.items())), "tensors": tensors,
+            "arena_bytes": art.arena_bytes}
