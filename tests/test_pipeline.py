@@ -302,3 +302,57 @@ def test_sparsity_auto_scans_on_validation_and_reports(checkpoint, tmp_path):
         w = result.model.get_submodule(name).weight
         assert float((w == 0).float().mean()) == pytest.approx(chosen, abs=0.02)
     assert "sparsity: auto" in (tmp_path / "report.md").read_text()
+
+
+RESUMABLE = dataclasses.replace(CONFIG, prune_finetune=FinetuneConfig(epochs=3, lr=0.02),
+                                cluster_finetune=FinetuneConfig(epochs=2, lr=0.002))
+
+
+@pytest.mark.parametrize("stage", ["prune-retrain", "centroid-retrain"])
+def test_resume_inside_a_retraining_writes_the_same_bytes(checkpoint, tmp_path, monkeypatch, stage):
+    """A run killed right after the first epoch of a retraining (its state saved, nothing
+    after) goes on with --resume from that epoch and writes the archive an uninterrupted run
+    writes; the state file is gone once the stage is done, and a state from other settings is
+    refused in one line."""
+    import edgesqueeze.checkpoint as ckpt
+
+    clean = compress(checkpoint, RESUMABLE, out_dir=tmp_path / "clean", progress=False, log=lambda _: None)
+    assert not list(clean.out_dir.glob("*.state.pt"))
+    real = ckpt.save_train_state
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, state):
+        real(path, state)
+        if Path(path).name.startswith(stage):
+            raise Killed
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(ckpt, "save_train_state", save_then_die)
+    with pytest.raises(Killed):
+        compress(checkpoint, RESUMABLE, out_dir=out, progress=False, log=lambda _: None)
+    monkeypatch.setattr(ckpt, "save_train_state", real)
+    state = out / f"{stage}.state.pt"
+    assert state.is_file() and not (out / "model.esq").exists()
+    assert (out / "pruned.pt").is_file() == (stage == "centroid-retrain")
+
+    other = dataclasses.replace(RESUMABLE, cluster=ClusterConfig(bits=3, codebook_dtype="float16"),
+                                prune=dataclasses.replace(RESUMABLE.prune, sparsity=0.5))
+    with pytest.raises(EdgesqueezeError, match=rf"{stage}\.state\.pt: was written by a {stage} of another model "
+                                               r"or with other settings.*leave out --resume"):
+        compress(checkpoint, other, out_dir=out, resume=True, progress=False,
+                 log=lambda _: None) if stage == "prune-retrain" else _cluster_with(checkpoint, other, out)
+    said: list[str] = []
+    again = compress(checkpoint, RESUMABLE, out_dir=out, resume=True, progress=False, log=said.append)
+    total = RESUMABLE.prune_finetune.epochs if stage == "prune-retrain" else RESUMABLE.cluster_finetune.epochs
+    assert any(f"--resume: {stage} goes on after epoch 1/{total}" in m for m in said), said
+    assert again.esq_path.read_bytes() == clean.esq_path.read_bytes()
+    assert not list(out.glob("*.state.pt"))
+
+
+def _cluster_with(checkpoint, config, out):
+    """Other cluster settings on the same pruned model: pruning resumes from pruned.pt, and the
+    centroid retraining's state is then the one refused."""
+    config = dataclasses.replace(config, prune=RESUMABLE.prune)
+    return compress(checkpoint, config, out_dir=out, resume=True, progress=False, log=lambda _: None)

@@ -22,8 +22,10 @@ from edgesqueeze.cli._group import _progress_default, cli, device_option, model_
               help="Model to distil from when a recipe's prune_finetune or cluster_finetune sets 'distill' "
                    "[default: MODEL_PATH itself]; the float original when MODEL_PATH is a pruned.pt.")
 @click.option("--resume", is_flag=True,
-              help="Start from OUT/pruned.pt when an earlier run (stopped during weight sharing, or done) "
-                   "wrote it from the same model with the same prune settings, seed and data.")
+              help="Go on where an earlier run into the same OUT stopped: from OUT/pruned.pt when pruning "
+                   "had finished, else from the last finished epoch of the retraining it was in (each saves "
+                   "OUT/<stage>.state.pt after every epoch), when it ran on the same model with the same "
+                   "settings, seed and data. Writes the bytes an uninterrupted run writes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
 @device_option
 def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, resume, progress, device):

@@ -1,12 +1,15 @@
 """Fine-tuning inside the compress pipeline: retraining after pruning and the centroids after
 weight sharing, with optional distillation from a teacher. Seeded, so the same run writes
-the same bytes."""
+the same bytes; with an :class:`EpochState`, resumable after any finished epoch, to the same
+bytes."""
 
 from __future__ import annotations
 
 import copy
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,15 +21,37 @@ from edgesqueeze.errors import EdgesqueezeError
 Log = Callable[[str], None]
 
 
+@dataclass
+class EpochState:
+    """Where a retraining keeps its state after every epoch (weights, optimizer, both random
+    generators, the step, and ``extra`` tensors such as the pruner's masks), so that
+    ``compress --resume`` continues an interrupted retraining after its last finished epoch
+    and ends with the bits an uninterrupted run ends with (as ``train --resume`` does).
+
+    ``key``: what determines the retraining (the input file, the settings, the seed); a state
+    with another key is refused. ``write``: this process writes it (rank 0 of a torchrun
+    launch; every rank reads it on resume). ``extra`` / ``restore``: more state to keep, and
+    how to put it back. The file is removed once the retraining has finished."""
+
+    path: Path
+    key: str
+    resume: bool = False
+    write: bool = True
+    extra: Callable[[], dict[str, torch.Tensor]] | None = None
+    restore: Callable[[dict[str, torch.Tensor]], None] | None = None
+
+
 def finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: str, progress: bool,
               on_step: Callable[[int], None] | None = None, attach: Callable[[Any], None] | None = None,
-              teacher: nn.Module | None = None, log: Log | None = None, group=None) -> int:
+              teacher: nn.Module | None = None, log: Log | None = None, group=None,
+              state: EpochState | None = None) -> int:
     """Fine-tune ``model`` in place for ``cfg.epochs``; returns the number of steps taken.
     With ``cfg.distill``, ``teacher`` (left untouched) supplies the soft targets. ``log``
     gets one line per epoch (what a run in the background shows of its progress). Runs on
     ``cfg.device`` in ``cfg.precision``; the model is back on its own device afterwards.
     ``group`` (:mod:`edgesqueeze.distributed`, launched by torchrun): DistributedDataParallel,
-    each rank on its slice of every global batch of ``cfg.batch_size``."""
+    each rank on its slice of every global batch of ``cfg.batch_size``. ``state``: save the
+    state after every epoch and, with ``state.resume``, start after the saved epoch."""
     if cfg.epochs <= 0:
         return 0
     from edgesqueeze import distributed
@@ -41,13 +66,61 @@ def finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: st
     try:
         return _finetune(model, data, cfg, seed=seed, desc=desc, progress=progress, on_step=on_step,
                          attach=attach, teacher=teacher, log=log, scaler=grad_scaler(device, cfg.precision),
-                         group=group)
+                         group=group, state=state)
     finally:
         model.to(home)
 
 
+def _resume(state: EpochState, model: nn.Module, optimizer, gen: torch.Generator, scaler, group, *,
+            desc: str, epochs: int, log: Log | None) -> tuple[int, int]:
+    """Put the saved state back; ``(epoch, step)`` to go on from (``(0, 0)`` without one)."""
+    from edgesqueeze import distributed
+    from edgesqueeze.checkpoint import load_state_dict_checked, load_train_state
+
+    if not state.resume or not state.path.is_file():
+        if state.resume and log is not None:
+            log(f"--resume: no {state.path}: {desc} from its first epoch")
+        return 0, 0
+    st = load_train_state(state.path)
+    if st.get("key") != state.key:
+        raise EdgesqueezeError(f"{state.path}: was written by a {desc} of another model or with other settings, "
+                               "seed or data; leave out --resume (it is then retrained from the start) or use "
+                               "another --out")
+    started = int(st.get("world_size", 1))
+    if started != group.world:
+        raise distributed.DistributedError(
+            f"{state.path}: this {desc} was started with {started} process(es) and is resumed with "
+            f"{group.world}; resume it with as many (the global batch and the data order depend on it)")
+    load_state_dict_checked(model, st["state_dict"], source=str(state.path))
+    if state.restore is not None:
+        state.restore(st.get("extra", {}))
+    optimizer.load_state_dict(st["optimizer"])
+    if scaler is not None and st.get("grad_scaler"):
+        scaler.load_state_dict(st["grad_scaler"])
+    torch.set_rng_state(st["torch_rng"])
+    gen.set_state(st["data_rng"])
+    if log is not None:
+        log(f"--resume: {desc} goes on after epoch {st['epoch']}/{epochs} ({state.path})")
+    return int(st["epoch"]), int(st["step"])
+
+
+def _save(state: EpochState, model: nn.Module, optimizer, gen: torch.Generator, scaler, group, *,
+          epoch: int, step: int) -> None:
+    from edgesqueeze.checkpoint import save_train_state
+    from edgesqueeze.train import _cpu
+
+    st = {"key": state.key, "epoch": epoch, "step": step,
+          "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+          "optimizer": _cpu(optimizer.state_dict()), "torch_rng": torch.get_rng_state(),
+          "data_rng": gen.get_state(), "world_size": group.world,
+          "extra": {k: v.detach().cpu().clone() for k, v in (state.extra() if state.extra else {}).items()}}
+    if scaler is not None:
+        st["grad_scaler"] = scaler.state_dict()
+    save_train_state(state.path, st)
+
+
 def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: str, progress: bool,
-              on_step, attach, teacher, log, scaler, group) -> int:
+              on_step, attach, teacher, log, scaler, group, state: EpochState | None) -> int:
     from edgesqueeze import distributed
     from edgesqueeze.device import model_device
     from edgesqueeze.train import DistillLoss, make_optimizer, train_one_epoch
@@ -90,7 +163,10 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
         trained = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     epochs = math.ceil(total / steps_per_epoch)
-    for epoch in range(epochs):
+    first = 0
+    if state is not None:
+        first, step = _resume(state, model, optimizer, gen, scaler, group, desc=desc, epochs=epochs, log=log)
+    for epoch in range(first, epochs):
         t0 = time.perf_counter()
         it = batches(x, y, batch_size=cfg.batch_size, shuffle=True, generator=gen, mean=ds.mean, std=ds.std,
                      augment=augment if cfg.augment else None, drop_last=len(x) >= cfg.batch_size,
@@ -105,5 +181,9 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
         if log is not None and seen:
             log(f"  {desc} epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f}, train accuracy "
                 f"{100 * correct / seen:.2f}% ({time.perf_counter() - t0:.0f} s)")
+        if state is not None and state.write and epoch + 1 < epochs:
+            _save(state, model, optimizer, gen, scaler, group, epoch=epoch + 1, step=step)
+    if state is not None and state.write:
+        state.path.unlink(missing_ok=True)  # finished: what it held is in the model now
     model.eval()
     return total

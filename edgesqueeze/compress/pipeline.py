@@ -76,7 +76,9 @@ def compress(
     already pruned model (a previous run's ``pruned.pt``).
 
     ``resume``: when ``out_dir/pruned.pt`` was written by an earlier run from the same file
-    with the same prune settings, seed and data, start from it instead of pruning again.
+    with the same prune settings, seed and data, start from it instead of pruning again; a
+    retraining that was interrupted goes on after its last finished epoch
+    (``out_dir/prune-retrain.state.pt``, ``centroid-retrain.state.pt``: :class:`~.finetune.EpochState`).
     """
     t_start = time.perf_counter()
     from edgesqueeze import distributed
@@ -151,8 +153,8 @@ def _compress_retrain_distributed(run: Run) -> CompressResult:
 
     device = resolve_device(run.config.prune_finetune.device, what="compress.prune_finetune.device")
     group = distributed.setup(device)
-    then = ("run the same launch again plus --resume (pruning is not redone when it had finished: "
-            f"{run.out}/pruned.pt)")
+    then = ("run the same launch again plus --resume (it goes on from the last finished epoch, or from "
+            f"{run.out}/pruned.pt when pruning had finished)")
     distributed.explain_termination(group, run.out, then)
     log = run.log
     run.group, run.log = group, (log if group.main else (lambda _m: None))

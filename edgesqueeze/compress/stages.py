@@ -16,7 +16,7 @@ from torch import nn
 
 from edgesqueeze.checkpoint import state_digest
 from edgesqueeze.compress import cluster as cluster_mod
-from edgesqueeze.compress.finetune import finetune
+from edgesqueeze.compress.finetune import EpochState, finetune
 from edgesqueeze.compress.prune import Pruner, existing_masks, layer_stats, resolve_auto
 from edgesqueeze.compress.run import Run, compare, density, float_bytes, shared_weight_names, state_of
 from edgesqueeze.errors import DataError, EdgesqueezeError
@@ -24,6 +24,8 @@ from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm
 from edgesqueeze.models.layers import prunable_layers
 
 PRUNED_NAME = "pruned.pt"
+# the retraining stages' state after each finished epoch (compress --resume goes on from it)
+PRUNE_STATE, CLUSTER_STATE = "prune-retrain.state.pt", "centroid-retrain.state.pt"
 
 
 def start(run: Run, model: nn.Module) -> int:
@@ -76,9 +78,16 @@ def prune(run: Run, model: nn.Module, data: tuple) -> tuple[dict[str, torch.Tens
     if pcfg.schedule == "oneshot" or ft.epochs <= 0:
         pruner.update(None)
         run.record("prune (before retraining)", model, None, f"{density(model):.1%} of weights kept")
+    def restore(masks: dict[str, torch.Tensor]) -> None:
+        for name in pruner.masks:
+            pruner.masks[name] = masks[name].to(dtype=torch.bool)
+        pruner.apply_masks()
+
+    state = EpochState(run.out / PRUNE_STATE, key=f"{run.source_sha256}:{prune_settings_sha256(run)}",
+                       resume=run.resume, write=run.main, extra=lambda: dict(pruner.masks), restore=restore)
     finetune(model, data, ft, seed=run.seed, desc="prune-retrain", progress=run.progress,
              on_step=pruner.update if pcfg.schedule == "gradual" else None, attach=pruner.attach,
-             teacher=run.teacher, log=log, group=run.group)
+             teacher=run.teacher, log=log, group=run.group, state=state)
     pruner.update(None)
     pruner.detach()
     masks = pruner.masks
@@ -103,22 +112,36 @@ def same_on_every_rank(run: Run, what: str, tensors: dict[str, torch.Tensor]) ->
     run.log(f"{what}: bit-identical on all {len(every)} ranks (sha256 {every[0][:16]}...)")
 
 
-def prune_settings_sha256(run: Run) -> str:
-    """What determines the pruned model besides the input file: the prune and prune_finetune
-    sections, the seed, the data and keep_layers (device and precision left out, as in recipe
-    hashes). ``pruned.pt`` records it, and ``--resume`` reuses only a match."""
+def _settings_sha256(run: Run, sections: tuple[str, ...]) -> str:
+    """SHA-256 of the config ``sections`` (a fine-tune's device and precision left out, as in
+    recipe hashes), keep_layers, the seed, the data and the teacher."""
     import hashlib
     import json
 
     from edgesqueeze.compress.run import jsonable
 
     c = run.config
-    ft = {k: v for k, v in jsonable(c.prune_finetune).items() if k not in ("device", "precision")}
-    blob = json.dumps({"prune": jsonable(c.prune), "prune_finetune": ft, "keep_layers": list(c.keep_layers),
-                       "seed": run.seed, "dataset": run.inp.ds.name if run.inp.ds is not None else None,
-                       "teacher": str(run.teacher_path) if run.teacher_path else None},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    blob = {name: jsonable(v) if dataclasses.is_dataclass(v := getattr(c, name)) else v for name in sections}
+    for name in sections:
+        if name.endswith("_finetune"):
+            blob[name] = {k: v for k, v in blob[name].items() if k not in ("device", "precision")}
+    blob.update(keep_layers=list(c.keep_layers), seed=run.seed,
+                dataset=run.inp.ds.name if run.inp.ds is not None else None,
+                teacher=str(run.teacher_path) if run.teacher_path else None)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prune_settings_sha256(run: Run) -> str:
+    """What determines the pruned model besides the input file: the prune and prune_finetune
+    sections, the seed, the data and keep_layers (device and precision left out, as in recipe
+    hashes). ``pruned.pt`` records it, and ``--resume`` reuses only a match."""
+    return _settings_sha256(run, ("prune", "prune_finetune"))
+
+
+def cluster_settings_sha256(run: Run) -> str:
+    """What determines the weight-shared model besides the input file: everything pruning
+    depends on, BatchNorm folding, and the cluster and cluster_finetune sections."""
+    return _settings_sha256(run, ("prune", "prune_finetune", "fold_batchnorm", "cluster", "cluster_finetune"))
 
 
 def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -128,7 +151,8 @@ def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None
 
     path = run.out / PRUNED_NAME
     if not path.is_file():
-        run.log(f"--resume: no {path}: pruning from the start")
+        run.log(f"--resume: no {path}: " + ("pruning goes on from its last finished epoch"
+                                            if (run.out / PRUNE_STATE).is_file() else "pruning from the start"))
         return None
     import json
 
@@ -185,8 +209,10 @@ def cluster(run: Run, model: nn.Module, masks: dict, data: tuple) -> tuple[nn.Mo
     run.record("cluster (before retraining)", model, None)
     if config.cluster_finetune.epochs > 0:
         cluster_mod.share_weights(model, assignments, codebook_dtype=config.cluster.codebook_dtype)
+        state = EpochState(run.out / CLUSTER_STATE, key=f"{run.source_sha256}:{cluster_settings_sha256(run)}",
+                           resume=run.resume, write=run.main)
         finetune(model, data, config.cluster_finetune, seed=run.seed + 1, desc="centroid-retrain",
-                 progress=run.progress, teacher=run.teacher, log=run.log, group=run.group)
+                 progress=run.progress, teacher=run.teacher, log=run.log, group=run.group, state=state)
         assignments = cluster_mod.materialize(model)
         cluster_mod.round_biases(model, config.cluster.bias_dtype, assignments)
         run.record("cluster", model, None, "centroids retrained")
