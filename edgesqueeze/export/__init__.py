@@ -247,8 +247,15 @@ def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: 
     log(f"{path}: TFLite Micro value tables on {rep['compressed']} of {rep['filters']} int8 filters "
         f"({widths} indices): "
         f"{rep['weight_bytes']:,} -> {rep['coded_weight_bytes']:,} filter bytes"
-        + (f"; {len(kept)} kept as int8 (more than 128 distinct values: {kept[0]['name']}"
-           f"{', ...' if len(kept) > 1 else ''})" if kept else ""))
+        + (f"; {len(kept)} kept as int8 ({_why_kept(kept)})" if kept else ""))
+
+
+def _why_kept(rows: list[dict]) -> str:
+    """Why filters got no TFLite Micro value table, naming the first of each kind."""
+    many = [r["name"] for r in rows if r["distinct"] > 128]
+    small = [r["name"] for r in rows if r["distinct"] <= 128]
+    return "; ".join(f"{what}: {names[0]}{', ...' if len(names) > 1 else ''}" for what, names in (
+        ("more than 128 distinct values", many), ("too small for a table to pay off", small)) if names)
 
 
 def is_weight_shared(model, max_values: int = 256, keep: float = 0.9) -> bool:
