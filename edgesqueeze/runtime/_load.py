@@ -12,13 +12,13 @@ from pathlib import Path
 
 from edgesqueeze.errors import FormatError, RuntimeBackendError
 from edgesqueeze.runtime._base import _SNIFF_BYTES, Artifact, classify, sniff, unpack_file
+from edgesqueeze.runtime._tflite_meta import micro_ops
 
 __all__ = ["BACKENDS", "load"]
 
 BACKENDS = ("onnxruntime", "ai-edge-litert", "tflite-runtime", "tflite-micro")
 _KIND_OF_BACKEND = {"onnxruntime": "onnx", "ai-edge-litert": "tflite", "tflite-runtime": "tflite",
                     "tflite-micro": "tflite"}
-MICRO_OPS = ("TFLM_DECODE",)  # custom operators only TensorFlow Lite Micro runs
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None,
@@ -76,7 +76,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
         except RuntimeBackendError:
             # LiteRT cannot run a TFLite Micro compressed file: read its operator codes only
             # then (a plain file's cold load stays LiteRT's own), and run it where it runs
-            micro = _micro_ops(path, data) if backend is None else []
+            micro = micro_ops(path, data) if backend is None else []
             if not micro:
                 raise
             from edgesqueeze.runtime._tflm import MicroArtifact
@@ -95,14 +95,3 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
                           f"{'n ONNX' if kind == 'onnx' else ' TFLite'} model; rename it to "
                           f".{kind} if that is what it is")
     return art
-
-
-def _micro_ops(path: Path, data: bytes | None) -> list[str]:
-    """The custom operators of a TFLite file that only TensorFlow Lite Micro runs."""
-    from edgesqueeze.runtime._tflite_meta import tflite_custom_ops
-
-    try:
-        data = path.read_bytes() if data is None else data
-        return [op for op in tflite_custom_ops(data, where=str(path)) if op in MICRO_OPS]
-    except (OSError, FormatError):
-        return []

@@ -34,7 +34,9 @@ from edgesqueeze.errors import FormatError
 META_KEY = "edgesqueeze"  # equal to edgesqueeze.export._common.META_KEY (a test checks it)
 FILE_IDENTIFIER = b"TFL3"
 
-__all__ = ["META_KEY", "read_tflite_metadata", "tflite_custom_ops", "tflite_metadata_entries"]
+__all__ = ["META_KEY", "MICRO_OPS", "micro_ops", "read_tflite_metadata", "tflite_custom_ops",
+           "tflite_metadata_entries"]
+MICRO_OPS = ("TFLM_DECODE",)  # custom operators only TensorFlow Lite Micro runs
 
 # Model / Metadata / Buffer / OperatorCode field numbers in schema.fbs
 _MODEL_OPCODES, _MODEL_BUFFERS, _MODEL_METADATA = 1, 4, 6
@@ -146,6 +148,19 @@ def tflite_custom_ops(data: bytes, *, where: str = "<bytes>") -> list[str]:
         if name:
             out.append(name.decode("utf-8", errors="replace"))
     return out
+
+
+def micro_ops(path: str | os.PathLike, data: bytes | None = None) -> list[str]:
+    """The custom operators of a TFLite file (or of its bytes ``data``) that only TensorFlow
+    Lite Micro runs (``["TFLM_DECODE"]`` for a LUT-compressed file); ``[]`` for anything
+    else, including a file that cannot be read or parsed (its loader says why)."""
+    try:
+        if data is None:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        return [op for op in tflite_custom_ops(data, where=str(path)) if op in MICRO_OPS]
+    except (OSError, FormatError):
+        return []
 
 
 def read_tflite_metadata(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any] | None:

@@ -80,9 +80,9 @@ def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
         try:
             out.update(_inspect_tflite(path))
         except RuntimeBackendError:
-            from edgesqueeze.runtime._load import _micro_ops
+            from edgesqueeze.runtime._tflite_meta import micro_ops
 
-            if not _micro_ops(path, None):
+            if not micro_ops(path):
                 raise
             out.update(_inspect_micro(path))
     else:
