@@ -52,6 +52,14 @@ class AugmentSection:
     hflip: bool | None = None
     rotate_deg: float | None = field(default=None, metadata=_range(ge=0, le=180))
     translate: float | None = field(default=None, metadata=_range(ge=0, le=0.5))
+    resized_crop: tuple[float, ...] | None = None  # (lo, hi): the area fraction of a random resized crop
+
+    def __post_init__(self) -> None:
+        if self.resized_crop is not None:
+            rc = self.resized_crop
+            if len(rc) != 2 or not 0 < rc[0] <= rc[1] <= 1:
+                raise RecipeError(f"data.augmentation.resized_crop: expected [lo, hi], the fraction of the image "
+                                  f"a crop covers, with 0 < lo <= hi <= 1 (ImageNet: [0.08, 1.0]), got {list(rc)}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,9 @@ class Recipe:
         ``compress.prune`` / ``compress.cluster`` (added later) is left out."""
         d = self.to_dict()
         d["data"].pop("stream", None)  # in memory or streamed from disk: the same batches
+        augmentation = d["data"].get("augmentation") or {}
+        if augmentation.get("resized_crop") is None:  # added later: unset, it is not hashed
+            augmentation.pop("resized_crop", None)
         for key in ("prune", "cluster"):
             section = (d["compress"] or {}).get(key)
             if section and section.get("depthwise") is None:

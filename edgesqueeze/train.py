@@ -199,7 +199,8 @@ def _augment_for(recipe: Recipe, dataset_name: str):
     sec = recipe.data.augmentation
     overrides = {k: v for k, v in (
         ("crop_padding", sec.crop_padding), ("hflip", sec.hflip),
-        ("rotate_deg", sec.rotate_deg), ("translate", sec.translate)) if v is not None}
+        ("rotate_deg", sec.rotate_deg), ("translate", sec.translate),
+        ("resized_crop", sec.resized_crop)) if v is not None}
     return replace(base, **overrides) if overrides else base
 
 

@@ -537,12 +537,35 @@ def test_affine_rotation_moves_pixels():
     assert not torch.allclose(rotated[0], x[0]) and torch.isfinite(rotated).all()
 
 
+def test_random_resized_crop_zooms_into_the_image_and_never_its_border():
+    from edgesqueeze.data.transforms import random_resized_crop
+
+    x = _batch(n=8)
+    whole = random_resized_crop(x, (1.0, 1.0), (1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(whole, x, atol=1e-5)  # the whole image, resized to itself
+    # a quarter of a ramp image: each output row spans half the input's columns, inside it
+    ramp = torch.linspace(0, 1, 64).repeat(1, 1, 64, 1).expand(256, 1, 64, 64).contiguous()
+    out = random_resized_crop(ramp, (0.25, 0.25), (1.0, 1.0), generator=torch.Generator().manual_seed(1))
+    span = out[:, 0, 0, -1] - out[:, 0, 0, 0]
+    assert torch.allclose(span, torch.full_like(span, 0.5), atol=0.02)
+    starts = out[:, 0, 0, 0]
+    assert starts.min() >= 0 and starts.max() <= 0.51 and starts.std() > 0.1  # placed anywhere it fits
+    ones = torch.ones(128, 3, 40, 24)  # any box of any shape stays inside: no border is ever sampled
+    assert torch.allclose(random_resized_crop(ones, generator=torch.Generator().manual_seed(2)), ones)
+    cfg = AugmentConfig(resized_crop=(0.08, 1.0), hflip=True)
+    a, b = (apply_augment(x, cfg, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    with pytest.raises(DataError, match="resized_crop"):
+        AugmentConfig(resized_crop=(0.5, 1.5))
+
+
 def test_default_augment():
     for name in ("digits", "mnist"):
         cfg = default_augment(name)
         assert not cfg.hflip and cfg.rotate_deg > 0 and cfg.translate > 0
     assert default_augment("cifar10") == AugmentConfig(crop_padding=4, hflip=True)
     assert default_augment("imagefolder:/x").hflip
+    assert default_augment("imagenet:/x") == AugmentConfig(resized_crop=(0.08, 1.0), hflip=True)
     with pytest.raises(DataError, match="rotate_deg"):
         AugmentConfig(rotate_deg=-1)
     with pytest.raises(DataError, match="scale"):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from edgesqueeze.errors import DataError
 
 __all__ = ["AugmentConfig", "default_augment", "apply_augment", "random_crop", "random_hflip",
-           "random_affine", "batches"]
+           "random_affine", "random_resized_crop", "batches"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class AugmentConfig:
     ``rotate_deg``: rotate by a uniform angle in [-rotate_deg, rotate_deg].
     ``translate``: shift by up to this fraction of the width/height, each axis.
     ``scale``: zoom by a uniform factor in [lo, hi], or ``None``.
+    ``resized_crop``: crop a random box covering a uniform fraction in [lo, hi] of the image
+    (aspect ratio log-uniform in [3/4, 4/3]) and resize it back to the image's size: the
+    "RandomResizedCrop" of ImageNet training (torchvision's default (0.08, 1.0)), or ``None``.
     """
 
     crop_padding: int = 0
@@ -38,6 +41,7 @@ class AugmentConfig:
     rotate_deg: float = 0.0
     translate: float = 0.0
     scale: tuple[float, float] | None = None
+    resized_crop: tuple[float, float] | None = None
 
     def __post_init__(self):
         if isinstance(self.crop_padding, bool) or not isinstance(self.crop_padding, int) or self.crop_padding < 0:
@@ -55,23 +59,35 @@ class AugmentConfig:
             if not ok:
                 raise DataError(f"augment.scale must be (lo, hi) with 0 < lo <= hi, got {self.scale!r}")
             object.__setattr__(self, "scale", (float(self.scale[0]), float(self.scale[1])))
+        if self.resized_crop is not None:
+            rc = self.resized_crop
+            ok = (isinstance(rc, (tuple, list)) and len(rc) == 2
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rc)
+                  and 0 < rc[0] <= rc[1] <= 1)
+            if not ok:
+                raise DataError(f"augment.resized_crop must be (lo, hi), the fraction of the image a crop "
+                                f"covers, with 0 < lo <= hi <= 1 (ImageNet: [0.08, 1.0]), got {rc!r}")
+            object.__setattr__(self, "resized_crop", (float(rc[0]), float(rc[1])))
 
     @property
     def is_identity(self) -> bool:
         return (self.crop_padding == 0 and not self.hflip and self.rotate_deg == 0
-                and self.translate == 0 and self.scale is None)
+                and self.translate == 0 and self.scale is None and self.resized_crop is None)
 
 
 def default_augment(dataset_name: str) -> AugmentConfig:
     """The usual recipe per dataset.
 
-    CIFAR-10, image folders and ImageNet folders: pad-4 random crop + horizontal flip (photos are mirror
-    symmetric). MNIST and digits: small rotation and shift, never a flip. ImageNet sample:
-    nothing (it is a test set).
+    CIFAR-10 and image folders: pad-4 random crop + horizontal flip (photos are mirror
+    symmetric). ImageNet folders (``imagenet:PATH``): random resized crop (8% to 100% of the
+    decoded 224 crop) + horizontal flip, the usual ImageNet training augmentation. MNIST and
+    digits: small rotation and shift, never a flip. ImageNet sample: nothing (it is a test set).
     """
     name = dataset_name.strip()
     low = name.lower()
-    if low == "cifar10" or low.startswith(("imagefolder:", "imagenet:")):
+    if low.startswith("imagenet:"):
+        return AugmentConfig(resized_crop=(0.08, 1.0), hflip=True)
+    if low == "cifar10" or low.startswith("imagefolder:"):
         return AugmentConfig(crop_padding=4, hflip=True)
     if low in ("mnist", "digits"):
         return AugmentConfig(rotate_deg=10.0, translate=0.1)
@@ -141,13 +157,44 @@ def random_affine(x: torch.Tensor, *, degrees: float = 0.0, translate: float = 0
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop each sample to its own random box and resize it back to (H, W), bilinearly.
+
+    The box covers a fraction of the image uniform in ``scale`` with an aspect ratio
+    log-uniform in ``ratio``; a side that would exceed the image is cut to it (torchvision
+    retries instead, then falls back to a centre crop), and the box is placed uniformly where
+    it fits, so no border is ever sampled. One ``affine_grid`` + ``grid_sample`` for the whole
+    batch: output pixel (u, v) in normalised coordinates reads input (w u + cx, h v + cy).
+    """
+    _check_batch(x)
+    n = x.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+    area = uniform(*scale)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the width and the height
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx, cy = (1 - w) * uniform(-1.0, 1.0), (1 - h) * uniform(-1.0, 1.0)
+    zero = torch.zeros(n, dtype=torch.float64)
+    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def apply_augment(x: torch.Tensor, config: AugmentConfig | None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Crop, then flip, then affine; a step draws random numbers only when it is enabled."""
+    """Crop, then resized crop, then flip, then affine; a step draws random numbers only when
+    it is enabled."""
     if config is None or config.is_identity:
         return x
     if config.crop_padding:
         x = random_crop(x, config.crop_padding, generator)
+    if config.resized_crop is not None:
+        x = random_resized_crop(x, config.resized_crop, generator=generator)
     if config.hflip:
         x = random_hflip(x, generator)
     if config.rotate_deg or config.translate or config.scale is not None:
