@@ -81,9 +81,10 @@ def micro_compress(data: bytes, *, what: str = "tflite-micro") -> tuple[bytes, d
     row per filter with its distinct values and index bits, or why it stayed as it was).
 
     The file's edgesqueeze metadata is kept, with ``artifact_format`` set to
-    ``tflite-micro`` and the report under ``micro``. A model with no filter of at most 128
-    distinct values raises :class:`ExportError`: the file would be the plain one, larger by
-    the tables, and the right file to ship is then ``tflite-int8``."""
+    ``tflite-micro`` and the report under ``micro``. A model with no filter worth a table (at
+    most 128 distinct values, and large enough for the table to pay off) raises
+    :class:`ExportError`: the file would be the plain one, and the file to ship is then
+    ``tflite-int8``."""
     tflite_micro, model_editor, schema = import_micro(f"{what}")
     from tflite_micro import compression
 
@@ -106,10 +107,11 @@ def micro_compress(data: bytes, *, what: str = "tflite-micro") -> tuple[bytes, d
                      f"          index_bitwidth: {bits}", "          per_tensor:"]
     done = [r for r in rows if r["index_bits"]]
     if not done:
-        raise ExportError(f"{what}: no int8 filter is worth a TFLite Micro value table ({len(rows)} filters, "
-                          f"{min((r['distinct'] for r in rows), default=0)} or more distinct values each; a table "
-                          f"needs at most {2 ** MAX_INDEX_BITS}); export a weight-shared model (an .esq from "
-                          "`edgesqueeze compress`) or ship the tflite-int8 file")
+        many = sum(r["distinct"] > 2 ** MAX_INDEX_BITS for r in rows)
+        raise ExportError(f"{what}: no int8 filter is worth a TFLite Micro value table ({len(rows)} filters: "
+                          f"{many} with more than {2 ** MAX_INDEX_BITS} distinct values, {len(rows) - many} too small "
+                          "for a table to pay off); export a weight-shared model (an .esq from `edgesqueeze "
+                          "compress`) or ship the tflite-int8 file")
     report = {"tflite_micro": str(tflite_micro.__version__), "method": "lut, one value table per tensor",
               "compressed": len(done), "filters": len(rows),
               "weight_bytes": sum(r["weights"] for r in rows),
