@@ -268,9 +268,10 @@ class Artifact:
     """A loaded model file and its runtime; one interface for ONNX and TFLite.
 
     Attributes: ``path``, ``kind`` ("onnx" | "tflite"), ``backend`` ("onnxruntime" |
-    "ai-edge-litert" | "tflite-runtime"), ``meta`` (the artifact metadata, ``{}`` when the
-    file has none), ``input_spec`` (:class:`InputSpec`), ``classes``, ``threads``;
-    ``packed`` (a packed file's ``meta["packed"]``, else None) and ``decode_seconds``.
+    "ai-edge-litert" | "tflite-runtime" | "tflite-micro"), ``meta`` (the artifact metadata,
+    ``{}`` when the file has none), ``input_spec`` (:class:`InputSpec`), ``classes``,
+    ``threads``; ``packed`` (a packed file's ``meta["packed"]``, else None) and
+    ``decode_seconds``; a TensorFlow Lite Micro artifact adds ``arena_bytes``.
     """
 
     path: Path
