@@ -1,7 +1,7 @@
 """Packed files against what else ships a small model: sizes side by side, and cold loads.
 
     python benchmarks/packed.py runs/s15/mnist/export/*.esq runs/s15/imagenet/deploy.int8.onnx.esq \
-        [--loads 20] [--threads 1] [--tflm-python /tmp/tflm/venv/bin/python]
+        [--loads 20] [--threads 1] [--tflm-python PYTHON_WITH_TFLITE_MICRO]
 
 For each packed file (``export --pack``: ``model.int8.tflite.esq`` and the like) the plain
 file is decoded from it (the exact bytes ``export`` wrote; SHA-256 checked) and compared:
@@ -85,12 +85,18 @@ def main() -> None:
     ap.add_argument("files", nargs="+", type=Path, help="packed files (.onnx.esq, .tflite.esq)")
     ap.add_argument("--loads", type=int, default=20, help="timed cold loads of each file")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tflm-python", help="a Python with the tflite-micro package, for the TFLM LUT column")
+    ap.add_argument("--tflm-python", help="a Python with the tflite-micro package, for the TFLM LUT column "
+                    "[default: this one when it has it (make install puts edgesqueeze[micro] in .venv)]")
     ap.add_argument("--tflm-images", type=int, default=2000, help="test images run through TFLM (batch 1, slow)")
     ap.add_argument("--stages", default="sizes,tflm,cold",
                     help="what to measure (sizes, tflm, cold); rows of earlier runs keep the rest")
     ap.add_argument("--note", default="", help="where the files came from (recorded with the results)")
     args = ap.parse_args()
+    if args.tflm_python is None:
+        import importlib.util
+
+        if importlib.util.find_spec("tflite_micro") is not None:
+            args.tflm_python = sys.executable
     stages = set(args.stages.split(","))
     old = json.loads((RESULTS / "packed.json").read_text()) if (RESULTS / "packed.json").exists() else {}
     by_file = {r["file"]: r for r in old.get("rows", [])}
