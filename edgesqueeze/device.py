@@ -93,3 +93,24 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def placed(model: torch.nn.Module, device: torch.device | None) -> Iterator[torch.device]:
+    """Run a calibration pass of ``model`` on ``device`` and put it back on the CPU after.
+
+    The statistics passes of ``compress`` (post-training Fisher and input Hessians) and of
+    ``export`` (GPTQ's Hessians, activation equalization's ranges) use it: the model's
+    forward (and backward) passes run on ``device``, their sums stay there and come back to
+    the CPU once, and everything after (k-means, GPTQ's column loop, the files) is on the
+    CPU as before. ``None`` or the CPU changes nothing: the same calls, the same results.
+    Yields the device to move the calibration images to."""
+    device = torch.device("cpu") if device is None else device
+    if device.type == "cpu":
+        yield device
+        return
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to("cpu")

@@ -120,7 +120,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def _hashed(self) -> dict:
-        """``to_dict`` without where a run computes: the device (a run started on a GPU may
+        """``to_dict`` without where a run computes: the devices (a run started on a GPU may
         be resumed or reproduced on the CPU), and fp32 precision (the default, so recipes
         hash as they did before devices existed), and whether images are streamed from disk
         (the same batches either way). Likewise an unset ``depthwise`` in
@@ -139,6 +139,8 @@ class Recipe:
             section.pop("device", None)
             if section.get("precision") == "fp32":
                 section.pop("precision")
+        for stage in ("compress", "export"):  # where calibration passes run
+            ((d.get(stage) or {}).get("calibration") or {}).pop("device", None)
         return d
 
     def hash(self) -> str:

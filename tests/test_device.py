@@ -45,10 +45,13 @@ def test_mixed_precision_is_for_cuda_only():
 def test_where_a_run_computes_is_not_what_it_computes():
     """The device is left out of the recipe's hashes (a run started on a GPU resumes on the
     CPU), and fp32 is too (recipes hash as before devices existed); mixed precision is not."""
-    base = {"version": 1, "train": {"epochs": 1}, "compress": {"prune": {"sparsity": 0.5}}}
+    base = {"version": 1, "train": {"epochs": 1}, "compress": {"prune": {"sparsity": 0.5}},
+            "export": {"formats": ["onnx-int8"]}}
     plain = recipe_from_dict(base)
     on_gpu = recipe_from_dict({**base, "train": {"epochs": 1, "device": "cuda:1", "precision": "fp32"},
-                               "compress": {"prune": {"sparsity": 0.5}, "prune_finetune": {"device": "cuda"}}})
+                               "compress": {"prune": {"sparsity": 0.5}, "prune_finetune": {"device": "cuda"},
+                                            "calibration": {"device": "cuda"}},
+                               "export": {"formats": ["onnx-int8"], "calibration": {"device": "cuda:0"}}})
     assert (plain.hash(), plain.train_hash()) == (on_gpu.hash(), on_gpu.train_hash())
     bf16 = recipe_from_dict({**base, "train": {"epochs": 1, "precision": "bf16"}})
     assert bf16.train_hash() != plain.train_hash()
@@ -60,12 +63,74 @@ def test_every_command_refuses_a_missing_gpu_before_it_reads_anything(tmp_path):
     missing = tmp_path / "missing.pt"  # never read: the device is checked first
     for args in (["train", "-r", "recipes/squeezenet-digits.yaml", "--out", out],
                  ["compress", missing, "--set", "compress.prune.sparsity=0.5", "--out", out],
-                 ["eval", missing], ["sensitivity", missing, "--out", out]):
+                 ["eval", missing], ["sensitivity", missing, "--out", out],
+                 ["export", missing, "-f", "onnx-int8", "--out", out]):
         res = CliRunner().invoke(cli, [*map(str, args), "--device", "cuda"])
         assert res.exit_code == 2, res.output
         lines = [line for line in res.output.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: --device cuda:"), res.output
     assert not out.exists()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA: a cuda calibration device is not an error here")
+def test_a_recipe_calibration_device_this_machine_lacks_is_one_line_naming_the_field(tmp_path):
+    """compress.calibration.device and export.calibration.device are checked before the
+    model is read."""
+    out = tmp_path / "out"
+    for args, field in (
+            (["compress", tmp_path / "missing.pt", "--set", "compress.ptq.target_bytes=10000",
+              "--set", "compress.calibration.device=cuda"], "compress.calibration.device"),
+            (["export", tmp_path / "missing.pt", "-r", "recipes/squeezenet-digits.yaml", "-f", "onnx,tflite-int8",
+              "--set", "export.calibration.device=cuda"], "export.calibration.device")):
+        res = CliRunner().invoke(cli, [*map(str, args), "--out", str(out)])
+        assert res.exit_code == 2, res.output
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {field} cuda:"), res.output
+    assert not out.exists()
+
+
+def _calibration_passes(device):
+    """Every torch-side calibration pass that takes a device, on a small seeded net: GPTQ,
+    activation equalization, and compress's post-training statistics."""
+    from torch import nn
+
+    from edgesqueeze.compress.ptq_stats import calibration_stats
+    from edgesqueeze.export.prepare import equalize_activations, gptq_round
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    x = torch.randn(12, 1, 8, 8)
+    stats = calibration_stats(net, x, fisher_samples=2, seed=3, batch_size=4, device=device)
+    eq = equalize_activations(net, x, alpha=0.5, batch_size=4, device=device)
+    gq = gptq_round(net, x, batch_size=4, device=device)
+    return net, stats, eq.state_dict(), gq.state_dict()
+
+
+def test_calibration_passes_on_the_cpu_are_the_passes_without_a_device():
+    """On the CPU the device changes nothing (bit for bit), and everything comes back on it."""
+    _, stats, eq, gq = _calibration_passes(None)
+    net, stats_cpu, eq_cpu, gq_cpu = _calibration_passes(torch.device("cpu"))
+    for kind in ("fisher", "hessian"):
+        assert stats[kind].keys() == stats_cpu[kind].keys() and stats[kind]
+        assert all(torch.equal(stats[kind][k], stats_cpu[kind][k]) for k in stats[kind])
+    for a, b in ((eq, eq_cpu), (gq, gq_cpu)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(p.device.type == "cpu" for p in net.parameters())
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (runs where there is one)")
+def test_calibration_passes_on_cuda_match_the_cpu_and_leave_the_model_there():
+    _, stats, eq, gq = _calibration_passes(None)
+    net, stats_gpu, eq_gpu, gq_gpu = _calibration_passes(torch.device("cuda"))
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    for kind in ("fisher", "hessian"):
+        for k in stats[kind]:
+            assert stats_gpu[kind][k].device.type == "cpu"
+            torch.testing.assert_close(stats_gpu[kind][k], stats[kind][k], rtol=1e-3, atol=1e-6)
+    for a, b in ((eq, eq_gpu), (gq, gq_gpu)):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
 
 
 def test_device_cpu_trains_the_same_weights_as_auto_without_a_gpu(tmp_path):
@@ -81,3 +146,23 @@ def test_device_cpu_trains_the_same_weights_as_auto_without_a_gpu(tmp_path):
     if HAS_CUDA:  # auto took the GPU: close, not equal
         return
     assert all(torch.equal(runs["cpu"][k], runs["auto"][k]) for k in runs["cpu"])
+
+
+def test_compress_writes_the_same_archive_whatever_device_the_cpu_is_named_by(tmp_path):
+    """Where the passes ran is not recorded in what they made: post-training compression with
+    --device cpu and with auto (the CPU here) write the same .esq bytes."""
+    res = CliRunner().invoke(cli, ["train", "-r", "recipes/squeezenet-digits.yaml", "--set", "train.epochs=1",
+                                   "--set", "data.limit=300", "--set", "train.threads=1", "--out",
+                                   str(tmp_path / "float"), "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    archives = {}
+    for device in ("cpu", "auto"):
+        out = tmp_path / device
+        res = CliRunner().invoke(cli, ["compress", str(tmp_path / "float" / "model.pt"), "--set",
+                                       "compress.ptq.target_bytes=30000", "--set", "compress.ptq.fisher_samples=1",
+                                       "--set", "compress.calibration.images=16", "--device", device, "--out",
+                                       str(out), "--no-progress"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        archives[device] = (out / "model.esq").read_bytes()
+    if not HAS_CUDA:
+        assert archives["cpu"] == archives["auto"]

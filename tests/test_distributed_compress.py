@@ -6,7 +6,12 @@ beside the training tests of test_distributed.py."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,14 +21,14 @@ from edgesqueeze.recipe import load_recipe
 from edgesqueeze.train import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import RECIPE, _in_repo, _run  # noqa: E402
+from test_distributed import RECIPE, _in_repo, _launch, _run  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 COMPRESS = """
 compress:
   prune: {sparsity: 0.6, schedule: gradual}
-  prune_finetune: {epochs: 2, batch_size: 64, lr: 0.02}
+  prune_finetune: {epochs: 4, batch_size: 64, lr: 0.02}
   cluster: {bits: 4}
   cluster_finetune: {epochs: 1, batch_size: 64, lr: 0.001}
 """
@@ -33,7 +38,10 @@ def test_compress_retrains_on_two_processes_with_the_same_masks_and_codebooks(tm
     """``torchrun ... compress``: both ranks retrain (pruning, then the centroids), k-means
     runs on rank 0 and is broadcast, the masks and codebooks are bit-identical on both ranks
     (each rank's digest is in the report), rank 0 alone writes, and the result is what one
-    process gets, within a point. Post-training compression under torchrun is refused."""
+    process gets, within a point. A launch whose rank is killed inside the pruning
+    retraining exits non-zero, and the same launch plus ``--resume`` goes on after the last
+    finished epoch and writes the uninterrupted launch's bytes. Post-training compression
+    under torchrun is refused."""
     recipe = tmp_path / "ddp-compress.yaml"
     recipe.write_text(RECIPE.format(epochs=4) + COMPRESS)
     trained = _in_repo(lambda: fit(load_recipe(recipe), out_dir=tmp_path / "float", progress=False,
@@ -51,6 +59,25 @@ def test_compress_retrains_on_two_processes_with_the_same_masks_and_codebooks(tm
         assert len(by_rank) == 2 and by_rank[0] == by_rank[1], dist
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == [
         "accuracy_vs_size.png", "model.esq", "pruned.pt", "report.json", "report.md", "weights_histogram.png"]
+
+    # killed after the first of four pruning epochs, then resumed with as many processes
+    killed = tmp_path / "killed"
+    proc = _launch("compress", model, "-r", recipe, "--out", killed)
+    state, deadline = killed / "prune-retrain.state.pt", time.monotonic() + 240
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert state.exists(), "no pruning epoch finished"
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                            text=True).stdout.split()]
+    assert len(ranks) == 2, ranks
+    os.kill(max(ranks), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (killed / "model.esq").exists(), out
+    rc, out = _run("compress", model, "-r", recipe, "--out", killed, "--resume")
+    assert rc == 0, out
+    assert re.search(r"goes on after epoch [123]/4", out), out
+    assert (killed / "model.esq").read_bytes() == (tmp_path / "two" / "model.esq").read_bytes()
+    assert not state.exists()
 
     from edgesqueeze.compress.pipeline import compress
 

@@ -213,12 +213,15 @@ def model_options(fn=None, *, recipe_help: str = _RECIPE_HELP, set_example: str 
     return wrapper
 
 
-def device_option(fn):
+def device_option(fn=None, *, what: str = ""):
     """``--device``, the same on every command that runs PyTorch on data (resolved by
     ``edgesqueeze.device`` when the command runs: importing the CLI must not import torch,
-    which a device install does not have)."""
-    return click.option("--device", metavar="DEVICE", help="Where PyTorch computes: auto (CUDA when present, else "
-                        "the CPU), cpu, cuda, cuda:N or mps [default: the recipe's, else auto].")(fn)
+    which a device install does not have). ``what``: which passes it moves, when not all."""
+    def decorate(f):
+        return click.option("--device", metavar="DEVICE", help="Where PyTorch computes" + (f" {what}" if what else "")
+                            + ": auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps [default: the "
+                            "recipe's, else auto].")(f)
+    return decorate(fn) if fn is not None else decorate
 
 
 def _progress_default() -> bool:

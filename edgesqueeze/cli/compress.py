@@ -27,7 +27,7 @@ from edgesqueeze.cli._group import _progress_default, cli, device_option, model_
                    "OUT/<stage>.state.pt after every epoch), when it ran on the same model with the same "
                    "settings, seed and data. Writes the bytes an uninterrupted run writes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
-@device_option
+@device_option(what="the retraining stages and ptq's statistics pass (k-means and coding stay on the CPU)")
 def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, resume, progress, device):
     """Compress a model into a .esq archive, with a report.
 
@@ -70,14 +70,14 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
                           "(or leave out --recipe for a lossless re-encoding)")
     name = recipe.name if model_opts.recipe_path else Path(model_path).stem
     config = recipe.compress or CompressConfig()
-    if device:  # where retraining runs (prune_finetune, cluster_finetune): checked before anything is read
+    if device:  # where retraining and ptq's statistics pass run: checked before anything is read
         import dataclasses
 
         from edgesqueeze.device import resolve_device
 
         resolve_device(device)
         config = dataclasses.replace(config, **{k: dataclasses.replace(getattr(config, k), device=device)
-                                                for k in ("prune_finetune", "cluster_finetune")})
+                                                for k in ("prune_finetune", "cluster_finetune", "calibration")})
     out = out_dir or Path(model_path).parent / f"{name}-compressed"
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
                       data_dir=data_dir or model_opts.data_dir,

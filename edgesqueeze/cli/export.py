@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import cli, model_options
+from edgesqueeze.cli._group import cli, device_option, model_options
 from edgesqueeze.errors import EdgesqueezeError
 
 
@@ -57,12 +57,14 @@ def _csv(value: str, what: str) -> list[str]:
               help="Also write each file packed (model.int8.tflite.esq): its weights Deep-Compression-coded, "
                    "restored byte for byte on the device by `edgesqueeze.runtime.load` [default: the "
                    "recipe's, else no].")
+@device_option(what="the INT8 calibration passes of GPTQ and activation equalization (onnxruntime's and "
+                    "PT2E's calibration, and the files, stay on the CPU)")
 @model_options(recipe_help="Recipe with an 'export' section (calibration, options); its 'model' section stands "
                            "for --arch, its 'data' for the dataset of a file that records none.",
                set_example="export.calibration.images=512")
 def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_images,
                calibration_method, fold_normalization, float_layers, weight_rounding, equalize_activations,
-               onnx_int8_target, int8_weights, pack, model_opts):
+               onnx_int8_target, int8_weights, pack, device, model_opts):
     """Export a model to ONNX and TFLite, fp32 and INT8: an edgesqueeze checkpoint or .esq
     archive, or your own model as a state_dict with --arch, a TorchScript archive, a
     torch.export program (.pt2) or a pickle (--trust-pickle).
@@ -98,6 +100,11 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
         calib = dataclasses.replace(calib, images=calibration_images)
     if calibration_method:
         calib = dataclasses.replace(calib, method=calibration_method)
+    if device:
+        from edgesqueeze.device import resolve_device
+
+        resolve_device(device)  # a device this machine lacks: one line naming --device, before anything is read
+        calib = dataclasses.replace(calib, device=device)
     config = dataclasses.replace(config, calibration=calib)
     if fold_normalization is not None:
         config = dataclasses.replace(config, fold_normalization=fold_normalization)

@@ -90,6 +90,11 @@ def compress(
         raise DistributedError(f"{what} trains nothing, so torchrun has nothing to spread over processes: run "
                                "'edgesqueeze compress' without torchrun (torchrun helps prune_finetune and "
                                "cluster_finetune)")
+    if config.mode != "lossless":  # a device this machine lacks: one line, before anything is read
+        from edgesqueeze.device import resolve_device
+
+        for key in ("prune_finetune", "cluster_finetune", "calibration"):
+            resolve_device(getattr(config, key).device, what=f"compress.{key}.device")
     distills = config.mode == "retrain" and any(
         f.distill is not None for f in (config.prune_finetune, config.cluster_finetune))
     if teacher is not None and not distills:

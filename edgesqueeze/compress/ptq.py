@@ -90,6 +90,7 @@ def post_training_compress(model: nn.Module, calib_x: torch.Tensor, config: PTQC
                            meta: Mapping[str, Any] | None = None,
                            cache: dict | None = None,
                            log: Callable[[str], None] = print, progress: bool = False,
+                           device: torch.device | None = None,
                            ) -> tuple[nn.Module, dict[str, ClusteredLayer], dict[str, Any]]:
     """Re-cluster a pruned model to a byte budget using calibration images only.
 
@@ -99,6 +100,9 @@ def post_training_compress(model: nn.Module, calib_x: torch.Tensor, config: PTQC
     measured with (default ``{}``). ``cache``: pass the same dict to several calls with the
     *same model and calibration images* (a sweep over budgets or distillation settings) to
     compute the calibration statistics and the clustered candidates only once.
+
+    ``device``: where the statistics pass runs (step 1, the costly one: a forward and
+    ``fisher_samples`` backward passes per image); the other steps run on the CPU.
 
     Returns ``(model, assignments, report)``; ``report`` has one row per layer (``k``,
     ``bits``, ``bytes``, predicted KL, bias shift) and a summary: the archive bytes, the
@@ -137,7 +141,7 @@ def post_training_compress(model: nn.Module, calib_x: torch.Tensor, config: PTQC
         cache[stats_key] = calibration_stats(reference, calib_x,
                                              fisher_samples=config.fisher_samples,
                                              seed=config.seed, batch_size=bs,
-                                             log=log if progress else None)
+                                             log=log if progress else None, device=device)
     stats = cache.get(stats_key) if need_stats else None
     timings["stats_s"] = time.perf_counter() - t
 

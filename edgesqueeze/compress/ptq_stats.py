@@ -75,7 +75,8 @@ def _layer_inputs(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
 
 def calibration_stats(model: nn.Module, x: torch.Tensor, *, fisher_samples: int = 2,
                       seed: int = 0, batch_size: int = 10,
-                      log: Callable[[str], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+                      log: Callable[[str], None] | None = None,
+                      device: torch.device | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Per-layer statistics of ``model`` on calibration images ``x``; no labels needed.
 
     ``fisher[name]`` (weight-shaped): the diagonal Fisher of the model's predictive
@@ -89,7 +90,20 @@ def calibration_stats(model: nn.Module, x: torch.Tensor, *, fisher_samples: int 
     layer's output squared error. Its diagonal is each input's activation energy; it drives
     the error-compensating assignment (:func:`gptq_assign`) and, with the Fisher, the
     predicted KL (:func:`predicted_kl`). Grouped convolutions get none.
+
+    ``device`` (``compress.calibration.device``): where the passes run (the model is moved
+    there and back, :func:`edgesqueeze.device.placed`); labels are drawn on the CPU from the
+    same seeded generator, and the statistics come back as CPU tensors.
     """
+    from edgesqueeze.device import placed
+
+    with placed(model, device) as dev:
+        stats = _stats(model, x.to(dev), fisher_samples, seed, batch_size, log)
+    return {kind: {n: t.cpu() for n, t in part.items()} for kind, part in stats.items()}
+
+
+def _stats(model: nn.Module, x: torch.Tensor, fisher_samples: int, seed: int, batch_size: int,
+           log: Callable[[str], None] | None) -> dict[str, dict[str, torch.Tensor]]:
     model.eval()
     all_layers = prunable_layers(model)
     names = list(all_layers)
@@ -103,7 +117,7 @@ def calibration_stats(model: nn.Module, x: torch.Tensor, *, fisher_samples: int 
     try:
         for i in range(len(x)):
             logp = F.log_softmax(model(x[i:i + 1]).float(), 1)[0]
-            ys = torch.multinomial(logp.detach().exp(), fisher_samples, replacement=True,
+            ys = torch.multinomial(logp.detach().exp().cpu(), fisher_samples, replacement=True,
                                    generator=gen)
             for s, y in enumerate(ys.tolist()):
                 grads = torch.autograd.grad(logp[y], weights,

@@ -129,8 +129,10 @@ class Run:
     def archive_meta(self, *, folded: bool, weights_sha256: str, reference_accuracy: float | None) -> dict:
         """The archive's metadata. Built before PTQ too, with a stand-in weights hash of the
         same length, because its (deflated) size counts against the byte budget."""
-        # The full config is in report.json; the archive keeps its hash (small models: every byte counts).
-        config_sha = hashlib.sha256(json.dumps(jsonable(self.config), sort_keys=True).encode()).hexdigest()
+        # The full config is in report.json; the archive keeps its hash (small models: every byte counts),
+        # without where the passes ran: --device cpu and auto on a CPU write the same bytes.
+        config_sha = hashlib.sha256(json.dumps(without_devices(jsonable(self.config)),
+                                               sort_keys=True).encode()).hexdigest()
         extra = {"compress_mode": self.config.mode, "compress_config_sha256": config_sha,
                  "source_sha256": self.source_sha256, "weights_sha256": weights_sha256,
                  "reference_accuracy": reference_accuracy,
@@ -228,3 +230,10 @@ def density(model: nn.Module) -> float:
 
 def jsonable(cfg: Any) -> Any:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def without_devices(config: dict[str, Any]) -> dict[str, Any]:
+    """A compress config's dict without its ``device`` fields (the retraining stages' and
+    the calibration's): where a pass runs is not what it computes, as in recipe hashes."""
+    return {k: {f: v for f, v in section.items() if f != "device"} if isinstance(section, dict) else section
+            for k, section in config.items()}

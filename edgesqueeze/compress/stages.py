@@ -345,8 +345,13 @@ def ptq(run: Run, model: nn.Module, calib: np.ndarray, *, folded: bool,
                                    f"model's code ({reserved:,} B of TorchScript / program skeleton)")
         run.log(f"ptq: {reserved:,} B of the budget hold the model's code (its zeroed, LZMA'd skeleton)")
         config = dataclasses.replace(config, target_bytes=config.target_bytes - reserved)
+    from edgesqueeze.device import resolve_device
+
+    device = resolve_device(run.config.calibration.device, what="compress.calibration.device")
+    if device.type != "cpu":
+        run.log(f"ptq: statistics pass on {device}")
     model, assignments, ptq_report = post_training_compress(model, calib_x, config, meta=budget_meta,
-                                                            log=run.log, progress=run.progress)
+                                                            log=run.log, progress=run.progress, device=device)
     ks = [r["k"] for r in ptq_report["layers"]]
     run.record("ptq", model, ptq_report["summary"]["bytes"],
                f"k {min(ks)}{'' if min(ks) == max(ks) else f'-{max(ks)}'} per layer for a "

@@ -344,10 +344,16 @@ class CalibrationConfig:
     the drawn ones are never presented as held-out. With seed 0, 50 of ``imagenet-sample``'s
     100 images are exactly fold 0 of ``benchmarks/imagenet_lossy.py``, so its cross-validated
     numbers are what the held-out half should show.
+
+    ``device``: where the statistics pass (a forward and ``fisher_samples`` backward passes
+    per image, and the layers' input Hessians) runs; ``auto`` takes CUDA when present. The
+    clustering and the files stay on the CPU. ``compress --device`` sets it with the
+    retraining stages' devices; like theirs, it is left out of the recipe's hash.
     """
 
     images: int = field(default=50, metadata=_range(ge=1, le=1_000_000))
     split: Literal["auto", "train", "test"] = "auto"
+    device: str = "auto"  # where ptq's statistics pass runs: auto | cpu | cuda | cuda:N | mps
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,20 @@ class CalibrationConfig:
     agreement with fp32 against 94% on one 2-fold split of the 100 shared images (other
     splits move that by up to 4 points; ``tflite_int8.json``). The artifact's metadata
     records the method actually used.
+
+    ``device``: where the PyTorch statistics passes over the calibration images run: GPTQ's
+    layer Hessians and activation equalization's channel ranges (``auto`` takes CUDA when
+    present). The rest is CPU work whatever it says: onnx-int8's ranges and bias correction
+    run in onnxruntime, tflite-int8's PT2E observers and bias correction in the torch.export
+    graph that litert-torch converts, GPTQ's column loop on the CPU. Left out of the recipe's
+    hash, like every device.
     """
 
     images: int = field(default=256, metadata=_range(ge=1, le=100_000))
     method: Literal["auto", "minmax", "entropy", "percentile"] = "auto"
     percentile: float = field(default=99.999, metadata=_range(gt=50, le=100))
     batch_size: int = field(default=32, metadata=_range(ge=1, le=4096))
+    device: str = "auto"  # where the torch-side statistics passes run: auto | cpu | cuda | cuda:N | mps
 
     AUTO: ClassVar[dict[str, str]] = {"onnx-int8": "minmax", "tflite-int8": "minmax"}
 

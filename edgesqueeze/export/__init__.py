@@ -110,6 +110,11 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     from edgesqueeze.models.imports import is_import_spec
 
     source = Path(model_path)
+    device = None
+    if any(f in INT8_FORMATS for f in config.formats):  # one line for a device this machine lacks, first
+        from edgesqueeze.device import resolve_device
+
+        device = resolve_device(config.calibration.device, what="export.calibration.device")
     loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta)
     meta = dict(loaded.meta)
     if not dataset and not meta.get("dataset"):  # the recipe's data section, as --data
@@ -179,15 +184,16 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                              bias_correction=config.bias_correction_for(fmt),
                              equalize_activations=config.equalize_activations,
                              per_channel=config.int8_per_channel(fmt, shared),
-                             target=config.onnx_int8_target, source_sha256=digest)
+                             target=config.onnx_int8_target, source_sha256=digest, device=device)
         elif fmt == "tflite":
             from edgesqueeze.export.tflite import export_tflite
 
             export_tflite(model, meta, path, fold_normalization=config.fold_normalization, source_sha256=digest)
         elif fmt == "tflite-micro":
-            _export_micro(model, meta, path, calib, config, shared, written, seed=seed, digest=digest, log=log)
+            _export_micro(model, meta, path, calib, config, shared, written, seed=seed, digest=digest, log=log,
+                          device=device)
         else:
-            _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest)
+            _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest, device=device)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
         written.append(path)
         if config.pack and fmt == "tflite-micro":
@@ -207,7 +213,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
 
 def _export_tflite_int8(model, meta, path: Path, calib, config: ExportConfig, shared: bool, *, seed: int,
-                        digest: str) -> None:
+                        digest: str, device=None) -> None:
     """The tflite-int8 file, with the export settings resolved for it (a tflite-micro file
     takes the same ones: :func:`~edgesqueeze.config.export.int8_base`)."""
     from edgesqueeze.export.tflite import export_tflite_int8
@@ -220,11 +226,11 @@ def _export_tflite_int8(model, meta, path: Path, calib, config: ExportConfig, sh
                        weight_rounding=config.weight_rounding_for(fmt, shared),
                        bias_correction=config.bias_correction_for(fmt),
                        equalize_activations=config.equalize_activations,
-                       per_channel=config.int8_per_channel(fmt, shared), source_sha256=digest)
+                       per_channel=config.int8_per_channel(fmt, shared), source_sha256=digest, device=device)
 
 
 def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: bool, written: list[Path], *,
-                  seed: int, digest: str, log: Log) -> None:
+                  seed: int, digest: str, log: Log, device=None) -> None:
     """The tflite-int8 file (the one written beside it in this export, else made in memory),
     compressed for TensorFlow Lite Micro (:mod:`edgesqueeze.export.tflm`)."""
     import tempfile
@@ -238,7 +244,8 @@ def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: 
     else:
         with tempfile.TemporaryDirectory(prefix="edgesqueeze-micro-") as tmp:
             tmp_path = Path(tmp) / "model.int8.tflite"
-            _export_tflite_int8(model, meta, tmp_path, calib, config, shared, seed=seed, digest=digest)
+            _export_tflite_int8(model, meta, tmp_path, calib, config, shared, seed=seed, digest=digest,
+                                device=device)
             data = tmp_path.read_bytes()
     out, rep = micro_compress(data, what=str(path))
     write_bytes_atomic(path, out)

@@ -533,7 +533,8 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
                      augment: int = 0,
                      per_channel: bool = True,
                      target: str = "any-cpu",
-                     source_sha256: str | None = None) -> Path:
+                     source_sha256: str | None = None,
+                     device: torch.device | None = None) -> Path:
     """Write an INT8 QDQ ``.onnx``: int8 weights (symmetric, per output channel), uint8
     activations calibrated on ``calib_images`` (uint8 NCHW, all of them: pick them with
     ``_common.calibration_images``), with the artifact metadata (``artifact_format``
@@ -555,7 +556,8 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
     ``target``: ``"any-cpu"`` (default: 8-bit weights stored as uint8 with zero point 128,
     the same results on x86 with or without VNNI and on ARM) or ``"vnni-or-arm"`` (int8
     weights, exact only where the uint8 x int8 kernels do not saturate: x86 with VNNI, ARM);
-    recorded in the metadata.
+    recorded in the metadata. ``device``: where the statistics passes of activation
+    equalization and GPTQ run (None: the CPU).
     Raises ExportError like :func:`export_onnx`; ``out`` is written atomically.
     """
     calibration = (calibration or CalibrationConfig()).resolved("onnx-int8")
@@ -594,7 +596,7 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         fold_normalization=fold_normalization, float_layers=float_layers, equalize=equalize,
         equalize_activations=equalize_activations, weight_rounding=weight_rounding,
         bias_correction=bias_correction, augment=augment, augment_seed=info.get("seed") or 0,
-        per_channel=per_channel, weights=INT8_TARGETS[target])
+        per_channel=per_channel, weights=INT8_TARGETS[target], device=device)
     compact_qdq(qproto)
     return _write(qproto, {META_KEY: meta_json(art)}, out)
 
@@ -605,7 +607,7 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
                         equalize_activations: float = 0.0, weight_rounding: str = "nearest",
                         bias_correction: bool = True, augment: int = 0, augment_seed: int = 0,
                         per_channel: bool = True, weights: str = "uint8",
-                        fp32_graph: Any = None) -> Any:
+                        fp32_graph: Any = None, device: torch.device | None = None) -> Any:
     """:func:`export_onnx_int8`'s work without its checks, metadata or file: the QDQ graph
     (not yet compacted) of ``model`` calibrated on uint8 ``images``, normalized with
     ``mean`` / ``std``. ``fp32_graph``: the fp32 graph of ``model`` if the caller has it (a
@@ -622,11 +624,11 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
         xt = torch.from_numpy(to_input(images, mean, std))
         if equalize_activations:
             model = prepare.equalize_activations(model, xt, alpha=equalize_activations,
-                                                 batch_size=calibration.batch_size)
+                                                 batch_size=calibration.batch_size, device=device)
         reference = model
         if weight_rounding == "gptq":  # onto the grid quantize_qdq will use
             model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers,
-                                       qmax=64 if weights == "int8-7bit" else 127)
+                                       qmax=64 if weights == "int8-7bit" else 127, device=device)
     unchanged = not (equalize or equalize_activations or weight_rounding == "gptq")
     fproto = fp32_graph if fp32_graph is not None and unchanged else \
         onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)

@@ -35,20 +35,26 @@ from edgesqueeze.export._common import first_line as _first_line
 __all__ = ["augment_calibration", "equalize_activations", "equalize_cross_layer", "gptq_round"]
 
 
-def _run_with_input_hooks(model: nn.Module, calib: torch.Tensor, batch_size: int, hooks: dict) -> None:
-    """Run ``calib`` through ``model`` in batches with forward pre-hooks (module -> hook) on."""
+def _run_with_input_hooks(model: nn.Module, calib: torch.Tensor, batch_size: int, hooks: dict,
+                          device: torch.device | None = None) -> None:
+    """Run ``calib`` through ``model`` in batches with forward pre-hooks (module -> hook) on,
+    on ``device`` (:func:`edgesqueeze.device.placed`: the model goes there and back to the
+    CPU; each batch moves there; the hooks' sums stay on it until the caller takes them)."""
+    from edgesqueeze.device import placed
+
     handles = [m.register_forward_pre_hook(h) for m, h in hooks.items()]
     try:
-        with torch.no_grad():
+        with placed(model, device) as dev, torch.no_grad():
             for i in range(0, len(calib), batch_size):
-                model(calib[i:i + batch_size])
+                model(calib[i:i + batch_size].to(dev))
     finally:
         for h in handles:
             h.remove()
 
 
 def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
-               batch_size: int = 32, skip: Sequence[str] = (), qmax: int = 127) -> nn.Module:
+               batch_size: int = 32, skip: Sequence[str] = (), qmax: int = 127,
+               device: torch.device | None = None) -> nn.Module:
     """A copy of ``model`` whose conv / linear weights sit on the per-channel symmetric int8
     grid the quantizer will use, rounded by GPTQ (Frantar et al. 2022) instead of to nearest.
 
@@ -67,6 +73,8 @@ def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
     ``skip``: module names (a name covers its children) left as they are: layers that stay
     float in the file, whose weights need no grid. ``qmax``: the grid's largest level, 127
     for full-range int8, 64 for onnxruntime's ``reduce_range`` (7-bit, scale ``max|w_row| / 64``).
+    ``device``: where the Hessians are accumulated (the model's forward passes); the column
+    loop runs on the CPU.
     """
     if isinstance(qmax, bool) or not isinstance(qmax, int) or not 1 <= qmax <= 127:
         raise ExportError(f"gptq: qmax must be an integer in 1..127, got {qmax!r}")
@@ -89,7 +97,8 @@ def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
 
     if any(isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" for m in layers.values()):
         raise ExportError("gptq: convs with non-zero padding modes are not supported")
-    _run_with_input_hooks(model, calib, batch_size, {m: collect(n, m) for n, m in layers.items()})
+    _run_with_input_hooks(model, calib, batch_size, {m: collect(n, m) for n, m in layers.items()}, device)
+    hess = {n: h.cpu() for n, h in hess.items()}
     with torch.no_grad():
         for name, mod in layers.items():
             if name in hess:
@@ -238,7 +247,8 @@ def _equalization_groups(model: nn.Module, what: str) -> dict[str, list[tuple[st
 
 
 def equalize_activations(model: nn.Module, calib: torch.Tensor, *, alpha: float = 0.7,
-                         batch_size: int = 32, floor: float = 1e-3) -> nn.Module:
+                         batch_size: int = 32, floor: float = 1e-3,
+                         device: torch.device | None = None) -> nn.Module:
     """Activation equalization on a copy of ``model``: per-channel activation ranges of each
     quantized tensor made more even, the imbalance moved into the consuming conv's weights.
 
@@ -261,7 +271,8 @@ def equalize_activations(model: nn.Module, calib: torch.Tensor, *, alpha: float 
 
     ImageNet SqueezeNet 1.0, onnxruntime QDQ with GPTQ weights, 2-fold over the 100 shared
     images (2 splits): KL to fp32 0.0246 without, 0.0152 at alpha 0.5, 0.0135 at 0.7, 0.0183
-    at 1.0 (``benchmarks/results/onnx_int8.json``).
+    at 1.0 (``benchmarks/results/onnx_int8.json``). ``device``: where the ranges are measured
+    (the model's forward passes); the rescaling is done on the CPU.
     """
     if not 0 < alpha <= 1:
         raise ExportError(f"equalize_activations: alpha must be in (0, 1], got {alpha}")
@@ -279,7 +290,8 @@ def equalize_activations(model: nn.Module, calib: torch.Tensor, *, alpha: float 
         return hook
 
     consumers = sorted({c for cs in pairs.values() for c, *_ in cs})
-    _run_with_input_hooks(model, calib, batch_size, {modules[c]: record(c) for c in consumers})
+    _run_with_input_hooks(model, calib, batch_size, {modules[c]: record(c) for c in consumers}, device)
+    amax = {n: a.cpu() for n, a in amax.items()}
     with torch.no_grad():
         for producer, cons in pairs.items():
             conv = modules[producer]

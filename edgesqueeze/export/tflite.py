@@ -238,7 +238,8 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
                        per_channel: bool = True,
                        source_sha256: str | None = None,
                        calibration_split: str = "train",
-                       calibration_seed: int | None = None) -> Path:
+                       calibration_seed: int | None = None,
+                       device: torch.device | None = None) -> Path:
     """Write a full-integer ``.tflite``: int8 weights (symmetric, per output channel) and
     int8 activations with ranges calibrated on ``calib_images`` (uint8 NCHW, all of them;
     pick them with ``_common.calibration_images``).
@@ -262,7 +263,9 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     (:func:`correct_bias`, on at most 64 calibration images) before conversion.
     ``equalize``: cross-layer equalization first; ``augment``: add
     that many flipped / cropped copies of each calibration image (neither helped SqueezeNet;
-    see the benchmark). Raises ExportError like :func:`export_tflite`.
+    see the benchmark). ``device``: where the statistics passes of activation equalization
+    and GPTQ run (None: the CPU; PT2E's observers and bias correction run on the CPU).
+    Raises ExportError like :func:`export_tflite`.
     """
     calibration = (calibration or CalibrationConfig()).resolved("tflite-int8")
     if io not in ("float", "int8"):
@@ -293,13 +296,13 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     calib = torch.from_numpy(to_input(images, art["mean"], art["std"], normalize=not fold_normalization))
     if equalize_activations:
         module = prepare.equalize_activations(module, calib, alpha=equalize_activations,
-                                              batch_size=calibration.batch_size)
+                                              batch_size=calibration.batch_size, device=device)
     reference = module  # bias correction pulls toward the function before any rounding
     if weight_rounding == "gptq":
         if not per_channel:
             raise ExportError("weight_rounding='gptq' rounds onto the per-channel grid; use per_channel=True")
         module = gptq_round(module, calib, batch_size=calibration.batch_size,
-                            skip=[prefix + n for n in float_layers])
+                            skip=[prefix + n for n in float_layers], device=device)
     gm, quantizer = quantize_pt2e(module, calib, method=calibration.method,
                                   percentile=calibration.percentile, batch_size=calibration.batch_size,
                                   float_layers=[prefix + n for n in float_layers], per_channel=per_channel,
