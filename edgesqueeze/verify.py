@@ -124,6 +124,19 @@ def _torch_scores(path: Path, x: np.ndarray, meta: dict, ds, model_args: dict | 
     return predict(loaded.model, x, mean=mean, std=std, batch_size=256).numpy()
 
 
+def _runtime_scores(art, x) -> np.ndarray:
+    """``art``'s scores on uint8 images ``x``. A test split streamed from disk
+    (:class:`~edgesqueeze.data.stream.LazyImages`: an image folder, ImageNet's val/) is
+    decoded batch by batch in DataLoader workers, so memory holds a batch of images, not the
+    split (the scores, N x classes float32, are kept)."""
+    from edgesqueeze.data.stream import is_lazy, uint8_batches
+
+    if not is_lazy(x):
+        return np.asarray(art.predict_images(x), dtype=np.float32)
+    parts = [np.asarray(art.predict_images(batch), dtype=np.float32) for batch in uint8_batches(x)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
 def _torch_latency(path: Path, shape: list[int], runs: int = 30, model_args: dict | None = None) -> float:
     import time
 
@@ -257,7 +270,7 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
         if not meta:
             raise FormatError(f"{path}: has no edgesqueeze metadata, so its input normalization is unknown; "
                               "export it with `edgesqueeze export`")
-        scores = np.asarray(art.predict_images(x), dtype=np.float32)
+        scores = _runtime_scores(art, x)
         _check_classes(scores, ds, art.classes, str(path))
         if art.backend == "tflite-micro":  # the RAM a microcontroller needs beside the file's flash
             out["arena_bytes"] = art.arena_bytes

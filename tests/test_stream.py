@@ -107,6 +107,18 @@ def test_training_streamed_gives_the_same_weights(folder, tmp_path):
                              catch_exceptions=False)
     assert ver.exit_code == 0 and "agreement" in ver.output, ver.output
 
+    # verify runs a streamed test split through the runtime batch by batch (decoded in
+    # workers): the scores of the whole split decoded at once
+    from edgesqueeze import runtime
+    from edgesqueeze.data.stream import uint8_batches
+    from edgesqueeze.verify import _runtime_scores
+
+    lazy = load_dataset(f"imagefolder:{folder}", stream=True).test_x
+    art = runtime.load(tmp_path / "exp" / "model.int8.onnx")
+    assert [len(b) for b in uint8_batches(lazy, batch_size=3)] == [3] * (len(lazy) // 3) + (
+        [len(lazy) % 3] if len(lazy) % 3 else [])
+    np.testing.assert_array_equal(_runtime_scores(art, lazy), art.predict_images(np.asarray(lazy)))
+
 
 def test_a_corrupt_jpeg_stops_the_stream_with_one_line_naming_it(folder):
     """Broken before loading (mean/std read it) or while streaming (read in a worker)."""

@@ -194,6 +194,23 @@ def stream_batches(x: LazyImages, y: np.ndarray, *, batch_size: int, order: np.n
         yield xt, torch.from_numpy(np.asarray(y[chunk], dtype=np.int64))
 
 
+def uint8_batches(x: LazyImages, *, batch_size: int = 256, workers: int | None = None) -> Iterator[np.ndarray]:
+    """The images of ``x`` in order, as uint8 ``(B, C, H, W)`` arrays of ``batch_size``,
+    decoded in ``workers`` DataLoader processes ahead of the caller: how ``verify`` runs a
+    streamed test split through onnxruntime or LiteRT with memory bounded by the batch."""
+    n = len(x)
+    chunks = [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    workers = min(default_workers() if workers is None else workers, len(chunks))
+    loader = torch.utils.data.DataLoader(_Batches(x, chunks), batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=2 if workers else None, persistent_workers=False)
+    it = iter(loader)
+    for _ in chunks:
+        try:
+            yield next(it).numpy()
+        except DataError as e:  # raised in a worker: DataLoader prefixes its traceback
+            raise DataError(_worker_message(str(e))) from None
+
+
 def _worker_message(text: str) -> str:
     """The original one-line message of an error re-raised by DataLoader from a worker."""
     for line in reversed(text.strip().splitlines()):
