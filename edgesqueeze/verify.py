@@ -74,10 +74,13 @@ def _artifact_format(kind: str, meta: dict, art: Any) -> str:
 
 
 class _Data:
-    """The test split, loaded once per (dataset, image size)."""
+    """The test split, loaded once per (dataset, image size). ``stream``: an image folder is
+    streamed from disk (:class:`~edgesqueeze.data.stream.LazyImages`), as the reference
+    model was trained when its checkpoint records ``data_stream`` (``imagenet:`` always is)."""
 
     def __init__(self, name: str | None, data_dir, limit: int | None, log: Log) -> None:
         self.name, self.data_dir, self.limit, self.log = name, data_dir, limit, log
+        self.stream = False
         self._cache: dict[tuple, Any] = {}
 
     def get(self, name: str | None, shape: list[int] | None, source: str):
@@ -90,12 +93,17 @@ class _Data:
             from edgesqueeze.data import load_dataset
 
             ds = load_dataset(name, data_dir=self.data_dir, image_size=image_size
-                              if name.startswith(("imagefolder:", "imagenet:")) else None)
+                              if name.startswith(("imagefolder:", "imagenet:")) else None, stream=self.stream)
             x, y = ds.test_x, ds.test_y
             if self.limit:
                 x, y = x[: self.limit], y[: self.limit]
             if not len(x):
                 raise DataError(f"dataset '{name}' has no test images")
+            from edgesqueeze.data.stream import is_lazy
+
+            if is_lazy(x):
+                self.log(f"note: {len(x):,} test images of {name} streamed from disk, a batch at a time, "
+                         "once per file verified")
             self._cache[key] = (ds, x, y)
         ds, x, y = self._cache[key]
         if shape and list(ds.input_shape) != list(shape):
@@ -188,6 +196,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         from edgesqueeze.evaluate import input_normalization
 
         ref_meta = load_model(ref_path, **model_args).meta
+        data.stream = bool(ref_meta.get("data_stream"))  # trained streamed: its folder is too big to hold
         ds, x, y = data.get(ref_meta.get("dataset"), ref_meta.get("input_shape"), str(ref_path))
         how = input_normalization(ref_meta, ds)[2]
         if how.startswith("measured"):

@@ -106,6 +106,7 @@ def test_training_streamed_gives_the_same_weights(folder, tmp_path):
     ver = CliRunner().invoke(cli, ["verify", str(b.out_dir / "model.pt"), str(tmp_path / "exp" / "model.int8.onnx")],
                              catch_exceptions=False)
     assert ver.exit_code == 0 and "agreement" in ver.output, ver.output
+    assert "streamed from disk" in ver.output, ver.output  # trained streamed: verified streamed
 
     # verify runs a streamed test split through the runtime batch by batch (decoded in
     # workers): the scores of the whole split decoded at once
