@@ -175,17 +175,7 @@ def stream_batches(x: LazyImages, y: np.ndarray, *, batch_size: int, order: np.n
     n = len(x)
     idx = order if order is not None else np.arange(n)
     chunks = [np.asarray(idx[s:min(s + batch_size, n)]) for s in range(0, stop, batch_size)]
-    workers = default_workers() if workers is None else workers
-    workers = min(workers, len(chunks))
-    loader = torch.utils.data.DataLoader(
-        _Batches(x, chunks, part if part is not None and part[1] > 1 else None), batch_size=None, shuffle=False,
-        num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False)
-    it = iter(loader)
-    for chunk in chunks:
-        try:
-            raw = next(it)
-        except DataError as e:  # raised in a worker: DataLoader prefixes its traceback
-            raise DataError(_worker_message(str(e))) from None
+    for chunk, raw in zip(chunks, _decoded(x, chunks, workers, part)):
         xt = raw.to(torch.float32).div_(255.0)
         xt = augment(xt)
         xt = (xt - mean_t) / std_t
@@ -200,13 +190,23 @@ def uint8_batches(x: LazyImages, *, batch_size: int = 256, workers: int | None =
     streamed test split through onnxruntime or LiteRT with memory bounded by the batch."""
     n = len(x)
     chunks = [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    for raw in _decoded(x, chunks, workers):
+        yield raw.numpy()
+
+
+def _decoded(x: LazyImages, chunks: list[np.ndarray], workers: int | None,
+             part: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
+    """The uint8 images of each of ``chunks`` (index arrays into ``x``), in order, decoded in
+    ``workers`` DataLoader processes (default :func:`default_workers`) two chunks ahead; a
+    file that does not decode in a worker is one DataError naming it."""
     workers = min(default_workers() if workers is None else workers, len(chunks))
-    loader = torch.utils.data.DataLoader(_Batches(x, chunks), batch_size=None, shuffle=False, num_workers=workers,
-                                         prefetch_factor=2 if workers else None, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        _Batches(x, chunks, part if part is not None and part[1] > 1 else None), batch_size=None, shuffle=False,
+        num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False)
     it = iter(loader)
     for _ in chunks:
         try:
-            yield next(it).numpy()
+            yield next(it)
         except DataError as e:  # raised in a worker: DataLoader prefixes its traceback
             raise DataError(_worker_message(str(e))) from None
 
