@@ -1,12 +1,16 @@
-"""Small file helpers shared by every writer: atomic writes and content hashes."""
+"""Small file helpers shared by every writer: atomic writes, content hashes, and what native
+libraries write to file descriptor 2."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
 import stat
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Iterator
 
@@ -86,3 +90,56 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class NativeStderr:
+    """What :func:`native_stderr` caught: ``text`` once the block has ended."""
+
+    text: str = ""
+
+
+# Lines native converters and runtimes print on every successful run, which tell a user
+# nothing: absl's preamble and INFO records (the TFLite converter's MLIR passes), and
+# LiteRT's note that it applied XNNPACK (it always does on a CPU).
+NATIVE_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|I\d{4} [\d:.]+ +\d+ \S+:\d+\] "
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
+    r"|\s*$)")
+
+
+def not_noise(line: str) -> bool:
+    return NATIVE_NOISE.match(line) is None
+
+
+@contextlib.contextmanager
+def native_stderr(keep: Callable[[str], bool] = not_noise) -> Iterator[NativeStderr]:
+    """Route file descriptor 2 into a temporary file for the block: C++ code (LiteRT, the
+    TFLite converter, TFLite Micro) writes there directly, past ``sys.stderr``. On exit the
+    caught text is in the yielded object's ``text``, and its lines for which ``keep`` is
+    true are written to stderr (so warnings and errors still reach the user, after the
+    block). ``keep=lambda line: False`` swallows everything. Where there is no file
+    descriptor 2 to redirect, nothing is caught."""
+    caught = NativeStderr()
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield caught
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield caught
+        finally:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            caught.text = tmp.read().decode(errors="replace")
+            rest = "".join(line for line in caught.text.splitlines(keepends=True) if keep(line))
+            if rest:
+                sys.stderr.write(rest)
+                sys.stderr.flush()

@@ -67,14 +67,19 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std, batch
 
 def input_normalization(meta: dict, ds) -> tuple[list[float], list[float], str]:
     """``(mean, std, how)``: the normalization a model is fed. What the file records (or the
-    user gave, ``--mean``/``--std``) wins; otherwise the dataset's own statistics, measured
-    on its full training set, and ``how`` says so, for a one-line note and the metadata."""
+    user gave, ``--mean``/``--std``) wins; otherwise the dataset's own statistics (measured
+    on its full training set, or ImageNet's usual ones for ImageNet data), and ``how`` says
+    so, for a one-line note and the metadata."""
     if meta.get("mean") is not None and meta.get("std") is not None:
         given = set(meta.get("input_meta_given", ()))
         how = "given (--mean/--std)" if {"mean", "std"} & given else "recorded in the file"
         return list(meta["mean"]), list(meta["std"]), how
+    from edgesqueeze.data import IMAGENET_MEAN, IMAGENET_STD
+
+    source = ("ImageNet's usual mean and std (torchvision's), the statistics of "
+              if (tuple(ds.mean), tuple(ds.std)) == (IMAGENET_MEAN, IMAGENET_STD) else "measured on the training images of ")
     return (list(ds.mean), list(ds.std),
-            f"measured on the training images of '{ds.name}' (the file records none; pass --mean/--std "
+            f"{source}'{ds.name}' (the file records none; pass --mean/--std "
             "if the model was trained with other values)")
 
 

@@ -572,3 +572,17 @@ def test_int8_concat_keeps_every_branch_range(tmp_path, first_small):
     assert scales.pop() * 255 >= 0.95 * widest  # int8 range [0, 255 * scale] covers the wide branch
     got, _ = run(path, xf)
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
+def test_export_prints_only_its_own_lines(trained, tmp_path):
+    """`edgesqueeze export -f tflite,tflite-int8` in a fresh process: the file lines and
+    nothing of the converter stack (torchao's import warnings, deprecation warnings, absl's
+    INFO records on file descriptor 2, LiteRT's XNNPACK note)."""
+    res = subprocess.run([sys.executable, "-m", "edgesqueeze", "export", str(trained.path), "-f",
+                          "tflite,tflite-int8", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert (tmp_path / "model.int8.tflite").is_file()
+    noise = [line for line in lines if not (line.startswith((str(tmp_path), "wrote ", "note: ", "warning: ")))]
+    assert noise == []

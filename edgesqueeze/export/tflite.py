@@ -44,8 +44,11 @@ What litert-torch 0.10 does and does not do, and what this module adds:
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgesqueeze._io import write_bytes_atomic
+from edgesqueeze._io import native_stderr, write_bytes_atomic
 from edgesqueeze.errors import ExportError
 from edgesqueeze.export import prepare
 from edgesqueeze.config.export import CalibrationConfig
@@ -126,16 +129,38 @@ def _wrap(model: nn.Module, art: dict[str, Any], fold_normalization: bool) -> nn
 
 @contextlib.contextmanager
 def _quiet_litert():
-    """litert-torch prints a progress line per conversion step; off unless the user set it."""
+    """Keep litert-torch's and its stack's chatter out of the user's terminal; errors and
+    lines not known to be noise still come through. It prints a progress line per
+    conversion step (off unless the user set ``LITERT_TORCH_SHOW_PROGRESS``); torchao logs
+    warnings about CUDA kernels it cannot load when imported; torch's pytree and
+    litert-torch raise deprecation warnings at each other; the MLIR converter writes absl
+    INFO records to file descriptor 2 (:data:`edgesqueeze._io.NATIVE_NOISE`)."""
     key = "LITERT_TORCH_SHOW_PROGRESS"
     before = os.environ.get(key)
     if before is None:
         os.environ[key] = "n"
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch", "absl")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings(), native_stderr():
+            warnings.simplefilter("ignore")
+            yield
     finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
         if before is None:
             os.environ.pop(key, None)
+
+
+def _quiet(fn):
+    """:func:`_quiet_litert` around a whole export (imports and calibration included)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _quiet_litert():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _convert(module: nn.Module, sample: torch.Tensor, what: str, **kwargs: Any) -> bytes:
@@ -146,8 +171,7 @@ def _convert(module: nn.Module, sample: torch.Tensor, what: str, **kwargs: Any) 
         raise ExportError(f"TFLite export needs litert-torch ({exc}); "
                           "pip install 'edgesqueeze[export]'") from None
     try:
-        with _quiet_litert():
-            return bytes(litert_torch.convert(module, (sample,), **kwargs).model_content())
+        return bytes(litert_torch.convert(module, (sample,), **kwargs).model_content())
     except Exception as exc:  # the converter raises many types (RuntimeError, AssertionError...)
         raise _conversion_error(module, sample, exc, what) from exc
 
@@ -199,6 +223,7 @@ def _module_of(module: nn.Module, sample: torch.Tensor, node_name: str | None,
 # fp32
 
 
+@_quiet
 def export_tflite(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike, *,
                   fold_normalization: bool = False, source_sha256: str | None = None) -> Path:
     """Write ``model`` as a float32 ``.tflite`` with the artifact metadata embedded.
@@ -223,6 +248,7 @@ def export_tflite(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike
 # INT8 export
 
 
+@_quiet
 def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike,
                        calib_images: np.ndarray, *,
                        calibration: CalibrationConfig | None = None,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgesqueeze._io import native_stderr
 from edgesqueeze.errors import FormatError, RuntimeBackendError
 from edgesqueeze.runtime._base import Artifact, _first_line, build_spec
 
@@ -60,7 +61,8 @@ def make_interpreter(path: Path, cls, *, threads: int | None, data: bytes | None
                               f"or copy it again") from None
         raise RuntimeBackendError(f"{path}: the TFLite runtime cannot open it ({msg})") from None
     try:
-        it.allocate_tensors()
+        with native_stderr():  # LiteRT's "Created TensorFlow Lite XNNPACK delegate" line
+            it.allocate_tensors()
     except (RuntimeError, ValueError) as exc:
         raise RuntimeBackendError(f"{path}: the TFLite runtime cannot prepare this model "
                                   f"({_first_line(exc)}); it may need ops a newer "

@@ -15,14 +15,12 @@ microcontroller needs for this file.
 
 from __future__ import annotations
 
-import os
 import re
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from edgesqueeze._io import native_stderr
 from edgesqueeze.errors import FormatError, RuntimeBackendError
 from edgesqueeze.runtime._base import Artifact, _first_line, build_spec
 from edgesqueeze.runtime._tflite import per_tensor, read_meta
@@ -46,18 +44,9 @@ def import_micro_runtime(path: Path | str, why: str = ""):
 def _stderr_of(fn):
     """Run ``fn``; return what native code wrote to file descriptor 2 meanwhile (TFLite
     Micro prints its allocation record there, and nowhere else)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            fn()
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-        tmp.seek(0)
-        return tmp.read().decode(errors="replace")
+    with native_stderr(keep=lambda line: False) as caught:
+        fn()
+    return caught.text
 
 
 class MicroArtifact(Artifact):
