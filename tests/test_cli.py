@@ -117,6 +117,45 @@ def test_real_subprocess_train_on_a_few_hundred_digits(tmp_path):
     assert (out / "model.pt").read_bytes() == before
 
 
+def test_state_dict_compressed_with_a_recipe_records_its_normalization(tmp_path):
+    """A state_dict (no metadata) compressed with a recipe that names its dataset: the .esq
+    records the normalization compress evaluated with, and its exports carry it, so they
+    are fed as the model was (a regression: the recipe's dataset once kept compress from
+    recording mean/std, and the exports took pixels / 255 unnormalized). An .esq that names
+    its dataset but no normalization is exported with the dataset's."""
+    from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.data import load_dataset
+    from edgesqueeze.format import container
+    from edgesqueeze.models import build_model
+    from edgesqueeze.runtime import load
+
+    torch.manual_seed(0)
+    sd = tmp_path / "plain.pt"
+    torch.save(build_model("squeezenet_mnist", num_classes=10).state_dict(), sd)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nname: sd\nmodel: {arch: squeezenet_mnist}\ndata: {dataset: digits}\n"
+                      "compress: {cluster: {}}\n")
+    res = run("compress", sd, "--arch", "squeezenet_mnist", "-r", recipe, "--out", tmp_path / "c", "--no-progress")
+    assert res.exit_code == 0, res.output
+    ds = load_dataset("digits")
+    esq = tmp_path / "c" / "model.esq"
+    meta = load_model(esq).meta
+    assert meta["mean"] == pytest.approx(ds.mean) and meta["std"] == pytest.approx(ds.std)
+    res = run("export", esq, "-f", "onnx", "--out", tmp_path / "e")
+    assert res.exit_code == 0, res.output
+    spec = load(tmp_path / "e" / "model.onnx").input_spec
+    assert spec.mean == pytest.approx(ds.mean) and spec.std == pytest.approx(ds.std)
+
+    archive = container.loads(esq.read_bytes())  # as written before the fix: no mean / std
+    old = tmp_path / "old.esq"
+    old.write_bytes(container.dumps({k: v for k, v in archive.meta.items() if k not in ("mean", "std")},
+                                    [(name, blob, info) for name, (blob, info) in archive.sections.items()]))
+    res = run("export", old, "-f", "onnx", "--out", tmp_path / "e2")
+    assert res.exit_code == 0, res.output
+    spec = load(tmp_path / "e2" / "old.onnx").input_spec
+    assert spec.mean == pytest.approx(ds.mean) and spec.std == pytest.approx(ds.std)
+
+
 def test_verify_takes_a_plain_state_dict_with_arch(tmp_path):
     """A state_dict (no metadata) is the float reference with --arch/--num-classes and --data,
     like eval, compress and export; without --arch its row is an error naming the option."""

@@ -62,10 +62,15 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
     if kind is not None:  # TorchScript / torch.export: real Conv2d/Linear modules to compress
         meta["program"] = {"kind": kind}
         loaded.model = lifted_module(loaded.model, list(ds.input_shape), what=str(checkpoint))
-    if "dataset" not in meta:
-        meta.update(dataset=ds.name, input_shape=list(ds.input_shape), mean=list(mean), std=list(std))
-        if not meta.get("classes") and ds.classes is not None:
-            meta["classes"] = [str(c) for c in ds.classes]
+    # What the .esq needs to be fed like the model was: a file that names its dataset but
+    # records no normalization (a state_dict whose dataset came from a recipe) gets the
+    # normalization used here, or its exports would be fed raw pixels / 255.
+    meta.setdefault("dataset", ds.name)
+    meta.setdefault("input_shape", list(ds.input_shape))
+    if meta.get("mean") is None or meta.get("std") is None:
+        meta.update(mean=list(mean), std=list(std))
+    if not meta.get("classes") and ds.classes is not None:
+        meta["classes"] = [str(c) for c in ds.classes]
     return Inputs(loaded, meta, ds, train, val, mean, std)
 
 

@@ -128,6 +128,10 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     model = loaded.model.eval()
     if "dataset" not in meta and dataset:
         _describe_with(meta, model, source, dataset, data_dir, log)
+    elif meta.get("dataset") and (meta.get("mean") is None or meta.get("std") is None):
+        # names its dataset but not its normalization (an .esq from before compress recorded
+        # it for state_dicts): the dataset's, as compress and eval use, never pixels / 255
+        _describe_with(meta, model, source, meta["dataset"], data_dir, log)
     elif "input_shape" not in meta:
         from edgesqueeze.errors import DataError
 
