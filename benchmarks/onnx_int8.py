@@ -303,6 +303,9 @@ SETTINGS = {
     "+ GPTQ weights, activation equalization 0.3, stem and first three Fires float": {
         "weight_rounding": "gptq", "equalize_activations": 0.3,
         "float_layers": ["features.0", "features.3", "features.4", "features.5"]},
+    # session 18: all int8 (exact on every CPU, and faster on AVX2) with clipped activation ranges
+    "+ GPTQ weights, activation equalization 0.5, percentile 99.999 ranges": {**_AE, "method": "percentile"},
+    "+ GPTQ weights, activation equalization 0.5, entropy ranges": {**_AE, "method": "entropy"},
     "+ GPTQ weights, activation equalization 0.75, stem and first two Fires float": {
         "weight_rounding": "gptq", "equalize_activations": 0.75,
         "float_layers": ["features.0", "features.3", "features.4"]},

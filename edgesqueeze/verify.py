@@ -284,6 +284,8 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
         if art.backend == "tflite-micro":  # the RAM a microcontroller needs beside the file's flash
             out["arena_bytes"] = art.arena_bytes
         out["_meta_reference"] = meta.get("reference_accuracy")
+        if art.kind == "onnx":  # without onnxruntime's x86-only NCHWc kernels: what ARM computes
+            out["ort_portable"] = art.portable
         from edgesqueeze.runtime.cpu import int8_warning
 
         out["warning"] = int8_warning({"artifact_format": out["format"], **meta})

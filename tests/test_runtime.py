@@ -819,3 +819,43 @@ def test_topk_and_softmax():
 
 def test_errors_are_edgesqueeze_errors():
     assert issubclass(FormatError, EdgesqueezeError) and issubclass(RuntimeBackendError, EdgesqueezeError)
+
+
+def test_onnx_metadata_is_read_before_the_session(onnx_models):
+    """``metadata_props`` walks the protobuf's top-level fields (no onnx package, the graph
+    skipped): the same entries as onnx.load; garbage or a truncated file gives {}."""
+    import onnx
+
+    from edgesqueeze.runtime._onnx import metadata_props
+
+    path = onnx_models["fp32"]
+    want = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert want and metadata_props(path) == want == metadata_props(path.read_bytes())
+    assert metadata_props(b"\xff" * 64) == {}
+    assert metadata_props(path.read_bytes()[:100]) == {}
+
+
+def test_any_cpu_int8_files_open_without_the_x86_nchwc_kernels(onnx_models, tmp_path):
+    """A file quantized for every CPU (onnx-int8, target any-cpu) gets a session without
+    onnxruntime's NchwcTransformer, whose x86-only float kernels round differently from ARM's:
+    bit for bit what onnxruntime computes with every other optimization (ORT_ENABLE_EXTENDED).
+    Other files keep onnxruntime's default; portable= overrides either way."""
+    import onnxruntime as ort
+
+    meta = {**META, "artifact_format": "onnx-int8", "calibration": {"target": "any-cpu"}}
+    path = set_onnx_meta(onnx_models["raw"], tmp_path / "anycpu.onnx", meta)
+    x = rand(8)
+    art = load(path, threads=1)
+    assert art.portable is True
+    assert load(path, threads=1, portable=False).portable is False
+    assert load(onnx_models["fp32"], threads=1).portable is False
+    assert load(onnx_models["fp32"], threads=1, portable=True).portable is True
+    vnni = set_onnx_meta(onnx_models["raw"], tmp_path / "vnni.onnx",
+                         {**meta, "calibration": {"target": "vnni-or-arm"}})
+    assert load(vnni, threads=1).portable is False
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    extended = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    want = extended.run(None, {"input": x})[0]
+    np.testing.assert_array_equal(art.predict(x), want)

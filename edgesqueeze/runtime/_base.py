@@ -271,7 +271,9 @@ class Artifact:
     "ai-edge-litert" | "tflite-runtime" | "tflite-micro"), ``meta`` (the artifact metadata,
     ``{}`` when the file has none), ``input_spec`` (:class:`InputSpec`), ``classes``,
     ``threads``; ``packed`` (a packed file's ``meta["packed"]``, else None) and
-    ``decode_seconds``; a TensorFlow Lite Micro artifact adds ``arena_bytes``.
+    ``decode_seconds``; a TensorFlow Lite Micro artifact adds ``arena_bytes``; ``portable``
+    is True for an ONNX session opened without onnxruntime's x86-only NCHWc kernels
+    (:mod:`._onnx`).
     """
 
     path: Path
@@ -281,6 +283,7 @@ class Artifact:
     input_spec: InputSpec
     packed: dict[str, Any] | None = None
     decode_seconds: float = 0.0
+    portable: bool = False
     threads: int | None
 
     # -- subclass hooks ---------------------------------------------------------------

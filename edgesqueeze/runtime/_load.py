@@ -22,7 +22,7 @@ _KIND_OF_BACKEND = {"onnxruntime": "onnx", "ai-edge-litert": "tflite", "tflite-r
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None,
-         backend: str | None = None, spin: bool = True) -> Artifact:
+         backend: str | None = None, spin: bool = True, portable: bool | None = None) -> Artifact:
     """Open an ``.onnx`` or ``.tflite`` artifact for inference, torch-free.
 
     The file's content decides what it is (a TFLite flatbuffer has ``TFL3`` at bytes 4..8;
@@ -34,6 +34,10 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     that fits, preferring ai-edge-litert over tflite-runtime; a TFLite Micro compressed
     file, whose filters sit behind ``TFLM_DECODE`` operators, goes to TensorFlow Lite
     Micro's interpreter, :mod:`._tflm`, since LiteRT cannot run it).
+
+    ``portable`` (ONNX only): open the session without onnxruntime's x86-only NCHWc layout
+    transform, whose float kernels round differently from ARM's; None (default): when the
+    file asks for it, as ``onnx-int8`` files of target ``any-cpu`` do (:mod:`._onnx`).
 
     A packed file (``model.int8.tflite.esq``, :mod:`edgesqueeze.format.packed`) is decoded
     in memory, checked against its recorded SHA-256, and run from those bytes: the artifact's
@@ -86,7 +90,8 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     else:
         from edgesqueeze.runtime._onnx import OnnxArtifact
 
-        art = OnnxArtifact(path, threads=threads, head=head, ext=ext, spin=spin, data=data)  # garbage refused here
+        art = OnnxArtifact(path, threads=threads, head=head, ext=ext, spin=spin, data=data,  # garbage refused here
+                           portable=portable)
     art.packed, art.decode_seconds = packed, decode_seconds
     if ext in (".onnx", ".tflite") and ext[1:] != kind:
         # A misnamed file is a mix-up upstream (a copy step, a wrong glob): say so rather than

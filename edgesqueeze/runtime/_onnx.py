@@ -1,7 +1,24 @@
-"""ONNX artifacts through onnxruntime (CPU)."""
+"""ONNX artifacts through onnxruntime (CPU).
+
+**The same numbers on x86 and ARM.** onnxruntime's ``NchwcTransformer`` (part of its
+default ``ORT_ENABLE_ALL`` optimizations) rewrites float convolutions into a blocked
+``NCHWc`` layout with their own kernels, on x86 only. Those kernels sum in another order
+than the im2col + SGEMM path every CPU otherwise takes, so a float convolution's results
+differ in their last bits between x86 and ARM. In a file that is all float that is noise
+(ImageNet SqueezeNet fp32: logits within 1.5e-5); in an int8 file whose first layers stay
+float it reaches the ``QuantizeLinear`` after them and moves values by a whole
+quantization step (logits up to 0.25 apart, and one top-1 of 100 flipped). Files quantized
+for every CPU (``onnx-int8`` with ``target: any-cpu``, the default) are therefore opened
+without that one transformer (``portable``), here and on the device: on an AVX2 x86 host
+the ImageNet file then agrees with an arm64 device on every top-1, logits within 4e-6
+(benchmarks/notes.md, session 18), at the cost of the NCHWc kernels' speed for its float
+layers on x86 (there 20.4 instead of 18.3 ms a 224x224 image on one thread). ARM runs
+nothing different. ``load(..., portable=False)`` keeps onnxruntime's default.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -35,16 +52,89 @@ def import_onnxruntime(path: Path | str):
     return onnxruntime
 
 
+_NCHWC = "NchwcTransformer"
+_METADATA_PROPS = 14  # ModelProto.metadata_props: repeated StringStringEntryProto {1: key, 2: value}
+
+
+def _varint(read) -> int | None:
+    value = shift = 0
+    while True:
+        b = read(1)
+        if not b:
+            return None
+        value |= (b[0] & 0x7F) << shift
+        if b[0] < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            return None
+
+
+def metadata_props(source: Path | bytes, *, limit: int = 1 << 20) -> dict[str, str]:
+    """A model's ``metadata_props`` read straight from the protobuf (no onnx package), before
+    any session exists: the top-level fields are walked and every other one skipped by its
+    length (the graph is never read). Anything unexpected gives ``{}``: onnxruntime then
+    reports the damage itself. Entries longer than ``limit`` are skipped."""
+    import io
+
+    props: dict[str, str] = {}
+    with (io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else open(source, "rb")) as fh:
+        while (key := _varint(fh.read)) is not None:
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                if _varint(fh.read) is None:
+                    return {}
+            elif wire == 1:
+                fh.seek(8, 1)
+            elif wire == 5:
+                fh.seek(4, 1)
+            elif wire == 2:
+                size = _varint(fh.read)
+                if size is None:
+                    return {}
+                if field != _METADATA_PROPS or size > limit:
+                    fh.seek(size, 1)
+                    continue
+                entry, pair = fh.read(size), {}
+                sub = io.BytesIO(entry)
+                while (k := _varint(sub.read)) is not None:
+                    n = _varint(sub.read) if k & 7 == 2 else None
+                    if n is None:
+                        return props
+                    pair[k >> 3] = sub.read(n).decode("utf-8", "replace")
+                props[pair.get(1, "")] = pair.get(2, "")
+            else:
+                return {}
+    return props
+
+
+def wants_portable(source: Path | bytes) -> bool:
+    """Whether a file asks for the same arithmetic on every CPU: an ``onnx-int8`` file of
+    target ``any-cpu`` (edgesqueeze metadata)."""
+    from edgesqueeze.runtime.cpu import int8_target
+
+    try:
+        meta = json.loads(metadata_props(source).get(META_KEY) or "null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and int8_target(meta) == "any-cpu"
+
+
 def open_session(path: Path, *, threads: int | None, head: bytes = b"", ext: str = "", spin: bool = True,
-                 data: bytes | None = None):
+                 data: bytes | None = None, portable: bool | None = None):
     """An onnxruntime CPU session, with load failures turned into one clear line.
 
     ``spin=False`` stops the intra-op threads from busy-waiting after each run (onnxruntime
     spins by default): needed when other models run between this one's runs, as when
     ``edgesqueeze bench`` times files interleaved, where the spinning threads took a core
     from LiteRT (its int8 SqueezeNet measured 10.2 ms there against 3.6 ms alone). ``data``:
-    the model's bytes (a packed file's decoded content), instead of reading ``path``."""
+    the model's bytes (a packed file's decoded content), instead of reading ``path``.
+    ``portable``: without onnxruntime's x86-only NCHWc layout transform (see the module
+    docstring); None: as the file's metadata asks (:func:`wants_portable`). Returns the
+    session; ``session.portable`` says which it is."""
     ort = import_onnxruntime(path)
+    if portable is None:
+        portable = wants_portable(path if data is None else data)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only; the loader's warnings are not the user's business
     if threads is not None:
@@ -53,8 +143,11 @@ def open_session(path: Path, *, threads: int | None, head: bytes = b"", ext: str
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path) if data is None else data, sess_options=opts,
-                                    providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path) if data is None else data, sess_options=opts,
+                                       providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=[_NCHWC] if portable else None)
+        session.portable = bool(portable)
+        return session
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind classes
         kind, msg = type(exc).__name__, _ort_reason(exc)
         damaged = kind in ("InvalidProtobuf", "InvalidGraph", "InvalidArgument") or any(
@@ -90,10 +183,12 @@ class OnnxArtifact(Artifact):
     backend = "onnxruntime"
 
     def __init__(self, path: Path, *, threads: int | None = None, head: bytes = b"", ext: str = "",
-                 spin: bool = True, data: bytes | None = None):
+                 spin: bool = True, data: bytes | None = None, portable: bool | None = None):
         self.path = Path(path)
         self.threads = threads
-        self.session = open_session(self.path, threads=threads, head=head, ext=ext, spin=spin, data=data)
+        self.session = open_session(self.path, threads=threads, head=head, ext=ext, spin=spin, data=data,
+                                    portable=portable)
+        self.portable = self.session.portable
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise RuntimeBackendError(

@@ -47,6 +47,7 @@ def _summary(art: Artifact, times: list[float], batch_size: int, warmup: int) ->
         "threads": art.threads,  # None: the backend's default
         "backend": art.backend,
         "kind": art.kind,
+        "portable": bool(getattr(art, "portable", False)),  # ONNX without the x86-only NCHWc kernels
         "path": str(art.path),
     }
 
