@@ -30,7 +30,9 @@ def _csv(value: str, what: str) -> list[str]:
 @click.option("--calibration-images", type=click.IntRange(min=1), help="Calibration image count for INT8.")
 @click.option("--calibration-method", type=click.Choice(["auto", "minmax", "entropy", "percentile"]),
               help="How INT8 activation ranges are chosen [default: auto: what measured best per "
-                   "format, today minmax for both].")
+                   "format, today minmax for both]. entropy and percentile clip the tails; on "
+                   "ImageNet SqueezeNet 1.0 (no BatchNorm, long-tailed activations) onnx-int8 "
+                   "with entropy ranges scored 1% top-1: verify before shipping.")
 @click.option("--fold-normalization", is_flag=True, default=None,
               help="Normalize inside the graph: the file then takes pixels / 255.")
 @click.option("--float-layers", metavar="LIST",

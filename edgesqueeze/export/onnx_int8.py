@@ -513,7 +513,12 @@ def _entropy_ranges(src: Path, reader: _Reader, tmp: Path) -> Path:
                                    augmented_model_path=str(tmp / "augmented.onnx"),
                                    calibrate_method=CalibrationMethod.Entropy,
                                    extra_options={"num_bins": 2048, "num_quantized_bins": 128})
-    calibrator.collect_data(reader)
+    # onnxruntime stacks the outputs of all batches with np.asarray before histogramming:
+    # batches of unequal size (50 images in batches of 32) make that fail, so read them in
+    # equal batches, the largest that divides the image count
+    n = len(reader.x)
+    size = max(d for d in range(1, min(reader.batch_size, n) + 1) if n % d == 0)
+    calibrator.collect_data(_Reader(reader.x, size))
     cache = tmp / "ranges.json"
     save_tensors_data(calibrator.compute_data(), cache)
     return cache
