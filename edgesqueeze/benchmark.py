@@ -44,7 +44,8 @@ class TorchArtifact(Artifact):
             return self.model(self._torch.from_numpy(x)).numpy()
 
 
-def open_any(path: Path, *, threads: int | None, model_args: dict[str, Any] | None = None) -> Artifact:
+def open_any(path: Path, *, threads: int | None, model_args: dict[str, Any] | None = None,
+             portable: bool | None = None) -> Artifact:
     from edgesqueeze.runtime import load
     from edgesqueeze.verify import sniff
 
@@ -52,16 +53,18 @@ def open_any(path: Path, *, threads: int | None, model_args: dict[str, Any] | No
     # take a core from whichever file runs next (see runtime._onnx.open_session)
     return (TorchArtifact(path, threads=threads, model_args=model_args if sniff(path) == "pt" else None)
             if sniff(path) in ("pt", "esq")
-            else load(path, threads=threads, spin=False))
+            else load(path, threads=threads, spin=False, portable=portable))
 
 
 def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, warmup: int = 10,
                 threads: int | None = None, model_args: dict[str, Any] | None = None,
-                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                portable: bool | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One row per (file, batch size): p50/p90/mean ms and the ratio of p50 to the first file's,
     and the cold load (file to ready session, a packed file's decoding included; median of 3
     interleaved loads; ``None`` for PyTorch files). ``model_args``: how to read ``.pt`` files
-    that do not describe themselves (:func:`edgesqueeze.checkpoint.load_model`)."""
+    that do not describe themselves (:func:`edgesqueeze.checkpoint.load_model`). ``portable``:
+    ONNX sessions with or without onnxruntime's x86-only NCHWc kernels (None: as each file
+    asks; :func:`edgesqueeze.runtime.load`)."""
     from edgesqueeze.runtime.bench import cold_loads, compare
     from edgesqueeze.verify import sniff
 
@@ -69,10 +72,10 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
     runtime_paths = [p for p, t in zip(paths, torch_files) if not t]
     if runtime_paths:
         log(f"timing cold loads: 1 + 3 loads of each of {len(runtime_paths)} file(s), interleaved")
-    loaded = iter(cold_loads(runtime_paths, threads=threads)) if runtime_paths else iter(())
+    loaded = iter(cold_loads(runtime_paths, threads=threads, portable=portable)) if runtime_paths else iter(())
     arts, cold = [], []
     for p, t in zip(paths, torch_files):
-        art, c = ((open_any(Path(p), threads=threads, model_args=model_args),
+        art, c = ((open_any(Path(p), threads=threads, model_args=model_args, portable=portable),
                    {"cold_load_ms": None, "decode_ms": None}) if t else next(loaded))
         arts.append(art)
         cold.append(c)
@@ -84,7 +87,7 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
             if getattr(art, "packed", None):
                 fmt += ".esq"
             rows.append({"file": str(art.path), "format": fmt, "backend": art.backend, "batch_size": bs,
-                         "threads": threads,
+                         "threads": threads, "portable": bool(getattr(art, "portable", False)),
                          "p50_ms": row["p50_ms"], "p90_ms": row["p90_ms"], "mean_ms": row["mean_ms"],
                          "ratio": row["p50_ratio"], "bytes": row["size_bytes"], **c})
     return rows

@@ -859,3 +859,20 @@ def test_any_cpu_int8_files_open_without_the_x86_nchwc_kernels(onnx_models, tmp_
     extended = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     want = extended.run(None, {"input": x})[0]
     np.testing.assert_array_equal(art.predict(x), want)
+
+
+def test_bench_says_which_onnx_session_it_timed(onnx_models, tmp_path):
+    """`bench` opens an any-cpu onnx-int8 file portable unless --x86-nchwc, and its rows say so."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    meta = {**META, "artifact_format": "onnx-int8", "calibration": {"target": "any-cpu"}}
+    path = set_onnx_meta(onnx_models["raw"], tmp_path / "anycpu.onnx", meta)
+    for flag, want in (([], True), (["--x86-nchwc"], False)):
+        out = tmp_path / f"b{len(flag)}.json"
+        res = CliRunner().invoke(cli, ["bench", str(path), str(onnx_models["fp32"]), "-b", "1", "--runs", "2",
+                                       "--warmup", "0", "--json", str(out), *flag])
+        assert res.exit_code == 0, res.output
+        rows = json.loads(out.read_text())
+        assert [r["portable"] for r in rows] == [want, False]

@@ -70,8 +70,14 @@ def run_cmd(model_path, images, top_k, threads, as_json):
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads [default: the runtime's].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write rows as JSON.")
+@click.option("--portable/--x86-nchwc", "portable", default=None,
+              help="ONNX only. --x86-nchwc: onnxruntime's default optimizations, NCHWc float kernels "
+                   "included, even for onnx-int8 files made for any CPU, which are otherwise opened "
+                   "without them so that their float layers round as on ARM (on an AVX2 x86 the "
+                   "ImageNet recipe's onnx-int8 ran 18.3 ms with them, 20.4 ms without, one thread); "
+                   "--portable: without them for every ONNX file [default: as each file asks].")
 @model_options
-def bench(paths, batch_sizes, runs, warmup, threads, json_path, model_opts):
+def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_opts):
     """Latency of artifacts (p50, p90) at batch 1 and 32, with ratios against the first file,
     and each file's cold load time (file to ready session; packed files decode first).
 
@@ -87,7 +93,8 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, model_opts):
     from edgesqueeze.benchmark import bench_files
 
     rows = bench_files(list(paths), batch_sizes=list(batch_sizes) or [1, 32], runs=runs, warmup=warmup,
-                       threads=threads, model_args=model_opts.load_kwargs(), log=lambda m: click.echo(m, err=True))
+                       threads=threads, model_args=model_opts.load_kwargs(), portable=portable,
+                       log=lambda m: click.echo(m, err=True))
     head = f"{'file':<44}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'vs first':>10}{'load ms':>10}"
     click.echo(head)
     for r in rows:

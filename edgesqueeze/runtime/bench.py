@@ -71,12 +71,13 @@ def benchmark(artifact: Artifact, *, batch_size: int = 1, warmup: int = 10, runs
     return _summary(artifact, times, batch_size, warmup)
 
 
-def cold_loads(paths: Sequence[str | os.PathLike], *, threads: int | None = None, loads: int = 3
-               ) -> list[tuple[Artifact, dict]]:
+def cold_loads(paths: Sequence[str | os.PathLike], *, threads: int | None = None, loads: int = 3,
+               portable: bool | None = None) -> list[tuple[Artifact, dict]]:
     """Load each file ``loads + 1`` times, interleaved, and time it from the file to a ready
     session (a packed file's decoding included): the first round is untimed (it pays the
     backends' imports and fills the page cache alike for every file), the others give the
-    median. Returns each file's last artifact and ``{"cold_load_ms", "decode_ms"}``."""
+    median. Returns each file's last artifact and ``{"cold_load_ms", "decode_ms"}``.
+    ``portable``: as :func:`~edgesqueeze.runtime.load` (None: as each file asks)."""
     arts: list[Artifact | None] = [None] * len(paths)
     times: list[list[float]] = [[] for _ in paths]
     decode: list[list[float]] = [[] for _ in paths]
@@ -85,7 +86,7 @@ def cold_loads(paths: Sequence[str | os.PathLike], *, threads: int | None = None
             arts[i] = None  # the previous session goes first: one model in memory at a time
             t0 = time.perf_counter()
             # spin=False: interleaved, a spinning onnxruntime pool would slow the next file down
-            arts[i] = load(p, threads=threads, spin=False)
+            arts[i] = load(p, threads=threads, spin=False, portable=portable)
             if r:
                 times[i].append(time.perf_counter() - t0)
                 decode[i].append(arts[i].decode_seconds)
