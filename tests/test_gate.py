@@ -144,6 +144,10 @@ def test_check_usage_errors_exit_2(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["check", str(report), "--max-size", "9B"])
     assert res.exit_code == 1
+    bare = tmp_path / "verify"  # what `verify --out runs/verify` writes: a report without .json
+    bare.write_text(report.read_text())
+    res = runner.invoke(cli, ["check", str(bare), "--max-size", "10B"])
+    assert res.exit_code == 0 and "1 passed" in res.output, res.output
 
 
 @pytest.mark.slow

@@ -10,6 +10,19 @@ import click
 from edgesqueeze.cli._group import cli, model_options
 
 
+def _is_report(path: Path) -> bool:
+    """A report to read rather than an artifact to run: a ``.json`` name, or a file whose
+    content is a JSON object (``verify --out runs/v`` writes one without the suffix; no model
+    file starts with ``{``)."""
+    if path.suffix.lower() == ".json":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(64).lstrip()[:1] == b"{"
+    except OSError:
+        return False
+
+
 def _budget_from_options(recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement):
     import dataclasses
 
@@ -178,7 +191,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
                                "or a --recipe with a 'budget' section")
     rows, files = [], []
     for p in paths:
-        if p.suffix.lower() == ".json":
+        if _is_report(p):
             rows.extend(rows_from_report(p))
         else:
             files.append(p)
