@@ -164,15 +164,18 @@ def test_round_trip_property(seed, sparsity, k):
     assert unpack(blob) == data
 
 
-def _requant_file(rng: np.random.Generator, channels: int = 256, per: int = 24):
+def _requant_file(rng: np.random.Generator, channels: int = 256, per: int = 24, sparsity: float = 0.6,
+                  spread: float = 1.0):
     """int8 weights stored as uint8 + 128, quantized per channel from a 48-value float
     codebook: short rows reach different maxima, so each row has its own scale and its own
-    int8 images of the shared values; the codebook is cheaper to code than those."""
+    int8 images of the shared values; the codebook is cheaper to code than those. Long rows
+    all reach the same maximum: ``spread`` > 1 widens each row's range by a random factor up
+    to it, so that their scales differ too."""
     from edgesqueeze.format.packed import requantize
 
     cb = np.float32(rng.standard_normal(48) * 0.1)
-    src = np.where(rng.random((channels, per)) < 0.6, 0, rng.choice(cb, (channels, per))).astype(np.float32)
-    scales = (np.abs(src).max(1) / 127).astype(np.float32)
+    src = np.where(rng.random((channels, per)) < sparsity, 0, rng.choice(cb, (channels, per))).astype(np.float32)
+    scales = (np.abs(src).max(1) / 127 * rng.uniform(1, spread, channels)).astype(np.float32)
     scales[scales == 0] = 1.0
     q = requantize(src, scales, 128, 127).astype(np.uint8)
     data = b"HEAD" + scales.astype("<f4").tobytes() + b"mid" + q.tobytes() + b"TAIL"
@@ -192,6 +195,36 @@ def test_requantized_tensors_code_their_float_codebook():
     wrong[0, np.flatnonzero(wrong[0])[0]] *= 1.5
     blob, _ = pack(data, [PackedTensor("w", q, offset=128, source=wrong, scales=scales)], name="f", fmt="onnx-int8")
     assert "requant" not in container.loads(blob).sections["t0"][1] and unpack(blob) == data
+
+
+@pytest.mark.parametrize("channels, per, sparsity", [(256, 24, 0.6), (8, 3000, 0.6), (8, 3000, 0.0), (300, 40, 0.0)])
+def test_requantized_tensors_decode_exactly_both_ways(channels, per, sparsity):
+    """The decoder requantizes (channel, codebook entry) pairs and gathers them when there
+    are fewer pairs than coded weights (few long rows), else every coded weight (many short
+    rows); sparse (gap-coded) and dense codings. Each must give the file's exact bytes."""
+    data, src, scales, q = _requant_file(np.random.default_rng(channels + per), channels, per, sparsity, spread=3.0)
+    blob, _ = pack(data, [PackedTensor("w", q, offset=128, source=src, scales=scales)], name="f", fmt="onnx-int8")
+    info = container.loads(blob).sections["t0"][1]
+    assert "requant" in info and (info["w"] == 0) == (sparsity == 0.0)
+    assert (channels * info["k"] <= info["n"]) == (per > channels)  # which way it decodes
+    assert unpack(blob) == data
+
+
+def test_requantized_codebook_with_nan_is_refused():
+    data, src, scales, q = _requant_file(np.random.default_rng(5))
+    blob, _ = pack(data, [PackedTensor("w", q, offset=128, source=src, scales=scales)], name="f", fmt="onnx-int8")
+
+    def nan_in_codebook(meta, sections):
+        body, info = sections["t0"]
+        b = bytearray(body)
+        nan = (np.float16 if info["cb"] == "f16" else np.float32)(np.nan).tobytes()
+        b[info["sizes"][0]:info["sizes"][0] + len(nan)] = nan
+        sections["t0"] = (bytes(b), info)
+
+    with pytest.raises(FormatError, match="section t0: its codebook holds NaN"):
+        unpack(_rewrite(blob, nan_in_codebook))
+    with pytest.raises(FormatError, match="section t0: values do not fit uint8"):
+        unpack(_rewrite(blob, lambda m, s: s["t0"][1].update(offset=200)))
 
 
 @pytest.mark.parametrize("rq, match", [

@@ -103,6 +103,11 @@ def positions_from_gaps(gaps: np.ndarray, width: int) -> np.ndarray:
     esc = (1 << width) - 1
     g = gaps.astype(np.int64)
     real = g != esc
+    if real.all():  # no fillers (the common case): no mask to apply
+        g += 1
+        np.cumsum(g, out=g)
+        g -= 1
+        return g
     g += real  # a weight's symbol advances past it; a filler only by esc
     np.cumsum(g, out=g)
     pos = g[real]
@@ -371,13 +376,41 @@ def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, np.ndarray]:
     return out
 
 
+@dataclass(frozen=True)
+class Coded:
+    """One shared tensor, decoded but not yet made dense: ``flat[pos] = cb[ix]``, zeros
+    elsewhere (``pos`` None: every position, in order). Callers that store the values in
+    another dtype (the packed decoder) convert the small codebook once and gather from it,
+    instead of converting every weight."""
+
+    shape: list[int]
+    numel: int
+    cb: np.ndarray  # float32: the codebook, per-slice codebooks concatenated
+    ix: np.ndarray  # index into ``cb`` of every coded value
+    pos: np.ndarray | None  # flat (row-major) positions of the coded values; None: all
+
+    def dense(self) -> np.ndarray:
+        values = self.cb.take(self.ix)
+        if self.pos is None:
+            return values.reshape(self.shape)
+        flat = np.zeros(self.numel, dtype=np.float32)
+        flat[self.pos] = values
+        return flat.reshape(self.shape)
+
+
 def decode_sections(archive: container.Archive) -> dict[str, np.ndarray]:
     """Tensors of an archive, bit-exact, with all Huffman streams decoded in one batch.
 
     Version-1 archives carry a u16 per chunk in their streams' chunk index, later versions
     the packed index (see :mod:`edgesqueeze.format.huffman`)."""
+    return {name: t.dense() if isinstance(t, Coded) else t for name, t in decode_coded(archive).items()}
+
+
+def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
+    """Like :func:`decode_sections`, with every shared tensor left as a :class:`Coded`
+    (checked: indices within their codebooks, positions within the tensor)."""
     index = "u16" if archive.version == 1 else "packed"
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray | Coded] = {}
     pending = []
     streams, stream_names, chunks = [], [], []
     for name, (blob, info) in archive.sections.items():
@@ -448,23 +481,18 @@ def decode_sections(archive: container.Archive) -> dict[str, np.ndarray]:
             if pos.size != n or (n and pos[-1] >= numel):
                 raise FormatError(f"section {name}: gaps place {pos.size} weights, up to position "
                                   f"{int(pos[-1]) if pos.size else -1}, in a tensor of {numel}")
-        if axis is None:  # one codebook: a bound check and a gather (the common, fast path)
+        if axis is None:  # one codebook: a bound check (the common, fast path)
             if n and int(idx.max()) >= len(cb):
                 raise FormatError(f"section {name}: cluster index beyond its codebook")
-            values = cb.take(idx)
+            ix = idx
         else:
             sid = _slice_ids(np.arange(numel) if pos is None else pos, shape, axis)
             idx = idx.astype(np.int64)
             if n and (idx >= ks[sid]).any():
                 raise FormatError(f"section {name}: cluster index beyond its codebook")
             offsets = np.cumsum(ks) - ks
-            values = cb.take(offsets[sid] + idx)
-        if pos is None:
-            flat = values
-        else:
-            flat = np.zeros(numel, dtype=np.float32)
-            flat[pos] = values
-        out[name] = flat.reshape(shape)
+            ix = offsets[sid] + idx
+        out[name] = Coded(shape=shape, numel=numel, cb=cb, ix=ix, pos=pos)
     return out
 
 

@@ -237,23 +237,80 @@ def _dtype(name: str, info: dict) -> tuple[np.dtype, int]:
     return np.dtype(_DTYPES[dtype]).newbyteorder("<"), offset
 
 
-def _put(dest: np.ndarray, name: str, values: np.ndarray, offset: int) -> None:
-    """Store decoded ``values`` (float32) plus ``offset`` into ``dest`` (a view of the output
-    buffer) in its dtype, refusing values the dtype cannot hold exactly. The float32
-    arithmetic is exact: coded integers are at most 2048 in magnitude (float16 codebooks)."""
-    v = values.reshape(-1)
+def _table(name: str, values: np.ndarray, dtype: np.dtype, offset: int) -> np.ndarray:
+    """``values`` (float32, integer-valued: a codebook, or requantized codebook entries)
+    plus ``offset`` in the integer ``dtype``, refusing any value the dtype cannot hold
+    exactly. The float32 arithmetic is exact: coded integers are at most 2048 in magnitude
+    (float16 codebooks) and requantized ones at most ``qmax`` <= 32767."""
+    v = values + np.float32(offset) if offset else values
+    info = np.iinfo(dtype)
+    with np.errstate(invalid="ignore"):  # NaN compares False: refused by the same test
+        ok = bool(np.all((v >= info.min) & (v <= info.max) & (np.rint(v) == v)))
+    if not ok:
+        raise FormatError(f"section {name}: values do not fit {dtype.name}")
+    return v.astype(dtype)
+
+
+def _fill(dest: np.ndarray, name: str, t: codec.Coded, offset: int) -> None:
+    """Store the tensor ``t`` (plus ``offset``) into ``dest``, a view of the output buffer
+    in the file's dtype. Integer dtypes: the codebook is converted and checked once, then
+    gathered straight into place."""
     if dest.dtype.kind == "f":
-        dest[...] = v
-        return
-    if offset:
-        v = v + np.float32(offset)
+        lut, zero = t.cb, 0.0
+    else:
+        lut = _table(name, t.cb, dest.dtype, offset)
+        zero = _table(name, np.zeros(1, np.float32), dest.dtype, offset)[0]
+    if t.pos is None:
+        dest[...] = lut.take(t.ix)
+    elif dest.flags.aligned:
+        dest[...] = zero
+        dest[t.pos] = lut.take(t.ix)
+    else:  # scattering into unaligned memory is slow: scatter into an aligned array, copy once
+        flat = np.full(dest.size, zero, dest.dtype)
+        flat[t.pos] = lut.take(t.ix)
+        dest[...] = flat
+
+
+def _fill_requantized(dest: np.ndarray, name: str, t: codec.Coded, scales: np.ndarray,
+                      offset: int, qmax: int) -> None:
+    """Store ``requantize(t, scales, offset, qmax)`` into ``dest``, the same float32
+    arithmetic as :func:`requantize` on the dense tensor, so the same integers. Each weight's
+    integer depends only on its codebook entry and its output channel: with fewer (channel,
+    entry) pairs than coded weights, the pairs are requantized and gathered, else each coded
+    weight is. Clipping bounds every value, so the dtype is checked once, on the bounds."""
     info = np.iinfo(dest.dtype)
-    if v.size and (v.min() < info.min or v.max() > info.max):
+    if -qmax + offset < info.min or qmax + offset > info.max:
         raise FormatError(f"section {name}: values do not fit {dest.dtype.name}")
-    with np.errstate(invalid="ignore"):  # NaN: refused just below, without a warning first
-        np.copyto(dest, v, casting="unsafe")
-    if not np.array_equal(dest, v):  # a fraction was truncated, or NaN
-        raise FormatError(f"section {name}: values do not fit {dest.dtype.name}")
+    if not np.isfinite(t.cb).all():
+        raise FormatError(f"section {name}: its codebook holds NaN or infinity")
+    n_ch, k = len(scales), t.cb.size
+    inner = t.numel // n_ch
+    # coded weights per output channel (positions are increasing): no division per weight
+    counts = None if t.pos is None else np.diff(np.searchsorted(t.pos, np.arange(n_ch + 1) * inner))
+    if n_ch * k <= t.ix.size:
+        lut = requantize(np.broadcast_to(t.cb, (n_ch, k)), scales, offset, qmax).astype(dest.dtype)
+        if counts is None:
+            vals = np.take_along_axis(lut, t.ix.reshape(n_ch, inner).astype(np.intp, copy=False), axis=1)
+        else:
+            vals = lut.reshape(-1).take(np.repeat(np.arange(n_ch) * k, counts) + t.ix)
+    else:
+        s = np.repeat(scales.astype(np.float32), inner if counts is None else counts)
+        q = t.cb.take(t.ix)
+        np.divide(q, s, out=q)
+        np.rint(q, out=q)
+        np.clip(q, -qmax, qmax, out=q)
+        if offset:
+            q += np.float32(offset)
+        vals = q.astype(dest.dtype)
+    if t.pos is None:
+        dest[...] = vals.reshape(-1)
+    elif dest.flags.aligned:
+        dest[...] = offset  # rint(0 / scale) + offset
+        dest[t.pos] = vals
+    else:
+        flat = np.full(dest.size, offset, dest.dtype)
+        flat[t.pos] = vals
+        dest[...] = flat
 
 
 def _skeleton(archive: container.Archive, info: dict) -> bytes:
@@ -301,7 +358,7 @@ def unpack(source: bytes | container.Archive) -> bytes:
     for k, (_, ti) in tensors.items():
         if not isinstance(ti, dict) or ti.get("enc") != "shared":
             raise FormatError(f"section {k}: not a coded tensor")
-    values = codec.decode_sections(container.Archive(meta={}, sections=tensors, version=archive.version))
+    values = codec.decode_coded(container.Archive(meta={}, sections=tensors, version=archive.version))
     spans = []
     for k, (_, ti) in tensors.items():
         at = ti.get("at")
@@ -316,7 +373,7 @@ def unpack(source: bytes | container.Archive) -> bytes:
         if gap < 0 or pos + gap > len(skeleton):
             raise FormatError(f"section {k}: at {at} overlaps the previous tensor or lies past the file")
         pos += gap
-        size = at + np.asarray(values[k]).size * dtype.itemsize
+        size = at + values[k].numel * dtype.itemsize
     total = size + len(skeleton) - pos
     if total != info["bytes"]:
         raise FormatError(f"decoded {total} bytes, the file recorded {info['bytes']}")
@@ -327,18 +384,18 @@ def unpack(source: bytes | container.Archive) -> bytes:
         gap = at - size
         mv[size:at] = skeleton[pos:pos + gap]
         pos += gap
-        n = np.asarray(values[k]).size
+        n = values[k].numel
         if not rq:  # requantized tensors are filled in once every other byte is in place
-            _put(np.frombuffer(out, dtype, n, at), k, np.asarray(values[k]), offset)
+            _fill(np.frombuffer(out, dtype, n, at), k, values[k], offset)
         size = at + n * dtype.itemsize
     mv[size:] = skeleton[pos:]
     for at, k, dtype, offset, rq in spans:
         if not rq:
             continue
-        v = np.asarray(values[k])
+        v = values[k]
         r = tensors[k][1]["requant"]
         scale_at, qmax = (r.get("scale_at"), r.get("qmax")) if isinstance(r, dict) else (None, None)
-        n_ch = v.shape[0] if v.ndim else 0
+        n_ch = v.shape[0] if v.shape else 0
         ok = (isinstance(scale_at, int) and not isinstance(scale_at, bool) and isinstance(qmax, int)
               and not isinstance(qmax, bool) and 1 <= qmax <= 32767 and n_ch > 0
               and 0 <= scale_at and scale_at + 4 * n_ch <= len(out))
@@ -347,7 +404,7 @@ def unpack(source: bytes | container.Archive) -> bytes:
         scales = np.frombuffer(out, "<f4", n_ch, scale_at).copy()
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             raise FormatError(f"section {k}: its scales at {scale_at} are not positive floats")
-        _put(np.frombuffer(out, dtype, v.size, at), k, requantize(v, scales, 0, qmax), offset)
+        _fill_requantized(np.frombuffer(out, dtype, v.numel, at), k, v, scales, offset, qmax)
     digest = hashlib.sha256(out).hexdigest()
     if digest != info["sha256"]:
         raise FormatError(f"decoded bytes have SHA-256 {digest[:16]}..., the file recorded {info['sha256'][:16]}...")
