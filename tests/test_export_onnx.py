@@ -327,18 +327,20 @@ def _activation_scales(q) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_entropy_calibration_is_not_minmax(fp32_file, trained, digits):
+def test_histogram_calibrations_clip_minmax_ranges(fp32_file, trained, digits):
     """quantize_static's own entropy calibration returns the minmax ranges (128 histogram
-    bins searched over 128 quantized bins: one candidate); ours clips, never widens. 50
-    images in batches of 32: onnxruntime's histogram collector stacks equal batches only."""
+    bins searched over 128 quantized bins: one candidate); ours clips, never widens, and so
+    do percentile ranges. 50 images in batches of 32: onnxruntime's histogram collector
+    stacks equal batches only (both methods failed with "inhomogeneous shape" before)."""
     fproto = onnx.load(str(fp32_file))
     x = to_input(calibration_images(digits.train_x, 50, seed=2), trained.meta["mean"], trained.meta["std"])
     assert CalibrationConfig().batch_size == 32
     minmax = _activation_scales(eo.quantize_qdq(fproto, x, calibration=CalibrationConfig(method="minmax")))
-    entropy = _activation_scales(eo.quantize_qdq(fproto, x, calibration=CalibrationConfig(method="entropy")))
-    assert minmax.keys() == entropy.keys() and len(minmax) > 10
-    assert all(entropy[k] <= minmax[k] * (1 + 1e-6) for k in minmax)
-    assert sum(entropy[k] < 0.95 * minmax[k] for k in minmax) >= len(minmax) // 2
+    for method, share in (("entropy", 0.5), ("percentile", 0.2)):  # percentile: the top 0.001% only
+        clipped = _activation_scales(eo.quantize_qdq(fproto, x, calibration=CalibrationConfig(method=method)))
+        assert minmax.keys() == clipped.keys() and len(minmax) > 10
+        assert all(clipped[k] <= minmax[k] * (1 + 1e-6) for k in minmax), method
+        assert sum(clipped[k] < 0.95 * minmax[k] for k in minmax) >= share * len(minmax), method
 
 
 @pytest.mark.slow

@@ -320,6 +320,8 @@ def quantize_qdq(fproto, x: np.ndarray, *, calibration: CalibrationConfig,
         src, dst = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
         src.write_bytes(fproto.SerializeToString())
         reader, cache = _Reader(x, calibration.batch_size), None
+        if calibration.method == "percentile":  # a histogram method: see _equal_batches
+            reader = _Reader(x, _equal_batches(len(x), calibration.batch_size))
         try:
             if calibration.method == "entropy":
                 cache, reader = _entropy_ranges(src, reader, Path(tmp)), None
@@ -495,6 +497,13 @@ def compact_qdq(proto) -> None:
     del graph.value_info[:]
 
 
+def _equal_batches(n: int, batch_size: int) -> int:
+    """The largest batch size up to ``batch_size`` that divides ``n`` images. onnxruntime's
+    histogram calibrators (entropy, percentile) stack the outputs of all batches with
+    ``np.asarray``: batches of unequal size (50 images in batches of 32) make that fail."""
+    return max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+
+
 def _entropy_ranges(src: Path, reader: _Reader, tmp: Path) -> Path:
     """Entropy (KL, TensorRT-style) activation ranges, saved as a calibration cache.
 
@@ -513,12 +522,7 @@ def _entropy_ranges(src: Path, reader: _Reader, tmp: Path) -> Path:
                                    augmented_model_path=str(tmp / "augmented.onnx"),
                                    calibrate_method=CalibrationMethod.Entropy,
                                    extra_options={"num_bins": 2048, "num_quantized_bins": 128})
-    # onnxruntime stacks the outputs of all batches with np.asarray before histogramming:
-    # batches of unequal size (50 images in batches of 32) make that fail, so read them in
-    # equal batches, the largest that divides the image count
-    n = len(reader.x)
-    size = max(d for d in range(1, min(reader.batch_size, n) + 1) if n % d == 0)
-    calibrator.collect_data(_Reader(reader.x, size))
+    calibrator.collect_data(_Reader(reader.x, _equal_batches(len(reader.x), reader.batch_size)))
     cache = tmp / "ranges.json"
     save_tensors_data(calibrator.compute_data(), cache)
     return cache
