@@ -202,22 +202,41 @@ def test_version_1_archives_still_decode():
     state, meta = loads_model(data)
     assert meta["note"] == "version-1 golden file"
     assert_bitwise(state, golden_state_dict())
-    # The same tensors written today: version 2, the same bits, smaller streams (the
+    # The same tensors written today: version 3, the same bits, smaller streams (the
     # packed chunk index of a multi-chunk stream is cheaper than a u16 per chunk).
     now, _ = dumps_model(golden_state_dict(), meta)
-    assert container.loads(now).version == container.VERSION == 2
+    assert container.loads(now).version == container.VERSION == 3
     assert len(now) < len(data)
     assert_bitwise(loads_model(now)[0], state)
 
 
-def test_version_2_streams_under_a_version_1_label_are_refused(monkeypatch):
+GOLDEN_V2 = Path(__file__).parent / "data" / "v2-small.esq"
+
+
+def test_version_2_archives_still_decode():
+    """A file written by the version-2 writer (chunked Huffman streams only), committed as
+    it was; today's writer codes the long streams of the same tensors as DEFLATE (v3)."""
+    data = GOLDEN_V2.read_bytes()
+    arc = container.loads(data)
+    assert arc.version == 2 and not any("z" in info for _, info in arc.sections.values())
+    state, meta = loads_model(data)
+    assert meta["note"] == "version-2 golden file"
+    assert_bitwise(state, golden_state_dict())
+    now, _ = dumps_model(golden_state_dict(), meta)
+    assert any("z" in info for _, info in container.loads(now).sections.values())
+    assert len(now) <= len(data)
+    assert_bitwise(loads_model(now)[0], state)
+
+
+def test_newer_streams_under_an_older_label_are_refused(monkeypatch):
     data, _ = dumps_model(golden_state_dict(), {})
     arc = container.loads(data)
-    monkeypatch.setattr(container, "VERSION", 1)  # a file mislabelled as version 1
-    relabelled = container.dumps(arc.meta, [(n, b, i) for n, (b, i) in arc.sections.items()])
-    assert container.loads(relabelled).version == 1
-    with pytest.raises(FormatError, match="section a.weight"):
-        loads_model(relabelled)
+    for version, match in ((1, r"section [abc]\.weight"), (2, r"section [abc]\.weight: bad stream coding")):
+        monkeypatch.setattr(container, "VERSION", version)  # a file mislabelled as older
+        relabelled = container.dumps(arc.meta, [(n, b, i) for n, (b, i) in arc.sections.items()])
+        assert container.loads(relabelled).version == version
+        with pytest.raises(FormatError, match=match):
+            loads_model(relabelled)
 
 
 def test_large_models_use_shorter_chunks():
@@ -264,6 +283,71 @@ def _rebuild(data: bytes, edit) -> bytes:
 ])
 def test_bad_section_info_is_refused(edit, message):
     sd = {"w": shared_tensor((33, 17), 8, 0.4), "b": torch.randn(33)}
+    data = _rebuild(dumps_model(sd, {})[0], edit)
+    with pytest.raises(FormatError, match=message):
+        loads_model(data)
+
+
+def _linspace_tensor(shape, k, sparsity, seed=0):
+    """Values drawn evenly from ``k`` levels (uniform: the Huffman code's best case), a
+    ``sparsity`` share of them zeroed."""
+    g = np.random.default_rng(seed)
+    v = g.choice(np.linspace(-1, 1, k).astype(np.float32), size=shape)
+    v[g.random(shape) < sparsity] = 0
+    return torch.from_numpy(v)
+
+
+def test_stream_codings_round_trip():
+    """Version 3 codes each stream as Huffman, DEFLATE or one bit per symbol, the smallest
+    (Huffman only where it saves more than HUFFMAN_MARGIN bytes); every mix decodes bitwise."""
+    sd = {"uniform16": _linspace_tensor((128, 256), 16, 0.7),  # 4.0 bits: Huffman's exact case
+          "dense101": _linspace_tensor((40, 30), 101, 0.2),    # skewed by the zeros: DEFLATE
+          "binary": _linspace_tensor((64, 64), 2, 0.5),         # two symbols in both streams
+          "dense2": _linspace_tensor((40, 50), 2, 0.0),
+          "skewed3": _linspace_tensor((60, 50), 3, 0.95)}
+    data, _ = dumps_model(sd, {})
+    info = {n: i for n, (_, i) in container.loads(data).sections.items()}
+    z = {n: (i.get("z", 0) & 3, i.get("z", 0) >> codec.Z_SHIFT) for n, i in info.items() if n != RAW_SECTION}
+    assert z["uniform16"][0] == codec.Z_HUFFMAN
+    assert z["dense101"][0] == codec.Z_DEFLATE and info["dense101"]["w"] == 0
+    assert z["binary"] == (codec.Z_BITS, codec.Z_BITS) and info["binary"]["w"] == 1
+    assert z["dense2"][0] == codec.Z_BITS
+    assert {c for pair in z.values() for c in pair} == {codec.Z_HUFFMAN, codec.Z_DEFLATE, codec.Z_BITS}
+    assert_bitwise(loads_model(data)[0], sd)
+
+
+def _edit_stream(name: str, which: int, change):
+    """An edit for _rebuild: ``change(bytes) -> bytes`` on stream ``which`` (3 idx, 4 gap) of
+    section ``name``, sizes updated."""
+    def edit(sections):
+        for i, (n, blob, info) in enumerate(sections):
+            if n == name:
+                off = np.cumsum([0, *info["sizes"]])
+                new = change(blob[off[which]:off[which + 1]])
+                sizes = list(info["sizes"])
+                sizes[which] = len(new)
+                sections[i] = (n, blob[:off[which]] + new + blob[off[which + 1]:], {**info, "sizes": sizes})
+    return edit
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("dense101", lambda s: [s[i][2].update(z=3) for i in range(len(s)) if s[i][0] == "dense101"],
+     "dense101: bad stream coding z=3"),
+    ("dense101", lambda s: [s[i][2].update(z=2) for i in range(len(s)) if s[i][0] == "dense101"],
+     "dense101: bad stream coding z=2"),  # one bit per symbol for 101 symbols
+    ("dense101", lambda s: [s[i][2].update(z=1 | 4) for i in range(len(s)) if s[i][0] == "dense101"],
+     "dense101: bad stream coding"),  # a gap coding in a dense section
+    ("dense101", lambda s: [s[i][2].update(z="1") for i in range(len(s)) if s[i][0] == "dense101"],
+     "dense101: bad stream coding"),
+    ("dense101", _edit_stream("dense101", 3, lambda b: b[:-3]), "dense101 \\(cluster indices\\): DEFLATE"),
+    ("dense101", _edit_stream("dense101", 3, lambda b: b + b"\x00"), "bytes after its end"),
+    ("dense101", _edit_stream("dense101", 3, lambda b: __import__("edgesqueeze.format.deflate", fromlist=["x"]).encode(
+        np.full(1200, 200))), "symbol 200 is outside its alphabet of 101"),
+    ("binary", _edit_stream("binary", 4, lambda b: b[:-1] + bytes([b[-1] | 1])), "padding bits"),
+    ("binary", _edit_stream("binary", 4, lambda b: b + b"\x00"), "cannot hold exactly"),
+])
+def test_bad_stream_codings_are_refused(name, edit, message):
+    sd = {"dense101": _linspace_tensor((40, 30), 101, 0.2), "binary": _linspace_tensor((63, 65), 2, 0.5)}
     data = _rebuild(dumps_model(sd, {})[0], edit)
     with pytest.raises(FormatError, match=message):
         loads_model(data)

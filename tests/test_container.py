@@ -66,7 +66,7 @@ def test_docstring_examples():
 
 def test_round_trip():
     arc = loads(blob())
-    assert isinstance(arc, Archive) and arc.version == container.VERSION == 2
+    assert isinstance(arc, Archive) and arc.version == container.VERSION == 3
     assert arc.meta == META
     assert list(arc.sections) == [name for name, _, _ in SECTIONS]
     for name, data, info in SECTIONS:
@@ -77,7 +77,7 @@ def test_layout():
     data = dumps(META, SECTIONS, deflate_header=False)
     assert data[:8] == b"\x89ESQ\r\n\x1a\n"
     version, flags, hlen = struct.unpack_from("<HHQ", data, 8)
-    assert (version, flags) == (2, 0)
+    assert (version, flags) == (3, 0)
     header = json.loads(data[20:20 + hlen].decode("utf-8"))
     assert header["sections"][0] == {"name": "features.0.weight.idx", "offset": 0, "length": 7,
                                      "crc32": zlib.crc32(bytes(range(7))), "info": SECTIONS[0][2]}
@@ -213,8 +213,9 @@ def test_unknown_version():
     assert loads(craft(header_for([]))).version == 1  # older versions stay readable
     two = header_for([]) | {"version": 2}
     assert loads(craft(two, version=2)).version == 2
-    with pytest.raises(FormatError, match="version 3 is not supported; this edgesqueeze reads versions 1, 2"):
-        loads(craft(two | {"version": 3}, version=3))
+    assert loads(craft(two | {"version": 3}, version=3)).version == 3
+    with pytest.raises(FormatError, match="version 4 is not supported; this edgesqueeze reads versions 1, 2, 3"):
+        loads(craft(two | {"version": 4}, version=4))
     with pytest.raises(FormatError, match="version 0 is not supported"):
         loads(craft(header_for([]), version=0))
 

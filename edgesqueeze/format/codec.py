@@ -12,8 +12,14 @@ Deep Compression SqueezeNet already is. Each shared tensor becomes one section::
     ks         per-slice codebook sizes, u16 each (only with an axis)
     codebook   the values, float16 or float32 (float16 only when every value survives it)
     lengths    Huffman code lengths of the index and gap alphabets, 4 bits each
-    idx        Huffman-coded codebook index of every coded position, row-major
-    gap        Huffman-coded relative positions ("gaps") of the non-zero weights
+    idx        the codebook index of every coded position, row-major
+    gap        the relative positions ("gaps") of the non-zero weights
+
+Each of the two symbol streams is coded the smallest way (info "z", format version 3): a
+chunked Huffman stream (:mod:`~edgesqueeze.format.huffman`, its code lengths in
+``lengths``), raw DEFLATE (:mod:`~edgesqueeze.format.deflate`: zlib inflates it in C,
+several times faster than numpy's lockstep Huffman decoder), or one bit per symbol for a
+two-symbol alphabet.
 
 Two modes, the smaller kept per layer. *Sparse*: only non-zeros are coded, their positions
 as gaps (Han et al. 2016, section 3): the number of zeros before each non-zero, in a fixed
@@ -42,10 +48,34 @@ from typing import Any
 
 import numpy as np
 
-from edgesqueeze.format import container, huffman
+from edgesqueeze.format import container, deflate, huffman
 from edgesqueeze.errors import FormatError
 
 MAX_CODEBOOK = 256
+# How a shared section's streams are coded: its info's "z" holds one 2-bit code per stream,
+# the cluster indices' in bits 0-1, the gaps' in bits 2-3 (absent: 0, both Huffman).
+Z_HUFFMAN, Z_DEFLATE, Z_BITS = 0, 1, 2  # chunked Huffman (huffman.py), raw DEFLATE, one bit each
+Z_SHIFT = 2  # the gap stream's code is z >> Z_SHIFT
+HUFFMAN_MARGIN = 8  # bytes the Huffman form must save to be chosen (its decoder costs a pass)
+
+
+def _stream_coding(symbols: np.ndarray, alphabet: int, huffman_data: bytes, n_lengths: int) -> tuple[int, bytes]:
+    """The coding of one stream: ``(Z_DEFLATE, bytes)``, ``(Z_BITS, bytes)`` or
+    ``(Z_HUFFMAN, huffman_data)``, the smallest, counting the Huffman form's code-length
+    table (``n_lengths`` nibbles). DEFLATE (deflate.py) is inflated by zlib in C and needs no
+    table (its header holds the code); a two-symbol alphabet can be stored as one bit per
+    symbol (what its Huffman code costs, without the chunk index). The chunked Huffman form
+    is kept only where it saves more than HUFFMAN_MARGIN bytes: it is decoded by numpy in
+    lockstep, a pass of up to ``chunk`` steps that any one such stream in an archive costs."""
+    options = [(Z_DEFLATE, deflate.encode(symbols))] if alphabet <= deflate.MAX_ALPHABET else []
+    if alphabet <= 2:
+        options.append((Z_BITS, np.packbits(symbols.astype(np.uint8)).tobytes()))
+    if not options:
+        return Z_HUFFMAN, huffman_data
+    mode, data = min(options, key=lambda o: (len(o[1]), o[0]))
+    if len(huffman_data) + (n_lengths + 1) // 2 + HUFFMAN_MARGIN < len(data):
+        return Z_HUFFMAN, huffman_data
+    return mode, data
 MAX_CODE_LEN = 12  # 4-bit length fields; 12 keeps the decoder's tables small and fast
 MAX_GAP_WIDTH = 8
 RAW_SECTION = "raw"
@@ -129,6 +159,16 @@ def _unpack_nibbles(data: bytes, n: int) -> np.ndarray:
     return out[:n]
 
 
+def _unpack_bits(data, n: int, what: str) -> np.ndarray:
+    """``n`` symbols of 0 or 1 stored one bit each, MSB first, zero padded to a byte."""
+    if len(data) != (n + 7) // 8:
+        raise FormatError(f"{what}: {len(data)} bytes cannot hold exactly {n} one-bit symbols")
+    bits = np.unpackbits(np.frombuffer(data, np.uint8))
+    if bits[n:].any():
+        raise FormatError(f"{what}: padding bits after the last symbol are not zero")
+    return bits[:n]
+
+
 def _code(symbols: np.ndarray, alphabet: int, chunk: int) -> tuple[np.ndarray, bytes]:
     counts = np.bincount(symbols, minlength=alphabet)[:alphabet]
     lengths = huffman.code_lengths(counts, max_len=MAX_CODE_LEN)
@@ -195,12 +235,24 @@ def _encode_candidate(flat, shape, axis, dense, cb_dtype, chunk):
             if best is None or cost < best[0]:
                 best = (cost, width, lengths, data, g)
         _, w, gap_len, gap_data, gaps = best
+    # Each stream in the form :func:`_stream_coding` picks; "z" records the choices.
+    z = 0
+    if idx.size:
+        mode, data = _stream_coding(idx, alphabet, idx_data, idx_len.size)
+        if mode:
+            z, idx_len, idx_data = z | mode, idx_len[:0], data
+    if gaps is not None and gaps.size:
+        mode, data = _stream_coding(gaps, gap_len.size, gap_data, gap_len.size)
+        if mode:
+            z, gap_len, gap_data = z | mode << Z_SHIFT, gap_len[:0], data
     ks_bytes = b"" if axis is None else ks.astype("<u2").tobytes()
     cb_bytes = codebook.astype(cb_dtype).tobytes()
     len_bytes = _pack_nibbles(np.concatenate([idx_len, gap_len]))
     sizes = [len(ks_bytes), len(cb_bytes), len(len_bytes), len(idx_data), len(gap_data)]
     info = {"enc": "shared", "shape": list(shape), "axis": axis, "k": int(codebook.size),
             "cb": "f16" if cb_dtype is np.float16 else "f32", "n": int(pos.size), "w": w, "sizes": sizes}
+    if z:
+        info["z"] = z
     if gaps is not None:
         info["ng"] = int(gaps.size)
     if chunk != CHUNK:
@@ -413,6 +465,7 @@ def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
     out: dict[str, np.ndarray | Coded] = {}
     pending = []
     streams, stream_names, chunks = [], [], []
+    decoded: dict[tuple[str, str], np.ndarray] = {}
     for name, (blob, info) in archive.sections.items():
         if not isinstance(info, dict) or info.get("enc") not in ("shared", "raw"):
             raise FormatError(f"section {name}: unknown encoding {info.get('enc') if isinstance(info, dict) else info!r}")
@@ -452,32 +505,45 @@ def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
         if dense and n != numel:
             raise FormatError(f"section {name}: dense encoding must code all {numel} positions, codes {n}")
         n_gap = 0 if dense else 1 << w
-        if sizes[2] != (alphabet + n_gap + 1) // 2:
+        z = info.get("z", 0)
+        ok = isinstance(z, int) and not isinstance(z, bool) and 0 <= z < 1 << 2 * Z_SHIFT
+        modes = (z & 3, z >> Z_SHIFT) if ok else (-1, -1)
+        if (not ok or Z_BITS + 1 in modes or (z and archive.version < 3)
+                or (modes[1] and dense) or (modes[0] == Z_BITS and alphabet > 2)
+                or (modes[1] == Z_BITS and n_gap > 2)):
+            raise FormatError(f"section {name}: bad stream coding z={z!r}")
+        huff_idx, huff_gap = alphabet * (modes[0] == Z_HUFFMAN), n_gap * (modes[1] == Z_HUFFMAN)
+        if sizes[2] != (huff_idx + huff_gap + 1) // 2:
             raise FormatError(f"section {name}: code-length table has {sizes[2]} bytes")
         cb = np.frombuffer(view[off[1]:off[2]], dtype="<f2" if cb_item == 2 else "<f4").astype(np.float32, copy=False)
-        lens = _unpack_nibbles(view[off[2]:off[3]], alphabet + n_gap)
-        streams.append((view[off[3]:off[4]], lens[:alphabet], n))
-        stream_names.append((name, "cluster indices"))
-        chunks.append(chunk)
+        lens = _unpack_nibbles(view[off[2]:off[3]], huff_idx + huff_gap)
+        parts = [("cluster indices", view[off[3]:off[4]], alphabet, n, modes[0])]
         if not dense:
-            ng = _need(info, "ng", name, lo=n, hi=n + numel)
-            streams.append((view[off[4]:off[5]], lens[alphabet:], ng))
-            stream_names.append((name, "gaps"))
-            chunks.append(chunk)
+            parts.append(("gaps", view[off[4]:off[5]], n_gap, _need(info, "ng", name, lo=n, hi=n + numel), modes[1]))
+        for what, data, size, count, mode in parts:
+            if mode == Z_DEFLATE:  # inflated by zlib now
+                decoded[(name, what)] = deflate.decode(data, count, size, f"section {name} ({what})")
+            elif mode == Z_BITS:
+                decoded[(name, what)] = _unpack_bits(data, count, f"section {name} ({what})")
+            else:  # chunked Huffman: all such streams decoded in one batch below
+                streams.append((data, lens[:size], count))
+                lens = lens[size:]
+                stream_names.append((name, what))
+                chunks.append(chunk)
         pending.append((name, shape, numel, cb, ks, axis, n, w))
     try:
-        decoded = huffman.decode_many(streams, chunk=chunks, index=index) if streams else []
+        batch = huffman.decode_many(streams, chunk=chunks, index=index) if streams else []
     except FormatError as exc:  # name the section, not the stream number
         m = re.match(r"stream (\d+): (.*)", str(exc), re.S)
         if not m or int(m.group(1)) >= len(stream_names):
             raise
         raise FormatError("section {} ({}): {}".format(*stream_names[int(m.group(1))], m.group(2))) from None
-    it = iter(decoded)
+    decoded.update(zip(stream_names, batch))
     for name, shape, numel, cb, ks, axis, n, w in pending:
-        idx = next(it)
+        idx = decoded[(name, "cluster indices")]
         pos = None
         if w:
-            pos = positions_from_gaps(next(it), w)
+            pos = positions_from_gaps(decoded[(name, "gaps")], w)
             if pos.size != n or (n and pos[-1] >= numel):
                 raise FormatError(f"section {name}: gaps place {pos.size} weights, up to position "
                                   f"{int(pos[-1]) if pos.size else -1}, in a tensor of {numel}")

@@ -11,7 +11,7 @@ torch-free, so the device runtime can read archives.
 Layout (all integers little-endian)::
 
     magic   8 bytes  89 45 53 51 0D 0A 1A 0A  ("\\x89ESQ\\r\\n\\x1a\\n", PNG-style)
-    version u16      2 (version 1 is read too; see VERSION)
+    version u16      3 (versions 1 and 2 are read too; see VERSION)
     flags   u16      bit 0: the header is raw-deflate compressed; other bits must be 0
     hlen    u64      length of the header as stored
     header  hlen     UTF-8 JSON object (sorted keys, no whitespace, no NaN), deflated if bit 0
@@ -47,10 +47,12 @@ __all__ = ["FLAG_DEFLATE", "MAGIC", "MAX_HEADER", "SUPPORTED_VERSIONS", "VERSION
            "read_esq", "write_esq"]
 
 MAGIC = b"\x89ESQ\r\n\x1a\n"
-# 2: the container is unchanged; the Huffman streams of codec's shared sections carry the
-#    packed chunk index (huffman.py), which a version-1 reader would misread. 1: u16 index.
-VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+# 3: the container is unchanged; a shared section of codec may code a stream as raw
+#    DEFLATE (its info's "z"; deflate.py), which a version-2 reader would misread.
+# 2: the Huffman streams of codec's shared sections carry the packed chunk index
+#    (huffman.py), which a version-1 reader would misread. 1: u16 index.
+VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 MAX_HEADER = 16 << 20  # 16 MiB
 MAX_NAME = 1024
 FLAG_DEFLATE = 0x0001  # header stored as raw deflate (RFC 1951); ~4x smaller on model headers

@@ -20,7 +20,9 @@ most ``chunk`` steps, each about six numpy operations over arrays of one cursor 
 steps. Step ``j`` yields symbols ``j*m .. j*m+m-1``, so the output comes out in order (no
 transpose). Decoding a whole model is one :func:`decode_many` call: for a SqueezeNet-sized
 model (840k symbols in 52 streams) about 4-5 ms on one core of a small VM, ~180 million
-symbols/s; docs/FORMAT.md has the measurements.
+symbols/s; docs/FORMAT.md has the measurements. Since format version 3 the codec writes a
+stream this way only where it beats raw DEFLATE (:mod:`edgesqueeze.format.deflate`,
+inflated by zlib in C) by more than a few bytes: a uniform index alphabet, for instance.
 
 Stream layout (``encode`` returns these bytes), with the default packed chunk index::
 
