@@ -367,8 +367,9 @@ def report() -> str:
                   "The shared model is already pruned (34% non-zero) and 8-bit shared by its authors; their released",
                   "file is 675,763 bytes and `xz -9e` of it 559,656 bytes (target: under 560,000).", "",
                   f"- `.esq`: **{r['bytes']:,} bytes**, decodes bit-exactly: {r['lossless']}",
-                  f"- Huffman streams {r['huffman_bytes']:,} B against {r['entropy_bytes']:,} B zeroth-order entropy "
-                  f"(**{r['huffman_bytes'] / r['entropy_bytes']:.3f}x**, target at most 1.03x)",
+                  f"- coded streams {r['huffman_bytes']:,} B against {r['entropy_bytes']:,} B zeroth-order entropy "
+                  f"(**{r['huffman_bytes'] / r['entropy_bytes']:.3f}x**, target at most 1.03x; format 3: each stream "
+                  "chunked Huffman, DEFLATE (its header, the code, counted in the stream) or a bit per symbol)",
                   f"- decode to tensors **{r['decode_ms']} ms** (median of {r.get('repeats', 15)}"
                   + (f"; fastest {r['decode_ms_min']} ms against {r['torch_load_ms_min']} ms" if "decode_ms_min" in r else "")
                   + ") against `torch.load` of the dense state_dict "
