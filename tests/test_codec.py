@@ -299,7 +299,8 @@ def _linspace_tensor(shape, k, sparsity, seed=0):
 
 def test_stream_codings_round_trip():
     """Version 3 codes each stream as Huffman, DEFLATE or one bit per symbol, the smallest
-    (Huffman only where it saves more than HUFFMAN_MARGIN bytes); every mix decodes bitwise."""
+    (the archive keeps its Huffman streams here: dropping them would cost more than
+    1/HUFFMAN_SHARE of it); every mix decodes bitwise."""
     sd = {"uniform16": _linspace_tensor((128, 256), 16, 0.7),  # 4.0 bits: Huffman's exact case
           "dense101": _linspace_tensor((40, 30), 101, 0.2),    # skewed by the zeros: DEFLATE
           "binary": _linspace_tensor((64, 64), 2, 0.5),         # two symbols in both streams
@@ -314,6 +315,26 @@ def test_stream_codings_round_trip():
     assert z["dense2"][0] == codec.Z_BITS
     assert {c for pair in z.values() for c in pair} == {codec.Z_HUFFMAN, codec.Z_DEFLATE, codec.Z_BITS}
     assert_bitwise(loads_model(data)[0], sd)
+
+
+def test_an_archive_drops_its_last_huffman_streams_when_that_is_cheap():
+    """One short uniform stream codes 7 B smaller as Huffman, but would cost a large
+    archive numpy's whole lockstep pass: beside a large layer it is written as DEFLATE (the
+    archive grows by far less than 1/HUFFMAN_SHARE); alone it stays Huffman."""
+    g = np.random.default_rng(0)
+    big = (g.geometric(0.3, (256, 400)).clip(1, 40) / 64).astype(np.float32)
+    big[g.random(big.shape) < 0.5] = 0
+    small = g.choice(np.linspace(-1, 1, 16).astype(np.float32), (16, 16))
+    alone, _ = codec.encode_state_dict({"small": small})
+    assert codec.has_huffman(alone[0][2])
+    both, _ = codec.encode_state_dict({"big": big, "small": small})
+    assert not any(codec.has_huffman(info) for _, _, info in both)
+    smallest, _ = codec._encode_sections({"big": big, "small": small}, "auto", "float32", codec.CHUNK,
+                                         use_huffman=True)
+    size, kept = (sum(len(b) for _, b, _ in x) for x in (smallest, both))
+    assert size < kept <= size + size // codec.HUFFMAN_SHARE
+    out = codec.decode_sections(container.Archive(meta={}, sections={n: (b, i) for n, b, i in both}))
+    assert np.array_equal(out["small"], small) and np.array_equal(out["big"], big)
 
 
 def _edit_stream(name: str, which: int, change):

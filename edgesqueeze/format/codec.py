@@ -19,7 +19,8 @@ Each of the two symbol streams is coded the smallest way (info "z", format versi
 chunked Huffman stream (:mod:`~edgesqueeze.format.huffman`, its code lengths in
 ``lengths``), raw DEFLATE (:mod:`~edgesqueeze.format.deflate`: zlib inflates it in C,
 several times faster than numpy's lockstep Huffman decoder), or one bit per symbol for a
-two-symbol alphabet.
+two-symbol alphabet; an archive drops its last Huffman streams when that costs at most
+1/256 of it (:func:`has_huffman`).
 
 Two modes, the smaller kept per layer. *Sparse*: only non-zeros are coded, their positions
 as gaps (Han et al. 2016, section 3): the number of zeros before each non-zero, in a fixed
@@ -56,26 +57,36 @@ MAX_CODEBOOK = 256
 # the cluster indices' in bits 0-1, the gaps' in bits 2-3 (absent: 0, both Huffman).
 Z_HUFFMAN, Z_DEFLATE, Z_BITS = 0, 1, 2  # chunked Huffman (huffman.py), raw DEFLATE, one bit each
 Z_SHIFT = 2  # the gap stream's code is z >> Z_SHIFT
-HUFFMAN_MARGIN = 8  # bytes the Huffman form must save to be chosen (its decoder costs a pass)
+HUFFMAN_SHARE = 256  # an archive drops its Huffman streams if that costs at most 1/256 of it
 
 
-def _stream_coding(symbols: np.ndarray, alphabet: int, huffman_data: bytes, n_lengths: int) -> tuple[int, bytes]:
+def _stream_coding(symbols: np.ndarray, alphabet: int, huffman_data: bytes, n_lengths: int,
+                   use_huffman: bool = True) -> tuple[int, bytes]:
     """The coding of one stream: ``(Z_DEFLATE, bytes)``, ``(Z_BITS, bytes)`` or
     ``(Z_HUFFMAN, huffman_data)``, the smallest, counting the Huffman form's code-length
     table (``n_lengths`` nibbles). DEFLATE (deflate.py) is inflated by zlib in C and needs no
     table (its header holds the code); a two-symbol alphabet can be stored as one bit per
-    symbol (what its Huffman code costs, without the chunk index). The chunked Huffman form
-    is kept only where it saves more than HUFFMAN_MARGIN bytes: it is decoded by numpy in
-    lockstep, a pass of up to ``chunk`` steps that any one such stream in an archive costs."""
+    symbol (what its Huffman code costs, without the chunk index). ``use_huffman=False``: the
+    smallest other form (see :func:`has_huffman` for why an archive may want that)."""
     options = [(Z_DEFLATE, deflate.encode(symbols))] if alphabet <= deflate.MAX_ALPHABET else []
     if alphabet <= 2:
         options.append((Z_BITS, np.packbits(symbols.astype(np.uint8)).tobytes()))
     if not options:
         return Z_HUFFMAN, huffman_data
     mode, data = min(options, key=lambda o: (len(o[1]), o[0]))
-    if len(huffman_data) + (n_lengths + 1) // 2 + HUFFMAN_MARGIN < len(data):
+    if use_huffman and len(huffman_data) + (n_lengths + 1) // 2 < len(data):
         return Z_HUFFMAN, huffman_data
     return mode, data
+
+
+def has_huffman(info: dict) -> bool:
+    """Whether a shared section's info codes a stream as chunked Huffman. numpy decodes all
+    Huffman streams of an archive in one lockstep pass of up to ``chunk`` steps, however few
+    and short they are (a few ms), while DEFLATE is inflated in C: so writers code an archive
+    twice when its smallest form has Huffman streams, and keep the form without them when
+    that is at most 1/HUFFMAN_SHARE larger."""
+    z = info.get("z", 0)
+    return info.get("enc") == "shared" and ((z & 3) == Z_HUFFMAN or (info.get("w", 0) > 0 and z >> Z_SHIFT == Z_HUFFMAN))
 MAX_CODE_LEN = 12  # 4-bit length fields; 12 keeps the decoder's tables small and fast
 MAX_GAP_WIDTH = 8
 RAW_SECTION = "raw"
@@ -219,7 +230,7 @@ def _fits(flat: np.ndarray, shape: list[int], axis: int | None, with_zero: bool)
     return int(ks.max(initial=0)) <= MAX_CODEBOOK
 
 
-def _encode_candidate(flat, shape, axis, dense, cb_dtype, chunk):
+def _encode_candidate(flat, shape, axis, dense, cb_dtype, chunk, use_huffman=True):
     pos = np.arange(flat.size) if dense else np.flatnonzero(flat != 0)
     n_slices = 1 if axis is None else shape[axis]
     codebook, ks, idx = _group(flat[pos], _slice_ids(pos, shape, axis), n_slices)
@@ -238,11 +249,11 @@ def _encode_candidate(flat, shape, axis, dense, cb_dtype, chunk):
     # Each stream in the form :func:`_stream_coding` picks; "z" records the choices.
     z = 0
     if idx.size:
-        mode, data = _stream_coding(idx, alphabet, idx_data, idx_len.size)
+        mode, data = _stream_coding(idx, alphabet, idx_data, idx_len.size, use_huffman)
         if mode:
             z, idx_len, idx_data = z | mode, idx_len[:0], data
     if gaps is not None and gaps.size:
-        mode, data = _stream_coding(gaps, gap_len.size, gap_data, gap_len.size)
+        mode, data = _stream_coding(gaps, gap_len.size, gap_data, gap_len.size, use_huffman)
         if mode:
             z, gap_len, gap_data = z | mode << Z_SHIFT, gap_len[:0], data
     ks_bytes = b"" if axis is None else ks.astype("<u2").tobytes()
@@ -261,7 +272,7 @@ def _encode_candidate(flat, shape, axis, dense, cb_dtype, chunk):
 
 
 def encode_shared(name: str, t: np.ndarray, *, codebook_dtype: str = "float32",
-                  chunk: int = CHUNK) -> tuple[bytes, dict, LayerStats]:
+                  chunk: int = CHUNK, use_huffman: bool = True) -> tuple[bytes, dict, LayerStats]:
     """Encode one tensor whose non-zero values form small codebooks (whole, or per slice).
 
     Candidates: sparse (gap stream) or dense (0.0 in the codebook, no gaps, which wins for
@@ -287,7 +298,7 @@ def encode_shared(name: str, t: np.ndarray, *, codebook_dtype: str = "float32",
         for axis in axes:
             if axis is not None and not _fits(flat, shape, axis, with_zero=dense):
                 continue
-            cand = _encode_candidate(flat, shape, axis, dense, cb_dtype, chunk)
+            cand = _encode_candidate(flat, shape, axis, dense, cb_dtype, chunk, use_huffman)
             if best is None or len(cand[0]) < len(best[0]):
                 best = cand
     if best is None:
@@ -352,6 +363,16 @@ def encode_state_dict(
         weights = sum(int(np.count_nonzero(t)) for t in state_dict.values()
                       if t.dtype == np.float32 and t.ndim >= 2)
         chunk = LARGE_CHUNK if weights >= LARGE_MODEL else CHUNK
+    best = _encode_sections(state_dict, shared, codebook_dtype, chunk, use_huffman=True)
+    if any(has_huffman(info) for _, _, info in best[0]):  # see has_huffman
+        other = _encode_sections(state_dict, shared, codebook_dtype, chunk, use_huffman=False)
+        size = sum(len(b) for _, b, _ in best[0])
+        if sum(len(b) for _, b, _ in other[0]) <= size + size // HUFFMAN_SHARE:
+            best = other
+    return best
+
+
+def _encode_sections(state_dict, shared, codebook_dtype, chunk, *, use_huffman):
     sections, stats, raw = [], [], []
     explicit = None if shared == "auto" else set(shared)
     if explicit:
@@ -363,7 +384,8 @@ def encode_state_dict(
         blob = None
         if want:
             try:
-                blob, info, st = encode_shared(name, t, codebook_dtype=codebook_dtype, chunk=chunk)
+                blob, info, st = encode_shared(name, t, codebook_dtype=codebook_dtype, chunk=chunk,
+                                               use_huffman=use_huffman)
             except FormatError:
                 if explicit is not None:
                     raise

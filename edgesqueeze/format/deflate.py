@@ -10,7 +10,8 @@ Python, and in every language) inflates it in C, several times faster than the n
 lockstep decoder, and the stream needs no chunk index. Its price is DEFLATE's block
 header (the code lengths, run-length coded and themselves Huffman coded: 15-40 bytes),
 which is why :mod:`edgesqueeze.format.codec` writes each stream in whichever form is
-smaller: DEFLATE wins for all but short streams.
+smaller (DEFLATE wins for all but short or uniformly distributed streams), and drops the
+last Huffman streams of an archive when that costs little (``codec.has_huffman``).
 
 The decoder accepts any raw DEFLATE stream that inflates to exactly the recorded number of
 bytes (so other writers may use stored blocks or back-references); the symbols are those

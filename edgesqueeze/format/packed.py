@@ -116,7 +116,7 @@ def _find(data: bytes, raw: bytes, taken: list[tuple[int, int]]) -> int | None:
         start = at + 1
 
 
-def _requant_candidate(data: bytes, t: PackedTensor, v: np.ndarray, taken):
+def _requant_candidate(data: bytes, t: PackedTensor, v: np.ndarray, taken, use_huffman: bool = True):
     """``(blob, info, {"requant": ...})`` coding ``t``'s float source instead of its integers,
     when requantizing it reproduces them exactly and its scales are in the file; else None."""
     if t.source is None or t.scales is None or v.dtype.kind not in "iu" or v.ndim < 1:
@@ -133,7 +133,7 @@ def _requant_candidate(data: bytes, t: PackedTensor, v: np.ndarray, taken):
     if scale_at is None:
         return None
     try:
-        blob, info, _ = codec.encode_shared(t.name, src, codebook_dtype="float16")
+        blob, info, _ = codec.encode_shared(t.name, src, codebook_dtype="float16", use_huffman=use_huffman)
     except FormatError:
         return None
     return blob, info, {"requant": {"scale_at": scale_at, "qmax": int(t.qmax)}}
@@ -160,35 +160,13 @@ def pack(data: bytes, tensors: Iterable[PackedTensor], *, name: str, fmt: str,
     entries (the artifact's metadata). Returns the archive bytes and one row per tensor
     (name, bytes before and after, non-zeros, whether it was coded)."""
     data = bytes(data)
-    taken: list[tuple[int, int]] = []
-    coded, rows = [], []
     ordered = sorted(tensors, key=lambda t: -np.asarray(t.values).nbytes)  # big ones claim first
-    for t in ordered:
-        v = np.ascontiguousarray(np.asarray(t.values))
-        raw = v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes()
-        row = {"name": t.name, "dtype": v.dtype.name, "shape": list(v.shape), "bytes": len(raw),
-               "nonzero": int(np.count_nonzero(v.astype(np.int64) - t.offset if v.dtype.kind in "iu" else v)),
-               "coded_bytes": None}
-        rows.append(row)
-        signed = _signed(t) if len(raw) >= MIN_TENSOR_BYTES else None
-        at = _find(data, raw, taken) if signed is not None else None
-        if at is None:
-            continue
-        blob = None
-        try:
-            blob, info, _ = codec.encode_shared(t.name, signed.reshape(v.shape), codebook_dtype="float16")
-        except FormatError:  # more distinct values than a codebook holds: leave it raw
-            pass
-        extra: dict[str, Any] = {}
-        rq = _requant_candidate(data, t, v, taken)
-        if rq is not None and (blob is None or len(rq[0]) < len(blob)):
-            blob, info, extra = rq
-        if blob is None or len(blob) + 40 >= len(raw):
-            continue
-        info = {**info, "at": at, "dtype": v.dtype.name, "offset": int(t.offset), **extra}
-        taken.append((at, at + len(raw)))
-        coded.append((at, len(raw), blob, info))
-        row["coded_bytes"] = len(blob)
+    coded, rows = _code_tensors(data, ordered, use_huffman=True)
+    if any(codec.has_huffman(c[3]) for c in coded):  # see codec.has_huffman
+        other = _code_tensors(data, ordered, use_huffman=False)
+        size = sum(len(c[2]) for c in coded)
+        if sum(len(c[2]) for c in other[0]) <= size + size // codec.HUFFMAN_SHARE:
+            coded, rows = other
     coded.sort(key=lambda c: c[0])
     pieces, pos = [], 0
     for at, n, _, _ in coded:
@@ -204,6 +182,41 @@ def pack(data: bytes, tensors: Iterable[PackedTensor], *, name: str, fmt: str,
     if unpack(out) != data:  # never write a file that does not restore its input
         raise FormatError(f"{name}: packing did not round-trip (a bug); nothing written")
     return out, rows
+
+
+def _code_tensors(data: bytes, ordered: list[PackedTensor], *, use_huffman: bool):
+    """Code each tensor found in ``data`` where that is smaller: ``(coded, rows)`` with
+    ``coded`` = ``(offset, raw length, blob, info)`` per coded tensor."""
+    taken: list[tuple[int, int]] = []
+    coded, rows = [], []
+    for t in ordered:
+        v = np.ascontiguousarray(np.asarray(t.values))
+        raw = v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes()
+        row = {"name": t.name, "dtype": v.dtype.name, "shape": list(v.shape), "bytes": len(raw),
+               "nonzero": int(np.count_nonzero(v.astype(np.int64) - t.offset if v.dtype.kind in "iu" else v)),
+               "coded_bytes": None}
+        rows.append(row)
+        signed = _signed(t) if len(raw) >= MIN_TENSOR_BYTES else None
+        at = _find(data, raw, taken) if signed is not None else None
+        if at is None:
+            continue
+        blob = None
+        try:
+            blob, info, _ = codec.encode_shared(t.name, signed.reshape(v.shape), codebook_dtype="float16",
+                                                use_huffman=use_huffman)
+        except FormatError:  # more distinct values than a codebook holds: leave it raw
+            pass
+        extra: dict[str, Any] = {}
+        rq = _requant_candidate(data, t, v, taken, use_huffman)
+        if rq is not None and (blob is None or len(rq[0]) < len(blob)):
+            blob, info, extra = rq
+        if blob is None or len(blob) + 40 >= len(raw):
+            continue
+        info = {**info, "at": at, "dtype": v.dtype.name, "offset": int(t.offset), **extra}
+        taken.append((at, at + len(raw)))
+        coded.append((at, len(raw), blob, info))
+        row["coded_bytes"] = len(blob)
+    return coded, rows
 
 
 # ------------------------------------------------------------------------------ decoding
