@@ -264,6 +264,21 @@ def _table(name: str, values: np.ndarray, dtype: np.dtype, offset: int) -> np.nd
     return v.astype(dtype)
 
 
+def _store(dest: np.ndarray, pos: np.ndarray | None, values: np.ndarray, zero) -> None:
+    """``dest[pos] = values``, ``zero`` elsewhere (``pos`` None: ``dest[...] = values``).
+    Scattering into unaligned memory (a tensor at an odd offset of the file) is slow, so
+    there the values are scattered into an aligned array and copied once."""
+    if pos is None:
+        dest[...] = values
+    elif dest.flags.aligned:
+        dest[...] = zero
+        dest[pos] = values
+    else:
+        flat = np.full(dest.size, zero, dest.dtype)
+        flat[pos] = values
+        dest[...] = flat
+
+
 def _fill(dest: np.ndarray, name: str, t: codec.Coded, offset: int) -> None:
     """Store the tensor ``t`` (plus ``offset``) into ``dest``, a view of the output buffer
     in the file's dtype. Integer dtypes: the codebook is converted and checked once, then
@@ -273,15 +288,7 @@ def _fill(dest: np.ndarray, name: str, t: codec.Coded, offset: int) -> None:
     else:
         lut = _table(name, t.cb, dest.dtype, offset)
         zero = _table(name, np.zeros(1, np.float32), dest.dtype, offset)[0]
-    if t.pos is None:
-        dest[...] = lut.take(t.ix)
-    elif dest.flags.aligned:
-        dest[...] = zero
-        dest[t.pos] = lut.take(t.ix)
-    else:  # scattering into unaligned memory is slow: scatter into an aligned array, copy once
-        flat = np.full(dest.size, zero, dest.dtype)
-        flat[t.pos] = lut.take(t.ix)
-        dest[...] = flat
+    _store(dest, t.pos, lut.take(t.ix), zero)
 
 
 def _fill_requantized(dest: np.ndarray, name: str, t: codec.Coded, scales: np.ndarray,
@@ -315,15 +322,7 @@ def _fill_requantized(dest: np.ndarray, name: str, t: codec.Coded, scales: np.nd
         if offset:
             q += np.float32(offset)
         vals = q.astype(dest.dtype)
-    if t.pos is None:
-        dest[...] = vals.reshape(-1)
-    elif dest.flags.aligned:
-        dest[...] = offset  # rint(0 / scale) + offset
-        dest[t.pos] = vals
-    else:
-        flat = np.full(dest.size, offset, dest.dtype)
-        flat[t.pos] = vals
-        dest[...] = flat
+    _store(dest, t.pos, vals.reshape(-1), offset)  # a zero weight: rint(0 / scale) + offset
 
 
 def _skeleton(archive: container.Archive, info: dict) -> bytes:
