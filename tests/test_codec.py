@@ -329,8 +329,7 @@ def test_an_archive_drops_its_last_huffman_streams_when_that_is_cheap():
     assert codec.has_huffman(alone[0][2])
     both, _ = codec.encode_state_dict({"big": big, "small": small})
     assert not any(codec.has_huffman(info) for _, _, info in both)
-    smallest, _ = codec._encode_sections({"big": big, "small": small}, "auto", "float32", codec.CHUNK,
-                                         use_huffman=True)
+    smallest, _ = codec._encode_sections({"big": big, "small": small}, "auto", "float32", codec.CHUNK)
     size, kept = (sum(len(b) for _, b, _ in x) for x in (smallest, both))
     assert size < kept <= size + size // codec.HUFFMAN_SHARE
     out = codec.decode_sections(container.Archive(meta={}, sections={n: (b, i) for n, b, i in both}))

@@ -82,9 +82,9 @@ def _stream_coding(symbols: np.ndarray, alphabet: int, huffman_data: bytes, n_le
 def has_huffman(info: dict) -> bool:
     """Whether a shared section's info codes a stream as chunked Huffman. numpy decodes all
     Huffman streams of an archive in one lockstep pass of up to ``chunk`` steps, however few
-    and short they are (a few ms), while DEFLATE is inflated in C: so writers code an archive
-    twice when its smallest form has Huffman streams, and keep the form without them when
-    that is at most 1/HUFFMAN_SHARE larger."""
+    and short they are (a few ms), while DEFLATE is inflated in C: so when an archive's
+    smallest form has Huffman streams, writers code those tensors again without them and keep
+    that when the archive grows by at most 1/HUFFMAN_SHARE."""
     z = info.get("z", 0)
     return info.get("enc") == "shared" and ((z & 3) == Z_HUFFMAN or (info.get("w", 0) > 0 and z >> Z_SHIFT == Z_HUFFMAN))
 MAX_CODE_LEN = 12  # 4-bit length fields; 12 keeps the decoder's tables small and fast
@@ -363,16 +363,20 @@ def encode_state_dict(
         weights = sum(int(np.count_nonzero(t)) for t in state_dict.values()
                       if t.dtype == np.float32 and t.ndim >= 2)
         chunk = LARGE_CHUNK if weights >= LARGE_MODEL else CHUNK
-    best = _encode_sections(state_dict, shared, codebook_dtype, chunk, use_huffman=True)
-    if any(has_huffman(info) for _, _, info in best[0]):  # see has_huffman
-        other = _encode_sections(state_dict, shared, codebook_dtype, chunk, use_huffman=False)
-        size = sum(len(b) for _, b, _ in best[0])
-        if sum(len(b) for _, b, _ in other[0]) <= size + size // HUFFMAN_SHARE:
-            best = other
-    return best
+    sections, stats = _encode_sections(state_dict, shared, codebook_dtype, chunk)
+    redo = {name for name, _, info in sections if has_huffman(info)}
+    if redo:  # see has_huffman. Only these tensors can change: without Huffman every other
+        # candidate of a tensor can only grow, so a winner without Huffman streams stays
+        again = {n: encode_shared(n, state_dict[n], codebook_dtype=codebook_dtype, chunk=chunk, use_huffman=False)
+                 for n in redo}
+        size = sum(len(b) for _, b, _ in sections)
+        if size + sum(len(again[n][0]) - len(b) for n, b, _ in sections if n in redo) <= size + size // HUFFMAN_SHARE:
+            sections = [(n, *again[n][:2]) if n in redo else (n, b, i) for n, b, i in sections]
+            stats = [again[st.name][2] if st.name in redo else st for st in stats]
+    return sections, stats
 
 
-def _encode_sections(state_dict, shared, codebook_dtype, chunk, *, use_huffman):
+def _encode_sections(state_dict, shared, codebook_dtype, chunk):
     sections, stats, raw = [], [], []
     explicit = None if shared == "auto" else set(shared)
     if explicit:
@@ -384,8 +388,7 @@ def _encode_sections(state_dict, shared, codebook_dtype, chunk, *, use_huffman):
         blob = None
         if want:
             try:
-                blob, info, st = encode_shared(name, t, codebook_dtype=codebook_dtype, chunk=chunk,
-                                               use_huffman=use_huffman)
+                blob, info, st = encode_shared(name, t, codebook_dtype=codebook_dtype, chunk=chunk)
             except FormatError:
                 if explicit is not None:
                     raise
