@@ -58,35 +58,6 @@ MAX_CODEBOOK = 256
 Z_HUFFMAN, Z_DEFLATE, Z_BITS = 0, 1, 2  # chunked Huffman (huffman.py), raw DEFLATE, one bit each
 Z_SHIFT = 2  # the gap stream's code is z >> Z_SHIFT
 HUFFMAN_SHARE = 256  # an archive drops its Huffman streams if that costs at most 1/256 of it
-
-
-def _stream_coding(symbols: np.ndarray, alphabet: int, huffman_data: bytes, n_lengths: int,
-                   use_huffman: bool = True) -> tuple[int, bytes]:
-    """The coding of one stream: ``(Z_DEFLATE, bytes)``, ``(Z_BITS, bytes)`` or
-    ``(Z_HUFFMAN, huffman_data)``, the smallest, counting the Huffman form's code-length
-    table (``n_lengths`` nibbles). DEFLATE (deflate.py) is inflated by zlib in C and needs no
-    table (its header holds the code); a two-symbol alphabet can be stored as one bit per
-    symbol (what its Huffman code costs, without the chunk index). ``use_huffman=False``: the
-    smallest other form (see :func:`has_huffman` for why an archive may want that)."""
-    options = [(Z_DEFLATE, deflate.encode(symbols))] if alphabet <= deflate.MAX_ALPHABET else []
-    if alphabet <= 2:
-        options.append((Z_BITS, np.packbits(symbols.astype(np.uint8)).tobytes()))
-    if not options:
-        return Z_HUFFMAN, huffman_data
-    mode, data = min(options, key=lambda o: (len(o[1]), o[0]))
-    if use_huffman and len(huffman_data) + (n_lengths + 1) // 2 < len(data):
-        return Z_HUFFMAN, huffman_data
-    return mode, data
-
-
-def has_huffman(info: dict) -> bool:
-    """Whether a shared section's info codes a stream as chunked Huffman. numpy decodes all
-    Huffman streams of an archive in one lockstep pass of up to ``chunk`` steps, however few
-    and short they are (a few ms), while DEFLATE is inflated in C: so when an archive's
-    smallest form has Huffman streams, writers code those tensors again without them and keep
-    that when the archive grows by at most 1/HUFFMAN_SHARE."""
-    z = info.get("z", 0)
-    return info.get("enc") == "shared" and ((z & 3) == Z_HUFFMAN or (info.get("w", 0) > 0 and z >> Z_SHIFT == Z_HUFFMAN))
 MAX_CODE_LEN = 12  # 4-bit length fields; 12 keeps the decoder's tables small and fast
 MAX_GAP_WIDTH = 8
 RAW_SECTION = "raw"
@@ -178,6 +149,35 @@ def _unpack_bits(data, n: int, what: str) -> np.ndarray:
     if bits[n:].any():
         raise FormatError(f"{what}: padding bits after the last symbol are not zero")
     return bits[:n]
+
+
+def _stream_coding(symbols: np.ndarray, alphabet: int, huffman_data: bytes, n_lengths: int,
+                   use_huffman: bool = True) -> tuple[int, bytes]:
+    """The coding of one stream: ``(Z_DEFLATE, bytes)``, ``(Z_BITS, bytes)`` or
+    ``(Z_HUFFMAN, huffman_data)``, the smallest, counting the Huffman form's code-length
+    table (``n_lengths`` nibbles). DEFLATE (deflate.py) is inflated by zlib in C and needs no
+    table (its header holds the code); a two-symbol alphabet can be stored as one bit per
+    symbol (what its Huffman code costs, without the chunk index). ``use_huffman=False``: the
+    smallest other form (see :func:`has_huffman` for why an archive may want that)."""
+    options = [(Z_DEFLATE, deflate.encode(symbols))] if alphabet <= deflate.MAX_ALPHABET else []
+    if alphabet <= 2:
+        options.append((Z_BITS, np.packbits(symbols.astype(np.uint8)).tobytes()))
+    if not options:
+        return Z_HUFFMAN, huffman_data
+    mode, data = min(options, key=lambda o: (len(o[1]), o[0]))
+    if use_huffman and len(huffman_data) + (n_lengths + 1) // 2 < len(data):
+        return Z_HUFFMAN, huffman_data
+    return mode, data
+
+
+def has_huffman(info: dict) -> bool:
+    """Whether a shared section's info codes a stream as chunked Huffman. numpy decodes all
+    Huffman streams of an archive in one lockstep pass of up to ``chunk`` steps, however few
+    and short they are (a few ms), while DEFLATE is inflated in C: so when an archive's
+    smallest form has Huffman streams, writers code those tensors again without them and keep
+    that when the archive grows by at most 1/HUFFMAN_SHARE."""
+    z = info.get("z", 0)
+    return info.get("enc") == "shared" and ((z & 3) == Z_HUFFMAN or (info.get("w", 0) > 0 and z >> Z_SHIFT == Z_HUFFMAN))
 
 
 def _code(symbols: np.ndarray, alphabet: int, chunk: int) -> tuple[np.ndarray, bytes]:
