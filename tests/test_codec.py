@@ -373,6 +373,19 @@ def test_bad_stream_codings_are_refused(name, edit, message):
         loads_model(data)
 
 
+def test_one_bit_symbols_outside_a_one_value_codebook_are_refused():
+    """A one-value codebook codes its indices as bits that must all be 0: a 1 would index
+    past the codebook (the decoder no longer re-checks indices after their streams)."""
+    blob, info, _ = codec.encode_shared("one", np.full(1000, 3.0, np.float32))
+    assert info["k"] == 1 and info["z"] & 3 == codec.Z_BITS
+    arch = container.Archive(meta={}, sections={"one": (blob, info)})
+    assert np.array_equal(codec.decode_sections(arch)["one"], np.full(1000, 3.0, np.float32))
+    bad = bytearray(blob)
+    bad[sum(info["sizes"][:3])] |= 0x80  # the first index becomes 1
+    with pytest.raises(FormatError, match="symbol 1 is outside its alphabet of 1"):
+        codec.decode_sections(container.Archive(meta={}, sections={"one": (bytes(bad), info)}))
+
+
 _MUTATION_SD = {"w": shared_tensor((20, 9), 6, 0.35),
                 "b": torch.randn(20, generator=torch.Generator().manual_seed(1))}
 _MUTATION_GOOD = dumps_model(_MUTATION_SD, {"m": 1})[0]

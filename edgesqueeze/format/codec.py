@@ -113,8 +113,10 @@ def gaps_from_positions(pos: np.ndarray, width: int) -> np.ndarray:
 def positions_from_gaps(gaps: np.ndarray, width: int) -> np.ndarray:
     """Inverse of :func:`gaps_from_positions` (vectorised)."""
     esc = (1 << width) - 1
+    if esc == 1:  # every symbol, weight (0) or filler (1), advances one position
+        return np.flatnonzero(gaps == 0)
     g = gaps.astype(np.int64)
-    real = g != esc
+    real = gaps != esc
     if real.all():  # no fillers (the common case): no mask to apply
         g += 1
         np.cumsum(g, out=g)
@@ -135,19 +137,24 @@ def _pack_nibbles(lengths: np.ndarray) -> bytes:
 
 
 def _unpack_nibbles(data: bytes, n: int) -> np.ndarray:
+    if not n:  # no Huffman stream (the common case in format 3)
+        return np.zeros(0, np.uint8)
     b = np.frombuffer(data, dtype=np.uint8)
     out = np.empty(b.size * 2, dtype=np.uint8)
     out[0::2], out[1::2] = b >> 4, b & 15
     return out[:n]
 
 
-def _unpack_bits(data, n: int, what: str) -> np.ndarray:
-    """``n`` symbols of 0 or 1 stored one bit each, MSB first, zero padded to a byte."""
+def _unpack_bits(data, n: int, alphabet: int, what: str) -> np.ndarray:
+    """``n`` symbols of 0 or 1 stored one bit each, MSB first, zero padded to a byte; each
+    below ``alphabet`` (1 or 2)."""
     if len(data) != (n + 7) // 8:
         raise FormatError(f"{what}: {len(data)} bytes cannot hold exactly {n} one-bit symbols")
     bits = np.unpackbits(np.frombuffer(data, np.uint8))
     if bits[n:].any():
         raise FormatError(f"{what}: padding bits after the last symbol are not zero")
+    if alphabet < 2 and bits.any():
+        raise FormatError(f"{what}: symbol 1 is outside its alphabet of {alphabet}")
     return bits[:n]
 
 
@@ -549,7 +556,7 @@ def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
             if mode == Z_DEFLATE:  # inflated by zlib now
                 decoded[(name, what)] = deflate.decode(data, count, size, f"section {name} ({what})")
             elif mode == Z_BITS:
-                decoded[(name, what)] = _unpack_bits(data, count, f"section {name} ({what})")
+                decoded[(name, what)] = _unpack_bits(data, count, size, f"section {name} ({what})")
             else:  # chunked Huffman: all such streams decoded in one batch below
                 streams.append((data, lens[:size], count))
                 lens = lens[size:]
@@ -572,8 +579,8 @@ def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
             if pos.size != n or (n and pos[-1] >= numel):
                 raise FormatError(f"section {name}: gaps place {pos.size} weights, up to position "
                                   f"{int(pos[-1]) if pos.size else -1}, in a tensor of {numel}")
-        if axis is None:  # one codebook: a bound check (the common, fast path)
-            if n and int(idx.max()) >= len(cb):
+        if axis is None:  # one codebook of k values, the alphabet its indices were decoded in
+            if n and not k:
                 raise FormatError(f"section {name}: cluster index beyond its codebook")
             ix = idx
         else:

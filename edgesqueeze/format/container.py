@@ -153,11 +153,13 @@ def write_esq(path: str | os.PathLike, meta: dict, sections: Iterable[tuple[str,
 # ---------------------------------------------------------------------------- reading
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict:
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise FormatError(f"header: duplicate key {key!r}")
-        obj[key] = value
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # name the first repeated key
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise FormatError(f"header: duplicate key {key!r}")
+            seen.add(key)
     return obj
 
 

@@ -130,6 +130,6 @@ def decode(data, n: int, alphabet: int, what: str) -> np.ndarray:
                           f"symbols{' and has bytes after its end' if d.unused_data else ''}, "
                           f"recorded {n}")
     sym = np.frombuffer(out, np.uint8)
-    if n and int(sym.max()) >= alphabet:
+    if n and alphabet < 256 and int(sym.max()) >= alphabet:
         raise FormatError(f"{what}: symbol {int(sym.max())} is outside its alphabet of {alphabet}")
     return sym

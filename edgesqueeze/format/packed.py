@@ -250,17 +250,28 @@ def _dtype(name: str, info: dict) -> tuple[np.dtype, int]:
     return np.dtype(_DTYPES[dtype]).newbyteorder("<"), offset
 
 
+_LIMITS = {np.dtype(t).newbyteorder("<"): (int(np.iinfo(t).min), int(np.iinfo(t).max))
+           for t in (np.int8, np.uint8, np.int16, np.int32)}
+
+
+def _limits(name: str, dtype: np.dtype, lo: int, hi: int) -> None:
+    """Refuse integers from ``lo`` to ``hi`` if ``dtype`` cannot hold them all."""
+    dmin, dmax = _LIMITS[dtype]
+    if lo < dmin or hi > dmax:
+        raise FormatError(f"section {name}: values do not fit {dtype.name}")
+
+
 def _table(name: str, values: np.ndarray, dtype: np.dtype, offset: int) -> np.ndarray:
     """``values`` (float32, integer-valued: a codebook, or requantized codebook entries)
     plus ``offset`` in the integer ``dtype``, refusing any value the dtype cannot hold
     exactly. The float32 arithmetic is exact: coded integers are at most 2048 in magnitude
     (float16 codebooks) and requantized ones at most ``qmax`` <= 32767."""
     v = values + np.float32(offset) if offset else values
-    info = np.iinfo(dtype)
-    with np.errstate(invalid="ignore"):  # NaN compares False: refused by the same test
-        ok = bool(np.all((v >= info.min) & (v <= info.max) & (np.rint(v) == v)))
-    if not ok:
-        raise FormatError(f"section {name}: values do not fit {dtype.name}")
+    if v.size:
+        lo, hi = float(v.min()), float(v.max())  # NaN: both comparisons below are False
+        dmin, dmax = _LIMITS[dtype]
+        if not (lo >= dmin and hi <= dmax and np.array_equal(np.rint(v), v)):
+            raise FormatError(f"section {name}: values do not fit {dtype.name}")
     return v.astype(dtype)
 
 
@@ -287,42 +298,32 @@ def _fill(dest: np.ndarray, name: str, t: codec.Coded, offset: int) -> None:
         lut, zero = t.cb, 0.0
     else:
         lut = _table(name, t.cb, dest.dtype, offset)
-        zero = _table(name, np.zeros(1, np.float32), dest.dtype, offset)[0]
+        _limits(name, dest.dtype, offset, offset)
+        zero = offset  # a zero weight
     _store(dest, t.pos, lut.take(t.ix), zero)
 
 
 def _fill_requantized(dest: np.ndarray, name: str, t: codec.Coded, scales: np.ndarray,
                       offset: int, qmax: int) -> None:
     """Store ``requantize(t, scales, offset, qmax)`` into ``dest``, the same float32
-    arithmetic as :func:`requantize` on the dense tensor, so the same integers. Each weight's
-    integer depends only on its codebook entry and its output channel: with fewer (channel,
-    entry) pairs than coded weights, the pairs are requantized and gathered, else each coded
-    weight is. Clipping bounds every value, so the dtype is checked once, on the bounds."""
-    info = np.iinfo(dest.dtype)
-    if -qmax + offset < info.min or qmax + offset > info.max:
-        raise FormatError(f"section {name}: values do not fit {dest.dtype.name}")
+    arithmetic as :func:`requantize` on the dense tensor, so the same integers, computed for
+    the coded weights only. (Requantizing each (channel, codebook entry) pair once and
+    gathering was slower: the gather needs an index per weight either way.) Clipping
+    bounds every value, so the dtype is checked once, on the bounds."""
+    _limits(name, dest.dtype, -qmax + offset, qmax + offset)
     if not np.isfinite(t.cb).all():
         raise FormatError(f"section {name}: its codebook holds NaN or infinity")
-    n_ch, k = len(scales), t.cb.size
+    n_ch = len(scales)
     inner = t.numel // n_ch
     # coded weights per output channel (positions are increasing): no division per weight
-    counts = None if t.pos is None else np.diff(np.searchsorted(t.pos, np.arange(n_ch + 1) * inner))
-    if n_ch * k <= t.ix.size:
-        lut = requantize(np.broadcast_to(t.cb, (n_ch, k)), scales, offset, qmax).astype(dest.dtype)
-        if counts is None:
-            vals = np.take_along_axis(lut, t.ix.reshape(n_ch, inner).astype(np.intp, copy=False), axis=1)
-        else:
-            vals = lut.reshape(-1).take(np.repeat(np.arange(n_ch) * k, counts) + t.ix)
-    else:
-        s = np.repeat(scales.astype(np.float32), inner if counts is None else counts)
-        q = t.cb.take(t.ix)
-        np.divide(q, s, out=q)
-        np.rint(q, out=q)
-        np.clip(q, -qmax, qmax, out=q)
-        if offset:
-            q += np.float32(offset)
-        vals = q.astype(dest.dtype)
-    _store(dest, t.pos, vals.reshape(-1), offset)  # a zero weight: rint(0 / scale) + offset
+    counts = inner if t.pos is None else np.diff(np.searchsorted(t.pos, np.arange(n_ch + 1) * inner))
+    q = t.cb.take(t.ix)
+    np.divide(q, np.repeat(scales.astype(np.float32), counts), out=q)
+    np.rint(q, out=q)
+    np.clip(q, -qmax, qmax, out=q)
+    if offset:
+        q += np.float32(offset)
+    _store(dest, t.pos, q.astype(dest.dtype), offset)  # a zero weight: rint(0 / scale) + offset
 
 
 def _skeleton(archive: container.Archive, info: dict) -> bytes:
