@@ -45,7 +45,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -460,12 +460,12 @@ def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, np.ndarray]:
     return out
 
 
-@dataclass(frozen=True)
-class Coded:
+class Coded(NamedTuple):
     """One shared tensor, decoded but not yet made dense: ``flat[pos] = cb[ix]``, zeros
     elsewhere (``pos`` None: every position, in order). Callers that store the values in
     another dtype (the packed decoder) convert the small codebook once and gather from it,
-    instead of converting every weight."""
+    instead of converting every weight. (A named tuple: a packed file makes one per tensor
+    on every load, and a frozen dataclass costs several times more to build.)"""
 
     shape: list[int]
     numel: int
