@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from edgesqueeze.errors import FormatError
 from edgesqueeze.format import container
+from edgesqueeze.format import packed as packed_mod
 from edgesqueeze.format.packed import PackedTensor, bits_per_nonzero, is_packed, pack, unpack
 
 
@@ -37,13 +38,35 @@ def packed():
 
 
 def test_docstring_example():
-    w = np.array([0, 0, 3, 0, -2, 3] * 50, dtype=np.int8)  # 300 bytes: above MIN_TENSOR_BYTES
+    # the docstring's values in a random order, 3,000 of them: a short or periodic tensor
+    # costs less in the LZMA-compressed skeleton than as a section, and stays there
+    w = np.random.default_rng(0).choice(np.array([0, 0, 3, 0, -2, 3], dtype=np.int8), 3000)
     data = b"HEAD" + w.tobytes() + b"TAIL"
     blob, rows = pack(data, [PackedTensor("w", w)], name="f", fmt="onnx")
     arc = container.loads(blob)
     assert rows[0]["coded_bytes"] is not None
     assert arc.sections["t0"][1]["at"] == 4 and arc.sections["t0"][1]["k"] == 2
     assert unpack(blob) == data
+
+
+def test_small_tensors_cheaper_in_the_skeleton_stay_there():
+    """A tensor is a section only if the archive is smaller that way: the periodic 300-byte
+    tensor compresses to almost nothing in the skeleton, the random 3,000-byte one codes
+    smaller than LZMA compresses it."""
+    g = np.random.default_rng(1)
+    periodic = np.array([0, 0, 3, 0, -2, 3] * 50, dtype=np.int8)
+    rand = g.choice(np.array([0, 0, 3, 0, -2, 3], dtype=np.int8), 3000)
+    data = b"HEAD" + periodic.tobytes() + b"MID" + rand.tobytes() + b"TAIL"
+    tensors = [PackedTensor("periodic", periodic), PackedTensor("rand", rand)]
+    blob, rows = pack(data, tensors, name="f", fmt="onnx")
+    by = {r["name"]: r for r in rows}
+    assert by["periodic"]["coded_bytes"] is None and by["rand"]["coded_bytes"] is not None
+    assert [i["at"] for n, (_, i) in container.loads(blob).sections.items() if n != "skeleton"] == [307]
+    assert unpack(blob) == data
+    # coding the periodic tensor too would have made the archive larger
+    both = packed_mod._assemble(data, packed_mod._code_tensors(data, tensors, use_huffman=True)[0],
+                                container.loads(blob).meta)
+    assert len(both) > len(blob)
 
 
 def test_round_trip_and_sizes(packed):
@@ -74,7 +97,7 @@ def test_deterministic(packed):
 
 def test_tensor_not_in_file_or_negative_zero_stays_raw():
     rng = np.random.default_rng(1)
-    w = rng.choice(np.array([0, 0, 0, 5, -5], np.int8), 1000)
+    w = rng.choice(np.array([0, 0, 0, 5, -5], np.int8), 4000)  # large enough to code smaller than LZMA
     neg = np.where(rng.random(300) < 0.5, -0.0, 0.25).astype(np.float32)  # -0.0 would come back as +0.0
     data = b"A" + w.tobytes() + neg.tobytes() + b"Z"
     other = np.ones(1000, np.int8)
@@ -87,7 +110,7 @@ def test_tensor_not_in_file_or_negative_zero_stays_raw():
 
 
 def test_identical_tensors_each_find_their_own_bytes():
-    w = np.tile(np.array([0, 0, 7, 0], np.int8), 200)
+    w = np.random.default_rng(2).choice(np.array([0, 0, 7, 0, -3], np.int8), 4000)
     data = b"x" + w.tobytes() + b"y" + w.tobytes() + b"z"
     blob, rows = pack(data, [PackedTensor("a", w), PackedTensor("b", w)], name="f", fmt="onnx")
     ats = sorted(info["at"] for name, (_, info) in container.loads(blob).sections.items() if name != "skeleton")

@@ -48,6 +48,10 @@ __all__ = ["PACKED_KEY", "SKELETON", "PackedTensor", "pack", "unpack", "is_packe
 PACKED_KEY = "packed"  # meta key of a packed archive
 SKELETON = "skeleton"
 MIN_TENSOR_BYTES = 256  # smaller tensors stay in the skeleton (a section costs ~40 header bytes)
+# Coded tensors up to this size (biases, scales, zero points) are tried back in the skeleton
+# (pack). On ImageNet SqueezeNet's onnx-int8 file: 2 KiB, 4.3 KB smaller and 0.7 ms faster to
+# decode; 16 KiB, 5.4 KB smaller but 1 ms slower (LZMA decodes ~40 MB/s, zlib's streams faster).
+MAX_SKELETON_TRY = 2048
 _DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "float32": np.float32}
 MAX_DICT = 1 << 26  # LZMA2 dictionary, at most 64 MiB: the decoder allocates it
 
@@ -167,26 +171,43 @@ def pack(data: bytes, tensors: Iterable[PackedTensor], *, name: str, fmt: str,
         size = sum(len(c[2]) for c in coded)
         if sum(len(c[2]) for c in other[0]) <= size + size // codec.HUFFMAN_SHARE:
             coded, rows = other
-    coded.sort(key=lambda c: c[0])
-    pieces, pos = [], 0
-    for at, n, _, _ in coded:
-        pieces.append(data[pos:at])
-        pos = at + n
-    pieces.append(data[pos:])
-    skeleton, how = _compress(b"".join(pieces))
-    sections = [(SKELETON, skeleton, {"enc": "skeleton", **how, "n": len(data) - sum(c[1] for c in coded)})]
-    sections += [(f"t{i}", blob, info) for i, (_, _, blob, info) in enumerate(coded)]
-    head = {PACKED_KEY: {"name": name, "format": fmt, "bytes": len(data),
-                         "sha256": hashlib.sha256(data).hexdigest()}}
-    out = container.dumps({**(meta or {}), **head}, sections)
+    head = {**(meta or {}), PACKED_KEY: {"name": name, "format": fmt, "bytes": len(data),
+                                         "sha256": hashlib.sha256(data).hexdigest()}}
+    out = _assemble(data, coded, head)
+    # A small tensor can cost more as a section (its codebook, its header entry) than its
+    # raw bytes do inside the compressed skeleton (biases, scales): the smallest go back
+    # there, one at a time, while that makes the archive smaller. It also saves decoding
+    # time: each section costs tens of microseconds in Python.
+    for c in sorted(coded, key=lambda c: (c[1], c[0])):
+        if c[1] > MAX_SKELETON_TRY:
+            break
+        trial = [x for x in coded if x is not c]
+        smaller = _assemble(data, trial, head)
+        if len(smaller) < len(out):
+            coded, out = trial, smaller
+            c[4]["coded_bytes"] = None
     if unpack(out) != data:  # never write a file that does not restore its input
         raise FormatError(f"{name}: packing did not round-trip (a bug); nothing written")
     return out, rows
 
 
+def _assemble(data: bytes, coded: list, head: dict[str, Any]) -> bytes:
+    """The archive of ``data`` with the ``coded`` tensors as sections, the rest its skeleton."""
+    coded = sorted(coded, key=lambda c: c[0])
+    pieces, pos = [], 0
+    for at, n, *_ in coded:
+        pieces.append(data[pos:at])
+        pos = at + n
+    pieces.append(data[pos:])
+    skeleton, how = _compress(b"".join(pieces))
+    sections = [(SKELETON, skeleton, {"enc": "skeleton", **how, "n": len(data) - sum(c[1] for c in coded)})]
+    sections += [(f"t{i}", c[2], c[3]) for i, c in enumerate(coded)]
+    return container.dumps(head, sections)
+
+
 def _code_tensors(data: bytes, ordered: list[PackedTensor], *, use_huffman: bool):
     """Code each tensor found in ``data`` where that is smaller: ``(coded, rows)`` with
-    ``coded`` = ``(offset, raw length, blob, info)`` per coded tensor."""
+    ``coded`` = ``(offset, raw length, blob, info, row)`` per coded tensor."""
     taken: list[tuple[int, int]] = []
     coded, rows = [], []
     for t in ordered:
@@ -214,7 +235,7 @@ def _code_tensors(data: bytes, ordered: list[PackedTensor], *, use_huffman: bool
             continue
         info = {**info, "at": at, "dtype": v.dtype.name, "offset": int(t.offset), **extra}
         taken.append((at, at + len(raw)))
-        coded.append((at, len(raw), blob, info))
+        coded.append((at, len(raw), blob, info, row))
         row["coded_bytes"] = len(blob)
     return coded, rows
 
