@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 
 import numpy as np
 import pytest
@@ -67,6 +68,19 @@ def test_small_tensors_cheaper_in_the_skeleton_stay_there():
     both = packed_mod._assemble(data, packed_mod._code_tensors(data, tensors, use_huffman=True)[0],
                                 container.loads(blob).meta)
     assert len(both) > len(blob)
+
+
+def test_skeleton_lzma_settings_travel_in_the_stream():
+    """The writer may pick LZMA's literal-context settings per file (4-byte-aligned data
+    prefers lp=2): LZMA2 chunks carry them, so the reader's fixed filter decodes any."""
+    g = np.random.default_rng(3)
+    data = (g.integers(-300, 300, 20000).astype("<i4").tobytes()
+            + g.normal(size=5000).astype("<f4").tobytes())
+    plain, _ = packed_mod._compress(data)
+    tuned, how = packed_mod._compress(data, tune=True)
+    assert how["codec"] == "lzma" and len(tuned) < len(plain)
+    assert lzma.LZMADecompressor(format=lzma.FORMAT_RAW,
+                                 filters=packed_mod._lzma_filters(how["dict"])).decompress(tuned) == data
 
 
 def test_round_trip_and_sizes(packed):
