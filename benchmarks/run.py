@@ -564,9 +564,9 @@ def report() -> str:
                   "channel 0's table, silently (10.35% on MNIST).", "",
                   "Target (issue 16): decoding plus session creation at most 2x the plain file's session "
                   "creation, on this machine: met for the onnx-int8 files, MNIST (1.62x) and since session 20 "
-                  "the ImageNet deploy file (1.96x, at the edge), not for fp32 ONNX (2.4x: hashing and writing "
-                  "5 MB cost 5 ms of its 13 ms decode) nor for TFLite. Decoding costs 4.5 ms (80 KB files) to "
-                  "12-13 ms (1.4-5 MB files) here; LiteRT opens a plain file in 1-4 ms (it maps the "
+                  "the ImageNet deploy file (1.88x), not for fp32 ONNX (2.4x: hashing and writing 5 MB cost "
+                  "5 ms of its 13 ms decode) nor for TFLite. Decoding costs 4.5 ms (80 KB files) to "
+                  "11-13 ms (1.4-5 MB files) here; LiteRT opens a plain file in 1-4 ms (it maps the "
                   "flatbuffer), so a packed `.tflite` takes 4-5x as long to open.", ""]
     if r := _load("zoo_cifar"):
         lines += ["## Your own model: examples/zoo.py classes on CIFAR-10, through the command line", "", _mach(r), "",
