@@ -50,10 +50,14 @@ def test_docstring_example():
     assert unpack(blob) == data
 
 
-def test_small_tensors_cheaper_in_the_skeleton_stay_there():
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_small_tensors_cheaper_in_the_skeleton_stay_there(one_at_a_time, monkeypatch):
     """A tensor is a section only if the archive is smaller that way: the periodic 300-byte
     tensor compresses to almost nothing in the skeleton, the random 3,000-byte one codes
-    smaller than LZMA compresses it."""
+    smaller than LZMA compresses it. Without room for one try per tensor, the small ones
+    are tried all at once."""
+    if not one_at_a_time:
+        monkeypatch.setattr(packed_mod, "MAX_TRY_BYTES", 0)
     g = np.random.default_rng(1)
     periodic = np.array([0, 0, 3, 0, -2, 3] * 50, dtype=np.int8)
     rand = g.choice(np.array([0, 0, 3, 0, -2, 3], dtype=np.int8), 3000)
@@ -81,6 +85,24 @@ def test_skeleton_lzma_settings_travel_in_the_stream():
     assert how["codec"] == "lzma" and len(tuned) < len(plain)
     assert lzma.LZMADecompressor(format=lzma.FORMAT_RAW,
                                  filters=packed_mod._lzma_filters(how["dict"])).decompress(tuned) == data
+
+
+def test_many_small_tensors_go_back_together():
+    """Forty small tensors of one kind: LZMA learns their statistics across all of them, so
+    together they cost less in the skeleton than as sections, though no one of them alone
+    does (measured when this test was written), and all go back."""
+    g = np.random.default_rng(0)
+    parts, tensors = [bytes(2000)], []
+    for i in range(40):
+        w = g.choice(np.array([0, 0, 0, 3, -2, 5, -7], np.int8), int(g.integers(600, 1500)))
+        tensors.append(PackedTensor(f"s{i}", w))
+        parts += [w.tobytes(), b"sep%d" % i]
+    data = b"".join(parts)
+    blob, rows = pack(data, tensors, name="f", fmt="onnx")
+    assert all(r["coded_bytes"] is None for r in rows) and list(container.loads(blob).sections) == ["skeleton"]
+    coded, _ = packed_mod._code_tensors(data, tensors, use_huffman=False)
+    assert len(coded) == 40 and len(blob) < len(packed_mod._assemble(data, coded, container.loads(blob).meta))
+    assert unpack(blob) == data
 
 
 def test_round_trip_and_sizes(packed):

@@ -52,6 +52,7 @@ MIN_TENSOR_BYTES = 256  # smaller tensors stay in the skeleton (a section costs 
 # (pack). On ImageNet SqueezeNet's onnx-int8 file: 2 KiB, 4.3 KB smaller and 0.7 ms faster to
 # decode; 16 KiB, 5.4 KB smaller but 1 ms slower (LZMA decodes ~40 MB/s, zlib's streams faster).
 MAX_SKELETON_TRY = 2048
+MAX_TRY_BYTES = 32 << 20  # skeleton bytes compressed in those tries, in all (LZMA -9e: ~10 MB/s)
 _DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "float32": np.float32}
 MAX_DICT = 1 << 26  # LZMA2 dictionary, at most 64 MiB: the decoder allocates it
 
@@ -184,23 +185,50 @@ def pack(data: bytes, tensors: Iterable[PackedTensor], *, name: str, fmt: str,
             coded, rows = other
     head = {**(meta or {}), PACKED_KEY: {"name": name, "format": fmt, "bytes": len(data),
                                          "sha256": hashlib.sha256(data).hexdigest()}}
-    out = _assemble(data, coded, head)
-    # A small tensor can cost more as a section (its codebook, its header entry) than its
-    # raw bytes do inside the compressed skeleton (biases, scales): the smallest go back
-    # there, one at a time, while that makes the archive smaller. It also saves decoding
-    # time: each section costs tens of microseconds in Python.
-    for c in sorted(coded, key=lambda c: (c[1], c[0])):
-        if c[1] > MAX_SKELETON_TRY:
-            break
-        trial = [x for x in coded if x is not c]
-        smaller = _assemble(data, trial, head)
-        if len(smaller) < len(out):
-            coded, out = trial, smaller
-            c[4]["coded_bytes"] = None
+    coded = _fewer_sections(data, coded, head)
     out = _assemble(data, coded, head, tune=True)
     if unpack(out) != data:  # never write a file that does not restore its input
         raise FormatError(f"{name}: packing did not round-trip (a bug); nothing written")
     return out, rows
+
+
+def _fewer_sections(data: bytes, coded: list, head: dict[str, Any]) -> list:
+    """``coded`` less the small tensors that cost more as sections than in the skeleton.
+
+    A small tensor can cost more as a section (its codebook, its header entry) than its raw
+    bytes do inside the LZMA-compressed skeleton (biases, scales, zero points), the more so
+    beside others like it. Of the coded tensors of up to :data:`MAX_SKELETON_TRY` bytes,
+    first all go back to the skeleton if that makes the archive smaller; then each in turn,
+    smallest first, changes sides if that makes it smaller still. Each try compresses the
+    whole skeleton again: the one-at-a-time pass is skipped when it would compress more
+    than :data:`MAX_TRY_BYTES` in all. Fewer sections also decode faster: each costs tens
+    of microseconds in Python. Rows of tensors left in the skeleton get ``coded_bytes``
+    None."""
+    small = sorted((c for c in coded if c[1] <= MAX_SKELETON_TRY), key=lambda c: (c[1], c[0]))
+    if not small:
+        return coded
+    keep = [c for c in coded if not any(c is x for x in small)]
+    inside = {id(c) for c in small}  # tensors of ``small`` in the skeleton
+
+    def assemble(inside: set[int]) -> bytes:
+        return _assemble(data, keep + [c for c in small if id(c) not in inside], head)
+
+    out, all_in = assemble(set()), assemble(inside)
+    if len(all_in) < len(out):
+        out = all_in
+    else:
+        inside = set()
+    skeleton = len(data) - sum(c[1] for c in coded)
+    if skeleton * len(small) <= MAX_TRY_BYTES:
+        for c in small:
+            trial = inside ^ {id(c)}
+            smaller = assemble(trial)
+            if len(smaller) < len(out):
+                inside, out = trial, smaller
+    for c in small:
+        if id(c) in inside:
+            c[4]["coded_bytes"] = None
+    return keep + [c for c in small if id(c) not in inside]
 
 
 def _assemble(data: bytes, coded: list, head: dict[str, Any], *, tune: bool = False) -> bytes:
