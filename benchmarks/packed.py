@@ -134,7 +134,9 @@ def main() -> None:
         for row in rows:
             log(f"{row['file']}: " + json.dumps({k: v for k, v in row.items() if k != "tflm"}))
     rows += [r for f, r in by_file.items() if f not in {str(a) for a in args.files}]  # other files' rows stay
-    save("packed", {"rows": rows, "loads": args.loads, "threads": args.threads, "note": args.note or old.get("note", "")})
+    keep = {"arm64_emulated": old["arm64_emulated"]} if "arm64_emulated" in old else {}  # benchmarks/cold_arm64.py
+    save("packed", {"rows": rows, "loads": args.loads, "threads": args.threads, "note": args.note or old.get("note", ""),
+                    **keep})
 
 
 if __name__ == "__main__":
