@@ -230,3 +230,29 @@ def test_help_has_an_imagenet_example():
     res = run("compress", "--help")
     assert res.exit_code == 0
     assert "--arch squeezenet1_0" in res.output and "imagenet-sample" in res.output
+
+
+def test_export_calibrates_on_the_images_compress_did_and_leaves_its_held_out_unseen():
+    """A dataset with only a test split (the ImageNet sample): compress calibrates on some
+    test images and scores the rest; an int8 export with the same seed must draw the same
+    images, or its activation ranges would come from images the held-out score counts."""
+    from types import SimpleNamespace
+
+    from edgesqueeze.compress.stages import calibration_split
+    from edgesqueeze.config.compress import CalibrationConfig
+    from edgesqueeze.export import calibration_images
+
+    g = np.random.default_rng(0)
+    test_x = g.integers(0, 256, (100, 3, 4, 4), dtype=np.uint8)
+    test_y = np.arange(100) % 10
+    empty = test_x[:0]
+    for seed in range(3):
+        run = SimpleNamespace(config=SimpleNamespace(calibration=CalibrationConfig(images=50, split="auto")),
+                              inp=SimpleNamespace(ds=SimpleNamespace(name="t", test_x=test_x, test_y=test_y),
+                                                  train=(empty, test_y[:0])),
+                              seed=seed, log=print)
+        calib, split, idx, held_x, _ = calibration_split(run)
+        assert split == "test" and len(calib) == 50 and len(held_x) == 50
+        assert np.array_equal(calibration_images(test_x, 50, seed=seed), calib)
+        seen = {x.tobytes() for x in calib}
+        assert not any(x.tobytes() in seen for x in held_x)

@@ -19,6 +19,7 @@ from edgesqueeze.compress import cluster as cluster_mod
 from edgesqueeze.compress.finetune import EpochState, finetune
 from edgesqueeze.compress.prune import Pruner, existing_masks, layer_stats, resolve_auto
 from edgesqueeze.compress.run import Run, compare, density, float_bytes, shared_weight_names, state_of
+from edgesqueeze.data import calibration_indices
 from edgesqueeze.errors import DataError, EdgesqueezeError
 from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm
 from edgesqueeze.models.layers import prunable_layers
@@ -309,7 +310,7 @@ def calibration_split(run: Run):
     if n < cfg.images:
         run.log(f"warning: compress.calibration.images is {cfg.images} but the {split} split of {ds.name} has "
                 f"{len(pool)} images; using all of them")
-    idx = np.sort(np.random.default_rng(run.seed).permutation(len(pool))[:n])
+    idx = calibration_indices(len(pool), n, run.seed)  # the images export draws with the same seed
     if split == "test":
         keep = np.ones(len(ds.test_x), dtype=bool)
         keep[idx] = False

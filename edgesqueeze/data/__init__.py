@@ -11,6 +11,7 @@ from edgesqueeze.data.datasets import (
     IMAGENET_STD,
     KNOWN_DATASETS,
     Dataset,
+    calibration_indices,
     channel_stats,
     data_search_path,
     load_dataset,
@@ -29,7 +30,7 @@ from edgesqueeze.data.transforms import (
 )
 
 __all__ = [
-    "Dataset", "load_dataset", "split_train_val", "data_search_path", "channel_stats", "read_idx",
+    "Dataset", "load_dataset", "split_train_val", "calibration_indices", "data_search_path", "channel_stats", "read_idx",
     "KNOWN_DATASETS", "CIFAR10_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD",
     "AugmentConfig", "default_augment", "apply_augment", "random_crop", "random_hflip", "random_affine",
     "batches", "fetch",

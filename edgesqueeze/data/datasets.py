@@ -184,6 +184,14 @@ def split_train_val(ds: Dataset, val_fraction: float, seed: int):
     return (ds.train_x[mask], ds.train_y[mask]), (ds.train_x[val], ds.train_y[val])
 
 
+def calibration_indices(pool: int, n: int, seed: int) -> np.ndarray:
+    """Indices of ``n`` of ``pool`` images (all if fewer), drawn without replacement, seeded,
+    sorted. Compress and export both draw their calibration images with it, so with the
+    same seed they calibrate on the same images and leave the same ones unseen (the ImageNet
+    sample has only a test split: what one held out, the other must not calibrate on)."""
+    return np.sort(np.random.default_rng(seed).permutation(pool)[:min(n, pool)])
+
+
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and std in [0, 1] units of uint8 images (N, C, H, W).
 

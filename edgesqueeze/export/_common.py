@@ -163,9 +163,11 @@ def to_input(images: np.ndarray, mean, std, *, normalize: bool = True) -> np.nda
 
 
 def calibration_images(train_x: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
-    """``n`` training images (uint8 NCHW) drawn without replacement, seeded, in index order."""
+    """``n`` training images (uint8 NCHW) drawn without replacement, seeded, in index order:
+    :func:`~edgesqueeze.data.calibration_indices`, as compress draws its own."""
+    from edgesqueeze.data import calibration_indices
+
     if len(train_x) == 0:
         raise ExportError("no training images to calibrate INT8 ranges on")
-    n = min(n, len(train_x))
-    idx = np.sort(np.random.default_rng(seed).choice(len(train_x), size=n, replace=False))
+    idx = calibration_indices(len(train_x), n, seed)
     return np.asarray(train_x[idx])  # decoded here when the images stream from disk
