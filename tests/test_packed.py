@@ -163,14 +163,20 @@ def _rewrite(blob: bytes, edit) -> bytes:
     return container.dumps(meta, [(k, d, i) for k, (d, i) in sections.items()])
 
 
-def _fraction_in_int8_codebook(meta, sections):
-    """The int8 tensor's first shared value made 0.5: valid Huffman data, a value int8 cannot hold."""
-    blob, info = sections["t0"]
-    assert info["dtype"] == "int8"
-    at = info["sizes"][0]  # the codebook follows the per-slice sizes (none here)
-    b = bytearray(blob)
-    b[at:at + 2] = np.float16(0.5).tobytes()
-    sections["t0"] = (bytes(b), info)
+def _int8_codebook_value(value):
+    """An edit: the int8 tensor's first shared value made ``value`` (valid coded data, a value
+    int8 cannot hold)."""
+    def edit(meta, sections):
+        blob, info = sections["t0"]
+        assert info["dtype"] == "int8"
+        at = info["sizes"][0]  # the codebook follows the per-slice sizes (none here)
+        b = bytearray(blob)
+        b[at:at + 2] = np.float16(value).tobytes()
+        sections["t0"] = (bytes(b), info)
+    return edit
+
+
+_fraction_in_int8_codebook = _int8_codebook_value(0.5)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -188,6 +194,9 @@ def _fraction_in_int8_codebook(meta, sections):
     (lambda m, s: s["t0"][1].update(dtype="complex64"), "bad dtype"),
     (lambda m, s: s["t0"][1].update(offset=300), "do not fit"),
     (_fraction_in_int8_codebook, "section t0: values do not fit int8"),
+    (_int8_codebook_value(np.nan), "section t0: values do not fit int8"),
+    (_int8_codebook_value(np.inf), "section t0: values do not fit int8"),
+    (_int8_codebook_value(200.0), "section t0: values do not fit int8"),
     (lambda m, s: s["t0"][1].update(enc="raw"), "not a coded tensor"),
 ])
 def test_inconsistent_headers_are_refused(packed, edit, match):

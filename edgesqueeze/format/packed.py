@@ -207,8 +207,8 @@ def _fewer_sections(data: bytes, coded: list, head: dict[str, Any]) -> list:
     small = sorted((c for c in coded if c[1] <= MAX_SKELETON_TRY), key=lambda c: (c[1], c[0]))
     if not small:
         return coded
-    keep = [c for c in coded if not any(c is x for x in small)]
     inside = {id(c) for c in small}  # tensors of ``small`` in the skeleton
+    keep = [c for c in coded if id(c) not in inside]
 
     def assemble(inside: set[int]) -> bytes:
         return _assemble(data, keep + [c for c in small if id(c) not in inside], head)
@@ -316,7 +316,7 @@ _LIMITS = {np.dtype(t).newbyteorder("<"): (int(np.iinfo(t).min), int(np.iinfo(t)
            for t in (np.int8, np.uint8, np.int16, np.int32)}
 
 
-def _limits(name: str, dtype: np.dtype, lo: int, hi: int) -> None:
+def _limits(name: str, dtype: np.dtype, lo: float, hi: float) -> None:
     """Refuse integers from ``lo`` to ``hi`` if ``dtype`` cannot hold them all."""
     dmin, dmax = _LIMITS[dtype]
     if lo < dmin or hi > dmax:
@@ -330,10 +330,9 @@ def _table(name: str, values: np.ndarray, dtype: np.dtype, offset: int) -> np.nd
     (float16 codebooks) and requantized ones at most ``qmax`` <= 32767."""
     v = values + np.float32(offset) if offset else values
     if v.size:
-        lo, hi = float(v.min()), float(v.max())  # NaN: both comparisons below are False
-        dmin, dmax = _LIMITS[dtype]
-        if not (lo >= dmin and hi <= dmax and np.array_equal(np.rint(v), v)):
+        if not np.array_equal(np.rint(v), v):  # a fraction, or NaN (never equal to itself)
             raise FormatError(f"section {name}: values do not fit {dtype.name}")
+        _limits(name, dtype, float(v.min()), float(v.max()))  # infinities fail here
     return v.astype(dtype)
 
 
