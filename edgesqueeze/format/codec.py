@@ -187,6 +187,13 @@ def has_huffman(info: dict) -> bool:
     return info.get("enc") == "shared" and ((z & 3) == Z_HUFFMAN or (info.get("w", 0) > 0 and z >> Z_SHIFT == Z_HUFFMAN))
 
 
+def without_huffman_pays(size: int, size_without: int) -> bool:
+    """Whether an archive of ``size`` coded bytes with Huffman streams should be written in
+    its ``size_without``-byte form without them (:func:`has_huffman`): at most 1/HUFFMAN_SHARE
+    larger."""
+    return size_without <= size + size // HUFFMAN_SHARE
+
+
 def _code(symbols: np.ndarray, alphabet: int, chunk: int) -> tuple[np.ndarray, bytes]:
     counts = np.bincount(symbols, minlength=alphabet)[:alphabet]
     lengths = huffman.code_lengths(counts, max_len=MAX_CODE_LEN)
@@ -377,7 +384,7 @@ def encode_state_dict(
         again = {n: encode_shared(n, state_dict[n], codebook_dtype=codebook_dtype, chunk=chunk, use_huffman=False)
                  for n in redo}
         size = sum(len(b) for _, b, _ in sections)
-        if size + sum(len(again[n][0]) - len(b) for n, b, _ in sections if n in redo) <= size + size // HUFFMAN_SHARE:
+        if without_huffman_pays(size, size + sum(len(again[n][0]) - len(b) for n, b, _ in sections if n in redo)):
             sections = [(n, *again[n][:2]) if n in redo else (n, b, i) for n, b, i in sections]
             stats = [again[st.name][2] if st.name in redo else st for st in stats]
     return sections, stats
