@@ -29,9 +29,11 @@ def gate_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("gate")
     recipe = yaml.safe_load((ROOT / "recipes" / "squeezenet-digits.yaml").read_text())
     recipe["train"].update(epochs=8, threads=1)
-    # the gate's plumbing, not the recipe's accuracy: short retraining (the budget below is loose)
-    recipe["compress"]["prune_finetune"].update(epochs=4, batch_size=128)
-    recipe["compress"]["cluster_finetune"].update(epochs=2, batch_size=128)
+    # the gate's plumbing, not the recipe's accuracy: short retraining (the budget below is
+    # loose). At batch 128 (36 prune-retrain steps) the .esq lost 10.9 points on an AVX-512
+    # VM and passed on AVX2: the recipe's batch 32 gives 4x the steps for a few seconds more
+    recipe["compress"]["prune_finetune"].update(epochs=4)
+    recipe["compress"]["cluster_finetune"].update(epochs=2)
     recipe["export"]["calibration"]["images"] = 64
     recipe["budget"] = {"max_size_per_format": {"esq": "40KB", "onnx-int8": "150KB", "tflite-int8": "150KB"},
                         "min_accuracy": 0.8, "max_drop": 10}
