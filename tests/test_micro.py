@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from edgesqueeze.checkpoint import load_model, save_checkpoint
 from edgesqueeze.data import load_dataset
 from edgesqueeze.errors import ExportError, FormatError, RuntimeBackendError
+from edgesqueeze.evaluate import evaluate
 from edgesqueeze.export import ExportConfig, export_artifacts
-from edgesqueeze.export._common import to_input
 
 pytest.importorskip("tflite_micro")  # edgesqueeze[micro]: x86-64 Linux wheels only
 pytest.importorskip("litert_torch")
@@ -106,9 +105,8 @@ def test_micro_interpreter_runs_it_exactly_as_the_plain_file(micro, digits, shar
     # fixture's own accuracy depends on the CPU that trained it: share() does not retrain;
     # 77.5% on an AVX-512 Zen 5 VM, against over 80% on the AVX2 VM the test was written on)
     loaded = load_model(shared_pt)
-    with torch.no_grad():
-        ref = loaded.model.eval()(torch.from_numpy(to_input(x, loaded.meta["mean"], loaded.meta["std"]))).numpy()
-    float_acc = (ref.argmax(1) == digits.test_y[:200]).mean()
+    float_acc = evaluate(loaded.model, x, digits.test_y[:200], mean=loaded.meta["mean"],
+                         std=loaded.meta["std"])["accuracy"]
     assert float_acc >= 0.5  # a real model, not chance (10 classes)
     assert (sa.argmax(1) == digits.test_y[:200]).mean() >= float_acc - 0.03
     arena = a.arena_bytes
