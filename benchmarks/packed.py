@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from run import RESULTS, log, save  # noqa: E402
+from run import RESULTS, log, machine, save  # noqa: E402
 
 from edgesqueeze.format import container, packed  # noqa: E402
 from edgesqueeze.runtime.bench import cold_loads  # noqa: E402
@@ -99,7 +99,10 @@ def main() -> None:
             args.tflm_python = sys.executable
     stages = set(args.stages.split(","))
     old = json.loads((RESULTS / "packed.json").read_text()) if (RESULTS / "packed.json").exists() else {}
-    by_file = {r["file"]: r for r in old.get("rows", [])}
+    # each row keeps the machine and the note of the run that measured it (older rows: the file's)
+    by_file = {r["file"]: {"machine": old.get("machine"), "note": old.get("note", ""), **r}
+               for r in old.get("rows", [])}
+    here = machine()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -131,6 +134,8 @@ def main() -> None:
                            cold_packed_ms=round(packed_t["cold_load_ms"], 2), decode_ms=round(packed_t["decode_ms"], 2),
                            cold_ratio=round(packed_t["cold_load_ms"] / plain_t["cold_load_ms"], 2),
                            cold_loadavg=list(os.getloadavg()))
+        for row in rows:
+            row.update(machine=here, note=args.note or row.get("note", ""))
         for row in rows:
             log(f"{row['file']}: " + json.dumps({k: v for k, v in row.items() if k != "tflm"}))
     rows += [r for f, r in by_file.items() if f not in {str(a) for a in args.files}]  # other files' rows stay

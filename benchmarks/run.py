@@ -313,6 +313,12 @@ def _mach(res: dict) -> str:
             f"command: `{res['command']}`")
 
 
+def _short_machine(m: dict) -> str:
+    """A machine in a table cell: CPU, the int8 kernels' ISA, the date."""
+    kernels = (m.get("int8_kernels") or _OLD_KERNELS).split(":")[0]
+    return f"{m['cpu']}, {kernels}, {m['date'][:10]}"
+
+
 def report() -> str:
     lines = ["# Benchmarks", "",
              "Measured numbers only. Each section names its command, machine and date; regenerate with",
@@ -502,8 +508,10 @@ def report() -> str:
             lines.append("")
         lines += ["Target: 100% top-1 agreement for each file.", ""]
     if r := _load("packed"):
-        lines += ["## Packed files: the same int8 model, every way to ship it small", "", _mach(r), "",
-                  f"{r['note']}", "",
+        notes = list(dict.fromkeys(x.get("note") or r["note"] for x in r["rows"]))
+        lines += ["## Packed files: the same int8 model, every way to ship it small", "",
+                  "Latest run: " + _mach(r), "", "What each group of rows measured (newest first; each row names "
+                  "its machine in the cold-load table):", "", *[f"- {n}" for n in notes], "",
                   "Each packed file's plain file is decoded from it (the exact bytes `export` wrote, SHA-256 "
                   "checked). gzip -9 is what TF Model Optimization reports as a compressed size; neither gzip "
                   "nor xz files run anywhere without unpacking them first, like ours.", "",
@@ -515,14 +523,17 @@ def report() -> str:
                                           else "fails: " + str(t.get("error", "?"))[:80])
             lines.append(f"| `{x['name']}` ({x['file']}) | {x['plain_bytes']:,} | {x['gzip9_bytes']:,} | "
                          f"{x['xz9e_bytes']:,} | {tflm} | **{x['packed_bytes']:,}** |")
-        lines += ["", f"Cold load, file to ready session through `edgesqueeze.runtime.load` ({r['threads']} thread; "
-                  f"medians of {r['loads']} interleaved rounds after an untimed one; the load average "
-                  "then in the last column):", "",
-                  "| file | plain | packed | of which decoding | packed / plain | load average |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", f"Cold load, file to ready session through `edgesqueeze.runtime.load` ({r['threads']} thread for "
+                  f"the runtime; medians of {r['loads']} interleaved rounds after an untimed one; the load average "
+                  "then, and the machine and date of each row's run, in the last columns; since session 22 the "
+                  "decoder splits its work over two threads and checks the SHA-256 beside the session's creation):",
+                  "", "| file | plain | packed | of which decoding | packed / plain | load average | measured on |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for x in r["rows"]:
+            m = x.get("machine") or r["machine"]
             lines.append(f"| `{x['name']}` ({x['file']}) | {x['cold_plain_ms']:.1f} ms | {x['cold_packed_ms']:.1f} ms | "
-                         f"{x['decode_ms']:.1f} ms | {x['cold_ratio']:.2f}x | {x.get('cold_loadavg', [float('nan')])[0]:.2f} |")
+                         f"{x['decode_ms']:.1f} ms | {x['cold_ratio']:.2f}x | {x.get('cold_loadavg', [float('nan')])[0]:.2f} | "
+                         f"{_short_machine(m)} |")
         if a := r.get("arm64_emulated"):
             lines += ["", f"The same under emulation of arm64 (qemu-user: numpy's vector code is emulated far more "
                       f"slowly than the runtimes' session setup, so these ratios are worse than a real ARM CPU's "
@@ -563,11 +574,15 @@ def report() -> str:
                   "not used: on weights with one scale per tensor this package decoded every channel with "
                   "channel 0's table, silently (10.35% on MNIST).", "",
                   "Target (issue 16): decoding plus session creation at most 2x the plain file's session "
-                  "creation, on this machine: met for the onnx-int8 files, MNIST (1.62x) and since session 20 "
-                  "the ImageNet deploy file (1.88x), not for fp32 ONNX (2.4x: hashing and writing 5 MB cost "
-                  "5 ms of its 13 ms decode) nor for TFLite. Decoding costs 4.5 ms (80 KB files) to "
-                  "11-13 ms (1.4-5 MB files) here; LiteRT opens a plain file in 1-4 ms (it maps the "
-                  "flatbuffer), so a packed `.tflite` takes 4-5x as long to open.", ""]
+                  "creation, on this machine. With the session-20 decoder (one thread, SHA-256 before the "
+                  "session) on the Zen 3 AVX2 VM: met for the onnx-int8 files (MNIST 1.62x, the ImageNet deploy "
+                  "file 1.88x), not for fp32 ONNX (2.4x) nor TFLite (3.7x for per-channel int8, whose plain file "
+                  "LiteRT maps in 4 ms). Since session 22 (the Zen 5 rows) the decoder works on two threads and "
+                  "the decoded bytes' SHA-256 runs beside the session's creation: the ImageNet deploy files at "
+                  "1.76-1.78x (onnx-int8), 2.14-2.31x (fp32 ONNX) and 1.98-2.17x (fp32 TFLite) in three runs "
+                  "of this benchmark, against 1.81-1.92x, 2.72-2.82x and 2.41-2.51x with the session-20 "
+                  "decoder on the same machine and files (benchmarks/notes.md, session 22). The fp32 files sit "
+                  "at the target's edge; on one core the decoder does the same work as before.", ""]
     if r := _load("zoo_cifar"):
         lines += ["## Your own model: examples/zoo.py classes on CIFAR-10, through the command line", "", _mach(r), "",
                   "Each class given as `--arch`/`model.import examples/zoo.py:Class` (never registered), trained by",

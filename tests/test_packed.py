@@ -205,6 +205,45 @@ def test_inconsistent_headers_are_refused(packed, edit, match):
         unpack(_rewrite(blob, edit))
 
 
+def test_a_damaged_tensor_is_named_whichever_thread_decodes_it(monkeypatch):
+    """restore() decodes about half the tensors (and the skeleton) on another thread: an
+    error there reaches the caller, naming the section, like one on the calling thread."""
+    import threading
+
+    data, tensors = _file(np.random.default_rng(1), n=1 << 16)  # tensors large enough to be split
+    blob, _ = pack(data, tensors, name="model.int8.onnx", fmt="onnx-int8")
+    where: dict[str, str] = {}
+    decode = packed_mod.codec.decode_coded
+
+    def spy(archive):
+        where.update(dict.fromkeys(archive.sections, threading.current_thread().name))
+        return decode(archive)
+
+    monkeypatch.setattr(packed_mod.codec, "decode_coded", spy)
+    assert unpack(blob) == data
+    assert len(set(where.values())) == 2, where  # both threads decode tensors
+    for name in where:
+        def edit(meta, sections, name=name):
+            sections[name][1]["n"] = 10 ** 9  # more coded values than the tensor has
+        with pytest.raises(FormatError, match=f"section {name}: "):
+            unpack(_rewrite(blob, edit))
+    bad = _rewrite(blob, lambda m, s: s["skeleton"][1].update(codec="brotli"))
+    with pytest.raises(FormatError, match="unknown codec"):  # raised on the other thread
+        unpack(bad)
+
+
+def test_restore_leaves_the_digest_to_check_digest(packed):
+    data, blob, _ = packed
+    restored, sha = packed_mod.restore(blob)
+    assert restored == data and sha == hashlib.sha256(data).hexdigest()
+    packed_mod.check_digest(restored, sha)
+    wrong = _rewrite(blob, lambda m, s: m["packed"].update(sha256="ab" * 32))
+    restored, sha = packed_mod.restore(wrong)  # the same bytes; the digest is not compared here
+    assert restored == data and sha == "ab" * 32
+    with pytest.raises(FormatError, match="SHA-256"):
+        packed_mod.check_digest(restored, sha)
+
+
 def test_truncated_padded_and_flipped(packed):
     _, blob, _ = packed
     for bad in (blob[:-1], blob[: len(blob) // 2], blob + b"\x00", b""):

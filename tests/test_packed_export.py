@@ -184,3 +184,25 @@ def test_per_channel_int8_of_a_shared_model_is_requantized_on_the_device(shared_
 
     _, without = pack_file(plain, tmp_path / "no-requant.esq", fmt="onnx-int8")  # no float sources given
     assert packed.stat().st_size < without["packed_bytes"]
+
+
+@pytest.mark.slow
+def test_decoded_bytes_with_another_sha256_are_refused(exported, tmp_path):
+    """The SHA-256 of the decoded bytes is checked while the runtime builds its session
+    from them: a file whose recorded digest is not its content's (valid as a container, as
+    a buggy or hostile writer could make it) gives no artifact, one line naming the file."""
+    from edgesqueeze import runtime
+    from edgesqueeze.format import container
+
+    out, written, _ = exported
+    for good in sorted(p for p in written if p.suffix == ".esq"):
+        arc = container.loads(good.read_bytes())
+        meta = json.loads(json.dumps(arc.meta))
+        meta["packed"]["sha256"] = "0" * 64
+        bad = tmp_path / good.name
+        bad.write_bytes(container.dumps(meta, [(k, d, i) for k, (d, i) in arc.sections.items()]))
+        with pytest.raises(FormatError, match=rf"{bad}: decoded bytes have SHA-256 .*recorded 0000"):
+            runtime.load(bad)
+        res = subprocess.run([sys.executable, "-m", "edgesqueeze", "unpack", str(bad), "-o", str(tmp_path / "x")],
+                             capture_output=True, text=True)
+        assert res.returncode == 2 and "SHA-256" in res.stderr and not (tmp_path / "x").exists()

@@ -423,7 +423,8 @@ def _encode_sections(state_dict, shared, codebook_dtype, chunk):
     return sections, stats
 
 
-def _shape_numel(shape: Any, name: str) -> int:
+def shape_numel(shape: Any, name: str) -> int:
+    """Elements of a section's ``shape`` (checked: a list of non-negative ints, at most 2**31 in all)."""
     if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape):
         raise FormatError(f"section {name}: bad shape {shape!r}")
     n = math.prod(shape)
@@ -455,7 +456,7 @@ def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, np.ndarray]:
             raise FormatError(f"section {section}: tensor {name}: a {dtype} tensor cannot be stored as {stored!r} "
                               "(only float32 as float16)")
         np_dtype = np.dtype(_NP_DTYPES[stored]).newbyteorder("<")
-        size = _shape_numel(shape, f"{section}/{name}") * np_dtype.itemsize
+        size = shape_numel(shape, f"{section}/{name}") * np_dtype.itemsize
         if size > len(blob) - pos:
             raise FormatError(f"section {section}: tensor {name} needs {size} bytes, {len(blob) - pos} are left")
         arr = np.frombuffer(blob, dtype=np_dtype, count=size // np_dtype.itemsize, offset=pos)
@@ -511,7 +512,7 @@ def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
         if info["enc"] == "raw":
             out.update(_decode_raw(name, blob, info))
             continue
-        numel = _shape_numel(info.get("shape"), name)
+        numel = shape_numel(info.get("shape"), name)
         shape = info["shape"]
         axis = info.get("axis")
         if axis is not None and not (isinstance(axis, int) and not isinstance(axis, bool) and 0 <= axis < len(shape)):

@@ -77,12 +77,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def unpack_file(path: Path) -> tuple[bytes, dict[str, Any]]:
+def unpack_file(path: Path, *, check: bool = True) -> tuple[bytes, dict[str, Any]]:
     """The inner file of a packed ``.esq`` (``model.int8.tflite.esq``) and its
     ``meta["packed"]``, decoded and checked (:mod:`edgesqueeze.format.packed`); a
-    checkpoint archive is refused with what to do instead."""
+    checkpoint archive is refused with what to do instead. ``check=False`` leaves the
+    SHA-256 comparison of the decoded bytes to the caller (:func:`check_unpacked`): the
+    archive's own checksums, layout and size are checked either way."""
     from edgesqueeze.format import container
-    from edgesqueeze.format.packed import is_packed, packed_info, unpack
+    from edgesqueeze.format.packed import is_packed, packed_info, restore
 
     try:
         archive = container.read_esq(path)
@@ -91,10 +93,28 @@ def unpack_file(path: Path) -> tuple[bytes, dict[str, Any]]:
                 f"{path}: is an edgesqueeze .esq checkpoint (compressed weights of a torch model), which no "
                 f"runtime executes; export it (`edgesqueeze export {path.name} --pack` writes packed "
                 f".onnx.esq / .tflite.esq files the runtime runs) or decode it with `edgesqueeze unpack`")
-        return unpack(archive), packed_info(archive)
+        data, _ = restore(archive)
+        info = packed_info(archive)
+        if check:
+            check_unpacked(path, data, info)
+        return data, info
     except FormatError as exc:
-        text = str(exc)
-        raise FormatError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+        raise _named(path, exc) from None
+
+
+def check_unpacked(path: Path, data: bytes, info: dict[str, Any]) -> None:
+    """Refuse decoded bytes whose SHA-256 is not the one ``info`` (``meta["packed"]``) recorded."""
+    from edgesqueeze.format.packed import check_digest
+
+    try:
+        check_digest(data, info["sha256"])
+    except FormatError as exc:
+        raise _named(path, exc) from None
+
+
+def _named(path: Path, exc: FormatError) -> FormatError:
+    text = str(exc)
+    return FormatError(text if text.startswith(str(path)) else f"{path}: {text}")
 
 
 def classify(path: Path) -> tuple[str, bytes]:

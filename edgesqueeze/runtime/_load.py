@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from edgesqueeze.errors import FormatError, RuntimeBackendError
-from edgesqueeze.runtime._base import _SNIFF_BYTES, Artifact, classify, sniff, unpack_file
+from edgesqueeze.runtime._base import _SNIFF_BYTES, Artifact, check_unpacked, classify, sniff, unpack_file
 from edgesqueeze.runtime._tflite_meta import micro_ops
 
 __all__ = ["BACKENDS", "load"]
@@ -42,7 +42,13 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     A packed file (``model.int8.tflite.esq``, :mod:`edgesqueeze.format.packed`) is decoded
     in memory, checked against its recorded SHA-256, and run from those bytes: the artifact's
     ``packed`` holds its ``meta["packed"]`` and ``decode_seconds`` the time decoding took
-    (``None`` and 0.0 for a plain file).
+    (``None`` and 0.0 for a plain file). The archive's own checksums (CRC-32 per section,
+    SHA-256 of the file) are checked before decoding, so a damaged file never reaches a
+    runtime; the SHA-256 of the decoded bytes is computed on another thread while the
+    runtime builds its session from them (``hashlib`` releases the GIL), and the session is
+    dropped and the file refused if it differs: on a multi-core device the check costs no
+    load time (ImageNet SqueezeNet fp32: 2.5 ms of SHA-256 on this x86 host, several times
+    that on a Raspberry Pi 4, whose CPU has no SHA instructions).
 
     Raises :class:`FormatError` for a file that is missing, empty, damaged or not a model
     this runtime runs, and :class:`RuntimeBackendError` when the runtime it needs is not
@@ -56,14 +62,38 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
         raise RuntimeBackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     kind, head = classify(path)
     ext = path.suffix.lower()
-    data, packed, decode_seconds = None, None, 0.0
+    data, packed, decode_seconds, digest = None, None, 0.0, None
     if kind == "esq":
         t0 = time.perf_counter()
-        data, packed = unpack_file(path)
+        data, packed = unpack_file(path, check=False)
         decode_seconds = time.perf_counter() - t0
+        from edgesqueeze.format.packed import Background
+
+        digest = Background(check_unpacked, path, data, packed)  # beside the session's creation
         head = data[:_SNIFF_BYTES]
         kind = "tflite" if sniff(head) == "tflite" else "onnx"
         ext = Path(packed["name"]).suffix.lower()
+    try:
+        art = _open(path, kind, head, ext, data, threads=threads, backend=backend, spin=spin,
+                    portable=portable)
+    except BaseException:
+        if digest is not None:
+            digest.result()  # bytes that are not the recorded ones explain any failure best
+        raise
+    if digest is not None:
+        digest.result()  # FormatError: the session (and the bytes) are dropped with it
+    art.packed, art.decode_seconds = packed, decode_seconds
+    if ext in (".onnx", ".tflite") and ext[1:] != kind:
+        # A misnamed file is a mix-up upstream (a copy step, a wrong glob): say so rather than
+        # run something other than what the caller believes it is running.
+        raise FormatError(f"{path}: has a {ext} extension but holds a"
+                          f"{'n ONNX' if kind == 'onnx' else ' TFLite'} model; rename it to "
+                          f".{kind} if that is what it is")
+    return art
+
+
+def _open(path: Path, kind: str, head: bytes, ext: str, data: bytes | None, *, threads: int | None,
+          backend: str | None, spin: bool, portable: bool | None) -> Artifact:
     if backend is not None and _KIND_OF_BACKEND[backend] != kind:
         raise RuntimeBackendError(
             f"{path}: is a{'n ONNX' if kind == 'onnx' else ' TFLite'} model; backend {backend!r} "
@@ -92,11 +122,4 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
 
         art = OnnxArtifact(path, threads=threads, head=head, ext=ext, spin=spin, data=data,  # garbage refused here
                            portable=portable)
-    art.packed, art.decode_seconds = packed, decode_seconds
-    if ext in (".onnx", ".tflite") and ext[1:] != kind:
-        # A misnamed file is a mix-up upstream (a copy step, a wrong glob): say so rather than
-        # run something other than what the caller believes it is running.
-        raise FormatError(f"{path}: has a {ext} extension but holds a"
-                          f"{'n ONNX' if kind == 'onnx' else ' TFLite'} model; rename it to "
-                          f".{kind} if that is what it is")
     return art
