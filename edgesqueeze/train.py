@@ -475,8 +475,7 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         "test": test,
         "val": {k: history[-1][k] for k in ("val_loss", "val_accuracy") if history and k in history[-1]},
         "epochs": n_epochs,
-        "train_wall_s": round(sum(h["epoch_s"] for h in history), 2),
-    }
+    }  # no wall times in the checkpoint: same recipe and seed, same bytes (they go to summary.json)
     if cfg.channels_last:
         model = model.to(memory_format=torch.contiguous_format)
     model = model.cpu()  # what compress, export and the caller expect
@@ -487,8 +486,9 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         save_checkpoint(ckpt, model, meta)
         if history:
             plot_curves(history, out / "curves.png", f"{recipe.name}: {recipe.model.arch} on {ds.name}")
-        write_text_atomic(out / "summary.json", json.dumps({"test": test, "history": history[-1:] if history else [],
-                                                            "wall_s": wall}, indent=2))
+        write_text_atomic(out / "summary.json", json.dumps({
+            "test": test, "history": history[-1:] if history else [], "wall_s": wall,
+            "train_wall_s": round(sum(h["epoch_s"] for h in history), 2)}, indent=2))
     distributed.barrier(group)  # every rank returns once the files are there
     top5 = f", top-5 {100 * test['top5']:.2f}%" if "top5" in test else ""
     log(f"test accuracy {100 * test['accuracy']:.2f}%{top5} on {test['n']} images; wall {wall:.1f}s")

@@ -60,6 +60,14 @@ def test_same_seed_same_result_and_resume_is_exact(tmp_path):
     fit(_recipe(tmp_path / "b"), progress=False, log=_quiet)
     wa, wb = _weights(tmp_path / "a" / "model.pt"), _weights(tmp_path / "b" / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the same recipe (its output_dir included, which its hash covers) gives the same bytes,
+    # metadata and all (no wall times: they go to summary.json), so the .esq compressed from
+    # it, which records its SHA-256, is the same file too
+    first = (tmp_path / "a" / "model.pt").read_bytes()
+    (tmp_path / "a").rename(tmp_path / "a0")
+    fit(_recipe(tmp_path / "a"), progress=False, log=_quiet)
+    assert (tmp_path / "a" / "model.pt").read_bytes() == first
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["train_wall_s"] > 0
 
     # an "interrupted" run: one epoch of the same two-epoch recipe, then resume
     c = tmp_path / "c"
