@@ -222,6 +222,9 @@ def test_a_damaged_tensor_is_named_whichever_thread_decodes_it(monkeypatch):
     monkeypatch.setattr(packed_mod.codec, "decode_coded", spy)
     assert unpack(blob) == data
     assert len(set(where.values())) == 2, where  # both threads decode tensors
+    where.clear()
+    assert packed_mod.restore(blob, parallel=False)[0] == data
+    assert set(where.values()) == {threading.current_thread().name}  # all of it right here
     for name in where:
         def edit(meta, sections, name=name):
             sections[name][1]["n"] = 10 ** 9  # more coded values than the tensor has

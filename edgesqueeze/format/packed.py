@@ -416,13 +416,17 @@ def _skeleton(archive: container.Archive, info: dict) -> bytes:
 
 
 class Background:
-    """``fn(*args)`` on another thread, for work that releases the GIL (``lzma``, ``zlib`` and
-    ``hashlib`` on large buffers): :meth:`result` joins it and re-raises what it raised."""
+    """``fn(*args)`` on another thread (``threaded=False``: right here), for work that
+    releases the GIL (``lzma``, ``zlib`` and ``hashlib`` on large buffers): :meth:`result`
+    joins it and re-raises what it raised; :meth:`wait` only joins it."""
 
-    def __init__(self, fn, *args):
+    def __init__(self, fn, *args, threaded: bool = True):
         self._value = self._error = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True) if threaded else None
+        if self._thread is None:
+            self._run(fn, args)
+        else:
+            self._thread.start()
 
     def _run(self, fn, args) -> None:
         try:
@@ -431,27 +435,11 @@ class Background:
             self._error = exc
 
     def wait(self) -> None:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-class _Now(Background):
-    """:class:`Background`'s interface, run on the calling thread."""
-
-    def __init__(self, fn, *args):
-        self._thread = None
-        self._value = self._error = None
-        self._run(fn, args)
-
-    def wait(self) -> None:
-        pass
-
-    def result(self):
+        self.wait()
         if self._error is not None:
             raise self._error
         return self._value
@@ -487,8 +475,9 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
     it (no per-tensor byte strings), requantized tensors last (their scales are in the
     file). The work is split in two about equal halves by coded bytes, one on another
     thread (the skeleton's LZMA, zlib's inflating and numpy's large copies release the
-    GIL): ImageNet SqueezeNet's fp32 file decodes in about 5 ms instead of 6.4 on two cores
-    (benchmarks/notes.md, session 22); one core does the same work as before."""
+    GIL): ImageNet SqueezeNet's fp32 file decodes in about 4.6 ms instead of 6.3 on two
+    cores (benchmarks/notes.md, session 22); ``parallel=False`` does it all on the calling
+    thread."""
     archive = source if isinstance(source, container.Archive) else container.loads(source)
     info = packed_info(archive)
     if SKELETON not in archive.sections:
@@ -544,7 +533,7 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
         j = 0 if load[0] <= load[1] else 1
         halves[j].append(sp)
         load[j] += len(tensors[sp[1]][0])
-    job = (Background if parallel else _Now)(skeleton_and_fill, halves[0])
+    job = Background(skeleton_and_fill, halves[0], threaded=parallel)
     try:
         values = fill(halves[1])
     except BaseException:
