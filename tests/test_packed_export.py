@@ -119,6 +119,8 @@ def test_verify_unpack_inspect_bench_run_take_packed_files(exported, tmp_path):
     assert res.returncode == 0, res.stderr
     bench = json.loads((tmp_path / "b.json").read_text())
     assert all(r["cold_load_ms"] > 0 for r in bench) and bench[0]["decode_ms"] > 0 and bench[1]["decode_ms"] == 0
+    table = res.stdout.splitlines()
+    assert table[0].split()[-2:] == ["decode", "ms"] and table[2].split()[-1] == "-"  # the plain file decodes nothing
 
 
 @pytest.mark.slow

@@ -79,7 +79,8 @@ def run_cmd(model_path, images, top_k, threads, as_json):
 @model_options
 def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_opts):
     """Latency of artifacts (p50, p90) at batch 1 and 32, with ratios against the first file,
-    and each file's cold load time (file to ready session; packed files decode first).
+    and each file's cold load time (file to ready session; packed files decode first, and
+    their decoding alone is shown beside it).
 
     .onnx and .tflite (and packed .onnx.esq / .tflite.esq) run through their runtimes; .pt
     and .esq checkpoints through PyTorch eager (a .pt of your own model: --arch, or
@@ -95,11 +96,13 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
     rows = bench_files(list(paths), batch_sizes=list(batch_sizes) or [1, 32], runs=runs, warmup=warmup,
                        threads=threads, model_args=model_opts.load_kwargs(), portable=portable,
                        log=lambda m: click.echo(m, err=True))
+    packed = any(r.get("decode_ms") for r in rows)  # a column for the decoding only when some file has it
     head = f"{'file':<44}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'vs first':>10}{'load ms':>10}"
-    click.echo(head)
+    click.echo(head + (f"{'decode ms':>11}" if packed else ""))
     for r in rows:
         load = "-" if r.get("cold_load_ms") is None else f"{r['cold_load_ms']:.1f}"
+        decode = (f"{r['decode_ms']:.1f}" if r.get("decode_ms") else "-") if packed else ""
         click.echo(f"{r['file'][-43:]:<44}{r['batch_size']:>6}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
-                   f"{r['ratio']:>9.2f}x{load:>10}")
+                   f"{r['ratio']:>9.2f}x{load:>10}" + (f"{decode:>11}" if packed else ""))
     if json_path:
         write_text_atomic(json_path, json.dumps(rows, indent=2) + "\n")
