@@ -237,14 +237,15 @@ def test_a_damaged_tensor_is_named_whichever_thread_decodes_it(monkeypatch):
 
 def test_restore_leaves_the_digest_to_check_digest(packed):
     data, blob, _ = packed
-    restored, sha = packed_mod.restore(blob)
-    assert restored == data and sha == hashlib.sha256(data).hexdigest()
-    packed_mod.check_digest(restored, sha)
+    restored, info = packed_mod.restore(blob)
+    assert restored == data and info["sha256"] == hashlib.sha256(data).hexdigest()
+    assert info == packed_mod.packed_info(container.loads(blob))
+    packed_mod.check_digest(restored, info["sha256"])
     wrong = _rewrite(blob, lambda m, s: m["packed"].update(sha256="ab" * 32))
-    restored, sha = packed_mod.restore(wrong)  # the same bytes; the digest is not compared here
-    assert restored == data and sha == "ab" * 32
+    restored, info = packed_mod.restore(wrong)  # the same bytes; the digest is not compared here
+    assert restored == data and info["sha256"] == "ab" * 32
     with pytest.raises(FormatError, match="SHA-256"):
-        packed_mod.check_digest(restored, sha)
+        packed_mod.check_digest(restored, info["sha256"])
 
 
 def test_truncated_padded_and_flipped(packed):

@@ -389,11 +389,9 @@ def _fill_requantized(dest: np.ndarray, name: str, t: codec.Coded, scales: np.nd
     _store(dest, t.pos, q.astype(dest.dtype), offset)  # a zero weight: rint(0 / scale) + offset
 
 
-def _skeleton(archive: container.Archive, info: dict) -> bytes:
-    blob, sk = archive.sections[SKELETON]  # present: checked by restore()
-    n = sk.get("n") if isinstance(sk, dict) else None
-    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= info["bytes"]:
-        raise FormatError(f"section {SKELETON}: bad size {n!r}")
+def _skeleton(archive: container.Archive, n: int) -> bytes:
+    """The skeleton section decompressed; ``n``: its recorded size, checked by :func:`restore`."""
+    blob, sk = archive.sections[SKELETON]
     try:
         if sk.get("codec") == "zlib":
             d = zlib.decompressobj()
@@ -453,8 +451,8 @@ def unpack(source: bytes | container.Archive) -> bytes:
     tensors that overlap or run past the file, bytes whose SHA-256 is not the recorded one.
     :func:`restore` and :func:`check_digest` are its two halves, for a caller (the runtime's
     loader) that checks the digest while it does something else with the bytes."""
-    data, sha256 = restore(source)
-    check_digest(data, sha256)
+    data, info = restore(source)
+    check_digest(data, info["sha256"])
     return data
 
 
@@ -465,10 +463,11 @@ def check_digest(data: bytes, sha256: str) -> None:
         raise FormatError(f"decoded bytes have SHA-256 {digest[:16]}..., the file recorded {sha256[:16]}...")
 
 
-def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tuple[bytes, str]:
-    """The inner file's bytes and the SHA-256 (hex) the file recorded for them, **not yet
-    compared**: the archive's own checksums, the layout and the size are checked (as by
-    :func:`unpack`); the caller must call :func:`check_digest` before it trusts the bytes.
+def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tuple[bytes, dict[str, Any]]:
+    """The inner file's bytes and ``meta["packed"]`` (:func:`packed_info`: name, format,
+    size and the SHA-256 recorded for the bytes, **not yet compared**): the archive's own
+    checksums, the layout and the size are checked (as by :func:`unpack`); the caller must
+    call :func:`check_digest` with ``info["sha256"]`` before it trusts the bytes.
 
     The layout is worked out and checked first, from the header alone; then one buffer of
     the recorded size is filled in place: skeleton pieces copied, tensors cast straight into
@@ -522,7 +521,7 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
         return values
 
     def skeleton_and_fill(part: list) -> dict[str, codec.Coded]:
-        skeleton, mv = _skeleton(archive, info), memoryview(out)
+        skeleton, mv = _skeleton(archive, n_sk), memoryview(out)
         for start, at, n in pieces:
             mv[start:start + n] = skeleton[at:at + n]
         return fill(part)
@@ -556,7 +555,7 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             raise FormatError(f"section {k}: its scales at {scale_at} are not positive floats")
         _fill_requantized(np.frombuffer(out, dtype, numel, at), k, v, scales, offset, qmax)
-    return out.tobytes(), info["sha256"]
+    return out.tobytes(), info
 
 
 def bits_per_nonzero(rows: Sequence[dict[str, Any]]) -> float | None:

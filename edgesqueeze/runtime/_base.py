@@ -84,7 +84,7 @@ def unpack_file(path: Path, *, check: bool = True) -> tuple[bytes, dict[str, Any
     SHA-256 comparison of the decoded bytes to the caller (:func:`check_unpacked`): the
     archive's own checksums, layout and size are checked either way."""
     from edgesqueeze.format import container
-    from edgesqueeze.format.packed import is_packed, packed_info, restore
+    from edgesqueeze.format.packed import is_packed, restore
 
     try:
         archive = container.read_esq(path)
@@ -93,8 +93,7 @@ def unpack_file(path: Path, *, check: bool = True) -> tuple[bytes, dict[str, Any
                 f"{path}: is an edgesqueeze .esq checkpoint (compressed weights of a torch model), which no "
                 f"runtime executes; export it (`edgesqueeze export {path.name} --pack` writes packed "
                 f".onnx.esq / .tflite.esq files the runtime runs) or decode it with `edgesqueeze unpack`")
-        data, _ = restore(archive)
-        info = packed_info(archive)
+        data, info = restore(archive)
         if check:
             check_unpacked(path, data, info)
         return data, info
