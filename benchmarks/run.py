@@ -316,7 +316,8 @@ def _mach(res: dict) -> str:
 def _short_machine(m: dict) -> str:
     """A machine in a table cell: CPU, the int8 kernels' ISA, the date."""
     kernels = (m.get("int8_kernels") or _OLD_KERNELS).split(":")[0]
-    return f"{m['cpu']}, {kernels}, {m['date'][:10]}"
+    when = m["date"][:10] if m["date"][:1].isdigit() else m["date"]  # rows older than per-row records: their sessions
+    return f"{m['cpu']}, {kernels}, {when}"
 
 
 def report() -> str:
