@@ -99,7 +99,7 @@ def main() -> None:
             args.tflm_python = sys.executable
     stages = set(args.stages.split(","))
     old = json.loads((RESULTS / "packed.json").read_text()) if (RESULTS / "packed.json").exists() else {}
-    # each row keeps the machine and the note of the run that measured it (older rows: the file's)
+    # each row keeps the machine its cold loads were timed on and its run's note (older rows: the file's)
     by_file = {r["file"]: {"machine": old.get("machine"), "note": old.get("note", ""), **r}
                for r in old.get("rows", [])}
     here = machine()
@@ -133,10 +133,9 @@ def main() -> None:
                 row.update(cold_plain_ms=round(plain_t["cold_load_ms"], 2),
                            cold_packed_ms=round(packed_t["cold_load_ms"], 2), decode_ms=round(packed_t["decode_ms"], 2),
                            cold_ratio=round(packed_t["cold_load_ms"] / plain_t["cold_load_ms"], 2),
-                           cold_loadavg=list(os.getloadavg()))
+                           cold_loadavg=list(os.getloadavg()), machine=here)  # the timings' machine
         for row in rows:
-            row.update(machine=here, note=args.note or row.get("note", ""))
-        for row in rows:
+            row["note"] = args.note or row.get("note", "")
             log(f"{row['file']}: " + json.dumps({k: v for k, v in row.items() if k != "tflm"}))
     rows += [r for f, r in by_file.items() if f not in {str(a) for a in args.files}]  # other files' rows stay
     keep = {"arm64_emulated": old["arm64_emulated"]} if "arm64_emulated" in old else {}  # benchmarks/cold_arm64.py
