@@ -594,3 +594,75 @@ def test_cli_export_plain_state_dict_takes_normalization_from_data(trained, refe
         wrong = CliRunner().invoke(cli, ["export", str(plain), "--arch", "squeezenet_mnist", "--data",
                                          "imagenet-sample", "-f", "onnx", "--out", str(tmp_path / "w")])
         assert wrong.exit_code == 2 and "gives images of shape [3, 224, 224]" in wrong.output, wrong.output
+
+
+def _squared_error(counts, edges, lo, hi) -> float:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    v = 0.5 * (edges[:-1] + edges[1:])
+    scale = (hi - lo) / 255
+    zp = np.round(-lo / scale)
+    q = (np.clip(np.round(v / scale) + zp, 0, 255) - zp) * scale
+    return float((((q - v) ** 2) * counts).sum())
+
+
+def test_mse_ranges_clip_a_rare_outlier_and_keep_a_plain_range():
+    """Two million ReLU-like values under 100 and one at 3,000 (an activation map's rare
+    hot pixel): a 3,000 range's step (11.8) errs by 11.6 squared on each of the two million;
+    clipping the one value to about 800 costs (2,200)^2 once and divides the step by 3.5, so
+    the range ends well under 3,000, with less squared error; a uniform tensor keeps
+    (nearly) all of its range."""
+    rng = np.random.default_rng(0)
+    tail = np.concatenate([rng.uniform(0, 100, 2_000_000), [3000.0]])
+    counts, edges = np.histogram(tail, 2048, range=(-tail.max(), tail.max()))
+    lo, hi = eo.mse_range(counts, edges, float(tail.min()), float(tail.max()))
+    assert lo == 0 and hi < 0.5 * tail.max()
+    assert _squared_error(counts, edges, lo, hi) < 0.5 * _squared_error(counts, edges, 0.0, float(tail.max()))
+    flat = rng.uniform(-1, 3, 200_000)
+    counts, edges = np.histogram(flat, 2048, range=(-3, 3))
+    lo, hi = eo.mse_range(counts, edges, float(flat.min()), float(flat.max()))
+    assert hi > 0.95 * flat.max() and lo < 0.95 * flat.min()
+
+
+@pytest.mark.slow
+def test_mse_calibration_clips_and_records_its_method(fp32_file, trained, digits):
+    """method mse: the quantized graph's activation scales are at most minmax's and several
+    smaller; onnxruntime runs the file."""
+    fproto = onnx.load(str(fp32_file))
+    x = to_input(calibration_images(digits.train_x, 50, seed=2), trained.meta["mean"], trained.meta["std"])
+    minmax = _activation_scales(eo.quantize_qdq(fproto, x, calibration=CalibrationConfig(method="minmax")))
+    q = eo.quantize_qdq(fproto, x, calibration=CalibrationConfig(method="mse"))
+    mse = _activation_scales(q)
+    assert minmax.keys() == mse.keys() and len(minmax) > 10
+    assert all(mse[k] <= minmax[k] * (1 + 1e-6) for k in minmax)
+    assert sum(mse[k] < 0.95 * minmax[k] for k in minmax) >= 0.3 * len(minmax)
+    sess = eo._session(q.SerializeToString())
+    assert sess.run(None, {"input": x[:4]})[0].shape[0] == 4
+
+
+@pytest.mark.slow
+def test_shared_concat_ranges_make_concats_copies(trained, digits, reference, tmp_path):
+    """share_concats: every quantized concat's inputs carry the concat's own scale and zero
+    point (so onnxruntime's QLinearConcat copies bytes), the file records it, and it still
+    agrees with fp32 about as well as the file with separate ranges."""
+    calib = calibration_images(digits.train_x, 128, seed=0)
+    plain = export_onnx_int8(trained.model, trained.meta, tmp_path / "plain.onnx", calib)
+    path = export_onnx_int8(trained.model, trained.meta, tmp_path / "q.onnx", calib, share_concats=True)
+    assert read_onnx_meta(path)["calibration"]["share_concat_ranges"] is True
+
+    def concat_scales(p) -> list[set[str]]:
+        g = onnx.load(str(p)).graph
+        producer = {o: n for n in g.node for o in n.output}
+        out = []
+        for n in g.node:
+            if n.op_type == "Concat":
+                after = next(c for c in g.node if c.op_type == "QuantizeLinear" and c.input[0] == n.output[0])
+                out.append({producer[i].input[1] for i in n.input} | {after.input[1]})
+        return out
+
+    shared, separate = concat_scales(path), concat_scales(plain)
+    assert len(shared) == len(separate) >= 4  # one per Fire of the digits SqueezeNet
+    assert all(len(s) == 1 for s in shared) and all(len(s) == 3 for s in separate)
+    x, ref = reference
+    a = float((run(path, x).argmax(1) == ref.argmax(1)).mean())
+    b = float((run(plain, x).argmax(1) == ref.argmax(1)).mean())
+    assert a >= b - 0.02, (a, b)

@@ -104,3 +104,63 @@ def test_gptq_skip_leaves_named_layers_as_they_are():
     steps = w / (w.abs().flatten(1).amax(1).view(-1, 1, 1, 1) / 127)
     assert not torch.equal(w, orig["features.4.squeeze"].weight)
     assert torch.allclose(steps, steps.round(), atol=1e-3)  # on the int8 grid
+
+
+def _shared(model: nn.Module, levels: int = 24, prune: float = 0.3, seed: int = 0) -> nn.Module:
+    """``model`` with each conv pruned by magnitude and its other weights snapped to ``levels``
+    values drawn from them: what pruning plus weight sharing leave (an .esq's layers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                w = m.weight
+                w[w.abs() <= w.abs().flatten().kthvalue(int(prune * w.numel())).values] = 0
+                nz = w[w != 0]
+                book = nz[torch.randperm(nz.numel(), generator=g)[:levels]]
+                idx = (w.reshape(-1, 1) - book.reshape(1, -1)).abs().argmin(1)
+                w.copy_(torch.where(w == 0, w, book[idx].reshape(w.shape)))
+    return model
+
+
+def _int8(w: torch.Tensor) -> torch.Tensor:
+    """The integers onnxruntime's symmetric per-channel int8 gives ``w``."""
+    scale = w.abs().flatten(1).amax(1).clamp_min(1e-30).view(-1, *[1] * (w.dim() - 1)) / 127
+    return torch.round(w / scale), scale
+
+
+def _output_error(conv: nn.Conv2d, w: torch.Tensor, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((nn.functional.conv2d(x, w, None, conv.stride, conv.padding)
+                      - nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding)).square().mean())
+
+
+def test_gptq_on_a_shared_model_keeps_each_layers_values_and_beats_nearest():
+    """shared=True: every weight stays one of its layer's values (zeros stay zero, each row's
+    largest entry and so its int8 scale stay put), and the int8 weights GPTQ chose reproduce
+    the layer's output on the calibration images better than nearest rounding does."""
+    model = _shared(_uneven_squeezenet(2))
+    x = torch.randn(6, 3, 67, 67, generator=torch.Generator().manual_seed(3))
+    rounded = gptq_round(model, x, shared=True, only=["features.0"])
+    conv, new = dict(model.named_modules())["features.0"], dict(rounded.named_modules())["features.0"].weight
+    old = conv.weight
+    assert set(torch.unique(new).tolist()) <= set(torch.unique(old).tolist())
+    assert torch.equal(new == 0, old == 0)
+    assert torch.equal(new.abs().flatten(1).amax(1), old.abs().flatten(1).amax(1))
+    assert not torch.equal(new, old)
+    q_new, s = _int8(new)
+    q_old, _ = _int8(old)
+    assert _output_error(conv, q_new * s, x) < _output_error(conv, q_old * s, x)
+    # only= left every other layer alone
+    others = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != "features.0"]
+    assert all(torch.equal(dict(rounded.named_modules())[n].weight, dict(model.named_modules())[n].weight)
+               for n in others)
+
+
+def test_gptq_without_shared_moves_weights_off_the_codebook():
+    """The plain rounding (a model that is not weight-shared) is free to use every int8 level:
+    on a shared layer it leaves the layer's values, which is what shared=True prevents."""
+    model = _shared(_uneven_squeezenet(2))
+    x = torch.randn(6, 3, 67, 67, generator=torch.Generator().manual_seed(3))
+    new = dict(gptq_round(model, x, only=["features.0"]).named_modules())["features.0"].weight
+    old = dict(model.named_modules())["features.0"].weight
+    assert torch.unique(new).numel() > 2 * torch.unique(old).numel()

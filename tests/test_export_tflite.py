@@ -229,7 +229,7 @@ def test_int8_metadata(int8_file, trained):
     assert meta["calibration"] == {"images": 256, "method": "minmax", "split": "train", "seed": 0,
                                    "augment": 0, "equalize": False, "equalize_activations": 0.0,
                                    "bias_correction": False, "float_layers": [],
-                                   "requantize_pool": True, "weight_rounding": "gptq",
+                                   "requantize_pool": True, "weight_rounding": "gptq", "gptq_layers": [],
                                    "weights": "per-channel"}
     assert meta["mean"] == trained.meta["mean"]
 

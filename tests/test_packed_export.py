@@ -3,6 +3,7 @@ bench / run take them; a weight-shared model keeps its sharing in int8."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import subprocess
@@ -208,3 +209,35 @@ def test_decoded_bytes_with_another_sha256_are_refused(exported, tmp_path):
         res = subprocess.run([sys.executable, "-m", "edgesqueeze", "unpack", str(bad), "-o", str(tmp_path / "x")],
                              capture_output=True, text=True)
         assert res.returncode == 2 and "SHA-256" in res.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_gptq_on_a_shared_model_keeps_the_codebook_in_the_packed_file(shared_ckpt, tmp_path):
+    """weight_rounding gptq on a weight-shared model: the named layers' int8 weights are
+    GPTQ's (not nearest's), yet every one is a requantized codebook value, so the packer
+    still codes the float codebook for them (as many requantized tensors as with nearest
+    rounding); the file runs as its plain twin. A name that is no module is refused first."""
+    from edgesqueeze import runtime
+    from edgesqueeze.errors import ExportError
+    from edgesqueeze.format import container
+
+    def requantized(packed) -> set[str]:
+        return {k for k, (_, info) in container.read_esq(packed).sections.items() if "requant" in info}
+
+    base = ExportConfig(formats=("onnx-int8",), int8_weights="per-channel", pack=True)
+    _, near = export_artifacts(shared_ckpt, base, tmp_path / "nearest", log=lambda _: None)
+    cfg = dataclasses.replace(base, weight_rounding="gptq", gptq_layers=("features.0", "features.3"))
+    plain, packed = export_artifacts(shared_ckpt, cfg, tmp_path / "gptq", log=lambda _: None)
+    assert len(requantized(packed)) == len(requantized(near)) >= 10
+    from edgesqueeze.export.onnx import read_onnx_meta
+
+    cal = read_onnx_meta(plain)["calibration"]
+    assert cal["weight_rounding"] == "gptq" and cal["gptq_layers"] == ["features.0", "features.3"]
+    # (with 16 values a layer GPTQ's choices here are nearest's: two values are many int8 steps
+    # apart; test_export_prepare shows it moving weights among closer values)
+    x = load_dataset("digits").test_x
+    assert np.array_equal(runtime.load(plain).predict_images(x), runtime.load(packed).predict_images(x))
+    with pytest.raises(ExportError, match="export.gptq_layers.*did you mean 'features.0'"):
+        export_artifacts(shared_ckpt, dataclasses.replace(cfg, gptq_layers=("features.O",)), tmp_path / "bad",
+                         log=lambda _: None)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

@@ -35,9 +35,14 @@ class CalibrationConfig:
     """Images used to pick activation ranges for INT8 (from the training split, seeded).
 
     ``method: auto`` (the default) picks per format what measured best; today that is
-    ``minmax`` for both. onnx-int8: minmax, entropy and percentile gave the same agreement
-    on the ImageNet SqueezeNet (``benchmarks/results/onnx_int8.json``), and minmax is the
-    cheapest. tflite-int8: once concatenations were quantized in one range
+    ``minmax`` for both. ``mse`` (onnx-int8: :func:`edgesqueeze.export.onnx_int8.mse_range`
+    per tensor; tflite-int8: torch's histogram observer, which also minimizes the L2 error,
+    as ``entropy`` there) clips rare outliers where that lowers the squared quantization
+    error (benchmarks/notes.md, session 23, for what it bought on the ImageNet SqueezeNet).
+    onnx-int8: minmax and percentile gave the same agreement on the ImageNet SqueezeNet
+    (``benchmarks/results/onnx_int8.json``), and minmax is the cheapest; ``entropy`` ranges
+    (TensorRT's KL search over 2048 bins) clip that model's class-score maps, whose top
+    values decide the class, and scored 1-2% top-1 there (session 23). tflite-int8: once concatenations were quantized in one range
     (``tflite_quant._share_concat_ranges``), minmax gave the same CIFAR-10 validation accuracy as
     litert-torch's histogram observer (``entropy``) within 0.1 point
     (``benchmarks/results/cifar_int8.json``), and on the ImageNet SqueezeNet 1.0 97% top-1
@@ -54,7 +59,7 @@ class CalibrationConfig:
     """
 
     images: int = field(default=256, metadata=_range(ge=1, le=100_000))
-    method: Literal["auto", "minmax", "entropy", "percentile"] = "auto"
+    method: Literal["auto", "minmax", "entropy", "percentile", "mse"] = "auto"
     percentile: float = field(default=99.999, metadata=_range(gt=50, le=100))
     batch_size: int = field(default=32, metadata=_range(ge=1, le=4096))
     device: str = "auto"  # where the torch-side statistics passes run: auto | cpu | cuda | cuda:N | mps
@@ -83,7 +88,9 @@ class ExportConfig:
     ``weight_rounding``: how INT8 weights are rounded onto their per-channel grid, ``gptq``
     (:func:`edgesqueeze.export.prepare.gptq_round`) or ``nearest``; ``auto`` keeps each
     format's measured default (GPTQ for tflite-int8, nearest for onnx-int8, whose MNIST and
-    CIFAR-10 numbers were measured with it). ``equalize_activations``: alpha of activation
+    CIFAR-10 numbers were measured with it). ``gptq_layers``: the module names GPTQ rounds
+    (empty: every int8 layer); the others round to nearest. On a weight-shared model GPTQ
+    keeps each layer's shared values (:func:`edgesqueeze.export.prepare.gptq_round`). ``equalize_activations``: alpha of activation
     equalization (:func:`edgesqueeze.export.prepare.equalize_activations`; 0: off), both
     INT8 formats. ``bias_correction``: empirical bias correction on the calibration images
     after quantization; unset keeps each format's measured default (on for onnx-int8, off for
@@ -94,6 +101,10 @@ class ExportConfig:
     and on ARM. ``vnni-or-arm``: int8 weights for devices that are all VNNI x86 or ARM
     (faster VNNI kernels); x86 CPUs without VNNI saturate its products and compute other
     logits (see :mod:`edgesqueeze.export.onnx_int8`).
+
+    ``share_concat_ranges`` (onnx-int8; tflite-int8 always does): each concat's inputs
+    quantized in the concat's range, so that onnxruntime's concat copies bytes instead of
+    requantizing (:func:`edgesqueeze.export.onnx_int8.share_concat_ranges`).
 
     ``int8_weights``: one int8 scale per output channel or per tensor, both INT8 formats;
     ``auto`` picks per tensor for a weight-shared model (:meth:`int8_per_channel`).
@@ -111,6 +122,8 @@ class ExportConfig:
     float_layers: tuple[str, ...] = ()
     float_layers_by_format: dict[str, Any] = field(default_factory=dict)
     weight_rounding: Literal["auto", "nearest", "gptq"] = "auto"
+    gptq_layers: tuple[str, ...] = ()
+    share_concat_ranges: bool = False
     equalize_activations: float = field(default=0.0, metadata=_range(ge=0, le=1))
     bias_correction: bool | None = None
     onnx_int8_target: Literal["any-cpu", "vnni-or-arm"] = "any-cpu"
@@ -127,6 +140,7 @@ class ExportConfig:
         if not self.formats:
             raise RecipeError("export.formats: needs at least one format")
         _check_names(self.float_layers, "export.float_layers")
+        _check_names(self.gptq_layers, "export.gptq_layers")
         by_format = {}
         for fmt, names in self.float_layers_by_format.items():
             if fmt not in ("onnx-int8", "tflite-int8"):
@@ -151,7 +165,8 @@ class ExportConfig:
 
     def weight_rounding_for(self, artifact_format: str, shared: bool = False) -> str:
         """``weight_rounding`` with ``auto`` resolved for ``artifact_format``: nearest for a
-        weight-shared model (GPTQ would round each copy of a shared value differently)."""
+        weight-shared model (what its numbers were measured with; GPTQ, which keeps the shared
+        values, is asked for by name)."""
         if self.weight_rounding != "auto":
             return self.weight_rounding
         return "nearest" if shared else self.WEIGHT_ROUNDING[int8_base(artifact_format)]

@@ -143,6 +143,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     # modules, so every format (and the INT8 refinements, which find layers by module) works
     model = lifted_module(model, meta["input_shape"], what=str(source))
     check_float_layers(model, config.float_layers, what="export.float_layers")  # before any file is written
+    check_float_layers(model, config.gptq_layers, what="export.gptq_layers")
     for fmt, names in config.float_layers_by_format.items():
         check_float_layers(model, names, what=f"export.float_layers_by_format.{fmt}")
     if config.float_layers and not any(f in INT8_FORMATS for f in config.formats):
@@ -169,6 +170,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     digest = sha256_file(source)
     calib = None
     written = []
+    rounded: dict[str, Any] = {}  # the float weights an onnx-int8 file's integers come from
     for fmt in config.formats:
         path = out / f"{stem}{SUFFIX[fmt]}"
         if fmt in INT8_FORMATS and calib is None:
@@ -185,6 +187,8 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                              calibration_info=calib[1], opset=config.opset,
                              fold_normalization=config.fold_normalization, float_layers=config.float_layers_for(fmt),
                              weight_rounding=config.weight_rounding_for(fmt, shared),
+                             gptq_layers=config.gptq_layers, shared=has_codebooks(model), rounded=rounded,
+                             share_concats=config.share_concat_ranges,
                              bias_correction=config.bias_correction_for(fmt),
                              equalize_activations=config.equalize_activations,
                              per_channel=config.int8_per_channel(fmt, shared),
@@ -205,7 +209,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         elif config.pack:
             from edgesqueeze.export.packed import pack_file
 
-            sources = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()
+            sources = {k: v.detach().cpu().numpy() for k, v in (rounded or model.state_dict()).items()
                        if k.endswith(".weight") and v.dim() >= 2} if fmt == "onnx-int8" else None
             packed, rep = pack_file(path, fmt=fmt, sources=sources)
             bits = rep["bits_per_nonzero"]
@@ -228,6 +232,7 @@ def _export_tflite_int8(model, meta, path: Path, calib, config: ExportConfig, sh
                        io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
                        float_layers=config.float_layers_for(fmt),
                        weight_rounding=config.weight_rounding_for(fmt, shared),
+                       gptq_layers=config.gptq_layers, shared=has_codebooks(model),
                        bias_correction=config.bias_correction_for(fmt),
                        equalize_activations=config.equalize_activations,
                        per_channel=config.int8_per_channel(fmt, shared), source_sha256=digest, device=device)
@@ -267,6 +272,18 @@ def _why_kept(rows: list[dict]) -> str:
     small = [r["name"] for r in rows if r["distinct"] <= 128]
     return "; ".join(f"{what}: {names[0]}{', ...' if len(names) > 1 else ''}" for what, names in (
         ("more than 128 distinct values", many), ("too small for a table to pay off", small)) if names)
+
+
+def has_codebooks(model, max_values: int = 256) -> bool:
+    """Every conv and linear weight of ``model`` holds at most ``max_values`` distinct values,
+    as pruning plus k-means weight sharing leave them (before any BatchNorm folding, which
+    scales rows and keeps each row on its int8 grid): GPTQ then keeps each layer's values
+    (:func:`~edgesqueeze.export.prepare.gptq_round`), whether or not one scale per tensor
+    would (:func:`is_weight_shared`)."""
+    import torch
+
+    return all(torch.unique(m.weight.detach()).numel() <= max_values for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight is not None)
 
 
 def is_weight_shared(model, max_values: int = 256, keep: float = 0.9) -> bool:

@@ -257,6 +257,8 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
                        float_layers: Sequence[str] = (),
                        requantize_pool: bool = True,
                        weight_rounding: Literal["nearest", "gptq"] = "gptq",
+                       gptq_layers: Sequence[str] = (),
+                       shared: bool = False,
                        equalize: bool = False,
                        equalize_activations: float = 0.0,
                        bias_correction: bool = False,
@@ -270,7 +272,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     int8 activations with ranges calibrated on ``calib_images`` (uint8 NCHW, all of them;
     pick them with ``_common.calibration_images``).
 
-    ``calibration``: the observer (``method``: minmax / entropy / percentile, see
+    ``calibration``: the observer (``method``: minmax / entropy / percentile / mse, see
     :func:`quantize_pt2e`) and batch size; ``images`` is not used here (the caller chose).
     Without one: ``auto``, i.e. ``minmax`` (see :class:`CalibrationConfig`).
     ``io``: ``"float"`` - float32 in and out (QUANTIZE / DEQUANTIZE ops at the edges);
@@ -285,6 +287,8 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     alone cost 11 points of agreement with nearest rounding and 2 with GPTQ; "nearest" is
     litert-torch's. ``equalize_activations``: activation equalization with that ``alpha``
     before GPTQ (0: off; :func:`~edgesqueeze.export.prepare.equalize_activations`).
+    ``gptq_layers``: the modules GPTQ rounds (empty: every int8 layer); ``shared``: the
+    model is weight-shared, and GPTQ keeps each layer's shared values (:func:`gptq_round`).
     ``bias_correction``: empirical bias correction of the calibrated model
     (:func:`correct_bias`, on at most 64 calibration images) before conversion.
     ``equalize``: cross-layer equalization first; ``augment``: add
@@ -309,7 +313,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
             "seed": calibration_seed, "augment": int(augment), "equalize": bool(equalize),
             "equalize_activations": float(equalize_activations),
             "bias_correction": bool(bias_correction), "float_layers": list(float_layers), "requantize_pool": bool(requantize_pool),
-            "weight_rounding": weight_rounding,
+            "weight_rounding": weight_rounding, "gptq_layers": list(gptq_layers),
             "weights": "per-channel" if per_channel else "per-tensor"}
     if calibration.method == "percentile":
         info["percentile"] = calibration.percentile
@@ -328,7 +332,8 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
         if not per_channel:
             raise ExportError("weight_rounding='gptq' rounds onto the per-channel grid; use per_channel=True")
         module = gptq_round(module, calib, batch_size=calibration.batch_size,
-                            skip=[prefix + n for n in float_layers], device=device)
+                            skip=[prefix + n for n in float_layers], only=[prefix + n for n in gptq_layers],
+                            shared=shared, device=device)
     gm, quantizer = quantize_pt2e(module, calib, method=calibration.method,
                                   percentile=calibration.percentile, batch_size=calibration.batch_size,
                                   float_layers=[prefix + n for n in float_layers], per_channel=per_channel,

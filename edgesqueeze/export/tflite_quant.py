@@ -53,13 +53,13 @@ def _quant_config(method: str, percentile: float, per_channel: bool):
     eps = 2 ** -12  # litert-torch's choice
     if method == "minmax":
         ctr = MinMaxObserver.with_args(eps=eps)
-    elif method == "entropy":
+    elif method in ("entropy", "mse"):  # torch's histogram observer minimizes the L2 error
         ctr = HistogramObserver.with_args(eps=eps)
     elif method == "percentile":
         ctr = _percentile_observer().with_args(eps=eps, percentile=percentile)
     else:
         raise ExportError(f"calibration.method: unknown method {method!r}; choose minmax, "
-                          "entropy or percentile")
+                          "entropy, percentile or mse")
     act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=ctr)
     return dataclasses.replace(config, input_activation=act, output_activation=act)
 
