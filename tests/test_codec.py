@@ -422,3 +422,18 @@ def test_released_squeezenet_lossless_under_560kb():
     entropy = sum(s.idx_entropy_bits + s.gap_entropy_bits for s in stats if s.kind == "shared") / 8
     assert coded <= 1.03 * entropy
     assert RAW_SECTION in container.loads(data).sections
+
+
+def test_an_all_zero_layer_after_a_shared_one_decodes():
+    """Each section's indices are checked against its own codebook size: a shared layer
+    followed by an all-zero one (codebook of 0 values, no indices) decoded in one batch was
+    refused as "cluster index beyond its codebook" (the check read the last section's size;
+    found packing a TFLite file whose last coded tensor was all zeros)."""
+    rng = np.random.default_rng(0)
+    book = rng.normal(size=16).astype(np.float32)
+    shared = book[rng.integers(0, 16, (64, 32))] * (rng.random((64, 32)) < 0.4)
+    sections = [codec.encode_shared("shared", shared)[:2], codec.encode_shared("zero", np.zeros((8, 8), np.float32))[:2]]
+    assert sections[1][1]["k"] == 0 and sections[0][1]["n"] > 0
+    archive = container.loads(container.dumps({}, [(n, b, i) for n, (b, i) in zip(("shared", "zero"), sections)]))
+    out = codec.decode_coded(archive)
+    assert out["zero"].ix.size == 0 and out["shared"].ix.size == int(np.count_nonzero(shared))

@@ -241,3 +241,23 @@ def test_gptq_on_a_shared_model_keeps_the_codebook_in_the_packed_file(shared_ckp
         export_artifacts(shared_ckpt, dataclasses.replace(cfg, gptq_layers=("features.O",)), tmp_path / "bad",
                          log=lambda _: None)
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_per_channel_tflite_int8_of_a_shared_model_is_requantized_too(shared_ckpt, tmp_path, rounding):
+    """TFLite files get the same treatment as ONNX ones: litert-torch names each weight after
+    its module (``features.3.squeeze:2``, OHWI), the packer finds its float source and
+    per-channel scales, and the int8 values come back exactly (LiteRT computes the same)."""
+    from edgesqueeze import runtime
+    from edgesqueeze.export.packed import pack_file
+    from edgesqueeze.format import container
+
+    cfg = ExportConfig(formats=("tflite-int8",), int8_weights="per-channel", weight_rounding=rounding, pack=True)
+    plain, packed = export_artifacts(shared_ckpt, cfg, tmp_path, log=lambda _: None)
+    requant = [k for k, (_, info) in container.read_esq(packed).sections.items() if "requant" in info]
+    assert len(requant) >= 10
+    x = load_dataset("digits").test_x
+    assert np.array_equal(runtime.load(plain).predict_images(x), runtime.load(packed).predict_images(x))
+    _, without = pack_file(plain, tmp_path / "no-requant.esq")  # no float sources given
+    assert packed.stat().st_size < without["packed_bytes"]

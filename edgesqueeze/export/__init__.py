@@ -170,9 +170,9 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     digest = sha256_file(source)
     calib = None
     written = []
-    rounded: dict[str, Any] = {}  # the float weights an onnx-int8 file's integers come from
     for fmt in config.formats:
         path = out / f"{stem}{SUFFIX[fmt]}"
+        rounded: dict[str, Any] = {}  # the float weights an int8 file's integers come from (GPTQ's)
         if fmt in INT8_FORMATS and calib is None:
             calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
         if fmt == "onnx":
@@ -201,7 +201,8 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             _export_micro(model, meta, path, calib, config, shared, written, seed=seed, digest=digest, log=log,
                           device=device)
         else:
-            _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest, device=device)
+            _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest, device=device,
+                                rounded=rounded)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
         written.append(path)
         if config.pack and fmt == "tflite-micro":
@@ -210,7 +211,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             from edgesqueeze.export.packed import pack_file
 
             sources = {k: v.detach().cpu().numpy() for k, v in (rounded or model.state_dict()).items()
-                       if k.endswith(".weight") and v.dim() >= 2} if fmt == "onnx-int8" else None
+                       if k.endswith(".weight") and v.dim() >= 2} if fmt in INT8_FORMATS else None
             packed, rep = pack_file(path, fmt=fmt, sources=sources)
             bits = rep["bits_per_nonzero"]
             how = f", {bits:.2f} bits per non-zero weight" if bits else ""
@@ -221,7 +222,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
 
 def _export_tflite_int8(model, meta, path: Path, calib, config: ExportConfig, shared: bool, *, seed: int,
-                        digest: str, device=None) -> None:
+                        digest: str, device=None, rounded: dict[str, Any] | None = None) -> None:
     """The tflite-int8 file, with the export settings resolved for it (a tflite-micro file
     takes the same ones: :func:`~edgesqueeze.config.export.int8_base`)."""
     from edgesqueeze.export.tflite import export_tflite_int8
@@ -232,7 +233,7 @@ def _export_tflite_int8(model, meta, path: Path, calib, config: ExportConfig, sh
                        io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
                        float_layers=config.float_layers_for(fmt),
                        weight_rounding=config.weight_rounding_for(fmt, shared),
-                       gptq_layers=config.gptq_layers, shared=has_codebooks(model),
+                       gptq_layers=config.gptq_layers, shared=has_codebooks(model), rounded=rounded,
                        bias_correction=config.bias_correction_for(fmt),
                        equalize_activations=config.equalize_activations,
                        per_channel=config.int8_per_channel(fmt, shared), source_sha256=digest, device=device)

@@ -770,7 +770,7 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
                                        qmax=64 if weights == "int8-7bit" else 127, only=gptq_layers,
                                        shared=shared, device=device)
             if rounded is not None:
-                rounded.update(model.state_dict())
+                rounded.update({k: v.detach().clone() for k, v in model.state_dict().items()})
     unchanged = not (equalize or equalize_activations or weight_rounding == "gptq")
     fproto = fp32_graph if fp32_graph is not None and unchanged else \
         onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)

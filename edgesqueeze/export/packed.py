@@ -61,8 +61,13 @@ def onnx_tensors(data: bytes, sources: dict[str, np.ndarray] | None = None) -> l
     return out
 
 
-def tflite_tensors(data: bytes) -> list[PackedTensor]:
-    """The constant tensors of a TFLite file (weights, biases), read through LiteRT."""
+def tflite_tensors(data: bytes, sources: dict[str, np.ndarray] | None = None) -> list[PackedTensor]:
+    """The constant tensors of a TFLite file (weights, biases), read through LiteRT.
+
+    ``sources``: as for :func:`onnx_tensors`. An int8 weight with one scale per output
+    channel (axis 0) whose tensor is named after its module (``features.3.squeeze:2``, as
+    litert-torch names them) gets its float source, transposed to TFLite's OHWI for a conv,
+    and its scales, so that the packer can code the float codebook and requantize."""
     from edgesqueeze.runtime._tflite import import_interpreter
 
     cls, _, _ = import_interpreter("<bytes>")
@@ -77,8 +82,27 @@ def tflite_tensors(data: bytes) -> list[PackedTensor]:
         q = d.get("quantization_parameters") or {}
         zps = np.asarray(q.get("zero_points", []))
         offset = int(zps.flat[0]) if arr.dtype == np.uint8 and zps.size and (zps == zps.flat[0]).all() else 0
-        out.append(PackedTensor(d["name"], np.array(arr), offset))
+        source, scales = _tflite_source(d["name"], arr, q, sources) if sources else (None, None)
+        out.append(PackedTensor(d["name"], np.array(arr), offset, source=source, scales=scales))
     return out
+
+
+def _tflite_source(name: str, arr: np.ndarray, q: dict, sources: dict[str, np.ndarray]):
+    """``(float source in the tensor's layout, per-channel scales)`` of a TFLite int8 weight,
+    or ``(None, None)``."""
+    scales = np.asarray(q.get("scales", []), np.float32)
+    if arr.dtype != np.int8 or arr.ndim < 2 or scales.size != arr.shape[0] or int(q.get("quantized_dimension", 0)):
+        return None, None
+    module = name.rsplit(":", 1)[0]
+    w = sources.get(module + ".weight")
+    if w is None and module.startswith("model."):  # a graph that normalizes its input itself
+        w = sources.get(module[len("model."):] + ".weight")
+    if w is None:
+        return None, None
+    w = np.asarray(w)
+    if w.ndim == 4:
+        w = w.transpose(0, 2, 3, 1)  # OIHW -> OHWI
+    return (w, scales) if w.shape == arr.shape else (None, None)
 
 
 def pack_file(path: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -96,7 +120,7 @@ def pack_file(path: str | os.PathLike, out: str | os.PathLike | None = None, *,
         raise ExportError(f"cannot read {path}: {exc.strerror or exc}") from None
     kind = "tflite" if data[4:8] == b"TFL3" else "onnx"
     try:
-        tensors = tflite_tensors(data) if kind == "tflite" else onnx_tensors(data, sources)
+        tensors = tflite_tensors(data, sources) if kind == "tflite" else onnx_tensors(data, sources)
     except Exception as exc:  # onnx / LiteRT raise many kinds
         raise ExportError(f"{path}: not a readable {kind} file: {type(exc).__name__}: {str(exc)[:200]}") from None
     fmt = fmt or kind

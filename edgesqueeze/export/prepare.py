@@ -136,14 +136,23 @@ def _gptq_layer_shared(w: torch.Tensor, h: torch.Tensor, damp: float, qmax: int 
     qmax``) holds them, the rounding error spread as in :func:`_gptq_layer`. Returns float
     weights that are all layer values: ``round(w / scale)`` of each is the integer GPTQ chose.
     Only values within the row's range are candidates (a larger one would change its scale),
+    and none whose ratio to the scale is a rounding tie (runtimes round those differently);
     each row's largest entry stays put (it fixes the scale) and zeros stay zero."""
     rows, k = w.shape
     w = w.clone()
     values = torch.unique(w)
     rowmax = w.abs().amax(1)
     scale = torch.where(rowmax > 0, rowmax / qmax, torch.ones_like(rowmax))
-    grid = torch.clamp(torch.round(values[None, :] / scale[:, None]), -qmax, qmax) * scale[:, None]
-    grid = torch.where(values[None, :].abs() <= rowmax[:, None], grid, torch.full_like(grid, float("inf")))
+    ratio = values[None, :] / scale[:, None]
+    grid = torch.clamp(torch.round(ratio), -qmax, qmax) * scale[:, None]
+    # candidates: values within the row's range (a larger one would move its scale), and not
+    # within 1e-3 of a rounding tie (x.5 steps: onnxruntime divides, torch multiplies by the
+    # inverse scale, and the two round such a value to different integers; float16 codebooks
+    # and power-of-two-ish scales make exact ties common)
+    tie = ((ratio - torch.floor(ratio)) - 0.5).abs() < 1e-3
+    ok = (values[None, :].abs() <= rowmax[:, None]) & ~tie
+    ok[torch.arange(rows), torch.searchsorted(values, w[torch.arange(rows), w.abs().argmax(1)])] = True
+    grid = torch.where(ok, grid, torch.full_like(grid, float("inf")))
     anchor_col = w.abs().argmax(1)
     anchor_val = w[torch.arange(rows), anchor_col].clone()
     zero = w == 0

@@ -259,6 +259,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
                        weight_rounding: Literal["nearest", "gptq"] = "gptq",
                        gptq_layers: Sequence[str] = (),
                        shared: bool = False,
+                       rounded: dict[str, Any] | None = None,
                        equalize: bool = False,
                        equalize_activations: float = 0.0,
                        bias_correction: bool = False,
@@ -289,6 +290,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     before GPTQ (0: off; :func:`~edgesqueeze.export.prepare.equalize_activations`).
     ``gptq_layers``: the modules GPTQ rounds (empty: every int8 layer); ``shared``: the
     model is weight-shared, and GPTQ keeps each layer's shared values (:func:`gptq_round`).
+    ``rounded``: if given, filled with the GPTQ-rounded float weights (for the packer).
     ``bias_correction``: empirical bias correction of the calibrated model
     (:func:`correct_bias`, on at most 64 calibration images) before conversion.
     ``equalize``: cross-layer equalization first; ``augment``: add
@@ -334,6 +336,9 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
         module = gptq_round(module, calib, batch_size=calibration.batch_size,
                             skip=[prefix + n for n in float_layers], only=[prefix + n for n in gptq_layers],
                             shared=shared, device=device)
+        if rounded is not None:  # the weights the file's integers come from, by the model's own names
+            rounded.update({k[len(prefix):]: v.detach().clone() for k, v in module.state_dict().items()
+                            if k.startswith(prefix)})
     gm, quantizer = quantize_pt2e(module, calib, method=calibration.method,
                                   percentile=calibration.percentile, batch_size=calibration.batch_size,
                                   float_layers=[prefix + n for n in float_layers], per_channel=per_channel,

@@ -570,7 +570,7 @@ def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
                 lens = lens[size:]
                 stream_names.append((name, what))
                 chunks.append(chunk)
-        pending.append((name, shape, numel, cb, ks, axis, n, w))
+        pending.append((name, shape, numel, cb, k, ks, axis, n, w))
     try:
         batch = huffman.decode_many(streams, chunk=chunks, index=index) if streams else []
     except FormatError as exc:  # name the section, not the stream number
@@ -579,7 +579,7 @@ def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
             raise
         raise FormatError("section {} ({}): {}".format(*stream_names[int(m.group(1))], m.group(2))) from None
     decoded.update(zip(stream_names, batch))
-    for name, shape, numel, cb, ks, axis, n, w in pending:
+    for name, shape, numel, cb, k, ks, axis, n, w in pending:  # k: this section's, not the last read
         idx = decoded[(name, "cluster indices")]
         pos = None
         if w:
