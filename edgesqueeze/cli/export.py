@@ -42,8 +42,10 @@ def _csv(value: str, what: str) -> list[str]:
                    "features.0,features.3; replaces the recipe's float_layers and float_layers_by_format "
                    "[default: the recipe's, else none].")
 @click.option("--weight-rounding", type=click.Choice(["auto", "nearest", "gptq"]),
-              help="How INT8 weights are rounded: gptq (on the calibration images) or nearest [default: "
-                   "auto: gptq for tflite-int8, nearest for onnx-int8].")
+              help="How INT8 weights are rounded: gptq (on the calibration images; on a weight-shared "
+                   "model it picks among each layer's own values, so a packed file stays as small; "
+                   "export.gptq_layers limits it to named modules) or nearest [default: auto: gptq for "
+                   "tflite-int8, nearest for onnx-int8].")
 @click.option("--equalize-activations", type=click.FloatRange(0, 1), metavar="ALPHA",
               help="Even out per-channel activation ranges before INT8 quantization, moving the "
                    "imbalance into the next conv's weights; 0 off, 1 full [default: the recipe's, else 0].")
