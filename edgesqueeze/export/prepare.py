@@ -140,8 +140,11 @@ def _gptq_layer_shared(w: torch.Tensor, h: torch.Tensor, damp: float, qmax: int 
     each row's largest entry stays put (it fixes the scale) and zeros stay zero."""
     rows, k = w.shape
     w = w.clone()
+    r = torch.arange(rows)
     values = torch.unique(w)
-    rowmax = w.abs().amax(1)
+    anchor_col = w.abs().argmax(1)
+    anchor_val = w[r, anchor_col].clone()
+    rowmax = anchor_val.abs()
     scale = torch.where(rowmax > 0, rowmax / qmax, torch.ones_like(rowmax))
     ratio = values[None, :] / scale[:, None]
     grid = torch.clamp(torch.round(ratio), -qmax, qmax) * scale[:, None]
@@ -151,14 +154,11 @@ def _gptq_layer_shared(w: torch.Tensor, h: torch.Tensor, damp: float, qmax: int 
     # and power-of-two-ish scales make exact ties common)
     tie = ((ratio - torch.floor(ratio)) - 0.5).abs() < 1e-3
     ok = (values[None, :].abs() <= rowmax[:, None]) & ~tie
-    ok[torch.arange(rows), torch.searchsorted(values, w[torch.arange(rows), w.abs().argmax(1)])] = True
+    ok[r, torch.searchsorted(values, anchor_val)] = True  # the anchor's own value, tie or not
     grid = torch.where(ok, grid, torch.full_like(grid, float("inf")))
-    anchor_col = w.abs().argmax(1)
-    anchor_val = w[torch.arange(rows), anchor_col].clone()
     zero = w == 0
     hinv = _inverse_factor(h, damp)
     out = torch.zeros_like(w)
-    r = torch.arange(rows)
     for i in range(k):
         col = w[:, i]
         j = torch.argmin((grid - col[:, None]).abs(), dim=1)
