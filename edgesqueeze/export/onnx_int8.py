@@ -314,11 +314,7 @@ def share_concat_ranges(proto) -> int:
                 q.input[1], q.input[2] = scale, zero
                 dq.input[1], dq.input[2] = scale, zero
                 changed += 1
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return changed
+    return changed  # the inputs' own scales, now unread, go with compact_qdq's unused initializers
 
 
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile",
