@@ -324,6 +324,23 @@ def test_tflite_fp32_unresizable_loops_over_batch(tflite_models):
 
 
 @slow
+def test_packed_tflite_unresizable_loops_from_its_decoded_bytes(tflite_models, tmp_path):
+    """A failed resize rebuilds the interpreter; for a packed file it must come from the
+    decoded bytes (the ``.esq`` itself is no flatbuffer)."""
+    from edgesqueeze.export.packed import pack_file
+
+    packed, _ = pack_file(tflite_models["flat"], tmp_path / "flat.tflite.esq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        art = load(packed)
+    for n in (3, 1, 2):
+        x = rand(n, (1, 8, 8), seed=20 + n)
+        np.testing.assert_allclose(art.predict(x), torch_out(tflite_models["flat_net"], x),
+                                   rtol=1e-4, atol=1e-5)
+    assert art._resizable is False
+
+
+@slow
 def test_tflite_int8_io_quantized_and_resized(tflite_models):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

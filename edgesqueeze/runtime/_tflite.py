@@ -148,7 +148,7 @@ class TFLiteArtifact(Artifact):
 
     def _reset(self) -> None:
         """A fresh interpreter at the file's own shapes (after a failed resize)."""
-        self.interpreter = make_interpreter(self.path, self._cls, threads=self.threads)
+        self.interpreter = make_interpreter(self.path, self._cls, threads=self.threads, data=self._data)
         self._batch = self._base_batch
 
     def _predict_native(self, x: np.ndarray) -> np.ndarray:
