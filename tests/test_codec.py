@@ -183,6 +183,29 @@ def test_raw_stored_dtype_is_checked(entry, match):
         loads_model(data)
 
 
+def test_bool_bytes_other_than_0_and_1_are_refused():
+    entry = ["flags", "bool", [3]]
+    ok = container.dumps({}, [(RAW_SECTION, bytes([1, 0, 1]), {"enc": "raw", "tensors": [entry]})])
+    assert loads_model(ok)[0]["flags"].tolist() == [True, False, True]
+    bad = container.dumps({}, [(RAW_SECTION, bytes([1, 2, 1]), {"enc": "raw", "tensors": [entry]})])
+    with pytest.raises(FormatError, match="tensor flags is bool but holds bytes other than 0 and 1"):
+        loads_model(bad)
+
+
+def test_a_tensor_in_two_places_is_refused():
+    entry = ["t", "int8", [2]]
+    twice = container.dumps({}, [(RAW_SECTION, bytes(4), {"enc": "raw", "tensors": [entry, entry]})])
+    with pytest.raises(FormatError, match="tensor t is listed twice"):
+        loads_model(twice)
+    data, _ = dumps_model({"w": shared_tensor((16, 16), 8, 0.5), "b": torch.ones(3)}, {})
+    arc = container.loads(data)
+    blob, info = arc.sections[RAW_SECTION]
+    both = container.dumps({}, [("w", *arc.sections["w"]),
+                                (RAW_SECTION, blob + bytes(1024), {**info, "tensors": info["tensors"] + [["w", "float32", [16, 16]]]})])
+    with pytest.raises(FormatError, match="tensor w is in another section too"):
+        loads_model(both)
+
+
 def test_float16_codebook_only_when_exact():
     exact = shared_tensor((32, 32), 16, 0.5).half().float()
     _, info, _ = encode_shared("w", exact, codebook_dtype="float16")

@@ -184,6 +184,8 @@ _fraction_in_int8_codebook = _int8_codebook_value(0.5)
     (lambda m, s: m["packed"].update(bytes=m["packed"]["bytes"] + 1), "recorded"),
     (lambda m, s: m.pop("packed"), "not a packed file"),
     (lambda m, s: m["packed"].pop("format"), "meta.packed"),
+    (lambda m, s: m["packed"].update(name=""), "meta.packed: needs name \\(non-empty\\)"),
+    (lambda m, s: m["packed"].update(sha256=m["packed"]["sha256"].upper()), "64 lowercase hex digits"),
     (lambda m, s: s["skeleton"][1].update(n=s["skeleton"][1]["n"] - 1), "skeleton"),
     (lambda m, s: s["skeleton"][1].update(codec="brotli"), "unknown codec"),
     (lambda m, s: s.update(skeleton=(b"\x00" * 10, s["skeleton"][1])), "skeleton"),
@@ -298,8 +300,11 @@ def test_requantized_tensors_code_their_float_codebook():
     plain, rows_plain = pack(data, [PackedTensor("w", q, offset=128)], name="f", fmt="onnx-int8")
     rq, rows_rq = pack(data, [PackedTensor("w", q, offset=128, source=src, scales=scales)], name="f", fmt="onnx-int8")
     assert unpack(rq) == data and unpack(plain) == data
-    info = container.loads(rq).sections["t0"][1]
-    assert info["requant"] == {"scale_at": 4, "qmax": 127} and info["k"] <= 48
+    arc = container.loads(rq)
+    info = arc.sections["t0"][1]
+    # these scales are max|w| / 127 per channel: the decoder derives them, the skeleton lacks them
+    assert info["requant"] == {"scale_at": 4, "qmax": 127, "scales": {"from": "max_abs"}} and info["k"] <= 48
+    assert arc.sections["skeleton"][1]["n"] == len(data) - q.nbytes - scales.nbytes
     assert rows_rq[0]["coded_bytes"] < 0.8 * rows_plain[0]["coded_bytes"]
     # a source that does not give these integers is not used: the integers are coded
     wrong = src.copy()
@@ -345,7 +350,136 @@ def test_requantized_codebook_with_nan_is_refused():
     ("x", "bad requant entry"),
 ])
 def test_bad_requant_entries_are_refused(rq, match):
-    data, src, scales, q = _requant_file(np.random.default_rng(4))
+    data, src, scales, q = _requant_file(np.random.default_rng(4), spread=3.0)  # scales stored
     blob, _ = pack(data, [PackedTensor("w", q, offset=128, source=src, scales=scales)], name="f", fmt="onnx-int8")
+    assert "scales" not in container.loads(blob).sections["t0"][1]["requant"]
     with pytest.raises(FormatError, match=match):
         unpack(_rewrite(blob, lambda m, s: s["t0"][1].update(requant=rq)))
+
+
+def _zero_channel_file(zero: float, channels: int = 64):
+    """A requantized tensor whose channel 5 is all zeros, with scale ``zero`` there (1.0 in
+    onnxruntime's files, 2**-12 in litert-torch's)."""
+    rng = np.random.default_rng(7)
+    from edgesqueeze.format.packed import requantize
+
+    cb = np.float32(rng.standard_normal(48) * 0.1)
+    src = np.where(rng.random((channels, 40)) < 0.5, 0, rng.choice(cb, (channels, 40))).astype(np.float32)
+    src[5] = 0
+    scales = np.abs(src).max(1) / np.float32(127)
+    scales[5] = zero
+    q = requantize(src, scales, 0, 127).astype(np.int8)
+    data = b"HEAD" + scales.astype("<f4").tobytes() + b"mid" + q.tobytes() + b"TAIL"
+    return data, src, scales, q
+
+
+@pytest.mark.parametrize("zero", [1.0, 2.0 ** -12])
+def test_derived_scales_with_an_all_zero_channel(zero):
+    data, src, scales, q = _zero_channel_file(zero)
+    blob, _ = pack(data, [PackedTensor("w", q, source=src, scales=scales)], name="f", fmt="tflite-int8")
+    assert container.loads(blob).sections["t0"][1]["requant"]["scales"] == {"from": "max_abs", "zero": zero}
+    assert unpack(blob) == data
+    # two different scales on all-zero channels follow no rule: the scales stay in the file
+    scales2, src2 = scales.copy(), src.copy()
+    src2[6] = 0
+    scales2[6] = zero * 2
+    q2 = packed_mod.requantize(src2, scales2, 0, 127).astype(np.int8)
+    data2 = b"HEAD" + scales2.astype("<f4").tobytes() + b"mid" + q2.tobytes() + b"TAIL"
+    blob2, _ = pack(data2, [PackedTensor("w", q2, source=src2, scales=scales2)], name="f", fmt="tflite-int8")
+    assert "scales" not in container.loads(blob2).sections["t0"][1]["requant"] and unpack(blob2) == data2
+
+
+def test_derived_scales_are_not_coded_twice():
+    """An ONNX file's scales are an initializer too, offered to the packer as a tensor of
+    its own: once derived, their bytes are taken (a second claim made the layout overlap)."""
+    data, src, scales, q = _zero_channel_file(1.0, channels=1024)  # few maxima: codable scales, > 2 KiB
+    blob, rows = pack(data, [PackedTensor("w", q, source=src, scales=scales), PackedTensor("w/s", scales)],
+                      name="f", fmt="onnx-int8")
+    assert unpack(blob) == data and "scales" in container.loads(blob).sections["t0"][1]["requant"]
+    assert [r["coded_bytes"] is None for r in rows] == [False, True]
+
+
+@pytest.mark.parametrize("rule, match", [
+    ({"from": "max_abs"}, "all-zero channel and no scale"),  # the zero channel's scale dropped
+    ({"from": "mean"}, "bad scales rule"),
+    ({"from": "max_abs", "zero": 0.1}, "bad scales rule"),  # not a float32 value
+    ({"from": "max_abs", "zero": -1.0}, "bad scales rule"),
+    ({"from": "max_abs", "zero": True}, "bad scales rule"),
+    ("max_abs", "bad scales rule"),
+    ({"from": "max_abs", "zero": 0.5}, "SHA-256"),  # well-formed, but not what the file holds
+])
+def test_bad_scale_rules_are_refused(rule, match):
+    data, src, scales, q = _zero_channel_file(1.0)
+    blob, _ = pack(data, [PackedTensor("w", q, source=src, scales=scales)], name="f", fmt="tflite-int8")
+    with pytest.raises(FormatError, match=match):
+        unpack(_rewrite(blob, lambda m, s: s["t0"][1]["requant"].update(scales=rule)))
+
+
+def test_a_zero_scale_may_be_an_integer_json_number():
+    """Another writer may write 1.0 as ``1``: the same value."""
+    data, src, scales, q = _zero_channel_file(1.0)
+    blob, _ = pack(data, [PackedTensor("w", q, source=src, scales=scales)], name="f", fmt="tflite-int8")
+    assert unpack(_rewrite(blob, lambda m, s: s["t0"][1]["requant"]["scales"].update(zero=1))) == data
+
+
+def test_stored_scales_must_not_lie_on_late_bytes():
+    """Scales read from the file must be final when read: not a requantized tensor's bytes
+    (filled in no fixed order) nor a product's (filled last)."""
+    data, src, scales, q = _requant_file(np.random.default_rng(4), spread=3.0)  # scales stored
+    blob, _ = pack(data, [PackedTensor("w", q, offset=128, source=src, scales=scales)], name="f", fmt="onnx-int8")
+    at = container.loads(blob).sections["t0"][1]["at"]
+    with pytest.raises(FormatError, match="section t0: its scales at .* lie on a requantized tensor or a product"):
+        unpack(_rewrite(blob, lambda m, s: s["t0"][1]["requant"].update(scale_at=at + 4)))
+
+
+def test_derived_scales_must_not_overlap():
+    data, src, scales, q = _zero_channel_file(1.0)
+    blob, _ = pack(data, [PackedTensor("w", q, source=src, scales=scales)], name="f", fmt="tflite-int8")
+    at = container.loads(blob).sections["t0"][1]["at"]
+    with pytest.raises(FormatError, match="section t0: its (scales|tensor) at .* overlaps the previous span or lies past"):
+        unpack(_rewrite(blob, lambda m, s: s["t0"][1]["requant"].update(scale_at=at + 8)))
+    with pytest.raises(FormatError, match="bad requant entry"):
+        unpack(_rewrite(blob, lambda m, s: s["t0"][1]["requant"].update(scale_at=-4)))
+
+
+def _product_file(rng: np.random.Generator, n: int = 64):
+    """A TFLite-like layout: an input scale, weight scales, and bias scales that are their
+    float32 product, among other bytes."""
+    w = np.float32(rng.uniform(1e-4, 1e-2, n))
+    s_in = np.float32(0.0173)
+    b = (s_in * w).astype(np.float32)
+    data = (b"HEAD" + np.array([s_in], "<f4").tobytes() + rng.bytes(40) + w.astype("<f4").tobytes()
+            + rng.bytes(17) + b.astype("<f4").tobytes() + b"TAIL")
+    return data, s_in, w, b
+
+
+def test_products_are_multiplied_out():
+    data, s_in, w, b = _product_file(np.random.default_rng(0))
+    blob, _ = pack(data, [], name="f", fmt="tflite-int8", scale_arrays=[w, b])
+    arc = container.loads(blob)
+    (name, (body, info)), = [(k, v) for k, v in arc.sections.items() if k != "skeleton"]
+    assert body == b"" and info == {"enc": "product", "at": len(data) - 4 - b.nbytes, "n": len(b),
+                                    "a": 4, "b": 48}
+    assert arc.sections["skeleton"][1]["n"] == len(data) - b.nbytes and unpack(blob) == data
+    # arrays that are no product of the file's values stay in the skeleton
+    other = w * np.float32(1.5)
+    blob2, _ = pack(data, [], name="f", fmt="tflite-int8", scale_arrays=[w, other])
+    assert list(container.loads(blob2).sections) == ["skeleton"] and unpack(blob2) == data
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda i: i.update(a=10 ** 9), "past the file or on a product"),
+    (lambda i: i.update(b=i["at"] - 8), "past the file or on a product"),  # reads its own bytes
+    (lambda i: i.update(n=0), "bad product entry"),
+    (lambda i: i.update(a=-1), "bad product entry"),
+    (lambda i: i.update(at=3), "on a product"),  # a valid layout, but its own factor lies in it
+    (lambda i: i.update(at=10 ** 6), "past the file"),
+    (lambda i: i.update(a=0), "SHA-256"),  # well-formed, the wrong factor
+])
+def test_bad_products_are_refused(edit, match):
+    data, s_in, w, b = _product_file(np.random.default_rng(1))
+    blob, _ = pack(data, [], name="f", fmt="tflite-int8", scale_arrays=[w, b])
+    with pytest.raises(FormatError, match=match):
+        unpack(_rewrite(blob, lambda m, s: edit(s["p0"][1])))
+    with pytest.raises(FormatError, match="bad product entry"):
+        unpack(_rewrite(blob, lambda m, s: s.update(p0=(b"x", s["p0"][1]))))

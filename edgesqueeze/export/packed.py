@@ -68,23 +68,32 @@ def tflite_tensors(data: bytes, sources: dict[str, np.ndarray] | None = None) ->
     channel (axis 0) whose tensor is named after its module (``features.3.squeeze:2``, as
     litert-torch names them) gets its float source, transposed to TFLite's OHWI for a conv,
     and its scales, so that the packer can code the float codebook and requantize."""
+    return _read_tflite(data, sources)[0]
+
+
+def _read_tflite(data: bytes, sources: dict[str, np.ndarray] | None = None):
+    """``(tflite_tensors(data, sources), per-channel scale arrays of every tensor)``: the
+    scales of an int8 conv's bias are its input's scale times its weight's, which the packer
+    leaves for the decoder to multiply out (``pack(scale_arrays=...)``)."""
     from edgesqueeze.runtime._tflite import import_interpreter
 
     cls, _, _ = import_interpreter("<bytes>")
     interp = cls(model_content=bytes(data))
     interp.allocate_tensors()
-    out = []
+    out, scale_arrays = [], []
     for d in interp.get_tensor_details():
+        q = d.get("quantization_parameters") or {}
+        if len(q.get("scales", [])) > 1:
+            scale_arrays.append(np.asarray(q["scales"], np.float32))
         try:
             arr = interp.get_tensor(d["index"])
         except ValueError:  # tensors without data
             continue
-        q = d.get("quantization_parameters") or {}
         zps = np.asarray(q.get("zero_points", []))
         offset = int(zps.flat[0]) if arr.dtype == np.uint8 and zps.size and (zps == zps.flat[0]).all() else 0
         source, scales = _tflite_source(d["name"], arr, q, sources) if sources else (None, None)
         out.append(PackedTensor(d["name"], np.array(arr), offset, source=source, scales=scales))
-    return out
+    return out, scale_arrays
 
 
 def _tflite_source(name: str, arr: np.ndarray, q: dict, sources: dict[str, np.ndarray]):
@@ -120,12 +129,12 @@ def pack_file(path: str | os.PathLike, out: str | os.PathLike | None = None, *,
         raise ExportError(f"cannot read {path}: {exc.strerror or exc}") from None
     kind = "tflite" if data[4:8] == b"TFL3" else "onnx"
     try:
-        tensors = tflite_tensors(data, sources) if kind == "tflite" else onnx_tensors(data, sources)
+        tensors, scale_arrays = _read_tflite(data, sources) if kind == "tflite" else (onnx_tensors(data, sources), [])
     except Exception as exc:  # onnx / LiteRT raise many kinds
         raise ExportError(f"{path}: not a readable {kind} file: {type(exc).__name__}: {str(exc)[:200]}") from None
     fmt = fmt or kind
     try:
-        blob, rows = pack(data, tensors, name=path.name, fmt=fmt)
+        blob, rows = pack(data, tensors, name=path.name, fmt=fmt, scale_arrays=scale_arrays)
     except FormatError as exc:
         raise ExportError(f"{path}: {exc}") from None
     out = Path(out) if out is not None else path.with_name(path.name + PACKED_SUFFIX)

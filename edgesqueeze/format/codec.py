@@ -449,6 +449,8 @@ def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, np.ndarray]:
         if not (isinstance(entry, list) and len(entry) in (3, 4) and isinstance(entry[0], str)):
             raise FormatError(f"section {section}: bad tensor entry {entry!r}")
         name, dtype, shape = entry[:3]
+        if name in out:
+            raise FormatError(f"section {section}: tensor {name} is listed twice")
         stored = entry[3] if len(entry) == 4 else dtype
         if dtype not in _NP_DTYPES or _NP_DTYPES[dtype] is None:
             raise FormatError(f"section {section}: tensor {name} has unknown dtype {dtype!r}")
@@ -460,6 +462,8 @@ def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, np.ndarray]:
         if size > len(blob) - pos:
             raise FormatError(f"section {section}: tensor {name} needs {size} bytes, {len(blob) - pos} are left")
         arr = np.frombuffer(blob, dtype=np_dtype, count=size // np_dtype.itemsize, offset=pos)
+        if dtype == "bool" and (arr.view(np.uint8) > 1).any():
+            raise FormatError(f"section {section}: tensor {name} is bool but holds bytes other than 0 and 1")
         arr = arr.astype(np.dtype(_NP_DTYPES[dtype]))  # native order; float16 -> float32 is exact
         out[name] = arr.reshape(shape)
         pos += size
@@ -510,8 +514,14 @@ def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
         if not isinstance(info, dict) or info.get("enc") not in ("shared", "raw"):
             raise FormatError(f"section {name}: unknown encoding {info.get('enc') if isinstance(info, dict) else info!r}")
         if info["enc"] == "raw":
-            out.update(_decode_raw(name, blob, info))
+            raw = _decode_raw(name, blob, info)
+            again = sorted(raw.keys() & (out.keys() | {p[0] for p in pending}))
+            if again:
+                raise FormatError(f"section {name}: tensor {again[0]} is in another section too")
+            out.update(raw)
             continue
+        if name in out:
+            raise FormatError(f"section {name}: tensor {name} is in a raw section too")
         numel = shape_numel(info.get("shape"), name)
         shape = info["shape"]
         axis = info.get("axis")

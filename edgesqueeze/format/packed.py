@@ -23,6 +23,11 @@ A tensor section's info is the codec's (``shape``, codebook, streams) plus::
     dtype   how its values are stored there: "int8", "uint8", "int16", "int32" or "float32"
     offset  added to each decoded value before it is stored (128 for uint8 weights whose zero
             point is 128: they are coded as the signed values q - 128, so zero stays zero)
+    requant optional: the section codes the float weights, the decoder requantizes them with
+            the file's per-channel scales, and with ``requant.scales`` computes those too
+
+A product section (``enc: "product"``, no content) is ``n`` float32 values at ``at``, a
+scalar at ``a`` times ``n`` values at ``b`` of the restored file (a TFLite bias's scales).
 
 Worked example: a file ``b"HEAD" + int8[0, 0, 3, 0, -2, 3] + b"TAIL"`` packs into a skeleton
 ``b"HEADTAIL"`` and one tensor at 4 with values ``[0, 0, 3, 0, -2, 3]``: codebook ``[-2, 3]``,
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import re
 import threading
 import zlib
 from collections.abc import Iterable, Sequence
@@ -49,6 +55,12 @@ __all__ = ["PACKED_KEY", "SKELETON", "PackedTensor", "pack", "unpack", "restore"
 
 PACKED_KEY = "packed"  # meta key of a packed archive
 SKELETON = "skeleton"
+PRODUCT = "product"  # a section's enc: float32 values the decoder multiplies out
+TENSOR, REQUANT, SCALES = "tensor", "requant", "scales"  # the other kinds of span restore() fills
+_F32 = np.dtype("<f4")
+# restore()'s expected ns per compressed skeleton byte, coded tensor byte, output byte and
+# requantized value (fitted on ImageNet SqueezeNet's packed files, benchmarks/notes.md, session 24)
+_SPLIT_NS = (52.0, 6.6, 0.12, 2.9)
 MIN_TENSOR_BYTES = 256  # smaller tensors stay in the skeleton (a section costs ~40 header bytes)
 # Coded tensors up to this size (biases, scales, zero points) are tried back in the skeleton
 # (pack). On ImageNet SqueezeNet's onnx-int8 file: 2 KiB, 4.3 KB smaller and 0.7 ms faster to
@@ -151,7 +163,34 @@ def _requant_candidate(data: bytes, t: PackedTensor, v: np.ndarray, taken, use_h
         blob, info, _ = codec.encode_shared(t.name, src, codebook_dtype="float16", use_huffman=use_huffman)
     except FormatError:
         return None
-    return blob, info, {"requant": {"scale_at": scale_at, "qmax": int(t.qmax)}}
+    requant: dict[str, Any] = {"scale_at": scale_at, "qmax": int(t.qmax)}
+    rule = _scale_rule(src, scales, int(t.qmax))
+    if rule is not None:
+        requant["scales"] = rule
+    return blob, info, {"requant": requant}
+
+
+def _max_abs_scales(max_abs: np.ndarray, qmax: int, zero: float) -> np.ndarray:
+    """The per-channel scales ``max_abs / qmax`` (float32 division), ``zero`` where a channel
+    is all zeros: how symmetric per-channel quantizers (onnxruntime's, torch's, and so
+    litert-torch's) set them."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = max_abs.astype(np.float32) / np.float32(qmax)
+    return np.where(max_abs > 0, s, np.float32(zero)).astype(np.float32)
+
+
+def _scale_rule(src: np.ndarray, scales: np.ndarray, qmax: int) -> dict[str, Any] | None:
+    """``{"from": "max_abs"[, "zero": z]}`` when the scales follow from the weights
+    (:func:`_max_abs_scales`, exactly), so the file need not store them; else None."""
+    max_abs = np.abs(src.reshape(len(scales), -1)).max(1, initial=0)
+    zeros = scales[max_abs == 0]
+    if zeros.size and not (zeros == zeros[0]).all():
+        return None
+    rule: dict[str, Any] = {"from": "max_abs"}
+    if zeros.size:
+        rule["zero"] = float(zeros[0])
+    derived = _max_abs_scales(max_abs, qmax, rule.get("zero", 1.0))
+    return rule if np.array_equal(derived.view(np.uint32), scales.view(np.uint32)) else None
 
 
 def _compress(data: bytes, *, tune: bool = False) -> tuple[bytes, dict[str, Any]]:
@@ -168,15 +207,19 @@ def _compress(data: bytes, *, tune: bool = False) -> tuple[bytes, dict[str, Any]
 
 
 def pack(data: bytes, tensors: Iterable[PackedTensor], *, name: str, fmt: str,
-         meta: dict[str, Any] | None = None) -> tuple[bytes, list[dict[str, Any]]]:
+         meta: dict[str, Any] | None = None,
+         scale_arrays: Sequence[np.ndarray] = ()) -> tuple[bytes, list[dict[str, Any]]]:
     """Pack the file ``data`` (named ``name``, of format ``fmt``, e.g. ``"tflite-int8"``).
 
     ``tensors``: the file's weight tensors with their values (the caller reads them with
     onnx or LiteRT); each is found in ``data`` by its bytes and coded where that is smaller.
     A tensor not found, or not worth coding, simply stays in the skeleton: the result always
     decodes to ``data`` exactly (checked here before returning). ``meta``: more header
-    entries (the artifact's metadata). Returns the archive bytes and one row per tensor
-    (name, bytes before and after, non-zeros, whether it was coded)."""
+    entries (the artifact's metadata). ``scale_arrays``: the file's per-channel float32
+    quantization scales (weights', biases'); an array that is another one times a scalar
+    the file also holds (a TFLite bias's scales: its input's scale times its weight's) is
+    left for the decoder to multiply out (:func:`_products`). Returns the archive bytes and
+    one row per tensor (name, bytes before and after, non-zeros, whether it was coded)."""
     data = bytes(data)
     ordered = sorted(tensors, key=lambda t: -np.asarray(t.values).nbytes)  # big ones claim first
     coded, rows = _code_tensors(data, ordered, use_huffman=True)
@@ -187,7 +230,7 @@ def pack(data: bytes, tensors: Iterable[PackedTensor], *, name: str, fmt: str,
             coded, rows = other
     head = {**(meta or {}), PACKED_KEY: {"name": name, "format": fmt, "bytes": len(data),
                                          "sha256": hashlib.sha256(data).hexdigest()}}
-    coded = _fewer_sections(data, coded, head)
+    coded = _fewer_sections(data, coded + _products(data, scale_arrays, coded), head)
     out = _assemble(data, coded, head, tune=True)
     if unpack(out) != data:  # never write a file that does not restore its input
         raise FormatError(f"{name}: packing did not round-trip (a bug); nothing written")
@@ -233,19 +276,82 @@ def _fewer_sections(data: bytes, coded: list, head: dict[str, Any]) -> list:
     return keep + [c for c in small if id(c) not in inside]
 
 
+def _cuts(c) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the bytes a coded entry takes out of the skeleton: its own,
+    and its scales where the decoder derives them."""
+    at, n, _, info, _ = c
+    rq = info.get("requant")
+    if isinstance(rq, dict) and "scales" in rq:
+        return [(at, n), (rq["scale_at"], 4 * info["shape"][0])]
+    return [(at, n)]
+
+
 def _assemble(data: bytes, coded: list, head: dict[str, Any], *, tune: bool = False) -> bytes:
-    """The archive of ``data`` with the ``coded`` tensors as sections, the rest its skeleton
-    (``tune``: see :func:`_compress`)."""
+    """The archive of ``data`` with the ``coded`` tensors (and products) as sections, the
+    rest its skeleton (``tune``: see :func:`_compress`)."""
     coded = sorted(coded, key=lambda c: c[0])
+    cuts = sorted(cut for c in coded for cut in _cuts(c))
     pieces, pos = [], 0
-    for at, n, *_ in coded:
+    for at, n in cuts:
         pieces.append(data[pos:at])
         pos = at + n
     pieces.append(data[pos:])
     skeleton, how = _compress(b"".join(pieces), tune=tune)
-    sections = [(SKELETON, skeleton, {"enc": "skeleton", **how, "n": len(data) - sum(c[1] for c in coded)})]
-    sections += [(f"t{i}", c[2], c[3]) for i, c in enumerate(coded)]
+    sections = [(SKELETON, skeleton, {"enc": "skeleton", **how, "n": len(data) - sum(n for _, n in cuts)})]
+    tensors = [c for c in coded if c[3].get("enc") != PRODUCT]
+    products = [c for c in coded if c[3].get("enc") == PRODUCT]
+    sections += [(f"t{i}", c[2], c[3]) for i, c in enumerate(tensors)]
+    sections += [(f"p{i}", c[2], c[3]) for i, c in enumerate(products)]
     return container.dumps(head, sections)
+
+
+def _scalar(x: np.ndarray, y: np.ndarray) -> np.float32 | None:
+    """A float32 ``s`` with ``s * y == x`` bit for bit (float32 multiplication), or None."""
+    s0 = np.float32(float(x[0]) / float(y[0]))
+    for s in (s0, np.nextafter(s0, np.float32(np.inf)), np.nextafter(s0, np.float32(-np.inf))):
+        if np.isfinite(s) and s != 0 and np.array_equal((s * y).view(np.uint32), x.view(np.uint32)):
+            return s
+    return None
+
+
+def _products(data: bytes, arrays: Sequence[np.ndarray], coded: list) -> list:
+    """Product entries ``(at, bytes, b"", info, row)``: each float32 array of ``arrays``
+    found in ``data`` outside the ``coded`` entries' bytes that equals another array of the
+    file times a float32 scalar the file holds too (a TFLite bias's per-channel scales are
+    its input's scale times its weight's: 4 bytes a channel the skeleton need not hold).
+    Sources never overlap a product's bytes, so products can be computed in any order once
+    everything else is in place."""
+    taken = [(a, a + n) for c in coded for a, n in _cuts(c)]
+    vecs = []
+    for arr in arrays:
+        x = np.ascontiguousarray(np.asarray(arr, dtype=np.float32).reshape(-1))
+        if x.size >= 2 and np.isfinite(x).all() and (x != 0).all():
+            vecs.append(x)
+    outs: list[tuple[int, int]] = []
+    srcs: list[tuple[int, int]] = []
+    found = []
+    for i, x in enumerate(vecs):
+        raw = x.astype("<f4").tobytes()
+        at = _find(data, raw, taken + outs + srcs)
+        if at is None:
+            continue
+        span = (at, at + len(raw))
+        for j, y in enumerate(vecs):
+            if j == i or y.size != x.size or np.array_equal(x, y):
+                continue
+            s = _scalar(x, y)
+            if s is None:
+                continue
+            a = _find(data, np.array([s], "<f4").tobytes(), outs + [span])
+            b = _find(data, y.astype("<f4").tobytes(), outs + [span])
+            if a is None or b is None:
+                continue
+            outs.append(span)
+            srcs += [(a, a + 4), (b, b + len(raw))]
+            found.append((at, len(raw), b"", {"enc": PRODUCT, "at": at, "n": int(x.size), "a": a, "b": b},
+                          {"name": f"product at {at}", "coded_bytes": 0}))
+            break
+    return found
 
 
 def _code_tensors(data: bytes, ordered: list[PackedTensor], *, use_huffman: bool):
@@ -277,7 +383,7 @@ def _code_tensors(data: bytes, ordered: list[PackedTensor], *, use_huffman: bool
         if blob is None or len(blob) + 40 >= len(raw):
             continue
         info = {**info, "at": at, "dtype": v.dtype.name, "offset": int(t.offset), **extra}
-        taken.append((at, at + len(raw)))
+        taken += [(a, a + n) for a, n in _cuts((at, len(raw), blob, info, row))]
         coded.append((at, len(raw), blob, info, row))
         row["coded_bytes"] = len(blob)
     return coded, rows
@@ -295,11 +401,13 @@ def packed_info(archive: container.Archive) -> dict[str, Any]:
     if not isinstance(info, dict):
         raise FormatError("not a packed file: an .esq checkpoint archive (compressed weights of a torch "
                           "model); export it, or pack an .onnx/.tflite with `edgesqueeze export --pack`")
-    ok = (isinstance(info.get("name"), str) and isinstance(info.get("format"), str)
+    ok = (isinstance(info.get("name"), str) and info["name"] and isinstance(info.get("format"), str)
           and isinstance(info.get("bytes"), int) and not isinstance(info.get("bytes"), bool)
-          and 0 <= info["bytes"] < 1 << 34 and isinstance(info.get("sha256"), str) and len(info["sha256"]) == 64)
+          and 0 <= info["bytes"] < 1 << 34 and isinstance(info.get("sha256"), str)
+          and re.fullmatch("[0-9a-f]{64}", info["sha256"]) is not None)
     if not ok:
-        raise FormatError(f"meta.packed: needs name, format, bytes and sha256, got {info!r}")
+        raise FormatError(f"meta.packed: needs name (non-empty), format, bytes (an integer, 0 to 2**34) and "
+                          f"sha256 (64 lowercase hex digits), got {info!r}")
     return info
 
 
@@ -366,27 +474,44 @@ def _fill(dest: np.ndarray, name: str, t: codec.Coded, offset: int) -> None:
     _store(dest, t.pos, lut.take(t.ix), zero)
 
 
-def _fill_requantized(dest: np.ndarray, name: str, t: codec.Coded, scales: np.ndarray,
-                      offset: int, qmax: int) -> None:
-    """Store ``requantize(t, scales, offset, qmax)`` into ``dest``, the same float32
+def _requantize(out: np.ndarray, name: str, t: codec.Coded, r, at: int, dtype: np.dtype, offset: int,
+                late: Sequence[tuple[int, int]] = ()) -> None:
+    """Fill in a requantized tensor at ``at`` of ``out`` (``r``: its ``requant`` entry),
+    deriving its scales first where ``r`` says so (and writing them at ``scale_at``), else
+    reading them there: ``clip(rint(v / scale_c), -qmax, qmax) + offset``, the same float32
     arithmetic as :func:`requantize` on the dense tensor, so the same integers, computed for
     the coded weights only. (Requantizing each (channel, codebook entry) pair once and
     gathering was slower: the gather needs an index per weight either way.) Clipping
-    bounds every value, so the dtype is checked once, on the bounds."""
-    _limits(name, dest.dtype, -qmax + offset, qmax + offset)
+    bounds every value, so the dtype is checked once, on the bounds. ``late``: spans whose
+    bytes are not final when scales are read (requantized tensors, products): stored
+    scales must not lie on them."""
+    scale_at, qmax = (r.get("scale_at"), r.get("qmax")) if isinstance(r, dict) else (None, None)
+    n_ch = t.shape[0] if t.shape else 0
+    if not (_is_uint(scale_at) and _is_uint(qmax) and 1 <= qmax <= 32767 and n_ch > 0
+            and scale_at + 4 * n_ch <= len(out)):
+        raise FormatError(f"section {name}: bad requant entry {r!r}")
     if not np.isfinite(t.cb).all():
         raise FormatError(f"section {name}: its codebook holds NaN or infinity")
-    n_ch = len(scales)
-    inner = t.numel // n_ch
-    # coded weights per output channel (positions are increasing): no division per weight
-    counts = inner if t.pos is None else np.diff(np.searchsorted(t.pos, np.arange(n_ch + 1) * inner))
+    _limits(name, dtype, -qmax + offset, qmax + offset)
+    counts = _channel_counts(t, n_ch)
     q = t.cb.take(t.ix)
-    np.divide(q, np.repeat(scales.astype(np.float32), counts), out=q)
+    if "scales" in r:
+        scales = _derived_scales(name, r["scales"], q, counts, qmax)
+        out[scale_at:scale_at + 4 * n_ch] = scales.astype("<f4").view(np.uint8)
+    else:
+        end = scale_at + 4 * n_ch
+        if any(a < end and scale_at < b for a, b in late):
+            raise FormatError(f"section {name}: its scales at {scale_at} lie on a requantized tensor or a product")
+        scales = np.frombuffer(out, "<f4", n_ch, scale_at).copy()
+        if not (np.isfinite(scales).all() and (scales > 0).all()):
+            raise FormatError(f"section {name}: its scales at {scale_at} are not positive floats")
+    np.divide(q, np.repeat(scales, counts), out=q)
     np.rint(q, out=q)
     np.clip(q, -qmax, qmax, out=q)
     if offset:
         q += np.float32(offset)
-    _store(dest, t.pos, q.astype(dest.dtype), offset)  # a zero weight: rint(0 / scale) + offset
+    dest = np.frombuffer(out, dtype, t.numel, at)
+    _store(dest, t.pos, q.astype(dtype), offset)  # a zero weight: rint(0 / scale) + offset
 
 
 def _skeleton(archive: container.Archive, n: int) -> bytes:
@@ -485,23 +610,44 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
     n_sk = sk.get("n") if isinstance(sk, dict) else None
     if not isinstance(n_sk, int) or isinstance(n_sk, bool) or not 0 <= n_sk <= info["bytes"]:
         raise FormatError(f"section {SKELETON}: bad size {n_sk!r}")
-    tensors = {k: v for k, v in archive.sections.items() if k != SKELETON}
-    spans = []  # (offset in the file, section, dtype, value offset, requantized?, elements)
-    for k, (_, ti) in tensors.items():
-        if not isinstance(ti, dict) or ti.get("enc") != "shared":
+    tensors, products = {}, {}
+    # (offset in the file, section, dtype, value offset, kind, elements); kind: TENSOR,
+    # REQUANT (integers computed from the decoded floats), SCALES (a requantized tensor's
+    # scales, derived from its floats) or PRODUCT
+    spans = []
+    for k, (blob, ti) in archive.sections.items():
+        if k == SKELETON:
+            continue
+        enc = ti.get("enc") if isinstance(ti, dict) else None
+        at = ti.get("at") if isinstance(ti, dict) else None
+        if enc not in ("shared", PRODUCT):
             raise FormatError(f"section {k}: not a coded tensor")
-        at = ti.get("at")
-        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+        if not _is_uint(at):
             raise FormatError(f"section {k}: bad offset {at!r}")
+        if enc == PRODUCT:
+            n, a, b = ti.get("n"), ti.get("a"), ti.get("b")
+            if blob or not (_is_uint(n) and n > 0 and _is_uint(a) and _is_uint(b)):
+                raise FormatError(f"section {k}: bad product entry")
+            products[k] = (a, b, n)
+            spans.append((at, k, _F32, 0, PRODUCT, n))
+            continue
+        tensors[k] = (blob, ti)
         dtype, offset = _dtype(k, ti)
-        spans.append((at, k, dtype, offset, "requant" in ti, codec.shape_numel(ti.get("shape"), k)))
+        numel = codec.shape_numel(ti.get("shape"), k)
+        rq = ti.get("requant")
+        spans.append((at, k, dtype, offset, TENSOR if rq is None else REQUANT, numel))
+        if isinstance(rq, dict) and "scales" in rq:
+            if not (_is_uint(rq.get("scale_at")) and ti["shape"]):
+                raise FormatError(f"section {k}: bad requant entry {rq!r}")
+            spans.append((rq["scale_at"], k, _F32, 0, SCALES, ti["shape"][0]))
     spans.sort(key=lambda sp: sp[0])
     pieces = []  # (output start, skeleton start, length) of every skeleton piece
     size, pos = 0, 0  # where the next piece goes in the output; how much skeleton is used
-    for at, k, dtype, _, _, numel in spans:
+    for at, k, dtype, _, kind, numel in spans:
         gap = at - size
         if gap < 0 or pos + gap > n_sk:
-            raise FormatError(f"section {k}: at {at} overlaps the previous tensor or lies past the file")
+            what = {SCALES: "its scales", PRODUCT: "its product"}.get(kind, "its tensor")
+            raise FormatError(f"section {k}: {what} at {at} overlaps the previous span or lies past the file")
         pieces.append((size, pos, gap))
         pos += gap
         size = at + numel * dtype.itemsize
@@ -515,9 +661,11 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
     def fill(part: list) -> dict[str, codec.Coded]:
         values = codec.decode_coded(container.Archive(
             meta={}, sections={sp[1]: tensors[sp[1]] for sp in part}, version=archive.version)) if part else {}
-        for at, k, dtype, offset, rq, numel in part:
-            if not rq:  # requantized tensors are filled in once every other byte is in place
+        for at, k, dtype, offset, kind, numel in part:
+            if kind == TENSOR:
                 _fill(np.frombuffer(out, dtype, numel, at), k, values[k], offset)
+            elif kind == REQUANT and _derives_scales(tensors[k][1]):  # needs no other bytes: now
+                _requantize(out, k, values[k], tensors[k][1]["requant"], at, dtype, offset)
         return values
 
     def skeleton_and_fill(part: list) -> dict[str, codec.Coded]:
@@ -526,12 +674,17 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
             mv[start:start + n] = skeleton[at:at + n]
         return fill(part)
 
+    # the work split in two by its expected time (_SPLIT_NS)
     halves: tuple[list, list] = ([], [])  # the first goes with the skeleton, on another thread
-    load = [2 * n_sk, 0]  # LZMA takes about as long per output byte as the tensors per 2 coded bytes
-    for sp in sorted(spans, key=lambda sp: -len(tensors[sp[1]][0])):
+    lz, cb, ob, rq = _SPLIT_NS
+    load = [lz * len(archive.sections[SKELETON][0]), 0.0]
+    work = {sp[1]: cb * len(tensors[sp[1]][0]) + ob * sp[5] * sp[2].itemsize
+            + (rq * _coded_values(tensors[sp[1]][1], sp[5]) if sp[4] == REQUANT else 0.0)
+            for sp in spans if sp[4] in (TENSOR, REQUANT)}
+    for sp in sorted((sp for sp in spans if sp[1] in work and sp[4] != SCALES), key=lambda sp: -work[sp[1]]):
         j = 0 if load[0] <= load[1] else 1
         halves[j].append(sp)
-        load[j] += len(tensors[sp[1]][0])
+        load[j] += work[sp[1]]
     job = Background(skeleton_and_fill, halves[0], threaded=parallel)
     try:
         values = fill(halves[1])
@@ -539,23 +692,69 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
         job.wait()  # no thread left running behind an error
         raise
     values.update(job.result())
-    for at, k, dtype, offset, rq, numel in spans:
-        if not rq:
-            continue
-        v = values[k]
-        r = tensors[k][1]["requant"]
-        scale_at, qmax = (r.get("scale_at"), r.get("qmax")) if isinstance(r, dict) else (None, None)
-        n_ch = v.shape[0] if v.shape else 0
-        ok = (isinstance(scale_at, int) and not isinstance(scale_at, bool) and isinstance(qmax, int)
-              and not isinstance(qmax, bool) and 1 <= qmax <= 32767 and n_ch > 0
-              and 0 <= scale_at and scale_at + 4 * n_ch <= len(out))
-        if not ok:
-            raise FormatError(f"section {k}: bad requant entry {r!r}")
-        scales = np.frombuffer(out, "<f4", n_ch, scale_at).copy()
-        if not (np.isfinite(scales).all() and (scales > 0).all()):
-            raise FormatError(f"section {k}: its scales at {scale_at} are not positive floats")
-        _fill_requantized(np.frombuffer(out, dtype, numel, at), k, v, scales, offset, qmax)
+    late = [(sp[0], sp[0] + sp[5] * sp[2].itemsize) for sp in spans if sp[4] in (REQUANT, PRODUCT)]
+    for at, k, dtype, offset, kind, numel in spans:  # scales read from the file: the skeleton's, or derived
+        if kind == REQUANT and not _derives_scales(tensors[k][1]):
+            _requantize(out, k, values[k], tensors[k][1]["requant"], at, dtype, offset, late)
+    if products:
+        _multiply(out, products, [(sp[0], sp[0] + 4 * sp[5]) for sp in spans if sp[4] == PRODUCT], spans)
     return out.tobytes(), info
+
+
+def _is_uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _coded_values(info: dict, numel: int) -> int:
+    """A tensor section's count of coded values as its header says (checked when decoded)."""
+    n = info.get("n")
+    return n if _is_uint(n) and n <= numel else numel
+
+
+def _derives_scales(info: dict) -> bool:
+    rq = info.get("requant")
+    return isinstance(rq, dict) and "scales" in rq
+
+
+def _channel_counts(t: codec.Coded, n_ch: int) -> np.ndarray:
+    """Coded weights per output channel (axis 0; positions are increasing)."""
+    inner = t.numel // n_ch
+    if t.pos is None:
+        return np.full(n_ch, inner, np.int64)
+    return np.diff(np.searchsorted(t.pos, np.arange(n_ch + 1) * inner))
+
+
+def _derived_scales(name: str, rule, q: np.ndarray, counts: np.ndarray, qmax: int) -> np.ndarray:
+    """A requantized tensor's scales from its decoded floats ``q`` (every coded value, in
+    order; ``counts`` per channel), as ``requant.scales`` says: ``max |v| / qmax`` per
+    channel in float32, ``zero`` for an all-zero channel."""
+    zero = rule.get("zero") if isinstance(rule, dict) else None
+    if not isinstance(rule, dict) or rule.get("from") != "max_abs" or (zero is not None and not (
+            isinstance(zero, (int, float)) and not isinstance(zero, bool)
+            and 0 < zero < np.inf and float(np.float32(zero)) == zero)):
+        raise FormatError(f"section {name}: bad scales rule {rule!r}")
+    zero = None if zero is None else float(zero)
+    max_abs = np.zeros(len(counts), np.float32)
+    some = counts > 0
+    if some.any():
+        starts = (np.cumsum(counts) - counts)[some]
+        max_abs[some] = np.maximum(np.maximum.reduceat(q, starts), -np.minimum.reduceat(q, starts))
+    if zero is None and (max_abs == 0).any():
+        raise FormatError(f"section {name}: an all-zero channel and no scale for it in the scales rule")
+    return _max_abs_scales(max_abs, qmax, 1.0 if zero is None else zero)
+
+
+def _multiply(out: np.ndarray, products: dict, outs: list[tuple[int, int]], spans: list) -> None:
+    """Fill in the product sections: ``at`` gets ``n`` float32 values ``a * b[i]``, reading
+    the scalar at ``a`` and the ``n`` values at ``b`` from the output, which must lie in it
+    and outside every product's own bytes."""
+    at_of = {sp[1]: sp[0] for sp in spans if sp[4] == PRODUCT}
+    for k, (a, b, n) in products.items():
+        srcs = ((a, a + 4), (b, b + 4 * n))
+        if any(hi > len(out) or any(lo < e and s < hi for s, e in outs) for lo, hi in srcs):
+            raise FormatError(f"section {k}: its factors at {a} and {b} lie past the file or on a product")
+        x = np.frombuffer(out, "<f4", 1, a)[0] * np.frombuffer(out, "<f4", n, b)
+        out[at_of[k]:at_of[k] + 4 * n] = x.astype("<f4").view(np.uint8)
 
 
 def bits_per_nonzero(rows: Sequence[dict[str, Any]]) -> float | None:
