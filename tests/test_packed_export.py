@@ -180,6 +180,8 @@ def test_per_channel_int8_of_a_shared_model_is_requantized_on_the_device(shared_
     sections = container.read_esq(packed).sections
     requant = [k for k, (_, info) in sections.items() if "requant" in info]
     assert len(requant) >= 10  # the quantized convs (the classifier and stem may stay float)
+    # onnxruntime's symmetric scales are max|w| / 127: the decoder derives them too
+    assert sum("scales" in sections[k][1]["requant"] for k in requant) >= 10
     a, b = runtime.load(plain), runtime.load(packed)
     x = load_dataset("digits").test_x
     assert np.array_equal(a.predict_images(x), b.predict_images(x))
@@ -255,8 +257,13 @@ def test_per_channel_tflite_int8_of_a_shared_model_is_requantized_too(shared_ckp
 
     cfg = ExportConfig(formats=("tflite-int8",), int8_weights="per-channel", weight_rounding=rounding, pack=True)
     plain, packed = export_artifacts(shared_ckpt, cfg, tmp_path, log=lambda _: None)
-    requant = [k for k, (_, info) in container.read_esq(packed).sections.items() if "requant" in info]
+    sections = container.read_esq(packed).sections
+    requant = [k for k, (_, info) in sections.items() if "requant" in info]
     assert len(requant) >= 10
+    # litert-torch's weight scales are max|w| / 127 too, and each conv's bias scales are its
+    # input's scale times its weight's: both are left for the decoder to compute
+    assert sum("scales" in sections[k][1]["requant"] for k in requant) >= 10
+    assert sum(info.get("enc") == "product" for _, info in sections.values()) >= 10
     x = load_dataset("digits").test_x
     assert np.array_equal(runtime.load(plain).predict_images(x), runtime.load(packed).predict_images(x))
     _, without = pack_file(plain, tmp_path / "no-requant.esq")  # no float sources given
