@@ -115,6 +115,14 @@ def test_verify_unpack_inspect_bench_run_take_packed_files(exported, tmp_path):
     assert (tmp_path / "inner").read_bytes() == (out / target.name[:-4]).read_bytes()
     res = subprocess.run([*es, "inspect", str(target), "--json"], capture_output=True, text=True)
     assert res.returncode == 0 and json.loads(res.stdout)["packed"]["name"] == target.name[:-4]
+    from edgesqueeze.format import container
+
+    p = json.loads(res.stdout)["packed"]  # what the archive codes, as its header says
+    arc = container.read_esq(target)
+    assert p["coded_tensors"] == sum(i.get("enc") == "shared" for _, i in arc.sections.values()) >= 1
+    assert p["skeleton_bytes"] == len(arc.sections["skeleton"][0])
+    res = subprocess.run([*es, "inspect", str(target)], capture_output=True, text=True)
+    assert f"packed {p['coded_tensors']} coded tensors" in res.stdout
     res = subprocess.run([*es, "bench", str(target), str(out / target.name[:-4]), "-b", "1", "--runs", "3",
                           "--json", str(tmp_path / "b.json")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -51,7 +51,7 @@ from edgesqueeze.errors import FormatError
 from edgesqueeze.format import codec, container
 
 __all__ = ["PACKED_KEY", "SKELETON", "PackedTensor", "pack", "unpack", "restore", "check_digest",
-           "is_packed", "packed_info"]
+           "is_packed", "packed_info", "layout"]
 
 PACKED_KEY = "packed"  # meta key of a packed archive
 SKELETON = "skeleton"
@@ -409,6 +409,21 @@ def packed_info(archive: container.Archive) -> dict[str, Any]:
         raise FormatError(f"meta.packed: needs name (non-empty), format, bytes (an integer, 0 to 2**34) and "
                           f"sha256 (64 lowercase hex digits), got {info!r}")
     return info
+
+
+def layout(archive: container.Archive) -> dict[str, Any]:
+    """What a packed archive codes and how, from its header (for ``inspect``): coded tensor
+    sections (and of them requantized ones and those whose scales are derived), products,
+    and the skeleton's codec, stored and restored bytes."""
+    sections = [info for name, (_, info) in archive.sections.items() if name != SKELETON and isinstance(info, dict)]
+    tensors = [i for i in sections if i.get("enc") == "shared"]
+    blob, sk = archive.sections.get(SKELETON, (b"", {}))
+    return {"coded_tensors": len(tensors),
+            "requantized": sum(isinstance(i.get("requant"), dict) for i in tensors),
+            "derived_scales": sum(_derives_scales(i) for i in tensors),
+            "products": sum(i.get("enc") == PRODUCT for i in sections),
+            "skeleton_codec": sk.get("codec") if isinstance(sk, dict) else None,
+            "skeleton_bytes": len(blob), "skeleton_restored_bytes": sk.get("n") if isinstance(sk, dict) else None}
 
 
 def _dtype(name: str, info: dict) -> tuple[np.dtype, int]:

@@ -72,8 +72,12 @@ def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
             inner = Path(tmp, Path(packed["name"]).name or "model")
             inner.write_bytes(data)
             out = inspect_artifact(inner)
+        from edgesqueeze.format import container
+        from edgesqueeze.format.packed import layout
+
         out.update(path=str(path), file_bytes=path.stat().st_size,
-                   packed={**packed, "ratio": round(path.stat().st_size / max(1, packed["bytes"]), 4)})
+                   packed={**packed, "ratio": round(path.stat().st_size / max(1, packed["bytes"]), 4),
+                           **layout(container.read_esq(path))})
         return out
     out: dict[str, Any] = {"path": str(path), "kind": kind, "file_bytes": path.stat().st_size}
     if kind == "tflite":
