@@ -405,6 +405,8 @@ def test_derived_scales_are_not_coded_twice():
     ({"from": "max_abs", "zero": 0.1}, "bad scales rule"),  # not a float32 value
     ({"from": "max_abs", "zero": -1.0}, "bad scales rule"),
     ({"from": "max_abs", "zero": True}, "bad scales rule"),
+    ({"from": "max_abs", "zero": 10 ** 400}, "bad scales rule"),  # JSON integers have no limit
+    ({"from": "max_abs", "zero": 1e300}, "bad scales rule"),
     ("max_abs", "bad scales rule"),
     ({"from": "max_abs", "zero": 0.5}, "SHA-256"),  # well-formed, but not what the file holds
 ])
@@ -483,3 +485,67 @@ def test_bad_products_are_refused(edit, match):
         unpack(_rewrite(blob, lambda m, s: edit(s["p0"][1])))
     with pytest.raises(FormatError, match="bad product entry"):
         unpack(_rewrite(blob, lambda m, s: s.update(p0=(b"x", s["p0"][1]))))
+
+
+def _rich_file():
+    """One packed file with every kind of section: plain and requantized tensors (scales
+    stored and derived), products."""
+    rng = np.random.default_rng(11)
+    data, src, scales, q = _zero_channel_file(2.0 ** -12)
+    d2, src2, scales2, q2 = _requant_file(rng, channels=64, per=40, spread=3.0)
+    d3, s_in, w, b = _product_file(rng)
+    plain = np.where(rng.random(600) < 0.5, 0, rng.integers(-5, 5, 600)).astype(np.int8)
+    whole = data + d2 + d3 + plain.tobytes()
+    tensors = [PackedTensor("w", q, source=src, scales=scales),
+               PackedTensor("w2", q2, offset=128, source=src2, scales=scales2), PackedTensor("p", plain)]
+    blob, _ = pack(whole, tensors, name="f", fmt="tflite-int8", scale_arrays=[w, b])
+    kinds = {k: i.get("enc") for k, (_, i) in container.loads(blob).sections.items()}
+    assert sorted(kinds.values()) == ["product", "shared", "shared", "shared", "skeleton"], kinds
+    return whole, blob
+
+
+_RICH = None
+_JUNK = st.one_of(st.integers(-2 ** 40, 2 ** 40), st.sampled_from([0, 1, -1, 2 ** 63, 2 ** 64, 10 ** 400, 1e300]),
+                  st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.none(),
+                  st.text(max_size=3), st.lists(st.integers(-3, 300), max_size=3),
+                  st.dictionaries(st.sampled_from(["from", "zero", "scale_at", "qmax"]),
+                                  st.one_of(st.integers(-3, 300), st.floats(allow_nan=False, allow_infinity=False),
+                                            st.text(max_size=3)),
+                                  max_size=3))
+
+
+@settings(max_examples=int(__import__("os").environ.get("ES_FUZZ", 300)), deadline=None)
+@given(st.data())
+def test_any_header_value_is_refused_or_harmless(data):
+    """Any value of any header field of any section (the checksums made valid again, as a
+    buggy or hostile writer could): either the file still decodes to exactly its bytes (an
+    ignored or equivalent value) or one FormatError; never another exception, never other
+    bytes."""
+    global _RICH
+    if _RICH is None:
+        _RICH = _rich_file()
+    whole, blob = _RICH
+    arc = container.loads(blob)
+    sections = arc.sections
+    name = data.draw(st.sampled_from(sorted(sections) + ["<meta.packed>"]))
+    info = arc.meta["packed"] if name == "<meta.packed>" else sections[name][1]
+    path = [data.draw(st.sampled_from(sorted(info)))]
+    if isinstance(info[path[0]], dict) and info[path[0]] and data.draw(st.booleans()):
+        inner = info[path[0]]
+        path.append(data.draw(st.sampled_from(sorted(inner))))
+        if isinstance(inner[path[1]], dict) and inner[path[1]] and data.draw(st.booleans()):
+            path.append(data.draw(st.sampled_from(sorted(inner[path[1]]))))
+    value = data.draw(_JUNK)
+
+    def edit(meta, secs):
+        d = meta["packed"] if name == "<meta.packed>" else secs[name][1]
+        for key in path[:-1]:
+            d = d[key]
+        d[path[-1]] = value
+
+    bad = _rewrite(blob, edit)
+    try:
+        out = unpack(bad)
+    except FormatError:
+        return
+    assert out == whole

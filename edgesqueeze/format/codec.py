@@ -452,9 +452,9 @@ def _decode_raw(section: str, blob: bytes, info: dict) -> dict[str, np.ndarray]:
         if name in out:
             raise FormatError(f"section {section}: tensor {name} is listed twice")
         stored = entry[3] if len(entry) == 4 else dtype
-        if dtype not in _NP_DTYPES or _NP_DTYPES[dtype] is None:
+        if not isinstance(dtype, str) or dtype not in _NP_DTYPES or _NP_DTYPES[dtype] is None:
             raise FormatError(f"section {section}: tensor {name} has unknown dtype {dtype!r}")
-        if stored != dtype and (dtype, stored) != ("float32", "float16"):
+        if stored != dtype and (dtype, stored) != ("float32", "float16") or not isinstance(stored, str):
             raise FormatError(f"section {section}: tensor {name}: a {dtype} tensor cannot be stored as {stored!r} "
                               "(only float32 as float16)")
         np_dtype = np.dtype(_NP_DTYPES[stored]).newbyteorder("<")
@@ -548,7 +548,7 @@ def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
             if int(ks.sum()) != k or int(ks.max(initial=0)) > MAX_CODEBOOK:
                 raise FormatError(f"section {name}: per-slice codebook sizes do not add up to {k}")
             alphabet = max(1, int(ks.max(initial=0)))
-        cb_item = {"f16": 2, "f32": 4}.get(info.get("cb"))
+        cb_item = {"f16": 2, "f32": 4}.get(info.get("cb")) if isinstance(info.get("cb"), str) else None
         if cb_item is None or sizes[1] != k * cb_item:
             raise FormatError(f"section {name}: codebook of {k} '{info.get('cb')}' values cannot take {sizes[1]} bytes")
         dense = w == 0

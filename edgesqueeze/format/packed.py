@@ -58,6 +58,7 @@ SKELETON = "skeleton"
 PRODUCT = "product"  # a section's enc: float32 values the decoder multiplies out
 TENSOR, REQUANT, SCALES = "tensor", "requant", "scales"  # the other kinds of span restore() fills
 _F32 = np.dtype("<f4")
+_F32_MAX = float(np.finfo(np.float32).max)
 # restore()'s expected ns per compressed skeleton byte, coded tensor byte, output byte and
 # requantized value (fitted on ImageNet SqueezeNet's packed files, benchmarks/notes.md, session 24)
 _SPLIT_NS = (52.0, 6.6, 0.12, 2.9)
@@ -430,7 +431,8 @@ def _dtype(name: str, info: dict) -> tuple[np.dtype, int]:
     """The little-endian numpy dtype a tensor section is stored as in the inner file, and its offset."""
     dtype = info.get("dtype")
     offset = info.get("offset", 0)
-    if dtype not in _DTYPES or not isinstance(offset, int) or isinstance(offset, bool):
+    if (not isinstance(dtype, str) or dtype not in _DTYPES or not isinstance(offset, int)
+            or isinstance(offset, bool) or not -(1 << 32) < offset < 1 << 32):
         raise FormatError(f"section {name}: bad dtype {dtype!r} or offset {offset!r}")
     if dtype == "float32" and offset:
         raise FormatError(f"section {name}: a float32 tensor has no offset")
@@ -746,7 +748,7 @@ def _derived_scales(name: str, rule, q: np.ndarray, counts: np.ndarray, qmax: in
     zero = rule.get("zero") if isinstance(rule, dict) else None
     if not isinstance(rule, dict) or rule.get("from") != "max_abs" or (zero is not None and not (
             isinstance(zero, (int, float)) and not isinstance(zero, bool)
-            and 0 < zero < np.inf and float(np.float32(zero)) == zero)):
+            and 0 < zero <= _F32_MAX and float(np.float32(zero)) == zero)):
         raise FormatError(f"section {name}: bad scales rule {rule!r}")
     zero = None if zero is None else float(zero)
     max_abs = np.zeros(len(counts), np.float32)
@@ -768,7 +770,8 @@ def _multiply(out: np.ndarray, products: dict, outs: list[tuple[int, int]], span
         srcs = ((a, a + 4), (b, b + 4 * n))
         if any(hi > len(out) or any(lo < e and s < hi for s, e in outs) for lo, hi in srcs):
             raise FormatError(f"section {k}: its factors at {a} and {b} lie past the file or on a product")
-        x = np.frombuffer(out, "<f4", 1, a)[0] * np.frombuffer(out, "<f4", n, b)
+        with np.errstate(all="ignore"):  # IEEE results whatever the bytes (a damaged file: the digest refuses it)
+            x = np.frombuffer(out, "<f4", 1, a)[0] * np.frombuffer(out, "<f4", n, b)
         out[at_of[k]:at_of[k] + 4 * n] = x.astype("<f4").view(np.uint8)
 
 
