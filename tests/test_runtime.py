@@ -294,6 +294,27 @@ def test_metadata_that_does_not_fit_is_refused(onnx_models, tmp_path):
         load(broken)
 
 
+def test_a_model_that_fails_while_running_is_one_clear_error(tmp_path):
+    """A file onnxruntime opens but cannot run (here a Reshape to a shape the input cannot
+    take, as a damaged file can hold): one RuntimeBackendError naming the file, not the
+    runtime's own exception."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["logits"])], "broken",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 5])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 5])])  # 768 values: no whole rows of 5
+    path = tmp_path / "broken.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no edgesqueeze metadata
+        art = load(path)
+    with pytest.raises(RuntimeBackendError, match=r"broken\.onnx: onnxruntime failed running the model \(.*Reshape"):
+        art.predict(rand(2))
+
+
 def test_predict_refuses_wrong_input(onnx_models):
     art = load(onnx_models["fp32"])
     with pytest.raises(DataError, match=r"takes images of shape \[3, 16, 16\], got \[3, 8, 8\]"):

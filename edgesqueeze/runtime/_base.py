@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesqueeze.errors import DataError, FormatError, RuntimeBackendError
+from edgesqueeze.errors import DataError, EdgesqueezeError, FormatError, RuntimeBackendError
 from edgesqueeze.format.container import MAGIC as ESQ_MAGIC
 
 __all__ = ["Artifact", "InputSpec", "classify", "sniff", "softmax", "topk"]
@@ -346,8 +346,15 @@ class Artifact:
         x = self._to_native(x)
         if len(x) == 0:
             return np.zeros((0, self._num_outputs_hint()), np.float32)
-        y = self._dequantize_output(self._predict_native(np.ascontiguousarray(x)))
-        y = np.asarray(y, dtype=np.float32)
+        try:
+            y = self._predict_native(np.ascontiguousarray(x))
+        except (EdgesqueezeError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's Fail & co. (plain Exceptions), LiteRT's RuntimeError
+            raise RuntimeBackendError(
+                f"{self.path}: {self.backend} failed running the model ({_first_line(exc)}); the file may be "
+                f"damaged (export it again, or copy it again) or need ops this runtime version lacks") from None
+        y = np.asarray(self._dequantize_output(y), dtype=np.float32)
         return y.reshape(len(y), -1)
 
     def predict_images(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
