@@ -645,7 +645,7 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
             n, a, b = ti.get("n"), ti.get("a"), ti.get("b")
             if blob or not (_is_uint(n) and n > 0 and _is_uint(a) and _is_uint(b)):
                 raise FormatError(f"section {k}: bad product entry")
-            products[k] = (a, b, n)
+            products[k] = (at, a, b, n)
             spans.append((at, k, _F32, 0, PRODUCT, n))
             continue
         tensors[k] = (blob, ti)
@@ -714,7 +714,7 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
         if kind == REQUANT and not _derives_scales(tensors[k][1]):
             _requantize(out, k, values[k], tensors[k][1]["requant"], at, dtype, offset, late)
     if products:
-        _multiply(out, products, [(sp[0], sp[0] + 4 * sp[5]) for sp in spans if sp[4] == PRODUCT], spans)
+        _multiply(out, products)
     return out.tobytes(), info
 
 
@@ -761,18 +761,18 @@ def _derived_scales(name: str, rule, q: np.ndarray, counts: np.ndarray, qmax: in
     return _max_abs_scales(max_abs, qmax, 1.0 if zero is None else zero)
 
 
-def _multiply(out: np.ndarray, products: dict, outs: list[tuple[int, int]], spans: list) -> None:
-    """Fill in the product sections: ``at`` gets ``n`` float32 values ``a * b[i]``, reading
-    the scalar at ``a`` and the ``n`` values at ``b`` from the output, which must lie in it
-    and outside every product's own bytes."""
-    at_of = {sp[1]: sp[0] for sp in spans if sp[4] == PRODUCT}
-    for k, (a, b, n) in products.items():
+def _multiply(out: np.ndarray, products: dict[str, tuple[int, int, int, int]]) -> None:
+    """Fill in the product sections ``{name: (at, a, b, n)}``: ``at`` gets ``n`` float32
+    values ``a * b[i]``, reading the scalar at ``a`` and the ``n`` values at ``b`` from the
+    output, which must lie in it and outside every product's own bytes."""
+    outs = [(at, at + 4 * n) for at, _, _, n in products.values()]
+    for k, (at, a, b, n) in products.items():
         srcs = ((a, a + 4), (b, b + 4 * n))
         if any(hi > len(out) or any(lo < e and s < hi for s, e in outs) for lo, hi in srcs):
             raise FormatError(f"section {k}: its factors at {a} and {b} lie past the file or on a product")
         with np.errstate(all="ignore"):  # IEEE results whatever the bytes (a damaged file: the digest refuses it)
             x = np.frombuffer(out, "<f4", 1, a)[0] * np.frombuffer(out, "<f4", n, b)
-        out[at_of[k]:at_of[k] + 4 * n] = x.astype("<f4").view(np.uint8)
+        out[at:at + 4 * n] = x.astype("<f4").view(np.uint8)
 
 
 def bits_per_nonzero(rows: Sequence[dict[str, Any]]) -> float | None:
