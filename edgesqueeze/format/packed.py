@@ -281,9 +281,8 @@ def _cuts(c) -> list[tuple[int, int]]:
     """``(offset, length)`` of the bytes a coded entry takes out of the skeleton: its own,
     and its scales where the decoder derives them."""
     at, n, _, info, _ = c
-    rq = info.get("requant")
-    if isinstance(rq, dict) and "scales" in rq:
-        return [(at, n), (rq["scale_at"], 4 * info["shape"][0])]
+    if _derives_scales(info):
+        return [(at, n), (info["requant"]["scale_at"], 4 * info["shape"][0])]
     return [(at, n)]
 
 
@@ -653,7 +652,7 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
         numel = codec.shape_numel(ti.get("shape"), k)
         rq = ti.get("requant")
         spans.append((at, k, dtype, offset, TENSOR if rq is None else REQUANT, numel))
-        if isinstance(rq, dict) and "scales" in rq:
+        if _derives_scales(ti):
             if not (_is_uint(rq.get("scale_at")) and ti["shape"]):
                 raise FormatError(f"section {k}: bad requant entry {rq!r}")
             spans.append((rq["scale_at"], k, _F32, 0, SCALES, ti["shape"][0]))
@@ -695,10 +694,10 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
     halves: tuple[list, list] = ([], [])  # the first goes with the skeleton, on another thread
     lz, cb, ob, rq = _SPLIT_NS
     load = [lz * len(archive.sections[SKELETON][0]), 0.0]
+    coded = [sp for sp in spans if sp[4] in (TENSOR, REQUANT)]
     work = {sp[1]: cb * len(tensors[sp[1]][0]) + ob * sp[5] * sp[2].itemsize
-            + (rq * _coded_values(tensors[sp[1]][1], sp[5]) if sp[4] == REQUANT else 0.0)
-            for sp in spans if sp[4] in (TENSOR, REQUANT)}
-    for sp in sorted((sp for sp in spans if sp[1] in work and sp[4] != SCALES), key=lambda sp: -work[sp[1]]):
+            + (rq * _coded_values(tensors[sp[1]][1], sp[5]) if sp[4] == REQUANT else 0.0) for sp in coded}
+    for sp in sorted(coded, key=lambda sp: -work[sp[1]]):
         j = 0 if load[0] <= load[1] else 1
         halves[j].append(sp)
         load[j] += work[sp[1]]
