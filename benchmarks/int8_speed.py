@@ -23,6 +23,14 @@ files (``edgesqueeze export``) and says what costs what:
   and 16 input channels, fp32 and int8 LiteRT files built here, timed like above: whether an
   int8 conv over few input channels costs as much as one over 8 (XNNPACK's AVX2 int8 kernels
   take input channels in blocks of 8: ``qs8_qc8w_igemm_..._3x8c8__avx2``).
+- ``instructions``: instructions per batch-1 inference, per kernel, on the x86 CPU that
+  **valgrind** presents (``apt-get install valgrind``): AVX2 and FMA, no AVX-512, no VNNI,
+  whatever the host has. onnxruntime and XNNPACK pick their kernels from CPUID, so on an
+  AVX-512 VNNI host this shows which kernels an AVX2-only CPU runs and how much work each
+  does (cachegrind, ``1`` and ``1 + --rounds`` inferences per file, the difference divided
+  by ``--rounds``; XNNPACK's kernels are named, onnxruntime's library has no symbols).
+  Instruction counts are not time: check them against real timings before reading a ratio
+  as a speed (benchmarks/notes.md, session 25).
 - ``ops``: the ops of each ``.tflite`` (type, in -> out dtype, shape) and how many nodes
   LiteRT's interpreter hands to XNNPACK (its execution plan after delegation).
 
@@ -31,6 +39,7 @@ files (``edgesqueeze export``) and says what costs what:
     python benchmarks/int8_speed.py --stage segments --files fp32=a.tflite int8=b.int8.tflite
     python benchmarks/int8_speed.py --stage ops --files b.int8.tflite
     python benchmarks/int8_speed.py --stage stem
+    python benchmarks/int8_speed.py --stage instructions --rounds 3 --tflite-modes xnnpack --files a.tflite b.int8.tflite
 
 Writes (merges into) ``benchmarks/results/int8_speed.json`` under ``--key`` (default: the
 stage name), with ``cpu_info()``, load average, command and date.
@@ -414,10 +423,94 @@ def _stem_runners(tmp: Path, threads: int) -> dict:
     return runners
 
 
+# ---------------------------------------------------------------------------------------
+# Instructions on the AVX2 code path (valgrind)
+
+
+def _child(path: Path, mode: str, k: int) -> None:
+    """Under valgrind: ``k`` batch-1 inferences of ``path`` (1 thread, noise input: the
+    kernels' work does not depend on the values), and the SIMD features numpy saw."""
+    from numpy._core._multiarray_umath import __cpu_features__ as feats
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    r = ort_runner(path, 1, x) if path.suffix == ".onnx" else tflite_runner(path, 1, x, mode)
+    for _ in range(k):
+        r()
+    keys = ("AVX2", "FMA3", "AVX512F", "AVX512_SKX", "AVX512VNNI", "AVXVNNI")
+    print("FEATURES " + json.dumps({f: bool(feats.get(f)) for f in keys if f in feats}))
+
+
+def _cachegrind_ir(out: Path) -> dict[str, int]:
+    """Instructions per function (summed over source files) of a cachegrind output file."""
+    per: dict[str, int] = {}
+    fn = "?"
+    with out.open() as fh:
+        for line in fh:
+            if line.startswith("fn="):
+                fn = line[3:].strip()
+            elif line[:1].isdigit():
+                per[fn] = per.get(fn, 0) + int(line.split()[1])
+    return per
+
+
+def stage_instructions(files: dict[str, Path], args, x: np.ndarray) -> dict:
+    import concurrent.futures
+    import shutil
+    import subprocess
+
+    vg = shutil.which("valgrind")
+    if vg is None:
+        sys.exit("--stage instructions needs valgrind (Debian: apt-get install valgrind)")
+    mode = args.tflite_modes.split(",")[0]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # no spinning BLAS threads
+    tmp = Path(tempfile.mkdtemp(prefix="es-cachegrind-"))
+    jobs = [(name, path, k) for name, path in files.items() for k in (1, 1 + args.rounds)]
+
+    def one(job):
+        name, path, k = job
+        out = tmp / f"{name}.{k}.out"
+        p = subprocess.run([vg, "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}",
+                            sys.executable, __file__, "--child", str(path), mode, str(k)],
+                           capture_output=True, text=True, env=env)
+        if p.returncode:
+            sys.exit(f"valgrind on {path} failed:\n{p.stderr[-2000:]}")
+        feats = json.loads(p.stdout.split("FEATURES ", 1)[1].splitlines()[0])
+        return job, _cachegrind_ir(out), feats
+
+    log(f"{len(jobs)} valgrind runs, {os.cpu_count()} at a time (each a minute or more) ...")
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        done = {(j[0], j[2]): (ir, f) for j, ir, f in pool.map(one, jobs)}
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows, features = {}, None
+    for name, path in files.items():
+        lo, features = done[(name, 1)]
+        hi = done[(name, 1 + args.rounds)][0]
+        per = {fn: (hi.get(fn, 0) - lo.get(fn, 0)) / args.rounds for fn in hi}
+        total = sum(per.values())
+        kernels = {fn: round(v / 1e6, 2) for fn, v in sorted(per.items(), key=lambda kv: -kv[1])
+                   if v >= 0.01 * total}
+        runtime = "ort" if path.suffix == ".onnx" else f"litert {mode}"
+        rows[name] = {"file": str(path), "runtime": runtime, "fp32": is_fp32(path),
+                      "minstr_per_inference": round(total / 1e6, 1), "kernels_minstr": kernels}
+    for row in rows.values():  # int8 against the fp32 file of the same runtime, if one was given
+        ref = [r for r in rows.values() if r["fp32"] and r["runtime"] == row["runtime"]]
+        if ref and not row["fp32"]:
+            row["vs_fp32_same_runtime"] = round(row["minstr_per_inference"] / ref[0]["minstr_per_inference"], 3)
+    for name, row in rows.items():
+        log(f"{name:28s} {row['minstr_per_inference']:8.1f} M instructions"
+            + (f"  ({row['vs_fp32_same_runtime']}x fp32)" if "vs_fp32_same_runtime" in row else ""))
+        for fn, m in list(row["kernels_minstr"].items())[:6]:
+            log(f"    {m:8.1f} M  {fn}")
+    vg_version = subprocess.run([vg, "--version"], capture_output=True, text=True).stdout.strip()
+    return {"valgrind": vg_version, "isa_seen_under_valgrind": features, "threads": 1,
+            "inferences": args.rounds, "tflite_mode": mode, "instructions": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", nargs="+", default=[], help="name=path or path (.onnx / .tflite)")
-    ap.add_argument("--stage", choices=("time", "segments", "ops", "stem"), default="time")
+    ap.add_argument("--stage", choices=("time", "segments", "ops", "stem", "instructions"), default="time")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # FILE MODE K: one valgrind run
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
@@ -427,16 +520,19 @@ def main() -> None:
     ap.add_argument("--note", help="a line saying what this run is for, stored with it")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.child:
+        return _child(Path(args.child[0]), args.child[1], int(args.child[2]))
     if not args.files and args.stage != "stem":
         ap.error(f"--stage {args.stage} needs --files")
     files = parse_files(args.files)
-    x = sample_input()
+    x = sample_input() if args.stage != "instructions" else None
     run = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join(["python"] + sys.argv), "machine": {**cpu_info(), "cores": os.cpu_count()},
            "versions": versions(), "files": {k: str(v) for k, v in files.items()}}
     if args.note:
         run["note"] = args.note
-    stage = {"time": stage_time, "segments": stage_segments, "ops": stage_ops, "stem": stage_stem}[args.stage]
+    stage = {"time": stage_time, "segments": stage_segments, "ops": stage_ops, "stem": stage_stem,
+             "instructions": stage_instructions}[args.stage]
     run.update(stage(files, args, x))
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result[args.key or args.stage] = run
