@@ -436,7 +436,7 @@ def _child(path: Path, mode: str, k: int) -> None:
     r = ort_runner(path, 1, x) if path.suffix == ".onnx" else tflite_runner(path, 1, x, mode)
     for _ in range(k):
         r()
-    keys = ("AVX2", "FMA3", "AVX512F", "AVX512_SKX", "AVX512VNNI", "AVXVNNI")
+    keys = ("AVX2", "FMA3", "AVX512F", "AVX512_SKX", "AVX512VNNI", "AVXVNNI", "ASIMD", "ASIMDDP", "ASIMDHP", "SVE")
     print("FEATURES " + json.dumps({f: bool(feats.get(f)) for f in keys if f in feats}))
 
 
