@@ -586,3 +586,21 @@ def test_export_prints_only_its_own_lines(trained, tmp_path):
     assert (tmp_path / "model.int8.tflite").is_file()
     noise = [line for line in lines if not (line.startswith((str(tmp_path), "wrote ", "note: ", "warning: ")))]
     assert noise == []
+    # the digits SqueezeNet's 1-channel stem is int8 in this file: the export says what that costs where
+    assert any(line.startswith("note: the first conv (features.0, 1 input channel) is int8") for line in lines), lines
+
+
+def test_int8_stem_note_names_the_first_conv_unless_it_stays_float():
+    """The note is for a first conv over fewer than 8 input channels left int8; a float_layers
+    entry naming it or a parent of it, or a wide input, silences it."""
+    from edgesqueeze.export.tflite import int8_stem_note
+
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), nn.Conv2d(8, 4, 1))
+    note = int8_stem_note(model, [], 3)
+    assert note is not None and "(0.0, 3 input channels)" in note and "export.float_layers: [0.0, ...]" in note
+    assert int8_stem_note(model, ["1"], 3) == note  # another layer float: the stem is still int8
+    assert int8_stem_note(model, ["0.0"], 3) is None
+    assert int8_stem_note(model, ["0"], 3) is None  # a parent module
+    assert int8_stem_note(model, ["0.00"], 3) == note  # not a parent: a longer name
+    wide = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1))
+    assert int8_stem_note(wide, [], 8) is None

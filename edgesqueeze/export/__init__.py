@@ -204,6 +204,12 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest, device=device,
                                 rounded=rounded)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
+        if fmt == "tflite-int8":
+            from edgesqueeze.export.tflite import int8_stem_note
+
+            note = int8_stem_note(model, config.float_layers_for(fmt), int(meta["input_shape"][0]))
+            if note:
+                log(note)
         written.append(path)
         if config.pack and fmt == "tflite-micro":
             log(f"note: {path.name} is not packed: a microcontroller runs it from flash as it is")

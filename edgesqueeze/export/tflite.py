@@ -248,6 +248,25 @@ def export_tflite(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike
 # INT8 export
 
 
+def int8_stem_note(model: nn.Module, float_layers: Sequence[str], input_channels: int) -> str | None:
+    """A note for a tflite-int8 file whose first conv (the first ``Conv2d`` taking the
+    input's ``input_channels``, fewer than 8) is int8, else None. XNNPACK's int8 kernels
+    without VNNI (AVX2-only x86) or the ARM dot product (Raspberry Pi 4) take input channels
+    in blocks of 8, so a 3-channel stem does 8 channels' work: ImageNet SqueezeNet's int8
+    stem runs 2.6x (AVX2) and 1.7x (Pi 4) the instructions of its fp32 stem, and the whole
+    file 1.32x / 1.09x fp32's (benchmarks/notes.md, session 25)."""
+    if input_channels >= 8:
+        return None
+    name = next((n for n, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.in_channels == input_channels and m.groups == 1), None)
+    if name is None or any(name == f or name.startswith(f + ".") for f in float_layers):
+        return None
+    return (f"note: the first conv ({name}, {input_channels} input channel{'s' * (input_channels > 1)}) is int8: "
+            "fastest with VNNI (x86) or the ARM dot product; on AVX2-only x86 and a Raspberry Pi 4 XNNPACK pads its "
+            "channels to 8 and the file can be slower than fp32 (benchmarks/notes.md, session 25); for those "
+            f"devices keep it float (export.float_layers: [{name}, ...])")
+
+
 @_quiet
 def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike,
                        calib_images: np.ndarray, *,
