@@ -262,7 +262,7 @@ def int8_stem_note(model: nn.Module, float_layers: Sequence[str], input_channels
     if name is None or any(name == f or name.startswith(f + ".") for f in float_layers):
         return None
     return (f"note: the first conv ({name}, {input_channels} input channel{'s' * (input_channels > 1)}) is int8: "
-            "fastest with VNNI (x86) or the ARM dot product; on AVX2-only x86 and a Raspberry Pi 4 XNNPACK pads its "
+            "fast on x86 with VNNI; on AVX2-only x86 and a Raspberry Pi 4 (no dot product) XNNPACK pads its "
             "channels to 8 and the file can be slower than fp32 (benchmarks/notes.md, session 25); for those "
             f"devices keep it float (export.float_layers: [{name}, ...])")
 
