@@ -80,14 +80,14 @@ def main() -> None:
     images = calibration_images(pool, args.images, seed=0)
     parent_name, _, leaf = args.stem.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    stem = getattr(parent, leaf) if not leaf.isdigit() else parent[int(leaf)]
+    stem = model.get_submodule(args.stem)
     x = torch.randn(2, *meta["input_shape"])
     ref = model(x)
     args.out.mkdir(parents=True, exist_ok=True)
     kw = {"calibration": CalibrationConfig(images=args.images, method="minmax"),
           "float_layers": args.float_layers, "weight_rounding": "nearest"}
     export_tflite_int8(model, meta, args.out / "plain.int8.tflite", images, **kw)
-    parent._modules[leaf] = space_to_depth_conv(stem)
+    setattr(parent, leaf, space_to_depth_conv(stem))
     diff = (model(x) - ref).abs().max().item()
     print(f"rewritten stem: largest output difference {diff:.2e} (float rounding)")
     export_tflite_int8(model, meta, args.out / "s2d.int8.tflite", images, **kw)
