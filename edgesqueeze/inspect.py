@@ -118,7 +118,9 @@ def summary_lines(desc: dict[str, Any], *, max_tensors: int = 60) -> list[str]:
                     f"({p['bytes']:,} bytes, {100 * p['ratio']:.1f}%; SHA-256 {p['sha256'][:12]}... checked)")
         if "coded_tensors" in p:
             lines.append(f"  packed {p['coded_tensors']} coded tensors ({p['requantized']} requantized on the device, "
-                         f"{p['derived_scales']} with derived scales), {p['products']} products; skeleton "
+                         f"{p['derived_scales']} with derived scales"
+                         + (f", {p['space_to_depth']} rearranged for a space-to-depth input" if p.get("space_to_depth") else "")
+                         + f"), {p['products']} products; skeleton "
                          f"{p['skeleton_bytes']:,} B ({p['skeleton_codec']}) for {p['skeleton_restored_bytes']:,} B")
     for key in ("inputs", "outputs"):
         for io in desc.get(key) or []:

@@ -689,6 +689,28 @@ def _check_requant(name, info):
     return rq
 
 
+def _space_to_depth(name, info, shape, values):
+    """Space-to-depth weights (optional ``space_to_depth``): the decoded ``[O, kh, kw, C]``
+    tensor rearranged to ``[O, ceil(kh/B), ceil(kw/B), B*B*C]``, zeros where no tap lands."""
+    block = info.get("space_to_depth")
+    if block is None:
+        return shape, values
+    if not _is_int(block) or not 2 <= block <= 8 or len(shape) != 4 or min(shape) < 1:
+        raise _err(f"section {name!r}: bad space_to_depth {block!r} for shape {shape!r}")
+    o_n, kh, kw, c_n = shape
+    ah, aw, cc = -(-kh // block), -(-kw // block), c_n * block * block
+    out = [0.0] * (o_n * ah * aw * cc)
+    i = 0
+    for o in range(o_n):
+        for y in range(kh):
+            for x in range(kw):
+                for c in range(c_n):
+                    a, dy, b, dx = y // block, y % block, x // block, x % block
+                    out[((o * ah + a) * aw + b) * cc + c * block * block + dy * block + dx] = values[i]
+                    i += 1
+    return [o_n, ah, aw, cc], out
+
+
 def unpack_packed(data: bytes) -> bytes:
     """A packed file's inner ONNX/TFLite file ("Packed files", "Decoding" steps 1-7)."""
     # 1. the archive with all its checks, and meta.packed
@@ -727,6 +749,7 @@ def unpack_packed(data: bytes) -> bytes:
             raise _err(f"section {name!r}: bad info.offset {offset!r}")
         requant = _check_requant(name, info_t)
         shape, values = decode_shared(name, blob_t, info_t, version)
+        shape, values = _space_to_depth(name, info_t, shape, values)
         nbytes = _numel(shape) * PACKED_DTYPES[dtype][1]
         if requant is not None:
             if not shape or shape[0] < 1:

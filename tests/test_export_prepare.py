@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from edgesqueeze.errors import ExportError
@@ -164,3 +166,70 @@ def test_gptq_without_shared_moves_weights_off_the_codebook():
     new = dict(gptq_round(model, x, only=["features.0"]).named_modules())["features.0"].weight
     old = dict(model.named_modules())["features.0"].weight
     assert torch.unique(new).numel() > 2 * torch.unique(old).numel()
+
+
+# --- space-to-depth stem --------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 8), k2=st.integers(1, 8), pad=st.integers(0, 3), cin=st.integers(1, 4),
+       half=st.integers(2, 9), bias=st.booleans(), seed=st.integers(0, 1000))
+def test_space_to_depth_conv_computes_the_conv(k, k2, pad, cin, half, bias, seed):
+    """Any stride-2 conv (kernel, zero padding, channels; an even padded input) and its
+    space-to-depth rewrite give the same outputs, up to float summation order."""
+    from edgesqueeze.export.prepare import SpaceToDepthConv
+
+    torch.manual_seed(seed)
+    size = 2 * half - 2 * pad  # the padded input is 2 * half wide: even
+    assume(size >= 1 and size + 2 * pad >= max(k, k2))
+    conv = nn.Conv2d(cin, 5, (k, k2), 2, pad, bias=bias)
+    x = torch.randn(2, cin, size, size + 2)
+    with torch.no_grad():
+        want, got = conv(x), SpaceToDepthConv(conv)(x)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_space_to_depth_weights_are_the_packed_formats_rearrangement():
+    """The rewritten conv's weight (OIHW, made OHWI) is ``format.packed.space_to_depth`` of the
+    original's: the packer codes the original and the decoder rearranges it the same way."""
+    import numpy as np
+
+    from edgesqueeze.export.prepare import SpaceToDepthConv
+    from edgesqueeze.format.packed import space_to_depth
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 96, 7, 2)
+    new = SpaceToDepthConv(conv)
+    ohwi = conv.weight.detach().numpy().transpose(0, 2, 3, 1)
+    assert np.array_equal(space_to_depth(ohwi, 2), new.conv.weight.detach().numpy().transpose(0, 2, 3, 1))
+    assert tuple(new.conv.weight.shape) == (96, 12, 4, 4) and torch.equal(new.conv.bias, conv.bias)
+
+
+@pytest.mark.parametrize("conv, hw, match", [
+    (nn.Conv2d(3, 8, 3, 1), None, r"stride is \(1, 1\)"),
+    (nn.Conv2d(3, 9, 3, 2, groups=3), None, "groups or dilation"),
+    (nn.Conv2d(3, 8, 3, 2, dilation=2), None, "groups or dilation"),
+    (nn.Conv2d(3, 8, 3, 2, padding=1, padding_mode="reflect"), None, "reflect"),
+    (nn.Conv2d(3, 8, 7, 2), (225, 224), "225x224"),
+    (nn.Conv2d(3, 8, 7, 2, padding=3), (224, 224), None),
+    (nn.Linear(3, 8), None, "not a Conv2d"),
+])
+def test_space_to_depth_refusals_say_why(conv, hw, match):
+    from edgesqueeze.export.prepare import space_to_depth_refusal
+
+    why = space_to_depth_refusal(conv, hw)
+    assert (why is None) if match is None else (why is not None and __import__("re").search(match, why)), why
+
+
+def test_space_to_depth_stem_replaces_a_copy():
+    from edgesqueeze.export.prepare import SpaceToDepthConv, find_stem, space_to_depth_stem
+
+    model = build_model("squeezenet1_0", num_classes=10).eval()
+    assert find_stem(model, 3) == "features.0"
+    new = space_to_depth_stem(model, "features.0")
+    assert isinstance(new.features[0], SpaceToDepthConv) and isinstance(model.features[0], nn.Conv2d)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(new(x), model(x), atol=1e-4)
+    with pytest.raises(ExportError, match=r"features.3.squeeze: .*stride is \(1, 1\)"):
+        space_to_depth_stem(model, "features.3.squeeze")

@@ -604,3 +604,110 @@ def test_int8_stem_note_names_the_first_conv_unless_it_stays_float():
     assert int8_stem_note(model, ["0.00"], 3) == note  # not a parent: a longer name
     wide = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1))
     assert int8_stem_note(wide, [], 8) is None
+    assert "space_to_depth_stem" not in note  # a stride-1 stem: the rewrite does not apply
+    strided = nn.Sequential(nn.Conv2d(3, 8, 7, 2), nn.Conv2d(8, 4, 1))
+    note = int8_stem_note(strided, [], 3)
+    assert "(export.space_to_depth_stem: true) or keep it float (export.float_layers: [0, ...])" in note
+    assert int8_stem_note(strided, [], 3, space_to_depth=True) is None
+
+
+def test_space_to_depth_stem_is_refused_with_its_reason_before_anything_is_written(trained, tmp_path):
+    """`export --space-to-depth-stem` on the digits SqueezeNet (a stride-1 stem), or with the
+    stem kept float: exit 2, one line naming the stem and why, no file."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    for extra, why in (([], r"cannot rewrite the stem features.0: its stride is \(1, 1\)"),
+                       (["--float-layers", "features.0"], "the stem features.0 is in float_layers")):
+        out = tmp_path / str(len(extra))
+        res = CliRunner().invoke(cli, ["export", str(trained.path), "-f", "tflite-int8", "--space-to-depth-stem",
+                                       "--out", str(out), *extra])
+        assert res.exit_code == 2, res.output
+        assert __import__("re").search("space_to_depth_stem: " + why, res.output), res.output
+        assert not out.exists() or not list(out.iterdir())
+    res = CliRunner().invoke(cli, ["export", str(trained.path), "-f", "tflite", "--space-to-depth-stem",
+                                   "--out", str(tmp_path / "fp32")])
+    assert res.exit_code == 0 and "space_to_depth_stem only applies to tflite-int8" in res.output, res.output
+
+
+class _RGBStem(nn.Module):
+    """An RGB net with an ImageNet-style stem (7x7, stride 2, 3 channels), its convs
+    weight-shared (16 values a layer, a third zeros), as an .esq model's are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Conv2d(24, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    cb = torch.linspace(-1, 1, 16) * m.weight.abs().max()
+                    idx = torch.randint(0, 16, m.weight.shape, generator=g)
+                    m.weight.copy_(torch.where(torch.rand(m.weight.shape, generator=g) < 0.33, 0.0, cb[idx]))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def test_int8_space_to_depth_stem_keeps_the_weights_and_packs_without_zero_taps(tmp_path):
+    """export_tflite_int8(space_to_depth_stem=...): the file's stem is a 4x4 conv over 12
+    channels holding the plain file's int8 weights rearranged (GPTQ on shared values ran
+    before the rewrite); its metadata records it; its outputs match the plain file's; packed
+    with the weights the export hands back, the stem is coded before the rearrangement and
+    restores byte for byte."""
+    from edgesqueeze.export.packed import pack_file
+    from edgesqueeze.format import container
+    from edgesqueeze.format.packed import layout, space_to_depth, unpack
+
+    model = _RGBStem().eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, 3, 32, 32)).astype(np.uint8)
+    meta = {"input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}
+    kw = dict(calibration=CalibrationConfig(images=48, method="minmax"), weight_rounding="gptq", shared=True)
+    rounded_plain: dict = {}
+    plain = export_tflite_int8(model, meta, tmp_path / "plain.int8.tflite", images, rounded=rounded_plain, **kw)
+    rounded: dict = {}
+    s2d = export_tflite_int8(model, meta, tmp_path / "s2d.int8.tflite", images, space_to_depth_stem="features.0",
+                             rounded=rounded, **kw)
+
+    def tensors(path):
+        it = Interpreter(model_path=str(path))
+        it.allocate_tensors()
+        return it, {d["name"]: (it.get_tensor(d["index"]), d["quantization_parameters"]["scales"])
+                    for d in it.get_tensor_details() if d["name"].startswith("features.0") and ":" in d["name"]}
+
+    it_p, tp = tensors(plain)
+    it_s, ts = tensors(s2d)
+    (wp, sp), (ws, ss) = tp["features.0:2"], ts["features.0.conv:2"]
+    assert wp.shape == (16, 7, 7, 3) and ws.shape == (16, 4, 4, 12)
+    assert np.array_equal(space_to_depth(wp, 2), ws) and np.array_equal(sp, ss)
+    assert read_tflite_metadata(s2d)["calibration"]["space_to_depth_stem"] == "features.0"
+    assert "space_to_depth_stem" not in read_tflite_metadata(plain)["calibration"]
+    # the same int8 weights; activation ranges calibrated on float sums in another order
+    x = to_input(rng.integers(0, 256, (16, 3, 32, 32)).astype(np.uint8), meta["mean"], meta["std"])
+    got_p, _ = run(plain, x)
+    got_s, _ = run(s2d, x)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    span = np.abs(want).max()
+    assert np.abs(got_s - got_p).max() <= 0.05 * span and np.abs(got_s - want).max() <= 0.1 * span
+    # the packer gets the stem's weight before the rearrangement, under the rewritten conv's name
+    assert tuple(rounded["features.0.conv.weight"].shape) == (16, 3, 7, 7) and "features.0.weight" not in rounded
+    def sources(weights):
+        return {k: v.numpy() for k, v in weights.items() if k.endswith(".weight") and v.dim() >= 2}
+
+    packed_path, rep = pack_file(s2d, fmt="tflite-int8", sources=sources(rounded))
+    assert unpack(packed_path.read_bytes()) == s2d.read_bytes()
+    infos = [i for _, i in container.loads(packed_path.read_bytes()).sections.values()]
+    stem = [i for i in infos if i.get("space_to_depth")]
+    assert len(stem) == 1 and stem[0]["shape"] == [16, 7, 7, 3] and "requant" in stem[0]
+    assert layout(container.loads(packed_path.read_bytes()))["space_to_depth"] == 1  # what inspect shows
+    _, plain_rep = pack_file(plain, fmt="tflite-int8", sources=sources(rounded_plain))
+    row = next(r for r in rep["tensors"] if r["name"] == "features.0.conv:2")
+    plain_row = next(r for r in plain_rep["tensors"] if r["name"] == "features.0:2")
+    # the same weights, coded from their floats (the plain file's integers may code a little smaller)
+    assert row["coded_bytes"] <= 1.05 * plain_row["coded_bytes"]

@@ -218,7 +218,8 @@ def _requantize(src, scales, offset, qmax):
 
 def _synthetic_files(rng: np.random.Generator):
     """Inner files packed with edgesqueeze's packed.pack: plain int8 / uint8 (+128) / float32
-    tensors; requantized tensors with stored and derived scales; products."""
+    tensors; requantized tensors with stored and derived scales; space-to-depth weights;
+    products."""
     files = {}
     # plain tensors
     cb = np.array([-60, -45, -30, -15, 15, 30, 45, 60], np.int8)
@@ -246,6 +247,14 @@ def _synthetic_files(rng: np.random.Generator):
     data = b"HEAD" + scales.astype("<f4").tobytes() + b"mid" + q.tobytes() + b"TAIL"
     files["derived"] = packed.pack(data, [packed.PackedTensor("w", q, source=src, scales=scales)],
                                    name="ds.tflite", fmt="tflite-int8")[0]
+    # space-to-depth weights: a 7x5 kernel over 3 channels, held as [32, 4, 3, 12], derived scales
+    src = np.where(rng.random((32, 7, 5, 3)) < 0.3, 0, rng.choice(fcb, (32, 7, 5, 3))).astype(np.float32)
+    scales = (np.abs(src.reshape(32, -1)).max(1) / np.float32(127)).astype(np.float32)
+    q = _requantize(packed.space_to_depth(src, 2), scales, 0, 127).astype(np.int8)
+    data = b"HEAD" + scales.astype("<f4").tobytes() + b"mid" + q.tobytes() + b"TAIL"
+    files["space_to_depth"] = packed.pack(
+        data, [packed.PackedTensor("w", q, source=src, scales=scales, space_to_depth=2)],
+        name="s2d.tflite", fmt="tflite-int8")[0]
     # products: bias scales = input scale * weight scales
     w = np.float32(rng.uniform(1e-4, 1e-2, 64))
     s_in = np.float32(0.0173)
@@ -269,6 +278,7 @@ def test_packed_synthetic(synthetic):
     assert {i.get("dtype") for i in infos["plain"]} >= {"int8", "uint8", "float32"}
     assert any("requant" in i and "scales" not in i["requant"] for i in infos["requant"])
     assert any("scales" in i.get("requant", {}) for i in infos["derived"])
+    assert any(i.get("space_to_depth") == 2 for i in infos["space_to_depth"])
     assert any(i.get("enc") == "product" for i in infos["product"])
 
 

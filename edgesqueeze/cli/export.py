@@ -64,6 +64,12 @@ def _csv(value: str, what: str) -> list[str]:
               help="Also write each file packed (model.int8.tflite.esq): its weights Deep-Compression-coded, "
                    "restored byte for byte on the device by `edgesqueeze.runtime.load` [default: the "
                    "recipe's, else no].")
+@click.option("--space-to-depth-stem/--no-space-to-depth-stem", default=None,
+              help="tflite-int8: compute a stride-2 first conv over few channels (RGB) as a 2x2 space-to-depth "
+                   "and a conv over 4x the channels, the same int8 weights rearranged. XNNPACK's int8 kernels on "
+                   "AVX2-only x86 and a Raspberry Pi 4 pad input channels to 8, so a 3-channel int8 stem costs "
+                   "more than a float one there; ImageNet SqueezeNet's file then ran 1.01x (AVX2) and 0.82x "
+                   "(Pi 4) fp32's instructions instead of 1.32x / 1.09x [default: the recipe's, else off].")
 @device_option(what="the INT8 calibration passes of GPTQ and activation equalization (onnxruntime's and "
                     "PT2E's calibration, and the files, stay on the CPU)")
 @model_options(recipe_help="Recipe with an 'export' section (calibration, options); its 'model' section stands "
@@ -71,7 +77,7 @@ def _csv(value: str, what: str) -> list[str]:
                set_example="export.calibration.images=512")
 def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_images,
                calibration_method, fold_normalization, float_layers, weight_rounding, equalize_activations,
-               onnx_int8_target, int8_weights, pack, device, model_opts):
+               onnx_int8_target, int8_weights, pack, space_to_depth_stem, device, model_opts):
     """Export a model to ONNX and TFLite, fp32 and INT8: an edgesqueeze checkpoint or .esq
     archive, or your own model as a state_dict with --arch, a TorchScript archive, a
     torch.export program (.pt2) or a pickle (--trust-pickle).
@@ -125,6 +131,8 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
         config = dataclasses.replace(config, int8_weights=int8_weights)
     if pack is not None:
         config = dataclasses.replace(config, pack=pack)
+    if space_to_depth_stem is not None:
+        config = dataclasses.replace(config, space_to_depth_stem=space_to_depth_stem)
     if float_layers is not None:
         try:
             config = dataclasses.replace(config, float_layers=tuple(_csv(float_layers, "--float-layers")),

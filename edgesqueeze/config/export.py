@@ -110,6 +110,13 @@ class ExportConfig:
     ``auto`` picks per tensor for a weight-shared model (:meth:`int8_per_channel`).
     ``pack``: also write each file packed (``model.int8.tflite.esq``:
     :mod:`edgesqueeze.format.packed`), its weights Deep-Compression-coded.
+
+    ``space_to_depth_stem`` (tflite-int8 and tflite-micro): compute the model's stride-2
+    first conv over few input channels as a 2x2 space-to-depth and a stride-1 conv over
+    four times the channels, the same int8 weights rearranged
+    (:class:`edgesqueeze.export.prepare.SpaceToDepthConv`). XNNPACK's int8 kernels without
+    VNNI or the ARM dot product pad input channels to blocks of 8 (3 -> 8; 12 -> 16), so an
+    int8 RGB stem costs more than a float one there (benchmarks/notes.md, sessions 25-26).
     """
 
     VERSION: ClassVar[int] = 1
@@ -129,6 +136,7 @@ class ExportConfig:
     onnx_int8_target: Literal["any-cpu", "vnni-or-arm"] = "any-cpu"
     int8_weights: Literal["auto", "per-channel", "per-tensor"] = "auto"
     pack: bool = False
+    space_to_depth_stem: bool = False
 
     WEIGHT_ROUNDING: ClassVar[dict[str, str]] = {"onnx-int8": "nearest", "tflite-int8": "gptq"}
 

@@ -148,6 +148,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         check_float_layers(model, names, what=f"export.float_layers_by_format.{fmt}")
     if config.float_layers and not any(f in INT8_FORMATS for f in config.formats):
         log(f"note: float_layers {list(config.float_layers)} only apply to the int8 formats")
+    s2d_stem = _space_to_depth_stem(model, meta, config, log)  # before any file is written
     if "tflite-micro" in config.formats:  # the optional package, before any file is written
         from edgesqueeze.export.tflm import import_micro
 
@@ -199,15 +200,16 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             export_tflite(model, meta, path, fold_normalization=config.fold_normalization, source_sha256=digest)
         elif fmt == "tflite-micro":
             _export_micro(model, meta, path, calib, config, shared, written, seed=seed, digest=digest, log=log,
-                          device=device)
+                          device=device, s2d_stem=s2d_stem)
         else:
             _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest, device=device,
-                                rounded=rounded)
+                                rounded=rounded, s2d_stem=s2d_stem)
         log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
         if fmt == "tflite-int8":
             from edgesqueeze.export.tflite import int8_stem_note
 
-            note = int8_stem_note(model, config.float_layers_for(fmt), int(meta["input_shape"][0]))
+            note = int8_stem_note(model, config.float_layers_for(fmt), int(meta["input_shape"][0]),
+                                  space_to_depth=s2d_stem is not None)
             if note:
                 log(note)
         written.append(path)
@@ -227,8 +229,30 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     return written
 
 
+def _space_to_depth_stem(model, meta: dict[str, Any], config: ExportConfig, log: Log) -> str | None:
+    """The stem conv that ``export.space_to_depth_stem`` rewrites in the tflite files, checked
+    (ExportError naming it and what to do), or None when the option is off or no format takes it."""
+    if not config.space_to_depth_stem:
+        return None
+    if not {"tflite-int8", "tflite-micro"} & set(config.formats):
+        log("note: space_to_depth_stem only applies to tflite-int8 and tflite-micro")
+        return None
+    from edgesqueeze.errors import ExportError
+    from edgesqueeze.export.prepare import find_stem
+    from edgesqueeze.export.tflite import check_space_to_depth_stem
+
+    channels = int(meta["input_shape"][0])
+    name = find_stem(model, channels)
+    if name is None:
+        raise ExportError(f"space_to_depth_stem: the model ({type(model).__name__}) has no plain conv over its "
+                          f"{channels} input channel{'s' * (channels > 1)}; set space_to_depth_stem: false")
+    check_space_to_depth_stem(model, name, meta["input_shape"], config.float_layers_for("tflite-int8"))
+    return name
+
+
 def _export_tflite_int8(model, meta, path: Path, calib, config: ExportConfig, shared: bool, *, seed: int,
-                        digest: str, device=None, rounded: dict[str, Any] | None = None) -> None:
+                        digest: str, device=None, rounded: dict[str, Any] | None = None,
+                        s2d_stem: str | None = None) -> None:
     """The tflite-int8 file, with the export settings resolved for it (a tflite-micro file
     takes the same ones: :func:`~edgesqueeze.config.export.int8_base`)."""
     from edgesqueeze.export.tflite import export_tflite_int8
@@ -242,11 +266,12 @@ def _export_tflite_int8(model, meta, path: Path, calib, config: ExportConfig, sh
                        gptq_layers=config.gptq_layers, shared=has_codebooks(model), rounded=rounded,
                        bias_correction=config.bias_correction_for(fmt),
                        equalize_activations=config.equalize_activations,
-                       per_channel=config.int8_per_channel(fmt, shared), source_sha256=digest, device=device)
+                       per_channel=config.int8_per_channel(fmt, shared), source_sha256=digest,
+                       space_to_depth_stem=s2d_stem, device=device)
 
 
 def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: bool, written: list[Path], *,
-                  seed: int, digest: str, log: Log, device=None) -> None:
+                  seed: int, digest: str, log: Log, device=None, s2d_stem: str | None = None) -> None:
     """The tflite-int8 file (the one written beside it in this export, else made in memory),
     compressed for TensorFlow Lite Micro (:mod:`edgesqueeze.export.tflm`)."""
     import tempfile
@@ -261,7 +286,7 @@ def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: 
         with tempfile.TemporaryDirectory(prefix="edgesqueeze-micro-") as tmp:
             tmp_path = Path(tmp) / "model.int8.tflite"
             _export_tflite_int8(model, meta, tmp_path, calib, config, shared, seed=seed, digest=digest,
-                                device=device)
+                                device=device, s2d_stem=s2d_stem)
             data = tmp_path.read_bytes()
     out, rep = micro_compress(data, what=str(path))
     write_bytes_atomic(path, out)

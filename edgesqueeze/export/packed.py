@@ -16,7 +16,7 @@ import numpy as np
 
 from edgesqueeze._io import write_bytes_atomic
 from edgesqueeze.errors import ExportError, FormatError
-from edgesqueeze.format.packed import PackedTensor, bits_per_nonzero, pack
+from edgesqueeze.format.packed import MAX_BLOCK, PackedTensor, bits_per_nonzero, pack, space_to_depth
 
 __all__ = ["PACKED_SUFFIX", "onnx_tensors", "tflite_tensors", "pack_file"]
 
@@ -67,7 +67,11 @@ def tflite_tensors(data: bytes, sources: dict[str, np.ndarray] | None = None) ->
     ``sources``: as for :func:`onnx_tensors`. An int8 weight with one scale per output
     channel (axis 0) whose tensor is named after its module (``features.3.squeeze:2``, as
     litert-torch names them) gets its float source, transposed to TFLite's OHWI for a conv,
-    and its scales, so that the packer can code the float codebook and requantize."""
+    and its scales, so that the packer can code the float codebook and requantize. A conv
+    computed as a space-to-depth (``export.space_to_depth_stem``: ``features.0.conv:2``,
+    ``[96, 4, 4, 12]``) whose source is the weight before the rearrangement
+    (``features.0.conv.weight``, ``[96, 3, 7, 7]``) is coded as that weight, without the
+    zero taps the rearrangement adds."""
     return _read_tflite(data, sources)[0]
 
 
@@ -91,27 +95,36 @@ def _read_tflite(data: bytes, sources: dict[str, np.ndarray] | None = None):
             continue
         zps = np.asarray(q.get("zero_points", []))
         offset = int(zps.flat[0]) if arr.dtype == np.uint8 and zps.size and (zps == zps.flat[0]).all() else 0
-        source, scales = _tflite_source(d["name"], arr, q, sources) if sources else (None, None)
-        out.append(PackedTensor(d["name"], np.array(arr), offset, source=source, scales=scales))
+        source, scales, block = _tflite_source(d["name"], arr, q, sources) if sources else (None, None, 0)
+        out.append(PackedTensor(d["name"], np.array(arr), offset, source=source, scales=scales,
+                                space_to_depth=block))
     return out, scale_arrays
 
 
 def _tflite_source(name: str, arr: np.ndarray, q: dict, sources: dict[str, np.ndarray]):
-    """``(float source in the tensor's layout, per-channel scales)`` of a TFLite int8 weight,
-    or ``(None, None)``."""
+    """``(float source in TFLite's layout, per-channel scales, space-to-depth block)`` of a
+    TFLite int8 weight (block 0: the source has the tensor's shape), or ``(None, None, 0)``."""
+    none = None, None, 0
     scales = np.asarray(q.get("scales", []), np.float32)
     if arr.dtype != np.int8 or arr.ndim < 2 or scales.size != arr.shape[0] or int(q.get("quantized_dimension", 0)):
-        return None, None
+        return none
     module = name.rsplit(":", 1)[0]
     w = sources.get(module + ".weight")
     if w is None and module.startswith("model."):  # a graph that normalizes its input itself
         w = sources.get(module[len("model."):] + ".weight")
     if w is None:
-        return None, None
+        return none
     w = np.asarray(w)
     if w.ndim == 4:
         w = w.transpose(0, 2, 3, 1)  # OIHW -> OHWI
-    return (w, scales) if w.shape == arr.shape else (None, None)
+    if w.shape == arr.shape:
+        return w, scales, 0
+    if w.ndim == 4:  # the weight before a space-to-depth rearrangement (the packer checks the values)
+        block = next((b for b in range(2, MAX_BLOCK + 1)
+                      if space_to_depth(w[:1], b).shape[1:] == arr.shape[1:] and w.shape[0] == arr.shape[0]), 0)
+        if block:
+            return w, scales, block
+    return none
 
 
 def pack_file(path: str | os.PathLike, out: str | os.PathLike | None = None, *,

@@ -13,6 +13,9 @@ litert-torch's PT2E) then loses less:
   opposite direction, which did not help SqueezeNet with per-channel weights.
 - :func:`gptq_round` rounds the weights onto the per-channel symmetric int8 grid with GPTQ.
 - :func:`augment_calibration` adds flipped / cropped copies of calibration images.
+- :func:`space_to_depth_stem` rewrites a stride-2 first conv over few channels as a 2x2
+  space-to-depth and a stride-1 conv over four times the channels (the same function), for
+  int8 kernels that take input channels in blocks of 8 (tflite-int8's XNNPACK).
 
 Written here rather than taken from a library: onnxruntime and litert-torch offer neither
 activation equalization nor GPTQ for convolutions (AIMET has CLE but is a CUDA-first
@@ -32,7 +35,8 @@ from torch import nn
 from edgesqueeze.errors import ExportError
 from edgesqueeze.export._common import first_line as _first_line
 
-__all__ = ["augment_calibration", "equalize_activations", "equalize_cross_layer", "gptq_round"]
+__all__ = ["SpaceToDepthConv", "augment_calibration", "equalize_activations", "equalize_cross_layer", "find_stem",
+           "gptq_round", "space_to_depth_stem"]
 
 
 def _run_with_input_hooks(model: nn.Module, calib: torch.Tensor, batch_size: int, hooks: dict,
@@ -377,3 +381,103 @@ def _rescale(conv: nn.Module, consumers, modules: dict[str, nn.Module], s: torch
     for name, k0, j0, n in consumers:
         cw = modules[name].weight
         cw[:, j0:j0 + n].mul_(s[k0:k0 + n].view(1, -1, *[1] * (cw.dim() - 2)).to(cw.dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# Space-to-depth stem
+
+
+def find_stem(model: nn.Module, input_channels: int) -> str | None:
+    """The name of ``model``'s first plain conv over the input: the first ``Conv2d`` (in
+    module order) taking ``input_channels`` channels, without groups; None if there is none."""
+    return next((n for n, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.in_channels == input_channels and m.groups == 1), None)
+
+
+class SpaceToDepthConv(nn.Module):
+    """A stride-2 ``Conv2d`` computed as a 2x2 space-to-depth and a stride-1 conv.
+
+    ``conv`` (stride 2, zero padding ``p``, kernel ``kh x kw``, ``C`` input channels) equals
+    zero-padding by ``p``, a 2x2 space-to-depth in ``nn.PixelUnshuffle(2)``'s order (``H x W
+    x C`` -> ``H/2 x W/2 x 4C``, channel ``4c + 2dy + dx`` holding pixel ``(2i + dy, 2j + dx)``
+    of channel ``c``) and a
+    stride-1 conv with kernel ``ceil(kh / 2) x ceil(kw / 2)`` whose weights are rearranged:
+    ``W'[o, 4c + 2dy + dx, a, b] = W[o, c, 2a + dy, 2b + dx]``, zero where ``2a + dy`` or
+    ``2b + dx`` passes the kernel. The same products are summed (plus zeros), so an int8
+    file computes the same integers; only float sums change order.
+
+    Why: XNNPACK's int8 conv kernels without VNNI (AVX2-only x86) or the ARM dot product
+    (Raspberry Pi 4) take input channels in blocks of 8, so a 3-channel stem does 8 channels'
+    work; 12 channels pad to 16. ImageNet SqueezeNet 1.0's tflite-int8 file went from 1.32x
+    to 1.01x its fp32 file's instructions on the AVX2 path, 1.09x to 0.82x on a Pi 4's, and
+    from 2.06x to 2.65x fp32's speed on an AVX-512 VNNI x86 (benchmarks/notes.md, sessions
+    25 and 26). Children ``pad`` (only with padding) and ``conv``: the rearranged weight is
+    ``<name>.conv.weight``. The space-to-depth is written as a reshape / permute / reshape
+    with the batch left free (-1): litert-torch turns it into two int8 TRANSPOSEs that
+    XNNPACK runs, in a file that still resizes to any batch. (``nn.PixelUnshuffle``, the
+    same arithmetic, converted with the batch of 1 folded into its reshapes: a batch-1
+    file; four strided slices and a concatenation ran 2.6x slower than either, outside
+    XNNPACK: benchmarks/notes.md, session 26.)
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        why = space_to_depth_refusal(conv)
+        if why:
+            raise ExportError(f"space-to-depth stem: {why}")
+        w = conv.weight.detach()
+        o, c, kh, kw = w.shape
+        ah, aw = (kh + 1) // 2, (kw + 1) // 2
+        w2 = torch.zeros(o, 4 * c, ah, aw, dtype=w.dtype, device=w.device)
+        for dy in range(2):
+            for dx in range(2):
+                part = w[:, :, dy::2, dx::2]  # taps 2a + dy, 2b + dx
+                w2[:, dy * 2 + dx::4, :part.shape[2], :part.shape[3]] = part
+        ph, pw = conv.padding
+        if ph or pw:
+            self.pad = nn.ZeroPad2d((pw, pw, ph, ph))
+        self.conv = nn.Conv2d(4 * c, o, (ah, aw), 1, bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            self.conv.weight.copy_(w2)
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "pad"):
+            x = self.pad(x)
+        c, h, w = x.shape[1:]
+        x = x.reshape(-1, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(-1, 4 * c, h // 2, w // 2)
+        return self.conv(x)
+
+
+def space_to_depth_refusal(conv: nn.Module, input_hw: Sequence[int] | None = None) -> str | None:
+    """Why ``conv`` (on inputs of height and width ``input_hw``) cannot be rewritten as a
+    :class:`SpaceToDepthConv`, or None."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"it is a {type(conv).__name__}, not a Conv2d"
+    if tuple(conv.stride) != (2, 2):
+        return f"its stride is {tuple(conv.stride)}; the rewrite is for a stride-2 conv"
+    if conv.groups != 1 or tuple(conv.dilation) != (1, 1):
+        return "it has groups or dilation; the rewrite is for a plain conv"
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return f"its padding is {conv.padding!r} ({conv.padding_mode}); the rewrite takes numeric zero padding"
+    if input_hw is not None:
+        h, w = (int(s) + 2 * p for s, p in zip(input_hw, conv.padding))
+        if h % 2 or w % 2:
+            return f"its padded input is {h}x{w}; the rewrite needs an even height and width"
+    return None
+
+
+def space_to_depth_stem(model: nn.Module, name: str) -> nn.Module:
+    """A copy of ``model`` with its conv ``name`` replaced by a :class:`SpaceToDepthConv`
+    (the same function; ExportError if the conv cannot be rewritten)."""
+    model = copy.deepcopy(model)
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    conv = model.get_submodule(name)
+    try:
+        new = SpaceToDepthConv(conv)
+    except ExportError as exc:
+        raise ExportError(f"{name}: {exc}") from None
+    setattr(parent, leaf, new.train(conv.training))
+    return model

@@ -248,23 +248,45 @@ def export_tflite(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike
 # INT8 export
 
 
-def int8_stem_note(model: nn.Module, float_layers: Sequence[str], input_channels: int) -> str | None:
+def check_space_to_depth_stem(model: nn.Module, name: str, input_shape: Sequence[int] | None,
+                              float_layers: Sequence[str] = ()) -> None:
+    """ExportError unless ``model``'s module ``name`` is an int8 conv that
+    :class:`~edgesqueeze.export.prepare.SpaceToDepthConv` can compute (inputs of
+    ``input_shape``, C, H, W)."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise ExportError(f"space_to_depth_stem: the model has no module named '{name}'")
+    if any(name == f or name.startswith(f + ".") for f in float_layers):
+        raise ExportError(f"space_to_depth_stem: the stem {name} is in float_layers; the rewrite speeds up an "
+                          "int8 stem only: drop it from float_layers or set space_to_depth_stem: false")
+    hw = list(input_shape)[1:] if input_shape is not None and len(input_shape) == 3 else None
+    why = prepare.space_to_depth_refusal(modules[name], hw)
+    if why:
+        raise ExportError(f"space_to_depth_stem: cannot rewrite the stem {name}: {why}; set "
+                          "space_to_depth_stem: false")
+
+
+def int8_stem_note(model: nn.Module, float_layers: Sequence[str], input_channels: int,
+                   space_to_depth: bool = False) -> str | None:
     """A note for a tflite-int8 file whose first conv (the first ``Conv2d`` taking the
     input's ``input_channels``, fewer than 8) is int8, else None. XNNPACK's int8 kernels
     without VNNI (AVX2-only x86) or the ARM dot product (Raspberry Pi 4) take input channels
     in blocks of 8, so a 3-channel stem does 8 channels' work: ImageNet SqueezeNet's int8
     stem runs 2.6x (AVX2) and 1.7x (Pi 4) the instructions of its fp32 stem, and the whole
-    file 1.32x / 1.09x fp32's (benchmarks/notes.md, session 25)."""
-    if input_channels >= 8:
+    file 1.32x / 1.09x fp32's (benchmarks/notes.md, session 25). None as well when the stem
+    is rewritten as a space-to-depth (``space_to_depth``): its 4x channels pad far less."""
+    if input_channels >= 8 or space_to_depth:
         return None
-    name = next((n for n, m in model.named_modules()
-                 if isinstance(m, nn.Conv2d) and m.in_channels == input_channels and m.groups == 1), None)
+    name = prepare.find_stem(model, input_channels)
     if name is None or any(name == f or name.startswith(f + ".") for f in float_layers):
         return None
+    fix = f"keep it float (export.float_layers: [{name}, ...])"
+    if prepare.space_to_depth_refusal(model.get_submodule(name)) is None:
+        fix = f"compute it as a space-to-depth (export.space_to_depth_stem: true) or {fix}"
     return (f"note: the first conv ({name}, {input_channels} input channel{'s' * (input_channels > 1)}) is int8: "
             "fast on x86 with VNNI; on AVX2-only x86 and a Raspberry Pi 4 (no dot product) XNNPACK pads its "
             "channels to 8 and the file can be slower than fp32 (benchmarks/notes.md, session 25); for those "
-            f"devices keep it float (export.float_layers: [{name}, ...])")
+            f"devices {fix}")
 
 
 @_quiet
@@ -287,6 +309,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
                        source_sha256: str | None = None,
                        calibration_split: str = "train",
                        calibration_seed: int | None = None,
+                       space_to_depth_stem: str | None = None,
                        device: torch.device | None = None) -> Path:
     """Write a full-integer ``.tflite``: int8 weights (symmetric, per output channel) and
     int8 activations with ranges calibrated on ``calib_images`` (uint8 NCHW, all of them;
@@ -309,12 +332,19 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     before GPTQ (0: off; :func:`~edgesqueeze.export.prepare.equalize_activations`).
     ``gptq_layers``: the modules GPTQ rounds (empty: every int8 layer); ``shared``: the
     model is weight-shared, and GPTQ keeps each layer's shared values (:func:`gptq_round`).
-    ``rounded``: if given, filled with the GPTQ-rounded float weights (for the packer).
+    ``rounded``: if given, filled with the float weights the int8 ones are rounded from,
+    GPTQ's where it ran (for the packer; a space-to-depth stem's before the rearrangement,
+    under the name of the conv that computes it).
     ``bias_correction``: empirical bias correction of the calibrated model
     (:func:`correct_bias`, on at most 64 calibration images) before conversion.
     ``equalize``: cross-layer equalization first; ``augment``: add
     that many flipped / cropped copies of each calibration image (neither helped SqueezeNet;
-    see the benchmark). ``device``: where the statistics passes of activation equalization
+    see the benchmark). ``space_to_depth_stem``: the name of a stride-2 first conv to
+    compute as a 2x2 space-to-depth and a stride-1 conv over four times the channels
+    (:class:`~edgesqueeze.export.prepare.SpaceToDepthConv`), rewritten after GPTQ so that
+    its int8 weights are the plain conv's, rearranged (XNNPACK's int8 kernels without VNNI
+    or the ARM dot product pad input channels to blocks of 8: 3 -> 8, but 12 -> 16).
+    ``device``: where the statistics passes of activation equalization
     and GPTQ run (None: the CPU; PT2E's observers and bias correction run on the CPU).
     Raises ExportError like :func:`export_tflite`.
     """
@@ -330,12 +360,16 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     if not 0 <= equalize_activations <= 1:
         raise ExportError(f"equalize_activations must be in [0, 1] (0: off), got {equalize_activations}")
     check_float_layers(model, float_layers)
+    if space_to_depth_stem is not None:
+        check_space_to_depth_stem(model, space_to_depth_stem, meta.get("input_shape"), float_layers)
     info = {"images": len(images), "method": calibration.method, "split": calibration_split,
             "seed": calibration_seed, "augment": int(augment), "equalize": bool(equalize),
             "equalize_activations": float(equalize_activations),
             "bias_correction": bool(bias_correction), "float_layers": list(float_layers), "requantize_pool": bool(requantize_pool),
             "weight_rounding": weight_rounding, "gptq_layers": list(gptq_layers),
             "weights": "per-channel" if per_channel else "per-tensor"}
+    if space_to_depth_stem is not None:
+        info["space_to_depth_stem"] = space_to_depth_stem
     if calibration.method == "percentile":
         info["percentile"] = calibration.percentile
     art = _artifact(model, meta, "tflite-int8", fold_normalization, calibration=info,
@@ -355,9 +389,14 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
         module = gptq_round(module, calib, batch_size=calibration.batch_size,
                             skip=[prefix + n for n in float_layers], only=[prefix + n for n in gptq_layers],
                             shared=shared, device=device)
-        if rounded is not None:  # the weights the file's integers come from, by the model's own names
-            rounded.update({k[len(prefix):]: v.detach().clone() for k, v in module.state_dict().items()
-                            if k.startswith(prefix)})
+    if rounded is not None:  # the weights the file's integers come from, by the model's own names
+        rounded.update({k[len(prefix):]: v.detach().clone() for k, v in module.state_dict().items()
+                        if k.startswith(prefix)})
+    if space_to_depth_stem is not None:  # after GPTQ: the same int8 weights, rearranged, zeros kept zero
+        module = prepare.space_to_depth_stem(module, prefix + space_to_depth_stem)
+        reference = prepare.space_to_depth_stem(reference, prefix + space_to_depth_stem)
+        if rounded is not None:  # the packer codes the weight before the rearrangement (no zero taps)
+            rounded[space_to_depth_stem + ".conv.weight"] = rounded.pop(space_to_depth_stem + ".weight")
     gm, quantizer = quantize_pt2e(module, calib, method=calibration.method,
                                   percentile=calibration.percentile, batch_size=calibration.batch_size,
                                   float_layers=[prefix + n for n in float_layers], per_channel=per_channel,

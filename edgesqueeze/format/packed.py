@@ -25,6 +25,10 @@ A tensor section's info is the codec's (``shape``, codebook, streams) plus::
             point is 128: they are coded as the signed values q - 128, so zero stays zero)
     requant optional: the section codes the float weights, the decoder requantizes them with
             the file's per-channel scales, and with ``requant.scales`` computes those too
+    space_to_depth  optional block size ``B``: the section codes a conv weight ``[O, kh, kw, C]``
+            (OHWI) that the file holds rearranged for a space-to-depth input,
+            ``[O, ceil(kh/B), ceil(kw/B), B*B*C]`` (:func:`space_to_depth`): the zero taps
+            the rearrangement adds cost nothing
 
 A product section (``enc: "product"``, no content) is ``n`` float32 values at ``at``, a
 scalar at ``a`` times ``n`` values at ``b`` of the restored file (a TFLite bias's scales).
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import math
 import re
 import threading
 import zlib
@@ -51,7 +56,7 @@ from edgesqueeze.errors import FormatError
 from edgesqueeze.format import codec, container
 
 __all__ = ["PACKED_KEY", "SKELETON", "PackedTensor", "pack", "unpack", "restore", "check_digest",
-           "is_packed", "packed_info", "layout"]
+           "is_packed", "packed_info", "layout", "space_to_depth"]
 
 PACKED_KEY = "packed"  # meta key of a packed archive
 SKELETON = "skeleton"
@@ -99,6 +104,52 @@ class PackedTensor:
     source: np.ndarray | None = None
     scales: np.ndarray | None = None
     qmax: int = 127
+    # Optional, with ``source``: the block size of a space-to-depth stem; ``source`` is then
+    # the conv weight before the rearrangement (OHWI) and ``values`` hold it rearranged
+    # (:func:`space_to_depth`); the section codes ``source`` as it is.
+    space_to_depth: int = 0
+
+
+MAX_BLOCK = 8  # largest space-to-depth block a section may name
+
+
+def space_to_depth(w: np.ndarray, block: int) -> np.ndarray:
+    """An OHWI conv weight ``[O, kh, kw, C]`` rearranged for a ``block`` x ``block``
+    space-to-depth input (``torch.nn.PixelUnshuffle``'s channel order): ``[O, ceil(kh/B),
+    ceil(kw/B), B*B*C]`` with ``out[o, a, b, c*B*B + dy*B + dx] = w[o, B*a + dy, B*b + dx, c]``,
+    zero where ``B*a + dy >= kh`` or ``B*b + dx >= kw``."""
+    o, kh, kw, c = w.shape
+    ah, aw = -(-kh // block), -(-kw // block)
+    padded = np.zeros((o, ah * block, aw * block, c), w.dtype)
+    padded[:, :kh, :kw] = w
+    return (padded.reshape(o, ah, block, aw, block, c).transpose(0, 1, 3, 5, 2, 4)
+            .reshape(o, ah, aw, c * block * block))
+
+
+def _s2d_shape(name: str, info: dict) -> list[int] | None:
+    """The stored shape of a section with ``space_to_depth`` (checked), else None."""
+    block = info.get("space_to_depth")
+    if block is None:
+        return None
+    shape = info.get("shape")
+    if (not _is_uint(block) or not 2 <= block <= MAX_BLOCK or not isinstance(shape, list) or len(shape) != 4
+            or not all(_is_uint(d) and d > 0 for d in shape)):
+        raise FormatError(f"section {name}: bad space_to_depth {block!r} for shape {shape!r}")
+    o, kh, kw, c = shape
+    return [o, -(-kh // block), -(-kw // block), c * block * block]
+
+
+def _unspace(name: str, t: codec.Coded, info: dict) -> codec.Coded:
+    """``t`` (decoded in its coded shape) as the file stores it, rearranged by
+    :func:`space_to_depth`: the coded values' positions mapped, in increasing order."""
+    shape = _s2d_shape(name, info)
+    block = info["space_to_depth"]
+    pos = np.arange(t.numel, dtype=np.int64) if t.pos is None else t.pos.astype(np.int64)
+    o, y, x, c = np.unravel_index(pos, t.shape)
+    _, ah, aw, cc = shape
+    new = ((o * ah + y // block) * aw + x // block) * cc + c * block * block + (y % block) * block + x % block
+    order = np.argsort(new, kind="stable")
+    return codec.Coded(shape, math.prod(shape), t.cb, t.ix[order], new[order])
 
 
 def requantize(values: np.ndarray, scales: np.ndarray, offset: int, qmax: int) -> np.ndarray:
@@ -151,9 +202,13 @@ def _requant_candidate(data: bytes, t: PackedTensor, v: np.ndarray, taken, use_h
         return None
     src = np.asarray(t.source, dtype=np.float32)
     scales = np.ascontiguousarray(np.asarray(t.scales, dtype=np.float32).reshape(-1))
-    if src.shape != v.shape or len(scales) != v.shape[0] or not (np.isfinite(scales).all() and (scales > 0).all()):
+    block = int(t.space_to_depth)
+    if block and not (2 <= block <= MAX_BLOCK and src.ndim == 4):
         return None
-    if not np.array_equal(requantize(src, scales, t.offset, t.qmax), v.astype(np.float64)):
+    stored = space_to_depth(src, block) if block else src
+    if stored.shape != v.shape or len(scales) != v.shape[0] or not (np.isfinite(scales).all() and (scales > 0).all()):
+        return None
+    if not np.array_equal(requantize(stored, scales, t.offset, t.qmax), v.astype(np.float64)):
         return None
     if not np.isfinite(src).all() or np.signbit(src[src == 0]).any():
         return None
@@ -168,7 +223,7 @@ def _requant_candidate(data: bytes, t: PackedTensor, v: np.ndarray, taken, use_h
     rule = _scale_rule(src, scales, int(t.qmax))
     if rule is not None:
         requant["scales"] = rule
-    return blob, info, {"requant": requant}
+    return blob, info, {"requant": requant, **({"space_to_depth": block} if block else {})}
 
 
 def _max_abs_scales(max_abs: np.ndarray, qmax: int, zero: float) -> np.ndarray:
@@ -421,6 +476,7 @@ def layout(archive: container.Archive) -> dict[str, Any]:
     return {"coded_tensors": len(tensors),
             "requantized": sum(isinstance(i.get("requant"), dict) for i in tensors),
             "derived_scales": sum(_derives_scales(i) for i in tensors),
+            "space_to_depth": sum("space_to_depth" in i for i in tensors),
             "products": sum(i.get("enc") == PRODUCT for i in sections),
             "skeleton_codec": sk.get("codec") if isinstance(sk, dict) else None,
             "skeleton_bytes": len(blob), "skeleton_restored_bytes": sk.get("n") if isinstance(sk, dict) else None}
@@ -649,7 +705,7 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
             continue
         tensors[k] = (blob, ti)
         dtype, offset = _dtype(k, ti)
-        numel = codec.shape_numel(ti.get("shape"), k)
+        numel = codec.shape_numel(_s2d_shape(k, ti) or ti.get("shape"), k)  # the bytes the file holds
         rq = ti.get("requant")
         spans.append((at, k, dtype, offset, TENSOR if rq is None else REQUANT, numel))
         if _derives_scales(ti):
@@ -677,6 +733,9 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
     def fill(part: list) -> dict[str, codec.Coded]:
         values = codec.decode_coded(container.Archive(
             meta={}, sections={sp[1]: tensors[sp[1]] for sp in part}, version=archive.version)) if part else {}
+        for k in values:
+            if "space_to_depth" in tensors[k][1]:
+                values[k] = _unspace(k, values[k], tensors[k][1])
         for at, k, dtype, offset, kind, numel in part:
             if kind == TENSOR:
                 _fill(np.frombuffer(out, dtype, numel, at), k, values[k], offset)
