@@ -18,7 +18,7 @@ help:
 	@echo "make demo     digits end to end: train, deep-compress, export ONNX/TFLite fp32+int8, verify, gate"
 	@echo "make test     run the test suite (under 10 minutes on 2 cores)"
 	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md (long)"
-	@echo "make device-check [FILES=...]  run exports on an emulated Raspberry Pi (arm64 chroot, root) vs this host"
+	@echo "make device-check [FILES=...] [DEVICE_CPU=pi4|pi5]  run exports on an emulated Raspberry Pi 4/5 (arm64 chroot, root) vs this host"
 	@echo "make install  create $(VENV) and install edgesqueeze with its dependencies"
 
 $(STAMP): pyproject.toml
@@ -49,7 +49,7 @@ bench: $(STAMP)
 # Not part of `test`: needs root, qemu-user-static + mmdebstrap, and builds an arm64 chroot once
 # (~/.cache/edgesqueeze/bookworm-arm64). FILES defaults to the demo's exports (run `make demo` first).
 device-check: $(STAMP)
-	PYTHON=$(PY) bash tools/device-check.sh $(FILES)
+	PYTHON=$(PY) DEVICE_CPU=$(or $(DEVICE_CPU),pi4) bash tools/device-check.sh $(FILES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -12,9 +12,9 @@
 # Results merge into benchmarks/results/int8_speed.json under KEY (default
 # instructions_arm64_a72_valgrind). Needs root, and the chroot that `make device-check`
 # builds (DEVICE_ROOT, default ~/.cache/edgesqueeze/bookworm-arm64); valgrind is installed
-# into it on first use (apt). While it runs, the chroot gets /proc, a Cortex-A72
-# /proc/cpuinfo (qemu-user shows the host's x86 one, on which XNNPACK's cpuinfo crashes)
-# and /sys/devices/system/cpu/{possible,present}; and the first 4 bytes of numpy's
+# into it on first use (apt). While it runs, the chroot is a Cortex-A72 to qemu and to the
+# runtimes' CPU detection (tools/emulated_cpu.sh: /proc, a Cortex-A72 /proc/cpuinfo,
+# /sys/devices/system/cpu/{possible,present}, QEMU_CPU=cortex-a72); and the first 4 bytes of numpy's
 # OpenBLAS .eh_frame are zeroed (valgrind 3.19's CFI reader asserts on it). All of it is
 # undone on exit. About 15 minutes for 8 files on 2 cores.
 set -euo pipefail
@@ -46,8 +46,9 @@ done
 [ -x "$DEVICE_ROOT$VENV_IN/bin/python" ] \
   || die "no runtime venv in $DEVICE_ROOT; build the chroot first: sudo tools/device-check.sh --setup-only"
 
-in_chroot() {
-  chroot "$DEVICE_ROOT" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"
+in_chroot() {  # QEMU_CPU: set by emulated_cpu_enter below (unset before: qemu's default)
+  chroot "$DEVICE_ROOT" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+    ${QEMU_CPU:+QEMU_CPU=$QEMU_CPU} "$@"
 }
 
 if ! in_chroot sh -c 'command -v valgrind' >/dev/null 2>&1; then
@@ -63,23 +64,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if ! mountpoint -q "$DEVICE_ROOT/proc"; then
-  mount -t proc proc "$DEVICE_ROOT/proc"
-  undo+=("umount '$DEVICE_ROOT/proc'")
-fi
-cpuinfo=$(mktemp)
-undo+=("rm -f '$cpuinfo'")
-for i in 0 1 2 3; do  # a Raspberry Pi 4: four Cortex-A72 (ARM part 0xd08)
-  printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n' "$i"
-done > "$cpuinfo"
-mount --bind "$cpuinfo" "$DEVICE_ROOT/proc/cpuinfo"
-undo+=("umount '$DEVICE_ROOT/proc/cpuinfo'")
-cpu_dir=$DEVICE_ROOT/sys/devices/system/cpu
-if [ ! -e "$cpu_dir/possible" ]; then
-  mountpoint -q "$DEVICE_ROOT/sys" && die "$DEVICE_ROOT/sys is mounted; unmount it (sysfs there crashes XNNPACK's cpuinfo under qemu)"
-  mkdir -p "$cpu_dir" && echo 0-3 > "$cpu_dir/possible" && echo 0-3 > "$cpu_dir/present"
-  undo+=("rm -rf '$DEVICE_ROOT/sys/devices'")
-fi
+# a Raspberry Pi 4's CPU, as XNNPACK's and onnxruntime's CPU detection see it
+# shellcheck source=../tools/emulated_cpu.sh
+. "$ROOT_DIR/tools/emulated_cpu.sh"
+emulated_cpu_enter "$DEVICE_ROOT" pi4 || die "could not set up the emulated Cortex-A72 in $DEVICE_ROOT"
 blas=$(ls "$DEVICE_ROOT$VENV_IN"/lib/python3*/site-packages/numpy.libs/libscipy_openblas*.so 2>/dev/null | head -1 || true)
 if [ -n "$blas" ]; then
   cp -p "$blas" "$blas.es-orig"

@@ -249,6 +249,8 @@ def test_shell_help_and_bad_option():
     assert r.returncode == 0 and "device-check.sh" in r.stdout
     r = subprocess.run(["bash", str(SHELL), "--bogus"], check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "unknown option --bogus" in r.stderr
+    r = subprocess.run(["bash", str(SHELL), "--cpu", "pi3"], check=False, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--cpu: unknown CPU 'pi3'; choose pi4" in r.stderr
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the script wants root first")

@@ -2,10 +2,12 @@
 # Run exported artifacts through edgesqueeze's torch-free runtime on an emulated Raspberry Pi
 # (Debian bookworm arm64 under qemu-user) and compare top-1 and logits with this host, per file.
 #
-#   tools/device-check.sh [--data NAME] [--data-dir DIR] [--limit N] [--setup-only] [FILE...]
+#   tools/device-check.sh [--data NAME] [--data-dir DIR] [--limit N] [--cpu pi4|pi5] [--setup-only] [FILE...]
 #
 # FILE defaults to the demo's exports (artifacts/squeezenet-digits/export/*.onnx, *.tflite, and
-# the packed *.esq, decoded on the device).
+# the packed *.esq, decoded on the device). --cpu (or DEVICE_CPU): the Pi whose CPU qemu
+# emulates and the runtimes detect, so they run its int8 kernels: pi4 (Cortex-A72, no dot
+# product; the default) or pi5 (Cortex-A76, dot product); tools/emulated_cpu.sh.
 # Needs root (chroot, binfmt_misc) and the Debian packages qemu-user-static, binfmt-support and
 # mmdebstrap. The arm64 root file system is built once (about 6-8 minutes) into DEVICE_ROOT and
 # reused; so is the virtual environment inside it with the runtime packages (numpy, onnxruntime,
@@ -30,6 +32,7 @@ DEVICE_ROOT=${DEVICE_ROOT:-$HOME/.cache/edgesqueeze/bookworm-arm64}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 THREADS=${THREADS:-1}
+DEVICE_CPU=${DEVICE_CPU:-pi4}
 # The device install: the `runtime` extra of pyproject.toml, plus what building the checkout
 # without build isolation needs (setuptools, wheel), so each run installs it offline.
 RUNTIME_REQS="numpy>=1.26,<3 onnxruntime>=1.18 ai-edge-litert>=2.0 setuptools>=68 wheel"
@@ -53,13 +56,22 @@ while [ $# -gt 0 ]; do
       [ $# -ge 2 ] || die "$1 needs a value"
       prepare_args+=("$1" "$2"); shift 2 ;;
     --data=*|--data-dir=*|--limit=*) prepare_args+=("$1"); shift ;;
+    --cpu)
+      [ $# -ge 2 ] || die "$1 needs a value (pi4 or pi5)"
+      DEVICE_CPU=$2; shift 2 ;;
+    --cpu=*) DEVICE_CPU=${1#--cpu=}; shift ;;
     --setup-only) setup_only=1; shift ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; files+=("$@"); break ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) files+=("$1"); shift ;;
   esac
 done
+
+case "$DEVICE_CPU" in
+  pi4|pi5) ;;
+  *) die "--cpu: unknown CPU '$DEVICE_CPU'; choose pi4 (Cortex-A72, no dot product) or pi5 (Cortex-A76, dot product)" ;;
+esac
 
 # ------------------------------------------------------------------ tools
 missing=()
@@ -169,11 +181,23 @@ in_chroot() {  # a clean environment: nothing of the host's leaks in
   for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
     [ -n "${!v:-}" ] && proxy+=("$v=${!v}")
   done
-  chroot "$DEVICE_ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
+  chroot "$DEVICE_ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 ${QEMU_CPU:+QEMU_CPU=$QEMU_CPU} \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PIP_CERT="$CA_IN" SSL_CERT_FILE="$CA_IN" PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 \
     PYTHONDONTWRITEBYTECODE=1 "${proxy[@]}" "$@"
 }
+
+# The device's CPU: what qemu emulates and what the runtimes' CPU detection reads, so that
+# they pick that Pi's int8 kernels (tools/emulated_cpu.sh); undone on exit.
+# (Before the venv: pip and the import check below run on that CPU too.)
+undo=()
+cleanup() {
+  for ((i = ${#undo[@]} - 1; i >= 0; i--)); do eval "${undo[$i]}" || true; done
+}
+trap cleanup EXIT
+# shellcheck source=emulated_cpu.sh
+. "$ROOT_DIR/tools/emulated_cpu.sh"
+emulated_cpu_enter "$DEVICE_ROOT" "$DEVICE_CPU" || die "could not emulate the CPU '$DEVICE_CPU' in $DEVICE_ROOT"
 
 # ------------------------------------------------------------------ device venv (once)
 if [ ! -f "$DEVICE_ROOT$VENV_STAMP" ] || [ "$(cat "$DEVICE_ROOT$VENV_STAMP")" != "$RUNTIME_REQS" ]; then
@@ -221,8 +245,7 @@ say "prepare on the host: ${files[*]}"
 rm -rf --one-file-system "$DEVICE_ROOT$CHECK_IN"
 mkdir -p "$DEVICE_ROOT$CHECK_IN"
 cp -a "$OUT/manifest.json" "$OUT"/inputs-*.npz "$OUT/models" "$DEVICE_ROOT$CHECK_IN/"
-say "run on the emulated device (arm64) ... onnxruntime's 'Error in cpuinfo' lines about /sys are expected:"
-say "the chroot has no /sys (mounting it crashed onnxruntime under qemu)"
+say "run on the emulated device (arm64, $DEVICE_CPU: qemu's $QEMU_CPU) ..."
 run_rc=0
 in_chroot "$VENV_IN/bin/python" "$SRC_IN/tools/device_check.py" run --dir "$CHECK_IN" --out device \
   --threads "$THREADS" --require-no-torch || run_rc=$?

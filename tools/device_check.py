@@ -76,9 +76,13 @@ def _version(dist: str) -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    """Where this ran: machine, python, package versions, and whether torch got imported."""
+    """Where this ran: machine, the CPU as the runtimes see it (which int8 kernels they pick),
+    python, package versions, and whether torch got imported."""
+    from edgesqueeze.runtime.cpu import cpu_info
+
     return {
         "machine": platform.machine(),
+        "cpu": cpu_info(),
         "system": platform.system(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -399,7 +403,7 @@ def compare_dirs(root: Path, host: str = HOST_DIR, device: str = "device") -> di
     def env_summary(env):
         if not env:
             return None
-        return {k: env.get(k) for k in ("machine", "python", "packages", "torch_imported", "threads")}
+        return {k: env.get(k) for k in ("machine", "cpu", "python", "packages", "torch_imported", "threads")}
 
     return {"format": FORMAT + ".compare", "dir": str(root), "host": env_summary(host_env),
             "device": env_summary(dev_env), "ok": all(r["ok"] for r in rows), "artifacts": rows}
@@ -419,7 +423,9 @@ def _env_line(label: str, env: dict | None) -> str:
     pk = env.get("packages") or {}
     vers = ", ".join(f"{k} {v}" for k, v in pk.items() if v and k != "edgesqueeze")
     torch = {True: "yes", False: "no"}.get(env.get("torch_imported"), "?")
-    return f"{label}: {env.get('machine')}, python {env.get('python')}, {vers}; torch imported: {torch}"
+    kernels = (env.get("cpu") or {}).get("int8_kernels")
+    where = f"{env.get('machine')} ({kernels})" if kernels else env.get("machine")
+    return f"{label}: {where}, python {env.get('python')}, {vers}; torch imported: {torch}"
 
 
 def render_text(report: dict[str, Any]) -> str:
