@@ -58,6 +58,12 @@ def check_calibration_shape(images, input_shape) -> None:
                           f"{tuple(input_shape)}")
 
 
+def under(name: str, modules) -> bool:
+    """Is the module ``name`` one of ``modules`` or inside one of them (``features.3.squeeze``
+    is under ``features.3``; ``features.30`` is not)?"""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def check_float_layers(model, float_layers, *, what: str = "float_layers") -> None:
     """Every name in ``float_layers`` is a module of ``model``, else ExportError naming it,
     with the closest module name as a suggestion (``features.O`` -> ``features.0``)."""

@@ -34,6 +34,7 @@ from torch import nn
 
 from edgesqueeze.errors import ExportError
 from edgesqueeze.export._common import first_line as _first_line
+from edgesqueeze.export._common import under
 
 __all__ = ["SpaceToDepthConv", "augment_calibration", "equalize_activations", "equalize_cross_layer", "find_stem",
            "gptq_round", "space_to_depth_stem"]
@@ -95,8 +96,7 @@ def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
     model = copy.deepcopy(model).eval()
     layers = {n: m for n, m in model.named_modules()
               if ((isinstance(m, nn.Conv2d) and m.groups == 1) or isinstance(m, nn.Linear))
-              and not any(n == f or n.startswith(f + ".") for f in skip)
-              and (not only or any(n == f or n.startswith(f + ".") for f in only))}
+              and not under(n, skip) and (not only or under(n, only))}
     hess: dict[str, torch.Tensor] = {}
 
     def collect(name: str, mod: nn.Module):

@@ -67,6 +67,7 @@ from edgesqueeze.export._common import (
     check_float_layers,
     first_line as _first_line,
     to_input,
+    under,
 )
 from edgesqueeze.export.prepare import (  # noqa: F401 - re-exported: they lived here first
     augment_calibration,
@@ -256,7 +257,7 @@ def check_space_to_depth_stem(model: nn.Module, name: str, input_shape: Sequence
     modules = dict(model.named_modules())
     if name not in modules:
         raise ExportError(f"space_to_depth_stem: the model has no module named '{name}'")
-    if any(name == f or name.startswith(f + ".") for f in float_layers):
+    if under(name, float_layers):
         raise ExportError(f"space_to_depth_stem: the stem {name} is in float_layers; the rewrite speeds up an "
                           "int8 stem only: drop it from float_layers or set space_to_depth_stem: false")
     hw = list(input_shape)[1:] if input_shape is not None and len(input_shape) == 3 else None
@@ -278,7 +279,7 @@ def int8_stem_note(model: nn.Module, float_layers: Sequence[str], input_channels
     if input_channels >= 8 or space_to_depth:
         return None
     name = prepare.find_stem(model, input_channels)
-    if name is None or any(name == f or name.startswith(f + ".") for f in float_layers):
+    if name is None or under(name, float_layers):
         return None
     fix = f"keep it float (export.float_layers: [{name}, ...])"
     if prepare.space_to_depth_refusal(model.get_submodule(name)) is None:

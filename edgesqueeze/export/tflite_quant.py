@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edgesqueeze.errors import ExportError
-from edgesqueeze.export._common import check_float_layers
+from edgesqueeze.export._common import check_float_layers, under
 from edgesqueeze.export._common import first_line as _first_line
 from edgesqueeze.export.tflite_flatbuffer import schema
 
@@ -148,7 +148,7 @@ def _share_concat_ranges(model, keep: Callable[[Any], bool], shared_spec) -> Non
 def _not_in(names: tuple[str, ...]) -> Callable[[Any], bool]:
     def keep(node) -> bool:
         paths = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
-        return not any(p == n or p.startswith(n + ".") for p in paths for n in names)
+        return not any(under(p, names) for p in paths)
 
     return keep
 
@@ -161,7 +161,7 @@ def check_converted_float_layers(model: nn.Module, float_layers: Sequence[str], 
     fb, fbu = schema()
     kinds = (nn.Conv2d, nn.Linear)
     wanted = sum(isinstance(m, kinds) for n, m in model.named_modules()
-                 if any(n == f or n.startswith(f + ".") for f in float_layers))
+                 if under(n, float_layers))
     if not wanted:
         return
     sg = converted.subgraphs[0]
