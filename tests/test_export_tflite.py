@@ -711,3 +711,26 @@ def test_int8_space_to_depth_stem_keeps_the_weights_and_packs_without_zero_taps(
     plain_row = next(r for r in plain_rep["tensors"] if r["name"] == "features.0:2")
     # the same weights, coded from their floats (the plain file's integers may code a little smaller)
     assert row["coded_bytes"] <= 1.05 * plain_row["coded_bytes"]
+
+
+def test_int8_space_to_depth_stem_runs_in_tflite_micro(tmp_path):
+    """The space-to-depth is written in at most 5 dimensions: TFLite Micro's TRANSPOSE takes
+    no more (a 6-d permute made TFLM refuse the file). The TFLM-compressed file computes what
+    LiteRT computes."""
+    pytest.importorskip("tflite_micro")
+    from edgesqueeze.export.tflm import micro_compress
+    from edgesqueeze.runtime import load
+
+    model = _RGBStem().eval()
+    images = np.random.default_rng(1).integers(0, 256, (32, 3, 32, 32)).astype(np.uint8)
+    meta = {"input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": [str(i) for i in range(10)]}
+    path = export_tflite_int8(model, meta, tmp_path / "m.int8.tflite", images, space_to_depth_stem="features.0",
+                              calibration=CalibrationConfig(images=32, method="minmax"), weight_rounding="nearest")
+    data, _ = micro_compress(path.read_bytes())
+    micro = tmp_path / "m.int8.micro.tflite"
+    micro.write_bytes(data)
+    art = load(micro)
+    assert art.backend == "tflite-micro"
+    # TFLite Micro's reference kernels round a few values differently from XNNPACK's
+    got, want = art.predict_images(images[:4]), load(path).predict_images(images[:4])
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max() and (got.argmax(1) == want.argmax(1)).all()

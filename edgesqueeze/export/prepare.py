@@ -412,12 +412,13 @@ class SpaceToDepthConv(nn.Module):
     to 1.01x its fp32 file's instructions on the AVX2 path, 1.09x to 0.82x on a Pi 4's, and
     from 2.06x to 2.65x fp32's speed on an AVX-512 VNNI x86 (benchmarks/notes.md, sessions
     25 and 26). Children ``pad`` (only with padding) and ``conv``: the rearranged weight is
-    ``<name>.conv.weight``. The space-to-depth is written as a reshape / permute / reshape
-    with the batch left free (-1): litert-torch turns it into two int8 TRANSPOSEs that
-    XNNPACK runs, in a file that still resizes to any batch. (``nn.PixelUnshuffle``, the
-    same arithmetic, converted with the batch of 1 folded into its reshapes: a batch-1
-    file; four strided slices and a concatenation ran 2.6x slower than either, outside
-    XNNPACK: benchmarks/notes.md, session 26.)
+    ``<name>.conv.weight``. The space-to-depth is written as two reshape / permute steps of
+    at most 5 dimensions with the batch left free (-1): litert-torch turns them into int8
+    TRANSPOSEs that XNNPACK runs, in a file that still resizes to any batch, and that TFLite
+    Micro (whose TRANSPOSE takes at most 5 dimensions) runs too. (``nn.PixelUnshuffle``, the
+    same arithmetic, converted with the batch of 1 folded into its reshapes: a batch-1 file;
+    one 6-d permute was as fast but TFLite Micro refuses it; four strided slices and a
+    concatenation ran 2.6x slower, outside XNNPACK: benchmarks/notes.md, session 26.)
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -446,8 +447,9 @@ class SpaceToDepthConv(nn.Module):
         if hasattr(self, "pad"):
             x = self.pad(x)
         c, h, w = x.shape[1:]
-        x = x.reshape(-1, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(-1, 4 * c, h // 2, w // 2)
-        return self.conv(x)
+        x = x.reshape(-1, c, h // 2, 2, w).permute(0, 1, 3, 2, 4)  # [n, c, dy, h/2, w]
+        x = x.reshape(-1, 2 * c, h // 2, w // 2, 2).permute(0, 1, 4, 2, 3)  # [n, 2c + dy, dx, h/2, w/2]
+        return self.conv(x.reshape(-1, 4 * c, h // 2, w // 2))
 
 
 def space_to_depth_refusal(conv: nn.Module, input_hw: Sequence[int] | None = None) -> str | None:

@@ -11,16 +11,20 @@ what a packed ``.esq`` needs and what a device without a file system cannot do.
 What this writer does with a model:
 
 * every constant int8 filter of a ``CONV_2D``, ``DEPTHWISE_CONV_2D`` or ``FULLY_CONNECTED``
-  gets one value table per tensor with ``ceil(log2(distinct values))``-bit indices. A weight-
-  shared model (an ``.esq``: zero and 16 centroids a layer) has 17 values a tensor: 5 bits
-  a weight instead of 8;
+  gets value tables with ``ceil(log2(distinct values))``-bit indices: one per tensor for
+  weights with one int8 scale (what ``export`` writes for a weight-shared model: zero and 16
+  centroids a layer, 17 values, 5 bits a weight instead of 8), one per output channel for
+  weights with a scale per channel (GPTQ's, or ``int8_weights: per-channel``), as wide as
+  the channel with the most values;
 * a tensor with more than 128 distinct values stays as it is: this build of TFLite Micro
   refuses 8-bit indices, which would save nothing anyway; so does a tensor too small for
   its table and DECODE operator to pay off;
-* tables are never per channel: on weights with one int8 scale per tensor (what ``export``
-  writes for a weight-shared model) the package's per-channel decoder applied channel 0's
-  table to every channel (10.35% accuracy on MNIST, no error; found 2026-12-03 with
-  ``tflite-micro`` 0.dev20261023182759, the version pinned in ``edgesqueeze[micro]``).
+* the kind of table must follow the scales, or the file computes other numbers without
+  any error (``tflite-micro`` 0.dev20261023182759, the version pinned in
+  ``edgesqueeze[micro]``): on weights with one int8 scale per tensor the package's
+  per-channel decoder applied channel 0's table to every channel (10.35% accuracy on MNIST;
+  found 2026-12-03), and on weights with a scale per channel a per-tensor table gave logits
+  0.40 away from LiteRT's on a small RGB net (found in session 26; tests/test_micro.py).
 
 What TFLite Micro does not have: entropy coding and pruning ("not yet implemented" in its
 ``compression`` package), so a pruned model's zeros cost a full index each. The packed
@@ -75,6 +79,16 @@ def _filters(model, schema) -> list[Any]:
     return out
 
 
+def _channel_axis(t, arr: np.ndarray) -> int | None:
+    """The quantized dimension of a filter with one int8 scale per channel, else None."""
+    q = getattr(t, "quantization", None)
+    scales = getattr(q, "scales", None)
+    if scales is None or len(scales) <= 1:
+        return None
+    axis = int(getattr(q, "axis", 0) or 0)
+    return axis if 0 <= axis < arr.ndim and arr.shape[axis] == len(scales) else None
+
+
 def micro_compress(data: bytes, *, what: str = "tflite-micro") -> tuple[bytes, dict[str, Any]]:
     """TFLite Micro LUT compression of the int8 ``.tflite`` ``data``: the compressed file's
     bytes and a report (``compressed``, ``filters``, ``weight_bytes`` before and after, one
@@ -94,17 +108,25 @@ def micro_compress(data: bytes, *, what: str = "tflite-micro") -> tuple[bytes, d
         raise ExportError(f"{what}: TFLite Micro cannot read the int8 file ({type(exc).__name__}: {exc})") from None
     rows, spec = [], ["tensors:"]
     for t in _filters(model, schema):
-        values = np.unique(np.asarray(t.array))
-        n, bits = int(np.asarray(t.array).size), max(1, math.ceil(math.log2(values.size)))
-        # worth it when the indices plus the table (a byte a value) and the DECODE operator's
+        arr = np.asarray(t.array)
+        axis = _channel_axis(t, arr)
+        if axis is None:  # one int8 scale: one value table
+            distinct = table = int(np.unique(arr).size)
+        else:  # one scale per channel: a table per channel, as wide as the widest
+            slices = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
+            distinct = max(int(np.unique(row).size) for row in slices)
+            table = distinct * len(slices)
+        n, bits = int(arr.size), max(1, math.ceil(math.log2(distinct)))
+        # worth it when the indices plus the tables (a byte a value) and the DECODE operator's
         # tensors (about 64 bytes) take less than the int8 tensor
-        worth = bits <= MAX_INDEX_BITS and math.ceil(n * bits / 8) + values.size + _DECODE_BYTES < n
-        row = {"tensor": int(t.index), "name": str(t.name), "weights": n, "distinct": int(values.size),
-               "index_bits": bits if worth else None}
+        worth = bits <= MAX_INDEX_BITS and math.ceil(n * bits / 8) + table + _DECODE_BYTES < n
+        row = {"tensor": int(t.index), "name": str(t.name), "weights": n, "distinct": distinct,
+               "tables": "per tensor" if axis is None else "per channel", "index_bits": bits if worth else None}
         rows.append(row)
         if row["index_bits"]:
             spec += ["  - subgraph: 0", f"    tensor: {t.index}", "    compression:", "      - lut:",
-                     f"          index_bitwidth: {bits}", "          per_tensor:"]
+                     f"          index_bitwidth: {bits}"]
+            spec += ["          per_channel:", f"            axis: {axis}"] if axis is not None else ["          per_tensor:"]
     done = [r for r in rows if r["index_bits"]]
     if not done:
         many = sum(r["distinct"] > 2 ** MAX_INDEX_BITS for r in rows)
@@ -112,7 +134,8 @@ def micro_compress(data: bytes, *, what: str = "tflite-micro") -> tuple[bytes, d
                           f"{many} with more than {2 ** MAX_INDEX_BITS} distinct values, {len(rows) - many} too small "
                           "for a table to pay off); export a weight-shared model (an .esq from `edgesqueeze "
                           "compress`) or ship the tflite-int8 file")
-    report = {"tflite_micro": str(tflite_micro.__version__), "method": "lut, one value table per tensor",
+    report = {"tflite_micro": str(tflite_micro.__version__),
+              "method": "lut: a value table per tensor, per channel where the int8 scales are",
               "compressed": len(done), "filters": len(rows),
               "weight_bytes": sum(r["weights"] for r in rows),
               "coded_weight_bytes": sum(math.ceil(r["weights"] * (r["index_bits"] or 8) / 8) for r in rows),
