@@ -656,7 +656,8 @@ class _RGBStem(nn.Module):
 def test_int8_space_to_depth_stem_keeps_the_weights_and_packs_without_zero_taps(tmp_path):
     """export_tflite_int8(space_to_depth_stem=...): the file's stem is a 4x4 conv over 12
     channels holding the plain file's int8 weights rearranged (GPTQ on shared values ran
-    before the rewrite); its metadata records it; its outputs match the plain file's; packed
+    before the rewrite); its metadata records it; it computes the plain file's outputs bit for
+    bit (the activation ranges are the plain model's); packed
     with the weights the export hands back, the stem is coded before the rearrangement and
     restores byte for byte."""
     from edgesqueeze.export.packed import pack_file
@@ -687,14 +688,13 @@ def test_int8_space_to_depth_stem_keeps_the_weights_and_packs_without_zero_taps(
     assert np.array_equal(space_to_depth(wp, 2), ws) and np.array_equal(sp, ss)
     assert read_tflite_metadata(s2d)["calibration"]["space_to_depth_stem"] == "features.0"
     assert "space_to_depth_stem" not in read_tflite_metadata(plain)["calibration"]
-    # the same int8 weights; activation ranges calibrated on float sums in another order
+    # the same int8 weights and the plain model's activation ranges: the same numbers, exactly
     x = to_input(rng.integers(0, 256, (16, 3, 32, 32)).astype(np.uint8), meta["mean"], meta["std"])
     got_p, _ = run(plain, x)
     got_s, _ = run(s2d, x)
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
-    span = np.abs(want).max()
-    assert np.abs(got_s - got_p).max() <= 0.05 * span and np.abs(got_s - want).max() <= 0.1 * span
+    assert np.array_equal(got_s, got_p) and np.abs(got_s - want).max() <= 0.1 * np.abs(want).max()
     # the packer gets the stem's weight before the rearrangement, under the rewritten conv's name
     assert tuple(rounded["features.0.conv.weight"].shape) == (16, 3, 7, 7) and "features.0.weight" not in rounded
     def sources(weights):
@@ -734,3 +734,32 @@ def test_int8_space_to_depth_stem_runs_in_tflite_micro(tmp_path):
     # TFLite Micro's reference kernels round a few values differently from XNNPACK's
     got, want = art.predict_images(images[:4]), load(path).predict_images(images[:4])
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max() and (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_quantize_pt2e_takes_activation_ranges_only_from_a_graph_that_lines_up():
+    """``ranges_from``: the same graph of quantized tensors gives the same ranges (and so the
+    same quantized model); one that does not line up (another layer count) is ignored, and
+    the model is calibrated on its own, as without it."""
+    from edgesqueeze.export.tflite_quant import quantize_pt2e
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    twin = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        twin[0].weight.mul_(2)  # twice the activations after the first conv: other ranges
+    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    calib = torch.randn(16, 3, 12, 12)
+    x = torch.randn(4, 3, 12, 12)
+
+    def scales(gm):
+        return sorted(float(n.args[1]) for n in gm.graph.nodes if n.op == "call_function"
+                      and "quantize_per_tensor" in str(n.target) and not isinstance(n.args[1], torch.fx.Node))
+
+    own, _ = quantize_pt2e(model, calib, method="minmax")
+    taken, _ = quantize_pt2e(model, calib, method="minmax", ranges_from=twin)
+    ignored, _ = quantize_pt2e(model, calib, method="minmax", ranges_from=other)
+    assert scales(taken) != scales(own)  # the twin's wider ranges
+    assert scales(ignored) == scales(own)
+    with torch.no_grad():
+        assert torch.equal(ignored(x), own(x)) and not torch.equal(taken(x), own(x))

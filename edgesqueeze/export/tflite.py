@@ -344,7 +344,10 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     compute as a 2x2 space-to-depth and a stride-1 conv over four times the channels
     (:class:`~edgesqueeze.export.prepare.SpaceToDepthConv`), rewritten after GPTQ so that
     its int8 weights are the plain conv's, rearranged (XNNPACK's int8 kernels without VNNI
-    or the ARM dot product pad input channels to blocks of 8: 3 -> 8, but 12 -> 16).
+    or the ARM dot product pad input channels to blocks of 8: 3 -> 8, but 12 -> 16); the
+    activation ranges are those observed on the model before the rewrite, so the file computes
+    what the plain-stem file computes (the rewritten stem's float sums, taken in another
+    order, moved ranges by an ulp and flipped near-tie images).
     ``device``: where the statistics passes of activation equalization
     and GPTQ run (None: the CPU; PT2E's observers and bias correction run on the CPU).
     Raises ExportError like :func:`export_tflite`.
@@ -393,7 +396,9 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     if rounded is not None:  # the weights the file's integers come from, by the model's own names
         rounded.update({k[len(prefix):]: v.detach().clone() for k, v in module.state_dict().items()
                         if k.startswith(prefix)})
+    plain = None  # with a space-to-depth stem: the model whose activation ranges the file takes
     if space_to_depth_stem is not None:  # after GPTQ: the same int8 weights, rearranged, zeros kept zero
+        plain = module
         module = prepare.space_to_depth_stem(module, prefix + space_to_depth_stem)
         reference = prepare.space_to_depth_stem(reference, prefix + space_to_depth_stem)
         if rounded is not None:  # the packer codes the weight before the rearrangement (no zero taps)
@@ -401,7 +406,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     gm, quantizer = quantize_pt2e(module, calib, method=calibration.method,
                                   percentile=calibration.percentile, batch_size=calibration.batch_size,
                                   float_layers=[prefix + n for n in float_layers], per_channel=per_channel,
-                                  requantize_pool=requantize_pool)
+                                  requantize_pool=requantize_pool, ranges_from=plain)
     if bias_correction:
         correct_bias(gm, reference, calib)
     from litert_torch.quantize.quant_config import QuantConfig

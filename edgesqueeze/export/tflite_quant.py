@@ -176,10 +176,21 @@ def check_converted_float_layers(model: nn.Module, float_layers: Sequence[str], 
                           "reaches the input or the output (e.g. the first conv, or the whole classifier)")
 
 
+def _activation_observers(gm) -> dict[str, Any]:
+    """The activation observers of a prepared PT2E graph by module name (those that observe a
+    computed tensor, not a weight or bias constant)."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and "activation_post_process" in str(n.target):
+            if getattr(n.args[0] if n.args else None, "op", None) != "get_attr":
+                out[str(n.target)] = gm.get_submodule(str(n.target))
+    return out
+
+
 def quantize_pt2e(model: nn.Module, calib: torch.Tensor, *, method: str = "entropy",
                   percentile: float = 99.999, batch_size: int = 32,
                   float_layers: Sequence[str] = (), per_channel: bool = True,
-                  requantize_pool: bool = False):
+                  requantize_pool: bool = False, ranges_from: nn.Module | None = None):
     """Calibrated PT2E int8 model (a GraphModule of quantize/dequantize + float ops that
     simulates the int8 file in torch) and the quantizer that made it.
 
@@ -188,9 +199,14 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, *, method: str = "entro
     2048-bin histogram, litert-torch's default; PyTorch's analogue of entropy calibration,
     not KL), ``percentile`` (clip both tails at ``percentile``). Weights: symmetric int8,
     per output channel if ``per_channel``. ``float_layers``: module names left in float.
+    ``ranges_from``: a model computing the same function with the same graph of quantized
+    tensors (the model before a space-to-depth stem rewrite): its activation ranges, observed on
+    ``calib``, replace ``model``'s, so that both files quantize every activation alike instead
+    of on float sums taken in another order (``model`` then sees one image, for its weights).
+    If the two graphs' activation observers do not line up, ``model`` is calibrated itself.
     """
     from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     if calib.ndim != 4 or len(calib) == 0:
         raise ExportError(f"calibration input must be a non-empty (N, C, H, W) batch, got {tuple(calib.shape)}")
@@ -198,8 +214,30 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, *, method: str = "entro
     # torch.export's module shares parameters with ``model``: copy, so that nothing done to
     # the quantized module (bias correction) leaks into the caller's float model
     model = copy.deepcopy(model).eval()
-    quantizer = _quantizer(_quant_config(method, percentile, per_channel), float_layers, requantize_pool)
+    config = _quant_config(method, percentile, per_channel)
+    quantizer = _quantizer(config, float_layers, requantize_pool)
     what = type(model).__name__
+    ref = None
+    if ranges_from is not None:  # its activation ranges, observed on all of calib
+        ref = _calibrated(copy.deepcopy(ranges_from).eval(), calib, _quantizer(config, float_layers, requantize_pool),
+                          batch_size, what)
+    gm = _calibrated(model, calib, quantizer, batch_size, what, ranges=ref)
+    try:
+        gm = convert_pt2e(gm, fold_quantize=False)
+        move_exported_model_to_eval(gm)
+        gm.training = False  # .eval() is disallowed on PT2E modules; litert-torch checks the flag
+    except Exception as exc:
+        raise ExportError(f"PT2E quantization of {what} failed: {_first_line(exc)}") from exc
+    return gm, quantizer
+
+
+def _calibrated(model: nn.Module, calib: torch.Tensor, quantizer, batch_size: int, what: str, ranges=None):
+    """``model`` exported, prepared with ``quantizer`` and calibrated on ``calib`` (a PT2E
+    graph with observers). ``ranges``: another calibrated graph whose activation observers
+    are taken over when they line up with this one's (then this one sees one image only)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
     try:  # a dynamic batch lets calibration run in batches; fall back to one image at a time
         example = calib[:1].repeat(2, 1, 1, 1)
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
@@ -215,14 +253,20 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, *, method: str = "entro
         gm = prepare_pt2e(gm, quantizer)
         move_exported_model_to_eval(gm)
         with torch.no_grad():
-            for i in range(0, len(calib), batch_size):
+            start = 0
+            if ranges is not None:
+                gm(calib[:1])  # every observer sees something: the weights', then taken over
+                start = 1
+                theirs, ours = _activation_observers(ranges), _activation_observers(gm)
+                if theirs.keys() == ours.keys() and all(type(theirs[k]) is type(ours[k]) for k in ours):
+                    for k, obs in ours.items():
+                        obs.load_state_dict(theirs[k].state_dict())
+                    start = len(calib)
+            for i in range(start, len(calib), batch_size):
                 gm(calib[i:i + batch_size])
-        gm = convert_pt2e(gm, fold_quantize=False)
-        move_exported_model_to_eval(gm)
-        gm.training = False  # .eval() is disallowed on PT2E modules; litert-torch checks the flag
     except Exception as exc:
         raise ExportError(f"PT2E quantization of {what} failed: {_first_line(exc)}") from exc
-    return gm, quantizer
+    return gm
 
 
 def correct_bias(gm, model: nn.Module, calib: torch.Tensor, *, max_images: int = 64):
