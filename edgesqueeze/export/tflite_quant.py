@@ -252,18 +252,15 @@ def _calibrated(model: nn.Module, calib: torch.Tensor, quantizer, batch_size: in
     try:
         gm = prepare_pt2e(gm, quantizer)
         move_exported_model_to_eval(gm)
+        theirs, ours = (_activation_observers(ranges), _activation_observers(gm)) if ranges is not None else ({}, {})
         with torch.no_grad():
-            start = 0
-            if ranges is not None:
-                gm(calib[:1])  # every observer sees something: the weights', then taken over
-                start = 1
-                theirs, ours = _activation_observers(ranges), _activation_observers(gm)
-                if theirs.keys() == ours.keys() and all(type(theirs[k]) is type(ours[k]) for k in ours):
-                    for k, obs in ours.items():
-                        obs.load_state_dict(theirs[k].state_dict())
-                    start = len(calib)
-            for i in range(start, len(calib), batch_size):
-                gm(calib[i:i + batch_size])
+            if theirs and theirs.keys() == ours.keys() and all(type(theirs[k]) is type(ours[k]) for k in ours):
+                gm(calib[:1])  # every observer sees something (the weights'), then the ranges are taken over
+                for k, obs in ours.items():
+                    obs.load_state_dict(theirs[k].state_dict())
+            else:
+                for i in range(0, len(calib), batch_size):
+                    gm(calib[i:i + batch_size])
     except Exception as exc:
         raise ExportError(f"PT2E quantization of {what} failed: {_first_line(exc)}") from exc
     return gm
