@@ -16,7 +16,7 @@ import numpy as np
 
 from edgesqueeze._io import write_bytes_atomic
 from edgesqueeze.errors import ExportError, FormatError
-from edgesqueeze.format.packed import MAX_BLOCK, PackedTensor, bits_per_nonzero, pack, space_to_depth
+from edgesqueeze.format.packed import MAX_BLOCK, PackedTensor, bits_per_nonzero, pack, space_to_depth_shape
 
 __all__ = ["PACKED_SUFFIX", "onnx_tensors", "tflite_tensors", "pack_file"]
 
@@ -120,8 +120,7 @@ def _tflite_source(name: str, arr: np.ndarray, q: dict, sources: dict[str, np.nd
     if w.shape == arr.shape:
         return w, scales, 0
     if w.ndim == 4:  # the weight before a space-to-depth rearrangement (the packer checks the values)
-        block = next((b for b in range(2, MAX_BLOCK + 1)
-                      if space_to_depth(w[:1], b).shape[1:] == arr.shape[1:] and w.shape[0] == arr.shape[0]), 0)
+        block = next((b for b in range(2, MAX_BLOCK + 1) if space_to_depth_shape(w.shape, b) == list(arr.shape)), 0)
         if block:
             return w, scales, block
     return none

@@ -426,14 +426,13 @@ class SpaceToDepthConv(nn.Module):
         why = space_to_depth_refusal(conv)
         if why:
             raise ExportError(f"space-to-depth stem: {why}")
+        from edgesqueeze.format.packed import space_to_depth  # the rearrangement the packed format decodes
+
         w = conv.weight.detach()
-        o, c, kh, kw = w.shape
-        ah, aw = (kh + 1) // 2, (kw + 1) // 2
-        w2 = torch.zeros(o, 4 * c, ah, aw, dtype=w.dtype, device=w.device)
-        for dy in range(2):
-            for dx in range(2):
-                part = w[:, :, dy::2, dx::2]  # taps 2a + dy, 2b + dx
-                w2[:, dy * 2 + dx::4, :part.shape[2], :part.shape[3]] = part
+        o, c = w.shape[:2]
+        ohwi = space_to_depth(w.permute(0, 2, 3, 1).cpu().numpy(), 2)  # OIHW -> OHWI, rearranged
+        w2 = torch.from_numpy(ohwi).permute(0, 3, 1, 2).to(w)  # back to OIHW
+        ah, aw = w2.shape[2:]
         ph, pw = conv.padding
         if ph or pw:
             self.pad = nn.ZeroPad2d((pw, pw, ph, ph))

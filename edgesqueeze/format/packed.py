@@ -56,7 +56,7 @@ from edgesqueeze.errors import FormatError
 from edgesqueeze.format import codec, container
 
 __all__ = ["PACKED_KEY", "SKELETON", "PackedTensor", "pack", "unpack", "restore", "check_digest",
-           "is_packed", "packed_info", "layout", "space_to_depth"]
+           "is_packed", "packed_info", "layout", "space_to_depth", "space_to_depth_shape"]
 
 PACKED_KEY = "packed"  # meta key of a packed archive
 SKELETON = "skeleton"
@@ -113,13 +113,19 @@ class PackedTensor:
 MAX_BLOCK = 8  # largest space-to-depth block a section may name
 
 
+def space_to_depth_shape(shape: Sequence[int], block: int) -> list[int]:
+    """The shape :func:`space_to_depth` gives an OHWI weight of ``shape``."""
+    o, kh, kw, c = shape
+    return [o, -(-kh // block), -(-kw // block), c * block * block]
+
+
 def space_to_depth(w: np.ndarray, block: int) -> np.ndarray:
     """An OHWI conv weight ``[O, kh, kw, C]`` rearranged for a ``block`` x ``block``
     space-to-depth input (``torch.nn.PixelUnshuffle``'s channel order): ``[O, ceil(kh/B),
     ceil(kw/B), B*B*C]`` with ``out[o, a, b, c*B*B + dy*B + dx] = w[o, B*a + dy, B*b + dx, c]``,
     zero where ``B*a + dy >= kh`` or ``B*b + dx >= kw``."""
     o, kh, kw, c = w.shape
-    ah, aw = -(-kh // block), -(-kw // block)
+    _, ah, aw, _ = space_to_depth_shape(w.shape, block)
     padded = np.zeros((o, ah * block, aw * block, c), w.dtype)
     padded[:, :kh, :kw] = w
     return (padded.reshape(o, ah, block, aw, block, c).transpose(0, 1, 3, 5, 2, 4)
@@ -135,8 +141,7 @@ def _s2d_shape(name: str, info: dict) -> list[int] | None:
     if (not _is_uint(block) or not 2 <= block <= MAX_BLOCK or not isinstance(shape, list) or len(shape) != 4
             or not all(_is_uint(d) and d > 0 for d in shape)):
         raise FormatError(f"section {name}: bad space_to_depth {block!r} for shape {shape!r}")
-    o, kh, kw, c = shape
-    return [o, -(-kh // block), -(-kw // block), c * block * block]
+    return space_to_depth_shape(shape, block)
 
 
 def _unspace(name: str, t: codec.Coded, info: dict) -> codec.Coded:
