@@ -763,3 +763,27 @@ def test_quantize_pt2e_takes_activation_ranges_only_from_a_graph_that_lines_up()
     assert scales(ignored) == scales(own)
     with torch.no_grad():
         assert torch.equal(ignored(x), own(x)) and not torch.equal(taken(x), own(x))
+
+
+def test_quantize_pt2e_copies_the_bias_correction_of_the_graph_it_took_ranges_from():
+    """A space-to-depth stem with bias correction: the biases are corrected on the plain
+    graph (whose ranges were taken) and copied, so they are exactly the plain export's; the
+    rewritten graph's own correction (float sums in another order) could differ by an ulp
+    and round to another int32. Without ``ranges_toward`` the rewritten graph is corrected
+    itself, and still toward the same function (a few ulps away at most)."""
+    from edgesqueeze.export import prepare
+    from edgesqueeze.export.tflite_quant import _conv_biases, quantize_pt2e
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 5, 2, 2), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    s2d = prepare.space_to_depth_stem(plain, "0").eval()
+    calib = torch.randn(16, 3, 16, 16)
+    own, _ = quantize_pt2e(plain, calib, method="minmax", correct_toward=plain)
+    taken, _ = quantize_pt2e(s2d, calib, method="minmax", ranges_from=plain, correct_toward=s2d, ranges_toward=plain)
+    itself, _ = quantize_pt2e(s2d, calib, method="minmax", ranges_from=plain, correct_toward=s2d)
+    untouched, _ = quantize_pt2e(s2d, calib, method="minmax", ranges_from=plain)
+    want, got, alone, before = (_conv_biases(g) for g in (own, taken, itself, untouched))
+    assert len(want) == len(got) == 2
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, alone))
+    assert not all(torch.equal(a, b) for a, b in zip(want, before))  # the correction did something

@@ -75,7 +75,7 @@ from edgesqueeze.export.prepare import (  # noqa: F401 - re-exported: they lived
     gptq_round,
 )
 from edgesqueeze.export.tflite_flatbuffer import finalize, io_dtype, schema
-from edgesqueeze.export.tflite_quant import check_converted_float_layers, correct_bias, quantize_pt2e
+from edgesqueeze.export.tflite_quant import check_converted_float_layers, quantize_pt2e
 
 
 __all__ = [
@@ -337,7 +337,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     GPTQ's where it ran (for the packer; a space-to-depth stem's before the rearrangement,
     under the name of the conv that computes it).
     ``bias_correction``: empirical bias correction of the calibrated model
-    (:func:`correct_bias`, on at most 64 calibration images) before conversion.
+    (:func:`~edgesqueeze.export.tflite_quant.correct_bias`, on at most 64 calibration images) before conversion.
     ``equalize``: cross-layer equalization first; ``augment``: add
     that many flipped / cropped copies of each calibration image (neither helped SqueezeNet;
     see the benchmark). ``space_to_depth_stem``: the name of a stride-2 first conv to
@@ -396,9 +396,9 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     if rounded is not None:  # the weights the file's integers come from, by the model's own names
         rounded.update({k[len(prefix):]: v.detach().clone() for k, v in module.state_dict().items()
                         if k.startswith(prefix)})
-    plain = None  # with a space-to-depth stem: the model whose activation ranges the file takes
+    plain = plain_reference = None  # with a space-to-depth stem: the model whose ranges and biases the file takes
     if space_to_depth_stem is not None:  # after GPTQ: the same int8 weights, rearranged, zeros kept zero
-        plain = module
+        plain, plain_reference = module, reference
         module = prepare.space_to_depth_stem(module, prefix + space_to_depth_stem)
         reference = prepare.space_to_depth_stem(reference, prefix + space_to_depth_stem)
         if rounded is not None:  # the packer codes the weight before the rearrangement (no zero taps)
@@ -406,9 +406,9 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     gm, quantizer = quantize_pt2e(module, calib, method=calibration.method,
                                   percentile=calibration.percentile, batch_size=calibration.batch_size,
                                   float_layers=[prefix + n for n in float_layers], per_channel=per_channel,
-                                  requantize_pool=requantize_pool, ranges_from=plain)
-    if bias_correction:
-        correct_bias(gm, reference, calib)
+                                  requantize_pool=requantize_pool, ranges_from=plain,
+                                  correct_toward=reference if bias_correction else None,
+                                  ranges_toward=plain_reference)
     from litert_torch.quantize.quant_config import QuantConfig
 
     content = _convert(gm, calib[:1], type(model).__name__ + " (int8)",

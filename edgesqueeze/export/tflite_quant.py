@@ -190,7 +190,8 @@ def _activation_observers(gm) -> dict[str, Any]:
 def quantize_pt2e(model: nn.Module, calib: torch.Tensor, *, method: str = "entropy",
                   percentile: float = 99.999, batch_size: int = 32,
                   float_layers: Sequence[str] = (), per_channel: bool = True,
-                  requantize_pool: bool = False, ranges_from: nn.Module | None = None):
+                  requantize_pool: bool = False, ranges_from: nn.Module | None = None,
+                  correct_toward: nn.Module | None = None, ranges_toward: nn.Module | None = None):
     """Calibrated PT2E int8 model (a GraphModule of quantize/dequantize + float ops that
     simulates the int8 file in torch) and the quantizer that made it.
 
@@ -204,10 +205,13 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, *, method: str = "entro
     ``calib``, replace ``model``'s, so that both files quantize every activation alike instead
     of on float sums taken in another order (``model`` then sees one image, for its weights).
     If the two graphs' activation observers do not line up, ``model`` is calibrated itself.
+    ``correct_toward``: bias correction (:func:`correct_bias`) toward this float model after
+    conversion. With ``ranges_from`` taken over and ``ranges_toward`` given (the float model
+    ``ranges_from``'s own graph is corrected toward), the biases are corrected on
+    ``ranges_from``'s graph instead and copied conv by conv: the same biases, so the same
+    integers in both files (correcting the rewritten graph itself measures float sums taken
+    in another order, and a bias an ulp apart can round to another int32).
     """
-    from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
     if calib.ndim != 4 or len(calib) == 0:
         raise ExportError(f"calibration input must be a non-empty (N, C, H, W) batch, got {tuple(calib.shape)}")
     check_float_layers(model, float_layers)
@@ -219,22 +223,71 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, *, method: str = "entro
     what = type(model).__name__
     ref = None
     if ranges_from is not None:  # its activation ranges, observed on all of calib
-        ref = _calibrated(copy.deepcopy(ranges_from).eval(), calib, _quantizer(config, float_layers, requantize_pool),
-                          batch_size, what)
-    gm = _calibrated(model, calib, quantizer, batch_size, what, ranges=ref)
+        ref, _ = _calibrated(copy.deepcopy(ranges_from).eval(), calib,
+                             _quantizer(config, float_layers, requantize_pool), batch_size, what)
+    gm, took = _calibrated(model, calib, quantizer, batch_size, what, ranges=ref)
+    gm = _converted(gm, what)
+    if correct_toward is not None:
+        twin = None
+        if took and ranges_toward is not None:
+            twin = correct_bias(_converted(ref, what), ranges_toward, calib)
+        if twin is None or not _copy_conv_biases(twin, gm):
+            correct_bias(gm, correct_toward, calib)
+    return gm, quantizer
+
+
+def _converted(gm, what: str):
+    """A calibrated PT2E graph converted to quantize/dequantize ops, in eval mode."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
     try:
         gm = convert_pt2e(gm, fold_quantize=False)
         move_exported_model_to_eval(gm)
         gm.training = False  # .eval() is disallowed on PT2E modules; litert-torch checks the flag
     except Exception as exc:
         raise ExportError(f"PT2E quantization of {what} failed: {_first_line(exc)}") from exc
-    return gm, quantizer
+    return gm
+
+
+def _conv_biases(gm) -> list[torch.Tensor]:
+    """The bias tensors of a converted graph's convs, in graph order (None: a conv without one)."""
+    conv = torch.ops.aten.conv2d.default
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == conv:
+            bias = node.args[2] if len(node.args) > 2 else None
+            out.append(_attr(gm, bias.target) if getattr(bias, "op", None) == "get_attr" else None)
+    return out
+
+
+def _copy_conv_biases(src, dst) -> bool:
+    """Copy ``src``'s conv biases into ``dst``'s, conv by conv in graph order, if the two
+    graphs have the same number of convs with biases of the same shapes; else copy nothing
+    and return False."""
+    a, b = _conv_biases(src), _conv_biases(dst)
+    if len(a) != len(b) or any((x is None) != (y is None) or (x is not None and x.shape != y.shape)
+                               for x, y in zip(a, b)):
+        return False
+    with torch.no_grad():
+        for x, y in zip(a, b):
+            if x is not None:
+                y.copy_(x)
+    return True
+
+
+def _attr(gm, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _calibrated(model: nn.Module, calib: torch.Tensor, quantizer, batch_size: int, what: str, ranges=None):
     """``model`` exported, prepared with ``quantizer`` and calibrated on ``calib`` (a PT2E
-    graph with observers). ``ranges``: another calibrated graph whose activation observers
-    are taken over when they line up with this one's (then this one sees one image only)."""
+    graph with observers) and whether ``ranges`` was taken over: another calibrated graph
+    whose activation observers are taken over when they line up with this one's (then this
+    one sees one image only)."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
@@ -253,8 +306,9 @@ def _calibrated(model: nn.Module, calib: torch.Tensor, quantizer, batch_size: in
         gm = prepare_pt2e(gm, quantizer)
         move_exported_model_to_eval(gm)
         theirs, ours = (_activation_observers(ranges), _activation_observers(gm)) if ranges is not None else ({}, {})
+        took = bool(theirs) and theirs.keys() == ours.keys() and all(type(theirs[k]) is type(ours[k]) for k in ours)
         with torch.no_grad():
-            if theirs and theirs.keys() == ours.keys() and all(type(theirs[k]) is type(ours[k]) for k in ours):
+            if took:
                 gm(calib[:1])  # every observer sees something (the weights'), then the ranges are taken over
                 for k, obs in ours.items():
                     obs.load_state_dict(theirs[k].state_dict())
@@ -263,7 +317,7 @@ def _calibrated(model: nn.Module, calib: torch.Tensor, quantizer, batch_size: in
                     gm(calib[i:i + batch_size])
     except Exception as exc:
         raise ExportError(f"PT2E quantization of {what} failed: {_first_line(exc)}") from exc
-    return gm
+    return gm, took
 
 
 def correct_bias(gm, model: nn.Module, calib: torch.Tensor, *, max_images: int = 64):
@@ -309,19 +363,13 @@ def correct_bias(gm, model: nn.Module, calib: torch.Tensor, *, max_images: int =
         for h in hooks:
             h.remove()
 
-    def attr(target: str) -> torch.Tensor:
-        obj = gm
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
-
     class Correct(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if n in targets:
                 path, target = targets[n]
                 delta = (want[path] - out.detach().double().mean((0, 2, 3))).to(out.dtype)
-                bias = attr(target)
+                bias = _attr(gm, target)
                 bias.add_(delta.to(bias.dtype))
                 out = out + delta.view(1, -1, 1, 1)  # what the corrected conv now outputs
             return out
