@@ -36,11 +36,16 @@ def cli() -> None:
     """Make trained PyTorch CNNs small enough for the edge, and prove it.
 
     \b
-    Start here:
+    Start here (what `make demo` runs; R=recipes/squeezenet-digits.yaml, A=artifacts/squeezenet-digits):
       edgesqueeze models                                    list architectures
-      edgesqueeze train --recipe recipes/squeezenet-digits.yaml
-      edgesqueeze eval artifacts/squeezenet-digits/model.pt
-      edgesqueeze info artifacts/squeezenet-digits/model.pt
+      edgesqueeze train -r $R --out $A                      train a SqueezeNet
+      edgesqueeze compress $A/model.pt -r $R --out $A/compressed
+                                                            prune, share, Huffman: model.esq
+      edgesqueeze export $A/compressed/model.esq -r $R --out $A/export
+                                                            ONNX and TFLite, fp32 and INT8, packed
+      edgesqueeze verify $A/model.pt $A/compressed/model.esq $A/export/* --out verify.json
+                                                            size and accuracy through each runtime
+      edgesqueeze check verify.json -r $R                   the CI gate: exit 1 if a budget breaks
     """
 
 
