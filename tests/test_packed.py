@@ -435,8 +435,9 @@ def test_space_to_depth_weights_round_trip(seed, kh, kw, c, block, derived, spar
                    name="f", fmt="tflite-int8")
     assert unpack(blob) == data
     info = container.loads(blob).sections.get("t0", (None, {}))[1]
-    if "requant" in info:  # else the integers coded smaller, or the tensor stayed in the skeleton
+    if info:  # else the tensor stayed in the skeleton; coded, its floats or its integers before the rearrangement
         assert info["space_to_depth"] == block and info["shape"] == [12, kh, kw, c]
+    if "requant" in info:
         assert ("scales" in info["requant"]) == derived
 
 
@@ -456,12 +457,46 @@ def test_space_to_depth_weights_code_without_their_zero_taps():
     # floats), 10% below the rearranged integers with their zero taps
     assert rows[0]["coded_bytes"] <= 1.02 * rows7[0]["coded_bytes"]
     assert rows[0]["coded_bytes"] < 0.9 * plain_rows[0]["coded_bytes"]
-    # a source that is not what the file holds rearranged is not used
+    # a source that is not what the file holds rearranged is not requantized; the integers are
+    # still coded before the rearrangement (rearranged back: only the shape is taken from it)
     wrong = src.copy()
     wrong[0, 0, 0, 0] = -wrong[0, 0, 0, 0] or 0.05
-    other, _ = pack(data, [PackedTensor("w", q, source=wrong, scales=scales, space_to_depth=2)], name="f",
-                    fmt="tflite-int8")
-    assert "space_to_depth" not in container.loads(other).sections["t0"][1] and unpack(other) == data
+    other, other_rows = pack(data, [PackedTensor("w", q, source=wrong, scales=scales, space_to_depth=2)], name="f",
+                             fmt="tflite-int8")
+    info = container.loads(other).sections["t0"][1]
+    assert "requant" not in info and info["space_to_depth"] == 2 and info["shape"] == [96, 7, 7, 3]
+    assert unpack(other) == data
+    assert other_rows[0]["coded_bytes"] < 0.9 * plain_rows[0]["coded_bytes"]
+
+
+def test_depth_to_space_inverts_space_to_depth_or_refuses():
+    """The integers of a rearranged weight go back to the kernel's shape only when every tap
+    past the kernel is zero and the shapes match."""
+    rng = np.random.default_rng(3)
+    w = rng.integers(-127, 128, (4, 7, 5, 3)).astype(np.int8)
+    r = packed_mod.space_to_depth(w, 2)
+    assert np.array_equal(packed_mod.depth_to_space(r, 2, 7, 5), w)
+    bad = r.copy()
+    bad[0, 3, 0, 0 * 4 + 1 * 2 + 0] = 1  # c = 0, dy = 1, dx = 0: row 2*3 + 1 = 7, past kh = 7
+    assert packed_mod.depth_to_space(bad, 2, 7, 5) is None
+    assert packed_mod.depth_to_space(r, 2, 5, 5) is None  # another kernel: another shape
+    assert packed_mod.depth_to_space(r, 3, 7, 5) is None
+
+
+def test_space_to_depth_integers_code_before_the_rearrangement_without_a_source_to_requantize():
+    """A stem whose int8 weights are not a requantized float source (a model that is not
+    weight-shared: its integers are coded as they are) still skips the zero taps: the same
+    bytes as the 7x7 weight's integers, restored byte for byte through the rearrangement."""
+    data, src, scales, q = _s2d_file(np.random.default_rng(4), (96, 7, 7, 3))
+    noise = np.float32(np.random.default_rng(5).standard_normal(src.shape) * 1e-3)
+    blob, rows = pack(data, [PackedTensor("w", q, source=src + noise, scales=scales, space_to_depth=2)],
+                      name="f", fmt="tflite-int8")
+    info = container.loads(blob).sections["t0"][1]
+    assert "requant" not in info and info["space_to_depth"] == 2 and unpack(blob) == data
+    ref = packed_mod.requantize(src, scales, 0, 127).astype(np.int8)  # the same integers, not rearranged
+    data7 = b"HEAD" + scales.astype("<f4").tobytes() + b"mid" + ref.tobytes() + b"TAIL"
+    _, rows7 = pack(data7, [PackedTensor("w", ref)], name="f", fmt="tflite-int8")
+    assert rows[0]["coded_bytes"] == rows7[0]["coded_bytes"]
 
 
 @pytest.mark.parametrize("block, match", [(1, "bad space_to_depth"), (9, "bad space_to_depth"),

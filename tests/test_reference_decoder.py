@@ -255,6 +255,10 @@ def _synthetic_files(rng: np.random.Generator):
     files["space_to_depth"] = packed.pack(
         data, [packed.PackedTensor("w", q, source=src, scales=scales, space_to_depth=2)],
         name="s2d.tflite", fmt="tflite-int8")[0]
+    # the same, its integers coded as they are (the source given does not requantize to them)
+    files["space_to_depth_ints"] = packed.pack(
+        data, [packed.PackedTensor("w", q, source=src + np.float32(1e-3), scales=scales, space_to_depth=2)],
+        name="s2d.tflite", fmt="tflite-int8")[0]
     # products: bias scales = input scale * weight scales
     w = np.float32(rng.uniform(1e-4, 1e-2, 64))
     s_in = np.float32(0.0173)
@@ -279,6 +283,7 @@ def test_packed_synthetic(synthetic):
     assert any("requant" in i and "scales" not in i["requant"] for i in infos["requant"])
     assert any("scales" in i.get("requant", {}) for i in infos["derived"])
     assert any(i.get("space_to_depth") == 2 for i in infos["space_to_depth"])
+    assert any(i.get("space_to_depth") == 2 and "requant" not in i for i in infos["space_to_depth_ints"])
     assert any(i.get("enc") == "product" for i in infos["product"])
 
 

@@ -106,7 +106,8 @@ class PackedTensor:
     qmax: int = 127
     # Optional, with ``source``: the block size of a space-to-depth stem; ``source`` is then
     # the conv weight before the rearrangement (OHWI) and ``values`` hold it rearranged
-    # (:func:`space_to_depth`); the section codes ``source`` as it is.
+    # (:func:`space_to_depth`); the section codes the weight before the rearrangement
+    # (``source`` requantized, or ``values`` rearranged back when that is smaller).
     space_to_depth: int = 0
 
 
@@ -130,6 +131,19 @@ def space_to_depth(w: np.ndarray, block: int) -> np.ndarray:
     padded[:, :kh, :kw] = w
     return (padded.reshape(o, ah, block, aw, block, c).transpose(0, 1, 3, 5, 2, 4)
             .reshape(o, ah, aw, c * block * block))
+
+
+def depth_to_space(w: np.ndarray, block: int, kh: int, kw: int) -> np.ndarray | None:
+    """The ``[O, kh, kw, C]`` weight that :func:`space_to_depth` rearranges into ``w``, or
+    None if there is none (``w``'s shape does not match, or a tap past the kernel is not 0)."""
+    o, ah, aw, cc = w.shape
+    c = cc // (block * block)
+    if cc != c * block * block or space_to_depth_shape((o, kh, kw, c), block) != [o, ah, aw, cc]:
+        return None
+    padded = (w.reshape(o, ah, aw, c, block, block).transpose(0, 1, 4, 2, 5, 3)
+              .reshape(o, ah * block, aw * block, c))
+    out = np.ascontiguousarray(padded[:, :kh, :kw])
+    return out if np.array_equal(space_to_depth(out, block), w) else None
 
 
 def _s2d_shape(name: str, info: dict) -> list[int] | None:
@@ -430,13 +444,17 @@ def _code_tensors(data: bytes, ordered: list[PackedTensor], *, use_huffman: bool
         at = _find(data, raw, taken) if signed is not None else None
         if at is None:
             continue
+        values, extra = signed.reshape(v.shape), {}
+        block = int(t.space_to_depth)
+        if block and t.source is not None and np.ndim(t.source) == 4 and v.ndim == 4:
+            before = depth_to_space(values, block, *np.shape(t.source)[1:3])  # no zero taps to code
+            if before is not None:
+                values, extra = before, {"space_to_depth": block}
         blob = None
         try:
-            blob, info, _ = codec.encode_shared(t.name, signed.reshape(v.shape), codebook_dtype="float16",
-                                                use_huffman=use_huffman)
+            blob, info, _ = codec.encode_shared(t.name, values, codebook_dtype="float16", use_huffman=use_huffman)
         except FormatError:  # more distinct values than a codebook holds: leave it raw
             pass
-        extra: dict[str, Any] = {}
         rq = _requant_candidate(data, t, v, taken, use_huffman)
         if rq is not None and (blob is None or len(rq[0]) < len(blob)):
             blob, info, extra = rq
