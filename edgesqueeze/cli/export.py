@@ -66,11 +66,11 @@ def _csv(value: str, what: str) -> list[str]:
                    "recipe's, else no].")
 @click.option("--space-to-depth-stem/--no-space-to-depth-stem", default=None,
               help="tflite-int8: compute a stride-2 first conv over few channels (RGB) as a 2x2 space-to-depth "
-                   "and a conv over 4x the channels, the same int8 weights rearranged (the same outputs, bit for bit, as the "
-                   "file with the plain stem). XNNPACK's int8 kernels on "
-                   "AVX2-only x86 and a Raspberry Pi 4 pad input channels to 8, so a 3-channel int8 stem costs "
-                   "more than a float one there; ImageNet SqueezeNet's file then ran 1.01x (AVX2) and 0.82x "
-                   "(Pi 4) fp32's instructions instead of 1.32x / 1.09x [default: the recipe's, else off].")
+                   "and a conv over 4x the channels, the same int8 weights rearranged (the same outputs, bit for "
+                   "bit, as the file with the plain stem). XNNPACK's int8 kernels on AVX2-only x86 and a "
+                   "Raspberry Pi 4 pad input channels to 8, so a 3-channel int8 stem costs more than a float one "
+                   "there; ImageNet SqueezeNet's file then ran 1.01x (AVX2) and 0.82x (Pi 4) fp32's instructions "
+                   "instead of 1.32x / 1.09x [default: the recipe's, else off].")
 @device_option(what="the INT8 calibration passes of GPTQ and activation equalization (onnxruntime's and "
                     "PT2E's calibration, and the files, stay on the CPU)")
 @model_options(recipe_help="Recipe with an 'export' section (calibration, options); its 'model' section stands "
