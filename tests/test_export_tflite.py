@@ -713,6 +713,48 @@ def test_int8_space_to_depth_stem_keeps_the_weights_and_packs_without_zero_taps(
     assert row["coded_bytes"] == plain_row["coded_bytes"]
 
 
+class _BNStem(nn.Module):
+    """A ResNet-style stem of one's own: 3x3 stride-2 conv without bias, BatchNorm, ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(16, 24, 3, 2, 1), nn.BatchNorm2d(24), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):  # statistics of a trained net, not the identity
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        return self.head(self.stem(x))
+
+
+def test_int8_space_to_depth_stem_with_batchnorm_and_bias_correction_is_bit_identical(tmp_path):
+    """A stem followed by BatchNorm (folded by PT2E into the rewritten conv) and bias
+    correction (computed on the plain graph, copied to the rewritten one): the file computes
+    the plain stem file's outputs bit for bit."""
+    model = _BNStem().eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, 3, 32, 32)).astype(np.uint8)
+    meta = {"input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}
+    kw = dict(calibration=CalibrationConfig(images=48, method="minmax"), bias_correction=True)
+    plain = export_tflite_int8(model, meta, tmp_path / "plain.int8.tflite", images, **kw)
+    s2d = export_tflite_int8(model, meta, tmp_path / "s2d.int8.tflite", images, space_to_depth_stem="stem.0", **kw)
+    shapes = {tuple(d["shape"]) for d in Interpreter(model_path=str(s2d)).get_tensor_details()}
+    assert (16, 2, 2, 12) in shapes  # the 3x3 stride-2 conv as a 2x2 conv over 12 channels
+    x = to_input(rng.integers(0, 256, (16, 3, 32, 32)).astype(np.uint8), meta["mean"], meta["std"])
+    got_p, _ = run(plain, x)
+    got_s, _ = run(s2d, x)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.array_equal(got_s, got_p) and np.abs(got_s - want).max() <= 0.1 * np.abs(want).max()
+
+
 def test_int8_space_to_depth_stem_runs_in_tflite_micro(tmp_path):
     """The space-to-depth is written in at most 5 dimensions: TFLite Micro's TRANSPOSE takes
     no more (a 6-d permute made TFLM refuse the file). The TFLM-compressed file computes what
