@@ -653,6 +653,16 @@ class _RGBStem(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _assert_same_outputs(model, meta, plain, s2d, rng) -> None:
+    """The two int8 files give the same outputs bit for bit on fresh images, close to the model's."""
+    x = to_input(rng.integers(0, 256, (16, 3, 32, 32)).astype(np.uint8), meta["mean"], meta["std"])
+    got_p, _ = run(plain, x)
+    got_s, _ = run(s2d, x)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.array_equal(got_s, got_p) and np.abs(got_s - want).max() <= 0.1 * np.abs(want).max()
+
+
 def test_int8_space_to_depth_stem_keeps_the_weights_and_packs_without_zero_taps(tmp_path):
     """export_tflite_int8(space_to_depth_stem=...): the file's stem is a 4x4 conv over 12
     channels holding the plain file's int8 weights rearranged (GPTQ on shared values ran
@@ -689,12 +699,7 @@ def test_int8_space_to_depth_stem_keeps_the_weights_and_packs_without_zero_taps(
     assert read_tflite_metadata(s2d)["calibration"]["space_to_depth_stem"] == "features.0"
     assert "space_to_depth_stem" not in read_tflite_metadata(plain)["calibration"]
     # the same int8 weights and the plain model's activation ranges: the same numbers, exactly
-    x = to_input(rng.integers(0, 256, (16, 3, 32, 32)).astype(np.uint8), meta["mean"], meta["std"])
-    got_p, _ = run(plain, x)
-    got_s, _ = run(s2d, x)
-    with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()
-    assert np.array_equal(got_s, got_p) and np.abs(got_s - want).max() <= 0.1 * np.abs(want).max()
+    _assert_same_outputs(model, meta, plain, s2d, rng)
     # the packer gets the stem's weight before the rearrangement, under the rewritten conv's name
     assert tuple(rounded["features.0.conv.weight"].shape) == (16, 3, 7, 7) and "features.0.weight" not in rounded
     def sources(weights):
@@ -747,12 +752,7 @@ def test_int8_space_to_depth_stem_with_batchnorm_and_bias_correction_is_bit_iden
     s2d = export_tflite_int8(model, meta, tmp_path / "s2d.int8.tflite", images, space_to_depth_stem="stem.0", **kw)
     shapes = {tuple(d["shape"]) for d in Interpreter(model_path=str(s2d)).get_tensor_details()}
     assert (16, 2, 2, 12) in shapes  # the 3x3 stride-2 conv as a 2x2 conv over 12 channels
-    x = to_input(rng.integers(0, 256, (16, 3, 32, 32)).astype(np.uint8), meta["mean"], meta["std"])
-    got_p, _ = run(plain, x)
-    got_s, _ = run(s2d, x)
-    with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()
-    assert np.array_equal(got_s, got_p) and np.abs(got_s - want).max() <= 0.1 * np.abs(want).max()
+    _assert_same_outputs(model, meta, plain, s2d, rng)
 
 
 def test_int8_space_to_depth_stem_runs_in_tflite_micro(tmp_path):
