@@ -8,7 +8,8 @@ files (``edgesqueeze export``) and says what costs what:
   turns (one run each per round, the order shuffled every round, ``--rounds`` rounds after
   ``--warmup`` runs each), medians with p10 / p90, ratios against the fastest fp32 row of the
   same run, load average before and after. Runtime modes: ``.onnx`` through onnxruntime's CPU
-  provider (``ort``, graph optimizations on: what ``edgesqueeze.runtime`` does); ``.tflite``
+  provider (``ort``, graph optimizations on, without the NCHWc layout for an ``any-cpu`` int8
+  file: what ``edgesqueeze.runtime`` does; before session 27 with it); ``.tflite``
   through LiteRT's ``Interpreter`` with its default XNNPACK delegate (``xnnpack``: what
   ``edgesqueeze.runtime`` does) and without it (``builtin``:
   ``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES``, TFLite's own kernels), and optionally
@@ -110,12 +111,17 @@ def is_fp32(path: Path) -> bool:
 def ort_runner(path: Path | bytes, threads: int, x: np.ndarray):
     import onnxruntime as ort
 
+    from edgesqueeze.runtime._onnx import _NCHWC, wants_portable
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # as edgesqueeze.runtime opens it: an any-cpu int8 file without the x86-only NCHWc layout
+    # (since session 18; runs before session 27 opened every file with it)
     s = ort.InferenceSession(str(path) if isinstance(path, Path) else path, so,
-                             providers=["CPUExecutionProvider"])
+                             providers=["CPUExecutionProvider"],
+                             disabled_optimizers=[_NCHWC] if wants_portable(path) else None)
     name = s.get_inputs()[0].name
     feed = {name: x}
     return lambda: s.run(None, feed)
