@@ -82,7 +82,8 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                 drop = 100 * (ref - acc)
                 ok = drop <= budget.max_drop + 1e-9
                 out.append(Verdict(name, fmt, "drop", f"<= {budget.max_drop:g} points", f"{drop:.2f} points",
-                                   "PASS" if ok else "FAIL", "" if ok else f"float model {_pct(ref)}"))
+                                   "PASS" if ok else "FAIL",
+                                   "" if ok else f"float model {_pct(ref)}" + _images(ref - acc, row.get("n"))))
         if budget.min_agreement is not None:
             agr = row.get("agreement")
             if agr is None:
@@ -93,6 +94,15 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                 out.append(Verdict(name, fmt, "agreement", f">= {_pct(budget.min_agreement)}", _pct(agr),
                                    "PASS" if ok else "FAIL"))
     return out
+
+
+def _images(frac: float, n) -> str:
+    """``"; k of n test images"`` for a difference of ``frac`` on ``n`` test images (how much a
+    small test set's point is worth), or "" when ``n`` is unknown."""
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return ""
+    k = round(frac * n)
+    return f"; {k} of {n} test images"
 
 
 def exit_code(verdicts: list[Verdict]) -> int:

@@ -98,6 +98,17 @@ def test_each_broken_budget_fails_alone(change, broken):
     assert exit_code(verdicts) == 1
 
 
+def test_a_broken_drop_says_how_many_test_images_it_is():
+    """On 100 test images a point is one image: the FAIL line says so, from the row's n."""
+    broken = row(accuracy=0.57, reference_accuracy=0.59, n=100)
+    (v,) = check([broken], Budget(max_drop=1.0))
+    assert v.status == "FAIL" and v.message == "float model 59.00%; 2 of 100 test images"
+    (v,) = check([row(accuracy=0.57, reference_accuracy=0.59)], Budget(max_drop=1.0))  # n unknown
+    assert v.message == "float model 59.00%"
+    (v,) = check([row(accuracy=0.9, reference_accuracy=0.9025, n=400)], Budget(max_drop=0.1))
+    assert v.message.endswith("; 1 of 400 test images")
+
+
 def test_the_size_limit_is_inclusive_and_per_format_wins():
     assert check([row(bytes=100_000)], Budget(max_size=100_000))[0].passed
     per = Budget(max_size=10, max_size_per_format={"tflite-int8": 100_000})
