@@ -81,9 +81,10 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
             else:
                 drop = 100 * (ref - acc)
                 ok = drop <= budget.max_drop + 1e-9
+                lost = _images(ref - acc, row.get("n"))
                 out.append(Verdict(name, fmt, "drop", f"<= {budget.max_drop:g} points", f"{drop:.2f} points",
                                    "PASS" if ok else "FAIL",
-                                   "" if ok else f"float model {_pct(ref)}" + _images(ref - acc, row.get("n"))))
+                                   "" if ok else f"float model {_pct(ref)}" + (f"; {lost}" if lost else "")))
         if budget.min_agreement is not None:
             agr = row.get("agreement")
             if agr is None:
@@ -92,17 +93,18 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
             else:
                 ok = agr >= budget.min_agreement
                 out.append(Verdict(name, fmt, "agreement", f">= {_pct(budget.min_agreement)}", _pct(agr),
-                                   "PASS" if ok else "FAIL"))
+                                   "PASS" if ok else "FAIL",
+                                   "" if ok else _images(1 - agr, row.get("n"), "disagree")))
     return out
 
 
-def _images(frac: float, n) -> str:
-    """``"; k of n test images"`` for a difference of ``frac`` on ``n`` test images (how much a
-    small test set's point is worth), or "" when ``n`` is unknown."""
+def _images(frac: float, n, verb: str = "") -> str:
+    """``"k of n test images[ verb]"`` for a fraction ``frac`` of ``n`` test images (how much
+    a small test set's point is worth), or "" when ``n`` is unknown."""
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         return ""
     k = round(frac * n)
-    return f"; {k} of {n} test images"
+    return f"{k} of {n} test images" + (f" {verb}" if verb else "")
 
 
 def exit_code(verdicts: list[Verdict]) -> int:

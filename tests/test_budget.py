@@ -107,6 +107,8 @@ def test_a_broken_drop_says_how_many_test_images_it_is():
     assert v.message == "float model 59.00%"
     (v,) = check([row(accuracy=0.9, reference_accuracy=0.9025, n=400)], Budget(max_drop=0.1))
     assert v.message.endswith("; 1 of 400 test images")
+    (v,) = check([row(agreement=0.94, n=100)], Budget(min_agreement=0.95))
+    assert v.status == "FAIL" and v.message == "6 of 100 test images disagree"
 
 
 def test_the_size_limit_is_inclusive_and_per_format_wins():
