@@ -250,15 +250,21 @@ def _converted(gm, what: str):
     return gm
 
 
-def _conv_biases(gm) -> list[torch.Tensor]:
-    """The bias tensors of a converted graph's convs, in graph order (None: a conv without one)."""
+def _conv_nodes(gm) -> list[tuple[Any, str | None]]:
+    """A converted graph's conv nodes in graph order, each with the attribute name of its
+    bias (None: a conv without a bias constant)."""
     conv = torch.ops.aten.conv2d.default
     out = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == conv:
             bias = node.args[2] if len(node.args) > 2 else None
-            out.append(_attr(gm, bias.target) if getattr(bias, "op", None) == "get_attr" else None)
+            out.append((node, bias.target if getattr(bias, "op", None) == "get_attr" else None))
     return out
+
+
+def _conv_biases(gm) -> list[torch.Tensor | None]:
+    """The bias tensors of a converted graph's convs, in graph order (None: a conv without one)."""
+    return [None if target is None else _attr(gm, target) for _, target in _conv_nodes(gm)]
 
 
 def _copy_conv_biases(src, dst) -> bool:
@@ -333,7 +339,6 @@ def correct_bias(gm, model: nn.Module, calib: torch.Tensor, *, max_images: int =
     from edgesqueeze.models.fold import fold_batchnorm
     from edgesqueeze.errors import ModelError
 
-    conv = torch.ops.aten.conv2d.default
     try:  # PT2E folds BatchNorm into the conv: the float target is the folded conv's output
         model = fold_batchnorm(model).eval()
     except ModelError as exc:
@@ -341,14 +346,11 @@ def correct_bias(gm, model: nn.Module, calib: torch.Tensor, *, max_images: int =
     modules = dict(model.named_modules())
     calib = calib[:max_images]
     targets = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target != conv or len(node.args) < 3:
-            continue
+    for node, bias in _conv_nodes(gm):
         stack = node.meta.get("nn_module_stack") or {}
         path = list(stack.values())[-1][0] if stack else None
-        bias = node.args[2]
-        if path in modules and getattr(bias, "op", None) == "get_attr":
-            targets[node] = (path, bias.target)
+        if path in modules and bias is not None:
+            targets[node] = (path, bias)
     if not targets:
         return gm
 
