@@ -483,6 +483,17 @@ def test_depth_to_space_inverts_space_to_depth_or_refuses():
     assert packed_mod.depth_to_space(r, 3, 7, 5) is None
 
 
+@pytest.mark.parametrize("block", [1, 9])
+def test_a_block_no_section_may_hold_is_not_written(block):
+    """A PackedTensor rearranged with a block outside 2..8 is coded as it is: a section naming
+    that block would be refused by every decoder."""
+    data, src, scales, q = _s2d_file(np.random.default_rng(6), (32, 7, 7, 3), block)
+    blob, _ = pack(data, [PackedTensor("w", q, source=src, scales=scales, space_to_depth=block)],
+                   name="f", fmt="tflite-int8")
+    assert unpack(blob) == data
+    assert all("space_to_depth" not in i for _, i in container.loads(blob).sections.values())
+
+
 def test_space_to_depth_integers_code_before_the_rearrangement_without_a_source_to_requantize():
     """A stem whose int8 weights are not a requantized float source (a model that is not
     weight-shared: its integers are coded as they are) still skips the zero taps: the same

@@ -214,6 +214,11 @@ def _find(data: bytes, raw: bytes, taken: list[tuple[int, int]]) -> int | None:
         start = at + 1
 
 
+def _s2d_source(t: PackedTensor) -> bool:
+    """Whether ``t`` names a space-to-depth block a section may hold, with a 4-d source."""
+    return 2 <= int(t.space_to_depth) <= MAX_BLOCK and t.source is not None and np.ndim(t.source) == 4
+
+
 def _requant_candidate(data: bytes, t: PackedTensor, v: np.ndarray, taken, use_huffman: bool = True):
     """``(blob, info, {"requant": ...})`` coding ``t``'s float source instead of its integers,
     when requantizing it reproduces them exactly and its scales are in the file; else None."""
@@ -222,7 +227,7 @@ def _requant_candidate(data: bytes, t: PackedTensor, v: np.ndarray, taken, use_h
     src = np.asarray(t.source, dtype=np.float32)
     scales = np.ascontiguousarray(np.asarray(t.scales, dtype=np.float32).reshape(-1))
     block = int(t.space_to_depth)
-    if block and not (2 <= block <= MAX_BLOCK and src.ndim == 4):
+    if block and not _s2d_source(t):
         return None
     stored = space_to_depth(src, block) if block else src
     if stored.shape != v.shape or len(scales) != v.shape[0] or not (np.isfinite(scales).all() and (scales > 0).all()):
@@ -446,7 +451,7 @@ def _code_tensors(data: bytes, ordered: list[PackedTensor], *, use_huffman: bool
             continue
         values, extra = signed.reshape(v.shape), {}
         block = int(t.space_to_depth)
-        if block and t.source is not None and np.ndim(t.source) == 4 and v.ndim == 4:
+        if block and _s2d_source(t) and v.ndim == 4:
             before = depth_to_space(values, block, *np.shape(t.source)[1:3])  # no zero taps to code
             if before is not None:
                 values, extra = before, {"space_to_depth": block}
