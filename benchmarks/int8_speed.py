@@ -109,19 +109,12 @@ def is_fp32(path: Path) -> bool:
 
 
 def ort_runner(path: Path | bytes, threads: int, x: np.ndarray):
-    import onnxruntime as ort
+    from edgesqueeze.runtime._onnx import open_session
 
-    from edgesqueeze.runtime._onnx import _NCHWC, wants_portable
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    # as edgesqueeze.runtime opens it: an any-cpu int8 file without the x86-only NCHWc layout
-    # (since session 18; runs before session 27 opened every file with it)
-    s = ort.InferenceSession(str(path) if isinstance(path, Path) else path, so,
-                             providers=["CPUExecutionProvider"],
-                             disabled_optimizers=[_NCHWC] if wants_portable(path) else None)
+    # the session edgesqueeze.runtime opens: an any-cpu int8 file without the x86-only NCHWc
+    # layout (since session 18; runs before session 27 opened every file with it)
+    s = (open_session(path, threads=threads) if isinstance(path, Path)
+         else open_session(Path("model.onnx"), threads=threads, data=path))
     name = s.get_inputs()[0].name
     feed = {name: x}
     return lambda: s.run(None, feed)
