@@ -450,8 +450,8 @@ def _code_tensors(data: bytes, ordered: list[PackedTensor], *, use_huffman: bool
         if at is None:
             continue
         values, extra = signed.reshape(v.shape), {}
-        block = int(t.space_to_depth)
-        if block and _s2d_source(t) and v.ndim == 4:
+        if _s2d_source(t) and v.ndim == 4:
+            block = int(t.space_to_depth)
             before = depth_to_space(values, block, *np.shape(t.source)[1:3])  # no zero taps to code
             if before is not None:
                 values, extra = before, {"space_to_depth": block}
