@@ -18,7 +18,8 @@ help:
 	@echo "make demo     digits end to end: train, deep-compress, export ONNX/TFLite fp32+int8, verify, gate"
 	@echo "make test     run the test suite (under 10 minutes on 2 cores)"
 	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md (long)"
-	@echo "make device-check [FILES=...] [DEVICE_CPU=pi4|pi5]  run exports on an emulated Raspberry Pi 4/5 (arm64 chroot, root) vs this host"
+	@echo "make device-check [FILES=...] [DEVICE_CPU=pi4|pi5|x86-avx2]  run exports on an emulated Raspberry Pi 4/5 (arm64 chroot, root)"
+	@echo "               or x86 CPU without VNNI (qemu-x86_64 -cpu Haswell, no root) and compare with this host"
 	@echo "make install  create $(VENV) and install edgesqueeze with its dependencies"
 
 $(STAMP): pyproject.toml

@@ -51,6 +51,8 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {"cpu": cpu["cpu"] or "unknown", "arch": cpu["arch"], "features": cpu["features"],
                             "int8_kernels": cpu["int8_kernels"], "cores": os.cpu_count(), "threads": threads,
                             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if cpu.get("note"):  # /proc/cpuinfo names another CPU than the one the runtimes ran on
+        info["cpu_note"] = cpu["note"]
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):
         info["torch_threads"] = torch.get_num_threads()
@@ -306,6 +308,8 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
         if machine.get("int8_kernels"):
             feats = ", ".join(machine.get("features") or []) or "none listed"
             lines.append(f"- int8 kernels: {machine['int8_kernels']} ({machine.get('arch')}; {feats})")
+        if machine.get("cpu_note"):
+            lines.append(f"- CPU: {machine['cpu_note']}")
     with_latency = any(r.get("latency_ms") is not None for r in rows)
     lines.append("- latency: batch 1, p50 over repeated calls on one input" if with_latency
                  else "- latency: not measured (`edgesqueeze verify --latency`)")

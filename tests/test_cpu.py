@@ -61,6 +61,52 @@ def test_this_machine_is_described():
     assert info["arch"] and info["cpu"] and info["int8_kernels"]
 
 
+# numpy's runtime-dispatch names for what a process can execute (CPUID / HWCAP)
+HASWELL = {"SSE", "SSE2", "SSE3", "SSSE3", "SSE41", "SSE42", "AVX", "F16C", "FMA3", "AVX2", "POPCNT"}
+ZEN5 = HASWELL | {"AVX512F", "AVX512CD", "AVX512BW", "AVX512DQ", "AVX512VL", "AVX512VNNI", "AVX512_ICL"}
+
+
+def test_the_process_view_wins_over_a_cpuinfo_of_another_cpu():
+    """Under qemu-x86_64 -cpu Haswell, /proc/cpuinfo is the VNNI host's but the runtimes pick
+    their kernels from the emulated CPUID: the features, the kernels and the warning follow
+    the process, and a note says /proc/cpuinfo is not this CPU. AVX-VNNI, which numpy does
+    not name, is not taken from a /proc/cpuinfo that is wrong elsewhere."""
+    host = INTEL_VNNI.replace("avx512_vnni", "avx512_vnni avx_vnni")
+    info = cpu_info(host, "x86_64", HASWELL)
+    assert info["features"] == ["avx2", "fma"] and info["source"] == "cpuid"
+    assert info["int8_kernels"].startswith("x86 AVX2 (no VNNI)") and int8_saturates(info) is True
+    assert "avx512f" in info["note"] and "avx512_vnni" in info["note"] and "cannot use" in info["note"]
+    assert "saturates" in int8_warning({"artifact_format": "onnx-int8", "calibration": {"target": "vnni-or-arm"}},
+                                       info)
+    # the other way round: a kernel that hides a feature the CPU runs
+    hidden = cpu_info(AMD_AVX2, "x86_64", ZEN5)
+    assert "avx512_vnni" in hidden["features"] and "lacks" in hidden["note"]
+
+
+def test_the_process_view_agrees_with_a_true_cpuinfo():
+    info = cpu_info(INTEL_VNNI, "x86_64", ZEN5)
+    assert info == {**cpu_info(INTEL_VNNI, "x86_64"), "source": "cpuid"}
+    assert "note" not in info
+    # a flag numpy does not name comes from /proc/cpuinfo when that describes this CPU
+    assert cpu_info(ALDER_LAKE, "x86_64", HASWELL)["features"] == ["avx2", "fma", "avx_vnni"]
+    # ARM: HWCAP names; without /proc/cpuinfo (macOS, a chroot without /proc) the process alone
+    pi5 = cpu_info(None, "aarch64", {"NEON", "ASIMD", "ASIMDHP", "ASIMDDP"})
+    assert pi5["features"] == ["asimd", "asimddp"] and pi5["source"] == "hwcap"
+    assert pi5["int8_kernels"].startswith("ARM (dot product)") and "note" not in pi5
+    assert cpu_info(PI4, "aarch64", {"NEON", "ASIMD"})["features"] == ["asimd"]
+
+
+def test_this_process_is_described_as_numpy_dispatches():
+    from numpy._core._multiarray_umath import __cpu_features__ as found
+
+    info = cpu_info()
+    if info["arch"] in ("x86_64", "amd64"):
+        assert ("avx2" in info["features"]) == bool(found.get("AVX2"))
+        assert ("avx512_vnni" in info["features"]) == bool(found.get("AVX512VNNI"))
+    elif info["arch"] in ("aarch64", "arm64"):
+        assert ("asimddp" in info["features"]) == bool(found.get("ASIMDDP"))
+
+
 def test_int8_target_from_metadata_old_and_new():
     assert int8_target({"artifact_format": "onnx-int8", "calibration": {"target": "any-cpu"}}) == "any-cpu"
     assert int8_target({"artifact_format": "onnx-int8", "calibration": {"target": "vnni-or-arm"}}) == "vnni-or-arm"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from emulated_x86 import requires_haswell
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -251,6 +252,36 @@ def test_shell_help_and_bad_option():
     assert r.returncode == 2 and "unknown option --bogus" in r.stderr
     r = subprocess.run(["bash", str(SHELL), "--cpu", "pi3"], check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "--cpu: unknown CPU 'pi3'; choose pi4" in r.stderr
+
+
+def test_shell_x86_avx2_needs_qemu_x86_64_only(tmp_path):
+    env = {**os.environ, "QEMU_X86": str(tmp_path / "no-qemu"), "MMDEBSTRAP": str(tmp_path / "no-mmdebstrap")}
+    r = subprocess.run(["bash", str(SHELL), "--cpu", "x86-avx2", "whatever.onnx"], env=env, check=False,
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "no-qemu (Debian package qemu-user-static)" in r.stderr, r.stderr
+    assert "mmdebstrap" not in r.stderr  # the chroot's tools are not asked for
+    r = subprocess.run(["bash", str(SHELL), "--cpu", "x86-avx2", "--setup-only"], check=False, capture_output=True,
+                       text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "nothing to set up" in r.stderr
+
+
+@requires_haswell
+def test_shell_x86_avx2_runs_the_files_on_an_emulated_cpu_without_vnni(models, tmp_path):
+    """No root, no chroot: the host's Python on qemu-x86_64 -cpu Haswell. The device side
+    reads its CPU as the runtimes do (AVX2, no VNNI), not the host's /proc/cpuinfo."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    r = subprocess.run(["bash", str(SHELL), "--cpu", "x86-avx2", "--limit", str(LIMIT), *map(str, models)], env=env,
+                       check=False, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "TCG doesn't support" not in r.stderr
+    report = json.loads((out / "compare.json").read_text())
+    assert report["ok"] and {a["artifact"] for a in report["artifacts"]} == {"tiny.onnx", "tiny.int8.onnx"}
+    assert all(a["agreement"] == 1.0 and a["n"] == LIMIT for a in report["artifacts"])
+    device_cpu = report["device"]["cpu"]
+    assert "avx2" in device_cpu["features"] and "avx512_vnni" not in device_cpu["features"]
+    assert report["device"]["torch_imported"] is False
+    assert "AVX2 (no VNNI)" in (out / "compare.md").read_text()
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the script wants root first")

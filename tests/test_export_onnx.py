@@ -24,6 +24,12 @@ from edgesqueeze.export.onnx import _write, export_onnx, onnx_graph, read_onnx_m
 from edgesqueeze.export.onnx_int8 import export_onnx_int8  # noqa: E402
 from edgesqueeze.recipe import recipe_from_dict  # noqa: E402
 from edgesqueeze.train import fit  # noqa: E402
+from emulated_x86 import (  # noqa: E402
+    assert_emulated_cpu_has_no_vnni,
+    assert_same_as_this_host,
+    predict_on_haswell,
+    requires_haswell,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -241,6 +247,29 @@ def test_int8_file_computes_the_same_on_every_cpu(int8_file, reference):
         q = numpy_helper.to_array(inits[n.input[0]]).astype(np.int32) - 128
         assert np.abs(q).max() == 127 and q.min() >= -127
         assert (numpy_helper.to_array(inits[n.input[2]]) == 128).all()
+
+
+@requires_haswell
+def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(trained, digits, int8_file, reference,
+                                                                      tmp_path):
+    """Issue 15's CPU, emulated (tests/emulated_x86.py: onnxruntime picks its AVX2 kernels
+    from the emulated CPUID): the default file (any-cpu) gives the same top-1 on every test
+    image as on this host, its logits within the rounding of a requantization. The control:
+    a vnni-or-arm file of the same model on that CPU moves away from its own QDQ arithmetic by
+    several logits (saturated pairs), which is what the test would see if any-cpu broke."""
+    x, _ = reference
+    calib = calibration_images(digits.train_x, 256, seed=0)
+    full = export_onnx_int8(trained.model, trained.meta, tmp_path / "full.int8.onnx", calib, target="vnni-or-arm",
+                            calibration=CalibrationConfig(images=256))
+    (portable, saturating), seen = predict_on_haswell([int8_file, full], x, tmp_path)
+    assert_emulated_cpu_has_no_vnni(seen)
+    assert_same_as_this_host(int8_file, portable, x)
+    exact = session(full, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
+        ["logits"], {"input": x})[0]
+    off = np.abs(saturating - exact).max()
+    print(f"vnni-or-arm file on the emulated Haswell vs its QDQ arithmetic: max |logit difference| {off:.3g}, "
+          f"top-1 agreement {(saturating.argmax(1) == exact.argmax(1)).mean():.4f}")
+    assert off > 1.0
 
 
 def test_uint8_weights_dequantize_to_the_int8_weights(trained, digits):

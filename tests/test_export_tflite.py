@@ -38,6 +38,12 @@ from edgesqueeze.runtime._tflite_meta import (
     tflite_metadata_entries,
 )
 from edgesqueeze.train import fit
+from emulated_x86 import (
+    assert_emulated_cpu_has_no_vnni,
+    assert_same_as_this_host,
+    predict_on_haswell,
+    requires_haswell,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,6 +226,17 @@ def test_int8_is_full_integer_and_close_to_fp32(int8_file, fp32_file, reference,
     assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.95
     # weights shrink 4x; on this 20k-parameter net the graph tables (~35 KB) dominate both files
     assert int8_file.stat().st_size < 0.6 * fp32_file.stat().st_size
+
+
+@requires_haswell
+def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(int8_file, reference, tmp_path):
+    """Issue 15's CPU, emulated (tests/emulated_x86.py: XNNPACK picks its AVX2 int8 kernels
+    from the emulated CPUID, which widen to 16 bits and never saturate): the same top-1 on
+    every test image as on this host, logits within the rounding of a requantization."""
+    x, _ = reference
+    (there,), seen = predict_on_haswell([int8_file], x, tmp_path)
+    assert_emulated_cpu_has_no_vnni(seen)
+    assert_same_as_this_host(int8_file, there, x)
 
 
 def test_int8_metadata(int8_file, trained):

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # Run exported artifacts through edgesqueeze's torch-free runtime on an emulated Raspberry Pi
-# (Debian bookworm arm64 under qemu-user) and compare top-1 and logits with this host, per file.
+# (Debian bookworm arm64 under qemu-user), or on an emulated x86 CPU without AVX-512 and VNNI,
+# and compare top-1 and logits with this host, per file.
 #
-#   tools/device-check.sh [--data NAME] [--data-dir DIR] [--limit N] [--cpu pi4|pi5] [--setup-only] [FILE...]
+#   tools/device-check.sh [--data NAME] [--data-dir DIR] [--limit N] [--cpu pi4|pi5|x86-avx2] [--setup-only] [FILE...]
 #
 # FILE defaults to the demo's exports (artifacts/squeezenet-digits/export/*.onnx, *.tflite, and
-# the packed *.esq, decoded on the device). --cpu (or DEVICE_CPU): the Pi whose CPU qemu
-# emulates and the runtimes detect, so they run its int8 kernels: pi4 (Cortex-A72, no dot
-# product; the default) or pi5 (Cortex-A76, dot product); tools/emulated_cpu.sh.
-# Needs root (chroot, binfmt_misc) and the Debian packages qemu-user-static, binfmt-support and
-# mmdebstrap. The arm64 root file system is built once (about 6-8 minutes) into DEVICE_ROOT and
-# reused; so is the virtual environment inside it with the runtime packages (numpy, onnxruntime,
-# ai-edge-litert: no torch). The checkout is copied in and installed (--no-deps) on every run.
+# the packed *.esq, decoded on the device). --cpu (or DEVICE_CPU): the CPU qemu emulates and
+# the runtimes detect, so they run its int8 kernels: pi4 (Cortex-A72, no dot product; the
+# default) or pi5 (Cortex-A76, dot product), tools/emulated_cpu.sh; or x86-avx2, an Intel
+# Haswell (AVX2 and FMA, no AVX-512, no VNNI: the x86 CPU whose onnxruntime uint8 x int8
+# kernels saturate), which runs this host's Python and packages under qemu-x86_64 (an x86-64
+# host only; no root, no chroot; about a minute for the demo's files).
+# The Pi checks need root (chroot, binfmt_misc) and the Debian packages qemu-user-static,
+# binfmt-support and mmdebstrap; x86-avx2 needs qemu-user-static alone. The arm64 root file
+# system is built once (about 6-8 minutes) into DEVICE_ROOT and reused; so is the virtual
+# environment inside it with the runtime packages (numpy, onnxruntime, ai-edge-litert: no
+# torch). The checkout is copied in and installed (--no-deps) on every run.
 #
 # Environment: PYTHON (host python with edgesqueeze installed; default .venv/bin/python),
 # OUT (results; default artifacts/device-check), DEVICE_ROOT (default
 # ~/.cache/edgesqueeze/bookworm-arm64), MIRROR (Debian mirror; default http://deb.debian.org/debian),
-# QEMU / MMDEBSTRAP (the tools; default qemu-aarch64-static / mmdebstrap), THREADS (default 1).
+# QEMU / MMDEBSTRAP / QEMU_X86 (the tools; default qemu-aarch64-static / mmdebstrap /
+# qemu-x86_64-static), THREADS (default 1).
 #
 # Exit: compare's code (0: every artifact agrees 100% on top-1 between host and device; 1: one
 # does not, or the device run failed or imported torch), 2: bad usage or missing tools/files.
@@ -25,6 +31,7 @@ set -euo pipefail
 
 ROOT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 QEMU=${QEMU:-qemu-aarch64-static}
+QEMU_X86=${QEMU_X86:-qemu-x86_64-static}
 MMDEBSTRAP=${MMDEBSTRAP:-mmdebstrap}
 PYTHON=${PYTHON:-$ROOT_DIR/.venv/bin/python}
 OUT=${OUT:-$ROOT_DIR/artifacts/device-check}
@@ -57,11 +64,11 @@ while [ $# -gt 0 ]; do
       prepare_args+=("$1" "$2"); shift 2 ;;
     --data=*|--data-dir=*|--limit=*) prepare_args+=("$1"); shift ;;
     --cpu)
-      [ $# -ge 2 ] || die "$1 needs a value (pi4 or pi5)"
+      [ $# -ge 2 ] || die "$1 needs a value (pi4, pi5 or x86-avx2)"
       DEVICE_CPU=$2; shift 2 ;;
     --cpu=*) DEVICE_CPU=${1#--cpu=}; shift ;;
     --setup-only) setup_only=1; shift ;;
-    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; files+=("$@"); break ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) files+=("$1"); shift ;;
@@ -69,20 +76,27 @@ while [ $# -gt 0 ]; do
 done
 
 case "$DEVICE_CPU" in
-  pi4|pi5) ;;
-  *) die "--cpu: unknown CPU '$DEVICE_CPU'; choose pi4 (Cortex-A72, no dot product) or pi5 (Cortex-A76, dot product)" ;;
+  pi4|pi5|x86-avx2) ;;
+  *) die "--cpu: unknown CPU '$DEVICE_CPU'; choose pi4 (Cortex-A72, no dot product), pi5 (Cortex-A76, dot product) or x86-avx2 (Haswell: AVX2, no AVX-512, no VNNI)" ;;
 esac
 
 # ------------------------------------------------------------------ tools
+if [ "$DEVICE_CPU" = x86-avx2 ]; then
+  [ $setup_only = 0 ] || die "--setup-only: x86-avx2 has nothing to set up (it runs this host's Python under qemu)"
+  command -v "$QEMU_X86" >/dev/null 2>&1 || die "not found: $QEMU_X86 (Debian package qemu-user-static);
+  install it with: apt-get install qemu-user-static"
+  [ "$(uname -m)" = x86_64 ] || die "--cpu x86-avx2 runs this host's x86-64 Python under $QEMU_X86: it needs an x86-64 host (this is $(uname -m))"
+fi
 missing=()
 command -v "$QEMU" >/dev/null 2>&1 || missing+=("$QEMU (Debian package qemu-user-static)")
 command -v "$MMDEBSTRAP" >/dev/null 2>&1 || missing+=("$MMDEBSTRAP (Debian package mmdebstrap)")
+[ "$DEVICE_CPU" = x86-avx2 ] && missing=()
 if [ ${#missing[@]} -gt 0 ]; then
   for m in "${missing[@]}"; do echo "device-check: error: not found: $m" >&2; done
   echo "device-check: install them with: apt-get install qemu-user-static binfmt-support mmdebstrap" >&2
   exit 2
 fi
-[ "$(id -u)" = 0 ] || die "needs root (it builds and enters an arm64 chroot); run it with sudo"
+[ "$DEVICE_CPU" = x86-avx2 ] || [ "$(id -u)" = 0 ] || die "needs root (it builds and enters an arm64 chroot); run it with sudo"
 if [ $setup_only = 0 ]; then
   [ -x "$PYTHON" ] || die "host python $PYTHON not found; run \`make install\` first or set PYTHON"
   "$PYTHON" -c "import edgesqueeze.runtime" 2>/dev/null \
@@ -106,6 +120,39 @@ if [ $setup_only = 0 ]; then
   done
 fi
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+
+# ------------------------------------------------------------------ prepare and compare (host)
+prepare_on_host() {  # inputs, the host's logits and the manifest, into OUT
+  say "prepare on the host: ${files[*]}"
+  "$PYTHON" "$ROOT_DIR/tools/device_check.py" prepare --out "$OUT" --threads "$THREADS" \
+    "${prepare_args[@]}" "${files[@]}" || exit $?
+}
+compare_and_exit() {  # $1: the device run's exit code; exits with compare's (1 if the run failed)
+  local run_rc=$1 cmp_rc=0
+  [ "$run_rc" = 0 ] || say "the device run exited $run_rc"
+  "$PYTHON" "$ROOT_DIR/tools/device_check.py" compare --dir "$OUT" --json "$OUT/compare.json" \
+    --markdown "$OUT/compare.md" || cmp_rc=$?
+  say "results: $OUT/compare.md, $OUT/compare.json"
+  if [ $cmp_rc = 0 ] && [ "$run_rc" != 0 ]; then exit 1; fi
+  exit $cmp_rc
+}
+
+# ------------------------------------------------------------------ x86 without VNNI (no chroot)
+# qemu-x86_64 emulates a Haswell: its CPUID has AVX2 and FMA and no AVX-512 or VNNI, which is
+# what onnxruntime (MLAS) and XNNPACK read to pick their kernels, so they run the AVX2 ones
+# (edgesqueeze's CPU report reads the same CPUID; /proc/cpuinfo stays the host's). The
+# Python, numpy and runtimes are this host's own; only the CPU differs.
+if [ "$DEVICE_CPU" = x86-avx2 ]; then
+  qemu_quiet() {  # TCG lacks a few Haswell features no kernel here uses; drop those warnings
+    "$QEMU_X86" -cpu Haswell "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+  }
+  prepare_on_host
+  say "run on the emulated x86 CPU without VNNI ($QEMU_X86 -cpu Haswell: AVX2, FMA; no AVX-512, no VNNI) ..."
+  run_rc=0
+  qemu_quiet "$PYTHON" "$ROOT_DIR/tools/device_check.py" run --dir "$OUT" --out device \
+    --threads "$THREADS" --require-no-torch || run_rc=$?
+  compare_and_exit $run_rc
+fi
 
 # ------------------------------------------------------------------ binfmt_misc
 # qemu-user-static registers qemu-aarch64 with binfmt_misc (flag F: the interpreter is opened
@@ -238,9 +285,7 @@ print('device:', platform.machine(), 'python', platform.python_version(), 'numpy
 [ $setup_only = 1 ] && { say "setup done"; exit 0; }
 
 # ------------------------------------------------------------------ prepare (host), run (device), compare (host)
-say "prepare on the host: ${files[*]}"
-"$PYTHON" "$ROOT_DIR/tools/device_check.py" prepare --out "$OUT" --threads "$THREADS" \
-  "${prepare_args[@]}" "${files[@]}" || exit $?
+prepare_on_host
 
 rm -rf --one-file-system "$DEVICE_ROOT$CHECK_IN"
 mkdir -p "$DEVICE_ROOT$CHECK_IN"
@@ -253,11 +298,4 @@ rm -rf "${OUT:?}/device"
 if [ -d "$DEVICE_ROOT$CHECK_IN/device" ]; then
   cp -a "$DEVICE_ROOT$CHECK_IN/device" "$OUT/device"
 fi
-[ $run_rc = 0 ] || say "the device run exited $run_rc"
-
-cmp_rc=0
-"$PYTHON" "$ROOT_DIR/tools/device_check.py" compare --dir "$OUT" --json "$OUT/compare.json" \
-  --markdown "$OUT/compare.md" || cmp_rc=$?
-say "results: $OUT/compare.md, $OUT/compare.json"
-if [ $cmp_rc = 0 ] && [ $run_rc != 0 ]; then exit 1; fi
-exit $cmp_rc
+compare_and_exit $run_rc

@@ -424,6 +424,8 @@ def _env_line(label: str, env: dict | None) -> str:
     vers = ", ".join(f"{k} {v}" for k, v in pk.items() if v and k != "edgesqueeze")
     torch = {True: "yes", False: "no"}.get(env.get("torch_imported"), "?")
     kernels = (env.get("cpu") or {}).get("int8_kernels")
+    if kernels and (env.get("cpu") or {}).get("note"):  # emulated: /proc/cpuinfo is the host's
+        kernels += "; the process's CPU, not /proc/cpuinfo's"
     where = f"{env.get('machine')} ({kernels})" if kernels else env.get("machine")
     return f"{label}: {where}, python {env.get('python')}, {vers}; torch imported: {torch}"
 

@@ -11,8 +11,12 @@ logits on the device than on the machine that verified it. edgesqueeze's default
 7-bit int8 weights for the same end); this module lets ``verify`` and the
 benchmarks say which case a number was measured in.
 
-Linux reads ``/proc/cpuinfo``; elsewhere the features are unknown (``None``), never guessed.
-No torch, no third-party import: it runs on the device.
+The features are the ones this process can execute, as numpy's runtime dispatch reads them
+(CPUID on x86, the kernel's HWCAP on ARM): what onnxruntime's and XNNPACK's own CPU detection
+sees. ``/proc/cpuinfo`` gives the model name and the flags numpy does not name (AVX-VNNI, AMX,
+i8mm); where it lists features this process does not have (under ``qemu-x86_64 -cpu Haswell``
+it is the host's), the process wins and ``note`` says so. Without either, the features are
+unknown (``None``), never guessed. No torch; numpy only: it runs on the device.
 
     >>> info = cpu_info()
     >>> info["arch"], info["int8_kernels"]          # doctest: +SKIP
@@ -30,6 +34,10 @@ __all__ = ["cpu_info", "int8_saturates", "int8_warning", "int8_target"]
 # The flags (as /proc/cpuinfo spells them) that select int8 kernels, in the order shown.
 X86_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_int8")
 ARM_FLAGS = ("asimd", "asimddp", "i8mm", "sve", "sve2")  # asimddp: the dot-product instructions
+# numpy's names for those flags (the ones its runtime dispatch knows).
+NUMPY_NAMES = {"AVX2": "avx2", "FMA3": "fma", "AVX512F": "avx512f", "AVX512BW": "avx512bw",
+               "AVX512VL": "avx512vl", "AVX512VNNI": "avx512_vnni",
+               "ASIMD": "asimd", "ASIMDDP": "asimddp", "SVE": "sve"}
 
 
 def _family(arch: str) -> str:
@@ -59,20 +67,58 @@ def _cpuinfo(text: str | None = None) -> tuple[str, set[str] | None]:
     return model, flags
 
 
-def cpu_info(cpuinfo_text: str | None = None, machine: str | None = None) -> dict[str, Any]:
-    """``arch``, ``cpu`` (model name), ``features`` (the int8-relevant flags present, or None
-    when unknown) and ``int8_kernels`` (one line: which kind of int8 kernels run here).
+def _process_features() -> set[str] | None:
+    """The CPU features numpy's runtime dispatch found usable in this process (its names:
+    ``AVX512VNNI``, ``ASIMDDP``, ...), or None when numpy does not say."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as found  # numpy >= 2
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as found  # numpy 1.x
+        except ImportError:
+            return None
+    return {name for name, on in found.items() if on}
 
-    ``cpuinfo_text`` / ``machine``: for tests, another machine's ``/proc/cpuinfo`` and
-    ``platform.machine()``.
+
+def cpu_info(cpuinfo_text: str | None = None, machine: str | None = None,
+             process_features: set[str] | None = None) -> dict[str, Any]:
+    """``arch``, ``cpu`` (model name), ``features`` (the int8-relevant flags present, or None
+    when unknown), ``source`` (where they were read) and ``int8_kernels`` (one line: which
+    kind of int8 kernels run here); ``note`` when ``/proc/cpuinfo`` describes another CPU
+    than the one this process runs on (emulated, or features the OS does not enable).
+
+    ``cpuinfo_text`` / ``machine`` / ``process_features``: for tests, another machine's
+    ``/proc/cpuinfo``, ``platform.machine()`` and numpy feature names. Given any of them, the
+    others are not read from this machine.
     """
+    here = cpuinfo_text is None and machine is None and process_features is None
     arch = (machine or platform.machine() or "unknown").lower()
-    model, flags = _cpuinfo(cpuinfo_text)
+    model, flags = _cpuinfo(cpuinfo_text) if here or cpuinfo_text is not None else ("", None)
+    if here:
+        process_features = _process_features()
     x86, arm = _family(arch) == "x86", _family(arch) == "arm"
     known = X86_FLAGS if x86 else ARM_FLAGS if arm else ()
-    features = None if flags is None else [f for f in known if f in flags]
+    features, source, note = None if flags is None else [f for f in known if f in flags], "/proc/cpuinfo", None
+    named = {ours: theirs for theirs, ours in NUMPY_NAMES.items() if ours in known}
+    if process_features is not None and named:
+        has = {ours for ours, theirs in named.items() if theirs in process_features}
+        differ = [] if flags is None else [f for f in named if (f in flags) != (f in has)]
+        if differ:
+            unusable = [f for f in differ if f not in has]
+            unlisted = [f for f in differ if f in has]
+            why = "; ".join(([f"it lists {', '.join(unusable)}, which this process cannot use"] if unusable else [])
+                            + ([f"it lacks {', '.join(unlisted)}, which this process has"] if unlisted else []))
+            note = (f"/proc/cpuinfo does not describe the CPU this process runs on ({why}): an emulated "
+                    "CPU, or features the OS does not enable; the features shown are the process's, "
+                    "which the runtimes' kernels follow")
+        # a flag numpy does not name counts only where /proc/cpuinfo describes this CPU
+        trust_proc = flags is not None and not differ
+        features = [f for f in known if (f in has if f in named else trust_proc and f in flags)]
+        source = "cpuid" if x86 else "hwcap"
     info: dict[str, Any] = {"arch": arch, "cpu": model or platform.processor() or arch,
-                            "features": features}
+                            "features": features, "source": source}
+    if note:
+        info["note"] = note
     info["int8_kernels"] = _kernels(arch, x86, arm, features)
     return info
 
