@@ -486,16 +486,21 @@ def report() -> str:
                   "than onnx fp32.", ""]
     device_parts = sorted(p.stem for p in RESULTS.glob("device_*.json"))
     if device_parts:
-        lines += ["## The same files on another CPU: this host against an emulated Raspberry Pi (arm64)", "",
+        lines += ["## The same files on another CPU: this host against an emulated Raspberry Pi (arm64) or x86 "
+                  "CPU without VNNI", "",
                   "Each file run through the torch-free runtime on the host and in a Debian bookworm arm64",
-                  "chroot under qemu-user (`make device-check`, `tools/device_check.py`), on the same images.",
+                  "chroot under qemu-user (`make device-check`, `tools/device_check.py`), on the same images;",
+                  "parts named `device_x86_avx2_*` ran this host's Python under `qemu-x86_64 -cpu Haswell`",
+                  "(AVX2, no AVX-512, no VNNI: `make device-check DEVICE_CPU=x86-avx2`).",
                   "Agreement is top-1 of the device against top-1 of the host. Emulated timings mean",
                   "nothing: outputs only.", ""]
         for part in device_parts:
             r = _load(part)
             h, d = r["host"], r["device"]
             lines += [f"### `{part}`", "", _mach(r), f"Command: `{r['device_command']}`",
-                      f"Device: {d['machine']}, Python {d['python']}, onnxruntime {d['packages'].get('onnxruntime')}, "
+                      f"Device: {d['machine']}"
+                      + (f" ({d['cpu']['int8_kernels']})" if (d.get("cpu") or {}).get("int8_kernels") else "")
+                      + f", Python {d['python']}, onnxruntime {d['packages'].get('onnxruntime')}, "
                       f"ai-edge-litert {d['packages'].get('ai-edge-litert')}; torch imported on the device: "
                       f"{'yes' if d.get('torch_imported') else 'no'}", "",
                       "| file | images | top-1 agreement | host accuracy | device accuracy | max logit difference |",

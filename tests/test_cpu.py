@@ -97,7 +97,10 @@ def test_the_process_view_agrees_with_a_true_cpuinfo():
 
 
 def test_this_process_is_described_as_numpy_dispatches():
-    from numpy._core._multiarray_umath import __cpu_features__ as found
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as found  # numpy >= 2
+    except ImportError:
+        from numpy.core._multiarray_umath import __cpu_features__ as found
 
     info = cpu_info()
     if info["arch"] in ("x86_64", "amd64"):
