@@ -56,8 +56,10 @@ def _csv(value: str, what: str) -> list[str]:
                    "AVX-512 VNNI, deploy recipe: 4.2 ms an image against any-cpu's 7.5 as the runtime opens "
                    "it, without NCHWc float kernels so that its float layers round as on ARM; fp32 7.2); x86 "
                    "CPUs without VNNI "
-                   "(AVX2 only) saturate their products and compute other logits (digits: 94% top-1 "
-                   "agreement with the exact result) [default: the recipe's, else any-cpu].")
+                   "(AVX2 only) saturate their products and compute other logits (on an emulated Haswell, "
+                   "`make device-check DEVICE_CPU=x86-avx2`: digits 94% top-1 agreement with the exact "
+                   "result; ImageNet SqueezeNet, squeezenet-imagenet.yaml: 68%, top-1 50% against 57%) "
+                   "[default: the recipe's, else any-cpu].")
 @click.option("--int8-weights", type=click.Choice(["auto", "per-channel", "per-tensor"]),
               help="One int8 weight scale per output channel or per tensor. auto: per tensor for a "
                    "weight-shared model (an .esq), so each shared value stays one int8 value and --pack codes "
