@@ -96,7 +96,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "device-check: install them with: apt-get install qemu-user-static binfmt-support mmdebstrap" >&2
   exit 2
 fi
-[ "$DEVICE_CPU" = x86-avx2 ] || [ "$(id -u)" = 0 ] || die "needs root (it builds and enters an arm64 chroot); run it with sudo"
+[ "$DEVICE_CPU" = x86-avx2 ] || [ "$(id -u)" = 0 ] || die "needs root (it builds and enters an arm64 chroot); run it with sudo
+  (--cpu x86-avx2, an emulated x86 CPU without VNNI, needs no root)"
 if [ $setup_only = 0 ]; then
   [ -x "$PYTHON" ] || die "host python $PYTHON not found; run \`make install\` first or set PYTHON"
   "$PYTHON" -c "import edgesqueeze.runtime" 2>/dev/null \
