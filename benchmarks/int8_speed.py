@@ -31,7 +31,10 @@ files (``edgesqueeze export``) and says what costs what:
   does (cachegrind, ``1`` and ``1 + --rounds`` inferences per file, the difference divided
   by ``--rounds``; XNNPACK's kernels are named, onnxruntime's library has no symbols).
   Instruction counts are not time: check them against real timings before reading a ratio
-  as a speed (benchmarks/notes.md, session 25).
+  as a speed (benchmarks/notes.md, session 25). XNNPACK's counts repeat to 0.1%;
+  onnxruntime's do not: a process's setup varies, and with ``--rounds 3`` the same fp32
+  ONNX file read 125 M and 197 M instructions per inference in one run; use ``--rounds 30``
+  for ``.onnx`` files (196.6-204.4 M there; session 28).
 - ``ops``: the ops of each ``.tflite`` (type, in -> out dtype, shape) and how many nodes
   LiteRT's interpreter hands to XNNPACK (its execution plan after delegation).
 
@@ -41,6 +44,7 @@ files (``edgesqueeze export``) and says what costs what:
     python benchmarks/int8_speed.py --stage ops --files b.int8.tflite
     python benchmarks/int8_speed.py --stage stem
     python benchmarks/int8_speed.py --stage instructions --rounds 3 --tflite-modes xnnpack --files a.tflite b.int8.tflite
+    python benchmarks/int8_speed.py --stage instructions --rounds 30 --files a.onnx b.int8.onnx
 
 Writes (merges into) ``benchmarks/results/int8_speed.json`` under ``--key`` (default: the
 stage name), with ``cpu_info()``, load average, command and date.

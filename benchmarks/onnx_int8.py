@@ -293,6 +293,9 @@ SETTINGS = {
         **_AE, "float_layers": ["features.3", "features.4"]},
     "+ GPTQ weights, activation equalization 0.5, stem and first three Fires float": {
         **_AE, "float_layers": ["features.0", "features.3", "features.4", "features.5"]},
+    # session 28: the recipe's (since session 27) with each Fire's concat a copy (share_concat_ranges)
+    "+ GPTQ weights, activation equalization 0.5, first two Fires float, shared concat ranges": {
+        **_AE, "float_layers": ["features.3", "features.4"], "share_concats": True},
     # 7-bit weights (session 10's any-cpu) missed the target with the recipe's float layers: one end more float
     "+ GPTQ weights, activation equalization 0.5, stem, first two Fires and classifier float": {
         **_AE, "float_layers": ["features.0", "features.3", "features.4", "classifier.1"]},
