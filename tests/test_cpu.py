@@ -96,6 +96,17 @@ def test_the_process_view_agrees_with_a_true_cpuinfo():
     assert cpu_info(PI4, "aarch64", {"NEON", "ASIMD"})["features"] == ["asimd"]
 
 
+def test_a_feature_numpy_does_not_know_is_left_to_cpuinfo():
+    """An older numpy whose table has no AVX512VNNI key says nothing about VNNI: /proc/cpuinfo
+    decides it, rather than the missing key reading as 'no VNNI'."""
+    table = {name: True for name in ZEN5 - {"AVX512VNNI", "AVX512_ICL"}}
+    info = cpu_info(INTEL_VNNI, "x86_64", table)
+    assert "avx512_vnni" in info["features"] and "note" not in info
+    assert int8_saturates(info) is False
+    # a key present and false is the process's word
+    assert "avx512_vnni" not in cpu_info(INTEL_VNNI, "x86_64", {**table, "AVX512VNNI": False})["features"]
+
+
 def test_this_process_is_described_as_numpy_dispatches():
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as found  # numpy >= 2

@@ -67,9 +67,9 @@ def _cpuinfo(text: str | None = None) -> tuple[str, set[str] | None]:
     return model, flags
 
 
-def _process_features() -> set[str] | None:
-    """The CPU features numpy's runtime dispatch found usable in this process (its names:
-    ``AVX512VNNI``, ``ASIMDDP``, ...), or None when numpy does not say."""
+def _process_features() -> dict[str, bool] | None:
+    """numpy's runtime dispatch table: each CPU feature it knows (its names: ``AVX512VNNI``,
+    ``ASIMDDP``, ...) and whether this process can use it; None when numpy does not say."""
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as found  # numpy >= 2
     except ImportError:
@@ -77,19 +77,21 @@ def _process_features() -> set[str] | None:
             from numpy.core._multiarray_umath import __cpu_features__ as found  # numpy 1.x
         except ImportError:
             return None
-    return {name for name, on in found.items() if on}
+    return {str(name): bool(on) for name, on in found.items()}
 
 
 def cpu_info(cpuinfo_text: str | None = None, machine: str | None = None,
-             process_features: set[str] | None = None) -> dict[str, Any]:
+             process_features: set[str] | dict[str, bool] | None = None) -> dict[str, Any]:
     """``arch``, ``cpu`` (model name), ``features`` (the int8-relevant flags present, or None
     when unknown), ``source`` (where they were read) and ``int8_kernels`` (one line: which
     kind of int8 kernels run here); ``note`` when ``/proc/cpuinfo`` describes another CPU
     than the one this process runs on (emulated, or features the OS does not enable).
 
     ``cpuinfo_text`` / ``machine`` / ``process_features``: for tests, another machine's
-    ``/proc/cpuinfo``, ``platform.machine()`` and numpy feature names. Given any of them, the
-    others are not read from this machine.
+    ``/proc/cpuinfo``, ``platform.machine()`` and numpy's dispatch table (a dict of feature
+    name to usable, or the set of usable names). Given any of them, the others are not read
+    from this machine. A flag whose numpy name the table lacks (an older numpy) is judged by
+    ``/proc/cpuinfo`` alone.
     """
     here = cpuinfo_text is None and machine is None and process_features is None
     arch = (machine or platform.machine() or "unknown").lower()
@@ -99,9 +101,12 @@ def cpu_info(cpuinfo_text: str | None = None, machine: str | None = None,
     x86, arm = _family(arch) == "x86", _family(arch) == "arm"
     known = X86_FLAGS if x86 else ARM_FLAGS if arm else ()
     features, source, note = None if flags is None else [f for f in known if f in flags], "/proc/cpuinfo", None
-    named = {ours: theirs for theirs, ours in NUMPY_NAMES.items() if ours in known}
-    if process_features is not None and named:
-        has = {ours for ours, theirs in named.items() if theirs in process_features}
+    table = (process_features if isinstance(process_features, dict)
+             else None if process_features is None else {name: True for name in process_features})
+    named = {ours: theirs for theirs, ours in NUMPY_NAMES.items()
+             if ours in known and (not isinstance(process_features, dict) or theirs in table)}
+    if table is not None and named:
+        has = {ours for ours, theirs in named.items() if table.get(theirs)}
         differ = [] if flags is None else [f for f in named if (f in flags) != (f in has)]
         if differ:
             unusable = [f for f in differ if f not in has]
