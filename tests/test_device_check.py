@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -263,6 +264,20 @@ def test_shell_x86_avx2_needs_qemu_x86_64_only(tmp_path):
     r = subprocess.run(["bash", str(SHELL), "--cpu", "x86-avx2", "--setup-only"], check=False, capture_output=True,
                        text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "nothing to set up" in r.stderr
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="--cpu x86-avx2 needs an x86-64 host")
+def test_shell_exits_1_when_the_device_run_fails(models, tmp_path):
+    """A device that cannot run (here a qemu that fails at once) is a failed check, and no
+    logits of an earlier run are compared in its place."""
+    out = tmp_path / "out"
+    (out / "device").mkdir(parents=True)
+    (out / "device" / "env.json").write_text("{}")  # an earlier run's leftovers
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "QEMU_X86": shutil.which("false")}
+    r = subprocess.run(["bash", str(SHELL), "--cpu", "x86-avx2", "--limit", "5", str(models[0])], env=env,
+                       check=False, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the device run exited 1" in r.stdout and not (out / "device").exists()
 
 
 @requires_haswell
