@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 QEMU = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
+X86_64_HOST = platform.machine().lower() in ("x86_64", "amd64")  # qemu-x86_64 runs this host's Python
 requires_haswell = pytest.mark.skipif(
-    QEMU is None or platform.machine().lower() not in ("x86_64", "amd64"),
+    QEMU is None or not X86_64_HOST,
     reason="needs qemu-x86_64 (apt-get install qemu-user-static) on an x86-64 host")
 
 _SCRIPT = r"""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from emulated_x86 import requires_haswell
+from emulated_x86 import X86_64_HOST, requires_haswell
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -266,7 +265,7 @@ def test_shell_x86_avx2_needs_qemu_x86_64_only(tmp_path):
     assert r.returncode == 2 and "nothing to set up" in r.stderr
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="--cpu x86-avx2 needs an x86-64 host")
+@pytest.mark.skipif(not X86_64_HOST, reason="--cpu x86-avx2 needs an x86-64 host")
 def test_shell_exits_1_when_the_device_run_fails(models, tmp_path):
     """A device that cannot run (here a qemu that fails at once) is a failed check, and no
     logits of an earlier run are compared in its place."""
