@@ -8,6 +8,11 @@ kernels there add pairs of products in 16 bits with saturation (``vpmaddubsw``),
 host never does. Emulated timings mean nothing; only outputs are compared. Torch itself does
 not run reliably under qemu here (it crashed in ``grid_sample``), so models are trained and
 exported natively and only the runtime runs emulated.
+
+``tools/with-avx2-cpuid.sh`` runs the same kernels natively: on a Linux x86-64 host with CPUID
+faulting it answers the process's CPUID instructions with a Haswell's vector features. The
+tests check that it computes what the emulated Haswell computes, bit for bit, so that its
+timings (benchmarks) are timings of those kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +33,22 @@ requires_haswell = pytest.mark.skipif(
     QEMU is None or not X86_64_HOST,
     reason="needs qemu-x86_64 (apt-get install qemu-user-static) on an x86-64 host")
 
+# tools/with-avx2-cpuid.sh: the same AVX2 kernels, run natively under a CPUID mask (Linux x86-64
+# with CPUID faulting and a C compiler); --check says whether this machine can.
+AVX2_CPUID = Path(__file__).resolve().parents[1] / "tools" / "with-avx2-cpuid.sh"
+
+
+def _avx2_cpuid_works() -> bool:
+    if not X86_64_HOST or platform.system() != "Linux":
+        return False
+    return subprocess.run([str(AVX2_CPUID), "--check"], capture_output=True, timeout=120).returncode == 0
+
+
+AVX2_CPUID_WORKS = _avx2_cpuid_works()
+requires_avx2_cpuid = pytest.mark.skipif(
+    not AVX2_CPUID_WORKS,
+    reason="needs Linux x86-64 with CPUID faulting (cpuid_fault in /proc/cpuinfo) and a C compiler")
+
 _SCRIPT = r"""
 import json, sys
 import numpy as np
@@ -39,12 +60,16 @@ print(json.dumps({"cpu": cpu_info(), "torch_imported": "torch" in sys.modules}))
 """
 
 
-def predict_on_haswell(files: list[Path], x: np.ndarray, workdir: Path) -> tuple[list[np.ndarray], dict]:
+def predict_on_haswell(files: list[Path], x: np.ndarray, workdir: Path,
+                       masked: bool = False) -> tuple[list[np.ndarray], dict]:
     """Each file's scores for the float input ``x`` through ``edgesqueeze.runtime`` on the
-    emulated Haswell, and what that process saw (``cpu``: :func:`cpu_info`; ``torch_imported``)."""
-    inputs, outputs = workdir / "haswell-inputs.npz", workdir / "haswell-outputs.npz"
+    emulated Haswell, and what that process saw (``cpu``: :func:`cpu_info`; ``torch_imported``).
+    ``masked``: natively under tools/with-avx2-cpuid.sh instead (the same kernels, not emulated)."""
+    name = "avx2-cpuid" if masked else "haswell"
+    inputs, outputs = workdir / f"{name}-inputs.npz", workdir / f"{name}-outputs.npz"
     np.savez(inputs, x=np.asarray(x, np.float32))
-    r = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, "-c", _SCRIPT, str(inputs), str(outputs),
+    runner = [str(AVX2_CPUID)] if masked else [QEMU, "-cpu", "Haswell"]
+    r = subprocess.run([*runner, sys.executable, "-c", _SCRIPT, str(inputs), str(outputs),
                         *map(str, files)], capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     seen = json.loads(r.stdout.strip().splitlines()[-1])

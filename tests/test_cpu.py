@@ -83,6 +83,23 @@ def test_the_process_view_wins_over_a_cpuinfo_of_another_cpu():
     assert "avx512_vnni" in hidden["features"] and "lacks" in hidden["note"]
 
 
+def test_a_masked_cpuid_is_named_in_the_model():
+    """Under tools/with-avx2-cpuid.sh (EDGESQUEEZE_CPUID=avx2) the process sees a Haswell's
+    features on a VNNI CPU: the kernels are AVX2's, and the model name itself says what the
+    mask hides, so a timing recorded under it cannot pass for an AVX2-only CPU's."""
+    host = INTEL_VNNI.replace("avx512_vnni", "avx512_vnni avx_vnni")
+    info = cpu_info(host, "x86_64", HASWELL, cpuid_masked=True)
+    assert info["features"] == ["avx2", "fma"] and int8_saturates(info) is True
+    assert "CPUID masked" in info["cpu"] and "avx512_vnni" in info["cpu"] and "avx_vnni" in info["cpu"]
+    assert "with-avx2-cpuid" in info["note"] and "not an AVX2-only CPU" in info["note"]
+    # without the mask the same view is an emulated CPU (qemu), and the model name is the host's
+    plain = cpu_info(host, "x86_64", HASWELL)
+    assert "masked" not in plain["cpu"] and "cannot use" in plain["note"]
+    # the mask on a CPU that has nothing to hide changes nothing
+    assert cpu_info(AMD_AVX2, "x86_64", HASWELL, cpuid_masked=True) == {**cpu_info(AMD_AVX2, "x86_64"),
+                                                                           "source": "cpuid"}
+
+
 def test_the_process_view_agrees_with_a_true_cpuinfo():
     info = cpu_info(INTEL_VNNI, "x86_64", ZEN5)
     assert info == {**cpu_info(INTEL_VNNI, "x86_64"), "source": "cpuid"}

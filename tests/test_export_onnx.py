@@ -25,9 +25,11 @@ from edgesqueeze.export.onnx_int8 import export_onnx_int8  # noqa: E402
 from edgesqueeze.recipe import recipe_from_dict  # noqa: E402
 from edgesqueeze.train import fit  # noqa: E402
 from emulated_x86 import (  # noqa: E402
+    AVX2_CPUID_WORKS,
     assert_emulated_cpu_has_no_vnni,
     assert_same_as_this_host,
     predict_on_haswell,
+    requires_avx2_cpuid,
     requires_haswell,
 )
 
@@ -256,7 +258,9 @@ def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(trained, di
     from the emulated CPUID): the default file (any-cpu) gives the same top-1 on every test
     image as on this host, its logits within the rounding of a requantization. The control:
     a vnni-or-arm file of the same model on that CPU moves away from its own QDQ arithmetic by
-    several logits (saturated pairs), which is what the test would see if any-cpu broke."""
+    several logits (saturated pairs), which is what the test would see if any-cpu broke.
+    Where tools/with-avx2-cpuid.sh works, it must compute the emulated Haswell's logits bit for
+    bit: what its timings time are the AVX2 kernels."""
     x, _ = reference
     calib = calibration_images(digits.train_x, 256, seed=0)
     full = export_onnx_int8(trained.model, trained.meta, tmp_path / "full.int8.onnx", calib, target="vnni-or-arm",
@@ -270,6 +274,26 @@ def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(trained, di
     print(f"vnni-or-arm file on the emulated Haswell vs its QDQ arithmetic: max |logit difference| {off:.3g}, "
           f"top-1 agreement {(saturating.argmax(1) == exact.argmax(1)).mean():.4f}")
     assert off > 1.0
+    if AVX2_CPUID_WORKS:
+        (native_portable, native_saturating), _ = predict_on_haswell([int8_file, full], x, tmp_path, masked=True)
+        assert np.array_equal(native_portable, portable) and np.array_equal(native_saturating, saturating)
+
+
+@requires_avx2_cpuid
+def test_int8_file_computes_the_same_under_an_avx2_cpuid_mask(trained, digits, int8_file, reference, tmp_path):
+    """The same CPU's kernels, run natively under tools/with-avx2-cpuid.sh: the process sees
+    AVX2 and no AVX-512 or VNNI (and says it is masked), the any-cpu file gives this host's
+    top-1 and logits, and the vnni-or-arm control saturates as on the emulated Haswell."""
+    x, _ = reference
+    calib = calibration_images(digits.train_x, 256, seed=0)
+    full = export_onnx_int8(trained.model, trained.meta, tmp_path / "full.int8.onnx", calib, target="vnni-or-arm",
+                            calibration=CalibrationConfig(images=256))
+    (portable, saturating), seen = predict_on_haswell([int8_file, full], x, tmp_path, masked=True)
+    assert_emulated_cpu_has_no_vnni(seen)
+    assert_same_as_this_host(int8_file, portable, x)
+    exact = session(full, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
+        ["logits"], {"input": x})[0]
+    assert np.abs(saturating - exact).max() > 1.0
 
 
 def test_uint8_weights_dequantize_to_the_int8_weights(trained, digits):

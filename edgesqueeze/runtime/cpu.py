@@ -25,6 +25,7 @@ unknown (``None``), never guessed. No torch; numpy only: it runs on the device.
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -81,19 +82,26 @@ def _process_features() -> dict[str, bool] | None:
 
 
 def cpu_info(cpuinfo_text: str | None = None, machine: str | None = None,
-             process_features: set[str] | dict[str, bool] | None = None) -> dict[str, Any]:
+             process_features: set[str] | dict[str, bool] | None = None,
+             cpuid_masked: bool = False) -> dict[str, Any]:
     """``arch``, ``cpu`` (model name), ``features`` (the int8-relevant flags present, or None
     when unknown), ``source`` (where they were read) and ``int8_kernels`` (one line: which
     kind of int8 kernels run here); ``note`` when ``/proc/cpuinfo`` describes another CPU
-    than the one this process runs on (emulated, or features the OS does not enable).
+    than the one this process runs on (emulated, CPUID masked, or features the OS does not
+    enable). Under ``tools/with-avx2-cpuid.sh`` (which sets ``EDGESQUEEZE_CPUID=avx2``) the
+    model name says which features the mask hides, so that every record of a timing made
+    under it says so.
 
     ``cpuinfo_text`` / ``machine`` / ``process_features``: for tests, another machine's
     ``/proc/cpuinfo``, ``platform.machine()`` and numpy's dispatch table (a dict of feature
-    name to usable, or the set of usable names). Given any of them, the others are not read
-    from this machine. A flag whose numpy name the table lacks (an older numpy) is judged by
+    name to usable, or the set of usable names), and ``cpuid_masked`` for
+    ``EDGESQUEEZE_CPUID=avx2``. Given any of the first three, nothing is read from this
+    machine. A flag whose numpy name the table lacks (an older numpy) is judged by
     ``/proc/cpuinfo`` alone.
     """
     here = cpuinfo_text is None and machine is None and process_features is None
+    # tools/with-avx2-cpuid.sh sets this for the programs it runs under its CPUID mask
+    masked = os.environ.get("EDGESQUEEZE_CPUID") == "avx2" if here else cpuid_masked
     arch = (machine or platform.machine() or "unknown").lower()
     model, flags = _cpuinfo(cpuinfo_text) if here or cpuinfo_text is not None else ("", None)
     if here:
@@ -113,9 +121,17 @@ def cpu_info(cpuinfo_text: str | None = None, machine: str | None = None,
             unlisted = [f for f in differ if f in has]
             why = "; ".join(([f"it lists {', '.join(unusable)}, which this process cannot use"] if unusable else [])
                             + ([f"it lacks {', '.join(unlisted)}, which this process has"] if unlisted else []))
-            note = (f"/proc/cpuinfo does not describe the CPU this process runs on ({why}): an emulated "
-                    "CPU, or features the OS does not enable; the features shown are the process's, "
-                    "which the runtimes' kernels follow")
+            if masked and unusable:
+                # the mask hides the flags numpy does not name too (AVX-VNNI, AMX)
+                hidden = ", ".join(f for f in known if f in flags and (f in unusable or f not in named))
+                model = f"{model or arch} (CPUID masked: {hidden} hidden)"
+                note = (f"CPUID masked by tools/with-avx2-cpuid.sh: this CPU has {hidden}, "
+                        "hidden from the runtimes, which run the kernels of an x86 without them on "
+                        "this CPU's cores; timings are those kernels on this CPU, not an AVX2-only CPU's")
+            else:
+                note = (f"/proc/cpuinfo does not describe the CPU this process runs on ({why}): an "
+                        "emulated CPU, a masked CPUID, or features the OS does not enable; the "
+                        "features shown are the process's, which the runtimes' kernels follow")
         # a flag numpy does not name counts only where /proc/cpuinfo describes this CPU
         trust_proc = flags is not None and not differ
         features = [f for f in known if (f in has if f in named else trust_proc and f in flags)]
