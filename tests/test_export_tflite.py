@@ -625,7 +625,12 @@ def test_int8_stem_note_names_the_first_conv_unless_it_stays_float():
     strided = nn.Sequential(nn.Conv2d(3, 8, 7, 2), nn.Conv2d(8, 4, 1))
     note = int8_stem_note(strided, [], 3)
     assert "(export.space_to_depth_stem: true) or keep it float (export.float_layers: [0, ...])" in note
-    assert int8_stem_note(strided, [], 3, space_to_depth=True) is None
+    # as a space-to-depth the stem is still int8: the note names AVX2-only x86 and both ways out
+    s2d = int8_stem_note(strided, [], 3, space_to_depth=True)
+    assert s2d.startswith("note: the first conv (0, 3 input channels) is int8, as a space-to-depth")
+    assert "AVX2-only x86" in s2d and "Pi 4" not in s2d
+    assert "onnx-int8" in s2d and "export.float_layers: [0, ...] and export.space_to_depth_stem: false" in s2d
+    assert int8_stem_note(strided, ["0"], 3, space_to_depth=True) is None
 
 
 def test_space_to_depth_stem_is_refused_with_its_reason_before_anything_is_written(trained, tmp_path):

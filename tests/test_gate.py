@@ -206,3 +206,6 @@ def test_run_and_bench_through_the_runtimes(gate_run, tmp_path):
         (4, "model.pt"), (4, "model.onnx"), (4, "model.int8.tflite")]
     assert all(r["p50_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] for r in rows)
     assert rows[0]["ratio"] == 1.0
+    # where it was measured: int8 timings depend on the CPU's int8 kernels
+    assert all(r["cpu"]["int8_kernels"] and r["cpu"]["cpu"] for r in rows)
+    assert f"cpu: {rows[0]['cpu']['cpu']} ({rows[0]['cpu']['int8_kernels']})" in res.output

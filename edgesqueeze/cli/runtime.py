@@ -102,7 +102,11 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
     for r in rows:
         load = "-" if r.get("cold_load_ms") is None else f"{r['cold_load_ms']:.1f}"
         decode = (f"{r['decode_ms']:.1f}" if r.get("decode_ms") else "-") if packed else ""
-        click.echo(f"{r['file'][-43:]:<44}{r['batch_size']:>6}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
+        name = r["file"] if len(r["file"]) <= 43 else "..." + r["file"][-40:]
+        click.echo(f"{name:<44}{r['batch_size']:>6}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
                    f"{r['ratio']:>9.2f}x{load:>10}" + (f"{decode:>11}" if packed else ""))
+    if rows:
+        cpu = rows[0]["cpu"]
+        click.echo(f"cpu: {cpu['cpu']} ({cpu['int8_kernels']})" + (f"; {cpu['note']}" if cpu.get("note") else ""))
     if json_path:
         write_text_atomic(json_path, json.dumps(rows, indent=2) + "\n")

@@ -272,22 +272,33 @@ def int8_stem_note(model: nn.Module, float_layers: Sequence[str], input_channels
     """A note for a tflite-int8 file whose first conv (the first ``Conv2d`` taking the
     input's ``input_channels``, fewer than 8) is int8, else None. XNNPACK's int8 kernels
     without VNNI (AVX2-only x86) or the ARM dot product (Raspberry Pi 4) take input channels
-    in blocks of 8, so a 3-channel stem does 8 channels' work: ImageNet SqueezeNet's int8
-    stem runs 2.6x (AVX2) and 1.7x (Pi 4) the instructions of its fp32 stem, and the whole
-    file 1.32x / 1.09x fp32's (benchmarks/notes.md, session 25). None as well when the stem
-    is rewritten as a space-to-depth (``space_to_depth``): its 4x channels pad far less."""
-    if input_channels >= 8 or space_to_depth:
+    in blocks of 8, so a 3-channel stem does 8 channels' work, and on AVX2-only x86 they
+    widen every product to 16 bits: timed on those kernels (``tools/with-avx2-cpuid.sh``),
+    ImageNet SqueezeNet's file with an int8 stem runs 1.50x onnxruntime fp32's time, 1.09x
+    with the stem as a space-to-depth (``space_to_depth``: 12 channels pad to 16), 0.95x with
+    the stem float (which cost 3 points of agreement with fp32 on six held-out halves), and
+    the recipe's onnx-int8 0.77x (benchmarks/notes.md, session 29). On a Pi 4 the space-to-depth stem
+    counted 0.83x fp32's instructions (session 27), so its note names AVX2-only x86 alone."""
+    if input_channels >= 8:
         return None
     name = prepare.find_stem(model, input_channels)
     if name is None or under(name, float_layers):
         return None
+    channels = f"{input_channels} input channel{'s' * (input_channels > 1)}"
+    if space_to_depth:
+        return (f"note: the first conv ({name}, {channels}) is int8, as a space-to-depth: fast with VNNI or "
+                "the ARM dot product; on AVX2-only x86 XNNPACK's int8 kernels run it 1.6x slower than a float "
+                "stem, and ImageNet SqueezeNet's file 1.09x onnxruntime fp32's time (benchmarks/notes.md, "
+                "session 29); for such devices ship an onnx-int8 file (0.77x there), or keep the stem float "
+                f"(export.float_layers: [{name}, ...] and export.space_to_depth_stem: false: 0.95x, but that "
+                "file agreed with fp32 on 95.3% of held-out images instead of 98.3%)")
     fix = f"keep it float (export.float_layers: [{name}, ...])"
     if prepare.space_to_depth_refusal(model.get_submodule(name)) is None:
         fix = f"compute it as a space-to-depth (export.space_to_depth_stem: true) or {fix}"
-    return (f"note: the first conv ({name}, {input_channels} input channel{'s' * (input_channels > 1)}) is int8: "
+    return (f"note: the first conv ({name}, {channels}) is int8: "
             "fast on x86 with VNNI; on AVX2-only x86 and a Raspberry Pi 4 (no dot product) XNNPACK pads its "
-            "channels to 8 and the file can be slower than fp32 (benchmarks/notes.md, session 25); for those "
-            f"devices {fix}")
+            "channels to 8 and the file can be slower than fp32 (benchmarks/notes.md, sessions 25 and 29); for "
+            f"those devices {fix}")
 
 
 @_quiet
