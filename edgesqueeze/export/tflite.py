@@ -276,8 +276,8 @@ def int8_stem_note(model: nn.Module, float_layers: Sequence[str], input_channels
     widen every product to 16 bits: timed on those kernels (``tools/with-avx2-cpuid.sh``),
     ImageNet SqueezeNet's file with an int8 stem runs 1.50x onnxruntime fp32's time, 1.09x
     with the stem as a space-to-depth (``space_to_depth``: 12 channels pad to 16), 0.95x with
-    the stem float (which cost 3 points of agreement with fp32 on six held-out halves), and
-    the recipe's onnx-int8 0.77x (benchmarks/notes.md, session 29). On a Pi 4 the space-to-depth stem
+    the stem float (as good on six held-out halves), and the recipe's onnx-int8 0.77x
+    (benchmarks/notes.md, session 29). On a Pi 4 the space-to-depth stem
     counted 0.83x fp32's instructions (session 27), so its note names AVX2-only x86 alone."""
     if input_channels >= 8:
         return None
@@ -289,9 +289,9 @@ def int8_stem_note(model: nn.Module, float_layers: Sequence[str], input_channels
         return (f"note: the first conv ({name}, {channels}) is int8, as a space-to-depth: fast with VNNI or "
                 "the ARM dot product; on AVX2-only x86 XNNPACK's int8 kernels run it 1.6x slower than a float "
                 "stem, and ImageNet SqueezeNet's file 1.09x onnxruntime fp32's time (benchmarks/notes.md, "
-                "session 29); for such devices ship an onnx-int8 file (0.77x there), or keep the stem float "
-                f"(export.float_layers: [{name}, ...] and export.space_to_depth_stem: false: 0.95x, but that "
-                "file agreed with fp32 on 95.3% of held-out images instead of 98.3%)")
+                f"session 29); for such devices keep it float (export.float_layers: [{name}, ...] and "
+                "export.space_to_depth_stem: false: 0.95x there, as recipes/squeezenet-imagenet.yaml does), "
+                "or ship an onnx-int8 file")
     fix = f"keep it float (export.float_layers: [{name}, ...])"
     if prepare.space_to_depth_refusal(model.get_submodule(name)) is None:
         fix = f"compute it as a space-to-depth (export.space_to_depth_stem: true) or {fix}"
