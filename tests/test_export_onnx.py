@@ -76,6 +76,15 @@ def int8_file(trained, digits, tmp_path_factory):
                             calibration_info={"split": "train", "seed": 0, "dataset": "digits"})
 
 
+@pytest.fixture(scope="module")
+def saturating_file(trained, digits, tmp_path_factory):
+    """The same model exported ``vnni-or-arm`` (full int8 weights): the control of the
+    AVX2-without-VNNI tests, whose products saturate there."""
+    calib = calibration_images(digits.train_x, 256, seed=0)
+    return export_onnx_int8(trained.model, trained.meta, tmp_path_factory.mktemp("full") / "full.int8.onnx", calib,
+                            target="vnni-or-arm", calibration=CalibrationConfig(images=256))
+
+
 def session(path: Path, **options) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -252,7 +261,7 @@ def test_int8_file_computes_the_same_on_every_cpu(int8_file, reference):
 
 
 @requires_haswell
-def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(trained, digits, int8_file, reference,
+def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(int8_file, saturating_file, reference,
                                                                       tmp_path):
     """Issue 15's CPU, emulated (tests/emulated_x86.py: onnxruntime picks its AVX2 kernels
     from the emulated CPUID): the default file (any-cpu) gives the same top-1 on every test
@@ -262,9 +271,7 @@ def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(trained, di
     Where tools/with-avx2-cpuid.sh works, it must compute the emulated Haswell's logits bit for
     bit: what its timings time are the AVX2 kernels."""
     x, _ = reference
-    calib = calibration_images(digits.train_x, 256, seed=0)
-    full = export_onnx_int8(trained.model, trained.meta, tmp_path / "full.int8.onnx", calib, target="vnni-or-arm",
-                            calibration=CalibrationConfig(images=256))
+    full = saturating_file
     (portable, saturating), seen = predict_on_haswell([int8_file, full], x, tmp_path)
     assert_emulated_cpu_has_no_vnni(seen)
     assert_same_as_this_host(int8_file, portable, x)
@@ -280,14 +287,12 @@ def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(trained, di
 
 
 @requires_avx2_cpuid
-def test_int8_file_computes_the_same_under_an_avx2_cpuid_mask(trained, digits, int8_file, reference, tmp_path):
+def test_int8_file_computes_the_same_under_an_avx2_cpuid_mask(int8_file, saturating_file, reference, tmp_path):
     """The same CPU's kernels, run natively under tools/with-avx2-cpuid.sh: the process sees
     AVX2 and no AVX-512 or VNNI (and says it is masked), the any-cpu file gives this host's
     top-1 and logits, and the vnni-or-arm control saturates as on the emulated Haswell."""
     x, _ = reference
-    calib = calibration_images(digits.train_x, 256, seed=0)
-    full = export_onnx_int8(trained.model, trained.meta, tmp_path / "full.int8.onnx", calib, target="vnni-or-arm",
-                            calibration=CalibrationConfig(images=256))
+    full = saturating_file
     (portable, saturating), seen = predict_on_haswell([int8_file, full], x, tmp_path, masked=True)
     assert_emulated_cpu_has_no_vnni(seen)
     assert_same_as_this_host(int8_file, portable, x)
