@@ -85,6 +85,21 @@ def saturating_file(trained, digits, tmp_path_factory):
                             target="vnni-or-arm", calibration=CalibrationConfig(images=256))
 
 
+@pytest.fixture(scope="module")
+def saturating_exact(saturating_file, reference):
+    """The control file's own QDQ arithmetic (no fusion: exact on every CPU)."""
+    return session(saturating_file, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
+        ["logits"], {"input": reference[0]})[0]
+
+
+@pytest.fixture(scope="module")
+def on_avx2_cpuid(int8_file, saturating_file, reference, tmp_path_factory):
+    """The default file's and the control's scores under tools/with-avx2-cpuid.sh, and what
+    that process saw."""
+    return predict_on_haswell([int8_file, saturating_file], reference[0], tmp_path_factory.mktemp("cpuid"),
+                              masked=True)
+
+
 def session(path: Path, **options) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -261,8 +276,8 @@ def test_int8_file_computes_the_same_on_every_cpu(int8_file, reference):
 
 
 @requires_haswell
-def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(int8_file, saturating_file, reference,
-                                                                      tmp_path):
+def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(int8_file, saturating_file, saturating_exact,
+                                                                      reference, tmp_path, request):
     """Issue 15's CPU, emulated (tests/emulated_x86.py: onnxruntime picks its AVX2 kernels
     from the emulated CPUID): the default file (any-cpu) gives the same top-1 on every test
     image as on this host, its logits within the rounding of a requantization. The control:
@@ -271,34 +286,27 @@ def test_int8_file_computes_the_same_on_an_emulated_x86_without_vnni(int8_file, 
     Where tools/with-avx2-cpuid.sh works, it must compute the emulated Haswell's logits bit for
     bit: what its timings time are the AVX2 kernels."""
     x, _ = reference
-    full = saturating_file
-    (portable, saturating), seen = predict_on_haswell([int8_file, full], x, tmp_path)
+    (portable, saturating), seen = predict_on_haswell([int8_file, saturating_file], x, tmp_path)
     assert_emulated_cpu_has_no_vnni(seen)
     assert_same_as_this_host(int8_file, portable, x)
-    exact = session(full, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
-        ["logits"], {"input": x})[0]
-    off = np.abs(saturating - exact).max()
+    off = np.abs(saturating - saturating_exact).max()
     print(f"vnni-or-arm file on the emulated Haswell vs its QDQ arithmetic: max |logit difference| {off:.3g}, "
-          f"top-1 agreement {(saturating.argmax(1) == exact.argmax(1)).mean():.4f}")
+          f"top-1 agreement {(saturating.argmax(1) == saturating_exact.argmax(1)).mean():.4f}")
     assert off > 1.0
     if AVX2_CPUID_WORKS:
-        (native_portable, native_saturating), _ = predict_on_haswell([int8_file, full], x, tmp_path, masked=True)
+        (native_portable, native_saturating), _ = request.getfixturevalue("on_avx2_cpuid")
         assert np.array_equal(native_portable, portable) and np.array_equal(native_saturating, saturating)
 
 
 @requires_avx2_cpuid
-def test_int8_file_computes_the_same_under_an_avx2_cpuid_mask(int8_file, saturating_file, reference, tmp_path):
+def test_int8_file_computes_the_same_under_an_avx2_cpuid_mask(int8_file, saturating_exact, reference, on_avx2_cpuid):
     """The same CPU's kernels, run natively under tools/with-avx2-cpuid.sh: the process sees
-    AVX2 and no AVX-512 or VNNI (and says it is masked), the any-cpu file gives this host's
-    top-1 and logits, and the vnni-or-arm control saturates as on the emulated Haswell."""
-    x, _ = reference
-    full = saturating_file
-    (portable, saturating), seen = predict_on_haswell([int8_file, full], x, tmp_path, masked=True)
+    AVX2 and no AVX-512 or VNNI, the any-cpu file gives this host's top-1 and logits, and the
+    vnni-or-arm control saturates as on the emulated Haswell."""
+    (portable, saturating), seen = on_avx2_cpuid
     assert_emulated_cpu_has_no_vnni(seen)
-    assert_same_as_this_host(int8_file, portable, x)
-    exact = session(full, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
-        ["logits"], {"input": x})[0]
-    assert np.abs(saturating - exact).max() > 1.0
+    assert_same_as_this_host(int8_file, portable, reference[0])
+    assert np.abs(saturating - saturating_exact).max() > 1.0
 
 
 def test_uint8_weights_dequantize_to_the_int8_weights(trained, digits):
