@@ -37,12 +37,12 @@ die() { echo "with-avx2-cpuid: error: $1" >&2; exit 2; }
   || die "needs Linux on x86-64 (this is $(uname -s) $(uname -m)); on other machines use tools/device-check.sh --cpu x86-avx2"
 grep -qw cpuid_fault /proc/cpuinfo \
   || die "this CPU or kernel cannot make CPUID fault (no cpuid_fault flag in /proc/cpuinfo); for outputs (not timings) use tools/device-check.sh --cpu x86-avx2 (qemu)"
-command -v "$CC" >/dev/null 2>&1 || die "no C compiler ($CC) to build $SRC; install one (apt-get install gcc) or set CC"
 
 # One library per source version: the file name carries the source's hash.
 hash=$(sha256sum "$SRC" | cut -c1-16)
 lib=$CACHE/cpuid-avx2-$hash.so
 if [ ! -f "$lib" ]; then
+  command -v "$CC" >/dev/null 2>&1 || die "no C compiler ($CC) to build $SRC; install one (apt-get install gcc) or set CC"
   mkdir -p "$CACHE"
   tmp=$(mktemp "$CACHE/.cpuid-avx2.XXXXXX")
   "$CC" -O2 -Wall -shared -fPIC -o "$tmp" "$SRC" -ldl || { rm -f "$tmp"; die "building $SRC with $CC failed"; }
