@@ -4,6 +4,7 @@ libraries write to file descriptor 2."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -13,6 +14,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Iterator
+
+from edgesqueeze.errors import OutputError
 
 
 @contextlib.contextmanager
@@ -25,19 +28,46 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     file's own mode, a new file ``0o666`` less the umask (``mkstemp`` makes it ``0o600``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OutputError(f"{path}: cannot write: a folder is in the way; remove it or write elsewhere")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:  # make the bytes durable before the rename
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, _open_mode(path))
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+        except OSError as exc:  # the writer's own error on the temporary file, or a full disk
+            ours = exc.filename == str(tmp_path) or (exc.filename is None and exc.errno in _WRITE_ERRNOS)
+            if not ours:
+                raise
+            raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
+        try:
+            with open(tmp_path, "rb") as fh:  # make the bytes durable before the rename
+                os.fsync(fh.fileno())
+            os.chmod(tmp_path, _open_mode(path))
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _why(exc: OSError, path: Path) -> str:
+    """The reason in words, and which part of ``path`` is in the way when it is a file."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            return f"{reason}: {blocking} is a file, not a folder"
+    return reason
 
 
 def _umask() -> int:

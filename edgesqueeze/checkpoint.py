@@ -76,6 +76,11 @@ def state_digest(state: dict) -> str:
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write ``model``'s weights and ``meta`` atomically; returns the path."""
+    return save_state(path, model.state_dict(), meta)
+
+
+def save_state(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """:func:`save_checkpoint` of a state_dict as it is (``unpack``: no model is built)."""
     try:
         meta_json = json.dumps(meta, sort_keys=True)
     except TypeError as exc:
@@ -83,7 +88,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
         "meta_json": meta_json,
     }
     path = Path(path)
@@ -151,16 +156,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def rebuild(arch: str, arch_kwargs: dict[str, Any], *, folded_batchnorm: bool = False,
-            from_file: str | None = None) -> nn.Module:
+            from_file: str | None = None, trusted: bool = False) -> nn.Module:
     """The architecture a checkpoint names; BatchNorm folded into the convs if it was.
 
-    ``from_file``: the file that named ``arch``; the user's own code it names is built only
-    if it is an ``nn.Module`` class (:mod:`edgesqueeze.models.imports`)."""
+    ``from_file``: the file that named ``arch``; the user's own code it names is imported only
+    when ``trusted`` and built only if it is an ``nn.Module`` class
+    (:mod:`edgesqueeze.models.imports`)."""
     from edgesqueeze.models import build_model
     from edgesqueeze.models.imports import build_import, is_import_spec
 
     if is_import_spec(arch):
-        model = build_import(arch, arch_kwargs, from_file=from_file)
+        model = build_import(arch, arch_kwargs, from_file=from_file, trusted=trusted)
     else:
         model = build_model(arch, **arch_kwargs)
     if folded_batchnorm:
@@ -190,8 +196,11 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
             raise ModelError(f"{source}: entry {key} is a {type(got).__name__}, not a tensor")
         if tuple(got.shape) != tuple(tensor.shape):
             hint = ""
-            if tensor.dim() >= 1 and got.dim() == tensor.dim() and got.shape[1:] == tensor.shape[1:]:
+            last = [k for k, t in expected.items() if t.is_floating_point()][-2:]  # the classifier's
+            if key in last and tensor.dim() >= 1 and got.dim() == tensor.dim() and got.shape[1:] == tensor.shape[1:]:
                 hint = f" (different class count? pass --num-classes {got.shape[0]})"
+            else:
+                hint = " (built with other kwargs? pass the ones it was trained with: --arch-kwargs '{...}')"
             raise ModelError(f"{source}: layer {key} has shape {tuple(got.shape)} in the file but "
                              f"{tuple(tensor.shape)} in '{arch}'{hint}")
     model.load_state_dict(state_dict, strict=True)
@@ -220,6 +229,33 @@ def apply_input_meta(meta: dict[str, Any], given: dict[str, Any] | None, *, sour
     if given:
         out["input_meta_given"] = sorted(set(out.get("input_meta_given", [])) | set(given))
     return out
+
+
+def stored_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """``(state_dict, meta, kind)`` of an edgesqueeze checkpoint or model ``.esq`` as stored,
+    without building the architecture (so without importing the user's code it names): what
+    ``info`` shows and ``unpack`` writes for a file whose code is not trusted."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head == container.MAGIC:
+        state, meta = esq_loads(path.read_bytes(), source=str(path))
+        if meta.get("format") != ESQ_META_FORMAT or "arch" not in meta:
+            raise FormatError(f"{path}: not an edgesqueeze model archive (no 'arch')")
+        return state, meta, "esq"
+    try:
+        obj = _safe_torch_load(path)
+    except _PickleRefused:
+        raise CheckpointError(f"{path}: not an edgesqueeze checkpoint (it holds a pickled object)") from None
+    if not (isinstance(obj, dict) and obj.get("format") in (FORMAT, TRAIN_STATE_FORMAT)):
+        raise CheckpointError(f"{path}: not an edgesqueeze checkpoint")
+    try:
+        meta = json.loads(obj["meta_json"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: metadata is unreadable ({exc})") from None
+    return dict(obj["state_dict"]), meta, "checkpoint"
 
 
 def load_model(
@@ -253,15 +289,17 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
     from edgesqueeze.models.imports import is_import_spec
 
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: " + ("is a directory; name the model file in it" if path.is_dir()
+                                              else "no such file"))
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head == container.MAGIC:  # a Deep Compression archive: decode it on the fly
-        model, meta = model_from_esq(path, arch=arch)
+        head = fh.read(64)
+    not_torch_file(path, head)
+    if head[:8] == container.MAGIC:  # a Deep Compression archive: decode it on the fly
+        model, meta = model_from_esq(path, arch=arch, trust_code=trust_pickle)
         return LoadedModel(model, apply_input_meta(meta, input_meta, source=str(path)), "esq", path)
     kind = _zip_kind(path)
     if kind in ("torchscript", "exported_program"):
-        model, program = _load_program(path, kind)
+        model, program = _load_program(path, kind, trust_pickle=trust_pickle)
         return LoadedModel(model, apply_input_meta({}, input_meta, source=str(path)), kind, path, program)
 
     try:
@@ -294,10 +332,11 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
         if arch is not None and is_import_spec(meta.get("arch")) and arch != meta["arch"]:
             meta["arch"] = arch  # the user's code, named where it is now
         model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=meta.get("folded_batchnorm", False),
-                        from_file=None if arch == meta["arch"] else str(path))
+                        from_file=None if arch == meta["arch"] else str(path), trusted=trust_pickle)
         load_state_dict_checked(model, obj["state_dict"], source=str(path))
         return LoadedModel(model.eval(), apply_input_meta(meta, input_meta, source=str(path)), "checkpoint", path)
 
+    obj = _unwrap_state_dict(obj)
     if isinstance(obj, dict) and (obj or arch) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None:
             raise CheckpointError(
@@ -311,13 +350,61 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
         meta = {"arch": arch, "arch_kwargs": dict(model.arch_kwargs)}
         return LoadedModel(model.eval(), apply_input_meta(meta, input_meta, source=str(path)), "state_dict", path)
 
-    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a model checkpoint or state_dict")
+    keys = (f" with keys {', '.join(map(repr, list(obj)[:6]))}{', ...' if len(obj) > 6 else ''}"
+            if isinstance(obj, dict) and obj else "")
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}{keys}, not a model checkpoint or state_dict "
+                          f"(a state_dict is read as it is or under one of the keys {', '.join(_STATE_DICT_KEYS)})")
 
 
-def _load_program(path: Path, kind: str) -> tuple[nn.Module, Any]:
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap_state_dict(obj: Any) -> Any:
+    """The state_dict inside the layouts training scripts commonly save, as timm's and
+    Lightning's loaders read them: ``{"state_dict": sd, "epoch": ...}``, ``{"model": sd}``,
+    ``{"model_state_dict": sd, "optimizer_state_dict": ...}``; and the ``module.`` prefix
+    ``nn.DataParallel`` / DDP put on every key. Anything else comes back as it was."""
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        inner = next((obj[k] for k in _STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
+        if inner is not None:
+            obj = inner
+    if _is_state_dict(obj) and all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def not_torch_file(path: Path, head: bytes) -> None:
+    """Refuse (CheckpointError) a file whose first bytes are not a PyTorch zip, a legacy
+    ``torch.save`` pickle or an ``.esq``, saying what it looks like instead: unpickling
+    advice for an ONNX file would be wrong, and torch's own errors for one are tracebacks."""
+    from edgesqueeze.runtime._base import sniff
+
+    what = sniff(head)
+    if what in ("zip", "pickle", "esq"):
+        return
+    if what == "empty":
+        raise CheckpointError(f"{path}: empty file")
+    runs = "edgesqueeze inspect, verify, run and bench read it; this command takes a PyTorch model"
+    hint = {"tflite": f"it is a TFLite model ({runs})",
+            "hdf5": "it is an HDF5 file (a Keras model?); edgesqueeze reads PyTorch models"}.get(what)
+    if hint is None:
+        hint = (f"it looks like an ONNX model ({runs})" if head[:1] == b"\x08"
+                else "it has no zip or pickle header; expected a torch.save checkpoint or state_dict, a "
+                     "TorchScript archive, a torch.export .pt2 or an .esq")
+    raise CheckpointError(f"{path}: not a PyTorch model file: {hint}")
+
+
+def _load_program(path: Path, kind: str, *, trust_pickle: bool = False) -> tuple[nn.Module, Any]:
     """A TorchScript archive or a ``torch.export`` program: ``(module ready to run in eval
-    mode, the ScriptModule or ExportedProgram itself)``."""
+    mode, the ScriptModule or ExportedProgram itself)``. A program that would unpickle Python
+    objects (weights saved with pickle, custom objects) is refused unless ``trust_pickle``."""
     import warnings
+
+    from edgesqueeze.models.program import PickleInProgram, load_exported
 
     try:
         with warnings.catch_warnings():
@@ -325,7 +412,10 @@ def _load_program(path: Path, kind: str) -> tuple[nn.Module, Any]:
             if kind == "torchscript":
                 ts = torch.jit.load(str(path), map_location="cpu").eval()
                 return ts, ts
-            program = torch.export.load(str(path))
+            program = load_exported(str(path), trust_pickle=trust_pickle)
+    except PickleInProgram as exc:
+        raise CheckpointError(f"{path}: this torch.export archive holds {exc}; unpickling it can run arbitrary "
+                              "code. Pass --trust-pickle if you trust where this file came from.") from None
     except Exception as exc:  # torch raises many types for a broken archive
         what = "TorchScript archive" if kind == "torchscript" else "torch.export archive"
         raise CheckpointError(f"{path}: broken {what} ({_first_line(exc)})") from None
@@ -420,28 +510,43 @@ def esq_dumps(state_dict: dict[str, torch.Tensor], meta: dict, **kwargs: Any) ->
     return codec.dumps_model(state_dict_to_arrays(state_dict), meta, **kwargs)
 
 
-def esq_loads(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors (bit-exact) and metadata of ``.esq`` bytes."""
-    arrays, meta = codec.loads_model(data)
-    return state_dict_from_arrays(arrays), meta
+def esq_loads(data: bytes, *, source: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors (bit-exact) and metadata of ``.esq`` bytes; ``source`` (the file) starts
+    every error. A packed ``.onnx.esq`` / ``.tflite.esq`` is refused with what reads it."""
+    from edgesqueeze.format.packed import PACKED_KEY
+
+    try:
+        archive = container.loads(data)
+        packed = archive.meta.get(PACKED_KEY)
+        if isinstance(packed, dict):
+            raise FormatError(f"a packed {packed.get('format', '?')} file ({packed.get('name', '?')}), not a model "
+                              "archive: run, verify, bench and inspect read it as it is, and 'edgesqueeze unpack' "
+                              "writes the plain file")
+        arrays = codec.decode_sections(archive)
+    except FormatError as exc:
+        raise FormatError(f"{source}: {exc}" if source else str(exc)) from None
+    return state_dict_from_arrays(arrays), archive.meta
 
 
-def model_from_esq(data: bytes | str | Path, *, arch: str | None = None) -> tuple[nn.Module, dict]:
+def model_from_esq(data: bytes | str | Path, *, arch: str | None = None,
+                   trust_code: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the model an ``.esq`` archive holds (decoding every weight bit-exactly).
 
-    ``arch`` relocates the user's own code the archive names (see :func:`load_model`)."""
+    ``arch`` relocates the user's own code the archive names (see :func:`load_model`); without
+    it, that code is imported only with ``trust_code``."""
     from edgesqueeze.models.imports import is_import_spec
 
     raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
-    state, meta = esq_loads(raw)
+    where = str(data) if isinstance(data, (str, Path)) else None
+    state, meta = esq_loads(raw, source=where)
     if meta.get("format") == ESQ_META_FORMAT and isinstance(meta.get("program"), dict):
         return _program_from_esq(state, meta), meta
     if meta.get("format") != ESQ_META_FORMAT or "arch" not in meta:
-        raise FormatError("meta: not an edgesqueeze model archive (no 'arch')")
+        raise FormatError(f"{where or 'archive'}: meta: not an edgesqueeze model archive (no 'arch')")
     if arch is not None and is_import_spec(meta["arch"]) and arch != meta["arch"]:
         meta["arch"] = arch
     source = str(data) if not isinstance(data, bytes) else "archive"
     model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=bool(meta.get("folded_batchnorm")),
-                    from_file=None if arch == meta["arch"] else source)
+                    from_file=None if arch == meta["arch"] else source, trusted=trust_code)
     load_state_dict_checked(model, state, source=source)
     return model.eval(), meta

@@ -42,6 +42,11 @@ class RuntimeBackendError(EdgesqueezeError):
     """An artifact cannot be run: its runtime is not installed, or the file is not runnable."""
 
 
+class OutputError(EdgesqueezeError):
+    """A file or folder cannot be written: no permission, a file where a folder should be, a
+    folder where the file should be, a full disk."""
+
+
 class BudgetError(EdgesqueezeError):
     """An artifact broke its size or accuracy budget."""
 

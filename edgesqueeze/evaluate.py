@@ -139,18 +139,18 @@ def evaluate_file(
                                    image_size=image_size, val_fraction=val_fraction)
     x, y = {"test": (ds.test_x, ds.test_y), "val": val, "train": train}[split]
     if len(x) == 0:
-        raise DataError(f"dataset '{ds.name}' has no '{split}' images")
+        raise DataError(f"dataset '{ds.name}' has no '{split}' images" + (f" among the {limit} --limit keeps"
+                                                                          if limit else ""))
     expected = meta.get("input_shape")
     if expected and list(ds.input_shape) != list(expected):
         raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {path} was trained "
-                        f"on {list(expected)}; pass --image-size or the matching --data")
+                        f"on {list(expected)}; " + (f"leave out --image-size {image_size}, or pass --image-size {expected[-1]}"
+                                             if image_size else f"pass --image-size {expected[-1]} or the matching --data"))
     # The model was trained with its own normalization: feed it exactly that.
     mean, std, how = input_normalization(meta, ds)
-    with torch.no_grad():
-        probe = loaded.model(torch.zeros(1, *ds.input_shape))
-    if probe.shape[-1] != ds.num_classes:
-        raise DataError(f"dataset '{ds.name}' has {ds.num_classes} classes but {path} outputs {probe.shape[-1]}; "
-                        "pass the dataset it was trained on (--data)")
+    from edgesqueeze.models.probe import check_fits
+
+    check_fits(loaded.model, ds.input_shape, source=path, data=ds.name, num_classes=ds.num_classes)
     metrics = evaluate(loaded.model.to(dev), x, y, mean=mean, std=std, batch_size=batch_size)
     return {"model": str(path), "dataset": ds.name, "split": split, **metrics, "normalization": how}
 
@@ -159,23 +159,38 @@ def describe_file(path: str | Path, *, arch: str | None = None, arch_kwargs: dic
                   trust_pickle: bool = False, input_meta: dict | None = None,
                   default_dataset: str | None = None) -> dict[str, Any]:
     """A JSON-ready summary of a model file: what it is, its weights, its metadata."""
+    from edgesqueeze.models.imports import UntrustedCode
+
     path = Path(path)
-    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta,
-                        default_dataset=default_dataset)
-    params = list(loaded.model.parameters()) or [t for t in loaded.model.state_dict().values()
-                                                 if torch.is_floating_point(t)]
+    note = None
+    try:
+        loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
+                            input_meta=input_meta, default_dataset=default_dataset)
+        kind, meta, arch_name = loaded.kind, loaded.meta, loaded.meta.get("arch", type(loaded.model).__name__)
+        params = list(loaded.model.parameters()) or [t for t in loaded.model.state_dict().values()
+                                                     if torch.is_floating_point(t)]
+    except UntrustedCode:  # describe what the file stores, without importing the code it names
+        from edgesqueeze.checkpoint import stored_weights
+
+        state, meta, kind = stored_weights(path)
+        arch_name = meta["arch"]
+        params = [t for k, t in state.items() if torch.is_floating_point(t) and not k.endswith(("running_mean",
+                                                                                              "running_var"))]
+        note = (f"the code {arch_name} was not imported (pass --arch {arch_name} to build it); parameters "
+                "counted from the stored tensors")
     total = sum(p.numel() for p in params)
     nonzero = sum(int(torch.count_nonzero(p)) for p in params)
-    meta = loaded.meta
     out: dict[str, Any] = {
         "file": str(path),
-        "kind": loaded.kind,
+        "kind": kind,
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
-        "arch": meta.get("arch", type(loaded.model).__name__),
+        "arch": arch_name,
         "parameters": total,
         "density": round(nonzero / total, 4) if total else None,
     }
+    if note:
+        out["note"] = note
     for key in ("arch_kwargs", "dataset", "input_shape", "mean", "std", "metrics", "recipe_name", "recipe_hash",
                 "seed", "edgesqueeze_version", "torch_version"):
         if key in meta:

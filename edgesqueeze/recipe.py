@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,27 @@ from edgesqueeze.config.budget import Budget
 from edgesqueeze.config.compress import CompressConfig
 from edgesqueeze.config.export import ExportConfig
 from edgesqueeze.errors import RecipeError
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` with YAML 1.2 numbers: PyYAML follows YAML 1.1, where ``1e-3`` (no
+    dot) is the *string* '1e-3' and a learning rate written that way would be refused."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse ``text`` as a recipe or ``--set`` value is parsed (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 RECIPE_VERSION = 1
 
@@ -208,7 +230,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                 raise RecipeError(f"--set {item!r}: {part} is not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(text)
+            node[parts[-1]] = load_yaml(text)
         except yaml.YAMLError as exc:
             raise RecipeError(f"--set {item!r}: value is not valid YAML ({exc})") from None
     return raw
@@ -222,7 +244,7 @@ def _read_raw(path: Path, overrides: list[str] | tuple[str, ...]) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     if overrides:
@@ -233,7 +255,14 @@ def _read_raw(path: Path, overrides: list[str] | tuple[str, ...]) -> Any:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(path)
     raw = _read_raw(path, overrides)
-    recipe = recipe_from_dict(raw, source=str(path))
+    try:
+        recipe = recipe_from_dict(raw, source=str(path))
+    except RecipeError as exc:  # a field --set gave: blame the option, not the file
+        text = str(exc).removeprefix(f"{path}: ")
+        item = next((o for o in reversed(overrides) if text.startswith(o.partition("=")[0].strip() + ":")), None)
+        if item is None:
+            raise
+        raise RecipeError(f"--set {item}: {text.partition(': ')[2]}") from None
     if recipe.name == "run" and "name" not in (raw or {}):
         recipe = dataclasses.replace(recipe, name=path.stem)
     return recipe

@@ -36,7 +36,7 @@ from edgesqueeze.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from edgesqueeze.errors import DataError, EdgesqueezeError
+from edgesqueeze.errors import DataError, EdgesqueezeError, ModelError
 from edgesqueeze.evaluate import evaluate
 from edgesqueeze.recipe import Recipe, TrainConfig
 
@@ -345,16 +345,29 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     threads = set_threads(cfg.threads or (max(1, (os.cpu_count() or 1) // group.local_world) if group.active else 0))
     distributed.check_batch(group, cfg.batch_size, "train.batch_size")
 
-    ds = load_dataset(recipe.data.dataset, data_dir=recipe.data.data_dir, download=recipe.data.download,
-                      image_size=recipe.data.image_size, limit=recipe.data.limit, seed=recipe.seed,
-                      stream=recipe.data.stream)
+    from edgesqueeze.models import get_spec
+    from edgesqueeze.models.imports import is_import_spec
+
+    if not is_import_spec(recipe.model.arch):  # the recipe's field, before any data is read
+        try:
+            get_spec(recipe.model.arch)
+        except ModelError as exc:
+            raise ModelError(f"model.arch: {exc}") from None
+    try:
+        ds = load_dataset(recipe.data.dataset, data_dir=recipe.data.data_dir, download=recipe.data.download,
+                          image_size=recipe.data.image_size, limit=recipe.data.limit, seed=recipe.seed,
+                          stream=recipe.data.stream)
+    except DataError as exc:
+        if str(exc).startswith("unknown dataset"):
+            raise DataError(f"data.dataset: {exc}") from None
+        raise
     if len(ds.train_x) == 0:
         raise DataError(f"dataset '{ds.name}' has no training images")
     (x_tr, y_tr), (x_val, y_val) = split_train_val(ds, recipe.data.val_fraction, recipe.seed)
     augment = _augment_for(recipe, ds.name)
 
     torch.manual_seed(recipe.seed)
-    from edgesqueeze.models.imports import accepted_kwargs, is_import_spec
+    from edgesqueeze.models.imports import accepted_kwargs
 
     from_data = {"num_classes": ds.num_classes, "in_channels": ds.input_shape[0]}
     if is_import_spec(recipe.model.arch):  # the user's class may not take in_channels

@@ -127,7 +127,10 @@ def _torch_scores(path: Path, x: np.ndarray, meta: dict, ds, model_args: dict | 
 
     from edgesqueeze.evaluate import input_normalization
 
+    from edgesqueeze.models.probe import check_fits
+
     loaded = load_model(path, **(model_args or {}))
+    check_fits(loaded.model, ds.input_shape, source=path, data=ds.name)  # one line, not a conv's traceback
     mean, std, _ = input_normalization(loaded.meta, ds)
     return predict(loaded.model, x, mean=mean, std=std, batch_size=256).numpy()
 
@@ -250,20 +253,23 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
     if kind in ("pt", "esq"):
         from edgesqueeze.checkpoint import load_model, state_digest
 
-        loaded = load_model(path, **(model_args if kind == "pt" else {}))
+        # an .esq knows its architecture and inputs: only where its code is (--arch) and the
+        # permission to import it (--trust-pickle) apply to it
+        args = dict(model_args or {}) if kind == "pt" else {k: v for k, v in (model_args or {}).items()
+                                                             if k in ("arch", "trust_pickle")}
+        loaded = load_model(path, **args)
         meta = loaded.meta
         out["format"], out["runtime"] = kind, ("edgesqueeze .esq decoder + pytorch" if kind == "esq" else "pytorch")
         if kind == "esq":
             expected = meta.get("weights_sha256")
             out["decode_check"] = None if expected is None else state_digest(loaded.model.state_dict()) == expected
         ds, x, y = data.get(meta.get("dataset"), meta.get("input_shape"), str(path))
-        scores = _torch_scores(path, x, meta, ds, model_args if kind == "pt" else None)
+        scores = _torch_scores(path, x, meta, ds, args)
         _check_classes(scores, ds, meta.get("classes"), str(path))
         out["_meta_reference"] = ((meta.get("metrics") or {}).get("test") or {}).get("accuracy") \
             if kind == "pt" else meta.get("reference_accuracy")
         if latency:
-            out["latency_ms"] = _torch_latency(path, list(ds.input_shape),
-                                               model_args=model_args if kind == "pt" else None)
+            out["latency_ms"] = _torch_latency(path, list(ds.input_shape), model_args=args)
     else:
         from edgesqueeze import runtime
 

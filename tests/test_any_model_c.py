@@ -65,6 +65,7 @@ def test_retraining_deep_compression_of_a_user_class(tmp_path):
     stem and head listed in keep_layers stay as they were. The .esq names the class and
     rebuilds it."""
     from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.models.imports import UntrustedCode
 
     path, opts = save_forms("ShuffleNetV2", tmp_path, ())["state_dict"]
     recipe = tmp_path / "dc.yaml"
@@ -79,7 +80,9 @@ compress:
 """)
     res = run("compress", path, *opts, "-r", recipe, "--out", tmp_path / "dc", "--no-progress")
     assert res.exit_code == 0, res.output
-    loaded = load_model(tmp_path / "dc" / "model.esq")
+    with pytest.raises(UntrustedCode, match="names your code"):  # a file alone imports nothing
+        load_model(tmp_path / "dc" / "model.esq")
+    loaded = load_model(tmp_path / "dc" / "model.esq", arch=f"{ZOO}:ShuffleNetV2")
     assert loaded.meta["arch"] == f"{ZOO}:ShuffleNetV2" and loaded.meta["arch_kwargs"] == KWARGS
     original = build("ShuffleNetV2")
     convs = {n: m for n, m in loaded.model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
@@ -252,20 +255,26 @@ def test_conversion_failures_and_nothing_to_compress_are_one_line(tmp_path):
 
 
 def test_a_file_may_name_a_class_but_not_call_a_function(tmp_path):
-    """A checkpoint names the code that rebuilds it; a builder function it names is called only
-    when the user names it too (a file must not make edgesqueeze call an arbitrary function)."""
+    """A checkpoint names the code that rebuilds it; that code is imported only when the user
+    asks (--arch, --trust-pickle), and a builder function it names is called only when the
+    user names it too (a file must not make edgesqueeze call an arbitrary function)."""
     from edgesqueeze.checkpoint import load_model, save_checkpoint
     from edgesqueeze.errors import ModelError
     from edgesqueeze.models import build_model
+    from edgesqueeze.models.imports import UntrustedCode
 
     model = build_model(f"{ZOO}:mobilenet_v2", **KWARGS)
     path = save_checkpoint(tmp_path / "m.pt", model, {"arch": model.arch_name, "arch_kwargs": model.arch_kwargs})
-    with pytest.raises(ModelError, match="names the builder function"):
+    with pytest.raises(UntrustedCode, match="names your code"):
         load_model(path)
+    with pytest.raises(ModelError, match="names the builder function"):
+        load_model(path, trust_pickle=True)
     assert load_model(path, arch=f"{ZOO}:mobilenet_v2").model is not None
     evil = save_checkpoint(tmp_path / "evil.pt", torch.nn.Linear(1, 1), {"arch": "os:system",
                                                                          "arch_kwargs": {"command": "true"}})
     with pytest.raises(ModelError, match="names the builder function"):
-        load_model(evil)
-    res = run("info", evil)
-    _one_error_line(res, "pass --arch os:system")
+        load_model(evil, trust_pickle=True)
+    res = run("info", evil)  # what the file stores, the code it names not imported
+    assert res.exit_code == 0, res.output
+    assert "os:system was not imported" in res.output
+    _one_error_line(run("eval", evil, "--data", "digits"), "Pass --arch os:system")

@@ -66,7 +66,7 @@ def test_train_eval_info(trained):
     [
         (["train", "--recipe", "nope.yaml"], "recipe file not found"),
         (["train", "--recipe", ROOT / "recipes/squeezenet-digits.yaml", "--set", "train.epohcs=1"],
-         "train.epohcs: unknown key; did you mean 'epochs'?"),
+         "--set train.epohcs=1: unknown key; did you mean 'epochs'?"),
         (["train", "--recipe", ROOT / "recipes/squeezenet-digits.yaml", "--set", "model.arch=squeezenet2"],
          "unknown model 'squeezenet2'"),
         (["train", "--recipe", ROOT / "recipes/squeezenet-digits.yaml", "--set", "data.dataset=mnits"],

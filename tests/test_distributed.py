@@ -102,7 +102,7 @@ differs, and that grows over a hundred steps into weights that differ by ~0.2 at
     assert sorted(p.name for p in out_dir.iterdir()) == [
         "curves.png", "last.pt", "metrics.csv", "metrics.json", "model.pt", "recipe.json", "summary.json"]
     assert torch.load(out_dir / "last.pt", weights_only=True)["world_size"] == 2
-    two = load_model(out_dir / "model.pt")
+    two = _in_repo(lambda: load_model(out_dir / "model.pt", arch="tests/ddp_net.py:PlainNet"))
     assert two.meta["train_processes"] == 2
 
     one = _in_repo(lambda: fit(load_recipe(recipe), out_dir=tmp_path / "one", progress=False, log=lambda _m: None))

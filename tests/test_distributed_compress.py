@@ -82,7 +82,8 @@ def test_compress_retrains_on_two_processes_with_the_same_masks_and_codebooks(tm
     from edgesqueeze.compress.pipeline import compress
 
     cfg = load_recipe(recipe).compress
-    one = _in_repo(lambda: compress(model, cfg, out_dir=tmp_path / "one", progress=False, log=lambda _m: None))
+    one = _in_repo(lambda: compress(model, cfg, out_dir=tmp_path / "one", progress=False, log=lambda _m: None,
+                                    arch="tests/ddp_net.py:PlainNet"))
     assert "distributed" not in one.report
     acc_one, acc_two = one.report["test"]["after"]["accuracy"], report["test"]["after"]["accuracy"]
     assert acc_one > 0.8, acc_one

@@ -265,7 +265,7 @@ def test_cli_compress_unpack_eval_info(checkpoint, compressed, tmp_path):
     assert not (tmp_path / "x").exists()
     res = runner.invoke(cli, ["compress", str(checkpoint), "-r", str(ROOT / "recipes/squeezenet-digits.yaml"),
                               "--set", "compress.cluster.bits=0", "--out", str(tmp_path / "y")])
-    assert res.exit_code == 2 and "compress.cluster.bits: must be >= 1 and <= 8, got 0" in res.output
+    assert res.exit_code == 2 and "--set compress.cluster.bits=0: must be >= 1 and <= 8, got 0" in res.output
 
 
 def test_sensitivity_table_and_choice(checkpoint, tmp_path):

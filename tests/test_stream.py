@@ -100,11 +100,12 @@ def test_training_streamed_gives_the_same_weights(folder, tmp_path):
 
     from edgesqueeze.cli import cli
 
-    exp = CliRunner().invoke(cli, ["export", str(b.out_dir / "model.pt"), "-f", "onnx-int8", "--out",
+    arch = ["--arch", "tests/ddp_net.py:PlainNet"]  # the code the checkpoint names, imported as asked
+    exp = CliRunner().invoke(cli, ["export", str(b.out_dir / "model.pt"), *arch, "-f", "onnx-int8", "--out",
                                    str(tmp_path / "exp")], catch_exceptions=False)
     assert exp.exit_code == 0, exp.output
-    ver = CliRunner().invoke(cli, ["verify", str(b.out_dir / "model.pt"), str(tmp_path / "exp" / "model.int8.onnx")],
-                             catch_exceptions=False)
+    ver = CliRunner().invoke(cli, ["verify", str(b.out_dir / "model.pt"), str(tmp_path / "exp" / "model.int8.onnx"),
+                                   *arch], catch_exceptions=False)
     assert ver.exit_code == 0 and "agreement" in ver.output, ver.output
     assert "streamed from disk" in ver.output, ver.output  # trained streamed: verified streamed
 

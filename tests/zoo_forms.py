@@ -111,7 +111,9 @@ def through_every_command(cls: str, form: str, index: int | None, tmp: Path, scr
     from edgesqueeze.checkpoint import load_model
     from edgesqueeze.models.program import program_kind
 
-    restored = load_model(esq).model
+    # the code the archive names is imported as the user asked for the source (--arch, --trust-pickle)
+    arch = opts[opts.index("--arch") + 1] if "--arch" in opts else None
+    restored = load_model(esq, arch=arch, trust_pickle="--trust-pickle" in opts).model
     assert program_kind(restored) == {"torchscript": "torchscript", "program": "exported_program"}.get(form)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

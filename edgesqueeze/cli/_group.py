@@ -25,6 +25,23 @@ class _Group(click.Group):
         except EdgesqueezeError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             ctx.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:  # a device install (numpy, click, the runtimes) lacks the stack
+            top = (exc.name or "").split(".")[0]
+            if not top or top == "edgesqueeze":
+                raise
+            extra = {"torch": "train", "sklearn": "train", "yaml": "train", "matplotlib": "train", "tqdm": "train",
+                     "onnx": "export", "litert_torch": "export", "onnxscript": "export",
+                     "onnxruntime": "runtime", "ai_edge_litert": "runtime", "PIL": "runtime",
+                     "tflite_micro": "micro"}.get(top)
+            how = f"pip install '.[{extra}]' in the edgesqueeze checkout" if extra else f"install {top}"
+            click.secho(f"error: this needs the Python package '{top}', which is not installed here ({how}; a "
+                        "device install has only what run, bench, inspect and unpack of packed files need)",
+                        fg="red", err=True)
+            ctx.exit(2)
+        except OSError as exc:  # a path the command reads or writes that the system refuses
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.secho(f"error: {where}{exc.strerror or exc}", fg="red", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -131,13 +148,19 @@ def _classes(value: str) -> list[str]:
 def _mapping(value: str) -> dict[str, Any]:
     import yaml
 
+    from edgesqueeze.recipe import load_yaml
+
     try:
-        out = yaml.safe_load(value)
+        out = load_yaml(value)
     except yaml.YAMLError:
         out = None
     if not isinstance(out, dict) or not all(isinstance(k, str) for k in out):
         raise click.BadParameter(f"{value!r} is not a mapping, e.g. '{{width: 0.5, num_classes: 10}}'",
                                  param_hint="--arch-kwargs")
+    glued = [k for k, v in out.items() if v is None and ":" in k]
+    if glued:  # YAML reads {width:24} as the key 'width:24' without a value
+        raise click.BadParameter(f"{value!r}: {glued[0]!r} reads as a key without a value; put a space after the "
+                                 "colon, e.g. '{width: 24}'", param_hint="--arch-kwargs")
     return out
 
 
@@ -149,8 +172,10 @@ _MODEL_OPTIONS = [
                  "for its own class), YAML or JSON, e.g. '{width: 0.5, num_classes: 10}'."),
     click.option("--num-classes", type=click.IntRange(min=1), help="Class count for --arch (same as "
                  "--arch-kwargs '{num_classes: N}')."),
-    click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (unpickling runs "
-                 "code from the file: only for files you trust)."),
+    click.option("--trust-pickle", is_flag=True, help="Trust the model file: allow a fully pickled nn.Module or a "
+                 ".pt2 holding pickled objects (unpickling runs code from the file), and import the code a "
+                 "checkpoint names as its architecture (module:Class, file.py:Class; --arch SPEC does that "
+                 "too). Only for files you trust."),
     click.option("--mean", metavar="LIST", help="Per-channel input mean the model was trained with, on pixels "
                  "scaled to 0..1, e.g. 0.4914,0.4822,0.4465, for a file that does not record it [default: "
                  "measured on the dataset's training images, and said so]."),

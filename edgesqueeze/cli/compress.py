@@ -49,10 +49,10 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
       edgesqueeze compress artifacts/squeezenet-mnist/model.pt --recipe recipes/squeezenet-mnist.yaml
       edgesqueeze compress model.pt -r recipes/squeezenet-digits.yaml --set compress.cluster.bits=3
       # your own model: its class and a state_dict (or a pickle with --trust-pickle)
-      edgesqueeze compress weights.pt --arch mypkg.nets:MobileNetV2 --arch-kwargs '{width: 0.5}' \
+      edgesqueeze compress weights.pt --arch mypkg.nets:MobileNetV2 --arch-kwargs '{width: 0.5}' \\
           --data cifar10 -r recipes/squeezenet-cifar10.yaml
       # other weight sharing on the same pruned model, distilling from the original
-      edgesqueeze compress out/pruned.pt -r recipes/squeezenet-cifar10.yaml --set compress.prune=null \
+      edgesqueeze compress out/pruned.pt -r recipes/squeezenet-cifar10.yaml --set compress.prune=null \\
           --set compress.cluster.bits=5 --teacher model.pt --out out-5bit
       # ImageNet SqueezeNet (plain state_dict, already pruned and shared): lossless, then 466 KB
       edgesqueeze compress ../shared/models/squeezenet1_0-imagenet.pt --arch squeezenet1_0 \\
@@ -97,38 +97,63 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
 @click.option("-o", "--output", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="File to write: a checkpoint (.pt) for a checkpoint archive; for a packed file, the "
                    ".onnx/.tflite [default: its recorded name, beside it].")
-def unpack(esq_path, out_path):
+@click.option("--force", is_flag=True, help="Replace the output file if it exists [default: refuse].")
+def unpack(esq_path, out_path, force):
     """Decode a .esq archive: a checkpoint archive into a normal edgesqueeze checkpoint, a
     packed .onnx.esq / .tflite.esq into its plain .onnx / .tflite.
 
     Both are exact: the weights bit for bit, a packed file's bytes checked against the
-    SHA-256 it recorded.
+    SHA-256 it recorded. A packed file unpacks without PyTorch (a device install); a
+    checkpoint archive needs it. The code a checkpoint archive names as its architecture is
+    not imported: its weights and metadata are written as stored.
 
     \b
     Examples:
       edgesqueeze unpack artifacts/squeezenet-mnist/squeezenet-mnist-compressed/model.esq -o model.pt
       edgesqueeze unpack export/model.int8.tflite.esq          # writes export/model.int8.tflite
     """
+    from edgesqueeze._io import write_bytes_atomic
     from edgesqueeze.verify import sniff
 
-    if sniff(esq_path) == "packed":
-        from edgesqueeze._io import write_bytes_atomic
+    what = sniff(esq_path)
+    if what not in ("packed", "esq"):
+        raise click.UsageError(f"{esq_path}: not an .esq archive (it reads as {what}); unpack takes a model.esq "
+                               "or a packed .onnx.esq / .tflite.esq")
+
+    def check_target(target: Path) -> None:
+        if target.resolve() == esq_path.resolve():
+            raise click.UsageError(f"{target}: would overwrite the archive itself; pass -o")
+        if target.exists() and not force:
+            raise click.UsageError(f"{target}: exists; pass --force to replace it, or -o another file")
+
+    if what == "packed":
         from edgesqueeze.runtime._base import unpack_file
 
         data, packed = unpack_file(esq_path)
         out_path = out_path or esq_path.with_name(Path(packed["name"]).name)
-        if out_path.resolve() == esq_path.resolve():
-            raise click.UsageError(f"{out_path}: would overwrite the packed file; pass -o")
+        check_target(out_path)
         write_bytes_atomic(out_path, data)
         click.echo(f"{out_path}: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}")
         return
     if out_path is None:
         raise click.UsageError(f"{esq_path} is a checkpoint archive: pass -o model.pt")
-    from edgesqueeze.checkpoint import model_from_esq, save_checkpoint
+    check_target(out_path)
+    import importlib.util
 
-    model, meta = model_from_esq(esq_path)
-    save_checkpoint(out_path, model, meta)
-    click.echo(f"{out_path}: {sum(t.numel() for t in model.state_dict().values()):,} values from {esq_path}")
+    if importlib.util.find_spec("torch") is None:
+        raise click.UsageError(f"{esq_path}: unpacking a checkpoint archive writes a PyTorch checkpoint, which "
+                               "needs PyTorch; install it (see README, 'Install'), or use the .esq as it is: "
+                               "eval, export and verify read it")
+    from edgesqueeze.checkpoint import save_state, stored_weights
+    from edgesqueeze.format import container
+
+    meta = container.read_esq(esq_path).meta
+    if isinstance(meta.get("program"), dict):
+        raise click.UsageError(f"{esq_path}: holds a {meta['program'].get('kind')} model, which has no "
+                               "checkpoint form; eval, export and verify read the .esq as it is")
+    state, meta, _ = stored_weights(esq_path)
+    save_state(out_path, state, meta)
+    click.echo(f"{out_path}: {sum(t.numel() for t in state.values()):,} values from {esq_path}")
 
 
 @cli.command()

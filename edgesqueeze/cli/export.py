@@ -73,8 +73,10 @@ def _csv(value: str, what: str) -> list[str]:
                    "and a conv over 4x the channels, the same int8 weights rearranged (the same outputs, bit for "
                    "bit, as the file with the plain stem). XNNPACK's int8 kernels on AVX2-only x86 and a "
                    "Raspberry Pi 4 pad input channels to 8, so a 3-channel int8 stem costs more than a float one "
-                   "there; ImageNet SqueezeNet's file then ran 1.01x (AVX2) and 0.82x (Pi 4) fp32's instructions "
-                   "instead of 1.32x / 1.09x [default: the recipe's, else off].")
+                   "there. ImageNet SqueezeNet's file with it took 1.09x onnxruntime fp32's time on AVX2-only "
+                   "kernels (1.50x with the plain int8 stem; a float stem, export.float_layers, 0.95x) and "
+                   "0.82x fp32's instructions on a Pi 4 under valgrind (1.09x plain); see docs/BENCHMARKS.md "
+                   "[default: the recipe's, else off].")
 @device_option(what="the INT8 calibration passes of GPTQ and activation equalization (onnxruntime's and "
                     "PT2E's calibration, and the files, stay on the CPU)")
 @model_options(recipe_help="Recipe with an 'export' section (calibration, options); its 'model' section stands "
@@ -98,7 +100,7 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
       edgesqueeze export model.esq -f tflite-int8 --calibration-images 512
       edgesqueeze export model.esq -f tflite-int8 --pack   # + model.int8.tflite.esq, the file to ship
       edgesqueeze export squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample -f onnx-int8
-      edgesqueeze export squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample \
+      edgesqueeze export squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample \\
           --float-layers features.0,features.3,features.4
     """
     import dataclasses
@@ -108,7 +110,7 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
     seed, config = 0, ExportConfig()
     if model_opts.recipe is not None:
         config, seed = model_opts.recipe.export or config, model_opts.recipe.seed
-    if formats:
+    if formats is not None:
         try:
             config = dataclasses.replace(config, formats=tuple(_csv(formats, "--format")))
         except EdgesqueezeError as exc:

@@ -56,12 +56,14 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 @cli.command("eval")
 @click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "--dataset", "dataset", help="Dataset name [default: the one the checkpoint was trained on].")
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
+              help="Which images: the held-out test split, or the validation / training part of the training "
+                   "split as the checkpoint's recipe carved it (--val-fraction, --seed).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Validation fraction for --split val/train [default: from the checkpoint's recipe, else 0.1].")
 @click.option("--seed", type=int, default=None, help="Split seed [default: the checkpoint's].")
-@click.option("--limit", type=click.IntRange(min=10), help="Evaluate a seeded subset of at most N images.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate a seeded subset of at most N images.")
 @click.option("--image-size", type=click.IntRange(min=4), help="Resize images (datasets that support it).")
 @model_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
@@ -69,7 +71,9 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 @device_option
 def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, image_size, model_opts, batch_size,
              as_json, device):
-    """Accuracy of a model file on a dataset split.
+    """Accuracy of a PyTorch model file on a dataset split: a checkpoint, state_dict (--arch),
+    TorchScript, torch.export .pt2, pickle (--trust-pickle) or .esq archive. Exported .onnx and
+    .tflite files are measured by `edgesqueeze verify` (through their runtimes).
 
     \b
     Example:
@@ -136,7 +140,8 @@ def _human_count(n: int) -> str:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def info(model_path, model_opts, as_json):
-    """What a model file holds: kind, architecture, parameters, classes, metrics, provenance.
+    """What a PyTorch model file holds: kind, architecture, parameters, classes, metrics, provenance.
+    For .onnx, .tflite and packed .esq files use `edgesqueeze inspect`.
 
     \b
     Example:

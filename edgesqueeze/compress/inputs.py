@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from edgesqueeze.errors import DataError, ModelError
@@ -116,14 +115,7 @@ def check_fits(model: nn.Module, ds, source, meta: dict) -> None:
     if expected and list(ds.input_shape) != list(expected):
         raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {source} expects "
                         f"{list(expected)}; pass the dataset it was trained on (--data)")
-    try:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(1, *ds.input_shape))
-    except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise DataError(f"{source} does not run on '{ds.name}' images of shape {list(ds.input_shape)} ({first}); "
-                        "pass the dataset it was trained on (--data)") from None
-    if out.shape[-1] != ds.num_classes:
-        raise DataError(f"dataset '{ds.name}' has {ds.num_classes} classes but {source} outputs {out.shape[-1]}; "
-                        "pass the dataset it was trained on (--data)")
+    from edgesqueeze.models.probe import check_fits as probe
+
+    probe(model, ds.input_shape, source=source, data=ds.name, num_classes=ds.num_classes)
 

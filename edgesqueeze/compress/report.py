@@ -19,6 +19,12 @@ import torch
 from edgesqueeze._io import atomic_path, write_text_atomic
 
 
+def times(ratio: float) -> str:
+    """'4.2x smaller than' or, for an archive larger than dense fp32 (tiny models, where the
+    header and code weigh more than the weights saved), '1.08x larger than'."""
+    return f"{ratio}x smaller than" if ratio >= 1 else f"{round(1 / ratio, 2)}x larger than"
+
+
 def _baselines(state: dict[str, torch.Tensor]) -> dict[str, int]:
     raw = b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in state.values())
     out = {"raw_fp32": len(raw), "zlib_9": len(zlib.compress(raw, 9)), "xz_9e": len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME))}
@@ -140,7 +146,7 @@ def markdown(report: dict[str, Any]) -> str:
     kb = lambda b: f"{b / 1000:,.1f} kB"  # noqa: E731
     lines = [
         f"# Compression report: `{report['esq']}`", "",
-        f"- **{kb(t['esq_bytes'])}** ({t['esq_bytes']:,} B), {t['ratio']}x smaller than the dense fp32 model "
+        f"- **{kb(t['esq_bytes'])}** ({t['esq_bytes']:,} B), {times(t['ratio'])} the dense fp32 model "
         f"({kb(t['dense_fp32_bytes'])})",
         *_mode_lines(report)]
     if tb.get("drop_points") is not None:
@@ -205,7 +211,7 @@ def size_table(report: dict[str, Any]) -> str:
     if tb.get("drop_points") is not None:
         where = "held-out test" if report.get("calibration") else "test"
         acc = f"{where} accuracy {100 * tb['before']['accuracy']:.2f}% -> {100 * tb['after']['accuracy']:.2f}%; "
-    lines.append(f"{acc}.esq {t['esq_bytes']:,} B = {t['ratio']}x smaller than dense fp32")
+    lines.append(f"{acc}.esq {t['esq_bytes']:,} B = {times(t['ratio'])} dense fp32")
     return "\n".join(lines)
 
 

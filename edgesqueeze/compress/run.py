@@ -151,8 +151,9 @@ class Run:
         blob, stats = esq_dumps({**state, **(extra or {})}, meta, shared=shared, codebook_dtype=codebook_dtype,
                                 chunk=chunk)
         esq_path = self.out / "model.esq"
-        write_bytes_atomic(esq_path, blob)
-        decoded, _ = model_from_esq(esq_path)
+        # checked before it is written: no wrong archive on disk. Its architecture is the
+        # model's own, already built here (so the user's code it names is not news).
+        decoded, _ = model_from_esq(blob, arch=meta.get("arch"))
         got = decoded.state_dict()
         for key, tensor in state.items():
             if key not in got or not torch.equal(got[key], tensor):
@@ -169,8 +170,30 @@ class Run:
                 with torch.no_grad():
                     for key, tensor in lifted.state_dict().items():
                         tensor.copy_(got[key])
-                decoded = lifted.eval()
+                same_outputs(decoded, lifted.eval(), meta.get("input_shape"), what=str(esq_path))
+                decoded = lifted
+        self._note_raw_weights(stats, decoded)
+        write_bytes_atomic(esq_path, blob)
         return blob, stats, decoded, esq_path
+
+    def _note_raw_weights(self, stats: list, model: nn.Module) -> None:
+        """Say which weights of other layer types (ConvTranspose2d, LayerNorm, embeddings, ...)
+        the archive keeps as raw float32: only Conv2d and Linear weights are pruned and shared."""
+        handled = set(shared_weight_names(model))
+        modules = dict(model.named_modules())
+        raw = [s for s in stats if s.kind == "raw" and s.numel >= 256 and s.name not in handled
+               and s.name.rpartition(".")[0] in modules and "." in s.name]
+        if not raw:
+            return
+
+        def kind(name: str) -> str:  # a lifted program's generic module has no telling type
+            cls = type(modules[name.rpartition(".")[0]]).__name__
+            return "" if cls == "Module" else f"{cls}, "
+
+        shown = ", ".join(f"{s.name} ({kind(s.name)}{s.numel:,} values)" for s in raw[:6]) \
+            + (", ..." if len(raw) > 6 else "")
+        self.log(f"note: {len(raw)} tensor(s) of other layer types stay raw float32 in the .esq ({sum(s.bytes for s in raw):,} B; "
+                 f"edgesqueeze prunes and shares Conv2d and Linear weights): {shown}")
 
     def finish(self, *, before: nn.Module, decoded: nn.Module, blob: bytes, stats: list, state: dict,
                dense_bytes: int, test_before, test_after, bits: dict, esq_path: Path,
@@ -190,8 +213,29 @@ class Run:
         where = "held-out test" if "calibration" in extra else "test"
         acc = (f"; {where} {100 * test_before['accuracy']:.2f}% -> {100 * test_after['accuracy']:.2f}%"
                if test_before and test_after and "accuracy" in test_after else "")
-        self.log(f"{esq_path}: {len(blob):,} bytes ({dense_bytes / len(blob):.1f}x smaller than dense fp32){acc}")
+        from edgesqueeze.compress.report import times
+
+        self.log(f"{esq_path}: {len(blob):,} bytes ({times(round(dense_bytes / len(blob), 1))} dense fp32){acc}")
         return CompressResult(decoded, esq_path, len(blob), report, self.out)
+
+
+def same_outputs(restored: nn.Module, lifted: nn.Module, input_shape, *, what: str) -> None:
+    """Refuse an archive whose restored program (what ``eval``, ``export`` and ``verify``
+    will run) computes other outputs than the model the report scores: the report would
+    otherwise describe a model nobody gets. Checked on a fixed random batch of two."""
+    if not input_shape:
+        return
+    x = torch.randn(2, *[int(d) for d in input_shape], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = lifted(x), restored(x)
+    if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)):
+        return
+    scale = float(want.abs().max()) or 1.0
+    diff = float((want - got).abs().max()) if want.shape == got.shape else float("inf")
+    if diff > 1e-4 * scale:
+        raise EdgesqueezeError(f"{what}: the program restored from the archive computes other outputs than "
+                               f"the compressed model (largest difference {diff:.3g} of {scale:.3g}); this is a "
+                               "bug, please report it with the model")
 
 
 def agreement(evaluation: dict | None) -> float | None:

@@ -151,9 +151,9 @@ class ExportConfig:
         _check_names(self.gptq_layers, "export.gptq_layers")
         by_format = {}
         for fmt, names in self.float_layers_by_format.items():
-            if fmt not in ("onnx-int8", "tflite-int8"):
+            if fmt not in ("onnx-int8", "tflite-int8", "tflite-micro"):
                 raise RecipeError(f"export.float_layers_by_format: {fmt!r} is not an INT8 format; "
-                                  "use onnx-int8 or tflite-int8")
+                                  "use onnx-int8, tflite-int8 or tflite-micro")
             if isinstance(names, str) or not isinstance(names, (list, tuple)):
                 raise RecipeError(f"export.float_layers_by_format.{fmt}: expected a list of module names, "
                                   f"got {names!r}")
@@ -162,8 +162,14 @@ class ExportConfig:
 
     def float_layers_for(self, artifact_format: str) -> tuple[str, ...]:
         """The layers kept float in ``artifact_format``: its ``float_layers_by_format`` entry
-        (``[]`` means all-int8) where there is one, else ``float_layers``."""
-        return tuple(self.float_layers_by_format.get(int8_base(artifact_format), self.float_layers))
+        (``[]`` means all-int8) where there is one, else (tflite-micro) tflite-int8's entry,
+        else ``float_layers``. A microcontroller gains nothing from a float layer that a
+        desktop CPU's int8 kernels make worth it, and pays for it in arena (float
+        activations): a recipe says so with ``tflite-micro: []``."""
+        by_format = self.float_layers_by_format
+        if artifact_format in by_format:
+            return tuple(by_format[artifact_format])
+        return tuple(by_format.get(int8_base(artifact_format), self.float_layers))
 
     def bias_correction_for(self, artifact_format: str) -> bool:
         """``bias_correction`` with unset resolved for ``artifact_format``."""

@@ -55,8 +55,6 @@ def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data
     """A plain state_dict records no dataset, normalization or classes: take them from the
     dataset given (``--data``), as ``compress`` does, so that the files are fed (and
     calibrated) the way the model was trained, not with raw pixels / 255."""
-    import torch
-
     from edgesqueeze.data import load_dataset
     from edgesqueeze.errors import DataError
 
@@ -65,11 +63,9 @@ def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data
     if list(shape) != list(ds.input_shape):
         raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {source} expects "
                         f"{list(shape)}; pass the dataset it was trained on (--data)")
-    with torch.no_grad():
-        classes = model(torch.zeros(1, *ds.input_shape)).shape[-1]
-    if classes != ds.num_classes:
-        raise DataError(f"dataset '{ds.name}' has {ds.num_classes} classes but {source} outputs {classes}; "
-                        "pass the dataset it was trained on (--data)")
+    from edgesqueeze.models.probe import check_fits
+
+    check_fits(model, ds.input_shape, source=source, data=ds.name, num_classes=ds.num_classes)
     meta["dataset"] = ds.name
     meta["input_shape"] = list(ds.input_shape)
     if meta.get("mean") is None or meta.get("std") is None:
@@ -137,8 +133,16 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
         raise DataError(f"{source}: does not record its input shape or dataset; pass --data NAME (its images "
                         "give the shape, calibration and normalization) or --input-shape C,H,W")
+    from edgesqueeze.models.probe import check_fits
     from edgesqueeze.models.program import lifted_module
 
+    logits = check_fits(model, meta["input_shape"], source=source, data=meta.get("dataset"))
+    if meta.get("classes") and len(meta["classes"]) != logits:
+        from edgesqueeze.errors import DataError
+
+        given = "--classes" if "classes" in meta.get("input_meta_given", []) else "the file's class list"
+        raise DataError(f"{source} outputs {logits} logits but {given} names {len(meta['classes'])} classes; "
+                        "give one name per logit")
     # TorchScript and torch.export models: one torch.export program with real conv / linear
     # modules, so every format (and the INT8 refinements, which find layers by module) works
     model = lifted_module(model, meta["input_shape"], what=str(source))
@@ -252,16 +256,17 @@ def _space_to_depth_stem(model, meta: dict[str, Any], config: ExportConfig, log:
 
 def _export_tflite_int8(model, meta, path: Path, calib, config: ExportConfig, shared: bool, *, seed: int,
                         digest: str, device=None, rounded: dict[str, Any] | None = None,
-                        s2d_stem: str | None = None) -> None:
+                        s2d_stem: str | None = None, float_for: str = "tflite-int8") -> None:
     """The tflite-int8 file, with the export settings resolved for it (a tflite-micro file
-    takes the same ones: :func:`~edgesqueeze.config.export.int8_base`)."""
+    takes the same ones, :func:`~edgesqueeze.config.export.int8_base`, except the float
+    layers where the recipe gives tflite-micro its own: ``float_for``)."""
     from edgesqueeze.export.tflite import export_tflite_int8
 
     fmt = "tflite-int8"
     export_tflite_int8(model, meta, path, calib[0], calibration=config.calibration,
                        calibration_split=calib[1]["split"], calibration_seed=seed,
                        io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
-                       float_layers=config.float_layers_for(fmt),
+                       float_layers=config.float_layers_for(float_for),
                        weight_rounding=config.weight_rounding_for(fmt, shared),
                        gptq_layers=config.gptq_layers, shared=has_codebooks(model), rounded=rounded,
                        bias_correction=config.bias_correction_for(fmt),
@@ -280,13 +285,15 @@ def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: 
     from edgesqueeze.export.tflm import micro_compress
 
     plain = next((p for p in written if p.name.endswith(SUFFIX["tflite-int8"])), None)
+    if config.float_layers_for("tflite-micro") != config.float_layers_for("tflite-int8"):
+        plain = None  # other float layers than the tflite-int8 file's: converted for it
     if plain is not None:
         data = plain.read_bytes()
     else:
         with tempfile.TemporaryDirectory(prefix="edgesqueeze-micro-") as tmp:
             tmp_path = Path(tmp) / "model.int8.tflite"
             _export_tflite_int8(model, meta, tmp_path, calib, config, shared, seed=seed, digest=digest,
-                                device=device, s2d_stem=s2d_stem)
+                                device=device, s2d_stem=s2d_stem, float_for="tflite-micro")
             data = tmp_path.read_bytes()
     out, rep = micro_compress(data, what=str(path))
     write_bytes_atomic(path, out)

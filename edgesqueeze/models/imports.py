@@ -6,7 +6,11 @@ The spec and the builder kwargs are recorded in checkpoints and ``.esq`` archive
 registry name, so a compressed model is rebuilt from the same code. What a *file* names is
 code to run, so it is honoured with care:
 
-* a class that subclasses ``nn.Module`` is built (its module is imported first: that is the
+* nothing a file names is imported unless the user asks: ``--arch`` with the spec (or where
+  the code is now) or ``--trust-pickle`` (importing a module runs its top-level code; a
+  downloaded ``model.pt`` must not make edgesqueeze run the ``.py`` beside it). Recipes that
+  name the class (``model.import``) and ``--arch`` count as asking;
+* then a class that subclasses ``nn.Module`` is built (its module is imported first: the
   user's own installed or local code, found the way ``python -m`` would find it, with the
   current directory on the path, as uvicorn and gunicorn do);
 * a builder *function* named by a file is called only when the user names the same spec
@@ -37,7 +41,13 @@ from torch import nn
 
 from ..errors import ModelError
 
-__all__ = ["is_import_spec", "resolve", "build_import", "accepted_kwargs", "cwd_importable"]
+__all__ = ["UntrustedCode", "is_import_spec", "resolve", "build_import", "accepted_kwargs", "cwd_importable"]
+
+
+class UntrustedCode(ModelError):
+    """A model file names code to import (``module:Class``, ``file.py:Class``) and the user
+    did not ask for it (``--arch``, ``--trust-pickle``): importing runs the module's top-level
+    code, so a file alone never makes edgesqueeze import anything."""
 
 
 def is_import_spec(arch: str | None) -> bool:
@@ -143,17 +153,28 @@ def accepted_kwargs(spec: str, candidates: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in candidates.items() if k in params}
 
 
-def build_import(spec: str, kwargs: dict[str, Any] | None = None, *, from_file: str | None = None) -> nn.Module:
+def build_import(spec: str, kwargs: dict[str, Any] | None = None, *, from_file: str | None = None,
+                 trusted: bool = False) -> nn.Module:
     """Build the model ``spec`` names with ``kwargs``; it gets ``arch_name`` and ``arch_kwargs``.
 
-    ``from_file`` names the checkpoint or archive the spec was read from: then only an
-    ``nn.Module`` subclass is built (see the module docstring)."""
+    ``from_file`` names the checkpoint or archive the spec was read from: then nothing is
+    imported unless ``trusted`` (the user passed ``--trust-pickle``; :class:`UntrustedCode`
+    otherwise), and only an ``nn.Module`` subclass is built (see the module docstring)."""
+    if from_file and not trusted:
+        raise UntrustedCode(f"{from_file}: names your code {spec} as its architecture; edgesqueeze imports code "
+                            f"a file names only when you ask. Pass --arch {spec} (or where that code is now), "
+                            "or --trust-pickle, if you trust this file")
     kwargs = dict(kwargs or {})
     try:
         json.dumps(kwargs, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"--arch {spec}: builder kwargs must be plain JSON values ({exc})") from None
-    obj = resolve(spec)
+    try:
+        obj = resolve(spec)
+    except ModelError as exc:  # the spec came from the file, not from an --arch the user typed
+        if not from_file:
+            raise
+        raise ModelError(f"{from_file}: names " + str(exc).removeprefix("--arch ")) from None
     is_module_class = inspect.isclass(obj) and issubclass(obj, nn.Module)
     if from_file and not is_module_class:
         raise ModelError(f"{from_file}: names the builder function {spec}; a file may only name an nn.Module "

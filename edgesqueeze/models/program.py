@@ -334,7 +334,9 @@ def _free_batch(gm: fx.GraphModule, program: torch.export.ExportedProgram) -> No
         return
     shape = [int(d) for d in vals[0].shape[1:]]
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
-    original = copy.deepcopy(gm.graph)
+    with warnings.catch_warnings():  # torch's own deepcopy of a pytree spec: "LeafSpec is deprecated"
+        warnings.simplefilter("ignore", FutureWarning)
+        original = copy.deepcopy(gm.graph)
     with torch.no_grad():
         try:
             refs = [gm(torch.cat([x[i:i + 1]] * batch))[:1] for i in range(3)]
@@ -802,6 +804,58 @@ def _load_into(state: dict[str, torch.Tensor], given: dict[str, torch.Tensor], z
             state[key].copy_(value)
 
 
+class PickleInProgram(ModelError):
+    """A ``torch.export`` archive that needs Python unpickling to load (a weight, constant or
+    example input saved with pickle): refused unless the user trusts the file."""
+
+
+@contextlib.contextmanager
+def _weights_only_unpickling() -> Iterator[None]:
+    """While ``torch.export.load`` runs: every ``torch.load`` it makes is ``weights_only``
+    (tensors and plain containers only) and its raw ``pickle.loads`` (custom objects) is
+    refused. ``torch.export.load`` unpickles weights marked ``use_pickle``, legacy weight and
+    constant files and custom objects with ``weights_only=False``, and falls back to it for the
+    example inputs: code a crafted ``.pt2`` would run. Everything a plain program holds
+    (tensors) loads unchanged."""
+    import pickle
+
+    from torch.export.pt2_archive import _package
+
+    real_load, real_pickle = torch.load, _package.pickle
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
+        kwargs.pop("mmap", None)
+        try:
+            return real_load(f, map_location=map_location, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as exc:
+            raise PickleInProgram("a pickled Python object (a weight, constant or example input)") from exc
+
+    class _Refuse:
+        @staticmethod
+        def loads(*_args, **_kwargs):
+            raise PickleInProgram("a pickled custom object")
+
+        def __getattr__(self, name):
+            return getattr(real_pickle, name)
+
+    torch.load, _package.pickle = load, _Refuse()
+    try:
+        yield
+    finally:
+        torch.load, _package.pickle = real_load, real_pickle
+
+
+def load_exported(f: Any, *, trust_pickle: bool = False, extra_files: dict[str, Any] | None = None):
+    """``torch.export.load(f)``, refusing (:class:`PickleInProgram`) an archive that would
+    unpickle Python objects unless ``trust_pickle``."""
+    kwargs = {"extra_files": extra_files} if extra_files is not None else {}
+    with _quiet():  # "f must be ... a file ending in .pt2": a renamed file loads all the same
+        if trust_pickle:
+            return torch.export.load(f, **kwargs)
+        with _weights_only_unpickling():
+            return torch.export.load(f, **kwargs)
+
+
 def restore(kind: str, skeleton: bytes, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """The model of a :func:`program_skeleton` with ``state_dict`` copied into it, in eval
     mode: a TorchScript module (kind "torchscript") or the :func:`runnable` module of the
@@ -815,7 +869,10 @@ def restore(kind: str, skeleton: bytes, state_dict: dict[str, torch.Tensor]) -> 
             model = torch.jit.load(io.BytesIO(skeleton), map_location="cpu", _extra_files=extra)
         else:
             with _quiet():
-                program = torch.export.load(io.BytesIO(skeleton), extra_files=extra)
+                program = load_exported(io.BytesIO(skeleton), extra_files=extra)
+    except PickleInProgram as exc:
+        raise ModelError(f"the {kind} skeleton holds {exc}; an edgesqueeze archive never needs one, so it "
+                         "is refused (unpickling can run arbitrary code)") from None
     except Exception as exc:  # noqa: BLE001 - zip, pickle, JSON and schema errors of a broken archive
         raise ModelError(f"cannot read the {kind} skeleton ({type(exc).__name__}: {_first_line(exc)})") from None
     zeroed = json.loads(extra[_ZEROED_FILE]) if extra[_ZEROED_FILE] else []
@@ -881,7 +938,9 @@ def skeleton_for(kind: str, stored: nn.Module, original: Any, example: torch.Ten
         have = set(original.state_dict())
     elif isinstance(original, torch.export.ExportedProgram):
         have = set(original.state_dict)
-    if program_kind(original) == kind and have and set(names) <= have:
+    # Exactly the same names: a strict subset is a model that changed (BatchNorm folded into a
+    # conv that had a bias keeps every conv name), and the user's archive would still apply it.
+    if program_kind(original) == kind and have and set(names) == have:
         return program_skeleton(kind, original, names)
     with _quiet(), torch.no_grad(), _eval_mode(stored):
         if kind == "torchscript":

@@ -1,0 +1,72 @@
+"""One forward pass on zeros before any real work: does the model take these images, and does
+it give what every command needs (one logits tensor, a row per image, one logit per class)?
+
+A model that does not is refused with one line that says which of those fails and what to do,
+instead of a stack trace from inside a conv, a ``'tuple' object has no attribute 'shape'``
+or a matmul error from a trace that recorded its batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DataError, ModelError
+
+__all__ = ["check_fits", "reason"]
+
+
+def reason(exc: BaseException) -> str:
+    """The line of ``exc`` that says what went wrong. A TorchScript error starts with 'The
+    following operation failed in the TorchScript interpreter.' and ends with the real one."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
+    return line[:200]
+
+
+def _forward(model: nn.Module, batch: int, shape: list[int]) -> Any:
+    with torch.no_grad():
+        return model(torch.zeros(batch, *shape))
+
+
+def check_fits(model: nn.Module, input_shape, *, source: Any, data: str | None = None,
+               num_classes: int | None = None) -> int:
+    """Run ``model`` (in eval mode) on batches of 1 and 2 zero images of ``input_shape``;
+    return its class count. ``data`` (a dataset name) and ``num_classes`` say where the
+    images come from and what the output must have."""
+    shape = [int(d) for d in input_shape]
+    what = f"'{data}' images of shape {shape}" if data else f"inputs of shape {shape}"
+    todo = "pass the dataset it was trained on (--data)" if data else "pass --input-shape C,H,W"
+    model.eval()
+    outs, errors = {}, {}
+    for batch in (1, 2):
+        try:
+            outs[batch] = _forward(model, batch, shape)
+        except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
+            errors[batch] = exc
+    if len(errors) == 2:
+        raise DataError(f"{source} does not run on {what} ({reason(errors[1])}); {todo}")
+    if errors:
+        ran, failed = (1, 2) if 2 in errors else (2, 1)
+        raise ModelError(f"{source} runs on a batch of {ran} but not of {failed} ({reason(errors[failed])}): it "
+                         "was traced or exported with a fixed batch size (x.view(2, -1) in forward, say). Use x.flatten(1) "
+                         "and trace again, or save it with torch.jit.script, or torch.export with a dynamic batch "
+                         "dimension")
+    out = outs[1]
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"{source} returns a {type(out).__name__}, not one tensor of logits; edgesqueeze needs "
+                         "forward(x) to return the logits [batch, classes]: wrap the model in a module whose "
+                         "forward returns that output, and save the wrapper")
+    if out.dim() != 2 or not isinstance(outs[2], torch.Tensor) or tuple(outs[2].shape[:1]) != (2,):
+        raise ModelError(f"{source} outputs shape {list(out.shape)} for one image; edgesqueeze needs logits of "
+                         "shape [batch, classes] (flatten or pool the last feature map in forward)")
+    if num_classes is not None and out.shape[-1] != num_classes:
+        if data is None:
+            raise DataError(f"{source} outputs {out.shape[-1]} logits but {num_classes} class names are given "
+                            "(--classes, or the file's own); give one name per logit")
+        raise DataError(f"dataset '{data}' has {num_classes} classes but {source} outputs {out.shape[-1]}; {todo}")
+    return int(out.shape[-1])
