@@ -311,7 +311,7 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
                 "arbitrary code. Save model.state_dict() instead and pass --arch, or pass --trust-pickle "
                 "if you trust where this file came from."
             ) from None
-        obj = _unpickle(path)
+        obj = _unpickle(path, arch)
         if not isinstance(obj, nn.Module):
             raise CheckpointError(f"{path}: unpickled a {type(obj).__name__}, not an nn.Module") from None
         meta: dict[str, Any] = {}
@@ -430,18 +430,36 @@ def _load_program(path: Path, kind: str, *, trust_pickle: bool = False) -> tuple
     return model, program
 
 
-def _unpickle(path: Path) -> Any:
+def _unpickle(path: Path, arch: str | None = None) -> Any:
     """``torch.load`` with ``weights_only=False`` (the user said they trust the file); a class
-    that cannot be found is one line naming it, not a traceback."""
-    from edgesqueeze.models.imports import cwd_importable
+    that cannot be found is one line naming it, not a traceback. A model pickled from a script
+    names its class ``__main__.Net``, which no other program has: ``arch``
+    (``--arch mypkg.nets:Net``) says where that class is now."""
+    import types
 
+    from edgesqueeze.models.imports import cwd_importable, is_import_spec, resolve
+
+    kwargs: dict[str, Any] = {}
+    if is_import_spec(arch):
+        cls = resolve(arch)
+
+        class _Relocating(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module == "__main__" and name == getattr(cls, "__name__", None):
+                    return cls
+                return super().find_class(module, name)
+
+        kwargs["pickle_module"] = types.SimpleNamespace(**{**vars(pickle), "Unpickler": _Relocating})
     try:
         with cwd_importable():  # as for --arch package.module:Class
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, **kwargs)
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+        main = "__main__" in str(exc)
         raise CheckpointError(f"{path}: the pickled model's class cannot be found ({_first_line(exc)}); "
-                              "unpickling needs the code that defined it importable here. Better: save "
-                              "model.state_dict() and pass --arch package.module:Class") from None
+                              "unpickling needs the code that defined it importable here"
+                              + ("; it was pickled from a script (__main__): pass --arch path/to/script.py:Class"
+                                 if main else "")
+                              + ". Better: save model.state_dict() and pass --arch package.module:Class") from None
     except Exception as exc:  # noqa: BLE001 - unpickling can raise anything
         raise CheckpointError(f"{path}: cannot unpickle ({_first_line(exc)})") from None
 

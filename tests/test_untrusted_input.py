@@ -374,3 +374,23 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path):
     res = cli_run("train", "-r", ROOT / "recipes" / "squeezenet-digits.yaml", "--set", "train.epochs=0.02",
                   "--set", "data.limit=200", "--out", tmp_path / "a-file" / "run", "--no-progress")
     one_error(res, "a-file")
+
+
+def test_a_model_pickled_from_a_script_loads_with_arch_naming_the_script(tmp_path):
+    """``torch.save(model)`` in a script records ``__main__.Net``, which no other program has;
+    ``--arch script.py:Net`` says where the class is (with --trust-pickle: it is a pickle)."""
+    import subprocess
+
+    script = tmp_path / "script.py"
+    script.write_text(MODULE.replace('Path(__file__).with_name("imported").touch()', "") + """
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    torch.save(Net(), "whole.pt")
+""")
+    subprocess.run([sys.executable, script.name], cwd=tmp_path, check=True)
+    one_error(cli_run("eval", "whole.pt", "--trust-pickle", "--data", "digits", cwd=tmp_path),
+              "pickled from a script (__main__)", "--arch path/to/script.py:Class")
+    res = cli_run("eval", "whole.pt", "--trust-pickle", "--arch", "script.py:Net", "--data", "digits",
+                  "--limit", "20", "--json", cwd=tmp_path)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n"] == 20

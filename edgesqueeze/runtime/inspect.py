@@ -13,6 +13,7 @@ the integer equals zero, which is what pruning leaves behind in a symmetric int8
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ from edgesqueeze.runtime._base import META_KEY, _first_line, classify, parse_met
 
 __all__ = ["inspect_artifact"]
 
+
+
+def _symbol(name: str | None) -> str | None:
+    """A dynamic dimension as ``inspect`` shows it: its name where a person gave one
+    ("batch"), None (any size) for torch.export's numbered symbols ("s77") or none."""
+    return None if not name or re.fullmatch(r"s\d+", name) else name
 
 def _tensor_entry(name: str, arr: np.ndarray, **extra: Any) -> dict[str, Any]:
     n = int(arr.size)
@@ -121,8 +128,7 @@ def _inspect_onnx(path: Path, head: bytes) -> dict[str, Any]:
         rows = []
         for v in values:
             tt = v.type.tensor_type
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                     for d in tt.shape.dim]
+            shape = [d.dim_value if d.HasField("dim_value") else _symbol(d.dim_param) for d in tt.shape.dim]
             rows.append({"name": v.name, "shape": shape, "dtype": np_dtype(tt.elem_type),
                          "quantization": None})
         return rows
@@ -172,7 +178,7 @@ def _inspect_onnx_io_only(path: Path, head: bytes) -> dict[str, Any]:
     props = dict(meta.custom_metadata_map or {})
 
     def io(values) -> list[dict]:
-        return [{"name": v.name, "shape": [d if isinstance(d, int) else (d or None) for d in v.shape],
+        return [{"name": v.name, "shape": [d if isinstance(d, int) else _symbol(d) for d in v.shape],
                  "dtype": _ORT_DTYPES.get(v.type, v.type), "quantization": None} for v in values]
 
     return {
