@@ -17,12 +17,14 @@ XDIST      ?= -n auto --dist loadfile
 help:
 	@echo "make demo     digits end to end: train, deep-compress, export ONNX/TFLite fp32+int8, verify, gate"
 	@echo "make test     run the test suite (under 10 minutes on 2 cores)"
+	@echo "make test-fast  the test suite without the tests marked slow"
 	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md (long)"
 	@echo "make device-check [FILES=...] [DEVICE_CPU=pi4|pi5|x86-avx2]  run exports on an emulated Raspberry Pi 4/5 (arm64 chroot, root)"
 	@echo "               or x86 CPU without VNNI (qemu-x86_64 -cpu Haswell, no root) and compare with this host"
 	@echo "tools/with-avx2-cpuid.sh CMD...  run CMD natively with an AVX2-only x86's CPUID, to time that CPU's int8"
 	@echo "               kernels on this one (e.g. .venv/bin/edgesqueeze bench FILES; Linux x86-64, CPUID faulting)"
 	@echo "make install  create $(VENV) and install edgesqueeze with its dependencies"
+	@echo "make clean    remove $(VENV), .pytest_cache, .hypothesis, build and *.egg-info"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +40,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	OUT=artifacts/squeezenet-digits EDGESQUEEZE=$(VENV)/bin/edgesqueeze bash examples/ci/gate.sh
 	@echo "demo outputs: $(CURDIR)/artifacts/squeezenet-digits/ (model.pt, curves.png; compressed/: model.esq," \
-	      "report.md; export/: .onnx and .tflite, fp32 and int8; verify.json, verify.md + plots, gate.md)"
+	      "report.md; export/: 8 files, .onnx and .tflite, fp32 and int8, each also packed as .esq;" \
+	      "verify.json, verify.md + plots; gate.json, gate.md, gate.xml)"
 
 test: $(STAMP)
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)

@@ -603,10 +603,10 @@ def _check_packed_meta(meta):
         raise _err("meta.packed: missing (not a packed file)")
     if not isinstance(p.get("name"), str) or not p["name"]:
         raise _err("meta.packed.name: missing")
-    if p.get("format") not in ("onnx", "onnx-int8", "tflite", "tflite-int8"):
+    if not isinstance(p.get("format"), str):  # any string (edgesqueeze writes onnx, onnx-int8, ...)
         raise _err(f"meta.packed.format: {p.get('format')!r}")
-    if not _is_int(p.get("bytes")) or p["bytes"] < 0:
-        raise _err("meta.packed.bytes: not a non-negative integer")
+    if not _is_int(p.get("bytes")) or not 0 <= p["bytes"] < 2**34:
+        raise _err("meta.packed.bytes: not an integer with 0 <= bytes < 2**34")
     sha = p.get("sha256")
     if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
         raise _err("meta.packed.sha256: not 64 lowercase hex digits")
@@ -667,7 +667,8 @@ def _f32(x: float) -> float:
 
 
 def _is_f32(x) -> bool:
-    return isinstance(x, float) and math.isfinite(x) and _f32(x) == x
+    """A JSON number (integer or float, not a boolean) that is exactly a finite float32 value."""
+    return type(x) in (int, float) and math.isfinite(x) and _f32(float(x)) == x
 
 
 def _check_requant(name, info):
@@ -676,14 +677,18 @@ def _check_requant(name, info):
     if rq is None:
         return None
     if (not isinstance(rq, dict) or not _is_int(rq.get("scale_at")) or rq["scale_at"] < 0
-            or not _is_int(rq.get("qmax")) or rq["qmax"] < 1):
-        # (qmax >= 1: the doc gives no range; 0 would make every scale rule m / 0)
+            or not _is_int(rq.get("qmax")) or not 1 <= rq["qmax"] <= 32767):
         raise _err(f"section {name!r}: bad requant entry {rq!r}")
-    rule = rq.get("scales")
-    if rule is not None:
-        if not isinstance(rule, dict) or rule.get("from") != "max_abs" or not set(rule) <= {"from", "zero"}:
+    dtype, offset = info.get("dtype"), info.get("offset", 0)
+    lo, hi = PACKED_DTYPES[dtype][2:] if dtype in PACKED_DTYPES else (None, None)
+    if lo is None or not lo <= -rq["qmax"] + offset <= rq["qmax"] + offset <= hi:
+        # "-Q + offset and Q + offset inside the dtype's range" (an integer dtype)
+        raise _err(f"section {name!r}: requant qmax {rq['qmax']} with offset {offset} does not fit {dtype}")
+    if "scales" in rq:  # present, even as null: derived scales
+        rule = rq["scales"]
+        if not isinstance(rule, dict) or rule.get("from") != "max_abs":
             raise _err(f"section {name!r}: bad scales rule {rule!r}")
-        # Z: "a positive float32 value written as a JSON number"; a JSON integer is refused too
+        # Z: a positive float32 value, as a JSON float or integer; other keys are ignored
         if "zero" in rule and not (_is_f32(rule["zero"]) and rule["zero"] > 0):
             raise _err(f"section {name!r}: bad scales rule {rule!r}")
     return rq
@@ -740,12 +745,12 @@ def unpack_packed(data: bytes) -> bytes:
             continue
         if enc != "shared":
             raise _err(f"section {name!r}: enc is neither 'shared' nor 'product'")
-        at, dtype, offset = info_t.get("at"), info_t.get("dtype"), info_t.get("offset")
+        at, dtype, offset = info_t.get("at"), info_t.get("dtype"), info_t.get("offset", 0)  # absent: 0
         if not _is_int(at) or at < 0:
             raise _err(f"section {name!r}: bad info.at")
         if dtype not in PACKED_DTYPES:
             raise _err(f"section {name!r}: bad info.dtype {dtype!r}")
-        if not _is_int(offset) or (dtype == "float32" and offset != 0):
+        if not _is_int(offset) or not -2**32 < offset < 2**32 or (dtype == "float32" and offset != 0):
             raise _err(f"section {name!r}: bad info.offset {offset!r}")
         requant = _check_requant(name, info_t)
         shape, values = decode_shared(name, blob_t, info_t, version)
@@ -796,10 +801,14 @@ def unpack_packed(data: bytes) -> bytes:
             else:
                 raise _err(f"section {name!r}: all-zero channel {c} and no scale for it")
         out[rq["scale_at"]:rq["scale_at"] + 4 * C] = struct.pack(f"<{C}f", *scales)
+    # stored scales must lie outside every requantized tensor's and product's bytes
+    late = [(t[1], t[1] + t[2]) for t in requantized] + [(at, at + 4 * n) for _, at, n, _, _ in products]
     for name, at, nbytes, raw, shape, values, dtype, offset, rq in requantized:
         C, per, S, Q = shape[0], _numel(shape[1:]), rq["scale_at"], rq["qmax"]
         if S > len(out) or 4 * C > len(out) - S:
             raise _err(f"section {name!r}: scales run past the file")
+        if "scales" not in rq and any(p0 < S + 4 * C and S < p1 for p0, p1 in late):
+            raise _err(f"section {name!r}: its stored scales lie on a requantized tensor or a product")
         scales = struct.unpack_from(f"<{C}f", out, S)
         if any(not (math.isfinite(x) and x > 0) for x in scales):
             raise _err(f"section {name!r}: a scale is not positive and finite")

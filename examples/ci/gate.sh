@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The model-budget gate, end to end: train -> compress -> export -> verify -> check.
-# Run by examples/ci/github-actions.yml (and by tests/test_gate_example.py on every `make test`).
+# Run by examples/ci/github-actions.yml (and by tests/test_gate.py on every `make test`).
 #
 #   RECIPE   the recipe (its budget section is the gate)   [recipes/squeezenet-digits.yaml]
 #   OUT      where artifacts go                            [artifacts/ci]
