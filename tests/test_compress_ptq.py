@@ -205,7 +205,7 @@ def test_bad_inputs_exit_2_with_one_line(plain_state_dict, tmp_path):
     one_error_line(run("compress", plain_state_dict, "-r", recipe, "--out", tmp_path),
                    "compress.ptq: cannot be combined with compress.cluster")
     one_error_line(run("compress", plain_state_dict, "-r", recipe, "--set", "compress.cluster=null",
-                       "--set", "compress.ptq.bits=9", "--out", tmp_path), "compress.ptq.bits: must be >= 1 and <= 8, got 9")
+                       "--set", "compress.ptq.bits=9", "--out", tmp_path), "--set compress.ptq.bits=9: must be >= 1 and <= 8, got 9")
 
 
 def test_config_modes_and_the_imagenet_recipe():
