@@ -8,13 +8,15 @@ has the report, and the device runtime may gate its own measurements.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping
 from xml.sax.saxutils import escape, quoteattr
 
-from edgesqueeze.config.budget import Budget, format_size
+from edgesqueeze.config.budget import ARTIFACT_FORMATS, Budget, format_size
+from edgesqueeze.errors import FormatError
 
-__all__ = ["Verdict", "check", "verdicts_table", "verdicts_json", "verdicts_junit", "verdicts_markdown",
+__all__ = ["Verdict", "check", "validate_rows", "verdicts_table", "verdicts_json", "verdicts_junit", "verdicts_markdown",
            "verdicts_markdown_table", "exit_code", "artifacts_markdown"]
 
 
@@ -96,6 +98,83 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                                    "PASS" if ok else "FAIL",
                                    "" if ok else _images(1 - agr, row.get("n"), "disagree")))
     return out
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_count(x: Any, least: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= least
+
+
+def validate_rows(rows: Any, source: Any, *, names: Mapping[str, str] | None = None,
+                  writer: str = "verify") -> None:
+    """Refuse, before any budget is held against them, report rows (read from ``source``) that
+    :func:`check` would misjudge or crash on: no rows at all (a gate that checks nothing must
+    not pass), a field of the wrong type, or a value no measurement gives. Raises
+    :class:`~edgesqueeze.errors.FormatError` (exit code 2) naming the file, the row and the
+    field: ``verify.json: artifacts[2].accuracy: expected a number in [0, 1], got 'high'``, and
+    what to do (fix the file, or write it again with ``edgesqueeze WRITER``).
+
+    A measured row (no ``error``) needs ``path``, a known ``format`` and ``bytes``; ``n``,
+    ``accuracy``, ``agreement``, ``reference_accuracy``, ``gzip_bytes``, ``arena_bytes``,
+    ``latency_ms`` and ``decode_check`` may be missing or null (a budget that needs one
+    gives ERROR, never PASS), but when present must be what a measurement gives. A row
+    with an ``error`` (verify could not evaluate the file) needs only ``path`` and
+    ``format``. ``names``: where a field came from, for rows not read from an
+    ``artifacts`` list (a compress report's ``totals.esq_bytes``).
+
+        >>> validate_rows([{"path": "m.onnx", "format": "onnx", "bytes": 10, "accuracy": 0.9}], "v.json")
+        >>> try:
+        ...     validate_rows([{"path": "m.onnx", "format": "onnx", "bytes": 10, "accuracy": 1.7}], "v.json")
+        ... except FormatError as exc:
+        ...     print(str(exc).split(";")[0])
+        v.json: artifacts[0].accuracy: expected a number in [0, 1], got 1.7
+    """
+    if not rows:
+        raise FormatError(f"{source}: no artifacts to check (its 'artifacts' list is empty), and a gate that "
+                          "checks nothing must not pass; give the report `edgesqueeze verify` wrote for the "
+                          "files to gate, or the files themselves")
+    remedy = f"fix it, or write the report again with `edgesqueeze {writer}`"
+    for i, row in enumerate(rows):
+        def bad(field: str, expected: str, got: Any = None, missing: bool = False, i: int = i) -> FormatError:
+            where = (names or {}).get(field, f"artifacts[{i}].{field}")
+            said = f"missing, expected {expected}" if missing else f"expected {expected}, got {got!r}"
+            return FormatError(f"{source}: {where}: {said}; {remedy}")
+
+        if not isinstance(row, dict):
+            raise FormatError(f"{source}: artifacts[{i}]: expected an object (one artifact's row), got "
+                              f"{type(row).__name__}; {remedy}")
+        error = row.get("error")
+        if error is not None and not isinstance(error, str):
+            raise bad("error", "null or a string (why the file could not be evaluated)", error)
+        if not isinstance(row.get("path"), str) or not row.get("path"):
+            raise bad("path", "a file path (a string)", row.get("path"), missing="path" not in row)
+        fmt = row.get("format")
+        if error:  # not measured: the gate reports ERROR whatever else the row says
+            if not isinstance(fmt, str):
+                raise bad("format", "a string naming the file's format", fmt, missing="format" not in row)
+        elif fmt not in ARTIFACT_FORMATS:
+            raise bad("format", f"one of {', '.join(ARTIFACT_FORMATS)}", fmt, missing="format" not in row)
+        size = row.get("bytes")
+        if size is None and not error:
+            raise bad("bytes", "a positive whole number of bytes (the file's size)", size, missing="bytes" not in row)
+        for field, what in (("bytes", "the file's size"), ("gzip_bytes", "the file's gzip size"),
+                            ("arena_bytes", "the arena the file needs")):
+            if row.get(field) is not None and not _is_count(row[field], 1):
+                raise bad(field, f"a positive whole number of bytes ({what})", row[field])
+        n, least = row.get("n"), 0 if error else 1  # verify writes n 0 for a file it could not evaluate
+        if n is not None and not _is_count(n, least):
+            raise bad("n", f"a whole number >= {least} (the test images evaluated)", n)
+        for field in ("accuracy", "agreement", "reference_accuracy"):
+            x = row.get(field)
+            if x is not None and not (_is_number(x) and 0 <= x <= 1):
+                raise bad(field, "a number in [0, 1]", x)
+        if row.get("latency_ms") is not None and not (_is_number(row["latency_ms"]) and row["latency_ms"] >= 0):
+            raise bad("latency_ms", "a number >= 0 (milliseconds)", row["latency_ms"])
+        if row.get("decode_check") is not None and not isinstance(row["decode_check"], bool):
+            raise bad("decode_check", "true, false or null", row["decode_check"])
 
 
 def _images(frac: float, n, verb: str = "") -> str:

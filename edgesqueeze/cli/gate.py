@@ -23,6 +23,56 @@ def _is_report(path: Path) -> bool:
         return False
 
 
+# a compress report's one .esq row: where each of its fields comes from
+_COMPRESS_FIELDS = {"path": "esq", "bytes": "totals.esq_bytes", "n": "test.after.n",
+                    "accuracy": "test.after.accuracy", "agreement": "test.agreement",
+                    "reference_accuracy": "test.before.accuracy"}
+
+
+def _report_rows(path: Path) -> list[dict]:
+    """The artifact rows of the report ``path``, checked up front (``budget.validate_rows``):
+    a report that has no artifacts, or one whose fields are missing, mistyped or out of range,
+    is bad input (exit 2, the file, row and field named), never a pass nor a traceback."""
+    from edgesqueeze.budget import validate_rows
+    from edgesqueeze.errors import FormatError
+    from edgesqueeze.verify import rows_from_report
+
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        raw = None  # rows_from_report says what is wrong with it
+    compress = (isinstance(raw, dict) and not isinstance(raw.get("artifacts"), list)
+                and "totals" in raw and "test" in raw)
+    if compress:  # the sections rows_from_report reads its row from
+        test = raw["test"]
+        for where, value in (("totals", raw["totals"]), ("test", test),
+                             ("test.before", test.get("before") if isinstance(test, dict) else None),
+                             ("test.after", test.get("after") if isinstance(test, dict) else None)):
+            if not isinstance(value, dict):
+                raise FormatError(f"{path}: {where}: expected an object, got {value!r}; write the report again "
+                                  "with `edgesqueeze compress`")
+        if not isinstance(raw.get("esq", ""), str):
+            raise FormatError(f"{path}: esq: expected the .esq file's path (a string), got {raw['esq']!r}")
+    rows = rows_from_report(path)
+    if compress:
+        validate_rows(rows, path, names=_COMPRESS_FIELDS, writer="compress")
+    else:
+        validate_rows(rows, path)
+    return rows
+
+
+def _not_a_directory(path: Path) -> None:
+    """``check DIR``: say it is a folder, and name the report in it to give instead."""
+    from edgesqueeze.errors import FormatError
+
+    if not path.is_dir():
+        return
+    found = [path / name for name in ("verify.json", "report.json") if (path / name).is_file()]
+    hint = (f"give {found[0]}" if found else
+            f"give the verify.json `edgesqueeze verify` wrote, or the artifact files in it ({path / '*'})")
+    raise FormatError(f"{path}: is a directory, not a report or an artifact file; {hint}")
+
+
 def _budget_from_options(recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement):
     import dataclasses
 
@@ -170,20 +220,21 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
 
     PATHS are report.json files (from `verify` or `compress`: nothing is re-run) or
     artifact files (.pt, .esq, .onnx, .tflite: evaluated now on the test split through
-    their own runtimes). An artifact that cannot be evaluated is never a pass. Size
+    their own runtimes). An artifact that cannot be evaluated is never a pass, and a
+    report with no artifacts, or with a field missing or out of range, is bad input. Size
     budgets (--max-size) judge the files that ship; the float reference .pt is judged
     only by a size limit of its own (--max-size-for pt=SIZE).
 
     \b
     Example:
-      edgesqueeze check artifacts/squeezenet-digits/export/verify.json --max-size 100KB --min-accuracy 0.95
+      edgesqueeze check artifacts/squeezenet-digits/verify.json --max-size 100KB --min-accuracy 0.95
       edgesqueeze check model.int8.tflite --data mnist --max-size 100KB --min-accuracy 99.4% \\
           --junit gate.xml --markdown "$GITHUB_STEP_SUMMARY"
     """
     from edgesqueeze._io import write_text_atomic
     from edgesqueeze.budget import (check as run_check, exit_code, verdicts_json, verdicts_junit,
                                     verdicts_markdown, verdicts_table)
-    from edgesqueeze.verify import evaluate_artifacts, rows_from_report
+    from edgesqueeze.verify import evaluate_artifacts
 
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     if budget.is_empty():
@@ -191,8 +242,9 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
                                "or a --recipe with a 'budget' section")
     rows, files = [], []
     for p in paths:
+        _not_a_directory(p)
         if _is_report(p):
-            rows.extend(rows_from_report(p))
+            rows.extend(_report_rows(p))
         else:
             files.append(p)
     if files:

@@ -1,0 +1,213 @@
+"""`edgesqueeze check REPORT.json` on reports that are empty, hold impossible values or are
+malformed: bad input (exit 2, one line naming the file, the row and the field), never a pass
+and never a traceback. Real report files on disk, the real CLI (click's runner, and one
+subprocess for what a CI job sees)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgesqueeze.cli import cli
+from edgesqueeze.config.budget import ARTIFACT_FORMATS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a report as `edgesqueeze verify` writes it (the keys and values of the demo's
+# artifacts/squeezenet-digits/verify.json, three of its rows)
+_ROW = {"runtime": "onnxruntime", "gzip_bytes": 24745, "n": 359, "accuracy": 0.9860724233983287,
+        "agreement": 0.9972144846796658, "reference_accuracy": 0.9888579387186629, "decode_check": None,
+        "latency_ms": 0.0845909999043215, "warning": None, "error": None}
+REPORT = {
+    "dataset": None, "datasets": ["digits"], "reference": "model.pt", "reference_accuracy": 0.9888579387186629,
+    "artifacts": [
+        {**_ROW, "path": "model.pt", "format": "pt", "runtime": "pytorch", "bytes": 309245, "gzip_bytes": 266514,
+         "accuracy": 0.9888579387186629, "agreement": 1.0},
+        {**_ROW, "path": "compressed/model.esq", "format": "esq", "runtime": "edgesqueeze .esq decoder + pytorch",
+         "bytes": 17260, "gzip_bytes": 17286, "decode_check": True},
+        {**_ROW, "path": "export/model.int8.onnx", "format": "onnx-int8", "bytes": 87872, "ort_portable": True},
+    ],
+    "machine": {"cpu": "AMD EPYC", "arch": "x86_64", "cores": 2},
+}
+BUDGET = ["--max-size", "400KB", "--min-accuracy", "0.5", "--max-drop", "1", "--min-agreement", "0.9"]
+
+
+def write_report(tmp_path: Path, edit=None, name: str = "verify.json") -> Path:
+    report = copy.deepcopy(REPORT)
+    if edit is not None:
+        edit(report)
+    path = tmp_path / name
+    path.write_text(json.dumps(report, indent=2))  # NaN written as NaN, as Python's json reads it
+    return path
+
+
+def check(*args):
+    return CliRunner().invoke(cli, ["check", *map(str, args)])
+
+
+def set_field(field, value):
+    def edit(report):
+        report["artifacts"][2][field] = value
+    return edit
+
+
+def drop_field(field):
+    def edit(report):
+        del report["artifacts"][2][field]
+    return edit
+
+
+def test_a_valid_report_passes_and_a_broken_budget_fails(tmp_path):
+    """The baseline the refusals below are measured against: the same report, untouched."""
+    report = write_report(tmp_path)
+    res = check(report, *BUDGET)
+    assert res.exit_code == 0, res.output
+    assert "11 passed, 0 failed" in res.output
+    res = check(report, "--max-size", "80KB")
+    assert res.exit_code == 1, res.output  # the .onnx-int8 file is over (the float .pt is not judged by it)
+
+
+def test_a_report_with_no_artifacts_is_bad_input(tmp_path):
+    report = write_report(tmp_path, lambda r: r.update(artifacts=[]))
+    res = check(report, *BUDGET)
+    assert res.exit_code == 2, res.output
+    assert f"error: {report}: no artifacts to check" in res.output
+    assert "passed" not in res.output
+
+
+@pytest.mark.parametrize("edit, message", [
+    pytest.param(set_field("accuracy", 1.7), "artifacts[2].accuracy: expected a number in [0, 1], got 1.7",
+                 id="accuracy-above-1"),
+    pytest.param(set_field("accuracy", -0.1), "artifacts[2].accuracy: expected a number in [0, 1], got -0.1",
+                 id="accuracy-below-0"),
+    pytest.param(set_field("agreement", 2), "artifacts[2].agreement: expected a number in [0, 1], got 2",
+                 id="agreement-above-1"),
+    pytest.param(set_field("bytes", -5),
+                 "artifacts[2].bytes: expected a positive whole number of bytes (the file's size), got -5",
+                 id="bytes-negative"),
+    pytest.param(set_field("bytes", 0), "artifacts[2].bytes: expected a positive whole number of bytes", id="bytes-0"),
+    pytest.param(set_field("bytes", 87872.5), "artifacts[2].bytes: expected a positive whole number of bytes",
+                 id="bytes-fraction"),
+    pytest.param(set_field("n", 0), "artifacts[2].n: expected a whole number >= 1 (the test images evaluated), got 0",
+                 id="n-0"),
+    pytest.param(set_field("format", "banana"),
+                 f"artifacts[2].format: expected one of {', '.join(ARTIFACT_FORMATS)}, got 'banana'",
+                 id="format-unknown"),
+])
+def test_impossible_values_are_bad_input(tmp_path, edit, message):
+    report = write_report(tmp_path, edit)
+    res = check(report, *BUDGET)
+    assert res.exit_code == 2, res.output
+    assert f"error: {report}: {message}" in res.output
+    assert "fix it, or write the report again with `edgesqueeze verify`" in res.output
+    assert "passed" not in res.output
+
+
+@pytest.mark.parametrize("edit, budget, message", [
+    pytest.param(set_field("accuracy", "high"), BUDGET,
+                 "artifacts[2].accuracy: expected a number in [0, 1], got 'high'", id="accuracy-string"),
+    pytest.param(set_field("accuracy", True), BUDGET,
+                 "artifacts[2].accuracy: expected a number in [0, 1], got True", id="accuracy-bool"),
+    pytest.param(drop_field("bytes"), ["--max-size", "400KB"],
+                 "artifacts[2].bytes: missing, expected a positive whole number of bytes", id="bytes-missing"),
+    pytest.param(set_field("bytes", None), ["--max-size", "400KB"],
+                 "artifacts[2].bytes: expected a positive whole number of bytes (the file's size), got None",
+                 id="bytes-null"),
+    pytest.param(set_field("accuracy", float("nan")), ["--max-drop", "1"],
+                 "artifacts[2].accuracy: expected a number in [0, 1], got nan", id="accuracy-nan-max-drop"),
+    pytest.param(set_field("reference_accuracy", float("inf")), ["--max-drop", "1"],
+                 "artifacts[2].reference_accuracy: expected a number in [0, 1], got inf", id="reference-inf"),
+    pytest.param(set_field("n", "359"), ["--max-drop", "1"],
+                 "artifacts[2].n: expected a whole number >= 1 (the test images evaluated), got '359'", id="n-string"),
+    pytest.param(set_field("latency_ms", "fast"), ["--max-size", "400KB"],
+                 "artifacts[2].latency_ms: expected a number >= 0 (milliseconds), got 'fast'", id="latency-string"),
+    pytest.param(set_field("decode_check", "yes"), ["--max-size", "400KB"],
+                 "artifacts[2].decode_check: expected true, false or null, got 'yes'", id="decode-check-string"),
+    pytest.param(set_field("error", 3), ["--max-size", "400KB"],
+                 "artifacts[2].error: expected null or a string", id="error-not-a-string"),
+    pytest.param(set_field("path", 7), ["--max-size", "400KB"],
+                 "artifacts[2].path: expected a file path (a string), got 7", id="path-not-a-string"),
+])
+def test_malformed_fields_are_one_error_line_not_a_traceback(tmp_path, edit, budget, message):
+    report = write_report(tmp_path, edit)
+    res = check(report, *budget, "--markdown", tmp_path / "gate.md")
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert f"error: {report}: {message}" in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "gate.md").exists()  # refused before anything is judged or written
+
+
+def test_a_ci_job_sees_one_error_line_and_exit_2(tmp_path):
+    """The same refusal through a real process, as a CI step runs it."""
+    report = write_report(tmp_path, set_field("accuracy", "high"))
+    proc = subprocess.run([sys.executable, "-m", "edgesqueeze", "check", str(report), "--min-accuracy", "0.9"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (f"error: {report}: artifacts[2].accuracy: expected a number in [0, 1], got "
+                                   "'high'; fix it, or write the report again with `edgesqueeze verify`")
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_row_verify_could_not_evaluate_still_reads_as_not_measured(tmp_path):
+    """What verify writes for a file it could not evaluate (format from the suffix, n 0, no
+    numbers) is a valid report: the gate says ERROR for it (exit 2), not a field error."""
+    def edit(report):
+        report["artifacts"][2].update(format="bin", bytes=None, gzip_bytes=None, n=0, accuracy=None,
+                                      agreement=None, latency_ms=None, error="model.bin: not a model file")
+    res = check(write_report(tmp_path, edit), *BUDGET)
+    assert res.exit_code == 2, res.output
+    assert "ERROR (model.bin: not a model file)" in res.output and "could not be measured" in res.output
+    assert "error: " not in res.output
+
+
+def test_a_compress_report_names_its_own_fields(tmp_path):
+    compress = {"esq": "model.esq", "totals": {"esq_bytes": 17260},
+                "test": {"before": {"n": 359, "accuracy": 0.9889}, "after": {"n": 359, "accuracy": 0.9861},
+                         "agreement": 0.9972}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(compress))
+    res = check(path, "--max-size", "20KB", "--max-drop", "1")
+    assert res.exit_code == 0, res.output
+    compress["test"]["after"]["accuracy"] = 1.5
+    path.write_text(json.dumps(compress))
+    res = check(path, "--max-drop", "1")
+    assert res.exit_code == 2, res.output
+    assert (f"error: {path}: test.after.accuracy: expected a number in [0, 1], got 1.5; fix it, or write the "
+            "report again with `edgesqueeze compress`") in res.output
+    compress["test"]["after"] = "x"
+    path.write_text(json.dumps(compress))
+    res = check(path, "--max-drop", "1")
+    assert res.exit_code == 2 and f"error: {path}: test.after: expected an object, got 'x'" in res.output, res.output
+
+
+@pytest.mark.parametrize("report_name", ["verify.json", "report.json", None])
+def test_a_directory_is_named_as_one_with_the_report_in_it(tmp_path, report_name):
+    folder = tmp_path / "squeezenet-digits"
+    folder.mkdir()
+    if report_name:
+        write_report(folder, name=report_name)
+    res = check(folder, *BUDGET)
+    assert res.exit_code == 2, res.output
+    assert f"error: {folder}: is a directory, not a report or an artifact file; " in res.output
+    assert "no such file" not in res.output
+    if report_name:
+        assert f"give {folder / report_name}" in res.output
+    else:
+        assert f"the artifact files in it ({folder / '*'})" in res.output
+
+
+def test_help_example_is_the_path_the_demo_writes():
+    res = CliRunner().invoke(cli, ["check", "--help"])
+    assert res.exit_code == 0
+    assert "edgesqueeze check artifacts/squeezenet-digits/verify.json --max-size" in res.output
+    assert "export/verify.json" not in res.output
+    # the demo (make demo -> examples/ci/gate.sh with OUT=artifacts/squeezenet-digits) writes $OUT/verify.json
+    assert "OUT=artifacts/squeezenet-digits" in (ROOT / "Makefile").read_text()
+    assert '--out "$OUT/verify.json"' in (ROOT / "examples" / "ci" / "gate.sh").read_text()
