@@ -125,15 +125,21 @@ def _progress(total: int, desc: str):
 
 
 def decode_image(data: bytes, where: str):
-    """A PIL image, fully decoded; any decoder failure becomes a DataError naming the file."""
+    """A PIL image, fully decoded, with 8-bit samples: 16-bit grayscale (``I;16*``, and ``I``
+    on the 0..65535 scale) becomes ``L`` scaled by ``round(v / 257)`` rather than clipped at
+    255 as Pillow's ``convert`` would; ``F`` (float) images and ``I`` values outside 0..65535
+    are refused (:func:`edgesqueeze.runtime.images.to_8bit`, shared with ``edgesqueeze run``).
+    Any decoder failure or such pixels become a DataError naming the file."""
     from PIL import Image
+
+    from edgesqueeze.runtime.images import to_8bit
 
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        return img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {where} ({e}); delete or replace it") from e
+    return to_8bit(img, where)
 
 
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -162,6 +168,8 @@ def decode_all(src: Source, items: list[tuple[str, str]], *, image_size: int | N
     """
     from PIL import Image
 
+    from edgesqueeze.runtime.images import convert_8bit
+
     out = None
     all_gray = True
     bar = _progress(len(items), desc)
@@ -169,7 +177,7 @@ def decode_all(src: Source, items: list[tuple[str, str]], *, image_size: int | N
         where = src.describe(rel)
         img = decode_image(src.read(rel), where)
         gray = img.mode in _GRAY_MODES
-        img = img.convert("L" if gray else "RGB")
+        img = convert_8bit(img, "L" if gray else "RGB", where)
         all_gray &= gray
         if image_size is not None and img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.BILINEAR)

@@ -34,7 +34,8 @@ PREPROCESS = ("resize", "imagenet")  # resize to size x size; or shorter side to
 
 class LazyImages:
     """uint8 ``(N, C, size, size)`` images decoded from ``files`` of an image folder or zip
-    when they are read (:meth:`decode`), not before.
+    when they are read (:meth:`decode`), not before. 16-bit grayscale files are scaled to
+    8 bits (``round(v / 257)``), not clipped; float (``F``) files are refused naming the file.
 
     ``preprocess``: ``resize`` (bilinear, antialiased when shrinking, to ``size`` squared) or
     ``imagenet`` (torchvision's evaluation transform: shorter side to ``round(size * 256 / 224)``,
@@ -100,17 +101,19 @@ class LazyImages:
         from PIL import Image
 
         from edgesqueeze.data._images import _GRAY_MODES, decode_image, imagenet_crop
+        from edgesqueeze.runtime.images import convert_8bit
 
         src = self._source()
         idx = list(indices)
         out = np.empty((len(idx), self.channels, self.size, self.size), dtype=np.uint8)
         for j, i in enumerate(idx):
             rel = self.files[i]
-            img = decode_image(src.read(rel), src.describe(rel))
+            where = src.describe(rel)
+            img = decode_image(src.read(rel), where)  # 16-bit scaled to 8-bit, float refused
             gray = self.channels == 1
             if not gray and img.mode in _GRAY_MODES:
-                img = img.convert("L")
-            img = img.convert("L" if gray else "RGB")
+                img = convert_8bit(img, "L", where)
+            img = convert_8bit(img, "L" if gray else "RGB", where)
             if self.preprocess == "imagenet":
                 img = imagenet_crop(img, self.size)
             elif img.size != (self.size, self.size):

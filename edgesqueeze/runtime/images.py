@@ -7,6 +7,26 @@ centre ``H x W`` is cut out (``top = round((h - H) / 2)``), zero-padded if the i
 smaller. Example: a 640x480 photo with resize 256 and input 224x224 becomes 341x256, then
 the crop starts at column 58, row 16. Without ``resize`` the image is resized straight to
 ``W x H``.
+
+Pixel depth (:func:`to_8bit`, which the image-folder datasets in ``edgesqueeze.data`` use
+too): models take 8-bit pixels, and Pillow's own ``convert("L")`` / ``convert("RGB")`` clips
+wider ones at 255 (a 16-bit grayscale PNG would come out nearly white). So, before anything
+else, by the image's Pillow mode:
+
+- ``I;16`` / ``I;16L`` / ``I;16B`` / ``I;16N`` (16-bit grayscale PNG, TIFF, PGM): scaled to
+  8 bits, ``round(v / 257)``, so 65535 -> 255 and an 8-bit picture saved as 16-bit
+  (``v * 257``) reads back exactly.
+- ``I`` (32-bit integer; Pillow opens 16-bit PGMs and some TIFFs so, on the 0..65535 scale):
+  scaled as 16-bit when every pixel lies in 0..65535; otherwise refused (DataError naming
+  the file), since no fixed scale maps such values to 8 bits.
+- ``F`` (32-bit float): refused (DataError naming the file). Float images have no standard
+  range (0..1 and 0..255 are both common; Pillow itself would clip at 0..255), so guessing
+  would feed the model wrong pixels silently; save it as 8- or 16-bit integers.
+- 16-bit-per-channel RGB / RGBA PNGs: Pillow already opens them as 8-bit ``RGB`` / ``RGBA``
+  (the high byte of each sample), so they pass unchanged, as do all 8-bit modes.
+
+A mode Pillow cannot convert to the model's colour mode (``LAB``, ``La``) is a DataError
+naming the file too.
 """
 
 from __future__ import annotations
@@ -18,7 +38,7 @@ import numpy as np
 
 from edgesqueeze.errors import DataError, RuntimeBackendError
 
-__all__ = ["load_image", "load_images"]
+__all__ = ["convert_8bit", "load_image", "load_images", "to_8bit"]
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -29,6 +49,43 @@ def _pil():
     except ImportError:
         raise RuntimeBackendError("reading image files needs Pillow; pip install Pillow") from None
     return Image
+
+
+_16BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def to_8bit(img, where: str | os.PathLike):
+    """A PIL image with 8-bit samples: 16-bit (and 0..65535 ``I``) grayscale scaled to
+    ``L`` with ``round(v / 257)``; ``F`` and out-of-range ``I`` refused with a DataError
+    naming ``where``; anything else returned as it is (see the module docstring)."""
+    mode = img.mode
+    if mode == "F":
+        raise DataError(f"{where}: 32-bit floating-point pixels (Pillow mode F) have no standard "
+                        f"0-255 scale; save the image with 8- or 16-bit integer pixels")
+    if mode != "I" and mode not in _16BIT_MODES:
+        return img
+    a = np.asarray(img)
+    if mode == "I" and a.size:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise DataError(f"{where}: 32-bit integer pixels range {lo}..{hi}, outside the 16-bit "
+                            f"0..65535 that can be scaled to 8 bits; save the image with 8- or "
+                            f"16-bit pixels")
+    a8 = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257); 65535 -> 255
+    Image = _pil()
+    return Image.fromarray(np.ascontiguousarray(a8))
+
+
+def convert_8bit(img, mode: str, where: str | os.PathLike):
+    """:func:`to_8bit`, then Pillow's ``convert(mode)`` (always a new image, so ``img`` may be
+    closed after); a conversion Pillow refuses is a DataError naming ``where``."""
+    img = to_8bit(img, where)
+    try:
+        return img.convert(mode)  # a new image even when the mode is already right
+    except (ValueError, OSError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{where}: cannot convert its {img.mode} pixels to {mode} ({text}); "
+                        f"save it as an 8- or 16-bit grayscale or RGB image") from None
 
 
 def _chw(input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -65,7 +122,9 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
     """One image file as uint8 ``[C, H, W]`` for a model whose input is ``input_shape``.
 
     ``C`` picks the colour mode: 1 grayscale, 3 RGB (alpha and palettes dropped), 4 RGBA.
-    Raises :class:`DataError` when the file is missing or not a readable image.
+    16-bit images are scaled to 8 bits first (:func:`to_8bit`; float ``F`` images are refused).
+    Raises :class:`DataError` naming the file when it is missing, not a readable image, or
+    holds pixels that cannot be read as 8-bit grayscale or colour.
     """
     c, h, w = _chw(input_shape)
     if c not in _MODES:
@@ -76,10 +135,11 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
     try:
         with Image.open(path) as im:
             im.load()
-            img = im.convert(_MODES[c])
+            img = convert_8bit(im, _MODES[c], path)
     except FileNotFoundError:
         raise DataError(f"{path}: no such image file") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+    # UnidentifiedImageError is an OSError; a decompression bomb is none of these
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: cannot read as an image ({text}); is it a damaged or "
                         f"non-image file?") from None
