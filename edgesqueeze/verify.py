@@ -121,15 +121,12 @@ def _check_classes(scores: np.ndarray, ds, classes: list | None, source: str) ->
                         f"dataset '{ds.name}''s ({', '.join(map(str, ds.classes[:4]))}, ...)")
 
 
-def _torch_scores(path: Path, x: np.ndarray, meta: dict, ds, model_args: dict | None = None) -> np.ndarray:
-    from edgesqueeze.checkpoint import load_model
-    from edgesqueeze.evaluate import predict
-
-    from edgesqueeze.evaluate import input_normalization
-
+def _torch_scores(loaded, path: Path, x: np.ndarray, ds) -> np.ndarray:
+    """The scores of ``loaded`` (a :class:`~edgesqueeze.checkpoint.LoadedModel`) on ``x``, fed
+    as it was trained (its normalization, else the dataset's)."""
+    from edgesqueeze.evaluate import input_normalization, predict
     from edgesqueeze.models.probe import check_fits
 
-    loaded = load_model(path, **(model_args or {}))
     check_fits(loaded.model, ds.input_shape, source=path, data=ds.name)  # one line, not a conv's traceback
     mean, std, _ = input_normalization(loaded.meta, ds)
     return predict(loaded.model, x, mean=mean, std=std, batch_size=256).numpy()
@@ -148,14 +145,11 @@ def _runtime_scores(art, x) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def _torch_latency(path: Path, shape: list[int], runs: int = 30, model_args: dict | None = None) -> float:
+def _torch_latency(model, shape: list[int], runs: int = 30) -> float:
     import time
 
     import torch
 
-    from edgesqueeze.checkpoint import load_model
-
-    model = load_model(path, **(model_args or {})).model
     x = torch.randn(1, *shape)
     times = []
     with torch.inference_mode():
@@ -198,13 +192,15 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
 
         from edgesqueeze.evaluate import input_normalization
 
-        ref_meta = load_model(ref_path, **model_args).meta
+        ref_loaded = load_model(ref_path, **model_args)
+        ref_meta = ref_loaded.meta
         data.stream = bool(ref_meta.get("data_stream"))  # trained streamed: its folder is too big to hold
         ds, x, y = data.get(ref_meta.get("dataset"), ref_meta.get("input_shape"), str(ref_path))
         how = input_normalization(ref_meta, ds)[2]
         if how.startswith("measured"):
             log(f"note: {ref_path}: input normalization {how}")
-        ref_scores = _torch_scores(ref_path, x, ref_meta, ds, model_args)
+        ref_scores = _torch_scores(ref_loaded, ref_path, x, ds)
+        del ref_loaded
         _check_classes(ref_scores, ds, ref_meta.get("classes"), str(ref_path))
         ref_acc = float((ref_scores.argmax(1) == y).mean())
         log(f"reference {ref_path}: test accuracy {100 * ref_acc:.2f}% on {len(y):,} images ({ds.name})")
@@ -264,12 +260,12 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
             expected = meta.get("weights_sha256")
             out["decode_check"] = None if expected is None else state_digest(loaded.model.state_dict()) == expected
         ds, x, y = data.get(meta.get("dataset"), meta.get("input_shape"), str(path))
-        scores = _torch_scores(path, x, meta, ds, args)
+        scores = _torch_scores(loaded, path, x, ds)
         _check_classes(scores, ds, meta.get("classes"), str(path))
         out["_meta_reference"] = ((meta.get("metrics") or {}).get("test") or {}).get("accuracy") \
             if kind == "pt" else meta.get("reference_accuracy")
         if latency:
-            out["latency_ms"] = _torch_latency(path, list(ds.input_shape), model_args=args)
+            out["latency_ms"] = _torch_latency(loaded.model, list(ds.input_shape))
     else:
         from edgesqueeze import runtime
 
