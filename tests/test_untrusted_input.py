@@ -394,3 +394,15 @@ if __name__ == "__main__":
                   "--limit", "20", "--json", cwd=tmp_path)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["n"] == 20
+
+
+def test_a_run_that_does_not_prune_says_an_old_pruned_pt_is_not_its_own(tmp_path):
+    path = tmp_path / "small.pt"
+    torch.jit.save(torch.jit.script(Small().eval()), str(path))
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "pruned.pt").write_bytes(b"from an earlier run")
+    res = cli_run("compress", path, "--data", "digits", "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "pruned.pt is from an earlier run" in res.output
+    assert (out / "pruned.pt").read_bytes() == b"from an earlier run"  # not the user's to lose

@@ -123,11 +123,15 @@ def compress(
 
         raise ModelError(f"{checkpoint}: has no Conv2d or Linear layer, so there is nothing to prune, share or "
                          "code; compress works on the weights of convolutions and fully connected layers")
+    stale = Path(out_dir) / "pruned.pt"
+    if config.mode != "retrain" and stale.exists():
+        log(f"note: {stale} is from an earlier run in this folder; this one does not prune, so it stays as it was")
     teacher_model = None
     if teacher is not None:
         from edgesqueeze.checkpoint import load_model
 
-        loaded_teacher = load_model(teacher)
+        # the same permission as the model compressed: the code --arch names, --trust-pickle
+        loaded_teacher = load_model(teacher, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
         teacher_model = loaded_teacher.model.eval()
         check_fits(teacher_model, inp.ds, teacher, {})
         for key, mine in (("mean", inp.mean), ("std", inp.std)):
