@@ -251,11 +251,18 @@ def stored_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         raise CheckpointError(f"{path}: not an edgesqueeze checkpoint (it holds a pickled object)") from None
     if not (isinstance(obj, dict) and obj.get("format") in (FORMAT, TRAIN_STATE_FORMAT)):
         raise CheckpointError(f"{path}: not an edgesqueeze checkpoint")
+    return dict(obj["state_dict"]), _checkpoint_meta(path, obj), "checkpoint"
+
+
+def _checkpoint_meta(path: Path, obj: dict) -> dict[str, Any]:
+    """The metadata of an edgesqueeze checkpoint dict, its format version checked."""
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {obj.get('format_version')!r} is not "
+                              f"supported (this edgesqueeze reads {FORMAT_VERSION})")
     try:
-        meta = json.loads(obj["meta_json"])
+        return json.loads(obj["meta_json"])
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: metadata is unreadable ({exc})") from None
-    return dict(obj["state_dict"]), meta, "checkpoint"
 
 
 def load_model(
@@ -322,13 +329,7 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
         return LoadedModel(obj.eval(), apply_input_meta(meta, input_meta, source=str(path)), "pickle", path)
 
     if isinstance(obj, dict) and obj.get("format") in (FORMAT, TRAIN_STATE_FORMAT):
-        if obj.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: checkpoint format version {obj.get('format_version')!r} is not "
-                                  f"supported (this edgesqueeze reads {FORMAT_VERSION})")
-        try:
-            meta = json.loads(obj["meta_json"])
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: metadata is unreadable ({exc})") from None
+        meta = _checkpoint_meta(path, obj)
         if arch is not None and is_import_spec(meta.get("arch")) and arch != meta["arch"]:
             meta["arch"] = arch  # the user's code, named where it is now
         model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=meta.get("folded_batchnorm", False),
@@ -381,7 +382,7 @@ def not_torch_file(path: Path, head: bytes) -> None:
     """Refuse (CheckpointError) a file whose first bytes are not a PyTorch zip, a legacy
     ``torch.save`` pickle or an ``.esq``, saying what it looks like instead: unpickling
     advice for an ONNX file would be wrong, and torch's own errors for one are tracebacks."""
-    from edgesqueeze.runtime._base import sniff
+    from edgesqueeze.runtime._base import _looks_like_onnx, sniff
 
     what = sniff(head)
     if what in ("zip", "pickle", "esq"):
@@ -392,7 +393,7 @@ def not_torch_file(path: Path, head: bytes) -> None:
     hint = {"tflite": f"it is a TFLite model ({runs})",
             "hdf5": "it is an HDF5 file (a Keras model?); edgesqueeze reads PyTorch models"}.get(what)
     if hint is None:
-        hint = (f"it looks like an ONNX model ({runs})" if head[:1] == b"\x08"
+        hint = (f"it looks like an ONNX model ({runs})" if _looks_like_onnx(head)
                 else "it has no zip or pickle header; expected a torch.save checkpoint or state_dict, a "
                      "TorchScript archive, a torch.export .pt2 or an .esq")
     raise CheckpointError(f"{path}: not a PyTorch model file: {hint}")
@@ -531,12 +532,12 @@ def esq_dumps(state_dict: dict[str, torch.Tensor], meta: dict, **kwargs: Any) ->
 def esq_loads(data: bytes, *, source: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors (bit-exact) and metadata of ``.esq`` bytes; ``source`` (the file) starts
     every error. A packed ``.onnx.esq`` / ``.tflite.esq`` is refused with what reads it."""
-    from edgesqueeze.format.packed import PACKED_KEY
+    from edgesqueeze.format.packed import PACKED_KEY, is_packed
 
     try:
         archive = container.loads(data)
-        packed = archive.meta.get(PACKED_KEY)
-        if isinstance(packed, dict):
+        if is_packed(archive):
+            packed = archive.meta[PACKED_KEY]
             raise FormatError(f"a packed {packed.get('format', '?')} file ({packed.get('name', '?')}), not a model "
                               "archive: run, verify, bench and inspect read it as it is, and 'edgesqueeze unpack' "
                               "writes the plain file")
