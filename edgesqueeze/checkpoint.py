@@ -242,6 +242,9 @@ def stored_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         head = fh.read(8)
     if head == container.MAGIC:
         state, meta = esq_loads(path.read_bytes(), source=str(path))
+        if isinstance(meta.get("program"), dict):
+            raise FormatError(f"{path}: holds a {meta['program'].get('kind')} model, which has no checkpoint "
+                              "form; eval, export and verify read the .esq as it is")
         if meta.get("format") != ESQ_META_FORMAT or "arch" not in meta:
             raise FormatError(f"{path}: not an edgesqueeze model archive (no 'arch')")
         return state, meta, "esq"

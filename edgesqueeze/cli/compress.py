@@ -145,13 +145,8 @@ def unpack(esq_path, out_path, force):
                                "needs PyTorch; install it (see README, 'Install'), or use the .esq as it is: "
                                "eval, export and verify read it")
     from edgesqueeze.checkpoint import save_state, stored_weights
-    from edgesqueeze.format import container
 
-    meta = container.read_esq(esq_path).meta
-    if isinstance(meta.get("program"), dict):
-        raise click.UsageError(f"{esq_path}: holds a {meta['program'].get('kind')} model, which has no "
-                               "checkpoint form; eval, export and verify read the .esq as it is")
-    state, meta, _ = stored_weights(esq_path)
+    state, meta, _ = stored_weights(esq_path)  # a TorchScript / program archive is refused there
     save_state(out_path, state, meta)
     click.echo(f"{out_path}: {sum(t.numel() for t in state.values()):,} values from {esq_path}")
 

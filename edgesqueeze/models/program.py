@@ -868,8 +868,7 @@ def restore(kind: str, skeleton: bytes, state_dict: dict[str, torch.Tensor]) -> 
         if kind == "torchscript":
             model = torch.jit.load(io.BytesIO(skeleton), map_location="cpu", _extra_files=extra)
         else:
-            with _quiet():
-                program = load_exported(io.BytesIO(skeleton), extra_files=extra)
+            program = load_exported(io.BytesIO(skeleton), extra_files=extra)  # quiet itself
     except PickleInProgram as exc:
         raise ModelError(f"the {kind} skeleton holds {exc}; an edgesqueeze archive never needs one, so it "
                          "is refused (unpickling can run arbitrary code)") from None
