@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from edgesqueeze._io import write_bytes_atomic
-from edgesqueeze.errors import CheckpointError, FormatError, ModelError
+from edgesqueeze.errors import CheckpointError, FormatError, ModelError, Note
 from edgesqueeze.format import codec, container
 
 FORMAT = "edgesqueeze.checkpoint"
@@ -309,6 +310,10 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
         return LoadedModel(model, apply_input_meta(meta, input_meta, source=str(path)), "esq", path)
     kind = _zip_kind(path)
     if kind in ("torchscript", "exported_program"):
+        if arch is not None:
+            what = "a TorchScript archive" if kind == "torchscript" else "a torch.export program"
+            warnings.warn(f"{path} is {what}, which carries its own code and weights: the architecture {arch!r} "
+                          "(--arch, or the recipe's model.arch) is not used to build it", Note, stacklevel=3)
         model, program = _load_program(path, kind, trust_pickle=trust_pickle)
         return LoadedModel(model, apply_input_meta({}, input_meta, source=str(path)), kind, path, program)
 
@@ -335,6 +340,9 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
         meta = _checkpoint_meta(path, obj)
         if arch is not None and is_import_spec(meta.get("arch")) and arch != meta["arch"]:
             meta["arch"] = arch  # the user's code, named where it is now
+        elif arch is not None and arch != meta.get("arch"):
+            warnings.warn(f"{path} records its architecture {meta.get('arch')!r}, which is used: {arch!r} (--arch, "
+                          "or the recipe's model.arch) is not", Note, stacklevel=3)
         model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=meta.get("folded_batchnorm", False),
                         from_file=None if arch == meta["arch"] else str(path), trusted=trust_pickle)
         load_state_dict_checked(model, obj["state_dict"], source=str(path))

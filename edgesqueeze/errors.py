@@ -51,3 +51,9 @@ class BudgetError(EdgesqueezeError):
     """An artifact broke its size or accuracy budget."""
 
     exit_code = 1
+
+
+class Note(UserWarning):
+    """Not an error: something the user asked for that edgesqueeze does not use, or a choice
+    it made for them. Library code warns with it (``warnings.warn(msg, Note)``); the CLI
+    prints each as one ``note: ...`` line on stderr."""

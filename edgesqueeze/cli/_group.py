@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,26 @@ from typing import Any
 import click
 
 from edgesqueeze import __version__
-from edgesqueeze.errors import EdgesqueezeError
+from edgesqueeze.errors import EdgesqueezeError, Note
+
+
+def _show_note(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, Note):
+        click.echo(f"note: {message}", err=True)
+    else:
+        _show_other(message, category, filename, lineno, file, line)
+
+
+_show_other = warnings.showwarning
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", Note)
+                warnings.showwarning = _show_note
+                return super().invoke(ctx)
         except EdgesqueezeError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             ctx.exit(exc.exit_code)

@@ -51,10 +51,11 @@ def _calibration_set(meta: dict[str, Any], source: Path, config: ExportConfig, *
     return images, info
 
 
-def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data_dir, log: Log = print) -> None:
+def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data_dir, log: Log = print) -> int:
     """A plain state_dict records no dataset, normalization or classes: take them from the
     dataset given (``--data``), as ``compress`` does, so that the files are fed (and
-    calibrated) the way the model was trained, not with raw pixels / 255."""
+    calibrated) the way the model was trained, not with raw pixels / 255. Returns the
+    model's class count (it has run on the dataset's images by then)."""
     from edgesqueeze.data import load_dataset
     from edgesqueeze.errors import DataError
 
@@ -65,7 +66,7 @@ def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data
                         f"{list(shape)}; pass the dataset it was trained on (--data)")
     from edgesqueeze.models.probe import check_fits
 
-    check_fits(model, ds.input_shape, source=source, data=ds.name, num_classes=ds.num_classes)
+    logits = check_fits(model, ds.input_shape, source=source, data=ds.name, num_classes=ds.num_classes)
     meta["dataset"] = ds.name
     meta["input_shape"] = list(ds.input_shape)
     if meta.get("mean") is None or meta.get("std") is None:
@@ -76,6 +77,7 @@ def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data
         log(f"note: input normalization {how}")
     if not meta.get("classes") and ds.classes is not None:
         meta["classes"] = [str(c) for c in ds.classes]
+    return logits
 
 
 _CONTAINER_TAGS = {"pt", "pth", "pt2", "ckpt", "bin", "esq", "torchscript", "ts", "jit", "script", "scripted",
@@ -115,19 +117,20 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     meta = dict(loaded.meta)
     if not dataset and not meta.get("dataset"):  # the recipe's data section, as --data
         dataset = default_dataset
-    if arch and "arch" not in meta:
-        meta["arch"] = arch
+    if arch and "arch" not in meta and loaded.kind not in ("torchscript", "exported_program"):
+        meta["arch"] = arch  # (a program is not built from it: it may still give the input shape, below)
     if "input_shape" not in meta and arch and not is_import_spec(arch):
         from edgesqueeze.models import get_spec
 
         meta.setdefault("input_shape", list(get_spec(arch).input_shape))
     model = loaded.model.eval()
+    logits = None  # the class count, once the model has run on its inputs
     if "dataset" not in meta and dataset:
-        _describe_with(meta, model, source, dataset, data_dir, log)
+        logits = _describe_with(meta, model, source, dataset, data_dir, log)
     elif meta.get("dataset") and (meta.get("mean") is None or meta.get("std") is None):
         # names its dataset but not its normalization (an .esq from before compress recorded
         # it for state_dicts): the dataset's, as compress and eval use, never pixels / 255
-        _describe_with(meta, model, source, meta["dataset"], data_dir, log)
+        logits = _describe_with(meta, model, source, meta["dataset"], data_dir, log)
     elif "input_shape" not in meta:
         from edgesqueeze.errors import DataError
 
@@ -136,7 +139,8 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     from edgesqueeze.models.probe import check_fits
     from edgesqueeze.models.program import lifted_module
 
-    logits = check_fits(model, meta["input_shape"], source=source, data=meta.get("dataset"))
+    if logits is None:
+        logits = check_fits(model, meta["input_shape"], source=source, data=meta.get("dataset"))
     if meta.get("classes") and len(meta["classes"]) != logits:
         from edgesqueeze.errors import DataError
 

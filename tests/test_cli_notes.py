@@ -1,0 +1,92 @@
+"""An option the command does not use is said, not silently dropped: ``--arch`` given for a
+TorchScript archive or a ``.pt2`` (which carry their own code), or for a checkpoint that
+records another architecture, prints one ``note:`` line; the command still runs. An exported
+file does not record an ``--arch`` that did not build the model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from edgesqueeze.cli import cli
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, stride=2)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def notes(res) -> list[str]:
+    return [line for line in res.output.splitlines() if line.startswith("note:")]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("notes")
+    net = Small().eval()
+    x = torch.zeros(2, 1, 28, 28)
+    out = {"ts": tmp / "net.ts.pt", "pt2": tmp / "net.pt2"}
+    torch.jit.save(torch.jit.script(net), str(out["ts"]))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.export.save(torch.export.export(net, (x,), dynamic_shapes=({0: batch},)), str(out["pt2"]))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ts", "pt2"])
+def test_arch_for_a_program_is_a_note_and_the_file_still_evaluates(files, kind):
+    plain = run("eval", files[kind], "--data", "digits", "--limit", "40")
+    assert plain.exit_code == 0, plain.output
+    assert not any("--arch" in n for n in notes(plain)), plain.output
+    res = run("eval", files[kind], "--data", "digits", "--limit", "40", "--arch", "squeezenet_mnist")
+    assert res.exit_code == 0, res.output
+    said = [n for n in notes(res) if "squeezenet_mnist" in n]
+    assert len(said) == 1, res.output
+    assert str(files[kind]) in said[0] and "not used" in said[0], said[0]
+    # the same numbers: the file's own model ran, not a squeezenet
+    acc = [line for line in plain.output.splitlines() if "top-1" in line]
+    assert acc and acc == [line for line in res.output.splitlines() if "top-1" in line]
+
+
+def test_export_of_a_program_does_not_record_an_arch_that_did_not_build_it(files, tmp_path):
+    res = run("export", files["ts"], "--data", "digits", "-f", "onnx", "--out", tmp_path,
+              "--arch", "squeezenet_mnist")
+    assert res.exit_code == 0, res.output
+    import onnx
+
+    (path,) = tmp_path.glob("*.onnx")
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    meta = json.loads(next(v for k, v in props.items() if "edgesqueeze" in k))
+    assert meta["arch"] is None, meta
+
+
+def test_arch_other_than_the_checkpoints_own_is_a_note(tmp_path):
+    from edgesqueeze.checkpoint import save_checkpoint
+    from edgesqueeze.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("squeezenet_mnist")
+    model = save_checkpoint(tmp_path / "m.pt", net, {"arch": net.arch_name, "arch_kwargs": net.arch_kwargs,
+                                                     "dataset": "digits"})
+    same = run("eval", model, "--data", "digits", "--limit", "40", "--arch", "squeezenet_mnist")
+    assert same.exit_code == 0, same.output
+    assert not [n for n in notes(same) if "--arch" in n], same.output
+    res = run("eval", model, "--data", "digits", "--limit", "40", "--arch", "resnet8")
+    assert res.exit_code == 0, res.output
+    (note,) = [n for n in notes(res) if "resnet8" in n]
+    assert "squeezenet_mnist" in note and os.fspath(model) in note, note
