@@ -50,6 +50,29 @@ def test_cpu_info_names_the_int8_features(text, machine, features, saturates, ke
     assert int8_saturates(info) is saturates
 
 
+EMERALD_RAPIDS_VM = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+stepping\t: 2
+flags\t\t: sse avx avx2 fma avx512f avx512bw avx512vl avx_vnni avx512_vnni amx_int8
+processor\t: 1
+cpu family\t: 6
+model\t\t: 207
+"""
+
+
+def test_the_cpu_is_named_by_its_numbers_where_the_name_is_generic():
+    """A VM's model name says 'Intel(R) Xeon(R) Processor'; family 6 model 207 is Emerald
+    Rapids, and ARM /proc/cpuinfo has no name at all, only the part (0xd08: Cortex-A72)."""
+    x86 = cpu_info(EMERALD_RAPIDS_VM, "x86_64")
+    assert x86["cpu"] == "Intel(R) Xeon(R) Processor (family 6, model 207, stepping 2)"
+    assert x86["features"][-1] == "amx_int8"
+    assert cpu_info(PI4, "aarch64")["cpu"] == "(implementer 0x41, part 0xd08)"
+    assert cpu_info(INTEL_VNNI, "x86_64")["cpu"] == "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"
+
+
 def test_unknown_features_are_not_guessed():
     info = cpu_info("", "x86_64")
     assert info["features"] is None and "unknown" in info["int8_kernels"]

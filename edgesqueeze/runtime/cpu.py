@@ -50,14 +50,23 @@ def _family(arch: str) -> str:
     return "other"
 
 
+# The numbers that name a core's microarchitecture where the model name does not (a VM's
+# "Intel(R) Xeon(R) Processor"): x86 family / model / stepping, ARM implementer / part.
+_ID_KEYS = {"cpu family": "family", "model": "model", "stepping": "stepping",
+            "cpu implementer": "implementer", "cpu part": "part"}
+
+
 def _cpuinfo(text: str | None = None) -> tuple[str, set[str] | None]:
-    """(model name, flags) from /proc/cpuinfo text (read when ``text`` is None)."""
+    """(model name, flags) from /proc/cpuinfo text (read when ``text`` is None). The model
+    name ends with the core's identifying numbers, e.g. ``Intel(R) Xeon(R) Processor (family
+    6, model 207, stepping 2)`` or ``(implementer 0x41, part 0xd08)`` (a Cortex-A72), so that
+    a record names the microarchitecture even where a hypervisor hides the name."""
     if text is None:
         try:
             text = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
             return "", None
-    model, flags = "", None
+    model, flags, ids = "", None, {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
@@ -65,6 +74,10 @@ def _cpuinfo(text: str | None = None) -> tuple[str, set[str] | None]:
             model = value.strip()
         elif key in ("flags", "features") and flags is None:
             flags = set(value.split())
+        elif key in _ID_KEYS and _ID_KEYS[key] not in ids and value.strip():
+            ids[_ID_KEYS[key]] = value.strip()
+    if ids:
+        model = f"{model} ({', '.join(f'{k} {v}' for k, v in ids.items())})".strip()
     return model, flags
 
 
