@@ -105,6 +105,27 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def files_below(root: str | os.PathLike) -> list[Path]:
+    """Every file below the folder ``root``, sorted, following symbolic links to folders (a
+    class folder is often a link to where the images are; ``Path.rglob`` does not enter
+    such links before Python 3.13, so their images would silently be missing). A link to
+    one of its own parent folders (a cycle) is not entered."""
+    out: list[Path] = []
+    root = Path(root)
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        here = Path(folder)
+        real = os.path.realpath(here)
+        if here != root:
+            up = os.path.realpath(here.parent)
+            walked = [p for p in here.parents if p == root or root in p.parents]
+            if (up == real or up.startswith(real.rstrip(os.sep) + os.sep)
+                    or any(os.path.realpath(p) == real for p in walked)):
+                dirs[:] = []  # a link back up the tree: walking it would never end
+                continue
+        out += [here / f for f in files if os.path.isfile(here / f)]
+    return sorted(out)
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -357,6 +357,29 @@ def test_imagefolder_errors(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'junk.zip'}")
 
 
+def test_imagefolder_follows_symlinked_class_folders(tmp_path):
+    """A class folder that is a symbolic link to where its images live is a class like any
+    other (pathlib's rglob does not enter such links: the class was silently dropped, or
+    its test images were refused as having no train/ folder); a link back up the tree is
+    not walked forever."""
+    real = make_folder(tmp_path / "real", per_class=3, split=False)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for cls in ("ant", "bee"):
+        (flat / cls).symlink_to(real / cls, target_is_directory=True)
+    (flat / "cat").symlink_to(real / "cat", target_is_directory=True)
+    (real / "bee" / "loop").symlink_to(real, target_is_directory=True)  # a cycle, not followed
+    ds = load_dataset(f"imagefolder:{flat}")
+    assert ds.classes == ("ant", "bee", "cat")
+    assert len(ds.train_y) + len(ds.test_y) == 9
+    split = make_folder(tmp_path / "split", per_class=4)
+    moved = tmp_path / "elsewhere"
+    (split / "train" / "bee").rename(moved)
+    (split / "train" / "bee").symlink_to(moved, target_is_directory=True)
+    ds = load_dataset(f"imagefolder:{split}")
+    assert ds.classes == ("ant", "bee", "cat") and sorted(set(ds.train_y.tolist())) == [0, 1, 2]
+
+
 def test_cache_second_load_skips_decoding(tmp_path, monkeypatch):
     zp = zip_folder(make_folder(tmp_path / "c"), tmp_path / "c.zip")
     calls = []

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from edgesqueeze._io import atomic_path, write_text_atomic
+from edgesqueeze._io import atomic_path, files_below, write_text_atomic
 
 CACHE_VERSION = 1  # bump when the decoded layout changes, to orphan older entries
 
@@ -48,7 +48,7 @@ def source_key(sources: Iterable[Path], params: dict[str, Any]) -> str:
     for src in sources:
         src = Path(src)
         if src.is_dir():
-            entries += [_stat_entry(p) for p in sorted(src.rglob("*")) if p.is_file()]
+            entries += [_stat_entry(p) for p in files_below(src)]
         else:
             entries.append(_stat_entry(src))
     blob = json.dumps({"v": CACHE_VERSION, "sources": entries, "params": params}, sort_keys=True)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgesqueeze._io import files_below
 from edgesqueeze.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -56,7 +57,7 @@ def open_source(path: Path, *, listing: bool = True) -> Source:
 
         if not listing:
             return Source(path, (), read_file)
-        files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        files = sorted(p.relative_to(path).as_posix() for p in files_below(path))
         return Source(path, tuple(f for f in files if _is_image(f)), read_file)
     if path.is_file() and path.suffix.lower() == ".zip":
         try:
