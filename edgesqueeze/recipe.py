@@ -47,9 +47,46 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose key appears twice is refused: PyYAML keeps the last value silently,
+    so ``epochs: 30`` further up a section would be ignored without a word. (Keys brought in
+    by a ``<<`` merge may be overridden, as YAML intends.)"""
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key].line + 1}); keep one",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.construct_mapping = _no_duplicate_keys  # type: ignore[method-assign]
+
+
 def load_yaml(text: str) -> Any:
     """Parse ``text`` as a recipe or ``--set`` value is parsed (see :class:`_Loader`)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line, "line L, column C: what (while ... at line L, column C)"
+    (PyYAML's own text spans several lines, quoting the offending line with a caret)."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if not problem:
+        return " ".join(str(exc).split())
+    text = f"{at(mark)}: {problem}" if mark is not None else str(problem)
+    if context:
+        text += f" ({context}" + (f" at {at(context_mark)}" if context_mark is not None else "") + ")"
+    return text
+
 
 RECIPE_VERSION = 1
 
@@ -232,7 +269,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         try:
             node[parts[-1]] = load_yaml(text)
         except yaml.YAMLError as exc:
-            raise RecipeError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+            raise RecipeError(f"--set {item!r}: value is not valid YAML ({yaml_problem(exc)})") from None
     return raw
 
 
@@ -246,9 +283,13 @@ def _read_raw(path: Path, overrides: list[str] | tuple[str, ...]) -> Any:
     try:
         raw = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        raise RecipeError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if overrides:
-        raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides)
+        if not isinstance(raw, dict):  # an empty file or a list: --set has nothing to go into
+            what = "is empty" if raw is None else f"holds a {type(raw).__name__}, not a mapping"
+            raise RecipeError(f"{path}: {what}; a recipe is a YAML mapping with 'version: {RECIPE_VERSION}' "
+                              "at the top")
+        raw = apply_overrides(raw, overrides)
     return raw
 
 

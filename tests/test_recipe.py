@@ -100,3 +100,40 @@ def test_train_hash_ignores_threads_but_not_training_settings():
     assert recipe_from_dict({**base, "train": {"epochs": 3, "threads": 1, "lr": 0.05}}).train_hash() != h
     assert recipe_from_dict({**base, "seed": 7}).train_hash() != h
     assert recipe_from_dict({**base, "export": {"formats": ["onnx"]}}).train_hash() == h
+
+
+def test_yaml_errors_are_one_line_with_where(tmp_path):
+    """PyYAML's message spans several lines (the source line quoted, a caret under it):
+    every error is one line, so it says where in words."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ntrain: {epochs: 1\n")
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(bad)
+    assert "\n" not in str(exc.value)
+    assert "line 3, column 1: expected ',' or '}'" in str(exc.value)
+    assert "flow mapping at line 2, column 8" in str(exc.value)
+    with pytest.raises(RecipeError) as exc:
+        apply_overrides(_raw(), ["train.epochs=[1"])
+    assert "\n" not in str(exc.value) and "line 1, column 3" in str(exc.value)
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: the first value was ignored."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("version: 1\ntrain:\n  epochs: 30\n  lr: 0.1\n  epochs: 2\n")
+    with pytest.raises(RecipeError, match=r"line 5, column 3: duplicate key 'epochs' \(first on line 3\)"):
+        load_recipe(dup)
+    merged = tmp_path / "merged.yaml"  # a << merge may be overridden, as YAML intends
+    merged.write_text("version: 1\ntrain:\n  <<: {epochs: 1, lr: 0.5}\n  epochs: 2\n")
+    r = load_recipe(merged)
+    assert (r.train.epochs, r.train.lr) == (2, 0.5)
+
+
+@pytest.mark.parametrize("text, what", [("", "is empty"), ("- a\n- b\n", "holds a list, not a mapping")])
+def test_set_on_a_recipe_that_is_not_a_mapping(tmp_path, text, what):
+    """--set on an empty or list recipe said 'version: required key is missing': the file was
+    silently replaced by an empty mapping."""
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError, match=f"r.yaml: {what}; a recipe is a YAML mapping"):
+        load_recipe(p, ["train.epochs=1"])
