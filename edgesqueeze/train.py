@@ -85,8 +85,27 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=cfg.lr)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, a cgroup cpuset, a
+    batch scheduler's allocation), which ``os.cpu_count()`` ignores."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _env_threads() -> int:
+    """``$OMP_NUM_THREADS`` as a positive count (its first entry), else 0."""
+    text = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(text) if text.isdigit() and int(text) > 0 else 0
+
+
 def set_threads(threads: int) -> int:
-    n = threads or os.cpu_count() or 1
+    """Use ``threads`` intra-op threads; 0 (``train.threads``' default) means
+    ``$OMP_NUM_THREADS`` when set, else every CPU this process may run on. Taking
+    ``os.cpu_count()`` instead ran 2 threads on 1 allowed CPU (or beside another job with
+    ``OMP_NUM_THREADS=1``): OpenMP's threads then wait for each other, tens of times slower."""
+    n = threads or _env_threads() or available_cpus()
     torch.set_num_threads(n)
     return n
 
@@ -342,7 +361,7 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     cfg = recipe.train
     state_path = out / "last.pt"
     # processes on one machine share its cores
-    threads = set_threads(cfg.threads or (max(1, (os.cpu_count() or 1) // group.local_world) if group.active else 0))
+    threads = set_threads(cfg.threads or (max(1, available_cpus() // group.local_world) if group.active else 0))
     distributed.check_batch(group, cfg.batch_size, "train.batch_size")
 
     from edgesqueeze.models import get_spec
@@ -444,7 +463,7 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         write_text_atomic(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2, sort_keys=True))
     log(f"training {recipe.model.arch} on {ds.name}: {len(x_tr)} train / {len(x_val)} val images, "
         f"{n_epochs} epochs x {steps_per_epoch} steps, "
-        + (f"{threads} threads" if device.type == "cpu" else f"on {device} ({cfg.precision})")
+        + (f"{threads} thread{'s' if threads != 1 else ''}" if device.type == "cpu" else f"on {device} ({cfg.precision})")
         + (f", {group.world} processes (torch.distributed)" if group.active else "") + f" -> {out}")
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

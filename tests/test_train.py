@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +181,26 @@ def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
     assert [p.name for p in removed] == [".metrics.csv.x1y2.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "notes.tmp"]
     assert remove_stale_temps(tmp_path / "missing") == []
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs and Linux's affinity calls")
+def test_auto_threads_follow_affinity_and_omp_num_threads():
+    """train.threads: 0 took os.cpu_count(): under `taskset -c 0` or with OMP_NUM_THREADS=1
+    (beside another job) it still ran one thread per core of the machine, and OpenMP's
+    threads waiting for each other made a digits epoch 50x slower (0.8 s -> 40 s here)."""
+    probe = ("import os, sys; {pre}; from edgesqueeze.train import set_threads; import torch; "
+             "print(set_threads(0), torch.get_num_threads())")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cpu = min(os.sched_getaffinity(0))
+    pinned = subprocess.run([sys.executable, "-c", probe.format(pre=f"os.sched_setaffinity(0, {{{cpu}}})")],
+                            env=env, capture_output=True, text=True, check=True)
+    assert pinned.stdout.split() == ["1", "1"]
+    omp = subprocess.run([sys.executable, "-c", probe.format(pre="pass")], env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True)
+    assert omp.stdout.split() == ["1", "1"]
+    free = subprocess.run([sys.executable, "-c", probe.format(pre="pass")], env=env, capture_output=True,
+                          text=True, check=True)
+    assert free.stdout.split() == [str(len(os.sched_getaffinity(0)))] * 2
