@@ -346,6 +346,12 @@ def test_imagefolder_errors(tmp_path):
     (bad / "train" / "ant" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(DataError, match="cannot decode image .*broken.jpg"):
         load_dataset(f"imagefolder:{bad}")
+    junk = make_folder(tmp_path / "j", per_class=2)
+    (junk / "train" / "ant" / "junk.jpg").write_bytes(b"no image header at all")
+    with pytest.raises(DataError, match="cannot decode image .*junk.jpg") as exc:
+        load_dataset(f"imagefolder:{junk}")
+    assert "BytesIO" not in str(exc.value)  # Pillow's own text names its in-memory file
+    assert "not an image file Pillow recognizes" in str(exc.value)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("hi")
     with pytest.raises(DataError, match="no images"):

@@ -138,6 +138,9 @@ def decode_image(data: bytes, where: str):
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+    except Image.UnidentifiedImageError as e:  # its text names a BytesIO object, not the file
+        raise DataError(f"cannot decode image {where} (not an image file Pillow recognizes); delete or "
+                        "replace it") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {where} ({e}); delete or replace it") from e
     return to_8bit(img, where)
