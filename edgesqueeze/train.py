@@ -100,6 +100,20 @@ def _env_threads() -> int:
     return int(text) if text.isdigit() and int(text) > 0 else 0
 
 
+def resume_threads(saved: Any, log: Callable[[str], Any] | None, what: str) -> int:
+    """On resume, compute with the interrupted run's CPU thread count ``saved`` (recorded in
+    its state file; None in older files): PyTorch's float sums depend on the thread count, so
+    only then are the weights those of an uninterrupted run. Returns the count in use."""
+    now = torch.get_num_threads()
+    if isinstance(saved, int) and saved > 0 and saved != now:
+        torch.set_num_threads(saved)
+        if log is not None:
+            log(f"--resume: {what} computes with {saved} CPU thread{'s' if saved != 1 else ''} as the interrupted "
+                f"run did (this process would use {now}), so its weights are those of an uninterrupted run")
+        return saved
+    return now
+
+
 def set_threads(threads: int) -> int:
     """Use ``threads`` intra-op threads; 0 (``train.threads``' default) means
     ``$OMP_NUM_THREADS`` when set, else every CPU this process may run on. Taking
@@ -270,6 +284,7 @@ def _save_state(path: Path, model: nn.Module, optimizer, gen: torch.Generator, s
         "recipe_hash": recipe.hash(),
         "train_hash": recipe.train_hash(),
         "meta_json": json.dumps(meta),
+        "threads": torch.get_num_threads(),  # float sums depend on it: --resume computes with the same
     }
     if scaler is not None:
         state["grad_scaler"] = scaler.state_dict()
@@ -446,6 +461,8 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
             raise distributed.DistributedError(
                 f"{state_path}: this run was started with {started} process(es) and is resumed with {group.world}; "
                 f"resume it with {how} ... --resume (the global batch and the data order depend on it)")
+        if device.type == "cpu":
+            threads = resume_threads(st.get("threads"), log, "training")
         load_state_dict_checked(model, st["state_dict"], source=str(state_path))
         optimizer.load_state_dict(st["optimizer"])  # its state moves to the parameters' device
         if scaler is not None and st.get("grad_scaler"):

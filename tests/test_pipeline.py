@@ -313,7 +313,19 @@ def test_resume_inside_a_retraining_writes_the_same_bytes(checkpoint, tmp_path, 
     """A run killed right after the first epoch of a retraining (its state saved, nothing
     after) goes on with --resume from that epoch and writes the archive an uninterrupted run
     writes; the state file is gone once the stage is done, and a state from other settings is
-    refused in one line."""
+    refused in one line. The run starts on 2 CPU threads and is resumed where 1 is the
+    default: it goes on with 2 (float sums depend on the count), so the bytes still match."""
+    import edgesqueeze.checkpoint as ckpt
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _resume_inside_a_retraining(checkpoint, tmp_path, monkeypatch, stage)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _resume_inside_a_retraining(checkpoint, tmp_path, monkeypatch, stage):
     import edgesqueeze.checkpoint as ckpt
 
     clean = compress(checkpoint, RESUMABLE, out_dir=tmp_path / "clean", progress=False, log=lambda _: None)
@@ -344,9 +356,11 @@ def test_resume_inside_a_retraining_writes_the_same_bytes(checkpoint, tmp_path, 
         compress(checkpoint, other, out_dir=out, resume=True, progress=False,
                  log=lambda _: None) if stage == "prune-retrain" else _cluster_with(checkpoint, other, out)
     said: list[str] = []
+    torch.set_num_threads(1)
     again = compress(checkpoint, RESUMABLE, out_dir=out, resume=True, progress=False, log=said.append)
     total = RESUMABLE.prune_finetune.epochs if stage == "prune-retrain" else RESUMABLE.cluster_finetune.epochs
     assert any(f"--resume: {stage} goes on after epoch 1/{total}" in m for m in said), said
+    assert any(f"--resume: {stage} computes with 2 CPU threads" in m for m in said), said
     assert again.esq_path.read_bytes() == clean.esq_path.read_bytes()
     assert not list(out.glob("*.state.pt"))
 

@@ -204,3 +204,42 @@ def test_auto_threads_follow_affinity_and_omp_num_threads():
     free = subprocess.run([sys.executable, "-c", probe.format(pre="pass")], env=env, capture_output=True,
                           text=True, check=True)
     assert free.stdout.split() == [str(len(os.sched_getaffinity(0)))] * 2
+
+
+def test_resume_computes_with_the_interrupted_runs_thread_count(tmp_path):
+    """Float sums depend on the CPU thread count, so a run started on 2 threads and resumed
+    where 1 is the default (another OMP_NUM_THREADS, another machine) goes on with 2: its
+    weights are those of the uninterrupted run."""
+    before = torch.get_num_threads()
+    import edgesqueeze.train as train_mod
+
+    try:
+        full = {n: tmp_path / f"full{n}" for n in (1, 2)}
+        for n, out in full.items():
+            fit(_recipe(out, epochs=3, threads=n), progress=False, log=_quiet)
+        w1, w2 = _weights(full[1] / "model.pt"), _weights(full[2] / "model.pt")
+        assert not all(torch.equal(w1[k], w2[k]) for k in w1), "1 and 2 threads gave the same weights here"
+
+        part = tmp_path / "part"
+        real_save = train_mod.save_train_state
+
+        class Killed(Exception):
+            pass
+
+        def save_then_die(path, state):
+            real_save(path, state)
+            raise Killed
+
+        train_mod.save_train_state = save_then_die
+        try:
+            with pytest.raises(Killed):
+                fit(_recipe(part, epochs=3, threads=2), progress=False, log=_quiet)
+        finally:
+            train_mod.save_train_state = real_save
+        logs = []
+        fit(_recipe(part, epochs=3, threads=1), resume=True, progress=False, log=logs.append)
+        assert any("2 CPU threads as the interrupted run" in line for line in logs), logs
+        wp = _weights(part / "model.pt")
+        assert all(torch.equal(w2[k], wp[k]) for k in w2)
+    finally:
+        torch.set_num_threads(before)

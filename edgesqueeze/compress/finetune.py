@@ -76,6 +76,8 @@ def _resume(state: EpochState, model: nn.Module, optimizer, gen: torch.Generator
     """Put the saved state back; ``(epoch, step)`` to go on from (``(0, 0)`` without one)."""
     from edgesqueeze import distributed
     from edgesqueeze.checkpoint import load_state_dict_checked, load_train_state
+    from edgesqueeze.device import model_device
+    from edgesqueeze.train import resume_threads
 
     if not state.resume or not state.path.is_file():
         if state.resume and log is not None:
@@ -91,6 +93,8 @@ def _resume(state: EpochState, model: nn.Module, optimizer, gen: torch.Generator
         raise distributed.DistributedError(
             f"{state.path}: this {desc} was started with {started} process(es) and is resumed with "
             f"{group.world}; resume it with as many (the global batch and the data order depend on it)")
+    if model_device(model).type == "cpu":
+        resume_threads(st.get("threads"), log, desc)
     load_state_dict_checked(model, st["state_dict"], source=str(state.path))
     if state.restore is not None:
         state.restore(st.get("extra", {}))
@@ -112,7 +116,7 @@ def _save(state: EpochState, model: nn.Module, optimizer, gen: torch.Generator, 
     st = {"key": state.key, "epoch": epoch, "step": step,
           "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
           "optimizer": _cpu(optimizer.state_dict()), "torch_rng": torch.get_rng_state(),
-          "data_rng": gen.get_state(), "world_size": group.world,
+          "data_rng": gen.get_state(), "world_size": group.world, "threads": torch.get_num_threads(),
           "extra": {k: v.detach().cpu().clone() for k, v in (state.extra() if state.extra else {}).items()}}
     if scaler is not None:
         st["grad_scaler"] = scaler.state_dict()
