@@ -717,3 +717,23 @@ def test_cifar_download_refuses_wrong_archive(http_root, isolated, tmp_path, mon
     with pytest.raises(DataError, match="CIFAR-10 not found.*md5 .*expected c58f30108f718f92721af3b95e74349a"):
         load_dataset("cifar10", data_dir=tmp_path / "dl")
     assert not (tmp_path / "dl" / "cifar-10-python.tar.gz").exists()
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_imagefolder_empty_class_folder_is_a_note(tmp_path, split):
+    """A class folder without images is not a class (nothing to learn it from); it is said,
+    with the folder, rather than a model silently getting one output fewer."""
+    import warnings
+
+    from edgesqueeze.errors import Note
+
+    root = make_folder(tmp_path / "f", per_class=5, split=split)
+    (root / ("train/dog" if split else "dog")).mkdir()
+    (root / ".hidden").mkdir()
+    for attempt in range(2):  # the second load may come from the cache: still said
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ds = load_dataset(f"imagefolder:{root}")
+        assert ds.classes == ("ant", "bee", "cat")
+        notes = [str(w.message) for w in seen if issubclass(w.category, Note)]
+        assert len(notes) == 1 and "(dog)" in notes[0] and "3 classes" in notes[0], (attempt, notes)

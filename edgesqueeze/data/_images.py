@@ -116,6 +116,38 @@ def layout(src: Source) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
     return splits, classes
 
 
+def note_empty_classes(root: Path, classes) -> None:
+    """A class folder without images is not a class (there is nothing to learn it from), as
+    everywhere; but say so (a :class:`~edgesqueeze.errors.Note`), or a model silently gets
+    one output fewer than the folder has class folders. Cheap: it lists folders, not files,
+    so it runs on every load, cached or not. A zip is not looked at."""
+    import warnings
+
+    from edgesqueeze.errors import Note
+
+    def folders(p: Path) -> list[Path]:
+        return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+
+    if not root.is_dir():
+        return
+    try:
+        where = root
+        while not (where / "train").is_dir():  # step into a single top folder, as layout() does
+            subs = folders(where)
+            if len(subs) != 1 or subs[0].name in classes:
+                break
+            where = subs[0]
+        if (where / "train").is_dir():
+            where = where / "train"
+        empty = [d.name for d in folders(where) if d.name not in classes and d.name != "test"]
+    except OSError:
+        return
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        warnings.warn(f"{where}: {len(empty)} class folder(s) hold no images and are not classes ({shown}); the "
+                      f"dataset has {len(classes)} classes. Add their images or remove the folders", Note, stacklevel=2)
+
+
 def _progress(total: int, desc: str):
     try:
         from tqdm import tqdm

@@ -423,8 +423,10 @@ def _load_imagefolder(name: str, spec: str, image_size: int | None) -> Dataset:
         raise DataError(f"image folder {path.absolute()} (from dataset '{name}') does not exist; give "
                         f"imagefolder:PATH with a folder or .zip holding train/<class>/ and test/<class>/")
     path = Path(os.path.abspath(path))
-    return _cached(name, "imagefolder", [path], {"image_size": image_size},
-                   lambda: _folder_dataset(path, image_size, path.name))
+    ds = _cached(name, "imagefolder", [path], {"image_size": image_size},
+                 lambda: _folder_dataset(path, image_size, path.name))
+    _images.note_empty_classes(path, ds.classes)
+    return ds
 
 
 def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> Dataset:
@@ -440,6 +442,7 @@ def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> D
     src = _images.open_source(path)
     try:
         splits, classes = _images.layout(src)
+        _images.note_empty_classes(path, classes)
         first = next(iter(splits.values()))[0][1]
         img = _images.decode_image(src.read(first), src.describe(first))
     finally:
