@@ -90,3 +90,18 @@ def test_arch_other_than_the_checkpoints_own_is_a_note(tmp_path):
     assert res.exit_code == 0, res.output
     (note,) = [n for n in notes(res) if "resnet8" in n]
     assert "squeezenet_mnist" in note and os.fspath(model) in note, note
+
+
+@pytest.mark.parametrize("kind", ["ts", "pt2"])
+def test_a_program_exports_without_torchs_own_warnings(files, kind, tmp_path):
+    """Every copy of a lifted TorchScript / .pt2 model deep-copies torch's pytree specs, which
+    printed torch's "`isinstance(treespec, LeafSpec)` is deprecated" FutureWarning (two lines,
+    a path into copyreg.py) in the middle of the command's output."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-m", "edgesqueeze", "export", str(files[kind]), "--data", "digits",
+                          "-f", "onnx", "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "Warning" not in res.stderr and "copyreg" not in res.stderr, res.stderr
