@@ -143,9 +143,15 @@ def evaluate_file(
                                                                           if limit else ""))
     expected = meta.get("input_shape")
     if expected and list(ds.input_shape) != list(expected):
+        if list(ds.input_shape)[1:] == list(expected)[1:] or list(ds.input_shape)[:1] != list(expected)[:1]:
+            todo = (f"it takes {expected[0]}-channel images and '{ds.name}' has {ds.input_shape[0]}: pass the "
+                    "dataset it was trained on (--data)")  # --image-size changes no channel count
+        elif image_size:
+            todo = f"leave out --image-size {image_size}, or pass --image-size {expected[-1]}"
+        else:
+            todo = f"pass --image-size {expected[-1]} or the matching --data"
         raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {path} was trained "
-                        f"on {list(expected)}; " + (f"leave out --image-size {image_size}, or pass --image-size {expected[-1]}"
-                                             if image_size else f"pass --image-size {expected[-1]} or the matching --data"))
+                        f"on {list(expected)}; {todo}")
     # The model was trained with its own normalization: feed it exactly that.
     mean, std, how = input_normalization(meta, ds)
     from edgesqueeze.models.probe import check_fits

@@ -316,6 +316,10 @@ def _check_model_fits(model: nn.Module, ds, arch: str) -> None:
         raise DataError(f"model '{arch}' does not run on '{ds.name}' images of shape {list(ds.input_shape)} "
                         f"({first}); set model.kwargs (e.g. in_channels) to fit the data") from None
     model.train()
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"model '{arch}' returns a {type(out).__name__}, not one tensor of logits; edgesqueeze "
+                         "needs forward(x) to return the logits [batch, classes]: return them alone (or wrap the "
+                         "model in a module whose forward returns them, and name that in model.import)")
     if out.dim() != 2 or out.shape[-1] != ds.num_classes:
         raise DataError(f"model '{arch}' outputs shape {list(out.shape[1:])} per image but '{ds.name}' has "
                         f"{ds.num_classes} classes; set model.kwargs (e.g. num_classes: {ds.num_classes})")

@@ -90,3 +90,31 @@ def test_arch_other_than_the_checkpoints_own_is_a_note(tmp_path):
     assert res.exit_code == 0, res.output
     (note,) = [n for n in notes(res) if "resnet8" in n]
     assert "squeezenet_mnist" in note and os.fspath(model) in note, note
+
+
+@pytest.mark.parametrize("kind", ["ts", "pt2"])
+def test_a_program_exports_without_torchs_own_warnings(files, kind, tmp_path):
+    """Every copy of a lifted TorchScript / .pt2 model deep-copies torch's pytree specs, which
+    printed torch's "`isinstance(treespec, LeafSpec)` is deprecated" FutureWarning (two lines,
+    a path into copyreg.py) in the middle of the command's output."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-m", "edgesqueeze", "export", str(files[kind]), "--data", "digits",
+                          "-f", "onnx", "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "Warning" not in res.stderr and "copyreg" not in res.stderr, res.stderr
+
+
+def test_eval_of_a_three_channel_model_on_gray_images_says_channels_not_image_size(tmp_path):
+    """A 3-channel model evaluated on digits (1 channel, 28x28) told the user to "pass
+    --image-size 28", which changes nothing: the images are 28x28 already."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    path = tmp_path / "rgb.pt2"
+    torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 28, 28),)), str(path))
+    res = run("eval", path, "--data", "digits", "--limit", "20", "--input-shape", "3,28,28")
+    assert res.exit_code == 2, res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert "--image-size" not in line and "3-channel" in line and "--data" in line, line

@@ -233,3 +233,37 @@ def test_space_to_depth_stem_replaces_a_copy():
         assert torch.allclose(new(x), model(x), atol=1e-4)
     with pytest.raises(ExportError, match=r"features.3.squeeze: .*stride is \(1, 1\)"):
         space_to_depth_stem(model, "features.3.squeeze")
+
+
+_PADDED = [dict(padding=1, padding_mode="reflect"), dict(padding=(0, 1), padding_mode="replicate"),
+           dict(padding=2, padding_mode="circular", dilation=2), dict(padding="same"),
+           dict(padding="same", padding_mode="reflect"), dict(padding="valid", stride=2)]
+
+
+@pytest.mark.parametrize("kw", _PADDED, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_gptq_and_ptq_statistics_take_any_conv_padding(kw):
+    """A user's conv with ``padding_mode='reflect'`` (or ``'same'`` padding) made every
+    tflite-int8 export (GPTQ, the default) fail with "gptq: convs with non-zero padding modes
+    are not supported" (no layer named; the same model as a .pt2, whose reflect pad is a
+    separate op, exported), and compress.ptq silently weighted such a layer without its input
+    Hessian. The patches unfold sees are now the conv's own."""
+    from edgesqueeze.compress.ptq_stats import calibration_stats
+
+    torch.manual_seed(0)
+    kernel = (1, 3) if kw.get("padding") == (0, 1) else 3
+    conv = nn.Conv2d(4, 6, kernel, **kw).eval()
+    x = torch.randn(3, 4, 9, 9)
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    rounded = gptq_round(model, x)
+    step = conv.weight.abs().amax((1, 2, 3), keepdim=True) / 127
+    w = rounded[0].weight
+    torch.testing.assert_close(torch.round(w / step) * step, w)  # on the int8 grid
+    assert not torch.equal(w, conv.weight)
+    stats = calibration_stats(model, x, fisher_samples=1)
+    assert set(stats["hessian"]) == {"0", "4"}, sorted(stats["hessian"])
+    from edgesqueeze.models.layers import conv_input_padded
+
+    with torch.no_grad():
+        u = nn.functional.unfold(conv_input_padded(conv, x), conv.kernel_size, conv.dilation, 0, conv.stride)
+        y = (conv.weight.flatten(1) @ u).view_as(conv(x))
+        torch.testing.assert_close(y + conv.bias.view(1, -1, 1, 1), conv(x), atol=1e-5, rtol=0)

@@ -367,3 +367,39 @@ def test_imagenet_squeezenet_beats_naive_at_its_size():
     with torch.no_grad():
         ref = model(held)
     assert output_divergence(ours, ref, held)["kl"] < 0.5 * output_divergence(naive, ref, held)["kl"]
+
+
+class _Twice(nn.Module):
+    """A conv applied twice with the same weights (x -> rep -> rep), as in a weight-tied block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.rep = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.silu(self.stem(x))
+        x = F.silu(self.rep(x))
+        x = x + F.silu(self.rep(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_bias_correction_leaves_a_layer_called_twice_and_does_not_hurt():
+    """Its reference mean summed both calls while the compressed one stopped at the first,
+    so the 'correction' shifted the bias by the difference between the two calls: a digits
+    net's post-training agreement fell from 100% to 93.6% on held-out images, and was kept."""
+    torch.manual_seed(0)
+    reference = _Twice().eval()
+    x = torch.randn(32, 1, 12, 12)
+    model = copy.deepcopy(reference)
+    with torch.no_grad():  # a small, biased weight error, as clustering leaves
+        for m in (model.stem, model.rep, model.fc):
+            m.weight.add_(0.02 * m.weight.abs().mean())
+    before = output_divergence(model, reference, x)
+    rep_bias = model.rep.bias.clone()
+    shifts = correct_biases(model, reference, x, batch_size=8)
+    assert "rep" not in shifts and torch.equal(model.rep.bias, rep_bias)
+    assert {"stem", "fc"} <= set(shifts)
+    after = output_divergence(model, reference, x)
+    assert after["kl"] <= before["kl"], (before, after)

@@ -243,3 +243,28 @@ def test_resume_computes_with_the_interrupted_runs_thread_count(tmp_path):
         assert all(torch.equal(w2[k], wp[k]) for k in w2)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_model_returning_a_tuple_is_one_line_before_training(tmp_path):
+    """A model whose forward returns (logits, features) crashed train with a traceback
+    ("AttributeError: 'tuple' object has no attribute 'dim'") from the pre-flight check."""
+    src = tmp_path / "nets.py"
+    src.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class TupleOut(nn.Module):\n"
+        "    def __init__(self, num_classes=10, in_channels=1):\n"
+        "        super().__init__()\n"
+        "        self.c = nn.Conv2d(in_channels, 4, 3, stride=2)\n"
+        "        self.fc = nn.Linear(4, num_classes)\n\n"
+        "    def forward(self, x):\n"
+        "        f = self.c(x).mean((2, 3))\n"
+        "        return self.fc(f), f\n")
+    recipe = recipe_from_dict({
+        "version": 1, "name": "t", "seed": 0, "output_dir": str(tmp_path / "out"),
+        "model": {"import": f"{src}:TupleOut"},
+        "data": {"dataset": "digits", "limit": 100},
+        "train": {"epochs": 1, "batch_size": 32, "threads": 1},
+    })
+    with pytest.raises(EdgesqueezeError, match="returns a tuple, not one tensor of logits") as err:
+        fit(recipe, log=_quiet, progress=False)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)

@@ -34,6 +34,10 @@ class _Group(click.Group):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", Note)
+                # torch's own deepcopy of a pytree spec, which every copy of a lifted TorchScript /
+                # .pt2 model makes (fold, prune, ptq, export): not the user's to act on
+                warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                        category=FutureWarning)
                 warnings.showwarning = _show_note
                 return super().invoke(ctx)
         except EdgesqueezeError as exc:

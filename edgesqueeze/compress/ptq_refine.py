@@ -58,11 +58,13 @@ def correct_biases(model: nn.Module, reference: nn.Module, x: torch.Tensor, *,
 
     Layers are corrected in network order, each measured with every upstream layer already
     quantized and corrected, so an early layer's error is not corrected twice downstream.
-    Layers without a bias are skipped. ``model`` and ``reference`` must share architecture.
+    Layers without a bias are skipped, and so are layers the forward calls more than once
+    (one bias serves every call, and the measurements below stop at a layer's first call).
+    ``model`` and ``reference`` must share architecture.
     """
     model.eval()
     reference.eval()
-    want = set(prunable_layers(model) if layers is None else layers)
+    want = set(prunable_layers(model) if layers is None else layers) - _called_more_than_once(model, x[:1])
     chain_q = _chain(model, x[:1])
     chain_r = _chain(reference, x[:1])
     if len(chain_q) != len(chain_r):
@@ -88,6 +90,20 @@ def correct_biases(model: nn.Module, reference: nn.Module, x: torch.Tensor, *,
             hq = torch.cat([eq(hq[s]) for s in batch_slices(len(hq), batch_size)])
             hr = torch.cat([er(hr[s]) for s in batch_slices(len(hr), batch_size)])
     return shifts
+
+
+def _called_more_than_once(model: nn.Module, probe: torch.Tensor) -> set[str]:
+    """Names of the conv / linear layers one forward pass of ``model`` on ``probe`` calls
+    more than once (a block applied twice with the same weights)."""
+    calls: dict[str, int] = {}
+    handles = [m.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+               for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        model(probe)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return {n for n, c in calls.items() if c > 1}
 
 
 def _mean_outputs(block: nn.Module, h: torch.Tensor, modules: Sequence[nn.Module],

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.layers import prunable_layers
+from ..models.layers import conv_input_padded, prunable_layers
 
 
 # ---------------------------------------------------------------------------------------
@@ -57,18 +57,17 @@ def output_divergence(model: nn.Module, reference: nn.Module | torch.Tensor, x: 
 
 
 def _hessian_ok(m: nn.Module) -> bool:
-    """Layers whose input Hessian we collect: Linear, and Conv2d without groups or padding
-    other than zeros (whose input patches ``unfold`` reproduces exactly)."""
+    """Layers whose input Hessian we collect: Linear, and Conv2d without groups (any padding:
+    :func:`conv_input_padded` pads the input as the conv does, then ``unfold``)."""
     if isinstance(m, nn.Linear):
         return True
-    return (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str))
+    return isinstance(m, nn.Conv2d) and m.groups == 1
 
 
 def _layer_inputs(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows of its weight's fan-in (``unfold`` for a conv): (rows, D)."""
     if isinstance(m, nn.Conv2d):
-        u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        u = F.unfold(conv_input_padded(m, a), m.kernel_size, dilation=m.dilation, padding=0, stride=m.stride)
         return u.transpose(1, 2).reshape(-1, u.shape[1])
     return a.reshape(-1, a.shape[-1])
 

@@ -35,6 +35,7 @@ from torch import nn
 from edgesqueeze.errors import ExportError
 from edgesqueeze.export._common import first_line as _first_line
 from edgesqueeze.export._common import under
+from edgesqueeze.models.layers import conv_input_padded
 
 __all__ = ["SpaceToDepthConv", "augment_calibration", "equalize_activations", "equalize_cross_layer", "find_stem",
            "gptq_round", "space_to_depth_stem"]
@@ -103,15 +104,14 @@ def gptq_round(model: nn.Module, calib: torch.Tensor, *, damp: float = 0.01,
         def hook(_, args):
             x = args[0].detach().float()  # float32 products, float64 running sum
             if isinstance(mod, nn.Conv2d):
-                x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+                x = conv_input_padded(mod, x)
+                x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, 0, mod.stride)
                 x = x.transpose(0, 1).reshape(x.shape[1], -1)
             else:
                 x = x.reshape(-1, x.shape[-1]).t()
             hess[name] = hess.get(name, 0) + (x @ x.t()).double()
         return hook
 
-    if any(isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" for m in layers.values()):
-        raise ExportError("gptq: convs with non-zero padding modes are not supported")
     _run_with_input_hooks(model, calib, batch_size, {m: collect(n, m) for n, m in layers.items()}, device)
     hess = {n: h.cpu() for n, h in hess.items()}
     with torch.no_grad():

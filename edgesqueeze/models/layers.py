@@ -10,11 +10,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from ..errors import RecipeError
 
-__all__ = ["KEEP_ATTR", "check_layer_names", "is_depthwise", "keep_layers", "prunable_layers"]
+__all__ = ["KEEP_ATTR", "check_layer_names", "conv_input_padded", "is_depthwise", "keep_layers", "prunable_layers"]
 
 KEEP_ATTR = "_edgesqueeze_keep"  # set on a layer compression must leave alone (compress.keep_layers)
 
@@ -24,6 +25,17 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     be kept as they are (:func:`keep_layers`)."""
     return {name: m for name, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and not getattr(m, KEEP_ATTR, False)}
+
+
+def conv_input_padded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded as ``conv`` pads it before its kernel, for ``F.unfold(..., padding=0)`` to
+    give the patches the conv sees: any padding mode (``zeros``, ``reflect``, ``replicate``,
+    ``circular``) and numeric, ``'same'`` or ``'valid'`` padding."""
+    pad = conv._reversed_padding_repeated_twice
+    if not any(pad):
+        return x
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return nn.functional.pad(x, pad, mode=mode)
 
 
 def is_depthwise(layer: nn.Module) -> bool:

@@ -635,6 +635,24 @@ def _shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
+def _own_module_stack(node: fx.Node, path: str, module: nn.Module) -> None:
+    """Make ``node``'s ``nn_module_stack`` end at the module it now calls. ``torch.export``
+    keeps a GraphModule's node metadata, and litert-torch names each TFLite tensor after the
+    innermost module of that stack (``c3:2``), which is how the packer finds a layer's float
+    weights; a TorchScript model converted to a program has only its wrapper on the stack,
+    so without this its tensors were ``t27`` and no weight of a packed tflite-int8 file was
+    coded from its codebook."""
+    stack = dict(node.meta.get("nn_module_stack") or {})
+    if stack and list(stack.values())[-1][0] == path:
+        return
+    cls = type(module)
+    key = "L__self__" + path.replace(".", "_")
+    while key in stack:
+        key += "_"
+    stack[key] = (path, f"{cls.__module__}.{cls.__qualname__}")
+    node.meta["nn_module_stack"] = stack
+
+
 def lift(gm: fx.GraphModule | torch.export.ExportedProgram) -> fx.GraphModule:
     """An equivalent ``fx.GraphModule`` in which every recognised conv2d / linear / eval
     batch_norm call (see the module docstring) is a call to a real ``nn.Conv2d`` /
@@ -689,6 +707,7 @@ def lift(gm: fx.GraphModule | torch.export.ExportedProgram) -> fx.GraphModule:
                 for g in call.replace:
                     g.replace_all_uses_with(new)
                     graph.erase_node(g)
+            _own_module_stack(new, owner_path, module)
             graph.erase_node(call.node)
         changed = True
     if changed:
