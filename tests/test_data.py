@@ -689,6 +689,11 @@ def test_fetch_verifies_and_falls_back(http_root, tmp_path):
     msg = str(e.value)
     assert all(u in msg for u in urls) and "expected " + md5 in msg and "HTTP 404" in msg
     assert not lost.exists() and not list(lost.parent.glob("*.tmp"))  # nothing half-written
+    # a failed download into folders it had to make leaves none of them behind (./data/mnist)
+    deep = tmp_path / "new" / "data" / "mnist" / "h.gz"
+    with pytest.raises(DataError):
+        fetch(urls, deep, md5=md5, md5_of_decompressed=True)
+    assert not (tmp_path / "new").exists()
 
 
 @needs_shared_mnist

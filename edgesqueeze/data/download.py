@@ -114,6 +114,7 @@ def fetch(urls: Sequence[str], dest: str | os.PathLike, *, md5: str | None,
     if not urls:
         raise DataError(f"no URL to download {dest.name} from; pass mirrors or set the mirror variable")
     failures = []
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
     for url in urls:
         try:
             with atomic_path(dest) as tmp:
@@ -127,6 +128,11 @@ def fetch(urls: Sequence[str], dest: str | os.PathLike, *, md5: str | None,
             return dest
         except _Rejected as e:
             failures.append(f"{url} ({e})")
+    for d in created:  # the folders made for the download, if nothing else went in them
+        try:
+            d.rmdir()
+        except OSError:
+            break
     raise DataError(f"could not download {dest.name} to {dest.parent}: every mirror failed: "
                     + "; ".join(failures)
                     + ". Check the network, or download the file yourself into that folder "
