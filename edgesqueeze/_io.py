@@ -26,10 +26,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is left untouched.
     The file ends up with the mode a plain ``open(path, "w")`` would give it: an existing
     file's own mode, a new file ``0o666`` less the umask (``mkstemp`` makes it ``0o600``).
+    A symbolic link to a file stays a link: the file it names is replaced. A character
+    device or a pipe (``/dev/null``, ``/dev/stdout``, a FIFO) is written in place, as
+    ``open()`` would, never replaced; any other non-regular file is refused (OutputError).
     """
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: cannot write: a folder is in the way; remove it or write elsewhere")
+    try:
+        st = os.stat(path)  # follows a symbolic link: what a plain open() would write into
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+            # /dev/null, /dev/stdout, a named pipe: written into as open() would, never
+            # replaced by a rename (which would put a regular file where the device node
+            # or pipe was: as root, `-o /dev/null --force` used to do exactly that)
+            with _stream_errors(path):
+                yield path
+            return
+        raise OutputError(f"{path}: cannot write: not a regular file (a socket or block device); "
+                          f"write elsewhere")
+    if st is not None and path.is_symlink():
+        path = Path(os.path.realpath(path))  # replace the file the link names, and keep the link
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -58,6 +77,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+@contextlib.contextmanager
+def _stream_errors(path: Path) -> Iterator[None]:
+    """A writer's own OSError on ``path`` (a device or pipe written in place) as one OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        ours = exc.filename == str(path) or (exc.filename is None and exc.errno in _WRITE_ERRNOS | {errno.EPIPE})
+        if not ours:
+            raise
+        raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
 
 
 def _why(exc: OSError, path: Path) -> str:

@@ -85,3 +85,48 @@ def test_native_stderr_restores_fd_2_on_error(capfd):
     assert caught.text == "swallowed\n"
     os.write(2, b"visible\n")
     assert capfd.readouterr().err == "visible\n"
+
+
+def test_a_link_to_a_device_is_written_through_not_replaced(tmp_path):
+    # `unpack x.esq -o /dev/stdout --force` (a link to /proc/self/fd/1) or `check --json
+    # /dev/stdout` as root: the rename put a regular file where the link (or, for /dev/null
+    # itself, the device node) was
+    link = tmp_path / "null"
+    link.symlink_to(os.devnull)
+    write_bytes_atomic(link, b"model bytes")
+    assert link.is_symlink() and os.readlink(link) == os.devnull
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null"]
+
+
+def test_a_fifo_is_written_into(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that the writer's open does not block
+    try:
+        write_bytes_atomic(fifo, b"through the pipe")
+        assert os.read(reader, 100) == b"through the pipe"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_link_to_a_file_stays_a_link(tmp_path):
+    target = tmp_path / "real.onnx"
+    target.write_bytes(b"old")
+    link = tmp_path / "model.onnx"
+    link.symlink_to(target.name)
+    write_bytes_atomic(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+
+
+def test_a_full_device_is_one_output_error(tmp_path):
+    from edgesqueeze.errors import OutputError
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    link = tmp_path / "full"  # through a link: a regression replaces the link, not /dev/full
+    link.symlink_to("/dev/full")
+    with pytest.raises(OutputError, match="full: cannot write"):
+        write_bytes_atomic(link, b"x" * 10)
+    assert link.is_symlink()

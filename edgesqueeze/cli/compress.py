@@ -133,7 +133,9 @@ def unpack(esq_path, out_path, force):
         out_path = out_path or esq_path.with_name(Path(packed["name"]).name)
         check_target(out_path)
         write_bytes_atomic(out_path, data)
-        click.echo(f"{out_path}: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}")
+        # -o /dev/stdout or a pipe: the model's bytes went to stdout, so the line goes to stderr
+        click.echo(f"{out_path}: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}",
+                   err=not out_path.is_file())
         return
     if out_path is None:
         raise click.UsageError(f"{esq_path} is a checkpoint archive: pass -o model.pt")
