@@ -52,6 +52,10 @@ class _Group(click.Group):
                      "onnxruntime": "runtime", "ai_edge_litert": "runtime", "PIL": "runtime",
                      "tflite_micro": "micro"}.get(top)
             how = f"pip install '.[{extra}]' in the edgesqueeze checkout" if extra else f"install {top}"
+            if top == "yaml":  # recipes and --arch-kwargs only: a small package, no reason to pull torch in
+                how = f"pip install PyYAML, or {how}"
+            elif top == "torch":  # PyPI's default torch on Linux x86-64 is the CUDA build (gigabytes)
+                how += ", after torch itself as README 'Install' says"
             click.secho(f"error: this needs the Python package '{top}', which is not installed here ({how}; a "
                         "device install has only what run, bench, inspect and unpack of packed files need)",
                         fg="red", err=True)
@@ -59,6 +63,10 @@ class _Group(click.Group):
         except OSError as exc:  # a path the command reads or writes that the system refuses
             where = f"{exc.filename}: " if exc.filename else ""
             click.secho(f"error: {where}{exc.strerror or exc}", fg="red", err=True)
+            ctx.exit(2)
+        except MemoryError:  # a batch, a --runs or a file larger than this machine's memory
+            click.secho("error: out of memory: the command asked for more memory than this machine has "
+                        "(a smaller batch size, fewer images or a smaller model fits)", fg="red", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgesqueeze.cli._group import cli, model_options
+from edgesqueeze.errors import DataError
 
 
 @cli.command()
@@ -49,6 +50,9 @@ def run_cmd(model_path, images, top_k, threads, as_json):
 
     art = load(model_path, threads=threads)
     shape = art.meta.get("input_shape") or art.input_spec.image_shape
+    if any(d is None for d in shape):
+        raise DataError(f"{model_path}: the input shape {list(shape)} has dynamic dimensions and the file has no "
+                        f"metadata saying what one image is; cannot size the images for it")
     batch = load_images(list(images), shape, resize=art.meta.get("resize"))
     scores = art.predict_images(batch)
     results = {str(img): [{"index": i, "class": name, "probability": round(p, 5)}

@@ -56,7 +56,9 @@ def sniff(head: bytes) -> str:
         return "empty"
     if len(head) >= 8 and head[4:8] == b"TFL3":
         return "tflite"
-    if head.startswith(ESQ_MAGIC):
+    if head.startswith(ESQ_MAGIC) or head[1:4] == b"ESQ":
+        # the second: an .esq whose magic a text-mode transfer damaged (its \r\n and \x1a are
+        # there to catch that); the archive reader then says so, not "not an ONNX model"
         return "esq"
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"

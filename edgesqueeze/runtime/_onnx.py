@@ -143,15 +143,20 @@ def open_session(path: Path, *, threads: int | None, head: bytes = b"", ext: str
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
+        # enable_fallback=0: on a load error onnxruntime would otherwise print a four-line "EP
+        # Error" banner to stdout (into `run --json`'s output) and retry the same CPU provider
+        # without disabled_optimizers; older onnxruntime versions ignore the keyword
         session = ort.InferenceSession(str(path) if data is None else data, sess_options=opts,
                                        providers=["CPUExecutionProvider"],
-                                       disabled_optimizers=[_NCHWC] if portable else None)
+                                       disabled_optimizers=[_NCHWC] if portable else None, enable_fallback=0)
         session.portable = bool(portable)
         return session
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind classes
         kind, msg = type(exc).__name__, _ort_reason(exc)
-        damaged = kind in ("InvalidProtobuf", "InvalidGraph", "InvalidArgument") or any(
-            s in msg for s in ("Missing opset", "No graph", "Protobuf parsing failed"))
+        # a name or string that is not UTF-8 (UnicodeDecodeError) and a graph that contradicts
+        # itself ("This is an invalid model") are damage too: a flipped bit does both
+        damaged = kind in ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "UnicodeDecodeError") or any(
+            s in msg for s in ("Missing opset", "No graph", "Protobuf parsing failed", "This is an invalid model"))
         if damaged and ext == ".tflite":  # named .tflite, no TFL3 identifier, and no ONNX model either
             raise FormatError(f"{path}: not a TFLite file (no 'TFL3' identifier at bytes 4..8) "
                               f"and not an ONNX model either; re-export it or copy it again") from None

@@ -25,7 +25,12 @@ def _input(art: Artifact, batch_size: int) -> np.ndarray:
     if any(d is None for d in shape):
         raise DataError(f"{art.path}: the input shape {list(shape)} has dynamic dimensions and the "
                         f"file has no metadata saying what one image is; cannot benchmark it")
-    return np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
+    try:
+        return np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
+    except MemoryError:
+        raise DataError(f"{art.path}: a batch of {batch_size:,} images of shape {list(shape)} does not fit in "
+                        f"memory ({4 * batch_size * int(np.prod(shape)):,} bytes of input alone); time a "
+                        f"smaller batch size") from None
 
 
 def _check(batch_size: int, warmup: int, runs: int) -> None:

@@ -89,7 +89,11 @@ def convert_8bit(img, mode: str, where: str | os.PathLike):
 
 
 def _chw(input_shape: Sequence[int]) -> tuple[int, int, int]:
-    shape = [int(v) for v in input_shape]
+    try:
+        shape = [int(v) for v in input_shape]
+    except (TypeError, ValueError):  # None: a dynamic dimension of a file without metadata
+        raise DataError(f"input_shape must be [C, H, W] of positive integers, got {list(input_shape)}; a model "
+                        f"with dynamic dimensions needs the image size from its metadata (input_shape)") from None
     if len(shape) == 4:  # tolerate a batch dimension in front
         shape = shape[1:]
     if len(shape) != 3 or min(shape) < 1:

@@ -1,0 +1,135 @@
+"""The device user's commands (run, bench, inspect, unpack) on bad input: one `error:` line and
+exit 2, nothing on stdout that is not the answer, and no device node or link replaced."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+from test_runtime import onnx_models  # noqa: E402,F401 - a tiny ONNX model with edgesqueeze metadata
+
+from edgesqueeze.cli import cli  # noqa: E402
+
+
+def _cli(*args):
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 keeps stderr apart always
+        runner = CliRunner()
+    return runner.invoke(cli, [str(a) for a in args])
+
+
+def _one_error(r, *needles, progress=False):
+    """Exit 2 and one `error:` line (after bench's `timing ...` progress lines with ``progress``)."""
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    lines = r.stderr.strip().splitlines()
+    if progress:
+        lines = [ln for ln in lines if not ln.startswith("timing ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert r.stdout == "", r.stdout
+
+
+@pytest.fixture(scope="module")
+def packed(onnx_models, tmp_path_factory):
+    from edgesqueeze.export.packed import pack_file
+
+    out, _ = pack_file(onnx_models["fp32"], tmp_path_factory.mktemp("packed") / "tiny.onnx.esq", fmt="onnx")
+    return out
+
+
+def test_unpack_to_a_link_to_a_device_writes_through_it(packed, tmp_path):
+    # as root, `unpack x.onnx.esq -o /dev/null --force` renamed a regular file over /dev/null
+    # (and -o /dev/stdout over that link); through a link here, so a regression harms nothing
+    link = tmp_path / "null"
+    link.symlink_to(os.devnull)
+    r = _cli("unpack", packed, "-o", link, "--force")
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert link.is_symlink() and os.readlink(link) == os.devnull
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert "SHA-256 checked" in r.stderr and r.stdout == ""  # the model's bytes may be on stdout
+
+
+def test_unpack_to_a_full_device_is_one_line(packed, tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    link = tmp_path / "full"
+    link.symlink_to("/dev/full")
+    _one_error(_cli("unpack", packed, "-o", link, "--force"), "full: cannot write")
+    assert link.is_symlink()
+
+
+def test_an_esq_damaged_by_a_text_mode_transfer_says_so(packed, tmp_path):
+    data = packed.read_bytes()
+    bad = tmp_path / "tiny.onnx.esq"
+    bad.write_bytes(data[:4] + b"\n" + data[6:])  # \r\n -> \n, as a text-mode copy does
+    for cmd in (["run", bad, tmp_path / "x.png"], ["inspect", bad], ["unpack", bad, "-o", tmp_path / "o.onnx"]):
+        _one_error(_cli(*cmd), str(bad), "text-mode transfer")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_an_onnx_file_with_a_damaged_name_is_damage_and_prints_no_banner(onnx_models, tmp_path):
+    data = onnx_models["fp32"].read_bytes()
+    bad = bytearray(data)
+    bad[data.index(b"input")] = 0xFF  # a name that is no longer UTF-8
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(bytes(bad))
+    # onnxruntime printed "*** EP Error ***" and three more lines to stdout and retried; the
+    # error then said "upgrade onnxruntime"
+    r = _cli("run", path, tmp_path / "x.png", "--json")
+    _one_error(r, str(path), "damaged")
+    assert "upgrade" not in r.stderr
+
+
+def test_run_on_a_model_with_dynamic_image_size_and_no_metadata(tmp_path):
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    model = tmp_path / "dyn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(model), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}}, dynamo=False)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    # was a TypeError traceback from int(None)
+    _one_error(_cli("run", model, img), str(model), "dynamic dimensions")
+
+    from edgesqueeze.errors import DataError
+    from edgesqueeze.runtime import load_image
+
+    with pytest.raises(DataError, match="dynamic dimensions"):
+        load_image(img, (3, None, None))
+
+
+def test_bench_a_batch_larger_than_memory_is_one_line(onnx_models):
+    if sys.maxsize < 2**40:
+        pytest.skip("a 32-bit address space refuses the size before numpy sees it")
+    # was a numpy _ArrayMemoryError traceback
+    _one_error(_cli("bench", onnx_models["fp32"], "-b", 10**12, "--runs", 1, "--warmup", 0),
+               str(onnx_models["fp32"]), "does not fit in memory", progress=True)
+
+
+def test_missing_yaml_names_the_small_package():
+    import subprocess
+
+    code = ("import sys; sys.modules['yaml'] = None\n"
+            "from edgesqueeze.cli import main\n"
+            "sys.argv = ['edgesqueeze', 'bench', 'x.onnx', '--arch-kwargs', '{a: 1}']\n"
+            "main()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install PyYAML" in lines[0], r.stderr
