@@ -133,3 +133,18 @@ def test_missing_yaml_names_the_small_package():
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install PyYAML" in lines[0], r.stderr
+
+
+def test_very_large_images_are_one_line_each(onnx_models, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.png"  # over Pillow's 89 M pixel limit, under twice it: read, with a note
+    Image.new("RGB", (9500, 9500)).save(big)
+    r = _cli("run", onnx_models["fp32"], big, "-k", 1)
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"note: {big}: 9,500 x 9,500")
+    bomb = tmp_path / "bomb.png"  # over twice it: refused, and not called damaged
+    Image.new("L", (14000, 14000)).save(bomb)
+    r = _cli("run", onnx_models["fp32"], bomb)
+    _one_error(r, str(bomb), "too large")
+    assert "damaged" not in r.stderr

@@ -32,11 +32,12 @@ naming the file too.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-from edgesqueeze.errors import DataError, RuntimeBackendError
+from edgesqueeze.errors import DataError, Note, RuntimeBackendError
 
 __all__ = ["convert_8bit", "load_image", "load_images", "to_8bit"]
 
@@ -137,13 +138,25 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
         raise DataError(f"resize must be a positive integer (the shorter side), got {resize!r}")
     Image = _pil()
     try:
-        with Image.open(path) as im:
-            im.load()
-            img = convert_8bit(im, _MODES[c], path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                img = convert_8bit(im, _MODES[c], path)
+        for rec in caught:  # Pillow's two-line warning for a very large image: one note naming it
+            if issubclass(rec.category, Image.DecompressionBombWarning):
+                warnings.warn(f"{path}: {im.width:,} x {im.height:,} pixels, more than Pillow's "
+                              f"{Image.MAX_IMAGE_PIXELS:,}-pixel limit for untrusted images; read anyway", Note,
+                              stacklevel=2)
+            else:
+                warnings.warn_explicit(rec.message, rec.category, rec.filename, rec.lineno)
     except FileNotFoundError:
         raise DataError(f"{path}: no such image file") from None
-    # UnidentifiedImageError is an OSError; a decompression bomb is none of these
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: too large to read: more than twice Pillow's {Image.MAX_IMAGE_PIXELS:,}-pixel "
+                        f"limit for untrusted images; shrink it first") from None
+    # UnidentifiedImageError is an OSError
+    except (OSError, ValueError, SyntaxError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: cannot read as an image ({text}); is it a damaged or "
                         f"non-image file?") from None
