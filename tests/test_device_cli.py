@@ -148,3 +148,23 @@ def test_very_large_images_are_one_line_each(onnx_models, tmp_path):
     r = _cli("run", onnx_models["fp32"], bomb)
     _one_error(r, str(bomb), "too large")
     assert "damaged" not in r.stderr
+
+
+def test_unpacking_a_checkpoint_archive_without_torch_is_one_line_naming_the_extra(tmp_path):
+    import subprocess
+
+    from edgesqueeze.format import container
+
+    esq = tmp_path / "model.esq"  # a checkpoint archive as far as unpack can tell: not a packed file
+    esq.write_bytes(container.dumps({"arch": "x"}, [("w", b"\0" * 4, {"shape": [1]})]))
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from edgesqueeze.cli import main\n"
+            f"sys.argv = ['edgesqueeze', 'unpack', {str(esq)!r}, '-o', {str(tmp_path / 'm.pt')!r}]\n"
+            "main()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    # was click's three-line usage error ("Usage: ...", "Try ...", "Error: ...") naming no extra
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {esq}") and "'.[train]'" in lines[0], r.stderr
+    assert not (tmp_path / "m.pt").exists()

@@ -143,9 +143,13 @@ def unpack(esq_path, out_path, force):
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
-        raise click.UsageError(f"{esq_path}: unpacking a checkpoint archive writes a PyTorch checkpoint, which "
-                               "needs PyTorch; install it (see README, 'Install'), or use the .esq as it is: "
-                               "eval, export and verify read it")
+        from edgesqueeze.errors import RuntimeBackendError
+
+        # not a usage error (the command line is right): one `error:` line naming what to install
+        raise RuntimeBackendError(f"{esq_path}: unpacking a checkpoint archive writes a PyTorch checkpoint, which "
+                                  "needs torch, not installed here (pip install '.[train]' in the edgesqueeze "
+                                  "checkout, after torch itself as README 'Install' says); or use the .esq as it "
+                                  "is: eval, export and verify read it, and a device runs its exported files")
     from edgesqueeze.checkpoint import save_state, stored_weights
 
     state, meta, _ = stored_weights(esq_path)  # a TorchScript / program archive is refused there
