@@ -168,3 +168,19 @@ def test_unpacking_a_checkpoint_archive_without_torch_is_one_line_naming_the_ext
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {esq}") and "'.[train]'" in lines[0], r.stderr
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_inspect_of_a_packed_file_names_it_not_a_temporary_file(packed, tmp_path):
+    import subprocess
+
+    code = ("import sys; sys.modules['onnxruntime'] = sys.modules['onnx'] = None\n"
+            "from edgesqueeze.cli import main\n"
+            f"sys.argv = ['edgesqueeze', 'inspect', {str(packed)!r}]\n"
+            "main()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    # was "error: /tmp/edgesqueeze-inspect-XXXX/tiny.onnx: is an ONNX model but onnxruntime ..."
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {packed}: is an ONNX model"), r.stderr
+    assert "edgesqueeze-inspect-" not in r.stderr

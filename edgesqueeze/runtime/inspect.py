@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesqueeze.errors import FormatError, RuntimeBackendError
+from edgesqueeze.errors import EdgesqueezeError, FormatError, RuntimeBackendError
 from edgesqueeze.runtime._base import META_KEY, _first_line, classify, parse_meta
 
 __all__ = ["inspect_artifact"]
@@ -78,7 +78,10 @@ def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="edgesqueeze-inspect-") as tmp:
             inner = Path(tmp, Path(packed["name"]).name or "model")
             inner.write_bytes(data)
-            out = inspect_artifact(inner)
+            try:
+                out = inspect_artifact(inner)
+            except EdgesqueezeError as exc:  # name the user's file, not the temporary one
+                raise type(exc)(str(exc).replace(str(inner), str(path))) from None
         from edgesqueeze.format import container
         from edgesqueeze.format.packed import layout
 
