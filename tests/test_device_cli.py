@@ -150,19 +150,23 @@ def test_very_large_images_are_one_line_each(onnx_models, tmp_path):
     assert "damaged" not in r.stderr
 
 
-def test_unpacking_a_checkpoint_archive_without_torch_is_one_line_naming_the_extra(tmp_path):
+def _cli_without(modules: list[str], *args: str):
+    """Run the CLI in a fresh Python where ``modules`` cannot be imported (a device install)."""
     import subprocess
 
+    code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
+            + "from edgesqueeze.cli import main\n"
+            + f"sys.argv = ['edgesqueeze', *{list(map(str, args))!r}]\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_unpacking_a_checkpoint_archive_without_torch_is_one_line_naming_the_extra(tmp_path):
     from edgesqueeze.format import container
 
     esq = tmp_path / "model.esq"  # a checkpoint archive as far as unpack can tell: not a packed file
     esq.write_bytes(container.dumps({"arch": "x"}, [("w", b"\0" * 4, {"shape": [1]})]))
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from edgesqueeze.cli import main\n"
-            f"sys.argv = ['edgesqueeze', 'unpack', {str(esq)!r}, '-o', {str(tmp_path / 'm.pt')!r}]\n"
-            "main()\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    r = _cli_without(["torch"], "unpack", esq, "-o", tmp_path / "m.pt")
     # was click's three-line usage error ("Usage: ...", "Try ...", "Error: ...") naming no extra
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -171,14 +175,7 @@ def test_unpacking_a_checkpoint_archive_without_torch_is_one_line_naming_the_ext
 
 
 def test_inspect_of_a_packed_file_names_it_not_a_temporary_file(packed, tmp_path):
-    import subprocess
-
-    code = ("import sys; sys.modules['onnxruntime'] = sys.modules['onnx'] = None\n"
-            "from edgesqueeze.cli import main\n"
-            f"sys.argv = ['edgesqueeze', 'inspect', {str(packed)!r}]\n"
-            "main()\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    r = _cli_without(["onnxruntime", "onnx"], "inspect", packed)
     # was "error: /tmp/edgesqueeze-inspect-XXXX/tiny.onnx: is an ONNX model but onnxruntime ..."
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
