@@ -76,6 +76,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse (OutputError) an output path that cannot be written, before the work that
+    fills it: a folder in its place, a file where a folder of its path should be, a folder
+    this user cannot write into or a read-only file system. What it cannot foresee (a full
+    disk) is still reported by :func:`atomic_path` when the file is written. Creates nothing.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: cannot write: a folder is in the way; remove it or write elsewhere")
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return  # a device or pipe: atomic_path writes into it or says why not
+    parent = Path(os.path.realpath(path)).parent if path.is_symlink() else path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise OutputError(f"{path}: cannot write: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only(existing) else "permission denied"
+        raise OutputError(f"{path}: cannot write into {existing} ({why}); write elsewhere")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 

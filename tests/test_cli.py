@@ -174,6 +174,13 @@ def test_verify_takes_a_plain_state_dict_with_arch(tmp_path):
     assert report["reference"] == str(sd)
     assert report["machine"]["arch"] and "int8_kernels" in report["machine"]  # what it ran on
     assert "int8 kernels:" in (tmp_path / "v.md").read_text()
+    res = run("verify", sd, "--arch", "squeezenet_mnist", "--num-classes", 10, "--data", "digits",
+              "--limit", 20, "--out", f"{tmp_path / 'reports'}/")  # a folder: verify.json in it
+    assert res.exit_code == 0 and json.loads((tmp_path / "reports" / "verify.json").read_text())["artifacts"]
+    assert (tmp_path / "reports" / "verify.md").is_file()
+    res = run("verify", sd, "--arch", "squeezenet_mnist", "--num-classes", 10, "--data", "digits",
+              "--limit", 20, "--out", tmp_path / "v.json" / "x.json")  # under a file: refused before evaluating
+    assert res.exit_code == 2 and "is a file, not a folder" in res.output and len(res.output.strip().splitlines()) == 1
     res = run("verify", sd, "--data", "digits", "--limit", 60, "--out", out)
     assert res.exit_code == 2
     assert "pass --arch" in res.output

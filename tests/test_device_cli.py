@@ -181,3 +181,45 @@ def test_inspect_of_a_packed_file_names_it_not_a_temporary_file(packed, tmp_path
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {packed}: is an ONNX model"), r.stderr
     assert "edgesqueeze-inspect-" not in r.stderr
+
+
+def test_run_takes_folders_each_file_once_in_batches(onnx_models, tmp_path):
+    """A folder is its image files (recursive, sorted, hidden ones and other files skipped);
+    a file named twice is classified once with a note; batching does not change a score."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "b").mkdir(parents=True)
+    (tmp_path / "imgs" / ".cache").mkdir()
+    names = ["imgs/z.png", "imgs/a.jpg", "imgs/b/c.PNG", "imgs/b/d.bmp", "imgs/.cache/h.png"]
+    for n in names:
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / n)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    folder, again = tmp_path / "imgs", tmp_path / "imgs" / "z.png"
+    r = _cli("run", onnx_models["fp32"], folder, again, "-k", 2, "--json", "-b", 1)
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.startswith("note: 1 image path(s) given more than once") and str(again) in r.stderr
+    by_one = json.loads(r.stdout)
+    assert list(by_one) == [str(tmp_path / n) for n in ("imgs/a.jpg", "imgs/b/c.PNG", "imgs/b/d.bmp", "imgs/z.png")]
+    r = _cli("run", onnx_models["fp32"], folder, "-k", 2, "--json", "-b", 3)
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout) == by_one
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    _one_error(_cli("run", onnx_models["fp32"], tmp_path / "empty"), str(tmp_path / "empty"), "no image files")
+
+
+def test_run_stops_at_a_bad_image_in_a_later_batch_with_no_partial_output(onnx_models, tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (9, 9), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "3.png").write_bytes(b"\x89PNG damaged")
+    _one_error(_cli("run", onnx_models["fp32"], tmp_path, "-b", 2), str(tmp_path / "3.png"), "cannot read")
+
+
+def test_bench_json_to_a_path_that_cannot_be_written_fails_before_timing(onnx_models, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    r = _cli("bench", onnx_models["fp32"], "--runs", 1, "--warmup", 0, "--json", tmp_path / "a-file" / "rows.json")
+    _one_error(r, "a-file is a file, not a folder")  # and no `timing ...` line: nothing was timed

@@ -130,3 +130,22 @@ def test_a_full_device_is_one_output_error(tmp_path):
     with pytest.raises(OutputError, match="full: cannot write"):
         write_bytes_atomic(link, b"x" * 10)
     assert link.is_symlink()
+
+
+def test_check_writable_refuses_before_the_work_and_creates_nothing(tmp_path):
+    from edgesqueeze._io import check_writable
+    from edgesqueeze.errors import OutputError
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputError, match="a-file is a file, not a folder"):
+        check_writable(tmp_path / "a-file" / "sub" / "out.json")
+    with pytest.raises(OutputError, match="a folder is in the way"):
+        check_writable(tmp_path)
+    check_writable(tmp_path / "new" / "deeper" / "out.json")  # folders to be made: fine, none made yet
+    assert not (tmp_path / "new").exists()
+    check_writable("/dev/null")
+    if os.geteuid() != 0:  # root writes anywhere: access() says yes
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(OutputError, match="permission denied"):
+            check_writable(locked / "out.json")

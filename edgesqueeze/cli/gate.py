@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -143,8 +144,9 @@ def _with_budget_options(fn):
 @model_options(recipe_help="Recipe whose 'budget' section to check against (options override it); its 'model' "
                            "section stands for --arch.", set_example="budget.max_size=500KB")
 @_with_budget_options
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the verification report here (JSON; the markdown and plots go beside it) "
+@click.option("--out", "out_path", type=click.Path(),
+              help="Write the verification report here (JSON; the markdown and plots go beside it); "
+                   "a folder (existing, or given with a trailing /) gets verify.json in it "
                    "[default: verify.json beside the first file].")
 @click.pass_context
 def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, model_opts, max_size, max_size_for,
@@ -170,15 +172,18 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
       edgesqueeze verify artifacts/squeezenet-digits/model.pt artifacts/squeezenet-digits/export/*
       edgesqueeze verify squeezenet1_0.pt export/* --arch squeezenet1_0 --data imagenet-sample
     """
-    from edgesqueeze._io import write_text_atomic
+    from edgesqueeze._io import check_writable, write_text_atomic
     from edgesqueeze.budget import artifacts_markdown, check, exit_code, verdicts_table
     from edgesqueeze.verify import evaluate_artifacts
     from edgesqueeze.verify_report import machine_info, write_report
 
-    out = out_path or Path(paths[0]).parent / "verify.json"
+    out = Path(out_path) if out_path else Path(paths[0]).parent / "verify.json"
+    if out.is_dir() or str(out_path or "").endswith(("/", os.sep)):  # --out results/, as compress's --out
+        out = out / "verify.json"
     if out.suffix.lower() == ".md":
         raise click.BadParameter(f"{out}: names the JSON report, and the markdown is written beside it; "
                                  f"give {out.with_suffix('.json')} to get {out}", param_hint="--out")
+    check_writable(out)  # before the evaluation, not after it
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir or model_opts.data_dir,
                                 reference=reference, limit=limit, threads=threads, latency=latency, log=lambda m: click.echo(m),
@@ -231,7 +236,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
       edgesqueeze check model.int8.tflite --data mnist --max-size 100KB --min-accuracy 99.4% \\
           --junit gate.xml --markdown "$GITHUB_STEP_SUMMARY"
     """
-    from edgesqueeze._io import write_text_atomic
+    from edgesqueeze._io import check_writable, write_text_atomic
     from edgesqueeze.budget import (check as run_check, exit_code, verdicts_json, verdicts_junit,
                                     verdicts_markdown, verdicts_table)
     from edgesqueeze.verify import evaluate_artifacts
@@ -240,6 +245,11 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     if budget.is_empty():
         raise click.UsageError("no budget: give --max-size, --min-accuracy, --max-drop, --min-agreement "
                                "or a --recipe with a 'budget' section")
+    appends = md_path is not None and (str(md_path).endswith("GITHUB_STEP_SUMMARY")
+                                       or md_path.exists() and not md_path.is_file())
+    for path in (json_path, junit_path, None if appends else md_path):
+        if path is not None:
+            check_writable(path)  # before the evaluation, not after it
     rows, files = [], []
     for p in paths:
         _not_a_directory(p)
@@ -259,7 +269,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         write_text_atomic(junit_path, verdicts_junit(verdicts))
     if md_path:
         md = verdicts_markdown(verdicts, rows)
-        if str(md_path).endswith("GITHUB_STEP_SUMMARY") or md_path.exists() and not md_path.is_file():
+        if appends:
             with open(md_path, "a") as fh:
                 fh.write(md)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -34,29 +35,49 @@ def inspect(path, as_json, model_opts):
 
 @cli.command("run")
 @click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to print.")
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
+@click.option("--batch-size", "-b", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Images decoded and run at a time (memory holds one batch of pixels, not all).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def run_cmd(model_path, images, top_k, threads, as_json):
+def run_cmd(model_path, images, top_k, threads, batch_size, as_json):
     """Classify image files with an .onnx or .tflite artifact, or a packed .onnx.esq /
     .tflite.esq (no PyTorch needed).
 
+    IMAGES are files or folders; a folder stands for the image files under it (jpg, png,
+    bmp, gif, webp, tiff, pgm/ppm; sorted, recursive). Each file is classified once, even
+    when named twice. Results are printed when every image has been read, so a bad image
+    stops the run with one error line naming it and no partial output.
+
     \b
-    Example:
+    Examples:
       edgesqueeze run model.int8.tflite cat.jpg dog.png
+      edgesqueeze run model.int8.tflite.esq photos/ --json > labels.json
     """
     from edgesqueeze.runtime import load, load_images, topk
+    from edgesqueeze.runtime.images import image_files
 
+    paths = image_files(images)
     art = load(model_path, threads=threads)
     shape = art.meta.get("input_shape") or art.input_spec.image_shape
     if any(d is None for d in shape):
         raise DataError(f"{model_path}: the input shape {list(shape)} has dynamic dimensions and the file has no "
                         f"metadata saying what one image is; cannot size the images for it")
-    batch = load_images(list(images), shape, resize=art.meta.get("resize"))
-    scores = art.predict_images(batch)
-    results = {str(img): [{"index": i, "class": name, "probability": round(p, 5)}
-                          for i, name, p in topk(scores[j], top_k, art.classes)] for j, img in enumerate(images)}
+    results = {}
+    err = click.get_text_stream("stderr")
+    show = len(paths) > batch_size and err.isatty()  # a bar on a terminal, for more than one batch
+    with (click.progressbar(length=len(paths), label="classifying", file=err, show_pos=True) if show
+          else contextlib.nullcontext()) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            scores = art.predict_images(load_images(chunk, shape, resize=art.meta.get("resize")),
+                                        batch_size=batch_size)
+            for img, row in zip(chunk, scores):
+                results[img] = [{"index": i, "class": name, "probability": round(p, 5)}
+                                for i, name, p in topk(row, top_k, art.classes)]
+            if bar is not None:
+                bar.update(len(chunk))
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -94,9 +115,11 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
     Example:
       edgesqueeze bench model.onnx model.int8.onnx model.tflite model.int8.tflite --threads 2
     """
-    from edgesqueeze._io import write_text_atomic
+    from edgesqueeze._io import check_writable, write_text_atomic
     from edgesqueeze.benchmark import bench_files
 
+    if json_path:
+        check_writable(json_path)  # before the timing, not after it
     rows = bench_files(list(paths), batch_sizes=list(batch_sizes) or [1, 32], runs=runs, warmup=warmup,
                        threads=threads, model_args=model_opts.load_kwargs(), portable=portable,
                        log=lambda m: click.echo(m, err=True))

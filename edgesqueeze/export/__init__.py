@@ -231,8 +231,9 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             packed, rep = pack_file(path, fmt=fmt, sources=sources)
             bits = rep["bits_per_nonzero"]
             how = f", {bits:.2f} bits per non-zero weight" if bits else ""
-            log(f"{packed}: {rep['packed_bytes']:,} bytes (packed {fmt}: {rep['coded_tensors']} weight "
-                f"tensors coded{how})")
+            n = rep["coded_tensors"]
+            log(f"{packed}: {rep['packed_bytes']:,} bytes (packed {fmt}: {n} weight "
+                f"tensor{'' if n == 1 else 's'} coded{how})")
             written.append(packed)
     return written
 

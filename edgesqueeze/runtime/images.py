@@ -39,7 +39,7 @@ import numpy as np
 
 from edgesqueeze.errors import DataError, Note, RuntimeBackendError
 
-__all__ = ["convert_8bit", "load_image", "load_images", "to_8bit"]
+__all__ = ["IMAGE_SUFFIXES", "convert_8bit", "image_files", "load_image", "load_images", "to_8bit"]
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -183,4 +183,51 @@ def load_images(paths: Sequence[str | os.PathLike], input_shape: Sequence[int], 
     out = np.empty((len(paths), c, h, w), np.uint8)
     for i, p in enumerate(paths):
         out[i] = load_image(p, (c, h, w), resize=resize)
+    return out
+
+
+#: What :func:`image_files` takes from a folder: the formats Pillow reads that hold photos.
+#: A file named explicitly is read whatever its name.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm")
+
+
+def image_files(args: Sequence[str | os.PathLike]) -> list[str]:
+    """Image files and folders -> the files to classify, in order, each once.
+
+    A folder stands for the image files under it (:data:`IMAGE_SUFFIXES`, any case,
+    recursively, hidden files and folders skipped, sorted by path); a folder with none is a
+    DataError naming it. A path named twice (or a file both named and inside a named folder)
+    is kept once, with a :class:`Note` saying so, since results are keyed by path.
+    A missing path is left for :func:`load_image` to report.
+    """
+    out: list[str] = []
+    seen: dict[str, str] = {}
+    repeats: list[str] = []
+    for arg in args:
+        arg = os.fspath(arg)
+        if os.path.isdir(arg):
+            found, walked = [], set()
+            for root, dirs, files in os.walk(arg, followlinks=True):
+                walked.add(os.path.realpath(root))  # a link back up the tree is walked once
+                dirs[:] = [d for d in dirs if not d.startswith(".")
+                           and os.path.realpath(os.path.join(root, d)) not in walked]
+                found += [os.path.join(root, f) for f in files
+                          if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+            if not found:
+                kinds = "/".join(e[1:] for e in IMAGE_SUFFIXES)
+                raise DataError(f"{arg}: a folder with no image files ({kinds}) in it or below it")
+            paths = sorted(found)
+        else:
+            paths = [arg]
+        for p in paths:
+            key = os.path.realpath(p)
+            if key in seen:
+                repeats.append(p if p == seen[key] else f"{p} (the same file as {seen[key]})")
+                continue
+            seen[key] = p
+            out.append(p)
+    if repeats:
+        more = f" and {len(repeats) - 3} more" if len(repeats) > 3 else ""
+        warnings.warn(f"{len(repeats)} image path(s) given more than once, classified once: "
+                      f"{', '.join(repeats[:3])}{more}", Note, stacklevel=2)
     return out
