@@ -157,12 +157,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def rebuild(arch: str, arch_kwargs: dict[str, Any], *, folded_batchnorm: bool = False,
-            from_file: str | None = None, trusted: bool = False) -> nn.Module:
-    """The architecture a checkpoint names; BatchNorm folded into the convs if it was.
+            folded_layers: Any = None, from_file: str | None = None, trusted: bool = False,
+            source: str | None = None) -> nn.Module:
+    """The architecture a checkpoint names; BatchNorm folded into the layers before it if it
+    was: the ``folded_layers`` pairs the archive records, or (an archive from before they were
+    recorded) every Conv2d -> BatchNorm2d pair.
 
     ``from_file``: the file that named ``arch``; the user's own code it names is imported only
     when ``trusted`` and built only if it is an ``nn.Module`` class
-    (:mod:`edgesqueeze.models.imports`)."""
+    (:mod:`edgesqueeze.models.imports`). ``source``: the file, for errors in its pairs."""
     from edgesqueeze.models import build_model
     from edgesqueeze.models.imports import build_import, is_import_spec
 
@@ -171,9 +174,11 @@ def rebuild(arch: str, arch_kwargs: dict[str, Any], *, folded_batchnorm: bool = 
     else:
         model = build_model(arch, **arch_kwargs)
     if folded_batchnorm:
-        from edgesqueeze.models.fold import fold_batchnorm  # torch.fx: only when needed
+        from edgesqueeze.models.fold import check_pairs, fold_batchnorm, legacy_pairs  # torch.fx: only when needed
 
-        model = fold_batchnorm(model)
+        pairs = (legacy_pairs(model) if folded_layers is None
+                 else check_pairs(model, folded_layers, source=source or from_file or arch))
+        model = fold_batchnorm(model, pairs)
     return model
 
 
@@ -344,6 +349,7 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
             warnings.warn(f"{path} records its architecture {meta.get('arch')!r}, which is used: {arch!r} (--arch, "
                           "or the recipe's model.arch) is not", Note, stacklevel=3)
         model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=meta.get("folded_batchnorm", False),
+                        folded_layers=meta.get("folded_layers"), source=str(path),
                         from_file=None if arch == meta["arch"] else str(path), trusted=trust_pickle)
         load_state_dict_checked(model, obj["state_dict"], source=str(path))
         return LoadedModel(model.eval(), apply_input_meta(meta, input_meta, source=str(path)), "checkpoint", path)
@@ -577,6 +583,7 @@ def model_from_esq(data: bytes | str | Path, *, arch: str | None = None,
         meta["arch"] = arch
     source = str(data) if not isinstance(data, bytes) else "archive"
     model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=bool(meta.get("folded_batchnorm")),
+                    folded_layers=meta.get("folded_layers"), source=source,
                     from_file=None if arch == meta["arch"] else source, trusted=trust_code)
     load_state_dict_checked(model, state, source=source)
     return model.eval(), meta

@@ -71,6 +71,7 @@ class Run:
     stages: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     distributed: dict[str, Any] = field(default_factory=dict)  # digests checked identical on every rank
+    folded_layers: list[list[str]] | None = None  # [layer, batchnorm] pairs this run folded (stages.fold)
 
     @functools.cached_property
     def source_sha256(self) -> str:
@@ -137,6 +138,8 @@ class Run:
                  "source_sha256": self.source_sha256, "weights_sha256": weights_sha256,
                  "reference_accuracy": reference_accuracy,
                  "recipe_hash": self.recipe_hash or self.inp.meta.get("recipe_hash")}
+        if folded and self.folded_layers is not None:
+            extra["folded_layers"] = self.folded_layers
         return esq_meta({k: v for k, v in self.inp.meta.items() if k not in ("metrics", "compress_stage")},
                         folded=folded, extra=extra)
 

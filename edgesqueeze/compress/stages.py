@@ -187,14 +187,26 @@ def save_pruned(run: Run, model: nn.Module) -> Path:
 
 
 def fold(run: Run, model: nn.Module) -> tuple[nn.Module, bool]:
-    """Fold BatchNorm into the convs when the config says so and there is any, so that what is
-    clustered is exactly what runs (a per-channel rescale keeps zeros zero). Returns the model
-    and whether the archive's model is folded."""
-    folded = bool(run.inp.meta.get("folded_batchnorm"))
-    if run.config.fold_batchnorm and conv_bn_pairs(model):
-        model = fold_batchnorm(model)
+    """Fold BatchNorm into the layer before it when the config says so and there is any, so
+    that what is clustered is exactly what runs (a per-channel rescale keeps zeros zero).
+    Returns the model and whether the archive's model is folded; the pairs folded go to the
+    archive's ``folded_layers`` (``run.folded_layers``), which loading folds again.
+
+    A Linear -> BatchNorm1d head folds when the dataset's input shape shows it 2-D. An input
+    archive folded before pairs were recorded (no ``folded_layers``) is not folded again: its
+    archive could not say which pairs it holds."""
+    meta = run.inp.meta
+    folded = bool(meta.get("folded_batchnorm"))
+    before = meta.get("folded_layers")
+    if folded and before is None:
+        return model, folded
+    example = torch.zeros(2, *run.inp.ds.input_shape) if run.inp.ds is not None else None
+    pairs = conv_bn_pairs(model, example) if run.config.fold_batchnorm else []
+    if pairs:
+        model = fold_batchnorm(model, pairs)
         folded = True
-        run.record("fold-bn", model, None, "BatchNorm folded into convs")
+        run.folded_layers = [list(p) for p in (before or [])] + [list(p) for p in pairs]
+        run.record("fold-bn", model, None, "BatchNorm folded into the layers before it")
     return model, folded
 
 

@@ -1,0 +1,147 @@
+"""BatchNorm folding beyond Conv2d: Conv1d / Conv3d into their BatchNorms, and a Linear head
+into the BatchNorm1d after it when its output is [N, features]; the pairs an archive folded
+are recorded (meta.folded_layers) and folded again on loading, and archives from before they
+were recorded still load (Conv2d pairs only)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from edgesqueeze.errors import EdgesqueezeError
+from edgesqueeze.models.fold import check_pairs, conv_bn_pairs, fold_batchnorm, legacy_pairs
+
+
+def _settle(model: nn.Module, *inputs: torch.Tensor) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, then eval mode."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in inputs:
+            model(x)
+    return model.eval()
+
+
+class Mixed(nn.Module):
+    """Conv1d-BN1d, Conv2d-BN2d, a Linear-BN1d head on [N, F], and a Linear-BN1d on [N, L, F]
+    with L == F: BatchNorm1d normalizes L there, not the Linear's features: must not fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4)
+        self.c2, self.b2 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.seq, self.seq_bn = nn.Linear(4, 4), nn.BatchNorm1d(4)  # on [N, 4 (L), 4 (F)]
+        self.fc, self.fc_bn = nn.Linear(8, 6), nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):  # x: [N, 1, 4, 4]
+        a = self.b2(self.c2(x)).relu()                       # [N, 4, 4, 4]
+        s = self.seq_bn(self.seq(a.mean(1)))                # [N, 4, 4]: rows of 4 features
+        t = self.b1(self.c1(s[:, :2]))                      # [N, 4, 4]
+        h = torch.cat([a.mean((2, 3)), t.mean(2)], 1)       # [N, 8]
+        return self.out(self.fc_bn(self.fc(h)).relu())
+
+
+def test_which_pairs_fold_and_folding_keeps_outputs():
+    model = _settle(Mixed(), *[torch.randn(16, 1, 4, 4) for _ in range(3)])
+    without = conv_bn_pairs(model)
+    assert sorted(without) == [("c1", "b1"), ("c2", "b2")]  # no example: no Linear pair is proven safe
+    example = torch.zeros(2, 1, 4, 4)
+    pairs = conv_bn_pairs(model, example)
+    assert sorted(pairs) == [("c1", "b1"), ("c2", "b2"), ("fc", "fc_bn")]  # not ("seq", "seq_bn")
+    folded = fold_batchnorm(model, example=example)
+    assert isinstance(folded.fc_bn, nn.Identity) and isinstance(folded.seq_bn, nn.BatchNorm1d)
+    x = torch.randn(5, 1, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=0)
+    # folding the wrongly shaped pair would change the outputs: what the shape check prevents
+    wrong = fold_batchnorm(model, [("seq", "seq_bn")])
+    with torch.no_grad():
+        assert not torch.allclose(wrong(x), model(x), atol=1e-3)
+    assert legacy_pairs(model) == [("c2", "b2")]
+
+
+def test_recorded_pairs_are_checked_against_the_model():
+    model = Mixed()
+    assert check_pairs(model, [["fc", "fc_bn"]], source="m.esq") == [("fc", "fc_bn")]
+    for bad in ([["fc", "b2"]], [["out", "fc_bn"]], [["nope", "fc_bn"]], [["fc"]], "fc", [[1, 2]]):
+        with pytest.raises(EdgesqueezeError, match="m.esq: meta: folded_layers"):
+            check_pairs(model, bad, source="m.esq")
+
+
+HEAD = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class HeadBN(nn.Module):
+        """Conv-BN features, then Linear -> BatchNorm1d -> ReLU -> Linear: a common head."""
+
+        def __init__(self, num_classes=10, in_channels=1):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                          nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32),
+                                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(32, 64)
+            self.bn = nn.BatchNorm1d(64)
+            self.out = nn.Linear(64, num_classes)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.bn(self.fc(self.features(x)))))
+''')
+
+
+def test_a_linear_batchnorm_head_is_folded_before_clustering_and_loads_again(tmp_path, monkeypatch):
+    """Clustering after folding: the archive's Linear holds its 2**bits shared values, and so
+    does every export (before, the BatchNorm was folded at export and rescaled each row)."""
+    from edgesqueeze.checkpoint import load_model, model_from_esq
+    from edgesqueeze.cli import cli
+    from edgesqueeze.export import is_weight_shared
+    from edgesqueeze.format import container
+
+    (tmp_path / "headnet.py").write_text(HEAD)
+    monkeypatch.chdir(tmp_path)
+    arch = "headnet.py:HeadBN"
+    from edgesqueeze.models import build_model
+
+    torch.manual_seed(0)
+    model = _settle(build_model(arch, num_classes=10), *[torch.randn(32, 1, 8, 8) for _ in range(3)])
+    torch.save(model.state_dict(), tmp_path / "head.pt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nname: head\ndata: {dataset: digits}\n"
+                      "compress: {cluster: {bits: 4}, cluster_finetune: {epochs: 0}}\n")
+    res = CliRunner().invoke(cli, ["compress", "head.pt", "--arch", arch, "-r", str(recipe), "--out", "c",
+                                   "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    esq = tmp_path / "c" / "model.esq"
+    meta = container.loads(esq.read_bytes()).meta
+    assert meta["folded_batchnorm"] is True
+    assert sorted(map(tuple, meta["folded_layers"])) == sorted([("features.0", "features.1"),
+                                                                ("features.4", "features.5"), ("fc", "bn")])
+    loaded = load_model(esq, arch=arch).model
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in loaded.modules())
+    assert len(torch.unique(loaded.fc.weight.detach()[loaded.fc.weight != 0])) <= 16 and is_weight_shared(loaded)
+    x = torch.randn(4, 1, 8, 8)
+    decoded, _ = model_from_esq(esq, arch=arch)
+    with torch.no_grad():
+        torch.testing.assert_close(decoded(x), loaded(x), atol=0, rtol=0)
+
+    # an archive that names a pair its model does not have is one error naming the file
+    bad_meta = {**meta, "folded_layers": [["fc", "features.1"]]}
+    archive = container.loads(esq.read_bytes())
+    bad = tmp_path / "bad.esq"
+    bad.write_bytes(container.dumps(bad_meta, [(k, d, i) for k, (d, i) in archive.sections.items()]))
+    with pytest.raises(EdgesqueezeError, match=r"bad.esq: meta: folded_layers: \['fc', 'features.1'\]"):
+        model_from_esq(bad, arch=arch)
+    assert json.dumps(meta["folded_layers"])  # plain JSON in the archive
