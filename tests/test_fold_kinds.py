@@ -121,10 +121,23 @@ def test_a_linear_batchnorm_head_is_folded_before_clustering_and_loads_again(tmp
     recipe = tmp_path / "r.yaml"
     recipe.write_text("version: 1\nname: head\ndata: {dataset: digits}\n"
                       "compress: {cluster: {bits: 4}, cluster_finetune: {epochs: 0}}\n")
-    res = CliRunner().invoke(cli, ["compress", "head.pt", "--arch", arch, "-r", str(recipe), "--out", "c",
-                                   "--no-progress"], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    esq = tmp_path / "c" / "model.esq"
+
+    def compress(out, *opts):
+        res = CliRunner().invoke(cli, ["compress", "head.pt", "--arch", arch, "-r", str(recipe), "--out", out,
+                                       "--no-progress", *opts], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        return tmp_path / out / "model.esq"
+
+    # the default (fold_batchnorm: true): the convs' BatchNorms only; export says what the head costs
+    kept = compress("kept")
+    assert sorted(map(tuple, container.loads(kept.read_bytes()).meta["folded_layers"])) == [
+        ("features.0", "features.1"), ("features.4", "features.5")]
+    assert isinstance(load_model(kept, arch=arch).model.bn, nn.BatchNorm1d)
+    res = CliRunner().invoke(cli, ["export", str(kept), "--arch", arch, "-f", "onnx-int8", "--out", "kept-export"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0 and "note: fc's BatchNorm1d (bn) is folded into it now" in res.output, res.output
+
+    esq = compress("c", "--set", "compress.fold_batchnorm=all")
     meta = container.loads(esq.read_bytes()).meta
     assert meta["folded_batchnorm"] is True
     assert sorted(map(tuple, meta["folded_layers"])) == sorted([("features.0", "features.1"),
@@ -145,3 +158,15 @@ def test_a_linear_batchnorm_head_is_folded_before_clustering_and_loads_again(tmp
     with pytest.raises(EdgesqueezeError, match=r"bad.esq: meta: folded_layers: \['fc', 'features.1'\]"):
         model_from_esq(bad, arch=arch)
     assert json.dumps(meta["folded_layers"])  # plain JSON in the archive
+
+
+def test_the_retraining_warning_names_a_folded_head_with_a_large_scale():
+    from types import SimpleNamespace
+
+    from edgesqueeze.compress.stages import _head_hint
+
+    assert _head_hint(SimpleNamespace(folded_head_scales={})) == ""
+    assert _head_hint(SimpleNamespace(folded_head_scales={"fc": 1.5})) == ""  # a mild scale: nothing to blame
+    hint = _head_hint(SimpleNamespace(folded_head_scales={"fc": 68.2, "fc2": 9.0}))
+    assert hint.startswith("the BatchNorm1d folded into fc scales its outputs up to 68x")
+    assert "compress.fold_batchnorm: true" in hint

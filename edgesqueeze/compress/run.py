@@ -72,6 +72,7 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     distributed: dict[str, Any] = field(default_factory=dict)  # digests checked identical on every rank
     folded_layers: list[list[str]] | None = None  # [layer, batchnorm] pairs this run folded (stages.fold)
+    folded_head_scales: dict[str, float] = field(default_factory=dict)  # Linear head -> its BN's largest scale
 
     @functools.cached_property
     def source_sha256(self) -> str:
@@ -122,7 +123,7 @@ class Run:
         chance = 1 / self.inp.ds.num_classes
         if after < chance + 0.5 * (before - chance):
             msg = (f"compress.{section}: {what} took validation accuracy from {100 * before:.2f}% to "
-                   f"{100 * after:.2f}% (chance {100 * chance:.0f}%); {hint or 'it diverged'}: lower "
+                   f"{100 * after:.2f}% (chance {100 * chance:.0f}%); {hint or 'it diverged:'} lower "
                    f"compress.{section}.lr or set compress.{section}.grad_clip")
             self.warnings.append(msg)
             self.log(f"warning: {msg}")

@@ -95,7 +95,7 @@ def prune(run: Run, model: nn.Module, data: tuple) -> tuple[dict[str, torch.Tens
     same_on_every_rank(run, "masks", {n: m.to(torch.uint8) for n, m in masks.items()})
     run.record("prune", model, None, f"{density(model):.1%} of weights kept")
     run.check_retraining("prune_finetune", model, before, what="pruning and retraining",
-                         hint="lower the sparsity, or if retraining diverged")
+                         hint="lower the sparsity, or if retraining diverged:")
     if run.main:
         save_pruned(run, model)
     return masks, auto_scan
@@ -186,20 +186,48 @@ def save_pruned(run: Run, model: nn.Module) -> Path:
     return path
 
 
+def _head_hint(run: Run) -> str:
+    """Why retraining may diverge after a Linear head's BatchNorm1d was folded: a large fold
+    scale passes every change upstream on to the head amplified, which the live BatchNorm
+    used to normalize away."""
+    big = {k: v for k, v in run.folded_head_scales.items() if v > 4}
+    if not big:
+        return ""
+    layer, scale = max(big.items(), key=lambda kv: kv[1])
+    return (f"the BatchNorm1d folded into {layer} scales its outputs up to {scale:.0f}x, so changes before it "
+            f"reach the head amplified; set compress.fold_batchnorm: true to keep that BatchNorm (export folds "
+            f"it, spreading the layer's shared values), or")
+
+
 def fold(run: Run, model: nn.Module) -> tuple[nn.Module, bool]:
     """Fold BatchNorm into the layer before it when the config says so and there is any, so
     that what is clustered is exactly what runs (a per-channel rescale keeps zeros zero).
     Returns the model and whether the archive's model is folded; the pairs folded go to the
     archive's ``folded_layers`` (``run.folded_layers``), which loading folds again.
 
-    A Linear -> BatchNorm1d head folds when the dataset's input shape shows it 2-D. An input
-    archive folded before pairs were recorded (no ``folded_layers``) is not folded again: its
-    archive could not say which pairs it holds."""
+    A Linear -> BatchNorm1d head folds too with ``fold_batchnorm: all``, when the dataset's
+    input shape shows it 2-D; its largest scale is kept for the retraining warning
+    (``run.folded_head_scales``). An input archive folded before pairs were recorded (no
+    ``folded_layers``) is not folded again: its archive could not say which pairs it holds."""
     meta = run.inp.meta
     folded = bool(meta.get("folded_batchnorm"))
     before = meta.get("folded_layers")
-    if folded and before is None:
+    if (folded and before is None) or not run.config.fold_batchnorm:
         return model, folded
+    heads = run.config.fold_batchnorm == "all" and run.inp.ds is not None
+    example = torch.zeros(2, *run.inp.ds.input_shape) if heads else None
+    pairs = conv_bn_pairs(model, example)
+    if pairs:
+        for layer, bn_name in pairs:
+            if isinstance(model.get_submodule(layer), nn.Linear):
+                bn = model.get_submodule(bn_name)
+                scale = (bn.weight.detach().abs() if bn.weight is not None else 1) / torch.sqrt(bn.running_var + bn.eps)
+                run.folded_head_scales[layer] = float(scale.max())
+        model = fold_batchnorm(model, pairs)
+        folded = True
+        run.folded_layers = [list(p) for p in (before or [])] + [list(p) for p in pairs]
+        run.record("fold-bn", model, None, "BatchNorm folded into the layers before it")
+    return model, folded
     example = torch.zeros(2, *run.inp.ds.input_shape) if run.inp.ds is not None else None
     pairs = conv_bn_pairs(model, example) if run.config.fold_batchnorm else []
     if pairs:
@@ -229,7 +257,7 @@ def cluster(run: Run, model: nn.Module, masks: dict, data: tuple) -> tuple[nn.Mo
         assignments = cluster_mod.materialize(model)
         cluster_mod.round_biases(model, config.cluster.bias_dtype, assignments)
         run.record("cluster", model, None, "centroids retrained")
-        run.check_retraining("cluster_finetune", model, run.stages[-2]["val_accuracy"])
+        run.check_retraining("cluster_finetune", model, run.stages[-2]["val_accuracy"], hint=_head_hint(run))
     same_on_every_rank(run, "codebooks", {f"{n}.{k}": t for n, a in assignments.items()
                                           for k, t in (("codebook", a.codebook), ("labels", a.labels))})
     model.eval()

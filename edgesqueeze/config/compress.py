@@ -374,7 +374,13 @@ class CompressConfig:
 
     VERSION: ClassVar[int] = 1
 
-    fold_batchnorm: bool = True
+    # true: BatchNorm folded into the conv before it (Conv1d/2d/3d) before clustering, so what is
+    # clustered is what runs; a Linear head keeps its BatchNorm1d, live while retraining (export
+    # folds it, which spreads that layer's shared values over its rows). "all": the head's too
+    # (2-D [N, features] only), so its int8 export keeps them; retraining then lacks that
+    # BatchNorm's normalization and may need a lower cluster_finetune.lr or a grad_clip (a test
+    # model's head collapsed at lr 0.002 and held with grad_clip 1). false: nothing folded.
+    fold_batchnorm: bool | Literal["all"] = True
     keep_layers: tuple[str, ...] = ()
     prune: PruneConfig | None = None
     prune_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -167,6 +167,10 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         if not any(how.values()):
             log("weight-shared model: int8 weights get one scale per tensor and round to nearest, so each "
                 "shared value stays one int8 value (export.int8_weights: per-channel to change it)")
+            for layer, bn in _unfolded_heads(model, meta):
+                log(f"note: {layer}'s BatchNorm1d ({bn}) is folded into it now, which rescales each of its rows: "
+                    f"its shared values spread over many int8 levels and cost more bits in a packed file; "
+                    f"compress with compress.fold_batchnorm: all to fold it before clustering")
         else:
             lost = ", ".join(f for f, pc in how.items() if pc)
             log(f"note: {lost}: per-channel int8 weights (GPTQ or activation equalization asked for, or "
@@ -328,6 +332,21 @@ def has_codebooks(model, max_values: int = 256) -> bool:
 
     return all(torch.unique(m.weight.detach()).numel() <= max_values for m in model.modules()
                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight is not None)
+
+
+def _unfolded_heads(model, meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """Linear -> BatchNorm1d pairs still in ``model``, which the exporters fold."""
+    import torch
+
+    from edgesqueeze.models.fold import conv_bn_pairs
+
+    if not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()) or not meta.get("input_shape"):
+        return []
+    try:
+        pairs = conv_bn_pairs(model, torch.zeros(2, *meta["input_shape"]))
+    except Exception:  # noqa: BLE001 - a model fx cannot trace: nothing to say
+        return []
+    return [(c, b) for c, b in pairs if isinstance(model.get_submodule(c), torch.nn.Linear)]
 
 
 def is_weight_shared(model, max_values: int = 256, keep: float = 0.9) -> bool:
