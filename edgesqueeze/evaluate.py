@@ -93,7 +93,7 @@ def training_data(meta: dict, *, source: str | Path, dataset: str | None = None,
     size), so the validation split is the one the model never trained on.
     Returns ``(dataset, (x_train, y_train), (x_val, y_val))``.
     """
-    from edgesqueeze.data import load_dataset, split_train_val
+    from edgesqueeze.data import fit_channels, load_dataset, split_train_val
 
     name = dataset or meta.get("dataset")
     if not name:
@@ -104,6 +104,7 @@ def training_data(meta: dict, *, source: str | Path, dataset: str | None = None,
         image_size = meta.get("image_size") if image_size is None else image_size
     ds = load_dataset(name, data_dir=data_dir, image_size=image_size, limit=limit, seed=seed,
                       stream=bool(meta.get("data_stream")))
+    ds = fit_channels(ds, meta.get("input_shape"), source=source)  # a gray dataset, a 3-channel model
     vf = meta.get("val_fraction", 0.1) if val_fraction is None else val_fraction
     train, val = split_train_val(ds, vf, seed)
     return ds, train, val

@@ -132,6 +132,9 @@ class DataConfig:
     augmentation: AugmentSection = field(default_factory=AugmentSection)
     download: bool = True
     stream: bool = False  # imagefolder:PATH decoded batch by batch from disk (imagenet:PATH always is)
+    # 3: a grayscale dataset's one channel repeated in three, for a model that takes RGB images
+    # (a class of your own built for 3 channels, say); unset: the dataset's own channels.
+    channels: Literal[3] | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,8 @@ class Recipe:
         ``compress.prune`` / ``compress.cluster`` (added later) is left out."""
         d = self.to_dict()
         d["data"].pop("stream", None)  # in memory or streamed from disk: the same batches
+        if d["data"].get("channels") is None:  # added later: unset, it is not hashed
+            d["data"].pop("channels", None)
         augmentation = d["data"].get("augmentation") or {}
         if augmentation.get("resized_crop") is None:  # added later: unset, it is not hashed
             augmentation.pop("resized_crop", None)

@@ -313,8 +313,11 @@ def _check_model_fits(model: nn.Module, ds, arch: str) -> None:
             out = model.eval()(torch.zeros(2, *ds.input_shape))
     except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        gray = ds.input_shape[0] == 1 and "channels" in first
         raise DataError(f"model '{arch}' does not run on '{ds.name}' images of shape {list(ds.input_shape)} "
-                        f"({first}); set model.kwargs (e.g. in_channels) to fit the data") from None
+                        f"({first}); set model.kwargs (e.g. in_channels) to fit the data"
+                        + (", or data.channels: 3 to repeat the gray channel for a model that takes RGB images"
+                           if gray else "")) from None
     model.train()
     if not isinstance(out, torch.Tensor):
         raise ModelError(f"model '{arch}' returns a {type(out).__name__}, not one tensor of logits; edgesqueeze "
@@ -399,6 +402,13 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         if str(exc).startswith("unknown dataset"):
             raise DataError(f"data.dataset: {exc}") from None
         raise
+    if recipe.data.channels:
+        from edgesqueeze.data import with_channels
+
+        try:
+            ds = with_channels(ds, recipe.data.channels)
+        except DataError as exc:
+            raise DataError(f"data.channels: {exc}") from None
     if len(ds.train_x) == 0:
         raise DataError(f"dataset '{ds.name}' has no training images")
     (x_tr, y_tr), (x_val, y_val) = split_train_val(ds, recipe.data.val_fraction, recipe.seed)

@@ -106,6 +106,14 @@ class _Data:
                          "once per file verified")
             self._cache[key] = (ds, x, y)
         ds, x, y = self._cache[key]
+        if shape and list(ds.input_shape) != list(shape) and (*key, "3 channels") not in self._cache:
+            from edgesqueeze.data import fit_channels
+
+            fitted = fit_channels(ds, shape, source=source)  # a gray dataset for a 3-channel model
+            if fitted is not ds:
+                self._cache[(*key, "3 channels")] = (fitted, fitted.test_x[: len(x)], y)
+        if shape and list(ds.input_shape) != list(shape) and (*key, "3 channels") in self._cache:
+            ds, x, y = self._cache[(*key, "3 channels")]
         if shape and list(ds.input_shape) != list(shape):
             raise DataError(f"{source}: expects images of shape {list(shape)} but dataset '{name}' gives "
                             f"{list(ds.input_shape)}; pass the dataset it was made for (--data)")
@@ -230,7 +238,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
             if row["warning"]:
                 log(f"warning: {path}: {row['warning']}")
         rows.append(row)
-    return {"dataset": dataset, "datasets": sorted({name for name, _ in data._cache}),
+    return {"dataset": dataset, "datasets": sorted({key[0] for key in data._cache}),
             "reference": str(ref_path) if ref_path else None, "reference_accuracy": ref_acc, "artifacts": rows}
 
 

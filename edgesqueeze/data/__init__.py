@@ -14,9 +14,11 @@ from edgesqueeze.data.datasets import (
     calibration_indices,
     channel_stats,
     data_search_path,
+    fit_channels,
     load_dataset,
     read_idx,
     split_train_val,
+    with_channels,
 )
 from edgesqueeze.data.download import fetch
 from edgesqueeze.data.transforms import (
@@ -31,6 +33,7 @@ from edgesqueeze.data.transforms import (
 
 __all__ = [
     "Dataset", "load_dataset", "split_train_val", "calibration_indices", "data_search_path", "channel_stats", "read_idx",
+    "fit_channels", "with_channels",
     "KNOWN_DATASETS", "CIFAR10_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD",
     "AugmentConfig", "default_augment", "apply_augment", "random_crop", "random_hflip", "random_affine",
     "batches", "fetch",

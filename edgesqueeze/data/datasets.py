@@ -29,8 +29,8 @@ from edgesqueeze.data._idx import read_idx
 from edgesqueeze.data.download import CIFAR10_ARCHIVE, MNIST_FILES, download_cifar10, download_mnist
 from edgesqueeze.errors import DataError
 
-__all__ = ["Dataset", "load_dataset", "split_train_val", "data_search_path", "channel_stats",
-           "KNOWN_DATASETS", "CIFAR10_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "read_idx"]
+__all__ = ["Dataset", "load_dataset", "split_train_val", "data_search_path", "channel_stats", "fit_channels",
+           "with_channels", "KNOWN_DATASETS", "CIFAR10_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "read_idx"]
 
 KNOWN_DATASETS = ("digits", "mnist", "cifar10", "imagenet-sample", "imagefolder:PATH", "imagenet:PATH")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,6 +89,53 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset(name={self.name!r}, train={len(self.train_x)}, test={len(self.test_x)}, "
                 f"input_shape={self.input_shape}, classes={self.num_classes})")
+
+
+def with_channels(ds: Dataset, channels: int) -> Dataset:
+    """``ds`` with ``channels`` channels: grayscale images with their one channel repeated 3
+    times (what torchvision's ``Grayscale(num_output_channels=3)`` and Pillow's
+    ``convert("RGB")`` of a gray image give; ``edgesqueeze run`` feeds a gray image file to a
+    3-channel model so), mean and std repeated alike. ``ds`` itself when it has them already;
+    any other change is a DataError (a colour dataset is not made gray: that loses the colour
+    the model was trained to see)."""
+    c = ds.input_shape[0]
+    if channels == c:
+        return ds
+    if c != 1 or channels != 3:
+        raise DataError(f"dataset '{ds.name}' has {c}-channel images; only grayscale ones can be given "
+                        f"{channels} channels (the gray value repeated in each), not {c}-channel ones")
+    from edgesqueeze.data.stream import is_lazy
+
+    def repeat(x):
+        if is_lazy(x):  # decoded as RGB when read: a gray pixel becomes three equal ones
+            out = x[:]
+            out.channels = 3
+            return out
+        return np.repeat(x, 3, axis=1)
+
+    return replace(ds, train_x=repeat(ds.train_x), test_x=repeat(ds.test_x),
+                               mean=tuple(ds.mean) * 3, std=tuple(ds.std) * 3)
+
+
+def fit_channels(ds: Dataset, input_shape, *, source: object) -> Dataset:
+    """``ds`` as a model of ``input_shape`` takes it: a grayscale dataset for a 3-channel model
+    of the same image size gets its channel repeated (:func:`with_channels`), with a Note
+    naming both; anything else comes back unchanged (the caller's shape check says what
+    does not fit)."""
+    import warnings
+
+    from edgesqueeze.errors import Note
+
+    try:
+        want = [int(d) for d in input_shape or ()]
+    except (TypeError, ValueError):
+        return ds
+    have = list(ds.input_shape)
+    if len(want) != 3 or want[0] != 3 or have[0] != 1 or want[1:] != have[1:]:
+        return ds
+    warnings.warn(f"dataset '{ds.name}' is grayscale and {source} takes 3-channel images: each gray value is "
+                  f"repeated in the 3 channels (as for a gray image file in `edgesqueeze run`)", Note, stacklevel=2)
+    return with_channels(ds, 3)
 
 
 # ---------------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ def _calibration_set(meta: dict[str, Any], source: Path, config: ExportConfig, *
         _, (x_train, _), _ = training_data(meta, source=source, dataset=name, data_dir=data_dir)
         pool, where = x_train, "training split"
     else:
+        from edgesqueeze.data import fit_channels
+
+        ds = fit_channels(ds, meta.get("input_shape"), source=source)  # a gray dataset, a 3-channel model
         pool, where = ds.test_x, "test split (the dataset has no training split)"
         log(f"warning: calibrating on {name}'s {where}; accuracy measured on it afterwards is in-sample")
     shape = meta.get("input_shape")
@@ -59,7 +62,9 @@ def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data
     from edgesqueeze.data import load_dataset
     from edgesqueeze.errors import DataError
 
-    ds = load_dataset(dataset, data_dir=data_dir)
+    from edgesqueeze.data import fit_channels
+
+    ds = fit_channels(load_dataset(dataset, data_dir=data_dir), meta.get("input_shape"), source=source)
     shape = meta.get("input_shape") or list(ds.input_shape)
     if list(shape) != list(ds.input_shape):
         raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {source} expects "
