@@ -112,6 +112,8 @@ def summary_lines(desc: dict[str, Any], *, max_tensors: int = 60) -> list[str]:
     """A terminal rendering of a description."""
     version = f" (format version {desc['format_version']})" if "format_version" in desc else ""
     lines = [f"{desc['file']}: {desc['kind']}{version}, {desc['bytes']:,} bytes"]
+    if desc.get("checksum") and not desc.get("packed"):
+        lines[0] += f"; checksum recorded at export: {desc['checksum']}"
     if desc.get("packed"):
         p = desc["packed"]
         lines[0] = (f"{desc['file']}: packed {p['format']}, {desc['bytes']:,} bytes, holding {p['name']} "

@@ -107,14 +107,34 @@ def test_a_program_exports_without_torchs_own_warnings(files, kind, tmp_path):
     assert "Warning" not in res.stderr and "copyreg" not in res.stderr, res.stderr
 
 
-def test_eval_of_a_three_channel_model_on_gray_images_says_channels_not_image_size(tmp_path):
-    """A 3-channel model evaluated on digits (1 channel, 28x28) told the user to "pass
-    --image-size 28", which changes nothing: the images are 28x28 already."""
+def test_eval_of_a_three_channel_model_on_gray_images_repeats_the_channel(tmp_path):
+    """A 3-channel model evaluated on digits (1 channel, 28x28) once told the user to "pass
+    --image-size 28", which changes nothing; now the gray channel is repeated, with a note."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
     path = tmp_path / "rgb.pt2"
     torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 28, 28),)), str(path))
     res = run("eval", path, "--data", "digits", "--limit", "20", "--input-shape", "3,28,28")
+    assert res.exit_code == 0, res.output
+    assert "note: dataset 'digits' is grayscale" in res.output and "top-1" in res.output
+
+
+def test_eval_of_a_gray_model_on_colour_images_says_channels_not_image_size(tmp_path):
+    """The other way round (colour images, a 1-channel model) is not guessed at: one error
+    line about channels, not about --image-size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "rgb" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(tmp_path / "rgb" / cls / f"{i}.png")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    path = tmp_path / "gray.pt2"
+    torch.export.save(torch.export.export(net, (torch.zeros(2, 1, 28, 28),)), str(path))
+    res = run("eval", path, "--data", f"imagefolder:{tmp_path / 'rgb'}", "--input-shape", "1,28,28")
     assert res.exit_code == 2, res.output
     (line,) = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert "--image-size" not in line and "3-channel" in line and "--data" in line, line
+    assert "--image-size" not in line and "1-channel" in line and "--data" in line, line

@@ -142,7 +142,10 @@ def test_fp32_file_is_self_contained_and_valid(fp32_file, trained):
 def test_metadata_round_trips(fp32_file, trained):
     want = artifact_meta(trained.meta, "onnx", source_sha256="ab" * 32)
     got = read_onnx_meta(fp32_file)
-    assert got == json.loads(json.dumps(want))
+    from edgesqueeze.format.seal import check_seal
+
+    crc = check_seal(Path(fp32_file).read_bytes(), str(fp32_file))  # the file's own CRC-32, filled in at export
+    assert crc and got == {**json.loads(json.dumps(want)), "file_crc32": crc}
     props = {p.key: p.value for p in onnx.load(str(fp32_file)).metadata_props}
     assert json.loads(props[META_KEY]) == got
     assert got["normalization"] == "caller" and got["calibration"] is None

@@ -145,7 +145,10 @@ def test_fp32_matches_torch_at_batch_32(fp32_file, reference, digits):
 def test_metadata_round_trips_without_torch(fp32_file, trained):
     expected = artifact_meta(trained.meta, "tflite", source_sha256="0" * 64)
     meta = read_tflite_metadata(fp32_file)
-    assert meta == json.loads(_common.meta_json(expected))
+    from edgesqueeze.format.seal import check_seal
+
+    crc = check_seal(fp32_file.read_bytes(), str(fp32_file))  # the file's own CRC-32, filled in at export
+    assert crc and meta == {**json.loads(_common.meta_json(expected)), "file_crc32": crc}
     assert meta["input_dtype"] == "float32" and meta["normalization"] == "caller"
     assert _tflite_meta.META_KEY == _common.META_KEY
     # the converter's own entries survive beside ours

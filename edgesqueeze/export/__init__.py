@@ -310,7 +310,7 @@ def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: 
                                 device=device, s2d_stem=s2d_stem, float_for="tflite-micro")
             data = tmp_path.read_bytes()
     out, rep = micro_compress(data, what=str(path))
-    write_bytes_atomic(path, out)
+    write_bytes_atomic(path, out)  # sealed by micro_compress: its own CRC-32
     kept = [r for r in rep["rows"] if not r["index_bits"]]
     widths = ", ".join(f"{b}-bit" for b in sorted({r["index_bits"] for r in rep["rows"] if r["index_bits"]}))
     log(f"{path}: TFLite Micro value tables on {rep['compressed']} of {rep['filters']} int8 filters "

@@ -148,7 +148,11 @@ def _test_accuracy(meta: dict[str, Any]) -> float | None:
 
 
 def meta_json(meta: dict[str, Any]) -> str:
-    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    """The metadata JSON a file embeds, with room for the file's own SHA-256
+    (:mod:`edgesqueeze.format.seal`: 64 zeros, which the final write fills in)."""
+    from edgesqueeze.format.seal import KEY, PLACEHOLDER
+
+    return json.dumps({**meta, KEY: PLACEHOLDER}, sort_keys=True, separators=(",", ":"))
 
 
 def first_line(exc: BaseException) -> str:

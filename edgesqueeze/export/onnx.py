@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from edgesqueeze._io import write_bytes_atomic
+from edgesqueeze.format.seal import seal
 from edgesqueeze.errors import ExportError, FormatError
 from edgesqueeze.export._common import META_KEY, artifact_meta, meta_json
 from edgesqueeze.export._common import first_line as _first_line
@@ -280,7 +281,7 @@ def _write(proto, metadata: dict[str, str], out: str | os.PathLike) -> Path:
         raise ExportError(f"the model is {proto.ByteSize():,} bytes, over ONNX's 2 GB single-file "
                           "limit; edgesqueeze writes weights embedded only")
     out = Path(out)
-    write_bytes_atomic(out, proto.SerializeToString())
+    write_bytes_atomic(out, seal(proto.SerializeToString()))  # its own SHA-256 in its metadata
     return out
 
 

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from edgesqueeze._io import native_stderr, write_bytes_atomic
+from edgesqueeze.format.seal import seal
 from edgesqueeze.errors import ExportError
 from edgesqueeze.export import prepare
 from edgesqueeze.config.export import CalibrationConfig
@@ -241,7 +242,7 @@ def export_tflite(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike
     content = _convert(module, sample, type(model).__name__)
     data = finalize(content, lambda dtype: {**art, "input_dtype": dtype})
     out = Path(out)
-    write_bytes_atomic(out, data)
+    write_bytes_atomic(out, seal(data))  # its own SHA-256 in its metadata
     return out
 
 
@@ -431,5 +432,5 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
                           "layer in float_layers?); use io='float'")
     check_converted_float_layers(model, float_layers, converted)
     out = Path(out)
-    write_bytes_atomic(out, data)
+    write_bytes_atomic(out, seal(data))  # its own SHA-256 in its metadata
     return out

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from edgesqueeze.errors import ExportError
+from edgesqueeze.export._common import meta_json
 
 __all__ = ["MICRO_SPEC", "MAX_INDEX_BITS", "micro_compress"]
 
@@ -145,11 +146,13 @@ def micro_compress(data: bytes, *, what: str = "tflite-micro") -> tuple[bytes, d
         info = json.loads(bytes(meta).rstrip(b"\0").decode("utf-8"))
         info["artifact_format"] = "tflite-micro"
         info["micro"] = {k: v for k, v in report.items() if k != "rows"}
-        model.metadata[META_KEY] = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+        model.metadata[META_KEY] = meta_json(info).encode()  # the checksum's zeros again, filled in below
         data = bytes(model.build())
     try:
         out = bytes(compression.compress(data, compression.parse_yaml("\n".join(spec) + "\n")))
     except Exception as exc:  # noqa: BLE001 - one line, whatever the package raised
         raise ExportError(f"{what}: TFLite Micro's compression failed ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    return out, report
+    from edgesqueeze.format.seal import seal
+
+    return seal(out), report  # the rebuilt file's own CRC-32

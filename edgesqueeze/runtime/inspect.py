@@ -55,6 +55,18 @@ def _totals(out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _checksum(path: Path) -> str:
+    """``matches``, ``none recorded``, or why not: the file's own CRC-32 recorded at export
+    (:mod:`edgesqueeze.format.seal`). A description, never a refusal: inspecting a damaged
+    file should say what is wrong with it."""
+    from edgesqueeze.format.seal import check_seal
+
+    try:
+        return "matches" if check_seal(path.read_bytes(), str(path)) else "none recorded"
+    except FormatError as exc:
+        return "DOES NOT MATCH: " + str(exc).removeprefix(f"{path}: ")
+
+
 def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON-able description of an .onnx or .tflite file.
 
@@ -63,7 +75,8 @@ def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
     None for dynamic dims, dtype, quantization), ``ops`` ({op type: count}, None when
     unknown), ``op_count``, ``tensors`` (constants: name, dtype, shape, bytes, elements,
     zeros, sparsity, quantization), ``total_bytes``, ``total_elements``, ``sparsity``,
-    ``bytes_by_dtype``; ONNX adds ``opset``, ``producer`` and ``metadata_props`` (the other
+    ``bytes_by_dtype``, ``checksum`` (the file's own CRC-32 recorded at export:
+    "matches", "none recorded", or "DOES NOT MATCH: why"); ONNX adds ``opset``, ``producer`` and ``metadata_props`` (the other
     metadata entries). A packed file (``.onnx.esq``/``.tflite.esq``) is described by what it
     holds, plus ``packed`` (the inner file's name, format, bytes, SHA-256, and the size ratio).
     """
@@ -89,7 +102,8 @@ def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
                    packed={**packed, "ratio": round(path.stat().st_size / max(1, packed["bytes"]), 4),
                            **layout(container.read_esq(path))})
         return out
-    out: dict[str, Any] = {"path": str(path), "kind": kind, "file_bytes": path.stat().st_size}
+    out: dict[str, Any] = {"path": str(path), "kind": kind, "file_bytes": path.stat().st_size,
+                           "checksum": _checksum(path)}
     if kind == "tflite":
         try:
             out.update(_inspect_tflite(path))

@@ -1,0 +1,91 @@
+"""A plain .onnx / .tflite file's own CRC-32, recorded in its metadata at export
+(edgesqueeze.format.seal): every exported file carries it, the runtime checks it before
+running, and a damaged byte anywhere is refused instead of run."""
+
+from __future__ import annotations
+
+import zlib
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgesqueeze.errors import FormatError
+from edgesqueeze.format.seal import KEY, PLACEHOLDER, check_seal, seal
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_packed_export import exported, shared_ckpt, trained  # noqa: E402,F401 - the shared digits model, exported
+
+MARK = f'"{KEY}":"'.encode()
+SAMPLE = b"\x00weights\x01\x02" * 50 + b'{"a":1,' + MARK + PLACEHOLDER.encode() + b'","z":2}' + b"\xff" * 40
+
+
+def test_seal_fills_in_the_crc_of_the_file_with_zeros_in_its_place():
+    sealed = seal(SAMPLE)
+    assert len(sealed) == len(SAMPLE)
+    at = sealed.index(MARK) + len(MARK)
+    recorded = sealed[at:at + 8].decode()
+    assert recorded == f"{zlib.crc32(SAMPLE):08x}"  # the spec: zeros in place, CRC-32, write
+    assert sealed[:at] == SAMPLE[:at] and sealed[at + 8:] == SAMPLE[at + 8:]
+    assert check_seal(sealed, "f") == recorded
+    assert seal(sealed) == sealed  # sealing again over the same bytes changes nothing
+    assert seal(b"no marker here") == b"no marker here" and check_seal(b"no marker", "f") is None
+    assert check_seal(SAMPLE, "f") is None  # zeros never filled in: no record
+
+
+def test_damage_to_the_record_itself_is_refused():
+    sealed = bytearray(seal(SAMPLE))
+    at = bytes(sealed).index(MARK) + len(MARK)
+    sealed[at + 5] = ord("G")  # not a hex digit
+    with pytest.raises(FormatError, match=r"^f: its recorded checksum \(file_crc32 in its metadata\) is damaged"):
+        check_seal(bytes(sealed), "f")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_any_flipped_byte_is_refused_or_unrecorded_never_passed(data):
+    sealed = seal(SAMPLE)
+    i = data.draw(st.integers(0, len(sealed) - 1))
+    bit = data.draw(st.integers(0, 7))
+    bad = bytearray(sealed)
+    bad[i] ^= 1 << bit
+    try:
+        got = check_seal(bytes(bad), "f")
+    except FormatError:
+        return
+    mark_at = sealed.index(MARK)
+    assert got is None and mark_at <= i < mark_at + len(MARK)  # only a hit on the marker hides the record
+
+
+@pytest.mark.slow
+def test_every_exported_file_records_its_own_crc_and_a_flip_is_refused(exported, tmp_path):
+    """The digits SqueezeNet (shared like an .esq) exported to all four formats: each file
+    records its CRC-32 and checks, its packed form decodes to the same bytes, and one flipped byte in the middle of
+    each plain file is refused by the runtime and by `run` (exit 2, one line)."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+    from edgesqueeze.runtime import load
+    from edgesqueeze.runtime._base import unpack_file
+
+    _, written, _ = exported
+    plain = [p for p in written if p.suffix in (".onnx", ".tflite")]
+    assert len(plain) == 4
+    for p in plain:
+        data = p.read_bytes()
+        assert check_seal(data, str(p)) is not None, p
+        assert unpack_file(p.with_name(p.name + ".esq"))[0] == data  # the packed file decodes to these bytes
+        load(p)
+        bad = tmp_path / f"bad{p.suffix}"
+        flipped = bytearray(data)
+        flipped[len(flipped) // 2] ^= 0x10
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(FormatError, match="its bytes are not the ones exported"):
+            load(bad)
+        res = CliRunner().invoke(cli, ["run", str(bad), str(tmp_path / "x.png")])
+        assert res.exit_code == 2 and "its bytes are not the ones exported" in res.output, res.output
+        for f, says in ((p, "checksum recorded at export: matches"), (bad, "checksum recorded at export: DOES NOT MATCH")):
+            res = CliRunner().invoke(cli, ["inspect", str(f)])  # describes, and says so, never refuses
+            assert res.exit_code == 0 and says in res.output.splitlines()[0], res.output
