@@ -742,3 +742,35 @@ def test_imagefolder_empty_class_folder_is_a_note(tmp_path, split):
         assert ds.classes == ("ant", "bee", "cat")
         notes = [str(w.message) for w in seen if issubclass(w.category, Note)]
         assert len(notes) == 1 and "(dog)" in notes[0] and "3 classes" in notes[0], (attempt, notes)
+
+
+def test_cache_entries_of_deleted_folders_are_pruned_on_the_next_write(tmp_path, monkeypatch):
+    """An image folder that is gone leaves no cache entry behind once anything else is cached
+    (the tests' own temporary folders once piled up in ~/.cache/edgesqueeze); entries whose
+    source exists, and anything that is not an entry, stay."""
+    import numpy as np
+    from PIL import Image
+
+    from edgesqueeze.data import _cache
+
+    monkeypatch.setenv("EDGESQUEEZE_CACHE", str(tmp_path / "cache"))
+
+    def folder(name):
+        for cls in ("a", "b"):
+            (tmp_path / name / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((6, 6), 40 * i, np.uint8)).save(tmp_path / name / cls / f"{i}.png")
+        return tmp_path / name
+
+    gone, kept = folder("gone"), folder("kept")
+    load_dataset(f"imagefolder:{gone}")
+    load_dataset(f"imagefolder:{kept}")
+    (tmp_path / "cache" / "bookworm-arm64").mkdir()  # not an entry: never touched
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.name.startswith("imagefolder-")]) == 2
+    import shutil
+
+    shutil.rmtree(gone)
+    load_dataset(f"imagefolder:{folder('third')}")  # a write prunes the orphan
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert names == ["bookworm", "imagefolder", "imagefolder"], names
+    assert _cache.prune_orphans() == []

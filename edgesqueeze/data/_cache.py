@@ -7,6 +7,9 @@ a crash half-way leaves an entry without it, which is simply rebuilt. The key ha
 source file's absolute path, size and modification time plus the decoding parameters, so
 editing or replacing a source invalidates its entry without any bookkeeping.
 
+Each write also removes the entries whose every source is gone (:func:`prune_orphans`), so
+folders that were deleted (temporary ones, a test's) do not pile up in the cache.
+
 Arrays are read back with ``allow_pickle=False``: a cache folder is never a way to run code.
 Any entry that fails to load or does not match its ``meta.json`` is ignored and rebuilt.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -89,8 +93,40 @@ def save(tag: str, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]
         full = dict(meta, key=key, version=CACHE_VERSION,
                     arrays={n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()})
         write_text_atomic(folder / "meta.json", json.dumps(full, indent=1))
+        prune_orphans(keep=folder)
         return folder
     except OSError as e:
         print(f"edgesqueeze: warning: could not write the dataset cache {folder} ({e}); "
               "set EDGESQUEEZE_CACHE to a writable folder to avoid decoding again", file=sys.stderr)
         return None
+
+
+_ENTRY = re.compile(r"^[a-z0-9][a-z0-9_.-]*-[0-9a-f]{24}$")
+
+
+def prune_orphans(keep: Path | None = None) -> list[Path]:
+    """Remove the entries whose every source is gone (an image folder deleted, a temporary
+    folder cleaned up), so that the cache does not grow with folders that no longer exist;
+    called after each write. Only complete entries (with ``meta.json``) named
+    ``<tag>-<24 hex digits>`` that list their sources are looked at; anything else in the
+    folder is left alone. Returns what was removed."""
+    import shutil
+
+    removed = []
+    try:
+        entries = list(cache_dir().iterdir())
+    except OSError:
+        return removed
+    for folder in entries:
+        if folder == keep or not _ENTRY.match(folder.name):
+            continue
+        try:
+            sources = json.loads((folder / "meta.json").read_text()).get("sources")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
+            continue
+        if not any(os.path.exists(s) for s in sources):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

@@ -317,7 +317,7 @@ def _cached(name: str, tag: str, sources: list[Path], params: dict, build: Calla
     arrays = {"train_x": tx, "train_y": ty.astype(np.int64), "test_x": vx, "test_y": vy.astype(np.int64)}
     ds = Dataset(name=name, classes=tuple(classes), mean=tuple(mean), std=tuple(std), **arrays)
     _cache.save(tag, key, arrays, {"name": name, "classes": list(classes), "mean": list(mean),
-                                   "std": list(std), "sources": [str(s) for s in sources], "params": params})
+                                   "std": list(std), "sources": [os.path.abspath(s) for s in sources], "params": params})
     return ds
 
 
