@@ -21,7 +21,7 @@ from edgesqueeze.compress.prune import Pruner, existing_masks, layer_stats, reso
 from edgesqueeze.compress.run import Run, compare, density, float_bytes, shared_weight_names, state_of
 from edgesqueeze.data import calibration_indices
 from edgesqueeze.errors import DataError, EdgesqueezeError
-from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm
+from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm, legacy_pairs
 from edgesqueeze.models.layers import prunable_layers
 
 PRUNED_NAME = "pruned.pt"
@@ -203,7 +203,9 @@ def fold(run: Run, model: nn.Module) -> tuple[nn.Module, bool]:
     """Fold BatchNorm into the layer before it when the config says so and there is any, so
     that what is clustered is exactly what runs (a per-channel rescale keeps zeros zero).
     Returns the model and whether the archive's model is folded; the pairs folded go to the
-    archive's ``folded_layers`` (``run.folded_layers``), which loading folds again.
+    archive's ``folded_layers`` (``run.folded_layers``), which loading folds again, unless
+    they are every Conv2d -> BatchNorm2d pair and nothing else: what an archive without
+    ``folded_layers`` means.
 
     A Linear -> BatchNorm1d head folds too with ``fold_batchnorm: all``, when the dataset's
     input shape shows it 2-D; its largest scale is kept for the retraining warning
@@ -223,17 +225,12 @@ def fold(run: Run, model: nn.Module) -> tuple[nn.Module, bool]:
                 bn = model.get_submodule(bn_name)
                 scale = (bn.weight.detach().abs() if bn.weight is not None else 1) / torch.sqrt(bn.running_var + bn.eps)
                 run.folded_head_scales[layer] = float(scale.max())
+        legacy = before is None and sorted(pairs) == sorted(legacy_pairs(model))
         model = fold_batchnorm(model, pairs)
         folded = True
-        run.folded_layers = [list(p) for p in (before or [])] + [list(p) for p in pairs]
-        run.record("fold-bn", model, None, "BatchNorm folded into the layers before it")
-    return model, folded
-    example = torch.zeros(2, *run.inp.ds.input_shape) if run.inp.ds is not None else None
-    pairs = conv_bn_pairs(model, example) if run.config.fold_batchnorm else []
-    if pairs:
-        model = fold_batchnorm(model, pairs)
-        folded = True
-        run.folded_layers = [list(p) for p in (before or [])] + [list(p) for p in pairs]
+        # recorded only when loading could not tell: every Conv2d pair and nothing else is what an
+        # archive without folded_layers means (115 B of a 17 KB digits archive otherwise)
+        run.folded_layers = None if legacy else [list(p) for p in (before or [])] + [list(p) for p in pairs]
         run.record("fold-bn", model, None, "BatchNorm folded into the layers before it")
     return model, folded
 
