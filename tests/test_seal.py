@@ -89,3 +89,30 @@ def test_every_exported_file_records_its_own_crc_and_a_flip_is_refused(exported,
         for f, says in ((p, "checksum recorded at export: matches"), (bad, "checksum recorded at export: DOES NOT MATCH")):
             res = CliRunner().invoke(cli, ["inspect", str(f)])  # describes, and says so, never refuses
             assert res.exit_code == 0 and says in res.output.splitlines()[0], res.output
+
+
+def test_reseal_records_the_checksum_of_a_file_changed_on_purpose(tmp_path):
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+    from edgesqueeze.format.container import MAGIC
+
+    f = tmp_path / "m.tflite"
+    edited = bytearray(seal(SAMPLE))
+    edited[3] ^= 0xFF  # an edit after export
+    f.write_bytes(bytes(edited))
+    with pytest.raises(FormatError, match="edgesqueeze reseal FILE"):
+        check_seal(f.read_bytes(), str(f))
+    res = CliRunner().invoke(cli, ["reseal", str(f)])
+    assert res.exit_code == 0 and "file_crc32 recorded again" in res.output, res.output
+    after = f.read_bytes()
+    assert check_seal(after, str(f)) is not None
+    assert sum(a != b for a, b in zip(after, edited)) <= 8 and len(after) == len(edited)  # only the record
+    res = CliRunner().invoke(cli, ["reseal", str(f)])
+    assert res.exit_code == 0 and "already matches" in res.output
+    (tmp_path / "plain.onnx").write_bytes(b"no record in here")
+    (tmp_path / "p.tflite.esq").write_bytes(MAGIC + b"\0" * 40)
+    for name, says in (("plain.onnx", "records no file_crc32"), ("p.tflite.esq", "checks itself"),
+                       ("missing.onnx", "no such file")):
+        res = CliRunner().invoke(cli, ["reseal", str(tmp_path / name)])
+        assert res.exit_code == 2 and says in res.output, res.output

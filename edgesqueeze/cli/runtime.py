@@ -137,3 +137,45 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
         click.echo(f"cpu: {cpu['cpu']} ({cpu['int8_kernels']})" + (f"; {cpu['note']}" if cpu.get("note") else ""))
     if json_path:
         write_text_atomic(json_path, json.dumps(rows, indent=2) + "\n")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def reseal(path):
+    """Record a plain .onnx / .tflite file's checksum again, after you changed the file on
+    purpose (its metadata edited by another tool, say): the runtime refuses a file whose
+    bytes no longer match the CRC-32 recorded at export, as it would a damaged copy.
+
+    Only the 8 digits of the record change; the file is rewritten atomically. A file that
+    matches is left as it is. A packed .esq is not resealed: unpack it, or pack it again.
+
+    \b
+    Example:
+      edgesqueeze reseal model.int8.tflite
+    """
+    from edgesqueeze._io import write_bytes_atomic
+    from edgesqueeze.errors import FormatError
+    from edgesqueeze.format.container import MAGIC
+    from edgesqueeze.format.seal import KEY, check_seal, seal
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    if data[:len(MAGIC)] == MAGIC:
+        raise DataError(f"{path}: a packed or checkpoint archive checks itself (SHA-256 in its header); "
+                        f"reseal takes a plain .onnx or .tflite file")
+    try:
+        if check_seal(data, str(path)) is not None:
+            click.echo(f"{path}: its checksum ({KEY}) already matches; nothing to do")
+            return
+    except FormatError:
+        pass  # the bytes changed, or the record itself: what reseal is for
+    sealed = seal(data)
+    if sealed == data:
+        raise DataError(f"{path}: records no {KEY} (exported before the record existed, or not by edgesqueeze); "
+                        f"nothing to reseal")
+    write_bytes_atomic(path, sealed)
+    click.echo(f"{path}: {KEY} recorded again ({check_seal(sealed, str(path))}); no other byte changed")

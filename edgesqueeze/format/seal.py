@@ -69,5 +69,6 @@ def check_seal(data: bytes, where: str) -> str | None:
     actual = f"{_crc(data, at):08x}"
     if actual != recorded:
         raise FormatError(f"{where}: its bytes are not the ones exported (CRC-32 {actual}, recorded {recorded} in "
-                          f"its metadata): a damaged copy, or a file edited after export; copy or export it again")
+                          f"its metadata): a damaged copy, or a file edited after export; copy or export it again (changed "
+                          f"on purpose? `edgesqueeze reseal FILE` records its checksum again)")
     return recorded
