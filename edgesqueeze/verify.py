@@ -106,14 +106,14 @@ class _Data:
                          "once per file verified")
             self._cache[key] = (ds, x, y)
         ds, x, y = self._cache[key]
-        if shape and list(ds.input_shape) != list(shape) and (*key, "3 channels") not in self._cache:
-            from edgesqueeze.data import fit_channels
+        if shape and list(ds.input_shape) != list(shape):  # a gray dataset for a 3-channel model?
+            rgb = (*key, "3 channels")
+            if rgb not in self._cache:
+                from edgesqueeze.data import fit_channels
 
-            fitted = fit_channels(ds, shape, source=source)  # a gray dataset for a 3-channel model
-            if fitted is not ds:
-                self._cache[(*key, "3 channels")] = (fitted, fitted.test_x[: len(x)], y)
-        if shape and list(ds.input_shape) != list(shape) and (*key, "3 channels") in self._cache:
-            ds, x, y = self._cache[(*key, "3 channels")]
+                fitted = fit_channels(ds, shape, source=source)
+                self._cache[rgb] = (fitted, fitted.test_x[: len(x)], y)
+            ds, x, y = self._cache[rgb]
         if shape and list(ds.input_shape) != list(shape):
             raise DataError(f"{source}: expects images of shape {list(shape)} but dataset '{name}' gives "
                             f"{list(ds.input_shape)}; pass the dataset it was made for (--data)")

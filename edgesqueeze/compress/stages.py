@@ -21,7 +21,7 @@ from edgesqueeze.compress.prune import Pruner, existing_masks, layer_stats, reso
 from edgesqueeze.compress.run import Run, compare, density, float_bytes, shared_weight_names, state_of
 from edgesqueeze.data import calibration_indices
 from edgesqueeze.errors import DataError, EdgesqueezeError
-from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm, legacy_pairs
+from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm
 from edgesqueeze.models.layers import prunable_layers
 
 PRUNED_NAME = "pruned.pt"
@@ -225,7 +225,8 @@ def fold(run: Run, model: nn.Module) -> tuple[nn.Module, bool]:
                 bn = model.get_submodule(bn_name)
                 scale = (bn.weight.detach().abs() if bn.weight is not None else 1) / torch.sqrt(bn.running_var + bn.eps)
                 run.folded_head_scales[layer] = float(scale.max())
-        legacy = before is None and sorted(pairs) == sorted(legacy_pairs(model))
+        # conv pairs do not depend on the example, so the pairs are legacy_pairs(model) exactly when all are Conv2d
+        legacy = before is None and all(isinstance(model.get_submodule(c), nn.Conv2d) for c, _ in pairs)
         model = fold_batchnorm(model, pairs)
         folded = True
         # recorded only when loading could not tell: every Conv2d pair and nothing else is what an
