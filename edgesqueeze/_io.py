@@ -31,8 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``open()`` would, never replaced; any other non-regular file is refused (OutputError).
     """
     path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: cannot write: a folder is in the way; remove it or write elsewhere")
+    _no_folder_in_the_way(path)
     try:
         st = os.stat(path)  # follows a symbolic link: what a plain open() would write into
     except OSError:
@@ -83,8 +82,7 @@ def check_writable(path: str | os.PathLike) -> None:
     disk) is still reported by :func:`atomic_path` when the file is written. Creates nothing.
     """
     path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: cannot write: a folder is in the way; remove it or write elsewhere")
+    _no_folder_in_the_way(path)
     with contextlib.suppress(OSError):
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -98,6 +96,11 @@ def check_writable(path: str | os.PathLike) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         why = "a read-only file system" if _read_only(existing) else "permission denied"
         raise OutputError(f"{path}: cannot write into {existing} ({why}); write elsewhere")
+
+
+def _no_folder_in_the_way(path: Path) -> None:
+    if path.is_dir():
+        raise OutputError(f"{path}: cannot write: a folder is in the way; remove it or write elsewhere")
 
 
 def _read_only(folder: Path) -> bool:

@@ -114,7 +114,7 @@ def with_channels(ds: Dataset, channels: int) -> Dataset:
         return np.repeat(x, 3, axis=1)
 
     return replace(ds, train_x=repeat(ds.train_x), test_x=repeat(ds.test_x),
-                               mean=tuple(ds.mean) * 3, std=tuple(ds.std) * 3)
+                   mean=tuple(ds.mean) * 3, std=tuple(ds.std) * 3)
 
 
 def fit_channels(ds: Dataset, input_shape, *, source: object) -> Dataset:

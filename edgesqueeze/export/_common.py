@@ -148,8 +148,8 @@ def _test_accuracy(meta: dict[str, Any]) -> float | None:
 
 
 def meta_json(meta: dict[str, Any]) -> str:
-    """The metadata JSON a file embeds, with room for the file's own SHA-256
-    (:mod:`edgesqueeze.format.seal`: 64 zeros, which the final write fills in)."""
+    """The metadata JSON a file embeds, with room for the file's own CRC-32
+    (:mod:`edgesqueeze.format.seal`: 8 zeros, which the final write fills in)."""
     from edgesqueeze.format.seal import KEY, PLACEHOLDER
 
     return json.dumps({**meta, KEY: PLACEHOLDER}, sort_keys=True, separators=(",", ":"))

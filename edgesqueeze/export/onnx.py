@@ -281,7 +281,7 @@ def _write(proto, metadata: dict[str, str], out: str | os.PathLike) -> Path:
         raise ExportError(f"the model is {proto.ByteSize():,} bytes, over ONNX's 2 GB single-file "
                           "limit; edgesqueeze writes weights embedded only")
     out = Path(out)
-    write_bytes_atomic(out, seal(proto.SerializeToString()))  # its own SHA-256 in its metadata
+    write_bytes_atomic(out, seal(proto.SerializeToString()))  # its own CRC-32 in its metadata
     return out
 
 

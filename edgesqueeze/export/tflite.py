@@ -242,7 +242,7 @@ def export_tflite(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike
     content = _convert(module, sample, type(model).__name__)
     data = finalize(content, lambda dtype: {**art, "input_dtype": dtype})
     out = Path(out)
-    write_bytes_atomic(out, seal(data))  # its own SHA-256 in its metadata
+    write_bytes_atomic(out, seal(data))  # its own CRC-32 in its metadata
     return out
 
 
@@ -432,5 +432,5 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
                           "layer in float_layers?); use io='float'")
     check_converted_float_layers(model, float_layers, converted)
     out = Path(out)
-    write_bytes_atomic(out, seal(data))  # its own SHA-256 in its metadata
+    write_bytes_atomic(out, seal(data))  # its own CRC-32 in its metadata
     return out

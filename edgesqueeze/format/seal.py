@@ -25,7 +25,7 @@ import zlib
 
 from edgesqueeze.errors import FormatError
 
-__all__ = ["KEY", "PLACEHOLDER", "check_seal", "seal"]
+__all__ = ["KEY", "PLACEHOLDER", "check_file", "check_seal", "seal"]
 
 KEY = "file_crc32"
 PLACEHOLDER = "0" * 8
@@ -72,3 +72,14 @@ def check_seal(data: bytes, where: str) -> str | None:
                           f"its metadata): a damaged copy, or a file edited after export; copy or export it again (changed "
                           f"on purpose? `edgesqueeze reseal FILE` records its checksum again)")
     return recorded
+
+
+def check_file(path) -> str | None:
+    """:func:`check_seal` of the file at ``path``; None when it cannot be read (the caller's
+    own open names a missing or unreadable file better)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    return check_seal(data, str(path))

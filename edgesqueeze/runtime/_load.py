@@ -82,7 +82,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
         kind = "tflite" if sniff(head) == "tflite" else "onnx"
         ext = Path(packed["name"]).suffix.lower()
     elif check:  # a plain file's own CRC-32, recorded in it at export: before any runtime sees it
-        _check_plain(path)
+        from edgesqueeze.format.seal import check_file
+
+        check_file(path)
     try:
         art = _open(path, kind, head, ext, data, threads=threads, backend=backend, spin=spin,
                     portable=portable)
@@ -100,16 +102,6 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
                           f"{'n ONNX' if kind == 'onnx' else ' TFLite'} model; rename it to "
                           f".{kind} if that is what it is")
     return art
-
-
-def _check_plain(path: Path) -> str | None:
-    from edgesqueeze.format.seal import check_seal
-
-    try:
-        data = path.read_bytes()
-    except OSError:  # the runtime names a missing or unreadable file better
-        return None
-    return check_seal(data, str(path))
 
 
 def _open(path: Path, kind: str, head: bytes, ext: str, data: bytes | None, *, threads: int | None,

@@ -59,10 +59,10 @@ def _checksum(path: Path) -> str:
     """``matches``, ``none recorded``, or why not: the file's own CRC-32 recorded at export
     (:mod:`edgesqueeze.format.seal`). A description, never a refusal: inspecting a damaged
     file should say what is wrong with it."""
-    from edgesqueeze.format.seal import check_seal
+    from edgesqueeze.format.seal import check_file
 
     try:
-        return "matches" if check_seal(path.read_bytes(), str(path)) else "none recorded"
+        return "matches" if check_file(path) else "none recorded"
     except FormatError as exc:
         return "DOES NOT MATCH: " + str(exc).removeprefix(f"{path}: ")
 
