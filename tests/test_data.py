@@ -774,3 +774,50 @@ def test_cache_entries_of_deleted_folders_are_pruned_on_the_next_write(tmp_path,
     names = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
     assert names == ["bookworm", "imagefolder", "imagefolder"], names
     assert _cache.prune_orphans() == []
+
+
+def test_a_cache_entry_superseded_by_a_new_write_of_the_same_source_is_removed(tmp_path, monkeypatch):
+    """A source copied again (new modification time, same path) gets a new key; the entry of
+    its old copy can never be hit again and goes when the new one is written (a re-synced
+    dataset folder left a stale 177 MB CIFAR-10 entry per copy). An entry of the same source
+    with other decoding parameters, and another source's, stay."""
+    import json
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("EDGESQUEEZE_CACHE", str(tmp_path / "cache"))
+    for name in ("src", "other"):
+        for cls in ("a", "b"):
+            (tmp_path / name / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((6, 6), 40 * i, np.uint8)).save(tmp_path / name / cls / f"{i}.png")
+    src = tmp_path / "src"
+
+    def entries():  # {(source folder name, image_size): entry folder name}
+        out = {}
+        for p in (tmp_path / "cache").iterdir():
+            meta = json.loads((p / "meta.json").read_text())
+            out[(os.path.basename(meta["sources"][0]), meta["params"]["image_size"])] = p.name
+        return out
+
+    load_dataset(f"imagefolder:{src}")
+    load_dataset(f"imagefolder:{src}", image_size=4)  # same source, other parameters
+    load_dataset(f"imagefolder:{tmp_path / 'other'}")
+    before = entries()
+    assert len(before) == 3 and len(os.listdir(tmp_path / "cache")) == 3
+    for p in src.rglob("*.png"):  # copied again: same bytes, newer times
+        st = p.stat()
+        os.utime(p, ns=(st.st_atime_ns + 10**9, st.st_mtime_ns + 10**9))
+    assert load_dataset(f"imagefolder:{src}").train_x.shape[-1] == 6
+    after = entries()
+    assert len(os.listdir(tmp_path / "cache")) == 3
+    assert after[("src", None)] != before[("src", None)]  # rebuilt; the old one removed
+    assert after[("src", 4)] == before[("src", 4)] and after[("other", None)] == before[("other", None)]
+    assert load_dataset(f"imagefolder:{src}", image_size=4).train_x.shape[-1] == 4  # its own turn
+    final = entries()
+    assert len(os.listdir(tmp_path / "cache")) == 3 and final[("src", 4)] != before[("src", 4)]
+    load_dataset(f"imagefolder:{src}")
+    load_dataset(f"imagefolder:{tmp_path / 'other'}")
+    assert entries() == final  # hits: nothing rebuilt, nothing removed

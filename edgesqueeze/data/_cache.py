@@ -7,8 +7,11 @@ a crash half-way leaves an entry without it, which is simply rebuilt. The key ha
 source file's absolute path, size and modification time plus the decoding parameters, so
 editing or replacing a source invalidates its entry without any bookkeeping.
 
-Each write also removes the entries whose every source is gone (:func:`prune_orphans`), so
-folders that were deleted (temporary ones, a test's) do not pile up in the cache.
+Each write also removes the entries no lookup can hit any more (:func:`prune_orphans`): those
+whose every source is gone (folders that were deleted: temporary ones, a test's), and those it
+supersedes, of the same sources and parameters under another key (the source was edited or
+copied again: a dataset folder re-synced with new modification times once left a stale
+177 MB CIFAR-10 entry behind each time).
 
 Arrays are read back with ``allow_pickle=False``: a cache folder is never a way to run code.
 Any entry that fails to load or does not match its ``meta.json`` is ignored and rebuilt.
@@ -93,7 +96,8 @@ def save(tag: str, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]
         full = dict(meta, key=key, version=CACHE_VERSION,
                     arrays={n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()})
         write_text_atomic(folder / "meta.json", json.dumps(full, indent=1))
-        prune_orphans(keep=folder)
+        as_read = json.loads(json.dumps([meta.get("sources"), meta.get("params")]))  # tuples as lists
+        prune_orphans(keep=folder, superseded=(as_read[0], as_read[1]))
         return folder
     except OSError as e:
         print(f"edgesqueeze: warning: could not write the dataset cache {folder} ({e}); "
@@ -104,12 +108,15 @@ def save(tag: str, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]
 _ENTRY = re.compile(r"^[a-z0-9][a-z0-9_.-]*-[0-9a-f]{24}$")
 
 
-def prune_orphans(keep: Path | None = None) -> list[Path]:
+def prune_orphans(keep: Path | None = None, superseded: tuple[Any, Any] | None = None) -> list[Path]:
     """Remove the entries whose every source is gone (an image folder deleted, a temporary
     folder cleaned up), so that the cache does not grow with folders that no longer exist;
-    called after each write. Only complete entries (with ``meta.json``) named
-    ``<tag>-<24 hex digits>`` that list their sources are looked at; anything else in the
-    folder is left alone. Returns what was removed."""
+    called after each write. With ``superseded=(sources, params)`` (the entry ``keep`` just
+    written), also the other entries of ``keep``'s tag with those very sources and parameters:
+    their key differs only because a source's size or modification time changed (or an older
+    cache version), so no lookup can hit them again. Only complete entries (with
+    ``meta.json``) named ``<tag>-<24 hex digits>`` that list their sources are looked at;
+    anything else in the folder is left alone. Returns what was removed."""
     import shutil
 
     removed = []
@@ -121,12 +128,16 @@ def prune_orphans(keep: Path | None = None) -> list[Path]:
         if folder == keep or not _ENTRY.match(folder.name):
             continue
         try:
-            sources = json.loads((folder / "meta.json").read_text()).get("sources")
+            meta = json.loads((folder / "meta.json").read_text())
+            sources = meta.get("sources")
         except (OSError, ValueError, AttributeError):
             continue
         if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
             continue
-        if not any(os.path.exists(s) for s in sources):
+        same = (superseded is not None and keep is not None and superseded[0] == sources
+                and superseded[1] == meta.get("params")
+                and folder.name.rsplit("-", 1)[0] == keep.name.rsplit("-", 1)[0])
+        if same or not any(os.path.exists(s) for s in sources):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
