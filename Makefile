@@ -22,7 +22,8 @@ help:
 	@echo "make device-check [FILES=...] [DEVICE_CPU=pi4|pi5|x86-avx2]  run exports on an emulated Raspberry Pi 4/5 (arm64 chroot, root)"
 	@echo "               or x86 CPU without VNNI (qemu-x86_64 -cpu Haswell, no root) and compare with this host"
 	@echo "tools/with-avx2-cpuid.sh CMD...  run CMD natively with an AVX2-only x86's CPUID, to time that CPU's int8"
-	@echo "               kernels on this one (e.g. .venv/bin/edgesqueeze bench FILES; Linux x86-64, CPUID faulting)"
+	@echo "               kernels on this one (e.g. .venv/bin/edgesqueeze bench FILES, or make test / make demo;"
+	@echo "               Linux x86-64, CPUID faulting)"
 	@echo "make install  create $(VENV) and install edgesqueeze with its dependencies"
 	@echo "make clean    remove $(VENV), .pytest_cache, .hypothesis, build and *.egg-info"
 
