@@ -212,7 +212,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         _check_classes(ref_scores, ds, ref_meta.get("classes"), str(ref_path))
         ref_acc = float((ref_scores.argmax(1) == y).mean())
         log(f"reference {ref_path}: test accuracy {100 * ref_acc:.2f}% on {len(y):,} images ({ds.name})")
-    rows = []
+    rows, sources = [], []
     for path in files:
         row: dict[str, Any] = {"path": str(path), "format": path.suffix.lstrip(".") or "?", "runtime": None,
                                "bytes": None, "gzip_bytes": None, "n": 0, "accuracy": None, "agreement": None,
@@ -228,6 +228,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
             row["error"] = str(exc)
         except (OSError, ValueError, RuntimeError) as exc:  # a runtime refusing a damaged file
             row["error"] = f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        sources.append(row.pop("_source", None))
         if row["error"]:
             log(f"{path}: NOT evaluated: {row['error']}")
         else:
@@ -238,8 +239,45 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
             if row["warning"]:
                 log(f"warning: {path}: {row['warning']}")
         rows.append(row)
-    return {"dataset": dataset, "datasets": sorted({key[0] for key in data._cache}),
-            "reference": str(ref_path) if ref_path else None, "reference_accuracy": ref_acc, "artifacts": rows}
+    report = {"dataset": dataset, "datasets": sorted({key[0] for key in data._cache}),
+              "reference": str(ref_path) if ref_path else None, "reference_accuracy": ref_acc, "artifacts": rows}
+    if latency:
+        from edgesqueeze.runtime.cpu import cpu_info
+
+        report["speed_notes"] = int8_speed_notes(rows, sources, cpu_info()["int8_kernels"])
+        for note in report["speed_notes"]:
+            log(f"note: {note}")
+    return report
+
+
+_FP32_FILES = ("onnx", "tflite", "onnx.esq", "tflite.esq")
+_INT8_FILES = ("onnx-int8", "tflite-int8", "onnx-int8.esq", "tflite-int8.esq")
+SLOWER = 1.05  # within 5% of the fp32 file's time is "as fast": one-after-the-other p50s move that much
+
+
+def int8_speed_notes(rows: list[dict[str, Any]], sources: list[str | None], kernels: str) -> list[str]:
+    """A line for each int8 file (ONNX or LiteRT, plain or packed) whose batch-1 latency on this
+    CPU is at least ``SLOWER`` times the fastest fp32 runtime file's of the same model (the
+    same ``source_sha256``): int8 speed depends on the CPU's kernels (``kernels``, as
+    :func:`~edgesqueeze.runtime.cpu.cpu_info` names them), and a file that is smaller but not
+    faster here should say so where it is measured, not be taken for a faster one."""
+    timed = [(r, s) for r, s in zip(rows, sources)
+             if s and not r.get("error") and r.get("latency_ms") and r.get("format") in _FP32_FILES + _INT8_FILES]
+    notes = []
+    for r, s in timed:
+        if r["format"] not in _INT8_FILES:
+            continue
+        fp32 = [f for f, fs in timed if fs == s and f["format"] in _FP32_FILES]
+        if not fp32:
+            continue
+        best = min(fp32, key=lambda f: f["latency_ms"])
+        ratio = r["latency_ms"] / best["latency_ms"]
+        if ratio >= SLOWER:
+            notes.append(f"{r['path']}: {ratio:.2f}x the batch-1 time of {best['path']} (fp32, "
+                         f"{best['latency_ms']:.2f} ms) on this CPU ({kernels.split(':')[0]}): int8 made it "
+                         "smaller, not faster, here (timed one after the other; `edgesqueeze bench` times "
+                         "files interleaved)")
+    return notes
 
 
 def _safe_sniff(path: Path) -> str | None:
@@ -294,6 +332,7 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
         if art.backend == "tflite-micro":  # the RAM a microcontroller needs beside the file's flash
             out["arena_bytes"] = art.arena_bytes
         out["_meta_reference"] = meta.get("reference_accuracy")
+        out["_source"] = meta.get("source_sha256")  # files of one model, for int8_speed_notes
         if art.kind == "onnx":  # without onnxruntime's x86-only NCHWc kernels: what ARM computes
             out["ort_portable"] = art.portable
         from edgesqueeze.runtime.cpu import int8_warning

@@ -347,6 +347,8 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
     warned = [f"- `{_cell(_rel(str(r.get('path')), base))}`: {_cell(r['warning'])}" for r in rows if r.get("warning")]
     if warned:
         lines += ["", "Warnings (numbers that hold on this CPU only):", "", *warned]
+    if report.get("speed_notes"):
+        lines += ["", "Speed (this CPU only):", "", *[f"- {_cell(n)}" for n in report["speed_notes"]]]
 
     if verdicts is not None:
         n_fail = sum(v.status == "FAIL" for v in verdicts)

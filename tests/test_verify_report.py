@@ -132,3 +132,30 @@ def test_machine_info_is_complete():
 def test_verify_refuses_a_markdown_out_path(tmp_path):
     res = CliRunner().invoke(cli, ["verify", str(tmp_path / "model.onnx"), "--out", str(tmp_path / "verify.md")])
     assert res.exit_code == 2 and "names the JSON report" in res.output
+
+
+def test_int8_speed_notes_name_an_int8_file_slower_than_its_models_fastest_fp32_file(tmp_path):
+    """int8 speed is the CPU's: an int8 file at least 1.05x the time of the fastest fp32
+    runtime file of the same model gets a line naming both and the CPU's int8 kernels; faster
+    or as fast, another model's files, torch rows and rows in error do not count."""
+    from edgesqueeze.verify import int8_speed_notes
+
+    rows = [_row("a/model.pt", "pt", 1, 1, 0.9, 1.0, latency=0.05, runtime="pytorch"),
+            _row("a/model.onnx", "onnx", 1, 1, 0.9, 1.0, latency=0.13),
+            _row("a/model.tflite", "tflite", 1, 1, 0.9, 1.0, latency=0.12, runtime="ai-edge-litert"),
+            _row("a/model.int8.onnx", "onnx-int8", 1, 1, 0.9, 1.0, latency=0.16),
+            _row("a/model.int8.tflite.esq", "tflite-int8.esq", 1, 1, 0.9, 1.0, latency=0.124),
+            _row("a/model.int8.tflite", "tflite-int8", 1, 1, 0.9, 1.0, latency=0.06),
+            _row("b/model.int8.onnx", "onnx-int8", 1, 1, 0.9, 1.0, latency=0.5),  # model b: no fp32 file
+            _row("b/bad.int8.onnx", "onnx-int8", 1, 1, 0.9, 1.0, latency=9.0, error="broken")]
+    sources = [None, "A", "A", "A", "A", "A", "B", "A"]
+    notes = int8_speed_notes(rows, sources, "x86 AVX2 (no VNNI): saturating")
+    assert len(notes) == 1, notes
+    assert notes[0].startswith("a/model.int8.onnx: 1.33x the batch-1 time of a/model.tflite "
+                               "(fp32, 0.12 ms) on this CPU (x86 AVX2 (no VNNI)): int8 made it smaller, not faster")
+    assert int8_speed_notes(rows, [None] * len(rows), "k") == []  # files that name no source: no pairing
+    report = {"dataset": None, "datasets": ["digits"], "reference": None, "reference_accuracy": None,
+              "artifacts": rows[:4], "speed_notes": notes}
+    md = vr.markdown(report)
+    assert "Speed (this CPU only):" in md and "- a/model.int8.onnx: 1.33x" in md
+    assert "Speed (this CPU only)" not in vr.markdown({**report, "speed_notes": []})
