@@ -91,6 +91,32 @@ def test_an_onnx_file_with_a_damaged_name_is_damage_and_prints_no_banner(onnx_mo
     assert "upgrade" not in r.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "bench", "inspect"])
+def test_onnx_metadata_that_is_not_utf8_is_one_line(onnx_models, tmp_path, command):
+    """Another tool's binary metadata value (or a damaged one): onnxruntime raised
+    UnicodeDecodeError when asked for the map, a traceback and exit 1 in run, bench and inspect."""
+    import onnx
+
+    model = onnx.load(str(onnx_models["fp32"]))
+    model.metadata_props.add(key="author", value="XQQQ-binary")
+    data = model.SerializeToString()
+    path = tmp_path / "binmeta.onnx"
+    path.write_bytes(data.replace(b"XQQQ-binary", b"\xffQQQ-binary"))
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    args = {"run": ("run", path, tmp_path / "x.png"), "bench": ("bench", path, "--runs", 1, "--warmup", 0),
+            "inspect": ("inspect", path)}[command]
+    if command == "inspect":  # with the onnx package, inspect reads the protobuf itself: it works
+        r = _cli(*args)
+        assert r.exit_code == 0 and str(path) in r.stdout, (r.exit_code, r.stdout, r.stderr)
+        r = _cli_without(["onnx"], *args)  # without it: through onnxruntime's map
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+        assert r.stderr.startswith(f"error: {path}: its ONNX metadata is not UTF-8"), r.stderr
+        return
+    _one_error(_cli(*args), str(path), "metadata is not UTF-8", progress=command == "bench")
+
+
 def test_run_on_a_model_with_dynamic_image_size_and_no_metadata(tmp_path):
     torch = pytest.importorskip("torch")
     from PIL import Image
@@ -223,3 +249,36 @@ def test_bench_json_to_a_path_that_cannot_be_written_fails_before_timing(onnx_mo
     (tmp_path / "a-file").write_text("x")
     r = _cli("bench", onnx_models["fp32"], "--runs", 1, "--warmup", 0, "--json", tmp_path / "a-file" / "rows.json")
     _one_error(r, "a-file is a file, not a folder")  # and no `timing ...` line: nothing was timed
+
+
+@pytest.mark.parametrize("command", ["run", "inspect"])
+def test_a_reader_that_stops_reading_is_not_an_error(onnx_models, tmp_path, command):
+    """`edgesqueeze run ... | head -1`: the reader closes the pipe while the command writes.
+    That printed "error: Broken pipe" and exited 2; now no line, exit 0."""
+    import subprocess
+
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    args = ["run", str(onnx_models["fp32"]), str(tmp_path / "x.png")] if command == "run" \
+        else ["inspect", str(onnx_models["fp32"])]
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # the reader is gone before the first write: every write fails with EPIPE
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-m", "edgesqueeze", *args], stdout=w_fd, stderr=subprocess.PIPE,
+                       text=True, env=env, timeout=120)
+    os.close(w_fd)
+    assert p.returncode == 0 and p.stderr == "", (p.returncode, p.stderr)
+
+
+def test_unpack_of_something_that_is_not_an_archive_says_what_it_is(onnx_models, tmp_path):
+    """One line naming the file and what it is, exit 2 (was click's four-line usage error,
+    calling a truncated archive or a text file "onnx")."""
+    one = tmp_path / "t.esq"
+    one.write_bytes(b"E")
+    text = tmp_path / "fake.jpg"
+    text.write_text("hello, not an image\n")
+    for path, says in ((one, "only 1 bytes: truncated?"), (text, "an ONNX model or another file"),
+                       (onnx_models["fp32"], "no .esq header")):
+        _one_error(_cli("unpack", path, "-o", tmp_path / "out.bin"), str(path), "not an .esq archive", says)
+    assert not (tmp_path / "out.bin").exists()

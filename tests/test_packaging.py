@@ -79,3 +79,33 @@ def test_device_commands_run_a_packed_model_without_the_training_stack(onnx_mode
                        capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
     assert r.returncode == 0 and "DEVICE OK" in r.stdout, (r.stdout[-1500:], r.stderr[-3000:])
     assert (tmp_path / "out.onnx").read_bytes() == onnx_models["fp32"].read_bytes()
+
+
+_GATE = r"""
+import sys
+for m in ("torch", "torchvision", "sklearn", "matplotlib", "tqdm", "litert_torch", "onnx", "scipy"):
+    sys.modules[m] = None  # the runtime install has none of these (PyYAML it has)
+from edgesqueeze.cli import main
+sys.argv = ["edgesqueeze", "check", sys.argv[1], "-r", sys.argv[2]]
+try:
+    main()
+except SystemExit as e:
+    print("EXIT", e.code)
+"""
+
+
+@pytest.mark.parametrize("accuracy,code", [(0.99, 0), (0.5, 1)])
+def test_the_gate_reads_a_recipe_on_the_device(tmp_path, accuracy, code):
+    """`check verify.json -r RECIPE` with the runtime install: the recipe's budget is read
+    without torch (it asked for torch after PyYAML), and the verdict is the budget's."""
+    import json
+
+    rows = [{"path": f"m.{fmt}", "format": fmt, "bytes": 10_000, "accuracy": accuracy, "agreement": 1.0,
+             "reference_accuracy": 0.99, "n": 359, "error": None} for fmt in ("onnx-int8", "tflite-int8")]
+    report = tmp_path / "verify.json"
+    report.write_text(json.dumps({"artifacts": rows}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _GATE, str(report), str(ROOT / "recipes" / "squeezenet-digits.yaml")],
+                       capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
+    assert f"EXIT {code}" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "accuracy" in r.stdout and ("FAIL" in r.stdout) == bool(code)

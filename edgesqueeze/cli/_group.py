@@ -57,9 +57,17 @@ class _Group(click.Group):
             elif top == "torch":  # PyPI's default torch on Linux x86-64 is the CUDA build (gigabytes)
                 how += ", after torch itself as README 'Install' says"
             click.secho(f"error: this needs the Python package '{top}', which is not installed here ({how}; a "
-                        "device install has only what run, bench, inspect and unpack of packed files need)",
+                        "device install has only what run, bench, inspect, check and unpack of packed files need)",
                         fg="red", err=True)
             ctx.exit(2)
+        except BrokenPipeError:  # the reader stopped reading (`edgesqueeze run ... | head -1`): it has
+            # what it wanted, so no error line and exit 0; stdout goes to /dev/null so that Python's
+            # flush at exit does not raise again
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(0)
         except OSError as exc:  # a path the command reads or writes that the system refuses
             where = f"{exc.filename}: " if exc.filename else ""
             click.secho(f"error: {where}{exc.strerror or exc}", fg="red", err=True)

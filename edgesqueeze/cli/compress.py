@@ -117,8 +117,13 @@ def unpack(esq_path, out_path, force):
 
     what = sniff(esq_path)
     if what not in ("packed", "esq"):
-        raise click.UsageError(f"{esq_path}: not an .esq archive (it reads as {what}); unpack takes a model.esq "
-                               "or a packed .onnx.esq / .tflite.esq")
+        from edgesqueeze.errors import FormatError
+
+        size = esq_path.stat().st_size
+        found = (f"only {size} bytes: truncated?" if size < 8 else "a TFLite model" if what == "tflite"
+                 else "a PyTorch checkpoint" if what == "pt" else "no .esq header: an ONNX model or another file")
+        raise FormatError(f"{esq_path}: not an .esq archive ({found}); unpack takes a model.esq or a packed "
+                          ".onnx.esq / .tflite.esq")
 
     def check_target(target: Path) -> None:
         if target.resolve() == esq_path.resolve():

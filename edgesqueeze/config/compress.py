@@ -10,20 +10,21 @@ No stage code here: :mod:`edgesqueeze.recipe` builds these without importing the
 the stages (``edgesqueeze.compress.prune``, ``cluster``, ``ptq``, ``pipeline``) read them.
 The few methods that resolve a config against a model (``PruneConfig.targets``,
 ``ClusterConfig.bits_for``) need only the model's layer names and types
-(:mod:`edgesqueeze.models.layers`).
+(:mod:`edgesqueeze.models.layers`), imported when they run: reading a recipe needs no torch
+(``edgesqueeze check -r RECIPE`` runs on a device with the runtime install).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from edgesqueeze._config import _check_fields, _check_layer_values, _check_range, _config_from_dict, _range
 from edgesqueeze.errors import RecipeError
-from edgesqueeze.models.layers import check_layer_names, is_depthwise, prunable_layers
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["CalibrationConfig", "ClusterConfig", "CompressConfig", "DistillConfig", "FinetuneConfig",
            "PTQConfig", "PruneConfig", "polynomial_sparsity"]
@@ -113,11 +114,17 @@ class PruneConfig:
         if self.sparsity == "auto":
             raise RecipeError(f"{path}.sparsity: 'auto' must be resolved by a sensitivity scan "
                               "first (edgesqueeze.compress.prune.resolve_auto)")
+        from edgesqueeze.models.layers import prunable_layers
+
         explicit = self.explicit(model, path=path)
         return {name: explicit.get(name, self.sparsity) for name in prunable_layers(model)}
 
     def explicit(self, model: nn.Module, *, path: str = "prune") -> dict[str, float]:
         """The layers whose sparsity is set by name, type, or as first/last conv."""
+        from torch import nn
+
+        from edgesqueeze.models.layers import check_layer_names, is_depthwise, prunable_layers
+
         layers = prunable_layers(model)
         check_layer_names(self.layers, list(layers), f"{path}.layers")
         convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)]
@@ -196,6 +203,10 @@ class ClusterConfig:
 
     def bits_for(self, model: nn.Module, *, path: str = "cluster") -> dict[str, int]:
         """Bits of every Conv2d/Linear layer of ``model``; unknown ``layers`` refused."""
+        from torch import nn
+
+        from edgesqueeze.models.layers import check_layer_names, is_depthwise, prunable_layers
+
         layers = prunable_layers(model)
         check_layer_names(self.layers, list(layers), f"{path}.layers")
         out = {}

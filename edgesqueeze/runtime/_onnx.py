@@ -108,6 +108,18 @@ def metadata_props(source: Path | bytes, *, limit: int = 1 << 20) -> dict[str, s
     return props
 
 
+def session_metadata(path: Path | str, session) -> dict[str, str]:
+    """The session's ``metadata_props``. onnxruntime decodes them as UTF-8 when asked and
+    raises on any other bytes (a damaged entry, or another tool's binary value): that is the
+    file's fault, one FormatError naming it, not a traceback."""
+    try:
+        return dict(session.get_modelmeta().custom_metadata_map or {})
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: its ONNX metadata is not UTF-8 text (byte {exc.start} of a value: "
+                          "damaged, or written by a tool that stores binary there); re-export the model "
+                          "or remove that metadata entry") from None
+
+
 def wants_portable(source: Path | bytes) -> bool:
     """Whether a file asks for the same arithmetic on every CPU: an ``onnx-int8`` file of
     target ``any-cpu`` (edgesqueeze metadata)."""
@@ -203,7 +215,7 @@ class OnnxArtifact(Artifact):
         if not outputs:
             raise FormatError(f"{self.path}: the ONNX graph has no outputs; re-export it")
         self._in, self._out = inputs[0], outputs[0]
-        custom = self.session.get_modelmeta().custom_metadata_map or {}
+        custom = session_metadata(self.path, self.session)
         self.meta = parse_meta(self.path, custom.get(META_KEY))
         dtype = _ORT_DTYPES.get(self._in.type)
         if dtype is None:

@@ -188,11 +188,11 @@ def _inspect_onnx(path: Path, head: bytes) -> dict[str, Any]:
 
 
 def _inspect_onnx_io_only(path: Path, head: bytes) -> dict[str, Any]:
-    from edgesqueeze.runtime._onnx import _ORT_DTYPES, open_session
+    from edgesqueeze.runtime._onnx import _ORT_DTYPES, open_session, session_metadata
 
     sess = open_session(path, threads=1, head=head, ext=path.suffix.lower())
+    props = session_metadata(path, sess)
     meta = sess.get_modelmeta()
-    props = dict(meta.custom_metadata_map or {})
 
     def io(values) -> list[dict]:
         return [{"name": v.name, "shape": [d if isinstance(d, int) else _symbol(d) for d in v.shape],
