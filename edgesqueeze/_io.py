@@ -75,11 +75,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def check_writable(path: str | os.PathLike) -> None:
+def check_writable(path: str | os.PathLike, *, appends: bool = False) -> None:
     """Refuse (OutputError) an output path that cannot be written, before the work that
     fills it: a folder in its place, a file where a folder of its path should be, a folder
     this user cannot write into or a read-only file system. What it cannot foresee (a full
     disk) is still reported by :func:`atomic_path` when the file is written. Creates nothing.
+    ``appends``: the file is appended to in place (a job summary), so an existing file must
+    itself be writable.
     """
     path = Path(path)
     _no_folder_in_the_way(path)
@@ -87,6 +89,11 @@ def check_writable(path: str | os.PathLike) -> None:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             return  # a device or pipe: atomic_path writes into it or says why not
+        if appends:
+            if not os.access(path, os.W_OK):
+                why = "a read-only file system" if _read_only(path.parent) else "permission denied"
+                raise OutputError(f"{path}: cannot append to it ({why}); write elsewhere")
+            return
     parent = Path(os.path.realpath(path)).parent if path.is_symlink() else path.parent
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if existing is None:

@@ -16,7 +16,7 @@ from xml.sax.saxutils import escape, quoteattr
 from edgesqueeze.config.budget import ARTIFACT_FORMATS, Budget, format_size
 from edgesqueeze.errors import FormatError
 
-__all__ = ["Verdict", "check", "validate_rows", "verdicts_table", "verdicts_json", "verdicts_junit", "verdicts_markdown",
+__all__ = ["Verdict", "check", "unmatched_formats", "validate_rows", "verdicts_table", "verdicts_json", "verdicts_junit", "verdicts_markdown",
            "verdicts_markdown_table", "exit_code", "artifacts_markdown"]
 
 
@@ -97,7 +97,24 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                 out.append(Verdict(name, fmt, "agreement", f">= {_pct(budget.min_agreement)}", _pct(agr),
                                    "PASS" if ok else "FAIL",
                                    "" if ok else _images(1 - agr, row.get("n"), "disagree")))
+    if (budget.max_size is not None or budget.max_size_per_format) and not any(v.check == "size" for v in out) \
+            and not any(r.get("error") for r in rows):
+        # a size budget that matched no artifact checked nothing: never a silent pass
+        named = ", ".join(sorted(budget.max_size_per_format))
+        what = (f"no artifact of format {named}" if named and budget.max_size is None else
+                "no artifact but the float reference .pt, which --max-size does not judge")
+        limit = " or ".join(f"{f} <= {format_size(v)}" for f, v in sorted(budget.max_size_per_format.items())) \
+            or f"<= {format_size(budget.max_size)}"
+        out.append(Verdict("-", named or "any", "size", limit, "-", "ERROR",
+                           f"{what} in the report: no size was checked; verify the file that ships "
+                           "(a packed .esq needs export's pack), or drop that size budget"))
     return out
+
+
+def unmatched_formats(rows: list[dict[str, Any]], budget: Budget) -> list[str]:
+    """The formats ``budget.max_size_per_format`` names that no row has (not checked)."""
+    present = {r.get("format") for r in rows}
+    return sorted(f for f in budget.max_size_per_format if f not in present)
 
 
 def _is_number(x: Any) -> bool:
@@ -188,7 +205,7 @@ def _images(frac: float, n, verb: str = "") -> str:
 
 def exit_code(verdicts: list[Verdict]) -> int:
     """0 when every budget holds, 1 when one is broken, 2 when something could not be measured."""
-    if any(v.status == "ERROR" for v in verdicts):
+    if not verdicts or any(v.status == "ERROR" for v in verdicts):  # nothing checked is not a pass
         return 2
     return 0 if all(v.passed for v in verdicts) else 1
 

@@ -359,6 +359,8 @@ def rows_from_report(path: str | Path) -> list[dict[str, Any]]:
         raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: not a JSON report ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: not an edgesqueeze report (JSON nested too deeply to read)") from None
     if not isinstance(report, dict):
         raise FormatError(f"{path}: not an edgesqueeze report (expected a JSON object)")
     if isinstance(report.get("artifacts"), list):

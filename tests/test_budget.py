@@ -9,7 +9,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from edgesqueeze import budget as budget_mod
-from edgesqueeze.budget import check, exit_code, verdicts_json, verdicts_junit, verdicts_markdown, verdicts_table
+from edgesqueeze.budget import (check, exit_code, unmatched_formats, verdicts_json, verdicts_junit, verdicts_markdown,
+                                verdicts_table)
 from edgesqueeze.config import budget as spec_mod
 from edgesqueeze.config.budget import Budget, BudgetSpecError, format_size, parse_size
 from edgesqueeze.errors import RecipeError
@@ -66,6 +67,8 @@ def test_budget_from_dict():
     ({"max_size_per_format": {"tflite8": "1KB"}}, r"budget\.max_size_per_format\.tflite8: unknown format"),
     ({"min_accuracy": 99}, r"budget\.min_accuracy: expected a fraction in \[0, 1\]"),
     ({"max_drop": -1}, r"budget\.max_drop: expected accuracy points >= 0"),
+    ({"max_drop": float("nan")}, r"budget\.max_drop: expected accuracy points >= 0"),  # YAML .nan
+    ({"max_drop": float("inf")}, r"budget\.max_drop: expected accuracy points >= 0"),
     ("big", r"budget: expected a mapping"),
 ])
 def test_budget_errors_name_the_field(raw, match):
@@ -122,7 +125,11 @@ def test_max_size_judges_the_files_that_ship_not_the_float_reference():
     """A gate on deployable files must not fail because the float .pt (the reference) is
     larger; the .pt is judged only when its own format is named."""
     big_pt = row(format="pt", bytes=5_000_000)
-    assert [v.check for v in check([big_pt], Budget(max_size=100_000))] == []
+    shipped = check([big_pt, row(bytes=90_000)], Budget(max_size=100_000))
+    assert [(v.artifact, v.status) for v in shipped] == [("m.tflite", "PASS")]
+    # a report holding only the reference: the size budget judged nothing, which is no pass
+    (v,) = check([big_pt], Budget(max_size=100_000))
+    assert (v.check, v.status) == ("size", "ERROR") and "float reference .pt" in v.message
     verdicts = check([big_pt], Budget(max_size=100_000, max_size_per_format={"pt": 1_000_000}))
     assert [(v.check, v.status) for v in verdicts] == [("size", "FAIL")]
     assert not check([row(format="esq", bytes=200_000)], Budget(max_size=100_000))[0].passed
@@ -135,6 +142,21 @@ def test_what_was_not_measured_never_passes():
         ("agreement", "ERROR")]
     assert exit_code(verdicts) == 2
     assert check([row(decode_check=False)], Budget())[0].status == "FAIL"
+
+
+def test_a_size_budget_that_matched_no_artifact_checks_nothing_and_is_no_pass():
+    """A recipe's only size budget names the packed file, and the report has none (export
+    without pack): the gate passed on accuracy alone, exit 0. Now an ERROR naming the format.
+    A budget listing several formats, some of them present, judges those (the others are a
+    note of the CLI's, not an error): checking part of a recipe's files stays possible."""
+    per = Budget(max_size_per_format={"onnx-int8.esq": 500_000}, min_agreement=0.95)
+    verdicts = check([row(format="onnx-int8")], per)
+    assert [(v.check, v.status) for v in verdicts] == [("agreement", "PASS"), ("size", "ERROR")]
+    assert "no artifact of format onnx-int8.esq" in verdicts[-1].message and exit_code(verdicts) == 2
+    both = Budget(max_size_per_format={"onnx-int8.esq": 500_000, "tflite-int8": 100_000})
+    assert [(v.check, v.status) for v in check([row()], both)] == [("size", "PASS")]
+    assert unmatched_formats([row()], both) == ["onnx-int8.esq"]
+    assert exit_code([]) == 2  # no verdict at all is not a pass either
 
 
 def test_outputs(tmp_path):

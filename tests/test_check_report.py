@@ -211,3 +211,49 @@ def test_help_example_is_the_path_the_demo_writes():
     # the demo (make demo -> examples/ci/gate.sh with OUT=artifacts/squeezenet-digits) writes $OUT/verify.json
     assert "OUT=artifacts/squeezenet-digits" in (ROOT / "Makefile").read_text()
     assert '--out "$OUT/verify.json"' in (ROOT / "examples" / "ci" / "gate.sh").read_text()
+
+
+def test_a_deeply_nested_report_is_bad_input_not_a_traceback(tmp_path):
+    """2,000 nested lists: json raised RecursionError, a traceback and exit 1 (a "broken budget")."""
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"artifacts":' + "[" * 2000 + "]" * 2000 + "}")
+    res = check(deep, "--max-size", "1KB")
+    assert res.exit_code == 2 and isinstance(res.exception, (SystemExit, type(None))), (res.output, res.exception)
+    assert f"error: {deep}: not an edgesqueeze report (JSON nested too deeply" in res.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_drop_limit_that_is_not_a_number_is_a_usage_error(tmp_path, value):
+    """--max-drop nan failed every artifact (exit 1, "limit <= nan points")."""
+    res = check(write_report(tmp_path), "--max-drop", value)
+    assert res.exit_code == 2 and "--max-drop: expected accuracy points >= 0" in res.output, res.output
+
+
+def test_an_earlier_runs_verdict_files_do_not_outlive_bad_input(tmp_path):
+    """A rerun into the same folder that stops on bad input left the earlier gate.json (its
+    PASS) in place for CI to upload; the outputs are this run's or none."""
+    good = write_report(tmp_path)
+    outs = [tmp_path / "gate.json", tmp_path / "gate.xml", tmp_path / "gate.md"]
+    args = ["--json", outs[0], "--junit", outs[1], "--markdown", outs[2]]
+    assert check(good, *BUDGET, *args).exit_code == 0 and all(p.is_file() for p in outs)
+    bad = write_report(tmp_path, set_field("accuracy", "high"), name="bad.json")
+    res = check(bad, *BUDGET, *args)
+    assert res.exit_code == 2 and not any(p.exists() for p in outs), res.output
+
+
+def test_the_job_summary_is_appended_to_whatever_github_names_it(tmp_path, monkeypatch):
+    """GitHub Actions names the summary file step_summary_<id>: --markdown "$GITHUB_STEP_SUMMARY"
+    replaced what the step had written before; it appends now (and so does a second check)."""
+    summary = tmp_path / "_runner_file_commands" / "step_summary_3f2a9c"
+    summary.parent.mkdir()
+    summary.write_text("# Nightly model report\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    report = write_report(tmp_path)
+    for _ in range(2):
+        assert check(report, *BUDGET, "--markdown", summary).exit_code == 0
+    text = summary.read_text()
+    assert text.startswith("# Nightly model report\n") and text.count("edgesqueeze check") == 2, text
+    other = tmp_path / "gate.md"  # any other file is replaced, as before
+    other.write_text("an earlier summary\n")
+    assert check(report, *BUDGET, "--markdown", other).exit_code == 0
+    assert "an earlier summary" not in other.read_text()

@@ -92,6 +92,38 @@ def test_gate_script_passes_a_budget_it_meets(gate_run):
 
 
 @pytest.mark.slow
+def test_gate_script_gates_a_damaged_export_and_a_recipe_that_packs_nothing(gate_run, tmp_path):
+    """The script stopped at verify (exit 2) when a file could not be evaluated, and passed a
+    literal 'export/*.esq' on when nothing was packed: no gate.json, and an earlier run's
+    PASS left in place. Now check runs on verify's ERROR row and the gate files are this run's."""
+    import shutil
+
+    work, recipe, _ = gate_run
+    out = tmp_path / "ci"
+    shutil.copytree(work / "ci", out)
+    for packed in (out / "export").glob("*.esq"):
+        packed.unlink()  # as if the recipe did not pack
+    damaged = out / "export" / "model.int8.onnx"
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    (out / "gate.json").write_text(json.dumps({"exit_code": 0}))  # an earlier run's pass
+    shim = tmp_path / "es.sh"  # the trained, compressed and exported files are already there
+    shim.write_text(f'#!/bin/sh\ncase "$1" in compress|export) exit 0;; esac\nexec {sys.executable} -m edgesqueeze "$@"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "RECIPE": str(recipe), "OUT": str(out), "MODEL": str(out / "model.pt"),
+           "EDGESQUEEZE": str(shim), "OMP_NUM_THREADS": "1"}
+    env.pop("GITHUB_STEP_SUMMARY", None)
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "ci" / "gate.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "*.esq" not in proc.stdout + proc.stderr
+    gate = json.loads((out / "gate.json").read_text())
+    assert gate["exit_code"] == 2
+    errors = [v for v in gate["verdicts"] if v["status"] == "ERROR"]
+    assert [v["artifact"] for v in errors] == [str(damaged)], errors
+    assert (out / "gate.xml").is_file() and (out / "gate.md").is_file()
+
+
+@pytest.mark.slow
 def test_check_fails_a_broken_budget_and_names_it(gate_run, tmp_path):
     work, recipe, _ = gate_run
     verify_json = work / "ci" / "verify.json"

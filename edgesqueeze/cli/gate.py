@@ -40,7 +40,7 @@ def _report_rows(path: Path) -> list[dict]:
 
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raw = None  # rows_from_report says what is wrong with it
     compress = (isinstance(raw, dict) and not isinstance(raw.get("artifacts"), list)
                 and "totals" in raw and "test" in raw)
@@ -60,6 +60,21 @@ def _report_rows(path: Path) -> list[dict]:
     else:
         validate_rows(rows, path)
     return rows
+
+
+def _is_step_summary(path: Path) -> bool:
+    """``--markdown "$GITHUB_STEP_SUMMARY"``: the job summary file, which GitHub Actions names
+    ``.../step_summary_<id>`` and others in the same step write to too: appended to, never
+    replaced."""
+    env = os.environ.get("GITHUB_STEP_SUMMARY")
+    if str(path).endswith("GITHUB_STEP_SUMMARY"):
+        return True
+    if not env:
+        return False
+    try:
+        return Path(env).resolve() == path.resolve()
+    except OSError:
+        return False
 
 
 def _not_a_directory(path: Path) -> None:
@@ -99,6 +114,8 @@ def _budget_from_options(recipe, max_size, max_size_for, min_accuracy, max_drop,
         if min_agreement is not None:
             changes["min_agreement"] = parse_fraction(_number_or_pct(min_agreement), "--min-agreement")
         if max_drop is not None:
+            if max_drop != max_drop or max_drop == float("inf"):  # FloatRange(min=0) lets nan and inf through
+                raise BudgetSpecError(f"--max-drop: expected accuracy points >= 0 (0.5), got {max_drop}")
             changes["max_drop"] = max_drop
     except BudgetSpecError as exc:
         raise click.BadParameter(str(exc)) from None
@@ -237,19 +254,22 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
           --junit gate.xml --markdown "$GITHUB_STEP_SUMMARY"
     """
     from edgesqueeze._io import check_writable, write_text_atomic
-    from edgesqueeze.budget import (check as run_check, exit_code, verdicts_json, verdicts_junit,
-                                    verdicts_markdown, verdicts_table)
+    from edgesqueeze.budget import (check as run_check, exit_code, unmatched_formats, verdicts_json,
+                                    verdicts_junit, verdicts_markdown, verdicts_table)
     from edgesqueeze.verify import evaluate_artifacts
 
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     if budget.is_empty():
-        raise click.UsageError("no budget: give --max-size, --min-accuracy, --max-drop, --min-agreement "
-                               "or a --recipe with a 'budget' section")
-    appends = md_path is not None and (str(md_path).endswith("GITHUB_STEP_SUMMARY")
-                                       or md_path.exists() and not md_path.is_file())
-    for path in (json_path, junit_path, None if appends else md_path):
+        raise click.UsageError("no budget: give --max-size, --max-size-for, --min-accuracy, --max-drop, "
+                               "--min-agreement or a --recipe with a 'budget' section")
+    appends = md_path is not None and (_is_step_summary(md_path) or md_path.exists() and not md_path.is_file())
+    for path in (json_path, junit_path, md_path):
         if path is not None:
-            check_writable(path)  # before the evaluation, not after it
+            check_writable(path, appends=appends and path is md_path)  # before the evaluation, not after it
+    for path in (json_path, junit_path, None if appends else md_path):
+        if path is not None and path.is_file() and not path.is_symlink():
+            # an earlier run's verdicts must not outlive this run if it stops on bad input
+            path.unlink()
     rows, files = [], []
     for p in paths:
         _not_a_directory(p)
@@ -263,6 +283,10 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         rows.extend(report["artifacts"])
     verdicts = run_check(rows, budget)
     click.echo(verdicts_table(verdicts))
+    missing = unmatched_formats(rows, budget)
+    if missing and any(v.check == "size" for v in verdicts if v.artifact != "-"):
+        click.echo(f"note: the budget limits the size of {', '.join(missing)}, which no artifact here has "
+                   "(not checked)", err=True)
     if json_path:
         write_text_atomic(json_path, verdicts_json(verdicts, rows, budget))
     if junit_path:
@@ -270,8 +294,13 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     if md_path:
         md = verdicts_markdown(verdicts, rows)
         if appends:
-            with open(md_path, "a") as fh:
-                fh.write(md)
+            try:
+                with open(md_path, "a") as fh:
+                    fh.write(md)
+            except OSError as exc:
+                from edgesqueeze.errors import OutputError
+
+                raise OutputError(f"{md_path}: cannot append the verdicts ({exc.strerror or exc})") from None
         else:
             write_text_atomic(md_path, md)
     ctx.exit(exit_code(verdicts))

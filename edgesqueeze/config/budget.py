@@ -117,7 +117,8 @@ class Budget:
                 raise RecipeError(f"{path}.max_size_per_format.{fmt}: unknown format; use "
                                   f"{', '.join(ARTIFACT_FORMATS)}")
         drop = raw.get("max_drop")
-        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or drop < 0):
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float))
+                                 or not math.isfinite(drop) or drop < 0):
             raise RecipeError(f"{path}.max_drop: expected accuracy points >= 0 (0.5), got {drop!r}")
         try:
             return cls(
