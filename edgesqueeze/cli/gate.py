@@ -266,8 +266,9 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     for path in (json_path, junit_path, md_path):
         if path is not None:
             check_writable(path, appends=appends and path is md_path)  # before the evaluation, not after it
+    inputs = {p.resolve() for p in paths}
     for path in (json_path, junit_path, None if appends else md_path):
-        if path is not None and path.is_file() and not path.is_symlink():
+        if path is not None and path.is_file() and not path.is_symlink() and path.resolve() not in inputs:
             # an earlier run's verdicts must not outlive this run if it stops on bad input
             path.unlink()
     rows, files = [], []
