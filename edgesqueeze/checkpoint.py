@@ -295,9 +295,38 @@ def load_model(
     that records none; a file's own dataset is kept.
     """
     loaded = _load_model(Path(path), arch, arch_kwargs, trust_pickle, input_meta)
+    if input_meta and any(input_meta.get(k) is not None for k in ("classes", "input_shape")):
+        _check_given_inputs(loaded, str(path))
     if default_dataset and not loaded.meta.get("dataset"):
         loaded.meta["dataset"] = default_dataset
     return loaded
+
+
+def _check_given_inputs(loaded: LoadedModel, source: str) -> None:
+    """``--classes`` / ``--input-shape`` given for a file that does not record them must fit
+    the model: one class name per output, an input it runs on. Was accepted as given, so
+    ``info`` showed 3 classes and ``inspect`` a [None, 3] output for a 10-logit model."""
+    meta = loaded.meta
+    classes, shape = meta.get("classes"), meta.get("input_shape")
+    if shape:  # one image only: a trace with a fixed batch of 1 is still described (compress says more)
+        from edgesqueeze.errors import DataError
+        from edgesqueeze.models.probe import reason
+
+        loaded.model.eval()
+        try:
+            with torch.no_grad():
+                out = loaded.model(torch.zeros(1, *[int(d) for d in shape]))
+        except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
+            raise DataError(f"{source} does not run on inputs of shape {list(shape)} ({reason(exc)}); "
+                            "pass the --input-shape C,H,W it takes") from None
+        if classes and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[-1] != len(classes):
+            raise ModelError(f"{source} outputs {out.shape[-1]} logits but {len(classes)} class names are given "
+                             "(--classes); give one name per logit")
+        return
+    declared = (meta.get("arch_kwargs") or {}).get("num_classes")
+    if classes and isinstance(declared, int) and declared != len(classes):
+        raise ModelError(f"{source} outputs {declared} logits (its num_classes) but {len(classes)} class names are "
+                         "given (--classes); give one name per logit")
 
 
 def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None, trust_pickle: bool,
