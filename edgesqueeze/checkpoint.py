@@ -139,7 +139,9 @@ def _zip_kind(path: Path) -> str | None:
 
 def _safe_torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's "Detected pickle protocol 4" before our own refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise _PickleRefused(str(exc)) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
@@ -151,9 +153,26 @@ class _PickleRefused(Exception):
     pass
 
 
+def _parses_as_pickle(path: Path) -> bool:
+    """Whether ``path`` starts with one complete, well-formed pickle: its opcodes read with
+    :mod:`pickletools` (which executes nothing). torch's safe unpickler refuses a damaged file
+    and a whole-model pickle alike; only the second is worth the --trust-pickle advice."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as fh:
+            for _ in pickletools.genops(fh):
+                pass
+        return True
+    except Exception:  # noqa: BLE001 - ValueError for bad opcodes or a truncated stream, and others
+        return False
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    return text[0] if len(text[0]) <= 300 else text[0][:300].rsplit(" ", 1)[0] + " ..."
 
 
 def rebuild(arch: str, arch_kwargs: dict[str, Any], *, folded_batchnorm: bool = False,
@@ -339,7 +358,10 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
     with open(path, "rb") as fh:
         head = fh.read(64)
     not_torch_file(path, head)
-    if head[:8] == container.MAGIC:  # a Deep Compression archive: decode it on the fly
+    from edgesqueeze.runtime._base import sniff
+
+    if head[:8] == container.MAGIC or sniff(head) == "esq":  # a Deep Compression archive: decode it on
+        # the fly (a damaged header too: the archive reader says what is wrong, not torch.load)
         model, meta = model_from_esq(path, arch=arch, trust_code=trust_pickle)
         return LoadedModel(model, apply_input_meta(meta, input_meta, source=str(path)), "esq", path)
     kind = _zip_kind(path)
@@ -354,6 +376,9 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
     try:
         obj = _safe_torch_load(path)
     except _PickleRefused:
+        if kind is None and not _parses_as_pickle(path):  # not a refused pickle: a damaged file
+            raise CheckpointError(f"{path}: starts like a legacy torch.save file but does not parse as one "
+                                  "(truncated or damaged?); copy or save it again") from None
         if not trust_pickle:
             raise CheckpointError(
                 f"{path}: holds a pickled Python object (e.g. a whole nn.Module); unpickling it can run "

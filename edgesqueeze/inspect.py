@@ -26,6 +26,12 @@ def inspect_file(path: str | Path, model_args: dict[str, Any] | None = None) -> 
         return _inspect_esq(path)
     if kind == "pt":
         return _inspect_pt(path, model_args)
+    if kind == "onnx" and path.suffix.lower() in (".pt", ".pth", ".pt2", ".ckpt", ".bin"):
+        # named as a PyTorch file and no header of one: say that, not "protobuf parsing failed"
+        from edgesqueeze.checkpoint import not_torch_file
+
+        with open(path, "rb") as fh:
+            not_torch_file(path, fh.read(64))
     from edgesqueeze.runtime.inspect import inspect_artifact
 
     desc = inspect_artifact(path)

@@ -41,3 +41,50 @@ def test_an_input_shape_the_model_does_not_run_on_is_refused(state_dict_file):
                "--classes", "a,b")  # with a shape, the logits are counted by running it
     assert res.exit_code == 2 and "outputs 10 logits but 2 class names are given" in res.output, res.output
     assert _run("info", state_dict_file, "--arch", "squeezenet_mnist", "--input-shape", "1,28,28").exit_code == 0
+
+
+def test_a_damaged_file_is_not_offered_the_trust_pickle_advice(tmp_path):
+    """A file starting with a pickle protocol byte but no pickle after it, or an .esq cut after
+    its first bytes: torch's safe unpickler refuses both as it refuses a whole-model pickle,
+    and the user was told to pass --trust-pickle (which then failed to unpickle)."""
+    import pickle
+
+    fake = tmp_path / "fake.pt"
+    fake.write_bytes(b"\x80\x02garbage")
+    cut = tmp_path / "cut.esq"
+    cut.write_bytes(b"\x89ESQ")
+    whole = tmp_path / "whole.pt"  # a real whole-model pickle keeps the advice
+    with open(whole, "wb") as fh:
+        pickle.dump(torch.nn.Linear(2, 2), fh)
+    for command in ("info", "eval"):
+        res = _run(command, fake)
+        assert res.exit_code == 2 and "does not parse as one (truncated or damaged?)" in res.output, res.output
+        res = _run(command, cut)
+        assert res.exit_code == 2 and "shorter than" in res.output and "pickle" not in res.output, res.output
+        res = _run(command, whole)
+        assert res.exit_code == 2 and "--trust-pickle" in res.output and "Warning" not in res.output, res.output
+
+
+def test_inspect_of_a_pt_file_that_is_not_one_says_so(tmp_path):
+    j = tmp_path / "j.pt"
+    j.write_text('{"a": 1}\n')
+    res = _run("inspect", j)
+    assert res.exit_code == 2 and "not a PyTorch model file" in res.output and "ONNX" not in res.output, res.output
+
+
+def test_eval_json_is_strict_json_when_the_loss_is_nan(state_dict_file, tmp_path):
+    import json
+
+    sd = torch.load(state_dict_file, weights_only=True)
+    first = next(k for k in sd if k.endswith("weight"))
+    sd[first].view(-1)[0] = float("nan")
+    nan = tmp_path / "nan.pt"
+    torch.save(sd, nan)
+    res = _run("eval", nan, "--arch", "squeezenet_mnist", "--data", "digits", "--limit", "10", "--json")
+    assert res.exit_code == 0, res.output
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    out = json.loads(res.output[res.output.index("{"):], parse_constant=refuse)
+    assert out["loss"] is None

@@ -212,12 +212,15 @@ _MODEL_OPTIONS = [
                  "too). Only for files you trust."),
     click.option("--mean", metavar="LIST", help="Per-channel input mean the model was trained with, on pixels "
                  "scaled to 0..1, e.g. 0.4914,0.4822,0.4465, for a file that does not record it [default: "
-                 "measured on the dataset's training images, and said so]."),
+                 "where a command reads a dataset, measured on its training images, and said so; info and "
+                 "inspect read none, and show none]."),
     click.option("--std", metavar="LIST", help="Per-channel input std, as --mean."),
     click.option("--input-shape", metavar="C,H,W", help="Input shape of one image, e.g. 3,32,32, for a file "
-                 "that does not record it [default: the dataset's]."),
+                 "that does not record it; the model must run on it [default: the dataset's, where the "
+                 "command reads one]."),
     click.option("--classes", metavar="LIST|@FILE", help="Class names, comma-separated or @file with one per "
-                 "line, for a file that does not record them [default: the dataset's]."),
+                 "line, for a file that does not record them; one per logit [default: the dataset's, where "
+                 "the command reads one]."),
 ]
 
 

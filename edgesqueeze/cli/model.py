@@ -91,8 +91,9 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
                             val_fraction=val_fraction, seed=seed, limit=limit, image_size=image_size,
                             batch_size=batch_size, device=device,
                             **model_opts.load_kwargs())
-    if as_json:
-        click.echo(json.dumps(metrics, indent=2))
+    if as_json:  # strict JSON: a diverged model's NaN loss is null, not the NaN no parser but Python's reads
+        click.echo(json.dumps({k: None if isinstance(v, float) and v != v or v in (float("inf"), float("-inf"))
+                               else v for k, v in metrics.items()}, indent=2, allow_nan=False))
         return
     if metrics["normalization"].startswith("measured"):
         click.echo(f"note: input normalization {metrics['normalization']}", err=True)
