@@ -914,3 +914,31 @@ def test_bench_says_which_onnx_session_it_timed(onnx_models, tmp_path):
         assert res.exit_code == 0, res.output
         rows = json.loads(out.read_text())
         assert [r["portable"] for r in rows] == [want, False]
+
+
+def test_inspect_counts_a_uint8_weights_zero_point_as_zero(tmp_path):
+    """A pruned model's uint8 ONNX weights store their zeros as the zero point (128): inspect
+    called an 80%-zero layer 0.0% sparse."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgesqueeze.runtime.inspect import inspect_artifact
+
+    w = np.full((4, 1, 1, 5), 128, np.uint8)
+    w[:, 0, 0, :2] = [[1, 200], [3, 250], [129, 127], [0, 255]]  # 8 of 20 not zero
+    zp_per_channel = np.array([128, 128, 128, 128], np.uint8)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.float32(0.1), "s"),
+             numpy_helper.from_array(np.uint8(128), "zp"),
+             numpy_helper.from_array(w.copy(), "w2"), numpy_helper.from_array(np.full(4, 0.1, np.float32), "s2"),
+             numpy_helper.from_array(zp_per_channel, "zp2")]
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s", "zp"], ["wf"]),
+             helper.make_node("DequantizeLinear", ["w2", "s2", "zp2"], ["wf2"], axis=0),
+             helper.make_node("Add", ["wf", "wf2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 1, 1, 5])],
+                              initializer=inits)
+    path = tmp_path / "dq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    rows = {t["name"]: t for t in inspect_artifact(path)["tensors"]}
+    assert rows["w"]["zeros"] == 12 and rows["w"]["sparsity"] == pytest.approx(0.6)
+    assert rows["w2"]["zeros"] == 12  # per-channel zero points, along axis 0
+    assert rows["s"]["zeros"] == 0  # a float tensor without a zero point: its zeros as stored

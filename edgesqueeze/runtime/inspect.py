@@ -32,9 +32,18 @@ def _symbol(name: str | None) -> str | None:
     ("batch"), None (any size) for torch.export's numbered symbols ("s77") or none."""
     return None if not name or re.fullmatch(r"s\d+", name) else name
 
-def _tensor_entry(name: str, arr: np.ndarray, **extra: Any) -> dict[str, Any]:
+def _tensor_entry(name: str, arr: np.ndarray, *, zero_point: np.ndarray | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    """One tensor's row. ``zero_point`` (broadcastable to ``arr``): a quantized tensor whose
+    zero is stored as that value (uint8 ONNX weights: 128), counted as a zero."""
     n = int(arr.size)
-    zeros = int(n - np.count_nonzero(arr)) if n else 0
+    if zero_point is not None and n:
+        try:
+            zeros = int(np.count_nonzero(arr == zero_point))
+        except ValueError:  # shapes that do not broadcast: count stored zeros
+            zeros = int(n - np.count_nonzero(arr))
+    else:
+        zeros = int(n - np.count_nonzero(arr)) if n else 0
     return {"name": name, "dtype": arr.dtype.name, "shape": [int(d) for d in arr.shape],
             "bytes": int(arr.nbytes), "elements": n, "zeros": zeros,
             "sparsity": zeros / n if n else 0.0, **extra}
@@ -152,6 +161,26 @@ def _inspect_onnx(path: Path, head: bytes) -> dict[str, Any]:
 
     graph = model.graph
     init_names = {t.name for t in graph.initializer}
+    # a weight's zero point (DequantizeLinear's third input), so a uint8 weight's 128s count as zeros
+    zero_points: dict[str, tuple[str, int]] = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2]:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            zero_points[node.input[0]] = (node.input[2], axis)
+    init_arrays = {t.name: t for t in graph.initializer if t.name in {zp for zp, _ in zero_points.values()}}
+
+    def zero_point_of(name: str, arr: np.ndarray) -> np.ndarray | None:
+        if name not in zero_points or zero_points[name][0] not in init_arrays:
+            return None
+        zp_name, axis = zero_points[name]
+        zp = numpy_helper.to_array(init_arrays[zp_name])
+        if zp.ndim == 0 or zp.size == 1:
+            return zp.reshape(())
+        if zp.ndim == 1 and arr.ndim:
+            shape = [1] * arr.ndim
+            shape[axis % arr.ndim] = zp.size
+            return zp.reshape(shape)
+        return None
     ops: Counter[str] = Counter()
     tensors: list[dict] = []
 
@@ -169,7 +198,8 @@ def _inspect_onnx(path: Path, head: bytes) -> dict[str, Any]:
                     tensors.append(_tensor_entry(node.output[0], numpy_helper.to_array(attr.t),
                                                  source="constant", quantization=None))
         for t in g.initializer:
-            tensors.append(_tensor_entry(t.name, numpy_helper.to_array(t), source="initializer",
+            arr = numpy_helper.to_array(t)
+            tensors.append(_tensor_entry(t.name, arr, zero_point=zero_point_of(t.name, arr), source="initializer",
                                          quantization=None))
 
     walk(graph)
