@@ -88,3 +88,19 @@ def test_eval_json_is_strict_json_when_the_loss_is_nan(state_dict_file, tmp_path
 
     out = json.loads(res.output[res.output.index("{"):], parse_constant=refuse)
     assert out["loss"] is None
+
+
+def test_sensitivity_without_validation_images_says_why_and_what_to_do(state_dict_file):
+    """The ImageNet sample has only a test split: the scan refused with "its dataset has no
+    validation split", and the earlier hint (--data imagenet-sample) led straight there."""
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+    if not (shared / "imagenet-sample-100.zip").exists():
+        pytest.skip("needs ../shared/datasets/imagenet-sample-100.zip beside the repository")
+    path = shared.parent / "models" / "squeezenet1_0-imagenet.pt"
+    res = _run("sensitivity", path, "--arch", "squeezenet1_0", "--data", "imagenet-sample", "--data-dir", shared,
+               "--sparsities", "0.5", "--layers", "classifier.1")
+    assert res.exit_code == 2, res.output
+    assert "'imagenet-sample' has no training images to hold them out of" in res.output
+    assert "pass --data a dataset with a training split" in res.output

@@ -49,7 +49,13 @@ def sensitivity(
     loaded, meta, ds, _, (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir, model_args, log)
     loaded.model.to(dev)
     if not len(x_val):
-        raise EdgesqueezeError(f"{checkpoint}: its dataset has no validation split to measure on")
+        n_train = len(ds.train_x)
+        why = (f"'{ds.name}' has no training images to hold them out of, only its test split" if not n_train else
+               f"none of '{ds.name}''s {n_train:,} training images were held out (the model records "
+               f"data.val_fraction {meta.get('val_fraction', 0)})")
+        raise EdgesqueezeError(f"{checkpoint}: no validation images to measure on: {why}; sensitivity measures "
+                               "on validation images so that the test split stays unseen: pass --data a dataset "
+                               "with a training split, or scan a model trained with a validation fraction")
 
     def acc(m: nn.Module) -> float:
         return evaluate(m, x_val, y_val, mean=mean, std=std, batch_size=batch_size)["accuracy"]
