@@ -422,3 +422,15 @@ def test_mutated_archives_are_refused_or_identical(archive, mutations):
         assert bad == data  # the SHA-256 leaves no other way through
         assert got == original
     assert time.perf_counter() - start < 2.0
+
+
+def test_a_damaged_file_says_what_to_do(tmp_path):
+    """read_esq of a file names it and the remedy (a damaged ONNX/TFLite file said "copy it
+    again"; a damaged archive only what was wrong)."""
+    import edgesqueeze.format.container as c
+
+    good = c.dumps({"a": 1}, [("t", b"abc" * 10, {})])
+    path = tmp_path / "m.esq"
+    path.write_bytes(good[:-5])
+    with pytest.raises(FormatError, match=r"m\.esq: .*a damaged or cut copy: copy the file again"):
+        c.read_esq(path)

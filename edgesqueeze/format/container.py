@@ -328,4 +328,6 @@ def read_esq(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview, 
     try:
         return loads(data, max_header=max_header)
     except FormatError as exc:
-        raise FormatError(f"{os.fspath(path_or_bytes)}: {exc}") from None
+        text = str(exc)
+        todo = "" if "version" in text else "; a damaged or cut copy: copy the file again, or write it again"
+        raise FormatError(f"{os.fspath(path_or_bytes)}: {text}{todo}") from None
