@@ -137,3 +137,29 @@ def test_set_on_a_recipe_that_is_not_a_mapping(tmp_path, text, what):
     p.write_text(text)
     with pytest.raises(RecipeError, match=f"r.yaml: {what}; a recipe is a YAML mapping"):
         load_recipe(p, ["train.epochs=1"])
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"formats": ["onnx", "onnx"]}, r"export\.formats: 'onnx' is listed twice"),  # exported twice, counted twice
+    ({"opset": 17}, r"export\.opset"),  # torch.onnx wrote opset 18 for it without a word
+])
+def test_export_section_refuses_what_it_cannot_do(raw, match):
+    from edgesqueeze.config.export import ExportConfig
+
+    with pytest.raises(RecipeError, match=match):
+        ExportConfig.from_dict(raw)
+    assert ExportConfig.from_dict({"opset": 18, "formats": ["onnx", "onnx-int8"]}).opset == 18
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--calibration-images", "100001"], "--calibration-images"),  # the recipe field's range, as --set has it
+    (["--equalize-activations", "nan"], "--equalize-activations"),
+])
+def test_export_options_are_checked_like_the_recipe_fields(tmp_path, args, match):
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    res = CliRunner().invoke(cli, ["export", str(tmp_path / "missing.pt"), "-f", "onnx-int8", *args,
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and match in res.output, res.output

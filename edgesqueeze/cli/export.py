@@ -27,7 +27,8 @@ def _csv(value: str, what: str) -> list[str]:
               help="Output directory [default: next to the model, export/].")
 @click.option("--data", "dataset", help="Dataset for calibration images [default: the model's own].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
-@click.option("--calibration-images", type=click.IntRange(min=1), help="Calibration image count for INT8.")
+@click.option("--calibration-images", type=click.IntRange(1, 100_000),
+              help="Calibration image count for INT8 [default: the recipe's, else 256].")
 @click.option("--calibration-method", type=click.Choice(["auto", "minmax", "entropy", "percentile", "mse"]),
               help="How INT8 activation ranges are chosen [default: auto: what measured best per "
                    "format, today minmax for both]. entropy, percentile and mse clip the tails; mse "
@@ -44,8 +45,8 @@ def _csv(value: str, what: str) -> list[str]:
 @click.option("--weight-rounding", type=click.Choice(["auto", "nearest", "gptq"]),
               help="How INT8 weights are rounded: gptq (on the calibration images; on a weight-shared "
                    "model it picks among each layer's own values, so a packed file stays as small; "
-                   "export.gptq_layers limits it to named modules) or nearest [default: auto: gptq for "
-                   "tflite-int8, nearest for onnx-int8].")
+                   "export.gptq_layers limits it to named modules) or nearest [default: auto: nearest for a "
+                   "weight-shared model (an .esq), else gptq for tflite-int8 and nearest for onnx-int8].")
 @click.option("--equalize-activations", type=click.FloatRange(0, 1), metavar="ALPHA",
               help="Even out per-channel activation ranges before INT8 quantization, moving the "
                    "imbalance into the next conv's weights; 0 off, 1 full [default: the recipe's, else 0].")
@@ -131,6 +132,8 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
     if weight_rounding:
         config = dataclasses.replace(config, weight_rounding=weight_rounding)
     if equalize_activations is not None:
+        if equalize_activations != equalize_activations:  # FloatRange lets nan through
+            raise click.BadParameter("nan is not in the range 0<=x<=1", param_hint="--equalize-activations")
         config = dataclasses.replace(config, equalize_activations=equalize_activations)
     if onnx_int8_target:
         config = dataclasses.replace(config, onnx_int8_target=onnx_int8_target)

@@ -124,7 +124,7 @@ class ExportConfig:
     formats: tuple[str, ...] = FORMATS
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     fold_normalization: bool = False
-    opset: int = field(default=18, metadata=_range(ge=17, le=23))
+    opset: int = field(default=18, metadata=_range(ge=18, le=23))  # torch.onnx's exporter writes 18 at least
     tflite_int8_io: Literal["float", "int8"] = "float"
     float_layers: tuple[str, ...] = ()
     float_layers_by_format: dict[str, Any] = field(default_factory=dict)
@@ -147,6 +147,9 @@ class ExportConfig:
                               f"{', '.join(ALL_FORMATS)}")
         if not self.formats:
             raise RecipeError("export.formats: needs at least one format")
+        twice = [f for i, f in enumerate(self.formats) if f in self.formats[:i]]
+        if twice:
+            raise RecipeError(f"export.formats: '{twice[0]}' is listed twice")
         _check_names(self.float_layers, "export.float_layers")
         _check_names(self.gptq_layers, "export.gptq_layers")
         by_format = {}

@@ -170,10 +170,11 @@ def check_converted_float_layers(model: nn.Module, float_layers: Sequence[str], 
     floats = sum(fbu.get_builtin_code_from_operator_code(converted.operatorCodes[op.opcodeIndex]) in heavy
                  and sg.tensors[op.inputs[0]].type == fb.TensorType.FLOAT32 for op in sg.operators)
     if floats < wanted:
-        raise ExportError(f"float_layers: the file has {floats} float conv/linear ops, {wanted} were "
-                          "asked for; the converter re-quantizes a lone float conv between int8 layers. "
-                          "Keep float a whole block (e.g. a Fire module, features.3) or a region that "
-                          "reaches the input or the output (e.g. the first conv, or the whole classifier)")
+        raise ExportError(f"tflite-int8: float_layers {', '.join(float_layers)}: the file has {floats} float "
+                          f"conv/linear ops where {wanted} were asked for; LiteRT's converter re-quantizes a "
+                          "lone float conv between int8 layers. Keep float a block of two or more convs in a "
+                          "row (a whole Fire module) or a region that reaches the input or the output (the "
+                          "first conv, or the layers from the last conv on)")
 
 
 def _activation_observers(gm) -> dict[str, Any]:
