@@ -635,6 +635,9 @@ def model_from_esq(data: bytes | str | Path, *, arch: str | None = None,
         raise FormatError(f"{where or 'archive'}: meta: not an edgesqueeze model archive (no 'arch')")
     if arch is not None and is_import_spec(meta["arch"]) and arch != meta["arch"]:
         meta["arch"] = arch
+    elif arch is not None and arch != meta["arch"]:  # as for a checkpoint: said, not silently dropped
+        warnings.warn(f"{where or 'the archive'} records its architecture {meta['arch']!r}, which is used: {arch!r} "
+                      "(--arch, or the recipe's model.arch) is not", Note, stacklevel=3)
     source = str(data) if not isinstance(data, bytes) else "archive"
     model = rebuild(meta["arch"], meta.get("arch_kwargs", {}), folded_batchnorm=bool(meta.get("folded_batchnorm")),
                     folded_layers=meta.get("folded_layers"), source=source,

@@ -104,3 +104,21 @@ def test_sensitivity_without_validation_images_says_why_and_what_to_do(state_dic
     assert res.exit_code == 2, res.output
     assert "'imagenet-sample' has no training images to hold them out of" in res.output
     assert "pass --data a dataset with a training split" in res.output
+
+
+def test_an_arch_the_esq_does_not_use_is_said(tmp_path):
+    """--arch on an .esq of a registered architecture was dropped without a word (a checkpoint
+    says so); the archive's own architecture is still the one built."""
+    from edgesqueeze.checkpoint import esq_dumps
+    from edgesqueeze.errors import Note
+
+    model = build_model("squeezenet_mnist", num_classes=10)
+    data, _ = esq_dumps(model.state_dict(), {"format": "edgesqueeze.esq-model", "arch": "squeezenet_mnist",
+                                             "arch_kwargs": {"num_classes": 10}})
+    path = tmp_path / "m.esq"
+    path.write_bytes(data)
+    from edgesqueeze.checkpoint import load_model
+
+    with pytest.warns(Note, match="records its architecture 'squeezenet_mnist', which is used: 'resnet8'"):
+        loaded = load_model(path, arch="resnet8")
+    assert loaded.meta["arch"] == "squeezenet_mnist"
