@@ -360,8 +360,8 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
     not_torch_file(path, head)
     from edgesqueeze.runtime._base import sniff
 
-    if head[:8] == container.MAGIC or sniff(head) == "esq":  # a Deep Compression archive: decode it on
-        # the fly (a damaged header too: the archive reader says what is wrong, not torch.load)
+    if sniff(head) == "esq":  # a Deep Compression archive: decode it on the fly (a damaged header
+        # too: the archive reader says what is wrong, not torch.load)
         model, meta = model_from_esq(path, arch=arch, trust_code=trust_pickle)
         return LoadedModel(model, apply_input_meta(meta, input_meta, source=str(path)), "esq", path)
     kind = _zip_kind(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -132,7 +133,7 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
     if weight_rounding:
         config = dataclasses.replace(config, weight_rounding=weight_rounding)
     if equalize_activations is not None:
-        if equalize_activations != equalize_activations:  # FloatRange lets nan through
+        if math.isnan(equalize_activations):  # FloatRange lets nan through
             raise click.BadParameter("nan is not in the range 0<=x<=1", param_hint="--equalize-activations")
         config = dataclasses.replace(config, equalize_activations=equalize_activations)
     if onnx_int8_target:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def _budget_from_options(recipe, max_size, max_size_for, min_accuracy, max_drop,
         if min_agreement is not None:
             changes["min_agreement"] = parse_fraction(_number_or_pct(min_agreement), "--min-agreement")
         if max_drop is not None:
-            if max_drop != max_drop or max_drop == float("inf"):  # FloatRange(min=0) lets nan and inf through
+            if not math.isfinite(max_drop):  # FloatRange(min=0) lets nan and inf through
                 raise BudgetSpecError(f"--max-drop: expected accuracy points >= 0 (0.5), got {max_drop}")
             changes["max_drop"] = max_drop
     except BudgetSpecError as exc:

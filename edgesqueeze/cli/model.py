@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -92,8 +93,8 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
                             batch_size=batch_size, device=device,
                             **model_opts.load_kwargs())
     if as_json:  # strict JSON: a diverged model's NaN loss is null, not the NaN no parser but Python's reads
-        click.echo(json.dumps({k: None if isinstance(v, float) and v != v or v in (float("inf"), float("-inf"))
-                               else v for k, v in metrics.items()}, indent=2, allow_nan=False))
+        click.echo(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                               for k, v in metrics.items()}, indent=2, allow_nan=False))
         return
     if metrics["normalization"].startswith("measured"):
         click.echo(f"note: input normalization {metrics['normalization']}", err=True)
