@@ -207,6 +207,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def is_stdout(path: str | os.PathLike | None) -> bool:
+    """``-`` given as an output file: standard output, as for most command-line tools."""
+    return path is not None and str(path) == "-"
+
+
+def write_text_output(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, or to standard output when ``path`` is ``-``."""
+    if is_stdout(path):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text_atomic(path, text)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -261,3 +261,19 @@ def test_the_job_summary_is_appended_to_whatever_github_names_it(tmp_path, monke
     other.write_text("an earlier summary\n")
     assert check(report, *BUDGET, "--markdown", other).exit_code == 0
     assert "an earlier summary" not in other.read_text()
+
+
+def test_dash_writes_the_verdicts_to_standard_output_and_the_table_to_standard_error(tmp_path, monkeypatch):
+    """`--json -` wrote a file named '-' in the working folder; it is standard output now, as
+    for most tools, so `edgesqueeze check ... --json - | jq` reads the verdicts alone."""
+    monkeypatch.chdir(tmp_path)
+    report = write_report(tmp_path)
+    res = check(report, *BUDGET, "--json", "-")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["exit_code"] == 0
+    assert "11 passed, 0 failed" in res.stderr
+    assert not (tmp_path / "-").exists()
+    res = check(report, *BUDGET, "--junit", "-")
+    assert res.stdout.startswith("<?xml") and "<testsuite" in res.stdout, res.stdout
+    res = check(report, *BUDGET, "--json", "-", "--markdown", "-")
+    assert res.exit_code == 2 and "--json and --markdown both name standard output" in res.output

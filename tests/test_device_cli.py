@@ -251,6 +251,18 @@ def test_bench_json_to_a_path_that_cannot_be_written_fails_before_timing(onnx_mo
     _one_error(r, "a-file is a file, not a folder")  # and no `timing ...` line: nothing was timed
 
 
+def test_bench_json_dash_is_standard_output(onnx_models, tmp_path, monkeypatch):
+    """`bench --json -` wrote a file named '-'; now the rows are stdout alone (the table stderr)."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    r = _cli("bench", onnx_models["fp32"], "-b", 1, "--runs", 1, "--warmup", 0, "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["batch_size"] for row in rows] == [1] and "p50 ms" in r.stderr
+    assert not (tmp_path / "-").exists()
+
+
 @pytest.mark.parametrize("command", ["run", "inspect"])
 def test_a_reader_that_stops_reading_is_not_an_error(onnx_models, tmp_path, command):
     """`edgesqueeze run ... | head -1`: the reader closes the pipe while the command writes.

@@ -195,6 +195,10 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
     from edgesqueeze.verify import evaluate_artifacts
     from edgesqueeze.verify_report import machine_info, write_report
 
+    if out_path == "-":
+        raise click.BadParameter("verify writes a JSON report with its markdown and plots beside it, so it "
+                                 "needs a file name, not standard output; give e.g. --out verify.json and "
+                                 "read it with `edgesqueeze check verify.json ...`", param_hint="--out")
     out = Path(out_path) if out_path else Path(paths[0]).parent / "verify.json"
     if out.is_dir() or str(out_path or "").endswith(("/", os.sep)):  # --out results/, as compress's --out
         out = out / "verify.json"
@@ -229,11 +233,12 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
               help="Float model (.pt) for agreement and drop [default: the first .pt given].")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write verdicts as JSON.")
-@click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write JUnit XML (one test case per artifact and budget).")
-@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write Markdown (e.g. $GITHUB_STEP_SUMMARY).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Write verdicts as JSON ('-': standard output, and the table goes to standard error).")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Write JUnit XML (one test case per artifact and budget; '-': standard output).")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Write Markdown (e.g. $GITHUB_STEP_SUMMARY, appended to; '-': standard output).")
 @model_options(recipe_help="Take the budget from this recipe's 'budget' section (options override it); its "
                            "'model' section stands for --arch.", set_example="budget.max_size=500KB")
 @click.pass_context
@@ -254,7 +259,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
       edgesqueeze check model.int8.tflite --data mnist --max-size 100KB --min-accuracy 99.4% \\
           --junit gate.xml --markdown "$GITHUB_STEP_SUMMARY"
     """
-    from edgesqueeze._io import check_writable, write_text_atomic
+    from edgesqueeze._io import check_writable, is_stdout, write_text_output
     from edgesqueeze.budget import (check as run_check, exit_code, unmatched_formats, verdicts_json,
                                     verdicts_junit, verdicts_markdown, verdicts_table)
     from edgesqueeze.verify import evaluate_artifacts
@@ -263,13 +268,18 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     if budget.is_empty():
         raise click.UsageError("no budget: give --max-size, --max-size-for, --min-accuracy, --max-drop, "
                                "--min-agreement or a --recipe with a 'budget' section")
-    appends = md_path is not None and (_is_step_summary(md_path) or md_path.exists() and not md_path.is_file())
+    to_stdout = [opt for opt, path in (("--json", json_path), ("--junit", junit_path), ("--markdown", md_path))
+                 if is_stdout(path)]
+    if len(to_stdout) > 1:
+        raise click.UsageError(f"{' and '.join(to_stdout)} both name standard output ('-'); give one of them a file")
+    appends = (md_path is not None and not is_stdout(md_path)
+               and (_is_step_summary(md_path) or md_path.exists() and not md_path.is_file()))
     for path in (json_path, junit_path, md_path):
-        if path is not None:
+        if path is not None and not is_stdout(path):
             check_writable(path, appends=appends and path is md_path)  # before the evaluation, not after it
     inputs = {p.resolve() for p in paths}
     for path in (json_path, junit_path, None if appends else md_path):
-        if path is not None and path.is_file() and not path.is_symlink() and path.resolve() not in inputs:
+        if path is not None and not is_stdout(path) and path.is_file() and not path.is_symlink() and path.resolve() not in inputs:
             # an earlier run's verdicts must not outlive this run if it stops on bad input
             path.unlink()
     rows, files = [], []
@@ -284,15 +294,15 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
                                     reference=reference, limit=limit, log=lambda m: click.echo(m, err=True), **model_opts.load_kwargs())
         rows.extend(report["artifacts"])
     verdicts = run_check(rows, budget)
-    click.echo(verdicts_table(verdicts))
+    click.echo(verdicts_table(verdicts), err=bool(to_stdout))  # stdout is the machine-readable output then
     missing = unmatched_formats(rows, budget)
     if missing and any(v.check == "size" for v in verdicts if v.artifact != "-"):
         click.echo(f"note: the budget limits the size of {', '.join(missing)}, which no artifact here has "
                    "(not checked)", err=True)
     if json_path:
-        write_text_atomic(json_path, verdicts_json(verdicts, rows, budget))
+        write_text_output(json_path, verdicts_json(verdicts, rows, budget))
     if junit_path:
-        write_text_atomic(junit_path, verdicts_junit(verdicts))
+        write_text_output(junit_path, verdicts_junit(verdicts))
     if md_path:
         md = verdicts_markdown(verdicts, rows)
         if appends:
@@ -304,5 +314,5 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
 
                 raise OutputError(f"{md_path}: cannot append the verdicts ({exc.strerror or exc})") from None
         else:
-            write_text_atomic(md_path, md)
+            write_text_output(md_path, md)
     ctx.exit(exit_code(verdicts))

@@ -94,7 +94,8 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json):
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1), help="Timed runs per case.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads [default: the runtime's].")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write rows as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Write rows as JSON ('-': standard output, and the table goes to standard error).")
 @click.option("--portable/--x86-nchwc", "portable", default=None,
               help="ONNX only. --x86-nchwc: onnxruntime's default optimizations, NCHWc float kernels "
                    "included, even for onnx-int8 files made for any CPU, which are otherwise opened "
@@ -115,28 +116,30 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
     Example:
       edgesqueeze bench model.onnx model.int8.onnx model.tflite model.int8.tflite --threads 2
     """
-    from edgesqueeze._io import check_writable, write_text_atomic
+    from edgesqueeze._io import check_writable, is_stdout, write_text_output
     from edgesqueeze.benchmark import bench_files
 
-    if json_path:
+    quiet = is_stdout(json_path)  # stdout is the JSON then; the table goes to stderr
+    if json_path and not quiet:
         check_writable(json_path)  # before the timing, not after it
     rows = bench_files(list(paths), batch_sizes=list(batch_sizes) or [1, 32], runs=runs, warmup=warmup,
                        threads=threads, model_args=model_opts.load_kwargs(), portable=portable,
                        log=lambda m: click.echo(m, err=True))
     packed = any(r.get("decode_ms") for r in rows)  # a column for the decoding only when some file has it
     head = f"{'file':<44}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'vs first':>10}{'load ms':>10}"
-    click.echo(head + (f"{'decode ms':>11}" if packed else ""))
+    click.echo(head + (f"{'decode ms':>11}" if packed else ""), err=quiet)
     for r in rows:
         load = "-" if r.get("cold_load_ms") is None else f"{r['cold_load_ms']:.1f}"
         decode = (f"{r['decode_ms']:.1f}" if r.get("decode_ms") else "-") if packed else ""
         name = r["file"] if len(r["file"]) <= 43 else "..." + r["file"][-40:]
         click.echo(f"{name:<44}{r['batch_size']:>6}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
-                   f"{r['ratio']:>9.2f}x{load:>10}" + (f"{decode:>11}" if packed else ""))
+                   f"{r['ratio']:>9.2f}x{load:>10}" + (f"{decode:>11}" if packed else ""), err=quiet)
     if rows:
         cpu = rows[0]["cpu"]
-        click.echo(f"cpu: {cpu['cpu']} ({cpu['int8_kernels']})" + (f"; {cpu['note']}" if cpu.get("note") else ""))
+        click.echo(f"cpu: {cpu['cpu']} ({cpu['int8_kernels']})" + (f"; {cpu['note']}" if cpu.get("note") else ""),
+                   err=quiet)
     if json_path:
-        write_text_atomic(json_path, json.dumps(rows, indent=2) + "\n")
+        write_text_output(json_path, json.dumps(rows, indent=2) + "\n")
 
 
 @cli.command()
