@@ -75,6 +75,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Create the folder ``path`` (and its missing parents) for a command's outputs; if the
+    command then fails, remove the folders made here that are still empty, so that bad
+    input leaves nothing behind (an export whose calibration data was missing left an empty
+    ``--out`` folder)."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the folder ({_why(exc, path)})") from None
+    try:
+        yield path
+    except BaseException:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                break
+        raise
+
+
 def check_writable(path: str | os.PathLike, *, appends: bool = False) -> None:
     """Refuse (OutputError) an output path that cannot be written, before the work that
     fills it: a folder in its place, a file where a folder of its path should be, a folder

@@ -16,7 +16,7 @@ import torch
 
 from edgesqueeze.checkpoint import save_checkpoint
 from edgesqueeze.data import load_dataset
-from edgesqueeze.errors import FormatError
+from edgesqueeze.errors import EdgesqueezeError, FormatError
 from edgesqueeze.export import ExportConfig, export_artifacts, is_weight_shared
 
 pytest.importorskip("onnxruntime")
@@ -276,3 +276,34 @@ def test_per_channel_tflite_int8_of_a_shared_model_is_requantized_too(shared_ckp
     assert np.array_equal(runtime.load(plain).predict_images(x), runtime.load(packed).predict_images(x))
     _, without = pack_file(plain, tmp_path / "no-requant.esq")  # no float sources given
     assert packed.stat().st_size < without["packed_bytes"]
+
+
+def test_a_reexport_without_pack_removes_the_old_packed_copy(shared_ckpt, tmp_path):
+    """A re-export without --pack left the earlier model's packed file beside the new plain one,
+    and `verify export/*` judged it as this export's. It is removed, with a note; a file of that
+    name that is not a packed copy is left alone."""
+    cfg = ExportConfig(formats=("onnx", "tflite"), pack=True)
+    export_artifacts(shared_ckpt, cfg, tmp_path, log=lambda _: None)
+    assert (tmp_path / "shared.onnx.esq").is_file() and (tmp_path / "shared.tflite.esq").is_file()
+    (tmp_path / "shared.tflite.esq").write_bytes(b"someone else's file")
+    logs: list[str] = []
+    written = export_artifacts(shared_ckpt, dataclasses.replace(cfg, pack=False), tmp_path, log=logs.append)
+    assert [p.name for p in written] == ["shared.onnx", "shared.tflite"]
+    assert not (tmp_path / "shared.onnx.esq").exists()
+    assert any("removed shared.onnx.esq" in m for m in logs), logs
+    assert (tmp_path / "shared.tflite.esq").read_bytes() == b"someone else's file"
+    assert any("shared.tflite.esq is not from this export" in m for m in logs), logs
+
+
+def test_a_failed_export_leaves_no_empty_out_folder(shared_ckpt, tmp_path):
+    """A calibration dataset that does not exist stops the export after its --out folder was made:
+    the folder (and the parents it made) are gone again; an existing folder stays."""
+    out = tmp_path / "new" / "export"
+    cfg = ExportConfig(formats=("onnx-int8",))
+    with pytest.raises(EdgesqueezeError):
+        export_artifacts(shared_ckpt, cfg, out, dataset="no-such-data", log=lambda _: None)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(EdgesqueezeError):
+        export_artifacts(shared_ckpt, cfg, tmp_path / "kept", dataset="no-such-data", log=lambda _: None)
+    assert (tmp_path / "kept").is_dir()

@@ -182,69 +182,96 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                 "int8_weights: per-channel) spread the model's shared values over many int8 levels; a packed "
                 "file codes them at several times the .esq's bits per weight (int8_weights: per-tensor keeps "
                 "the sharing)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = stem or model_stem(source)
-    digest = sha256_file(source)
-    calib = None
-    written = []
-    for fmt in config.formats:
-        path = out / f"{stem}{SUFFIX[fmt]}"
-        rounded: dict[str, Any] = {}  # the float weights an int8 file's integers come from (GPTQ's)
-        if fmt in INT8_FORMATS and calib is None:
-            calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
-        if fmt == "onnx":
-            from edgesqueeze.export.onnx import export_onnx
+    from edgesqueeze._io import output_folder
 
-            export_onnx(model, meta, path, opset=config.opset, fold_normalization=config.fold_normalization,
-                        source_sha256=digest)
-        elif fmt == "onnx-int8":
-            from edgesqueeze.export.onnx_int8 import export_onnx_int8
+    with output_folder(out_dir) as out:  # a failure before any file is written leaves no empty folder
+        stem = stem or model_stem(source)
+        digest = sha256_file(source)
+        calib = None
+        written = []
+        for fmt in config.formats:
+            path = out / f"{stem}{SUFFIX[fmt]}"
+            rounded: dict[str, Any] = {}  # the float weights an int8 file's integers come from (GPTQ's)
+            if fmt in INT8_FORMATS and calib is None:
+                calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
+            if fmt == "onnx":
+                from edgesqueeze.export.onnx import export_onnx
 
-            export_onnx_int8(model, meta, path, calib[0], calibration=config.calibration,
-                             calibration_info=calib[1], opset=config.opset,
-                             fold_normalization=config.fold_normalization, float_layers=config.float_layers_for(fmt),
-                             weight_rounding=config.weight_rounding_for(fmt, shared),
-                             gptq_layers=config.gptq_layers, shared=has_codebooks(model), rounded=rounded,
-                             share_concats=config.share_concat_ranges,
-                             bias_correction=config.bias_correction_for(fmt),
-                             equalize_activations=config.equalize_activations,
-                             per_channel=config.int8_per_channel(fmt, shared),
-                             target=config.onnx_int8_target, source_sha256=digest, device=device)
-        elif fmt == "tflite":
-            from edgesqueeze.export.tflite import export_tflite
+                export_onnx(model, meta, path, opset=config.opset, fold_normalization=config.fold_normalization,
+                            source_sha256=digest)
+            elif fmt == "onnx-int8":
+                from edgesqueeze.export.onnx_int8 import export_onnx_int8
 
-            export_tflite(model, meta, path, fold_normalization=config.fold_normalization, source_sha256=digest)
-        elif fmt == "tflite-micro":
-            _export_micro(model, meta, path, calib, config, shared, written, seed=seed, digest=digest, log=log,
-                          device=device, s2d_stem=s2d_stem)
-        else:
-            _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest, device=device,
-                                rounded=rounded, s2d_stem=s2d_stem)
-        log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
-        if fmt == "tflite-int8":
-            from edgesqueeze.export.tflite import int8_stem_note
+                export_onnx_int8(model, meta, path, calib[0], calibration=config.calibration,
+                                 calibration_info=calib[1], opset=config.opset,
+                                 fold_normalization=config.fold_normalization, float_layers=config.float_layers_for(fmt),
+                                 weight_rounding=config.weight_rounding_for(fmt, shared),
+                                 gptq_layers=config.gptq_layers, shared=has_codebooks(model), rounded=rounded,
+                                 share_concats=config.share_concat_ranges,
+                                 bias_correction=config.bias_correction_for(fmt),
+                                 equalize_activations=config.equalize_activations,
+                                 per_channel=config.int8_per_channel(fmt, shared),
+                                 target=config.onnx_int8_target, source_sha256=digest, device=device)
+            elif fmt == "tflite":
+                from edgesqueeze.export.tflite import export_tflite
 
-            note = int8_stem_note(model, config.float_layers_for(fmt), int(meta["input_shape"][0]),
-                                  space_to_depth=s2d_stem is not None)
-            if note:
-                log(note)
-        written.append(path)
-        if config.pack and fmt == "tflite-micro":
-            log(f"note: {path.name} is not packed: a microcontroller runs it from flash as it is")
-        elif config.pack:
-            from edgesqueeze.export.packed import pack_file
+                export_tflite(model, meta, path, fold_normalization=config.fold_normalization, source_sha256=digest)
+            elif fmt == "tflite-micro":
+                _export_micro(model, meta, path, calib, config, shared, written, seed=seed, digest=digest, log=log,
+                              device=device, s2d_stem=s2d_stem)
+            else:
+                _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest, device=device,
+                                    rounded=rounded, s2d_stem=s2d_stem)
+            log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
+            if fmt == "tflite-int8":
+                from edgesqueeze.export.tflite import int8_stem_note
 
-            sources = {k: v.detach().cpu().numpy() for k, v in (rounded or model.state_dict()).items()
-                       if k.endswith(".weight") and v.dim() >= 2} if fmt in INT8_FORMATS else None
-            packed, rep = pack_file(path, fmt=fmt, sources=sources)
-            bits = rep["bits_per_nonzero"]
-            how = f", {bits:.2f} bits per non-zero weight" if bits else ""
-            n = rep["coded_tensors"]
-            log(f"{packed}: {rep['packed_bytes']:,} bytes (packed {fmt}: {n} weight "
-                f"tensor{'' if n == 1 else 's'} coded{how})")
-            written.append(packed)
-    return written
+                note = int8_stem_note(model, config.float_layers_for(fmt), int(meta["input_shape"][0]),
+                                      space_to_depth=s2d_stem is not None)
+                if note:
+                    log(note)
+            written.append(path)
+            if config.pack and fmt == "tflite-micro":
+                log(f"note: {path.name} is not packed: a microcontroller runs it from flash as it is")
+            if not config.pack or fmt == "tflite-micro":
+                _remove_stale_packed(path, log)
+            else:
+                from edgesqueeze.export.packed import pack_file
+
+                sources = {k: v.detach().cpu().numpy() for k, v in (rounded or model.state_dict()).items()
+                           if k.endswith(".weight") and v.dim() >= 2} if fmt in INT8_FORMATS else None
+                packed, rep = pack_file(path, fmt=fmt, sources=sources)
+                bits = rep["bits_per_nonzero"]
+                how = f", {bits:.2f} bits per non-zero weight" if bits else ""
+                n = rep["coded_tensors"]
+                log(f"{packed}: {rep['packed_bytes']:,} bytes (packed {fmt}: {n} weight "
+                    f"tensor{'' if n == 1 else 's'} coded{how})")
+                written.append(packed)
+        return written
+
+
+def _remove_stale_packed(path: Path, log: Log) -> None:
+    """Remove the packed copy (``path`` + ``.esq``) of the file this export replaced: written
+    without --pack, the new plain file sat beside the old model's packed one, which verify
+    and check would then judge as this export's. Only a file that reads as a packed file
+    is removed; anything else by that name is left, with a note."""
+    stale = path.with_name(path.name + ".esq")
+    if not stale.is_file() or stale.is_symlink():
+        return
+    from edgesqueeze.format import container
+    from edgesqueeze.format.packed import is_packed
+
+    try:
+        ours = is_packed(container.read_esq(stale))
+    except Exception:  # damaged, or not an archive: not removed unread
+        ours = False
+    if ours:
+        stale.unlink()
+        log(f"note: removed {stale.name}: the packed copy of the {path.name} this export replaced "
+            "(--pack writes a new one)")
+    else:
+        log(f"note: {stale} is not from this export (it is not a packed copy of {path.name}); "
+            "remove it if it is stale")
 
 
 def _space_to_depth_stem(model, meta: dict[str, Any], config: ExportConfig, log: Log) -> str | None:
