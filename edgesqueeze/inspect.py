@@ -96,22 +96,85 @@ def _inspect_pt(path: Path, model_args: dict[str, Any] | None = None) -> dict[st
                         "bytes": t.numel() * t.element_size(),
                         "sparsity": round(float((t == 0).float().mean()), 4) if t.is_floating_point() and t.numel()
                         else None})
-    ops: dict[str, int] = {}
-    for m in loaded.model.modules():
-        if not list(m.children()):
-            ops[type(m).__name__] = ops.get(type(m).__name__, 0) + 1
-    shape = meta.get("input_shape")
+    ops = _ops(loaded)
+    shape = meta.get("input_shape") or _program_input_shape(loaded) or _arch_input_shape(meta.get("arch"))
+    classes = len(meta["classes"]) if meta.get("classes") else None
+    if shape and classes is None:  # what the model outputs, from one zero image
+        from edgesqueeze.models.probe import check_fits
+
+        try:
+            classes = check_fits(loaded.model, shape, source=path)
+        except Exception:  # noqa: BLE001 - an extra: an unknown output shape stays unknown
+            classes = None
     out = {"file": str(path), "kind": loaded.kind, "bytes": path.stat().st_size,
            "inputs": [{"name": "input", "shape": [None, *shape] if shape else None, "dtype": "float32"}],
-           "outputs": [{"name": "logits", "shape": [None, len(meta["classes"])] if meta.get("classes") else None,
-                        "dtype": "float32"}],
+           "outputs": [{"name": "logits", "shape": [None, classes] if classes else None, "dtype": "float32"}],
            "ops": ops, "tensors": tensors, "metadata": {k: v for k, v in meta.items() if k != "history"}}
+    if not shape:
+        out["note"] = "the file does not record its input shape; --input-shape C,H,W gives it (and the output's)"
     if shape:
         try:
-            out["macs"] = count_macs(loaded.model, shape)
+            model = loaded.model
+            if loaded.kind in ("torchscript", "exported_program"):  # real conv modules for the hooks
+                from edgesqueeze.models.program import lifted_module
+
+                model = lifted_module(model, shape, what=str(path))
+            out["macs"] = count_macs(model, [int(d) for d in shape])
         except Exception:  # noqa: BLE001 - an extra, not worth failing inspect over
             pass
     return out
+
+
+def _ops(loaded) -> dict[str, int]:
+    """Layer kinds and their counts: the leaf modules' classes (a TorchScript module's own
+    class names, not RecursiveScriptModule), or a torch.export program's aten operators."""
+    import torch
+
+    program = loaded.source_program
+    ops: dict[str, int] = {}
+    if isinstance(program, torch.export.ExportedProgram):
+        for node in program.graph.nodes:
+            if node.op == "call_function" and hasattr(node.target, "_overloadpacket"):
+                name = node.target._overloadpacket.__name__  # aten.convolution.default -> convolution
+                ops[name] = ops.get(name, 0) + 1
+        return ops
+    for m in loaded.model.modules():
+        if not list(m.children()):
+            name = getattr(m, "original_name", None) or type(m).__name__  # ScriptModules keep their class name
+            ops[name] = ops.get(name, 0) + 1
+    return ops
+
+
+def _arch_input_shape(arch: str | None) -> list[int] | None:
+    """A registered architecture's input shape (a state_dict read with --arch squeezenet1_0)."""
+    from edgesqueeze.models import get_spec
+    from edgesqueeze.models.imports import is_import_spec
+
+    if not arch or is_import_spec(arch):
+        return None
+    try:
+        return list(get_spec(arch).input_shape)
+    except Exception:  # noqa: BLE001 - an unknown name: the shape stays unknown
+        return None
+
+
+def _program_input_shape(loaded) -> list[int] | None:
+    """A torch.export program's first input, less its batch dimension (None where a dimension
+    other than the batch is symbolic, or the file is not such a program)."""
+    import torch
+
+    program = loaded.source_program
+    if not isinstance(program, torch.export.ExportedProgram):
+        return None
+    user = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            val = node.meta.get("val")
+            dims = list(getattr(val, "shape", []))[1:]
+            if dims and all(isinstance(d, int) for d in dims):
+                return [int(d) for d in dims]
+            return None
+    return None
 
 
 def summary_lines(desc: dict[str, Any], *, max_tensors: int = 60) -> list[str]:
@@ -133,7 +196,11 @@ def summary_lines(desc: dict[str, Any], *, max_tensors: int = 60) -> list[str]:
     for key in ("inputs", "outputs"):
         for io in desc.get(key) or []:
             q = f", quantization {io['quantization']}" if io.get("quantization") else ""
-            lines.append(f"  {key[:-1]:<6} {io.get('name')}: {io.get('dtype')} {io.get('shape')}{q}")
+            shape = io.get("shape")
+            lines.append(f"  {key[:-1]:<6} {io.get('name')}: {io.get('dtype')} "
+                         f"{'shape not recorded' if shape is None else shape}{q}")
+    if desc.get("note"):
+        lines.append(f"  note   {desc['note']}")
     if desc.get("macs"):
         lines.append(f"  MACs   {desc['macs']:,}")
     if desc.get("ops"):

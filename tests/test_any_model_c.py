@@ -278,3 +278,34 @@ def test_a_file_may_name_a_class_but_not_call_a_function(tmp_path):
     assert res.exit_code == 0, res.output
     assert "os:system was not imported" in res.output
     _one_error_line(run("eval", evil, "--data", "digits"), "Pass --arch os:system")
+
+
+def test_inspect_gives_every_forms_input_output_and_layer_kinds(tmp_path):
+    """inspect of a TorchScript archive, a .pt2 or a state_dict showed no input or output shape,
+    and its ops as 'RecursiveScriptModule x53' or 'Module x33'. Now: the program's own input
+    shape (a .pt2), --input-shape's (TorchScript), the output from one run, and the layer
+    kinds (a program's aten operators)."""
+    forms = save_forms("ConvLinearHead", tmp_path, ("torchscript", "program"))
+    conv_count = sum(isinstance(m, torch.nn.Conv2d) for m in build("ConvLinearHead").modules())
+    given = ["--input-shape", "1,28,28"]  # your own class records no shape; a .pt2 does
+    expect = {"state_dict": given, "torchscript": given, "program": []}
+    for form, extra in expect.items():
+        path, opts = forms[form]
+        res = run("inspect", path, *opts, *extra, "--json")
+        assert res.exit_code == 0, (form, res.output)
+        desc = json.loads(res.output[res.output.index("{"):])
+        assert desc["inputs"][0]["shape"] == [None, 1, 28, 28], (form, desc["inputs"])
+        assert desc["outputs"][0]["shape"] == [None, KWARGS.get("num_classes", 10)], (form, desc["outputs"])
+        ops = desc["ops"]
+        assert not {"RecursiveScriptModule", "Module"} & set(ops), (form, ops)
+        assert ops.get("Conv2d", ops.get("conv2d")) == conv_count, (form, ops)
+        assert desc["macs"] > 0
+    res = run("inspect", forms["torchscript"][0])  # no shape given: said, not shown as None
+    assert res.exit_code == 0 and "shape not recorded" in res.output and "--input-shape" in res.output, res.output
+    from edgesqueeze.models import build_model  # a registered architecture's state_dict: its spec's shape
+
+    sd = tmp_path / "sd.pt"
+    torch.save(build_model("squeezenet_mnist").state_dict(), sd)
+    res = run("inspect", sd, "--arch", "squeezenet_mnist", "--json")
+    desc = json.loads(res.output[res.output.index("{"):])
+    assert desc["inputs"][0]["shape"] == [None, 1, 28, 28] and desc["outputs"][0]["shape"] == [None, 10]
