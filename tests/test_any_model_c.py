@@ -309,3 +309,51 @@ def test_inspect_gives_every_forms_input_output_and_layer_kinds(tmp_path):
     res = run("inspect", sd, "--arch", "squeezenet_mnist", "--json")
     desc = json.loads(res.output[res.output.index("{"):])
     assert desc["inputs"][0]["shape"] == [None, 1, 28, 28] and desc["outputs"][0]["shape"] == [None, 10]
+
+
+class ConvAppliedTwice(torch.nn.Module):
+    """One conv applied twice in a row (weight tying), as some small nets do to save weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 48, 3, padding=1)
+        self.block = torch.nn.Conv2d(48, 48, 3, padding=1)
+        self.fc = torch.nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.block(x))
+        x = torch.relu(self.block(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_conv_applied_twice_is_int8_at_both_calls_of_the_tflite_int8_file(tmp_path):
+    """The quantizer skipped every call of a conv after its first (its weight node was already
+    annotated), so the second call ran in float inside the int8 file: its float weights, a
+    dequantize and a quantize. Both calls are int8 now, from one int8 weight tensor."""
+    import numpy as np
+
+    from edgesqueeze.export import ExportConfig, export_artifacts
+    from edgesqueeze.runtime import load
+    from edgesqueeze.runtime.inspect import inspect_artifact
+
+    torch.manual_seed(0)
+    model = ConvAppliedTwice().eval()
+    program = tmp_path / "twice.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 28, 28),)), str(program))
+    (path,) = export_artifacts(program, ExportConfig(formats=("tflite-int8",)), tmp_path / "out", dataset="digits",
+                               log=lambda _: None)
+    desc = inspect_artifact(path)
+    assert "DEQUANTIZE" not in desc["ops"] or desc["ops"]["DEQUANTIZE"] == 1, desc["ops"]  # the output's only
+    weights = [t for t in desc["tensors"] if len(t["shape"]) == 4]
+    assert weights and all(t["dtype"] == "int8" for t in weights), weights
+    assert path.stat().st_size < sum(p.numel() for p in model.parameters()) * 2  # int8, not float32
+    from edgesqueeze.data import load_dataset
+
+    ds = load_dataset("digits")
+    art = load(path)
+    x = ((ds.test_x[:64].astype(np.float32) / 255 - art.meta["mean"][0]) / art.meta["std"][0]).astype(np.float32)
+    got = art.predict(x)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max(), (np.abs(got - want).max(), np.abs(want).max())

@@ -82,6 +82,11 @@ def _quantizer(config, float_layers: Sequence[str], requantize_pool: bool = Fals
     keep = _not_in(tuple(float_layers))
 
     class Quantizer(PT2EQuantizer):
+        def transform_for_annotation(self, model):
+            model = super().transform_for_annotation(model)
+            _one_weight_node_per_layer_call(model)
+            return model
+
         def annotate(self, model):
             # PT2EQuantizer.annotate, with the float-layer filter applied to the propagation
             # to pass-through ops too (its own propagation would quantize a float pool)
@@ -107,6 +112,32 @@ def _quantizer(config, float_layers: Sequence[str], requantize_pool: bool = Fals
             return model
 
     return Quantizer().set_global(config)
+
+
+_WEIGHTED = ("conv1d", "conv2d", "convolution", "linear")
+
+
+def _one_weight_node_per_layer_call(gm) -> None:
+    """Give each call of a layer that is applied more than once (``x = conv(conv(x))``) its own
+    node reading the same weight. The quantizer's patterns take the weight node into their
+    partition and skip a conv whose partition is already annotated, so every call after the
+    first of a shared weight stayed float in the tflite-int8 file: a dequantize, a float
+    conv, a quantize and the float weights (4x their int8 bytes) in a file meant to be int8."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        users = [u for u in node.users if u.op == "call_function"
+                 and getattr(getattr(u.target, "_overloadpacket", None), "__name__", "") in _WEIGHTED]
+        for user in users[1:]:
+            with gm.graph.inserting_after(node):
+                twin = gm.graph.get_attr(node.target)
+            twin.meta = dict(node.meta)
+            user.replace_input_with(node, twin)
+            changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _share_concat_ranges(model, keep: Callable[[Any], bool], shared_spec) -> None:
