@@ -283,6 +283,17 @@ def test_threads_reach_the_session(onnx_models):
     assert art.session.get_session_options().intra_op_num_threads == 2
     with pytest.raises(RuntimeBackendError, match="threads must be a positive integer"):
         load(onnx_models["fp32"], threads=0)
+    # far more threads than cores: onnxruntime made 11,257 of 100,000 asked for (16 GB) and hung
+    from edgesqueeze.runtime._base import max_threads
+
+    with pytest.raises(RuntimeBackendError, match=f"give at most {max_threads()}"):
+        load(onnx_models["fp32"], threads=max_threads() + 1)
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    res = CliRunner().invoke(cli, ["bench", str(onnx_models["fp32"]), "--threads", str(max_threads() + 1)])
+    assert res.exit_code == 2 and "--threads" in res.output, res.output
 
 
 def test_metadata_that_does_not_fit_is_refused(onnx_models, tmp_path):
@@ -292,6 +303,20 @@ def test_metadata_that_does_not_fit_is_refused(onnx_models, tmp_path):
     broken = set_onnx_meta(onnx_models["raw"], tmp_path / "broken.onnx", '{"classes": [')
     with pytest.raises(FormatError, match=r"broken\.onnx: the 'edgesqueeze' metadata is not valid JSON"):
         load(broken)
+    # a class list of another model: `run` stopped in topk, naming no file
+    extra = set_onnx_meta(onnx_models["raw"], tmp_path / "extra.onnx", {**META, "classes": [*CLASSES, "more"]})
+    with pytest.raises(FormatError, match=rf"extra\.onnx: its metadata names {len(CLASSES) + 1} classes but "
+                                          rf"the model outputs {len(CLASSES)} scores"):
+        load(extra)
+
+
+def test_tflite_metadata_with_another_class_count_is_refused(tflite_models, tmp_path):
+    art = load(tflite_models["flat"])
+    n = len(art.classes)
+    extra = add_tflite_meta(tflite_models["raw"], tmp_path / "extra.tflite",
+                            {**art.meta, "classes": [*art.classes, "more"]})
+    with pytest.raises(FormatError, match=rf"its metadata names {n + 1} classes but the model outputs {n} scores"):
+        load(extra, check=False)
 
 
 def test_a_model_that_fails_while_running_is_one_clear_error(tmp_path):

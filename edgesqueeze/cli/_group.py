@@ -100,6 +100,13 @@ def cli() -> None:
     """
 
 
+def threads_option(help_text: str = "Runtime threads."):
+    """``--threads N``: 1 up to :func:`edgesqueeze.runtime._base.max_threads`."""
+    from edgesqueeze.runtime._base import max_threads
+
+    return click.option("--threads", type=click.IntRange(min=1, max=max_threads()), help=help_text)
+
+
 def _arch_kwargs(num_classes: int | None) -> dict:
     return {"num_classes": num_classes} if num_classes else {}
 

@@ -110,7 +110,7 @@ def unpack(esq_path, out_path, force):
     \b
     Examples:
       edgesqueeze unpack artifacts/squeezenet-mnist/squeezenet-mnist-compressed/model.esq -o model.pt
-      edgesqueeze unpack export/model.int8.tflite.esq          # writes export/model.int8.tflite
+      edgesqueeze unpack model.int8.tflite.esq -o plain.tflite  # the plain file, on a device given only the .esq
     """
     from edgesqueeze._io import write_bytes_atomic
     from edgesqueeze.verify import sniff

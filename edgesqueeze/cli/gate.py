@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import cli, model_options
+from edgesqueeze.cli._group import cli, model_options, threads_option
 
 
 def _is_report(path: Path) -> bool:
@@ -157,7 +157,7 @@ def _with_budget_options(fn):
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
               help="Float model (.pt) for top-1 agreement and accuracy drop [default: the first .pt given].")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
-@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
+@threads_option()
 @click.option("--latency", is_flag=True, help="Also measure batch-1 latency (p50).")
 @model_options(recipe_help="Recipe whose 'budget' section to check against (options override it); its 'model' "
                            "section stands for --arch.", set_example="budget.max_size=500KB")

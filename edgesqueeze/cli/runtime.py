@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import cli, model_options
+from edgesqueeze.cli._group import cli, model_options, threads_option
 from edgesqueeze.errors import DataError
 
 
@@ -37,7 +37,7 @@ def inspect(path, as_json, model_opts):
 @click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to print.")
-@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads.")
+@threads_option()
 @click.option("--batch-size", "-b", default=32, show_default=True, type=click.IntRange(min=1),
               help="Images decoded and run at a time (memory holds one batch of pixels, not all).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
@@ -93,7 +93,7 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json):
               help="Batch size(s) to time [default: 1 and 32].")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1), help="Timed runs per case.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
-@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads [default: the runtime's].")
+@threads_option("Runtime threads [default: the runtime's].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write rows as JSON ('-': standard output, and the table goes to standard error).")
 @click.option("--portable/--x86-nchwc", "portable", default=None,

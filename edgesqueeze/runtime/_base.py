@@ -22,6 +22,8 @@ reading -1 back gives (-1 + 3) * 0.5 = 1.0.
 
 from __future__ import annotations
 
+import os
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,12 @@ META_FORMAT = "edgesqueeze.artifact"
 
 
 _SNIFF_BYTES = 64
+
+
+def max_threads() -> int:
+    """The most runtime threads accepted: 8 per core, at least 64. Far more than that is a
+    typo, and onnxruntime makes every thread asked for (100,000 took 16 GB and never finished)."""
+    return max(64, 8 * (os.cpu_count() or 1))
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -199,6 +207,17 @@ class InputSpec:
         if self.layout == "NHWC" and len(rest) == 3:
             return (rest[2], rest[0], rest[1])
         return rest
+
+
+def check_classes(path: Path, meta: dict, output_shape) -> None:
+    """Refuse metadata whose class list does not match the model's output (10 names, 7
+    scores): `run` stopped with 'topk: 10 class names for 7 scores', naming no file."""
+    classes = meta.get("classes") if meta else None
+    dims = list(output_shape) if output_shape is not None else []
+    last = _dim(dims[-1]) if dims else None
+    if classes and last is not None and len(dims) >= 2 and last != len(classes):
+        raise FormatError(f"{path}: its metadata names {len(classes)} classes but the model outputs {last} "
+                          "scores; the metadata does not belong to this model (re-export it)")
 
 
 def _dim(v: Any) -> int | None:

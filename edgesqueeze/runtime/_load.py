@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from edgesqueeze.errors import FormatError, RuntimeBackendError
-from edgesqueeze.runtime._base import _SNIFF_BYTES, Artifact, check_unpacked, classify, sniff, unpack_file
+from edgesqueeze.runtime._base import (_SNIFF_BYTES, Artifact, check_unpacked, classify, max_threads, sniff,
+                                        unpack_file)
 from edgesqueeze.runtime._tflite_meta import micro_ops
 
 __all__ = ["BACKENDS", "load"]
@@ -66,6 +67,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise RuntimeBackendError(f"threads must be a positive integer or None, got {threads!r}")
+    if threads is not None and threads > max_threads():
+        raise RuntimeBackendError(f"threads={threads} on a machine with {os.cpu_count()} cores; give at most "
+                                  f"{max_threads()} (more threads than cores only slow a runtime down)")
     if backend is not None and backend not in BACKENDS:
         raise RuntimeBackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     kind, head = classify(path)

@@ -31,6 +31,7 @@ from edgesqueeze.runtime._base import (
     _first_line,
     _looks_like_onnx,
     build_spec,
+    check_classes,
     parse_meta,
 )
 
@@ -217,6 +218,7 @@ class OnnxArtifact(Artifact):
         self._in, self._out = inputs[0], outputs[0]
         custom = session_metadata(self.path, self.session)
         self.meta = parse_meta(self.path, custom.get(META_KEY))
+        check_classes(self.path, self.meta, self._out.shape)
         dtype = _ORT_DTYPES.get(self._in.type)
         if dtype is None:
             raise RuntimeBackendError(f"{self.path}: input {self._in.name!r} has type {self._in.type}, "

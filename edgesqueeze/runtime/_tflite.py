@@ -16,7 +16,7 @@ import numpy as np
 
 from edgesqueeze._io import native_stderr
 from edgesqueeze.errors import FormatError, RuntimeBackendError
-from edgesqueeze.runtime._base import Artifact, _first_line, build_spec
+from edgesqueeze.runtime._base import Artifact, _first_line, build_spec, check_classes
 
 _INSTALL_HINT = ("pip install ai-edge-litert (or edgesqueeze[runtime]); on an old Raspberry Pi "
                  "OS image, pip install tflite-runtime")
@@ -129,6 +129,7 @@ class TFLiteArtifact(Artifact):
             raise FormatError(f"{self.path}: the TFLite model has no outputs; re-export it")
         self._in, self._out = inputs[0], outputs[0]
         self.meta = read_meta(self.path, data)
+        check_classes(self.path, self.meta, self._out.get("shape_signature", self._out.get("shape")))
         sig = self._in.get("shape_signature")
         shape = list(sig if sig is not None and len(sig) else self._in["shape"])
         self._base_batch = int(self._in["shape"][0]) if len(self._in["shape"]) else 1
