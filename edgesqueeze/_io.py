@@ -102,7 +102,9 @@ def check_writable(path: str | os.PathLike, *, appends: bool = False) -> None:
     """Refuse (OutputError) an output path that cannot be written, before the work that
     fills it: a folder in its place, a file where a folder of its path should be, a folder
     this user cannot write into or a read-only file system. What it cannot foresee (a full
-    disk) is still reported by :func:`atomic_path` when the file is written. Creates nothing.
+    disk) is still reported by :func:`atomic_path` when the file is written. Leaves nothing
+    behind (it makes and removes one empty file to be sure, since ``os.access`` says yes to
+    root in ``/sys``).
     ``appends``: the file is appended to in place (a job summary), so an existing file must
     itself be writable.
     """
@@ -126,6 +128,12 @@ def check_writable(path: str | os.PathLike, *, appends: bool = False) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         why = "a read-only file system" if _read_only(existing) else "permission denied"
         raise OutputError(f"{path}: cannot write into {existing} ({why}); write elsewhere")
+    try:  # what access() cannot tell (root in /sys or /proc): a real file, made and removed at once
+        fd, probe = tempfile.mkstemp(prefix=".edgesqueeze-probe.", dir=existing)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write into {existing} ({exc.strerror or exc}); write elsewhere") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _no_folder_in_the_way(path: Path) -> None:

@@ -288,6 +288,8 @@ def _safe_sniff(path: Path) -> str | None:
 
 
 def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, model_args) -> dict[str, Any]:
+    if path.is_dir():
+        raise FormatError(f"{path}: is a folder, not a model file; pass the files in it ({path}/*)")
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
     kind = sniff(path)

@@ -399,6 +399,10 @@ def write_report(json_path: str | os.PathLike, report: dict[str, Any], *,
                 out_plots.append(paths[name])
         if not drawn["accuracy_vs_size"]:
             note = "No accuracy plot: no artifact has a measured accuracy."
+    for stale in set(plot_paths(json_path).values()) - set(out_plots):
+        # an earlier run's plot beside this report would show other files' numbers
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink()
     if note:
         written["_note"] = note
     write_text_atomic(md_path, markdown(report, verdicts=verdicts, machine=machine, plots=written,

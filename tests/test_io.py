@@ -3,6 +3,7 @@ code writes to file descriptor 2, filtered."""
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,16 @@ def test_check_writable_refuses_before_the_work_and_creates_nothing(tmp_path):
         locked.mkdir(mode=0o555)
         with pytest.raises(OutputError, match="permission denied"):
             check_writable(locked / "out.json")
+
+
+def test_check_writable_tries_a_real_file_where_access_says_yes(tmp_path):
+    """os.access says root may write into /sys; the gate then measured everything before
+    failing to write. A real probe file finds it first, and leaves nothing behind."""
+    from edgesqueeze._io import check_writable
+    from edgesqueeze.errors import OutputError
+
+    if Path("/sys").is_dir():
+        with pytest.raises(OutputError, match="cannot write into /sys"):
+            check_writable("/sys/verify.json")
+    check_writable(tmp_path / "new" / "verify.json")
+    assert list(tmp_path.iterdir()) == []

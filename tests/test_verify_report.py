@@ -117,6 +117,22 @@ def test_no_plots_when_nothing_was_measured(report, tmp_path):
     assert len(_table_rows(out["markdown"].read_text())) == 1
 
 
+def test_an_earlier_runs_plots_do_not_stay_beside_a_report_that_has_none(report, tmp_path):
+    """A rerun into the same folder that measured nothing left the earlier run's plots beside
+    the new verify.md, showing other files' numbers."""
+    first = vr.write_report(tmp_path / "verify.json", report)
+    assert len(first["plots"]) == 2 and all(p.is_file() for p in first["plots"])
+    report["artifacts"] = [report["artifacts"][3]]
+    again = vr.write_report(tmp_path / "verify.json", report)
+    assert again["plots"] == [] and not list(tmp_path.glob("*.png"))
+
+
+def test_verify_of_a_folder_says_it_is_one(tmp_path):
+    (tmp_path / "export").mkdir()
+    res = CliRunner().invoke(cli, ["verify", str(tmp_path / "export"), "--out", str(tmp_path / "v.json")])
+    assert res.exit_code == 2 and "is a folder, not a model file; pass the files in it" in res.output, res.output
+
+
 def test_plot_names_never_overwrite_a_compress_report_plot(tmp_path):
     assert vr.plot_paths(tmp_path / "verify.json")["accuracy_vs_size"] == tmp_path / "accuracy_vs_size.png"
     assert vr.plot_paths(tmp_path / "gate.json")["size_by_format"] == tmp_path / "gate_size_by_format.png"
