@@ -61,8 +61,9 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
                 portable: bool | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One row per (file, batch size): p50/p90/mean ms and the ratio of p50 to the first file's,
     and the cold load (file to ready session, a packed file's decoding included; median of 3
-    interleaved loads; ``None`` for PyTorch files), and ``cpu`` (:func:`cpu_info`: the model
-    and the features that pick int8 kernels). ``model_args``: how to read ``.pt`` files
+    interleaved loads; ``None`` for PyTorch files), how it was timed (``runs``, ``warmup``,
+    ``threads``: None for each runtime's default; ``date``, ``edgesqueeze_version``), and
+    ``cpu`` (:func:`cpu_info`: the model and the features that pick int8 kernels; ``cores``). ``model_args``: how to read ``.pt`` files
     that do not describe themselves (:func:`edgesqueeze.checkpoint.load_model`). ``portable``:
     ONNX sessions with or without onnxruntime's x86-only NCHWc kernels (None: as each file
     asks; :func:`edgesqueeze.runtime.load`)."""
@@ -70,8 +71,15 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
     from edgesqueeze.runtime.cpu import cpu_info
     from edgesqueeze.verify import sniff
 
+    import datetime as dt
+    import os
+
+    from edgesqueeze import __version__
+
     cpu = cpu_info()  # int8 timings depend on it: every row says where it was measured
     cpu = {k: cpu[k] for k in ("cpu", "arch", "features", "int8_kernels", "note") if k in cpu}
+    cpu["cores"] = os.cpu_count()
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     torch_files = [sniff(Path(p)) in ("pt", "esq") for p in paths]
     runtime_paths = [p for p, t in zip(paths, torch_files) if not t]
@@ -94,5 +102,7 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
             rows.append({"file": str(art.path), "format": fmt, "backend": art.backend, "batch_size": bs,
                          "threads": threads, "portable": bool(getattr(art, "portable", False)),
                          "p50_ms": row["p50_ms"], "p90_ms": row["p90_ms"], "mean_ms": row["mean_ms"],
-                         "ratio": row["p50_ratio"], "bytes": row["size_bytes"], **c, "cpu": cpu})
+                         "ratio": row["p50_ratio"], "bytes": row["size_bytes"], **c,
+                         "runs": runs, "warmup": warmup, "date": when, "edgesqueeze_version": __version__,
+                         "cpu": cpu})
     return rows

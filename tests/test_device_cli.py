@@ -260,6 +260,9 @@ def test_bench_json_dash_is_standard_output(onnx_models, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [row["batch_size"] for row in rows] == [1] and "p50 ms" in r.stderr
+    # each row says how it was timed and where, not only the CPU's features
+    assert {k: rows[0][k] for k in ("runs", "warmup")} == {"runs": 1, "warmup": 0}
+    assert rows[0]["date"].endswith("UTC") and rows[0]["cpu"]["cores"] >= 1 and rows[0]["edgesqueeze_version"]
     assert not (tmp_path / "-").exists()
 
 
