@@ -325,10 +325,16 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
             out["format"] += ".esq"
             out["runtime"] = f"edgesqueeze unpack + {art.backend}"
             out["packed"] = {"inner_bytes": art.packed["bytes"], "decode_ms": round(1e3 * art.decode_seconds, 2)}
+        given = {k: v for k, v in ((model_args or {}).get("input_meta") or {}).items() if v is not None}
+        if not meta and "mean" in given and "std" in given:  # a file another tool exported, described
+            art.describe(given)
+            meta = art.meta
+            out["input_described_by"] = sorted("--" + k.replace("_", "-") for k in given)
         ds, x, y = data.get(meta.get("dataset"), meta.get("input_shape") or None, str(path))
         if not meta:
             raise FormatError(f"{path}: has no edgesqueeze metadata, so its input normalization is unknown; "
-                              "export it with `edgesqueeze export`")
+                              "give it with --mean and --std (and --classes), or export it with "
+                              "`edgesqueeze export`")
         scores = _runtime_scores(art, x)
         _check_classes(scores, ds, art.classes, str(path))
         if art.backend == "tflite-micro":  # the RAM a microcontroller needs beside the file's flash

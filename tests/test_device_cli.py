@@ -297,3 +297,17 @@ def test_unpack_of_something_that_is_not_an_archive_says_what_it_is(onnx_models,
                        (onnx_models["fp32"], "no .esq header")):
         _one_error(_cli("unpack", path, "-o", tmp_path / "out.bin"), str(path), "not an .esq archive", says)
     assert not (tmp_path / "out.bin").exists()
+
+
+def test_run_of_a_file_without_metadata_says_what_it_assumed_or_takes_mean_and_std(onnx_models, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(tmp_path / "a.png")
+    plain = _cli("run", onnx_models["raw"], tmp_path / "a.png", "--json")
+    assert plain.exit_code == 0 and "has no edgesqueeze metadata" in plain.stderr, plain.stderr
+    given = _cli("run", onnx_models["raw"], tmp_path / "a.png", "--json", "--mean", "0.5,0.5,0.5",
+                 "--std", "0.1,0.1,0.1")
+    assert given.exit_code == 0 and given.stderr == "", given.stderr
+    assert given.stdout != plain.stdout  # the normalization reached the model
+    own = _cli("run", onnx_models["fp32"], tmp_path / "a.png", "--mean", "0.5", "--std", "0.1")
+    _one_error(own, "records its own input description")

@@ -967,3 +967,33 @@ def test_inspect_counts_a_uint8_weights_zero_point_as_zero(tmp_path):
     assert rows["w"]["zeros"] == 12 and rows["w"]["sparsity"] == pytest.approx(0.6)
     assert rows["w2"]["zeros"] == 12  # per-channel zero points, along axis 0
     assert rows["s"]["zeros"] == 0  # a float tensor without a zero point: its zeros as stored
+
+
+def test_a_file_without_metadata_is_described_by_the_users_mean_and_std(tmp_path):
+    """verify refused a file another tool exported even when --mean/--std (which its help
+    offers "for a file that does not record it") were given; now they describe its input."""
+    import torch
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+    from edgesqueeze.data import load_dataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
+    path = tmp_path / "foreign.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False)
+    art = load(path)
+    assert not art.has_metadata
+    art.describe({"mean": [0.3], "std": [0.2]})
+    pixels = load_dataset("digits").test_x[:16]
+    with torch.no_grad():
+        want = model(torch.from_numpy((pixels.astype(np.float32) / 255 - 0.3) / 0.2)).numpy()
+    np.testing.assert_allclose(art.predict_images(pixels), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(FormatError, match="records its own input description"):
+        art.describe({"mean": [0.0], "std": [1.0]})
+    out = tmp_path / "v.json"
+    res = CliRunner().invoke(cli, ["verify", str(path), "--data", "digits", "--limit", "20", "--mean", "0.3",
+                                   "--std", "0.2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    row = json.loads(out.read_text())["artifacts"][0]
+    assert row["error"] is None and row["n"] == 20 and row["input_described_by"] == ["--mean", "--std"]

@@ -41,7 +41,12 @@ def inspect(path, as_json, model_opts):
 @click.option("--batch-size", "-b", default=32, show_default=True, type=click.IntRange(min=1),
               help="Images decoded and run at a time (memory holds one batch of pixels, not all).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def run_cmd(model_path, images, top_k, threads, batch_size, as_json):
+@click.option("--mean", metavar="LIST", help="For a file without edgesqueeze metadata (another tool exported "
+              "it): the per-channel mean its inputs were normalized with, on pixels scaled to 0..1, e.g. "
+              "0.485,0.456,0.406 (with --std).")
+@click.option("--std", metavar="LIST", help="For a file without edgesqueeze metadata: the per-channel std (with "
+              "--mean).")
+def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std):
     """Classify image files with an .onnx or .tflite artifact, or a packed .onnx.esq /
     .tflite.esq (no PyTorch needed).
 
@@ -58,8 +63,17 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json):
     from edgesqueeze.runtime import load, load_images, topk
     from edgesqueeze.runtime.images import image_files
 
+    from edgesqueeze.cli._group import _floats
+
+    if (mean is None) != (std is None):
+        raise click.UsageError("give --mean and --std together")
     paths = image_files(images)
     art = load(model_path, threads=threads)
+    if mean is not None:
+        art.describe({"mean": _floats(mean, "--mean"), "std": _floats(std, "--std", positive=True)})
+    elif not art.has_metadata:
+        click.echo(f"note: {model_path} has no edgesqueeze metadata: its pixels are fed scaled to 0..1 with no "
+                   "mean/std normalization; give --mean and --std if it was trained with them", err=True)
     shape = art.meta.get("input_shape") or art.input_spec.image_shape
     if any(d is None for d in shape):
         raise DataError(f"{model_path}: the input shape {list(shape)} has dynamic dimensions and the file has no "

@@ -347,6 +347,21 @@ class Artifact:
         """False for a file without edgesqueeze metadata: normalization is then unknown."""
         return bool(self.meta)
 
+    def describe(self, meta: dict[str, Any]) -> None:
+        """Describe the input of a file that carries no edgesqueeze metadata (one exported by
+        another tool), as export would have recorded it: ``mean`` and ``std`` (pixels /255,
+        then (x - mean) / std), and optionally ``input_shape`` and ``classes``. A file that
+        has metadata of its own is refused (FormatError): its description is the exporter's."""
+        if self.meta:
+            raise FormatError(f"{self.path}: records its own input description (mean, std), which is used; leave out "
+                              "--mean and --std")
+        if meta.get("mean") is None or meta.get("std") is None:
+            raise FormatError(f"{self.path}: a description needs both mean and std")
+        spec = self.input_spec
+        self.meta = {"normalization": "caller", **meta}
+        self.input_spec = build_spec(self.path, self.meta, name=spec.name, shape=spec.shape, dtype=spec.dtype,
+                                     quantization=spec.quantization)
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Scores (N, K) float32 for float32 NCHW input in the artifact's input space."""
         x = np.asarray(x)
