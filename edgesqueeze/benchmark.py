@@ -81,6 +81,9 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
     cpu["cores"] = os.cpu_count()
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
+    from edgesqueeze.verify import unique_files
+
+    paths = unique_files(paths, log)
     torch_files = [sniff(Path(p)) in ("pt", "esq") for p in paths]
     runtime_paths = [p for p, t in zip(paths, torch_files) if not t]
     if runtime_paths:

@@ -259,13 +259,31 @@ def verdicts_markdown(verdicts: list[Verdict], rows: list[dict[str, Any]]) -> st
                       artifacts_markdown(rows)])
 
 
+def md_cell(text: Any) -> str:
+    """Table-safe markdown: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def md_code(text: Any) -> str:
+    """A table-safe code span of ``text`` (a file name): fenced with one backtick more than
+    the longest run of backticks in it, so a name holding one does not end the span early."""
+    text = md_cell(text)
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def verdicts_markdown_table(verdicts: list[Verdict]) -> str:
     """One markdown table row per verdict (artifact, check, limit, value, result)."""
     icon = {"PASS": "✅ pass", "FAIL": "❌ FAIL", "ERROR": "⚠️ not measured"}
     lines = ["| artifact | check | limit | value | result |", "| --- | --- | --- | --- | --- |"]
     for v in verdicts:
         msg = f" ({v.message})" if v.message else ""
-        lines.append(f"| `{v.artifact}` | {v.check} | {v.limit} | {v.value} | {icon[v.status]}{msg} |")
+        lines.append(f"| {md_code(v.artifact)} | {v.check} | {v.limit} | {v.value} | {icon[v.status]}{md_cell(msg)} |")
     return "\n".join(lines)
 
 
@@ -279,7 +297,7 @@ def artifacts_markdown(rows: list[dict[str, Any]]) -> str:
         lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f} ms"
         size = "-" if r.get("bytes") is None else f"{r['bytes']:,}"
         gz = "-" if r.get("gzip_bytes") is None else f"{r['gzip_bytes']:,}"
-        lines.append(f"| `{r.get('path')}` | {r.get('format')} | {r.get('runtime') or '-'} | {size} | {gz} | "
+        lines.append(f"| {md_code(r.get('path'))} | {r.get('format')} | {r.get('runtime') or '-'} | {size} | {gz} | "
                      f"{_pct(r.get('accuracy'))} | {_pct(r.get('agreement'))} | {lat} |"
                      + (f" {r['arena_bytes']:,} |" if r.get("arena_bytes") else " - |" if arena else ""))
     return "\n".join(lines) + "\n"

@@ -57,6 +57,38 @@ def sniff(path: Path) -> str:
     return {"zip": "pt", "pickle": "pt", "unknown": "onnx"}.get(what, what)
 
 
+def unique_files(paths, log: Callable[[str], None]) -> list[Path]:
+    """``paths`` with each file once (by its real path), and a note naming the repeats: a
+    file given twice (``export/*`` and ``export/model.onnx``) was measured twice."""
+    import os
+
+    out, seen, repeats = [], {}, []
+    for p in map(Path, paths):
+        key = os.path.realpath(p)
+        if key in seen:
+            repeats.append(str(p) if str(p) == str(seen[key]) else f"{p} (the same file as {seen[key]})")
+            continue
+        seen[key] = p
+        out.append(p)
+    if repeats:
+        log(f"note: given more than once, measured once: {', '.join(repeats)}")
+    return out
+
+
+def format_from_name(path: Path) -> str:
+    """The format a file's name says, as export names files (``model.int8.onnx.esq`` is
+    ``onnx-int8.esq``): the label of a row whose file could not be read."""
+    name = path.name.lower()
+    packed = name.endswith((".onnx.esq", ".tflite.esq"))
+    if packed:
+        name = name[:-4]
+    for suffix, fmt in ((".int8.micro.tflite", "tflite-micro"), (".int8.onnx", "onnx-int8"),
+                        (".int8.tflite", "tflite-int8"), (".onnx", "onnx"), (".tflite", "tflite")):
+        if name.endswith(suffix):
+            return fmt + (".esq" if packed else "")
+    return path.suffix.lstrip(".").lower() or "?"
+
+
 def _artifact_format(kind: str, meta: dict, art: Any) -> str:
     fmt = meta.get("artifact_format")
     if fmt:
@@ -191,7 +223,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     data = _Data(dataset, data_dir, limit, log)
     model_args = {"arch": arch, "arch_kwargs": arch_kwargs, "trust_pickle": trust_pickle, "input_meta": input_meta,
                   "default_dataset": default_dataset}
-    files = [Path(p) for p in paths]
+    files = unique_files(paths, log)
     ref_path = Path(reference) if reference else next((p for p in files if p.is_file()
                                                        and _safe_sniff(p) == "pt"), None)
     ref_scores, ref_acc = None, None
@@ -214,7 +246,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         log(f"reference {ref_path}: test accuracy {100 * ref_acc:.2f}% on {len(y):,} images ({ds.name})")
     rows, sources = [], []
     for path in files:
-        row: dict[str, Any] = {"path": str(path), "format": path.suffix.lstrip(".") or "?", "runtime": None,
+        row: dict[str, Any] = {"path": str(path), "format": format_from_name(path), "runtime": None,
                                "bytes": None, "gzip_bytes": None, "n": 0, "accuracy": None, "agreement": None,
                                "reference_accuracy": ref_acc, "decode_check": None, "latency_ms": None,
                                "warning": None, "error": None}
@@ -325,6 +357,7 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
             out["format"] += ".esq"
             out["runtime"] = f"edgesqueeze unpack + {art.backend}"
             out["packed"] = {"inner_bytes": art.packed["bytes"], "decode_ms": round(1e3 * art.decode_seconds, 2)}
+            out["decode_check"] = True  # load() refused it otherwise: the decoded bytes' SHA-256 matched
         given = {k: v for k, v in ((model_args or {}).get("input_meta") or {}).items() if v is not None}
         if not meta and "mean" in given and "std" in given:  # a file another tool exported, described
             art.describe(given)

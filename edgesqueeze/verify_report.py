@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edgesqueeze._io import atomic_path, write_text_atomic
-from edgesqueeze.budget import Verdict, verdicts_markdown_table
+from edgesqueeze.budget import Verdict, md_cell, md_code, verdicts_markdown_table
 from edgesqueeze.config.budget import format_size
 
 __all__ = ["machine_info", "plot_paths", "markdown", "size_series", "accuracy_points", "label_groups",
@@ -257,11 +257,6 @@ def plot_accuracy_vs_size(report: dict[str, Any], path: str | os.PathLike) -> bo
     return True
 
 
-def _cell(text: Any) -> str:
-    """Table-safe markdown: one line, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
 def _rel(path: str, folder: Path | None) -> str:
     """A file's path as the report's reader finds it: relative to the report when below it."""
     if folder is None:
@@ -296,7 +291,7 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
               "test images: see the n column" if ns else "no test images evaluated")
     lines.append(f"- dataset: {', '.join(names) or 'as recorded in each file'}; {n_text}")
     if report.get("reference"):
-        lines.append(f"- float reference: `{_cell(_rel(report['reference'], base))}`, test accuracy "
+        lines.append(f"- float reference: {md_code(_rel(report['reference'], base))}, test accuracy "
                      f"{_pct(report.get('reference_accuracy'))} (agreement = top-1 agreement with it)")
     elif report.get("reference_accuracy") is not None:
         lines.append(f"- float reference accuracy: {_pct(report['reference_accuracy'])}")
@@ -327,12 +322,12 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
     lines += ["", "## Artifacts", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     errors = []
     for r in rows:
-        file = f"`{_cell(_rel(str(r.get('path')), base))}`"
+        file = md_code(_rel(str(r.get("path")), base))
         if r.get("error"):
-            cells = [_cell(r.get("format") or "?"), file, format_size(r.get("bytes")), "-", "**error**", "-"]
-            errors.append(f"- {file}: {_cell(r['error'])}")
+            cells = [md_cell(r.get("format") or "?"), file, format_size(r.get("bytes")), "-", "**error**", "-"]
+            errors.append(f"- {file}: {md_cell(r['error'])}")
         else:
-            cells = [_cell(r.get("format")), file, format_size(r.get("bytes")),
+            cells = [md_cell(r.get("format")), file, format_size(r.get("bytes")),
                      format_size(r.get("gzip_bytes")), _pct(r.get("accuracy")), _pct(r.get("agreement"))]
         if with_arena:
             cells.append(format_size(r.get("arena_bytes")) if r.get("arena_bytes") else "-")
@@ -340,15 +335,15 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
             cells.append(f"{r['n']:,}" if r.get("n") else "-")
         if with_latency:
             cells.append("-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}")
-        cells.append(_cell(r.get("runtime") or "-"))
+        cells.append(md_cell(r.get("runtime") or "-"))
         lines.append("| " + " | ".join(cells) + " |")
     if errors:
         lines += ["", f"Not evaluated ({len(errors)}; never a pass):", "", *errors]
-    warned = [f"- `{_cell(_rel(str(r.get('path')), base))}`: {_cell(r['warning'])}" for r in rows if r.get("warning")]
+    warned = [f"- {md_code(_rel(str(r.get('path')), base))}: {md_cell(r['warning'])}" for r in rows if r.get("warning")]
     if warned:
         lines += ["", "Warnings (numbers that hold on this CPU only):", "", *warned]
     if report.get("speed_notes"):
-        lines += ["", "Speed (this CPU only):", "", *[f"- {_cell(n)}" for n in report["speed_notes"]]]
+        lines += ["", "Speed (this CPU only):", "", *[f"- {md_cell(n)}" for n in report["speed_notes"]]]
 
     if verdicts is not None:
         n_fail = sum(v.status == "FAIL" for v in verdicts)

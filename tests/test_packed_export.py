@@ -307,3 +307,30 @@ def test_a_failed_export_leaves_no_empty_out_folder(shared_ckpt, tmp_path):
     with pytest.raises(EdgesqueezeError):
         export_artifacts(shared_ckpt, cfg, tmp_path / "kept", dataset="no-such-data", log=lambda _: None)
     assert (tmp_path / "kept").is_dir()
+
+
+def test_packed_files_are_named_and_checked_as_what_they_hold(exported, tmp_path):
+    """A packed TFLite file named .onnx.esq ran without a word (a plain file so misnamed is
+    refused); a damaged packed file's verify row read format 'esq'; a good one decode_check
+    null although its SHA-256 was checked; a file given twice was measured twice."""
+    from click.testing import CliRunner
+
+    from edgesqueeze import runtime
+    from edgesqueeze.cli import cli
+
+    out, written, _ = exported
+    tfl = next(p for p in written if p.name.endswith(".int8.tflite.esq"))
+    onnx = next(p for p in written if p.name.endswith(".int8.onnx.esq"))
+    wrong = tmp_path / "model.int8.onnx.esq"
+    wrong.write_bytes(tfl.read_bytes())
+    with pytest.raises(FormatError, match=r"named as a packed ONNX file but holds a TFLite model; rename it to "
+                                          r"model\.int8\.tflite\.esq"):
+        runtime.load(wrong)
+    cut = tmp_path / "cut.int8.onnx.esq"
+    cut.write_bytes(onnx.read_bytes()[:-9])
+    report = tmp_path / "v.json"
+    res = CliRunner().invoke(cli, ["verify", str(onnx), str(onnx), str(cut), "--limit", "20", "--out", str(report)])
+    assert res.exit_code == 2 and "given more than once, measured once" in res.output, res.output
+    rows = json.loads(report.read_text())["artifacts"]
+    assert [r["format"] for r in rows] == ["onnx-int8.esq", "onnx-int8.esq"]
+    assert rows[0]["decode_check"] is True and rows[1]["error"] and rows[1]["decode_check"] is None

@@ -175,3 +175,13 @@ def test_int8_speed_notes_name_an_int8_file_slower_than_its_models_fastest_fp32_
     md = vr.markdown(report)
     assert "Speed (this CPU only):" in md and "- a/model.int8.onnx: 1.33x" in md
     assert "Speed (this CPU only)" not in vr.markdown({**report, "speed_notes": []})
+
+
+def test_a_file_name_with_a_backtick_or_pipe_stays_one_code_span(report, tmp_path):
+    from edgesqueeze.budget import artifacts_markdown, md_code
+
+    assert md_code("a|b`c.tflite") == "``a\\|b`c.tflite``" and md_code("model.onnx") == "`model.onnx`"
+    report["artifacts"][2]["path"] = str(tmp_path / "export" / "odd`name|x.int8.onnx")
+    md = vr.write_report(tmp_path / "verify.json", report)["markdown"].read_text()
+    assert "``export/odd`name\\|x.int8.onnx``" in md, md
+    assert "``" in artifacts_markdown(report["artifacts"])
