@@ -237,6 +237,7 @@ def test_run_and_bench_through_the_runtimes(gate_run, tmp_path):
         (1, "model.pt"), (1, "model.onnx"), (1, "model.int8.tflite"),
         (4, "model.pt"), (4, "model.onnx"), (4, "model.int8.tflite")]
     assert all(r["p50_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] for r in rows)
+    assert all(r["cold_load_ms"] > 0 for r in rows)  # the .pt's too (to a model ready in eager mode)
     assert rows[0]["ratio"] == 1.0
     # where it was measured: int8 timings depend on the CPU's int8 kernels
     assert all(r["cpu"]["int8_kernels"] and r["cpu"]["cpu"] for r in rows)
