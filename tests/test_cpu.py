@@ -165,7 +165,8 @@ def test_int8_target_from_metadata_old_and_new():
     assert int8_target({"artifact_format": "onnx-int8", "calibration": {"target": "any-cpu"}}) == "any-cpu"
     assert int8_target({"artifact_format": "onnx-int8", "calibration": {"target": "vnni-or-arm"}}) == "vnni-or-arm"
     # files written before the field: reduce_range said it
-    assert int8_target({"artifact_format": "onnx-int8", "calibration": {"reduce_range": True}}) == "any-cpu"
+    assert int8_target({"artifact_format": "onnx-int8", "calibration": {"reduce_range": True}}) == "any-cpu-7bit"
+    assert int8_target({"artifact_format": "onnx-int8", "calibration": {"target": "any-cpu-7bit"}}) == "any-cpu-7bit"
     assert int8_target({"artifact_format": "onnx-int8", "calibration": {"reduce_range": False}}) == "vnni-or-arm"
     assert int8_target({"artifact_format": "tflite-int8", "calibration": {}}) is None
     assert int8_target({}) is None

@@ -311,3 +311,22 @@ def test_run_of_a_file_without_metadata_says_what_it_assumed_or_takes_mean_and_s
     assert given.stdout != plain.stdout  # the normalization reached the model
     own = _cli("run", onnx_models["fp32"], tmp_path / "a.png", "--mean", "0.5", "--std", "0.1")
     _one_error(own, "records its own input description")
+
+
+def test_a_reader_that_stops_reading_does_not_stop_a_command_that_writes_files(onnx_models, tmp_path):
+    """`edgesqueeze train ... | head -1` exited 0 with no model.pt; a writer now carries on and
+    writes its files with its output going nowhere (here: export of an .onnx unpacked to a
+    file, and bench's JSON, with stdout a pipe nobody reads)."""
+    import json
+    import subprocess
+
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    rows = tmp_path / "rows.json"
+    p = subprocess.run([sys.executable, "-m", "edgesqueeze", "bench", str(onnx_models["fp32"]), "-b", "1",
+                        "--runs", "2", "--warmup", "0", "--json", str(rows)], stdout=w_fd, stderr=subprocess.PIPE,
+                       text=True, env=env, timeout=120)
+    os.close(w_fd)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(rows.read_text())[0]["batch_size"] == 1  # written after the table was printed

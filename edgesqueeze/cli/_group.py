@@ -28,9 +28,52 @@ def _show_note(message, category, filename, lineno, file=None, line=None) -> Non
 
 _show_other = warnings.showwarning
 
+# commands whose product is their files, not what they print: a reader that stops reading
+# (`edgesqueeze train ... | head -1`) must not stop them (train exited 0 with no model.pt)
+_WRITERS = {"train", "compress", "export", "verify", "check", "sensitivity", "bench", "unpack", "reseal"}
+
+
+class _KeepWriting:
+    """stdout that, once its reader has gone, sends the rest to /dev/null instead of raising."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self) -> None:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())  # Python's flush at exit must not raise either
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(devnull)
+        self._stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
+        # the subcommand's name: click < 9 keeps it apart from the other arguments
+        name = next(iter(getattr(ctx, "_protected_args", None) or ctx.args or []), None)
+        if name in _WRITERS and not isinstance(sys.stdout, _KeepWriting):
+            sys.stdout = _KeepWriting(sys.stdout)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", Note)

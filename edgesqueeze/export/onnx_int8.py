@@ -22,7 +22,11 @@ record naming its CPU):
   on an AVX2-only host agreed 100% on top-1 with the QDQ graph's own arithmetic, against 94%
   (logits up to 6.3 apart) with int8 weights. 7-bit int8 weights (onnxruntime's
   ``reduce_range``, ``weights="int8-7bit"``) give the same guarantee but cost ImageNet
-  SqueezeNet 2.75 points of agreement with fp32 (``benchmarks/results/onnx_int8.json``).
+  SqueezeNet 2.75 points of agreement with fp32 (``benchmarks/results/onnx_int8.json``);
+  ``target="any-cpu-7bit"`` exports them for models that hold their accuracy on that grid,
+  since they run onnxruntime's uint8 x int8 kernels, faster than uint8 x uint8 on every x86
+  (the digits demo: 0.98-1.02x fp32's time where ``any-cpu`` takes 1.28x on AVX2 kernels,
+  1.56x with VNNI; benchmarks/notes.md, session 34).
   ``target="vnni-or-arm"`` keeps
   int8 weights, whose VNNI kernels (``vpdpbusd``) are faster than the uint8 x uint8 ones on
   VNNI x86; the file records it and ``verify`` warns when it runs on a CPU that saturates.
@@ -101,8 +105,11 @@ __all__ = ["export_onnx_int8", "quantize_int8_graph", "quantize_qdq", "correct_b
 #   VNNI and on ARM.
 # vnni-or-arm: int8 (uint8 x int8 kernels), exact on x86 with VNNI and on ARM; x86 without
 #   VNNI saturates.
-INT8_TARGETS = {"any-cpu": "uint8", "vnni-or-arm": "int8"}
-WEIGHT_TYPES = ("uint8", "int8", "int8-7bit")  # int8-7bit: reduce_range, kept for the benchmarks
+# any-cpu-7bit: int8 -64..64 (onnxruntime's reduce_range: uint8 x int8 kernels, whose int16
+#   pair sums cannot saturate: 255 x 64 x 2 < 32768), exact everywhere and the fastest x86
+#   kernels, on a coarser weight grid.
+INT8_TARGETS = {"any-cpu": "uint8", "any-cpu-7bit": "int8-7bit", "vnni-or-arm": "int8"}
+WEIGHT_TYPES = ("uint8", "int8", "int8-7bit")
 
 
 class _Reader:

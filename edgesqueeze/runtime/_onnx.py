@@ -123,14 +123,14 @@ def session_metadata(path: Path | str, session) -> dict[str, str]:
 
 def wants_portable(source: Path | bytes) -> bool:
     """Whether a file asks for the same arithmetic on every CPU: an ``onnx-int8`` file of
-    target ``any-cpu`` (edgesqueeze metadata)."""
-    from edgesqueeze.runtime.cpu import int8_target
+    target ``any-cpu`` or ``any-cpu-7bit`` (edgesqueeze metadata)."""
+    from edgesqueeze.runtime.cpu import EXACT_TARGETS, int8_target
 
     try:
         meta = json.loads(metadata_props(source).get(META_KEY) or "null")
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and int8_target(meta) == "any-cpu"
+    return isinstance(meta, dict) and int8_target(meta) in EXACT_TARGETS
 
 
 def open_session(path: Path, *, threads: int | None, head: bytes = b"", ext: str = "", spin: bool = True,

@@ -185,16 +185,21 @@ def int8_saturates(info: dict[str, Any] | None = None) -> bool | None:
     return False if family == "arm" else None
 
 
+# onnx-int8 targets whose files every CPU computes exactly (uint8 weights, or 7-bit int8 ones)
+EXACT_TARGETS = ("any-cpu", "any-cpu-7bit")
+
+
 def int8_target(meta: dict[str, Any]) -> str | None:
-    """Which CPUs an ``onnx-int8`` file was quantized for: ``any-cpu`` or ``vnni-or-arm``
-    (None for other files). Files from before the field existed say it through
-    ``reduce_range`` (absent or false: full 8-bit weights, ``vnni-or-arm``)."""
+    """Which CPUs an ``onnx-int8`` file was quantized for: ``any-cpu``, ``any-cpu-7bit`` or
+    ``vnni-or-arm`` (None for other files). Files from before the field existed say it through
+    ``reduce_range`` (true: 7-bit int8 weights, ``any-cpu-7bit``; absent or false: full 8-bit
+    int8 weights, ``vnni-or-arm``)."""
     if (meta or {}).get("artifact_format") != "onnx-int8":
         return None
     cal = meta.get("calibration") or {}
-    if cal.get("target") in ("any-cpu", "vnni-or-arm"):
+    if cal.get("target") in (*EXACT_TARGETS, "vnni-or-arm"):
         return cal["target"]
-    return "any-cpu" if cal.get("reduce_range") else "vnni-or-arm"
+    return "any-cpu-7bit" if cal.get("reduce_range") else "vnni-or-arm"
 
 
 def int8_warning(meta: dict[str, Any], info: dict[str, Any] | None = None) -> str | None:
@@ -207,7 +212,7 @@ def int8_warning(meta: dict[str, Any], info: dict[str, Any] | None = None) -> st
     if sat:
         return ("quantized with int8 weights for VNNI x86 or ARM (target vnni-or-arm), but this CPU "
                 f"({info['int8_kernels']}) saturates its products: numbers measured here are not what "
-                "the target devices compute; re-export with --onnx-int8-target any-cpu or verify on the device")
+                "the target devices compute; re-export with --onnx-int8-target any-cpu (or any-cpu-7bit) or verify on the device")
     where = "this CPU" if sat is False else "this CPU (features unknown)"
     return ("quantized with int8 weights (target vnni-or-arm): numbers measured on "
             f"{where} hold for VNNI x86 and ARM, not for x86 CPUs without VNNI (AVX2 only), which "
