@@ -312,6 +312,37 @@ def test_int8_file_computes_the_same_under_an_avx2_cpuid_mask(int8_file, saturat
     assert np.abs(saturating - saturating_exact).max() > 1.0
 
 
+@requires_avx2_cpuid
+def test_7bit_target_computes_the_same_on_every_cpu_with_the_uint8_x_int8_kernels(trained, digits, reference,
+                                                                                  tmp_path):
+    """--onnx-int8-target any-cpu-7bit: int8 weights in -64..64, so onnxruntime's uint8 x int8
+    kernels (faster than uint8 x uint8 on every x86) cannot saturate: this host's fused session
+    and the same file under an AVX2-only CPUID give its QDQ arithmetic's top-1, and the
+    runtime opens it portable like any-cpu."""
+    from edgesqueeze.runtime import load
+
+    calib = calibration_images(digits.train_x, 256, seed=0)
+    path = export_onnx_int8(trained.model, trained.meta, tmp_path / "m7.int8.onnx", calib,
+                            calibration=CalibrationConfig(images=256), target="any-cpu-7bit",
+                            calibration_info={"split": "train", "seed": 0, "dataset": "digits"})
+    assert read_onnx_meta(path)["calibration"]["target"] == "any-cpu-7bit"
+    proto = onnx.load(str(path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    weights = [numpy_helper.to_array(inits[n.input[0]]) for n in proto.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and inits[n.input[0]].dims]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+    x, _ = reference
+    assert load(path).portable
+    fused = session(path).run(["logits"], {"input": x})[0]
+    plain = session(path, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
+        ["logits"], {"input": x})[0]
+    assert (fused.argmax(1) == plain.argmax(1)).all() and np.abs(fused - plain).max() < 0.5
+    (masked,), seen = predict_on_haswell([path], x, tmp_path, masked=True)
+    assert_emulated_cpu_has_no_vnni(seen)
+    assert_same_as_this_host(path, masked, x)
+
+
 def test_uint8_weights_dequantize_to_the_int8_weights(trained, digits):
     """weights="uint8" stores the very grid of weights="int8" shifted by 128: the QDQ graphs
     compute bit-identical logits, and the zero points are shared per shape."""
