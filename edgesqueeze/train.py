@@ -367,6 +367,9 @@ def fit(
         distributed.teardown(group)
 
 
+_FINAL_OUTPUTS = ("model.pt", "summary.json", "curves.png", "metrics.csv", "metrics.json")
+
+
 def _quiet(_msg: str) -> None:
     pass
 
@@ -461,6 +464,14 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     if group.main:
         for stale in remove_stale_temps(out):  # a killed run can die inside an atomic write
             log(f"removed {stale.name}, left by an interrupted write")
+        if not (resume and state_path.exists()):
+            # a new run: an earlier run's results must not outlive it beside this run's files if
+            # it is interrupted (the old model.pt and curves next to a new last.pt)
+            old = [out / n for n in _FINAL_OUTPUTS if (out / n).is_file() and not (out / n).is_symlink()]
+            for path in old:
+                path.unlink()
+            if old:
+                log(f"note: {out}/ held an earlier run's {', '.join(p.name for p in old)}: removed")
     if resume and state_path.exists():
         st = load_train_state(state_path)
         if "train_hash" not in st:

@@ -194,8 +194,12 @@ def test_diverged_retraining_is_reported(checkpoint, tmp_path):
     assert stages["cluster"] < 0.3 < stages["cluster (before retraining)"]
     assert result.report["warnings"] == [l.removeprefix("warning: ") for l in lines if l.startswith("warning: ")]
     assert any(w.startswith("compress.cluster_finetune: retraining took validation accuracy from") and
+               "the centroids before retraining are kept" in w and
                "lower compress.cluster_finetune.lr or set compress.cluster_finetune.grad_clip" in w
                for w in result.report["warnings"])
+    # ... and undone: the archive holds the k-means centroids it started from, not a dead network
+    assert stages["cluster (retraining undone)"] == stages["cluster (before retraining)"]
+    assert result.report["test"]["after"]["accuracy"] > 0.5, result.report["test"]
     cfg = CompressConfig(cluster=CONFIG.cluster, cluster_finetune=FinetuneConfig(epochs=1, lr=1.0))
     with pytest.raises(EdgesqueezeError, match=r"compress.cluster_finetune: retraining diverged \(\S+ has NaN"):
         compress(checkpoint, cfg, out_dir=tmp_path / "nan", progress=False, log=lambda _: None)
@@ -370,3 +374,29 @@ def _cluster_with(checkpoint, config, out):
     centroid retraining's state is then the one refused."""
     config = dataclasses.replace(config, prune=RESUMABLE.prune)
     return compress(checkpoint, config, out_dir=out, resume=True, progress=False, log=lambda _: None)
+
+
+def test_compress_never_writes_over_its_input_and_never_leaves_an_earlier_runs_files(checkpoint, tmp_path):
+    """Audit: `compress out/model.esq --out out` replaced its own input; an interrupted run in
+    a used folder left the earlier run's model.esq and report beside its own pruned.pt; an
+    unwritable --out was found after the retraining."""
+    first = compress(checkpoint, CompressConfig(), out_dir=tmp_path / "a", progress=False, log=lambda _: None)
+    data = first.esq_path.read_bytes()
+    with pytest.raises(EdgesqueezeError, match=r"compress writes model.esq there, which is the model it reads"):
+        compress(first.esq_path, CompressConfig(), out_dir=tmp_path / "a", progress=False, log=lambda _: None)
+    assert first.esq_path.read_bytes() == data
+    lines: list[str] = []
+
+    def stop(msg):  # interrupted right after the inputs were read
+        lines.append(msg)
+        if "removed" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress(checkpoint, CONFIG, out_dir=tmp_path / "a", progress=False, log=stop)
+    assert not [p.name for p in (tmp_path / "a").iterdir() if p.name in ("model.esq", "report.json", "report.md")]
+    assert any("held an earlier run's model.esq" in m for m in lines), lines
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "x").write_text("a file where a folder should be")
+    with pytest.raises(EdgesqueezeError, match="is a file, not a folder"):
+        compress(checkpoint, CONFIG, out_dir=tmp_path / "ro" / "x" / "out", progress=False, log=lambda _: None)

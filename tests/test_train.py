@@ -268,3 +268,28 @@ def test_a_model_returning_a_tuple_is_one_line_before_training(tmp_path):
     with pytest.raises(EdgesqueezeError, match="returns a tuple, not one tensor of logits") as err:
         fit(recipe, log=_quiet, progress=False)
     assert err.value.exit_code == 2 and "\n" not in str(err.value)
+
+
+def test_a_new_run_removes_an_earlier_runs_results_and_resume_with_overwrite_is_refused(tmp_path):
+    """Audit: train --overwrite interrupted after its first epoch left the old model.pt,
+    summary.json and curves.png beside its own last.pt; --resume --overwrite resumed."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    fit(_recipe(tmp_path, epochs=1), progress=False, log=_quiet)
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "summary.json").is_file()
+    lines: list[str] = []
+
+    def stop(msg):
+        lines.append(msg)
+        if msg.startswith("epoch") and "1/" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_recipe(tmp_path, epochs=2), overwrite=True, progress=False, log=stop)
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "summary.json").exists(), lines
+    assert any("held an earlier run's model.pt" in m for m in lines), lines
+    res = CliRunner().invoke(cli, ["train", "-r", "recipes/squeezenet-digits.yaml", "--out", str(tmp_path),
+                                   "--resume", "--overwrite"])
+    assert res.exit_code == 2 and "give one of them" in res.output, res.output

@@ -36,6 +36,9 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
       edgesqueeze train -r recipes/squeezenet-digits.yaml --set train.epochs=3 --out runs/quick
       edgesqueeze train -r recipes/squeezenet-mnist.yaml --resume      # after an interruption
     """
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in the output folder and --overwrite starts over; "
+                               "give one of them")
     from edgesqueeze.recipe import load_recipe
     from edgesqueeze.train import fit
 

@@ -90,6 +90,10 @@ def compress(
         raise DistributedError(f"{what} trains nothing, so torchrun has nothing to spread over processes: run "
                                "'edgesqueeze compress' without torchrun (torchrun helps prune_finetune and "
                                "cluster_finetune)")
+    _outputs_clear_of_inputs(Path(checkpoint), Path(out_dir), teacher)
+    from edgesqueeze._io import check_writable
+
+    check_writable(Path(out_dir) / "model.esq")  # before the retraining, not after it
     if config.mode != "lossless":  # a device this machine lacks: one line, before anything is read
         from edgesqueeze.device import resolve_device
 
@@ -114,6 +118,11 @@ def compress(
                          "(or path/to/file.py:Class). On this file, compress.ptq (post-training, to a byte budget) "
                          "and the lossless re-encoding (no prune/cluster/ptq section) work")
 
+    if config.mode == "retrain" and inp.loaded.kind == "esq":
+        log(f"note: {checkpoint} is already a compressed archive (its weights pruned, shared and possibly "
+            "BatchNorm-folded): pruning and clustering it again starts from those, and retraining a folded model "
+            "at the recipe's learning rates can diverge; to try other settings, compress the float model, or "
+            "its pruned.pt with compress.prune: null")
     kept = keep_layers(inp.loaded.model, config.keep_layers)
     if kept:
         log(f"compress.keep_layers: {len(kept)} layers left as they are ({', '.join(kept[:6])}"
@@ -139,6 +148,8 @@ def compress(
             if theirs is not None and not np.allclose(theirs, mine):
                 raise DataError(f"--teacher {teacher}: normalizes inputs with {key} {list(theirs)}, but {checkpoint} "
                                 f"with {list(mine)}; distil from a model trained on the same inputs")
+    if not distributed.launched() or distributed._env_int("RANK", 0) == 0:  # one process removes them
+        _clear_earlier_outputs(Path(out_dir), log)
     run = Run(checkpoint=Path(checkpoint), config=config, inp=inp, out=Path(out_dir), seed=seed,
                recipe_hash=recipe_hash, progress=progress, log=log, t_start=t_start,
                teacher=teacher_model if teacher_model is not None else inp.loaded.model,
@@ -148,6 +159,35 @@ def compress(
     if config.mode == "ptq":
         return _compress_ptq(run)
     return _compress_retrain_distributed(run)
+
+
+# what a finished run leaves in its folder (pruned.pt and the retraining state files stay:
+# --resume reads them, and checks that they are this run's)
+_FINAL_OUTPUTS = ("model.esq", "report.json", "report.md", "accuracy_vs_size.png", "weights_histogram.png")
+
+
+def _outputs_clear_of_inputs(checkpoint: Path, out: Path, teacher) -> None:
+    """Refuse an --out folder where an output would replace an input (compressing
+    ``out/model.esq`` into ``out``, or ``out/pruned.pt`` with pruning): it was replaced."""
+    from edgesqueeze.compress.stages import CLUSTER_STATE, PRUNE_STATE, PRUNED_NAME
+
+    inputs = {"the model": checkpoint, "--teacher": Path(teacher) if teacher is not None else None}
+    for name in (*_FINAL_OUTPUTS, PRUNED_NAME, PRUNE_STATE, CLUSTER_STATE):
+        target = out / name
+        for what, path in inputs.items():
+            if path is not None and target.exists() and path.exists() and target.resolve() == path.resolve():
+                raise RecipeError(f"--out {out}: compress writes {name} there, which is {what} it reads "
+                                  f"({path}); give another --out folder")
+
+
+def _clear_earlier_outputs(out: Path, log: Log) -> None:
+    """Remove an earlier run's final files from ``out`` before this run starts, so that an
+    interrupted run never leaves the old model.esq and report beside its own pruned.pt."""
+    old = [out / n for n in _FINAL_OUTPUTS if (out / n).is_file() and not (out / n).is_symlink()]
+    for path in old:
+        path.unlink()
+    if old:
+        log(f"note: {out}/ held an earlier run's {', '.join(p.name for p in old)}: removed (this run writes its own)")
 
 
 def _compress_retrain_distributed(run: Run) -> CompressResult:

@@ -108,25 +108,32 @@ class Run:
         self.log(f"[{stage}] {acc_txt}" + (f", {size:,} B" if size else "") + (f" ({note})" if note else ""))
 
     def check_retraining(self, section: str, model: nn.Module, before: float | None, *,
-                         what: str = "retraining", hint: str = "") -> None:
+                         what: str = "retraining", hint: str = "", then: str = "") -> bool:
         """Refuse non-finite weights, naming the stage; warn, in the log and the report, when
         retraining took validation accuracy from ``before`` more than halfway down to chance:
         the run diverged (a dead network still encodes fine, and its archive would otherwise
-        look like any other)."""
+        look like any other). Returns whether it did (on every rank under torchrun); ``then``
+        says what the caller does about it."""
         for name, tensor in model.state_dict().items():
             if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
                 raise EdgesqueezeError(f"compress.{section}: retraining diverged ({name} has NaN or infinite "
                                        f"values); lower compress.{section}.lr or set compress.{section}.grad_clip")
         after = self.stages[-1]["val_accuracy"]
-        if before is None or after is None or self.inp.ds is None:
-            return
-        chance = 1 / self.inp.ds.num_classes
-        if after < chance + 0.5 * (before - chance):
-            msg = (f"compress.{section}: {what} took validation accuracy from {100 * before:.2f}% to "
-                   f"{100 * after:.2f}% (chance {100 * chance:.0f}%); {hint or 'it diverged:'} lower "
-                   f"compress.{section}.lr or set compress.{section}.grad_clip")
-            self.warnings.append(msg)
-            self.log(f"warning: {msg}")
+        diverged = False
+        if before is not None and after is not None and self.inp.ds is not None:
+            chance = 1 / self.inp.ds.num_classes
+            diverged = after < chance + 0.5 * (before - chance)
+            if diverged:
+                msg = (f"compress.{section}: {what} took validation accuracy from {100 * before:.2f}% to "
+                       f"{100 * after:.2f}% (chance {100 * chance:.0f}%){then}; {hint or 'it diverged:'} lower "
+                       f"compress.{section}.lr or set compress.{section}.grad_clip")
+                self.warnings.append(msg)
+                self.log(f"warning: {msg}")
+        if self.group is not None and getattr(self.group, "active", False):  # rank 0 alone evaluated
+            from edgesqueeze import distributed
+
+            diverged = bool(distributed.broadcast_object(self.group, diverged))
+        return diverged
 
     def archive_meta(self, *, folded: bool, weights_sha256: str, reference_accuracy: float | None) -> dict:
         """The archive's metadata. Built before PTQ too, with a stand-in weights hash of the

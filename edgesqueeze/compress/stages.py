@@ -247,6 +247,9 @@ def cluster(run: Run, model: nn.Module, masks: dict, data: tuple) -> tuple[nn.Mo
     cluster_mod.round_biases(model, config.cluster.bias_dtype, assignments)
     run.record("cluster (before retraining)", model, None)
     if config.cluster_finetune.epochs > 0:
+        import copy
+
+        before = (copy.deepcopy(model.state_dict()), copy.deepcopy(assignments))
         cluster_mod.share_weights(model, assignments, codebook_dtype=config.cluster.codebook_dtype)
         state = EpochState(run.out / CLUSTER_STATE, key=f"{run.source_sha256}:{cluster_settings_sha256(run)}",
                            resume=run.resume, write=run.main)
@@ -255,7 +258,13 @@ def cluster(run: Run, model: nn.Module, masks: dict, data: tuple) -> tuple[nn.Mo
         assignments = cluster_mod.materialize(model)
         cluster_mod.round_biases(model, config.cluster.bias_dtype, assignments)
         run.record("cluster", model, None, "centroids retrained")
-        run.check_retraining("cluster_finetune", model, run.stages[-2]["val_accuracy"], hint=_head_hint(run))
+        if run.check_retraining("cluster_finetune", model, run.stages[-2]["val_accuracy"], hint=_head_hint(run),
+                                then=": the centroids before retraining are kept"):
+            # a diverged retraining is undone: the k-means centroids it started from (same
+            # assignments, same sharing) are what the archive gets, not a dead network
+            model.load_state_dict(before[0])
+            assignments = before[1]
+            run.record("cluster (retraining undone)", model, None, "k-means centroids, not retrained")
     same_on_every_rank(run, "codebooks", {f"{n}.{k}": t for n, a in assignments.items()
                                           for k, t in (("codebook", a.codebook), ("labels", a.labels))})
     model.eval()
