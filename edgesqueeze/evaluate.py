@@ -155,9 +155,10 @@ def evaluate_file(
                         f"on {list(expected)}; {todo}")
     # The model was trained with its own normalization: feed it exactly that.
     mean, std, how = input_normalization(meta, ds)
-    from edgesqueeze.models.probe import check_fits
+    from edgesqueeze.models.probe import check_class_names, check_fits
 
     check_fits(loaded.model, ds.input_shape, source=path, data=ds.name, num_classes=ds.num_classes)
+    check_class_names(meta.get("classes"), ds, path)
     metrics = evaluate(loaded.model.to(dev), x, y, mean=mean, std=std, batch_size=batch_size)
     return {"model": str(path), "dataset": ds.name, "split": split, **metrics, "normalization": how}
 

@@ -305,10 +305,18 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         recipe = recipe_from_dict(raw, source=str(path))
     except RecipeError as exc:  # a field --set gave: blame the option, not the file
         text = str(exc).removeprefix(f"{path}: ")
-        item = next((o for o in reversed(overrides) if text.startswith(o.partition("=")[0].strip() + ":")), None)
+        where, _, why = text.partition(": ")
+
+        def gave(override: str) -> bool:  # the field the error names, or the section holding it
+            key = override.partition("=")[0].strip()
+            return (key == where or key.startswith(where + ".") or where.startswith(key + ".")
+                    or key.endswith("." + where) or ("." + where).startswith("." + key.rpartition(".")[2] + "."))
+
+        item = next((o for o in reversed(overrides) if gave(o)), None)
         if item is None:
             raise
-        raise RecipeError(f"--set {item}: {text.partition(': ')[2]}") from None
+        key = item.partition("=")[0].strip()
+        raise RecipeError(f"--set {item}: {why}" if where == key else f"--set {item}: {where}: {why}") from None
     if recipe.name == "run" and "name" not in (raw or {}):
         recipe = dataclasses.replace(recipe, name=path.stem)
     return recipe

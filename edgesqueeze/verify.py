@@ -156,9 +156,9 @@ def _check_classes(scores: np.ndarray, ds, classes: list | None, source: str) ->
     if scores.ndim != 2 or scores.shape[1] != ds.num_classes:
         raise DataError(f"{source}: outputs {scores.shape[-1]} classes but dataset '{ds.name}' has "
                         f"{ds.num_classes}; pass the dataset it was made for (--data)")
-    if classes and list(map(str, classes)) != list(map(str, ds.classes)):
-        raise DataError(f"{source}: its classes ({', '.join(map(str, classes[:4]))}, ...) are not "
-                        f"dataset '{ds.name}''s ({', '.join(map(str, ds.classes[:4]))}, ...)")
+    from edgesqueeze.models.probe import check_class_names
+
+    check_class_names(classes, ds, source)
 
 
 def _torch_scores(loaded, path: Path, x: np.ndarray, ds) -> np.ndarray:

@@ -400,3 +400,23 @@ def test_compress_never_writes_over_its_input_and_never_leaves_an_earlier_runs_f
     (tmp_path / "ro" / "x").write_text("a file where a folder should be")
     with pytest.raises(EdgesqueezeError, match="is a file, not a folder"):
         compress(checkpoint, CONFIG, out_dir=tmp_path / "ro" / "x" / "out", progress=False, log=lambda _: None)
+
+
+def test_a_dataset_with_other_class_names_is_refused(checkpoint, tmp_path):
+    """Audit: an image folder whose class folders were renamed (cat, fish, zebra for a model of
+    cat, dog, fish) was compressed and evaluated silently, labels matched by position."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.checkpoint import load_model, save_checkpoint
+    from edgesqueeze.cli import cli
+
+    loaded = load_model(checkpoint)
+    renamed = tmp_path / "renamed.pt"
+    classes = [str(c) for c in loaded.meta["classes"]]
+    save_checkpoint(renamed, loaded.model, {**loaded.meta, "classes": [classes[0], "seven", *classes[2:]]})
+    for args in (["eval", str(renamed), "--data", "digits"],
+                 ["compress", str(renamed), "--data", "digits", "--set", "compress.ptq.target_bytes=40000",
+                  "--out", str(tmp_path / "c")]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2 and "class 1 is '1' there, 'seven' in the model" in res.output, res.output
+    assert not (tmp_path / "c").exists()

@@ -72,6 +72,19 @@ def test_bad_overrides(bad):
         apply_overrides(_raw(), [bad])
 
 
+@pytest.mark.parametrize("override, says", [
+    ("trian.epochs=2", "--set trian.epochs=2: trian: unknown key; did you mean 'train'?"),
+    ("train.epoch=2", "--set train.epoch=2: unknown key; did you mean 'epochs'?"),
+    ("compress.prune.layers={features.0: 2.0}", "--set compress.prune.layers={features.0: 2.0}: layers.features.0: "
+                                                "must be"),
+])
+def test_an_override_error_names_the_override_not_the_file(override, says):
+    """A top-level typo or a field inside a --set mapping was blamed on the recipe file."""
+    with pytest.raises(RecipeError) as exc:
+        load_recipe("recipes/squeezenet-digits.yaml", [override])
+    assert str(exc.value).startswith(says), str(exc.value)
+
+
 def test_load_recipe_file_errors(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.yaml")

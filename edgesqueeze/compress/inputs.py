@@ -115,7 +115,8 @@ def check_fits(model: nn.Module, ds, source, meta: dict) -> None:
     if expected and list(ds.input_shape) != list(expected):
         raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {source} expects "
                         f"{list(expected)}; pass the dataset it was trained on (--data)")
-    from edgesqueeze.models.probe import check_fits as probe
+    from edgesqueeze.models.probe import check_class_names, check_fits as probe
 
     probe(model, ds.input_shape, source=source, data=ds.name, num_classes=ds.num_classes)
+    check_class_names(meta.get("classes"), ds, source)
 

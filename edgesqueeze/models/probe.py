@@ -33,6 +33,20 @@ def _forward(model: nn.Module, batch: int, shape: list[int]) -> Any:
         return model(torch.zeros(batch, *shape))
 
 
+def check_class_names(classes, ds, source: Any) -> None:
+    """Refuse a dataset whose class names differ from the ones the model was trained with
+    (same count, other names or order: its labels would be matched by position, and every
+    accuracy measured would be wrong)."""
+    if classes and list(map(str, classes)) != list(map(str, ds.classes)):
+        mine, theirs = list(map(str, classes)), list(map(str, ds.classes))
+        first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        raise DataError(f"{source}: its classes ({', '.join(mine[:4])}{', ...' if len(mine) > 4 else ''}) are not "
+                        f"dataset '{ds.name}''s ({', '.join(theirs[:4])}{', ...' if len(theirs) > 4 else ''}; "
+                        f"class {first} is {theirs[first] if first < len(theirs) else 'missing'!r} there, "
+                        f"{mine[first] if first < len(mine) else 'missing'!r} in the model): labels would be "
+                        "matched by position; pass the dataset it was trained on (--data)")
+
+
 def check_fits(model: nn.Module, input_shape, *, source: Any, data: str | None = None,
                num_classes: int | None = None) -> int:
     """Run ``model`` (in eval mode) on batches of 1 and 2 zero images of ``input_shape``;
