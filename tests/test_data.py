@@ -361,6 +361,20 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "junk.zip").write_bytes(b"PK not a zip")
     with pytest.raises(DataError, match="not a readable zip"):
         load_dataset(f"imagefolder:{tmp_path / 'junk.zip'}")
+    one = make_folder(tmp_path / "one", classes=("cat",), per_class=3, split=False)
+    with pytest.raises(DataError, match="holds one class folder \\('cat'\\); a classifier needs"):
+        load_dataset(f"imagefolder:{one}")  # it trained a 1-class model to 100%, without a word
+
+
+def test_imagefolder_reads_the_image_kinds_run_reads(tmp_path):
+    """.webp, .gif and .tiff class images were skipped without a word (run reads them)."""
+    from PIL import Image
+
+    root = make_folder(tmp_path / "k", per_class=3, split=False)
+    for ext in ("webp", "gif", "tiff"):
+        Image.new("RGB", (6, 5), (7, 7, 7)).save(root / "ant" / f"extra.{ext}")
+    ds = load_dataset(f"imagefolder:{root}")
+    assert len(ds.train_y) + len(ds.test_y) == 3 * 3 + 3
 
 
 def test_imagefolder_follows_symlinked_class_folders(tmp_path):

@@ -293,3 +293,17 @@ def test_a_new_run_removes_an_earlier_runs_results_and_resume_with_overwrite_is_
     res = CliRunner().invoke(cli, ["train", "-r", "recipes/squeezenet-digits.yaml", "--out", str(tmp_path),
                                    "--resume", "--overwrite"])
     assert res.exit_code == 2 and "give one of them" in res.output, res.output
+
+
+def test_ctrl_c_says_how_to_go_on(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "edgesqueeze", "train", "-r", "recipes/squeezenet-digits.yaml",
+                          "--set", "train.epochs=50", "--out", str(tmp_path), "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().startswith("training")  # started
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted (the same command with --resume goes on" in err, err

@@ -120,7 +120,9 @@ class _Group(click.Group):
                         "(a smaller batch size, fewer images or a smaller model fits)", fg="red", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            again = (" (the same command with --resume goes on from the last finished epoch)"
+                     if name in ("train", "compress") else "")
+            click.echo(f"interrupted{again}", err=True)
             ctx.exit(130)
 
 

@@ -19,10 +19,15 @@ import torch
 from edgesqueeze._io import atomic_path, write_text_atomic
 
 
-def times(ratio: float) -> str:
+def times(dense_bytes: int, esq_bytes: int, digits: int = 2) -> str:
     """'4.2x smaller than' or, for an archive larger than dense fp32 (tiny models, where the
-    header and code weigh more than the weights saved), '1.08x larger than'."""
-    return f"{ratio}x smaller than" if ratio >= 1 else f"{round(1 / ratio, 2)}x larger than"
+    header and code weigh more than the weights saved), '1.08x larger than'; the same size
+    within the rounding is 'about the size of' (a lossless re-encoding 0.4% larger read
+    '1.0x smaller than')."""
+    ratio = dense_bytes / esq_bytes
+    if round(ratio, digits) == 1 or round(1 / ratio, digits) == 1:
+        return "about the size of"
+    return f"{round(ratio, digits)}x smaller than" if ratio > 1 else f"{round(1 / ratio, digits)}x larger than"
 
 
 def _baselines(state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -146,7 +151,7 @@ def markdown(report: dict[str, Any]) -> str:
     kb = lambda b: f"{b / 1000:,.1f} kB"  # noqa: E731
     lines = [
         f"# Compression report: `{report['esq']}`", "",
-        f"- **{kb(t['esq_bytes'])}** ({t['esq_bytes']:,} B), {times(t['ratio'])} the dense fp32 model "
+        f"- **{kb(t['esq_bytes'])}** ({t['esq_bytes']:,} B), {times(t['dense_fp32_bytes'], t['esq_bytes'])} the dense fp32 model "
         f"({kb(t['dense_fp32_bytes'])})",
         *_mode_lines(report)]
     if tb.get("drop_points") is not None:
@@ -211,7 +216,7 @@ def size_table(report: dict[str, Any]) -> str:
     if tb.get("drop_points") is not None:
         where = "held-out test" if report.get("calibration") else "test"
         acc = f"{where} accuracy {100 * tb['before']['accuracy']:.2f}% -> {100 * tb['after']['accuracy']:.2f}%; "
-    lines.append(f"{acc}.esq {t['esq_bytes']:,} B = {times(t['ratio'])} dense fp32")
+    lines.append(f"{acc}.esq {t['esq_bytes']:,} B = {times(t['dense_fp32_bytes'], t['esq_bytes'])} dense fp32")
     return "\n".join(lines)
 
 

@@ -226,7 +226,7 @@ class Run:
                if test_before and test_after and "accuracy" in test_after else "")
         from edgesqueeze.compress.report import times
 
-        self.log(f"{esq_path}: {len(blob):,} bytes ({times(round(dense_bytes / len(blob), 1))} dense fp32){acc}")
+        self.log(f"{esq_path}: {len(blob):,} bytes ({times(dense_bytes, len(blob), 1)} dense fp32){acc}")
         return CompressResult(decoded, esq_path, len(blob), report, self.out)
 
 

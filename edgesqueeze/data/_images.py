@@ -21,7 +21,7 @@ import numpy as np
 from edgesqueeze._io import files_below
 from edgesqueeze.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")  # as `run` reads
 _LAYOUT_HELP = "expected train/<class>/<image> and test/<class>/<image>, or <class>/<image>"
 
 
@@ -113,6 +113,9 @@ def layout(src: Source) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
             raise DataError(f"{where}: class '{unknown[0]}' has test images but no train/{unknown[0]}/ folder "
                             f"({len(unknown)} such class(es)); add its training images or remove the folder")
     classes = sorted({c for items in splits.values() for c, _ in items})
+    if len(classes) == 1:  # a classifier of one class learns nothing (accuracy 100% by construction)
+        raise DataError(f"{src.path}: holds one class folder ('{classes[0]}'); a classifier needs images of "
+                        "two or more classes, one folder each (PATH/<class>/*.jpg)")
     return splits, classes
 
 
@@ -223,7 +226,7 @@ def decode_all(src: Source, items: list[tuple[str, str]], *, image_size: int | N
         elif img.size != (out.shape[2], out.shape[1]):
             first = src.describe(items[0][1])
             raise DataError(f"images differ in size: {first} is {out.shape[2]}x{out.shape[1]}, {where} is "
-                            f"{img.size[0]}x{img.size[1]}; pass image_size to resize them all")
+                            f"{img.size[0]}x{img.size[1]}; set data.image_size (--set data.image_size=N, or --image-size N) to resize them all")
         arr = np.asarray(img)
         out[i] = arr[..., None] if gray else arr
         if bar is not None:

@@ -418,7 +418,7 @@ def _folder_dataset(src_path: Path, image_size: int | None, desc: str):
     tx, ty, vx, vy = _train_test(out)
     if tx.shape[1:] != vx.shape[1:]:
         raise DataError(f"{src_path}: train images are {tx.shape[2]}x{tx.shape[3]} but test images are "
-                        f"{vx.shape[2]}x{vx.shape[3]}; pass image_size to resize them all")
+                        f"{vx.shape[2]}x{vx.shape[3]}; set data.image_size (--set data.image_size=N, or --image-size N) to resize them all")
     return tx, ty, vx, vy, tuple(classes)
 
 
