@@ -371,7 +371,7 @@ def test_uint8_weights_dequantize_to_the_int8_weights(trained, digits):
 
 def test_int8_target_vnni_or_arm_is_recorded_and_checked(trained, digits, tmp_path):
     calib = calibration_images(digits.train_x, 32, seed=0)
-    with pytest.raises(ExportError, match="target must be one of any-cpu, vnni-or-arm"):
+    with pytest.raises(ExportError, match="target must be one of any-cpu, any-cpu-7bit, vnni-or-arm"):
         export_onnx_int8(trained.model, trained.meta, tmp_path / "bad.onnx", calib, target="avx2")
     path = export_onnx_int8(trained.model, trained.meta, tmp_path / "full.onnx", calib, target="vnni-or-arm",
                             bias_correction=False)

@@ -71,13 +71,13 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std):
     art = load(model_path, threads=threads)
     if mean is not None:
         art.describe({"mean": _floats(mean, "--mean"), "std": _floats(std, "--std", positive=True)})
-    elif not art.has_metadata:
-        click.echo(f"note: {model_path} has no edgesqueeze metadata: its pixels are fed scaled to 0..1 with no "
-                   "mean/std normalization; give --mean and --std if it was trained with them", err=True)
     shape = art.meta.get("input_shape") or art.input_spec.image_shape
     if any(d is None for d in shape):
         raise DataError(f"{model_path}: the input shape {list(shape)} has dynamic dimensions and the file has no "
                         f"metadata saying what one image is; cannot size the images for it")
+    if mean is None and not art.has_metadata:
+        click.echo(f"note: {model_path} has no edgesqueeze metadata: its pixels are fed scaled to 0..1 with no "
+                   "mean/std normalization; give --mean and --std if it was trained with them", err=True)
     results = {}
     err = click.get_text_stream("stderr")
     show = len(paths) > batch_size and err.isatty()  # a bar on a terminal, for more than one batch
