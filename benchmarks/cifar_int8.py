@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from run import log, save
 
 from edgesqueeze.checkpoint import load_model
-from edgesqueeze.evaluate import training_data
+from edgesqueeze.evaluation import training_data
 from edgesqueeze.config.export import CalibrationConfig
 from edgesqueeze.export._common import calibration_images, to_input
 from edgesqueeze.export.tflite import export_tflite_int8

@@ -21,16 +21,22 @@ _API = {
     "BudgetError": "edgesqueeze.errors",
     "Recipe": "edgesqueeze.recipe",
     "load_recipe": "edgesqueeze.recipe",
+    "recipe_from_dict": "edgesqueeze.recipe",
     "build_model": "edgesqueeze.models",
     "list_specs": "edgesqueeze.models",
     "load_dataset": "edgesqueeze.data",
     "load_model": "edgesqueeze.checkpoint",
     "save_checkpoint": "edgesqueeze.checkpoint",
     "fit": "edgesqueeze.train",
-    "evaluate": "edgesqueeze.train",
+    "evaluate": "edgesqueeze.evaluation",  # the module is named otherwise: importing a submodule
+    # named evaluate used to replace this function with it on the package
 }
 
 __all__ = ["__version__", *_API]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})
 
 
 def __getattr__(name: str):

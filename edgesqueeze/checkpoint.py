@@ -77,6 +77,10 @@ def state_digest(state: dict) -> str:
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write ``model``'s weights and ``meta`` atomically; returns the path."""
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{path}: save_checkpoint takes an nn.Module, got {type(model).__name__}")
+    if not isinstance(meta, dict):  # load_model reads it as a mapping
+        raise CheckpointError(f"{path}: save_checkpoint's meta must be a dict (e.g. {{}}), got {type(meta).__name__}")
     return save_state(path, model.state_dict(), meta)
 
 

@@ -299,6 +299,14 @@ def _read_raw(path: Path, overrides: list[str] | tuple[str, ...]) -> Any:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """The recipe at ``path`` (YAML), with ``overrides`` applied as ``--set`` does them
+    (``["train.epochs=3", "data.limit=500"]``; one string is one override). Raises
+    :class:`~edgesqueeze.errors.RecipeError` naming the file, the field or the override."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if not isinstance(path, (str, Path)) or not all(isinstance(o, str) for o in overrides):
+        raise RecipeError(f"load_recipe takes a path and a list of 'KEY=VALUE' strings, got {path!r}, "
+                          f"{list(overrides)!r}")
     path = Path(path)
     raw = _read_raw(path, overrides)
     try:

@@ -37,7 +37,7 @@ from edgesqueeze.checkpoint import (
     save_train_state,
 )
 from edgesqueeze.errors import DataError, EdgesqueezeError, ModelError
-from edgesqueeze.evaluate import evaluate
+from edgesqueeze.evaluation import evaluate
 from edgesqueeze.recipe import Recipe, TrainConfig
 
 Log = Callable[[str], None]
@@ -347,17 +347,23 @@ def fit(
     from edgesqueeze import distributed
     from edgesqueeze.device import check_precision, resolve_device
 
+    if not isinstance(recipe, Recipe):
+        from edgesqueeze.errors import RecipeError
+
+        raise RecipeError(f"fit takes a Recipe (load_recipe(path) or recipe_from_dict(dict)), got "
+                          f"{type(recipe).__name__}")
     t_start = time.perf_counter()
     cfg = recipe.train
     out = Path(out_dir) if out_dir else recipe.out_dir()
     state_path = out / "last.pt"
     if state_path.exists() and not (resume or overwrite):
         raise EdgesqueezeError(f"{out}: holds a previous run (last.pt); pass --resume to continue it "
-                               "or --overwrite to start over")
+                               "or --overwrite to start over (fit(..., resume=True) / overwrite=True)")
     device = resolve_device(cfg.device, what="train.device")
     check_precision(cfg.precision, device, what="train.precision")
     group = distributed.setup(device)  # launched by torchrun: one of WORLD_SIZE processes
     distributed.explain_termination(group, out)
+    threads_before = torch.get_num_threads()  # set_threads changes the process's: the caller's comes back
     try:
         return _fit(recipe, out, group, distributed.rank_device(device, group), t_start, resume=resume,
                     progress=progress and group.main, log=log if group.main else _quiet)
@@ -365,6 +371,7 @@ def fit(
         raise distributed.lost_contact(group, exc, out) from None
     finally:
         distributed.teardown(group)
+        torch.set_num_threads(threads_before)
 
 
 _FINAL_OUTPUTS = ("model.pt", "summary.json", "curves.png", "metrics.csv", "metrics.json")

@@ -164,7 +164,7 @@ def _check_classes(scores: np.ndarray, ds, classes: list | None, source: str) ->
 def _torch_scores(loaded, path: Path, x: np.ndarray, ds) -> np.ndarray:
     """The scores of ``loaded`` (a :class:`~edgesqueeze.checkpoint.LoadedModel`) on ``x``, fed
     as it was trained (its normalization, else the dataset's)."""
-    from edgesqueeze.evaluate import input_normalization, predict
+    from edgesqueeze.evaluation import input_normalization, predict
     from edgesqueeze.models.probe import check_fits
 
     check_fits(loaded.model, ds.input_shape, source=path, data=ds.name)  # one line, not a conv's traceback
@@ -220,6 +220,10 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     Returns ``dataset`` (as given), ``datasets`` (the names of the test splits used),
     ``reference``, ``reference_accuracy`` and ``artifacts`` (the rows).
     """
+    if isinstance(paths, (str, Path)):  # one file, not the characters of its name
+        paths = [paths]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive number of test images, got {limit!r}")
     data = _Data(dataset, data_dir, limit, log)
     model_args = {"arch": arch, "arch_kwargs": arch_kwargs, "trust_pickle": trust_pickle, "input_meta": input_meta,
                   "default_dataset": default_dataset}
@@ -230,7 +234,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     if ref_path is not None:
         from edgesqueeze.checkpoint import load_model
 
-        from edgesqueeze.evaluate import input_normalization
+        from edgesqueeze.evaluation import input_normalization
 
         ref_loaded = load_model(ref_path, **model_args)
         ref_meta = ref_loaded.meta

@@ -30,7 +30,7 @@ from edgesqueeze.errors import RecipeError
 from edgesqueeze.models import build_model
 from edgesqueeze.recipe import load_recipe, recipe_from_dict
 from edgesqueeze.checkpoint import state_digest
-from edgesqueeze.evaluate import predict
+from edgesqueeze.evaluation import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = ["--arch", "squeezenet_mnist", "--num-classes", "10", "--set", "model.kwargs={width_mult: 0.5}"]

@@ -16,7 +16,7 @@ import pytest
 from edgesqueeze.checkpoint import load_model, save_checkpoint
 from edgesqueeze.data import load_dataset
 from edgesqueeze.errors import ExportError, FormatError, RuntimeBackendError
-from edgesqueeze.evaluate import evaluate
+from edgesqueeze.evaluation import evaluate
 from edgesqueeze.export import ExportConfig, export_artifacts
 
 pytest.importorskip("tflite_micro")  # edgesqueeze[micro]: x86-64 Linux wheels only

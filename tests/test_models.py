@@ -222,7 +222,7 @@ def test_pretrained_squeezenet1_0_on_imagenet_sample():
     m.load_state_dict(sd, strict=True)
     m.eval()
     from edgesqueeze.data import load_dataset
-    from edgesqueeze.evaluate import evaluate
+    from edgesqueeze.evaluation import evaluate
 
     ds = load_dataset("imagenet-sample", data_dir=SHARED / "datasets")
     assert len(ds.test_y) == 100 and ds.num_classes == 1000

@@ -307,3 +307,20 @@ def test_ctrl_c_says_how_to_go_on(tmp_path):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "interrupted (the same command with --resume goes on" in err, err
+
+
+def test_fit_gives_the_callers_thread_count_back_and_evaluate_is_the_function(tmp_path):
+    """API audit: fit left torch's thread count at the recipe's; and `from edgesqueeze import
+    evaluate` gave the submodule edgesqueeze.evaluate (not callable) once train was imported."""
+    import edgesqueeze
+    from edgesqueeze import evaluate
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    torch.set_num_threads(want)
+    try:
+        fit(_recipe(tmp_path, epochs=1, threads=3 - want), progress=False, log=_quiet)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    assert callable(evaluate) and callable(edgesqueeze.evaluate) and "evaluate" in dir(edgesqueeze)

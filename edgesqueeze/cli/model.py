@@ -84,7 +84,7 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
       edgesqueeze eval artifacts/squeezenet-mnist/model.pt
       edgesqueeze eval squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample
     """
-    from edgesqueeze.evaluate import evaluate_file
+    from edgesqueeze.evaluation import evaluate_file
 
     data = model_opts.section("data")
     if val_fraction is None and data is not None:
@@ -153,7 +153,7 @@ def info(model_path, model_opts, as_json):
       edgesqueeze info artifacts/squeezenet-digits/model.pt
       edgesqueeze info squeezenet1_0.pt --arch squeezenet1_0
     """
-    from edgesqueeze.evaluate import describe_file
+    from edgesqueeze.evaluation import describe_file
 
     desc = describe_file(model_path, **model_opts.load_kwargs())
     if as_json:

@@ -28,13 +28,13 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
                  trust_pickle: bool = False, input_meta: dict | None = None, need_data: bool = True,
                  log=print) -> Inputs:
     """The model (any file :func:`~edgesqueeze.checkpoint.load_model` reads; a plain state_dict
-    needs ``arch``), its dataset and splits (see :func:`~edgesqueeze.evaluate.training_data`)
+    needs ``arch``), its dataset and splits (see :func:`~edgesqueeze.evaluation.training_data`)
     and its normalization. A plain state_dict records no dataset: the one given is written
     into the metadata, so the archive says what it was measured on."""
     from edgesqueeze.checkpoint import load_model
-    from edgesqueeze.evaluate import training_data
+    from edgesqueeze.evaluation import training_data
 
-    from edgesqueeze.evaluate import input_normalization
+    from edgesqueeze.evaluation import input_normalization
 
     loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
                         input_meta=input_meta, default_dataset=default_dataset)

@@ -80,7 +80,7 @@ class Run:
         return sha256_file(self.checkpoint)
 
     def val_acc(self, m: nn.Module) -> float | None:
-        from edgesqueeze.evaluate import evaluate
+        from edgesqueeze.evaluation import evaluate
 
         x_val, y_val = self.inp.val
         if self.inp.ds is None or not len(x_val):
@@ -89,7 +89,7 @@ class Run:
                         batch_size=self.config.eval_batch_size)["accuracy"]
 
     def test(self, m: nn.Module, x=None, y=None) -> dict[str, float] | None:
-        from edgesqueeze.evaluate import evaluate
+        from edgesqueeze.evaluation import evaluate
 
         if self.inp.ds is None:
             return None
@@ -263,7 +263,7 @@ def compare(original: nn.Module, compressed: nn.Module, x, y, *, mean, std, batc
     """Top-1 of both models on ``(x, y)``, their top-1 agreement (the fraction of images
     on which both predict the same class: what a user sees change) and mean
     ``KL(original || compressed)`` in nats."""
-    from edgesqueeze.evaluate import predict
+    from edgesqueeze.evaluation import predict
 
     if not len(x):
         return {"n": 0}

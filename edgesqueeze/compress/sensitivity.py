@@ -43,7 +43,7 @@ def sensitivity(
 
     dev = resolve_device(device)
     from edgesqueeze.compress.prune import choose_sparsities, sensitivity_scan
-    from edgesqueeze.evaluate import evaluate
+    from edgesqueeze.evaluation import evaluate
 
     out = Path(out_dir)
     loaded, meta, ds, _, (x_val, y_val), mean, std = _load_with_data(checkpoint, dataset, data_dir, model_args, log)

@@ -27,7 +27,7 @@ def _calibration_set(meta: dict[str, Any], source: Path, config: ExportConfig, *
     whole, with a warning, because there is nothing else."""
     from edgesqueeze.data import load_dataset
     from edgesqueeze.errors import DataError
-    from edgesqueeze.evaluate import training_data
+    from edgesqueeze.evaluation import training_data
 
     name = dataset or meta.get("dataset")
     if not name:
@@ -75,7 +75,7 @@ def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data
     meta["dataset"] = ds.name
     meta["input_shape"] = list(ds.input_shape)
     if meta.get("mean") is None or meta.get("std") is None:
-        from edgesqueeze.evaluate import input_normalization
+        from edgesqueeze.evaluation import input_normalization
 
         meta["mean"], meta["std"], how = input_normalization(meta, ds)
         meta["normalization_source"] = f"measured: {ds.name} training images"

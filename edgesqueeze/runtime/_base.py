@@ -483,6 +483,8 @@ def topk(scores: np.ndarray, k: int = 5, classes: list[str] | None = None, *,
         raise DataError(f"topk takes one image's scores (K,) or (1, K), got shape {list(s.shape)}")
     if classes is not None and len(classes) != s.size:
         raise DataError(f"topk: {len(classes)} class names for {s.size} scores")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise DataError(f"topk: k must be a positive integer, got {k!r}")
     p = softmax(s) if logits else s
     k = max(0, min(int(k), s.size))
     order = np.argsort(-p, kind="stable")[:k]

@@ -61,7 +61,22 @@ def accuracy_metrics(logits: torch.Tensor, y: np.ndarray | torch.Tensor) -> dict
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std, batch_size: int = 512,
              channels_last: bool = False) -> dict[str, float]:
-    logits = predict(model, x, mean=mean, std=std, batch_size=batch_size, channels_last=channels_last)
+    """Top-1 and top-5 accuracy (and the mean loss) of ``model`` on uint8 images ``x`` (N, C,
+    H, W) with labels ``y``, each normalized with ``mean`` / ``std`` (one value per channel,
+    on pixels scaled to 0..1). The model runs in eval mode and gets its training flag back."""
+    if mean is None or std is None:
+        raise DataError("evaluate: give mean and std (per channel, on pixels scaled to 0..1; "
+                        "input_normalization(meta, dataset) gives a model's own)")
+    if len(x) != len(y):
+        raise DataError(f"evaluate: {len(x)} images but {len(y)} labels")
+    was_training = model.training
+    try:
+        logits = predict(model, x, mean=mean, std=std, batch_size=batch_size, channels_last=channels_last)
+    finally:
+        model.train(was_training)
+    if len(y) and (int(np.min(y)) < 0 or int(np.max(y)) >= logits.shape[-1]):
+        raise DataError(f"evaluate: labels must be in 0..{logits.shape[-1] - 1} (the model's {logits.shape[-1]} "
+                        f"classes), got {int(np.min(y))}..{int(np.max(y))}")
     return accuracy_metrics(logits, y)
 
 
