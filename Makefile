@@ -12,7 +12,7 @@ PYTEST_ARGS ?= --durations=25
 # worker, so module fixtures are built once). `make test XDIST=` runs them in one process.
 XDIST      ?= -n auto --dist loadfile
 
-.PHONY: install demo test test-fast bench device-check clean help
+.PHONY: install demo test test-fast bench device-check clean help FORCE
 
 help:
 	@echo "make demo     digits end to end: train, deep-compress, export ONNX/TFLite fp32+int8, verify, gate"
@@ -27,7 +27,15 @@ help:
 	@echo "make install  create $(VENV) and install edgesqueeze with its dependencies"
 	@echo "make clean    remove $(VENV), .pytest_cache, .hypothesis, build and *.egg-info"
 
-$(STAMP): pyproject.toml
+# The torch spec the venv was built with: a different TORCH_SPEC reinstalls (it was ignored
+# once .venv existed, the stamp depending on pyproject.toml alone).
+SPEC_FILE  := $(VENV)/.torch-spec
+$(SPEC_FILE): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+FORCE:
+
+$(STAMP): pyproject.toml $(SPEC_FILE)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(TORCH_SPEC) and edgesqueeze into $(VENV) ..."
 	@$(PIP) install $(TORCH_SPEC) 2>&1 | grep -v "is ignored: it is neither" || true

@@ -330,3 +330,17 @@ def test_a_reader_that_stops_reading_does_not_stop_a_command_that_writes_files(o
     os.close(w_fd)
     assert p.returncode == 0, p.stderr
     assert json.loads(rows.read_text())[0]["batch_size"] == 1  # written after the table was printed
+
+
+def test_unpack_to_standard_output_and_to_a_name_of_another_format(packed, onnx_models, tmp_path):
+    """Audit: `-o -` wrote a file named '-'; `-o x.tflite` wrote ONNX bytes under a .tflite name."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-m", "edgesqueeze", "unpack", str(packed), "-o", "-"], capture_output=True,
+                       env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0 and p.stdout == Path(onnx_models["fp32"]).read_bytes(), p.stderr
+    assert not (tmp_path / "-").exists() and p.stderr.decode().startswith("-: ")
+    r = _cli("unpack", packed, "-o", tmp_path / "x.tflite")
+    assert r.exit_code == 2 and "holds an ONNX model; name the output .onnx" in r.stderr, r.stderr
+    assert not (tmp_path / "x.tflite").exists()

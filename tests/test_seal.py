@@ -91,15 +91,17 @@ def test_every_exported_file_records_its_own_crc_and_a_flip_is_refused(exported,
             assert res.exit_code == 0 and says in res.output.splitlines()[0], res.output
 
 
-def test_reseal_records_the_checksum_of_a_file_changed_on_purpose(tmp_path):
+def test_reseal_records_the_checksum_of_a_file_changed_on_purpose(exported, tmp_path):
+    import torch
     from click.testing import CliRunner
 
     from edgesqueeze.cli import cli
     from edgesqueeze.format.container import MAGIC
 
+    _, written, _ = exported
     f = tmp_path / "m.tflite"
-    edited = bytearray(seal(SAMPLE))
-    edited[3] ^= 0xFF  # an edit after export
+    edited = bytearray(next(p for p in written if p.name.endswith(".tflite") and ".int8" not in p.name).read_bytes())
+    edited[len(edited) // 2] ^= 0x01  # an edit after export, inside the float weights
     f.write_bytes(bytes(edited))
     with pytest.raises(FormatError, match="edgesqueeze reseal FILE"):
         check_seal(f.read_bytes(), str(f))
@@ -110,9 +112,24 @@ def test_reseal_records_the_checksum_of_a_file_changed_on_purpose(tmp_path):
     assert sum(a != b for a, b in zip(after, edited)) <= 8 and len(after) == len(edited)  # only the record
     res = CliRunner().invoke(cli, ["reseal", str(f)])
     assert res.exit_code == 0 and "already matches" in res.output
-    (tmp_path / "plain.onnx").write_bytes(b"no record in here")
+    torch.onnx.export(torch.nn.Linear(4, 2).eval(), (torch.zeros(1, 4),), str(tmp_path / "plain.onnx"), dynamo=False)
     (tmp_path / "p.tflite.esq").write_bytes(MAGIC + b"\0" * 40)
+    # not a model, but a record in it: a cut copy, or any file holding the key (audit: both got a valid checksum)
+    (tmp_path / "cut.tflite").write_bytes(after[: len(after) - 5000])
+    (tmp_path / "notes.json").write_text('{"file_crc32":"12345678"}')
     for name, says in (("plain.onnx", "records no file_crc32"), ("p.tflite.esq", "checks itself"),
-                       ("missing.onnx", "no such file")):
+                       ("missing.onnx", "no such file"), ("cut.tflite", "not a model the runtime opens"),
+                       ("notes.json", "not a model the runtime opens")):
+        before = (tmp_path / name).read_bytes() if (tmp_path / name).exists() else None
         res = CliRunner().invoke(cli, ["reseal", str(tmp_path / name)])
         assert res.exit_code == 2 and says in res.output, res.output
+        if before is not None:
+            assert (tmp_path / name).read_bytes() == before
+
+
+def test_seal_never_writes_over_a_record_that_is_not_8_digits():
+    """A record edited to "" made seal write 8 digits over the JSON after it (reseal then
+    broke the file's metadata and exited 2)."""
+    data = b'{"file_crc32":"","format":"edgesqueeze.artifact"}'
+    with pytest.raises(FormatError, match="not 8 hex digits"):
+        seal(data)

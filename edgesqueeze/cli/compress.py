@@ -94,9 +94,9 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
 
 @cli.command()
 @click.argument("esq_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", "out_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="File to write: a checkpoint (.pt) for a checkpoint archive; for a packed file, the "
-                   ".onnx/.tflite [default: its recorded name, beside it].")
+                   ".onnx/.tflite [default: its recorded name, beside it]; '-': standard output.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists [default: refuse].")
 def unpack(esq_path, out_path, force):
     """Decode a .esq archive: a checkpoint archive into a normal edgesqueeze checkpoint, a
@@ -109,7 +109,7 @@ def unpack(esq_path, out_path, force):
 
     \b
     Examples:
-      edgesqueeze unpack artifacts/squeezenet-mnist/squeezenet-mnist-compressed/model.esq -o model.pt
+      edgesqueeze unpack artifacts/squeezenet-digits/compressed/model.esq -o model.pt
       edgesqueeze unpack model.int8.tflite.esq -o plain.tflite  # the plain file, on a device given only the .esq
     """
     from edgesqueeze._io import write_bytes_atomic
@@ -125,18 +125,31 @@ def unpack(esq_path, out_path, force):
         raise FormatError(f"{esq_path}: not an .esq archive ({found}); unpack takes a model.esq or a packed "
                           ".onnx.esq / .tflite.esq")
 
-    def check_target(target: Path) -> None:
+    to_stdout = out_path is not None and str(out_path) == "-"
+
+    def check_target(target: Path, suffixes: tuple[str, ...], holds: str) -> None:
+        if to_stdout:
+            return
         if target.resolve() == esq_path.resolve():
-            raise click.UsageError(f"{target}: would overwrite the archive itself; pass -o")
-        if target.exists() and not force:
+            raise click.UsageError(f"{target}: would overwrite the archive itself; give another -o")
+        if target.is_file() and not force:  # a device or pipe (/dev/stdout) is written into, not replaced
             raise click.UsageError(f"{target}: exists; pass --force to replace it, or -o another file")
+        known = (".onnx", ".tflite", ".pt", ".pth", ".esq", ".pt2")
+        if target.suffix.lower() in known and target.suffix.lower() not in suffixes:
+            raise click.UsageError(f"{target}: {esq_path} holds {holds}; name the output {suffixes[0]} "
+                                   f"(e.g. -o {target.with_suffix(suffixes[0]).name})")
 
     if what == "packed":
         from edgesqueeze.runtime._base import unpack_file
 
         data, packed = unpack_file(esq_path)
         out_path = out_path or esq_path.with_name(Path(packed["name"]).name)
-        check_target(out_path)
+        inner = Path(packed["name"]).suffix.lower() or ".onnx"
+        check_target(out_path, (inner,), f"a{'n ONNX' if inner == '.onnx' else ' TFLite'} model")
+        if to_stdout:
+            click.get_binary_stream("stdout").write(data)
+            click.echo(f"-: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}", err=True)
+            return
         write_bytes_atomic(out_path, data)
         # -o /dev/stdout or a pipe: the model's bytes went to stdout, so the line goes to stderr
         click.echo(f"{out_path}: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}",
@@ -144,7 +157,7 @@ def unpack(esq_path, out_path, force):
         return
     if out_path is None:
         raise click.UsageError(f"{esq_path} is a checkpoint archive: pass -o model.pt")
-    check_target(out_path)
+    check_target(out_path, (".pt", ".pth"), "a PyTorch checkpoint")
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
@@ -158,8 +171,18 @@ def unpack(esq_path, out_path, force):
     from edgesqueeze.checkpoint import save_state, stored_weights
 
     state, meta, _ = stored_weights(esq_path)  # a TorchScript / program archive is refused there
+    if to_stdout:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state(Path(tmp) / "model.pt", state, meta)
+            click.get_binary_stream("stdout").write((Path(tmp) / "model.pt").read_bytes())
+        click.echo(f"-: {sum(t.numel() for t in state.values()):,} values from {esq_path}", err=True)
+        return
     save_state(out_path, state, meta)
-    click.echo(f"{out_path}: {sum(t.numel() for t in state.values()):,} values from {esq_path}")
+    # -o - or a pipe: the checkpoint's bytes went to stdout, so the line goes to stderr
+    click.echo(f"{out_path}: {sum(t.numel() for t in state.values()):,} values from {esq_path}",
+               err=not out_path.is_file())
 
 
 @cli.command()
@@ -182,7 +205,7 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
 
     \b
     Example:
-      edgesqueeze sensitivity artifacts/squeezenet-mnist/model.pt --max-drop 0.2
+      edgesqueeze sensitivity artifacts/squeezenet-digits/model.pt --max-drop 0.2   # after make demo
     """
     from edgesqueeze.compress.sensitivity import sensitivity as run_sensitivity
 

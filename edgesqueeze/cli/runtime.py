@@ -190,7 +190,16 @@ def reseal(path):
             return
     except FormatError:
         pass  # the bytes changed, or the record itself: what reseal is for
-    sealed = seal(data)
+    from edgesqueeze.runtime import load
+
+    try:  # a file the runtime cannot open (truncated, not a model) must not get a valid checksum
+        load(path, check=False)
+    except FormatError as exc:
+        raise DataError(f"{path}: not a model the runtime opens, so it is not resealed ({str(exc).removeprefix(f'{path}: ')})") from None
+    try:
+        sealed = seal(data)
+    except FormatError as exc:
+        raise DataError(f"{path}: {exc}") from None
     if sealed == data:
         raise DataError(f"{path}: records no {KEY} (exported before the record existed, or not by edgesqueeze); "
                         f"nothing to reseal")

@@ -48,6 +48,9 @@ def seal(data: bytes) -> bytes:
     if at < 0:
         return data
     at += len(_MARK)
+    if not _VALUE.match(data, at):  # not 8 digits and a quote: writing 8 would overwrite other bytes
+        raise FormatError(f"its recorded checksum ({KEY} in its metadata) is not 8 hex digits; export the file "
+                          "again")
     return data[:at] + f"{_crc(data, at):08x}".encode() + data[at + 8:]
 
 
