@@ -98,6 +98,17 @@ def output_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def remove_earlier_outputs(folder: str | os.PathLike, names) -> list[Path]:
+    """Remove the files ``names`` (regular files, not links) from ``folder``, before a new run
+    writes its own: an interrupted run must never leave an earlier run's results beside its
+    own files. Returns what was removed, for the caller's note."""
+    old = [Path(folder) / n for n in names]
+    old = [p for p in old if p.is_file() and not p.is_symlink()]
+    for path in old:
+        path.unlink()
+    return old
+
+
 def check_writable(path: str | os.PathLike, *, appends: bool = False) -> None:
     """Refuse (OutputError) an output path that cannot be written, before the work that
     fills it: a folder in its place, a file where a folder of its path should be, a folder

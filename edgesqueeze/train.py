@@ -474,9 +474,9 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         if not (resume and state_path.exists()):
             # a new run: an earlier run's results must not outlive it beside this run's files if
             # it is interrupted (the old model.pt and curves next to a new last.pt)
-            old = [out / n for n in _FINAL_OUTPUTS if (out / n).is_file() and not (out / n).is_symlink()]
-            for path in old:
-                path.unlink()
+            from edgesqueeze._io import remove_earlier_outputs
+
+            old = remove_earlier_outputs(out, _FINAL_OUTPUTS)
             if old:
                 log(f"note: {out}/ held an earlier run's {', '.join(p.name for p in old)}: removed")
     if resume and state_path.exists():

@@ -78,12 +78,13 @@ def unique_files(paths, log: Callable[[str], None]) -> list[Path]:
 def format_from_name(path: Path) -> str:
     """The format a file's name says, as export names files (``model.int8.onnx.esq`` is
     ``onnx-int8.esq``): the label of a row whose file could not be read."""
+    from edgesqueeze.config.export import SUFFIX
+
     name = path.name.lower()
     packed = name.endswith((".onnx.esq", ".tflite.esq"))
     if packed:
         name = name[:-4]
-    for suffix, fmt in ((".int8.micro.tflite", "tflite-micro"), (".int8.onnx", "onnx-int8"),
-                        (".int8.tflite", "tflite-int8"), (".onnx", "onnx"), (".tflite", "tflite")):
+    for fmt, suffix in sorted(SUFFIX.items(), key=lambda kv: -len(kv[1])):  # the longest suffix first
         if name.endswith(suffix):
             return fmt + (".esq" if packed else "")
     return path.suffix.lstrip(".").lower() or "?"

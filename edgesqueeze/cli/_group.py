@@ -33,6 +33,20 @@ _show_other = warnings.showwarning
 _WRITERS = {"train", "compress", "export", "verify", "check", "sensitivity", "bench", "unpack", "reseal"}
 
 
+def _to_devnull(stream) -> None:
+    """Point ``stream``'s file descriptor at /dev/null, so that Python's flush at exit does not
+    raise BrokenPipeError again once the reader has gone."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+
+
 class _KeepWriting:
     """stdout that, once its reader has gone, sends the rest to /dev/null instead of raising."""
 
@@ -55,13 +69,7 @@ class _KeepWriting:
     def _drop(self) -> None:
         import os
 
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, self._stream.fileno())  # Python's flush at exit must not raise either
-        except (OSError, ValueError):
-            pass
-        finally:
-            os.close(devnull)
+        _to_devnull(self._stream)
         self._stream = open(os.devnull, "w")
 
     def __getattr__(self, name):
@@ -104,12 +112,8 @@ class _Group(click.Group):
                         fg="red", err=True)
             ctx.exit(2)
         except BrokenPipeError:  # the reader stopped reading (`edgesqueeze run ... | head -1`): it has
-            # what it wanted, so no error line and exit 0; stdout goes to /dev/null so that Python's
-            # flush at exit does not raise again
-            import os
-
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            # what it wanted, so no error line and exit 0
+            _to_devnull(sys.stdout)
             ctx.exit(0)
         except OSError as exc:  # a path the command reads or writes that the system refuses
             where = f"{exc.filename}: " if exc.filename else ""

@@ -183,9 +183,9 @@ def _outputs_clear_of_inputs(checkpoint: Path, out: Path, teacher) -> None:
 def _clear_earlier_outputs(out: Path, log: Log) -> None:
     """Remove an earlier run's final files from ``out`` before this run starts, so that an
     interrupted run never leaves the old model.esq and report beside its own pruned.pt."""
-    old = [out / n for n in _FINAL_OUTPUTS if (out / n).is_file() and not (out / n).is_symlink()]
-    for path in old:
-        path.unlink()
+    from edgesqueeze._io import remove_earlier_outputs
+
+    old = remove_earlier_outputs(out, _FINAL_OUTPUTS)
     if old:
         log(f"note: {out}/ held an earlier run's {', '.join(p.name for p in old)}: removed (this run writes its own)")
 
