@@ -98,6 +98,22 @@ def output_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def once_each(paths) -> tuple[list[str], list[str]]:
+    """``paths`` with each file once, by its real path, in order, and the repeats left out
+    (as given, with the first spelling when it differs), for the caller's note."""
+    out: list[str] = []
+    seen: dict[str, str] = {}
+    repeats: list[str] = []
+    for p in map(os.fspath, paths):
+        key = os.path.realpath(p)
+        if key in seen:
+            repeats.append(p if p == seen[key] else f"{p} (the same file as {seen[key]})")
+            continue
+        seen[key] = p
+        out.append(p)
+    return out, repeats
+
+
 def remove_earlier_outputs(folder: str | os.PathLike, names) -> list[Path]:
     """Remove the files ``names`` (regular files, not links) from ``folder``, before a new run
     writes its own: an interrupted run must never leave an earlier run's results beside its

@@ -60,19 +60,12 @@ def sniff(path: Path) -> str:
 def unique_files(paths, log: Callable[[str], None]) -> list[Path]:
     """``paths`` with each file once (by its real path), and a note naming the repeats: a
     file given twice (``export/*`` and ``export/model.onnx``) was measured twice."""
-    import os
+    from edgesqueeze._io import once_each
 
-    out, seen, repeats = [], {}, []
-    for p in map(Path, paths):
-        key = os.path.realpath(p)
-        if key in seen:
-            repeats.append(str(p) if str(p) == str(seen[key]) else f"{p} (the same file as {seen[key]})")
-            continue
-        seen[key] = p
-        out.append(p)
+    out, repeats = once_each(paths)
     if repeats:
         log(f"note: given more than once, measured once: {', '.join(repeats)}")
-    return out
+    return [Path(p) for p in out]
 
 
 def format_from_name(path: Path) -> str:

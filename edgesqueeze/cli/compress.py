@@ -180,7 +180,7 @@ def unpack(esq_path, out_path, force):
         click.echo(f"-: {sum(t.numel() for t in state.values()):,} values from {esq_path}", err=True)
         return
     save_state(out_path, state, meta)
-    # -o - or a pipe: the checkpoint's bytes went to stdout, so the line goes to stderr
+    # -o /dev/stdout or a pipe: the checkpoint's bytes went to stdout, so the line goes to stderr
     click.echo(f"{out_path}: {sum(t.numel() for t in state.values()):,} values from {esq_path}",
                err=not out_path.is_file())
 

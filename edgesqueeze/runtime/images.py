@@ -200,9 +200,9 @@ def image_files(args: Sequence[str | os.PathLike]) -> list[str]:
     is kept once, with a :class:`Note` saying so, since results are keyed by path.
     A missing path is left for :func:`load_image` to report.
     """
-    out: list[str] = []
-    seen: dict[str, str] = {}
-    repeats: list[str] = []
+    from edgesqueeze._io import once_each
+
+    named: list[str] = []
     for arg in args:
         arg = os.fspath(arg)
         if os.path.isdir(arg):
@@ -219,13 +219,8 @@ def image_files(args: Sequence[str | os.PathLike]) -> list[str]:
             paths = sorted(found)
         else:
             paths = [arg]
-        for p in paths:
-            key = os.path.realpath(p)
-            if key in seen:
-                repeats.append(p if p == seen[key] else f"{p} (the same file as {seen[key]})")
-                continue
-            seen[key] = p
-            out.append(p)
+        named += paths
+    out, repeats = once_each(named)
     if repeats:
         more = f" and {len(repeats) - 3} more" if len(repeats) > 3 else ""
         warnings.warn(f"{len(repeats)} image path(s) given more than once, classified once: "
