@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import warnings
 import zipfile
@@ -255,9 +256,31 @@ def apply_input_meta(meta: dict[str, Any], given: dict[str, Any] | None, *, sour
                 raise ModelError(f"{source}: records {key} {list(out[key])}, but --{key.replace('_', '-')} gives "
                                  f"{value}; leave the option out for a file that describes its inputs")
         out[key] = value
+    _check_channels(out, given, source, out.get("input_shape"))
     if given:
         out["input_meta_given"] = sorted(set(out.get("input_meta_given", [])) | set(given))
     return out
+
+
+def _check_channels(meta: dict[str, Any], given: dict[str, Any], source: str, shape) -> None:
+    """A given ``--mean``/``--std`` has one value per input channel: the other's count, and
+    the channel count of ``shape`` (the input's C, H, W) where it is known (was accepted by
+    ``info`` and only failed later, or never, for a command that does not normalise)."""
+    want = int(shape[0]) if shape else None
+    counts = {k: len(meta[k]) for k in ("mean", "std") if meta.get(k) is not None}
+    for key in (k for k in counts if k in given):
+        if want is not None and counts[key] != want:
+            raise ModelError(f"{source}: --{key} gives {_values(counts[key])} for an input of {want} channel"
+                             f"{'s' if want != 1 else ''} (shape {list(shape)}); give one value per channel")
+    if len(set(counts.values())) > 1:
+        key = next(k for k in counts if k in given)
+        other = "std" if key == "mean" else "mean"
+        raise ModelError(f"{source}: --{key} gives {_values(counts[key])} but the {other} has {counts[other]}; "
+                         "give one value per input channel to both")
+
+
+def _values(n: int) -> str:
+    return f"{n} value{'s' if n != 1 else ''}"
 
 
 def stored_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
@@ -317,12 +340,33 @@ def load_model(
     ``default_dataset`` (a recipe's ``data.dataset``) stands in for the dataset of a file
     that records none; a file's own dataset is kept.
     """
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise CheckpointError(f"load_model takes the path of a model file, got {type(path).__name__} {path!r:.60}")
     loaded = _load_model(Path(path), arch, arch_kwargs, trust_pickle, input_meta)
     if input_meta and any(input_meta.get(k) is not None for k in ("classes", "input_shape")):
         _check_given_inputs(loaded, str(path))
+    if input_meta and not loaded.meta.get("input_shape"):
+        _check_channels(loaded.meta, input_meta, str(path), _built_input_shape(loaded))
     if default_dataset and not loaded.meta.get("dataset"):
         loaded.meta["dataset"] = default_dataset
     return loaded
+
+
+def _built_input_shape(loaded: LoadedModel) -> list[int] | None:
+    """The input shape of a model built from a registered architecture (a state_dict read
+    with --arch), its ``in_channels`` as built; None for the user's code and programs."""
+    from edgesqueeze.models import get_spec
+    from edgesqueeze.models.imports import is_import_spec
+
+    arch = loaded.meta.get("arch")
+    if not arch or is_import_spec(arch):
+        return None
+    try:
+        shape = list(get_spec(arch).input_shape)
+    except Exception:  # noqa: BLE001 - not a registered name: unknown
+        return None
+    channels = (loaded.meta.get("arch_kwargs") or {}).get("in_channels")
+    return [int(channels), *shape[1:]] if isinstance(channels, int) else shape
 
 
 def _check_given_inputs(loaded: LoadedModel, source: str) -> None:

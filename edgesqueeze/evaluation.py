@@ -212,6 +212,13 @@ def describe_file(path: str | Path, *, arch: str | None = None, arch_kwargs: dic
         "parameters": total,
         "density": round(nonzero / total, 4) if total else None,
     }
+    folded = meta.get("folded_layers") or meta.get("folded_batchnorm")
+    if folded:  # 'models' counts the architecture's BatchNorm weights, which this file has no more
+        what = f"{len(folded)} BatchNorm layers" if isinstance(folded, list) else "its BatchNorm layers"
+        note = ((note + "; ") if note else "") + (
+            f"{what} folded into the layers before them (compress.fold_batchnorm), so it has fewer "
+            "parameters than the architecture ('edgesqueeze models'): their scales and shifts are in those "
+            "weights and biases")
     if note:
         out["note"] = note
     for key in ("arch_kwargs", "dataset", "input_shape", "mean", "std", "metrics", "recipe_name", "recipe_hash",

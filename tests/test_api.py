@@ -26,6 +26,17 @@ def test_wrong_arguments_are_edgesqueeze_errors(tmp_path):
         es.load_recipe(DIGITS, [1])
     with pytest.raises(DataError, match="k must be a positive integer"):
         topk([1.0, 2.0], 0)
+    with pytest.raises(CheckpointError, match="load_model takes the path of a model file, got NoneType"):
+        es.load_model(None)  # was a bare TypeError from inside pathlib
+
+
+@pytest.mark.parametrize("value", [None, 3, b"\x89ESQ"])
+def test_runtime_load_names_what_it_takes(value):
+    from edgesqueeze import runtime
+    from edgesqueeze.errors import FormatError
+
+    with pytest.raises(FormatError, match="load takes the path of a model file"):
+        runtime.load(value)
 
 
 def test_one_string_is_one_item_not_its_characters():

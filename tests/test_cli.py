@@ -83,6 +83,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert not (tmp_path / "o" / "model.pt").exists()
 
 
+@pytest.mark.parametrize("args", [["compress", "{m}", "--out", ""], ["export", "{m}", "--out", ""],
+                                  ["verify", "{m}", "--out", ""], ["unpack", "{m}", "-o", ""], ["info", ""],
+                                  ["train", "-r", "", "--out", "{d}"], ["eval", "{m}", "--data-dir", " "]])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(trained, tmp_path, monkeypatch, args):
+    """``Path("")`` is ``.``: ``--out "$DIR"`` with DIR unset wrote into the current folder,
+    and ``verify --out ''`` over the default report beside the first file."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in trained.iterdir())
+    res = CliRunner().invoke(cli, [a.format(m=trained / "model.pt", d=tmp_path / "t") for a in args])
+    assert res.exit_code == 2, res.output
+    assert "an empty path; name a file or folder" in res.output and "Traceback" not in res.output
+    assert not list(tmp_path.iterdir()) and sorted(p.name for p in trained.iterdir()) == before
+
+
 def test_eval_wrong_dataset_class_count(trained, tmp_path):
     # a 3-class image folder vs a 10-class model
     from PIL import Image

@@ -145,6 +145,14 @@ def test_a_linear_batchnorm_head_is_folded_before_clustering_and_loads_again(tmp
                                                                 ("features.4", "features.5"), ("fc", "bn")])
     loaded = load_model(esq, arch=arch).model
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in loaded.modules())
+    from edgesqueeze.evaluation import describe_file
+
+    info = describe_file(esq, arch=arch)  # info's count is below 'models': says why
+    bn = sum(p.numel() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for p in m.parameters())
+    assert info["parameters"] == sum(p.numel() for p in model.parameters()) - bn
+    assert "3 BatchNorm layers folded into the layers before them" in info["note"]
+    assert "note" not in describe_file(tmp_path / "head.pt", arch=arch)
     assert len(torch.unique(loaded.fc.weight.detach()[loaded.fc.weight != 0])) <= 16 and is_weight_shared(loaded)
     x = torch.randn(4, 1, 8, 8)
     decoded, _ = model_from_esq(esq, arch=arch)

@@ -47,6 +47,22 @@ def test_an_input_shape_the_model_does_not_run_on_is_refused(state_dict_file):
     assert _run("info", state_dict_file, "--arch", "squeezenet_mnist", "--input-shape", "1,28,28").exit_code == 0
 
 
+@pytest.mark.parametrize("extra", [[], ["--input-shape", "1,28,28"]])
+def test_a_mean_or_std_with_the_wrong_channel_count_is_refused(state_dict_file, extra):
+    """info took --mean 0.5,0.5 for a 1-channel model and showed it; eval/export would fail
+    later (or normalise with a broadcast). The count is known from the architecture as built
+    or from --input-shape, and mean and std must have the same count."""
+    res = _run("info", state_dict_file, "--arch", "squeezenet_mnist", "--mean", "0.5,0.5", *extra)
+    assert res.exit_code == 2, res.output
+    assert "--mean gives 2 values for an input of 1 channel" in res.output and "Traceback" not in res.output
+    res = _run("info", state_dict_file, "--arch", "squeezenet_mnist", "--mean", "0.5", "--std", "0.2,0.2", *extra)
+    assert res.exit_code == 2, res.output  # either message is right: with a shape, the channels first
+    assert ("--mean gives 1 value but the std has 2" in res.output
+            or "--std gives 2 values for an input of 1 channel" in res.output), res.output
+    ok = _run("info", state_dict_file, "--arch", "squeezenet_mnist", "--mean", "0.5", "--std", "0.2", *extra)
+    assert ok.exit_code == 0 and "[0.5]" in ok.output, ok.output
+
+
 def test_a_damaged_file_is_not_offered_the_trust_pickle_advice(tmp_path):
     """A file starting with a pickle protocol byte but no pickle after it, or an .esq cut after
     its first bytes: torch's safe unpickler refuses both as it refuses a whole-model pickle,

@@ -290,6 +290,36 @@ def test_sensitivity_table_and_choice(checkpoint, tmp_path):
     assert res.exit_code == 2 and "each sparsity must be >= 0 and < 1" in res.output
 
 
+def test_sensitivity_refuses_bad_layers_and_outputs_before_measuring(checkpoint, tmp_path, monkeypatch):
+    """A wrong --layers name and an unwritable --out were reported after the baseline
+    evaluation and the whole scan; a plot that failed left sensitivity.json alone."""
+    from edgesqueeze.compress.sensitivity import sensitivity
+    from edgesqueeze.errors import OutputError
+
+    logged = []
+    with pytest.raises(RecipeError, match=r"--layers classifer\.1: no Conv2d or Linear layer.*'classifier\.1'"):
+        sensitivity(checkpoint, sparsities=[0.5], layers=["classifer.1"], out_dir=tmp_path / "a", log=logged.append)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        sensitivity(checkpoint, sparsities=[0.5], layers=["classifier.1"], out_dir=blocker / "out", log=logged.append)
+    assert not any("baseline" in m for m in logged), logged
+    assert not (tmp_path / "a").exists() and blocker.read_text() == "x"
+
+    import matplotlib.figure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no room to draw")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(RuntimeError, match="no room"):
+        sensitivity(checkpoint, sparsities=[0.5], layers=["classifier.1"], out_dir=tmp_path / "b", log=lambda _: None)
+    assert not list((tmp_path / "b").glob("*")) if (tmp_path / "b").exists() else True
+    monkeypatch.undo()
+    res = CliRunner().invoke(cli, ["sensitivity", str(checkpoint), "--sparsities", " , "])
+    assert res.exit_code == 2 and "no sparsities given" in res.output, res.output
+
+
 def test_sparsity_auto_scans_on_validation_and_reports(checkpoint, tmp_path):
     config = CompressConfig(prune=PruneConfig(sparsity="auto", max_drop=2.0, scan=(0.5, 0.8),
                                               last_conv=0.3),

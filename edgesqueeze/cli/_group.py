@@ -149,6 +149,17 @@ def cli() -> None:
     """
 
 
+class PathType(click.Path):
+    """``click.Path`` that refuses an empty string. ``Path("")`` is ``.``, so ``--out "$DIR"``
+    with ``DIR`` unset wrote into the current folder, and ``verify --out ''`` over the
+    default report beside the first artifact."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path; name a file or folder (is a shell variable unset?)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def threads_option(help_text: str = "Runtime threads."):
     """``--threads N``: 1 up to :func:`edgesqueeze.runtime._base.max_threads`."""
     from edgesqueeze.runtime._base import max_threads
@@ -282,7 +293,7 @@ _MODEL_OPTIONS = [
 
 def _recipe_options(recipe_help: str, set_example: str) -> list:
     return [
-        click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+        click.option("--recipe", "-r", "recipe_path", type=PathType(dir_okay=False, path_type=Path),
                      help=recipe_help),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help=f"Override a recipe field, e.g. --set {set_example} (repeatable; works without "

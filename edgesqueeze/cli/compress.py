@@ -6,19 +6,19 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import _progress_default, cli, device_option, model_options
+from edgesqueeze.cli._group import PathType, _progress_default, cli, device_option, model_options
 
 
 @cli.command("compress")
-@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_path", type=PathType(dir_okay=False, path_type=Path))
 @model_options(recipe_help="Recipe YAML with a 'compress' section (see recipes/); its 'model' section stands "
                            "for --arch, its 'data' for the dataset of a file that records none [default: none: "
                            "lossless re-encoding].", set_example="compress.ptq.target_bytes=480000")
 @click.option("--data", "dataset", help="Dataset [default: the checkpoint's, else the recipe's data section].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, <recipe name or model name>-compressed/].")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
-@click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--teacher", type=PathType(dir_okay=False, path_type=Path),
               help="Model to distil from when a recipe's prune_finetune or cluster_finetune sets 'distill' "
                    "[default: MODEL_PATH itself]; the float original when MODEL_PATH is a pruned.pt.")
 @click.option("--resume", is_flag=True,
@@ -93,8 +93,8 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
 
 
 @cli.command()
-@click.argument("esq_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "out_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+@click.argument("esq_path", type=PathType(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="File to write: a checkpoint (.pt) for a checkpoint archive; for a packed file, the "
                    ".onnx/.tflite [default: its recorded name, beside it]; '-': standard output.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists [default: refuse].")
@@ -186,16 +186,16 @@ def unpack(esq_path, out_path, force):
 
 
 @cli.command()
-@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_path", type=PathType(dir_okay=False, path_type=Path))
 @click.option("--sparsities", default="0.5,0.7,0.8,0.9,0.95", show_default=True,
               help="Comma-separated sparsities to try on each layer.")
 @click.option("--layers", help="Comma-separated layer names [default: every Conv2d and Linear].")
 @click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy points a layer may lose; prints the "
               "largest sparsity per layer within it, ready for a recipe's compress.prune.layers.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, sensitivity/].")
 @click.option("--data", "dataset", help="Dataset [default: the one the model records].")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @model_options
 @device_option
 def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data_dir, model_opts, device):
@@ -213,7 +213,9 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
         sps = [float(x) for x in sparsities.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"{sparsities!r} is not a list of numbers", param_hint="--sparsities") from None
-    if not sps or not all(0 <= x < 1 for x in sps):
+    if not sps:
+        raise click.BadParameter("no sparsities given; give some, e.g. 0.5,0.8,0.9", param_hint="--sparsities")
+    if not all(0 <= x < 1 for x in sps):
         raise click.BadParameter("each sparsity must be >= 0 and < 1", param_hint="--sparsities")
     out = out_dir or Path(model_path).parent / "sensitivity"
     result = run_sensitivity(model_path, sparsities=sps, out_dir=out, max_drop=max_drop,

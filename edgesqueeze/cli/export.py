@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import cli, device_option, model_options
+from edgesqueeze.cli._group import PathType, cli, device_option, model_options
 from edgesqueeze.errors import EdgesqueezeError
 
 
@@ -19,15 +19,15 @@ def _csv(value: str, what: str) -> list[str]:
 
 
 @cli.command("export")
-@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_path", type=PathType(dir_okay=False, path_type=Path))
 @click.option("--format", "-f", "formats", default=None, metavar="LIST",
               help="Comma-separated: onnx, onnx-int8, tflite, tflite-int8, tflite-micro (the tflite-int8 file "
                    "LiteRT runs, compressed the TensorFlow Lite Micro way for a microcontroller: value tables and "
                    "DECODE operators; needs edgesqueeze[micro]) [default: the recipe's, else the first four].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, export/].")
 @click.option("--data", "dataset", help="Dataset for calibration images [default: the model's own].")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--calibration-images", type=click.IntRange(1, 100_000),
               help="Calibration image count for INT8 [default: the recipe's, else 256].")
 @click.option("--calibration-method", type=click.Choice(["auto", "minmax", "entropy", "percentile", "mse"]),

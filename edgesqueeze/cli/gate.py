@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import cli, model_options, threads_option
+from edgesqueeze.cli._group import PathType, cli, model_options, threads_option
 
 
 def _is_report(path: Path) -> bool:
@@ -151,10 +151,10 @@ def _with_budget_options(fn):
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=PathType(path_type=Path))
 @click.option("--data", "dataset", help="Dataset whose test split to use [default: the one each file records].")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
-@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--reference", type=PathType(dir_okay=False, path_type=Path),
               help="Float model (.pt) for top-1 agreement and accuracy drop [default: the first .pt given].")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
 @threads_option()
@@ -162,7 +162,7 @@ def _with_budget_options(fn):
 @model_options(recipe_help="Recipe whose 'budget' section to check against (options override it); its 'model' "
                            "section stands for --arch.", set_example="budget.max_size=500KB")
 @_with_budget_options
-@click.option("--out", "out_path", type=click.Path(),
+@click.option("--out", "out_path", type=PathType(),
               help="Write the verification report here (JSON; the markdown and plots go beside it); "
                    "a folder (existing, or given with a trailing /) gets verify.json in it "
                    "[default: verify.json beside the first file].")
@@ -226,18 +226,18 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=PathType(path_type=Path))
 @_with_budget_options
 @click.option("--data", "dataset", help="Dataset to evaluate artifact files on [default: the one each file records].")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
-@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--reference", type=PathType(dir_okay=False, path_type=Path),
               help="Float model (.pt) for agreement and drop [default: the first .pt given].")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+@click.option("--json", "json_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write verdicts as JSON ('-': standard output, and the table goes to standard error).")
-@click.option("--junit", "junit_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+@click.option("--junit", "junit_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write JUnit XML (one test case per artifact and budget; '-': standard output).")
-@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+@click.option("--markdown", "md_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write Markdown (e.g. $GITHUB_STEP_SUMMARY, appended to; '-': standard output).")
 @model_options(recipe_help="Take the budget from this recipe's 'budget' section (options override it); its "
                            "'model' section stands for --arch.", set_example="budget.max_size=500KB")

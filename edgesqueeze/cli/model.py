@@ -8,17 +8,17 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import _progress_default, cli, device_option, model_options
+from edgesqueeze.cli._group import PathType, _progress_default, cli, device_option, model_options
 
 
 @cli.command()
-@click.option("--recipe", "-r", "recipe_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--recipe", "-r", "recipe_path", required=True, type=PathType(dir_okay=False, path_type=Path),
               help="Recipe YAML (see recipes/).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, e.g. --set train.epochs=3 (repeatable).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),
               help="Output directory [default: recipe's output_dir or artifacts/<recipe name>].")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--data-dir", type=PathType(file_okay=False, path_type=Path),
               help="Look for dataset files here first.")
 @click.option("--resume", is_flag=True, help="Continue the run in the output directory after its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Start over even if the output directory holds a run.")
@@ -58,12 +58,12 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 
 
 @cli.command("eval")
-@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_path", type=PathType(dir_okay=False, path_type=Path))
 @click.option("--data", "--dataset", "dataset", help="Dataset name [default: the one the checkpoint was trained on].")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="Which images: the held-out test split, or the validation / training part of the training "
                    "split as the checkpoint's recipe carved it (--val-fraction, --seed).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Validation fraction for --split val/train [default: from the checkpoint's recipe, else 0.1].")
 @click.option("--seed", type=int, default=None, help="Split seed [default: the checkpoint's].")
@@ -141,7 +141,7 @@ def _human_count(n: int) -> str:
 
 
 @cli.command()
-@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_path", type=PathType(dir_okay=False, path_type=Path))
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def info(model_path, model_opts, as_json):

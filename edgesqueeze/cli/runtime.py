@@ -8,12 +8,12 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import cli, model_options, threads_option
+from edgesqueeze.cli._group import PathType, cli, model_options, threads_option
 from edgesqueeze.errors import DataError
 
 
 @cli.command()
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=PathType(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
 @model_options
 def inspect(path, as_json, model_opts):
@@ -34,8 +34,8 @@ def inspect(path, as_json, model_opts):
 
 
 @cli.command("run")
-@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("model_path", type=PathType(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=PathType(path_type=Path))
 @click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to print.")
 @threads_option()
 @click.option("--batch-size", "-b", default=32, show_default=True, type=click.IntRange(min=1),
@@ -102,13 +102,13 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std):
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=PathType(dir_okay=False, path_type=Path))
 @click.option("--batch-size", "-b", "batch_sizes", multiple=True, type=click.IntRange(min=1),
               help="Batch size(s) to time [default: 1 and 32].")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1), help="Timed runs per case.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
 @threads_option("Runtime threads [default: the runtime's].")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+@click.option("--json", "json_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write rows as JSON ('-': standard output, and the table goes to standard error).")
 @click.option("--portable/--x86-nchwc", "portable", default=None,
               help="ONNX only. --x86-nchwc: onnxruntime's default optimizations, NCHWc float kernels "
@@ -157,7 +157,7 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
 
 
 @cli.command()
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=PathType(dir_okay=False, path_type=Path))
 def reseal(path):
     """Record a plain .onnx / .tflite file's checksum again, after you changed the file on
     purpose (its metadata edited by another tool, say): the runtime refuses a file whose

@@ -57,6 +57,15 @@ def sensitivity(
                                "on validation images so that the test split stays unseen: pass --data a dataset "
                                "with a training split, or scan a model trained with a validation fraction")
 
+    from edgesqueeze._io import check_writable
+    from edgesqueeze.compress.prune import prunable_layers
+    from edgesqueeze.models.layers import check_layer_names
+
+    if layers is not None:  # before the baseline: a wrong name was reported after a full evaluation
+        check_layer_names(layers, list(prunable_layers(loaded.model)), "--layers")
+    for name in _OUTPUTS:  # and the outputs, before the minutes of measuring
+        check_writable(out / name)
+
     def acc(m: nn.Module) -> float:
         return evaluate(m, x_val, y_val, mean=mean, std=std, batch_size=batch_size)["accuracy"]
 
@@ -71,16 +80,21 @@ def sensitivity(
     return result
 
 
+_OUTPUTS = ("sensitivity.json", "sensitivity.md", "sensitivity.png")
+
+
 def _write_sensitivity(out: Path, result: dict[str, Any]) -> None:
+    """Render the three files first, then write them: a plot that fails to render leaves
+    none of them (it left sensitivity.json alone, beside an earlier run's table)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edgesqueeze._io import atomic_path
+    from edgesqueeze._io import write_bytes_atomic
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "sensitivity.json", json.dumps(result, indent=2) + "\n")
     layers = list(dict.fromkeys(r["layer"] for r in result["rows"]))
     sps = sorted({r["sparsity"] for r in result["rows"]})
     acc = {(r["layer"], r["sparsity"]): r["accuracy"] for r in result["rows"]}
@@ -92,7 +106,6 @@ def _write_sensitivity(out: Path, result: dict[str, Any]) -> None:
         cells = " | ".join(f"{100 * acc[(name, s)]:.2f}" for s in sps)
         chosen = f" | {result['chosen'][name]:.0%}" if "chosen" in result else ""
         lines.append(f"| {name} | {cells}{chosen} |")
-    write_text_atomic(out / "sensitivity.md", "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in layers:
         ax.plot([100 * s for s in sps], [100 * acc[(name, s)] for s in sps], "o-", label=name, linewidth=1)
@@ -101,7 +114,13 @@ def _write_sensitivity(out: Path, result: dict[str, Any]) -> None:
     ax.set_title("pruning sensitivity, one layer at a time")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    with atomic_path(out / "sensitivity.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "sensitivity.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "sensitivity.md", "\n".join(lines) + "\n")
+    write_bytes_atomic(out / "sensitivity.png", png.getvalue())
 

@@ -73,7 +73,8 @@ def keep_layers(model: nn.Module, names: Iterable[str], path: str = "compress.ke
 
 
 def check_layer_names(wanted: Iterable[str], known: Sequence[str], path: str) -> None:
-    """Refuse names that are not prunable layers of the model, suggesting the closest one."""
+    """Refuse names that are not prunable layers of the model, suggesting the closest one.
+    ``path``: the recipe field (``compress.prune.layers``) or the option (``--layers``)."""
     for name in wanted:
         if name in known:
             continue
@@ -83,4 +84,5 @@ def check_layer_names(wanted: Iterable[str], known: Sequence[str], path: str) ->
         else:
             shown = ", ".join(list(known)[:8]) + (", ..." if len(known) > 8 else "")
             tip = f"; the model's Conv2d/Linear layers are: {shown} ({len(known)} in all)"
-        raise RecipeError(f"{path}.{name}: no Conv2d or Linear layer of that name{tip}")
+        where = f"{path} {name}" if path.startswith("--") else f"{path}.{name}"  # an option, or a recipe field
+        raise RecipeError(f"{where}: no Conv2d or Linear layer of that name{tip}")

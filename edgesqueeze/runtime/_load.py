@@ -63,6 +63,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     this runtime runs, and :class:`RuntimeBackendError` when the runtime it needs is not
     installed or cannot open it.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise FormatError(f"load takes the path of a model file, got {type(path).__name__} {path!r:.60}"
+                          + ("; to run bytes in memory, write them to a file first" if isinstance(path, bytes) else ""))
     path = Path(path)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
