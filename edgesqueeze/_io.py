@@ -114,6 +114,52 @@ def once_each(paths) -> tuple[list[str], list[str]]:
     return out, repeats
 
 
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a model file, or None when it is a regular file: "no
+    such file", a folder, or a pipe or device (``<(cat model.onnx)``, a FIFO), which was
+    reported as missing, or as damaged after its first bytes had been read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a model file; name the file in it"
+    return ("is a pipe or a device, not a file (a process substitution <(...) or a FIFO): the file is read more "
+            "than once, so save it to a file first")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there yet: the same name after links are followed
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def outputs_clear_of_inputs(outputs, inputs) -> None:
+    """Refuse (OutputError) an output file that is one of the command's inputs, or two
+    outputs that are one file. ``outputs`` and ``inputs`` are ``(what, path)`` pairs, e.g.
+    ``("--json", path)``, ``("the recipe", path)``; ``None`` and ``-`` (standard output) are
+    skipped. ``verify --out model.onnx`` wrote its report over the model, ``check --json
+    ref.pt --reference ref.pt`` deleted the reference before reading it."""
+    def files(pairs):
+        return [(what, Path(p)) for what, p in pairs if p is not None and not is_stdout(p)]
+
+    outs, ins = files(outputs), files(inputs)
+    for i, (what, out) in enumerate(outs):
+        for src_what, src in ins:
+            if _same_file(out, src):
+                raise OutputError(f"{what} {out}: is also an input ({src_what}{'' if src == out else f' {src}'}); "
+                                  "writing there would replace it: write elsewhere")
+        for other_what, other in outs[:i]:
+            if _same_file(out, other):
+                raise OutputError(f"{other_what} and {what} both name {out}; one would replace the other: "
+                                  "give each its own file")
+
+
 def remove_earlier_outputs(folder: str | os.PathLike, names) -> list[Path]:
     """Remove the files ``names`` (regular files, not links) from ``folder``, before a new run
     writes its own: an interrupted run must never leave an earlier run's results beside its

@@ -7,6 +7,7 @@ interface, so :func:`edgesqueeze.runtime.bench.compare` times them all interleav
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,6 +71,27 @@ def _torch_cold(path: Path, threads: int | None, model_args) -> tuple[Artifact, 
     return art, {"cold_load_ms": 1e3 * float(np.median(times)), "decode_ms": None}
 
 
+def _batches_fit(arts, batch_sizes) -> None:
+    """Refuse a batch whose input alone takes more than half this machine's memory, before
+    any timing: ``-b 1 -b 100000000`` timed batch 1, then failed and lost its rows."""
+    from edgesqueeze.errors import DataError
+
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # not POSIX: the batch's own MemoryError says it
+        return
+    for art in arts:
+        shape = getattr(getattr(art, "input_spec", None), "image_shape", None)
+        if not shape or any(not isinstance(d, int) for d in shape):
+            continue
+        for bs in batch_sizes:
+            need = 4 * bs * int(np.prod(shape))
+            if need > memory // 2:
+                raise DataError(f"{art.path}: --batch-size {bs}: a batch of {bs:,} images of shape {list(shape)} "
+                                f"does not fit in memory ({need:,} bytes of input alone, more than half of this "
+                                f"machine's {memory:,}); time a smaller batch size")
+
+
 def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, warmup: int = 10,
                 threads: int | None = None, model_args: dict[str, Any] | None = None,
                 portable: bool | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -86,7 +108,6 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
     from edgesqueeze.verify import sniff
 
     import datetime as dt
-    import os
 
     from edgesqueeze import __version__
 
@@ -108,6 +129,7 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
         art, c = (_torch_cold(Path(p), threads, model_args) if t else next(loaded))
         arts.append(art)
         cold.append(c)
+    _batches_fit(arts, batch_sizes)  # every batch size before any timing: the last one failed after the others
     rows = []
     for bs in batch_sizes:
         log(f"timing batch {bs}: {warmup} warm-up + {runs} runs of each of {len(arts)} file(s), interleaved")

@@ -133,6 +133,7 @@ def _zip_kind(path: Path) -> str | None:
             names = zf.namelist()
     except (zipfile.BadZipFile, OSError):
         return None
+    _check_crcs(path)
     if any(n.endswith("/archive_format") or n.endswith("models/model.json") for n in names):
         return "exported_program"
     if any("/code/__torch__" in n for n in names) or any(n.endswith("/constants.pkl") for n in names):
@@ -142,7 +143,22 @@ def _zip_kind(path: Path) -> str | None:
     return "zip"
 
 
+def _check_crcs(path: Path) -> None:
+    """Refuse a zip-format PyTorch file (torch.save, TorchScript, .pt2) whose members fail
+    their CRC-32: torch.load does not check them, so a flipped byte in a weight loaded and ran
+    (1-2 ms per 5 MB; a legacy non-zip file has no checksum to check)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            damaged = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError):
+        return  # not a zip, or one torch reads and we cannot: torch.load says what is wrong
+    if damaged is not None:
+        raise CheckpointError(f"{path}: damaged: its member {damaged} fails its CRC-32 check (a changed byte); "
+                              "copy it again from where it came, or save the model again")
+
+
 def _safe_torch_load(path: Path) -> Any:
+    _check_crcs(path)
     try:
         with warnings.catch_warnings():  # torch's "Detected pickle protocol 4" before our own refusal
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -287,9 +303,12 @@ def stored_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """``(state_dict, meta, kind)`` of an edgesqueeze checkpoint or model ``.esq`` as stored,
     without building the architecture (so without importing the user's code it names): what
     ``info`` shows and ``unpack`` writes for a file whose code is not trusted."""
+    from edgesqueeze._io import not_a_file
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    why = not_a_file(path)
+    if why:
+        raise CheckpointError(f"{path}: {why}")
     with open(path, "rb") as fh:
         head = fh.read(8)
     if head == container.MAGIC:
@@ -400,9 +419,11 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
                 input_meta: dict[str, Any] | None) -> LoadedModel:
     from edgesqueeze.models.imports import is_import_spec
 
-    if not path.is_file():
-        raise CheckpointError(f"{path}: " + ("is a directory; name the model file in it" if path.is_dir()
-                                              else "no such file"))
+    from edgesqueeze._io import not_a_file
+
+    why = not_a_file(path)
+    if why:
+        raise CheckpointError(f"{path}: {why}")
     with open(path, "rb") as fh:
         head = fh.read(64)
     not_torch_file(path, head)

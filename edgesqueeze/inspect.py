@@ -18,9 +18,12 @@ def inspect_file(path: str | Path, model_args: dict[str, Any] | None = None) -> 
     """``model_args``: how to read a ``.pt`` that does not describe itself (``load_model``)."""
     from edgesqueeze.verify import sniff
 
+    from edgesqueeze._io import not_a_file
+
     path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
+    why = not_a_file(path)
+    if why:
+        raise FormatError(f"{path}: {why}")
     kind = sniff(path)
     if kind == "esq":
         return _inspect_esq(path)

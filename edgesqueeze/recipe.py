@@ -172,6 +172,11 @@ class Recipe:
     budget: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        # the default output folder is artifacts/<name>: a name with a path in it wrote elsewhere
+        if (not isinstance(self.name, str) or not self.name.strip() or self.name.strip() in (".", "..")
+                or any(c in self.name for c in "/\\\0")):
+            raise RecipeError(f"name: {self.name!r} is not a plain name (it names the default output folder "
+                              "artifacts/<name>): use letters, digits, '-', '_' or '.', without '/'")
         self.budget_spec()
 
     def budget_spec(self):

@@ -362,6 +362,11 @@ def fit(
     device = resolve_device(cfg.device, what="train.device")
     check_precision(cfg.precision, device, what="train.precision")
     group = distributed.setup(device)  # launched by torchrun: one of WORLD_SIZE processes
+    if group.main:  # before the data and the epochs: a folder in the way was found after training
+        from edgesqueeze._io import check_writable
+
+        for name in OUTPUTS:
+            check_writable(out / name)
     distributed.explain_termination(group, out)
     threads_before = torch.get_num_threads()  # set_threads changes the process's: the caller's comes back
     try:
@@ -375,6 +380,7 @@ def fit(
 
 
 _FINAL_OUTPUTS = ("model.pt", "summary.json", "curves.png", "metrics.csv", "metrics.json")
+OUTPUTS = (*_FINAL_OUTPUTS, "last.pt", "recipe.json")  # every file a run writes in its folder
 
 
 def _quiet(_msg: str) -> None:

@@ -320,8 +320,11 @@ def _safe_sniff(path: Path) -> str | None:
 def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, model_args) -> dict[str, Any]:
     if path.is_dir():
         raise FormatError(f"{path}: is a folder, not a model file; pass the files in it ({path}/*)")
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
+    from edgesqueeze._io import not_a_file
+
+    why = not_a_file(path)
+    if why:
+        raise FormatError(f"{path}: {why}")
     kind = sniff(path)
     out: dict[str, Any] = {"bytes": path.stat().st_size, "gzip_bytes": gzip_size(path)}
     if kind in ("pt", "esq"):

@@ -239,10 +239,12 @@ def test_an_earlier_runs_verdict_files_do_not_outlive_bad_input(tmp_path):
     bad = write_report(tmp_path, set_field("accuracy", "high"), name="bad.json")
     res = check(bad, *BUDGET, *args)
     assert res.exit_code == 2 and not any(p.exists() for p in outs), res.output
-    # an output named like the input report is read first, then replaced: never deleted unread
+    # an output named like the input report is refused: it was read, then replaced by the
+    # verdicts, and the report was lost
     same = write_report(tmp_path, name="same.json")
-    assert check(same, *BUDGET, "--json", same).exit_code == 0
-    assert json.loads(same.read_text())["exit_code"] == 0
+    before = same.read_text()
+    res = check(same, *BUDGET, "--json", same)
+    assert res.exit_code == 2 and "is also an input" in res.output and same.read_text() == before, res.output
 
 
 def test_the_job_summary_is_appended_to_whatever_github_names_it(tmp_path, monkeypatch):

@@ -561,7 +561,7 @@ def test_empty_and_missing_files(tmp_path):
         load(tmp_path / "empty.onnx")
     with pytest.raises(FormatError, match=r"nothere\.tflite: no such file"):
         load(tmp_path / "nothere.tflite")
-    with pytest.raises(FormatError, match="is a directory"):
+    with pytest.raises(FormatError, match="is a folder, not a model file"):
         load(tmp_path)
 
 

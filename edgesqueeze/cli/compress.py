@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import PathType, _progress_default, cli, device_option, model_options
+from edgesqueeze.cli._group import (FiniteRange, PathType, _progress_default, check_dataset_option, cli,
+                                    device_option, model_options)
 
 
 @cli.command("compress")
@@ -14,7 +15,8 @@ from edgesqueeze.cli._group import PathType, _progress_default, cli, device_opti
 @model_options(recipe_help="Recipe YAML with a 'compress' section (see recipes/); its 'model' section stands "
                            "for --arch, its 'data' for the dataset of a file that records none [default: none: "
                            "lossless re-encoding].", set_example="compress.ptq.target_bytes=480000")
-@click.option("--data", "dataset", help="Dataset [default: the checkpoint's, else the recipe's data section].")
+@click.option("--data", "dataset", callback=check_dataset_option,
+              help="Dataset [default: the checkpoint's, else the recipe's data section].")
 @click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, <recipe name or model name>-compressed/].")
 @click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
@@ -190,11 +192,12 @@ def unpack(esq_path, out_path, force):
 @click.option("--sparsities", default="0.5,0.7,0.8,0.9,0.95", show_default=True,
               help="Comma-separated sparsities to try on each layer.")
 @click.option("--layers", help="Comma-separated layer names [default: every Conv2d and Linear].")
-@click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy points a layer may lose; prints the "
+@click.option("--max-drop", type=FiniteRange(min=0, max=100), help="Accuracy points a layer may lose; prints the "
               "largest sparsity per layer within it, ready for a recipe's compress.prune.layers.")
 @click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, sensitivity/].")
-@click.option("--data", "dataset", help="Dataset [default: the one the model records].")
+@click.option("--data", "dataset", callback=check_dataset_option,
+              help="Dataset [default: the one the model records].")
 @click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @model_options
 @device_option

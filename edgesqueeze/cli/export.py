@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import PathType, cli, device_option, model_options
+from edgesqueeze.cli._group import PathType, check_dataset_option, cli, device_option, model_options
 from edgesqueeze.errors import EdgesqueezeError
 
 
@@ -26,7 +26,8 @@ def _csv(value: str, what: str) -> list[str]:
                    "DECODE operators; needs edgesqueeze[micro]) [default: the recipe's, else the first four].")
 @click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, export/].")
-@click.option("--data", "dataset", help="Dataset for calibration images [default: the model's own].")
+@click.option("--data", "dataset", callback=check_dataset_option,
+              help="Dataset for calibration images [default: the model's own].")
 @click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--calibration-images", type=click.IntRange(1, 100_000),
               help="Calibration image count for INT8 [default: the recipe's, else 256].")

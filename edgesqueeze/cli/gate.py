@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import PathType, cli, model_options, threads_option
+from edgesqueeze.cli._group import PathType, check_dataset_option, cli, model_options, threads_option
 
 
 def _is_report(path: Path) -> bool:
@@ -152,7 +152,8 @@ def _with_budget_options(fn):
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=PathType(path_type=Path))
-@click.option("--data", "dataset", help="Dataset whose test split to use [default: the one each file records].")
+@click.option("--data", "dataset", callback=check_dataset_option,
+              help="Dataset whose test split to use [default: the one each file records].")
 @click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--reference", type=PathType(dir_okay=False, path_type=Path),
               help="Float model (.pt) for top-1 agreement and accuracy drop [default: the first .pt given].")
@@ -205,7 +206,15 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
     if out.suffix.lower() == ".md":
         raise click.BadParameter(f"{out}: names the JSON report, and the markdown is written beside it; "
                                  f"give {out.with_suffix('.json')} to get {out}", param_hint="--out")
-    check_writable(out)  # before the evaluation, not after it
+    from edgesqueeze._io import outputs_clear_of_inputs
+    from edgesqueeze.verify_report import plot_paths
+
+    outputs_clear_of_inputs([("--out", out), ("the markdown report (beside --out)", out.with_suffix(".md")),
+                             *((f"the plot {p.name} (beside --out)", p) for p in plot_paths(out).values())],
+                            [*(("an artifact", p) for p in paths), ("--reference", reference),
+                             ("--recipe", model_opts.recipe_path)])
+    for path in (out, out.with_suffix(".md"), *plot_paths(out).values()):
+        check_writable(path)  # before the evaluation, not after it
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir or model_opts.data_dir,
                                 reference=reference, limit=limit, threads=threads, latency=latency, log=lambda m: click.echo(m),
@@ -228,7 +237,8 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=PathType(path_type=Path))
 @_with_budget_options
-@click.option("--data", "dataset", help="Dataset to evaluate artifact files on [default: the one each file records].")
+@click.option("--data", "dataset", callback=check_dataset_option,
+              help="Dataset to evaluate artifact files on [default: the one each file records].")
 @click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--reference", type=PathType(dir_okay=False, path_type=Path),
               help="Float model (.pt) for agreement and drop [default: the first .pt given].")
@@ -238,7 +248,8 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
 @click.option("--junit", "junit_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write JUnit XML (one test case per artifact and budget; '-': standard output).")
 @click.option("--markdown", "md_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
-              help="Write Markdown (e.g. $GITHUB_STEP_SUMMARY, appended to; '-': standard output).")
+              help="Write Markdown: a file is replaced, the job summary $GITHUB_STEP_SUMMARY appended to; '-': "
+                   "standard output.")
 @model_options(recipe_help="Take the budget from this recipe's 'budget' section (options override it); its "
                            "'model' section stands for --arch.", set_example="budget.max_size=500KB")
 @click.pass_context
@@ -274,13 +285,18 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         raise click.UsageError(f"{' and '.join(to_stdout)} both name standard output ('-'); give one of them a file")
     appends = (md_path is not None and not is_stdout(md_path)
                and (_is_step_summary(md_path) or md_path.exists() and not md_path.is_file()))
+    from edgesqueeze._io import outputs_clear_of_inputs
+
+    outputs_clear_of_inputs([("--json", json_path), ("--junit", junit_path), ("--markdown", md_path)],
+                            [*(("an input", p) for p in paths), ("--reference", reference),
+                             ("--recipe", model_opts.recipe_path)])
     for path in (json_path, junit_path, md_path):
         if path is not None and not is_stdout(path):
             check_writable(path, appends=appends and path is md_path)  # before the evaluation, not after it
-    inputs = {p.resolve() for p in paths}
-    for path in (json_path, junit_path, None if appends else md_path):
-        if path is not None and not is_stdout(path) and path.is_file() and not path.is_symlink() and path.resolve() not in inputs:
-            # an earlier run's verdicts must not outlive this run if it stops on bad input
+    for path in (json_path, junit_path, None if appends else md_path):  # none of them an input (checked above)
+        if path is not None and not is_stdout(path) and path.is_file() and not path.is_symlink():
+            # an earlier run's verdicts must not outlive this run if it stops on bad input: the
+            # outputs are this run's or none (CI uploads them beside the exit status)
             path.unlink()
     rows, files = [], []
     for p in paths:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import PathType, _progress_default, cli, device_option, model_options
+from edgesqueeze.cli._group import (FiniteRange, PathType, _progress_default, check_dataset_option, cli,
+                                    device_option, model_options)
 
 
 @cli.command()
@@ -50,6 +51,12 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
         resolve_device(device)  # the option named in the error, before anything is read
         overrides = (*overrides, f"train.device={device}")
     recipe = load_recipe(recipe_path, overrides)
+    from edgesqueeze._io import outputs_clear_of_inputs
+    from edgesqueeze.train import OUTPUTS
+
+    out = Path(out_dir) if out_dir else recipe.out_dir()
+    outputs_clear_of_inputs([("the run's output", out / name) for name in OUTPUTS],
+                            [("--recipe", recipe_path)])
     result = fit(recipe, out_dir=out_dir, resume=resume, overwrite=overwrite,
                  progress=_progress_default() if progress is None else progress,
                  log=lambda s: click.echo(s))
@@ -59,12 +66,13 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 
 @cli.command("eval")
 @click.argument("model_path", type=PathType(dir_okay=False, path_type=Path))
-@click.option("--data", "--dataset", "dataset", help="Dataset name [default: the one the checkpoint was trained on].")
+@click.option("--data", "--dataset", "dataset", callback=check_dataset_option,
+              help="Dataset name [default: the one the checkpoint was trained on].")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="Which images: the held-out test split, or the validation / training part of the training "
                    "split as the checkpoint's recipe carved it (--val-fraction, --seed).")
 @click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
+@click.option("--val-fraction", type=FiniteRange(0, 1, max_open=True), default=None,
               help="Validation fraction for --split val/train [default: from the checkpoint's recipe, else 0.1].")
 @click.option("--seed", type=int, default=None, help="Split seed [default: the checkpoint's].")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate a seeded subset of at most N images.")

@@ -105,8 +105,10 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std):
 @click.argument("paths", nargs=-1, required=True, type=PathType(dir_okay=False, path_type=Path))
 @click.option("--batch-size", "-b", "batch_sizes", multiple=True, type=click.IntRange(min=1),
               help="Batch size(s) to time [default: 1 and 32].")
-@click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1), help="Timed runs per case.")
-@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1, max=1_000_000),
+              help="Timed runs per case.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0, max=100_000),
+              help="Untimed runs first.")
 @threads_option("Runtime threads [default: the runtime's].")
 @click.option("--json", "json_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write rows as JSON ('-': standard output, and the table goes to standard error).")
@@ -133,6 +135,10 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
     from edgesqueeze._io import check_writable, is_stdout, write_text_output
     from edgesqueeze.benchmark import bench_files
 
+    from edgesqueeze._io import outputs_clear_of_inputs
+
+    outputs_clear_of_inputs([("--json", json_path)],
+                            [*(("a file timed", p) for p in paths), ("--recipe", model_opts.recipe_path)])
     quiet = is_stdout(json_path)  # stdout is the JSON then; the table goes to stderr
     if json_path and not quiet:
         check_writable(json_path)  # before the timing, not after it
@@ -184,18 +190,19 @@ def reseal(path):
     if data[:len(MAGIC)] == MAGIC:
         raise DataError(f"{path}: a packed or checkpoint archive checks itself (SHA-256 in its header); "
                         f"reseal takes a plain .onnx or .tflite file")
+    from edgesqueeze.runtime import load
+
+    try:  # a file the runtime cannot open (truncated, not a model, a .tflite named .onnx) must not get a
+        # valid checksum, nor be told that its checksum matches
+        load(path, check=False)
+    except FormatError as exc:
+        raise DataError(f"{path}: not a model the runtime opens, so it is not resealed ({str(exc).removeprefix(f'{path}: ')})") from None
     try:
         if check_seal(data, str(path)) is not None:
             click.echo(f"{path}: its checksum ({KEY}) already matches; nothing to do")
             return
     except FormatError:
         pass  # the bytes changed, or the record itself: what reseal is for
-    from edgesqueeze.runtime import load
-
-    try:  # a file the runtime cannot open (truncated, not a model) must not get a valid checksum
-        load(path, check=False)
-    except FormatError as exc:
-        raise DataError(f"{path}: not a model the runtime opens, so it is not resealed ({str(exc).removeprefix(f'{path}: ')})") from None
     try:
         sealed = seal(data)
     except FormatError as exc:

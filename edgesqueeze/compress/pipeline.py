@@ -92,8 +92,10 @@ def compress(
                                "cluster_finetune)")
     _outputs_clear_of_inputs(Path(checkpoint), Path(out_dir), teacher)
     from edgesqueeze._io import check_writable
+    from edgesqueeze.compress.stages import CLUSTER_STATE, PRUNE_STATE, PRUNED_NAME
 
-    check_writable(Path(out_dir) / "model.esq")  # before the retraining, not after it
+    for name in (*_FINAL_OUTPUTS, PRUNED_NAME, PRUNE_STATE, CLUSTER_STATE):
+        check_writable(Path(out_dir) / name)  # before the retraining, not after it
     if config.mode != "lossless":  # a device this machine lacks: one line, before anything is read
         from edgesqueeze.device import resolve_device
 
@@ -124,6 +126,11 @@ def compress(
             "at the recipe's learning rates can diverge; to try other settings, compress the float model, or "
             "its pruned.pt with compress.prune: null")
     kept = keep_layers(inp.loaded.model, config.keep_layers)
+    if config.mode == "retrain":  # layer names, before an earlier run's results are removed below
+        if config.prune is not None:
+            config.prune.explicit(inp.loaded.model, path="compress.prune")
+        if config.cluster is not None:
+            config.cluster.bits_for(inp.loaded.model, path="compress.cluster")
     if kept:
         log(f"compress.keep_layers: {len(kept)} layers left as they are ({', '.join(kept[:6])}"
             f"{', ...' if len(kept) > 6 else ''})")

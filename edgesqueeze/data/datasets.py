@@ -635,6 +635,26 @@ def unknown_dataset_error(name: str) -> DataError:
     return DataError(f"unknown dataset '{name}'{hint}; known datasets: {', '.join(KNOWN_DATASETS)}")
 
 
+_NEEDS_PATH = {"imagefolder:": "imagefolder:PATH (a folder or .zip)",
+               "imagenet:": "imagenet:PATH (with train/<wnid>/ and val/<wnid>/)"}
+
+
+def check_dataset_name(name) -> None:
+    """Refuse a dataset name :func:`load_dataset` cannot read, without reading anything: what
+    a command checks before its work (``verify --data nosuch`` reported each file as not
+    evaluated, and wrote its report)."""
+    if not isinstance(name, str) or not name.strip():
+        raise unknown_dataset_error(str(name))
+    low = name.strip().lower()
+    for prefix, form in _NEEDS_PATH.items():
+        if low.startswith(prefix):
+            if not name.strip()[len(prefix):]:
+                raise DataError(f"dataset '{prefix}' needs a path: {form}")
+            return
+    if low not in ("digits", "mnist", "cifar10", "imagenet-sample"):
+        raise unknown_dataset_error(name)
+
+
 def _check_opt_int(what: str, v, lo: int) -> None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo):
         raise DataError(f"{what} must be an integer >= {lo}, got {v!r}")
@@ -655,8 +675,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     ``imagefolder:PATH`` are streamed from disk (:mod:`edgesqueeze.data.stream`): their
     images are decoded batch by batch in DataLoader workers, never all held in memory.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise unknown_dataset_error(str(name))
+    check_dataset_name(name)
     _check_opt_int("image_size", image_size, 1)
     _check_opt_int("limit", limit, 1)
     _check_opt_int("seed", seed, 0)
@@ -664,14 +683,10 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     low = name.lower()
     if low.startswith("imagefolder:"):
         spec = name.split(":", 1)[1]
-        if not spec:
-            raise DataError("dataset 'imagefolder:' needs a path: imagefolder:PATH (a folder or .zip)")
         ds = (_stream_folder(name, spec, image_size, seed) if stream
               else _load_imagefolder(name, spec, image_size))
     elif low.startswith("imagenet:"):
         spec = name.split(":", 1)[1]
-        if not spec:
-            raise DataError("dataset 'imagenet:' needs a path: imagenet:PATH (with train/<wnid>/ and val/<wnid>/)")
         ds = _load_imagenet_folder(name, spec, data_search_path(data_dir), image_size)
     elif low == "digits":
         ds = _load_digits(image_size or 28)

@@ -186,8 +186,16 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
     with output_folder(out_dir) as out:  # a failure before any file is written leaves no empty folder
         stem = stem or model_stem(source)
+        from edgesqueeze._io import check_writable
+
+        for fmt in config.formats:  # every output, before the first is replaced
+            check_writable(out / f"{stem}{SUFFIX[fmt]}")
+            if config.pack and fmt != "tflite-micro":
+                check_writable(out / f"{stem}{SUFFIX[fmt]}.esq")
         digest = sha256_file(source)
         calib = None
+        if any(f in INT8_FORMATS for f in config.formats):  # the data too: a bad --data failed after the fp32 files
+            calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
         written = []
         for fmt in config.formats:
             path = out / f"{stem}{SUFFIX[fmt]}"

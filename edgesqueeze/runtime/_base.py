@@ -132,10 +132,11 @@ def classify(path: Path) -> tuple[str, bytes]:
     Only TFLite is recognised positively (``TFL3``); ONNX is "not something else" and is
     confirmed by parsing it. A packed ``.esq`` is ``"esq"`` (:func:`unpack_file` opens it).
     """
-    if not path.exists():
-        raise FormatError(f"{path}: no such file")
-    if path.is_dir():
-        raise FormatError(f"{path}: is a directory, not a model file")
+    from edgesqueeze._io import not_a_file
+
+    why = not_a_file(path)
+    if why:
+        raise FormatError(f"{path}: {why}")
     with open(path, "rb") as fh:
         head = fh.read(_SNIFF_BYTES)
     what = sniff(head)

@@ -1,0 +1,185 @@
+"""No command writes over what it reads, and bad input is refused before an earlier run's
+files are removed or the work starts. Each case was found by an audit of the CLI with
+real files: verify's report written over the model it scored, check deleting its
+--reference before reading it, compress removing the last run's results and then failing
+on a misspelt layer. Real files on disk, the real CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgesqueeze.cli import cli
+from edgesqueeze.recipe import recipe_from_dict
+from edgesqueeze.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "recipes/squeezenet-digits.yaml"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A small trained digits model and its fp32 ONNX export."""
+    out = tmp_path_factory.mktemp("model")
+    recipe = recipe_from_dict({
+        "version": 1, "seed": 0, "output_dir": str(out),
+        "model": {"arch": "squeezenet_mnist", "kwargs": {"width_mult": 0.5}},
+        "data": {"dataset": "digits", "limit": 400, "val_fraction": 0.2},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "threads": 1},
+    })
+    fit(recipe, progress=False, log=lambda _: None)
+    res = CliRunner().invoke(cli, ["export", str(out / "model.pt"), "-f", "onnx", "--out", str(out / "export")])
+    assert res.exit_code == 0, res.output
+    return out / "model.pt", out / "export" / "model.onnx"
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _copies(files, tmp_path):
+    pt, onnx = (Path(shutil.copy(f, tmp_path / f.name)) for f in files)
+    return pt, onnx
+
+
+@pytest.mark.parametrize("case", ["verify-out", "verify-recipe", "bench-json", "check-reference", "check-report",
+                                  "check-twice"])
+def test_no_output_replaces_an_input(files, tmp_path, case):
+    pt, onnx = _copies(files, tmp_path)
+    recipe = Path(shutil.copy(DIGITS, tmp_path / "r.yaml"))
+    report = tmp_path / "report.json"
+    if case == "check-report":
+        res = _run("verify", pt, onnx, "--limit", "20", "--out", report)
+        assert res.exit_code == 0, res.output
+    args, message = {
+        "verify-out": (["verify", onnx, "--limit", "20", "--out", onnx], "--out {onnx}: is also an input"),
+        "verify-recipe": (["verify", onnx, "--limit", "20", "-r", recipe, "--out", recipe],
+                          "--out {recipe}: is also an input (--recipe)"),
+        "bench-json": (["bench", onnx, "--runs", "1", "-b", "1", "--json", onnx], "--json {onnx}: is also an input"),
+        "check-reference": (["check", onnx, "--reference", pt, "--min-accuracy", "0.5", "--json", pt],
+                            "--json {pt}: is also an input (--reference)"),
+        "check-report": (["check", report, "--min-accuracy", "0.5", "--markdown", report],
+                         "--markdown {report}: is also an input"),
+        "check-twice": (["check", onnx, "--min-accuracy", "0.5", "--json", tmp_path / "o", "--junit", tmp_path / "o"],
+                        "--json and --junit both name"),
+    }[case]
+    before = {p: _digest(p) for p in (pt, onnx, recipe) + ((report,) if report.exists() else ())}
+    res = _run(*args)
+    assert res.exit_code == 2, res.output
+    assert message.format(onnx=onnx, recipe=recipe, pt=pt, report=report) in res.output, res.output
+    assert "Traceback" not in res.output
+    assert {p: _digest(p) for p in before} == before  # every input as it was
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_does_not_write_over_its_recipe_and_checks_its_outputs_first(tmp_path):
+    run = tmp_path / "t"
+    run.mkdir()
+    recipe = Path(shutil.copy(DIGITS, run / "recipe.json"))  # YAML is JSON's superset: a recipe named so
+    before = _digest(recipe)
+    res = _run("train", "-r", recipe, "--out", run, "--set", "train.epochs=0.05")
+    assert res.exit_code == 2 and f"{run}/recipe.json: is also an input (--recipe)" in res.output, res.output
+    assert _digest(recipe) == before
+    (tmp_path / "u" / "summary.json").mkdir(parents=True)  # a folder in the way: said before training
+    res = _run("train", "-r", DIGITS, "--out", tmp_path / "u", "--set", "train.epochs=0.05", "--no-progress")
+    assert res.exit_code == 2 and "summary.json: cannot write: a folder is in the way" in res.output, res.output
+    assert "epoch" not in res.output and not (tmp_path / "u" / "last.pt").exists()
+    res = _run("train", "-r", DIGITS, "--set", "name=../escaped", "--set", "train.epochs=0.05")
+    assert res.exit_code == 2 and "'../escaped' is not a plain name" in res.output, res.output
+
+
+def test_compress_checks_layer_names_and_outputs_before_removing_the_last_run(files, tmp_path):
+    pt, _ = files
+    out = tmp_path / "c"
+    out.mkdir()
+    earlier = {name: f"earlier {name}" for name in ("model.esq", "report.json", "report.md")}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+    res = _run("compress", pt, "-r", DIGITS, "--out", out, "--no-progress",
+               "--set", "compress.prune.layers={nosuch: 0.5}")
+    assert res.exit_code == 2 and "compress.prune.layers.nosuch: no Conv2d or Linear layer" in res.output, res.output
+    assert {n: (out / n).read_text() for n in earlier} == earlier  # the last run's results kept
+    (tmp_path / "d" / "report.md").mkdir(parents=True)
+    res = _run("compress", pt, "-r", DIGITS, "--out", tmp_path / "d", "--no-progress")
+    assert res.exit_code == 2 and "report.md: cannot write: a folder is in the way" in res.output, res.output
+    assert "[float]" not in res.output and not (tmp_path / "d" / "model.esq").exists()
+
+
+def test_export_checks_every_output_and_the_data_before_the_first_file(files, tmp_path):
+    pt, _ = files
+    out = tmp_path / "e"
+    (out / "model.int8.onnx").mkdir(parents=True)
+    (out / "model.onnx").write_text("earlier")
+    res = _run("export", pt, "-f", "onnx,onnx-int8", "--out", out)
+    assert res.exit_code == 2 and "model.int8.onnx: cannot write: a folder is in the way" in res.output, res.output
+    assert (out / "model.onnx").read_text() == "earlier"
+    res = _run("export", pt, "-f", "onnx,onnx-int8", "--out", tmp_path / "f", "--data", "digts")
+    assert res.exit_code == 2 and "unknown dataset 'digts' (did you mean 'digits'?)" in res.output, res.output
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["verify", "{onnx}", "--data", "nosuch", "--out", "{tmp}/v.json"], "unknown dataset 'nosuch'"),
+    (["eval", "{pt}", "--data", ""], "unknown dataset ''"),
+    (["eval", "{pt}", "--data", "imagefolder:"], "dataset 'imagefolder:' needs a path"),
+    (["eval", "{pt}", "--mean", "nan", "--limit", "5"], "give one finite number per channel"),
+    (["eval", "{pt}", "--std", "inf", "--limit", "5"], "give one finite positive number per channel"),
+    (["sensitivity", "{pt}", "--max-drop", "nan", "--out", "{tmp}/s"], "'nan' is not a number"),
+    (["bench", "{onnx}", "-b", "1", "-b", "100000000000", "--runs", "1"], "does not fit in memory"),
+])
+def test_bad_values_are_usage_errors_before_any_work(files, tmp_path, args, message):
+    pt, onnx = files
+    res = _run(*[a.format(pt=pt, onnx=onnx, tmp=tmp_path) for a in args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output, res.output
+    assert "timing batch" not in res.output and not list(tmp_path.iterdir())
+
+
+def test_a_pt_file_with_a_changed_byte_is_refused(files, tmp_path):
+    """torch.load does not check a zip member's CRC-32: a flipped byte in a weight loaded and
+    scored."""
+    pt, _ = files
+    bad = Path(shutil.copy(pt, tmp_path / "flip.pt"))
+    with zipfile.ZipFile(bad) as zf:
+        member = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(bad.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26:member.header_offset + 30])
+    data[member.header_offset + 30 + name_len + extra_len + 8] ^= 0x10  # inside the tensor's bytes
+    bad.write_bytes(bytes(data))
+    for command in (["eval", bad, "--limit", "5"], ["info", bad], ["export", bad, "-f", "onnx", "--out", tmp_path / "x"]):
+        res = _run(*command)
+        assert res.exit_code == 2, res.output
+        assert f"its member {member.filename} fails its CRC-32 check" in res.output, res.output
+    assert _run("eval", pt, "--limit", "5").exit_code == 0
+
+
+def test_a_pipe_is_named_as_one_and_a_reseal_of_a_misnamed_file_is_refused(files, tmp_path):
+    """``inspect <(cat model.onnx)`` said "no such file" (run: "not the bytes exported"), and
+    reseal said a TFLite file named .onnx "already matches" where run refuses it."""
+    import os
+
+    _, onnx = files
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for command in (["inspect", fifo], ["info", fifo], ["run", fifo, onnx], ["verify", fifo, "--out", tmp_path / "v.json"]):
+        res = _run(*command)
+        assert res.exit_code == 2 and "is a pipe or a device, not a file" in res.output, (command, res.output)
+    tflite = tmp_path / "m.tflite"
+    res = _run("export", files[0], "-f", "tflite", "--out", tmp_path / "t")
+    assert res.exit_code == 0, res.output
+    shutil.copy(tmp_path / "t" / "model.tflite", tmp_path / "wrong.onnx")
+    res = _run("reseal", tmp_path / "wrong.onnx")
+    assert res.exit_code == 2 and "holds a TFLite model" in res.output, res.output
+    assert not tflite.exists()
+    res = _run("eval", files[0], "--device", " ")
+    assert res.exit_code == 2 and "an empty device" in res.output, res.output
