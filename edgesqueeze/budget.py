@@ -97,13 +97,16 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                 out.append(Verdict(name, fmt, "agreement", f">= {_pct(budget.min_agreement)}", _pct(agr),
                                    "PASS" if ok else "FAIL",
                                    "" if ok else _images(1 - agr, row.get("n"), "disagree")))
-    if (budget.max_size is not None or budget.max_size_per_format) and not any(v.check == "size" for v in out) \
+    shipped = [f for f in budget.max_size_per_format if f != "pt"]
+    if (budget.max_size is not None or shipped) and not any(v.check == "size" and v.format != "pt" for v in out) \
             and not any(r.get("error") for r in rows):
-        # a size budget that matched no artifact checked nothing: never a silent pass
-        named = ", ".join(sorted(budget.max_size_per_format))
+        # a size budget that matched no artifact that ships checked nothing: never a silent pass
+        # (a report of the reference .pt alone passed a recipe that budgets ten exported formats)
+        named = ", ".join(sorted(shipped))
         what = (f"no artifact of format {named}" if named and budget.max_size is None else
                 "no artifact but the float reference .pt, which --max-size does not judge")
-        limit = " or ".join(f"{f} <= {format_size(v)}" for f, v in sorted(budget.max_size_per_format.items())) \
+        limit = " or ".join(f"{f} <= {format_size(v)}" for f, v in sorted(budget.max_size_per_format.items())
+                            if f != "pt") \
             or f"<= {format_size(budget.max_size)}"
         out.append(Verdict("-", named or "any", "size", limit, "-", "ERROR",
                            f"{what} in the report: no size was checked; verify the file that ships "

@@ -131,7 +131,15 @@ def test_max_size_judges_the_files_that_ship_not_the_float_reference():
     (v,) = check([big_pt], Budget(max_size=100_000))
     assert (v.check, v.status) == ("size", "ERROR") and "float reference .pt" in v.message
     verdicts = check([big_pt], Budget(max_size=100_000, max_size_per_format={"pt": 1_000_000}))
-    assert [(v.check, v.status) for v in verdicts] == [("size", "FAIL")]
+    # the .pt fails its own limit, and max_size, which judges the files that ship, judged none
+    assert [(v.check, v.status) for v in verdicts] == [("size", "FAIL"), ("size", "ERROR")]
+    # a recipe budgeting exported formats, and a report of the reference alone (verify lost
+    # every export): passed with a note, exit 0
+    verdicts = check([row(format="pt", bytes=300_000)], Budget(max_size_per_format={"pt": 400_000, "onnx": 300_000,
+                                                                                       "tflite-int8.esq": 25_000}))
+    assert [(v.format, v.check, v.status) for v in verdicts] == [
+        ("pt", "size", "PASS"), ("onnx, tflite-int8.esq", "size", "ERROR")]
+    assert "pt <=" not in verdicts[1].limit
     assert not check([row(format="esq", bytes=200_000)], Budget(max_size=100_000))[0].passed
 
 

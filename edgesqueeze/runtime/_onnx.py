@@ -46,11 +46,34 @@ _ORT_DTYPES = {
 def import_onnxruntime(path: Path | str):
     try:
         import onnxruntime
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "onnxruntime":
+            raise RuntimeBackendError(f"{path}: onnxruntime is installed but cannot be imported: it needs "
+                                      f"{exc.name!r} ({_first_line(exc)})") from None
         raise RuntimeBackendError(
             f"{path}: is an ONNX model but onnxruntime is not installed ({_first_line(exc)}); "
             f"pip install onnxruntime (or edgesqueeze[runtime])") from None
+    except ImportError as exc:  # installed, but built for another numpy (1.18 under numpy 2) or broken
+        raise RuntimeBackendError(
+            f"{path}: onnxruntime is installed but cannot be imported ({_first_line(exc)}): an onnxruntime "
+            f"built for another numpy? pip install -U 'onnxruntime>={_GOOD_SINCE}'") from None
     return onnxruntime
+
+
+# onnxruntime releases whose x86 int8 kernels gave other results than every other release on
+# a CPU with AVX-512 VNNI and AMX (the demo's 7-bit onnx-int8 file: 92.5-93.6% top-1 against
+# 98.33% with 1.19, 1.20 and 1.25 onwards; right under AVX2 kernels; session 35). The
+# `runtime` extra keeps them out; a session opened with one says so.
+_BAD_INT8 = ((1, 21), (1, 24))
+_GOOD_SINCE = "1.25"
+
+
+def _bad_int8_release(version: str) -> bool:
+    try:
+        major_minor = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return _BAD_INT8[0] <= major_minor <= _BAD_INT8[1]
 
 
 _NCHWC = "NchwcTransformer"
@@ -219,6 +242,17 @@ class OnnxArtifact(Artifact):
         custom = session_metadata(self.path, self.session)
         self.meta = parse_meta(self.path, custom.get(META_KEY))
         check_classes(self.path, self.meta, self._out.shape)
+        import onnxruntime
+
+        if _bad_int8_release(onnxruntime.__version__) and "int8" in str(self.meta.get("artifact_format", "")):
+            import warnings
+
+            from edgesqueeze.errors import Note
+
+            warnings.warn(f"{self.path}: onnxruntime {onnxruntime.__version__} computes int8 files differently "
+                          "from other releases on x86 CPUs with AVX-512 VNNI or AMX (onnxruntime 1.21-1.24: the "
+                          "demo's int8 file scored 93% there against 98.33% with 1.19, 1.20 and 1.25 onwards); "
+                          f"pip install 'onnxruntime>={_GOOD_SINCE}'", Note, stacklevel=2)
         dtype = _ORT_DTYPES.get(self._in.type)
         if dtype is None:
             raise RuntimeBackendError(f"{self.path}: input {self._in.name!r} has type {self._in.type}, "
