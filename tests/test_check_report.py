@@ -279,3 +279,16 @@ def test_dash_writes_the_verdicts_to_standard_output_and_the_table_to_standard_e
     assert res.stdout.startswith("<?xml") and "<testsuite" in res.stdout, res.stdout
     res = check(report, *BUDGET, "--json", "-", "--markdown", "-")
     assert res.exit_code == 2 and "--json and --markdown both name standard output" in res.output
+
+
+def test_a_report_of_another_dataset_does_not_pass_a_recipes_gate(tmp_path):
+    """A digits report passed the ImageNet deploy recipe's gate (21 checks, exit 0): the
+    budget judged other files than the recipe's."""
+    def digits(report):
+        report["datasets"] = ["digits"]
+
+    path = write_report(tmp_path, digits)
+    res = check(path, "-r", ROOT / "recipes/squeezenet-imagenet-deploy.yaml")
+    assert res.exit_code == 2, res.output
+    assert "was measured on digits, but the recipe" in res.output and "describes imagenet-sample" in res.output
+    assert check(path, "--max-size", "10MB").exit_code in (0, 1)  # options alone: no dataset to compare

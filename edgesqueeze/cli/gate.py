@@ -31,6 +31,28 @@ _COMPRESS_FIELDS = {"path": "esq", "bytes": "totals.esq_bytes", "n": "test.after
                     "reference_accuracy": "test.before.accuracy"}
 
 
+def _same_dataset(path: Path, wanted: str, recipe: Path | None) -> None:
+    """Refuse a verify report measured on another dataset than the recipe's: a digits report
+    passed the ImageNet deploy recipe's gate (its budgets judged numbers of other files). Only
+    named datasets are compared (an image folder's path may be spelt differently)."""
+    from edgesqueeze.errors import DataError
+
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return
+    measured = raw.get("datasets") if isinstance(raw, dict) else None
+    if not isinstance(measured, list) or not measured or not all(isinstance(d, str) for d in measured):
+        return
+    if ":" in wanted or any(":" in d for d in measured):
+        return
+    if wanted.lower() not in {d.lower() for d in measured}:
+        raise DataError(f"{path}: was measured on {', '.join(measured)}, but the recipe "
+                        f"{recipe or '(--set)'} describes {wanted} (data.dataset): its budget is for other files; "
+                        "check a report of that recipe's files, or give the budget as options (--max-size, ...) "
+                        "instead of -r")
+
+
 def _report_rows(path: Path) -> list[dict]:
     """The artifact rows of the report ``path``, checked up front (``budget.validate_rows``):
     a report that has no artifacts, or one whose fields are missing, mistyped or out of range,
@@ -299,10 +321,13 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
             # outputs are this run's or none (CI uploads them beside the exit status)
             path.unlink()
     rows, files = [], []
+    data = model_opts.section("data")
     for p in paths:
         _not_a_directory(p)
         if _is_report(p):
             rows.extend(_report_rows(p))
+            if data is not None:
+                _same_dataset(p, data.dataset, model_opts.recipe_path)
         else:
             files.append(p)
     if files:
