@@ -158,7 +158,7 @@ def test_missing_yaml_names_the_small_package():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install PyYAML" in lines[0], r.stderr
+    assert len(lines) == 1 and "pip install PyYAML" in lines[0] and "'.[runtime]'" in lines[0], r.stderr
 
 
 def test_very_large_images_are_one_line_each(onnx_models, tmp_path):

@@ -98,10 +98,12 @@ class _Group(click.Group):
             top = (exc.name or "").split(".")[0]
             if not top or top == "edgesqueeze":
                 raise
-            extra = {"torch": "train", "sklearn": "train", "yaml": "train", "matplotlib": "train", "tqdm": "train",
+            extra = {"torch": "train", "sklearn": "train", "yaml": "runtime", "matplotlib": "train", "tqdm": "train",
                      "onnx": "export", "litert_torch": "export", "onnxscript": "export",
                      "onnxruntime": "runtime", "ai_edge_litert": "runtime", "PIL": "runtime",
                      "tflite_micro": "micro"}.get(top)
+            if name == "export" and extra == "train":  # export needs both: one round trip, not two
+                extra = "train,export"
             how = f"pip install '.[{extra}]' in the edgesqueeze checkout" if extra else f"install {top}"
             if top == "yaml":  # recipes and --arch-kwargs only: a small package, no reason to pull torch in
                 how = f"pip install PyYAML, or {how}"

@@ -230,7 +230,7 @@ def _inspect_onnx_io_only(path: Path, head: bytes) -> dict[str, Any]:
 
     return {
         "detail": "io-only",
-        "note": "install the onnx package to list ops and weights",
+        "note": "pip install onnx (that package alone, no torch) to list ops and weights",
         "metadata": parse_meta(path, props.pop(META_KEY, None)),
         "metadata_props": props,
         "producer": f"{meta.producer_name}".strip(),
