@@ -281,7 +281,7 @@ def _vec(path: Path, meta: dict, key: str, channels: int | None, default: float)
     except (TypeError, ValueError):
         raise FormatError(f"{path}: metadata {key} {raw!r} is not a list of numbers") from None
     if channels is not None and len(vals) not in (1, channels):
-        raise FormatError(f"{path}: metadata {key} has {len(vals)} values for {channels} channels")
+        raise FormatError(f"{path}: metadata {key} has {len(vals)} values for {channels} channel{'s' if channels != 1 else ''}")
     return vals
 
 
@@ -359,9 +359,13 @@ class Artifact:
         if meta.get("mean") is None or meta.get("std") is None:
             raise FormatError(f"{self.path}: a description needs both mean and std")
         spec = self.input_spec
-        self.meta = {"normalization": "caller", **meta}
-        self.input_spec = build_spec(self.path, self.meta, name=spec.name, shape=spec.shape, dtype=spec.dtype,
-                                     quantization=spec.quantization)
+        described = {"normalization": "caller", **meta}
+        try:
+            self.input_spec = build_spec(self.path, described, name=spec.name, shape=spec.shape, dtype=spec.dtype,
+                                         quantization=spec.quantization)
+        except FormatError as exc:  # the values came from the caller (--mean/--std), not the file
+            raise FormatError(str(exc).replace(": metadata ", ": the given ", 1)) from None
+        self.meta = described
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Scores (N, K) float32 for float32 NCHW input in the artifact's input space."""
