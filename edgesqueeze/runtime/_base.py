@@ -281,7 +281,8 @@ def _vec(path: Path, meta: dict, key: str, channels: int | None, default: float)
     except (TypeError, ValueError):
         raise FormatError(f"{path}: metadata {key} {raw!r} is not a list of numbers") from None
     if channels is not None and len(vals) not in (1, channels):
-        raise FormatError(f"{path}: metadata {key} has {len(vals)} values for {channels} channel{'s' if channels != 1 else ''}")
+        raise FormatError(f"{path}: metadata {key} has {len(vals)} values for {channels} "
+                          f"channel{'s' if channels != 1 else ''}")
     return vals
 
 
