@@ -22,6 +22,7 @@ import datetime
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -152,6 +153,53 @@ def same_on_every_rank(group: Group, tensors: dict[str, torch.Tensor], what: str
         raise DistributedError(f"{what} differ between rank 0 and rank(s) {', '.join(map(str, differ))}: "
                                "the processes did not compute the same model (a bug; please report it)")
     return every
+
+
+def _file_digest(path: Path) -> str | None:
+    """SHA-256 of the file at ``path``; None when there is none."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    return h.hexdigest()
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def same_file_on_every_rank(group: Group | None, path: Path) -> bool:
+    """Whether the state file ``path`` is there to resume from, as every rank sees it: each
+    rank looks on its own disk, and on a run over several machines whose output folder is not
+    shared they can disagree (one rank resuming, another starting over: different weights, then
+    a hang). Raises a DistributedError on every rank unless all see the file with the same bytes
+    (SHA-256), or none sees it; nothing has been trained then. One process: whether it is there."""
+    if group is None or not group.active:
+        return Path(path).is_file()
+    mine = _file_digest(Path(path))
+    every: list[Any] = [None] * group.world
+    dist.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        have = [r for r, d in enumerate(every) if d is not None]
+        lack = [r for r, d in enumerate(every) if d is None]
+        if lack:
+            seen = (f"{_ranks(have)} see{'s' if len(have) == 1 else ''} it and "
+                    f"{_ranks(lack)} do{'es' if len(lack) == 1 else ''} not")
+        else:
+            versions: dict[str, list[int]] = {}
+            for r, d in enumerate(every):
+                versions.setdefault(d, []).append(r)
+            seen = "the ranks see different files: " + "; ".join(
+                f"{_ranks(rs)} sha256 {d[:12]}..." for d, rs in versions.items())
+        raise DistributedError(
+            f"{path}: --resume needs every process to read the same state file, but {seen} (each machine looks on "
+            "its own disk); put the output folder on storage every machine sees (a shared file system), or copy "
+            "the same files to each machine (with c10d rendezvous the machine that gets rank 0, and writes them, "
+            "can change between launches); nothing was trained")
+    return mine is not None
 
 
 def barrier(group: Group) -> None:

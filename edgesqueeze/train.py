@@ -401,6 +401,8 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     # processes on one machine share its cores
     threads = set_threads(cfg.threads or (max(1, available_cpus() // group.local_world) if group.active else 0))
     distributed.check_batch(group, cfg.batch_size, "train.batch_size")
+    # every rank resumes, or none: each looks on its own disk (refused, before any data is read, when they disagree)
+    resuming = resume and distributed.same_file_on_every_rank(group, state_path)
 
     from edgesqueeze.models import get_spec
     from edgesqueeze.models.imports import is_import_spec
@@ -477,7 +479,7 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     if group.main:
         for stale in remove_stale_temps(out):  # a killed run can die inside an atomic write
             log(f"removed {stale.name}, left by an interrupted write")
-        if not (resume and state_path.exists()):
+        if not resuming:
             # a new run: an earlier run's results must not outlive it beside this run's files if
             # it is interrupted (the old model.pt and curves next to a new last.pt)
             from edgesqueeze._io import remove_earlier_outputs
@@ -485,7 +487,7 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
             old = remove_earlier_outputs(out, _FINAL_OUTPUTS)
             if old:
                 log(f"note: {out}/ held an earlier run's {', '.join(p.name for p in old)}: removed")
-    if resume and state_path.exists():
+    if resuming:
         st = load_train_state(state_path)
         if "train_hash" not in st:
             raise EdgesqueezeError(f"{state_path}: was written by an older edgesqueeze that cannot be resumed; "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,3 +111,61 @@ differs, and that grows over a hundred steps into weights that differ by ~0.2 at
     assert acc_one > 0.8, acc_one  # it learned (10 classes)
     assert abs(acc_one - acc_two) <= 0.01, (acc_one, acc_two)
 
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_machines(dirs: list[Path], *args, timeout: float = 240) -> list[tuple[int, str]]:
+    """Two torchrun launchers, one process each, joined by c10d rendezvous as on two machines,
+    each in its own folder (``--out`` relative: each "machine" has its own disk)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=t{port}",
+           "-m", "edgesqueeze", *map(str, args), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for d in dirs]
+    try:
+        return [(p.returncode, p.communicate(timeout=timeout)[0]) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def test_resume_is_refused_when_the_machines_see_different_state_files(tmp_path):
+    """A two-machine run whose output folder is not shared: one machine holds last.pt, the
+    other does not (or holds other bytes). Each rank looked on its own disk: one resumed, the
+    other started from scratch, they trained different weights and then hung. Now every rank
+    says in one line which ranks see the file and that the folder must be shared, and nothing
+    is trained."""
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(RECIPE.format(epochs=2).replace("tests/ddp_net.py", str(ROOT / "tests" / "ddp_net.py")))
+    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
+    for d in (a, b):
+        (d / "out").mkdir(parents=True)
+    (a / "out" / "last.pt").write_bytes(b"the state an earlier launch wrote on this machine")
+
+    results = _two_machines([a, b], "train", "-r", recipe, "--out", "out", "--resume")
+    for rc, out in results:
+        assert rc != 0, out
+        said = [ln for ln in out.splitlines() if ln.startswith("error:")]
+        assert len(said) == 1, out
+        assert re.search(r"out/last\.pt: --resume needs every process to read the same state file, but rank [01] "
+                         r"sees it and rank [01] does not .*storage every machine sees.*nothing was trained",
+                         said[0]), out
+        # torchrun's own traceback (ChildFailedError) follows; none from edgesqueeze
+        assert not re.search(r'File ".*/edgesqueeze/', out) and "epoch 1/" not in out, out
+    assert not (b / "out" / "last.pt").exists() and not (b / "out" / "recipe.json").exists()
+
+    (b / "out" / "last.pt").write_bytes(b"another state, written on the other machine")
+    for rc, out in _two_machines([a, b], "train", "-r", recipe, "--out", "out", "--resume"):
+        assert rc != 0 and "the ranks see different files: rank 0 sha256" in out, out
+        assert not re.search(r'File ".*/edgesqueeze/', out) and "epoch 1/" not in out, out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from edgesqueeze.recipe import load_recipe
 from edgesqueeze.train import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import RECIPE, _in_repo, _launch, _run  # noqa: E402
+from test_distributed import RECIPE, ROOT, _in_repo, _launch, _run  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -95,3 +96,28 @@ def test_compress_retrains_on_two_processes_with_the_same_masks_and_codebooks(tm
     with pytest.raises(DistributedError, match=r"lossless re-encoding .* run 'edgesqueeze compress' without torchrun"):
         compress(model, CompressConfig(), out_dir=tmp_path / "lossless", progress=False, log=lambda _m: None)
     assert not (tmp_path / "lossless").exists()
+
+
+def test_compress_resume_is_refused_when_the_machines_see_different_state_files(tmp_path):
+    """``compress --resume`` on two machines whose output folders are not shared: pruned.pt
+    (or a retraining's state) on one machine only was resumed from by one rank while the other
+    pruned from the start. Now every rank refuses in one line before anything is retrained."""
+    from test_distributed import _two_machines
+
+    recipe = tmp_path / "ddp-compress.yaml"
+    recipe.write_text((RECIPE.format(epochs=1) + COMPRESS).replace("tests/ddp_net.py",
+                                                                   str(ROOT / "tests" / "ddp_net.py")))
+    model = fit(load_recipe(recipe), out_dir=tmp_path / "float", progress=False, log=lambda _m: None).checkpoint
+    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
+    for name in ("pruned.pt", "prune-retrain.state.pt"):
+        for d in (a, b):
+            shutil.rmtree(d, ignore_errors=True)
+            (d / "out").mkdir(parents=True)
+        (b / "out" / name).write_bytes(b"what an earlier launch wrote on this machine")
+        for rc, out in _two_machines([a, b], "compress", model, "-r", recipe, "--out", "out", "--resume"):
+            said = [ln for ln in out.splitlines() if ln.startswith("error:")]
+            assert rc != 0 and len(said) == 1, out
+            assert re.search(rf"out/{re.escape(name)}: --resume needs every process to read the same state file, "
+                             r"but rank [01] sees it and rank [01] does not .*storage every machine sees", said[0]), out
+            assert not re.search(r'File ".*/edgesqueeze/', out) and "epoch 1/" not in out, out
+        assert sorted(p.name for p in (a / "out").iterdir()) == []

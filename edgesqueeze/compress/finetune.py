@@ -79,7 +79,8 @@ def _resume(state: EpochState, model: nn.Module, optimizer, gen: torch.Generator
     from edgesqueeze.device import model_device
     from edgesqueeze.train import resume_threads
 
-    if not state.resume or not state.path.is_file():
+    # every rank resumes, or none: each looks on its own disk (refused when they disagree)
+    if not state.resume or not distributed.same_file_on_every_rank(group, state.path):
         if state.resume and log is not None:
             log(f"--resume: no {state.path}: {desc} from its first epoch")
         return 0, 0

@@ -150,8 +150,11 @@ def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None
     pruned from the same file with the same settings; None (prune again) when there is none."""
     from edgesqueeze.checkpoint import _safe_torch_load, load_state_dict_checked
 
+    from edgesqueeze import distributed
+
     path = run.out / PRUNED_NAME
-    if not path.is_file():
+    # every rank resumes, or none: each looks on its own disk (refused when they disagree)
+    if not distributed.same_file_on_every_rank(run.group, path):
         run.log(f"--resume: no {path}: " + ("pruning goes on from its last finished epoch"
                                             if (run.out / PRUNE_STATE).is_file() else "pruning from the start"))
         return None
