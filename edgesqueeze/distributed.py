@@ -79,10 +79,23 @@ def setup(device: torch.device) -> Group:
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
     started = False
     if not dist.is_initialized():
-        # a long timeout: the other ranks wait while rank 0 alone evaluates and writes (a dead
-        # peer is noticed at once anyway, by its closed connection)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=2))
+        # torchrun sets them all; a stray WORLD_SIZE alone failed in init_process_group (a traceback)
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise DistributedError(
+                f"$WORLD_SIZE={world} asks for a {world}-process run, but ${', $'.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set: launch with torchrun (which sets them), "
+                "or unset WORLD_SIZE to run one process")
+        try:
+            # a long timeout: the other ranks wait while rank 0 alone evaluates and writes (a dead
+            # peer is noticed at once anyway, by its closed connection)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(hours=2))
+        except (ValueError, RuntimeError) as exc:  # DistNetworkError / DistStoreError are RuntimeErrors
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise DistributedError(
+                f"rank {rank} of {world}: cannot join the process group ({first[:200]}); launch with torchrun, "
+                "or unset WORLD_SIZE to run one process") from None
         started = True
     return Group(rank, world, local, local_world, started)
 

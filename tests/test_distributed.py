@@ -169,3 +169,34 @@ def test_resume_is_refused_when_the_machines_see_different_state_files(tmp_path)
     for rc, out in _two_machines([a, b], "train", "-r", recipe, "--out", "out", "--resume"):
         assert rc != 0 and "the ranks see different files: rank 0 sha256" in out, out
         assert not re.search(r'File ".*/edgesqueeze/', out) and "epoch 1/" not in out, out
+
+
+def test_a_stray_world_size_is_one_line(tmp_path):
+    """``WORLD_SIZE=2`` left in the environment, without the rest of what torchrun sets:
+    ``train`` and ``compress`` said it in a 47-line traceback from init_process_group (exit 1);
+    now in one ``error:`` line (exit 2) saying what is missing and to use torchrun or unset it.
+    A rendezvous that torch itself refuses (a port that is not a number) is one line too."""
+    recipe = _recipe(tmp_path, epochs=1)
+    model = _in_repo(lambda: fit(load_recipe(recipe), out_dir=tmp_path / "float", progress=False,
+                                 log=lambda _m: None)).checkpoint
+    (tmp_path / "c.yaml").write_text(recipe.read_text() + "compress: {prune: {sparsity: 0.5}}\n")
+    bare = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+    def edgesqueeze(*args, **env):
+        done = subprocess.run([sys.executable, "-m", "edgesqueeze", *map(str, args), "--no-progress"], cwd=ROOT,
+                              env={**bare, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", **env},
+                              capture_output=True, text=True, timeout=120)
+        return done.returncode, done.stdout + done.stderr
+
+    for args in (("train", "-r", recipe, "--out", tmp_path / "t"),
+                 ("compress", model, "-r", tmp_path / "c.yaml", "--out", tmp_path / "c")):
+        rc, out = edgesqueeze(*args)
+        said = [ln for ln in out.splitlines() if ln.strip()]
+        assert rc == 2 and len(said) == 1, out
+        assert said[0] == ("error: $WORLD_SIZE=2 asks for a 2-process run, but $RANK, $MASTER_ADDR, $MASTER_PORT are "
+                           "not set: launch with torchrun (which sets them), or unset WORLD_SIZE to run one process"), out
+    rc, out = edgesqueeze("train", "-r", recipe, "--out", tmp_path / "t", RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT="abc")
+    assert rc == 2 and out.startswith("error: rank 0 of 2: cannot join the process group (") and \
+        "launch with torchrun, or unset WORLD_SIZE" in out and "Traceback" not in out, out
+    assert not (tmp_path / "t" / "last.pt").exists() and not (tmp_path / "c" / "model.esq").exists()
