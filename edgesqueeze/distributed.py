@@ -223,15 +223,22 @@ def barrier(group: Group) -> None:
 _EXPLAINED = False  # this process has said why the run stopped
 
 
-def _go_on(out, then: str | None) -> str:
+def _go_on(out, then: str | None, states: tuple[str, ...] = ("last.pt",)) -> str:
+    """How to go on: ``then`` (default: training's ``--resume``) when one of the state files
+    ``states`` is in ``out``, else launching again (nothing to resume was written yet)."""
+    if not any((Path(out) / name).is_file() for name in states):
+        return "launch it again (nothing to --resume from yet: no " + " or ".join(
+            f"{out}/{name}" for name in states) + ")"
     return then or (f"continue from the last finished epoch with the same launch plus --resume "
                     f"(state: {out}/last.pt)")
 
 
-def lost_contact(group: Group, exc: RuntimeError, out, then: str | None = None) -> Exception:
+def lost_contact(group: Group, exc: RuntimeError, out, then: str | None = None,
+                 states: tuple[str, ...] = ("last.pt",)) -> Exception:
     """What to raise for ``exc``: a one-line DistributedError when it is the process group
     failing (another rank died: gloo's "Connection reset by peer", NCCL errors), else
-    ``exc`` itself. ``then`` says how to go on [default: training's ``--resume``]."""
+    ``exc`` itself. ``then`` says how to go on [default: training's ``--resume``], advised
+    only when one of the state files ``states`` is in ``out``."""
     text = str(exc)
     comm = isinstance(exc, getattr(dist, "DistError", ())) or any(
         s in text for s in ("gloo/transport", "Connection reset by peer", "NCCL", "Connection closed by peer"))
@@ -245,10 +252,10 @@ def lost_contact(group: Group, exc: RuntimeError, out, then: str | None = None) 
     first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo: "[.../pair.cc:537] Read error ...: ..."
     return DistributedError(
         f"rank {group.rank}: lost contact with the other processes of this {group.world}-process run ({first[:160]}); "
-        f"one of them failed: fix the cause and {_go_on(out, then)}")
+        f"one of them failed: fix the cause and {_go_on(out, then, states)}")
 
 
-def explain_termination(group: Group, out, then: str | None = None) -> None:
+def explain_termination(group: Group, out, then: str | None = None, states: tuple[str, ...] = ("last.pt",)) -> None:
     """When one process of the run dies, torchrun stops the others with SIGTERM: each says so
     in one line, and how to go on, before it exits (status 143, as a SIGTERM'd process)."""
     if not group.active:
@@ -261,7 +268,7 @@ def explain_termination(group: Group, out, then: str | None = None) -> None:
             os._exit(128 + signum)
         print(f"error: rank {group.rank}: stopped by torchrun (another process of this {group.world}-process run "
               "failed, or the launch was interrupted); "
-              f"fix the cause and {_go_on(out, then)}", file=sys.stderr, flush=True)
+              f"fix the cause and {_go_on(out, then, states)}", file=sys.stderr, flush=True)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

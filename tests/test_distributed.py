@@ -200,3 +200,35 @@ def test_a_stray_world_size_is_one_line(tmp_path):
     assert rc == 2 and out.startswith("error: rank 0 of 2: cannot join the process group (") and \
         "launch with torchrun, or unset WORLD_SIZE" in out and "Traceback" not in out, out
     assert not (tmp_path / "t" / "last.pt").exists() and not (tmp_path / "c" / "model.esq").exists()
+
+
+def test_a_rank_that_fails_before_any_epoch_does_not_advise_resume(tmp_path):
+    """Rank 0 fails before the first epoch (here: a folder where it writes recipe.json): the
+    rank left standing said to go on with --resume from OUT/last.pt, which did not exist; now
+    it says to fix the cause and launch again. With a state file there, --resume is advised."""
+    out_dir = tmp_path / "blocked"
+    (out_dir / "recipe.json").mkdir(parents=True)  # only rank 0 writes it
+    rc, out = _run("train", "-r", _recipe(tmp_path, epochs=2), "--out", out_dir, timeout=180)
+    assert rc != 0, out
+    assert "error: " + f"{out_dir}/recipe.json: cannot write" in out, out
+    said = [ln for ln in out.splitlines() if ln.startswith("error: rank 1")]
+    assert len(said) == 1, out
+    assert said[0].endswith(f"fix the cause and launch it again (nothing to --resume from yet: no {out_dir}/last.pt)")
+    assert "--resume (state:" not in out and not (out_dir / "last.pt").exists(), out
+
+    from edgesqueeze.compress.stages import CLUSTER_STATE, PRUNE_STATE, PRUNED_NAME
+    from edgesqueeze.distributed import Group, lost_contact
+
+    lost = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1")
+    said = str(lost_contact(Group(1, 2), lost, out_dir))
+    assert "launch it again" in said and "--resume (state" not in said, said
+    (out_dir / "last.pt").write_bytes(b"state")
+    assert str(lost_contact(Group(1, 2), lost, out_dir)).endswith(
+        f"the same launch plus --resume (state: {out_dir}/last.pt)")
+    states = (PRUNED_NAME, PRUNE_STATE, CLUSTER_STATE)  # what compress passes
+    said = str(lost_contact(Group(1, 2), lost, out_dir, "run it again plus --resume", states))
+    assert said.endswith(f"launch it again (nothing to --resume from yet: no {out_dir}/pruned.pt or "
+                         f"{out_dir}/prune-retrain.state.pt or {out_dir}/centroid-retrain.state.pt)"), said
+    (out_dir / PRUNE_STATE).write_bytes(b"state")
+    assert str(lost_contact(Group(1, 2), lost, out_dir, "run it again plus --resume", states)).endswith(
+        "fix the cause and run it again plus --resume")

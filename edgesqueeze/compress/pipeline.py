@@ -211,7 +211,8 @@ def _compress_retrain_distributed(run: Run) -> CompressResult:
     group = distributed.setup(device)
     then = ("run the same launch again plus --resume (it goes on from the last finished epoch, or from "
             f"{run.out}/pruned.pt when pruning had finished)")
-    distributed.explain_termination(group, run.out, then)
+    states = (stages.PRUNED_NAME, stages.PRUNE_STATE, stages.CLUSTER_STATE)  # --resume is advised with one of them
+    distributed.explain_termination(group, run.out, then, states)
     log = run.log
     run.group, run.log = group, (log if group.main else (lambda _m: None))
     run.progress = run.progress and group.main
@@ -222,7 +223,7 @@ def _compress_retrain_distributed(run: Run) -> CompressResult:
         distributed.barrier(group)  # every rank returns once the files are there
         return result
     except RuntimeError as exc:
-        raise distributed.lost_contact(group, exc, run.out, then) from None
+        raise distributed.lost_contact(group, exc, run.out, then, states) from None
     finally:
         distributed.teardown(group)
 
