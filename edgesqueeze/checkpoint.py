@@ -116,9 +116,18 @@ def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
-    obj = _safe_torch_load(Path(path))
+    """A state :func:`save_train_state` wrote (what ``--resume`` reads); anything else is one
+    CheckpointError naming the file."""
+    advice = "delete it, or leave out --resume, to start over"
+    try:
+        obj = _safe_torch_load(Path(path))
+    except _PickleRefused:  # a damaged file, or a pickle of something else
+        raise CheckpointError(f"{path}: not an edgesqueeze training state (it does not read as one: damaged, or "
+                              f"another kind of file); {advice}") from None
+    except CheckpointError as exc:  # truncated, or not a PyTorch file at all
+        raise CheckpointError(f"{str(exc).split('; ')[0]}; it is not a training state to resume: {advice}") from None
     if not isinstance(obj, dict) or obj.get("format") != TRAIN_STATE_FORMAT:
-        raise CheckpointError(f"{path}: not an edgesqueeze training state; delete it to start over")
+        raise CheckpointError(f"{path}: not an edgesqueeze training state; {advice}")
     return obj
 
 

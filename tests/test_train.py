@@ -324,3 +324,34 @@ def test_fit_gives_the_callers_thread_count_back_and_evaluate_is_the_function(tm
     finally:
         torch.set_num_threads(before)
     assert callable(evaluate) and callable(edgesqueeze.evaluate) and "evaluate" in dir(edgesqueeze)
+
+
+def test_a_damaged_state_file_is_one_line_naming_it(tmp_path):
+    """`echo garbage > OUT/last.pt` (or pruned.pt, prune-retrain.state.pt) then --resume
+    ended in a traceback through the private checkpoint._PickleRefused (exit 1); now one
+    ``error:`` line naming the file and what to do (exit 2), and an empty (truncated) file too."""
+    root = Path(__file__).resolve().parents[1]
+    recipe = root / "recipes" / "squeezenet-digits.yaml"
+    small = ["--set", "data.limit=200", "--set", "train.epochs=1", "--set", "compress.prune_finetune.epochs=1",
+             "--set", "compress.cluster_finetune.epochs=1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+
+    def edgesqueeze(*args):
+        done = subprocess.run([sys.executable, "-m", "edgesqueeze", *map(str, args), *small], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        return done.returncode, done.stdout, done.stderr
+
+    model = fit(_recipe(tmp_path / "float", epochs=1), progress=False, log=_quiet).checkpoint
+    for command, name in ((("train", "-r", recipe), "last.pt"),
+                          (("compress", model, "-r", recipe), "pruned.pt"),
+                          (("compress", model, "-r", recipe), "prune-retrain.state.pt")):
+        for content, why in ((b"garbage\n", "not an edgesqueeze"), (b"", "cannot read as a PyTorch file")):
+            out = tmp_path / f"{command[0]}-{name}-{len(content)}"
+            out.mkdir()
+            (out / name).write_bytes(content)
+            rc, stdout, stderr = edgesqueeze(*command, "--out", out, "--resume")
+            assert rc == 2 and "Traceback" not in stderr, stderr
+            said = stderr.strip().splitlines()
+            assert len(said) == 1 and said[0].startswith(f"error: {out / name}: {why}"), stderr
+            assert "delete it, or leave out --resume" in said[0], stderr
+            assert not (out / "model.pt").exists() and not (out / "model.esq").exists()
