@@ -112,6 +112,45 @@ def test_resume_starts_from_pruned_pt_and_writes_the_same_bytes(checkpoint, comp
     assert fresh.esq_path.read_bytes() == compressed.esq_path.read_bytes()
 
 
+def test_resume_from_pruned_pt_computes_with_the_interrupted_runs_thread_count(checkpoint, tmp_path):
+    """A run on 2 CPU threads killed after pruning (pruned.pt written, no archive yet), resumed
+    where 1 is the default: weight sharing goes on with 2, as the interrupted run would have
+    (float sums depend on the count), and says so; it went on with 1, silently. The count is
+    not in the archive, and a pruned.pt written before it was recorded still resumes as it is."""
+    import json
+    import shutil
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        clean = compress(checkpoint, CONFIG, out_dir=tmp_path / "clean", progress=False, log=lambda _: None)
+        out = tmp_path / "killed"
+        out.mkdir()
+        shutil.copy(clean.out_dir / "pruned.pt", out / "pruned.pt")  # what a run killed after pruning leaves
+        torch.set_num_threads(1)
+        said: list[str] = []
+        again = compress(checkpoint, CONFIG, out_dir=out, resume=True, progress=False, log=said.append)
+        assert any("--resume: pruning done by an earlier run" in m for m in said), said
+        assert any("--resume: weight sharing computes with 2 CPU threads as the interrupted run did (this "
+                   "process would use 1)" in m for m in said), said
+        assert torch.get_num_threads() == 2
+        assert again.esq_path.read_bytes() == clean.esq_path.read_bytes()
+        _, meta = model_from_esq(again.esq_path)
+        assert "compress_threads" not in meta
+
+        payload = torch.load(out / "pruned.pt", weights_only=True)  # as an older edgesqueeze wrote it
+        meta = json.loads(payload["meta_json"])
+        assert meta.pop("compress_threads") == 2
+        save_checkpoint(out / "pruned.pt", load_model(out / "pruned.pt").model, meta)
+        torch.set_num_threads(1)
+        said.clear()
+        compress(checkpoint, CONFIG, out_dir=out, resume=True, progress=False, log=said.append)
+        assert any("--resume: pruning done by an earlier run" in m for m in said), said
+        assert not any("CPU thread" in m for m in said) and torch.get_num_threads() == 1, said
+    finally:
+        torch.set_num_threads(before)
+
+
 def _zeros(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: ~mask for name, mask in existing_masks(model).items()}
 
@@ -394,7 +433,10 @@ def _resume_inside_a_retraining(checkpoint, tmp_path, monkeypatch, stage):
     again = compress(checkpoint, RESUMABLE, out_dir=out, resume=True, progress=False, log=said.append)
     total = RESUMABLE.prune_finetune.epochs if stage == "prune-retrain" else RESUMABLE.cluster_finetune.epochs
     assert any(f"--resume: {stage} goes on after epoch 1/{total}" in m for m in said), said
-    assert any(f"--resume: {stage} computes with 2 CPU threads" in m for m in said), said
+    # the centroid retraining's run had pruned: resuming from its pruned.pt already switches
+    switched = "weight sharing" if stage == "centroid-retrain" else stage
+    assert any(f"--resume: {switched} computes with 2 CPU threads" in m for m in said), said
+    assert torch.get_num_threads() == 2
     assert again.esq_path.read_bytes() == clean.esq_path.read_bytes()
     assert not list(out.glob("*.state.pt"))
 

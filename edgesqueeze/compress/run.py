@@ -148,7 +148,8 @@ class Run:
                  "recipe_hash": self.recipe_hash or self.inp.meta.get("recipe_hash")}
         if folded and self.folded_layers is not None:
             extra["folded_layers"] = self.folded_layers
-        return esq_meta({k: v for k, v in self.inp.meta.items() if k not in ("metrics", "compress_stage")},
+        return esq_meta({k: v for k, v in self.inp.meta.items() if k not in ("metrics", "compress_stage",
+                                                                                "compress_threads")},
                         folded=folded, extra=extra)
 
     def encode(self, state: dict[str, torch.Tensor], meta: dict, *, shared: Any,

@@ -174,6 +174,9 @@ def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None
             prune_settings_sha256(run):
         raise EdgesqueezeError(f"{path}: was pruned from another model or with other prune settings, seed or data; "
                                f"leave out --resume (it is then pruned again and replaced) or use another --out")
+    from edgesqueeze.train import resume_threads
+
+    resume_threads(meta.get("compress_threads"), run.log, "weight sharing")  # None in older files: as it is
     load_state_dict_checked(model, payload["state_dict"], source=str(path))
     masks = existing_masks(model)
     run.record("prune", model, None, f"{density(model):.1%} of weights kept; resumed from {PRUNED_NAME}")
@@ -191,6 +194,8 @@ def save_pruned(run: Run, model: nn.Module) -> Path:
     meta = {k: v for k, v in run.inp.meta.items() if k != "metrics"}
     meta.update(compress_stage="prune", pruned_from_sha256=run.source_sha256,
                 prune_settings_sha256=prune_settings_sha256(run),
+                # float sums depend on it: compress --resume from this file goes on with the same count
+                compress_threads=torch.get_num_threads(),
                 metrics={"val_accuracy": run.stages[-1]["val_accuracy"], "density": round(density(model), 4)})
     path = save_checkpoint(run.out / PRUNED_NAME, model, meta)
     run.log(f"pruned model (before weight sharing): {path}")
