@@ -114,12 +114,13 @@ def resume_threads(saved: Any, log: Callable[[str], Any] | None, what: str) -> i
     return now
 
 
-def set_threads(threads: int) -> int:
+def set_threads(threads: int, processes: int = 1) -> int:
     """Use ``threads`` intra-op threads; 0 (``train.threads``' default) means
-    ``$OMP_NUM_THREADS`` when set, else every CPU this process may run on. Taking
-    ``os.cpu_count()`` instead ran 2 threads on 1 allowed CPU (or beside another job with
+    ``$OMP_NUM_THREADS`` when set, else this process's share of the CPUs it may run on, shared
+    by ``processes`` processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1: all of them).
+    Taking ``os.cpu_count()`` instead ran 2 threads on 1 allowed CPU (or beside another job with
     ``OMP_NUM_THREADS=1``): OpenMP's threads then wait for each other, tens of times slower."""
-    n = threads or _env_threads() or available_cpus()
+    n = threads or _env_threads() or max(1, available_cpus() // max(1, processes))
     torch.set_num_threads(n)
     return n
 
@@ -398,8 +399,9 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
 
     cfg = recipe.train
     state_path = out / "last.pt"
-    # processes on one machine share its cores
-    threads = set_threads(cfg.threads or (max(1, available_cpus() // group.local_world) if group.active else 0))
+    # $OMP_NUM_THREADS when set (torchrun sets 1 when it starts several processes a machine and
+    # the user did not), else the processes on one machine share its cores
+    threads = set_threads(cfg.threads, group.local_world if group.active else 1)
     distributed.check_batch(group, cfg.batch_size, "train.batch_size")
     # every rank resumes, or none: each looks on its own disk (refused, before any data is read, when they disagree)
     resuming = resume and distributed.same_file_on_every_rank(group, state_path)

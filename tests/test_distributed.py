@@ -40,16 +40,16 @@ def _recipe(tmp_path: Path, epochs: int) -> Path:
     return path
 
 
-def _launch(*args, n: int = 2) -> subprocess.Popen:
+def _launch(*args, n: int = 2, env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "edgesqueeze", *map(str, args), "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
-def _run(*args, n: int = 2, timeout: float = 300) -> tuple[int, str]:
-    proc = _launch(*args, n=n)
+def _run(*args, n: int = 2, timeout: float = 300, env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = _launch(*args, n=n, env=env)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -232,3 +232,32 @@ def test_a_rank_that_fails_before_any_epoch_does_not_advise_resume(tmp_path):
     (out_dir / PRUNE_STATE).write_bytes(b"state")
     assert str(lost_contact(Group(1, 2), lost, out_dir, "run it again plus --resume", states)).endswith(
         "fix the cause and run it again plus --resume")
+
+
+def test_threads_default_follows_omp_num_threads_under_torchrun(tmp_path):
+    """train.threads: 0 takes $OMP_NUM_THREADS when set, under torchrun too: it took each
+    process's share of the CPUs there (CPUs / processes on the machine) whatever the variable
+    said. Without it, torchrun itself sets OMP_NUM_THREADS=1 for each of several processes."""
+    recipe = _recipe(tmp_path, epochs=1)
+    small = ("--set", "train.threads=0", "--set", "data.limit=256")
+    bare = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    for omp, want in (("2", "2 threads"), (None, "1 thread")):
+        env = bare if omp is None else {**bare, "OMP_NUM_THREADS": omp}
+        rc, out = _run("train", "-r", recipe, "--out", tmp_path / f"omp-{omp}", *small, env=env)
+        assert rc == 0, out
+        said = [ln for ln in out.splitlines() if ln.startswith("training ")]
+        assert len(said) == 1 and f", {want}, 2 processes (torch.distributed)" in said[0], out
+
+    from edgesqueeze.train import available_cpus, set_threads  # launched otherwise (no OMP_NUM_THREADS): a share
+
+    before = torch.get_num_threads()
+    omp = os.environ.pop("OMP_NUM_THREADS", None)
+    try:
+        assert set_threads(0, processes=2) == max(1, available_cpus() // 2) == torch.get_num_threads()
+        os.environ["OMP_NUM_THREADS"] = "3"
+        assert set_threads(0, processes=2) == 3 and set_threads(1, processes=2) == 1
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+        if omp is not None:
+            os.environ["OMP_NUM_THREADS"] = omp
+        torch.set_num_threads(before)
