@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -146,9 +147,13 @@ def bad(tmp_path_factory):
     torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)), pickled)
     files["pickle_untrusted"] = (pickled, [], "--trust-pickle")
     # a pickle whose class is gone (its module does not exist here)
-    blob = pickled.read_bytes().replace(b"torch.nn.modules.container", b"gone.nn.modules.container_")
     lost = tmp / "lost.pt"
-    lost.write_bytes(blob)
+    with zipfile.ZipFile(pickled) as src, zipfile.ZipFile(lost, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():  # written again, so that its CRC-32s hold: a file, not a damaged one
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"torch.nn.modules.container", b"gone.nn.modules.container_")
+            dst.writestr(info.filename, data)
     files["pickle_class_gone"] = (lost, ["--trust-pickle"], "class cannot be found")
     truncated = tmp / "truncated.pt2"
     program = tmp / "ok.pt2"
