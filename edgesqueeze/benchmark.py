@@ -73,7 +73,8 @@ def _torch_cold(path: Path, threads: int | None, model_args) -> tuple[Artifact, 
 
 def _batches_fit(arts, batch_sizes) -> None:
     """Refuse a batch whose input alone takes more than half this machine's memory, before
-    any timing: ``-b 1 -b 100000000`` timed batch 1, then failed and lost its rows."""
+    any latency is timed (after the cold loads, which give each file's input shape): ``-b 1 -b
+    100000000`` timed batch 1, then failed and lost its rows."""
     from edgesqueeze.errors import DataError
 
     try:
@@ -121,12 +122,15 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
     paths = unique_files(paths, log)
     torch_files = [sniff(Path(p)) in ("pt", "esq") for p in paths]
     runtime_paths = [p for p, t in zip(paths, torch_files) if not t]
+    # the PyTorch files first: one that cannot be opened (no torch on a device, a state_dict
+    # without --arch) is refused before the runtime files' cold loads are timed
+    opened = {i: _torch_cold(Path(p), threads, model_args) for i, (p, t) in enumerate(zip(paths, torch_files)) if t}
     if runtime_paths:
         log(f"timing cold loads: 1 + 3 loads of each of {len(runtime_paths)} file(s), interleaved")
     loaded = iter(cold_loads(runtime_paths, threads=threads, portable=portable)) if runtime_paths else iter(())
     arts, cold = [], []
-    for p, t in zip(paths, torch_files):
-        art, c = (_torch_cold(Path(p), threads, model_args) if t else next(loaded))
+    for i in range(len(paths)):
+        art, c = opened[i] if i in opened else next(loaded)
         arts.append(art)
         cold.append(c)
     _batches_fit(arts, batch_sizes)  # every batch size before any timing: the last one failed after the others

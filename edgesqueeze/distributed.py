@@ -215,6 +215,16 @@ def same_file_on_every_rank(group: Group | None, path: Path) -> bool:
     return mine is not None
 
 
+def ranks_where(group: Group, flag: bool) -> list[int]:
+    """The ranks whose ``flag`` is true, the same list on every rank (one process: ``[0]`` or
+    ``[]``): for a decision every rank must take alike from what each sees on its own disk."""
+    if not group.active:
+        return [0] if flag else []
+    every: list[Any] = [None] * group.world
+    dist.all_gather_object(every, bool(flag))
+    return [r for r, f in enumerate(every) if f]
+
+
 def barrier(group: Group) -> None:
     if group.active:
         dist.barrier()

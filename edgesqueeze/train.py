@@ -356,10 +356,8 @@ def fit(
     t_start = time.perf_counter()
     cfg = recipe.train
     out = Path(out_dir) if out_dir else recipe.out_dir()
-    state_path = out / "last.pt"
-    if state_path.exists() and not (resume or overwrite):
-        raise EdgesqueezeError(f"{out}: holds a previous run (last.pt); pass --resume to continue it "
-                               "or --overwrite to start over (fit(..., resume=True) / overwrite=True)")
+    if not distributed.launched():  # one process: at once (under torchrun every rank must agree: below)
+        _no_previous_run(None, out, resume or overwrite)
     from edgesqueeze.runtime._base import max_threads
 
     if cfg.threads > max_threads():  # 1000 threads on 2 cores trained 80x slower, without a word
@@ -368,14 +366,15 @@ def fit(
     device = resolve_device(cfg.device, what="train.device")
     check_precision(cfg.precision, device, what="train.precision")
     group = distributed.setup(device)  # launched by torchrun: one of WORLD_SIZE processes
-    if group.main:  # before the data and the epochs: a folder in the way was found after training
-        from edgesqueeze._io import check_writable
-
-        for name in OUTPUTS:
-            check_writable(out / name)
     distributed.explain_termination(group, out)
     threads_before = torch.get_num_threads()  # set_threads changes the process's: the caller's comes back
     try:
+        _no_previous_run(group, out, resume or overwrite)
+        if group.main:  # before the data and the epochs: a folder in the way was found after training
+            from edgesqueeze._io import check_writable
+
+            for name in OUTPUTS:
+                check_writable(out / name)
         return _fit(recipe, out, group, distributed.rank_device(device, group), t_start, resume=resume,
                     progress=progress and group.main, log=log if group.main else _quiet)
     except RuntimeError as exc:
@@ -383,6 +382,22 @@ def fit(
     finally:
         distributed.teardown(group)
         torch.set_num_threads(threads_before)
+
+
+def _no_previous_run(group, out: Path, allowed: bool) -> None:
+    """Refuse a folder that holds a previous run's ``last.pt`` unless resuming or overwriting.
+    Under torchrun every rank looks on its own disk and all agree on the answer: one rank
+    refusing alone, before the process group started, left the others waiting for it."""
+    from edgesqueeze import distributed
+
+    held = (out / "last.pt").exists() and not allowed
+    ranks = distributed.ranks_where(group, held) if group is not None else ([0] if held else [])
+    if ranks:
+        many = len(ranks) > 1
+        seen = (f" (as rank{'s' if many else ''} {', '.join(map(str, ranks))} of {group.world} "
+                f"see{'' if many else 's'} it)") if group is not None and group.active else ""
+        raise EdgesqueezeError(f"{out}: holds a previous run (last.pt){seen}; pass --resume to continue it "
+                               "or --overwrite to start over (fit(..., resume=True) / overwrite=True)")
 
 
 _FINAL_OUTPUTS = ("model.pt", "summary.json", "curves.png", "metrics.csv", "metrics.json")

@@ -171,6 +171,25 @@ def test_resume_is_refused_when_the_machines_see_different_state_files(tmp_path)
         assert not re.search(r'File ".*/edgesqueeze/', out) and "epoch 1/" not in out, out
 
 
+def test_a_previous_run_on_one_machine_stops_every_rank(tmp_path):
+    """Without --resume or --overwrite, a folder holding last.pt is refused. Each rank looked
+    before the process group started: the one that saw it stopped alone, and the other
+    waited for it at the rendezvous. Now every rank gives the same one line."""
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(RECIPE.format(epochs=2).replace("tests/ddp_net.py", str(ROOT / "tests" / "ddp_net.py")))
+    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
+    for d in (a, b):
+        (d / "out").mkdir(parents=True)
+    (a / "out" / "last.pt").write_bytes(b"an earlier run's state")
+    for rc, out in _two_machines([a, b], "train", "-r", recipe, "--out", "out", timeout=180):
+        said = [ln for ln in out.splitlines() if ln.startswith("error:")]
+        assert rc != 0 and len(said) == 1, out
+        assert re.search(r"out: holds a previous run \(last\.pt\) \(as rank [01] of 2 sees it\); pass --resume",
+                         said[0]), out
+        assert "epoch 1/" not in out and not re.search(r'File ".*/edgesqueeze/', out), out
+    assert (a / "out" / "last.pt").read_bytes() == b"an earlier run's state"
+
+
 def test_a_stray_world_size_is_one_line(tmp_path):
     """``WORLD_SIZE=2`` left in the environment, without the rest of what torchrun sets:
     ``train`` and ``compress`` said it in a 47-line traceback from init_process_group (exit 1);

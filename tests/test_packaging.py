@@ -130,3 +130,24 @@ def test_no_extra_allows_an_onnxruntime_that_computes_int8_wrongly(python):
                    if specs[0].contains(v)]
         assert allowed and not any(_bad_int8_release(v) or v.startswith("1.18") for v in allowed), (extra, allowed)
     assert [v for v in ("1.20.1", "1.21.0", "1.24.4", "1.25.0") if _bad_int8_release(v)] == ["1.21.0", "1.24.4"]
+
+
+_BENCH_PT = r"""
+import sys
+sys.modules["torch"] = None  # a device install
+from edgesqueeze.cli import main
+sys.argv = ["edgesqueeze", "bench", sys.argv[1], sys.argv[2], "-b", "1", "--runs", "1"]
+main()
+"""
+
+
+def test_bench_on_a_device_refuses_a_pt_file_before_timing_the_others(onnx_models, tmp_path):
+    """``bench model.onnx model.pt`` without torch timed the ONNX file's cold loads, then said
+    that the .pt needs torch."""
+    pt = tmp_path / "model.pt"
+    pt.write_bytes(b"PK\x03\x04 not read: torch is needed first")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _BENCH_PT, str(onnx_models["fp32"]), str(pt)],
+                       capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "needs the Python package 'torch'" in r.stderr and "timing cold loads" not in r.stderr, r.stderr
