@@ -140,17 +140,23 @@ def _two_machines(dirs: list[Path], *args, timeout: float = 240) -> list[tuple[i
                 p.wait()
 
 
+def _machines(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A 2-epoch recipe and two "machines": folders each with its own empty ``out/``."""
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(RECIPE.format(epochs=2).replace("tests/ddp_net.py", str(ROOT / "tests" / "ddp_net.py")))
+    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
+    for d in (a, b):
+        (d / "out").mkdir(parents=True)
+    return recipe, a, b
+
+
 def test_resume_is_refused_when_the_machines_see_different_state_files(tmp_path):
     """A two-machine run whose output folder is not shared: one machine holds last.pt, the
     other does not (or holds other bytes). Each rank looked on its own disk: one resumed, the
     other started from scratch, they trained different weights and then hung. Now every rank
     says in one line which ranks see the file and that the folder must be shared, and nothing
     is trained."""
-    recipe = tmp_path / "ddp.yaml"
-    recipe.write_text(RECIPE.format(epochs=2).replace("tests/ddp_net.py", str(ROOT / "tests" / "ddp_net.py")))
-    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
-    for d in (a, b):
-        (d / "out").mkdir(parents=True)
+    recipe, a, b = _machines(tmp_path)
     (a / "out" / "last.pt").write_bytes(b"the state an earlier launch wrote on this machine")
 
     results = _two_machines([a, b], "train", "-r", recipe, "--out", "out", "--resume")
@@ -175,11 +181,7 @@ def test_a_previous_run_on_one_machine_stops_every_rank(tmp_path):
     """Without --resume or --overwrite, a folder holding last.pt is refused. Each rank looked
     before the process group started: the one that saw it stopped alone, and the other
     waited for it at the rendezvous. Now every rank gives the same one line."""
-    recipe = tmp_path / "ddp.yaml"
-    recipe.write_text(RECIPE.format(epochs=2).replace("tests/ddp_net.py", str(ROOT / "tests" / "ddp_net.py")))
-    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
-    for d in (a, b):
-        (d / "out").mkdir(parents=True)
+    recipe, a, b = _machines(tmp_path)
     (a / "out" / "last.pt").write_bytes(b"an earlier run's state")
     for rc, out in _two_machines([a, b], "train", "-r", recipe, "--out", "out", timeout=180):
         said = [ln for ln in out.splitlines() if ln.startswith("error:")]
