@@ -113,16 +113,23 @@ class _Data:
         name = self.name or name
         if not name:
             raise DataError(f"{source}: does not record its dataset; pass --data NAME")
-        image_size = int(shape[-1]) if shape else None
+        # the folder resized to the model's (square) input; a non-square model was trained on the
+        # folder's own size, which a square resize would miss (image_size is one side)
+        image_size = int(shape[-1]) if shape and (len(shape) < 2 or shape[-1] == shape[-2]) else None
         key = (name, image_size)
         if key not in self._cache:
             from edgesqueeze.data import load_dataset
 
             ds = load_dataset(name, data_dir=self.data_dir, image_size=image_size
-                              if name.startswith(("imagefolder:", "imagenet:")) else None, stream=self.stream)
+                              if name.lower().startswith(("imagefolder:", "imagenet:")) else None, stream=self.stream)
             x, y = ds.test_x, ds.test_y
-            if self.limit:
-                x, y = x[: self.limit], y[: self.limit]
+            keep = slice(None)
+            if self.limit:  # eval's --limit subset: seeded, each class in proportion (the first N of
+                # an image folder, ordered by class, were its first class alone)
+                from edgesqueeze.data.datasets import limited_test
+
+                keep = limited_test(y, self.limit)
+                x, y = x[keep], y[keep]
             if not len(x):
                 raise DataError(f"dataset '{name}' has no test images")
             from edgesqueeze.data.stream import is_lazy
@@ -130,16 +137,16 @@ class _Data:
             if is_lazy(x):
                 self.log(f"note: {len(x):,} test images of {name} streamed from disk, a batch at a time, "
                          "once per file verified")
-            self._cache[key] = (ds, x, y)
-        ds, x, y = self._cache[key]
+            self._cache[key] = (ds, x, y, keep)
+        ds, x, y, keep = self._cache[key]
         if shape and list(ds.input_shape) != list(shape):  # a gray dataset for a 3-channel model?
             rgb = (*key, "3 channels")
             if rgb not in self._cache:
                 from edgesqueeze.data import fit_channels
 
                 fitted = fit_channels(ds, shape, source=source)
-                self._cache[rgb] = (fitted, fitted.test_x[: len(x)], y)
-            ds, x, y = self._cache[rgb]
+                self._cache[rgb] = (fitted, fitted.test_x[keep], y, keep)
+            ds, x, y, keep = self._cache[rgb]
         if shape and list(ds.input_shape) != list(shape):
             raise DataError(f"{source}: expects images of shape {list(shape)} but dataset '{name}' gives "
                             f"{list(ds.input_shape)}; pass the dataset it was made for (--data)")

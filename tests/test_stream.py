@@ -191,3 +191,85 @@ def test_train_on_an_imagenet_folder_stops_at_a_corrupt_jpeg_in_one_line(tmp_pat
     errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert res.exit_code == 2 and len(errors) == 1 and str(bad) in errors[0], res.output
     assert "Traceback" not in res.output and not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_streamed_folder_reads_its_channels_and_size_from_more_than_the_first_file(tmp_path):
+    """The first class gray, the others in colour: streamed, every image became gray (the
+    model recorded 1 channel), where in memory the folder is RGB. One image of another size
+    was stretched silently, where in memory it is refused."""
+    root = tmp_path / "mix"
+    _write_images(root, ["b", "c"], 4, size=16)
+    (root / "a").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(root / "a" / f"{i}.png")
+    spec = f"imagefolder:{root}"
+    assert load_dataset(spec, stream=True).input_shape == load_dataset(spec).input_shape == (3, 16, 16)
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "c" / "odd.png")
+    for stream in (False, True):
+        with pytest.raises(DataError, match="differ in size"):
+            load_dataset(spec, stream=stream)
+    assert load_dataset(spec, stream=True, image_size=16).input_shape == (3, 16, 16)  # asked for: resized
+
+    gray = LazyImages(root, ["a/0.png", "b/000.jpg"], size=16, channels=1, check_gray=True)
+    with pytest.raises(DataError, match=r"b/000\.jpg is in colour \(RGB\), but the folder was read as grayscale"):
+        gray.decode([0, 1])  # an image outside the sample: refused as it is decoded, not made gray
+
+
+def test_an_image_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """imagefolder:base was recorded as given, so a model was later scored on whatever
+    ./base held where the command ran."""
+    _write_images(tmp_path / "base", ["x", "y"], 3, size=16)
+    monkeypatch.chdir(tmp_path)
+    assert load_dataset("imagefolder:base").name == f"imagefolder:{tmp_path / 'base'}"
+
+
+def test_verify_limit_takes_every_class_and_a_non_square_model_is_verified(tmp_path):
+    """verify --limit 2 on a folder (its test split ordered by class) measured the first
+    class alone; a model trained on 20x16 images was refused by verify ("gives [3, 20, 20]")
+    because the folder was resized to a square."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+    from edgesqueeze.verify import _Data
+
+    root = tmp_path / "wide"
+    for split, n in (("train", 6), ("test", 3)):
+        rng = np.random.default_rng(len(split))
+        for ci, c in enumerate(["a", "b", "c"]):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(ci * 90 + rng.normal(0, 20, (16, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / c / f"{i}.png")
+    _, _, y = _Data(f"imagefolder:{root}", None, 3, print).get(None, [3, 16, 20], "m")
+    assert sorted(y.tolist()) == [0, 1, 2]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nmodel: {{arch: squeezenet_mnist, kwargs: {{width_mult: 0.25}}}}\n"
+                      f"data: {{dataset: 'imagefolder:{root}'}}\ntrain: {{epochs: 1, batch_size: 6, threads: 1}}\n")
+    run = lambda *a: CliRunner().invoke(cli, [str(x) for x in a])  # noqa: E731
+    assert run("train", "-r", recipe, "--out", tmp_path / "m", "--no-progress").exit_code == 0
+    assert run("export", tmp_path / "m" / "model.pt", "-f", "onnx", "--out", tmp_path / "e").exit_code == 0
+    res = run("verify", tmp_path / "m" / "model.pt", tmp_path / "e" / "model.onnx", "--out", tmp_path / "v.json")
+    assert res.exit_code == 0 and "NOT evaluated" not in res.output, res.output
+
+
+def test_an_encrypted_zip_is_one_line(tmp_path):
+    """zipfile raises RuntimeError for an encrypted member: it escaped as a traceback."""
+    import zipfile
+
+    _write_images(tmp_path / "src", ["a", "b"], 2, size=16, ext=".png")
+    archive = tmp_path / "enc.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((tmp_path / "src").rglob("*.png")):
+            zf.write(f, f.relative_to(tmp_path / "src").as_posix())
+    data = bytearray(archive.read_bytes())  # mark every member encrypted (bit 0), as zip -P does
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+    for info in infos:
+        data[info.header_offset + 6] |= 1
+    central = data.find(b"PK\x01\x02")
+    while central != -1:
+        data[central + 8] |= 1
+        central = data.find(b"PK\x01\x02", central + 4)
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"enc\.zip:a/000\.png is encrypted .*zip the images again without a password"):
+        load_dataset(f"imagefolder:{archive}")

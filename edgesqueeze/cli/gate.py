@@ -179,7 +179,8 @@ def _with_budget_options(fn):
 @click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--reference", type=PathType(dir_okay=False, path_type=Path),
               help="Float model (.pt) for top-1 agreement and accuracy drop [default: the first .pt given].")
-@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Use a seeded subset of at most N test images, each class in proportion (eval's --limit).")
 @threads_option()
 @click.option("--latency", is_flag=True, help="Also measure batch-1 latency (p50).")
 @model_options(recipe_help="Recipe whose 'budget' section to check against (options override it); its 'model' "
@@ -264,7 +265,8 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
 @click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--reference", type=PathType(dir_okay=False, path_type=Path),
               help="Float model (.pt) for agreement and drop [default: the first .pt given].")
-@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test images.")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Use a seeded subset of at most N test images, each class in proportion (eval's --limit).")
 @click.option("--json", "json_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write verdicts as JSON ('-': standard output, and the table goes to standard error).")
 @click.option("--junit", "junit_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),

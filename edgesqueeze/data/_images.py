@@ -71,6 +71,11 @@ def open_source(path: Path, *, listing: bool = True) -> Source:
                 return zf.read(rel)
             except (zipfile.BadZipFile, OSError, zlib.error) as e:
                 raise DataError(f"{path}:{rel} cannot be read from the zip ({e}); replace the zip") from e
+            except RuntimeError as e:  # zipfile's "is encrypted, password required for extraction"
+                raise DataError(f"{path}:{rel} is encrypted ({e}); zip the images again without a password") from e
+            except NotImplementedError as e:  # a compression method zipfile lacks (e.g. Deflate64)
+                raise DataError(f"{path}:{rel} uses a compression method Python cannot read ({e}); zip the "
+                                "images again with plain deflate (zip -r) or store them") from e
 
         return Source(path, tuple(f for f in names if _is_image(f)), read, zf.close)
     if not path.exists():

@@ -282,8 +282,15 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
 
 def _take(ds: Dataset, limit: int, seed: int) -> Dataset:
     tr = _stratified_pick(ds.train_y, limit, np.random.default_rng([seed, 0]))
-    te = _stratified_pick(ds.test_y, limit, np.random.default_rng([seed, 1]))
+    te = limited_test(ds.test_y, limit, seed)
     return replace(ds, train_x=ds.train_x[tr], train_y=ds.train_y[tr], test_x=ds.test_x[te], test_y=ds.test_y[te])
+
+
+def limited_test(y: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
+    """Indices of at most ``limit`` test images, the subset ``load_dataset(..., limit=limit,
+    seed=seed)`` keeps (seeded, each class in proportion): what ``verify --limit`` and ``eval
+    --limit`` measure alike."""
+    return _stratified_pick(np.asarray(y), int(limit), np.random.default_rng([seed, 1]))
 
 
 def _carve_test(x: np.ndarray, y: np.ndarray):
@@ -476,6 +483,9 @@ def _load_imagefolder(name: str, spec: str, image_size: int | None) -> Dataset:
     return ds
 
 
+_STREAM_SAMPLE = 200  # images whose size and mode a streamed folder reads up front
+
+
 def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> Dataset:
     """An image folder or zip (the layouts of :func:`_folder_dataset`) streamed from disk:
     :class:`~edgesqueeze.data.stream.LazyImages`, nothing decoded but one image (its size and
@@ -492,18 +502,34 @@ def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> D
         _images.note_empty_classes(path, classes)
         first = next(iter(splits.values()))[0][1]
         img = _images.decode_image(src.read(first), src.describe(first))
+        size = image_size or img.size[0]
+        if image_size is None and img.size[0] != img.size[1]:
+            raise DataError(f"{src.describe(first)} is {img.size[0]}x{img.size[1]}, not square; pass image_size "
+                            "(data.image_size) to resize every image to a square")
+        # channels and size from a seeded sample, not the first file alone: a folder whose first
+        # class was gray streamed every colour image as gray (in memory it was RGB); the images
+        # outside the sample are checked as they are decoded (LazyImages' strict)
+        everything = [rel for items in splits.values() for _, rel in items]
+        rng = np.random.default_rng([seed, 5])
+        sample = everything if len(everything) <= _STREAM_SAMPLE else [
+            everything[i] for i in np.sort(rng.choice(len(everything), _STREAM_SAMPLE, replace=False))]
+        gray = img.mode in _images._GRAY_MODES
+        for rel in sample:
+            other = _images.decode_image(src.read(rel), src.describe(rel))
+            if image_size is None and other.size != img.size:
+                raise DataError(f"images differ in size: {src.describe(rel)} is {other.size[0]}x{other.size[1]}, "
+                                f"{src.describe(first)} {img.size[0]}x{img.size[1]}; set data.image_size to "
+                                "resize every image to one size")
+            gray = gray and other.mode in _images._GRAY_MODES
     finally:
         src.close()
-    size = image_size or img.size[0]
-    if image_size is None and img.size[0] != img.size[1]:
-        raise DataError(f"{src.describe(first)} is {img.size[0]}x{img.size[1]}, not square; pass image_size "
-                        "(data.image_size) to resize every image to a square")
-    channels = 1 if img.mode in _images._GRAY_MODES else 3
+    channels = 1 if gray else 3
     index = {c: i for i, c in enumerate(classes)}
     out = {}
     for split, items in splits.items():
         items = sorted(items, key=lambda it: (index[it[0]], it[1]))
-        out[split] = (LazyImages(path, [rel for _, rel in items], size=size, channels=channels),
+        out[split] = (LazyImages(path, [rel for _, rel in items], size=size, channels=channels,
+                                 check_size=image_size is None, check_gray=gray),
                       np.array([index[c] for c, _ in items], dtype=np.int64))
     tx, ty, vx, vy = _train_test(out)
     mean, std = stats_from_histograms(sample_histograms(tx, seed=seed))
@@ -681,12 +707,15 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     _check_opt_int("seed", seed, 0)
     name = name.strip()
     low = name.lower()
+    if low.startswith(("imagefolder:", "imagenet:")):  # recorded as an absolute path: a model that
+        # recorded imagefolder:base was evaluated on whatever ./base held where the command ran
+        prefix, spec = name.split(":", 1)
+        spec = os.path.abspath(os.path.expanduser(spec))
+        name = f"{prefix}:{spec}"
     if low.startswith("imagefolder:"):
-        spec = name.split(":", 1)[1]
         ds = (_stream_folder(name, spec, image_size, seed) if stream
               else _load_imagefolder(name, spec, image_size))
     elif low.startswith("imagenet:"):
-        spec = name.split(":", 1)[1]
         ds = _load_imagenet_folder(name, spec, data_search_path(data_dir), image_size)
     elif low == "digits":
         ds = _load_digits(image_size or 28)

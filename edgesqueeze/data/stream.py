@@ -45,12 +45,16 @@ class LazyImages:
     ndim = 4
 
     def __init__(self, path: str | Path, files: Sequence[str], *, size: int, channels: int = 3,
-                 preprocess: str = "resize") -> None:
+                 preprocess: str = "resize", check_size: bool = False, check_gray: bool = False) -> None:
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
         self.path = Path(path)
         self.files = np.asarray(files, dtype=object)
         self.size, self.channels, self.preprocess = int(size), int(channels), preprocess
+        # the size and channels were read from a sample of the folder, not asked for: an image of
+        # another size (check_size), or in colour where the sample was gray (check_gray), is
+        # refused as the in-memory folder refuses it, instead of stretched or made gray
+        self.check_size, self.check_gray = bool(check_size), bool(check_gray)
         self._src: Any = None
         self._pid = -1
 
@@ -111,6 +115,8 @@ class LazyImages:
             where = src.describe(rel)
             img = decode_image(src.read(rel), where)  # 16-bit scaled to 8-bit, float refused
             gray = self.channels == 1
+            _check_like_the_sample(img, where, self.size if getattr(self, "check_size", False) else None,
+                                   gray and getattr(self, "check_gray", False))
             if not gray and img.mode in _GRAY_MODES:
                 img = convert_8bit(img, "L", where)
             img = convert_8bit(img, "L" if gray else "RGB", where)
@@ -121,6 +127,17 @@ class LazyImages:
             arr = np.asarray(img)
             out[j] = arr[None] if gray else arr.transpose(2, 0, 1)
         return out
+
+
+def _check_like_the_sample(img, where: str, size: int | None, gray: bool) -> None:
+    from edgesqueeze.data._images import _GRAY_MODES
+
+    if size is not None and img.size != (size, size):
+        raise DataError(f"{where} is {img.size[0]}x{img.size[1]}, but the folder's images are {size}x{size}; "
+                        "set data.image_size to resize every image to one size")
+    if gray and img.mode not in _GRAY_MODES:
+        raise DataError(f"{where} is in colour ({img.mode}), but the folder was read as grayscale from a sample "
+                        "of its images; set data.channels: 3 (or make every image gray)")
 
 
 def is_lazy(x: Any) -> bool:
