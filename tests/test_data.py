@@ -373,8 +373,13 @@ def test_imagefolder_reads_the_image_kinds_run_reads(tmp_path):
     root = make_folder(tmp_path / "k", per_class=3, split=False)
     for ext in ("webp", "gif", "tiff"):
         Image.new("RGB", (6, 5), (7, 7, 7)).save(root / "ant" / f"extra.{ext}")
+    Image.new("1", (6, 5)).save(root / "ant" / "extra.pbm")  # also skipped, session 35
     ds = load_dataset(f"imagefolder:{root}")
-    assert len(ds.train_y) + len(ds.test_y) == 3 * 3 + 3
+    assert len(ds.train_y) + len(ds.test_y) == 3 * 3 + 4
+    from edgesqueeze.data._images import IMAGE_EXTENSIONS
+    from edgesqueeze.runtime.images import IMAGE_SUFFIXES
+
+    assert set(IMAGE_EXTENSIONS) == set(IMAGE_SUFFIXES)  # a folder and `run` read the same kinds
 
 
 def test_imagefolder_follows_symlinked_class_folders(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import sys
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import numpy as np
 from edgesqueeze._io import files_below
 from edgesqueeze.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")  # as `run` reads
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm",
+                    ".pbm")  # what `run` reads (runtime.images.IMAGE_SUFFIXES)
 _LAYOUT_HELP = "expected train/<class>/<image> and test/<class>/<image>, or <class>/<image>"
 
 
@@ -173,11 +175,14 @@ def decode_image(data: bytes, where: str):
     Any decoder failure or such pixels become a DataError naming the file."""
     from PIL import Image
 
-    from edgesqueeze.runtime.images import to_8bit
+    from edgesqueeze.runtime.images import replay_warnings, to_8bit
 
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        replay_warnings(caught, where, img)
     except Image.UnidentifiedImageError as e:  # its text names a BytesIO object, not the file
         raise DataError(f"cannot decode image {where} (not an image file Pillow recognizes); delete or "
                         "replace it") from e

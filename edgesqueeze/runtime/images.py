@@ -122,6 +122,19 @@ def _center_crop(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return a[top:top + out_h, left:left + out_w]
 
 
+def replay_warnings(caught, where, im) -> None:
+    """Pillow's warnings recorded while ``im`` (from ``where``) was decoded, shown again, its
+    two-line DecompressionBombWarning (which names no file) as one note naming it."""
+    Image = _pil()
+    for rec in caught:
+        if issubclass(rec.category, Image.DecompressionBombWarning):
+            warnings.warn(f"{where}: {im.width:,} x {im.height:,} pixels, more than Pillow's "
+                          f"{Image.MAX_IMAGE_PIXELS:,}-pixel limit for untrusted images; read anyway", Note,
+                          stacklevel=3)
+        else:
+            warnings.warn_explicit(rec.message, rec.category, rec.filename, rec.lineno)
+
+
 def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
                resize: int | None = None) -> np.ndarray:
     """One image file as uint8 ``[C, H, W]`` for a model whose input is ``input_shape``.
@@ -143,13 +156,7 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
             with Image.open(path) as im:
                 im.load()
                 img = convert_8bit(im, _MODES[c], path)
-        for rec in caught:  # Pillow's two-line warning for a very large image: one note naming it
-            if issubclass(rec.category, Image.DecompressionBombWarning):
-                warnings.warn(f"{path}: {im.width:,} x {im.height:,} pixels, more than Pillow's "
-                              f"{Image.MAX_IMAGE_PIXELS:,}-pixel limit for untrusted images; read anyway", Note,
-                              stacklevel=2)
-            else:
-                warnings.warn_explicit(rec.message, rec.category, rec.filename, rec.lineno)
+        replay_warnings(caught, path, im)
     except FileNotFoundError:
         raise DataError(f"{path}: no such image file") from None
     except Image.DecompressionBombError:
