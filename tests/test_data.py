@@ -840,3 +840,29 @@ def test_a_cache_entry_superseded_by_a_new_write_of_the_same_source_is_removed(t
     load_dataset(f"imagefolder:{src}")
     load_dataset(f"imagefolder:{tmp_path / 'other'}")
     assert entries() == final  # hits: nothing rebuilt, nothing removed
+
+
+def test_split_folders_of_another_name_are_named_and_a_class_missing_from_test_is_said(tmp_path):
+    """Train/ and Test/ gave "nested too deep", val/ "not in train/<class>/"; a test/ without
+    one of train/'s classes was scored on the others without a word."""
+    import shutil
+    import warnings
+
+    from edgesqueeze.errors import Note
+
+    root = make_folder(tmp_path / "u")
+    (root / "train").rename(root / "Train")
+    with pytest.raises(DataError, match=r"'Train/' looks like a split folder, but only train/ and test/ \(lowercase\)"):
+        load_dataset(f"imagefolder:{root}")
+    (root / "Train").rename(root / "train")
+    shutil.copytree(root / "test", root / "val")
+    with pytest.raises(DataError, match=r"'val/' looks like a split folder.*data\.val_fraction"):
+        load_dataset(f"imagefolder:{root}")
+    shutil.rmtree(root / "val")
+    shutil.rmtree(root / "test" / "bee")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_dataset(f"imagefolder:{root}")
+    assert ds.num_classes == 3
+    assert any(issubclass(w.category, Note) and "test/ has no images of 1 class(es) that train/ has (bee)"
+               in str(w.message) for w in caught), [str(w.message) for w in caught]

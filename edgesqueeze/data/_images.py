@@ -103,12 +103,12 @@ def layout(src: Source) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
         if has_split:
             if len(q) != 3 or q[0] not in ("train", "test"):
                 raise DataError(f"{src.describe(rel)} is not in train/<class>/ or test/<class>/; "
-                                f"{_LAYOUT_HELP}")
+                                f"{_split_hint(q)}{_LAYOUT_HELP}")
             splits.setdefault(q[0], []).append((q[1], rel))
         else:
             if len(q) != 2:
                 where = "not inside a class folder" if len(q) < 2 else "nested too deep"
-                raise DataError(f"{src.describe(rel)} is {where}; {_LAYOUT_HELP}")
+                raise DataError(f"{src.describe(rel)} is {where}; {_split_hint(q)}{_LAYOUT_HELP}")
             splits.setdefault("all", []).append((q[0], rel))
     if has_split and "train" not in splits:
         raise DataError(f"{src.path} has test/ but no train/ images; {_LAYOUT_HELP}")
@@ -119,11 +119,32 @@ def layout(src: Source) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
             where = src.describe(rel).rsplit("/", 1)[0]
             raise DataError(f"{where}: class '{unknown[0]}' has test images but no train/{unknown[0]}/ folder "
                             f"({len(unknown)} such class(es)); add its training images or remove the folder")
+        lacking = sorted({c for c, _ in splits["train"]} - {c for c, _ in splits["test"]})
+        if lacking:  # its accuracy is measured on the other classes alone: say so
+            import warnings
+
+            from edgesqueeze.errors import Note
+
+            warnings.warn(f"{src.path}: test/ has no images of {len(lacking)} class(es) that train/ has "
+                          f"({', '.join(lacking[:5])}{', ...' if len(lacking) > 5 else ''}): test accuracy leaves "
+                          "them out", Note, stacklevel=2)
     classes = sorted({c for items in splits.values() for c, _ in items})
     if len(classes) == 1:  # a classifier of one class learns nothing (accuracy 100% by construction)
         raise DataError(f"{src.path}: holds one class folder ('{classes[0]}'); a classifier needs images of "
                         "two or more classes, one folder each (PATH/<class>/*.jpg)")
     return splits, classes
+
+
+_SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
+
+
+def _split_hint(q: list[str]) -> str:
+    """What to say when a misplaced image's first folder looks like a split (``Train/``,
+    ``val/``): the folder reader knows lowercase ``train/`` and ``test/`` only."""
+    if not q or q[0].lower() not in _SPLIT_NAMES or q[0] in ("train", "test"):
+        return ""
+    return (f"'{q[0]}/' looks like a split folder, but only train/ and test/ (lowercase) are splits; a validation "
+            "split is held out of train/ (data.val_fraction): rename it; ")
 
 
 def note_empty_classes(root: Path, classes) -> None:
