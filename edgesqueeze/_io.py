@@ -281,11 +281,12 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def files_below(root: str | os.PathLike) -> list[Path]:
+def files_below(root: str | os.PathLike, broken: list[Path] | None = None) -> list[Path]:
     """Every file below the folder ``root``, sorted, following symbolic links to folders (a
     class folder is often a link to where the images are; ``Path.rglob`` does not enter
     such links before Python 3.13, so their images would silently be missing). A link to
-    one of its own parent folders (a cycle) is not entered."""
+    one of its own parent folders (a cycle) is not entered. ``broken``: a list that gets the
+    symbolic links that lead nowhere (left out, as they are not files), for the caller's note."""
     out: list[Path] = []
     root = Path(root)
     for folder, dirs, files in os.walk(root, followlinks=True):
@@ -299,6 +300,8 @@ def files_below(root: str | os.PathLike) -> list[Path]:
                 dirs[:] = []  # a link back up the tree: walking it would never end
                 continue
         out += [here / f for f in files if os.path.isfile(here / f)]
+        if broken is not None:
+            broken += [here / f for f in files if os.path.islink(here / f) and not os.path.exists(here / f)]
     return sorted(out)
 
 

@@ -866,3 +866,19 @@ def test_split_folders_of_another_name_are_named_and_a_class_missing_from_test_i
     assert ds.num_classes == 3
     assert any(issubclass(w.category, Note) and "test/ has no images of 1 class(es) that train/ has (bee)"
                in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_a_broken_link_to_an_image_is_a_note(tmp_path):
+    """A class folder's link to a moved image was left out without a word (run refuses it)."""
+    import warnings
+
+    from edgesqueeze.errors import Note
+
+    root = make_folder(tmp_path / "l", split=False)
+    (root / "ant" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_dataset(f"imagefolder:{root}")
+    assert len(ds.train_y) + len(ds.test_y) == 12
+    assert any(issubclass(w.category, Note) and "1 symbolic link(s) to images lead nowhere" in str(w.message)
+               and "ant/gone.png" in str(w.message) for w in caught), [str(w.message) for w in caught]

@@ -59,7 +59,15 @@ def open_source(path: Path, *, listing: bool = True) -> Source:
 
         if not listing:
             return Source(path, (), read_file)
-        files = sorted(p.relative_to(path).as_posix() for p in files_below(path))
+        broken: list[Path] = []
+        files = sorted(p.relative_to(path).as_posix() for p in files_below(path, broken))
+        broken = [b for b in broken if _is_image(b.name)]
+        if broken:  # left out like a missing file, but not silently (run refuses such a link)
+            from edgesqueeze.errors import Note
+
+            warnings.warn(f"{path}: {len(broken)} symbolic link(s) to images lead nowhere and are left out "
+                          f"({', '.join(str(b.relative_to(path)) for b in broken[:3])}"
+                          f"{', ...' if len(broken) > 3 else ''})", Note, stacklevel=2)
         return Source(path, tuple(f for f in files if _is_image(f)), read_file)
     if path.is_file() and path.suffix.lower() == ".zip":
         try:
