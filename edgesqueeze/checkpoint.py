@@ -142,7 +142,6 @@ def _zip_kind(path: Path) -> str | None:
             names = zf.namelist()
     except (zipfile.BadZipFile, OSError):
         return None
-    _check_crcs(path)
     if any(n.endswith("/archive_format") or n.endswith("models/model.json") for n in names):
         return "exported_program"
     if any("/code/__torch__" in n for n in names) or any(n.endswith("/constants.pkl") for n in names):
@@ -374,27 +373,13 @@ def load_model(
     if input_meta and any(input_meta.get(k) is not None for k in ("classes", "input_shape")):
         _check_given_inputs(loaded, str(path))
     if input_meta and not loaded.meta.get("input_shape"):
-        _check_channels(loaded.meta, input_meta, str(path), _built_input_shape(loaded))
+        from edgesqueeze.models.registry import registered_input_shape
+
+        _check_channels(loaded.meta, input_meta, str(path),
+                        registered_input_shape(loaded.meta.get("arch"), loaded.meta.get("arch_kwargs")))
     if default_dataset and not loaded.meta.get("dataset"):
         loaded.meta["dataset"] = default_dataset
     return loaded
-
-
-def _built_input_shape(loaded: LoadedModel) -> list[int] | None:
-    """The input shape of a model built from a registered architecture (a state_dict read
-    with --arch), its ``in_channels`` as built; None for the user's code and programs."""
-    from edgesqueeze.models import get_spec
-    from edgesqueeze.models.imports import is_import_spec
-
-    arch = loaded.meta.get("arch")
-    if not arch or is_import_spec(arch):
-        return None
-    try:
-        shape = list(get_spec(arch).input_shape)
-    except Exception:  # noqa: BLE001 - not a registered name: unknown
-        return None
-    channels = (loaded.meta.get("arch_kwargs") or {}).get("in_channels")
-    return [int(channels), *shape[1:]] if isinstance(channels, int) else shape
 
 
 def _check_given_inputs(loaded: LoadedModel, source: str) -> None:
@@ -448,6 +433,7 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
             what = "a TorchScript archive" if kind == "torchscript" else "a torch.export program"
             warnings.warn(f"{path} is {what}, which carries its own code and weights: the architecture {arch!r} "
                           "(--arch, or the recipe's model.arch) is not used to build it", Note, stacklevel=3)
+        _check_crcs(path)  # torch.save files are checked by _safe_torch_load
         model, program = _load_program(path, kind, trust_pickle=trust_pickle)
         return LoadedModel(model, apply_input_meta({}, input_meta, source=str(path)), kind, path, program)
 

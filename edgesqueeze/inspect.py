@@ -100,7 +100,10 @@ def _inspect_pt(path: Path, model_args: dict[str, Any] | None = None) -> dict[st
                         "sparsity": round(float((t == 0).float().mean()), 4) if t.is_floating_point() and t.numel()
                         else None})
     ops = _ops(loaded)
-    shape = meta.get("input_shape") or _program_input_shape(loaded) or _arch_input_shape(meta.get("arch"))
+    from edgesqueeze.models.registry import registered_input_shape
+
+    shape = meta.get("input_shape") or _program_input_shape(loaded) or registered_input_shape(
+        meta.get("arch"), meta.get("arch_kwargs"))
     classes = len(meta["classes"]) if meta.get("classes") else None
     if shape and classes is None:  # what the model outputs, from one zero image
         from edgesqueeze.models.probe import check_fits
@@ -146,19 +149,6 @@ def _ops(loaded) -> dict[str, int]:
             name = getattr(m, "original_name", None) or type(m).__name__  # ScriptModules keep their class name
             ops[name] = ops.get(name, 0) + 1
     return ops
-
-
-def _arch_input_shape(arch: str | None) -> list[int] | None:
-    """A registered architecture's input shape (a state_dict read with --arch squeezenet1_0)."""
-    from edgesqueeze.models import get_spec
-    from edgesqueeze.models.imports import is_import_spec
-
-    if not arch or is_import_spec(arch):
-        return None
-    try:
-        return list(get_spec(arch).input_shape)
-    except Exception:  # noqa: BLE001 - an unknown name: the shape stays unknown
-        return None
 
 
 def _program_input_shape(loaded) -> list[int] | None:

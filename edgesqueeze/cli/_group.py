@@ -397,7 +397,8 @@ def device_option(fn=None, *, what: str = ""):
         return value
 
     def decorate(f):
-        return click.option("--device", metavar="DEVICE", callback=not_empty, help="Where PyTorch computes" + (f" {what}" if what else "")
+        return click.option("--device", metavar="DEVICE", callback=not_empty,
+                            help="Where PyTorch computes" + (f" {what}" if what else "")
                             + ": auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps [default: the "
                             "recipe's, else auto].")(f)
     return decorate(fn) if fn is not None else decorate

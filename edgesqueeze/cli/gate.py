@@ -6,6 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -31,16 +32,13 @@ _COMPRESS_FIELDS = {"path": "esq", "bytes": "totals.esq_bytes", "n": "test.after
                     "reference_accuracy": "test.before.accuracy"}
 
 
-def _same_dataset(path: Path, wanted: str, recipe: Path | None) -> None:
-    """Refuse a verify report measured on another dataset than the recipe's: a digits report
-    passed the ImageNet deploy recipe's gate (its budgets judged numbers of other files). Only
-    named datasets are compared (an image folder's path may be spelt differently)."""
+def _same_dataset(path: Path, raw: Any, wanted: str, recipe: Path | None) -> None:
+    """Refuse a verify report (``raw``, read from ``path``) measured on another dataset than the
+    recipe's: a digits report passed the ImageNet deploy recipe's gate (its budgets judged
+    numbers of other files). Only named datasets are compared (an image folder's path may be
+    spelt differently)."""
     from edgesqueeze.errors import DataError
 
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return
     measured = raw.get("datasets") if isinstance(raw, dict) else None
     if not isinstance(measured, list) or not measured or not all(isinstance(d, str) for d in measured):
         return
@@ -53,10 +51,11 @@ def _same_dataset(path: Path, wanted: str, recipe: Path | None) -> None:
                         "instead of -r")
 
 
-def _report_rows(path: Path) -> list[dict]:
+def _report_rows(path: Path, dataset: str | None = None, recipe: Path | None = None) -> list[dict]:
     """The artifact rows of the report ``path``, checked up front (``budget.validate_rows``):
     a report that has no artifacts, or one whose fields are missing, mistyped or out of range,
-    is bad input (exit 2, the file, row and field named), never a pass nor a traceback."""
+    is bad input (exit 2, the file, row and field named), never a pass nor a traceback.
+    ``dataset``: the recipe's (``recipe``), which the report must have been measured on."""
     from edgesqueeze.budget import validate_rows
     from edgesqueeze.errors import FormatError
     from edgesqueeze.verify import rows_from_report
@@ -77,6 +76,8 @@ def _report_rows(path: Path) -> list[dict]:
                                   "with `edgesqueeze compress`")
         if not isinstance(raw.get("esq", ""), str):
             raise FormatError(f"{path}: esq: expected the .esq file's path (a string), got {raw['esq']!r}")
+    if dataset is not None:
+        _same_dataset(path, raw, dataset, recipe)
     rows = rows_from_report(path)
     if compress:
         validate_rows(rows, path, names=_COMPRESS_FIELDS, writer="compress")
@@ -327,9 +328,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     for p in paths:
         _not_a_directory(p)
         if _is_report(p):
-            rows.extend(_report_rows(p))
-            if data is not None:
-                _same_dataset(p, data.dataset, model_opts.recipe_path)
+            rows.extend(_report_rows(p, data.dataset if data is not None else None, model_opts.recipe_path))
         else:
             files.append(p)
     if files:

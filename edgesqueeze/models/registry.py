@@ -26,7 +26,7 @@ from .resnet import resnet8
 from .squeezenet import (squeezenet1_0, squeezenet1_1, squeezenet_cifar, squeezenet_mnist,
                          tutorial_squeezenet)
 
-__all__ = ["ModelSpec", "register", "get_spec", "list_specs", "build_model"]
+__all__ = ["ModelSpec", "register", "get_spec", "list_specs", "build_model", "registered_input_shape"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,16 @@ def get_spec(name: str) -> ModelSpec:
         raise ModelError(f"unknown model '{name}'; known: {', '.join(_REGISTRY)}{tip}; or your own "
                          "class as package.module:Class or path/to/file.py:Class")
     return _REGISTRY[name]
+
+
+def registered_input_shape(arch: Any, arch_kwargs: dict[str, Any] | None = None) -> list[int] | None:
+    """The input shape (C, H, W) of a registered architecture as built with ``arch_kwargs``
+    (its ``in_channels`` applied); None for the user's own class or an unknown name."""
+    if not isinstance(arch, str) or arch not in _REGISTRY:
+        return None
+    shape = list(_REGISTRY[arch].input_shape)
+    channels = (arch_kwargs or {}).get("in_channels")
+    return [int(channels), *shape[1:]] if isinstance(channels, int) and not isinstance(channels, bool) else shape
 
 
 def list_specs() -> list[ModelSpec]:
