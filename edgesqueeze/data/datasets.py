@@ -508,7 +508,7 @@ def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> D
                             "(data.image_size) to resize every image to a square")
         # channels and size from a seeded sample, not the first file alone: a folder whose first
         # class was gray streamed every colour image as gray (in memory it was RGB); the images
-        # outside the sample are checked as they are decoded (LazyImages' strict)
+        # outside the sample are checked as they are decoded (LazyImages' check_size, check_gray)
         everything = [rel for items in splits.values() for _, rel in items]
         rng = np.random.default_rng([seed, 5])
         sample = everything if len(everything) <= _STREAM_SAMPLE else [

@@ -115,8 +115,7 @@ class LazyImages:
             where = src.describe(rel)
             img = decode_image(src.read(rel), where)  # 16-bit scaled to 8-bit, float refused
             gray = self.channels == 1
-            _check_like_the_sample(img, where, self.size if getattr(self, "check_size", False) else None,
-                                   gray and getattr(self, "check_gray", False))
+            _check_like_the_sample(img, where, self.size if self.check_size else None, gray and self.check_gray)
             if not gray and img.mode in _GRAY_MODES:
                 img = convert_8bit(img, "L", where)
             img = convert_8bit(img, "L" if gray else "RGB", where)
