@@ -56,7 +56,7 @@ def import_onnxruntime(path: Path | str):
     except ImportError as exc:  # installed, but built for another numpy (1.18 under numpy 2) or broken
         raise RuntimeBackendError(
             f"{path}: onnxruntime is installed but cannot be imported ({_first_line(exc)}): an onnxruntime "
-            f"built for another numpy? pip install -U 'onnxruntime>={_GOOD_SINCE}'") from None
+            f"built for another numpy? {_INSTALL_GOOD.replace('pip install', 'pip install -U', 1)}") from None
     return onnxruntime
 
 
@@ -66,6 +66,8 @@ def import_onnxruntime(path: Path | str):
 # `runtime` extra keeps them out; a session opened with one says so.
 _BAD_INT8 = ((1, 21), (1, 24))
 _GOOD_SINCE = "1.25"
+_INSTALL_GOOD = (f"pip install 'onnxruntime>={_GOOD_SINCE}' (on Python 3.10, which has no wheel of it: "
+                 "'onnxruntime>=1.19,<1.21')")
 
 
 def _bad_int8_release(version: str) -> bool:
@@ -252,7 +254,7 @@ class OnnxArtifact(Artifact):
             warnings.warn(f"{self.path}: onnxruntime {onnxruntime.__version__} computes int8 files differently "
                           "from other releases on x86 CPUs with AVX-512 VNNI or AMX (onnxruntime 1.21-1.24: the "
                           "demo's int8 file scored 93% there against 98.33% with 1.19, 1.20 and 1.25 onwards); "
-                          f"pip install 'onnxruntime>={_GOOD_SINCE}'", Note, stacklevel=2)
+                          + _INSTALL_GOOD, Note, stacklevel=2)
         dtype = _ORT_DTYPES.get(self._in.type)
         if dtype is None:
             raise RuntimeBackendError(f"{self.path}: input {self._in.name!r} has type {self._in.type}, "
