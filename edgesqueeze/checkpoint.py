@@ -115,17 +115,25 @@ def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
     write_bytes_atomic(path, _torch_bytes({"format": TRAIN_STATE_FORMAT, "format_version": FORMAT_VERSION, **state}))
 
 
+def load_resume_file(path: str | Path, what: str, resumed: str, advice: str) -> Any:
+    """What ``--resume`` reads from ``path`` (a training state, a ``pruned.pt``), safely; a
+    damaged or foreign file is one CheckpointError naming it, ``what`` it should have been,
+    ``resumed`` (what a run would resume) and ``advice`` (it was a traceback through the
+    private _PickleRefused)."""
+    try:
+        return _safe_torch_load(Path(path))
+    except _PickleRefused:  # a damaged file, or a pickle of something else
+        raise CheckpointError(f"{path}: not {what} (it does not read as one: damaged, or another kind of file); "
+                              f"{advice}") from None
+    except CheckpointError as exc:  # truncated, or not a PyTorch file at all
+        raise CheckpointError(f"{str(exc).split('; ')[0]}; it is not {resumed}: {advice}") from None
+
+
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """A state :func:`save_train_state` wrote (what ``--resume`` reads); anything else is one
     CheckpointError naming the file."""
     advice = "delete it, or leave out --resume, to start over"
-    try:
-        obj = _safe_torch_load(Path(path))
-    except _PickleRefused:  # a damaged file, or a pickle of something else
-        raise CheckpointError(f"{path}: not an edgesqueeze training state (it does not read as one: damaged, or "
-                              f"another kind of file); {advice}") from None
-    except CheckpointError as exc:  # truncated, or not a PyTorch file at all
-        raise CheckpointError(f"{str(exc).split('; ')[0]}; it is not a training state to resume: {advice}") from None
+    obj = load_resume_file(path, "an edgesqueeze training state", "a training state to resume", advice)
     if not isinstance(obj, dict) or obj.get("format") != TRAIN_STATE_FORMAT:
         raise CheckpointError(f"{path}: not an edgesqueeze training state; {advice}")
     return obj

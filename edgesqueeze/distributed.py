@@ -170,14 +170,12 @@ def same_on_every_rank(group: Group, tensors: dict[str, torch.Tensor], what: str
 
 def _file_digest(path: Path) -> str | None:
     """SHA-256 of the file at ``path``; None when there is none."""
-    h = hashlib.sha256()
+    from edgesqueeze._io import sha256_file
+
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
+        return sha256_file(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    return h.hexdigest()
 
 
 def _ranks(ranks: list[int]) -> str:

@@ -148,10 +148,8 @@ def cluster_settings_sha256(run: Run) -> str:
 def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """With ``--resume``: the weights of ``pruned.pt`` in ``model`` and its masks, when it was
     pruned from the same file with the same settings; None (prune again) when there is none."""
-    from edgesqueeze.checkpoint import _PickleRefused, _safe_torch_load, load_state_dict_checked
-    from edgesqueeze.errors import CheckpointError
-
     from edgesqueeze import distributed
+    from edgesqueeze.checkpoint import load_resume_file, load_state_dict_checked
 
     path = run.out / PRUNED_NAME
     # every rank resumes, or none: each looks on its own disk (refused when they disagree)
@@ -161,14 +159,8 @@ def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None
         return None
     import json
 
-    advice = "delete it, or leave out --resume, to prune again"
-    try:
-        payload = _safe_torch_load(path)
-    except _PickleRefused:  # a damaged file, or a pickle of something else
-        raise CheckpointError(f"{path}: not an edgesqueeze checkpoint (it does not read as one: damaged, or another "
-                              f"kind of file); {advice}") from None
-    except CheckpointError as exc:  # truncated, or not a PyTorch file at all
-        raise CheckpointError(f"{str(exc).split('; ')[0]}; it is not a pruned model to resume from: {advice}") from None
+    payload = load_resume_file(path, "an edgesqueeze checkpoint", "a pruned model to resume from",
+                               "delete it, or leave out --resume, to prune again")
     meta = json.loads(payload.get("meta_json", "{}")) if isinstance(payload, dict) else {}
     if meta.get("pruned_from_sha256") != run.source_sha256 or meta.get("prune_settings_sha256") != \
             prune_settings_sha256(run):
