@@ -579,8 +579,14 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
                         history=history, recipe=recipe, meta=meta)
             _write_metrics(out, history)
 
-    test = evaluate(model, ds.test_x, ds.test_y, mean=ds.mean, std=ds.std, batch_size=cfg.eval_batch_size,
-                    channels_last=cfg.channels_last)
+    try:
+        test = evaluate(model, ds.test_x, ds.test_y, mean=ds.mean, std=ds.std, batch_size=cfg.eval_batch_size,
+                        channels_last=cfg.channels_last)
+    except DataError as e:  # a streamed test/ split is decoded only now, after the training
+        if not n_epochs or not state_path.is_file():
+            raise
+        raise DataError(f"{e}. The training itself finished and is saved in {state_path}: fix the test "
+                        f"images, then rerun with --resume to evaluate without training again") from None
     wall = time.perf_counter() - t_start
     meta["metrics"] = {
         "test": test,

@@ -193,6 +193,42 @@ def test_train_on_an_imagenet_folder_stops_at_a_corrupt_jpeg_in_one_line(tmp_pat
     assert "Traceback" not in res.output and not (tmp_path / "run" / "model.pt").exists()
 
 
+def test_a_corrupt_test_image_after_streamed_training_says_resume_evaluates_without_training(folder, tmp_path,
+                                                                                            monkeypatch):
+    """A streamed test/ split outside the up-front sample is decoded only after the last epoch:
+    the error names the file and says the training is kept; with the file fixed, --resume
+    writes model.pt without training again. (The sample is the whole of a folder this small,
+    so it is made empty here, as it is for all but 200 images of a large folder.)"""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+    from edgesqueeze.data import datasets
+
+    monkeypatch.setattr(datasets, "_STREAM_SAMPLE", 0)
+
+    bad = folder / "test" / "dog" / "003.jpg"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:100])
+    out = tmp_path / "run"
+    args = ["train", "-r", "recipes/squeezenet-digits.yaml", "--set", f"data.dataset=imagefolder:{folder}",
+            "--set", "data.stream=true", "--set", "data.image_size=16", "--set", "train.epochs=1",
+            "--set", "train.batch_size=16", "--out", str(out), "--no-progress"]
+    cwd = os.getcwd()
+    os.chdir(Path(__file__).resolve().parents[1])
+    try:
+        res = CliRunner().invoke(cli, args)
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert res.exit_code == 2 and len(errors) == 1, res.output
+        assert str(bad) in errors[0] and "--resume" in errors[0] and str(out / "last.pt") in errors[0]
+        assert not (out / "model.pt").exists()
+        bad.write_bytes(good)
+        res = CliRunner().invoke(cli, [*args, "--resume"])
+    finally:
+        os.chdir(cwd)
+    assert res.exit_code == 0, res.output
+    assert "epoch   1/1" not in res.output and (out / "model.pt").is_file()
+
+
 def test_a_streamed_folder_reads_its_channels_and_size_from_more_than_the_first_file(tmp_path):
     """The first class gray, the others in colour: streamed, every image became gray (the
     model recorded 1 channel), where in memory the folder is RGB. One image of another size
