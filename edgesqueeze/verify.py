@@ -137,6 +137,14 @@ class _Data:
             if is_lazy(x):
                 self.log(f"note: {len(x):,} test images of {name} streamed from disk, a batch at a time, "
                          "once per file verified")
+            if image_size is not None:  # eval refuses an image folder of another size; here the
+                # exported file records no training image size, so the folder is resized, but not silently
+                from edgesqueeze.data.datasets import folder_test_image
+
+                first = folder_test_image(name)
+                if first and first[1] != (image_size, image_size):
+                    self.log(f"note: {first[0]} (the first test image of {name}) is {first[1][0]}x{first[1][1]}; "
+                             f"the images are resized to {image_size}x{image_size}, the input of {source}")
             self._cache[key] = (ds, x, y, keep)
         ds, x, y, keep = self._cache[key]
         if shape and list(ds.input_shape) != list(shape):  # a gray dataset for a 3-channel model?

@@ -288,6 +288,24 @@ def test_verify_limit_takes_every_class_and_a_non_square_model_is_verified(tmp_p
     assert res.exit_code == 0 and "NOT evaluated" not in res.output, res.output
 
 
+def test_verify_notes_a_folder_resized_to_the_model_input(tmp_path):
+    """eval refuses a folder of another size than the model's input; verify (whose exported
+    files record no training image size) resizes it, and now says so, naming a file."""
+    from edgesqueeze.verify import _Data
+
+    _write_images(tmp_path / "f" / "train", ["a", "b"], 3, size=24, ext=".png")
+    _write_images(tmp_path / "f" / "test", ["a", "b"], 2, size=24, seed=1, ext=".png")
+    for shape, noted in (([3, 16, 16], True), ([3, 24, 24], False)):
+        lines: list[str] = []
+        _, x, _ = _Data(f"imagefolder:{tmp_path / 'f'}", None, None, lines.append).get(None, shape, "m.onnx")
+        assert x.shape[-2:] == tuple(shape[1:])
+        notes = [ln for ln in lines if "resized" in ln]
+        assert bool(notes) == noted, lines
+        if noted:
+            assert "is 24x24" in notes[0] and "16x16, the input of m.onnx" in notes[0]
+            assert str(tmp_path / "f" / "test" / "a") in notes[0]
+
+
 def test_an_encrypted_zip_is_one_line(tmp_path):
     """zipfile raises RuntimeError for an encrypted member: it escaped as a traceback."""
     import zipfile

@@ -15,6 +15,7 @@ readers already live apart (``_idx``, ``_cifar``, ``_images``, ``_cache``).
 from __future__ import annotations
 
 import difflib
+import io
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -469,6 +470,27 @@ def _load_cifar10(search: list[Path], download: bool, image_size: int | None) ->
         return _resize(tx, size), ty, _resize(vx, size), vy, CIFAR10_CLASSES
 
     return _cached("cifar10", "cifar10", [path], {"image_size": image_size, "kind": kind}, build)
+
+
+def folder_test_image(name: str) -> tuple[str, tuple[int, int]] | None:
+    """``(where, (width, height))`` of the first test image of ``imagefolder:PATH`` (its
+    first image when it has no test/), read from the file's header; None for other datasets
+    or a folder that cannot be read (loading it says why)."""
+    if not name.lower().startswith("imagefolder:"):
+        return None
+    from PIL import Image
+
+    try:
+        src = _images.open_source(Path(os.path.abspath(os.path.expanduser(name.split(":", 1)[1]))))
+        try:
+            splits, _ = _images.layout(src)
+            rel = (splits.get("test") or next(iter(splits.values())))[0][1]
+            with Image.open(io.BytesIO(src.read(rel))) as img:
+                return src.describe(rel), img.size
+        finally:
+            src.close()
+    except (DataError, OSError, Image.UnidentifiedImageError):
+        return None
 
 
 def _load_imagefolder(name: str, spec: str, image_size: int | None) -> Dataset:
