@@ -744,16 +744,28 @@ def test_cifar_download_refuses_wrong_archive(http_root, isolated, tmp_path, mon
 
 
 @pytest.mark.parametrize("split", [True, False])
-def test_imagefolder_empty_class_folder_is_a_note(tmp_path, split):
+@pytest.mark.parametrize("packed", ["folder", "zip", "zip without directory entries"])
+def test_imagefolder_empty_class_folder_is_a_note(tmp_path, split, packed):
     """A class folder without images is not a class (nothing to learn it from); it is said,
-    with the folder, rather than a model silently getting one output fewer."""
+    with the folder, rather than a model silently getting one output fewer. In a zip too (it
+    was not looked at): an empty folder there is a directory entry, or a folder holding only
+    files that are not images."""
     import warnings
+    import zipfile
 
     from edgesqueeze.errors import Note
 
     root = make_folder(tmp_path / "f", per_class=5, split=split)
     (root / ("train/dog" if split else "dog")).mkdir()
     (root / ".hidden").mkdir()
+    if packed != "folder":
+        if packed.endswith("entries"):
+            (root / ("train/dog" if split else "dog") / "README.txt").write_text("no images yet")
+        with zipfile.ZipFile(tmp_path / "f.zip", "w") as zf:
+            for p in sorted(root.rglob("*")):
+                if p.is_file() or not packed.endswith("entries"):
+                    zf.write(p, "top/" + p.relative_to(root).as_posix())
+        root = tmp_path / "f.zip"
     for attempt in range(2):  # the second load may come from the cache: still said
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")

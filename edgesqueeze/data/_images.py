@@ -158,33 +158,57 @@ def _split_hint(q: list[str]) -> str:
 def note_empty_classes(root: Path, classes) -> None:
     """A class folder without images is not a class (there is nothing to learn it from), as
     everywhere; but say so (a :class:`~edgesqueeze.errors.Note`), or a model silently gets
-    one output fewer than the folder has class folders. Cheap: it lists folders, not files,
-    so it runs on every load, cached or not. A zip is not looked at."""
+    one output fewer than the folder has class folders. Cheap: it lists folders (of a zip, its
+    directory), not files, so it runs on every load, cached or not."""
     import warnings
 
     from edgesqueeze.errors import Note
 
-    def folders(p: Path) -> list[Path]:
-        return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
-
-    if not root.is_dir():
-        return
     try:
-        where = root
-        while not (where / "train").is_dir():  # step into a single top folder, as layout() does
+        subfolders = _zip_folders(root) if root.is_file() else _dir_folders(root) if root.is_dir() else None
+        if subfolders is None:
+            return
+
+        def folders(rel: str) -> list[str]:
+            return sorted(d for d in subfolders(rel) if not d.startswith(".") and d != "__MACOSX")
+
+        where = ""
+        while "train" not in folders(where):  # step into a single top folder, as layout() does
             subs = folders(where)
-            if len(subs) != 1 or subs[0].name in classes:
+            if len(subs) != 1 or subs[0] in classes:
                 break
-            where = subs[0]
-        if (where / "train").is_dir():
-            where = where / "train"
-        empty = [d.name for d in folders(where) if d.name not in classes and d.name != "test"]
-    except OSError:
+            where = f"{where}{subs[0]}/"
+        if "train" in folders(where):
+            where = f"{where}train/"
+        empty = [d for d in folders(where) if d not in classes and d != "test"]
+    except (OSError, zipfile.BadZipFile):
         return
     if empty:
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        warnings.warn(f"{where}: {len(empty)} class folder(s) hold no images and are not classes ({shown}); the "
-                      f"dataset has {len(classes)} classes. Add their images or remove the folders", Note, stacklevel=2)
+        shown_where = f"{root}:{where.rstrip('/')}" if root.is_file() and where else root / where
+        warnings.warn(f"{shown_where}: {len(empty)} class folder(s) hold no images and are not classes ({shown}); "
+                      f"the dataset has {len(classes)} classes. Add their images or remove the folders",
+                      Note, stacklevel=2)
+
+
+def _dir_folders(root: Path) -> Callable[[str], list[str]]:
+    return lambda rel: [d.name for d in (root / rel).iterdir() if d.is_dir()]
+
+
+def _zip_folders(root: Path) -> Callable[[str], list[str]] | None:
+    """The folders a zip holds below each folder, from its member names (a folder is there
+    when a member names it, as a directory entry or as part of a file's path)."""
+    if root.suffix.lower() != ".zip":
+        return None
+    with zipfile.ZipFile(root) as zf:
+        names = zf.namelist()
+    below: dict[str, set[str]] = {}
+    for name in names:
+        parts = name.split("/")[:-1]  # the folders on the way (a directory entry ends with "/")
+        for i, part in enumerate(parts):
+            if part:
+                below.setdefault("".join(f"{p}/" for p in parts[:i]), set()).add(part)
+    return lambda rel: list(below.get(rel, ()))
 
 
 def _progress(total: int, desc: str):
