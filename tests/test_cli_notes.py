@@ -75,6 +75,16 @@ def test_export_of_a_program_does_not_record_an_arch_that_did_not_build_it(files
     assert meta["arch"] is None, meta
 
 
+def test_bench_says_it_does_not_use_mean_std_or_classes(files):
+    """They were accepted and dropped without a word; a timing does not depend on them."""
+    args = ("bench", files["ts"], "--input-shape", "1,28,28", "--runs", "2", "--warmup", "0", "-b", "1")
+    plain = run(*args)
+    assert plain.exit_code == 0 and not notes(plain), plain.output
+    res = run(*args, "--mean", "0.5", "--std", "0.25")
+    said = [n for n in notes(res) if "--mean, --std" in n]
+    assert res.exit_code == 0 and len(said) == 1 and "bench does not use them" in said[0], res.output
+
+
 def test_arch_other_than_the_checkpoints_own_is_a_note(tmp_path):
     from edgesqueeze.checkpoint import save_checkpoint
     from edgesqueeze.models import build_model

@@ -140,6 +140,10 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
     outputs_clear_of_inputs([("--json", json_path)],
                             [*(("a file timed", p) for p in paths), ("--recipe", model_opts.recipe_path)])
     quiet = is_stdout(json_path)  # stdout is the JSON then; the table goes to stderr
+    unused = [f"--{k}" for k in ("mean", "std", "classes") if k in model_opts.input_meta]
+    if unused:  # they describe what a model's outputs mean, not how long it takes
+        click.echo(f"note: {', '.join(unused)} change no timing; bench does not use "
+                   f"{'them' if len(unused) > 1 else 'it'}", err=True)
     if json_path and not quiet:
         check_writable(json_path)  # before the timing, not after it
     rows = bench_files(list(paths), batch_sizes=list(batch_sizes) or [1, 32], runs=runs, warmup=warmup,
