@@ -31,6 +31,24 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("args, path", [
+    (["train"], "edgesqueeze train"),                         # a missing option
+    (["train", "--set"], "edgesqueeze train"),                # an option without its value
+    (["verify", "--limit", "0", "m.onnx"], "edgesqueeze verify"),  # a value out of range
+    (["bench"], "edgesqueeze bench"),                         # a missing argument
+    (["trian"], "edgesqueeze"),                               # an unknown command
+    (["--bogus"], "edgesqueeze"),                             # an unknown option of the group
+])
+def test_a_usage_error_is_one_error_line_pointing_at_help(args, path):
+    """click printed four lines ("Usage: ...", "Try ...", a blank, "Error: ..."), unlike every
+    other error."""
+    res = CliRunner().invoke(cli, args, prog_name="edgesqueeze")
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: ") and lines[0].endswith((f"; see '{path} --help'",
+                                                                  f"? (see '{path} --help')")), lines
+
+
 @pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["models"], ["info"]])
 def test_help_has_an_example(cmd):
     res = run(*cmd, "--help")

@@ -76,7 +76,26 @@ class _KeepWriting:
         return getattr(self._stream, name)
 
 
+def _usage_error(exc: click.UsageError, where: str) -> None:
+    """A missing or bad option, an unknown command: one ``error:`` line, as every other error,
+    where click prints "Usage: ...", "Try ...", a blank line and "Error: ...".
+    ``where``: the command path whose --help to point at, when click's error has no context."""
+    if exc.ctx is not None:
+        where = exc.ctx.command_path
+    msg = exc.format_message()
+    see = f"see '{where} --help'"
+    click.secho(f"error: {msg} ({see})" if msg.endswith("?") else f"error: {msg.rstrip('.')}; {see}",
+                fg="red", err=True)
+
+
 class _Group(click.Group):
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # the group's own options (`edgesqueeze --bogus`); a command's are parsed in invoke
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            _usage_error(exc, info_name or "edgesqueeze")
+            raise click.exceptions.Exit(exc.exit_code) from None
+
     def invoke(self, ctx: click.Context):
         # the subcommand's name: click < 9 keeps it apart from the other arguments
         name = next(iter(getattr(ctx, "_protected_args", None) or ctx.args or []), None)
@@ -93,6 +112,9 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except EdgesqueezeError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
+            ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            _usage_error(exc, f"{ctx.command_path} {name}" if name in self.commands else ctx.command_path)
             ctx.exit(exc.exit_code)
         except ModuleNotFoundError as exc:  # a device install (numpy, click, the runtimes) lacks the stack
             top = (exc.name or "").split(".")[0]
