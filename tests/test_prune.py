@@ -99,6 +99,48 @@ def test_polynomial_schedule_values():
 # config
 
 
+class _HeadFirst(nn.Module):
+    """The classifier conv registered before the stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Conv2d(8, 10, 1)
+        self.stem = nn.Conv2d(1, 8, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.stem(x))).mean((2, 3))
+
+
+class _Shortcut(nn.Module):
+    """A residual block whose downsampling shortcut is registered (and called) after the
+    block's last conv, as torchvision's ResNet does."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3)
+        self.c1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.short = nn.Conv2d(8, 16, 1, stride=2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        out = self.c2(torch.relu(self.c1(x))) + self.short(x)
+        return self.fc(out.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model, first, last", [
+    (_HeadFirst(), "stem", "classifier"),   # registration order swapped the two
+    (_Shortcut(), "stem", "c2"),            # registration order made the shortcut the last conv
+    (build_model("squeezenet_mnist"), "features.0", "classifier.1"),
+])
+def test_first_and_last_conv_follow_the_data_not_the_registration_order(model, first, last):
+    cfg = PruneConfig(sparsity=0.8, first_conv=0.1, last_conv=0.2)
+    explicit = cfg.explicit(model)
+    assert explicit[first] == 0.1 and explicit[last] == 0.2, explicit
+    assert sorted(v for v in explicit.values() if v != 0.8) == [0.1, 0.2]
+
+
 def test_config_round_trips_and_carries_a_version():
     cfg = PruneConfig(sparsity=0.6, first_conv=0.2, layers={"classifier.1": 0.5},
                       schedule="gradual", begin=2, end=10, frequency=2)

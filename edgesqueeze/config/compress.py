@@ -62,8 +62,9 @@ class PruneConfig:
     """How sparse each layer ends up, and when.
 
     A layer's target sparsity is the first that applies of: ``layers[name]``; ``first_conv``
-    / ``last_conv`` (the first and last Conv2d in module order: the stem sees raw pixels and
-    the last conv is SqueezeNet's classifier, both usually kept denser); ``depthwise`` for
+    / ``last_conv`` (the shallowest and the deepest Conv2d by data flow, traced with torch.fx,
+    else the first and last in module order: the stem sees raw pixels and the last conv is
+    SqueezeNet's classifier, both usually kept denser); ``depthwise`` for
     depthwise convs (``groups == in_channels``; Zhu & Gupta, 2017, left MobileNet's unpruned:
     few weights, each filter only 9); ``conv`` / ``linear`` by type; ``sparsity``. ``schedule: oneshot`` prunes to the target at step
     ``begin``; ``gradual`` follows :func:`polynomial_sparsity` from ``initial_sparsity`` (capped
@@ -129,6 +130,8 @@ class PruneConfig:
         check_layer_names(self.layers, list(layers), f"{path}.layers")
         convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)]
         first, last = (convs[0], convs[-1]) if convs else (None, None)
+        if convs and (self.first_conv is not None or self.last_conv is not None):
+            first, last = _first_and_last(model, convs) or (first, last)
         out = {}
         for name, m in layers.items():
             s = self.conv if isinstance(m, nn.Conv2d) else self.linear
@@ -153,6 +156,34 @@ class PruneConfig:
             raise RecipeError("end: schedule 'gradual' needs end > begin (steps); set end")
         return polynomial_sparsity(step, final=final, initial=min(self.initial_sparsity, final),
                                    begin=self.begin, end=self.end, frequency=self.frequency)
+
+
+def _first_and_last(model: nn.Module, convs: list[str]) -> tuple[str, str] | None:
+    """The first and last of ``convs`` by data flow, not by registration order (a classifier
+    declared before the stem, a ResNet shortcut registered after the block's last conv):
+    each conv's depth is the most convs on a path from the input to it (torch.fx); the first
+    is the shallowest, the last the deepest (on a tie, the earlier / later call). None when
+    the model does not trace: registration order then stands."""
+    from torch import fx
+
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - fx raises many types for untraceable Python
+        return None
+    wanted = set(convs)
+    depth: dict[fx.Node, int] = {}
+    calls: list[tuple[int, int, str]] = []  # (depth, position, name)
+    for i, node in enumerate(graph.nodes):
+        d = max((depth.get(a, 0) for a in node.all_input_nodes), default=0)
+        if node.op == "call_module" and node.target in wanted:
+            d += 1
+            calls.append((d, i, str(node.target)))
+        depth[node] = d
+    if not calls:
+        return None
+    first = min(calls, key=lambda c: (c[0], c[1]))[2]
+    last = max(calls, key=lambda c: (c[0], c[1]))[2]
+    return first, last
 
 
 # ---------------------------------------------------------------------------------------
