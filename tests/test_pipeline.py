@@ -288,6 +288,44 @@ def test_unknown_layer_is_refused_before_any_work(checkpoint, tmp_path):
     assert not (tmp_path / "model.esq").exists()
 
 
+_UNTRACEABLE = """
+import torch
+from torch import nn
+
+
+class Untraceable(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(1, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.fc = nn.Conv2d(8, 16, 3, 2, 1), nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        x = self.c2(x) if x.sum() > 0 else self.c2(-x)  # data-dependent: torch.fx cannot trace it
+        return self.fc(x.mean((2, 3)))
+"""
+
+
+def test_a_model_fx_cannot_trace_is_refused_before_the_retraining_when_it_folds_batchnorm(tmp_path):
+    """fold_batchnorm traced the model after pruning and its retraining (hours on a real
+    model), then named a Python function; now before any work, naming the recipe key."""
+    (tmp_path / "untr.py").write_text(_UNTRACEABLE)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("untr_mod", tmp_path / "untr.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.save(mod.Untraceable().state_dict(), tmp_path / "sd.pt")
+    out = tmp_path / "c"
+    res = CliRunner().invoke(cli, ["compress", str(tmp_path / "sd.pt"), "--arch", f"{tmp_path / 'untr.py'}:Untraceable",
+                                   "--data", "digits", "--out", str(out), "--set", "compress.fold_batchnorm=true",
+                                   "--set", "compress.prune.sparsity=0.5", "--set", "compress.prune_finetune.epochs=1",
+                                   "--set", "compress.cluster.bits=4", "--set", "data.limit=200", "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert "cannot trace Untraceable" in res.output and "compress.fold_batchnorm: false" in res.output
+    assert not out.exists() and "[prune]" not in res.output, res.output
+
+
 def test_cli_compress_unpack_eval_info(checkpoint, compressed, tmp_path):
     runner = CliRunner()
     out = tmp_path / "unpacked.pt"

@@ -131,6 +131,10 @@ def compress(
             config.prune.explicit(inp.loaded.model, path="compress.prune")
         if config.cluster is not None:
             config.cluster.bits_for(inp.loaded.model, path="compress.cluster")
+    if config.fold_batchnorm:  # a model fx cannot trace is refused now, not after the pruning's retraining
+        from edgesqueeze.models.fold import conv_bn_pairs
+
+        conv_bn_pairs(inp.loaded.model)
     if kept:
         log(f"compress.keep_layers: {len(kept)} layers left as they are ({', '.join(kept[:6])}"
             f"{', ...' if len(kept) > 6 else ''})")

@@ -119,8 +119,9 @@ def conv_bn_pairs(model: nn.Module, example: torch.Tensor | None = None) -> list
     except Exception as exc:  # fx raises many types for untraceable Python
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"fold_batchnorm: cannot trace {type(model).__name__} with torch.fx "
-                         f"to find conv -> BatchNorm pairs ({first}); fold it by hand with "
-                         "fold_conv_bn") from None
+                         f"to find conv -> BatchNorm pairs ({first}); set compress.fold_batchnorm: false "
+                         "to keep its BatchNorms as they are, or fold them by hand with "
+                         "edgesqueeze.models.fold.fold_conv_bn") from None
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in graph.nodes:
