@@ -61,9 +61,18 @@ def test_exact_count_and_largest_magnitudes_kept(shape, sparsity):
     w = torch.randn(shape)
     m = magnitude_mask(w, sparsity)
     assert m.shape == w.shape and m.dtype == torch.bool
-    assert int(m.sum()) == math.floor((1 - sparsity) * w.numel() + 0.5)
+    assert int(m.sum()) == max(1, math.floor((1 - sparsity) * w.numel() + 0.5))
     if 0 < int(m.sum()) < w.numel():
         assert w[m].abs().min() >= w[~m].abs().max()
+
+
+@pytest.mark.parametrize("n, sparsity", [(1, 0.6), (1, 0.999), (3, 0.9), (17, 0.99)])
+def test_a_layer_keeps_at_least_its_largest_weight(n, sparsity):
+    """A 1-weight Linear at sparsity 0.6 rounded to none kept: the layer was cut out of the
+    network, and nothing said so (audit)."""
+    w = torch.linspace(-1, 0.5, n)
+    m = magnitude_mask(w, sparsity)
+    assert int(m.sum()) == 1 and bool(m[0]), m
 
 
 def test_existing_zeros_are_pruned_first():

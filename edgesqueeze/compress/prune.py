@@ -77,7 +77,9 @@ class StageReport:
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Boolean mask (True = keep) of the largest-|w| ``1 - sparsity`` fraction of ``weight``.
 
-    Exactly ``floor((1 - sparsity) * numel + 0.5)`` entries are kept (round half up). Ties in
+    Exactly ``floor((1 - sparsity) * numel + 0.5)`` entries are kept (round half up), and at
+    least one: a sparsity below 1 never disconnects a layer (a 1-weight gate at 0.6 rounded
+    to none kept, silently). Ties in
     |w| are broken by position: a stable descending sort keeps the earlier index, so the mask
     is deterministic. Existing zeros have the smallest magnitude and go first.
 
@@ -88,12 +90,14 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
         tensor([ True, False, False, False])
         >>> magnitude_mask(torch.ones(4), 0.5)          # ties: earlier indices win
         tensor([ True,  True, False, False])
+        >>> magnitude_mask(torch.tensor([-0.5]), 0.6)   # a layer of one weight keeps it
+        tensor([True])
     """
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
             or not 0 <= sparsity < 1:
         raise RecipeError(f"sparsity: must be >= 0 and < 1, got {sparsity!r}")
     n = weight.numel()
-    keep = min(n, math.floor((1 - sparsity) * n + 0.5))
+    keep = min(n, max(1, math.floor((1 - sparsity) * n + 0.5)))
     order = torch.sort(weight.detach().abs().flatten(), descending=True, stable=True).indices
     mask = torch.zeros(n, dtype=torch.bool, device=weight.device)
     mask[order[:keep]] = True
