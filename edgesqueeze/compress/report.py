@@ -163,7 +163,8 @@ def markdown(report: dict[str, Any]) -> str:
     elif not tb["after"].get("n"):
         lines.append("- no dataset given: nothing evaluated (pass --data NAME to measure accuracy)")
     lines += [
-        f"- {100 * t['density']:.1f}% of weights kept; Huffman streams {t['huffman_coded_bytes']:,} B against "
+        f"- {100 * t['density']:.1f}% of stored parameters non-zero (weights and biases; the prune stage counts "
+        f"weights alone); Huffman streams {t['huffman_coded_bytes']:,} B against "
         f"{t['entropy_bytes']:,.0f} B zeroth-order entropy ({t['huffman_over_entropy']}x)",
         *_evaluation_lines(report), *_ptq_lines(report),
         "", "## Stages (validation accuracy)", "", "| stage | val acc | size | note |", "| --- | --- | --- | --- |"]
