@@ -218,3 +218,37 @@ def test_verify_takes_a_plain_state_dict_with_arch(tmp_path):
     assert "pass --arch" in res.output
     res = run("verify", sd, "--num-classes", 10, "--data", "digits", "--out", out)
     assert res.exit_code == 2 and "give --arch too" in res.output
+
+
+_DATA_DEPENDENT = """
+import torch
+from torch import nn
+
+
+class Untraceable(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 8, 3, 2, 1), nn.Conv2d(8, 16, 3, 2, 1), nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = self.c2(x) if x.sum() > 0 else self.c2(-x)  # data-dependent: torch.export cannot trace it
+        return self.fc(x.mean((2, 3)))
+"""
+
+
+def test_export_of_a_model_torch_export_cannot_trace_is_one_line_with_what_to_do(tmp_path):
+    """torch.export sets up its own log handlers during a trace, bound to the real stderr: a
+    warning and the partial graph (about 40 lines, twice) came before the error line."""
+    (tmp_path / "untr.py").write_text(_DATA_DEPENDENT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = (f"import sys, torch; sys.path.insert(0, {str(tmp_path)!r}); import untr; "
+            f"torch.save(untr.Untraceable().state_dict(), {str(tmp_path / 'sd.pt')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgesqueeze", "export", str(tmp_path / "sd.pt"), "--arch",
+         f"{tmp_path / 'untr.py'}:Untraceable", "--data", "digits", "-f", "onnx", "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, env=env, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: torch.export cannot trace Untraceable") and "torch.where" in lines[0]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgesqueeze._io import write_bytes_atomic
+from edgesqueeze._io import native_stderr, write_bytes_atomic
 from edgesqueeze.format.seal import seal
 from edgesqueeze.errors import ExportError, FormatError
 from edgesqueeze.export._common import META_KEY, artifact_meta, meta_json
@@ -73,8 +73,10 @@ def _quiet() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    try:  # torch.export configures its loggers again during a trace, with handlers holding the real
+        # stderr ("W... symbolic_shapes.py] Unable to find user code" and the whole graph): fd 2 too
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                native_stderr(keep=lambda line: False):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -144,7 +146,9 @@ def _export_dynamo(module: nn.Module, sample: torch.Tensor, what: str, opset: in
         try:
             program = torch.export.export(module, (sample,), dynamic_shapes=({0: batch},), strict=False)
         except Exception as exc:  # data-dependent control flow, unsupported Python...
-            raise ExportError(f"torch.export cannot trace {what}: {_first_line(exc)}") from exc
+            todo = ("; replace Python control flow on tensor values (an 'if' on x.sum()) with torch.where or "
+                    "torch.cond" if "data-dependent" in str(exc) else "")
+            raise ExportError(f"torch.export cannot trace {what}: {_first_line(exc)}{todo}") from exc
         try:
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
                                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

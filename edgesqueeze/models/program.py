@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from edgesqueeze._io import native_stderr
 from edgesqueeze.errors import ModelError
 
 __all__ = ["KINDS", "lift", "program_skeleton", "restore", "runnable", "to_exported_program"]
@@ -81,9 +82,10 @@ def _quiet() -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        # torch.export prints a failed trace's partial graph straight to sys.stderr
+        # torch.export prints a failed trace's partial graph straight to sys.stderr, and configures
+        # its loggers again during a trace (a handler holding the real stderr): file descriptor 2 too
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
-                contextlib.redirect_stdout(io.StringIO()):
+                contextlib.redirect_stdout(io.StringIO()), native_stderr(keep=lambda line: False):
             warnings.simplefilter("ignore")
             yield
     finally:
