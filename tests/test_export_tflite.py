@@ -854,3 +854,30 @@ def test_quantize_pt2e_copies_the_bias_correction_of_the_graph_it_took_ranges_fr
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, alone))
     assert not all(torch.equal(a, b) for a, b in zip(want, before))  # the correction did something
+
+
+def test_an_op_litert_torch_cannot_lower_names_its_module_and_a_plain_equivalent():
+    """A global max pool (adaptive_max_pool2d to 1x1) has no lowering; the error names it,
+    its module, and the reduction that converts (checked to convert)."""
+    import torch.nn.functional as F
+
+    from edgesqueeze.errors import ExportError
+    from edgesqueeze.export.tflite import _convert
+
+    class MaxPooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 10)
+
+        def forward(self, x):
+            return self.fc(F.adaptive_max_pool2d(self.conv(x), 1).flatten(1))
+
+    class Reduced(MaxPooled):
+        def forward(self, x):
+            return self.fc(self.conv(x).amax((2, 3), keepdim=True).flatten(1))
+
+    x = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(ExportError, match=r"op aten\.adaptive_max_pool2d\.default in module .*MaxPooled.*"
+                                          r"x\.amax\(\(2, 3\), keepdim=True\)"):
+        _convert(MaxPooled().eval(), x, "MaxPooled")
+    assert len(_convert(Reduced().eval(), x, "Reduced")) > 0

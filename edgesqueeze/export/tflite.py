@@ -181,6 +181,10 @@ def _convert(module: nn.Module, sample: torch.Tensor, what: str, **kwargs: Any) 
 _OP_PATTERNS = (r"Lowering not found: ([\w.]+)", r"target=torch\.ops\.([\w.]+)\]")
 
 
+_EQUIVALENTS = {"aten.adaptive_max_pool2d": "a global max pool, adaptive_max_pool2d(x, 1), is x.amax((2, 3), "
+                                            "keepdim=True)"}
+
+
 def _conversion_error(module: nn.Module, sample: torch.Tensor, exc: BaseException,
                       what: str) -> ExportError:
     """Name the op and the module it came from: litert-torch's message has the op and the
@@ -190,12 +194,15 @@ def _conversion_error(module: nn.Module, sample: torch.Tensor, exc: BaseExceptio
     node_name = (m.group(1) if (m := re.search(r"While executing %(\w+)", text)) else None)
     where = _module_of(module, sample, node_name, op) if (op or node_name) else None
     reason = _first_line(exc)
+    # ops with a plain equivalent the converter lowers (global pooling to 1x1 is a reduction)
+    swap = next((f" ({hint})" for name, hint in _EQUIVALENTS.items() if op and op.startswith(name)), "")
     if op and where:
         return ExportError(f"litert-torch cannot convert {what}: op {op} in module {where} "
-                           f"({reason}); replace that module with supported ops, or export "
+                           f"({reason}); replace that module with supported ops{swap}, or export "
                            "to ONNX instead")
     if op:
-        return ExportError(f"litert-torch cannot convert {what}: op {op} ({reason})")
+        return ExportError(f"litert-torch cannot convert {what}: op {op} ({reason})"
+                           + (f"; replace it{swap}" if swap else ""))
     return ExportError(f"litert-torch cannot convert {what}: {type(exc).__name__}: {reason}")
 
 
