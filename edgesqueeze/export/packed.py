@@ -82,8 +82,10 @@ def _read_tflite(data: bytes, sources: dict[str, np.ndarray] | None = None):
     from edgesqueeze.runtime._tflite import import_interpreter
 
     cls, _, _ = import_interpreter("<bytes>")
+    # not allocated: then only the constant tensors have data. Allocated, the input and output
+    # tensors read as whatever the arena held (zeros, or another run's bytes), and a run of
+    # zeros matched inside a pruned weight, which then packed another way: same file, other bytes
     interp = cls(model_content=bytes(data))
-    interp.allocate_tensors()
     out, scale_arrays = [], []
     for d in interp.get_tensor_details():
         q = d.get("quantization_parameters") or {}
