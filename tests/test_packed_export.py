@@ -355,3 +355,29 @@ def test_the_packer_reads_only_constant_tflite_tensors(exported):
     a, _ = pack_file(path, out / "a.esq", fmt="tflite-int8")
     b, _ = pack_file(path, out / "b.esq", fmt="tflite-int8")
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_an_interrupted_reexport_leaves_none_of_the_earlier_exports_files(shared_ckpt, tmp_path, monkeypatch):
+    """An export into a folder holding an earlier one, interrupted after its first file, left
+    the earlier model's other files (and packed copies) beside its new ones, and verify and
+    check judged them as this export's. Every file this export writes is removed first."""
+    import edgesqueeze.export.tflite as tflite
+
+    cfg = ExportConfig(formats=("onnx", "tflite"), pack=True)
+    export_artifacts(shared_ckpt, cfg, tmp_path, log=lambda _: None)
+    names = ["shared.onnx", "shared.onnx.esq", "shared.tflite", "shared.tflite.esq"]
+    earlier = {n: (tmp_path / n).read_bytes() for n in names}
+    for n in names:  # an earlier model's files, told apart by their bytes
+        (tmp_path / n).write_bytes(earlier[n] + b"earlier")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tflite, "export_tflite", interrupted)
+    logs: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        export_artifacts(shared_ckpt, cfg, tmp_path, log=logs.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.onnx", "shared.onnx.esq"]
+    assert {n: (tmp_path / n).read_bytes() for n in names[:2]} == {n: earlier[n] for n in names[:2]}  # the new ones
+    assert any("held an earlier export's shared.onnx, shared.onnx.esq, shared.tflite, shared.tflite.esq: removed"
+               in m for m in logs), logs

@@ -106,6 +106,9 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                      log: Log = print) -> list[Path]:
     """Write every format in ``config.formats`` to ``out_dir``; return the paths written.
 
+    An earlier export's files of the same names are removed once the inputs are checked,
+    before the first file is written.
+
     ``arch``, ``arch_kwargs``, ``trust_pickle``, ``input_meta``, ``default_dataset``: how to
     read a file that does not describe itself (:func:`edgesqueeze.checkpoint.load_model`)."""
     from edgesqueeze._io import sha256_file
@@ -188,14 +191,14 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         stem = stem or model_stem(source)
         from edgesqueeze._io import check_writable
 
-        for fmt in config.formats:  # every output, before the first is replaced
-            check_writable(out / f"{stem}{SUFFIX[fmt]}")
-            if config.pack and fmt != "tflite-micro":
-                check_writable(out / f"{stem}{SUFFIX[fmt]}.esq")
+        names = output_names(config, stem)
+        for name in names:  # every output, before the first is replaced
+            check_writable(out / name)
         digest = sha256_file(source)
         calib = None
         if any(f in INT8_FORMATS for f in config.formats):  # the data too: a bad --data failed after the fp32 files
             calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
+        _clear_earlier_outputs(out, config, stem, log)
         written = []
         for fmt in config.formats:
             path = out / f"{stem}{SUFFIX[fmt]}"
@@ -241,9 +244,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             written.append(path)
             if config.pack and fmt == "tflite-micro":
                 log(f"note: {path.name} is not packed: a microcontroller runs it from flash as it is")
-            if not config.pack or fmt == "tflite-micro":
-                _remove_stale_packed(path, log)
-            else:
+            if config.pack and fmt != "tflite-micro":
                 from edgesqueeze.export.packed import pack_file
 
                 sources = {k: v.detach().cpu().numpy() for k, v in (rounded or model.state_dict()).items()
@@ -258,8 +259,35 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         return written
 
 
+def output_names(config: ExportConfig, stem: str) -> list[str]:
+    """The names of the files an export with ``config`` writes for the model ``stem``: one per
+    format, and with --pack each one's packed ``.esq`` (a tflite-micro file is not packed)."""
+    names = []
+    for fmt in config.formats:
+        names.append(f"{stem}{SUFFIX[fmt]}")
+        if config.pack and fmt != "tflite-micro":
+            names.append(f"{stem}{SUFFIX[fmt]}.esq")
+    return names
+
+
+def _clear_earlier_outputs(out: Path, config: ExportConfig, stem: str, log: Log) -> None:
+    """Remove every file of an earlier export that this one writes, once its inputs are checked
+    and before its first file: an export interrupted (or stopped by a full disk) after its
+    first file left the earlier model's other files beside it, and verify and check judged
+    them as this export's. The packed copies of the formats written without --pack go too."""
+    from edgesqueeze._io import remove_earlier_outputs
+
+    old = remove_earlier_outputs(out, output_names(config, stem))
+    if old:
+        log(f"note: {out}/ held an earlier export's {', '.join(p.name for p in old)}: removed (this export "
+            "writes its own)")
+    for fmt in config.formats:
+        if not config.pack or fmt == "tflite-micro":
+            _remove_stale_packed(out / f"{stem}{SUFFIX[fmt]}", log)
+
+
 def _remove_stale_packed(path: Path, log: Log) -> None:
-    """Remove the packed copy (``path`` + ``.esq``) of the file this export replaced: written
+    """Remove the packed copy (``path`` + ``.esq``) of the file this export replaces: written
     without --pack, the new plain file sat beside the old model's packed one, which verify
     and check would then judge as this export's. Only a file that reads as a packed file
     is removed; anything else by that name is left, with a note."""
@@ -275,7 +303,7 @@ def _remove_stale_packed(path: Path, log: Log) -> None:
         ours = False
     if ours:
         stale.unlink()
-        log(f"note: removed {stale.name}: the packed copy of the {path.name} this export replaced "
+        log(f"note: removed {stale.name}: the packed copy of the {path.name} this export replaces "
             "(--pack writes a new one)")
     else:
         log(f"note: {stale} is not from this export (it is not a packed copy of {path.name}); "
