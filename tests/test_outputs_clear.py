@@ -128,6 +128,33 @@ def test_export_checks_every_output_and_the_data_before_the_first_file(files, tm
     assert not (tmp_path / "f").exists()
 
 
+@pytest.mark.parametrize("case", ["export", "export-recipe", "sensitivity", "compress-recipe"])
+def test_an_output_that_links_to_an_input_is_refused(files, tmp_path, case):
+    """An output file that is a symbolic link to an input got the input written over (atomic
+    writes replace the file a link names), exit 0: export's packed file over its model.esq,
+    sensitivity.png over the model, compress's report.md over the recipe."""
+    pt, _ = files
+    pt = Path(shutil.copy(pt, tmp_path / "model.pt"))
+    recipe = Path(shutil.copy(DIGITS, tmp_path / "recipe.yaml"))
+    out = tmp_path / "out"
+    out.mkdir()
+    output, target, args, message = {
+        "export": ("model.onnx", pt, ["export", pt, "-f", "onnx"], "is also an input (the model"),
+        "export-recipe": ("model.onnx", recipe, ["export", pt, "-f", "onnx", "-r", recipe],
+                          "is also an input (--recipe"),
+        "sensitivity": ("sensitivity.png", pt, ["sensitivity", pt, "--sparsities", "0.5", "--layers", "classifier.1"],
+                        "is also an input (the model"),
+        "compress-recipe": ("report.md", recipe, ["compress", pt, "-r", recipe, "--no-progress"],
+                            "compress writes report.md there, which is the recipe it reads"),
+    }[case]
+    (out / output).symlink_to(Path("..") / target.name)
+    before = {p: _digest(p) for p in (pt, recipe)}
+    res = _run(*args, "--out", out)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert {p: _digest(p) for p in before} == before
+    assert sorted(p.name for p in out.iterdir()) == [output]
+
+
 @pytest.mark.parametrize("args, message", [
     (["verify", "{onnx}", "--data", "nosuch", "--out", "{tmp}/v.json"], "unknown dataset 'nosuch'"),
     (["eval", "{pt}", "--data", ""], "unknown dataset ''"),

@@ -83,7 +83,8 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
     out = out_dir or Path(model_path).parent / f"{name}-compressed"
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
                       data_dir=data_dir or model_opts.data_dir,
-                      recipe_hash=recipe.hash() if model_opts.recipe_path else None, teacher=teacher, resume=resume,
+                      recipe_hash=recipe.hash() if model_opts.recipe_path else None, recipe_path=model_opts.recipe_path,
+                      teacher=teacher, resume=resume,
                       progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m),
                       **model_opts.load_kwargs())
     if not result.main:  # another rank of a torchrun launch: rank 0 reports
@@ -225,6 +226,7 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
                              data_dir=data_dir or model_opts.data_dir,
                              dataset=dataset, model_args=model_opts.load_kwargs(), device=device,
                              layers=[x.strip() for x in layers.split(",")] if layers else None,
+                             inputs=[("--recipe", model_opts.recipe_path)],
                              log=lambda m: click.echo(m))
     click.echo((out / "sensitivity.md").read_text())
     if "chosen" in result:

@@ -157,5 +157,6 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
             raise click.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--float-layers") from None
     out = out_dir or Path(model_path).parent / "export"
     written = export_artifacts(model_path, config, out, dataset=dataset, data_dir=data_dir or model_opts.data_dir,
-                               seed=seed, log=lambda m: click.echo(m), **model_opts.load_kwargs())
+                               seed=seed, inputs=[("--recipe", model_opts.recipe_path)], log=lambda m: click.echo(m),
+                               **model_opts.load_kwargs())
     click.echo(f"wrote {len(written)} file(s) to {out}/; check them with: edgesqueeze verify {out}/*")

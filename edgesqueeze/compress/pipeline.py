@@ -58,6 +58,7 @@ def compress(
     trust_pickle: bool = False,
     input_meta: dict | None = None,
     recipe_hash: str | None = None,
+    recipe_path: str | Path | None = None,
     teacher: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -75,6 +76,9 @@ def compress(
     [default: ``checkpoint`` itself]; give the float original when ``checkpoint`` is an
     already pruned model (a previous run's ``pruned.pt``).
 
+    ``recipe_path``: the recipe the settings came from, which no output may replace (a
+    ``report.md`` that is a link to it).
+
     ``resume``: when ``out_dir/pruned.pt`` was written by an earlier run from the same file
     with the same prune settings, seed and data, start from it instead of pruning again; a
     retraining that was interrupted goes on after its last finished epoch
@@ -90,7 +94,7 @@ def compress(
         raise DistributedError(f"{what} trains nothing, so torchrun has nothing to spread over processes: run "
                                "'edgesqueeze compress' without torchrun (torchrun helps prune_finetune and "
                                "cluster_finetune)")
-    _outputs_clear_of_inputs(Path(checkpoint), Path(out_dir), teacher)
+    _outputs_clear_of_inputs(Path(checkpoint), Path(out_dir), teacher, recipe_path)
     from edgesqueeze._io import check_writable
     from edgesqueeze.compress.stages import CLUSTER_STATE, PRUNE_STATE, PRUNED_NAME
 
@@ -177,12 +181,14 @@ def compress(
 _FINAL_OUTPUTS = ("model.esq", "report.json", "report.md", "accuracy_vs_size.png", "weights_histogram.png")
 
 
-def _outputs_clear_of_inputs(checkpoint: Path, out: Path, teacher) -> None:
+def _outputs_clear_of_inputs(checkpoint: Path, out: Path, teacher, recipe_path=None) -> None:
     """Refuse an --out folder where an output would replace an input (compressing
-    ``out/model.esq`` into ``out``, or ``out/pruned.pt`` with pruning): it was replaced."""
+    ``out/model.esq`` into ``out``, or ``out/pruned.pt`` with pruning; a ``report.md`` that
+    is a link to the recipe): it was replaced."""
     from edgesqueeze.compress.stages import CLUSTER_STATE, PRUNE_STATE, PRUNED_NAME
 
-    inputs = {"the model": checkpoint, "--teacher": Path(teacher) if teacher is not None else None}
+    inputs = {"the model": checkpoint, "--teacher": Path(teacher) if teacher is not None else None,
+              "the recipe": Path(recipe_path) if recipe_path is not None else None}
     for name in (*_FINAL_OUTPUTS, PRUNED_NAME, PRUNE_STATE, CLUSTER_STATE):
         target = out / name
         for what, path in inputs.items():

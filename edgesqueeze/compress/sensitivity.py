@@ -34,11 +34,14 @@ def sensitivity(
     batch_size: int = 512,
     model_args: dict[str, Any] | None = None,
     device: str | None = None,
+    inputs=(),
     log: Log = print,
 ) -> dict[str, Any]:
     """Prune each layer alone at each sparsity; validation accuracy table, plot, and (with
     ``max_drop``, in accuracy points) the per-layer sparsities that stay within it. The
-    measurements run on ``device`` (``edgesqueeze.device``; default auto)."""
+    measurements run on ``device`` (``edgesqueeze.device``; default auto). An output that is
+    an input (the model, the dataset's file, ``inputs``: more ``(what, path)`` pairs such as
+    the recipe), or a link to one, is refused (OutputError)."""
     from edgesqueeze.device import resolve_device
 
     dev = resolve_device(device)
@@ -57,12 +60,16 @@ def sensitivity(
                                "on validation images so that the test split stays unseen: pass --data a dataset "
                                "with a training split, or scan a model trained with a validation fraction")
 
-    from edgesqueeze._io import check_writable
+    from edgesqueeze._io import check_writable, outputs_clear_of_inputs
     from edgesqueeze.compress.prune import prunable_layers
+    from edgesqueeze.data import dataset_file
     from edgesqueeze.models.layers import check_layer_names
 
     if layers is not None:  # before the baseline: a wrong name was reported after a full evaluation
         check_layer_names(layers, list(prunable_layers(loaded.model)), "--layers")
+    outputs_clear_of_inputs([("the output", out / name) for name in _OUTPUTS],
+                            [("the model", checkpoint), *inputs,
+                             ("--data", dataset_file(dataset or meta.get("dataset")))])
     for name in _OUTPUTS:  # and the outputs, before the minutes of measuring
         check_writable(out / name)
 

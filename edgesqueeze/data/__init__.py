@@ -14,6 +14,7 @@ from edgesqueeze.data.datasets import (
     calibration_indices,
     channel_stats,
     data_search_path,
+    dataset_file,
     fit_channels,
     load_dataset,
     read_idx,
@@ -33,7 +34,7 @@ from edgesqueeze.data.transforms import (
 
 __all__ = [
     "Dataset", "load_dataset", "split_train_val", "calibration_indices", "data_search_path", "channel_stats", "read_idx",
-    "fit_channels", "with_channels",
+    "dataset_file", "fit_channels", "with_channels",
     "KNOWN_DATASETS", "CIFAR10_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD",
     "AugmentConfig", "default_augment", "apply_augment", "random_crop", "random_hflip", "random_affine",
     "batches", "fetch",

@@ -687,6 +687,16 @@ _NEEDS_PATH = {"imagefolder:": "imagefolder:PATH (a folder or .zip)",
                "imagenet:": "imagenet:PATH (with train/<wnid>/ and val/<wnid>/)"}
 
 
+def dataset_file(name: str | None) -> Path | None:
+    """The file a dataset name reads whole (``imagefolder:data.zip``), or None (a known
+    dataset, a folder): what a command's outputs must not replace."""
+    low = (name or "").strip().lower()
+    if not any(low.startswith(prefix) for prefix in _NEEDS_PATH):
+        return None
+    path = Path(name.strip().split(":", 1)[1]).expanduser()
+    return path if path.is_file() else None
+
+
 def check_dataset_name(name) -> None:
     """Refuse a dataset name :func:`load_dataset` cannot read, without reading anything: what
     a command checks before its work (``verify --data nosuch`` reported each file as not

@@ -103,11 +103,13 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                      dataset: str | None = None, data_dir=None, arch: str | None = None,
                      arch_kwargs: dict | None = None, trust_pickle: bool = False, input_meta: dict | None = None,
                      default_dataset: str | None = None, seed: int = 0, stem: str | None = None,
-                     log: Log = print) -> list[Path]:
+                     inputs=(), log: Log = print) -> list[Path]:
     """Write every format in ``config.formats`` to ``out_dir``; return the paths written.
 
     An earlier export's files of the same names are removed once the inputs are checked,
-    before the first file is written.
+    before the first file is written. An output that is one of the inputs (the model,
+    ``inputs``: more ``(what, path)`` pairs such as the recipe, or the calibration data), or
+    a link to one, is refused (OutputError).
 
     ``arch``, ``arch_kwargs``, ``trust_pickle``, ``input_meta``, ``default_dataset``: how to
     read a file that does not describe itself (:func:`edgesqueeze.checkpoint.load_model`)."""
@@ -189,9 +191,13 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
     with output_folder(out_dir) as out:  # a failure before any file is written leaves no empty folder
         stem = stem or model_stem(source)
-        from edgesqueeze._io import check_writable
+        from edgesqueeze._io import check_writable, outputs_clear_of_inputs
+        from edgesqueeze.data import dataset_file
 
         names = output_names(config, stem)
+        calib_data = dataset_file(dataset or meta.get("dataset")) if set(config.formats) & set(INT8_FORMATS) else None
+        outputs_clear_of_inputs([("the output", out / n) for n in names],  # a link into an input, too
+                                [("the model", source), *inputs, ("the calibration data", calib_data)])
         for name in names:  # every output, before the first is replaced
             check_writable(out / name)
         digest = sha256_file(source)
