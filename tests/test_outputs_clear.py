@@ -210,3 +210,42 @@ def test_a_pipe_is_named_as_one_and_a_reseal_of_a_misnamed_file_is_refused(files
     assert not tflite.exists()
     res = _run("eval", files[0], "--device", " ")
     assert res.exit_code == 2 and "an empty device" in res.output, res.output
+
+
+@pytest.mark.parametrize("command", ["verify", "sensitivity"])
+def test_a_run_stopped_after_its_first_file_leaves_no_earlier_report_beside_it(files, tmp_path, monkeypatch, command):
+    """verify wrote verify.json, then the markdown and plots; sensitivity its json, md, png.
+    Interrupted or stopped by a full disk in between, the new JSON sat beside the previous
+    run's markdown and plots. An earlier run's report files are removed before the work."""
+    import edgesqueeze._io as io
+    import edgesqueeze.verify_report as verify_report
+    from edgesqueeze.errors import OutputError
+
+    pt, onnx = files
+    out = tmp_path / "out"
+    out.mkdir()
+    if command == "verify":
+        names = ["verify.json", "verify.md", "size_by_format.png", "accuracy_vs_size.png"]
+        args = ["verify", pt, onnx, "--limit", "20", "--out", out / "verify.json"]
+
+        def full(*a, **k):  # the disk fills after the JSON
+            raise OutputError(f"{out}/verify.md: cannot write (No space left on device)")
+
+        monkeypatch.setattr(verify_report, "write_report", full)
+    else:
+        names = ["sensitivity.json", "sensitivity.md", "sensitivity.png"]
+        args = ["sensitivity", pt, "--sparsities", "0.5", "--layers", "classifier.1", "--out", out]
+        write = io.write_bytes_atomic
+
+        def full(path, data):
+            if str(path).endswith(".md"):
+                raise OutputError(f"{path}: cannot write (No space left on device)")
+            write(path, data)
+
+        monkeypatch.setattr(io, "write_bytes_atomic", full)
+    for name in names:
+        (out / name).write_text("an earlier run's")
+    res = _run(*args)
+    assert res.exit_code == 2 and "No space left on device" in res.output, res.output
+    left = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert list(left) == [names[0]] and left[names[0]] != b"an earlier run's", left

@@ -237,9 +237,15 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
                              *((f"the plot {p.name} (beside --out)", p) for p in plot_paths(out).values())],
                             [*(("an artifact", p) for p in paths), ("--reference", reference),
                              ("--recipe", model_opts.recipe_path)])
-    for path in (out, out.with_suffix(".md"), *plot_paths(out).values()):
+    outputs = (out, out.with_suffix(".md"), *plot_paths(out).values())
+    for path in outputs:
         check_writable(path)  # before the evaluation, not after it
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
+    from edgesqueeze._io import remove_earlier_outputs
+
+    # an earlier run's report, markdown and plots, none of them an input (checked above): a run
+    # interrupted (or stopped by a full disk) after its JSON left them beside it, as this run's
+    remove_earlier_outputs(out.parent, [p.name for p in outputs])
     report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir or model_opts.data_dir,
                                 reference=reference, limit=limit, threads=threads, latency=latency, log=lambda m: click.echo(m),
                                 **model_opts.load_kwargs())

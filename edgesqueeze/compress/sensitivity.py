@@ -72,6 +72,9 @@ def sensitivity(
                              ("--data", dataset_file(dataset or meta.get("dataset")))])
     for name in _OUTPUTS:  # and the outputs, before the minutes of measuring
         check_writable(out / name)
+    from edgesqueeze._io import remove_earlier_outputs
+
+    remove_earlier_outputs(out, _OUTPUTS)  # an interrupted run must not leave the earlier run's table beside its own
 
     def acc(m: nn.Module) -> float:
         return evaluate(m, x_val, y_val, mean=mean, std=std, batch_size=batch_size)["accuracy"]
