@@ -268,9 +268,10 @@ def _open_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
-def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+def remove_stale_temps(directory: str | os.PathLike, log: Callable[[str], None] | None = None) -> list[Path]:
     """Delete temporary files :func:`atomic_path` left behind when a process was killed
-    mid-write (SIGKILL runs no cleanup). Only ``.<name>.<random>.tmp`` files are touched."""
+    mid-write (SIGKILL runs no cleanup). Only ``.<name>.<random>.tmp`` files are touched.
+    ``log``: told of each file removed, in one line."""
     removed = []
     folder = Path(directory)
     if folder.is_dir():
@@ -278,6 +279,8 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
             if p.is_file():
                 p.unlink()
                 removed.append(p)
+                if log is not None:
+                    log(f"removed {p.name}, left by an interrupted write")
     return removed
 
 

@@ -149,6 +149,45 @@ def test_real_subprocess_train_on_a_few_hundred_digits(tmp_path):
     assert (out / "model.pt").read_bytes() == before
 
 
+# os.fsync made slow (a slow disk) and announced, so that a signal lands inside an atomic write
+_SLOW_FSYNC = ("import os, sys, time\n"
+               "fsync = os.fsync\n"
+               "def slow(fd):\n    print('FSYNC', flush=True)\n    time.sleep(30)\n    fsync(fd)\n"
+               "os.fsync = slow\n"
+               "from edgesqueeze.cli import cli\n"
+               "cli(prog_name='edgesqueeze')\n")
+
+
+def test_sigterm_is_an_interrupt_that_removes_its_temporary_file(trained, tmp_path):
+    """SIGTERM (a CI runner cancelling a job) ended a command with status 143, no word, and the
+    hidden temporary file of the atomic write it was in left behind for good. It now stops the
+    command as Ctrl-C does, with one line and status 143; a temporary file a killed run
+    (SIGKILL) left is removed by the next run into that folder."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "export"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_FSYNC, "export", str(trained / "model.pt"), "-f", "onnx",
+                             "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("FSYNC"):
+                assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")], "no write under way"
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated", (proc.returncode, err)
+    assert not out.exists()  # neither the model nor a hidden .tmp: the folder it made is gone again
+    out.mkdir()
+    stale = out / ".model.onnx.k1ll3d9x.tmp"  # what a SIGKILL inside the write leaves
+    stale.write_bytes(b"half a model")
+    res = run("export", trained / "model.pt", "-f", "onnx", "--out", out)
+    assert res.exit_code == 0 and f"removed {stale.name}, left by an interrupted write" in res.output, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+
+
 def test_state_dict_compressed_with_a_recipe_records_its_normalization(tmp_path):
     """A state_dict (no metadata) compressed with a recipe that names its dataset: the .esq
     records the normalization compress evaluated with, and its exports carry it, so they

@@ -6,6 +6,7 @@ stderr and its exit code (1 for a broken budget, 2 for bad usage or input).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import warnings
@@ -88,6 +89,38 @@ def _usage_error(exc: click.UsageError, where: str) -> None:
                 fg="red", err=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI runner cancelling the job, ``kill``), raised in the main thread as an
+    interrupt is, so that the same cleanups run: an atomic write removes its temporary file."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - the signal handler's signature
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops the cleanup, as it used to
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """For the command's duration, SIGTERM raises :class:`Terminated` in the main thread, where
+    it ended the process with no word and left the hidden temporary files of atomic writes
+    behind. Only over the default handler: a command run inside another program (or under
+    torchrun, whose handler :mod:`edgesqueeze.distributed` installs) keeps what is there."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class _Group(click.Group):
     def make_context(self, info_name, args, parent=None, **extra):
         try:  # the group's own options (`edgesqueeze --bogus`); a command's are parsed in invoke
@@ -102,7 +135,7 @@ class _Group(click.Group):
         if name in _WRITERS and not isinstance(sys.stdout, _KeepWriting):
             sys.stdout = _KeepWriting(sys.stdout)
         try:
-            with warnings.catch_warnings():
+            with _sigterm_raises(), warnings.catch_warnings():
                 warnings.simplefilter("always", Note)
                 # torch's own deepcopy of a pytree spec, which every copy of a lifted TorchScript /
                 # .pt2 model makes (fold, prune, ptq, export): not the user's to act on
@@ -153,11 +186,12 @@ class _Group(click.Group):
             click.secho("error: out of memory: the command asked for more memory than this machine has "
                         "(a smaller batch size, fewer images or a smaller model fits)", fg="red", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
             again = (" (the same command with --resume goes on from the last finished epoch)"
                      if name in ("train", "compress") else "")
-            click.echo(f"interrupted{again}", err=True)
-            ctx.exit(130)
+            terminated = isinstance(exc, Terminated)
+            click.echo(f"{'terminated' if terminated else 'interrupted'}{again}", err=True)
+            ctx.exit(143 if terminated else 130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -200,8 +200,9 @@ def _outputs_clear_of_inputs(checkpoint: Path, out: Path, teacher, recipe_path=N
 def _clear_earlier_outputs(out: Path, log: Log) -> None:
     """Remove an earlier run's final files from ``out`` before this run starts, so that an
     interrupted run never leaves the old model.esq and report beside its own pruned.pt."""
-    from edgesqueeze._io import remove_earlier_outputs
+    from edgesqueeze._io import remove_earlier_outputs, remove_stale_temps
 
+    remove_stale_temps(out, log)  # a killed run (SIGKILL) can die inside an atomic write
     old = remove_earlier_outputs(out, _FINAL_OUTPUTS)
     if old:
         log(f"note: {out}/ held an earlier run's {', '.join(p.name for p in old)}: removed (this run writes its own)")

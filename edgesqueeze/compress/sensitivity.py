@@ -72,9 +72,10 @@ def sensitivity(
                              ("--data", dataset_file(dataset or meta.get("dataset")))])
     for name in _OUTPUTS:  # and the outputs, before the minutes of measuring
         check_writable(out / name)
-    from edgesqueeze._io import remove_earlier_outputs
+    from edgesqueeze._io import remove_earlier_outputs, remove_stale_temps
 
     remove_earlier_outputs(out, _OUTPUTS)  # an interrupted run must not leave the earlier run's table beside its own
+    remove_stale_temps(out, log)  # nor a killed one (SIGKILL) its half-written files
 
     def acc(m: nn.Module) -> float:
         return evaluate(m, x_val, y_val, mean=mean, std=std, batch_size=batch_size)["accuracy"]

@@ -281,8 +281,9 @@ def _clear_earlier_outputs(out: Path, config: ExportConfig, stem: str, log: Log)
     and before its first file: an export interrupted (or stopped by a full disk) after its
     first file left the earlier model's other files beside it, and verify and check judged
     them as this export's. The packed copies of the formats written without --pack go too."""
-    from edgesqueeze._io import remove_earlier_outputs
+    from edgesqueeze._io import remove_earlier_outputs, remove_stale_temps
 
+    remove_stale_temps(out, log)  # a killed export (SIGKILL) can die inside an atomic write
     old = remove_earlier_outputs(out, output_names(config, stem))
     if old:
         log(f"note: {out}/ held an earlier export's {', '.join(p.name for p in old)}: removed (this export "
