@@ -188,6 +188,23 @@ def test_sigterm_is_an_interrupt_that_removes_its_temporary_file(trained, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
 
 
+@pytest.mark.parametrize("recipe, resumable", [([], False), (["-r", ROOT / "recipes/squeezenet-digits.yaml"], True),
+                                               (["--set", "compress.ptq.target_bytes=20000"], False)])
+def test_an_interrupt_advises_resume_only_where_a_run_has_epochs(trained, tmp_path, monkeypatch, recipe, resumable):
+    """Every interrupted compress advised --resume, a lossless or ptq run too, which has no
+    epochs to go on from (and took --resume without a word)."""
+    import edgesqueeze.compress.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "compress", interrupted)
+    res = run("compress", trained / "model.pt", *recipe, "--out", tmp_path / "c", "--resume")
+    hint = "interrupted (the same command with --resume goes on from the last finished epoch)"
+    assert res.exit_code == 130 and (hint in res.output) == resumable, res.output
+    assert ("has no epochs to go on from; it runs from the start" in res.output) != resumable, res.output
+
+
 def test_state_dict_compressed_with_a_recipe_records_its_normalization(tmp_path):
     """A state_dict (no metadata) compressed with a recipe that names its dataset: the .esq
     records the normalization compress evaluated with, and its exports carry it, so they

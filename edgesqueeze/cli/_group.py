@@ -89,6 +89,10 @@ def _usage_error(exc: click.UsageError, where: str) -> None:
                 fg="red", err=True)
 
 
+# ctx.meta key a command sets when an interrupted run of it can go on with --resume (compress: when it retrains)
+RESUMABLE = "edgesqueeze.resumable"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a CI runner cancelling the job, ``kill``), raised in the main thread as an
     interrupt is, so that the same cleanups run: an atomic write removes its temporary file."""
@@ -187,8 +191,10 @@ class _Group(click.Group):
                         "(a smaller batch size, fewer images or a smaller model fits)", fg="red", err=True)
             ctx.exit(2)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            # only where there are epochs to go on from: train, and a compress that retrains (it
+            # says so in ctx.meta once its recipe is read); a ptq or lossless run starts over
             again = (" (the same command with --resume goes on from the last finished epoch)"
-                     if name in ("train", "compress") else "")
+                     if name == "train" or ctx.meta.get(RESUMABLE) else "")
             terminated = isinstance(exc, Terminated)
             click.echo(f"{'terminated' if terminated else 'interrupted'}{again}", err=True)
             ctx.exit(143 if terminated else 130)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import (FiniteRange, PathType, _progress_default, check_dataset_option, cli,
+from edgesqueeze.cli._group import (RESUMABLE, FiniteRange, PathType, _progress_default, check_dataset_option, cli,
                                     device_option, model_options)
 
 
@@ -80,6 +80,10 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
         resolve_device(device)
         config = dataclasses.replace(config, **{k: dataclasses.replace(getattr(config, k), device=device)
                                                 for k in ("prune_finetune", "cluster_finetune", "calibration")})
+    click.get_current_context().meta[RESUMABLE] = config.mode == "retrain"  # what an interrupt advises
+    if resume and config.mode != "retrain":
+        what = "compress.ptq" if config.mode == "ptq" else "a lossless re-encoding (no prune/cluster/ptq section)"
+        click.echo(f"note: --resume: {what} has no epochs to go on from; it runs from the start", err=True)
     out = out_dir or Path(model_path).parent / f"{name}-compressed"
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
                       data_dir=data_dir or model_opts.data_dir,
