@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -419,6 +420,29 @@ RESUMABLE = dataclasses.replace(CONFIG, prune_finetune=FinetuneConfig(epochs=3, 
                                 cluster_finetune=FinetuneConfig(epochs=2, lr=0.002))
 
 
+def test_an_earlier_runs_pruned_pt_does_not_block_resume_of_a_run_with_other_settings(checkpoint, compressed,
+                                                                                     tmp_path, monkeypatch):
+    """A folder holding an earlier run's pruned.pt (sparsity 0.6); a new run at sparsity 0.5,
+    interrupted while pruning, left it there, and its --resume refused that file instead of
+    going on from the new run's own epoch state. The new run removes it (with a note) before
+    it prunes; --resume then goes on after the new run's epoch."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(compressed.out_dir, out)
+    other = dataclasses.replace(CONFIG, prune=dataclasses.replace(CONFIG.prune, sparsity=0.5),
+                                prune_finetune=FinetuneConfig(epochs=2, lr=0.02))
+    said: list[str] = []
+    with _killed_after_saving("prune-retrain", monkeypatch), pytest.raises(Killed):
+        compress(checkpoint, other, out_dir=out, progress=False, log=said.append)
+    assert not (out / "pruned.pt").exists() and (out / "prune-retrain.state.pt").is_file()
+    assert any("note: removed" in m and "pruned.pt: an earlier run pruned it from another model" in m
+               for m in said), said
+    said.clear()
+    compress(checkpoint, other, out_dir=out, resume=True, progress=False, log=said.append)
+    assert any("--resume: prune-retrain goes on after epoch 1/2" in m for m in said), said
+
+
 @pytest.mark.parametrize("stage", ["prune-retrain", "centroid-retrain"])
 def test_resume_inside_a_retraining_writes_the_same_bytes(checkpoint, tmp_path, monkeypatch, stage):
     """A run killed right after the first epoch of a retraining (its state saved, nothing
@@ -436,26 +460,35 @@ def test_resume_inside_a_retraining_writes_the_same_bytes(checkpoint, tmp_path, 
         torch.set_num_threads(threads)
 
 
-def _resume_inside_a_retraining(checkpoint, tmp_path, monkeypatch, stage):
+class Killed(Exception):
+    """A run killed right after it saved a retraining state."""
+
+
+@contextlib.contextmanager
+def _killed_after_saving(stage: str, monkeypatch):
+    """Within the block, saving the retraining state of ``stage`` raises Killed once written."""
     import edgesqueeze.checkpoint as ckpt
 
-    clean = compress(checkpoint, RESUMABLE, out_dir=tmp_path / "clean", progress=False, log=lambda _: None)
-    assert not list(clean.out_dir.glob("*.state.pt"))
     real = ckpt.save_train_state
-
-    class Killed(Exception):
-        pass
 
     def save_then_die(path, state):
         real(path, state)
         if Path(path).name.startswith(stage):
             raise Killed
 
-    out = tmp_path / "killed"
     monkeypatch.setattr(ckpt, "save_train_state", save_then_die)
-    with pytest.raises(Killed):
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(ckpt, "save_train_state", real)
+
+
+def _resume_inside_a_retraining(checkpoint, tmp_path, monkeypatch, stage):
+    clean = compress(checkpoint, RESUMABLE, out_dir=tmp_path / "clean", progress=False, log=lambda _: None)
+    assert not list(clean.out_dir.glob("*.state.pt"))
+    out = tmp_path / "killed"
+    with _killed_after_saving(stage, monkeypatch), pytest.raises(Killed):
         compress(checkpoint, RESUMABLE, out_dir=out, progress=False, log=lambda _: None)
-    monkeypatch.setattr(ckpt, "save_train_state", real)
     state = out / f"{stage}.state.pt"
     assert state.is_file() and not (out / "model.esq").exists()
     assert (out / "pruned.pt").is_file() == (stage == "centroid-retrain")

@@ -62,6 +62,8 @@ def prune(run: Run, model: nn.Module, data: tuple) -> tuple[dict[str, torch.Tens
     pcfg = config.prune
     if run.resume and (resumed := _resume_pruned(run, model)) is not None:
         return resumed, auto_scan
+    if not run.resume and run.main:
+        _remove_foreign_pruned(run)
     if pcfg.sparsity == "auto":
         if not len(x_val):
             raise EdgesqueezeError("compress.prune.sparsity: 'auto' needs a validation split to "
@@ -174,6 +176,33 @@ def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None
     run.record("prune", model, None, f"{density(model):.1%} of weights kept; resumed from {PRUNED_NAME}")
     run.log(f"--resume: pruning done by an earlier run ({path}); going on with weight sharing")
     return masks
+
+
+def _remove_foreign_pruned(run: Run) -> None:
+    """A run that prunes (without --resume) replaces ``pruned.pt`` once its pruning is done;
+    an earlier run's one from another model or other prune settings is removed now, before
+    the retraining: left there, it made ``--resume`` of this run, interrupted while pruning,
+    refuse it and never reach this run's own epoch state. One from the same model and
+    settings stays (it is what this run would write, and --resume may start from it); runs
+    that do not prune leave it alone (compressing it with other cluster settings is its use)."""
+    import json
+
+    from edgesqueeze.checkpoint import load_resume_file
+
+    path = run.out / PRUNED_NAME
+    if not path.is_file() or path.is_symlink():
+        return
+    try:
+        payload = load_resume_file(path, "an edgesqueeze checkpoint", "a pruned model", "")
+        meta = json.loads(payload.get("meta_json", "{}")) if isinstance(payload, dict) else {}
+    except Exception:  # noqa: BLE001 - damaged, or another kind of file: not this run's either
+        meta = {}
+    if meta.get("pruned_from_sha256") == run.source_sha256 and \
+            meta.get("prune_settings_sha256") == prune_settings_sha256(run):
+        return
+    path.unlink()
+    run.log(f"note: removed {path}: an earlier run pruned it from another model or with other prune settings, "
+            "seed or data (this run writes its own once its pruning is done)")
 
 
 def save_pruned(run: Run, model: nn.Module) -> Path:
