@@ -336,24 +336,36 @@ def test_a_conv_applied_twice_is_int8_at_both_calls_of_the_tflite_int8_file(tmp_
     """The quantizer skipped every call of a conv after its first (its weight node was already
     annotated), so the second call ran in float inside the int8 file: its float weights, a
     dequantize and a quantize. Both calls are int8 now, from one int8 weight tensor."""
-    import numpy as np
-
-    from edgesqueeze.export import ExportConfig, export_artifacts
-    from edgesqueeze.runtime import load
     from edgesqueeze.runtime.inspect import inspect_artifact
 
     torch.manual_seed(0)
     model = ConvAppliedTwice().eval()
-    program = tmp_path / "twice.pt2"
-    torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 28, 28),)), str(program))
-    (path,) = export_artifacts(program, ExportConfig(formats=("tflite-int8",)), tmp_path / "out", dataset="digits",
-                               log=lambda _: None)
+    path = _tflite_int8_of(model, tmp_path)
     desc = inspect_artifact(path)
     assert "DEQUANTIZE" not in desc["ops"] or desc["ops"]["DEQUANTIZE"] == 1, desc["ops"]  # the output's only
     weights = [t for t in desc["tensors"] if len(t["shape"]) == 4]
     assert weights and all(t["dtype"] == "int8" for t in weights), weights
     assert path.stat().st_size < sum(p.numel() for p in model.parameters()) * 2  # int8, not float32
+    _assert_computes_the_float_model(path, model)
+
+
+def _tflite_int8_of(model: torch.nn.Module, tmp_path: Path) -> Path:
+    """``model``'s tflite-int8 file, exported from its torch.export program on digits."""
+    from edgesqueeze.export import ExportConfig, export_artifacts
+
+    program = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 28, 28),)), str(program))
+    (path,) = export_artifacts(program, ExportConfig(formats=("tflite-int8",)), tmp_path / "out", dataset="digits",
+                               log=lambda _: None)
+    return path
+
+
+def _assert_computes_the_float_model(path: Path, model: torch.nn.Module) -> None:
+    """The file's outputs on 64 digits test images are within 10% of the float model's range."""
+    import numpy as np
+
     from edgesqueeze.data import load_dataset
+    from edgesqueeze.runtime import load
 
     ds = load_dataset("digits")
     art = load(path)
@@ -362,3 +374,48 @@ def test_a_conv_applied_twice_is_int8_at_both_calls_of_the_tflite_int8_file(tmp_
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max(), (np.abs(got - want).max(), np.abs(want).max())
+
+
+class TiedConvEachWithItsBN(torch.nn.Module):
+    """One conv applied twice, each call followed by its own BatchNorm; outputs the features
+    pooled 7x7, ten of them (an untrained classifier's logits hardly depend on the image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 16, 3, 2, 1)
+        self.block = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bna = torch.nn.BatchNorm2d(16)
+        self.bnb = torch.nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bna(self.block(x)))
+        x = torch.relu(self.bnb(self.block(x)))
+        return torch.nn.functional.avg_pool2d(x, 7).flatten(1)[:, :10]
+
+
+class TiedConvBNPair(TiedConvEachWithItsBN):
+    """One conv+BatchNorm pair applied twice."""
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bna(self.block(x)))
+        x = torch.relu(self.bna(self.block(x)))
+        return torch.nn.functional.avg_pool2d(x, 7).flatten(1)[:, :10]
+
+
+@pytest.mark.parametrize("cls", [TiedConvEachWithItsBN, TiedConvBNPair])
+def test_a_conv_applied_twice_with_batchnorms_after_it_folds_each_in_the_tflite_int8_file(tmp_path, cls):
+    """PT2E folded each BatchNorm into the one weight both calls read: the second BN was
+    dropped (the first's fold served both calls), or the bias folded from it was overwritten
+    by zeros, and the file computed something else (a trained digits net: 11%, float 91%).
+    Each call gets its own copy of the weight now, and the file computes the float model."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    with torch.no_grad():  # statistics far from the identity, and unlike each other
+        for bn in (model.bna, model.bnb):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 4)
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-0.5, 0.5)
+    _assert_computes_the_float_model(_tflite_int8_of(model, tmp_path), model)
