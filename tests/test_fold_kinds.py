@@ -179,3 +179,40 @@ def test_the_retraining_warning_names_a_folded_head_with_a_large_scale():
     hint = _head_hint(SimpleNamespace(folded_head_scales={"fc": 68.2, "fc2": 9.0}))
     assert hint.startswith("the BatchNorm1d folded into fc scales its outputs up to 68x")
     assert "compress.fold_batchnorm: true" in hint
+
+
+class TiedConvBN(nn.Module):
+    """One conv applied twice, each call with its own BatchNorm, beside a plain conv+BN pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.block, self.bna, self.bnb = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        return self.bnb(self.block(torch.relu(self.bna(self.block(x)))))
+
+
+def test_a_conv_applied_twice_keeps_its_batchnorms_and_compress_says_so():
+    """One fold into the conv's one weight would change both calls: the pair is skipped, and
+    the fold stage says which conv and BatchNorms it left (it said nothing)."""
+    import warnings
+    from types import SimpleNamespace
+
+    from edgesqueeze.compress.stages import fold
+    from edgesqueeze.errors import Note
+
+    model = _settle(TiedConvBN(), torch.randn(8, 1, 6, 6))
+    tied: dict = {}
+    assert conv_bn_pairs(model, tied=tied) == [("stem", "stem_bn")]
+    assert tied == {"block": ["bna", "bnb"]}
+    run = SimpleNamespace(inp=SimpleNamespace(meta={}, ds=None), config=SimpleNamespace(fold_batchnorm=True),
+                          folded_head_scales={}, folded_layers=None, record=lambda *a, **k: None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        folded, _ = fold(run, model)
+    notes = [str(w.message) for w in seen if issubclass(w.category, Note)]
+    assert notes == ["fold_batchnorm: block -> bna, bnb not folded: block or its BatchNorm is applied more "
+                     "than once, and a fold into one weight would change every call"], notes
+    assert isinstance(folded.stem_bn, nn.Identity) and isinstance(folded.bna, nn.BatchNorm2d)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from edgesqueeze.compress.finetune import EpochState, finetune
 from edgesqueeze.compress.prune import Pruner, existing_masks, layer_stats, resolve_auto
 from edgesqueeze.compress.run import Run, compare, density, float_bytes, shared_weight_names, state_of
 from edgesqueeze.data import calibration_indices
-from edgesqueeze.errors import DataError, EdgesqueezeError
+from edgesqueeze.errors import DataError, EdgesqueezeError, Note
 from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm
 from edgesqueeze.models.layers import prunable_layers
 
@@ -255,7 +256,11 @@ def fold(run: Run, model: nn.Module) -> tuple[nn.Module, bool]:
         return model, folded
     heads = run.config.fold_batchnorm == "all" and run.inp.ds is not None
     example = torch.zeros(2, *run.inp.ds.input_shape) if heads else None
-    pairs = conv_bn_pairs(model, example)
+    tied: dict[str, list[str]] = {}
+    pairs = conv_bn_pairs(model, example, tied=tied)
+    for layer, bns in tied.items():
+        warnings.warn(f"fold_batchnorm: {layer} -> {', '.join(bns)} not folded: {layer} or its BatchNorm is "
+                      "applied more than once, and a fold into one weight would change every call", Note)
     if pairs:
         for layer, bn_name in pairs:
             if isinstance(model.get_submodule(layer), nn.Linear):

@@ -420,14 +420,17 @@ def correct_bias(gm, model: nn.Module, calib: torch.Tensor, *, max_images: int =
     since a layer's shift is partly inherited from the layers before it. One pass over
     ``calib[:max_images]`` held as one batch (memory: that many images' activations).
     """
-    from edgesqueeze.models.fold import fold_batchnorm
+    from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm
     from edgesqueeze.errors import ModelError
 
+    tied: dict[str, list[str]] = {}
     try:  # PT2E folds BatchNorm into the conv: the float target is the folded conv's output
-        model = fold_batchnorm(model).eval()
+        model = fold_batchnorm(model, conv_bn_pairs(model, tied=tied)).eval()
     except ModelError as exc:
         raise ExportError(f"bias correction: {exc}") from None
-    modules = dict(model.named_modules())
+    # a conv whose BatchNorm stays unfolded here (the conv or the BN is applied more than once,
+    # as one BN after two convs) has no float target for the output PT2E folded: left as it is
+    modules = {n: m for n, m in model.named_modules() if n not in tied}
     calib = calib[:max_images]
     targets = {}
     paths = []

@@ -103,10 +103,13 @@ def _two_d_inputs(gm: fx.GraphModule, example: torch.Tensor, names: set[str]) ->
     return seen
 
 
-def conv_bn_pairs(model: nn.Module, example: torch.Tensor | None = None) -> list[tuple[str, str]]:
+def conv_bn_pairs(model: nn.Module, example: torch.Tensor | None = None, *,
+                  tied: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
     """``(layer_name, bn_name)`` for every BatchNorm that can fold into the layer feeding it
     (see the module docstring for the kinds; Linear pairs only with ``example``, an input
-    batch, on which the BatchNorm's input is checked to be 2-D).
+    batch, on which the BatchNorm's input is checked to be 2-D). ``tied``, if given, is
+    filled with the layers left unfolded because the layer or its BatchNorm is called more
+    than once (``layer -> [bn_name, ...]``).
 
     Skips a BN without running statistics (``track_running_stats=False`` uses batch
     statistics even in eval mode, so there is nothing fixed to fold).
@@ -132,6 +135,11 @@ def conv_bn_pairs(model: nn.Module, example: torch.Tensor | None = None) -> list
         if (isinstance(src, fx.Node) and src.op == "call_module" and _foldable(modules.get(src.target), bn)
                 and len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1):
             pairs.append((src.target, node.target))
+        elif (tied is not None and isinstance(src, fx.Node) and src.op == "call_module"
+                and _foldable(modules.get(src.target), bn) and (calls[src.target] > 1 or calls[node.target] > 1)):
+            names = tied.setdefault(src.target, [])
+            if node.target not in names:
+                names.append(node.target)
     linear_bns = {b for c, b in pairs if isinstance(modules[c], nn.Linear)}
     if linear_bns:
         safe = _two_d_inputs(model, example, linear_bns) if example is not None else set()
