@@ -268,15 +268,20 @@ def _open_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
+_STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
 def remove_stale_temps(directory: str | os.PathLike, log: Callable[[str], None] | None = None) -> list[Path]:
     """Delete temporary files :func:`atomic_path` left behind when a process was killed
-    mid-write (SIGKILL runs no cleanup). Only ``.<name>.<random>.tmp`` files are touched.
+    mid-write (SIGKILL runs no cleanup). Only ``.<name>.<random>.tmp`` files are touched, the
+    random part as :func:`tempfile.mkstemp` makes it (8 letters, digits or ``_``): verify's
+    folder is wherever its first file lies, where another tool's ``.x.tmp`` may be.
     ``log``: told of each file removed, in one line."""
     removed = []
     folder = Path(directory)
     if folder.is_dir():
         for p in folder.glob(".*.tmp"):
-            if p.is_file():
+            if _STALE_TEMP.fullmatch(p.name) and p.is_file():
                 p.unlink()
                 removed.append(p)
                 if log is not None:

@@ -174,12 +174,13 @@ def test_real_kill_9_mid_epoch_then_resume(tmp_path):
 def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
     from edgesqueeze._io import remove_stale_temps
 
-    (tmp_path / ".metrics.csv.x1y2.tmp").write_text("half a line")
+    (tmp_path / ".metrics.csv.x1y2z3_4.tmp").write_text("half a line")
+    (tmp_path / ".editor-swap.tmp").write_text("another tool's: no random part of mkstemp's")
     (tmp_path / "metrics.csv").write_text("epoch\n1\n")
     (tmp_path / "notes.tmp").write_text("not ours: no leading dot")
     removed = remove_stale_temps(tmp_path)
-    assert [p.name for p in removed] == [".metrics.csv.x1y2.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "notes.tmp"]
+    assert [p.name for p in removed] == [".metrics.csv.x1y2z3_4.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".editor-swap.tmp", "metrics.csv", "notes.tmp"]
     assert remove_stale_temps(tmp_path / "missing") == []
 
 
