@@ -404,12 +404,42 @@ class TiedConvBNPair(TiedConvEachWithItsBN):
         return torch.nn.functional.avg_pool2d(x, 7).flatten(1)[:, :10]
 
 
-@pytest.mark.parametrize("cls", [TiedConvEachWithItsBN, TiedConvBNPair])
+class ConvTappedBeforeItsBN(TiedConvEachWithItsBN):
+    """A conv whose output feeds its BatchNorm and, unnormalized, an addition."""
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.block(x)
+        x = torch.relu(self.bna(y)) + y
+        x = torch.relu(self.bnb(self.block(x)))
+        return torch.nn.functional.avg_pool2d(x, 7).flatten(1)[:, :10]
+
+
+class TiedLinearEachWithItsBN(torch.nn.Module):
+    """One Linear applied twice, each call followed by its own BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 16, 3, 2, 1)
+        self.block = torch.nn.Linear(16, 16)
+        self.bna = torch.nn.BatchNorm1d(16)
+        self.bnb = torch.nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x)).mean((2, 3))
+        x = torch.relu(self.bna(self.block(x)))
+        return torch.relu(self.bnb(self.block(x)))[:, :10]
+
+
+@pytest.mark.parametrize("cls", [TiedConvEachWithItsBN, TiedConvBNPair, ConvTappedBeforeItsBN,
+                                 TiedLinearEachWithItsBN])
 def test_a_conv_applied_twice_with_batchnorms_after_it_folds_each_in_the_tflite_int8_file(tmp_path, cls):
     """PT2E folded each BatchNorm into the one weight both calls read: the second BN was
     dropped (the first's fold served both calls), or the bias folded from it was overwritten
     by zeros, and the file computed something else (a trained digits net: 11%, float 91%).
-    Each call gets its own copy of the weight now, and the file computes the float model."""
+    Each call gets its own copy of the weight now, and the file computes the float model.
+    The same for a Linear applied twice, and for a conv whose output also goes past its BN
+    (PT2E folded the BN into what the other reader got too: it now gets its own conv call)."""
     torch.manual_seed(0)
     model = cls().eval()
     with torch.no_grad():  # statistics far from the identity, and unlike each other
