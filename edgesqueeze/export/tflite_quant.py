@@ -130,14 +130,19 @@ def _one_weight_node_per_layer_call(gm) -> None:
         users = [u for u in node.users if u.op == "call_function"
                  and getattr(getattr(u.target, "_overloadpacket", None), "__name__", "") in _WEIGHTED]
         for user in users[1:]:
-            with gm.graph.inserting_after(node):
-                twin = gm.graph.get_attr(node.target)
-            twin.meta = dict(node.meta)
-            user.replace_input_with(node, twin)
+            _feed_a_twin(gm, node, user, lambda n: gm.graph.get_attr(n.target))
             changed = True
     if changed:
         gm.graph.lint()
         gm.recompile()
+
+
+def _feed_a_twin(gm, node, user, make) -> None:
+    """Give ``user`` its own copy of ``node`` (``make(node)``, inserted after it, with its meta)."""
+    with gm.graph.inserting_after(node):
+        twin = make(node)
+    twin.meta = dict(node.meta)
+    user.replace_input_with(node, twin)
 
 
 def _share_concat_ranges(model, keep: Callable[[Any], bool], shared_spec) -> None:
@@ -344,10 +349,7 @@ def _own_conv_call_for_each_batchnorm(gm) -> None:
         if not norms or len(norms) == len(conv.users):
             continue
         for bn in norms:
-            with gm.graph.inserting_after(conv):
-                twin = gm.graph.call_function(conv.target, tuple(conv.args), dict(conv.kwargs))
-            twin.meta = dict(conv.meta)
-            bn.replace_input_with(conv, twin)
+            _feed_a_twin(gm, conv, bn, lambda n: gm.graph.call_function(n.target, tuple(n.args), dict(n.kwargs)))
             changed = True
     if changed:
         gm.graph.lint()
