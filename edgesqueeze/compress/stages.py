@@ -148,6 +148,13 @@ def cluster_settings_sha256(run: Run) -> str:
     return _settings_sha256(run, ("prune", "prune_finetune", "fold_batchnorm", "cluster", "cluster_finetune"))
 
 
+def _pruned_by_this_run(run: Run, meta: dict[str, Any]) -> bool:
+    """Whether a ``pruned.pt`` with metadata ``meta`` is what this run's pruning writes: the
+    same input file and prune settings, seed and data."""
+    return (meta.get("pruned_from_sha256") == run.source_sha256
+            and meta.get("prune_settings_sha256") == prune_settings_sha256(run))
+
+
 def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """With ``--resume``: the weights of ``pruned.pt`` in ``model`` and its masks, when it was
     pruned from the same file with the same settings; None (prune again) when there is none."""
@@ -165,8 +172,7 @@ def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None
     payload = load_resume_file(path, "an edgesqueeze checkpoint", "a pruned model to resume from",
                                "delete it, or leave out --resume, to prune again")
     meta = json.loads(payload.get("meta_json", "{}")) if isinstance(payload, dict) else {}
-    if meta.get("pruned_from_sha256") != run.source_sha256 or meta.get("prune_settings_sha256") != \
-            prune_settings_sha256(run):
+    if not _pruned_by_this_run(run, meta):
         raise EdgesqueezeError(f"{path}: was pruned from another model or with other prune settings, seed or data; "
                                f"leave out --resume (it is then pruned again and replaced) or use another --out")
     from edgesqueeze.train import resume_threads
@@ -198,8 +204,7 @@ def _remove_foreign_pruned(run: Run) -> None:
         meta = json.loads(payload.get("meta_json", "{}")) if isinstance(payload, dict) else {}
     except Exception:  # noqa: BLE001 - damaged, or another kind of file: not this run's either
         meta = {}
-    if meta.get("pruned_from_sha256") == run.source_sha256 and \
-            meta.get("prune_settings_sha256") == prune_settings_sha256(run):
+    if _pruned_by_this_run(run, meta):
         return
     path.unlink()
     run.log(f"note: removed {path}: an earlier run pruned it from another model or with other prune settings, "
