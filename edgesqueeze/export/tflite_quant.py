@@ -333,6 +333,12 @@ def _folds_batchnorm(node) -> bool:
     return _is_conv_or_conv_transpose_node(node) or node.target == torch.ops.aten.linear.default
 
 
+def _normalizes(user, node) -> bool:
+    """Whether graph node ``user`` is a BatchNorm (inference form) of ``node``'s output."""
+    return user.target in (torch.ops.aten._native_batch_norm_legit_no_training.default,
+                           torch.ops.aten.batch_norm.default) and user.args[0] is node
+
+
 def _own_conv_call_for_each_batchnorm(gm) -> None:
     """Where a conv's output feeds a BatchNorm and something else (``bn(y) + y``), compute
     the conv once more for the BatchNorm alone. ``prepare_pt2e`` folds the BatchNorm into the
@@ -340,12 +346,11 @@ def _own_conv_call_for_each_batchnorm(gm) -> None:
     digits test net: 94% top-1 agreement with fp32, logits off by 70% of their range). The
     second call then gets its own weight (:func:`_one_weight_per_conv_call_before_batchnorm`):
     the file stores that conv twice and computes it twice."""
-    bns = (torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.batch_norm.default)
     changed = False
     for conv in list(gm.graph.nodes):
         if conv.op != "call_function" or not _folds_batchnorm(conv) or len(conv.users) < 2:
             continue
-        norms = [u for u in conv.users if u.target in bns and u.args[0] is conv]
+        norms = [u for u in conv.users if _normalizes(u, conv)]
         if not norms or len(norms) == len(conv.users):
             continue
         for bn in norms:
@@ -369,7 +374,6 @@ def _one_weight_per_conv_call_before_batchnorm(gm) -> None:
     Each call now folds its own BatchNorm into its own copy, so the file stores the (int8)
     weight once per call. A conv applied twice with no BatchNorm after it keeps one weight
     (:func:`_one_weight_node_per_layer_call`)."""
-    bns = (torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.batch_norm.default)
     by_weight: dict[str, list[Any]] = {}
     for n in gm.graph.nodes:
         w = n.args[1] if n.op == "call_function" and len(n.args) > 1 else None
@@ -377,7 +381,7 @@ def _one_weight_per_conv_call_before_batchnorm(gm) -> None:
             by_weight.setdefault(str(w.target), []).append(n)
     changed = False
     for convs in by_weight.values():
-        if len(convs) < 2 or not any(u.target in bns and u.args[0] is c for c in convs for u in c.users):
+        if len(convs) < 2 or not any(_normalizes(u, c) for c in convs for u in c.users):
             continue
         for i, conv in enumerate(convs[1:], 1):
             args = list(conv.args)
