@@ -3,14 +3,17 @@ libraries write to file descriptor 2."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Iterator
@@ -90,11 +93,7 @@ def output_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield path
     except BaseException:
-        for folder in made:  # deepest first
-            try:
-                folder.rmdir()  # only if empty
-            except OSError:
-                break
+        _remove_empty(made)
         raise
 
 
@@ -268,25 +267,141 @@ def _open_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
-_STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+_STALE_TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 
 
-def remove_stale_temps(directory: str | os.PathLike, log: Callable[[str], None] | None = None) -> list[Path]:
+def remove_stale_temps(directory: str | os.PathLike, log: Callable[[str], None] | None = None, *,
+                       names=None) -> list[Path]:
     """Delete temporary files :func:`atomic_path` left behind when a process was killed
     mid-write (SIGKILL runs no cleanup). Only ``.<name>.<random>.tmp`` files are touched, the
     random part as :func:`tempfile.mkstemp` makes it (8 letters, digits or ``_``): verify's
     folder is wherever its first file lies, where another tool's ``.x.tmp`` may be.
-    ``log``: told of each file removed, in one line."""
+    ``log``: told of each file removed, in one line. ``names``: only the temporary files of
+    these outputs (verify: its reports, beside which another run's may be written)."""
     removed = []
     folder = Path(directory)
     if folder.is_dir():
         for p in folder.glob(".*.tmp"):
-            if _STALE_TEMP.fullmatch(p.name) and p.is_file():
+            match = _STALE_TEMP.fullmatch(p.name)
+            if match and (names is None or match.group(1) in names) and p.is_file():
                 p.unlink()
                 removed.append(p)
                 if log is not None:
                     log(f"removed {p.name}, left by an interrupted write")
     return removed
+
+
+_LOCK_NAME = ".edgesqueeze.lock"
+# a folder's real path -> (its open lock file, the file's path, the folders made to hold it)
+_held_locks: dict[str, tuple[int, Path, list[Path]]] = {}
+_lock_scopes: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def output_locks() -> Iterator[None]:
+    """Release, when it ends, every output folder :func:`lock_output_folder` locked inside it.
+    compress, export, train, sensitivity and verify run in one; a lock taken outside any
+    lasts until the process ends. Nested scopes keep their outer scope's locks."""
+    _lock_scopes.append([])
+    try:
+        yield
+    finally:
+        for key in reversed(_lock_scopes.pop()):
+            _release_lock(key)
+
+
+def lock_output_folder(folder: str | os.PathLike, what: str = "edgesqueeze", *, report: str | None = None) -> None:
+    """Take the folder ``folder`` for this run's outputs, or refuse (OutputError) when another
+    process runs into it: two runs into one folder wrote each file whole but left a mix of
+    both runs' files, each removing the other's temporary files as stale. An advisory
+    ``flock`` on ``folder/.edgesqueeze.lock``, holding who took it; the kernel drops it when
+    the process dies (SIGKILL included), so a stale lock file never blocks the next run. This
+    process taking a folder it holds already is a no-op. Where the file system has no locks,
+    the run goes on unlocked, as before.
+    ``report``: lock only the report of that name in the folder (``.NAME.edgesqueeze.lock``):
+    verify writes wherever its files lie, and two reports of other names in one folder (CI
+    jobs writing ``/tmp/a.json`` and ``/tmp/b.json``) share no file."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    folder = Path(folder)
+    key = os.path.join(os.path.realpath(folder), f".{report}" if report else "")
+    if key in _held_locks:
+        return
+    key_folder = os.path.realpath(folder)
+    made = [p for p in (Path(key_folder), *Path(key_folder).parents) if not p.exists()]
+    try:
+        Path(key_folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the folder ({_why(exc, Path(key_folder))})") from None
+    path = Path(key_folder) / (f".{report}{_LOCK_NAME}" if report else _LOCK_NAME)
+    for _ in range(20):  # the holder unlinks the file as it lets go: lock the file the name names
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            _remove_empty(made)
+            raise OutputError(f"{folder}: cannot write into it ({_why(exc, path)}); write elsewhere") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            _remove_empty(made)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                what_of = f"{folder / report}: another edgesqueeze run is writing it" if report else \
+                    f"{folder}: another edgesqueeze run is writing into it"
+                raise OutputError(f"{what_of}{holder}; wait for it to end, or give another output "
+                                  f"{'file' if report else 'folder'}") from None
+            return  # no locks on this file system (ENOLCK, EOPNOTSUPP): unlocked, as before
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file its holder had just unlinked: take the new one
+    else:
+        return
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": what,
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    _held_locks[key] = (fd, path, made)
+    if _lock_scopes:
+        _lock_scopes[-1].append(key)
+
+
+def _lock_holder(fd: int) -> str:
+    """`` (pid N, `edgesqueeze compress`, since ...)`` from a lock file, or nothing."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        return f" (pid {int(info['pid'])}, `{info['command']}`, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+
+
+def _release_lock(key: str) -> None:
+    fd, path, made = _held_locks.pop(key)
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:  # still ours: nobody else has it while we hold it
+            os.unlink(path)
+    os.close(fd)  # lets go of the lock
+    _remove_empty(made)  # a run refused before its first file leaves no empty folder
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            break
+
+
+@atexit.register
+def _release_all_locks() -> None:
+    for key in list(_held_locks):
+        _release_lock(key)
 
 
 def files_below(root: str | os.PathLike, broken: list[Path] | None = None) -> list[Path]:

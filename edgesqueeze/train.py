@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from edgesqueeze import __version__
-from edgesqueeze._io import atomic_path, write_text_atomic
+from edgesqueeze._io import atomic_path, output_locks, write_text_atomic
 from edgesqueeze.checkpoint import (
     load_state_dict_checked,
     load_train_state,
@@ -329,6 +329,7 @@ def _check_model_fits(model: nn.Module, ds, arch: str) -> None:
                         f"{ds.num_classes} classes; set model.kwargs (e.g. num_classes: {ds.num_classes})")
 
 
+@output_locks()  # the output folder is this run's until it returns
 def fit(
     recipe: Recipe,
     *,
@@ -356,7 +357,10 @@ def fit(
     t_start = time.perf_counter()
     cfg = recipe.train
     out = Path(out_dir) if out_dir else recipe.out_dir()
+    from edgesqueeze._io import lock_output_folder
+
     if not distributed.launched():  # one process: at once (under torchrun every rank must agree: below)
+        lock_output_folder(out, "edgesqueeze train")  # a run going on in it is not "a previous run"
         _no_previous_run(None, out, resume or overwrite)
     from edgesqueeze.runtime._base import max_threads
 
@@ -372,6 +376,8 @@ def fit(
         _no_previous_run(group, out, resume or overwrite)
         if group.main:  # before the data and the epochs: a folder in the way was found after training
             from edgesqueeze._io import check_writable
+
+            lock_output_folder(out, "edgesqueeze train")  # rank 0 writes; torchrun stops the others if it fails
 
             for name in OUTPUTS:
                 check_writable(out / name)

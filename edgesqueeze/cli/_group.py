@@ -139,7 +139,9 @@ class _Group(click.Group):
         if name in _WRITERS and not isinstance(sys.stdout, _KeepWriting):
             sys.stdout = _KeepWriting(sys.stdout)
         try:
-            with _sigterm_raises(), warnings.catch_warnings():
+            from edgesqueeze._io import output_locks
+
+            with _sigterm_raises(), warnings.catch_warnings(), output_locks():
                 warnings.simplefilter("always", Note)
                 # torch's own deepcopy of a pytree spec, which every copy of a lifted TorchScript /
                 # .pt2 model makes (fold, prune, ptq, export): not the user's to act on

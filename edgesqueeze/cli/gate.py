@@ -241,12 +241,14 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
     for path in outputs:
         check_writable(path)  # before the evaluation, not after it
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
-    from edgesqueeze._io import remove_earlier_outputs, remove_stale_temps
+    from edgesqueeze._io import lock_output_folder, remove_earlier_outputs, remove_stale_temps
 
+    lock_output_folder(out.parent, "edgesqueeze verify", report=out.name)  # another run's are not this one's to remove
     # an earlier run's report, markdown and plots, none of them an input (checked above): a run
     # interrupted (or stopped by a full disk) after its JSON left them beside it, as this run's
     remove_earlier_outputs(out.parent, [p.name for p in outputs])
-    remove_stale_temps(out.parent, lambda m: click.echo(m))  # a killed run's (SIGKILL) half-written files
+    # a killed run's (SIGKILL) half-written files, of these names only: another run may write beside them
+    remove_stale_temps(out.parent, lambda m: click.echo(m), names={p.name for p in outputs})
     report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir or model_opts.data_dir,
                                 reference=reference, limit=limit, threads=threads, latency=latency, log=lambda m: click.echo(m),
                                 **model_opts.load_kwargs())

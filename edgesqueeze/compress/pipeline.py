@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from edgesqueeze._io import sha256_file
+from edgesqueeze._io import output_locks, sha256_file
 from edgesqueeze.checkpoint import state_digest
 from edgesqueeze.compress import stages
 from edgesqueeze.compress.inputs import check_fits, load_inputs
@@ -44,6 +44,7 @@ from edgesqueeze.format.codec import CHUNK
 Log = Callable[[str], None]
 
 
+@output_locks()  # the output folder is this run's until it returns
 def compress(
     checkpoint: str | Path,
     config: CompressConfig,
@@ -200,8 +201,9 @@ def _outputs_clear_of_inputs(checkpoint: Path, out: Path, teacher, recipe_path=N
 def _clear_earlier_outputs(out: Path, log: Log) -> None:
     """Remove an earlier run's final files from ``out`` before this run starts, so that an
     interrupted run never leaves the old model.esq and report beside its own pruned.pt."""
-    from edgesqueeze._io import remove_earlier_outputs, remove_stale_temps
+    from edgesqueeze._io import lock_output_folder, remove_earlier_outputs, remove_stale_temps
 
+    lock_output_folder(out, "edgesqueeze compress")  # another run's files and temporary files are not stale
     remove_stale_temps(out, log)  # a killed run (SIGKILL) can die inside an atomic write
     old = remove_earlier_outputs(out, _FINAL_OUTPUTS)
     if old:

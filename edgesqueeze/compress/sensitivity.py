@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from edgesqueeze._io import write_text_atomic
+from edgesqueeze._io import output_locks, write_text_atomic
 from edgesqueeze.compress.inputs import load_inputs
 from edgesqueeze.errors import EdgesqueezeError
 
@@ -22,6 +22,7 @@ def _load_with_data(checkpoint, dataset, data_dir, model_args=None, log: Log = p
     return inp.loaded, inp.meta, inp.ds, inp.train, inp.val, inp.mean, inp.std
 
 
+@output_locks()  # the output folder is this run's until it returns
 def sensitivity(
     checkpoint: str | Path,
     *,
@@ -72,8 +73,9 @@ def sensitivity(
                              ("--data", dataset_file(dataset or meta.get("dataset")))])
     for name in _OUTPUTS:  # and the outputs, before the minutes of measuring
         check_writable(out / name)
-    from edgesqueeze._io import remove_earlier_outputs, remove_stale_temps
+    from edgesqueeze._io import lock_output_folder, remove_earlier_outputs, remove_stale_temps
 
+    lock_output_folder(out, "edgesqueeze sensitivity")  # another run's files are not this one's to remove
     remove_earlier_outputs(out, _OUTPUTS)  # an interrupted run must not leave the earlier run's table beside its own
     remove_stale_temps(out, log)  # nor a killed one (SIGKILL) its half-written files
 

@@ -187,9 +187,11 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                 "int8_weights: per-channel) spread the model's shared values over many int8 levels; a packed "
                 "file codes them at several times the .esq's bits per weight (int8_weights: per-tensor keeps "
                 "the sharing)")
-    from edgesqueeze._io import output_folder
+    from edgesqueeze._io import output_folder, output_locks
 
-    with output_folder(out_dir) as out:  # a failure before any file is written leaves no empty folder
+    # a failure before any file is written leaves no empty folder; the lock (_clear_earlier_outputs)
+    # goes before that folder does
+    with output_folder(out_dir) as out, output_locks():
         stem = stem or model_stem(source)
         from edgesqueeze._io import check_writable, outputs_clear_of_inputs
         from edgesqueeze.data import dataset_file
@@ -281,8 +283,9 @@ def _clear_earlier_outputs(out: Path, config: ExportConfig, stem: str, log: Log)
     and before its first file: an export interrupted (or stopped by a full disk) after its
     first file left the earlier model's other files beside it, and verify and check judged
     them as this export's. The packed copies of the formats written without --pack go too."""
-    from edgesqueeze._io import remove_earlier_outputs, remove_stale_temps
+    from edgesqueeze._io import lock_output_folder, remove_earlier_outputs, remove_stale_temps
 
+    lock_output_folder(out, "edgesqueeze export")  # another run's files and temporary files are not stale
     remove_stale_temps(out, log)  # a killed export (SIGKILL) can die inside an atomic write
     old = remove_earlier_outputs(out, output_names(config, stem))
     if old:
