@@ -311,6 +311,11 @@ def test_run_of_a_file_without_metadata_says_what_it_assumed_or_takes_mean_and_s
     assert given.stdout != plain.stdout  # the normalization reached the model
     own = _cli("run", onnx_models["fp32"], tmp_path / "a.png", "--mean", "0.5", "--std", "0.1")
     _one_error(own, "records its own input description")
+    # finite in Python, infinite in the runtime's float32: printed "probability": NaN with exit 0
+    for option, value in (("--mean", "1e39,0,0"), ("--std", "1,1,1e39")):
+        args = {"--mean": "0.5,0.5,0.5", "--std": "0.1,0.1,0.1", option: value}
+        _one_error(_cli("run", onnx_models["raw"], tmp_path / "a.png", "--json", *(a for kv in args.items() for a in kv)),
+                   option, "at most 1e6" if option == "--mean" else "between 1e-6 and 1e6")
 
 
 def test_a_reader_that_stops_reading_does_not_stop_a_command_that_writes_files(onnx_models, tmp_path):

@@ -323,9 +323,15 @@ def test_packed_files_are_named_and_checked_as_what_they_hold(exported, tmp_path
     onnx = next(p for p in written if p.name.endswith(".int8.onnx.esq"))
     wrong = tmp_path / "model.int8.onnx.esq"
     wrong.write_bytes(tfl.read_bytes())
-    with pytest.raises(FormatError, match=r"named as a packed ONNX file but holds a TFLite model; rename it to "
-                                          r"model\.int8\.tflite\.esq"):
+    with pytest.raises(FormatError, match=r"named as a packed ONNX file but holds a packed TFLite model; rename it "
+                                          r"to model\.int8\.tflite\.esq"):
         runtime.load(wrong)
+    for name, holds in (("as.onnx", "TFLite"), ("as.tflite", "ONNX")):  # a plain extension: ran as what it held
+        misnamed = tmp_path / name
+        misnamed.write_bytes((tfl if holds == "TFLite" else onnx).read_bytes())
+        with pytest.raises(FormatError, match=rf"named as an? {'ONNX' if holds == 'TFLite' else 'TFLite'} file but "
+                                              rf"holds a packed {holds} model; rename it to as\.{holds.lower()}\.esq"):
+            runtime.load(misnamed)
     cut = tmp_path / "cut.int8.onnx.esq"
     cut.write_bytes(onnx.read_bytes()[:-9])
     report = tmp_path / "v.json"

@@ -353,6 +353,25 @@ def test_predict_refuses_wrong_input(onnx_models):
     assert art.predict(rand(0)).shape == (0, 5)
 
 
+def test_non_finite_input_and_scores_are_refused_not_answered(onnx_models):
+    """An int8 file answered an all-NaN image "1" at 99.998% (one NaN pixel gave the same), and
+    topk ranked NaN scores as class 0 with probability nan (audit, session 37)."""
+    for key in ("fp32", "int8"):
+        art = load(onnx_models[key])
+        x = rand(2)
+        x[1, 0, 3, 3] = np.nan
+        with pytest.raises(DataError, match=r"holds 1 NaN or infinite value\(s\) of 1536"):
+            art.predict(x)
+        x[1, 0, 3, 3] = -np.inf
+        with pytest.raises(DataError, match="give finite input"):
+            art.predict(x)
+        assert np.isfinite(art.predict(rand(2))).all()
+    with pytest.raises(DataError, match="scores hold NaN or infinity"):
+        topk(np.array([0.1, np.nan, 0.5], np.float32))
+    with pytest.raises(DataError, match=r"batch_size must be an integer >= 1, got 2\.5"):
+        art.predict_images(pixels(3), batch_size=2.5)  # a TypeError from range() before
+
+
 # --------------------------------------------------------------------------- TFLite
 
 @slow

@@ -317,11 +317,13 @@ def _floats(value: str, what: str, positive: bool = False) -> list[float]:
                                  param_hint=what) from None
     import math
 
-    if not out or not all(math.isfinite(x) for x in out) or (positive and any(x < 1e-6 for x in out)):
-        # nan and inf were taken (eval scored 10% with a nan loss, export wrote mean [nan])
+    # nan and inf were taken (eval scored 10% with a nan loss, export wrote mean [nan]); and 1e39,
+    # finite here but infinite in the runtime's float32 (run printed "probability": NaN, exit 0)
+    if (not out or not all(math.isfinite(x) and abs(x) <= 1e6 for x in out)
+            or (positive and any(x < 1e-6 for x in out))):
         raise click.BadParameter(f"{value!r}: give one finite {'positive ' if positive else ''}number per channel"
-                                 + (" (a std of at least 1e-6: pixels are scaled to 0..1)" if positive else ""),
-                                 param_hint=what)
+                                 + (" between 1e-6 and 1e6" if positive else " of at most 1e6 in size")
+                                 + " (pixels are scaled to 0..1)", param_hint=what)
     return out
 
 

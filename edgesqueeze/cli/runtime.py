@@ -60,6 +60,8 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std):
       edgesqueeze run model.int8.tflite cat.jpg dog.png
       edgesqueeze run model.int8.tflite.esq photos/ --json > labels.json
     """
+    import numpy as np
+
     from edgesqueeze.runtime import load, load_images, topk
     from edgesqueeze.runtime.images import image_files
 
@@ -88,6 +90,9 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std):
             scores = art.predict_images(load_images(chunk, shape, resize=art.meta.get("resize")),
                                         batch_size=batch_size)
             for img, row in zip(chunk, scores):
+                if not np.isfinite(row).all():
+                    raise DataError(f"{img}: {model_path} computed NaN or infinite scores for it; no class can be "
+                                    "ranked (a float model whose weights hold NaN, or --mean/--std far from its own)")
                 results[img] = [{"index": i, "class": name, "probability": round(p, 5)}
                                 for i, name, p in topk(row, top_k, art.classes)]
             if bar is not None:

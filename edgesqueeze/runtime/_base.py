@@ -383,6 +383,11 @@ class Artifact:
             raise DataError(f"{self.path.name} takes images of shape {list(want)}, got "
                             f"{list(x.shape[1:])} (batch shape {list(x.shape)})")
         x = x.astype(np.float32, copy=False)
+        finite = np.isfinite(x)
+        if not finite.all():  # an int8 file maps NaN to some pixel value and answers with confidence
+            raise DataError(f"predict: the input holds {x.size - int(finite.sum())} NaN or infinite value(s) of "
+                            f"{x.size}; no model computes meaningful scores from them (an int8 file still "
+                            "answers, with confidence): give finite input")
         if spec.layout == "NHWC" and x.ndim == 4:
             x = x.transpose(0, 2, 3, 1)
         x = self._to_native(x)
@@ -405,8 +410,8 @@ class Artifact:
         if images.dtype != np.uint8:
             raise DataError(f"predict_images takes uint8 pixels (NCHW), got {images.dtype}; "
                             f"for prepared float input use predict")
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise DataError(f"predict_images: batch_size must be an integer >= 1, got {batch_size!r}")
         if images.ndim != 4:
             raise DataError(f"predict_images takes a batch shaped [N, C, H, W], got "
                             f"{list(images.shape)}")
@@ -491,6 +496,9 @@ def topk(scores: np.ndarray, k: int = 5, classes: list[str] | None = None, *,
         raise DataError(f"topk: {len(classes)} class names for {s.size} scores")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise DataError(f"topk: k must be a positive integer, got {k!r}")
+    if not np.isfinite(s).all():  # argsort put NaN last: class 0 came first, "probability nan"
+        raise DataError("topk: the scores hold NaN or infinity (what the model computed from this input): no class "
+                        "can be ranked")
     p = softmax(s) if logits else s
     k = max(0, min(int(k), s.size))
     order = np.argsort(-p, kind="stable")[:k]
