@@ -853,6 +853,52 @@ def test_load_image_center_crop_like_torchvision(tmp_path):
     np.testing.assert_array_equal(chw, ref.transpose(2, 0, 1))
 
 
+def _full_resize_then_crop(path, short: int, out: int) -> np.ndarray:
+    """The reference: the whole image resized, then centre-cropped (zeros where it pads)."""
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    a = np.asarray(img.resize(size, Image.Resampling.BILINEAR))
+    pad = [((max(out - n, 0)) // 2, (max(out - n + 1, 0)) // 2) for n in a.shape[:2]]
+    a = np.pad(a, (*pad, (0, 0)))
+    top, left = (round((n - out) / 2.0) for n in a.shape[:2])
+    return a[top:top + out, left:left + out].transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("size, short", [((40, 1800), 64), ((1800, 40), 64), ((12, 2000), 20), ((333, 250), 64)])
+def test_load_image_of_an_extreme_aspect_ratio_resizes_only_what_the_crop_keeps(tmp_path, size, short):
+    """A 117-byte 12000 x 1 PNG took 7.7 GB and 8 s in `run` (its 3,072,000 x 256 resize came
+    before the crop); now only the crop's region is resized, at most 1 from the full resize
+    (Pillow's box; an ordinary image, the last case, stays exact)."""
+    from PIL import Image
+
+    p = tmp_path / "strip.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(p)
+    got = load_image(p, (3, 32, 32), resize=short).astype(int)
+    ref = _full_resize_then_crop(p, short, 32).astype(int)
+    assert got.shape == ref.shape == (3, 32, 32)
+    assert np.abs(got - ref).max() <= (0 if size == (333, 250) else 1)
+    if short < 32:  # padded: the zero border where the crop lies outside the image, as before
+        assert (got == 0).sum() == (ref == 0).sum() and (got[:, :, :6] == 0).all()
+
+
+def test_load_image_of_a_long_strip_fits_in_little_memory(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (12000, 1), (200, 10, 10)).save(tmp_path / "strip.png")
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+            "from edgesqueeze.runtime.images import load_image; "
+            f"a = load_image({str(tmp_path / 'strip.png')!r}, (3, 224, 224), resize=256); "
+            "print(a.shape, a[:, 100, 100].tolist())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "(3, 224, 224) [200, 10, 10]"
+
+
 def test_load_image_modes_and_batch(tmp_path):
     from PIL import Image
 

@@ -250,14 +250,13 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 def imagenet_crop(img, crop: int):
     """torchvision's evaluation transform of a PIL image: resize the shorter side to
     ``round(crop * 256 / 224)`` (bilinear), then a centred ``crop`` x ``crop``."""
-    from PIL import Image
+    from edgesqueeze.runtime.images import resize_crop
 
     short = int(round(crop * 256 / 224))
     w, h = img.size
     nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-    img = img.resize((nw, nh), Image.BILINEAR)
     top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-    return img.crop((left, top, left + crop, top + crop))
+    return resize_crop(img, (nw, nh), left, top, crop, crop)
 
 
 def decode_all(src: Source, items: list[tuple[str, str]], *, image_size: int | None,

@@ -109,17 +109,37 @@ def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
     return int(size * w / h), size
 
 
-def _center_crop(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """torchvision's CenterCrop on an HWC array (zero padding when the image is smaller)."""
-    h, w = a.shape[:2]
-    if out_h > h or out_w > w:
-        top, left = max(out_h - h, 0) // 2, max(out_w - w, 0) // 2
-        bottom, right = max(out_h - h + 1, 0) // 2, max(out_w - w + 1, 0) // 2
-        a = np.pad(a, ((top, bottom), (left, right), (0, 0)))
-        h, w = a.shape[:2]
-    top = round((h - out_h) / 2.0)
-    left = round((w - out_w) / 2.0)
-    return a[top:top + out_h, left:left + out_w]
+def _crop_offset(resized: int, out: int) -> int:
+    """torchvision's CenterCrop offset along one side; negative where it pads the image (zeros)."""
+    return round((resized - out) / 2.0) if resized >= out else -((out - resized) // 2)
+
+
+#: A resized image more than this many times the crop's pixels is resized only where the crop
+#: keeps it (a 12000 x 1 strip resized to a 256 shorter side is 3,072,000 x 256 pixels: 7.7 GB).
+_FULL_RESIZE_LIMIT = 16
+
+
+def resize_crop(img, size: tuple[int, int], left: int, top: int, out_w: int, out_h: int):
+    """``img.resize(size, BILINEAR).crop((left, top, left + out_w, top + out_h))``: a PIL image,
+    zeros where the box lies outside the resized image. Exactly that, unless the resized image
+    would hold more than ``_FULL_RESIZE_LIMIT`` times the crop's pixels (an extreme aspect
+    ratio); then only the kept region is resized (Pillow's ``box``: the same sample positions,
+    a pixel value here and there 1 apart), so memory stays the crop's, not the whole image's."""
+    Image = _pil()
+    bilinear = getattr(Image, "Resampling", Image).BILINEAR
+    w, h = size
+    if w * h <= _FULL_RESIZE_LIMIT * out_w * out_h:
+        if img.size != (w, h):
+            img = img.resize((w, h), bilinear)
+        return img if (left, top, out_w, out_h) == (0, 0, w, h) else img.crop((left, top, left + out_w, top + out_h))
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + out_w, w), min(top + out_h, h)
+    sx, sy = img.width / w, img.height / h
+    part = img.resize((x1 - x0, y1 - y0), bilinear, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+    if part.size == (out_w, out_h):
+        return part
+    canvas = Image.new(part.mode, (out_w, out_h))  # zeros, as the crop gives outside the image
+    canvas.paste(part, (x0 - left, y0 - top))
+    return canvas
 
 
 def replay_warnings(caught, where, im) -> None:
@@ -168,13 +188,11 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
         raise DataError(f"{path}: cannot read as an image ({text}); is it a damaged or "
                         f"non-image file?") from None
     bilinear = getattr(Image, "Resampling", Image).BILINEAR
-    if resize is not None:
-        size = _resized_size(img.width, img.height, resize)
-        if size != img.size:
-            img = img.resize(size, bilinear)
+    if resize is not None:  # torchvision's Resize(resize) then CenterCrop((h, w))
+        rw, rh = _resized_size(img.width, img.height, resize)
+        img = resize_crop(img, (rw, rh), _crop_offset(rw, w), _crop_offset(rh, h), w, h)
         a = np.asarray(img, dtype=np.uint8)
         a = a.reshape(a.shape[0], a.shape[1], -1)
-        a = _center_crop(a, h, w)
     else:
         if img.size != (w, h):
             img = img.resize((w, h), bilinear)
