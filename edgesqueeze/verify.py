@@ -147,14 +147,14 @@ class _Data:
                              f"the images are resized to {image_size}x{image_size}, the input of {source}")
             self._cache[key] = (ds, x, y, keep)
         ds, x, y, keep = self._cache[key]
-        if shape and list(ds.input_shape) != list(shape):  # a gray dataset for a 3-channel model?
-            rgb = (*key, "3 channels")
-            if rgb not in self._cache:
+        if shape and list(ds.input_shape) != list(shape):  # gray for a 3-channel model, or colour for a gray one?
+            fit = (*key, "channels", int(shape[0]))
+            if fit not in self._cache:
                 from edgesqueeze.data import fit_channels
 
                 fitted = fit_channels(ds, shape, source=source)
-                self._cache[rgb] = (fitted, fitted.test_x[keep], y, keep)
-            ds, x, y, keep = self._cache[rgb]
+                self._cache[fit] = (fitted, fitted.test_x[keep], y, keep)
+            ds, x, y, keep = self._cache[fit]
         if shape and list(ds.input_shape) != list(shape):
             raise DataError(f"{source}: expects images of shape {list(shape)} but dataset '{name}' gives "
                             f"{list(ds.input_shape)}; pass the dataset it was made for (--data)")

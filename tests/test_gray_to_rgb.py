@@ -1,6 +1,8 @@
 """A grayscale dataset for a model that takes 3-channel images: `data.channels: 3` when
 training, and every command that reads a dataset for a file recording a 3-channel input
-repeats the gray channel with a note, as `edgesqueeze run` does with a gray image file."""
+repeats the gray channel with a note, as `edgesqueeze run` does with a gray image file; and
+the other way, an image folder of colour files for a 1-channel model is made gray, as `run`
+makes each colour file gray."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgesqueeze.data import load_dataset, with_channels
-from edgesqueeze.errors import DataError
+from edgesqueeze.data import fit_channels, load_dataset, with_channels
+from edgesqueeze.errors import DataError, Note
 
 
 def test_with_channels_repeats_gray_and_refuses_colour():
@@ -41,6 +43,34 @@ def test_a_streamed_gray_folder_decodes_as_rgb(tmp_path):
     assert ds.test_x.shape[1] == 1  # the original is untouched
     got, gray = np.asarray(rgb.test_x), np.asarray(ds.test_x)
     assert got.shape[1] == 3 and all(np.array_equal(got[:, c], gray[:, 0]) for c in range(3))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_colour_folder_for_a_gray_model_is_made_gray_as_run_makes_each_file(tmp_path, stream):
+    """verify refused it ("pass the dataset it was made for (--data)", though it was), while
+    run converted each file with Pillow's convert("L") (audit, session 37)."""
+    from PIL import Image
+
+    from edgesqueeze.runtime import load_image
+
+    rng = np.random.default_rng(0)
+    expected = set()
+    for cls in ("a", "b"):
+        for split in ("train", "test"):
+            (tmp_path / "f" / split / cls).mkdir(parents=True)
+            for i in range(5):
+                path = tmp_path / "f" / split / cls / f"{i}.png"
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+                if split == "test":
+                    expected.add(load_image(path, (1, 12, 12)).tobytes())
+    ds = load_dataset(f"imagefolder:{tmp_path / 'f'}", stream=stream)
+    assert ds.input_shape == (3, 12, 12)
+    with pytest.warns(Note, match="has colour images and net.onnx takes 1-channel ones: each is converted to gray"):
+        gray = fit_channels(ds, [1, 12, 12], source="net.onnx")
+    got = np.asarray(gray.test_x)
+    assert got.shape == (10, 1, 12, 12) and {img.tobytes() for img in got} == expected
+    assert np.array_equal(gray.test_y, ds.test_y) and len(gray.mean) == len(gray.std) == 1
+    assert fit_channels(ds, [3, 12, 12], source="net.onnx") is ds
 
 
 NET = textwrap.dedent('''

@@ -118,11 +118,32 @@ def with_channels(ds: Dataset, channels: int) -> Dataset:
                    mean=tuple(ds.mean) * 3, std=tuple(ds.std) * 3)
 
 
+def to_gray(ds: Dataset) -> Dataset:
+    """``ds``'s RGB images as grayscale, by Pillow's ``convert("L")`` (ITU-R 601-2 luma, its
+    own fixed-point rounding: what ``edgesqueeze run`` does to a colour file for a 1-channel
+    model; a gray image stored as RGB gets its own values back)."""
+    from edgesqueeze.data.stream import is_lazy
+
+    def gray(x):
+        if is_lazy(x):  # each file converted to L as it is read, as run does
+            out = x[:]
+            out.channels, out.check_gray = 1, False
+            return out
+        x = np.asarray(x)
+        rgb = x.astype(np.uint32)
+        luma = (rgb[:, 0] * 19595 + rgb[:, 1] * 38470 + rgb[:, 2] * 7471 + 0x8000) >> 16
+        return luma.astype(np.uint8)[:, None]
+
+    return replace(ds, train_x=gray(ds.train_x), test_x=gray(ds.test_x),
+                   mean=(float(np.mean(ds.mean)),), std=(float(np.mean(ds.std)),))
+
+
 def fit_channels(ds: Dataset, input_shape, *, source: object) -> Dataset:
-    """``ds`` as a model of ``input_shape`` takes it: a grayscale dataset for a 3-channel model
-    of the same image size gets its channel repeated (:func:`with_channels`), with a Note
-    naming both; anything else comes back unchanged (the caller's shape check says what
-    does not fit)."""
+    """``ds`` as a model of ``input_shape`` takes it, with a Note naming both: a grayscale
+    dataset for a 3-channel model of the same image size gets its channel repeated
+    (:func:`with_channels`); a colour one for a 1-channel model (an image folder with colour
+    files, which ``run`` converts one by one) is converted to gray (:func:`to_gray`). Anything
+    else comes back unchanged (the caller's shape check says what does not fit)."""
     import warnings
 
     from edgesqueeze.errors import Note
@@ -132,8 +153,12 @@ def fit_channels(ds: Dataset, input_shape, *, source: object) -> Dataset:
     except (TypeError, ValueError):
         return ds
     have = list(ds.input_shape)
-    if len(want) != 3 or want[0] != 3 or have[0] != 1 or want[1:] != have[1:]:
+    if len(want) != 3 or want[1:] != have[1:] or (want[0], have[0]) not in ((3, 1), (1, 3)):
         return ds
+    if want[0] == 1:
+        warnings.warn(f"dataset '{ds.name}' has colour images and {source} takes 1-channel ones: each is converted "
+                      f"to gray (as for a colour image file in `edgesqueeze run`)", Note, stacklevel=2)
+        return to_gray(ds)
     warnings.warn(f"dataset '{ds.name}' is grayscale and {source} takes 3-channel images: each gray value is "
                   f"repeated in the 3 channels (as for a gray image file in `edgesqueeze run`)", Note, stacklevel=2)
     return with_channels(ds, 3)
