@@ -221,20 +221,21 @@ def _progress(total: int, desc: str):
 
 
 def decode_image(data: bytes, where: str):
-    """A PIL image, fully decoded, with 8-bit samples: 16-bit grayscale (``I;16*``, and ``I``
+    """A PIL image, fully decoded, upright as its EXIF orientation says, with 8-bit samples: 16-bit grayscale (``I;16*``, and ``I``
     on the 0..65535 scale) becomes ``L`` scaled by ``round(v / 257)`` rather than clipped at
     255 as Pillow's ``convert`` would; ``F`` (float) images and ``I`` values outside 0..65535
     are refused (:func:`edgesqueeze.runtime.images.to_8bit`, shared with ``edgesqueeze run``).
     Any decoder failure or such pixels become a DataError naming the file."""
     from PIL import Image
 
-    from edgesqueeze.runtime.images import replay_warnings, to_8bit
+    from edgesqueeze.runtime.images import replay_warnings, to_8bit, upright
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
+            upright(img)  # as run reads an image file: what a viewer shows
         replay_warnings(caught, where, img)
     except Image.UnidentifiedImageError as e:  # its text names a BytesIO object, not the file
         raise DataError(f"cannot decode image {where} (not an image file Pillow recognizes); delete or "

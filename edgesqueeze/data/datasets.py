@@ -330,6 +330,11 @@ def _carve_test(x: np.ndarray, y: np.ndarray):
 # Caching wrapper
 
 
+# in the cache key of datasets decoded from image files: entries decoded before images were
+# turned upright by their EXIF orientation (session 37) are not reused
+_IMAGE_FILES = {"exif": "upright"}
+
+
 def _cached(name: str, tag: str, sources: list[Path], params: dict, build: Callable[[], tuple],
             stats: tuple | None = None) -> Dataset:
     """Load ``tag`` from the cache, or ``build()`` it, compute mean/std, and cache it.
@@ -494,7 +499,8 @@ def _load_cifar10(search: list[Path], download: bool, image_size: int | None) ->
         size = image_size or 32
         return _resize(tx, size), ty, _resize(vx, size), vy, CIFAR10_CLASSES
 
-    return _cached("cifar10", "cifar10", [path], {"image_size": image_size, "kind": kind}, build)
+    decoded = _IMAGE_FILES if kind == "folder" else {}  # the python batches hold pixels, not files
+    return _cached("cifar10", "cifar10", [path], {"image_size": image_size, "kind": kind, **decoded}, build)
 
 
 def folder_test_image(name: str) -> tuple[str, tuple[int, int]] | None:
@@ -510,8 +516,11 @@ def folder_test_image(name: str) -> tuple[str, tuple[int, int]] | None:
         try:
             splits, _ = _images.layout(src)
             rel = (splits.get("test") or next(iter(splits.values())))[0][1]
+            from edgesqueeze.runtime.images import QUARTER_TURNS
+
             with Image.open(io.BytesIO(src.read(rel))) as img:
-                return src.describe(rel), img.size
+                turned = img.getexif().get(0x0112) in QUARTER_TURNS  # read upright (EXIF): width and height swap
+                return src.describe(rel), img.size[::-1] if turned else img.size
         finally:
             src.close()
     except (DataError, OSError, Image.UnidentifiedImageError):
@@ -524,7 +533,7 @@ def _load_imagefolder(name: str, spec: str, image_size: int | None) -> Dataset:
         raise DataError(f"image folder {path.absolute()} (from dataset '{name}') does not exist; give "
                         f"imagefolder:PATH with a folder or .zip holding train/<class>/ and test/<class>/")
     path = Path(os.path.abspath(path))
-    ds = _cached(name, "imagefolder", [path], {"image_size": image_size},
+    ds = _cached(name, "imagefolder", [path], {"image_size": image_size, **_IMAGE_FILES},
                  lambda: _folder_dataset(path, image_size, path.name))
     _images.note_empty_classes(path, ds.classes)
     return ds
@@ -691,7 +700,7 @@ def _load_imagenet_sample(search: list[Path], image_size: int | None) -> Dataset
         empty = np.empty((0, 3, crop, crop), dtype=np.uint8)
         return empty, np.empty(0, dtype=np.int64), np.stack(xs), np.array(ys, dtype=np.int64), tuple(names)
 
-    return _cached("imagenet-sample", "imagenet-sample", [zp, tp], {"crop": crop}, build,
+    return _cached("imagenet-sample", "imagenet-sample", [zp, tp], {"crop": crop, **_IMAGE_FILES}, build,
                    stats=(IMAGENET_MEAN, IMAGENET_STD))
 
 

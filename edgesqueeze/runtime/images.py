@@ -142,6 +142,25 @@ def resize_crop(img, size: tuple[int, int], left: int, top: int, out_w: int, out
     return canvas
 
 
+#: The EXIF orientations that turn an image a quarter (width and height swap).
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def upright(im) -> None:
+    """Turn the loaded image ``im`` upright in place as its EXIF orientation tag says, as every
+    image viewer shows it: a phone stores a portrait photo sideways with tag 6, and the digits
+    test images saved so were classified at 8% instead of 98% (audit, session 37). An image
+    without the tag, or whose EXIF block cannot be read, stays as stored."""
+    import struct
+
+    from PIL import ImageOps
+
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, struct.error):
+        pass  # a damaged EXIF block: the pixels themselves decoded, so use them as stored
+
+
 def replay_warnings(caught, where, im) -> None:
     """Pillow's warnings recorded while ``im`` (from ``where``) was decoded, shown again, its
     two-line DecompressionBombWarning (which names no file) as one note naming it."""
@@ -159,6 +178,7 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
                resize: int | None = None) -> np.ndarray:
     """One image file as uint8 ``[C, H, W]`` for a model whose input is ``input_shape``.
 
+    The image is turned upright as its EXIF orientation tag says (:func:`upright`).
     ``C`` picks the colour mode: 1 grayscale, 3 RGB (alpha and palettes dropped), 4 RGBA.
     16-bit images are scaled to 8 bits first (:func:`to_8bit`; float ``F`` images are refused).
     Raises :class:`DataError` naming the file when it is missing, not a readable image, or
@@ -175,6 +195,7 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
+                upright(im)
                 img = convert_8bit(im, _MODES[c], path)
         replay_warnings(caught, path, im)
     except FileNotFoundError:
