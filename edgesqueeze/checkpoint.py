@@ -21,11 +21,13 @@ bit for bit, and the model an archive holds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -173,11 +175,29 @@ def _check_crcs(path: Path) -> None:
                               "copy it again from where it came, or save the model again")
 
 
+def _data_globals() -> list:
+    """What training scripts save beside their weights that is data, not code, for torch's
+    weights-only unpickler: numpy scalars and arrays (``best_acc = np.float64(...)``) and
+    ``argparse.Namespace`` (their arguments): constructed from values, never calling anything
+    the file names. Under numpy 2 a numpy 1 file's names (``numpy.core...``) too."""
+    import argparse
+
+    core = getattr(np, "_core", None) or np.core
+    found: list = [np.dtype, np.ndarray, argparse.Namespace, core.multiarray.scalar, core.multiarray._reconstruct,
+                   (core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+                   (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        found += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return found
+
+
 def _safe_torch_load(path: Path) -> Any:
     _check_crcs(path)
+    allow = getattr(torch.serialization, "safe_globals", None)
     try:
-        with warnings.catch_warnings():  # torch's "Detected pickle protocol 4" before our own refusal
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        with warnings.catch_warnings(), (allow(_data_globals()) if allow else contextlib.nullcontext()):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # before our own refusal
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise _PickleRefused(str(exc)) from None
@@ -231,6 +251,9 @@ def rebuild(arch: str, arch_kwargs: dict[str, Any], *, folded_batchnorm: bool = 
         model = build_model(arch, **arch_kwargs)
     if folded_batchnorm:
         from edgesqueeze.models.fold import check_pairs, fold_batchnorm, legacy_pairs  # torch.fx: only when needed
+        from edgesqueeze.models.layers import plain_weights
+
+        plain_weights(model)  # folded after they were made plain (load_state_dict_checked): as it was then
 
         pairs = (legacy_pairs(model) if folded_layers is None
                  else check_pairs(model, folded_layers, source=source or from_file or arch))
@@ -238,10 +261,27 @@ def rebuild(arch: str, arch_kwargs: dict[str, Any], *, folded_batchnorm: bool = 
     return model
 
 
-def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the first offending layer."""
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str,
+                            plain: bool = True) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the first offending layer.
+    Two differences that are not errors are bridged: a prefix on every name that the model's
+    own names lack (torch.compile's ``_orig_mod.``, a Lightning module's ``model.``, with a
+    note), and a BatchNorm's ``num_batches_tracked`` the file lacks (the model's own count, 0,
+    kept, as ``load_state_dict`` does for a file from before that buffer existed).
+    ``plain``: a model with weight_norm / spectral_norm layers ends with plain weights
+    (:func:`~edgesqueeze.models.layers.plain_weights`, noted), whichever form the file holds;
+    training's own resume keeps them (``plain=False``)."""
+    from edgesqueeze.models.layers import plain_weights, weight_transforms
+
+    transformed = plain and bool(weight_transforms(model))
+    if transformed and set(state_dict) != set(model.state_dict()):
+        plain_weights(model)  # a file written after they were made plain (an .esq, pruned.pt): its names
     expected = model.state_dict()
+    state_dict = _without_prefix(state_dict, expected, source)
     missing = [k for k in expected if k not in state_dict]
+    if missing and all(k.endswith(".num_batches_tracked") for k in missing):
+        state_dict = {**state_dict, **{k: expected[k] for k in missing}}
+        missing = []
     unexpected = [k for k in state_dict if k not in expected]
     arch = getattr(model, "arch_name", type(model).__name__)
     if missing or unexpected:
@@ -251,7 +291,7 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
         if unexpected:
             parts.append(f"has {len(unexpected)} unexpected tensors (first: {unexpected[0]})")
         raise ModelError(f"{source}: weights do not fit architecture '{arch}': " + "; ".join(parts)
-                         + ". Is --arch right?")
+                         + ". Is --arch (or the recipe's model.arch) right?")
     for key, tensor in expected.items():
         got = state_dict[key]
         if not isinstance(got, torch.Tensor):
@@ -266,6 +306,34 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
             raise ModelError(f"{source}: layer {key} has shape {tuple(got.shape)} in the file but "
                              f"{tuple(tensor.shape)} in '{arch}'{hint}")
     model.load_state_dict(state_dict, strict=True)
+    if transformed:
+        changed = plain_weights(model)
+        if changed:
+            warnings.warn(f"{source}: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}: each weight made "
+                          "the plain tensor it computes now (pruning, weight sharing and export work on plain "
+                          "weights; the model computes the same)", Note, stacklevel=3)
+
+
+def _without_prefix(state_dict: dict, expected: dict, source: str) -> dict:
+    """``state_dict`` with the leading name parts every key shares and the model's keys lack
+    (``_orig_mod.``, ``model.``, nested as ``module._orig_mod.``) removed, where that makes the
+    names the model's own (missing ``num_batches_tracked`` aside); else as it was."""
+    if set(state_dict) == set(expected):
+        return state_dict
+    want = {k for k in expected if not k.endswith(".num_batches_tracked")}
+    out, dropped = state_dict, []
+    for _ in range(3):
+        first = {k.split(".", 1)[0] for k in out}
+        if len(first) != 1 or not all("." in k for k in out):
+            break
+        prefix = f"{first.pop()}."
+        out = {k[len(prefix):]: v for k, v in out.items()}
+        dropped.append(prefix)
+        if want <= set(out) <= set(expected):
+            warnings.warn(f"{source}: every weight's name starts with {''.join(dropped)!r} (torch.compile, Lightning "
+                          "or a wrapper module), which the model's names do not: read without it", Note, stacklevel=4)
+            return out
+    return state_dict
 
 
 INPUT_META_KEYS = ("mean", "std", "input_shape", "classes")
@@ -378,6 +446,7 @@ def load_model(
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         raise CheckpointError(f"load_model takes the path of a model file, got {type(path).__name__} {path!r:.60}")
     loaded = _load_model(Path(path), arch, arch_kwargs, trust_pickle, input_meta)
+    _check_finite(loaded.model, str(path))
     if input_meta and any(input_meta.get(k) is not None for k in ("classes", "input_shape")):
         _check_given_inputs(loaded, str(path))
     if input_meta and not loaded.meta.get("input_shape"):
@@ -388,6 +457,22 @@ def load_model(
     if default_dataset and not loaded.meta.get("dataset"):
         loaded.meta["dataset"] = default_dataset
     return loaded
+
+
+def _check_finite(model: nn.Module, source: str) -> None:
+    """Refuse (CheckpointError) weights holding NaN or infinity, naming the tensor: each command
+    failed its own way on one (eval scored 10% with a nan loss and exit 0, compress called its
+    own round trip a bug or told to lower the lr, export wrote a model at chance with exit 0).
+    Parameters and BatchNorm statistics only: a buffer may hold -inf on purpose (a mask)."""
+    tensors = [(n, t) for n, t in model.named_parameters()]
+    tensors += [(n, t) for n, t in model.named_buffers() if n.rsplit(".", 1)[-1] in ("running_mean", "running_var")]
+    for name, t in tensors:
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t.detach())).sum())
+            if bad:
+                raise CheckpointError(f"{source}: {name} holds {bad} NaN or infinite value{'s' if bad > 1 else ''} "
+                                      f"of {t.numel():,}; a model with them computes nothing meaningful (a training "
+                                      "run that diverged?): use a checkpoint from before")
 
 
 def _check_given_inputs(loaded: LoadedModel, source: str) -> None:
@@ -443,29 +528,33 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
                           "(--arch, or the recipe's model.arch) is not used to build it", Note, stacklevel=3)
         _check_crcs(path)  # torch.save files are checked by _safe_torch_load
         model, program = _load_program(path, kind, trust_pickle=trust_pickle)
+        low = _not_float32(model)
+        if low:  # its graph was traced or scripted in that precision: feeding it float32 failed, blaming the data
+            what = "TorchScript archive" if kind == "torchscript" else "torch.export program"
+            raise CheckpointError(f"{path}: a {what} with {low} weights; edgesqueeze feeds, compresses and exports "
+                                  "float32 models: save it from the float32 model (model.float() before "
+                                  f"{'torch.jit.script/trace' if kind == 'torchscript' else 'torch.export'})")
         return LoadedModel(model, apply_input_meta({}, input_meta, source=str(path)), kind, path, program)
 
     try:
         obj = _safe_torch_load(path)
-    except _PickleRefused:
+    except _PickleRefused as refused:
         if kind is None and not _parses_as_pickle(path):  # not a refused pickle: a damaged file
             raise CheckpointError(f"{path}: starts like a legacy torch.save file but does not parse as one "
                                   "(truncated or damaged?); copy or save it again") from None
         if not trust_pickle:
+            names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(refused))))
+            what = f" ({', '.join(names[:3])})" if names else " (e.g. a whole nn.Module)"
             raise CheckpointError(
-                f"{path}: holds a pickled Python object (e.g. a whole nn.Module); unpickling it can run "
-                "arbitrary code. Save model.state_dict() instead and pass --arch, or pass --trust-pickle "
-                "if you trust where this file came from."
+                f"{path}: holds a pickled Python object{what}; unpickling it can run arbitrary code. Save "
+                "model.state_dict() instead and pass --arch, or pass --trust-pickle if you trust where this "
+                "file came from."
             ) from None
         obj = _unpickle(path, arch)
-        if not isinstance(obj, nn.Module):
-            raise CheckpointError(f"{path}: unpickled a {type(obj).__name__}, not an nn.Module") from None
-        meta: dict[str, Any] = {}
-        if arch is not None:  # how to rebuild it (an .esq of it needs this): checked against the pickle
-            rebuilt = rebuild(arch, dict(arch_kwargs or {}))
-            load_state_dict_checked(rebuilt, obj.state_dict(), source=str(path))
-            meta = {"arch": arch, "arch_kwargs": dict(rebuilt.arch_kwargs)}
-        return LoadedModel(obj.eval(), apply_input_meta(meta, input_meta, source=str(path)), "pickle", path)
+        module = obj if isinstance(obj, nn.Module) else _module_in(obj)
+        if module is not None:
+            return _pickled_module(path, module, arch, arch_kwargs, input_meta)
+        # else a dict whose state_dict sits beside other pickled objects (hyperparameters): below
 
     if isinstance(obj, dict) and obj.get("format") in (FORMAT, TRAIN_STATE_FORMAT):
         meta = _checkpoint_meta(path, obj)
@@ -501,10 +590,58 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
 
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema")  # read when no plain one is there (noted when both are)
+
+
+def _module_in(obj: Any) -> nn.Module | None:
+    """The nn.Module a trusted pickle holds under one of the keys training scripts use
+    (``{"model": module, "epoch": ...}``, YOLO's ``{"model": ..., "ema": ...}``), or None."""
+    if isinstance(obj, dict):
+        return next((obj[k] for k in (*_STATE_DICT_KEYS, "ema", "model_ema") if isinstance(obj.get(k), nn.Module)),
+                    None)
+    return None
+
+
+def _not_float32(model: nn.Module) -> str:
+    """The floating dtypes other than float32 among ``model``'s weights, as words ('' if none)."""
+    return ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                             if p.is_floating_point() and p.dtype != torch.float32}))
+
+
+def _pickled_module(path: Path, module: nn.Module, arch: str | None, arch_kwargs: dict[str, Any] | None,
+                    input_meta: dict[str, Any] | None) -> LoadedModel:
+    """A whole nn.Module from a trusted pickle, in float32 (a half-precision one, as YOLO saves
+    them, computes what a float32 copy does up to rounding; every runtime here is fed float32)."""
+    low = _not_float32(module)
+    if low:
+        module = module.float()
+        warnings.warn(f"{path}: the pickled model's weights are {low}: converted to float32", Note, stacklevel=4)
+    meta: dict[str, Any] = {}
+    if arch is not None:  # how to rebuild it (an .esq of it needs this): checked against the pickle
+        rebuilt = rebuild(arch, dict(arch_kwargs or {}))
+        try:
+            load_state_dict_checked(rebuilt, module.state_dict(), source=str(path))
+        except ModelError as exc:  # a recipe's model.arch, made for state_dicts: the pickle has its own class
+            warnings.warn(f"{path} is a pickled {type(module).__name__}, which carries its own class: the "
+                          f"architecture {arch!r} (--arch, or the recipe's model.arch) does not fit its weights "
+                          f"and is not used ({str(exc).split(': ', 2)[-1].split('. Is --arch')[0]})", Note,
+                          stacklevel=4)
+        else:
+            meta = {"arch": arch, "arch_kwargs": dict(rebuilt.arch_kwargs)}
+    return LoadedModel(module.eval(), apply_input_meta(meta, input_meta, source=str(path)), "pickle", path)
 
 
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+_SCALARS = (int, float, str, bool, type(None), np.generic)
+
+
+def _tensors_and_scalars(obj: Any) -> bool:
+    """A state_dict with a few plain values among its tensors (``sd["epoch"] = 3``)."""
+    return (isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
+            and all(isinstance(v, (torch.Tensor, *_SCALARS)) for v in obj.values()))
 
 
 def _unwrap_state_dict(obj: Any) -> Any:
@@ -512,10 +649,21 @@ def _unwrap_state_dict(obj: Any) -> Any:
     Lightning's loaders read them: ``{"state_dict": sd, "epoch": ...}``, ``{"model": sd}``,
     ``{"model_state_dict": sd, "optimizer_state_dict": ...}``; and the ``module.`` prefix
     ``nn.DataParallel`` / DDP put on every key. Anything else comes back as it was."""
-    if isinstance(obj, dict) and not _is_state_dict(obj):
-        inner = next((obj[k] for k in _STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
-        if inner is not None:
-            obj = inner
+    if isinstance(obj, dict) and not _is_state_dict(obj) and not _tensors_and_scalars(obj):
+        key = next((k for k in (*_STATE_DICT_KEYS, *_EMA_KEYS) if _is_state_dict(obj.get(k))
+                    or _tensors_and_scalars(obj.get(k))), None)
+        if key is not None:
+            ema = [k for k in _EMA_KEYS if k != key and _is_state_dict(obj.get(k))]
+            if key not in _EMA_KEYS and ema:
+                warnings.warn(f"the file also holds averaged (EMA) weights under {ema[0]!r}; read are those "
+                              f"under {key!r}. For the EMA ones, save that entry alone: "
+                              f"torch.save(ckpt[{ema[0]!r}], 'ema.pt')", Note, stacklevel=4)
+            obj = obj[key]
+    if _tensors_and_scalars(obj) and not _is_state_dict(obj):
+        extra = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        warnings.warn(f"the state_dict's entries {', '.join(map(repr, extra[:4]))} are not tensors (training "
+                      "bookkeeping?): left out", Note, stacklevel=4)
+        obj = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if _is_state_dict(obj) and all(k.startswith("module.") for k in obj):
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return obj

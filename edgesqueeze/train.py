@@ -530,7 +530,7 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
                 f"resume it with {how} ... --resume (the global batch and the data order depend on it)")
         if device.type == "cpu":
             threads = resume_threads(st.get("threads"), log, "training")
-        load_state_dict_checked(model, st["state_dict"], source=str(state_path))
+        load_state_dict_checked(model, st["state_dict"], source=str(state_path), plain=False)
         optimizer.load_state_dict(st["optimizer"])  # its state moves to the parameters' device
         if scaler is not None and st.get("grad_scaler"):
             scaler.load_state_dict(st["grad_scaler"])

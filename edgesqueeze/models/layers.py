@@ -20,6 +20,63 @@ __all__ = ["KEEP_ATTR", "check_layer_names", "conv_input_padded", "is_depthwise"
 KEEP_ATTR = "_edgesqueeze_keep"  # set on a layer compression must leave alone (compress.keep_layers)
 
 
+def weight_transforms(model: nn.Module) -> list[str]:
+    """The layers whose weight is computed by weight_norm or spectral_norm (the
+    ``torch.nn.utils.parametrizations`` ones, or the older hook-based ``torch.nn.utils``
+    ones), as ``name (kind)``: pruning, weight sharing, BatchNorm folding and export all
+    work on a plain ``weight`` tensor."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = []
+    for name, mod in model.named_modules():
+        if parametrize.is_parametrized(mod):
+            kinds = {type(p).__name__.lstrip("_") for plist in mod.parametrizations.values() for p in plist}
+            found.append(f"{name or type(mod).__name__} ({', '.join(sorted(kinds))})")
+        hooks = [h for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
+        if hooks:
+            found.append(f"{name or type(mod).__name__} ({', '.join(type(h).__name__ for h in hooks)})")
+    return found
+
+
+def plain_weights(model: nn.Module) -> list[str]:
+    """Replace every weight_norm / spectral_norm of ``model`` (:func:`weight_transforms`) by
+    the plain tensor it computes now, in eval mode (spectral norm's power iteration is not
+    run again: the stored estimate is what inference used); returns the layers changed. The
+    model then computes what it computed, through ordinary ``weight`` parameters."""
+    from torch.nn.utils import parametrize, remove_spectral_norm, remove_weight_norm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    changed = weight_transforms(model)
+    if not changed:
+        return changed
+    training = model.training
+    model.eval()
+    for mod in model.modules():
+        names = []
+        if parametrize.is_parametrized(mod):
+            for tensor_name in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=True)
+                names.append(tensor_name)
+        for hook in [h for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]:
+            (remove_weight_norm if isinstance(hook, WeightNorm) else remove_spectral_norm)(mod, hook.name)
+            names.append(hook.name)
+        if names:  # spectral_norm's state_dict hooks, which remove_spectral_norm misses once torch wraps them:
+            # the load hook left behind turned a plain weight into a missing weight_orig
+            for hooks in (mod._load_state_dict_pre_hooks, mod._state_dict_hooks):
+                for key in [k for k, h in hooks.items() if "SpectralNorm" in type(getattr(h, "hook", h)).__name__]:
+                    del hooks[key]
+        for tensor_name in names:  # a trainable parameter, whatever the removal left (a tensor for weight_norm's
+            value = getattr(mod, tensor_name)  # two originals when computed without gradients)
+            if not isinstance(value, nn.Parameter):
+                delattr(mod, tensor_name)
+                mod.register_parameter(tensor_name, nn.Parameter(value.detach().clone()))
+    model.train(training)
+    return changed
+
+
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every Conv2d and Linear by module name, in module order, except the layers marked to
     be kept as they are (:func:`keep_layers`)."""

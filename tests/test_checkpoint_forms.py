@@ -1,0 +1,180 @@
+"""A user's model saved the ways real training scripts save it (audit, session 37): numpy
+scalars and argparse.Namespace beside the weights, a whole module inside a dict,
+torch.compile and Lightning name prefixes, EMA entries, a state_dict without
+num_batches_tracked or with an 'epoch' among its tensors, NaN weights, half-precision
+programs, and weight_norm / spectral_norm layers. Real files through load_model and the CLI;
+each result compared with what plain torch computes."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from edgesqueeze.checkpoint import load_model
+from edgesqueeze.cli import cli
+from edgesqueeze.errors import CheckpointError, Note
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class NetWN(Net):  # torch.nn.utils.parametrizations (a parametrized weight)
+    def __init__(self, num_classes: int = 10):
+        super().__init__(num_classes)
+        self.conv2 = parametrizations.weight_norm(self.conv2)
+        self.fc = parametrizations.spectral_norm(self.fc)
+
+
+class NetOld(Net):  # the older hook-based torch.nn.utils.weight_norm / spectral_norm
+    def __init__(self, num_classes: int = 10):
+        super().__init__(num_classes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "deprecated in favor of parametrizations"
+            self.conv2 = torch.nn.utils.weight_norm(self.conv2)
+            self.fc = torch.nn.utils.spectral_norm(self.fc)
+
+
+X = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
+def trained(cls=Net) -> nn.Module:
+    torch.manual_seed(0)
+    model = cls()
+    with torch.no_grad():  # BatchNorm statistics and spectral norm's estimate away from their start
+        model.train()
+        for _ in range(3):
+            model(X)
+    return model.eval()
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(X)
+
+
+def arch(cls) -> str:
+    return f"{__name__}:{cls.__name__}"
+
+
+def test_numpy_scalars_and_a_namespace_beside_the_weights_load_without_unpickling_code(tmp_path):
+    model = trained()
+    torch.save({"state_dict": model.state_dict(), "best_acc": np.float64(0.94), "epoch": np.int64(3),
+                "history": np.arange(3.0), "args": argparse.Namespace(lr=0.1, arch="net")}, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt", arch=arch(Net))  # trust_pickle=False: the safe unpickler
+    assert torch.equal(logits(loaded.model), logits(model))
+
+
+def test_a_whole_module_inside_a_dict_names_its_class_and_loads_when_trusted(tmp_path):
+    model = trained()
+    torch.save({"model": model, "epoch": 3}, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=rf"holds a pickled Python object \({__name__}\.Net\); "):
+        load_model(tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt", trust_pickle=True)  # "unpickled a dict, not an nn.Module" before
+    assert torch.equal(logits(loaded.model), logits(model))
+    torch.save(copy.deepcopy(model).half(), tmp_path / "half.pt")  # as YOLO saves its modules
+    with pytest.warns(Note, match="weights are float16: converted to float32"):
+        half = load_model(tmp_path / "half.pt", trust_pickle=True)
+    assert next(half.model.parameters()).dtype == torch.float32
+    assert torch.allclose(logits(half.model), logits(model), atol=0.05)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "model.", "module._orig_mod.", "_orig_mod.module."])
+def test_a_prefix_on_every_name_is_read_without_it(tmp_path, prefix):
+    model = trained()
+    sd = {prefix + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd, "hyper_parameters": {"lr": 0.1}}, tmp_path / "m.pt")  # Lightning's layout
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(tmp_path / "m.pt", arch=arch(Net))
+    assert torch.equal(logits(loaded.model), logits(model))
+    if prefix != "module.":
+        assert any("every weight's name starts with" in str(w.message) for w in caught)
+
+
+def test_a_prefix_on_some_names_only_is_still_an_error(tmp_path):
+    sd = trained().state_dict()
+    torch.save({("x." + k if k.startswith("conv") else k): v for k, v in sd.items()}, tmp_path / "m.pt")
+    with pytest.raises(Exception, match=r"missing 4 tensors \(first: conv1.weight\)"):
+        load_model(tmp_path / "m.pt", arch=arch(Net))
+
+
+def test_bookkeeping_among_the_tensors_a_missing_batch_count_and_ema_entries(tmp_path):
+    model = trained()
+    sd = model.state_dict()
+    torch.save({**sd, "epoch": 3}, tmp_path / "flat.pt")
+    with pytest.warns(Note, match="entries 'epoch' are not tensors"):
+        assert torch.equal(logits(load_model(tmp_path / "flat.pt", arch=arch(Net)).model), logits(model))
+    torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.pt")
+    assert torch.equal(logits(load_model(tmp_path / "old.pt", arch=arch(Net)).model), logits(model))
+    torch.save({"ema": sd}, tmp_path / "ema.pt")
+    assert torch.equal(logits(load_model(tmp_path / "ema.pt", arch=arch(Net)).model), logits(model))
+    other = trained(Net).state_dict()
+    other["fc.bias"] = other["fc.bias"] + 1
+    torch.save({"state_dict": sd, "state_dict_ema": other}, tmp_path / "timm.pt")
+    with pytest.warns(Note, match="averaged \\(EMA\\) weights under 'state_dict_ema'; read are those under "
+                                  "'state_dict'"):
+        assert torch.equal(logits(load_model(tmp_path / "timm.pt", arch=arch(Net)).model), logits(model))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_infinity_are_refused_naming_the_tensor(tmp_path, bad):
+    sd = trained().state_dict()
+    sd["conv2.weight"][0, 0, 0, 0] = bad
+    torch.save(sd, tmp_path / "m.pt")
+    res = CliRunner().invoke(cli, ["eval", str(tmp_path / "m.pt"), "--arch", arch(Net), "--data", "digits"])
+    assert res.exit_code == 2, res.output  # eval scored 10% with loss nan, exit 0
+    assert "conv2.weight holds 1 NaN or infinite value of 576" in res.output
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "torch.export"])
+def test_a_half_precision_program_says_so(tmp_path, kind):
+    model = trained().half()
+    if kind == "torchscript":
+        torch.jit.save(torch.jit.trace(model, X[:1].half()), str(tmp_path / "m.pt"))
+        path = tmp_path / "m.pt"
+    else:
+        path = tmp_path / "m.pt2"
+        torch.export.save(torch.export.export(model, (X[:1].half(),)), str(path))
+    # blamed the data before: "does not run on 'digits' images ...; pass the dataset it was trained on"
+    with pytest.raises(CheckpointError, match="with float16 weights; edgesqueeze feeds, compresses and exports "
+                                              "float32 models"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("cls", [NetWN, NetOld])
+def test_weight_norm_and_spectral_norm_layers_become_plain_weights_that_compute_the_same(tmp_path, cls):
+    """Pruning skipped them and folding wrote into the computed weight (a 10% model, exit 0);
+    clustering, PTQ and PT2E failed with tracebacks."""
+    model = trained(cls)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    with pytest.warns(Note, match=r"conv2 \(WeightNorm\), fc \(SpectralNorm\): each weight made the plain tensor"):
+        loaded = load_model(tmp_path / "m.pt", arch=arch(cls))
+    assert sorted(n for n, _ in loaded.model.named_parameters() if "conv2" in n or "fc" in n) == [
+        "conv2.bias", "conv2.weight", "fc.bias", "fc.weight"]
+    assert all(p.requires_grad for p in loaded.model.parameters())
+    torch.testing.assert_close(logits(loaded.model), logits(model), rtol=1e-5, atol=1e-5)
+    # a lossless .esq of it (plain names) reads back into the class, which builds them parametrized
+    res = CliRunner().invoke(cli, ["compress", str(tmp_path / "m.pt"), "--arch", arch(cls), "--data", "digits",
+                                   "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    again = load_model(tmp_path / "c" / "model.esq", arch=arch(cls))
+    torch.testing.assert_close(logits(again.model), logits(model), rtol=1e-5, atol=1e-5)
