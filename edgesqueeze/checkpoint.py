@@ -726,7 +726,8 @@ def _unpickle(path: Path, arch: str | None = None) -> Any:
     """``torch.load`` with ``weights_only=False`` (the user said they trust the file); a class
     that cannot be found is one line naming it, not a traceback. A model pickled from a script
     names its class ``__main__.Net``, which no other program has: ``arch``
-    (``--arch mypkg.nets:Net``) says where that class is now."""
+    (``--arch mypkg.nets:Net``) says where that class is now; so it does for a class whose
+    module (``nets.Net``, pickled beside ``nets.py``) cannot be imported here."""
     import types
 
     from edgesqueeze.models.imports import cwd_importable, is_import_spec, resolve
@@ -737,9 +738,15 @@ def _unpickle(path: Path, arch: str | None = None) -> Any:
 
         class _Relocating(pickle.Unpickler):
             def find_class(self, module, name):
-                if module == "__main__" and name == getattr(cls, "__name__", None):
+                ours = name == getattr(cls, "__name__", None)
+                if module == "__main__" and ours:
                     return cls
-                return super().find_class(module, name)
+                try:
+                    return super().find_class(module, name)
+                except (ModuleNotFoundError, AttributeError):
+                    if ours:  # pickled from a module not importable here (nets.Net, run elsewhere)
+                        return cls
+                    raise
 
         kwargs["pickle_module"] = types.SimpleNamespace(**{**vars(pickle), "Unpickler": _Relocating})
     try:
@@ -750,7 +757,7 @@ def _unpickle(path: Path, arch: str | None = None) -> Any:
         raise CheckpointError(f"{path}: the pickled model's class cannot be found ({_first_line(exc)}); "
                               "unpickling needs the code that defined it importable here"
                               + ("; it was pickled from a script (__main__): pass --arch path/to/script.py:Class"
-                                 if main else "")
+                                 if main else "; pass --arch path/to/file.py:Class to say where that class is")
                               + ". Better: save model.state_dict() and pass --arch package.module:Class") from None
     except Exception as exc:  # noqa: BLE001 - unpickling can raise anything
         raise CheckpointError(f"{path}: cannot unpickle ({_first_line(exc)})") from None

@@ -396,6 +396,24 @@ if __name__ == "__main__":
     assert json.loads(res.stdout)["n"] == 20
 
 
+def test_a_model_pickled_from_a_module_not_importable_here_loads_with_arch_naming_its_file(tmp_path):
+    """``nets.Net`` pickled beside ``nets.py`` and read from another folder: ``--arch
+    path/to/nets.py:Net`` was ignored (only ``__main__`` classes were relocated)."""
+    import subprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "nets.py").write_text(MODULE.replace('Path(__file__).with_name("imported").touch()', ""))
+    subprocess.run([sys.executable, "-c", "import torch, nets; torch.manual_seed(0); torch.save(nets.Net(), 'whole.pt')"],
+                   cwd=src, check=True)
+    one_error(cli_run("eval", src / "whole.pt", "--trust-pickle", "--data", "digits", cwd=tmp_path),
+              "No module named 'nets'", "--arch path/to/file.py:Class")
+    res = cli_run("eval", src / "whole.pt", "--trust-pickle", "--arch", f"{src / 'nets.py'}:Net", "--data", "digits",
+                  "--limit", "20", "--json", cwd=tmp_path)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n"] == 20
+
+
 def test_a_run_that_does_not_prune_says_an_old_pruned_pt_is_not_its_own(tmp_path):
     path = tmp_path / "small.pt"
     torch.jit.save(torch.jit.script(Small().eval()), str(path))
