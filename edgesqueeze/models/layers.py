@@ -20,6 +20,9 @@ __all__ = ["KEEP_ATTR", "check_layer_names", "conv_input_padded", "is_depthwise"
 KEEP_ATTR = "_edgesqueeze_keep"  # set on a layer compression must leave alone (compress.keep_layers)
 
 
+_NORMS = {"WeightNorm", "SpectralNorm"}  # torch.nn.utils.parametrizations' _WeightNorm, _SpectralNorm
+
+
 def weight_transforms(model: nn.Module) -> list[str]:
     """The layers whose weight is computed by weight_norm or spectral_norm (the
     ``torch.nn.utils.parametrizations`` ones, or the older hook-based ``torch.nn.utils``
@@ -31,9 +34,10 @@ def weight_transforms(model: nn.Module) -> list[str]:
 
     found = []
     for name, mod in model.named_modules():
-        if parametrize.is_parametrized(mod):
+        if parametrize.is_parametrized(mod):  # only these two: weight sharing parametrizes weights too
             kinds = {type(p).__name__.lstrip("_") for plist in mod.parametrizations.values() for p in plist}
-            found.append(f"{name or type(mod).__name__} ({', '.join(sorted(kinds))})")
+            if kinds & _NORMS:
+                found.append(f"{name or type(mod).__name__} ({', '.join(sorted(kinds & _NORMS))})")
         hooks = [h for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
         if hooks:
             found.append(f"{name or type(mod).__name__} ({', '.join(type(h).__name__ for h in hooks)})")
@@ -57,9 +61,10 @@ def plain_weights(model: nn.Module) -> list[str]:
     for mod in model.modules():
         names = []
         if parametrize.is_parametrized(mod):
-            for tensor_name in list(mod.parametrizations.keys()):
-                parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=True)
-                names.append(tensor_name)
+            for tensor_name, plist in list(mod.parametrizations.items()):
+                if {type(p).__name__.lstrip("_") for p in plist} & _NORMS:
+                    parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=True)
+                    names.append(tensor_name)
         for hook in [h for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]:
             (remove_weight_norm if isinstance(hook, WeightNorm) else remove_spectral_norm)(mod, hook.name)
             names.append(hook.name)
