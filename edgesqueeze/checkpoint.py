@@ -41,6 +41,7 @@ from torch import nn
 from edgesqueeze._io import write_bytes_atomic
 from edgesqueeze.errors import CheckpointError, FormatError, ModelError, Note
 from edgesqueeze.format import codec, container
+from edgesqueeze.runtime._base import not_torch_file  # noqa: F401 - torch-free, for the CLI's early check
 
 FORMAT = "edgesqueeze.checkpoint"
 TRAIN_STATE_FORMAT = "edgesqueeze.train_state"
@@ -669,27 +670,6 @@ def _unwrap_state_dict(obj: Any) -> Any:
     return obj
 
 
-def not_torch_file(path: Path, head: bytes) -> None:
-    """Refuse (CheckpointError) a file whose first bytes are not a PyTorch zip, a legacy
-    ``torch.save`` pickle or an ``.esq``, saying what it looks like instead: unpickling
-    advice for an ONNX file would be wrong, and torch's own errors for one are tracebacks."""
-    from edgesqueeze.runtime._base import _looks_like_onnx, sniff
-
-    what = sniff(head)
-    if what in ("zip", "pickle", "esq"):
-        return
-    if what == "empty":
-        raise CheckpointError(f"{path}: empty file")
-    runs = "edgesqueeze inspect, verify, run and bench read it; this command takes a PyTorch model"
-    hint = {"tflite": f"it is a TFLite model ({runs})",
-            "hdf5": "it is an HDF5 file (a Keras model?); edgesqueeze reads PyTorch models"}.get(what)
-    if hint is None:
-        hint = (f"it looks like an ONNX model ({runs})" if _looks_like_onnx(head)
-                else "it has no zip or pickle header; expected a torch.save checkpoint or state_dict, a "
-                     "TorchScript archive, a torch.export .pt2 or an .esq")
-    raise CheckpointError(f"{path}: not a PyTorch model file: {hint}")
-
-
 def _load_program(path: Path, kind: str, *, trust_pickle: bool = False) -> tuple[nn.Module, Any]:
     """A TorchScript archive or a ``torch.export`` program: ``(module ready to run in eval
     mode, the ScriptModule or ExportedProgram itself)``. A program that would unpickle Python
@@ -830,15 +810,12 @@ def esq_dumps(state_dict: dict[str, torch.Tensor], meta: dict, **kwargs: Any) ->
 def esq_loads(data: bytes, *, source: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors (bit-exact) and metadata of ``.esq`` bytes; ``source`` (the file) starts
     every error. A packed ``.onnx.esq`` / ``.tflite.esq`` is refused with what reads it."""
-    from edgesqueeze.format.packed import PACKED_KEY, is_packed
+    from edgesqueeze.format.packed import PACKED_KEY, is_packed, not_a_model_archive
 
     try:
         archive = container.loads(data)
         if is_packed(archive):
-            packed = archive.meta[PACKED_KEY]
-            raise FormatError(f"a packed {packed.get('format', '?')} file ({packed.get('name', '?')}), not a model "
-                              "archive: run, verify, bench and inspect read it as it is, and 'edgesqueeze unpack' "
-                              "writes the plain file")
+            raise FormatError(not_a_model_archive(archive.meta[PACKED_KEY]))
         arrays = codec.decode_sections(archive)
     except FormatError as exc:
         raise FormatError(f"{source}: {exc}" if source else str(exc)) from None

@@ -362,7 +362,7 @@ def fit(
     if not distributed.launched():  # one process: at once (under torchrun every rank must agree: below)
         lock_output_folder(out, "edgesqueeze train")  # a run going on in it is not "a previous run"
         _no_previous_run(None, out, resume or overwrite)
-    from edgesqueeze.runtime._base import max_threads
+    from edgesqueeze._limits import max_threads
 
     if cfg.threads > max_threads():  # 1000 threads on 2 cores trained 80x slower, without a word
         raise EdgesqueezeError(f"train.threads {cfg.threads} on a machine with {os.cpu_count()} cores; give at most "

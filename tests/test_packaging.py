@@ -151,3 +151,63 @@ def test_bench_on_a_device_refuses_a_pt_file_before_timing_the_others(onnx_model
                        capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "needs the Python package 'torch'" in r.stderr and "timing cold loads" not in r.stderr, r.stderr
+
+
+_VERIFY = r"""
+import sys
+for m in ("torch", "torchvision", "sklearn", "matplotlib", "tqdm", "litert_torch", "onnx", "scipy"):
+    sys.modules[m] = None  # the runtime install has none of these
+from edgesqueeze.cli import main
+sys.argv = ["edgesqueeze", "verify", sys.argv[1], "--data", "digits", "--out", sys.argv[2]]
+main()
+"""
+
+
+def test_verify_on_a_device_says_what_it_needs_before_removing_the_earlier_report(onnx_models, tmp_path):
+    """On the runtime install verify removed verify.json, verify.md and both plots, then
+    stopped with "needs torch" (device-install audit, session 37)."""
+    earlier = {name: f"the earlier {name}" for name in
+               ("verify.json", "verify.md", "size_by_format.png", "accuracy_vs_size.png")}
+    for name, text in earlier.items():
+        (tmp_path / name).write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _VERIFY, str(onnx_models["fp32"]), str(tmp_path / "verify.json")],
+                       capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
+    assert r.returncode == 2 and "needs the Python package 'torch'" in r.stderr, (r.stdout, r.stderr)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == earlier
+
+
+_INFO = r"""
+import sys
+for m in ("torch", "torchvision", "sklearn", "matplotlib", "tqdm", "litert_torch", "onnx", "scipy"):
+    sys.modules[m] = None  # the runtime install has none of these
+from edgesqueeze.cli import main
+sys.argv = ["edgesqueeze", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("command", ["info", "eval"])
+def test_info_and_eval_on_a_device_name_inspect_for_an_exported_file(onnx_models, tmp_path, command):
+    """They said to install the training stack ('needs torch'); the toolchain says what reads the file."""
+    from edgesqueeze.export.packed import pack_file
+
+    packed, _ = pack_file(onnx_models["fp32"], tmp_path / "tiny.onnx.esq", fmt="onnx")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for path, says in ((onnx_models["fp32"], "not a PyTorch model file: it looks like an ONNX model (edgesqueeze "
+                                             "inspect, verify, run and bench read it"),
+                       (packed, "a packed onnx file (tiny.onnx), not a model archive: run, verify, bench and inspect")):
+        r = subprocess.run([sys.executable, "-c", _INFO, command, str(path)], capture_output=True, text=True, env=env,
+                           cwd=str(ROOT), timeout=300)
+        assert r.returncode == 2 and says in r.stderr and "needs the Python package" not in r.stderr, r.stderr
+
+
+def test_the_cli_imports_no_numpy_or_runtime_until_a_command_needs_them():
+    """`edgesqueeze --help` and `--version` spent 44 ms of their 89 importing numpy and the
+    runtime package for the --threads option's limit; check imported xml.sax (12 ms) for
+    JUnit it was not asked to write (device-install audit, session 37)."""
+    code = ("import sys, edgesqueeze.cli, edgesqueeze.budget; "
+            "print(sorted(m for m in ('numpy', 'edgesqueeze.runtime', 'xml.sax.saxutils', 'torch') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)

@@ -243,6 +243,9 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     from edgesqueeze._io import lock_output_folder, remove_earlier_outputs, remove_stale_temps
 
+    import edgesqueeze.data  # noqa: F401 - it reads datasets: a device install (no torch) stops here, not after
+    # removing the earlier report below (verify.json, verify.md and the plots were lost, then "needs torch")
+
     lock_output_folder(out.parent, "edgesqueeze verify", report=out.name)  # another run's are not this one's to remove
     # an earlier run's report, markdown and plots, none of them an input (checked above): a run
     # interrupted (or stopped by a full disk) after its JSON left them beside it, as this run's

@@ -92,6 +92,7 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
       edgesqueeze eval artifacts/squeezenet-mnist/model.pt
       edgesqueeze eval squeezenet1_0.pt --arch squeezenet1_0 --data imagenet-sample
     """
+    _no_torch_model_said_early(model_path)
     from edgesqueeze.evaluation import evaluate_file
 
     data = model_opts.section("data")
@@ -148,6 +149,31 @@ def _human_count(n: int) -> str:
     return str(n)
 
 
+def _no_torch_model_said_early(path: Path) -> None:
+    """An exported (.onnx, .tflite) or packed file given to eval or info, refused as the model
+    loader refuses it but before torch is imported: on a device install (no torch) the
+    error said to install the training stack instead of naming inspect."""
+    from edgesqueeze.runtime._base import not_torch_file, sniff
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return  # the loader says why
+    not_torch_file(path, head)
+    if sniff(head) == "esq":
+        from edgesqueeze.errors import FormatError
+        from edgesqueeze.format import container
+        from edgesqueeze.format.packed import PACKED_KEY, is_packed, not_a_model_archive
+
+        try:
+            archive = container.read_esq(path)
+        except FormatError:
+            return  # the loader says what is wrong with it
+        if is_packed(archive):
+            raise FormatError(f"{path}: {not_a_model_archive(archive.meta[PACKED_KEY])}")
+
+
 @cli.command()
 @click.argument("model_path", type=PathType(dir_okay=False, path_type=Path))
 @model_options
@@ -161,6 +187,7 @@ def info(model_path, model_opts, as_json):
       edgesqueeze info artifacts/squeezenet-digits/model.pt
       edgesqueeze info squeezenet1_0.pt --arch squeezenet1_0
     """
+    _no_torch_model_said_early(model_path)
     from edgesqueeze.evaluation import describe_file
 
     desc = describe_file(model_path, **model_opts.load_kwargs())

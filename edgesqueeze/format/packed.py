@@ -59,6 +59,12 @@ __all__ = ["PACKED_KEY", "SKELETON", "PackedTensor", "pack", "unpack", "restore"
            "is_packed", "packed_info", "layout", "space_to_depth", "space_to_depth_shape"]
 
 PACKED_KEY = "packed"  # meta key of a packed archive
+
+
+def not_a_model_archive(packed: dict) -> str:
+    """What to say of a packed file given where a model archive (or PyTorch model) is read."""
+    return (f"a packed {packed.get('format', '?')} file ({packed.get('name', '?')}), not a model archive: run, "
+            "verify, bench and inspect read it as it is, and 'edgesqueeze unpack' writes the plain file")
 SKELETON = "skeleton"
 PRODUCT = "product"  # a section's enc: float32 values the decoder multiplies out
 TENSOR, REQUANT, SCALES = "tensor", "requant", "scales"  # the other kinds of span restore() fills

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesqueeze.errors import DataError, EdgesqueezeError, FormatError, RuntimeBackendError
+from edgesqueeze.errors import CheckpointError, DataError, EdgesqueezeError, FormatError, RuntimeBackendError
 from edgesqueeze.format.container import MAGIC as ESQ_MAGIC
 
 __all__ = ["Artifact", "InputSpec", "classify", "sniff", "softmax", "topk"]
@@ -45,10 +45,7 @@ META_FORMAT = "edgesqueeze.artifact"
 _SNIFF_BYTES = 64
 
 
-def max_threads() -> int:
-    """The most runtime threads accepted: 8 per core, at least 64. Far more than that is a
-    typo, and onnxruntime makes every thread asked for (100,000 took 16 GB and never finished)."""
-    return max(64, 8 * (os.cpu_count() or 1))
+from edgesqueeze._limits import max_threads  # noqa: E402,F401 - where the CLI reads it without numpy
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -504,3 +501,22 @@ def topk(scores: np.ndarray, k: int = 5, classes: list[str] | None = None, *,
     order = np.argsort(-p, kind="stable")[:k]
     return [(int(i), str(classes[i]) if classes is not None else str(int(i)), float(p[i]))
             for i in order]
+
+
+def not_torch_file(path: Path, head: bytes) -> None:
+    """Refuse (CheckpointError) a file whose first bytes are not a PyTorch zip, a legacy
+    ``torch.save`` pickle or an ``.esq``, saying what it looks like instead: unpickling
+    advice for an ONNX file would be wrong, and torch's own errors for one are tracebacks."""
+    what = sniff(head)
+    if what in ("zip", "pickle", "esq"):
+        return
+    if what == "empty":
+        raise CheckpointError(f"{path}: empty file")
+    runs = "edgesqueeze inspect, verify, run and bench read it; this command takes a PyTorch model"
+    hint = {"tflite": f"it is a TFLite model ({runs})",
+            "hdf5": "it is an HDF5 file (a Keras model?); edgesqueeze reads PyTorch models"}.get(what)
+    if hint is None:
+        hint = (f"it looks like an ONNX model ({runs})" if _looks_like_onnx(head)
+                else "it has no zip or pickle header; expected a torch.save checkpoint or state_dict, a "
+                     "TorchScript archive, a torch.export .pt2 or an .esq")
+    raise CheckpointError(f"{path}: not a PyTorch model file: {hint}")
