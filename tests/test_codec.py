@@ -292,7 +292,14 @@ def _rebuild(data: bytes, edit) -> bytes:
     return container.dumps(arc.meta, sections)
 
 
+def _ks_without_axis(sections) -> None:
+    """Two bytes of per-slice codebook sizes in a section without an axis (sizes add up)."""
+    name, blob, info = sections[0]
+    sections[0] = (name, b"\0\0" + blob, {**info, "sizes": [2, *info["sizes"][1:]]})
+
+
 @pytest.mark.parametrize("edit, message", [
+    (_ks_without_axis, "2 bytes of codebook sizes without an axis"),  # read by no one: a C reader refused it
     (lambda s: s[0][2].update(enc="magic"), "unknown encoding"),
     (lambda s: s[0][2].update(k=10**9), "field 'k'"),
     (lambda s: s[0][2].update(shape=[-1, 3]), "bad shape"),

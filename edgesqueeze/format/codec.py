@@ -539,6 +539,8 @@ def decode_coded(archive: container.Archive) -> dict[str, np.ndarray | Coded]:
         off = list(itertools.accumulate(sizes, initial=0))
         view = memoryview(blob)  # slices without copies
         if axis is None:
+            if sizes[0]:  # no slices, no codebook sizes: bytes there would be read by no one
+                raise FormatError(f"section {name}: {sizes[0]} bytes of codebook sizes without an axis")
             ks = None  # one codebook of k values
             alphabet = max(1, k)
         else:
