@@ -387,3 +387,42 @@ def test_an_interrupted_reexport_leaves_none_of_the_earlier_exports_files(shared
     assert {n: (tmp_path / n).read_bytes() for n in names[:2]} == {n: earlier[n] for n in names[:2]}  # the new ones
     assert any("held an earlier export's shared.onnx, shared.onnx.esq, shared.tflite, shared.tflite.esq: removed"
                in m for m in logs), logs
+
+
+@pytest.fixture(scope="module")
+def c_decoder(tmp_path_factory):
+    """tools/esq-decoder-c built, or a skip where no C compiler with zlib and liblzma headers is
+    found (Debian: apt-get install zlib1g-dev liblzma-dev)."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler: tools/esq-decoder-c is not built")
+    src = Path(__file__).resolve().parents[1] / "tools" / "esq-decoder-c"
+    exe = tmp_path_factory.mktemp("cdec") / "esqdecode"
+    r = subprocess.run([cc, "-std=c11", "-O2", "-o", str(exe), *(str(src / f) for f in ("esqdecode.c", "json.c",
+                        "sha256.c")), "-lz", "-llzma", "-lm"], capture_output=True, text=True)
+    if r.returncode != 0 and ("zlib.h" in r.stderr or "lzma.h" in r.stderr or "cannot find -l" in r.stderr):
+        pytest.skip(f"zlib or liblzma headers missing (apt-get install zlib1g-dev liblzma-dev): {r.stderr[:200]}")
+    assert r.returncode == 0, r.stderr  # any other compile error is the decoder's own
+    return exe
+
+
+def test_the_c_decoder_written_from_format_md_gives_every_packed_file_back(exported, c_decoder, tmp_path):
+    """tools/esq-decoder-c (C11, from docs/FORMAT.md alone) decodes each packed export to the
+    plain file's exact bytes, and refuses a truncated, a padded and a bit-flipped copy with exit 2."""
+    out, written, _ = exported
+    packed = [p for p in written if p.suffix == ".esq"]
+    assert len(packed) == 4
+    for p in packed:
+        r = subprocess.run([str(c_decoder), str(p), str(tmp_path / "out")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "out").read_bytes() == p.with_suffix("").read_bytes(), p.name
+        data = p.read_bytes()
+        for name, bad in (("cut", data[:-7]), ("padded", data + b"\0"),
+                          ("flipped", data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 4]) + data[len(data) // 2 + 1:])):
+            (tmp_path / name).write_bytes(bad)
+            r = subprocess.run([str(c_decoder), str(tmp_path / name), str(tmp_path / "bad")], capture_output=True,
+                               text=True)
+            assert r.returncode == 2 and r.stderr.startswith("FormatError: "), (p.name, name, r.stderr)
+            assert not (tmp_path / "bad").exists()
