@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from edgesqueeze.config.budget import ARTIFACT_FORMATS, Budget, format_size
@@ -304,3 +305,33 @@ def artifacts_markdown(rows: list[dict[str, Any]]) -> str:
                      f"{_pct(r.get('accuracy'))} | {_pct(r.get('agreement'))} | {lat} |"
                      + (f" {r['arena_bytes']:,} |" if r.get("arena_bytes") else " - |" if arena else ""))
     return "\n".join(lines) + "\n"
+
+
+def rows_from_report(path: str | Path) -> list[dict[str, Any]]:
+    """Artifact rows from a report.json: a ``verify`` report, or a ``compress`` report."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: not a JSON report ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: not an edgesqueeze report (JSON nested too deeply to read)") from None
+    if not isinstance(report, dict):
+        raise FormatError(f"{path}: not an edgesqueeze report (expected a JSON object)")
+    if isinstance(report.get("artifacts"), list):
+        rows = report["artifacts"]
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or "path" not in row or "format" not in row:
+                raise FormatError(f"{path}: artifacts[{i}] is not an artifact row (needs path and format)")
+        return rows
+    if "totals" in report and "test" in report:  # a compress report: one .esq row
+        t, test = report["totals"], report["test"]
+        esq = Path(report.get("esq", "model.esq"))
+        return [{"path": str(esq), "format": "esq", "runtime": "edgesqueeze .esq decoder + pytorch",
+                 "bytes": t.get("esq_bytes"), "gzip_bytes": None, "n": test["after"].get("n"),
+                 "accuracy": test["after"].get("accuracy"), "agreement": test.get("agreement"),
+                 "reference_accuracy": test["before"].get("accuracy"), "decode_check": True,
+                 "latency_ms": None, "error": None}]
+    raise FormatError(f"{path}: not an edgesqueeze report (no 'artifacts' list, no compress totals)")

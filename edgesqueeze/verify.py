@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgesqueeze.budget import rows_from_report  # noqa: F401 - its home is numpy-free, for check
 from edgesqueeze.errors import DataError, EdgesqueezeError, FormatError
 
 Log = Callable[[str], None]
@@ -407,31 +408,3 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
     return out
 
 
-def rows_from_report(path: str | Path) -> list[dict[str, Any]]:
-    """Artifact rows from a report.json: a ``verify`` report, or a ``compress`` report."""
-    path = Path(path)
-    try:
-        report = json.loads(path.read_text())
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not a JSON report ({exc})") from None
-    except RecursionError:
-        raise FormatError(f"{path}: not an edgesqueeze report (JSON nested too deeply to read)") from None
-    if not isinstance(report, dict):
-        raise FormatError(f"{path}: not an edgesqueeze report (expected a JSON object)")
-    if isinstance(report.get("artifacts"), list):
-        rows = report["artifacts"]
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict) or "path" not in row or "format" not in row:
-                raise FormatError(f"{path}: artifacts[{i}] is not an artifact row (needs path and format)")
-        return rows
-    if "totals" in report and "test" in report:  # a compress report: one .esq row
-        t, test = report["totals"], report["test"]
-        esq = Path(report.get("esq", "model.esq"))
-        return [{"path": str(esq), "format": "esq", "runtime": "edgesqueeze .esq decoder + pytorch",
-                 "bytes": t.get("esq_bytes"), "gzip_bytes": None, "n": test["after"].get("n"),
-                 "accuracy": test["after"].get("accuracy"), "agreement": test.get("agreement"),
-                 "reference_accuracy": test["before"].get("accuracy"), "decode_check": True,
-                 "latency_ms": None, "error": None}]
-    raise FormatError(f"{path}: not an edgesqueeze report (no 'artifacts' list, no compress totals)")

@@ -211,3 +211,19 @@ def test_the_cli_imports_no_numpy_or_runtime_until_a_command_needs_them():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
+def test_check_of_a_report_imports_no_numpy(tmp_path):
+    """check reads JSON and compares numbers: it imported numpy (44 ms) through verify."""
+    import json
+
+    rows = [{"path": "m.onnx", "format": "onnx-int8", "bytes": 10_000, "accuracy": 0.99, "agreement": 1.0,
+             "reference_accuracy": 0.99, "n": 359, "error": None}]
+    (tmp_path / "verify.json").write_text(json.dumps({"artifacts": rows}))
+    code = ("import sys, atexit; atexit.register(lambda: print('NUMPY', 'numpy' in sys.modules)); "
+            "from edgesqueeze.cli import main; sys.argv = ['edgesqueeze', 'check', sys.argv[1], '--min-accuracy', "
+            "'0.9', '--junit', sys.argv[2]]; main()")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "verify.json"), str(tmp_path / "gate.xml")],
+                       capture_output=True, text=True, cwd=str(ROOT), timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "PASS" in r.stdout and "NUMPY False" in r.stdout, (r.stdout, r.stderr)

@@ -56,9 +56,8 @@ def _report_rows(path: Path, dataset: str | None = None, recipe: Path | None = N
     a report that has no artifacts, or one whose fields are missing, mistyped or out of range,
     is bad input (exit 2, the file, row and field named), never a pass nor a traceback.
     ``dataset``: the recipe's (``recipe``), which the report must have been measured on."""
-    from edgesqueeze.budget import validate_rows
+    from edgesqueeze.budget import rows_from_report, validate_rows  # numpy-free: check imports no numpy
     from edgesqueeze.errors import FormatError
-    from edgesqueeze.verify import rows_from_report
 
     try:
         raw = json.loads(path.read_text())
@@ -310,7 +309,6 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     from edgesqueeze._io import check_writable, is_stdout, write_text_output
     from edgesqueeze.budget import (check as run_check, exit_code, unmatched_formats, verdicts_json,
                                     verdicts_junit, verdicts_markdown, verdicts_table)
-    from edgesqueeze.verify import evaluate_artifacts
 
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     if budget.is_empty():
@@ -344,6 +342,8 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         else:
             files.append(p)
     if files:
+        from edgesqueeze.verify import evaluate_artifacts  # numpy and the runtimes: only for files to measure
+
         report = evaluate_artifacts(files, dataset=dataset, data_dir=data_dir or model_opts.data_dir,
                                     reference=reference, limit=limit, log=lambda m: click.echo(m, err=True), **model_opts.load_kwargs())
         rows.extend(report["artifacts"])
