@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,8 +68,8 @@ def test_value_tables_are_what_the_shared_filters_hold(micro):
     info = meta["micro"]
     assert info["compressed"] >= 1 and info["coded_weight_bytes"] < info["weight_bytes"]
     # the report, recomputed from the plain file's filters: 16 centroids and zero a layer need
-    # 5-bit indices; a table pays off where indices, table and DECODE operator (~64 B) are
-    # smaller than the int8 tensor
+    # 5-bit indices; a table pays off where indices, table and DECODE operator (~256 B: 220-290
+    # measured; 64 was assumed until session 37) are smaller than the int8 tensor
     graph = model_editor.read(plain.read_bytes()).subgraphs[0]
     filters = [np.asarray(t.array) for t in graph.tensors
                if t.buffer is not None and np.asarray(t.array).dtype == np.int8 and np.asarray(t.array).ndim == 4]
@@ -77,13 +78,16 @@ def test_value_tables_are_what_the_shared_filters_hold(micro):
         distinct = np.unique(arr).size
         assert distinct <= 17
         size = math.ceil(arr.size * max(1, math.ceil(math.log2(distinct))) / 8)
-        worth = size + distinct + 64 < arr.size
+        worth = size + distinct + 256 < arr.size
         coded += size if worth else arr.size
         done += worth
     assert (info["filters"], info["compressed"]) == (len(filters), done)
     assert info["weight_bytes"] == sum(a.size for a in filters) and info["coded_weight_bytes"] == coded
     line = next(m for m in micro[1] if "TFLite Micro value tables" in m)
     assert f"on {done} of {len(filters)} int8 filters" in line
+    # the whole files and their arenas, as TFLite Micro allocates them (RAM the DECODE operators use)
+    assert f"flash {plain.stat().st_size:,} -> {small.stat().st_size:,} B against the tflite-int8 file" in line
+    assert re.search(r"arena \(RAM\) [\d,]+ -> [\d,]+ B", line), line
 
 
 def test_micro_interpreter_runs_it_exactly_as_the_plain_file(micro, digits, shared_pt):
@@ -153,6 +157,21 @@ def test_a_model_without_sharing_gets_no_micro_file(trained, tmp_path):
     with pytest.raises(ExportError, match="no int8 filter is worth a TFLite Micro value table"):
         export_artifacts(path, ExportConfig(formats=("tflite-micro",)), tmp_path / "out", log=lambda _m: None)
     assert not (tmp_path / "out" / "dense.int8.micro.tflite").exists()
+
+
+def test_a_micro_file_no_smaller_than_the_plain_one_is_refused(shared_pt, tmp_path, monkeypatch):
+    """Value tables on filters too small to pay for their DECODE operators made a file larger
+    than the tflite-int8 one, written with exit 0 and a logged saving (micro audit, session 37):
+    with the per-filter estimate made to take every filter, the whole-file check refuses it."""
+    import edgesqueeze.export.tflm as tflm
+
+    monkeypatch.setattr(tflm, "_DECODE_BYTES", -10**9)  # every filter "worth" a table, however small
+    # per-channel int8 scales: a table per output channel, which costs more than 5-bit indices save
+    config = ExportConfig(formats=("tflite-micro",), int8_weights="per-channel")
+    with pytest.raises(ExportError, match=r"value tables do not pay off for this model: [\d,]+ B against the "
+                                          r"tflite-int8 file's [\d,]+ B"):
+        export_artifacts(shared_pt, config, tmp_path / "out", log=lambda _m: None)
+    assert not (tmp_path / "out" / "shared.int8.micro.tflite").exists()
 
 
 @pytest.mark.slow

@@ -383,13 +383,37 @@ def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: 
                                 device=device, s2d_stem=s2d_stem, float_for="tflite-micro")
             data = tmp_path.read_bytes()
     out, rep = micro_compress(data, what=str(path))
+    if len(out) >= len(data):  # the tables and DECODE operators cost more than the indices save
+        from edgesqueeze.errors import ExportError
+
+        raise ExportError(f"{path}: TFLite Micro value tables do not pay off for this model: {len(out):,} B against "
+                          f"the tflite-int8 file's {len(data):,} B (each coded filter adds a DECODE operator, about "
+                          "256 B); ship the tflite-int8 file")
     write_bytes_atomic(path, out)  # sealed by micro_compress: its own CRC-32
     kept = [r for r in rep["rows"] if not r["index_bits"]]
     widths = ", ".join(f"{b}-bit" for b in sorted({r["index_bits"] for r in rep["rows"] if r["index_bits"]}))
+    arenas = _micro_arenas(path, data, out)
     log(f"{path}: TFLite Micro value tables on {rep['compressed']} of {rep['filters']} int8 filters "
-        f"({widths} indices): "
-        f"{rep['weight_bytes']:,} -> {rep['coded_weight_bytes']:,} filter bytes"
+        f"({widths} indices): flash {len(data):,} -> {len(out):,} B against the tflite-int8 file"
+        + (f", arena (RAM) {arenas[0]:,} -> {arenas[1]:,} B" if arenas else "")
         + (f"; {len(kept)} kept as int8 ({_why_kept(kept)})" if kept else ""))
+    if arenas and arenas[1] - arenas[0] > len(data) - len(out):
+        log(f"note: {path.name} saves {len(data) - len(out):,} B of flash but needs {arenas[1] - arenas[0]:,} B more "
+            "RAM: TFLite Micro's DECODE operators expand the coded filters into the arena; where RAM is shorter "
+            "than flash, ship the tflite-int8 file")
+
+
+def _micro_arenas(path: Path, plain: bytes, micro: bytes) -> tuple[int, int] | None:
+    """The arena TensorFlow Lite Micro allocates for the plain int8 file and for the compressed
+    one (one inference each on zeros), or None where its interpreter cannot say."""
+    from edgesqueeze.errors import EdgesqueezeError
+    from edgesqueeze.runtime._tflm import MicroArtifact
+
+    try:
+        a, b = (MicroArtifact(path, data=d).arena_bytes for d in (plain, micro))
+    except EdgesqueezeError:
+        return None
+    return (a, b) if a is not None and b is not None else None
 
 
 def _why_kept(rows: list[dict]) -> str:
