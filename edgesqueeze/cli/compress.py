@@ -55,7 +55,8 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
           --data cifar10 -r recipes/squeezenet-cifar10.yaml
       # other weight sharing on the same pruned model, distilling from the original
       edgesqueeze compress out/pruned.pt -r recipes/squeezenet-cifar10.yaml --set compress.prune=null \\
-          --set compress.cluster.bits=5 --teacher model.pt --out out-5bit
+          --set compress.cluster.bits=5 --set 'compress.cluster_finetune.distill={}' --teacher model.pt \\
+          --out out-5bit
       # ImageNet SqueezeNet (plain state_dict, already pruned and shared): lossless, then 466 KB
       edgesqueeze compress ../shared/models/squeezenet1_0-imagenet.pt --arch squeezenet1_0 \\
           --data imagenet-sample --out runs/imagenet-lossless
