@@ -153,8 +153,11 @@ def _no_torch_model_said_early(path: Path) -> None:
     """An exported (.onnx, .tflite) or packed file given to eval or info, refused as the model
     loader refuses it but before torch is imported: on a device install (no torch) the
     error said to install the training stack instead of naming inspect."""
+    from edgesqueeze._io import not_a_file
     from edgesqueeze.runtime._base import not_torch_file, sniff
 
+    if not_a_file(path):  # a pipe (opening one with no writer waits forever), a folder: the loader says so
+        return
     try:
         with open(path, "rb") as fh:
             head = fh.read(64)
