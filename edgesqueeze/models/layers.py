@@ -23,24 +23,35 @@ KEEP_ATTR = "_edgesqueeze_keep"  # set on a layer compression must leave alone (
 _NORMS = {"WeightNorm", "SpectralNorm"}  # torch.nn.utils.parametrizations' _WeightNorm, _SpectralNorm
 
 
+def _norms_of(mod: nn.Module) -> tuple[dict[str, set[str]], list]:
+    """``mod``'s own weight_norm / spectral_norm: ``({tensor name: kinds}`` of its
+    parametrizations (only these two: weight sharing parametrizes weights too), its
+    hook-based ``WeightNorm`` / ``SpectralNorm`` forward pre-hooks)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    params = {}
+    if parametrize.is_parametrized(mod):
+        for tensor_name, plist in mod.parametrizations.items():
+            kinds = {type(p).__name__.lstrip("_") for p in plist} & _NORMS
+            if kinds:
+                params[tensor_name] = kinds
+    hooks = [h for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
+    return params, hooks
+
+
 def weight_transforms(model: nn.Module) -> list[str]:
     """The layers whose weight is computed by weight_norm or spectral_norm (the
     ``torch.nn.utils.parametrizations`` ones, or the older hook-based ``torch.nn.utils``
     ones), as ``name (kind)``: pruning, weight sharing, BatchNorm folding and export all
     work on a plain ``weight`` tensor."""
-    from torch.nn.utils import parametrize
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
     found = []
     for name, mod in model.named_modules():
-        if parametrize.is_parametrized(mod):  # only these two: weight sharing parametrizes weights too
-            kinds = {type(p).__name__.lstrip("_") for plist in mod.parametrizations.values() for p in plist}
-            if kinds & _NORMS:
-                found.append(f"{name or type(mod).__name__} ({', '.join(sorted(kinds & _NORMS))})")
-        hooks = [h for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
-        if hooks:
-            found.append(f"{name or type(mod).__name__} ({', '.join(type(h).__name__ for h in hooks)})")
+        params, hooks = _norms_of(mod)
+        kinds = sorted(set().union(*params.values())) + [type(h).__name__ for h in hooks]
+        if kinds:
+            found.append(f"{name or type(mod).__name__} ({', '.join(kinds)})")
     return found
 
 
@@ -50,7 +61,6 @@ def plain_weights(model: nn.Module) -> list[str]:
     run again: the stored estimate is what inference used); returns the layers changed. The
     model then computes what it computed, through ordinary ``weight`` parameters."""
     from torch.nn.utils import parametrize, remove_spectral_norm, remove_weight_norm
-    from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     changed = weight_transforms(model)
@@ -59,20 +69,17 @@ def plain_weights(model: nn.Module) -> list[str]:
     training = model.training
     model.eval()
     for mod in model.modules():
-        names = []
-        if parametrize.is_parametrized(mod):
-            for tensor_name, plist in list(mod.parametrizations.items()):
-                if {type(p).__name__.lstrip("_") for p in plist} & _NORMS:
-                    parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=True)
-                    names.append(tensor_name)
-        for hook in [h for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]:
+        params, hooks = _norms_of(mod)
+        for tensor_name in params:
+            parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=True)
+        for hook in hooks:
             (remove_weight_norm if isinstance(hook, WeightNorm) else remove_spectral_norm)(mod, hook.name)
-            names.append(hook.name)
+        names = [*params, *(h.name for h in hooks)]
         if names:  # spectral_norm's state_dict hooks, which remove_spectral_norm misses once torch wraps them:
             # the load hook left behind turned a plain weight into a missing weight_orig
-            for hooks in (mod._load_state_dict_pre_hooks, mod._state_dict_hooks):
-                for key in [k for k, h in hooks.items() if "SpectralNorm" in type(getattr(h, "hook", h)).__name__]:
-                    del hooks[key]
+            for table in (mod._load_state_dict_pre_hooks, mod._state_dict_hooks):
+                for key in [k for k, h in table.items() if "SpectralNorm" in type(getattr(h, "hook", h)).__name__]:
+                    del table[key]
         for tensor_name in names:  # a trainable parameter, whatever the removal left (a tensor for weight_norm's
             value = getattr(mod, tensor_name)  # two originals when computed without gradients)
             if not isinstance(value, nn.Parameter):
