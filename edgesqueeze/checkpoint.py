@@ -465,7 +465,7 @@ def _check_finite(model: nn.Module, source: str) -> None:
     failed its own way on one (eval scored 10% with a nan loss and exit 0, compress called its
     own round trip a bug or told to lower the lr, export wrote a model at chance with exit 0).
     Parameters and BatchNorm statistics only: a buffer may hold -inf on purpose (a mask)."""
-    tensors = [(n, t) for n, t in model.named_parameters()]
+    tensors = list(model.named_parameters())
     tensors += [(n, t) for n, t in model.named_buffers() if n.rsplit(".", 1)[-1] in ("running_mean", "running_var")]
     for name, t in tensors:
         if t.is_floating_point():
@@ -598,8 +598,7 @@ def _module_in(obj: Any) -> nn.Module | None:
     """The nn.Module a trusted pickle holds under one of the keys training scripts use
     (``{"model": module, "epoch": ...}``, YOLO's ``{"model": ..., "ema": ...}``), or None."""
     if isinstance(obj, dict):
-        return next((obj[k] for k in (*_STATE_DICT_KEYS, "ema", "model_ema") if isinstance(obj.get(k), nn.Module)),
-                    None)
+        return next((obj[k] for k in (*_STATE_DICT_KEYS, *_EMA_KEYS) if isinstance(obj.get(k), nn.Module)), None)
     return None
 
 
