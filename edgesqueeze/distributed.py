@@ -228,7 +228,10 @@ def barrier(group: Group) -> None:
         dist.barrier()
 
 
-_EXPLAINED = False  # this process has said why the run stopped
+# the error that says why this process stops (lost contact), from when it is made until the CLI
+# has printed it: torchrun's SIGTERM can arrive in between (the process group's teardown, the
+# exception's way up), and the handler then prints it, once, instead of exiting without a word
+_EXPLAINED: Exception | None = None
 
 
 def _go_on(out, then: str | None, states: tuple[str, ...] = ("last.pt",)) -> str:
@@ -255,12 +258,12 @@ def lost_contact(group: Group, exc: RuntimeError, out, then: str | None = None,
     import re
 
     global _EXPLAINED
-    _EXPLAINED = True  # torchrun's SIGTERM that follows needs no second line
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
     first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo: "[.../pair.cc:537] Read error ...: ..."
-    return DistributedError(
+    _EXPLAINED = DistributedError(
         f"rank {group.rank}: lost contact with the other processes of this {group.world}-process run ({first[:160]}); "
         f"one of them failed: fix the cause and {_go_on(out, then, states)}")
+    return _EXPLAINED  # torchrun's SIGTERM that follows needs no second line, but this one (stop, below)
 
 
 def explain_termination(group: Group, out, then: str | None = None, states: tuple[str, ...] = ("last.pt",)) -> None:
@@ -272,7 +275,9 @@ def explain_termination(group: Group, out, then: str | None = None, states: tupl
     import sys
 
     def stop(signum, frame):  # noqa: ARG001 - the signal handler's signature
-        if _EXPLAINED:
+        if _EXPLAINED is not None:
+            if not getattr(_EXPLAINED, "said", False):  # made, not printed yet: the CLI will not get to it
+                print(f"error: {_EXPLAINED}", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         print(f"error: rank {group.rank}: stopped by torchrun (another process of this {group.world}-process run "
               "failed, or the launch was interrupted); "

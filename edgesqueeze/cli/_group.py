@@ -151,6 +151,7 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except EdgesqueezeError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
+            exc.said = True  # a signal handler that would say it again (distributed.explain_termination) need not
             ctx.exit(exc.exit_code)
         except click.UsageError as exc:
             _usage_error(exc, f"{ctx.command_path} {name}" if name in self.commands else ctx.command_path)
