@@ -81,11 +81,15 @@ def test_device_commands_run_a_packed_model_without_the_training_stack(onnx_mode
     assert (tmp_path / "out.onnx").read_bytes() == onnx_models["fp32"].read_bytes()
 
 
-_GATE = r"""
+# the runtime install (`pip install .[runtime]`): none of these importable, PyYAML is there
+_RUNTIME_INSTALL = r"""
 import sys
 for m in ("torch", "torchvision", "sklearn", "matplotlib", "tqdm", "litert_torch", "onnx", "scipy"):
-    sys.modules[m] = None  # the runtime install has none of these (PyYAML it has)
+    sys.modules[m] = None
 from edgesqueeze.cli import main
+"""
+
+_GATE = _RUNTIME_INSTALL + r"""
 sys.argv = ["edgesqueeze", "check", sys.argv[1], "-r", sys.argv[2]]
 try:
     main()
@@ -153,11 +157,7 @@ def test_bench_on_a_device_refuses_a_pt_file_before_timing_the_others(onnx_model
     assert "needs the Python package 'torch'" in r.stderr and "timing cold loads" not in r.stderr, r.stderr
 
 
-_VERIFY = r"""
-import sys
-for m in ("torch", "torchvision", "sklearn", "matplotlib", "tqdm", "litert_torch", "onnx", "scipy"):
-    sys.modules[m] = None  # the runtime install has none of these
-from edgesqueeze.cli import main
+_VERIFY = _RUNTIME_INSTALL + r"""
 sys.argv = ["edgesqueeze", "verify", sys.argv[1], "--data", "digits", "--out", sys.argv[2]]
 main()
 """
@@ -177,11 +177,7 @@ def test_verify_on_a_device_says_what_it_needs_before_removing_the_earlier_repor
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == earlier
 
 
-_INFO = r"""
-import sys
-for m in ("torch", "torchvision", "sklearn", "matplotlib", "tqdm", "litert_torch", "onnx", "scipy"):
-    sys.modules[m] = None  # the runtime install has none of these
-from edgesqueeze.cli import main
+_INFO = _RUNTIME_INSTALL + r"""
 sys.argv = ["edgesqueeze", *sys.argv[1:]]
 main()
 """
