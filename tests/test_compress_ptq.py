@@ -188,6 +188,27 @@ def test_ptq_meets_the_budget_and_reports_agreement(plain_state_dict, lossless, 
         assert torch.unique(w[w != 0]).numel() <= 2 ** 6, name
 
 
+def test_a_target_out_of_reach_exits_1_and_keeps_the_archive(plain_state_dict, lossless, tmp_path):
+    """A target below what the smallest codebooks take is a size budget the recipe asked for
+    and did not get: exit 1 (as a broken budget), not 0 with a warning; the archive and its
+    report are still written and say so."""
+    lossless_bytes = json.loads((lossless[1] / "report.json").read_text())["totals"]["esq_bytes"]
+    target = lossless_bytes // 20  # below k = 2**min_bits everywhere
+    recipe = _arch_recipe(tmp_path, calibration={"images": 20, "split": "test"},
+                          ptq={"target_bytes": target, "min_bits": 4, "max_bits": 5, "levels_per_octave": 1,
+                               "max_iter": 10})
+    out = tmp_path / "out"
+    res = run("compress", plain_state_dict, "-r", recipe, "--out", out, "--no-progress")
+    assert res.exit_code == 1, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error:") and f"over compress.ptq.target_bytes ({target:,} B)" in last, res.output
+    assert "min_bits" in last
+    report = json.loads((out / "report.json").read_text())
+    assert report["ptq"]["within_target"] is False
+    assert (out / "model.esq").stat().st_size == report["totals"]["esq_bytes"] > target
+    assert "NOT met" in (out / "report.md").read_text()
+
+
 def test_bad_inputs_exit_2_with_one_line(plain_state_dict, tmp_path):
     def one_error_line(res, text):
         assert res.exit_code == 2, res.output

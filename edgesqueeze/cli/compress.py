@@ -40,6 +40,7 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
                        centroids, Huffman coding
       ptq              post-training, no training data: re-cluster an already pruned model
                        to compress.ptq.target_bytes from calibration images only, zeros kept
+                       (a target it cannot reach exits 1, the archive written)
       (none, or no -r) lossless re-encoding: existing zeros and codebooks kept, weights
                        bit-identical to the source
     Every run checks that the archive decodes to exactly the weights it measured, and writes
@@ -98,6 +99,16 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
 
     click.echo(size_table(result.report))
     click.echo(f"outputs: {result.out_dir}/ (model.esq, report.md, report.json, accuracy_vs_size.png)")
+    ptq = result.report.get("ptq") or {}
+    if ptq.get("within_target") is False:  # a size the recipe asked for and did not get: exit 1
+        from edgesqueeze.errors import BudgetError
+
+        uniform = (ptq.get("config") or {}).get("allocation") == "uniform"
+        why = ("with compress.ptq.allocation: uniform, which gives every layer compress.ptq.bits; lower the bits"
+               if uniform else "even with every layer at its smallest codebook; lower compress.ptq.min_bits")
+        raise BudgetError(f"{result.out_dir / 'model.esq'}: {result.report['totals']['esq_bytes']:,} B is over "
+                          f"compress.ptq.target_bytes ({ptq['target_bytes']:,} B) {why}, prune more before ptq, "
+                          "or raise the target. The archive and its report are written")
 
 
 @cli.command()
