@@ -7,6 +7,7 @@ has the report, and the device runtime may gate its own measurements.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ from typing import Any, Mapping
 from edgesqueeze.config.budget import ARTIFACT_FORMATS, Budget, format_size
 from edgesqueeze.errors import FormatError
 
-__all__ = ["Verdict", "check", "unmatched_formats", "validate_rows", "verdicts_table", "verdicts_json", "verdicts_junit", "verdicts_markdown",
+__all__ = ["Verdict", "check", "changed_files", "unmatched_formats", "validate_rows", "verdicts_table", "verdicts_json", "verdicts_junit", "verdicts_markdown",
            "verdicts_markdown_table", "exit_code", "artifacts_markdown"]
 
 
@@ -195,6 +196,55 @@ def validate_rows(rows: Any, source: Any, *, names: Mapping[str, str] | None = N
             raise bad("latency_ms", "a number >= 0 (milliseconds)", row["latency_ms"])
         if row.get("decode_check") is not None and not isinstance(row["decode_check"], bool):
             raise bad("decode_check", "true, false or null", row["decode_check"])
+        sha = row.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and len(sha) == 64
+                                    and all(c in "0123456789abcdef" for c in sha)):
+            raise bad("sha256", "null or the file's SHA-256 (64 lowercase hex digits)", sha)
+
+
+def changed_files(rows: list[dict[str, Any]], source: Any,
+                  written_from: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of the report ``source`` with each file the report measured checked against its
+    recorded ``sha256``: a file that is here with other bytes gets an ``error`` (the gate
+    reports ERROR: the report's numbers are another file's, and a re-export without a new
+    ``verify`` must not pass on them). Returns the rows and the paths not found here (their
+    numbers are the report's, as on a machine that has only the report). A relative path is
+    taken from ``written_from`` (the folder the report was written from, which it records)
+    where that folder exists here, else from the current one (the report came from another
+    machine, into the same layout)."""
+    base = Path(written_from) if isinstance(written_from, str) and written_from else None
+    if base is not None and not (base.is_absolute() and base.is_dir()):
+        base = None
+    out, absent = [], []
+    for row in rows:
+        sha, name = row.get("sha256"), row.get("path")
+        if row.get("error") or not sha or not isinstance(name, str):
+            out.append(row)
+            continue
+        path = Path(name) if base is None or Path(name).is_absolute() else base / name
+        try:
+            if not path.is_file():
+                absent.append(name)
+                out.append(row)
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            size = path.stat().st_size
+        except OSError as exc:
+            out.append({**row, "error": f"{name}: cannot read it to check it is the file {source} measured "
+                                        f"({exc.strerror or exc})"})
+            continue
+        if digest.hexdigest() != sha:
+            then = row.get("bytes")
+            sizes = (f"{size:,} B now, {then:,} B then" if isinstance(then, int) and then != size
+                     else "same size, other bytes")
+            out.append({**row, "error": f"changed since {source} measured it ({sizes}: SHA-256 differs); its "
+                                        "numbers are another file's: run `edgesqueeze verify` on it again"})
+        else:
+            out.append(row)
+    return out, absent
 
 
 def _images(frac: float, n, verb: str = "") -> str:
@@ -333,5 +383,5 @@ def rows_from_report(path: str | Path) -> list[dict[str, Any]]:
                  "bytes": t.get("esq_bytes"), "gzip_bytes": None, "n": test["after"].get("n"),
                  "accuracy": test["after"].get("accuracy"), "agreement": test.get("agreement"),
                  "reference_accuracy": test["before"].get("accuracy"), "decode_check": True,
-                 "latency_ms": None, "error": None}]
+                 "latency_ms": None, "error": None, "sha256": t.get("esq_sha256")}]
     raise FormatError(f"{path}: not an edgesqueeze report (no 'artifacts' list, no compress totals)")

@@ -10,8 +10,11 @@ PyTorch deployment of it does; a ``.pt`` checkpoint is the float reference.
 One row per artifact (JSON-ready), the input of :func:`edgesqueeze.budget.check` and of
 :mod:`edgesqueeze.verify_report` (``verify.md`` and its plots)::
 
-    path, format, runtime, bytes, gzip_bytes, n, accuracy, agreement,
+    path, format, runtime, bytes, gzip_bytes, sha256, n, accuracy, agreement,
     reference_accuracy, decode_check, latency_ms, warning, error
+
+``sha256`` is the file's, as measured: ``edgesqueeze check`` refuses to judge a report row
+whose file has changed since (a re-export without a new ``verify`` passed on old numbers).
 
 ``warning`` is one line when the file's numbers on this CPU are known not to be what
 another CPU computes (an ``onnx-int8`` file with 8-bit weights: :mod:`edgesqueeze.runtime.cpu`).
@@ -20,6 +23,7 @@ another CPU computes (an ``onnx-int8`` file with 8-bit weights: :mod:`edgesqueez
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -32,9 +36,10 @@ from edgesqueeze.errors import DataError, EdgesqueezeError, FormatError
 Log = Callable[[str], None]
 
 
-def gzip_size(path: Path) -> int:
+def gzip_size(path: Path | bytes) -> int:
     """What TF Model Optimization reports: the file after gzip -9 (deterministic, mtime 0)."""
-    return len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
+    data = path if isinstance(path, bytes) else path.read_bytes()
+    return len(gzip.compress(data, compresslevel=9, mtime=0))
 
 
 def sniff(path: Path) -> str:
@@ -342,7 +347,10 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
     if why:
         raise FormatError(f"{path}: {why}")
     kind = sniff(path)
-    out: dict[str, Any] = {"bytes": path.stat().st_size, "gzip_bytes": gzip_size(path)}
+    raw = path.read_bytes()
+    out: dict[str, Any] = {"bytes": len(raw), "gzip_bytes": gzip_size(raw),
+                           "sha256": hashlib.sha256(raw).hexdigest()}
+    del raw
     if kind in ("pt", "esq"):
         from edgesqueeze.checkpoint import load_model, state_digest
 

@@ -292,3 +292,79 @@ def test_a_report_of_another_dataset_does_not_pass_a_recipes_gate(tmp_path):
     assert res.exit_code == 2, res.output
     assert "was measured on digits, but the recipe" in res.output and "describes imagenet-sample" in res.output
     assert check(path, "--max-size", "10MB").exit_code in (0, 1)  # options alone: no dataset to compare
+
+
+def _measured(tmp_path: Path, data: bytes = b"\x18\x00\x00\x00TFL3" + bytes(range(256)) * 40):
+    """A report row for a real file on disk with its real size and SHA-256, as verify records them."""
+    import hashlib
+
+    model = tmp_path / "export" / "model.int8.tflite"
+    model.parent.mkdir(exist_ok=True)
+    model.write_bytes(data)
+    row = {**_ROW, "path": "export/model.int8.tflite", "format": "tflite-int8", "runtime": "ai-edge-litert",
+           "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return model, row
+
+
+def test_a_file_changed_since_the_report_is_not_judged_by_its_old_numbers(tmp_path, monkeypatch):
+    """A re-export without a new verify passed the gate on the old file's numbers; a file that
+    is here with other bytes than the report measured is now ERROR (exit 2), naming it, and
+    the report's relative paths start where it was written from, whatever the current folder."""
+    model, row = _measured(tmp_path)
+    report = write_report(tmp_path, lambda r: r.update(artifacts=[row], written_from=str(tmp_path)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = check(report, *BUDGET)
+    assert res.exit_code == 0, res.output
+    assert "not here" not in res.output
+
+    model.write_bytes(model.read_bytes()[:-1] + b"\x01")  # same size, other bytes
+    res = check(report, *BUDGET)
+    assert res.exit_code == 2, res.output
+    assert "ERROR (changed since" in res.output and "same size, other bytes" in res.output
+    assert "run `edgesqueeze verify` on it again" in res.output
+    model.write_bytes(b"\x18\x00\x00\x00TFL3" * 10)
+    res = check(report, *BUDGET)
+    assert res.exit_code == 2 and f"80 B now, {row['bytes']:,} B then" in res.output, res.output
+
+
+def test_a_report_whose_files_are_elsewhere_is_judged_by_its_numbers_and_says_so(tmp_path, monkeypatch):
+    """A CI job that downloads only the report: nothing to compare, the report's numbers
+    stand, and a note says the files were not found."""
+    _, row = _measured(tmp_path)
+    report = write_report(tmp_path, lambda r: r.update(artifacts=[row], written_from="/nonexistent/ci/job"))
+    monkeypatch.chdir(tmp_path.parent)  # not where export/ is
+    res = check(report, *BUDGET)
+    assert res.exit_code == 0, res.output
+    assert "note: 1 file(s)" in res.output and "judged by the report's numbers alone" in res.output
+
+
+@pytest.mark.parametrize("sha", ["abc", 7, "G" * 64])
+def test_a_malformed_sha256_is_bad_input(tmp_path, sha):
+    report = write_report(tmp_path, set_field("sha256", sha))
+    res = check(report, *BUDGET)
+    assert res.exit_code == 2, res.output
+    assert f"error: {report}: artifacts[2].sha256: expected null or the file's SHA-256" in res.output
+
+
+def test_a_compress_reports_archive_replaced_since_is_not_judged(tmp_path, monkeypatch):
+    import hashlib
+
+    esq = tmp_path / "model.esq"
+    esq.write_bytes(b"ESQ" * 1000)
+    compress = {"esq": "model.esq", "written_from": str(tmp_path),
+                "totals": {"esq_bytes": 3000, "esq_sha256": hashlib.sha256(esq.read_bytes()).hexdigest()},
+                "test": {"before": {"n": 359, "accuracy": 0.9889}, "after": {"n": 359, "accuracy": 0.9861},
+                         "agreement": 0.9972}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(compress))
+    monkeypatch.chdir(tmp_path.parent)
+    assert check(path, "--max-size", "20KB").exit_code == 0
+    esq.write_bytes(b"ESQ" * 9000)  # a bigger archive, compressed again with another recipe
+    res = check(path, "--max-size", "20KB")
+    assert res.exit_code == 2 and "27,000 B now, 3,000 B then" in res.output, res.output
+    compress["totals"]["esq_sha256"] = "x"
+    path.write_text(json.dumps(compress))
+    res = check(path, "--max-size", "20KB")
+    assert res.exit_code == 2 and "totals.esq_sha256: expected null or the file's SHA-256" in res.output, res.output

@@ -5,6 +5,7 @@ real subprocesses."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -63,6 +64,7 @@ def test_gate_script_passes_a_budget_it_meets(gate_run):
         assert r["error"] is None and r["n"] > 100, fmt
         assert r["accuracy"] >= 0.8 and r["agreement"] is not None, fmt
         assert r["gzip_bytes"] > 0 and r["bytes"] == Path(r["path"]).stat().st_size, fmt
+        assert r["sha256"] == hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest(), fmt  # what check compares
     # fp32 exports compute what the decoded .esq computes: near-total agreement
     assert rows["onnx"]["accuracy"] == pytest.approx(rows["esq"]["accuracy"], abs=0.01)
     assert rows["tflite"]["accuracy"] == pytest.approx(rows["esq"]["accuracy"], abs=0.01)

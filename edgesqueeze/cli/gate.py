@@ -29,7 +29,7 @@ def _is_report(path: Path) -> bool:
 # a compress report's one .esq row: where each of its fields comes from
 _COMPRESS_FIELDS = {"path": "esq", "bytes": "totals.esq_bytes", "n": "test.after.n",
                     "accuracy": "test.after.accuracy", "agreement": "test.agreement",
-                    "reference_accuracy": "test.before.accuracy"}
+                    "reference_accuracy": "test.before.accuracy", "sha256": "totals.esq_sha256"}
 
 
 def _same_dataset(path: Path, raw: Any, wanted: str, recipe: Path | None) -> None:
@@ -56,7 +56,7 @@ def _report_rows(path: Path, dataset: str | None = None, recipe: Path | None = N
     a report that has no artifacts, or one whose fields are missing, mistyped or out of range,
     is bad input (exit 2, the file, row and field named), never a pass nor a traceback.
     ``dataset``: the recipe's (``recipe``), which the report must have been measured on."""
-    from edgesqueeze.budget import rows_from_report, validate_rows  # numpy-free: check imports no numpy
+    from edgesqueeze.budget import changed_files, rows_from_report, validate_rows  # numpy-free: check imports no numpy
     from edgesqueeze.errors import FormatError
 
     try:
@@ -82,6 +82,10 @@ def _report_rows(path: Path, dataset: str | None = None, recipe: Path | None = N
         validate_rows(rows, path, names=_COMPRESS_FIELDS, writer="compress")
     else:
         validate_rows(rows, path)
+    rows, absent = changed_files(rows, path, raw.get("written_from") if isinstance(raw, dict) else None)  # a file re-exported since the report: ERROR, not its old numbers
+    if absent:
+        click.echo(f"note: {len(absent)} file(s) {path} measured are not here ({absent[0]}"
+                   f"{', ...' if len(absent) > 1 else ''}): judged by the report's numbers alone", err=True)
     return rows
 
 
@@ -255,6 +259,7 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
                                 reference=reference, limit=limit, threads=threads, latency=latency, log=lambda m: click.echo(m),
                                 **model_opts.load_kwargs())
     report["machine"] = machine_info(threads)
+    report["written_from"] = os.getcwd()  # the artifacts' relative paths start here (check finds them)
     verdicts = None if budget.is_empty() else check(report["artifacts"], budget)
     write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     written = write_report(out, report, verdicts=verdicts, machine=report["machine"])
@@ -295,8 +300,9 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
 
     PATHS are report.json files (from `verify` or `compress`: nothing is re-run) or
     artifact files (.pt, .esq, .onnx, .tflite: evaluated now on the test split through
-    their own runtimes). An artifact that cannot be evaluated is never a pass, and a
-    report with no artifacts, or with a field missing or out of range, is bad input. Size
+    their own runtimes). An artifact that cannot be evaluated is never a pass, nor is a
+    file that has changed since its report measured it (SHA-256); a report with no
+    artifacts, or with a field missing or out of range, is bad input. Size
     budgets (--max-size) judge the files that ship; the float reference .pt is judged
     only by a size limit of its own (--max-size-for pt=SIZE).
 

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,6 +222,8 @@ class Run:
             config=jsonable(self.config), agreement=agreement(extra.get("evaluation")),
             extra={"mode": self.config.mode, **extra},
         )
+        report["totals"]["esq_sha256"] = hashlib.sha256(blob).hexdigest()  # check: is the .esq still this one?
+        report["written_from"] = os.getcwd()  # where the relative paths above start
         report_mod.write(self.out, report, before=before, after=decoded)
         where = "held-out test" if "calibration" in extra else "test"
         acc = (f"; {where} {100 * test_before['accuracy']:.2f}% -> {100 * test_after['accuracy']:.2f}%"
