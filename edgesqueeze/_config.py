@@ -71,12 +71,17 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
         raise RecipeError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        # the choice itself, of its own type: `channels: 3.0` or `true` for 1 is not the choice 3 or 1
+        match = [c for c in choices if type(c) is type(value) and c == value]
+        if not match:
+            hint = ([str(c) for c in choices if str(c).lower() == str(value).lower()]
+                    or difflib.get_close_matches(str(value), [str(c) for c in choices], n=1))
+            extra = f"; did you mean {hint[0]!r}?" if hint and hint[0] != str(value) else ""
             raise RecipeError(f"{path}: must be one of {', '.join(map(repr, choices))}, got {value!r}{extra}")
-        return value
+        return match[0]
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # built in Python: its own __post_init__ checked it
+            return value
         return _build(path, value, tp)
     if origin in (tuple, list) and (typing.get_args(tp)[1:] == (Ellipsis,) or origin is list):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -101,7 +106,11 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{path}: expected a string, got {value!r}")
+            import datetime
+
+            quote = ("; YAML reads yes/no/on/off/true/false as booleans and 2024-06-01 as a date: quote "
+                     "it ('no')" if isinstance(value, (bool, datetime.date)) else "")
+            raise RecipeError(f"{path}: expected a string, got {value!r}{quote}")
         return value
     raise RecipeError(f"{path}: unsupported field type {tp!r}")  # a bug in a section's definition
 
@@ -132,7 +141,13 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
         if bounds and isinstance(value, (int, float)):
             _check_range(dotted, value, bounds)
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except RecipeError as exc:  # the section's own checks name its fields: put its path in front
+        text = str(exc)
+        if not prefix or text.startswith(prefix + ".") or text.startswith(prefix + ":"):
+            raise
+        raise RecipeError(f"{prefix}.{text}") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Each section is a dataclass; a field's allowed range lives in its ``metadata`` (
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from edgesqueeze._config import _build, _range
+from edgesqueeze._config import _build, _check_fields, _range
 from edgesqueeze.config.budget import Budget
 from edgesqueeze.config.compress import CompressConfig
 from edgesqueeze.config.export import ExportConfig
@@ -32,19 +33,43 @@ from edgesqueeze.errors import RecipeError
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.safe_load`` with YAML 1.2 numbers: PyYAML follows YAML 1.1, where ``1e-3`` (no
-    dot) is the *string* '1e-3' and a learning rate written that way would be refused."""
+    """``yaml.safe_load`` with YAML 1.2 numbers. PyYAML follows YAML 1.1, where ``1e-3`` (no
+    dot) is the *string* '1e-3' (a learning rate written that way would be refused), ``010``
+    is octal 8 (``seed: 0042`` was 34), and ``1:30`` is base 60 (``epochs: 1:30`` was 90):
+    here numbers are decimal (``0x``/``0o`` prefixes excepted) and ``1:30`` is a string."""
 
 
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {  # SafeLoader's, less its YAML 1.1 int and float patterns
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
+    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _FLOAT,
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
+
+
+def _yaml12_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    if text.startswith(("0x", "0o")):
+        return int(text, 0)
+    return int(text, 10)  # leading zeros are decimal
+
+
+_Loader.add_constructor(_INT, _yaml12_int)
+
+# A recipe's aliases may share a section (``<<: *defaults``), not build a structure that
+# expands past this many values (nine nested aliases of a 419-byte file took 2 GB) or holds
+# itself (``model: &m {kwargs: {x: *m}}``); nor may a recipe nest deeper than this.
+_MAX_VALUES = 200_000
+_MAX_DEPTH = 100
+_MAX_TEXT = 1_000_000  # characters of a recipe file (a 3 MB one took 52 s and 1.1 GB to read)
 
 
 def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -67,9 +92,79 @@ def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
 _Loader.construct_mapping = _no_duplicate_keys  # type: ignore[method-assign]
 
 
+def _check_shape(value: Any) -> None:
+    """Refuse parsed YAML that holds itself, expands past ``_MAX_VALUES`` values through its
+    aliases, or nests deeper than ``_MAX_DEPTH``: each is a ``RecipeError`` (every later step,
+    hashing the recipe included, walks the expanded structure)."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(v: Any, depth: int) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        if depth > _MAX_DEPTH:
+            raise RecipeError(f"nested more than {_MAX_DEPTH} levels deep; a recipe is a few sections of "
+                              "plain values")
+        key = id(v)
+        if key in open_:
+            raise RecipeError("an alias (*name) refers to a section that holds it: a recipe cannot hold itself")
+        if key in sizes:
+            return sizes[key]
+        open_.add(key)
+        items = list(v.keys()) + list(v.values()) if isinstance(v, dict) else v
+        n = 1 + sum(size(x, depth + 1) for x in items)
+        open_.discard(key)
+        if n > _MAX_VALUES:
+            raise RecipeError(f"expands to more than {_MAX_VALUES:,} values through its aliases (*name); "
+                              "a recipe is a few sections of plain values")
+        sizes[key] = n
+        return n
+
+    size(value, 0)
+
+
 def load_yaml(text: str) -> Any:
-    """Parse ``text`` as a recipe or ``--set`` value is parsed (see :class:`_Loader`)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    """Parse ``text`` as a recipe or ``--set`` value is parsed (see :class:`_Loader`); a
+    structure that holds itself, expands hugely through aliases or nests too deep is a
+    :class:`RecipeError`."""
+    try:
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise RecipeError(f"nested more than {_MAX_DEPTH} levels deep; a recipe is a few sections of plain "
+                          "values") from None
+    _check_shape(value)
+    return value
+
+
+def _empty_stages(node: Any, cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of optional stage sections (``compress.prune: X | None``) that the YAML
+    leaves *empty* (``prune:`` with nothing after it, its keys commented out, say): YAML reads
+    that as null, which turns the stage off, while an empty ``train:`` means its defaults.
+    An explicit ``null`` or ``~`` is not listed: that one says "off"."""
+    import typing
+
+    if not isinstance(node, yaml.MappingNode) or not dataclasses.is_dataclass(cls):
+        return []
+    hints = typing.get_type_hints(cls)
+    found = []
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.value not in hints:
+            continue
+        name = key_node.value
+        tp = hints[name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        section = args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else \
+            (tp if dataclasses.is_dataclass(tp) else None)
+        if section is None:
+            continue
+        dotted = f"{prefix}.{name}" if prefix else name
+        optional = type(None) in typing.get_args(tp)
+        if (optional and isinstance(value_node, yaml.ScalarNode) and value_node.tag == "tag:yaml.org,2002:null"
+                and value_node.value == ""):
+            found.append(dotted)
+        else:
+            found.extend(_empty_stages(value_node, section, dotted))
+    return found
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
@@ -102,6 +197,9 @@ class ModelConfig:
     arch: str = "squeezenet_mnist"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # built in Python too: held to the recipe's rules
+        _check_fields(self)
+
 
 @dataclass(frozen=True)
 class AugmentSection:
@@ -114,6 +212,7 @@ class AugmentSection:
     resized_crop: tuple[float, ...] | None = None  # (lo, hi): the area fraction of a random resized crop
 
     def __post_init__(self) -> None:
+        _check_fields(self)  # built in Python too: held to the recipe's rules
         if self.resized_crop is not None:
             rc = self.resized_crop
             if len(rc) != 2 or not 0 < rc[0] <= rc[1] <= 1:
@@ -136,6 +235,9 @@ class DataConfig:
     # (a class of your own built for 3 channels, say); unset: the dataset's own channels.
     channels: Literal[3] | None = None
 
+    def __post_init__(self) -> None:  # built in Python too: held to the recipe's rules
+        _check_fields(self)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -156,6 +258,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (edgesqueeze.device)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: mixed precision, CUDA only
 
+    def __post_init__(self) -> None:  # built in Python too: held to the recipe's rules
+        _check_fields(self)
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -172,12 +277,27 @@ class Recipe:
     budget: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION or isinstance(self.version, bool):
+            raise RecipeError(f"version: this edgesqueeze reads recipe version {RECIPE_VERSION}, got {self.version!r}")
+        _check_fields(self)  # built in Python (Recipe(version=1, train=...)) too: held to the recipe's rules
         # the default output folder is artifacts/<name>: a name with a path in it wrote elsewhere
         if (not isinstance(self.name, str) or not self.name.strip() or self.name.strip() in (".", "..")
                 or any(c in self.name for c in "/\\\0")):
             raise RecipeError(f"name: {self.name!r} is not a plain name (it names the default output folder "
                               "artifacts/<name>): use letters, digits, '-', '_' or '.', without '/'")
         self.budget_spec()
+
+    def budget_formats_not_written(self) -> list[str]:
+        """Formats ``budget.max_size_per_format`` limits that this recipe's ``export`` section
+        does not write (a packed ``onnx-int8.esq`` without ``pack: true``, a format not in
+        ``formats``): a size budget its own run can never check. ``pt`` and ``esq`` are
+        train's and compress's; with no ``export`` section nothing is said."""
+        if self.export is None:
+            return []
+        written = {"pt", "esq", *self.export.formats}
+        if self.export.pack:
+            written |= {f + ".esq" for f in self.export.formats if f != "tflite-micro"}
+        return sorted(f for f in self.budget_spec().max_size_per_format if f not in written)
 
     def budget_spec(self):
         """The ``budget`` section as a :class:`edgesqueeze.config.budget.Budget` (empty when absent)."""
@@ -264,15 +384,23 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     >>> apply_overrides({"train": {"epochs": 5}}, ["train.epochs=1", "data.limit=300"])
     {'train': {'epochs': 1}, 'data': {'limit': 300}}
     """
-    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+    # a deep copy that keeps what YAML gave (a JSON round trip turned the int key of
+    # `layers: {1: 0.5}` into '1', which then passed, and failed on a date or a recursive alias)
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        if not text.strip():
+            raise RecipeError(f"--set {item!r}: no value; write {key.strip()}=null to unset it (a stage: to turn "
+                              f"it off), {key.strip()}={{}} for a section's defaults, or {key.strip()}=\"''\" "
+                              "for an empty string")
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:  # absent, or left empty in the file (`train:`): a section to fill
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {item!r}: {part} is not a section")
             node = child
@@ -280,7 +408,40 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             node[parts[-1]] = load_yaml(text)
         except yaml.YAMLError as exc:
             raise RecipeError(f"--set {item!r}: value is not valid YAML ({yaml_problem(exc)})") from None
+        except RecipeError as exc:
+            raise RecipeError(f"--set {item!r}: {exc}") from None
+    try:
+        _check_shape(raw)
+    except RecipeError as exc:
+        raise RecipeError(f"with --set: {exc}") from None
     return raw
+
+
+def replaced_by_overrides(path: str | Path, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """One note per ``--set KEY={...}`` that replaces a mapping the recipe file sets: the
+    keys of the file's mapping it drops go back to their defaults (``--set train={epochs: 2}``
+    reset the recipe's batch_size and channels_last), which ``--set train.epochs=2`` keeps."""
+    try:
+        raw = _read_raw(Path(path), ())
+    except RecipeError:
+        return []  # load_recipe says what is wrong with the file
+    notes = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        node: Any = raw
+        for part in key.strip().split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        try:
+            value = load_yaml(text) if sep else None
+        except (yaml.YAMLError, RecipeError):
+            continue
+        if isinstance(node, dict) and isinstance(value, dict):
+            lost = [str(k) for k in node if k not in value]
+            if lost:
+                shown = ", ".join(lost[:4]) + (", ..." if len(lost) > 4 else "")
+                notes.append(f"note: --set {item} replaces the recipe's whole {key.strip()} section: {shown} go back "
+                             f"to their defaults (--set {key.strip()}.{lost[0]}=... sets one key and keeps the rest)")
+    return notes
 
 
 def _read_raw(path: Path, overrides: list[str] | tuple[str, ...]) -> Any:
@@ -290,10 +451,20 @@ def _read_raw(path: Path, overrides: list[str] | tuple[str, ...]) -> Any:
         raise RecipeError(f"{path}: recipe file not found (shipped recipes are in recipes/)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc})") from None
+    if len(text) > _MAX_TEXT:
+        raise RecipeError(f"{path}: {len(text):,} characters; a recipe is a few sections of plain values "
+                          f"(at most {_MAX_TEXT:,} characters read)")
     try:
         raw = load_yaml(text)
+        empty = _empty_stages(yaml.compose(text, Loader=_Loader), Recipe)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    if empty:
+        raise RecipeError(f"{path}: {empty[0]}: left empty, which YAML reads as null and would turn the stage "
+                          f"off; write `{empty[0].rpartition('.')[2]}: {{}}` for its defaults, or "
+                          f"`{empty[0].rpartition('.')[2]}: null` (or delete the key) to leave it off")
     if overrides:
         if not isinstance(raw, dict):  # an empty file or a list: --set has nothing to go into
             what = "is empty" if raw is None else f"holds a {type(raw).__name__}, not a mapping"
@@ -320,10 +491,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = str(exc).removeprefix(f"{path}: ")
         where, _, why = text.partition(": ")
 
-        def gave(override: str) -> bool:  # the field the error names, or the section holding it
-            key = override.partition("=")[0].strip()
-            return (key == where or key.startswith(where + ".") or where.startswith(key + ".")
-                    or key.endswith("." + where) or ("." + where).startswith("." + key.rpartition(".")[2] + "."))
+        def gave(override: str) -> bool:  # the field the error names (errors name full dotted paths), a
+            key = override.partition("=")[0].strip()  # field inside it, or the section holding it
+            return key == where or where.startswith((key + ".", key + "[")) or key.startswith(where + ".")
 
         item = next((o for o in reversed(overrides) if gave(o)), None)
         if item is None:

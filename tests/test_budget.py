@@ -36,9 +36,13 @@ def test_parse_size(text, expected):
     ("-5KB", "cannot read '-5KB'"),
     ("5 5KB", "cannot read"),
     ("", "cannot read"),
-    (-1, "non-negative"),
+    (-1, "must be a whole number >= 1"),
     (True, "expected a size"),
-    (float("nan"), "non-negative"),
+    (float("nan"), "must be a whole number >= 1"),
+    (0, "must be a whole number >= 1"),
+    (0.5, r"a number alone is bytes.*give a unit for other sizes"),  # was 0 B: meant 0.5 MB?
+    (1.9, "must be a whole number >= 1, got 1.9"),  # was 1 B
+    ("0.0001KB", "less than one byte"),
 ])
 def test_parse_size_refuses_nonsense_with_the_value_named(text, match):
     with pytest.raises(BudgetSpecError, match=match):
@@ -66,9 +70,10 @@ def test_budget_from_dict():
     ({"max_size": "1 parsec"}, r"budget\.max_size: unknown unit 'parsec'"),
     ({"max_size_per_format": {"tflite8": "1KB"}}, r"budget\.max_size_per_format\.tflite8: unknown format"),
     ({"min_accuracy": 99}, r"budget\.min_accuracy: expected a fraction in \[0, 1\]"),
-    ({"max_drop": -1}, r"budget\.max_drop: expected accuracy points >= 0"),
-    ({"max_drop": float("nan")}, r"budget\.max_drop: expected accuracy points >= 0"),  # YAML .nan
-    ({"max_drop": float("inf")}, r"budget\.max_drop: expected accuracy points >= 0"),
+    ({"max_drop": -1}, r"budget\.max_drop: expected accuracy points in \[0, 100\]"),
+    ({"max_drop": float("nan")}, r"budget\.max_drop: expected accuracy points in \[0, 100\]"),  # YAML .nan
+    ({"max_drop": float("inf")}, r"budget\.max_drop: expected accuracy points in \[0, 100\]"),
+    ({"max_drop": 500}, r"budget\.max_drop: expected accuracy points in \[0, 100\]"),
     ("big", r"budget: expected a mapping"),
 ])
 def test_budget_errors_name_the_field(raw, match):

@@ -503,7 +503,7 @@ def _resume_inside_a_retraining(checkpoint, tmp_path, monkeypatch, stage):
     torch.set_num_threads(1)
     again = compress(checkpoint, RESUMABLE, out_dir=out, resume=True, progress=False, log=said.append)
     total = RESUMABLE.prune_finetune.epochs if stage == "prune-retrain" else RESUMABLE.cluster_finetune.epochs
-    assert any(f"--resume: {stage} goes on after epoch 1/{total}" in m for m in said), said
+    assert any(f"--resume: {stage} goes on after epoch 1/{total:g}" in m for m in said), said
     # the centroid retraining's run had pruned: resuming from its pruned.pt already switches
     switched = "weight sharing" if stage == "centroid-retrain" else stage
     assert any(f"--resume: {switched} computes with 2 CPU threads" in m for m in said), said

@@ -75,8 +75,9 @@ def test_bad_overrides(bad):
 @pytest.mark.parametrize("override, says", [
     ("trian.epochs=2", "--set trian.epochs=2: trian: unknown key; did you mean 'train'?"),
     ("train.epoch=2", "--set train.epoch=2: unknown key; did you mean 'epochs'?"),
-    ("compress.prune.layers={features.0: 2.0}", "--set compress.prune.layers={features.0: 2.0}: layers.features.0: "
-                                                "must be"),
+    ("compress.prune.layers={features.0: 2.0}", "--set compress.prune.layers={features.0: 2.0}: "
+                                                "compress.prune.layers.features.0: must be"),
+    ("compress.prune.scan=[1.5]", "--set compress.prune.scan=[1.5]: compress.prune.scan[0]: must be"),
 ])
 def test_an_override_error_names_the_override_not_the_file(override, says):
     """A top-level typo or a field inside a --set mapping was blamed on the recipe file."""
@@ -176,3 +177,172 @@ def test_export_options_are_checked_like_the_recipe_fields(tmp_path, args, match
     res = CliRunner().invoke(cli, ["export", str(tmp_path / "missing.pt"), "-f", "onnx-int8", *args,
                                    "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and match in res.output, res.output
+
+
+# --- the recipe audit of session 38: YAML 1.1 leftovers, empty stages, aliases, Python-built recipes
+
+
+def _file(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_numbers_are_read_as_yaml_1_2_decimal(tmp_path):
+    """YAML 1.1 read `seed: 0042` as octal 34 and `epochs: 1:30` as base-60 90, silently."""
+    r = load_recipe(_file(tmp_path, "version: 1\nseed: 0042\ntrain: {batch_size: 0x40, epochs: 010}\n"))
+    assert r.seed == 42 and r.train.batch_size == 64 and r.train.epochs == 10.0
+    with pytest.raises(RecipeError, match=r"--set train.epochs=1:30: expected a number, got '1:30'"):
+        load_recipe(_file(tmp_path, "version: 1\n"), ["train.epochs=1:30"])
+    assert load_recipe(_file(tmp_path, "version: 1\n"), ["train.lr=1e-3"]).train.lr == 0.001
+
+
+def test_an_empty_stage_is_refused_and_null_turns_it_off(tmp_path):
+    """`prune:` with its keys commented out is null to YAML, which turned pruning off without
+    a word, while an empty `train:` means train's defaults."""
+    text = "version: 1\ncompress:\n  prune:\n    # sparsity: 0.8\n  cluster: {bits: 4}\n"
+    with pytest.raises(RecipeError, match=r"r.yaml: compress.prune: left empty.*`prune: \{\}` for its defaults"):
+        load_recipe(_file(tmp_path, text))
+    r = load_recipe(_file(tmp_path, text.replace("  prune:\n", "  prune: null\n")))
+    assert r.compress.prune is None and r.compress.cluster.bits == 4
+    r = load_recipe(_file(tmp_path, text.replace("  prune:\n", "  prune: {}\n")))
+    assert r.compress.prune is not None
+    assert load_recipe(_file(tmp_path, "version: 1\ntrain:\n")).train.epochs == 10.0  # a section: its defaults
+    with pytest.raises(RecipeError, match=r"--set 'compress.prune=': no value; write compress.prune=null"):
+        load_recipe(_file(tmp_path, "version: 1\n"), ["compress.prune="])
+
+
+def test_an_override_goes_into_a_section_left_empty(tmp_path):
+    r = load_recipe(_file(tmp_path, "version: 1\ntrain:\ndata:\n"), ["train.epochs=3", "data.limit=100"])
+    assert r.train.epochs == 3.0 and r.data.limit == 100
+
+
+def test_overrides_keep_what_yaml_read(tmp_path):
+    """--set went through a JSON round trip: a date anywhere in the file was a traceback, and
+    an int layer key became the string '1' and passed."""
+    dated = _file(tmp_path, "version: 1\nname: 2024-06-01\n")
+    with pytest.raises(RecipeError, match=r"name: expected a string, got datetime.date\(2024, 6, 1\); YAML reads "
+                                          r".* quote it"):
+        load_recipe(dated, ["train.epochs=1"])
+    keyed = _file(tmp_path, "version: 1\ncompress:\n  prune: {layers: {1: 0.5}}\n")
+    for overrides in ([], ["train.epochs=1"]):
+        with pytest.raises(RecipeError, match="keys must be layer names"):
+            load_recipe(keyed, overrides)
+    with pytest.raises(RecipeError, match=r"name: expected a string, got False; YAML reads yes/no"):
+        load_recipe(_file(tmp_path, "version: 1\nname: no\n"))
+
+
+def test_aliases_that_hold_themselves_or_explode_and_deep_nesting_are_refused(tmp_path):
+    with pytest.raises(RecipeError, match="refers to a section that holds it"):
+        load_recipe(_file(tmp_path, "version: 1\nmodel: &m {kwargs: {x: *m}}\n"), ["seed=1"])
+    bomb = "version: 1\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)) + "model: {kwargs: {y: *a8}}\n"
+    with pytest.raises(RecipeError, match=r"expands to more than 200,000 values through its aliases"):
+        load_recipe(_file(tmp_path, bomb), ["seed=1"])
+    with pytest.raises(RecipeError, match="nested more than 100 levels deep"):
+        load_recipe(_file(tmp_path, "version: 1\n"), ["model.kwargs={a: " + "[" * 900 + "]" * 900 + "}"])
+    with pytest.raises(RecipeError, match="nested more than 100 levels deep"):
+        load_recipe(_file(tmp_path, "version: 1\nmodel: {kwargs: {a: " + "[" * 5000 + "]" * 5000 + "}}\n"))
+    # sharing a section through an alias or a merge is fine
+    r = load_recipe(_file(tmp_path, "version: 1\ncompress:\n  prune: {}\n  prune_finetune: &ft {epochs: 2, lr: 0.01}\n"
+                                    "  cluster_finetune: {<<: *ft, lr: 0.001}\n"), ["seed=1"])
+    assert r.compress.prune_finetune.epochs == 2.0 and r.compress.cluster_finetune.lr == 0.001
+    assert r.compress.cluster_finetune.epochs == 2.0
+
+
+def test_a_huge_recipe_file_is_refused_before_parsing(tmp_path):
+    with pytest.raises(RecipeError, match=r"characters; a recipe is a few sections"):
+        load_recipe(_file(tmp_path, "version: 1\n" + "# padding\n" * 150_000))
+
+
+def test_a_stage_error_names_its_full_path(tmp_path):
+    with pytest.raises(RecipeError, match=r"r.yaml: compress.cluster.layers.features.0: must be >= 1 and <= 8, got 9"):
+        load_recipe(_file(tmp_path, "version: 1\ncompress: {cluster: {layers: {features.0: 9}}}\n"))
+    with pytest.raises(RecipeError, match=r"r.yaml: compress.ptq.min_bits"):
+        load_recipe(_file(tmp_path, "version: 1\ncompress: {ptq: {min_bits: 8, max_bits: 5}}\n"))
+
+
+def test_a_recipe_built_in_python_is_held_to_the_same_rules():
+    """Recipe(...) and its sections built directly checked nothing: optimizer 'SGD' trained
+    with Adam, epochs 0 trained a step, and lr -1 or a dict section was a traceback later."""
+    import dataclasses
+
+    from edgesqueeze.config.compress import FinetuneConfig
+    from edgesqueeze.config.export import CalibrationConfig, ExportConfig
+    from edgesqueeze.recipe import DataConfig, ModelConfig, Recipe, TrainConfig
+
+    for build, says in [
+        (lambda: TrainConfig(optimizer="SGD"), r"optimizer: must be one of 'sgd', 'adamw', 'adam', got 'SGD'; did you "
+                                               r"mean 'sgd'\?"),
+        (lambda: TrainConfig(epochs=0), "epochs: must be > 0"),
+        (lambda: TrainConfig(lr=-1.0), "lr: must be > 0"),
+        (lambda: TrainConfig(batch_size=0), "batch_size: must be >= 1"),
+        (lambda: TrainConfig(epochs=float("nan")), "epochs: must be > 0"),
+        (lambda: TrainConfig(lr="0.1"), "lr: expected a number, got '0.1'"),
+        (lambda: DataConfig(val_fraction=2), "val_fraction: must be >= 0 and < 1"),
+        (lambda: DataConfig(channels=3.0), "channels: must be one of 3, got 3.0"),
+        (lambda: ModelConfig(kwargs=None), "kwargs: expected a mapping"),
+        (lambda: FinetuneConfig(lr=0), "lr: must be > 0"),
+        (lambda: ExportConfig(calibration=CalibrationConfig(method="MINMAX")), "method: must be one of"),
+        (lambda: Recipe(version=99), "version: this edgesqueeze reads recipe version 1, got 99"),
+        (lambda: Recipe(version=1, seed=-5), "seed: must be >= 0"),
+        (lambda: Recipe(version=1, train={"epochs": "ten"}), "train.epochs: expected a number, got 'ten'"),
+        (lambda: dataclasses.replace(Recipe(version=1), train=TrainConfig(lr=-1.0)), "lr: must be > 0"),
+    ]:
+        with pytest.raises(RecipeError, match=says):
+            build()
+    r = Recipe(version=1, train={"epochs": 2})  # a mapping for a section: built as the file's would be
+    assert isinstance(r.train, TrainConfig) and r.train.epochs == 2.0
+    assert r.hash() == recipe_from_dict({"version": 1, "train": {"epochs": 2}}).hash()
+
+
+def test_train_data_dir_and_device_are_not_read_as_yaml(tmp_path, monkeypatch):
+    """train's --data-dir became the override text `data.data_dir=VALUE`: "d #1" lost "#1"
+    (a comment), "~" was null (the option dropped), "2024" a number (refused as a --set)."""
+    from click.testing import CliRunner
+
+    import edgesqueeze.train
+    from edgesqueeze.cli import cli
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fit(recipe, **kwargs):  # the recipe the command built; the training itself is not under test
+        seen.append(recipe)
+        raise Stop
+
+    monkeypatch.setattr(edgesqueeze.train, "fit", fit)
+    recipe = _file(tmp_path, "version: 1\ndata:\ntrain:\n")  # empty sections: the options still go in
+    for folder in ("d #1", "~", "2024", "a: b"):
+        res = CliRunner().invoke(cli, ["train", "-r", str(recipe), "--data-dir", folder, "--device", "cpu",
+                                       "--out", str(tmp_path / "out")])
+        assert isinstance(res.exception, Stop), res.output
+        assert seen[-1].data.data_dir == folder and seen[-1].train.device == "cpu"
+
+
+def test_a_mapping_override_that_drops_the_files_keys_says_so(tmp_path):
+    from edgesqueeze.recipe import replaced_by_overrides
+
+    path = _file(tmp_path, "version: 1\ntrain: {epochs: 5, batch_size: 64, channels_last: true}\n")
+    notes = replaced_by_overrides(path, ["train={epochs: 2}", "train.lr=0.01", "data={limit: 100}"])
+    assert len(notes) == 1 and "replaces the recipe's whole train section: batch_size, channels_last" in notes[0]
+    assert load_recipe(path, ["train={epochs: 2}"]).train.batch_size == 128  # what the note warns of
+
+
+def test_a_misspelt_format_gets_a_suggestion(tmp_path):
+    with pytest.raises(RecipeError, match=r"export.formats: unknown format 'tflite_int8'; did you mean 'tflite-int8'\?"):
+        load_recipe(_file(tmp_path, "version: 1\nexport: {formats: [tflite_int8]}\n"))
+    with pytest.raises(RecipeError, match=r"budget.max_size_per_format.TFLite-INT8: unknown format; did you mean "
+                                          r"'tflite-int8'\?"):
+        load_recipe(_file(tmp_path, "version: 1\nbudget: {max_size_per_format: {TFLite-INT8: 1KB}}\n"))
+
+
+def test_a_size_budget_on_a_file_the_export_does_not_write_is_noted(tmp_path):
+    base = "version: 1\nexport: {formats: [onnx, tflite-int8]%s}\nbudget: {max_size_per_format: %s}\n"
+    r = load_recipe(_file(tmp_path, base % ("", "{tflite-int8.esq: 1KB, onnx-int8: 1KB, esq: 1KB, onnx: 1KB}")))
+    assert r.budget_formats_not_written() == ["onnx-int8", "tflite-int8.esq"]
+    r = load_recipe(_file(tmp_path, base % (", pack: true", "{tflite-int8.esq: 1KB, onnx.esq: 1KB}")))
+    assert r.budget_formats_not_written() == []
+    assert load_recipe(_file(tmp_path, "version: 1\nbudget: {max_size: 1KB}\n")).budget_formats_not_written() == []

@@ -417,10 +417,20 @@ def _command_recipe(recipe_path: Path | None, overrides: tuple[str, ...]):
     overrides, or a recipe built from ``--set`` alone; ``(None, {})`` without either."""
     if not recipe_path and not overrides:
         return None, frozenset()
-    from edgesqueeze.recipe import apply_overrides, given_sections, load_recipe, recipe_from_dict
+    from edgesqueeze.recipe import apply_overrides, given_sections, load_recipe, recipe_from_dict, replaced_by_overrides
 
     if recipe_path:
-        return load_recipe(recipe_path, overrides), frozenset(given_sections(recipe_path, overrides))
+        recipe = load_recipe(recipe_path, overrides)
+        for note in replaced_by_overrides(recipe_path, overrides):
+            click.echo(note, err=True)
+        unwritten = recipe.budget_formats_not_written()
+        if unwritten:
+            packed = [f for f in unwritten if f.endswith(".esq")]
+            how = ("its export writes packed files only with `pack: true` (or `export --pack`)" if packed
+                   and not recipe.export.pack else "add them to export.formats, or drop their size limits")
+            click.echo(f"note: {recipe_path}: budget.max_size_per_format limits {', '.join(unwritten)}, which the "
+                       f"recipe's export does not write: {how}", err=True)
+        return recipe, frozenset(given_sections(recipe_path, overrides))
     raw = apply_overrides({"version": 1}, overrides)
     return recipe_from_dict(raw, source="--set"), frozenset(raw)
 

@@ -131,7 +131,10 @@ def _budget_from_options(recipe, max_size, max_size_for, min_accuracy, max_drop,
             from edgesqueeze.config.budget import ARTIFACT_FORMATS
 
             if fmt not in ARTIFACT_FORMATS:
-                raise BudgetSpecError(f"--max-size-for: unknown format {fmt!r}; use {', '.join(ARTIFACT_FORMATS)}")
+                from edgesqueeze.config.budget import format_hint
+
+                raise BudgetSpecError(f"--max-size-for: unknown format {fmt!r}{format_hint(fmt)}; use "
+                                      f"{', '.join(ARTIFACT_FORMATS)}")
             per[fmt] = parse_size(size, what=f"--max-size-for {fmt}")
         changes = {"max_size_per_format": per}
         if max_size is not None:
@@ -142,7 +145,7 @@ def _budget_from_options(recipe, max_size, max_size_for, min_accuracy, max_drop,
             changes["min_agreement"] = parse_fraction(_number_or_pct(min_agreement), "--min-agreement")
         if max_drop is not None:
             if not math.isfinite(max_drop):  # FloatRange(min=0) lets nan and inf through
-                raise BudgetSpecError(f"--max-drop: expected accuracy points >= 0 (0.5), got {max_drop}")
+                raise BudgetSpecError(f"--max-drop: expected accuracy points in [0, 100] (0.5), got {max_drop}")
             changes["max_drop"] = max_drop
     except BudgetSpecError as exc:
         raise click.BadParameter(str(exc)) from None
@@ -164,7 +167,7 @@ _BUDGET_OPTIONS = [
     click.option("--max-size-for", multiple=True, metavar="FORMAT=SIZE",
                  help="Per-format size limit, e.g. tflite-int8=100KB (repeatable)."),
     click.option("--min-accuracy", metavar="ACC", help="Lowest test accuracy, 0.99 or 99%."),
-    click.option("--max-drop", type=click.FloatRange(min=0), metavar="POINTS",
+    click.option("--max-drop", type=click.FloatRange(min=0, max=100), metavar="POINTS",
                  help="Most accuracy points lost against the float model."),
     click.option("--min-agreement", metavar="FRAC", help="Lowest top-1 agreement with the float model, 0.95 or 95%."),
 ]

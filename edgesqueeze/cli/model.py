@@ -43,14 +43,23 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
     from edgesqueeze.recipe import load_recipe
     from edgesqueeze.train import fit
 
-    if data_dir:
-        overrides = (*overrides, f"data.data_dir={data_dir}")
     if device:
         from edgesqueeze.device import resolve_device
 
         resolve_device(device)  # the option named in the error, before anything is read
-        overrides = (*overrides, f"train.device={device}")
     recipe = load_recipe(recipe_path, overrides)
+    from edgesqueeze.recipe import replaced_by_overrides
+
+    for note in replaced_by_overrides(recipe_path, overrides):
+        click.echo(note, err=True)
+    # set on the recipe, not as `--set` text: a folder named "d #1", "~" or "2024" was read as YAML
+    # (a comment, null, a number), and an empty `data:` section could not take it
+    import dataclasses
+
+    if data_dir:
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, data_dir=str(data_dir)))
+    if device:
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, device=device))
     from edgesqueeze._io import outputs_clear_of_inputs
     from edgesqueeze.train import OUTPUTS
 

@@ -37,8 +37,10 @@ def parse_size(value: str | int | float, *, what: str = "size") -> int:
     if isinstance(value, bool):
         raise BudgetSpecError(f"{what}: expected a size like 500KB, got {value!r}")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value) or value < 0:
-            raise BudgetSpecError(f"{what}: must be a non-negative number of bytes, got {value!r}")
+        if not math.isfinite(value) or value < 1 or value != int(value):
+            # `max_size: 0.5` meant 0.5 MB, not 0 B (it was truncated to a limit nothing meets)
+            raise BudgetSpecError(f"{what}: a number alone is bytes, and must be a whole number >= 1, got "
+                                  f"{value!r}; give a unit for other sizes (500KB, 0.5MB, 64KiB)")
         return int(value)
     m = _SIZE.match(str(value))
     if not m:
@@ -48,7 +50,19 @@ def parse_size(value: str | int | float, *, what: str = "size") -> int:
     if unit not in _UNITS:
         raise BudgetSpecError(f"{what}: unknown unit {m.group(2)!r} in {value!r}; use B, KB, MB, GB "
                               "(powers of 1000) or KiB, MiB, GiB (powers of 1024)")
-    return int(round(float(m.group(1)) * _UNITS[unit]))
+    size = int(round(float(m.group(1)) * _UNITS[unit]))
+    if size < 1:
+        raise BudgetSpecError(f"{what}: {value!r} is less than one byte; a size limit is at least 1 B")
+    return size
+
+
+def format_hint(fmt: Any) -> str:
+    """``"; did you mean 'tflite-int8'?"`` for a format name close to one ``verify`` gives
+    (``tflite_int8``, ``TFLite-INT8``), or ""."""
+    import difflib
+
+    hint = difflib.get_close_matches(str(fmt).replace("_", "-").lower(), ARTIFACT_FORMATS, n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""
 
 
 def format_size(n: int | None) -> str:
@@ -114,12 +128,12 @@ class Budget:
             raise RecipeError(f"{path}.max_size_per_format: expected a mapping of format to size")
         for fmt in per:
             if fmt not in ARTIFACT_FORMATS:
-                raise RecipeError(f"{path}.max_size_per_format.{fmt}: unknown format; use "
+                raise RecipeError(f"{path}.max_size_per_format.{fmt}: unknown format{format_hint(fmt)}; use "
                                   f"{', '.join(ARTIFACT_FORMATS)}")
         drop = raw.get("max_drop")
         if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float))
-                                 or not math.isfinite(drop) or drop < 0):
-            raise RecipeError(f"{path}.max_drop: expected accuracy points >= 0 (0.5), got {drop!r}")
+                                 or not math.isfinite(drop) or not 0 <= drop <= 100):
+            raise RecipeError(f"{path}.max_drop: expected accuracy points in [0, 100] (0.5), got {drop!r}")
         try:
             return cls(
                 max_size=None if raw.get("max_size") is None else parse_size(raw["max_size"], what=f"{path}.max_size"),

@@ -351,6 +351,9 @@ class DistillConfig:
     alpha: float = field(default=0.9, metadata=_range(ge=0, le=1))
     temperature: float = field(default=4.0, metadata=_range(gt=0, le=100))
 
+    def __post_init__(self) -> None:  # built in Python too: held to the recipe's rules
+        _check_fields(self)
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -375,6 +378,9 @@ class FinetuneConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (edgesqueeze.device)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: mixed precision, CUDA only
 
+    def __post_init__(self) -> None:  # built in Python too: held to the recipe's rules
+        _check_fields(self)
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:
@@ -396,6 +402,9 @@ class CalibrationConfig:
     images: int = field(default=50, metadata=_range(ge=1, le=1_000_000))
     split: Literal["auto", "train", "test"] = "auto"
     device: str = "auto"  # where ptq's statistics pass runs: auto | cpu | cuda | cuda:N | mps
+
+    def __post_init__(self) -> None:  # built in Python too: held to the recipe's rules
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -433,6 +442,7 @@ class CompressConfig:
     eval_batch_size: int = field(default=512, metadata=_range(ge=1, le=65_536))
 
     def __post_init__(self) -> None:
+        _check_fields(self)  # built in Python too: held to the recipe's rules
         # Refused rather than silently ordered: each combination has a clearer alternative.
         if self.ptq is not None and self.prune is not None:
             raise RecipeError("compress.ptq: cannot be combined with compress.prune (pruning retrains on a "

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from edgesqueeze._config import _build, _range
+from edgesqueeze._config import _build, _check_fields, _range
 from edgesqueeze.errors import RecipeError
 
 __all__ = ["ALL_FORMATS", "FORMATS", "INT8_FORMATS", "SUFFIX", "CalibrationConfig", "ExportConfig", "int8_base"]
@@ -63,6 +63,9 @@ class CalibrationConfig:
     percentile: float = field(default=99.999, metadata=_range(gt=50, le=100))
     batch_size: int = field(default=32, metadata=_range(ge=1, le=4096))
     device: str = "auto"  # where the torch-side statistics passes run: auto | cpu | cuda | cuda:N | mps
+
+    def __post_init__(self) -> None:  # built in Python too: held to the recipe's rules
+        _check_fields(self)
 
     AUTO: ClassVar[dict[str, str]] = {"onnx-int8": "minmax", "tflite-int8": "minmax"}
 
@@ -145,10 +148,15 @@ class ExportConfig:
     WEIGHT_ROUNDING: ClassVar[dict[str, str]] = {"onnx-int8": "nearest", "tflite-int8": "gptq"}
 
     def __post_init__(self) -> None:
+        _check_fields(self)  # built in Python too: held to the recipe's rules
         bad = [f for f in self.formats if f not in ALL_FORMATS]
         if bad:
-            raise RecipeError(f"export.formats: unknown format {bad[0]!r}; choose from "
-                              f"{', '.join(ALL_FORMATS)}")
+            import difflib
+
+            hint = difflib.get_close_matches(str(bad[0]).replace("_", "-").lower(), ALL_FORMATS, n=1)
+            raise RecipeError(f"export.formats: unknown format {bad[0]!r}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else "")
+                              + f"; choose from {', '.join(ALL_FORMATS)}")
         if not self.formats:
             raise RecipeError("export.formats: needs at least one format")
         twice = [f for i, f in enumerate(self.formats) if f in self.formats[:i]]

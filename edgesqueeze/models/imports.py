@@ -71,9 +71,10 @@ def _first_line(exc: BaseException) -> str:
 def _import_file(path_text: str, spec: str):
     path = Path(path_text).expanduser()
     if not path.is_file():
-        raise ModelError(f"--arch {spec}: no such file {path} (relative paths start at the current directory, "
-                         f"{Path.cwd()}); run from the directory the spec was written in, or give --arch with "
-                         "the file's path from here")
+        raise ModelError(f"architecture {spec} (from --arch, a recipe's model section or the model file): no such "
+                         f"file {path} (relative paths start at the current directory, {Path.cwd()}, not at the "
+                         "recipe's); run from the directory the spec was written in, or give --arch with the "
+                         "file's path from here")
     resolved = path.resolve()
     # One module object per file: a second spec naming the same file gets the same classes.
     # not dotted: pickle imports a class's module by name, and there is no parent package
