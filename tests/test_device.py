@@ -159,7 +159,7 @@ def test_compress_writes_the_same_archive_whatever_device_the_cpu_is_named_by(tm
     for device in ("cpu", "auto"):
         out = tmp_path / device
         res = CliRunner().invoke(cli, ["compress", str(tmp_path / "float" / "model.pt"), "--set",
-                                       "compress.ptq.target_bytes=30000", "--set", "compress.ptq.fisher_samples=1",
+                                       "compress.ptq.target_bytes=60000", "--set", "compress.ptq.fisher_samples=1",
                                        "--set", "compress.calibration.images=16", "--device", device, "--out",
                                        str(out), "--no-progress"], catch_exceptions=False)
         assert res.exit_code == 0, res.output
