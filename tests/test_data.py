@@ -428,6 +428,65 @@ def test_cache_second_load_skips_decoding(tmp_path, monkeypatch):
     assert len(calls) == 36
 
 
+def test_a_cache_entry_changed_on_disk_is_rebuilt_not_used(tmp_path, monkeypatch):
+    """A label or pixel changed in a cached array (still a valid .npy of the right shape),
+    or an edited meta.json (a mean, a class name), was used as the dataset: eval scored 0%
+    with exit 0 on zeroed labels. The entry records SHA-256s and a digest of itself."""
+    import json
+
+    zp = zip_folder(make_folder(tmp_path / "c"), tmp_path / "c.zip")
+    calls = []
+    real = images_mod.decode_image
+    monkeypatch.setattr(images_mod, "decode_image", lambda *a: calls.append(1) or real(*a))
+    first = load_dataset(f"imagefolder:{zp}")
+    folder = next((tmp_path / "cache").glob("imagefolder-*"))
+    decodes = len(calls)
+
+    def damage_and_reload(damage):
+        damage()
+        again = load_dataset(f"imagefolder:{zp}")
+        np.testing.assert_array_equal(again.train_y, first.train_y)
+        np.testing.assert_array_equal(again.test_x, first.test_x)
+        assert (again.mean, again.std, again.classes) == (first.mean, first.std, first.classes)
+
+    labels = folder / "train_y.npy"
+    damage_and_reload(lambda: np.save(labels, np.zeros_like(np.load(labels))))
+    assert len(calls) == 2 * decodes  # rebuilt
+    pixels = folder / "test_x.npy"
+
+    def flip_a_pixel():
+        x = np.load(pixels)
+        x.flat[7] ^= 1
+        np.save(pixels, x)
+
+    damage_and_reload(flip_a_pixel)
+    assert len(calls) == 3 * decodes
+    meta = folder / "meta.json"
+    for edit in (lambda m: m.update(mean=[0.9] * len(m["mean"])), lambda m: m.update(classes=["x", "y", "z"]),
+                 lambda m: m["arrays"].pop("test_y")):
+        m = json.loads(meta.read_text())
+        edit(m)
+        damage_and_reload(lambda m=m: meta.write_text(json.dumps(m)))
+    assert len(calls) == 6 * decodes
+    load_dataset(f"imagefolder:{zp}")
+    assert len(calls) == 6 * decodes  # the rebuilt entry is used again
+
+
+def test_a_cache_that_cannot_be_written_only_costs_speed(tmp_path, capsys):
+    """The atomic writers raise OutputError (a full disk, a read-only folder, a folder in the
+    way), which the cache did not catch: the command failed instead of warning."""
+    zp = zip_folder(make_folder(tmp_path / "c"), tmp_path / "c.zip")
+    first = load_dataset(f"imagefolder:{zp}")
+    folder = next((tmp_path / "cache").glob("imagefolder-*"))
+    (folder / "meta.json").unlink()
+    (folder / "train_x.npy").unlink()
+    (folder / "train_x.npy").mkdir()  # in the way of the rewrite
+    capsys.readouterr()
+    again = load_dataset(f"imagefolder:{zp}")
+    np.testing.assert_array_equal(again.train_x, first.train_x)
+    assert "warning: could not write the dataset cache" in capsys.readouterr().err
+
+
 @needs_shared(SHARED / "datasets" / "imagenet-sample-100.zip")
 def test_shared_imagenet_sample():
     ds = load_dataset("imagenet-sample", data_dir=SHARED / "datasets")

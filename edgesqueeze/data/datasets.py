@@ -346,8 +346,11 @@ def _cached(name: str, tag: str, sources: list[Path], params: dict, build: Calla
     hit = _cache.load(tag, key)
     if hit is not None:
         arrays, meta = hit
-        return Dataset(name=name, classes=tuple(meta["classes"]), mean=tuple(meta["mean"]),
-                       std=tuple(meta["std"]), **arrays)
+        try:
+            return Dataset(name=name, classes=tuple(meta["classes"]), mean=tuple(meta["mean"]),
+                           std=tuple(meta["std"]), **arrays)
+        except (DataError, KeyError, TypeError, ValueError):
+            pass  # an entry its own checks passed but a Dataset refuses: rebuilt below, never used
     print(f"edgesqueeze: decoding {name} from {', '.join(map(str, sources))} "
           f"(once; cached in {_cache.cache_dir()})", file=sys.stderr)
     tx, ty, vx, vy, classes = build()
