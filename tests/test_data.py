@@ -774,6 +774,97 @@ def test_fetch_verifies_and_falls_back(http_root, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.fixture
+def broken_http():
+    """A real server on 127.0.0.1 that answers as broken mirrors do, by path: /cut/ a chunked
+    body cut short, /garbage/ no HTTP status line, /trickle/ one byte every 0.2 s."""
+    import socketserver
+    import time
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            line = self.rfile.readline().decode("latin-1")
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            path = line.split(" ")[1] if " " in line else ""
+            try:
+                if path.startswith("/cut/"):
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100\r\nabc")
+                elif path.startswith("/garbage/"):
+                    self.wfile.write(b"SMTP ready\r\n\r\n")
+                elif path.startswith("/trickle/"):
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                    for _ in range(100):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+            except OSError:
+                pass  # the client gave up
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_broken_mirrors_are_skipped_not_a_traceback(broken_http, http_root, tmp_path, monkeypatch):
+    """A body cut short (IncompleteRead), a broken status line and a plain folder path as a
+    mirror were tracebacks that skipped the good mirrors after them; a mirror sending a byte
+    every 0.2 s never timed out (the timeout is per read)."""
+    from edgesqueeze.data import download
+
+    root, base = http_root
+    payload = idx_bytes(np.arange(50) % 10)
+    md5 = hashlib.md5(payload).hexdigest()
+    (root / "good").mkdir()
+    (root / "good" / "f.gz").write_bytes(gzip.compress(payload))
+    dest = tmp_path / "out" / "f.gz"
+    urls = [f"{broken_http}/cut/f.gz", f"{broken_http}/garbage/f.gz", f"{broken_http}/trickle/f.gz",
+            f"{base}/good/f.gz"]
+    started = time.monotonic()
+    assert fetch(urls, dest, md5=md5, md5_of_decompressed=True, timeout=1.0) == dest
+    assert time.monotonic() - started < 10  # the trickle was given up on after about a second
+    assert gzip.decompress(dest.read_bytes()) == payload
+    with pytest.raises(DataError) as exc:
+        fetch(urls[:3], tmp_path / "none" / "f.gz", md5=md5, timeout=1.0)
+    said = str(exc.value)
+    assert "IncompleteRead" in said and "BadStatusLine" in said and "too slow: under 64 KiB in 1 s" in said
+    assert not (tmp_path / "none").exists()  # the folder made for it is gone
+
+    monkeypatch.setenv("EDGESQUEEZE_MNIST_MIRRORS", f"{root / 'nowhere'},{root / 'good'}")
+    mirrors = download.mirrors_for("mnist", download.MNIST_MIRRORS)
+    assert mirrors == [(root / "nowhere").as_uri() + "/", (root / "good").as_uri() + "/"]
+    assert fetch([m + "f.gz" for m in mirrors], tmp_path / "p" / "f.gz", md5=md5, md5_of_decompressed=True)
+
+
+def test_an_interrupted_download_leaves_no_folder_and_old_temporaries_are_swept(tmp_path, monkeypatch):
+    from edgesqueeze.data import download
+
+    def interrupted(url, tmp, timeout):
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download, "_download_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fetch(["http://127.0.0.1:9/f.gz"], tmp_path / "data" / "mnist" / "f.gz", md5=None)
+    assert not (tmp_path / "data").exists()
+    monkeypatch.undo()
+    folder = tmp_path / "kept"
+    folder.mkdir()
+    old, fresh, other = folder / ".f.gz.abcd1234.tmp", folder / ".f.gz.wxyz9876.tmp", folder / ".g.gz.abcd1234.tmp"
+    for p in (old, fresh, other):
+        p.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    os.utime(other, (time.time() - 7200, time.time() - 7200))
+    (folder / "f.gz").write_bytes(b"y")
+    with pytest.raises(DataError):
+        fetch([(tmp_path / "missing.gz").as_uri()], folder / "f.gz", md5=None)
+    assert not old.exists() and fresh.exists() and other.exists()  # another download's, or another file's
+
+
 @needs_shared_mnist
 def test_load_mnist_downloads_from_mirror(http_root, isolated, tmp_path, monkeypatch):
     root, base = http_root

@@ -50,11 +50,17 @@ class _Rejected(Exception):
 
 
 def mirrors_for(dataset: str, default: Sequence[str], mirrors: Sequence[str] | None = None) -> list[str]:
-    """``mirrors`` if given, else ``$EDGESQUEEZE_<DATASET>_MIRRORS``, else ``default``."""
+    """``mirrors`` if given, else ``$EDGESQUEEZE_<DATASET>_MIRRORS``, else ``default``. A
+    mirror given as a plain folder path (``/srv/mnist``) is that folder's ``file://`` URL."""
     if mirrors is None:
         env = os.environ.get(f"EDGESQUEEZE_{dataset.upper()}_MIRRORS", "")
         mirrors = [m.strip() for m in env.split(",") if m.strip()] or list(default)
-    return [m if m.endswith("/") else m + "/" for m in mirrors]
+    out = []
+    for m in mirrors:
+        if "://" not in m:  # a local folder: urllib needs a scheme ("unknown url type" was a traceback)
+            m = Path(m).expanduser().resolve().as_uri()
+        out.append(m if m.endswith("/") else m + "/")
+    return out
 
 
 def _md5_of_gunzipped(path: Path) -> str:
@@ -77,17 +83,33 @@ def _progress(total: int | None, desc: str):
                 disable=not sys.stderr.isatty(), leave=False)
 
 
+_STALL_BYTES = 1 << 16  # a mirror must send this much within each `timeout` seconds
+
+
 def _download_one(url: str, tmp: Path, timeout: float) -> str:
-    """Stream ``url`` into ``tmp``; return the md5 of the bytes as received."""
+    """Stream ``url`` into ``tmp``; return the md5 of the bytes as received. A mirror that
+    sends less than 64 KiB in ``timeout`` seconds is given up on (the socket's own timeout
+    is per read: one byte every half second kept a download going for ever)."""
+    import http.client
+    import time
+
     h = hashlib.md5()
-    req = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     try:
+        req = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         with urllib.request.urlopen(req, timeout=timeout) as resp, open(tmp, "wb") as out:
             length = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
             bar = _progress(int(length) if length and length.isdigit() else None, Path(url).name)
-            for block in iter(lambda: resp.read(1 << 16), b""):
+            mark, since = time.monotonic(), 0
+            read = getattr(resp, "read1", resp.read)  # what has arrived: read() waits for all it asks
+            for block in iter(lambda: read(1 << 16), b""):
                 out.write(block)
                 h.update(block)
+                since += len(block)
+                now = time.monotonic()
+                if since >= _STALL_BYTES:
+                    mark, since = now, 0
+                elif now - mark > timeout:
+                    raise _Rejected(f"too slow: under {_STALL_BYTES // 1024} KiB in {timeout:g} s")
                 if bar is not None:
                     bar.update(len(block))
             if bar is not None:
@@ -96,9 +118,25 @@ def _download_one(url: str, tmp: Path, timeout: float) -> str:
         raise _Rejected(f"HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
         raise _Rejected(str(e.reason)) from e
-    except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
-        raise _Rejected(f"{type(e).__name__}: {e}") from e
+    except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, resets, malformed URLs,
+        raise _Rejected(f"{type(e).__name__}: {e}") from e          # a body cut short, a broken status line
     return h.hexdigest()
+
+
+def _remove_stale_downloads(dest: Path, older_than_s: float = 3600) -> None:
+    """The temporary files of ``dest`` a killed download left (SIGKILL runs no cleanup; for
+    CIFAR-10 up to 163 MB): only those untouched for an hour, since another process may be
+    downloading the same file into the same folder now."""
+    import re
+    import time
+
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+    try:
+        for p in dest.parent.glob(f".{dest.name}.*.tmp"):
+            if pattern.fullmatch(p.name) and p.is_file() and time.time() - p.stat().st_mtime > older_than_s:
+                p.unlink()
+    except OSError:
+        pass  # not ours to fail on: the download itself says what is wrong with the folder
 
 
 def fetch(urls: Sequence[str], dest: str | os.PathLike, *, md5: str | None,
@@ -115,24 +153,30 @@ def fetch(urls: Sequence[str], dest: str | os.PathLike, *, md5: str | None,
         raise DataError(f"no URL to download {dest.name} from; pass mirrors or set the mirror variable")
     failures = []
     created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
-    for url in urls:
-        try:
-            with atomic_path(dest) as tmp:
-                print(f"edgesqueeze: downloading {url} -> {dest}", file=sys.stderr)
-                got = _download_one(url, tmp, timeout)
-                if md5_of_decompressed:
-                    got = _md5_of_gunzipped(tmp)
-                if md5 is not None and got != md5.lower():
-                    what = "decompressed md5" if md5_of_decompressed else "md5"
-                    raise _Rejected(f"{what} {got}, expected {md5.lower()}")
-            return dest
-        except _Rejected as e:
-            failures.append(f"{url} ({e})")
-    for d in created:  # the folders made for the download, if nothing else went in them
-        try:
-            d.rmdir()
-        except OSError:
-            break
+    _remove_stale_downloads(dest)
+    done = False
+    try:
+        for url in urls:
+            try:
+                with atomic_path(dest) as tmp:
+                    print(f"edgesqueeze: downloading {url} -> {dest}", file=sys.stderr)
+                    got = _download_one(url, tmp, timeout)
+                    if md5_of_decompressed:
+                        got = _md5_of_gunzipped(tmp)
+                    if md5 is not None and got != md5.lower():
+                        what = "decompressed md5" if md5_of_decompressed else "md5"
+                        raise _Rejected(f"{what} {got}, expected {md5.lower()}")
+                done = True
+                return dest
+            except _Rejected as e:
+                failures.append(f"{url} ({e})")
+    finally:
+        if not done:  # failed or interrupted (Ctrl-C, SIGTERM): the folders made for it, if still empty
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
     raise DataError(f"could not download {dest.name} to {dest.parent}: every mirror failed: "
                     + "; ".join(failures)
                     + ". Check the network, or download the file yourself into that folder "
