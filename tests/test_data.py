@@ -196,6 +196,45 @@ def test_mnist_lookup_local_and_mismatched_counts(isolated):
         load_dataset("mnist", download=False)
 
 
+def test_a_data_dir_that_does_not_hold_the_dataset_says_which_copy_is_used(isolated, tmp_path, capsys):
+    """A --data-dir with a typo, or holding 3 of the 4 files, fell through to ./data (or the
+    shared copy) without a word, exit 0: another copy of the data was used."""
+    _write_fake_mnist(isolated / "data" / "mnist", n_test=10)
+    _write_fake_mnist(tmp_path / "mine" / "mnist", n_test=6)
+    (tmp_path / "mine" / "mnist" / "t10k-labels-idx1-ubyte").unlink()
+    capsys.readouterr()
+    assert len(load_dataset("mnist", data_dir=tmp_path / "mine", download=False).test_y) == 10
+    err = capsys.readouterr().err
+    assert f"--data-dir {tmp_path / 'mine'} holds no MNIST" in err
+    assert f"{tmp_path / 'mine' / 'mnist'} holds only 3 of the 4 MNIST files (missing t10k-labels-idx1-ubyte" in err
+    assert f"using {isolated / 'data' / 'mnist'}" in err
+    load_dataset("mnist", data_dir=tmp_path / "typo", download=False)
+    assert f"--data-dir {tmp_path / 'typo'} does not exist" in capsys.readouterr().err
+    load_dataset("mnist", download=False)  # no --data-dir, the first copy complete: nothing to say
+    assert "note" not in capsys.readouterr().err
+    # Kaggle's names for the same files
+    (tmp_path / "mine" / "mnist" / "t10k-images-idx3-ubyte.gz").rename(
+        tmp_path / "mine" / "mnist" / "t10k-images.idx3-ubyte.gz")
+    (isolated / "data" / "mnist" / "t10k-labels-idx1-ubyte").rename(
+        tmp_path / "mine" / "mnist" / "t10k-labels.idx1-ubyte")
+    (tmp_path / "mine" / "mnist" / "t10k-labels.idx1-ubyte").write_bytes(idx_bytes(np.arange(6) % 10))
+    assert len(load_dataset("mnist", data_dir=tmp_path / "mine", download=False).test_y) == 6
+    assert "note" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"data_dir": 123}, "data_dir: expected a folder path, got 123"),
+    ({"data_dir": ""}, "data_dir: expected a folder path"),
+    ({"limit": 10, "seed": None}, "seed: expected a whole number >= 0, got None"),
+    ({"image_size": 100_000}, "image_size: at most 1024"),
+    ({"image_size": 1}, "image_size must be an integer >= 4"),
+    ({"download": "no"}, "download: expected True or False, got 'no'"),
+])
+def test_load_dataset_refuses_wrong_arguments(kwargs, says):
+    with pytest.raises(DataError, match=says):
+        load_dataset("digits", **kwargs)
+
+
 def test_missing_mnist_without_download_names_places(isolated, tmp_path):
     here = tmp_path / "elsewhere"
     with pytest.raises(DataError) as e:

@@ -85,7 +85,8 @@ def load(tag: str, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | N
 
 
 def _array_sha256(arr: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest()
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    return hashlib.sha256(memoryview(flat).cast("B") if flat.size else b"").hexdigest()
 
 
 def _digest(meta: dict[str, Any]) -> str:

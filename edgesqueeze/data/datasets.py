@@ -378,28 +378,56 @@ def _load_digits(image_size: int) -> Dataset:
     return Dataset("digits", tx, ty, vx, vy, tuple(str(i) for i in range(10)), mean, std)
 
 
-def _find_mnist(search: list[Path]) -> tuple[list[Path] | None, list[Path]]:
-    """The four IDX files from the first folder that holds all of them (.gz or raw)."""
+def _mnist_names(stem: str) -> tuple[str, ...]:
+    """The names one MNIST file goes by: ``train-images-idx3-ubyte[.gz]``, and as Kaggle's
+    copy names it, ``train-images.idx3-ubyte``."""
+    kaggle = stem.replace("-idx", ".idx")
+    return (f"{stem}.gz", stem, f"{kaggle}.gz", kaggle)
+
+
+def _find_mnist(search: list[Path], partial: list[str] | None = None) -> tuple[list[Path] | None, list[Path]]:
+    """The four IDX files from the first folder that holds all of them (.gz or raw).
+    ``partial`` gets one line per folder before it that holds some but not all of them (a
+    file missing or misnamed there would otherwise pass unnoticed, another copy used)."""
     looked = []
     for d in search:
         for loc in (d / "mnist", d):
             looked.append(loc)
-            found = []
+            found, missing = [], []
             for stem in MNIST_FILES:
-                hit = next((p for p in (loc / f"{stem}.gz", loc / stem) if p.is_file()), None)
-                if hit is None:
-                    break
-                found.append(hit)
-            else:
+                try:
+                    hit = next((loc / n for n in _mnist_names(stem) if (loc / n).is_file()), None)
+                except OSError:  # an unreadable folder holds nothing we can use
+                    hit = None
+                (found.append(hit) if hit is not None else missing.append(stem))
+            if not missing:
                 return found, looked
+            if found and partial is not None:
+                partial.append(f"{loc} holds only {len(found)} of the 4 MNIST files (missing "
+                               f"{', '.join(f'{m}[.gz]' for m in missing)})")
     return None, looked
 
 
-def _load_mnist(search: list[Path], download: bool, image_size: int | None) -> Dataset:
-    files, looked = _find_mnist(search)
+def _other_copy_note(what: str, used: Path, data_dir: Path | None, partial: list[str]) -> None:
+    """Say on stderr when the copy used is not in ``--data-dir`` (a typo, an empty or half-filled
+    folder fell through to ./data or ../shared without a word), and which folders held part of
+    the dataset."""
+    notes = list(partial)
+    if data_dir is not None and not Path(os.path.abspath(used)).is_relative_to(data_dir):
+        notes.insert(0, f"--data-dir {data_dir} " + ("does not exist" if not data_dir.exists()
+                                                     else f"holds no {what}"))
+    if notes:
+        print(f"edgesqueeze: note: {'; '.join(notes)}; using {used}", file=sys.stderr)
+
+
+def _load_mnist(search: list[Path], download: bool, image_size: int | None,
+                data_dir: Path | None = None) -> Dataset:
+    partial: list[str] = []
+    files, looked = _find_mnist(search, partial)
     if files is None:
         names = ", ".join(f"{s}[.gz]" for s in MNIST_FILES)
-        missing = f"MNIST not found: looked for {names} in {_where(looked)}"
+        missing = f"MNIST not found: looked for {names} in {_where(looked)}" + (f" ({'; '.join(partial)})"
+                                                                               if partial else "")
         if not download:
             raise DataError(f"{missing}; downloading is off (download=False): put the four files in one of "
                             f"these folders, or {_WHAT_TO_DO}")
@@ -412,6 +440,8 @@ def _load_mnist(search: list[Path], download: bool, image_size: int | None) -> D
         except DataError as e:
             raise DataError(f"{missing}; downloading failed: {e}") from e
         files, _ = _find_mnist([dest])
+    else:
+        _other_copy_note("MNIST", files[0].parent, data_dir, partial)
 
     def build():
         tx, ty, vx, vy = (read_idx(p, ndim=3 if "images" in p.name else 1) for p in files)
@@ -463,7 +493,8 @@ def _folder_dataset(src_path: Path, image_size: int | None, desc: str):
     return tx, ty, vx, vy, tuple(classes)
 
 
-def _load_cifar10(search: list[Path], download: bool, image_size: int | None) -> Dataset:
+def _load_cifar10(search: list[Path], download: bool, image_size: int | None,
+                  data_dir: Path | None = None) -> Dataset:
     """First of, per search folder: pickled batches, the official .tar.gz, the JPEG zip or folder."""
     looked = []
     found = None
@@ -489,6 +520,8 @@ def _load_cifar10(search: list[Path], download: bool, image_size: int | None) ->
             found = ("tar", download_cifar10(dest))
         except DataError as e:
             raise DataError(f"{missing}; downloading failed: {e}") from e
+    else:
+        _other_copy_note("CIFAR-10", found[1], data_dir, [])
     kind, path = found
 
     def build():
@@ -771,9 +804,20 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     images are decoded batch by batch in DataLoader workers, never all held in memory.
     """
     check_dataset_name(name)
-    _check_opt_int("image_size", image_size, 1)
+    _check_opt_int("image_size", image_size, 4)
+    if image_size is not None and image_size > 1024:  # as data.image_size: 100000 was a MemoryError
+        raise DataError(f"image_size: at most 1024 pixels a side, got {image_size}")
     _check_opt_int("limit", limit, 1)
+    if seed is None:
+        raise DataError("seed: expected a whole number >= 0, got None")
     _check_opt_int("seed", seed, 0)
+    if not isinstance(download, bool):
+        raise DataError(f"download: expected True or False, got {download!r}")
+    if data_dir is not None:
+        if not isinstance(data_dir, (str, os.PathLike)) or isinstance(data_dir, bytes) or not str(data_dir).strip():
+            raise DataError(f"data_dir: expected a folder path, got {data_dir!r}")
+        data_dir = Path(data_dir).expanduser()
+    given = Path(os.path.abspath(data_dir)) if data_dir is not None else None
     name = name.strip()
     low = name.lower()
     if low.startswith(("imagefolder:", "imagenet:")):  # recorded as an absolute path: a model that
@@ -789,9 +833,9 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     elif low == "digits":
         ds = _load_digits(image_size or 28)
     elif low == "mnist":
-        ds = _load_mnist(data_search_path(data_dir), download, image_size)
+        ds = _load_mnist(data_search_path(data_dir), download, image_size, given)
     elif low == "cifar10":
-        ds = _load_cifar10(data_search_path(data_dir), download, image_size)
+        ds = _load_cifar10(data_search_path(data_dir), download, image_size, given)
     elif low == "imagenet-sample":
         ds = _load_imagenet_sample(data_search_path(data_dir), image_size)
     else:
