@@ -177,6 +177,37 @@ def test_idx_roundtrip_and_errors(tmp_path):
     assert str(cut) in str(e.value)
 
 
+def test_idx_reading_stops_at_what_the_header_asks_and_names_misnamed_files(tmp_path):
+    """A small .gz inflating to gigabytes was decompressed whole before the header was read
+    (400 KB took 1 GB of memory); a plain IDX file named .gz, or a gzip named without it,
+    got messages about truncation and magic numbers."""
+    import tracemalloc
+
+    bomb = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as fh:
+        fh.write(idx_bytes(np.arange(10) % 10))
+        for _ in range(50):
+            fh.write(bytes(1 << 20))  # 50 MB of trailing zeros, in a ~50 KB file
+    tracemalloc.start()
+    with pytest.raises(DataError, match="IDX file is longer than its header says"):
+        read_idx(bomb)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 << 20, peak
+    plain = tmp_path / "labels.gz"
+    plain.write_bytes(idx_bytes(np.arange(10) % 10))
+    with pytest.raises(DataError, match="is a plain IDX file named .gz: rename it without .gz"):
+        read_idx(plain)
+    zipped = tmp_path / "labels"
+    zipped.write_bytes(gzip.compress(idx_bytes(np.arange(10) % 10)))
+    with pytest.raises(DataError, match="is gzip-compressed: name it labels.gz"):
+        read_idx(zipped)
+    huge = tmp_path / "huge"
+    huge.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 4_000_000_000, 4_000_000_000, 4_000_000_000))
+    with pytest.raises(DataError, match="ask for .* bytes, more than any MNIST-like file holds"):
+        read_idx(huge)
+
+
 def _write_fake_mnist(folder: Path, n_train=20, n_test=10):
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True, exist_ok=True)
@@ -193,6 +224,16 @@ def test_mnist_lookup_local_and_mismatched_counts(isolated):
     assert load_dataset("mnist", download=False, image_size=14).input_shape == (1, 14, 14)
     (isolated / "data" / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(9) % 10))
     with pytest.raises(DataError, match="holds 10 images but .* holds 9 labels"):
+        load_dataset("mnist", download=False)
+
+
+def test_mnist_files_with_no_images_are_refused(isolated):
+    """A test file of 0 images trained, wrote model.pt, then crashed (KeyError 'accuracy')."""
+    folder = isolated / "data" / "mnist"
+    _write_fake_mnist(folder)
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((0, 28, 28)))))
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(0)))
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz holds no images"):
         load_dataset("mnist", download=False)
 
 

@@ -451,6 +451,9 @@ def _load_mnist(search: list[Path], download: bool, image_size: int | None,
                                 f"from another dataset or damaged: delete both and download them again")
             if len(y) and y.max() > 9:
                 raise DataError(f"{py}: label {int(y.max())} is not a digit; delete it and download it again")
+        for x, px in ((tx, files[0]), (vx, files[2])):
+            if len(x) == 0:  # training on it finished, then the final test line crashed (KeyError)
+                raise DataError(f"{px} holds no images; delete it and download it again")
         if tx.shape[1:] != vx.shape[1:]:
             raise DataError(f"{files[0]} and {files[2]} hold images of different sizes")
         size = image_size or tx.shape[1]
@@ -532,6 +535,9 @@ def _load_cifar10(search: list[Path], download: bool, image_size: int | None,
                                 f"{', '.join(CIFAR10_CLASSES)}, found classes {', '.join(classes)}")
             return tx, ty, vx, vy, classes
         tx, ty, vx, vy = _cifar.load_batch_dir(path) if kind == "batches" else _cifar.load_tarball(path)
+        if len(tx) == 0 or len(vx) == 0:
+            raise DataError(f"{path}: holds no {'training' if len(tx) == 0 else 'test'} images; delete it and "
+                            "download it again")
         size = image_size or 32
         return _resize(tx, size), ty, _resize(vx, size), vy, CIFAR10_CLASSES
 
