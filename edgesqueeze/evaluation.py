@@ -151,6 +151,11 @@ def evaluate_file(
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta,
                         default_dataset=default_dataset)
     meta = loaded.meta
+    expected = meta.get("input_shape")
+    if image_size and expected and len(expected) == 3 and list(expected[1:]) != [image_size, image_size]:
+        # before the dataset is decoded and cached at that size (--image-size 2000 wrote 3 GB first)
+        raise DataError(f"--image-size {image_size} gives images of {image_size}x{image_size}, but {path} was "
+                        f"trained on {list(expected)}; leave out --image-size, or pass --image-size {expected[-1]}")
     ds, train, val = training_data(meta, source=path, dataset=dataset, data_dir=data_dir, seed=seed, limit=limit,
                                    image_size=image_size, val_fraction=val_fraction)
     x, y = {"test": (ds.test_x, ds.test_y), "val": val, "train": train}[split]

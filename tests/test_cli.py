@@ -115,6 +115,20 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(trained, tmp_pa
     assert not list(tmp_path.iterdir()) and sorted(p.name for p in trained.iterdir()) == before
 
 
+def test_eval_image_size_the_model_cannot_take_is_refused_before_any_decoding(trained, monkeypatch):
+    """--image-size 2000 decoded and cached the whole dataset at that size (3 GB for 800
+    MNIST images) before saying the model takes 28x28."""
+    import edgesqueeze.evaluation as evaluation
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the dataset was loaded")
+
+    monkeypatch.setattr(evaluation, "training_data", no_loading)
+    res = CliRunner().invoke(cli, ["eval", str(trained / "model.pt"), "--image-size", "64"])
+    assert res.exit_code == 2, res.output
+    assert "--image-size 64 gives images of 64x64, but" in res.output and "pass --image-size 28" in res.output
+
+
 def test_eval_wrong_dataset_class_count(trained, tmp_path):
     # a 3-class image folder vs a 10-class model
     from PIL import Image

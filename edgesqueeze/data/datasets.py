@@ -429,7 +429,7 @@ def _load_mnist(search: list[Path], download: bool, image_size: int | None,
         missing = f"MNIST not found: looked for {names} in {_where(looked)}" + (f" ({'; '.join(partial)})"
                                                                                if partial else "")
         if not download:
-            raise DataError(f"{missing}; downloading is off (download=False): put the four files in one of "
+            raise DataError(f"{missing}; downloading is off (data.download: false in the recipe; download=False): put the four files in one of "
                             f"these folders, or {_WHAT_TO_DO}")
         dest = _download_dir(search)
         if dest is None:
@@ -515,7 +515,7 @@ def _load_cifar10(search: list[Path], download: bool, image_size: int | None,
     if found is None:
         missing = f"CIFAR-10 not found: looked for {', '.join(map(str, looked))}"
         if not download:
-            raise DataError(f"{missing}; downloading is off (download=False): {_WHAT_TO_DO}")
+            raise DataError(f"{missing}; downloading is off (data.download: false in the recipe; download=False): {_WHAT_TO_DO}")
         dest = _download_dir(search)
         if dest is None:
             raise DataError(f"{missing}, and no search folder is writable to download into; {_WHAT_TO_DO}")
