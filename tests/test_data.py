@@ -237,6 +237,18 @@ def test_mnist_files_with_no_images_are_refused(isolated):
         load_dataset("mnist", download=False)
 
 
+def test_mnist_like_files_of_non_square_images_are_not_stretched_silently(isolated):
+    folder = isolated / "data" / "mnist"
+    _write_fake_mnist(folder)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(idx_bytes(rng.integers(0, 256, (n, 28, 20)))))
+    with pytest.raises(DataError, match=r"images are 28x20, not square; set data.image_size"):
+        load_dataset("mnist", download=False)
+    assert load_dataset("mnist", download=False, image_size=24).input_shape == (1, 24, 24)
+
+
 def test_a_data_dir_that_does_not_hold_the_dataset_says_which_copy_is_used(isolated, tmp_path, capsys):
     """A --data-dir with a typo, or holding 3 of the 4 files, fell through to ./data (or the
     shared copy) without a word, exit 0: another copy of the data was used."""

@@ -456,6 +456,9 @@ def _load_mnist(search: list[Path], download: bool, image_size: int | None,
                 raise DataError(f"{px} holds no images; delete it and download it again")
         if tx.shape[1:] != vx.shape[1:]:
             raise DataError(f"{files[0]} and {files[2]} hold images of different sizes")
+        if tx.shape[1] != tx.shape[2] and not image_size:  # was stretched to a square without a word
+            raise DataError(f"{files[0]}: images are {tx.shape[1]}x{tx.shape[2]}, not square; set data.image_size "
+                            "(--set data.image_size=N, or --image-size N) to resize them to NxN")
         size = image_size or tx.shape[1]
         return (_resize(tx[:, None], size), ty.astype(np.int64), _resize(vx[:, None], size),
                 vy.astype(np.int64), tuple(str(i) for i in range(10)))
