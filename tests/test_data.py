@@ -589,8 +589,8 @@ def test_shared_imagenet_sample():
 def test_imagenet_sample_layout(isolated):
     wnids = [f"n{i:08d}" for i in range(1000)]
     (isolated / "data").mkdir()
-    (isolated / "data" / "imagenet_classes.txt").write_text(
-        "".join(f"{i}\t{w}\tclass_{i}\n" for i, w in enumerate(wnids)))
+    (isolated / "data" / "imagenet_classes.txt").write_text(  # with a BOM, as a Windows editor saves it
+        "".join(f"{i}\t{w}\tclass_{i}\n" for i, w in enumerate(wnids)), encoding="utf-8-sig")
     src = isolated / "src" / "imagenet-sample-100"
     for label, (w, h) in ((3, (300, 260)), (7, (250, 400))):
         write_png(src / f"{wnids[label]}_thing.JPEG", np.full((h, w, 3), label, np.uint8))

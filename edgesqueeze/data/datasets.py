@@ -701,7 +701,11 @@ def _imagenet_preprocess(img, crop: int) -> np.ndarray:
 
 def _read_imagenet_classes(path: Path) -> tuple[list[str], list[str]]:
     wnids, names = [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM, as Windows editors write, is not the index
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the class list ({exc})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
