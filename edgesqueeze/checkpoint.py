@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -129,7 +130,8 @@ def load_resume_file(path: str | Path, what: str, resumed: str, advice: str) -> 
         raise CheckpointError(f"{path}: not {what} (it does not read as one: damaged, or another kind of file); "
                               f"{advice}") from None
     except CheckpointError as exc:  # truncated, or not a PyTorch file at all
-        raise CheckpointError(f"{str(exc).split('; ')[0]}; it is not {resumed}: {advice}") from None
+        said = str(exc).removesuffix("; is it truncated or of another format?")
+        raise CheckpointError(f"{said}; it is not {resumed}: {advice}") from None
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
@@ -204,6 +206,10 @@ def _safe_torch_load(path: Path) -> Any:
         raise _PickleRefused(str(exc)) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read as a PyTorch file ({_first_line(exc)}); "
+                              "is it truncated or of another format?") from None
+    except (KeyError, IndexError, TypeError, AttributeError, struct.error) as exc:
+        # torch's weights-only unpickler on bytes that are no pickle at all (a text file: KeyError 101)
+        raise CheckpointError(f"{path}: cannot read as a PyTorch file ({type(exc).__name__} {exc}); "
                               "is it truncated or of another format?") from None
 
 

@@ -337,15 +337,19 @@ class Recipe:
         blob = json.dumps(self._hashed(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def train_hash(self) -> str:
-        """Hash of what determines training (seed, model, data, train): resuming checks it,
-        so adding or editing a later stage (compress, export) does not orphan a run. The
-        thread count and the device are left out: a run started on 1 thread may continue on
-        2, one started on a GPU on the CPU."""
+    def train_part(self) -> dict:
+        """What determines training (seed, model, data, train), as :meth:`train_hash` hashes
+        it: the thread count, the device and the evaluation batch size are left out (a run
+        started on 1 thread may continue on 2, one started on a GPU on the CPU, and how many
+        images are scored at once changes no weight)."""
         d = self._hashed()
-        d["train"] = {k: v for k, v in d["train"].items() if k != "threads"}
-        blob = json.dumps({k: d[k] for k in ("seed", "model", "data", "train")}, sort_keys=True,
-                          separators=(",", ":"))
+        d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "eval_batch_size")}
+        return {k: d[k] for k in ("seed", "model", "data", "train")}
+
+    def train_hash(self) -> str:
+        """Hash of :meth:`train_part`: resuming checks it, so adding or editing a later stage
+        (compress, export) does not orphan a run."""
+        blob = json.dumps(self.train_part(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def out_dir(self) -> Path:

@@ -15,6 +15,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -248,7 +249,10 @@ def _write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
     write_text_atomic(out_dir / "metrics.csv", buf.getvalue())
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str, label_smoothing: float = 0.0) -> None:
+    """Loss and accuracy per epoch. With ``label_smoothing`` the training loss is the smoothed
+    cross-entropy the optimizer saw (higher than the plain one of the validation curve), and
+    its label says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,7 +260,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-",
+             label=f"train (label smoothing {label_smoothing:g})" if label_smoothing else "train")
     if any("val_loss" in h for h in history):
         ax1.plot(epochs, [h.get("val_loss", float("nan")) for h in history], "o-", label="validation")
     ax1.set_xlabel("epoch"), ax1.set_ylabel("cross-entropy"), ax1.set_title("loss"), ax1.legend()
@@ -284,6 +289,7 @@ def _save_state(path: Path, model: nn.Module, optimizer, gen: torch.Generator, s
         "history_json": json.dumps(history),
         "recipe_hash": recipe.hash(),
         "train_hash": recipe.train_hash(),
+        "train_part_json": json.dumps(recipe.train_part(), sort_keys=True),  # a refused resume names what changed
         "meta_json": json.dumps(meta),
         "threads": torch.get_num_threads(),  # float sums depend on it: --resume computes with the same
     }
@@ -336,7 +342,7 @@ def fit(
     out_dir: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     log: Log = print,
 ) -> TrainResult:
     """Train the recipe's model on its dataset; write checkpoints, metrics and curves.
@@ -345,6 +351,10 @@ def fit(
     checkpoint), ``last.pt`` (resumable state, rewritten each epoch), ``metrics.csv``,
     ``metrics.json``, ``curves.png``, ``recipe.json``. Launched by ``torchrun``, it trains
     data-parallel (:mod:`edgesqueeze.distributed`): rank 0 writes and logs.
+
+    ``progress``: progress bars (default: when stderr is a terminal). The model returned is
+    in eval mode, as :func:`~edgesqueeze.checkpoint.load_model` gives ``model.pt``; the
+    caller's torch thread count and global random state come back as they were.
     """
     from edgesqueeze import distributed
     from edgesqueeze.device import check_precision, resolve_device
@@ -354,9 +364,19 @@ def fit(
 
         raise RecipeError(f"fit takes a Recipe (load_recipe(path) or recipe_from_dict(dict)), got "
                           f"{type(recipe).__name__}")
+    if resume and overwrite:
+        raise EdgesqueezeError("fit: resume=True continues the run in out_dir and overwrite=True starts over; "
+                               "give one of them")
+    if out_dir is not None and (not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip()):
+        raise EdgesqueezeError(f"fit: out_dir: expected a folder path (or None for artifacts/<recipe name>), got "
+                               f"{out_dir!r}")
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
     t_start = time.perf_counter()
     cfg = recipe.train
-    out = Path(out_dir) if out_dir else recipe.out_dir()
+    out = Path(out_dir) if out_dir is not None else recipe.out_dir()
     from edgesqueeze._io import lock_output_folder
 
     if not distributed.launched():  # one process: at once (under torchrun every rank must agree: below)
@@ -372,6 +392,7 @@ def fit(
     group = distributed.setup(device)  # launched by torchrun: one of WORLD_SIZE processes
     distributed.explain_termination(group, out)
     threads_before = torch.get_num_threads()  # set_threads changes the process's: the caller's comes back
+    rng_before = torch.get_rng_state()  # training seeds torch's global generator: the caller's comes back
     try:
         _no_previous_run(group, out, resume or overwrite)
         if group.main:  # before the data and the epochs: a folder in the way was found after training
@@ -388,6 +409,7 @@ def fit(
     finally:
         distributed.teardown(group)
         torch.set_num_threads(threads_before)
+        torch.set_rng_state(rng_before)
 
 
 def _no_previous_run(group, out: Path, allowed: bool) -> None:
@@ -412,6 +434,26 @@ OUTPUTS = (*_FINAL_OUTPUTS, "last.pt", "recipe.json")  # every file a run writes
 
 def _quiet(_msg: str) -> None:
     pass
+
+
+def _changed_keys(saved_json: Any, now: dict) -> list[str]:
+    """Dotted keys whose values differ between the training part a state recorded and the
+    recipe's now (``train.lr``); [] when the state recorded none (older files)."""
+    try:
+        saved = json.loads(saved_json) if isinstance(saved_json, str) else None
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        return []
+    now = json.loads(json.dumps(now, sort_keys=True))  # as it was stored: tuples as lists
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [k for key in sorted({*a, *b}, key=str)
+                    for k in walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
+        return [] if a == b else [prefix]
+
+    return walk(saved, now, "")
 
 
 def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float, *, resume: bool, progress: bool,
@@ -458,6 +500,10 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     if len(ds.train_x) == 0:
         raise DataError(f"dataset '{ds.name}' has no training images")
     (x_tr, y_tr), (x_val, y_val) = split_train_val(ds, recipe.data.val_fraction, recipe.seed)
+    if len(x_tr) == 0:  # it crashed in the learning-rate schedule (ZeroDivisionError) after recipe.json
+        raise DataError(f"data.val_fraction {recipe.data.val_fraction:g} holds out all {len(ds.train_x)} training "
+                        "images of the dataset; lower data.val_fraction" + (" or raise data.limit"
+                                                                           if recipe.data.limit else ""))
     augment = _augment_for(recipe, ds.name)
 
     torch.manual_seed(recipe.seed)
@@ -520,8 +566,12 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
             raise EdgesqueezeError(f"{state_path}: was written by an older edgesqueeze that cannot be resumed; "
                                    "pass --overwrite to start over")
         if st["train_hash"] != recipe.train_hash():
-            raise EdgesqueezeError(f"{state_path}: was written by a different recipe (training settings hash "
-                                   f"{st['train_hash'][:12]}); pass --overwrite to start over")
+            changed = _changed_keys(st.get("train_part_json"), recipe.train_part())
+            said = (f"{', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''} differ"
+                    if changed else f"training settings hash {st['train_hash'][:12]}")
+            raise EdgesqueezeError(f"{state_path}: was written by a different recipe ({said}; the schedule and the "
+                                   "data order depend on them); put them back to resume, or pass --overwrite to "
+                                   "start over (to train longer, start a new run with more epochs)")
         started = int(st.get("world_size", 1))
         if started != group.world:
             how = f"torchrun --nproc_per_node {started} -m edgesqueeze train" if started > 1 else "edgesqueeze train"
@@ -530,6 +580,10 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
                 f"resume it with {how} ... --resume (the global batch and the data order depend on it)")
         if device.type == "cpu":
             threads = resume_threads(st.get("threads"), log, "training")
+            if cfg.threads and cfg.threads != threads:  # the recipe recorded is the one that computed
+                recipe = dataclasses.replace(recipe, train=dataclasses.replace(cfg, threads=threads))
+                cfg = recipe.train
+                meta["recipe_hash"] = recipe.hash()
         load_state_dict_checked(model, st["state_dict"], source=str(state_path), plain=False)
         optimizer.load_state_dict(st["optimizer"])  # its state moves to the parameters' device
         if scaler is not None and st.get("grad_scaler"):
@@ -542,14 +596,18 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     elif resume:
         log(f"nothing to resume in {out}: starting from scratch")
 
+    if device.type == "cpu":  # float sums depend on it; `threads: 0` does not say what it was
+        meta["train_threads"] = threads
     if group.main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2, sort_keys=True))
     log(f"training {recipe.model.arch} on {ds.name}: {len(x_tr)} train / {len(x_val)} val images, "
-        f"{n_epochs} epochs x {steps_per_epoch} steps, "
+        f"{n_epochs} epoch{'s' if n_epochs != 1 else ''} ({total_steps} steps of {steps_per_epoch} an epoch), "
         + (f"{threads} thread{'s' if threads != 1 else ''}" if device.type == "cpu" else f"on {device} ({cfg.precision})")
         + (f", {group.world} processes (torch.distributed)" if group.active else "") + f" -> {out}")
 
+    if cfg.optimizer != "sgd" and (cfg.momentum != 0.9 or cfg.nesterov is not True):
+        log(f"note: train.momentum and train.nesterov apply to sgd only; {cfg.optimizer} ignores them")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for epoch in range(start_epoch, n_epochs):
         t0 = time.perf_counter()
@@ -577,7 +635,8 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         row["epoch_s"] = time.perf_counter() - t0
         history.append(row)
         val_txt = f"  val loss {row['val_loss']:.4f} acc {100 * row['val_accuracy']:.2f}%" if len(x_val) else ""
-        log(f"epoch {epoch + 1:>3}/{n_epochs}  train loss {row['train_loss']:.4f} acc "
+        log(f"epoch {epoch + 1:>3}/{n_epochs}  train loss{' (smoothed)' if cfg.label_smoothing else ''} "
+            f"{row['train_loss']:.4f} acc "
             f"{100 * row['train_accuracy']:.2f}%{val_txt}  ({row['epoch_s']:.1f}s)")
         if group.main:  # the other ranks hold the same state and write nothing
             _save_state(state_path, model, optimizer, gen, scaler, group, epoch=epoch + 1, step=step,
@@ -600,14 +659,15 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     }  # no wall times in the checkpoint: same recipe and seed, same bytes (they go to summary.json)
     if cfg.channels_last:
         model = model.to(memory_format=torch.contiguous_format)
-    model = model.cpu()  # what compress, export and the caller expect
+    model = model.cpu().eval()  # what compress, export and the caller expect: as load_model gives model.pt
     if group.active:
         meta["train_processes"] = group.world
     ckpt = out / "model.pt"
     if group.main:
         save_checkpoint(ckpt, model, meta)
         if history:
-            plot_curves(history, out / "curves.png", f"{recipe.name}: {recipe.model.arch} on {ds.name}")
+            plot_curves(history, out / "curves.png", f"{recipe.name}: {recipe.model.arch} on {ds.name}",
+                        label_smoothing=cfg.label_smoothing)
         write_text_atomic(out / "summary.json", json.dumps({
             "test": test, "history": history[-1:] if history else [], "wall_s": wall,
             "train_wall_s": round(sum(h["epoch_s"] for h in history), 2)}, indent=2))

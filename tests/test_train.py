@@ -78,9 +78,12 @@ def test_same_seed_same_result_and_resume_is_exact(tmp_path):
     fit(_recipe(c, epochs=1), progress=False, log=_quiet)
     state = torch.load(c / "last.pt", weights_only=True)
     assert state["epoch"] == 1
-    # resuming refuses a different recipe ...
-    with pytest.raises(EdgesqueezeError, match="different recipe"):
+    # resuming refuses a different recipe, naming what differs ...
+    with pytest.raises(EdgesqueezeError, match=r"different recipe \(train.epochs differ;"):
         fit(_recipe(c, epochs=2), resume=True, progress=False, log=_quiet)
+    with pytest.raises(EdgesqueezeError, match=r"different recipe \(train.lr, train.momentum differ;"):
+        fit(_recipe(c, epochs=1, lr=0.05, momentum=0.5), resume=True, progress=False, log=_quiet)
+    fit(_recipe(c, epochs=1, eval_batch_size=64), resume=True, progress=False, log=_quiet)  # scoring, not training
     # ... and a state from before training hashes existed, with a clear way out
     del state["train_hash"]
     torch.save(state, c / "last.pt")
@@ -117,10 +120,14 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
         train_mod.save_train_state = real_save
     assert not (part / "model.pt").exists()
     logs = []
-    fit(recipe, resume=True, progress=False, log=logs.append)
+    # resumed asking for 2 threads: it computes with the 1 the run started with, and records
+    # that recipe (recipe.json and the hash said 2 threads though 1 computed)
+    fit(_recipe(part, epochs=3, threads=2), resume=True, progress=False, log=logs.append)
     assert any("resuming" in line and "after epoch 1/3" in line for line in logs)
     wa, wb = _weights(full / "model.pt"), _weights(part / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((part / "recipe.json").read_text())["train"]["threads"] == 1
+    assert load_model(part / "model.pt").meta["recipe_hash"] == recipe.hash()
     assert json.loads((part / "metrics.json").read_text()) != []
 
 
@@ -363,3 +370,62 @@ def test_a_damaged_state_file_is_one_line_naming_it(tmp_path):
             assert len(said) == 1 and said[0].startswith(f"error: {out / name}: {why}"), stderr
             assert "delete it, or leave out --resume" in said[0], stderr
             assert not (out / "model.pt").exists() and not (out / "model.esq").exists()
+
+
+def test_fit_gives_the_model_in_eval_mode_and_the_callers_random_state_back(tmp_path):
+    """fit's model was left in training mode (dropout on, BatchNorm statistics moving with each
+    call, unlike load_model's), and fit re-seeded torch's global generator for the caller."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    res = fit(_recipe(tmp_path / "m", epochs=0.2), progress=False, log=_quiet)
+    assert torch.equal(torch.rand(3), expected)
+    assert not res.model.training
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        first = res.model(x)
+        assert torch.equal(res.model(x), first)
+    saved = load_model(tmp_path / "m" / "model.pt").model
+    assert all(torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), saved.state_dict().values()))
+    assert load_model(tmp_path / "m" / "model.pt").meta["train_threads"] == 1
+
+
+def test_fit_refuses_what_it_cannot_do_before_writing(tmp_path):
+    """A validation split that holds out every training image crashed in the schedule
+    (ZeroDivisionError) after recipe.json was written; fit(resume=True, overwrite=True) and
+    out_dir="" (which wrote to artifacts/<name>) were taken."""
+    from edgesqueeze.errors import DataError
+
+    recipe = recipe_from_dict({"version": 1, "name": "t", "model": {"arch": "squeezenet_mnist"},
+                               "data": {"dataset": "digits", "limit": 10, "val_fraction": 0.99},
+                               "train": {"epochs": 1, "threads": 1}})
+    with pytest.raises(DataError, match=r"data.val_fraction 0.99 holds out all .* training images.*raise data.limit"):
+        fit(recipe, out_dir=tmp_path / "v", progress=False, log=_quiet)
+    assert not (tmp_path / "v" / "recipe.json").exists()
+    with pytest.raises(EdgesqueezeError, match="give one of them"):
+        fit(recipe, out_dir=tmp_path / "w", resume=True, overwrite=True)
+    with pytest.raises(EdgesqueezeError, match="out_dir: expected a folder path"):
+        fit(recipe, out_dir="")
+
+
+def test_a_resume_state_that_is_a_text_file_is_one_error(tmp_path):
+    from edgesqueeze.errors import CheckpointError
+
+    c = tmp_path / "c"
+    fit(_recipe(c, epochs=0.2), progress=False, log=_quiet)
+    (c / "last.pt").write_text("hello\n")
+    with pytest.raises(CheckpointError, match=r"last.pt: cannot read as a PyTorch file .*it is not a training state"):
+        fit(_recipe(c, epochs=0.2), resume=True, progress=False, log=_quiet)
+
+
+def test_label_smoothing_and_optimizer_settings_are_said(tmp_path):
+    """A label-smoothed training loss was printed and plotted as the plain cross-entropy of
+    the validation curve (1.85 beside 0.86); adam took momentum without a word."""
+    logs = []
+    fit(_recipe(tmp_path / "s", epochs=0.3, label_smoothing=0.5, optimizer="adam", momentum=0.5, lr=0.001),
+        progress=False, log=logs.append)
+    assert any("train loss (smoothed)" in line for line in logs), logs
+    assert any("train.momentum and train.nesterov apply to sgd only; adam ignores them" in line for line in logs)
+    logs.clear()
+    fit(_recipe(tmp_path / "p", epochs=0.3), progress=False, log=logs.append)
+    assert not any("smoothed" in line or "apply to sgd only" in line for line in logs), logs
