@@ -512,7 +512,10 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     from_data = {"num_classes": ds.num_classes, "in_channels": ds.input_shape[0]}
     if is_import_spec(recipe.model.arch):  # the user's class may not take in_channels
         from_data = accepted_kwargs(recipe.model.arch, from_data)
-    model = build_model(recipe.model.arch, **{**from_data, **recipe.model.kwargs})
+    try:
+        model = build_model(recipe.model.arch, **{**from_data, **recipe.model.kwargs})
+    except ModelError as exc:  # "SqueezeNetConfig.width_mult: ..." did not say where it came from
+        raise ModelError(f"model ({recipe.model.arch}, kwargs {recipe.model.kwargs or '{}'}): {exc}") from None
     _check_model_fits(model, ds, recipe.model.arch)
     model = model.to(device)  # the CPU: the same module, untouched
     if cfg.channels_last:

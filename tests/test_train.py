@@ -429,3 +429,13 @@ def test_label_smoothing_and_optimizer_settings_are_said(tmp_path):
     logs.clear()
     fit(_recipe(tmp_path / "p", epochs=0.3), progress=False, log=logs.append)
     assert not any("smoothed" in line or "apply to sgd only" in line for line in logs), logs
+
+
+def test_a_model_keyword_error_names_the_recipes_model_section(tmp_path):
+    from edgesqueeze.errors import ModelError
+
+    recipe = recipe_from_dict({"version": 1, "name": "t", "model": {"arch": "squeezenet_mnist",
+                                                                   "kwargs": {"width_mult": 0}},
+                               "data": {"dataset": "digits", "limit": 100}, "train": {"epochs": 0.1, "threads": 1}})
+    with pytest.raises(ModelError, match=r"^model \(squeezenet_mnist, kwargs \{'width_mult': 0\}\): .*width_mult"):
+        fit(recipe, out_dir=tmp_path / "m", progress=False, log=_quiet)

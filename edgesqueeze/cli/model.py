@@ -29,7 +29,8 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
     """Train the model a recipe describes.
 
     Writes model.pt (checkpoint with metadata), last.pt (resumable state, every epoch),
-    metrics.csv/json and curves.png to the output directory.
+    metrics.csv/json, curves.png, summary.json (test accuracy, wall times) and recipe.json
+    (the recipe as run) to the output directory.
 
     \b
     Example:
@@ -70,7 +71,7 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
                  progress=_progress_default() if progress is None else progress,
                  log=lambda s: click.echo(s))
     if result.main:  # under torchrun, rank 0 speaks for the run
-        click.echo(f"outputs: {result.out_dir}/ (model.pt, metrics.csv, metrics.json, curves.png)")
+        click.echo(f"outputs: {result.out_dir}/ (model.pt, metrics.csv, metrics.json, curves.png, summary.json)")
 
 
 @cli.command("eval")

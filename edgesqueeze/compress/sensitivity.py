@@ -55,7 +55,7 @@ def sensitivity(
     if not len(x_val):
         n_train = len(ds.train_x)
         why = (f"'{ds.name}' has no training images to hold them out of, only its test split" if not n_train else
-               f"none of '{ds.name}''s {n_train:,} training images were held out (the model records "
+               f"none of the {n_train:,} training images of '{ds.name}' were held out (the model records "
                f"data.val_fraction {meta.get('val_fraction', 0)})")
         raise EdgesqueezeError(f"{checkpoint}: no validation images to measure on: {why}; sensitivity measures "
                                "on validation images so that the test split stays unseen: pass --data a dataset "
