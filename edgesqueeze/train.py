@@ -504,6 +504,14 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         raise DataError(f"data.val_fraction {recipe.data.val_fraction:g} holds out all {len(ds.train_x)} training "
                         "images of the dataset; lower data.val_fraction" + (" or raise data.limit"
                                                                            if recipe.data.limit else ""))
+    untrained = sorted(set(range(ds.num_classes)) - set(y_tr.tolist()))
+    if untrained:  # a tiny limit or folder: the model is scored on classes it never saw
+        names = ", ".join(str(ds.classes[i]) for i in untrained[:5]) + (", ..." if len(untrained) > 5 else "")
+        log(f"note: {len(untrained)} of {ds.num_classes} classes have no training images after the validation "
+            f"split ({names}): the model cannot learn them; raise data.limit or lower data.val_fraction")
+    if recipe.data.val_fraction > 0 and len(x_val) == 0:
+        log(f"note: data.val_fraction {recipe.data.val_fraction:g} of {len(ds.train_x)} training images rounds to "
+            "none: no validation split (validation columns and curves are empty)")
     augment = _augment_for(recipe, ds.name)
 
     torch.manual_seed(recipe.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -439,3 +440,20 @@ def test_a_model_keyword_error_names_the_recipes_model_section(tmp_path):
                                "data": {"dataset": "digits", "limit": 100}, "train": {"epochs": 0.1, "threads": 1}})
     with pytest.raises(ModelError, match=r"^model \(squeezenet_mnist, kwargs \{'width_mult': 0\}\): .*width_mult"):
         fit(recipe, out_dir=tmp_path / "m", progress=False, log=_quiet)
+
+
+def test_classes_without_training_images_and_an_empty_validation_split_are_said(tmp_path):
+    """data.limit 10 left the only 7 in the validation split: trained without it, scored on
+    it, not a word; a val_fraction rounding to no image was silent too."""
+    logs = []
+    recipe = recipe_from_dict({"version": 1, "name": "t", "model": {"arch": "squeezenet_mnist",
+                                                                   "kwargs": {"width_mult": 0.25}},
+                               "data": {"dataset": "digits", "limit": 10, "val_fraction": 0.1},
+                               "train": {"epochs": 0.5, "threads": 1}})
+    fit(recipe, out_dir=tmp_path / "a", progress=False, log=logs.append)
+    assert any("1 of 10 classes have no training images after the validation split" in m for m in logs), logs
+    logs.clear()
+    fit(dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, val_fraction=0.01)),
+        out_dir=tmp_path / "b", progress=False, log=logs.append)
+    assert any("data.val_fraction 0.01 of 10 training images rounds to none" in m for m in logs), logs
+    assert not any("no training images" in m for m in logs), logs
