@@ -149,6 +149,10 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)  # built in Python too: held to the recipe's rules
+        if self.weight_rounding == "gptq" and self.int8_weights == "per-tensor":  # refused after a file, before
+            raise RecipeError("export.weight_rounding: gptq rounds onto the per-channel int8 grid, and "
+                              "export.int8_weights is per-tensor (--weight-rounding gptq, --int8-weights "
+                              "per-tensor); choose nearest rounding or per-channel weights")
         bad = [f for f in self.formats if f not in ALL_FORMATS]
         if bad:
             import difflib
@@ -198,6 +202,8 @@ class ExportConfig:
         values, is asked for by name)."""
         if self.weight_rounding != "auto":
             return self.weight_rounding
+        if self.int8_weights == "per-tensor":  # GPTQ rounds onto the per-channel grid
+            return "nearest"
         return "nearest" if shared else self.WEIGHT_ROUNDING[int8_base(artifact_format)]
 
     def int8_per_channel(self, artifact_format: str, shared: bool = False) -> bool:

@@ -146,6 +146,14 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
         raise DataError(f"{source}: does not record its input shape or dataset; pass --data NAME (its images "
                         "give the shape, calibration and normalization) or --input-shape C,H,W")
+    if meta.get("mean") is None or meta.get("std") is None:
+        from edgesqueeze.errors import DataError
+
+        # the files would take pixels / 255 as they are (mean 0, std 1): a digits model scored 9.75%
+        raise DataError(f"{source}: records no input normalization (mean and std) nor the dataset it was "
+                        "trained on, so the exported files would feed it raw pixels / 255; pass --data NAME "
+                        "(measured on its training images) or --mean/--std (--mean 0 --std 1 if it does take "
+                        "raw pixels / 255)")
     from edgesqueeze.models.probe import check_fits
     from edgesqueeze.models.program import lifted_module
 
@@ -166,6 +174,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         check_float_layers(model, names, what=f"export.float_layers_by_format.{fmt}")
     if config.float_layers and not any(f in INT8_FORMATS for f in config.formats):
         log(f"note: float_layers {list(config.float_layers)} only apply to the int8 formats")
+    _some_layer_int8(model, config)
     s2d_stem = _space_to_depth_stem(model, meta, config, log)  # before any file is written
     if "tflite-micro" in config.formats:  # the optional package, before any file is written
         from edgesqueeze.export.tflm import import_micro
@@ -267,6 +276,23 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         return written
 
 
+def _some_layer_int8(model, config: ExportConfig) -> None:
+    """Refuse an int8 format whose float layers cover every conv and linear layer: the file
+    held no int8 weight (only quantize/dequantize pairs on its activations) and was written
+    as int8 without a word."""
+    from edgesqueeze.errors import ExportError
+    from edgesqueeze.export._common import weighted_layers
+
+    every = {id(m) for m in weighted_layers(model)}
+    for fmt in (f for f in config.formats if f in INT8_FORMATS):
+        names = config.float_layers_for(fmt)
+        kept = {id(m) for n in names for m in weighted_layers(model.get_submodule(n))}
+        if every and kept >= every:
+            raise ExportError(f"{fmt}: the float layers ({', '.join(names)}) hold every conv and linear layer of "
+                              "the model, so the file would have no int8 weight; export onnx / tflite for float, "
+                              "or keep fewer layers float")
+
+
 def output_names(config: ExportConfig, stem: str) -> list[str]:
     """The names of the files an export with ``config`` writes for the model ``stem``: one per
     format, and with --pack each one's packed ``.esq`` (a tflite-micro file is not packed)."""
@@ -352,6 +378,7 @@ def _export_tflite_int8(model, meta, path: Path, calib, config: ExportConfig, sh
     fmt = "tflite-int8"
     export_tflite_int8(model, meta, path, calib[0], calibration=config.calibration,
                        calibration_split=calib[1]["split"], calibration_seed=seed,
+                       calibration_dataset=calib[1].get("dataset"),
                        io=config.tflite_int8_io, fold_normalization=config.fold_normalization,
                        float_layers=config.float_layers_for(float_for),
                        weight_rounding=config.weight_rounding_for(fmt, shared),

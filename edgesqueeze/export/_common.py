@@ -84,6 +84,31 @@ def check_float_layers(model, float_layers, *, what: str = "float_layers") -> No
             top = sorted({n.split(".")[0] for n in names})
             raise ExportError(f"{what}: the model ({type(model).__name__}) has no module named '{layer}'{tip} "
                               f"(module names are torch paths under {', '.join(top)})")
+        if not weighted_layers(modules[layer]) and not _pools(modules[layer]):
+            # a BatchNorm (folded into the conv), a ReLU (fused), a Dropout: no int8 op of its own,
+            # so the name was recorded as float while the file computed it as before
+            before = [n for n in names[:names.index(layer)] if weighted_layers(modules[n]) and
+                      not any(k.startswith(n + ".") for k in names if k != n and weighted_layers(modules[k]))]
+            tip = f"; the conv or linear layer before it is '{before[-1]}'" if before else ""
+            raise ExportError(f"{what}: '{layer}' ({type(modules[layer]).__name__}) holds no conv, linear or "
+                              f"pooling layer, the ones an int8 file computes in int8 and can keep float{tip}")
+
+
+def _pools(module) -> list:
+    from torch import nn
+
+    kinds = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+             nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d)
+    return [m for m in module.modules() if isinstance(m, kinds)]
+
+
+def weighted_layers(module) -> list:
+    """The conv (1-3d) and linear layers in ``module`` (itself included): what int8 files
+    quantize, and so what a float layer name can keep float."""
+    from torch import nn
+
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    return [m for m in module.modules() if isinstance(m, kinds)]
 
 
 def artifact_meta(meta: dict[str, Any], artifact_format: str, *, normalization: str = "caller",

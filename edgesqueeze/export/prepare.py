@@ -342,7 +342,11 @@ def equalize_activations(model: nn.Module, calib: torch.Tensor, *, alpha: float 
     """
     if not 0 < alpha <= 1:
         raise ExportError(f"equalize_activations: alpha must be in (0, 1], got {alpha}")
-    model = copy.deepcopy(model).eval()
+    from edgesqueeze.models.fold import fold_batchnorm
+
+    # BatchNorm between P and C is opaque to the pairing: every model `train` writes had no pair,
+    # and was returned unchanged while its files recorded the alpha (the export folds it anyway)
+    model = fold_batchnorm(copy.deepcopy(model).eval()).eval()
     pairs = _equalization_groups(model, "activation equalization")
     if not pairs:
         return model

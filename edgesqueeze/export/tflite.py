@@ -329,6 +329,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
                        source_sha256: str | None = None,
                        calibration_split: str = "train",
                        calibration_seed: int | None = None,
+                       calibration_dataset: str | None = None,
                        space_to_depth_stem: str | None = None,
                        device: torch.device | None = None) -> Path:
     """Write a full-integer ``.tflite``: int8 weights (symmetric, per output channel) and
@@ -386,6 +387,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     if space_to_depth_stem is not None:
         check_space_to_depth_stem(model, space_to_depth_stem, meta.get("input_shape"), float_layers)
     info = {"images": len(images), "method": calibration.method, "split": calibration_split,
+            **({"dataset": calibration_dataset} if calibration_dataset else {}),  # as onnx-int8 records it
             "seed": calibration_seed, "augment": int(augment), "equalize": bool(equalize),
             "equalize_activations": float(equalize_activations),
             "bias_correction": bool(bias_correction), "float_layers": list(float_layers), "requantize_pool": bool(requantize_pool),
