@@ -106,3 +106,14 @@ def test_per_tensor_weights_choose_their_rounding_and_say_the_conflict_up_front(
               *CAL, "--out", tmp_path / "q")
     assert res.exit_code == 2 and "gptq rounds onto the per-channel int8 grid" in res.output, res.output
     assert not (tmp_path / "q").exists()
+
+
+def test_an_earlier_exports_other_formats_are_said_and_the_hint_names_this_exports_files(trained, tmp_path):
+    """Exporting fewer formats into a folder left the earlier export's other files of the same
+    name, and the suggested `verify OUT/*` judged both models' files together without a word."""
+    out = tmp_path / "mix"
+    assert run("export", trained, "-f", "onnx,tflite", "--out", out).exit_code == 0
+    res = run("export", trained, "-f", "onnx", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert f"note: {out}/ also holds model.tflite, which this export does not write" in res.output
+    assert res.output.strip().splitlines()[-1].endswith(f"edgesqueeze verify {out / 'model.onnx'}")

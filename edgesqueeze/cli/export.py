@@ -159,4 +159,7 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
     written = export_artifacts(model_path, config, out, dataset=dataset, data_dir=data_dir or model_opts.data_dir,
                                seed=seed, inputs=[("--recipe", model_opts.recipe_path)], log=lambda m: click.echo(m),
                                **model_opts.load_kwargs())
-    click.echo(f"wrote {len(written)} file(s) to {out}/; check them with: edgesqueeze verify {out}/*")
+    import shlex
+
+    click.echo(f"wrote {len(written)} file(s) to {out}/; check them with: edgesqueeze verify "
+               + " ".join(shlex.quote(str(p)) for p in written))

@@ -320,6 +320,12 @@ def _clear_earlier_outputs(out: Path, config: ExportConfig, stem: str, log: Log)
     for fmt in config.formats:
         if not config.pack or fmt == "tflite-micro":
             _remove_stale_packed(out / f"{stem}{SUFFIX[fmt]}", log)
+    others = [n for f in ALL_FORMATS if f not in config.formats
+              for n in (f"{stem}{SUFFIX[f]}", f"{stem}{SUFFIX[f]}.esq") if (out / n).is_file()]
+    if others:  # another model's files of the same name: verify OUT/* judged them beside this export's
+        log(f"note: {out}/ also holds {', '.join(others)}, which this export does not write: an earlier "
+            "export's, perhaps of another model; verify the files this export writes (listed below), or "
+            "remove those")
 
 
 def _remove_stale_packed(path: Path, log: Log) -> None:
