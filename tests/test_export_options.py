@@ -117,3 +117,11 @@ def test_an_earlier_exports_other_formats_are_said_and_the_hint_names_this_expor
     assert res.exit_code == 0, res.output
     assert f"note: {out}/ also holds model.tflite, which this export does not write" in res.output
     assert res.output.strip().splitlines()[-1].endswith(f"edgesqueeze verify {out / 'model.onnx'}")
+
+
+def test_tflite_micro_of_a_model_that_is_not_weight_shared_is_refused_before_any_file(trained, tmp_path):
+    pytest.importorskip("tflite_micro")
+    res = run("export", trained, "-f", "tflite-int8,tflite-micro", *CAL, "--out", tmp_path / "m")
+    assert res.exit_code == 2, res.output
+    assert "no int8 filter is worth a TFLite Micro value table" in res.output
+    assert not (tmp_path / "m").exists()  # the tflite-int8 file was written, then the run stopped

@@ -177,9 +177,20 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
     _some_layer_int8(model, config)
     s2d_stem = _space_to_depth_stem(model, meta, config, log)  # before any file is written
     if "tflite-micro" in config.formats:  # the optional package, before any file is written
-        from edgesqueeze.export.tflm import import_micro
+        from edgesqueeze.export.tflm import import_micro, table_could_pay
 
         import_micro()
+        import torch
+
+        layers = [m.weight.detach() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        if not any(table_could_pay(w.numel(), int(torch.unique(w).numel())) for w in layers):
+            # found only after a whole tflite-int8 conversion (16 s on digits), files written before it
+            from edgesqueeze.errors import ExportError
+
+            raise ExportError(f"tflite-micro: {source}: no int8 filter is worth a TFLite Micro value table (no "
+                              "layer has few enough distinct weights for its size: the model is not weight-shared); "
+                              "export a weight-shared model (an .esq from `edgesqueeze compress`) or ship the "
+                              "tflite-int8 file")
     shared = is_weight_shared(model)
     if shared and any(f in INT8_FORMATS for f in config.formats):
         how = {f: config.int8_per_channel(f, shared) for f in config.formats if f in INT8_FORMATS}

@@ -49,6 +49,15 @@ __all__ = ["MICRO_SPEC", "MAX_INDEX_BITS", "micro_compress"]
 
 MICRO_SPEC = "tflite-micro==0.dev20261023182759"  # the build measured; pinned by edgesqueeze[micro]
 MAX_INDEX_BITS = 7  # TFLite Micro's LUT compression refuses 8-bit indices
+
+
+def table_could_pay(n: int, distinct: int) -> bool:
+    """Whether a filter of ``n`` weights holding ``distinct`` values could be worth a value
+    table (one table; per-channel ones cost more): the indices, the table and a DECODE
+    operator's tensors smaller than the int8 tensor. Export asks it of the float model
+    before converting anything; :func:`compress_tflite` decides on the int8 file itself."""
+    bits = max(1, math.ceil(math.log2(max(2, distinct))))
+    return bits <= MAX_INDEX_BITS and math.ceil(n * bits / 8) + distinct + _DECODE_BYTES < n
 # what a DECODE operator, its two extra tensors and the value table's buffer add to the
 # flatbuffer: 220-290 B each, measured on digits nets (session 37's audit; 64 was assumed
 # before, and tables on filters of 160-600 weights made files larger than the plain one)
@@ -111,7 +120,7 @@ def micro_compress(data: bytes, *, what: str = "tflite-micro") -> tuple[bytes, d
     except Exception as exc:  # noqa: BLE001 - the package raises what flatbuffers raises
         raise ExportError(f"{what}: TFLite Micro cannot read the int8 file ({type(exc).__name__}: {exc})") from None
     rows, spec = [], ["tensors:"]
-    for t in _filters(model, schema):
+    for t in _filters(model, schema):  # (table_could_pay is the same test, per tensor, before any conversion)
         arr = np.asarray(t.array)
         axis = _channel_axis(t, arr)
         if axis is None:  # one int8 scale: one value table
