@@ -126,3 +126,16 @@ def test_tflite_micro_of_a_model_that_is_not_weight_shared_is_refused_before_any
     assert "no int8 filter is worth a TFLite Micro value table" in res.output
     assert "(tflite-int8)" not in res.output  # it was converted and written first, then the run stopped
     assert not (tmp_path / "m").exists()
+
+
+def test_files_exported_from_an_archive_record_the_float_models_accuracy(trained, tmp_path):
+    res = run("compress", trained, "--out", tmp_path / "c", "--no-progress")  # lossless: an .esq of the model
+    assert res.exit_code == 0, res.output
+    esq_meta = load_model(tmp_path / "c" / "model.esq").meta
+    assert esq_meta["reference_accuracy"] is not None
+    res = run("export", tmp_path / "c" / "model.esq", "-f", "onnx", "--out", tmp_path / "e")
+    assert res.exit_code == 0, res.output
+    from edgesqueeze import runtime
+
+    meta = runtime.load(tmp_path / "e" / "model.onnx").meta
+    assert meta["reference_accuracy"] == pytest.approx(esq_meta["reference_accuracy"], abs=1e-6)

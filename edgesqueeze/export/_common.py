@@ -166,8 +166,10 @@ def _resize(meta: dict[str, Any], shape) -> int | None:
 
 
 def _test_accuracy(meta: dict[str, Any]) -> float | None:
+    """The float model's test accuracy: a checkpoint's own, or what an ``.esq`` records of the
+    model it was compressed from (its files recorded null, so a gate on them had no drop)."""
     test = (meta.get("metrics") or {}).get("test") or {}
-    acc = test.get("accuracy")
+    acc = test.get("accuracy", meta.get("reference_accuracy"))
     # a fraction of at most a million images: 6 decimals are exact, float32 noise is not
     return round(float(acc), 6) if isinstance(acc, (int, float)) else None
 
