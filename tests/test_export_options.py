@@ -139,3 +139,18 @@ def test_files_exported_from_an_archive_record_the_float_models_accuracy(trained
 
     meta = runtime.load(tmp_path / "e" / "model.onnx").meta
     assert meta["reference_accuracy"] == pytest.approx(esq_meta["reference_accuracy"], abs=1e-6)
+
+
+def test_calibration_on_fewer_images_or_another_dataset_is_said(trained, tmp_path):
+    """--calibration-images above the pool was capped, and --data of another dataset than the
+    model's calibrated on it, both without a word (only the metadata showed it)."""
+    res = run("export", trained, "-f", "onnx-int8", "--calibration-images", "100000", "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    assert "fewer than the 100,000 export.calibration.images asks for" in res.output
+    res = run("export", trained, "-f", "onnx-int8", *CAL, "--data", "mnist", "--out", tmp_path / "b")
+    if res.exit_code == 0:  # MNIST is here (../shared, or downloaded)
+        assert "note: calibrating on mnist, but" in res.output and "was trained on digits" in res.output
+    else:  # only an MNIST this machine does not have may stop it
+        assert "MNIST not found" in res.output, res.output
+    res = run("export", trained, "-f", "onnx-int8", *CAL, "--out", tmp_path / "c")
+    assert res.exit_code == 0 and "note: calibrating" not in res.output, res.output

@@ -49,6 +49,13 @@ def _calibration_set(meta: dict[str, Any], source: Path, config: ExportConfig, *
         raise DataError(f"{source}: expects images of shape {list(shape)} but '{name}' gives "
                         f"{list(pool.shape[1:])}")
     images = calibration_images(pool, config.calibration.images, seed=seed)
+    if len(images) < config.calibration.images:  # capped without a word (only the metadata said it)
+        log(f"note: calibrating on all {len(images):,} images of {name}'s {where}: fewer than the "
+            f"{config.calibration.images:,} export.calibration.images asks for")
+    trained_on = meta.get("dataset")
+    if dataset and trained_on and dataset.lower() != str(trained_on).lower():
+        log(f"note: calibrating on {dataset}, but {source} was trained on {trained_on}: int8 ranges are set by "
+            "the images calibrated on; --data of the training set gives the ranges the model sees")
     info = {"images": int(len(images)), "split": where.split()[0],
             "dataset": name, "seed": seed}
     return images, info
