@@ -82,7 +82,8 @@ def _report_rows(path: Path, dataset: str | None = None, recipe: Path | None = N
         validate_rows(rows, path, names=_COMPRESS_FIELDS, writer="compress")
     else:
         validate_rows(rows, path)
-    rows, absent = changed_files(rows, path, raw.get("written_from") if isinstance(raw, dict) else None)  # a file re-exported since the report: ERROR, not its old numbers
+    # a file re-exported since the report: ERROR, not its old numbers
+    rows, absent = changed_files(rows, path, raw.get("written_from") if isinstance(raw, dict) else None)
     if absent:
         click.echo(f"note: {len(absent)} file(s) {path} measured are not here ({absent[0]}"
                    f"{', ...' if len(absent) > 1 else ''}): judged by the report's numbers alone", err=True)

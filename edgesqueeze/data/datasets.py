@@ -399,7 +399,10 @@ def _find_mnist(search: list[Path], partial: list[str] | None = None) -> tuple[l
                     hit = next((loc / n for n in _mnist_names(stem) if (loc / n).is_file()), None)
                 except OSError:  # an unreadable folder holds nothing we can use
                     hit = None
-                (found.append(hit) if hit is not None else missing.append(stem))
+                if hit is None:
+                    missing.append(stem)
+                else:
+                    found.append(hit)
             if not missing:
                 return found, looked
             if found and partial is not None:
@@ -429,8 +432,8 @@ def _load_mnist(search: list[Path], download: bool, image_size: int | None,
         missing = f"MNIST not found: looked for {names} in {_where(looked)}" + (f" ({'; '.join(partial)})"
                                                                                if partial else "")
         if not download:
-            raise DataError(f"{missing}; downloading is off (data.download: false in the recipe; download=False): put the four files in one of "
-                            f"these folders, or {_WHAT_TO_DO}")
+            raise DataError(f"{missing}; downloading is off (data.download: false in the recipe; download=False): "
+                            f"put the four files in one of these folders, or {_WHAT_TO_DO}")
         dest = _download_dir(search)
         if dest is None:
             raise DataError(f"{missing}, and none of {_where(search)} is writable to download into; "
@@ -518,7 +521,8 @@ def _load_cifar10(search: list[Path], download: bool, image_size: int | None,
     if found is None:
         missing = f"CIFAR-10 not found: looked for {', '.join(map(str, looked))}"
         if not download:
-            raise DataError(f"{missing}; downloading is off (data.download: false in the recipe; download=False): {_WHAT_TO_DO}")
+            raise DataError(f"{missing}; downloading is off (data.download: false in the recipe; download=False): "
+                            f"{_WHAT_TO_DO}")
         dest = _download_dir(search)
         if dest is None:
             raise DataError(f"{missing}, and no search folder is writable to download into; {_WHAT_TO_DO}")
