@@ -563,3 +563,19 @@ def test_a_dataset_with_other_class_names_is_refused(checkpoint, tmp_path):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 2 and "class 1 is '1' there, 'seven' in the model" in res.output, res.output
     assert not (tmp_path / "c").exists()
+
+
+def test_a_resumed_retraining_is_keyed_by_the_teachers_bytes_not_its_path(tmp_path):
+    """Another model copied over teach.pt between the interruption and --resume was taken:
+    one epoch distilled from each teacher, and the report named only the second."""
+    import types
+
+    from edgesqueeze.compress.stages import prune_settings_sha256
+
+    teacher = tmp_path / "teach.pt"
+    teacher.write_bytes(b"first teacher")
+    run = types.SimpleNamespace(config=RESUMABLE, seed=0, inp=types.SimpleNamespace(ds=None), teacher_path=teacher)
+    first = prune_settings_sha256(run)
+    assert prune_settings_sha256(run) == first
+    teacher.write_bytes(b"another model, same path")
+    assert prune_settings_sha256(run) != first

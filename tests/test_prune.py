@@ -150,6 +150,33 @@ def test_first_and_last_conv_follow_the_data_not_the_registration_order(model, f
     assert sorted(v for v in explicit.values() if v != 0.8) == [0.1, 0.2]
 
 
+def test_a_kept_first_or_last_conv_takes_its_setting_with_it():
+    """With the stem in keep_layers, first_conv moved to the next conv by data flow
+    (features.4.squeeze pruned to 0.5 instead of 0.8), without a word."""
+    from edgesqueeze.models.layers import keep_layers
+
+    model = build_model("squeezenet_mnist")
+    keep_layers(model, ["features.0", "classifier.1"])
+    explicit = PruneConfig(sparsity=0.8, first_conv=0.5, last_conv=0.3).explicit(model)
+    assert explicit == {}, explicit  # every other conv takes the model-wide 0.8
+
+
+@pytest.mark.parametrize("layers, says", [
+    ({"features.0": 0.3}, "compress.prune.layers.features.0: the layer is in compress.keep_layers"),
+    ({"features.4": 0.5}, "compress.prune.layers.features.4: a module, not a layer; name its Conv2d/Linear "
+                          "layers: features.4.squeeze"),
+])
+def test_layer_names_a_stage_cannot_take_say_why(layers, says):
+    """A kept layer was called "no Conv2d or Linear layer of that name; did you mean
+    'features.9.squeeze'?", and a module got a suggestion of another layer."""
+    from edgesqueeze.models.layers import keep_layers
+
+    model = build_model("squeezenet_mnist")
+    keep_layers(model, ["features.0"])
+    with pytest.raises(RecipeError, match=says):
+        PruneConfig(sparsity=0.5, layers=layers).explicit(model, path="compress.prune")
+
+
 def test_config_round_trips_and_carries_a_version():
     cfg = PruneConfig(sparsity=0.6, first_conv=0.2, layers={"classifier.1": 0.5},
                       schedule="gradual", begin=2, end=10, frequency=2)

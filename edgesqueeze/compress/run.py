@@ -123,7 +123,7 @@ class Run:
         diverged = False
         if before is not None and after is not None and self.inp.ds is not None:
             chance = 1 / self.inp.ds.num_classes
-            diverged = after < chance + 0.5 * (before - chance)
+            diverged = before > chance + 0.01 and after < chance + 0.5 * (before - chance)  # not from chance
             if diverged:
                 msg = (f"compress.{section}: {what} took validation accuracy from {100 * before:.2f}% to "
                        f"{100 * after:.2f}% (chance {100 * chance:.0f}%){then}; {hint or 'it diverged:'} lower "

@@ -131,8 +131,19 @@ def _settings_sha256(run: Run, sections: tuple[str, ...]) -> str:
             blob[name] = {k: v for k, v in blob[name].items() if k not in ("device", "precision")}
     blob.update(keep_layers=list(c.keep_layers), seed=run.seed,
                 dataset=run.inp.ds.name if run.inp.ds is not None else None,
-                teacher=str(run.teacher_path) if run.teacher_path else None)
+                # the teacher's bytes, not its path: another model copied over teach.pt was resumed
+                # from, one epoch distilled from each
+                teacher=_teacher_sha256(run.teacher_path) if run.teacher_path else None)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _teacher_sha256(path) -> str:
+    from edgesqueeze._io import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError:
+        return str(path)  # loading it says what is wrong with it
 
 
 def prune_settings_sha256(run: Run) -> str:

@@ -127,8 +127,10 @@ class PruneConfig:
         from edgesqueeze.models.layers import check_layer_names, is_depthwise, prunable_layers
 
         layers = prunable_layers(model)
-        check_layer_names(self.layers, list(layers), f"{path}.layers")
-        convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)]
+        check_layer_names(self.layers, list(layers), f"{path}.layers", kept=_kept_layers(model))
+        # the first and last conv of the model, kept ones included: with the stem kept,
+        # first_conv moved to the next conv (features.4.squeeze pruned to 0.5, not 0.8)
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         first, last = (convs[0], convs[-1]) if convs else (None, None)
         if convs and (self.first_conv is not None or self.last_conv is not None):
             first, last = _first_and_last(model, convs) or (first, last)
@@ -156,6 +158,15 @@ class PruneConfig:
             raise RecipeError("end: schedule 'gradual' needs end > begin (steps); set end")
         return polynomial_sparsity(step, final=final, initial=min(self.initial_sparsity, final),
                                    begin=self.begin, end=self.end, frequency=self.frequency)
+
+
+def _kept_layers(model: nn.Module) -> list[str]:
+    from torch import nn
+
+    from edgesqueeze.models.layers import prunable_layers
+
+    able = prunable_layers(model)
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in able]
 
 
 def _first_and_last(model: nn.Module, convs: list[str]) -> tuple[str, str] | None:
@@ -239,7 +250,7 @@ class ClusterConfig:
         from edgesqueeze.models.layers import check_layer_names, is_depthwise, prunable_layers
 
         layers = prunable_layers(model)
-        check_layer_names(self.layers, list(layers), f"{path}.layers")
+        check_layer_names(self.layers, list(layers), f"{path}.layers", kept=_kept_layers(model))
         out = {}
         for name, m in layers.items():
             typed = self.conv if isinstance(m, nn.Conv2d) else self.linear

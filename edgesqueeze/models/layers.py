@@ -141,12 +141,23 @@ def keep_layers(model: nn.Module, names: Iterable[str], path: str = "compress.ke
     return marked
 
 
-def check_layer_names(wanted: Iterable[str], known: Sequence[str], path: str) -> None:
+def check_layer_names(wanted: Iterable[str], known: Sequence[str], path: str,
+                      kept: Sequence[str] = ()) -> None:
     """Refuse names that are not prunable layers of the model, suggesting the closest one.
-    ``path``: the recipe field (``compress.prune.layers``) or the option (``--layers``)."""
+    ``path``: the recipe field (``compress.prune.layers``) or the option (``--layers``).
+    ``kept``: layers ``compress.keep_layers`` holds, named as such (they were called "no
+    Conv2d or Linear layer" with a suggestion of another)."""
     for name in wanted:
         if name in known:
             continue
+        where = f"{path} {name}" if path.startswith("--") else f"{path}.{name}"
+        if name in kept:
+            raise RecipeError(f"{where}: the layer is in compress.keep_layers, which no stage touches; "
+                              "take it out of one of the two")
+        inside = [k for k in known if k.startswith(name + ".")]
+        if inside:  # a module: keep_layers takes one, a stage's layers name each layer
+            raise RecipeError(f"{where}: a module, not a layer; name its Conv2d/Linear layers: "
+                              + ", ".join(inside[:6]) + (", ..." if len(inside) > 6 else ""))
         hint = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
         if hint:
             tip = f"; did you mean '{hint[0]}'?"
