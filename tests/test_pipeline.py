@@ -579,3 +579,13 @@ def test_a_resumed_retraining_is_keyed_by_the_teachers_bytes_not_its_path(tmp_pa
     assert prune_settings_sha256(run) == first
     teacher.write_bytes(b"another model, same path")
     assert prune_settings_sha256(run) != first
+
+
+def test_a_gradual_schedule_past_the_retraining_is_warned(checkpoint, tmp_path):
+    """begin/end are optimizer steps; written as epochs (end 2000 for ~10 steps) the model
+    trained dense and was pruned after the last step, with no retraining, without a word."""
+    logs: list[str] = []
+    config = CompressConfig(prune=PruneConfig(sparsity=0.5, schedule="gradual", begin=1000, end=2000),
+                            prune_finetune=FinetuneConfig(epochs=0.2, lr=0.01))
+    compress(checkpoint, config, out_dir=tmp_path, progress=False, log=logs.append)
+    assert any("compress.prune.end 2000 (begin 1000) is past the retraining's" in m for m in logs), logs

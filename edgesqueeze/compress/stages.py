@@ -77,6 +77,13 @@ def prune(run: Run, model: nn.Module, data: tuple) -> tuple[dict[str, torch.Tens
     steps = max(1, int(round(ft.epochs * max(1, len(x_tr) // ft.batch_size))))
     if pcfg.schedule == "gradual" and pcfg.end == 0:
         pcfg = dataclasses.replace(pcfg, end=max(pcfg.begin + 1, int(0.7 * steps)))
+    elif pcfg.schedule == "gradual" and ft.epochs > 0 and pcfg.end > steps:
+        # begin/end are optimizer steps: written as epochs (or past the retraining), the model
+        # trained dense and was pruned to the target after its last step, with no retraining
+        log(f"warning: compress.prune.end {pcfg.end} (begin {pcfg.begin}) is past the retraining's {steps} "
+            "optimizer steps: the schedule counts steps, not epochs; the sparsity not reached by then is "
+            "applied after the last step, with no retraining; set end (and begin) below "
+            f"{steps}, or 0 for the default (0.7 of the steps)")
     pruner = Pruner(model, pcfg, keep=masks, path="compress.prune")
     before = run.stages[-1]["val_accuracy"]
     if pcfg.schedule == "oneshot" or ft.epochs <= 0:
