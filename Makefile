@@ -17,7 +17,7 @@ XDIST      ?= -n auto --dist loadfile
 help:
 	@echo "make demo     digits end to end: train, deep-compress, export ONNX/TFLite fp32+int8, verify, gate"
 	@echo "make test     run the test suite (under 10 minutes on 2 cores)"
-	@echo "make test-fast  the test suite without the tests marked slow"
+	@echo "make test-fast the test suite without the tests marked slow"
 	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md (long)"
 	@echo "make device-check [FILES=...] [DEVICE_CPU=pi4|pi5|x86-avx2]  run exports on an emulated Raspberry Pi 4/5 (arm64 chroot, root)"
 	@echo "               or x86 CPU without VNNI (qemu-x86_64 -cpu Haswell, no root) and compare with this host"
@@ -30,16 +30,25 @@ help:
 # The torch spec the venv was built with: a different TORCH_SPEC reinstalls (it was ignored
 # once .venv existed, the stamp depending on pyproject.toml alone).
 SPEC_FILE  := $(VENV)/.torch-spec
+# A venv whose python no longer runs (moved, or its base interpreter upgraded away) is rebuilt:
+# the stamp alone said it was installed, and every target failed with "python: not found".
 $(SPEC_FILE): FORCE
+	@if [ -e $(PY) ] || [ -L $(PY) ]; then $(PY) -c '' 2>/dev/null || { \
+	  echo "note: $(VENV)'s python does not run (moved, or its base Python removed): rebuilding $(VENV)"; \
+	  rm -rf $(VENV); }; fi
 	@mkdir -p $(VENV)
 	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
 FORCE:
 
+# pip's own exit status decides (an older torch still importing hid a TORCH_SPEC that failed)
 $(STAMP): pyproject.toml $(SPEC_FILE)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(TORCH_SPEC) and edgesqueeze into $(VENV) ..."
-	@$(PIP) install $(TORCH_SPEC) 2>&1 | grep -v "is ignored: it is neither" || true
-	@$(PY) -c "import torch" || { echo "error: $(TORCH_SPEC) did not install; set TORCH_SPEC"; exit 2; }
+	@$(PIP) install $(TORCH_SPEC) > $(VENV)/.pip.log 2>&1; rc=$$?; \
+	  grep -v "is ignored: it is neither" $(VENV)/.pip.log; \
+	  test $$rc = 0 || { echo "error: pip could not install $(TORCH_SPEC) (above); set TORCH_SPEC"; \
+	                     rm -f $(SPEC_FILE); exit 2; }
+	@$(PY) -W ignore -c "import torch" || { echo "error: $(TORCH_SPEC) did not install; set TORCH_SPEC"; exit 2; }
 	@$(PIP) install -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(PY) -c "import edgesqueeze.cli, pytest, hypothesis, xdist" || { echo "error: installing edgesqueeze failed"; exit 2; }
 	@touch $(STAMP)
