@@ -16,4 +16,28 @@ __all__ = ["cli", "main"]
 
 
 def main() -> None:
-    cli(prog_name="edgesqueeze")
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+        cli(prog_name="edgesqueeze")
+        return
+    # Launched by torchrun: end the process without the interpreter's finalization. Gloo's C++
+    # worker threads could still be torn down there after the process group was destroyed, and
+    # a rank aborted ("terminate called without an active exception", SIGABRT) once every
+    # output was written, failing the run (seen once in a CI; pytorch/pytorch#179291 describes
+    # the same finalization crash).
+    import sys
+
+    try:
+        cli(prog_name="edgesqueeze")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
