@@ -33,8 +33,8 @@ SPEC_FILE  := $(VENV)/.torch-spec
 # A venv whose python no longer runs (moved, or its base interpreter upgraded away) is rebuilt:
 # the stamp alone said it was installed, and every target failed with "python: not found".
 $(SPEC_FILE): FORCE
-	@if [ -e $(PY) ] || [ -L $(PY) ]; then $(PY) -c '' 2>/dev/null || { \
-	  echo "note: $(VENV)'s python does not run (moved, or its base Python removed): rebuilding $(VENV)"; \
+	@if [ -e $(PY) ] || [ -L $(PY) ] || [ -e $(STAMP) ]; then $(PY) -c '' 2>/dev/null || { \
+	  echo "note: $(VENV)'s python does not run (missing, moved, or its base Python removed): rebuilding $(VENV)"; \
 	  rm -rf $(VENV); }; fi
 	@mkdir -p $(VENV)
 	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
