@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from edgesqueeze.errors import EdgesqueezeError, RecipeError
 
@@ -56,12 +56,12 @@ def parse_size(value: str | int | float, *, what: str = "size") -> int:
     return size
 
 
-def format_hint(fmt: Any) -> str:
-    """``"; did you mean 'tflite-int8'?"`` for a format name close to one ``verify`` gives
-    (``tflite_int8``, ``TFLite-INT8``), or ""."""
+def format_hint(fmt: Any, choices: Sequence[str] = ARTIFACT_FORMATS) -> str:
+    """``"; did you mean 'tflite-int8'?"`` for a format name close to one of ``choices``
+    (by default the ones ``verify`` gives: ``tflite_int8``, ``TFLite-INT8``), or ""."""
     import difflib
 
-    hint = difflib.get_close_matches(str(fmt).replace("_", "-").lower(), ARTIFACT_FORMATS, n=1)
+    hint = difflib.get_close_matches(str(fmt).replace("_", "-").lower(), list(choices), n=1)
     return f"; did you mean {hint[0]!r}?" if hint else ""
 
 

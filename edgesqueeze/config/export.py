@@ -155,12 +155,10 @@ class ExportConfig:
                               "per-tensor); choose nearest rounding or per-channel weights")
         bad = [f for f in self.formats if f not in ALL_FORMATS]
         if bad:
-            import difflib
+            from edgesqueeze.config.budget import format_hint
 
-            hint = difflib.get_close_matches(str(bad[0]).replace("_", "-").lower(), ALL_FORMATS, n=1)
-            raise RecipeError(f"export.formats: unknown format {bad[0]!r}"
-                              + (f"; did you mean {hint[0]!r}?" if hint else "")
-                              + f"; choose from {', '.join(ALL_FORMATS)}")
+            raise RecipeError(f"export.formats: unknown format {bad[0]!r}{format_hint(bad[0], ALL_FORMATS)}; "
+                              f"choose from {', '.join(ALL_FORMATS)}")
         if not self.formats:
             raise RecipeError("export.formats: needs at least one format")
         twice = [f for i, f in enumerate(self.formats) if f in self.formats[:i]]

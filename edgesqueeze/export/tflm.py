@@ -51,13 +51,15 @@ MICRO_SPEC = "tflite-micro==0.dev20261023182759"  # the build measured; pinned b
 MAX_INDEX_BITS = 7  # TFLite Micro's LUT compression refuses 8-bit indices
 
 
-def table_could_pay(n: int, distinct: int) -> bool:
-    """Whether a filter of ``n`` weights holding ``distinct`` values could be worth a value
-    table (one table; per-channel ones cost more): the indices, the table and a DECODE
-    operator's tensors smaller than the int8 tensor. Export asks it of the float model
-    before converting anything; :func:`compress_tflite` decides on the int8 file itself."""
+def table_could_pay(n: int, distinct: int, table: int | None = None) -> bool:
+    """Whether a filter of ``n`` weights holding ``distinct`` values (at most, per table) is
+    worth value tables of ``table`` bytes in all (default one table, ``distinct``): the
+    indices, the tables and a DECODE operator's tensors smaller than the int8 tensor. Export
+    asks it of the float model before converting anything; the int8 file's own filters are
+    judged by it too (with their per-channel tables)."""
     bits = max(1, math.ceil(math.log2(max(2, distinct))))
-    return bits <= MAX_INDEX_BITS and math.ceil(n * bits / 8) + distinct + _DECODE_BYTES < n
+    return (bits <= MAX_INDEX_BITS
+            and math.ceil(n * bits / 8) + (distinct if table is None else table) + _DECODE_BYTES < n)
 # what a DECODE operator, its two extra tensors and the value table's buffer add to the
 # flatbuffer: 220-290 B each, measured on digits nets (session 37's audit; 64 was assumed
 # before, and tables on filters of 160-600 weights made files larger than the plain one)
@@ -120,7 +122,7 @@ def micro_compress(data: bytes, *, what: str = "tflite-micro") -> tuple[bytes, d
     except Exception as exc:  # noqa: BLE001 - the package raises what flatbuffers raises
         raise ExportError(f"{what}: TFLite Micro cannot read the int8 file ({type(exc).__name__}: {exc})") from None
     rows, spec = [], ["tensors:"]
-    for t in _filters(model, schema):  # (table_could_pay is the same test, per tensor, before any conversion)
+    for t in _filters(model, schema):
         arr = np.asarray(t.array)
         axis = _channel_axis(t, arr)
         if axis is None:  # one int8 scale: one value table
@@ -130,9 +132,7 @@ def micro_compress(data: bytes, *, what: str = "tflite-micro") -> tuple[bytes, d
             distinct = max(int(np.unique(row).size) for row in slices)
             table = distinct * len(slices)
         n, bits = int(arr.size), max(1, math.ceil(math.log2(distinct)))
-        # worth it when the indices plus the tables (a byte a value) and the DECODE operator's
-        # tensors (about 256 bytes) take less than the int8 tensor
-        worth = bits <= MAX_INDEX_BITS and math.ceil(n * bits / 8) + table + _DECODE_BYTES < n
+        worth = table_could_pay(n, distinct, table)  # the indices, the tables and DECODE's tensors < n
         row = {"tensor": int(t.index), "name": str(t.name), "weights": n, "distinct": distinct,
                "tables": "per tensor" if axis is None else "per channel", "index_bits": bits if worth else None}
         rows.append(row)
