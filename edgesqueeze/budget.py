@@ -7,13 +7,13 @@ has the report, and the device runtime may gate its own measurements.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from edgesqueeze._io import sha256_file
 from edgesqueeze.config.budget import ARTIFACT_FORMATS, Budget, format_size
 from edgesqueeze.errors import FormatError
 
@@ -227,16 +227,13 @@ def changed_files(rows: list[dict[str, Any]], source: Any,
                 absent.append(name)
                 out.append(row)
                 continue
-            digest = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+            digest = sha256_file(path)
             size = path.stat().st_size
         except OSError as exc:
             out.append({**row, "error": f"{name}: cannot read it to check it is the file {source} measured "
                                         f"({exc.strerror or exc})"})
             continue
-        if digest.hexdigest() != sha:
+        if digest != sha:
             then = row.get("bytes")
             sizes = (f"{size:,} B now, {then:,} B then" if isinstance(then, int) and then != size
                      else "same size, other bytes")
