@@ -219,6 +219,23 @@ def test_an_interrupt_advises_resume_only_where_a_run_has_epochs(trained, tmp_pa
     assert ("has no epochs to go on from; it runs from the start" in res.output) != resumable, res.output
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_interrupted_train_with_overwrite_advises_resume_in_its_place(tmp_path, monkeypatch, overwrite):
+    """`make demo` trains with --overwrite; Ctrl-C there advised "the same command with
+    --resume", which refuses --overwrite ("give one of them")."""
+    import edgesqueeze.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edgesqueeze.train, "fit", interrupted)
+    res = run("train", "-r", ROOT / "recipes/squeezenet-digits.yaml", "--out", tmp_path / "t",
+              *(["--overwrite"] if overwrite else []))
+    instead = " in place of --overwrite" if overwrite else ""
+    assert res.exit_code == 130, res.output
+    assert f"interrupted (the same command with --resume{instead} goes on from the last finished epoch)" in res.output
+
+
 def test_state_dict_compressed_with_a_recipe_records_its_normalization(tmp_path):
     """A state_dict (no metadata) compressed with a recipe that names its dataset: the .esq
     records the normalization compress evaluated with, and its exports carry it, so they

@@ -136,6 +136,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         # the subcommand's name: click < 9 keeps it apart from the other arguments
         name = next(iter(getattr(ctx, "_protected_args", None) or ctx.args or []), None)
+        args = [*(getattr(ctx, "_protected_args", None) or []), *ctx.args]  # click empties both before the command runs
         if name in _WRITERS and not isinstance(sys.stdout, _KeepWriting):
             sys.stdout = _KeepWriting(sys.stdout)
         try:
@@ -196,7 +197,10 @@ class _Group(click.Group):
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
             # only where there are epochs to go on from: train, and a compress that retrains (it
             # says so in ctx.meta once its recipe is read); a ptq or lossless run starts over
-            again = (" (the same command with --resume goes on from the last finished epoch)"
+            # `--overwrite` and `--resume` refuse each other: a run that wrote over an earlier one
+            # (make demo's gate.sh does) goes on with --resume in its place
+            instead = " in place of --overwrite" if "--overwrite" in args else ""
+            again = (f" (the same command with --resume{instead} goes on from the last finished epoch)"
                      if name == "train" or ctx.meta.get(RESUMABLE) else "")
             terminated = isinstance(exc, Terminated)
             click.echo(f"{'terminated' if terminated else 'interrupted'}{again}", err=True)
