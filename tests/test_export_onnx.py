@@ -640,6 +640,44 @@ def test_int8_gptq_and_activation_equalization(trained, digits, reference, tmp_p
     assert agree >= 0.97, agree
 
 
+class _ConvThenLinear(nn.Module):  # the conv's outputs reach a Linear: no pair to equalize
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fmt", ["onnx-int8", "tflite-int8"])
+def test_activation_equalization_with_nothing_to_rescale_is_not_recorded(tmp_path, fmt):
+    """A model with no conv whose outputs reach only convs: equalization changes nothing, so the
+    file records equalize_activations 0 and says why (it recorded the alpha asked for)."""
+    import warnings
+
+    from edgesqueeze.errors import Note
+    from edgesqueeze.export.tflite import export_tflite_int8
+    from edgesqueeze.runtime._tflite_meta import read_tflite_metadata
+
+    torch.manual_seed(0)
+    model = _ConvThenLinear().eval()
+    meta = {"input_shape": [1, 8, 8], "mean": [0.5], "std": [0.25]}
+    calib = np.random.default_rng(0).integers(0, 256, (16, 1, 8, 8)).astype(np.uint8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        if fmt == "onnx-int8":
+            path = export_onnx_int8(model, meta, tmp_path / "m.int8.onnx", calib, equalize_activations=0.5,
+                                    weight_rounding="gptq")
+            cal = read_onnx_meta(path)["calibration"]
+        else:
+            path = export_tflite_int8(model, meta, tmp_path / "m.int8.tflite", calib, equalize_activations=0.5)
+            cal = read_tflite_metadata(path)["calibration"]
+    assert cal["equalize_activations"] == 0.0, cal
+    notes = [str(w.message) for w in seen if issubclass(w.category, Note)]
+    assert any("nothing to rescale" in n for n in notes), notes
+
+
 def test_export_config_float_layers_by_format():
     from edgesqueeze.errors import RecipeError
     from edgesqueeze.export import ExportConfig

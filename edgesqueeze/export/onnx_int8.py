@@ -729,13 +729,16 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
                     source_sha256=source_sha256)
     check_calibration_shape(images, art["input_shape"])
     check_float_layers(model, float_layers)  # before the slow work
+    found: dict[str, int] = {}
     qproto = quantize_int8_graph(
         model, meta, images, mean=art["mean"], std=art["std"], calibration=calibration, opset=opset,
         fold_normalization=fold_normalization, float_layers=float_layers, equalize=equalize,
         equalize_activations=equalize_activations, weight_rounding=weight_rounding,
         gptq_layers=gptq_layers, shared=shared, rounded=rounded, share_concats=share_concats,
         bias_correction=bias_correction, augment=augment, augment_seed=info.get("seed") or 0,
-        per_channel=per_channel, weights=INT8_TARGETS[target], device=device)
+        per_channel=per_channel, weights=INT8_TARGETS[target], device=device, found=found)
+    if equalize_activations and not found.get("pairs"):  # nothing rescaled: the file says so
+        art["calibration"]["equalize_activations"] = 0.0
     compact_qdq(qproto)
     return _write(qproto, {META_KEY: meta_json(art)}, out)
 
@@ -748,7 +751,8 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
                         rounded: dict[str, Any] | None = None, share_concats: bool = False,
                         bias_correction: bool = True, augment: int = 0, augment_seed: int = 0,
                         per_channel: bool = True, weights: str = "uint8",
-                        fp32_graph: Any = None, device: torch.device | None = None) -> Any:
+                        fp32_graph: Any = None, device: torch.device | None = None,
+                        found: dict | None = None) -> Any:
     """:func:`export_onnx_int8`'s work without its checks, metadata or file: the QDQ graph
     (not yet compacted) of ``model`` calibrated on uint8 ``images``, normalized with
     ``mean`` / ``std``. ``fp32_graph``: the fp32 graph of ``model`` if the caller has it (a
@@ -756,7 +760,8 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
     ``fold_normalization``; an ``onnx.ModelProto``, as is the result), used only when no
     transform (equalization, GPTQ) changes the weights. ``weights``: how they are stored
     (:func:`quantize_qdq`); ``gptq_layers``, ``shared``, ``rounded``, ``share_concats``: as
-    for :func:`export_onnx_int8`."""
+    for :func:`export_onnx_int8`; ``found``: as for
+    :func:`~edgesqueeze.export.prepare.equalize_activations`."""
     if augment:
         images = prepare.augment_calibration(images, augment, seed=augment_seed)
     if equalize:
@@ -766,7 +771,7 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
         xt = torch.from_numpy(to_input(images, mean, std))
         if equalize_activations:
             model = prepare.equalize_activations(model, xt, alpha=equalize_activations,
-                                                 batch_size=calibration.batch_size, device=device)
+                                                 batch_size=calibration.batch_size, device=device, found=found)
         reference = model
         if weight_rounding == "gptq":  # onto the grid quantize_qdq will use
             model = prepare.gptq_round(model, xt, batch_size=calibration.batch_size, skip=float_layers,

@@ -25,6 +25,7 @@ framework we do not depend on).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgesqueeze.errors import ExportError
+from edgesqueeze.errors import ExportError, Note
 from edgesqueeze.export._common import first_line as _first_line
 from edgesqueeze.export._common import under
 from edgesqueeze.models.layers import conv_input_padded
@@ -314,7 +315,7 @@ def _equalization_groups(model: nn.Module, what: str) -> dict[str, list[tuple[st
 
 def equalize_activations(model: nn.Module, calib: torch.Tensor, *, alpha: float = 0.7,
                          batch_size: int = 32, floor: float = 1e-3,
-                         device: torch.device | None = None) -> nn.Module:
+                         device: torch.device | None = None, found: dict | None = None) -> nn.Module:
     """Activation equalization on a copy of ``model``: per-channel activation ranges of each
     quantized tensor made more even, the imbalance moved into the consuming conv's weights.
 
@@ -338,7 +339,9 @@ def equalize_activations(model: nn.Module, calib: torch.Tensor, *, alpha: float 
     ImageNet SqueezeNet 1.0, onnxruntime QDQ with GPTQ weights, 2-fold over the 100 shared
     images (2 splits): KL to fp32 0.0246 without, 0.0152 at alpha 0.5, 0.0135 at 0.7, 0.0183
     at 1.0 (``benchmarks/results/onnx_int8.json``). ``device``: where the ranges are measured
-    (the model's forward passes); the rescaling is done on the CPU.
+    (the model's forward passes); the rescaling is done on the CPU. ``found``: a dict that
+    gets ``"pairs"``, the number of convs rescaled (0: the model has no such pair, and is
+    returned BatchNorm-folded but otherwise unchanged, with a :class:`~edgesqueeze.errors.Note`).
     """
     if not 0 < alpha <= 1:
         raise ExportError(f"equalize_activations: alpha must be in (0, 1], got {alpha}")
@@ -348,7 +351,13 @@ def equalize_activations(model: nn.Module, calib: torch.Tensor, *, alpha: float 
     # and was returned unchanged while its files recorded the alpha (the export folds it anyway)
     model = fold_batchnorm(copy.deepcopy(model).eval()).eval()
     pairs = _equalization_groups(model, "activation equalization")
+    if found is not None:
+        found["pairs"] = len(pairs)
     if not pairs:
+        warnings.warn(f"activation equalization: {type(model).__name__} has no conv whose outputs reach only "
+                      "other convs (through ReLU, pooling or concatenation), so there is nothing to rescale; "
+                      "the file is written without it (equalize_activations: 0 in its metadata)", Note,
+                      stacklevel=2)
         return model
     modules = dict(model.named_modules())
     amax: dict[str, torch.Tensor] = {}

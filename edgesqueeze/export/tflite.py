@@ -59,7 +59,7 @@ from torch import nn
 
 from edgesqueeze._io import native_stderr, write_bytes_atomic
 from edgesqueeze.format.seal import seal
-from edgesqueeze.errors import ExportError
+from edgesqueeze.errors import ExportError, Note
 from edgesqueeze.export import prepare
 from edgesqueeze.config.export import CalibrationConfig
 from edgesqueeze.export._common import (
@@ -148,6 +148,7 @@ def _quiet_litert():
     try:
         with warnings.catch_warnings(), native_stderr():
             warnings.simplefilter("ignore")
+            warnings.simplefilter("always", Note)  # edgesqueeze's own notes are for the user
             yield
     finally:
         for lg, level in zip(loggers, levels):
@@ -405,8 +406,11 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     images = augment_calibration(images, augment, seed=calibration_seed or 0)
     calib = torch.from_numpy(to_input(images, art["mean"], art["std"], normalize=not fold_normalization))
     if equalize_activations:
+        found: dict[str, int] = {}
         module = prepare.equalize_activations(module, calib, alpha=equalize_activations,
-                                              batch_size=calibration.batch_size, device=device)
+                                              batch_size=calibration.batch_size, device=device, found=found)
+        if not found["pairs"]:  # nothing rescaled: the file says so
+            art["calibration"]["equalize_activations"] = 0.0
     reference = module  # bias correction pulls toward the function before any rounding
     if weight_rounding == "gptq":
         if not per_channel:
