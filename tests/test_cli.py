@@ -236,6 +236,24 @@ def test_an_interrupted_train_with_overwrite_advises_resume_in_its_place(tmp_pat
     assert f"interrupted (the same command with --resume{instead} goes on from the last finished epoch)" in res.output
 
 
+def test_an_export_that_fails_after_some_formats_names_the_files_it_wrote(trained, tmp_path, monkeypatch):
+    """A multi-format export failing on a later format kept the earlier files (each whole)
+    without a word on which this run wrote. (`-f onnx -f tflite` was tflite alone.)"""
+    import edgesqueeze.export.tflite as tflite
+    from edgesqueeze.errors import ExportError
+
+    def fails(*args, **kwargs):
+        raise ExportError("the converter gave up")
+
+    monkeypatch.setattr(tflite, "export_tflite", fails)
+    out = tmp_path / "e"
+    res = run("export", trained / "model.pt", "-f", "onnx", "-f", "tflite", "--out", out)  # both, as onnx,tflite
+    assert res.exit_code == 2 and "the converter gave up" in res.output, res.output
+    assert ("note: written before the export stopped, each file whole: model.onnx; the other formats were not"
+            in res.output), res.output
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+
+
 def test_state_dict_compressed_with_a_recipe_records_its_normalization(tmp_path):
     """A state_dict (no metadata) compressed with a recipe that names its dataset: the .esq
     records the normalization compress evaluated with, and its exports carry it, so they

@@ -20,9 +20,9 @@ def _csv(value: str, what: str) -> list[str]:
 
 @cli.command("export")
 @click.argument("model_path", type=PathType(dir_okay=False, path_type=Path))
-@click.option("--format", "-f", "formats", default=None, metavar="LIST",
-              help="Comma-separated: onnx, onnx-int8, tflite, tflite-int8, tflite-micro (the tflite-int8 file "
-                   "LiteRT runs, compressed the TensorFlow Lite Micro way for a microcontroller: value tables and "
+@click.option("--format", "-f", "formats", multiple=True, metavar="LIST",
+              help="Comma-separated, or the option repeated: onnx, onnx-int8, tflite, tflite-int8, tflite-micro "
+                   "(the tflite-int8 file LiteRT runs, compressed the TensorFlow Lite Micro way for a microcontroller: value tables and "
                    "DECODE operators; needs edgesqueeze[micro]) [default: the recipe's, else the first four].")
 @click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, export/].")
@@ -117,9 +117,9 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
     seed, config = 0, ExportConfig()
     if model_opts.recipe is not None:
         config, seed = model_opts.recipe.export or config, model_opts.recipe.seed
-    if formats is not None:
+    if formats:  # `-f onnx -f tflite` is both, as `-f onnx,tflite` (it was the last one alone)
         try:
-            config = dataclasses.replace(config, formats=tuple(_csv(formats, "--format")))
+            config = dataclasses.replace(config, formats=tuple(_csv(",".join(formats), "--format")))
         except EdgesqueezeError as exc:
             raise click.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--format") from None
     calib = config.calibration

@@ -235,62 +235,68 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
         _clear_earlier_outputs(out, config, stem, log)
         written = []
-        for fmt in config.formats:
-            path = out / f"{stem}{SUFFIX[fmt]}"
-            rounded: dict[str, Any] = {}  # the float weights an int8 file's integers come from (GPTQ's)
-            if fmt in INT8_FORMATS and calib is None:
-                calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
-            if fmt == "onnx":
-                from edgesqueeze.export.onnx import export_onnx
+        try:
+            for fmt in config.formats:
+                path = out / f"{stem}{SUFFIX[fmt]}"
+                rounded: dict[str, Any] = {}  # the float weights an int8 file's integers come from (GPTQ's)
+                if fmt in INT8_FORMATS and calib is None:
+                    calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
+                if fmt == "onnx":
+                    from edgesqueeze.export.onnx import export_onnx
 
-                export_onnx(model, meta, path, opset=config.opset, fold_normalization=config.fold_normalization,
-                            source_sha256=digest)
-            elif fmt == "onnx-int8":
-                from edgesqueeze.export.onnx_int8 import export_onnx_int8
+                    export_onnx(model, meta, path, opset=config.opset, fold_normalization=config.fold_normalization,
+                                source_sha256=digest)
+                elif fmt == "onnx-int8":
+                    from edgesqueeze.export.onnx_int8 import export_onnx_int8
 
-                export_onnx_int8(model, meta, path, calib[0], calibration=config.calibration,
-                                 calibration_info=calib[1], opset=config.opset,
-                                 fold_normalization=config.fold_normalization, float_layers=config.float_layers_for(fmt),
-                                 weight_rounding=config.weight_rounding_for(fmt, shared),
-                                 gptq_layers=config.gptq_layers, shared=has_codebooks(model), rounded=rounded,
-                                 share_concats=config.share_concat_ranges,
-                                 bias_correction=config.bias_correction_for(fmt),
-                                 equalize_activations=config.equalize_activations,
-                                 per_channel=config.int8_per_channel(fmt, shared),
-                                 target=config.onnx_int8_target, source_sha256=digest, device=device)
-            elif fmt == "tflite":
-                from edgesqueeze.export.tflite import export_tflite
+                    export_onnx_int8(model, meta, path, calib[0], calibration=config.calibration,
+                                     calibration_info=calib[1], opset=config.opset,
+                                     fold_normalization=config.fold_normalization, float_layers=config.float_layers_for(fmt),
+                                     weight_rounding=config.weight_rounding_for(fmt, shared),
+                                     gptq_layers=config.gptq_layers, shared=has_codebooks(model), rounded=rounded,
+                                     share_concats=config.share_concat_ranges,
+                                     bias_correction=config.bias_correction_for(fmt),
+                                     equalize_activations=config.equalize_activations,
+                                     per_channel=config.int8_per_channel(fmt, shared),
+                                     target=config.onnx_int8_target, source_sha256=digest, device=device)
+                elif fmt == "tflite":
+                    from edgesqueeze.export.tflite import export_tflite
 
-                export_tflite(model, meta, path, fold_normalization=config.fold_normalization, source_sha256=digest)
-            elif fmt == "tflite-micro":
-                _export_micro(model, meta, path, calib, config, shared, written, seed=seed, digest=digest, log=log,
-                              device=device, s2d_stem=s2d_stem)
-            else:
-                _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest, device=device,
-                                    rounded=rounded, s2d_stem=s2d_stem)
-            log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
-            if fmt == "tflite-int8":
-                from edgesqueeze.export.tflite import int8_stem_note
+                    export_tflite(model, meta, path, fold_normalization=config.fold_normalization, source_sha256=digest)
+                elif fmt == "tflite-micro":
+                    _export_micro(model, meta, path, calib, config, shared, written, seed=seed, digest=digest, log=log,
+                                  device=device, s2d_stem=s2d_stem)
+                else:
+                    _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest, device=device,
+                                        rounded=rounded, s2d_stem=s2d_stem)
+                log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
+                if fmt == "tflite-int8":
+                    from edgesqueeze.export.tflite import int8_stem_note
 
-                note = int8_stem_note(model, config.float_layers_for(fmt), int(meta["input_shape"][0]),
-                                      space_to_depth=s2d_stem is not None)
-                if note:
-                    log(note)
-            written.append(path)
-            if config.pack and fmt == "tflite-micro":
-                log(f"note: {path.name} is not packed: a microcontroller runs it from flash as it is")
-            if config.pack and fmt != "tflite-micro":
-                from edgesqueeze.export.packed import pack_file
+                    note = int8_stem_note(model, config.float_layers_for(fmt), int(meta["input_shape"][0]),
+                                          space_to_depth=s2d_stem is not None)
+                    if note:
+                        log(note)
+                written.append(path)
+                if config.pack and fmt == "tflite-micro":
+                    log(f"note: {path.name} is not packed: a microcontroller runs it from flash as it is")
+                if config.pack and fmt != "tflite-micro":
+                    from edgesqueeze.export.packed import pack_file
 
-                sources = {k: v.detach().cpu().numpy() for k, v in (rounded or model.state_dict()).items()
-                           if k.endswith(".weight") and v.dim() >= 2} if fmt in INT8_FORMATS else None
-                packed, rep = pack_file(path, fmt=fmt, sources=sources)
-                bits = rep["bits_per_nonzero"]
-                how = f", {bits:.2f} bits per non-zero weight" if bits else ""
-                n = rep["coded_tensors"]
-                log(f"{packed}: {rep['packed_bytes']:,} bytes (packed {fmt}: {n} weight "
-                    f"tensor{'' if n == 1 else 's'} coded{how})")
-                written.append(packed)
+                    sources = {k: v.detach().cpu().numpy() for k, v in (rounded or model.state_dict()).items()
+                               if k.endswith(".weight") and v.dim() >= 2} if fmt in INT8_FORMATS else None
+                    packed, rep = pack_file(path, fmt=fmt, sources=sources)
+                    bits = rep["bits_per_nonzero"]
+                    how = f", {bits:.2f} bits per non-zero weight" if bits else ""
+                    n = rep["coded_tensors"]
+                    log(f"{packed}: {rep['packed_bytes']:,} bytes (packed {fmt}: {n} weight "
+                        f"tensor{'' if n == 1 else 's'} coded{how})")
+                    written.append(packed)
+        except BaseException:  # an error or an interrupt: the files of this run already written stay, each whole
+            if written:
+                log(f"note: written before the export stopped, each file whole: "
+                    f"{', '.join(p.name for p in written)}; the other formats were not")
+            raise
         return written
 
 
