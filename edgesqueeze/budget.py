@@ -42,6 +42,30 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _points(fraction: float) -> str:
+    """A shortfall in points, never "0.00" for one that fails."""
+    for digits in range(2, 7):
+        text = f"{100 * fraction:.{digits}f}"
+        if float(text) > 0:
+            return text
+    return text
+
+
+# fractions of images computed two ways (9,940 / 10,000 and a parsed "99.4%") can differ in the
+# last bit: a value at its limit holds it
+_EPS = 1e-9
+
+
+def _pcts(value: float, limit: float) -> tuple[str, str]:
+    """``value`` and ``limit`` as percentages with enough decimals to tell them apart (a FAIL
+    read "98.33% >= 98.33%" at two)."""
+    for digits in range(2, 7):
+        a, b = f"{100 * value:.{digits}f}%", f"{100 * limit:.{digits}f}%"
+        if a != b or abs(value - limit) <= _EPS:
+            break
+    return a, b
+
+
 def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
     """Hold every artifact row (see :mod:`edgesqueeze.verify`) against ``budget``.
 
@@ -72,10 +96,10 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                 out.append(Verdict(name, fmt, "accuracy", f">= {_pct(budget.min_accuracy)}", "-", "ERROR",
                                    "no accuracy measured (give --data, or a report with test accuracy)"))
             else:
-                ok = acc >= budget.min_accuracy
-                out.append(Verdict(name, fmt, "accuracy", f">= {_pct(budget.min_accuracy)}", _pct(acc),
-                                   "PASS" if ok else "FAIL",
-                                   "" if ok else f"{100 * (budget.min_accuracy - acc):.2f} points short"))
+                ok = acc >= budget.min_accuracy - _EPS
+                shown, limit = _pcts(acc, budget.min_accuracy)
+                out.append(Verdict(name, fmt, "accuracy", f">= {limit}", shown, "PASS" if ok else "FAIL",
+                                   "" if ok else f"{_points(budget.min_accuracy - acc)} points short"))
         if budget.max_drop is not None:
             ref = row.get("reference_accuracy")
             if acc is None or ref is None:
@@ -83,9 +107,11 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                                    "needs the artifact's accuracy and the float model's (--reference)"))
             else:
                 drop = 100 * (ref - acc)
-                ok = drop <= budget.max_drop + 1e-9
+                ok = drop <= budget.max_drop + 100 * _EPS
                 lost = _images(ref - acc, row.get("n"))
-                out.append(Verdict(name, fmt, "drop", f"<= {budget.max_drop:g} points", f"{drop:.2f} points",
+                shown = next((t for t in (f"{drop:.{d}f}" for d in range(2, 7)) if ok or float(t) > budget.max_drop),
+                             f"{drop:.6f}")  # a failing drop never reads as its limit
+                out.append(Verdict(name, fmt, "drop", f"<= {budget.max_drop:g} points", f"{shown} points",
                                    "PASS" if ok else "FAIL",
                                    "" if ok else f"float model {_pct(ref)}" + (f"; {lost}" if lost else "")))
         if budget.min_agreement is not None:
@@ -94,9 +120,9 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                 out.append(Verdict(name, fmt, "agreement", f">= {_pct(budget.min_agreement)}", "-", "ERROR",
                                    "no top-1 agreement measured (give --reference MODEL)"))
             else:
-                ok = agr >= budget.min_agreement
-                out.append(Verdict(name, fmt, "agreement", f">= {_pct(budget.min_agreement)}", _pct(agr),
-                                   "PASS" if ok else "FAIL",
+                ok = agr >= budget.min_agreement - _EPS
+                shown, limit = _pcts(agr, budget.min_agreement)
+                out.append(Verdict(name, fmt, "agreement", f">= {limit}", shown, "PASS" if ok else "FAIL",
                                    "" if ok else _images(1 - agr, row.get("n"), "disagree")))
     shipped = [f for f in budget.max_size_per_format if f != "pt"]
     if (budget.max_size is not None or shipped) and not any(v.check == "size" and v.format != "pt" for v in out) \
@@ -333,8 +359,8 @@ def verdicts_markdown_table(verdicts: list[Verdict]) -> str:
     icon = {"PASS": "✅ pass", "FAIL": "❌ FAIL", "ERROR": "⚠️ not measured"}
     lines = ["| artifact | check | limit | value | result |", "| --- | --- | --- | --- | --- |"]
     for v in verdicts:
-        msg = f" ({v.message})" if v.message else ""
-        lines.append(f"| {md_code(v.artifact)} | {v.check} | {v.limit} | {v.value} | {icon[v.status]}{md_cell(msg)} |")
+        msg = f" ({md_cell(v.message)})" if v.message else ""  # md_cell strips the space before it
+        lines.append(f"| {md_code(v.artifact)} | {v.check} | {v.limit} | {v.value} | {icon[v.status]}{msg} |")
     return "\n".join(lines)
 
 

@@ -112,6 +112,7 @@ class _Data:
 
     def __init__(self, name: str | None, data_dir, limit: int | None, log: Log) -> None:
         self.name, self.data_dir, self.limit, self.log = name, data_dir, limit, log
+        self.subset = False  # --limit left images out: a file's recorded (whole test split) accuracy is not comparable
         self.stream = False
         self._cache: dict[tuple, Any] = {}
 
@@ -135,6 +136,7 @@ class _Data:
                 from edgesqueeze.data.datasets import limited_test
 
                 keep = limited_test(y, self.limit)
+                self.subset = self.subset or len(keep) < len(y)
                 x, y = x[keep], y[keep]
             if not len(x):
                 raise DataError(f"dataset '{name}' has no test images")
@@ -272,9 +274,14 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         try:
             row.update(_evaluate_one(path, data, ref_scores, threads=threads, latency=latency,
                                      model_args=model_args))
-            if row["reference_accuracy"] is None:
-                row["reference_accuracy"] = row.pop("_meta_reference", None)
-            row.pop("_meta_reference", None)
+            recorded = row.pop("_meta_reference", None)
+            if row["reference_accuracy"] is None and recorded is not None:
+                if data.subset:  # measured on all the test images: a drop against it mixes two sets
+                    log(f"note: {path}: the float model's recorded accuracy ({100 * recorded:.2f}%) is on the "
+                        f"whole test split, not these {row['n']:,} images, so no drop is measured; give the "
+                        "float model (.pt) as --reference to measure it on the same images")
+                else:
+                    row["reference_accuracy"] = recorded
         except EdgesqueezeError as exc:
             row["error"] = str(exc)
         except (OSError, ValueError, RuntimeError) as exc:  # a runtime refusing a damaged file

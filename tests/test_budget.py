@@ -54,6 +54,8 @@ def test_format_size():
     assert format_size(15_804) == "15,804 B (15.8 kB)"
     assert format_size(999) == "999 B"
     assert format_size(2_500_000) == "2,500,000 B (2.5 MB)"
+    assert format_size(999_950) == "999,950 B (1.0 MB)"  # not "1000.0 kB"
+    assert format_size(999_949) == "999,949 B (999.9 kB)"
     assert format_size(None) == "-"
 
 
@@ -117,6 +119,37 @@ def test_a_broken_drop_says_how_many_test_images_it_is():
     assert v.message.endswith("; 1 of 400 test images")
     (v,) = check([row(agreement=0.94, n=100)], Budget(min_agreement=0.95))
     assert v.status == "FAIL" and v.message == "6 of 100 test images disagree"
+
+
+@pytest.mark.parametrize("n", [359, 1000, 10_000, 50_000])
+def test_an_accuracy_or_agreement_exactly_at_a_percent_limit_holds_it(n):
+    """Audit: "99.4%" was read as 99.4 / 100 = 0.9940000000000001, so 9,940 of 10,000 images
+    (0.994) FAILED "accuracy >= 99.40%" with "0.00 points short"."""
+    from edgesqueeze.config.budget import parse_fraction
+
+    for k in range(int(0.9 * n), n + 1):
+        pct = 100 * k / n
+        text = f"{pct:.6f}".rstrip("0").rstrip(".")
+        if float(text) != round(pct, 6) or len(text.split(".")[-1]) > 3:
+            continue  # limits people write: at most 3 decimals that are exactly k / n
+        limit = parse_fraction(text + "%", "min_accuracy")
+        at, below = row(accuracy=k / n, agreement=k / n, n=n), row(accuracy=(k - 1) / n, agreement=(k - 1) / n, n=n)
+        budget = Budget(min_accuracy=limit, min_agreement=limit)
+        assert all(v.passed for v in check([at], budget)), (text, k, n)
+        assert not any(v.passed for v in check([below], budget)), (text, k, n)
+
+
+def test_a_failing_value_never_reads_as_its_limit():
+    """Audit: at two decimals a FAIL read "accuracy >= 98.33%  98.33%" and "0.00 points short"."""
+    (acc, drop, agr) = check([row(accuracy=0.98329, reference_accuracy=0.988295, agreement=0.99724)],
+                             Budget(min_accuracy=0.9833, max_drop=0.5, min_agreement=0.99725))
+    assert [v.status for v in (acc, drop, agr)] == ["FAIL"] * 3
+    for v in (acc, drop, agr):
+        assert v.value != v.limit.split(" ", 1)[1], v
+    assert acc.value == "98.329%" and acc.limit == ">= 98.330%" and acc.message == "0.001 points short"
+    assert drop.value == "0.501 points" and agr.value == "99.724%"
+    (ok,) = check([row(accuracy=0.9833)], Budget(min_accuracy=0.9833))
+    assert ok.passed and ok.value == "98.33%" and ok.limit == ">= 98.33%"
 
 
 def test_the_size_limit_is_inclusive_and_per_format_wins():

@@ -325,6 +325,24 @@ def test_verify_takes_a_plain_state_dict_with_arch(tmp_path):
     assert res.exit_code == 2 and "give --arch too" in res.output
 
 
+def test_a_limited_verify_measures_no_drop_against_the_whole_test_splits_accuracy(trained, tmp_path):
+    """Audit: `verify model.onnx --limit 50 --max-drop 0.5` judged the 50 images' accuracy
+    against the 98.61% the file recorded on all 359, and FAILED "0 of 50 test images"."""
+    exp = tmp_path / "e"
+    assert run("export", trained / "model.pt", "-f", "onnx", "--out", exp).exit_code == 0
+    out = tmp_path / "v.json"
+    res = run("verify", exp / "model.onnx", "--limit", 50, "--max-drop", "0.5", "--out", out)
+    assert res.exit_code == 2 and "no drop is measured" in res.output, res.output
+    (row,) = json.loads(out.read_text())["artifacts"]
+    assert row["n"] == 50 and row["reference_accuracy"] is None
+    res = run("verify", trained / "model.pt", exp / "model.onnx", "--limit", 50, "--max-drop", "0.5", "--out", out)
+    assert res.exit_code == 0 and "no drop is measured" not in res.output, res.output  # measured on the same 50
+    res = run("verify", exp / "model.onnx", "--max-drop", "0.5", "--out", out)  # all the images: the recorded one
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(out.read_text())["artifacts"]
+    assert row["reference_accuracy"] is not None and row["n"] > 50
+
+
 _DATA_DEPENDENT = """
 import torch
 from torch import nn
