@@ -202,19 +202,27 @@ def _runtime_scores(art, x) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def _torch_latency(model, shape: list[int], runs: int = 30) -> float:
+def _torch_latency(model, shape: list[int], runs: int = 30, threads: int | None = None) -> float:
+    """Batch-1 p50 in PyTorch eager, on ``threads`` intra-op threads when given (as the
+    runtimes get them: a .pt row timed on 2 beside files on 1 compared unlike setups)."""
     import time
 
     import torch
 
     x = torch.randn(1, *shape)
     times = []
-    with torch.inference_mode():
-        for i in range(runs + 5):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= 5:
-                times.append(time.perf_counter() - t0)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for i in range(runs + 5):
+                t0 = time.perf_counter()
+                model(x)
+                if i >= 5:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
     return 1e3 * float(np.median(times))
 
 
@@ -377,7 +385,7 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
         out["_meta_reference"] = ((meta.get("metrics") or {}).get("test") or {}).get("accuracy") \
             if kind == "pt" else meta.get("reference_accuracy")
         if latency:
-            out["latency_ms"] = _torch_latency(loaded.model, list(ds.input_shape))
+            out["latency_ms"] = _torch_latency(loaded.model, list(ds.input_shape), threads=threads)
     else:
         from edgesqueeze import runtime
 

@@ -54,8 +54,8 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     if cpu.get("note"):  # /proc/cpuinfo names another CPU than the one the runtimes ran on
         info["cpu_note"] = cpu["note"]
     torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "get_num_threads"):
-        info["torch_threads"] = torch.get_num_threads()
+    if torch is not None and hasattr(torch, "get_num_threads"):  # verify times PyTorch rows on `threads` too
+        info["torch_threads"] = threads or torch.get_num_threads()
     return info
 
 
@@ -296,7 +296,7 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
     elif report.get("reference_accuracy") is not None:
         lines.append(f"- float reference accuracy: {_pct(report['reference_accuracy'])}")
     if machine:
-        threads = machine.get("threads") or "runtime default"
+        threads = machine.get("threads") or "each runtime's default (onnxruntime one per physical core, LiteRT 1)"
         torch_threads = f" (PyTorch {machine['torch_threads']})" if machine.get("torch_threads") else ""
         lines.append(f"- machine: {machine.get('cpu')}, {machine.get('cores')} cores, threads {threads}"
                      f"{torch_threads}, {machine.get('date')}")

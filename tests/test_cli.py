@@ -343,6 +343,18 @@ def test_a_limited_verify_measures_no_drop_against_the_whole_test_splits_accurac
     assert row["reference_accuracy"] is not None and row["n"] > 50
 
 
+def test_bench_says_when_its_runtimes_ran_on_their_own_thread_counts(trained, tmp_path):
+    """Audit: without --threads, onnxruntime took a thread per core, LiteRT 1 and PyTorch its
+    own, with nothing in the table but ratios between them ("vs first")."""
+    exp = tmp_path / "e"
+    assert run("export", trained / "model.pt", "-f", "onnx", "--out", exp).exit_code == 0
+    files = (trained / "model.pt", exp / "model.onnx")
+    res = run("bench", *files, "-b", 1, "--runs", 2, "--warmup", 0)
+    assert res.exit_code == 0 and "threads: each runtime's default" in res.output, res.output
+    res = run("bench", *files, "-b", 1, "--runs", 2, "--warmup", 0, "--threads", 1)
+    assert res.exit_code == 0 and "threads: each runtime's default" not in res.output, res.output
+
+
 _DATA_DEPENDENT = """
 import torch
 from torch import nn

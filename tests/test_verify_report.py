@@ -69,7 +69,7 @@ def test_write_report_table_plots_and_machine(report, tmp_path):
     assert "Not evaluated (1; never a pass)" in md and "truncated \\| bad flatbuffer" in md
     assert "latency p50 (ms)" in md and "digits; 360 test images" in md
     assert "float reference: `model.pt`, test accuracy 97.50%" in md
-    assert "machine: Test CPU @ 2GHz, 2 cores, threads runtime default, 2026-11-23 18:00 UTC" in md
+    assert "machine: Test CPU @ 2GHz, 2 cores, threads each runtime's default (onnxruntime one per physical core, LiteRT 1), 2026-11-23 18:00 UTC" in md
     assert "![size by format](size_by_format.png)" in md
     assert "![accuracy against size](accuracy_vs_size.png)" in md
     assert "## Budget" not in md  # no budget given
@@ -143,6 +143,30 @@ def test_plot_names_never_overwrite_a_compress_report_plot(tmp_path):
 def test_machine_info_is_complete():
     m = vr.machine_info(2)
     assert m["cpu"] and m["cores"] >= 1 and m["threads"] == 2 and m["date"].endswith("UTC")
+
+
+def test_verify_times_a_pytorch_row_on_the_threads_given_and_gives_them_back():
+    """Audit: `verify --threads 1 --latency` timed the runtimes on 1 thread and the .pt rows
+    on PyTorch's 2."""
+    import torch
+
+    from edgesqueeze.verify import _torch_latency
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x.mean((2, 3))
+
+    before = torch.get_num_threads()
+    assert _torch_latency(Probe(), [1, 4, 4], runs=3, threads=1) >= 0
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    seen.clear()
+    _torch_latency(Probe(), [1, 4, 4], runs=3)
+    assert set(seen) == {before}
+    torch.set_num_threads(before)
+    assert vr.machine_info(1)["torch_threads"] == 1 and vr.machine_info(None)["torch_threads"] == before
 
 
 def test_verify_refuses_a_markdown_out_path(tmp_path):

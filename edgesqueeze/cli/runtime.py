@@ -115,7 +115,8 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std):
               help="Timed runs per case.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0, max=100_000),
               help="Untimed runs first.")
-@threads_option("Runtime threads [default: the runtime's].")
+@threads_option("Threads of every runtime, PyTorch's too [default: each runtime's own: onnxruntime one per "
+                "physical core, LiteRT 1, PyTorch its intra-op count; give it to time files alike].")
 @click.option("--json", "json_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write rows as JSON ('-': standard output, and the table goes to standard error).")
 @click.option("--portable/--x86-nchwc", "portable", default=None,
@@ -127,8 +128,10 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std):
 @model_options
 def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_opts):
     """Latency of artifacts (p50, p90) at batch 1 and 32, with ratios against the first file,
-    and each file's cold load time (file to ready session; packed files decode first, and
-    their decoding alone is shown beside it).
+    and each file's load time (file to ready session; packed files decode first, and their
+    decoding alone is shown beside it). Loads are timed after one untimed load of every
+    file, so the runtimes' imports and the file's pages are in memory: a warm load, the
+    median of 3, not the first load after a reboot.
 
     .onnx and .tflite (and packed .onnx.esq / .tflite.esq) run through their runtimes; .pt
     and .esq checkpoints through PyTorch eager (a .pt of your own model: --arch, or
@@ -162,12 +165,16 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
         load = "-" if r.get("cold_load_ms") is None else f"{r['cold_load_ms']:.1f}"
         decode = (f"{r['decode_ms']:.1f}" if r.get("decode_ms") else "-") if packed else ""
         name = r["file"] if len(r["file"]) <= 43 else "..." + r["file"][-40:]
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] >= 0.1 else f"{r['ratio']:.2g}"  # 0.0038x, not 0.00x
         click.echo(f"{name:<44}{r['batch_size']:>6}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
-                   f"{r['ratio']:>9.2f}x{load:>10}" + (f"{decode:>11}" if packed else ""), err=quiet)
+                   f"{ratio:>9}x{load:>10}" + (f"{decode:>11}" if packed else ""), err=quiet)
     if rows:
         cpu = rows[0]["cpu"]
         click.echo(f"cpu: {cpu['cpu']} ({cpu['int8_kernels']})" + (f"; {cpu['note']}" if cpu.get("note") else ""),
                    err=quiet)
+        if threads is None and len({r["backend"] for r in rows}) > 1:  # unlike setups, said: not a column of None
+            click.echo("threads: each runtime's default (onnxruntime one per physical core, LiteRT 1, PyTorch "
+                       "its intra-op count); --threads N times them alike", err=quiet)
     if json_path:
         write_text_output(json_path, json.dumps(rows, indent=2) + "\n")
 
