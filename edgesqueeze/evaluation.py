@@ -208,6 +208,8 @@ def describe_file(path: str | Path, *, arch: str | None = None, arch_kwargs: dic
                 "counted from the stored tensors")
     total = sum(p.numel() for p in params)
     nonzero = sum(int(torch.count_nonzero(p)) for p in params)
+    weights = [p for p in params if p.dim() >= 2]  # conv and linear weights: what pruning thins
+    w_total = sum(p.numel() for p in weights)
     out: dict[str, Any] = {
         "file": str(path),
         "kind": kind,
@@ -215,7 +217,9 @@ def describe_file(path: str | Path, *, arch: str | None = None, arch_kwargs: dic
         "sha256": sha256_file(path),
         "arch": arch_name,
         "parameters": total,
-        "density": round(nonzero / total, 4) if total else None,
+        "density": round(nonzero / total, 4) if total else None,  # biases and BatchNorm included
+        # the pruning's own measure (compress's report and metrics.density): conv and linear weights only
+        "weight_density": round(sum(int(torch.count_nonzero(p)) for p in weights) / w_total, 4) if w_total else None,
     }
     folded = meta.get("folded_layers") or meta.get("folded_batchnorm")
     if folded:  # 'models' counts the architecture's BatchNorm weights, which this file has no more

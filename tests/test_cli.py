@@ -355,6 +355,30 @@ def test_bench_says_when_its_runtimes_ran_on_their_own_thread_counts(trained, tm
     assert res.exit_code == 0 and "threads: each runtime's default" not in res.output, res.output
 
 
+def test_info_gives_the_weight_density_pruning_reports_beside_the_density_of_all_parameters(tmp_path):
+    """Audit: `info pruned.pt` printed density 0.2165 (every parameter, biases and BatchNorm
+    included) beside metrics.density 0.2013 (conv and linear weights) with one label."""
+    from edgesqueeze.evaluation import describe_file
+    from edgesqueeze.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("squeezenet_mnist", num_classes=10)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight[m.weight.abs() < m.weight.abs().median()] = 0
+    sd = tmp_path / "half.pt"
+    torch.save(model.state_dict(), sd)
+    info = describe_file(sd, arch="squeezenet_mnist")
+    weights = [p for p in model.parameters() if p.dim() >= 2]
+    want = sum(int((p != 0).sum()) for p in weights) / sum(p.numel() for p in weights)
+    assert info["weight_density"] == round(want, 4) and 0.45 < want < 0.55
+    params = list(model.parameters())
+    assert info["density"] == round(sum(int((p != 0).sum()) for p in params) / sum(p.numel() for p in params), 4)
+    res = run("info", sd, "--arch", "squeezenet_mnist")
+    assert res.exit_code == 0 and f"weight_density: {round(want, 4)}" in res.output, res.output
+
+
 _DATA_DEPENDENT = """
 import torch
 from torch import nn

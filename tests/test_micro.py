@@ -86,7 +86,8 @@ def test_value_tables_are_what_the_shared_filters_hold(micro):
     line = next(m for m in micro[1] if "TFLite Micro value tables" in m)
     assert f"on {done} of {len(filters)} int8 filters" in line
     # the whole files and their arenas, as TFLite Micro allocates them (RAM the DECODE operators use)
-    assert f"flash {plain.stat().st_size:,} -> {small.stat().st_size:,} B against the tflite-int8 file" in line
+    assert (f"flash {plain.stat().st_size:,} -> {small.stat().st_size:,} B against the tflite-int8 file "
+            f"({plain.name})") in line
     assert re.search(r"arena \(RAM\) [\d,]+ -> [\d,]+ B", line), line
 
 
@@ -135,6 +136,23 @@ def test_per_channel_weights_get_per_channel_tables_and_decode_exactly(shared_pt
     x = digits.test_x[:100]
     a, b = runtime.load(small), runtime.load(plain, backend="tflite-micro")
     np.testing.assert_array_equal(a.predict_images(x), b.predict_images(x))  # value tables are lossless
+
+
+def test_a_micro_file_with_other_float_layers_says_what_it_was_measured_against(shared_pt, tmp_path):
+    """Audit: with a float stem in the tflite-int8 file (the demo's recipe), export compared the
+    micro file with an int8-stem conversion made in memory, but said "against the tflite-int8
+    file", which is another file with other bytes."""
+    from edgesqueeze.config.export import ExportConfig as Config
+
+    logs: list[str] = []
+    config = Config.from_dict({"formats": ["tflite-int8", "tflite-micro"],
+                               "float_layers_by_format": {"tflite-int8": ["features.0"], "tflite-micro": []}})
+    written = export_artifacts(shared_pt, config, tmp_path, log=logs.append)
+    plain = next(p for p in written if p.name == "shared.int8.tflite")
+    line = next(m for m in logs if "TFLite Micro value tables" in m)
+    assert "against its own tflite-int8 conversion (float layers none, not the tflite-int8 file's ['features.0'])" \
+        in line, line
+    assert f"{plain.stat().st_size:,} ->" not in line  # not the file written beside it
 
 
 def test_damaged_micro_file_is_refused_in_one_line(micro, tmp_path):

@@ -429,8 +429,12 @@ def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: 
     from edgesqueeze.export.tflm import micro_compress
 
     plain = next((p for p in written if p.name.endswith(SUFFIX["tflite-int8"])), None)
+    against = f"the tflite-int8 file ({plain.name})" if plain is not None else "its tflite-int8 conversion"
     if config.float_layers_for("tflite-micro") != config.float_layers_for("tflite-int8"):
         plain = None  # other float layers than the tflite-int8 file's: converted for it
+        floats = list(config.float_layers_for("tflite-micro"))
+        against = (f"its own tflite-int8 conversion (float layers {floats or 'none'}, not the tflite-int8 "
+                   f"file's {list(config.float_layers_for('tflite-int8'))})")
     if plain is not None:
         data = plain.read_bytes()
     else:
@@ -451,7 +455,7 @@ def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: 
     widths = ", ".join(f"{b}-bit" for b in sorted({r["index_bits"] for r in rep["rows"] if r["index_bits"]}))
     arenas = _micro_arenas(path, data, out)
     log(f"{path}: TFLite Micro value tables on {rep['compressed']} of {rep['filters']} int8 filters "
-        f"({widths} indices): flash {len(data):,} -> {len(out):,} B against the tflite-int8 file"
+        f"({widths} indices): flash {len(data):,} -> {len(out):,} B against {against}"
         + (f", arena (RAM) {arenas[0]:,} -> {arenas[1]:,} B" if arenas else "")
         + (f"; {len(kept)} kept as int8 ({_why_kept(kept)})" if kept else ""))
     if arenas and arenas[1] - arenas[0] > len(data) - len(out):
