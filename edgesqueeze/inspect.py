@@ -118,6 +118,10 @@ def _inspect_pt(path: Path, model_args: dict[str, Any] | None = None) -> dict[st
            "ops": ops, "tensors": tensors, "metadata": {k: v for k, v in meta.items() if k != "history"}}
     if not shape:
         out["note"] = "the file does not record its input shape; --input-shape C,H,W gives it (and the output's)"
+    batch = _program_batch(loaded)
+    if batch is not None:  # None in "shape" is edgesqueeze's reading, which re-traces it at any batch
+        out["note"] = (f"exported for batch {batch} (a static batch): torch.export.load(...).module() runs it at "
+                       f"that batch only; edgesqueeze runs it at any batch")
     if shape:
         try:
             model = loaded.model
@@ -149,6 +153,20 @@ def _ops(loaded) -> dict[str, int]:
             name = getattr(m, "original_name", None) or type(m).__name__  # ScriptModules keep their class name
             ops[name] = ops.get(name, 0) + 1
     return ops
+
+
+def _program_batch(loaded) -> int | None:
+    """A torch.export program's batch size where it is static (None where it is symbolic, or
+    the file is not such a program)."""
+    import torch
+
+    program = loaded.source_program
+    if not isinstance(program, torch.export.ExportedProgram):
+        return None
+    user = set(program.graph_signature.user_inputs)
+    val = next((n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in user), None)
+    dims = list(getattr(val, "shape", []))
+    return int(dims[0]) if dims and isinstance(dims[0], int) else None
 
 
 def _program_input_shape(loaded) -> list[int] | None:

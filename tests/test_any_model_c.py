@@ -305,6 +305,8 @@ def test_inspect_gives_every_forms_input_output_and_layer_kinds(tmp_path):
         assert not {"RecursiveScriptModule", "Module"} & set(ops), (form, ops)
         assert ops.get("Conv2d", ops.get("conv2d")) == conv_count, (form, ops)
         assert desc["macs"] > 0
+        # the program's batch is fixed at 1 (None above is edgesqueeze's reading): said (audit)
+        assert ("exported for batch 1 (a static batch)" in desc.get("note", "")) == (form == "program"), desc
     res = run("inspect", forms["torchscript"][0])  # no shape given: said, not shown as None
     assert res.exit_code == 0 and "shape not recorded" in res.output and "--input-shape" in res.output, res.output
     from edgesqueeze.models import build_model  # a registered architecture's state_dict: its spec's shape
