@@ -1,12 +1,17 @@
 """Benchmarks: train the shipped recipes, measure, and write docs/BENCHMARKS.md.
 
-    python benchmarks/run.py                      # everything (hours on 2 CPU cores)
+    python benchmarks/run.py                      # what `make bench` runs: channels_last, demo, mnist,
+                                                  # tutorial, cifar (hours on 2 CPU cores)
+    python benchmarks/run.py --only esq_imagenet,compress_mnist,compress_cifar   # the other three
     python benchmarks/run.py --only mnist --seeds 0,1,2
     python benchmarks/run.py --report             # re-render docs/BENCHMARKS.md from results
 
 Each part writes ``benchmarks/results/<part>.json`` as soon as it finishes (with the machine,
 the command and the date), so a long run that is interrupted keeps what it measured, and
 the report is rendered from whatever results exist. Training outputs go to ``runs/bench/``.
+The other sections of docs/BENCHMARKS.md (int8_*, imagenet_lossy, latency_imagenet, device_*,
+packed, zoo_cifar, stream) are recorded from runs made by hand or by the scripts beside this
+one (``--record*`` below, ``benchmarks/packed.py``, ...): each names its command.
 """
 
 from __future__ import annotations
@@ -50,9 +55,12 @@ def machine() -> dict:
     from edgesqueeze.verify_report import machine_info
 
     info = machine_info(torch.get_num_threads())
-    return {"cpu": info["cpu"], "arch": info["arch"], "features": info["features"],
-            "int8_kernels": info["int8_kernels"], "cores": info["cores"], "python": platform.python_version(),
-            "torch": torch.__version__, "threads": info["threads"], "date": info["date"]}
+    out = {"cpu": info["cpu"], "arch": info["arch"], "features": info["features"],
+           "int8_kernels": info["int8_kernels"], "cores": info["cores"], "python": platform.python_version(),
+           "torch": torch.__version__, "threads": info["threads"], "date": info["date"]}
+    if hasattr(os, "getloadavg"):  # when the record is saved: a busy machine's timings say so (esq_imagenet's decode)
+        out["load_average_1m"] = round(os.getloadavg()[0], 2)
+    return out
 
 
 def save(part: str, payload: dict) -> None:
@@ -295,9 +303,33 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+_RENDERED: set[str] = set()  # the records report() read: the others are listed at its end
+
+
 def _load(part: str) -> dict | None:
     path = RESULTS / f"{part}.json"
+    _RENDERED.add(path.name)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _unrendered() -> list[str]:
+    """The records in benchmarks/results/ that no section renders (the raw logs of the
+    experiment scripts, cited from the notes): each with what it says of its machine."""
+    lines = []
+    for path in sorted(RESULTS.glob("*.json")):
+        if path.name in _RENDERED or path.name.startswith("device_"):  # device_*: the device table
+            continue
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        m = rec.get("machine") if isinstance(rec, dict) else None
+        if isinstance(m, dict) and m.get("cpu"):
+            where = f"{m['cpu']} ({m.get('int8_kernels') or _OLD_KERNELS}), {m.get('date') or rec.get('date') or 'date not recorded'}"
+        else:
+            where = "machine, command and date recorded per entry"
+        lines.append(f"- `benchmarks/results/{path.name}`: {where}")
+    return lines
 
 
 # Records written before machine() named the CPU features (sessions 1-9): the VM then was
@@ -309,7 +341,8 @@ _OLD_KERNELS = "int8 features not recorded; sessions 1-9 report an AVX-512 VNNI 
 def _mach(res: dict) -> str:
     m = res["machine"]
     kernels = m.get("int8_kernels") or _OLD_KERNELS
-    return (f"{m['cpu']} ({kernels}), {m['cores']} cores, torch {m.get('torch', '-')}, {m['date']}; "
+    load = f", load average {m['load_average_1m']}" if m.get("load_average_1m") is not None else ""
+    return (f"{m['cpu']} ({kernels}), {m['cores']} cores, torch {m.get('torch', '-')}, {m['date']}{load}; "
             f"command: `{res['command']}`")
 
 
@@ -323,7 +356,9 @@ def _short_machine(m: dict) -> str:
 def report() -> str:
     lines = ["# Benchmarks", "",
              "Measured numbers only. Each section names its command, machine and date; regenerate with",
-             "`make bench` (all parts) or `python benchmarks/run.py --only PART` then `--report`.", ""]
+             "`make bench` (the parts channels_last, demo, mnist, tutorial and cifar), `python benchmarks/run.py "
+             "--only PART` (also esq_imagenet, compress_mnist, compress_cifar) or the command a section names, "
+             "then `--report`.", ""]
     if r := _load("demo"):
         lines += ["## `make demo` (digits)", "", f"{_mach(r)}", "",
                   f"- wall time in a fresh clone, creating `.venv` and installing everything: **{r['wall_s']:.0f} s** "
@@ -655,6 +690,11 @@ def report() -> str:
             lines.append(f"| {x['model']} | {x['contiguous_steps_s']} | {x['channels_last_steps_s']} | "
                          f"{x['speedup']:.2f}x |")
         lines += ["", "The shipped recipes set `train.channels_last: true` because of this.", ""]
+    raw = _unrendered()
+    if raw:
+        lines += ["## Raw records not rendered above", "",
+                  "The experiment scripts' own logs (`benchmarks/onnx_int8.py`, `tflite_int8.py`, `int8_speed.py`, "
+                  "`cifar_int8.py`, ...), cited by the notes below, which say what each measured:", "", *raw, ""]
     notes = ROOT / "benchmarks" / "notes.md"
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
@@ -666,7 +706,7 @@ def main() -> None:
     ap.add_argument("--only", default="channels_last,demo,mnist,tutorial,cifar",
                     help=f"comma-separated parts of {', '.join(PARTS)}")
     ap.add_argument("--seeds", default="0,1,2", help="seeds for the MNIST parts")
-    ap.add_argument("--set", action="append", default=[], help="recipe override for the cifar part")
+    ap.add_argument("--set", action="append", default=[], help="recipe override for the cifar and compress parts")
     ap.add_argument("--report", action="store_true", help="only re-render docs/BENCHMARKS.md")
     ap.add_argument("--record", nargs=3, metavar=("PART", "REPORT_JSON", "COMMAND"),
                     help="save a compress part from a run made by hand (its report.json and the command used)")
@@ -694,9 +734,11 @@ def main() -> None:
     elif args.record_ptq:
         record_ptq([Path(x) for x in args.record_ptq[1:]], args.record_ptq[0])
     elif not args.report:
-        for part in args.only.split(","):
-            if part not in PARTS:
-                raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
+        parts = [p.strip() for p in args.only.split(",") if p.strip()]
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown or not parts:  # before hours of training, not after them
+            raise SystemExit(f"unknown part {unknown[0] if unknown else args.only!r}; choose from {', '.join(PARTS)}")
+        for part in parts:
             if part != "report":
                 globals()[f"part_{part}"](args)
     from edgesqueeze._io import write_text_atomic
