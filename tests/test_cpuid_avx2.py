@@ -93,3 +93,41 @@ def test_the_wrapper_run_inside_itself_masks_once():
     assert preload.count("cpuid-avx2-") == 1 and tunables.count("-AVX512F") == 1 and marker == "avx2"
     r = masked(str(AVX2_CPUID), "--check")
     assert r.returncode == 0 and "already masked" in r.stdout
+
+
+@requires_avx2_cpuid
+def test_a_program_that_takes_sigsegv_with_signal_still_works(tmp_path):
+    """gcc's cc1 sets its crash handler with signal(SIGSEGV, ...), which went around the mask's
+    sigaction() interposer: every CPUID it ran afterwards was its "internal compiler error:
+    Segmentation fault" (`tools/with-avx2-cpuid.sh make test` failed on the C decoder's build).
+    A signal() handler must see real faults still, as a sigaction() one does."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "p.c"
+    src.write_text(r"""
+#include <cpuid.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+static void on_segv(int sig) { (void)sig; write(1, "handled\n", 8); _exit(3); }
+int main(int argc, char **argv) {
+    unsigned a, b, c, d;
+    signal(SIGSEGV, on_segv);
+    __cpuid_count(7, 0, a, b, c, d);  /* trapped and answered by the mask, not on_segv */
+    printf("avx512f %u\n", (b >> 16) & 1);
+    fflush(stdout);
+    if (argc > 1) *(volatile int *)0 = 1;  /* a real fault: the program's handler */
+    return 0;
+}
+""")
+    exe = tmp_path / "p"
+    r = masked(cc, "-O1", "-o", str(exe), str(src))  # the compiler itself, under the mask
+    assert r.returncode == 0, r.stderr[-500:]
+    r = masked(str(exe))
+    assert r.returncode == 0 and r.stdout == "avx512f 0\n", (r.returncode, r.stdout, r.stderr[-300:])
+    r = masked(str(exe), "crash")
+    assert r.returncode == 3 and r.stdout == "avx512f 0\nhandled\n", (r.returncode, r.stdout, r.stderr[-300:])

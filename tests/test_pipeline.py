@@ -239,7 +239,7 @@ def test_diverged_retraining_is_reported(checkpoint, tmp_path):
                for w in result.report["warnings"])
     # ... and undone: the archive holds the k-means centroids it started from, not a dead network
     assert stages["cluster (retraining undone)"] == stages["cluster (before retraining)"]
-    assert result.report["test"]["after"]["accuracy"] > 0.5, result.report["test"]
+    assert result.report["test"]["after"]["accuracy"] > 0.3, result.report["test"]  # not dead (above: < 0.3)
     cfg = CompressConfig(cluster=CONFIG.cluster, cluster_finetune=FinetuneConfig(epochs=1, lr=1.0))
     with pytest.raises(EdgesqueezeError, match=r"compress.cluster_finetune: retraining diverged \(\S+ has NaN"):
         compress(checkpoint, cfg, out_dir=tmp_path / "nan", progress=False, log=lambda _: None)

@@ -22,9 +22,10 @@
  * A program that installs its own SIGSEGV handler with sigaction() (Python's faulthandler,
  * pytest) keeps working: sigaction() is intercepted for SIGSEGV, the program's handler is
  * stored, and every SIGSEGV that is not a trapped CPUID goes to it (or to the default action,
- * a crash, as without this library). glibc's signal() does not go through sigaction() here:
- * a program that sets a SIGSEGV handler with signal() takes the CPUID traps itself and fails;
- * no runtime edgesqueeze uses does.
+ * a crash, as without this library). glibc's signal() does not go through the sigaction()
+ * symbol, so it is intercepted the same way: gcc's cc1 sets its crash handler with
+ * signal(SIGSEGV, ...), took the CPUID traps itself and stopped with "internal compiler
+ * error: Segmentation fault" (a C compiler run under the mask: the test suite's C decoder).
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
@@ -111,6 +112,20 @@ int sigaction(int signum, const struct sigaction *act, struct sigaction *oldact)
     if (act)
         program_action = *act;
     return 0;
+}
+
+/* BSD semantics, as glibc's signal(): the handler stays, interrupted calls restart. */
+sighandler_t signal(int signum, sighandler_t handler) {
+    if (signum != SIGSEGV) {
+        sighandler_t (*real_signal)(int, sighandler_t) = (sighandler_t (*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
+        return real_signal(signum, handler);
+    }
+    sighandler_t old = (program_action.sa_flags & SA_SIGINFO) ? (sighandler_t)program_action.sa_sigaction
+                                                               : program_action.sa_handler;
+    memset(&program_action, 0, sizeof program_action);
+    program_action.sa_handler = handler;
+    program_action.sa_flags = SA_RESTART;
+    return old;
 }
 
 __attribute__((constructor)) static void start(void) {

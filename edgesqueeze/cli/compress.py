@@ -90,6 +90,7 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
                       data_dir=data_dir or model_opts.data_dir,
                       recipe_hash=recipe.hash() if model_opts.recipe_path else None, recipe_path=model_opts.recipe_path,
+                      recipe_name=recipe.name if model_opts.recipe_path else None,
                       teacher=teacher, resume=resume,
                       progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m),
                       **model_opts.load_kwargs())
@@ -103,9 +104,11 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
     if ptq.get("within_target") is False:  # a size the recipe asked for and did not get: exit 1
         from edgesqueeze.errors import BudgetError
 
-        uniform = (ptq.get("config") or {}).get("allocation") == "uniform"
+        cfg = ptq.get("config") or {}
+        uniform = cfg.get("allocation") == "uniform"
+        lower = "lower compress.ptq.min_bits" if cfg.get("min_bits", 2) > 1 else "min_bits is 1 already"
         why = ("with compress.ptq.allocation: uniform, which gives every layer compress.ptq.bits; lower the bits"
-               if uniform else "even with every layer at its smallest codebook; lower compress.ptq.min_bits")
+               if uniform else f"even with every layer at its smallest codebook; {lower}")
         raise BudgetError(f"{result.out_dir / 'model.esq'}: {result.report['totals']['esq_bytes']:,} B is over "
                           f"compress.ptq.target_bytes ({ptq['target_bytes']:,} B) {why}, prune more before ptq, "
                           "or raise the target. The archive and its report are written")

@@ -241,6 +241,10 @@ def cluster_layer(name: str, weight: torch.Tensor, mask: torch.Tensor, bits: int
     centroids, lab = kmeans_1d(w[mask].double().numpy(), k, init=init, sample_weight=sw,
                                seed=seed, max_iter=max_iter)
     codebook = torch.from_numpy(centroids).to(_DTYPES[codebook_dtype]).float()
+    if not torch.isfinite(codebook).all():  # finite weights past float16's 65504 (the archive said "NaN")
+        raise RecipeError(f"layer {name}: weights up to {float(np.abs(centroids).max()):.3g} do not fit a "
+                          f"{codebook_dtype} codebook (largest {float(torch.finfo(_DTYPES[codebook_dtype]).max):g}); "
+                          "set codebook_dtype: float32 (compress.cluster or compress.ptq)")
     if codebook.numel() == 0 and not include_zero:
         codebook = torch.zeros(1)  # fully pruned layer: one unused entry keeps gathers valid
     labels = torch.zeros(w.shape, dtype=torch.uint8)

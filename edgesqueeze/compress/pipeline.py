@@ -24,6 +24,7 @@ and the report) in :mod:`.run`.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -60,6 +61,7 @@ def compress(
     input_meta: dict | None = None,
     recipe_hash: str | None = None,
     recipe_path: str | Path | None = None,
+    recipe_name: str | None = None,
     teacher: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -144,8 +146,11 @@ def compress(
         log(f"compress.keep_layers: {len(kept)} layers left as they are ({', '.join(kept[:6])}"
             f"{', ...' if len(kept) > 6 else ''})")
     if not prunable_layers(inp.loaded.model):
-        from edgesqueeze.errors import ModelError
+        from edgesqueeze.errors import ModelError, RecipeError
 
+        if kept:  # the model has layers; the recipe kept every one
+            raise RecipeError(f"compress.keep_layers: keeps every Conv2d and Linear layer of {checkpoint} "
+                              f"({len(kept)}), so there is nothing left to prune, share or code; keep fewer")
         raise ModelError(f"{checkpoint}: has no Conv2d or Linear layer, so there is nothing to prune, share or "
                          "code; compress works on the weights of convolutions and fully connected layers")
     stale = Path(out_dir) / "pruned.pt"
@@ -167,7 +172,7 @@ def compress(
     if not distributed.launched() or distributed._env_int("RANK", 0) == 0:  # one process removes them
         _clear_earlier_outputs(Path(out_dir), log)
     run = Run(checkpoint=Path(checkpoint), config=config, inp=inp, out=Path(out_dir), seed=seed,
-               recipe_hash=recipe_hash, progress=progress, log=log, t_start=t_start,
+               recipe_hash=recipe_hash, recipe_name=recipe_name, progress=progress, log=log, t_start=t_start,
                teacher=teacher_model if teacher_model is not None else inp.loaded.model,
                teacher_path=Path(teacher) if teacher is not None else None, resume=resume)
     if config.mode == "lossless":
@@ -300,6 +305,7 @@ def _compress_ptq(run: Run) -> CompressResult:
         run, model, folded=folded, reference_accuracy=ref_acc, shared="auto",
         codebook_dtype=cfg.ptq.codebook_dtype, chunk=CHUNK)
     run.record("esq", decoded, len(blob), "decoded from the archive")
+    _written_sizes(ptq_report, stats, len(blob))
     target = cfg.ptq.target_bytes  # over it: ptq warned, the report says so, the CLI exits 1
     mask_kept = all(torch.equal(decoded.get_submodule(n).weight != 0, m) for n, m in masks_before.items())
     evaluation = stages.evaluate_held_out(run, original, decoded, n_calib=len(calib), split=split,
@@ -315,6 +321,27 @@ def _compress_ptq(run: Run) -> CompressResult:
     return run.finish(before=original, decoded=decoded, blob=blob, stats=stats, state=state,
                       dense_bytes=dense_bytes, test_before=held_before, test_after=test_after,
                       bits={n: a.bits for n, a in assignments.items()}, esq_path=esq_path, extra=extra)
+
+
+def _written_sizes(ptq_report: dict[str, Any], stats: list, archive_bytes: int) -> None:
+    """The report's per-layer bytes and codebook sizes as written, where ptq's plan differs:
+    the codec may store a section without Huffman coding when that is smaller, drops
+    centroids no weight uses, and the archive's metadata is sized with a stand-in weights
+    hash. The plan stays as ``planned_bytes`` / ``planned_k`` (what the allocation chose on)."""
+    written = {st.name: st for st in stats}
+    for row in ptq_report["layers"]:
+        st = written.get(f"{row['layer']}.weight")
+        if st is None:
+            continue
+        if st.bytes != row["bytes"]:
+            row["planned_bytes"], row["bytes"] = row["bytes"], st.bytes
+        if st.k and st.k != row["k"]:
+            row["planned_k"], row["k"] = row["k"], st.k
+            row["bits"] = max(1, math.ceil(math.log2(max(2, st.k))))
+    summary = ptq_report["summary"]
+    if summary["bytes"] != archive_bytes:
+        summary["planned_bytes"], summary["bytes"] = summary["bytes"], archive_bytes
+        summary["within_budget"] = archive_bytes <= summary["budget"]
 
 
 def _compress_lossless(run: Run) -> CompressResult:

@@ -112,7 +112,7 @@ def post_training_compress(model: nn.Module, calib_x: torch.Tensor, config: PTQC
     Returns ``(model, assignments, report)``; ``report`` has one row per layer (``k``,
     ``bits``, ``bytes``, predicted KL, bias shift) and a summary: the archive bytes, the
     budget, and the calibration KL / agreement after each step (in-sample: they guide, they
-    do not validate). Deterministic for a given ``seed``, input and thread count.
+    do not validate). Deterministic for a given ``seed``, input and thread count (the archive records it: ``compress_threads``).
     """
     if not isinstance(config, PTQConfig):
         raise RecipeError(f"config: expected a PTQConfig, got {type(config).__name__}")
@@ -235,8 +235,9 @@ def post_training_compress(model: nn.Module, calib_x: torch.Tensor, config: PTQC
         slack += size - budget + _HEADER_MARGIN
 
     if size > budget:
+        further = "lower min_bits to go further" if config.min_bits > 1 else "at 1 bit; prune more to go further"
         log(f"ptq: warning: {size:,} B does not fit the {budget:,} B budget (the smallest "
-            "candidates are chosen; lower min_bits to go further)" if config.allocation != "uniform"
+            f"candidates are chosen; {further})" if config.allocation != "uniform"
             else f"ptq: uniform {config.bits}-bit clustering takes {size:,} B")
     rows = []
     for name, j in pick.items():

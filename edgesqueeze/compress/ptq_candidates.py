@@ -96,7 +96,14 @@ def gptq_assign(layer: ClusteredLayer, weight: torch.Tensor, hessian: torch.Tens
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
     w, mask, h = w[:, perm], mask[:, perm], h[perm][:, perm]
     h += damp * torch.diagonal(h).mean() * torch.eye(d, dtype=h.dtype)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    try:
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:  # too little damping for the directions the images did not excite
+        from edgesqueeze.errors import RecipeError
+
+        raise RecipeError(f"compress.ptq.gptq_damp: {damp:g} leaves layer {layer.name}'s input Hessian singular "
+                          "(its calibration images do not excite every input direction); raise it (the default "
+                          "is 0.01) or give more calibration images") from None
     mids = ((cb[:-1] + cb[1:]) / 2).contiguous()
     labels = torch.zeros(w.shape, dtype=torch.long)
     for j in range(d):
@@ -179,7 +186,10 @@ def allocate(candidates: Mapping[str, Sequence[Candidate]], budget: int, *,
     budget 30 takes a's second and b's first (KL 4 rather than 7 or 5).
     """
     names = list(candidates)
-    n_units = max(0, budget // unit)
+    # a budget above every layer's largest candidate takes those: the table need not be longer
+    # (a target of 1e10 B on a 5 KB model sized it at 625 million units per layer, out of memory)
+    most = sum(-(-max((c.bytes for c in cands), default=0) // unit) for cands in candidates.values())
+    n_units = max(0, min(budget // unit, most))
     inf = float("inf")
     dp = np.zeros(n_units + 1)  # dp[u]: least distortion of layers so far within u units
     choices = []

@@ -64,7 +64,8 @@ def correct_biases(model: nn.Module, reference: nn.Module, x: torch.Tensor, *,
     """
     model.eval()
     reference.eval()
-    want = set(prunable_layers(model) if layers is None else layers) - _called_more_than_once(model, x[:1])
+    calls = _call_counts(model, x[:1])  # once: a layer never called (an auxiliary head) has no mean to match
+    want = {n for n in (prunable_layers(model) if layers is None else layers) if calls.get(n) == 1}
     chain_q = _chain(model, x[:1])
     chain_r = _chain(reference, x[:1])
     if len(chain_q) != len(chain_r):
@@ -92,9 +93,10 @@ def correct_biases(model: nn.Module, reference: nn.Module, x: torch.Tensor, *,
     return shifts
 
 
-def _called_more_than_once(model: nn.Module, probe: torch.Tensor) -> set[str]:
-    """Names of the conv / linear layers one forward pass of ``model`` on ``probe`` calls
-    more than once (a block applied twice with the same weights)."""
+def _call_counts(model: nn.Module, probe: torch.Tensor) -> dict[str, int]:
+    """How many times one forward pass of ``model`` on ``probe`` calls each conv / linear
+    layer (absent: never, as a training-only auxiliary head; more than once: a block applied
+    twice with the same weights)."""
     calls: dict[str, int] = {}
     handles = [m.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
                for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -103,7 +105,7 @@ def _called_more_than_once(model: nn.Module, probe: torch.Tensor) -> set[str]:
     finally:
         for hd in handles:
             hd.remove()
-    return {n for n, c in calls.items() if c > 1}
+    return calls
 
 
 def _mean_outputs(block: nn.Module, h: torch.Tensor, modules: Sequence[nn.Module],

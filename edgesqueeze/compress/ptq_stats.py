@@ -119,10 +119,14 @@ def _stats(model: nn.Module, x: torch.Tensor, fisher_samples: int, seed: int, ba
             ys = torch.multinomial(logp.detach().exp().cpu(), fisher_samples, replacement=True,
                                    generator=gen)
             for s, y in enumerate(ys.tolist()):
-                grads = torch.autograd.grad(logp[y], weights,
-                                            retain_graph=s < fisher_samples - 1)
+                # allow_unused: a layer the eval forward never calls (a training-only auxiliary
+                # head) has no gradient; its Fisher stays 0 (no effect on the output, so the
+                # fewest bits), where this was a RuntimeError
+                grads = torch.autograd.grad(logp[y], weights, retain_graph=s < fisher_samples - 1,
+                                            allow_unused=True)
                 for n, g in zip(names, grads):
-                    fisher[n] += g.double() ** 2
+                    if g is not None:
+                        fisher[n] += g.double() ** 2
             if log and (i + 1) % max(1, len(x) // 4) == 0:
                 log(f"ptq: fisher {i + 1}/{len(x)} images, {time.perf_counter() - t0:.0f} s")
     finally:
@@ -153,7 +157,7 @@ def _input_hessians(model: nn.Module, x: torch.Tensor, names: Sequence[str],
     finally:
         for h in hooks:
             h.remove()
-    return {n: sums[n] / max(1, counts[n]) for n in names}
+    return {n: sums[n] / max(1, counts[n]) for n in names if n in sums}  # a layer never called has none
 
 
 def activation_weights(w: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:

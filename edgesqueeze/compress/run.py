@@ -68,6 +68,7 @@ class Run:
     teacher: nn.Module | None = None  # what retraining distils from (the checkpoint, or --teacher)
     teacher_path: Path | None = None
     resume: bool = False  # reuse out/pruned.pt from an earlier run with the same settings
+    recipe_name: str | None = None  # the compress recipe's, recorded with its hash (not the training run's name)
     group: Any = None  # edgesqueeze.distributed.Group under torchrun: rank 0 alone evaluates stages and writes
     stages: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -147,6 +148,10 @@ class Run:
                  "source_sha256": self.source_sha256, "weights_sha256": weights_sha256,
                  "reference_accuracy": reference_accuracy,
                  "recipe_hash": self.recipe_hash or self.inp.meta.get("recipe_hash")}
+        if self.recipe_hash and self.recipe_name:  # name and hash of one recipe (a ptq.yaml's hash once sat
+            extra["recipe_name"] = self.recipe_name  # beside the training recipe's name)
+        if self.config.mode == "ptq":  # its statistics' float sums depend on it: the same bytes need the same count
+            extra["compress_threads"] = torch.get_num_threads()
         if folded and self.folded_layers is not None:
             extra["folded_layers"] = self.folded_layers
         return esq_meta({k: v for k, v in self.inp.meta.items() if k not in ("metrics", "compress_stage",
@@ -194,8 +199,9 @@ class Run:
         the archive keeps as raw float32: only Conv2d and Linear weights are pruned and shared."""
         handled = set(shared_weight_names(model))
         modules = dict(model.named_modules())
+        layers = {n.rpartition(".")[0] for n in handled}  # their biases are raw by design, not "other types"
         raw = [s for s in stats if s.kind == "raw" and s.numel >= 256 and s.name not in handled
-               and s.name.rpartition(".")[0] in modules and "." in s.name]
+               and s.name.rpartition(".")[0] in modules and "." in s.name and s.name.rpartition(".")[0] not in layers]
         if not raw:
             return
 

@@ -463,6 +463,12 @@ class CompressConfig:
             raise RecipeError("compress.ptq: cannot be combined with compress.cluster (both choose the "
                               "codebooks); keep cluster to retrain centroids on a training split, or ptq "
                               "for calibration images only")
+        default = FinetuneConfig()
+        for name in ("prune_finetune", "cluster_finetune"):  # ignored by ptq, yet in the archive's recipe hash
+            # (--device sets every section's device, which is not a setting of the recipe's)
+            if self.ptq is not None and dataclasses.replace(getattr(self, name), device=default.device) != default:
+                raise RecipeError(f"compress.{name}: ptq does not retrain, so it would be ignored; leave it out "
+                                  "(compress.ptq.distill_steps tunes the centroids on calibration images)")
 
     @property
     def mode(self) -> Literal["ptq", "retrain", "lossless"]:
