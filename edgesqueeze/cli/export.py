@@ -22,8 +22,9 @@ def _csv(value: str, what: str) -> list[str]:
 @click.argument("model_path", type=PathType(dir_okay=False, path_type=Path))
 @click.option("--format", "-f", "formats", multiple=True, metavar="LIST",
               help="Comma-separated, or the option repeated: onnx, onnx-int8, tflite, tflite-int8, tflite-micro "
-                   "(the tflite-int8 file LiteRT runs, compressed the TensorFlow Lite Micro way for a microcontroller: value tables and "
-                   "DECODE operators; needs edgesqueeze[micro]) [default: the recipe's, else the first four].")
+                   "(the tflite-int8 file LiteRT runs, compressed the TensorFlow Lite Micro way for a "
+                   "microcontroller: value tables and DECODE operators; needs edgesqueeze[micro]) "
+                   "[default: the recipe's, else the first four].")
 @click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, export/].")
 @click.option("--data", "dataset", callback=check_dataset_option,

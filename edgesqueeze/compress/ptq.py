@@ -112,7 +112,8 @@ def post_training_compress(model: nn.Module, calib_x: torch.Tensor, config: PTQC
     Returns ``(model, assignments, report)``; ``report`` has one row per layer (``k``,
     ``bits``, ``bytes``, predicted KL, bias shift) and a summary: the archive bytes, the
     budget, and the calibration KL / agreement after each step (in-sample: they guide, they
-    do not validate). Deterministic for a given ``seed``, input and thread count (the archive records it: ``compress_threads``).
+    do not validate). Deterministic for a given ``seed``, input and thread count (the archive
+    records it: ``compress_threads``).
     """
     if not isinstance(config, PTQConfig):
         raise RecipeError(f"config: expected a PTQConfig, got {type(config).__name__}")
