@@ -28,7 +28,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Readers never see a half-written file: either the old file or the complete new one.
     On any exception the temporary file is removed and ``path`` is left untouched.
     The file ends up with the mode a plain ``open(path, "w")`` would give it: an existing
-    file's own mode, a new file ``0o666`` less the umask (``mkstemp`` makes it ``0o600``).
+    file's own mode (or that of the earlier output :func:`remove_output` removed), a new
+    file ``0o666`` less the umask, or as the folder's default ACL says.
     A symbolic link to a file stays a link: the file it names is replaced. A character
     device or a pipe (``/dev/null``, ``/dev/stdout``, a FIFO) is written in place, as
     ``open()`` would, never replaced; any other non-regular file is refused (OutputError).
@@ -53,11 +54,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path = Path(os.path.realpath(path))  # replace the file the link names, and keep the link
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp_path = _new_temp(path)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # the mode open() would leave: an existing file's, or one this run removed first (an
+    # earlier run's output it replaces); else the new file's, which the kernel set from the
+    # umask or the folder's default ACL (which a chmod to 0o666 & ~umask overrode)
+    keep = stat.S_IMODE(st.st_mode) if st is not None else _REMOVED_MODES.get(os.path.realpath(path))
     try:
         try:
             yield tmp_path
@@ -69,8 +72,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         try:
             with open(tmp_path, "rb") as fh:  # make the bytes durable before the rename
                 os.fsync(fh.fileno())
-            os.chmod(tmp_path, _open_mode(path))
+            if keep is not None:
+                os.chmod(tmp_path, keep)
             os.replace(tmp_path, path)
+            _REMOVED_MODES.pop(os.path.realpath(path), None)
         except OSError as exc:
             raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
     finally:
@@ -159,15 +164,48 @@ def outputs_clear_of_inputs(outputs, inputs) -> None:
                                   "give each its own file")
 
 
+# real path -> permission bits of an earlier run's output removed before this run writes it
+# again: the new file gets them back, as open() over the old one would have kept them
+_REMOVED_MODES: dict[str, int] = {}
+
+
+def remove_output(path: str | os.PathLike) -> None:
+    """Remove an earlier run's output file before this run writes its own, remembering its
+    permission bits for :func:`atomic_path` (a file restricted to 0o600 came back 0o644)."""
+    path = Path(path)
+    _REMOVED_MODES[os.path.realpath(path)] = stat.S_IMODE(path.stat().st_mode)
+    path.unlink()
+
+
 def remove_earlier_outputs(folder: str | os.PathLike, names) -> list[Path]:
     """Remove the files ``names`` (regular files, not links) from ``folder``, before a new run
     writes its own: an interrupted run must never leave an earlier run's results beside its
-    own files. Returns what was removed, for the caller's note."""
+    own files. Returns what was removed, for the caller's note. A file written again gets
+    its old permission bits (:func:`remove_output`)."""
     old = [Path(folder) / n for n in names]
     old = [p for p in old if p.is_file() and not p.is_symlink()]
     for path in old:
-        path.unlink()
+        remove_output(path)
     return old
+
+
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkstemp's: remove_stale_temps knows these names
+
+
+def _new_temp(path: Path) -> Path:
+    """A new hidden file beside ``path`` (``.NAME.XXXXXXXX.tmp``), created as ``open()``
+    creates a file: mode 0o666 for the kernel to reduce by the umask, or to set from the
+    folder's default ACL (``mkstemp``'s 0o600 followed by a chmod ignored the ACL)."""
+    import secrets
+
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{''.join(secrets.choice(_TEMP_CHARS) for _ in range(8))}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
 
 
 def check_writable(path: str | os.PathLike, *, appends: bool = False) -> None:
@@ -245,26 +283,6 @@ def _why(exc: OSError, path: Path) -> str:
     return reason
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux says it (``/proc``);
-    elsewhere set and restored at once (``os.umask`` has no read-only form)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _open_mode(path: Path) -> int:
-    """The permission bits ``open(path, "w")`` leaves: kept if ``path`` exists, else 0o666
-    less the umask."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return 0o666 & ~_umask()
 
 
 _STALE_TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")

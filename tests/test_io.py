@@ -44,6 +44,51 @@ def test_existing_file_keeps_its_mode(tmp_path, umask):
     assert _mode(path) == 0o640
 
 
+def test_an_output_removed_before_it_is_written_again_keeps_its_mode(tmp_path, umask):
+    """Audit: export, compress, verify and check remove an earlier run's outputs first (an
+    interrupted run must not leave them beside its own), so a file restricted to 0o600 came
+    back 0o644, where open() over it keeps its mode."""
+    from edgesqueeze._io import remove_earlier_outputs
+
+    umask(0o022)
+    (tmp_path / "model.onnx").write_bytes(b"old")
+    (tmp_path / "other.onnx").write_bytes(b"old")
+    os.chmod(tmp_path / "model.onnx", 0o600)
+    os.chmod(tmp_path / "other.onnx", 0o640)
+    assert len(remove_earlier_outputs(tmp_path, ["model.onnx", "other.onnx", "absent.onnx"])) == 2
+    write_bytes_atomic(tmp_path / "model.onnx", b"new")
+    assert _mode(tmp_path / "model.onnx") == 0o600
+    write_bytes_atomic(tmp_path / "fresh.onnx", b"new")  # never there: the umask's
+    assert _mode(tmp_path / "fresh.onnx") == 0o644
+    write_bytes_atomic(tmp_path / "model.onnx", b"again")  # an existing file's own mode, as before
+    assert _mode(tmp_path / "model.onnx") == 0o600
+
+
+def _default_acl(rwx_user: int, rwx_group: int, rwx_other: int) -> bytes:
+    """A POSIX default ACL as the kernel's xattr stores it (what `setfacl -d -m` writes)."""
+    import struct
+
+    entries = [(0x01, rwx_user), (0x04, rwx_group), (0x20, rwx_other)]  # USER_OBJ, GROUP_OBJ, OTHER
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+
+
+def test_a_new_file_in_a_folder_with_a_default_acl_gets_the_acls_mode_as_open_gives(tmp_path, umask):
+    """Audit: under a default ACL (a shared team folder) the kernel ignores the umask: open()
+    gave 664, edgesqueeze's files 644 (mkstemp's 0o600, then a chmod from the umask)."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    try:
+        os.setxattr(folder, "system.posix_acl_default", _default_acl(7, 7, 5))
+    except (OSError, AttributeError) as exc:
+        pytest.skip(f"this file system takes no POSIX ACL ({exc})")
+    umask(0o022)
+    with open(folder / "plain.bin", "wb") as fh:
+        fh.write(b"x")
+    assert _mode(folder / "plain.bin") == 0o664  # the ACL's, not the umask's
+    write_bytes_atomic(folder / "atomic.bin", b"x")
+    assert _mode(folder / "atomic.bin") == _mode(folder / "plain.bin")
+
+
 def test_failure_leaves_old_file_and_no_temp(tmp_path):
     path = tmp_path / "out.bin"
     path.write_bytes(b"old")

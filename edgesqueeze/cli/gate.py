@@ -316,7 +316,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
       edgesqueeze check model.int8.tflite --data mnist --max-size 100KB --min-accuracy 99.4% \\
           --junit gate.xml --markdown "$GITHUB_STEP_SUMMARY"
     """
-    from edgesqueeze._io import check_writable, is_stdout, write_text_output
+    from edgesqueeze._io import check_writable, is_stdout, remove_output, write_text_output
     from edgesqueeze.budget import (check as run_check, exit_code, unmatched_formats, verdicts_json,
                                     verdicts_junit, verdicts_markdown, verdicts_table)
 
@@ -342,7 +342,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         if path is not None and not is_stdout(path) and path.is_file() and not path.is_symlink():
             # an earlier run's verdicts must not outlive this run if it stops on bad input: the
             # outputs are this run's or none (CI uploads them beside the exit status)
-            path.unlink()
+            remove_output(path)  # its permission bits come back with this run's file
     rows, files = [], []
     data = model_opts.section("data")
     for p in paths:
