@@ -163,6 +163,12 @@ def test_pruned_checkpoint_restarts_weight_sharing_with_a_teacher(checkpoint, co
     assert compressed.report["pruned_checkpoint"] == str(pruned_path)
     pruned = load_model(pruned_path)
     assert pruned.meta["compress_stage"] == "prune" and pruned.meta["arch"] == "squeezenet_mnist"
+    # the archive says the thread count its retraining's float sums ran on (the same bytes need
+    # the same count; it showed only the training run's train_threads)
+    from edgesqueeze.format import container
+
+    archive_meta = container.loads(compressed.esq_path.read_bytes()).meta
+    assert archive_meta["compress_threads"] == pruned.meta["compress_threads"] == torch.get_num_threads()
     pruned_zeros, esq_zeros = _zeros(pruned.model), _zeros(compressed.model)
     assert set(pruned_zeros) == set(esq_zeros)
     for name, z in pruned_zeros.items():  # every pruned weight is still zero after sharing

@@ -150,8 +150,8 @@ class Run:
                  "recipe_hash": self.recipe_hash or self.inp.meta.get("recipe_hash")}
         if self.recipe_hash and self.recipe_name:  # name and hash of one recipe (a ptq.yaml's hash once sat
             extra["recipe_name"] = self.recipe_name  # beside the training recipe's name)
-        if self.config.mode == "ptq":  # its statistics' float sums depend on it: the same bytes need the same count
-            extra["compress_threads"] = torch.get_num_threads()
+        if self.config.mode != "lossless":  # retraining's and ptq's float sums depend on it: the same bytes
+            extra["compress_threads"] = torch.get_num_threads()  # need the same count (a lossless run's do not)
         if folded and self.folded_layers is not None:
             extra["folded_layers"] = self.folded_layers
         return esq_meta({k: v for k, v in self.inp.meta.items() if k not in ("metrics", "compress_stage",
