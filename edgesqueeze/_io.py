@@ -52,15 +52,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                           f"write elsewhere")
     if st is not None and path.is_symlink():
         path = Path(os.path.realpath(path))  # replace the file the link names, and keep the link
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = _new_temp(path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
     # the mode open() would leave: an existing file's, or one this run removed first (an
-    # earlier run's output it replaces); else the new file's, which the kernel set from the
+    # earlier run's output it replaces); else the new file's, which the kernel sets from the
     # umask or the folder's default ACL (which a chmod to 0o666 & ~umask overrode)
     keep = stat.S_IMODE(st.st_mode) if st is not None else _REMOVED_MODES.get(os.path.realpath(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # created no wider than the file it replaces: a 0o600 file's new bytes are never
+        # readable by others while they are written (or after a SIGKILL leaves them)
+        tmp_path = _new_temp(path, 0o666 if keep is None else keep)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
     try:
         try:
             yield tmp_path
@@ -192,16 +194,17 @@ def remove_earlier_outputs(folder: str | os.PathLike, names) -> list[Path]:
 _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkstemp's: remove_stale_temps knows these names
 
 
-def _new_temp(path: Path) -> Path:
+def _new_temp(path: Path, mode: int = 0o666) -> Path:
     """A new hidden file beside ``path`` (``.NAME.XXXXXXXX.tmp``), created as ``open()``
-    creates a file: mode 0o666 for the kernel to reduce by the umask, or to set from the
-    folder's default ACL (``mkstemp``'s 0o600 followed by a chmod ignored the ACL)."""
+    creates a file: ``mode`` (0o666 for a new output) for the kernel to reduce by the umask,
+    or to set from the folder's default ACL (``mkstemp``'s 0o600 followed by a chmod ignored
+    the ACL)."""
     import secrets
 
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{''.join(secrets.choice(_TEMP_CHARS) for _ in range(8))}.tmp"
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode))
         except FileExistsError:
             continue
         return tmp
@@ -326,6 +329,8 @@ def output_locks() -> Iterator[None]:
     finally:
         for key in reversed(_lock_scopes.pop()):
             _release_lock(key)
+        if not _lock_scopes:  # the command is over: an output it removed and never wrote again
+            _REMOVED_MODES.clear()  # does not lend its mode to a later write in this process
 
 
 def lock_output_folder(folder: str | os.PathLike, what: str = "edgesqueeze", *, report: str | None = None) -> None:

@@ -120,8 +120,9 @@ def _inspect_pt(path: Path, model_args: dict[str, Any] | None = None) -> dict[st
         out["note"] = "the file does not record its input shape; --input-shape C,H,W gives it (and the output's)"
     batch = _program_batch(loaded)
     if batch is not None:  # None in "shape" is edgesqueeze's reading, which re-traces it at any batch
-        out["note"] = (f"exported for batch {batch} (a static batch): torch.export.load(...).module() runs it at "
-                       f"that batch only; edgesqueeze runs it at any batch")
+        static = (f"exported for batch {batch} (a static batch): torch.export.load(...).module() runs it at "
+                  f"that batch only; edgesqueeze runs it at any batch")
+        out["note"] = f"{out['note']}; {static}" if out.get("note") else static
     if shape:
         try:
             model = loaded.model

@@ -131,3 +131,37 @@ int main(int argc, char **argv) {
     assert r.returncode == 0 and r.stdout == "avx512f 0\n", (r.returncode, r.stdout, r.stderr[-300:])
     r = masked(str(exe), "crash")
     assert r.returncode == 3 and r.stdout == "avx512f 0\nhandled\n", (r.returncode, r.stdout, r.stderr[-300:])
+
+
+@requires_avx2_cpuid
+def test_a_sent_sigsegv_does_what_it_does_without_the_mask(tmp_path):
+    """Review: raise(SIGSEGV) with the default action was swallowed under the mask (the process
+    went on, then died at its next CPUID); with SIG_IGN it died at the next CPUID. Native: the
+    first dies at the raise, the second goes on."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "r.c"
+    src.write_text(r"""
+#include <cpuid.h>
+#include <signal.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+    unsigned a, b, c, d;
+    if (argc > 1) signal(SIGSEGV, SIG_IGN);
+    raise(SIGSEGV);
+    printf("survived\n");
+    fflush(stdout);
+    __cpuid_count(7, 0, a, b, c, d);
+    printf("cpuid %u\n", (b >> 16) & 1);
+    return 0;
+}
+""")
+    exe = tmp_path / "r"
+    assert subprocess.run([cc, "-O1", "-o", str(exe), str(src)], capture_output=True).returncode == 0
+    r = masked(str(exe))
+    assert r.returncode in (-signal.SIGSEGV, 128 + signal.SIGSEGV) and r.stdout == "", (r.returncode, r.stdout)
+    r = masked(str(exe), "ignore")
+    assert r.returncode == 0 and r.stdout == "survived\ncpuid 0\n", (r.returncode, r.stdout, r.stderr[-300:])

@@ -64,6 +64,40 @@ def test_an_output_removed_before_it_is_written_again_keeps_its_mode(tmp_path, u
     assert _mode(tmp_path / "model.onnx") == 0o600
 
 
+def test_the_new_bytes_of_a_private_file_are_never_readable_by_others(tmp_path, umask):
+    """Review: the temporary file was made 0o666 less the umask and narrowed only at the
+    rename, so a 0o600 file's new contents were world-readable while written (and after a
+    SIGKILL left the temporary file)."""
+    from edgesqueeze._io import remove_earlier_outputs
+
+    umask(0o022)
+    for removed_first in (False, True):
+        path = tmp_path / f"secret{int(removed_first)}.json"
+        path.write_bytes(b"old")
+        os.chmod(path, 0o600)
+        if removed_first:
+            remove_earlier_outputs(tmp_path, [path.name])
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"new")
+            assert _mode(tmp) == 0o600, removed_first
+        assert _mode(path) == 0o600 and path.read_bytes() == b"new"
+
+
+def test_a_removed_output_lends_its_mode_only_within_its_command(tmp_path, umask):
+    """Review: a file removed and never written again kept its entry for the process's life,
+    so a later, unrelated write there (a notebook's next run) got the old mode."""
+    from edgesqueeze._io import output_locks, remove_earlier_outputs
+
+    umask(0o022)
+    path = tmp_path / "out.json"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o600)
+    with output_locks():
+        remove_earlier_outputs(tmp_path, [path.name])  # this command never writes it again
+    write_bytes_atomic(path, b"later")
+    assert _mode(path) == 0o644
+
+
 def _default_acl(rwx_user: int, rwx_group: int, rwx_other: int) -> bytes:
     """A POSIX default ACL as the kernel's xattr stores it (what `setfacl -d -m` writes)."""
     import struct

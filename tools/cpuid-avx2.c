@@ -22,10 +22,11 @@
  * A program that installs its own SIGSEGV handler with sigaction() (Python's faulthandler,
  * pytest) keeps working: sigaction() is intercepted for SIGSEGV, the program's handler is
  * stored, and every SIGSEGV that is not a trapped CPUID goes to it (or to the default action,
- * a crash, as without this library). glibc's signal() does not go through the sigaction()
- * symbol, so it is intercepted the same way: gcc's cc1 sets its crash handler with
- * signal(SIGSEGV, ...), took the CPUID traps itself and stopped with "internal compiler
- * error: Segmentation fault" (a C compiler run under the mask: the test suite's C decoder).
+ * a crash, as without this library). glibc's signal(), bsd_signal() and sysv_signal() do not
+ * go through the sigaction() symbol, so they are intercepted the same way: gcc's cc1 sets its
+ * crash handler with signal(SIGSEGV, ...), took the CPUID traps itself and stopped with
+ * "internal compiler error: Segmentation fault" (a C compiler run under the mask: the test
+ * suite's C decoder). sigset() is not intercepted (obsolete; nothing here uses it).
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
@@ -86,7 +87,12 @@ static void on_segv(int sig, siginfo_t *si, void *ctx) {
         __atomic_add_fetch(&trapped, 1, __ATOMIC_RELAXED);
         return;
     }
-    /* Not ours: what the program asked for, or the default action (the fault repeats). */
+    /* Not ours: what the program asked for, or the default action (the fault repeats). A
+     * SIGSEGV sent by raise() or kill (si_code <= 0) does not repeat: ignored where the program
+     * ignores it, else raised again with the default action (it was swallowed). */
+    int sent = si->si_code <= 0;
+    if (sent && !(program_action.sa_flags & SA_SIGINFO) && program_action.sa_handler == SIG_IGN)
+        return;
     if (program_action.sa_flags & SA_SIGINFO) {
         if (program_action.sa_sigaction) {
             program_action.sa_sigaction(sig, si, ctx);
@@ -100,6 +106,8 @@ static void on_segv(int sig, siginfo_t *si, void *ctx) {
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
     real_sigaction(SIGSEGV, &dfl, NULL);
+    if (sent)
+        raise(SIGSEGV);
 }
 
 int sigaction(int signum, const struct sigaction *act, struct sigaction *oldact) {
@@ -114,18 +122,34 @@ int sigaction(int signum, const struct sigaction *act, struct sigaction *oldact)
     return 0;
 }
 
-/* BSD semantics, as glibc's signal(): the handler stays, interrupted calls restart. */
-sighandler_t signal(int signum, sighandler_t handler) {
-    if (signum != SIGSEGV) {
-        sighandler_t (*real_signal)(int, sighandler_t) = (sighandler_t (*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
-        return real_signal(signum, handler);
-    }
+static sighandler_t set_segv_handler(sighandler_t handler, int flags) {
     sighandler_t old = (program_action.sa_flags & SA_SIGINFO) ? (sighandler_t)program_action.sa_sigaction
                                                                : program_action.sa_handler;
     memset(&program_action, 0, sizeof program_action);
     program_action.sa_handler = handler;
-    program_action.sa_flags = SA_RESTART;
+    program_action.sa_flags = flags;
     return old;
+}
+
+static sighandler_t real_signal_call(const char *name, int signum, sighandler_t handler) {
+    sighandler_t (*real)(int, sighandler_t) = (sighandler_t (*)(int, sighandler_t))dlsym(RTLD_NEXT, name);
+    return real ? real(signum, handler) : SIG_ERR;
+}
+
+/* BSD semantics, as glibc's signal() and bsd_signal(): the handler stays, calls restart. */
+sighandler_t signal(int signum, sighandler_t handler) {
+    return signum == SIGSEGV ? set_segv_handler(handler, SA_RESTART) : real_signal_call("signal", signum, handler);
+}
+
+sighandler_t bsd_signal(int signum, sighandler_t handler) {
+    return signum == SIGSEGV ? set_segv_handler(handler, SA_RESTART) : real_signal_call("bsd_signal", signum, handler);
+}
+
+/* System V semantics: the handler is reset to the default once it runs (SA_RESETHAND is not
+ * acted on here: the stored handler stays, which only matters for a second real fault). */
+sighandler_t sysv_signal(int signum, sighandler_t handler) {
+    return signum == SIGSEGV ? set_segv_handler(handler, SA_RESETHAND | SA_NODEFER)
+                             : real_signal_call("sysv_signal", signum, handler);
 }
 
 __attribute__((constructor)) static void start(void) {
