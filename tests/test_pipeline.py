@@ -116,8 +116,9 @@ def test_resume_starts_from_pruned_pt_and_writes_the_same_bytes(checkpoint, comp
 def test_resume_from_pruned_pt_computes_with_the_interrupted_runs_thread_count(checkpoint, tmp_path):
     """A run on 2 CPU threads killed after pruning (pruned.pt written, no archive yet), resumed
     where 1 is the default: weight sharing goes on with 2, as the interrupted run would have
-    (float sums depend on the count), and says so; it went on with 1, silently. The count is
-    not in the archive, and a pruned.pt written before it was recorded still resumes as it is."""
+    (float sums depend on the count), and says so; it went on with 1, silently. The archive
+    records the count it was computed with (since session 39), and a pruned.pt written before
+    the count was recorded still resumes as it is."""
     import json
     import shutil
 
@@ -137,7 +138,7 @@ def test_resume_from_pruned_pt_computes_with_the_interrupted_runs_thread_count(c
         assert torch.get_num_threads() == 2
         assert again.esq_path.read_bytes() == clean.esq_path.read_bytes()
         _, meta = model_from_esq(again.esq_path)
-        assert "compress_threads" not in meta
+        assert meta["compress_threads"] == 2
 
         payload = torch.load(out / "pruned.pt", weights_only=True)  # as an older edgesqueeze wrote it
         meta = json.loads(payload["meta_json"])
@@ -145,9 +146,10 @@ def test_resume_from_pruned_pt_computes_with_the_interrupted_runs_thread_count(c
         save_checkpoint(out / "pruned.pt", load_model(out / "pruned.pt").model, meta)
         torch.set_num_threads(1)
         said.clear()
-        compress(checkpoint, CONFIG, out_dir=out, resume=True, progress=False, log=said.append)
+        older = compress(checkpoint, CONFIG, out_dir=out, resume=True, progress=False, log=said.append)
         assert any("--resume: pruning done by an earlier run" in m for m in said), said
         assert not any("CPU thread" in m for m in said) and torch.get_num_threads() == 1, said
+        assert model_from_esq(older.esq_path)[1]["compress_threads"] == 1
     finally:
         torch.set_num_threads(before)
 

@@ -146,7 +146,7 @@ def compress(
         log(f"compress.keep_layers: {len(kept)} layers left as they are ({', '.join(kept[:6])}"
             f"{', ...' if len(kept) > 6 else ''})")
     if not prunable_layers(inp.loaded.model):
-        from edgesqueeze.errors import ModelError, RecipeError
+        from edgesqueeze.errors import ModelError
 
         if kept:  # the model has layers; the recipe kept every one
             raise RecipeError(f"compress.keep_layers: keeps every Conv2d and Linear layer of {checkpoint} "
