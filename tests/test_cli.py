@@ -252,6 +252,8 @@ def test_an_export_that_fails_after_some_formats_names_the_files_it_wrote(traine
     assert ("note: written before the export stopped, each file whole: model.onnx; the other formats were not"
             in res.output), res.output
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+    res = run("export", trained / "model.pt", "-f", "", "-f", "", "--out", tmp_path / "none")  # said as given
+    assert res.exit_code == 2 and "--format: '' names nothing" in res.output, res.output
 
 
 def test_state_dict_compressed_with_a_recipe_records_its_normalization(tmp_path):

@@ -120,7 +120,8 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
         config, seed = model_opts.recipe.export or config, model_opts.recipe.seed
     if formats:  # `-f onnx -f tflite` is both, as `-f onnx,tflite` (it was the last one alone)
         try:
-            config = dataclasses.replace(config, formats=tuple(_csv(",".join(formats), "--format")))
+            joined = ",".join(formats) if any(f.strip(" ,") for f in formats) else formats[-1]  # '' as given
+            config = dataclasses.replace(config, formats=tuple(_csv(joined, "--format")))
         except EdgesqueezeError as exc:
             raise click.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--format") from None
     calib = config.calibration
