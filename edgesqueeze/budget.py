@@ -42,28 +42,27 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def _points(fraction: float) -> str:
-    """A shortfall in points, never "0.00" for one that fails."""
-    for digits in range(2, 7):
-        text = f"{100 * fraction:.{digits}f}"
-        if float(text) > 0:
-            return text
-    return text
-
-
 # fractions of images computed two ways (9,940 / 10,000 and a parsed "99.4%") can differ in the
 # last bit: a value at its limit holds it
 _EPS = 1e-9
 
 
+def _digits(enough) -> int:
+    """The fewest decimals, 2 to 6, at which ``enough(digits)`` holds (6 if none does): a
+    failing number is shown finely enough not to read as its limit or as zero."""
+    return next((d for d in range(2, 7) if enough(d)), 6)
+
+
+def _points(fraction: float) -> str:
+    """A shortfall in points, never "0.00" for one that fails."""
+    return f"{100 * fraction:.{_digits(lambda d: float(f'{100 * fraction:.{d}f}') > 0)}f}"
+
+
 def _pcts(value: float, limit: float) -> tuple[str, str]:
     """``value`` and ``limit`` as percentages with enough decimals to tell them apart (a FAIL
     read "98.33% >= 98.33%" at two)."""
-    for digits in range(2, 7):
-        a, b = f"{100 * value:.{digits}f}%", f"{100 * limit:.{digits}f}%"
-        if a != b or abs(value - limit) <= _EPS:
-            break
-    return a, b
+    d = _digits(lambda d: f"{100 * value:.{d}f}" != f"{100 * limit:.{d}f}" or abs(value - limit) <= _EPS)
+    return f"{100 * value:.{d}f}%", f"{100 * limit:.{d}f}%"
 
 
 def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
@@ -109,8 +108,7 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                 drop = 100 * (ref - acc)
                 ok = drop <= budget.max_drop + 100 * _EPS
                 lost = _images(ref - acc, row.get("n"))
-                shown = next((t for t in (f"{drop:.{d}f}" for d in range(2, 7)) if ok or float(t) > budget.max_drop),
-                             f"{drop:.6f}")  # a failing drop never reads as its limit
+                shown = f"{drop:.{_digits(lambda d: ok or float(f'{drop:.{d}f}') > budget.max_drop)}f}"
                 out.append(Verdict(name, fmt, "drop", f"<= {budget.max_drop:g} points", f"{shown} points",
                                    "PASS" if ok else "FAIL",
                                    "" if ok else f"float model {_pct(ref)}" + (f"; {lost}" if lost else "")))
