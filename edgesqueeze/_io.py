@@ -286,8 +286,6 @@ def _why(exc: OSError, path: Path) -> str:
     return reason
 
 
-
-
 _STALE_TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 
 

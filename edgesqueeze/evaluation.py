@@ -207,9 +207,11 @@ def describe_file(path: str | Path, *, arch: str | None = None, arch_kwargs: dic
         note = (f"the code {arch_name} was not imported (pass --arch {arch_name} to build it); parameters "
                 "counted from the stored tensors")
     total = sum(p.numel() for p in params)
-    nonzero = sum(int(torch.count_nonzero(p)) for p in params)
-    weights = [p for p in params if p.dim() >= 2]  # conv and linear weights: what pruning thins
-    w_total = sum(p.numel() for p in weights)
+    nonzeros = [int(torch.count_nonzero(p)) for p in params]
+    nonzero = sum(nonzeros)
+    # conv and linear weights: what pruning thins
+    w_total = sum(p.numel() for p in params if p.dim() >= 2)
+    w_nonzero = sum(n for p, n in zip(params, nonzeros) if p.dim() >= 2)
     out: dict[str, Any] = {
         "file": str(path),
         "kind": kind,
@@ -219,7 +221,7 @@ def describe_file(path: str | Path, *, arch: str | None = None, arch_kwargs: dic
         "parameters": total,
         "density": round(nonzero / total, 4) if total else None,  # biases and BatchNorm included
         # the pruning's own measure (compress's report and metrics.density): conv and linear weights only
-        "weight_density": round(sum(int(torch.count_nonzero(p)) for p in weights) / w_total, 4) if w_total else None,
+        "weight_density": round(w_nonzero / w_total, 4) if w_total else None,
     }
     folded = meta.get("folded_layers") or meta.get("folded_batchnorm")
     if folded:  # 'models' counts the architecture's BatchNorm weights, which this file has no more

@@ -24,7 +24,6 @@ and the report) in :mod:`.run`.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +36,7 @@ from edgesqueeze.checkpoint import state_digest
 from edgesqueeze.compress import stages
 from edgesqueeze.compress.inputs import check_fits, load_inputs
 from edgesqueeze.compress.prune import existing_masks
+from edgesqueeze.compress.ptq import record_written
 from edgesqueeze.compress.run import CompressResult, Run, state_of
 from edgesqueeze.config.compress import CompressConfig
 from edgesqueeze.errors import DataError, EdgesqueezeError, RecipeError
@@ -305,7 +305,7 @@ def _compress_ptq(run: Run) -> CompressResult:
         run, model, folded=folded, reference_accuracy=ref_acc, shared="auto",
         codebook_dtype=cfg.ptq.codebook_dtype, chunk=CHUNK)
     run.record("esq", decoded, len(blob), "decoded from the archive")
-    _written_sizes(ptq_report, stats, len(blob))
+    record_written(ptq_report, stats, len(blob))
     target = cfg.ptq.target_bytes  # over it: ptq warned, the report says so, the CLI exits 1
     mask_kept = all(torch.equal(decoded.get_submodule(n).weight != 0, m) for n, m in masks_before.items())
     evaluation = stages.evaluate_held_out(run, original, decoded, n_calib=len(calib), split=split,
@@ -321,27 +321,6 @@ def _compress_ptq(run: Run) -> CompressResult:
     return run.finish(before=original, decoded=decoded, blob=blob, stats=stats, state=state,
                       dense_bytes=dense_bytes, test_before=held_before, test_after=test_after,
                       bits={n: a.bits for n, a in assignments.items()}, esq_path=esq_path, extra=extra)
-
-
-def _written_sizes(ptq_report: dict[str, Any], stats: list, archive_bytes: int) -> None:
-    """The report's per-layer bytes and codebook sizes as written, where ptq's plan differs:
-    the codec may store a section without Huffman coding when that is smaller, drops
-    centroids no weight uses, and the archive's metadata is sized with a stand-in weights
-    hash. The plan stays as ``planned_bytes`` / ``planned_k`` (what the allocation chose on)."""
-    written = {st.name: st for st in stats}
-    for row in ptq_report["layers"]:
-        st = written.get(f"{row['layer']}.weight")
-        if st is None:
-            continue
-        if st.bytes != row["bytes"]:
-            row["planned_bytes"], row["bytes"] = row["bytes"], st.bytes
-        if st.k and st.k != row["k"]:
-            row["planned_k"], row["k"] = row["k"], st.k
-            row["bits"] = max(1, math.ceil(math.log2(max(2, st.k))))
-    summary = ptq_report["summary"]
-    if summary["bytes"] != archive_bytes:
-        summary["planned_bytes"], summary["bytes"] = summary["bytes"], archive_bytes
-        summary["within_budget"] = archive_bytes <= summary["budget"]
 
 
 def _compress_lossless(run: Run) -> CompressResult:

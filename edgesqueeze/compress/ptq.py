@@ -75,6 +75,32 @@ _HEADER_MARGIN = 32  # bytes kept free for the archive header's CRC-dependent si
 # The stage
 
 
+def _index_bits(k: int) -> int:
+    """Bits of an index into a ``k``-value codebook (1 for one or two values)."""
+    return max(1, math.ceil(math.log2(max(2, k))))
+
+
+def record_written(report: dict[str, Any], stats: list, archive_bytes: int) -> None:
+    """Make a :func:`post_training_compress` report's per-layer bytes and codebook sizes the
+    written archive's where the plan differs: the codec may store a section without Huffman
+    coding when that is smaller and drops centroids no weight uses, and the archive's
+    metadata was sized with a stand-in weights hash. The plan stays as ``planned_bytes`` /
+    ``planned_k`` (what the allocation chose on). ``stats``: the codec's per-tensor rows."""
+    written = {st.name: st for st in stats}
+    for row in report["layers"]:
+        st = written.get(f"{row['layer']}.weight")
+        if st is None:
+            continue
+        if st.bytes != row["bytes"]:
+            row["planned_bytes"], row["bytes"] = row["bytes"], st.bytes
+        if st.k and st.k != row["k"]:
+            row["planned_k"], row["k"], row["bits"] = row["k"], st.k, _index_bits(st.k)
+    summary = report["summary"]
+    if summary["bytes"] != archive_bytes:
+        summary["planned_bytes"], summary["bytes"] = summary["bytes"], archive_bytes
+        summary["within_budget"] = archive_bytes <= summary["budget"]
+
+
 def _archive_bytes(model: nn.Module, meta: Mapping[str, Any], codebook_dtype: str) -> int:
     from edgesqueeze.checkpoint import esq_dumps
     from edgesqueeze.format.codec import CHUNK
@@ -244,7 +270,7 @@ def post_training_compress(model: nn.Module, calib_x: torch.Tensor, config: PTQC
     for name, j in pick.items():
         c = cands[name][j]
         rows.append({"layer": name, "nonzero": int(masks[name].sum()), "k": c.k,
-                     "bits": max(1, math.ceil(math.log2(max(2, c.k)))), "bytes": c.bytes,
+                     "bits": _index_bits(c.k), "bytes": c.bytes,
                      "predicted_kl": c.distortion, "mse": c.mse,
                      "bias_shift": shifts.get(name)})
     timings["total_s"] = time.perf_counter() - t_start

@@ -197,11 +197,10 @@ class Run:
     def _note_raw_weights(self, stats: list, model: nn.Module) -> None:
         """Say which weights of other layer types (ConvTranspose2d, LayerNorm, embeddings, ...)
         the archive keeps as raw float32: only Conv2d and Linear weights are pruned and shared."""
-        handled = set(shared_weight_names(model))
+        layers = set(prunable_layers(model))  # their weights are shared, their biases raw by design
         modules = dict(model.named_modules())
-        layers = {n.rpartition(".")[0] for n in handled}  # their biases are raw by design, not "other types"
-        raw = [s for s in stats if s.kind == "raw" and s.numel >= 256 and s.name not in handled
-               and s.name.rpartition(".")[0] in modules and "." in s.name and s.name.rpartition(".")[0] not in layers]
+        raw = [s for s in stats if s.kind == "raw" and s.numel >= 256 and "." in s.name
+               and (owner := s.name.rpartition(".")[0]) in modules and owner not in layers]
         if not raw:
             return
 
