@@ -5,12 +5,17 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
+# --no-compile: pip byte-compiles every module it installs (17,000 files, 83 s on one core of a
+# Zen 3); Python compiles the few it imports on first use instead (benchmarks/notes.md, session 40)
 PIP        := $(PY) -m pip --disable-pip-version-check -q
+INSTALL    := $(PIP) install --no-compile
 STAMP      := $(VENV)/.installed
 PYTEST_ARGS ?= --durations=25
 # Test files run in parallel, one worker per core (pytest-xdist; each file's tests stay on one
-# worker, so module fixtures are built once). `make test XDIST=` runs them in one process.
-XDIST      ?= -n auto --dist loadfile
+# worker, so module fixtures are built once), the long files first (tests/conftest.py orders them;
+# xdist's own reorder, by test count, would start a 94 s file of 8 tests last). `make test XDIST=`
+# runs them in one process.
+XDIST      ?= -n auto --dist loadfile --no-loadscope-reorder
 
 .PHONY: install demo test test-fast bench device-check clean help FORCE
 
@@ -44,12 +49,12 @@ FORCE:
 $(STAMP): pyproject.toml $(SPEC_FILE)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(TORCH_SPEC) and edgesqueeze into $(VENV) ..."
-	@$(PIP) install $(TORCH_SPEC) > $(VENV)/.pip.log 2>&1; rc=$$?; \
+	@$(INSTALL) $(TORCH_SPEC) > $(VENV)/.pip.log 2>&1; rc=$$?; \
 	  grep -v "is ignored: it is neither" $(VENV)/.pip.log; \
 	  test $$rc = 0 || { echo "error: pip could not install $(TORCH_SPEC) (above); set TORCH_SPEC"; \
 	                     rm -f $(SPEC_FILE); exit 2; }
 	@$(PY) -W ignore -c "import torch" || { echo "error: $(TORCH_SPEC) did not install; set TORCH_SPEC"; exit 2; }
-	@$(PIP) install -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(INSTALL) -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(PY) -c "import edgesqueeze.cli, pytest, hypothesis, xdist" || { echo "error: installing edgesqueeze failed"; exit 2; }
 	@touch $(STAMP)
 

@@ -122,8 +122,22 @@ def part_demo(args) -> None:
     lines = proc.stdout.splitlines()
     acc = [line for line in lines if line.startswith("test accuracy")]
     esq = [line for line in lines if "model.esq:" in line]
-    save("demo", {"wall_s": round(wall, 1), "test_line": acc[0] if acc else None,
-                  "compress_line": esq[-1] if esq else None})
+    payload = {"wall_s": round(wall, 1), "test_line": acc[0] if acc else None,
+               "compress_line": esq[-1] if esq else None}
+    # a row per kind of CPU: the newest record of every other CPU (model and int8 kernels) is kept
+    previous = _load("demo") or {}
+    here = machine()
+    others = [r for r in [{k: v for k, v in previous.items() if k != "other_cpus"}, *previous.get("other_cpus", [])]
+              if r.get("machine") and _cpu_kind(r["machine"]) != _cpu_kind(here)]
+    kept: dict = {}
+    for r in others:  # newest first: the top-level record, then the list (kept newest first)
+        kept.setdefault(_cpu_kind(r["machine"]), r)
+    save("demo", {**payload, "other_cpus": list(kept.values())})
+
+
+def _cpu_kind(m: dict) -> tuple:
+    """What makes two machines' demo runs differ: the CPU model and the int8 kernels it selects."""
+    return (m.get("cpu"), m.get("int8_kernels"))
 
 
 def part_mnist(args) -> None:
@@ -366,6 +380,9 @@ def report() -> str:
                   f"- training: `{r['test_line']}`"]
         if r.get("compress_line"):
             lines.append(f"- compression: `{r['compress_line']}`")
+        for o in r.get("other_cpus", []):  # the newest run on each other kind of CPU
+            lines.append(f"- on {_mach(o)}: **{o['wall_s']:.0f} s**; `{o['test_line']}`"
+                         + (f"; `{o['compress_line']}`" if o.get("compress_line") else ""))
         lines.append("")
     if r := _load("mnist"):
         lines += ["## MNIST: `recipes/squeezenet-mnist.yaml`", "", _mach(r), "",
