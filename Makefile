@@ -5,10 +5,13 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
-# --no-compile: pip byte-compiles every module it installs (17,000 files, 83 s on one core of a
-# Zen 3); Python compiles the few it imports on first use instead (benchmarks/notes.md, session 40)
+# pip byte-compiles what it installs on one core (17,000 modules: 83 s on a Zen 3); compileall
+# does it on every core after the install instead. (Not left to the imports: where
+# PYTHONDONTWRITEBYTECODE is set, as on our machines, every process would compile torch anew.)
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 INSTALL    := $(PIP) install --no-compile
+# what is not compiled yet; a few packages ship files that do not compile
+COMPILE    := $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
 STAMP      := $(VENV)/.installed
 PYTEST_ARGS ?= --durations=25
 # Test files run in parallel, one worker per core (pytest-xdist; each file's tests stay on one
@@ -53,8 +56,10 @@ $(STAMP): pyproject.toml $(SPEC_FILE)
 	  grep -v "is ignored: it is neither" $(VENV)/.pip.log; \
 	  test $$rc = 0 || { echo "error: pip could not install $(TORCH_SPEC) (above); set TORCH_SPEC"; \
 	                     rm -f $(SPEC_FILE); exit 2; }
+	@$(COMPILE)
 	@$(PY) -W ignore -c "import torch" || { echo "error: $(TORCH_SPEC) did not install; set TORCH_SPEC"; exit 2; }
 	@$(INSTALL) -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(COMPILE)
 	@$(PY) -c "import edgesqueeze.cli, pytest, hypothesis, xdist" || { echo "error: installing edgesqueeze failed"; exit 2; }
 	@touch $(STAMP)
 
