@@ -5,20 +5,12 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
-# pip byte-compiles what it installs on one core (17,000 modules: 83 s on a Zen 3); compileall
-# does it on every core after the install instead. (Not left to the imports: where
-# PYTHONDONTWRITEBYTECODE is set, as on our machines, every process would compile torch anew.)
 PIP        := $(PY) -m pip --disable-pip-version-check -q
-INSTALL    := $(PIP) install --no-compile
-# what is not compiled yet; a few packages ship files that do not compile
-COMPILE    := $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
 STAMP      := $(VENV)/.installed
 PYTEST_ARGS ?= --durations=25
 # Test files run in parallel, one worker per core (pytest-xdist; each file's tests stay on one
-# worker, so module fixtures are built once), the long files first (tests/conftest.py orders them;
-# xdist's own reorder, by test count, would start a 94 s file of 8 tests last). `make test XDIST=`
-# runs them in one process.
-XDIST      ?= -n auto --dist loadfile --no-loadscope-reorder
+# worker, so module fixtures are built once). `make test XDIST=` runs them in one process.
+XDIST      ?= -n auto --dist loadfile
 
 .PHONY: install demo test test-fast bench device-check clean help FORCE
 
@@ -52,14 +44,12 @@ FORCE:
 $(STAMP): pyproject.toml $(SPEC_FILE)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(TORCH_SPEC) and edgesqueeze into $(VENV) ..."
-	@$(INSTALL) $(TORCH_SPEC) > $(VENV)/.pip.log 2>&1; rc=$$?; \
+	@$(PIP) install $(TORCH_SPEC) > $(VENV)/.pip.log 2>&1; rc=$$?; \
 	  grep -v "is ignored: it is neither" $(VENV)/.pip.log; \
 	  test $$rc = 0 || { echo "error: pip could not install $(TORCH_SPEC) (above); set TORCH_SPEC"; \
 	                     rm -f $(SPEC_FILE); exit 2; }
-	@$(COMPILE)
 	@$(PY) -W ignore -c "import torch" || { echo "error: $(TORCH_SPEC) did not install; set TORCH_SPEC"; exit 2; }
-	@$(INSTALL) -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
-	@$(COMPILE)
+	@$(PIP) install -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(PY) -c "import edgesqueeze.cli, pytest, hypothesis, xdist" || { echo "error: installing edgesqueeze failed"; exit 2; }
 	@touch $(STAMP)
 
