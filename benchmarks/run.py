@@ -521,10 +521,13 @@ def report() -> str:
             lines.append(f"| `{a['path']}` | {a['format']} | {a['runtime']} | {a['bytes']:,} | "
                          f"{(a.get('gzip_bytes') or 0):,} | {_pct(a.get('accuracy'))} | {_pct(a.get('agreement'))} | {lat} |")
         lines += ["", target, ""]
-    if r := _load("latency_imagenet"):
+    # a record per kind of CPU: latency_imagenet, latency_imagenet_<cpu>
+    for part in sorted(p.stem for p in RESULTS.glob("latency_imagenet*.json")):
+        r = _load(part)
         rows = [x for x in r["rows"] if x["batch_size"] == 1]
         fp32 = [x["p50_ms"] for x in rows if x.get("format") in ("onnx", "tflite")]
-        lines += ["## Latency, ImageNet SqueezeNet 1.0 (224x224), batch 1, same run", "", _mach(r),
+        kernels = (r["machine"].get("int8_kernels") or _OLD_KERNELS).split(":")[0]
+        lines += [f"## Latency, ImageNet SqueezeNet 1.0 (224x224), batch 1, same run: {kernels}", "", _mach(r),
                   f"Command: `{r['bench_command']}`", "",
                   "All files timed interleaved in one process (warm-up, then repeated runs; onnxruntime's "
                   "threads do not spin between runs); `.pt` and `.esq` rows are PyTorch eager.", "",
