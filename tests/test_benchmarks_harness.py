@@ -42,3 +42,35 @@ def test_an_unknown_part_is_refused_before_any_part_runs():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "unknown part 'typo'" in p.stderr, (p.returncode, p.stderr[-500:])
     assert "[bench]" not in p.stdout and "mnist" not in p.stdout, p.stdout[-500:]
+
+
+def test_the_demo_record_keeps_a_row_for_each_other_kind_of_cpu(tmp_path, monkeypatch):
+    """A demo run on another CPU kept only the newest machine's numbers; docs/BENCHMARKS.md is to
+    keep a row per kind of CPU. The newest record of each other CPU stays, the same CPU's is replaced."""
+    import json
+
+    mod = _run_module()
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+
+    def rec(cpu, kernels, wall):
+        return {"machine": {"cpu": cpu, "int8_kernels": kernels, "cores": 2, "torch": "2.13.0", "date": "2026-12-06"},
+                "command": "python benchmarks/run.py --only demo", "wall_s": wall,
+                "test_line": f"test accuracy at {wall}", "compress_line": None}
+
+    saved = {}
+    monkeypatch.setattr(mod, "save", lambda part, payload: saved.update(payload))
+    here = {"cpu": "Zen 3", "int8_kernels": "x86 AVX2 (no VNNI): saturates"}
+    monkeypatch.setattr(mod, "machine", lambda: {**here, "cores": 2, "torch": "2.13.0", "date": "2026-12-07"})
+
+    class Done:
+        returncode, stdout, stderr = 0, "test accuracy 98.89%\nmodel.esq: 17,330 bytes\n", ""
+
+    monkeypatch.setattr(mod.subprocess, "run", lambda *a, **k: Done())
+    old = rec("Intel", "x86 AVX-512 VNNI: exact", 124.1)
+    old["other_cpus"] = [rec("Zen 3", "x86 AVX2 (no VNNI): saturates", 300.0), rec("Zen 5", "x86 AVX-512 VNNI: exact", 150.0)]
+    (tmp_path / "demo.json").write_text(json.dumps(old))
+    mod.part_demo(None)
+    assert [o["machine"]["cpu"] for o in saved["other_cpus"]] == ["Intel", "Zen 5"]  # this CPU's old row replaced
+    (tmp_path / "demo.json").write_text(json.dumps({**rec("Zen 3", here["int8_kernels"], 221.0), **saved}))
+    text = mod.report()
+    assert "- on Intel (x86 AVX-512 VNNI: exact)" in text and "**124 s**" in text and "**150 s**" in text
