@@ -127,11 +127,11 @@ def part_demo(args) -> None:
     # a row per kind of CPU: the newest record of every other CPU (model and int8 kernels) is kept
     previous = _load("demo") or {}
     here = machine()
-    others = [r for r in [{k: v for k, v in previous.items() if k != "other_cpus"}, *previous.get("other_cpus", [])]
-              if r.get("machine") and _cpu_kind(r["machine"]) != _cpu_kind(here)]
     kept: dict = {}
-    for r in others:  # newest first: the top-level record, then the list (kept newest first)
-        kept.setdefault(_cpu_kind(r["machine"]), r)
+    # newest first: the top-level record, then its list (kept newest first)
+    for r in [{k: v for k, v in previous.items() if k != "other_cpus"}, *previous.get("other_cpus", [])]:
+        if r.get("machine") and _cpu_kind(r["machine"]) != _cpu_kind(here):
+            kept.setdefault(_cpu_kind(r["machine"]), r)
     save("demo", {**payload, "other_cpus": list(kept.values())})
 
 
@@ -360,9 +360,14 @@ def _mach(res: dict) -> str:
             f"command: `{res['command']}`")
 
 
+def _kernels_short(m: dict) -> str:
+    """The int8 kernels' ISA of a machine record, without its explanation ("x86 AVX2 (no VNNI)")."""
+    return (m.get("int8_kernels") or _OLD_KERNELS).split(":")[0]
+
+
 def _short_machine(m: dict) -> str:
     """A machine in a table cell: CPU, the int8 kernels' ISA, the date."""
-    kernels = (m.get("int8_kernels") or _OLD_KERNELS).split(":")[0]
+    kernels = _kernels_short(m)
     when = m["date"][:10] if m["date"][:1].isdigit() else m["date"]  # rows older than per-row records: their sessions
     return f"{m['cpu']}, {kernels}, {when}"
 
@@ -526,8 +531,8 @@ def report() -> str:
         r = _load(part)
         rows = [x for x in r["rows"] if x["batch_size"] == 1]
         fp32 = [x["p50_ms"] for x in rows if x.get("format") in ("onnx", "tflite")]
-        kernels = (r["machine"].get("int8_kernels") or _OLD_KERNELS).split(":")[0]
-        lines += [f"## Latency, ImageNet SqueezeNet 1.0 (224x224), batch 1, same run: {kernels}", "", _mach(r),
+        lines += [f"## Latency, ImageNet SqueezeNet 1.0 (224x224), batch 1, same run: {_kernels_short(r['machine'])}",
+                  "", _mach(r),
                   f"Command: `{r['bench_command']}`", "",
                   "All files timed interleaved in one process (warm-up, then repeated runs; onnxruntime's "
                   "threads do not spin between runs); `.pt` and `.esq` rows are PyTorch eager.", "",
