@@ -327,6 +327,42 @@ def test_digits_shapes_determinism_and_fixed_test_split():
     assert 0.2 < a.mean[0] < 0.4 and 0.2 < a.std[0] < 0.5
 
 
+def test_digits_read_without_sklearn_datasets_are_sklearns_digits(monkeypatch, tmp_path):
+    """The CSV read directly is load_digits' data, value for value, without importing
+    sklearn.datasets (about a second of every command); a file that differs from the
+    recorded checksum falls back to load_digits."""
+    import importlib.machinery
+    import importlib.util
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    want = np.concatenate([d.images.reshape(len(d.images), -1), d.target[:, None]], axis=1)
+    table = ds_mod._digits_table()
+    assert table.dtype == np.uint8 and table.shape == (1797, 65)
+    np.testing.assert_array_equal(table, want)
+    code = ("import sys, edgesqueeze.data.datasets as d; t = d._digits_table(); "
+            "print(t.shape, 'sklearn.datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["(1797,", "65)", "False"], out
+    # a sklearn whose digits.csv.gz differs (one pixel changed): not trusted, load_digits used
+    pkg = tmp_path / "sklearn"
+    (pkg / "datasets" / "data").mkdir(parents=True)
+    bad = want.copy()
+    bad[0, 0] = 16 - bad[0, 0]
+    with gzip.open(pkg / "datasets" / "data" / "digits.csv.gz", "wt") as f:
+        np.savetxt(f, bad, fmt="%d", delimiter=",")
+    spec = importlib.machinery.ModuleSpec("sklearn", None, is_package=True)
+    spec.submodule_search_locations = [str(pkg)]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "sklearn" else real(name, *a))
+    np.testing.assert_array_equal(ds_mod._digits_table(), want)
+    monkeypatch.setattr(ds_mod, "DIGITS_SHA256", hashlib.sha256(bad.astype(np.uint8).tobytes()).hexdigest())
+    np.testing.assert_array_equal(ds_mod._digits_table(), bad)  # the same file, trusted: it is what is read
+
+
 def test_limit_is_stratified_seeded_and_keeps_stats():
     full = load_dataset("digits")
     a = load_dataset("digits", limit=50, seed=1)

@@ -62,8 +62,29 @@ def shared_ckpt(trained, tmp_path_factory):
 def exported(shared_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     logs: list[str] = []
-    written = export_artifacts(shared_ckpt, ExportConfig(formats=FORMATS, pack=True), out, log=logs.append)
+    import edgesqueeze.export.onnx as eo
+
+    real = eo._export_dynamo
+    with pytest.MonkeyPatch.context() as mp:  # counts the torch.export + ONNX translations
+        mp.setattr(eo, "_export_dynamo", lambda *a, **k: TRACED.append(a[2]) or real(*a, **k))
+        written = export_artifacts(shared_ckpt, ExportConfig(formats=FORMATS, pack=True), out, log=logs.append)
     return out, written, logs
+
+
+TRACED: list[str] = []  # what the exported fixture's export traced for ONNX
+
+
+def test_onnx_and_onnx_int8_share_one_fp32_conversion(exported):
+    """The fp32 graph is converted once for both ONNX files (a torch.export trace and an
+    ONNX translation each, about 3 s of a digits export); the int8 file quantizes a copy,
+    and the fp32 file keeps no trace of the int8 one (its own metadata only)."""
+    import onnx
+
+    out, written, _ = exported
+    assert TRACED == ["SqueezeNet"]
+    fp32 = onnx.load(str(out / "shared.onnx"))
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in fp32.graph.node)
+    assert "onnx" == json.loads({p.key: p.value for p in fp32.metadata_props}["edgesqueeze"])["artifact_format"]
 
 
 @pytest.mark.slow

@@ -314,16 +314,25 @@ def read_onnx_meta(path_or_proto) -> dict[str, Any]:
 
 
 def export_onnx(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike, *, opset: int = 18,
-                fold_normalization: bool = False, source_sha256: str | None = None) -> Path:
+                fold_normalization: bool = False, source_sha256: str | None = None,
+                graph: Any = None) -> Path:
     """Write ``model`` as a float32 ``.onnx`` with the artifact metadata embedded.
 
     Input ``"input"``: float32 (batch, C, H, W), batch dynamic; output ``"logits"``. Feed
     ``(pixels/255 - mean) / std`` (``_common.to_input``), or with ``fold_normalization``
     ``pixels/255``: the graph normalizes. ``opset`` 18..23. Raises ExportError naming the
-    module and op the exporter cannot handle; ``out`` is written atomically.
+    module and op the exporter cannot handle; ``out`` is written atomically. ``graph``:
+    :func:`onnx_graph` of the same ``model``, ``opset`` and ``fold_normalization`` if the
+    caller has it (an export of onnx and onnx-int8 converts once); not modified.
     """
+    import onnx
+
     art = _artifact(model, meta, "onnx", fold_normalization, source_sha256=source_sha256)
-    proto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
+    if graph is None:
+        proto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
+    else:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(graph)
     return _write(proto, {META_KEY: meta_json(art)}, out)
 
 

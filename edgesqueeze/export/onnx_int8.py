@@ -666,7 +666,8 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
                      per_channel: bool = True,
                      target: str = "any-cpu",
                      source_sha256: str | None = None,
-                     device: torch.device | None = None) -> Path:
+                     device: torch.device | None = None,
+                     fp32_graph: Any = None) -> Path:
     """Write an INT8 QDQ ``.onnx``: int8 weights (symmetric, per output channel), uint8
     activations calibrated on ``calib_images`` (uint8 NCHW, all of them: pick them with
     ``_common.calibration_images``), with the artifact metadata (``artifact_format``
@@ -694,7 +695,9 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
     the same results on x86 with or without VNNI and on ARM) or ``"vnni-or-arm"`` (int8
     weights, exact only where the uint8 x int8 kernels do not saturate: x86 with VNNI, ARM);
     recorded in the metadata. ``device``: where the statistics passes of activation
-    equalization and GPTQ run (None: the CPU).
+    equalization and GPTQ run (None: the CPU). ``fp32_graph``: as for
+    :func:`quantize_int8_graph` (the caller's fp32 graph of ``model``, same ``opset`` and
+    ``fold_normalization``; not modified).
     Raises ExportError like :func:`export_onnx`; ``out`` is written atomically.
     """
     calibration = (calibration or CalibrationConfig()).resolved("onnx-int8")
@@ -736,7 +739,8 @@ def export_onnx_int8(model: nn.Module, meta: dict[str, Any], out: str | os.PathL
         equalize_activations=equalize_activations, weight_rounding=weight_rounding,
         gptq_layers=gptq_layers, shared=shared, rounded=rounded, share_concats=share_concats,
         bias_correction=bias_correction, augment=augment, augment_seed=info.get("seed") or 0,
-        per_channel=per_channel, weights=INT8_TARGETS[target], device=device, found=found)
+        per_channel=per_channel, weights=INT8_TARGETS[target], device=device, found=found,
+        fp32_graph=fp32_graph)
     if equalize_activations and not found.get("pairs"):  # nothing rescaled: the file says so
         art["calibration"]["equalize_activations"] = 0.0
     compact_qdq(qproto)
@@ -757,8 +761,8 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
     (not yet compacted) of ``model`` calibrated on uint8 ``images``, normalized with
     ``mean`` / ``std``. ``fp32_graph``: the fp32 graph of ``model`` if the caller has it (a
     benchmark quantizing one model many ways, with the same ``opset`` and
-    ``fold_normalization``; an ``onnx.ModelProto``, as is the result), used only when no
-    transform (equalization, GPTQ) changes the weights. ``weights``: how they are stored
+    ``fold_normalization``; an ``onnx.ModelProto``, as is the result, and not modified), used
+    only when no transform (equalization, GPTQ) changes the weights. ``weights``: how they are stored
     (:func:`quantize_qdq`); ``gptq_layers``, ``shared``, ``rounded``, ``share_concats``: as
     for :func:`export_onnx_int8`; ``found``: as for
     :func:`~edgesqueeze.export.prepare.equalize_activations`."""
@@ -780,8 +784,13 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
             if rounded is not None:
                 rounded.update({k: v.detach().clone() for k, v in model.state_dict().items()})
     unchanged = not (equalize or equalize_activations or weight_rounding == "gptq")
-    fproto = fp32_graph if fp32_graph is not None and unchanged else \
-        onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
+    if fp32_graph is not None and unchanged:  # a copy: quantize_qdq names its nodes
+        import onnx
+
+        fproto = onnx.ModelProto()
+        fproto.CopyFrom(fp32_graph)
+    else:
+        fproto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
     float_nodes = _matching_nodes(fproto, float_layers)
     x = to_input(images, mean, std, normalize=not fold_normalization)
     qproto = quantize_qdq(fproto, x, calibration=calibration, float_nodes=float_nodes,
