@@ -38,6 +38,7 @@ from edgesqueeze.runtime._tflite_meta import (
     tflite_metadata_entries,
 )
 from edgesqueeze.train import fit
+from _shared_fixture import built_once
 from emulated_x86 import (
     assert_emulated_cpu_has_no_vnni,
     assert_same_as_this_host,
@@ -50,15 +51,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A half-width digits SqueezeNet, 6 epochs (~6 s): about 95% test accuracy."""
-    out = tmp_path_factory.mktemp("train")
-    recipe = recipe_from_dict({
-        "version": 1, "seed": 1, "output_dir": str(out),
-        "model": {"arch": "squeezenet_mnist", "kwargs": {"width_mult": 0.5}},
-        "data": {"dataset": "digits", "val_fraction": 0.2},
-        "train": {"epochs": 6, "batch_size": 32, "lr": 0.1, "threads": 1},
-    })
-    fit(recipe, progress=False, log=lambda _: None)
+    """A half-width digits SqueezeNet, 6 epochs (~6 s): about 95% test accuracy. Trained
+    once per session (test_packed_export, test_micro and test_seal use it too); each file
+    loads its own copy."""
+
+    def train(out: Path) -> None:
+        recipe = recipe_from_dict({
+            "version": 1, "seed": 1, "output_dir": str(out),
+            "model": {"arch": "squeezenet_mnist", "kwargs": {"width_mult": 0.5}},
+            "data": {"dataset": "digits", "val_fraction": 0.2},
+            "train": {"epochs": 6, "batch_size": 32, "lr": 0.1, "threads": 1},
+        })
+        fit(recipe, progress=False, log=lambda _: None)
+
+    out, _ = built_once(tmp_path_factory, "trained-half-width-digits", train)
     return load_model(out / "model.pt")
 
 

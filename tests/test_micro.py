@@ -23,16 +23,15 @@ from edgesqueeze.export import ExportConfig, export_artifacts
 pytest.importorskip("tflite_micro")  # edgesqueeze[micro]: x86-64 Linux wheels only
 pytest.importorskip("litert_torch")
 from test_export_tflite import trained  # noqa: E402,F401 - the half-width digits SqueezeNet fixture
-from test_packed_export import share  # noqa: E402
+from test_packed_export import share, shared_ckpt  # noqa: E402,F401 - the shared checkpoint fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shared_pt(trained, tmp_path_factory):
-    path = tmp_path_factory.mktemp("shared") / "shared.pt"
-    save_checkpoint(path, share(trained.model), {**trained.meta, "folded_batchnorm": True})
-    return path
+def shared_pt(shared_ckpt):
+    """The half-width digits SqueezeNet shared like an .esq (built once per session)."""
+    return shared_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from edgesqueeze.export import ExportConfig, export_artifacts, is_weight_shared
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("litert_torch")
+from _shared_fixture import built_once  # noqa: E402
 from test_export_tflite import trained  # noqa: E402,F401 - the half-width digits SqueezeNet fixture
 
 FORMATS = ("onnx", "onnx-int8", "tflite", "tflite-int8")
@@ -50,28 +51,37 @@ def share(model: torch.nn.Module, sparsity: float = 0.3, levels: int = 16) -> to
 
 @pytest.fixture(scope="module")
 def shared_ckpt(trained, tmp_path_factory):
-    assert not is_weight_shared(trained.model)
-    shared = share(trained.model)
-    assert is_weight_shared(shared)
-    path = tmp_path_factory.mktemp("shared") / "shared.pt"
-    save_checkpoint(path, shared, {**trained.meta, "folded_batchnorm": True})
-    return path
+    def build(out: Path) -> None:
+        assert not is_weight_shared(trained.model)
+        shared = share(trained.model)
+        assert is_weight_shared(shared)
+        save_checkpoint(out / "shared.pt", shared, {**trained.meta, "folded_batchnorm": True})
+
+    out, _ = built_once(tmp_path_factory, "shared-digits-checkpoint", build)  # test_seal's too
+    return out / "shared.pt"
+
+
+TRACED: dict[Path, list[str]] = {}  # what the exported fixture's export traced for ONNX
 
 
 @pytest.fixture(scope="module")
 def exported(shared_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    logs: list[str] = []
+    """The shared checkpoint exported to the four formats, packed: once per session (test_seal
+    uses it too), each file gets its own copy, and the export's log lines."""
     import edgesqueeze.export.onnx as eo
 
-    real = eo._export_dynamo
-    with pytest.MonkeyPatch.context() as mp:  # counts the torch.export + ONNX translations
-        mp.setattr(eo, "_export_dynamo", lambda *a, **k: TRACED.append(a[2]) or real(*a, **k))
-        written = export_artifacts(shared_ckpt, ExportConfig(formats=FORMATS, pack=True), out, log=logs.append)
-    return out, written, logs
+    def build(out: Path) -> dict:
+        logs: list[str] = []
+        traced: list[str] = []
+        real = eo._export_dynamo
+        with pytest.MonkeyPatch.context() as mp:  # counts the torch.export + ONNX translations
+            mp.setattr(eo, "_export_dynamo", lambda *a, **k: traced.append(a[2]) or real(*a, **k))
+            written = export_artifacts(shared_ckpt, ExportConfig(formats=FORMATS, pack=True), out, log=logs.append)
+        return {"written": [p.name for p in written], "logs": logs, "traced": traced}
 
-
-TRACED: list[str] = []  # what the exported fixture's export traced for ONNX
+    out, done = built_once(tmp_path_factory, "shared-digits-export", build)
+    TRACED[out] = done["traced"]
+    return out, [out / name for name in done["written"]], done["logs"]
 
 
 def test_onnx_and_onnx_int8_share_one_fp32_conversion(exported):
@@ -81,7 +91,7 @@ def test_onnx_and_onnx_int8_share_one_fp32_conversion(exported):
     import onnx
 
     out, written, _ = exported
-    assert TRACED == ["SqueezeNet"]
+    assert TRACED[out] == ["SqueezeNet"]
     fp32 = onnx.load(str(out / "shared.onnx"))
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in fp32.graph.node)
     assert "onnx" == json.loads({p.key: p.value for p in fp32.metadata_props}["edgesqueeze"])["artifact_format"]
