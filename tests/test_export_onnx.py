@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 onnx = pytest.importorskip("onnx")
@@ -441,6 +443,51 @@ def test_histogram_calibrations_clip_minmax_ranges(fp32_file, trained, digits):
         assert minmax.keys() == clipped.keys() and len(minmax) > 10
         assert all(clipped[k] <= minmax[k] * (1 + 1e-6) for k in minmax), method
         assert sum(clipped[k] < 0.95 * minmax[k] for k in minmax) >= share * len(minmax), method
+
+
+def test_entropy_threshold_is_onnxruntimes_on_the_models_own_histograms(fp32_file, trained, digits, tmp_path):
+    """The vectorized KL threshold search gives onnxruntime's own thresholds, bit for bit,
+    on the 2048-bin histograms of the digits model's activations (ReLU outputs, the input,
+    the logits: one-sided and two-sided)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    x = to_input(calibration_images(digits.train_x, 32, seed=3), trained.meta["mean"], trained.meta["std"])
+    calibrator = eo._histograms(Path(fp32_file), eo._Reader(x, 32), tmp_path, num_quantized_bins=128)
+    collector = calibrator.collector
+    histograms = collector.histogram_dict
+    assert len(histograms) > 20
+    two_sided = [n for n in sorted(histograms) if histograms[n][0][: len(histograms[n][0]) // 2].any()]
+    one_sided = [n for n in sorted(histograms) if n not in two_sided]
+    names = two_sided[:2] + one_sided[::len(one_sided) // 2]  # onnxruntime's own search: ~1 s a tensor
+    assert len(names) >= 3
+    for name in names:
+        theirs = HistogramCollector.get_entropy_threshold(collector, histograms[name], 128)
+        ours = eo.entropy_threshold(collector, histograms[name], 128)
+        assert (ours[0], ours[1]) == (theirs[0], theirs[1]), name
+        assert ours[0].dtype == theirs[0].dtype and ours[1].dtype == theirs[1].dtype
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_entropy_threshold_is_onnxruntimes_on_any_histogram(data):
+    """Random integer histograms (sparse, with outliers, with empty stretches), 66-240 bins
+    over 16-64 quantized bins: the same thresholds as onnxruntime's search; float counts go
+    to onnxruntime's own."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    quantized = data.draw(st.sampled_from([16, 32, 64]))
+    bins = 2 * data.draw(st.integers(quantized // 2 + 1, 120))
+    counts = np.array(data.draw(st.lists(st.integers(0, 5000) | st.just(0), min_size=bins, max_size=bins)),
+                      dtype=np.int64)
+    edges = np.linspace(-3, 7, bins + 1).astype(np.float32)
+    lo, hi = np.float32(data.draw(st.floats(-3, 0, width=32))), np.float32(data.draw(st.floats(0, 7, width=32)))
+    histogram = (counts, edges, lo, hi)
+    theirs = HistogramCollector.get_entropy_threshold(None, histogram, quantized)
+    ours = eo.entropy_threshold(None, histogram, quantized)
+    assert (ours[0], ours[1]) == (theirs[0], theirs[1])
+    floats = (counts.astype(np.float64) + 0.5, edges, lo, hi)
+    assert eo.entropy_threshold(None, floats, quantized) == HistogramCollector.get_entropy_threshold(None, floats,
+                                                                                                     quantized)
 
 
 @pytest.mark.slow

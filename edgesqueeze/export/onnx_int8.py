@@ -72,6 +72,7 @@ record naming its CPU):
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import tempfile
 from collections.abc import Sequence
@@ -590,9 +591,60 @@ def _entropy_ranges(src: Path, reader: _Reader, tmp: Path) -> Path:
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     calibrator = _histograms(src, reader, tmp, num_quantized_bins=128)
+    # its own threshold search, with the same result ~10x sooner (24 s of 26 on digits)
+    calibrator.collector.get_entropy_threshold = functools.partial(entropy_threshold, calibrator.collector)
     cache = tmp / "ranges.json"
     save_tensors_data(calibrator.compute_data(), cache)
     return cache
+
+
+def entropy_threshold(collector, histogram, num_quantized_bins: int):
+    """``HistogramCollector.get_entropy_threshold`` of onnxruntime (TensorRT's KL threshold
+    search) with the same result, bit for bit: its integer work (the outlier sums, merging
+    the sliced histogram into ``num_quantized_bins`` bins and expanding them back) done with
+    cumulative sums and reshapes instead of Python loops and ``sum()`` over numpy slices,
+    which took 0.3-0.5 s per tensor at 2048 bins; its float work (``smooth_distribution``,
+    ``entropy``) is still its own functions, candidate by candidate, so the KL values and
+    their argmin are its own. A histogram of non-integer counts goes to onnxruntime's method
+    (float sums in another order could differ in the last bit). ``collector``: the
+    ``HistogramCollector``."""
+    from onnxruntime.quantization.calibrate import HistogramCollector, entropy
+    from onnxruntime.quantization.quant_utils import smooth_distribution
+
+    hist, edges = histogram[0], histogram[1]
+    if not np.issubdtype(hist.dtype, np.integer):
+        return HistogramCollector.get_entropy_threshold(collector, histogram, num_quantized_bins)
+    num_bins = hist.size
+    zero = num_bins // 2
+    half_q = num_quantized_bins // 2
+    dtype = edges.dtype
+    cum = np.concatenate([np.zeros(1, hist.dtype), np.cumsum(hist)])  # cum[k] = sum(hist[:k]), exact
+    kl = np.zeros(zero - half_q + 1)
+    thresholds = []
+    for k, i in enumerate(range(half_q, zero + 1)):
+        start, end = zero - i, min(zero + i + 1, num_bins)
+        thresholds.append((edges[start], edges[end]))
+        sliced = hist[start:end]
+        p = sliced.copy()
+        p[0] += cum[start]
+        p[-1] += cum[-1] - cum[end]
+        merged = sliced.size // num_quantized_bins
+        body = num_quantized_bins * merged
+        quantized = sliced[:body].reshape(num_quantized_bins, merged).sum(axis=1)
+        quantized[-1] += sliced[body:].sum()
+        norm = (p[:body] != 0).reshape(num_quantized_bins, merged).sum(axis=1)
+        q = np.zeros(p.size, dtype=np.int64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            spread = np.where(norm != 0, quantized / np.maximum(norm, 1), 0.0)  # float64, as int / int
+        q[:body] = np.repeat(spread, merged).astype(np.int64)  # truncated, as numpy assigns a float to int64
+        p, q = smooth_distribution(p), smooth_distribution(q)
+        kl[k] = np.inf if p is None or q is None else np.array(entropy(p, q), dtype=dtype)
+    lo, hi = thresholds[int(np.argmin(kl))]
+    if lo < histogram[2]:
+        lo = histogram[2]
+    if hi > histogram[3]:
+        hi = histogram[3]
+    return lo, hi
 
 
 def mse_range(counts: np.ndarray, edges: np.ndarray, lo: float, hi: float, *,
