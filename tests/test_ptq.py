@@ -357,7 +357,9 @@ def test_imagenet_squeezenet_beats_naive_at_its_size():
     ds = load_dataset("imagenet-sample")
     x = torch.from_numpy(ds.test_x).float() / 255
     x = (x - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(1, 3, 1, 1)
-    calib, held = x[0::2][:20], x[1::2][:20]
+    # 10 calibration images: ours/naive KL on the 20 held-out ones 0.25 (0.16 with 20, in 1.8x
+    # the time; naive's does not depend on them), against the 0.5 asked
+    calib, held = x[0::2][:10], x[1::2][:20]
     naive_cfg = PTQConfig(allocation="uniform", bits=7, weighting="none", gptq=False,
                           bias_correction=False, distill_steps=0)
     naive, _, rep = post_training_compress(model, calib, naive_cfg, **QUIET)
