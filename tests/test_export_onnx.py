@@ -534,9 +534,10 @@ def imagenet(tmp_path_factory):
     meta = {**loaded.meta, "input_shape": [3, 224, 224], "mean": list(ds.mean), "std": list(ds.std)}
     order = np.random.default_rng(0).permutation(len(ds.test_x))
     cal, ev = np.sort(order[:50]), np.sort(order[50:])
-    fp32 = export_onnx(loaded.model, meta, tmp_path / "m.onnx")
+    graph = onnx_graph(loaded.model, meta)  # converted once for both files, as export_artifacts does
+    fp32 = export_onnx(loaded.model, meta, tmp_path / "m.onnx", graph=graph)
     int8 = export_onnx_int8(loaded.model, meta, tmp_path / "m.int8.onnx", ds.test_x[cal],
-                            calibration=CalibrationConfig(batch_size=25))
+                            calibration=CalibrationConfig(batch_size=25), fp32_graph=graph)
     return fp32, int8, to_input(ds.test_x[ev], ds.mean, ds.std)
 
 
