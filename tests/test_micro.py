@@ -23,7 +23,7 @@ from edgesqueeze.export import ExportConfig, export_artifacts
 pytest.importorskip("tflite_micro")  # edgesqueeze[micro]: x86-64 Linux wheels only
 pytest.importorskip("litert_torch")
 from test_export_tflite import trained  # noqa: E402,F401 - the half-width digits SqueezeNet fixture
-from test_packed_export import share, shared_ckpt  # noqa: E402,F401 - the shared checkpoint fixture
+from test_packed_export import shared_ckpt  # noqa: E402,F401 - the shared checkpoint fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,7 @@ model was trained on, and writes one file per format, each carrying the artifact
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -235,7 +236,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
             calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
         _clear_earlier_outputs(out, config, stem, log)
         written = []
-        fp32_onnx = _Fp32Onnx(model, meta, config)
+        fp32_onnx = _fp32_onnx(model, meta, config)
         try:
             for fmt in config.formats:
                 path = out / f"{stem}{SUFFIX[fmt]}"
@@ -246,7 +247,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                     from edgesqueeze.export.onnx import export_onnx
 
                     export_onnx(model, meta, path, opset=config.opset, fold_normalization=config.fold_normalization,
-                                source_sha256=digest, graph=fp32_onnx.graph())
+                                source_sha256=digest, graph=fp32_onnx())
                 elif fmt == "onnx-int8":
                     from edgesqueeze.export.onnx_int8 import export_onnx_int8
 
@@ -260,7 +261,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                                      equalize_activations=config.equalize_activations,
                                      per_channel=config.int8_per_channel(fmt, shared),
                                      target=config.onnx_int8_target, source_sha256=digest, device=device,
-                                     fp32_graph=fp32_onnx.graph())
+                                     fp32_graph=fp32_onnx())
                 elif fmt == "tflite":
                     from edgesqueeze.export.tflite import export_tflite
 
@@ -302,26 +303,21 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         return written
 
 
-class _Fp32Onnx:
-    """The fp32 ONNX graph of the model, converted once for both onnx and onnx-int8 (each
-    conversion is a torch.export trace and an ONNX translation: about 3 s of a 4-format
-    digits export). Converted only when both formats are asked for; else each converts
-    its own, as before."""
+def _fp32_onnx(model, meta, config: ExportConfig):
+    """A function giving the fp32 ONNX graph of the model, converted on its first call only,
+    for both onnx and onnx-int8 (each conversion is a torch.export trace and an ONNX
+    translation: about 3 s of a 4-format digits export); None where only one of them is
+    asked for, which then converts its own."""
+    if not {"onnx", "onnx-int8"} <= set(config.formats):
+        return lambda: None
 
-    def __init__(self, model, meta, config: ExportConfig) -> None:
-        self._args = (model, meta, config)
-        self._both = {"onnx", "onnx-int8"} <= set(config.formats)
-        self._graph = None
+    @functools.cache
+    def graph():
+        from edgesqueeze.export.onnx import onnx_graph
 
-    def graph(self):
-        if not self._both:
-            return None
-        if self._graph is None:
-            from edgesqueeze.export.onnx import onnx_graph
+        return onnx_graph(model, meta, opset=config.opset, fold_normalization=config.fold_normalization)
 
-            model, meta, config = self._args
-            self._graph = onnx_graph(model, meta, opset=config.opset, fold_normalization=config.fold_normalization)
-        return self._graph
+    return graph
 
 
 def _some_layer_int8(model, config: ExportConfig) -> None:

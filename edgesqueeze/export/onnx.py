@@ -266,6 +266,20 @@ def onnx_graph(model: nn.Module, meta: dict[str, Any], *, opset: int = 18,
     return proto
 
 
+def own_onnx_graph(model: nn.Module, meta: dict[str, Any], *, opset: int, fold_normalization: bool,
+                   graph: Any = None):
+    """A graph the caller may modify: a copy of ``graph`` (the caller's :func:`onnx_graph` of
+    the same ``model``, ``opset`` and ``fold_normalization``, left as it is) if given, else
+    :func:`onnx_graph` converted now."""
+    if graph is None:
+        return onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
+    import onnx
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(graph)
+    return proto
+
+
 def _check_no_external(proto) -> None:
     import onnx
 
@@ -325,14 +339,8 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike, 
     :func:`onnx_graph` of the same ``model``, ``opset`` and ``fold_normalization`` if the
     caller has it (an export of onnx and onnx-int8 converts once); not modified.
     """
-    import onnx
-
     art = _artifact(model, meta, "onnx", fold_normalization, source_sha256=source_sha256)
-    if graph is None:
-        proto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
-    else:
-        proto = onnx.ModelProto()
-        proto.CopyFrom(graph)
+    proto = own_onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization, graph=graph)
     return _write(proto, {META_KEY: meta_json(art)}, out)
 
 

@@ -95,6 +95,7 @@ from edgesqueeze.export.onnx import (
     _quiet,
     _write,
     onnx_graph,
+    own_onnx_graph,
 )
 
 __all__ = ["export_onnx_int8", "quantize_int8_graph", "quantize_qdq", "correct_biases", "compact_qdq",
@@ -836,13 +837,9 @@ def quantize_int8_graph(model: nn.Module, meta: dict[str, Any], images: np.ndarr
             if rounded is not None:
                 rounded.update({k: v.detach().clone() for k, v in model.state_dict().items()})
     unchanged = not (equalize or equalize_activations or weight_rounding == "gptq")
-    if fp32_graph is not None and unchanged:  # a copy: quantize_qdq names its nodes
-        import onnx
-
-        fproto = onnx.ModelProto()
-        fproto.CopyFrom(fp32_graph)
-    else:
-        fproto = onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization)
+    # its own copy: quantize_qdq names the nodes of the graph it is given
+    fproto = own_onnx_graph(model, meta, opset=opset, fold_normalization=fold_normalization,
+                            graph=fp32_graph if unchanged else None)
     float_nodes = _matching_nodes(fproto, float_layers)
     x = to_input(images, mean, std, normalize=not fold_normalization)
     qproto = quantize_qdq(fproto, x, calibration=calibration, float_nodes=float_nodes,
