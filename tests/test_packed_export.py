@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -312,17 +313,26 @@ def test_per_channel_tflite_int8_of_a_shared_model_is_requantized_too(shared_ckp
     assert packed.stat().st_size < without["packed_bytes"]
 
 
-def test_a_reexport_without_pack_removes_the_old_packed_copy(shared_ckpt, tmp_path):
+def _earlier_export(exported, folder: Path) -> None:
+    """The exported fixture's fp32 ONNX and TFLite files and their packed copies, copied into
+    ``folder``: what `export -f onnx,tflite --pack` writes there (the same bytes: tested below)."""
+    out, _, _ = exported
+    for name in ("shared.onnx", "shared.onnx.esq", "shared.tflite", "shared.tflite.esq"):
+        shutil.copyfile(out / name, folder / name)
+
+
+def test_a_reexport_without_pack_removes_the_old_packed_copy(shared_ckpt, exported, tmp_path):
     """A re-export without --pack left the earlier model's packed file beside the new plain one,
     and `verify export/*` judged it as this export's. It is removed, with a note; a file of that
     name that is not a packed copy is left alone."""
     cfg = ExportConfig(formats=("onnx", "tflite"), pack=True)
-    export_artifacts(shared_ckpt, cfg, tmp_path, log=lambda _: None)
-    assert (tmp_path / "shared.onnx.esq").is_file() and (tmp_path / "shared.tflite.esq").is_file()
+    _earlier_export(exported, tmp_path)
     (tmp_path / "shared.tflite.esq").write_bytes(b"someone else's file")
     logs: list[str] = []
     written = export_artifacts(shared_ckpt, dataclasses.replace(cfg, pack=False), tmp_path, log=logs.append)
     assert [p.name for p in written] == ["shared.onnx", "shared.tflite"]
+    out, _, _ = exported  # an export of two of the formats writes the same bytes as one of all four
+    assert all((tmp_path / n).read_bytes() == (out / n).read_bytes() for n in ("shared.onnx", "shared.tflite"))
     assert not (tmp_path / "shared.onnx.esq").exists()
     assert any("removed shared.onnx.esq" in m for m in logs), logs
     assert (tmp_path / "shared.tflite.esq").read_bytes() == b"someone else's file"
@@ -397,14 +407,15 @@ def test_the_packer_reads_only_constant_tflite_tensors(exported):
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_an_interrupted_reexport_leaves_none_of_the_earlier_exports_files(shared_ckpt, tmp_path, monkeypatch):
+def test_an_interrupted_reexport_leaves_none_of_the_earlier_exports_files(shared_ckpt, exported, tmp_path,
+                                                                         monkeypatch):
     """An export into a folder holding an earlier one, interrupted after its first file, left
     the earlier model's other files (and packed copies) beside its new ones, and verify and
     check judged them as this export's. Every file this export writes is removed first."""
     import edgesqueeze.export.tflite as tflite
 
     cfg = ExportConfig(formats=("onnx", "tflite"), pack=True)
-    export_artifacts(shared_ckpt, cfg, tmp_path, log=lambda _: None)
+    _earlier_export(exported, tmp_path)
     names = ["shared.onnx", "shared.onnx.esq", "shared.tflite", "shared.tflite.esq"]
     earlier = {n: (tmp_path / n).read_bytes() for n in names}
     for n in names:  # an earlier model's files, told apart by their bytes
