@@ -43,7 +43,8 @@ FORCE:
 # pip installs without compiling bytecode (--no-compile): it compiled every module of every
 # package, torch, jax and transformers whole (about 65 s of the 111 s install on a 2-core Zen 3),
 # where edgesqueeze imports a small part of them. tools/warm_bytecode.py then compiles the modules
-# it does import, once (about 20 s); anything else compiles on first import.
+# it does import, once (about 20 s); anything else compiles on first import, and `make demo` and
+# `make test` write that bytecode too, even where PYTHONDONTWRITEBYTECODE is set.
 
 # pip's own exit status decides (an older torch still importing hid a TORCH_SPEC that failed)
 $(STAMP): pyproject.toml $(SPEC_FILE)
@@ -63,7 +64,8 @@ $(STAMP): pyproject.toml $(SPEC_FILE)
 install: $(STAMP)
 
 demo: $(STAMP)
-	OUT=artifacts/squeezenet-digits EDGESQUEEZE=$(VENV)/bin/edgesqueeze bash examples/ci/gate.sh
+	PYTHONDONTWRITEBYTECODE= OUT=artifacts/squeezenet-digits EDGESQUEEZE=$(VENV)/bin/edgesqueeze \
+	  bash examples/ci/gate.sh
 	@echo "demo outputs: $(CURDIR)/artifacts/squeezenet-digits/ (model.pt, curves.png; compressed/: model.esq," \
 	      "report.md; export/: 8 files, .onnx and .tflite, fp32 and int8, each also packed as .esq;" \
 	      "verify.json, verify.md + plots; gate.json, gate.md, gate.xml)"

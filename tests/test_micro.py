@@ -193,6 +193,11 @@ def test_a_micro_file_no_smaller_than_the_plain_one_is_refused(shared_pt, tmp_pa
 
 @pytest.mark.slow
 def test_cli_export_verify_check(shared_pt, tmp_path):
+    """The export in a real process; verify and check in this one (click's runner)."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
     es = [sys.executable, "-m", "edgesqueeze"]
     r = subprocess.run([*es, "export", str(shared_pt), "-f", "tflite-micro", "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
@@ -201,19 +206,17 @@ def test_cli_export_verify_check(shared_pt, tmp_path):
     assert "value tables on" in r.stdout + r.stderr and small.is_file()
     assert not (tmp_path / "shared.int8.tflite").exists()  # made in memory, not left behind
     report = tmp_path / "verify.json"
-    r = subprocess.run([*es, "verify", str(shared_pt), str(small), "--out", str(report)],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    assert "| arena bytes |" in r.stdout  # the table verify prints
+    res = CliRunner().invoke(cli, ["verify", str(shared_pt), str(small), "--out", str(report)])
+    assert res.exit_code == 0, res.output
+    assert "| arena bytes |" in res.output  # the table verify prints
     row = next(x for x in json.loads(report.read_text())["artifacts"] if x["path"] == str(small))
     assert row["format"] == "tflite-micro" and row["runtime"] == "tflite-micro"
     assert row["bytes"] == small.stat().st_size and row["arena_bytes"] > 0
     assert "arena bytes" in (tmp_path / "verify.md").read_text()
     size = row["bytes"]
     for limit, want in ((size, 0), (size - 1, 1)):
-        r = subprocess.run([*es, "check", str(report), f"--max-size-for=tflite-micro={limit}B"],
-                           capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == want, r.stdout + r.stderr
+        res = CliRunner().invoke(cli, ["check", str(report), f"--max-size-for=tflite-micro={limit}B"])
+        assert res.exit_code == want, res.output
 
 
 def test_inspect_describes_a_micro_file(micro):
