@@ -315,6 +315,24 @@ def test_gptq_lowers_layer_output_error(shared_model, calib):
     assert distinct_nonzero(comp.weight()) <= 8 and torch.equal(comp.weight() != 0, w != 0)
 
 
+@pytest.mark.parametrize("block", [1, 5, 32])
+def test_gptq_in_blocks_chooses_what_one_position_at_a_time_chooses(shared_model, calib, monkeypatch, block):
+    """The lazy batch updates (errors pushed past a block in one product) choose the labels
+    the plain loop chooses: one block as wide as the layer is that loop."""
+    import edgesqueeze.compress.ptq_candidates as pc
+
+    stats = calibration_stats(shared_model, calib, fisher_samples=1)
+    masks = existing_masks(shared_model)
+    for name in [n for n in prunable_layers(shared_model) if n.endswith(("expand3x3", "classifier.1"))][:3]:
+        w = shared_model.get_submodule(name).weight.detach()
+        near = layer_candidates(shared_model, masks, [8], stats=stats)[name][0]
+        monkeypatch.setattr(pc, "GPTQ_BLOCK", w[0].numel())
+        plain = gptq_assign(near.layer, w, stats["hessian"][name])
+        monkeypatch.setattr(pc, "GPTQ_BLOCK", block)
+        blocked = gptq_assign(near.layer, w, stats["hessian"][name])
+        assert w[0].numel() > block and torch.equal(blocked.labels, plain.labels), name
+
+
 def test_linear_layers_and_impossible_budget():
     """A model ending in Linear (GPTQ on a Linear's inputs); a budget below the smallest
     candidates is reported, not silently met."""
