@@ -41,8 +41,8 @@ $(SPEC_FILE): FORCE
 FORCE:
 
 # pip installs without compiling bytecode (--no-compile): it compiled every module of every
-# package, torch, jax and transformers whole (about 65 s of the 111 s install on a 2-core Zen 3),
-# where edgesqueeze imports a small part of them. tools/warm_bytecode.py then compiles the modules
+# package, torch, jax and transformers whole, where edgesqueeze imports a small part of them
+# (`make install` on a 2-core Zen 3: 135-148 s with it, 87-88 s without). tools/warm_bytecode.py then compiles the modules
 # it does import, once (about 20 s); anything else compiles on first import, and `make demo` and
 # `make test` write that bytecode too, even where PYTHONDONTWRITEBYTECODE is set.
 

@@ -113,8 +113,8 @@ def gptq_assign(layer: ClusteredLayer, weight: torch.Tensor, hessian: torch.Tens
     # GPTQ's lazy batch updates: within a block of GPTQ_BLOCK positions, each position's error
     # updates the block's later positions; the positions after the block get the whole block's
     # errors in one matrix product. The same updates as one position at a time over the whole
-    # layer, in smaller and fewer operations. On ImageNet SqueezeNet 1.0 (182 calls, 8.7M labels): the same labels,
-    # 4.9 s instead of 10.4 s (blocks of 16: 4.7 s, 64: 5.5 s, 128: 5.9 s).
+    # layer, in smaller and fewer operations. On ImageNet SqueezeNet 1.0 (182 calls, 8.7M
+    # labels): the same labels, 4.9 s instead of 10.4 s (blocks of 16: 4.7 s, 64: 5.5 s).
     for b0 in range(0, d, GPTQ_BLOCK):
         b1 = min(b0 + GPTQ_BLOCK, d)
         block = w[:, b0:b1].clone()
