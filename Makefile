@@ -42,9 +42,11 @@ FORCE:
 
 # pip installs without compiling bytecode (--no-compile): it compiled every module of every
 # package, torch, jax and transformers whole, where edgesqueeze imports a small part of them
-# (`make install` on a 2-core Zen 3: 135-148 s with it, 87-88 s without). tools/warm_bytecode.py then compiles the modules
-# it does import, once (about 20 s); anything else compiles on first import, and `make demo` and
-# `make test` write that bytecode too, even where PYTHONDONTWRITEBYTECODE is set.
+# (`make install` on a 2-core Zen 3: 135-148 s with it, 87-88 s without). tools/warm_bytecode.py
+# then compiles the modules it does import, once (about 18 s); anything else compiles on first
+# import. The install checks, `make demo` and `make test` write bytecode (WRITE_BYTECODE) even
+# where PYTHONDONTWRITEBYTECODE is set, so each later process reads it compiled.
+WRITE_BYTECODE := PYTHONDONTWRITEBYTECODE=
 
 # pip's own exit status decides (an older torch still importing hid a TORCH_SPEC that failed)
 $(STAMP): pyproject.toml $(SPEC_FILE)
@@ -54,9 +56,9 @@ $(STAMP): pyproject.toml $(SPEC_FILE)
 	  grep -v "is ignored: it is neither" $(VENV)/.pip.log; \
 	  test $$rc = 0 || { echo "error: pip could not install $(TORCH_SPEC) (above); set TORCH_SPEC"; \
 	                     rm -f $(SPEC_FILE); exit 2; }
-	@PYTHONDONTWRITEBYTECODE= $(PY) -W ignore -c "import torch" || { echo "error: $(TORCH_SPEC) did not install; set TORCH_SPEC"; exit 2; }
+	@$(WRITE_BYTECODE) $(PY) -W ignore -c "import torch" || { echo "error: $(TORCH_SPEC) did not install; set TORCH_SPEC"; exit 2; }
 	@$(PIP) install --no-compile -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
-	@PYTHONDONTWRITEBYTECODE= $(PY) -c "import edgesqueeze.cli, pytest, hypothesis, xdist" || { echo "error: installing edgesqueeze failed"; exit 2; }
+	@$(WRITE_BYTECODE) $(PY) -c "import edgesqueeze.cli, pytest, hypothesis, xdist" || { echo "error: installing edgesqueeze failed"; exit 2; }
 	@echo "compiling the bytecode of the modules edgesqueeze imports ..."
 	@$(PY) tools/warm_bytecode.py > /dev/null 2>&1
 	@touch $(STAMP)
@@ -64,7 +66,7 @@ $(STAMP): pyproject.toml $(SPEC_FILE)
 install: $(STAMP)
 
 demo: $(STAMP)
-	PYTHONDONTWRITEBYTECODE= OUT=artifacts/squeezenet-digits EDGESQUEEZE=$(VENV)/bin/edgesqueeze \
+	$(WRITE_BYTECODE) OUT=artifacts/squeezenet-digits EDGESQUEEZE=$(VENV)/bin/edgesqueeze \
 	  bash examples/ci/gate.sh
 	@echo "demo outputs: $(CURDIR)/artifacts/squeezenet-digits/ (model.pt, curves.png; compressed/: model.esq," \
 	      "report.md; export/: 8 files, .onnx and .tflite, fp32 and int8, each also packed as .esq;" \
@@ -76,7 +78,7 @@ demo: $(STAMP)
 # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of spinning while they wait.
 # The workers and their subprocesses share the cores, and a test on 2 threads took 29 s
 # beside another 2-thread process where it takes 11 s alone (17 s with both passive).
-TEST_ENV   := PYTHONDONTWRITEBYTECODE= OMP_WAIT_POLICY=$(or $(OMP_WAIT_POLICY),PASSIVE)
+TEST_ENV   := $(WRITE_BYTECODE) OMP_WAIT_POLICY=$(or $(OMP_WAIT_POLICY),PASSIVE)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)

@@ -325,11 +325,10 @@ def test_a_reexport_without_pack_removes_the_old_packed_copy(shared_ckpt, export
     """A re-export without --pack left the earlier model's packed file beside the new plain one,
     and `verify export/*` judged it as this export's. It is removed, with a note; a file of that
     name that is not a packed copy is left alone."""
-    cfg = ExportConfig(formats=("onnx", "tflite"), pack=True)
     _earlier_export(exported, tmp_path)
     (tmp_path / "shared.tflite.esq").write_bytes(b"someone else's file")
     logs: list[str] = []
-    written = export_artifacts(shared_ckpt, dataclasses.replace(cfg, pack=False), tmp_path, log=logs.append)
+    written = export_artifacts(shared_ckpt, ExportConfig(formats=("onnx", "tflite")), tmp_path, log=logs.append)
     assert [p.name for p in written] == ["shared.onnx", "shared.tflite"]
     out, _, _ = exported  # an export of two of the formats writes the same bytes as one of all four
     assert all((tmp_path / n).read_bytes() == (out / n).read_bytes() for n in ("shared.onnx", "shared.tflite"))

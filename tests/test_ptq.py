@@ -322,10 +322,10 @@ def test_gptq_in_blocks_chooses_what_one_position_at_a_time_chooses(shared_model
     import edgesqueeze.compress.ptq_candidates as pc
 
     stats = calibration_stats(shared_model, calib, fisher_samples=1)
-    masks = existing_masks(shared_model)
+    candidates = layer_candidates(shared_model, existing_masks(shared_model), [8], stats=stats)
     for name in [n for n in prunable_layers(shared_model) if n.endswith(("expand3x3", "classifier.1"))][:3]:
         w = shared_model.get_submodule(name).weight.detach()
-        near = layer_candidates(shared_model, masks, [8], stats=stats)[name][0]
+        near = candidates[name][0]
         monkeypatch.setattr(pc, "GPTQ_BLOCK", w[0].numel())
         plain = gptq_assign(near.layer, w, stats["hessian"][name])
         monkeypatch.setattr(pc, "GPTQ_BLOCK", block)
