@@ -270,10 +270,13 @@ def test_gptq_on_a_shared_model_keeps_the_codebook_in_the_packed_file(shared_ckp
     _, near = export_artifacts(shared_ckpt, base, tmp_path / "nearest", log=lambda _: None)
     cfg = dataclasses.replace(base, weight_rounding="gptq", gptq_layers=("features.0", "features.3"))
     plain, packed = export_artifacts(shared_ckpt, cfg, tmp_path / "gptq", log=lambda _: None)
-    # at least as many as nearest rounding's: under AVX2 kernels in a full suite run, the nearest
-    # file once had one tensor fewer (12 against GPTQ's 13): a calibration that computed another
-    # rounding tie, so the packer coded that tensor's int8 values as they are (still exact)
-    assert len(requantized(packed)) >= len(requantized(near)) >= 10
+    # as many as nearest rounding's, give or take one either way, never fewer than 10 (GPTQ
+    # smearing the codebooks of its layers' four convs would leave at most 9): the count moves
+    # by one with the exact bytes. Under AVX2 kernels in a full suite run the nearest file once
+    # had 12 against GPTQ's 13 (a calibration that computed another rounding tie, so that
+    # tensor's int8 values were coded as they are, still exact), and GPTQ's once 12 against 13
+    # (features.3.squeeze, 256 B, went back into the skeleton, where it compressed smaller)
+    assert len(requantized(packed)) >= max(10, len(requantized(near)) - 1)
     from edgesqueeze.export.onnx import read_onnx_meta
 
     cal = read_onnx_meta(plain)["calibration"]
