@@ -123,7 +123,13 @@ def test_training_streamed_gives_the_same_weights(folder, tmp_path):
 
 
 def test_a_corrupt_jpeg_stops_the_stream_with_one_line_naming_it(folder):
-    """Broken before loading (mean/std read it) or while streaming (read in a worker)."""
+    """Broken before loading (mean/std read it) or while streaming (read in a worker). The
+    workers are stopped when the error is raised: the iterator was left in a reference cycle,
+    and when the garbage collector freed it, each worker waited out DataLoader's 5 s join
+    timeout (10 s more for the error, at whatever point the collector ran)."""
+    import gc
+    import multiprocessing
+
     bad = folder / "train" / "dog" / "007.jpg"
     good = bad.read_bytes()
     bad.write_bytes(good[:40])  # a truncated file
@@ -132,12 +138,19 @@ def test_a_corrupt_jpeg_stops_the_stream_with_one_line_naming_it(folder):
     bad.write_bytes(good)
     ds = load_dataset(f"imagefolder:{folder}", stream=True, image_size=20)
     bad.write_bytes(good[:40])
+    before = {p.pid for p in multiprocessing.active_children()}
     it = batches(ds.train_x, ds.train_y, batch_size=8, shuffle=False, generator=None, mean=ds.mean, std=ds.std,
                  workers=2)
-    with pytest.raises(DataError) as e:
-        list(it)
+    gc.disable()  # only reference counts free things here, as between two collections
+    try:
+        with pytest.raises(DataError) as e:
+            list(it)
+        left = {p.pid for p in multiprocessing.active_children()} - before
+    finally:
+        gc.enable()
     msg = str(e.value)
     assert "\n" not in msg and str(bad) in msg and "delete or replace it" in msg, msg
+    assert not left, f"decoding workers still running after the error: {left}"
 
 
 def test_a_test_class_without_training_images_is_refused_in_one_line(folder):

@@ -223,11 +223,25 @@ def _decoded(x: LazyImages, chunks: list[np.ndarray], workers: int | None,
         _Batches(x, chunks, part if part is not None and part[1] > 1 else None), batch_size=None, shuffle=False,
         num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False)
     it = iter(loader)
-    for _ in chunks:
-        try:
-            yield next(it)
-        except DataError as e:  # raised in a worker: DataLoader prefixes its traceback
-            raise DataError(_worker_message(str(e))) from None
+    error = None
+    try:
+        for _ in chunks:
+            try:
+                batch = next(it)
+            except DataError as e:  # raised in a worker: DataLoader prefixes its traceback
+                error = _worker_message(str(e))
+                # DataLoader's re-raise leaves the error in a cycle with its traceback's frames,
+                # the iterator among them: freed later by the garbage collector, which closes
+                # the iterator's queues (weak references) before its __del__ stops the
+                # workers, so no worker got its stop signal and each join waited out
+                # DataLoader's 5 s timeout (10 s more for a corrupt image, with 2 workers).
+                e.__traceback__ = None
+                break
+            yield batch
+    finally:
+        del it  # the last reference: the workers stop now, their queues still open
+    if error is not None:
+        raise DataError(error)
 
 
 def _worker_message(text: str) -> str:
