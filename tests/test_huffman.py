@@ -192,6 +192,7 @@ def test_round_trip(alphabet, n, skew, chunk, index, seed):
         index_bytes = 0 if m <= 1 else 3 + -(-(m - 1) * data[2] // 8)
         assert m <= 1 or data[2] <= 16
     assert len(data) == index_bytes + -(-nbits // 8)
+    assert huffman.encoded_size(symbols, lengths, chunk=chunk, index=index) == len(data)  # sized without coding
     out = decode(data, lengths, n, chunk=chunk, index=index)
     assert out.dtype == np.uint16
     assert np.array_equal(out, symbols)
@@ -204,6 +205,7 @@ def test_single_symbol_and_empty_streams():
     assert nbits == 9
     assert decode(data, lengths, 9).tolist() == [2] * 9
     assert encode(np.array([], np.int64), lengths) == (b"", 0)
+    assert huffman.encoded_size(np.full(9, 2), lengths) == len(data) and huffman.encoded_size([], lengths) == 0
     assert decode(b"", lengths, 0).tolist() == []
     assert decode(b"", [], 0).tolist() == []
     with pytest.raises(FormatError, match="0 symbols but 1 bytes"):

@@ -194,9 +194,13 @@ def without_huffman_pays(size: int, size_without: int) -> bool:
     return size_without <= size + size // HUFFMAN_SHARE
 
 
-def _code(symbols: np.ndarray, alphabet: int, chunk: int) -> tuple[np.ndarray, bytes]:
+def _lengths(symbols: np.ndarray, alphabet: int) -> np.ndarray:
     counts = np.bincount(symbols, minlength=alphabet)[:alphabet]
-    lengths = huffman.code_lengths(counts, max_len=MAX_CODE_LEN)
+    return huffman.code_lengths(counts, max_len=MAX_CODE_LEN)
+
+
+def _code(symbols: np.ndarray, alphabet: int, chunk: int) -> tuple[np.ndarray, bytes]:
+    lengths = _lengths(symbols, alphabet)
     data, _ = huffman.encode(symbols, lengths, chunk=chunk)
     return lengths, data
 
@@ -253,13 +257,14 @@ def _encode_candidate(flat, shape, axis, dense, cb_dtype, chunk, use_huffman=Tru
     w, gap_len, gap_data, gaps = 0, np.zeros(0, np.uint8), b"", None
     if not dense:
         best = None
-        for width in range(1, MAX_GAP_WIDTH + 1):
+        for width in range(1, MAX_GAP_WIDTH + 1):  # each width's stream sized, only the best coded
             g = gaps_from_positions(pos, width)
-            lengths, data = _code(g, 1 << width, chunk)
-            cost = len(data) + (1 << width) // 2
+            lengths = _lengths(g, 1 << width)
+            cost = huffman.encoded_size(g, lengths, chunk=chunk) + (1 << width) // 2
             if best is None or cost < best[0]:
-                best = (cost, width, lengths, data, g)
-        _, w, gap_len, gap_data, gaps = best
+                best = (cost, width, lengths, g)
+        _, w, gap_len, gaps = best
+        gap_data, _ = huffman.encode(gaps, gap_len, chunk=chunk)
     # Each stream in the form :func:`_stream_coding` picks; "z" records the choices.
     z = 0
     if idx.size:

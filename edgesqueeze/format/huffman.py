@@ -85,6 +85,7 @@ __all__ = [
     "decode",
     "decode_many",
     "encode",
+    "encoded_size",
     "entropy_bits",
 ]
 
@@ -261,6 +262,37 @@ def encode(symbols: np.ndarray, lengths, *, chunk: int = DEFAULT_CHUNK,
     shift = np.repeat(ends, ls) - 1 - np.arange(nbits)
     bits = (np.repeat(codes, ls) >> shift) & 1
     return _pack_index(chunk_bits, index) + np.packbits(bits.astype(np.uint8)).tobytes(), nbits
+
+
+def encoded_size(symbols: np.ndarray, lengths, *, chunk: int = DEFAULT_CHUNK,
+                 index: str = DEFAULT_INDEX) -> int:
+    """``len(encode(symbols, lengths, chunk=chunk, index=index)[0])``, counted without coding:
+    the bits of each chunk are summed, not expanded (what a writer choosing among codings of
+    the same data needs; the gap width of a shared tensor is chosen among eight)."""
+    lengths = _check_lengths(lengths)
+    chunk = _check_chunk(chunk)
+    _check_index(index)
+    sym = _array(symbols, "symbols").astype(np.intp)
+    if sym.size == 0:
+        return 0
+    ls = lengths[sym].astype(np.int64)
+    n = sym.size
+    m = -(-n // chunk)  # as encode: chunk c holds symbols c, c+m, c+2m, ...: column c here
+    grid = np.zeros(-(-n // m) * m, np.int64)
+    grid[:n] = ls
+    chunk_bits = grid.reshape(-1, m).sum(axis=0)
+    return _index_size(chunk_bits, index) + (int(ls.sum()) + 7) // 8
+
+
+def _index_size(chunk_bits: np.ndarray, index: str) -> int:
+    """``len(_pack_index(chunk_bits, index))``."""
+    if index == "u16":
+        return 2 * chunk_bits.size
+    known = chunk_bits[:-1]
+    if not known.size:
+        return 0
+    width = int(known.max() - known.min()).bit_length()
+    return _INDEX_HEAD.size + (known.size * width + 7) // 8
 
 
 def _pack_index(chunk_bits: np.ndarray, index: str) -> bytes:
