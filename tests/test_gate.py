@@ -29,15 +29,19 @@ def gate_run(tmp_path_factory):
     """One real run of the example gate script, with a short recipe."""
     work = tmp_path_factory.mktemp("gate")
     recipe = yaml.safe_load((ROOT / "recipes" / "squeezenet-digits.yaml").read_text())
-    recipe["train"].update(epochs=8, threads=1)
-    # the gate's plumbing, not the recipe's accuracy: short retraining (the budget below is
-    # loose). At batch 128 (36 prune-retrain steps) the .esq lost 10.9 points on an AVX-512
-    # VM and passed on AVX2: the recipe's batch 32 gives 4x the steps for a few seconds more
+    # the gate's plumbing, not the recipe's accuracy: half the channels (the same graph for every
+    # converter and runtime; the fixture 54 s instead of 69-77 s on a Zen 3), short retraining,
+    # a loose budget. Here the float model reached 95.5%, the .esq 89.7% (a drop of 5.9
+    # points); at 8 epochs 91.1% and 84.7%. At batch 128 (36 prune-retrain steps) a full-width
+    # .esq lost 10.9 points on an AVX-512 VM and passed on AVX2: the recipe's batch 32 gives
+    # 4x the steps for a few seconds more
+    recipe["train"].update(epochs=12, threads=1)
+    recipe["model"]["kwargs"] = {"width_mult": 0.5}
     recipe["compress"]["prune_finetune"].update(epochs=4)
     recipe["compress"]["cluster_finetune"].update(epochs=2)
     recipe["export"]["calibration"]["images"] = 64
     recipe["budget"] = {"max_size_per_format": {"esq": "40KB", "onnx-int8": "150KB", "tflite-int8": "150KB"},
-                        "min_accuracy": 0.8, "max_drop": 10}
+                        "min_accuracy": 0.8, "max_drop": 15}
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "RECIPE": str(path), "OUT": str(work / "ci"),
@@ -73,7 +77,9 @@ def test_gate_script_passes_a_budget_it_meets(gate_run):
         packed, plain = rows[fmt + ".esq"], rows[fmt]
         assert packed["runtime"] == "edgesqueeze unpack + " + plain["runtime"]
         assert packed["accuracy"] == plain["accuracy"] and packed["agreement"] == plain["agreement"]
-        assert packed["bytes"] < min(plain["gzip_bytes"], 1.25 * rows["esq"]["bytes"]), fmt
+        # the .esq's coded weights plus the compressed graph: about 1.9 KB for this SqueezeNet at
+        # full or half width (demo: .esq 17,330 B, packed onnx 19,182 B)
+        assert packed["bytes"] < min(plain["gzip_bytes"], rows["esq"]["bytes"] + 3000), fmt
     suite = ET.parse(out / "gate.xml").getroot().find("testsuite")
     verdicts = json.loads((out / "gate.json").read_text())["verdicts"]
     assert int(suite.get("tests")) == len(verdicts) >= 6 * 3 - 4  # sizes only where budgeted
