@@ -92,6 +92,30 @@ def test_round_trip_bitwise(shape, k, density):
     assert {s.name: s.kind for s in stats} == {"w": "shared", "b": "raw"}
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.tuples(st.integers(1, 40), st.integers(1, 40)), st.integers(1, 300), st.floats(0.0, 1.0),
+       st.sampled_from([codec.CHUNK, codec.LARGE_CHUNK, 7]), st.booleans(), st.booleans(), st.integers(0, 99))
+def test_every_candidate_is_sized_as_it_codes_and_the_smallest_is_kept(shape, k, density, chunk, use_huffman,
+                                                                       rescale, seed):
+    """Candidates are sized, not coded, and only the smallest is coded: each size must be that
+    candidate's own coded length (else the choice, and the bytes, change), whatever wins."""
+    t = shared_tensor(shape, k, density, seed=seed)
+    if rescale:  # per-row codebooks when one cannot hold them
+        t = t * (1 + torch.arange(shape[0]).float().view(-1, 1) / 7)
+    flat, dims = t.numpy().reshape(-1), list(shape)
+    plans = [codec._plan(flat, dims, axis, dense, np.float32, chunk, use_huffman) for dense in (False, True)
+             # per-slice codebooks only when one codebook cannot hold the values (encode_shared's rule)
+             for axis in ([None] if codec._fits(flat, dims, None, with_zero=dense) else [0, 1])
+             if codec._fits(flat, dims, axis, with_zero=dense)]
+    if not plans:
+        return
+    for plan in plans:
+        assert len(codec._coded(plan)[0]) == plan.size
+    blob, _, stats = encode_shared("w", t, chunk=chunk, use_huffman=use_huffman)
+    assert len(blob) == stats.bytes == min(p.size for p in plans)
+    assert codec.shared_size("w", t.numpy(), chunk=chunk, use_huffman=use_huffman) == len(blob)
+
+
 def test_dense_mode_wins_for_nearly_dense_layers():
     t = shared_tensor((127, 64), 16, 0.99)
     _, info, _ = encode_shared("w", t)

@@ -138,10 +138,9 @@ def gptq_assign(layer: ClusteredLayer, weight: torch.Tensor, hessian: torch.Tens
 
 
 def _section_bytes(name: str, weight: torch.Tensor, codebook_dtype: str) -> int:
-    from edgesqueeze.format.codec import CHUNK, encode_shared
+    from edgesqueeze.format.codec import CHUNK, shared_size
 
-    return encode_shared(name, weight.detach().float().cpu().numpy(),
-                         codebook_dtype=codebook_dtype, chunk=CHUNK)[2].bytes
+    return shared_size(name, weight.detach().float().cpu().numpy(), codebook_dtype=codebook_dtype, chunk=CHUNK)
 
 
 def layer_candidates(model: nn.Module, masks: Mapping[str, torch.Tensor], levels: Sequence[int],

@@ -33,7 +33,7 @@ import numpy as np
 from edgesqueeze.errors import FormatError
 from edgesqueeze.format import huffman
 
-__all__ = ["MAX_ALPHABET", "decode", "encode"]
+__all__ = ["MAX_ALPHABET", "decode", "encode", "encoded_size"]
 
 MAX_ALPHABET = 256  # literals 0..255; symbol 256 ends the block
 _MAX_LEN = 15  # DEFLATE's longest literal code
@@ -82,19 +82,20 @@ def _run_lengths(lengths: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def encode(symbols: np.ndarray) -> bytes:
-    """``symbols`` (integers in 0..255, at least one) as one final dynamic-Huffman DEFLATE
-    block of literals, zero padded to a byte. Deterministic: optimal code lengths with ties
-    broken by symbol (:func:`huffman.code_lengths`), run-length codes taken greedily."""
+def _checked(symbols: np.ndarray) -> np.ndarray:
     sym = np.asarray(symbols)
     if sym.ndim != 1 or sym.size == 0 or sym.dtype.kind not in "iu":
         raise FormatError(f"symbols must be a non-empty 1-D integer array, got {sym.dtype} {sym.shape}")
     if sym.min() < 0 or sym.max() >= MAX_ALPHABET:
         raise FormatError(f"DEFLATE literals are 0..255, got {sym.min()}..{sym.max()}")
-    counts = np.bincount(sym.astype(np.intp), minlength=_EOB + 1)
+    return sym.astype(np.intp)
+
+
+def _block_code(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """``(symbol counts with the end-of-block code, literal code lengths, header bits)``."""
+    counts = np.bincount(sym, minlength=_EOB + 1)
     counts[_EOB] = 1
     lengths = huffman.code_lengths(counts, max_len=_MAX_LEN)
-    codes = huffman.canonical_codes(lengths).astype(np.int64)
     # 257 literal/length code lengths (HLIT = 257), then one distance code of length 0 (no
     # distances: RFC 1951 3.2.7), run-length coded together as the RFC allows
     runs = _run_lengths([int(v) for v in lengths] + [0])
@@ -106,14 +107,31 @@ def encode(symbols: np.ndarray) -> bytes:
         head += _lsb(int(cl_lengths[s]), 3)
     for s, extra, nbits in runs:
         head += _msb(int(cl_codes[s]), int(cl_lengths[s])) + _lsb(extra, nbits)
+    return counts, lengths, head
+
+
+def encode(symbols: np.ndarray) -> bytes:
+    """``symbols`` (integers in 0..255, at least one) as one final dynamic-Huffman DEFLATE
+    block of literals, zero padded to a byte. Deterministic: optimal code lengths with ties
+    broken by symbol (:func:`huffman.code_lengths`), run-length codes taken greedily."""
+    sym = _checked(symbols)
+    _, lengths, head = _block_code(sym)
+    codes = huffman.canonical_codes(lengths).astype(np.int64)
     # the literals and the end-of-block code, each code MSB first (no per-symbol Python loop)
-    allsym = np.append(sym.astype(np.intp), _EOB)
+    allsym = np.append(sym, _EOB)
     ls = lengths[allsym].astype(np.int64)
     ends = np.cumsum(ls)
     shift = np.repeat(ends, ls) - 1 - np.arange(int(ends[-1]))
     body = (np.repeat(codes[allsym], ls) >> shift) & 1
     bits = np.concatenate([np.array(head, np.uint8), body.astype(np.uint8)])
     return np.packbits(bits, bitorder="little").tobytes()
+
+
+def encoded_size(symbols: np.ndarray) -> int:
+    """``len(encode(symbols))``, counted without coding (the header built, the body's bits
+    summed from the symbol counts)."""
+    counts, lengths, head = _block_code(_checked(symbols))
+    return (len(head) + int(counts @ lengths.astype(np.int64)) + 7) // 8
 
 
 def decode(data, n: int, alphabet: int, what: str) -> np.ndarray:
