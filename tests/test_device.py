@@ -152,14 +152,15 @@ def test_compress_writes_the_same_archive_whatever_device_the_cpu_is_named_by(tm
     """Where the passes ran is not recorded in what they made: post-training compression with
     --device cpu and with auto (the CPU here) write the same .esq bytes."""
     res = CliRunner().invoke(cli, ["train", "-r", "recipes/squeezenet-digits.yaml", "--set", "train.epochs=1",
-                                   "--set", "data.limit=300", "--set", "train.threads=1", "--out",
-                                   str(tmp_path / "float"), "--no-progress"], catch_exceptions=False)
+                                   "--set", "data.limit=300", "--set", "train.threads=1", "--set",
+                                   "model.kwargs={width_mult: 0.5}", "--out", str(tmp_path / "float"),
+                                   "--no-progress"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     archives = {}
     for device in ("cpu", "auto"):
         out = tmp_path / device
         res = CliRunner().invoke(cli, ["compress", str(tmp_path / "float" / "model.pt"), "--set",
-                                       "compress.ptq.target_bytes=60000", "--set", "compress.ptq.fisher_samples=1",
+                                       "compress.ptq.target_bytes=20000", "--set", "compress.ptq.fisher_samples=1",
                                        "--set", "compress.calibration.images=16", "--device", device, "--out",
                                        str(out), "--no-progress"], catch_exceptions=False)
         assert res.exit_code == 0, res.output
