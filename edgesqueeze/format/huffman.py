@@ -250,14 +250,13 @@ def encode(symbols: np.ndarray, lengths, *, chunk: int = DEFAULT_CHUNK,
     n = sym.size
     m = -(-n // chunk)  # chunks; chunk c holds symbols c, c+m, c+2m, ...
     rows = -(-n // m)
+    chunk_bits = _chunk_bits(ls, m)
     grid = np.arange(rows * m).reshape(rows, m).T.reshape(-1)
     order = grid[grid < n]  # symbol numbers, chunk after chunk
     ls = ls[order]
     codes = canonical_codes(lengths).astype(np.int64)[sym[order]]
     ends = np.cumsum(ls)
     nbits = int(ends[-1])
-    count = (n - np.arange(m) + m - 1) // m
-    chunk_bits = np.add.reduceat(ls, np.cumsum(count) - count)
     # bit p belongs to the symbol covering it; it is bit (end - 1 - p) of that code
     shift = np.repeat(ends, ls) - 1 - np.arange(nbits)
     bits = (np.repeat(codes, ls) >> shift) & 1
@@ -276,12 +275,16 @@ def encoded_size(symbols: np.ndarray, lengths, *, chunk: int = DEFAULT_CHUNK,
     if sym.size == 0:
         return 0
     ls = lengths[sym].astype(np.int64)
-    n = sym.size
-    m = -(-n // chunk)  # as encode: chunk c holds symbols c, c+m, c+2m, ...: column c here
-    grid = np.zeros(-(-n // m) * m, np.int64)
-    grid[:n] = ls
-    chunk_bits = grid.reshape(-1, m).sum(axis=0)
-    return _index_size(chunk_bits, index) + (int(ls.sum()) + 7) // 8
+    chunk_bits = _chunk_bits(ls, -(-sym.size // chunk))
+    return _index_size(chunk_bits, index) + (int(chunk_bits.sum()) + 7) // 8
+
+
+def _chunk_bits(ls: np.ndarray, m: int) -> np.ndarray:
+    """The bits of each of ``m`` chunks, given each symbol's code length in stream order:
+    chunk c holds symbols c, c+m, c+2m, ... (column c of the symbols laid out m to a row)."""
+    grid = np.zeros(-(-ls.size // m) * m, np.int64)
+    grid[:ls.size] = ls
+    return grid.reshape(-1, m).sum(axis=0)
 
 
 def _index_size(chunk_bits: np.ndarray, index: str) -> int:
