@@ -31,14 +31,12 @@ from edgesqueeze.export.tflite import (
     export_tflite,
     export_tflite_int8,
 )
-from edgesqueeze.recipe import recipe_from_dict
 from edgesqueeze.runtime import _tflite_meta
 from edgesqueeze.runtime._tflite_meta import (
     read_tflite_metadata,
     tflite_metadata_entries,
 )
-from edgesqueeze.train import fit
-from _shared_fixture import built_once
+from _shared_fixture import half_width_digits
 from emulated_x86 import (
     assert_emulated_cpu_has_no_vnni,
     assert_same_as_this_host,
@@ -52,20 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A half-width digits SqueezeNet, 6 epochs (~6 s): about 95% test accuracy. Trained
-    once per session (test_packed_export, test_micro and test_seal use it too); each file
-    loads its own copy."""
-
-    def train(out: Path) -> None:
-        recipe = recipe_from_dict({
-            "version": 1, "seed": 1, "output_dir": str(out),
-            "model": {"arch": "squeezenet_mnist", "kwargs": {"width_mult": 0.5}},
-            "data": {"dataset": "digits", "val_fraction": 0.2},
-            "train": {"epochs": 6, "batch_size": 32, "lr": 0.1, "threads": 1},
-        })
-        fit(recipe, progress=False, log=lambda _: None)
-
-    out, _ = built_once(tmp_path_factory, "trained-half-width-digits", train)
-    return load_model(out / "model.pt")
+    once per session (test_packed_export, test_micro, test_seal and test_gate use it too);
+    each file loads its own copy."""
+    return load_model(half_width_digits(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
@@ -638,22 +625,6 @@ def test_bias_correction_leaves_a_conv_whose_batchnorm_is_shared(digits, tmp_pat
         want = model(torch.from_numpy(xt)).numpy()
     # measured: off by 1.8% of the largest logit (100% top-1 agreement); before, by 85% (60%)
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max(), (np.abs(got - want).max(), np.abs(want).max())
-
-
-def test_export_prints_only_its_own_lines(trained, tmp_path):
-    """`edgesqueeze export -f tflite,tflite-int8` in a fresh process: the file lines and
-    nothing of the converter stack (torchao's import warnings, deprecation warnings, absl's
-    INFO records on file descriptor 2, LiteRT's XNNPACK note)."""
-    res = subprocess.run([sys.executable, "-m", "edgesqueeze", "export", str(trained.path), "-f",
-                          "tflite,tflite-int8", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
-    assert (tmp_path / "model.int8.tflite").is_file()
-    noise = [line for line in lines if not (line.startswith((str(tmp_path), "wrote ", "note: ", "warning: ")))]
-    assert noise == []
-    # the digits SqueezeNet's 1-channel stem is int8 in this file: the export says what that costs where
-    assert any(line.startswith("note: the first conv (features.0, 1 input channel) is int8") for line in lines), lines
 
 
 def test_int8_stem_note_names_the_first_conv_unless_it_stays_float():

@@ -193,7 +193,9 @@ def test_a_micro_file_no_smaller_than_the_plain_one_is_refused(shared_pt, tmp_pa
 
 @pytest.mark.slow
 def test_cli_export_verify_check(shared_pt, tmp_path):
-    """The export in a real process; verify and check in this one (click's runner)."""
+    """The export in a real process, which prints the file lines and nothing of the converter
+    stack (torchao's import warnings, deprecation warnings, absl's INFO records on file
+    descriptor 2, LiteRT's XNNPACK note); verify and check in this one (click's runner)."""
     from click.testing import CliRunner
 
     from edgesqueeze.cli import cli
@@ -204,6 +206,10 @@ def test_cli_export_verify_check(shared_pt, tmp_path):
     assert r.returncode == 0, r.stderr
     small = tmp_path / "shared.int8.micro.tflite"
     assert "value tables on" in r.stdout + r.stderr and small.is_file()
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    noise = [line for line in lines
+             if not line.startswith((str(tmp_path), "wrote ", "note: ", "warning: ", "weight-shared model: "))]
+    assert noise == [], lines
     assert not (tmp_path / "shared.int8.tflite").exists()  # made in memory, not left behind
     report = tmp_path / "verify.json"
     res = CliRunner().invoke(cli, ["verify", str(shared_pt), str(small), "--out", str(report)])
