@@ -898,3 +898,36 @@ def test_an_op_litert_torch_cannot_lower_names_its_module_and_a_plain_equivalent
                                           r"x\.amax\(\(2, 3\), keepdim=True\)"):
         _convert(MaxPooled().eval(), x, "MaxPooled")
     assert len(_convert(Reduced().eval(), x, "Reduced")) > 0
+
+
+def test_to_eval_traces_nothing_for_an_eval_graph_and_still_rewrites_a_train_mode_dropout(monkeypatch):
+    """PT2E graphs are moved to eval mode twice per tflite-int8 export; torchao traced its
+    dropout and batch norm patterns anew each time (six torch.export traces a call). A graph
+    traced from an eval module has nothing to rewrite: no trace, only torchao's flag. A
+    dropout that trains whatever the mode (``F.dropout(training=True)``) still goes through
+    torchao, which makes it the identity."""
+    from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
+
+    from edgesqueeze.export.tflite_quant import _to_eval
+
+    class AlwaysDropout(nn.Module):
+        def forward(self, x):
+            return nn.functional.dropout(x, 0.5, training=True)
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).eval()
+    x = torch.ones(1, 1, 6, 6)
+    traces = []
+    real = torch.export.export
+    gm = real(net, (x,), strict=False).module()
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: traces.append(a[0]) or real(*a, **k))
+    _to_eval(gm)
+    assert traces == [] and getattr(gm, _EXPORTED_TRAINING_ATTR) is False
+    torch.testing.assert_close(gm(x), net(x), rtol=0, atol=0)
+
+    monkeypatch.setattr(torch.export, "export", real)
+    train_mode = real(nn.Sequential(nn.Conv2d(1, 4, 3), AlwaysDropout()).eval(), (x,), strict=False).module()
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: traces.append(a[0]) or real(*a, **k))
+    _to_eval(train_mode)
+    assert traces and getattr(train_mode, _EXPORTED_TRAINING_ATTR) is False
+    torch.manual_seed(0)
+    assert torch.equal(train_mode(x), train_mode(x))  # no longer random: the eval dropout

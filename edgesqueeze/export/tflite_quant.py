@@ -273,14 +273,45 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, *, method: str = "entro
     return gm, quantizer
 
 
+def _to_eval(gm) -> None:
+    """torchao's ``move_exported_model_to_eval`` of ``gm``, in place, without its work where
+    there is none. It rewrites train-mode dropout and batch norm ops into eval ones by pattern,
+    tracing its patterns with torch.export anew on every call: six small traces, 0.6 s of a
+    digits tflite-int8 export's 7.7 s, twice per export (benchmarks/notes.md, session 44). Our
+    graphs are traced from modules in eval mode, so each such op already says
+    ``training=False``: then only torchao's flag is set. Any other dropout or batch norm op,
+    or another torchao, goes through torchao."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    try:
+        from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
+    except ImportError:  # another torchao: its own way
+        move_exported_model_to_eval(gm)
+        return
+    aten = torch.ops.aten
+    for node in gm.graph.nodes:
+        name = str(node.target) if node.op == "call_function" else ""
+        if "dropout" not in name and "batch_norm" not in name:
+            continue
+        if node.target is aten.dropout.default:  # (input, p, train)
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        elif node.target is aten.batch_norm.default:  # (input, weight, bias, mean, var, training, ...)
+            train = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", True)
+        else:
+            train = True  # an op this check does not read: torchao decides
+        if train is not False:
+            move_exported_model_to_eval(gm)
+            return
+    setattr(gm, _EXPORTED_TRAINING_ATTR, False)
+
+
 def _converted(gm, what: str):
     """A calibrated PT2E graph converted to quantize/dequantize ops, in eval mode."""
-    from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     try:
         gm = convert_pt2e(gm, fold_quantize=False)
-        move_exported_model_to_eval(gm)
+        _to_eval(gm)
         gm.training = False  # .eval() is disallowed on PT2E modules; litert-torch checks the flag
     except Exception as exc:
         raise ExportError(f"PT2E quantization of {what} failed: {_first_line(exc)}") from exc
@@ -414,7 +445,6 @@ def _calibrated(model: nn.Module, calib: torch.Tensor, quantizer, batch_size: in
     graph with observers) and whether ``ranges`` was taken over: another calibrated graph
     whose activation observers are taken over when they line up with this one's (then this
     one sees one image only)."""
-    from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     try:  # a dynamic batch lets calibration run in batches; fall back to one image at a time
@@ -432,7 +462,7 @@ def _calibrated(model: nn.Module, calib: torch.Tensor, quantizer, batch_size: in
         _own_conv_call_for_each_batchnorm(gm)
         _one_weight_per_conv_call_before_batchnorm(gm)
         gm = prepare_pt2e(gm, quantizer)
-        move_exported_model_to_eval(gm)
+        _to_eval(gm)
         theirs, ours = (_activation_observers(ranges), _activation_observers(gm)) if ranges is not None else ({}, {})
         took = bool(theirs) and theirs.keys() == ours.keys() and all(type(theirs[k]) is type(ours[k]) for k in ours)
         with torch.no_grad():
