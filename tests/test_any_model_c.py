@@ -58,6 +58,14 @@ def test_torchscript_post_training_compression_keeps_it_torchscript(tmp_path):
     assert isinstance(restored, torch.jit.ScriptModule)
     weights = [t for k, t in restored.state_dict().items() if k.endswith("weight") and t.dim() == 4]
     assert max(int(torch.unique(w).numel()) for w in weights) <= 256  # shared: at most 8-bit codebooks
+    # a target below the TorchScript code's own bytes is out of reach like any other (exit 1,
+    # not 2), said before any work, and nothing is written
+    recipe.write_text("version: 1\ncompress:\n  ptq: {target_bytes: 1000}\n  calibration: {images: 64}\n")
+    res = run("compress", path, "--data", "digits", "-r", recipe, "--out", tmp_path / "small", "--no-progress")
+    said = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 1 and len(said) == 1, res.output
+    assert "1,000 B cannot hold even the model's code" in said[0] and "raise the target above" in said[0], said
+    assert not (tmp_path / "small" / "model.esq").exists()
 
 
 def test_retraining_deep_compression_of_a_user_class(tmp_path):

@@ -453,9 +453,12 @@ def ptq(run: Run, model: nn.Module, calib: np.ndarray, *, folded: bool,
     extra = program_extra(run, model)
     if extra and config.target_bytes is not None:  # the program's skeleton ships in the same archive
         reserved = sum(t.numel() for t in extra.values()) + 64  # + its row in the raw table
-        if reserved >= config.target_bytes:
-            raise EdgesqueezeError(f"compress.ptq.target_bytes: {config.target_bytes:,} B cannot hold even the "
-                                   f"model's code ({reserved:,} B of TorchScript / program skeleton)")
+        if reserved >= config.target_bytes:  # a size out of reach: exit 1, as when the smallest codebooks miss it
+            from edgesqueeze.errors import BudgetError
+
+            raise BudgetError(f"compress.ptq.target_bytes: {config.target_bytes:,} B cannot hold even the model's "
+                              f"code ({reserved:,} B of TorchScript / program skeleton); raise the target above "
+                              f"{reserved:,} B. Nothing was written")
         run.log(f"ptq: {reserved:,} B of the budget hold the model's code (its zeroed, LZMA'd skeleton)")
         config = dataclasses.replace(config, target_bytes=config.target_bytes - reserved)
     from edgesqueeze.device import resolve_device
