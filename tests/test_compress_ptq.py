@@ -209,6 +209,28 @@ def test_a_target_out_of_reach_exits_1_and_keeps_the_archive(plain_state_dict, l
     assert "NOT met" in (out / "report.md").read_text()
 
 
+def test_an_interrupt_before_the_report_leaves_no_archive(plain_state_dict, tmp_path, monkeypatch):
+    """The .esq was written as soon as it was encoded, and the held-out evaluation and the
+    report came after: Ctrl-C there left a model.esq with no report beside it. The archive is
+    now written last, after its report."""
+    import edgesqueeze.compress.stages as stages
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "evaluate_held_out", interrupted)
+    recipe = _arch_recipe(tmp_path, calibration={"images": 20, "split": "test"},
+                          ptq={"target_bytes": 4000, "min_bits": 4, "max_bits": 5, "levels_per_octave": 1,
+                               "max_iter": 10})
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["compress", str(plain_state_dict), "-r", str(recipe), "--out", str(out),
+                                   "--no-progress"])
+    assert res.exit_code != 0 and "interrupt" in res.output.lower(), res.output
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert "model.esq" not in left and "report.json" not in left, left
+    assert not [name for name in left if name.endswith(".tmp")], left
+
+
 def test_bad_inputs_exit_2_with_one_line(plain_state_dict, tmp_path):
     def one_error_line(res, text):
         assert res.exit_code == 2, res.output

@@ -162,7 +162,9 @@ class Run:
                codebook_dtype: str, chunk: int | None = None,
                extra: dict[str, torch.Tensor] | None = None,
                stored: nn.Module | None = None) -> tuple[bytes, list, nn.Module, Path]:
-        """Write ``model.esq`` and prove it decodes to exactly ``state``. ``extra``: tensors
+        """Encode ``model.esq`` and prove it decodes to exactly ``state``; :meth:`finish` writes
+        it, after its report, so that a run interrupted between the two (the held-out
+        evaluation, the plots) leaves no archive without its report. ``extra``: tensors
         stored beside the weights (a program's skeleton), not part of the model's state;
         ``stored``: the model ``state`` is from (what a program's decoded weights are put in
         for the report, instead of converting the restored TorchScript again)."""
@@ -191,7 +193,6 @@ class Run:
                 same_outputs(decoded, lifted.eval(), meta.get("input_shape"), what=str(esq_path))
                 decoded = lifted
         self._note_raw_weights(stats, decoded)
-        write_bytes_atomic(esq_path, blob)
         return blob, stats, decoded, esq_path
 
     def _note_raw_weights(self, stats: list, model: nn.Module) -> None:
@@ -230,6 +231,7 @@ class Run:
         report["totals"]["esq_sha256"] = hashlib.sha256(blob).hexdigest()  # check: is the .esq still this one?
         report["written_from"] = os.getcwd()  # where the relative paths above start
         report_mod.write(self.out, report, before=before, after=decoded)
+        write_bytes_atomic(esq_path, blob)  # last: an archive on disk has its report beside it
         where = "held-out test" if "calibration" in extra else "test"
         acc = (f"; {where} {100 * test_before['accuracy']:.2f}% -> {100 * test_after['accuracy']:.2f}%"
                if test_before and test_after and "accuracy" in test_after else "")
