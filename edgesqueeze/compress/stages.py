@@ -21,7 +21,7 @@ from edgesqueeze.compress.finetune import EpochState, finetune
 from edgesqueeze.compress.prune import Pruner, existing_masks, layer_stats, resolve_auto
 from edgesqueeze.compress.run import Run, compare, density, float_bytes, shared_weight_names, state_of
 from edgesqueeze.data import calibration_indices
-from edgesqueeze.errors import DataError, EdgesqueezeError, Note
+from edgesqueeze.errors import BudgetError, DataError, EdgesqueezeError, Note
 from edgesqueeze.models.fold import conv_bn_pairs, fold_batchnorm
 from edgesqueeze.models.layers import prunable_layers
 
@@ -454,8 +454,6 @@ def ptq(run: Run, model: nn.Module, calib: np.ndarray, *, folded: bool,
     if extra and config.target_bytes is not None:  # the program's skeleton ships in the same archive
         reserved = sum(t.numel() for t in extra.values()) + 64  # + its row in the raw table
         if reserved >= config.target_bytes:  # a size out of reach: exit 1, as when the smallest codebooks miss it
-            from edgesqueeze.errors import BudgetError
-
             raise BudgetError(f"compress.ptq.target_bytes: {config.target_bytes:,} B cannot hold even the model's "
                               f"code ({reserved:,} B of TorchScript / program skeleton); raise the target above "
                               f"{reserved:,} B. Nothing was written")
