@@ -166,6 +166,35 @@ def test_fold_normalization_takes_pixels_over_255(trained, digits, reference, tm
     assert read_onnx_meta(path)["normalization"] == "in-graph"
 
 
+def test_torchlib_registry_is_built_once_per_opset_and_changes_no_byte(monkeypatch):
+    """torch.onnx.export builds its ATen-to-ONNX table on every call (0.5-1 s); edgesqueeze's
+    conversions build it once per opset and process. The graph is byte for byte the one a
+    table built afresh gives, and torch's own calls outside a conversion still build theirs."""
+    from torch.onnx._internal.exporter import _registration
+    from torch.onnx._internal.exporter._torchlib import _torchlib_registry
+
+    import edgesqueeze.export.onnx as eonnx
+
+    builds = []
+    get_ops = _torchlib_registry.get_torchlib_ops
+    monkeypatch.setattr(_torchlib_registry, "get_torchlib_ops", lambda: builds.append(1) or get_ops())
+    monkeypatch.setattr(eonnx, "_REGISTRIES", {})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    meta = {"input_shape": [1, 8, 8]}
+
+    first = onnx_graph(model, meta).SerializeToString()
+    again = [onnx_graph(model, meta).SerializeToString() for _ in range(2)]
+    assert len(builds) == 1 and again == [first, first], len(builds)
+    assert onnx_graph(model, meta, opset=20).opset_import[0].version == 20 and len(builds) == 2  # its own table
+
+    monkeypatch.setattr(eonnx, "_install_registry_cache", lambda: False)  # torch's behaviour: a table per call
+    assert onnx_graph(model, meta).SerializeToString() == first and len(builds) == 3
+    tables = [_registration.ONNXRegistry.from_torchlib() for _ in range(2)]  # outside a conversion
+    assert len(builds) == 5 and tables[0] is not tables[1]
+
+
 def test_torchscript_model_exports(trained, reference, tmp_path):
     scripted = torch.jit.script(trained.model.eval())
     path = export_onnx(scripted, trained.meta, tmp_path / "ts.onnx")

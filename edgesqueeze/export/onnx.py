@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -82,6 +83,59 @@ def _quiet() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+_REGISTRY = threading.local()  # .on: this thread is inside _registry_built_once
+_REGISTRIES: dict[Any, Any] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _install_registry_cache() -> bool:
+    """Wrap torch's ``ONNXRegistry.from_torchlib`` (once per process) so that, inside
+    :func:`_registry_built_once`, a table built earlier for the same opset is handed out again.
+    False where this torch has no such method (the exporter then builds its own, as before)."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+        registry_cls = _registration.ONNXRegistry
+        original = registry_cls.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, AttributeError, KeyError):
+        return False
+    if getattr(build, "_edgesqueeze_cached", False):
+        return True
+
+    def from_torchlib(cls, *args, **kwargs):
+        if cls is not registry_cls or not getattr(_REGISTRY, "on", False):
+            return build(cls, *args, **kwargs)
+        key = (args, tuple(sorted(kwargs.items())))
+        with _REGISTRY_LOCK:
+            if key not in _REGISTRIES:
+                _REGISTRIES[key] = build(cls, *args, **kwargs)
+            return _REGISTRIES[key]
+
+    from_torchlib._edgesqueeze_cached = True  # type: ignore[attr-defined]
+    from_torchlib.__doc__, from_torchlib.__wrapped__ = build.__doc__, build  # type: ignore[attr-defined]
+    registry_cls.from_torchlib = classmethod(from_torchlib)
+    return True
+
+
+@contextlib.contextmanager
+def _registry_built_once() -> Iterator[None]:
+    """``torch.onnx.export`` builds its table of ATen-to-ONNX functions anew on every call
+    (``ONNXRegistry.from_torchlib``: 0.5-1 s, a sixth to a third of converting a small
+    model). The table only changes with the opset and a ``custom_translation_table``, which
+    edgesqueeze never passes, and the exporter only reads it; so inside this context (this
+    thread only) the first one built for an opset is used again. Other callers of the
+    exporter, and other threads, get torch's own behaviour."""
+    if not _install_registry_cache():
+        yield
+        return
+    before = getattr(_REGISTRY, "on", False)
+    _REGISTRY.on = True
+    try:
+        yield
+    finally:
+        _REGISTRY.on = before
 
 
 def _chain_text(exc: BaseException) -> str:
@@ -150,9 +204,10 @@ def _export_dynamo(module: nn.Module, sample: torch.Tensor, what: str, opset: in
                     "torch.cond" if "data-dependent" in str(exc) else "")
             raise ExportError(f"torch.export cannot trace {what}: {_first_line(exc)}{todo}") from exc
         try:
-            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
-                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                             optimize=True, verbose=False, external_data=False)
+            with _registry_built_once():
+                onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
+                                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                                 optimize=True, verbose=False, external_data=False)
         except Exception as exc:  # ConversionError, DispatchError, ...
             raise _conversion_error(program, exc, what, opset, prefix) from exc
         return onnx_program.model_proto
