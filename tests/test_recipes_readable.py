@@ -80,3 +80,6 @@ def test_recipe_points_to_its_measurements(path):
 def test_recipe_loads(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
+    # a size limit on a file the recipe's own export never writes judges nothing, and every
+    # command run with the recipe prints a note about it
+    assert recipe.budget_formats_not_written() == [], path.name
