@@ -531,7 +531,8 @@ def report() -> str:
         r = _load(part)
         rows = [x for x in r["rows"] if x["batch_size"] == 1]
         fp32 = [x["p50_ms"] for x in rows if x.get("format") in ("onnx", "tflite")]
-        lines += [f"## Latency, ImageNet SqueezeNet 1.0 (224x224), batch 1, same run: {_kernels_short(r['machine'])}",
+        # the CPU and date in the title: two records of one kind of int8 kernels (the same ISA) get two sections
+        lines += [f"## Latency, ImageNet SqueezeNet 1.0 (224x224), batch 1, same run: {_short_machine(r['machine'])}",
                   "", _mach(r),
                   f"Command: `{r['bench_command']}`", "",
                   "All files timed interleaved in one process (warm-up, then repeated runs; onnxruntime's "
