@@ -349,3 +349,6 @@ def test_unpack_to_standard_output_and_to_a_name_of_another_format(packed, onnx_
     r = _cli("unpack", packed, "-o", tmp_path / "x.tflite")
     assert r.exit_code == 2 and "holds an ONNX model; name the output .onnx" in r.stderr, r.stderr
     assert not (tmp_path / "x.tflite").exists()
+    # --out, as train, compress, export and verify spell it, is -o too (it was "No such option")
+    r = _cli("unpack", packed, "--out", tmp_path / "x.onnx")
+    assert r.exit_code == 0 and (tmp_path / "x.onnx").read_bytes() == Path(onnx_models["fp32"]).read_bytes(), r.stderr

@@ -116,9 +116,10 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
 
 @cli.command()
 @click.argument("esq_path", type=PathType(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "out_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
+@click.option("-o", "--output", "--out", "out_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="File to write: a checkpoint (.pt) for a checkpoint archive; for a packed file, the "
-                   ".onnx/.tflite [default: its recorded name, beside it]; '-': standard output.")
+                   ".onnx/.tflite [default: its recorded name, beside it]; '-': standard output. "
+                   "--out is the same option, as the other commands spell it.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists [default: refuse].")
 def unpack(esq_path, out_path, force):
     """Decode a .esq archive: a checkpoint archive into a normal edgesqueeze checkpoint, a
