@@ -352,3 +352,9 @@ def test_unpack_to_standard_output_and_to_a_name_of_another_format(packed, onnx_
     # --out, as train, compress, export and verify spell it, is -o too (it was "No such option")
     r = _cli("unpack", packed, "--out", tmp_path / "x.onnx")
     assert r.exit_code == 0 and (tmp_path / "x.onnx").read_bytes() == Path(onnx_models["fp32"]).read_bytes(), r.stderr
+    # a folder, new with a trailing / or existing, gets the recorded name in it (`--out u/` wrote a file named u)
+    plain = Path(onnx_models["fp32"])
+    for folder, arg in ((tmp_path / "new", f"{tmp_path / 'new'}/"), (tmp_path, str(tmp_path))):
+        r = _cli("unpack", packed, "--out", arg)
+        assert r.exit_code == 0 and (folder / plain.name).read_bytes() == plain.read_bytes(), r.stderr
+    assert not (tmp_path / "new").is_file()

@@ -343,6 +343,9 @@ def test_cli_compress_unpack_eval_info(checkpoint, compressed, tmp_path):
     unpacked = load_model(out).model.state_dict()
     for k, v in compressed.model.state_dict().items():
         assert torch.equal(v, unpacked[k]), k
+    folder = tmp_path / "folder"  # -o FOLDER/: the archive's name as .pt in it (a file named "folder" before)
+    res = runner.invoke(cli, ["unpack", str(compressed.esq_path), "-o", f"{folder}/"], catch_exceptions=False)
+    assert res.exit_code == 0 and (folder / f"{compressed.esq_path.stem}.pt").read_bytes() == out.read_bytes(), res.output
     res = runner.invoke(cli, ["eval", str(compressed.esq_path), "--json"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["accuracy"] == pytest.approx(compressed.report["test"]["after"]["accuracy"])

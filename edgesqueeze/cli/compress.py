@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -116,10 +117,12 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
 
 @cli.command()
 @click.argument("esq_path", type=PathType(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "--out", "out_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
+@click.option("-o", "--output", "--out", "out_path", type=PathType(allow_dash=True),
               help="File to write: a checkpoint (.pt) for a checkpoint archive; for a packed file, the "
-                   ".onnx/.tflite [default: its recorded name, beside it]; '-': standard output. "
-                   "--out is the same option, as the other commands spell it.")
+                   ".onnx/.tflite [default: its recorded name, beside it]; '-': standard output. A folder "
+                   "(existing, or given with a trailing /) gets the file in it, under the packed file's "
+                   "recorded name or the archive's name as .pt. --out is the same option, as the other "
+                   "commands spell it.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists [default: refuse].")
 def unpack(esq_path, out_path, force):
     """Decode a .esq archive: a checkpoint archive into a normal edgesqueeze checkpoint, a
@@ -148,7 +151,11 @@ def unpack(esq_path, out_path, force):
         raise FormatError(f"{esq_path}: not an .esq archive ({found}); unpack takes a model.esq or a packed "
                           ".onnx.esq / .tflite.esq")
 
-    to_stdout = out_path is not None and str(out_path) == "-"
+    to_stdout = out_path == "-"
+    folder = None  # -o results/ (or an existing folder): the file goes in it, as cp does
+    if out_path is not None and not to_stdout and (Path(out_path).is_dir() or out_path.endswith(("/", os.sep))):
+        folder, out_path = Path(out_path), None
+    out_path = Path(out_path) if out_path is not None else None
 
     def check_target(target: Path, suffixes: tuple[str, ...], holds: str) -> None:
         if to_stdout:
@@ -166,20 +173,23 @@ def unpack(esq_path, out_path, force):
         from edgesqueeze.runtime._base import unpack_file
 
         data, packed = unpack_file(esq_path)
-        out_path = out_path or esq_path.with_name(Path(packed["name"]).name)
+        out_path = out_path or (folder or esq_path.parent) / Path(packed["name"]).name
         inner = Path(packed["name"]).suffix.lower() or ".onnx"
         check_target(out_path, (inner,), f"a{'n ONNX' if inner == '.onnx' else ' TFLite'} model")
         if to_stdout:
             click.get_binary_stream("stdout").write(data)
             click.echo(f"-: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}", err=True)
             return
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(out_path, data)
         # -o /dev/stdout or a pipe: the model's bytes went to stdout, so the line goes to stderr
         click.echo(f"{out_path}: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}",
                    err=not out_path.is_file())
         return
-    if out_path is None:
+    if out_path is None and folder is None:
         raise click.UsageError(f"{esq_path} is a checkpoint archive: pass -o model.pt")
+    out_path = out_path or folder / f"{esq_path.stem}.pt"
     check_target(out_path, (".pt", ".pth"), "a PyTorch checkpoint")
     import importlib.util
 
@@ -202,6 +212,8 @@ def unpack(esq_path, out_path, force):
             click.get_binary_stream("stdout").write((Path(tmp) / "model.pt").read_bytes())
         click.echo(f"-: {sum(t.numel() for t in state.values()):,} values from {esq_path}", err=True)
         return
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     save_state(out_path, state, meta)
     # -o /dev/stdout or a pipe: the checkpoint's bytes went to stdout, so the line goes to stderr
     click.echo(f"{out_path}: {sum(t.numel() for t in state.values()):,} values from {esq_path}",
