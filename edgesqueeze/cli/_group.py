@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -224,6 +225,13 @@ def cli() -> None:
                                                             size and accuracy through each runtime
       edgesqueeze check verify.json -r $R                   the CI gate: exit 1 if a budget breaks
     """
+
+
+def names_a_folder(path: Path, given: str | None) -> bool:
+    """An output option that stands for a folder (the file goes in it, under its default name):
+    ``path`` is an existing folder, or ``given`` (as typed) ends with a slash, which
+    ``pathlib`` drops (``--out results/`` for a folder not made yet)."""
+    return path.is_dir() or str(given or "").endswith(("/", os.sep))
 
 
 class PathType(click.Path):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from edgesqueeze.cli._group import (RESUMABLE, FiniteRange, PathType, _progress_default, check_dataset_option, cli,
-                                    device_option, model_options)
+                                    device_option, model_options, names_a_folder)
 
 
 @cli.command("compress")
@@ -153,7 +152,7 @@ def unpack(esq_path, out_path, force):
 
     to_stdout = out_path == "-"
     folder = None  # -o results/ (or an existing folder): the file goes in it, as cp does
-    if out_path is not None and not to_stdout and (Path(out_path).is_dir() or out_path.endswith(("/", os.sep))):
+    if out_path is not None and not to_stdout and names_a_folder(Path(out_path), out_path):
         folder, out_path = Path(out_path), None
     out_path = Path(out_path) if out_path is not None else None
 

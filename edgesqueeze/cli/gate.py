@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from edgesqueeze.cli._group import PathType, check_dataset_option, cli, model_options, threads_option
+from edgesqueeze.cli._group import PathType, check_dataset_option, cli, model_options, names_a_folder, threads_option
 
 
 def _is_report(path: Path) -> bool:
@@ -232,7 +232,7 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
                                  "needs a file name, not standard output; give e.g. --out verify.json and "
                                  "read it with `edgesqueeze check verify.json ...`", param_hint="--out")
     out = Path(out_path) if out_path else Path(paths[0]).parent / "verify.json"
-    if out.is_dir() or str(out_path or "").endswith(("/", os.sep)):  # --out results/, as compress's --out
+    if names_a_folder(out, out_path):  # --out results/, as compress's --out
         out = out / "verify.json"
     if out.suffix.lower() == ".md":
         raise click.BadParameter(f"{out}: names the JSON report, and the markdown is written beside it; "
