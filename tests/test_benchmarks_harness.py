@@ -74,3 +74,26 @@ def test_the_demo_record_keeps_a_row_for_each_other_kind_of_cpu(tmp_path, monkey
     (tmp_path / "demo.json").write_text(json.dumps({**rec("Zen 3", here["int8_kernels"], 221.0), **saved}))
     text = mod.report()
     assert "- on Intel (x86 AVX-512 VNNI: exact)" in text and "**124 s**" in text and "**150 s**" in text
+
+
+def test_an_int8_record_of_another_cpu_gets_its_own_section(tmp_path, monkeypatch):
+    """int8 files compute by CPU: an int8_mnist record measured on another CPU is a second
+    section titled with that CPU, beside the first record, not in place of it (nor unrendered)."""
+    import json
+
+    mod = _run_module()
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+
+    def rec(cpu, kernels, acc):
+        return {"machine": {"cpu": cpu, "int8_kernels": kernels, "cores": 2, "date": "2026-12-07 02:09 UTC"},
+                "command": "python benchmarks/run.py --record-verify ...", "verify_command": f"verify on {cpu}",
+                "artifacts": [{"path": "m.int8.tflite", "format": "tflite-int8", "runtime": "ai-edge-litert",
+                               "bytes": 96144, "gzip_bytes": 75190, "accuracy": acc, "agreement": 0.9998}]}
+
+    (tmp_path / "int8_mnist.json").write_text(json.dumps(rec("Intel", None, 0.9962)))
+    (tmp_path / "int8_mnist_zen5_vnni.json").write_text(json.dumps(rec("Zen 5", "x86 AVX-512 VNNI: exact", 0.9964)))
+    text = mod.report()
+    assert "## INT8 and fp32 files, MNIST (seed-0 model), through their runtimes\n" in text
+    assert "## INT8 and fp32 files, MNIST (seed-0 model), through their runtimes: Zen 5, x86 AVX-512 VNNI, 2026-12-07" in text
+    assert "verify on Intel" in text and "verify on Zen 5" in text and "| 99.64% |" in text
+    assert {"int8_mnist.json", "int8_mnist_zen5_vnni.json"} <= mod._RENDERED
