@@ -326,6 +326,12 @@ def _load(part: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _per_cpu(part: str) -> list[str]:
+    """``part`` and its records from other kinds of CPU (``<part>_<cpu>``, e.g. int8_mnist_zen5_vnni):
+    each gets its own section, titled with its CPU, rather than replacing the first."""
+    return [part, *sorted(p.stem for p in RESULTS.glob(f"{part}_*.json"))]
+
+
 def _unrendered() -> list[str]:
     """The records in benchmarks/results/ that no section renders (the raw logs of the
     experiment scripts, cited from the notes): each with what it says of its machine."""
@@ -444,22 +450,24 @@ def report() -> str:
              "Target: at most 16 KB (16,000 B) at 99.4% test accuracy or more, within 15 minutes on 2 cores."),
             ("compress_cifar", "Deep Compression, CIFAR-10 (`recipes/squeezenet-cifar10.yaml`)",
              "Target: at most 100 KB within 1 point of the float SqueezeNet.")):
-        if not (r := _load(part)):
-            continue
-        lines += [f"## {title}", "", _mach(r), f"Compress command: `{r['compress_command']}`", "",
-                  f"- **{r['esq_bytes']:,} B** `.esq` ({r['ratio']}x smaller than dense fp32, {100 * r['density']:.1f}% "
-                  f"of weights kept), test accuracy {_pct(r['test_before'])} -> **{_pct(r['test_after'])}** "
-                  f"({-r['drop_points']:+.2f} points), {r['wall_s'] / 60:.1f} min "
-                  + ("end to end" if "reference_checkpoint" not in r else
-                     f"of weight sharing from a pruned.pt (pruning ran separately; the pruned model "
-                     f"scored {_pct(r['pruned_model_test'])}; 'before' is {r['reference_checkpoint']})"),
-                  f"- Huffman streams {r['huffman_over_entropy']}x their zeroth-order entropy",
-                  "- same weights with general-purpose coders: " + ", ".join(
-                      f"{k} {v:,} B" for k, v in r["baselines"].items()), "",
-                  "| stage | val acc | bytes |", "| --- | --- | --- |"]
-        for st in r["stages"]:
-            lines.append(f"| {st['stage']} | {_pct(st['val_accuracy'])} | {st['bytes'] or '-'} |")
-        lines += ["", target, ""]
+        for one in _per_cpu(part):  # float training sums in another order on each CPU: bytes differ by CPU
+            if not (r := _load(one)):
+                continue
+            head = title if one == part else f"{title}: {_short_machine(r['machine'])}"
+            lines += [f"## {head}", "", _mach(r), f"Compress command: `{r['compress_command']}`", "",
+                      f"- **{r['esq_bytes']:,} B** `.esq` ({r['ratio']}x smaller than dense fp32, "
+                      f"{100 * r['density']:.1f}% of weights kept), test accuracy {_pct(r['test_before'])} -> **{_pct(r['test_after'])}** "
+                      f"({-r['drop_points']:+.2f} points), {r['wall_s'] / 60:.1f} min "
+                      + ("end to end" if "reference_checkpoint" not in r else
+                         f"of weight sharing from a pruned.pt (pruning ran separately; the pruned model "
+                         f"scored {_pct(r['pruned_model_test'])}; 'before' is {r['reference_checkpoint']})"),
+                      f"- Huffman streams {r['huffman_over_entropy']}x their zeroth-order entropy",
+                      "- same weights with general-purpose coders: " + ", ".join(
+                          f"{k} {v:,} B" for k, v in r["baselines"].items()), "",
+                      "| stage | val acc | bytes |", "| --- | --- | --- |"]
+            for st in r["stages"]:
+                lines.append(f"| {st['stage']} | {_pct(st['val_accuracy'])} | {st['bytes'] or '-'} |")
+            lines += ["", target, ""]
     if r := _load("imagenet_lossy"):
         cv = lambda e: e["cv"]["mean"]  # noqa: E731
         lines += ["## Post-training lossy `.esq`, ImageNet SqueezeNet 1.0: size against fidelity", "",
@@ -517,8 +525,7 @@ def report() -> str:
              "under 500 KB at least 3 points more accurate."),
             ("int8_imagenet", "INT8 files, ImageNet SqueezeNet 1.0, through their runtimes",
              "Target: int8 top-1 within 1 point of fp32 and at least 95% top-1 agreement.")):
-        # a record per kind of CPU: int8_mnist, int8_mnist_<cpu>, ... (int8 files compute by CPU)
-        for one in [part, *sorted(p.stem for p in RESULTS.glob(f"{part}_*.json"))]:
+        for one in _per_cpu(part):  # int8 files compute by CPU: a section per kind
             if not (r := _load(one)):
                 continue
             head = title if one == part else f"{title}: {_short_machine(r['machine'])}"

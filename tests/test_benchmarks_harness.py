@@ -97,3 +97,27 @@ def test_an_int8_record_of_another_cpu_gets_its_own_section(tmp_path, monkeypatc
     assert "## INT8 and fp32 files, MNIST (seed-0 model), through their runtimes: Zen 5, x86 AVX-512 VNNI, 2026-12-07" in text
     assert "verify on Intel" in text and "verify on Zen 5" in text and "| 99.64% |" in text
     assert {"int8_mnist.json", "int8_mnist_zen5_vnni.json"} <= mod._RENDERED
+
+
+def test_a_compress_record_of_another_cpu_gets_its_own_section(tmp_path, monkeypatch):
+    """The .esq's bytes depend on the CPU that trained and retrained it: a compress_mnist record
+    from another CPU is its own section, titled with that CPU, beside the first."""
+    import json
+
+    mod = _run_module()
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+
+    def rec(cpu, kernels, esq_bytes):
+        return {"machine": {"cpu": cpu, "int8_kernels": kernels, "cores": 2, "date": "2026-12-07 02:11 UTC"},
+                "command": "python benchmarks/run.py --record ...", "compress_command": f"compress on {cpu}",
+                "esq_bytes": esq_bytes, "ratio": 18.3, "density": 0.174, "test_before": 0.9962, "test_after": 0.995,
+                "drop_points": 0.12, "huffman_over_entropy": 1.02, "baselines": {"xz_9e": 18008},
+                "stages": [{"stage": "esq", "val_accuracy": 0.9952, "bytes": esq_bytes}], "wall_s": 424.5}
+
+    (tmp_path / "compress_mnist.json").write_text(json.dumps(rec("Intel", None, 15228)))
+    (tmp_path / "compress_mnist_zen5_vnni.json").write_text(json.dumps(rec("Zen 5", "x86 AVX-512 VNNI: exact", 15243)))
+    text = mod.report()
+    assert "## Deep Compression, MNIST (`recipes/squeezenet-mnist.yaml`, seed-0 model)\n" in text
+    assert ("## Deep Compression, MNIST (`recipes/squeezenet-mnist.yaml`, seed-0 model): Zen 5, "
+            "x86 AVX-512 VNNI, 2026-12-07") in text
+    assert "**15,228 B**" in text and "**15,243 B**" in text and "compress on Zen 5" in text
