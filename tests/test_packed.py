@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgesqueeze.errors import FormatError
-from edgesqueeze.format import container
+from edgesqueeze.format import codec, container
 from edgesqueeze.format import packed as packed_mod
 from edgesqueeze.format.packed import PackedTensor, bits_per_nonzero, is_packed, pack, unpack
 
@@ -673,3 +673,29 @@ def test_any_header_value_is_refused_or_harmless(data):
     except FormatError:
         return
     assert out == whole
+
+
+def test_a_packed_file_pays_up_to_a_kib_to_decode_without_the_lockstep_pass(monkeypatch):
+    """numpy's lockstep Huffman pass costs a few ms whatever the streams' size: two to three
+    times a small model's whole plain load. So a packed file (decoded at every load) drops its
+    Huffman streams when that costs at most PACKED_HUFFMAN_FLOOR bytes, though more than the
+    1/256 of the archive an .esq checkpoint allows (the digits and MNIST files kept them)."""
+    g = np.random.default_rng(0)
+    parts, tensors = [bytes(100)], []
+    for i in range(12):  # short streams of a few values: Huffman beats DEFLATE's headers on each
+        w = g.choice(np.array([0, 0, 0, 0, 3, -2, 5, -7, 9, 11], np.int8), 3000)
+        tensors.append(PackedTensor(f"t{i}", w))
+        parts += [w.tobytes(), b"sep%d" % i]
+    data = b"".join(parts)
+
+    def huffman_sections(blob):
+        return sum(codec.has_huffman(info) for n, (_, info) in container.loads(blob).sections.items()
+                   if n != "skeleton")
+
+    fast, _ = pack(data, tensors, name="f", fmt="onnx")
+    floor = codec.PACKED_HUFFMAN_FLOOR
+    monkeypatch.setattr(codec, "PACKED_HUFFMAN_FLOOR", 0)  # the checkpoints' rule alone
+    small, _ = pack(data, tensors, name="f", fmt="onnx")
+    assert huffman_sections(small) > 0 and huffman_sections(fast) == 0
+    assert len(small) + len(small) // codec.HUFFMAN_SHARE < len(fast) <= len(small) + floor
+    assert unpack(fast) == data and unpack(small) == data

@@ -20,7 +20,7 @@ chunked Huffman stream (:mod:`~edgesqueeze.format.huffman`, its code lengths in
 ``lengths``), raw DEFLATE (:mod:`~edgesqueeze.format.deflate`: zlib inflates it in C,
 several times faster than numpy's lockstep Huffman decoder), or one bit per symbol for a
 two-symbol alphabet; an archive drops its last Huffman streams when that costs at most
-1/256 of it (:func:`has_huffman`).
+1/256 of it, a packed file when it costs at most 1/256 or 1 KiB (:func:`has_huffman`).
 
 Two modes, the smaller kept per layer. *Sparse*: only non-zeros are coded, their positions
 as gaps (Han et al. 2016, section 3): the number of zeros before each non-zero, in a fixed
@@ -58,6 +58,10 @@ MAX_CODEBOOK = 256
 Z_HUFFMAN, Z_DEFLATE, Z_BITS = 0, 1, 2  # chunked Huffman (huffman.py), raw DEFLATE, one bit each
 Z_SHIFT = 2  # the gap stream's code is z >> Z_SHIFT
 HUFFMAN_SHARE = 256  # an archive drops its Huffman streams if that costs at most 1/256 of it
+# ... and a packed file (the deployable, decoded at every load) if it costs at most 1 KiB: numpy's
+# lockstep pass takes ~2-3 ms whatever the streams' size, two to three times a small model's plain
+# load (the digits and MNIST files: 1.3-1.9% larger, decoding 4 ms -> 1-2 ms; notes, session 46)
+PACKED_HUFFMAN_FLOOR = 1024
 MAX_CODE_LEN = 12  # 4-bit length fields; 12 keeps the decoder's tables small and fast
 MAX_GAP_WIDTH = 8
 RAW_SECTION = "raw"
@@ -200,11 +204,11 @@ def has_huffman(info: dict) -> bool:
     return info.get("enc") == "shared" and ((z & 3) == Z_HUFFMAN or (info.get("w", 0) > 0 and z >> Z_SHIFT == Z_HUFFMAN))
 
 
-def without_huffman_pays(size: int, size_without: int) -> bool:
+def without_huffman_pays(size: int, size_without: int, floor: int = 0) -> bool:
     """Whether an archive of ``size`` coded bytes with Huffman streams should be written in
     its ``size_without``-byte form without them (:func:`has_huffman`): at most 1/HUFFMAN_SHARE
-    larger."""
-    return size_without <= size + size // HUFFMAN_SHARE
+    larger, or at most ``floor`` bytes larger (packed files: :data:`PACKED_HUFFMAN_FLOOR`)."""
+    return size_without <= size + max(size // HUFFMAN_SHARE, floor)
 
 
 def _lengths(symbols: np.ndarray, alphabet: int) -> np.ndarray:

@@ -22,8 +22,9 @@ transpose). Decoding a whole model is one :func:`decode_many` call: for a Squeez
 model (840k symbols in 52 streams) about 4-5 ms on one core of a small VM, ~180 million
 symbols/s; docs/FORMAT.md has the measurements. Since format version 3 the codec writes a
 stream this way only where it beats raw DEFLATE (:mod:`edgesqueeze.format.deflate`,
-inflated by zlib in C) and the archive would grow by more than 1/256 without it: a small
-model's short streams, or a uniform index alphabet.
+inflated by zlib in C) and the archive would grow by more than 1/256 without it (a packed
+file: more than 1/256 or 1 KiB, whichever is more): a small model's short streams, or a
+uniform index alphabet.
 
 Stream layout (``encode`` returns these bytes), with the default packed chunk index::
 

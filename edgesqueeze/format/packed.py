@@ -312,7 +312,7 @@ def pack(data: bytes, tensors: Iterable[PackedTensor], *, name: str, fmt: str,
     if any(codec.has_huffman(c[3]) for c in coded):  # see codec.has_huffman
         other = _code_tensors(data, ordered, use_huffman=False)
         size = sum(len(c[2]) for c in coded)
-        if codec.without_huffman_pays(size, sum(len(c[2]) for c in other[0])):
+        if codec.without_huffman_pays(size, sum(len(c[2]) for c in other[0]), floor=codec.PACKED_HUFFMAN_FLOOR):
             coded, rows = other
     head = {**(meta or {}), PACKED_KEY: {"name": name, "format": fmt, "bytes": len(data),
                                          "sha256": hashlib.sha256(data).hexdigest()}}
