@@ -222,6 +222,10 @@ def test_a_damaged_tensor_is_named_whichever_thread_decodes_it(monkeypatch):
         return decode(archive)
 
     monkeypatch.setattr(packed_mod.codec, "decode_coded", spy)
+    assert unpack(blob) == data  # a small file: one thread (a second costs more than it saves)
+    assert set(where.values()) == {threading.current_thread().name}, where
+    where.clear()
+    monkeypatch.setattr(packed_mod, "_MIN_PARALLEL_NS", 0)  # as for a file with ~1 ms of work
     assert unpack(blob) == data
     assert len(set(where.values())) == 2, where  # both threads decode tensors
     where.clear()

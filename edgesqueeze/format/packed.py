@@ -73,6 +73,9 @@ _F32_MAX = float(np.finfo(np.float32).max)
 # restore()'s expected ns per compressed skeleton byte, coded tensor byte, output byte and
 # requantized value (fitted on ImageNet SqueezeNet's packed files, benchmarks/notes.md, session 24)
 _SPLIT_NS = (52.0, 6.6, 0.12, 2.9)
+# below this much expected work restore() stays on one thread: starting and joining a second one
+# cost the small models' files 0.1-0.3 ms of their 2-3 ms cold load (benchmarks/notes.md, session 46)
+_MIN_PARALLEL_NS = 1e6
 MIN_TENSOR_BYTES = 256  # smaller tensors stay in the skeleton (a section costs ~40 header bytes)
 # Coded tensors up to this size (biases, scales, zero points) are tried back in the skeleton
 # (pack). On ImageNet SqueezeNet's onnx-int8 file: 2 KiB, 4.3 KB smaller and 0.7 ms faster to
@@ -706,8 +709,8 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
     file). The work is split in two about equal halves by coded bytes, one on another
     thread (the skeleton's LZMA, zlib's inflating and numpy's large copies release the
     GIL): ImageNet SqueezeNet's fp32 file decodes in about 4.6 ms instead of 6.3 on two
-    cores (benchmarks/notes.md, session 22); ``parallel=False`` does it all on the calling
-    thread."""
+    cores (benchmarks/notes.md, session 22). A file with less than ``_MIN_PARALLEL_NS`` of
+    expected work, and any with ``parallel=False``, is done all on the calling thread."""
     archive = source if isinstance(source, container.Archive) else container.loads(source)
     info = packed_info(archive)
     if SKELETON not in archive.sections:
@@ -794,7 +797,7 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
         j = 0 if load[0] <= load[1] else 1
         halves[j].append(sp)
         load[j] += work[sp[1]]
-    job = Background(skeleton_and_fill, halves[0], threaded=parallel)
+    job = Background(skeleton_and_fill, halves[0], threaded=parallel and sum(load) >= _MIN_PARALLEL_NS)
     try:
         values = fill(halves[1])
     except BaseException:
