@@ -326,10 +326,15 @@ def _load(part: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _per_cpu(part: str) -> list[str]:
-    """``part`` and its records from other kinds of CPU (``<part>_<cpu>``, e.g. int8_mnist_zen5_vnni):
-    each gets its own section, titled with its CPU, rather than replacing the first."""
-    return [part, *sorted(p.stem for p in RESULTS.glob(f"{part}_*.json"))]
+def _per_cpu(part: str, title: str) -> list[tuple[dict, str]]:
+    """The record ``part`` and its records from other kinds of CPU (``<part>_<cpu>``, e.g.
+    int8_mnist_zen5_vnni), each with its section title: ``title``, then ``title`` and the CPU,
+    so that each kind gets its own section rather than replacing the first."""
+    found = []
+    for one in [part, *sorted(p.stem for p in RESULTS.glob(f"{part}_*.json"))]:
+        if r := _load(one):
+            found.append((r, title if one == part else f"{title}: {_short_machine(r['machine'])}"))
+    return found
 
 
 def _unrendered() -> list[str]:
@@ -450,10 +455,7 @@ def report() -> str:
              "Target: at most 16 KB (16,000 B) at 99.4% test accuracy or more, within 15 minutes on 2 cores."),
             ("compress_cifar", "Deep Compression, CIFAR-10 (`recipes/squeezenet-cifar10.yaml`)",
              "Target: at most 100 KB within 1 point of the float SqueezeNet.")):
-        for one in _per_cpu(part):  # float training sums in another order on each CPU: bytes differ by CPU
-            if not (r := _load(one)):
-                continue
-            head = title if one == part else f"{title}: {_short_machine(r['machine'])}"
+        for r, head in _per_cpu(part, title):  # float training sums in another order on each CPU
             lines += [f"## {head}", "", _mach(r), f"Compress command: `{r['compress_command']}`", "",
                       f"- **{r['esq_bytes']:,} B** `.esq` ({r['ratio']}x smaller than dense fp32, "
                       f"{100 * r['density']:.1f}% of weights kept), test accuracy {_pct(r['test_before'])} -> **{_pct(r['test_after'])}** "
@@ -525,10 +527,7 @@ def report() -> str:
              "under 500 KB at least 3 points more accurate."),
             ("int8_imagenet", "INT8 files, ImageNet SqueezeNet 1.0, through their runtimes",
              "Target: int8 top-1 within 1 point of fp32 and at least 95% top-1 agreement.")):
-        for one in _per_cpu(part):  # int8 files compute by CPU: a section per kind
-            if not (r := _load(one)):
-                continue
-            head = title if one == part else f"{title}: {_short_machine(r['machine'])}"
+        for r, head in _per_cpu(part, title):  # int8 files compute by CPU: a section per kind
             lines += [f"## {head}", "", _mach(r), f"Command: `{r['verify_command']}`", "",
                       "| file | format | runtime | bytes | gzip bytes | accuracy | agreement | latency b=1 |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- |"]
