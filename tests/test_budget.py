@@ -121,6 +121,46 @@ def test_a_broken_drop_says_how_many_test_images_it_is():
     assert v.status == "FAIL" and v.message == "6 of 100 test images disagree"
 
 
+def test_a_verdict_inside_its_sampling_noise_says_so():
+    """Session 47: the ImageNet fast recipe's gate read 94% agreement on one CPU and 97-98% on
+    others (100 images): a verdict whose limit lies inside its measurement's 95% interval gets
+    a note, PASS or FAIL, so a gate that one image decides reads as such."""
+    budget = Budget(min_agreement=0.95, max_drop=1.0, min_accuracy=0.4)
+    fail = row(path="f.tflite.esq", agreement=0.94, accuracy=0.58, reference_accuracy=0.59, n=100)
+    (note,) = budget_mod.noise_notes([fail], budget)
+    assert note.startswith("note: f.tflite.esq: within the sampling noise of its 100 test images")
+    lo, hi = budget_mod._wilson(0.94, 100)
+    assert lo < 0.95 < hi and "agreement 94.00%" in note and f"{100 * lo:.1f}-{100 * hi:.1f}%" in note
+    assert "drop 1.00 points" in note  # 6 images differ, any of which can move the drop
+    assert "accuracy" not in note  # 58% on 100 images: 48.2-67.2%, clear of 40%
+    (acc_note,) = budget_mod.noise_notes([fail], Budget(min_accuracy=0.5))  # but not of 50%
+    assert "accuracy 58.00% (95% interval 48.2-67.2%, limit 50.00%)" in acc_note
+    # on 10,000 images 94% (93.5-94.5%) and a 2-point drop (1.5-2.5) are clear of their limits
+    assert budget_mod.noise_notes([{**fail, "n": 10_000, "accuracy": 0.57}], budget) == []
+    # a value exactly at its limit is inside any interval: one image either way decides it
+    assert "drop 1.00 points" in budget_mod.noise_notes([{**fail, "n": 10_000}], budget)[0]
+    # only images whose top-1 changed can move the drop: at 100% agreement it is exact
+    assert budget_mod.noise_notes([{**fail, "agreement": 1.0, "accuracy": 0.59}], Budget(max_drop=0.0)) == []
+    # no n (a report of another tool), an error row, or no agreement for the drop: nothing claimed
+    assert budget_mod.noise_notes([{**fail, "n": None}, {**fail, "error": "x"}], budget) == []
+    assert budget_mod.noise_notes([{**fail, "agreement": None}], Budget(max_drop=1.0)) == []
+
+
+def test_wilson_interval_against_the_binomial_by_simulation():
+    """The interval covers the true proportion about 95% of the time (a wrong formula, e.g. the
+    half-width without its square root, is far off)."""
+    import random
+
+    rng = random.Random(7)
+    for p, n in ((0.94, 100), (0.99, 359), (0.6, 50)):
+        hits = 0
+        for _ in range(2000):
+            k = sum(rng.random() < p for _ in range(n))
+            lo, hi = budget_mod._wilson(k / n, n)
+            hits += lo <= p <= hi
+        assert 0.92 <= hits / 2000 <= 0.985, (p, n, hits)
+
+
 @pytest.mark.parametrize("n", [359, 1000, 10_000, 50_000])
 def test_an_accuracy_or_agreement_exactly_at_a_percent_limit_holds_it(n):
     """Audit: "99.4%" was read as 99.4 / 100 = 0.9940000000000001, so 9,940 of 10,000 images

@@ -73,6 +73,29 @@ def test_a_valid_report_passes_and_a_broken_budget_fails(tmp_path):
     assert res.exit_code == 1, res.output  # the .onnx-int8 file is over (the float .pt is not judged by it)
 
 
+def test_a_verdict_one_image_could_turn_gets_a_note_in_every_output(tmp_path, monkeypatch):
+    """The demo's report (359 images, 99.72% agreement) against 90%: no note. The same
+    report as if measured on 100 images, against a 99% agreement: the table, the JSON and the
+    markdown each say the verdict is inside its sampling noise; the exit code is the verdict's."""
+    monkeypatch.chdir(tmp_path)
+    report = write_report(tmp_path)
+    res = check(report, *BUDGET, "--json", "v.json")
+    assert res.exit_code == 0 and "sampling noise" not in res.output, res.output
+    assert json.loads(Path("v.json").read_text())["notes"] == []
+
+    def small(r):
+        for a in r["artifacts"]:
+            a["n"] = 100
+    report = write_report(tmp_path, small, name="small.json")
+    res = check(report, "--min-agreement", "0.99", "--json", "v.json", "--markdown", "v.md")
+    assert res.exit_code == 0, res.output  # 99.72% >= 99%: a PASS, but not a safe one
+    notes = [line for line in res.output.splitlines() if line.startswith("note: ")]
+    assert [n.split(":")[1].strip() for n in notes] == ["compressed/model.esq", "export/model.int8.onnx"]
+    assert all("within the sampling noise of its 100 test images: agreement 99.72%" in n for n in notes)
+    assert json.loads(Path("v.json").read_text())["notes"] == notes
+    assert all(n in Path("v.md").read_text() for n in notes)
+
+
 def test_a_report_with_no_artifacts_is_bad_input(tmp_path):
     report = write_report(tmp_path, lambda r: r.update(artifacts=[]))
     res = check(report, *BUDGET)

@@ -223,7 +223,7 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
       edgesqueeze verify squeezenet1_0.pt export/* --arch squeezenet1_0 --data imagenet-sample
     """
     from edgesqueeze._io import check_writable, write_text_atomic
-    from edgesqueeze.budget import artifacts_markdown, check, exit_code, verdicts_table
+    from edgesqueeze.budget import artifacts_markdown, check, exit_code, noise_notes, verdicts_table
     from edgesqueeze.verify import evaluate_artifacts
     from edgesqueeze.verify_report import machine_info, write_report
 
@@ -273,6 +273,8 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
                + (f"; {written['note']}" if written["note"] else ""))
     if verdicts is not None:
         click.echo(verdicts_table(verdicts))
+        for line in noise_notes(report["artifacts"], budget):
+            click.echo(line)
         ctx.exit(exit_code(verdicts))
     if any(r["error"] for r in report["artifacts"]):
         ctx.exit(2)
@@ -317,7 +319,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
           --junit gate.xml --markdown "$GITHUB_STEP_SUMMARY"
     """
     from edgesqueeze._io import check_writable, is_stdout, remove_output, write_text_output
-    from edgesqueeze.budget import (check as run_check, exit_code, unmatched_formats, verdicts_json,
+    from edgesqueeze.budget import (check as run_check, exit_code, noise_notes, unmatched_formats, verdicts_json,
                                     verdicts_junit, verdicts_markdown, verdicts_table)
 
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
@@ -359,6 +361,9 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         rows.extend(report["artifacts"])
     verdicts = run_check(rows, budget)
     click.echo(verdicts_table(verdicts), err=bool(to_stdout))  # stdout is the machine-readable output then
+    notes = noise_notes(rows, budget)
+    for line in notes:  # a verdict that another sample of as many test images could turn around
+        click.echo(line, err=bool(to_stdout))
     missing = unmatched_formats(rows, budget)
     if missing and any(v.check == "size" for v in verdicts if v.artifact != "-"):
         click.echo(f"note: the budget limits the size of {', '.join(missing)}, which no artifact here has "
@@ -368,7 +373,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     if junit_path:
         write_text_output(junit_path, verdicts_junit(verdicts))
     if md_path:
-        md = verdicts_markdown(verdicts, rows)
+        md = verdicts_markdown(verdicts, rows, notes)
         if appends:
             try:
                 with open(md_path, "a") as fh:
