@@ -274,10 +274,11 @@ def _pct(x: float | None) -> str:
 
 def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
              machine: dict[str, Any] | None = None, plots: dict[str, str | None] | None = None,
-             folder: str | os.PathLike | None = None) -> str:
+             folder: str | os.PathLike | None = None, notes: list[str] | None = None) -> str:
     """The markdown of ``verify.md``.
 
-    ``verdicts``: the budget's, when one was given. ``plots``: plot name (see ``PLOTS``) to
+    ``verdicts``: the budget's, when one was given; ``notes``: what
+    :func:`edgesqueeze.budget.noise_notes` says of them. ``plots``: plot name (see ``PLOTS``) to
     the file name to link, relative to the report (a missing name is not linked), and
     ``"_note"`` to a sentence saying why plots were skipped, as :func:`write_report` passes
     them. ``folder``: where the report lives, to show artifact paths relative to it.
@@ -352,6 +353,8 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
         lines += ["", f"## Budget: {verdict}", "",
                   f"{len(verdicts) - n_fail - n_err} passed, {n_fail} failed, {n_err} could not be measured.", "",
                   verdicts_markdown_table(verdicts)]
+        if notes:
+            lines += ["", *[f"- {md_cell(n)}" for n in notes]]
 
     lines += ["", "## Plots", ""]
     plots = plots or {}
@@ -365,7 +368,8 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
 
 
 def write_report(json_path: str | os.PathLike, report: dict[str, Any], *,
-                 verdicts: list[Verdict] | None = None, machine: dict[str, Any] | None = None) -> dict[str, Any]:
+                 verdicts: list[Verdict] | None = None, machine: dict[str, Any] | None = None,
+                 notes: list[str] | None = None) -> dict[str, Any]:
     """Write the markdown report and its plots beside the JSON report ``json_path``.
 
     The markdown is ``json_path`` with the suffix ``.md``; the plots are at
@@ -401,5 +405,5 @@ def write_report(json_path: str | os.PathLike, report: dict[str, Any], *,
     if note:
         written["_note"] = note
     write_text_atomic(md_path, markdown(report, verdicts=verdicts, machine=machine, plots=written,
-                                        folder=md_path.parent))
+                                        folder=md_path.parent, notes=notes))
     return {"markdown": md_path, "plots": out_plots, "note": note}

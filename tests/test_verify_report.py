@@ -97,6 +97,11 @@ def test_budget_verdicts_and_no_latency(report, tmp_path):
     assert "❌ FAIL" in md and "⚠️ not measured" in md and "✅ pass" in md
     assert "latency p50" not in md and "latency: not measured (`edgesqueeze verify --latency`)" in md
     assert len(_table_rows(md)) == 4
+    # a verdict inside its sampling noise: the note follows the verdicts (verify passes budget.noise_notes')
+    note = "note: export/model.int8.onnx: within the sampling noise of its 100 test images: ..."
+    md = vr.markdown(report, verdicts=verdicts, folder=tmp_path, notes=[note])
+    assert md.index("## Budget") < md.index(f"- {note}") < md.index("## Plots")
+    assert f"- {note}" not in vr.markdown(report, verdicts=verdicts, folder=tmp_path)
 
 
 def test_no_plots_without_matplotlib(report, tmp_path, monkeypatch):
