@@ -10,7 +10,8 @@ model's own seed; the model never trained on them): accuracy and top-1 agreement
 float model on the same images. The test split is not touched, so a setting chosen here can
 be measured once on it afterwards (``edgesqueeze verify``).
 
-Writes ``benchmarks/results/cifar_int8.json``.
+Writes ``benchmarks/results/cifar_int8.json`` (``--record NAME``: ``NAME.json``, e.g.
+cifar_int8_<cpu> for another kind of CPU beside the first record).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated of {', '.join(CONFIGS)}")
     ap.add_argument("--calibration-images", type=int, default=256)
+    ap.add_argument("--record", default="cifar_int8", help="the results file's name in benchmarks/results/")
     args = ap.parse_args()
     torch.set_num_threads(2)
     results = []
@@ -87,7 +89,7 @@ def main() -> None:
             row["configs"][name] = r
             log(f"  {name:<20} {size:>9,} B  val acc {r['val_accuracy']:.2%}  agreement {r['val_agreement']:.2%}")
         results.append(row)
-    save("cifar_int8", {"protocol": "tflite-int8 files run in LiteRT on the validation split (5,000 training "
+    save(args.record, {"protocol": "tflite-int8 files run in LiteRT on the validation split (5,000 training "
                                     "images held out with the model's seed); 256 calibration images from the "
                                     "rest of the training split", "models": results})
 
