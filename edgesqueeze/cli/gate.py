@@ -311,7 +311,10 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     file that has changed since its report measured it (SHA-256); a report with no
     artifacts, or with a field missing or out of range, is bad input. Size
     budgets (--max-size) judge the files that ship; the float reference .pt is judged
-    only by a size limit of its own (--max-size-for pt=SIZE).
+    only by a size limit of its own (--max-size-for pt=SIZE). An accuracy, agreement or
+    drop whose limit lies inside the 95% interval of its measurement on the test images
+    (a FAIL at 94% of 100 images against 95%) gets a note under the table: PASS or FAIL,
+    more test images decide it.
 
     \b
     Example:
