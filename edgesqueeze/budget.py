@@ -294,7 +294,7 @@ def noise_notes(rows: list[dict[str, Any]], budget: Budget) -> list[str]:
     notes = []
     for row in rows:
         n = row.get("n")
-        if row.get("error") or not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        if row.get("error") or not _is_count(n, 1):
             continue
         if row.get("format") == "pt" and row.get("agreement") == 1.0:
             continue  # the float reference against itself: nothing sampled
