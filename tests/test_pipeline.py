@@ -272,8 +272,9 @@ def test_distill_loss():
 
 
 def test_teacher_without_distill_is_refused(checkpoint, tmp_path):
+    no_distill = ["--set", "compress.prune_finetune.distill=null", "--set", "compress.cluster_finetune.distill=null"]
     res = CliRunner().invoke(cli, ["compress", str(checkpoint), "-r", str(ROOT / "recipes/squeezenet-digits.yaml"),
-                                   "--teacher", str(checkpoint), "--out", str(tmp_path / "t")])
+                                   *no_distill, "--teacher", str(checkpoint), "--out", str(tmp_path / "t")])
     assert res.exit_code == 2 and "--teacher: only retraining with distillation uses a teacher" in res.output
     assert not (tmp_path / "t").exists()
     res = CliRunner().invoke(cli, ["compress", str(checkpoint), "-r", str(ROOT / "recipes/squeezenet-digits.yaml"),
