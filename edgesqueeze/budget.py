@@ -348,10 +348,12 @@ def verdicts_table(verdicts: list[Verdict]) -> str:
     return "\n".join(lines)
 
 
-def verdicts_json(verdicts: list[Verdict], rows: list[dict[str, Any]], budget: Budget) -> str:
+def verdicts_json(verdicts: list[Verdict], rows: list[dict[str, Any]], budget: Budget,
+                  notes: list[str] | None = None) -> str:
+    """The verdicts as JSON; ``notes``: :func:`noise_notes` of ``rows``, when the caller has them."""
     return json.dumps({"exit_code": exit_code(verdicts), "budget": budget.to_dict(),
                        "artifacts": rows, "verdicts": [asdict(v) for v in verdicts],
-                       "notes": noise_notes(rows, budget)}, indent=2) + "\n"
+                       "notes": noise_notes(rows, budget) if notes is None else notes}, indent=2) + "\n"
 
 
 def verdicts_junit(verdicts: list[Verdict], *, suite: str = "edgesqueeze check") -> str:

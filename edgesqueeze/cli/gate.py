@@ -373,7 +373,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         click.echo(f"note: the budget limits the size of {', '.join(missing)}, which no artifact here has "
                    "(not checked)", err=True)
     if json_path:
-        write_text_output(json_path, verdicts_json(verdicts, rows, budget))
+        write_text_output(json_path, verdicts_json(verdicts, rows, budget, notes))
     if junit_path:
         write_text_output(junit_path, verdicts_junit(verdicts))
     if md_path:
