@@ -178,13 +178,19 @@ def test_pruned_checkpoint_restarts_weight_sharing_with_a_teacher(checkpoint, co
     density = 1 - sum(int(z.sum()) for z in pruned_zeros.values()) / sum(z.numel() for z in pruned_zeros.values())
     assert density == pytest.approx(pruned.meta["metrics"]["density"], abs=1e-4)
 
+    logs: dict[str, list[str]] = {}
+
     def restart(out, **finetune):
         cfg = CompressConfig(cluster=CONFIG.cluster, cluster_finetune=FinetuneConfig(epochs=1, lr=0.002, **finetune))
-        return compress(pruned_path, cfg, out_dir=tmp_path / out, progress=False, log=lambda _: None,
+        return compress(pruned_path, cfg, out_dir=tmp_path / out, progress=False, log=logs.setdefault(out, []).append,
                         teacher=checkpoint if finetune else None)
 
     plain = restart("plain")
-    taught = restart("taught", distill=DistillConfig(alpha=0.9, temperature=4.0))
+    taught = restart("taught", distill=DistillConfig(alpha=0.75, temperature=4.0))
+    # the epoch line says what its loss is a loss of when it is not the labels' alone
+    epoch_lines = {k: [m for m in v if "centroid-retrain epoch 1/" in m] for k, v in logs.items()}
+    assert "(distillation: 0.25 x labels + 0.75 x the teacher's outputs at T 4)" in epoch_lines["taught"][0]
+    assert "distillation" not in epoch_lines["plain"][0]
     for result in (plain, taught):
         assert _zeros(result.model).keys() == pruned_zeros.keys()
         for name, z in _zeros(result.model).items():
