@@ -174,8 +174,14 @@ def naive(bits: int, dtype: str = "float32") -> PTQConfig:
 
 
 def machine() -> dict:
+    """The machine as every record names it (CPU model, its int8 kernels' ISA: run.py's
+    machine()), and the load average when the run starts."""
+    from edgesqueeze.verify_report import machine_info
+
+    info = machine_info(torch.get_num_threads())
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": info["cpu"], "arch": info["arch"], "features": info["features"],
+            "int8_kernels": info["int8_kernels"], "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "loadavg_start": [round(v, 2) for v in load] if load else None,

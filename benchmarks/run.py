@@ -470,9 +470,9 @@ def report() -> str:
             for st in r["stages"]:
                 lines.append(f"| {st['stage']} | {_pct(st['val_accuracy'])} | {st['bytes'] or '-'} |")
             lines += ["", target, ""]
-    if r := _load("imagenet_lossy"):
+    for r, head in _per_cpu("imagenet_lossy", "Post-training lossy `.esq`, ImageNet SqueezeNet 1.0: size against fidelity"):
         cv = lambda e: e["cv"]["mean"]  # noqa: E731
-        lines += ["## Post-training lossy `.esq`, ImageNet SqueezeNet 1.0: size against fidelity", "",
+        lines += [f"## {head}", "",
                   _mach(r), "",
                   "No training set: calibration on unlabeled images only (`edgesqueeze/compress/ptq.py`). "
                   "Cross-validated on the 100 shared images: calibrate on one fold of 50, score on the "
