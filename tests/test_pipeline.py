@@ -191,6 +191,13 @@ def test_pruned_checkpoint_restarts_weight_sharing_with_a_teacher(checkpoint, co
     epoch_lines = {k: [m for m in v if "centroid-retrain epoch 1/" in m] for k, v in logs.items()}
     assert "(distillation: 0.25 x labels + 0.75 x the teacher's outputs at T 4)" in epoch_lines["taught"][0]
     assert "distillation" not in epoch_lines["plain"][0]
+    # distilling from a pruned.pt with no teacher given learns the pruned model: said, once
+    cfg = CompressConfig(cluster=CONFIG.cluster, cluster_finetune=FinetuneConfig(
+        epochs=0.1, lr=0.002, distill=DistillConfig(alpha=0.9, temperature=4.0)))
+    compress(pruned_path, cfg, out_dir=tmp_path / "self", progress=False, log=logs.setdefault("self", []).append)
+    note = "is a pruned.pt and no --teacher was given: retraining distils from it, the pruned model"
+    assert sum(note in m for m in logs["self"]) == 1
+    assert not any(note in m for m in logs["taught"] + logs["plain"])
     for result in (plain, taught):
         assert _zeros(result.model).keys() == pruned_zeros.keys()
         for name, z in _zeros(result.model).items():

@@ -127,6 +127,9 @@ def compress(
                          "(or path/to/file.py:Class). On this file, compress.ptq (post-training, to a byte budget) "
                          "and the lossless re-encoding (no prune/cluster/ptq section) work")
 
+    if distills and teacher is None and inp.meta.get("compress_stage") == "prune":
+        log(f"note: {checkpoint} is a pruned.pt and no --teacher was given: retraining distils from it, the "
+            "pruned model; pass --teacher with the float model it was pruned from to learn that model's outputs")
     if config.mode == "retrain" and inp.loaded.kind == "esq":
         log(f"note: {checkpoint} is already a compressed archive (its weights pruned, shared and possibly "
             "BatchNorm-folded): pruning and clustering it again starts from those, and retraining a folded model "
