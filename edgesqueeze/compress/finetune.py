@@ -168,6 +168,9 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
         trained = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     epochs = math.ceil(total / steps_per_epoch)
+    # what the first epoch line's loss is a loss of, when not the labels' alone
+    loss_of = "" if teacher is None else (f" (distillation: {1 - cfg.distill.alpha:g} x labels + "
+                                          f"{cfg.distill.alpha:g} x the teacher's outputs at T {cfg.distill.temperature:g})")
     first = 0
     if state is not None:
         first, step = _resume(state, model, optimizer, gen, scaler, group, desc=desc, epochs=epochs, log=log)
@@ -184,9 +187,7 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
         if group.active:  # every rank's share of the epoch
             loss_sum, correct, seen = distributed.sum_all(group, [loss_sum, correct, seen])
         if log is not None and seen:
-            what = "" if teacher is None else (f" (distillation: {1 - cfg.distill.alpha:g} x labels + "
-                                               f"{cfg.distill.alpha:g} x the teacher's outputs at T {cfg.distill.temperature:g})")
-            log(f"  {desc} epoch {epoch + 1}/{epochs}: loss{what if epoch == first else ''} {loss_sum / seen:.4f}, train accuracy "
+            log(f"  {desc} epoch {epoch + 1}/{epochs}: loss{loss_of if epoch == first else ''} {loss_sum / seen:.4f}, train accuracy "
                 f"{100 * correct / seen:.2f}% ({time.perf_counter() - t0:.0f} s)")
         if state is not None and state.write and epoch + 1 < epochs:
             _save(state, model, optimizer, gen, scaler, group, epoch=epoch + 1, step=step)
