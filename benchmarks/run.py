@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -259,6 +260,31 @@ def record_device(part: str, compare_paths: str, command: str) -> None:
                 "artifacts": [{k: row.get(k) for k in keep} for res in results for row in res["artifacts"]]})
 
 
+def record_train(part: str, run_dir: Path, command: str) -> None:
+    """Save a training run made by hand (``edgesqueeze train ... --out RUN_DIR``, finished) as
+    ``part``, with the row ``train_recipe`` gives: epoch times and test accuracy from the run's
+    own summary.json and metrics.json, the recipe as run from its recipe.json."""
+    from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.models import count_macs, count_params
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = json.loads((run_dir / "metrics.json").read_text())
+    recipe = json.loads((run_dir / "recipe.json").read_text())
+    if not history or int(history[-1]["epoch"]) < float(recipe["train"]["epochs"]):
+        raise SystemExit(f"{run_dir}: the run stopped after epoch {history[-1]['epoch'] if history else 0} of "
+                         f"{recipe['train']['epochs']}; finish it (--resume) before recording it")
+    loaded = load_model(run_dir / "model.pt")
+    shape = tuple(loaded.meta["input_shape"])
+    row = {"run_dir": str(run_dir), "seed": recipe["seed"], "arch": recipe["model"]["arch"],
+           "epochs": recipe["train"]["epochs"], "params": count_params(loaded.model),
+           "macs": count_macs(loaded.model, shape), "test_accuracy": summary["test"]["accuracy"],
+           "test_n": summary["test"]["n"], "val_accuracy": history[-1].get("val_accuracy"),
+           "train_wall_s": round(sum(h["epoch_s"] for h in history), 1), "total_wall_s": round(summary["wall_s"], 1),
+           "epoch_s": [round(h["epoch_s"], 1) for h in history]}
+    save(part, {"train_command": command, "runs": [row]})
+
+
 def record_bench(part: str, bench_path: Path, command: str) -> None:
     """Save an ``edgesqueeze bench --json`` table (latency of artifacts timed in one run)."""
     import os
@@ -437,6 +463,19 @@ def report() -> str:
             lines.append(f"| `{x['recipe']}` | {x['params']:,} | {x['macs'] / 1e6:.1f} M | {x['epochs']:g} | "
                          f"{_pct(x['val_accuracy'])} | **{_pct(x['test_accuracy'])}** | {x['train_wall_s'] / 60:.1f} min |")
         lines += ["", "Target: SqueezeNet at least 88% within 90 minutes on 2 cores.", ""]
+    if r := _load("cifar_90min"):
+        x = r["runs"][0]
+        met = x["test_accuracy"] >= 0.88 and x["train_wall_s"] <= 90 * 60
+        lines += ["### The 88%-in-90-minutes target: the SqueezeNet recipe trained longer", "", _mach(r), "",
+                  f"`{r['train_command']}`: the recipe above with only its epoch count raised, chosen from this",
+                  "CPU's epoch time to fit 90 minutes (the comparison above and the compression records keep",
+                  "the recipe's 24 epochs).", "",
+                  "| epochs | val acc | **test acc** | train wall | epoch time |", "| --- | --- | --- | --- | --- |",
+                  f"| {x['epochs']:g} | {_pct(x['val_accuracy'])} | **{_pct(x['test_accuracy'])}** | "
+                  f"{x['train_wall_s'] / 60:.1f} min | {min(x['epoch_s']):.0f}-{max(x['epoch_s']):.0f} s |", "",
+                  f"Target at least 88% within 90 minutes on 2 cores: **{'met' if met else 'not met'}** on this CPU "
+                  f"({round(x['test_accuracy'] * x['test_n']):,} of {x['test_n']:,} test images right, "
+                  f"{math.ceil(0.88 * x['test_n']):,} needed).", ""]
     if r := _load("esq_imagenet"):
         lines += ["## `.esq`: lossless re-encoding of the released Deep Compression SqueezeNet 1.0", "", _mach(r), "",
                   "The shared model is already pruned (34% non-zero) and 8-bit shared by its authors; their released",
@@ -756,6 +795,8 @@ def main() -> None:
                     help="COMMAND REPORT_JSON...: save the ImageNet post-training frontier")
     ap.add_argument("--record-device", nargs=3, metavar=("PART", "COMPARE_JSON", "COMMAND"),
                     help="record tools/device_check.py compare results (comma-separate several) as PART")
+    ap.add_argument("--record-train", nargs=3, metavar=("PART", "RUN_DIR", "COMMAND"),
+                    help="save a finished `edgesqueeze train` run (cifar_90min) and the command that made it")
     ap.add_argument("--record-bench", nargs=3, metavar=("PART", "BENCH_JSON", "COMMAND"),
                     help="save a latency part (latency_imagenet) from `edgesqueeze bench --json` and the command")
     args = ap.parse_args()
@@ -764,6 +805,8 @@ def main() -> None:
         record_compress(args.record[0], Path(args.record[1]), args.record[2], reference=args.reference)
     elif args.record_verify:
         record_verify(args.record_verify[0], args.record_verify[1], args.record_verify[2])
+    elif args.record_train:
+        record_train(args.record_train[0], Path(args.record_train[1]), args.record_train[2])
     elif args.record_bench:
         record_bench(args.record_bench[0], Path(args.record_bench[1]), args.record_bench[2])
     elif args.record_device:

@@ -121,3 +121,38 @@ def test_a_compress_record_of_another_cpu_gets_its_own_section(tmp_path, monkeyp
     assert ("## Deep Compression, MNIST (`recipes/squeezenet-mnist.yaml`, seed-0 model): Zen 5, "
             "x86 AVX-512 VNNI, 2026-12-07") in text
     assert "**15,228 B**" in text and "**15,243 B**" in text and "compress on Zen 5" in text
+
+
+def test_a_training_run_made_by_hand_is_recorded_from_its_own_files(tmp_path, monkeypatch):
+    """`--record-train` records a finished `edgesqueeze train` run (the CIFAR-10 90-minute run
+    is one) from its summary.json and metrics.json, and refuses a run that stopped early."""
+    import json
+    import shutil
+
+    from edgesqueeze.recipe import load_recipe
+    from edgesqueeze.train import fit
+
+    mod = _run_module()
+    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
+    run = tmp_path / "run"
+    res = fit(load_recipe(ROOT / "recipes" / "squeezenet-digits.yaml", ["train.epochs=2"]), out_dir=run,
+              progress=False, log=lambda _: None)
+    mod.record_train("cifar_90min", run, "edgesqueeze train -r recipes/squeezenet-digits.yaml --set train.epochs=2")
+    rec = json.loads((tmp_path / "results" / "cifar_90min.json").read_text())
+    row = rec["runs"][0]
+    assert row["test_accuracy"] == res.test["accuracy"] and row["epochs"] == 2 and len(row["epoch_s"]) == 2
+    assert row["train_wall_s"] == round(sum(h["epoch_s"] for h in res.history), 1)
+    assert row["params"] == sum(p.numel() for p in res.model.parameters())
+    assert rec["train_command"].endswith("--set train.epochs=2") and rec["machine"]["cpu"]
+    text = mod.report()
+    assert "### The 88%-in-90-minutes target" in text and f"**{mod._pct(res.test['accuracy'])}**" in text
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    (stopped / "metrics.json").write_text(json.dumps(res.history[:1]))
+    try:
+        mod.record_train("cifar_90min", stopped, "x")
+    except SystemExit as e:
+        assert "stopped after epoch 1 of 2" in str(e), e
+    else:
+        raise AssertionError("a run that stopped after epoch 1 of 2 was recorded")
