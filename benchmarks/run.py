@@ -79,20 +79,26 @@ def log(msg: str) -> None:
 
 def train_recipe(path: str, out: Path, overrides: list[str] = ()) -> dict:
     """Train a shipped recipe in-process; returns the numbers the report needs."""
-    from edgesqueeze.models import count_macs, count_params
     from edgesqueeze.recipe import load_recipe
     from edgesqueeze.train import fit
 
     recipe = load_recipe(ROOT / path, list(overrides))
     res = fit(recipe, out_dir=out, resume=True, progress=False, log=log)
-    shape = tuple(res.meta["input_shape"])
-    return {
-        "recipe": path, "overrides": list(overrides), "seed": recipe.seed, "arch": recipe.model.arch,
-        "epochs": recipe.train.epochs, "params": count_params(res.model), "macs": count_macs(res.model, shape),
-        "test_accuracy": res.test["accuracy"], "val_accuracy": res.history[-1].get("val_accuracy"),
-        "train_wall_s": round(sum(h["epoch_s"] for h in res.history), 1), "total_wall_s": round(res.wall_s, 1),
-        "epoch_s": [round(h["epoch_s"], 1) for h in res.history],
-    }
+    return {"recipe": path, "overrides": list(overrides),
+            **_train_row(res.model, res.meta, recipe.seed, recipe.model.arch, recipe.train.epochs, res.test,
+                         res.history, res.wall_s)}
+
+
+def _train_row(model, meta: dict, seed: int, arch: str, epochs: float, test: dict, history: list[dict],
+               wall_s: float) -> dict:
+    """The numbers a training record keeps, from a finished run's model, test result and history."""
+    from edgesqueeze.models import count_macs, count_params
+
+    return {"seed": seed, "arch": arch, "epochs": epochs, "params": count_params(model),
+            "macs": count_macs(model, tuple(meta["input_shape"])), "test_accuracy": test["accuracy"],
+            "test_n": test["n"], "val_accuracy": history[-1].get("val_accuracy"),
+            "train_wall_s": round(sum(h["epoch_s"] for h in history), 1), "total_wall_s": round(wall_s, 1),
+            "epoch_s": [round(h["epoch_s"], 1) for h in history]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,7 +271,6 @@ def record_train(part: str, run_dir: Path, command: str) -> None:
     ``part``, with the row ``train_recipe`` gives: epoch times and test accuracy from the run's
     own summary.json and metrics.json, the recipe as run from its recipe.json."""
     from edgesqueeze.checkpoint import load_model
-    from edgesqueeze.models import count_macs, count_params
 
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -275,13 +280,9 @@ def record_train(part: str, run_dir: Path, command: str) -> None:
         raise SystemExit(f"{run_dir}: the run stopped after epoch {history[-1]['epoch'] if history else 0} of "
                          f"{recipe['train']['epochs']}; finish it (--resume) before recording it")
     loaded = load_model(run_dir / "model.pt")
-    shape = tuple(loaded.meta["input_shape"])
-    row = {"run_dir": str(run_dir), "seed": recipe["seed"], "arch": recipe["model"]["arch"],
-           "epochs": recipe["train"]["epochs"], "params": count_params(loaded.model),
-           "macs": count_macs(loaded.model, shape), "test_accuracy": summary["test"]["accuracy"],
-           "test_n": summary["test"]["n"], "val_accuracy": history[-1].get("val_accuracy"),
-           "train_wall_s": round(sum(h["epoch_s"] for h in history), 1), "total_wall_s": round(summary["wall_s"], 1),
-           "epoch_s": [round(h["epoch_s"], 1) for h in history]}
+    row = {"run_dir": str(run_dir), **_train_row(loaded.model, loaded.meta, recipe["seed"], recipe["model"]["arch"],
+                                                  recipe["train"]["epochs"], summary["test"], history,
+                                                  summary["wall_s"])}
     save(part, {"train_command": command, "runs": [row]})
 
 
