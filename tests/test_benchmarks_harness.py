@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -150,9 +152,5 @@ def test_a_training_run_made_by_hand_is_recorded_from_its_own_files(tmp_path, mo
     stopped = tmp_path / "stopped"
     shutil.copytree(run, stopped)
     (stopped / "metrics.json").write_text(json.dumps(res.history[:1]))
-    try:
+    with pytest.raises(SystemExit, match="stopped after epoch 1 of 2"):
         mod.record_train("cifar_90min", stopped, "x")
-    except SystemExit as e:
-        assert "stopped after epoch 1 of 2" in str(e), e
-    else:
-        raise AssertionError("a run that stopped after epoch 1 of 2 was recorded")
