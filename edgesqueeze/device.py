@@ -1,5 +1,6 @@
 """Where PyTorch computes, and in what precision: ``--device auto|cpu|cuda|cuda:N|mps`` and
-``precision: fp32|bf16|fp16`` (mixed precision through autocast, on CUDA).
+``precision: fp32|bf16|fp16`` (mixed precision through autocast: bf16 and fp16 on CUDA, bf16
+on a CPU that computes bfloat16 natively).
 
 ``auto`` takes CUDA when torch sees a CUDA device, else the CPU (never MPS: Apple's backend
 lacks ops that some user models need, so it is asked for by name). On the CPU nothing
@@ -11,6 +12,8 @@ batches move.
 from __future__ import annotations
 
 import contextlib
+import platform
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -57,14 +60,45 @@ def resolve_device(spec: str | None, *, what: str = "--device") -> torch.device:
     raise DeviceError(f"{what} {spec!r}: unknown device; use auto, cpu, cuda, cuda:N or mps")
 
 
+def native_bf16() -> str | None:
+    """What makes this CPU compute bfloat16 natively (``"AMX-BF16"``, ``"AVX512_BF16"``,
+    ``"ARM BF16"``), or None where oneDNN would emulate it, slower than float32. x86 from torch's
+    own CPUID reading (so a CPUID mask counts), ARM from /proc/cpuinfo's ``bf16`` feature."""
+    if platform.machine().lower() in ("x86_64", "amd64", "i686"):
+        caps = torch.cpu.get_capabilities()  # what oneDNN dispatches on
+        return next((name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512_BF16"))
+                     if caps.get(key)), None)
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None
+    features = next((line.partition(":")[2].split() for line in text.splitlines()
+                     if line.lower().startswith("features")), [])
+    return "ARM BF16" if "bf16" in features else None
+
+
 def check_precision(precision: str, device: torch.device, *, what: str = "precision") -> None:
-    """Mixed precision runs on CUDA only: on the CPU it would change results the CPU path
-    promises to keep, and MPS autocast covers too few ops to be worth a silent difference."""
+    """Mixed precision: bf16 and fp16 on CUDA, bf16 on a CPU with native bfloat16 (AMX-BF16,
+    AVX512_BF16, ARM BF16), where it halved the CIFAR-10 SqueezeNet's training step (AMX,
+    benchmarks/notes.md, session 51). Elsewhere it is refused: emulated bf16 is slower than
+    fp32, CPU fp16 has no fast kernels, and MPS autocast covers too few ops to be worth a
+    silent difference. fp32 on the CPU is the run it always was (same seed, same weights)."""
     if precision not in PRECISIONS:
         raise DeviceError(f"{what} {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision != "fp32" and device.type != "cuda":
-        raise DeviceError(f"{what} {precision}: mixed precision runs on CUDA only, and this run is on "
-                          f"{device}; use fp32 (or --device cuda)")
+    if precision == "fp32":
+        return
+    if device.type == "cpu":
+        if precision == "fp16":
+            raise DeviceError(f"{what} fp16: mixed fp16 runs on CUDA only; on the CPU use bf16 (on a CPU "
+                              "that computes it natively) or fp32")
+        if native_bf16() is None:
+            raise DeviceError(f"{what} bf16: this CPU does not compute bfloat16 natively (no AMX-BF16, "
+                              "AVX512_BF16 or ARM BF16), and emulated bf16 is slower than fp32; use fp32 "
+                              "(or --device cuda)")
+        return
+    if device.type != "cuda":
+        raise DeviceError(f"{what} {precision}: mixed precision runs on CUDA and on CPUs with native "
+                          f"bfloat16, and this run is on {device}; use fp32")
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"{what} bf16: this GPU has no bfloat16 support; use fp16 or fp32")
 

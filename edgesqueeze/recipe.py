@@ -256,7 +256,7 @@ class TrainConfig:
     threads: int = field(default=0, metadata=_range(ge=0, le=1024))
     eval_batch_size: int = field(default=512, metadata=_range(ge=1, le=65_536))
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (edgesqueeze.device)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: mixed precision, CUDA only
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed: CUDA; bf16 also on native-bf16 CPUs
 
     def __post_init__(self) -> None:  # built in Python too: held to the recipe's rules
         _check_fields(self)

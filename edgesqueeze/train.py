@@ -614,7 +614,8 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         write_text_atomic(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2, sort_keys=True))
     log(f"training {recipe.model.arch} on {ds.name}: {len(x_tr)} train / {len(x_val)} val images, "
         f"{n_epochs} epoch{'s' if n_epochs != 1 else ''} ({total_steps} steps of {steps_per_epoch} an epoch), "
-        + (f"{threads} thread{'s' if threads != 1 else ''}" if device.type == "cpu" else f"on {device} ({cfg.precision})")
+        + (f"{threads} thread{'s' if threads != 1 else ''}" + ("" if cfg.precision == "fp32" else f" ({cfg.precision})")
+           if device.type == "cpu" else f"on {device} ({cfg.precision})")
         + (f", {group.world} processes (torch.distributed)" if group.active else "") + f" -> {out}")
 
     if cfg.optimizer != "sgd" and (cfg.momentum != 0.9 or cfg.nesterov is not True):

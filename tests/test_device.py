@@ -4,16 +4,22 @@ run it was before devices existed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from click.testing import CliRunner
 
 from edgesqueeze.cli import cli
-from edgesqueeze.device import DeviceError, check_precision, resolve_device
+from edgesqueeze.device import DeviceError, check_precision, native_bf16, resolve_device
 from edgesqueeze.recipe import recipe_from_dict
+
+from emulated_x86 import AVX2_CPUID, requires_avx2_cpuid
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+NATIVE_BF16 = native_bf16() is not None
 
 
 def test_auto_and_cpu():
@@ -33,13 +39,52 @@ def test_devices_this_machine_lacks_are_refused_in_one_line(spec):
     assert "\n" not in msg and spec in msg and "--device" in msg
 
 
-def test_mixed_precision_is_for_cuda_only():
+def test_mixed_precision_on_the_cpu_is_bf16_where_the_cpu_computes_it():
     check_precision("fp32", torch.device("cpu"))
-    for precision in ("bf16", "fp16"):
-        with pytest.raises(DeviceError, match="CUDA only"):
-            check_precision(precision, torch.device("cpu"))
+    with pytest.raises(DeviceError, match="fp16 runs on CUDA only"):
+        check_precision("fp16", torch.device("cpu"))
+    if NATIVE_BF16:
+        check_precision("bf16", torch.device("cpu"))
+    else:
+        with pytest.raises(DeviceError, match="does not compute bfloat16 natively"):
+            check_precision("bf16", torch.device("cpu"))
     with pytest.raises(DeviceError, match="use one of"):
         check_precision("int4", torch.device("cpu"))
+
+
+@requires_avx2_cpuid
+def test_bf16_on_a_cpu_without_native_bf16_is_one_line_before_anything_is_written(tmp_path):
+    """Under an AVX2-only CPUID (tools/with-avx2-cpuid.sh: no AMX, no AVX512_BF16, as torch
+    and oneDNN see it) bf16 training is refused, exit 2, one line naming the field."""
+    out = tmp_path / "out"
+    res = subprocess.run([str(AVX2_CPUID), sys.executable, "-m", "edgesqueeze", "train", "-r",
+                          "recipes/squeezenet-digits.yaml", "--set", "train.precision=bf16", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: train.precision bf16: this CPU does not compute"), lines
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="needs a CPU with native bfloat16 (AMX-BF16, AVX512_BF16, ARM BF16)")
+def test_bf16_training_on_the_cpu_computes_in_bf16_keeps_float32_weights_and_repeats(tmp_path):
+    """bf16 on the CPU: the run says so, its convs really ran in bf16 (other weights than the
+    fp32 run of the same seed), the weights it writes stay float32, and the same seed gives
+    the same weights again."""
+    runs = {}
+    for name, precision in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16-again", "bf16")):
+        out = tmp_path / name
+        res = CliRunner().invoke(cli, ["train", "-r", "recipes/squeezenet-digits.yaml", "--set", "train.epochs=1",
+                                       "--set", "data.limit=300", "--set", "train.threads=1", "--set",
+                                       f"train.precision={precision}", "--out", str(out), "--device", "cpu",
+                                       "--no-progress"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert ("1 thread (bf16)" in res.output) == (precision == "bf16"), res.output
+        runs[name] = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    weights = [k for k, v in runs["bf16"].items() if v.is_floating_point()]
+    assert weights and all(runs["bf16"][k].dtype == torch.float32 for k in weights)
+    assert any(not torch.equal(runs["bf16"][k], runs["fp32"][k]) for k in weights)
+    assert all(torch.equal(runs["bf16"][k], runs["bf16-again"][k]) for k in runs["bf16"])
 
 
 def test_where_a_run_computes_is_not_what_it_computes():

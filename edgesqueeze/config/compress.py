@@ -387,7 +387,7 @@ class FinetuneConfig:
     augment: bool = True
     distill: DistillConfig | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (edgesqueeze.device)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: mixed precision, CUDA only
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed: CUDA; bf16 also on native-bf16 CPUs
 
     def __post_init__(self) -> None:  # built in Python too: held to the recipe's rules
         _check_fields(self)
