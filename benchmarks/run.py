@@ -283,6 +283,11 @@ def record_train(part: str, run_dir: Path, command: str) -> None:
     row = {"run_dir": str(run_dir), **_train_row(loaded.model, loaded.meta, recipe["seed"], recipe["model"]["arch"],
                                                   recipe["train"]["epochs"], summary["test"], history,
                                                   summary["wall_s"])}
+    row["precision"] = recipe["train"].get("precision", "fp32")
+    if row["precision"] == "bf16" and recipe["train"].get("device", "auto") in ("auto", "cpu"):
+        from edgesqueeze.device import native_bf16
+
+        row["bf16_isa"] = native_bf16()  # what made bf16 fast here (recorded on the machine that trained)
     save(part, {"train_command": command, "runs": [row]})
 
 
@@ -464,19 +469,25 @@ def report() -> str:
             lines.append(f"| `{x['recipe']}` | {x['params']:,} | {x['macs'] / 1e6:.1f} M | {x['epochs']:g} | "
                          f"{_pct(x['val_accuracy'])} | **{_pct(x['test_accuracy'])}** | {x['train_wall_s'] / 60:.1f} min |")
         lines += ["", "Target: SqueezeNet at least 88% within 90 minutes on 2 cores.", ""]
-    if r := _load("cifar_90min"):
-        x = r["runs"][0]
-        met = x["test_accuracy"] >= 0.88 and x["train_wall_s"] <= 90 * 60
-        lines += ["### The 88%-in-90-minutes target: the SqueezeNet recipe trained longer", "", _mach(r), "",
-                  f"`{r['train_command']}`: the recipe above with only its epoch count raised, chosen from this",
-                  "CPU's epoch time to fit 90 minutes (the comparison above and the compression records keep",
-                  "the recipe's 24 epochs).", "",
-                  "| epochs | val acc | **test acc** | train wall | epoch time |", "| --- | --- | --- | --- | --- |",
-                  f"| {x['epochs']:g} | {_pct(x['val_accuracy'])} | **{_pct(x['test_accuracy'])}** | "
-                  f"{x['train_wall_s'] / 60:.1f} min | {min(x['epoch_s']):.0f}-{max(x['epoch_s']):.0f} s |", "",
-                  f"Target at least 88% within 90 minutes on 2 cores: **{'met' if met else 'not met'}** on this CPU "
-                  f"({round(x['test_accuracy'] * x['test_n']):,} of {x['test_n']:,} test images right, "
-                  f"{math.ceil(0.88 * x['test_n']):,} needed).", ""]
+    longer = [(r, r["runs"][0]) for part in ("cifar_90min", "cifar_90min_bf16") if (r := _load(part))]
+    if longer:
+        lines += ["### The 88%-in-90-minutes target: the SqueezeNet recipe trained longer", "",
+                  "The recipe above with its epoch count raised to what fits 90 minutes at this CPU's epoch time, "
+                  "chosen before the run", "(the comparison above and the compression records keep the recipe's "
+                  "24 epochs); in fp32, and in bf16 (`train.precision: bf16`,", "autocast) where the CPU computes "
+                  "bfloat16 natively.", "",
+                  "| precision | epochs | val acc | **test acc** | test images right | train wall | epoch time | "
+                  "target (88% in 90 min) | command, machine |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r, x in longer:
+            total = x.get("total_wall_s", x["train_wall_s"])  # the epochs, the data's loading and the test
+            met = x["test_accuracy"] >= 0.88 and total <= 90 * 60
+            precision = x.get("precision", "fp32") + (f" ({x['bf16_isa']})" if x.get("bf16_isa") else "")
+            lines.append(f"| {precision} | {x['epochs']:g} | {_pct(x['val_accuracy'])} | **{_pct(x['test_accuracy'])}** | "
+                         f"{round(x['test_accuracy'] * x['test_n']):,} of {x['test_n']:,} "
+                         f"({math.ceil(0.88 * x['test_n']):,} needed) | {x['train_wall_s'] / 60:.1f} min ({total / 60:.1f} in all) | "
+                         f"{min(x['epoch_s']):.0f}-{max(x['epoch_s']):.0f} s | **{'met' if met else 'not met'}** | "
+                         f"`{r['train_command']}`; {_short_machine(r['machine'])} |")
+        lines.append("")
     if r := _load("esq_imagenet"):
         lines += ["## `.esq`: lossless re-encoding of the released Deep Compression SqueezeNet 1.0", "", _mach(r), "",
                   "The shared model is already pruned (34% non-zero) and 8-bit shared by its authors; their released",

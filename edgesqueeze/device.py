@@ -65,7 +65,8 @@ def native_bf16() -> str | None:
     ``"ARM BF16"``), or None where oneDNN would emulate it, slower than float32. x86 from torch's
     own CPUID reading (so a CPUID mask counts), ARM from /proc/cpuinfo's ``bf16`` feature."""
     if platform.machine().lower() in ("x86_64", "amd64", "i686"):
-        caps = torch.cpu.get_capabilities()  # what oneDNN dispatches on
+        get = getattr(torch.cpu, "get_capabilities", None)  # what oneDNN dispatches on (torch >= 2.5)
+        caps = get() if get is not None else {}
         return next((name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512_BF16"))
                      if caps.get(key)), None)
     try:

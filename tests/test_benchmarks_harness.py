@@ -146,8 +146,22 @@ def test_a_training_run_made_by_hand_is_recorded_from_its_own_files(tmp_path, mo
     assert row["train_wall_s"] == round(sum(h["epoch_s"] for h in res.history), 1)
     assert row["params"] == sum(p.numel() for p in res.model.parameters())
     assert rec["train_command"].endswith("--set train.epochs=2") and rec["machine"]["cpu"]
+    assert row["precision"] == "fp32" and "bf16_isa" not in row
     text = mod.report()
     assert "### The 88%-in-90-minutes target" in text and f"**{mod._pct(res.test['accuracy'])}**" in text
+    verdict = "met" if row["test_accuracy"] >= 0.88 and row["total_wall_s"] <= 90 * 60 else "not met"
+    assert f"| **{verdict}** |" in text
+
+    from edgesqueeze.device import native_bf16
+
+    if native_bf16():  # a bf16 run is recorded with what made bf16 fast, and rendered beside
+        bf16 = tmp_path / "bf16"
+        fit(load_recipe(ROOT / "recipes" / "squeezenet-digits.yaml", ["train.epochs=1", "train.precision=bf16"]),
+            out_dir=bf16, progress=False, log=lambda _: None)
+        mod.record_train("cifar_90min_bf16", bf16, "edgesqueeze train ... --set train.precision=bf16")
+        row16 = json.loads((tmp_path / "results" / "cifar_90min_bf16.json").read_text())["runs"][0]
+        assert row16["precision"] == "bf16" and row16["bf16_isa"] == native_bf16()
+        assert f"| bf16 ({native_bf16()}) | 1 |" in mod.report() and f"| fp32 | 2 |" in mod.report()
 
     stopped = tmp_path / "stopped"
     shutil.copytree(run, stopped)

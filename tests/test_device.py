@@ -134,6 +134,19 @@ def test_a_recipe_calibration_device_this_machine_lacks_is_one_line_naming_the_f
     assert not out.exists()
 
 
+def test_a_retraining_precision_this_cpu_lacks_is_one_line_before_the_model_is_read(tmp_path):
+    """compress checks each retraining stage's precision with its device up front (it was
+    refused only when that stage began, after pruning)."""
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["compress", str(tmp_path / "missing.pt"), "--set", "compress.prune.sparsity=0.5",
+                                   "--set", "compress.cluster_finetune.precision=fp16", "--device", "cpu",
+                                   "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: compress.cluster_finetune.precision fp16:"), res.output
+    assert not out.exists()
+
+
 def _calibration_passes(device):
     """Every torch-side calibration pass that takes a device, on a small seeded net: GPTQ,
     activation equalization, and compress's post-training statistics."""

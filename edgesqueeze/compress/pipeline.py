@@ -103,11 +103,13 @@ def compress(
 
     for name in (*_FINAL_OUTPUTS, PRUNED_NAME, PRUNE_STATE, CLUSTER_STATE):
         check_writable(Path(out_dir) / name)  # before the retraining, not after it
-    if config.mode != "lossless":  # a device this machine lacks: one line, before anything is read
-        from edgesqueeze.device import resolve_device
+    if config.mode != "lossless":  # a device or precision this machine lacks: one line, before anything is read
+        from edgesqueeze.device import check_precision, resolve_device
 
         for key in ("prune_finetune", "cluster_finetune", "calibration"):
-            resolve_device(getattr(config, key).device, what=f"compress.{key}.device")
+            device = resolve_device(getattr(config, key).device, what=f"compress.{key}.device")
+            if key != "calibration" and config.mode == "retrain":
+                check_precision(getattr(config, key).precision, device, what=f"compress.{key}.precision")
     distills = config.mode == "retrain" and any(
         f.distill is not None for f in (config.prune_finetune, config.cluster_finetune))
     if teacher is not None and not distills:
