@@ -161,7 +161,8 @@ def test_a_training_run_made_by_hand_is_recorded_from_its_own_files(tmp_path, mo
         mod.record_train("cifar_90min_bf16", bf16, "edgesqueeze train ... --set train.precision=bf16")
         row16 = json.loads((tmp_path / "results" / "cifar_90min_bf16.json").read_text())["runs"][0]
         assert row16["precision"] == "bf16" and row16["bf16_isa"] == native_bf16()
-        assert f"| bf16 ({native_bf16()}) | 1 |" in mod.report() and f"| fp32 | 2 |" in mod.report()
+        text = mod.report()
+        assert f"| bf16 ({native_bf16()}) | 1 |" in text and "| fp32 | 2 |" in text
 
     stopped = tmp_path / "stopped"
     shutil.copytree(run, stopped)
