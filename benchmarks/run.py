@@ -284,7 +284,7 @@ def record_train(part: str, run_dir: Path, command: str) -> None:
                                                   recipe["train"]["epochs"], summary["test"], history,
                                                   summary["wall_s"])}
     row["precision"] = recipe["train"].get("precision", "fp32")
-    if row["precision"] == "bf16" and recipe["train"].get("device", "auto") in ("auto", "cpu"):
+    if row["precision"] == "bf16" and "train_threads" in loaded.meta:  # a CPU run (train records its threads)
         from edgesqueeze.device import native_bf16
 
         row["bf16_isa"] = native_bf16()  # what made bf16 fast here (recorded on the machine that trained)

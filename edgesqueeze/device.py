@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -69,13 +68,9 @@ def native_bf16() -> str | None:
         caps = get() if get is not None else {}
         return next((name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512_BF16"))
                      if caps.get(key)), None)
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return None
-    features = next((line.partition(":")[2].split() for line in text.splitlines()
-                     if line.lower().startswith("features")), [])
-    return "ARM BF16" if "bf16" in features else None
+    from edgesqueeze.runtime.cpu import cpu_flags
+
+    return "ARM BF16" if "bf16" in (cpu_flags() or ()) else None
 
 
 def check_precision(precision: str, device: torch.device, *, what: str = "precision") -> None:

@@ -81,6 +81,11 @@ def _cpuinfo(text: str | None = None) -> tuple[str, set[str] | None]:
     return model, flags
 
 
+def cpu_flags() -> set[str] | None:
+    """The flags (x86) or features (ARM) /proc/cpuinfo lists for this CPU; None without it."""
+    return _cpuinfo()[1]
+
+
 def _process_features() -> dict[str, bool] | None:
     """numpy's runtime dispatch table: each CPU feature it knows (its names: ``AVX512VNNI``,
     ``ASIMDDP``, ...) and whether this process can use it; None when numpy does not say."""
