@@ -71,6 +71,15 @@ def fp32_file(trained, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def graph(trained):
+    """The fp32 graph of ``trained``, converted once for the int8 exports below whose options
+    leave the weights as they are (about 1 s of torch.export and ONNX translation each, twelve
+    times before). :func:`export_onnx_int8` uses it as the export command does (``fp32_graph``):
+    ``int8_file`` and the files that transform the weights still convert their own."""
+    return onnx_graph(trained.model, trained.meta)
+
+
+@pytest.fixture(scope="module")
 def int8_file(trained, digits, tmp_path_factory):
     calib = calibration_images(digits.train_x, 256, seed=0)
     return export_onnx_int8(trained.model, trained.meta, tmp_path_factory.mktemp("int8") / "m.int8.onnx",
@@ -79,12 +88,12 @@ def int8_file(trained, digits, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def saturating_file(trained, digits, tmp_path_factory):
+def saturating_file(trained, digits, graph, tmp_path_factory):
     """The same model exported ``vnni-or-arm`` (full int8 weights): the control of the
     AVX2-without-VNNI tests, whose products saturate there."""
     calib = calibration_images(digits.train_x, 256, seed=0)
     return export_onnx_int8(trained.model, trained.meta, tmp_path_factory.mktemp("full") / "full.int8.onnx", calib,
-                            target="vnni-or-arm", calibration=CalibrationConfig(images=256))
+                            target="vnni-or-arm", calibration=CalibrationConfig(images=256), fp32_graph=graph)
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +354,7 @@ def test_int8_file_computes_the_same_under_an_avx2_cpuid_mask(int8_file, saturat
 
 @requires_avx2_cpuid
 def test_7bit_target_computes_the_same_on_every_cpu_with_the_uint8_x_int8_kernels(trained, digits, reference,
-                                                                                  tmp_path):
+                                                                                  graph, tmp_path):
     """--onnx-int8-target any-cpu-7bit: int8 weights in -64..64, so onnxruntime's uint8 x int8
     kernels (faster than uint8 x uint8 on every x86) cannot saturate: this host's fused session
     and the same file under an AVX2-only CPUID give its QDQ arithmetic's top-1, and the
@@ -355,7 +364,7 @@ def test_7bit_target_computes_the_same_on_every_cpu_with_the_uint8_x_int8_kernel
     calib = calibration_images(digits.train_x, 256, seed=0)
     path = export_onnx_int8(trained.model, trained.meta, tmp_path / "m7.int8.onnx", calib,
                             calibration=CalibrationConfig(images=256), target="any-cpu-7bit",
-                            calibration_info={"split": "train", "seed": 0, "dataset": "digits"})
+                            calibration_info={"split": "train", "seed": 0, "dataset": "digits"}, fp32_graph=graph)
     assert read_onnx_meta(path)["calibration"]["target"] == "any-cpu-7bit"
     proto = onnx.load(str(path))
     inits = {i.name: i for i in proto.graph.initializer}
@@ -374,12 +383,12 @@ def test_7bit_target_computes_the_same_on_every_cpu_with_the_uint8_x_int8_kernel
     assert_same_as_this_host(path, masked, x)
 
 
-def test_uint8_weights_dequantize_to_the_int8_weights(trained, digits):
+def test_uint8_weights_dequantize_to_the_int8_weights(trained, digits, graph):
     """weights="uint8" stores the very grid of weights="int8" shifted by 128: the QDQ graphs
     compute bit-identical logits, and the zero points are shared per shape."""
     from onnx import TensorProto
 
-    fproto = onnx_graph(trained.model, trained.meta)
+    fproto = graph
     x = to_input(calibration_images(digits.train_x, 32, seed=0), trained.meta["mean"], trained.meta["std"])
     cfg = CalibrationConfig(images=32)
     s8 = eo.quantize_qdq(fproto, x, calibration=cfg, weights="int8")
@@ -400,12 +409,12 @@ def test_uint8_weights_dequantize_to_the_int8_weights(trained, digits):
         eo.quantize_qdq(fproto, x, calibration=cfg, weights="uint4")
 
 
-def test_int8_target_vnni_or_arm_is_recorded_and_checked(trained, digits, tmp_path):
+def test_int8_target_vnni_or_arm_is_recorded_and_checked(trained, digits, graph, tmp_path):
     calib = calibration_images(digits.train_x, 32, seed=0)
     with pytest.raises(ExportError, match="target must be one of any-cpu, any-cpu-7bit, vnni-or-arm"):
         export_onnx_int8(trained.model, trained.meta, tmp_path / "bad.onnx", calib, target="avx2")
     path = export_onnx_int8(trained.model, trained.meta, tmp_path / "full.onnx", calib, target="vnni-or-arm",
-                            bias_correction=False)
+                            bias_correction=False, fp32_graph=graph)
     meta = read_onnx_meta(path)["calibration"]
     assert meta["target"] == "vnni-or-arm"
     weights = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
@@ -436,13 +445,13 @@ def test_int8_graph_is_integer_where_it_counts(int8_file):
 
 
 @pytest.mark.slow
-def test_int8_float_layers(trained, digits, tmp_path):
+def test_int8_float_layers(trained, digits, graph, tmp_path):
     calib = calibration_images(digits.train_x, 64, seed=0)
     with pytest.raises(ExportError, match="did you mean 'features.0'"):
         export_onnx_int8(trained.model, trained.meta, tmp_path / "q.onnx", calib, float_layers=["features.O"])
     assert not (tmp_path / "q.onnx").exists()
     path = export_onnx_int8(trained.model, trained.meta, tmp_path / "q.onnx", calib, float_layers=["features.0"],
-                            bias_correction=False)
+                            bias_correction=False, fp32_graph=graph)
     model = onnx.load(str(path))
     inits = {i.name for i in model.graph.initializer}
     stem = next(n for n in model.graph.node if n.op_type == "Conv")  # the first conv: the stem
@@ -686,7 +695,7 @@ def test_export_config_weight_rounding_and_equalization():
 
 
 @pytest.mark.slow
-def test_int8_gptq_and_activation_equalization(trained, digits, reference, tmp_path):
+def test_int8_gptq_and_activation_equalization(trained, digits, reference, graph, tmp_path):
     """Both transforms run on the float model before onnxruntime quantizes it: the file
     records them, its int8 weights are GPTQ's (on the grid, not the float model's nearest
     rounding), and it still agrees with fp32."""
@@ -698,7 +707,7 @@ def test_int8_gptq_and_activation_equalization(trained, digits, reference, tmp_p
     with pytest.raises(ExportError, match="equalize_activations must be in"):
         export_onnx_int8(trained.model, trained.meta, tmp_path / "bad.onnx", calib, equalize_activations=1.5)
     assert not (tmp_path / "bad.onnx").exists()
-    plain = export_onnx_int8(trained.model, trained.meta, tmp_path / "plain.onnx", calib)
+    plain = export_onnx_int8(trained.model, trained.meta, tmp_path / "plain.onnx", calib, fp32_graph=graph)
     path = export_onnx_int8(trained.model, trained.meta, tmp_path / "q.onnx", calib, weight_rounding="gptq",
                             equalize_activations=0.7)
     cal = read_onnx_meta(path)["calibration"]
@@ -876,13 +885,14 @@ def test_mse_calibration_clips_and_records_its_method(fp32_file, trained, digits
 
 
 @pytest.mark.slow
-def test_shared_concat_ranges_make_concats_copies(trained, digits, reference, tmp_path):
+def test_shared_concat_ranges_make_concats_copies(trained, digits, reference, graph, tmp_path):
     """share_concats: every quantized concat's inputs carry the concat's own scale and zero
     point (so onnxruntime's QLinearConcat copies bytes), the file records it, and it still
     agrees with fp32 about as well as the file with separate ranges."""
     calib = calibration_images(digits.train_x, 128, seed=0)
-    plain = export_onnx_int8(trained.model, trained.meta, tmp_path / "plain.onnx", calib)
-    path = export_onnx_int8(trained.model, trained.meta, tmp_path / "q.onnx", calib, share_concats=True)
+    plain = export_onnx_int8(trained.model, trained.meta, tmp_path / "plain.onnx", calib, fp32_graph=graph)
+    path = export_onnx_int8(trained.model, trained.meta, tmp_path / "q.onnx", calib, share_concats=True,
+                            fp32_graph=graph)
     assert read_onnx_meta(path)["calibration"]["share_concat_ranges"] is True
 
     def concat_scales(p) -> list[set[str]]:
