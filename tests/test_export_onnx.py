@@ -22,7 +22,7 @@ from edgesqueeze.errors import ExportError  # noqa: E402
 from edgesqueeze.export import onnx_int8 as eo  # noqa: E402
 from edgesqueeze.config.export import CalibrationConfig  # noqa: E402
 from edgesqueeze.export._common import META_KEY, artifact_meta, calibration_images, to_input  # noqa: E402
-from edgesqueeze.export.onnx import _write, export_onnx, onnx_graph, read_onnx_meta  # noqa: E402
+from edgesqueeze.export.onnx import _write, export_onnx, onnx_graph, own_onnx_graph, read_onnx_meta  # noqa: E402
 from edgesqueeze.export.onnx_int8 import export_onnx_int8  # noqa: E402
 from edgesqueeze.recipe import recipe_from_dict  # noqa: E402
 from edgesqueeze.train import fit  # noqa: E402
@@ -388,7 +388,7 @@ def test_uint8_weights_dequantize_to_the_int8_weights(trained, digits, graph):
     compute bit-identical logits, and the zero points are shared per shape."""
     from onnx import TensorProto
 
-    fproto = graph
+    fproto = own_onnx_graph(trained.model, trained.meta, opset=18, fold_normalization=False, graph=graph)  # a copy
     x = to_input(calibration_images(digits.train_x, 32, seed=0), trained.meta["mean"], trained.meta["std"])
     cfg = CalibrationConfig(images=32)
     s8 = eo.quantize_qdq(fproto, x, calibration=cfg, weights="int8")
