@@ -73,9 +73,10 @@ def fp32_file(trained, tmp_path_factory):
 @pytest.fixture(scope="module")
 def graph(trained):
     """The fp32 graph of ``trained``, converted once for the int8 exports below whose options
-    leave the weights as they are (about 1 s of torch.export and ONNX translation each, twelve
-    times before). :func:`export_onnx_int8` uses it as the export command does (``fp32_graph``):
-    ``int8_file`` and the files that transform the weights still convert their own."""
+    leave the weights as they are (this file converted the same graph twelve times, about 1 s
+    of torch.export and ONNX translation each; seven of those now share this one).
+    :func:`export_onnx_int8` uses it as the export command does (``fp32_graph``); ``int8_file``,
+    ``fp32_file``, the CLI exports and the files that transform the weights convert their own."""
     return onnx_graph(trained.model, trained.meta)
 
 
