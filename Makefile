@@ -12,12 +12,13 @@ PYTEST_ARGS ?= --durations=25
 # worker, so module fixtures are built once). `make test XDIST=` runs them in one process.
 XDIST      ?= -n auto --dist loadfile
 
-.PHONY: install demo test test-fast bench device-check clean help FORCE
+.PHONY: install demo test test-fast test-timeline bench device-check clean help FORCE
 
 help:
 	@echo "make demo     digits end to end: train, deep-compress, export ONNX/TFLite fp32+int8, verify, gate"
 	@echo "make test     run the test suite (5-6 min on 2 Intel Xeon cores, 8 on 2 Zen 5 cores, 11-14 on 2 Zen 3 cores)"
 	@echo "make test-fast the test suite without the tests marked slow"
+	@echo "make test-timeline  the test suite, then where its time went per worker and per file"
 	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md (long)"
 	@echo "make device-check [FILES=...] [DEVICE_CPU=pi4|pi5|x86-avx2]  run exports on an emulated Raspberry Pi 4/5 (arm64 chroot, root)"
 	@echo "               or x86 CPU without VNNI (qemu-x86_64 -cpu Haswell, no root) and compare with this host"
@@ -104,6 +105,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
+
+# The suite with tools/suite_timeline.py: a table of where the time went (per worker, per file;
+# in-process CPU against time waiting on subprocesses), for a machine where make test is slow.
+test-timeline: $(STAMP)
+	$(TEST_ENV) PYTHONPATH=tools$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m pytest $(XDIST) -p suite_timeline $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
