@@ -51,7 +51,7 @@ def test_a_run_with_the_plugin_logs_each_test_and_prints_the_table(tmp_path, xdi
     waits = row["test_waits"]
     assert waits["end"] - waits["start"] >= 0.3 > waits["cpu"] + 0.15
     workers = {r["worker"] for r in rows}
-    assert workers <= {"gw0", "gw1"} if xdist else workers == {"main"}
+    assert (workers <= {"gw0", "gw1"}) if xdist else (workers == {"main"})
     out = proc.stdout
     assert "suite timeline" in out and "waiting on subprocesses" in out, out
     assert "test_small.py" in out.split("the 1 test files with the most wall time (of 1):", 1)[1], out
