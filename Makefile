@@ -107,7 +107,8 @@ test-fast: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # The suite with tools/suite_timeline.py: a table of where the time went (per worker, per file;
-# in-process CPU against time waiting on subprocesses), for a machine where make test is slow.
+# in-process CPU, time waiting on subprocesses and their CPU; the CPUs busy on average), for a
+# machine where make test is slow.
 test-timeline: $(STAMP)
 	$(TEST_ENV) PYTHONPATH=tools$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m pytest $(XDIST) -p suite_timeline $(PYTEST_ARGS)
 

@@ -7,9 +7,13 @@ subprocesses: CLI runs, torchrun, emulated CPUs). For a machine where `make test
 
 Each test process (the pytest-xdist workers, or the one process without xdist) appends one
 JSON line per test to ``.pytest_timeline.jsonl`` in the rootdir (``EDGESQUEEZE_TIMELINE``
-names another file): ``{"worker", "nodeid", "start", "end", "cpu"}``, times in seconds
-(``start``/``end`` since the epoch, ``cpu`` the process's user + system time during the test,
-setup and teardown included). The controlling process empties the file when the run starts
+names another file): ``{"worker", "nodeid", "start", "end", "cpu", "children_cpu"}``, times in
+seconds (``start``/``end`` since the epoch, ``cpu`` the process's user + system time during the
+test, setup and teardown included; ``children_cpu`` the user + system time of the subprocesses
+that ended and were waited for during it, their own subprocesses included, as
+``getrusage(RUSAGE_CHILDREN)`` counts them: a torchrun launch's ranks too). Waiting time that is
+not subprocess CPU either is time nothing of the test's computed: a sleep, a timeout, or a
+machine busy with the other worker. The controlling process empties the file when the run starts
 and prints the table after the run. Standard library only; it changes no test's outcome.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,42 +44,56 @@ def pytest_configure(config) -> None:
         _path(config).write_text("")  # this run's lines only
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    start, cpu = time.time(), time.process_time()
+    start, cpu, children = time.time(), time.process_time(), _children_cpu()
     yield
     row = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "nodeid": item.nodeid,
-           "start": start, "end": time.time(), "cpu": time.process_time() - cpu}
+           "start": start, "end": time.time(), "cpu": time.process_time() - cpu,
+           "children_cpu": _children_cpu() - children}
     with open(_path(item.config), "a", encoding="utf-8") as f:  # one short line, appended whole
         f.write(json.dumps(row) + "\n")
 
 
 def summarize(rows: list[dict]) -> list[str]:
-    """The table's lines: per worker (tests, first start to last end, in-process CPU), then
-    the test files with the most wall time."""
+    """The table's lines: per worker (tests, first start to last end, in-process CPU, the
+    subprocesses' CPU), then the test files with the most wall time, and the whole run's CPU."""
     if not rows:
         return ["suite timeline: no test ran"]
     t0 = min(r["start"] for r in rows)
-    lines = ["worker   tests   ends at (s)   busy (s)   in-process CPU (s)   waiting on subprocesses (s)"]
+    lines = ["worker   tests   ends at (s)   busy (s)   in-process CPU (s)   waiting on subprocesses (s)   "
+             "their CPU (s)"]
     by_worker: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_worker[r["worker"]].append(r)
     for w in sorted(by_worker):
         rs = by_worker[w]
         busy, cpu = sum(r["end"] - r["start"] for r in rs), sum(r["cpu"] for r in rs)
+        children = sum(r.get("children_cpu", 0.0) for r in rs)
         lines.append(f"{w:<8} {len(rs):>5}   {max(r['end'] for r in rs) - t0:>11.1f}   {busy:>8.1f}   "
-                     f"{cpu:>18.1f}   {max(0.0, busy - cpu):>27.1f}")
-    files: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+                     f"{cpu:>18.1f}   {max(0.0, busy - cpu):>27.1f}   {children:>13.1f}")
+    files: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
     for r in rows:
         f = files[r["nodeid"].split("::", 1)[0]]
         f[0] += r["end"] - r["start"]
         f[1] += r["cpu"]
-        f[2] += 1
+        f[2] += r.get("children_cpu", 0.0)
+        f[3] += 1
     lines.append("")
     lines.append(f"the {min(TOP_FILES, len(files))} test files with the most wall time (of {len(files)}):")
-    lines.append("wall (s)   in-process CPU (s)   tests   file")
-    for name, (wall, cpu, n) in sorted(files.items(), key=lambda kv: -kv[1][0])[:TOP_FILES]:
-        lines.append(f"{wall:>8.1f}   {cpu:>18.1f}   {n:>5}   {name}")
+    lines.append("wall (s)   in-process CPU (s)   subprocess CPU (s)   tests   file")
+    for name, (wall, cpu, children, n) in sorted(files.items(), key=lambda kv: -kv[1][0])[:TOP_FILES]:
+        lines.append(f"{wall:>8.1f}   {cpu:>18.1f}   {children:>18.1f}   {n:>5}   {name}")
+    wall = max(r["end"] for r in rows) - t0
+    used = sum(r["cpu"] + r.get("children_cpu", 0.0) for r in rows)
+    lines.append("")
+    lines.append(f"during the tests: {used:.1f} CPU-seconds (test processes and their subprocesses) in {wall:.1f} s, "
+                 f"{used / wall if wall > 0 else 0.0:.2f} of this machine's {os.cpu_count()} CPUs busy on average")
     return lines
 
 
