@@ -84,7 +84,7 @@ def test_the_table_splits_wall_time_into_cpu_and_waiting():
 def test_a_subprocess_s_cpu_is_counted_with_its_own_children(tmp_path):
     """A test that waits on a process which itself waits on a computing child (as torchrun
     waits on its ranks): the grandchild's CPU is the test's subprocess CPU."""
-    (tmp_path / "test_spawns.py").write_text(f"""
+    (tmp_path / "test_spawns.py").write_text("""
 import subprocess, sys
 BUSY = "import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.4: pass"
 def test_spawns():

@@ -11,9 +11,9 @@ names another file): ``{"worker", "nodeid", "start", "end", "cpu", "children_cpu
 seconds (``start``/``end`` since the epoch, ``cpu`` the process's user + system time during the
 test, setup and teardown included; ``children_cpu`` the user + system time of the subprocesses
 that ended and were waited for during it, their own subprocesses included, as
-``getrusage(RUSAGE_CHILDREN)`` counts them: a torchrun launch's ranks too). Waiting time that is
-not subprocess CPU either is time nothing of the test's computed: a sleep, a timeout, or a
-machine busy with the other worker. The controlling process empties the file when the run starts
+``getrusage(RUSAGE_CHILDREN)`` counts them: a torchrun launch's ranks too). Waiting time not
+covered by that CPU is time in which nothing the test started computed: a sleep, a timeout, or
+a machine busy with the other worker. The controlling process empties the file when the run starts
 and prints the table after the run. Standard library only; it changes no test's outcome.
 """
 
