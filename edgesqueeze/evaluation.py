@@ -8,6 +8,7 @@ epoch, compression after each stage, verification for its reference. Deployment 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgesqueeze._io import sha256_file
+from edgesqueeze._progress import Progress, bar
 from edgesqueeze.checkpoint import load_model
 from edgesqueeze.errors import DataError
 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, *, mean, std, batch_size: int = 512,
-            channels_last: bool = False) -> torch.Tensor:
+            channels_last: bool = False, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """Logits for uint8 images ``x`` (N, C, H, W), in order, on the CPU; the model runs on
-    the device its weights are on."""
+    the device its weights are on. ``on_batch(n)`` after each batch of ``n`` images (a
+    progress bar's update)."""
     from edgesqueeze.data import batches
     from edgesqueeze.device import model_device
 
@@ -38,6 +41,8 @@ def predict(model: nn.Module, x: np.ndarray, *, mean, std, batch_size: int = 512
         if device.type != "cpu":
             xb = xb.to(device, non_blocking=True)
         outs.append(model(xb).float().cpu())
+        if on_batch is not None:
+            on_batch(len(outs[-1]))
     if not outs:
         return torch.empty(0, 0)
     return torch.cat(outs)
@@ -60,7 +65,7 @@ def accuracy_metrics(logits: torch.Tensor, y: np.ndarray | torch.Tensor) -> dict
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std, batch_size: int = 512,
-             channels_last: bool = False) -> dict[str, float]:
+             channels_last: bool = False, on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy (and the mean loss) of ``model`` on uint8 images ``x`` (N, C,
     H, W) with labels ``y``, each normalized with ``mean`` / ``std`` (one value per channel,
     on pixels scaled to 0..1). The model runs in eval mode and gets its training flag back."""
@@ -71,7 +76,8 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std, batch
         raise DataError(f"evaluate: {len(x)} images but {len(y)} labels")
     was_training = model.training
     try:
-        logits = predict(model, x, mean=mean, std=std, batch_size=batch_size, channels_last=channels_last)
+        logits = predict(model, x, mean=mean, std=std, batch_size=batch_size, channels_last=channels_last,
+                         on_batch=on_batch)
     finally:
         model.train(was_training)
     if len(y) and (int(np.min(y)) < 0 or int(np.max(y)) >= logits.shape[-1]):
@@ -142,9 +148,11 @@ def evaluate_file(
     default_dataset: str | None = None,
     batch_size: int = 256,
     device: str | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy and loss of the model in ``path`` on a dataset split, computed on
-    ``device`` (``edgesqueeze.device``; default auto)."""
+    ``device`` (``edgesqueeze.device``; default auto); ``progress``: a bar over the images
+    (:mod:`edgesqueeze._progress`)."""
     from edgesqueeze.device import resolve_device
 
     dev = resolve_device(device)
@@ -179,7 +187,8 @@ def evaluate_file(
 
     check_fits(loaded.model, ds.input_shape, source=path, data=ds.name, num_classes=ds.num_classes)
     check_class_names(meta.get("classes"), ds, path)
-    metrics = evaluate(loaded.model.to(dev), x, y, mean=mean, std=std, batch_size=batch_size)
+    with bar(progress, f"{Path(path).name} ({split})", len(x)) as update:
+        metrics = evaluate(loaded.model.to(dev), x, y, mean=mean, std=std, batch_size=batch_size, on_batch=update)
     return {"model": str(path), "dataset": ds.name, "split": split, **metrics, "normalization": how}
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgesqueeze._progress import Progress, bar
 from edgesqueeze.budget import rows_from_report  # noqa: F401 - its home is numpy-free, for check
 from edgesqueeze.errors import DataError, EdgesqueezeError, FormatError
 
@@ -178,7 +179,7 @@ def _check_classes(scores: np.ndarray, ds, classes: list | None, source: str) ->
     check_class_names(classes, ds, source)
 
 
-def _torch_scores(loaded, path: Path, x: np.ndarray, ds) -> np.ndarray:
+def _torch_scores(loaded, path: Path, x: np.ndarray, ds, progress: Progress | None = None) -> np.ndarray:
     """The scores of ``loaded`` (a :class:`~edgesqueeze.checkpoint.LoadedModel`) on ``x``, fed
     as it was trained (its normalization, else the dataset's)."""
     from edgesqueeze.evaluation import input_normalization, predict
@@ -186,19 +187,30 @@ def _torch_scores(loaded, path: Path, x: np.ndarray, ds) -> np.ndarray:
 
     check_fits(loaded.model, ds.input_shape, source=path, data=ds.name)  # one line, not a conv's traceback
     mean, std, _ = input_normalization(loaded.meta, ds)
-    return predict(loaded.model, x, mean=mean, std=std, batch_size=256).numpy()
+    with bar(progress, path.name, len(x)) as update:
+        return predict(loaded.model, x, mean=mean, std=std, batch_size=256, on_batch=update).numpy()
 
 
-def _runtime_scores(art, x) -> np.ndarray:
+# In-memory test images go to a runtime in parts of this many, a progress bar's step: a whole
+# number of predict_images' batches (32), so every batch holds the images it held in one call.
+_PART = 512
+
+
+def _runtime_scores(art, x, path: Path | None = None, progress: Progress | None = None) -> np.ndarray:
     """``art``'s scores on uint8 images ``x``. A test split streamed from disk
     (:class:`~edgesqueeze.data.stream.LazyImages`: an image folder, ImageNet's val/) is
     decoded batch by batch in DataLoader workers, so memory holds a batch of images, not the
     split (the scores, N x classes float32, are kept)."""
     from edgesqueeze.data.stream import is_lazy, uint8_batches
 
-    if not is_lazy(x):
+    if not is_lazy(x) and not len(x):
         return np.asarray(art.predict_images(x), dtype=np.float32)
-    parts = [np.asarray(art.predict_images(batch), dtype=np.float32) for batch in uint8_batches(x)]
+    with bar(progress, path.name if path else "images", len(x)) as update:
+        parts = []
+        for images in uint8_batches(x) if is_lazy(x) else (x[i:i + _PART] for i in range(0, len(x), _PART)):
+            parts.append(np.asarray(art.predict_images(images), dtype=np.float32))
+            if update is not None:
+                update(len(images))
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
@@ -231,7 +243,8 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
                        threads: int | None = None, latency: bool = False,
                        arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
                        trust_pickle: bool = False, input_meta: dict[str, Any] | None = None,
-                       default_dataset: str | None = None, log: Log = print) -> dict[str, Any]:
+                       default_dataset: str | None = None, log: Log = print,
+                       progress: Progress | None = None) -> dict[str, Any]:
     """Measure every artifact on the test split through its runtime; one row each.
 
     The float reference is ``reference`` or else the first ``.pt`` among ``paths``: its
@@ -240,7 +253,8 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     them as not measured, never as a pass), so one bad file does not hide the others.
     ``arch`` / ``arch_kwargs`` / ``trust_pickle`` / ``input_meta`` / ``default_dataset``: how to read ``.pt`` files
     that do not describe themselves (plain state_dicts, pickles, TorchScript, ``.pt2``), as
-    for ``load_model``; edgesqueeze checkpoints know their own.
+    for ``load_model``; edgesqueeze checkpoints know their own. ``progress``: a bar per file
+    over its test images (:mod:`edgesqueeze._progress`; the CLI's draws on standard error).
 
     Returns ``dataset`` (as given), ``datasets`` (the names of the test splits used),
     ``reference``, ``reference_accuracy`` and ``artifacts`` (the rows).
@@ -268,7 +282,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         how = input_normalization(ref_meta, ds)[2]
         if how.startswith("measured"):
             log(f"note: {ref_path}: input normalization {how}")
-        ref_scores = _torch_scores(ref_loaded, ref_path, x, ds)
+        ref_scores = _torch_scores(ref_loaded, ref_path, x, ds, progress)
         del ref_loaded
         _check_classes(ref_scores, ds, ref_meta.get("classes"), str(ref_path))
         ref_acc = float((ref_scores.argmax(1) == y).mean())
@@ -281,7 +295,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
                                "warning": None, "error": None}
         try:
             row.update(_evaluate_one(path, data, ref_scores, threads=threads, latency=latency,
-                                     model_args=model_args))
+                                     model_args=model_args, progress=progress))
             recorded = row.pop("_meta_reference", None)
             if row["reference_accuracy"] is None and recorded is not None:
                 if data.subset:  # measured on all the test images: a drop against it mixes two sets
@@ -353,7 +367,8 @@ def _safe_sniff(path: Path) -> str | None:
         return None
 
 
-def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, model_args) -> dict[str, Any]:
+def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, model_args,
+                  progress: Progress | None = None) -> dict[str, Any]:
     if path.is_dir():
         raise FormatError(f"{path}: is a folder, not a model file; pass the files in it ({path}/*)")
     from edgesqueeze._io import not_a_file
@@ -380,7 +395,7 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
             expected = meta.get("weights_sha256")
             out["decode_check"] = None if expected is None else state_digest(loaded.model.state_dict()) == expected
         ds, x, y = data.get(meta.get("dataset"), meta.get("input_shape"), str(path))
-        scores = _torch_scores(loaded, path, x, ds)
+        scores = _torch_scores(loaded, path, x, ds, progress)
         _check_classes(scores, ds, meta.get("classes"), str(path))
         out["_meta_reference"] = ((meta.get("metrics") or {}).get("test") or {}).get("accuracy") \
             if kind == "pt" else meta.get("reference_accuracy")
@@ -408,7 +423,7 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
             raise FormatError(f"{path}: has no edgesqueeze metadata, so its input normalization is unknown; "
                               "give it with --mean and --std (and --classes), or export it with "
                               "`edgesqueeze export`")
-        scores = _runtime_scores(art, x)
+        scores = _runtime_scores(art, x, path, progress)
         _check_classes(scores, ds, art.classes, str(path))
         if art.backend == "tflite-micro":  # the RAM a microcontroller needs beside the file's flash
             out["arena_bytes"] = art.arena_bytes

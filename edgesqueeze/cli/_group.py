@@ -495,3 +495,23 @@ def device_option(fn=None, *, what: str = ""):
 
 def _progress_default() -> bool:
     return sys.stderr.isatty()
+
+
+# --progress/--no-progress of the commands that evaluate test images (verify, check, eval)
+progress_option = click.option(
+    "--progress/--no-progress", default=None,
+    help="A bar per file over its test images, on standard error [default: on a terminal].")
+
+
+def progress_bars(show: bool | None):
+    """The factory :mod:`edgesqueeze._progress` describes, drawing click bars on standard
+    error, or None when ``show`` is False (None: when standard error is a terminal)."""
+    if not (_progress_default() if show is None else show):
+        return None
+
+    @contextlib.contextmanager
+    def factory(label: str, total: int):
+        with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+            yield bar.update
+
+    return factory

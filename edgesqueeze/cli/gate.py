@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from edgesqueeze.cli._group import PathType, check_dataset_option, cli, model_options, names_a_folder, threads_option
+from edgesqueeze.cli._group import (PathType, check_dataset_option, cli, model_options, names_a_folder, progress_bars,
+                                    progress_option, threads_option)
 
 
 def _is_report(path: Path) -> bool:
@@ -191,6 +192,7 @@ def _with_budget_options(fn):
               help="Use a seeded subset of at most N test images, each class in proportion (eval's --limit).")
 @threads_option()
 @click.option("--latency", is_flag=True, help="Also measure batch-1 latency (p50).")
+@progress_option
 @model_options(recipe_help="Recipe whose 'budget' section to check against (options override it); its 'model' "
                            "section stands for --arch.", set_example="budget.max_size=500KB")
 @_with_budget_options
@@ -199,8 +201,8 @@ def _with_budget_options(fn):
                    "a folder (existing, or given with a trailing /) gets verify.json in it "
                    "[default: verify.json beside the first file].")
 @click.pass_context
-def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, model_opts, max_size, max_size_for,
-           min_accuracy, max_drop, min_agreement, out_path):
+def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, progress, model_opts, max_size,
+           max_size_for, min_accuracy, max_drop, min_agreement, out_path):
     """Evaluate artifacts on the test split through their own runtimes.
 
     .onnx runs in onnxruntime, .tflite in LiteRT (a TensorFlow Lite Micro compressed
@@ -261,7 +263,7 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
     remove_stale_temps(out.parent, lambda m: click.echo(m), names={p.name for p in outputs})
     report = evaluate_artifacts(list(paths), dataset=dataset, data_dir=data_dir or model_opts.data_dir,
                                 reference=reference, limit=limit, threads=threads, latency=latency, log=lambda m: click.echo(m),
-                                **model_opts.load_kwargs())
+                                progress=progress_bars(progress), **model_opts.load_kwargs())
     report["machine"] = machine_info(threads)
     report["written_from"] = os.getcwd()  # the artifacts' relative paths start here (check finds them)
     verdicts = None if budget.is_empty() else check(report["artifacts"], budget)
@@ -291,6 +293,7 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
               help="Float model (.pt) for agreement and drop [default: the first .pt given].")
 @click.option("--limit", type=click.IntRange(min=1),
               help="Use a seeded subset of at most N test images, each class in proportion (eval's --limit).")
+@progress_option
 @click.option("--json", "json_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write verdicts as JSON ('-': standard output, and the table goes to standard error).")
 @click.option("--junit", "junit_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
@@ -302,7 +305,7 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, mo
                            "'model' section stands for --arch.", set_example="budget.max_size=500KB")
 @click.pass_context
 def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreement, dataset, data_dir, reference,
-          limit, json_path, junit_path, md_path, model_opts):
+          limit, progress, json_path, junit_path, md_path, model_opts):
     """The CI gate: exit 0 when every budget holds, 1 when one is broken, 2 on bad input.
 
     PATHS are report.json files (from `verify` or `compress`: nothing is re-run) or
@@ -361,7 +364,8 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         from edgesqueeze.verify import evaluate_artifacts  # numpy and the runtimes: only for files to measure
 
         report = evaluate_artifacts(files, dataset=dataset, data_dir=data_dir or model_opts.data_dir,
-                                    reference=reference, limit=limit, log=lambda m: click.echo(m, err=True), **model_opts.load_kwargs())
+                                    reference=reference, limit=limit, log=lambda m: click.echo(m, err=True),
+                                    progress=progress_bars(progress), **model_opts.load_kwargs())
         rows.extend(report["artifacts"])
     verdicts = run_check(rows, budget)
     click.echo(verdicts_table(verdicts), err=bool(to_stdout))  # stdout is the machine-readable output then

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from edgesqueeze.cli._group import (FiniteRange, PathType, _progress_default, check_dataset_option, cli,
-                                    device_option, model_options)
+                                    device_option, model_options, progress_bars, progress_option)
 
 
 @cli.command()
@@ -90,9 +90,10 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 @model_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@progress_option
 @device_option
 def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, image_size, model_opts, batch_size,
-             as_json, device):
+             as_json, progress, device):
     """Accuracy of a PyTorch model file on a dataset split: a checkpoint, state_dict (--arch),
     TorchScript, torch.export .pt2, pickle (--trust-pickle) or .esq archive. Exported .onnx and
     .tflite files are measured by `edgesqueeze verify` (through their runtimes).
@@ -112,7 +113,7 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
         seed = model_opts.recipe.seed
     metrics = evaluate_file(model_path, dataset=dataset, split=split, data_dir=data_dir or model_opts.data_dir,
                             val_fraction=val_fraction, seed=seed, limit=limit, image_size=image_size,
-                            batch_size=batch_size, device=device,
+                            batch_size=batch_size, device=device, progress=progress_bars(progress),
                             **model_opts.load_kwargs())
     if as_json:  # strict JSON: a diverged model's NaN loss is null, not the NaN no parser but Python's reads
         click.echo(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v

@@ -1,0 +1,93 @@
+"""Progress bars over test images (``verify``, ``check``, ``eval``: --progress/--no-progress):
+drawn on standard error, per file, without changing a single score."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _shared_fixture import half_width_digits  # noqa: E402
+
+from edgesqueeze.cli import cli  # noqa: E402
+
+
+def _recorder():
+    """A progress factory (:mod:`edgesqueeze._progress`) that records its bars' labels, totals and updates."""
+    bars = []
+
+    @contextlib.contextmanager
+    def factory(label, total):
+        bars.append((label, total, []))
+        yield bars[-1][2].append
+
+    return factory, bars
+
+
+def test_runtime_scores_in_parts_are_the_scores_of_one_call(tmp_path):
+    """A real onnxruntime session over 1,100 images: in parts of whole batches, with a bar's
+    updates adding up to every image, the scores are those of one predict_images call."""
+    from edgesqueeze import runtime
+    from edgesqueeze.verify import _PART, _runtime_scores
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})
+    art = runtime.load(path)
+    x = np.random.default_rng(0).integers(0, 256, (2 * _PART + 76, 1, 8, 8), dtype=np.uint8)
+    factory, bars = _recorder()
+    scores = _runtime_scores(art, x, path, factory)
+    np.testing.assert_array_equal(scores, art.predict_images(x))
+    assert bars == [("tiny.onnx", len(x), [_PART, _PART, 76])]
+    np.testing.assert_array_equal(_runtime_scores(art, x), scores)  # no bar: the same
+    assert _runtime_scores(art, x[:0]).shape[0] == 0
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return half_width_digits(tmp_path_factory)
+
+
+def test_verify_draws_a_bar_per_file_on_stderr_and_the_report_is_the_same(model, tmp_path):
+    runs = {}
+    for flag in ("--progress", "--no-progress"):
+        out = tmp_path / flag.strip("-") / "verify.json"
+        res = CliRunner().invoke(cli, ["verify", str(model), "--out", str(out), flag], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        runs[flag] = (res, json.loads(out.read_text())["artifacts"])
+    shown, quiet = runs["--progress"][0], runs["--no-progress"][0]
+    # off a terminal click draws a bar as its label alone, once
+    assert "model.pt" in shown.stderr.splitlines() and "model.pt" not in quiet.stderr.splitlines(), shown.stderr
+    assert "model.pt" not in shown.stdout.splitlines() and "accuracy" in shown.stdout  # not among the report lines
+    assert [r["accuracy"] for r in runs["--progress"][1]] == [r["accuracy"] for r in runs["--no-progress"][1]]
+
+
+def test_eval_and_check_take_the_option_too(model):
+    res = CliRunner().invoke(cli, ["eval", str(model), "--progress"], catch_exceptions=False)
+    assert res.exit_code == 0 and "model.pt (test)" in res.stderr.splitlines() and "top-1" in res.stdout, res.output
+    quiet = CliRunner().invoke(cli, ["eval", str(model), "--no-progress"], catch_exceptions=False)
+    assert quiet.exit_code == 0 and "model.pt (test)" not in quiet.stderr.splitlines()
+    assert quiet.stdout.splitlines()[-1] == res.stdout.splitlines()[-1]  # the same metrics
+    gates = {flag: CliRunner().invoke(cli, ["check", str(model), "--min-accuracy", "0.5", flag],
+                                      catch_exceptions=False) for flag in ("--progress", "--no-progress")}
+    assert all(g.exit_code == 0 for g in gates.values()), gates["--progress"].output
+    assert "model.pt" in gates["--progress"].stderr.splitlines()
+    assert "model.pt" not in gates["--no-progress"].stderr.splitlines()
+
+
+def test_docstring_example():
+    import doctest
+
+    import edgesqueeze._progress as progress
+
+    result = doctest.testmod(progress)
+    assert result.attempted > 0 and result.failed == 0
