@@ -91,3 +91,27 @@ def test_docstring_example():
 
     result = doctest.testmod(progress)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_run_draws_its_bar_when_asked_and_classifies_the_same(tmp_path):
+    """``run`` over more images than one batch: --progress draws its bar on stderr (off a
+    terminal, its label), --no-progress none; the classes printed are the same."""
+    from PIL import Image
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    model = tmp_path / "tiny.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(model), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})
+    rng = np.random.default_rng(1)
+    images = []
+    for i in range(40):
+        images.append(tmp_path / f"img{i:02d}.png")
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(images[-1])
+    runs = {flag: CliRunner().invoke(cli, ["run", str(model), *map(str, images), "-b", "16", "--json", flag],
+                                     catch_exceptions=False) for flag in ("--progress", "--no-progress")}
+    assert all(r.exit_code == 0 for r in runs.values()), runs["--progress"].output
+    assert "classifying" in runs["--progress"].stderr.splitlines()
+    assert "classifying" not in runs["--no-progress"].stderr.splitlines()
+    assert json.loads(runs["--progress"].stdout) == json.loads(runs["--no-progress"].stdout)
+    assert len(json.loads(runs["--progress"].stdout)) == 40

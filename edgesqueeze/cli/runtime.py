@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -46,7 +47,9 @@ def inspect(path, as_json, model_opts):
               "0.485,0.456,0.406 (with --std).")
 @click.option("--std", metavar="LIST", help="For a file without edgesqueeze metadata: the per-channel std (with "
               "--mean).")
-def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std):
+@click.option("--progress/--no-progress", default=None,
+              help="A bar over the images on standard error, for more than one batch [default: on a terminal].")
+def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std, progress):
     """Classify image files with an .onnx or .tflite artifact, or a packed .onnx.esq /
     .tflite.esq (no PyTorch needed).
 
@@ -82,9 +85,8 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std):
         click.echo(f"note: {model_path} has no edgesqueeze metadata: its pixels are fed scaled to 0..1 with no "
                    "mean/std normalization; give --mean and --std if it was trained with them", err=True)
     results = {}
-    err = click.get_text_stream("stderr")
-    show = len(paths) > batch_size and err.isatty()  # a bar on a terminal, for more than one batch
-    with (click.progressbar(length=len(paths), label="classifying", file=err, show_pos=True) if show
+    show = len(paths) > batch_size and (sys.stderr.isatty() if progress is None else progress)
+    with (click.progressbar(length=len(paths), label="classifying", file=sys.stderr, show_pos=True) if show
           else contextlib.nullcontext()) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
