@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import PathType, cli, model_options, threads_option
+from edgesqueeze.cli._group import PathType, cli, model_options, progress_bars, threads_option
 from edgesqueeze.errors import DataError
 
 
@@ -85,9 +83,10 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std, 
         click.echo(f"note: {model_path} has no edgesqueeze metadata: its pixels are fed scaled to 0..1 with no "
                    "mean/std normalization; give --mean and --std if it was trained with them", err=True)
     results = {}
-    show = len(paths) > batch_size and (sys.stderr.isatty() if progress is None else progress)
-    with (click.progressbar(length=len(paths), label="classifying", file=sys.stderr, show_pos=True) if show
-          else contextlib.nullcontext()) as bar:
+    from edgesqueeze._progress import bar
+
+    # a bar for more than one batch, drawn by the factory verify, check and eval use
+    with bar(progress_bars(progress) if len(paths) > batch_size else None, "classifying", len(paths)) as update:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             scores = art.predict_images(load_images(chunk, shape, resize=art.meta.get("resize")),
@@ -98,8 +97,8 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std, 
                                     "ranked (a float model whose weights hold NaN, or --mean/--std far from its own)")
                 results[img] = [{"index": i, "class": name, "probability": round(p, 5)}
                                 for i, name, p in topk(row, top_k, art.classes)]
-            if bar is not None:
-                bar.update(len(chunk))
+            if update is not None:
+                update(len(chunk))
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
