@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -364,6 +365,11 @@ def apply_input_meta(meta: dict[str, Any], given: dict[str, Any] | None, *, sour
                                  f"{value}; leave the option out for a file that describes its inputs")
         out[key] = value
     _check_channels(out, given, source, out.get("input_shape"))
+    lone = [k for k in ("mean", "std") if k in given and out.get("std" if k == "mean" else "mean") is None]
+    if lone:  # it was dropped: the dataset's pair was used, and the note asked for the very option given
+        other = "std" if lone[0] == "mean" else "mean"
+        raise ModelError(f"{source}: --{lone[0]} is given but no {other} (the file records none): give --mean and "
+                         "--std together, one value per input channel each")
     if given:
         out["input_meta_given"] = sorted(set(out.get("input_meta_given", [])) | set(given))
     return out
@@ -720,17 +726,26 @@ def _unpickle(path: Path, arch: str | None = None) -> Any:
     kwargs: dict[str, Any] = {}
     if is_import_spec(arch):
         cls = resolve(arch)
+        # the module --arch names: a class the pickle takes from a module not importable here
+        # (nets.Net and its nets.Block, pickled elsewhere, or from a script's __main__) is
+        # looked up there by name, not only the one class --arch names
+        home = sys.modules.get(getattr(cls, "__module__", ""))
+
+        def _in_home(name):
+            if name == getattr(cls, "__name__", None):
+                return cls
+            found = getattr(home, name, None)
+            return found if isinstance(found, type) or callable(found) else None
 
         class _Relocating(pickle.Unpickler):
             def find_class(self, module, name):
-                ours = name == getattr(cls, "__name__", None)
-                if module == "__main__" and ours:
-                    return cls
+                if module == "__main__" and _in_home(name) is not None:
+                    return _in_home(name)
                 try:
                     return super().find_class(module, name)
                 except (ModuleNotFoundError, AttributeError):
-                    if ours:  # pickled from a module not importable here (nets.Net, run elsewhere)
-                        return cls
+                    if _in_home(name) is not None:
+                        return _in_home(name)
                     raise
 
         kwargs["pickle_module"] = types.SimpleNamespace(**{**vars(pickle), "Unpickler": _Relocating})

@@ -52,7 +52,7 @@ def test_a_mean_or_std_with_the_wrong_channel_count_is_refused(state_dict_file, 
     """info took --mean 0.5,0.5 for a 1-channel model and showed it; eval/export would fail
     later (or normalise with a broadcast). The count is known from the architecture as built
     or from --input-shape, and mean and std must have the same count."""
-    res = _run("info", state_dict_file, "--arch", "squeezenet_mnist", "--mean", "0.5,0.5", *extra)
+    res = _run("info", state_dict_file, "--arch", "squeezenet_mnist", "--mean", "0.5,0.5", "--std", "0.2,0.2", *extra)
     assert res.exit_code == 2, res.output
     assert "--mean gives 2 values for an input of 1 channel" in res.output and "Traceback" not in res.output
     res = _run("info", state_dict_file, "--arch", "squeezenet_mnist", "--mean", "0.5", "--std", "0.2,0.2", *extra)
@@ -61,6 +61,23 @@ def test_a_mean_or_std_with_the_wrong_channel_count_is_refused(state_dict_file, 
             or "--std gives 2 values for an input of 1 channel" in res.output), res.output
     ok = _run("info", state_dict_file, "--arch", "squeezenet_mnist", "--mean", "0.5", "--std", "0.2", *extra)
     assert ok.exit_code == 0 and "[0.5]" in ok.output, ok.output
+
+
+@pytest.mark.parametrize("given", [["--mean", "0.9"], ["--std", "0.05"], ["--mean", "0.3,0.3"]])
+@pytest.mark.parametrize("command", [["eval", "--data", "digits", "--limit", "20"], ["info"],
+                                     ["export", "-f", "onnx", "--data", "digits"]])
+def test_a_mean_without_a_std_or_a_std_without_a_mean_is_refused(state_dict_file, tmp_path, command, given):
+    """--mean alone was dropped without a word: the dataset's mean and std were used, and the
+    note that said so asked for --mean/--std (eval at 98% with --mean 0.9 alone, 10% with
+    --std 0.1 added; export recorded the dataset's values). Now one line, exit 2, nothing written."""
+    out = ["--out", tmp_path / "e"] if command[0] == "export" else []
+    res = _run(*command, state_dict_file, "--arch", "squeezenet_mnist", *given, *out)
+    assert res.exit_code == 2, res.output
+    said = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    other = "std" if given[0] == "--mean" else "mean"
+    assert len(said) == 1 and f"{given[0]} is given but no {other}" in said[0], res.output
+    assert "give --mean and --std together" in said[0] and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_damaged_file_is_not_offered_the_trust_pickle_advice(tmp_path):

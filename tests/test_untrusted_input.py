@@ -398,20 +398,41 @@ if __name__ == "__main__":
 
 def test_a_model_pickled_from_a_module_not_importable_here_loads_with_arch_naming_its_file(tmp_path):
     """``nets.Net`` pickled beside ``nets.py`` and read from another folder: ``--arch
-    path/to/nets.py:Net`` was ignored (only ``__main__`` classes were relocated)."""
+    path/to/nets.py:Net`` was ignored (only ``__main__`` classes were relocated). Its other
+    classes (``nets.Block``, a submodule of ``Net``) were not looked up there either, so the
+    advice the error gave (pass --arch) failed with the same error."""
     import subprocess
 
     src = tmp_path / "src"
     src.mkdir()
-    (src / "nets.py").write_text(MODULE.replace('Path(__file__).with_name("imported").touch()', ""))
-    subprocess.run([sys.executable, "-c", "import torch, nets; torch.manual_seed(0); torch.save(nets.Net(), 'whole.pt')"],
-                   cwd=src, check=True)
+    (src / "nets.py").write_text(MODULE.replace('Path(__file__).with_name("imported").touch()', "") + """
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class Deep(Net):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        return super().forward(self.block(x))
+""")
+    subprocess.run([sys.executable, "-c", "import torch, nets; torch.manual_seed(0); torch.save(nets.Net(), 'whole.pt');"
+                    " torch.save(nets.Deep(), 'deep.pt')"], cwd=src, check=True)
     one_error(cli_run("eval", src / "whole.pt", "--trust-pickle", "--data", "digits", cwd=tmp_path),
               "No module named 'nets'", "--arch path/to/file.py:Class")
-    res = cli_run("eval", src / "whole.pt", "--trust-pickle", "--arch", f"{src / 'nets.py'}:Net", "--data", "digits",
-                  "--limit", "20", "--json", cwd=tmp_path)
-    assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["n"] == 20
+    for name, cls in (("whole.pt", "Net"), ("deep.pt", "Deep")):
+        res = cli_run("eval", src / name, "--trust-pickle", "--arch", f"{src / 'nets.py'}:{cls}", "--data", "digits",
+                      "--limit", "20", "--json", cwd=tmp_path)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["n"] == 20
 
 
 def test_a_run_that_does_not_prune_says_an_old_pruned_pt_is_not_its_own(tmp_path):
