@@ -46,8 +46,12 @@ def gzip_size(path: Path | bytes) -> int:
 def sniff(path: Path) -> str:
     """What a file is, from its bytes: esq (a checkpoint archive), packed (an .onnx.esq or
     .tflite.esq the runtime runs), pt (a zip or legacy pickle), tflite, or onnx (the rest)."""
+    from edgesqueeze._io import not_a_file
     from edgesqueeze.runtime._base import sniff as sniff_head
 
+    why = not_a_file(path)  # a pipe read here would give its later bytes to the reader after it
+    if why:
+        raise FormatError(f"{path}: {why}")
     try:
         with open(path, "rb") as fh:
             head = fh.read(64)
@@ -55,7 +59,7 @@ def sniff(path: Path) -> str:
         raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     what = sniff_head(head)
     if what == "empty":
-        raise FormatError(f"{path}: empty file")
+        raise FormatError(f"{path}: file is empty (0 bytes); re-export it or copy it again")
     if what == "esq":
         from edgesqueeze.format import container
         from edgesqueeze.format.packed import is_packed

@@ -603,6 +603,8 @@ def _check_packed_meta(meta):
         raise _err("meta.packed: missing (not a packed file)")
     if not isinstance(p.get("name"), str) or not p["name"]:
         raise _err("meta.packed.name: missing")
+    if p["name"] in (".", "..") or len(p["name"]) > 255 or any(c in p["name"] for c in "/\\\0"):
+        raise _err("meta.packed.name: not a plain file name")
     if not isinstance(p.get("format"), str):  # any string (edgesqueeze writes onnx, onnx-int8, ...)
         raise _err(f"meta.packed.format: {p.get('format')!r}")
     if not _is_int(p.get("bytes")) or not 0 <= p["bytes"] < 2**34:

@@ -191,14 +191,18 @@ def test_a_pt_file_with_a_changed_byte_is_refused(files, tmp_path):
 
 
 def test_a_pipe_is_named_as_one_and_a_reseal_of_a_misnamed_file_is_refused(files, tmp_path):
-    """``inspect <(cat model.onnx)`` said "no such file" (run: "not the bytes exported"), and
+    """``inspect <(cat model.onnx)`` said "no such file" (run: "not the bytes exported"; unpack
+    and bench: a damaged file, "copy the file again"), and
     reseal said a TFLite file named .onnx "already matches" where run refuses it."""
     import os
 
     _, onnx = files
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    for command in (["inspect", fifo], ["info", fifo], ["run", fifo, onnx], ["verify", fifo, "--out", tmp_path / "v.json"]):
+    # unpack and bench read a file's first bytes to tell its kind, then the file again: from a
+    # pipe the second read got later bytes, and a good file was called damaged
+    for command in (["inspect", fifo], ["info", fifo], ["run", fifo, onnx], ["verify", fifo, "--out", tmp_path / "v.json"],
+                    ["unpack", fifo, "-o", tmp_path / "u.onnx"], ["bench", fifo, "--runs", "1"]):
         res = _run(*command)
         assert res.exit_code == 2 and "is a pipe or a device, not a file" in res.output, (command, res.output)
     tflite = tmp_path / "m.tflite"
@@ -249,3 +253,19 @@ def test_a_run_stopped_after_its_first_file_leaves_no_earlier_report_beside_it(f
     assert res.exit_code == 2 and "No space left on device" in res.output, res.output
     left = {p.name: p.read_bytes() for p in out.iterdir()}
     assert list(left) == [names[0]] and left[names[0]] != b"an earlier run's", left
+
+
+@pytest.mark.parametrize("name", ["model.int8.tflite.esq", "model.esq", "model.pt"])
+def test_an_empty_file_says_what_to_do_in_every_command(tmp_path, name):
+    """unpack, inspect, bench, info and export said only "X: empty file"; run said to re-export
+    it or copy it again. Every command now says what to do, in one line."""
+    empty = tmp_path / name
+    empty.write_bytes(b"")
+    for command in (["unpack", empty, "-o", tmp_path / "u"], ["inspect", empty], ["bench", empty, "--runs", "1"],
+                    ["info", empty], ["export", empty, "-f", "onnx", "--out", tmp_path / "x"],
+                    ["eval", empty, "--data", "digits", "--limit", "5"]):
+        res = _run(*command)
+        said = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert res.exit_code == 2 and len(said) == 1, (command, res.output)
+        assert f"{empty}: file is empty (0 bytes);" in said[0] and "again" in said[0], (command, res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

@@ -200,6 +200,11 @@ _fraction_in_int8_codebook = _int8_codebook_value(0.5)
     (_int8_codebook_value(np.inf), "section t0: values do not fit int8"),
     (_int8_codebook_value(200.0), "section t0: values do not fit int8"),
     (lambda m, s: s["t0"][1].update(enc="raw"), "not a coded tensor"),
+    (lambda m, s: s["skeleton"][1].update(enc="raw"), 'section skeleton: info.enc must be "skeleton"'),
+    # the name a reader writes the inner file under (unpack's default): a traceback for a NUL,
+    # "a folder is in the way" for . and .., a temporary folder named for .. in inspect
+    *[(lambda m, s, bad=bad: m["packed"].update(name=bad), "meta.packed.name: .* is not a plain file name")
+      for bad in (".", "..", "/", "a/b.onnx", "..\\x.onnx", "x\0.tflite", "x" * 256)],
 ])
 def test_inconsistent_headers_are_refused(packed, edit, match):
     _, blob, _ = packed

@@ -479,3 +479,13 @@ def test_the_c_decoder_written_from_format_md_gives_every_packed_file_back(expor
                                text=True)
             assert r.returncode == 2 and r.stderr.startswith("FormatError: "), (p.name, name, r.stderr)
             assert not (tmp_path / "bad").exists()
+    from test_reference_decoder import BAD_NAMES, _renamed
+
+    for bad in BAD_NAMES:  # the name a reader writes the inner file under: a plain file name
+        (tmp_path / "named").write_bytes(_renamed(packed[0].read_bytes(), lambda m, s: m["packed"].update(name=bad)))
+        r = subprocess.run([str(c_decoder), str(tmp_path / "named"), str(tmp_path / "bad")], capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and "meta.packed.name must be a plain file name" in r.stderr, (bad, r.stderr)
+    (tmp_path / "sk").write_bytes(_renamed(packed[0].read_bytes(), lambda m, s: s["skeleton"][1].update(enc="raw")))
+    r = subprocess.run([str(c_decoder), str(tmp_path / "sk"), str(tmp_path / "bad")], capture_output=True, text=True)
+    assert r.returncode == 2 and 'enc must be "skeleton"' in r.stderr, r.stderr

@@ -287,6 +287,37 @@ def test_packed_synthetic(synthetic):
     assert any(i.get("enc") == "product" for i in infos["product"])
 
 
+def _renamed(blob: bytes, edit) -> bytes:
+    arc = container.loads(blob)
+    meta, secs = json.loads(json.dumps(arc.meta)), {k: (d, dict(i)) for k, (d, i) in arc.sections.items()}
+    edit(meta, secs)
+    return container.dumps(meta, [(k, d, i) for k, (d, i) in secs.items()])
+
+
+BAD_NAMES = (".", "..", "/", "sub/model.onnx", "..\\model.onnx", "model\0.tflite", "m" * 256)
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_a_packed_name_that_is_not_a_plain_file_name_is_refused_by_both_readers(synthetic, bad):
+    """``meta.packed.name`` is the name a reader writes the inner file under (unpack's
+    default): FORMAT.md makes it a plain file name, and both readers refuse any other."""
+    blob = _renamed(synthetic["plain"], lambda m, s: m["packed"].update(name=bad))
+    with pytest.raises(ValueError, match="meta.packed.name"):
+        ref.unpack_packed(blob)
+    with pytest.raises(FormatError, match="meta.packed.name"):
+        packed.unpack(blob)
+    ok = _renamed(synthetic["plain"], lambda m, s: m["packed"].update(name="m" * 255))
+    assert ref.unpack_packed(ok) == packed.unpack(ok)
+
+
+def test_a_skeleton_section_of_another_enc_is_refused_by_both_readers(synthetic):
+    blob = _renamed(synthetic["plain"], lambda m, s: s["skeleton"][1].update(enc="raw"))
+    with pytest.raises(ValueError, match="skeleton"):
+        ref.unpack_packed(blob)
+    with pytest.raises(FormatError, match='info.enc must be "skeleton"'):
+        packed.unpack(blob)
+
+
 def test_checkpoint_is_not_a_packed_file():
     data = (DATA / "v2-small.esq").read_bytes()
     with pytest.raises(ValueError, match="meta.packed"):

@@ -500,7 +500,16 @@ def packed_info(archive: container.Archive) -> dict[str, Any]:
     if not ok:
         raise FormatError(f"meta.packed: needs name (non-empty), format, bytes (an integer, 0 to 2**34) and "
                           f"sha256 (64 lowercase hex digits), got {info!r}")
+    if not plain_file_name(info["name"]):  # readers write the inner file under it (unpack's default -o)
+        raise FormatError(f"meta.packed.name: {info['name']!r} is not a plain file name (one without /, \\ or "
+                          "NUL, not . or .., at most 255 characters); a damaged or hand-made file")
     return info
+
+
+def plain_file_name(name: str) -> bool:
+    """Whether ``name`` can be a file's name in any folder: not empty, ``.`` or ``..``, at
+    most 255 characters, without ``/``, ``\\`` or NUL (FORMAT.md, ``meta.packed.name``)."""
+    return 0 < len(name) <= 255 and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def layout(archive: container.Archive) -> dict[str, Any]:
@@ -716,7 +725,10 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
     if SKELETON not in archive.sections:
         raise FormatError("packed file without a skeleton section")
     sk = archive.sections[SKELETON][1]
-    n_sk = sk.get("n") if isinstance(sk, dict) else None
+    if not isinstance(sk, dict) or sk.get("enc") != "skeleton":  # FORMAT.md: exactly this enc
+        raise FormatError(f"section {SKELETON}: info.enc must be \"skeleton\", got "
+                          f"{sk.get('enc') if isinstance(sk, dict) else sk!r}")
+    n_sk = sk.get("n")
     if not isinstance(n_sk, int) or isinstance(n_sk, bool) or not 0 <= n_sk <= info["bytes"]:
         raise FormatError(f"section {SKELETON}: bad size {n_sk!r}")
     tensors, products = {}, {}

@@ -511,7 +511,7 @@ def not_torch_file(path: Path, head: bytes) -> None:
     if what in ("zip", "pickle", "esq"):
         return
     if what == "empty":
-        raise CheckpointError(f"{path}: empty file")
+        raise CheckpointError(f"{path}: file is empty (0 bytes); save or copy the model again")
     runs = "edgesqueeze inspect, verify, run and bench read it; this command takes a PyTorch model"
     hint = {"tflite": f"it is a TFLite model ({runs})",
             "hdf5": "it is an HDF5 file (a Keras model?); edgesqueeze reads PyTorch models"}.get(what)

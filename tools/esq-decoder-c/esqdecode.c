@@ -674,6 +674,13 @@ int main(int argc, char **argv) {
     if (!pk || pk->type != JT_OBJ) fail("meta.packed missing: not a packed file");
     J *pname = json_get(pk, "name"), *pfmt = json_get(pk, "format"), *pbytes = json_get(pk, "bytes"), *psha = json_get(pk, "sha256");
     if (!pname || pname->type != JT_STR || pname->slen == 0) fail("meta.packed.name must be a non-empty string");
+    {   /* a plain file name: not . or .., at most 255 characters, no '/', '\\' or NUL */
+        size_t ncp = 0;
+        for (size_t i = 0; i < pname->slen; i++) ncp += ((unsigned char)pname->s[i] & 0xC0) != 0x80;
+        if (str_is(pname, ".") || str_is(pname, "..") || ncp > 255 || memchr(pname->s, '/', pname->slen)
+            || memchr(pname->s, '\\', pname->slen) || memchr(pname->s, 0, pname->slen))
+            fail("meta.packed.name must be a plain file name");
+    }
     if (!pfmt || pfmt->type != JT_STR) fail("meta.packed.format must be a string");
     if (!is_uint(pbytes) || pbytes->u >= (1ull << 34)) fail("meta.packed.bytes must be an integer in [0, 2**34)");
     if (!hexlower(psha)) fail("meta.packed.sha256 must be 64 lowercase hex digits");
