@@ -29,7 +29,7 @@ from edgesqueeze._config import _build, _check_fields, _range
 from edgesqueeze.config.budget import Budget
 from edgesqueeze.config.compress import CompressConfig
 from edgesqueeze.config.export import ExportConfig
-from edgesqueeze.errors import RecipeError
+from edgesqueeze.errors import DataError, RecipeError
 
 
 class _Loader(yaml.SafeLoader):
@@ -237,6 +237,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:  # built in Python too: held to the recipe's rules
         _check_fields(self)
+        from edgesqueeze._datasets import check_dataset_name
+
+        try:  # on sight, naming the file and the field (training said it only when it read data)
+            check_dataset_name(self.dataset)
+        except DataError as exc:
+            raise RecipeError(f"dataset: {exc}") from None
 
 
 @dataclass(frozen=True)

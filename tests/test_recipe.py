@@ -45,6 +45,10 @@ def test_defaults_and_types():
                                             "did you mean 'sgd'?"),
         (_raw(data={"val_fraction": 1.5}), "data.val_fraction: must be >= 0 and < 1, got 1.5"),
         (_raw(data={"image_size": 2}), "data.image_size: must be >= 4 and <= 1024, got 2"),
+        # checked on sight, without torch or data: train named the field but not the file, and
+        # only once it came to read the data; eval, export and check never said it
+        (_raw(data={"dataset": "digitz"}), "data.dataset: unknown dataset 'digitz' (did you mean 'digits'?)"),
+        (_raw(data={"dataset": "imagefolder:"}), "data.dataset: dataset 'imagefolder:' needs a path"),
         (_raw(model={"kwargs": [1, 2]}), "model.kwargs: expected a mapping"),
         (_raw(train=[1, 2]), "train: expected a mapping of keys to values, got list"),
         ({"name": "x"}, "version: required key is missing"),
@@ -75,6 +79,7 @@ def test_bad_overrides(bad):
 @pytest.mark.parametrize("override, says", [
     ("trian.epochs=2", "--set trian.epochs=2: trian: unknown key; did you mean 'train'?"),
     ("train.epoch=2", "--set train.epoch=2: unknown key; did you mean 'epochs'?"),
+    ("data.dataset=mnistt", "--set data.dataset=mnistt: unknown dataset 'mnistt' (did you mean 'mnist'?)"),
     ("compress.prune.layers={features.0: 2.0}", "--set compress.prune.layers={features.0: 2.0}: "
                                                 "compress.prune.layers.features.0: must be"),
     ("compress.prune.scan=[1.5]", "--set compress.prune.scan=[1.5]: compress.prune.scan[0]: must be"),

@@ -259,13 +259,11 @@ class FiniteRange(click.FloatRange):
 def check_dataset_option(ctx, param, value):
     """``--data``'s callback: a name the loaders cannot read is a usage error before any work
     (``verify --data nosuch`` reported every file as not evaluated; ``--data ''`` fell back to
-    the default). Without PyTorch (a device install) the loader is not there to ask."""
+    the default). The names are checked without PyTorch (a device install has none)."""
     if value is None:
         return value
-    try:
-        from edgesqueeze.data.datasets import check_dataset_name
-    except ImportError:
-        return value
+    from edgesqueeze._datasets import check_dataset_name
+
     try:
         check_dataset_name(value)
     except EdgesqueezeError as exc:

@@ -14,7 +14,6 @@ readers already live apart (``_idx``, ``_cifar``, ``_images``, ``_cache``).
 
 from __future__ import annotations
 
-import difflib
 import io
 import os
 import sys
@@ -33,7 +32,8 @@ from edgesqueeze.errors import DataError
 __all__ = ["Dataset", "load_dataset", "split_train_val", "data_search_path", "channel_stats", "fit_channels",
            "with_channels", "KNOWN_DATASETS", "CIFAR10_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "read_idx"]
 
-KNOWN_DATASETS = ("digits", "mnist", "cifar10", "imagenet-sample", "imagefolder:PATH", "imagenet:PATH")
+from edgesqueeze._datasets import (  # noqa: E402 - re-exported: the names are checked torch-free
+    KNOWN_DATASETS, check_dataset_name, dataset_file, unknown_dataset_error)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Seed of the carved test splits (digits, class-only image folders). Fixed, and not the
@@ -795,45 +795,6 @@ def _load_imagenet_sample(search: list[Path], image_size: int | None) -> Dataset
 
 # ---------------------------------------------------------------------------------------
 # Entry point
-
-
-def unknown_dataset_error(name: str) -> DataError:
-    plain = [k for k in KNOWN_DATASETS if ":" not in k] + ["imagefolder"]
-    guess = difflib.get_close_matches(name.lower().split(":", 1)[0], plain, n=1, cutoff=0.5)
-    hint = ""
-    if guess:
-        hint = f" (did you mean '{'imagefolder:PATH' if guess[0] == 'imagefolder' else guess[0]}'?)"
-    return DataError(f"unknown dataset '{name}'{hint}; known datasets: {', '.join(KNOWN_DATASETS)}")
-
-
-_NEEDS_PATH = {"imagefolder:": "imagefolder:PATH (a folder or .zip)",
-               "imagenet:": "imagenet:PATH (with train/<wnid>/ and val/<wnid>/)"}
-
-
-def dataset_file(name: str | None) -> Path | None:
-    """The file a dataset name reads whole (``imagefolder:data.zip``), or None (a known
-    dataset, a folder): what a command's outputs must not replace."""
-    low = (name or "").strip().lower()
-    if not any(low.startswith(prefix) for prefix in _NEEDS_PATH):
-        return None
-    path = Path(name.strip().split(":", 1)[1]).expanduser()
-    return path if path.is_file() else None
-
-
-def check_dataset_name(name) -> None:
-    """Refuse a dataset name :func:`load_dataset` cannot read, without reading anything: what
-    a command checks before its work (``verify --data nosuch`` reported each file as not
-    evaluated, and wrote its report)."""
-    if not isinstance(name, str) or not name.strip():
-        raise unknown_dataset_error(str(name))
-    low = name.strip().lower()
-    for prefix, form in _NEEDS_PATH.items():
-        if low.startswith(prefix):
-            if not name.strip()[len(prefix):]:
-                raise DataError(f"dataset '{prefix}' needs a path: {form}")
-            return
-    if low not in ("digits", "mnist", "cifar10", "imagenet-sample"):
-        raise unknown_dataset_error(name)
 
 
 def _check_opt_int(what: str, v, lo: int) -> None:
