@@ -178,3 +178,48 @@ def test_weight_norm_and_spectral_norm_layers_become_plain_weights_that_compute_
     assert res.exit_code == 0, res.output
     again = load_model(tmp_path / "c" / "model.esq", arch=arch(cls))
     torch.testing.assert_close(logits(again.model), logits(model), rtol=1e-5, atol=1e-5)
+
+
+class TwoInputs(Net):
+    def forward(self, x, scale):  # a second input the images do not give (TorchScript: no super())
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3))) * scale
+
+
+class ScaleDefault(Net):
+    def forward(self, x, scale: float = 1.0):
+        return super().forward(x) * scale
+
+
+@pytest.mark.parametrize("form", ["state_dict", "torchscript", "torch.export"])
+def test_a_model_with_two_inputs_is_told_so_not_sent_to_another_dataset(tmp_path, form):
+    """A forward(x, scale) was "does not run on 'digits' images of shape [1, 28, 28] (missing
+    1 required positional argument...); pass the dataset it was trained on", and for a .pt2
+    the reason was torch's half sentence about input tree specs. The data was never the
+    problem: now the line says the forward takes two inputs and what to do. A second input
+    with a default is one image input, and runs."""
+    model = TwoInputs()
+    model.load_state_dict(trained().state_dict())
+    model.eval()
+    path = tmp_path / ("m.pt2" if form == "torch.export" else "m.pt")
+    extra: list[str] = []
+    if form == "state_dict":
+        torch.save(model.state_dict(), path)
+        extra = ["--arch", arch(TwoInputs)]
+    elif form == "torchscript":
+        torch.jit.save(torch.jit.script(model), str(path))
+    else:
+        torch.export.save(torch.export.export(model, (X[:1], torch.tensor(2.0))), str(path))
+    for command in (["eval", str(path), *extra, "--data", "digits", "--limit", "20"],
+                    ["export", str(path), *extra, "--data", "digits", "-f", "onnx", "--out", str(tmp_path / "e")]):
+        res = CliRunner().invoke(cli, command)
+        said = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert res.exit_code == 2 and len(said) == 1, res.output
+        assert said[0].endswith(f"{path}: its forward takes 2 inputs (x, scale); edgesqueeze runs models on one "
+                                "image tensor: wrap it in a module whose forward(x) takes the images alone and "
+                                "supplies the rest, and save that wrapper"), res.output
+    assert not (tmp_path / "e").exists()
+    torch.save(trained().state_dict(), tmp_path / "d.pt")
+    res = CliRunner().invoke(cli, ["eval", str(tmp_path / "d.pt"), "--arch", arch(ScaleDefault), "--data", "digits",
+                                   "--limit", "20"])
+    assert res.exit_code == 0, res.output

@@ -28,6 +28,27 @@ def reason(exc: BaseException) -> str:
     return line[:200]
 
 
+def required_inputs(model: nn.Module) -> list[str] | None:
+    """The names of the inputs ``model``'s forward needs (its positional parameters without a
+    default; a TorchScript module's from its schema), or None where that is not known
+    (``*args``, no signature)."""
+    import inspect
+
+    schema = getattr(getattr(model, "forward", None), "schema", None)
+    if schema is not None:  # a TorchScript method: its arguments, self first
+        try:
+            return [a.name for a in list(schema.arguments)[1:] if not a.has_default_value()]
+        except (AttributeError, RuntimeError):
+            return None
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+
+
 def _forward(model: nn.Module, batch: int, shape: list[int]) -> Any:
     with torch.no_grad():
         return model(torch.zeros(batch, *shape))
@@ -63,6 +84,12 @@ def check_fits(model: nn.Module, input_shape, *, source: Any, data: str | None =
         except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
             errors[batch] = exc
     if len(errors) == 2:
+        needs = required_inputs(model)
+        if needs is not None and len(needs) != 1:  # not the images' fault: say what is
+            takes = f"{len(needs)} inputs ({', '.join(needs)})" if needs else "no input"
+            raise ModelError(f"{source}: its forward takes {takes}; edgesqueeze runs models on one image tensor: "
+                             "wrap it in a module whose forward(x) takes the images alone and supplies the rest, "
+                             "and save that wrapper")
         raise DataError(f"{source} does not run on {what} ({reason(errors[1])}); {todo}")
     if errors:
         ran, failed = (1, 2) if 2 in errors else (2, 1)
