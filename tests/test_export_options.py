@@ -153,3 +153,44 @@ def test_calibration_on_fewer_images_or_another_dataset_is_said(trained, tmp_pat
         assert "note: calibrating on mnist, but" in res.output and "was trained on digits" in res.output
     else:  # only an MNIST this machine does not have may stop it
         assert "MNIST not found" in res.output, res.output
+
+
+class ConvGRU(torch.nn.Module):
+    """A conv front and a GRU over the rows: most weights in a recurrent layer."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.gru = torch.nn.GRU(4 * 28, 24, batch_first=True)
+        self.fc = torch.nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).permute(0, 2, 1, 3).flatten(2)
+        out, _ = self.gru(y)
+        return self.fc(out[:, -1])
+
+
+def test_int8_files_of_a_model_with_a_recurrent_layer_say_its_weights_stay_float(tmp_path):
+    """An LSTM/GRU model exported to int8 (a user's audit): the onnx-int8 file was about its
+    fp32 file's size and the tflite-int8 larger, and export said nothing. Now a note names the
+    layer and its share; the file is read to check the note is true: the GRU's weights are
+    float32 initializers in it, and the conv's and the linear layer's 8-bit."""
+    import onnx
+
+    torch.manual_seed(0)
+    torch.save(ConvGRU().state_dict(), tmp_path / "m.pt")
+    res = run("export", tmp_path / "m.pt", "--arch", f"{__name__}:ConvGRU", "--data", "digits", "-f", "onnx-int8",
+              *CAL, "--out", tmp_path / "e")
+    assert res.exit_code == 0, res.output
+    gru = sum(p.numel() for p in ConvGRU().gru.parameters())
+    share = round(100 * gru / sum(p.numel() for p in ConvGRU().parameters()))
+    notes = [ln for ln in res.output.splitlines() if "recurrent" in ln]
+    assert notes == [f"note: m.int8.onnx: {share}% of the model's weights stay float32, in recurrent layers, which "
+                     f"int8 export does not quantize (conv and linear layers only): gru (GRU, {gru:,} values)"], res.output
+    inits = onnx.load(str(tmp_path / "e" / "m.int8.onnx")).graph.initializer
+    floats = sum(int(np.prod(t.dims)) for t in inits if t.data_type == onnx.TensorProto.FLOAT)
+    ints = sum(int(np.prod(t.dims)) for t in inits if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
+    assert floats >= gru - 2 * 3 * 24 and ints >= 4 * 9 + 24 * 10, (floats, ints)  # GRU float, conv and fc 8-bit
+    res = run("export", tmp_path / "m.pt", "--arch", f"{__name__}:ConvGRU", "--data", "digits",
+              "-f", "onnx", "--out", tmp_path / "f")
+    assert res.exit_code == 0 and "recurrent" not in res.output, res.output  # fp32 files: nothing to say

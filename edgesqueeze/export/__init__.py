@@ -295,6 +295,14 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                     log(f"{packed}: {rep['packed_bytes']:,} bytes (packed {fmt}: {n} weight "
                         f"tensor{'' if n == 1 else 's'} coded{how})")
                     written.append(packed)
+            int8 = [p.name for p in written if p.suffix != ".esq" and any(
+                p.name == f"{stem}{SUFFIX[f]}" for f in INT8_FORMATS)]
+            if int8:
+                from edgesqueeze.export._common import float_weights_note
+
+                note = float_weights_note(model, int8)
+                if note:
+                    log(note)
         except BaseException:  # an error or an interrupt: the files of this run already written stay, each whole
             if written:
                 log(f"note: written before the export stopped, each file whole: "

@@ -40,6 +40,7 @@ Keys (all present; JSON types)::
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,25 @@ def weighted_layers(module) -> list:
 
     kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     return [m for m in module.modules() if isinstance(m, kinds)]
+
+
+def float_weights_note(module, files: Sequence[str]) -> str | None:
+    """A note for int8 files of a model with recurrent layers (LSTM, GRU, RNN): neither int8
+    exporter quantizes them (onnxruntime's static QDQ quantization and PT2E's XNNPACK
+    quantizer leave them float32), so an int8 file of a model that is mostly such weights is
+    about as large as its fp32 file, and was written without a word. None when they hold
+    under 1% of the weights."""
+    from torch import nn
+
+    total = sum(p.numel() for p in module.parameters())
+    rows = [(sum(p.numel() for p in m.parameters()), name or "the model", type(m).__name__)
+            for name, m in module.named_modules() if isinstance(m, nn.RNNBase)]
+    float_n = sum(n for n, _, _ in rows)
+    if not rows or float_n < 0.01 * max(total, 1):
+        return None
+    shown = ", ".join(f"{name} ({cls}, {n:,} values)" for n, name, cls in rows[:6]) + (", ..." if len(rows) > 6 else "")
+    return (f"note: {' and '.join(files)}: {100 * float_n / total:.0f}% of the model's weights stay float32, in "
+            f"recurrent layers, which int8 export does not quantize (conv and linear layers only): {shown}")
 
 
 def artifact_meta(meta: dict[str, Any], artifact_format: str, *, normalization: str = "caller",
