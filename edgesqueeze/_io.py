@@ -30,7 +30,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The file ends up with the mode a plain ``open(path, "w")`` would give it: an existing
     file's own mode (or that of the earlier output :func:`remove_output` removed), a new
     file ``0o666`` less the umask, or as the folder's default ACL says.
-    A symbolic link to a file stays a link: the file it names is replaced. A character
+    A symbolic link to a file stays a link: the file it names is replaced (or created, for
+    a link to a file not there yet, as ``open()`` creates it). A character
     device or a pipe (``/dev/null``, ``/dev/stdout``, a FIFO) is written in place, as
     ``open()`` would, never replaced; any other non-regular file is refused (OutputError).
     """
@@ -50,8 +51,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             return
         raise OutputError(f"{path}: cannot write: not a regular file (a socket or block device); "
                           f"write elsewhere")
-    if st is not None and path.is_symlink():
-        path = Path(os.path.realpath(path))  # replace the file the link names, and keep the link
+    if path.is_symlink():  # replace (or, for a dangling link, create) the file the link names, and keep the link
+        path = Path(os.path.realpath(path))
     # the mode open() would leave: an existing file's, or one this run removed first (an
     # earlier run's output it replaces); else the new file's, which the kernel sets from the
     # umask or the folder's default ACL (which a chmod to 0o666 & ~umask overrode)

@@ -346,6 +346,16 @@ def test_unpack_to_standard_output_and_to_a_name_of_another_format(packed, onnx_
                        env=env, cwd=tmp_path, timeout=120)
     assert p.returncode == 0 and p.stdout == Path(onnx_models["fp32"]).read_bytes(), p.stderr
     assert not (tmp_path / "-").exists() and p.stderr.decode().startswith("-: ")
+    # to a terminal, the model's bytes scrolled by (exit 0); gzip -c and xz -c refuse, so does unpack
+    leader, follower = os.openpty()
+    try:
+        p = subprocess.run([sys.executable, "-m", "edgesqueeze", "unpack", str(packed), "-o", "-"], stdout=follower,
+                           stderr=subprocess.PIPE, env=env, cwd=tmp_path, timeout=120)
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.decode().startswith("error: -o -: standard output is a terminal, and the file is binary"), p.stderr
     r = _cli("unpack", packed, "-o", tmp_path / "x.tflite")
     assert r.exit_code == 2 and "holds an ONNX model; name the output .onnx" in r.stderr, r.stderr
     assert not (tmp_path / "x.tflite").exists()

@@ -198,6 +198,12 @@ def test_a_link_to_a_file_stays_a_link(tmp_path):
     link.symlink_to(target.name)
     write_bytes_atomic(link, b"new")
     assert link.is_symlink() and target.read_bytes() == b"new"
+    # a link to a file not there yet: open() creates the file it names and keeps the link;
+    # the link was replaced by a regular file
+    dangling = tmp_path / "later.onnx"
+    dangling.symlink_to("made-later.onnx")
+    write_bytes_atomic(dangling, b"first")
+    assert dangling.is_symlink() and (tmp_path / "made-later.onnx").read_bytes() == b"first"
 
 
 def test_a_full_device_is_one_output_error(tmp_path):

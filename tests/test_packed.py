@@ -362,8 +362,12 @@ def test_bad_requant_entries_are_refused(rq, match):
     data, src, scales, q = _requant_file(np.random.default_rng(4), spread=3.0)  # scales stored
     blob, _ = pack(data, [PackedTensor("w", q, offset=128, source=src, scales=scales)], name="f", fmt="onnx-int8")
     assert "scales" not in container.loads(blob).sections["t0"][1]["requant"]
-    with pytest.raises(FormatError, match=match):
-        unpack(_rewrite(blob, lambda m, s: s["t0"][1].update(requant=rq)))
+    import warnings
+
+    with warnings.catch_warnings():  # the refusal alone: numpy's overflow warnings came first
+        warnings.simplefilter("error")
+        with pytest.raises(FormatError, match=match):
+            unpack(_rewrite(blob, lambda m, s: s["t0"][1].update(requant=rq)))
 
 
 def _zero_channel_file(zero: float, channels: int = 64):
@@ -708,3 +712,22 @@ def test_a_packed_file_pays_up_to_a_kib_to_decode_without_the_lockstep_pass(monk
     assert huffman_sections(small) > 0 and huffman_sections(fast) == 0
     assert len(small) + len(small) // codec.HUFFMAN_SHARE < len(fast) <= len(small) + floor
     assert unpack(fast) == data and unpack(small) == data
+
+
+def test_scales_so_small_the_division_overflows_are_refused_without_numpy_warnings():
+    """A requant entry pointing at bytes that read as tiny positive floats (a hand-made file,
+    in the audit: scale_at 0 of a TFLite file, whose first bytes are a denormal): two lines of
+    "RuntimeWarning: overflow encountered in divide" came before its error line. The clip
+    bounds the integers, the SHA-256 refuses them, and nothing else is printed."""
+    import warnings
+
+    data, src, scales, q = _requant_file(np.random.default_rng(4), spread=3.0)
+    tiny = np.full(len(scales), 1e-44, "<f4").tobytes()  # 0x0000001c and the like: denormals
+    blob, _ = pack(tiny + data, [PackedTensor("w", q, offset=128, source=src, scales=scales)], name="f",
+                   fmt="onnx-int8")
+    assert "scales" not in container.loads(blob).sections["t0"][1]["requant"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert unpack(blob) == tiny + data
+        with pytest.raises(FormatError, match="SHA-256"):
+            unpack(_rewrite(blob, lambda m, s: s["t0"][1]["requant"].update(scale_at=0)))

@@ -1118,3 +1118,17 @@ def test_a_file_without_metadata_is_described_by_the_users_mean_and_std(tmp_path
     assert res.exit_code == 0, res.output
     row = json.loads(out.read_text())["artifacts"][0]
     assert row["error"] is None and row["n"] == 20 and row["input_described_by"] == ["--mean", "--std"]
+
+
+def test_a_checkpoint_archive_is_refused_with_a_command_that_can_be_pasted(tmp_path):
+    """``run d/model.esq`` advised `edgesqueeze export model.esq --pack`: the bare name, which
+    does not name the file from where the user stands; now the path as given, shell-quoted."""
+    import shlex
+    import shutil
+
+    path = tmp_path / "my models" / "model.esq"
+    path.parent.mkdir()
+    shutil.copyfile(Path(__file__).parent / "data" / "v2-small.esq", path)
+    with pytest.raises(RuntimeBackendError) as exc:
+        load(path)
+    assert f"`edgesqueeze export {shlex.quote(str(path))} --pack`" in str(exc.value), str(exc.value)

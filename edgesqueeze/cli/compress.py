@@ -151,6 +151,9 @@ def unpack(esq_path, out_path, force):
                           ".onnx.esq / .tflite.esq")
 
     to_stdout = out_path == "-"
+    if to_stdout and click.get_binary_stream("stdout").isatty():  # as gzip -c and xz -c refuse
+        raise click.UsageError("-o -: standard output is a terminal, and the file is binary; redirect it "
+                               "(-o - > model.onnx) or pipe it, or give -o a file name")
     folder = None  # -o results/ (or an existing folder): the file goes in it, as cp does
     if out_path is not None and not to_stdout and names_a_folder(Path(out_path), out_path):
         folder, out_path = Path(out_path), None

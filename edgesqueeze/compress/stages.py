@@ -88,7 +88,7 @@ def prune(run: Run, model: nn.Module, data: tuple) -> tuple[dict[str, torch.Tens
     before = run.stages[-1]["val_accuracy"]
     if pcfg.schedule == "oneshot" or ft.epochs <= 0:
         pruner.update(None)
-        run.record("prune (before retraining)", model, None, f"{density(model):.1%} of weights kept")
+        run.record("prune (before retraining)", model, None, f"{density(model):.1%} of conv and linear weights kept")
     def restore(masks: dict[str, torch.Tensor]) -> None:
         for name in pruner.masks:
             pruner.masks[name] = masks[name].to(dtype=torch.bool)
@@ -103,7 +103,7 @@ def prune(run: Run, model: nn.Module, data: tuple) -> tuple[dict[str, torch.Tens
     pruner.detach()
     masks = pruner.masks
     same_on_every_rank(run, "masks", {n: m.to(torch.uint8) for n, m in masks.items()})
-    run.record("prune", model, None, f"{density(model):.1%} of weights kept")
+    run.record("prune", model, None, f"{density(model):.1%} of conv and linear weights kept")
     run.check_retraining("prune_finetune", model, before, what="pruning and retraining",
                          hint="lower the sparsity, or if retraining diverged:")
     if run.main:
@@ -198,7 +198,8 @@ def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None
     resume_threads(meta.get("compress_threads"), run.log, "weight sharing")  # None in older files: as it is
     load_state_dict_checked(model, payload["state_dict"], source=str(path))
     masks = existing_masks(model)
-    run.record("prune", model, None, f"{density(model):.1%} of weights kept; resumed from {PRUNED_NAME}")
+    run.record("prune", model, None,
+               f"{density(model):.1%} of conv and linear weights kept; resumed from {PRUNED_NAME}")
     run.log(f"--resume: pruning done by an earlier run ({path}); going on with weight sharing")
     return masks
 

@@ -280,11 +280,14 @@ def loads(data: bytes | bytearray | memoryview, *, max_header: int = MAX_HEADER)
         hint = " (damaged by a text-mode transfer?)" if magic[1:4] == b"ESQ" else ""
         raise FormatError(f"not an .esq file: magic {magic!r}, expected {MAGIC!r}{hint}")
     if version not in SUPPORTED_VERSIONS:
+        newer = ("a newer edgesqueeze wrote it (upgrade this one), or the copy is damaged (copy it again)"
+                 if version > max(SUPPORTED_VERSIONS) else "a damaged copy: copy the file again")
         raise FormatError(f"format version {version} is not supported; this edgesqueeze reads "
-                          f"versions {', '.join(map(str, SUPPORTED_VERSIONS))}")
+                          f"versions {', '.join(map(str, SUPPORTED_VERSIONS))}: {newer}")
     if flags & ~_KNOWN_FLAGS:
         raise FormatError(f"flags 0x{flags & ~_KNOWN_FLAGS:04x} are not defined in version "
-                          f"{version}")
+                          f"{version}: a newer edgesqueeze wrote it (upgrade this one), or the copy is damaged "
+                          "(copy it again)")
     if hlen > max_header:
         raise FormatError(f"header declares {hlen} bytes, more than the limit of {max_header}")
     room = size - _PREFIX.size - _DIGEST

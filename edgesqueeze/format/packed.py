@@ -623,7 +623,8 @@ def _requantize(out: np.ndarray, name: str, t: codec.Coded, r, at: int, dtype: n
         scales = np.frombuffer(out, "<f4", n_ch, scale_at).copy()
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             raise FormatError(f"section {name}: its scales at {scale_at} are not positive floats")
-    np.divide(q, np.repeat(scales, counts), out=q)
+    with np.errstate(over="ignore"):  # a tiny scale (a hand-made file): inf, which the clip bounds
+        np.divide(q, np.repeat(scales, counts), out=q)
     np.rint(q, out=q)
     np.clip(q, -qmax, qmax, out=q)
     if offset:

@@ -22,9 +22,9 @@ reading -1 back gives (-1 + 3) * 0.5 = 1.0.
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,7 @@ def unpack_file(path: Path, *, check: bool = True) -> tuple[bytes, dict[str, Any
         if not is_packed(archive):
             raise RuntimeBackendError(
                 f"{path}: is an edgesqueeze .esq checkpoint (compressed weights of a torch model), which no "
-                f"runtime executes; export it (`edgesqueeze export {path.name} --pack` writes packed "
+                f"runtime executes; export it (`edgesqueeze export {shlex.quote(str(path))} --pack` writes packed "
                 f".onnx.esq / .tflite.esq files the runtime runs) or decode it with `edgesqueeze unpack`")
         data, info = restore(archive)
         if check:
