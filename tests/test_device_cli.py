@@ -4,6 +4,7 @@ exit 2, nothing on stdout that is not the answer, and no device node or link rep
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 import warnings
@@ -17,6 +18,8 @@ pytest.importorskip("onnxruntime")
 from test_runtime import onnx_models  # noqa: E402,F401 - a tiny ONNX model with edgesqueeze metadata
 
 from edgesqueeze.cli import cli  # noqa: E402
+from edgesqueeze.errors import FormatError  # noqa: E402
+from edgesqueeze.runtime import load  # noqa: E402
 
 
 def _cli(*args):
@@ -368,3 +371,28 @@ def test_unpack_to_standard_output_and_to_a_name_of_another_format(packed, onnx_
         r = _cli("unpack", packed, "--out", arg)
         assert r.exit_code == 0 and (folder / plain.name).read_bytes() == plain.read_bytes(), r.stderr
     assert not (tmp_path / "new").is_file()
+
+
+def test_a_file_named_as_packed_must_be_packed_and_of_its_named_kind(packed, onnx_models, tmp_path):
+    """A plain ONNX renamed .onnx.esq ran (run, bench) while unpack refused it; a packed ONNX
+    named .tflite.esq was unpacked while run refused it. Every command now reads a file's name
+    the same way: a packed name on a plain file, or the other kind, is one line naming both."""
+    import shutil
+
+    plain = tmp_path / "plain.onnx.esq"
+    shutil.copyfile(onnx_models["fp32"], plain)
+    other = tmp_path / "other.tflite.esq"
+    shutil.copyfile(packed, other)
+    cases = {plain: "is named as a packed file (.esq) but holds a plain ONNX model, with no .esq header; rename it to "
+                    "plain.onnx if that is what it is",
+             other: "is named as a packed TFLite file but holds a packed ONNX model; rename it to other.onnx.esq"}
+    for path, says in cases.items():
+        with pytest.raises(FormatError, match=re.escape(f"{path}: {says}")):
+            load(path)
+        for command in (["bench", path, "--runs", "1"], ["run", path, "--json", tmp_path / "nothing.png"]):
+            r = _cli(*command)
+            assert r.exit_code == 2 and f"{path}: {says}" in r.stderr, (command, r.stderr)
+    r = _cli("unpack", other, "-o", tmp_path / "u.onnx")
+    assert r.exit_code == 2 and f"{other}: {cases[other]}" in r.stderr and not (tmp_path / "u.onnx").exists(), r.stderr
+    r = _cli("unpack", plain, "-o", tmp_path / "u.onnx")
+    assert r.exit_code == 2 and "not an .esq archive" in r.stderr, r.stderr

@@ -172,9 +172,12 @@ def unpack(esq_path, out_path, force):
                                    f"(e.g. -o {target.with_suffix(suffixes[0]).name})")
 
     if what == "packed":
-        from edgesqueeze.runtime._base import unpack_file
+        from edgesqueeze.runtime._base import check_name, unpack_file
+        from edgesqueeze.runtime._base import sniff as sniff_head
 
         data, packed = unpack_file(esq_path)
+
+        check_name(esq_path, "tflite" if sniff_head(data[:64]) == "tflite" else "onnx", packed=True)  # as run does
         out_path = out_path or (folder or esq_path.parent) / Path(packed["name"]).name
         inner = Path(packed["name"]).suffix.lower() or ".onnx"
         check_target(out_path, (inner,), f"a{'n ONNX' if inner == '.onnx' else ' TFLite'} model")

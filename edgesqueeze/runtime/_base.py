@@ -153,6 +153,26 @@ def classify(path: Path) -> tuple[str, bytes]:
     return ("tflite" if what == "tflite" else "onnx"), head
 
 
+def check_name(path: Path, kind: str, *, packed: bool) -> None:
+    """Refuse (FormatError) a file named as a packed ``.onnx.esq`` / ``.tflite.esq`` that holds
+    the other model kind, or no .esq at all (a plain model renamed): a mix-up upstream (a copy
+    step, a wrong glob). ``kind``: the model inside, "onnx" or "tflite"; ``packed``: whether
+    the file is a packed .esq. (A plain name, ``.onnx`` / ``.tflite``, is load()'s check.)"""
+    name = path.name.lower()
+    named = next((k for k in ("onnx", "tflite") if name.endswith((f".{k}.esq", f".{k}"))), None)
+    fmt = {"onnx": "ONNX", "tflite": "TFLite"}
+    if not packed and name.endswith(".esq"):
+        base = path.name[:-4]
+        base = base[:base.lower().rindex(".")] if named else base
+        raise FormatError(f"{path}: is named as a packed file (.esq) but holds a plain {fmt[kind]} model, with no .esq "
+                          f"header; rename it to {base}.{kind} if that is what it is")
+    if packed and named is not None and named != kind:
+        as_named = (f"a packed {fmt[named]}" if name.endswith(".esq")
+                    else f"a{'n' if named == 'onnx' else ''} {fmt[named]}")
+        raise FormatError(f"{path}: is named as {as_named} file but holds a packed {fmt[kind]} model; rename it "
+                          f"to {path.name[:name.rindex('.' + named)]}.{kind}.esq if that is what it is")
+
+
 # --------------------------------------------------------------------------- metadata
 
 def parse_meta(path: Path, text: str | bytes | None) -> dict[str, Any]:

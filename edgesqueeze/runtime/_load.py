@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from edgesqueeze.errors import FormatError, RuntimeBackendError
-from edgesqueeze.runtime._base import (_SNIFF_BYTES, Artifact, check_unpacked, classify, max_threads, sniff,
-                                        unpack_file)
+from edgesqueeze.runtime._base import (_SNIFF_BYTES, Artifact, check_name, check_unpacked, classify, max_threads,
+                                        sniff, unpack_file)
 from edgesqueeze.runtime._tflite_meta import micro_ops
 
 __all__ = ["BACKENDS", "load"]
@@ -106,13 +106,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     if digest is not None:
         digest.result()  # FormatError: the session (and the bytes) are dropped with it
     art.packed, art.decode_seconds = packed, decode_seconds
-    named = next((k for k in ("onnx", "tflite") if path.name.lower().endswith((f".{k}.esq", f".{k}"))), None)
-    if packed is not None and named is not None and named != kind:  # the packed file's own name, as below
-        fmt = "ONNX" if named == "onnx" else "TFLite"
-        as_named = f"a packed {fmt}" if path.suffix.lower() == ".esq" else f"a{'n' if named == 'onnx' else ''} {fmt}"
-        raise FormatError(f"{path}: is named as {as_named} file but holds a packed "
-                          f"{'ONNX' if kind == 'onnx' else 'TFLite'} model; rename it to "
-                          f"{path.name[:path.name.lower().rindex('.' + named)]}.{kind}.esq if that is what it is")
+    check_name(path, kind, packed=packed is not None)
     if ext in (".onnx", ".tflite") and ext[1:] != kind:
         # A misnamed file is a mix-up upstream (a copy step, a wrong glob): say so rather than
         # run something other than what the caller believes it is running.
