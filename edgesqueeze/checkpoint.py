@@ -833,7 +833,10 @@ def esq_loads(data: bytes, *, source: str | None = None) -> tuple[dict[str, torc
     from edgesqueeze.format.packed import PACKED_KEY, is_packed, not_a_model_archive
 
     try:
-        archive = container.loads(data)
+        try:
+            archive = container.loads(data)
+        except FormatError as exc:  # what to do, as unpack, inspect, bench and run say
+            raise FormatError(container.with_advice(exc)) from None
         if is_packed(archive):
             raise FormatError(not_a_model_archive(archive.meta[PACKED_KEY]))
         arrays = codec.decode_sections(archive)

@@ -371,6 +371,10 @@ def test_unpack_to_standard_output_and_to_a_name_of_another_format(packed, onnx_
         r = _cli("unpack", packed, "--out", arg)
         assert r.exit_code == 0 and (folder / plain.name).read_bytes() == plain.read_bytes(), r.stderr
     assert not (tmp_path / "new").is_file()
+    (tmp_path / "afile").write_bytes(b"mine")  # a folder named with /, where a file is: "afile: File exists"
+    r = _cli("unpack", packed, "--out", f"{tmp_path / 'afile'}/")
+    assert r.exit_code == 2 and f"{tmp_path / 'afile'}/: names a folder, but {tmp_path / 'afile'} is a file" in r.stderr
+    assert (tmp_path / "afile").read_bytes() == b"mine"
 
 
 def test_a_file_named_as_packed_must_be_packed_and_of_its_named_kind(packed, onnx_models, tmp_path):

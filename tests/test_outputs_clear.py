@@ -269,3 +269,20 @@ def test_an_empty_file_says_what_to_do_in_every_command(tmp_path, name):
         assert res.exit_code == 2 and len(said) == 1, (command, res.output)
         assert f"{empty}: file is empty (0 bytes);" in said[0] and "again" in said[0], (command, res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_damaged_checkpoint_archive_says_what_to_do_in_every_command(tmp_path):
+    """info, eval and export of a .esq with a flipped byte said what was wrong but not what to
+    do, where unpack, inspect, bench and run said to copy the file again."""
+    data = bytearray((Path(__file__).parent / "data" / "v2-small.esq").read_bytes())
+    data[len(data) // 2] ^= 0x04
+    bad = tmp_path / "flip.esq"
+    bad.write_bytes(bytes(data))
+    for command in (["info", bad], ["eval", bad, "--data", "digits", "--limit", "5"],
+                    ["export", bad, "-f", "onnx", "--out", tmp_path / "x"], ["unpack", bad, "-o", tmp_path / "u.pt"]):
+        res = _run(*command)
+        said = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert res.exit_code == 2 and len(said) == 1, (command, res.output)
+        assert said[0].startswith(f"error: {bad}: ") and said[0].endswith(
+            "a damaged or cut copy: copy the file again, or write it again"), (command, res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flip.esq"]

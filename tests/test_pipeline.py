@@ -191,6 +191,11 @@ def test_pruned_checkpoint_restarts_weight_sharing_with_a_teacher(checkpoint, co
     epoch_lines = {k: [m for m in v if "centroid-retrain epoch 1/" in m] for k, v in logs.items()}
     assert "(distillation: 0.25 x labels + 0.75 x the teacher's outputs at T 4)" in epoch_lines["taught"][0]
     assert "distillation" not in epoch_lines["plain"][0]
+    # and that its train accuracy is on augmented images (digits': rotation and shift), with the
+    # key that turns it off: a user's model at 55% train and 99% validation was not told why
+    said = ("on augmented images (rotation up to 10 degrees, shift up to 10%; compress.cluster_finetune.augment: "
+            "false turns it off)")
+    assert said in epoch_lines["plain"][0] and said in epoch_lines["taught"][0], epoch_lines
     # distilling from a pruned.pt with no teacher given learns the pruned model: said, once
     cfg = CompressConfig(cluster=CONFIG.cluster, cluster_finetune=FinetuneConfig(
         epochs=0.1, lr=0.002, distill=DistillConfig(alpha=0.9, temperature=4.0)))

@@ -157,6 +157,9 @@ def unpack(esq_path, out_path, force):
     folder = None  # -o results/ (or an existing folder): the file goes in it, as cp does
     if out_path is not None and not to_stdout and names_a_folder(Path(out_path), out_path):
         folder, out_path = Path(out_path), None
+        if folder.exists() and not folder.is_dir():  # mkdir said only "afile: File exists"
+            raise click.UsageError(f"-o {folder}/: names a folder, but {folder} is a file; give a folder, or a file "
+                                   "name without the trailing /")
     out_path = Path(out_path) if out_path is not None else None
 
     def check_target(target: Path, suffixes: tuple[str, ...], holds: str) -> None:

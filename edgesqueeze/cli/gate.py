@@ -206,11 +206,12 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, pr
     """Evaluate artifacts on the test split through their own runtimes.
 
     .onnx runs in onnxruntime, .tflite in LiteRT (a TensorFlow Lite Micro compressed
-    .tflite in TFLite Micro's interpreter, which also reports its arena bytes), .esq through
-    its decoder (its weights checked against the hash recorded at compress time), .pt in
-    PyTorch as the float reference. Reports file size, gzip size, accuracy and top-1
-    agreement; with a budget
-    (options or the recipe's), exits 1 when one is broken. Writes verify.json, verify.md
+    .tflite in TFLite Micro's interpreter, which also reports its arena bytes), a packed
+    .onnx.esq / .tflite.esq as a device runs it (decoded in memory, its SHA-256 checked,
+    then the same runtime; its size is the packed file's, the one that ships), a model .esq
+    through its decoder (its weights checked against the hash recorded at compress time),
+    .pt in PyTorch as the float reference. Reports file size, gzip size, accuracy and top-1
+    agreement; with a budget (options or the recipe's), exits 1 when one is broken. Writes verify.json, verify.md
     (the table, the verdicts, the machine) and two plots: size_by_format.png and
     accuracy_vs_size.png.
 

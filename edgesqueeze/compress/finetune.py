@@ -124,6 +124,15 @@ def _save(state: EpochState, model: nn.Module, optimizer, gen: torch.Generator, 
     save_train_state(state.path, st)
 
 
+def _augment_words(a) -> str:
+    """The augmentation an ``AugmentConfig`` applies, in words; empty for none."""
+    parts = ([f"pad-{a.crop_padding} crop"] if a.crop_padding else []) + (["mirror"] if a.hflip else []) \
+        + ([f"resized crop {a.resized_crop[0]:g}-{a.resized_crop[1]:g}"] if a.resized_crop else []) \
+        + ([f"rotation up to {a.rotate_deg:g} degrees"] if a.rotate_deg else []) \
+        + ([f"shift up to {100 * a.translate:g}%"] if a.translate else [])
+    return ", ".join(parts)
+
+
 def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: str, progress: bool,
               on_step, attach, teacher, log, scaler, group, state: EpochState | None) -> int:
     from edgesqueeze import distributed
@@ -171,6 +180,10 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
     # what the first epoch line's loss is a loss of, when not the labels' alone
     loss_of = "" if teacher is None else (f" (distillation: {1 - cfg.distill.alpha:g} x labels + "
                                           f"{cfg.distill.alpha:g} x the teacher's outputs at T {cfg.distill.temperature:g})")
+    aug = augment if cfg.augment else None  # why its train accuracy can sit far below validation's
+    key = {"prune-retrain": "compress.prune_finetune", "centroid-retrain": "compress.cluster_finetune"}.get(desc)
+    on_aug = (f" on augmented images ({_augment_words(aug)}; {key + '.' if key else ''}augment: false turns it off)"
+              if aug is not None and _augment_words(aug) else "")
     first = 0
     if state is not None:
         first, step = _resume(state, model, optimizer, gen, scaler, group, desc=desc, epochs=epochs, log=log)
@@ -188,7 +201,7 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
             loss_sum, correct, seen = distributed.sum_all(group, [loss_sum, correct, seen])
         if log is not None and seen:
             log(f"  {desc} epoch {epoch + 1}/{epochs}: loss{loss_of if epoch == first else ''} {loss_sum / seen:.4f}, train accuracy "
-                f"{100 * correct / seen:.2f}% ({time.perf_counter() - t0:.0f} s)")
+                f"{100 * correct / seen:.2f}%{on_aug if epoch == first else ''} ({time.perf_counter() - t0:.0f} s)")
         if state is not None and state.write and epoch + 1 < epochs:
             _save(state, model, optimizer, gen, scaler, group, epoch=epoch + 1, step=step)
     if state is not None and state.write:

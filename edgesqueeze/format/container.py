@@ -331,6 +331,11 @@ def read_esq(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview, 
     try:
         return loads(data, max_header=max_header)
     except FormatError as exc:
-        text = str(exc)
-        todo = "" if "version" in text else "; a damaged or cut copy: copy the file again, or write it again"
-        raise FormatError(f"{os.fspath(path_or_bytes)}: {text}{todo}") from None
+        raise FormatError(f"{os.fspath(path_or_bytes)}: {with_advice(exc)}") from None
+
+
+def with_advice(exc: FormatError) -> str:
+    """A container error of a file, with what to do: a file that fails its checks is a
+    damaged or cut copy (an unknown version or flags say their own)."""
+    text = str(exc)
+    return text if "version" in text else f"{text}; a damaged or cut copy: copy the file again, or write it again"
