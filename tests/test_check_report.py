@@ -73,6 +73,16 @@ def test_a_valid_report_passes_and_a_broken_budget_fails(tmp_path):
     assert res.exit_code == 1, res.output  # the .onnx-int8 file is over (the float .pt is not judged by it)
 
 
+def test_a_report_given_twice_is_checked_once(tmp_path):
+    """``check r.json r.json`` (a glob and a name) listed every row and verdict twice."""
+    report = write_report(tmp_path)
+    once = check(report, *BUDGET)
+    twice = check(report, f"{tmp_path}/./verify.json", *BUDGET)
+    assert twice.exit_code == 0 and "11 passed, 0 failed" in twice.output, twice.output
+    assert f"note: given more than once, checked once: {report}\n" in twice.output, twice.output
+    assert once.output in twice.output
+
+
 def test_a_verdict_one_image_could_turn_gets_a_note_in_every_output(tmp_path, monkeypatch):
     """The demo's report (359 images, 99.72% agreement) against 90%: no note. The same
     report as if measured on 100 images, against a 99% agreement: the table, the JSON and the

@@ -355,6 +355,12 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
             remove_output(path)  # its permission bits come back with this run's file
     rows, files = [], []
     data = model_opts.section("data")
+    from edgesqueeze._io import once_each
+
+    paths, repeats = once_each(paths)  # a report given twice listed its rows, and its verdicts, twice
+    if repeats:
+        click.echo(f"note: given more than once, checked once: {', '.join(repeats)}", err=True)
+    paths = [Path(p) for p in paths]
     for p in paths:
         _not_a_directory(p)
         if _is_report(p):
