@@ -401,3 +401,19 @@ def test_a_compress_reports_archive_replaced_since_is_not_judged(tmp_path, monke
     path.write_text(json.dumps(compress))
     res = check(path, "--max-size", "20KB")
     assert res.exit_code == 2 and "totals.esq_sha256: expected null or the file's SHA-256" in res.output, res.output
+
+
+def test_max_size_on_the_command_line_replaces_the_recipes_limits_per_format(tmp_path):
+    """With a recipe that limits each format (the digits recipe limits all ten), --max-size
+    judged nothing: the per-format entries won, and `check -r recipe --max-size 30KB` passed
+    an 88 KB file. Now the option replaces them, says so, and --max-size-for still sets one."""
+    report = write_report(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nbudget: {max_size_per_format: {esq: 400KB, onnx-int8: 400KB}}\n")
+    assert check(report, "-r", recipe).exit_code == 0
+    res = check(report, "-r", recipe, "--max-size", "80KB")
+    assert res.exit_code == 1, res.output
+    assert "note: --max-size 80KB replaces the recipe's size limits per format (esq, onnx-int8)" in res.output
+    assert "export/model.int8.onnx" in next(ln for ln in res.output.splitlines() if "FAIL" in ln)
+    res = check(report, "-r", recipe, "--max-size", "80KB", "--max-size-for", "onnx-int8=100KB")
+    assert res.exit_code == 0, res.output

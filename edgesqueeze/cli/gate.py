@@ -126,6 +126,12 @@ def _budget_from_options(recipe, max_size, max_size_for, min_accuracy, max_drop,
     budget = recipe.budget_spec() if recipe is not None else Budget()
     try:
         per = dict(budget.max_size_per_format)
+        if max_size is not None and per:
+            # the command line's limit for every file: the recipe's per-format entries won over it,
+            # so with a recipe that limits each format (the digits recipe) --max-size judged nothing
+            click.echo(f"note: --max-size {max_size} replaces the recipe's size limits per format "
+                       f"({', '.join(per)}); --max-size-for FORMAT=SIZE sets one format's", err=True)
+            per = {}
         for item in max_size_for:
             fmt, sep, size = item.partition("=")
             if not sep:
@@ -165,7 +171,8 @@ def _number_or_pct(text: str):
 
 
 _BUDGET_OPTIONS = [
-    click.option("--max-size", metavar="SIZE", help="Largest file allowed, e.g. 500KB, 0.5MB, 64KiB."),
+    click.option("--max-size", metavar="SIZE", help="Largest file allowed, e.g. 500KB, 0.5MB, 64KiB; replaces the "
+                 "recipe's size limits, its per-format ones too (--max-size-for sets one format's)."),
     click.option("--max-size-for", multiple=True, metavar="FORMAT=SIZE",
                  help="Per-format size limit, e.g. tflite-int8=100KB (repeatable)."),
     click.option("--min-accuracy", metavar="ACC", help="Lowest test accuracy, 0.99 or 99%."),
