@@ -226,8 +226,8 @@ def validate_rows(rows: Any, source: Any, *, names: Mapping[str, str] | None = N
             raise bad("sha256", "null or the file's SHA-256 (64 lowercase hex digits)", sha)
 
 
-def changed_files(rows: list[dict[str, Any]], source: Any,
-                  written_from: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
+def changed_files(rows: list[dict[str, Any]], source: Any, written_from: Any = None,
+                  unhashed: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of the report ``source`` with each file the report measured checked against its
     recorded ``sha256``: a file that is here with other bytes gets an ``error`` (the gate
     reports ERROR: the report's numbers are another file's, and a re-export without a new
@@ -235,14 +235,16 @@ def changed_files(rows: list[dict[str, Any]], source: Any,
     numbers are the report's, as on a machine that has only the report). A relative path is
     taken from ``written_from`` (the folder the report was written from, which it records)
     where that folder exists here, else from the current one (the report came from another
-    machine, into the same layout)."""
+    machine, into the same layout). A row without ``sha256`` (a report of an older verify, or
+    edited) is checked by its recorded size only: a file of another size gets the ``error``,
+    one of the same size is named in ``unhashed`` (the caller says it was not checked)."""
     base = Path(written_from) if isinstance(written_from, str) and written_from else None
     if base is not None and not (base.is_absolute() and base.is_dir()):
         base = None
     out, absent = [], []
     for row in rows:
         sha, name = row.get("sha256"), row.get("path")
-        if row.get("error") or not sha or not isinstance(name, str):
+        if row.get("error") or not isinstance(name, str):
             out.append(row)
             continue
         path = Path(name) if base is None or Path(name).is_absolute() else base / name
@@ -251,8 +253,19 @@ def changed_files(rows: list[dict[str, Any]], source: Any,
                 absent.append(name)
                 out.append(row)
                 continue
-            digest = sha256_file(path)
             size = path.stat().st_size
+            if not sha:  # no digest recorded: its size is all there is to compare
+                then = row.get("bytes")
+                if isinstance(then, int) and not isinstance(then, bool) and then != size:
+                    out.append({**row, "error": f"changed since {source} measured it ({size:,} B now, {then:,} B "
+                                                "then); its numbers are another file's: run `edgesqueeze verify` "
+                                                "on it again"})
+                else:
+                    if unhashed is not None:
+                        unhashed.append(name)
+                    out.append(row)
+                continue
+            digest = sha256_file(path)
         except OSError as exc:
             out.append({**row, "error": f"{name}: cannot read it to check it is the file {source} measured "
                                         f"({exc.strerror or exc})"})

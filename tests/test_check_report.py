@@ -91,7 +91,7 @@ def test_a_verdict_one_image_could_turn_gets_a_note_in_every_output(tmp_path, mo
     report = write_report(tmp_path)
     res = check(report, *BUDGET, "--json", "v.json")
     assert res.exit_code == 0 and "sampling noise" not in res.output, res.output
-    assert json.loads(Path("v.json").read_text())["notes"] == []
+    assert not any("sampling noise" in n for n in json.loads(Path("v.json").read_text())["notes"])
 
     def small(r):
         for a in r["artifacts"]:
@@ -99,11 +99,14 @@ def test_a_verdict_one_image_could_turn_gets_a_note_in_every_output(tmp_path, mo
     report = write_report(tmp_path, small, name="small.json")
     res = check(report, "--min-agreement", "0.99", "--json", "v.json", "--markdown", "v.md")
     assert res.exit_code == 0, res.output  # 99.72% >= 99%: a PASS, but not a safe one
-    notes = [line for line in res.output.splitlines() if line.startswith("note: ")]
+    said = [line for line in res.output.splitlines() if line.startswith("note: ")]
+    notes = [n for n in said if "sampling noise" in n]
     assert [n.split(":")[1].strip() for n in notes] == ["compressed/model.esq", "export/model.int8.onnx"]
     assert all("within the sampling noise of its 100 test images: agreement 99.72%" in n for n in notes)
-    assert json.loads(Path("v.json").read_text())["notes"] == notes
-    assert all(n in Path("v.md").read_text() for n in notes)
+    # every note, the report's files not here too, is in the JSON and the markdown, not stderr alone
+    assert any("measured are not here" in n for n in said) and len(said) == 3, said
+    assert json.loads(Path("v.json").read_text())["notes"] == said
+    assert all(n in Path("v.md").read_text() for n in said)
 
 
 def test_a_report_with_no_artifacts_is_bad_input(tmp_path):
@@ -337,6 +340,24 @@ def _measured(tmp_path: Path, data: bytes = b"\x18\x00\x00\x00TFL3" + bytes(rang
     row = {**_ROW, "path": "export/model.int8.tflite", "format": "tflite-int8", "runtime": "ai-edge-litert",
            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     return model, row
+
+
+def test_a_row_without_a_sha256_is_checked_by_its_size_and_says_so(tmp_path, monkeypatch):
+    """A report of an older verify (or edited by hand) records no SHA-256: the file here was
+    judged by the report's numbers without a word, even when it had grown. Now its size is
+    compared (another size is ERROR), and a note says the bytes were not checked."""
+    model, row = _measured(tmp_path)
+    del row["sha256"]
+    report = write_report(tmp_path, lambda r: r.update(artifacts=[row], written_from=str(tmp_path)))
+    monkeypatch.chdir(tmp_path)
+    res = check(report, *BUDGET)
+    assert res.exit_code == 0, res.output
+    assert (f"note: {report} records no SHA-256 for 1 file(s) here (export/model.int8.tflite; an older verify "
+            "wrote it, or it was edited): they are checked by their size only") in res.output, res.output
+    model.write_bytes(model.read_bytes() + b"x")
+    res = check(report, *BUDGET)
+    assert res.exit_code == 2 and "ERROR (changed since" in res.output, res.output
+    assert f"{row['bytes'] + 1:,} B now, {row['bytes']:,} B then" in res.output, res.output
 
 
 def test_a_file_changed_since_the_report_is_not_judged_by_its_old_numbers(tmp_path, monkeypatch):

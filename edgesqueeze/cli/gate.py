@@ -52,11 +52,16 @@ def _same_dataset(path: Path, raw: Any, wanted: str, recipe: Path | None) -> Non
                         "instead of -r")
 
 
-def _report_rows(path: Path, dataset: str | None = None, recipe: Path | None = None) -> list[dict]:
+def _report_rows(path: Path, dataset: str | None = None, recipe: Path | None = None,
+                 notes: list[str] | None = None) -> list[dict]:
     """The artifact rows of the report ``path``, checked up front (``budget.validate_rows``):
     a report that has no artifacts, or one whose fields are missing, mistyped or out of range,
     is bad input (exit 2, the file, row and field named), never a pass nor a traceback.
-    ``dataset``: the recipe's (``recipe``), which the report must have been measured on."""
+    ``dataset``: the recipe's (``recipe``), which the report must have been measured on.
+    ``notes`` gets a line for files the report measured that are not here (judged by its
+    numbers alone) and for files it records no SHA-256 of (checked by their size only): the
+    verdict outputs carry them beside the table."""
+    notes = [] if notes is None else notes
     from edgesqueeze.budget import changed_files, rows_from_report, validate_rows  # numpy-free: check imports no numpy
     from edgesqueeze.errors import FormatError
 
@@ -84,10 +89,15 @@ def _report_rows(path: Path, dataset: str | None = None, recipe: Path | None = N
     else:
         validate_rows(rows, path)
     # a file re-exported since the report: ERROR, not its old numbers
-    rows, absent = changed_files(rows, path, raw.get("written_from") if isinstance(raw, dict) else None)
+    unhashed: list[str] = []
+    rows, absent = changed_files(rows, path, raw.get("written_from") if isinstance(raw, dict) else None, unhashed)
+    if unhashed:
+        notes.append(f"note: {path} records no SHA-256 for {len(unhashed)} file(s) here ({unhashed[0]}"
+                     f"{', ...' if len(unhashed) > 1 else ''}; an older verify wrote it, or it was edited): they are "
+                     "checked by their size only; run `edgesqueeze verify` again to check their bytes")
     if absent:
-        click.echo(f"note: {len(absent)} file(s) {path} measured are not here ({absent[0]}"
-                   f"{', ...' if len(absent) > 1 else ''}): judged by the report's numbers alone", err=True)
+        notes.append(f"note: {len(absent)} file(s) {path} measured are not here ({absent[0]}"
+                     f"{', ...' if len(absent) > 1 else ''}): judged by the report's numbers alone")
     return rows
 
 
@@ -360,7 +370,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
             # an earlier run's verdicts must not outlive this run if it stops on bad input: the
             # outputs are this run's or none (CI uploads them beside the exit status)
             remove_output(path)  # its permission bits come back with this run's file
-    rows, files = [], []
+    rows, files, file_notes = [], [], []
     data = model_opts.section("data")
     from edgesqueeze._io import once_each
 
@@ -371,7 +381,8 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     for p in paths:
         _not_a_directory(p)
         if _is_report(p):
-            rows.extend(_report_rows(p, data.dataset if data is not None else None, model_opts.recipe_path))
+            rows.extend(_report_rows(p, data.dataset if data is not None else None, model_opts.recipe_path,
+                                     file_notes))
         else:
             files.append(p)
     if files:
@@ -388,8 +399,11 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
         click.echo(line, err=bool(to_stdout))
     missing = unmatched_formats(rows, budget)
     if missing and any(v.check == "size" for v in verdicts if v.artifact != "-"):
-        click.echo(f"note: the budget limits the size of {', '.join(missing)}, which no artifact here has "
-                   "(not checked)", err=True)
+        file_notes.append(f"note: the budget limits the size of {', '.join(missing)}, which no artifact here has "
+                          "(not checked)")
+    for line in file_notes:  # what the verdicts rest on: the job summary and the JSON say it too, not stderr alone
+        click.echo(line, err=True)
+    notes = [*notes, *file_notes]
     if json_path:
         write_text_output(json_path, verdicts_json(verdicts, rows, budget, notes))
     if junit_path:
