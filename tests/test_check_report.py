@@ -275,6 +275,11 @@ def test_an_earlier_runs_verdict_files_do_not_outlive_bad_input(tmp_path):
     bad = write_report(tmp_path, set_field("accuracy", "high"), name="bad.json")
     res = check(bad, *BUDGET, *args)
     assert res.exit_code == 2 and not any(p.exists() for p in outs), res.output
+    # a budget option that is bad input, or none at all, too (the budget was read first)
+    for budget in (["--max-size", "4zz"], ["--max-size-for", "bogus=1KB"], []):
+        assert check(good, *BUDGET, *args).exit_code == 0 and all(p.is_file() for p in outs)
+        res = check(good, *budget, *args)
+        assert res.exit_code == 2 and not any(p.exists() for p in outs), (budget, res.output)
     # an output named like the input report is refused: it was read, then replaced by the
     # verdicts, and the report was lost
     same = write_report(tmp_path, name="same.json")

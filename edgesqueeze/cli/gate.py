@@ -347,10 +347,6 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     from edgesqueeze.budget import (check as run_check, exit_code, noise_notes, unmatched_formats, verdicts_json,
                                     verdicts_junit, verdicts_markdown, verdicts_table)
 
-    budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
-    if budget.is_empty():
-        raise click.UsageError("no budget: give --max-size, --max-size-for, --min-accuracy, --max-drop, "
-                               "--min-agreement or a --recipe with a 'budget' section")
     to_stdout = [opt for opt, path in (("--json", json_path), ("--junit", junit_path), ("--markdown", md_path))
                  if is_stdout(path)]
     if len(to_stdout) > 1:
@@ -370,6 +366,11 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
             # an earlier run's verdicts must not outlive this run if it stops on bad input: the
             # outputs are this run's or none (CI uploads them beside the exit status)
             remove_output(path)  # its permission bits come back with this run's file
+    # after the earlier verdicts are gone: a budget option that is bad input left them in place
+    budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
+    if budget.is_empty():
+        raise click.UsageError("no budget: give --max-size, --max-size-for, --min-accuracy, --max-drop, "
+                               "--min-agreement or a --recipe with a 'budget' section")
     rows, files, file_notes = [], [], []
     data = model_opts.section("data")
     from edgesqueeze._io import once_each
