@@ -374,17 +374,27 @@ def verdicts_junit(verdicts: list[Verdict], *, suite: str = "edgesqueeze check")
     from xml.sax.saxutils import escape, quoteattr  # here: 12 ms of imports (urllib, http) a check without --junit skips
     fails = sum(v.status == "FAIL" for v in verdicts)
     errors = sum(v.status == "ERROR" for v in verdicts)
+    def xml(text: str) -> str:  # characters XML 1.0 cannot hold (a path with ESC in it) written as \x1b
+        return "".join(c if c in "\t\n\r" or "\x20" <= c <= "\ud7ff" or "\ue000" <= c <= "\ufffd"
+                       or c >= "\U00010000" else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                       for c in str(text))
+
     lines = ['<?xml version="1.0" encoding="UTF-8"?>',
              f"<testsuites><testsuite name={quoteattr(suite)} tests=\"{len(verdicts)}\" "
              f"failures=\"{fails}\" errors=\"{errors}\">"]
+    seen: dict[tuple[str, str], int] = {}
     for v in verdicts:
-        name = quoteattr(f"{v.check} {v.limit}")
-        lines.append(f"  <testcase classname={quoteattr(v.artifact)} name={name}>")
-        text = escape(f"{v.check}: {v.value}, limit {v.limit}" + (f"; {v.message}" if v.message else ""))
+        # named by the check alone, so a changed limit keeps a test's history; a check that repeats
+        # for one file (the same file in two reports) gets a number, so names stay unique
+        key = (v.artifact, v.check)
+        seen[key] = seen.get(key, 0) + 1
+        name = v.check if seen[key] == 1 else f"{v.check} ({seen[key]})"
+        lines.append(f"  <testcase classname={quoteattr(xml(v.artifact))} name={quoteattr(xml(name))}>")
+        text = escape(xml(f"{v.check}: {v.value}, limit {v.limit}" + (f"; {v.message}" if v.message else "")))
         if v.status == "FAIL":
-            lines.append(f"    <failure message={quoteattr(v.message or 'budget broken')}>{text}</failure>")
+            lines.append(f"    <failure message={quoteattr(xml(v.message or 'budget broken'))}>{text}</failure>")
         elif v.status == "ERROR":
-            lines.append(f"    <error message={quoteattr(v.message or 'not measured')}>{text}</error>")
+            lines.append(f"    <error message={quoteattr(xml(v.message or 'not measured'))}>{text}</error>")
         else:
             lines.append(f"    <system-out>{text}</system-out>")
         lines.append("  </testcase>")
@@ -446,6 +456,21 @@ def artifacts_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _not_text(value: Any, where: str = "") -> tuple[str, str] | None:
+    """``(where, char)``: the path (``artifacts[2].error``) of the first string in ``value``
+    holding a lone UTF-16 surrogate, and that character; None when there is none."""
+    if isinstance(value, str):
+        bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+        return None if bad is None else (where or "the report", bad)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        key = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
+        found = (_not_text(k, key) if isinstance(k, str) else None) or _not_text(v, key)
+        if found is not None:
+            return found
+    return None
+
+
 def rows_from_report(path: str | Path) -> list[dict[str, Any]]:
     """Artifact rows from a report.json: a ``verify`` report, or a ``compress`` report."""
     path = Path(path)
@@ -459,6 +484,10 @@ def rows_from_report(path: str | Path) -> list[dict[str, Any]]:
         raise FormatError(f"{path}: not an edgesqueeze report (JSON nested too deeply to read)") from None
     if not isinstance(report, dict):
         raise FormatError(f"{path}: not an edgesqueeze report (expected a JSON object)")
+    bad = _not_text(report)
+    if bad is not None:  # "\ud800": JSON takes it, no output can be written with it (a traceback, exit 1)
+        raise FormatError(f"{path}: {bad[0]}: a lone surrogate (\\u{ord(bad[1]):04x}) is not text; a damaged or "
+                          "hand-edited report: run `edgesqueeze verify` again")
     if isinstance(report.get("artifacts"), list):
         rows = report["artifacts"]
         for i, row in enumerate(rows):

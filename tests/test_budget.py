@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import json
 import xml.etree.ElementTree as ET
@@ -257,6 +258,20 @@ def test_outputs(tmp_path):
     assert suite.get("tests") == "8" and suite.get("failures") == "1" and suite.get("errors") == "0"
     cases = suite.findall("testcase")
     assert len(cases) == 8 and sum(c.find("failure") is not None for c in cases) == 1
+    # named by the check, so a changed limit keeps each test's history; unique per file
+    names = [(c.get("classname"), c.get("name")) for c in cases]
+    assert len(set(names)) == 8 and {n for _, n in names} == {v.check for v in verdicts}, names
+    other = check(rows, dataclasses.replace(BUDGET, max_size=BUDGET.max_size * 2))
+    assert [(c.get("classname"), c.get("name")) for c in
+            ET.fromstring(verdicts_junit(other)).find("testsuite").findall("testcase")] == names
+    # the same file judged twice (in two reports): numbered, not two tests of one name
+    twice = [(c.get("classname"), c.get("name")) for c in
+             ET.fromstring(verdicts_junit(verdicts + verdicts[:1])).find("testsuite").findall("testcase")]
+    assert len(set(twice)) == 9 and twice[-1] == (names[0][0], f"{names[0][1]} (2)")
+    # a path holding a character XML cannot carry (ESC) still gives a well-formed file
+    esc = check([row(path="bad\x1bname.onnx", format="onnx")], BUDGET)
+    case = ET.fromstring(verdicts_junit(esc)).find("testsuite").find("testcase")
+    assert case.get("classname") == "bad\\x1bname.onnx"
     md = verdicts_markdown(verdicts, rows)
     assert md.startswith("## edgesqueeze check: Budget broken")
     assert "| `big.onnx` | onnx | - | 2,000,000 |" in md

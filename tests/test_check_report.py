@@ -443,3 +443,13 @@ def test_max_size_on_the_command_line_replaces_the_recipes_limits_per_format(tmp
     assert "export/model.int8.onnx" in next(ln for ln in res.output.splitlines() if "FAIL" in ln)
     res = check(report, "-r", recipe, "--max-size", "80KB", "--max-size-for", "onnx-int8=100KB")
     assert res.exit_code == 0, res.output
+
+
+def test_a_report_string_that_is_not_text_is_bad_input_not_a_traceback(tmp_path):
+    """A lone surrogate ("\\ud800", which JSON reads) in a report crashed check with a
+    UnicodeEncodeError traceback and exit 1, the code of a broken budget."""
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps(REPORT).replace('"error": null', '"error": "\\ud800"', 1))
+    res = check(report, *BUDGET)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"error: {report}: artifacts[0].error: a lone surrogate (\\ud800) is not text" in res.output, res.output
