@@ -301,8 +301,22 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
             row.update(_evaluate_one(path, data, ref_scores, threads=threads, latency=latency,
                                      model_args=model_args, progress=progress))
             recorded = row.pop("_meta_reference", None)
+            recorded_on, measured_on = row.pop("_datasets", (None, None))
+            same_images = not data.subset and (not recorded_on or not measured_on
+                                               or recorded_on.lower() == measured_on.lower())
+            if ref_acc is not None and recorded is not None and same_images and row["n"] \
+                    and abs(recorded - ref_acc) * row["n"] > max(2.5, 0.005 * row["n"]):
+                # more than a CPU's rounding apart: agreement and drop would be against another model
+                log(f"note: {path} records its float model at {100 * recorded:.2f}% test accuracy, but the "
+                    f"reference {ref_path} scores {100 * ref_acc:.2f}% on these images: is it the model this file "
+                    "came from? Agreement and drop are measured against the reference")
             if row["reference_accuracy"] is None and recorded is not None:
-                if data.subset:  # measured on all the test images: a drop against it mixes two sets
+                if recorded_on and measured_on and recorded_on.lower() != measured_on.lower():
+                    # the float model's accuracy on its own dataset: a drop against it mixed two datasets
+                    log(f"note: {path}: the float model's recorded accuracy ({100 * recorded:.2f}%) is on "
+                        f"{recorded_on}, not {measured_on} (--data), so no drop is measured; give the float "
+                        "model (.pt) as --reference to measure it on the same images")
+                elif data.subset:  # measured on all the test images: a drop against it mixes two sets
                     log(f"note: {path}: the float model's recorded accuracy ({100 * recorded:.2f}%) is on the "
                         f"whole test split, not these {row['n']:,} images, so no drop is measured; give the "
                         "float model (.pt) as --reference to measure it on the same images")
@@ -403,6 +417,7 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
         _check_classes(scores, ds, meta.get("classes"), str(path))
         out["_meta_reference"] = ((meta.get("metrics") or {}).get("test") or {}).get("accuracy") \
             if kind == "pt" else meta.get("reference_accuracy")
+        out["_datasets"] = (meta.get("dataset"), ds.name)  # the recorded accuracy's, and these images'
         if latency:
             out["latency_ms"] = _torch_latency(loaded.model, list(ds.input_shape), threads=threads)
     else:
@@ -432,6 +447,7 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
         if art.backend == "tflite-micro":  # the RAM a microcontroller needs beside the file's flash
             out["arena_bytes"] = art.arena_bytes
         out["_meta_reference"] = meta.get("reference_accuracy")
+        out["_datasets"] = (meta.get("dataset"), ds.name)
         out["_source"] = meta.get("source_sha256")  # files of one model, for int8_speed_notes
         if art.kind == "onnx":  # without onnxruntime's x86-only NCHWc kernels: what ARM computes
             out["ort_portable"] = art.portable

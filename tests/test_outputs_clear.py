@@ -7,6 +7,7 @@ on a misspelt layer. Real files on disk, the real CLI."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import struct
 import zipfile
@@ -286,3 +287,40 @@ def test_a_damaged_checkpoint_archive_says_what_to_do_in_every_command(tmp_path)
         assert said[0].startswith(f"error: {bad}: ") and said[0].endswith(
             "a damaged or cut copy: copy the file again, or write it again"), (command, res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flip.esq"]
+
+
+def test_verify_on_another_dataset_measures_no_drop_against_the_recorded_accuracy(files, tmp_path):
+    """verify --data mnist of a digits model's file paired its MNIST accuracy with the float
+    model's recorded digits accuracy, and check --max-drop then failed it by ~60 points (or
+    passed an equal mix). As with --limit, no drop is measured from a number of other images."""
+    _, onnx = files
+    out = tmp_path / "v.json"
+    res = _run("verify", onnx, "--data", "mnist", "--limit", "50", "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    row = json.loads(out.read_text())["artifacts"][0]
+    assert row["reference_accuracy"] is None and row["n"] == 50, row
+    assert (f"note: {onnx}: the float model's recorded accuracy" in res.output
+            and "is on digits, not mnist (--data), so no drop is measured" in res.output), res.output
+    res = _run("verify", onnx, "--limit", "50", "--out", out, "--no-progress")  # its own dataset: the same note
+    assert "is on digits, not" not in res.output, res.output
+
+
+def test_a_reference_that_is_not_the_files_model_is_said(files, tmp_path):
+    """verify took any .pt as the reference without a word: agreement 33.7% and a drop of
+    -65.7 points (a PASS of --max-drop 3) against a 2-epoch model the files never came from.
+    The files record their float model's test accuracy: a reference far from it is named."""
+    from edgesqueeze.checkpoint import save_state, stored_weights
+
+    pt, onnx = files
+    state, meta, _ = stored_weights(pt)
+    for name in state:  # another model: the same architecture, its classifier turned around
+        if name.endswith("weight") and state[name].dim() == 4 and state[name].shape[0] == 10:
+            state[name] = -state[name]
+    other = tmp_path / "other.pt"
+    save_state(other, state, meta)
+    res = _run("verify", other, onnx, "--out", tmp_path / "v.json", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert f"note: {onnx} records its float model at" in res.output and (
+        f"but the reference {other} scores") in res.output and "is it the model this file came from?" in res.output
+    res = _run("verify", pt, onnx, "--out", tmp_path / "w.json", "--no-progress")
+    assert res.exit_code == 0 and "is it the model" not in res.output, res.output
