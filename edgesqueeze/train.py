@@ -418,14 +418,20 @@ def _no_previous_run(group, out: Path, allowed: bool) -> None:
     refusing alone, before the process group started, left the others waiting for it."""
     from edgesqueeze import distributed
 
-    held = (out / "last.pt").exists() and not allowed
+    # a run's outputs without its last.pt (files of the user's own, or a run whose state was
+    # deleted) were removed without a word: they are refused as a previous run's are
+    others = [n for n in _FINAL_OUTPUTS if (out / n).exists()] if not (out / "last.pt").exists() else []
+    held = ((out / "last.pt").exists() or bool(others)) and not allowed
     ranks = distributed.ranks_where(group, held) if group is not None else ([0] if held else [])
     if ranks:
         many = len(ranks) > 1
         seen = (f" (as rank{'s' if many else ''} {', '.join(map(str, ranks))} of {group.world} "
                 f"see{'' if many else 's'} it)") if group is not None and group.active else ""
+        if others:
+            raise EdgesqueezeError(f"{out}: holds {', '.join(others)}{seen}, the names a run writes, but no last.pt "
+                                   "(no run to resume); pass --overwrite to replace them, or give another --out")
         raise EdgesqueezeError(f"{out}: holds a previous run (last.pt){seen}; pass --resume to continue it "
-                               "or --overwrite to start over (fit(..., resume=True) / overwrite=True)")
+                               "or --overwrite to start over")
 
 
 _FINAL_OUTPUTS = ("model.pt", "summary.json", "curves.png", "metrics.csv", "metrics.json")
@@ -499,6 +505,10 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
             raise DataError(f"data.channels: {exc}") from None
     if len(ds.train_x) == 0:
         raise DataError(f"dataset '{ds.name}' has no training images")
+    if len(ds.test_y) == 0:  # a 2-image folder: the carved test split rounds to none; it crashed after training
+        raise DataError(f"dataset '{ds.name}' has no test images (of {len(ds.train_x)} images, the test split carved "
+                        "from them rounds to none): add images, or a test/ folder beside train/"
+                        + (", or raise data.limit" if recipe.data.limit else ""))
     (x_tr, y_tr), (x_val, y_val) = split_train_val(ds, recipe.data.val_fraction, recipe.seed)
     if len(x_tr) == 0:  # it crashed in the learning-rate schedule (ZeroDivisionError) after recipe.json
         raise DataError(f"data.val_fraction {recipe.data.val_fraction:g} holds out all {len(ds.train_x)} training "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edgesqueeze.checkpoint import load_model
-from edgesqueeze.errors import EdgesqueezeError
+from edgesqueeze.errors import DataError, EdgesqueezeError
 from edgesqueeze.recipe import TrainConfig, recipe_from_dict
 from edgesqueeze.train import fit, lr_at
 
@@ -302,6 +302,40 @@ def test_a_new_run_removes_an_earlier_runs_results_and_resume_with_overwrite_is_
     res = CliRunner().invoke(cli, ["train", "-r", "recipes/squeezenet-digits.yaml", "--out", str(tmp_path),
                                    "--resume", "--overwrite"])
     assert res.exit_code == 2 and "give one of them" in res.output, res.output
+
+
+def test_a_folder_with_a_runs_file_names_but_no_last_pt_is_refused_without_overwrite(tmp_path):
+    """`train --out X` where X held a model.pt of the user's own (no last.pt) removed it, with
+    "held an earlier run's model.pt: removed" (summary.json, curves.png, metrics too). Only a
+    folder with last.pt was refused. Now those names without last.pt are refused as well, and
+    nothing there is touched; --overwrite replaces them."""
+    (tmp_path / "model.pt").write_bytes(b"my own model")
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(EdgesqueezeError, match=r"holds model\.pt, summary\.json, the names a run writes, but no "
+                                               r"last\.pt \(no run to resume\); pass --overwrite") as err:
+        fit(_recipe(tmp_path, epochs=0.05), progress=False, log=_quiet)
+    assert err.value.exit_code == 2
+    assert (tmp_path / "model.pt").read_bytes() == b"my own model" and not (tmp_path / "last.pt").exists()
+    fit(_recipe(tmp_path, epochs=0.05), overwrite=True, progress=False, log=_quiet)
+    assert (tmp_path / "model.pt").read_bytes() != b"my own model" and (tmp_path / "last.pt").is_file()
+
+
+def test_a_folder_too_small_for_a_test_split_is_refused_before_training(tmp_path):
+    """Two images (one a class): the carved test split rounded to none, and training ran, then
+    crashed on its final line (KeyError: 'accuracy', exit 1) leaving a model.pt that eval refused."""
+    from PIL import Image
+
+    for cls, shade in (("a", 30), ("b", 220)):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("L", (16, 16), shade).save(tmp_path / "imgs" / cls / "0.png")
+    recipe = recipe_from_dict({"version": 1, "seed": 0, "output_dir": str(tmp_path / "out"),
+                               "model": {"arch": "squeezenet_mnist", "kwargs": {"width_mult": 0.5}},
+                               "data": {"dataset": f"imagefolder:{tmp_path / 'imgs'}", "val_fraction": 0},
+                               "train": {"epochs": 1, "batch_size": 2, "threads": 1}})
+    with pytest.raises(DataError, match=r"has no test images \(of 2 images, the test split carved from them rounds "
+                                        r"to none\): add images, or a test/ folder") as err:
+        fit(recipe, progress=False, log=_quiet)
+    assert err.value.exit_code == 2 and not (tmp_path / "out").exists()
 
 
 def test_ctrl_c_says_how_to_go_on(tmp_path):
