@@ -221,7 +221,11 @@ def _decoded(x: LazyImages, chunks: list[np.ndarray], workers: int | None,
     workers = min(default_workers() if workers is None else workers, len(chunks))
     loader = torch.utils.data.DataLoader(
         _Batches(x, chunks, part if part is not None and part[1] > 1 else None), batch_size=None, shuffle=False,
-        num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False)
+        num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False,
+        # its own generator: the workers' base seed was drawn from torch's global one, which moved
+        # the dropout masks of every later step (streamed training left in-memory training's
+        # weights by up to 4e-3 in a model with dropout); the workers only decode, drawing nothing
+        generator=torch.Generator())
     it = iter(loader)
     error = None
     try:
