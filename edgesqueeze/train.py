@@ -581,6 +581,11 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
             old = remove_earlier_outputs(out, _FINAL_OUTPUTS)
             if old:
                 log(f"note: {out}/ held an earlier run's {', '.join(p.name for p in old)}: removed")
+                # what the earlier model's pipeline wrote beside it (gate.sh's layout) is not this model's
+                later = [n for n in ("compressed/", "export/", "verify.json", "gate.json") if (out / n).exists()]
+                if later:
+                    log(f"note: {out}/ also holds {', '.join(later)} of the earlier model, left as they are: compress, "
+                        "export and verify this model again before a gate reads them")
     if resuming:
         st = load_train_state(state_path)
         if "train_hash" not in st:

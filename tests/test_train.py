@@ -295,10 +295,12 @@ def test_a_new_run_removes_an_earlier_runs_results_and_resume_with_overwrite_is_
         if msg.startswith("epoch") and "1/" in msg:
             raise KeyboardInterrupt
 
+    (tmp_path / "export").mkdir()  # the earlier model's exports, as gate.sh lays them out
     with pytest.raises(KeyboardInterrupt):
         fit(_recipe(tmp_path, epochs=2), overwrite=True, progress=False, log=stop)
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "summary.json").exists(), lines
     assert any("held an earlier run's model.pt" in m for m in lines), lines
+    assert f"note: {tmp_path}/ also holds export/ of the earlier model, left as they are" in "\n".join(lines), lines
     res = CliRunner().invoke(cli, ["train", "-r", "recipes/squeezenet-digits.yaml", "--out", str(tmp_path),
                                    "--resume", "--overwrite"])
     assert res.exit_code == 2 and "give one of them" in res.output, res.output
@@ -499,3 +501,27 @@ def test_classes_without_training_images_and_an_empty_validation_split_are_said(
         out_dir=tmp_path / "b", progress=False, log=logs.append)
     assert any("data.val_fraction 0.01 of 10 training images rounds to none" in m for m in logs), logs
     assert not any("no training images" in m for m in logs), logs
+
+
+def test_an_interrupt_before_the_first_epoch_does_not_advise_resume(tmp_path, monkeypatch):
+    """Ctrl-C before any epoch finished said "the same command with --resume goes on from the
+    last finished epoch", with no epoch, no last.pt, no folder. The interrupt itself is the
+    CLI's (fit stands in for a run stopped at its start); with a last.pt it advises --resume."""
+    from click.testing import CliRunner
+
+    import edgesqueeze.train
+    from edgesqueeze.cli import cli
+
+    def stopped(recipe, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edgesqueeze.train, "fit", stopped)
+    args = ["train", "-r", "recipes/squeezenet-digits.yaml", "--out", str(tmp_path / "run"), "--no-progress"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 130, res.output
+    assert "interrupted before its first epoch finished (nothing to resume: the same command starts it again)" \
+        in res.output and "--resume" not in res.output, res.output
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"state")
+    res = CliRunner().invoke(cli, [*args, "--resume"])
+    assert res.exit_code == 130 and "with --resume goes on from the last finished epoch" in res.output, res.output

@@ -92,6 +92,7 @@ def _usage_error(exc: click.UsageError, where: str) -> None:
 
 # ctx.meta key a command sets when an interrupted run of it can go on with --resume (compress: when it retrains)
 RESUMABLE = "edgesqueeze.resumable"
+TRAIN_STATE = "edgesqueeze.train_state"  # train's OUT/last.pt: an interrupt before it exists has nothing to resume
 
 
 class Terminated(KeyboardInterrupt):
@@ -203,6 +204,9 @@ class _Group(click.Group):
             instead = " in place of --overwrite" if "--overwrite" in args else ""
             again = (f" (the same command with --resume{instead} goes on from the last finished epoch)"
                      if name == "train" or ctx.meta.get(RESUMABLE) else "")
+            state = ctx.meta.get(TRAIN_STATE)
+            if name == "train" and state is not None and not Path(state).exists():
+                again = " before its first epoch finished (nothing to resume: the same command starts it again)"
             terminated = isinstance(exc, Terminated)
             click.echo(f"{'terminated' if terminated else 'interrupted'}{again}", err=True)
             ctx.exit(143 if terminated else 130)

@@ -67,6 +67,9 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
     out = Path(out_dir) if out_dir else recipe.out_dir()
     outputs_clear_of_inputs([("the run's output", out / name) for name in OUTPUTS],
                             [("--recipe", recipe_path)])
+    from edgesqueeze.cli._group import TRAIN_STATE
+
+    click.get_current_context().meta[TRAIN_STATE] = out / "last.pt"  # what an interrupt can say
     result = fit(recipe, out_dir=out_dir, resume=resume, overwrite=overwrite,
                  progress=_progress_default() if progress is None else progress,
                  log=lambda s: click.echo(s))
