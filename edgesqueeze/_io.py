@@ -464,6 +464,20 @@ def is_stdout(path: str | os.PathLike | None) -> bool:
     return path is not None and str(path) == "-"
 
 
+def names_standard_output(path: str | os.PathLike | None) -> bool:
+    """``-``, or a path to the pipe or terminal standard output is (``/dev/stdout``,
+    ``/dev/fd/1``): where a machine-readable output goes, the human-readable text must not."""
+    if is_stdout(path):
+        return True
+    if path is None:
+        return False
+    try:
+        st, out = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no such file; a stdout without a descriptor (a test runner's)
+        return False
+    return not stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+
+
 def write_text_output(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically, or to standard output when ``path`` is ``-``."""
     if is_stdout(path):

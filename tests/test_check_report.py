@@ -453,3 +453,26 @@ def test_a_report_string_that_is_not_text_is_bad_input_not_a_traceback(tmp_path)
     res = check(report, *BUDGET)
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert f"error: {report}: artifacts[0].error: a lone surrogate (\\ud800) is not text" in res.output, res.output
+
+
+def test_measuring_options_given_with_a_report_alone_are_said_to_do_nothing(tmp_path):
+    """check r.json --reference other.pt --data mnist --limit 10 used the report's numbers and
+    said nothing of the three options."""
+    res = check(write_report(tmp_path), *BUDGET, "--data", "mnist", "--limit", "10")
+    assert res.exit_code == 0, res.output
+    assert "note: --data, --limit apply to artifact files measured now; a report is judged by the numbers it holds" \
+        in res.output, res.output
+    assert "apply to artifact files" not in check(write_report(tmp_path), *BUDGET).output
+
+
+def test_json_to_dev_stdout_is_json_alone(tmp_path):
+    """--json /dev/stdout wrote the verdicts table into the same stream as the JSON (unparsable
+    on a pipe); it is standard output, as --json - is, so the table goes to standard error."""
+    import subprocess
+    import sys
+
+    report = write_report(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "edgesqueeze", "check", str(report), *BUDGET, "--json", "/dev/stdout"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["exit_code"] == 0 and "11 passed" in p.stderr

@@ -386,6 +386,11 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
                                      file_notes))
         else:
             files.append(p)
+    unused = [opt for opt, value in (("--reference", reference), ("--data", dataset), ("--limit", limit))
+              if value is not None]
+    if unused and not files:  # they were dropped without a word: a report's rows are its own numbers
+        click.echo(f"note: {', '.join(unused)} apply to artifact files measured now; a report is judged by the "
+                   "numbers it holds (run `edgesqueeze verify` with them to measure again)", err=True)
     if files:
         from edgesqueeze.verify import evaluate_artifacts  # numpy and the runtimes: only for files to measure
 
@@ -394,7 +399,11 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
                                     progress=progress_bars(progress), **model_opts.load_kwargs())
         rows.extend(report["artifacts"])
     verdicts = run_check(rows, budget)
-    click.echo(verdicts_table(verdicts), err=bool(to_stdout))  # stdout is the machine-readable output then
+    from edgesqueeze._io import names_standard_output
+
+    # stdout is the machine-readable output then (--json -, or --json /dev/stdout, which mixed the table in)
+    to_stdout = to_stdout or [p for p in (json_path, junit_path, md_path) if names_standard_output(p)]
+    click.echo(verdicts_table(verdicts), err=bool(to_stdout))
     notes = noise_notes(rows, budget)
     for line in notes:  # a verdict that another sample of as many test images could turn around
         click.echo(line, err=bool(to_stdout))
