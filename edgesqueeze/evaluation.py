@@ -164,6 +164,12 @@ def evaluate_file(
         # before the dataset is decoded and cached at that size (--image-size 2000 wrote 3 GB first)
         raise DataError(f"--image-size {image_size} gives images of {image_size}x{image_size}, but {path} was "
                         f"trained on {list(expected)}; leave out --image-size, or pass --image-size {expected[-1]}")
+    name = dataset or meta.get("dataset")
+    if (image_size is None and name and name != meta.get("dataset") and expected and len(expected) == 3
+            and expected[1] == expected[2] and str(name).lower().startswith(("imagefolder:", "imagenet:"))):
+        # another image folder than the one it was trained on: resized to its input, as verify does
+        # (it said "images differ in size" and asked for --image-size, which the file records)
+        image_size = int(expected[-1])
     ds, train, val = training_data(meta, source=path, dataset=dataset, data_dir=data_dir, seed=seed, limit=limit,
                                    image_size=image_size, val_fraction=val_fraction)
     x, y = {"test": (ds.test_x, ds.test_y), "val": val, "train": train}[split]

@@ -5,6 +5,9 @@ ran with them. Real files on disk, the real CLI."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -159,3 +162,26 @@ def test_an_arch_the_esq_does_not_use_is_said(tmp_path):
     with pytest.warns(Note, match="records its architecture 'squeezenet_mnist', which is used: 'resnet8'"):
         loaded = load_model(path, arch="resnet8")
     assert loaded.meta["arch"] == "squeezenet_mnist"
+
+
+def test_eval_on_another_image_folder_resizes_to_the_models_input(tmp_path):
+    """eval --data imagefolder:OTHER of a model whose input is 3x16x16 said "images differ in
+    size" and asked for --image-size, which the model records; verify resized them. Now eval
+    resizes another folder's images to the model's input, as verify does."""
+    from PIL import Image
+
+    from ddp_net import PlainNet
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):  # two sizes in one folder
+            side = 20 if i % 2 else 24
+            Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(PlainNet(num_classes=2, in_channels=3).state_dict(), tmp_path / "m.pt")
+    res = _run("eval", tmp_path / "m.pt", "--arch", "tests/ddp_net.py:PlainNet", "--arch-kwargs",
+               "{num_classes: 2, in_channels: 3}", "--input-shape", "3,16,16", "--mean", "0.5,0.5,0.5", "--std",
+               "0.2,0.2,0.2", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n"] >= 2
