@@ -420,7 +420,7 @@ def _no_previous_run(group, out: Path, allowed: bool) -> None:
 
     # a run's outputs without its last.pt (files of the user's own, or a run whose state was
     # deleted) were removed without a word: they are refused as a previous run's are
-    others = [n for n in _FINAL_OUTPUTS if (out / n).exists()] if not (out / "last.pt").exists() else []
+    others = [n for n in _FINAL_OUTPUTS if (out / n).is_file()] if not (out / "last.pt").exists() else []
     held = ((out / "last.pt").exists() or bool(others)) and not allowed
     ranks = distributed.ranks_where(group, held) if group is not None else ([0] if held else [])
     if ranks:

@@ -229,6 +229,8 @@ def test_an_interrupted_train_with_overwrite_advises_resume_in_its_place(tmp_pat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(edgesqueeze.train, "fit", interrupted)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "last.pt").write_bytes(b"state")  # an epoch had finished: there is something to resume
     res = run("train", "-r", ROOT / "recipes/squeezenet-digits.yaml", "--out", tmp_path / "t",
               *(["--overwrite"] if overwrite else []))
     instead = " in place of --overwrite" if overwrite else ""
