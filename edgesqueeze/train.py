@@ -575,10 +575,11 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         remove_stale_temps(out, log)  # a killed run can die inside an atomic write
         if not resuming:
             # a new run: an earlier run's results must not outlive it beside this run's files if
-            # it is interrupted (the old model.pt and curves next to a new last.pt)
+            # it is interrupted (the old model.pt and curves next to a new last.pt), nor its state:
+            # stopped before its first epoch, --resume resumed the earlier run (--overwrite)
             from edgesqueeze._io import remove_earlier_outputs
 
-            old = remove_earlier_outputs(out, _FINAL_OUTPUTS)
+            old = remove_earlier_outputs(out, (*_FINAL_OUTPUTS, "last.pt"))
             if old:
                 log(f"note: {out}/ held an earlier run's {', '.join(p.name for p in old)}: removed")
                 # what the earlier model's pipeline wrote beside it (gate.sh's layout) is not this model's

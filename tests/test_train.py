@@ -300,6 +300,18 @@ def test_a_new_run_removes_an_earlier_runs_results_and_resume_with_overwrite_is_
         fit(_recipe(tmp_path, epochs=2), overwrite=True, progress=False, log=stop)
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "summary.json").exists(), lines
     assert any("held an earlier run's model.pt" in m for m in lines), lines
+    assert any("last.pt" in m for m in lines if "held an earlier run's" in m), lines
+    # stopped before its first epoch, an --overwrite run left the earlier run's last.pt, and
+    # --resume (which the interrupt advised in place of --overwrite) went on with the earlier run
+    (tmp_path / "last.pt").write_bytes(b"an earlier run's state")
+
+    def stop_at_start(msg):
+        if msg.startswith("training"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_recipe(tmp_path, epochs=2), overwrite=True, progress=False, log=stop_at_start)
+    assert not (tmp_path / "last.pt").exists()
     assert f"note: {tmp_path}/ also holds export/ of the earlier model, left as they are" in "\n".join(lines), lines
     res = CliRunner().invoke(cli, ["train", "-r", "recipes/squeezenet-digits.yaml", "--out", str(tmp_path),
                                    "--resume", "--overwrite"])
