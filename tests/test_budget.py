@@ -145,6 +145,12 @@ def test_a_verdict_inside_its_sampling_noise_says_so():
     # no n (a report of another tool), an error row, or no agreement for the drop: nothing claimed
     assert budget_mod.noise_notes([{**fail, "n": None}, {**fail, "error": "x"}], budget) == []
     assert budget_mod.noise_notes([{**fail, "agreement": None}], Budget(max_drop=1.0)) == []
+    # the float reference: its agreement and drop against itself sample nothing, but its accuracy
+    # is a sample of the test images like any file's (its row got no note, the others' did)
+    ref = row(path="m.pt", format="pt", agreement=1.0, accuracy=0.9889, reference_accuracy=0.9889, n=359)
+    (ref_note,) = budget_mod.noise_notes([ref], Budget(min_accuracy=0.99, min_agreement=0.99, max_drop=0.0))
+    assert ref_note.startswith("note: m.pt: within the sampling noise") and "accuracy 98.89%" in ref_note
+    assert "agreement" not in ref_note and "drop" not in ref_note
 
 
 def test_wilson_interval_against_the_binomial_by_simulation():

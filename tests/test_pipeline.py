@@ -555,7 +555,8 @@ def test_compress_never_writes_over_its_input_and_never_leaves_an_earlier_runs_f
     unwritable --out was found after the retraining."""
     first = compress(checkpoint, CompressConfig(), out_dir=tmp_path / "a", progress=False, log=lambda _: None)
     data = first.esq_path.read_bytes()
-    with pytest.raises(EdgesqueezeError, match=r"compress writes model.esq there, which is the model it reads"):
+    with pytest.raises(EdgesqueezeError, match=r"model.esq there is the model compress reads .*, and compress "
+                                               r"writes model.esq in its --out folder"):
         compress(first.esq_path, CompressConfig(), out_dir=tmp_path / "a", progress=False, log=lambda _: None)
     assert first.esq_path.read_bytes() == data
     lines: list[str] = []

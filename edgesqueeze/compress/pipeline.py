@@ -204,8 +204,9 @@ def _outputs_clear_of_inputs(checkpoint: Path, out: Path, teacher, recipe_path=N
         target = out / name
         for what, path in inputs.items():
             if path is not None and target.exists() and path.exists() and target.resolve() == path.resolve():
-                raise RecipeError(f"--out {out}: compress writes {name} there, which is {what} it reads "
-                                  f"({path}); give another --out folder")
+                raise RecipeError(f"--out {out}: {name} there is {what} compress reads ({path}), and compress "
+                                  f"writes {name} in its --out folder or removes an earlier run's; give another "
+                                  "--out folder")
 
 
 def _clear_earlier_outputs(out: Path, log: Log) -> None:
