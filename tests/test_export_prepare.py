@@ -168,6 +168,33 @@ def test_gptq_without_shared_moves_weights_off_the_codebook():
     assert torch.unique(new).numel() > 2 * torch.unique(old).numel()
 
 
+def test_gptq_keeps_a_pruned_models_zeros_and_still_beats_nearest():
+    """A pruned model that is not weight-shared (compress with prune only, or a pruned.pt):
+    GPTQ's error compensation wrote into the pruned positions (2,650 of 52,574 zeros made
+    non-zero in a digits tflite-int8 file, which then packed larger). Zeros stay zero now, and
+    the rounding still reproduces the layer's output better than nearest rounding does."""
+    model = _uneven_squeezenet(2)
+    layer = "features.5.expand3x3"  # 128 x 288 inputs: enough columns for the compensation to add up
+    conv = dict(model.named_modules())[layer]
+    with torch.no_grad():  # 60% of the weights pruned, by magnitude
+        w = conv.weight
+        w[w.abs() < w.abs().flatten().kthvalue(int(0.6 * w.numel())).values] = 0
+    x = torch.randn(6, 3, 67, 67, generator=torch.Generator().manual_seed(3))
+    new = dict(gptq_round(model, x, only=[layer]).named_modules())[layer].weight
+    old = conv.weight
+    assert (old == 0).float().mean() > 0.55 and torch.equal(new == 0, old == 0)
+    assert not torch.equal(new, old)
+    q_new, s = _int8(new)
+    q_old, _ = _int8(old)
+    assert torch.equal(q_new * s, new) or torch.allclose(q_new * s, new)  # on the grid
+    with torch.no_grad():  # the layer's own input on the images
+        inputs = {}
+        hook = conv.register_forward_pre_hook(lambda _, a: inputs.setdefault("x", a[0]))
+        model(x)
+        hook.remove()
+    assert _output_error(conv, q_new * s, inputs["x"]) < _output_error(conv, q_old * s, inputs["x"])
+
+
 # --- space-to-depth stem --------------------------------------------------------------------
 
 @settings(max_examples=40, deadline=None)

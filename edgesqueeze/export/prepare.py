@@ -180,8 +180,12 @@ def _gptq_layer_shared(w: torch.Tensor, h: torch.Tensor, damp: float, qmax: int 
 
 def _gptq_layer(w: torch.Tensor, h: torch.Tensor, damp: float, qmax: int = 127) -> torch.Tensor:
     """GPTQ on one (rows, K) weight matrix with input second moments ``h`` (K, K), onto the
-    symmetric grid ``-qmax..qmax`` of each row."""
+    symmetric grid ``-qmax..qmax`` of each row. Zeros (pruned weights) stay zero, their share
+    of the error spread over the columns after them, as SparseGPT keeps a mask: the error
+    compensation wrote into pruned positions (a pruned, not weight-shared digits model's
+    tflite-int8 file had 2,650 of its 52,574 pruned weights non-zero, and packed larger)."""
     rows, k = w.shape
+    zero = w == 0
     w = w.clone()
     scale = w.abs().amax(1) / qmax
     scale[scale == 0] = 1.0
@@ -192,7 +196,7 @@ def _gptq_layer(w: torch.Tensor, h: torch.Tensor, damp: float, qmax: int = 127) 
     r = torch.arange(rows)
     for i in range(k):
         col = w[:, i]
-        q = torch.clamp(torch.round(col / scale), -qmax, qmax) * scale
+        q = torch.where(zero[:, i], 0.0, torch.clamp(torch.round(col / scale), -qmax, qmax) * scale)
         err = (col - q) / hinv[i, i]
         w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
         w[:, i] = q
