@@ -223,3 +223,21 @@ def test_a_model_with_two_inputs_is_told_so_not_sent_to_another_dataset(tmp_path
     res = CliRunner().invoke(cli, ["eval", str(tmp_path / "d.pt"), "--arch", arch(ScaleDefault), "--data", "digits",
                                    "--limit", "20"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "torch.export"])
+def test_lossless_compress_of_a_program_takes_its_input_shape_or_asks_for_one(tmp_path, kind):
+    """`compress ts.pt` with no --data said "has no Conv2d or Linear layer, so there is nothing
+    to prune": a program's layers are found by running it, which needs a shape. --input-shape
+    gives one (it was ignored); without one, the line says to pass it or --data."""
+    model = trained().eval()
+    path = tmp_path / ("m.pt" if kind == "torchscript" else "m.pt2")
+    if kind == "torchscript":
+        torch.jit.save(torch.jit.script(model), str(path))
+    else:
+        torch.export.save(torch.export.export(model, (X[:1],)), str(path))
+    res = CliRunner().invoke(cli, ["compress", str(path), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "shows its layers only when run: pass --data NAME or --input-shape C,H,W" \
+        in res.output, res.output
+    res = CliRunner().invoke(cli, ["compress", str(path), "--input-shape", "1,12,12", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0 and "weights bit-identical to the source: yes" in res.output, res.output

@@ -48,6 +48,17 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
     if not name:
         if need_data:
             raise DataError(f"{checkpoint}: does not record its dataset; pass --data NAME (e.g. --data imagenet-sample)")
+        from edgesqueeze.models.program import lifted_module, program_kind
+
+        kind = program_kind(loaded.model)
+        if kind is not None:  # a program's layers are found by running it: on the shape given, or refused
+            shape = meta.get("input_shape")  # it said "has no Conv2d or Linear layer", --input-shape or not
+            if not shape:
+                what = "TorchScript archive" if kind == "torchscript" else "torch.export program"
+                raise DataError(f"{checkpoint}: a {what} shows its layers only when run: pass --data NAME or "
+                                "--input-shape C,H,W")
+            meta["program"] = {"kind": kind}
+            loaded.model = lifted_module(loaded.model, list(shape), what=str(checkpoint))
         return Inputs(loaded, meta)
     ds, train, val = training_data(meta, source=checkpoint, dataset=name, data_dir=data_dir)
     mean, std, how = input_normalization(meta, ds)

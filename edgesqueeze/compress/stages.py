@@ -379,7 +379,9 @@ def program_extra(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None:
     from edgesqueeze.checkpoint import PROGRAM_TENSOR, program_tensor
     from edgesqueeze.models.program import skeleton_for
 
-    example = torch.zeros(2, *run.inp.ds.input_shape) if run.inp.ds is not None else None
+    # the dataset's images, or the shape given (--input-shape: a lossless run without data)
+    shape = run.inp.ds.input_shape if run.inp.ds is not None else run.inp.meta.get("input_shape")
+    example = torch.zeros(2, *shape) if shape else None
     skeleton = skeleton_for(program["kind"], model, run.inp.loaded.source_program, example)
     extra = {PROGRAM_TENSOR: program_tensor(skeleton)}
     run._program_extra = (keys, extra)
