@@ -324,3 +324,21 @@ def test_a_reference_that_is_not_the_files_model_is_said(files, tmp_path):
         f"but the reference {other} scores") in res.output and "is it the model this file came from?" in res.output
     res = _run("verify", pt, onnx, "--out", tmp_path / "w.json", "--no-progress")
     assert res.exit_code == 0 and "is it the model" not in res.output, res.output
+
+
+def test_a_prune_only_archive_larger_than_xz_says_what_to_add(files, tmp_path):
+    """A recipe with pruning and no weight sharing wrote an .esq larger than xz of the same
+    weights (75 KB against 60 KB: one codebook entry per non-zero) without a word; and the
+    outputs line left out weights_histogram.png, which compress writes."""
+    pt, _ = files
+    res = _run("compress", pt, "-r", "recipes/squeezenet-digits.yaml", "--set", "compress.cluster=null",
+               "--set", "compress.cluster_finetune=null", "--set", "compress.prune_finetune.epochs=0.1",
+               "--out", tmp_path / "c", "--no-progress")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    esq, xz = report["totals"]["esq_bytes"], report["baselines"]["xz_9e"]
+    said = f"note: without weight sharing the .esq ({esq:,} B) is larger than xz -9e of the same weights ({xz:,} B)"
+    assert (said in res.output) == (esq > xz), res.output
+    assert esq > xz  # what the note is for: a pruned, unshared layer
+    assert f"outputs: {tmp_path / 'c'}/ (model.esq, report.md, report.json, accuracy_vs_size.png, " \
+           "weights_histogram.png)" in res.output

@@ -99,7 +99,15 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
     from edgesqueeze.compress.report import size_table
 
     click.echo(size_table(result.report))
-    click.echo(f"outputs: {result.out_dir}/ (model.esq, report.md, report.json, accuracy_vs_size.png)")
+    totals, base = result.report.get("totals") or {}, result.report.get("baselines") or {}
+    if config.mode == "retrain" and config.cluster is None and totals.get("esq_bytes", 0) > base.get("xz_9e", 1 << 62):
+        # each non-zero value is its own codebook entry, coded as one, plus an index that says nothing
+        click.echo(f"note: without weight sharing the .esq ({totals['esq_bytes']:,} B) is larger than xz -9e of the "
+                   f"same weights ({base['xz_9e']:,} B): a pruned layer keeps as many distinct values as weights; add "
+                   "compress.cluster (k-means weight sharing), which the .esq codes in a few bits a weight", err=True)
+    written = [n for n in ("model.esq", "report.md", "report.json", "accuracy_vs_size.png", "weights_histogram.png")
+               if (result.out_dir / n).exists()]
+    click.echo(f"outputs: {result.out_dir}/ ({', '.join(written)})")
     ptq = result.report.get("ptq") or {}
     if ptq.get("within_target") is False:  # a size the recipe asked for and did not get: exit 1
         from edgesqueeze.errors import BudgetError
