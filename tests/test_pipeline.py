@@ -307,6 +307,15 @@ def test_teacher_without_distill_is_refused(checkpoint, tmp_path):
                                    "--out", str(tmp_path / "t")])
     assert res.exit_code == 2 and f"--teacher {other}: normalizes inputs with mean [0.0]" in res.output, res.output
     assert not (tmp_path / "t").exists()
+    # a teacher that is not there names the option ("nope.pt: no such file" did not)
+    res = CliRunner().invoke(cli, ["compress", str(checkpoint), "-r", str(ROOT / "recipes/squeezenet-digits.yaml"),
+                                   "--teacher", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "t")])
+    assert res.exit_code == 2 and f"error: --teacher {tmp_path / 'nope.pt'}: no such file" in res.output, res.output
+    # sensitivity's --layers that names nothing (a stray comma) scanned nothing and printed an empty table
+    for bad in (",", ""):
+        res = CliRunner().invoke(cli, ["sensitivity", str(checkpoint), "--layers", bad, "--out", str(tmp_path / "s")])
+        assert res.exit_code == 2 and "names no layer" in res.output, res.output
+    assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
 
 
 def test_unknown_layer_is_refused_before_any_work(checkpoint, tmp_path):

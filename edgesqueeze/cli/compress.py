@@ -269,11 +269,15 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
         raise click.BadParameter("no sparsities given; give some, e.g. 0.5,0.8,0.9", param_hint="--sparsities")
     if not all(0 <= x < 1 for x in sps):
         raise click.BadParameter("each sparsity must be >= 0 and < 1", param_hint="--sparsities")
+    names = [x.strip() for x in layers.split(",") if x.strip()] if layers is not None else None
+    if names is not None and not names:  # "," scanned nothing and printed an empty table
+        raise click.BadParameter(f"{layers!r} names no layer; give layer names, e.g. features.0,classifier.1",
+                                 param_hint="--layers")
     out = out_dir or Path(model_path).parent / "sensitivity"
     result = run_sensitivity(model_path, sparsities=sps, out_dir=out, max_drop=max_drop,
                              data_dir=data_dir or model_opts.data_dir,
                              dataset=dataset, model_args=model_opts.load_kwargs(), device=device,
-                             layers=[x.strip() for x in layers.split(",")] if layers else None,
+                             layers=names,
                              inputs=[("--recipe", model_opts.recipe_path)],
                              log=lambda m: click.echo(m))
     click.echo((out / "sensitivity.md").read_text())

@@ -165,8 +165,13 @@ def compress(
     if teacher is not None:
         from edgesqueeze.checkpoint import load_model
 
+        from edgesqueeze.errors import EdgesqueezeError
+
         # the same permission as the model compressed: the code --arch names, --trust-pickle
-        loaded_teacher = load_model(teacher, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+        try:
+            loaded_teacher = load_model(teacher, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+        except EdgesqueezeError as exc:  # "nope.pt: no such file" did not say which option named it
+            raise type(exc)(f"--teacher {exc}") from None
         teacher_model = loaded_teacher.model.eval()
         check_fits(teacher_model, inp.ds, teacher, {})
         for key, mine in (("mean", inp.mean), ("std", inp.std)):
