@@ -191,3 +191,21 @@ def test_int8_files_of_a_model_with_a_recurrent_layer_say_its_weights_stay_float
     floats = sum(int(np.prod(t.dims)) for t in inits if t.data_type == onnx.TensorProto.FLOAT)
     ints = sum(int(np.prod(t.dims)) for t in inits if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
     assert floats >= gru - 2 * 3 * 24 and ints >= 4 * 9 + 24 * 10, (floats, ints)  # GRU float, conv and fc 8-bit
+
+
+def test_float_layers_none_clears_the_recipes_and_int8_options_without_an_int8_format_are_said(trained, tmp_path):
+    """--float-layers could not clear a recipe's float layers ('' "names nothing"): 'none' now
+    makes every layer int8. And --weight-rounding gptq --calibration-images 5 with -f onnx was
+    taken without a word; now a note says they apply to int8 formats only."""
+    from edgesqueeze import runtime
+
+    recipe = ["-r", "recipes/squeezenet-digits.yaml"]  # tflite-int8 keeps features.0 float
+    res = run("export", trained, *recipe, "-f", "tflite-int8", "--no-pack", *CAL, "--float-layers", "none",
+              "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    assert runtime.load(tmp_path / "a" / "model.int8.tflite").meta["calibration"]["float_layers"] == []
+    res = run("export", trained, "-f", "onnx", "--weight-rounding", "gptq", "--calibration-images", "5",
+              "--out", tmp_path / "b")
+    assert res.exit_code == 0, res.output
+    assert ("note: --weight-rounding, --calibration-images only apply to the int8 formats, and this export writes "
+            "none (onnx)") in res.output, res.output

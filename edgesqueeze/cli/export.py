@@ -44,7 +44,7 @@ def _csv(value: str, what: str) -> list[str]:
 @click.option("--float-layers", metavar="LIST",
               help="Comma-separated module names kept float in both INT8 files (mixed precision), e.g. "
                    "features.0,features.3; replaces the recipe's float_layers and float_layers_by_format "
-                   "[default: the recipe's, else none].")
+                   "('none': every layer int8) [default: the recipe's, else none].")
 @click.option("--weight-rounding", type=click.Choice(["auto", "nearest", "gptq"]),
               help="How INT8 weights are rounded: gptq (on the calibration images; on a weight-shared "
                    "model it picks among each layer's own values, so a packed file stays as small; "
@@ -152,11 +152,22 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
     if space_to_depth_stem is not None:
         config = dataclasses.replace(config, space_to_depth_stem=space_to_depth_stem)
     if float_layers is not None:
-        try:
-            config = dataclasses.replace(config, float_layers=tuple(_csv(float_layers, "--float-layers")),
-                                         float_layers_by_format={})
+        try:  # none (or ''): every layer int8, whatever the recipe keeps float (it could not be cleared)
+            names = () if float_layers.strip().lower() in ("", "none") else tuple(_csv(float_layers, "--float-layers"))
+            config = dataclasses.replace(config, float_layers=names, float_layers_by_format={})
         except EdgesqueezeError as exc:
             raise click.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--float-layers") from None
+    from edgesqueeze.config.export import INT8_FORMATS
+
+    int8_only = [opt for opt, value in (("--weight-rounding", weight_rounding),
+                                        ("--equalize-activations", equalize_activations),
+                                        ("--onnx-int8-target", onnx_int8_target), ("--int8-weights", int8_weights),
+                                        ("--calibration-images", calibration_images),
+                                        ("--calibration-method", calibration_method),
+                                        ("--space-to-depth-stem", space_to_depth_stem)) if value is not None]
+    if int8_only and not any(f in INT8_FORMATS for f in config.formats):  # taken without a word
+        click.echo(f"note: {', '.join(int8_only)} only apply to the int8 formats, and this export writes none "
+                   f"({', '.join(config.formats)})", err=True)
     out = out_dir or Path(model_path).parent / "export"
     written = export_artifacts(model_path, config, out, dataset=dataset, data_dir=data_dir or model_opts.data_dir,
                                seed=seed, inputs=[("--recipe", model_opts.recipe_path)], log=lambda m: click.echo(m),
