@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -233,9 +234,12 @@ def changed_files(rows: list[dict[str, Any]], source: Any, written_from: Any = N
     reports ERROR: the report's numbers are another file's, and a re-export without a new
     ``verify`` must not pass on them). Returns the rows and the paths not found here (their
     numbers are the report's, as on a machine that has only the report). A relative path is
-    taken from ``written_from`` (the folder the report was written from, which it records)
-    where that folder exists here, else from the current one (the report came from another
-    machine, into the same layout). A row without ``sha256`` (a report of an older verify, or
+    looked for beside the report first (a report copied with its files, as a CI artifact
+    arrives on a device: the files there are the ones to check, not the ones where verify
+    ran, which a report copied on the same machine was checked against), then from
+    ``written_from`` (the folder the report was written from, which it records) where that
+    folder exists here, then from the current one (the report came from another machine,
+    into the same layout). A row without ``sha256`` (a report of an older verify, or
     edited) is checked by its recorded size only: a file of another size gets the ``error``,
     one of the same size is named in ``unhashed`` (the caller says it was not checked)."""
     base = Path(written_from) if isinstance(written_from, str) and written_from else None
@@ -247,7 +251,12 @@ def changed_files(rows: list[dict[str, Any]], source: Any, written_from: Any = N
         if row.get("error") or not isinstance(name, str):
             out.append(row)
             continue
-        path = Path(name) if base is None or Path(name).is_absolute() else base / name
+        if Path(name).is_absolute():
+            path = Path(name)
+        else:
+            beside = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
+            tries = [d / name for d in (beside, base) if d is not None] + [Path(name)]
+            path = next((t for t in tries if t.is_file()), tries[-1])
         try:
             if not path.is_file():
                 absent.append(name)

@@ -392,11 +392,33 @@ def test_a_report_whose_files_are_elsewhere_is_judged_by_its_numbers_and_says_so
     """A CI job that downloads only the report: nothing to compare, the report's numbers
     stand, and a note says the files were not found."""
     _, row = _measured(tmp_path)
-    report = write_report(tmp_path, lambda r: r.update(artifacts=[row], written_from="/nonexistent/ci/job"))
+    (tmp_path / "only").mkdir()  # the report alone, not beside export/
+    report = write_report(tmp_path, lambda r: r.update(artifacts=[row], written_from="/nonexistent/ci/job"),
+                          name="only/verify.json")
     monkeypatch.chdir(tmp_path.parent)  # not where export/ is
     res = check(report, *BUDGET)
     assert res.exit_code == 0, res.output
     assert "note: 1 file(s)" in res.output and "judged by the report's numbers alone" in res.output
+
+
+def test_a_report_copied_with_its_files_checks_the_files_beside_it(tmp_path, monkeypatch):
+    """A report copied with its files (a CI artifact on a device, or another folder of the same
+    machine): check hashed the files where verify ran, while the folder still existed, and
+    passed a copy there that had been replaced by a 3x larger file; from another folder, it
+    judged the copy by the report's numbers. The files beside the report are the ones checked."""
+    import shutil
+
+    (tmp_path / "ci").mkdir()
+    _, row = _measured(tmp_path / "ci")
+    write_report(tmp_path / "ci", lambda r: r.update(artifacts=[row], written_from=str(tmp_path / "ci")))
+    shutil.copytree(tmp_path / "ci", tmp_path / "device")
+    copy = tmp_path / "device" / "export" / "model.int8.tflite"
+    copy.write_bytes(copy.read_bytes() * 3)  # replaced after the report: another file
+    for cwd in (tmp_path / "device", tmp_path):  # from where the copy is, and from elsewhere
+        monkeypatch.chdir(cwd)
+        res = check(tmp_path / "device" / "verify.json", *BUDGET)
+        assert res.exit_code == 2 and "ERROR (changed since" in res.output, (cwd, res.output)
+    assert check(tmp_path / "ci" / "verify.json", *BUDGET).exit_code == 0  # the original is as measured
 
 
 @pytest.mark.parametrize("sha", ["abc", 7, "G" * 64])
