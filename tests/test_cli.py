@@ -415,3 +415,13 @@ def test_export_of_a_model_torch_export_cannot_trace_is_one_line_with_what_to_do
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: torch.export cannot trace Untraceable") and "torch.where" in lines[0]
+
+
+def test_no_command_prints_the_help_as_it_is():
+    """`edgesqueeze` alone printed its whole help as one `error: Usage: ...` line and 33 more,
+    the last cut off ("... through their own; see 'edgesqueeze --help'")."""
+    res = CliRunner().invoke(cli, [])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("Usage: ") and "[OPTIONS] COMMAND" in res.output.splitlines()[0], res.output
+    assert "error:" not in res.output, res.output
+    assert "  verify  " in res.output and "; see 'edgesqueeze --help'" not in res.output

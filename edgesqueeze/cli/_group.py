@@ -82,6 +82,12 @@ def _usage_error(exc: click.UsageError, where: str) -> None:
     """A missing or bad option, an unknown command: one ``error:`` line, as every other error,
     where click prints "Usage: ...", "Try ...", a blank line and "Error: ...".
     ``where``: the command path whose --help to point at, when click's error has no context."""
+    if type(exc).__name__ == "NoArgsIsHelpError" or (exc.ctx is not None and exc.format_message() ==
+                                                       exc.ctx.get_help()):
+        # `edgesqueeze` alone (click 8.2+): its "error" is the whole help, which came out as an
+        # `error: Usage: ...` line and 33 more, the last cut off; the help as it is, then
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message(), err=True)
+        return
     if exc.ctx is not None:
         where = exc.ctx.command_path
     msg = exc.format_message()
@@ -175,7 +181,8 @@ class _Group(click.Group):
             elif top == "torch":  # PyPI's default torch on Linux x86-64 is the CUDA build (gigabytes)
                 how += ", after torch itself as README 'Install' says"
             click.secho(f"error: this needs the Python package '{top}', which is not installed here ({how}; a "
-                        "device install has only what run, bench, inspect, check and unpack of packed files need)",
+                        "device install has only what run, bench, inspect, unpack of packed files and check of a "
+                        "verify report need; measuring a model file is the toolchain's)",
                         fg="red", err=True)
             ctx.exit(2)
         except BrokenPipeError:  # the reader stopped reading (`edgesqueeze run ... | head -1`): it has
