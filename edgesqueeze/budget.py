@@ -110,6 +110,8 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                 ok = drop <= budget.max_drop + 100 * _EPS
                 lost = _images(ref - acc, row.get("n"))
                 shown = f"{drop:.{_digits(lambda d: ok or float(f'{drop:.{d}f}') > budget.max_drop)}f}"
+                if float(shown) == 0:  # a float32 and a float64 of one accuracy: "-0.00 points"
+                    shown = shown.lstrip("-")
                 out.append(Verdict(name, fmt, "drop", f"<= {budget.max_drop:g} points", f"{shown} points",
                                    "PASS" if ok else "FAIL",
                                    "" if ok else f"float model {_pct(ref)}" + (f"; {lost}" if lost else "")))

@@ -281,3 +281,13 @@ def test_outputs(tmp_path):
     md = verdicts_markdown(verdicts, rows)
     assert md.startswith("## edgesqueeze check: Budget broken")
     assert "| `big.onnx` | onnx | - | 2,000,000 |" in md
+
+
+def test_a_drop_of_zero_has_no_minus_sign():
+    """The float model's accuracy recorded as a float32 against the file's float64 of the same
+    images: the demo's .esq read "drop -0.00 points"."""
+    import numpy as np
+
+    acc = 0.9888579387186629
+    (v,) = check([row(accuracy=acc, reference_accuracy=float(np.float32(acc)), n=359)], Budget(max_drop=1.0))
+    assert v.value == "0.00 points" and v.status == "PASS", v
