@@ -45,6 +45,28 @@ class TorchArtifact(Artifact):
             return self.model(self._torch.from_numpy(x)).numpy()
 
 
+def _given_shape(arts: list[Artifact], given) -> None:
+    """``--input-shape`` (C, H, W) for runtime files: the size of one image where a file's own
+    input leaves it dynamic (an ONNX file another tool exported with free H and W could not be
+    timed), and a refusal where the file fixes another (it was ignored)."""
+    if not given:
+        return
+    import dataclasses
+
+    from edgesqueeze.errors import DataError
+
+    c, h, w = (int(d) for d in given)
+    for art in arts:
+        if isinstance(art, TorchArtifact):
+            continue  # read with --input-shape as load_model reads it
+        spec = art.input_spec
+        shape = (spec.shape[0], h, w, c) if spec.layout == "NHWC" else (spec.shape[0], c, h, w)
+        if len(spec.shape) != 4 or any(f is not None and f != g for f, g in zip(spec.shape[1:], shape[1:])):
+            raise DataError(f"{art.path}: takes images of shape {list(spec.image_shape)}, but --input-shape gives "
+                            f"{[c, h, w]}; leave --input-shape out, or give one its free dimensions allow")
+        art.input_spec = dataclasses.replace(spec, shape=shape)
+
+
 def open_any(path: Path, *, threads: int | None, model_args: dict[str, Any] | None = None,
              portable: bool | None = None) -> Artifact:
     from edgesqueeze.runtime import load
@@ -133,6 +155,7 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
         art, c = opened[i] if i in opened else next(loaded)
         arts.append(art)
         cold.append(c)
+    _given_shape(arts, ((model_args or {}).get("input_meta") or {}).get("input_shape"))
     _batches_fit(arts, batch_sizes)  # every batch size before any timing: the last one failed after the others
     rows = []
     for bs in batch_sizes:

@@ -3,6 +3,7 @@ exit 2, nothing on stdout that is not the answer, and no device node or link rep
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -400,3 +401,28 @@ def test_a_file_named_as_packed_must_be_packed_and_of_its_named_kind(packed, onn
     assert r.exit_code == 2 and f"{other}: {cases[other]}" in r.stderr and not (tmp_path / "u.onnx").exists(), r.stderr
     r = _cli("unpack", plain, "-o", tmp_path / "u.onnx")
     assert r.exit_code == 2 and "not an .esq archive" in r.stderr, r.stderr
+
+
+def test_bench_takes_input_shape_for_a_file_with_free_image_dimensions(onnx_models, tmp_path):
+    """An ONNX file another tool exported with free H and W could not be timed ("cannot
+    benchmark it", with no way out), and bench ignored --input-shape, whose help offers it for
+    such files; a shape the file's own fixed dimensions contradict was ignored too."""
+    import warnings
+
+    import torch
+
+    from test_runtime import rand
+
+    free = tmp_path / "free.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(onnx_models["net"], (torch.from_numpy(rand(1)),), str(free), input_names=["input"],
+                          output_names=["logits"], dynamo=False,
+                          dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n"}})
+    r = _cli("bench", free, "-b", "1", "--runs", "2")
+    assert r.exit_code == 2 and "has dynamic dimensions" in r.stderr and "--input-shape C,H,W" in r.stderr, r.stderr
+    r = _cli("bench", free, "-b", "1", "--runs", "2", "--input-shape", "3,16,16", "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "b.json").read_text())[0]["p50_ms"] > 0
+    r = _cli("bench", onnx_models["static"], "-b", "1", "--runs", "2", "--input-shape", "1,99,99")
+    assert r.exit_code == 2 and "takes images of shape [3, 16, 16], but --input-shape gives [1, 99, 99]" in r.stderr

@@ -24,7 +24,7 @@ def _input(art: Artifact, batch_size: int) -> np.ndarray:
     shape = art.input_spec.image_shape
     if any(d is None for d in shape):
         raise DataError(f"{art.path}: the input shape {list(shape)} has dynamic dimensions and the "
-                        f"file has no metadata saying what one image is; cannot benchmark it")
+                        f"file has no metadata saying what one image is; give one (bench --input-shape C,H,W)")
     try:
         return np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
     except MemoryError:
