@@ -165,7 +165,9 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
             if getattr(art, "packed", None):
                 fmt += ".esq"
             rows.append({"file": str(art.path), "format": fmt, "backend": art.backend, "batch_size": bs,
-                         "threads": threads, "portable": bool(getattr(art, "portable", False)),
+                         # TensorFlow Lite Micro's interpreter runs on one thread, whatever --threads says
+                         "threads": 1 if art.backend == "tflite-micro" else threads,
+                         "portable": bool(getattr(art, "portable", False)),
                          "p50_ms": row["p50_ms"], "p90_ms": row["p90_ms"], "mean_ms": row["mean_ms"],
                          "ratio": row["p50_ratio"], "bytes": row["size_bytes"], **c,
                          "runs": runs, "warmup": warmup, "date": when, "edgesqueeze_version": __version__,

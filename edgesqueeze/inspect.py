@@ -192,7 +192,8 @@ def _program_input_shape(loaded) -> list[int] | None:
 def summary_lines(desc: dict[str, Any], *, max_tensors: int = 60) -> list[str]:
     """A terminal rendering of a description."""
     version = f" (format version {desc['format_version']})" if "format_version" in desc else ""
-    lines = [f"{desc['file']}: {desc['kind']}{version}, {desc['bytes']:,} bytes"]
+    micro = " (TensorFlow Lite Micro)" if desc.get("arena_bytes") else ""  # it read as a plain tflite
+    lines = [f"{desc['file']}: {desc['kind']}{micro}{version}, {desc['bytes']:,} bytes"]
     if desc.get("checksum") and not desc.get("packed"):
         lines[0] += f"; checksum recorded at export: {desc['checksum']}"
     if desc.get("packed"):
@@ -215,6 +216,9 @@ def summary_lines(desc: dict[str, Any], *, max_tensors: int = 60) -> list[str]:
         lines.append(f"  note   {desc['note']}")
     if desc.get("macs"):
         lines.append(f"  MACs   {desc['macs']:,}")
+    if desc.get("arena_bytes"):  # a TensorFlow Lite Micro file: RAM beside its flash (the JSON had it alone)
+        lines.append(f"  arena  {desc['arena_bytes']:,} bytes of RAM in TensorFlow Lite Micro's interpreter "
+                     f"(flash: the file's {desc['bytes']:,} bytes)")
     if desc.get("ops"):
         lines.append("  ops    " + ", ".join(f"{k} x{v}" for k, v in sorted(desc["ops"].items(), key=lambda kv: -kv[1])))
     tensors = desc.get("tensors") or []

@@ -235,3 +235,18 @@ def test_inspect_describes_a_micro_file(micro):
     assert info["ops"]["TFLM_DECODE"] == read_tflite_metadata(small)["micro"]["compressed"]
     assert info["ops"]["CONV_2D"] == base["ops"]["CONV_2D"]
     assert info["file_bytes"] == small.stat().st_size
+    # the text says what it is and its arena (the arena was in --json alone, and it read "tflite")
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    res = CliRunner().invoke(cli, ["inspect", str(small)])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"{small}: tflite (TensorFlow Lite Micro), {small.stat().st_size:,} bytes")
+    assert f"  arena  {info['arena_bytes']:,} bytes of RAM" in res.output
+    import os
+
+    threads = str(min(2, os.cpu_count() or 1))  # more threads than cores is refused
+    res = CliRunner().invoke(cli, ["bench", str(small), "-b", "1", "--runs", "2", "--threads", threads, "--json", "-"])
+    assert res.exit_code == 0, res.output  # TensorFlow Lite Micro runs one thread: its row says so
+    assert [r["threads"] for r in json.loads(res.stdout)] == [1], res.stdout
