@@ -211,10 +211,11 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                     f"compress with compress.fold_batchnorm: all to fold it before clustering")
         else:
             lost = ", ".join(f for f, pc in how.items() if pc)
+            codes = ("a packed file codes them" if "tflite-micro" not in how
+                     else "a packed file codes them, and TensorFlow Lite Micro's value tables hold them,")
             log(f"note: {lost}: per-channel int8 weights (GPTQ or activation equalization asked for, or "
-                "int8_weights: per-channel) spread the model's shared values over many int8 levels; a packed "
-                "file codes them at several times the .esq's bits per weight (int8_weights: per-tensor keeps "
-                "the sharing)")
+                "int8_weights: per-channel) spread the model's shared values over many int8 levels; "
+                f"{codes} at several times the .esq's bits per weight (int8_weights: per-tensor keeps the sharing)")
     from edgesqueeze._io import output_folder, output_locks
 
     # a failure before any file is written leaves no empty folder; the lock (_clear_earlier_outputs)

@@ -147,8 +147,8 @@ def classify(path: Path) -> tuple[str, bytes]:
         return "esq", head
     if what in ("zip", "pickle"):
         raise RuntimeBackendError(
-            f"{path}: is a PyTorch checkpoint, which needs torch to run; export it to "
-            f".onnx or .tflite with `edgesqueeze export` first")
+            f"{path}: is a PyTorch checkpoint, which the runtimes do not run; export it to "
+            f".onnx or .tflite with `edgesqueeze export` first (eval and bench run it in PyTorch)")
     if what == "hdf5":
         raise FormatError(f"{path}: is an HDF5 (Keras) file, not an .onnx or .tflite model")
     return ("tflite" if what == "tflite" else "onnx"), head
