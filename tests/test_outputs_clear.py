@@ -146,7 +146,7 @@ def test_an_output_that_links_to_an_input_is_refused(files, tmp_path, case):
         "sensitivity": ("sensitivity.png", pt, ["sensitivity", pt, "--sparsities", "0.5", "--layers", "classifier.1"],
                         "is also an input (the model"),
         "compress-recipe": ("report.md", recipe, ["compress", pt, "-r", recipe, "--no-progress"],
-                            "compress writes report.md there, which is the recipe it reads"),
+                            "report.md there is the recipe compress reads"),
     }[case]
     (out / output).symlink_to(Path("..") / target.name)
     before = {p: _digest(p) for p in (pt, recipe)}
