@@ -385,6 +385,7 @@ def verdicts_junit(verdicts: list[Verdict], *, suite: str = "edgesqueeze check")
     from xml.sax.saxutils import escape, quoteattr  # here: 12 ms of imports (urllib, http) a check without --junit skips
     fails = sum(v.status == "FAIL" for v in verdicts)
     errors = sum(v.status == "ERROR" for v in verdicts)
+
     def xml(text: str) -> str:  # characters XML 1.0 cannot hold (a path with ESC in it) written as \x1b
         return "".join(c if c in "\t\n\r" or "\x20" <= c <= "\ud7ff" or "\ue000" <= c <= "\ufffd"
                        or c >= "\U00010000" else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
