@@ -403,10 +403,10 @@ def test_a_file_named_as_packed_must_be_packed_and_of_its_named_kind(packed, onn
     assert r.exit_code == 2 and "not an .esq archive" in r.stderr, r.stderr
 
 
-def test_bench_takes_input_shape_for_a_file_with_free_image_dimensions(onnx_models, tmp_path):
+def test_bench_and_run_take_input_shape_for_a_file_with_free_image_dimensions(onnx_models, tmp_path):
     """An ONNX file another tool exported with free H and W could not be timed ("cannot
-    benchmark it", with no way out), and bench ignored --input-shape, whose help offers it for
-    such files; a shape the file's own fixed dimensions contradict was ignored too."""
+    benchmark it", with no way out) nor run, and bench ignored --input-shape, whose help offers
+    it for such files; a shape the file's own fixed dimensions contradict was ignored too."""
     import warnings
 
     import torch
@@ -426,3 +426,13 @@ def test_bench_takes_input_shape_for_a_file_with_free_image_dimensions(onnx_mode
     assert json.loads((tmp_path / "b.json").read_text())[0]["p50_ms"] > 0
     r = _cli("bench", onnx_models["static"], "-b", "1", "--runs", "2", "--input-shape", "1,99,99")
     assert r.exit_code == 2 and "takes images of shape [3, 16, 16], but --input-shape gives [1, 99, 99]" in r.stderr
+    # run: the size to resize images to, for such a file (it could not classify any image)
+    from PIL import Image
+
+    Image.new("RGB", (30, 20), (100, 50, 20)).save(tmp_path / "a.png")
+    r = _cli("run", free, tmp_path / "a.png", "--json")
+    assert r.exit_code == 2 and "--input-shape C,H,W" in r.stderr, r.stderr
+    r = _cli("run", free, tmp_path / "a.png", "--json", "--input-shape", "3,16,16")
+    assert r.exit_code == 0 and len(json.loads(r.stdout)[str(tmp_path / "a.png")]) == 5, r.stderr
+    r = _cli("run", onnx_models["static"], tmp_path / "a.png", "--input-shape", "3,20,20")
+    assert r.exit_code == 2 and "takes images of shape [3, 16, 16], but --input-shape gives [3, 20, 20]" in r.stderr

@@ -45,9 +45,11 @@ def inspect(path, as_json, model_opts):
               "0.485,0.456,0.406 (with --std).")
 @click.option("--std", metavar="LIST", help="For a file without edgesqueeze metadata: the per-channel std (with "
               "--mean).")
+@click.option("--input-shape", metavar="C,H,W", help="For a file without edgesqueeze metadata whose input leaves "
+              "the image size free (another tool exported it so): the size to resize images to, e.g. 3,224,224.")
 @click.option("--progress/--no-progress", default=None,
               help="A bar over the images on standard error, for more than one batch [default: on a terminal].")
-def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std, progress):
+def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std, input_shape, progress):
     """Classify image files with an .onnx or .tflite artifact, or a packed .onnx.esq /
     .tflite.esq (no PyTorch needed).
 
@@ -76,9 +78,17 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std, 
     if mean is not None:
         art.describe({"mean": _floats(mean, "--mean"), "std": _floats(std, "--std", positive=True)})
     shape = art.meta.get("input_shape") or art.input_spec.image_shape
+    if input_shape is not None:
+        from edgesqueeze.cli._group import _shape
+
+        given = _shape(input_shape)
+        if len(shape) != 3 or any(d is not None and d != g for d, g in zip(shape, given)):
+            raise DataError(f"{model_path}: takes images of shape {list(shape)}, but --input-shape gives {given}; "
+                            "leave --input-shape out, or give one its free dimensions allow")
+        shape = given
     if any(d is None for d in shape):
         raise DataError(f"{model_path}: the input shape {list(shape)} has dynamic dimensions and the file has no "
-                        f"metadata saying what one image is; cannot size the images for it")
+                        f"metadata saying what one image is; give the size to resize images to (--input-shape C,H,W)")
     if mean is None and not art.has_metadata:
         click.echo(f"note: {model_path} has no edgesqueeze metadata: its pixels are fed scaled to 0..1 with no "
                    "mean/std normalization; give --mean and --std if it was trained with them", err=True)
