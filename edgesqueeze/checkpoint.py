@@ -356,6 +356,10 @@ def apply_input_meta(meta: dict[str, Any], given: dict[str, Any] | None, *, sour
     for key, value in given.items():
         if key not in INPUT_META_KEYS:
             raise ModelError(f"unknown input description {key!r}; known: {', '.join(INPUT_META_KEYS)}")
+        if not isinstance(value, (list, tuple, np.ndarray)):  # a string was split into its characters
+            raise ModelError(f"{source}: input_meta[{key!r}] takes a list (one value per "
+                             f"{'channel' if key in ('mean', 'std') else 'dimension' if key == 'input_shape' else 'class'}"
+                             f"), got {type(value).__name__} {value!r:.40}")
         value = list(value)
         if key in out and out[key] is not None:
             same = (np.allclose(np.asarray(out[key], float), np.asarray(value, float))
@@ -571,6 +575,11 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
 
     if isinstance(obj, dict) and obj.get("format") in (FORMAT, TRAIN_STATE_FORMAT):
         meta = _checkpoint_meta(path, obj)
+        if "arch" not in meta:  # save_checkpoint(path, model, {}): a KeyError in every command
+            if arch is None:
+                raise CheckpointError(f"{path}: an edgesqueeze checkpoint whose metadata names no architecture "
+                                      "(saved without 'arch'); pass --arch NAME or --arch package.module:Class")
+            meta = {**meta, "arch": arch, "arch_kwargs": dict(arch_kwargs or meta.get("arch_kwargs") or {})}
         if arch is not None and is_import_spec(meta.get("arch")) and arch != meta["arch"]:
             meta["arch"] = arch  # the user's code, named where it is now
         elif arch is not None and arch != meta.get("arch"):

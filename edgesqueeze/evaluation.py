@@ -69,6 +69,11 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std, batch
     """Top-1 and top-5 accuracy (and the mean loss) of ``model`` on uint8 images ``x`` (N, C,
     H, W) with labels ``y``, each normalized with ``mean`` / ``std`` (one value per channel,
     on pixels scaled to 0..1). The model runs in eval mode and gets its training flag back."""
+    if not isinstance(model, nn.Module):  # load_model's result: its .model (an AttributeError: 'training')
+        inner = getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            raise DataError(f"evaluate takes an nn.Module (or load_model's result), got {type(model).__name__}")
+        model = inner
     if mean is None or std is None:
         raise DataError("evaluate: give mean and std (per channel, on pixels scaled to 0..1; "
                         "input_normalization(meta, dataset) gives a model's own)")

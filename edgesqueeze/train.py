@@ -343,7 +343,7 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
-    log: Log = print,
+    log: Log | None = print,
 ) -> TrainResult:
     """Train the recipe's model on its dataset; write checkpoints, metrics and curves.
 
@@ -352,6 +352,7 @@ def fit(
     ``metrics.json``, ``curves.png``, ``recipe.json``. Launched by ``torchrun``, it trains
     data-parallel (:mod:`edgesqueeze.distributed`): rank 0 writes and logs.
 
+    ``log``: called with each line of the run's account (default ``print``; ``None``: silent).
     ``progress``: progress bars (default: when stderr is a terminal). The model returned is
     in eval mode, as :func:`~edgesqueeze.checkpoint.load_model` gives ``model.pt``; the
     caller's torch thread count and global random state come back as they were.
@@ -370,6 +371,11 @@ def fit(
     if out_dir is not None and (not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip()):
         raise EdgesqueezeError(f"fit: out_dir: expected a folder path (or None for artifacts/<recipe name>), got "
                                f"{out_dir!r}")
+    if log is None:  # silent, as the caller asked (it failed on its first line, after recipe.json)
+        log = _quiet
+    elif not callable(log):
+        raise EdgesqueezeError(f"fit: log: expected a function taking one line (print), or None, got "
+                               f"{type(log).__name__}")
     if progress is None:
         import sys
 

@@ -30,6 +30,25 @@ def test_wrong_arguments_are_edgesqueeze_errors(tmp_path):
         es.load_model(None)  # was a bare TypeError from inside pathlib
 
 
+def test_a_checkpoint_saved_without_an_architecture_is_one_line_or_takes_arch(tmp_path):
+    """save_checkpoint(path, model, {}) wrote a file on which load_model, info and eval failed
+    with a bare KeyError: 'arch' (a traceback, exit 1), --arch or not."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    torch.manual_seed(0)
+    model = es.build_model("squeezenet_mnist")
+    path = es.save_checkpoint(tmp_path / "m.pt", model, {})
+    with pytest.raises(CheckpointError, match="names no architecture .*; pass --arch NAME"):
+        es.load_model(path)
+    loaded = es.load_model(path, arch="squeezenet_mnist")
+    assert loaded.meta["arch"] == "squeezenet_mnist"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
+    res = CliRunner().invoke(cli, ["info", str(path)])
+    assert res.exit_code == 2 and "names no architecture" in res.output and "Traceback" not in res.output, res.output
+
+
 @pytest.mark.parametrize("value", [None, 3, b"\x89ESQ"])
 def test_runtime_load_names_what_it_takes(value):
     from edgesqueeze import runtime
@@ -55,3 +74,36 @@ def test_evaluate_checks_its_inputs_and_keeps_the_training_flag():
         es.evaluate(model, x, np.zeros(5, np.int64), mean=None, std=[0.5])
     out = es.evaluate(model, x, np.zeros(5, np.int64), mean=[0.5], std=[0.5])
     assert 0.0 <= out["accuracy"] <= 1.0 and model.training
+
+
+def test_input_meta_strings_are_refused_and_evaluate_takes_load_models_result(tmp_path):
+    """load_model(input_meta={"classes": "abcdefghij"}) split the string into ten one-letter
+    classes without a word (and "1,28,28" into characters); evaluate(load_model(p), ...) failed
+    with AttributeError: 'LoadedModel' object has no attribute 'training'."""
+    from edgesqueeze.errors import ModelError
+
+    torch.manual_seed(0)
+    torch.save(es.build_model("squeezenet_mnist").state_dict(), tmp_path / "sd.pt")
+    for given, what in (({"classes": "abcdefghij"}, "classes"), ({"input_shape": "1,28,28"}, "input_shape"),
+                        ({"mean": 0.5, "std": 0.5}, "mean")):
+        with pytest.raises(ModelError, match=rf"input_meta\['{what}'\] takes a list"):
+            es.load_model(tmp_path / "sd.pt", arch="squeezenet_mnist", input_meta=given)
+    loaded = es.load_model(tmp_path / "sd.pt", arch="squeezenet_mnist")
+    x = np.zeros((4, 1, 28, 28), np.uint8)
+    y = np.zeros(4, np.int64)
+    assert es.evaluate(loaded, x, y, mean=[0.1], std=[0.3]) == es.evaluate(loaded.model, x, y, mean=[0.1], std=[0.3])
+    with pytest.raises(DataError, match="evaluate takes an nn.Module"):
+        es.evaluate("model.pt", x, y, mean=[0.1], std=[0.3])
+
+
+def test_fit_with_log_none_is_silent(tmp_path, capsys):
+    """fit(log=None) failed with TypeError: 'NoneType' object is not callable after writing
+    recipe.json; None now means silent, and a log that is not a function is refused first."""
+    from edgesqueeze.errors import EdgesqueezeError
+
+    recipe = es.load_recipe(DIGITS, ["train.epochs=0.1", "data.limit=200", "train.threads=1"])
+    with pytest.raises(EdgesqueezeError, match="fit: log: expected a function"):
+        es.fit(recipe, out_dir=tmp_path / "bad", log="x")
+    assert not (tmp_path / "bad").exists()
+    es.fit(recipe, out_dir=tmp_path / "run", log=None, progress=False)
+    assert capsys.readouterr().out == "" and (tmp_path / "run" / "model.pt").is_file()
