@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -96,15 +98,18 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, bool):
             raise RecipeError(f"{path}: expected true or false, got {value!r}")
         return value
+    # numbers.Integral / Real: numpy's scalars too (a recipe built in Python from computed values)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise RecipeError(f"{path}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise RecipeError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, os.PathLike):  # output_dir=Path(...), built in Python
+            value = os.fspath(value)
         if not isinstance(value, str):
             import datetime
 

@@ -351,3 +351,17 @@ def test_a_size_budget_on_a_file_the_export_does_not_write_is_noted(tmp_path):
     r = load_recipe(_file(tmp_path, base % (", pack: true", "{tflite-int8.esq: 1KB, onnx.esq: 1KB}")))
     assert r.budget_formats_not_written() == []
     assert load_recipe(_file(tmp_path, "version: 1\nbudget: {max_size: 1KB}\n")).budget_formats_not_written() == []
+
+
+def test_a_recipe_built_in_python_takes_numpy_scalars_and_paths():
+    """recipe_from_dict refused np.float32(0.1) ("expected a number, got np.float32(0.1)"),
+    np.int64(2) and output_dir=Path(...) ("expected a string, got PosixPath"): the values a
+    script computes. They are read as the numbers and the path they are."""
+    import numpy as np
+
+    r = recipe_from_dict({"version": 1, "output_dir": Path("/tmp/out"),
+                          "train": {"lr": np.float32(0.25), "epochs": np.int64(2), "batch_size": np.int32(16)}})
+    assert (r.train.lr, r.train.epochs, r.train.batch_size, r.output_dir) == (0.25, 2.0, 16, "/tmp/out")
+    assert type(r.train.batch_size) is int and type(r.train.lr) is float and type(r.output_dir) is str
+    with pytest.raises(RecipeError, match="train.batch_size: expected an integer"):
+        recipe_from_dict({"version": 1, "train": {"batch_size": np.float32(3.5)}})
