@@ -229,6 +229,20 @@ def validate_rows(rows: Any, source: Any, *, names: Mapping[str, str] | None = N
             raise bad("sha256", "null or the file's SHA-256 (64 lowercase hex digits)", sha)
 
 
+def report_file(name: str, source: Any, written_from: Any = None) -> Path:
+    """Where the file a report names is here: a relative ``name`` beside the report
+    ``source`` first, then under ``written_from`` (the folder verify ran in, where it exists
+    here), then from the current folder (the last when none of them holds it)."""
+    if Path(name).is_absolute():
+        return Path(name)
+    base = Path(written_from) if isinstance(written_from, (str, os.PathLike)) and str(written_from) else None
+    if base is not None and not (base.is_absolute() and base.is_dir()):
+        base = None
+    beside = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
+    tries = [d / name for d in (beside, base) if d is not None] + [Path(name)]
+    return next((t for t in tries if t.is_file()), tries[-1])
+
+
 def changed_files(rows: list[dict[str, Any]], source: Any, written_from: Any = None,
                   unhashed: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of the report ``source`` with each file the report measured checked against its
@@ -244,21 +258,14 @@ def changed_files(rows: list[dict[str, Any]], source: Any, written_from: Any = N
     into the same layout). A row without ``sha256`` (a report of an older verify, or
     edited) is checked by its recorded size only: a file of another size gets the ``error``,
     one of the same size is named in ``unhashed`` (the caller says it was not checked)."""
-    base = Path(written_from) if isinstance(written_from, str) and written_from else None
-    if base is not None and not (base.is_absolute() and base.is_dir()):
-        base = None
+    base = written_from if isinstance(written_from, str) else None
     out, absent = [], []
     for row in rows:
         sha, name = row.get("sha256"), row.get("path")
         if row.get("error") or not isinstance(name, str):
             out.append(row)
             continue
-        if Path(name).is_absolute():
-            path = Path(name)
-        else:
-            beside = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
-            tries = [d / name for d in (beside, base) if d is not None] + [Path(name)]
-            path = next((t for t in tries if t.is_file()), tries[-1])
+        path = report_file(name, source, base)
         try:
             if not path.is_file():
                 absent.append(name)

@@ -498,3 +498,28 @@ def test_json_to_dev_stdout_is_json_alone(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["exit_code"] == 0 and "11 passed" in p.stderr
+
+
+def test_check_never_writes_over_a_file_its_report_names(tmp_path, monkeypatch):
+    """`check r.json --junit model.int8.onnx` wrote the JUnit XML into the model the report
+    measured (and --markdown appended to it), exit 0; only files named on the command line
+    were protected. Now it is refused, as an output over an input is."""
+    model, row = _measured(tmp_path)
+    report = write_report(tmp_path, lambda r: r.update(artifacts=[row], written_from=str(tmp_path)))
+    before = model.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for opt in ("--junit", "--markdown", "--json"):
+        res = check(report, *BUDGET, opt, "export/model.int8.tflite")
+        assert res.exit_code == 2 and f"is also an input (a file {report} measured" in res.output, (opt, res.output)
+    assert model.read_bytes() == before
+
+
+def test_a_classes_file_is_an_input_no_output_writes_over(tmp_path):
+    """--classes @FILE was read but not counted as an input: `check m.pt --classes @c.txt
+    --junit c.txt` replaced the class list (export, verify and compress their outputs too)."""
+    report = write_report(tmp_path)
+    names = tmp_path / "classes.txt"
+    names.write_text("\n".join(str(i) for i in range(10)) + "\n")
+    res = check(report, *BUDGET, "--classes", f"@{names}", "--junit", names)
+    assert res.exit_code == 2 and "is also an input (--classes" in res.output, res.output
+    assert names.read_text().startswith("0\n1\n")

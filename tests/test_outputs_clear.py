@@ -342,3 +342,18 @@ def test_a_prune_only_archive_larger_than_xz_says_what_to_add(files, tmp_path):
     assert esq > xz  # what the note is for: a pruned, unshared layer
     assert f"outputs: {tmp_path / 'c'}/ (model.esq, report.md, report.json, accuracy_vs_size.png, " \
            "weights_histogram.png)" in res.output
+
+
+def test_a_classes_file_in_the_output_folder_is_never_replaced(files, tmp_path):
+    """export --classes @ex/model.onnx --out ex said "held an earlier export's model.onnx:
+    removed" and replaced the class list; compress did the same to a report.md class list."""
+    pt, _ = files
+    for command, name in ((["export", pt, "-f", "onnx", "--out", tmp_path / "ex"], "ex/model.onnx"),
+                          (["compress", pt, "--out", tmp_path / "c"], "c/report.md")):
+        names = tmp_path / name
+        names.parent.mkdir()
+        names.write_text("\n".join(str(i) for i in range(10)) + "\n")
+        res = _run(*command, "--classes", f"@{names}")
+        assert res.exit_code == 2 and "is also an input (--classes" in res.output, (command, res.output)
+        assert names.read_text().startswith("0\n1\n") and sorted(p.name for p in names.parent.iterdir()) == [
+            names.name]

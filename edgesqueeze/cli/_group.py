@@ -307,6 +307,13 @@ class ModelOptions:
     recipe: Any = None  # edgesqueeze.recipe.Recipe; None without --recipe and --set
     recipe_path: Path | None = None
     given: frozenset[str] = frozenset()  # top-level sections the recipe file and --set actually set
+    classes_file: Path | None = None  # --classes @FILE: read, so never an output
+
+    @property
+    def input_files(self) -> list[tuple[str, Path | None]]:
+        """The files these options read beside the model (the recipe, a --classes @FILE), as
+        ``(what, path)`` pairs for :func:`edgesqueeze._io.outputs_clear_of_inputs`."""
+        return [("--recipe", self.recipe_path), ("--classes", self.classes_file)]
 
     def section(self, name: str) -> Any:
         """The recipe's section ``name`` if the recipe file or ``--set`` sets it, else None:
@@ -477,7 +484,8 @@ def model_options(fn=None, *, recipe_help: str = _RECIPE_HELP, set_example: str 
                  "classes": _classes(classes) if classes else None}
         recipe, sections = _command_recipe(recipe_path, tuple(overrides))
         opts = ModelOptions(arch, kw, trust_pickle, {k: v for k, v in given.items() if v is not None},
-                            recipe, recipe_path, sections)
+                            recipe, recipe_path, sections,
+                            Path(classes[1:]) if classes and classes.startswith("@") else None)
         return fn(*args, model_opts=opts, **kwargs)
 
     for option in reversed(_MODEL_OPTIONS + _recipe_options(recipe_help, set_example)):

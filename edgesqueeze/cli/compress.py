@@ -87,6 +87,14 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
         what = "compress.ptq" if config.mode == "ptq" else "a lossless re-encoding (no prune/cluster/ptq section)"
         click.echo(f"note: --resume: {what} has no epochs to go on from; it runs from the start", err=True)
     out = out_dir or Path(model_path).parent / f"{name}-compressed"
+    if model_opts.classes_file is not None:  # read, so never written over (compress checks the model and recipe)
+        from edgesqueeze._io import outputs_clear_of_inputs
+        from edgesqueeze.compress.pipeline import _FINAL_OUTPUTS
+        from edgesqueeze.compress.stages import CLUSTER_STATE, PRUNE_STATE, PRUNED_NAME
+
+        outputs_clear_of_inputs([("the output", out / n) for n in (*_FINAL_OUTPUTS, PRUNED_NAME, PRUNE_STATE,
+                                                                  CLUSTER_STATE)],
+                                [("--classes", model_opts.classes_file)])
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
                       data_dir=data_dir or model_opts.data_dir,
                       recipe_hash=recipe.hash() if model_opts.recipe_path else None, recipe_path=model_opts.recipe_path,
@@ -278,7 +286,7 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
                              data_dir=data_dir or model_opts.data_dir,
                              dataset=dataset, model_args=model_opts.load_kwargs(), device=device,
                              layers=names,
-                             inputs=[("--recipe", model_opts.recipe_path)],
+                             inputs=model_opts.input_files,
                              log=lambda m: click.echo(m))
     click.echo((out / "sensitivity.md").read_text())
     if "chosen" in result:

@@ -170,7 +170,7 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
                    f"({', '.join(config.formats)})", err=True)
     out = out_dir or Path(model_path).parent / "export"
     written = export_artifacts(model_path, config, out, dataset=dataset, data_dir=data_dir or model_opts.data_dir,
-                               seed=seed, inputs=[("--recipe", model_opts.recipe_path)], log=lambda m: click.echo(m),
+                               seed=seed, inputs=model_opts.input_files, log=lambda m: click.echo(m),
                                **model_opts.load_kwargs())
     import shlex
 

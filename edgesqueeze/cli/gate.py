@@ -101,6 +101,29 @@ def _report_rows(path: Path, dataset: str | None = None, recipe: Path | None = N
     return rows
 
 
+def _files_reports_name(paths) -> list[tuple[str, Path]]:
+    """``("a file r.json measured", path)`` for each file the reports among ``paths`` name and
+    that is here: an output over one of them (`check r.json --junit model.int8.onnx`) wrote
+    the verdicts into the model. A report that does not read is left to the checks after."""
+    from edgesqueeze.budget import report_file
+
+    out = []
+    for p in paths:
+        if not (Path(p).is_file() and _is_report(Path(p))):
+            continue
+        try:
+            raw = json.loads(Path(p).read_text())
+            rows = raw.get("artifacts") if isinstance(raw, dict) else None
+            where = raw.get("written_from") if isinstance(raw, dict) else None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        for row in rows if isinstance(rows, list) else []:
+            name = row.get("path") if isinstance(row, dict) else None
+            if isinstance(name, str) and name:
+                out.append((f"a file {p} measured", report_file(name, p, where)))
+    return out
+
+
 def _is_step_summary(path: Path) -> bool:
     """``--markdown "$GITHUB_STEP_SUMMARY"``: the job summary file, which GitHub Actions names
     ``.../step_summary_<id>`` and others in the same step write to too: appended to, never
@@ -263,7 +286,7 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, pr
     outputs_clear_of_inputs([("--out", out), ("the markdown report (beside --out)", out.with_suffix(".md")),
                              *((f"the plot {p.name} (beside --out)", p) for p in plot_paths(out).values())],
                             [*(("an artifact", p) for p in paths), ("--reference", reference),
-                             ("--recipe", model_opts.recipe_path)])
+                             *model_opts.input_files])
     outputs = (out, out.with_suffix(".md"), *plot_paths(out).values())
     for path in outputs:
         check_writable(path)  # before the evaluation, not after it
@@ -357,7 +380,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
 
     outputs_clear_of_inputs([("--json", json_path), ("--junit", junit_path), ("--markdown", md_path)],
                             [*(("an input", p) for p in paths), ("--reference", reference),
-                             ("--recipe", model_opts.recipe_path)])
+                             *model_opts.input_files, *_files_reports_name(paths)])
     for path in (json_path, junit_path, md_path):
         if path is not None and not is_stdout(path):
             check_writable(path, appends=appends and path is md_path)  # before the evaluation, not after it

@@ -158,7 +158,7 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
     from edgesqueeze._io import outputs_clear_of_inputs
 
     outputs_clear_of_inputs([("--json", json_path)],
-                            [*(("a file timed", p) for p in paths), ("--recipe", model_opts.recipe_path)])
+                            [*(("a file timed", p) for p in paths), *model_opts.input_files])
     quiet = is_stdout(json_path)  # stdout is the JSON then; the table goes to stderr
     unused = [f"--{k}" for k in ("mean", "std", "classes") if k in model_opts.input_meta]
     if unused:  # they describe what a model's outputs mean, not how long it takes
