@@ -53,18 +53,15 @@ def _given_shape(arts: list[Artifact], given) -> None:
         return
     import dataclasses
 
-    from edgesqueeze.errors import DataError
+    from edgesqueeze.runtime._base import given_image_shape
 
-    c, h, w = (int(d) for d in given)
     for art in arts:
         if isinstance(art, TorchArtifact):
             continue  # read with --input-shape as load_model reads it
         spec = art.input_spec
-        shape = (spec.shape[0], h, w, c) if spec.layout == "NHWC" else (spec.shape[0], c, h, w)
-        if len(spec.shape) != 4 or any(f is not None and f != g for f, g in zip(spec.shape[1:], shape[1:])):
-            raise DataError(f"{art.path}: takes images of shape {list(spec.image_shape)}, but --input-shape gives "
-                            f"{[c, h, w]}; leave --input-shape out, or give one its free dimensions allow")
-        art.input_spec = dataclasses.replace(spec, shape=shape)
+        c, h, w = given_image_shape(art.path, spec.image_shape, given)
+        art.input_spec = dataclasses.replace(
+            spec, shape=(spec.shape[0], h, w, c) if spec.layout == "NHWC" else (spec.shape[0], c, h, w))
 
 
 def open_any(path: Path, *, threads: int | None, model_args: dict[str, Any] | None = None,

@@ -302,8 +302,8 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
                                      model_args=model_args, progress=progress))
             recorded = row.pop("_meta_reference", None)
             recorded_on, measured_on = row.pop("_datasets", (None, None))
-            same_images = not data.subset and (not recorded_on or not measured_on
-                                               or recorded_on.lower() == measured_on.lower())
+            other_data = bool(recorded_on and measured_on and recorded_on.lower() != measured_on.lower())
+            same_images = not data.subset and not other_data
             if ref_acc is not None and recorded is not None and same_images and row["n"] \
                     and abs(recorded - ref_acc) * row["n"] > max(2.5, 0.005 * row["n"]):
                 # more than a CPU's rounding apart: agreement and drop would be against another model
@@ -311,7 +311,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
                     f"reference {ref_path} scores {100 * ref_acc:.2f}% on these images: is it the model this file "
                     "came from? Agreement and drop are measured against the reference")
             if row["reference_accuracy"] is None and recorded is not None:
-                if recorded_on and measured_on and recorded_on.lower() != measured_on.lower():
+                if other_data:
                     # the float model's accuracy on its own dataset: a drop against it mixed two datasets
                     log(f"note: {path}: the float model's recorded accuracy ({100 * recorded:.2f}%) is on "
                         f"{recorded_on}, not {measured_on} (--data), so no drop is measured; give the float "

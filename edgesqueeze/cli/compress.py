@@ -87,19 +87,11 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
         what = "compress.ptq" if config.mode == "ptq" else "a lossless re-encoding (no prune/cluster/ptq section)"
         click.echo(f"note: --resume: {what} has no epochs to go on from; it runs from the start", err=True)
     out = out_dir or Path(model_path).parent / f"{name}-compressed"
-    if model_opts.classes_file is not None:  # read, so never written over (compress checks the model and recipe)
-        from edgesqueeze._io import outputs_clear_of_inputs
-        from edgesqueeze.compress.pipeline import _FINAL_OUTPUTS
-        from edgesqueeze.compress.stages import CLUSTER_STATE, PRUNE_STATE, PRUNED_NAME
-
-        outputs_clear_of_inputs([("the output", out / n) for n in (*_FINAL_OUTPUTS, PRUNED_NAME, PRUNE_STATE,
-                                                                  CLUSTER_STATE)],
-                                [("--classes", model_opts.classes_file)])
     result = compress(model_path, config, out_dir=out, seed=recipe.seed, dataset=dataset,
                       data_dir=data_dir or model_opts.data_dir,
                       recipe_hash=recipe.hash() if model_opts.recipe_path else None, recipe_path=model_opts.recipe_path,
                       recipe_name=recipe.name if model_opts.recipe_path else None,
-                      teacher=teacher, resume=resume,
+                      teacher=teacher, resume=resume, inputs=[("--classes", model_opts.classes_file)],
                       progress=_progress_default() if progress is None else progress, log=lambda m: click.echo(m),
                       **model_opts.load_kwargs())
     if not result.main:  # another rank of a torchrun launch: rank 0 reports

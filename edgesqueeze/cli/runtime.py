@@ -80,12 +80,9 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std, 
     shape = art.meta.get("input_shape") or art.input_spec.image_shape
     if input_shape is not None:
         from edgesqueeze.cli._group import _shape
+        from edgesqueeze.runtime._base import given_image_shape
 
-        given = _shape(input_shape)
-        if len(shape) != 3 or any(d is not None and d != g for d, g in zip(shape, given)):
-            raise DataError(f"{model_path}: takes images of shape {list(shape)}, but --input-shape gives {given}; "
-                            "leave --input-shape out, or give one its free dimensions allow")
-        shape = given
+        shape = given_image_shape(model_path, shape, _shape(input_shape))
     if any(d is None for d in shape):
         raise DataError(f"{model_path}: the input shape {list(shape)} has dynamic dimensions and the file has no "
                         f"metadata saying what one image is; give the size to resize images to (--input-shape C,H,W)")

@@ -182,8 +182,8 @@ def _finetune(model: nn.Module, data, cfg: FinetuneConfig, *, seed: int, desc: s
                                           f"{cfg.distill.alpha:g} x the teacher's outputs at T {cfg.distill.temperature:g})")
     aug = augment if cfg.augment else None  # why its train accuracy can sit far below validation's
     key = {"prune-retrain": "compress.prune_finetune", "centroid-retrain": "compress.cluster_finetune"}.get(desc)
-    on_aug = (f" on augmented images ({_augment_words(aug)}; {key + '.' if key else ''}augment: false turns it off)"
-              if aug is not None and _augment_words(aug) else "")
+    words = _augment_words(aug) if aug is not None else ""
+    on_aug = f" on augmented images ({words}; {key + '.' if key else ''}augment: false turns it off)" if words else ""
     first = 0
     if state is not None:
         first, step = _resume(state, model, optimizer, gen, scaler, group, desc=desc, epochs=epochs, log=log)

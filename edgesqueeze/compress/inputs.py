@@ -24,6 +24,23 @@ class Inputs:
     std: Any = None
 
 
+def _lift(loaded, meta: dict, shape, checkpoint) -> None:
+    """A TorchScript / torch.export model made real Conv2d/Linear modules to compress, by
+    running it on ``shape`` (recorded in ``meta["program"]``); a model rebuilt from its class
+    is left as it is."""
+    from edgesqueeze.models.program import lifted_module, program_kind
+
+    kind = program_kind(loaded.model)
+    if kind is None:
+        return
+    if not shape:
+        what = "TorchScript archive" if kind == "torchscript" else "torch.export program"
+        raise DataError(f"{checkpoint}: a {what} shows its layers only when run: pass --data NAME or "
+                        "--input-shape C,H,W")
+    meta["program"] = {"kind": kind}
+    loaded.model = lifted_module(loaded.model, list(shape), what=str(checkpoint))
+
+
 def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None, arch=None, arch_kwargs=None,
                  trust_pickle: bool = False, input_meta: dict | None = None, need_data: bool = True,
                  log=print) -> Inputs:
@@ -48,17 +65,9 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
     if not name:
         if need_data:
             raise DataError(f"{checkpoint}: does not record its dataset; pass --data NAME (e.g. --data imagenet-sample)")
-        from edgesqueeze.models.program import lifted_module, program_kind
-
-        kind = program_kind(loaded.model)
-        if kind is not None:  # a program's layers are found by running it: on the shape given, or refused
-            shape = meta.get("input_shape")  # it said "has no Conv2d or Linear layer", --input-shape or not
-            if not shape:
-                what = "TorchScript archive" if kind == "torchscript" else "torch.export program"
-                raise DataError(f"{checkpoint}: a {what} shows its layers only when run: pass --data NAME or "
-                                "--input-shape C,H,W")
-            meta["program"] = {"kind": kind}
-            loaded.model = lifted_module(loaded.model, list(shape), what=str(checkpoint))
+        # a program's layers are found by running it: on the shape given (it said "has no Conv2d or
+        # Linear layer", --input-shape or not), or refused
+        _lift(loaded, meta, meta.get("input_shape"), checkpoint)
         return Inputs(loaded, meta)
     ds, train, val = training_data(meta, source=checkpoint, dataset=name, data_dir=data_dir)
     mean, std, how = input_normalization(meta, ds)
@@ -66,12 +75,7 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
         log(f"note: input normalization {how}")
         meta["normalization_source"] = f"measured: {ds.name} training images"
     check_fits(loaded.model, ds, checkpoint, meta)
-    from edgesqueeze.models.program import lifted_module, program_kind
-
-    kind = program_kind(loaded.model)
-    if kind is not None:  # TorchScript / torch.export: real Conv2d/Linear modules to compress
-        meta["program"] = {"kind": kind}
-        loaded.model = lifted_module(loaded.model, list(ds.input_shape), what=str(checkpoint))
+    _lift(loaded, meta, ds.input_shape, checkpoint)
     # What the .esq needs to be fed like the model was: a file that names its dataset but
     # records no normalization (a state_dict whose dataset came from a recipe) gets the
     # normalization used here, or its exports would be fed raw pixels / 255.

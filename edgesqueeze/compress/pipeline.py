@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -66,6 +67,7 @@ def compress(
     resume: bool = False,
     progress: bool = True,
     log: Log = print,
+    inputs: Sequence[tuple[str, str | Path | None]] = (),
 ) -> CompressResult:
     """Compress the model in ``checkpoint`` into ``out_dir/model.esq`` with a report.
 
@@ -80,7 +82,8 @@ def compress(
     already pruned model (a previous run's ``pruned.pt``).
 
     ``recipe_path``: the recipe the settings came from, which no output may replace (a
-    ``report.md`` that is a link to it).
+    ``report.md`` that is a link to it); ``inputs``: more ``(what, path)`` files read, which
+    no output may replace either (a ``--classes @FILE``).
 
     ``resume``: when ``out_dir/pruned.pt`` was written by an earlier run from the same file
     with the same prune settings, seed and data, start from it instead of pruning again; a
@@ -97,7 +100,7 @@ def compress(
         raise DistributedError(f"{what} trains nothing, so torchrun has nothing to spread over processes: run "
                                "'edgesqueeze compress' without torchrun (torchrun helps prune_finetune and "
                                "cluster_finetune)")
-    _outputs_clear_of_inputs(Path(checkpoint), Path(out_dir), teacher, recipe_path)
+    _outputs_clear_of_inputs(Path(checkpoint), Path(out_dir), teacher, recipe_path, inputs)
     from edgesqueeze._io import check_writable
     from edgesqueeze.compress.stages import CLUSTER_STATE, PRUNE_STATE, PRUNED_NAME
 
@@ -197,12 +200,16 @@ def compress(
 _FINAL_OUTPUTS = ("model.esq", "report.json", "report.md", "accuracy_vs_size.png", "weights_histogram.png")
 
 
-def _outputs_clear_of_inputs(checkpoint: Path, out: Path, teacher, recipe_path=None) -> None:
+def _outputs_clear_of_inputs(checkpoint: Path, out: Path, teacher, recipe_path=None, more=()) -> None:
     """Refuse an --out folder where an output would replace an input (compressing
     ``out/model.esq`` into ``out``, or ``out/pruned.pt`` with pruning; a ``report.md`` that
-    is a link to the recipe): it was replaced."""
+    is a link to the recipe): it was replaced. ``more``: other ``(what, path)`` inputs (a
+    ``--classes @FILE``), refused as every command refuses an output over an input."""
+    from edgesqueeze._io import outputs_clear_of_inputs
     from edgesqueeze.compress.stages import CLUSTER_STATE, PRUNE_STATE, PRUNED_NAME
 
+    outputs_clear_of_inputs([("the output", out / n) for n in (*_FINAL_OUTPUTS, PRUNED_NAME, PRUNE_STATE,
+                                                              CLUSTER_STATE)], more)
     inputs = {"the model": checkpoint, "--teacher": Path(teacher) if teacher is not None else None,
               "the recipe": Path(recipe_path) if recipe_path is not None else None}
     for name in (*_FINAL_OUTPUTS, PRUNED_NAME, PRUNE_STATE, CLUSTER_STATE):

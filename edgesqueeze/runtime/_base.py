@@ -154,6 +154,16 @@ def classify(path: Path) -> tuple[str, bytes]:
     return ("tflite" if what == "tflite" else "onnx"), head
 
 
+def given_image_shape(path: Path | str, shape, given) -> list[int]:
+    """``given`` (``--input-shape`` C, H, W) where a file's own image shape ``shape`` (None
+    where its input leaves a dimension free) allows it; DataError where it fixes another."""
+    given = [int(d) for d in given]
+    if len(shape) != 3 or any(d is not None and d != g for d, g in zip(shape, given)):
+        raise DataError(f"{path}: takes images of shape {list(shape)}, but --input-shape gives {given}; "
+                        "leave --input-shape out, or give one its free dimensions allow")
+    return given
+
+
 def check_name(path: Path, kind: str, *, packed: bool) -> None:
     """Refuse (FormatError) a file named as a packed ``.onnx.esq`` / ``.tflite.esq`` that holds
     the other model kind, or no .esq at all (a plain model renamed): a mix-up upstream (a copy
