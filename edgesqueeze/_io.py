@@ -4,6 +4,7 @@ libraries write to file descriptor 2."""
 from __future__ import annotations
 
 import atexit
+import codecs
 import contextlib
 import errno
 import hashlib
@@ -455,8 +456,29 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def utf8_text(text: str) -> bytes:
+    """``text`` as UTF-8, with a file name that is not UTF-8 shown as its bytes: Python holds
+    such a name's bytes as lone surrogates (``b"m\\xff.onnx"`` as ``"m\\udcff.onnx"``), which
+    UTF-8 cannot encode, so a report naming it failed with a traceback after the work was done.
+    They are written ``m\\xff.onnx``, as ``ls -b`` shows the name; any other lone surrogate as
+    ``\\udXXX``. JSON needs none of this: ``json.dumps`` escapes them, and reads back the name."""
+    return text.encode("utf-8", errors=_NAME_BYTES)  # UTF-8 fails on lone surrogates only
+
+
+def _name_bytes(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    bad = exc.object[exc.start:exc.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}"
+                   for c in bad), exc.end
+
+
+_NAME_BYTES = "edgesqueeze-name-bytes"
+codecs.register_error(_NAME_BYTES, _name_bytes)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+    write_bytes_atomic(path, utf8_text(text))
 
 
 def is_stdout(path: str | os.PathLike | None) -> bool:
@@ -481,8 +503,9 @@ def names_standard_output(path: str | os.PathLike | None) -> bool:
 def write_text_output(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically, or to standard output when ``path`` is ``-``."""
     if is_stdout(path):
-        sys.stdout.write(text)
         sys.stdout.flush()
+        sys.stdout.buffer.write(utf8_text(text))
+        sys.stdout.buffer.flush()
     else:
         write_text_atomic(path, text)
 

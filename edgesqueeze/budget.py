@@ -393,9 +393,11 @@ def verdicts_junit(verdicts: list[Verdict], *, suite: str = "edgesqueeze check")
     fails = sum(v.status == "FAIL" for v in verdicts)
     errors = sum(v.status == "ERROR" for v in verdicts)
 
-    def xml(text: str) -> str:  # characters XML 1.0 cannot hold (a path with ESC in it) written as \x1b
+    def xml(text: str) -> str:  # characters XML 1.0 cannot hold (a path with ESC in it) written as \x1b,
+        # a file name's bytes that are not UTF-8 (U+DC80..U+DCFF in Python) as \xff, as in the markdown
         return "".join(c if c in "\t\n\r" or "\x20" <= c <= "\ud7ff" or "\ue000" <= c <= "\ufffd"
-                       or c >= "\U00010000" else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                       or c >= "\U00010000" else f"\\x{ord(c):02x}" if ord(c) < 256
+                       else f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else f"\\u{ord(c):04x}"
                        for c in str(text))
 
     lines = ['<?xml version="1.0" encoding="UTF-8"?>',
@@ -477,9 +479,11 @@ def artifacts_markdown(rows: list[dict[str, Any]]) -> str:
 
 def _not_text(value: Any, where: str = "") -> tuple[str, str] | None:
     """``(where, char)``: the path (``artifacts[2].error``) of the first string in ``value``
-    holding a lone UTF-16 surrogate, and that character; None when there is none."""
+    holding a lone UTF-16 surrogate that no file name gives, and that character; None when
+    there is none. A name's bytes that are not UTF-8 are U+DC80..U+DCFF (Python's
+    ``surrogateescape``), which ``verify`` writes as JSON escapes: those are names, not damage."""
     if isinstance(value, str):
-        bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+        bad = next((c for c in value if "\ud800" <= c <= "\udfff" and not "\udc80" <= c <= "\udcff"), None)
         return None if bad is None else (where or "the report", bad)
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for k, v in items:

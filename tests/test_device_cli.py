@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -436,3 +437,50 @@ def test_bench_and_run_take_input_shape_for_a_file_with_free_image_dimensions(on
     assert r.exit_code == 0 and len(json.loads(r.stdout)[str(tmp_path / "a.png")]) == 5, r.stderr
     r = _cli("run", onnx_models["static"], tmp_path / "a.png", "--input-shape", "3,20,20")
     assert r.exit_code == 2 and "takes images of shape [3, 16, 16], but --input-shape gives [3, 20, 20]" in r.stderr
+
+
+
+def test_file_names_that_are_not_utf8_go_through_verify_check_run_and_bench(onnx_models, tmp_path):
+    """A Linux file name is bytes: ``m\\xff.onnx`` reached Python as ``m\\udcff.onnx``, and
+    verify (its markdown), compress (its report) and check's outputs failed with a traceback
+    after the work was done, bench and run read the name as "onnxruntime cannot load this
+    model", and check refused the report verify wrote as damaged. The real command, since
+    what a name that is not text does to the output depends on the real standard streams."""
+    from PIL import Image
+
+    from test_runtime import CLASSES, META, set_onnx_meta
+
+    def es(*args):
+        return subprocess.run([sys.executable, "-m", "edgesqueeze", *map(str, args)], capture_output=True,
+                              cwd=tmp_path, timeout=120)
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in CLASSES:
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / os.fsdecode(b"im\xfa%d.png" % i))
+    name = os.fsdecode(b"tiny\xff.onnx")
+    model = tmp_path / name
+    set_onnx_meta(onnx_models["raw"], model, {**META, "classes": sorted(CLASSES)})  # an image folder's order
+    report = tmp_path / os.fsdecode(b"r\xfd.json")
+
+    r = es("verify", model, "--data", f"imagefolder:{tmp_path / 'data'}", "--out", report)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert json.loads(report.read_text())["artifacts"][0]["path"].endswith(name)  # JSON escapes it; reads back
+    assert "tiny\\xff.onnx" in report.with_suffix(".md").read_bytes().decode("utf-8")  # as `ls -b` shows it
+
+    outs = {k: tmp_path / os.fsdecode(b"c\xfc." + k.encode()) for k in ("json", "md", "xml")}
+    r = es("check", report, "--max-size", "1MB", "--json", outs["json"], "--markdown", outs["md"], "--junit", outs["xml"])
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert 'tiny\\xff.onnx" name="size"' in outs["xml"].read_bytes().decode("utf-8")
+    assert "tiny\\xff.onnx" in outs["md"].read_bytes().decode("utf-8")
+    assert json.loads(outs["json"].read_text())["verdicts"][0]["artifact"].endswith(name)
+
+    image = tmp_path / "data" / "test" / CLASSES[0] / os.fsdecode(b"im\xfa0.png")
+    r = es("run", model, image, "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert list(json.loads(r.stdout)) == [str(image)]
+    r = es("bench", model, "--runs", "2", "--warmup", "0", "-b", "1")
+    assert r.returncode == 0, (r.stdout, r.stderr)

@@ -50,6 +50,21 @@ from edgesqueeze._limits import max_threads  # noqa: E402,F401 - where the CLI r
 
 # --------------------------------------------------------------------------- sniffing
 
+def runtime_source(path: Path, data: bytes | None) -> str | bytes:
+    """What to hand a runtime for ``path``: its name, or its bytes (``data`` if given, else
+    read here) when the name is not valid UTF-8 (a Linux file name of other bytes, held by
+    Python as surrogates): onnxruntime and LiteRT take names as UTF-8 strings, and such a name
+    failed in onnxruntime's constructor with a TypeError read as "cannot load this model"."""
+    if data is not None:
+        return data
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return Path(path).read_bytes()
+    return name
+
+
 def sniff(head: bytes) -> str:
     """What a file's first bytes say it is.
 

@@ -33,6 +33,7 @@ from edgesqueeze.runtime._base import (
     build_spec,
     check_classes,
     parse_meta,
+    runtime_source,
 )
 
 # onnxruntime's tensor type strings -> numpy dtypes (the ones an image model can take).
@@ -184,7 +185,7 @@ def open_session(path: Path, *, threads: int | None, head: bytes = b"", ext: str
         # enable_fallback=0: on a load error onnxruntime would otherwise print a four-line "EP
         # Error" banner to stdout (into `run --json`'s output) and retry the same CPU provider
         # without disabled_optimizers; older onnxruntime versions ignore the keyword
-        session = ort.InferenceSession(str(path) if data is None else data, sess_options=opts,
+        session = ort.InferenceSession(runtime_source(path, data), sess_options=opts,
                                        providers=["CPUExecutionProvider"],
                                        disabled_optimizers=[_NCHWC] if portable else None, enable_fallback=0)
         session.portable = bool(portable)

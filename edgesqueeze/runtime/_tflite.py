@@ -16,7 +16,7 @@ import numpy as np
 
 from edgesqueeze._io import native_stderr
 from edgesqueeze.errors import FormatError, RuntimeBackendError
-from edgesqueeze.runtime._base import Artifact, _first_line, build_spec, check_classes
+from edgesqueeze.runtime._base import Artifact, _first_line, build_spec, check_classes, runtime_source
 
 _INSTALL_HINT = ("pip install ai-edge-litert (or edgesqueeze[runtime]); on an old Raspberry Pi "
                  "OS image, pip install tflite-runtime")
@@ -52,7 +52,8 @@ def make_interpreter(path: Path, cls, *, threads: int | None, data: bytes | None
     """An Interpreter with tensors allocated (from ``data``, the model's bytes, if given);
     load failures become one clear line."""
     try:
-        source = {"model_path": str(path)} if data is None else {"model_content": data}
+        given = runtime_source(path, data)
+        source = {"model_path": given} if isinstance(given, str) else {"model_content": given}
         it = cls(**source, num_threads=threads, **kwargs)
     except ValueError as exc:
         msg = _first_line(exc)
