@@ -407,6 +407,35 @@ def test_sensitivity_table_and_choice(checkpoint, tmp_path):
     assert res.exit_code == 2 and "each sparsity must be >= 0 and < 1" in res.output
 
 
+def test_sensitivity_shows_progress_over_its_measurements_and_measures_each_once(checkpoint, tmp_path):
+    """A scan is layers x sparsities evaluations (minutes on ImageNet) and showed nothing
+    until the table; --sparsities 0.3,0.3 measured each layer twice."""
+    import contextlib
+
+    from edgesqueeze.compress.sensitivity import sensitivity
+
+    bars = []
+
+    @contextlib.contextmanager
+    def progress(label, total):
+        bars.append([label, total, 0])
+
+        def update(n):
+            bars[-1][2] += n
+        yield update
+
+    sensitivity(checkpoint, sparsities=[0.3, 0.6, 0.9], layers=["classifier.1", "features.0"], out_dir=tmp_path / "a",
+                log=lambda _: None, progress=progress)
+    assert [(b[1], b[2]) for b in bars] == [(6, 6)], bars
+    res = CliRunner().invoke(cli, ["sensitivity", str(checkpoint), "--sparsities", "0.3,0.3,0.30", "--layers",
+                                   "classifier.1", "--progress", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert [r["sparsity"] for r in json.loads((tmp_path / "b" / "sensitivity.json").read_text())["rows"]] == [0.3]
+    assert "pruning one layer at a time" in res.output  # the bar (standard error is mixed in here)
+    res = CliRunner().invoke(cli, ["sensitivity", str(checkpoint), "--sparsities", "0.5,1.2"])
+    assert res.exit_code == 2 and "each sparsity must be >= 0 and < 1" in res.output
+
+
 def test_sensitivity_refuses_bad_layers_and_outputs_before_measuring(checkpoint, tmp_path, monkeypatch):
     """A wrong --layers name and an unwritable --out were reported after the baseline
     evaluation and the whole scan; a plot that failed left sensitivity.json alone."""

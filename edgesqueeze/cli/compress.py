@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from edgesqueeze.cli._group import (RESUMABLE, FiniteRange, PathType, _progress_default, check_dataset_option, cli,
-                                    device_option, model_options, names_a_folder)
+                                    device_option, model_options, names_a_folder, progress_bars)
 
 
 @cli.command("compress")
@@ -248,9 +248,11 @@ def unpack(esq_path, out_path, force):
 @click.option("--data", "dataset", callback=check_dataset_option,
               help="Dataset [default: the one the model records].")
 @click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
+@click.option("--progress/--no-progress", default=None,
+              help="A bar over the measurements, on standard error [default: on a terminal].")
 @model_options
 @device_option
-def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data_dir, model_opts, device):
+def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data_dir, progress, model_opts, device):
     """Prune each layer alone at several sparsities and measure validation accuracy.
 
     Writes sensitivity.md (the table), sensitivity.json and sensitivity.png.
@@ -262,7 +264,7 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
     from edgesqueeze.compress.sensitivity import sensitivity as run_sensitivity
 
     try:
-        sps = [float(x) for x in sparsities.split(",") if x.strip()]
+        sps = sorted({float(x) for x in sparsities.split(",") if x.strip()})  # one measurement each
     except ValueError:
         raise click.BadParameter(f"{sparsities!r} is not a list of numbers", param_hint="--sparsities") from None
     if not sps:
@@ -279,7 +281,7 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
                              dataset=dataset, model_args=model_opts.load_kwargs(), device=device,
                              layers=names,
                              inputs=model_opts.input_files,
-                             log=lambda m: click.echo(m))
+                             log=lambda m: click.echo(m), progress=progress_bars(progress))
     click.echo((out / "sensitivity.md").read_text())
     if "chosen" in result:
         click.echo("compress.prune.layers for a recipe:")

@@ -270,8 +270,10 @@ def apply(model: nn.Module, config: PruneConfig, *, keep_existing: bool = True,
 
 def sensitivity_scan(model: nn.Module, layers: Sequence[str] | None,
                      sparsities: Sequence[float],
-                     eval_fn: Callable[[nn.Module], float]) -> list[dict[str, Any]]:
-    """Prune one layer at a time (others untouched) and measure ``eval_fn(model)``.
+                     eval_fn: Callable[[nn.Module], float],
+                     done: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Prune one layer at a time (others untouched) and measure ``eval_fn(model)``; ``done(1)``
+    after each measurement (a progress bar's update).
 
     Works on one deep copy whose weights are restored after each measurement, so ``model`` is
     never modified. ``layers=None`` scans every prunable layer. Returns rows
@@ -289,6 +291,8 @@ def sensitivity_scan(model: nn.Module, layers: Sequence[str] | None,
             with torch.no_grad():
                 w.masked_fill_(~magnitude_mask(original, s), 0.0)
             rows.append({"layer": name, "sparsity": float(s), "accuracy": float(eval_fn(work))})
+            if done is not None:
+                done(1)
             with torch.no_grad():
                 w.copy_(original)
     return rows

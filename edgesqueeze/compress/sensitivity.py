@@ -10,6 +10,7 @@ from typing import Any, Callable
 from torch import nn
 
 from edgesqueeze._io import output_locks, write_text_atomic
+from edgesqueeze._progress import Progress, bar
 from edgesqueeze.compress.inputs import load_inputs
 from edgesqueeze.errors import EdgesqueezeError
 
@@ -37,12 +38,14 @@ def sensitivity(
     device: str | None = None,
     inputs=(),
     log: Log = print,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Prune each layer alone at each sparsity; validation accuracy table, plot, and (with
     ``max_drop``, in accuracy points) the per-layer sparsities that stay within it. The
     measurements run on ``device`` (``edgesqueeze.device``; default auto). An output that is
     an input (the model, the dataset's file, ``inputs``: more ``(what, path)`` pairs such as
-    the recipe), or a link to one, is refused (OutputError)."""
+    the recipe), or a link to one, is refused (OutputError). ``progress``: a bar over the
+    measurements (see :mod:`edgesqueeze._progress`)."""
     from edgesqueeze.device import resolve_device
 
     dev = resolve_device(device)
@@ -84,7 +87,9 @@ def sensitivity(
 
     baseline = acc(loaded.model)
     log(f"baseline validation accuracy {100 * baseline:.2f}% on {len(y_val)} images")
-    rows = sensitivity_scan(loaded.model, layers, sparsities, acc)
+    n_layers = len(layers) if layers is not None else len(list(prunable_layers(loaded.model)))
+    with bar(progress, "pruning one layer at a time", n_layers * len(sparsities)) as update:
+        rows = sensitivity_scan(loaded.model, layers, sparsities, acc, done=update)
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "baseline": baseline, "rows": rows}
     if max_drop is not None:
         result["max_drop_points"] = max_drop
