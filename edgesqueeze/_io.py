@@ -37,7 +37,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``open()`` would, never replaced; any other non-regular file is refused (OutputError).
     """
     path = Path(path)
-    _no_folder_in_the_way(path)
+    try:
+        _no_folder_in_the_way(path)
+        link = path.is_symlink()
+    except OSError as exc:  # a name over 255 bytes
+        raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
     try:
         st = os.stat(path)  # follows a symbolic link: what a plain open() would write into
     except OSError:
@@ -52,7 +56,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             return
         raise OutputError(f"{path}: cannot write: not a regular file (a socket or block device); "
                           f"write elsewhere")
-    if path.is_symlink():  # replace (or, for a dangling link, create) the file the link names, and keep the link
+    if link:  # replace (or, for a dangling link, create) the file the link names, and keep the link
         path = Path(os.path.realpath(path))
     # the mode open() would leave: an existing file's, or one this run removed first (an
     # earlier run's output it replaces); else the new file's, which the kernel sets from the
@@ -196,6 +200,24 @@ def remove_earlier_outputs(folder: str | os.PathLike, names) -> list[Path]:
 _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkstemp's: remove_stale_temps knows these names
 
 
+def _temp_stem(name: str) -> str:
+    """``name`` as its temporary file holds it: cut to fit the 255 bytes a file name may have
+    with the 14 the temporary name adds (an output named with 242-255 bytes was refused as
+    "File name too long"), at a character's boundary."""
+    raw = os.fsencode(name)
+    if len(raw) <= _NAME_MAX - 14:
+        return name
+    cut = raw[:_NAME_MAX - 14]
+    try:  # a UTF-8 name loses the character cut in two; another name's bytes are kept as bytes
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsdecode(cut)
+    return cut.decode("utf-8", errors="ignore")
+
+
+_NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
 def _new_temp(path: Path, mode: int = 0o666) -> Path:
     """A new hidden file beside ``path`` (``.NAME.XXXXXXXX.tmp``), created as ``open()``
     creates a file: ``mode`` (0o666 for a new output) for the kernel to reduce by the umask,
@@ -204,7 +226,7 @@ def _new_temp(path: Path, mode: int = 0o666) -> Path:
     import secrets
 
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{''.join(secrets.choice(_TEMP_CHARS) for _ in range(8))}.tmp"
+        tmp = path.parent / f".{_temp_stem(path.name)}.{''.join(secrets.choice(_TEMP_CHARS) for _ in range(8))}.tmp"
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode))
         except FileExistsError:
@@ -285,6 +307,8 @@ def _why(exc: OSError, path: Path) -> str:
         blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             return f"{reason}: {blocking} is a file, not a folder"
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"{reason}: a file name holds at most {_NAME_MAX} bytes and a path 4,096; choose a shorter one"
     return reason
 
 
@@ -304,7 +328,7 @@ def remove_stale_temps(directory: str | os.PathLike, log: Callable[[str], None] 
     if folder.is_dir():
         for p in folder.glob(".*.tmp"):
             match = _STALE_TEMP.fullmatch(p.name)
-            if match and (names is None or match.group(1) in names) and p.is_file():
+            if match and (names is None or match.group(1) in {_temp_stem(n) for n in names}) and p.is_file():
                 p.unlink()
                 removed.append(p)
                 if log is not None:

@@ -248,3 +248,38 @@ def test_check_writable_tries_a_real_file_where_access_says_yes(tmp_path):
             check_writable("/sys/verify.json")
     check_writable(tmp_path / "new" / "verify.json")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["a" * 251 + ".pt", "é" * 120 + "a" * 6 + ".onnx", os.fsdecode(b"\xff" * 250 + b".md")])
+def test_names_up_to_255_bytes_are_written_and_their_stale_temps_found(tmp_path, name):
+    """The temporary file adds 14 bytes to the name: outputs named with 242-255 bytes were
+    refused as "File name too long" though the name itself fits."""
+    from edgesqueeze._io import remove_stale_temps, write_text_atomic
+
+    assert 242 <= len(os.fsencode(name)) <= 255
+    write_text_atomic(tmp_path / name, "done")
+    assert (tmp_path / name).read_text() == "done" and os.listdir(tmp_path) == [name]
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / name) as tmp:
+            raise KeyboardInterrupt
+    tmp.write_text("half")  # the temporary file, as a SIGKILL mid-write would leave it
+    assert len(os.fsencode(tmp.name)) <= 255
+    assert remove_stale_temps(tmp_path, names=["other.md"]) == []
+    assert remove_stale_temps(tmp_path, names=[name]) == [tmp]
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_a_name_too_long_for_the_file_system_is_one_line_with_what_to_do(tmp_path):
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    res = CliRunner().invoke(cli, ["check", str(tmp_path / ("r" * 256 + ".json"))])
+    assert res.exit_code == 2, res.output
+    assert "File name too long; a file name holds at most 255 bytes" in res.output, res.output
+    from edgesqueeze._io import write_text_atomic
+    from edgesqueeze.errors import OutputError
+
+    with pytest.raises(OutputError, match="File name too long: a file name holds at most 255 bytes.*choose a shorter"):
+        write_text_atomic(tmp_path / ("w" * 256 + ".md"), "x")
+    assert os.listdir(tmp_path) == []

@@ -196,7 +196,9 @@ class _Group(click.Group):
             # files are written through atomic_path, which names them: without a name, the output
             # that failed is standard output (`info model.pt > /dev/full`)
             stdout = not exc.filename and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
-            click.secho(f"error: {where}{exc.strerror or exc}" + (" (writing to standard output)" if stdout else ""),
+            long = exc.errno == errno.ENAMETOOLONG  # a name over 255 bytes, or a path over 4,096
+            click.secho(f"error: {where}{exc.strerror or exc}" + (" (writing to standard output)" if stdout else "")
+                        + ("; a file name holds at most 255 bytes and a path 4,096: choose a shorter one" if long else ""),
                         fg="red", err=True)
             ctx.exit(2)
         except MemoryError:  # a batch, a --runs or a file larger than this machine's memory
