@@ -185,3 +185,40 @@ def test_eval_on_another_image_folder_resizes_to_the_models_input(tmp_path):
                "0.2,0.2,0.2", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["n"] >= 2
+
+
+@pytest.mark.parametrize("size", [160, 224])
+def test_run_prepares_an_image_as_the_dataset_the_file_was_measured_on(tmp_path, size, monkeypatch):
+    """export chose run's crop by the input size alone: a 160 px model of an image folder
+    (which stretches each image to the square) was fed centre crops by `run` while `verify`
+    measured stretched images, 83 grey levels apart on average for 2:1 images; and an ImageNet
+    crop's shorter side was int(160 * 256 / 224) = 182, the dataset's round() 183."""
+    from PIL import Image
+
+    from edgesqueeze.data import load_dataset
+    from edgesqueeze.data._images import imagenet_crop
+    from edgesqueeze.export._common import artifact_meta
+    from edgesqueeze.runtime import load_image
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "f" / split / c).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (size // 2, size * 2, 3), dtype=np.uint8)).save(
+                tmp_path / "f" / split / c / "x.png")
+    ds = load_dataset(f"imagefolder:{tmp_path / 'f'}", image_size=size)
+    meta = {"input_shape": [3, size, size], "dataset": f"imagefolder:{tmp_path / 'f'}"}
+    resize = artifact_meta(meta, "onnx")["resize"]
+    assert resize is None
+    files = sorted((tmp_path / "f" / "test").glob("*/x.png"))
+    assert np.array_equal(np.stack([load_image(f, (3, size, size), resize=resize) for f in files]), ds.test_x)
+
+    for name in ("imagenet-sample", "ImageNet:/data/imagenet"):
+        resize = artifact_meta({**meta, "dataset": name}, "onnx")["resize"]
+        with Image.open(files[0]) as im:
+            want = np.asarray(imagenet_crop(im.convert("RGB"), size)).transpose(2, 0, 1)
+        assert np.array_equal(load_image(files[0], (3, size, size), resize=resize), want), (name, resize)
+    # a model that records no dataset: an ImageNet-style crop from 160 px up, as before
+    assert artifact_meta({"input_shape": [3, size, size]}, "onnx")["resize"] == round(size * 256 / 224)
+    assert artifact_meta({"input_shape": [3, 32, 32]}, "onnx")["resize"] is None

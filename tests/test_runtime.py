@@ -833,6 +833,23 @@ def _coord_image(w: int, h: int) -> np.ndarray:
     return a
 
 
+def test_load_images_takes_one_path_and_numpy_sizes(tmp_path):
+    """A path string given to load_images was read one character at a time ("/: cannot read as
+    an image"); a resize of numpy's int64 (a size read from an array) was refused."""
+    from PIL import Image
+
+    from edgesqueeze.runtime import load_images
+
+    p = tmp_path / "coords.png"
+    Image.fromarray(_coord_image(30, 20)).save(p)
+    one = load_image(p, (3, 16, 16), resize=20)
+    for given in (str(p), p):
+        assert np.array_equal(load_images(given, (3, 16, 16), resize=20), one[None])
+    assert np.array_equal(load_image(p, (3, 16, 16), resize=np.int64(20)), one)
+    with pytest.raises(DataError, match="resize must be a positive integer"):
+        load_image(p, (3, 16, 16), resize=np.float64(20))
+
+
 def test_load_image_center_crop_like_torchvision(tmp_path):
     from PIL import Image
 

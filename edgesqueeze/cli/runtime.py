@@ -54,8 +54,12 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std, 
     .tflite.esq (no PyTorch needed).
 
     IMAGES are files or folders; a folder stands for the image files under it (jpg, png,
-    bmp, gif, webp, tiff, pgm/ppm; sorted, recursive), each read upright as its EXIF
-    orientation says (as a viewer shows a phone photo). Each file is classified once, even
+    bmp, gif, webp, tiff, pgm/pbm/ppm; sorted, recursive), each read upright as its EXIF
+    orientation says (as a viewer shows a phone photo), then made the model's input as the
+    dataset it was measured on made its images (the file's "resize": ImageNet's centre crop,
+    else stretched to the input). Transparency is dropped (the colour stored under
+    transparent pixels is what the model sees, as in training on such files) and an animated
+    GIF or a multi-page TIFF gives its first frame. Each file is classified once, even
     when named twice. Results are printed when every image has been read, so a bad image
     stops the run with one error line naming it and no partial output.
 

@@ -178,11 +178,22 @@ def _normalization_source(meta: dict[str, Any]) -> str:
 
 
 def _resize(meta: dict[str, Any], shape) -> int | None:
-    """ImageNet-style models (>= 160 px) were evaluated after resize-shorter-side then crop."""
+    """How ``edgesqueeze run`` makes an image file the model's input: as the dataset the model
+    is measured on made its images. The ImageNet datasets resize the shorter side to
+    ``round(side * 256 / 224)`` and crop the centre (torchvision's evaluation transform;
+    ``data._images.imagenet_crop``): that shorter side. Every other dataset (digits, MNIST,
+    CIFAR-10, an image folder) stretches the whole image to the input: None. A model that
+    records no dataset: the crop from 160 px up (a pretrained ImageNet-style model).
+
+    The crop once followed the size alone, so a 160 px model trained on an image folder (which
+    stretches) was fed crops by ``run`` while ``verify`` measured stretched images, and the
+    rounding differed from the dataset's (182 against 183 at 160 px)."""
     if meta.get("resize"):
         return int(meta["resize"])
     side = int(shape[-1])
-    return int(side * 256 / 224) if side >= 160 else None
+    dataset = str(meta.get("dataset") or "").strip().lower()
+    crops = dataset == "imagenet-sample" or dataset.startswith("imagenet:") if dataset else side >= 160
+    return int(round(side * 256 / 224)) if crops else None
 
 
 def _test_accuracy(meta: dict[str, Any]) -> float | None:

@@ -31,6 +31,7 @@ naming the file too.
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -179,7 +180,10 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
     """One image file as uint8 ``[C, H, W]`` for a model whose input is ``input_shape``.
 
     The image is turned upright as its EXIF orientation tag says (:func:`upright`).
-    ``C`` picks the colour mode: 1 grayscale, 3 RGB (alpha and palettes dropped), 4 RGBA.
+    ``C`` picks the colour mode: 1 grayscale, 3 RGB, 4 RGBA. With 1 or 3 an alpha channel is
+    dropped, not blended: the colour stored under transparent pixels is what the model gets
+    (as the image-folder datasets read such files for training). A file of several frames (an
+    animated GIF, a multi-page TIFF) gives its first.
     16-bit images are scaled to 8 bits first (:func:`to_8bit`; float ``F`` images are refused).
     Raises :class:`DataError` naming the file when it is missing, not a readable image, or
     holds pixels that cannot be read as 8-bit grayscale or colour.
@@ -187,8 +191,9 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
     c, h, w = _chw(input_shape)
     if c not in _MODES:
         raise DataError(f"input_shape {list(input_shape)}: {c} channels; images have 1, 3 or 4")
-    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, numbers.Integral) or resize < 1):
         raise DataError(f"resize must be a positive integer (the shorter side), got {resize!r}")
+    resize = None if resize is None else int(resize)  # numpy's integers too
     Image = _pil()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -224,7 +229,9 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
 
 def load_images(paths: Sequence[str | os.PathLike], input_shape: Sequence[int], *,
                 resize: int | None = None) -> np.ndarray:
-    """Several image files as one uint8 ``[N, C, H, W]`` batch."""
+    """Several image files as one uint8 ``[N, C, H, W]`` batch (one path alone: a batch of one)."""
+    if isinstance(paths, (str, bytes, os.PathLike)):  # a string was read one character at a time ("/: ...")
+        paths = [paths]
     c, h, w = _chw(input_shape)
     out = np.empty((len(paths), c, h, w), np.uint8)
     for i, p in enumerate(paths):
