@@ -222,3 +222,30 @@ def test_run_prepares_an_image_as_the_dataset_the_file_was_measured_on(tmp_path,
     # a model that records no dataset: an ImageNet-style crop from 160 px up, as before
     assert artifact_meta({"input_shape": [3, size, size]}, "onnx")["resize"] == round(size * 256 / 224)
     assert artifact_meta({"input_shape": [3, 32, 32]}, "onnx")["resize"] is None
+
+
+def test_export_reads_an_image_folder_at_the_models_input_as_verify_does(tmp_path):
+    """export of a 16x16 model on a folder of 32x16 images said the folder "gives images of shape
+    [3, 16, 32]" and to pass another --data; verify and eval resize a folder to the input."""
+    from PIL import Image
+
+    from ddp_net import PlainNet
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (16, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / cls / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(PlainNet(num_classes=2, in_channels=3).state_dict(), tmp_path / "m.pt")
+    data = f"imagefolder:{tmp_path / 'imgs'}"
+    res = _run("export", tmp_path / "m.pt", "--arch", "tests/ddp_net.py:PlainNet", "--arch-kwargs",
+               "{num_classes: 2, in_channels: 3}", "--input-shape", "3,16,16", "--data", data, "-f", "onnx,onnx-int8",
+               "--calibration-images", "4", "--out", tmp_path / "x")
+    assert res.exit_code == 0, res.output
+    meta = json.loads(__import__("onnx").load(str(tmp_path / "x" / "m.int8.onnx")).metadata_props[0].value)
+    assert meta["input_shape"] == [3, 16, 16] and meta["resize"] is None and meta["calibration"]["images"] == 4
+    res = _run("verify", tmp_path / "x" / "m.onnx", tmp_path / "x" / "m.int8.onnx", "--out", tmp_path / "v.json")
+    assert res.exit_code == 0, res.output

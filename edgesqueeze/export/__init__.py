@@ -21,6 +21,20 @@ __all__ = ["ALL_FORMATS", "FORMATS", "META_FORMAT", "META_KEY", "SUFFIX", "Calib
 Log = Callable[[str], None]
 
 
+def _image_size(name: str, meta: dict[str, Any]) -> int | None:
+    """The size to read dataset ``name`` at for this model: the one it records training at, or
+    for an image folder (``imagefolder:``, ``imagenet:``) its square input's side, as ``verify``
+    and ``eval`` read a folder (export read it at its own size and refused a folder of 320x160
+    images for a 160x160 model, telling the user to pass another --data)."""
+    if meta.get("image_size") and name == meta.get("dataset"):
+        return int(meta["image_size"])
+    shape = meta.get("input_shape")
+    if (str(name).strip().lower().startswith(("imagefolder:", "imagenet:")) and shape and len(shape) == 3
+            and shape[1] == shape[2]):
+        return int(shape[-1])
+    return None
+
+
 def _calibration_set(meta: dict[str, Any], source: Path, config: ExportConfig, *, dataset: str | None,
                      data_dir, seed: int, log: Log):
     """Calibration images: the training split (never the validation or test images) when the
@@ -34,10 +48,10 @@ def _calibration_set(meta: dict[str, Any], source: Path, config: ExportConfig, *
     if not name:
         raise DataError(f"{source}: INT8 export needs calibration images, and the model does not record "
                         "its dataset; pass --data NAME (e.g. imagenet-sample)")
-    ds = load_dataset(name, data_dir=data_dir, image_size=meta.get("image_size") if name == meta.get("dataset")
-                      else None, seed=seed)
+    size = _image_size(name, meta)
+    ds = load_dataset(name, data_dir=data_dir, image_size=size, seed=seed)
     if len(ds.train_x):
-        _, (x_train, _), _ = training_data(meta, source=source, dataset=name, data_dir=data_dir)
+        _, (x_train, _), _ = training_data(meta, source=source, dataset=name, data_dir=data_dir, image_size=size)
         pool, where = x_train, "training split"
     else:
         from edgesqueeze.data import fit_channels
@@ -72,7 +86,8 @@ def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data
 
     from edgesqueeze.data import fit_channels
 
-    ds = fit_channels(load_dataset(dataset, data_dir=data_dir), meta.get("input_shape"), source=source)
+    ds = fit_channels(load_dataset(dataset, data_dir=data_dir, image_size=_image_size(dataset, meta)),
+                      meta.get("input_shape"), source=source)
     shape = meta.get("input_shape") or list(ds.input_shape)
     if list(shape) != list(ds.input_shape):
         raise DataError(f"dataset '{ds.name}' gives images of shape {list(ds.input_shape)} but {source} expects "
