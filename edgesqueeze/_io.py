@@ -276,6 +276,13 @@ def check_writable(path: str | os.PathLike, *, appends: bool = False) -> None:
 def _no_folder_in_the_way(path: Path) -> None:
     if path.is_dir():
         raise OutputError(f"{path}: cannot write: a folder is in the way; remove it or write elsewhere")
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # open() says "Too many levels of symbolic links"; the
+            # rename of a finished file replaced the link (verify --out), or resolve() raised
+            raise OutputError(f"{path}: cannot write: a symbolic link that leads back to itself; remove the "
+                              "link or write elsewhere") from None
 
 
 def _read_only(folder: Path) -> bool:

@@ -283,3 +283,30 @@ def test_a_name_too_long_for_the_file_system_is_one_line_with_what_to_do(tmp_pat
     with pytest.raises(OutputError, match="File name too long: a file name holds at most 255 bytes.*choose a shorter"):
         write_text_atomic(tmp_path / ("w" * 256 + ".md"), "x")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_symbolic_link_loop_as_an_output_is_one_line_and_stays(tmp_path):
+    """A link that leads back to itself: verify --out replaced it by a file (the rename of the
+    finished report), unpack raised "RuntimeError: Symlink loop", export said "Directory 'loop'
+    is a file". open() refuses it (ELOOP), and so does every writer now, before any work."""
+    from click.testing import CliRunner
+
+    from edgesqueeze._io import check_writable, write_text_atomic
+    from edgesqueeze.cli import cli
+    from edgesqueeze.errors import OutputError
+
+    loop, two = tmp_path / "loop", tmp_path / "two"
+    loop.symlink_to("loop")
+    two.symlink_to("three")
+    (tmp_path / "three").symlink_to("two")
+    for link in (loop, two):
+        for write in (check_writable, lambda p: write_text_atomic(p, "x")):
+            with pytest.raises(OutputError, match="a symbolic link that leads back to itself; remove the link"):
+                write(link)
+    esq = tmp_path / "m.esq"
+    esq.write_bytes(b"not read: the output is checked first")
+    for args in (["unpack", esq, "-o", loop], ["export", esq, "--out", loop], ["verify", loop]):
+        res = CliRunner().invoke(cli, [str(a) for a in args])
+        assert res.exit_code == 2, res.output
+        assert "symbolic link that leads back to itself" in res.output and "Traceback" not in res.output, res.output
+    assert os.readlink(loop) == "loop" and os.readlink(two) == "three"

@@ -7,6 +7,7 @@ stderr and its exit code (1 for a broken budget, 2 for bad usage or input).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import sys
@@ -255,6 +256,13 @@ class PathType(click.Path):
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
             self.fail("an empty path; name a file or folder (is a shell variable unset?)", param, ctx)
+        if isinstance(value, (str, os.PathLike)) and os.path.islink(value):
+            try:
+                os.stat(value)
+            except OSError as exc:  # click said "Directory 'loop' is a file" of a link to itself
+                if exc.errno == errno.ELOOP:
+                    self.fail(f"{os.fsdecode(value)!r} is a symbolic link that leads back to itself; remove the "
+                              "link or give another path", param, ctx)
         return super().convert(value, param, ctx)
 
 

@@ -145,7 +145,9 @@ def unpack(esq_path, out_path, force):
       edgesqueeze unpack artifacts/squeezenet-digits/compressed/model.esq -o model.pt
       edgesqueeze unpack model.int8.tflite.esq -o plain.tflite  # the plain file, on a device given only the .esq
     """
-    from edgesqueeze._io import write_bytes_atomic
+    import os
+
+    from edgesqueeze._io import check_writable, write_bytes_atomic
     from edgesqueeze.verify import sniff
 
     what = sniff(esq_path)
@@ -173,7 +175,8 @@ def unpack(esq_path, out_path, force):
     def check_target(target: Path, suffixes: tuple[str, ...], holds: str) -> None:
         if to_stdout:
             return
-        if target.resolve() == esq_path.resolve():
+        check_writable(target)  # a folder, or a link loop, in the way
+        if os.path.realpath(target) == os.path.realpath(esq_path):
             raise click.UsageError(f"{target}: would overwrite the archive itself; give another -o")
         if target.is_file() and not force:  # a device or pipe (/dev/stdout) is written into, not replaced
             raise click.UsageError(f"{target}: exists; pass --force to replace it, or -o another file")
