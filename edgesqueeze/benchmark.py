@@ -62,6 +62,7 @@ def _given_shape(arts: list[Artifact], given) -> None:
         c, h, w = given_image_shape(art.path, spec.image_shape, given)
         art.input_spec = dataclasses.replace(
             spec, shape=(spec.shape[0], h, w, c) if spec.layout == "NHWC" else (spec.shape[0], c, h, w))
+        art.shape_given = any(d is None for d in spec.image_shape)
 
 
 def open_any(path: Path, *, threads: int | None, model_args: dict[str, Any] | None = None,

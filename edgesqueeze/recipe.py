@@ -523,3 +523,11 @@ def given_sections(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     does not say about itself, but a recipe that names its model and data may."""
     raw = _read_raw(Path(path), overrides)
     return {k for k in raw if isinstance(k, str)} if isinstance(raw, dict) else set()
+
+
+def given_fields(path: str | Path | None, overrides: list[str] | tuple[str, ...], section: str) -> set[str]:
+    """The fields of ``section`` that the recipe file (``path``; None: ``--set`` alone) with
+    ``overrides`` actually sets, as :func:`given_sections` for one section."""
+    raw = _read_raw(Path(path), overrides) if path else apply_overrides({"version": 1}, overrides)
+    part = raw.get(section) if isinstance(raw, dict) else None
+    return {k for k in part if isinstance(k, str)} if isinstance(part, dict) else set()

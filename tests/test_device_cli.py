@@ -143,6 +143,16 @@ def test_run_on_a_model_with_dynamic_image_size_and_no_metadata(tmp_path):
     with pytest.raises(DataError, match="dynamic dimensions"):
         load_image(img, (3, None, None))
 
+    # an --input-shape the model cannot run on (a 3x3 conv on 2x2): the user's size, not a damaged
+    # file as it said, and without onnxruntime's own coloured log line on standard error before it
+    for args in (["run", model, img], ["bench", model, "--runs", "1", "--warmup", "0", "-b", "1"]):
+        r = subprocess.run([sys.executable, "-m", "edgesqueeze", *map(str, args), "--input-shape", "3,2,2"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        errors = [ln for ln in r.stderr.splitlines() if not ln.startswith(("timing ", "note: "))]
+        assert len(errors) == 1 and "cannot run the model on images of shape [3, 2, 2]" in errors[0], r.stderr
+        assert "give the --input-shape C,H,W it was made for" in errors[0] and "damaged" not in errors[0]
+
 
 def test_bench_a_batch_larger_than_memory_is_one_line(onnx_models):
     if sys.maxsize < 2**40:
@@ -484,3 +494,23 @@ def test_file_names_that_are_not_utf8_go_through_verify_check_run_and_bench(onnx
     assert list(json.loads(r.stdout)) == [str(image)]
     r = es("bench", model, "--runs", "2", "--warmup", "0", "-b", "1")
     assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def test_options_that_describe_a_pytorch_file_are_said_unused_for_an_exported_one(onnx_models):
+    """inspect model.onnx --arch nosuch --classes a,b exited 0 without a word; bench said it of
+    --classes only."""
+    r = _cli("inspect", onnx_models["fp32"], "--arch", "nosuch", "--classes", "a,b")
+    assert r.exit_code == 0, r.output
+    assert "note: --arch, --classes describe a PyTorch model file" in r.stderr and "not used" in r.stderr
+    r = _cli("bench", onnx_models["fp32"], "--runs", "1", "--warmup", "0", "-b", "1", "--arch", "nosuch")
+    assert r.exit_code == 0, r.output
+    assert "note: --arch describes a PyTorch model file; none of the files timed is one" in r.stderr
+    r = _cli("inspect", onnx_models["fp32"])
+    assert "note" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["info", "-"], ["inspect", "-"], ["reseal", "-"], ["eval", "-"]])
+def test_a_dash_where_no_stream_is_taken_says_so(args):
+    """`info -` said "-: no such file", as if a file named '-' were missing."""
+    r = _cli(*args)
+    assert r.exit_code == 2 and "'-' (standard input or output) is not taken here; name a file" in r.stderr, r.stderr

@@ -658,3 +658,24 @@ def test_a_gradual_schedule_past_the_retraining_is_warned(checkpoint, tmp_path):
                             prune_finetune=FinetuneConfig(epochs=0.2, lr=0.01))
     compress(checkpoint, config, out_dir=tmp_path, progress=False, log=logs.append)
     assert any("compress.prune.end 2000 (begin 1000) is past the retraining's" in m for m in logs), logs
+
+
+def test_recipe_fields_a_command_does_not_read_are_said_not_dropped(checkpoint, tmp_path):
+    """eval's --help gave `--set data.dataset=cifar10` as its example, and eval of a model that
+    records its dataset measured on that one with exit 0 and no word; eval --set
+    data.image_size=64 and sensitivity --set seed=3 changed nothing, silently. sensitivity's
+    notes went to standard output, into a redirected table."""
+    runner = CliRunner()
+    res = runner.invoke(cli, ["eval", str(checkpoint), "--limit", "20", "--set", "data.dataset=cifar10",
+                              "--set", "data.image_size=64", "--set", "seed=3", "--split", "val"])
+    assert res.exit_code == 0, res.output
+    assert "note: --set data.image_size=64: eval does not read data.image_size" in res.stderr
+    assert "note: the recipe's data.dataset 'cifar10' is not used: the model records its dataset 'digits'" in res.stderr
+    assert "--set seed=3" not in res.stderr and res.stdout.startswith("digits val: ")  # seed is read
+    res = runner.invoke(cli, ["sensitivity", str(checkpoint), "--sparsities", "0.5", "--layers", "classifier.1",
+                              "--set", "seed=3", "--out", str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "note: --set seed=3: sensitivity does not read seed" in res.stderr
+    assert res.stdout.startswith("# Sensitivity of"), res.stdout  # the table alone
+    res = runner.invoke(cli, ["inspect", str(checkpoint), "--set", "train.epochs=3"])
+    assert res.exit_code == 0 and "note" not in res.stderr, res.output  # a .pt: the recipe can describe it

@@ -256,6 +256,8 @@ class PathType(click.Path):
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
             self.fail("an empty path; name a file or folder (is a shell variable unset?)", param, ctx)
+        if value == "-" and not self.allow_dash and not os.path.exists(value):  # said "-: no such file"
+            self.fail("'-' (standard input or output) is not taken here; name a file", param, ctx)
         if isinstance(value, (str, os.PathLike)) and os.path.islink(value):
             try:
                 os.stat(value)
@@ -292,7 +294,8 @@ def check_dataset_option(ctx, param, value):
     return value
 
 
-def threads_option(help_text: str = "Runtime threads."):
+def threads_option(help_text: str = ("Runtime threads [default: each runtime's own: onnxruntime one per physical core, "
+                                      "LiteRT 1].")):
     """``--threads N``: 1 up to :func:`edgesqueeze.runtime._base.max_threads`."""
     from edgesqueeze._limits import max_threads  # not edgesqueeze.runtime: numpy and more, 44 ms of every --help
 
@@ -318,6 +321,36 @@ class ModelOptions:
     recipe_path: Path | None = None
     given: frozenset[str] = frozenset()  # top-level sections the recipe file and --set actually set
     classes_file: Path | None = None  # --classes @FILE: read, so never an output
+    overrides: tuple[str, ...] = ()  # --set KEY=VALUE, as given
+
+    def torch_only_options(self) -> list[str]:
+        """The options given that describe a PyTorch model file only (how to rebuild it): an
+        exported .onnx / .tflite records its graph, so they say nothing about one."""
+        return [name for name, given in (("--arch", self.arch), ("--arch-kwargs/--num-classes", self.arch_kwargs),
+                                         ("--trust-pickle", self.trust_pickle), ("--recipe", self.recipe_path),
+                                         ("--set", self.overrides)) if given]
+
+    def note_unused_sets(self, used: tuple[str, ...], command: str) -> None:
+        """A note (standard error) for each ``--set`` key ``command`` does not read, by the
+        dotted prefixes in ``used``: ``eval --set data.image_size=64`` changed nothing, with
+        exit 0 and no word (``eval --image-size 64`` is the option)."""
+        for item in self.overrides:
+            key = item.split("=", 1)[0].strip()
+            if not any(key == u or key.startswith(u.rstrip(".") + ".") for u in used):
+                click.echo(f"note: --set {item}: {command} does not read {key}; it changes nothing here", err=True)
+
+    def note_dataset_recorded(self, recorded: str | None, command: str) -> None:
+        """A note when the recipe or ``--set`` names a dataset but the model file records
+        another, which wins: a recipe's data.dataset stands in only for a file that records none."""
+        data = self.section("data")
+        if data is None or not recorded or str(data.dataset).lower() == str(recorded).lower():
+            return
+        from edgesqueeze.recipe import given_fields
+
+        if "dataset" in given_fields(self.recipe_path, self.overrides, "data"):  # not the default, digits
+            click.echo(f"note: the recipe's data.dataset '{data.dataset}' is not used: the model records its "
+                       f"dataset '{recorded}' (a recipe's stands in only for a file that records none); "
+                       f"{command} --data {data.dataset} measures on it", err=True)
 
     @property
     def input_files(self) -> list[tuple[str, Path | None]]:
@@ -495,7 +528,7 @@ def model_options(fn=None, *, recipe_help: str = _RECIPE_HELP, set_example: str 
         recipe, sections = _command_recipe(recipe_path, tuple(overrides))
         opts = ModelOptions(arch, kw, trust_pickle, {k: v for k, v in given.items() if v is not None},
                             recipe, recipe_path, sections,
-                            Path(classes[1:]) if classes and classes.startswith("@") else None)
+                            Path(classes[1:]) if classes and classes.startswith("@") else None, tuple(overrides))
         return fn(*args, model_opts=opts, **kwargs)
 
     for option in reversed(_MODEL_OPTIONS + _recipe_options(recipe_help, set_example)):

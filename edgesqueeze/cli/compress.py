@@ -245,7 +245,8 @@ def unpack(esq_path, out_path, force):
               help="Comma-separated sparsities to try on each layer.")
 @click.option("--layers", help="Comma-separated layer names [default: every Conv2d and Linear].")
 @click.option("--max-drop", type=FiniteRange(min=0, max=100), help="Accuracy points a layer may lose; prints the "
-              "largest sparsity per layer within it, ready for a recipe's compress.prune.layers.")
+              "largest sparsity per layer within it, ready for a recipe's compress.prune.layers [default: none: "
+              "the table alone, no choice].")
 @click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),
               help="Output directory [default: next to the model, sensitivity/].")
 @click.option("--data", "dataset", callback=check_dataset_option,
@@ -278,13 +279,17 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
     if names is not None and not names:  # "," scanned nothing and printed an empty table
         raise click.BadParameter(f"{layers!r} names no layer; give layer names, e.g. features.0,classifier.1",
                                  param_hint="--layers")
+    model_opts.note_unused_sets(("model", "data.dataset", "data.data_dir"), "sensitivity")
     out = out_dir or Path(model_path).parent / "sensitivity"
     result = run_sensitivity(model_path, sparsities=sps, out_dir=out, max_drop=max_drop,
                              data_dir=data_dir or model_opts.data_dir,
                              dataset=dataset, model_args=model_opts.load_kwargs(), device=device,
                              layers=names,
                              inputs=model_opts.input_files,
-                             log=lambda m: click.echo(m), progress=progress_bars(progress))
+                             log=lambda m: click.echo(m, err=True),  # stdout: the table alone
+                             progress=progress_bars(progress))
+    if dataset is None:
+        model_opts.note_dataset_recorded(result.get("dataset"), "sensitivity")
     click.echo((out / "sensitivity.md").read_text())
     if "chosen" in result:
         click.echo("compress.prune.layers for a recipe:")

@@ -87,11 +87,12 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 @click.option("--data-dir", type=PathType(file_okay=False, path_type=Path), help="Look for dataset files here first.")
 @click.option("--val-fraction", type=FiniteRange(0, 1, max_open=True), default=None,
               help="Validation fraction for --split val/train [default: from the checkpoint's recipe, else 0.1].")
-@click.option("--seed", type=int, default=None, help="Split seed [default: the checkpoint's].")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Split seed [default: the checkpoint's].")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate a seeded subset of at most N images.")
 @click.option("--image-size", type=click.IntRange(min=4), help="Resize images (datasets that support it).")
-@model_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@model_options(set_example="data.val_fraction=0.2")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per forward pass (memory holds one batch of activations).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @progress_option
 @device_option
@@ -109,6 +110,7 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
     _no_torch_model_said_early(model_path)
     from edgesqueeze.evaluation import evaluate_file
 
+    model_opts.note_unused_sets(("model", "data.dataset", "data.val_fraction", "data.data_dir", "seed"), "eval")
     data = model_opts.section("data")
     if val_fraction is None and data is not None:
         val_fraction = data.val_fraction
@@ -118,6 +120,8 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
                             val_fraction=val_fraction, seed=seed, limit=limit, image_size=image_size,
                             batch_size=batch_size, device=device, progress=progress_bars(progress),
                             **model_opts.load_kwargs())
+    if dataset is None:
+        model_opts.note_dataset_recorded(metrics.get("dataset"), "eval")
     if as_json:  # strict JSON: a diverged model's NaN loss is null, not the NaN no parser but Python's reads
         click.echo(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                for k, v in metrics.items()}, indent=2, allow_nan=False))

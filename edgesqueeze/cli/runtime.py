@@ -26,6 +26,12 @@ def inspect(path, as_json, model_opts):
     from edgesqueeze.inspect import inspect_file, summary_lines
 
     desc = inspect_file(path, model_opts.load_kwargs())
+    if desc.get("kind") in ("onnx", "tflite"):  # --arch nosuch was taken without a word
+        unused = model_opts.torch_only_options() + [f"--{k.replace('_', '-')}" for k in model_opts.input_meta]
+        if unused:
+            click.echo(f"note: {', '.join(unused)} {'describe' if len(unused) > 1 else 'describes'} a PyTorch "
+                       f"model file; {path} is an exported "
+                       "file, which records its own: not used", err=True)
     if as_json:
         click.echo(json.dumps(desc, indent=2, default=str))
     else:
@@ -170,6 +176,11 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
     rows = bench_files(list(paths), batch_sizes=list(batch_sizes) or [1, 32], runs=runs, warmup=warmup,
                        threads=threads, model_args=model_opts.load_kwargs(), portable=portable,
                        log=lambda m: click.echo(m, err=True))
+    unused = model_opts.torch_only_options()
+    if unused and rows and not any(r.get("backend") == "pytorch-eager" for r in rows):
+        click.echo(f"note: {', '.join(unused)} {'describe' if len(unused) > 1 else 'describes'} a PyTorch model "
+                   "file; none of the files timed is one: "
+                   "not used", err=True)
     packed = any(r.get("decode_ms") for r in rows)  # a column for the decoding only when some file has it
     head = f"{'file':<44}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'vs first':>10}{'load ms':>10}"
     click.echo(head + (f"{'decode ms':>11}" if packed else ""), err=quiet)

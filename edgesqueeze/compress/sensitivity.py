@@ -90,7 +90,7 @@ def sensitivity(
     n_layers = len(layers) if layers is not None else len(list(prunable_layers(loaded.model)))
     with bar(progress, "pruning one layer at a time", n_layers * len(sparsities)) as update:
         rows = sensitivity_scan(loaded.model, layers, sparsities, acc, done=update)
-    result: dict[str, Any] = {"checkpoint": str(checkpoint), "baseline": baseline, "rows": rows}
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "dataset": ds.name, "baseline": baseline, "rows": rows}
     if max_drop is not None:
         result["max_drop_points"] = max_drop
         result["chosen"] = choose_sparsities(rows, max_drop / 100, baseline)

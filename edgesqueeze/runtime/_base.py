@@ -356,7 +356,8 @@ class Artifact:
     "ai-edge-litert" | "tflite-runtime" | "tflite-micro"), ``meta`` (the artifact metadata,
     ``{}`` when the file has none), ``input_spec`` (:class:`InputSpec`), ``classes``,
     ``threads``; ``packed`` (a packed file's ``meta["packed"]``, else None) and
-    ``decode_seconds``; a TensorFlow Lite Micro artifact adds ``arena_bytes``; ``portable``
+    ``decode_seconds``; ``shape_given`` (the input size came from ``--input-shape``); a
+    TensorFlow Lite Micro artifact adds ``arena_bytes``; ``portable``
     is True for an ONNX session opened without onnxruntime's x86-only NCHWc kernels
     (:mod:`._onnx`).
     """
@@ -370,6 +371,7 @@ class Artifact:
     decode_seconds: float = 0.0
     portable: bool = False
     threads: int | None
+    shape_given: bool = False  # input_spec's size set by the caller (--input-shape) where the file leaves it free
 
     # -- subclass hooks ---------------------------------------------------------------
     def _run(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
@@ -431,6 +433,7 @@ class Artifact:
             raise DataError(f"predict: the input holds {x.size - int(finite.sum())} NaN or infinite value(s) of "
                             f"{x.size}; no model computes meaningful scores from them (an int8 file still "
                             "answers, with confidence): give finite input")
+        image_shape = [int(d) for d in x.shape[1:]]
         if spec.layout == "NHWC" and x.ndim == 4:
             x = x.transpose(0, 2, 3, 1)
         x = self._to_native(x)
@@ -441,6 +444,11 @@ class Artifact:
         except (EdgesqueezeError, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's Fail & co. (plain Exceptions), LiteRT's RuntimeError
+            if self.shape_given or any(w is None for w in want):  # the caller chose the size: not damage
+                raise RuntimeBackendError(
+                    f"{self.path}: {self.backend} cannot run the model on images of shape {image_shape} "
+                    f"({_first_line(exc)}); the file leaves its input size free: give the --input-shape C,H,W "
+                    "it was made for") from None
             raise RuntimeBackendError(
                 f"{self.path}: {self.backend} failed running the model ({_first_line(exc)}); the file may be "
                 f"damaged (export it again, or copy it again) or need ops this runtime version lacks") from None

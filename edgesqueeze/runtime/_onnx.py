@@ -175,7 +175,10 @@ def open_session(path: Path, *, threads: int | None, head: bytes = b"", ext: str
     if portable is None:
         portable = wants_portable(path if data is None else data)
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only; the loader's warnings are not the user's business
+    # fatal only: the loader's warnings are not the user's business, and an error reaches the
+    # user as the exception's one line (a failed run also printed onnxruntime's own coloured
+    # "[E:onnxruntime:...] ExecuteKernel" log line before it)
+    opts.log_severity_level = 4
     if threads is not None:
         opts.intra_op_num_threads = threads
     if not spin:
