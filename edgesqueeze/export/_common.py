@@ -26,8 +26,9 @@ Keys (all present; JSON types)::
     input_dtype       "float32" or "int8" (tflite-int8 with int8 I/O: quantize with the
                       input tensor's own scale and zero point)
     calibration       null, or {"images": N, "method": ..., "split": "train", "seed": S}
-    resize            null, or the shorter-side size to resize an image to before the
-                      center crop to H x W (ImageNet-style preprocessing)
+    resize            null (stretch the image to H x W), or the shorter-side size to resize
+                      an image to before the center crop to H x W: what the model's dataset
+                      does (the ImageNet datasets crop; every other stretches)
     dataset           the dataset the model was trained on (null when unknown), so that a
                       gate can evaluate the file on its test split
     reference_accuracy  the float model's test accuracy from its checkpoint (or null):
