@@ -514,3 +514,16 @@ def test_a_dash_where_no_stream_is_taken_says_so(args):
     """`info -` said "-: no such file", as if a file named '-' were missing."""
     r = _cli(*args)
     assert r.exit_code == 2 and "'-' (standard input or output) is not taken here; name a file" in r.stderr, r.stderr
+
+
+def test_check_and_unpack_remove_their_own_outputs_stale_temporary_files(packed, tmp_path):
+    """A SIGKILL inside a write leaves `.NAME.XXXXXXXX.tmp`; train, compress, export and verify
+    removed their own on the next run, check and unpack never did (CI folders collected them).
+    Another name's temporary file beside them is not theirs to remove."""
+    for name in ("gate.json", "plain.onnx", "other.json"):
+        (tmp_path / f".{name}.k1ll3d9x.tmp").write_bytes(b"half")
+    r = _cli("unpack", packed, "-o", tmp_path / "plain.onnx")
+    assert r.exit_code == 0 and "removed .plain.onnx.k1ll3d9x.tmp, left by an interrupted write" in r.stderr, r.output
+    r = _cli("check", tmp_path / "plain.onnx", "--max-size", "1MB", "--json", tmp_path / "gate.json")
+    assert "removed .gate.json.k1ll3d9x.tmp, left by an interrupted write" in r.stderr, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.k1ll3d9x.tmp", "gate.json", "plain.onnx"]

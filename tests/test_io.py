@@ -310,3 +310,35 @@ def test_a_symbolic_link_loop_as_an_output_is_one_line_and_stays(tmp_path):
         assert res.exit_code == 2, res.output
         assert "symbolic link that leads back to itself" in res.output and "Traceback" not in res.output, res.output
     assert os.readlink(loop) == "loop" and os.readlink(two) == "three"
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_just_after_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch, signame):
+    """Ctrl-C or SIGTERM between making the temporary file and the try that removes it left a
+    `.out.bin.XXXXXXXX.tmp` behind (found with real signals in interrupted exports and checks)."""
+    import signal
+
+    sig = getattr(signal, signame)
+
+    def terminated(signum, frame):  # as the CLI's SIGTERM handler: an interrupt with a reason
+        raise KeyboardInterrupt("Terminated")
+
+    before = signal.signal(signal.SIGTERM, terminated) if sig == signal.SIGTERM else None
+    real_open = os.open
+
+    def open_then_signal(p, flags, *args, **kwargs):
+        fd = real_open(p, flags, *args, **kwargs)
+        if str(p).endswith(".tmp"):
+            signal.raise_signal(sig)  # the moment the file exists
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_bytes_atomic(tmp_path / "out.bin", b"x")
+    finally:
+        monkeypatch.undo()
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers as they were

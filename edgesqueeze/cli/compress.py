@@ -147,7 +147,7 @@ def unpack(esq_path, out_path, force):
     """
     import os
 
-    from edgesqueeze._io import check_writable, write_bytes_atomic
+    from edgesqueeze._io import check_writable, remove_stale_temps, write_bytes_atomic
     from edgesqueeze.verify import sniff
 
     what = sniff(esq_path)
@@ -184,6 +184,8 @@ def unpack(esq_path, out_path, force):
         if target.suffix.lower() in known and target.suffix.lower() not in suffixes:
             raise click.UsageError(f"{target}: {esq_path} holds {holds}; name the output {suffixes[0]} "
                                    f"(e.g. -o {target.with_suffix(suffixes[0]).name})")
+        # a killed unpack's half-written file, of this name only: other files may lie beside it
+        remove_stale_temps(target.parent, lambda m: click.echo(m, err=True), names={target.name})
 
     if what == "packed":
         from edgesqueeze.runtime._base import check_name, unpack_file

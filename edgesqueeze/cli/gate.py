@@ -389,6 +389,11 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
             # an earlier run's verdicts must not outlive this run if it stops on bad input: the
             # outputs are this run's or none (CI uploads them beside the exit status)
             remove_output(path)  # its permission bits come back with this run's file
+    from edgesqueeze._io import remove_stale_temps
+
+    for path in (json_path, junit_path, md_path):  # a killed check's half-written files, of these names only
+        if path is not None and not is_stdout(path):
+            remove_stale_temps(path.parent, lambda m: click.echo(m, err=True), names={path.name})
     # after the earlier verdicts are gone: a budget option that is bad input left them in place
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     if budget.is_empty():
