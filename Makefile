@@ -10,7 +10,7 @@ STAMP      := $(VENV)/.installed
 PYTEST_ARGS ?= --durations=25
 # Test files run in parallel, one worker per core (pytest-xdist; each file's tests stay on one
 # worker, so module fixtures are built once). `make test XDIST=` runs them in one process.
-XDIST      ?= -n auto --dist loadfile --no-loadscope-reorder
+XDIST      ?= -n auto --dist loadfile
 
 .PHONY: install demo test test-fast test-timeline bench device-check clean help FORCE
 

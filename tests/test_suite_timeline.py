@@ -101,31 +101,3 @@ def test_spawns():
     (row,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert row["children_cpu"] >= 0.4 > row["cpu"], row
     assert "subprocess CPU (s)" in proc.stdout and "CPU-seconds (test processes and their subprocesses)" in proc.stdout
-
-
-def test_the_heaviest_first_list_names_test_files_that_exist_and_orders_by_it():
-    """tests/conftest.py's order: a stale name would quietly cost the workers' balance."""
-    import conftest
-
-    names = conftest.HEAVIEST_FIRST
-    assert len(set(names)) == len(names)
-    for name in names:
-        assert (ROOT / "tests" / name).is_file(), f"tests/conftest.py names {name}, which is gone"
-
-    class Item:
-        def __init__(self, name, n):
-            self.path, self.n = Path(ROOT / "tests" / name), n
-
-    items = [Item("test_zz_light.py", 0), Item(names[1], 1), Item("test_aa_light.py", 2),
-             Item(names[0], 3), Item(names[1], 4), Item(names[0], 5)]
-    conftest.pytest_collection_modifyitems(None, None, items)
-    assert [(i.path.name, i.n) for i in items] == [
-        (names[0], 3), (names[0], 5), (names[1], 1), (names[1], 4),
-        ("test_zz_light.py", 0), ("test_aa_light.py", 2)]
-
-
-def test_make_test_keeps_that_order_on_its_workers():
-    """xdist reorders files by their number of tests unless told not to."""
-    dry = subprocess.run(["make", "-n", "test", "STAMP=/dev/null"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
-    assert "--dist loadfile" in dry and "--no-loadscope-reorder" in dry, dry
