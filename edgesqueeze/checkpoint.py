@@ -233,6 +233,14 @@ def _parses_as_pickle(path: Path) -> bool:
         return False
 
 
+def _not_model_meta(meta: dict[str, Any]) -> str:
+    """What an archive's meta lacks to be a model's (it said "no 'arch'" of one whose meta
+    has an arch but no format)."""
+    if meta.get("format") != ESQ_META_FORMAT:
+        return f"its meta has format {meta.get('format')!r}, not {ESQ_META_FORMAT!r}"
+    return "its meta has no 'arch'"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     if not text:
@@ -418,7 +426,7 @@ def stored_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             raise FormatError(f"{path}: holds a {meta['program'].get('kind')} model, which has no checkpoint "
                               "form; eval, export and verify read the .esq as it is")
         if meta.get("format") != ESQ_META_FORMAT or "arch" not in meta:
-            raise FormatError(f"{path}: not an edgesqueeze model archive (no 'arch')")
+            raise FormatError(f"{path}: not an edgesqueeze model archive ({_not_model_meta(meta)})")
         return state, meta, "esq"
     try:
         obj = _safe_torch_load(path)
@@ -868,7 +876,7 @@ def model_from_esq(data: bytes | str | Path, *, arch: str | None = None,
     if meta.get("format") == ESQ_META_FORMAT and isinstance(meta.get("program"), dict):
         return _program_from_esq(state, meta), meta
     if meta.get("format") != ESQ_META_FORMAT or "arch" not in meta:
-        raise FormatError(f"{where or 'archive'}: meta: not an edgesqueeze model archive (no 'arch')")
+        raise FormatError(f"{where or 'archive'}: meta: not an edgesqueeze model archive ({_not_model_meta(meta)})")
     if arch is not None and is_import_spec(meta["arch"]) and arch != meta["arch"]:
         meta["arch"] = arch
     elif arch is not None and arch != meta["arch"]:  # as for a checkpoint: said, not silently dropped

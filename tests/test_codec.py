@@ -528,3 +528,12 @@ def test_any_header_value_of_a_checkpoint_is_refused_or_read(data):
     except FormatError:
         return
     assert isinstance(out, dict)
+
+
+def test_an_archive_of_tensors_that_is_no_model_says_what_its_meta_lacks():
+    """unpack of the golden archive (meta {"arch": "fixture", ...}, no format) said "no 'arch'"."""
+    from edgesqueeze.checkpoint import stored_weights
+
+    with pytest.raises(FormatError, match=r"not an edgesqueeze model archive \(its meta has format None, not "
+                                          r"'edgesqueeze.esq-model'\)"):
+        stored_weights(GOLDEN_V1)

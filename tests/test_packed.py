@@ -350,6 +350,32 @@ def test_requantized_codebook_with_nan_is_refused():
         unpack(_rewrite(blob, nan_in_codebook))
     with pytest.raises(FormatError, match="section t0: values do not fit uint8"):
         unpack(_rewrite(blob, lambda m, s: s["t0"][1].update(offset=200)))
+    # a float32 tensor marked requantized: a KeyError traceback (found by an independent decoder)
+    with pytest.raises(FormatError, match="section t0: requant on a float32 tensor; requantized tensors are integers"):
+        unpack(_rewrite(blob, lambda m, s: s["t0"][1].update(dtype="float32", offset=0)))
+
+
+@pytest.mark.parametrize("codec_name", ["zlib", "lzma"])
+def test_bytes_after_the_skeletons_stream_are_named_as_such(codec_name):
+    """A skeleton followed by one more byte said "decompresses to 22026 bytes, recorded 22026"."""
+    import zlib
+
+    from edgesqueeze.format.packed import _skeleton
+
+    w = np.arange(4000, dtype=np.float32).reshape(40, 100)
+    blob, _ = pack(b"head" + w.tobytes() + b"tail" * 3000, [PackedTensor("a", w)], name="f", fmt="onnx")
+    arc = container.loads(blob)
+    raw = _skeleton(arc, arc.sections["skeleton"][1]["n"])
+
+    def padded(meta, sections):
+        body, info = sections["skeleton"]
+        if codec_name == "zlib":
+            body, info = zlib.compress(raw), {"codec": "zlib", "enc": "skeleton", "n": len(raw)}
+        sections["skeleton"] = (body + b"\0", info)
+
+    assert unpack(_rewrite(blob, lambda m, s: None)) == unpack(blob)
+    with pytest.raises(FormatError, match=r"section skeleton: 1 byte\(s\) after the end of its stream"):
+        unpack(_rewrite(blob, padded))
 
 
 @pytest.mark.parametrize("rq, match", [

@@ -652,8 +652,11 @@ def _skeleton(archive: container.Archive, n: int) -> bytes:
             raise FormatError(f"section {SKELETON}: unknown codec {sk.get('codec')!r}")
     except (zlib.error, lzma.LZMAError) as exc:
         raise FormatError(f"section {SKELETON}: does not decompress ({exc})") from None
-    if len(skeleton) != n or not ok:
+    if len(skeleton) != n:
         raise FormatError(f"section {SKELETON}: decompresses to {len(skeleton)} bytes, recorded {n}")
+    if not ok:  # "decompresses to 22026 bytes, recorded 22026" said of bytes after the stream's end
+        why = f"{len(d.unused_data)} byte(s) after the end of its stream" if d.eof else "its stream does not end"
+        raise FormatError(f"section {SKELETON}: {why}")
     return skeleton
 
 
@@ -757,6 +760,9 @@ def restore(source: bytes | container.Archive, *, parallel: bool = True) -> tupl
         dtype, offset = _dtype(k, ti)
         numel = codec.shape_numel(_s2d_shape(k, ti) or ti.get("shape"), k)  # the bytes the file holds
         rq = ti.get("requant")
+        if rq is not None and dtype not in _LIMITS:  # a KeyError traceback in _limits
+            raise FormatError(f"section {k}: requant on a {dtype.name} tensor; requantized tensors are integers "
+                              "(int8, uint8, int16, int32)")
         spans.append((at, k, dtype, offset, TENSOR if rq is None else REQUANT, numel))
         if _derives_scales(ti):
             if not (_is_uint(rq.get("scale_at")) and ti["shape"]):
