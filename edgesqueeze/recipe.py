@@ -454,11 +454,46 @@ def replaced_by_overrides(path: str | Path, overrides: list[str] | tuple[str, ..
     return notes
 
 
+def shipped_recipes_dir() -> Path | None:
+    """The recipes that come with edgesqueeze: an installed package's ``edgesqueeze/recipes``
+    (the wheel holds them), else a checkout's ``recipes/`` (an editable install's too)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "recipes", here.parent / "recipes"):
+        if folder.is_dir() and any(folder.glob("*.yaml")):
+            return folder
+    return None
+
+
+def shipped_recipes() -> list[str]:
+    """The names ``-r NAME`` takes (``squeezenet-digits``, ...)."""
+    folder = shipped_recipes_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
+
+
+def find_recipe(path: str | Path) -> Path:
+    """``path`` when it exists; else, for a bare name such as ``squeezenet-digits`` (or
+    ``squeezenet-digits.yaml``, or ``recipes/squeezenet-digits.yaml`` outside a checkout), the
+    recipe edgesqueeze ships under that name; else ``path`` (which the reader then reports)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    parts = path.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "recipes"):
+        folder = shipped_recipes_dir()
+        name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+        if folder is not None and (folder / name).is_file():
+            return folder / name
+    return path
+
+
 def _read_raw(path: Path, overrides: list[str] | tuple[str, ...]) -> Any:
+    path = find_recipe(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found (shipped recipes are in recipes/)") from None
+        names = shipped_recipes()
+        raise RecipeError(f"{path}: recipe file not found; -r also takes the name of a recipe edgesqueeze ships"
+                          + (f" ({', '.join(names)})" if names else "")) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc})") from None
     if len(text) > _MAX_TEXT:
@@ -493,7 +528,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(path, (str, Path)) or not all(isinstance(o, str) for o in overrides):
         raise RecipeError(f"load_recipe takes a path and a list of 'KEY=VALUE' strings, got {path!r}, "
                           f"{list(overrides)!r}")
-    path = Path(path)
+    path = find_recipe(path)
     raw = _read_raw(path, overrides)
     try:
         recipe = recipe_from_dict(raw, source=str(path))

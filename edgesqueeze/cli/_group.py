@@ -176,7 +176,8 @@ class _Group(click.Group):
                      "tflite_micro": "micro"}.get(top)
             if name == "export" and extra == "train":  # export needs both: one round trip, not two
                 extra = "train,export"
-            how = f"pip install '.[{extra}]' in the edgesqueeze checkout" if extra else f"install {top}"
+            how = (f"pip install 'edgesqueeze[{extra}]', or '.[{extra}]' in a checkout" if extra
+                   else f"install {top}")
             if top == "yaml":  # recipes and --arch-kwargs only: a small package, no reason to pull torch in
                 how = f"pip install PyYAML, or {how}"
             elif top == "torch":  # PyPI's default torch on Linux x86-64 is the CUDA build (gigabytes)
@@ -277,6 +278,16 @@ class FiniteRange(click.FloatRange):
         if out != out:
             self.fail(f"{value!r} is not a number", param, ctx)
         return out
+
+
+def recipe_option(ctx, param, value):
+    """``-r``'s callback: a file, or the name of a recipe edgesqueeze ships (``-r
+    squeezenet-digits``, which an installed package finds without the checkout's recipes/)."""
+    if value is None:
+        return value
+    from edgesqueeze.recipe import find_recipe
+
+    return find_recipe(value)
 
 
 def check_dataset_option(ctx, param, value):
@@ -472,7 +483,7 @@ _MODEL_OPTIONS = [
 def _recipe_options(recipe_help: str, set_example: str) -> list:
     return [
         click.option("--recipe", "-r", "recipe_path", type=PathType(dir_okay=False, path_type=Path),
-                     help=recipe_help),
+                     callback=recipe_option, help=recipe_help),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help=f"Override a recipe field, e.g. --set {set_example} (repeatable; works without "
                           "--recipe: --set model.import=net.py:Net is --arch net.py:Net)."),

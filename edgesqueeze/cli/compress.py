@@ -219,8 +219,8 @@ def unpack(esq_path, out_path, force):
 
         # not a usage error (the command line is right): one `error:` line naming what to install
         raise RuntimeBackendError(f"{esq_path}: unpacking a checkpoint archive writes a PyTorch checkpoint, which "
-                                  "needs torch, not installed here (pip install '.[train]' in the edgesqueeze "
-                                  "checkout, after torch itself as README 'Install' says); or use the .esq as it "
+                                  "needs torch, not installed here (pip install 'edgesqueeze[train]', or '.[train]' in "
+                                  "a checkout, after torch itself as README 'Install' says); or use the .esq as it "
                                   "is: eval, export and verify read it, and a device runs its exported files")
     from edgesqueeze.checkpoint import save_state, stored_weights
 

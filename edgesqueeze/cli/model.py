@@ -9,12 +9,13 @@ from pathlib import Path
 import click
 
 from edgesqueeze.cli._group import (FiniteRange, PathType, _progress_default, check_dataset_option, cli,
-                                    device_option, model_options, progress_bars, progress_option)
+                                    device_option, model_options, progress_bars, progress_option, recipe_option)
 
 
 @cli.command()
 @click.option("--recipe", "-r", "recipe_path", required=True, type=PathType(dir_okay=False, path_type=Path),
-              help="Recipe YAML (see recipes/).")
+              callback=recipe_option, help="Recipe YAML, or the name of one edgesqueeze ships (recipes/): "
+              "squeezenet-digits, squeezenet-mnist, squeezenet-cifar10, ...")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, e.g. --set train.epochs=3 (repeatable).")
 @click.option("--out", "out_dir", type=PathType(file_okay=False, path_type=Path),

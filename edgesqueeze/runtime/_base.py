@@ -115,7 +115,7 @@ def unpack_file(path: Path, *, check: bool = True) -> tuple[bytes, dict[str, Any
                 f"{path}: is an edgesqueeze .esq checkpoint (compressed weights of a torch model), which no "
                 f"runtime executes; export it (`edgesqueeze export {shlex.quote(str(path))} --pack` writes packed "
                 f".onnx.esq / .tflite.esq files the runtime runs) or decode it with `edgesqueeze unpack`; both "
-                f"need the toolchain (pip install '.[train,export]'), which a device install does not have")
+                f"need the toolchain (pip install 'edgesqueeze[train,export]'), which a device install does not have")
         data, info = restore(archive)
         if check:
             check_unpacked(path, data, info)

@@ -53,7 +53,7 @@ def import_onnxruntime(path: Path | str):
                                       f"{exc.name!r} ({_first_line(exc)})") from None
         raise RuntimeBackendError(
             f"{path}: is an ONNX model but onnxruntime is not installed ({_first_line(exc)}); "
-            f"pip install onnxruntime (or edgesqueeze[runtime])") from None
+            f"{_INSTALL_GOOD} (or pip install 'edgesqueeze[runtime]')") from None
     except ImportError as exc:  # installed, but built for another numpy (1.18 under numpy 2) or broken
         raise RuntimeBackendError(
             f"{path}: onnxruntime is installed but cannot be imported ({_first_line(exc)}): an onnxruntime "
