@@ -229,22 +229,32 @@ def validate_rows(rows: Any, source: Any, *, names: Mapping[str, str] | None = N
             raise bad("sha256", "null or the file's SHA-256 (64 lowercase hex digits)", sha)
 
 
-def report_file(name: str, source: Any, written_from: Any = None) -> Path:
+def report_file(name: str, source: Any, written_from: Any = None, written_to: Any = None) -> Path:
     """Where the file a report names is here: a relative ``name`` beside the report
     ``source`` first, then under ``written_from`` (the folder verify ran in, where it exists
-    here), then from the current folder (the last when none of them holds it)."""
+    here), then from the current folder (the last when none of them holds it).
+
+    "Beside the report" is where the file lay relative to the report when verify wrote it
+    (``written_to``, the report's folder then, which verify records): ``verify --out
+    artifacts/ci/verify.json`` of ``artifacts/ci/export/m.onnx`` names ``export/m.onnx`` beside
+    the report wherever the folder is copied. Without it (an older report), ``name`` itself."""
     if Path(name).is_absolute():
         return Path(name)
     base = Path(written_from) if isinstance(written_from, (str, os.PathLike)) and str(written_from) else None
+    beside = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
+    tries = []
+    if beside is not None and base is not None and isinstance(written_to, str) and Path(written_to).is_absolute():
+        rel = os.path.relpath(os.path.join(base, name), written_to)
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):  # the file lay in the report's folder
+            tries.append(beside / rel)
     if base is not None and not (base.is_absolute() and base.is_dir()):
         base = None
-    beside = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
-    tries = [d / name for d in (beside, base) if d is not None] + [Path(name)]
+    tries += [d / name for d in (beside, base) if d is not None] + [Path(name)]
     return next((t for t in tries if t.is_file()), tries[-1])
 
 
 def changed_files(rows: list[dict[str, Any]], source: Any, written_from: Any = None,
-                  unhashed: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+                  unhashed: list[str] | None = None, written_to: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of the report ``source`` with each file the report measured checked against its
     recorded ``sha256``: a file that is here with other bytes gets an ``error`` (the gate
     reports ERROR: the report's numbers are another file's, and a re-export without a new
@@ -265,7 +275,7 @@ def changed_files(rows: list[dict[str, Any]], source: Any, written_from: Any = N
         if row.get("error") or not isinstance(name, str):
             out.append(row)
             continue
-        path = report_file(name, source, base)
+        path = report_file(name, source, base, written_to)
         try:
             if not path.is_file():
                 absent.append(name)

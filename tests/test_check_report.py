@@ -421,6 +421,32 @@ def test_a_report_copied_with_its_files_checks_the_files_beside_it(tmp_path, mon
     assert check(tmp_path / "ci" / "verify.json", *BUDGET).exit_code == 0  # the original is as measured
 
 
+def test_a_report_written_from_above_its_folder_checks_the_copy_beside_it(tmp_path, monkeypatch):
+    """The CI example runs `verify ... --out artifacts/ci/verify.json` from the checkout, so the
+    report names `artifacts/ci/export/...`: a copy of artifacts/ci/ (a CI artifact) had no such
+    path beside it, and check hashed the originals where verify ran (a damaged copy passed,
+    30 of 30) or, on another machine, judged the copy by the report's numbers. verify records
+    the report's own folder (written_to), and the file is looked for where it lay beside it."""
+    import shutil
+
+    ci = tmp_path / "repo" / "artifacts" / "ci"
+    ci.mkdir(parents=True)
+    _, row = _measured(ci)
+    row["path"] = "artifacts/ci/export/model.int8.tflite"  # relative to the checkout, where verify ran
+    where = {"written_from": str(tmp_path / "repo"), "written_to": str(ci)}
+    write_report(ci, lambda r: r.update(artifacts=[row], **where))
+    shutil.copytree(ci, tmp_path / "copy")
+    copy = tmp_path / "copy" / "export" / "model.int8.tflite"
+    copy.write_bytes(copy.read_bytes()[:-1] + b"\x01")  # damaged in transit: same size, other bytes
+    for cwd in (tmp_path / "copy", tmp_path):
+        monkeypatch.chdir(cwd)
+        res = check(tmp_path / "copy" / "verify.json", *BUDGET)
+        assert res.exit_code == 2 and "ERROR (changed since" in res.output, (cwd, res.output)
+    assert check(ci / "verify.json", *BUDGET).exit_code == 0  # the original is as measured
+    shutil.rmtree(tmp_path / "repo")  # another machine: only the copy
+    assert check(tmp_path / "copy" / "verify.json", *BUDGET).exit_code == 2
+
+
 @pytest.mark.parametrize("sha", ["abc", 7, "G" * 64])
 def test_a_malformed_sha256_is_bad_input(tmp_path, sha):
     report = write_report(tmp_path, set_field("sha256", sha))

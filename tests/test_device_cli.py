@@ -479,6 +479,7 @@ def test_file_names_that_are_not_utf8_go_through_verify_check_run_and_bench(onnx
     r = es("verify", model, "--data", f"imagefolder:{tmp_path / 'data'}", "--out", report)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert json.loads(report.read_text())["artifacts"][0]["path"].endswith(name)  # JSON escapes it; reads back
+    assert json.loads(report.read_text())["written_to"] == os.path.realpath(tmp_path)  # where check looks beside it
     assert "tiny\\xff.onnx" in report.with_suffix(".md").read_bytes().decode("utf-8")  # as `ls -b` shows it
 
     outs = {k: tmp_path / os.fsdecode(b"c\xfc." + k.encode()) for k in ("json", "md", "xml")}

@@ -257,3 +257,19 @@ def test_run_and_bench_through_the_runtimes(gate_run, tmp_path):
     # where it was measured: int8 timings depend on the CPU's int8 kernels
     assert all(r["cpu"]["int8_kernels"] and r["cpu"]["cpu"] for r in rows)
     assert f"cpu: {rows[0]['cpu']['cpu']} ({rows[0]['cpu']['int8_kernels']})" in res.output
+
+
+@pytest.mark.parametrize("model, step", [("nonexistent.pt", "compress"), ("model.esq", "MODEL=")])
+def test_a_step_before_check_that_fails_is_said_in_the_job_summary(tmp_path, model, step):
+    """A gate whose compress (or train, export, verify) failed left the job summary empty and
+    no gate.* files: a reader of the summary saw nothing. A compressed archive given as MODEL
+    (the float reference) passed, its drop measured against itself."""
+    (tmp_path / "model.esq").write_bytes(b"not read")
+    summary = tmp_path / "summary.md"
+    env = {**os.environ, "OUT": str(tmp_path / "ci"), "MODEL": str(tmp_path / model),
+           "GITHUB_STEP_SUMMARY": str(summary), "EDGESQUEEZE": str(Path(sys.executable).parent / "edgesqueeze")}
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "ci" / "gate.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert summary.read_text().startswith(f"## edgesqueeze gate: {step}"), summary.read_text()
+    assert f"gate: {step}" in proc.stderr and "nothing was checked" in proc.stderr

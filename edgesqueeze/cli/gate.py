@@ -90,7 +90,8 @@ def _report_rows(path: Path, dataset: str | None = None, recipe: Path | None = N
         validate_rows(rows, path)
     # a file re-exported since the report: ERROR, not its old numbers
     unhashed: list[str] = []
-    rows, absent = changed_files(rows, path, raw.get("written_from") if isinstance(raw, dict) else None, unhashed)
+    rows, absent = changed_files(rows, path, raw.get("written_from") if isinstance(raw, dict) else None, unhashed,
+                                 raw.get("written_to") if isinstance(raw, dict) else None)
     if unhashed:
         notes.append(f"note: {path} records no SHA-256 for {len(unhashed)} file(s) here ({unhashed[0]}"
                      f"{', ...' if len(unhashed) > 1 else ''}; an older verify wrote it, or it was edited): they are "
@@ -115,12 +116,13 @@ def _files_reports_name(paths) -> list[tuple[str, Path]]:
             raw = json.loads(Path(p).read_text())
             rows = raw.get("artifacts") if isinstance(raw, dict) else None
             where = raw.get("written_from") if isinstance(raw, dict) else None
+            to = raw.get("written_to") if isinstance(raw, dict) else None
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             continue
         for row in rows if isinstance(rows, list) else []:
             name = row.get("path") if isinstance(row, dict) else None
             if isinstance(name, str) and name:
-                out.append((f"a file {p} measured", report_file(name, p, where)))
+                out.append((f"a file {p} measured", report_file(name, p, where, to)))
     return out
 
 
@@ -307,6 +309,8 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, pr
                                 progress=progress_bars(progress), **model_opts.load_kwargs())
     report["machine"] = machine_info(threads)
     report["written_from"] = os.getcwd()  # the artifacts' relative paths start here (check finds them)
+    # and the report's own folder: check finds a file beside a copied report where it lay beside this one
+    report["written_to"] = os.path.realpath(out.parent)
     verdicts = None if budget.is_empty() else check(report["artifacts"], budget)
     notes = [] if verdicts is None else noise_notes(report["artifacts"], budget)
     write_text_atomic(out, json.dumps(report, indent=2) + "\n")
@@ -379,7 +383,7 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     from edgesqueeze._io import outputs_clear_of_inputs
 
     outputs_clear_of_inputs([("--json", json_path), ("--junit", junit_path), ("--markdown", md_path)],
-                            [*(("an input", p) for p in paths), ("--reference", reference),
+                            [*(("a file checked", p) for p in paths), ("--reference", reference),
                              *model_opts.input_files, *_files_reports_name(paths)])
     for path in (json_path, junit_path, md_path):
         if path is not None and not is_stdout(path):
