@@ -528,3 +528,13 @@ def test_check_and_unpack_remove_their_own_outputs_stale_temporary_files(packed,
     r = _cli("check", tmp_path / "plain.onnx", "--max-size", "1MB", "--json", tmp_path / "gate.json")
     assert "removed .gate.json.k1ll3d9x.tmp, left by an interrupted write" in r.stderr, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.k1ll3d9x.tmp", "gate.json", "plain.onnx"]
+
+
+def test_a_file_name_with_a_line_break_keeps_the_error_on_one_line(tmp_path):
+    """Linux allows a line break in a name; the `error:` line came out as two."""
+    bad = tmp_path / "bad\nname.onnx"
+    bad.write_bytes(b"x")
+    for args in (["inspect", bad], ["bench", bad], ["check", tmp_path / "no\nreport.json", "--max-size", "1MB"]):
+        r = _cli(*args)
+        lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("timing ")]
+        assert r.exit_code == 2 and len(lines) == 1 and "\\n" in lines[0], (args, r.stderr)

@@ -79,6 +79,12 @@ class _KeepWriting:
         return getattr(self._stream, name)
 
 
+def one_line(text: str) -> str:
+    """An error message as the one line it must be: a file name holding a line break (Linux
+    allows it) split the `error:` line in two, the second looking like other output."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _usage_error(exc: click.UsageError, where: str) -> None:
     """A missing or bad option, an unknown command: one ``error:`` line, as every other error,
     where click prints "Usage: ...", "Try ...", a blank line and "Error: ...".
@@ -91,7 +97,7 @@ def _usage_error(exc: click.UsageError, where: str) -> None:
         return
     if exc.ctx is not None:
         where = exc.ctx.command_path
-    msg = exc.format_message()
+    msg = one_line(exc.format_message())
     see = f"see '{where} --help'"
     click.secho(f"error: {msg} ({see})" if msg.endswith("?") else f"error: {msg.rstrip('.')}; {see}",
                 fg="red", err=True)
@@ -160,7 +166,7 @@ class _Group(click.Group):
                 warnings.showwarning = _show_note
                 return super().invoke(ctx)
         except EdgesqueezeError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
+            click.secho(f"error: {one_line(str(exc))}", fg="red", err=True)
             exc.said = True  # a signal handler that would say it again (distributed.explain_termination) need not
             ctx.exit(exc.exit_code)
         except click.UsageError as exc:
@@ -199,7 +205,7 @@ class _Group(click.Group):
             # that failed is standard output (`info model.pt > /dev/full`)
             stdout = not exc.filename and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
             long = exc.errno == errno.ENAMETOOLONG  # a name over 255 bytes, or a path over 4,096
-            click.secho(f"error: {where}{exc.strerror or exc}" + (" (writing to standard output)" if stdout else "")
+            click.secho(f"error: {one_line(where)}{exc.strerror or exc}" + (" (writing to standard output)" if stdout else "")
                         + ("; a file name holds at most 255 bytes and a path 4,096: choose a shorter one" if long else ""),
                         fg="red", err=True)
             ctx.exit(2)
