@@ -852,6 +852,16 @@ def test_load_images_takes_one_path_and_numpy_sizes(tmp_path):
         load_image(p, (3, 16, 16), resize=np.float64(20))
 
 
+def test_a_dangling_link_among_images_says_it_is_one(tmp_path):
+    """A folder given to run with a link whose file moved said only "no such image file"."""
+    (tmp_path / "a.png").symlink_to(tmp_path / "moved.png")
+    with pytest.raises(DataError, match=r"a\.png: a symbolic link to .*moved\.png, which does not exist; fix or "
+                                        "remove the link"):
+        load_image(tmp_path / "a.png", (3, 8, 8))
+    with pytest.raises(DataError, match="no such image file"):
+        load_image(tmp_path / "none.png", (3, 8, 8))
+
+
 def test_load_image_center_crop_like_torchvision(tmp_path):
     from PIL import Image
 
