@@ -182,6 +182,10 @@ def test_check_usage_errors_exit_2(tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli, ["check", str(report), "--max-size", "0.5 parsecs"])
     assert res.exit_code == 2 and "unknown unit 'parsecs'" in res.output
+    # with a recipe that limits each format: the error alone, not first a note that it replaces them
+    res = runner.invoke(cli, ["check", str(report), "-r", str(ROOT / "recipes/squeezenet-digits.yaml"),
+                              "--max-size", "18XB"])
+    assert res.exit_code == 2 and "unknown unit 'XB'" in res.output and "note:" not in res.output, res.output
     res = runner.invoke(cli, ["check", str(report)])
     assert res.exit_code == 2 and "no budget" in res.output
     res = runner.invoke(cli, ["check", str(report), "--max-size-for", "onnx8=1KB"])

@@ -161,6 +161,8 @@ def _budget_from_options(recipe, max_size, max_size_for, min_accuracy, max_drop,
     budget = recipe.budget_spec() if recipe is not None else Budget()
     try:
         per = dict(budget.max_size_per_format)
+        if max_size is not None:  # before the note below: a bad size said "replaces ..." first
+            parse_size(max_size, what="--max-size")
         if max_size is not None and per:
             # the command line's limit for every file: the recipe's per-format entries won over it,
             # so with a recipe that limits each format (the digits recipe) --max-size judged nothing
