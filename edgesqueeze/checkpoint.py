@@ -206,12 +206,27 @@ def _safe_torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         raise _PickleRefused(str(exc)) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        if _cut_zip(path):  # torch said only "[Errno 22] Invalid argument"
+            raise CheckpointError(f"{path}: truncated: a PyTorch zip archive without its end (its central "
+                                  "directory); copy it again or save it again") from None
         raise CheckpointError(f"{path}: cannot read as a PyTorch file ({_first_line(exc)}); "
                               "is it truncated or of another format?") from None
     except (KeyError, IndexError, TypeError, AttributeError, struct.error) as exc:
         # torch's weights-only unpickler on bytes that are no pickle at all (a text file: KeyError 101)
         raise CheckpointError(f"{path}: cannot read as a PyTorch file ({type(exc).__name__} {exc}); "
                               "is it truncated or of another format?") from None
+
+
+def _cut_zip(path: Path) -> bool:
+    """A file that starts as a zip archive (torch.save's format) but has no end record."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        return head == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 class _PickleRefused(Exception):

@@ -93,7 +93,8 @@ def test_truncated_checkpoint_is_refused(tmp_path, small_model):
     good = save_checkpoint(tmp_path / "m.pt", small_model, model_meta(small_model)).read_bytes()
     bad = tmp_path / "trunc.pt"
     bad.write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="trunc.pt"):
+    # said "cannot read as a PyTorch file ([Errno 22] Invalid argument)"
+    with pytest.raises(CheckpointError, match=r"trunc.pt: truncated: a PyTorch zip archive without its end"):
         load_model(bad)
 
 
