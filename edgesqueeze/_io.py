@@ -166,6 +166,8 @@ def not_a_file(path: str | os.PathLike) -> str | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
+        if os.path.islink(path):
+            return f"a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
         return "no such file"
     except OSError as exc:
         return f"cannot read it ({exc.strerror or exc})"

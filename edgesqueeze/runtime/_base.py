@@ -372,6 +372,15 @@ class Artifact:
     portable: bool = False
     threads: int | None
     shape_given: bool = False  # input_spec's size set by the caller (--input-shape) where the file leaves it free
+    # LiteRT's and TFLite Micro's interpreters hold one input, one arena: two threads calling
+    # predict at once got "There is at least 1 reference to internal data" (read as a damaged
+    # file) or, silently, another call's scores. They run one call at a time; an onnxruntime
+    # session runs calls from several threads at once, so ONNX files take none.
+    _run_lock: Any = None
+
+    def __getstate__(self):  # a runtime session or interpreter does not pickle: "cannot pickle 'module'"
+        raise TypeError(f"{self.path}: a loaded model cannot be pickled (its runtime session is native); "
+                        "load it in each process instead: edgesqueeze.runtime.load(path)")
 
     # -- subclass hooks ---------------------------------------------------------------
     def _run(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
@@ -414,7 +423,12 @@ class Artifact:
         self.meta = described
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Scores (N, K) float32 for float32 NCHW input in the artifact's input space."""
+        """Scores (N, K) float32 for float32 NCHW input in the artifact's input space.
+
+        The batch is one runtime call: its memory grows with N, and onnxruntime and LiteRT keep
+        their peak for as long as the artifact lives (5,000 digits images: about 0.9 GB). A
+        service classifying many images calls it in parts, as :meth:`predict_images` does.
+        Safe to call from several threads (TFLite files run one call at a time)."""
         x = np.asarray(x)
         spec = self.input_spec
         if not np.issubdtype(x.dtype, np.floating):
@@ -427,6 +441,10 @@ class Artifact:
         if any(w is not None and w != g for w, g in zip(want, x.shape[1:])):
             raise DataError(f"{self.path.name} takes images of shape {list(want)}, got "
                             f"{list(x.shape[1:])} (batch shape {list(x.shape)})")
+        if x.dtype.itemsize > 4 and np.isfinite(x).all() and np.abs(x).max(initial=0) > np.finfo(np.float32).max:
+            raise DataError(f"predict: the input holds values up to {np.abs(x).max():.3g}, beyond float32's "
+                            f"{np.finfo(np.float32).max:.3g}: the model takes float32 in its input space (pixels "
+                            "normalized, about -3..3); for uint8 pixels use predict_images")
         x = x.astype(np.float32, copy=False)
         finite = np.isfinite(x)
         if not finite.all():  # an int8 file maps NaN to some pixel value and answers with confidence
@@ -440,7 +458,11 @@ class Artifact:
         if len(x) == 0:
             return np.zeros((0, self._num_outputs_hint()), np.float32)
         try:
-            y = self._predict_native(np.ascontiguousarray(x))
+            if self._run_lock is not None:  # an interpreter that one thread at a time may run
+                with self._run_lock:
+                    y = self._predict_native(np.ascontiguousarray(x))
+            else:
+                y = self._predict_native(np.ascontiguousarray(x))
         except (EdgesqueezeError, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's Fail & co. (plain Exceptions), LiteRT's RuntimeError
@@ -523,7 +545,13 @@ class Artifact:
 # --------------------------------------------------------------------------- scores
 
 def softmax(scores: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Probabilities from scores along ``axis`` (float32). Scores holding NaN or infinity are
+    refused (DataError), as :func:`topk` refuses them: a row of -inf gave NaN with a numpy
+    warning."""
     z = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(z).all():
+        raise DataError("softmax: the scores hold NaN or infinity (what the model computed from its input): "
+                        "no probabilities can be read from them")
     z = z - z.max(axis=axis, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)

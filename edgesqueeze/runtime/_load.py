@@ -6,6 +6,7 @@ back: ``_load -> _onnx, _tflite -> _base``.
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from pathlib import Path
@@ -66,16 +67,20 @@ def load(path: str | os.PathLike, *, threads: int | None = None,
     this runtime runs, and :class:`RuntimeBackendError` when the runtime it needs is not
     installed or cannot open it.
     """
+    if isinstance(path, bytes) and len(path) < 4096 and b"\0" not in path and os.path.lexists(path):
+        path = os.fsdecode(path)  # a file name as bytes (os.fsencode's), not a model's bytes
     if not isinstance(path, (str, os.PathLike)):
         raise FormatError(f"load takes the path of a model file, got {type(path).__name__} {path!r:.60}"
                           + ("; to run bytes in memory, write them to a file first" if isinstance(path, bytes) else ""))
     path = Path(path)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
                                 or threads < 1):
         raise RuntimeBackendError(f"threads must be a positive integer or None, got {threads!r}")
+    threads = None if threads is None else int(threads)  # numpy's integers too
     if threads is not None and threads > max_threads():
-        raise RuntimeBackendError(f"threads={threads} on a machine with {os.cpu_count()} cores; give at most "
-                                  f"{max_threads()} (more threads than cores only slow a runtime down)")
+        raise RuntimeBackendError(f"threads={threads}: at most {max_threads()} (8 per core of this machine's "
+                                  f"{os.cpu_count()}, and at least 64); more threads than cores only slow a "
+                                  "runtime down")
     if backend is not None and backend not in BACKENDS:
         raise RuntimeBackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     kind, head = classify(path)
@@ -125,6 +130,13 @@ def _open(path: Path, kind: str, head: bytes, ext: str, data: bytes | None, *, t
     if kind == "tflite" and backend == "tflite-micro":
         from edgesqueeze.runtime._tflm import MicroArtifact
 
+        if threads not in (None, 1):  # taken without a word
+            import warnings
+
+            from edgesqueeze.errors import Note
+
+            warnings.warn(f"{path}: TensorFlow Lite Micro runs on one thread (a microcontroller's); threads="
+                          f"{threads} is not used", Note, stacklevel=3)
         art = MicroArtifact(path, data=data)
     elif kind == "tflite":
         from edgesqueeze.runtime._tflite import TFLiteArtifact

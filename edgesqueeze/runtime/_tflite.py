@@ -9,6 +9,7 @@ size, and remembered.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -118,7 +119,14 @@ class TFLiteArtifact(Artifact):
         self.path = Path(path)
         self.threads = threads
         self._cls, self.backend, self._module = import_interpreter(self.path, backend)
+        if data is None:  # read once: a rebuilt interpreter (_reset) read the file again, which may have
+            # been replaced or removed since (it then ran another model, or failed for good)
+            try:
+                data = self.path.read_bytes()
+            except OSError as exc:
+                raise FormatError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
         self._data = data  # kept: the interpreter reads the model from this buffer
+        self._run_lock = threading.Lock()
         self.interpreter = make_interpreter(self.path, self._cls, threads=threads, data=data)
         inputs = self.interpreter.get_input_details()
         outputs = self.interpreter.get_output_details()

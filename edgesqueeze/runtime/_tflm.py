@@ -16,6 +16,7 @@ microcontroller needs for this file.
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,7 @@ class MicroArtifact(Artifact):
             except OSError as exc:
                 raise FormatError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
         self._data = bytes(data)
+        self._run_lock = threading.Lock()  # one interpreter, one arena: one call at a time
         try:  # the package parses the whole flatbuffer in Python first: damage is refused there
             self.interpreter = runtime.Interpreter.from_bytes(self._data,
                                                               arena_size=max(_MIN_ARENA, 10 * len(self._data)))

@@ -188,6 +188,8 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
     Raises :class:`DataError` naming the file when it is missing, not a readable image, or
     holds pixels that cannot be read as 8-bit grayscale or colour.
     """
+    if not isinstance(path, (str, bytes, os.PathLike)):  # None: an AttributeError from Pillow
+        raise DataError(f"load_image takes the path of an image file, got {type(path).__name__} {path!r:.60}")
     c, h, w = _chw(input_shape)
     if c not in _MODES:
         raise DataError(f"input_shape {list(input_shape)}: {c} channels; images have 1, 3 or 4")
