@@ -146,7 +146,7 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
     # without --arch) is refused before the runtime files' cold loads are timed
     opened = {i: _torch_cold(Path(p), threads, model_args) for i, (p, t) in enumerate(zip(paths, torch_files)) if t}
     if runtime_paths:
-        log(f"timing cold loads: 1 + 3 loads of each of {len(runtime_paths)} file(s), interleaved")
+        log(f"timing loads: 1 + 3 loads of each of {len(runtime_paths)} file(s), interleaved")
     loaded = iter(cold_loads(runtime_paths, threads=threads, portable=portable)) if runtime_paths else iter(())
     arts, cold = [], []
     for i in range(len(paths)):

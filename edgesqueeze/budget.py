@@ -124,7 +124,7 @@ def check(rows: list[dict[str, Any]], budget: Budget) -> list[Verdict]:
                 ok = agr >= budget.min_agreement - _EPS
                 shown, limit = _pcts(agr, budget.min_agreement)
                 out.append(Verdict(name, fmt, "agreement", f">= {limit}", shown, "PASS" if ok else "FAIL",
-                                   "" if ok else _images(1 - agr, row.get("n"), "disagree")))
+                                   "" if ok else _short(agr, budget.min_agreement, row.get("n"))))
     shipped = [f for f in budget.max_size_per_format if f != "pt"]
     if (budget.max_size is not None or shipped) and not any(v.check == "size" and v.format != "pt" for v in out) \
             and not any(r.get("error") for r in rows):
@@ -357,6 +357,15 @@ def noise_notes(rows: list[dict[str, Any]], budget: Budget) -> list[str]:
             notes.append(f"note: {name}: within the sampling noise of its {n} test images: {'; '.join(near)}; "
                          "more test images decide it")
     return notes
+
+
+def _short(agreement: float, least: float, n) -> str:
+    """What a failed agreement lacks: ``"2 test images short; 37 of 359 disagree"`` (the
+    bracket gave the disagreements alone, which a README calls the shortfall)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return ""
+    agree, need = round(agreement * n), math.ceil(least * n - 1e-9)
+    return f"{need - agree} test image{'' if need - agree == 1 else 's'} short; {_images(1 - agreement, n, 'disagree')}"
 
 
 def _images(frac: float, n, verb: str = "") -> str:

@@ -309,7 +309,7 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
     with_latency = any(r.get("latency_ms") is not None for r in rows)
     lines.append("- latency: batch 1, p50 over repeated calls on one input" if with_latency
                  else "- latency: not measured (`edgesqueeze verify --latency`)")
-    lines.append("- sizes in bytes; kB = 1,000 B")
+    lines.append("- sizes in bytes; kB = 1,000 B; gzip bytes: the file after gzip level 9 (Python's gzip, mtime 0)")
 
     head = ["format", "file", "bytes", "gzip bytes", "accuracy", "agreement"]
     with_arena = any(r.get("arena_bytes") for r in rows)  # TensorFlow Lite Micro files: RAM beside flash

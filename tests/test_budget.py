@@ -26,6 +26,9 @@ def test_docstring_examples():
     ("500KB", 500_000), ("500 kB", 500_000), ("0.5MB", 500_000), ("1.5 mb", 1_500_000),
     ("64KiB", 65_536), ("2MiB", 2 * 1024 ** 2), ("1GB", 10 ** 9), ("123", 123), ("123B", 123),
     (".5KB", 500), (98496, 98496), (" 7 KiB ", 7168),
+    # a fraction of a byte is cut, never rounded up: 17448.6B passed a 17,449 B file
+    ("17448.6B", 17448), ("17.4486KB", 17448), ("17.04KiB", 17448), ("17448.5B", 17448), ("17450.5B", 17450),
+    ("17.449KB", 17449), ("2.675GB", 2_675_000_000), ("0.1MB", 100_000),
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
@@ -119,7 +122,10 @@ def test_a_broken_drop_says_how_many_test_images_it_is():
     (v,) = check([row(accuracy=0.9, reference_accuracy=0.9025, n=400)], Budget(max_drop=0.1))
     assert v.message.endswith("; 1 of 400 test images")
     (v,) = check([row(agreement=0.94, n=100)], Budget(min_agreement=0.95))
-    assert v.status == "FAIL" and v.message == "6 of 100 test images disagree"
+    assert v.status == "FAIL" and v.message == "1 test image short; 6 of 100 test images disagree"
+    # the shortfall, not the disagreements alone (an audit: "37 of 359 disagree" where 2 were missing)
+    (v,) = check([row(agreement=322 / 359, n=359)], Budget(min_agreement=0.90))
+    assert v.message == "2 test images short; 37 of 359 test images disagree"
 
 
 def test_a_verdict_inside_its_sampling_noise_says_so():

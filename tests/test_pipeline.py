@@ -65,6 +65,15 @@ def test_outputs_and_report(compressed, checkpoint):
     # the test accuracy before is the original model's, untouched by the stages
     original = load_model(checkpoint).meta["metrics"]["test"]["accuracy"]
     assert report["test"]["before"]["accuracy"] == pytest.approx(original)
+    # the entropy bound's streams are named as what they are, and what they leave out is counted
+    # (an audit found DEFLATE streams and the code tables inside and outside "Huffman streams")
+    t, shared = report["totals"], [r for r in report["layers"] if r["encoding"] == "shared"]
+    assert t["code_table_bytes"] == sum(r["bytes"] - r["codebook_bytes"] - r["index_bytes"] - r["gap_bytes"]
+                                        for r in shared) > 0
+    assert t["with_tables_over_entropy"] > t["huffman_over_entropy"]
+    md = (out / "report.md").read_text()
+    assert "BatchNorm statistics included" in md and "(Huffman, or DEFLATE where that is smaller)" in md
+    assert f"{t['with_tables_over_entropy']}x with their code lengths and sizes" in md
 
 
 def test_archive_holds_what_was_measured(compressed):

@@ -146,8 +146,9 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std, 
 @model_options
 def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_opts):
     """Latency of artifacts (p50, p90) at batch 1 and 32, with ratios against the first file,
-    and each file's load time (file to ready session; packed files decode first, and their
-    decoding alone is shown beside it). Loads are timed after one untimed load of every
+    and each file's load time (file to ready session through edgesqueeze.runtime.load: the
+    file's CRC-32 and metadata checks, then the runtime's session; packed files decode first,
+    and their decoding alone is shown beside it). Loads are timed after one untimed load of every
     file, so the runtimes' imports and the file's pages are in memory: a warm load, the
     median of 3, not the first load after a reboot.
 

@@ -51,7 +51,9 @@ def parse_size(value: str | int | float, *, what: str = "size") -> int:
     if unit not in _UNITS:
         raise BudgetSpecError(f"{what}: unknown unit {m.group(2)!r} in {value!r}; use B, KB, MB, GB "
                               "(powers of 1000) or KiB, MiB, GiB (powers of 1024)")
-    size = int(round(float(m.group(1)) * _UNITS[unit]))
+    # a limit never admits more than it says: 17448.6B holds files of 17,448 B (round() made it 17,449)
+    exact = float(m.group(1)) * _UNITS[unit]
+    size = math.floor(exact + max(1e-9, abs(exact) * 1e-12))  # 17.449KB is 17448.999999999998 in floats
     if size < 1:
         raise BudgetSpecError(f"{what}: {value!r} is less than one byte; a size limit is at least 1 B")
     return size

@@ -306,7 +306,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                                if k.endswith(".weight") and v.dim() >= 2} if fmt in INT8_FORMATS else None
                     packed, rep = pack_file(path, fmt=fmt, sources=sources)
                     bits = rep["bits_per_nonzero"]
-                    how = f", {bits:.2f} bits per non-zero weight" if bits else ""
+                    how = f", {bits:.2f} bits per non-zero weight of those" if bits else ""
                     n = rep["coded_tensors"]
                     log(f"{packed}: {rep['packed_bytes']:,} bytes (packed {fmt}: {n} weight "
                         f"tensor{'' if n == 1 else 's'} coded{how})")
