@@ -16,7 +16,7 @@ XDIST      ?= -n auto --dist loadfile
 
 help:
 	@echo "make demo     digits end to end: train, deep-compress, export ONNX/TFLite fp32+int8, verify, gate"
-	@echo "make test     run the test suite (5-6 min on 2 Intel Xeon cores, 6-8 on 2 Zen 5 cores, 11-14 on 2 Zen 3 cores)"
+	@echo "make test     run the test suite (5-6 min on 2 Intel Xeon cores, 6-8 on 2 Zen 5 cores, 11-15 on 2 Zen 3 cores)"
 	@echo "make test-fast the test suite without the tests marked slow"
 	@echo "make test-timeline  the test suite, then where its time went per worker and per file"
 	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md (long)"
