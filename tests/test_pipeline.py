@@ -106,11 +106,15 @@ def test_resume_starts_from_pruned_pt_and_writes_the_same_bytes(checkpoint, comp
     out = tmp_path / "again"
     shutil.copytree(compressed.out_dir, out)
     (out / "model.esq").unlink()
+    # what an interrupted pruning into this folder again leaves beside pruned.pt (it stayed there,
+    # 0.7 MB, beside the finished archive)
+    (out / "prune-retrain.state.pt").write_bytes(b"an interrupted run's epochs")
     said: list[str] = []
     again = compress(checkpoint, CONFIG, out_dir=out, resume=True, progress=False, log=said.append)
     assert any("--resume: pruning done by an earlier run" in m for m in said), said
     assert not any("prune-retrain" in m for m in said), said
     assert again.esq_path.read_bytes() == compressed.esq_path.read_bytes()
+    assert not (out / "prune-retrain.state.pt").exists()
 
     other = dataclasses.replace(CONFIG, prune=dataclasses.replace(CONFIG.prune, sparsity=0.5))
     with pytest.raises(EdgesqueezeError, match=r"pruned\.pt: was pruned from another model or with other prune "
@@ -688,3 +692,16 @@ def test_recipe_fields_a_command_does_not_read_are_said_not_dropped(checkpoint, 
     assert res.stdout.startswith("# Sensitivity of"), res.stdout  # the table alone
     res = runner.invoke(cli, ["inspect", str(checkpoint), "--set", "train.epochs=3"])
     assert res.exit_code == 0 and "note" not in res.stderr, res.output  # a .pt: the recipe can describe it
+
+
+def test_sensitivity_prints_its_choice_as_a_recipe_block_ready_to_paste(checkpoint, tmp_path):
+    """It printed the layers two spaces in under a header, to be re-indented by hand."""
+    import yaml
+
+    res = CliRunner().invoke(cli, ["sensitivity", str(checkpoint), "--sparsities", "0.3,0.9", "--layers",
+                                   "classifier.1,features.0", "--max-drop", "100", "--out", str(tmp_path / "s"),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    block = res.stdout[res.stdout.index("compress:\n"):]
+    chosen = json.loads((tmp_path / "s" / "sensitivity.json").read_text())["chosen"]
+    assert yaml.safe_load(block) == {"compress": {"prune": {"layers": chosen}}}

@@ -294,6 +294,10 @@ def sensitivity(model_path, sparsities, layers, max_drop, out_dir, dataset, data
         model_opts.note_dataset_recorded(result.get("dataset"), "sensitivity")
     click.echo((out / "sensitivity.md").read_text())
     if "chosen" in result:
-        click.echo("compress.prune.layers for a recipe:")
+        # ready to paste into a recipe as it stands (it printed the layers alone, two spaces in, which
+        # had to be re-indented under compress: prune: layers:)
+        click.echo("for a recipe (compress.prune.layers; a denser model than the recipe's may need a lower "
+                   "compress.cluster_finetune.lr or grad_clip for its centroid retraining):")
+        click.echo("compress:\n  prune:\n    layers:")
         for name, sp in result["chosen"].items():
-            click.echo(f"  {name}: {sp}")
+            click.echo(f"      {name}: {sp}")

@@ -201,6 +201,9 @@ def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None
     run.record("prune", model, None,
                f"{density(model):.1%} of conv and linear weights kept; resumed from {PRUNED_NAME}")
     run.log(f"--resume: pruning done by an earlier run ({path}); going on with weight sharing")
+    # an interrupted pruning's epochs, from a run that pruned into this folder again: pruned.pt
+    # stands for them now (the 0.7 MB file was left beside the finished archive)
+    (run.out / PRUNE_STATE).unlink(missing_ok=True)
     return masks
 
 
