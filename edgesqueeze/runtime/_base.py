@@ -22,6 +22,7 @@ reading -1 back gives (-1 + 3) * 0.5 = 1.0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -441,13 +442,15 @@ class Artifact:
         if any(w is not None and w != g for w, g in zip(want, x.shape[1:])):
             raise DataError(f"{self.path.name} takes images of shape {list(want)}, got "
                             f"{list(x.shape[1:])} (batch shape {list(x.shape)})")
-        if x.dtype.itemsize > 4 and np.isfinite(x).all() and np.abs(x).max(initial=0) > np.finfo(np.float32).max:
-            raise DataError(f"predict: the input holds values up to {np.abs(x).max():.3g}, beyond float32's "
-                            f"{np.finfo(np.float32).max:.3g}: the model takes float32 in its input space (pixels "
-                            "normalized, about -3..3); for uint8 pixels use predict_images")
-        x = x.astype(np.float32, copy=False)
+        given = x
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: said below
+            x = x.astype(np.float32, copy=False)
         finite = np.isfinite(x)
         if not finite.all():  # an int8 file maps NaN to some pixel value and answers with confidence
+            if given is not x and np.isfinite(given).all():  # it said "holds NaN or infinite values"
+                raise DataError(f"predict: the input holds values up to {np.abs(given).max():.3g}, beyond float32's "
+                                f"{np.finfo(np.float32).max:.3g}: the model takes float32 in its input space (pixels "
+                                "normalized, about -3..3); for uint8 pixels use predict_images")
             raise DataError(f"predict: the input holds {x.size - int(finite.sum())} NaN or infinite value(s) of "
                             f"{x.size}; no model computes meaningful scores from them (an int8 file still "
                             "answers, with confidence): give finite input")
@@ -458,10 +461,7 @@ class Artifact:
         if len(x) == 0:
             return np.zeros((0, self._num_outputs_hint()), np.float32)
         try:
-            if self._run_lock is not None:  # an interpreter that one thread at a time may run
-                with self._run_lock:
-                    y = self._predict_native(np.ascontiguousarray(x))
-            else:
+            with self._run_lock or contextlib.nullcontext():  # an interpreter one thread at a time may run
                 y = self._predict_native(np.ascontiguousarray(x))
         except (EdgesqueezeError, MemoryError):
             raise
