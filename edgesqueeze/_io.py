@@ -159,6 +159,24 @@ def once_each(paths) -> tuple[list[str], list[str]]:
     return out, repeats
 
 
+def dangling_link(path: str | os.PathLike) -> str | None:
+    """"a symbolic link to X, which does not exist; ..." for a link whose file is gone (it was
+    read as "no such file"), else None."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
+    return None
+
+
+def link_loop(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a symbolic link that leads back to itself (``open()``: "Too many
+    levels of symbolic links")."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
 def not_a_file(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as a model file, or None when it is a regular file: "no
     such file", a folder, or a pipe or device (``<(cat model.onnx)``, a FIFO), which was
@@ -166,9 +184,7 @@ def not_a_file(path: str | os.PathLike) -> str | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        if os.path.islink(path):
-            return f"a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
-        return "no such file"
+        return dangling_link(path) or "no such file"
     except OSError as exc:
         return f"cannot read it ({exc.strerror or exc})"
     if stat.S_ISREG(st.st_mode):
@@ -311,13 +327,9 @@ def check_writable(path: str | os.PathLike, *, appends: bool = False) -> None:
 def _no_folder_in_the_way(path: Path) -> None:
     if path.is_dir():
         raise OutputError(f"{path}: cannot write: a folder is in the way; remove it or write elsewhere")
-    try:
-        os.stat(path)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # open() says "Too many levels of symbolic links"; the
-            # rename of a finished file replaced the link (verify --out), or resolve() raised
-            raise OutputError(f"{path}: cannot write: a symbolic link that leads back to itself; remove the "
-                              "link or write elsewhere") from None
+    if link_loop(path):  # the rename of a finished file replaced the link (verify --out), or resolve() raised
+        raise OutputError(f"{path}: cannot write: a symbolic link that leads back to itself; remove the "
+                          "link or write elsewhere")
 
 
 def _read_only(folder: Path) -> bool:
@@ -367,10 +379,11 @@ def remove_stale_temps(directory: str | os.PathLike, log: Callable[[str], None] 
     these outputs (verify: its reports, beside which another run's may be written)."""
     removed = []
     folder = Path(directory)
+    stems = None if names is None else {_temp_stem(n) for n in names}  # as the temporary names hold them
     if folder.is_dir():
         for p in folder.glob(".*.tmp"):
             match = _STALE_TEMP.fullmatch(p.name)
-            if match and (names is None or match.group(1) in {_temp_stem(n) for n in names}) and p.is_file():
+            if match and (names is None or match.group(1) in stems) and p.is_file():
                 p.unlink()
                 removed.append(p)
                 if log is not None:

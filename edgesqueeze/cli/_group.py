@@ -266,12 +266,11 @@ class PathType(click.Path):
         if value == "-" and not self.allow_dash and not os.path.exists(value):  # said "-: no such file"
             self.fail("'-' (standard input or output) is not taken here; name a file", param, ctx)
         if isinstance(value, (str, os.PathLike)) and os.path.islink(value):
-            try:
-                os.stat(value)
-            except OSError as exc:  # click said "Directory 'loop' is a file" of a link to itself
-                if exc.errno == errno.ELOOP:
-                    self.fail(f"{os.fsdecode(value)!r} is a symbolic link that leads back to itself; remove the "
-                              "link or give another path", param, ctx)
+            from edgesqueeze._io import link_loop
+
+            if link_loop(value):  # click said "Directory 'loop' is a file" of a link to itself
+                self.fail(f"{os.fsdecode(value)!r} is a symbolic link that leads back to itself; remove the "
+                          "link or give another path", param, ctx)
         return super().convert(value, param, ctx)
 
 

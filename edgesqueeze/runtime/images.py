@@ -206,10 +206,9 @@ def load_image(path: str | os.PathLike, input_shape: Sequence[int], *,
                 img = convert_8bit(im, _MODES[c], path)
         replay_warnings(caught, path, im)
     except FileNotFoundError:
-        if os.path.islink(path):  # in a folder given to run, a link whose file was moved
-            raise DataError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; fix or remove "
-                            "the link") from None
-        raise DataError(f"{path}: no such image file") from None
+        from edgesqueeze._io import dangling_link  # in a folder given to run, a link whose file was moved
+
+        raise DataError(f"{path}: {dangling_link(path) or 'no such image file'}") from None
     except Image.DecompressionBombError:
         raise DataError(f"{path}: too large to read: more than twice Pillow's {Image.MAX_IMAGE_PIXELS:,}-pixel "
                         f"limit for untrusted images; shrink it first") from None
