@@ -578,7 +578,7 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
     from edgesqueeze._io import remove_stale_temps
 
     if group.main:
-        remove_stale_temps(out, log)  # a killed run can die inside an atomic write
+        remove_stale_temps(out, log, names=OUTPUTS)  # a killed run can die inside an atomic write: its own files'
         if not resuming:
             # a new run: an earlier run's results must not outlive it beside this run's files if
             # it is interrupted (the old model.pt and curves next to a new last.pt), nor its state:

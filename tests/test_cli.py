@@ -197,9 +197,12 @@ def test_sigterm_is_an_interrupt_that_removes_its_temporary_file(trained, tmp_pa
     out.mkdir()
     stale = out / ".model.onnx.k1ll3d9x.tmp"  # what a SIGKILL inside the write leaves
     stale.write_bytes(b"half a model")
+    # another tool's temporary file, named as mkstemp names them: not export's to remove (it was)
+    others = out / ".notes.txt.ab12cd34.tmp"
+    others.write_bytes(b"an editor's save under way")
     res = run("export", trained / "model.pt", "-f", "onnx", "--out", out)
     assert res.exit_code == 0 and f"removed {stale.name}, left by an interrupted write" in res.output, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [others.name, "model.onnx"]
 
 
 @pytest.mark.parametrize("recipe, resumable", [([], False), (["-r", ROOT / "recipes/squeezenet-digits.yaml"], True),

@@ -86,9 +86,12 @@ def test_every_exported_file_records_its_own_crc_and_a_flip_is_refused(exported,
             load(bad)
         res = CliRunner().invoke(cli, ["run", str(bad), str(tmp_path / "x.png")])
         assert res.exit_code == 2 and "its bytes are not the ones exported" in res.output, res.output
-        for f, says in ((p, "checksum recorded at export: matches"), (bad, "checksum recorded at export: DOES NOT MATCH")):
-            res = CliRunner().invoke(cli, ["inspect", str(f)])  # describes, and says so, never refuses
-            assert res.exit_code == 0 and says in res.output.splitlines()[0], res.output
+        for f, says, code in ((p, "checksum recorded at export: matches", 0),
+                              (bad, "checksum recorded at export: DOES NOT MATCH", 2)):
+            res = CliRunner().invoke(cli, ["inspect", str(f)])  # describes, and says so; a damaged file exits 2
+            assert res.exit_code == code and says in res.output.splitlines()[0], res.output
+            if code:  # it was exit 0, as if the file were fine, while run and verify refuse it
+                assert res.output.splitlines()[-1].startswith(f"error: {bad}: its bytes are not the ones exported")
 
 
 def test_reseal_records_the_checksum_of_a_file_changed_on_purpose(exported, tmp_path):

@@ -42,8 +42,15 @@ def test_schedules():
 
 
 def test_fit_learns_and_writes_outputs(tmp_path):
-    res = fit(_recipe(tmp_path / "run", epochs=6), progress=False, log=_quiet)
     out = tmp_path / "run"
+    out.mkdir()
+    # a killed write's temporary file goes; another tool's (mkstemp names them so) stays: any
+    # `.NAME.XXXXXXXX.tmp` in the folder was removed
+    ours, others = out / ".metrics.csv.x1y2z3_4.tmp", out / ".photo.jpg.ab12cd34.tmp"
+    ours.write_text("half a line")
+    others.write_text("another tool's write under way")
+    res = fit(_recipe(tmp_path / "run", epochs=6), progress=False, log=_quiet)
+    assert not ours.exists() and others.read_text() == "another tool's write under way"
     for name in ("model.pt", "last.pt", "metrics.csv", "metrics.json", "curves.png", "recipe.json"):
         assert (out / name).is_file(), name
     hist = json.loads((out / "metrics.json").read_text())
@@ -190,6 +197,7 @@ def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
     assert [p.name for p in removed] == [".metrics.csv.x1y2z3_4.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".editor-swap.tmp", "metrics.csv", "notes.tmp"]
     assert remove_stale_temps(tmp_path / "missing") == []
+
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,

@@ -20,6 +20,11 @@ def inspect(path, as_json, model_opts):
     inputs, outputs, ops, tensors, metadata.
 
     \b
+    A file that is damaged (a plain .onnx/.tflite whose bytes no longer match the CRC-32
+    recorded at export) is still described, then refused: exit 2, as `run` and `verify`
+    refuse it.
+
+    \b
     Example:
       edgesqueeze inspect artifacts/squeezenet-digits/export/model.int8.tflite
     """
@@ -36,6 +41,11 @@ def inspect(path, as_json, model_opts):
         click.echo(json.dumps(desc, indent=2, default=str))
     else:
         click.echo("\n".join(summary_lines(desc)))
+    if str(desc.get("checksum", "")).startswith("DOES NOT MATCH"):  # described, yet damaged: run and verify
+        from edgesqueeze.errors import FormatError  # refuse it (exit 2), and so does inspect, after describing it
+
+        raise FormatError(f"{path}: its bytes are not the ones exported (the CRC-32 recorded in it does not match); "
+                          "export it again, or `edgesqueeze reseal` it if it was changed on purpose")
 
 
 @cli.command("run")

@@ -227,7 +227,10 @@ def _clear_earlier_outputs(out: Path, log: Log) -> None:
     from edgesqueeze._io import lock_output_folder, remove_earlier_outputs, remove_stale_temps
 
     lock_output_folder(out, "edgesqueeze compress")  # another run's files and temporary files are not stale
-    remove_stale_temps(out, log)  # a killed run (SIGKILL) can die inside an atomic write
+    from edgesqueeze.compress.stages import CLUSTER_STATE, PRUNE_STATE, PRUNED_NAME
+
+    # a killed run (SIGKILL) can die inside an atomic write: its own files' temporary files only
+    remove_stale_temps(out, log, names=(*_FINAL_OUTPUTS, PRUNED_NAME, PRUNE_STATE, CLUSTER_STATE))
     old = remove_earlier_outputs(out, _FINAL_OUTPUTS)
     if old:
         log(f"note: {out}/ held an earlier run's {', '.join(p.name for p in old)}: removed (this run writes its own)")

@@ -80,7 +80,7 @@ def sensitivity(
 
     lock_output_folder(out, "edgesqueeze sensitivity")  # another run's files are not this one's to remove
     remove_earlier_outputs(out, _OUTPUTS)  # an interrupted run must not leave the earlier run's table beside its own
-    remove_stale_temps(out, log)  # nor a killed one (SIGKILL) its half-written files
+    remove_stale_temps(out, log, names=_OUTPUTS)  # nor a killed one (SIGKILL) its half-written files
 
     def acc(m: nn.Module) -> float:
         return evaluate(m, x_val, y_val, mean=mean, std=std, batch_size=batch_size)["accuracy"]

@@ -380,7 +380,9 @@ def _clear_earlier_outputs(out: Path, config: ExportConfig, stem: str, log: Log)
     from edgesqueeze._io import lock_output_folder, remove_earlier_outputs, remove_stale_temps
 
     lock_output_folder(out, "edgesqueeze export")  # another run's files and temporary files are not stale
-    remove_stale_temps(out, log)  # a killed export (SIGKILL) can die inside an atomic write
+    # a killed export (SIGKILL) can die inside an atomic write; only the temporary files of the names
+    # an export of this model writes, in any format: the folder may hold another tool's `.x.NNNNNNNN.tmp`
+    remove_stale_temps(out, log, names=[n for f in ALL_FORMATS for n in (f"{stem}{SUFFIX[f]}", f"{stem}{SUFFIX[f]}.esq")])
     old = remove_earlier_outputs(out, output_names(config, stem))
     if old:
         log(f"note: {out}/ held an earlier export's {', '.join(p.name for p in old)}: removed (this export "
