@@ -115,3 +115,18 @@ def test_run_draws_its_bar_when_asked_and_classifies_the_same(tmp_path):
     assert "classifying" not in runs["--no-progress"].stderr.splitlines()
     assert json.loads(runs["--progress"].stdout) == json.loads(runs["--no-progress"].stdout)
     assert len(json.loads(runs["--progress"].stdout)) == 40
+
+
+def test_export_names_each_format_before_it_on_stderr_when_asked(model, tmp_path):
+    """export printed nothing while it converted (seconds to minutes a format): --progress names
+    each format on standard error before it; the files are the same bytes either way."""
+    runs = {flag: CliRunner().invoke(cli, ["export", str(model), "-f", "onnx", "--pack", "--out",
+                                           str(tmp_path / flag.strip("-")), flag], catch_exceptions=False)
+            for flag in ("--progress", "--no-progress")}
+    assert all(r.exit_code == 0 for r in runs.values()), runs["--progress"].output
+    assert [line for line in runs["--progress"].stderr.splitlines() if line.startswith("[")] == [
+        "[1/1] onnx: model.onnx and its packed copy"]
+    assert not [line for line in runs["--no-progress"].stderr.splitlines() if line.startswith("[")]
+    assert not [line for line in runs["--progress"].stdout.splitlines() if line.startswith("[")]
+    for name in ("model.onnx", "model.onnx.esq"):
+        assert (tmp_path / "progress" / name).read_bytes() == (tmp_path / "no-progress" / name).read_bytes()

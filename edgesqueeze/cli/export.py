@@ -85,6 +85,9 @@ def _csv(value: str, what: str) -> list[str]:
                    "kernels (1.50x with the plain int8 stem; a float stem, export.float_layers, 0.95x) and "
                    "0.82x fp32's instructions on a Pi 4 under valgrind (1.09x plain); see docs/BENCHMARKS.md "
                    "[default: the recipe's, else off].")
+@click.option("--progress/--no-progress", default=None,
+              help="Before each format, a line on standard error naming it ([2/4] onnx-int8: model.int8.onnx): "
+                   "a conversion prints nothing until its file is written [default: on a terminal].")
 @device_option(what="the INT8 calibration passes of GPTQ and activation equalization (onnxruntime's and "
                     "PT2E's calibration, and the files, stay on the CPU)")
 @model_options(recipe_help="Recipe with an 'export' section (calibration, options); its 'model' section stands "
@@ -92,7 +95,7 @@ def _csv(value: str, what: str) -> list[str]:
                set_example="export.calibration.images=512")
 def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_images,
                calibration_method, fold_normalization, float_layers, weight_rounding, equalize_activations,
-               onnx_int8_target, int8_weights, pack, space_to_depth_stem, device, model_opts):
+               onnx_int8_target, int8_weights, pack, space_to_depth_stem, progress, device, model_opts):
     """Export a model to ONNX and TFLite, fp32 and INT8: an edgesqueeze checkpoint or .esq
     archive, or your own model as a state_dict with --arch, a TorchScript archive, a
     torch.export program (.pt2) or a pickle (--trust-pickle).
@@ -169,8 +172,12 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
         click.echo(f"note: {', '.join(int8_only)} only apply to the int8 formats, and this export writes none "
                    f"({', '.join(config.formats)})", err=True)
     out = out_dir or Path(model_path).parent / "export"
+    from edgesqueeze.cli._group import _progress_default
+
+    show = _progress_default() if progress is None else progress
     written = export_artifacts(model_path, config, out, dataset=dataset, data_dir=data_dir or model_opts.data_dir,
                                seed=seed, inputs=model_opts.input_files, log=lambda m: click.echo(m),
+                               status=(lambda m: click.echo(m, err=True)) if show else None,
                                **model_opts.load_kwargs())
     import shlex
 

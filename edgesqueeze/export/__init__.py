@@ -126,8 +126,12 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                      dataset: str | None = None, data_dir=None, arch: str | None = None,
                      arch_kwargs: dict | None = None, trust_pickle: bool = False, input_meta: dict | None = None,
                      default_dataset: str | None = None, seed: int = 0, stem: str | None = None,
-                     inputs=(), log: Log = print) -> list[Path]:
+                     inputs=(), log: Log = print, status: Log | None = None) -> list[Path]:
     """Write every format in ``config.formats`` to ``out_dir``; return the paths written.
+
+    ``status``: told, before each format, which one is being written (``[2/4] onnx-int8:
+    model.int8.onnx``): a conversion takes seconds to minutes and prints nothing until its
+    file is written.
 
     An earlier export's files of the same names are removed once the inputs are checked,
     before the first file is written. An output that is one of the inputs (the model,
@@ -254,8 +258,10 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
         written = []
         fp32_onnx = _fp32_onnx(model, meta, config)
         try:
-            for fmt in config.formats:
+            for i, fmt in enumerate(config.formats, 1):
                 path = out / f"{stem}{SUFFIX[fmt]}"
+                if status is not None:
+                    status(f"[{i}/{len(config.formats)}] {fmt}: {path.name}{' and its packed copy' if config.pack and fmt != 'tflite-micro' else ''}")
                 rounded: dict[str, Any] = {}  # the float weights an int8 file's integers come from (GPTQ's)
                 if fmt in INT8_FORMATS and calib is None:
                     calib = _calibration_set(meta, source, config, dataset=dataset, data_dir=data_dir, seed=seed, log=log)
