@@ -238,10 +238,27 @@ def built(tmp_path_factory):
             "out, names = sys.argv[1:3]; Path(names).write_text(b.build_wheel(out) + ' ' + b.build_sdist(out))")
     names = src.parent / f"{src.name}-built.txt"
     out = subprocess.run([sys.executable, "-c", code, str(dist), str(names)], cwd=src, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env={**os.environ, "SOURCE_DATE_EPOCH": _EPOCH})
     assert out.returncode == 0, out.stderr[-3000:]
     wheel, sdist = names.read_text().split()
     return src, dist / wheel, dist / sdist
+
+
+_EPOCH = "1767225600"  # 2026-01-01: README's `SOURCE_DATE_EPOCH=$(git log -1 --format=%ct)` in a test
+
+
+def test_the_wheel_is_byte_reproducible_with_source_date_epoch(built, tmp_path):
+    """Two builds of one commit gave two wheels (the zip records each file's mtime, which a
+    clone sets to the time it was made): README says how to build the same bytes."""
+    src, wheel, _ = built
+    for f in src.rglob("*"):  # another clone, made at another time
+        if f.is_file():
+            os.utime(f, (1_000_000_000, 1_000_000_000))
+    code = "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=src, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "SOURCE_DATE_EPOCH": _EPOCH})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / out.stdout.split()[-1]).read_bytes() == wheel.read_bytes()
 
 
 def _tracked(prefix: str) -> set[str]:
