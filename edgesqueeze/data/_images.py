@@ -2,14 +2,18 @@
 
 Layouts: ``train/<class>/*`` + ``test/<class>/*``, or only ``<class>/*``. One common top
 folder (``cifar10-jpeg/train/...`` inside ``cifar10-jpeg.zip``) is stepped into. Files with
-other extensions, hidden files and ``__MACOSX/`` are ignored; an image outside a class
-folder or nested deeper is refused rather than guessed at.
+other extensions, hidden files and ``__MACOSX/`` are ignored (images in formats not read,
+such as ``.avif``, with a Note counting them); an image outside a class folder or nested
+deeper is refused rather than guessed at. A zip's member names are read as UTF-8 when they
+are (Info-ZIP and 7-Zip store UTF-8 without the flag that says so) and put in Unicode NFC
+form (macOS stores decomposed names), so class names read as a folder's would.
 """
 
 from __future__ import annotations
 
 import io
 import sys
+import unicodedata
 import warnings
 import zipfile
 import zlib
@@ -21,9 +25,8 @@ import numpy as np
 
 from edgesqueeze._io import files_below
 from edgesqueeze.errors import DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm",
-                    ".pbm")  # what `run` reads (runtime.images.IMAGE_SUFFIXES)
+from edgesqueeze.runtime.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # what `run` reads from a folder
+from edgesqueeze.runtime.images import note_other_images
 _LAYOUT_HELP = "expected train/<class>/<image> and test/<class>/<image>, or <class>/<image>"
 
 
@@ -40,11 +43,26 @@ class Source:
         return f"{self.path}:{rel}" if self.path.suffix.lower() == ".zip" else str(self.path / rel)
 
 
+def _visible(rel: str) -> bool:
+    return not any(p.startswith(".") or p == "__MACOSX" for p in rel.split("/"))
+
+
 def _is_image(rel: str) -> bool:
-    parts = rel.split("/")
-    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
-        return False
-    return rel.lower().endswith(IMAGE_EXTENSIONS)
+    return _visible(rel) and rel.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def zip_name(info: zipfile.ZipInfo) -> str:
+    """A member's name as a folder would give it: without the UTF-8 flag (bit 11) zipfile
+    reads the name as cp437, but Info-ZIP's ``zip`` and 7-Zip store UTF-8 bytes there (a
+    class folder ``Ärger`` read as ``├ärger``), so bytes that are valid UTF-8 are read so;
+    then NFC, as macOS's decomposed ``A`` + diaeresis is the one character ``Ä``."""
+    name = info.filename
+    if not info.flag_bits & 0x800:
+        try:
+            name = name.encode("cp437").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            pass  # really cp437 (or another code page): as zipfile read it
+    return unicodedata.normalize("NFC", name)
 
 
 def open_source(path: Path, *, listing: bool = True) -> Source:
@@ -68,17 +86,21 @@ def open_source(path: Path, *, listing: bool = True) -> Source:
             warnings.warn(f"{path}: {len(broken)} symbolic link(s) to images lead nowhere and are left out "
                           f"({', '.join(str(b.relative_to(path)) for b in broken[:3])}"
                           f"{', ...' if len(broken) > 3 else ''})", Note, stacklevel=2)
+        note_other_images(str(path), [f for f in files if _visible(f)])
         return Source(path, tuple(f for f in files if _is_image(f)), read_file)
     if path.is_file() and path.suffix.lower() == ".zip":
         try:
             zf = zipfile.ZipFile(path)
-            names = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+            members = {zip_name(i): i for i in zf.infolist() if not i.is_dir()}
+            names = sorted(members)
         except (zipfile.BadZipFile, OSError) as e:
             raise DataError(f"{path} is not a readable zip file ({e}); replace it") from e
+        if listing:
+            note_other_images(str(path), [n for n in names if _visible(n)])
 
         def read(rel: str) -> bytes:
             try:
-                return zf.read(rel)
+                return zf.read(members.get(rel, rel))
             except (zipfile.BadZipFile, OSError, zlib.error) as e:
                 raise DataError(f"{path}:{rel} cannot be read from the zip ({e}); replace the zip") from e
             except RuntimeError as e:  # zipfile's "is encrypted, password required for extraction"
@@ -201,7 +223,7 @@ def _zip_folders(root: Path) -> Callable[[str], list[str]] | None:
     if root.suffix.lower() != ".zip":
         return None
     with zipfile.ZipFile(root) as zf:
-        names = zf.namelist()
+        names = [zip_name(i) for i in zf.infolist()]
     below: dict[str, set[str]] = {}
     for name in names:
         parts = name.split("/")[:-1]  # the folders on the way (a directory entry ends with "/")
@@ -248,6 +270,20 @@ def decode_image(data: bytes, where: str):
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
+def is_gray(img) -> bool:
+    """Whether a decoded image is grayscale: a gray mode, or a palette image (every GIF, a
+    PNG-8) whose colours in use are all gray. By mode alone, one gray GIF among gray PNGs made
+    a folder's model take 3 channels, and a streamed folder refused it as "in colour"."""
+    if img.mode in _GRAY_MODES:
+        return True
+    if img.mode not in ("P", "PA"):
+        return False
+    palette = np.asarray(img.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
+    used = np.unique(np.asarray(img.getchannel(0) if img.mode == "PA" else img))
+    colours = palette[used[used < len(palette)]]
+    return bool((colours[:, 0] == colours[:, 1]).all() and (colours[:, 1] == colours[:, 2]).all())
+
+
 def imagenet_crop(img, crop: int):
     """torchvision's evaluation transform of a PIL image: resize the shorter side to
     ``round(crop * 256 / 224)`` (bilinear), then a centred ``crop`` x ``crop``."""
@@ -278,7 +314,7 @@ def decode_all(src: Source, items: list[tuple[str, str]], *, image_size: int | N
     for i, (_, rel) in enumerate(items):
         where = src.describe(rel)
         img = decode_image(src.read(rel), where)
-        gray = img.mode in _GRAY_MODES
+        gray = is_gray(img)
         img = convert_8bit(img, "L" if gray else "RGB", where)
         all_gray &= gray
         if image_size is not None and img.size != (image_size, image_size):

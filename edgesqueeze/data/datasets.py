@@ -342,23 +342,49 @@ def _cached(name: str, tag: str, sources: list[Path], params: dict, build: Calla
     ``build() -> (train_x, train_y, test_x, test_y, classes)``; ``stats`` fixes mean/std
     instead of measuring them (ImageNet's standard values).
     """
-    key = _cache.source_key(sources, params)
-    hit = _cache.load(tag, key)
+    import warnings
+
+    from edgesqueeze.errors import Note
+
+    hit = _cache_hit(name, tag, sources, params)
     if hit is not None:
-        arrays, meta = hit
-        try:
-            return Dataset(name=name, classes=tuple(meta["classes"]), mean=tuple(meta["mean"]),
-                           std=tuple(meta["std"]), **arrays)
-        except (DataError, KeyError, TypeError, ValueError):
-            pass  # an entry its own checks passed but a Dataset refuses: rebuilt below, never used
+        return hit
+    key = _cache.source_key(sources, params)
     print(f"edgesqueeze: decoding {name} from {', '.join(map(str, sources))} "
           f"(once; cached in {_cache.cache_dir()})", file=sys.stderr)
-    tx, ty, vx, vy, classes = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tx, ty, vx, vy, classes = build()
+    for w in caught:  # said now, and (the notes) again whenever the entry is used
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes = [str(w.message) for w in caught if issubclass(w.category, Note)]
     mean, std = stats if stats is not None else channel_stats(tx)
     arrays = {"train_x": tx, "train_y": ty.astype(np.int64), "test_x": vx, "test_y": vy.astype(np.int64)}
     ds = Dataset(name=name, classes=tuple(classes), mean=tuple(mean), std=tuple(std), **arrays)
     _cache.save(tag, key, arrays, {"name": name, "classes": list(classes), "mean": list(mean),
-                                   "std": list(std), "sources": [os.path.abspath(s) for s in sources], "params": params})
+                                   "std": list(std), "sources": [os.path.abspath(s) for s in sources], "params": params,
+                                   "notes": notes})
+    return ds
+
+
+def _cache_hit(name: str, tag: str, sources: list[Path], params: dict) -> Dataset | None:
+    """The cached dataset of these sources and params, or None; the notes its decoding raised
+    (images left out, a carved test split) are said again, as on the run that decoded it."""
+    import warnings
+
+    from edgesqueeze.errors import Note
+
+    hit = _cache.load(tag, _cache.source_key(sources, params))
+    if hit is None:
+        return None
+    arrays, meta = hit
+    try:
+        ds = Dataset(name=name, classes=tuple(meta["classes"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+                     **arrays)
+    except (DataError, KeyError, TypeError, ValueError):
+        return None  # an entry its own checks passed but a Dataset refuses: rebuilt, never used
+    for note in meta.get("notes", ()):
+        warnings.warn(str(note), Note, stacklevel=3)
     return ds
 
 
@@ -505,14 +531,24 @@ def _load_mnist(search: list[Path], download: bool, image_size: int | None,
     return _cached("mnist", "mnist", files, {"image_size": image_size}, build)
 
 
-def _train_test(out: dict) -> tuple:
+def _train_test(out: dict, path: Path) -> tuple:
     """``(train_x, train_y, test_x, test_y)`` from an image folder's splits (``layout``):
-    ``all`` or a lone ``train`` has a fixed test split carved from it."""
-    if "all" in out:
-        return _carve_test(*out["all"])
+    ``all`` or a lone ``train`` has a fixed test split carved from it, with a Note saying so
+    (an empty test/ fell back to it without a word, and eval of a folder measured a fifth)."""
     if "test" in out:
         return (*out["train"], *out["test"])
-    return _carve_test(*out["train"])  # train/ only
+    import warnings
+
+    from edgesqueeze.errors import Note
+
+    whole = out.get("all", out.get("train"))
+    n = int(round(len(whole[1]) * _TEST_FRACTION))
+    where = "the folder has no train/ and test/" if "all" in out else "test/ holds no images (or there is none)"
+    warnings.warn(f"{path}: {where}, so its test split is a fixed {_TEST_FRACTION:.0%} of "
+                  f"{'its images' if 'all' in out else 'the images in train/'} ({n:,} of {len(whole[1]):,}), held out the same "
+                  "way by train, eval and verify; put test images in test/<class>/ to measure on others",
+                  Note, stacklevel=2)
+    return _carve_test(*whole)
 
 
 def _folder_dataset(src_path: Path, image_size: int | None, desc: str):
@@ -531,7 +567,7 @@ def _folder_dataset(src_path: Path, image_size: int | None, desc: str):
     finally:
         src.close()
     out = {k: (_images.to_nchw(x, gray_all), y) for k, (x, y) in out.items()}
-    tx, ty, vx, vy = _train_test(out)
+    tx, ty, vx, vy = _train_test(out, src_path)
     if tx.shape[1:] != vx.shape[1:]:
         raise DataError(f"{src_path}: train images are {tx.shape[2]}x{tx.shape[3]} but test images are "
                         f"{vx.shape[2]}x{vx.shape[3]}; set data.image_size (--set data.image_size=N, or --image-size N) to resize them all")
@@ -618,8 +654,15 @@ def _load_imagefolder(name: str, spec: str, image_size: int | None) -> Dataset:
         raise DataError(f"image folder {path.absolute()} (from dataset '{name}') does not exist; give "
                         f"imagefolder:PATH with a folder or .zip holding train/<class>/ and test/<class>/")
     path = Path(os.path.abspath(path))
-    ds = _cached(name, "imagefolder", [path], {"image_size": image_size, **_IMAGE_FILES},
-                 lambda: _folder_dataset(path, image_size, path.name))
+    ds = None
+    if image_size is not None:  # decoded at the images' own size (train) when that is the size asked for
+        # (export asks for the model's input size): the same pixels, not the folder decoded again
+        own = _cache_hit(name, "imagefolder", [path], {"image_size": None, **_IMAGE_FILES})
+        if own is not None and own.train_x.shape[-2:] == (image_size, image_size):
+            ds = own
+    if ds is None:
+        ds = _cached(name, "imagefolder", [path], {"image_size": image_size, **_IMAGE_FILES},
+                     lambda: _folder_dataset(path, image_size, path.name))
     _images.note_empty_classes(path, ds.classes)
     return ds
 
@@ -654,14 +697,14 @@ def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> D
         rng = np.random.default_rng([seed, 5])
         sample = everything if len(everything) <= _STREAM_SAMPLE else [
             everything[i] for i in np.sort(rng.choice(len(everything), _STREAM_SAMPLE, replace=False))]
-        gray = img.mode in _images._GRAY_MODES
+        gray = _images.is_gray(img)
         for rel in sample:
             other = _images.decode_image(src.read(rel), src.describe(rel))
             if image_size is None and other.size != img.size:
                 raise DataError(f"images differ in size: {src.describe(rel)} is {other.size[0]}x{other.size[1]}, "
                                 f"{src.describe(first)} {img.size[0]}x{img.size[1]}; set data.image_size to "
                                 "resize every image to one size")
-            gray = gray and other.mode in _images._GRAY_MODES
+            gray = gray and _images.is_gray(other)
     finally:
         src.close()
     channels = 1 if gray else 3
@@ -672,7 +715,7 @@ def _stream_folder(name: str, spec: str, image_size: int | None, seed: int) -> D
         out[split] = (LazyImages(path, [rel for _, rel in items], size=size, channels=channels,
                                  check_size=image_size is None, check_gray=gray),
                       np.array([index[c] for c, _ in items], dtype=np.int64))
-    tx, ty, vx, vy = _train_test(out)
+    tx, ty, vx, vy = _train_test(out, path)
     mean, std = stats_from_histograms(sample_histograms(tx, seed=seed))
     return Dataset(name, tx, ty, vx, vy, tuple(classes), mean, std)
 

@@ -129,12 +129,12 @@ class LazyImages:
 
 
 def _check_like_the_sample(img, where: str, size: int | None, gray: bool) -> None:
-    from edgesqueeze.data._images import _GRAY_MODES
+    from edgesqueeze.data._images import is_gray
 
     if size is not None and img.size != (size, size):
         raise DataError(f"{where} is {img.size[0]}x{img.size[1]}, but the folder's images are {size}x{size}; "
                         "set data.image_size to resize every image to one size")
-    if gray and img.mode not in _GRAY_MODES:
+    if gray and not is_gray(img):
         raise DataError(f"{where} is in colour ({img.mode}), but the folder was read as grayscale from a sample "
                         "of its images; set data.channels: 3 (or make every image gray)")
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from edgesqueeze.errors import DataError, Note, RuntimeBackendError
 
-__all__ = ["IMAGE_SUFFIXES", "convert_8bit", "image_files", "load_image", "load_images", "to_8bit"]
+__all__ = ["IMAGE_SUFFIXES", "OTHER_IMAGE_SUFFIXES", "convert_8bit", "image_files", "load_image", "load_images", "to_8bit"]
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -245,7 +245,24 @@ def load_images(paths: Sequence[str | os.PathLike], input_shape: Sequence[int], 
 
 #: What :func:`image_files` takes from a folder: the formats Pillow reads that hold photos.
 #: A file named explicitly is read whatever its name.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
+                  ".ppm", ".pbm")
+#: Image formats a folder may hold that :func:`image_files` and the image-folder datasets do
+#: not read (not every Pillow build decodes them, and a dataset must read the same everywhere):
+#: left out with a :class:`Note` counting them, never silently.
+OTHER_IMAGE_SUFFIXES = (".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jpx", ".apng", ".ico", ".tga",
+                        ".psd", ".qoi", ".pcx", ".dng", ".cr2", ".nef", ".arw", ".svg")
+
+
+def note_other_images(where: str, names: Sequence[str], stacklevel: int = 3) -> None:
+    """A :class:`Note` naming the files among ``names`` in :data:`OTHER_IMAGE_SUFFIXES` (that
+    a folder's listing leaves out), if any."""
+    other = [n for n in names if n.lower().endswith(OTHER_IMAGE_SUFFIXES)]
+    if other:
+        kinds = sorted({os.path.splitext(n)[1].lower() for n in other})
+        warnings.warn(f"{where}: {len(other)} image file(s) in a format edgesqueeze does not read were left out "
+                      f"({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): convert them ({'/'.join(kinds)}) to "
+                      "PNG or JPEG to use them", Note, stacklevel=stacklevel)
 
 
 def image_files(args: Sequence[str | os.PathLike]) -> list[str]:
@@ -263,13 +280,15 @@ def image_files(args: Sequence[str | os.PathLike]) -> list[str]:
     for arg in args:
         arg = os.fspath(arg)
         if os.path.isdir(arg):
-            found, walked = [], set()
+            found, walked, others = [], set(), []
             for root, dirs, files in os.walk(arg, followlinks=True):
                 walked.add(os.path.realpath(root))  # a link back up the tree is walked once
                 dirs[:] = [d for d in dirs if not d.startswith(".")
                            and os.path.realpath(os.path.join(root, d)) not in walked]
                 found += [os.path.join(root, f) for f in files
                           if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+                others += [os.path.join(root, f) for f in files if not f.startswith(".")]
+            note_other_images(arg, sorted(others))
             if not found:
                 kinds = "/".join(e[1:] for e in IMAGE_SUFFIXES)
                 raise DataError(f"{arg}: a folder with no image files ({kinds}) in it or below it")
