@@ -109,6 +109,16 @@ def input_normalization(meta: dict, ds) -> tuple[list[float], list[float], str]:
             "if the model was trained with other values)")
 
 
+def normalization_source(how: str, ds) -> str:
+    """The metadata's ``normalization_source`` for statistics :func:`input_normalization`
+    took from the dataset ``ds`` (``how`` its third value): measured on its training images, or
+    ImageNet's standard values (export wrote "measured" for those too, and for imagenet-sample,
+    which has no training images)."""
+    if how.startswith("measured"):
+        return f"measured: {ds.name} training images"
+    return "standard: ImageNet's usual mean and std (torchvision's)"
+
+
 def training_data(meta: dict, *, source: str | Path, dataset: str | None = None, data_dir: str | Path | None = None,
                   seed: int | None = None, limit: int | None = None, image_size: int | None = None,
                   val_fraction: float | None = None):

@@ -361,6 +361,14 @@ def test_unpack_to_standard_output_and_to_a_name_of_another_format(packed, onnx_
                        env=env, cwd=tmp_path, timeout=120)
     assert p.returncode == 0 and p.stdout == Path(onnx_models["fp32"]).read_bytes(), p.stderr
     assert not (tmp_path / "-").exists() and p.stderr.decode().startswith("-: ")
+    # a reader gone after 100 bytes (`| head -c 100`): exit 0 and "-: N bytes" said it was delivered
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)
+    p = subprocess.run([sys.executable, "-m", "edgesqueeze", "unpack", str(packed), "-o", "-"], stdout=w_fd,
+                       stderr=subprocess.PIPE, env=env, cwd=tmp_path, timeout=120)
+    os.close(w_fd)
+    assert p.returncode == 2 and p.stderr.decode().startswith("error: -o -: the reader of standard output stopped"), \
+        p.stderr
     # to a terminal, the model's bytes scrolled by (exit 0); gzip -c and xz -c refuse, so does unpack
     leader, follower = os.openpty()
     try:

@@ -294,3 +294,26 @@ def test_gptq_and_ptq_statistics_take_any_conv_padding(kw):
         u = nn.functional.unfold(conv_input_padded(conv, x), conv.kernel_size, conv.dilation, 0, conv.stride)
         y = (conv.weight.flatten(1) @ u).view_as(conv(x))
         torch.testing.assert_close(y + conv.bias.view(1, -1, 1, 1), conv(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dataset, says", [("digits", "measured: digits training images"),
+                                           ("imagenet-sample", "standard: ImageNet's usual mean and std")])
+def test_export_records_where_the_normalization_of_a_plain_model_came_from(dataset, says):
+    """export recorded "measured: imagenet-sample training images" for ImageNet's standard
+    values, which it had just printed it used (that dataset has no training images)."""
+    from pathlib import Path
+
+    from edgesqueeze.data import load_dataset
+    from edgesqueeze.errors import DataError
+    from edgesqueeze.export import _describe_with
+
+    try:
+        ds = load_dataset(dataset)
+    except DataError as exc:  # the ImageNet sample lives in ../shared, beside the repository
+        pytest.skip(f"needs {dataset}: {exc}")
+    c = ds.input_shape[0]
+    model = nn.Sequential(nn.Conv2d(c, 4, 3, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, ds.num_classes)).eval()
+    meta: dict = {}
+    _describe_with(meta, model, Path("plain.pt"), dataset, None, log=lambda _m: None)
+    assert meta["normalization_source"].startswith(says) and meta["mean"] == list(ds.mean)

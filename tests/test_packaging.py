@@ -328,3 +328,12 @@ def test_the_installed_version_is_the_packages():
     import edgesqueeze
 
     assert version("edgesqueeze") == edgesqueeze.__version__
+
+
+def test_unpack_of_a_checkpoint_archive_on_a_device_says_first_that_it_needs_torch(tmp_path):
+    """It asked for -o model.pt, and only then, given one, said that it needs torch (device audit)."""
+    esq = ROOT / "tests" / "data" / "v2-small.esq"
+    r = subprocess.run([sys.executable, "-c", _INFO, "unpack", str(esq)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 2 and "writes a PyTorch checkpoint, which needs torch" in r.stderr, r.stderr
+    assert "pass -o model.pt" not in r.stderr and not list(tmp_path.iterdir())

@@ -122,6 +122,23 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
                           "or raise the target. The archive and its report are written")
 
 
+def _write_stdout_whole(data: bytes, source: Path) -> None:
+    """``data`` to standard output, or an OutputError (exit 2) when its reader stops first:
+    the file is the output, so a reader gone after 100 bytes (`| head -c 100`, a dropped ssh)
+    is a model not delivered, not the `| head -1` of a command's text (that exits 0)."""
+    out = click.get_binary_stream("stdout")
+    try:
+        out.write(data)
+        out.flush()
+    except BrokenPipeError:
+        from edgesqueeze.cli._group import _to_devnull
+        from edgesqueeze.errors import OutputError
+
+        _to_devnull(out)
+        raise OutputError(f"-o -: the reader of standard output stopped before the {len(data):,} bytes unpacked "
+                          f"from {source} were all written; it does not have the whole file") from None
+
+
 @cli.command()
 @click.argument("esq_path", type=PathType(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "--out", "out_path", type=PathType(allow_dash=True),
@@ -198,7 +215,7 @@ def unpack(esq_path, out_path, force):
         inner = Path(packed["name"]).suffix.lower() or ".onnx"
         check_target(out_path, (inner,), f"a{'n ONNX' if inner == '.onnx' else ' TFLite'} model")
         if to_stdout:
-            click.get_binary_stream("stdout").write(data)
+            _write_stdout_whole(data, esq_path)
             click.echo(f"-: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}", err=True)
             return
         if folder is not None:
@@ -208,13 +225,9 @@ def unpack(esq_path, out_path, force):
         click.echo(f"{out_path}: {len(data):,} bytes ({packed['format']}, SHA-256 checked) from {esq_path}",
                    err=not out_path.is_file())
         return
-    if out_path is None and folder is None:
-        raise click.UsageError(f"{esq_path} is a checkpoint archive: pass -o model.pt")
-    out_path = out_path or folder / f"{esq_path.stem}.pt"
-    check_target(out_path, (".pt", ".pth"), "a PyTorch checkpoint")
     import importlib.util
 
-    if importlib.util.find_spec("torch") is None:
+    if importlib.util.find_spec("torch") is None:  # first: on a device, -o model.pt would not help
         from edgesqueeze.errors import RuntimeBackendError
 
         # not a usage error (the command line is right): one `error:` line naming what to install
@@ -222,6 +235,10 @@ def unpack(esq_path, out_path, force):
                                   "needs torch, not installed here (pip install 'edgesqueeze[train]', or '.[train]' in "
                                   "a checkout, after torch itself as README 'Install' says); or use the .esq as it "
                                   "is: eval, export and verify read it, and a device runs its exported files")
+    if out_path is None and folder is None:
+        raise click.UsageError(f"{esq_path} is a checkpoint archive: pass -o model.pt")
+    out_path = out_path or folder / f"{esq_path.stem}.pt"
+    check_target(out_path, (".pt", ".pth"), "a PyTorch checkpoint")
     from edgesqueeze.checkpoint import save_state, stored_weights
 
     state, meta, _ = stored_weights(esq_path)  # a TorchScript / program archive is refused there
@@ -230,7 +247,7 @@ def unpack(esq_path, out_path, force):
 
         with tempfile.TemporaryDirectory() as tmp:
             save_state(Path(tmp) / "model.pt", state, meta)
-            click.get_binary_stream("stdout").write((Path(tmp) / "model.pt").read_bytes())
+            _write_stdout_whole((Path(tmp) / "model.pt").read_bytes(), esq_path)
         click.echo(f"-: {sum(t.numel() for t in state.values()):,} values from {esq_path}", err=True)
         return
     if folder is not None:

@@ -51,7 +51,7 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
     from edgesqueeze.checkpoint import load_model
     from edgesqueeze.evaluation import training_data
 
-    from edgesqueeze.evaluation import input_normalization
+    from edgesqueeze.evaluation import input_normalization, normalization_source
 
     loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
                         input_meta=input_meta, default_dataset=default_dataset)
@@ -73,7 +73,8 @@ def load_inputs(checkpoint, *, dataset=None, default_dataset=None, data_dir=None
     mean, std, how = input_normalization(meta, ds)
     if how.startswith("measured"):
         log(f"note: input normalization {how}")
-        meta["normalization_source"] = f"measured: {ds.name} training images"
+    if meta.get("mean") is None or meta.get("std") is None:  # the dataset's statistics stand in
+        meta["normalization_source"] = normalization_source(how, ds)
     check_fits(loaded.model, ds, checkpoint, meta)
     _lift(loaded, meta, ds.input_shape, checkpoint)
     # What the .esq needs to be fed like the model was: a file that names its dataset but

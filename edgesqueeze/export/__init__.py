@@ -98,10 +98,10 @@ def _describe_with(meta: dict[str, Any], model, source: Path, dataset: str, data
     meta["dataset"] = ds.name
     meta["input_shape"] = list(ds.input_shape)
     if meta.get("mean") is None or meta.get("std") is None:
-        from edgesqueeze.evaluation import input_normalization
+        from edgesqueeze.evaluation import input_normalization, normalization_source
 
         meta["mean"], meta["std"], how = input_normalization(meta, ds)
-        meta["normalization_source"] = f"measured: {ds.name} training images"
+        meta["normalization_source"] = normalization_source(how, ds)
         log(f"note: input normalization {how}")
     if not meta.get("classes") and ds.classes is not None:
         meta["classes"] = [str(c) for c in ds.classes]

@@ -19,7 +19,9 @@ Keys (all present; JSON types)::
     mean, std         per-channel normalization of [0, 1] pixels
     normalization_source  where mean/std came from: "recorded" (the model's checkpoint),
                       "given" (--mean/--std), "measured: <dataset> training images" (the
-                      model recorded none: the dataset's statistics stand in), or "none"
+                      model recorded none: the dataset's statistics stand in), "standard:
+                      ImageNet's usual mean and std (torchvision's)" (the same, for an
+                      ImageNet dataset, whose standard values are used), or "none"
                       (nothing known: 0 and 1, i.e. pixels / 255)
     normalization     "caller": feed (pixels/255 - mean) / std;
                       "in-graph": feed pixels/255, the graph normalizes (fold_normalization)
