@@ -185,9 +185,18 @@ def evaluate_file(
         # another image folder than the one it was trained on: resized to its input, as verify does
         # (it said "images differ in size" and asked for --image-size, which the file records)
         image_size = int(expected[-1])
-    ds, train, val = training_data(meta, source=path, dataset=dataset, data_dir=data_dir, seed=seed, limit=limit,
-                                   image_size=image_size, val_fraction=val_fraction)
+    # --limit of the test split limits the dataset, as verify --limit does (the same images); of
+    # val or train it takes at most that many of the model's own split: limiting the dataset
+    # first carved another validation split out of the subset, mostly images it trained on
+    ds, train, val = training_data(meta, source=path, dataset=dataset, data_dir=data_dir, seed=seed,
+                                   limit=limit if split == "test" else None, image_size=image_size,
+                                   val_fraction=val_fraction)
     x, y = {"test": (ds.test_x, ds.test_y), "val": val, "train": train}[split]
+    if limit is not None and split != "test":
+        from edgesqueeze.data.datasets import limited_test
+
+        keep = limited_test(y, limit, meta.get("seed", 0) if seed is None else seed)  # seeded, each class in proportion
+        x, y = x[keep], y[keep]
     if len(x) == 0:
         raise DataError(f"dataset '{ds.name}' has no '{split}' images" + (f" among the {limit} --limit keeps"
                                                                           if limit else ""))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -127,6 +128,24 @@ def test_eval_image_size_the_model_cannot_take_is_refused_before_any_decoding(tr
     res = CliRunner().invoke(cli, ["eval", str(trained / "model.pt"), "--image-size", "64"])
     assert res.exit_code == 2, res.output
     assert "--image-size 64 gives images of 64x64, but" in res.output and "pass --image-size 28" in res.output
+
+
+def test_eval_limit_of_the_validation_split_takes_images_of_that_split(trained, monkeypatch):
+    """`eval --split val --limit 500` limited the dataset to 500 images and carved a new
+    validation split from them: 33 of its 50 images were images the model trained on, and at
+    most a tenth of N were measured."""
+    import edgesqueeze.evaluation as evaluation
+    from edgesqueeze.checkpoint import load_model
+
+    seen = []
+    real = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, x, y, **kw: seen.append(np.asarray(x)) or real(
+        model, x, y, **kw))
+    _, _, (val_x, _) = evaluation.training_data(load_model(trained / "model.pt").meta, source="m")
+    res = CliRunner().invoke(cli, ["eval", str(trained / "model.pt"), "--split", "val", "--limit", "20"])
+    assert res.exit_code == 0 and "(20 images)" in res.output, res.output
+    val = {x.tobytes() for x in np.asarray(val_x)}
+    assert len(val) > 20 and len(seen[0]) == 20 and all(x.tobytes() in val for x in seen[0])
 
 
 def test_eval_wrong_dataset_class_count(trained, tmp_path):

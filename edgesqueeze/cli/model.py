@@ -89,7 +89,8 @@ def train(recipe_path, overrides, out_dir, data_dir, resume, overwrite, progress
 @click.option("--val-fraction", type=FiniteRange(0, 1, max_open=True), default=None,
               help="Validation fraction for --split val/train [default: from the checkpoint's recipe, else 0.1].")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Split seed [default: the checkpoint's].")
-@click.option("--limit", type=click.IntRange(min=1), help="Evaluate a seeded subset of at most N images.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate a seeded subset of at most N images of the "
+              "split (each class in proportion; of the test split, the images verify --limit measures).")
 @click.option("--image-size", type=click.IntRange(min=4), help="Resize images (datasets that support it).")
 @model_options(set_example="data.val_fraction=0.2")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
