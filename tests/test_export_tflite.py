@@ -931,3 +931,52 @@ def test_to_eval_traces_nothing_for_an_eval_graph_and_still_rewrites_a_train_mod
     assert traces and getattr(train_mode, _EXPORTED_TRAINING_ATTR) is False
     torch.manual_seed(0)
     assert torch.equal(train_mode(x), train_mode(x))  # no longer random: the eval dropout
+
+
+class _SamePadded(torch.nn.Module):
+    """Convs with padding="same" (aten.conv2d.padding), and a bare matmul on a parameter."""
+
+    def __init__(self, bare: bool = False):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 8, 3, padding="same")
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding="same", groups=8)
+        self.c3 = torch.nn.Conv2d(8, 16, 5, padding="same", dilation=2)
+        self.proj = torch.nn.Parameter(torch.randn(16, 10) * 0.1) if bare else None
+        self.fc = None if bare else torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        x = x.mean((2, 3))
+        return x @ self.proj if self.proj is not None else self.fc(x)
+
+
+def test_same_padded_convs_are_int8_and_float_ops_nobody_asked_for_are_said(tmp_path):
+    """A conv with padding="same" stayed float32 in a tflite-int8 file (the PT2E quantizer
+    takes aten.conv2d.default only), between DEQUANTIZE and QUANTIZE, without a word; a matmul
+    on a bare parameter stays float, and that is now said."""
+    import warnings
+
+    from edgesqueeze.errors import Note
+
+    torch.manual_seed(0)
+    meta = {"arch": "own", "input_shape": [1, 12, 12], "mean": [0.5], "std": [0.25], "classes": None}
+    calib = np.random.default_rng(0).integers(0, 256, (16, 1, 12, 12), dtype=np.uint8)
+    model = _SamePadded().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_tflite_int8(model, meta, tmp_path / "same.tflite", calib, weight_rounding="nearest")
+    assert [t for op, t in op_names(path) if op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")] == \
+        ["INT8"] * 4, op_names(path)
+    assert not [w for w in caught if issubclass(w.category, Note) and "compute in float32" in str(w.message)]
+    assert all(isinstance(m.padding, str) for m in model.modules() if isinstance(m, torch.nn.Conv2d))  # untouched
+    x = torch.from_numpy(to_input(calib, meta["mean"], meta["std"]))
+    y, _ = run(path, x.numpy())
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(y - ref).max() <= 0.1 * np.abs(ref).max()  # the same function, int8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_tflite_int8(_SamePadded(bare=True).eval(), meta, tmp_path / "bare.tflite", calib,
+                           weight_rounding="nearest")
+    said = [str(w.message) for w in caught if issubclass(w.category, Note) and "compute in float32" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("tflite-int8: 1 conv/linear op(s)") and "640 B" in said[0], said

@@ -404,6 +404,32 @@ def _rescale(conv: nn.Module, consumers, modules: dict[str, nn.Module], s: torch
 # Space-to-depth stem
 
 
+def explicit_padding(model: nn.Module) -> nn.Module:
+    """``model``, or a copy of it in which each ``nn.Conv2d`` with ``padding="same"`` or
+    ``"valid"`` pads by numbers instead (the same function): such a conv is an
+    ``aten.conv2d.padding`` call, which litert-torch's PT2E quantizer does not annotate, so a
+    tflite-int8 file kept it float32 between DEQUANTIZE and QUANTIZE without a word. "same"
+    with an odd total padding (an even kernel) pads unevenly, which no number says: left as it
+    is (the export's float-op note names it)."""
+    def numeric(m: nn.Module):
+        if not isinstance(m, nn.Conv2d) or not isinstance(m.padding, str) or m.padding_mode != "zeros":
+            return None
+        if m.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        return tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else None
+
+    if not any(numeric(m) is not None for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        pad = numeric(m)
+        if pad is not None:
+            m.padding = pad
+            m._reversed_padding_repeated_twice = [p for p in reversed(pad) for _ in range(2)]
+    return model
+
+
 def find_stem(model: nn.Module, input_channels: int) -> str | None:
     """The name of ``model``'s first plain conv over the input: the first ``Conv2d`` (in
     module order) taking ``input_channels`` channels, without groups; None if there is none."""

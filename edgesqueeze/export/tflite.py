@@ -387,6 +387,7 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
     check_float_layers(model, float_layers)
     if space_to_depth_stem is not None:
         check_space_to_depth_stem(model, space_to_depth_stem, meta.get("input_shape"), float_layers)
+    model = prepare.explicit_padding(model)  # padding="same" convs were left float32 by the quantizer
     info = {"images": len(images), "method": calibration.method, "split": calibration_split,
             **({"dataset": calibration_dataset} if calibration_dataset else {}),  # as onnx-int8 records it
             "seed": calibration_seed, "augment": int(augment), "equalize": bool(equalize),

@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -198,19 +199,38 @@ def check_converted_float_layers(model: nn.Module, float_layers: Sequence[str], 
     kinds = (nn.Conv2d, nn.Linear)
     wanted = sum(isinstance(m, kinds) for n, m in model.named_modules()
                  if under(n, float_layers))
-    if not wanted:
-        return
     sg = converted.subgraphs[0]
     heavy = {fb.BuiltinOperator.CONV_2D, fb.BuiltinOperator.DEPTHWISE_CONV_2D,
              fb.BuiltinOperator.FULLY_CONNECTED}
-    floats = sum(fbu.get_builtin_code_from_operator_code(converted.operatorCodes[op.opcodeIndex]) in heavy
-                 and sg.tensors[op.inputs[0]].type == fb.TensorType.FLOAT32 for op in sg.operators)
+    float_ops = [op for op in sg.operators
+                 if fbu.get_builtin_code_from_operator_code(converted.operatorCodes[op.opcodeIndex]) in heavy
+                 and sg.tensors[op.inputs[0]].type == fb.TensorType.FLOAT32]
+    floats = len(float_ops)
+    if floats > wanted:  # layers the quantizer did not annotate (a bare matmul, an uneven "same" pad)
+        import warnings
+
+        from edgesqueeze.errors import Note
+
+        names = [_tensor_name(sg.tensors[op.inputs[1]]) for op in float_ops if len(op.inputs) > 1]
+        weights = sum(int(np.prod(sg.tensors[op.inputs[1]].shape)) * 4 for op in float_ops if len(op.inputs) > 1)
+        warnings.warn(f"tflite-int8: {floats - wanted} conv/linear op(s) of the file compute in float32 that "
+                      f"float_layers does not name ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}; "
+                      f"{weights:,} B of float weights among the file's float ops): litert-torch's quantizer does not "
+                      "take them (a matmul with a bare parameter, a conv padded unevenly); an nn.Linear / nn.Conv2d "
+                      "with numeric padding is quantized", Note, stacklevel=2)
+    if not wanted:
+        return
     if floats < wanted:
         raise ExportError(f"tflite-int8: float_layers {', '.join(float_layers)}: the file has {floats} float "
                           f"conv/linear ops where {wanted} were asked for; LiteRT's converter re-quantizes a "
                           "lone float conv between int8 layers. Keep float a block of two or more convs in a "
                           "row (a whole Fire module) or a region that reaches the input or the output (the "
                           "first conv, or the layers from the last conv on)")
+
+
+def _tensor_name(t) -> str:
+    name = t.name.decode(errors="replace") if isinstance(t.name, bytes) else str(t.name)
+    return name.rsplit(";", 1)[-1] or "?"
 
 
 def _activation_observers(gm) -> dict[str, Any]:
