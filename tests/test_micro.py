@@ -250,3 +250,25 @@ def test_inspect_describes_a_micro_file(micro):
     res = CliRunner().invoke(cli, ["bench", str(small), "-b", "1", "--runs", "2", "--threads", threads, "--json", "-"])
     assert res.exit_code == 0, res.output  # TensorFlow Lite Micro runs one thread: its row says so
     assert [r["threads"] for r in json.loads(res.stdout)] == [1], res.stdout
+
+
+def test_a_model_with_an_operator_tflite_micro_lacks_is_refused_naming_it(tmp_path):
+    """A GELU net: export wrote the micro file with exit 0 after the interpreter's raw "Didn't
+    find op for builtin opcode 'GELU'" lines, and verify then refused it ("failed to allocate
+    tensors"). Its error names the operator, and export writes no file."""
+    import torch
+
+    from edgesqueeze.export import _micro_arenas
+    from edgesqueeze.export.tflite import export_tflite_int8
+    from edgesqueeze.runtime._tflm import MicroArtifact
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    meta = {"arch": "own", "input_shape": [1, 8, 8], "mean": [0.5], "std": [0.25], "classes": None}
+    calib = np.random.default_rng(0).integers(0, 256, (8, 1, 8, 8), dtype=np.uint8)
+    data = export_tflite_int8(net, meta, tmp_path / "gelu.int8.tflite", calib, weight_rounding="nearest").read_bytes()
+    with pytest.raises(RuntimeBackendError, match=r"TensorFlow Lite Micro cannot open it \(it has no GELU operator\)"):
+        MicroArtifact(tmp_path / "gelu.tflite", data=data)
+    with pytest.raises(ExportError, match="has no GELU operator.*not written"):
+        _micro_arenas(tmp_path / "gelu.micro.tflite", data, data)

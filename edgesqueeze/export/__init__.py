@@ -502,10 +502,10 @@ def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: 
         raise ExportError(f"{path}: TFLite Micro value tables do not pay off for this model: {len(out):,} B against "
                           f"the tflite-int8 file's {len(data):,} B (each coded filter adds a DECODE operator, about "
                           "256 B); ship the tflite-int8 file")
+    arenas = _micro_arenas(path, data, out)  # first: a file TensorFlow Lite Micro cannot open is not written
     write_bytes_atomic(path, out)  # sealed by micro_compress: its own CRC-32
     kept = [r for r in rep["rows"] if not r["index_bits"]]
     widths = ", ".join(f"{b}-bit" for b in sorted({r["index_bits"] for r in rep["rows"] if r["index_bits"]}))
-    arenas = _micro_arenas(path, data, out)
     log(f"{path}: TFLite Micro value tables on {rep['compressed']} of {rep['filters']} int8 filters "
         f"({widths} indices): flash {len(data):,} -> {len(out):,} B against {against}"
         + (f", arena (RAM) {arenas[0]:,} -> {arenas[1]:,} B" if arenas else "")
@@ -518,12 +518,20 @@ def _export_micro(model, meta, path: Path, calib, config: ExportConfig, shared: 
 
 def _micro_arenas(path: Path, plain: bytes, micro: bytes) -> tuple[int, int] | None:
     """The arena TensorFlow Lite Micro allocates for the plain int8 file and for the compressed
-    one (one inference each on zeros), or None where its interpreter cannot say."""
-    from edgesqueeze.errors import EdgesqueezeError
+    one (one inference each on zeros), or None where its interpreter cannot say. A file its
+    interpreter cannot open (an operator it lacks, such as GELU) is an ExportError: the file
+    was written with exit 0, and verify then refused it."""
+    from edgesqueeze.errors import EdgesqueezeError, ExportError
     from edgesqueeze.runtime._tflm import MicroArtifact
 
     try:
-        a, b = (MicroArtifact(path, data=d).arena_bytes for d in (plain, micro))
+        arts = [MicroArtifact(path, data=d) for d in (plain, micro)]
+    except EdgesqueezeError as exc:
+        raise ExportError(f"{exc}; not written: a microcontroller runs only the operators TensorFlow Lite Micro "
+                          "has (use layers it has, e.g. ReLU or ReLU6 for GELU or SiLU, or ship the tflite-int8 "
+                          "file to a device with LiteRT)") from None
+    try:
+        a, b = (art.arena_bytes for art in arts)
     except EdgesqueezeError:
         return None
     return (a, b) if a is not None and b is not None else None

@@ -66,11 +66,21 @@ class MicroArtifact(Artifact):
         self._data = bytes(data)
         self._run_lock = threading.Lock()  # one interpreter, one arena: one call at a time
         try:  # the package parses the whole flatbuffer in Python first: damage is refused there
-            self.interpreter = runtime.Interpreter.from_bytes(self._data,
-                                                              arena_size=max(_MIN_ARENA, 10 * len(self._data)))
-        except (RuntimeError, ValueError) as exc:
-            raise RuntimeBackendError(f"{self.path}: TensorFlow Lite Micro cannot open it ({_first_line(exc)})") \
-                from None
+            with native_stderr(keep=lambda line: False) as said:  # its reasons go to fd 2, not the exception
+                try:
+                    self.interpreter = runtime.Interpreter.from_bytes(
+                        self._data, arena_size=max(_MIN_ARENA, 10 * len(self._data)))
+                except (RuntimeError, ValueError) as exc:
+                    failed = exc
+                else:
+                    failed = None
+            if failed is not None:
+                missing = sorted(set(re.findall(r"Didn't find op for builtin opcode '(\w+)'", said.text)))
+                why = (f"it has no {', '.join(missing)} operator{'s' if len(missing) > 1 else ''}" if missing
+                       else _first_line(failed))
+                raise RuntimeBackendError(f"{self.path}: TensorFlow Lite Micro cannot open it ({why})") from None
+        except RuntimeBackendError:
+            raise
         except Exception as exc:  # noqa: BLE001 - flatbuffers' struct / index errors on a damaged file
             raise FormatError(f"{self.path}: TFLite file is damaged or truncated ({type(exc).__name__}: "
                               f"{_first_line(exc)}); re-export it or copy it again") from None
