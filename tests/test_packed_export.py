@@ -207,6 +207,32 @@ def test_is_weight_shared():
         big = torch.nn.Conv2d(256, 1, 1)
         big.weight.copy_(vals.view(1, 256, 1, 1))
     assert not is_weight_shared(torch.nn.Sequential(big))
+    from edgesqueeze.export import why_not_weight_shared
+
+    assert why_not_weight_shared(torch.nn.Sequential(big)) == (
+        "0's 256 shared values would be 15 int8 values under one scale per tensor (fewer than 90% kept)")
+    assert why_not_weight_shared(conv) is None
+
+
+def test_a_weight_shared_model_exported_per_channel_says_why(shared_ckpt, tmp_path):
+    """One layer of an .esq losing 2 of its 17 values under a per-tensor scale made every int8
+    file per-channel with GPTQ rounding (96 KB instead of 81 KB; 8 bits a weight packed), and
+    export said nothing: README and --help say an .esq gets one scale per tensor."""
+    from edgesqueeze.checkpoint import load_model, save_checkpoint
+
+    loaded = load_model(shared_ckpt)
+    conv = loaded.model.features[0]
+    with torch.no_grad():  # two of its values a hundredth of an int8 step apart: one int8 value
+        w = conv.weight
+        top = w.abs().max()
+        nonzero = w[w != 0].unique()
+        w[w == nonzero[0]] = nonzero[1] + top / 127 / 100
+        w[w == nonzero[2]] = nonzero[1] + top / 127 / 50
+    save_checkpoint(tmp_path / "merged.pt", loaded.model, loaded.meta)
+    logs: list[str] = []
+    export_artifacts(tmp_path / "merged.pt", ExportConfig(formats=("onnx-int8",)), tmp_path / "out", log=logs.append)
+    notes = [m for m in logs if "the model's layers are weight-shared, but features.0's" in m]
+    assert len(notes) == 1 and "onnx-int8 get per-channel int8 weights" in notes[0], logs
 
 
 @pytest.mark.slow

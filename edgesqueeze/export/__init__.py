@@ -218,7 +218,15 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                               "layer has few enough distinct weights for its size: the model is not weight-shared); "
                               "export a weight-shared model (an .esq from `edgesqueeze compress`) or ship the "
                               "tflite-int8 file")
-    shared = is_weight_shared(model)
+    why_not = why_not_weight_shared(model)
+    shared = why_not is None
+    if not shared and any(f in INT8_FORMATS for f in config.formats) and has_codebooks(model):
+        how = {f: config.int8_per_channel(f, shared) for f in config.formats if f in INT8_FORMATS}
+        if any(how.values()):  # an .esq judged not weight-shared: its int8 files are another kind, say so
+            log(f"note: the model's layers are weight-shared, but {why_not}: so {', '.join(f for f, pc in how.items() if pc)} "
+                "get per-channel int8 weights (rounded by GPTQ where that is the format's default), which a packed "
+                "file codes at about 8 bits per weight; --int8-weights per-tensor (export.int8_weights) keeps one "
+                "scale per tensor and the sharing")
     if shared and any(f in INT8_FORMATS for f in config.formats):
         how = {f: config.int8_per_channel(f, shared) for f in config.formats if f in INT8_FORMATS}
         if not any(how.values()):
@@ -579,6 +587,13 @@ def is_weight_shared(model, max_values: int = 256, keep: float = 0.9) -> bool:
     layer) loses one value in two layers, two centroids 0.04 of an int8 step apart; the
     released Deep Compression SqueezeNet's 256-value codebooks would lose many. BatchNorm
     is folded first (on a copy), as export does: it scales each channel differently."""
+    return why_not_weight_shared(model, max_values, keep) is None
+
+
+def why_not_weight_shared(model, max_values: int = 256, keep: float = 0.9) -> str | None:
+    """None for a model :func:`is_weight_shared` calls weight-shared; else why not, naming the
+    first layer that is not (for export's note: a weight-shared model's int8 files switched to
+    per-channel weights without a word when one layer lost 2 of its 17 values)."""
     import torch
 
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -588,12 +603,14 @@ def is_weight_shared(model, max_values: int = 256, keep: float = 0.9) -> bool:
             model = fold_batchnorm(model)
         except Exception:  # noqa: BLE001 - a model fx cannot trace: judged as it is
             pass
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight is not None:
             values = torch.unique(m.weight.detach().float())
             if values.numel() > max_values:
-                return False
+                return f"{name} holds {values.numel():,} distinct weights (more than {max_values})"
             step = values.abs().max() / 127
-            if step > 0 and torch.unique(torch.round(values / step)).numel() < keep * values.numel():
-                return False
-    return True
+            kept = torch.unique(torch.round(values / step)).numel() if step > 0 else values.numel()
+            if kept < keep * values.numel():
+                return (f"{name}'s {values.numel()} shared values would be {kept} int8 values under one scale per "
+                        f"tensor (fewer than {keep:.0%} kept)")
+    return None
