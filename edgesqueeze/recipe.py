@@ -388,8 +388,34 @@ def recipe_from_dict(raw: Any, *, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {exc}") from None
 
 
+# mappings whose keys are names that may hold dots (layer names, packed format names): the rest
+# of a --set key after one of these is one key (`budget.max_size_per_format.tflite-int8.esq=20KB`)
+_NAMED_MAPPINGS = ("budget.max_size_per_format", "compress.prune.layers", "compress.cluster.layers",
+                   "export.float_layers_by_format")
+# stages a recipe turns on by naming them: a key --set inside one the recipe leaves off turns it on
+_STAGE_DEFAULTS = {"compress.prune": "sparsity 0.5, oneshot", "compress.cluster": "bits 8",
+                   "compress.ptq": "bits 7 (5-8), no target_bytes"}
+
+
+def _key_parts(key: str, item: str) -> list[str]:
+    for mapping in _NAMED_MAPPINGS:
+        if key.startswith(mapping + ".") and key != mapping + ".":
+            return [*mapping.split("."), key[len(mapping) + 1:]]
+    parts = key.split(".")
+    if not all(parts):
+        raise RecipeError(f"--set {item!r}: '{key}' has an empty part (a leading, trailing or doubled dot); "
+                          "write section.key=value, e.g. train.epochs=3")
+    return parts
+
+
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw recipe dict.
+
+    A key under a mapping of names (``budget.max_size_per_format``, ``compress.prune.layers``,
+    ``compress.cluster.layers``, ``export.float_layers_by_format``) keeps its dots:
+    ``compress.prune.layers.features.0=0.3``. ``model.import`` replaces ``model.arch`` and the
+    other way round. A key inside a stage the recipe leaves off (``compress.prune``,
+    ``compress.cluster``, ``compress.ptq``) turns the stage on, with a Note saying so.
 
     >>> apply_overrides({"train": {"epochs": 5}}, ["train.epochs=1", "data.limit=300"])
     {'train': {'epochs': 1}, 'data': {'limit': 300}}
@@ -406,14 +432,25 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                               f"it off), {key.strip()}={{}} for a section's defaults, or {key.strip()}=\"''\" "
                               "for an empty string")
         node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
+        parts = _key_parts(key.strip(), item)
+        for i, part in enumerate(parts[:-1]):
             child = node.get(part) if isinstance(node, dict) else None
             if child is None:  # absent, or left empty in the file (`train:`): a section to fill
                 child = node[part] = {}
+                stage = ".".join(parts[:i + 1])
+                if stage in _STAGE_DEFAULTS:  # compress.prune.max_drop=3 pruned to 50% without a word
+                    import warnings
+
+                    from edgesqueeze.errors import Note
+
+                    warnings.warn(f"--set {item}: turns on {stage}, which the recipe leaves off, with its defaults "
+                                  f"for the keys not set ({_STAGE_DEFAULTS[stage]}); {stage}=null turns it off",
+                                  Note, stacklevel=2)
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {item!r}: {part} is not a section")
             node = child
+        if parts[:-1] == ["model"] and parts[-1] in ("import", "arch"):  # one replaces the other
+            node.pop("arch" if parts[-1] == "import" else "import", None)
         try:
             node[parts[-1]] = load_yaml(text)
         except yaml.YAMLError as exc:

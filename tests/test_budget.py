@@ -81,6 +81,9 @@ def test_budget_from_dict():
     ({"max_drop": float("inf")}, r"budget\.max_drop: expected accuracy points in \[0, 100\]"),
     ({"max_drop": 500}, r"budget\.max_drop: expected accuracy points in \[0, 100\]"),
     ("big", r"budget: expected a mapping"),
+    # each was taken as "no per-format limits", and check passed with no size checked
+    *(({"max_size_per_format": bad}, r"budget\.max_size_per_format: expected a mapping of format to size")
+      for bad in (0, False, [], "")),
 ])
 def test_budget_errors_name_the_field(raw, match):
     with pytest.raises(RecipeError, match=match):

@@ -276,7 +276,11 @@ def test_an_earlier_runs_verdict_files_do_not_outlive_bad_input(tmp_path):
     res = check(bad, *BUDGET, *args)
     assert res.exit_code == 2 and not any(p.exists() for p in outs), res.output
     # a budget option that is bad input, or none at all, too (the budget was read first)
-    for budget in (["--max-size", "4zz"], ["--max-size-for", "bogus=1KB"], []):
+    bad_recipe = tmp_path / "bad.yaml"
+    bad_recipe.write_text("version: 1\ntrain: {epochs: 0}\n")
+    # a bad recipe or --set too: it was read before the earlier verdicts were removed
+    for budget in (["--max-size", "4zz"], ["--max-size-for", "bogus=1KB"], [], ["-r", bad_recipe, *BUDGET],
+                   ["-r", tmp_path / "missing.yaml", *BUDGET], ["--set", "budget.max_size=5XB"]):
         assert check(good, *BUDGET, *args).exit_code == 0 and all(p.is_file() for p in outs)
         res = check(good, *budget, *args)
         assert res.exit_code == 2 and not any(p.exists() for p in outs), (budget, res.output)

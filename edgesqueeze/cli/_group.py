@@ -338,6 +338,13 @@ class ModelOptions:
     given: frozenset[str] = frozenset()  # top-level sections the recipe file and --set actually set
     classes_file: Path | None = None  # --classes @FILE: read, so never an output
     overrides: tuple[str, ...] = ()  # --set KEY=VALUE, as given
+    deferred_error: Exception | None = None  # a bad recipe or --set, raised when the command asks
+
+    def raise_deferred(self) -> None:
+        """Raise the recipe's (or ``--set``'s) error, for a command that first clears what an
+        earlier run left (``check``: an earlier verdict must not outlive a run stopped on bad input)."""
+        if self.deferred_error is not None:
+            raise self.deferred_error
 
     def torch_only_options(self) -> list[str]:
         """The options given that describe a PyTorch model file only (how to rebuild it): an
@@ -522,12 +529,15 @@ def _command_recipe(recipe_path: Path | None, overrides: tuple[str, ...]):
     return recipe_from_dict(raw, source="--set"), frozenset(raw)
 
 
-def model_options(fn=None, *, recipe_help: str = _RECIPE_HELP, set_example: str = "data.dataset=cifar10"):
+def model_options(fn=None, *, recipe_help: str = _RECIPE_HELP, set_example: str = "data.dataset=cifar10",
+                  defer_recipe_errors: bool = False):
     """Add the model-reading options, with ``--recipe`` and ``--set``, to a command; it
     receives one ``model_opts`` (:class:`ModelOptions`) instead of the separate values.
-    ``recipe_help`` and ``set_example`` say what the command itself takes from a recipe."""
+    ``recipe_help`` and ``set_example`` say what the command itself takes from a recipe.
+    ``defer_recipe_errors``: a bad recipe or ``--set`` is raised by ``model_opts.raise_deferred()``."""
     if fn is None:
-        return functools.partial(model_options, recipe_help=recipe_help, set_example=set_example)
+        return functools.partial(model_options, recipe_help=recipe_help, set_example=set_example,
+                                 defer_recipe_errors=defer_recipe_errors)
 
     @functools.wraps(fn)
     def wrapper(*args, arch, arch_kwargs, num_classes, trust_pickle, mean, std, input_shape, classes,
@@ -541,10 +551,17 @@ def model_options(fn=None, *, recipe_help: str = _RECIPE_HELP, set_example: str 
                  "std": _floats(std, "--std", positive=True) if std else None,
                  "input_shape": _shape(input_shape) if input_shape else None,
                  "classes": _classes(classes) if classes else None}
-        recipe, sections = _command_recipe(recipe_path, tuple(overrides))
+        deferred = None
+        try:
+            recipe, sections = _command_recipe(recipe_path, tuple(overrides))
+        except EdgesqueezeError as exc:
+            if not defer_recipe_errors:
+                raise
+            recipe, sections, deferred = None, frozenset(), exc
         opts = ModelOptions(arch, kw, trust_pickle, {k: v for k, v in given.items() if v is not None},
                             recipe, recipe_path, sections,
-                            Path(classes[1:]) if classes and classes.startswith("@") else None, tuple(overrides))
+                            Path(classes[1:]) if classes and classes.startswith("@") else None, tuple(overrides),
+                            deferred)
         return fn(*args, model_opts=opts, **kwargs)
 
     for option in reversed(_MODEL_OPTIONS + _recipe_options(recipe_help, set_example)):

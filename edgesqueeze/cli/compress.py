@@ -68,6 +68,7 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
     from edgesqueeze.errors import RecipeError
     from edgesqueeze.recipe import Recipe
 
+    model_opts.note_unused_sets(("model", "data.dataset", "data.data_dir", "compress", "seed", "name"), "compress")
     recipe = model_opts.recipe or Recipe(version=1)
     if model_opts.recipe_path and recipe.compress is None:
         raise RecipeError(f"{model_opts.recipe_path}: has no 'compress' section; see recipes/squeezenet-mnist.yaml "

@@ -119,6 +119,7 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
     from edgesqueeze.export import ExportConfig, export_artifacts
 
     seed, config = 0, ExportConfig()
+    model_opts.note_unused_sets(("model", "data.dataset", "data.data_dir", "export", "seed"), "export")
     if model_opts.recipe is not None:
         config, seed = model_opts.recipe.export or config, model_opts.recipe.seed
     if formats:  # `-f onnx -f tflite` is both, as `-f onnx,tflite` (it was the last one alone)
@@ -168,6 +169,11 @@ def export_cmd(model_path, formats, out_dir, dataset, data_dir, calibration_imag
                                         ("--calibration-images", calibration_images),
                                         ("--calibration-method", calibration_method),
                                         ("--space-to-depth-stem", space_to_depth_stem)) if value is not None]
+    int8_keys = ("export.calibration", "export.onnx_int8_target", "export.equalize_activations", "export.tflite_int8_io",
+                 "export.weight_rounding", "export.int8_weights", "export.gptq_layers", "export.float_layers",
+                 "export.bias_correction", "export.space_to_depth_stem")
+    int8_only += [f"--set {item.split('=', 1)[0].strip()}" for item in model_opts.overrides
+                  if item.split("=", 1)[0].strip().startswith(int8_keys)]
     if int8_only and not any(f in INT8_FORMATS for f in config.formats):  # taken without a word
         click.echo(f"note: {', '.join(int8_only)} only apply to the int8 formats, and this export writes none "
                    f"({', '.join(config.formats)})", err=True)

@@ -294,6 +294,7 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, pr
     outputs = (out, out.with_suffix(".md"), *plot_paths(out).values())
     for path in outputs:
         check_writable(path)  # before the evaluation, not after it
+    model_opts.note_unused_sets(("model", "data.dataset", "data.data_dir", "budget"), "verify")
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     from edgesqueeze._io import lock_output_folder, remove_earlier_outputs, remove_stale_temps
 
@@ -349,7 +350,8 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, pr
               help="Write Markdown: a file is replaced, the job summary $GITHUB_STEP_SUMMARY appended to; '-': "
                    "standard output.")
 @model_options(recipe_help="Take the budget from this recipe's 'budget' section (options override it); its "
-                           "'model' section stands for --arch.", set_example="budget.max_size=500KB")
+                           "'model' section stands for --arch.", set_example="budget.max_size=500KB",
+               defer_recipe_errors=True)
 @click.pass_context
 def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreement, dataset, data_dir, reference,
           limit, progress, json_path, junit_path, md_path, model_opts):
@@ -400,7 +402,9 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     for path in (json_path, junit_path, md_path):  # a killed check's half-written files, of these names only
         if path is not None and not is_stdout(path):
             remove_stale_temps(path.parent, lambda m: click.echo(m, err=True), names={path.name})
-    # after the earlier verdicts are gone: a budget option that is bad input left them in place
+    # after the earlier verdicts are gone: a bad recipe, --set or budget option left them in place
+    model_opts.raise_deferred()
+    model_opts.note_unused_sets(("model", "data.dataset", "data.data_dir", "budget"), "check")
     budget = _budget_from_options(model_opts.recipe, max_size, max_size_for, min_accuracy, max_drop, min_agreement)
     if budget.is_empty():
         raise click.UsageError("no budget: give --max-size, --max-size-for, --min-accuracy, --max-drop, "

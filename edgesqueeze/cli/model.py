@@ -211,6 +211,7 @@ def info(model_path, model_opts, as_json):
       edgesqueeze info squeezenet1_0.pt --arch squeezenet1_0
     """
     _no_torch_model_said_early(model_path)
+    model_opts.note_unused_sets(("model", "data.dataset"), "info")
     from edgesqueeze.evaluation import describe_file
 
     desc = describe_file(model_path, **model_opts.load_kwargs())

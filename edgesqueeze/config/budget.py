@@ -127,9 +127,11 @@ class Budget:
                 hint = difflib.get_close_matches(str(key), sorted(known), n=1)
                 extra = f"; did you mean {hint[0]!r}?" if hint else f"; allowed keys: {', '.join(sorted(known))}"
                 raise RecipeError(f"{path}.{key}: unknown key{extra}")
-        per = raw.get("max_size_per_format") or {}
+        per = raw.get("max_size_per_format")
+        per = {} if per is None else per  # `0`, `false`, `[]` and `''` were taken as no limits
         if not isinstance(per, dict):
-            raise RecipeError(f"{path}.max_size_per_format: expected a mapping of format to size")
+            raise RecipeError(f"{path}.max_size_per_format: expected a mapping of format to size "
+                              f"(tflite-int8: 100KB), got {per!r}")
         for fmt in per:
             if fmt not in ARTIFACT_FORMATS:
                 raise RecipeError(f"{path}.max_size_per_format.{fmt}: unknown format{format_hint(fmt)}; use "
