@@ -72,7 +72,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 # created no wider than the file it replaces: a 0o600 file's new bytes are never
                 # readable by others while they are written (or after a SIGKILL leaves them)
-                tmp_path = _new_temp(path, 0o666 if keep is None else keep)
+                # writable by us while it is written (a 0o444 file's mode made it EACCES to reopen,
+                # after the earlier file was gone); the kept mode is set before the rename
+                tmp_path = _new_temp(path, 0o666 if keep is None else keep | stat.S_IWUSR)
             except OSError as exc:
                 raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
         try:
@@ -307,6 +309,10 @@ def check_writable(path: str | os.PathLike, *, appends: bool = False) -> None:
                 why = "a read-only file system" if _read_only(path.parent) else "permission denied"
                 raise OutputError(f"{path}: cannot append to it ({why}); write elsewhere")
             return
+        if not os.access(path, os.W_OK) and not _read_only(path.parent):  # as open() refuses it, before
+            # the work (the run removed it as an earlier output, worked, then could not write it)
+            raise OutputError(f"{path}: exists and is read-only (mode {stat.S_IMODE(st.st_mode):o}); make it "
+                              "writable (chmod u+w) for edgesqueeze to replace it, or write elsewhere")
     parent = Path(os.path.realpath(path)).parent if path.is_symlink() else path.parent
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if existing is None:

@@ -342,3 +342,59 @@ def test_an_interrupt_just_after_the_temporary_file_is_made_leaves_nothing(tmp_p
             signal.signal(signal.SIGTERM, before)
     assert os.listdir(tmp_path) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers as they were
+
+
+_READ_ONLY_OUTPUT = r"""
+import sys
+from pathlib import Path
+from edgesqueeze._io import check_writable, remove_output, write_bytes_atomic
+from edgesqueeze.errors import OutputError
+d = Path(sys.argv[1])
+f = d / "model.onnx"
+f.write_bytes(b"old")
+f.chmod(0o444)
+try:
+    check_writable(f)
+    print("NOT REFUSED")
+except OutputError as e:
+    print("REFUSED", e)
+h = d / "h.onnx"
+h.write_bytes(b"old")
+h.chmod(0o444)
+remove_output(h)  # an earlier output, removed before the run writes its own (its mode remembered)
+write_bytes_atomic(h, b"new")
+print(h.read_bytes().decode(), oct(h.stat().st_mode & 0o777))
+"""
+
+
+def test_a_read_only_earlier_output_is_refused_before_the_work_and_its_mode_kept(tmp_path):
+    """As a user (not root, whom permissions do not stop): export, compress, train, verify and
+    check removed a read-only earlier output, did all their work, then failed to write it (the
+    temporary file took the old 0444 and could not be reopened), and the old file was lost. The
+    output is refused up front, as open() refuses it; a mode kept from a removed file is set
+    after the bytes are written."""
+    import shutil
+    import subprocess
+    import sys
+
+    import tempfile
+
+    as_user, folder = [], tmp_path
+    if os.geteuid() == 0:  # root writes any file: run as nobody (setpriv, util-linux), in a folder it may write
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv (util-linux): cannot drop to a user that permissions stop")
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        folder = Path(tempfile.mkdtemp(prefix="edgesqueeze-read-only-"))  # pytest's own is root's alone
+        folder.chmod(0o777)
+    try:
+        r = subprocess.run([*as_user, sys.executable, "-c", _READ_ONLY_OUTPUT, str(folder)], capture_output=True,
+                           text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    finally:
+        if folder != tmp_path:
+            shutil.rmtree(folder, ignore_errors=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == (f"REFUSED {folder / 'model.onnx'}: exists and is read-only (mode 444); make it writable "
+                        "(chmod u+w) for edgesqueeze to replace it, or write elsewhere"), lines
+    assert lines[1] == "new 0o444"

@@ -430,7 +430,7 @@ def _remove_stale_packed(path: Path, log: Log) -> None:
     if ours:
         stale.unlink()
         log(f"note: removed {stale.name}: the packed copy of the {path.name} this export replaces "
-            "(--pack writes a new one)")
+            "(pass --pack to write a new one)")
     else:
         log(f"note: {stale} is not from this export (it is not a packed copy of {path.name}); "
             "remove it if it is stale")
