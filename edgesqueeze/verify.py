@@ -329,6 +329,8 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         except (OSError, ValueError, RuntimeError) as exc:  # a runtime refusing a damaged file
             row["error"] = f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         sources.append(row.pop("_source", None))
+        if sources[-1]:
+            row["source_sha256"] = sources[-1]  # the model file it was exported from (SHA-256)
         if row["error"]:
             log(f"{path}: NOT evaluated: {row['error']}")
         else:
@@ -341,6 +343,10 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         rows.append(row)
     report = {"dataset": dataset, "datasets": sorted({key[0] for key in data._cache}),
               "reference": str(ref_path) if ref_path else None, "reference_accuracy": ref_acc, "artifacts": rows}
+    note = mixed_sources_note(rows)
+    if note:
+        report["notes"] = [note]
+        log(f"note: {note}")
     if latency:
         from edgesqueeze.runtime.cpu import cpu_info
 
@@ -348,6 +354,21 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         for note in report["speed_notes"]:
             log(f"note: {note}")
     return report
+
+
+def mixed_sources_note(rows: list[dict[str, Any]]) -> str | None:
+    """A line when the exported files measured were exported from more than one model file
+    (their recorded ``source_sha256`` differ): `verify out/*` over a folder holding an earlier
+    export of another model judged both together without a word."""
+    by_source: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("source_sha256"):
+            by_source.setdefault(row["source_sha256"], []).append(Path(row["path"]).name)
+    if len(by_source) < 2:
+        return None
+    groups = "; ".join(f"{sha[:12]}: {', '.join(names)}" for sha, names in by_source.items())
+    return (f"the exported files come from {len(by_source)} different model files (the SHA-256 each records of "
+            f"the file it was exported from: {groups}); compare files of one model, or re-export the others")
 
 
 _FP32_FILES = ("onnx", "tflite", "onnx.esq", "tflite.esq")

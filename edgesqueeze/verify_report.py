@@ -343,6 +343,8 @@ def markdown(report: dict[str, Any], *, verdicts: list[Verdict] | None = None,
     warned = [f"- {md_code(_rel(str(r.get('path')), base))}: {md_cell(r['warning'])}" for r in rows if r.get("warning")]
     if warned:
         lines += ["", "Warnings (numbers that hold on this CPU only):", "", *warned]
+    if report.get("notes"):  # files of several models measured together
+        lines += ["", *[f"- note: {md_cell(n)}" for n in report["notes"]]]
     if report.get("speed_notes"):
         lines += ["", "Speed (this CPU only):", "", *[f"- {md_cell(n)}" for n in report["speed_notes"]]]
 

@@ -117,6 +117,10 @@ def test_an_earlier_exports_other_formats_are_said_and_the_hint_names_this_expor
     assert res.exit_code == 0, res.output
     assert f"note: {out}/ also holds model.tflite, which this export does not write" in res.output
     assert res.output.strip().splitlines()[-1].endswith(f"edgesqueeze verify {out / 'model.onnx'}")
+    # another model's files (another stem) were not said at all
+    (out / "pruned.onnx").write_bytes((out / "model.onnx").read_bytes())
+    res = run("export", trained, "-f", "onnx", "--out", out)
+    assert f"note: {out}/ also holds model.tflite, pruned.onnx, which this export does not write" in res.output
 
 
 def test_tflite_micro_of_a_model_that_is_not_weight_shared_is_refused_before_any_file(trained, tmp_path):

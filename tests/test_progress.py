@@ -130,3 +130,24 @@ def test_export_names_each_format_before_it_on_stderr_when_asked(model, tmp_path
     assert not [line for line in runs["--progress"].stdout.splitlines() if line.startswith("[")]
     for name in ("model.onnx", "model.onnx.esq"):
         assert (tmp_path / "progress" / name).read_bytes() == (tmp_path / "no-progress" / name).read_bytes()
+
+
+def test_verify_of_a_folder_a_second_time_leaves_out_its_earlier_report(model, tmp_path):
+    """`verify out/*` wrote verify.json, verify.md and two plots into out/; the same command a
+    second time took verify.json as an input ("is also an input", exit 2), and with --out
+    elsewhere the .md and plots were models that could not be measured."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(model, run / "model.pt")
+    first = CliRunner().invoke(cli, ["verify", str(run / "model.pt"), "--limit", "40"])
+    assert first.exit_code == 0 and (run / "verify.json").is_file(), first.output
+    files = sorted(str(p) for p in run.iterdir())
+    assert len(files) >= 3  # the model, the report, its markdown (and plots where matplotlib draws)
+    for extra in ([], ["--out", str(tmp_path / "elsewhere.json")]):
+        again = CliRunner().invoke(cli, ["verify", *files, "--limit", "40", *extra])
+        assert again.exit_code == 0, again.output
+        assert "an earlier verify's report (not a model)" in again.stderr
+        assert [a["path"] for a in json.loads(Path(extra[1] if extra else run / "verify.json").read_text())[
+            "artifacts"]] == [str(run / "model.pt")]

@@ -214,3 +214,21 @@ def test_a_file_name_with_a_backtick_or_pipe_stays_one_code_span(report, tmp_pat
     md = vr.write_report(tmp_path / "verify.json", report)["markdown"].read_text()
     assert "``export/odd`name\\|x.int8.onnx``" in md, md
     assert "``" in artifacts_markdown(report["artifacts"])
+
+
+def test_files_exported_from_different_models_are_said(report, tmp_path):
+    """verify judged a folder's files of two models together (an earlier export of another
+    model beside this one), though each records the SHA-256 of the file it came from."""
+    from edgesqueeze.verify import mixed_sources_note
+
+    rows = [dict(r) for r in report["artifacts"]]
+    assert mixed_sources_note(rows) is None  # no sources recorded (the .pt, the .esq)
+    for r, sha in zip(rows[1:], ["a" * 64, "a" * 64, "b" * 64]):
+        r["source_sha256"] = sha
+    note = mixed_sources_note(rows)
+    assert note.startswith("the exported files come from 2 different model files") and "bbbbbbbbbbbb: " in note, note
+    md = vr.markdown({**report, "artifacts": rows, "notes": [note]})
+    assert "- note: the exported files come from 2 different model files" in md
+    for r in rows:
+        r["source_sha256"] = "a" * 64
+    assert mixed_sources_note(rows) is None

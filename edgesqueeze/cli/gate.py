@@ -225,6 +225,36 @@ def _with_budget_options(fn):
     return fn
 
 
+def _without_earlier_reports(paths) -> tuple[Path, ...]:
+    """``paths`` less an earlier verify's report files (its JSON with its markdown and plots),
+    with a note: `verify out/*` a second time took the first run's verify.json as an input
+    (refused, it is also the output) and its .md and plots as models that could not be measured.
+    A file counts when it is a verify report (JSON with "artifacts" and "machine") or the
+    markdown or a plot of one among ``paths``."""
+    from edgesqueeze.verify_report import plot_paths
+
+    reports = []
+    for p in paths:
+        if Path(p).suffix.lower() == ".json" and Path(p).is_file():
+            try:
+                raw = json.loads(Path(p).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(raw, dict) and "artifacts" in raw and "machine" in raw:
+                reports.append(Path(p))
+    if not reports:
+        return tuple(paths)
+    drop = {os.path.realpath(f) for r in reports for f in (r, r.with_suffix(".md"), *plot_paths(r).values())}
+    kept = tuple(p for p in paths if os.path.realpath(p) not in drop)
+    left = [str(p) for p in paths if os.path.realpath(p) in drop]
+    click.echo(f"note: left out {', '.join(left)}: an earlier verify's report (not a model); this run writes its own",
+               err=True)
+    if not kept:
+        raise click.UsageError("every file given is an earlier verify's report; give the model files (.pt, .esq, "
+                               ".onnx, .tflite) to verify")
+    return kept
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=PathType(path_type=Path))
 @click.option("--data", "dataset", callback=check_dataset_option,
@@ -278,6 +308,7 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, pr
         raise click.BadParameter("verify writes a JSON report with its markdown and plots beside it, so it "
                                  "needs a file name, not standard output; give e.g. --out verify.json and "
                                  "read it with `edgesqueeze check verify.json ...`", param_hint="--out")
+    paths = _without_earlier_reports(paths)
     out = Path(out_path) if out_path else Path(paths[0]).parent / "verify.json"
     if names_a_folder(out, out_path):  # --out results/, as compress's --out
         out = out / "verify.json"

@@ -404,8 +404,9 @@ def _clear_earlier_outputs(out: Path, config: ExportConfig, stem: str, log: Log)
     for fmt in config.formats:
         if not config.pack or fmt == "tflite-micro":
             _remove_stale_packed(out / f"{stem}{SUFFIX[fmt]}", log)
-    others = [n for f in ALL_FORMATS if f not in config.formats
-              for n in (f"{stem}{SUFFIX[f]}", f"{stem}{SUFFIX[f]}.esq") if (out / n).is_file()]
+    mine = set(output_names(config, stem))  # and files of any other model (another stem) the folder holds
+    others = sorted(p.name for p in out.iterdir() if p.is_file() and p.name not in mine
+                    and p.name.lower().endswith((".onnx", ".tflite", ".onnx.esq", ".tflite.esq")))
     if others:  # another model's files of the same name: verify OUT/* judged them beside this export's
         log(f"note: {out}/ also holds {', '.join(others)}, which this export does not write: an earlier "
             "export's, perhaps of another model; verify the files this export writes (listed below), or "
