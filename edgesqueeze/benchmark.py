@@ -82,6 +82,14 @@ def _torch_cold(path: Path, threads: int | None, model_args) -> tuple[Artifact, 
     (an .esq decoded on the way), median of 3 loads after a first untimed one."""
     import time
 
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:  # a device install: say which file, and what runs there
+        from edgesqueeze.errors import RuntimeBackendError
+
+        raise RuntimeBackendError(f"{path}: a PyTorch file ({path.suffix or 'no suffix'}), which bench times in "
+                                  "PyTorch, not installed here (a device install); bench its exported files "
+                                  "(.onnx, .tflite, or packed .onnx.esq / .tflite.esq) here instead")
     times = []
     for i in range(4):
         t0 = time.perf_counter()
@@ -145,8 +153,9 @@ def bench_files(paths: list[Path], *, batch_sizes: list[int], runs: int = 50, wa
     # the PyTorch files first: one that cannot be opened (no torch on a device, a state_dict
     # without --arch) is refused before the runtime files' cold loads are timed
     opened = {i: _torch_cold(Path(p), threads, model_args) for i, (p, t) in enumerate(zip(paths, torch_files)) if t}
-    if runtime_paths:
-        log(f"timing loads: 1 + 3 loads of each of {len(runtime_paths)} file(s), interleaved")
+    if runtime_paths:  # the PyTorch files' loads were timed above, one each
+        log(f"timing loads: 1 + 3 loads of each of {len(runtime_paths)} runtime file(s), interleaved"
+            + (f" (the {len(opened)} PyTorch file(s): loaded once each, above)" if opened else ""))
     loaded = iter(cold_loads(runtime_paths, threads=threads, portable=portable)) if runtime_paths else iter(())
     arts, cold = [], []
     for i in range(len(paths)):

@@ -356,6 +356,40 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     return report
 
 
+def measure_sizes(paths: list[str | Path], *, log: Log = print) -> list[dict[str, Any]]:
+    """Rows of ``paths`` (runtime files: .onnx, .tflite, packed .onnx.esq / .tflite.esq) for a
+    budget of sizes alone: each file opened through its runtime, as the device opens it
+    (``edgesqueeze.runtime.load``: its checksum, a packed file decoded and its SHA-256
+    checked), its bytes counted, no test images run. `check FILE --max-size` evaluated every
+    file on its dataset, which needs torch: a device could not gate a file's size."""
+    from edgesqueeze import runtime
+
+    rows = []
+    for path in map(Path, paths):
+        row: dict[str, Any] = {"path": str(path), "format": format_from_name(path), "runtime": None, "bytes": None,
+                               "gzip_bytes": None, "n": 0, "accuracy": None, "agreement": None,
+                               "reference_accuracy": None, "decode_check": None, "latency_ms": None,
+                               "warning": None, "error": None}
+        try:
+            art = runtime.load(path)
+            row["format"] = _artifact_format(art.kind, art.meta or {}, art) + (".esq" if art.packed else "")
+            row["runtime"] = f"edgesqueeze unpack + {art.backend}" if art.packed else art.backend
+            row["decode_check"] = True if art.packed else None
+            row["bytes"] = path.stat().st_size
+            if art.meta and art.meta.get("source_sha256"):
+                row["source_sha256"] = art.meta["source_sha256"]
+            log(f"{path} [{row['format']}, {row['runtime']}]: {row['bytes']:,} B (opened; size budget only, "
+                "not evaluated)")
+        except EdgesqueezeError as exc:
+            row["error"] = str(exc)
+        except (OSError, ValueError, RuntimeError) as exc:  # a runtime refusing a damaged file
+            row["error"] = f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if row["error"]:
+            log(f"{path}: NOT measured: {row['error']}")
+        rows.append(row)
+    return rows
+
+
 def mixed_sources_note(rows: list[dict[str, Any]]) -> str | None:
     """A line when the exported files measured were exported from more than one model file
     (their recorded ``source_sha256`` differ): `verify out/*` over a folder holding an earlier

@@ -241,7 +241,10 @@ def test_run_takes_folders_each_file_once_in_batches(onnx_models, tmp_path):
     folder, again = tmp_path / "imgs", tmp_path / "imgs" / "z.png"
     r = _cli("run", onnx_models["fp32"], folder, again, "-k", 2, "--json", "-b", 1)
     assert r.exit_code == 0, r.stderr
-    assert r.stderr.startswith("note: 1 image path(s) given more than once") and str(again) in r.stderr
+    assert r.stderr.startswith(f"note: 1 image file(s) given more than once, each classified once: {again} (2 times)")
+    # one file named three times more was "3 image path(s) given more than once ...: z.png, z.png, z.png"
+    r4 = _cli("run", onnx_models["fp32"], again, again, folder, again, "-k", 1, "--json")
+    assert r4.stderr.startswith(f"note: 1 image file(s) given more than once, each classified once: {again} (4 times)")
     by_one = json.loads(r.stdout)
     assert list(by_one) == [str(tmp_path / n) for n in ("imgs/a.jpg", "imgs/b/c.PNG", "imgs/b/d.bmp", "imgs/z.png")]
     r = _cli("run", onnx_models["fp32"], folder, "-k", 2, "--json", "-b", 3)

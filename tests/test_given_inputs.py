@@ -249,3 +249,27 @@ def test_export_reads_an_image_folder_at_the_models_input_as_verify_does(tmp_pat
     assert meta["input_shape"] == [3, 16, 16] and meta["resize"] is None and meta["calibration"]["images"] == 4
     res = _run("verify", tmp_path / "x" / "m.onnx", tmp_path / "x" / "m.int8.onnx", "--out", tmp_path / "v.json")
     assert res.exit_code == 0, res.output
+
+
+def test_info_and_inspect_json_are_strict_json_when_the_metadata_holds_nan(tmp_path):
+    """A checkpoint whose recorded metrics hold NaN (a diverged run): `info --json` and `inspect
+    --json` printed `"loss": NaN`, which strict JSON parsers refuse (eval --json wrote null)."""
+    import json
+
+    from edgesqueeze.checkpoint import save_checkpoint
+    from edgesqueeze.models import build_model
+
+    path = tmp_path / "nan.pt"
+    save_checkpoint(path, build_model("squeezenet_mnist", num_classes=10, width_mult=0.25),
+                    {"arch": "squeezenet_mnist", "arch_kwargs": {"width_mult": 0.25}, "dataset": "digits",
+                     "metrics": {"test": {"accuracy": 0.1, "loss": float("nan")}, "best": float("inf")}})
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    for command in ("info", "inspect"):
+        res = _run(command, path, "--json")
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.stdout, parse_constant=refuse)
+        assert "NaN" not in res.stdout and "Infinity" not in res.stdout, (command, res.stdout)
+        assert isinstance(out, dict)

@@ -154,7 +154,9 @@ def test_bench_on_a_device_refuses_a_pt_file_before_timing_the_others(onnx_model
     r = subprocess.run([sys.executable, "-c", _BENCH_PT, str(onnx_models["fp32"]), str(pt)],
                        capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
     assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "needs the Python package 'torch'" in r.stderr and "timing loads" not in r.stderr, r.stderr
+    # and which file: it said only "this needs the Python package 'torch'"
+    assert f"{pt}: a PyTorch file (.pt), which bench times in PyTorch, not installed here" in r.stderr, r.stderr
+    assert "timing loads" not in r.stderr
 
 
 _VERIFY = _RUNTIME_INSTALL + r"""
@@ -337,3 +339,34 @@ def test_unpack_of_a_checkpoint_archive_on_a_device_says_first_that_it_needs_tor
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(tmp_path), timeout=300)
     assert r.returncode == 2 and "writes a PyTorch checkpoint, which needs torch" in r.stderr, r.stderr
     assert "pass -o model.pt" not in r.stderr and not list(tmp_path.iterdir())
+
+
+_SIZE_GATE = _RUNTIME_INSTALL + r"""
+sys.argv = ["edgesqueeze", "check", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_size_gate_on_a_device_opens_the_files_without_torch_or_data(onnx_models, tmp_path):
+    """`check model.int8.tflite.esq --max-size 20KB` on a device said "this needs the Python
+    package 'torch'": a size budget alone evaluated every file on its dataset. It opens each file
+    through its runtime (a damaged one is an ERROR, exit 2) and judges its bytes."""
+    from edgesqueeze.export.packed import pack_file
+
+    packed, _ = pack_file(onnx_models["fp32"], tmp_path / "tiny.onnx.esq", fmt="onnx")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    size = packed.stat().st_size
+
+    def gate(*args):
+        return subprocess.run([sys.executable, "-c", _SIZE_GATE, *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=str(tmp_path), timeout=300)
+
+    r = gate(packed, onnx_models["fp32"], "--max-size", f"{size}B", "--max-size-for", "onnx=1MB")
+    assert r.returncode == 0 and "2 passed" in r.stdout, (r.stdout, r.stderr)
+    assert "size budget only, not evaluated" in r.stderr
+    r = gate(packed, "--max-size", f"{size - 1}B")
+    assert r.returncode == 1 and "1 B over the budget" in r.stdout, (r.stdout, r.stderr)
+    broken = tmp_path / "broken.onnx.esq"
+    broken.write_bytes(packed.read_bytes()[:-9])
+    r = gate(broken, "--max-size", "1MB")
+    assert r.returncode == 2 and "ERROR" in r.stdout and "PASS" not in r.stdout, (r.stdout, r.stderr)

@@ -36,6 +36,24 @@ _show_other = warnings.showwarning
 _WRITERS = {"train", "compress", "export", "verify", "check", "sensitivity", "bench", "unpack", "reseal"}
 
 
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of ``obj`` as strict JSON: a non-finite float (a diverged model's NaN loss,
+    recorded in its metadata) is ``null``, not the ``NaN`` no parser but Python's reads."""
+    import json
+    import math
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
 def _to_devnull(stream) -> None:
     """Point ``stream``'s file descriptor at /dev/null, so that Python's flush at exit does not
     raise BrokenPipeError again once the reader has gone."""

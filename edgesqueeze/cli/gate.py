@@ -225,6 +225,16 @@ def _with_budget_options(fn):
     return fn
 
 
+def _sniff_kind(path: Path) -> str:
+    from edgesqueeze.errors import EdgesqueezeError
+    from edgesqueeze.verify import sniff
+
+    try:
+        return sniff(path)
+    except EdgesqueezeError:
+        return "unknown"  # measured (and refused) as before
+
+
 def _without_earlier_reports(paths) -> tuple[Path, ...]:
     """``paths`` less an earlier verify's report files (its JSON with its markdown and plots),
     with a note: `verify out/*` a second time took the first run's verify.json as an input
@@ -460,7 +470,13 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
     if unused and not files:  # they were dropped without a word: a report's rows are its own numbers
         click.echo(f"note: {', '.join(unused)} apply to artifact files measured now; a report is judged by the "
                    "numbers it holds (run `edgesqueeze verify` with them to measure again)", err=True)
-    if files:
+    sizes_only = (budget.min_accuracy is None and budget.max_drop is None and budget.min_agreement is None
+                  and not unused)
+    if files and sizes_only and all(_sniff_kind(p) in ("onnx", "tflite", "packed") for p in files):
+        from edgesqueeze.verify import measure_sizes  # no dataset, no torch: a size gate on a device
+
+        rows.extend(measure_sizes(files, log=lambda m: click.echo(m, err=True)))
+    elif files:
         from edgesqueeze.verify import evaluate_artifacts  # numpy and the runtimes: only for files to measure
 
         report = evaluate_artifacts(files, dataset=dataset, data_dir=data_dir or model_opts.data_dir,

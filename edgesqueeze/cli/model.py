@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import click
 
 from edgesqueeze.cli._group import (FiniteRange, PathType, _progress_default, check_dataset_option, cli,
-                                    device_option, model_options, progress_bars, progress_option, recipe_option)
+                                    device_option, model_options, progress_bars, progress_option, recipe_option,
+                                    strict_json)
 
 
 @cli.command()
@@ -125,8 +125,7 @@ def eval_cmd(model_path, dataset, split, data_dir, val_fraction, seed, limit, im
     if dataset is None:
         model_opts.note_dataset_recorded(metrics.get("dataset"), "eval")
     if as_json:  # strict JSON: a diverged model's NaN loss is null, not the NaN no parser but Python's reads
-        click.echo(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                               for k, v in metrics.items()}, indent=2, allow_nan=False))
+        click.echo(strict_json(metrics, indent=2))
         return
     if metrics["normalization"].startswith("measured"):
         click.echo(f"note: input normalization {metrics['normalization']}", err=True)
@@ -216,7 +215,7 @@ def info(model_path, model_opts, as_json):
 
     desc = describe_file(model_path, **model_opts.load_kwargs())
     if as_json:
-        click.echo(json.dumps(desc, indent=2))
+        click.echo(strict_json(desc, indent=2))
         return
     for key, value in desc.items():
         if isinstance(value, (dict, list)):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgesqueeze.cli._group import PathType, cli, model_options, progress_bars, threads_option
+from edgesqueeze.cli._group import PathType, cli, model_options, progress_bars, strict_json, threads_option
 from edgesqueeze.errors import DataError
 
 
@@ -38,7 +38,7 @@ def inspect(path, as_json, model_opts):
                        f"model file; {path} is an exported "
                        "file, which records its own: not used", err=True)
     if as_json:
-        click.echo(json.dumps(desc, indent=2, default=str))
+        click.echo(strict_json(desc, indent=2, default=str))
     else:
         click.echo("\n".join(summary_lines(desc)))
     if str(desc.get("checksum", "")).startswith("DOES NOT MATCH"):  # described, yet damaged: run and verify

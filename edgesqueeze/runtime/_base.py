@@ -164,7 +164,9 @@ def classify(path: Path) -> tuple[str, bytes]:
     if what in ("zip", "pickle"):
         raise RuntimeBackendError(
             f"{path}: is a PyTorch checkpoint, which the runtimes do not run; export it to "
-            f".onnx or .tflite with `edgesqueeze export` first (eval and bench run it in PyTorch)")
+            f".onnx or .tflite with `edgesqueeze export` first (eval and bench run it in PyTorch; all three need "
+            f"the toolchain, pip install 'edgesqueeze[train,export]', which a device install does not have: "
+            f"copy the exported file to the device)")
     if what == "hdf5":
         raise FormatError(f"{path}: is an HDF5 (Keras) file, not an .onnx or .tflite model")
     return ("tflite" if what == "tflite" else "onnx"), head

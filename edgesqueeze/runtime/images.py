@@ -297,8 +297,12 @@ def image_files(args: Sequence[str | os.PathLike]) -> list[str]:
             paths = [arg]
         named += paths
     out, repeats = once_each(named)
-    if repeats:
-        more = f" and {len(repeats) - 3} more" if len(repeats) > 3 else ""
-        warnings.warn(f"{len(repeats)} image path(s) given more than once, classified once: "
-                      f"{', '.join(repeats[:3])}{more}", Note, stacklevel=2)
+    if repeats:  # one file named four times was "3 image path(s) ... : a, a, a"
+        from collections import Counter
+
+        times = Counter(os.path.realpath(p) for p in named)
+        twice = [(p, times[os.path.realpath(p)]) for p in out if times[os.path.realpath(p)] > 1]
+        more = f" and {len(twice) - 3} more" if len(twice) > 3 else ""
+        warnings.warn(f"{len(twice)} image file(s) given more than once, each classified once: "
+                      f"{', '.join(f'{p} ({n} times)' for p, n in twice[:3])}{more}", Note, stacklevel=2)
     return out
