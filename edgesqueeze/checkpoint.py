@@ -574,7 +574,16 @@ def _load_model(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
             raise CheckpointError(f"{path}: a {what} with {low} weights; edgesqueeze feeds, compresses and exports "
                                   "float32 models: save it from the float32 model (model.float() before "
                                   f"{'torch.jit.script/trace' if kind == 'torchscript' else 'torch.export'})")
-        return LoadedModel(model, apply_input_meta({}, input_meta, source=str(path)), kind, path, program)
+        meta = apply_input_meta({}, input_meta, source=str(path))
+        if kind == "exported_program" and "input_shape" not in meta:
+            # a program whose graph fixes C,H,W says so (export, bench and eval asked for --input-shape,
+            # then refused another one by the program's own guard)
+            from edgesqueeze.models.program import program_input_shape
+
+            shape = program_input_shape(program)
+            if shape is not None:
+                meta["input_shape"] = shape
+        return LoadedModel(model, meta, kind, path, program)
 
     try:
         obj = _safe_torch_load(path)

@@ -173,20 +173,9 @@ def _program_batch(loaded) -> int | None:
 def _program_input_shape(loaded) -> list[int] | None:
     """A torch.export program's first input, less its batch dimension (None where a dimension
     other than the batch is symbolic, or the file is not such a program)."""
-    import torch
+    from edgesqueeze.models.program import program_input_shape
 
-    program = loaded.source_program
-    if not isinstance(program, torch.export.ExportedProgram):
-        return None
-    user = set(program.graph_signature.user_inputs)
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in user:
-            val = node.meta.get("val")
-            dims = list(getattr(val, "shape", []))[1:]
-            if dims and all(isinstance(d, int) for d in dims):
-                return [int(d) for d in dims]
-            return None
-    return None
+    return program_input_shape(loaded.source_program)
 
 
 def summary_lines(desc: dict[str, Any], *, max_tensors: int = 60) -> list[str]:

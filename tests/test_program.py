@@ -345,3 +345,27 @@ def test_skeleton_restore_round_trip(kind, scripts, programs, net, x):
         restore(kind, skeleton, {**lifted.state_dict(), "down.weight": torch.zeros(1)})
     with pytest.raises(ModelError, match="no state entry 'nope'"):
         program_skeleton(kind, original, ["nope"])
+
+
+def test_a_program_that_fixes_its_input_shape_is_read_with_it(programs, tmp_path):
+    """A .pt2 whose graph fixes C,H,W "did not record its input shape": export asked for
+    --input-shape and bench refused it, though `inspect` showed the shape and another
+    --input-shape failed the program's own guard."""
+    from click.testing import CliRunner
+
+    from edgesqueeze.checkpoint import load_model
+    from edgesqueeze.cli import cli
+    from edgesqueeze.models.program import program_input_shape
+
+    path = tmp_path / "net.pt2"
+    torch.export.save(programs["eager"], str(path))
+    assert program_input_shape(programs["eager"]) == [3, 32, 32]
+    assert load_model(path).meta["input_shape"] == [3, 32, 32]
+    res = CliRunner().invoke(cli, ["export", str(path), "-f", "onnx", "--mean", "0.5", "--std", "0.25",
+                                   "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0 and (tmp_path / "e" / "net.onnx").is_file(), res.output
+    res = CliRunner().invoke(cli, ["bench", str(path), "-b", "1", "--runs", "2", "--warmup", "0"])
+    assert res.exit_code == 0, res.output
+    dynamic = torch.export.export(Net(3).eval(), (torch.randn(2, 3, 32, 32),),
+                                  dynamic_shapes=({2: torch.export.Dim("h", min=8), 3: torch.export.Dim("w", min=8)},))
+    assert program_input_shape(dynamic) is None  # a free size is not guessed

@@ -52,10 +52,30 @@ from torch import fx, nn
 from edgesqueeze._io import native_stderr
 from edgesqueeze.errors import ModelError
 
-__all__ = ["KINDS", "lift", "program_skeleton", "restore", "runnable", "to_exported_program"]
+__all__ = ["KINDS", "lift", "program_input_shape", "program_skeleton", "restore", "runnable",
+           "to_exported_program"]
 
 KINDS = ("torchscript", "exported_program")
 _ZEROED_FILE = "edgesqueeze_zeroed.json"  # extra file in a skeleton: the names zeroed in it
+
+
+
+def program_input_shape(program) -> list[int] | None:
+    """A torch.export program's one user input less its batch dimension, where the graph fixes
+    every one of those dimensions (None where one is symbolic, the program takes more than one
+    input, or ``program`` is not an ``ExportedProgram``)."""
+    if not isinstance(program, torch.export.ExportedProgram):
+        return None
+    user = set(program.graph_signature.user_inputs)
+    if len(user) != 1:  # not an image classifier's forward(x): its callers say what to do
+        return None
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            dims = list(getattr(node.meta.get("val"), "shape", []))[1:]
+            if dims and all(isinstance(d, int) for d in dims):
+                return [int(d) for d in dims]
+            return None
+    return None
 
 _aten = torch.ops.aten
 
