@@ -353,6 +353,9 @@ def test_a_reader_that_stops_reading_does_not_stop_a_command_that_writes_files(o
     os.close(w_fd)
     assert p.returncode == 0, p.stderr
     assert json.loads(rows.read_text())[0]["batch_size"] == 1  # written after the table was printed
+    helped = subprocess.run([sys.executable, "-m", "edgesqueeze", "bench", "--help"], capture_output=True, text=True,
+                            env={**env, "COLUMNS": "400"}, timeout=120).stdout
+    assert not [k for k in json.loads(rows.read_text())[0] if k not in helped]  # every key is documented
 
 
 def test_unpack_to_standard_output_and_to_a_name_of_another_format(packed, onnx_models, tmp_path):

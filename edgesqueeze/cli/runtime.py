@@ -146,7 +146,11 @@ def run_cmd(model_path, images, top_k, threads, batch_size, as_json, mean, std, 
 @threads_option("Threads of every runtime, PyTorch's too [default: each runtime's own: onnxruntime one per "
                 "physical core, LiteRT 1, PyTorch its intra-op count; give it to time files alike].")
 @click.option("--json", "json_path", type=PathType(dir_okay=False, allow_dash=True, path_type=Path),
-              help="Write rows as JSON ('-': standard output, and the table goes to standard error).")
+              help="Write rows as JSON ('-': standard output, and the table goes to standard error): one per "
+                   "file and batch size, with file, format, backend, batch_size, threads, portable, p50_ms, "
+                   "p90_ms, mean_ms, ratio (p50 over the first file's), bytes, cold_load_ms (the load time "
+                   "above), decode_ms (a packed file's decoding, else null), runs, warmup, date, "
+                   "edgesqueeze_version and cpu (model, ISA features, int8 kernels, cores).")
 @click.option("--portable/--x86-nchwc", "portable", default=None,
               help="ONNX only. --x86-nchwc: onnxruntime's default optimizations, NCHWc float kernels "
                    "included, even for onnx-int8 files made for any CPU, which are otherwise opened "
