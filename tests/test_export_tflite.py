@@ -259,6 +259,12 @@ def test_int8_io_and_folded_normalization(trained, digits, reference, int8_file,
     y, inp = run(path, pixels)
     assert inp["dtype"] == np.int8 and list(inp["shape_signature"]) == [-1, 1, 28, 28]
     assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    # a float first conv with int8 input (the digits recipe keeps features.0 float): the error
+    # said to keep float "the first conv", which was what was asked
+    with pytest.raises(ExportError, match=r"int8 input and output \(tflite_int8_io: int8\): float_layers "
+                                          r"features\.0 cannot stay float"):
+        export_tflite_int8(trained.model, trained.meta, tmp_path / "f.tflite", calib[:32], io="int8",
+                           float_layers=["features.0"], weight_rounding="nearest")
 
 
 @pytest.mark.slow

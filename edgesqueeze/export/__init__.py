@@ -303,7 +303,7 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                     _export_tflite_int8(model, meta, path, calib, config, shared, seed=seed, digest=digest, device=device,
                                         rounded=rounded, s2d_stem=s2d_stem)
                 log(f"{path}: {path.stat().st_size:,} bytes ({fmt})")
-                if fmt == "tflite-int8":
+                if fmt == "tflite-int8" and config.tflite_int8_io != "int8":  # an int8 input: no float stem
                     from edgesqueeze.export.tflite import int8_stem_note
 
                     note = int8_stem_note(model, config.float_layers_for(fmt), int(meta["input_shape"][0]),

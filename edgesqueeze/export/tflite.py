@@ -441,10 +441,22 @@ def export_tflite_int8(model: nn.Module, meta: dict[str, Any], out: str | os.Pat
                        quant_config=QuantConfig(pt2e_quantizer=quantizer))
     data = finalize(content, lambda dtype: {**art, "input_dtype": dtype}, float_io=io == "float")
     converted = schema()[1].read_model_from_bytearray(bytearray(data))
+    int8_io_floats = ExportError(
+        f"tflite-int8 with int8 input and output (tflite_int8_io: int8): float_layers {', '.join(float_layers)} "
+        "cannot stay float there: a float region at the input leaves the file a float input, and one elsewhere "
+        "is quantized by the converter; export it with no float layers (--float-layers none, or "
+        "export.float_layers_by_format: {tflite-int8: []}), or keep float input and output (tflite_int8_io: float)")
     if io == "int8" and io_dtype(converted) != "int8":
-        raise ExportError(f"io='int8': the converted input is {io_dtype(converted)} (is the first "
-                          "layer in float_layers?); use io='float'")
-    check_converted_float_layers(model, float_layers, converted)
+        if float_layers:
+            raise int8_io_floats
+        raise ExportError(f"io='int8': the converted input is {io_dtype(converted)}; use io='float'")
+    try:
+        check_converted_float_layers(model, float_layers, converted)
+    except ExportError:
+        if io != "int8":
+            raise
+        # the message said to keep the first conv float, which was what was asked
+        raise int8_io_floats from None
     out = Path(out)
     write_bytes_atomic(out, seal(data))  # its own CRC-32 in its metadata
     return out
