@@ -152,3 +152,37 @@ def test_an_unreachable_target_at_one_bit_does_not_advise_lowering_min_bits(aux_
               "--set", "compress.ptq.target_bytes=500", "--out", tmp_path / "o", "--no-progress")
     assert res.exit_code == 1 and "min_bits is 1 already" in res.output, res.output
     assert "lower compress.ptq.min_bits" not in res.output and "lower min_bits" not in res.output, res.output
+
+
+_BARE = '''
+import torch
+from torch import nn
+
+
+class Bare(nn.Module):
+    def __init__(self, num_classes=10, in_channels=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 64, 3)
+        self.proj = nn.Parameter(torch.randn(64, num_classes) * 0.1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).mean((2, 3)) @ self.proj
+'''
+
+
+def test_a_parameter_of_the_model_itself_left_raw_is_said(tmp_path):
+    """`x @ self.proj` on a bare parameter: the archive kept it raw float32 (51% of it in the
+    audit) while the log said only how much of the conv and linear weights pruning kept."""
+    (tmp_path / "nets.py").write_text(_BARE)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bare_nets", tmp_path / "nets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    torch.save(mod.Bare().state_dict(), tmp_path / "bare.pt")
+    res = run("compress", tmp_path / "bare.pt", "--arch", f"{tmp_path / 'nets.py'}:Bare", "--data", "digits",
+              "--out", tmp_path / "o", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "1 tensor(s) of other layer types stay raw float32 in the .esq" in res.output, res.output
+    assert "proj (a parameter of Bare itself, 640 values)" in res.output

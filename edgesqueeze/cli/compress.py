@@ -118,9 +118,12 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
         lower = "lower compress.ptq.min_bits" if cfg.get("min_bits", 2) > 1 else "min_bits is 1 already"
         why = ("with compress.ptq.allocation: uniform, which gives every layer compress.ptq.bits; lower the bits"
                if uniform else f"even with every layer at its smallest codebook; {lower}")
+        raw = int(result.report["totals"].get("raw_bytes") or 0)
+        beyond = (f" ({raw:,} B of the archive are raw tensors ptq does not code: biases, and weights that are "
+                  "not Conv2d/Linear ones)" if raw > 0.1 * ptq["target_bytes"] else "")
         raise BudgetError(f"{result.out_dir / 'model.esq'}: {result.report['totals']['esq_bytes']:,} B is over "
                           f"compress.ptq.target_bytes ({ptq['target_bytes']:,} B) {why}, prune more before ptq, "
-                          "or raise the target. The archive and its report are written")
+                          f"or raise the target{beyond}. The archive and its report are written")
 
 
 def _write_stdout_whole(data: bytes, source: Path) -> None:
