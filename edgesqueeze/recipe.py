@@ -397,6 +397,13 @@ _STAGE_DEFAULTS = {"compress.prune": "sparsity 0.5, oneshot", "compress.cluster"
                    "compress.ptq": "bits 7 (5-8), no target_bytes"}
 
 
+def _section(raw: Any, path: list[str]) -> bool:
+    """Whether ``raw`` holds a non-empty mapping at ``path``."""
+    for part in path:
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return isinstance(raw, dict) and bool(raw)
+
+
 def _key_parts(key: str, item: str) -> list[str]:
     for mapping in _NAMED_MAPPINGS:
         if key.startswith(mapping + ".") and key != mapping + ".":
@@ -422,7 +429,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """
     # a deep copy that keeps what YAML gave (a JSON round trip turned the int key of
     # `layers: {1: 0.5}` into '1', which then passed, and failed on a date or a recursive alias)
-    raw = copy.deepcopy(raw)
+    given, raw = raw, copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -438,7 +445,8 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             if child is None:  # absent, or left empty in the file (`train:`): a section to fill
                 child = node[part] = {}
                 stage = ".".join(parts[:i + 1])
-                if stage in _STAGE_DEFAULTS:  # compress.prune.max_drop=3 pruned to 50% without a word
+                if stage in _STAGE_DEFAULTS and _section(given, parts[:i]):  # compress.prune.max_drop=3 on a
+                    # recipe naming other stages pruned to 50% unsaid (with no compress section, --set turns one on)
                     import warnings
 
                     from edgesqueeze.errors import Note

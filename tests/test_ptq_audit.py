@@ -60,14 +60,19 @@ def aux_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("ptq-audit")
     (d / "nets.py").write_text(NETS)
     (d / "ptq.yaml").write_text(RECIPE)
+    _save_state(d / "nets.py", "AuxWide", d / "aux.pt")
+    return d
+
+
+def _save_state(nets: Path, cls: str, out: Path) -> None:
+    """The state_dict of ``cls`` from the file ``nets`` (seed 0), saved to ``out``."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("audit_nets", d / "nets.py")
+    spec = importlib.util.spec_from_file_location(f"nets_{cls.lower()}", nets)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     torch.manual_seed(0)
-    torch.save(mod.AuxWide().state_dict(), d / "aux.pt")
-    return d
+    torch.save(getattr(mod, cls)().state_dict(), out)
 
 
 def test_a_layer_the_eval_forward_never_calls_is_compressed_not_a_traceback(aux_model, tmp_path):
@@ -174,13 +179,7 @@ def test_a_parameter_of_the_model_itself_left_raw_is_said(tmp_path):
     """`x @ self.proj` on a bare parameter: the archive kept it raw float32 (51% of it in the
     audit) while the log said only how much of the conv and linear weights pruning kept."""
     (tmp_path / "nets.py").write_text(_BARE)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bare_nets", tmp_path / "nets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    torch.manual_seed(0)
-    torch.save(mod.Bare().state_dict(), tmp_path / "bare.pt")
+    _save_state(tmp_path / "nets.py", "Bare", tmp_path / "bare.pt")
     res = run("compress", tmp_path / "bare.pt", "--arch", f"{tmp_path / 'nets.py'}:Bare", "--data", "digits",
               "--out", tmp_path / "o", "--no-progress")
     assert res.exit_code == 0, res.output
