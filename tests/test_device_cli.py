@@ -552,3 +552,29 @@ def test_a_file_name_with_a_line_break_keeps_the_error_on_one_line(tmp_path):
         r = _cli(*args)
         lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("timing ")]
         assert r.exit_code == 2 and len(lines) == 1 and "\\n" in lines[0], (args, r.stderr)
+
+
+def test_inspect_and_unpack_take_several_files(packed, onnx_models, tmp_path):
+    """`inspect export/*` and `unpack export/*.esq` were "Got unexpected extra arguments": a
+    device given a folder of packed files needed a shell loop (reseal: test_seal)."""
+    import shutil
+
+    a, b = tmp_path / "a.onnx.esq", tmp_path / "b.onnx.esq"
+    shutil.copy(packed, a)
+    shutil.copy(packed, b)
+    r = _cli("inspect", a, b, onnx_models["fp32"])
+    assert r.exit_code == 0 and r.stdout.count("\n\n") >= 2 and str(b) in r.stdout, r.output
+    r = _cli("inspect", a, b, "--json")
+    assert r.exit_code == 0 and [d["path"] for d in json.loads(r.stdout)] == [str(a), str(b)], r.output
+    r = _cli("unpack", a, b, "-o", tmp_path / "one.onnx")
+    assert r.exit_code == 2 and "2 archives to unpack, one output file" in r.stderr, r.output
+    from edgesqueeze.export.packed import pack_file
+
+    c, _ = pack_file(onnx_models["int8"], tmp_path / "c.int8.onnx.esq", fmt="onnx-int8")
+    r = _cli("unpack", a, c, "-o", f"{tmp_path / 'plain'}/")
+    assert r.exit_code == 0, r.output
+    for source in ("fp32", "int8"):
+        plain = Path(onnx_models[source])
+        assert (tmp_path / "plain" / plain.name).read_bytes() == plain.read_bytes()
+    r = _cli("unpack", b, "-o", f"{tmp_path / 'plain'}/")  # the same recorded name as a's: refused, as one file is
+    assert r.exit_code == 2 and "exists; pass --force" in r.stderr, r.output

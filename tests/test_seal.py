@@ -136,3 +136,29 @@ def test_seal_never_writes_over_a_record_that_is_not_8_digits():
     data = b'{"file_crc32":"","format":"edgesqueeze.artifact"}'
     with pytest.raises(FormatError, match="not 8 hex digits"):
         seal(data)
+
+
+def test_reseal_and_inspect_take_several_files_and_name_the_damaged_one(exported, tmp_path):
+    """`reseal export/*.onnx` was "Got unexpected extra arguments"; `inspect` of several files
+    describes each, then exits 2 naming the damaged one."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgesqueeze.cli import cli
+
+    _, written, _ = exported
+    plain = [p for p in written if p.suffix in (".onnx", ".tflite")][:2]
+    copies = [tmp_path / f"copy{i}{p.suffix}" for i, p in enumerate(plain)]
+    for p, copy in zip(plain, copies):
+        shutil.copy(p, copy)
+    res = CliRunner().invoke(cli, ["reseal", *map(str, copies)])
+    assert res.exit_code == 0 and res.output.count("already matches") == 2, res.output
+    damaged = bytearray(copies[1].read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10
+    copies[1].write_bytes(bytes(damaged))
+    res = CliRunner().invoke(cli, ["inspect", str(copies[1]), str(copies[0])])
+    assert res.exit_code == 2 and str(copies[0]) in res.stdout, res.output
+    assert res.stderr.startswith(f"error: {copies[1]}: its bytes are not the ones exported"), res.stderr
+    res = CliRunner().invoke(cli, ["reseal", str(copies[1]), str(copies[0])])
+    assert res.exit_code == 0 and "recorded again" in res.output and "already matches" in res.output, res.output

@@ -144,7 +144,7 @@ def _write_stdout_whole(data: bytes, source: Path) -> None:
 
 
 @cli.command()
-@click.argument("esq_path", type=PathType(dir_okay=False, path_type=Path))
+@click.argument("esq_paths", nargs=-1, required=True, type=PathType(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "--out", "out_path", type=PathType(allow_dash=True),
               help="File to write: a checkpoint (.pt) for a checkpoint archive; for a packed file, the "
                    ".onnx/.tflite [default: its recorded name, beside it]; '-': standard output. A folder "
@@ -152,9 +152,10 @@ def _write_stdout_whole(data: bytes, source: Path) -> None:
                    "recorded name or the archive's name as .pt. --out is the same option, as the other "
                    "commands spell it.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists [default: refuse].")
-def unpack(esq_path, out_path, force):
+def unpack(esq_paths, out_path, force):
     """Decode a .esq archive: a checkpoint archive into a normal edgesqueeze checkpoint, a
-    packed .onnx.esq / .tflite.esq into its plain .onnx / .tflite.
+    packed .onnx.esq / .tflite.esq into its plain .onnx / .tflite. Several archives are
+    unpacked one after another, each beside itself or into the folder -o names.
 
     Both are exact: the weights bit for bit, a packed file's bytes checked against the
     SHA-256 it recorded. A packed file unpacks without PyTorch (a device install); a
@@ -165,7 +166,22 @@ def unpack(esq_path, out_path, force):
     Examples:
       edgesqueeze unpack artifacts/squeezenet-digits/compressed/model.esq -o model.pt
       edgesqueeze unpack model.int8.tflite.esq -o plain.tflite  # the plain file, on a device given only the .esq
+      edgesqueeze unpack export/*.esq -o plain/                  # each packed file's plain file, in plain/
     """
+    from edgesqueeze._io import once_each
+
+    unique, _ = once_each(esq_paths)
+    if len(unique) > 1 and out_path == "-":
+        raise click.UsageError(f"-o -: {len(unique)} archives cannot share standard output; unpack one at a time, "
+                               "or give -o a folder")
+    if len(unique) > 1 and out_path is not None and not names_a_folder(Path(out_path), out_path):
+        raise click.UsageError(f"-o {out_path}: {len(unique)} archives to unpack, one output file; give -o a folder "
+                               "(with a trailing /), or leave -o out to write each beside its archive")
+    for esq_path in map(Path, unique):
+        _unpack_one(esq_path, out_path, force)
+
+
+def _unpack_one(esq_path: Path, out_path, force: bool) -> None:
     import os
 
     from edgesqueeze._io import check_writable, remove_stale_temps, write_bytes_atomic

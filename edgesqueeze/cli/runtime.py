@@ -12,22 +12,45 @@ from edgesqueeze.errors import DataError
 
 
 @cli.command()
-@click.argument("path", type=PathType(dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
+@click.argument("paths", nargs=-1, required=True, type=PathType(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON (a list, for several files).")
 @model_options
-def inspect(path, as_json, model_opts):
+def inspect(paths, as_json, model_opts):
     """What a .pt, .esq, .onnx or .tflite file (or a packed .onnx.esq / .tflite.esq) holds:
-    inputs, outputs, ops, tensors, metadata.
+    inputs, outputs, ops, tensors, metadata. Several files are described one after another.
 
     \b
     A file that is damaged (a plain .onnx/.tflite whose bytes no longer match the CRC-32
     recorded at export) is still described, then refused: exit 2, as `run` and `verify`
-    refuse it.
+    refuse it (after the other files are described).
 
     \b
-    Example:
+    Examples:
       edgesqueeze inspect artifacts/squeezenet-digits/export/model.int8.tflite
+      edgesqueeze inspect artifacts/squeezenet-digits/export/*
     """
+    from edgesqueeze._io import once_each
+
+    unique, _ = once_each(paths)
+    descs, damaged = [], []
+    for i, path in enumerate(map(Path, unique)):
+        show = ("json" if len(unique) == 1 else None) if as_json else "summary"  # several: one JSON list
+        desc = _inspect_one(path, model_opts, show, first=i == 0)
+        descs.append(desc)
+        if str(desc.get("checksum", "")).startswith("DOES NOT MATCH"):
+            damaged.append(path)
+    if as_json and len(unique) > 1:
+        click.echo(strict_json(descs, indent=2, default=str))
+    if damaged:  # described, yet damaged: run and verify refuse it (exit 2), and so does inspect
+        from edgesqueeze.errors import FormatError
+
+        more = f" (and {len(damaged) - 1} more: {', '.join(map(str, damaged[1:]))})" if len(damaged) > 1 else ""
+        raise FormatError(f"{damaged[0]}: its bytes are not the ones exported (the CRC-32 recorded in it does not "
+                          f"match){more}; export it again, or `edgesqueeze reseal` it if it was changed on purpose")
+
+
+def _inspect_one(path: Path, model_opts, show: str | None, *, first: bool) -> dict:
+    """Describe one file: printed (``show``: "summary", "json" or None), and returned."""
     from edgesqueeze.inspect import inspect_file, summary_lines
 
     desc = inspect_file(path, model_opts.load_kwargs())
@@ -37,15 +60,11 @@ def inspect(path, as_json, model_opts):
             click.echo(f"note: {', '.join(unused)} {'describe' if len(unused) > 1 else 'describes'} a PyTorch "
                        f"model file; {path} is an exported "
                        "file, which records its own: not used", err=True)
-    if as_json:
+    if show == "json":
         click.echo(strict_json(desc, indent=2, default=str))
-    else:
-        click.echo("\n".join(summary_lines(desc)))
-    if str(desc.get("checksum", "")).startswith("DOES NOT MATCH"):  # described, yet damaged: run and verify
-        from edgesqueeze.errors import FormatError  # refuse it (exit 2), and so does inspect, after describing it
-
-        raise FormatError(f"{path}: its bytes are not the ones exported (the CRC-32 recorded in it does not match); "
-                          "export it again, or `edgesqueeze reseal` it if it was changed on purpose")
+    elif show == "summary":
+        click.echo(("" if first else "\n") + "\n".join(summary_lines(desc)))
+    return desc
 
 
 @cli.command("run")
@@ -218,8 +237,8 @@ def bench(paths, batch_sizes, runs, warmup, threads, json_path, portable, model_
 
 
 @cli.command()
-@click.argument("path", type=PathType(dir_okay=False, path_type=Path))
-def reseal(path):
+@click.argument("paths", nargs=-1, required=True, type=PathType(dir_okay=False, path_type=Path))
+def reseal(paths):
     """Record a plain .onnx / .tflite file's checksum again, after you changed the file on
     purpose (its metadata edited by another tool, say): the runtime refuses a file whose
     bytes no longer match the CRC-32 recorded at export, as it would a damaged copy.
@@ -228,9 +247,17 @@ def reseal(path):
     matches is left as it is. A packed .esq is not resealed: unpack it, or pack it again.
 
     \b
-    Example:
+    Examples:
       edgesqueeze reseal model.int8.tflite
+      edgesqueeze reseal export/*.onnx export/*.tflite
     """
+    from edgesqueeze._io import once_each
+
+    for path in map(Path, once_each(paths)[0]):
+        _reseal_one(path)
+
+
+def _reseal_one(path: Path) -> None:
     from edgesqueeze._io import write_bytes_atomic
     from edgesqueeze.errors import FormatError
     from edgesqueeze.format.container import MAGIC
