@@ -244,3 +244,29 @@ def test_lossless_compress_of_a_program_takes_its_input_shape_or_asks_for_one(tm
         assert res.exit_code == 0 and "weights bit-identical to the source: yes" in res.output, res.output
     res = CliRunner().invoke(cli, ["compress", str(path), "--input-shape", "1,12,12", "--out", str(tmp_path / "b")])
     assert res.exit_code == 0 and "weights bit-identical to the source: yes" in res.output, res.output
+
+
+class _DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.fc(torch.relu(self.conv(batch["image"])).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "torch.export"])
+def test_a_model_taking_a_dict_gets_the_wrapper_advice_not_pass_data(tmp_path, kind):
+    """A forward({"image": x}): "does not run on 'digits' images ... (Trying to flatten user
+    inputs with exported input tree spec:); pass the dataset it was trained on (--data)", with
+    --data given and the reason cut at its colon."""
+    net = _DictNet().eval()
+    path = tmp_path / ("m.pt" if kind == "torchscript" else "m.pt2")
+    if kind == "torchscript":
+        torch.jit.save(torch.jit.script(net), str(path))
+    else:
+        torch.export.save(torch.export.export(net, ({"image": torch.zeros(2, 1, 28, 28)},)), str(path))
+    res = CliRunner().invoke(cli, ["eval", str(path), "--data", "digits", "--mean", "0.3", "--std", "0.3"])
+    assert res.exit_code == 2 and "its forward takes a structure (a dict, list or tuple), not one image tensor" \
+        in res.output and "pass the dataset" not in res.output, res.output

@@ -24,7 +24,10 @@ def reason(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    line = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
+    i = len(lines) - 1 if "TorchScript interpreter" in lines[0] else 0
+    line = lines[i]
+    if line.endswith(":") and i + 1 < len(lines):  # "... exported input tree spec:" said nothing alone
+        line = f"{line} {lines[i + 1]}"
     return line[:200]
 
 
@@ -90,7 +93,16 @@ def check_fits(model: nn.Module, input_shape, *, source: Any, data: str | None =
             raise ModelError(f"{source}: its forward takes {takes}; edgesqueeze runs models on one image tensor: "
                              "wrap it in a module whose forward(x) takes the images alone and supplies the rest, "
                              "and save that wrapper")
-        raise DataError(f"{source} does not run on {what} ({reason(errors[1])}); {todo}")
+        why = reason(errors[1])
+        if any(s in str(errors[1]) for s in ("input tree spec", "Expected a value of type 'Dict",
+                                               "Expected a value of type 'List", "Expected a value of type 'Tuple")):
+            raise ModelError(f"{source}: its forward takes a structure (a dict, list or tuple), not one image tensor "
+                             f"({why}); wrap it in a module whose forward(x) takes the images alone and builds the "
+                             "structure, and save that wrapper")
+        if "Guard failed" in str(errors[1]):  # the program fixes a size the images do not have
+            todo = ("pass --input-shape C,H,W with the size it was exported for (a gray dataset's images are then "
+                    "repeated into 3 channels, a colour one's made gray, with a note)")
+        raise DataError(f"{source} does not run on {what} ({why}); {todo}")
     if errors:
         ran, failed = (1, 2) if 2 in errors else (2, 1)
         raise ModelError(f"{source} runs on a batch of {ran} but not of {failed} ({reason(errors[failed])}): it "
