@@ -201,7 +201,8 @@ class Run:
         layers = set(prunable_layers(model))  # their weights are shared, their biases raw by design
         modules = dict(model.named_modules())
         # a parameter of the model itself (`x @ self.proj`) too: it was 51% of an archive, unsaid
-        raw = [s for s in stats if s.kind == "raw" and s.numel >= 256
+        keys = set(model.state_dict())  # the model's own tensors (a program archive's __program__ is not one)
+        raw = [s for s in stats if s.kind == "raw" and s.numel >= 256 and s.name in keys
                and (owner := s.name.rpartition(".")[0]) in modules and owner not in layers]
         if not raw:
             return
