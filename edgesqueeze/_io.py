@@ -14,6 +14,7 @@ import re
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -623,6 +624,11 @@ def not_noise(line: str) -> bool:
     return NATIVE_NOISE.match(line) is None
 
 
+# fd 2 is the process's: two threads swapping it at once (TFLite files loaded in threads)
+# restored each other's temporary file, and stderr went into a deleted file for good
+_STDERR_SWAP = threading.RLock()
+
+
 @contextlib.contextmanager
 def native_stderr(keep: Callable[[str], bool] = not_noise) -> Iterator[NativeStderr]:
     """Route file descriptor 2 into a temporary file for the block: C++ code (LiteRT, the
@@ -630,7 +636,15 @@ def native_stderr(keep: Callable[[str], bool] = not_noise) -> Iterator[NativeStd
     caught text is in the yielded object's ``text``, and its lines for which ``keep`` is
     true are written to stderr (so warnings and errors still reach the user, after the
     block). ``keep=lambda line: False`` swallows everything. Where there is no file
-    descriptor 2 to redirect, nothing is caught."""
+    descriptor 2 to redirect, nothing is caught. One thread at a time holds fd 2 (a
+    process-wide lock): blocks in other threads wait."""
+    with _STDERR_SWAP:
+        with _native_stderr(keep) as caught:
+            yield caught
+
+
+@contextlib.contextmanager
+def _native_stderr(keep: Callable[[str], bool]) -> Iterator[NativeStderr]:
     caught = NativeStderr()
     with contextlib.suppress(AttributeError, ValueError, OSError):
         sys.stderr.flush()

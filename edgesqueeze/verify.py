@@ -249,7 +249,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
                        threads: int | None = None, latency: bool = False,
                        arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
                        trust_pickle: bool = False, input_meta: dict[str, Any] | None = None,
-                       default_dataset: str | None = None, log: Log = print,
+                       default_dataset: str | None = None, log: Log | None = print,
                        progress: Progress | None = None) -> dict[str, Any]:
     """Measure every artifact on the test split through its runtime; one row each.
 
@@ -267,6 +267,9 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     """
     if isinstance(paths, (str, Path)):  # one file, not the characters of its name
         paths = [paths]
+    if log is None:  # as fit takes it: nothing said
+        def log(_msg: str) -> None:
+            pass
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive number of test images, got {limit!r}")
     data = _Data(dataset, data_dir, limit, log)

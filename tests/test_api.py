@@ -107,3 +107,46 @@ def test_fit_with_log_none_is_silent(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     es.fit(recipe, out_dir=tmp_path / "run", log=None, progress=False)
     assert capsys.readouterr().out == "" and (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_library_stages_take_log_none_keep_the_callers_random_state_and_refuse_a_missing_section(tmp_path):
+    """Library use (audit): compress, export_artifacts and evaluate_artifacts took log=None with
+    a TypeError (fit takes it); compress left torch's generator seeded to a constant and export
+    numpy's and Python's (the converters' imports reseed them); a recipe without a compress or
+    export section (None) was "'NoneType' object has no attribute 'mode'"; and some error
+    classes the library raises could not be reached from the package."""
+    import random
+
+    import numpy as np
+    import torch
+
+    import edgesqueeze
+    from edgesqueeze.compress.pipeline import compress
+    from edgesqueeze.config.compress import CompressConfig
+    from edgesqueeze.config.export import ExportConfig
+    from edgesqueeze.errors import RecipeError
+    from edgesqueeze.export import export_artifacts
+    from edgesqueeze.models import build_model
+    from edgesqueeze.verify import evaluate_artifacts
+
+    for name in ("ExportError", "OutputError", "RuntimeBackendError", "Note"):
+        assert issubclass(getattr(edgesqueeze, name), Exception)
+    model = tmp_path / "m.pt"
+    edgesqueeze.save_checkpoint(model, build_model("squeezenet_mnist", num_classes=10, width_mult=0.25),
+                                {"arch": "squeezenet_mnist", "arch_kwargs": {"width_mult": 0.25}, "dataset": "digits",
+                                 "input_shape": [1, 28, 28], "mean": [0.3], "std": [0.3]})
+    with pytest.raises(RecipeError, match="compress takes a CompressConfig"):
+        compress(model, None, out_dir=tmp_path / "c")
+    with pytest.raises(RecipeError, match="export_artifacts takes an ExportConfig"):
+        export_artifacts(model, None, tmp_path / "e")
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    expected = torch.rand(1), np.random.rand(), random.random()
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    compress(model, CompressConfig(), out_dir=tmp_path / "c", log=None)
+    export_artifacts(model, ExportConfig(formats=("tflite",)), tmp_path / "e", log=None)
+    evaluate_artifacts([tmp_path / "e" / "m.tflite"], log=None, limit=20)
+    assert (torch.rand(1), np.random.rand(), random.random()) == expected

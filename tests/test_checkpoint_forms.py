@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import warnings
 
 import numpy as np
@@ -270,3 +271,26 @@ def test_a_model_taking_a_dict_gets_the_wrapper_advice_not_pass_data(tmp_path, k
     res = CliRunner().invoke(cli, ["eval", str(path), "--data", "digits", "--mean", "0.3", "--std", "0.3"])
     assert res.exit_code == 2 and "its forward takes a structure (a dict, list or tuple), not one image tensor" \
         in res.output and "pass the dataset" not in res.output, res.output
+
+
+def test_lossless_compress_of_a_model_pruned_by_torch_prune_keeps_its_values(tmp_path):
+    """torch.nn.utils.prune multiplies by a mask, leaving -0.0 where it pruned a negative weight;
+    the archive stores a zero by its position, so it decodes +0.0: a lossless compress refused
+    it ("changed a weight (a bug)") after a line saying the weights were bit-identical."""
+    from torch.nn.utils import prune
+
+    model = trained().eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            prune.l1_unstructured(m, "weight", amount=0.5)
+            prune.remove(m, "weight")
+    negative = sum(int(((p == 0) & torch.signbit(p)).sum()) for p in model.state_dict().values())
+    assert negative > 0
+    path = tmp_path / "pruned.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    res = CliRunner().invoke(cli, ["compress", str(path), "--input-shape", "1,12,12", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert f"weights bit-identical: yes but for the sign of {negative:,} zeros (-0.0 stored as 0.0, the same value)" \
+        in res.output, res.output
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["lossless"]["negative_zeros_stored_as_zeros"] == negative

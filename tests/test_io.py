@@ -398,3 +398,32 @@ def test_a_read_only_earlier_output_is_refused_before_the_work_and_its_mode_kept
     assert lines[0] == (f"REFUSED {folder / 'model.onnx'}: exists and is read-only (mode 444); make it writable "
                         "(chmod u+w) for edgesqueeze to replace it, or write elsewhere"), lines
     assert lines[1] == "new 0o444"
+
+
+def test_native_stderr_from_many_threads_gives_fd_2_back():
+    """TFLite files loaded in 8 threads: two swaps of fd 2 overlapped, one thread restored the
+    other's temporary file, and the process's stderr went into a deleted file for good (9 runs
+    in 10 in an audit)."""
+    import threading
+    import time
+
+    from edgesqueeze._io import native_stderr
+
+    before = os.fstat(2)
+    said = []
+
+    def work(i):
+        for _ in range(20):
+            with native_stderr(keep=lambda line: False) as caught:
+                os.write(2, f"thread {i}\n".encode())
+                time.sleep(0.0005)
+            said.append(caught.text)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    assert len(said) == 160 and all(text.count("\n") == 1 for text in said)  # each block caught its own line

@@ -65,8 +65,8 @@ def compress(
     recipe_name: str | None = None,
     teacher: str | Path | None = None,
     resume: bool = False,
-    progress: bool = True,
-    log: Log = print,
+    progress: bool | None = None,
+    log: Log | None = print,
     inputs: Sequence[tuple[str, str | Path | None]] = (),
 ) -> CompressResult:
     """Compress the model in ``checkpoint`` into ``out_dir/model.esq`` with a report.
@@ -89,7 +89,35 @@ def compress(
     with the same prune settings, seed and data, start from it instead of pruning again; a
     retraining that was interrupted goes on after its last finished epoch
     (``out_dir/prune-retrain.state.pt``, ``centroid-retrain.state.pt``: :class:`~.finetune.EpochState`).
+
+    ``progress``: bars on standard error (None: when it is a terminal); ``log``: told each line
+    (None: nothing). The caller's torch random state is given back, as :func:`~edgesqueeze.train.fit`
+    gives it back.
     """
+    if not isinstance(config, CompressConfig):  # a recipe's section left out is None: one line, not 'no .mode'
+        raise RecipeError(f"compress takes a CompressConfig (a recipe's 'compress' section: Recipe.compress, or "
+                          f"CompressConfig() for a lossless re-encoding), got {type(config).__name__}")
+    if log is None:
+        log = _silent
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
+    with torch.random.fork_rng(devices=[]):  # retraining seeds torch's generator: the caller's comes back
+        return _compress(checkpoint, config, out_dir=out_dir, seed=seed, data_dir=data_dir, dataset=dataset,
+                         default_dataset=default_dataset, arch=arch, arch_kwargs=arch_kwargs,
+                         trust_pickle=trust_pickle, input_meta=input_meta, recipe_hash=recipe_hash,
+                         recipe_path=recipe_path, recipe_name=recipe_name, teacher=teacher, resume=resume,
+                         progress=progress, log=log, inputs=inputs)
+
+
+def _silent(_msg: str) -> None:
+    pass
+
+
+def _compress(checkpoint, config, *, out_dir, seed, data_dir, dataset, default_dataset, arch, arch_kwargs,
+              trust_pickle, input_meta, recipe_hash, recipe_path, recipe_name, teacher, resume, progress, log,
+              inputs) -> CompressResult:
     t_start = time.perf_counter()
     from edgesqueeze import distributed
 
@@ -358,14 +386,25 @@ def _compress_lossless(run: Run) -> CompressResult:
         reference_accuracy=test_before["accuracy"] if test_before else None)
     digest = state_digest(state)
     found = stages.weights_found(stats, model)
-    identical = state_digest(state_of(decoded)) == digest and all(
-        torch.equal(v, state[k]) for k, v in decoded.state_dict().items())
+    same_values = all(torch.equal(v, state[k]) for k, v in decoded.state_dict().items())  # -0.0 == 0.0 here
+    # torch.nn.utils.prune's mask multiplication leaves -0.0 where it pruned a negative weight: the
+    # archive stores a zero by its position alone, so it decodes +0.0, the same value (it was
+    # refused as "changed a weight (a bug)", after a log line that said bit-identical)
+    negative_zeros = sum(int(((v == 0) & torch.signbit(v)).sum()) for v in state.values()
+                         if isinstance(v, torch.Tensor) and v.is_floating_point())
+    canonical = {k: v + 0.0 if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()}
+    identical = same_values and state_digest(state_of(decoded)) == state_digest(canonical)
+    bits = ("yes" if identical and not negative_zeros else
+            f"yes but for the sign of {negative_zeros:,} zeros (-0.0 stored as 0.0, the same value)" if identical
+            else "NO")
     run.log(f"lossless re-encoding (no prune, cluster or ptq section): {found['density']:.1%} of weights non-zero, "
             f"{found['shared_tensors']} of {found['weight_tensors']} weight tensors already shared (codebooks of at "
-            f"most 256 values, per tensor or per slice), kept; weights bit-identical: {'yes' if identical else 'NO'}")
-    run.record("esq", decoded, len(blob), "decoded from the archive; lossless, bit-identical")
+            f"most 256 values, per tensor or per slice), kept; weights bit-identical: {bits}")
+    run.record("esq", decoded, len(blob), "decoded from the archive; lossless, " + (
+        "bit-identical" if not negative_zeros else "the same values (negative zeros as zeros)"))
     test_after = run.test(decoded)
-    extra = {"lossless": {"weights_identical": identical, "source_weights_sha256": digest,
+    extra = {"lossless": {"weights_identical": identical, "negative_zeros_stored_as_zeros": negative_zeros,
+                          "source_weights_sha256": digest,
                           "decoded_weights_sha256": state_digest(state_of(decoded)), **found},
              "evaluation": stages.evaluate_all(run, model, decoded)}
     if not identical:  # cannot happen unless the codec is broken; never report it as lossless

@@ -87,6 +87,11 @@ def build(*, layers, stages, dense_bytes, esq_bytes, state, test_before, test_af
     }
 
 
+def _negative_zeros(lossless: dict[str, Any]) -> str:
+    n = int(lossless.get("negative_zeros_stored_as_zeros") or 0)
+    return f" but for the sign of {n:,} zeros (-0.0 stored as 0.0, the same value)" if n else ""
+
+
 def _test_section(before, after, agreement) -> dict[str, Any]:
     before, after = before or {"n": 0}, after or {"n": 0}
     drop = (round(100 * (before["accuracy"] - after["accuracy"]), 3)
@@ -103,7 +108,7 @@ def _mode_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     if ll := report.get("lossless"):
         lines.append(f"- **lossless re-encoding**: weights bit-identical to the source: "
-                     f"**{'yes' if ll['weights_identical'] else 'NO'}** (SHA-256 of the weights "
+                     f"**{'yes' if ll['weights_identical'] else 'NO'}**{_negative_zeros(ll)} (SHA-256 of the weights "
                      f"`{ll['source_weights_sha256'][:16]}...`); existing zeros ({100 * ll['density']:.1f}% non-zero) "
                      f"and codebooks ({ll['shared_tensors']} of {ll['weight_tensors']} weight tensors already shared, "
                      "codebooks of at most 256 values, per tensor or per slice) kept")
@@ -218,7 +223,7 @@ def size_table(report: dict[str, Any]) -> str:
                          f"agreement {_pct(e['agreement'])}, KL {e['kl']:.4f}")
     if ll := report.get("lossless"):
         lines.append(f"lossless re-encoding: weights bit-identical to the source: "
-                     f"{'yes' if ll['weights_identical'] else 'NO'}")
+                     f"{'yes' if ll['weights_identical'] else 'NO'}{_negative_zeros(ll)}")
     acc = ""
     if tb.get("drop_points") is not None:
         where = "held-out test" if report.get("calibration") else "test"

@@ -481,8 +481,12 @@ def _other_copy_note(what: str, used: Path, data_dir: Path | None, partial: list
     if data_dir is not None and not Path(os.path.abspath(used)).is_relative_to(data_dir):
         notes.insert(0, f"--data-dir {data_dir} " + ("does not exist" if not data_dir.exists()
                                                      else f"holds no {what}"))
-    if notes:
-        print(f"edgesqueeze: note: {'; '.join(notes)}; using {used}", file=sys.stderr)
+    if notes:  # a Note, as library code says things (the CLI prints it as `note: ...`)
+        import warnings
+
+        from edgesqueeze.errors import Note
+
+        warnings.warn(f"{'; '.join(notes)}; using {used}", Note, stacklevel=3)
 
 
 def _load_mnist(search: list[Path], download: bool, image_size: int | None,

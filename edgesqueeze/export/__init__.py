@@ -126,8 +126,10 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
                      dataset: str | None = None, data_dir=None, arch: str | None = None,
                      arch_kwargs: dict | None = None, trust_pickle: bool = False, input_meta: dict | None = None,
                      default_dataset: str | None = None, seed: int = 0, stem: str | None = None,
-                     inputs=(), log: Log = print, status: Log | None = None) -> list[Path]:
+                     inputs=(), log: Log | None = print, status: Log | None = None) -> list[Path]:
     """Write every format in ``config.formats`` to ``out_dir``; return the paths written.
+    ``log``: told each line (None: nothing). The caller's random states (Python's, numpy's,
+    torch's) are given back: the converters' imports reseed them.
 
     ``status``: told, before each format, which one is being written (``[2/4] onnx-int8:
     model.int8.onnx``): a conversion takes seconds to minutes and prints nothing until its
@@ -140,6 +142,30 @@ def export_artifacts(model_path: str | Path, config: ExportConfig, out_dir: str 
 
     ``arch``, ``arch_kwargs``, ``trust_pickle``, ``input_meta``, ``default_dataset``: how to
     read a file that does not describe itself (:func:`edgesqueeze.checkpoint.load_model`)."""
+    if not isinstance(config, ExportConfig):  # a recipe's section left out is None: one line, not 'no .formats'
+        from edgesqueeze.errors import RecipeError
+
+        raise RecipeError(f"export_artifacts takes an ExportConfig (a recipe's 'export' section: Recipe.export, or "
+                          f"ExportConfig() for the defaults), got {type(config).__name__}")
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _export_artifacts(model_path, config, out_dir, dataset=dataset, data_dir=data_dir, arch=arch,
+                                     arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_meta=input_meta,
+                                     default_dataset=default_dataset, seed=seed, stem=stem, inputs=inputs,
+                                     log=log if log is not None else (lambda _m: None), status=status)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+
+
+def _export_artifacts(model_path, config: ExportConfig, out_dir, *, dataset, data_dir, arch, arch_kwargs,
+                      trust_pickle, input_meta, default_dataset, seed, stem, inputs, log: Log, status) -> list[Path]:
     from edgesqueeze._io import sha256_file
     from edgesqueeze.checkpoint import load_model
     from edgesqueeze.models.imports import is_import_spec
