@@ -397,11 +397,13 @@ _STAGE_DEFAULTS = {"compress.prune": "sparsity 0.5, oneshot", "compress.cluster"
                    "compress.ptq": "bits 7 (5-8), no target_bytes"}
 
 
-def _section(raw: Any, path: list[str]) -> bool:
-    """Whether ``raw`` holds a non-empty mapping at ``path``."""
+def _other_stage(raw: Any, path: list[str], stage: str) -> bool:
+    """Whether ``raw``'s section at ``path`` names a stage other than ``stage`` (a recipe that
+    chose its stages, which a --set key now adds to)."""
     for part in path:
         raw = raw.get(part) if isinstance(raw, dict) else None
-    return isinstance(raw, dict) and bool(raw)
+    stages = {s.rpartition(".")[2] for s in _STAGE_DEFAULTS}
+    return isinstance(raw, dict) and any(k in stages and k != stage and raw[k] is not None for k in raw)
 
 
 def _key_parts(key: str, item: str) -> list[str]:
@@ -415,7 +417,7 @@ def _key_parts(key: str, item: str) -> list[str]:
     return parts
 
 
-def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], *, say: bool = True) -> dict:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw recipe dict.
 
     A key under a mapping of names (``budget.max_size_per_format``, ``compress.prune.layers``,
@@ -445,8 +447,8 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             if child is None:  # absent, or left empty in the file (`train:`): a section to fill
                 child = node[part] = {}
                 stage = ".".join(parts[:i + 1])
-                if stage in _STAGE_DEFAULTS and _section(given, parts[:i]):  # compress.prune.max_drop=3 on a
-                    # recipe naming other stages pruned to 50% unsaid (with no compress section, --set turns one on)
+                if say and stage in _STAGE_DEFAULTS and _other_stage(given, parts[:i], part):  # max_drop=3 on a
+                    # recipe naming other stages pruned to 50% unsaid (with none named, --set turns one on)
                     import warnings
 
                     from edgesqueeze.errors import Note
@@ -531,7 +533,7 @@ def find_recipe(path: str | Path) -> Path:
     return path
 
 
-def _read_raw(path: Path, overrides: list[str] | tuple[str, ...]) -> Any:
+def _read_raw(path: Path, overrides: list[str] | tuple[str, ...], *, say: bool = True) -> Any:
     path = find_recipe(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -560,7 +562,7 @@ def _read_raw(path: Path, overrides: list[str] | tuple[str, ...]) -> Any:
             what = "is empty" if raw is None else f"holds a {type(raw).__name__}, not a mapping"
             raise RecipeError(f"{path}: {what}; a recipe is a YAML mapping with 'version: {RECIPE_VERSION}' "
                               "at the top")
-        raw = apply_overrides(raw, overrides)
+        raw = apply_overrides(raw, overrides, say=say)
     return raw
 
 
@@ -601,13 +603,14 @@ def given_sections(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     A section left out takes defaults meant for training (``model: squeezenet_mnist``,
     ``data: digits``); ``compress`` must not let those stand in for what a plain state_dict
     does not say about itself, but a recipe that names its model and data may."""
-    raw = _read_raw(Path(path), overrides)
+    raw = _read_raw(Path(path), overrides, say=False)  # load_recipe said its notes
     return {k for k in raw if isinstance(k, str)} if isinstance(raw, dict) else set()
 
 
 def given_fields(path: str | Path | None, overrides: list[str] | tuple[str, ...], section: str) -> set[str]:
     """The fields of ``section`` that the recipe file (``path``; None: ``--set`` alone) with
     ``overrides`` actually sets, as :func:`given_sections` for one section."""
-    raw = _read_raw(Path(path), overrides) if path else apply_overrides({"version": 1}, overrides)
+    raw = _read_raw(Path(path), overrides, say=False) if path else apply_overrides({"version": 1}, overrides,
+                                                                                    say=False)
     part = raw.get(section) if isinstance(raw, dict) else None
     return {k for k in part if isinstance(k, str)} if isinstance(part, dict) else set()

@@ -1286,3 +1286,14 @@ def test_a_folder_decoded_at_its_own_size_is_not_decoded_again_at_that_size(tmp_
     assert len(calls) == 9  # from the first entry
     np.testing.assert_array_equal(sized.train_x, own.train_x)
     assert load_dataset(f"imagefolder:{root}", image_size=4).input_shape == (3, 4, 4) and len(calls) == 18
+
+
+def test_a_folders_notes_are_said_once_when_another_size_is_asked_for(tmp_path):
+    """A folder decoded at its own size, then asked for at another: its notes (a carved test
+    split) were said by the probe of the first entry and again by the decoding."""
+    root = make_folder(tmp_path / "n", per_class=5, split=False, size=(6, 6))
+    load_dataset(f"imagefolder:{root}")
+    _, notes = _notes(lambda: load_dataset(f"imagefolder:{root}", image_size=4))
+    assert len([n for n in notes if "test split is a fixed 20%" in n]) == 1, notes
+    _, notes = _notes(lambda: load_dataset(f"imagefolder:{root}", image_size=6))  # the first entry, used
+    assert len([n for n in notes if "test split is a fixed 20%" in n]) == 1, notes

@@ -578,3 +578,40 @@ def test_inspect_and_unpack_take_several_files(packed, onnx_models, tmp_path):
         assert (tmp_path / "plain" / plain.name).read_bytes() == plain.read_bytes()
     r = _cli("unpack", b, "-o", f"{tmp_path / 'plain'}/")  # the same recorded name as a's: refused, as one file is
     assert r.exit_code == 2 and "exists; pass --force" in r.stderr, r.output
+    # two archives to one name in one run: refused before either is written (--force replaced the first)
+    r = _cli("unpack", a, b, "-o", f"{tmp_path / 'both'}/", "--force")
+    assert r.exit_code == 2 and "would both unpack to" in r.stderr and not (tmp_path / "both").exists(), r.output
+
+
+def test_unpack_to_standard_output_writes_every_byte_or_says_it_did_not():
+    """`unpack -o - | head -c 100`: an unbuffered stdout wrote the 64 KiB a pipe takes, returned
+    that count, and the rest was never written: exit 0, and "-: N bytes" said it was delivered.
+    A real pipe: a reader that takes everything gets everything, one that stops gets an error."""
+    import threading
+
+    from edgesqueeze.cli.compress import _write_stdout_whole
+    from edgesqueeze.errors import OutputError
+
+    data = bytes(range(256)) * 4096  # 1 MiB, sixteen times what a pipe holds
+    for stop_after in (None, 100):
+        r_fd, w_fd = os.pipe()
+        got = bytearray()
+
+        def reader():
+            with open(r_fd, "rb", buffering=0) as fh:
+                while chunk := fh.read(65536 if stop_after is None else stop_after):
+                    got.extend(chunk)
+                    if stop_after is not None:
+                        return
+
+        t = threading.Thread(target=reader)
+        t.start()
+        with open(w_fd, "wb", buffering=0) as stream:
+            if stop_after is None:
+                _write_stdout_whole(data, Path("m.onnx.esq"), stream)
+            else:
+                with pytest.raises(OutputError, match="stopped before the 1,048,576 bytes"):
+                    _write_stdout_whole(data, Path("m.onnx.esq"), stream)  # the reader goes after 100 bytes
+        t.join()
+        if stop_after is None:
+            assert bytes(got) == data

@@ -148,6 +148,6 @@ def test_verify_of_a_folder_a_second_time_leaves_out_its_earlier_report(model, t
     for extra in ([], ["--out", str(tmp_path / "elsewhere.json")]):
         again = CliRunner().invoke(cli, ["verify", *files, "--limit", "40", *extra])
         assert again.exit_code == 0, again.output
-        assert "an earlier verify's report (not a model)" in again.stderr
+        assert "not model files (reports, plots, logs)" in again.stderr
         assert [a["path"] for a in json.loads(Path(extra[1] if extra else run / "verify.json").read_text())[
             "artifacts"]] == [str(run / "model.pt")]

@@ -431,3 +431,23 @@ def test_each_command_names_the_set_keys_it_does_not_read(command, used, unused,
     key = unused.split("=")[0]
     assert f"note: --set {unused}: {command[0]} does not read {key}; it changes nothing here" in res.stderr, res.output
     assert f"--set {used}:" not in res.stderr
+
+
+def test_the_stage_note_only_where_the_recipe_names_another_stage_and_once(tmp_path):
+    """`compress: {fold_batchnorm: true}` names no stage, so --set compress.ptq.target_bytes is
+    how one turns ptq on: it was noted (twice, as load_recipe and given_sections read it)."""
+    import json
+    import warnings
+
+    from edgesqueeze.errors import Note
+    from edgesqueeze.recipe import given_sections
+
+    for compress, said in (({"fold_batchnorm": True}, 0), ({"cluster": {"bits": 4}}, 1)):
+        path = tmp_path / "r.yaml"
+        path.write_text(json.dumps({"version": 1, "compress": compress}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sets = ["compress.prune.sparsity=0.6"]
+            load_recipe(path, sets)
+            given_sections(path, sets)
+        assert len([w for w in caught if issubclass(w.category, Note)]) == said, [str(w.message) for w in caught]

@@ -141,6 +141,7 @@ def test_seal_never_writes_over_a_record_that_is_not_8_digits():
 def test_reseal_and_inspect_take_several_files_and_name_the_damaged_one(exported, tmp_path):
     """`reseal export/*.onnx` was "Got unexpected extra arguments"; `inspect` of several files
     describes each, then exits 2 naming the damaged one."""
+    import json
     import shutil
 
     from click.testing import CliRunner
@@ -160,5 +161,13 @@ def test_reseal_and_inspect_take_several_files_and_name_the_damaged_one(exported
     res = CliRunner().invoke(cli, ["inspect", str(copies[1]), str(copies[0])])
     assert res.exit_code == 2 and str(copies[0]) in res.stdout, res.output
     assert res.stderr.startswith(f"error: {copies[1]}: its bytes are not the ones exported"), res.stderr
-    res = CliRunner().invoke(cli, ["reseal", str(copies[1]), str(copies[0])])
-    assert res.exit_code == 0 and "recorded again" in res.output and "already matches" in res.output, res.output
+    # a packed file first stopped the run: the damaged file after it was never resealed
+    packed = next(p for p in written if p.name.endswith(".esq"))
+    res = CliRunner().invoke(cli, ["reseal", str(packed), str(copies[1]), str(copies[0])])
+    assert res.exit_code == 2 and "a packed or checkpoint archive checks itself" in res.stderr, res.output
+    assert "recorded again" in res.stdout and "already matches" in res.stdout, res.output
+    # an unreadable file among them: --json printed nothing at all
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    res = CliRunner().invoke(cli, ["inspect", "--json", str(copies[0]), str(junk)])
+    assert res.exit_code == 2 and [d["path"] for d in json.loads(res.stdout)] == [str(copies[0])], res.output

@@ -126,13 +126,16 @@ def compress_cmd(model_path, model_opts, dataset, out_dir, data_dir, teacher, re
                           f"or raise the target{beyond}. The archive and its report are written")
 
 
-def _write_stdout_whole(data: bytes, source: Path) -> None:
+def _write_stdout_whole(data: bytes, source: Path, out=None) -> None:
     """``data`` to standard output, or an OutputError (exit 2) when its reader stops first:
     the file is the output, so a reader gone after 100 bytes (`| head -c 100`, a dropped ssh)
     is a model not delivered, not the `| head -1` of a command's text (that exits 0)."""
-    out = click.get_binary_stream("stdout")
+    out = click.get_binary_stream("stdout") if out is None else out
+    view, done = memoryview(data), 0
     try:
-        out.write(data)
+        while done < len(data):  # an unbuffered stream writes what the pipe takes (64 KiB) and says how much
+            n = out.write(view[done:])
+            done += len(data) - done if n is None else n
         out.flush()
     except BrokenPipeError:
         from edgesqueeze.cli._group import _to_devnull
@@ -177,11 +180,37 @@ def unpack(esq_paths, out_path, force):
     if len(unique) > 1 and out_path is not None and not names_a_folder(Path(out_path), out_path):
         raise click.UsageError(f"-o {out_path}: {len(unique)} archives to unpack, one output file; give -o a folder "
                                "(with a trailing /), or leave -o out to write each beside its archive")
+    if len(unique) > 1:
+        _no_two_to_one_name(list(map(Path, unique)), out_path)
     for esq_path in map(Path, unique):
-        _unpack_one(esq_path, out_path, force)
+        _unpack_one(esq_path, out_path, force, several=len(unique) > 1)
 
 
-def _unpack_one(esq_path: Path, out_path, force: bool) -> None:
+def _no_two_to_one_name(paths: list[Path], out_path) -> None:
+    """Refuse, before the first is written, two archives that would unpack to one file (two
+    exports' model.int8.tflite.esq into one folder): the second replaced the first (--force),
+    or the run stopped halfway with "exists"."""
+    import os
+
+    from edgesqueeze.format import container
+    from edgesqueeze.format.packed import PACKED_KEY
+
+    folder = Path(out_path) if out_path is not None else None
+    targets: dict[str, Path] = {}
+    for p in paths:
+        try:
+            meta = container.read_esq(p).meta
+        except Exception:  # noqa: BLE001 - unpacking it says what is wrong, in turn
+            continue
+        name = Path(meta[PACKED_KEY]["name"]).name if isinstance(meta.get(PACKED_KEY), dict) else f"{p.stem}.pt"
+        target = os.path.realpath((folder or p.parent) / name)
+        if target in targets:
+            raise click.UsageError(f"{targets[target]} and {p} would both unpack to {target}; unpack them into "
+                                   "separate folders (-o DIR/)")
+        targets[target] = p
+
+
+def _unpack_one(esq_path: Path, out_path, force: bool, *, several: bool = False) -> None:
     import os
 
     from edgesqueeze._io import check_writable, remove_stale_temps, write_bytes_atomic
@@ -256,7 +285,9 @@ def _unpack_one(esq_path: Path, out_path, force: bool) -> None:
                                   "a checkout, after torch itself as README 'Install' says); or use the .esq as it "
                                   "is: eval, export and verify read it, and a device runs its exported files")
     if out_path is None and folder is None:
-        raise click.UsageError(f"{esq_path} is a checkpoint archive: pass -o model.pt")
+        raise click.UsageError(f"{esq_path} is a checkpoint archive: " + (
+            "give -o a folder (DIR/), which gets each file, this one as its name with .pt" if several
+            else "pass -o model.pt"))
     out_path = out_path or folder / f"{esq_path.stem}.pt"
     check_target(out_path, (".pt", ".pth"), "a PyTorch checkpoint")
     from edgesqueeze.checkpoint import save_state, stored_weights

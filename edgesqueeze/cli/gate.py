@@ -235,33 +235,23 @@ def _sniff_kind(path: Path) -> str:
         return "unknown"  # measured (and refused) as before
 
 
-def _without_earlier_reports(paths) -> tuple[Path, ...]:
-    """``paths`` less an earlier verify's report files (its JSON with its markdown and plots),
-    with a note: `verify out/*` a second time took the first run's verify.json as an input
-    (refused, it is also the output) and its .md and plots as models that could not be measured.
-    A file counts when it is a verify report (JSON with "artifacts" and "machine") or the
-    markdown or a plot of one among ``paths``."""
-    from edgesqueeze.verify_report import plot_paths
+_NOT_MODELS = (".json", ".md", ".png", ".xml", ".csv", ".txt", ".log", ".yaml", ".yml", ".html")
 
-    reports = []
-    for p in paths:
-        if Path(p).suffix.lower() == ".json" and Path(p).is_file():
-            try:
-                raw = json.loads(Path(p).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(raw, dict) and "artifacts" in raw and "machine" in raw:
-                reports.append(Path(p))
-    if not reports:
-        return tuple(paths)
-    drop = {os.path.realpath(f) for r in reports for f in (r, r.with_suffix(".md"), *plot_paths(r).values())}
-    kept = tuple(p for p in paths if os.path.realpath(p) not in drop)
-    left = [str(p) for p in paths if os.path.realpath(p) in drop]
-    click.echo(f"note: left out {', '.join(left)}: an earlier verify's report (not a model); this run writes its own",
-               err=True)
+
+def _without_earlier_reports(paths) -> tuple[Path, ...]:
+    """``paths`` less the files that are not models (reports, plots, logs: by their suffix),
+    with a note: `verify out/*` a second time took the first run's verify.json as an input
+    (refused, it is also the output) and its .md and plots, or a compress folder's report.json,
+    or check's verdict files, as models that could not be measured (exit 2)."""
+    kept = tuple(p for p in paths if Path(p).suffix.lower() not in _NOT_MODELS)
+    left = [str(p) for p in paths if Path(p).suffix.lower() in _NOT_MODELS]
+    if left:
+        shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        click.echo(f"note: left out {shown}: not model files (reports, plots, logs); verify measures .pt, .esq, "
+                   ".onnx, .tflite and packed files", err=True)
     if not kept:
-        raise click.UsageError("every file given is an earlier verify's report; give the model files (.pt, .esq, "
-                               ".onnx, .tflite) to verify")
+        raise click.UsageError("none of the files given is a model (.pt, .esq, .onnx, .tflite, or a packed "
+                               ".onnx.esq / .tflite.esq); give the model files to verify")
     return kept
 
 
@@ -472,7 +462,8 @@ def check(ctx, paths, max_size, max_size_for, min_accuracy, max_drop, min_agreem
                    "numbers it holds (run `edgesqueeze verify` with them to measure again)", err=True)
     sizes_only = (budget.min_accuracy is None and budget.max_drop is None and budget.min_agreement is None
                   and not unused)
-    if files and sizes_only and all(_sniff_kind(p) in ("onnx", "tflite", "packed") for p in files):
+    if files and sizes_only and not any(_sniff_kind(p) in ("pt", "esq") for p in files):  # a damaged file: an
+        # error row of its own, not the whole gate evaluated on test images (which needs torch)
         from edgesqueeze.verify import measure_sizes  # no dataset, no torch: a size gate on a device
 
         rows.extend(measure_sizes(files, log=lambda m: click.echo(m, err=True)))

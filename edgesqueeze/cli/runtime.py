@@ -31,30 +31,38 @@ def inspect(paths, as_json, model_opts):
     """
     from edgesqueeze._io import once_each
 
+    from edgesqueeze.errors import EdgesqueezeError, FormatError
+
     unique, _ = once_each(paths)
-    descs, damaged = [], []
+    descs, failed = [], []
     for i, path in enumerate(map(Path, unique)):
         show = ("json" if len(unique) == 1 else None) if as_json else "summary"  # several: one JSON list
-        desc = _inspect_one(path, model_opts, show, first=i == 0)
+        try:
+            desc = _inspect_one(path, model_opts, show, first=i == 0,
+                                note_options=not any(d.get("kind") in ("onnx", "tflite") for d in descs))
+        except EdgesqueezeError as exc:
+            if len(unique) == 1:
+                raise
+            failed.append(exc)  # the others are still described (--json printed nothing at all)
+            continue
         descs.append(desc)
-        if str(desc.get("checksum", "")).startswith("DOES NOT MATCH"):
-            damaged.append(path)
+        if str(desc.get("checksum", "")).startswith("DOES NOT MATCH"):  # described, yet damaged: refused after
+            failed.append(FormatError(f"{path}: its bytes are not the ones exported (the CRC-32 recorded in it "
+                                      "does not match); export it again, or `edgesqueeze reseal` it if it was "
+                                      "changed on purpose"))
     if as_json and len(unique) > 1:
         click.echo(strict_json(descs, indent=2, default=str))
-    if damaged:  # described, yet damaged: run and verify refuse it (exit 2), and so does inspect
-        from edgesqueeze.errors import FormatError
-
-        more = f" (and {len(damaged) - 1} more: {', '.join(map(str, damaged[1:]))})" if len(damaged) > 1 else ""
-        raise FormatError(f"{damaged[0]}: its bytes are not the ones exported (the CRC-32 recorded in it does not "
-                          f"match){more}; export it again, or `edgesqueeze reseal` it if it was changed on purpose")
+    if failed:  # as run and verify refuse such a file: exit 2, naming the first
+        more = f" (and {len(failed) - 1} other file(s) not described or damaged)" if len(failed) > 1 else ""
+        raise type(failed[0])(f"{failed[0]}{more}")
 
 
-def _inspect_one(path: Path, model_opts, show: str | None, *, first: bool) -> dict:
+def _inspect_one(path: Path, model_opts, show: str | None, *, first: bool, note_options: bool = True) -> dict:
     """Describe one file: printed (``show``: "summary", "json" or None), and returned."""
     from edgesqueeze.inspect import inspect_file, summary_lines
 
     desc = inspect_file(path, model_opts.load_kwargs())
-    if desc.get("kind") in ("onnx", "tflite"):  # --arch nosuch was taken without a word
+    if desc.get("kind") in ("onnx", "tflite") and note_options:  # --arch nosuch was taken without a word
         unused = model_opts.torch_only_options() + [f"--{k.replace('_', '-')}" for k in model_opts.input_meta]
         if unused:
             click.echo(f"note: {', '.join(unused)} {'describe' if len(unused) > 1 else 'describes'} a PyTorch "
@@ -253,8 +261,20 @@ def reseal(paths):
     """
     from edgesqueeze._io import once_each
 
-    for path in map(Path, once_each(paths)[0]):
-        _reseal_one(path)
+    from edgesqueeze.errors import EdgesqueezeError
+
+    unique = once_each(paths)[0]
+    failed = []
+    for path in map(Path, unique):
+        try:
+            _reseal_one(path)
+        except EdgesqueezeError as exc:
+            if len(unique) == 1:
+                raise
+            failed.append(exc)  # the others are still resealed (it stopped at the first packed file)
+    if failed:
+        more = f" (and {len(failed) - 1} other file(s) not resealed)" if len(failed) > 1 else ""
+        raise type(failed[0])(f"{failed[0]}{more}")
 
 
 def _reseal_one(path: Path) -> None:

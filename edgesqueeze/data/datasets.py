@@ -367,13 +367,10 @@ def _cached(name: str, tag: str, sources: list[Path], params: dict, build: Calla
     return ds
 
 
-def _cache_hit(name: str, tag: str, sources: list[Path], params: dict) -> Dataset | None:
+def _cache_hit(name: str, tag: str, sources: list[Path], params: dict, *, say: bool = True) -> Dataset | None:
     """The cached dataset of these sources and params, or None; the notes its decoding raised
-    (images left out, a carved test split) are said again, as on the run that decoded it."""
-    import warnings
-
-    from edgesqueeze.errors import Note
-
+    (images left out, a carved test split) are said again, as on the run that decoded it
+    (``say=False``: by :func:`say_notes`, once the caller uses it)."""
     hit = _cache.load(tag, _cache.source_key(sources, params))
     if hit is None:
         return None
@@ -383,9 +380,20 @@ def _cache_hit(name: str, tag: str, sources: list[Path], params: dict) -> Datase
                      **arrays)
     except (DataError, KeyError, TypeError, ValueError):
         return None  # an entry its own checks passed but a Dataset refuses: rebuilt, never used
-    for note in meta.get("notes", ()):
-        warnings.warn(str(note), Note, stacklevel=3)
+    object.__setattr__(ds, "_notes", [str(n) for n in meta.get("notes", ())])  # a frozen dataclass
+    if say:
+        say_notes(ds)
     return ds
+
+
+def say_notes(ds: Dataset) -> None:
+    """Say again the notes the decoding of ``ds`` raised (kept with its cache entry)."""
+    import warnings
+
+    from edgesqueeze.errors import Note
+
+    for note in getattr(ds, "_notes", ()):
+        warnings.warn(str(note), Note, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -661,9 +669,10 @@ def _load_imagefolder(name: str, spec: str, image_size: int | None) -> Dataset:
     ds = None
     if image_size is not None:  # decoded at the images' own size (train) when that is the size asked for
         # (export asks for the model's input size): the same pixels, not the folder decoded again
-        own = _cache_hit(name, "imagefolder", [path], {"image_size": None, **_IMAGE_FILES})
+        own = _cache_hit(name, "imagefolder", [path], {"image_size": None, **_IMAGE_FILES}, say=False)
         if own is not None and own.train_x.shape[-2:] == (image_size, image_size):
             ds = own
+            say_notes(ds)  # said once: the probe of another size said them again
     if ds is None:
         ds = _cached(name, "imagefolder", [path], {"image_size": image_size, **_IMAGE_FILES},
                      lambda: _folder_dataset(path, image_size, path.name))
