@@ -76,6 +76,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 # writable by us while it is written (a 0o444 file's mode made it EACCES to reopen,
                 # after the earlier file was gone); the kept mode is set before the rename
                 tmp_path = _new_temp(path, 0o666 if keep is None else keep | stat.S_IWUSR)
+                _LIVE_TEMPS.add(tmp_path)
             except OSError as exc:
                 raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
         try:
@@ -95,8 +96,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         except OSError as exc:
             raise OutputError(f"{path}: cannot write ({_why(exc, path)})") from None
     finally:
-        if tmp_path is not None and tmp_path.exists():
-            tmp_path.unlink()
+        if tmp_path is not None:
+            _LIVE_TEMPS.discard(tmp_path)
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 @contextlib.contextmanager
@@ -491,6 +494,8 @@ def _lock_holder(fd: int) -> str:
 
 
 def _release_lock(key: str) -> None:
+    if key not in _held_locks:  # let go of already (abandon)
+        return
     fd, path, made = _held_locks.pop(key)
     with contextlib.suppress(OSError):
         if os.stat(path).st_ino == os.fstat(fd).st_ino:  # still ours: nobody else has it while we hold it
@@ -511,6 +516,21 @@ def _remove_empty(folders: list[Path]) -> None:
 def _release_all_locks() -> None:
     for key in list(_held_locks):
         _release_lock(key)
+
+
+_LIVE_TEMPS: set[Path] = set()  # temporary files of atomic writes under way
+
+
+def abandon() -> None:
+    """Remove the temporary files of the writes under way and let go of the output locks: for
+    a process about to end with ``os._exit`` (a torchrun rank stopped by SIGTERM), which runs
+    no ``finally`` and no ``atexit`` (it left a half-written ``.last.pt.*.tmp`` and the lock)."""
+    for tmp in list(_LIVE_TEMPS):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    _LIVE_TEMPS.clear()
+    with contextlib.suppress(Exception):
+        _release_all_locks()
 
 
 def files_below(root: str | os.PathLike, broken: list[Path] | None = None) -> list[Path]:

@@ -275,6 +275,9 @@ def explain_termination(group: Group, out, then: str | None = None, states: tupl
     import sys
 
     def stop(signum, frame):  # noqa: ARG001 - the signal handler's signature
+        from edgesqueeze._io import abandon
+
+        abandon()  # os._exit below runs no cleanup: no half-written file, no lock left behind
         if _EXPLAINED is not None:
             if not getattr(_EXPLAINED, "said", False):  # made, not printed yet: the CLI will not get to it
                 print(f"error: {_EXPLAINED}", file=sys.stderr, flush=True)

@@ -427,3 +427,21 @@ def test_native_stderr_from_many_threads_gives_fd_2_back():
     after = os.fstat(2)
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
     assert len(said) == 160 and all(text.count("\n") == 1 for text in said)  # each block caught its own line
+
+
+def test_abandon_removes_the_writes_under_way_and_the_locks(tmp_path):
+    """A torchrun rank stopped by SIGTERM ends with os._exit, which runs no finally and no
+    atexit: it left a half-written .last.pt.*.tmp and the folder's .edgesqueeze.lock. The stop
+    handler calls abandon() first."""
+    from edgesqueeze._io import abandon, atomic_path, lock_output_folder, output_locks
+
+    with output_locks():
+        lock_output_folder(tmp_path, "edgesqueeze train")
+        assert (tmp_path / ".edgesqueeze.lock").exists()
+        with atomic_path(tmp_path / "last.pt") as tmp:
+            tmp.write_bytes(b"half a state")
+            assert tmp.exists()
+            abandon()
+            assert not tmp.exists() and not (tmp_path / ".edgesqueeze.lock").exists()
+            tmp.write_bytes(b"the write goes on, as in a process not stopped")
+    assert (tmp_path / "last.pt").read_bytes() == b"the write goes on, as in a process not stopped"

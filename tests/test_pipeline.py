@@ -117,9 +117,12 @@ def test_resume_starts_from_pruned_pt_and_writes_the_same_bytes(checkpoint, comp
     assert not (out / "prune-retrain.state.pt").exists()
 
     other = dataclasses.replace(CONFIG, prune=dataclasses.replace(CONFIG.prune, sparsity=0.5))
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(EdgesqueezeError, match=r"pruned\.pt: was pruned from another model or with other prune "
                                                r"settings.*leave out --resume"):
         compress(checkpoint, other, out_dir=out, resume=True, progress=False, log=lambda _: None)
+    # refused before anything changed: the finished run's model.esq and reports were removed first, and lost
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished
     said.clear()
     fresh = compress(checkpoint, CONFIG, out_dir=tmp_path / "fresh", resume=True, progress=False, log=said.append)
     assert any("no " in m and "pruning from the start" in m for m in said), said

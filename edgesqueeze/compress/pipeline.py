@@ -210,12 +210,13 @@ def _compress(checkpoint, config, *, out_dir, seed, data_dir, dataset, default_d
             if theirs is not None and not np.allclose(theirs, mine):
                 raise DataError(f"--teacher {teacher}: normalizes inputs with {key} {list(theirs)}, but {checkpoint} "
                                 f"with {list(mine)}; distil from a model trained on the same inputs")
-    if not distributed.launched() or distributed._env_int("RANK", 0) == 0:  # one process removes them
-        _clear_earlier_outputs(Path(out_dir), log)
     run = Run(checkpoint=Path(checkpoint), config=config, inp=inp, out=Path(out_dir), seed=seed,
                recipe_hash=recipe_hash, recipe_name=recipe_name, progress=progress, log=log, t_start=t_start,
                teacher=teacher_model if teacher_model is not None else inp.loaded.model,
                teacher_path=Path(teacher) if teacher is not None else None, resume=resume)
+    stages.refuse_foreign_pruned(run)  # before the earlier run's archive is removed: a refused --resume kept nothing
+    if not distributed.launched() or distributed._env_int("RANK", 0) == 0:  # one process removes them
+        _clear_earlier_outputs(Path(out_dir), log)
     if config.mode == "lossless":
         return _compress_lossless(run)
     if config.mode == "ptq":

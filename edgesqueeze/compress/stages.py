@@ -173,6 +173,30 @@ def _pruned_by_this_run(run: Run, meta: dict[str, Any]) -> bool:
             and meta.get("prune_settings_sha256") == prune_settings_sha256(run))
 
 
+def _pruned_file(run: Run, path: Path) -> tuple[Any, dict]:
+    """``pruned.pt``'s payload and metadata, or an error when it is not this run's to resume."""
+    import json
+
+    from edgesqueeze.checkpoint import load_resume_file
+
+    payload = load_resume_file(path, "an edgesqueeze checkpoint", "a pruned model to resume from",
+                               "delete it, or leave out --resume, to prune again")
+    meta = json.loads(payload.get("meta_json", "{}")) if isinstance(payload, dict) else {}
+    if not _pruned_by_this_run(run, meta):
+        raise EdgesqueezeError(f"{path}: was pruned from another model or with other prune settings, seed or data; "
+                               f"leave out --resume (it is then pruned again and replaced) or use another --out")
+    return payload, meta
+
+
+def refuse_foreign_pruned(run: Run) -> None:
+    """With --resume, a ``pruned.pt`` this run cannot resume from is refused before anything
+    in the folder changes: the refusal came after the earlier run's finished archive and
+    reports were removed, and they were lost."""
+    path = run.out / PRUNED_NAME
+    if run.resume and run.config.prune is not None and path.is_file():
+        _pruned_file(run, path)
+
+
 def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """With ``--resume``: the weights of ``pruned.pt`` in ``model`` and its masks, when it was
     pruned from the same file with the same settings; None (prune again) when there is none."""
@@ -185,14 +209,7 @@ def _resume_pruned(run: Run, model: nn.Module) -> dict[str, torch.Tensor] | None
         run.log(f"--resume: no {path}: " + ("pruning goes on from its last finished epoch"
                                             if (run.out / PRUNE_STATE).is_file() else "pruning from the start"))
         return None
-    import json
-
-    payload = load_resume_file(path, "an edgesqueeze checkpoint", "a pruned model to resume from",
-                               "delete it, or leave out --resume, to prune again")
-    meta = json.loads(payload.get("meta_json", "{}")) if isinstance(payload, dict) else {}
-    if not _pruned_by_this_run(run, meta):
-        raise EdgesqueezeError(f"{path}: was pruned from another model or with other prune settings, seed or data; "
-                               f"leave out --resume (it is then pruned again and replaced) or use another --out")
+    payload, meta = _pruned_file(run, path)
     from edgesqueeze.train import resume_threads
 
     resume_threads(meta.get("compress_threads"), run.log, "weight sharing")  # None in older files: as it is
