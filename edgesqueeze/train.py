@@ -494,6 +494,10 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
             get_spec(recipe.model.arch)
         except ModelError as exc:
             raise ModelError(f"model.arch: {exc}") from None
+    if recipe.data.stream:  # a bad $EDGESQUEEZE_WORKERS stopped the run after its first lines and recipe.json
+        from edgesqueeze.data.stream import default_workers
+
+        default_workers()
     try:
         ds = load_dataset(recipe.data.dataset, data_dir=recipe.data.data_dir, download=recipe.data.download,
                           image_size=recipe.data.image_size, limit=recipe.data.limit, seed=recipe.seed,

@@ -342,3 +342,21 @@ def test_an_encrypted_zip_is_one_line(tmp_path):
     archive.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"enc\.zip:a/000\.png is encrypted .*zip the images again without a password"):
         load_dataset(f"imagefolder:{archive}")
+
+
+def test_a_bad_workers_variable_stops_a_streamed_run_before_it_writes_anything(folder, tmp_path, monkeypatch):
+    """$EDGESQUEEZE_WORKERS=abc stopped a streamed run after its first lines, recipe.json
+    written; an empty one (`EDGESQUEEZE_WORKERS=`) was refused rather than taken as unset."""
+    from edgesqueeze.data.stream import default_workers
+    from edgesqueeze.errors import DataError
+    from edgesqueeze.recipe import recipe_from_dict
+    from edgesqueeze.train import fit
+
+    monkeypatch.setenv("EDGESQUEEZE_WORKERS", "")
+    assert default_workers() == 2
+    monkeypatch.setenv("EDGESQUEEZE_WORKERS", "abc")
+    raw = {"version": 1, "name": "w", "model": {"arch": "squeezenet_mnist"},
+           "data": {"dataset": f"imagefolder:{folder}", "stream": True}, "train": {"epochs": 1}}
+    with pytest.raises(DataError, match="EDGESQUEEZE_WORKERS='abc' is not a number"):
+        fit(recipe_from_dict(raw), out_dir=tmp_path / "w", progress=False, log=lambda _m: None)
+    assert not (tmp_path / "w").exists()

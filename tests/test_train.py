@@ -549,3 +549,12 @@ def test_an_interrupt_before_the_first_epoch_does_not_advise_resume(tmp_path, mo
     (tmp_path / "run" / "last.pt").write_bytes(b"state")
     res = CliRunner().invoke(cli, [*args, "--resume"])
     assert res.exit_code == 130 and "with --resume goes on from the last finished epoch" in res.output, res.output
+    # stopped before training began (torchrun's SIGTERM to the ranks after another's usage error)
+    import edgesqueeze._io
+
+    def stopped_early(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edgesqueeze._io, "outputs_clear_of_inputs", stopped_early)
+    res = CliRunner().invoke(cli, ["train", "-r", "recipes/squeezenet-digits.yaml", "--out", str(tmp_path / "new")])
+    assert res.exit_code == 130 and "nothing to resume" in res.output and "--resume" not in res.output, res.output

@@ -240,7 +240,8 @@ class _Group(click.Group):
             again = (f" (the same command with --resume{instead} goes on from the last finished epoch)"
                      if name == "train" or ctx.meta.get(RESUMABLE) else "")
             state = ctx.meta.get(TRAIN_STATE)
-            if name == "train" and state is not None and not Path(state).exists():
+            if name == "train" and (state is None or not Path(state).exists()):  # None: stopped before training
+                # began (torchrun's SIGTERM after another rank's usage error): nothing to resume either
                 again = " before its first epoch finished (nothing to resume: the same command starts it again)"
             terminated = isinstance(exc, Terminated)
             click.echo(f"{'terminated' if terminated else 'interrupted'}{again}", err=True)

@@ -166,8 +166,8 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def default_workers() -> int:
-    """``$EDGESQUEEZE_WORKERS``, else 2 (0: decode in the main process)."""
-    value = os.environ.get("EDGESQUEEZE_WORKERS", "2")
+    """``$EDGESQUEEZE_WORKERS``, else 2 (0: decode in the main process; set but empty: 2)."""
+    value = os.environ.get("EDGESQUEEZE_WORKERS", "").strip() or "2"
     try:
         n = int(value)
     except ValueError:
