@@ -506,6 +506,12 @@ def _fit(recipe: Recipe, out: Path, group, device: torch.device, t_start: float,
         if str(exc).startswith("unknown dataset"):
             raise DataError(f"data.dataset: {exc}") from None
         raise
+    if recipe.data.stream:
+        from edgesqueeze.data.stream import is_lazy
+
+        if not is_lazy(ds.train_x):  # digits, MNIST, CIFAR batches: in memory whatever it says
+            log(f"note: data.stream applies to image folders (imagefolder:, imagenet:); '{ds.name}' is held in "
+                "memory")
     if recipe.data.channels:
         from edgesqueeze.data import with_channels
 

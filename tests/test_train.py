@@ -558,3 +558,11 @@ def test_an_interrupt_before_the_first_epoch_does_not_advise_resume(tmp_path, mo
     monkeypatch.setattr(edgesqueeze._io, "outputs_clear_of_inputs", stopped_early)
     res = CliRunner().invoke(cli, ["train", "-r", "recipes/squeezenet-digits.yaml", "--out", str(tmp_path / "new")])
     assert res.exit_code == 130 and "nothing to resume" in res.output and "--resume" not in res.output, res.output
+
+
+def test_data_stream_on_a_dataset_held_in_memory_is_said(tmp_path):
+    """`--set data.stream=true` on digits changed nothing, without a word (README: image folders only)."""
+    raw = _recipe(tmp_path / "s", epochs=1)
+    said: list[str] = []
+    fit(dataclasses.replace(raw, data=dataclasses.replace(raw.data, stream=True)), progress=False, log=said.append)
+    assert "note: data.stream applies to image folders (imagefolder:, imagenet:); 'digits' is held in memory" in said
