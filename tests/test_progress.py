@@ -151,3 +151,12 @@ def test_verify_of_a_folder_a_second_time_leaves_out_its_earlier_report(model, t
         assert "not model files (reports, plots, logs)" in again.stderr
         assert [a["path"] for a in json.loads(Path(extra[1] if extra else run / "verify.json").read_text())[
             "artifacts"]] == [str(run / "model.pt")]
+
+
+def test_verify_says_a_recipes_dataset_is_not_used_for_a_file_that_records_one(model, tmp_path):
+    """`verify model.pt --set data.dataset=mnist` measured on digits (the file's own) without a
+    word; eval said so."""
+    res = CliRunner().invoke(cli, ["verify", str(model), "--limit", "20", "--set", "data.dataset=mnist", "--out",
+                                   str(tmp_path / "v.json")])
+    assert res.exit_code == 0, res.output
+    assert "note: the recipe's data.dataset 'mnist' is not used: the model records its dataset 'digits'" in res.stderr

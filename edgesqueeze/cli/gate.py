@@ -348,6 +348,8 @@ def verify(ctx, paths, dataset, data_dir, reference, limit, threads, latency, pr
     verdicts = None if budget.is_empty() else check(report["artifacts"], budget)
     notes = [] if verdicts is None else noise_notes(report["artifacts"], budget)
     write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    if dataset is None and len(report.get("datasets") or []) == 1:  # each file measured on its own dataset
+        model_opts.note_dataset_recorded(report["datasets"][0], "verify")
     written = write_report(out, report, verdicts=verdicts, machine=report["machine"], notes=notes)
     click.echo(artifacts_markdown(report["artifacts"]))
     plots = ", ".join(p.name for p in written["plots"]) or "no plots"
