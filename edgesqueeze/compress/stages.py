@@ -192,8 +192,12 @@ def refuse_foreign_pruned(run: Run) -> None:
     """With --resume, a ``pruned.pt`` this run cannot resume from is refused before anything
     in the folder changes: the refusal came after the earlier run's finished archive and
     reports were removed, and they were lost."""
+    from edgesqueeze import distributed
+
     path = run.out / PRUNED_NAME
-    if run.resume and run.config.prune is not None and path.is_file():
+    # under torchrun the ranks decide together (_resume_pruned): one rank refusing alone here
+    # left the others waiting on it, and the refusal became a connection error
+    if run.resume and run.config.prune is not None and path.is_file() and not distributed.launched():
         _pruned_file(run, path)
 
 
