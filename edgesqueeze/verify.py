@@ -298,10 +298,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         log(f"reference {ref_path}: test accuracy {100 * ref_acc:.2f}% on {len(y):,} images ({ds.name})")
     rows, sources = [], []
     for path in files:
-        row: dict[str, Any] = {"path": str(path), "format": format_from_name(path), "runtime": None,
-                               "bytes": None, "gzip_bytes": None, "n": 0, "accuracy": None, "agreement": None,
-                               "reference_accuracy": ref_acc, "decode_check": None, "latency_ms": None,
-                               "warning": None, "error": None}
+        row = _empty_row(path, ref_acc)
         try:
             row.update(_evaluate_one(path, data, ref_scores, threads=threads, latency=latency,
                                      model_args=model_args, progress=progress))
@@ -359,6 +356,13 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
     return report
 
 
+def _empty_row(path: Path, reference_accuracy: float | None) -> dict[str, Any]:
+    """A report row of ``path`` before anything is measured: every field, None or 0."""
+    return {"path": str(path), "format": format_from_name(path), "runtime": None, "bytes": None, "gzip_bytes": None,
+            "n": 0, "accuracy": None, "agreement": None, "reference_accuracy": reference_accuracy,
+            "decode_check": None, "latency_ms": None, "warning": None, "error": None}
+
+
 def measure_sizes(paths: list[str | Path], *, log: Log = print) -> list[dict[str, Any]]:
     """Rows of ``paths`` (runtime files: .onnx, .tflite, packed .onnx.esq / .tflite.esq) for a
     budget of sizes alone: each file opened through its runtime, as the device opens it
@@ -369,10 +373,7 @@ def measure_sizes(paths: list[str | Path], *, log: Log = print) -> list[dict[str
 
     rows = []
     for path in map(Path, paths):
-        row: dict[str, Any] = {"path": str(path), "format": format_from_name(path), "runtime": None, "bytes": None,
-                               "gzip_bytes": None, "n": 0, "accuracy": None, "agreement": None,
-                               "reference_accuracy": None, "decode_check": None, "latency_ms": None,
-                               "warning": None, "error": None}
+        row = _empty_row(path, None)
         try:
             art = runtime.load(path)
             row["format"] = _artifact_format(art.kind, art.meta or {}, art) + (".esq" if art.packed else "")
