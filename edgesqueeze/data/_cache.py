@@ -48,12 +48,10 @@ def _stat_entry(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def source_key(sources: Iterable[Path], params: dict[str, Any]) -> str:
-    """Hash of (absolute path, size, mtime) of every source file plus ``params``.
-
-    A directory source contributes every file below it, so adding, removing or editing
-    one image of an image folder changes the key.
-    """
+def source_entries(sources: Iterable[Path]) -> list:
+    """(absolute path, size, mtime) of every source file: a directory source contributes every
+    file below it (a walk of the whole tree), so adding, removing or editing one image of an
+    image folder changes the key."""
     entries = []
     for src in sources:
         src = Path(src)
@@ -61,6 +59,14 @@ def source_key(sources: Iterable[Path], params: dict[str, Any]) -> str:
             entries += [_stat_entry(p) for p in files_below(src)]
         else:
             entries.append(_stat_entry(src))
+    return entries
+
+
+def source_key(sources: Iterable[Path], params: dict[str, Any], entries: list | None = None) -> str:
+    """Hash of :func:`source_entries` (``entries``, when the caller has them: one walk of a
+    large folder for several keys) plus ``params``."""
+    if entries is None:
+        entries = source_entries(sources)
     blob = json.dumps({"v": CACHE_VERSION, "sources": entries, "params": params}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

@@ -336,7 +336,7 @@ _IMAGE_FILES = {"exif": "upright"}
 
 
 def _cached(name: str, tag: str, sources: list[Path], params: dict, build: Callable[[], tuple],
-            stats: tuple | None = None) -> Dataset:
+            stats: tuple | None = None, entries: list | None = None) -> Dataset:
     """Load ``tag`` from the cache, or ``build()`` it, compute mean/std, and cache it.
 
     ``build() -> (train_x, train_y, test_x, test_y, classes)``; ``stats`` fixes mean/std
@@ -346,10 +346,10 @@ def _cached(name: str, tag: str, sources: list[Path], params: dict, build: Calla
 
     from edgesqueeze.errors import Note
 
-    hit = _cache_hit(name, tag, sources, params)
+    key = _cache.source_key(sources, params, entries)  # one walk of a folder's files, for the hit or the save
+    hit = _cache_hit(name, tag, key)
     if hit is not None:
         return hit
-    key = _cache.source_key(sources, params)
     print(f"edgesqueeze: decoding {name} from {', '.join(map(str, sources))} "
           f"(once; cached in {_cache.cache_dir()})", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
@@ -367,11 +367,11 @@ def _cached(name: str, tag: str, sources: list[Path], params: dict, build: Calla
     return ds
 
 
-def _cache_hit(name: str, tag: str, sources: list[Path], params: dict, *, say: bool = True) -> Dataset | None:
-    """The cached dataset of these sources and params, or None; the notes its decoding raised
-    (images left out, a carved test split) are said again, as on the run that decoded it
-    (``say=False``: by :func:`say_notes`, once the caller uses it)."""
-    hit = _cache.load(tag, _cache.source_key(sources, params))
+def _cache_hit(name: str, tag: str, key: str, *, say: bool = True) -> Dataset | None:
+    """The cached dataset of ``key`` (:func:`~edgesqueeze.data._cache.source_key`), or None; the
+    notes its decoding raised (images left out, a carved test split) are said again, as on the
+    run that decoded it (``say=False``: by :func:`say_notes`, once the caller uses it)."""
+    hit = _cache.load(tag, key)
     if hit is None:
         return None
     arrays, meta = hit
@@ -667,15 +667,17 @@ def _load_imagefolder(name: str, spec: str, image_size: int | None) -> Dataset:
                         f"imagefolder:PATH with a folder or .zip holding train/<class>/ and test/<class>/")
     path = Path(os.path.abspath(path))
     ds = None
+    entries = _cache.source_entries([path])  # one walk of the folder for both keys below
     if image_size is not None:  # decoded at the images' own size (train) when that is the size asked for
         # (export asks for the model's input size): the same pixels, not the folder decoded again
-        own = _cache_hit(name, "imagefolder", [path], {"image_size": None, **_IMAGE_FILES}, say=False)
+        own = _cache_hit(name, "imagefolder", _cache.source_key([path], {"image_size": None, **_IMAGE_FILES}, entries),
+                         say=False)
         if own is not None and own.train_x.shape[-2:] == (image_size, image_size):
             ds = own
             say_notes(ds)  # said once: the probe of another size said them again
     if ds is None:
         ds = _cached(name, "imagefolder", [path], {"image_size": image_size, **_IMAGE_FILES},
-                     lambda: _folder_dataset(path, image_size, path.name))
+                     lambda: _folder_dataset(path, image_size, path.name), entries=entries)
     _images.note_empty_classes(path, ds.classes)
     return ds
 
