@@ -327,7 +327,7 @@ def evaluate_artifacts(paths: list[str | Path], *, dataset: str | None = None, d
         except EdgesqueezeError as exc:
             row["error"] = str(exc)
         except (OSError, ValueError, RuntimeError) as exc:  # a runtime refusing a damaged file
-            row["error"] = f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            row["error"] = _runtime_error(path, exc)
         sources.append(row.pop("_source", None))
         if sources[-1]:
             row["source_sha256"] = sources[-1]  # the model file it was exported from (SHA-256)
@@ -363,6 +363,22 @@ def _empty_row(path: Path, reference_accuracy: float | None) -> dict[str, Any]:
             "decode_check": None, "latency_ms": None, "warning": None, "error": None}
 
 
+def _loaded_fields(art) -> dict[str, Any]:
+    """A runtime file's row fields once ``runtime.load`` opened it: format, runtime, and for a
+    packed file (decoded in memory, then the same runtime: the file that ships) its decoding."""
+    fields: dict[str, Any] = {"runtime": art.backend, "format": _artifact_format(art.kind, art.meta or {}, art)}
+    if art.packed:
+        fields.update(format=fields["format"] + ".esq", runtime=f"edgesqueeze unpack + {art.backend}",
+                      packed={"inner_bytes": art.packed["bytes"], "decode_ms": round(1e3 * art.decode_seconds, 2)},
+                      decode_check=True)  # load() refused it otherwise: the decoded bytes' SHA-256 matched
+    return fields
+
+
+def _runtime_error(path: Path, exc: BaseException) -> str:
+    """A row's ``error`` for a runtime's own exception on ``path`` (a damaged file)."""
+    return f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
 def measure_sizes(paths: list[str | Path], *, log: Log = print) -> list[dict[str, Any]]:
     """Rows of ``paths`` (runtime files: .onnx, .tflite, packed .onnx.esq / .tflite.esq) for a
     budget of sizes alone: each file opened through its runtime, as the device opens it
@@ -376,9 +392,7 @@ def measure_sizes(paths: list[str | Path], *, log: Log = print) -> list[dict[str
         row = _empty_row(path, None)
         try:
             art = runtime.load(path)
-            row["format"] = _artifact_format(art.kind, art.meta or {}, art) + (".esq" if art.packed else "")
-            row["runtime"] = f"edgesqueeze unpack + {art.backend}" if art.packed else art.backend
-            row["decode_check"] = True if art.packed else None
+            row.update(_loaded_fields(art))
             row["bytes"] = path.stat().st_size
             if art.meta and art.meta.get("source_sha256"):
                 row["source_sha256"] = art.meta["source_sha256"]
@@ -387,7 +401,7 @@ def measure_sizes(paths: list[str | Path], *, log: Log = print) -> list[dict[str
         except EdgesqueezeError as exc:
             row["error"] = str(exc)
         except (OSError, ValueError, RuntimeError) as exc:  # a runtime refusing a damaged file
-            row["error"] = f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            row["error"] = _runtime_error(path, exc)
         if row["error"]:
             log(f"{path}: NOT measured: {row['error']}")
         rows.append(row)
@@ -486,13 +500,7 @@ def _evaluate_one(path: Path, data: _Data, ref_scores, *, threads, latency, mode
 
         art = runtime.load(path, threads=threads)
         meta = art.meta or {}
-        out["runtime"] = art.backend
-        out["format"] = _artifact_format(art.kind, meta, art)
-        if art.packed:  # decoded in memory, then the same runtime: the file that ships
-            out["format"] += ".esq"
-            out["runtime"] = f"edgesqueeze unpack + {art.backend}"
-            out["packed"] = {"inner_bytes": art.packed["bytes"], "decode_ms": round(1e3 * art.decode_seconds, 2)}
-            out["decode_check"] = True  # load() refused it otherwise: the decoded bytes' SHA-256 matched
+        out.update(_loaded_fields(art))
         given = {k: v for k, v in ((model_args or {}).get("input_meta") or {}).items() if v is not None}
         if not meta and "mean" in given and "std" in given:  # a file another tool exported, described
             art.describe(given)

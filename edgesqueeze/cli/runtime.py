@@ -52,8 +52,14 @@ def inspect(paths, as_json, model_opts):
                                       "changed on purpose"))
     if as_json and len(unique) > 1:
         click.echo(strict_json(descs, indent=2, default=str))
-    if failed:  # as run and verify refuse such a file: exit 2, naming the first
-        more = f" (and {len(failed) - 1} other file(s) not described or damaged)" if len(failed) > 1 else ""
+    _raise_first(failed, "not described or damaged")  # as run and verify refuse such a file: exit 2
+
+
+def _raise_first(failed: list, what: str) -> None:
+    """Raise the first of the errors of a several-file command (after every file had its turn),
+    counting the others (``what``: what happened to them)."""
+    if failed:
+        more = f" (and {len(failed) - 1} other file(s) {what})" if len(failed) > 1 else ""
         raise type(failed[0])(f"{failed[0]}{more}")
 
 
@@ -272,9 +278,7 @@ def reseal(paths):
             if len(unique) == 1:
                 raise
             failed.append(exc)  # the others are still resealed (it stopped at the first packed file)
-    if failed:
-        more = f" (and {len(failed) - 1} other file(s) not resealed)" if len(failed) > 1 else ""
-        raise type(failed[0])(f"{failed[0]}{more}")
+    _raise_first(failed, "not resealed")
 
 
 def _reseal_one(path: Path) -> None:
